@@ -1,0 +1,40 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Each creates the virtual environment and
+# installs everything first (only once; re-run when pyproject.toml / requirements.txt change).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export NO_ALBUMENTATIONS_UPDATE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/clipcap demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration and not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check clipcap_core pipelines jobs tests benchmarks infra
+
+bench: setup
+	$(PY) benchmarks/embed.py
+	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/train.py
+	$(PY) benchmarks/caption.py
+
+clean:
+	rm -rf data .pytest_cache

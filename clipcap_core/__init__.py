@@ -1,0 +1,21 @@
+"""clipcap_core: pure PyTorch + tokenizer code for CLIP-prefix captioning (ClipCap, DeCap). No Ray imports.
+
+Public API: ``from clipcap_core import Captioner`` (imported lazily so that ``import clipcap_core`` stays
+cheap for configs and schemas).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["Captioner", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Captioner":
+        from clipcap_core.captioner import Captioner
+
+        return Captioner
+    raise AttributeError(f"module 'clipcap_core' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""How clipcap-pipeline runs: local dev services (``infra.local``), cluster launcher and KubeRay manifests."""

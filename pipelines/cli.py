@@ -1,0 +1,67 @@
+"""The ``clipcap`` console script: one sub-command per stage.
+
+Each sub-command module registers itself in ``COMMANDS`` with a function ``add_parser(subparsers)`` that
+sets ``func`` on its parser; ``func(args) -> int`` does the work by calling one library function.
+Heavy imports (torch, ray, open_clip) happen inside ``func``, so ``clipcap --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# sub-command name -> module under pipelines.commands providing add_parser(subparsers)
+COMMANDS = {
+    "download": "pipelines.commands.download",
+    "embed": "pipelines.commands.embed",
+    "demo": "pipelines.commands.demo",
+    "caption-images": "pipelines.commands.caption_images",
+    "import-reference": "pipelines.commands.import_reference",
+    "train": "pipelines.commands.train",
+    "nightly": "pipelines.commands.nightly",
+    "sweep": "pipelines.commands.sweep",
+    "caption": "pipelines.commands.caption",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipcap", description="CLIP-prefix image captioning at scale on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:  # stage not built yet
+                continue
+            raise
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError, FileNotFoundError) as exc:
+        # Config / schema / URI problems: one clear line, no traceback (use -v for it).
+        if args.verbose:
+            raise
+        print(f"clipcap {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The one place that owns column names, pyarrow schemas and Parquet metadata keys of our tables.
+
+Tables (see DESIGN.md, "Data contracts"):
+- embedding tables ``<root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet``
+- errors tables    ``.../_errors/part-<shard>.parquet`` beside the table they belong to
+- caption tables   ``<root>/captions/<run>/part-<part>.parquet``
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+# --- column names -----------------------------------------------------------------------------
+KEY = "key"
+CAPTION = "caption"
+URL = "url"
+IMAGE_EMBEDDING = "image_embedding"
+TEXT_EMBEDDING = "text_embedding"
+SCORE = "score"
+MODEL = "model"
+CREATED_AT = "created_at"
+SOURCE = "source"
+STAGE = "stage"
+ERROR = "error"
+
+# --- Parquet key-value metadata (bytes keys in the file, str here) ------------------------------
+META_PREFIX = "clipcap."
+META_CLIP_MODEL = META_PREFIX + "clip_model"
+META_CLIP_PRETRAINED = META_PREFIX + "clip_pretrained"
+META_DIM = META_PREFIX + "dim"
+META_DTYPE = META_PREFIX + "dtype"
+META_PREPROCESS = META_PREFIX + "preprocess"
+META_CODE_VERSION = META_PREFIX + "code_version"
+META_SCHEMA_VERSION = META_PREFIX + "schema_version"
+META_SOURCE_SHARD = META_PREFIX + "source_shard"
+
+EMBED_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+def embedding_type(dim: int, dtype: str = "float32") -> pa.DataType:
+    if dtype not in EMBED_DTYPES:
+        raise ValueError(f"embedding dtype must be one of {sorted(EMBED_DTYPES)}, got {dtype!r}")
+    return pa.list_(EMBED_DTYPES[dtype], dim)
+
+
+def embedding_schema(dim: int, dtype: str = "float32", with_text: bool = False) -> pa.Schema:
+    fields = [
+        pa.field(KEY, pa.string(), nullable=False),
+        pa.field(CAPTION, pa.string()),
+        pa.field(URL, pa.string()),
+        pa.field(IMAGE_EMBEDDING, embedding_type(dim, dtype), nullable=False),
+    ]
+    if with_text:
+        fields.append(pa.field(TEXT_EMBEDDING, embedding_type(dim, dtype)))
+    return pa.schema(fields)
+
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field(KEY, pa.string()),
+        pa.field(SOURCE, pa.string()),
+        pa.field(STAGE, pa.string()),
+        pa.field(ERROR, pa.string()),
+    ]
+)
+
+CAPTIONS_SCHEMA = pa.schema(
+    [
+        pa.field(KEY, pa.string(), nullable=False),
+        pa.field(CAPTION, pa.string()),
+        pa.field(SCORE, pa.float32()),
+        pa.field(MODEL, pa.string()),
+        pa.field(CREATED_AT, pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def embedding_metadata(
+    *, clip_model: str, clip_pretrained: str | None, dim: int, dtype: str, preprocess: str,
+    source_shard: str | None = None,
+) -> dict[str, str]:
+    from clipcap_core import __version__
+
+    meta = {
+        META_CLIP_MODEL: clip_model,
+        META_CLIP_PRETRAINED: clip_pretrained or "",
+        META_DIM: str(dim),
+        META_DTYPE: dtype,
+        META_PREPROCESS: preprocess,
+        META_CODE_VERSION: __version__,
+        META_SCHEMA_VERSION: SCHEMA_VERSION,
+    }
+    if source_shard is not None:
+        meta[META_SOURCE_SHARD] = source_shard
+    return meta
+
+
+def with_metadata(schema: pa.Schema, meta: Mapping[str, str]) -> pa.Schema:
+    merged = dict(schema.metadata or {})
+    merged.update({k.encode(): v.encode() for k, v in meta.items()})
+    return schema.with_metadata(merged)
+
+
+def read_metadata(schema: pa.Schema) -> dict[str, str]:
+    """Our ``clipcap.*`` metadata of a Parquet schema as a str dict."""
+    raw = schema.metadata or {}
+    out = {}
+    for k, v in raw.items():
+        key = k.decode() if isinstance(k, bytes) else k
+        if key.startswith(META_PREFIX):
+            out[key] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+def validate_embedding_schema(schema: pa.Schema, *, where: str = "embedding table") -> int:
+    """Check an embedding table's schema; return its embedding dimension D or raise ValueError."""
+    missing = [c for c in (KEY, IMAGE_EMBEDDING) if c not in schema.names]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {missing}; has {schema.names}")
+    emb = schema.field(IMAGE_EMBEDDING).type
+    if not pa.types.is_fixed_size_list(emb) or not pa.types.is_floating(emb.value_type):
+        raise ValueError(f"{where}: column {IMAGE_EMBEDDING!r} must be fixed_size_list<float>[D], got {emb}")
+    return int(emb.list_size)
+
+
+def to_json(meta: Mapping[str, Any]) -> str:
+    return json.dumps(dict(meta), sort_keys=True)

@@ -1,0 +1,106 @@
+"""Storage helpers over fsspec: one code path for local paths, ``s3://`` (s3fs), ``gs://`` and ``memory://``.
+
+- ``filesystem(uri)`` -> (fsspec filesystem, path inside it)
+- ``atomic_write_table`` writes a Parquet file to a temporary name and renames it into place (on object
+  stores, where rename is copy+delete, the final object only ever appears complete: S3 PUTs are atomic),
+  so readers and reruns never see a partial file.
+- ``check_writable(uri)`` fails fast with a clear message when an output root cannot be written.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    uri = str(uri).rstrip("/")
+    return posixpath.join(uri, *[p.strip("/") for p in parts])
+
+
+def protocol_prefix(fs: fsspec.AbstractFileSystem) -> str:
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return "" if proto in ("file", "local") else f"{proto}://"
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return protocol_prefix(fs) + path
+
+
+def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = filesystem(uri, storage_options)
+    return bool(fs.exists(path))
+
+
+def atomic_write_table(table: pa.Table, uri: str, storage_options: dict[str, Any] | None = None,
+                       compression: str = "zstd") -> None:
+    """Write ``table`` to ``uri`` so that the final name appears only when the file is complete."""
+    fs, path = filesystem(uri, storage_options)
+    parent = posixpath.dirname(path)
+    fs.makedirs(parent, exist_ok=True)
+    tmp = posixpath.join(parent, f"_tmp.{uuid.uuid4().hex}.{posixpath.basename(path)}")
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f, compression=compression)
+    try:
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def write_json(obj: Any, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Write JSON via a temporary name + rename (atomic on local disk, single PUT on S3)."""
+    fs, path = filesystem(uri, storage_options)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = posixpath.join(parent, f"_tmp.{uuid.uuid4().hex}.json")
+    with fs.open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    fs.mv(tmp, path)
+
+
+def read_json(uri: str, storage_options: dict[str, Any] | None = None, default: Any = None) -> Any:
+    fs, path = filesystem(uri, storage_options)
+    if not fs.exists(path):
+        return default
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def list_files(uri: str, suffix: str, storage_options: dict[str, Any] | None = None,
+               recursive: bool = False) -> list[str]:
+    """Sorted full URIs of files under ``uri`` ending in ``suffix`` (temporary ``_tmp.*`` names excluded)."""
+    fs, path = filesystem(uri, storage_options)
+    if not fs.exists(path):
+        return []
+    if recursive:
+        names = fs.find(path)
+    else:
+        names = [p for p in fs.ls(path, detail=False)]
+    out = [p for p in names if p.endswith(suffix) and not posixpath.basename(p).startswith("_tmp.")]
+    return sorted(full_uri(fs, p) for p in out)
+
+
+def check_writable(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Fail before any work if ``uri`` cannot be written (missing bucket, no credentials, bad scheme)."""
+    try:
+        fs, path = filesystem(uri, storage_options)
+        probe = posixpath.join(path, f"_tmp.write-probe.{uuid.uuid4().hex}")
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except Exception as exc:  # noqa: BLE001 - turn any backend error into one clear message
+        raise OSError(f"output URI {uri!r} is not writable: {type(exc).__name__}: {exc}") from exc
