@@ -38,6 +38,13 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return protocol_prefix(fs) + path
 
 
+def ensure_dir(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Create a directory on local-like filesystems. Object stores have no directories, and s3fs's
+    ``makedirs`` would *create a missing bucket*: a typo in an output URI must fail, not make buckets."""
+    if protocol_prefix(fs) in ("", "memory://"):
+        fs.makedirs(path, exist_ok=True)
+
+
 def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = filesystem(uri, storage_options)
     return bool(fs.exists(path))
@@ -48,7 +55,7 @@ def atomic_write_table(table: pa.Table, uri: str, storage_options: dict[str, Any
     """Write ``table`` to ``uri`` so that the final name appears only when the file is complete."""
     fs, path = filesystem(uri, storage_options)
     parent = posixpath.dirname(path)
-    fs.makedirs(parent, exist_ok=True)
+    ensure_dir(fs, parent)
     tmp = posixpath.join(parent, f"_tmp.{uuid.uuid4().hex}.{posixpath.basename(path)}")
     with fs.open(tmp, "wb") as f:
         pq.write_table(table, f, compression=compression)
@@ -64,7 +71,7 @@ def write_json(obj: Any, uri: str, storage_options: dict[str, Any] | None = None
     fs, path = filesystem(uri, storage_options)
     parent = posixpath.dirname(path)
     if parent:
-        fs.makedirs(parent, exist_ok=True)
+        ensure_dir(fs, parent)
     tmp = posixpath.join(parent, f"_tmp.{uuid.uuid4().hex}.json")
     with fs.open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
@@ -98,7 +105,7 @@ def check_writable(uri: str, storage_options: dict[str, Any] | None = None) -> N
     try:
         fs, path = filesystem(uri, storage_options)
         probe = posixpath.join(path, f"_tmp.write-probe.{uuid.uuid4().hex}")
-        fs.makedirs(path, exist_ok=True)
+        ensure_dir(fs, path)
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)
