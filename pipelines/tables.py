@@ -1,0 +1,280 @@
+"""Reading embedding tables for training: file discovery, metadata checks, key-hash splits, Ray Data streams.
+
+- ``list_table_files(uris)``: directories / files / globs -> sorted ``part-*.parquet`` URIs (errors tables and
+  temporary names excluded).
+- ``inspect_tables(files)`` -> ``TableInfo`` (D, clip model, rows) from Parquet footers only; mixed dimensions
+  or CLIP models are an error, raised before any work starts.
+- ``Split``: which rows a stage sees. The held-out split is a pure function of the key (a salted hash), so
+  it is the same on every run, every worker and every new shard; a *replay sample* of older rows is a second
+  seeded hash, so nightly replay is reproducible.
+- ``read_split`` (in memory, pyarrow) for small sets (held-out, evaluation); ``stream_split`` (Ray Data) for
+  training, tokenising in the data pipeline (``PrepareBatch``) so the train loop only moves tensors.
+- ``write_synthetic_tables`` writes embedding tables whose embeddings are a seeded random projection of the
+  synthetic attributes plus noise: learnable in seconds, used by tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import schemas, storage
+
+if TYPE_CHECKING:
+    import ray.data
+
+Tokenize = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]  # captions -> tokens (B,T) int, mask (B,T)
+
+
+# --- discovery and metadata ---------------------------------------------------------------------------
+def list_table_files(uris: str | Sequence[str], storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Expand table URIs (a ``.parquet`` file, or a directory searched recursively) to sorted file URIs."""
+    if isinstance(uris, str):
+        uris = [uris]
+    files: list[str] = []
+    for uri in uris:
+        if str(uri).endswith(".parquet"):
+            if not storage.exists(uri, storage_options):
+                raise FileNotFoundError(f"embedding table {uri!r} does not exist")
+            files.append(str(uri))
+            continue
+        found = [f for f in storage.list_files(uri, ".parquet", storage_options, recursive=True)
+                 if "/_errors/" not in f and not posixpath.basename(f).startswith(("_", "."))]
+        if not found:
+            raise FileNotFoundError(f"no embedding tables (*.parquet) under {uri!r}")
+        files.extend(found)
+    return sorted(dict.fromkeys(files))
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    files: tuple[str, ...]
+    dim: int
+    clip_model: str
+    clip_pretrained: str
+    dtype: str
+    rows: tuple[int, ...]  # per file
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.rows)
+
+
+def _footer(uri: str, storage_options: dict[str, Any] | None) -> tuple[pa.Schema, int]:
+    fs, path = storage.filesystem(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f).metadata
+        return meta.schema.to_arrow_schema(), meta.num_rows
+
+
+def inspect_tables(files: Sequence[str], storage_options: dict[str, Any] | None = None) -> TableInfo:
+    """Validate every table's schema and metadata (footers only); all must share D and the CLIP model."""
+    if not files:
+        raise ValueError("no embedding table files given")
+    dims, models, rows, dtype = {}, {}, [], "float32"
+    for uri in files:
+        schema, n = _footer(uri, storage_options)
+        dim = schemas.validate_embedding_schema(schema, where=uri)
+        if schemas.CAPTION not in schema.names:
+            raise ValueError(f"{uri}: training needs a {schemas.CAPTION!r} column; has {schema.names}")
+        meta = schemas.read_metadata(schema)
+        if meta.get(schemas.META_DIM) and int(meta[schemas.META_DIM]) != dim:
+            raise ValueError(f"{uri}: metadata says D={meta[schemas.META_DIM]} but the column has D={dim}")
+        dims[uri] = dim
+        models[uri] = (meta.get(schemas.META_CLIP_MODEL, ""), meta.get(schemas.META_CLIP_PRETRAINED, ""))
+        dtype = meta.get(schemas.META_DTYPE, dtype)
+        rows.append(n)
+    if len(set(dims.values())) > 1:
+        raise ValueError(f"embedding tables mix dimensions {sorted(set(dims.values()))}: "
+                         + ", ".join(f"{u} D={d}" for u, d in dims.items()))
+    if len(set(models.values())) > 1:
+        raise ValueError(f"embedding tables were made with different CLIP models {sorted(set(models.values()))}")
+    clip_model, clip_pretrained = next(iter(models.values()))
+    return TableInfo(files=tuple(files), dim=next(iter(dims.values())), clip_model=clip_model,
+                     clip_pretrained=clip_pretrained, dtype=dtype, rows=tuple(rows))
+
+
+def check_model_dim(info: TableInfo, model_dim: int, *, what: str = "model") -> None:
+    """A clear error when the model's CLIP dimension does not match the tables' (before any training)."""
+    if int(model_dim) != info.dim:
+        made = f"{info.clip_model or '?'}" + (f"/{info.clip_pretrained}" if info.clip_pretrained else "")
+        raise ValueError(
+            f"dimension mismatch: the embedding tables have D={info.dim} (CLIP {made}) but the {what} expects "
+            f"clip_dim={model_dim}; train on tables made with the model's CLIP encoder or set clip_dim={info.dim}"
+        )
+
+
+# --- key-hash splits ----------------------------------------------------------------------------------
+def key_unit(keys: Sequence[str] | pa.Array | pa.ChunkedArray, salt: str) -> np.ndarray:
+    """A stable pseudo-uniform number in [0, 1) per key (salted blake2b; same on every machine and run)."""
+    if isinstance(keys, (pa.Array, pa.ChunkedArray)):
+        keys = keys.to_pylist()
+    salt_b = salt.encode()
+    out = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8, key=salt_b[:64]).digest(), "little")
+         for k in keys), dtype=np.uint64, count=len(keys))
+    return (out >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Split:
+    """Rows a stage sees: ``part`` of the key-hash split, then an optional seeded sample of those rows."""
+
+    part: Literal["train", "heldout", "all"] = "train"
+    heldout_fraction: float = 0.1
+    salt: str = "clipcap-heldout"
+    sample_fraction: float = 1.0  # < 1: keep a seeded sample (replay of older shards)
+    sample_seed: int = 0
+
+    def mask(self, keys: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
+        n = len(keys)
+        keep = np.ones(n, dtype=bool)
+        if self.part != "all":
+            held = key_unit(keys, self.salt) < self.heldout_fraction
+            keep = held if self.part == "heldout" else ~held
+        if self.sample_fraction < 1.0:
+            keep &= key_unit(keys, f"replay:{self.sample_seed}") < self.sample_fraction
+        return keep
+
+
+def filter_table(table: pa.Table, split: Split) -> pa.Table:
+    """Rows of ``table`` in ``split`` with a non-empty caption."""
+    keep = split.mask(table.column(schemas.KEY))
+    caps = table.column(schemas.CAPTION)
+    has_caption = np.asarray(caps.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    keep &= has_caption
+    return table.filter(pa.array(keep))
+
+
+def embeddings_numpy(table: pa.Table, column: str = schemas.IMAGE_EMBEDDING) -> np.ndarray:
+    """A fixed_size_list<float>[D] column as a (N, D) float32 array (one copy at most)."""
+    col = table.column(column).combine_chunks()
+    d = col.type.list_size
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(flat, dtype=np.float32).reshape(-1, d)
+
+
+# --- reading ------------------------------------------------------------------------------------------
+_TRAIN_COLUMNS = [schemas.KEY, schemas.CAPTION, schemas.IMAGE_EMBEDDING]
+
+
+def read_split(files: Sequence[str], split: Split, storage_options: dict[str, Any] | None = None,
+               max_rows: int | None = None) -> pa.Table:
+    """The rows of ``split`` from ``files`` in memory (for held-out / evaluation sets), sorted by key."""
+    parts = []
+    for uri in files:
+        fs, path = storage.filesystem(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            parts.append(filter_table(pq.read_table(f, columns=_TRAIN_COLUMNS), split))
+    if not parts:
+        raise ValueError("no embedding table files given")
+    table = pa.concat_tables(parts).combine_chunks()
+    table = table.sort_by(schemas.KEY)
+    return table.slice(0, max_rows) if max_rows is not None else table
+
+
+def count_split(files: Sequence[str], split: Split, storage_options: dict[str, Any] | None = None) -> int:
+    """Rows in ``split`` (reads the key and caption columns only)."""
+    n = 0
+    for uri in files:
+        fs, path = storage.filesystem(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            n += filter_table(pq.read_table(f, columns=[schemas.KEY, schemas.CAPTION]), split).num_rows
+    return n
+
+
+class PrepareBatch:
+    """Ray Data map function: split filter + tokenisation, so training iterates ready tensors.
+
+    Output columns: ``embedding`` (B,D) float32, ``tokens`` (B,max_tokens) int64 (right-padded with 0),
+    ``mask`` (B,max_tokens) float32. The train loop trims each batch to its longest caption (per-batch
+    padding); padding to ``max_tokens`` here keeps blocks concatenable when Ray Data re-batches.
+    """
+
+    def __init__(self, split: Split, tokenize: Tokenize, max_tokens: int):
+        self.split, self.tokenize, self.max_tokens = split, tokenize, max_tokens
+
+    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+        table = filter_table(table, self.split)
+        captions = table.column(schemas.CAPTION).to_pylist()
+        emb = embeddings_numpy(table)
+        tokens = np.zeros((len(captions), self.max_tokens), dtype=np.int64)
+        mask = np.zeros((len(captions), self.max_tokens), dtype=np.float32)
+        if captions:
+            tok, msk = self.tokenize(captions)
+            t = min(tok.shape[1], self.max_tokens)
+            tokens[:, :t] = np.asarray(tok)[:, :t]
+            mask[:, :t] = np.asarray(msk)[:, :t]
+        return {"embedding": emb, "tokens": tokens, "mask": mask}
+
+
+def stream_split(files: Sequence[str], split: Split, tokenize: Tokenize, max_tokens: int,
+                 read_parallelism: int | None = None) -> ray.data.Dataset:
+    """A Ray Data stream of ``split`` rows, tokenised in the pipeline (see ``PrepareBatch``)."""
+    import ray.data
+
+    kwargs: dict[str, Any] = {}
+    if read_parallelism:
+        kwargs["override_num_blocks"] = read_parallelism
+    ds = ray.data.read_parquet(list(files), columns=_TRAIN_COLUMNS, **kwargs)
+    return ds.map_batches(PrepareBatch(split, tokenize, max_tokens), batch_format="pyarrow",
+                          batch_size=None, zero_copy_batch=True)
+
+
+# --- synthetic tables (tests, benchmarks) -----------------------------------------------------------------
+def attribute_embeddings(samples: Sequence[Any], dim: int, seed: int = 0, noise: float = 0.1) -> np.ndarray:
+    """Embeddings = fixed seeded projection of the one-hot attributes + Gaussian noise, L2-normalised."""
+    from clipcap_core import synthetic as syn
+
+    groups = [tuple(range(1, 4)), syn.SIZES, tuple(syn.COLORS), syn.SHAPES, syn.POSITIONS]
+    width = sum(len(g) for g in groups)
+    proj = np.random.default_rng(seed).standard_normal((width, dim)).astype(np.float32)
+    onehot = np.zeros((len(samples), width), dtype=np.float32)
+    for i, s in enumerate(samples):
+        a = s.attributes
+        off = 0
+        for g, v in zip(groups, (a.count, a.size, a.color, a.shape, a.position), strict=True):
+            onehot[i, off + g.index(v)] = 1.0
+            off += len(g)
+    rng = np.random.default_rng([seed, len(samples), 7])
+    emb = onehot @ proj + noise * np.sqrt(width) * rng.standard_normal((len(samples), dim)).astype(np.float32)
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+def write_synthetic_tables(root: str, n: int, *, shards: int = 1, dim: int = 32, seed: int = 0, start: int = 0,
+                           first_shard: int = 0, dataset: str = "synthetic", tag: str = "attr-proj",
+                           noise: float = 0.1) -> list[str]:
+    """Write ``n`` synthetic rows as ``shards`` tables under ``<root>/embeddings/<dataset>/<tag>/``."""
+    from clipcap_core import synthetic as syn
+
+    samples = [_Lite(s.key, s.caption, s.attributes) for s in syn.generate(n, seed=seed, size=16, start=start)]
+    emb = attribute_embeddings(samples, dim, seed=seed, noise=noise)
+    meta = schemas.embedding_metadata(clip_model=tag, clip_pretrained=None, dim=dim, dtype="float32",
+                                      preprocess="synthetic attribute projection")
+    schema = schemas.with_metadata(schemas.embedding_schema(dim), meta)
+    out = []
+    for k, idx in enumerate(np.array_split(np.arange(n), shards)):
+        table = pa.table({
+            schemas.KEY: [samples[i].key for i in idx],
+            schemas.CAPTION: [samples[i].caption for i in idx],
+            schemas.URL: [None] * len(idx),
+            schemas.IMAGE_EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(emb[idx].ravel()), dim),
+        }, schema=schema)
+        uri = storage.join(root, "embeddings", dataset, tag, f"part-{first_shard + k:05d}.parquet")
+        storage.atomic_write_table(table, uri)
+        out.append(uri)
+    return out
+
+
+@dataclass(frozen=True)
+class _Lite:  # a synthetic sample without its image
+    key: str
+    caption: str
+    attributes: Any
