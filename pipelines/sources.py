@@ -1,0 +1,405 @@
+"""Archive readers for bulk captioning: an input URI -> deterministic *parts* -> *records*.
+
+An input is a file or a directory (searched recursively) at any fsspec URI. ``plan_parts`` lists it once and
+cuts it into ``Part``s, the unit of work and of output (one caption-table file per part), named
+deterministically from the input so that a rerun finds the same parts:
+- loose image files: sorted by path, ``part_size`` per part (``images-00000``, ...);
+- a ``.tar`` / ``.tar.gz`` / ``.tgz`` / ``.zip`` archive or a webdataset shard: one part per file;
+- Parquet (image bytes, image URLs, or an embedding table): row groups packed to ~``part_size`` rows.
+``plan_digest`` fingerprints the plan (names, sizes) so a rerun can refuse an input that changed.
+
+A reader (``Reader`` protocol, ``READERS`` registry) plans one file and reads one part as ``Record``s: image
+bytes, a URL, an embedding, or an ``error`` (per-member problems are data, never exceptions).
+Keys are ``<file path relative to the input>/<member path or row key>`` (a loose image's key is its relative
+path), so they are unique across a whole input.
+
+Safety: members are read into memory, never extracted; members with absolute or ``..`` paths, links and
+devices, duplicates, encrypted zip members and anything over ``max_member_bytes`` are error rows, and no
+member's bytes are read past that limit (zip headers can lie). An unreadable or truncated archive yields the
+members read so far plus one error row keyed by the archive itself. Hidden or underscore-prefixed files and
+directories (``.DS_Store``, ``_errors/``, ``_tmp.*``) are skipped, as Arrow datasets do.
+
+Auto format (the default) by extension: ``.tar``/``.tar.gz``/``.tgz`` tar, ``.zip`` zip, ``.parquet`` Parquet
+(an ``image_embedding`` column makes it an embedding table), anything else a loose image. A ``.tar`` beside an
+img2dataset sidecar (``<shard>.parquet`` or ``<shard>_stats.json``) is a webdataset shard and the sidecars
+are metadata, not inputs. Webdataset samples group consecutive members by key (path up to the first dot).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import posixpath
+import re
+import stat
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from pipelines import imaging, schemas, storage
+
+Format = Literal["auto", "images", "tar", "zip", "webdataset", "parquet", "embeddings"]
+_PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "image_bytes", "img", "bytes")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """How an input is listed, partitioned and read."""
+
+    format: Format = "auto"
+    part_size: int = 1000             # loose images per part; target rows per Parquet part
+    max_member_bytes: int = 64 << 20  # larger files / members / downloads are error rows
+    max_pixels: int = imaging.DEFAULT_MAX_PIXELS
+    image_column: str | None = None   # Parquet: None = first of _PARQUET_IMAGE_COLUMNS present
+    url_column: str = "url"
+    key_column: str = "key"
+    url_schemes: tuple[str, ...] = ("http", "https", "s3", "gs")
+    fetch_timeout_s: float = 20.0
+    fetch_threads: int = 16
+    read_batch: int = 64              # loose files fetched / URLs downloaded per round
+
+    def __post_init__(self) -> None:
+        if self.part_size < 1 or self.read_batch < 1 or self.fetch_threads < 1:
+            raise ValueError("part_size, read_batch and fetch_threads must be >= 1")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    uri: str   # full URI
+    rel: str   # path relative to the input root: the key prefix
+    size: int
+
+
+@dataclass(frozen=True)
+class Part:
+    part_id: str
+    kind: str
+    files: tuple[InputFile, ...]
+    row_groups: tuple[int, ...] = ()  # Parquet parts
+    row_offset: int = 0               # Parquet: index of the part's first row in its file
+    dim: int = 0                      # embedding tables: D
+    clip_model: str = ""              # embedding tables: the CLIP model recorded in the metadata
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Part:
+        d = json.loads(text)
+        d["files"] = tuple(InputFile(**f) for f in d["files"])
+        d["row_groups"] = tuple(d["row_groups"])
+        return cls(**d)
+
+
+@dataclass
+class Record:
+    key: str
+    source: str
+    data: bytes | None = None
+    url: str | None = None
+    embedding: np.ndarray | None = None  # (D,) float32
+    error: str | None = None
+    stage: str = "read"
+
+
+class Reader(Protocol):
+    name: str
+
+    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]: ...
+
+    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]: ...
+
+
+READERS: dict[str, Reader] = {}
+
+
+def register(reader: Reader) -> Reader:
+    READERS[reader.name] = reader
+    return reader
+
+
+def get_reader(name: str) -> Reader:
+    try:
+        return READERS[name]
+    except KeyError:
+        raise ValueError(f"unknown input format {name!r}; known: {sorted(READERS)}") from None
+
+
+# --- listing and planning -------------------------------------------------------------------------------
+def part_name(rel: str, suffix: str = "") -> str:
+    """A file-name-safe, collision-free part id for a file path (readable tail + hash of the full path)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", rel).strip("._")[-80:] or "root"
+    return f"{safe}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}{suffix}"
+
+
+def list_input(uri: str, storage_options: dict[str, Any] | None = None) -> list[InputFile]:
+    """Every file under ``uri`` (or ``uri`` itself), sorted, hidden / underscore-prefixed paths skipped."""
+    try:
+        fs, root = storage.filesystem(uri, storage_options)
+        if not fs.exists(root):
+            raise FileNotFoundError(f"input {uri!r} does not exist")
+        if fs.isfile(root):
+            info = fs.info(root)
+            return [InputFile(storage.full_uri(fs, root), posixpath.basename(root), int(info.get("size") or 0))]
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - bad scheme, missing bucket, no credentials: one clear error
+        raise OSError(f"cannot list input {uri!r}: {type(exc).__name__}: {exc}") from exc
+    files = []
+    root = root.rstrip("/")
+    for path, info in sorted(found.items()):
+        rel = posixpath.relpath(path, root)
+        if info.get("type") == "directory" or any(p.startswith((".", "_")) for p in rel.split("/")):
+            continue
+        files.append(InputFile(storage.full_uri(fs, path), rel, int(info.get("size") or 0)))
+    return files
+
+
+def _ext_kind(rel: str) -> str:
+    low = rel.lower()
+    if low.endswith((".tar.gz", ".tgz", ".tar")):
+        return "tar"
+    if low.endswith(".zip"):
+        return "zip"
+    if low.endswith(".parquet"):
+        return "parquet"
+    return "images"
+
+
+def classify(files: list[InputFile], fmt: Format) -> dict[str, list[InputFile]]:
+    """Group files by reader name (see the module docstring for the rules)."""
+    rels = {f.rel for f in files}
+    shard_meta: dict[str, set[str]] = {}  # img2dataset shard .tar -> its sidecar files present
+    for f in files:
+        if f.rel.endswith(".tar"):
+            shard_meta[f.rel] = {f.rel[:-4] + ".parquet", f.rel[:-4] + "_stats.json"} & rels
+    sidecars = set().union(*shard_meta.values()) if fmt in ("auto", "webdataset") else set()
+    groups: dict[str, list[InputFile]] = {}
+    for f in files:
+        if f.rel in sidecars:
+            continue
+        kind = "images" if fmt == "images" else _ext_kind(f.rel)
+        if kind == "tar" and (fmt == "webdataset" or shard_meta.get(f.rel)):
+            kind = "webdataset"
+        wanted = {"auto": None, "embeddings": "parquet"}.get(fmt, fmt)
+        if wanted is not None and kind != wanted:
+            continue  # an explicit format reads only its own files
+        groups.setdefault(kind, []).append(f)
+    return groups
+
+
+def plan_parts(uri: str, cfg: SourceConfig, storage_options: dict[str, Any] | None = None) -> list[Part]:
+    """List ``uri`` and cut it into parts (sorted by id). Raises for job-level faults (missing input,
+    a Parquet file with neither image nor URL column)."""
+    files = list_input(uri, storage_options)
+    groups = classify(files, cfg.format)
+    if not any(groups.values()):
+        raise ValueError(f"no input files under {uri!r} (format {cfg.format!r})")
+    parts: list[Part] = []
+    images = groups.pop("images", [])
+    for i in range(0, len(images), cfg.part_size):
+        parts.append(Part(f"images-{i // cfg.part_size:05d}", "images", tuple(images[i: i + cfg.part_size])))
+    for kind, members in sorted(groups.items()):
+        reader = get_reader("parquet" if kind == "embeddings" else kind)
+        for f in members:
+            parts.extend(reader.plan(f, cfg))
+    return sorted(parts, key=lambda p: p.part_id)
+
+
+def plan_digest(parts: list[Part]) -> str:
+    """Fingerprint of a plan: part ids, kinds, member paths and sizes, row groups."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.to_json().encode())
+    return h.hexdigest()[:16]
+
+
+def read_part(part: Part, cfg: SourceConfig) -> Iterator[Record]:
+    return get_reader(part.kind).read(part, cfg)
+
+
+# --- member safety --------------------------------------------------------------------------------------
+def unsafe_member(name: str) -> str | None:
+    """Why an archive member name must not be used (absolute, drive letter, ``..``), or None."""
+    if "\x00" in name:
+        return "member name contains NUL"
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return "unsafe member path (absolute)"
+    if ".." in re.split(r"[\\/]+", name):
+        return "unsafe member path ('..')"
+    return None
+
+
+def _clean(name: str) -> str:
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+# --- loose images ---------------------------------------------------------------------------------------
+class ImagesReader:
+    name = "images"
+
+    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]:
+        return [Part(part_name(file.rel), self.name, (file,))]
+
+    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
+        fs, _ = storage.filesystem(part.files[0].uri)
+
+        def fetch(f: InputFile) -> Record:
+            if f.size > cfg.max_member_bytes:
+                return Record(f.rel, f.uri, error=f"file too large ({f.size} bytes > {cfg.max_member_bytes})")
+            try:  # cat_file, not cat: a name with glob characters ("a [1].jpg") must not be expanded
+                return Record(f.rel, f.uri, data=fs.cat_file(storage.filesystem(f.uri)[1]))
+            except Exception as exc:  # noqa: BLE001 - vanished file, permission, network: an error row
+                return Record(f.rel, f.uri, error=f"cannot read file: {type(exc).__name__}: {exc}")
+
+        with ThreadPoolExecutor(cfg.fetch_threads) as pool:
+            for i in range(0, len(part.files), cfg.read_batch):
+                yield from pool.map(fetch, part.files[i: i + cfg.read_batch])
+
+
+# --- tar and webdataset ---------------------------------------------------------------------------------
+def _tar_members(part: Part, cfg: SourceConfig) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """(member name, bytes or None, error or None) in archive order; ("", None, error) for the archive."""
+    f = part.files[0]
+    seen: set[str] = set()
+    try:
+        fs, path = storage.filesystem(f.uri)
+        with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tf:
+            for m in tf:
+                name = _clean(m.name)
+                if m.isdir():
+                    continue
+                why = unsafe_member(m.name)
+                if why is None and not m.isfile():
+                    why = "not a regular file (link or device)"
+                if why is None and name in seen:
+                    why = "duplicate member name"
+                if why is None and m.size > cfg.max_member_bytes:
+                    why = f"member too large ({m.size} bytes > {cfg.max_member_bytes})"
+                seen.add(name)
+                if why is not None:
+                    yield name, None, why
+                    continue
+                src = tf.extractfile(m)
+                yield name, (src.read() if src is not None else b""), None
+    except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as exc:
+        yield "", None, f"unreadable archive: {type(exc).__name__}: {exc}"
+
+
+def _member_record(part: Part, name: str, data: bytes | None, error: str | None) -> Record:
+    f = part.files[0]
+    key = f"{f.rel}/{name}" if name else f.rel
+    return Record(key, f.uri, data=data, error=error)
+
+
+class TarReader:
+    name = "tar"
+
+    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]:
+        return [Part(part_name(file.rel), self.name, (file,))]
+
+    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
+        for name, data, error in _tar_members(part, cfg):
+            yield _member_record(part, name, data, error)
+
+
+def _sample_key(name: str) -> str:
+    d, base = posixpath.split(name)
+    return posixpath.join(d, base.split(".", 1)[0])
+
+
+class WebDatasetReader(TarReader):
+    name = "webdataset"
+
+    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
+        group: list[tuple[str, bytes]] = []
+        for name, data, error in _tar_members(part, cfg):
+            if error is not None or data is None:
+                yield from self._sample(part, group)
+                group = []
+                yield _member_record(part, name, None, error)
+                continue
+            if group and _sample_key(group[0][0]) != _sample_key(name):
+                yield from self._sample(part, group)
+                group = []
+            group.append((name, data))
+        yield from self._sample(part, group)
+
+    @staticmethod
+    def _sample(part: Part, group: list[tuple[str, bytes]]) -> Iterator[Record]:
+        if not group:
+            return
+        key = f"{part.files[0].rel}/{_sample_key(group[0][0])}"
+        image = next((d for n, d in group if imaging.is_image_name(n)), None)
+        if image is None:
+            exts = ", ".join(sorted(n.split(".", 1)[-1] for n, _ in group))
+            yield Record(key, part.files[0].uri, error=f"sample has no image member (has: {exts})")
+        else:
+            yield Record(key, part.files[0].uri, data=image)
+
+
+# --- zip ------------------------------------------------------------------------------------------------
+class ZipReader:
+    name = "zip"
+
+    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]:
+        return [Part(part_name(file.rel), self.name, (file,))]
+
+    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
+        f = part.files[0]
+        seen: set[str] = set()
+        try:
+            fs, path = storage.filesystem(f.uri)
+            with fs.open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
+                infos = zf.infolist()
+                for info in infos:
+                    if info.is_dir():
+                        continue
+                    yield self._member(part, zf, info, seen, cfg)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+            yield _member_record(part, "", None, f"unreadable archive: {type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _member(part: Part, zf: zipfile.ZipFile, info: zipfile.ZipInfo, seen: set[str],
+                cfg: SourceConfig) -> Record:
+        name = _clean(info.filename)
+        why = unsafe_member(info.filename)
+        if why is None and stat.S_ISLNK(info.external_attr >> 16):
+            why = "not a regular file (symlink)"
+        if why is None and info.flag_bits & 0x1:
+            why = "encrypted member"
+        if why is None and name in seen:
+            why = "duplicate member name"
+        if why is None and info.file_size > cfg.max_member_bytes:
+            why = f"member too large ({info.file_size} bytes > {cfg.max_member_bytes})"
+        seen.add(name)
+        if why is not None:
+            return _member_record(part, name, None, why)
+        try:
+            with zf.open(info) as src:
+                data = src.read(cfg.max_member_bytes + 1)  # never trust the declared size
+        except Exception as exc:  # noqa: BLE001 - bad CRC, unsupported compression, corrupt stream
+            return _member_record(part, name, None, f"unreadable member: {type(exc).__name__}: {exc}")
+        if len(data) > cfg.max_member_bytes:
+            return _member_record(part, name, None, f"member inflates past {cfg.max_member_bytes} bytes")
+        return _member_record(part, name, data, None)
+
+
+# Parquet readers live in pipelines.sources_parquet to keep modules small; importing it registers them.
+for _reader in (ImagesReader(), TarReader(), WebDatasetReader(), ZipReader()):
+    register(_reader)
+
+from pipelines import sources_parquet as _parquet  # noqa: E402,F401  (registers "parquet", "embeddings")
+
+__all__ = ["READERS", "InputFile", "Part", "Reader", "Record", "SourceConfig", "get_reader", "plan_digest",
+           "plan_parts", "read_part", "register", "schemas"]
