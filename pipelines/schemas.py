@@ -61,6 +61,11 @@ def embedding_schema(dim: int, dtype: str = "float32", with_text: bool = False) 
     return pa.schema(fields)
 
 
+RANK = "rank"
+META_MODEL = META_PREFIX + "model"
+META_DECODING = META_PREFIX + "decoding"
+META_PART = META_PREFIX + "part"
+
 ERRORS_SCHEMA = pa.schema(
     [
         pa.field(KEY, pa.string()),
@@ -79,6 +84,11 @@ CAPTIONS_SCHEMA = pa.schema(
         pa.field(CREATED_AT, pa.timestamp("us", tz="UTC")),
     ]
 )
+
+
+# Caption tables written by bulk captioning (pipelines.caption): one row per caption, ``rank`` 0 = best
+# (n captions per image -> n rows with ranks 0..n-1; with n = 1, (key) alone is unique).
+CAPTIONS_RANKED_SCHEMA = CAPTIONS_SCHEMA.append(pa.field(RANK, pa.int16(), nullable=False))
 
 
 def embedding_metadata(
