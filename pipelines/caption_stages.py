@@ -1,0 +1,242 @@
+"""The stages of bulk captioning: pure cores plus the callables Ray Data runs (no Ray import here).
+
+Rows flow between stages as pyarrow tables with the columns of ``STAGE_SCHEMA``:
+- ``read_decode_part`` (Ray task, one per part): reads a part's records, decodes images safely
+  (``pipelines.imaging``) and resizes them (the CLIP model's geometric preprocessing) to uint8 (H, W, 3)
+  bytes; embedding-table rows carry their embedding; failures become error rows. The last row of each part
+  is a *marker* (``index`` -1) whose ``total`` says how many member rows the part has, so the driver knows
+  when a part is complete however the rows were spread over actors.
+- ``ClipStage`` (actor pool): ``pixels`` -> ``embedding`` (float32 bytes), normalising on the device.
+- ``CaptionStage`` (actor pool): ``embedding`` -> ``captions`` / ``scores`` (n per image, best first) with
+  batched KV-cache decoding.
+Rows that a stage has nothing to do for (errors, markers, embeddings at the CLIP stage) pass through.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines import sources
+from pipelines.imaging import ImageDecodeError, decode_image
+
+STAGE_SCHEMA = pa.schema([
+    ("part_id", pa.string()), ("index", pa.int32()), ("key", pa.string()), ("source", pa.string()),
+    ("pixels", pa.binary()), ("embedding", pa.binary()), ("error", pa.string()), ("stage", pa.string()),
+    ("total", pa.int32()),
+])
+
+
+class _Rows:
+    """Column buffers for one output block of ``read_decode_part``."""
+
+    def __init__(self) -> None:
+        self.cols: dict[str, list[Any]] = {name: [] for name in STAGE_SCHEMA.names}
+
+    def __len__(self) -> int:
+        return len(self.cols["key"])
+
+    def add(self, part_id: str, index: int, key: str, source: str, *, pixels: bytes = b"",
+            embedding: bytes = b"", error: str | None = None, stage: str | None = None, total: int = -1) -> None:
+        for name, value in (("part_id", part_id), ("index", index), ("key", key), ("source", source),
+                            ("pixels", pixels), ("embedding", embedding), ("error", error), ("stage", stage),
+                            ("total", total)):
+            self.cols[name].append(value)
+
+    def table(self) -> pa.Table:
+        return pa.table(self.cols, schema=STAGE_SCHEMA)
+
+
+def _decode_record(rec: sources.Record, resizer: Any, cfg: sources.SourceConfig,
+                   draft: tuple[int, int] | None) -> dict[str, Any]:
+    if rec.error is not None:
+        return {"error": rec.error, "stage": rec.stage}
+    if rec.embedding is not None:
+        return {"embedding": np.asarray(rec.embedding, dtype=np.float32).tobytes()}
+    try:
+        image = decode_image(rec.data or b"", max_pixels=cfg.max_pixels, draft_size=draft)
+    except ImageDecodeError as exc:
+        return {"error": str(exc), "stage": "decode"}
+    try:
+        return {"pixels": np.ascontiguousarray(resizer(image), dtype=np.uint8).tobytes()}
+    except Exception as exc:  # noqa: BLE001 - an image that decodes but cannot be resized is still a row
+        return {"error": f"preprocess failed: {type(exc).__name__}: {exc}", "stage": "preprocess"}
+
+
+def read_decode_part(part: sources.Part, cfg: sources.SourceConfig, resizer: Any, block_rows: int,
+                     draft: tuple[int, int] | None = None) -> Iterator[pa.Table]:
+    """Records of ``part`` as stage rows in blocks of ``block_rows``, then the part's marker row."""
+    rows, n = _Rows(), 0
+    for rec in sources.read_part(part, cfg):
+        rows.add(part.part_id, n, rec.key, rec.source, **_decode_record(rec, resizer, cfg, draft))
+        n += 1
+        if len(rows) >= block_rows:
+            yield rows.table()
+            rows = _Rows()
+    rows.add(part.part_id, -1, "", "", total=n)
+    yield rows.table()
+
+
+def read_decode_batch(batch: pa.Table, *, cfg_json: str, spec: Any, block_rows: int,
+                      jpeg_draft: bool = False) -> Iterator[pa.Table]:
+    """Ray Data task function over batches of ``{"part": [Part json]}``; yields several blocks per part.
+
+    ``spec`` is the CLIP model's ``PreprocessSpec`` (None when the input is only embedding tables)."""
+    from clipcap_core.configs import from_dict
+    from clipcap_core.encoders import ImageResizer
+
+    cfg = from_dict(sources.SourceConfig, json.loads(cfg_json))
+    resizer = ImageResizer(spec) if spec is not None else None
+    draft = None
+    if jpeg_draft and spec is not None:
+        size = spec.size if isinstance(spec.size, tuple) else (spec.size, spec.size)
+        draft = (int(size[0]), int(size[1]))
+    for text in batch.column("part").to_pylist():
+        yield from read_decode_part(sources.Part.from_json(text), cfg, resizer, block_rows, draft)
+
+
+def _device(use_gpu: bool) -> str:
+    import torch
+
+    # Under Ray, an actor with num_gpus sees only its own GPU(s) as "cuda"; never assume cuda:0 is free.
+    return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def binary_rows(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[bytes]]:
+    """Indices of the non-empty values of a binary column, and those values."""
+    values = col.to_pylist()
+    idx = np.array([i for i, v in enumerate(values) if v], dtype=np.int64)
+    return idx, [values[i] for i in idx]
+
+
+class ClipStage:
+    """Actor: resized uint8 pixels -> CLIP image embeddings (float32 bytes)."""
+
+    def __init__(self, encoder_cfg: Any, precision: str = "fp32", use_gpu: bool = False, threads: int = 0):
+        from clipcap_core.encoders import load_encoder
+
+        _set_threads(threads)
+        self.encoder = load_encoder(encoder_cfg, device=_device(use_gpu), precision=precision)
+        size = self.encoder.spec.size
+        self.hw = (size, size) if isinstance(size, int) else tuple(size)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        idx, blobs = binary_rows(table.column("pixels"))
+        emb = table.column("embedding").to_pylist()
+        if len(idx):
+            pixels = np.stack([np.frombuffer(b, dtype=np.uint8) for b in blobs]).reshape(len(idx), *self.hw, 3)
+            out = self.encoder.encode_pixels(pixels)  # (B, D) float32
+            for j, i in enumerate(idx):
+                emb[i] = out[j].tobytes()
+        table = table.drop_columns(["pixels", "embedding"])
+        return table.append_column("embedding", pa.array(emb, type=pa.binary()))
+
+
+class CaptionStage:
+    """Actor: CLIP embeddings -> n captions and scores per image (mapping network + batched decoding)."""
+
+    def __init__(self, model_uri: str, decoding: Any, precision: str = "fp32", use_gpu: bool = False,
+                 threads: int = 0):
+        _set_threads(threads)
+        self.decoder = Decoder(model_uri, decoding, device=_device(use_gpu), precision=precision)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        idx, blobs = binary_rows(table.column("embedding"))
+        n = len(table)
+        captions: list[list[str] | None] = [None] * n
+        scores: list[list[float] | None] = [None] * n
+        if len(idx):
+            emb = np.stack([np.frombuffer(b, dtype=np.float32) for b in blobs])  # (B, D)
+            texts, vals = self.decoder(emb)
+            for j, i in enumerate(idx):
+                captions[i], scores[i] = texts[j], vals[j]
+        table = table.drop_columns(["embedding"])
+        table = table.append_column("captions", pa.array(captions, type=pa.list_(pa.string())))
+        return table.append_column("scores", pa.array(scores, type=pa.list_(pa.float32())))
+
+
+# --- the model, seen from the pipeline ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelInfo:
+    uri: str
+    model_id: str      # "<uri>@<version>", written into every caption row
+    clip_dim: int      # D the mapping network consumes
+    encoder: Any       # EncoderConfig of the CLIP that made the training embeddings
+    encoder_dim: int   # D that CLIP produces
+
+
+def inspect_model(uri: str) -> ModelInfo:
+    """Load the model once on the driver (a job-level check: missing / unreadable model -> ValueError)."""
+    import open_clip
+
+    from clipcap_core import encoders
+
+    loaded = _load(uri, "cpu")
+    cfg = loaded.config
+    encoders.validate_config(cfg.encoder)
+    encoder_dim = int(open_clip.get_model_config(cfg.encoder.model_name)["embed_dim"])
+    return ModelInfo(uri=uri, model_id=f"{uri}@{model_version(loaded)}", clip_dim=int(cfg.clip_dim),
+                     encoder=cfg.encoder, encoder_dim=encoder_dim)
+
+
+def _load(uri: str, device: str) -> Any:
+    from clipcap_core.artifacts import load_model
+
+    try:
+        return load_model(uri, device=device)
+    except Exception as exc:  # noqa: BLE001 - one clear job-level message whatever the backend raised
+        raise ValueError(f"cannot load model {uri!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def model_version(loaded: Any) -> str:
+    """A short content fingerprint of the model weights (same weights -> same version on every machine)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(loaded.model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        h.update(name.encode())
+        h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+class Decoder:
+    """Model + tokenizer on a device; ``(N, D)`` embeddings -> ``n`` captions and scores per input."""
+
+    def __init__(self, model_uri: str, decoding: Any, device: str = "cpu", precision: str = "fp32"):
+        import torch
+
+        from clipcap_core.encoders import resolve_precision
+
+        loaded = _load(model_uri, device)
+        self.model, self.tokenizer, self.cfg = loaded.model.eval(), loaded.tokenizer, decoding
+        self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
+
+    def __call__(self, embeds: np.ndarray) -> tuple[list[list[str]], list[list[float]]]:
+        import contextlib
+
+        import torch
+
+        from clipcap_core.decoding import generate
+
+        dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+        ctx = (torch.autocast(self.device.type, dtype=dtypes[self.precision]) if self.precision in dtypes
+               else contextlib.nullcontext())
+        with ctx:
+            gen = generate(self.model, embeds, self.tokenizer, config=self.cfg)
+        n = gen.n
+        scores = np.asarray(gen.scores, dtype=np.float32).tolist()
+        return gen.grouped(), [scores[i: i + n] for i in range(0, len(scores), n)]

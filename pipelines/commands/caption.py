@@ -1,0 +1,111 @@
+"""``clipcap caption``: bulk-caption image archives into caption tables (``pipelines.caption``).
+
+    clipcap caption --input s3://bucket/archives --output s3://bucket/captions/run1 --model s3://bucket/models/m1
+    clipcap caption --config caption.yaml --overwrite          # YAML/JSON with CaptionConfig fields; flags win
+
+Flags map onto ``CaptionConfig`` (``--strategy``/``--num-captions``/... onto ``decoding``, ``--format``/
+``--part-size``/... onto ``source``, ``--clip-actors``/``--gpus-per-actor``/... onto ``resources``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+# flag dest -> (config section or "" for the top level, field name)
+_FIELDS: dict[str, tuple[str, str]] = {
+    "input": ("", "input"), "output": ("", "output"), "model": ("", "model"), "overwrite": ("", "overwrite"),
+    "format": ("source", "format"), "part_size": ("source", "part_size"), "max_pixels": ("source", "max_pixels"),
+    "image_column": ("source", "image_column"), "url_column": ("source", "url_column"),
+    "key_column": ("source", "key_column"),
+    "strategy": ("decoding", "strategy"), "num_captions": ("decoding", "n"), "beam_size": ("decoding", "beam_size"),
+    "max_length": ("decoding", "max_length"), "temperature": ("decoding", "temperature"),
+    "top_p": ("decoding", "top_p"), "top_k": ("decoding", "top_k"), "stop_token": ("decoding", "stop_token"),
+    "seed": ("decoding", "seed"),
+    "decode_block_rows": ("resources", "decode_block_rows"), "clip_batch_size": ("resources", "clip_batch_size"),
+    "caption_batch_size": ("resources", "caption_batch_size"), "clip_actors": ("resources", "clip_actors"),
+    "caption_actors": ("resources", "caption_actors"), "read_cpus": ("resources", "read_cpus"),
+    "cpus_per_actor": ("resources", "cpus_per_actor"), "gpus_per_actor": ("resources", "gpus_per_actor"),
+    "precision": ("resources", "precision"), "jpeg_draft": ("resources", "jpeg_draft"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML / JSON file with CaptionConfig fields (flags override it)")
+    p.add_argument("--input", help="directory, archive or Parquet file URI (local, s3://, ...)")
+    p.add_argument("--output", help="caption table directory URI")
+    p.add_argument("--model", help="model artifact URI or preset name (default: tiny)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="redo every part of the output")
+    p.add_argument("--format", choices=["auto", "images", "tar", "zip", "webdataset", "parquet", "embeddings"])
+    p.add_argument("--part-size", type=int, help="loose images (or Parquet rows) per output part")
+    p.add_argument("--max-pixels", type=int, help="decompression-bomb limit per image")
+    p.add_argument("--image-column")
+    p.add_argument("--url-column")
+    p.add_argument("--key-column")
+    p.add_argument("--strategy", choices=["greedy", "beam", "reference-beam", "sample"])
+    p.add_argument("--num-captions", type=int, help="captions per image (beam / sample)")
+    p.add_argument("--beam-size", type=int)
+    p.add_argument("--max-length", type=int, help="new tokens at most")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--stop-token", help='e.g. "." (the authors\' models stop there)')
+    p.add_argument("--seed", type=int)
+    p.add_argument("--decode-block-rows", type=int, help="rows per block out of the decode tasks")
+    p.add_argument("--clip-batch-size", type=int)
+    p.add_argument("--caption-batch-size", type=int)
+    p.add_argument("--clip-actors", type=int)
+    p.add_argument("--caption-actors", type=int)
+    p.add_argument("--read-cpus", type=float)
+    p.add_argument("--cpus-per-actor", type=float)
+    p.add_argument("--gpus-per-actor", type=float)
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--jpeg-draft", action="store_true", default=None)
+    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """Build a validated CaptionConfig from ``--config`` plus flags (unknown keys / bad types fail)."""
+    from clipcap_core.configs import ConfigError, from_dict
+    from pipelines.caption import CaptionConfig
+
+    data: dict[str, Any] = {}
+    if args.config:
+        from pathlib import Path
+
+        import yaml
+
+        text = Path(args.config).read_text()
+        data = (yaml.safe_load(text) if args.config.endswith((".yaml", ".yml")) else json.loads(text)) or {}
+    for dest, (section, name) in _FIELDS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        (data.setdefault(section, {}) if section else data)[name] = value
+    try:
+        return from_dict(CaptionConfig, data)
+    except ConfigError:
+        raise
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+
+    from pipelines.caption import caption_archive
+
+    cfg = config_from_args(args)
+    if not ray.is_initialized():
+        ray.init(address=args.ray_address, log_to_driver=False)
+    summary = caption_archive(cfg)
+    print(json.dumps(summary.as_dict(), indent=2))
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("caption", help="bulk-caption image archives into caption tables",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
