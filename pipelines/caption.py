@@ -33,10 +33,12 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from clipcap_core.configs import to_dict
 from clipcap_core.decoding import DecodeConfig
 from pipelines import schemas, sources, storage
+from pipelines.caption_stages import TIMING_COLUMNS
 
 if TYPE_CHECKING:
     import ray.data
@@ -179,11 +181,16 @@ class PartCommitter:
         self.rows: dict[str, dict[int, dict[str, Any]]] = {}
         self.totals: dict[str, int] = {}
         self.committed: list[str] = []
+        self.stage_seconds: dict[str, float] = {}
 
     def add(self, table: pa.Table) -> list[tuple[str, int, int, int]]:
         """Take a block of final-stage rows; return (part id, images, captions, errors) of parts committed."""
         done = []
         touched = set()
+        for name in TIMING_COLUMNS:
+            if name in table.column_names:
+                self.stage_seconds[name[2:]] = self.stage_seconds.get(name[2:], 0.0) + float(
+                    pa.compute.sum(table.column(name)).as_py() or 0.0)
         for row in table.to_pylist():
             pid = row["part_id"]
             touched.add(pid)
@@ -253,6 +260,7 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
             if time.monotonic() - last >= cfg.progress_interval_s:
                 last = time.monotonic()
                 _log_progress(summary, start)
+        summary.stage_seconds = {k: round(v, 3) for k, v in committer.stage_seconds.items()}
         if committer.pending():
             raise RuntimeError(f"pipeline ended with incomplete parts {committer.pending()[:5]} (rows lost?)")
     summary.seconds = time.monotonic() - start
@@ -275,7 +283,11 @@ def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
     spec = preprocess_spec(plan.model_info.encoder) if plan.needs_clip else None
     items = [{"part": p.to_json()} for p in plan.todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # max_retries: re-read a part after a lost worker (the committer drops re-sent rows by member index). It
+    # also keeps these tasks a stage of their own: Ray Data fuses a task map into the next actor map when
+    # their remote args are equal, which would run decoding inside the CLIP actors, one part at a time.
     ds = ds.map_batches(read_decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=res.read_cpus,
+                        max_retries=3,
                         fn_kwargs=dict(cfg_json=json.dumps(to_dict(cfg.source)), spec=spec,
                                        block_rows=res.decode_block_rows, jpeg_draft=res.jpeg_draft))
     if plan.needs_clip:

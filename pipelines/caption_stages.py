@@ -15,6 +15,7 @@ Rows that a stage has nothing to do for (errors, markers, embeddings at the CLIP
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +29,11 @@ from pipelines.imaging import ImageDecodeError, decode_image
 STAGE_SCHEMA = pa.schema([
     ("part_id", pa.string()), ("index", pa.int32()), ("key", pa.string()), ("source", pa.string()),
     ("pixels", pa.binary()), ("embedding", pa.binary()), ("error", pa.string()), ("stage", pa.string()),
-    ("total", pa.int32()),
+    ("total", pa.int32()), ("t_read", pa.float64()),
 ])
+# Each stage adds its busy seconds per block, spread over the block's rows (t_read, t_clip, t_caption): the
+# driver sums them into the per-stage breakdown of the summary.
+TIMING_COLUMNS = ("t_read", "t_clip", "t_caption")
 
 
 class _Rows:
@@ -45,10 +49,12 @@ class _Rows:
             embedding: bytes = b"", error: str | None = None, stage: str | None = None, total: int = -1) -> None:
         for name, value in (("part_id", part_id), ("index", index), ("key", key), ("source", source),
                             ("pixels", pixels), ("embedding", embedding), ("error", error), ("stage", stage),
-                            ("total", total)):
+                            ("total", total)):  # t_read is filled per block
             self.cols[name].append(value)
 
-    def table(self) -> pa.Table:
+    def table(self, seconds: float = 0.0) -> pa.Table:
+        n = len(self)
+        self.cols["t_read"] = [seconds / n] * n if n else []
         return pa.table(self.cols, schema=STAGE_SCHEMA)
 
 
@@ -71,15 +77,15 @@ def _decode_record(rec: sources.Record, resizer: Any, cfg: sources.SourceConfig,
 def read_decode_part(part: sources.Part, cfg: sources.SourceConfig, resizer: Any, block_rows: int,
                      draft: tuple[int, int] | None = None) -> Iterator[pa.Table]:
     """Records of ``part`` as stage rows in blocks of ``block_rows``, then the part's marker row."""
-    rows, n = _Rows(), 0
+    rows, n, t0 = _Rows(), 0, time.perf_counter()
     for rec in sources.read_part(part, cfg):
         rows.add(part.part_id, n, rec.key, rec.source, **_decode_record(rec, resizer, cfg, draft))
         n += 1
         if len(rows) >= block_rows:
-            yield rows.table()
-            rows = _Rows()
+            yield rows.table(time.perf_counter() - t0)
+            rows, t0 = _Rows(), time.perf_counter()
     rows.add(part.part_id, -1, "", "", total=n)
-    yield rows.table()
+    yield rows.table(time.perf_counter() - t0)
 
 
 def read_decode_batch(batch: pa.Table, *, cfg_json: str, spec: Any, block_rows: int,
@@ -133,6 +139,7 @@ class ClipStage:
         self.hw = (size, size) if isinstance(size, int) else tuple(size)
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
         idx, blobs = binary_rows(table.column("pixels"))
         emb = table.column("embedding").to_pylist()
         if len(idx):
@@ -141,7 +148,8 @@ class ClipStage:
             for j, i in enumerate(idx):
                 emb[i] = out[j].tobytes()
         table = table.drop_columns(["pixels", "embedding"])
-        return table.append_column("embedding", pa.array(emb, type=pa.binary()))
+        table = table.append_column("embedding", pa.array(emb, type=pa.binary()))
+        return _with_time(table, "t_clip", time.perf_counter() - t0)
 
 
 class CaptionStage:
@@ -153,6 +161,7 @@ class CaptionStage:
         self.decoder = Decoder(model_uri, decoding, device=_device(use_gpu), precision=precision)
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
         idx, blobs = binary_rows(table.column("embedding"))
         n = len(table)
         captions: list[list[str] | None] = [None] * n
@@ -164,7 +173,13 @@ class CaptionStage:
                 captions[i], scores[i] = texts[j], vals[j]
         table = table.drop_columns(["embedding"])
         table = table.append_column("captions", pa.array(captions, type=pa.list_(pa.string())))
-        return table.append_column("scores", pa.array(scores, type=pa.list_(pa.float32())))
+        table = table.append_column("scores", pa.array(scores, type=pa.list_(pa.float32())))
+        return _with_time(table, "t_caption", time.perf_counter() - t0)
+
+
+def _with_time(table: pa.Table, column: str, seconds: float) -> pa.Table:
+    n = len(table)
+    return table.append_column(column, pa.array([seconds / n] * n if n else [], type=pa.float64()))
 
 
 # --- the model, seen from the pipeline ------------------------------------------------------------------------
