@@ -193,38 +193,34 @@ class ModelInfo:
 
 
 def inspect_model(uri: str) -> ModelInfo:
-    """Load the model once on the driver (a job-level check: missing / unreadable model -> ValueError)."""
+    """The model's config and version without loading weights (job-level check: a missing / unreadable model
+    or an unknown CLIP encoder -> ValueError before any work)."""
     import open_clip
 
-    from clipcap_core import encoders
+    from clipcap_core import artifacts, encoders
 
-    loaded = _load(uri, "cpu")
-    cfg = loaded.config
-    encoders.validate_config(cfg.encoder)
+    try:
+        cfg = artifacts.read_config(uri)
+        encoders.validate_config(cfg.encoder)
+    except Exception as exc:  # noqa: BLE001 - one clear job-level message whatever the backend raised
+        raise ValueError(f"cannot use model {uri!r}: {type(exc).__name__}: {exc}") from exc
     encoder_dim = int(open_clip.get_model_config(cfg.encoder.model_name)["embed_dim"])
-    return ModelInfo(uri=uri, model_id=f"{uri}@{model_version(loaded)}", clip_dim=int(cfg.clip_dim),
+    return ModelInfo(uri=uri, model_id=f"{uri}@{model_version(uri)}", clip_dim=int(cfg.clip_dim),
                      encoder=cfg.encoder, encoder_dim=encoder_dim)
 
 
-def _load(uri: str, device: str) -> Any:
-    from clipcap_core.artifacts import load_model
-
-    try:
-        return load_model(uri, device=device)
-    except Exception as exc:  # noqa: BLE001 - one clear job-level message whatever the backend raised
-        raise ValueError(f"cannot load model {uri!r}: {type(exc).__name__}: {exc}") from exc
-
-
-def model_version(loaded: Any) -> str:
-    """A short content fingerprint of the model weights (same weights -> same version on every machine)."""
+def model_version(uri: str) -> str:
+    """Version written into caption rows: a hash of the artifact's config.json (which records its creation
+    time, code version and training step); for a preset, ``preset-<code version>`` (seeded, deterministic)."""
     import hashlib
 
-    h = hashlib.sha256()
-    for name, tensor in sorted(loaded.model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        h.update(name.encode())
-        h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:12]
+    from clipcap_core import __version__, artifacts
+
+    try:
+        meta = artifacts.read_metadata(uri)
+    except FileNotFoundError:
+        return f"preset-{__version__}"
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class Decoder:
@@ -233,25 +229,17 @@ class Decoder:
     def __init__(self, model_uri: str, decoding: Any, device: str = "cpu", precision: str = "fp32"):
         import torch
 
+        from clipcap_core.artifacts import load_model
         from clipcap_core.encoders import resolve_precision
 
-        loaded = _load(model_uri, device)
+        precision = resolve_precision(precision, torch.device(device))  # auto: fp16 on GPU, fp32 on CPU
+        loaded = load_model(model_uri, device=device, precision=precision)
         self.model, self.tokenizer, self.cfg = loaded.model.eval(), loaded.tokenizer, decoding
-        self.device = torch.device(device)
-        self.precision = resolve_precision(precision, self.device)
 
     def __call__(self, embeds: np.ndarray) -> tuple[list[list[str]], list[list[float]]]:
-        import contextlib
-
-        import torch
-
         from clipcap_core.decoding import generate
 
-        dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
-        ctx = (torch.autocast(self.device.type, dtype=dtypes[self.precision]) if self.precision in dtypes
-               else contextlib.nullcontext())
-        with ctx:
-            gen = generate(self.model, embeds, self.tokenizer, config=self.cfg)
+        gen = generate(self.model, embeds, self.tokenizer, config=self.cfg)
         n = gen.n
         scores = np.asarray(gen.scores, dtype=np.float32).tolist()
         return gen.grouped(), [scores[i: i + n] for i in range(0, len(scores), n)]
