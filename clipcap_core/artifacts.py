@@ -1,0 +1,210 @@
+"""Model artifacts: a directory at any fsspec URI (local path, ``s3://``, ``memory://``) that fully describes a model.
+
+Layout (schema version 1):
+- ``config.json``: ``{"schema_version", "code_version", "created_at", "model": ModelConfig, "weights": {...},
+  "lm_config": <HF config of a saved LM> | null, **extra}`` (extra: train config, step, source...). Written last,
+  so a half-uploaded artifact has no config.json and fails to load with a clear message.
+- ``mapping.safetensors``: the mapping network (keys as in ``ClipCapModel.mapping``).
+- ``lm.safetensors``: the LM, only when it is not the unchanged base LM: fine-tuned LMs and the tiny preset's
+  randomly initialised LM (not on any hub, and ~100 KB). A frozen pretrained LM is never re-saved: config.json
+  references it by ``model.lm.name_or_path``.
+- ``tokenizer/``: tokenizer files (``save_pretrained`` layout); ``metrics.json``; ``README.md`` (model card).
+
+Loading reads safetensors and JSON only: nothing is unpickled. ``load_model("tiny")`` (a preset name that is
+not an existing path) gives an untrained preset model, for wiring and tests.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+import clipcap_core
+from clipcap_core.configs import from_dict, to_dict
+from clipcap_core.model import ClipCapModel, ModelConfig, build_model, load_pretrained_lm
+from clipcap_core.uris import exists, is_remote, local_copy, upload_dir
+
+SCHEMA_VERSION = 1
+CONFIG, MAPPING, LM, TOKENIZER, METRICS, CARD = ("config.json", "mapping.safetensors", "lm.safetensors",
+                                                  "tokenizer", "metrics.json", "README.md")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: ClipCapModel
+    tokenizer: PreTrainedTokenizerBase
+    config: ModelConfig
+    metadata: dict[str, Any] = field(default_factory=dict)  # config.json minus the model config
+
+
+def _lm_is_saved(cfg: ModelConfig) -> bool:
+    return not cfg.lm.freeze or cfg.lm.config is not None
+
+
+def save_model(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, uri: str,
+               metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Write the artifact of ``model`` to ``uri`` (created; existing files with the same names are replaced)."""
+    cfg = model.config
+    with tempfile.TemporaryDirectory(prefix="clipcap-artifact-") as tmp:
+        root = Path(tmp)
+        save_file(_cpu_state(model.mapping.state_dict()), str(root / MAPPING), metadata={"format": "pt"})
+        lm_config = None
+        if _lm_is_saved(cfg):
+            save_file(_cpu_state(_untied_lm_state(model.lm)), str(root / LM), metadata={"format": "pt"})
+            lm_config = model.lm.config.to_dict()
+        tokenizer.save_pretrained(str(root / TOKENIZER))
+        (root / METRICS).write_text(json.dumps(metrics or {}, indent=2, sort_keys=True, default=float))
+        meta = {
+            "schema_version": SCHEMA_VERSION,
+            "code_version": clipcap_core.__version__,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": to_dict(cfg),
+            "weights": {"mapping": MAPPING, "lm": LM if lm_config else None, "tokenizer": TOKENIZER},
+            "lm_config": lm_config,
+            **(extra or {}),
+        }
+        (root / CARD).write_text(_model_card(meta, metrics or {}))
+        body = json.dumps(meta, indent=2, sort_keys=True, default=str)
+        if is_remote(uri):
+            upload_dir(root, uri)  # config.json is not there yet: it goes last
+            import fsspec
+
+            with fsspec.open(f"{uri.rstrip('/')}/{CONFIG}", "w") as f:
+                f.write(body)
+        else:
+            out = Path(uri.removeprefix("file://"))
+            out.mkdir(parents=True, exist_ok=True)
+            for item in root.iterdir():
+                dest = out / item.name
+                if item.is_dir():
+                    shutil.copytree(item, dest, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(item, dest)
+            (out / CONFIG).write_text(body)
+
+
+def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def _untied_lm_state(lm: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """LM state without tensors that share storage with an earlier one (tied output embedding)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in lm.state_dict().items():
+        if v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v
+    return out
+
+
+def _model_card(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
+    m = meta["model"]
+    lines = [
+        "# ClipCap model", "",
+        f"- created: {meta['created_at']} with clipcap-pipeline {meta['code_version']} (schema {meta['schema_version']})",
+        f"- CLIP encoder: {m['encoder']['model_name']} / {m['encoder']['pretrained']} (D = {m['clip_dim']})",
+        f"- mapping: {m['mapping']['kind']}, prefix length {m['mapping']['prefix_length']}",
+        f"- language model: {m['lm']['name_or_path']} ({'frozen' if m['lm']['freeze'] else 'fine-tuned'}; "
+        f"weights {'in lm.safetensors' if meta['weights']['lm'] else 'from the base model'})",
+        "", "## Metrics", "",
+        *(f"- {k}: {v}" for k, v in sorted(metrics.items())),
+        "", "## Use", "", "```python", "from clipcap_core import Captioner",
+        "captioner = Captioner.from_pretrained('<this directory or URI>')",
+        "captioner.caption(images=['photo.jpg'])", "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def read_metadata(uri: str) -> dict[str, Any]:
+    """config.json of the artifact at ``uri`` (a clear error when it is not an artifact)."""
+    import fsspec
+
+    path = f"{str(uri).rstrip('/')}/{CONFIG}"
+    try:
+        with fsspec.open(path, "r") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no model artifact at {uri} ({CONFIG} missing)") from None
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"artifact {uri} has schema version {version}; this code reads {SCHEMA_VERSION}")
+    return meta
+
+
+def read_config(uri_or_preset: str) -> ModelConfig:
+    """The ModelConfig of an artifact or preset, without loading weights (for checks before work starts)."""
+    from clipcap_core.presets import PRESETS, preset_config
+
+    if uri_or_preset in PRESETS and not exists(uri_or_preset):
+        return preset_config(uri_or_preset)
+    return from_dict(ModelConfig, read_metadata(uri_or_preset)["model"])
+
+
+def load_model(uri_or_preset: str, device: str | torch.device = "cpu", precision: str = "fp32") -> LoadedModel:
+    """Load an artifact (any fsspec URI) or build an untrained preset model (``"tiny"``...)."""
+    from clipcap_core.presets import PRESETS, preset_config
+    from clipcap_core.tokenizer import load_tokenizer
+
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+    if uri_or_preset in PRESETS and not exists(uri_or_preset):
+        cfg = preset_config(uri_or_preset)
+        tokenizer = load_tokenizer(cfg.tokenizer_source)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = build_model(cfg, tokenizer)
+        loaded = LoadedModel(model, tokenizer, cfg, {"preset": uri_or_preset})
+    else:
+        meta = read_metadata(uri_or_preset)
+        with local_copy(uri_or_preset) as local:
+            loaded = _load_local(Path(local), meta)
+    loaded.model.to(device=device, dtype=DTYPES[precision]).eval()
+    return loaded
+
+
+def _load_local(root: Path, meta: dict[str, Any]) -> LoadedModel:
+    from clipcap_core.model import ClipCapModel
+    from clipcap_core.tokenizer import load_tokenizer
+
+    cfg = from_dict(ModelConfig, meta["model"])
+    tokenizer = load_tokenizer(str(root / meta["weights"]["tokenizer"]))
+    lm = _load_lm(root, meta, cfg)
+    model = ClipCapModel(cfg, lm)
+    load_weights_into(model.mapping, load_file(str(root / meta["weights"]["mapping"])), "mapping")
+    return LoadedModel(model, tokenizer, cfg, {k: v for k, v in meta.items() if k != "model"})
+
+
+def _load_lm(root: Path, meta: dict[str, Any], cfg: ModelConfig) -> PreTrainedModel:
+    if not meta["weights"]["lm"]:
+        return load_pretrained_lm(cfg.lm.name_or_path)
+    # Reassemble a from_pretrained directory (config + weights): HF handles tied weights and skips random init.
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="clipcap-lm-") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(meta["lm_config"]))
+        (Path(tmp) / "model.safetensors").symlink_to((root / meta["weights"]["lm"]).resolve())
+        return AutoModelForCausalLM.from_pretrained(tmp)
+
+
+def load_weights_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: {tuple(state[k].shape)} vs expected {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{what} weights do not fit the config: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}, wrong shapes {wrong[:5]}")
+    module.load_state_dict(state)

@@ -1,0 +1,341 @@
+"""Batched caption decoding over the LM's KV cache: greedy, beam, the authors' beam ("reference-beam"), sampling.
+
+    gen = generate(model, clip_embeds, tokenizer, strategy="beam", beam_size=5, max_length=30)
+    gen.texts, gen.token_ids, gen.scores          # one row per caption; input i owns rows [i*n, (i+1)*n)
+
+Design (why it is fast):
+- the prefix runs once per image, then the cache is repeated for beams / samples (``Cache.batch_repeat_interleave``);
+- each step runs only the new token through ``lm.base_model`` with a ``DynamicCache`` and the LM head on that
+  one position; no attention mask is built (all prefixes have the same length, nothing is padded);
+- finished rows (greedy / sampling) and finished images (beam) are dropped from the batch as they finish, so
+  the cost follows the captions still being written;
+- beam bookkeeping is a handful of tensor ops per step: one top-k over (B, K*V), a gather, a cache reorder.
+
+Stopping: end-of-text (``stop_at_eos``) and optionally ``stop_token`` (its first token id, like the authors'
+code); the stop token is part of the caption ('.' stays in the text), end-of-text is not. Scores are the mean
+token log-prob of the caption (stop token included); for ``reference-beam`` the authors' length-averaged score.
+``use_cache=False`` recomputes the whole sequence each step (the same algorithm, for tests and baselines).
+Sampling is deterministic given ``seed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from clipcap_core.configs import from_dict
+
+Strategy = Literal["greedy", "beam", "reference-beam", "sample"]
+STRATEGIES: tuple[str, ...] = ("greedy", "beam", "reference-beam", "sample")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeConfig:
+    strategy: Strategy = "greedy"
+    max_length: int = 30  # new tokens at most
+    beam_size: int = 5
+    length_penalty: float = 1.0  # beam: rank finished captions by sum log-prob / length ** length_penalty
+    temperature: float = 1.0  # sample and reference-beam
+    top_k: int = 0  # sample: keep the k most likely tokens (0 = all)
+    top_p: float = 1.0  # sample: nucleus mass
+    n: int = 1  # captions per input (beam: the n best beams; sample: n samples)
+    stop_token: str | None = None  # e.g. "." (authors' models stop there)
+    stop_at_eos: bool = True
+    seed: int = 0
+    use_cache: bool = True
+    batch_size: int | None = None  # inputs per decoding batch (None: all at once)
+
+    def __post_init__(self) -> None:
+        if self.max_length < 1 or self.beam_size < 1 or self.n < 1:
+            raise ValueError("max_length, beam_size and n must be >= 1")
+        if self.strategy == "greedy" and self.n > 1:
+            raise ValueError("greedy decoding gives one caption per input: use n=1, or beam / sample")
+        if self.strategy in ("beam", "reference-beam") and self.n > self.beam_size:
+            raise ValueError(f"n={self.n} captions need beam_size >= n (got {self.beam_size})")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("need temperature > 0, 0 < top_p <= 1, top_k >= 0")
+
+
+@dataclass
+class Generation:
+    texts: list[str]  # N * n captions
+    token_ids: list[list[int]]  # generated ids: a stop token like '.' included, a final end-of-text not
+    scores: np.ndarray  # (N * n,) float32 mean token log-prob
+    n: int = 1
+
+    def grouped(self) -> list[list[str]]:
+        return [self.texts[i: i + self.n] for i in range(0, len(self.texts), self.n)]
+
+
+class CachedLM:
+    """One decoding step at a time over a KV cache; rows can be selected / repeated between steps."""
+
+    def __init__(self, lm: torch.nn.Module):
+        self.body, self.head, self.wte = lm.base_model, lm.get_output_embeddings(), lm.get_input_embeddings()
+        self.cache: Any = None
+
+    def prefill(self, prefix: torch.Tensor) -> torch.Tensor:  # (B, k, E) -> logits (B, V)
+        out = self.body(inputs_embeds=prefix, use_cache=True)
+        self.cache = out.past_key_values
+        return self.head(out.last_hidden_state[:, -1])
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:  # (B,) -> logits (B, V)
+        out = self.body(inputs_embeds=self.wte(tokens)[:, None], past_key_values=self.cache, use_cache=True)
+        return self.head(out.last_hidden_state[:, -1])
+
+    def select(self, rows: torch.Tensor) -> None:  # keep / reorder rows (beam parents, finished rows dropped)
+        self.cache.reorder_cache(rows)
+
+    def repeat(self, n: int) -> None:
+        if n > 1:
+            self.cache.batch_repeat_interleave(n)
+
+
+class UncachedLM(CachedLM):
+    """Same interface without a KV cache: every step re-runs the whole sequence (authors' style)."""
+
+    def prefill(self, prefix: torch.Tensor) -> torch.Tensor:
+        self.embeds = prefix
+        return self.head(self.body(inputs_embeds=prefix, use_cache=False).last_hidden_state[:, -1])
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.embeds = torch.cat((self.embeds, self.wte(tokens)[:, None]), dim=1)
+        return self.head(self.body(inputs_embeds=self.embeds, use_cache=False).last_hidden_state[:, -1])
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.embeds = self.embeds.index_select(0, rows)
+
+    def repeat(self, n: int) -> None:
+        self.embeds = self.embeds.repeat_interleave(n, dim=0)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, stop_token: str | None, stop_at_eos: bool) -> list[int]:
+    ids = [tokenizer.eos_token_id] if stop_at_eos else []
+    if stop_token is not None:
+        encoded = tokenizer.encode(stop_token, add_special_tokens=False)
+        if not encoded:
+            raise ValueError(f"stop_token {stop_token!r} encodes to no token")
+        ids.append(encoded[0])
+    return ids
+
+
+# A strategy: (lm, prefix (B, k, E), cfg, stop ids (S,)) -> (tokens (B*n, T) long, lengths (B*n,), scores (B*n,))
+def _greedy(lm: CachedLM, prefix: torch.Tensor, cfg: DecodeConfig, stop: torch.Tensor):
+    return _sequential(lm, prefix, cfg, stop, pick=lambda logits, t: logits.argmax(-1))
+
+
+def _sample(lm: CachedLM, prefix: torch.Tensor, cfg: DecodeConfig, stop: torch.Tensor):
+    gen = torch.Generator(device=prefix.device).manual_seed(cfg.seed)
+
+    def pick(logits: torch.Tensor, t: int) -> torch.Tensor:
+        logits = logits / cfg.temperature
+        if cfg.top_k:
+            kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if cfg.top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = (cum - sorted_logits.softmax(-1)) >= cfg.top_p  # mass before this token already >= top_p
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+
+    return _sequential(lm, prefix, cfg, stop, pick=pick, repeat=cfg.n)
+
+
+def _sequential(lm: CachedLM, prefix: torch.Tensor, cfg: DecodeConfig, stop: torch.Tensor, pick, repeat: int = 1):
+    """One token per row per step (greedy, sampling); finished rows leave the batch."""
+    logits = lm.prefill(prefix).float()  # (B, V)
+    if repeat > 1:
+        lm.repeat(repeat)
+        logits = logits.repeat_interleave(repeat, dim=0)
+    rows_total, dev = logits.shape[0], logits.device
+    tokens = torch.zeros(rows_total, cfg.max_length, dtype=torch.long, device=dev)
+    lengths = torch.zeros(rows_total, dtype=torch.long, device=dev)
+    sums = torch.zeros(rows_total, dtype=torch.float32, device=dev)
+    rows = torch.arange(rows_total, device=dev)  # original row of each active row
+    for t in range(cfg.max_length):
+        nxt = pick(logits, t)  # (R,)
+        logp = logits.gather(1, nxt[:, None]).squeeze(1) - logits.logsumexp(-1)  # log-prob of the chosen token
+        tokens[rows, t] = nxt
+        sums[rows] += logp
+        lengths[rows] += 1
+        live = ~torch.isin(nxt, stop)
+        if t == cfg.max_length - 1 or not live.any():
+            break
+        if not live.all():  # drop finished rows from the cache and the batch
+            keep = live.nonzero().squeeze(1)
+            lm.select(keep)
+            rows, nxt = rows[keep], nxt[keep]
+        logits = lm.step(nxt).float()
+    return tokens, lengths, sums
+
+
+def _beam(lm: CachedLM, prefix: torch.Tensor, cfg: DecodeConfig, stop: torch.Tensor):
+    """Standard beam search (the semantics of HF ``generate(num_beams=K)``): K running beams per image, a
+    pool of the K best finished captions ranked by sum log-prob / length ** length_penalty; an image is done
+    when its pool is full and its best running beam, normalised at the current length, cannot beat the pool."""
+    K, T, lp = cfg.beam_size, cfg.max_length, cfg.length_penalty
+    logp = lm.prefill(prefix).float().log_softmax(-1)  # (B, V)
+    B, V = logp.shape
+    dev = logp.device
+    C = max(2, 1 + stop.numel()) * K  # candidates per image: always >= K that did not stop
+    lm.repeat(K)
+    logp = logp.repeat_interleave(K, dim=0)  # (B*K, V)
+    run_sum = torch.zeros(B, K, device=dev)
+    run_sum[:, 1:] = -1e9  # step 0: all beams are the same, expand from beam 0 only
+    seqs = torch.zeros(B * K, 0, dtype=torch.long, device=dev)
+    pool = _Pool(B, K, T, dev)
+    active = torch.arange(B, device=dev)  # original image of each active image
+    rank = torch.arange(C, device=dev)
+    for t in range(T):
+        b = active.shape[0]
+        top_sum, top_idx = (run_sum.view(-1, 1) + logp).view(b, K * V).topk(C, dim=1)  # (b, C)
+        parent, tok = top_idx // V, top_idx % V
+        flat_parent = torch.arange(b, device=dev)[:, None] * K + parent  # (b, C) rows of seqs
+        cand_seqs = torch.cat((seqs[flat_parent], tok[..., None]), dim=2)  # (b, C, t+1)
+        is_stop = torch.isin(tok, stop) | (t == T - 1)  # at max length every candidate ends
+        finished = is_stop & (rank < K)  # only candidates that would have made the beam may finish
+        if finished.any():
+            pool.add(active, cand_seqs, top_sum, finished, t + 1, lp)
+        if t == T - 1:
+            break
+        sel = (is_stop.long() * C + rank).argsort(dim=1)[:, :K]  # the K best candidates that did not stop
+        run_sum = top_sum.gather(1, sel)
+        seqs = cand_seqs.gather(1, sel[..., None].expand(-1, -1, t + 1)).view(b * K, t + 1)
+        rows = flat_parent.gather(1, sel).view(-1)
+        done = pool.done(active, run_sum[:, 0], t + 1, lp)  # (b,)
+        if done.all():
+            break
+        if done.any():  # finished images leave the batch
+            keep = (~done).nonzero().squeeze(1)
+            rows_k = (keep[:, None] * K + torch.arange(K, device=dev)).view(-1)
+            active, run_sum, seqs, rows = active[keep], run_sum[keep], seqs[rows_k], rows[rows_k]
+        lm.select(rows)
+        logp = lm.step(seqs[:, -1]).float().log_softmax(-1)
+    return pool.best(cfg.n)
+
+
+class _Pool:
+    """The K best finished captions per image: normalized score, sum log-prob, length, tokens."""
+
+    def __init__(self, B: int, K: int, T: int, dev: torch.device):
+        self.K, self.T = K, T
+        self.score = torch.full((B, K), float("-inf"), device=dev)
+        self.sum = torch.zeros(B, K, device=dev)
+        self.len = torch.ones(B, K, dtype=torch.long, device=dev)
+        self.seqs = torch.zeros(B, K, T, dtype=torch.long, device=dev)
+
+    def add(self, images, seqs, sums, valid, length: int, lp: float) -> None:
+        """Merge candidates seqs (b, C, length) with sums (b, C) where ``valid`` into the pools of ``images``."""
+        score = torch.where(valid, sums / length ** lp, float("-inf"))
+        padded = torch.nn.functional.pad(seqs, (0, self.T - length))
+        all_score = torch.cat((self.score[images], score), dim=1)  # (b, K + C)
+        best = all_score.topk(self.K, dim=1).indices  # (b, K)
+        lens = torch.full_like(score, length, dtype=torch.long)
+        self.score[images] = all_score.gather(1, best)
+        self.sum[images] = torch.cat((self.sum[images], sums), 1).gather(1, best)
+        self.len[images] = torch.cat((self.len[images], lens), 1).gather(1, best)
+        self.seqs[images] = torch.cat((self.seqs[images], padded), 1).gather(
+            1, best[..., None].expand(-1, -1, self.T))
+
+    def done(self, images, best_sum, length: int, lp: float) -> torch.Tensor:
+        """True where the pool is full and the best running beam, normalised at the current length (HF's
+        default heuristic), does not beat the pool's worst entry."""
+        worst = self.score[images][:, -1]
+        return torch.isfinite(worst) & (best_sum / length ** lp <= worst)
+
+    def best(self, n: int):
+        order = self.score.argsort(dim=1, descending=True)[:, :n]  # (B, n)
+        tokens = self.seqs.gather(1, order[..., None].expand(-1, -1, self.T)).flatten(0, 1)
+        return tokens, self.len.gather(1, order).flatten(), self.sum.gather(1, order).flatten()
+
+
+def _reference_beam(lm: CachedLM, prefix: torch.Tensor, cfg: DecodeConfig, stop: torch.Tensor):
+    """The authors' ``generate_beam`` batched over images: beams ranked by length-averaged log-prob,
+    stopped beams carried along with token 0 at no cost, an image ends when all its beams stopped."""
+    K = cfg.beam_size
+    logp = (lm.prefill(prefix).float() / cfg.temperature).softmax(-1).log()  # (B, V) as the authors compute it
+    B, V = logp.shape
+    dev = logp.device
+    scores, tok = logp.topk(K, dim=-1)  # (B, K)
+    seqs = tok.reshape(B * K, 1)
+    lengths = torch.ones(B * K, device=dev)
+    stopped = torch.isin(seqs[:, 0], stop)
+    out_tokens = torch.zeros(B * K, cfg.max_length, dtype=torch.long, device=dev)
+    out_len, out_score = torch.ones(B * K, device=dev), torch.zeros(B * K, device=dev)
+    active = torch.arange(B, device=dev)
+    lm.repeat(K)
+    beam = torch.arange(K, device=dev)
+    for t in range(1, cfg.max_length + 1):
+        done = stopped.view(-1, K).all(dim=1)  # (b,)
+        if done.any() or t == cfg.max_length:  # images leave with their state frozen, as in the authors' loop
+            fin = done if t < cfg.max_length else torch.ones_like(done)
+            rows = (fin.nonzero()[:, :1] * K + beam).view(-1)
+            dest = (active[fin][:, None] * K + beam).view(-1)
+            out_tokens[dest, : seqs.shape[1]] = seqs[rows]
+            out_len[dest], out_score[dest] = lengths[rows], scores.view(-1)[rows]
+            if fin.all():
+                break
+            keep = (~fin).nonzero().squeeze(1)
+            rows_k = (keep[:, None] * K + beam).view(-1)
+            active, scores = active[keep], scores[keep]
+            seqs, lengths, stopped = seqs[rows_k], lengths[rows_k], stopped[rows_k]
+            lm.select(rows_k)
+        b = active.shape[0]
+        logp = (lm.step(seqs[:, -1]).float() / cfg.temperature).softmax(-1).log()  # (b*K, V)
+        logp[stopped] = float("-inf")
+        logp[stopped, 0] = 0.0
+        scores_sum = scores.view(-1, 1) + logp
+        lengths[~stopped] += 1
+        avg, idx = (scores_sum / lengths[:, None]).view(b, K * V).topk(K, dim=1)
+        src = (torch.arange(b, device=dev)[:, None] * K + idx // V).view(-1)
+        nxt = (idx % V).view(-1)
+        lengths, stopped = lengths[src], stopped[src] | torch.isin(nxt, stop)
+        seqs = torch.cat((seqs[src], nxt[:, None]), dim=1)
+        scores = avg * lengths.view(b, K)
+        lm.select(src)
+    avg_score = out_score / out_len
+    order = avg_score.view(B, K).argsort(dim=1, descending=True)[:, : cfg.n]
+    rows = (torch.arange(B, device=dev)[:, None] * K + order).view(-1)
+    return out_tokens[rows], out_len[rows].long(), avg_score[rows] * out_len[rows]
+
+
+_STRATEGY_FNS = {"greedy": _greedy, "beam": _beam, "reference-beam": _reference_beam, "sample": _sample}
+
+
+def decode_config(strategy: str = "greedy", **options: Any) -> DecodeConfig:
+    """A validated DecodeConfig (unknown options fail with the list of known ones)."""
+    return from_dict(DecodeConfig, {"strategy": strategy, **options})
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, clip_embeds: np.ndarray | torch.Tensor, tokenizer: PreTrainedTokenizerBase,
+             strategy: str = "greedy", *, config: DecodeConfig | None = None, **options: Any) -> Generation:
+    """Caption CLIP embeddings (N, D): ``strategy`` and ``options`` are DecodeConfig fields (or pass ``config``)."""
+    cfg = config or decode_config(strategy, **options)
+    embeds = torch.as_tensor(np.asarray(clip_embeds) if not torch.is_tensor(clip_embeds) else clip_embeds)
+    if embeds.ndim != 2:
+        raise ValueError(f"expected embeddings of shape (N, D), got {tuple(embeds.shape)}")
+    stop = torch.tensor(stop_token_ids(tokenizer, cfg.stop_token, cfg.stop_at_eos), device=model.device)
+    step = cfg.batch_size or max(1, embeds.shape[0])
+    was_training = model.training
+    model.eval()
+    texts, ids, scores = [], [], []
+    try:
+        for start in range(0, embeds.shape[0], step):
+            lm = (CachedLM if cfg.use_cache else UncachedLM)(model.lm)
+            prefix = model.prefix(embeds[start: start + step].float())  # (b, k, E)
+            tokens, lengths, sums = _STRATEGY_FNS[cfg.strategy](lm, prefix, cfg, stop)
+            for row, length in zip(tokens.tolist(), lengths.tolist()):
+                row = row[: int(length)]
+                ids.append(row[:-1] if row and row[-1] == tokenizer.eos_token_id else row)
+            scores.append((sums / lengths.clamp_min(1).to(sums.dtype)).float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return Generation(texts=texts, token_ids=ids, scores=np.concatenate(scores) if scores else np.zeros(0, np.float32),
+                      n=cfg.n)

@@ -1,0 +1,60 @@
+"""Named model configurations (a declarative registry, apart from logic).
+
+- ``tiny``: 2-layer 64-wide GPT-2 (seeded random init), word-level tokenizer over the synthetic vocabulary,
+  the ``tiny`` CLIP encoder (D read from that model: 128), MLP mapping with k = 4. Learns the synthetic set
+  in seconds on a CPU. Its tokenizer can be rebuilt from training captions (``build_word_tokenizer``).
+- ``tiny-transformer``: the same with a transformer mapper and a frozen LM.
+- ``clipcap-mlp``: the paper's MLP + GPT-2 fine-tuning setting (ViT-B/32, D = 512, k = 10).
+- ``clipcap-transformer``: the paper's transformer + frozen GPT-2 setting (RN50x4, D = 640, k = 40,
+  clip_length 40, 8 layers, normalised prefix).
+
+The last two need real GPT-2 / CLIP weights (hub or local copies); see README for offline use.
+"""
+
+from __future__ import annotations
+
+from clipcap_core.encoders import EncoderConfig
+from clipcap_core.mapping import MappingConfig
+from clipcap_core.model import LMConfig, ModelConfig
+
+TINY_LM = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64, "n_inner": 256,
+           "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+TINY_CLIP_DIM = 128  # embed_dim of clipcap_core/resources/tiny.json
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        clip_dim=TINY_CLIP_DIM,
+        mapping=MappingConfig(kind="mlp", prefix_length=4),
+        lm=LMConfig(name_or_path="tiny", config=TINY_LM, seed=0, freeze=False),
+        tokenizer="word",
+        encoder=EncoderConfig(model_name="tiny"),
+    ),
+    "tiny-transformer": ModelConfig(
+        clip_dim=TINY_CLIP_DIM,
+        mapping=MappingConfig(kind="transformer", prefix_length=4, clip_length=4, num_layers=2, num_heads=4),
+        lm=LMConfig(name_or_path="tiny", config=TINY_LM, seed=0, freeze=True),
+        tokenizer="word",
+        encoder=EncoderConfig(model_name="tiny"),
+    ),
+    "clipcap-mlp": ModelConfig(
+        clip_dim=512,
+        mapping=MappingConfig(kind="mlp", prefix_length=10),
+        lm=LMConfig(name_or_path="gpt2", freeze=False),
+        encoder=EncoderConfig(model_name="ViT-B-32", pretrained="openai"),
+    ),
+    "clipcap-transformer": ModelConfig(
+        clip_dim=640,
+        mapping=MappingConfig(kind="transformer", prefix_length=40, clip_length=40, num_layers=8, num_heads=8,
+                              normalize_prefix=True),
+        lm=LMConfig(name_or_path="gpt2", freeze=True),
+        encoder=EncoderConfig(model_name="RN50x4", pretrained="openai"),
+    ),
+}
+
+
+def preset_config(name: str) -> ModelConfig:
+    """The ModelConfig of preset ``name``; unknown names fail with the list of known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r} (known: {', '.join(sorted(PRESETS))})") from None

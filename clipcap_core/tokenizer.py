@@ -1,0 +1,100 @@
+"""Tokenizers: GPT-2 family tokenizers by hub name / local dir / object-store URI, and the tiny word-level one.
+
+The ``tiny`` preset uses a word-level tokenizer (HF ``tokenizers`` WordLevel wrapped in a fast tokenizer)
+built from ``synthetic.VOCABULARY`` or from training captions. Every tokenizer we hand out has an
+end-of-text token used as eos and pad: captions end with eos so generation learns to stop, and padding is
+masked out of the loss.
+
+    tok = load_tokenizer("word")                  # tiny word-level tokenizer over synthetic.VOCABULARY
+    tok = build_word_tokenizer(captions)          # word-level tokenizer over your captions
+    tok = load_tokenizer("gpt2" | "/dir" | "s3://bucket/tok")
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+EOS = "<|endoftext|>"
+UNK = "<unk>"
+WORD = "word"  # tokenizer source name of the built-in word-level tokenizer
+_WORD_RE = re.compile(r"\w+|[^\w\s]")
+
+
+def words_of(text: str) -> list[str]:
+    """Split like the word-level tokenizer does (lower-cased words and single punctuation marks)."""
+    return _WORD_RE.findall(text.lower())
+
+
+def build_word_tokenizer(captions: Iterable[str] | None = None, *, words: Sequence[str] | None = None,
+                         min_count: int = 1) -> PreTrainedTokenizerBase:
+    """Word-level fast tokenizer: ids 0/1 are ``<|endoftext|>`` (eos + pad) and ``<unk>``, then sorted words.
+
+    Words come from ``words`` if given, else from ``captions`` (kept when seen ``min_count`` times),
+    else from ``synthetic.VOCABULARY``. Deterministic: the same inputs give the same ids.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if words is None:
+        if captions is None:
+            from clipcap_core.synthetic import VOCABULARY
+
+            words = VOCABULARY
+        else:
+            counts = Counter(w for c in captions for w in words_of(c))
+            words = [w for w, n in counts.items() if n >= min_count]
+    vocab = {EOS: 0, UNK: 1}
+    for w in sorted(set(words) - {EOS, UNK}):
+        vocab[w] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(_WORD_RE.pattern), behavior="isolated")])
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words, no space before '.'
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=EOS, unk_token=UNK)
+
+
+def prepare(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Make sure the tokenizer has an eos token and uses it as pad (GPT-2 ships without a pad token)."""
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no end-of-text (eos) token; captions must end with one")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer: ``"word"`` (built-in), a hub name, a local directory or an fsspec URI of one."""
+    if source == WORD:
+        return build_word_tokenizer()
+    from transformers import AutoTokenizer
+
+    from clipcap_core.uris import is_remote, local_copy
+
+    if is_remote(source):
+        with local_copy(source) as local:
+            return prepare(AutoTokenizer.from_pretrained(str(local)))
+    try:
+        return prepare(AutoTokenizer.from_pretrained(source))
+    except OSError as exc:
+        raise OSError(f"cannot load tokenizer {source!r} (hub name, local directory or URI): {exc}") from exc
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, uri: str) -> None:
+    """Save tokenizer files (``save_pretrained`` layout) under ``uri`` (local path or fsspec URI)."""
+    from clipcap_core.uris import upload_dir
+
+    with tempfile.TemporaryDirectory(prefix="clipcap-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        upload_dir(tmp, uri)
+
+
+def encode_caption(tokenizer: PreTrainedTokenizerBase, caption: str, max_tokens: int) -> list[int]:
+    """Token ids of ``caption`` followed by eos, truncated to ``max_tokens`` (eos always kept last)."""
+    ids = tokenizer.encode(caption, add_special_tokens=False)[: max_tokens - 1]
+    return [*ids, tokenizer.eos_token_id]
