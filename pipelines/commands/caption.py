@@ -92,13 +92,15 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
     from pipelines.caption import caption_archive
 
     cfg = config_from_args(args)
-    if not ray.is_initialized():
+    if args.ray_address:
+        import ray
+
         ray.init(address=args.ray_address, log_to_driver=False)
+    # otherwise Ray Data connects when the pipeline starts (RAY_ADDRESS, or a local instance): job-level
+    # faults are reported before any Ray process starts
     summary = caption_archive(cfg)
     print(json.dumps(summary.as_dict(), indent=2))
     return 0

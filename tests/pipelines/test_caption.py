@@ -133,3 +133,68 @@ def test_cli_flags_fill_the_nested_config(tmp_path):
         config_from_args(parser.parse_args(["--input", "i", "--output", "o", "--num-captions", "2"]))
     with pytest.raises(ConfigError, match="input"):
         config_from_args(parser.parse_args(["--output", "o"]))
+
+
+# --- job-level faults: clear errors before any work -------------------------------------------------------------
+def _emb_table(path, dim: int, clip_model: str = "tiny") -> None:
+    meta = schemas.embedding_metadata(clip_model=clip_model, clip_pretrained=None, dim=dim, dtype="float32",
+                                      preprocess="test")
+    emb = np.zeros((2, dim), np.float32)
+    pq.write_table(pa.table({"key": ["a", "b"], "caption": [None, None], "url": [None, None],
+                             "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim)},
+                            schema=schemas.with_metadata(schemas.embedding_schema(dim), meta)), path)
+
+
+def _cfg(inp, out, **kw):
+    from pipelines.caption import CaptionConfig
+
+    return CaptionConfig(input=str(inp), output=str(out), **kw)
+
+
+def test_job_level_faults_raise_before_any_work(tmp_path):
+    from pipelines.caption import prepare
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(good_images()["rgb.jpg"])
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="cannot use model"):
+        prepare(_cfg(tmp_path / "in", out, model=str(tmp_path / "no-model")))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare(_cfg(tmp_path / "missing", out))
+    with pytest.raises(OSError, match="not writable"):
+        prepare(_cfg(tmp_path / "in", "s3x://bad/out"))
+    _emb_table(tmp_path / "emb64.parquet", 64)
+    with pytest.raises(ValueError, match="dimension mismatch.*D=64.*clip_dim=128"):
+        prepare(_cfg(tmp_path / "emb64.parquet", out))
+    _emb_table(tmp_path / "emb_other.parquet", 128, clip_model="ViT-B-32")
+    with pytest.raises(ValueError, match="made with CLIP 'ViT-B-32'"):
+        prepare(_cfg(tmp_path / "emb_other.parquet", out))
+    assert not out.exists() or not any(out.rglob("*.parquet")) and not (out / "_run.json").exists()
+
+
+def test_rerun_is_refused_when_the_model_or_input_changed_and_overwrite_clears(tmp_path):
+    from pipelines.caption import prepare
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(good_images()["rgb.jpg"])
+    out = tmp_path / "out"
+    plan = prepare(_cfg(tmp_path / "in", out))
+    assert [p.part_id for p in plan.todo] == ["images-00000"]
+    PartCommitter(str(out), plan.model_id, DecodeConfig()).add(
+        _stage_rows("images-00000", [(0, "a.jpg", ["x"], None)], total=1))
+    assert prepare(_cfg(tmp_path / "in", out)).todo == []  # done parts are skipped
+    with pytest.raises(ValueError, match="different model"):
+        prepare(_cfg(tmp_path / "in", out, model="tiny-transformer"))
+    (tmp_path / "in" / "b.jpg").write_bytes(good_images()["rgb.jpg"])
+    with pytest.raises(ValueError, match="plan_digest"):
+        prepare(_cfg(tmp_path / "in", out))
+    again = prepare(_cfg(tmp_path / "in", out, overwrite=True))
+    assert [p.part_id for p in again.todo] == ["images-00000"] and not list(out.glob("part-*.parquet"))
+
+
+def test_cli_reports_job_level_faults_in_one_line(tmp_path, capsys):
+    from pipelines.cli import main
+
+    code = main(["caption", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not exist" in err and "Traceback" not in err
