@@ -56,10 +56,16 @@ class ResourceOptions:
     clip_actors: int = 1
     caption_actors: int = 1
     read_cpus: float = 1.0         # per read/decode task
+    read_memory_mb: int = 256      # per read/decode task (>= 1; see build_dataset)
     cpus_per_actor: float = 1.0    # also the torch threads of an actor (at least 1)
     gpus_per_actor: float = 0.0    # > 0: actors run on CUDA
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
     jpeg_draft: bool = False       # faster JPEG decode via DCT scaling (pixels differ slightly)
+
+    def __post_init__(self) -> None:
+        if min(self.decode_block_rows, self.clip_batch_size, self.caption_batch_size, self.clip_actors,
+               self.caption_actors, self.read_memory_mb) < 1 or min(self.read_cpus, self.cpus_per_actor) <= 0:
+            raise ValueError("batch sizes, actor counts and read_memory_mb must be >= 1, CPUs > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,6 +146,8 @@ def prepare(cfg: CaptionConfig) -> Plan:
     from pipelines.caption_stages import inspect_model
 
     storage.check_writable(cfg.output)
+    fs, path = storage.filesystem(cfg.output)
+    fs.invalidate_cache(path)  # another process (an earlier, killed run) may have written here
     info = inspect_model(cfg.model)
     parts = sources.plan_parts(cfg.input, cfg.source)
     _check_embeddings(parts, info)
@@ -158,9 +166,20 @@ def prepare(cfg: CaptionConfig) -> Plan:
         raise ValueError(f"output {cfg.output!r} holds a run with different {', '.join(changed)}; use a new "
                          "output or overwrite=True (--overwrite) to redo it")
     storage.write_json(record, run_uri)
+    _remove_stale_temporaries(cfg.output)
     done = set(storage.list_files(cfg.output, ".parquet"))
     todo = [p for p in parts if part_uri(cfg.output, p.part_id) not in done]
     return Plan(parts, todo, info.model_id, info, needs_clip, digest)
+
+
+def _remove_stale_temporaries(output: str) -> None:
+    """Drop ``_tmp.*`` files a killed run left behind (never visible as parts; one run per output)."""
+    fs, path = storage.filesystem(output)
+    for sub in (path, f"{path.rstrip('/')}/_errors"):
+        if fs.exists(sub):
+            for name in fs.ls(sub, detail=False):
+                if name.rsplit("/", 1)[-1].startswith("_tmp."):
+                    fs.rm(name)
 
 
 def _clear_output(output: str) -> None:
@@ -283,11 +302,10 @@ def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
     spec = preprocess_spec(plan.model_info.encoder) if plan.needs_clip else None
     items = [{"part": p.to_json()} for p in plan.todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # max_retries: re-read a part after a lost worker (the committer drops re-sent rows by member index). It
-    # also keeps these tasks a stage of their own: Ray Data fuses a task map into the next actor map when
-    # their remote args are equal, which would run decoding inside the CLIP actors, one part at a time.
+    # The memory request also keeps these tasks a stage of their own: Ray Data fuses a task map into the next
+    # actor map when their remote args are equal, which would decode inside the CLIP actors, one part at a time.
     ds = ds.map_batches(read_decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=res.read_cpus,
-                        max_retries=3,
+                        memory=res.read_memory_mb * 2**20,
                         fn_kwargs=dict(cfg_json=json.dumps(to_dict(cfg.source)), spec=spec,
                                        block_rows=res.decode_block_rows, jpeg_draft=res.jpeg_draft))
     if plan.needs_clip:

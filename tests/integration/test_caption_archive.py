@@ -1,0 +1,136 @@
+"""Bulk captioning on the real local Ray head and S3 server: every input kind with bad members, reruns, a run
+killed midway."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import storage
+from pipelines.caption import CaptionConfig, ResourceOptions, caption_archive
+from pipelines.sources import SourceConfig
+from tests.pipelines.image_zoo import DUP_ERROR_KEYS, write_mixed_input
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+# Small parts and batches so that parts commit one after another (the killed-run test needs a window);
+# fractional CPUs so the read tasks and both actor pools fit the 2-CPU test cluster.
+PART_SIZE = 3
+FLAGS = {"clip_batch_size": 4, "caption_batch_size": 4, "decode_block_rows": 4, "read_cpus": 0.25,
+         "cpus_per_actor": 0.5}
+
+
+def _config(inp: str, out: str) -> CaptionConfig:
+    return CaptionConfig(input=inp, output=out, model="tiny", source=SourceConfig(part_size=PART_SIZE),
+                         resources=ResourceOptions(**FLAGS), progress_interval_s=2.0)
+
+
+def _read_dir(uri: str) -> pa.Table | None:
+    fs, path = storage.filesystem(uri)
+    fs.invalidate_cache()
+    files = storage.list_files(uri, ".parquet")
+    tables = []
+    for f in files:
+        with fs.open(storage.filesystem(f)[1], "rb") as fh:
+            tables.append(pq.read_table(fh).replace_schema_metadata(None))
+    return pa.concat_tables(tables) if tables else None
+
+
+def _canonical(out: str) -> tuple[list[tuple], list[tuple]]:
+    caps, errs = _read_dir(out), _read_dir(storage.join(out, "_errors"))
+    cap_rows = sorted((r["key"], r["rank"], r["caption"], round(r["score"], 3), r["model"]) for r in caps.to_pylist())
+    err_rows = sorted((r["key"], r["source"], r["stage"], r["error"]) for r in errs.to_pylist())
+    return cap_rows, err_rows
+
+
+@pytest.fixture(scope="module")
+def mixed_on_s3(s3_server, http_server, tmp_path_factory):
+    """The every-kind input (URL rows served by the local HTTP server), uploaded to the S3 server."""
+    sub = f"caption-{uuid.uuid4().hex[:8]}"
+    local = Path(http_server.root) / sub
+    expect = write_mixed_input(local, base_url=f"{http_server.base_url}/{sub}", dim=128, clip_model="tiny")
+    prefix = f"s3://clipcap/{sub}"
+    fs, base = storage.filesystem(prefix)
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            fs.pipe_file(f"{base}/input/{p.relative_to(local).as_posix()}", p.read_bytes())
+    return f"{prefix}/input", prefix, expect
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_cluster, mixed_on_s3):
+    inp, prefix, expect = mixed_on_s3
+    out = f"{prefix}/captions/full"
+    return out, caption_archive(_config(inp, out))
+
+
+def test_every_kind_is_captioned_and_every_bad_member_is_an_error_row(first_run, mixed_on_s3):
+    out, summary = first_run
+    _, _, expect = mixed_on_s3
+    caps, errs = _read_dir(out), _read_dir(storage.join(out, "_errors"))
+    members = len(expect) + len(DUP_ERROR_KEYS)
+    assert caps.num_rows + errs.num_rows == members
+    cap_keys = caps.column("key").to_pylist()
+    assert len(cap_keys) == len(set(cap_keys))  # unique
+    assert set(cap_keys) == {k for k, ok in expect.items() if ok}
+    assert set(errs.column("key").to_pylist()) == {k for k, ok in expect.items() if not ok} | set(DUP_ERROR_KEYS)
+    assert all(isinstance(c, str) for c in caps.column("caption").to_pylist())  # untrained: may be ""
+    assert set(caps.column("model").to_pylist()) == {summary.model} and summary.model.startswith("tiny@")
+    assert (summary.images, summary.captions, summary.errors) == (members, caps.num_rows, errs.num_rows)
+    assert summary.parts_done == summary.parts_total > 10 and summary.parts_skipped == 0
+    assert set(summary.stage_seconds) == {"read", "clip", "caption"}
+    stages = dict(zip(errs.column("key").to_pylist(), errs.column("stage").to_pylist(), strict=False))
+    assert stages["tables/urls.parquet/#1"] == "fetch" and stages["images/bad/bomb.png"] == "decode"
+    assert storage.read_json(storage.join(out, "_summary.json"))["images"] == members
+
+
+def test_rerun_adds_nothing(first_run, mixed_on_s3):
+    out, _ = first_run
+    inp, _, _ = mixed_on_s3
+    before = _canonical(out)
+    files_before = storage.list_files(out, ".parquet")
+    again = caption_archive(_config(inp, out))
+    assert again.parts_done == 0 and again.images == 0 and again.parts_skipped == again.parts_total
+    assert storage.list_files(out, ".parquet") == files_before
+    assert _canonical(out) == before
+
+
+def test_run_killed_midway_then_rerun_equals_an_uninterrupted_run(first_run, mixed_on_s3, ray_cluster):
+    full_out, summary = first_run
+    inp, prefix, _ = mixed_on_s3
+    out = f"{prefix}/captions/killed"
+    cmd = [sys.executable, str(ROOT / "jobs" / "caption_archive.py"), "--input", inp, "--output", out,
+           "--model", "tiny", "--part-size", str(PART_SIZE), "--ray-address", ray_cluster["gcs"]]
+    for name, value in FLAGS.items():
+        cmd += [f"--{name.replace('_', '-')}", str(value)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    committed: list[str] = []
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            fs, path = storage.filesystem(out)
+            fs.invalidate_cache()
+            committed = storage.list_files(out, ".parquet")
+            if committed:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run, without any chance to clean up
+        proc.wait()
+    assert committed, f"no part committed before the kill: {proc.stderr.read().decode()[-2000:]}"
+    fs.invalidate_cache()
+    at_kill = storage.list_files(out, ".parquet")
+    assert 0 < len(at_kill) < summary.parts_total, "the run was not interrupted midway"
+    rerun = caption_archive(_config(inp, out))
+    assert rerun.parts_skipped == len(at_kill) and rerun.parts_done == summary.parts_total - len(at_kill)
+    assert _canonical(out) == _canonical(full_out)
