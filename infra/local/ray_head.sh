@@ -7,13 +7,13 @@
 # shared cluster: there, keep token auth and export RAY_AUTH_MODE=token + the cluster's token.
 set -euo pipefail
 ACTION="${1:-start}"; shift || true
-NUM_CPUS="$(nproc)"; DASH_PORT=8265; GCS_PORT=6379; TEMP_DIR="${RAY_TMPDIR:-/tmp/ray}"
+NUM_CPUS="$(nproc)"; DASH_PORT=8265; GCS_PORT=6379; TEMP_DIR="${RAY_TMPDIR:-/tmp/ray}"; TEMP_DIR_GIVEN=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --num-cpus) NUM_CPUS="$2"; shift 2;;
     --dashboard-port) DASH_PORT="$2"; shift 2;;
     --port) GCS_PORT="$2"; shift 2;;
-    --temp-dir) TEMP_DIR="$2"; shift 2;;
+    --temp-dir) TEMP_DIR="$2"; TEMP_DIR_GIVEN=1; shift 2;;
     *) echo "unknown option $1" >&2; exit 2;;
   esac
 done
@@ -30,7 +30,23 @@ case "$ACTION" in
     echo "Ray head up: RAY_ADDRESS=http://127.0.0.1:$DASH_PORT (jobs API), ray.init(address='127.0.0.1:$GCS_PORT')"
     ;;
   stop)
-    "$RAY" stop --force || true
+    if [[ -n "$TEMP_DIR_GIVEN" ]]; then
+      # Stop only the head using this temp dir: `ray stop` kills every Ray instance on the machine, including
+      # other users' and concurrent test sessions'. Workers exit on their own once their raylet is gone.
+      gcs=$(cat "$TEMP_DIR/ray_current_cluster" 2>/dev/null || echo "no-address")  # e.g. 10.0.0.5:6379
+      mine() { for p in /proc/[0-9]*; do
+          [[ -r "$p/cmdline" ]] || continue
+          mapfile -d '' argv < "$p/cmdline" 2>/dev/null || continue
+          cmd="${argv[*]:-} "
+          [[ "$cmd" == *"$TEMP_DIR/session_"* || "$cmd" == *"--temp-dir=$TEMP_DIR "* || "$cmd" == *"--address=$gcs "* ]] \
+            && echo "${p#/proc/}"
+        done; true; }
+      pids=$(mine); [[ -n "$pids" ]] && kill -TERM $pids 2>/dev/null || true
+      for _ in $(seq 20); do pids=$(mine); [[ -z "$pids" ]] && break; sleep 0.5; done
+      [[ -n "$pids" ]] && kill -KILL $pids 2>/dev/null || true
+    else
+      "$RAY" stop --force || true
+    fi
     rm -f "$TEMP_DIR/ray_current_cluster"
     ;;
   *) echo "usage: $0 start|stop [options]" >&2; exit 2;;
