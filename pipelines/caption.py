@@ -56,7 +56,7 @@ class ResourceOptions:
     clip_actors: int = 1
     caption_actors: int = 1
     read_cpus: float = 1.0         # per read/decode task
-    read_memory_mb: int = 256      # per read/decode task (>= 1; see build_dataset)
+    read_memory_mb: int = 768      # per read/decode task (a worker with torch imported: ~0.6 GB; >= 1)
     cpus_per_actor: float = 1.0    # also the torch threads of an actor (at least 1)
     gpus_per_actor: float = 0.0    # > 0: actors run on CUDA
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
