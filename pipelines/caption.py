@@ -57,7 +57,8 @@ class ResourceOptions:
     caption_actors: int = 1
     read_cpus: float = 1.0         # per read/decode task
     read_memory_mb: int = 768      # per read/decode task (a worker with torch imported: ~0.6 GB; >= 1)
-    cpus_per_actor: float = 1.0    # also the torch threads of an actor (at least 1)
+    cpus_per_actor: float = 1.0    # Ray CPUs reserved per actor
+    torch_threads: int = 0         # torch threads per actor; 0: cpus_per_actor rounded down, at least 1
     gpus_per_actor: float = 0.0    # > 0: actors run on CUDA
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
     jpeg_draft: bool = False       # faster JPEG decode via DCT scaling (pixels differ slightly)
@@ -298,7 +299,7 @@ def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
     res = cfg.resources
     gpu = {"num_gpus": res.gpus_per_actor} if res.gpus_per_actor > 0 else {}
     actor = dict(num_cpus=res.cpus_per_actor, batch_format="pyarrow", **gpu)
-    threads = max(1, int(res.cpus_per_actor))
+    threads = res.torch_threads or max(1, int(res.cpus_per_actor))
     spec = preprocess_spec(plan.model_info.encoder) if plan.needs_clip else None
     items = [{"part": p.to_json()} for p in plan.todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))

@@ -26,7 +26,7 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "decode_block_rows": ("resources", "decode_block_rows"), "clip_batch_size": ("resources", "clip_batch_size"),
     "caption_batch_size": ("resources", "caption_batch_size"), "clip_actors": ("resources", "clip_actors"),
     "caption_actors": ("resources", "caption_actors"), "read_cpus": ("resources", "read_cpus"),
-    "cpus_per_actor": ("resources", "cpus_per_actor"), "gpus_per_actor": ("resources", "gpus_per_actor"),
+    "cpus_per_actor": ("resources", "cpus_per_actor"), "torch_threads": ("resources", "torch_threads"), "gpus_per_actor": ("resources", "gpus_per_actor"),
     "precision": ("resources", "precision"), "jpeg_draft": ("resources", "jpeg_draft"),
 }
 
@@ -59,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-actors", type=int)
     p.add_argument("--read-cpus", type=float)
     p.add_argument("--cpus-per-actor", type=float)
+    p.add_argument("--torch-threads", type=int, help="torch threads per actor (default: from --cpus-per-actor)")
     p.add_argument("--gpus-per-actor", type=float)
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--jpeg-draft", action="store_true", default=None)
