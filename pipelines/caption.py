@@ -93,6 +93,7 @@ class CaptionSummary:
     captions: int = 0
     errors: int = 0
     seconds: float = 0.0
+    first_output_s: float = 0.0  # start -> first rows back (planning, actor start-up, model loads, 1st batch)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -271,6 +272,7 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
         committer = PartCommitter(cfg.output, plan.model_id, cfg.decoding)
         last = time.monotonic()
         for block in build_dataset(cfg, plan).iter_batches(batch_size=None, batch_format="pyarrow"):
+            summary.first_output_s = summary.first_output_s or round(time.monotonic() - start, 3)
             for _pid, images, captioned, n_caps in committer.add(block):
                 summary.parts_done += 1
                 summary.images += images
