@@ -291,14 +291,39 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
     return summary
 
 
+def fit_resources(res: ResourceOptions, needs_clip: bool, cluster: dict[str, float]) -> ResourceOptions:
+    """Check the request against the cluster (``ray.cluster_resources()``): GPUs asked for but absent is a
+    job-level error; more CPUs reserved than the cluster has would starve the read tasks behind the actor
+    pools, so the CPU reservations (not the torch threads) are scaled down to fit, with a warning."""
+    from clipcap_core.configs import replace
+
+    actors = res.caption_actors + (res.clip_actors if needs_clip else 0)
+    if res.gpus_per_actor > 0 and cluster.get("GPU", 0.0) < res.gpus_per_actor * actors:
+        raise ValueError(f"{actors} actors x {res.gpus_per_actor} GPUs requested but the Ray cluster has "
+                         f"{cluster.get('GPU', 0.0):g} GPUs")
+    cpus = float(cluster.get("CPU", 0.0))
+    wanted = actors * res.cpus_per_actor + res.read_cpus
+    if cpus <= 0 or wanted <= cpus:
+        return res
+    scale = cpus / wanted
+    threads = res.torch_threads or max(1, int(res.cpus_per_actor))
+    log.warning("actors + read tasks reserve %.2f CPUs but the cluster has %g: scaling the reservations by %.2f "
+                "(torch threads per actor stay %d)", wanted, cpus, scale, threads)
+    return replace(res, cpus_per_actor=res.cpus_per_actor * scale, read_cpus=res.read_cpus * scale,
+                   torch_threads=threads)
+
+
 def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
     """The Ray Data pipeline over the parts still to do (resources all set here)."""
+    import ray
     import ray.data
 
     from clipcap_core.encoders import preprocess_spec
     from pipelines.caption_stages import CaptionStage, ClipStage, read_decode_batch
 
-    res = cfg.resources
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS if set, else a local instance (as Ray Data would do)
+    res = fit_resources(cfg.resources, plan.needs_clip, ray.cluster_resources())
     gpu = {"num_gpus": res.gpus_per_actor} if res.gpus_per_actor > 0 else {}
     actor = dict(num_cpus=res.cpus_per_actor, batch_format="pyarrow", **gpu)
     threads = res.torch_threads or max(1, int(res.cpus_per_actor))

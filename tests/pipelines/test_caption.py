@@ -198,3 +198,17 @@ def test_cli_reports_job_level_faults_in_one_line(tmp_path, capsys):
     code = main(["caption", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "does not exist" in err and "Traceback" not in err
+
+
+def test_resources_fit_the_cluster_or_fail_clearly():
+    from pipelines.caption import ResourceOptions, fit_resources
+
+    res = ResourceOptions(clip_actors=1, caption_actors=2, cpus_per_actor=2.0, read_cpus=1.0)
+    assert fit_resources(res, True, {"CPU": 16.0}) == res
+    small = fit_resources(res, True, {"CPU": 2.0})
+    assert 3 * small.cpus_per_actor + small.read_cpus == pytest.approx(2.0) and small.torch_threads == 2
+    assert fit_resources(res, False, {"CPU": 5.0}) == res  # no CLIP pool for embedding tables
+    with pytest.raises(ValueError, match="GPUs"):
+        fit_resources(ResourceOptions(gpus_per_actor=1.0), True, {"CPU": 8.0})
+    with pytest.raises(ValueError, match=">= 1"):
+        ResourceOptions(caption_actors=0)
