@@ -134,3 +134,16 @@ def test_run_killed_midway_then_rerun_equals_an_uninterrupted_run(first_run, mix
     rerun = caption_archive(_config(inp, out))
     assert rerun.parts_skipped == len(at_kill) and rerun.parts_done == summary.parts_total - len(at_kill)
     assert _canonical(out) == _canonical(full_out)
+
+
+def test_demo_step_captions_heldout_synthetic_images(ray_cluster, s3_uri):
+    from clipcap_core import synthetic
+    from pipelines.caption_demo import caption_heldout
+
+    samples = list(synthetic.generate(6, seed=1, size=48, start=5000))
+    lines: list[str] = []
+    report = caption_heldout(s3_uri, "tiny", samples, show=3, echo=lines.append,
+                             resources=ResourceOptions(**FLAGS))
+    assert report["images"] == 6 and report["errors"] == 0 and 0.0 <= report["exact_match"] <= 1.0
+    assert sum("true: " in line for line in lines) == 3 and lines[-1].startswith("exact match")
+    assert samples[0].caption in "\n".join(lines)
