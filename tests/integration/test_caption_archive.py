@@ -57,7 +57,10 @@ def mixed_on_s3(s3_server, http_server, tmp_path_factory):
     """The every-kind input (URL rows served by the local HTTP server), uploaded to the S3 server."""
     sub = f"caption-{uuid.uuid4().hex[:8]}"
     local = Path(http_server.root) / sub
-    expect = write_mixed_input(local, base_url=f"{http_server.base_url}/{sub}", dim=128, clip_model="tiny")
+    from clipcap_core.presets import preset_config
+
+    dim = preset_config("tiny").clip_dim
+    expect = write_mixed_input(local, base_url=f"{http_server.base_url}/{sub}", dim=dim, clip_model="tiny")
     prefix = f"s3://clipcap/{sub}"
     fs, base = storage.filesystem(prefix)
     for p in sorted(local.rglob("*")):

@@ -163,10 +163,13 @@ def test_job_level_faults_raise_before_any_work(tmp_path):
         prepare(_cfg(tmp_path / "missing", out))
     with pytest.raises(OSError, match="not writable"):
         prepare(_cfg(tmp_path / "in", "s3x://bad/out"))
-    _emb_table(tmp_path / "emb64.parquet", 64)
-    with pytest.raises(ValueError, match="dimension mismatch.*D=64.*clip_dim=128"):
-        prepare(_cfg(tmp_path / "emb64.parquet", out))
-    _emb_table(tmp_path / "emb_other.parquet", 128, clip_model="ViT-B-32")
+    from clipcap_core.presets import preset_config
+
+    dim = preset_config("tiny").clip_dim
+    _emb_table(tmp_path / "emb_wrong.parquet", dim + 8)
+    with pytest.raises(ValueError, match=f"dimension mismatch.*D={dim + 8}.*clip_dim={dim}"):
+        prepare(_cfg(tmp_path / "emb_wrong.parquet", out))
+    _emb_table(tmp_path / "emb_other.parquet", dim, clip_model="ViT-B-32")
     with pytest.raises(ValueError, match="made with CLIP 'ViT-B-32'"):
         prepare(_cfg(tmp_path / "emb_other.parquet", out))
     assert not out.exists() or not any(out.rglob("*.parquet")) and not (out / "_run.json").exists()
@@ -212,3 +215,22 @@ def test_resources_fit_the_cluster_or_fail_clearly():
         fit_resources(ResourceOptions(gpus_per_actor=1.0), True, {"CPU": 8.0})
     with pytest.raises(ValueError, match=">= 1"):
         ResourceOptions(caption_actors=0)
+
+
+@pytest.mark.parametrize("strategy,n", [("greedy", 1), ("beam", 2), ("sample", 3)])
+def test_caption_stage_gives_n_ranked_captions_per_embedding(strategy, n):
+    from clipcap_core.presets import preset_config
+    from pipelines.caption_stages import CaptionStage
+
+    dim = preset_config("tiny").clip_dim
+    stage = CaptionStage("tiny", DecodeConfig(strategy=strategy, n=n, beam_size=3, max_length=6), threads=1)
+    emb = np.random.default_rng(0).standard_normal((2, dim)).astype(np.float32)
+    table = pa.table({"key": ["a", "err", "b"], "error": [None, "bad", None],
+                      "embedding": [emb[0].tobytes(), b"", emb[1].tobytes()]})
+    out = stage(table).to_pylist()
+    assert [len(r["captions"] or []) for r in out] == [n, 0, n]
+    assert out[1]["captions"] is None and out[1]["error"] == "bad"
+    for r in (out[0], out[2]):
+        assert all(isinstance(c, str) for c in r["captions"]) and len(r["scores"]) == n
+        if strategy == "beam":
+            assert r["scores"] == sorted(r["scores"], reverse=True)
