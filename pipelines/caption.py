@@ -138,8 +138,11 @@ def _check_embeddings(parts: list[sources.Part], info: Any) -> None:
                              f"{info.uri!r} was trained on {info.encoder.model_name!r} embeddings")
 
 
+_SPEED_ONLY = ("batch_size", "use_cache", "static_cache")  # decoding options that do not change captions
+
+
 def _run_record(cfg: CaptionConfig, model_id: str, digest: str) -> dict[str, Any]:
-    decoding = {k: v for k, v in to_dict(cfg.decoding).items() if k not in ("batch_size", "use_cache")}
+    decoding = {k: v for k, v in to_dict(cfg.decoding).items() if k not in _SPEED_ONLY}
     return {"model": model_id, "decoding": decoding, "input": cfg.input, "plan_digest": digest}
 
 
