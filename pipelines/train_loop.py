@@ -1,0 +1,331 @@
+"""What runs inside each Ray Train worker: model set-up, resume, the step loop, checkpoints, held-out metrics.
+
+``train_loop(config)`` is the ``TorchTrainer`` loop of ``pipelines.train`` (the driver side). The
+driver has already validated the tables, resolved the model config (``resolve_model_config``) and counted
+the steps; the loop only trains. Rank 0 evaluates, writes checkpoints and saves the final artifact; every
+worker calls ``ray.train.report`` at the same steps (equal data shards give equal batch counts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from clipcap_core.configs import from_dict, to_dict
+from pipelines import storage, tables
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """How the job runs (the hyperparameters are ``clipcap_core.training.TrainConfig``)."""
+
+    checkpoint_every: int = 500  # steps; and at the end of every epoch
+    keep_checkpoints: int = 2
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    log_every: int = 50  # steps between progress lines / history rows
+    eval_max_samples: int = 256  # held-out rows evaluated at the end of each epoch (rank 0)
+    prefetch_batches: int = 4
+    shuffle_buffer: int = 0  # rows; 0: stream order
+    cache_data: bool = False  # materialise the tokenised training set in the object store once (small sets)
+
+    def __post_init__(self) -> None:
+        for name in ("checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+
+
+# --- model set-up (driver and workers) ----------------------------------------------------------------------
+def is_preset(model: str) -> bool:
+    from clipcap_core.presets import PRESETS
+
+    return model in PRESETS
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for p in parents:
+        if not isinstance(d.get(p), dict):
+            raise ValueError(f"model override {key!r}: {p!r} is not a config section")
+        d = d[p]
+    if last not in d:
+        raise ValueError(f"model override {key!r}: unknown key {last!r} (known: {', '.join(sorted(d))})")
+    d[last] = value
+
+
+def resolve_model_config(model: str, overrides: dict[str, Any], info: tables.TableInfo) -> Any:
+    """The ModelConfig to train: a preset (+ dotted overrides) or a saved artifact's, checked against the tables.
+
+    A preset takes D and the CLIP model from the tables (they made the embeddings); an explicit ``clip_dim``
+    override or an artifact with another D is a clear error, raised before any worker starts."""
+    from clipcap_core.encoders import EncoderConfig
+    from clipcap_core.model import ModelConfig
+    from clipcap_core.presets import preset_config
+
+    if is_preset(model):
+        data = to_dict(preset_config(model))
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
+        if "clip_dim" in overrides:
+            tables.check_model_dim(info, int(overrides["clip_dim"]), what="model config (clip_dim override)")
+        data["clip_dim"] = info.dim
+        if info.clip_model:
+            data["encoder"] = to_dict(EncoderConfig(model_name=info.clip_model,
+                                                    pretrained=info.clip_pretrained or None))
+        return from_dict(ModelConfig, data)
+    if overrides:
+        raise ValueError(f"model overrides {sorted(overrides)} apply to presets only; {model!r} is an artifact "
+                         "(warm start keeps its architecture)")
+    cfg = read_artifact_config(model)
+    tables.check_model_dim(info, cfg.clip_dim, what=f"model artifact {model}")
+    return cfg
+
+
+def read_artifact_config(uri: str) -> Any:
+    from clipcap_core.artifacts import read_config
+
+    return read_config(uri)
+
+
+def build_model(model: str, model_cfg: Any, *, seed: int, device: str | Any = "cpu") -> tuple[Any, Any]:
+    """(ClipCapModel, tokenizer): a seeded new model for a preset, the saved one for an artifact (warm start)."""
+    import torch
+
+    if is_preset(model):
+        from clipcap_core.model import build_model as core_build
+        from clipcap_core.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(model_cfg.tokenizer_source)
+        torch.manual_seed(seed)
+        return core_build(model_cfg, tokenizer).to(device), tokenizer
+    from clipcap_core.artifacts import load_model
+
+    loaded = load_model(model, device=str(device))
+    return loaded.model, loaded.tokenizer
+
+
+def load_tokenizer_for(model: str, model_cfg: Any) -> Any:
+    from clipcap_core.tokenizer import load_tokenizer
+
+    if is_preset(model):
+        return load_tokenizer(model_cfg.tokenizer_source)
+    from clipcap_core.artifacts import read_metadata
+
+    return load_tokenizer(storage.join(model, read_metadata(model)["weights"]["tokenizer"]))
+
+
+class BatchTokenizer:
+    """captions -> (tokens (B,T) int64, mask (B,T) float32), exactly as ``training.collate`` builds them
+    (each caption's ids + end-of-text, at most ``max_tokens``, right-padded with the pad token), but with one
+    batched (Rust) tokenizer call per block instead of one call per caption."""
+
+    def __init__(self, tokenizer: Any, max_tokens: int):
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+
+    def __call__(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        ids = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+        T = min(self.max_tokens, max((len(x) for x in ids), default=0) + 1)
+        tokens = np.full((len(ids), T), pad, dtype=np.int64)
+        mask = np.zeros((len(ids), T), dtype=np.float32)
+        for i, row in enumerate(ids):
+            n = min(len(row), self.max_tokens - 1)
+            tokens[i, :n] = row[:n]
+            tokens[i, n] = eos  # every caption ends with end-of-text, a target too (generation learns to stop)
+            mask[i, : n + 1] = 1.0
+        return tokens, mask
+
+
+# --- evaluation (rank 0 each epoch; also used on saved artifacts) ----------------------------------------------
+def evaluate_model(model: Any, tokenizer: Any, heldout: pa.Table, *, max_tokens: int = 40,
+                   batch_size: int = 64) -> dict[str, float]:
+    """Held-out loss + greedy-caption metrics (exact match, BLEU-4, CIDEr) of ``model`` on ``heldout``."""
+    from clipcap_core.training import collate, evaluate_captions, evaluate_loss
+
+    captions = heldout.column("caption").to_pylist()
+    emb = tables.embeddings_numpy(heldout)
+    batches = (collate(tokenizer, captions[s: s + batch_size], emb[s: s + batch_size], max_tokens)
+               for s in range(0, len(captions), batch_size))
+    metrics = {"val_loss": evaluate_loss(model, batches)}
+    scores = evaluate_captions(model, tokenizer, emb, captions, max_length=max_tokens, batch_size=batch_size)
+    metrics.update({k: float(v) for k, v in scores.items() if k != "n"})
+    return metrics
+
+
+def to_core_batch(batch: dict[str, Any]) -> Any:
+    """A Ray Data batch (padded to max tokens) -> ``training.Batch`` trimmed to its longest caption."""
+    from clipcap_core.training import Batch
+
+    mask = batch["mask"]
+    T = int(mask.sum(1).max())  # per-batch padding: drop columns that are padding in every row
+    return Batch(batch["embedding"], batch["tokens"][:, :T], mask[:, :T])
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+def _trainable_state(model: Any) -> dict[str, Any]:
+    """Weights that change in training: all but a frozen LM (rebuilt from its source on restore)."""
+    frozen_lm = model.config.lm.freeze
+    return {k: v for k, v in model.state_dict().items() if not (frozen_lm and k.startswith("lm."))}
+
+
+def save_checkpoint(directory: str, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> None:
+    import torch
+
+    torch.save({"model": _trainable_state(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()}, os.path.join(directory, "weights.pt"))
+    with open(os.path.join(directory, "state.json"), "w") as f:
+        json.dump(state, f)
+
+
+def load_checkpoint(checkpoint: Any, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Restore from a Ray checkpoint; returns its state (step, epoch, batch_in_epoch, attempt, history)."""
+    import torch
+
+    with checkpoint.as_directory() as d:
+        blob = torch.load(os.path.join(d, "weights.pt"), map_location="cpu", weights_only=True)
+        with open(os.path.join(d, "state.json")) as f:
+            state = json.load(f)
+    missing, unexpected = model.load_state_dict(blob["model"], strict=False)
+    if unexpected or any(not k.startswith("lm.") for k in missing):
+        raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    return state
+
+
+# --- the loop -------------------------------------------------------------------------------------------------
+def _maybe_crash(fault: dict[str, Any] | None, rank: int, step: int) -> None:
+    """Fault-injection hook (``TrainJobConfig.fault``): exit this worker process hard, once."""
+    if fault and rank == fault["rank"] and step == fault["crash_at_step"] and not storage.exists(fault["marker"]):
+        storage.write_json({"step": step, "rank": rank, "pid": os.getpid()}, fault["marker"])
+        print(f"[clipcap train] fault injection: worker rank {rank} exits at step {step}", flush=True)
+        os._exit(1)
+
+
+class _Run:
+    """Per-worker run state: reporting (+ rank-0 checkpoints) and the progress line / history rows."""
+
+    def __init__(self, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], rank: int, world: int,
+                 batch_size: int):
+        self.model, self.optimizer, self.scheduler, self.state = model, optimizer, scheduler, state
+        self.rank, self.world, self.batch_size = rank, world, batch_size
+        self.window: list[float] = []
+        self.t_window = time.perf_counter()
+
+    def report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
+        import ray.train
+
+        name = f"checkpoint_{self.state['step']:08d}"
+        if checkpoint and self.rank == 0:
+            with tempfile.TemporaryDirectory(prefix="clipcap-ckpt-") as d:
+                save_checkpoint(d, self.model, self.optimizer, self.scheduler, self.state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+        else:
+            ray.train.report(metrics, checkpoint_dir_name=name if checkpoint else None)
+
+    def log_step(self, loss: float, epoch: int, total_steps: int) -> None:
+        self.window.append(loss)
+        st = self.state
+        if self.rank != 0:
+            return
+        now = time.perf_counter()
+        rate = len(self.window) * self.batch_size * self.world / max(now - self.t_window, 1e-9)
+        row = {"kind": "step", "step": st["step"], "epoch": epoch, "train_loss": float(np.mean(self.window)),
+               "lr": float(self.scheduler.get_last_lr()[0]), "samples_per_s": rate, "attempt": st["attempt"]}
+        st["history"].append(row)
+        print(f"[clipcap train] epoch {epoch + 1} step {st['step']}/{total_steps} loss {row['train_loss']:.4f} "
+              f"lr {row['lr']:.2e} {rate:.1f} samples/s (attempt {st['attempt']})", flush=True)
+        self.window, self.t_window = [], now
+
+
+def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The per-worker loop run by ``TorchTrainer`` (config: ``{"job": TrainJobConfig dict, "plan": ...}``)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from clipcap_core.model import ModelConfig
+    from clipcap_core.training import TrainConfig, make_optimizer_and_scheduler, make_scaler, train_step
+
+    job, plan = config["job"], config["plan"]
+    hp, opts = from_dict(TrainConfig, job["train"]), from_dict(RunOptions, job["run"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if job["scale"]["torch_threads"]:
+        torch.set_num_threads(int(job["scale"]["torch_threads"]))
+    device = ray.train.torch.get_device()
+    model, tokenizer = build_model(job["model"], from_dict(ModelConfig, plan["model_config"]), seed=hp.seed,
+                                   device=device)
+    optimizer, scheduler = make_optimizer_and_scheduler(model, hp, plan["total_steps"])
+    ckpt = ray.train.get_checkpoint()
+    state = (load_checkpoint(ckpt, model, optimizer, scheduler) if ckpt else
+             {"step": 0, "epoch": 0, "batch_in_epoch": 0, "attempt": 0, "history": []})
+    state["attempt"] += 1
+    if rank == 0 and ckpt:
+        state["history"].append({"kind": "resume", "step": state["step"], "epoch": state["epoch"],
+                                 "attempt": state["attempt"]})
+        print(f"[clipcap train] resumed from step {state['step']} (epoch {state['epoch'] + 1}, "
+              f"batch {state['batch_in_epoch']}), attempt {state['attempt']}", flush=True)
+    torch.manual_seed(hp.seed * 1000 + 100 * state["attempt"] + rank)  # dropout: per worker and attempt
+    net = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    scaler = make_scaler(hp, device)
+    heldout = None
+    if rank == 0 and job["heldout_fraction"] > 0:
+        split = tables.Split(part="heldout", heldout_fraction=job["heldout_fraction"], salt=job["split_salt"])
+        heldout = tables.read_split(plan["files"], split, max_rows=opts.eval_max_samples)
+    run = _Run(model, optimizer, scheduler, state, rank, world, hp.batch_size)
+    shard = ray.train.get_dataset_shard("train")
+    metrics: dict[str, float] = {}
+    while state["epoch"] < hp.epochs:
+        epoch, skip = state["epoch"], state["batch_in_epoch"]
+        losses, t0, seen = [], time.perf_counter(), 0
+        batches = shard.iter_torch_batches(
+            batch_size=hp.batch_size, device=device, prefetch_batches=opts.prefetch_batches,
+            local_shuffle_buffer_size=opts.shuffle_buffer or None,
+            dtypes={"embedding": torch.float32, "tokens": torch.int64, "mask": torch.float32})
+        for i, batch in enumerate(batches):
+            if i < skip:  # resumed mid-epoch: these batches were trained on before the restart
+                continue
+            losses.append(train_step(net, to_core_batch(batch), optimizer, scheduler, hp, scaler))
+            seen += int(batch["tokens"].shape[0])
+            state["step"] += 1
+            state["batch_in_epoch"] = i + 1
+            _maybe_crash(job.get("fault"), rank, state["step"])
+            if state["step"] % opts.log_every == 0:
+                run.log_step(float(np.mean(losses[-opts.log_every:])), epoch, plan["total_steps"])
+            if state["step"] % opts.checkpoint_every == 0 and i + 1 < plan["steps_per_epoch"]:
+                run.report({"step": state["step"], "epoch": epoch, "train_loss": losses[-1]}, checkpoint=True)
+        rate = seen * world / max(time.perf_counter() - t0, 1e-9)
+        if heldout is not None and heldout.num_rows:
+            metrics = evaluate_model(model, tokenizer, heldout, max_tokens=hp.max_caption_tokens)
+        state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
+        if rank == 0:
+            row = {"kind": "epoch", "step": state["step"], "epoch": epoch + 1, "attempt": state["attempt"],
+                   "train_loss": float(np.mean(losses)) if losses else float("nan"), "samples_per_s": rate,
+                   **metrics}
+            state["history"].append(row)
+            print(f"[clipcap train] epoch {epoch + 1}/{hp.epochs} done: " + " ".join(
+                f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+        run.report({"step": state["step"], "epoch": epoch + 1, **metrics}, checkpoint=True)
+    if rank != 0:
+        return None
+    return _finish(job, plan, model, tokenizer, state, metrics)
+
+
+def _finish(job: dict[str, Any], plan: dict[str, Any], model: Any, tokenizer: Any, state: dict[str, Any],
+            metrics: dict[str, float]) -> dict[str, Any]:
+    """Rank 0: the final model artifact (with its training provenance) and the loop's return value."""
+    from clipcap_core.artifacts import save_model
+
+    artifact = storage.join(job["output"], job["name"], "model")
+    save_model(model, tokenizer, artifact, metrics=metrics, extra={"training": {
+        "run": job["name"], "step": state["step"], "epochs": state["epoch"], "tables": plan["files"],
+        "replay": plan["replay"], "replay_fraction": job["replay_fraction"], "init": job["model"],
+        "train": job["train"]}})
+    return {"artifact": artifact, "history": state["history"], "metrics": metrics}

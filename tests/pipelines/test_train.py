@@ -1,0 +1,199 @@
+"""The Ray Train job: data plumbing, model/table checks, checkpoints, history; learning + fault tolerance on Ray."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipcap_core.artifacts import load_model, save_model
+from clipcap_core.decoding import generate
+from clipcap_core.metrics import exact_match
+from clipcap_core.training import TrainConfig, collate, make_optimizer_and_scheduler, train_step
+from pipelines import storage, tables, train
+from pipelines import train_loop as tl
+
+CAPTIONS = ["a small red circle at the top", "three large blue squares on the left .", "two"]
+
+
+@pytest.fixture()
+def table_info(tmp_path):
+    files = tables.write_synthetic_tables(str(tmp_path / "root"), 200, shards=2, dim=24)
+    return tables.inspect_tables(files)
+
+
+def _tiny(info, preset="tiny"):
+    cfg = tl.resolve_model_config(preset, {}, info)
+    return tl.build_model(preset, cfg, seed=0)
+
+
+def test_batch_tokenizer_matches_core_collate(table_info):
+    _, tok = _tiny(table_info)
+    for max_tokens in (4, 16):
+        tokens, mask = tl.BatchTokenizer(tok, max_tokens)(CAPTIONS)
+        ref = collate(tok, CAPTIONS, np.zeros((3, 24)), max_tokens)
+        assert np.array_equal(tokens, ref.tokens.numpy()) and np.array_equal(mask, ref.mask.numpy())
+    assert tokens[0, 7] == tok.eos_token_id and mask[0].sum() == 8  # 7 words + end-of-text
+
+
+def test_per_batch_trim_keeps_the_loss(table_info):
+    model, tok = _tiny(table_info)
+    tokens, mask = tl.BatchTokenizer(tok, 12)(CAPTIONS[:2])
+    padded = {"embedding": torch.randn(2, 24), "tokens": torch.from_numpy(np.pad(tokens, ((0, 0), (0, 20)))),
+              "mask": torch.from_numpy(np.pad(mask, ((0, 0), (0, 20))))}
+    batch = tl.to_core_batch(padded)
+    assert batch.tokens.shape == (2, 9)  # 8 words + end-of-text, not 32
+    model.eval()
+    full = model(padded["embedding"], padded["tokens"], padded["mask"]).loss
+    trimmed = model(batch.embeds, batch.tokens, batch.mask).loss
+    assert torch.allclose(full, trimmed, atol=1e-6)
+
+
+def test_preset_takes_dimension_and_encoder_from_the_tables(table_info):
+    cfg = tl.resolve_model_config("tiny", {"mapping.kind": "transformer", "mapping.prefix_length": 7,
+                                           "mapping.num_layers": 1, "lm.freeze": True}, table_info)
+    assert (cfg.clip_dim, cfg.encoder.model_name) == (24, "attr-proj")
+    assert (cfg.mapping.kind, cfg.mapping.prefix_length, cfg.lm.freeze) == ("transformer", 7, True)
+    with pytest.raises(ValueError, match="unknown key 'prefix_len'"):
+        tl.resolve_model_config("tiny", {"mapping.prefix_len": 3}, table_info)
+    with pytest.raises(ValueError, match=r"dimension mismatch.*D=24.*clip_dim=128"):
+        tl.resolve_model_config("tiny", {"clip_dim": 128}, table_info)
+
+
+def test_artifact_with_another_dimension_is_refused_before_training(tmp_path, table_info, monkeypatch):
+    other = tables.inspect_tables(tables.write_synthetic_tables(str(tmp_path / "o"), 50, dim=16))
+    model, tok = _tiny(other)
+    save_model(model, tok, str(tmp_path / "m16"))
+    with pytest.raises(ValueError, match=r"dimension mismatch.*D=24.*artifact.*clip_dim=16"):
+        tl.resolve_model_config(str(tmp_path / "m16"), {}, table_info)
+    with pytest.raises(ValueError, match="presets only"):
+        tl.resolve_model_config(str(tmp_path / "m16"), {"mapping.prefix_length": 2}, table_info)
+
+    def no_trainer(*a, **k):
+        raise AssertionError("a trainer was created despite the dimension mismatch")
+
+    import ray.train.torch
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", no_trainer)
+    job = train.TrainJobConfig(tables=table_info.files, output=str(tmp_path / "runs"), model=str(tmp_path / "m16"))
+    with pytest.raises(ValueError, match="dimension mismatch"):
+        train.run_training(job)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_plan_counts_equal_shards(table_info, tmp_path):
+    job = train.TrainJobConfig(tables=table_info.files, output=str(tmp_path), heldout_fraction=0.2,
+                               train=TrainConfig(batch_size=16, epochs=3), scale=train.ScaleConfig(num_workers=3))
+    plan = train._plan(job)
+    n_train = tables.count_split(table_info.files, job.split())
+    assert plan["n_train"] == n_train and 140 < n_train < 180
+    assert plan["steps_per_epoch"] == math.ceil((n_train // 3) / 16) and plan["total_steps"] == 3 * plan["steps_per_epoch"]
+    with pytest.raises(ValueError, match="at least one"):
+        train.TrainJobConfig(tables=(), output="x")
+
+
+def test_checkpoint_round_trip_leaves_a_frozen_lm_out(tmp_path, table_info):
+    model, tok = _tiny(table_info, "tiny-transformer")
+    hp = TrainConfig(lr=1e-3, warmup_steps=2)
+    opt, sched = make_optimizer_and_scheduler(model, hp, 10)
+    batch = collate(tok, CAPTIONS, np.random.default_rng(0).standard_normal((3, 24)), 16)
+    for _ in range(3):
+        train_step(model, batch, opt, sched, hp)
+    state = {"step": 3, "epoch": 0, "batch_in_epoch": 3, "attempt": 1, "history": [{"kind": "step", "step": 3}]}
+    tl.save_checkpoint(str(tmp_path), model, opt, sched, state)
+    saved = torch.load(tmp_path / "weights.pt", weights_only=True)
+    assert saved["model"] and not any(k.startswith("lm.") for k in saved["model"])
+
+    fresh, _ = _tiny(table_info, "tiny-transformer")
+    opt2, sched2 = make_optimizer_and_scheduler(fresh, hp, 10)
+    from ray.train import Checkpoint
+
+    restored = tl.load_checkpoint(Checkpoint.from_directory(str(tmp_path)), fresh, opt2, sched2)
+    assert restored == state and sched2.last_epoch == 3
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    # Training continues identically from the restored state.
+    assert train_step(model, batch, opt, sched, hp) == pytest.approx(train_step(fresh, batch, opt2, sched2, hp))
+
+
+def test_history_json_csv_and_loss_curve(tmp_path):
+    history = [{"kind": "step", "step": s, "epoch": 0, "train_loss": 3.0 / s, "samples_per_s": 100.0,
+                "attempt": 1} for s in range(1, 11)]
+    history.insert(5, {"kind": "resume", "step": 4, "epoch": 0, "attempt": 2})
+    history.append({"kind": "epoch", "step": 10, "epoch": 1, "train_loss": 0.5, "val_loss": 0.6, "attempt": 2})
+    run_dir = storage.join(str(tmp_path), "run")
+    train.write_history(history, run_dir)
+    assert json.loads((tmp_path / "run/history.json").read_text()) == history
+    lines = (tmp_path / "run/history.csv").read_text().splitlines()
+    assert lines[0].split(",")[:3] == ["kind", "step", "epoch"] and len(lines) == len(history) + 1
+    img = Image.open(io.BytesIO((tmp_path / "run/loss_curve.png").read_bytes()))
+    assert img.format == "PNG" and img.size[0] >= 400
+    assert len(set(np.asarray(img.convert("L")).ravel().tolist())) > 10  # something was drawn
+
+
+# --- on the real local Ray cluster ---------------------------------------------------------------------------
+FAST = TrainConfig(epochs=2, batch_size=32, lr=1e-2, warmup_steps=10, max_caption_tokens=16)
+
+
+def _caption_accuracy(artifact: str, files: list[str]) -> float:
+    held = tables.read_split(files, tables.Split(part="heldout"))
+    loaded = load_model(artifact)
+    texts = generate(loaded.model, tables.embeddings_numpy(held), loaded.tokenizer, "greedy", max_length=16).texts
+    return exact_match(texts, held.column("caption").to_pylist())
+
+
+@pytest.mark.integration
+def test_two_workers_learn_and_survive_a_killed_worker(ray_cluster, tmp_path):
+    files = tables.write_synthetic_tables(str(tmp_path / "data"), 1200, shards=2, dim=32)
+    job = train.TrainJobConfig(
+        tables=(str(tmp_path / "data/embeddings"),), output=str(tmp_path / "runs"), name="learn", train=FAST,
+        run=train.RunOptions(checkpoint_every=5, log_every=5, max_failures=1, cache_data=True, keep_checkpoints=2),
+        scale=train.ScaleConfig(num_workers=2, cpus_per_worker=0.5),
+        fault=train.FaultConfig(crash_at_step=13, rank=1, marker=str(tmp_path / "crashed.json")))
+    plan = train._plan(job)
+    result = train.run_training(job)
+
+    # The model learned: held-out captions from the saved artifact are mostly exactly right (chance ~1/432).
+    assert _caption_accuracy(result.artifact, files) >= 0.5
+    epochs = [r for r in result.history if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs][-1] == 2 and epochs[-1]["val_loss"] < 0.5 * epochs[0]["train_loss"]
+    # Rank 1 died at step 13; the group restarted from a checkpoint (not from zero) and finished every step.
+    assert json.loads((tmp_path / "crashed.json").read_text())["step"] == 13
+    resumes = [r for r in result.history if r["kind"] == "resume"]
+    assert len(resumes) == 1 and resumes[0]["attempt"] == 2
+    spe = plan["steps_per_epoch"]
+    assert 0 < resumes[0]["step"] <= 13 and (resumes[0]["step"] % 5 == 0 or resumes[0]["step"] % spe == 0)
+    after = [r["step"] for r in result.history if r.get("attempt") == 2 and r["kind"] != "resume"]
+    assert min(after) > resumes[0]["step"] and epochs[-1]["step"] == plan["total_steps"]
+    # Outputs: history, loss curve, at most keep_checkpoints checkpoints, the artifact.
+    run_dir = tmp_path / "runs/learn"
+    assert {"history.json", "history.csv", "loss_curve.png", "model"} <= {p.name for p in run_dir.iterdir()}
+    assert 1 <= len(list(run_dir.glob("checkpoint_0*"))) <= 2
+    assert json.loads((run_dir / "model/config.json").read_text())["training"]["step"] == plan["total_steps"]
+
+
+@pytest.mark.integration
+def test_rerun_with_the_same_name_resumes_on_s3(ray_cluster, s3_uri):
+    files = tables.write_synthetic_tables(storage.join(s3_uri, "data"), 400, shards=1, dim=16)
+    job = train.TrainJobConfig(
+        tables=tuple(files), output=storage.join(s3_uri, "runs"), name="again",
+        train=TrainConfig(epochs=2, batch_size=32, lr=1e-2, warmup_steps=5, max_caption_tokens=16),
+        run=train.RunOptions(checkpoint_every=4, log_every=2, max_failures=0, cache_data=True),
+        scale=train.ScaleConfig(num_workers=1, cpus_per_worker=0.5),
+        fault=train.FaultConfig(crash_at_step=9, marker=storage.join(s3_uri, "crashed.json")))
+    with pytest.raises(Exception, match="(?i)fail|died|error"):
+        train.run_training(job)  # no retries allowed: the run fails at step 9
+    assert storage.exists(storage.join(s3_uri, "runs/again/checkpoint_00000008")) or storage.exists(
+        storage.join(s3_uri, "runs/again/checkpoint_00000004"))
+    result = train.run_training(job)  # same output + name: resumes from the stored checkpoint
+    resumes = [r for r in result.history if r["kind"] == "resume"]
+    assert len(resumes) == 1 and resumes[0]["step"] in (4, 8)
+    steps = [r["step"] for r in result.history if r["kind"] == "step"]
+    assert steps == sorted(set(steps)) and steps[-1] == train._plan(job)["total_steps"]
+    assert storage.exists(storage.join(result.artifact, "config.json"))
+    assert storage.exists(storage.join(s3_uri, "runs/again/loss_curve.png"))
