@@ -94,7 +94,8 @@ class CaptionSummary:
     errors: int = 0
     seconds: float = 0.0
     first_output_s: float = 0.0  # start -> first rows back (planning, actor start-up, model loads, 1st batch)
-    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)      # busy wall seconds per stage
+    stage_cpu_seconds: dict[str, float] = field(default_factory=dict)  # process CPU seconds per stage
 
     @property
     def images_per_s(self) -> float:
@@ -206,6 +207,7 @@ class PartCommitter:
         self.totals: dict[str, int] = {}
         self.committed: list[str] = []
         self.stage_seconds: dict[str, float] = {}
+        self.stage_cpu_seconds: dict[str, float] = {}
 
     def add(self, table: pa.Table) -> list[tuple[str, int, int, int]]:
         """Take a block of final-stage rows; return (part id, images, captions, errors) of parts committed."""
@@ -213,8 +215,9 @@ class PartCommitter:
         touched = set()
         for name in TIMING_COLUMNS:
             if name in table.column_names:
-                self.stage_seconds[name[2:]] = self.stage_seconds.get(name[2:], 0.0) + float(
-                    pa.compute.sum(table.column(name)).as_py() or 0.0)
+                kind, stage = name.split("_", 1)
+                bucket = self.stage_seconds if kind == "t" else self.stage_cpu_seconds
+                bucket[stage] = bucket.get(stage, 0.0) + float(pa.compute.sum(table.column(name)).as_py() or 0.0)
         for row in table.to_pylist():
             pid = row["part_id"]
             touched.add(pid)
@@ -286,6 +289,7 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
                 last = time.monotonic()
                 _log_progress(summary, start)
         summary.stage_seconds = {k: round(v, 3) for k, v in committer.stage_seconds.items()}
+        summary.stage_cpu_seconds = {k: round(v, 3) for k, v in committer.stage_cpu_seconds.items()}
         if committer.pending():
             raise RuntimeError(f"pipeline ended with incomplete parts {committer.pending()[:5]} (rows lost?)")
     summary.seconds = time.monotonic() - start

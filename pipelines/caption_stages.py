@@ -29,11 +29,23 @@ from pipelines.imaging import ImageDecodeError, decode_image
 STAGE_SCHEMA = pa.schema([
     ("part_id", pa.string()), ("index", pa.int32()), ("key", pa.string()), ("source", pa.string()),
     ("pixels", pa.binary()), ("embedding", pa.binary()), ("error", pa.string()), ("stage", pa.string()),
-    ("total", pa.int32()), ("t_read", pa.float64()),
+    ("total", pa.int32()), ("t_read", pa.float64()), ("cpu_read", pa.float64()),
 ])
-# Each stage adds its busy seconds per block, spread over the block's rows (t_read, t_clip, t_caption): the
-# driver sums them into the per-stage breakdown of the summary.
-TIMING_COLUMNS = ("t_read", "t_clip", "t_caption")
+# Each stage adds its busy wall seconds (t_*) and its process CPU seconds (cpu_*, all threads) per block,
+# spread over the block's rows: the driver sums them into the per-stage breakdown of the summary. CPU seconds
+# do not grow when other processes share the machine; wall seconds do.
+TIMING_COLUMNS = ("t_read", "cpu_read", "t_clip", "cpu_clip", "t_caption", "cpu_caption")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = (wall - self.wall, cpu - self.cpu)
+        self.wall, self.cpu = wall, cpu
+        return out
 
 
 class _Rows:
@@ -49,12 +61,13 @@ class _Rows:
             embedding: bytes = b"", error: str | None = None, stage: str | None = None, total: int = -1) -> None:
         for name, value in (("part_id", part_id), ("index", index), ("key", key), ("source", source),
                             ("pixels", pixels), ("embedding", embedding), ("error", error), ("stage", stage),
-                            ("total", total)):  # t_read is filled per block
+                            ("total", total)):  # t_read / cpu_read are filled per block
             self.cols[name].append(value)
 
-    def table(self, seconds: float = 0.0) -> pa.Table:
+    def table(self, lap: tuple[float, float] = (0.0, 0.0)) -> pa.Table:
         n = len(self)
-        self.cols["t_read"] = [seconds / n] * n if n else []
+        self.cols["t_read"] = [lap[0] / n] * n if n else []
+        self.cols["cpu_read"] = [lap[1] / n] * n if n else []
         return pa.table(self.cols, schema=STAGE_SCHEMA)
 
 
@@ -77,15 +90,17 @@ def _decode_record(rec: sources.Record, resizer: Any, cfg: sources.SourceConfig,
 def read_decode_part(part: sources.Part, cfg: sources.SourceConfig, resizer: Any, block_rows: int,
                      draft: tuple[int, int] | None = None) -> Iterator[pa.Table]:
     """Records of ``part`` as stage rows in blocks of ``block_rows``, then the part's marker row."""
-    rows, n, t0 = _Rows(), 0, time.perf_counter()
+    rows, n, clock = _Rows(), 0, _Clock()
     for rec in sources.read_part(part, cfg):
         rows.add(part.part_id, n, rec.key, rec.source, **_decode_record(rec, resizer, cfg, draft))
         n += 1
         if len(rows) >= block_rows:
-            yield rows.table(time.perf_counter() - t0)
-            rows, t0 = _Rows(), time.perf_counter()
+            lap = clock.lap()
+            yield rows.table(lap)
+            rows = _Rows()
+            clock.lap()  # the time spent downstream while suspended is not ours
     rows.add(part.part_id, -1, "", "", total=n)
-    yield rows.table(time.perf_counter() - t0)
+    yield rows.table(clock.lap())
 
 
 def read_decode_batch(batch: pa.Table, *, cfg_json: str, spec: Any, block_rows: int,
@@ -139,7 +154,7 @@ class ClipStage:
         self.hw = (size, size) if isinstance(size, int) else tuple(size)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        t0 = time.perf_counter()
+        clock = _Clock()
         idx, blobs = binary_rows(table.column("pixels"))
         emb = table.column("embedding").to_pylist()
         if len(idx):
@@ -149,7 +164,7 @@ class ClipStage:
                 emb[i] = out[j].tobytes()
         table = table.drop_columns(["pixels", "embedding"])
         table = table.append_column("embedding", pa.array(emb, type=pa.binary()))
-        return _with_time(table, "t_clip", time.perf_counter() - t0)
+        return _with_time(table, "clip", clock.lap())
 
 
 class CaptionStage:
@@ -161,7 +176,7 @@ class CaptionStage:
         self.decoder = Decoder(model_uri, decoding, device=_device(use_gpu), precision=precision)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        t0 = time.perf_counter()
+        clock = _Clock()
         idx, blobs = binary_rows(table.column("embedding"))
         n = len(table)
         captions: list[list[str] | None] = [None] * n
@@ -174,12 +189,14 @@ class CaptionStage:
         table = table.drop_columns(["embedding"])
         table = table.append_column("captions", pa.array(captions, type=pa.list_(pa.string())))
         table = table.append_column("scores", pa.array(scores, type=pa.list_(pa.float32())))
-        return _with_time(table, "t_caption", time.perf_counter() - t0)
+        return _with_time(table, "caption", clock.lap())
 
 
-def _with_time(table: pa.Table, column: str, seconds: float) -> pa.Table:
+def _with_time(table: pa.Table, stage: str, lap: tuple[float, float]) -> pa.Table:
     n = len(table)
-    return table.append_column(column, pa.array([seconds / n] * n if n else [], type=pa.float64()))
+    for prefix, value in zip(("t_", "cpu_"), lap, strict=True):
+        table = table.append_column(prefix + stage, pa.array([value / n] * n if n else [], type=pa.float64()))
+    return table
 
 
 # --- the model, seen from the pipeline ------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def test_every_kind_is_captioned_and_every_bad_member_is_an_error_row(first_run,
     assert set(caps.column("model").to_pylist()) == {summary.model} and summary.model.startswith("tiny@")
     assert (summary.images, summary.captions, summary.errors) == (members, caps.num_rows, errs.num_rows)
     assert summary.parts_done == summary.parts_total > 10 and summary.parts_skipped == 0
-    assert set(summary.stage_seconds) == {"read", "clip", "caption"}
+    assert set(summary.stage_seconds) == set(summary.stage_cpu_seconds) == {"read", "clip", "caption"}
     stages = dict(zip(errs.column("key").to_pylist(), errs.column("stage").to_pylist(), strict=False))
     assert stages["tables/urls.parquet/#1"] == "fetch" and stages["images/bad/bomb.png"] == "decode"
     assert storage.read_json(storage.join(out, "_summary.json"))["images"] == members

@@ -105,7 +105,7 @@ def test_clip_stage_uint8_path_matches_the_encoder_preprocess():
     table = pa.table({"key": ["a", "b", "c", "d", "e"], "pixels": pixels[:2] + [b""] + pixels[2:],
                       "embedding": [b"", b"", np.ones(3, np.float32).tobytes(), b"", b""]})
     out = stage(table)
-    assert out.column_names == ["key", "embedding", "t_clip"]
+    assert out.column_names == ["key", "embedding", "t_clip", "cpu_clip"]
     emb = out.column("embedding").to_pylist()
     assert np.frombuffer(emb[2], np.float32).tolist() == [1.0, 1.0, 1.0]  # passed through
     import torch
