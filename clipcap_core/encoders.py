@@ -124,6 +124,11 @@ def encoder_tag(cfg: EncoderConfig) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{cfg.model_name}-{pre}")
 
 
+def embedding_dim(cfg: EncoderConfig) -> int:
+    """D of ``cfg``'s model, read from its open_clip config (no weights are built)."""
+    return int(_open_clip().get_model_config(cfg.model_name)["embed_dim"])
+
+
 def preprocess_spec(cfg: EncoderConfig) -> PreprocessSpec:
     """The inference preprocessing open_clip uses for ``cfg``, without building the model."""
     oc = _open_clip()
