@@ -1,0 +1,97 @@
+"""Ray job: download an image-text URL list with img2dataset, then embed it with CLIP into Parquet tables.
+
+With no arguments it runs the embedded default (a seeded synthetic captioned-image set served over local HTTP,
+the `tiny` CLIP preset, output under ./data/ of the checkout) and says so. Real use (CC3M on S3, ViT-B-32):
+
+    ray job submit --address http://HEAD:8265 --working-dir . \
+        --runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": "...", "NO_ALBUMENTATIONS_UPDATE": "1"}}' -- \
+        python jobs/embed_cc3m.py --url-list s3://bucket/cc3m/Train_GCC-training.tsv \
+            --output-root s3://bucket/clipcap --dataset cc3m --model ViT-B-32 --pretrained openai \
+            --processes 16 --threads 64 --num-actors 4 --gpus-per-actor 1 --batch-size 256
+
+Tables: <output-root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet; raw shards: <output-root>/raw/<dataset>
+(or --raw). Reruns skip finished shards of both stages. ``--config FILE``: YAML / JSON EmbedJobConfig; flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(CHECKOUT))  # run from a checkout or a Ray working dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipelines.commands import download, embed
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML / JSON file with EmbedJobConfig fields (embed / download / synthetic)")
+    p.add_argument("--url-list", help="URL list (tsv / csv / parquet / jsonl; CC3M's headerless TSV works); "
+                   "without it: the synthetic embedded default")
+    p.add_argument("--output-root", help=f"storage root (default: {CHECKOUT / 'data'})")
+    p.add_argument("--dataset", help="dataset name in output paths (default: cc3m, or synthetic)")
+    p.add_argument("--raw", help="shard folder (default: <output-root>/raw/<dataset>)")
+    p.add_argument("--skip-download", action="store_true", help="embed the shards already at --raw")
+    p.add_argument("--synthetic", type=int, default=256, help="samples of the embedded default (default 256)")
+    p.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS, a running local head, else local)")
+    download.add_options(p)
+    embed.add_options(p)
+    return p
+
+
+def job_config(args: argparse.Namespace):  # -> EmbedJobConfig
+    from clipcap_core.configs import from_dict, to_dict
+    from pipelines import storage
+    from pipelines.commands import download, embed
+    from pipelines.embed_job import EmbedJobConfig, default_job_config
+
+    root = args.output_root or str(CHECKOUT / "data")
+    if args.url_list:
+        dataset = args.dataset or "cc3m"
+        raw = args.raw or storage.join(root, "raw", dataset)
+        data = {"embed": {"input": raw, "output_root": root, "dataset": dataset},
+                "download": {"url_list": args.url_list, "output": raw}}
+    else:
+        data = to_dict(default_job_config(root, samples=args.synthetic))
+        if args.raw:
+            data["embed"]["input"] = data["download"]["output"] = args.raw
+    data = embed.merge(data, download.load_mapping(args.config))
+    data = embed.merge(data, {"embed": embed.options_from_args(args, skip=("input", "output_root", "dataset")),
+                              "download": download.options_from_args(args)})
+    if args.skip_download:
+        data["download"] = data["synthetic"] = None
+    elif data["download"].get("distributor") is None:  # auto: img2dataset's Ray distributor on a cluster
+        data["download"]["distributor"] = "ray" if (args.ray_address or os.environ.get("RAY_ADDRESS")) \
+            else "multiprocessing"
+    return from_dict(EmbedJobConfig, data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from pipelines.embed_job import result_dict, run_embed_job
+
+    try:
+        cfg = job_config(args)
+        if cfg.synthetic is not None:
+            print(f"embed_cc3m: no --url-list given: running the EMBEDDED DEFAULT ({cfg.synthetic.samples} "
+                  f"synthetic images, `tiny` CLIP preset with random weights) into {cfg.embed.output_root}",
+                  flush=True)
+        result = run_embed_job(cfg, ray_address=args.ray_address)
+    except (ValueError, OSError) as exc:  # job-level faults: one clear line, before any work
+        print(f"embed_cc3m: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.describe())
+    print("RESULT " + json.dumps(result_dict(result), sort_keys=True), flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # img2dataset's worker processes re-import this file
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""``clipcap demo``: the embedded default end to end (synthetic data, tiny preset, output under ./data).
+
+    clipcap demo                      # what `make demo` runs
+    clipcap demo --samples 64 --root /tmp/clipcap-demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.demo import DemoConfig, run_demo
+
+    result = run_demo(DemoConfig(root=args.root, samples=args.samples, seed=args.seed, ray_address=args.ray_address))
+    print(result.describe())
+    print(json.dumps({"embeddings_uri": result.embeddings_uri, "raw_uri": result.raw_uri, **result.paths},
+                     indent=2))
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("demo", help="run the embedded default end to end (tiny preset, ./data)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="data", help="output folder (default: ./data)")
+    p.add_argument("--samples", type=int, default=256, help="synthetic images (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ray-address", help="default: RAY_ADDRESS if set, else a private local Ray instance")
+    p.set_defaults(func=run)

@@ -1,0 +1,96 @@
+"""``clipcap download``: URL list -> webdataset shards with img2dataset (``pipelines.download``).
+
+    clipcap download --url-list cc3m/Train_GCC-training.tsv --output s3://bucket/cc3m/raw \
+        --processes 16 --threads 64 --image-size 256
+    clipcap download --config download.yaml          # YAML/JSON with DownloadConfig fields; flags win
+
+A headerless TSV (CC3M) is detected from its first row; ``--no-header --columns caption,url`` says so explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+# flag dest -> DownloadConfig field
+FIELDS = {
+    "url_list": "url_list", "output": "output", "input_format": "input_format", "header": "header",
+    "columns": "columns", "url_col": "url_col", "caption_col": "caption_col", "image_size": "image_size",
+    "resize_mode": "resize_mode", "resize_only_if_bigger": "resize_only_if_bigger",
+    "encode_format": "encode_format", "encode_quality": "encode_quality", "min_image_size": "min_image_size",
+    "processes": "processes_count", "threads": "thread_count", "shard_size": "number_sample_per_shard",
+    "distributor": "distributor", "timeout": "timeout", "retries": "retries", "incremental": "incremental",
+}
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """img2dataset options shared by ``clipcap download`` and ``jobs/embed_cc3m.py``."""
+    g = p.add_argument_group("download (img2dataset)")
+    g.add_argument("--input-format", choices=["auto", "tsv", "csv", "parquet", "jsonl"])
+    g.add_argument("--header", dest="header", action="store_true", default=None, help="tsv/csv has a header row")
+    g.add_argument("--no-header", dest="header", action="store_false", help="tsv/csv has no header (CC3M)")
+    g.add_argument("--columns", type=lambda s: s.split(","), help="column names of a headerless file "
+                   "(default caption,url)")
+    g.add_argument("--url-col")
+    g.add_argument("--caption-col")
+    g.add_argument("--image-size", type=int)
+    g.add_argument("--resize-mode", choices=["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"])
+    g.add_argument("--resize-only-if-bigger", action="store_true", default=None)
+    g.add_argument("--encode-format", choices=["jpg", "png", "webp"])
+    g.add_argument("--encode-quality", type=int)
+    g.add_argument("--min-image-size", type=int)
+    g.add_argument("--processes", type=int, help="img2dataset processes")
+    g.add_argument("--threads", type=int, help="download threads per process")
+    g.add_argument("--shard-size", type=int, help="samples per shard")
+    g.add_argument("--distributor", choices=["multiprocessing", "ray"])
+    g.add_argument("--timeout", type=int)
+    g.add_argument("--retries", type=int)
+    g.add_argument("--overwrite", dest="incremental", action="store_false", default=None,
+                   help="delete the output folder first (default: incremental, finished shards are skipped)")
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {field: getattr(args, dest) for dest, field in FIELDS.items() if getattr(args, dest, None) is not None}
+
+
+def load_mapping(path: str | None) -> dict[str, Any]:
+    """A YAML / JSON config file as a dict ({} without a path)."""
+    if not path:
+        return {}
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
+    return dict(data or {})
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from clipcap_core.configs import from_dict
+    from pipelines.download import DownloadConfig
+
+    data = load_mapping(args.config)
+    data.update(options_from_args(args))
+    return from_dict(DownloadConfig, data)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.download import run_download, summary_json
+
+    summary = run_download(config_from_args(args), ray_address=args.ray_address)
+    print(summary.describe())
+    print(summary_json(summary))
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("download", help="download a URL list into webdataset shards (img2dataset)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML / JSON file with DownloadConfig fields (flags override it)")
+    p.add_argument("--url-list", help="tsv / csv / parquet / jsonl file (or folder of them), any fsspec URI")
+    p.add_argument("--output", help="shard folder URI (local, s3://, ...)")
+    p.add_argument("--ray-address", help="with --distributor ray (default: RAY_ADDRESS or a local instance)")
+    add_options(p)
+    p.set_defaults(func=run)

@@ -1,0 +1,84 @@
+"""``clipcap demo`` / ``make demo``: the embedded default, end to end, on one machine.
+
+The demo is a sequence of steps, each a function ``step(cfg, result) -> None`` that does its stage and records
+what it produced on the shared ``DemoResult`` (paths, summaries). Today: download + embed (the embedded default
+of ``jobs/embed_cc3m.py``: synthetic images served over local HTTP -> img2dataset -> tiny CLIP -> Parquet under
+``./data``). Later stages append a step to ``STEPS`` and read the paths of the earlier ones:
+
+    def step_train(cfg: DemoConfig, result: DemoResult) -> None:
+        result.paths["model"] = train(result.embeddings_uri, ...)
+    STEPS.append(step_train)
+
+Everything runs on the ``tiny`` preset (random CLIP weights); the summary says so and how to switch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    root: str = "data"  # everything the demo writes goes under here
+    samples: int = 256  # synthetic images downloaded and embedded
+    seed: int = 0
+    ray_address: str | None = None  # None: RAY_ADDRESS if set, else a private local Ray instance
+
+
+@dataclass
+class DemoResult:
+    """What the steps produced; later steps read the earlier ones' paths from here."""
+
+    root: str
+    raw_uri: str | None = None
+    embeddings_uri: str | None = None
+    url_list: str | None = None
+    paths: dict[str, str] = field(default_factory=dict)  # more outputs by name (model, captions, ...)
+    summaries: dict[str, Any] = field(default_factory=dict)  # per step: its summary (JSON-safe)
+    lines: list[str] = field(default_factory=list)  # human-readable report, in step order
+
+    def describe(self) -> str:
+        return "\n".join(self.lines)
+
+
+Step = Callable[[DemoConfig, DemoResult], None]
+
+
+def ray_address(cfg: DemoConfig) -> str:
+    return cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def step_embed(cfg: DemoConfig, result: DemoResult) -> None:
+    """Synthetic set -> local HTTP -> img2dataset shards -> tiny CLIP embeddings (jobs/embed_cc3m.py default)."""
+    from pipelines.embed_job import default_job_config, result_dict, run_embed_job
+
+    job = default_job_config(result.root, samples=cfg.samples, seed=cfg.seed)
+    out = run_embed_job(job, ray_address=ray_address(cfg))
+    assert job.synthetic is not None and job.download is not None
+    result.url_list = str(Path(job.synthetic.folder) / "captions.tsv")
+    result.raw_uri = job.download.output
+    result.embeddings_uri = out.embed.table_uri
+    result.summaries["embed"] = result_dict(out)
+    result.lines.append(out.describe())
+
+
+STEPS: list[Step] = [step_embed]
+
+
+def run_demo(cfg: DemoConfig = DemoConfig(), steps: Sequence[Step] | None = None) -> DemoResult:
+    """Run ``steps`` (default: ``STEPS``) in order; returns the paths and summaries they recorded."""
+    root = str(Path(cfg.root).resolve()) if "://" not in cfg.root else cfg.root
+    result = DemoResult(root=root)
+    result.lines.append(f"clipcap demo: the EMBEDDED DEFAULT on the `tiny` preset (random CLIP weights, "
+                        f"{cfg.samples} synthetic images), output under {root}")
+    for step in STEPS if steps is None else steps:
+        log.info("demo step %s", step.__name__)
+        step(cfg, result)
+    return result

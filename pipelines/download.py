@@ -1,0 +1,227 @@
+"""Download stage: image-text URL lists -> webdataset shards with img2dataset, configured by ``DownloadConfig``.
+
+    summary = run_download(DownloadConfig(url_list="cc3m/Train_GCC-training.tsv", output="s3://b/cc3m/raw"))
+
+What this module adds around img2dataset:
+- every input is first normalised to a Parquet list with ``url`` / ``caption`` columns (tsv, csv, parquet,
+  jsonl; CC3M's **headerless** TSV included: img2dataset would read its first row as the header, and
+  pyarrow's CSV reader strips quotes from captions that start with ``"``), so a missing column fails here,
+  before any download, with the columns that do exist in the message;
+- the output URI is checked for writability first;
+- incremental resume is img2dataset's (finished shards, i.e. those with ``_stats.json``, are skipped);
+- with the ``ray`` distributor (one task per shard, no retries in img2dataset) a missing shard afterwards is
+  an error, not silence;
+- the per-shard stats are summed into a ``DownloadSummary``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import posixpath
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import pandas as pd
+
+from pipelines import storage
+
+log = logging.getLogger(__name__)
+
+INPUT_FORMATS = ("tsv", "csv", "parquet", "jsonl")
+_URL_PREFIXES = ("http://", "https://", "file://", "s3://", "gs://")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DownloadConfig:
+    """Everything img2dataset needs; ``columns`` names the fields of a headerless tsv/csv (CC3M order)."""
+
+    url_list: str
+    output: str
+    input_format: Literal["auto", "tsv", "csv", "parquet", "jsonl"] = "auto"
+    header: bool | None = None  # tsv/csv only; None = detect (a first row holding a URL is data)
+    columns: tuple[str, ...] = ("caption", "url")
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    image_size: int = 256
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
+    resize_only_if_bigger: bool = False
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int | None = None  # None: 95 for jpg / webp, 9 (compression level) for png
+    min_image_size: int = 0
+    processes_count: int = 1
+    thread_count: int = 16
+    number_sample_per_shard: int = 10000
+    distributor: Literal["multiprocessing", "ray"] = "multiprocessing"
+    timeout: int = 10
+    retries: int = 0
+    incremental: bool = True  # False: img2dataset's "overwrite" (deletes the output folder first)
+
+    def __post_init__(self) -> None:
+        if self.number_sample_per_shard < 1 or self.processes_count < 1 or self.thread_count < 1:
+            raise ValueError("number_sample_per_shard, processes_count and thread_count must be >= 1")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        q, top = self.encode_quality, (9 if self.encode_format == "png" else 100)
+        if q is not None and not 0 <= q <= top:
+            raise ValueError(f"encode_quality for {self.encode_format} must be in 0..{top}, got {q}")
+
+    @property
+    def quality(self) -> int:
+        if self.encode_quality is not None:
+            return self.encode_quality
+        return 9 if self.encode_format == "png" else 95
+
+
+@dataclass(frozen=True)
+class DownloadSummary:
+    output: str
+    shards: int
+    count: int
+    successes: int
+    failed_to_download: int
+    failed_to_resize: int
+    errors: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        top = ", ".join(f"{n} x {e[:60]}" for e, n in sorted(self.errors.items(), key=lambda x: -x[1])[:3])
+        return (f"downloaded {self.successes}/{self.count} samples into {self.shards} shard(s) at {self.output} "
+                f"(failed: {self.failed_to_download} download, {self.failed_to_resize} decode/resize)"
+                + (f"; top errors: {top}" if top else ""))
+
+
+def detect_format(url_list: str) -> str:
+    name = posixpath.basename(url_list.rstrip("/")).lower().removesuffix(".gz")
+    for fmt in INPUT_FORMATS:
+        if name.endswith("." + fmt):
+            return fmt
+    if name.endswith(".json"):
+        return "jsonl"
+    raise ValueError(f"cannot tell the format of URL list {url_list!r} from its name; set input_format to one "
+                     f"of {list(INPUT_FORMATS)}")
+
+
+def _first_line(url_list: str) -> str:
+    import fsspec
+
+    with fsspec.open(url_list, "rt", encoding="utf-8", compression="infer") as f:
+        return f.readline().rstrip("\r\n")
+
+
+def _has_header(cfg: DownloadConfig, sep: str) -> bool:
+    if cfg.header is not None:
+        return cfg.header
+    fields = _first_line(cfg.url_list).split(sep)
+    if cfg.url_col in fields:
+        return True
+    if any(f.strip().startswith(_URL_PREFIXES) for f in fields):
+        return False
+    raise ValueError(f"cannot tell whether {cfg.url_list!r} has a header row (its first row has no "
+                     f"{cfg.url_col!r} column and no URL); set header explicitly")
+
+
+def read_url_list(cfg: DownloadConfig) -> pd.DataFrame:
+    """The URL list as a DataFrame with columns ``url`` (+ ``caption``), all strings; checks the columns."""
+    fmt = detect_format(cfg.url_list) if cfg.input_format == "auto" else cfg.input_format
+    wanted = [cfg.url_col] + ([cfg.caption_col] if cfg.caption_col else [])
+    try:
+        if fmt in ("tsv", "csv"):
+            df = _read_delimited(cfg, "\t" if fmt == "tsv" else ",")
+        elif fmt == "parquet":
+            df = pd.read_parquet(cfg.url_list)
+        else:
+            df = pd.read_json(cfg.url_list, lines=True, dtype=False)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"URL list {cfg.url_list!r} not found") from exc
+    missing = [c for c in wanted if c not in df.columns]
+    if missing:
+        raise ValueError(f"URL list {cfg.url_list!r} has no column(s) {missing}; it has {list(df.columns)}. "
+                         "Set url_col / caption_col (or columns + header=false for a headerless file).")
+    out = pd.DataFrame({"url": df[cfg.url_col].astype("string")})
+    if cfg.caption_col:
+        out["caption"] = df[cfg.caption_col].astype("string")
+    return out
+
+
+def _read_delimited(cfg: DownloadConfig, sep: str) -> pd.DataFrame:
+    if _has_header(cfg, sep):
+        return pd.read_csv(cfg.url_list, sep=sep, dtype=str, quoting=csv.QUOTE_NONE, keep_default_na=False)
+    return pd.read_csv(cfg.url_list, sep=sep, header=None, names=list(cfg.columns), dtype=str,
+                       quoting=csv.QUOTE_NONE, keep_default_na=False)
+
+
+def img2dataset_kwargs(cfg: DownloadConfig, url_parquet: str) -> dict[str, Any]:
+    """Our config as img2dataset.download() keyword arguments (the list already normalised to Parquet)."""
+    return dict(
+        url_list=url_parquet, input_format="parquet", url_col="url",
+        caption_col="caption" if cfg.caption_col else None, output_folder=cfg.output, output_format="webdataset",
+        image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
+        encode_format=cfg.encode_format, encode_quality=cfg.quality, min_image_size=cfg.min_image_size,
+        processes_count=cfg.processes_count, thread_count=cfg.thread_count,
+        number_sample_per_shard=cfg.number_sample_per_shard, distributor=cfg.distributor, timeout=cfg.timeout,
+        retries=cfg.retries, incremental_mode="incremental" if cfg.incremental else "overwrite",
+        enable_wandb=False, save_additional_columns=None,
+    )
+
+
+def summarize(output: str) -> DownloadSummary:
+    """Sum img2dataset's per-shard ``*_stats.json`` under ``output``."""
+    totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
+    errors: dict[str, int] = {}
+    files = storage.list_files(output, "_stats.json")
+    for uri in files:
+        stats = storage.read_json(uri, default={})
+        for k in totals:
+            totals[k] += int(stats.get(k, 0))
+        for err, n in (stats.get("status_dict") or {}).items():
+            if err != "success":
+                errors[err] = errors.get(err, 0) + int(n)
+    return DownloadSummary(output=output, shards=len(files), errors=errors, **totals)
+
+
+def _check_shards(cfg: DownloadConfig, rows: int) -> None:
+    expected = math.ceil(rows / cfg.number_sample_per_shard)
+    done = {posixpath.basename(u).split("_")[0] for u in storage.list_files(cfg.output, "_stats.json")}
+    missing = [f"{i:05d}" for i in range(expected) if f"{i:05d}" not in done]
+    if missing:
+        raise RuntimeError(f"img2dataset finished without shard(s) {missing[:10]} (of {expected}) at {cfg.output}; "
+                           "rerun to download them (finished shards are skipped)")
+
+
+def run_download(cfg: DownloadConfig, ray_address: str | None = None) -> DownloadSummary:
+    """Validate (list columns, output writable), download with img2dataset, return the summed stats.
+
+    With ``distributor="ray"`` Ray is started / connected (``ray_address``) after the checks if needed.
+    """
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    df = read_url_list(cfg)
+    storage.check_writable(cfg.output)
+    if cfg.distributor == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=ray_address, log_to_driver=False)
+    from img2dataset import download
+
+    with tempfile.TemporaryDirectory(prefix="clipcap-urls-") as tmp:
+        url_parquet = os.path.join(tmp, "urls.parquet")
+        df.to_parquet(url_parquet, index=False)
+        log.info("downloading %d URLs from %s to %s (%s)", len(df), cfg.url_list, cfg.output, cfg.distributor)
+        download(**img2dataset_kwargs(cfg, url_parquet))
+    _check_shards(cfg, len(df))
+    summary = summarize(cfg.output)
+    log.info(summary.describe())
+    return summary
+
+
+def summary_json(summary: DownloadSummary | Mapping[str, Any]) -> str:
+    data = summary.to_dict() if isinstance(summary, DownloadSummary) else dict(summary)
+    return json.dumps(data, indent=2, sort_keys=True)

@@ -1,0 +1,132 @@
+"""The download + embed job (``jobs/embed_cc3m.py``, ``clipcap demo``): URL list -> shards -> embedding tables.
+
+    result = run_embed_job(default_job_config("data"))          # embedded default: synthetic set, tiny preset
+    result = run_embed_job(EmbedJobConfig(download=DownloadConfig(...), embed=EmbedConfig(...)))
+
+The embedded default writes the seeded synthetic captioned images and their CC3M-style headerless URL list
+under ``<root>/synthetic``, serves that folder from a local HTTP server (``infra.local.http``) for the duration
+of the download, so img2dataset fetches it over real HTTP, then embeds the shards with the ``tiny`` preset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from clipcap_core.encoders import TINY, EncoderConfig
+from pipelines import storage
+from pipelines.download import DownloadConfig, DownloadSummary, run_download
+from pipelines.embed import EmbedConfig, EmbedResources, EmbedResult, run_embed
+
+log = logging.getLogger(__name__)
+
+SWITCH_HINT = ("This used the `tiny` preset (random CLIP weights, synthetic data). For real embeddings pass a "
+               "URL list and an open_clip model, e.g. --url-list cc3m/Train_GCC-training.tsv --model ViT-B-32 "
+               "--pretrained openai (or --pretrained /path/or/s3://uri/of/weights.pt) --output-root s3://bucket/clipcap.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyntheticSource:
+    """Write ``samples`` synthetic images + URL list under ``folder`` and serve them over local HTTP."""
+
+    folder: str
+    samples: int = 256
+    seed: int = 0
+    image_size: int = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedJobConfig:
+    embed: EmbedConfig
+    download: DownloadConfig | None = None  # None: embed the shards already at embed.input
+    synthetic: SyntheticSource | None = None  # set: its URL list replaces download.url_list
+
+
+@dataclass
+class EmbedJobResult:
+    download: DownloadSummary | None
+    embed: EmbedResult
+    tiny: bool
+
+    def describe(self) -> str:
+        lines = [self.download.describe()] if self.download else []
+        lines.append(self.embed.describe())
+        if self.download is not None:
+            lines.append(f"rows in table for this run's shards: {self.embed.rows}; successfully downloaded: "
+                         f"{self.download.successes}")
+        if self.tiny:
+            lines.append(SWITCH_HINT)
+        return "\n".join(lines)
+
+
+def default_job_config(root: str | Path = "data", samples: int = 256, seed: int = 0) -> EmbedJobConfig:
+    """The embedded default: synthetic set under ``<root>/synthetic``, shards ``<root>/raw/synthetic``,
+    tables ``<root>/embeddings/synthetic/tiny``."""
+    is_uri = "://" in str(root)
+    root = str(root) if is_uri else str(Path(root).resolve())
+    local = Path("data").resolve() if is_uri else Path(root)  # the HTTP server serves a local folder
+    raw = storage.join(root, "raw", "synthetic")
+    return EmbedJobConfig(
+        synthetic=SyntheticSource(folder=str(local / "synthetic"), samples=samples, seed=seed),
+        download=DownloadConfig(url_list="", output=raw, input_format="tsv", header=False, image_size=64,
+                                resize_mode="no", encode_format="png", number_sample_per_shard=128,
+                                thread_count=8),
+        embed=EmbedConfig(input=raw, output_root=root, dataset="synthetic", encoder=EncoderConfig(model_name=TINY),
+                          resources=EmbedResources(batch_size=64)),
+    )
+
+
+@contextlib.contextmanager
+def serve_synthetic(src: SyntheticSource) -> Iterator[str]:
+    """Write the synthetic set and serve it; yields the URL list path (URLs point at the server)."""
+    from clipcap_core import synthetic
+    from infra.local import http
+
+    folder = Path(src.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    server = http.start(folder)
+    try:
+        tsv = synthetic.write_url_list(folder, src.samples, server.base_url, seed=src.seed, size=src.image_size)
+        log.info("serving %d synthetic images from %s at %s", src.samples, folder, server.base_url)
+        yield str(tsv)
+    finally:
+        server.stop()
+
+
+def run_embed_job(cfg: EmbedJobConfig, ray_address: str | None = None) -> EmbedJobResult:
+    """Download (optional) then embed; every check of both stages runs before the first download."""
+    summary = None
+    if cfg.download is not None:
+        _precheck(cfg)
+        with _url_list(cfg) as url_list:
+            summary = run_download(replace(cfg.download, url_list=url_list), ray_address=ray_address)
+    result = run_embed(cfg.embed, ray_address=ray_address)
+    return EmbedJobResult(download=summary, embed=result, tiny=cfg.embed.encoder.model_name == TINY)
+
+
+def _precheck(cfg: EmbedJobConfig) -> None:
+    """Embed-stage checks that do not need the shards yet (model, output), so a bad model fails first."""
+    from clipcap_core import encoders
+    from pipelines import schemas
+
+    encoders.validate_config(cfg.embed.encoder)
+    schemas.embedding_type(1, cfg.embed.dtype)
+    storage.check_writable(cfg.embed.table_uri)
+
+
+@contextlib.contextmanager
+def _url_list(cfg: EmbedJobConfig) -> Iterator[str]:
+    assert cfg.download is not None
+    if cfg.synthetic is None:
+        yield cfg.download.url_list
+    else:
+        with serve_synthetic(cfg.synthetic) as tsv:
+            yield tsv
+
+
+def result_dict(result: EmbedJobResult) -> dict[str, Any]:
+    return {"download": result.download.to_dict() if result.download else None, "embed": result.embed.to_dict()}
