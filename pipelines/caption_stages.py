@@ -212,8 +212,6 @@ class ModelInfo:
 def inspect_model(uri: str) -> ModelInfo:
     """The model's config and version without loading weights (job-level check: a missing / unreadable model
     or an unknown CLIP encoder -> ValueError before any work)."""
-    import open_clip
-
     from clipcap_core import artifacts, encoders
 
     try:
@@ -221,7 +219,7 @@ def inspect_model(uri: str) -> ModelInfo:
         encoders.validate_config(cfg.encoder)
     except Exception as exc:  # noqa: BLE001 - one clear job-level message whatever the backend raised
         raise ValueError(f"cannot use model {uri!r}: {type(exc).__name__}: {exc}") from exc
-    encoder_dim = int(open_clip.get_model_config(cfg.encoder.model_name)["embed_dim"])
+    encoder_dim = encoders.embedding_dim(cfg.encoder)
     return ModelInfo(uri=uri, model_id=f"{uri}@{model_version(uri)}", clip_dim=int(cfg.clip_dim),
                      encoder=cfg.encoder, encoder_dim=encoder_dim)
 

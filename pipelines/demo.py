@@ -72,6 +72,28 @@ def step_embed(cfg: DemoConfig, result: DemoResult) -> None:
 STEPS: list[Step] = [step_embed]
 
 
+def step_caption(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
+    """Held-out synthetic images (indices past the demo's set: never embedded nor trained on) -> a tar archive
+    -> bulk captioning (pipelines.caption) with the demo's model -> caption table; prints a few captions."""
+    import ray
+
+    from clipcap_core import synthetic
+    from pipelines.caption_demo import caption_heldout
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address(cfg), log_to_driver=False)
+    model = result.paths.get("model", "tiny")
+    if model == "tiny":
+        result.lines.append("no trained model in this demo run: captioning with the untrained `tiny` preset")
+    samples = list(synthetic.generate(n, seed=cfg.seed, size=64, start=cfg.samples))
+    report = caption_heldout(result.root, model, samples, echo=result.lines.append)
+    result.paths["captions"] = report["output"]
+    result.summaries["caption"] = report
+
+
+STEPS.append(step_caption)  # the last step: it captions with the model the earlier steps produced
+
+
 def run_demo(cfg: DemoConfig = DemoConfig(), steps: Sequence[Step] | None = None) -> DemoResult:
     """Run ``steps`` (default: ``STEPS``) in order; returns the paths and summaries they recorded."""
     root = str(Path(cfg.root).resolve()) if "://" not in cfg.root else cfg.root
