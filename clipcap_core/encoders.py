@@ -144,6 +144,8 @@ def preprocess_spec(cfg: EncoderConfig) -> PreprocessSpec:
 
 def _spec_from_dict(d: dict[str, Any]) -> PreprocessSpec:
     size = d["size"] if isinstance(d["size"], int) else tuple(d["size"])
+    if isinstance(size, tuple) and len(set(size)) == 1:
+        size = int(size[0])  # (64, 64) -> 64: one spelling, so specs compare equal
     return PreprocessSpec(size=size, mean=tuple(d["mean"]), std=tuple(d["std"]),
                           interpolation=d.get("interpolation", "bicubic"),
                           resize_mode=d.get("resize_mode", "shortest"), fill_color=d.get("fill_color", 0))
