@@ -1,0 +1,143 @@
+"""``clipcap train``: train a ClipCap model on embedding tables with Ray Train (``pipelines.train``).
+
+    clipcap train --tables s3://b/embeddings/cc3m/ViT-B-32-openai --output s3://b/runs --name cc3m-mlp \
+        --model clipcap-mlp --workers 4 --gpu --epochs 10
+    clipcap train --config train.yaml --set train.lr=1e-4 --set run.checkpoint_every=200
+
+Flags map onto ``TrainJobConfig`` (``--epochs``/``--lr``/... onto ``train``, ``--workers``/``--gpu``/... onto
+``scale``, ``--mapping``/``--prefix-length``/``--freeze-lm`` onto ``model_overrides``); ``--set KEY=VALUE``
+reaches any other key (value parsed as YAML). Re-running with the same ``--output`` and ``--name`` resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+# flag dest -> (config section or "" for the top level, field name)
+_FIELDS: dict[str, tuple[str, str]] = {
+    "tables": ("", "tables"), "output": ("", "output"), "name": ("", "name"), "model": ("", "model"),
+    "heldout_fraction": ("", "heldout_fraction"),
+    "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
+    "warmup_steps": ("train", "warmup_steps"), "precision": ("train", "precision"), "seed": ("train", "seed"),
+    "max_caption_tokens": ("train", "max_caption_tokens"),
+    "workers": ("scale", "num_workers"), "gpu": ("scale", "use_gpu"), "cpus_per_worker": ("scale", "cpus_per_worker"),
+    "torch_threads": ("scale", "torch_threads"),
+    "checkpoint_every": ("run", "checkpoint_every"), "max_failures": ("run", "max_failures"),
+    "log_every": ("run", "log_every"), "cache_data": ("run", "cache_data"),
+}
+_MODEL_FLAGS = {"mapping": "mapping.kind", "prefix_length": "mapping.prefix_length", "freeze_lm": "lm.freeze"}
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by train / nightly / sweep (hyperparameters, scale, run options)."""
+    p.add_argument("--config", help="YAML / JSON file with the command's config fields (flags override it)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, dotted (train.lr=1e-4); the value is parsed as YAML")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-caption-tokens", type=int)
+    p.add_argument("--workers", type=int, help="Ray Train workers")
+    p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
+    p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument("--torch-threads", type=int)
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and every epoch)")
+    p.add_argument("--max-failures", type=int, help="worker-group restarts from the latest checkpoint")
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--cache-data", action="store_true", default=None, help="materialise small training sets")
+    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_arguments(p)
+    p.add_argument("--tables", nargs="+", help="embedding table folders or files (local, s3://, ...)")
+    p.add_argument("--output", help="storage root; the run lives in <output>/<name>/")
+    p.add_argument("--name", help="run name (re-running with the same name resumes)")
+    p.add_argument("--model", help="preset (tiny, clipcap-mlp, ...) or model artifact URI to warm-start from")
+    p.add_argument("--mapping", choices=["mlp", "transformer"], help="preset override: mapping network")
+    p.add_argument("--prefix-length", type=int, help="preset override: prefix length k")
+    p.add_argument("--freeze-lm", action=argparse.BooleanOptionalAction, default=None,
+                   help="preset override: freeze (or tune) the language model")
+    p.add_argument("--heldout-fraction", type=float)
+
+
+def load_config_data(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import yaml
+
+    text = Path(path).read_text()
+    data = (yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_flags(data: dict[str, Any], args: argparse.Namespace, fields: dict[str, tuple[str, str]]) -> None:
+    for dest, (section, name) in fields.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            (data.setdefault(section, {}) if section else data)[name] = value
+
+
+def apply_sets(data: dict[str, Any], sets: list[str]) -> None:
+    """``--set a.b=VALUE`` (VALUE parsed as YAML) into the nested dict ``data``."""
+    import yaml
+
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        *parents, last = key.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {p!r} is not a config section")
+        node[last] = yaml.safe_load(raw)
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """A validated TrainJobConfig from ``--config``, flags and ``--set`` (in that order of precedence)."""
+    from clipcap_core.configs import from_dict
+    from pipelines.train import TrainJobConfig
+
+    data = load_config_data(args.config)
+    apply_flags(data, args, _FIELDS)
+    for dest, key in _MODEL_FLAGS.items():
+        if getattr(args, dest, None) is not None:
+            data.setdefault("model_overrides", {})[key] = getattr(args, dest)
+    apply_sets(data, args.set)
+    return from_dict(TrainJobConfig, data)
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to an explicit ``--ray-address``. Without one, Ray starts when the job first needs it (after
+    tables and model were checked): it connects to RAY_ADDRESS (``ray job submit``) or starts a local instance."""
+    import ray
+
+    if address and not ray.is_initialized():
+        ray.init(address=address)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.train import run_training
+
+    cfg = config_from_args(args)  # config errors before any Ray process starts
+    init_ray(args.ray_address)
+    result = run_training(cfg)
+    print(json.dumps({"artifact": result.artifact, "run_dir": result.run_dir, "metrics": result.metrics}, indent=2))
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("train", help="train a ClipCap model on embedding tables (Ray Train)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
