@@ -44,7 +44,7 @@ class DownloadConfig:
     url_list: str
     output: str
     input_format: Literal["auto", "tsv", "csv", "parquet", "jsonl"] = "auto"
-    header: bool | None = None  # tsv/csv only; None = detect (a first row holding a URL is data)
+    header: bool | None = None  # tsv/csv only; None = detect (a first row holding a URL is data, CC3M)
     columns: tuple[str, ...] = ("caption", "url")
     url_col: str = "url"
     caption_col: str | None = "caption"
@@ -117,15 +117,11 @@ def _first_line(url_list: str) -> str:
 
 
 def _has_header(cfg: DownloadConfig, sep: str) -> bool:
+    """Explicit ``header``, else: a first row with a URL in it is data (CC3M), any other first row a header."""
     if cfg.header is not None:
         return cfg.header
     fields = _first_line(cfg.url_list).split(sep)
-    if cfg.url_col in fields:
-        return True
-    if any(f.strip().startswith(_URL_PREFIXES) for f in fields):
-        return False
-    raise ValueError(f"cannot tell whether {cfg.url_list!r} has a header row (its first row has no "
-                     f"{cfg.url_col!r} column and no URL); set header explicitly")
+    return not any(f.strip().strip('"').startswith(_URL_PREFIXES) for f in fields)
 
 
 def read_url_list(cfg: DownloadConfig) -> pd.DataFrame:
@@ -187,13 +183,11 @@ def summarize(output: str) -> DownloadSummary:
     return DownloadSummary(output=output, shards=len(files), errors=errors, **totals)
 
 
-def _check_shards(cfg: DownloadConfig, rows: int) -> None:
+def missing_shards(cfg: DownloadConfig, rows: int) -> list[str]:
+    """Shard ids (``00012``) of a ``rows``-row list that have no ``_stats.json`` (not finished) yet."""
     expected = math.ceil(rows / cfg.number_sample_per_shard)
     done = {posixpath.basename(u).split("_")[0] for u in storage.list_files(cfg.output, "_stats.json")}
-    missing = [f"{i:05d}" for i in range(expected) if f"{i:05d}" not in done]
-    if missing:
-        raise RuntimeError(f"img2dataset finished without shard(s) {missing[:10]} (of {expected}) at {cfg.output}; "
-                           "rerun to download them (finished shards are skipped)")
+    return [f"{i:05d}" for i in range(expected) if f"{i:05d}" not in done]
 
 
 def run_download(cfg: DownloadConfig, ray_address: str | None = None) -> DownloadSummary:
@@ -204,11 +198,25 @@ def run_download(cfg: DownloadConfig, ray_address: str | None = None) -> Downloa
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     df = read_url_list(cfg)
     storage.check_writable(cfg.output)
-    if cfg.distributor == "ray":
-        import ray
+    if cfg.incremental and not missing_shards(cfg, len(df)):
+        log.info("all shards at %s are finished; nothing to download", cfg.output)
+    else:
+        if cfg.distributor == "ray":
+            import ray
 
-        if not ray.is_initialized():
-            ray.init(address=ray_address, log_to_driver=False)
+            if not ray.is_initialized():
+                ray.init(address=ray_address, log_to_driver=False)
+        _download(cfg, df)
+    missing = missing_shards(cfg, len(df))
+    if missing:
+        raise RuntimeError(f"img2dataset finished without shard(s) {missing[:10]} at {cfg.output}; rerun to "
+                           "download them (finished shards are skipped)")
+    summary = summarize(cfg.output)
+    log.info(summary.describe())
+    return summary
+
+
+def _download(cfg: DownloadConfig, df: pd.DataFrame) -> None:
     from img2dataset import download
 
     with tempfile.TemporaryDirectory(prefix="clipcap-urls-") as tmp:
@@ -216,10 +224,6 @@ def run_download(cfg: DownloadConfig, ray_address: str | None = None) -> Downloa
         df.to_parquet(url_parquet, index=False)
         log.info("downloading %d URLs from %s to %s (%s)", len(df), cfg.url_list, cfg.output, cfg.distributor)
         download(**img2dataset_kwargs(cfg, url_parquet))
-    _check_shards(cfg, len(df))
-    summary = summarize(cfg.output)
-    log.info(summary.describe())
-    return summary
 
 
 def summary_json(summary: DownloadSummary | Mapping[str, Any]) -> str:

@@ -1,0 +1,104 @@
+"""pipelines.download: URL-list normalisation (CC3M's headerless TSV), img2dataset over real HTTP, resume."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pandas as pd
+import pytest
+
+from clipcap_core import synthetic
+from clipcap_core.configs import ConfigError, from_dict
+from pipelines import storage
+from pipelines.download import DownloadConfig, read_url_list, run_download, summarize
+
+
+def _cfg(url_list, output="unused", **kw) -> DownloadConfig:
+    return DownloadConfig(url_list=str(url_list), output=str(output), **kw)
+
+
+def test_cc3m_headerless_tsv_keeps_quotes(tmp_path):
+    tsv = tmp_path / "Train_GCC-training.tsv"
+    tsv.write_text('"quoted" start of a caption\thttp://a/1.jpg\nplain caption, with comma\thttp://a/2.jpg\n')
+    df = read_url_list(_cfg(tsv))
+    assert list(df["caption"]) == ['"quoted" start of a caption', "plain caption, with comma"]
+    assert list(df["url"]) == ["http://a/1.jpg", "http://a/2.jpg"]
+
+
+def test_header_formats(tmp_path):
+    rows = [{"image_url": "http://a/1.jpg", "text": "one"}, {"image_url": "http://a/2.jpg", "text": "two"}]
+    df = pd.DataFrame(rows)
+    df.to_csv(tmp_path / "l.csv", index=False)
+    df.to_csv(tmp_path / "l.tsv", index=False, sep="\t")
+    df.to_parquet(tmp_path / "l.parquet")
+    (tmp_path / "l.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for name in ("l.csv", "l.tsv", "l.parquet", "l.jsonl"):
+        out = read_url_list(_cfg(tmp_path / name, url_col="image_url", caption_col="text"))
+        assert list(out.columns) == ["url", "caption"] and list(out["caption"]) == ["one", "two"], name
+
+
+def test_missing_column_is_a_clear_error(tmp_path):
+    (tmp_path / "l.csv").write_text("link,caption\nhttp://a/1.jpg,one\n")
+    with pytest.raises(ValueError, match=r"no column\(s\) \['url'\]; it has \['link', 'caption'\]"):
+        read_url_list(_cfg(tmp_path / "l.csv"))
+    (tmp_path / "l.tsv").write_text("one caption\thttp://a/1.jpg\n")  # headerless, but the columns are named wrong
+    with pytest.raises(ValueError, match=r"no column\(s\) \['url', 'caption'\]; it has \['text', 'link'\]"):
+        read_url_list(_cfg(tmp_path / "l.tsv", columns=("text", "link")))
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        read_url_list(_cfg(tmp_path / "l.txt"))
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="encode_quality for png"):
+        from_dict(DownloadConfig, {"url_list": "x.tsv", "output": "o", "encode_format": "png", "encode_quality": 95})
+    with pytest.raises(ConfigError, match="unknown config key"):
+        from_dict(DownloadConfig, {"url_list": "x.tsv", "output": "o", "procs": 2})
+    assert _cfg("x.tsv", encode_format="png").quality == 9
+
+
+@pytest.fixture(scope="module")
+def served_list(http_server):
+    """12 synthetic images + a 404 + a non-image, as a headerless TSV served by the local HTTP server."""
+    folder = http_server.root / f"dl-{uuid.uuid4().hex[:6]}"
+    base = f"{http_server.base_url}/{folder.name}"
+    tsv = synthetic.write_url_list(folder, 12, base, seed=9)
+    (folder / "images" / "notes.png").write_text("this is not an image")
+    with open(tsv, "a") as f:
+        f.write(f"a missing image\t{base}/images/missing.png\nnot an image\t{base}/images/notes.png\n")
+    return tsv
+
+
+@pytest.fixture(scope="module")
+def downloaded(served_list, tmp_path_factory):
+    out = tmp_path_factory.mktemp("raw") / "shards"
+    cfg = _cfg(served_list, out, image_size=64, resize_mode="no", encode_format="png", number_sample_per_shard=8,
+               thread_count=4)
+    return cfg, run_download(cfg)
+
+
+def test_download_over_http(downloaded):
+    cfg, summary = downloaded
+    assert (summary.count, summary.successes, summary.shards) == (14, 12, 2)
+    assert summary.failed_to_download + summary.failed_to_resize == 2
+    assert sorted(p.rsplit("/", 1)[-1] for p in storage.list_files(cfg.output, ".tar")) == ["00000.tar", "00001.tar"]
+    assert summarize(cfg.output) == summary
+    assert "12/14" in summary.describe()
+
+
+def test_rerun_is_incremental(downloaded):
+    cfg, summary = downloaded
+    fs, path = storage.filesystem(cfg.output)
+    before = {p: fs.info(p)["mtime"] for p in fs.find(path)}
+    assert run_download(cfg) == summary
+    assert {p: fs.info(p)["mtime"] for p in fs.find(path)} == before
+
+
+def test_unwritable_output_fails_before_work(served_list, s3_server, tmp_path):
+    with pytest.raises(OSError, match="not writable"):
+        run_download(_cfg(served_list, "s3://no-such-bucket-clipcap/raw"))
+    bad = tmp_path / "l.csv"
+    bad.write_text("link\nhttp://a/1.jpg\n")
+    with pytest.raises(ValueError, match="no column"):
+        run_download(_cfg(bad, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
