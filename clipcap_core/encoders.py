@@ -250,7 +250,10 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Resized uint8 images (B, H, W, 3) -> embeddings np.float32 (B, D) (normalises on the device)."""
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+        pixels = np.ascontiguousarray(pixels)
+        if not pixels.flags.writeable:  # e.g. zero-copy views of Ray objects; torch wants writable memory
+            pixels = pixels.copy()
+        x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1], like ToTensor
         x = (x - self._mean) / self._std
         with self._autocast():

@@ -1,0 +1,185 @@
+"""pipelines.embed: shards -> embedding tables on the real local Ray head, S3 output, errors, reruns, checks."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clipcap_core import synthetic
+from clipcap_core.encoders import EncoderConfig, load_encoder
+from pipelines import embed_stages as st
+from pipelines import schemas, storage
+from pipelines.embed import EmbedConfig, EmbedResources, build_tables, run_embed
+
+
+def _jpeg(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def write_shard(path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """A webdataset tar like img2dataset's: ``{key}.jpg`` / ``.txt`` / ``.json`` per sample."""
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def good_samples(n: int, start: int) -> list[tuple[str, dict[str, bytes]]]:
+    return [(s.key, {"jpg": _jpeg(s.image), "txt": s.caption.encode(),
+                     "json": json.dumps({"key": s.key, "url": f"http://x/{s.key}.jpg"}).encode()})
+            for s in synthetic.generate(n, seed=0, start=start)]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    truncated = _jpeg(next(synthetic.generate(1, start=99)).image)[:200]
+    write_shard(root / "00000.tar", good_samples(10, 0) + [
+        ("bad-corrupt", {"jpg": b"\xff\xd8\xff garbage", "txt": b"corrupt"}),
+        ("bad-text", {"png": b"this is a text file", "txt": b"not an image"}),
+        ("bad-noimage", {"txt": b"caption only"}),
+    ])
+    pa_rows = [{"key": "dl-fail", "url": "http://x/404.jpg", "status": "failed_to_download",
+                "error_message": "404 Not Found"}]
+    pq.write_table(pa.Table.from_pylist(pa_rows), root / "00000.parquet")  # img2dataset's per-shard metadata
+    write_shard(root / "00001.tar", good_samples(8, 10) + [("bad-truncated", {"jpg": truncated})])
+    (root / "00002.tar").write_bytes(b"definitely not a tar archive" * 40)
+    write_shard(root / "00003.tar", [])
+    return root
+
+
+def _cfg(shards, out, **kw) -> EmbedConfig:
+    kw.setdefault("resources", EmbedResources(batch_size=8, torch_threads=1))
+    return EmbedConfig(input=str(shards), output_root=str(out), dataset="unit", **kw)
+
+
+@pytest.fixture(scope="module")
+def embedded(shards, ray_cluster, s3_server):
+    from infra.local.s3 import S3Server  # noqa: F401 - the S3 env of the session is set by s3_server
+
+    cfg = _cfg(shards, f"s3://clipcap/embed-unit-{np.random.default_rng().integers(1 << 30)}", text_embeddings=True)
+    return cfg, run_embed(cfg)
+
+
+def test_tables_rows_schema_and_metadata(embedded):
+    cfg, result = embedded
+    assert cfg.table_uri.endswith("/embeddings/unit/tiny")
+    files = storage.list_files(cfg.table_uri, ".parquet")
+    assert [f.rsplit("/", 1)[-1] for f in files] == [f"part-{i:05d}.parquet" for i in range(4)]
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    assert (result.rows, table.num_rows, result.written, result.skipped) == (18, 18, 4, 0)
+    keys = table.column("key").to_pylist()
+    assert len(set(keys)) == 18 and all(k.startswith("syn") for k in keys)
+    assert schemas.validate_embedding_schema(table.schema) == result.dim == 128
+    emb = np.asarray(table.column("image_embedding").combine_chunks().flatten()).reshape(-1, 128)
+    text = np.asarray(table.column("text_embedding").combine_chunks().flatten()).reshape(-1, 128)
+    assert np.isfinite(emb).all() and np.isfinite(text).all() and np.abs(emb).sum(1).min() > 0
+    meta = schemas.read_metadata(pq.read_schema(files[0]))
+    assert meta[schemas.META_CLIP_MODEL] == "tiny" and meta[schemas.META_DIM] == "128"
+    assert meta[schemas.META_SOURCE_SHARD].endswith("00000.tar") and "size=64" in meta[schemas.META_PREPROCESS]
+    row = table.filter(pa.compute.equal(table.column("key"), "syn00000003")).to_pylist()[0]
+    assert row["caption"] == list(synthetic.generate(4))[3].caption and row["url"] == "http://x/syn00000003.jpg"
+
+
+def test_embeddings_equal_the_encoder_output(embedded):
+    cfg, _ = embedded
+    from pipelines import imaging
+
+    enc = load_encoder(EncoderConfig())
+    sample = good_samples(1, 5)[0]
+    want = enc.encode_pixels(enc.resize(imaging.decode_image(sample[1]["jpg"]))[None])[0]
+    table = pq.read_table(storage.join(cfg.table_uri, "part-00000.parquet"))
+    got = np.asarray(table.filter(pa.compute.equal(table.column("key"), sample[0]))
+                     .column("image_embedding").to_pylist()[0], dtype=np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_samples_land_in_errors_table(embedded):
+    cfg, result = embedded
+    errors = pq.read_table(storage.join(cfg.table_uri, "_errors")).to_pylist()
+    by_key = {e["key"]: e for e in errors}
+    assert set(by_key) == {"bad-corrupt", "bad-text", "bad-noimage", "bad-truncated", "00002", "dl-fail"}
+    assert result.errors == 6
+    assert by_key["dl-fail"]["stage"] == "download" and "404" in by_key["dl-fail"]["error"]
+    assert "not an image" in by_key["bad-text"]["error"] and by_key["bad-text"]["source"] == "00000.tar/bad-text.png"
+    assert "no image file" in by_key["bad-noimage"]["error"]
+    assert "unreadable tar" in by_key["00002"]["error"]
+    assert all(e["stage"] in ("decode", "download") for e in errors)
+
+
+def test_rerun_writes_nothing(embedded):
+    cfg, _ = embedded
+    fs, path = storage.filesystem(cfg.table_uri)
+    before = {p: fs.info(p).get("ETag") for p in fs.find(path)}
+    again = run_embed(cfg)
+    assert (again.written, again.skipped, again.rows, again.timeline) == (0, 4, 0, [])
+    fs.invalidate_cache()
+    assert {p: fs.info(p).get("ETag") for p in fs.find(path)} == before
+
+
+def test_resume_redoes_only_missing_shards_float16(shards, ray_cluster, tmp_path):
+    cfg = _cfg(shards, tmp_path, dtype="float16")
+    first = run_embed(cfg)
+    part1 = storage.join(cfg.table_uri, "part-00001.parquet")
+    kept = storage.filesystem(part1)[0].info(part1)["mtime"]
+    storage.filesystem(cfg.table_uri)[0].rm(storage.join(cfg.table_uri, "part-00000.parquet"))
+    (tmp_path / "embeddings/unit/tiny/_tmp.deadbeef.part-00000.parquet").write_bytes(b"half a file")
+    second = run_embed(cfg)
+    assert (second.written, second.rows) == (1, 10) and first.rows == 18
+    assert storage.filesystem(part1)[0].info(part1)["mtime"] == kept
+    table = pq.read_table(str(tmp_path / "embeddings/unit/tiny"))
+    assert table.num_rows == 18 and len(set(table.column("key").to_pylist())) == 18
+    assert table.schema.field("image_embedding").type == pa.list_(pa.float16(), 128)
+    assert not list((tmp_path / "embeddings/unit/tiny").glob("_tmp.*"))  # stale temporaries removed
+
+
+def test_job_level_faults_fail_before_work(shards, tmp_path, s3_server):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="unknown CLIP model name 'ViT-Nope'"):
+        run_embed(_cfg(shards, out, encoder=EncoderConfig(model_name="ViT-Nope")))
+    with pytest.raises(FileNotFoundError, match="no webdataset shards"):
+        run_embed(_cfg(tmp_path / "empty", out))
+    captions_only = tmp_path / "captions_only"
+    captions_only.mkdir()
+    write_shard(captions_only / "00000.tar", [("a", {"txt": b"x", "json": b"{}"})])
+    with pytest.raises(ValueError, match="no image column"):
+        run_embed(_cfg(captions_only, out))
+    images_only = tmp_path / "images_only"
+    images_only.mkdir()
+    write_shard(images_only / "00000.tar", [("a", {"jpg": good_samples(1, 0)[0][1]["jpg"]})])
+    with pytest.raises(ValueError, match="needs captions"):
+        run_embed(_cfg(images_only, out, text_embeddings=True))
+    with pytest.raises(OSError, match="not writable"):
+        run_embed(_cfg(shards, "s3://no-such-bucket-clipcap/x"))
+    assert not out.exists()
+
+
+def test_assembler_and_duplicate_keys():
+    def batch(shard, keys, total):
+        n = len(keys)
+        return {st.SHARD: np.array([shard] * n, dtype=object), st.TOTAL: np.full(n, total),
+                st.KEY: np.array(keys, dtype=object), st.CAPTION: np.array(["c"] * n, dtype=object),
+                st.URL: np.array([None] * n, dtype=object), st.SOURCE: np.array(keys, dtype=object),
+                st.ERROR: np.array([""] * n, dtype=object), "image_embedding": np.ones((n, 4), np.float32)}
+
+    asm = st.ShardAssembler()
+    assert asm.add(batch("a", ["k2", "k1"], 3)) == []
+    assert asm.add(batch("a", ["k1"], 3)) == ["a"]
+    cols = asm.pop("a")
+    cfg = EmbedConfig(input="x", output_root="y", dataset="d")
+    table, errs = build_tables(cols, cfg, 4, {})
+    assert table.column("key").to_pylist() == ["k1", "k2"]
+    assert [(e["key"], e["error"]) for e in errs] == [("k1", "duplicate key in shard")]
+    assert asm.incomplete() == []
+    with pytest.raises(RuntimeError, match="expected 1"):
+        asm.add(batch("b", ["x", "y"], 1))
