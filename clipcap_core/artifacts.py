@@ -9,6 +9,7 @@ Layout (schema version 1):
   randomly initialised LM (not on any hub, and ~100 KB). A frozen pretrained LM is never re-saved: config.json
   references it by ``model.lm.name_or_path``.
 - ``tokenizer/``: tokenizer files (``save_pretrained`` layout); ``metrics.json``; ``README.md`` (model card).
+- ``decap.safetensors``: only for DeCap models, the text-embedding memory (``decap.DecapMemory``).
 
 Loading reads safetensors and JSON only: nothing is unpickled. ``load_model("tiny")`` (a preset name that is
 not an existing path) gives an untrained preset model, for wiring and tests.
@@ -30,12 +31,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import clipcap_core
 from clipcap_core.configs import from_dict, to_dict
+from clipcap_core.decap import DecapMemory
 from clipcap_core.model import ClipCapModel, ModelConfig, build_model, load_pretrained_lm
 from clipcap_core.uris import exists, is_remote, local_copy, upload_dir
 
 SCHEMA_VERSION = 1
 CONFIG, MAPPING, LM, TOKENIZER, METRICS, CARD = ("config.json", "mapping.safetensors", "lm.safetensors",
                                                   "tokenizer", "metrics.json", "README.md")
+DECAP = "decap.safetensors"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -45,6 +48,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     config: ModelConfig
     metadata: dict[str, Any] = field(default_factory=dict)  # config.json minus the model config
+    decap: DecapMemory | None = None
 
 
 def _lm_is_saved(cfg: ModelConfig) -> bool:
@@ -52,8 +56,11 @@ def _lm_is_saved(cfg: ModelConfig) -> bool:
 
 
 def save_model(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, uri: str,
-               metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
-    """Write the artifact of ``model`` to ``uri`` (created; existing files with the same names are replaced)."""
+               metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+               decap: DecapMemory | None = None) -> None:
+    """Write the artifact of ``model`` to ``uri`` (created; existing files with the same names are replaced).
+
+    ``extra``: more JSON-safe entries for config.json (train config, step, source...)."""
     cfg = model.config
     with tempfile.TemporaryDirectory(prefix="clipcap-artifact-") as tmp:
         root = Path(tmp)
@@ -63,13 +70,16 @@ def save_model(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, uri: str
             save_file(_cpu_state(_untied_lm_state(model.lm)), str(root / LM), metadata={"format": "pt"})
             lm_config = model.lm.config.to_dict()
         tokenizer.save_pretrained(str(root / TOKENIZER))
+        if decap is not None:
+            save_file(*decap.state(), str(root / DECAP))
         (root / METRICS).write_text(json.dumps(metrics or {}, indent=2, sort_keys=True, default=float))
         meta = {
             "schema_version": SCHEMA_VERSION,
             "code_version": clipcap_core.__version__,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "model": to_dict(cfg),
-            "weights": {"mapping": MAPPING, "lm": LM if lm_config else None, "tokenizer": TOKENIZER},
+            "weights": {"mapping": MAPPING, "lm": LM if lm_config else None, "tokenizer": TOKENIZER,
+                        "decap": DECAP if decap is not None else None},
             "lm_config": lm_config,
             **(extra or {}),
         }
@@ -183,7 +193,13 @@ def _load_local(root: Path, meta: dict[str, Any]) -> LoadedModel:
     lm = _load_lm(root, meta, cfg)
     model = ClipCapModel(cfg, lm)
     load_weights_into(model.mapping, load_file(str(root / meta["weights"]["mapping"])), "mapping")
-    return LoadedModel(model, tokenizer, cfg, {k: v for k, v in meta.items() if k != "model"})
+    decap = None
+    if meta["weights"].get("decap"):
+        from safetensors import safe_open
+
+        with safe_open(str(root / meta["weights"]["decap"]), "pt") as f:
+            decap = DecapMemory.from_state({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+    return LoadedModel(model, tokenizer, cfg, {k: v for k, v in meta.items() if k != "model"}, decap)
 
 
 def _load_lm(root: Path, meta: dict[str, Any], cfg: ModelConfig) -> PreTrainedModel:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from clipcap_core import kvcache
 from clipcap_core.configs import from_dict
 
 Strategy = Literal["greedy", "beam", "reference-beam", "sample"]
@@ -46,7 +47,8 @@ class DecodeConfig:
     stop_token: str | None = None  # e.g. "." (authors' models stop there)
     stop_at_eos: bool = True
     seed: int = 0
-    use_cache: bool = True
+    use_cache: bool = True  # False: re-run the whole sequence every step (tests, baselines)
+    static_cache: bool = True  # GPT-2 family: preallocated KV buffers (kvcache.py); False: HF DynamicCache
     batch_size: int | None = None  # inputs per decoding batch (None: all at once)
 
     def __post_init__(self) -> None:
@@ -113,6 +115,14 @@ class UncachedLM(CachedLM):
         self.embeds = self.embeds.repeat_interleave(n, dim=0)
 
 
+def _stepper(lm: torch.nn.Module, cfg: DecodeConfig) -> CachedLM:
+    if not cfg.use_cache:
+        return UncachedLM(lm)
+    if cfg.static_cache and kvcache.supports(lm):
+        return kvcache.StaticCacheGPT2(lm, cfg.max_length)  # type: ignore[return-value]
+    return CachedLM(lm)
+
+
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, stop_token: str | None, stop_at_eos: bool) -> list[int]:
     ids = [tokenizer.eos_token_id] if stop_at_eos else []
     if stop_token is not None:
@@ -125,7 +135,7 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, stop_token: str | None, s
 
 # A strategy: (lm, prefix (B, k, E), cfg, stop ids (S,)) -> (tokens (B*n, T) long, lengths (B*n,), scores (B*n,))
 def _greedy(lm: CachedLM, prefix: torch.Tensor, cfg: DecodeConfig, stop: torch.Tensor):
-    return _sequential(lm, prefix, cfg, stop, pick=lambda logits, t: logits.argmax(-1))
+    return _sequential(lm, prefix, cfg, stop, pick=lambda logits, t: logits.max(-1).indices)  # max: faster than argmax
 
 
 def _sample(lm: CachedLM, prefix: torch.Tensor, cfg: DecodeConfig, stop: torch.Tensor):
@@ -179,12 +189,12 @@ def _beam(lm: CachedLM, prefix: torch.Tensor, cfg: DecodeConfig, stop: torch.Ten
     pool of the K best finished captions ranked by sum log-prob / length ** length_penalty; an image is done
     when its pool is full and its best running beam, normalised at the current length, cannot beat the pool."""
     K, T, lp = cfg.beam_size, cfg.max_length, cfg.length_penalty
-    logp = lm.prefill(prefix).float().log_softmax(-1)  # (B, V)
-    B, V = logp.shape
-    dev = logp.device
+    logits = lm.prefill(prefix).float()  # (B, V)
+    B, V = logits.shape
+    dev = logits.device
     C = max(2, 1 + stop.numel()) * K  # candidates per image: always >= K that did not stop
     lm.repeat(K)
-    logp = logp.repeat_interleave(K, dim=0)  # (B*K, V)
+    logits = logits.repeat_interleave(K, dim=0)  # (B*K, V)
     run_sum = torch.zeros(B, K, device=dev)
     run_sum[:, 1:] = -1e9  # step 0: all beams are the same, expand from beam 0 only
     seqs = torch.zeros(B * K, 0, dtype=torch.long, device=dev)
@@ -193,7 +203,12 @@ def _beam(lm: CachedLM, prefix: torch.Tensor, cfg: DecodeConfig, stop: torch.Ten
     rank = torch.arange(C, device=dev)
     for t in range(T):
         b = active.shape[0]
-        top_sum, top_idx = (run_sum.view(-1, 1) + logp).view(b, K * V).topk(C, dim=1)  # (b, C)
+        # The best C of an image's K*V continuations are among each beam's own best C: rank those only
+        # (no (b*K, V) log-softmax or sum tensor is ever written).
+        row_top, row_tok = logits.topk(min(C, V), dim=-1)  # (b*K, c)
+        cand = run_sum.view(-1, 1) + (row_top - logits.logsumexp(-1, keepdim=True))  # (b*K, c)
+        top_sum, top_idx = cand.view(b, -1).topk(C, dim=1)  # (b, C)
+        top_idx = (top_idx // row_top.shape[1]) * V + row_tok.view(b, -1).gather(1, top_idx)  # into K*V
         parent, tok = top_idx // V, top_idx % V
         flat_parent = torch.arange(b, device=dev)[:, None] * K + parent  # (b, C) rows of seqs
         cand_seqs = torch.cat((seqs[flat_parent], tok[..., None]), dim=2)  # (b, C, t+1)
@@ -215,7 +230,7 @@ def _beam(lm: CachedLM, prefix: torch.Tensor, cfg: DecodeConfig, stop: torch.Ten
             rows_k = (keep[:, None] * K + torch.arange(K, device=dev)).view(-1)
             active, run_sum, seqs, rows = active[keep], run_sum[keep], seqs[rows_k], rows[rows_k]
         lm.select(rows)
-        logp = lm.step(seqs[:, -1]).float().log_softmax(-1)
+        logits = lm.step(seqs[:, -1]).float()
     return pool.best(cfg.n)
 
 
@@ -327,7 +342,7 @@ def generate(model: torch.nn.Module, clip_embeds: np.ndarray | torch.Tensor, tok
     texts, ids, scores = [], [], []
     try:
         for start in range(0, embeds.shape[0], step):
-            lm = (CachedLM if cfg.use_cache else UncachedLM)(model.lm)
+            lm = _stepper(model.lm, cfg)
             prefix = model.prefix(embeds[start: start + step].float())  # (b, k, E)
             tokens, lengths, sums = _STRATEGY_FNS[cfg.strategy](lm, prefix, cfg, stop)
             for row, length in zip(tokens.tolist(), lengths.tolist()):

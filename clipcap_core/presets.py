@@ -18,7 +18,10 @@ from clipcap_core.mapping import MappingConfig
 from clipcap_core.model import LMConfig, ModelConfig
 
 TINY_LM = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64, "n_inner": 256,
-           "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+           "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+           # a wide init keeps a frozen random LM expressive (attention not uniform): the transformer mapper
+           # then learns through it; with the usual 0.02 a frozen random LM averages its inputs and cannot.
+           "initializer_range": 0.2}
 TINY_CLIP_DIM = 128  # embed_dim of clipcap_core/resources/tiny.json
 
 PRESETS: dict[str, ModelConfig] = {

@@ -1,0 +1,98 @@
+"""The Python API: ``Captioner.from_pretrained(uri_or_preset).caption(images)``.
+
+    from clipcap_core import Captioner
+    cap = Captioner.from_pretrained("s3://bucket/models/clipcap-coco")     # or a local dir, or "tiny"
+    cap.caption(images=["a.jpg", pil_image, jpeg_bytes])                   # one string per image
+    cap.caption(embeddings=emb, strategy="beam", beam_size=5, n=3)         # three strings per input
+    gen = cap.generate(images=[...], strategy="sample", top_p=0.9)         # Generation: texts, token_ids, scores
+
+Images go through the CLIP encoder recorded in the model config (loaded on first use); embeddings must have
+that encoder's dimension. A DeCap model (artifact with a text-embedding memory) projects image embeddings onto
+its memory before decoding.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipcap_core.artifacts import LoadedModel, load_model
+from clipcap_core.decoding import Generation, generate
+
+ImageInput = Image.Image | str | os.PathLike[str] | bytes
+
+
+def open_image(item: ImageInput) -> Image.Image:
+    """A PIL RGB image from a PIL image, a path / fsspec URI, or encoded bytes."""
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    if isinstance(item, (bytes, bytearray)):
+        return Image.open(io.BytesIO(item)).convert("RGB")
+    import fsspec
+
+    with fsspec.open(str(item), "rb") as f:
+        return Image.open(io.BytesIO(f.read())).convert("RGB")
+
+
+class Captioner:
+    def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu", encoder_precision: str = "fp32"):
+        self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
+        self.metadata = loaded.metadata
+        self.device = torch.device(device)
+        self.encoder_precision = encoder_precision
+        self._encoder: Any = None
+        self.decap = loaded.decap
+
+    @classmethod
+    def from_pretrained(cls, uri_or_preset: str, device: str | torch.device = "cpu",
+                        precision: str = "fp32") -> Captioner:
+        """Load an artifact (local dir or fsspec URI) or an untrained preset (``"tiny"``)."""
+        loaded = load_model(uri_or_preset, device=device, precision=precision)
+        return cls(loaded, device=device, encoder_precision=precision)
+
+    @property
+    def encoder(self) -> Any:
+        if self._encoder is None:
+            from clipcap_core.encoders import load_encoder
+
+            enc = load_encoder(self.config.encoder, device=self.device, precision=self.encoder_precision)
+            if enc.dim != self.config.clip_dim:
+                raise ValueError(f"CLIP encoder {enc.tag} gives D={enc.dim} but the model expects "
+                                 f"clip_dim={self.config.clip_dim}")
+            self._encoder = enc
+        return self._encoder
+
+    def embed_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> np.ndarray:
+        """CLIP image embeddings np.float32 (N, D) of the images."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([self.encoder.preprocess(open_image(im)) for im in images[start: start + batch_size]])
+            out.append(self.encoder.encode_images(batch))
+        return np.concatenate(out) if out else np.zeros((0, self.config.clip_dim), np.float32)
+
+    def generate(self, images: Sequence[ImageInput] | None = None, embeddings: np.ndarray | None = None,
+                 strategy: str = "greedy", **options: Any) -> Generation:
+        """Captions with scores and token ids; ``options`` are ``DecodeConfig`` fields."""
+        if (images is None) == (embeddings is None):
+            raise ValueError("pass exactly one of images= or embeddings=")
+        emb = self.embed_images(list(images)) if images is not None else np.asarray(embeddings, np.float32)
+        if emb.ndim != 2 or emb.shape[1] != self.config.clip_dim:
+            raise ValueError(f"embeddings must have shape (N, {self.config.clip_dim}), got {emb.shape}")
+        if self.decap is not None:
+            emb = self.decap.project(emb)
+        options.setdefault("batch_size", 64)
+        return generate(self.model, emb, self.tokenizer, strategy, **options)
+
+    def caption(self, images: Sequence[ImageInput] | None = None, embeddings: np.ndarray | None = None,
+                strategy: str = "greedy", beam_size: int = 5, max_length: int = 30, stop_token: str | None = None,
+                n: int = 1, **options: Any) -> list[str] | list[list[str]]:
+        """One caption per input (a list of ``n`` captions per input when n > 1)."""
+        gen = self.generate(images=images, embeddings=embeddings, strategy=strategy, beam_size=beam_size,
+                            max_length=max_length, stop_token=stop_token, n=n, **options)
+        return gen.grouped() if n > 1 else gen.texts
