@@ -190,14 +190,21 @@ def missing_shards(cfg: DownloadConfig, rows: int) -> list[str]:
     return [f"{i:05d}" for i in range(expected) if f"{i:05d}" not in done]
 
 
-def run_download(cfg: DownloadConfig, ray_address: str | None = None) -> DownloadSummary:
-    """Validate (list columns, output writable), download with img2dataset, return the summed stats.
+def prepare_download(cfg: DownloadConfig) -> pd.DataFrame:
+    """Every check of the stage, no downloading: the URL list's columns, then the output's writability."""
+    df = read_url_list(cfg)
+    storage.check_writable(cfg.output)
+    return df
+
+
+def run_download(cfg: DownloadConfig, ray_address: str | None = None, urls: pd.DataFrame | None = None
+                 ) -> DownloadSummary:
+    """Validate (unless ``urls`` comes from ``prepare_download``), download with img2dataset, sum the stats.
 
     With ``distributor="ray"`` Ray is started / connected (``ray_address``) after the checks if needed.
     """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    df = read_url_list(cfg)
-    storage.check_writable(cfg.output)
+    df = prepare_download(cfg) if urls is None else urls
     if cfg.incremental and not missing_shards(cfg, len(df)):
         log.info("all shards at %s are finished; nothing to download", cfg.output)
     else:

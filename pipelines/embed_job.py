@@ -19,7 +19,7 @@ from typing import Any
 
 from clipcap_core.encoders import TINY, EncoderConfig
 from pipelines import storage
-from pipelines.download import DownloadConfig, DownloadSummary, run_download
+from pipelines.download import DownloadConfig, DownloadSummary, prepare_download, run_download
 from pipelines.embed import EmbedConfig, EmbedResources, EmbedResult, run_embed
 
 log = logging.getLogger(__name__)
@@ -98,24 +98,22 @@ def serve_synthetic(src: SyntheticSource) -> Iterator[str]:
 
 
 def run_embed_job(cfg: EmbedJobConfig, ray_address: str | None = None) -> EmbedJobResult:
-    """Download (optional) then embed; every check of both stages runs before the first download."""
-    summary = None
-    if cfg.download is not None:
-        _precheck(cfg)
-        with _url_list(cfg) as url_list:
-            summary = run_download(replace(cfg.download, url_list=url_list), ray_address=ray_address)
-    result = run_embed(cfg.embed, ray_address=ray_address)
-    return EmbedJobResult(download=summary, embed=result, tiny=cfg.embed.encoder.model_name == TINY)
-
-
-def _precheck(cfg: EmbedJobConfig) -> None:
-    """Embed-stage checks that do not need the shards yet (model, output), so a bad model fails first."""
+    """Download (optional) then embed. Job-level checks of both stages run before the first download:
+    CLIP model, URL list columns, both outputs writable."""
     from clipcap_core import encoders
     from pipelines import schemas
 
     encoders.validate_config(cfg.embed.encoder)
     schemas.embedding_type(1, cfg.embed.dtype)
-    storage.check_writable(cfg.embed.table_uri)
+    summary = None
+    if cfg.download is not None:
+        with _url_list(cfg) as url_list:
+            dl = replace(cfg.download, url_list=url_list)
+            urls = prepare_download(dl)
+            storage.check_writable(cfg.embed.table_uri)
+            summary = run_download(dl, ray_address=ray_address, urls=urls)
+    result = run_embed(cfg.embed, ray_address=ray_address)
+    return EmbedJobResult(download=summary, embed=result, tiny=cfg.embed.encoder.model_name == TINY)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,56 @@
+"""pipelines.storage: atomic table writes, listing, JSON, writability checks (local and memory://)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import storage
+
+
+def test_join_and_full_uri():
+    assert storage.join("s3://b/root/", "/embeddings", "cc3m/") == "s3://b/root/embeddings/cc3m"
+    fs, path = storage.filesystem("memory://x/y")
+    assert storage.full_uri(fs, path).startswith("memory://")
+    fs, path = storage.filesystem("/tmp/abc")
+    assert storage.full_uri(fs, path) == "/tmp/abc"
+
+
+@pytest.mark.parametrize("root", ["local", "memory://storage-test"])
+def test_atomic_write_and_listing(root, tmp_path):
+    root = str(tmp_path) if root == "local" else root
+    table = pa.table({"key": ["a", "b"], "x": [1, 2]})
+    uri = storage.join(root, "t", "part-00000.parquet")
+    storage.atomic_write_table(table, uri)
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        assert pq.read_table(f).equals(table)
+    fs.pipe(storage.filesystem(storage.join(root, "t", "_tmp.abc.part-00001.parquet"))[1], b"partial")
+    def norm(uris: list[str]) -> list[str]:  # memory:// lists as memory:///...: compare filesystem paths
+        return [storage.filesystem(u)[1].lstrip("/") for u in uris]
+
+    assert norm(storage.list_files(storage.join(root, "t"), ".parquet")) == norm([uri])  # temporaries not listed
+    assert [p for p in fs.ls(storage.filesystem(storage.join(root, "t"))[1], detail=False)
+            if "_tmp." in p and "abc" not in p] == []  # the writer's own temporary is gone
+    assert storage.list_files(storage.join(root, "missing"), ".parquet") == []
+    assert norm(storage.list_files(root, ".parquet", recursive=True)) == norm([uri])
+
+
+def test_json_round_trip_and_default(tmp_path):
+    uri = str(tmp_path / "d" / "m.json")
+    storage.write_json({"a": 1, "b": [1, 2]}, uri)
+    assert storage.read_json(uri) == {"a": 1, "b": [1, 2]}
+    assert storage.read_json(str(tmp_path / "none.json"), default={"x": 0}) == {"x": 0}
+    assert storage.exists(uri) and not storage.exists(str(tmp_path / "none.json"))
+
+
+def test_check_writable(tmp_path):
+    storage.check_writable(str(tmp_path / "new" / "dir"))
+    assert list((tmp_path / "new" / "dir").iterdir()) == []  # the probe is removed
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="not writable"):
+        storage.check_writable(str(blocker / "sub"))
+    with pytest.raises(OSError, match="not writable"):
+        storage.check_writable("nosuchscheme://bucket/x")
