@@ -51,20 +51,22 @@ def job_config(args: argparse.Namespace):  # -> EmbedJobConfig
     from pipelines.embed_job import EmbedJobConfig, default_job_config
 
     root = args.output_root or str(CHECKOUT / "data")
-    if args.url_list:
+    if args.url_list or args.skip_download:  # real data: a URL list, or shards already downloaded
         dataset = args.dataset or "cc3m"
         raw = args.raw or storage.join(root, "raw", dataset)
         data = {"embed": {"input": raw, "output_root": root, "dataset": dataset},
-                "download": {"url_list": args.url_list, "output": raw}}
+                "download": {"url_list": args.url_list or "", "output": raw}}
     else:
         data = to_dict(default_job_config(root, samples=args.synthetic))
+        if args.dataset:
+            data["embed"]["dataset"] = args.dataset
         if args.raw:
             data["embed"]["input"] = data["download"]["output"] = args.raw
     data = embed.merge(data, download.load_mapping(args.config))
     data = embed.merge(data, {"embed": embed.options_from_args(args, skip=("input", "output_root", "dataset")),
                               "download": download.options_from_args(args)})
     if args.skip_download:
-        data["download"] = data["synthetic"] = None
+        data["download"] = data["synthetic"] = None  # embed the shards at --raw as they are
     elif data["download"].get("distributor") is None:  # auto: img2dataset's Ray distributor on a cluster
         data["download"]["distributor"] = "ray" if (args.ray_address or os.environ.get("RAY_ADDRESS")) \
             else "multiprocessing"

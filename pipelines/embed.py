@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 
 from clipcap_core import encoders
 from clipcap_core.encoders import EncoderConfig
-from pipelines import imaging, schemas, storage
 from pipelines import embed_stages as st
+from pipelines import imaging, schemas, storage
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def build_tables(cols: dict[str, np.ndarray], cfg: EmbedConfig, dim: int, meta: 
                  ) -> tuple[pa.Table, list[dict[str, str]]]:
     """Embedding table (sorted by key, first row per key) + decode error rows of one shard's columns."""
     errs = [{"key": k, "source": s, "stage": "decode", "error": e}
-            for k, s, e in zip(cols[st.KEY], cols[st.SOURCE], cols[st.ERROR]) if e]
+            for k, s, e in zip(cols[st.KEY], cols[st.SOURCE], cols[st.ERROR], strict=True) if e]
     ok = np.flatnonzero([not e for e in cols[st.ERROR]])
     keys = np.asarray(cols[st.KEY][ok], dtype=str)
     order = np.argsort(keys, kind="stable")

@@ -15,9 +15,9 @@ def test_deterministic_and_range_independent():
     b = list(synthetic.generate(6, seed=5))
     tail = list(synthetic.generate(3, seed=5, start=3))
     assert [s.caption for s in a] == [s.caption for s in b]
-    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b))
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b, strict=True))
     assert [s.key for s in a[3:]] == [s.key for s in tail]
-    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a[3:], tail))
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a[3:], tail, strict=True))
     assert [s.caption for s in synthetic.generate(6, seed=6)] != [s.caption for s in a]
 
 
@@ -53,7 +53,7 @@ def test_write_url_list_is_headerless_caption_tab_url(tmp_path):
     lines = tsv.read_text().splitlines()
     assert len(lines) == 5
     expected = list(synthetic.generate(5, seed=4))
-    for line, s in zip(lines, expected):
+    for line, s in zip(lines, expected, strict=True):
         caption, url = line.split("\t")
         assert caption == s.caption and url == f"http://127.0.0.1:9/images/{s.key}.png"
         img = Image.open(tmp_path / "images" / f"{s.key}.png")

@@ -50,7 +50,11 @@ def submit(cluster: dict, s3_env: dict, args: list[str]) -> tuple[str, str]:
            "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--",
            sys.executable, "jobs/embed_cc3m.py", *args]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+    for _ in range(30):  # a fresh head's job agent comes up some seconds after the dashboard
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(2)
     match = re.search(r"raysubmit_\w+", proc.stdout + proc.stderr)
     assert match, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = JobSubmissionClient(cluster["dashboard"])
@@ -111,16 +115,22 @@ def test_resubmitted_job_writes_nothing_new(submitted, ray_cluster, s3_server):
     assert _etags(root) == before
 
 
-def test_killed_run_then_rerun_has_no_duplicates(submitted, ray_cluster):
+def test_killed_run_then_rerun_has_no_duplicates(ray_cluster, s3_server, tmp_path):
     """SIGKILL the job driver after its first committed shard; the rerun commits the rest exactly once."""
     from clipcap_core.encoders import EncoderConfig
     from pipelines.embed import EmbedConfig, EmbedResources, run_embed
+    from tests.pipelines.test_embed import good_samples, write_shard
 
-    root, _, _ = submitted
-    raw = storage.join(root, "raw", "syn")
-    out = root + "-killed"
-    table_uri = storage.join(out, "embeddings", "syn", "ViT-B-32")  # a slow model gives the kill a window
-    flags = ["--skip-download", "--raw", raw, "--output-root", out, "--dataset", "syn", "--model", "ViT-B-32",
+    raw = tmp_path / "raw"  # a small first shard, then two large ones: a window to kill the run midway
+    raw.mkdir()
+    sizes = {"00000": 4, "00001": 120, "00002": 120}
+    start = 0
+    for name, n in sizes.items():
+        write_shard(raw / f"{name}.tar", good_samples(n, start))
+        start += n
+    out = f"s3://clipcap/embed-killed-{uuid.uuid4().hex[:8]}"
+    table_uri = storage.join(out, "embeddings", "syn", "tiny")
+    flags = ["--skip-download", "--raw", str(raw), "--output-root", out, "--dataset", "syn", "--model", "tiny",
              "--batch-size", "4", "--torch-threads", "1", "--ray-address", ray_cluster["gcs"]]
     proc = subprocess.Popen([sys.executable, "jobs/embed_cc3m.py", *flags], cwd=ROOT, env=dict(os.environ),
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -131,18 +141,18 @@ def test_killed_run_then_rerun_has_no_duplicates(submitted, ray_cluster):
             committed = _parts(table_uri)
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run, without any chance to clean up
         proc.wait()
-    assert committed, proc.stderr.read().decode()[-3000:]
+    assert committed and proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
     at_kill = _parts(table_uri)
     assert 0 < len(at_kill) < 3, "the run was not interrupted midway"
-    cfg = EmbedConfig(input=raw, output_root=out, dataset="syn", encoder=EncoderConfig(model_name="ViT-B-32"),
-                      resources=EmbedResources(batch_size=4, torch_threads=1))
+    cfg = EmbedConfig(input=str(raw), output_root=out, dataset="syn", encoder=EncoderConfig(model_name="tiny"),
+                      resources=EmbedResources(batch_size=32, torch_threads=1))
     rerun = run_embed(cfg)
     assert rerun.skipped == len(at_kill) and rerun.written == 3 - len(at_kill)
-    table = _table(table_uri)
-    keys = table.column("key").to_pylist()
-    assert len(keys) == len(set(keys)) == N_GOOD
+    keys = _table(table_uri).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == sum(sizes.values())
 
 
 def _parts(table_uri: str) -> list[str]:
