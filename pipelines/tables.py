@@ -136,7 +136,7 @@ class Split:
     def mask(self, keys: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
         n = len(keys)
         keep = np.ones(n, dtype=bool)
-        if self.part != "all":
+        if self.part == "heldout" or (self.part == "train" and self.heldout_fraction > 0):
             held = key_unit(keys, self.salt) < self.heldout_fraction
             keep = held if self.part == "heldout" else ~held
         if self.sample_fraction < 1.0:

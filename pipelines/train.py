@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import posixpath
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +29,8 @@ from typing import Any
 import pyarrow as pa
 
 from clipcap_core.configs import to_dict
-from pipelines import storage, tables
 from clipcap_core.training import TrainConfig
+from pipelines import storage, tables
 from pipelines.train_loop import (
     BatchTokenizer,
     RunOptions,
@@ -118,25 +119,46 @@ def _plan(cfg: TrainJobConfig) -> dict[str, Any]:
     if replay and cfg.replay_fraction > 0:
         n_train += tables.count_split(
             replay, cfg.split(sample_fraction=cfg.replay_fraction, sample_seed=cfg.replay_seed))
-    per_worker = n_train // cfg.scale.num_workers  # streaming_split(equal=True) gives each worker this many
-    if per_worker < 1:
-        raise ValueError(f"{n_train} training rows cannot feed {cfg.scale.num_workers} worker(s)")
-    steps_per_epoch = math.ceil(per_worker / cfg.train.batch_size)
-    return {"files": files, "replay": replay, "dim": info.dim, "model_config": model_cfg,
-            "n_train": n_train, "steps_per_epoch": steps_per_epoch,
-            "total_steps": steps_per_epoch * cfg.train.epochs}
+    W, B, E = cfg.scale.num_workers, cfg.train.batch_size, cfg.train.epochs
+    if n_train // W < 1:
+        raise ValueError(f"{n_train} training rows cannot feed {W} worker(s)")
+
+    def stream_steps(first_epoch: int) -> int:  # batches per worker in a stream of epochs first_epoch..E-1
+        return math.ceil(((E - first_epoch) * n_train // W) / B)  # streaming_split(equal=True) floors per worker
+
+    # One stream holds every remaining epoch, so the data pipeline never stops and restarts between epochs.
+    # It ends exactly at total_steps; a resumed run streams from the earliest epoch a stored checkpoint is in.
+    total = stream_steps(0)
+    stored = stored_checkpoint_steps(cfg.run_dir)
+    start = max(e for e in range(E + 1) if total - stream_steps(e) <= min(stored)) if stored else 0
+    return {"files": files, "replay": replay, "dim": info.dim, "model_config": model_cfg, "n_train": n_train,
+            "total_steps": total, "epoch_ends": [round(e * total / E) for e in range(1, E)],
+            "stream_start_epoch": start, "stream_first_step": total - stream_steps(start)}
+
+
+def stored_checkpoint_steps(run_dir: str) -> list[int]:
+    """Steps of this run's checkpoints in storage. Ray restores the latest *registered* one, which is among
+    them, so a stream starting at or before the earliest covers it; the loop skips batches up to its step."""
+    steps = []
+    for uri in storage.list_files(run_dir, "/state.json", recursive=True):
+        if posixpath.basename(posixpath.dirname(uri)).startswith("checkpoint_"):
+            steps.append(int((storage.read_json(uri) or {}).get("step", 0)))
+    return steps
 
 
 def _datasets(cfg: TrainJobConfig, plan: dict[str, Any]) -> dict[str, Any]:
-    """The training stream: new tables' train split (+ a seeded replay sample of older tables), tokenised."""
+    """The training stream: new tables' train split (+ a seeded replay sample of older tables), tokenised in
+    the pipeline, repeated for every remaining epoch (block order reshuffled per epoch)."""
     tokenize = BatchTokenizer(load_tokenizer_for(cfg.model, plan["model_config"]), cfg.train.max_caption_tokens)
     ds = tables.stream_split(plan["files"], cfg.split(), tokenize, cfg.train.max_caption_tokens)
     if plan["replay"] and cfg.replay_fraction > 0:
         split = cfg.split(sample_fraction=cfg.replay_fraction, sample_seed=cfg.replay_seed)
         ds = ds.union(tables.stream_split(plan["replay"], split, tokenize, cfg.train.max_caption_tokens))
-    if cfg.run.cache_data:  # epochs re-read the object store instead of re-running read + tokenise
+    if cfg.run.cache_data:  # read + tokenise once; the epochs re-read the object store
         ds = ds.materialize()
-    return {"train": ds}
+    epochs = range(plan["stream_start_epoch"], cfg.train.epochs)
+    copies = [ds.randomize_block_order(seed=cfg.train.seed * 1000 + e) for e in epochs] or [ds]
+    return {"train": copies[0].union(*copies[1:]) if len(copies) > 1 else copies[0]}
 
 
 def run_training(cfg: TrainJobConfig) -> TrainResult:
@@ -146,13 +168,15 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
 
     plan = _plan(cfg)
     storage.check_writable(cfg.output)
-    log.info("train %s: %d rows (D=%d), %d worker(s), %d steps/epoch x %d epochs", cfg.name, plan["n_train"],
-             plan["dim"], cfg.scale.num_workers, plan["steps_per_epoch"], cfg.train.epochs)
+    log.info("train %s: %d rows (D=%d), %d worker(s), %d epochs = %d steps (streaming from epoch %d)", cfg.name,
+             plan["n_train"], plan["dim"], cfg.scale.num_workers, cfg.train.epochs, plan["total_steps"],
+             plan["stream_start_epoch"] + 1)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"job": to_dict(cfg), "plan": {
             "model_config": to_dict(plan["model_config"]),
-            **{k: plan[k] for k in ("files", "replay", "dim", "steps_per_epoch", "total_steps")}}},
+            **{k: plan[k] for k in ("files", "replay", "dim", "total_steps", "epoch_ends", "stream_start_epoch",
+                                    "stream_first_step")}}},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
             resources_per_worker={"CPU": cfg.scale.cpus_per_worker,
@@ -215,7 +239,8 @@ def plot_history(history: list[dict[str, Any]]) -> bytes:
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if steps or evals:
+        ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -122,7 +122,6 @@ def test_nights_promote_noop_promote_refuse(ray_cluster, s3_uri):
     add_shards(500, 0, 0)
     add_shards(500, 500, 1)
     state = storage.join(s3_uri, "nightly")
-    pointer_uri = storage.join(state, "production.json")
 
     # Night 1: nothing in production -> the candidate is promoted.
     r1 = nightly.run_nightly(_night(s3_uri))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -92,7 +93,24 @@ def test_plan_counts_equal_shards(table_info, tmp_path):
     plan = train._plan(job)
     n_train = tables.count_split(table_info.files, job.split())
     assert plan["n_train"] == n_train and 140 < n_train < 180
-    assert plan["steps_per_epoch"] == math.ceil((n_train // 3) / 16) and plan["total_steps"] == 3 * plan["steps_per_epoch"]
+    assert plan["total_steps"] == math.ceil((3 * n_train // 3) / 16) and plan["stream_start_epoch"] == 0
+    assert plan["epoch_ends"] == [round(plan["total_steps"] / 3), round(2 * plan["total_steps"] / 3)]
+    # A resumed run streams from the latest epoch whose stream still reaches back to the earliest stored
+    # checkpoint (so it is never skipped past), and the stream still ends at total_steps.
+    total = plan["total_steps"]
+
+    def first_step(e):  # where a stream of epochs e..2 starts: it holds (3 - e) * n_train // 3 rows per worker
+        return total - math.ceil(((3 - e) * n_train // 3) / 16)
+
+    starts = []
+    for step in range(0, total + 1):
+        with mock.patch.object(train, "stored_checkpoint_steps", return_value=[step, total]):
+            p = train._plan(job)
+        e = p["stream_start_epoch"]
+        assert p["stream_first_step"] == first_step(e) <= step and (e == 3 or first_step(e + 1) > step), step
+        assert p["total_steps"] == total
+        starts.append(e)
+    assert starts == sorted(starts) and starts[0] == 0 and starts[-1] == 3 and set(starts) == {0, 1, 2, 3}
     with pytest.raises(ValueError, match="at least one"):
         train.TrainJobConfig(tables=(), output="x")
 
@@ -166,8 +184,8 @@ def test_two_workers_learn_and_survive_a_killed_worker(ray_cluster, tmp_path):
     assert json.loads((tmp_path / "crashed.json").read_text())["step"] == 13
     resumes = [r for r in result.history if r["kind"] == "resume"]
     assert len(resumes) == 1 and resumes[0]["attempt"] == 2
-    spe = plan["steps_per_epoch"]
-    assert 0 < resumes[0]["step"] <= 13 and (resumes[0]["step"] % 5 == 0 or resumes[0]["step"] % spe == 0)
+    ends = plan["epoch_ends"]
+    assert 0 < resumes[0]["step"] <= 13 and (resumes[0]["step"] % 5 == 0 or resumes[0]["step"] in ends)
     after = [r["step"] for r in result.history if r.get("attempt") == 2 and r["kind"] != "resume"]
     assert min(after) > resumes[0]["step"] and epochs[-1]["step"] == plan["total_steps"]
     # Outputs: history, loss curve, at most keep_checkpoints checkpoints, the artifact.
@@ -194,6 +212,7 @@ def test_rerun_with_the_same_name_resumes_on_s3(ray_cluster, s3_uri):
     resumes = [r for r in result.history if r["kind"] == "resume"]
     assert len(resumes) == 1 and resumes[0]["step"] in (4, 8)
     steps = [r["step"] for r in result.history if r["kind"] == "step"]
-    assert steps == sorted(set(steps)) and steps[-1] == train._plan(job)["total_steps"]
+    assert steps == sorted(set(steps)) and min(s for s in steps if s > resumes[0]["step"]) <= resumes[0]["step"] + 2
+    assert [r["step"] for r in result.history if r["kind"] == "epoch"][-1] == train._plan(job)["total_steps"]
     assert storage.exists(storage.join(result.artifact, "config.json"))
     assert storage.exists(storage.join(s3_uri, "runs/again/loss_curve.png"))

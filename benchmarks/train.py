@@ -1,0 +1,131 @@
+"""Training throughput: the Ray Train job (1 worker, streaming Parquet) vs a plain in-memory PyTorch loop.
+
+    python benchmarks/train.py                       # 40k rows, D=512, tiny preset, batch 64, 2 epochs, 1 thread
+    python benchmarks/train.py --rows 100000 --threads 2 --ray-address auto
+
+Both sides train the same model (same preset, seed, D, batch size, optimizer, torch threads) on the same rows:
+- plain: captions tokenised once up front, tensors in memory, a shuffled slice per step (no data cost at all);
+- ray: ``pipelines.train.run_training`` with 1 worker reading the Parquet tables through Ray Data
+  (tokenisation in the pipeline, prefetch), checkpoints each epoch, no held-out evaluation.
+Reported: samples/s inside the training loop (per-epoch wall time, so the streaming pipeline's per-epoch
+start is included), their ratio (target >= 0.8), and the Ray job's end-to-end rate including cluster and
+worker start-up. Results also go to ``benchmarks/results/train.json``. CPU numbers on a shared machine are
+noisy: the plain loop runs before and after the Ray job and both runs are shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def plain_loop(files: list[str], args: argparse.Namespace) -> float:
+    """Samples/s of an in-memory loop: pre-tokenised tensors, a random permutation per epoch."""
+    import numpy as np
+    import torch
+
+    from clipcap_core.training import TrainConfig, make_optimizer_and_scheduler, train_step
+    from pipelines import tables
+    from pipelines.train_loop import BatchTokenizer, build_model, resolve_model_config, to_core_batch
+
+    torch.set_num_threads(args.threads)
+    info = tables.inspect_tables(files)
+    hp = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, warmup_steps=10,
+                     max_caption_tokens=args.max_tokens)
+    model, tok = build_model(args.model, resolve_model_config(args.model, {}, info), seed=0)
+    table = tables.read_split(files, tables.Split(part="train", heldout_fraction=0.0))
+    tokens, mask = BatchTokenizer(tok, args.max_tokens)(table.column("caption").to_pylist())
+    pad = args.max_tokens - tokens.shape[1]  # same padded width as the Ray pipeline; trimmed per batch
+    data = {"embedding": torch.from_numpy(tables.embeddings_numpy(table).copy()),
+            "tokens": torch.from_numpy(np.pad(tokens, ((0, 0), (0, pad)))),
+            "mask": torch.from_numpy(np.pad(mask, ((0, 0), (0, pad))))}
+    n = len(tokens)
+    opt, sched = make_optimizer_and_scheduler(model, hp, args.epochs * -(-n // args.batch_size))
+    rates = []
+    for epoch in range(args.epochs):
+        order = torch.from_numpy(np.random.default_rng(epoch).permutation(n))
+        t0 = time.perf_counter()
+        for s in range(0, n, args.batch_size):
+            idx = order[s: s + args.batch_size]
+            train_step(model, to_core_batch({k: v[idx] for k, v in data.items()}), opt, sched, hp)
+        rates.append(n / (time.perf_counter() - t0))
+    return float(np.mean(rates))
+
+
+def ray_job(files: list[str], args: argparse.Namespace, workdir: str) -> dict[str, float]:
+    import numpy as np
+    import ray
+
+    from clipcap_core.training import TrainConfig
+    from pipelines.train import RunOptions, ScaleConfig, TrainJobConfig, run_training
+
+    if not ray.is_initialized():
+        ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+    job = TrainJobConfig(
+        tables=tuple(files), output=os.path.join(workdir, "runs"), name="bench", model=args.model,
+        heldout_fraction=0.0,
+        train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, warmup_steps=10,
+                          max_caption_tokens=args.max_tokens),
+        run=RunOptions(checkpoint_every=10**9, log_every=10**9, prefetch_batches=args.prefetch),
+        scale=ScaleConfig(num_workers=1, cpus_per_worker=1.0, torch_threads=args.threads))
+    t0 = time.perf_counter()
+    result = run_training(job)
+    wall = time.perf_counter() - t0
+    epochs = [r for r in result.history if r["kind"] == "epoch"]
+    rows = sum(r.get("samples", 0) for r in epochs) or args.rows * args.epochs
+    return {"in_loop": float(np.mean([r["samples_per_s"] for r in epochs])),
+            "end_to_end": rows / wall, "wall_s": wall,
+            "data_wait_fraction": sum(r["data_wait_s"] for r in epochs) / sum(r["seconds"] for r in epochs)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=40_000)
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
+    p.add_argument("--prefetch", type=int, default=4)
+    p.add_argument("--ray-address", default=None, help="default: a local Ray instance")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/train.json"))
+    args = p.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from pipelines import tables
+
+    with tempfile.TemporaryDirectory(prefix="clipcap-bench-train-") as workdir:
+        files = tables.write_synthetic_tables(workdir, args.rows, shards=args.shards, dim=args.dim)
+        plain_before = plain_loop(files, args)
+        ray_rates = ray_job(files, args, workdir)
+        plain_after = plain_loop(files, args)
+    plain = (plain_before + plain_after) / 2
+    ratio = ray_rates["in_loop"] / plain
+    result = {"rows": args.rows, "dim": args.dim, "model": args.model, "batch_size": args.batch_size,
+              "epochs": args.epochs, "threads": args.threads, "plain_before": plain_before,
+              "plain_after": plain_after, "ray_in_loop": ray_rates["in_loop"],
+              "ray_end_to_end": ray_rates["end_to_end"], "ray_wall_s": ray_rates["wall_s"],
+              "ray_data_wait_fraction": ray_rates["data_wait_fraction"], "ratio": ratio}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"plain in-memory loop: {plain:.0f} samples/s (before {plain_before:.0f}, after {plain_after:.0f})")
+    print(f"ray train, 1 worker, streaming parquet: {ray_rates['in_loop']:.0f} samples/s in the loop, "
+          f"{ray_rates['end_to_end']:.0f} samples/s end to end ({ray_rates['wall_s']:.1f} s incl. start-up); "
+          f"{100 * ray_rates['data_wait_fraction']:.0f}% of loop time waiting for data")
+    print(f"ratio (ray in-loop / plain): {ratio:.2f} (target >= 0.8)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
