@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ref-cpu-images", type=int, default=4,
                    help="images run through a 1-thread reference loop for the CPU-time ratio")
     p.add_argument("--clip-batch-size", type=int, default=32)
-    p.add_argument("--caption-batch-size", type=int, default=32)
+    p.add_argument("--caption-batch-size", type=int, default=64)
     p.add_argument("--clip-actors", type=int, default=1)
     p.add_argument("--caption-actors", type=int, default=2)
     p.add_argument("--cpus-per-actor", type=float, default=0.5)
