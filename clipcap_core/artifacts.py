@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -214,13 +215,22 @@ def _load_lm(root: Path, meta: dict[str, Any], cfg: ModelConfig) -> PreTrainedMo
         return AutoModelForCausalLM.from_pretrained(tmp)
 
 
-def load_weights_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def load_weights_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
+                      show: Callable[[str], str] = str) -> None:
+    """Strict ``load_state_dict`` with one clear message for missing / unexpected keys and wrong shapes
+    (``show`` renders a key for the message, e.g. in the checkpoint's own naming)."""
     expected = module.state_dict()
+    problems = []
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: {tuple(state[k].shape)} vs expected {tuple(v.shape)}"
+    wrong = [f"{show(k)}: {tuple(state[k].shape)} but expected {tuple(v.shape)}"
              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{what} weights do not fit the config: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}, wrong shapes {wrong[:5]}")
+    if missing:
+        problems.append(f"missing {[show(k) for k in missing[:5]]}")
+    if unexpected:
+        problems.append(f"unexpected {[show(k) for k in unexpected[:5]]}")
+    if wrong:
+        problems.append(f"wrong shapes {wrong[:5]}")
+    if problems:
+        raise ValueError(f"{what}: weights do not fit the config: {'; '.join(problems)}")
     module.load_state_dict(state)

@@ -65,7 +65,8 @@ class DecodeConfig:
 @dataclass
 class Generation:
     texts: list[str]  # N * n captions
-    token_ids: list[list[int]]  # generated ids: a stop token like '.' included, a final end-of-text not
+    token_ids: list[list[int]]  # generated ids: a stop token like '.' included, the end-of-text that
+    # stopped the caption not
     scores: np.ndarray  # (N * n,) float32 mean token log-prob
     n: int = 1
 
@@ -347,7 +348,7 @@ def generate(model: torch.nn.Module, clip_embeds: np.ndarray | torch.Tensor, tok
             tokens, lengths, sums = _STRATEGY_FNS[cfg.strategy](lm, prefix, cfg, stop)
             for row, length in zip(tokens.tolist(), lengths.tolist()):
                 row = row[: int(length)]
-                ids.append(row[:-1] if row and row[-1] == tokenizer.eos_token_id else row)
+                ids.append(row[:-1] if cfg.stop_at_eos and row and row[-1] == tokenizer.eos_token_id else row)
             scores.append((sums / lengths.clamp_min(1).to(sums.dtype)).float().cpu().numpy())
     finally:
         model.train(was_training)

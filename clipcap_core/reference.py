@@ -258,7 +258,8 @@ def import_reference_checkpoint(ckpt: str, out: str, mapping: MappingConfig, cli
     cfg = ModelConfig(clip_dim=clip_dim, mapping=mapping, lm=LMConfig(name_or_path=lm, freeze=not lm_saved),
                       tokenizer=tokenizer, encoder=encoder)
     model = ClipCapModel(cfg, lm_model)
-    load_weights_into(model.mapping, mapping_state, f"{ckpt}: clip_project ({_flags(mapping, clip_dim)})")
+    load_weights_into(model.mapping, mapping_state, f"{ckpt} with {_flags(mapping, clip_dim)}",
+                      show=lambda k: f"clip_project.{translate_key(k, mapping.kind, to_ours=False)}")
     save_model(model, load_tokenizer(cfg.tokenizer_source), out, extra={"imported_from": str(ckpt)})
     return ImportResult(config=cfg, lm_saved=lm_saved)
 
@@ -267,8 +268,14 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     """``torch.load(weights_only=True)`` of a flat state dict at any fsspec URI."""
     import fsspec
 
-    with fsspec.open(uri, "rb") as f:
-        state = torch.load(f, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        with fsspec.open(uri, "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise ValueError(f"{uri} cannot be read as a weights-only state dict (nothing was executed): "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{uri} is not a flat state dict of tensors")
     return state
@@ -316,9 +323,11 @@ def _lm_for_import(source: str, gpt_state: dict[str, torch.Tensor], ckpt: str) -
                          f"unexpected {['gpt.' + k for k in unexpected[:5]]}, wrong shapes {wrong[:5]}")
     same = base is not None and all(torch.equal(expected[k], v) for k, v in gpt_state.items())
     if not same:
-        lm.load_state_dict(gpt_state, strict=False)
+        lm.load_state_dict(gpt_state, strict=False, assign=base is None)  # assign: a skeleton on "meta"
         if tied:
             lm.tie_weights()
+        if any(t.is_meta for t in [*lm.parameters(), *lm.buffers()]):
+            raise ValueError(f"{ckpt}: the checkpoint's LM weights leave parts of {source!r} uninitialised")
     return lm, not same
 
 
@@ -335,4 +344,5 @@ def _lm_from_config(source: str) -> nn.Module:
             config = AutoConfig.from_pretrained(source)
     except OSError as exc:
         raise OSError(f"--lm {source!r}: need a hub name or a directory with the LM config: {exc}") from exc
-    return AutoModelForCausalLM.from_config(config)
+    with torch.device("meta"):  # a skeleton: every weight comes from the checkpoint (no random init)
+        return AutoModelForCausalLM.from_config(config)

@@ -1,0 +1,52 @@
+"""``clipcap caption-images``: caption a few images with a model artifact or preset and print the captions.
+
+    clipcap caption-images photo1.jpg photo2.png --model s3://bucket/models/coco
+    clipcap caption-images img/*.jpg --model ./artifacts/tiny-synthetic --strategy beam --beam-size 5 -n 3
+
+One line per image: ``<path>\\t<caption>`` (``n`` lines per image with ``-n``; ``--scores`` adds the mean
+token log-prob). For archives and millions of images use ``clipcap caption`` (Ray).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipcap_core.captioner import Captioner
+
+    captioner = Captioner.from_pretrained(args.model, device=args.device, precision=args.precision)
+    options: dict[str, Any] = {"beam_size": args.beam_size, "max_length": args.max_length, "n": args.n,
+                               "stop_token": args.stop_token, "seed": args.seed}
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    if args.top_p is not None:
+        options["top_p"] = args.top_p
+    if args.top_k is not None:
+        options["top_k"] = args.top_k
+    gen = captioner.generate(images=args.paths, strategy=args.strategy, **options)
+    for i, (text, score) in enumerate(zip(gen.texts, gen.scores)):
+        path = args.paths[i // gen.n]
+        print(f"{path}\t{text}" + (f"\t{score:.4f}" if args.scores else ""))
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("caption-images", help="caption images with a model and print the captions",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", help="image files or URIs (local, s3://, ...)")
+    p.add_argument("--model", default="tiny", help="model artifact URI or preset name (default: tiny, untrained)")
+    p.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "reference-beam", "sample"])
+    p.add_argument("--beam-size", type=int, default=5)
+    p.add_argument("--max-length", type=int, default=30, help="new tokens at most")
+    p.add_argument("-n", type=int, default=1, help="captions per image (beam / sample)")
+    p.add_argument("--stop-token", help='also stop at this token, e.g. "." for the authors\' checkpoints')
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--scores", action="store_true", help="print the mean token log-prob too")
+    p.set_defaults(func=run)

@@ -1,0 +1,53 @@
+"""``clipcap import-reference``: convert a released ClipCap checkpoint (authors' layout) into a model artifact.
+
+    clipcap import-reference coco_weights.pt --out s3://bucket/models/coco-mlp \\
+        --mapping mlp --prefix-length 10 --clip-dim 512 --lm gpt2
+    clipcap import-reference transformer_weights.pt --out ./coco-transformer --mapping transformer \\
+        --prefix-length 40 --clip-length 40 --num-layers 8 --clip-dim 640 --normalize-prefix --lm ./gpt2-config
+
+The checkpoint is read with ``torch.load(weights_only=True)`` (no pickled code runs). Its ``gpt.*`` weights are
+used when present (then ``--lm`` may be a directory holding only the LM config) and saved in the artifact
+unless identical to ``--lm``'s weights. Decode like the authors with ``--stop-token .``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipcap_core.encoders import EncoderConfig
+    from clipcap_core.mapping import MappingConfig
+    from clipcap_core.reference import import_reference_checkpoint
+
+    mapping = MappingConfig(kind=args.mapping, prefix_length=args.prefix_length,
+                            clip_length=args.clip_length or args.prefix_length, num_layers=args.num_layers,
+                            normalize_prefix=args.normalize_prefix)
+    encoder = EncoderConfig(model_name=args.clip_model, pretrained=args.clip_pretrained) if args.clip_model else None
+    result = import_reference_checkpoint(args.checkpoint, args.out, mapping=mapping, clip_dim=args.clip_dim,
+                                         lm=args.lm, tokenizer=args.tokenizer, encoder=encoder)
+    lm = "saved in the artifact" if result.lm_saved else f"referenced ({args.lm})"
+    print(f"imported {args.checkpoint} -> {args.out} ({args.mapping}, k={args.prefix_length}, D={args.clip_dim}; "
+          f"LM {lm})")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("import-reference", help="convert a released ClipCap checkpoint into an artifact",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="state dict (.pt) in the authors' layout: local path or URI")
+    p.add_argument("--out", required=True, help="artifact directory URI to write")
+    p.add_argument("--mapping", required=True, choices=["mlp", "transformer"])
+    p.add_argument("--prefix-length", type=int, required=True)
+    p.add_argument("--clip-length", type=int, help="transformer only (default: the prefix length)")
+    p.add_argument("--num-layers", type=int, default=8, help="transformer only")
+    p.add_argument("--clip-dim", type=int, required=True, help="CLIP embedding dimension D")
+    p.add_argument("--normalize-prefix", action="store_true", help="L2-normalise CLIP embeddings (transformer ckpt)")
+    p.add_argument("--lm", default="gpt2", help="base LM: hub name or directory / URI (config only is enough "
+                                                "when the checkpoint carries the LM weights)")
+    p.add_argument("--tokenizer", help="tokenizer: hub name, directory or URI (default: --lm)")
+    p.add_argument("--clip-model", help="open_clip model that made the embeddings (default from D: 512 ViT-B-32, "
+                                        "640 RN50x4, 768 ViT-L-14)")
+    p.add_argument("--clip-pretrained", default="openai", help="its pretrained tag / file (with --clip-model)")
+    p.set_defaults(func=run)
