@@ -72,7 +72,8 @@ def save_model(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, uri: str
             lm_config = model.lm.config.to_dict()
         tokenizer.save_pretrained(str(root / TOKENIZER))
         if decap is not None:
-            save_file(*decap.state(), str(root / DECAP))
+            tensors, info = decap.state()
+            save_file(tensors, str(root / DECAP), metadata=info)
         (root / METRICS).write_text(json.dumps(metrics or {}, indent=2, sort_keys=True, default=float))
         meta = {
             "schema_version": SCHEMA_VERSION,
