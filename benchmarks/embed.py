@@ -6,7 +6,8 @@
 For each model it prints
 - wall-clock images/s: ``run_embed`` from its call to the last committed table file (validation, pipeline and
   actor start-up, model load, decode, encode, writes; the one-off ``ray.init`` is timed apart);
-- steady-state images/s: rows reaching the driver after the first ``--warmup-batches`` batches, per second;
+- steady-state images/s: rows reaching the driver after the first ``--warmup-batches`` batches, per second
+  (rows stream back in blocks of one or two batches);
 - pure-forward images/s: ``encode_pixels`` of the same model, same torch threads and batch size, on the same
   images already decoded and resized, in this process, no Ray (after one warm-up batch);
 - steady-state / pure-forward.
@@ -44,10 +45,12 @@ def write_shards(folder: Path, n: int, per_shard: int, size: int = 256) -> None:
                     tar.addfile(info, io.BytesIO(data))
 
 
-def steady_rate(timeline: list[tuple[float, int]], warmup_batches: int) -> float:
-    if len(timeline) <= warmup_batches + 1:
+def steady_rate(timeline: list[tuple[float, int]], warmup_rows: int) -> float:
+    """Rows per second from the first arrival after ``warmup_rows`` rows to the last one."""
+    k = next((i for i, (_, rows) in enumerate(timeline) if rows >= warmup_rows), len(timeline))
+    if k >= len(timeline) - 1:
         return float("nan")
-    (t0, r0), (t1, r1) = timeline[warmup_batches], timeline[-1]
+    (t0, r0), (t1, r1) = timeline[k], timeline[-1]
     return (r1 - r0) / (t1 - t0) if t1 > t0 else float("nan")
 
 
@@ -83,7 +86,7 @@ def bench_model(model: str, shards: Path, out: Path, args: argparse.Namespace) -
                                                num_actors=1, cpus_per_actor=1, decode_cpus=1))
     result = run_embed(cfg)
     assert result.rows == args.images, result
-    steady = steady_rate(result.timeline, args.warmup_batches)
+    steady = steady_rate(result.timeline, args.warmup_batches * args.batch_size)
     pure = pure_forward(model, shards, args.images, args.batch_size, args.torch_threads)
     return {"model": model, "images": result.rows, "wall_s": round(result.wall_s, 2),
             "wall_img_s": round(result.rows / result.wall_s, 2), "steady_img_s": round(steady, 2),

@@ -244,10 +244,15 @@ def build_dataset(cfg: EmbedConfig, pending: list[str]) -> Any:
     res = cfg.resources
     gpus = _gpus_per_actor(res)
     threads = res.torch_threads or max(1, round(res.cpus_per_actor))
+    spec = encoders.preprocess_spec(cfg.encoder)
     ds = ray.data.from_items([{"uri": u} for u in pending], override_num_blocks=len(pending))
+    # One block per decoded batch (Ray Data would otherwise pack a whole shard, up to 128 MB of pixels, into
+    # one block): the actors start on the first batch, and rows stream back batch by batch, not shard by shard.
+    height, width = (spec.size, spec.size) if isinstance(spec.size, int) else spec.size
+    ds.context.target_max_block_size = max(1 << 16, int(1.2 * res.batch_size * height * width * 3))
     ds = ds.map_batches(st.decode_shards, batch_size=1, num_cpus=res.decode_cpus,
                         memory=res.decode_memory_mb * 2**20,
-                        fn_kwargs={"spec": encoders.preprocess_spec(cfg.encoder), "batch_rows": res.batch_size})
+                        fn_kwargs={"spec": spec, "batch_rows": res.batch_size})
     return ds.map_batches(
         st.EmbedActor, batch_size=res.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=res.num_actors), num_cpus=res.cpus_per_actor, num_gpus=gpus,
