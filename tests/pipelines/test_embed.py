@@ -65,8 +65,6 @@ def _cfg(shards, out, **kw) -> EmbedConfig:
 
 @pytest.fixture(scope="module")
 def embedded(shards, ray_cluster, s3_server):
-    from infra.local.s3 import S3Server  # noqa: F401 - the S3 env of the session is set by s3_server
-
     cfg = _cfg(shards, f"s3://clipcap/embed-unit-{np.random.default_rng().integers(1 << 30)}", text_embeddings=True)
     return cfg, run_embed(cfg)
 
