@@ -6,6 +6,8 @@ Same GPT-2-small-sized weights (random, seeded), same prefixes (MLP mapping, k =
 - hf-generate: ``lm.generate(inputs_embeds=prefix, num_beams=1|5)`` on the same batch;
 - reference: the authors' ``generate2`` / ``generate_beam`` (``clipcap_core.reference``), one image at a time,
   no KV cache; timed on ``--ref-images`` images and reported per caption.
+All three start from the CLIP embeddings (the mapping network is timed too). Ours and HF are run alternately,
+best of ``--repeats``; CPU seconds are printed too (steadier than wall-clock on a shared machine).
 
     python benchmarks/decode.py                      # CPU, batch 32, 30 tokens, 2 threads
     python benchmarks/decode.py --device cuda --batch 256
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,68 +42,85 @@ def build(device: str, seed: int = 0):
     return model, tokenizer
 
 
-def timed(fn, repeats: int = 1) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process, result) of one call."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
-def hf_generate(model, prefix: torch.Tensor, new_tokens: int, beams: int) -> torch.Tensor:
-    mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+def hf_generate(model, embeds: np.ndarray, new_tokens: int, beams: int) -> torch.Tensor:
+    """HF ``generate`` from CLIP embeddings (the mapping runs here too, like in ours)."""
     with torch.inference_mode():
+        prefix = model.prefix(torch.from_numpy(embeds))  # (B, k, E)
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         return model.lm.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=new_tokens,
                                  do_sample=False, num_beams=beams, eos_token_id=None, pad_token_id=0)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from clipcap_core.decoding import generate
+def reference(model, tok, embeds: np.ndarray, new_tokens: int, beams: int) -> list[str]:
+    """The authors' loop: per image, map the embedding, then generate2 / generate_beam without a KV cache."""
     from clipcap_core.reference import generate2, generate_beam
 
+    out = []
+    for e in embeds:
+        with torch.inference_mode():
+            prefix = model.prefix(torch.from_numpy(e[None]))  # (1, k, E)
+        if beams == 1:
+            out.append(generate2(model, tok, prefix, entry_length=new_tokens, stop_token=tok.eos_token))
+        else:
+            out.append(generate_beam(model, tok, prefix, beam_size=beams, entry_length=new_tokens,
+                                     stop_token=tok.eos_token)[0])
+    return out
+
+
+def compare(model, tok, embeds: np.ndarray, beams: int, args: argparse.Namespace) -> tuple[float, float, float]:
+    """Captions/s of ours, HF generate and the reference; ours and HF interleaved, best of ``repeats``."""
+    from clipcap_core.decoding import generate
+
+    strategy, T, B = ("greedy" if beams == 1 else "beam"), args.new_tokens, embeds.shape[0]
+    runs: dict[str, list[tuple[float, float]]] = {"ours": [], "hf": []}
+    for _ in range(args.repeats):
+        wall, cpu, gen = timed(lambda: generate(model, embeds, tok, strategy, beam_size=beams, max_length=T,
+                                                stop_at_eos=False))
+        runs["ours"].append((wall, cpu))
+        wall, cpu, out = timed(lambda: hf_generate(model, embeds, T, beams))
+        runs["hf"].append((wall, cpu))
+    n_ref = min(args.ref_images, B)
+    ref_wall, ref_cpu, _ = timed(lambda: reference(model, tok, embeds[:n_ref], T, beams))
+    (ours_w, ours_c), (hf_w, hf_c) = min(runs["ours"]), min(runs["hf"])
+    lengths = sorted({len(x) for x in gen.token_ids})
+    print(f"{strategy:6s} ours {ours_w:7.2f}s wall / {ours_c:7.2f}s CPU ({B / ours_w:6.2f} captions/s; lengths "
+          f"{lengths}) | hf-generate {hf_w:7.2f}s / {hf_c:7.2f}s CPU ({B / hf_w:6.2f}/s; {out.shape[1]} tokens) | "
+          f"reference {ref_wall / n_ref:6.2f}s wall / {ref_cpu / n_ref:6.2f}s CPU per image ({n_ref} images)")
+    print(f"       CPU-time ratios: vs reference {(ref_cpu / n_ref) / (ours_c / B):.1f}x, "
+          f"vs hf-generate {hf_c / ours_c:.2f}x")
+    return B / ours_w, (B / ours_w) / (n_ref / ref_wall), hf_w / ours_w
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--ref-images", type=int, default=3, help="images decoded by the per-image reference")
-    p.add_argument("--repeats", type=int, default=2, help="best of N timings for the batched methods")
+    p.add_argument("--repeats", type=int, default=2, help="best of N (interleaved) for ours and hf-generate")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = build(args.device)
     embeds = np.random.default_rng(0).normal(size=(args.batch, 512)).astype(np.float32)
-    with torch.inference_mode():
-        prefix = model.prefix(torch.from_numpy(embeds))  # (B, k, E)
-    T, B = args.new_tokens, args.batch
-    print(f"device={args.device} threads={args.threads} batch={B} new_tokens={T} "
-          f"LM={sum(p.numel() for p in model.lm.parameters()) / 1e6:.0f}M params (GPT-2 small size, random)")
+    print(f"device={args.device} threads={args.threads} batch={args.batch} new_tokens={args.new_tokens} "
+          f"LM={sum(p.numel() for p in model.lm.parameters()) / 1e6:.0f}M params (GPT-2 small size, random), "
+          f"MLP mapping k=10 D=512; wall-clock figures are best of {args.repeats}")
+    from clipcap_core.decoding import generate
+
     generate(model, embeds[:2], tok, "beam", max_length=3, stop_at_eos=False)  # warm-up
-    hf_generate(model, prefix[:2], 3, 5)
-    rows = {}
-    for name, beams in (("greedy", 1), ("beam5", 5)):
-        strategy = "greedy" if beams == 1 else "beam"
-        t_ours, gen = timed(lambda: generate(model, embeds, tok, strategy, beam_size=beams, max_length=T,
-                                             stop_at_eos=False), args.repeats)
-        t_hf, out = timed(lambda: hf_generate(model, prefix, T, beams), args.repeats)
-        n_ref = min(args.ref_images, B)
-        if beams == 1:
-            ref = lambda: [generate2(model, tok, prefix[i: i + 1], entry_length=T, stop_token=tok.eos_token)
-                           for i in range(n_ref)]
-        else:
-            ref = lambda: [generate_beam(model, tok, prefix[i: i + 1], beam_size=5, entry_length=T,
-                                         stop_token=tok.eos_token) for i in range(n_ref)]
-        t_ref, _ = timed(ref)
-        ours_cps, hf_cps, ref_cps = B / t_ours, B / t_hf, n_ref / t_ref
-        lengths = {len(x) for x in gen.token_ids}
-        print(f"{name:6s} ours {t_ours:7.2f}s ({ours_cps:6.2f} captions/s, lengths {sorted(lengths)}) | "
-              f"hf-generate {t_hf:7.2f}s ({hf_cps:6.2f}/s, {out.shape[1]} tokens) | "
-              f"reference {t_ref / n_ref:6.2f}s per image ({ref_cps:6.3f}/s, {n_ref} images)")
-        rows[name] = (ours_cps, ours_cps / ref_cps, ours_cps / hf_cps)
+    hf_generate(model, embeds[:2], 3, 5)
+    rows = {name: compare(model, tok, embeds, beams, args) for name, beams in (("greedy", 1), ("beam5", 5))}
     for name, (cps, r, h) in rows.items():
         print(f"{name}: {cps:.2f} captions/s, vs reference {r:.1f}x, vs hf-generate {h:.2f}x")
 

@@ -346,7 +346,7 @@ def generate(model: torch.nn.Module, clip_embeds: np.ndarray | torch.Tensor, tok
             lm = _stepper(model.lm, cfg)
             prefix = model.prefix(embeds[start: start + step].float())  # (b, k, E)
             tokens, lengths, sums = _STRATEGY_FNS[cfg.strategy](lm, prefix, cfg, stop)
-            for row, length in zip(tokens.tolist(), lengths.tolist()):
+            for row, length in zip(tokens.tolist(), lengths.tolist(), strict=True):
                 row = row[: int(length)]
                 ids.append(row[:-1] if cfg.stop_at_eos and row and row[-1] == tokenizer.eos_token_id else row)
             scores.append((sums / lengths.clamp_min(1).to(sums.dtype)).float().cpu().numpy())

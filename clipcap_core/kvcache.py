@@ -111,7 +111,7 @@ class StaticCacheGPT2:
             if not self.spare:
                 self.spare = [torch.empty_like(x) for x in self.gk + self.gv]
             bufs = self.gk + self.gv
-            for src, dst in zip(bufs, self.spare):
+            for src, dst in zip(bufs, self.spare, strict=True):
                 torch.index_select(src[: self.rows, :, : self.t], 0, rows, out=dst[:n, :, : self.t])
             half = len(self.gk)
             self.gk, self.gv, self.spare = self.spare[:half], self.spare[half:], bufs

@@ -37,7 +37,7 @@ def exact_match(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequence[st
         raise ValueError(f"{len(preds)} predictions but {len(ref_lists)} reference sets")
     if not preds:
         return float("nan")
-    hits = sum(normalize_caption(p) in {normalize_caption(r) for r in rs} for p, rs in zip(preds, ref_lists))
+    hits = sum(normalize_caption(p) in {normalize_caption(r) for r in rs} for p, rs in zip(preds, ref_lists, strict=True))
     return hits / len(preds)
 
 

@@ -171,7 +171,7 @@ def generate_beam(model: nn.Module, tokenizer, embed: torch.Tensor, beam_size: i
         if stopped.all():
             break
     order = (scores / lengths).argsort(descending=True)
-    texts = [tokenizer.decode(row[: int(n)]) for row, n in zip(tokens.tolist(), lengths.tolist())]
+    texts = [tokenizer.decode(row[: int(n)]) for row, n in zip(tokens.tolist(), lengths.tolist(), strict=True)]
     return [texts[i] for i in order.tolist()]
 
 
@@ -266,9 +266,9 @@ def import_reference_checkpoint(ckpt: str, out: str, mapping: MappingConfig, cli
 
 def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     """``torch.load(weights_only=True)`` of a flat state dict at any fsspec URI."""
-    import fsspec
-
     import pickle
+
+    import fsspec
 
     try:
         with fsspec.open(uri, "rb") as f:

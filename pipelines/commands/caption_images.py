@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k is not None:
         options["top_k"] = args.top_k
     gen = captioner.generate(images=args.paths, strategy=args.strategy, **options)
-    for i, (text, score) in enumerate(zip(gen.texts, gen.scores)):
+    for i, (text, score) in enumerate(zip(gen.texts, gen.scores, strict=True)):
         path = args.paths[i // gen.n]
         print(f"{path}\t{text}" + (f"\t{score:.4f}" if args.scores else ""))
     return 0

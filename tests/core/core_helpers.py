@@ -61,7 +61,7 @@ def sharp_model(kind: str = "mlp", freeze: bool = False, seed: int = 0) -> tuple
     return model, tok
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_tiny() -> tuple[ClipCapModel, object]:
     """The tiny MLP preset trained on 1000 synthetic embeddings (~1 CPU-second per epoch)."""
     from clipcap_core.training import TrainConfig, iterate_batches, train_loop

@@ -7,7 +7,6 @@ import io
 
 import numpy as np
 import pytest
-import torch
 
 from clipcap_core import Captioner, synthetic
 from clipcap_core.artifacts import save_model
@@ -32,7 +31,7 @@ def test_caption_embeddings_one_or_n_per_input(artifact):
     truth, x = synthetic_embeddings(20, start=70_000)
     out = cap.caption(embeddings=x)
     assert isinstance(out, list) and all(isinstance(t, str) for t in out)
-    assert sum(o == t for o, t in zip(out, truth)) >= 18  # the trained model is right
+    assert sum(o == t for o, t in zip(out, truth, strict=True)) >= 18  # the trained model is right
     beams = cap.caption(embeddings=x[:3], strategy="beam", beam_size=4, n=3)
     assert len(beams) == 3 and all(len(b) == 3 and len(set(b)) == 3 for b in beams)
     assert [b[0] for b in beams] == out[:3]  # the best beam is the greedy caption on this model

@@ -78,7 +78,7 @@ def test_scores_are_mean_token_log_probs(setup, strategy):
     model, tok, x = setup
     gen = generate(model, x, tok, strategy, max_length=T, n=2 if strategy != "greedy" else 1)
     eos = tok.eos_token_id
-    for i, (ids, score) in enumerate(zip(gen.token_ids, gen.scores)):
+    for i, (ids, score) in enumerate(zip(gen.token_ids, gen.scores, strict=True)):
         full = ids + [eos] if len(ids) < T else ids  # the end-of-text the model emitted counts
         tokens = torch.tensor([full])
         with torch.no_grad():
@@ -105,7 +105,7 @@ def test_stop_token_ends_captions_and_stays_in_the_text(setup):
     free = generate(model, x, tok, "greedy", max_length=T, stop_at_eos=False)
     stopped = generate(model, x, tok, "greedy", max_length=T, stop_token=".", stop_at_eos=False)
     assert any(dot in ids[:-1] for ids in free.token_ids)  # '.' occurs mid-caption without the rule
-    for f, s, text in zip(free.token_ids, stopped.token_ids, stopped.texts):
+    for f, s, text in zip(free.token_ids, stopped.token_ids, stopped.texts, strict=True):
         cut = f.index(dot) + 1 if dot in f else len(f)
         assert s == f[:cut]
         assert text.endswith(".") == (dot in s)

@@ -35,7 +35,7 @@ def test_collate_pads_per_batch_and_ends_every_caption_with_eos():
     assert b.tokens.shape == (3, 8)  # longest caption (7 words) + eos: padded to the batch, not to max_tokens
     lengths = b.mask.sum(1).long().tolist()
     assert lengths == [4, 8, 2]
-    for row, n in zip(b.tokens.tolist(), lengths):
+    for row, n in zip(b.tokens.tolist(), lengths, strict=True):
         assert row[n - 1] == tok.eos_token_id and all(t == tok.pad_token_id for t in row[n:])
     assert collate(tok, caps, np.zeros((3, 4)), max_tokens=3).tokens.shape == (3, 3)
     with pytest.raises(ValueError, match="3 captions but 2"):
