@@ -16,6 +16,7 @@ from clipcap_core.decap import DecapMemory
 from clipcap_core.decoding import generate
 from clipcap_core.model import ClipCapModel
 from clipcap_core.presets import preset_config
+from clipcap_core.uris import upload_dir
 from tests.core.core_helpers import one_thread, sharp_model, synthetic_embeddings, trained_tiny  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,10 +59,14 @@ def test_s3_round_trip(s3_uri):
     _same_outputs(model, loaded.model, tok, loaded.tokenizer)
 
 
-def test_frozen_pretrained_lm_is_referenced_not_saved(tmp_path):
+@pytest.mark.parametrize("where", ["local", "object-store"])
+def test_frozen_pretrained_lm_is_referenced_not_saved(tmp_path, where):
     model, tok = sharp_model("transformer", freeze=True)
     base = tmp_path / "base-lm"
-    model.lm.save_pretrained(base)  # a pretrained LM on disk (stands in for a hub id or an S3 directory)
+    model.lm.save_pretrained(base)  # a pretrained LM (stands in for a hub id)
+    if where == "object-store":
+        base = f"memory://lms/{tmp_path.name}"
+        upload_dir(tmp_path / "base-lm", base)
     cfg = replace(model.config, lm={"name_or_path": str(base), "freeze": True})
     frozen = ClipCapModel(cfg, model.lm)
     frozen.mapping.load_state_dict(model.mapping.state_dict())
