@@ -80,6 +80,9 @@ def ray_job(files: list[str], args: argparse.Namespace, workdir: str) -> dict[st
     result = run_training(job)
     wall = time.perf_counter() - t0
     epochs = [r for r in result.history if r["kind"] == "epoch"]
+    for r in epochs:
+        print(f"  ray epoch {r['epoch']}: {r['samples']} samples in {r['seconds']:.1f} s "
+              f"({r['samples_per_s']:.0f}/s), {r['data_wait_s']:.1f} s waiting for data")
     rows = sum(r.get("samples", 0) for r in epochs) or args.rows * args.epochs
     return {"in_loop": float(np.mean([r["samples_per_s"] for r in epochs])),
             "end_to_end": rows / wall, "wall_s": wall,

@@ -7,7 +7,7 @@
 - ``Split``: which rows a stage sees. The held-out split is a pure function of the key (a salted hash), so
   it is the same on every run, every worker and every new shard; a *replay sample* of older rows is a second
   seeded hash, so nightly replay is reproducible.
-- ``read_split`` (in memory, pyarrow) for small sets (held-out, evaluation); ``stream_split`` (Ray Data) for
+- ``read_split`` (in memory, pyarrow) for small sets (held-out, evaluation); ``stream_tables`` (Ray Data) for
   training, tokenising in the data pipeline (``PrepareBatch``) so the train loop only moves tensors.
 - ``write_synthetic_tables`` writes embedding tables whose embeddings are a seeded random projection of the
   synthetic attributes plus noise: learnable in seconds, used by tests and benchmarks.
@@ -15,9 +15,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import posixpath
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -215,17 +217,41 @@ class PrepareBatch:
         return {"embedding": emb, "tokens": tokens, "mask": mask}
 
 
-def stream_split(files: Sequence[str], split: Split, tokenize: Tokenize, max_tokens: int,
-                 read_parallelism: int | None = None) -> ray.data.Dataset:
-    """A Ray Data stream of ``split`` rows, tokenised in the pipeline (see ``PrepareBatch``)."""
+class ReadPrepare:
+    """Ray Data map function over file items (``uri``, ``split`` as JSON): reads each embedding table one
+    record batch (``rows_per_block`` rows) at a time and yields it filtered and tokenised (``PrepareBatch``),
+    so blocks stream out of a file while it is still being read."""
+
+    def __init__(self, tokenize: Tokenize, max_tokens: int, rows_per_block: int = 4096):
+        self.tokenize, self.max_tokens, self.rows_per_block = tokenize, max_tokens, rows_per_block
+
+    def __call__(self, items: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for uri, split_json in zip(items["uri"], items["split"], strict=True):
+            prep = PrepareBatch(Split(**json.loads(str(split_json))), self.tokenize, self.max_tokens)
+            fs, path = storage.filesystem(str(uri))
+            with fs.open(path, "rb") as f:
+                for rb in pq.ParquetFile(f).iter_batches(batch_size=self.rows_per_block, columns=_TRAIN_COLUMNS):
+                    out = prep(pa.Table.from_batches([rb]))
+                    if len(out["tokens"]):
+                        yield out
+
+
+def stream_tables(parts: Sequence[tuple[str, Split]], tokenize: Tokenize, max_tokens: int,
+                  rows_per_block: int = 4096) -> ray.data.Dataset:
+    """A Ray Data stream over ``parts`` ((table URI, rows of it to keep) in order; a URI may repeat, e.g.
+    once per epoch), tokenised in the pipeline.
+
+    One task per part reads its file with pyarrow (through fsspec, like every other reader here) and yields
+    blocks of ``rows_per_block`` rows as it goes. ``read_parquet`` would bundle small files into one task and
+    emit nothing until it finished, and ``union``-ing one read per epoch held every epoch back until all were
+    read: the first batch came after tens of seconds instead of one."""
     import ray.data
 
-    kwargs: dict[str, Any] = {}
-    if read_parallelism:
-        kwargs["override_num_blocks"] = read_parallelism
-    ds = ray.data.read_parquet(list(files), columns=_TRAIN_COLUMNS, **kwargs)
-    return ds.map_batches(PrepareBatch(split, tokenize, max_tokens), batch_format="pyarrow",
-                          batch_size=None, zero_copy_batch=True)
+    items = [{"uri": u, "split": json.dumps(dataclasses.asdict(sp))} for u, sp in parts]
+    if not items:
+        raise ValueError("nothing to stream: no table parts given")
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ReadPrepare(tokenize, max_tokens, rows_per_block), batch_size=1, batch_format="numpy")
 
 
 # --- synthetic tables (tests, benchmarks) -----------------------------------------------------------------

@@ -3,9 +3,10 @@
     result = run_training(TrainJobConfig(tables=("s3://b/embeddings/cc3m/ViT-B-32-openai",), output="s3://b/runs",
                                          name="cc3m-mlp", model="clipcap-mlp", scale=ScaleConfig(num_workers=4)))
 
-Data: the tables stream through Ray Data (``tables.stream_split``: key-hash held-out split and tokenisation
-in the pipeline, padded to ``max_tokens``); each worker reads its ``get_dataset_shard("train")`` and trims
-every batch to its longest caption (per-batch padding). D comes from the tables' schema/metadata; a model
+Data: the tables stream through Ray Data (``tables.stream_tables``: key-hash held-out split and tokenisation
+in the pipeline, padded to ``max_caption_tokens``), one stream over all epochs (file order reshuffled per
+epoch); each worker reads its ``get_dataset_shard("train")``, with the first batch requested while the model
+is still being built, and trims every batch to its longest caption (per-batch padding). D comes from the tables' schema/metadata; a model
 whose ``clip_dim`` differs is an error raised on the driver before any worker starts.
 
 Output layout, ``<output>/<name>/``: Ray's checkpoints (``checkpoint_*``, every ``checkpoint_every`` steps
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import posixpath
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,18 +149,19 @@ def stored_checkpoint_steps(run_dir: str) -> list[int]:
 
 
 def _datasets(cfg: TrainJobConfig, plan: dict[str, Any]) -> dict[str, Any]:
-    """The training stream: new tables' train split (+ a seeded replay sample of older tables), tokenised in
-    the pipeline, repeated for every remaining epoch (block order reshuffled per epoch)."""
+    """The training stream: every remaining epoch of the new tables' train split (+ a seeded replay sample of
+    older tables), file order reshuffled per epoch (seeded), tokenised in the pipeline."""
     tokenize = BatchTokenizer(load_tokenizer_for(cfg.model, plan["model_config"]), cfg.train.max_caption_tokens)
-    ds = tables.stream_split(plan["files"], cfg.split(), tokenize, cfg.train.max_caption_tokens)
+    parts = [(f, cfg.split()) for f in plan["files"]]
     if plan["replay"] and cfg.replay_fraction > 0:
-        split = cfg.split(sample_fraction=cfg.replay_fraction, sample_seed=cfg.replay_seed)
-        ds = ds.union(tables.stream_split(plan["replay"], split, tokenize, cfg.train.max_caption_tokens))
-    if cfg.run.cache_data:  # read + tokenise once; the epochs re-read the object store
-        ds = ds.materialize()
-    epochs = range(plan["stream_start_epoch"], cfg.train.epochs)
-    copies = [ds.randomize_block_order(seed=cfg.train.seed * 1000 + e) for e in epochs] or [ds]
-    return {"train": copies[0].union(*copies[1:]) if len(copies) > 1 else copies[0]}
+        replay = cfg.split(sample_fraction=cfg.replay_fraction, sample_seed=cfg.replay_seed)
+        parts += [(f, replay) for f in plan["replay"]]
+    stream = []
+    for epoch in range(plan["stream_start_epoch"], cfg.train.epochs):
+        order = list(parts)
+        random.Random(cfg.train.seed * 1000 + epoch).shuffle(order)
+        stream += order
+    return {"train": tables.stream_tables(stream or parts, tokenize, cfg.train.max_caption_tokens)}
 
 
 def run_training(cfg: TrainJobConfig) -> TrainResult:

@@ -32,8 +32,7 @@ class RunOptions:
     log_every: int = 50  # steps between progress lines / history rows
     eval_max_samples: int = 256  # held-out rows evaluated at the end of each epoch (rank 0)
     prefetch_batches: int = 4
-    shuffle_buffer: int = 0  # rows; 0: stream order
-    cache_data: bool = False  # materialise the tokenised training set in the object store once (small sets)
+    shuffle_buffer: int = 0  # rows; 0: stream order (files are reshuffled every epoch)
 
     def __post_init__(self) -> None:
         for name in ("checkpoint_every", "keep_checkpoints", "log_every"):
@@ -123,27 +122,60 @@ def load_tokenizer_for(model: str, model_cfg: Any) -> Any:
 class BatchTokenizer:
     """captions -> (tokens (B,T) int64, mask (B,T) float32), exactly as ``training.collate`` builds them
     (each caption's ids + end-of-text, at most ``max_tokens``, right-padded with the pad token), but with one
-    batched (Rust) tokenizer call per block instead of one call per caption."""
+    batched call per block into the Rust tokenizer. Pickles as the Rust tokenizer alone, so the Ray Data tasks
+    that run it never import transformers (seconds per fresh worker process)."""
 
     def __init__(self, tokenizer: Any, max_tokens: int):
-        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+        self.max_tokens = max_tokens
+        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend = backend if backend is not None and hasattr(backend, "encode_batch_fast") else None
+        self.tokenizer = None if self.backend is not None else tokenizer  # slow tokenizers: the HF call
 
     def __call__(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None and hasattr(backend, "encode_batch_fast"):  # Rust, no offsets: ~2x the HF call
-            ids = [e.ids for e in backend.encode_batch_fast(list(captions), add_special_tokens=False)]
+        if self.backend is not None:  # no offsets, no BatchEncoding: ~2x the HF call
+            ids = [e.ids for e in self.backend.encode_batch_fast(list(captions), add_special_tokens=False)]
         else:
             ids = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
         T = min(self.max_tokens, max((len(x) for x in ids), default=0) + 1)
-        tokens = np.full((len(ids), T), pad, dtype=np.int64)
+        tokens = np.full((len(ids), T), self.pad, dtype=np.int64)
         mask = np.zeros((len(ids), T), dtype=np.float32)
         for i, row in enumerate(ids):
             n = min(len(row), self.max_tokens - 1)
             tokens[i, :n] = row[:n]
-            tokens[i, n] = eos  # every caption ends with end-of-text, a target too (generation learns to stop)
+            tokens[i, n] = self.eos  # every caption ends with end-of-text, a target too (generation learns to stop)
             mask[i, : n + 1] = 1.0
         return tokens, mask
+
+
+class Primed:
+    """Iterate ``iterable`` with its first item requested at once, in a background thread: the data stream
+    starts (its tasks, workers, first blocks) while the model is being built and the checkpoint restored."""
+
+    _END = object()
+
+    def __init__(self, iterable: Any):
+        import threading
+
+        self._it, self._first, self._error = iter(iterable), self._END, None
+        self._thread = threading.Thread(target=self._fetch, name="clipcap-first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = next(self._it)
+        except StopIteration:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
+            self._error = exc
+
+    def __iter__(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._first is not self._END:
+            yield self._first
+            yield from self._it
 
 
 # --- evaluation (rank 0 each epoch; also used on saved artifacts) ----------------------------------------------
@@ -323,24 +355,26 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train.torch
     import torch
 
-    from clipcap_core.training import make_scaler, train_step
+    from clipcap_core.training import TrainConfig, make_scaler, train_step
 
     job, plan = config["job"], config["plan"]
     opts = from_dict(RunOptions, job["run"])
+    hp = from_dict(TrainConfig, job["train"])
+    done = plan["stream_start_epoch"] >= hp.epochs
+    batches = None if done else Primed(ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=hp.batch_size, device=ray.train.torch.get_device(), prefetch_batches=opts.prefetch_batches,
+        local_shuffle_buffer_size=opts.shuffle_buffer or None,
+        dtypes={"embedding": torch.float32, "tokens": torch.int64, "mask": torch.float32}))
     run, device = _setup(config)
-    state, hp, ends = run.state, run.hp, plan["epoch_ends"]
+    state, ends = run.state, plan["epoch_ends"]
     net = ray.train.torch.prepare_model(run.model, move_to_device=False) if run.world > 1 else run.model
     scaler = make_scaler(hp, device)
-    shard = ray.train.get_dataset_shard("train")
-    if state["epoch"] < hp.epochs:
+    if state["epoch"] < hp.epochs and batches is not None:
         skip = state["step"] - plan["stream_first_step"]
         if skip < 0:
             raise RuntimeError(f"restored step {state['step']} precedes the data stream (epoch "
                                f"{plan['stream_start_epoch']}); rerun the job to rebuild the stream")
-        batches = shard.iter_torch_batches(
-            batch_size=hp.batch_size, device=device, prefetch_batches=opts.prefetch_batches,
-            local_shuffle_buffer_size=opts.shuffle_buffer or None,
-            dtypes={"embedding": torch.float32, "tokens": torch.int64, "mask": torch.float32})
+        run.start_epoch()
         t_ready = time.perf_counter()
         for i, batch in enumerate(batches):
             run.wait += time.perf_counter() - t_ready  # blocked on the data pipeline (input-bound if large)

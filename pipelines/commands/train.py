@@ -26,7 +26,7 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "workers": ("scale", "num_workers"), "gpu": ("scale", "use_gpu"), "cpus_per_worker": ("scale", "cpus_per_worker"),
     "torch_threads": ("scale", "torch_threads"),
     "checkpoint_every": ("run", "checkpoint_every"), "max_failures": ("run", "max_failures"),
-    "log_every": ("run", "log_every"), "cache_data": ("run", "cache_data"),
+    "log_every": ("run", "log_every"),
 }
 _MODEL_FLAGS = {"mapping": "mapping.kind", "prefix_length": "mapping.prefix_length", "freeze_lm": "lm.freeze"}
 
@@ -50,7 +50,6 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and every epoch)")
     p.add_argument("--max-failures", type=int, help="worker-group restarts from the latest checkpoint")
     p.add_argument("--log-every", type=int)
-    p.add_argument("--cache-data", action="store_true", default=None, help="materialise small training sets")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
 
 

@@ -116,15 +116,23 @@ def test_prepare_batch_filters_tokenises_and_pads(synth_root):
 
 
 @pytest.mark.integration
-def test_stream_split_over_s3_on_ray(ray_cluster, s3_uri):
+def test_stream_tables_over_s3_on_ray(ray_cluster, s3_uri):
     files = tables.write_synthetic_tables(s3_uri, 120, shards=2, dim=8)
 
     def tokenize(caps):
         tok = np.array([[len(w) for w in c.split()] for c in caps])
         return tok, np.ones_like(tok, dtype=np.float32)
 
-    split = tables.Split(part="train", heldout_fraction=0.5)
-    ds = tables.stream_split(files, split, tokenize, max_tokens=9)
+    train, replay = tables.Split(part="train", heldout_fraction=0.5), tables.Split(sample_fraction=0.3)
+    # Two "epochs" of file 0 (train split) and one of file 1 (a replay sample), in blocks of 16 rows.
+    parts = [(files[0], train), (files[1], replay), (files[0], train)]
+    ds = tables.stream_tables(parts, tokenize, max_tokens=9, rows_per_block=16)
     rows = ds.take_all()
-    assert len(rows) == tables.count_split(files, split)
+    expected = 2 * tables.count_split(files[:1], train) + tables.count_split(files[1:], replay)
+    assert len(rows) == expected and 0 < tables.count_split(files[1:], replay) < 30
     assert rows[0]["tokens"].shape == (9,) and rows[0]["embedding"].shape == (8,)
+    # Exactly those rows, each tokenised once per appearance (tokens here = word lengths, padded to 9).
+    captions = (tables.read_split(files[:1], train).column("caption").to_pylist() * 2
+                + tables.read_split(files[1:], replay).column("caption").to_pylist())
+    want = sorted(tuple(len(w) for w in c.split()) + (0, 0) for c in captions)
+    assert sorted(tuple(int(t) for t in r["tokens"]) for r in rows) == want

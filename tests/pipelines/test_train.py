@@ -170,7 +170,7 @@ def test_two_workers_learn_and_survive_a_killed_worker(ray_cluster, tmp_path):
     files = tables.write_synthetic_tables(str(tmp_path / "data"), 1200, shards=2, dim=32)
     job = train.TrainJobConfig(
         tables=(str(tmp_path / "data/embeddings"),), output=str(tmp_path / "runs"), name="learn", train=FAST,
-        run=train.RunOptions(checkpoint_every=5, log_every=5, max_failures=1, cache_data=True, keep_checkpoints=2),
+        run=train.RunOptions(checkpoint_every=5, log_every=5, max_failures=1, keep_checkpoints=2),
         scale=train.ScaleConfig(num_workers=2, cpus_per_worker=0.5),
         fault=train.FaultConfig(crash_at_step=13, rank=1, marker=str(tmp_path / "crashed.json")))
     plan = train._plan(job)
@@ -201,7 +201,7 @@ def test_rerun_with_the_same_name_resumes_on_s3(ray_cluster, s3_uri):
     job = train.TrainJobConfig(
         tables=tuple(files), output=storage.join(s3_uri, "runs"), name="again",
         train=TrainConfig(epochs=2, batch_size=32, lr=1e-2, warmup_steps=5, max_caption_tokens=16),
-        run=train.RunOptions(checkpoint_every=4, log_every=2, max_failures=0, cache_data=True),
+        run=train.RunOptions(checkpoint_every=4, log_every=2, max_failures=0),
         scale=train.ScaleConfig(num_workers=1, cpus_per_worker=0.5),
         fault=train.FaultConfig(crash_at_step=9, marker=storage.join(s3_uri, "crashed.json")))
     with pytest.raises(Exception, match="(?i)fail|died|error"):
