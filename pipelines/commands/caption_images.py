@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
 
     captioner = Captioner.from_pretrained(args.model, device=args.device, precision=args.precision)
     options: dict[str, Any] = {"beam_size": args.beam_size, "max_length": args.max_length, "n": args.n,
-                               "stop_token": args.stop_token, "seed": args.seed}
+                               "stop_token": args.stop_token, "seed": args.seed, "stop_at_eos": not args.ignore_eos}
     if args.temperature is not None:
         options["temperature"] = args.temperature
     if args.top_p is not None:
@@ -42,6 +42,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--max-length", type=int, default=30, help="new tokens at most")
     p.add_argument("-n", type=int, default=1, help="captions per image (beam / sample)")
     p.add_argument("--stop-token", help='also stop at this token, e.g. "." for the authors\' checkpoints')
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at end-of-text (with --stop-token .: exactly the authors' generate2)")
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)

@@ -7,7 +7,8 @@
 
 The checkpoint is read with ``torch.load(weights_only=True)`` (no pickled code runs). Its ``gpt.*`` weights are
 used when present (then ``--lm`` may be a directory holding only the LM config) and saved in the artifact
-unless identical to ``--lm``'s weights. Decode like the authors with ``--stop-token .``.
+unless identical to ``--lm``'s weights. Decode like the authors with ``--stop-token .`` (their models never
+learned end-of-text; ``--ignore-eos`` makes it exact even if one shows up) and ``--strategy reference-beam``.
 """
 
 from __future__ import annotations
