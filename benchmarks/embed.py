@@ -9,7 +9,9 @@ For each model it prints
 - steady-state images/s: rows reaching the driver after the first ``--warmup-batches`` batches, per second
   (rows stream back in blocks of one or two batches);
 - pure-forward images/s: ``encode_pixels`` of the same model, same torch threads and batch size, on the same
-  images already decoded and resized, in this process, no Ray (after one warm-up batch);
+  images already decoded and resized, in this process, no Ray (after one warm-up batch); measured on
+  ``--pure-images`` images right before and right after the pipeline run, mean of the two (a shared machine's
+  load drifts; both are printed, with the 1-minute load average around the run);
 - steady-state / pure-forward.
 Input: 1024 synthetic 256x256 JPEGs in img2dataset's webdataset layout (``{key}.jpg/.txt/.json``, 4 shards),
 written before the clock starts. Random weights have the FLOPs of the real ones (no model hub here).
@@ -54,43 +56,57 @@ def steady_rate(timeline: list[tuple[float, int]], warmup_rows: int) -> float:
     return (r1 - r0) / (t1 - t0) if t1 > t0 else float("nan")
 
 
-def pure_forward(model: str, shards: Path, n: int, batch: int, threads: int) -> float:
+def load_pixels(model: str, n: int):  # -> (encoder, uint8 (n, H, W, 3))
     import numpy as np
-    import torch
 
     from clipcap_core import synthetic
     from clipcap_core.encoders import EncoderConfig, load_encoder
     from pipelines import imaging
 
-    torch.set_num_threads(threads)
     enc = load_encoder(EncoderConfig(model_name=model))
     pixels = []
-    for s in synthetic.generate(n, seed=0, size=256):  # the same JPEG bytes the pipeline decoded
+    for s in synthetic.generate(n, seed=0, size=256):  # the same JPEG bytes the pipeline decodes
         buf = io.BytesIO()
         s.image.save(buf, format="JPEG", quality=90)
         pixels.append(enc.resize(imaging.decode_image(buf.getvalue())))
-    x = np.stack(pixels)
-    enc.encode_pixels(x[:batch])  # warm-up
+    return enc, np.stack(pixels)
+
+
+def pure_forward(enc, x, batch: int, threads: int) -> float:
+    """images/s of ``enc.encode_pixels`` over ``x`` in batches (after one warm-up batch)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    enc.encode_pixels(x[:batch])
     t = time.perf_counter()
-    for i in range(0, n, batch):
+    for i in range(0, len(x), batch):
         enc.encode_pixels(x[i:i + batch])
-    return n / (time.perf_counter() - t)
+    return len(x) / (time.perf_counter() - t)
 
 
 def bench_model(model: str, shards: Path, out: Path, args: argparse.Namespace) -> dict:
     from clipcap_core.encoders import EncoderConfig
     from pipelines.embed import EmbedConfig, EmbedResources, run_embed
 
+    enc, x = load_pixels(model, min(args.images, args.pure_images))
+    # The machine may be shared: the pure forward runs right before and right after the pipeline, on the
+    # same images, and the mean is the reference (both are reported).
+    pure_before = pure_forward(enc, x, args.batch_size, args.torch_threads)
+    load_before = os.getloadavg()[0]
     cfg = EmbedConfig(input=str(shards), output_root=str(out), dataset="bench", encoder=EncoderConfig(model_name=model),
                       resources=EmbedResources(batch_size=args.batch_size, torch_threads=args.torch_threads,
                                                num_actors=1, cpus_per_actor=1, decode_cpus=1))
     result = run_embed(cfg)
     assert result.rows == args.images, result
+    load_after = os.getloadavg()[0]
+    pure_after = pure_forward(enc, x, args.batch_size, args.torch_threads)
     steady = steady_rate(result.timeline, args.warmup_batches * args.batch_size)
-    pure = pure_forward(model, shards, args.images, args.batch_size, args.torch_threads)
+    pure = (pure_before + pure_after) / 2
     return {"model": model, "images": result.rows, "wall_s": round(result.wall_s, 2),
             "wall_img_s": round(result.rows / result.wall_s, 2), "steady_img_s": round(steady, 2),
             "pure_forward_img_s": round(pure, 2), "steady_over_pure": round(steady / pure, 3),
+            "pure_before_after": [round(pure_before, 2), round(pure_after, 2)],
+            "loadavg_1m_before_after": [round(load_before, 1), round(load_after, 1)],
             "batch_size": args.batch_size, "torch_threads": args.torch_threads}
 
 
@@ -104,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
                    help="torch threads in the encoder actor and in the pure-forward loop (default: all cores)")
     p.add_argument("--warmup-batches", type=int, default=2)
+    p.add_argument("--pure-images", type=int, default=256, help="images per pure-forward pass (before + after)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
 
@@ -120,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [bench_model(m, shards, out, args) for m in args.models.split(",")]
         ray.shutdown()
     print(f"\nembed benchmark: {args.images} images, {os.cpu_count()} CPU cores, ray.init {ray_init_s:.1f}s (not in wall)")
-    cols = ["model", "wall_s", "wall_img_s", "steady_img_s", "pure_forward_img_s", "steady_over_pure"]
+    cols = ["model", "wall_s", "wall_img_s", "steady_img_s", "pure_forward_img_s", "steady_over_pure",
+            "pure_before_after", "loadavg_1m_before_after"]
     print(" | ".join(f"{c:>18}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r[c]!s:>18}" for c in cols))
