@@ -30,7 +30,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage, tables
-from pipelines.train import RunOptions, ScaleConfig, TrainConfig, TrainJobConfig, evaluate_artifact, run_training
+from pipelines.train import (
+    RunOptions,
+    ScaleConfig,
+    TrainConfig,
+    TrainJobConfig,
+    evaluate_artifact,
+    run_training,
+)
 
 log = logging.getLogger(__name__)
 
