@@ -18,6 +18,7 @@ generic ``decoding.CachedLM``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def supports(lm: torch.nn.Module) -> bool:
@@ -37,11 +38,12 @@ class StaticCacheGPT2:
         self.max_new = max_new_tokens
         self.pk: list[torch.Tensor] = []  # per layer (b, H, k, Dh): prefix keys of each image
         self.pv: list[torch.Tensor] = []
-        self.gk: list[torch.Tensor] = []  # per layer (R, H, max_new, Dh): generated keys of each row
+        self.gk: list[torch.Tensor] = []  # per layer (R, H, off + max_new, Dh): keys of each row
         self.gv: list[torch.Tensor] = []
-        self.spare: list[torch.Tensor] = []  # second set of generated buffers for reordering
+        self.spare: list[torch.Tensor] = []  # second set of row buffers for reordering
         self.group = 1
         self.rows = self.t = 0
+        self.off = 0  # k when each row holds its own prefix copy (one row per image), else 0
 
     def prefill(self, prefix: torch.Tensor) -> torch.Tensor:  # (B, k, E) -> logits (B, V)
         out = self.body(inputs_embeds=prefix, use_cache=True)
@@ -56,30 +58,40 @@ class StaticCacheGPT2:
         self.rows *= n
 
     def _alloc(self) -> None:
+        """Row buffers. One row per image (greedy): the prefix goes in too and attention is one SDPA call;
+        several rows per image (beams, samples): prefix kept apart, shared (``_attend_shared``)."""
         k = self.pk[0]
-        shape = (self.rows, k.shape[1], self.max_new, k.shape[3])
+        self.off = k.shape[2] if self.group == 1 else 0
+        shape = (self.rows, k.shape[1], self.off + self.max_new, k.shape[3])
         self.gk = [k.new_empty(shape) for _ in self.pk]
         self.gv = [k.new_empty(shape) for _ in self.pk]
+        if self.off:
+            for buf, pre in zip(self.gk + self.gv, self.pk + self.pv, strict=True):
+                buf[:, :, : self.off] = pre
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:  # (R,) -> logits (R, V)
         if not self.gk:
             self._alloc()
-        R, t, g = tokens.shape[0], self.t, self.group
+        R, t, g, off = tokens.shape[0], self.t, self.group, self.off
         pos = self.pk[0].shape[2] + t  # position of the new token
         x = (self.wte(tokens) + self.wpe(torch.full((1,), pos, dtype=torch.long, device=tokens.device)))[:, None]
         E = x.shape[-1]
         H, Dh = self.heads, E // self.heads
         for i, blk in enumerate(self.blocks):
             q, k, v = blk.attn.c_attn(blk.ln_1(x)).split(E, dim=2)  # 3 x (R, 1, E)
-            self.gk[i][:R, :, t] = k.view(R, H, Dh)
-            self.gv[i][:R, :, t] = v.view(R, H, Dh)
-            att = self._attend(q.view(R, H, Dh), i, R, g, blk.attn.scaling)  # (R, H, Dh)
+            self.gk[i][:R, :, off + t] = k.view(R, H, Dh)
+            self.gv[i][:R, :, off + t] = v.view(R, H, Dh)
+            if off:
+                att = F.scaled_dot_product_attention(q.view(R, H, 1, Dh), self.gk[i][:R, :, : off + t + 1],
+                                                     self.gv[i][:R, :, : off + t + 1], scale=blk.attn.scaling)
+            else:
+                att = self._attend_shared(q.view(R, H, Dh), i, R, g, blk.attn.scaling)  # (R, H, Dh)
             x = x + blk.attn.c_proj(att.reshape(R, 1, E))
             x = x + blk.mlp(blk.ln_2(x))
         self.t = t + 1
         return self.head(self.ln_f(x[:, 0]))
 
-    def _attend(self, q: torch.Tensor, i: int, R: int, g: int, scale: float) -> torch.Tensor:
+    def _attend_shared(self, q: torch.Tensor, i: int, R: int, g: int, scale: float) -> torch.Tensor:
         """One query per row over [its image's prefix, its own generated tokens]; q (R, H, Dh)."""
         b, H, Dh = R // g, q.shape[1], q.shape[2]
         pk, pv = self.pk[i], self.pv[i]  # (b, H, k, Dh)
@@ -97,7 +109,9 @@ class StaticCacheGPT2:
         """Keep / reorder rows (``rows``: old row of each new row)."""
         g, n = self.group, rows.numel()
         blocks = rows.view(-1, g) // g if n % g == 0 else None
-        if blocks is not None and bool((blocks == blocks[:, :1]).all()):  # whole images stay grouped
+        if self.gk and self.off:
+            pass  # each row holds its own prefix copy: the row gather below covers it
+        elif blocks is not None and bool((blocks == blocks[:, :1]).all()):  # whole images stay grouped
             images = blocks[:, 0]
             if images.numel() != self.pk[0].shape[0] or not bool(
                     (images == torch.arange(images.numel(), device=images.device)).all()):
@@ -107,12 +121,13 @@ class StaticCacheGPT2:
             self.pk = [x.index_select(0, rows // g) for x in self.pk]
             self.pv = [x.index_select(0, rows // g) for x in self.pv]
             self.group = 1
-        if self.gk and self.t:
+        filled = self.off + self.t
+        if self.gk and filled:
             if not self.spare:
                 self.spare = [torch.empty_like(x) for x in self.gk + self.gv]
             bufs = self.gk + self.gv
             for src, dst in zip(bufs, self.spare, strict=True):
-                torch.index_select(src[: self.rows, :, : self.t], 0, rows, out=dst[:n, :, : self.t])
+                torch.index_select(src[: self.rows, :, :filled], 0, rows, out=dst[:n, :, :filled])
             half = len(self.gk)
             self.gk, self.gv, self.spare = self.spare[:half], self.spare[half:], bufs
         self.rows = n
