@@ -72,6 +72,25 @@ def step_embed(cfg: DemoConfig, result: DemoResult) -> None:
 STEPS: list[Step] = [step_embed]
 
 
+def step_train(cfg: DemoConfig, result: DemoResult) -> None:
+    """The tiny preset trained on the embedded synthetic set with Ray Train (pipelines.train.demo_train);
+    reports held-out accuracy and hands the model artifact to the captioning step."""
+    import ray
+
+    from pipelines.train import demo_train
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address(cfg), log_to_driver=False)
+    assert result.embeddings_uri is not None
+    report = demo_train(result.embeddings_uri, result.root, seed=cfg.seed)
+    result.paths["model"] = report.pop("artifact")
+    result.summaries["train"] = {k: v for k, v in report.items() if k != "lines"}
+    result.lines.extend(report["lines"])
+
+
+STEPS.append(step_train)
+
+
 def step_caption(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
     """Held-out synthetic images (indices past the demo's set: never embedded nor trained on) -> a tar archive
     -> bulk captioning (pipelines.caption) with the demo's model -> caption table; prints a few captions."""

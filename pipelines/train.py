@@ -20,11 +20,14 @@ optimizer, scheduler, step, position in the epoch and the history, so no step co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import posixpath
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,7 +193,8 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
         datasets=_datasets(cfg, plan),
     )
-    result = trainer.fit()
+    with _env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=str(cfg.run.poll_interval_s)):  # read by the controller actor
+        result = trainer.fit()
     if result.error:
         raise result.error
     out = result.return_value or {}
@@ -198,6 +202,22 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
     write_history(history, cfg.run_dir)
     return TrainResult(artifact=out["artifact"], run_dir=cfg.run_dir, history=history,
                        metrics=out.get("metrics", {}))
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of the block (Ray Train copies a list of them, this one
+    included, from the driver into its controller actor when ``fit`` starts)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # --- metrics history ------------------------------------------------------------------------------------
@@ -262,3 +282,59 @@ def evaluate_artifact(uri: str, heldout: pa.Table, *, device: str = "cpu", max_t
     metrics = evaluate_model(loaded.model, loaded.tokenizer, heldout, max_tokens=max_tokens, batch_size=batch_size)
     log.info("evaluated %s on %d rows in %.1fs: %s", uri, heldout.num_rows, time.perf_counter() - t0, metrics)
     return metrics
+
+
+# --- the training step of `clipcap demo` -----------------------------------------------------------------------
+def attribute_accuracy(predictions: list[str], references: list[str]) -> dict[str, dict[str, float]]:
+    """Synthetic captions: exact match and per-attribute accuracy (count, size, colour, shape, position), with
+    the chance level of each (a caption that does not parse scores 0 on every attribute)."""
+    from clipcap_core import synthetic as syn
+
+    pred = [syn.parse_caption(p) for p in predictions]
+    ref = [syn.parse_caption(r) for r in references]
+    values = {"count": (1, 2, 3), "size": syn.SIZES, "color": tuple(syn.COLORS), "shape": syn.SHAPES,
+              "position": syn.POSITIONS}
+    n = max(len(ref), 1)
+    acc = {k: sum(p is not None and getattr(p, k) == getattr(r, k) for p, r in zip(pred, ref, strict=True)) / n
+           for k in values}
+    exact = sum(p is not None and p == r for p, r in zip(pred, ref, strict=True)) / n
+    chance = {k: 1.0 / len(v) for k, v in values.items()}
+    chance_exact = math.prod(chance.values())
+    return {"accuracy": {"exact": exact, **acc}, "chance": {"exact": chance_exact, **chance}}
+
+
+def demo_train(embeddings_uri: str, root: str, *, seed: int = 0, epochs: int = 30) -> dict[str, Any]:
+    """Train the ``tiny`` preset on the demo's embedding table with Ray Train (1 worker), then caption the
+    key-hash held-out rows with the saved artifact and report exact-match and per-attribute accuracy."""
+    from clipcap_core.artifacts import load_model
+    from clipcap_core.decoding import generate
+
+    files = tables.list_table_files(embeddings_uri)
+    info = tables.inspect_tables(files)
+    job = TrainJobConfig(
+        tables=(embeddings_uri,), output=storage.join(root, "runs"), name=f"demo-{info.clip_model}-{info.num_rows}-s{seed}",
+        model="tiny", model_overrides={"mapping.normalize_prefix": True}, heldout_fraction=0.2,
+        train=TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, warmup_steps=20, max_caption_tokens=16, seed=seed),
+        run=RunOptions(checkpoint_every=10**6, log_every=100, eval_max_samples=256, eval_every=10))
+    t0 = time.perf_counter()
+    result = run_training(job)
+    seconds = time.perf_counter() - t0
+    held = tables.read_split(files, job.split("heldout"))
+    loaded = load_model(result.artifact)
+    texts = generate(loaded.model, tables.embeddings_numpy(held), loaded.tokenizer, "greedy", max_length=16).texts
+    scores = attribute_accuracy(texts, held.column("caption").to_pylist())
+    acc, chance = scores["accuracy"], scores["chance"]
+    per_attr = ", ".join(f"{k} {100 * acc[k]:.0f}% ({100 * chance[k]:.0f}%)" for k in acc if k != "exact")
+    n_train = info.num_rows - held.num_rows
+    lines = [
+        f"train: tiny preset (MLP mapping, k=4), 1 Ray Train worker, {epochs} epochs on {n_train} rows in "
+        f"{seconds:.0f} s -> {result.artifact}",
+        f"held-out accuracy ({held.num_rows} rows held out by key hash; chance in brackets): exact caption "
+        f"{100 * acc['exact']:.1f}% ({100 * chance['exact']:.2f}%); {per_attr}",
+        "  (the tiny preset's CLIP has random weights and the demo set is small: colour and size come through, "
+        "shape and position less; on embeddings that carry every attribute the same model gets most held-out "
+        "captions exactly right, see tests/pipelines/test_train.py)",
+    ]
+    return {"artifact": result.artifact, "run_dir": result.run_dir, "heldout_rows": held.num_rows,
+            "train_rows": n_train, "seconds": seconds, **scores, "examples": list(zip(texts[:3],
+            held.column("caption").to_pylist()[:3], strict=True)), "lines": lines}

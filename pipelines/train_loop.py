@@ -31,11 +31,15 @@ class RunOptions:
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
     log_every: int = 50  # steps between progress lines / history rows
     eval_max_samples: int = 256  # held-out rows evaluated at the end of each epoch (rank 0)
+    eval_every: int = 1  # epochs between held-out evaluations (the last epoch is always evaluated)
     prefetch_batches: int = 4
     shuffle_buffer: int = 0  # rows; 0: stream order (files are reshuffled every epoch)
+    # How often Ray Train's controller polls the workers (Ray's default: 2 s). A report waits for the poll that
+    # takes the previous one, so with 2 s every report costs up to 2 s, and a crash loses reports not yet taken.
+    poll_interval_s: float = 0.25
 
     def __post_init__(self) -> None:
-        for name in ("checkpoint_every", "keep_checkpoints", "log_every"):
+        for name in ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -252,7 +256,7 @@ class _Run:
         self.model, self.tokenizer, self.optimizer, self.scheduler, self.state = (
             model, tokenizer, optimizer, scheduler, state)
         self.rank, self.world, self.hp, self.heldout = ctx["rank"], ctx["world"], ctx["hp"], ctx["heldout"]
-        self.total_steps = ctx["total_steps"]
+        self.total_steps, self.eval_every = ctx["total_steps"], ctx["eval_every"]
         self.metrics: dict[str, float] = {}
         self.window: list[float] = []
         self.start_epoch()
@@ -291,19 +295,21 @@ class _Run:
         """Held-out metrics (rank 0), a history row, a checkpoint; every worker reports at the same step."""
         st = self.state
         elapsed = time.perf_counter() - self.t_epoch
-        if self.heldout is not None and self.heldout.num_rows:
-            self.metrics = evaluate_model(self.model, self.tokenizer, self.heldout,
-                                          max_tokens=self.hp.max_caption_tokens)
         st["epoch"] += 1
+        due = st["epoch"] % self.eval_every == 0 or st["epoch"] == self.hp.epochs
+        fresh: dict[str, float] = {}
+        if due and self.heldout is not None and self.heldout.num_rows:
+            fresh = self.metrics = evaluate_model(self.model, self.tokenizer, self.heldout,
+                                                  max_tokens=self.hp.max_caption_tokens)
         if self.rank == 0:
             row = {"kind": "epoch", "step": st["step"], "epoch": st["epoch"], "attempt": st["attempt"],
                    "train_loss": float(np.mean(self.losses)) if self.losses else float("nan"),
                    "samples_per_s": self.seen * self.world / max(elapsed, 1e-9), "samples": self.seen * self.world,
-                   "seconds": elapsed, "data_wait_s": self.wait, **self.metrics}
+                   "seconds": elapsed, "data_wait_s": self.wait, **fresh}
             st["history"].append(row)
             print(f"[clipcap train] epoch {st['epoch']}/{self.hp.epochs} done: " + " ".join(
                 f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
-        self.report({"step": st["step"], "epoch": st["epoch"], **self.metrics}, checkpoint=True)
+        self.report({"step": st["step"], "epoch": st["epoch"], **fresh}, checkpoint=True)
         self.start_epoch()
 
 
@@ -339,9 +345,10 @@ def _setup(config: dict[str, Any]) -> tuple[Any, ...]:
     heldout = None
     if rank == 0 and job["heldout_fraction"] > 0:
         split = tables.Split(part="heldout", heldout_fraction=job["heldout_fraction"], salt=job["split_salt"])
-        heldout = tables.read_split(plan["files"], split, max_rows=from_dict(RunOptions, job["run"]).eval_max_samples)
-    run = _Run(model, tokenizer, optimizer, scheduler, state,
-               {"rank": rank, "world": world, "hp": hp, "heldout": heldout, "total_steps": plan["total_steps"]})
+        heldout = tables.read_split(plan["files"], split, max_rows=job["run"]["eval_max_samples"])
+    opts = from_dict(RunOptions, job["run"])
+    run = _Run(model, tokenizer, optimizer, scheduler, state, {"rank": rank, "world": world, "hp": hp,
+               "heldout": heldout, "total_steps": plan["total_steps"], "eval_every": opts.eval_every})
     return run, device
 
 
