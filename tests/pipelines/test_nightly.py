@@ -151,12 +151,20 @@ def test_nights_promote_noop_promote_refuse(ray_cluster, s3_uri):
     p3 = nightly.read_pointer(state)
     assert p3["version"] == 2 and p3["previous"]["model"] == p1["model"] and p3["reason"] == r3.reason
 
-    # Night 4: a sabotaged candidate (absurd learning rate) is refused; the pointer stays.
+    # Night 4, through the CLI: a sabotaged candidate (absurd learning rate) is refused (exit code 3); the
+    # pointer stays.
+    from pipelines.cli import main
+
     add_shards(300, 1500, 3)
-    r4 = nightly.run_nightly(_night(s3_uri, lr=20.0, warmup_steps=0))
-    assert r4.decision == "refused" and ("worse by" in r4.reason or "not finite" in r4.reason)
+    night = _night(s3_uri)
+    argv = ["nightly", "--tables", *night.tables, "--state", night.state, "--initial-model", "tiny",
+            "--epochs", "1", "--batch-size", "32", "--lr", "20", "--warmup-steps", "0", "--max-caption-tokens", "16",
+            "--max-failures", "0", "--workers", "1", "--cpus-per-worker", "0.5", "--heldout-fraction", "0.15",
+            "--heldout-max", "150", "--metric", "cider", "--tolerance", "0.05"]
+    assert main(argv) == 3
     assert nightly.read_pointer(state) == p3
     history = nightly.read_history(state)
     assert [h["decision"] for h in history] == ["promoted", "promoted", "refused"]
-    assert history[-1]["reason"] == r4.reason and history[-1]["candidate"] == r4.candidate
+    assert "worse by" in history[-1]["reason"] or "not finite" in history[-1]["reason"]
+    assert history[-1]["training"]["init"] == p3["model"]
     assert not storage.exists(storage.join(state, "lock.json"))

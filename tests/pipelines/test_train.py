@@ -218,7 +218,16 @@ def test_rerun_with_the_same_name_resumes_on_s3(ray_cluster, s3_uri):
         train.run_training(job)  # no retries allowed: the run fails at step 9
     assert storage.exists(storage.join(s3_uri, "runs/again/checkpoint_00000008")) or storage.exists(
         storage.join(s3_uri, "runs/again/checkpoint_00000004"))
-    result = train.run_training(job)  # same output + name: resumes from the stored checkpoint
+    # Same output + name, through the CLI this time: resumes from the stored checkpoint.
+    from pipelines.cli import main
+
+    assert main(["train", "--tables", *files, "--output", job.output, "--name", "again", "--epochs", "2",
+                 "--batch-size", "32", "--lr", "0.01", "--warmup-steps", "5", "--max-caption-tokens", "16",
+                 "--checkpoint-every", "4", "--log-every", "2", "--max-failures", "0", "--workers", "1",
+                 "--cpus-per-worker", "0.5"]) == 0
+    history = storage.read_json(storage.join(job.run_dir, "history.json"))
+    result = train.TrainResult(artifact=storage.join(job.run_dir, "model"), run_dir=job.run_dir, history=history,
+                               metrics={})
     resumes = [r for r in result.history if r["kind"] == "resume"]
     assert len(resumes) == 1 and resumes[0]["step"] in (4, 8)
     steps = [r["step"] for r in result.history if r["kind"] == "step"]
