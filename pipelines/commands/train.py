@@ -86,13 +86,17 @@ def apply_flags(data: dict[str, Any], args: argparse.Namespace, fields: dict[str
 
 
 def apply_sets(data: dict[str, Any], sets: list[str]) -> None:
-    """``--set a.b=VALUE`` (VALUE parsed as YAML) into the nested dict ``data``."""
+    """``--set a.b=VALUE`` (VALUE parsed as YAML) into the nested dict ``data``; under ``model_overrides`` the
+    rest of the key stays one dotted key (``--set model_overrides.mapping.clip_length=10``)."""
     import yaml
 
     for item in sets:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        if key.startswith("model_overrides."):
+            data.setdefault("model_overrides", {})[key.split(".", 1)[1]] = yaml.safe_load(raw)
+            continue
         *parents, last = key.split(".")
         node = data
         for p in parents:

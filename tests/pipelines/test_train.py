@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipcap_core.artifacts import load_model, save_model
+from clipcap_core.artifacts import load_model, read_metadata, save_model
 from clipcap_core.decoding import generate
 from clipcap_core.metrics import exact_match
 from clipcap_core.training import TrainConfig, collate, make_optimizer_and_scheduler, train_step
@@ -209,7 +209,8 @@ def test_two_workers_learn_and_survive_a_killed_worker(ray_cluster, tmp_path):
 def test_rerun_with_the_same_name_resumes_on_s3(ray_cluster, s3_uri):
     files = tables.write_synthetic_tables(storage.join(s3_uri, "data"), 400, shards=1, dim=16)
     job = train.TrainJobConfig(
-        tables=tuple(files), output=storage.join(s3_uri, "runs"), name="again",
+        tables=tuple(files), output=storage.join(s3_uri, "runs"), name="again", model="tiny-transformer",
+        model_overrides={"mapping.prefix_length": 3, "mapping.clip_length": 3},  # frozen LM: not checkpointed
         train=TrainConfig(epochs=2, batch_size=32, lr=1e-2, warmup_steps=5, max_caption_tokens=16),
         run=train.RunOptions(checkpoint_every=4, log_every=2, max_failures=0),
         scale=train.ScaleConfig(num_workers=1, cpus_per_worker=0.5),
@@ -221,7 +222,8 @@ def test_rerun_with_the_same_name_resumes_on_s3(ray_cluster, s3_uri):
     # Same output + name, through the CLI this time: resumes from the stored checkpoint.
     from pipelines.cli import main
 
-    assert main(["train", "--tables", *files, "--output", job.output, "--name", "again", "--epochs", "2",
+    assert main(["train", "--tables", *files, "--output", job.output, "--name", "again", "--model", "tiny-transformer",
+                 "--prefix-length", "3", "--set", "model_overrides.mapping.clip_length=3", "--epochs", "2",
                  "--batch-size", "32", "--lr", "0.01", "--warmup-steps", "5", "--max-caption-tokens", "16",
                  "--checkpoint-every", "4", "--log-every", "2", "--max-failures", "0", "--workers", "1",
                  "--cpus-per-worker", "0.5"]) == 0
@@ -233,5 +235,7 @@ def test_rerun_with_the_same_name_resumes_on_s3(ray_cluster, s3_uri):
     steps = [r["step"] for r in result.history if r["kind"] == "step"]
     assert steps == sorted(set(steps)) and min(s for s in steps if s > resumes[0]["step"]) <= resumes[0]["step"] + 2
     assert [r["step"] for r in result.history if r["kind"] == "epoch"][-1] == train._plan(job)["total_steps"]
-    assert storage.exists(storage.join(result.artifact, "config.json"))
+    model_cfg = read_metadata(result.artifact)["model"]
+    assert (model_cfg["mapping"]["kind"], model_cfg["mapping"]["prefix_length"], model_cfg["lm"]["freeze"]) == (
+        "transformer", 3, True)
     assert storage.exists(storage.join(s3_uri, "runs/again/loss_curve.png"))
