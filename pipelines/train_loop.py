@@ -87,6 +87,9 @@ def resolve_model_config(model: str, overrides: dict[str, Any], info: tables.Tab
                          "(warm start keeps its architecture)")
     cfg = read_artifact_config(model)
     tables.check_model_dim(info, cfg.clip_dim, what=f"model artifact {model}")
+    if info.clip_model and cfg.encoder.model_name and info.clip_model != cfg.encoder.model_name:
+        raise ValueError(f"CLIP mismatch: the embedding tables were made with {info.clip_model!r} but model artifact "
+                         f"{model} was trained on {cfg.encoder.model_name!r} embeddings (same D, different space)")
     return cfg
 
 

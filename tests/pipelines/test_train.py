@@ -74,6 +74,11 @@ def test_artifact_with_another_dimension_is_refused_before_training(tmp_path, ta
         tl.resolve_model_config(str(tmp_path / "m16"), {}, table_info)
     with pytest.raises(ValueError, match="presets only"):
         tl.resolve_model_config(str(tmp_path / "m16"), {"mapping.prefix_length": 2}, table_info)
+    # Same D, another CLIP: refused too (the embeddings live in another space).
+    same_d = tables.inspect_tables(tables.write_synthetic_tables(str(tmp_path / "v"), 50, dim=16, tag="ViT-B-32"))
+    with pytest.raises(ValueError, match="CLIP mismatch.*'ViT-B-32'.*'attr-proj'"):
+        tl.resolve_model_config(str(tmp_path / "m16"), {}, same_d)
+    assert tl.resolve_model_config(str(tmp_path / "m16"), {}, other).clip_dim == 16
 
     def no_trainer(*a, **k):
         raise AssertionError("a trainer was created despite the dimension mismatch")
