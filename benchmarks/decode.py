@@ -6,8 +6,9 @@ Same GPT-2-small-sized weights (random, seeded), same prefixes (MLP mapping, k =
 - hf-generate: ``lm.generate(inputs_embeds=prefix, num_beams=1|5)`` on the same batch;
 - reference: the authors' ``generate2`` / ``generate_beam`` (``clipcap_core.reference``), one image at a time,
   no KV cache; timed on ``--ref-images`` images and reported per caption.
-All three start from the CLIP embeddings (the mapping network is timed too). Ours and HF are run alternately,
-best of ``--repeats``; CPU seconds are printed too (steadier than wall-clock on a shared machine).
+All three start from the CLIP embeddings (the mapping network is timed too). Ours and HF run in adjacent pairs
+(``--repeats``, order alternating) and the HF ratio is the median per-pair ratio, which cancels most of the
+load of a shared machine; CPU seconds are printed too.
 
     python benchmarks/decode.py                      # CPU, batch 32, 30 tokens, 2 threads
     python benchmarks/decode.py --device cuda --batch 256
@@ -78,27 +79,41 @@ def reference(model, tok, embeds: np.ndarray, new_tokens: int, beams: int) -> li
 
 
 def compare(model, tok, embeds: np.ndarray, beams: int, args: argparse.Namespace) -> tuple[float, float, float]:
-    """Captions/s of ours, HF generate and the reference; ours and HF interleaved, best of ``repeats``."""
+    """Captions/s of ours, and its ratios to the reference and to HF generate.
+
+    Ours and HF run in adjacent pairs (order alternating), so both see the same machine load; the HF ratio is
+    the median of the per-pair ratios, captions/s the median of our runs."""
     from clipcap_core.decoding import generate
 
     strategy, T, B = ("greedy" if beams == 1 else "beam"), args.new_tokens, embeds.shape[0]
+
+    def ours() -> object:
+        return generate(model, embeds, tok, strategy, beam_size=beams, max_length=T, stop_at_eos=False)
+
+    def hf() -> object:
+        return hf_generate(model, embeds, T, beams)
+
     runs: dict[str, list[tuple[float, float]]] = {"ours": [], "hf": []}
-    for _ in range(args.repeats):
-        wall, cpu, gen = timed(lambda: generate(model, embeds, tok, strategy, beam_size=beams, max_length=T,
-                                                stop_at_eos=False))
-        runs["ours"].append((wall, cpu))
-        wall, cpu, out = timed(lambda: hf_generate(model, embeds, T, beams))
-        runs["hf"].append((wall, cpu))
+    for r in range(args.repeats):
+        for name, fn in (("ours", ours), ("hf", hf)) if r % 2 == 0 else (("hf", hf), ("ours", ours)):
+            wall, cpu, result = timed(fn)
+            runs[name].append((wall, cpu))
+            if name == "ours":
+                gen = result
+            else:
+                out = result
     n_ref = min(args.ref_images, B)
     ref_wall, ref_cpu, _ = timed(lambda: reference(model, tok, embeds[:n_ref], T, beams))
-    (ours_w, ours_c), (hf_w, hf_c) = min(runs["ours"]), min(runs["hf"])
+    ours_w, ours_c = (float(np.median([x[i] for x in runs["ours"]])) for i in (0, 1))
+    hf_w, hf_c = (float(np.median([x[i] for x in runs["hf"]])) for i in (0, 1))
+    paired = float(np.median([h[0] / o[0] for o, h in zip(runs["ours"], runs["hf"], strict=True)]))
     lengths = sorted({len(x) for x in gen.token_ids})
     print(f"{strategy:6s} ours {ours_w:7.2f}s wall / {ours_c:7.2f}s CPU ({B / ours_w:6.2f} captions/s; lengths "
           f"{lengths}) | hf-generate {hf_w:7.2f}s / {hf_c:7.2f}s CPU ({B / hf_w:6.2f}/s; {out.shape[1]} tokens) | "
           f"reference {ref_wall / n_ref:6.2f}s wall / {ref_cpu / n_ref:6.2f}s CPU per image ({n_ref} images)")
-    print(f"       CPU-time ratios: vs reference {(ref_cpu / n_ref) / (ours_c / B):.1f}x, "
-          f"vs hf-generate {hf_c / ours_c:.2f}x")
-    return B / ours_w, (B / ours_w) / (n_ref / ref_wall), hf_w / ours_w
+    print(f"       per-pair wall ratios hf/ours: {[round(h[0] / o[0], 2) for o, h in zip(runs['ours'], runs['hf'], strict=True)]}; "
+          f"CPU-time ratios: vs reference {(ref_cpu / n_ref) / (ours_c / B):.1f}x, vs hf-generate {hf_c / ours_c:.2f}x")
+    return B / ours_w, (B / ours_w) / (n_ref / ref_wall), paired
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,14 +123,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--ref-images", type=int, default=3, help="images decoded by the per-image reference")
-    p.add_argument("--repeats", type=int, default=2, help="best of N (interleaved) for ours and hf-generate")
+    p.add_argument("--repeats", type=int, default=3, help="ours / hf-generate pairs (medians are reported)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = build(args.device)
     embeds = np.random.default_rng(0).normal(size=(args.batch, 512)).astype(np.float32)
     print(f"device={args.device} threads={args.threads} batch={args.batch} new_tokens={args.new_tokens} "
           f"LM={sum(p.numel() for p in model.lm.parameters()) / 1e6:.0f}M params (GPT-2 small size, random), "
-          f"MLP mapping k=10 D=512; wall-clock figures are best of {args.repeats}")
+          f"MLP mapping k=10 D=512; medians of {args.repeats} ours / hf-generate pairs")
     from clipcap_core.decoding import generate
 
     generate(model, embeds[:2], tok, "beam", max_length=3, stop_at_eos=False)  # warm-up
