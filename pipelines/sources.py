@@ -238,6 +238,22 @@ def unsafe_member(name: str) -> str | None:
     return None
 
 
+def _member_problem(raw_name: str, name: str, size: int, seen: set[str], cfg: SourceConfig,
+                    *kind_checks: tuple[bool, str]) -> str | None:
+    """Why an archive member must not be read (None if it may): unsafe path, then the format's own checks
+    (links, encryption), then duplicates and size. Records ``name`` in ``seen`` either way."""
+    why = unsafe_member(raw_name)
+    for bad, reason in kind_checks:
+        if why is None and bad:
+            why = reason
+    if why is None and name in seen:
+        why = "duplicate member name"
+    if why is None and size > cfg.max_member_bytes:
+        why = f"member too large ({size} bytes > {cfg.max_member_bytes})"
+    seen.add(name)
+    return why
+
+
 def _clean(name: str) -> str:
     while name.startswith("./"):
         name = name[2:]
@@ -279,14 +295,8 @@ def _tar_members(part: Part, cfg: SourceConfig) -> Iterator[tuple[str, bytes | N
                 name = _clean(m.name)
                 if m.isdir():
                     continue
-                why = unsafe_member(m.name)
-                if why is None and not m.isfile():
-                    why = "not a regular file (link or device)"
-                if why is None and name in seen:
-                    why = "duplicate member name"
-                if why is None and m.size > cfg.max_member_bytes:
-                    why = f"member too large ({m.size} bytes > {cfg.max_member_bytes})"
-                seen.add(name)
+                why = _member_problem(m.name, name, m.size, seen, cfg,
+                                      (not m.isfile(), "not a regular file (link or device)"))
                 if why is not None:
                     yield name, None, why
                     continue
@@ -373,16 +383,9 @@ class ZipReader:
     def _member(part: Part, zf: zipfile.ZipFile, info: zipfile.ZipInfo, seen: set[str],
                 cfg: SourceConfig) -> Record:
         name = _clean(info.filename)
-        why = unsafe_member(info.filename)
-        if why is None and stat.S_ISLNK(info.external_attr >> 16):
-            why = "not a regular file (symlink)"
-        if why is None and info.flag_bits & 0x1:
-            why = "encrypted member"
-        if why is None and name in seen:
-            why = "duplicate member name"
-        if why is None and info.file_size > cfg.max_member_bytes:
-            why = f"member too large ({info.file_size} bytes > {cfg.max_member_bytes})"
-        seen.add(name)
+        why = _member_problem(info.filename, name, info.file_size, seen, cfg,
+                              (stat.S_ISLNK(info.external_attr >> 16), "not a regular file (symlink)"),
+                              (bool(info.flag_bits & 0x1), "encrypted member"))
         if why is not None:
             return _member_record(part, name, None, why)
         try:
