@@ -7,7 +7,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench clean tiny-clip
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ bench: setup
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/caption.py
+
+# The aligned tiny CLIP shipped in clipcap_core/resources (tiny.safetensors + model card tiny.md): synthetic
+# shards -> `train-clip` (Ray Train, fixed seeds) -> fp16 weights -> zero-shot figures on unseen images.
+tiny-clip: setup
+	$(PY) -m pipelines.tiny_clip
 
 clean:
 	rm -rf data .pytest_cache

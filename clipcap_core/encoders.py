@@ -69,8 +69,18 @@ def _open_clip() -> Any:
     import open_clip
 
     if TINY not in open_clip.list_models():
-        open_clip.add_model_config(_RESOURCES / f"{TINY}.json")
+        for cfg in sorted(_RESOURCES.glob("*.json")):  # tiny.json, tiny-random.json: model name = file stem
+            open_clip.add_model_config(cfg)
     return open_clip
+
+
+def shipped_weights(model_name: str) -> str | None:
+    """Weights shipped with the package for ``model_name`` (the aligned ``tiny`` CLIP), else None.
+
+    ``resources/<name>.safetensors`` is loaded when no ``pretrained`` is given; ``tiny-random`` has none (its
+    seeded random init is the point)."""
+    path = _RESOURCES / f"{model_name}.safetensors"
+    return str(path) if path.is_file() else None
 
 
 def available_models() -> list[str]:
@@ -280,7 +290,7 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", precisi
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     oc = _open_clip()
-    weights = resolve_weights(cfg.pretrained) if cfg.pretrained else None
+    weights = resolve_weights(cfg.pretrained) if cfg.pretrained else shipped_weights(cfg.model_name)
     # Seeded init without touching the caller's RNG: the tiny preset (and any random-weights model) is
     # then identical in every process. Built on the CPU so the init does not depend on the device.
     with torch.random.fork_rng(devices=[]):

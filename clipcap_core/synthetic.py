@@ -146,3 +146,39 @@ def write_url_list(out_dir: str | Path, n: int, base_url: str, seed: int = 0, si
     tsv = out / "captions.tsv"
     tsv.write_text("\n".join(lines) + "\n")
     return tsv
+
+
+def write_webdataset(out_dir: str | Path, n: int, *, seed: int = 0, size: int = 64, shard_size: int = 1024,
+                     start: int = 0) -> list[Path]:
+    """``n`` samples as webdataset shards in img2dataset's layout (``00000.tar`` holding ``<key>.png``,
+    ``<key>.txt``, ``<key>.json``), ``shard_size`` per shard; for CLIP training without a download step.
+    Sample ``i`` is ``generate``'s sample ``i`` (same seed -> same images as the URL list)."""
+    import io
+    import json
+    import tarfile
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for shard, first in enumerate(range(start, start + n, shard_size)):
+        path = out / f"{shard:05d}.tar"
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tarfile.open(tmp, "w") as tf:
+            for s in generate(min(shard_size, start + n - first), seed=seed, size=size, start=first):
+                png = io.BytesIO()
+                s.image.save(png, format="PNG")
+                meta = {"key": s.key, "caption": s.caption, "status": "success"}
+                for ext, data in (("png", png.getvalue()), ("txt", s.caption.encode()),
+                                  ("json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(f"{s.key}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def all_captions() -> list[str]:
+    """Every caption the generator can produce (432), sorted: the class list for zero-shot evaluation."""
+    return sorted(caption_for(Attributes(count=c, size=s, color=col, shape=sh, position=p))
+                  for c in (1, 2, 3) for s in SIZES for col in COLORS for sh in SHAPES for p in POSITIONS)

@@ -24,6 +24,8 @@ COMMANDS = {
     "nightly": "pipelines.commands.nightly",
     "sweep": "pipelines.commands.sweep",
     "caption": "pipelines.commands.caption",
+    "train-clip": "pipelines.commands.train_clip",
+    "eval-clip": "pipelines.commands.eval_clip",
 }
 
 

@@ -9,7 +9,8 @@ of ``jobs/embed_cc3m.py``: synthetic images served over local HTTP -> img2datase
         result.paths["model"] = train(result.embeddings_uri, ...)
     STEPS.append(step_train)
 
-Everything runs on the ``tiny`` preset (random CLIP weights); the summary says so and how to switch.
+Everything runs on the ``tiny`` preset (the aligned tiny CLIP shipped in ``clipcap_core/resources``, made by
+``make tiny-clip``); the summary says so and how to switch.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), steps: Sequence[Step] | None = None
     """Run ``steps`` (default: ``STEPS``) in order; returns the paths and summaries they recorded."""
     root = str(Path(cfg.root).resolve()) if "://" not in cfg.root else cfg.root
     result = DemoResult(root=root)
-    result.lines.append(f"clipcap demo: the EMBEDDED DEFAULT on the `tiny` preset (random CLIP weights, "
+    result.lines.append(f"clipcap demo: the EMBEDDED DEFAULT on the `tiny` preset (the shipped aligned tiny CLIP, "
                         f"{cfg.samples} synthetic images), output under {root}")
     for step in STEPS if steps is None else steps:
         log.info("demo step %s", step.__name__)

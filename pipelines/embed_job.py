@@ -24,7 +24,7 @@ from pipelines.embed import EmbedConfig, EmbedResources, EmbedResult, run_embed
 
 log = logging.getLogger(__name__)
 
-SWITCH_HINT = ("This used the `tiny` preset (random CLIP weights, synthetic data). For real embeddings pass a "
+SWITCH_HINT = ("This used the `tiny` preset (a tiny CLIP trained on synthetic shapes, synthetic data). For real embeddings pass a "
                "URL list and an open_clip model, e.g. --url-list cc3m/Train_GCC-training.tsv --model ViT-B-32 "
                "--pretrained openai (or --pretrained /path/or/s3://uri/of/weights.pt) --output-root s3://bucket/clipcap.")
 

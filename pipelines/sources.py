@@ -358,6 +358,27 @@ class WebDatasetReader(TarReader):
             yield Record(key, part.files[0].uri, data=image)
 
 
+def webdataset_samples(uri: str, cfg: SourceConfig = SourceConfig()
+                       ) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+    """(sample key, {extension: bytes}, None) per sample of a webdataset shard at ``uri``, members grouped by key,
+    through the same member-safety checks as the readers; a refused member or an unreadable archive gives
+    (member name or "", {}, error). For stages that need more than the image (captions for CLIP training)."""
+    part = Part(part_name(posixpath.basename(uri)), "webdataset", (InputFile(uri, posixpath.basename(uri), 0),))
+    key, group = None, {}
+    for name, data, error in _tar_members(part, cfg):
+        if error is not None or data is None:
+            yield name, {}, error
+            continue
+        k = _sample_key(name)
+        if key is not None and k != key:
+            yield key, group, None
+            group = {}
+        key = k
+        group[posixpath.basename(name).split(".", 1)[-1].lower()] = data
+    if key is not None and group:
+        yield key, group, None
+
+
 # --- zip ------------------------------------------------------------------------------------------------
 class ZipReader:
     name = "zip"

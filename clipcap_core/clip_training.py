@@ -1,0 +1,226 @@
+"""Contrastive CLIP training, pure PyTorch (no Ray): model set-up, open_clip's loss, optimizer, one step.
+
+    model = build_clip(ClipModelSpec(model_name="tiny"))              # seeded init, or pretrained weights
+    optimizer, scheduler = make_optimizer_and_scheduler(model, hp, total_steps)
+    loss = train_step(model, pixels_uint8, tokens, optimizer, scheduler, hp, loss_fn=clip_loss(hp))
+    save_clip_weights(model, "out/open_clip_model.safetensors")      # loadable as `--pretrained <file>`
+
+What follows open_clip's own trainer (``open_clip_train``), on purpose, so a model trained here behaves like
+one trained there: ``open_clip.loss.ClipLoss`` (features gathered across workers when the process group has
+more than one rank, so the global batch is the set of negatives; ``local_loss`` computes each rank's rows
+only), a learnable temperature clamped to ``ln 100`` after every step, AdamW with betas (0.9, 0.98), eps 1e-6,
+no weight decay on gains, biases, embeddings of dimension < 2 and ``logit_scale``, linear warm-up then cosine
+decay, optional gradient clipping, bf16/fp16 autocast on GPU (fp16 with a grad scaler).
+
+Images arrive as uint8 (B, H, W, 3) already resized/cropped (augmentation happens in the data tasks); they are
+normalised here, on the device, with the model's mean/std, exactly as ``encoders.ClipEncoder.encode_pixels``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from clipcap_core.encoders import TINY_SEED, EncoderConfig, _open_clip, resolve_weights, validate_config
+
+Precision = Literal["fp32", "bf16", "fp16"]
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipTrainConfig:
+    """Hyperparameters of contrastive training (open_clip's defaults where it has them)."""
+
+    epochs: int = 10
+    batch_size: int = 256  # per worker; the loss sees workers x batch_size pairs (features are gathered)
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    precision: Precision = "fp32"  # bf16 / fp16 autocast on GPU
+    seed: int = 0
+    local_loss: bool = False  # open_clip --local-loss: each rank's rows against all gathered features
+    gather_with_grad: bool = True  # gradients flow through the gathered features (open_clip --gather-with-grad)
+    lock_image: bool = False  # freeze the image tower (LiT-style when fine-tuning)
+    lock_text: bool = False  # freeze the text tower
+    augment: Literal["none", "crop"] = "crop"  # "crop": RandomResizedCrop(scale=crop_scale) in the data tasks
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # open_clip's default train crop
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError(f"epochs must be >= 1 and batch_size >= 2, got {self.epochs} / {self.batch_size}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("lr must be > 0, warmup_steps and grad_clip >= 0")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if self.lock_image and self.lock_text:
+            raise ValueError("lock_image and lock_text together leave nothing to train but the temperature")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipModelSpec:
+    """Which CLIP to train: an open_clip model name, from scratch (pretrained None) or fine-tuned from
+    ``pretrained`` (an open_clip tag, a local file or an object-store URI, as ``EncoderConfig``)."""
+
+    model_name: str = "tiny"
+    pretrained: str | None = None
+    from_scratch: bool = False  # True: ignore the weights a name ships with (e.g. the aligned `tiny`)
+
+    def encoder_config(self) -> EncoderConfig:
+        return EncoderConfig(model_name=self.model_name, pretrained=self.pretrained)
+
+
+def build_clip(spec: ClipModelSpec, *, seed: int = TINY_SEED, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The open_clip model of ``spec`` in train mode: seeded init (same in every process), then its weights."""
+    from clipcap_core.encoders import shipped_weights
+
+    validate_config(spec.encoder_config())
+    oc = _open_clip()
+    weights = resolve_weights(spec.pretrained) if spec.pretrained else None
+    if weights is None and not spec.from_scratch:
+        weights = shipped_weights(spec.model_name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = oc.create_model(spec.model_name, pretrained=weights, device="cpu", pretrained_text=False)
+    return model.to(device).train()
+
+
+def lock_towers(model: torch.nn.Module, hp: ClipTrainConfig) -> None:
+    """Freeze the towers ``hp`` asks for, with open_clip's own ``lock_*_tower`` (fully locked)."""
+    if hp.lock_image:
+        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+    if hp.lock_text:
+        model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+
+
+def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    # open_clip_train/main.py: gains, biases, 1-D params and the temperature get no weight decay
+    return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def make_optimizer_and_scheduler(model: torch.nn.Module, hp: ClipTrainConfig, total_steps: int
+                                 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with open_clip's weight-decay exclusions; linear warm-up then cosine decay to 0 at ``total_steps``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the CLIP model has no trainable parameters")
+    groups = [{"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0},
+              {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": hp.weight_decay}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=(hp.beta1, hp.beta2),
+                                  eps=hp.eps)
+    warm = max(1, hp.warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < hp.warmup_steps:
+            return (step + 1) / warm
+        span = max(1, total_steps - hp.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - hp.warmup_steps) / span)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def clip_loss(hp: ClipTrainConfig, rank: int = 0, world_size: int = 1) -> torch.nn.Module:
+    """open_clip's ``ClipLoss``; with ``world_size`` > 1 it all-gathers features over the default process group."""
+    from open_clip.loss import ClipLoss
+
+    return ClipLoss(local_loss=hp.local_loss, gather_with_grad=hp.gather_with_grad, cache_labels=True,
+                    rank=rank, world_size=world_size)
+
+
+def normalize_pixels(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) normalised with the model's preprocessing mean/std."""
+    cfg = getattr(model, "module", model).visual.preprocess_cfg  # DDP-wrapped or not
+    mean = torch.tensor(cfg["mean"], device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.permute(0, 3, 1, 2).float().div_(255.0) - mean) / std
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision in _AMP:
+        return torch.autocast(device_type=device.type, dtype=_AMP[precision])
+    return contextlib.nullcontext()
+
+
+def features(model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tensor, precision: str = "fp32"
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(normalised image features (B, D), normalised text features (B, D), logit scale exp'd) of a batch."""
+    device = pixels.device
+    with autocast(precision, device):
+        out = model(normalize_pixels(model, pixels), tokens)
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"], out["logit_scale"]
+    return out[0], out[1], out[2]
+
+
+def clamp_logit_scale(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        getattr(model, "module", model).logit_scale.clamp_(0, math.log(100))
+
+
+def train_step(model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scheduler: Any, hp: ClipTrainConfig, loss_fn: torch.nn.Module,
+               scaler: torch.amp.GradScaler | None = None) -> float:
+    """One optimisation step on a (pixels uint8 (B,H,W,3), tokens (B,T)) batch; returns the loss."""
+    model.train()
+    img, txt, scale = features(model, pixels, tokens, hp.precision)
+    loss = loss_fn(img.float(), txt.float(), scale.float())
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if hp.grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], hp.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    clamp_logit_scale(model)
+    return float(loss.detach())
+
+
+def make_scaler(hp: ClipTrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    return torch.amp.GradScaler(device.type) if hp.precision == "fp16" and device.type == "cuda" else None
+
+
+# --- weights files --------------------------------------------------------------------------------------
+def save_clip_weights(model: torch.nn.Module, path: str, dtype: torch.dtype | None = None) -> None:
+    """The model's state dict as one safetensors file (open_clip loads it as ``pretrained=<file>``)."""
+    from safetensors.torch import save_file
+
+    state = getattr(model, "module", model).state_dict()
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in state.items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@torch.inference_mode()
+def encode_batches(model: torch.nn.Module, pixels: np.ndarray, tokens: torch.Tensor, batch_size: int = 256,
+                   precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    """Normalised image and text embeddings (float32 numpy) of paired arrays, in batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    imgs, txts = [], []
+    for s in range(0, len(pixels), batch_size):
+        px = torch.from_numpy(np.ascontiguousarray(pixels[s: s + batch_size])).to(device)
+        with autocast(precision, device):
+            imgs.append(model.encode_image(normalize_pixels(model, px), normalize=True).float().cpu().numpy())
+            txts.append(model.encode_text(tokens[s: s + batch_size].to(device), normalize=True).float().cpu().numpy())
+    model.train(was_training)
+    d = int(getattr(getattr(model, "visual", None), "output_dim", 0) or 0)
+    empty = np.zeros((0, d), np.float32)
+    return (np.concatenate(imgs) if imgs else empty), (np.concatenate(txts) if txts else empty)

@@ -1,0 +1,49 @@
+"""``clipcap eval-clip``: retrieval R@1/5/10 (image->text, text->image) and zero-shot classification of a CLIP.
+
+    clipcap eval-clip --model tiny --shards data/raw/synthetic --part heldout
+    clipcap eval-clip --model ViT-B-32 --pretrained s3://b/clip-runs/x/model/x.safetensors \
+        --shards s3://b/raw/val --classes classes.txt --templates templates.txt --output eval.json
+
+Prints a table and writes the JSON report to ``--output`` when given (``pipelines.clip_evaluate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipcap_core.encoders import EncoderConfig
+    from pipelines import storage
+    from pipelines.clip_evaluate import EvalClipConfig, evaluate_clip, format_report
+
+    cfg = EvalClipConfig(encoder=EncoderConfig(model_name=args.model, pretrained=args.pretrained),
+                         shards=tuple(args.shards or ()), tables=tuple(args.tables or ()), part=args.part,
+                         heldout_fraction=args.heldout_fraction, split_salt=args.split_salt,
+                         max_samples=args.max_samples, classes=args.classes, templates=args.templates,
+                         device=args.device)
+    report = evaluate_clip(cfg)
+    print(format_report(report))
+    if args.output:
+        storage.write_json(report, args.output)
+        print(f"report: {args.output}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("eval-clip", help="retrieval and zero-shot evaluation of a CLIP model",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="open_clip model name (default: tiny)")
+    p.add_argument("--pretrained", help="open_clip tag, weights file or object-store URI")
+    p.add_argument("--shards", nargs="+", help="webdataset shard folders or .tar files")
+    p.add_argument("--tables", nargs="+", help="embedding tables with image and text embeddings")
+    p.add_argument("--part", choices=["all", "heldout", "train"], default="all", help="key-hash split to evaluate")
+    p.add_argument("--heldout-fraction", type=float, default=0.05, help="the training job's held-out fraction")
+    p.add_argument("--split-salt", default="clipcap-heldout", help="the training job's split salt")
+    p.add_argument("--max-samples", type=int, default=5000, help="pairs evaluated (0 = all)")
+    p.add_argument("--classes", help="file with one class name per line (zero-shot)")
+    p.add_argument("--templates", help="file with one prompt template per line, each with {} (default: {})")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    p.add_argument("--output", help="write the JSON report here (any URI)")
+    p.set_defaults(func=run)
