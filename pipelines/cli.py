@@ -24,6 +24,8 @@ COMMANDS = {
     "nightly": "pipelines.commands.nightly",
     "sweep": "pipelines.commands.sweep",
     "caption": "pipelines.commands.caption",
+    "evaluate": "pipelines.commands.evaluate",
+    "report": "pipelines.commands.report",
 }
 
 
