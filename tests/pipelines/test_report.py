@@ -89,3 +89,24 @@ def test_report_renders_in_headless_chromium(report):
     assert HOSTILE in state["captions"] and state["title"].startswith("clipcap report")  # rendered as text
     assert state["scripts"] == 0 and shot.stat().st_size > 10_000
     assert json.loads((Path(report["captions"]) / "_run.json").read_text())["input"] == report["input"]
+
+
+def test_demo_report_step_evaluates_the_heldout_captions_and_prints_the_report_path(report, tmp_path, monkeypatch):
+    """The demo's last step on a captioned held-out set (the helper's samples are what the demo would
+    regenerate for seed 5, start 900): evaluation against the true captions, then the report. Run as on a
+    machine without Java (the Java path is tests/core/test_metrics.py's; each JVM start costs seconds)."""
+    from pipelines.demo import DemoConfig, DemoResult, step_report
+    from pipelines.report import demo as report_demo
+
+    monkeypatch.setattr(report_demo.shutil, "which", lambda name: None)
+
+    result = DemoResult(root=str(tmp_path), paths={"captions": report["captions"]},
+                        summaries={"caption": {"archive": report["input"]}, "train": {"run_dir": report["run"]}})
+    step_report(DemoConfig(root=str(tmp_path), samples=900, seed=5), result, n=8)
+    assert result.paths["report"] == str(tmp_path / "report.html") and (tmp_path / "report.html").exists()
+    assert result.lines[-1].startswith(f"report: {tmp_path / 'report.html'}")
+    summary = result.summaries["evaluate"]
+    assert summary["evaluated"] == 8 and summary["missing_references"]["count"] == 0
+    assert summary["metrics"]["exact_match"] == pytest.approx(7 / 8)  # the hostile caption is the one miss
+    assert "CIDEr" in "\n".join(result.lines) and 'id="chart-training"' in (tmp_path / "report.html").read_text()
+    assert result.lines[0].startswith("no Java: evaluating with the simple tokenizer")
