@@ -63,3 +63,22 @@ def test_rerank_orders_candidates_by_similarity_and_keeps_decoder_order_on_ties(
 def test_scorer_refuses_embeddings_of_another_clip(encoder):
     with pytest.raises(ValueError, match=f"has D={encoder.dim}"):
         ClipScorer(encoder).score(np.zeros((1, encoder.dim + 1)), ["a"])
+
+
+def test_heldout_metrics_add_clip_score_with_the_models_clip(encoder):
+    """Training / nightly held-out numbers: the CLIP of the model's config scores the captions; a CLIP that
+    cannot load or gives another D leaves CLIPScore out instead of failing the run."""
+    from clipcap_core.clipscore import scorer_for
+    from clipcap_core.evaluation import heldout_metrics
+
+    caps = ["one red circle at the top", "two small blue squares on the left"]
+    scorer = scorer_for(EncoderConfig(model_name="tiny"), encoder.dim)
+    assert scorer is not None and scorer_for(EncoderConfig(model_name="tiny"), encoder.dim) is scorer  # cached
+    same = heldout_metrics(caps, caps, image_emb=encoder.encode_text(caps), scorer=scorer)
+    assert same["clip_score"] == pytest.approx(2.5, abs=1e-5) and same["exact_match"] == 1.0  # cos = 1
+    swapped = heldout_metrics(caps, caps, image_emb=encoder.encode_text(caps[::-1]), scorer=scorer)
+    assert swapped["clip_score"] < same["clip_score"] and set(swapped) == {"exact_match", "bleu4", "cider",
+                                                                           "clip_score", "n"}
+    assert scorer_for(EncoderConfig(model_name="tiny"), encoder.dim + 1) is None
+    assert scorer_for(EncoderConfig(model_name="no-such-clip"), encoder.dim) is None
+    assert "clip_score" not in heldout_metrics(caps, caps)
