@@ -139,3 +139,37 @@ def test_job_level_problems_fail_before_any_work(inputs, capsys):
     assert main([*args, "--metrics", "bleu,wer"]) == 2
     assert "unknown metric(s) ['wer']" in capsys.readouterr().err
     assert not (out / "summary.json").exists()
+
+
+def test_image_embeddings_from_an_embedding_table_and_clip_checks(inputs):
+    from clipcap_core.encoders import EncoderConfig, load_encoder
+
+    enc = load_encoder(EncoderConfig(model_name="tiny"))
+    emb = enc.encode_pixels(np.stack([enc.resize(s.image) for s in SAMPLES]))
+
+    def table(path, dim, clip_model, rows):
+        meta = schemas.embedding_metadata(clip_model=clip_model, clip_pretrained=None, dim=dim, dtype="float32",
+                                          preprocess="test")
+        flat = pa.array(rows.reshape(-1).astype(np.float32))
+        pq.write_table(pa.table({"key": [s.key for s in SAMPLES], "caption": [s.caption for s in SAMPLES],
+                                 "url": [None] * len(SAMPLES),
+                                 "image_embedding": pa.FixedSizeListArray.from_arrays(flat, dim)},
+                                schema=schemas.with_metadata(schemas.embedding_schema(dim), meta)), path)
+        return str(path)
+
+    good = table(inputs["root"] / "emb.parquet", enc.dim, "tiny", emb)
+    cfg = dict(predictions=inputs["captions"], references=inputs["refs"], tokenize="simple", metrics=("bleu",))
+    summary = run_evaluate(EvaluateConfig(images=good, output=str(inputs["root"] / "e1"), **cfg))
+    rows = {r["image_id"]: r for r in pq.read_table(inputs["root"] / "e1" / "per_image.parquet").to_pylist()}
+    txt = enc.encode_text(inputs["preds"][:5])
+    for i, s in enumerate(SAMPLES[:5]):
+        cos = float(emb[i] @ txt[i] / np.linalg.norm(emb[i]) / np.linalg.norm(txt[i]))
+        assert rows[s.key]["clip_score"] == pytest.approx(2.5 * max(cos, 0.0), abs=1e-4)
+    assert summary["missing_images"]["count"] == 0
+    wrong_dim = table(inputs["root"] / "emb64.parquet", 64, "tiny", np.ones((len(SAMPLES), 64)))
+    with pytest.raises(ValueError, match=f"have D=64 but CLIP 'tiny' gives D={enc.dim}"):
+        run_evaluate(EvaluateConfig(images=wrong_dim, output=str(inputs["root"] / "e2"), **cfg))
+    other = table(inputs["root"] / "emb_other.parquet", enc.dim, "ViT-B-32", emb)
+    with pytest.raises(ValueError, match="made with CLIP 'ViT-B-32', not 'tiny'"):
+        run_evaluate(EvaluateConfig(images=other, output=str(inputs["root"] / "e3"), **cfg))
+    assert not (inputs["root"] / "e2" / "summary.json").exists()
