@@ -62,14 +62,17 @@ def _read_text(uri: str) -> str:
         return f.read()
 
 
-def _read_table(uri: str) -> pa.Table:
+def _read_table(uri: str, columns: set[str] | None = None) -> pa.Table:
     """One Parquet / JSONL / CSV file (strings stay strings; our metadata is kept for Parquet)."""
     import pandas as pd
 
     fs, path = storage.filesystem(uri)
     if uri.endswith(".parquet"):
         with fs.open(path, "rb") as f:
-            return pq.read_table(f)
+            pf = pq.ParquetFile(f)
+            # only what evaluation can use: a caption table's other columns (model, timestamps...) stay unread
+            wanted = [c for c in pf.schema_arrow.names if c in columns] if columns else None
+            return pf.read(columns=wanted)
     text = _read_text(uri)
     try:
         if uri.endswith(".jsonl"):
@@ -100,8 +103,9 @@ def _table_rows(uri: str, id_column: str | None, caption_column: str, where: str
     ids: list[str] = []
     captions: list[str] = []
     meta: dict[str, str] = {}
+    wanted = {caption_column, schemas.RANK, *ID_COLUMNS, *([id_column] if id_column else [])}
     for f in _files(uri):
-        table = _read_table(f)
+        table = _read_table(f, wanted)
         meta = meta or schemas.read_metadata(table.schema)
         if caption_column not in table.column_names:
             raise ValueError(f"{where} {f!r}: no caption column {caption_column!r}; columns are {table.column_names}")

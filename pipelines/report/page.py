@@ -51,8 +51,8 @@ the report never reads a whole table).</p>
 <div class="missing">{{ it.image_error or "no image" }}</div>{% endif %}
 <figcaption><div class="key">{{ it.key }}</div>
 {% for c in it.captions %}<div class="{{ 'cap' if loop.first else 'alt' }}">{{ c.caption }}</div>
-<div class="scores">rank {{ c.rank }} · log-prob {{ "%.2f"|format(c.score) if c.score is not none else "-" }}
-{% if c.clip_score is not none %} · CLIPScore {{ "%.3f"|format(c.clip_score) }}{% endif %}</div>{% endfor %}
+<div class="scores">rank {{ c.get("rank", 0) }} · log-prob {{ "%.2f"|format(c.score) if c.get("score") is not none else "-" }}
+{% if c.get("clip_score") is not none %} · CLIPScore {{ "%.3f"|format(c.clip_score) }}{% endif %}</div>{% endfor %}
 {% for r in it.evaluation.get("references") or [] %}<div class="ref">ref: {{ r }}</div>{% endfor %}
 {% if it.evaluation %}<div class="scores">{% for k in score_keys if it.evaluation.get(k) is not none %}{{ k }} {{ "%.3f"|format(it.evaluation[k]) }} {% endfor %}</div>{% endif %}
 </figcaption></figure>

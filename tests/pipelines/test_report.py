@@ -110,3 +110,20 @@ def test_demo_report_step_evaluates_the_heldout_captions_and_prints_the_report_p
     assert summary["metrics"]["exact_match"] == pytest.approx(7 / 8)  # the hostile caption is the one miss
     assert "CIDEr" in "\n".join(result.lines) and 'id="chart-training"' in (tmp_path / "report.html").read_text()
     assert result.lines[0].startswith("no Java: evaluating with the simple tokenizer")
+
+
+def test_a_plain_caption_table_without_ranks_scores_or_images_still_reports(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines import schemas
+    from pipelines.report import ReportConfig, build_report
+
+    (tmp_path / "caps").mkdir()
+    rows = {"key": ["a.jpg", "b.jpg"], "caption": ["a dog", "a <b>bold</b> cat"], "score": [None, -1.0],
+            "model": ["m", "m"], "created_at": [None, None]}
+    pq.write_table(pa.table(rows, schema=schemas.CAPTIONS_SCHEMA), tmp_path / "caps" / "part-x.parquet")
+    out = build_report(ReportConfig(captions=str(tmp_path / "caps"), out=str(tmp_path / "r.html"), sample=5))
+    html = Path(out).read_text()
+    assert "a dog" in html and "a &lt;b&gt;bold&lt;/b&gt; cat" in html and "No evaluation given" in html
+    assert html.count('<figure class="card">') == 2 and "no image" in html
