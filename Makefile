@@ -12,6 +12,9 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.txt
+	command -v chromium >/dev/null || command -v chromium-headless-shell >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
+		echo "warning: could not install chromium (the report's browser test will be skipped)"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -r requirements.txt

@@ -3,6 +3,7 @@ optional SPICE).
 
     caption_metrics(preds, refs)                          # PTB tokenizer (Java), BLEU/METEOR/ROUGE-L/CIDEr
     caption_metrics(preds, refs, metrics=("bleu", "cider"), tokenize="simple")   # no Java, fast
+    corpus, per_item = caption_scores(preds, refs)        # the same, plus each prediction's own scores
     exact_match(preds, refs)                              # fraction equal to a reference after normalisation
 
 ``refs`` holds one reference string or a list of references per prediction. The PTB tokenizer and METEOR
@@ -52,9 +53,14 @@ def _tokenized(preds: Sequence[str], ref_lists: list[list[str]], tokenize: str
     _need_java("the PTB tokenizer (use tokenize='simple' to avoid it)")
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    tok = PTBTokenizer()
-    gts = tok.tokenize({i: [{"caption": r} for r in rs] for i, rs in enumerate(ref_lists)})
-    res = tok.tokenize({i: [{"caption": p}] for i, p in enumerate(preds)})
+    # one tokenizer run (one JVM start, seconds on a busy machine) for references and predictions together
+    # (an empty caption would be an empty line, which the tokenizer's rstrip() drops, shifting every later line
+    # onto the wrong id: "." tokenizes to nothing after punctuation removal instead)
+    both = {("g", i): [{"caption": r if r.strip() else "."} for r in rs] for i, rs in enumerate(ref_lists)}
+    both.update({("r", i): [{"caption": p if p.strip() else "."}] for i, p in enumerate(preds)})
+    out = PTBTokenizer().tokenize(both)
+    gts = {i: out[("g", i)] for i in range(len(ref_lists))}
+    res = {i: out[("r", i)] for i in range(len(preds))}
     return gts, res
 
 
@@ -67,6 +73,15 @@ def caption_metrics(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequenc
                     metrics: Sequence[str] = ("bleu", "meteor", "rouge", "cider"),
                     tokenize: str = "ptb") -> dict[str, float]:
     """Corpus-level scores: keys bleu1..bleu4, meteor, rouge_l, cider, spice (as requested)."""
+    return caption_scores(preds, refs, metrics=metrics, tokenize=tokenize)[0]
+
+
+def caption_scores(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]], *,
+                   metrics: Sequence[str] = ("bleu", "meteor", "rouge", "cider"),
+                   tokenize: str = "ptb") -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Corpus-level scores and per-prediction scores (same keys; lists aligned with ``preds``).
+
+    The corpus value is pycocoevalcap's own (corpus BLEU is not the mean of the per-caption BLEUs)."""
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown} (known: {list(METRICS)})")
@@ -74,40 +89,88 @@ def caption_metrics(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequenc
     if len(preds) != len(ref_lists):
         raise ValueError(f"{len(preds)} predictions but {len(ref_lists)} reference sets")
     if not preds:
-        return {}
+        return {}, {}
     gts, res = _tokenized(preds, ref_lists, tokenize)
     res = {i: [r[0] if r[0].strip() else "<empty>"] for i, r in res.items()}  # scorers reject empty hypotheses
+    order = list(gts)  # the scorers return per-item scores in gts' key order
     out: dict[str, float] = {}
-    if "bleu" in metrics:
-        from pycocoevalcap.bleu.bleu import Bleu
+    per: dict[str, list[float]] = {}
 
-        scores, _ = Bleu(4).compute_score(gts, res, verbose=0)
-        out.update({f"bleu{i + 1}": float(s) for i, s in enumerate(scores)})
+    def put(name: str, corpus: float, items: Sequence[float]) -> None:
+        out[name] = float(corpus)
+        by_id = dict(zip(order, (float(v) for v in items), strict=True))
+        per[name] = [by_id[i] for i in range(len(preds))]
+
+    for name, scorer in _scorers(metrics):
+        corpus, items = scorer().compute_score(gts, res)
+        if name == "bleu":
+            for n, (c, i) in enumerate(zip(corpus, items, strict=True)):
+                put(f"bleu{n + 1}", c, i)
+        else:
+            put(name, corpus, items)
+    if "spice" in metrics:
+        corpus, items = _spice(gts, res)
+        put("spice", corpus, items)
+    return out, per
+
+
+def _scorers(metrics: Sequence[str]) -> list[tuple[str, type]]:
+    """(output name, pycocoevalcap scorer class) for the requested metrics except SPICE, imported lazily."""
+    out: list[tuple[str, type]] = []
+    if "bleu" in metrics:
+        out.append(("bleu", _Bleu4))
     if "meteor" in metrics:
         _need_java("METEOR")
         from pycocoevalcap.meteor.meteor import Meteor
 
-        out["meteor"] = float(Meteor().compute_score(gts, res)[0])
+        out.append(("meteor", Meteor))
     if "rouge" in metrics:
         from pycocoevalcap.rouge.rouge import Rouge
 
-        out["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+        out.append(("rouge_l", Rouge))
     if "cider" in metrics:
         from pycocoevalcap.cider.cider import Cider
 
-        out["cider"] = float(Cider().compute_score(gts, res)[0])
-    if "spice" in metrics:
-        out["spice"] = _spice(gts, res)
+        out.append(("cider", Cider))
     return out
 
 
-def _spice(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
+class _Bleu4:
+    """pycocoevalcap's Bleu(4), quiet (it prints its internal ratios otherwise)."""
+
+    def compute_score(self, gts: dict, res: dict) -> tuple[list[float], list[list[float]]]:
+        from pycocoevalcap.bleu.bleu import Bleu
+
+        return Bleu(4).compute_score(gts, res, verbose=0)
+
+
+SPICE_JAR = "stanford-corenlp-3.6.0.jar"
+
+
+def spice_unavailable() -> str | None:
+    """Why SPICE cannot run here without a download (None when it can): Java, and the CoreNLP jar that
+    pycocoevalcap downloads on first use (~1 GB zip, needs internet)."""
+    if shutil.which("java") is None:
+        return "SPICE needs Java (a `java` executable on PATH)"
+    import os
+
+    import pycocoevalcap.spice as spice_pkg
+
+    jar = os.path.join(os.path.dirname(spice_pkg.__file__), "lib", SPICE_JAR)
+    if not os.path.exists(jar):
+        return (f"SPICE not run: Stanford CoreNLP ({jar}) is missing; pycocoevalcap downloads it (~1 GB) on "
+                "first use, which needs internet (ask for it explicitly to try)")
+    return None
+
+
+def _spice(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float, list[float]]:
     _need_java("SPICE")
     try:
         from pycocoevalcap.spice.spice import Spice
 
         with contextlib.redirect_stdout(io.StringIO()):
-            return float(Spice().compute_score(gts, res)[0])
+            corpus, items = Spice().compute_score(gts, res)
+        return float(corpus), [float(item["All"]["f"]) for item in items]
     except Exception as exc:  # noqa: BLE001 - any failure here means SPICE could not run
         raise RuntimeError(
             "SPICE could not run: it downloads Stanford CoreNLP (~1 GB) on first use, which needs internet; "

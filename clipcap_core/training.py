@@ -199,13 +199,14 @@ def train_loop(model: ClipCapModel, batches: Callable[[int], Iterable[Batch]], c
 def evaluate_captions(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, embeds: np.ndarray,
                       refs: Sequence[str] | Sequence[Sequence[str]], *, strategy: str = "greedy",
                       max_length: int = 30, batch_size: int = 256, tokenize: str = "simple",
-                      **decode: Any) -> dict[str, float]:
-    """Held-out caption quality: exact-match accuracy, BLEU-4 and CIDEr of ``strategy`` captions vs ``refs``."""
+                      clip_scorer: Any = None, **decode: Any) -> dict[str, float]:
+    """Held-out caption quality: exact-match accuracy, BLEU-4 and CIDEr of ``strategy`` captions vs ``refs``,
+    plus CLIPScore against ``embeds`` with a ``clipscore.ClipScorer`` of the model's CLIP (the shared
+    ``evaluation.heldout_metrics``, as ``clipcap evaluate`` computes them)."""
     from clipcap_core.decoding import generate
-    from clipcap_core.metrics import caption_metrics, exact_match
+    from clipcap_core.evaluation import heldout_metrics
 
     texts = generate(model, embeds, tokenizer, strategy, max_length=max_length, batch_size=batch_size,
                      **decode).texts
-    scores = caption_metrics(texts, refs, metrics=("bleu", "cider"), tokenize=tokenize)
-    return {"exact_match": exact_match(texts, refs), "bleu4": scores["bleu4"], "cider": scores["cider"],
-            "n": float(len(texts))}
+    return heldout_metrics(texts, refs, image_emb=embeds if clip_scorer is not None else None,
+                           scorer=clip_scorer, tokenize=tokenize)

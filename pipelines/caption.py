@@ -8,9 +8,10 @@ the input is only embedding tables) -> mapping network + batched decoding (actor
 the driver, which commits each part as soon as all its rows have arrived.
 
 Output layout under ``output``:
-- ``part-<part id>.parquet``: caption table, ``schemas.CAPTIONS_RANKED_SCHEMA``: key, caption, score (mean
+- ``part-<part id>.parquet``: caption table, ``schemas.CAPTIONS_SCORED_SCHEMA``: key, caption, score (mean
   token log-prob), model (``<uri>@<version>``), created_at, rank (one row per caption, 0 = best; with
-  ``num_captions`` = 1 the key alone is unique). Rows sorted by (key, rank).
+  ``num_captions`` = 1 the key alone is unique), clip_score (CLIPScore with the model's CLIP; ``rerank="clip"``
+  orders the ranks by it). Rows sorted by (key, rank).
 - ``_errors/part-<part id>.parquet``: errors table (key, source, stage, error), only for parts with errors.
 - ``_run.json``: the model, decoding options and input plan digest of the run that owns this output.
 - ``_summary.json``: the last run's summary.
@@ -79,6 +80,16 @@ class CaptionConfig:
     resources: ResourceOptions = field(default_factory=ResourceOptions)
     overwrite: bool = False
     progress_interval_s: float = 10.0
+    rerank: Literal["none", "clip"] = "none"  # clip: order each image's n captions by CLIP similarity
+    # CLIPScore per caption with the model's CLIP text tower (ViT-B-32: a text forward costs ~2/3 of an image
+    # forward, so False saves that when nobody filters on it; the column is then null)
+    clip_score: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rerank not in ("none", "clip"):
+            raise ValueError(f"rerank must be 'none' or 'clip', got {self.rerank!r}")
+        if self.rerank == "clip" and not self.clip_score:
+            raise ValueError("rerank 'clip' needs clip_score=True (it ranks by the CLIP similarity)")
 
 
 @dataclass
@@ -144,7 +155,12 @@ _SPEED_ONLY = ("batch_size", "use_cache", "static_cache")  # decoding options th
 
 def _run_record(cfg: CaptionConfig, model_id: str, digest: str) -> dict[str, Any]:
     decoding = {k: v for k, v in to_dict(cfg.decoding).items() if k not in _SPEED_ONLY}
-    return {"model": model_id, "decoding": decoding, "input": cfg.input, "plan_digest": digest}
+    record = {"model": model_id, "decoding": decoding, "input": cfg.input, "plan_digest": digest}
+    if cfg.rerank != "none":  # only when set, so outputs of runs from before the option stay resumable
+        record["rerank"] = cfg.rerank
+    if not cfg.clip_score:
+        record["clip_score"] = False
+    return record
 
 
 def prepare(cfg: CaptionConfig) -> Plan:
@@ -199,10 +215,10 @@ def _clear_output(output: str) -> None:
 class PartCommitter:
     """Collects stage rows per part (dedup by member index) and commits a part once all its rows arrived."""
 
-    def __init__(self, output: str, model_id: str, decoding: DecodeConfig):
+    def __init__(self, output: str, model_id: str, decoding: DecodeConfig, rerank: str = "none"):
         self.output, self.model_id = output, model_id
         self.meta = {schemas.META_MODEL: model_id, schemas.META_DECODING: json.dumps(to_dict(decoding)),
-                     schemas.META_SCHEMA_VERSION: schemas.SCHEMA_VERSION}
+                     schemas.META_SCHEMA_VERSION: schemas.SCHEMA_VERSION, schemas.META_RERANK: rerank}
         self.rows: dict[str, dict[int, dict[str, Any]]] = {}
         self.totals: dict[str, int] = {}
         self.committed: list[str] = []
@@ -236,14 +252,15 @@ class PartCommitter:
 
     def commit(self, part_id: str, rows: list[dict[str, Any]]) -> tuple[str, int, int, int]:
         now = datetime.now(timezone.utc)
-        caps: dict[str, list[Any]] = {n: [] for n in schemas.CAPTIONS_RANKED_SCHEMA.names}
+        caps: dict[str, list[Any]] = {n: [] for n in schemas.CAPTIONS_SCORED_SCHEMA.names}
         errs: dict[str, list[Any]] = {n: [] for n in schemas.ERRORS_SCHEMA.names}
         for row in sorted(rows, key=lambda r: (r["key"], r["index"])):
             if row["error"] is None and row.get("captions"):
+                clip = row.get("clip_scores") or [None] * len(row["captions"])
                 for rank, (text, score) in enumerate(zip(row["captions"], row["scores"], strict=True)):
                     for name, v in ((schemas.KEY, row["key"]), (schemas.CAPTION, text), (schemas.SCORE, score),
                                     (schemas.MODEL, self.model_id), (schemas.CREATED_AT, now),
-                                    (schemas.RANK, rank)):
+                                    (schemas.RANK, rank), (schemas.CLIP_SCORE, clip[rank])):
                         caps[name].append(v)
             else:
                 error = row["error"] or "no caption produced"
@@ -252,7 +269,7 @@ class PartCommitter:
                     errs[name].append(v)
         meta = dict(self.meta, **{schemas.META_PART: part_id})
         errors = pa.table(errs, schema=schemas.with_metadata(schemas.ERRORS_SCHEMA, meta))
-        captions = pa.table(caps, schema=schemas.with_metadata(schemas.CAPTIONS_RANKED_SCHEMA, meta))
+        captions = pa.table(caps, schema=schemas.with_metadata(schemas.CAPTIONS_SCORED_SCHEMA, meta))
         err_uri = errors_uri(self.output, part_id)
         if errors.num_rows:
             storage.atomic_write_table(errors, err_uri)
@@ -275,7 +292,7 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
     log.info("captioning %s -> %s with %s: %d parts (%d already done)", cfg.input, cfg.output, plan.model_id,
              len(plan.parts), summary.parts_skipped)
     if plan.todo:
-        committer = PartCommitter(cfg.output, plan.model_id, cfg.decoding)
+        committer = PartCommitter(cfg.output, plan.model_id, cfg.decoding, cfg.rerank)
         last = time.monotonic()
         for block in build_dataset(cfg, plan).iter_batches(batch_size=None, batch_format="pyarrow"):
             summary.first_output_s = summary.first_output_s or round(time.monotonic() - start, 3)
@@ -351,7 +368,9 @@ def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
     return ds.map_batches(CaptionStage, batch_size=res.caption_batch_size,
                           compute=ray.data.ActorPoolStrategy(size=res.caption_actors),
                           fn_constructor_kwargs=dict(model_uri=cfg.model, decoding=cfg.decoding,
-                                                     precision=res.precision, use_gpu=bool(gpu), threads=threads),
+                                                     precision=res.precision, use_gpu=bool(gpu), threads=threads,
+                                                     encoder_cfg=plan.model_info.encoder if cfg.clip_score else None,
+                                                     rerank=cfg.rerank),
                           **actor)
 
 

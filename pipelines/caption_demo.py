@@ -49,7 +49,7 @@ def read_captions(output: str) -> pa.Table:
         fs, path = storage.filesystem(uri)
         with fs.open(path, "rb") as f:
             tables.append(pq.read_table(f).replace_schema_metadata(None))
-    return pa.concat_tables(tables) if tables else schemas.CAPTIONS_RANKED_SCHEMA.empty_table()
+    return pa.concat_tables(tables) if tables else schemas.CAPTIONS_SCORED_SCHEMA.empty_table()
 
 
 def _norm(text: str) -> str:

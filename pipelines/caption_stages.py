@@ -7,8 +7,9 @@ Rows flow between stages as pyarrow tables with the columns of ``STAGE_SCHEMA``:
   is a *marker* (``index`` -1) whose ``total`` says how many member rows the part has, so the driver knows
   when a part is complete however the rows were spread over actors.
 - ``ClipStage`` (actor pool): ``pixels`` -> ``embedding`` (float32 bytes), normalising on the device.
-- ``CaptionStage`` (actor pool): ``embedding`` -> ``captions`` / ``scores`` (n per image, best first) with
-  batched KV-cache decoding.
+- ``CaptionStage`` (actor pool): ``embedding`` -> ``captions`` / ``scores`` / ``clip_scores`` (n per image,
+  best first: by the decoder, or by CLIP similarity with rerank "clip") with batched KV-cache decoding and
+  the model's CLIP text encoder.
 Rows that a stage has nothing to do for (errors, markers, embeddings at the CLIP stage) pass through.
 """
 
@@ -168,12 +169,20 @@ class ClipStage:
 
 
 class CaptionStage:
-    """Actor: CLIP embeddings -> n captions and scores per image (mapping network + batched decoding)."""
+    """Actor: CLIP embeddings -> n captions, scores and CLIPScores per image (mapping network + batched
+    decoding, then the model's CLIP text encoder); with ``rerank="clip"`` the n captions are ordered by CLIP
+    similarity to the image instead of by the decoder."""
 
     def __init__(self, model_uri: str, decoding: Any, precision: str = "fp32", use_gpu: bool = False,
-                 threads: int = 0):
+                 threads: int = 0, encoder_cfg: Any = None, rerank: str = "none"):
+        from clipcap_core.clipscore import ClipScorer
+        from clipcap_core.encoders import load_encoder
+
         _set_threads(threads)
         self.decoder = Decoder(model_uri, decoding, device=_device(use_gpu), precision=precision)
+        self.scorer = None if encoder_cfg is None else ClipScorer(
+            load_encoder(encoder_cfg, device=_device(use_gpu), precision=precision))
+        self.rerank = rerank
 
     def __call__(self, table: pa.Table) -> pa.Table:
         clock = _Clock()
@@ -181,15 +190,38 @@ class CaptionStage:
         n = len(table)
         captions: list[list[str] | None] = [None] * n
         scores: list[list[float] | None] = [None] * n
+        clip: list[list[float] | None] = [None] * n
         if len(idx):
             emb = np.stack([np.frombuffer(b, dtype=np.float32) for b in blobs])  # (B, D)
             texts, vals = self.decoder(emb)
+            if self.scorer is not None:
+                texts, vals, sims = score_and_rank(emb, texts, vals, self.scorer, self.rerank == "clip")
             for j, i in enumerate(idx):
                 captions[i], scores[i] = texts[j], vals[j]
+                clip[i] = sims[j] if self.scorer is not None else None
         table = table.drop_columns(["embedding"])
         table = table.append_column("captions", pa.array(captions, type=pa.list_(pa.string())))
         table = table.append_column("scores", pa.array(scores, type=pa.list_(pa.float32())))
+        table = table.append_column("clip_scores", pa.array(clip, type=pa.list_(pa.float32())))
         return _with_time(table, "caption", clock.lap())
+
+
+def score_and_rank(image_emb: np.ndarray, texts: list[list[str]], scores: list[list[float]], scorer: Any,
+                   rerank: bool) -> tuple[list[list[str]], list[list[float]], list[list[float]]]:
+    """CLIPScore of each image's n captions; with ``rerank`` each image's captions (and their decoder scores)
+    re-ordered by CLIP similarity, best first (ties keep the decoder's order), as recaptioning pipelines do."""
+    from clipcap_core.clipscore import W
+    from clipcap_core.clipscore import rerank as clip_order
+
+    n = len(texts[0]) if texts else 0
+    flat = [t for group in texts for t in group]
+    order, cos = clip_order(image_emb, scorer.embed_texts(flat), n)  # (B, n) each
+    if not rerank:
+        order = np.tile(np.arange(n), (len(texts), 1))
+    clip = W * np.clip(cos, 0.0, None)
+    return ([[g[k] for k in o] for g, o in zip(texts, order, strict=True)],
+            [[v[k] for k in o] for v, o in zip(scores, order, strict=True)],
+            [[float(c[k]) for k in o] for c, o in zip(clip, order, strict=True)])
 
 
 def _with_time(table: pa.Table, stage: str, lap: tuple[float, float]) -> pa.Table:

@@ -26,6 +26,8 @@ COMMANDS = {
     "caption": "pipelines.commands.caption",
     "train-clip": "pipelines.commands.train_clip",
     "eval-clip": "pipelines.commands.eval_clip",
+    "evaluate": "pipelines.commands.evaluate",
+    "report": "pipelines.commands.report",
 }
 
 

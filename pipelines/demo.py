@@ -111,7 +111,26 @@ def step_caption(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
     result.summaries["caption"] = report
 
 
-STEPS.append(step_caption)  # the last step: it captions with the model the earlier steps produced
+STEPS.append(step_caption)  # captions with the model the earlier steps produced
+
+
+def step_report(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
+    """The held-out captions of ``step_caption`` (same ``n`` samples) -> ``clipcap evaluate`` against the true
+    captions (CLIPScore on the archive's images) -> ``clipcap report``; prints the table and the report's path."""
+    from pipelines.report.demo import evaluate_and_report
+
+    if "captions" not in result.paths:
+        result.lines.append("no caption table in this demo run: evaluation and report skipped")
+        return
+    report = evaluate_and_report(result.root, result.paths["captions"], result.summaries["caption"]["archive"],
+                                 seed=cfg.seed, start=cfg.samples, n=n,
+                                 run_dir=result.summaries.get("train", {}).get("run_dir"))
+    result.paths.update(evaluation=report["evaluation"], report=report["report"])
+    result.summaries["evaluate"] = report["summary"]
+    result.lines.extend(report["lines"])
+
+
+STEPS.append(step_report)  # the last step: it reports on what the earlier steps produced
 
 
 def run_demo(cfg: DemoConfig = DemoConfig(), steps: Sequence[Step] | None = None) -> DemoResult:

@@ -41,7 +41,7 @@ from pipelines.train import (
 
 log = logging.getLogger(__name__)
 
-Metric = Literal["cider", "bleu4", "exact_match", "val_loss"]
+Metric = Literal["cider", "bleu4", "exact_match", "clip_score", "val_loss"]  # clipcap_core.evaluation
 LOWER_IS_BETTER = {"val_loss"}
 
 
@@ -112,6 +112,9 @@ def decide(candidate: dict[str, float], production: dict[str, float] | None, met
     loss = candidate.get("val_loss", float("nan"))
     if not math.isfinite(loss):
         return False, f"candidate validation loss is not finite ({loss})"
+    if metric not in candidate or (production is not None and metric not in production):
+        # e.g. clip_score when the CLIP could not be loaded for evaluation: never promote on a missing number
+        return False, f"{metric} missing from the held-out metrics ({sorted(candidate)})"
     if production is None:
         return True, f"no production model yet; candidate {metric}={candidate[metric]:.4f}"
     c, p = candidate[metric], production[metric]

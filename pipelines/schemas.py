@@ -4,6 +4,7 @@ Tables (see DESIGN.md, "Data contracts"):
 - embedding tables ``<root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet``
 - errors tables    ``.../_errors/part-<shard>.parquet`` beside the table they belong to
 - caption tables   ``<root>/captions/<run>/part-<part>.parquet``
+- evaluations      ``<output>/per_image.parquet`` (+ ``summary.json``, ``results.json``; pipelines.evaluate)
 """
 
 from __future__ import annotations
@@ -89,6 +90,29 @@ CAPTIONS_SCHEMA = pa.schema(
 # Caption tables written by bulk captioning (pipelines.caption): one row per caption, ``rank`` 0 = best
 # (n captions per image -> n rows with ranks 0..n-1; with n = 1, (key) alone is unique).
 CAPTIONS_RANKED_SCHEMA = CAPTIONS_SCHEMA.append(pa.field(RANK, pa.int16(), nullable=False))
+
+# CLIPScore of (image, caption) with the captioner's own CLIP: 2.5 * max(cos, 0) (clipcap_core.clipscore).
+# Caption tables carry it per caption (null when it could not be computed); ``--rerank clip`` orders ``rank``
+# by it (by the cosine underneath, so negative cosines still rank).
+CLIP_SCORE = "clip_score"
+CAPTIONS_SCORED_SCHEMA = CAPTIONS_RANKED_SCHEMA.append(pa.field(CLIP_SCORE, pa.float32()))
+META_RERANK = META_PREFIX + "rerank"
+
+# --- evaluation (pipelines.evaluate): per-image scores ---------------------------------------------------
+IMAGE_ID = "image_id"
+REFERENCES = "references"
+EVAL_SCORES = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "spice", "exact_match",
+               CLIP_SCORE, "ref_clip_score")
+
+
+def evaluation_schema(scores: tuple[str, ...] | list[str]) -> pa.Schema:
+    """Per-image evaluation table: id, caption, references, then one float64 column per score present."""
+    unknown = sorted(set(scores) - set(EVAL_SCORES))
+    if unknown:
+        raise ValueError(f"unknown evaluation score column(s) {unknown}")
+    return pa.schema([pa.field(IMAGE_ID, pa.string(), nullable=False), pa.field(CAPTION, pa.string()),
+                      pa.field(REFERENCES, pa.list_(pa.string()))]
+                     + [pa.field(s, pa.float64()) for s in EVAL_SCORES if s in scores])
 
 
 def embedding_metadata(

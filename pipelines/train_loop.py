@@ -188,7 +188,9 @@ class Primed:
 # --- evaluation (rank 0 each epoch; also used on saved artifacts) ----------------------------------------------
 def evaluate_model(model: Any, tokenizer: Any, heldout: pa.Table, *, max_tokens: int = 40,
                    batch_size: int = 64) -> dict[str, float]:
-    """Held-out loss + greedy-caption metrics (exact match, BLEU-4, CIDEr) of ``model`` on ``heldout``."""
+    """Held-out loss + greedy-caption metrics (exact match, BLEU-4, CIDEr, CLIPScore) of ``model`` on ``heldout``
+    (``clipcap_core.evaluation.heldout_metrics``, the code ``clipcap evaluate`` uses)."""
+    from clipcap_core.clipscore import scorer_for
     from clipcap_core.training import collate, evaluate_captions, evaluate_loss
 
     captions = heldout.column("caption").to_pylist()
@@ -196,7 +198,8 @@ def evaluate_model(model: Any, tokenizer: Any, heldout: pa.Table, *, max_tokens:
     batches = (collate(tokenizer, captions[s: s + batch_size], emb[s: s + batch_size], max_tokens)
                for s in range(0, len(captions), batch_size))
     metrics = {"val_loss": evaluate_loss(model, batches)}
-    scores = evaluate_captions(model, tokenizer, emb, captions, max_length=max_tokens, batch_size=batch_size)
+    scores = evaluate_captions(model, tokenizer, emb, captions, max_length=max_tokens, batch_size=batch_size,
+                               clip_scorer=scorer_for(model.config.encoder, emb.shape[1]))
     metrics.update({k: float(v) for k, v in scores.items() if k != "n"})
     return metrics
 

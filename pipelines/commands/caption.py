@@ -16,6 +16,7 @@ from typing import Any
 # flag dest -> (config section or "" for the top level, field name)
 _FIELDS: dict[str, tuple[str, str]] = {
     "input": ("", "input"), "output": ("", "output"), "model": ("", "model"), "overwrite": ("", "overwrite"),
+    "rerank": ("", "rerank"), "clip_score": ("", "clip_score"),
     "format": ("source", "format"), "part_size": ("source", "part_size"), "max_pixels": ("source", "max_pixels"),
     "image_column": ("source", "image_column"), "url_column": ("source", "url_column"),
     "key_column": ("source", "key_column"),
@@ -45,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-column")
     p.add_argument("--strategy", choices=["greedy", "beam", "reference-beam", "sample"])
     p.add_argument("--num-captions", type=int, help="captions per image (beam / sample)")
+    p.add_argument("--rerank", choices=["none", "clip"], help="clip: rank each image's captions by CLIP similarity")
+    p.add_argument("--no-clip-score", dest="clip_score", action="store_false", default=None,
+                   help="skip the clip_score column (saves the CLIP text forward per caption)")
     p.add_argument("--beam-size", type=int)
     p.add_argument("--max-length", type=int, help="new tokens at most")
     p.add_argument("--temperature", type=float)

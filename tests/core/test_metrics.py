@@ -57,3 +57,42 @@ def test_spice_failure_and_unknown_metrics_are_clear(monkeypatch):
         caption_metrics(GOOD, REFS, metrics=("spice",), tokenize="simple")
     with pytest.raises(ValueError, match="unknown metric"):
         caption_metrics(GOOD, REFS, metrics=("bleurt",))
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the PTB tokenizer and METEOR need Java")
+def test_corpus_and_per_image_scores_equal_pycocoevalcap_called_directly(monkeypatch):
+    """Our evaluation vs pycocoevalcap's own COCOEvalCap on the same COCO-format inputs (SPICE left out:
+    it downloads CoreNLP). Catches a wrong tokenizer, a metric mix-up, per-image scores shifted to another id."""
+    import pycocoevalcap.eval as coco_eval
+    from pycocotools.coco import COCO
+
+    from clipcap_core.evaluation import evaluate_predictions
+
+    class NoSpice:  # COCOEvalCap always runs SPICE last; offline it cannot, so it scores nothing here
+        def method(self):
+            return "SPICE"
+
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(gts)
+
+    monkeypatch.setattr(coco_eval, "Spice", NoSpice)
+    preds = GOOD[:2] + BAD[2:] + ["A man, riding a horse!"]
+    refs = REFS + [["a man riding a horse.", "someone on a horse"]]
+    ids = [42, 7, 1000, 3]  # not in order: per-image scores must follow the ids, not positions
+    gt = COCO()
+    gt.dataset = {"images": [{"id": i} for i in ids],
+                  "annotations": [{"image_id": i, "id": 10 * i + j, "caption": r}
+                                  for i, rs in zip(ids, refs, strict=True) for j, r in enumerate(rs)]}
+    gt.createIndex()
+    res = gt.loadRes([{"image_id": i, "caption": p} for i, p in zip(ids, preds, strict=True)])
+    theirs = coco_eval.COCOEvalCap(gt, res)
+    theirs.evaluate()
+    ours = evaluate_predictions(preds, refs, spice="off")
+    names = {"Bleu_1": "bleu1", "Bleu_2": "bleu2", "Bleu_3": "bleu3", "Bleu_4": "bleu4", "METEOR": "meteor",
+             "ROUGE_L": "rouge_l", "CIDEr": "cider"}
+    for coco_name, name in names.items():
+        assert ours.summary[name] == pytest.approx(theirs.eval[coco_name], abs=1e-9), name
+        for pos, image_id in enumerate(ids):
+            assert ours.per_item[name][pos] == pytest.approx(theirs.imgToEval[image_id][coco_name], abs=1e-9), name
+    assert ours.notes["spice"] == "SPICE not requested"
+    assert ours.per_item["exact_match"] == [0.0, 0.0, 0.0, 1.0]

@@ -43,7 +43,7 @@ def test_committer_waits_for_every_row_dedups_retries_and_writes_ranked_rows(tmp
     done = c.add(_stage_rows("p1", [(0, "a.jpg", ["x a", "y a"], None), (2, "c.jpg", None, "not an image")], None))
     assert done == [("p1", 3, 2, 4)] and c.pending() == []
     table = pq.read_table(part_uri(out, "p1"))
-    assert table.schema.remove_metadata() == schemas.CAPTIONS_RANKED_SCHEMA
+    assert table.schema.remove_metadata() == schemas.CAPTIONS_SCORED_SCHEMA
     assert table.column("key").to_pylist() == ["a.jpg", "a.jpg", "b.jpg", "b.jpg"]
     assert table.column("rank").to_pylist() == [0, 1, 0, 1]
     assert table.column("caption").to_pylist()[:2] == ["x a", "y a"]

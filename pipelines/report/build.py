@@ -1,0 +1,130 @@
+"""``clipcap report``: gather a bounded sample and the run's artifacts, write one HTML file.
+
+    path = build_report(ReportConfig(captions="s3://b/captions/run1", evaluation="./eval/run1",
+                                     run="s3://b/runs/cc3m-mlp", out="report.html"))
+
+Sources: the caption table (sampled, ``sample.py``), the images it was made from (the input recorded in its
+``_run.json``, or ``images``), an evaluation folder (``summary.json`` + ``per_image.parquet``), a training run
+folder (``history.json``), and the model artifact named in the caption table's metadata (model card,
+prefix interpretation with ``clipcap_core.interpret``). Every part but the caption table is optional; what is
+missing is said on the page. Nothing is fetched from the network beyond these URIs.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipelines import storage
+from pipelines.report import charts, page
+from pipelines.report.sample import Sampled, attach_evaluation, fetch_images, sample_captions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    captions: str
+    out: str
+    evaluation: str | None = None
+    run: str | None = None        # training run folder with history.json
+    model: str | None = None      # default: the model recorded in the caption table
+    images: str | None = None     # default: the input recorded in the caption table's _run.json
+    sample: int = 24              # images in the gallery
+    max_parts: int = 4            # caption parts read at most
+    interpret: int = 4            # images whose prefixes are interpreted
+    thumb_px: int = 160
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sample < 1 or self.max_parts < 1 or self.interpret < 0 or not 16 <= self.thumb_px <= 1024:
+            raise ValueError("need sample >= 1, max_parts >= 1, interpret >= 0, 16 <= thumb_px <= 1024")
+        if not self.out.endswith((".html", ".htm")):
+            raise ValueError(f"--out must be an .html file, got {self.out!r}")
+
+
+def _load_model(uri: str | None) -> Any:
+    if not uri:
+        return None
+    from clipcap_core.artifacts import load_model
+
+    try:
+        return load_model(uri)
+    except Exception as exc:  # noqa: BLE001 - the report goes on without interpretation / card
+        log.warning("report: cannot load model %s: %s", uri, exc)
+        return None
+
+
+def _model_card(uri: str | None) -> str | None:
+    if not uri or not storage.exists(storage.join(uri, "README.md")):
+        return None
+    fs, path = storage.filesystem(storage.join(uri, "README.md"))
+    with fs.open(path, "r") as f:
+        return f.read(64 << 10)  # bounded: a card is a page, not a book
+
+
+def _interpretation(loaded: Any, items: list[Sampled], n: int) -> list[dict[str, Any]]:
+    from clipcap_core.interpret import interpret_prefix
+
+    chosen = [it for it in items if it.embedding is not None][:n]
+    if loaded is None or not chosen:
+        return []
+    tokens = interpret_prefix(loaded.model, loaded.tokenizer, np.stack([it.embedding for it in chosen]))
+    return [{"key": it.key, "caption": it.captions[0]["caption"] if it.captions else "",
+             "tokens": [t[0] if t else "" for t in toks]} for it, toks in zip(chosen, tokens, strict=True)]
+
+
+def _evaluation_context(evaluation: str | None, items: list[Sampled]) -> dict[str, Any]:
+    from pipelines.evaluate.run import metric_rows
+
+    summary = storage.read_json(storage.join(evaluation, "summary.json")) if evaluation else None
+    if summary is None:
+        return {"metrics": [], "eval_note": ""}
+    attach_evaluation(evaluation, items)
+    note = (f"{summary['evaluated']} images evaluated against {summary['references']}; "
+            f"{summary['missing_references']['count']} predictions without reference, "
+            f"{summary['missing_predictions']['count']} references without prediction.")
+    return {"metrics": metric_rows(summary), "eval_note": note}
+
+
+def build_report(cfg: ReportConfig) -> str:
+    """Write the report to ``cfg.out``; returns its URI."""
+    sampled = sample_captions(cfg.captions, cfg.sample, max_parts=cfg.max_parts, seed=cfg.seed)
+    model_uri = cfg.model or sampled.model
+    loaded = _load_model(model_uri)
+    run_record = storage.read_json(storage.join(cfg.captions, "_run.json")) or {}
+    images = cfg.images or run_record.get("input")
+    encoder = None
+    if loaded is not None and cfg.interpret:
+        from clipcap_core.encoders import load_encoder
+
+        encoder = load_encoder(loaded.config.encoder)
+    if images:
+        fetch_images(images, sampled.items, cfg.thumb_px, encoder)
+    history = storage.read_json(storage.join(cfg.run, "history.json")) if cfg.run else None
+    clip_values = [c.get("clip_score") for it in sampled.items for c in it.captions[:1]]
+    interpretation = _interpretation(loaded, sampled.items, cfg.interpret)
+    context = {
+        "title": posixpath.basename(cfg.captions.rstrip("/")) or cfg.captions, "captions": cfg.captions,
+        "model": model_uri, "items": sampled.items, "parts_read": sampled.parts_read,
+        "parts_total": sampled.parts_total, "rows_read": sampled.rows_read,
+        "training_chart": charts.training_chart(history) if history else None,
+        "clip_chart": charts.histogram(clip_values, "CLIPScore"),
+        "score_keys": ("bleu4", "cider", "clip_score", "ref_clip_score", "exact_match"),
+        "interpretation": interpretation,
+        "interpretation_note": "no model or no image embeddings for prefix interpretation"
+        if not interpretation else "",
+        "model_card": _model_card(model_uri), "model_card_note": f"no model card found for {model_uri!r}",
+        **_evaluation_context(cfg.evaluation, sampled.items),
+    }
+    html = page.render(context)
+    fs, path = storage.filesystem(cfg.out)
+    storage.ensure_dir(fs, posixpath.dirname(path) or ".")
+    with fs.open(path, "w") as f:
+        f.write(html)
+    log.info("report: %s (%d images, %.0f KB)", cfg.out, len(sampled.items), len(html) / 1024)
+    return cfg.out
