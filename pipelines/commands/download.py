@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_download(config_from_args(args), ray_address=args.ray_address)
     print(summary.describe())
     print(summary_json(summary))
-    return 0
+    return summary.exit_code
 
 
 def add_parser(subparsers: Any) -> None:

@@ -4,14 +4,16 @@
         --model ViT-B-32 --pretrained openai --num-actors 4 --gpus-per-actor 1 --batch-size 256
     clipcap embed --config embed.yaml                # YAML/JSON with EmbedConfig fields; flags win
 
-Output: ``<output-root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet`` (+ ``_errors/``); a rerun
-skips finished shards.
+Output: ``<output-root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet`` (errors table under
+``<output-root>/_meta/embeddings/...``); a rerun skips finished shards and retries shards that could not be read.
+Exit code: 0 all shards done, 4 some shards could not be read (named on stderr), 5 none done, 2 bad config.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 # flag dest -> (EmbedConfig section or "" for the top level, field name)
@@ -76,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
     result = run_embed(config_from_args(args), ray_address=args.ray_address)
     print(result.describe())
     print(json.dumps(result.to_dict(), indent=2))
-    return 0
+    for uri, why in sorted(result.failed.items()):
+        print(f"clipcap embed: shard not done (rerun to retry): {uri}: {why}", file=sys.stderr)
+    return result.exit_code
 
 
 def add_parser(subparsers: Any) -> None:
