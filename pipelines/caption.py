@@ -1,26 +1,34 @@
 """Bulk captioning: image archives in, caption tables + an errors table out; resumable and idempotent.
 
-    summary = caption_archive(CaptionConfig(input="s3://b/archives", output="s3://b/captions/run1", model="tiny"))
+    summary = caption_archive(CaptionConfig(input="s3://b/archives", output="s3://b/captions/run1",
+                                            model="s3://b/models/m1"))
 
 Ray Data pipeline (stages in ``pipelines.caption_stages``): the driver plans the input into parts
 (``pipelines.sources``) -> read + safe decode + resize (one task per part) -> CLIP (actor pool; skipped when
 the input is only embedding tables) -> mapping network + batched decoding (actor pool) -> rows stream back to
 the driver, which commits each part as soon as all its rows have arrived.
 
-Output layout under ``output``:
-- ``part-<part id>.parquet``: caption table, ``schemas.CAPTIONS_RANKED_SCHEMA``: key, caption, score (mean
-  token log-prob), model (``<uri>@<version>``), created_at, rank (one row per caption, 0 = best; with
+Output layout under ``output`` (each table folder holds only non-empty part files, so pandas, pyarrow,
+DuckDB, polars and Hugging Face ``datasets`` read it as it is):
+- ``captions/part-<part id>.parquet``: caption table, ``schemas.CAPTIONS_RANKED_SCHEMA``: key, caption, score
+  (mean token log-prob), model (``<uri>@<version>``), created_at, rank (one row per caption, 0 = best; with
   ``num_captions`` = 1 the key alone is unique). Rows sorted by (key, rank).
-- ``_errors/part-<part id>.parquet``: errors table (key, source, stage, error), only for parts with errors.
-- ``_run.json``: the model, decoding options and input plan digest of the run that owns this output.
-- ``_summary.json``: the last run's summary.
+- ``_meta/errors/part-<part id>.parquet``: errors table (key, source, stage, error), parts with errors only.
+- ``_meta/empty/part-<part id>.json``: the done-marker of a part without one caption (all members failed).
+- ``_meta/run.json``: the model, decoding options and input plan digest of the run that owns this output;
+  ``_meta/summary.json``: the last run's summary.
+An output of the old layout (part files and ``_run.json`` at its top level) is refused with a message
+(``overwrite`` redoes it in this layout).
 
 Resumability: part ids are derived from the input (``sources.plan_parts``); a part is committed by writing
-its errors file, then its caption file, each atomically (``storage.atomic_write_table``), so an interrupted
-run leaves no partial file and the caption file's presence means "done". A rerun skips done parts and so
-never duplicates rows; a rerun with another model / decoding / input is refused (``overwrite=True`` redoes
-everything). Job-level faults (unreadable output, missing input or model, embedding dimension or CLIP model
-not matching the model) raise before any work starts.
+its errors file, then its caption file (or empty marker), each atomically (``storage.atomic_write_table``),
+so an interrupted run leaves no partial file and the caption file's presence means "done". A rerun skips
+done parts and so never duplicates rows; a rerun with another model / decoding / input is refused
+(``overwrite=True`` redoes everything). A part whose input could not be read (unreadable or truncated
+archive, I/O error: ``sources.UNIT_STAGE`` rows) is not committed: it is listed in
+``CaptionSummary.parts_failed`` and retried by the next run (exit code ``exitcodes.PARTIAL``).
+Job-level faults (unreadable output, output inside the input, missing input, a missing / corrupt / untrained
+model, embedding dimension or CLIP model not matching the model) raise before any work starts.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from clipcap_core.configs import to_dict
 from clipcap_core.decoding import DecodeConfig
-from pipelines import schemas, sources, storage
+from pipelines import exitcodes, schemas, sources, storage
 from pipelines.caption_stages import TIMING_COLUMNS
 
 if TYPE_CHECKING:
@@ -73,7 +81,8 @@ class ResourceOptions:
 class CaptionConfig:
     input: str
     output: str
-    model: str = "tiny"            # model artifact URI or preset name
+    model: str                     # model artifact URI (a preset name only with allow_untrained)
+    allow_untrained: bool = False  # accept an untrained preset: random captions, for wiring tests / benchmarks
     source: sources.SourceConfig = field(default_factory=sources.SourceConfig)
     decoding: DecodeConfig = field(default_factory=DecodeConfig)
     resources: ResourceOptions = field(default_factory=ResourceOptions)
@@ -92,10 +101,15 @@ class CaptionSummary:
     captioned: int = 0
     captions: int = 0
     errors: int = 0
+    parts_failed: dict[str, str] = field(default_factory=dict)  # input not readable: not committed, retried
     seconds: float = 0.0
     first_output_s: float = 0.0  # start -> first rows back (planning, actor start-up, model loads, 1st batch)
     stage_seconds: dict[str, float] = field(default_factory=dict)      # busy wall seconds per stage
     stage_cpu_seconds: dict[str, float] = field(default_factory=dict)  # process CPU seconds per stage
+
+    @property
+    def exit_code(self) -> int:
+        return exitcodes.outcome(self.parts_total - len(self.parts_failed), len(self.parts_failed))
 
     @property
     def images_per_s(self) -> float:
@@ -118,12 +132,61 @@ class Plan:
     digest: str
 
 
+TABLE_DIR, META_DIR = "captions", "_meta"
+
+
+def table_uri(output: str) -> str:
+    return storage.join(output, TABLE_DIR)
+
+
+def meta_uri(output: str, *parts: str) -> str:
+    return storage.join(output, META_DIR, *parts)
+
+
 def part_uri(output: str, part_id: str) -> str:
-    return storage.join(output, f"part-{part_id}.parquet")
+    return storage.join(output, TABLE_DIR, f"part-{part_id}.parquet")
 
 
 def errors_uri(output: str, part_id: str) -> str:
-    return storage.join(output, "_errors", f"part-{part_id}.parquet")
+    return meta_uri(output, "errors", f"part-{part_id}.parquet")
+
+
+def empty_uri(output: str, part_id: str) -> str:
+    return meta_uri(output, "empty", f"part-{part_id}.json")
+
+
+def done_parts(output: str) -> set[str]:
+    """Part ids with a caption file or an empty marker."""
+    names = [u.rsplit("/", 1)[-1].removesuffix(".parquet") for u in storage.list_files(table_uri(output), ".parquet")]
+    names += [u.rsplit("/", 1)[-1].removesuffix(".json") for u in storage.list_files(meta_uri(output, "empty"),
+                                                                                     ".json")]
+    return {n.removeprefix("part-") for n in names}
+
+
+def _old_layout_files(output: str) -> list[str]:
+    """Files of the layout before ``captions/`` + ``_meta/`` (part files and bookkeeping at the top level)."""
+    old = storage.list_files(output, ".parquet") + storage.list_files(storage.join(output, "_errors"), ".parquet")
+    return old + [u for u in (storage.join(output, "_run.json"), storage.join(output, "_summary.json"))
+                  if storage.exists(u)]
+
+
+def check_output_outside_input(cfg: CaptionConfig) -> None:
+    """An output inside the input would be read back as input by the next run."""
+    try:
+        fs_in, p_in = storage.filesystem(cfg.input)
+        fs_out, p_out = storage.filesystem(cfg.output)
+    except Exception:  # noqa: BLE001 - a bad URI is reported by the input / output checks that follow
+        return
+    if storage.protocol_prefix(fs_in) != storage.protocol_prefix(fs_out):
+        return
+    norm_in, norm_out = p_in.rstrip("/"), p_out.rstrip("/")
+    if fs_in.protocol[0] in ("file", "local"):
+        import os
+
+        norm_in, norm_out = os.path.realpath(norm_in), os.path.realpath(norm_out)
+    if norm_out == norm_in or norm_out.startswith(norm_in + "/"):
+        raise ValueError(f"output {cfg.output!r} is inside input {cfg.input!r}: its files would be read back as "
+                         "input by the next run; choose an output outside the input")
 
 
 def _check_embeddings(parts: list[sources.Part], info: Any) -> None:
@@ -151,10 +214,11 @@ def prepare(cfg: CaptionConfig) -> Plan:
     """Every job-level check, then the plan; raises before any work starts. Claims the output."""
     from pipelines.caption_stages import inspect_model
 
+    check_output_outside_input(cfg)
     storage.check_writable(cfg.output)
     fs, path = storage.filesystem(cfg.output)
     fs.invalidate_cache(path)  # another process (an earlier, killed run) may have written here
-    info = inspect_model(cfg.model)
+    info = inspect_model(cfg.model, allow_untrained=cfg.allow_untrained)
     parts = sources.plan_parts(cfg.input, cfg.source)
     _check_embeddings(parts, info)
     needs_clip = any(p.kind != "embeddings" for p in parts)
@@ -163,8 +227,13 @@ def prepare(cfg: CaptionConfig) -> Plan:
                          f"but model {info.uri!r} expects clip_dim={info.clip_dim}")
     digest = sources.plan_digest(parts)
     record = _run_record(cfg, info.model_id, digest)
-    run_uri = storage.join(cfg.output, "_run.json")
+    run_uri = meta_uri(cfg.output, "run.json")
     previous = storage.read_json(run_uri)
+    old = _old_layout_files(cfg.output)
+    if old and not cfg.overwrite:
+        raise ValueError(f"output {cfg.output!r} holds a caption table of the old layout ({old[0]} at its top "
+                         f"level); use a new output, or overwrite=True (--overwrite) to redo it as {TABLE_DIR}/ "
+                         f"+ {META_DIR}/")
     if cfg.overwrite:
         _clear_output(cfg.output)
     elif previous is not None and previous != record:
@@ -173,15 +242,16 @@ def prepare(cfg: CaptionConfig) -> Plan:
                          "output or overwrite=True (--overwrite) to redo it")
     storage.write_json(record, run_uri)
     _remove_stale_temporaries(cfg.output)
-    done = set(storage.list_files(cfg.output, ".parquet"))
-    todo = [p for p in parts if part_uri(cfg.output, p.part_id) not in done]
+    done = done_parts(cfg.output)
+    todo = [p for p in parts if p.part_id not in done]
     return Plan(parts, todo, info.model_id, info, needs_clip, digest)
 
 
 def _remove_stale_temporaries(output: str) -> None:
     """Drop ``_tmp.*`` files a killed run left behind (never visible as parts; one run per output)."""
-    fs, path = storage.filesystem(output)
-    for sub in (path, f"{path.rstrip('/')}/_errors"):
+    fs, _ = storage.filesystem(output)
+    for uri in (table_uri(output), meta_uri(output, "errors"), meta_uri(output, "empty"), meta_uri(output)):
+        sub = storage.filesystem(uri)[1]
         if fs.exists(sub):
             for name in fs.ls(sub, detail=False):
                 if name.rsplit("/", 1)[-1].startswith("_tmp."):
@@ -189,9 +259,10 @@ def _remove_stale_temporaries(output: str) -> None:
 
 
 def _clear_output(output: str) -> None:
-    fs, path = storage.filesystem(output)
-    for uri in storage.list_files(output, ".parquet") + storage.list_files(storage.join(output, "_errors"),
-                                                                           ".parquet"):
+    fs, _ = storage.filesystem(output)
+    mine = (storage.list_files(table_uri(output), ".parquet") + storage.list_files(meta_uri(output, "errors"),
+            ".parquet") + storage.list_files(meta_uri(output, "empty"), ".json"))
+    for uri in mine + _old_layout_files(output):
         fs.rm(storage.filesystem(uri)[1])
 
 
@@ -206,6 +277,7 @@ class PartCommitter:
         self.rows: dict[str, dict[int, dict[str, Any]]] = {}
         self.totals: dict[str, int] = {}
         self.committed: list[str] = []
+        self.failed: dict[str, str] = {}  # part id -> why its input could not be read (not committed)
         self.stage_seconds: dict[str, float] = {}
         self.stage_cpu_seconds: dict[str, float] = {}
 
@@ -227,8 +299,15 @@ class PartCommitter:
                 self.rows.setdefault(pid, {})[row["index"]] = row
         for pid in sorted(touched):
             if pid in self.totals and len(self.rows.get(pid, {})) >= self.totals[pid]:
-                done.append(self.commit(pid, list(self.rows.pop(pid, {}).values())))
+                rows = list(self.rows.pop(pid, {}).values())
                 del self.totals[pid]
+                unread = [r for r in rows if r["stage"] == sources.UNIT_STAGE]
+                if unread:
+                    self.failed[pid] = f"{unread[0]['source']}: {unread[0]['error']}"
+                    log.error("part %s is not done (a rerun retries it): %s", pid, self.failed[pid])
+                    continue
+                self.failed.pop(pid, None)
+                done.append(self.commit(pid, rows))
         return done
 
     def pending(self) -> list[str]:
@@ -259,7 +338,10 @@ class PartCommitter:
         elif storage.exists(err_uri):  # stale, from a run this one overwrites
             fs, path = storage.filesystem(err_uri)
             fs.rm(path)
-        storage.atomic_write_table(captions, part_uri(self.output, part_id))  # last: "this part is done"
+        if captions.num_rows:  # last: "this part is done"
+            storage.atomic_write_table(captions, part_uri(self.output, part_id))
+        else:  # a 0-row Parquet file breaks Hugging Face datasets: the marker lives under _meta instead
+            storage.write_json({"part": part_id, "errors": errors.num_rows}, empty_uri(self.output, part_id))
         self.committed.append(part_id)
         images = len(rows)
         return part_id, images, images - errors.num_rows, captions.num_rows
@@ -290,10 +372,11 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
                 _log_progress(summary, start)
         summary.stage_seconds = {k: round(v, 3) for k, v in committer.stage_seconds.items()}
         summary.stage_cpu_seconds = {k: round(v, 3) for k, v in committer.stage_cpu_seconds.items()}
+        summary.parts_failed = dict(committer.failed)
         if committer.pending():
             raise RuntimeError(f"pipeline ended with incomplete parts {committer.pending()[:5]} (rows lost?)")
     summary.seconds = time.monotonic() - start
-    storage.write_json(summary.as_dict(), storage.join(cfg.output, "_summary.json"))
+    storage.write_json(summary.as_dict(), meta_uri(cfg.output, "summary.json"))
     log.info("done: %s", json.dumps(summary.as_dict()))
     return summary
 
@@ -350,7 +433,7 @@ def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
                                                        use_gpu=bool(gpu), threads=threads), **actor)
     return ds.map_batches(CaptionStage, batch_size=res.caption_batch_size,
                           compute=ray.data.ActorPoolStrategy(size=res.caption_actors),
-                          fn_constructor_kwargs=dict(model_uri=cfg.model, decoding=cfg.decoding,
+                          fn_constructor_kwargs=dict(model_uri=plan.model_info.uri, decoding=cfg.decoding,
                                                      precision=res.precision, use_gpu=bool(gpu), threads=threads),
                           **actor)
 
