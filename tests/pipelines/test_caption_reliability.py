@@ -14,8 +14,16 @@ import pytest
 
 from clipcap_core.decoding import DecodeConfig
 from pipelines import sources, storage
-from pipelines.caption import (CaptionConfig, PartCommitter, done_parts, errors_uri, meta_uri, part_uri, prepare,
-                               table_uri)
+from pipelines.caption import (
+    CaptionConfig,
+    PartCommitter,
+    done_parts,
+    errors_uri,
+    meta_uri,
+    part_uri,
+    prepare,
+    table_uri,
+)
 from tests.pipelines.image_zoo import good_images
 
 
@@ -191,3 +199,70 @@ def test_tables_read_as_they_are_by_pandas_pyarrow_duckdb_polars_and_datasets(tm
     loaded = datasets.load_dataset(table, split="train", cache_dir=str(tmp_path / "hf2"))
     assert sorted(loaded["key"]) == want
     assert json.loads((tmp_path / "out/_meta/summary.json").read_text()) == {"images": 4}
+
+
+def test_rerun_guard_refuses_other_decoding_but_not_speed_only_options(saved_tiny, images, tmp_path):
+    out = tmp_path / "out"
+    prepare(_cfg(images, out, saved_tiny, decoding=DecodeConfig(max_length=8, batch_size=16)))
+    prepare(_cfg(images, out, saved_tiny, decoding=DecodeConfig(max_length=8, batch_size=64)))  # speed only
+    with pytest.raises(ValueError, match="different decoding"):
+        prepare(_cfg(images, out, saved_tiny, decoding=DecodeConfig(max_length=9)))
+    with pytest.raises(ValueError, match="different decoding"):
+        prepare(_cfg(images, out, saved_tiny, decoding=DecodeConfig(max_length=8, strategy="beam")))
+
+
+class _Blocks:
+    """What the driver iterates (``Dataset.iter_batches``), here a fixed list of blocks: the driver's own
+    bookkeeping is under test, not Ray's."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def iter_batches(self, **_kw):
+        yield from self.blocks
+
+
+def test_rows_lost_in_the_pipeline_fail_the_run_naming_the_part(saved_tiny, images, tmp_path, monkeypatch):
+    from pipelines import caption
+
+    lost_row = _rows("images-00000", [], 1)  # the marker says 1 member, the member row never arrives
+    monkeypatch.setattr(caption, "build_dataset", lambda cfg, plan: _Blocks([lost_row]))
+    with pytest.raises(RuntimeError, match=r"incomplete parts \['images-00000'\] \(rows lost\?\)"):
+        caption.caption_archive(_cfg(images, tmp_path / "out", saved_tiny))
+    assert done_parts(str(tmp_path / "out")) == set()
+
+
+def test_embed_rows_lost_in_the_pipeline_fail_the_run_naming_the_shard(tmp_path):
+    import numpy as np
+
+    from pipelines import embed_stages as st
+    from pipelines.embed import EmbedConfig, EmbedResult, _drain
+
+    n = 1
+    batch = {st.SHARD: np.array(["00007"], dtype=object), st.TOTAL: np.full(n, 2), st.KEY: np.array(["k"], object),
+             st.CAPTION: np.array(["c"], object), st.URL: np.array([None], object), st.SOURCE: np.array(["s"], object),
+             st.ERROR: np.array([""], object), st.UNREAD: np.zeros(n, bool),
+             "image_embedding": np.ones((n, 128), np.float32)}
+    cfg = EmbedConfig(input=str(tmp_path), output_root=str(tmp_path / "o"), dataset="d")
+    result = EmbedResult(table_uri=cfg.table_uri, shards=1, skipped=0, written=1, rows=0, errors=0, dim=128, wall_s=0)
+    with pytest.raises(RuntimeError, match=r"incomplete shard\(s\) \['00007'\] \(rows lost\?\)"):
+        _drain(cfg, _Blocks([batch]), [str(tmp_path / "00007.tar")], 128, 0.0, result)
+    assert not (tmp_path / "o").exists()
+
+
+def test_caption_images_names_a_bad_file_and_refuses_a_bomb(saved_tiny, tmp_path, capsys):
+    from PIL import Image
+
+    from pipelines.cli import main
+
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    assert main(["caption-images", str(empty), "--model", str(saved_tiny)]) == 2
+    err = capsys.readouterr().err
+    assert f"{empty}: empty file" in err and "BytesIO" not in err and "Traceback" not in err
+    big = tmp_path / "big.png"
+    Image.new("L", (9000, 8000)).save(big)  # 72 MP: over the 64 MP limit, refused before decoding
+    assert main(["caption-images", str(big), "--model", str(saved_tiny)]) == 2
+    assert "big.png" in capsys.readouterr().err
+    assert main(["caption-images", str(empty), "--model", "tiny"]) == 2
+    assert "untrained preset" in capsys.readouterr().err
