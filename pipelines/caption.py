@@ -37,22 +37,30 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
-
-import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from clipcap_core.configs import to_dict
 from clipcap_core.decoding import DecodeConfig
-from pipelines import exitcodes, schemas, sources, storage
-from pipelines.caption_stages import TIMING_COLUMNS
+from pipelines import exitcodes, sources, storage
+from pipelines.caption_output import (  # noqa: F401  (the layout helpers are part of this module's API)
+    META_DIR,
+    TABLE_DIR,
+    PartCommitter,
+    _clear_output,
+    _old_layout_files,
+    _remove_stale_temporaries,
+    done_parts,
+    empty_uri,
+    errors_uri,
+    meta_uri,
+    part_uri,
+    table_uri,
+)
 
 if TYPE_CHECKING:
     import ray.data
 
 log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True, kw_only=True)
 class ResourceOptions:
@@ -76,7 +84,6 @@ class ResourceOptions:
                self.caption_actors, self.read_memory_mb) < 1 or min(self.read_cpus, self.cpus_per_actor) <= 0:
             raise ValueError("batch sizes, actor counts and read_memory_mb must be >= 1, CPUs > 0")
 
-
 @dataclass(frozen=True, kw_only=True)
 class CaptionConfig:
     input: str
@@ -88,7 +95,6 @@ class CaptionConfig:
     resources: ResourceOptions = field(default_factory=ResourceOptions)
     overwrite: bool = False
     progress_interval_s: float = 10.0
-
 
 @dataclass
 class CaptionSummary:
@@ -120,7 +126,6 @@ class CaptionSummary:
         d["images_per_s"] = round(self.images_per_s, 3)
         return d
 
-
 # --- job-level validation ----------------------------------------------------------------------------------
 @dataclass
 class Plan:
@@ -130,45 +135,6 @@ class Plan:
     model_info: Any   # caption_stages.ModelInfo
     needs_clip: bool
     digest: str
-
-
-TABLE_DIR, META_DIR = "captions", "_meta"
-
-
-def table_uri(output: str) -> str:
-    return storage.join(output, TABLE_DIR)
-
-
-def meta_uri(output: str, *parts: str) -> str:
-    return storage.join(output, META_DIR, *parts)
-
-
-def part_uri(output: str, part_id: str) -> str:
-    return storage.join(output, TABLE_DIR, f"part-{part_id}.parquet")
-
-
-def errors_uri(output: str, part_id: str) -> str:
-    return meta_uri(output, "errors", f"part-{part_id}.parquet")
-
-
-def empty_uri(output: str, part_id: str) -> str:
-    return meta_uri(output, "empty", f"part-{part_id}.json")
-
-
-def done_parts(output: str) -> set[str]:
-    """Part ids with a caption file or an empty marker."""
-    names = [u.rsplit("/", 1)[-1].removesuffix(".parquet") for u in storage.list_files(table_uri(output), ".parquet")]
-    names += [u.rsplit("/", 1)[-1].removesuffix(".json") for u in storage.list_files(meta_uri(output, "empty"),
-                                                                                     ".json")]
-    return {n.removeprefix("part-") for n in names}
-
-
-def _old_layout_files(output: str) -> list[str]:
-    """Files of the layout before ``captions/`` + ``_meta/`` (part files and bookkeeping at the top level)."""
-    old = storage.list_files(output, ".parquet") + storage.list_files(storage.join(output, "_errors"), ".parquet")
-    return old + [u for u in (storage.join(output, "_run.json"), storage.join(output, "_summary.json"))
-                  if storage.exists(u)]
-
 
 def check_output_outside_input(cfg: CaptionConfig) -> None:
     """An output inside the input would be read back as input by the next run."""
@@ -188,7 +154,6 @@ def check_output_outside_input(cfg: CaptionConfig) -> None:
         raise ValueError(f"output {cfg.output!r} is inside input {cfg.input!r}: its files would be read back as "
                          "input by the next run; choose an output outside the input")
 
-
 def _check_embeddings(parts: list[sources.Part], info: Any) -> None:
     for p in parts:
         if p.kind != "embeddings":
@@ -201,14 +166,11 @@ def _check_embeddings(parts: list[sources.Part], info: Any) -> None:
             raise ValueError(f"embedding table {where} was made with CLIP {p.clip_model!r} but model "
                              f"{info.uri!r} was trained on {info.encoder.model_name!r} embeddings")
 
-
 _SPEED_ONLY = ("batch_size", "use_cache", "static_cache")  # decoding options that do not change captions
-
 
 def _run_record(cfg: CaptionConfig, model_id: str, digest: str) -> dict[str, Any]:
     decoding = {k: v for k, v in to_dict(cfg.decoding).items() if k not in _SPEED_ONLY}
     return {"model": model_id, "decoding": decoding, "input": cfg.input, "plan_digest": digest}
-
 
 def prepare(cfg: CaptionConfig) -> Plan:
     """Every job-level check, then the plan; raises before any work starts. Claims the output."""
@@ -246,107 +208,6 @@ def prepare(cfg: CaptionConfig) -> Plan:
     todo = [p for p in parts if p.part_id not in done]
     return Plan(parts, todo, info.model_id, info, needs_clip, digest)
 
-
-def _remove_stale_temporaries(output: str) -> None:
-    """Drop ``_tmp.*`` files a killed run left behind (never visible as parts; one run per output)."""
-    fs, _ = storage.filesystem(output)
-    for uri in (table_uri(output), meta_uri(output, "errors"), meta_uri(output, "empty"), meta_uri(output)):
-        sub = storage.filesystem(uri)[1]
-        if fs.exists(sub):
-            for name in fs.ls(sub, detail=False):
-                if name.rsplit("/", 1)[-1].startswith("_tmp."):
-                    fs.rm(name)
-
-
-def _clear_output(output: str) -> None:
-    fs, _ = storage.filesystem(output)
-    mine = (storage.list_files(table_uri(output), ".parquet") + storage.list_files(meta_uri(output, "errors"),
-            ".parquet") + storage.list_files(meta_uri(output, "empty"), ".json"))
-    for uri in mine + _old_layout_files(output):
-        fs.rm(storage.filesystem(uri)[1])
-
-
-# --- committing parts -------------------------------------------------------------------------------------------
-class PartCommitter:
-    """Collects stage rows per part (dedup by member index) and commits a part once all its rows arrived."""
-
-    def __init__(self, output: str, model_id: str, decoding: DecodeConfig):
-        self.output, self.model_id = output, model_id
-        self.meta = {schemas.META_MODEL: model_id, schemas.META_DECODING: json.dumps(to_dict(decoding)),
-                     schemas.META_SCHEMA_VERSION: schemas.SCHEMA_VERSION}
-        self.rows: dict[str, dict[int, dict[str, Any]]] = {}
-        self.totals: dict[str, int] = {}
-        self.committed: list[str] = []
-        self.failed: dict[str, str] = {}  # part id -> why its input could not be read (not committed)
-        self.stage_seconds: dict[str, float] = {}
-        self.stage_cpu_seconds: dict[str, float] = {}
-
-    def add(self, table: pa.Table) -> list[tuple[str, int, int, int]]:
-        """Take a block of final-stage rows; return (part id, images, captions, errors) of parts committed."""
-        done = []
-        touched = set()
-        for name in TIMING_COLUMNS:
-            if name in table.column_names:
-                kind, stage = name.split("_", 1)
-                bucket = self.stage_seconds if kind == "t" else self.stage_cpu_seconds
-                bucket[stage] = bucket.get(stage, 0.0) + float(pa.compute.sum(table.column(name)).as_py() or 0.0)
-        for row in table.to_pylist():
-            pid = row["part_id"]
-            touched.add(pid)
-            if row["index"] < 0:
-                self.totals[pid] = row["total"]
-            else:
-                self.rows.setdefault(pid, {})[row["index"]] = row
-        for pid in sorted(touched):
-            if pid in self.totals and len(self.rows.get(pid, {})) >= self.totals[pid]:
-                rows = list(self.rows.pop(pid, {}).values())
-                del self.totals[pid]
-                unread = [r for r in rows if r["stage"] == sources.UNIT_STAGE]
-                if unread:
-                    self.failed[pid] = f"{unread[0]['source']}: {unread[0]['error']}"
-                    log.error("part %s is not done (a rerun retries it): %s", pid, self.failed[pid])
-                    continue
-                self.failed.pop(pid, None)
-                done.append(self.commit(pid, rows))
-        return done
-
-    def pending(self) -> list[str]:
-        return sorted(set(self.rows) | set(self.totals))
-
-    def commit(self, part_id: str, rows: list[dict[str, Any]]) -> tuple[str, int, int, int]:
-        now = datetime.now(timezone.utc)
-        caps: dict[str, list[Any]] = {n: [] for n in schemas.CAPTIONS_RANKED_SCHEMA.names}
-        errs: dict[str, list[Any]] = {n: [] for n in schemas.ERRORS_SCHEMA.names}
-        for row in sorted(rows, key=lambda r: (r["key"], r["index"])):
-            if row["error"] is None and row.get("captions"):
-                for rank, (text, score) in enumerate(zip(row["captions"], row["scores"], strict=True)):
-                    for name, v in ((schemas.KEY, row["key"]), (schemas.CAPTION, text), (schemas.SCORE, score),
-                                    (schemas.MODEL, self.model_id), (schemas.CREATED_AT, now),
-                                    (schemas.RANK, rank)):
-                        caps[name].append(v)
-            else:
-                error = row["error"] or "no caption produced"
-                for name, v in ((schemas.KEY, row["key"]), (schemas.SOURCE, row["source"]),
-                                (schemas.STAGE, row["stage"] or "caption"), (schemas.ERROR, error)):
-                    errs[name].append(v)
-        meta = dict(self.meta, **{schemas.META_PART: part_id})
-        errors = pa.table(errs, schema=schemas.with_metadata(schemas.ERRORS_SCHEMA, meta))
-        captions = pa.table(caps, schema=schemas.with_metadata(schemas.CAPTIONS_RANKED_SCHEMA, meta))
-        err_uri = errors_uri(self.output, part_id)
-        if errors.num_rows:
-            storage.atomic_write_table(errors, err_uri)
-        elif storage.exists(err_uri):  # stale, from a run this one overwrites
-            fs, path = storage.filesystem(err_uri)
-            fs.rm(path)
-        if captions.num_rows:  # last: "this part is done"
-            storage.atomic_write_table(captions, part_uri(self.output, part_id))
-        else:  # a 0-row Parquet file breaks Hugging Face datasets: the marker lives under _meta instead
-            storage.write_json({"part": part_id, "errors": errors.num_rows}, empty_uri(self.output, part_id))
-        self.committed.append(part_id)
-        images = len(rows)
-        return part_id, images, images - errors.num_rows, captions.num_rows
-
-
 # --- the job ----------------------------------------------------------------------------------------------------
 def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
     """Caption every image of ``cfg.input`` into caption tables under ``cfg.output`` (see module docstring)."""
@@ -380,7 +241,6 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
     log.info("done: %s", json.dumps(summary.as_dict()))
     return summary
 
-
 def fit_resources(res: ResourceOptions, needs_clip: bool, cluster: dict[str, float]) -> ResourceOptions:
     """Check the request against the cluster (``ray.cluster_resources()``): GPUs asked for but absent is a
     job-level error; more CPUs reserved than the cluster has would starve the read tasks behind the actor
@@ -401,7 +261,6 @@ def fit_resources(res: ResourceOptions, needs_clip: bool, cluster: dict[str, flo
                 "(torch threads per actor stay %d)", wanted, cpus, scale, threads)
     return replace(res, cpus_per_actor=res.cpus_per_actor * scale, read_cpus=res.read_cpus * scale,
                    torch_threads=threads)
-
 
 def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
     """The Ray Data pipeline over the parts still to do (resources all set here)."""
@@ -436,7 +295,6 @@ def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
                           fn_constructor_kwargs=dict(model_uri=plan.model_info.uri, decoding=cfg.decoding,
                                                      precision=res.precision, use_gpu=bool(gpu), threads=threads),
                           **actor)
-
 
 def _log_progress(s: CaptionSummary, start: float) -> None:
     elapsed = time.monotonic() - start
