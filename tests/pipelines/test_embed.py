@@ -15,7 +15,7 @@ from clipcap_core import synthetic
 from clipcap_core.encoders import EncoderConfig, load_encoder
 from pipelines import embed_stages as st
 from pipelines import schemas, storage
-from pipelines.embed import EmbedConfig, EmbedResources, build_tables, run_embed
+from pipelines.embed import EmbedConfig, EmbedResources, build_tables, pending_shards, run_embed
 
 
 def _jpeg(img) -> bytes:
@@ -204,3 +204,14 @@ def test_assembler_and_duplicate_keys():
     assert asm.incomplete() == []
     with pytest.raises(RuntimeError, match="expected 1"):
         asm.add(batch("b", ["x", "y"], 1))
+
+
+def test_old_layout_and_empty_markers_count_as_done(tmp_path):
+    """Tables written before _meta/ (0-row part files, _errors/ inside) still resume; so do the new markers."""
+    cfg = EmbedConfig(input=str(tmp_path / "raw"), output_root=str(tmp_path / "out"), dataset="d")
+    shards = [str(tmp_path / "raw" / f"{i:05d}.tar") for i in range(4)]
+    old_empty = schemas.embedding_schema(4).empty_table()
+    storage.atomic_write_table(old_empty, storage.join(cfg.table_uri, "part-00000.parquet"))
+    storage.atomic_write_table(pa.table({"key": ["x"]}), storage.join(cfg.table_uri, "_errors", "part-00000.parquet"))
+    storage.write_json({"rows": 0}, storage.join(cfg.meta_uri, "empty", "part-00002.json"))
+    assert [u.rsplit("/", 1)[-1] for u in pending_shards(cfg, shards)] == ["00001.tar", "00003.tar"]
