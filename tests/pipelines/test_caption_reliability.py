@@ -266,3 +266,36 @@ def test_caption_images_names_a_bad_file_and_refuses_a_bomb(saved_tiny, tmp_path
     assert "big.png" in capsys.readouterr().err
     assert main(["caption-images", str(empty), "--model", "tiny"]) == 2
     assert "untrained preset" in capsys.readouterr().err
+
+
+def test_stages_give_each_key_the_caption_of_its_own_image(trained_model, tmp_path):
+    """The callables Ray runs (read+decode, ClipStage, CaptionStage) and the committer, called in-process with a
+    *trained* model: each key's caption equals ``Captioner`` on that member's own bytes (issue 13.7: reversing
+    the embeddings inside CaptionStage passed every test that used the untrained preset)."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from clipcap_core import synthetic
+    from clipcap_core.captioner import Captioner
+    from clipcap_core.encoders import ImageResizer, preprocess_spec
+    from pipelines.caption_demo import write_archive
+    from pipelines.caption_stages import CaptionStage, ClipStage, inspect_model, read_decode_part
+
+    archive = str(tmp_path / "imgs.tar")
+    write_archive(archive, list(synthetic.generate(6, seed=3, size=48, start=20000)))
+    cfg = sources.SourceConfig()
+    [part] = sources.plan_parts(archive, cfg)
+    info = inspect_model(trained_model)
+    clip, cap = ClipStage(info.encoder, threads=1), CaptionStage(trained_model, DecodeConfig(), threads=1)
+    out = str(tmp_path / "out")
+    committer = PartCommitter(out, info.model_id, DecodeConfig())
+    for block in read_decode_part(part, cfg, ImageResizer(preprocess_spec(info.encoder)), block_rows=4):
+        committer.add(cap(clip(block)))
+    got = {r["key"]: r["caption"] for r in pq.read_table(table_uri(out)).to_pylist()}
+    with tarfile.open(archive) as tf:
+        members = {f"imgs.tar/{m.name}": tf.extractfile(m).read() for m in tf if m.isfile()}
+    captioner = Captioner.from_pretrained(trained_model)
+    want = {key: captioner.caption(images=[data])[0] for key, data in members.items()}
+    assert got == want
+    assert len(set(want.values())) >= 3, f"the model does not tell the images apart: {want}"
