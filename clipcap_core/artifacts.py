@@ -155,6 +155,78 @@ def read_metadata(uri: str) -> dict[str, Any]:
     return meta
 
 
+_ST_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                   "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_MAX_HEADER = 100 << 20
+
+
+def weight_files(meta: dict[str, Any]) -> list[str]:
+    """The safetensors files an artifact's config.json says it holds."""
+    return [name for key, name in sorted(meta["weights"].items()) if key != "tokenizer" and name]
+
+
+def _check_safetensors(f: Any, size: int) -> None:
+    """The header parses and every tensor's byte range fits its dtype x shape and the file (no tensor read)."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{size} bytes, too short for a safetensors file")
+    n = int.from_bytes(head, "little")
+    if not 0 < n <= min(_MAX_HEADER, size - 8):
+        raise ValueError(f"header length {n} does not fit a {size}-byte file")
+    try:
+        header = json.loads(f.read(n))
+    except ValueError as exc:
+        raise ValueError(f"header is not valid JSON ({exc})") from None
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, stop = info["data_offsets"]
+        count = 1
+        for d in info["shape"]:
+            count *= int(d)
+        if info["dtype"] not in _ST_DTYPE_BYTES or stop - begin != count * _ST_DTYPE_BYTES[info["dtype"]]:
+            raise ValueError(f"tensor {name!r}: {info['dtype']} {info['shape']} does not fit bytes {begin}..{stop}")
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise ValueError(f"tensors need {8 + n + end} bytes, the file has {size} (truncated or padded)")
+
+
+def verify_weights(uri: str, meta: dict[str, Any] | None = None) -> dict[str, str]:
+    """Check every weights file of the artifact at ``uri`` (present, well-formed safetensors) and return their
+    sha256 digests. Raises ValueError naming the file, before anything is loaded (or any Ray work starts)."""
+    import hashlib
+
+    import fsspec
+
+    meta = meta if meta is not None else read_metadata(uri)
+    digests = {}
+    for name in weight_files(meta):
+        path = f"{str(uri).rstrip('/')}/{name}"
+        try:
+            fs, p = fsspec.core.url_to_fs(path)
+            size = int(fs.size(p))
+            with fs.open(p, "rb") as f:
+                _check_safetensors(f, size)
+                f.seek(0)
+                digest = hashlib.sha256()
+                for block in iter(lambda: f.read(1 << 22), b""):  # noqa: B023 - f is the loop's own file
+                    digest.update(block)
+        except FileNotFoundError:
+            raise ValueError(f"weights file {path} is missing") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"weights file {path} is corrupt: {exc}") from None
+        digests[name] = digest.hexdigest()
+    return digests
+
+
+def is_preset(uri_or_preset: str) -> bool:
+    """True for a preset name (``tiny``...) that is not also an existing path: an untrained model."""
+    from clipcap_core.presets import PRESETS
+
+    return uri_or_preset in PRESETS and not exists(uri_or_preset)
+
+
 def read_config(uri_or_preset: str) -> ModelConfig:
     """The ModelConfig of an artifact or preset, without loading weights (for checks before work starts)."""
     from clipcap_core.presets import PRESETS, preset_config
@@ -181,6 +253,7 @@ def load_model(uri_or_preset: str, device: str | torch.device = "cpu", precision
     else:
         meta = read_metadata(uri_or_preset)
         with local_copy(uri_or_preset) as local:
+            verify_weights(local, meta)  # a corrupt file is named here, not deep inside safetensors / HF
             loaded = _load_local(Path(local), meta)
     loaded.model.to(device=device, dtype=DTYPES[precision]).eval()
     return loaded

@@ -13,7 +13,6 @@ its memory before decoding.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -24,20 +23,27 @@ from PIL import Image
 
 from clipcap_core.artifacts import LoadedModel, load_model
 from clipcap_core.decoding import Generation, generate
+from clipcap_core.imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, to_rgb
 
 ImageInput = Image.Image | str | os.PathLike[str] | bytes
 
 
-def open_image(item: ImageInput) -> Image.Image:
-    """A PIL RGB image from a PIL image, a path / fsspec URI, or encoded bytes."""
+def open_image(item: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A PIL RGB image from a PIL image, a path / fsspec URI, or encoded bytes, decoded by the safe path
+    (``clipcap_core.imaging``: pixel limit before decoding, every mode to RGB, EXIF orientation). A bad file
+    raises ``ImageDecodeError`` naming its path."""
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        return to_rgb(item)
     if isinstance(item, (bytes, bytearray)):
-        return Image.open(io.BytesIO(item)).convert("RGB")
+        return decode_image(bytes(item), max_pixels=max_pixels)
     import fsspec
 
-    with fsspec.open(str(item), "rb") as f:
-        return Image.open(io.BytesIO(f.read())).convert("RGB")
+    try:
+        with fsspec.open(str(item), "rb") as f:
+            data = f.read()
+        return decode_image(data, max_pixels=max_pixels)
+    except (OSError, ImageDecodeError) as exc:
+        raise ImageDecodeError(f"{item}: {exc}") from None
 
 
 class Captioner:

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import posixpath
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -293,8 +295,29 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", precisi
     weights = resolve_weights(cfg.pretrained) if cfg.pretrained else shipped_weights(cfg.model_name)
     # Seeded init without touching the caller's RNG: the tiny preset (and any random-weights model) is
     # then identical in every process. Built on the CPU so the init does not depend on the device.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_random_init(weights is None):
         torch.manual_seed(TINY_SEED)
         model = oc.create_model(cfg.model_name, pretrained=weights, device="cpu", pretrained_text=False)
     model = model.to(device).eval()
     return ClipEncoder(cfg, model, device, precision)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init(active: bool) -> Iterator[None]:
+    """Without ``pretrained`` the seeded init *is* the model (the ``tiny`` preset, speed runs): open_clip's
+    root-logger warning "No pretrained weights loaded ... initialized randomly" would only alarm users who
+    load a trained ClipCap model built on such an encoder."""
+    if not active:
+        yield
+        return
+    flt, root = _DropRandomInitWarning(), logging.getLogger()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)

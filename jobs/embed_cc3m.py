@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(result.describe())
     print("RESULT " + json.dumps(result_dict(result), sort_keys=True), flush=True)
-    return 0
+    return result.exit_code  # 0 all done, 4 some shards not done (rerun), 5 nothing (pipelines.exitcodes)
 
 
 if __name__ == "__main__":  # img2dataset's worker processes re-import this file

@@ -1,27 +1,35 @@
 """Bulk captioning: image archives in, caption tables + an errors table out; resumable and idempotent.
 
-    summary = caption_archive(CaptionConfig(input="s3://b/archives", output="s3://b/captions/run1", model="tiny"))
+    summary = caption_archive(CaptionConfig(input="s3://b/archives", output="s3://b/captions/run1",
+                                            model="s3://b/models/m1"))
 
 Ray Data pipeline (stages in ``pipelines.caption_stages``): the driver plans the input into parts
 (``pipelines.sources``) -> read + safe decode + resize (one task per part) -> CLIP (actor pool; skipped when
 the input is only embedding tables) -> mapping network + batched decoding (actor pool) -> rows stream back to
 the driver, which commits each part as soon as all its rows have arrived.
 
-Output layout under ``output``:
-- ``part-<part id>.parquet``: caption table, ``schemas.CAPTIONS_SCORED_SCHEMA``: key, caption, score (mean
-  token log-prob), model (``<uri>@<version>``), created_at, rank (one row per caption, 0 = best; with
+Output layout under ``output`` (each table folder holds only non-empty part files, so pandas, pyarrow,
+DuckDB, polars and Hugging Face ``datasets`` read it as it is):
+- ``captions/part-<part id>.parquet``: caption table, ``schemas.CAPTIONS_SCORED_SCHEMA``: key, caption, score
+  (mean token log-prob), model (``<uri>@<version>``), created_at, rank (one row per caption, 0 = best; with
   ``num_captions`` = 1 the key alone is unique), clip_score (CLIPScore with the model's CLIP; ``rerank="clip"``
   orders the ranks by it). Rows sorted by (key, rank).
-- ``_errors/part-<part id>.parquet``: errors table (key, source, stage, error), only for parts with errors.
-- ``_run.json``: the model, decoding options and input plan digest of the run that owns this output.
-- ``_summary.json``: the last run's summary.
+- ``_meta/errors/part-<part id>.parquet``: errors table (key, source, stage, error), parts with errors only.
+- ``_meta/empty/part-<part id>.json``: the done-marker of a part without one caption (all members failed).
+- ``_meta/run.json``: the model, decoding options and input plan digest of the run that owns this output;
+  ``_meta/summary.json``: the last run's summary.
+An output of the old layout (part files and ``_run.json`` at its top level) is refused with a message
+(``overwrite`` redoes it in this layout).
 
 Resumability: part ids are derived from the input (``sources.plan_parts``); a part is committed by writing
-its errors file, then its caption file, each atomically (``storage.atomic_write_table``), so an interrupted
-run leaves no partial file and the caption file's presence means "done". A rerun skips done parts and so
-never duplicates rows; a rerun with another model / decoding / input is refused (``overwrite=True`` redoes
-everything). Job-level faults (unreadable output, missing input or model, embedding dimension or CLIP model
-not matching the model) raise before any work starts.
+its errors file, then its caption file (or empty marker), each atomically (``storage.atomic_write_table``),
+so an interrupted run leaves no partial file and the caption file's presence means "done". A rerun skips
+done parts and so never duplicates rows; a rerun with another model / decoding / input is refused
+(``overwrite=True`` redoes everything). A part whose input could not be read (unreadable or truncated
+archive, I/O error: ``sources.UNIT_STAGE`` rows) is not committed: it is listed in
+``CaptionSummary.parts_failed`` and retried by the next run (exit code ``exitcodes.PARTIAL``).
+Job-level faults (unreadable output, output inside the input, missing input, a missing / corrupt / untrained
+model, embedding dimension or CLIP model not matching the model) raise before any work starts.
 """
 
 from __future__ import annotations
@@ -30,22 +38,30 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
-
-import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from clipcap_core.configs import to_dict
 from clipcap_core.decoding import DecodeConfig
-from pipelines import schemas, sources, storage
-from pipelines.caption_stages import TIMING_COLUMNS
+from pipelines import exitcodes, sources, storage
+from pipelines.caption_output import (  # noqa: F401  (the layout helpers are part of this module's API)
+    META_DIR,
+    TABLE_DIR,
+    PartCommitter,
+    _clear_output,
+    _old_layout_files,
+    _remove_stale_temporaries,
+    done_parts,
+    empty_uri,
+    errors_uri,
+    meta_uri,
+    part_uri,
+    table_uri,
+)
 
 if TYPE_CHECKING:
     import ray.data
 
 log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True, kw_only=True)
 class ResourceOptions:
@@ -69,12 +85,12 @@ class ResourceOptions:
                self.caption_actors, self.read_memory_mb) < 1 or min(self.read_cpus, self.cpus_per_actor) <= 0:
             raise ValueError("batch sizes, actor counts and read_memory_mb must be >= 1, CPUs > 0")
 
-
 @dataclass(frozen=True, kw_only=True)
 class CaptionConfig:
     input: str
     output: str
-    model: str = "tiny"            # model artifact URI or preset name
+    model: str                     # model artifact URI (a preset name only with allow_untrained)
+    allow_untrained: bool = False  # accept an untrained preset: random captions, for wiring tests / benchmarks
     source: sources.SourceConfig = field(default_factory=sources.SourceConfig)
     decoding: DecodeConfig = field(default_factory=DecodeConfig)
     resources: ResourceOptions = field(default_factory=ResourceOptions)
@@ -91,7 +107,6 @@ class CaptionConfig:
         if self.rerank == "clip" and not self.clip_score:
             raise ValueError("rerank 'clip' needs clip_score=True (it ranks by the CLIP similarity)")
 
-
 @dataclass
 class CaptionSummary:
     output: str
@@ -103,10 +118,15 @@ class CaptionSummary:
     captioned: int = 0
     captions: int = 0
     errors: int = 0
+    parts_failed: dict[str, str] = field(default_factory=dict)  # input not readable: not committed, retried
     seconds: float = 0.0
     first_output_s: float = 0.0  # start -> first rows back (planning, actor start-up, model loads, 1st batch)
     stage_seconds: dict[str, float] = field(default_factory=dict)      # busy wall seconds per stage
     stage_cpu_seconds: dict[str, float] = field(default_factory=dict)  # process CPU seconds per stage
+
+    @property
+    def exit_code(self) -> int:
+        return exitcodes.outcome(self.parts_total - len(self.parts_failed), len(self.parts_failed))
 
     @property
     def images_per_s(self) -> float:
@@ -116,7 +136,6 @@ class CaptionSummary:
         d = dict(self.__dict__)
         d["images_per_s"] = round(self.images_per_s, 3)
         return d
-
 
 # --- job-level validation ----------------------------------------------------------------------------------
 @dataclass
@@ -128,14 +147,23 @@ class Plan:
     needs_clip: bool
     digest: str
 
+def check_output_outside_input(cfg: CaptionConfig) -> None:
+    """An output inside the input would be read back as input by the next run."""
+    try:
+        fs_in, p_in = storage.filesystem(cfg.input)
+        fs_out, p_out = storage.filesystem(cfg.output)
+    except Exception:  # noqa: BLE001 - a bad URI is reported by the input / output checks that follow
+        return
+    if storage.protocol_prefix(fs_in) != storage.protocol_prefix(fs_out):
+        return
+    norm_in, norm_out = p_in.rstrip("/"), p_out.rstrip("/")
+    if fs_in.protocol[0] in ("file", "local"):
+        import os
 
-def part_uri(output: str, part_id: str) -> str:
-    return storage.join(output, f"part-{part_id}.parquet")
-
-
-def errors_uri(output: str, part_id: str) -> str:
-    return storage.join(output, "_errors", f"part-{part_id}.parquet")
-
+        norm_in, norm_out = os.path.realpath(norm_in), os.path.realpath(norm_out)
+    if norm_out == norm_in or norm_out.startswith(norm_in + "/"):
+        raise ValueError(f"output {cfg.output!r} is inside input {cfg.input!r}: its files would be read back as "
+                         "input by the next run; choose an output outside the input")
 
 def _check_embeddings(parts: list[sources.Part], info: Any) -> None:
     for p in parts:
@@ -149,9 +177,7 @@ def _check_embeddings(parts: list[sources.Part], info: Any) -> None:
             raise ValueError(f"embedding table {where} was made with CLIP {p.clip_model!r} but model "
                              f"{info.uri!r} was trained on {info.encoder.model_name!r} embeddings")
 
-
 _SPEED_ONLY = ("batch_size", "use_cache", "static_cache")  # decoding options that do not change captions
-
 
 def _run_record(cfg: CaptionConfig, model_id: str, digest: str) -> dict[str, Any]:
     decoding = {k: v for k, v in to_dict(cfg.decoding).items() if k not in _SPEED_ONLY}
@@ -162,15 +188,15 @@ def _run_record(cfg: CaptionConfig, model_id: str, digest: str) -> dict[str, Any
         record["clip_score"] = False
     return record
 
-
 def prepare(cfg: CaptionConfig) -> Plan:
     """Every job-level check, then the plan; raises before any work starts. Claims the output."""
     from pipelines.caption_stages import inspect_model
 
+    check_output_outside_input(cfg)
     storage.check_writable(cfg.output)
     fs, path = storage.filesystem(cfg.output)
     fs.invalidate_cache(path)  # another process (an earlier, killed run) may have written here
-    info = inspect_model(cfg.model)
+    info = inspect_model(cfg.model, allow_untrained=cfg.allow_untrained)
     parts = sources.plan_parts(cfg.input, cfg.source)
     _check_embeddings(parts, info)
     needs_clip = any(p.kind != "embeddings" for p in parts)
@@ -179,8 +205,13 @@ def prepare(cfg: CaptionConfig) -> Plan:
                          f"but model {info.uri!r} expects clip_dim={info.clip_dim}")
     digest = sources.plan_digest(parts)
     record = _run_record(cfg, info.model_id, digest)
-    run_uri = storage.join(cfg.output, "_run.json")
+    run_uri = meta_uri(cfg.output, "run.json")
     previous = storage.read_json(run_uri)
+    old = _old_layout_files(cfg.output)
+    if old and not cfg.overwrite:
+        raise ValueError(f"output {cfg.output!r} holds a caption table of the old layout ({old[0]} at its top "
+                         f"level); use a new output, or overwrite=True (--overwrite) to redo it as {TABLE_DIR}/ "
+                         f"+ {META_DIR}/")
     if cfg.overwrite:
         _clear_output(cfg.output)
     elif previous is not None and previous != record:
@@ -189,98 +220,9 @@ def prepare(cfg: CaptionConfig) -> Plan:
                          "output or overwrite=True (--overwrite) to redo it")
     storage.write_json(record, run_uri)
     _remove_stale_temporaries(cfg.output)
-    done = set(storage.list_files(cfg.output, ".parquet"))
-    todo = [p for p in parts if part_uri(cfg.output, p.part_id) not in done]
+    done = done_parts(cfg.output)
+    todo = [p for p in parts if p.part_id not in done]
     return Plan(parts, todo, info.model_id, info, needs_clip, digest)
-
-
-def _remove_stale_temporaries(output: str) -> None:
-    """Drop ``_tmp.*`` files a killed run left behind (never visible as parts; one run per output)."""
-    fs, path = storage.filesystem(output)
-    for sub in (path, f"{path.rstrip('/')}/_errors"):
-        if fs.exists(sub):
-            for name in fs.ls(sub, detail=False):
-                if name.rsplit("/", 1)[-1].startswith("_tmp."):
-                    fs.rm(name)
-
-
-def _clear_output(output: str) -> None:
-    fs, path = storage.filesystem(output)
-    for uri in storage.list_files(output, ".parquet") + storage.list_files(storage.join(output, "_errors"),
-                                                                           ".parquet"):
-        fs.rm(storage.filesystem(uri)[1])
-
-
-# --- committing parts -------------------------------------------------------------------------------------------
-class PartCommitter:
-    """Collects stage rows per part (dedup by member index) and commits a part once all its rows arrived."""
-
-    def __init__(self, output: str, model_id: str, decoding: DecodeConfig, rerank: str = "none"):
-        self.output, self.model_id = output, model_id
-        self.meta = {schemas.META_MODEL: model_id, schemas.META_DECODING: json.dumps(to_dict(decoding)),
-                     schemas.META_SCHEMA_VERSION: schemas.SCHEMA_VERSION, schemas.META_RERANK: rerank}
-        self.rows: dict[str, dict[int, dict[str, Any]]] = {}
-        self.totals: dict[str, int] = {}
-        self.committed: list[str] = []
-        self.stage_seconds: dict[str, float] = {}
-        self.stage_cpu_seconds: dict[str, float] = {}
-
-    def add(self, table: pa.Table) -> list[tuple[str, int, int, int]]:
-        """Take a block of final-stage rows; return (part id, images, captions, errors) of parts committed."""
-        done = []
-        touched = set()
-        for name in TIMING_COLUMNS:
-            if name in table.column_names:
-                kind, stage = name.split("_", 1)
-                bucket = self.stage_seconds if kind == "t" else self.stage_cpu_seconds
-                bucket[stage] = bucket.get(stage, 0.0) + float(pa.compute.sum(table.column(name)).as_py() or 0.0)
-        for row in table.to_pylist():
-            pid = row["part_id"]
-            touched.add(pid)
-            if row["index"] < 0:
-                self.totals[pid] = row["total"]
-            else:
-                self.rows.setdefault(pid, {})[row["index"]] = row
-        for pid in sorted(touched):
-            if pid in self.totals and len(self.rows.get(pid, {})) >= self.totals[pid]:
-                done.append(self.commit(pid, list(self.rows.pop(pid, {}).values())))
-                del self.totals[pid]
-        return done
-
-    def pending(self) -> list[str]:
-        return sorted(set(self.rows) | set(self.totals))
-
-    def commit(self, part_id: str, rows: list[dict[str, Any]]) -> tuple[str, int, int, int]:
-        now = datetime.now(timezone.utc)
-        caps: dict[str, list[Any]] = {n: [] for n in schemas.CAPTIONS_SCORED_SCHEMA.names}
-        errs: dict[str, list[Any]] = {n: [] for n in schemas.ERRORS_SCHEMA.names}
-        for row in sorted(rows, key=lambda r: (r["key"], r["index"])):
-            if row["error"] is None and row.get("captions"):
-                clip = row.get("clip_scores") or [None] * len(row["captions"])
-                for rank, (text, score) in enumerate(zip(row["captions"], row["scores"], strict=True)):
-                    for name, v in ((schemas.KEY, row["key"]), (schemas.CAPTION, text), (schemas.SCORE, score),
-                                    (schemas.MODEL, self.model_id), (schemas.CREATED_AT, now),
-                                    (schemas.RANK, rank), (schemas.CLIP_SCORE, clip[rank])):
-                        caps[name].append(v)
-            else:
-                error = row["error"] or "no caption produced"
-                for name, v in ((schemas.KEY, row["key"]), (schemas.SOURCE, row["source"]),
-                                (schemas.STAGE, row["stage"] or "caption"), (schemas.ERROR, error)):
-                    errs[name].append(v)
-        meta = dict(self.meta, **{schemas.META_PART: part_id})
-        errors = pa.table(errs, schema=schemas.with_metadata(schemas.ERRORS_SCHEMA, meta))
-        captions = pa.table(caps, schema=schemas.with_metadata(schemas.CAPTIONS_SCORED_SCHEMA, meta))
-        err_uri = errors_uri(self.output, part_id)
-        if errors.num_rows:
-            storage.atomic_write_table(errors, err_uri)
-        elif storage.exists(err_uri):  # stale, from a run this one overwrites
-            fs, path = storage.filesystem(err_uri)
-            fs.rm(path)
-        storage.atomic_write_table(captions, part_uri(self.output, part_id))  # last: "this part is done"
-        self.committed.append(part_id)
-        images = len(rows)
-        return part_id, images, images - errors.num_rows, captions.num_rows
-
 
 # --- the job ----------------------------------------------------------------------------------------------------
 def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
@@ -307,13 +249,13 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
                 _log_progress(summary, start)
         summary.stage_seconds = {k: round(v, 3) for k, v in committer.stage_seconds.items()}
         summary.stage_cpu_seconds = {k: round(v, 3) for k, v in committer.stage_cpu_seconds.items()}
+        summary.parts_failed = dict(committer.failed)
         if committer.pending():
             raise RuntimeError(f"pipeline ended with incomplete parts {committer.pending()[:5]} (rows lost?)")
     summary.seconds = time.monotonic() - start
-    storage.write_json(summary.as_dict(), storage.join(cfg.output, "_summary.json"))
+    storage.write_json(summary.as_dict(), meta_uri(cfg.output, "summary.json"))
     log.info("done: %s", json.dumps(summary.as_dict()))
     return summary
-
 
 def fit_resources(res: ResourceOptions, needs_clip: bool, cluster: dict[str, float]) -> ResourceOptions:
     """Check the request against the cluster (``ray.cluster_resources()``): GPUs asked for but absent is a
@@ -335,7 +277,6 @@ def fit_resources(res: ResourceOptions, needs_clip: bool, cluster: dict[str, flo
                 "(torch threads per actor stay %d)", wanted, cpus, scale, threads)
     return replace(res, cpus_per_actor=res.cpus_per_actor * scale, read_cpus=res.read_cpus * scale,
                    torch_threads=threads)
-
 
 def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
     """The Ray Data pipeline over the parts still to do (resources all set here)."""
@@ -367,12 +308,11 @@ def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
                                                        use_gpu=bool(gpu), threads=threads), **actor)
     return ds.map_batches(CaptionStage, batch_size=res.caption_batch_size,
                           compute=ray.data.ActorPoolStrategy(size=res.caption_actors),
-                          fn_constructor_kwargs=dict(model_uri=cfg.model, decoding=cfg.decoding,
+                          fn_constructor_kwargs=dict(model_uri=plan.model_info.uri, decoding=cfg.decoding,
                                                      precision=res.precision, use_gpu=bool(gpu), threads=threads,
                                                      encoder_cfg=plan.model_info.encoder if cfg.clip_score else None,
                                                      rerank=cfg.rerank),
                           **actor)
-
 
 def _log_progress(s: CaptionSummary, start: float) -> None:
     elapsed = time.monotonic() - start

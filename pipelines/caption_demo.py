@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import schemas, storage
-from pipelines.caption import CaptionConfig, ResourceOptions, caption_archive
+from pipelines.caption import CaptionConfig, ResourceOptions, caption_archive, table_uri
 
 log = logging.getLogger(__name__)
 ARCHIVE = "heldout.tar"
@@ -45,7 +45,7 @@ def write_archive(uri: str, samples: Sequence[Any]) -> None:
 def read_captions(output: str) -> pa.Table:
     """All committed caption parts of an output, concatenated (metadata dropped)."""
     tables = []
-    for uri in storage.list_files(output, ".parquet"):
+    for uri in storage.list_files(table_uri(output), ".parquet"):
         fs, path = storage.filesystem(uri)
         with fs.open(path, "rb") as f:
             tables.append(pq.read_table(f).replace_schema_metadata(None))

@@ -241,33 +241,42 @@ class ModelInfo:
     encoder_dim: int   # D that CLIP produces
 
 
-def inspect_model(uri: str) -> ModelInfo:
-    """The model's config and version without loading weights (job-level check: a missing / unreadable model
-    or an unknown CLIP encoder -> ValueError before any work)."""
-    from clipcap_core import artifacts, encoders
+UNTRAINED_HINT = ("model {uri!r} is an untrained preset (random weights: its captions mean nothing); pass "
+                  "--model <trained model artifact>: `clipcap train --tables <embeddings> --output <dir>` makes "
+                  "one, `clipcap import-reference coco_weights.pt --out <dir>` imports the authors' released weights")
 
+
+def inspect_model(uri: str, allow_untrained: bool = False) -> ModelInfo:
+    """The model's config and version, every weights file checked but none loaded (job-level check: a
+    missing, corrupt or untrained model or an unknown CLIP encoder -> ValueError before any work)."""
+    from clipcap_core import __version__, artifacts, encoders
+    from clipcap_core.configs import from_dict
+    from clipcap_core.model import ModelConfig
+
+    if artifacts.is_preset(uri) and not allow_untrained:
+        raise ValueError(UNTRAINED_HINT.format(uri=uri))
     try:
-        cfg = artifacts.read_config(uri)
+        if artifacts.is_preset(uri):
+            cfg, version = artifacts.read_config(uri), f"preset-{__version__}"
+        else:
+            meta = artifacts.read_metadata(uri)
+            cfg = from_dict(ModelConfig, meta["model"])
+            version = model_version(meta, artifacts.verify_weights(uri, meta))
         encoders.validate_config(cfg.encoder)
     except Exception as exc:  # noqa: BLE001 - one clear job-level message whatever the backend raised
-        raise ValueError(f"cannot use model {uri!r}: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(f"cannot use model {uri!r}: {exc}") from exc
     encoder_dim = encoders.embedding_dim(cfg.encoder)
-    return ModelInfo(uri=uri, model_id=f"{uri}@{model_version(uri)}", clip_dim=int(cfg.clip_dim),
+    return ModelInfo(uri=uri, model_id=f"{uri}@{version}", clip_dim=int(cfg.clip_dim),
                      encoder=cfg.encoder, encoder_dim=encoder_dim)
 
 
-def model_version(uri: str) -> str:
-    """Version written into caption rows: a hash of the artifact's config.json (which records its creation
-    time, code version and training step); for a preset, ``preset-<code version>`` (seeded, deterministic)."""
+def model_version(meta: dict[str, Any], weights: dict[str, str]) -> str:
+    """Version written into caption rows: a hash of the artifact's config.json (creation time, code version,
+    training step) and of every weights file's sha256, so other weights under the same config get another id."""
     import hashlib
 
-    from clipcap_core import __version__, artifacts
-
-    try:
-        meta = artifacts.read_metadata(uri)
-    except FileNotFoundError:
-        return f"preset-{__version__}"
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+    body = json.dumps({"config": meta, "weights": weights}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 
 class Decoder:

@@ -8,7 +8,13 @@ What this module adds around img2dataset:
   pyarrow's CSV reader strips quotes from captions that start with ``"``), so a missing column fails here,
   before any download, with the columns that do exist in the message;
 - the output URI is checked for writability first;
-- incremental resume is img2dataset's (finished shards, i.e. those with ``_stats.json``, are skipped);
+- incremental resume is img2dataset's (shards with ``_stats.json`` are skipped), with one change: a shard
+  whose stats hold *transient* failures (connection refused, timeouts, HTTP 5xx / 408 / 429: an outage, not a
+  dead link) was "attempted and failed", not "finished": the next run deletes its files and downloads it
+  again, so an outage is recovered by rerunning, without ``overwrite``. Permanent failures (404, bad image)
+  stay error rows of a finished shard;
+- ``DownloadSummary.exit_code`` (``pipelines.exitcodes``): 0 all shards finished, 4 some shards keep
+  transient failures (rerun), 5 not one sample downloaded (all dead links, or the server is down);
 - with the ``ray`` distributor (one task per shard, no retries in img2dataset) a missing shard afterwards is
   an error, not silence;
 - the per-shard stats are summed into a ``DownloadSummary``.
@@ -22,6 +28,7 @@ import logging
 import math
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -29,7 +36,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from pipelines import storage
+from pipelines import exitcodes, storage
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +94,68 @@ class DownloadSummary:
     failed_to_download: int
     failed_to_resize: int
     errors: dict[str, int]
+    retry: tuple[str, ...] = ()  # shards with transient failures: not finished, the next run retries them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def exit_code(self) -> int:
+        if self.successes == 0:
+            return exitcodes.NOTHING
+        return exitcodes.PARTIAL if self.retry else exitcodes.OK
+
     def describe(self) -> str:
         top = ", ".join(f"{n} x {e[:60]}" for e, n in sorted(self.errors.items(), key=lambda x: -x[1])[:3])
-        return (f"downloaded {self.successes}/{self.count} samples into {self.shards} shard(s) at {self.output} "
+        text = (f"downloaded {self.successes}/{self.count} samples into {self.shards} shard(s) at {self.output} "
                 f"(failed: {self.failed_to_download} download, {self.failed_to_resize} decode/resize)"
                 + (f"; top errors: {top}" if top else ""))
+        if self.retry:
+            text += (f"; shard(s) {list(self.retry[:10])} had transient failures (outage, timeout, 5xx) and are "
+                     "not finished: rerun to retry them")
+        return text
+
+
+_RETRYABLE_HTTP = (408, 429)
+_TRANSIENT_WORDS = ("connection refused", "timed out", "timeout", "connection reset", "connection aborted",
+                    "remote end closed", "temporary failure", "temporarily unavailable", "try again")
+
+
+def is_transient(error: str | None) -> bool:
+    """True for a download error that a later attempt may not get (outage, timeout, 5xx, throttling); False
+    for a dead link (404, 403, ...), a bad image or an unknown host, which retrying would not fix."""
+    if not error:
+        return False
+    m = re.search(r"HTTP Error (\d{3})", error)
+    if m:
+        code = int(m.group(1))
+        return code >= 500 or code in _RETRYABLE_HTTP
+    low = error.lower()
+    return any(w in low for w in _TRANSIENT_WORDS)
+
+
+def transient_failures(stats: Mapping[str, Any]) -> int:
+    """Samples of one shard's ``_stats.json`` that failed transiently."""
+    return sum(int(n) for err, n in (stats.get("status_dict") or {}).items() if is_transient(err))
+
+
+def shards_to_retry(output: str) -> list[str]:
+    """Shard ids whose ``_stats.json`` records transient failures (attempted and failed, not finished)."""
+    out = []
+    for uri in storage.list_files(output, "_stats.json"):
+        if transient_failures(storage.read_json(uri, default={})):
+            out.append(posixpath.basename(uri).split("_")[0])
+    return out
+
+
+def reset_shards(output: str, shards: list[str]) -> None:
+    """Delete the files of ``shards`` so img2dataset's incremental mode downloads them again (stats first:
+    a crash in between leaves a shard without stats, which is "missing" and downloaded again too)."""
+    for shard in shards:
+        for suffix in ("_stats.json", ".tar", ".parquet"):
+            uri = storage.join(output, shard + suffix)
+            if storage.exists(uri):
+                storage.remove(uri)
 
 
 def detect_format(url_list: str) -> str:
@@ -180,7 +240,8 @@ def summarize(output: str) -> DownloadSummary:
         for err, n in (stats.get("status_dict") or {}).items():
             if err != "success":
                 errors[err] = errors.get(err, 0) + int(n)
-    return DownloadSummary(output=output, shards=len(files), errors=errors, **totals)
+    return DownloadSummary(output=output, shards=len(files), errors=errors, retry=tuple(shards_to_retry(output)),
+                           **totals)
 
 
 def missing_shards(cfg: DownloadConfig, rows: int) -> list[str]:
@@ -205,6 +266,10 @@ def run_download(cfg: DownloadConfig, ray_address: str | None = None, urls: pd.D
     """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     df = prepare_download(cfg) if urls is None else urls
+    retry = shards_to_retry(cfg.output) if cfg.incremental else []
+    if retry:
+        log.info("retrying shard(s) %s at %s: their last attempt had transient failures", retry, cfg.output)
+        reset_shards(cfg.output, retry)
     if cfg.incremental and not missing_shards(cfg, len(df)):
         log.info("all shards at %s are finished; nothing to download", cfg.output)
     else:

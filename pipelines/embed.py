@@ -7,10 +7,14 @@ Data flow (Ray Data, streaming):
   shard URIs --decode tasks (read tar, decode, resize to uint8)--> row batches
              --actor pool (EmbedActor: normalise + CLIP forward, GPU + autocast when present)--> embedded rows
              --driver (ShardAssembler)--> ``<root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet``
-                                          and ``.../_errors/part-<shard>.parquet``
+                                          and ``<root>/_meta/embeddings/<dataset>/<clip-tag>/errors/part-<shard>.parquet``
 A shard is committed (atomic write) as soon as all its rows are back, so a killed run loses at most the
-shards in flight, and a rerun skips every shard whose ``part-<shard>.parquet`` exists: no duplicates, and a
-finished table makes a rerun a no-op that starts no Ray work at all.
+shards in flight, and a rerun skips every shard whose ``part-<shard>.parquet`` (or, for a shard without one
+good sample, ``_meta/.../empty/part-<shard>.json``) exists: no duplicates, and a finished table makes a rerun
+a no-op that starts no Ray work at all. The table folder holds nothing but non-empty part files, so pandas,
+pyarrow, DuckDB, polars and Hugging Face ``datasets`` read it as it is; bookkeeping lives under ``_meta/``.
+A shard that could not be read at all (truncated or garbage tar, I/O error) is *not* committed: it is
+listed in ``EmbedResult.failed``, retried by the next run, and the command exits ``exitcodes.PARTIAL``.
 
 Everything that can be checked is checked before Ray starts: the CLIP model name and weights, the input shards
 (present, holding images; captions when text embeddings are asked for), the output is writable.
@@ -34,11 +38,11 @@ import pyarrow.parquet as pq
 from clipcap_core import encoders
 from clipcap_core.encoders import EncoderConfig
 from pipelines import embed_stages as st
-from pipelines import imaging, schemas, storage
+from pipelines import exitcodes, imaging, schemas, storage
 
 log = logging.getLogger(__name__)
 
-ERRORS_DIR = "_errors"
+META_DIR = "_meta"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +77,12 @@ class EmbedConfig:
     def table_uri(self) -> str:
         return storage.join(self.output_root, "embeddings", self.dataset, encoders.encoder_tag(self.encoder))
 
+    @property
+    def meta_uri(self) -> str:
+        """Bookkeeping of the table (errors table, empty-shard markers), outside the folder readers glob."""
+        return storage.join(self.output_root, META_DIR, "embeddings", self.dataset,
+                            encoders.encoder_tag(self.encoder))
+
 
 @dataclass
 class EmbedResult:
@@ -85,11 +95,20 @@ class EmbedResult:
     dim: int
     wall_s: float
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, rows so far)
+    failed: dict[str, str] = field(default_factory=dict)  # shard URI -> why it could not be read (not committed)
 
     def describe(self) -> str:
-        return (f"embedded {self.rows} rows into {self.written} new shard file(s) at {self.table_uri} "
+        text = (f"embedded {self.rows} rows into {self.written} new shard file(s) at {self.table_uri} "
                 f"({self.skipped} of {self.shards} shard(s) already done, {self.errors} error row(s), D={self.dim}, "
                 f"{self.wall_s:.1f}s)")
+        if self.failed:
+            text += (f"; {len(self.failed)} shard(s) could not be read and are NOT done (a rerun retries them): "
+                     + "; ".join(f"{u}: {why}" for u, why in sorted(self.failed.items())[:5]))
+        return text
+
+    @property
+    def exit_code(self) -> int:
+        return exitcodes.outcome(self.shards - len(self.failed), len(self.failed))
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "timeline"}
@@ -105,12 +124,20 @@ def part_uri(table_uri: str, shard: str) -> str:
     return storage.join(table_uri, f"part-{shard}.parquet")
 
 
-def errors_uri(table_uri: str, shard: str) -> str:
-    return storage.join(table_uri, ERRORS_DIR, f"part-{shard}.parquet")
+def errors_uri(meta_uri: str, shard: str) -> str:
+    return storage.join(meta_uri, "errors", f"part-{shard}.parquet")
+
+
+def empty_uri(meta_uri: str, shard: str) -> str:
+    """Done-marker of a shard without one good sample (a 0-row part file breaks Hugging Face ``datasets``)."""
+    return storage.join(meta_uri, "empty", f"part-{shard}.json")
 
 
 def pending_shards(cfg: EmbedConfig, shards: list[str]) -> list[str]:
+    # A 0-row part file of an older run (before _meta/empty) still counts as done.
     done = {posixpath.basename(u) for u in storage.list_files(cfg.table_uri, ".parquet")}
+    done |= {posixpath.basename(u).removesuffix(".json") + ".parquet"
+             for u in storage.list_files(storage.join(cfg.meta_uri, "empty"), ".json")}
     return [s for s in shards if f"part-{st.shard_name(s)}.parquet" not in done]
 
 
@@ -155,11 +182,12 @@ def validate(cfg: EmbedConfig) -> list[str]:
     return shards
 
 
-def remove_stale_temporaries(table_uri: str) -> int:
+def remove_stale_temporaries(table_uri: str, meta_uri: str) -> int:
     """Delete ``_tmp.*`` files a killed run left behind (no other writer may be running on this table)."""
     fs, path = storage.filesystem(table_uri)
+    meta = storage.filesystem(meta_uri)[1]
     n = 0
-    for folder in (path, posixpath.join(path, ERRORS_DIR)):
+    for folder in (path, posixpath.join(meta, "errors"), posixpath.join(meta, "empty")):
         if fs.exists(folder):
             for p in fs.ls(folder, detail=False):
                 if posixpath.basename(p).startswith("_tmp."):
@@ -209,8 +237,26 @@ def _fixed_list(values: np.ndarray, dim: int, np_dtype: type) -> pa.FixedSizeLis
     return pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
 
 
+def unread_reason(cols: dict[str, np.ndarray] | None) -> str | None:
+    """Why the shard could not be read at all, or None (per-sample errors do not count)."""
+    if cols is None or not np.asarray(cols[st.UNREAD], dtype=bool).any():
+        return None
+    return str(cols[st.ERROR][np.flatnonzero(np.asarray(cols[st.UNREAD], dtype=bool))[0]])
+
+
+def download_incomplete(shard_uri: str) -> str | None:
+    """Why a shard is not final yet: img2dataset recorded transient failures (outage, timeout, 5xx) that the
+    download stage retries on its next run; committing it now would keep those samples out for good."""
+    from pipelines.download import is_transient
+
+    n = sum(1 for e in _download_errors(shard_uri) if is_transient(e["error"]))
+    return (f"{n} sample(s) failed to download with transient errors; rerun the download, then embed again"
+            if n else None)
+
+
 def commit_shard(cfg: EmbedConfig, shard_uri: str, cols: dict[str, np.ndarray] | None, dim: int) -> tuple[int, int]:
-    """Write the errors table (if any), then the part file (the commit marker). Returns (rows, error rows)."""
+    """Write the errors table (if any, else drop a stale one), then the part file, or the empty marker when
+    no sample is good: the commit marker is written last. Returns (rows, error rows)."""
     shard = st.shard_name(shard_uri)
     meta = schemas.embedding_metadata(
         clip_model=cfg.encoder.model_name, clip_pretrained=cfg.encoder.pretrained, dim=dim, dtype=cfg.dtype,
@@ -220,10 +266,15 @@ def commit_shard(cfg: EmbedConfig, shard_uri: str, cols: dict[str, np.ndarray] |
         cols["image_embedding"] = cols["text_embedding"] = np.zeros((0, dim), np.float32)
     table, errs = build_tables(cols, cfg, dim, meta)
     errs = _download_errors(shard_uri) + errs
+    err_uri = errors_uri(cfg.meta_uri, shard)
     if errs:
-        storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA),
-                                   errors_uri(cfg.table_uri, shard))
-    storage.atomic_write_table(table, part_uri(cfg.table_uri, shard))
+        storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA), err_uri)
+    elif storage.exists(err_uri):  # from an earlier attempt at this shard
+        storage.remove(err_uri)
+    if table.num_rows:
+        storage.atomic_write_table(table, part_uri(cfg.table_uri, shard))
+    else:
+        storage.write_json({"shard": shard_uri, "rows": 0, "errors": len(errs)}, empty_uri(cfg.meta_uri, shard))
     return table.num_rows, len(errs)
 
 
@@ -260,7 +311,7 @@ def build_dataset(cfg: EmbedConfig, pending: list[str]) -> Any:
                                "use_gpu": gpus > 0, "text_embeddings": cfg.text_embeddings})
 
 
-def _drain(cfg: EmbedConfig, ds: Any, pending: list[str], dim: int, t0: float) -> tuple[int, int, list]:
+def _drain(cfg: EmbedConfig, ds: Any, pending: list[str], dim: int, t0: float, result: EmbedResult) -> None:
     by_name = {st.shard_name(u): u for u in pending}
     assembler, committed = st.ShardAssembler(), set()
     rows = errors = seen = 0
@@ -272,14 +323,25 @@ def _drain(cfg: EmbedConfig, ds: Any, pending: list[str], dim: int, t0: float) -
         seen += len(batch[st.KEY])
         timeline.append((time.perf_counter() - t0, seen))
         for shard in assembler.add(batch):
-            n, e = commit_shard(cfg, by_name[shard], assembler.pop(shard), dim)
-            rows, errors, committed = rows + n, errors + e, committed | {shard}
+            committed.add(shard)
+            n, e = _commit_or_fail(cfg, by_name[shard], assembler.pop(shard), dim, result)
+            rows, errors = rows + n, errors + e
     if assembler.incomplete():
-        raise RuntimeError(f"embedding ended with incomplete shard(s) {assembler.incomplete()}")
+        raise RuntimeError(f"embedding ended with incomplete shard(s) {assembler.incomplete()} (rows lost?)")
     for shard in sorted(set(by_name) - committed):  # shards with no samples at all
-        n, e = commit_shard(cfg, by_name[shard], None, dim)
+        n, e = _commit_or_fail(cfg, by_name[shard], None, dim, result)
         rows, errors = rows + n, errors + e
-    return rows, errors, timeline
+    result.rows, result.errors, result.timeline = rows, errors, timeline
+
+
+def _commit_or_fail(cfg: EmbedConfig, shard_uri: str, cols: dict[str, np.ndarray] | None, dim: int,
+                    result: EmbedResult) -> tuple[int, int]:
+    why = unread_reason(cols) or download_incomplete(shard_uri)
+    if why is None:
+        return commit_shard(cfg, shard_uri, cols, dim)
+    log.error("shard %s is not done (a rerun retries it): %s", shard_uri, why)
+    result.failed[shard_uri] = why
+    return 0, 0
 
 
 def run_embed(cfg: EmbedConfig, ray_address: str | None = None) -> EmbedResult:
@@ -295,9 +357,10 @@ def run_embed(cfg: EmbedConfig, ray_address: str | None = None) -> EmbedResult:
 
         if not ray.is_initialized():
             ray.init(address=ray_address, log_to_driver=False)
-        remove_stale_temporaries(cfg.table_uri)
+        remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
         log.info("embedding %d shard(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder, cfg.table_uri)
-        result.rows, result.errors, result.timeline = _drain(cfg, build_dataset(cfg, pending), pending, dim, t0)
+        _drain(cfg, build_dataset(cfg, pending), pending, dim, t0, result)
+        result.written -= len(result.failed)
     result.wall_s = time.perf_counter() - t0
     log.info(result.describe())
     return result

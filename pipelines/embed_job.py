@@ -52,6 +52,11 @@ class EmbedJobResult:
     embed: EmbedResult
     tiny: bool
 
+    @property
+    def exit_code(self) -> int:
+        """The worse of the two stages' codes (``pipelines.exitcodes``: 5 nothing > 4 partial > 0)."""
+        return max(self.embed.exit_code, self.download.exit_code if self.download else 0)
+
     def describe(self) -> str:
         lines = [self.download.describe()] if self.download else []
         lines.append(self.embed.describe())

@@ -27,9 +27,11 @@ from clipcap_core.encoders import EncoderConfig, ImageResizer, PreprocessSpec
 from pipelines import imaging
 
 # Columns flowing from the decode tasks to the encoder and on to the driver.
-SHARD, TOTAL, KEY, CAPTION, URL, SOURCE, ERROR, PIXELS = (
-    "shard", "shard_total", "key", "caption", "url", "source", "error", "pixels")
-PASSTHROUGH = (SHARD, TOTAL, KEY, CAPTION, URL, SOURCE, ERROR)
+SHARD, TOTAL, KEY, CAPTION, URL, SOURCE, ERROR, PIXELS, UNREAD = (
+    "shard", "shard_total", "key", "caption", "url", "source", "error", "pixels", "shard_unread")
+# UNREAD marks the one row of a shard that could not be read at all: the shard is then not committed (a
+# rerun retries it), because an outage or a half-copied file must not become "done, 0 samples".
+PASSTHROUGH = (SHARD, TOTAL, KEY, CAPTION, URL, SOURCE, ERROR, UNREAD)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class DecodedRow:
     source: str
     pixels: np.ndarray | None
     error: str = ""
+    unread: bool = False  # the whole shard could not be read (not a per-sample problem)
 
 
 def shard_name(uri: str) -> str:
@@ -69,6 +72,12 @@ def read_shard(data: bytes) -> list[Sample]:
             key = posixpath.join(posixpath.dirname(member.name), stem)
             f = tar.extractfile(member)
             samples.setdefault(key, Sample(key)).files[ext.lower()] = f.read() if f else b""
+        end = tar.offset
+    # tarfile takes a file cut between two members for a complete archive; every tar writer ends an archive
+    # with zero blocks, so their absence means a truncated (half-copied / half-uploaded) shard.
+    tail = data[end:end + tarfile.BLOCKSIZE]
+    if len(tail) < tarfile.BLOCKSIZE or any(tail):
+        raise tarfile.ReadError(f"truncated archive: no end-of-archive marker after {end} of {len(data)} bytes")
     return list(samples.values())
 
 
@@ -105,23 +114,23 @@ def _columns(rows: list[DecodedRow], shard: str, total: int, shape: tuple[int, i
         KEY: np.array([r.key for r in rows], dtype=object), CAPTION: np.array([r.caption for r in rows], dtype=object),
         URL: np.array([r.url for r in rows], dtype=object), SOURCE: np.array([r.source for r in rows], dtype=object),
         ERROR: np.array([r.error for r in rows], dtype=object), PIXELS: pixels,
+        UNREAD: np.array([r.unread for r in rows], dtype=bool),
     }
 
 
 def iter_shard_batches(uri: str, resizer: ImageResizer, batch_rows: int) -> Iterator[dict[str, np.ndarray]]:
-    """Decode one shard into column batches of ``batch_rows`` rows (an unreadable tar is one error row)."""
+    """Decode one shard into column batches of ``batch_rows`` rows (an unreadable shard is one ``UNREAD`` row)."""
     import fsspec
 
     shard = shard_name(uri)
     size = resizer.spec.size
     shape = (size, size, 3) if isinstance(size, int) else (size[0], size[1], 3)
-    with fsspec.open(uri, "rb") as f:  # one GET: shards are read whole
-        data = f.read()
     try:
-        samples = read_shard(data)
-    except tarfile.TarError as exc:
-        row = DecodedRow(key=shard, caption=None, url=None, source=f"{shard}.tar", pixels=None,
-                         error=f"unreadable tar: {type(exc).__name__}: {exc}")
+        with fsspec.open(uri, "rb") as f:  # one GET: shards are read whole
+            samples = read_shard(f.read())
+    except (tarfile.TarError, EOFError, OSError) as exc:  # truncated / garbage tar, vanished file, network
+        row = DecodedRow(key=shard, caption=None, url=None, source=uri, pixels=None, unread=True,
+                         error=f"unreadable shard: {type(exc).__name__}: {exc}")
         yield _columns([row], shard, 1, shape)
         return
     for start in range(0, len(samples), batch_rows):

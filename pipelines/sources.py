@@ -98,6 +98,11 @@ class Part:
         return cls(**d)
 
 
+# Stage of an error row that means "the part's input could not be read" (unreadable / truncated archive or
+# Parquet file, I/O error on a loose file): the part is then not committed, and a rerun retries it.
+UNIT_STAGE = "read-part"
+
+
 @dataclass
 class Record:
     key: str
@@ -276,7 +281,8 @@ class ImagesReader:
             try:  # cat_file, not cat: a name with glob characters ("a [1].jpg") must not be expanded
                 return Record(f.rel, f.uri, data=fs.cat_file(storage.filesystem(f.uri)[1]))
             except Exception as exc:  # noqa: BLE001 - vanished file, permission, network: an error row
-                return Record(f.rel, f.uri, error=f"cannot read file: {type(exc).__name__}: {exc}")
+                return Record(f.rel, f.uri, error=f"cannot read file: {type(exc).__name__}: {exc}",
+                              stage=UNIT_STAGE)
 
         with ThreadPoolExecutor(cfg.fetch_threads) as pool:
             for i in range(0, len(part.files), cfg.read_batch):
@@ -309,7 +315,7 @@ def _tar_members(part: Part, cfg: SourceConfig) -> Iterator[tuple[str, bytes | N
 def _member_record(part: Part, name: str, data: bytes | None, error: str | None) -> Record:
     f = part.files[0]
     key = f"{f.rel}/{name}" if name else f.rel
-    return Record(key, f.uri, data=data, error=error)
+    return Record(key, f.uri, data=data, error=error, stage="read" if name else UNIT_STAGE)
 
 
 class TarReader:

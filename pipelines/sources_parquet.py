@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import schemas, storage
-from pipelines.sources import InputFile, Part, Record, SourceConfig, part_name, register
+from pipelines.sources import UNIT_STAGE, InputFile, Part, Record, SourceConfig, part_name, register
 
 _IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "image_bytes", "img", "bytes")
 
@@ -206,7 +206,7 @@ class UnreadableReader:
             reason = "file changed since planning"
         except Exception as exc:  # noqa: BLE001
             reason = f"{type(exc).__name__}: {exc}"
-        yield Record(f.rel, f.uri, error=f"unreadable Parquet file: {reason}")
+        yield Record(f.rel, f.uri, error=f"unreadable Parquet file: {reason}", stage=UNIT_STAGE)
 
 
 for _reader in (ParquetReader(), EmbeddingsReader(), UnreadableReader()):

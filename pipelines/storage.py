@@ -50,6 +50,11 @@ def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     return bool(fs.exists(path))
 
 
+def remove(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    fs, path = filesystem(uri, storage_options)
+    fs.rm(path)
+
+
 def atomic_write_table(table: pa.Table, uri: str, storage_options: dict[str, Any] | None = None,
                        compression: str = "zstd") -> None:
     """Write ``table`` to ``uri`` so that the final name appears only when the file is complete."""

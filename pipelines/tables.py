@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import posixpath
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -47,8 +46,11 @@ def list_table_files(uris: str | Sequence[str], storage_options: dict[str, Any] 
                 raise FileNotFoundError(f"embedding table {uri!r} does not exist")
             files.append(str(uri))
             continue
+        # bookkeeping (``_meta/``, old ``_errors/``), temporaries and hidden files are not tables
+        base = storage.filesystem(uri, storage_options)[1].rstrip("/")
         found = [f for f in storage.list_files(uri, ".parquet", storage_options, recursive=True)
-                 if "/_errors/" not in f and not posixpath.basename(f).startswith(("_", "."))]
+                 if not any(p.startswith(("_", ".")) for p in
+                            storage.filesystem(f, storage_options)[1].removeprefix(base).split("/"))]
         if not found:
             raise FileNotFoundError(f"no embedding tables (*.parquet) under {uri!r}")
         files.extend(found)
@@ -71,9 +73,12 @@ class TableInfo:
 
 def _footer(uri: str, storage_options: dict[str, Any] | None) -> tuple[pa.Schema, int]:
     fs, path = storage.filesystem(uri, storage_options)
-    with fs.open(path, "rb") as f:
-        meta = pq.ParquetFile(f).metadata
-        return meta.schema.to_arrow_schema(), meta.num_rows
+    try:
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+            return meta.schema.to_arrow_schema(), meta.num_rows
+    except (pa.ArrowException, OSError) as exc:  # the file is named: pyarrow's message does not say which
+        raise ValueError(f"embedding table {uri} is not a readable Parquet file: {exc}") from exc
 
 
 def inspect_tables(files: Sequence[str], storage_options: dict[str, Any] | None = None) -> TableInfo:

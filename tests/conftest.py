@@ -89,3 +89,11 @@ def http_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory):
+    """URI of a tiny ClipCap model trained for seconds on synthetic images (its captions follow the image)."""
+    from tests.pipelines.trained_model import train_tiny_artifact
+
+    return train_tiny_artifact(str(tmp_path_factory.mktemp("trained") / "model"))

@@ -5,18 +5,23 @@
 
 Flags map onto ``CaptionConfig`` (``--strategy``/``--num-captions``/... onto ``decoding``, ``--format``/
 ``--part-size``/... onto ``source``, ``--clip-actors``/``--gpus-per-actor``/... onto ``resources``).
+Output: ``<output>/captions/part-*.parquet`` (the caption table) and ``<output>/_meta/`` (errors table, run
+record, summary). Exit code: 0 every part done, 4 some parts could not be read (named on stderr; a rerun
+retries them), 5 none done, 2 a bad config, input, output or model (before any work).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 # flag dest -> (config section or "" for the top level, field name)
 _FIELDS: dict[str, tuple[str, str]] = {
     "input": ("", "input"), "output": ("", "output"), "model": ("", "model"), "overwrite": ("", "overwrite"),
     "rerank": ("", "rerank"), "clip_score": ("", "clip_score"),
+    "allow_untrained": ("", "allow_untrained"),
     "format": ("source", "format"), "part_size": ("source", "part_size"), "max_pixels": ("source", "max_pixels"),
     "image_column": ("source", "image_column"), "url_column": ("source", "url_column"),
     "key_column": ("source", "key_column"),
@@ -36,37 +41,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML / JSON file with CaptionConfig fields (flags override it)")
     p.add_argument("--input", help="directory, archive or Parquet file URI (local, s3://, ...)")
     p.add_argument("--output", help="caption table directory URI")
-    p.add_argument("--model", help="model artifact URI or preset name (default: tiny)")
+    p.add_argument("--model", help="trained model artifact URI (required; `clipcap train` or "
+                   "`clipcap import-reference` makes one)")
+    p.add_argument("--allow-untrained", action="store_true", default=None,
+                   help="accept an untrained preset as --model (random captions: wiring tests, benchmarks)")
     p.add_argument("--overwrite", action="store_true", default=None, help="redo every part of the output")
-    p.add_argument("--format", choices=["auto", "images", "tar", "zip", "webdataset", "parquet", "embeddings"])
+    p.add_argument("--format", choices=["auto", "images", "tar", "zip", "webdataset", "parquet", "embeddings"],
+                   help="input format (default auto: by file extension)")
     p.add_argument("--part-size", type=int, help="loose images (or Parquet rows) per output part")
     p.add_argument("--max-pixels", type=int, help="decompression-bomb limit per image")
-    p.add_argument("--image-column")
-    p.add_argument("--url-column")
-    p.add_argument("--key-column")
-    p.add_argument("--strategy", choices=["greedy", "beam", "reference-beam", "sample"])
+    p.add_argument("--image-column", help="Parquet input: column with the encoded image bytes")
+    p.add_argument("--url-column", help="Parquet input: column with image URLs (fetched when no bytes)")
+    p.add_argument("--key-column", help="Parquet input: column with the row key (default: row position)")
+    p.add_argument("--strategy", choices=["greedy", "beam", "reference-beam", "sample"],
+                   help="decoding strategy (default greedy)")
     p.add_argument("--num-captions", type=int, help="captions per image (beam / sample)")
     p.add_argument("--rerank", choices=["none", "clip"], help="clip: rank each image's captions by CLIP similarity")
     p.add_argument("--no-clip-score", dest="clip_score", action="store_false", default=None,
                    help="skip the clip_score column (saves the CLIP text forward per caption)")
-    p.add_argument("--beam-size", type=int)
+    p.add_argument("--beam-size", type=int, help="beams per image (beam / reference-beam)")
     p.add_argument("--max-length", type=int, help="new tokens at most")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
+    p.add_argument("--temperature", type=float, help="sampling temperature (sample)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (sample)")
+    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (sample)")
     p.add_argument("--stop-token", help='e.g. "." (the authors\' models stop there)')
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="sampling seed (sample)")
     p.add_argument("--decode-block-rows", type=int, help="rows per block out of the decode tasks")
-    p.add_argument("--clip-batch-size", type=int)
-    p.add_argument("--caption-batch-size", type=int)
-    p.add_argument("--clip-actors", type=int)
-    p.add_argument("--caption-actors", type=int)
-    p.add_argument("--read-cpus", type=float)
-    p.add_argument("--cpus-per-actor", type=float)
+    p.add_argument("--clip-batch-size", type=int, help="images per CLIP forward")
+    p.add_argument("--caption-batch-size", type=int, help="embeddings per decoding batch")
+    p.add_argument("--clip-actors", type=int, help="CLIP actors (one model each)")
+    p.add_argument("--caption-actors", type=int, help="decoding actors (one model each)")
+    p.add_argument("--read-cpus", type=float, help="CPUs per read/decode task")
+    p.add_argument("--cpus-per-actor", type=float, help="Ray CPUs reserved per actor")
     p.add_argument("--torch-threads", type=int, help="torch threads per actor (default: from --cpus-per-actor)")
-    p.add_argument("--gpus-per-actor", type=float)
-    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
-    p.add_argument("--jpeg-draft", action="store_true", default=None)
+    p.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (> 0: actors run on CUDA)")
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPU, fp32 on CPU")
+    p.add_argument("--jpeg-draft", action="store_true", default=None,
+                   help="faster JPEG decoding by DCT scaling (pixels differ slightly)")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
 
 
@@ -88,6 +99,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
         if value is None:
             continue
         (data.setdefault(section, {}) if section else data)[name] = value
+    if not data.get("model"):
+        from pipelines.caption_stages import UNTRAINED_HINT
+
+        raise ConfigError("--model is required: " + UNTRAINED_HINT.format(uri="(none)").split("; ", 1)[1])
     try:
         return from_dict(CaptionConfig, data)
     except ConfigError:
@@ -108,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
     # faults are reported before any Ray process starts
     summary = caption_archive(cfg)
     print(json.dumps(summary.as_dict(), indent=2))
-    return 0
+    for part, why in sorted(summary.parts_failed.items()):
+        print(f"clipcap caption: part {part} not done (rerun to retry): {why}", file=sys.stderr)
+    return summary.exit_code
 
 
 def add_parser(subparsers: Any) -> None:

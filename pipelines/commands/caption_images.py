@@ -14,8 +14,13 @@ from typing import Any
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipcap_core.captioner import Captioner
+    from clipcap_core import artifacts
+    from clipcap_core.captioner import Captioner, open_image
+    from pipelines.caption_stages import UNTRAINED_HINT
 
+    if artifacts.is_preset(args.model) and not args.allow_untrained:
+        raise ValueError(UNTRAINED_HINT.format(uri=args.model))
+    images = [open_image(p) for p in args.paths]  # a bad file fails here, naming its path, before the model loads
     captioner = Captioner.from_pretrained(args.model, device=args.device, precision=args.precision)
     options: dict[str, Any] = {"beam_size": args.beam_size, "max_length": args.max_length, "n": args.n,
                                "stop_token": args.stop_token, "seed": args.seed, "stop_at_eos": not args.ignore_eos}
@@ -25,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         options["top_p"] = args.top_p
     if args.top_k is not None:
         options["top_k"] = args.top_k
-    gen = captioner.generate(images=args.paths, strategy=args.strategy, **options)
+    gen = captioner.generate(images=images, strategy=args.strategy, **options)
     for i, (text, score) in enumerate(zip(gen.texts, gen.scores, strict=True)):
         path = args.paths[i // gen.n]
         print(f"{path}\t{text}" + (f"\t{score:.4f}" if args.scores else ""))
@@ -36,19 +41,22 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("caption-images", help="caption images with a model and print the captions",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="image files or URIs (local, s3://, ...)")
-    p.add_argument("--model", default="tiny", help="model artifact URI or preset name (default: tiny, untrained)")
-    p.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "reference-beam", "sample"])
-    p.add_argument("--beam-size", type=int, default=5)
+    p.add_argument("--model", required=True, help="trained model artifact (directory or URI)")
+    p.add_argument("--allow-untrained", action="store_true",
+                   help="accept an untrained preset (tiny...) as --model: random captions, for wiring checks")
+    p.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "reference-beam", "sample"],
+                   help="decoding strategy")
+    p.add_argument("--beam-size", type=int, default=5, help="beams per image (beam / reference-beam)")
     p.add_argument("--max-length", type=int, default=30, help="new tokens at most")
     p.add_argument("-n", type=int, default=1, help="captions per image (beam / sample)")
     p.add_argument("--stop-token", help='also stop at this token, e.g. "." for the authors\' checkpoints')
     p.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at end-of-text (with --stop-token .: exactly the authors' generate2)")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--temperature", type=float, help="sampling temperature (sample)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (sample)")
+    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (sample)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype")
     p.add_argument("--scores", action="store_true", help="print the mean token log-prob too")
     p.set_defaults(func=run)

@@ -26,25 +26,31 @@ FIELDS = {
 def add_options(p: argparse.ArgumentParser) -> None:
     """img2dataset options shared by ``clipcap download`` and ``jobs/embed_cc3m.py``."""
     g = p.add_argument_group("download (img2dataset)")
-    g.add_argument("--input-format", choices=["auto", "tsv", "csv", "parquet", "jsonl"])
+    g.add_argument("--input-format", choices=["auto", "tsv", "csv", "parquet", "jsonl"],
+        help='URL list format (default auto: from the file name)')
     g.add_argument("--header", dest="header", action="store_true", default=None, help="tsv/csv has a header row")
     g.add_argument("--no-header", dest="header", action="store_false", help="tsv/csv has no header (CC3M)")
     g.add_argument("--columns", type=lambda s: s.split(","), help="column names of a headerless file "
                    "(default caption,url)")
-    g.add_argument("--url-col")
-    g.add_argument("--caption-col")
-    g.add_argument("--image-size", type=int)
-    g.add_argument("--resize-mode", choices=["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"])
-    g.add_argument("--resize-only-if-bigger", action="store_true", default=None)
-    g.add_argument("--encode-format", choices=["jpg", "png", "webp"])
-    g.add_argument("--encode-quality", type=int)
-    g.add_argument("--min-image-size", type=int)
+    g.add_argument("--url-col", help='column with the image URLs (default url)')
+    g.add_argument("--caption-col", help='column with the captions (default caption)')
+    g.add_argument("--image-size", type=int, help='side of the stored images in pixels (default 256)')
+    g.add_argument("--resize-mode", choices=["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"],
+        help='img2dataset resize mode (default keep_ratio)')
+    g.add_argument("--resize-only-if-bigger", action="store_true", default=None,
+        help='never upscale small images')
+    g.add_argument("--encode-format", choices=["jpg", "png", "webp"],
+        help='stored image format (default jpg)')
+    g.add_argument("--encode-quality", type=int, help='jpg/webp quality 0-100 or png compression 0-9')
+    g.add_argument("--min-image-size", type=int, help='drop images smaller than this many pixels per side')
     g.add_argument("--processes", type=int, help="img2dataset processes")
     g.add_argument("--threads", type=int, help="download threads per process")
     g.add_argument("--shard-size", type=int, help="samples per shard")
-    g.add_argument("--distributor", choices=["multiprocessing", "ray"])
-    g.add_argument("--timeout", type=int)
-    g.add_argument("--retries", type=int)
+    g.add_argument("--distributor", choices=["multiprocessing", "ray"],
+        help='img2dataset distributor (ray: one task per shard on the cluster)')
+    g.add_argument("--timeout", type=int,
+        help='seconds per URL before it counts as failed (retried on the next run)')
+    g.add_argument("--retries", type=int, help='img2dataset retries per URL within a run')
     g.add_argument("--overwrite", dest="incremental", action="store_false", default=None,
                    help="delete the output folder first (default: incremental, finished shards are skipped)")
 
@@ -82,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_download(config_from_args(args), ray_address=args.ray_address)
     print(summary.describe())
     print(summary_json(summary))
-    return 0
+    return summary.exit_code
 
 
 def add_parser(subparsers: Any) -> None:

@@ -4,14 +4,16 @@
         --model ViT-B-32 --pretrained openai --num-actors 4 --gpus-per-actor 1 --batch-size 256
     clipcap embed --config embed.yaml                # YAML/JSON with EmbedConfig fields; flags win
 
-Output: ``<output-root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet`` (+ ``_errors/``); a rerun
-skips finished shards.
+Output: ``<output-root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet`` (errors table under
+``<output-root>/_meta/embeddings/...``); a rerun skips finished shards and retries shards that could not be read.
+Exit code: 0 all shards done, 4 some shards could not be read (named on stderr), 5 none done, 2 bad config.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 # flag dest -> (EmbedConfig section or "" for the top level, field name)
@@ -34,9 +36,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "float16"], help="stored embedding dtype")
     g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 autocast on GPU")
     g.add_argument("--text-embeddings", action="store_true", default=None, help="also embed the captions")
-    g.add_argument("--batch-size", type=int)
+    g.add_argument("--batch-size", type=int, help='images per CLIP forward')
     g.add_argument("--num-actors", type=int, help="CLIP actors (one model each)")
-    g.add_argument("--cpus-per-actor", type=float)
+    g.add_argument("--cpus-per-actor", type=float, help='Ray CPUs reserved per CLIP actor')
     g.add_argument("--gpus-per-actor", type=float, help="default: 1 when the cluster has GPUs")
     g.add_argument("--torch-threads", type=int, help="torch threads per CPU actor (default: --cpus-per-actor)")
     g.add_argument("--decode-cpus", type=float, help="CPUs per decode task")
@@ -76,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
     result = run_embed(config_from_args(args), ray_address=args.ray_address)
     print(result.describe())
     print(json.dumps(result.to_dict(), indent=2))
-    return 0
+    for uri, why in sorted(result.failed.items()):
+        print(f"clipcap embed: shard not done (rerun to retry): {uri}: {why}", file=sys.stderr)
+    return result.exit_code
 
 
 def add_parser(subparsers: Any) -> None:

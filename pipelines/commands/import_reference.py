@@ -39,8 +39,10 @@ def add_parser(subparsers: Any) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="state dict (.pt) in the authors' layout: local path or URI")
     p.add_argument("--out", required=True, help="artifact directory URI to write")
-    p.add_argument("--mapping", required=True, choices=["mlp", "transformer"])
-    p.add_argument("--prefix-length", type=int, required=True)
+    p.add_argument("--mapping", required=True, choices=["mlp", "transformer"],
+        help="mapping network of the checkpoint (the authors' coco/conceptual weights: mlp)")
+    p.add_argument("--prefix-length", type=int, required=True,
+        help="prefix length k of the checkpoint (the authors' MLP weights: 10)")
     p.add_argument("--clip-length", type=int, help="transformer only (default: the prefix length)")
     p.add_argument("--num-layers", type=int, default=8, help="transformer only")
     p.add_argument("--clip-dim", type=int, required=True, help="CLIP embedding dimension D")

@@ -34,9 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", help="state folder: manifest, held-out set, production pointer, history")
     p.add_argument("--initial-model", help="preset or artifact URI used while nothing is in production")
     p.add_argument("--replay-ratio", type=float, help="replayed older rows per new row (seeded sample)")
-    p.add_argument("--heldout-fraction", type=float)
+    p.add_argument("--heldout-fraction", type=float,
+        help='fraction of keys held out (frozen on the first run)')
     p.add_argument("--heldout-max", type=int, help="rows frozen into the held-out set on the first run")
-    p.add_argument("--metric", choices=["cider", "bleu4", "exact_match", "clip_score", "val_loss"])
+    p.add_argument("--metric", choices=["cider", "bleu4", "exact_match", "clip_score", "val_loss"],
+        help='held-out metric that decides promotion')
     p.add_argument("--tolerance", type=float, help="how much worse (absolute) a candidate may be and still promote")
     p.add_argument("--eval-gpus", type=float, help="GPUs for the evaluation task")
     p.add_argument("--status", action="store_true", help="print the pointer and history of --state and exit")

@@ -36,20 +36,24 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML / JSON file with the command's config fields (flags override it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, dotted (train.lr=1e-4); the value is parsed as YAML")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-caption-tokens", type=int)
+    p.add_argument("--epochs", type=int, help='passes over the training split')
+    p.add_argument("--batch-size", type=int, help='captions per step (per worker)')
+    p.add_argument("--lr", type=float, help='peak learning rate (AdamW)')
+    p.add_argument("--warmup-steps", type=int, help='linear warm-up steps')
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+        help='training precision (bf16 / fp16: autocast)')
+    p.add_argument("--seed", type=int, help='seed of the model init and the data order')
+    p.add_argument("--max-caption-tokens", type=int,
+        help='caption tokens kept per sample (incl. end-of-text)')
     p.add_argument("--workers", type=int, help="Ray Train workers")
     p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
-    p.add_argument("--cpus-per-worker", type=float)
-    p.add_argument("--torch-threads", type=int)
+    p.add_argument("--cpus-per-worker", type=float,
+        help='Ray CPUs per training worker (leave some for the data tasks)')
+    p.add_argument("--torch-threads", type=int,
+        help='torch threads per worker (default: from --cpus-per-worker)')
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and every epoch)")
     p.add_argument("--max-failures", type=int, help="worker-group restarts from the latest checkpoint")
-    p.add_argument("--log-every", type=int)
+    p.add_argument("--log-every", type=int, help='steps between progress lines')
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
 
 
@@ -63,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-length", type=int, help="preset override: prefix length k")
     p.add_argument("--freeze-lm", action=argparse.BooleanOptionalAction, default=None,
                    help="preset override: freeze (or tune) the language model")
-    p.add_argument("--heldout-fraction", type=float)
+    p.add_argument("--heldout-fraction", type=float, help='fraction of keys held out for evaluation')
 
 
 def load_config_data(path: str | None) -> dict[str, Any]:

@@ -44,6 +44,9 @@ class References:
 
 # --- files and tables -----------------------------------------------------------------------------------
 def _files(uri: str) -> list[str]:
+    from pipelines.caption_output import resolve_table
+
+    uri = resolve_table(uri)[0]  # a caption run's output folder -> its captions/ table
     fs, path = storage.filesystem(uri)
     if not fs.exists(path):
         raise ValueError(f"{uri!r} does not exist")

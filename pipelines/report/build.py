@@ -4,7 +4,7 @@
                                      run="s3://b/runs/cc3m-mlp", out="report.html"))
 
 Sources: the caption table (sampled, ``sample.py``), the images it was made from (the input recorded in its
-``_run.json``, or ``images``), an evaluation folder (``summary.json`` + ``per_image.parquet``), a training run
+``_meta/run.json``, or ``images``), an evaluation folder (``summary.json`` + ``per_image.parquet``), a training run
 folder (``history.json``), and the model artifact named in the caption table's metadata (model card,
 prefix interpretation with ``clipcap_core.interpret``). Every part but the caption table is optional; what is
 missing is said on the page. Nothing is fetched from the network beyond these URIs.
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import storage
+from pipelines import caption_output, storage
 from pipelines.report import charts, page
 from pipelines.report.sample import Sampled, attach_evaluation, fetch_images, sample_captions
 
@@ -33,7 +33,7 @@ class ReportConfig:
     evaluation: str | None = None
     run: str | None = None        # training run folder with history.json
     model: str | None = None      # default: the model recorded in the caption table
-    images: str | None = None     # default: the input recorded in the caption table's _run.json
+    images: str | None = None     # default: the input recorded in the run's _meta/run.json
     sample: int = 24              # images in the gallery
     max_parts: int = 4            # caption parts read at most
     interpret: int = 4            # images whose prefixes are interpreted
@@ -96,7 +96,7 @@ def build_report(cfg: ReportConfig) -> str:
     sampled = sample_captions(cfg.captions, cfg.sample, max_parts=cfg.max_parts, seed=cfg.seed)
     model_uri = cfg.model or sampled.model
     loaded = _load_model(model_uri)
-    run_record = storage.read_json(storage.join(cfg.captions, "_run.json")) or {}
+    run_record = caption_output.run_record(cfg.captions)
     images = cfg.images or run_record.get("input")
     encoder = None
     if loaded is not None and cfg.interpret:

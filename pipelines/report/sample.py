@@ -66,7 +66,10 @@ def _first_batch(uri: str, rng: random.Random, batch_rows: int) -> tuple[pa.Tabl
 def sample_captions(captions: str, n: int, *, max_parts: int = 4, batch_rows: int = 2048,
                     seed: int = 0) -> CaptionSample:
     """Up to ``n`` images (all their ranked captions) from at most ``max_parts`` parts of ``captions``."""
-    files = storage.list_files(captions, ".parquet") if not captions.endswith(".parquet") else [captions]
+    from pipelines.caption_output import resolve_table
+
+    table = resolve_table(captions)[0]
+    files = storage.list_files(table, ".parquet") if not captions.endswith(".parquet") else [captions]
     if not files:
         raise ValueError(f"no caption table parts (part-*.parquet) under {captions!r}")
     rng = random.Random(seed)

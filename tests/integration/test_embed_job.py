@@ -100,7 +100,7 @@ def test_submitted_job_writes_the_embedding_table(submitted):
     emb = np.asarray(table.column("image_embedding").combine_chunks().flatten()).reshape(-1, 128)
     assert np.isfinite(emb).all()
     assert sorted(table.column("caption").to_pylist()) == sorted(s.caption for s in synthetic.generate(N_GOOD, seed=21))
-    errors = _table(storage.join(table_uri, "_errors")).to_pylist()
+    errors = _table(storage.join(root, "_meta", "embeddings", "syn", "tiny", "errors")).to_pylist()
     assert sorted(e["stage"] for e in errors) == ["download", "download"]
     assert len(storage.list_files(storage.join(root, "raw", "syn"), ".tar")) == 3  # 42 URLs / 16 per shard
 

@@ -56,11 +56,16 @@ def test_committer_waits_for_every_row_dedups_retries_and_writes_ranked_rows(tmp
     assert not storage.exists(errors_uri(out, "p1"))
 
 
-def test_empty_part_commits_an_empty_caption_file(tmp_path):
+def test_empty_part_is_marked_done_under_meta_without_a_0_row_part_file(tmp_path):
+    from pipelines.caption import done_parts, empty_uri
+
     out = str(tmp_path / "out")
     c = PartCommitter(out, "m@1", DecodeConfig())
     assert c.add(_stage_rows("p0", [], total=0)) == [("p0", 0, 0, 0)]
-    assert pq.read_table(part_uri(out, "p0")).num_rows == 0
+    assert c.add(_stage_rows("p1", [(0, "a.jpg", None, "not an image")], total=1)) == [("p1", 1, 0, 0)]
+    assert not storage.exists(part_uri(out, "p0")) and not storage.exists(part_uri(out, "p1"))
+    assert storage.exists(empty_uri(out, "p0")) and storage.exists(errors_uri(out, "p1"))
+    assert done_parts(out) == {"p0", "p1"}
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +127,7 @@ def test_cli_flags_fill_the_nested_config(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("input: in\noutput: out\nresources: {clip_actors: 3}\ndecoding: {beam_size: 4}\n")
+    cfg_file.write_text("input: in\noutput: out\nmodel: m\nresources: {clip_actors: 3}\ndecoding: {beam_size: 4}\n")
     args = parser.parse_args(["--config", str(cfg_file), "--strategy", "beam", "--num-captions", "2",
                               "--gpus-per-actor", "0.5", "--part-size", "10", "--overwrite"])
     cfg = config_from_args(args)
@@ -130,9 +135,11 @@ def test_cli_flags_fill_the_nested_config(tmp_path):
     assert (cfg.decoding.strategy, cfg.decoding.n, cfg.decoding.beam_size) == ("beam", 2, 4)
     assert (cfg.resources.clip_actors, cfg.resources.gpus_per_actor, cfg.source.part_size) == (3, 0.5, 10)
     with pytest.raises(ConfigError, match="greedy"):
-        config_from_args(parser.parse_args(["--input", "i", "--output", "o", "--num-captions", "2"]))
+        config_from_args(parser.parse_args(["--input", "i", "--output", "o", "--model", "m", "--num-captions", "2"]))
     with pytest.raises(ConfigError, match="input"):
-        config_from_args(parser.parse_args(["--output", "o"]))
+        config_from_args(parser.parse_args(["--output", "o", "--model", "m"]))
+    with pytest.raises(ConfigError, match="--model is required.*clipcap train"):
+        config_from_args(parser.parse_args(["--input", "i", "--output", "o"]))
 
 
 # --- job-level faults: clear errors before any work -------------------------------------------------------------
@@ -148,6 +155,8 @@ def _emb_table(path, dim: int, clip_model: str = "tiny") -> None:
 def _cfg(inp, out, **kw):
     from pipelines.caption import CaptionConfig
 
+    kw.setdefault("model", "tiny")
+    kw.setdefault("allow_untrained", True)
     return CaptionConfig(input=str(inp), output=str(out), **kw)
 
 
@@ -172,7 +181,7 @@ def test_job_level_faults_raise_before_any_work(tmp_path):
     _emb_table(tmp_path / "emb_other.parquet", dim, clip_model="ViT-B-32")
     with pytest.raises(ValueError, match="made with CLIP 'ViT-B-32'"):
         prepare(_cfg(tmp_path / "emb_other.parquet", out))
-    assert not out.exists() or not any(out.rglob("*.parquet")) and not (out / "_run.json").exists()
+    assert not out.exists() or not any(out.rglob("*.parquet")) and not any(out.rglob("*.json"))
 
 
 def test_rerun_is_refused_when_the_model_or_input_changed_and_overwrite_clears(tmp_path):
@@ -192,13 +201,14 @@ def test_rerun_is_refused_when_the_model_or_input_changed_and_overwrite_clears(t
     with pytest.raises(ValueError, match="plan_digest"):
         prepare(_cfg(tmp_path / "in", out))
     again = prepare(_cfg(tmp_path / "in", out, overwrite=True))
-    assert [p.part_id for p in again.todo] == ["images-00000"] and not list(out.glob("part-*.parquet"))
+    assert [p.part_id for p in again.todo] == ["images-00000"] and not list(out.rglob("part-*.parquet"))
 
 
 def test_cli_reports_job_level_faults_in_one_line(tmp_path, capsys):
     from pipelines.cli import main
 
-    code = main(["caption", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o")])
+    code = main(["caption", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"), "--model", "tiny",
+                 "--allow-untrained"])
     err = capsys.readouterr().err
     assert code == 2 and "does not exist" in err and "Traceback" not in err
 

@@ -102,3 +102,54 @@ def test_unwritable_output_fails_before_work(served_list, s3_server, tmp_path):
     with pytest.raises(ValueError, match="no column"):
         run_download(_cfg(bad, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_error_kinds_transient_or_permanent():
+    from pipelines.download import is_transient
+
+    for msg in ("<urlopen error [Errno 111] Connection refused>", "timed out", "HTTP Error 503: Service Unavailable",
+                "HTTP Error 429: Too Many Requests", "<urlopen error [Errno -3] Temporary failure in name resolution>"):
+        assert is_transient(msg), msg
+    for msg in ("HTTP Error 404: File not found", "HTTP Error 403: Forbidden", "image decoding error",
+                "<urlopen error [Errno -2] Name or service not known>", None, ""):
+        assert not is_transient(msg), msg
+
+
+def test_outage_is_not_finished_and_a_rerun_recovers_it_without_overwrite(tmp_path):
+    """Issue 13.2: with the server down the shards were committed as finished (rc 0), and only --overwrite helped."""
+    from infra.local import http
+
+    (tmp_path / "site").mkdir()
+    server = http.start(tmp_path / "site")
+    port, base = server.server.server_address[1], server.base_url
+    tsv = synthetic.write_url_list(tmp_path / "site", 6, base, seed=4)
+    server.stop()  # the outage
+    cfg = _cfg(tsv, tmp_path / "raw", image_size=32, resize_mode="no", encode_format="png",
+               number_sample_per_shard=4, thread_count=2, timeout=3)
+    down = run_download(cfg)
+    assert (down.successes, down.count, down.exit_code, down.retry) == (0, 6, 5, ("00000", "00001"))
+    assert "not finished" in down.describe()
+    server = http.start(tmp_path / "site", port=port)  # back up
+    try:
+        up = run_download(cfg)
+    finally:
+        server.stop()
+    assert (up.successes, up.count, up.shards, up.exit_code, up.retry) == (6, 6, 2, 0, ())
+
+
+def _stats(out, shard, successes, errors):
+    storage.write_json({"count": successes + sum(errors.values()), "successes": successes,
+                        "failed_to_download": sum(errors.values()), "failed_to_resize": 0,
+                        "status_dict": {"success": successes, **errors}}, str(out / f"{shard}_stats.json"))
+
+
+def test_exit_codes_all_dead_links_some_transient_or_all_finished(tmp_path):
+    """All-404 lists exited 0; now: 5 when not one sample arrived, 4 while transient failures remain."""
+    dead, partial, fine = tmp_path / "dead", tmp_path / "partial", tmp_path / "fine"
+    _stats(dead, "00000", 0, {"HTTP Error 404: File not found": 3})
+    assert (summarize(str(dead)).exit_code, summarize(str(dead)).retry) == (5, ())  # finished: never retried
+    _stats(partial, "00000", 4, {"HTTP Error 404: File not found": 1})
+    _stats(partial, "00001", 2, {"timed out": 2})
+    assert (summarize(str(partial)).exit_code, summarize(str(partial)).retry) == (4, ("00001",))
+    _stats(fine, "00000", 4, {"HTTP Error 404: File not found": 1})
+    assert summarize(str(fine)).exit_code == 0

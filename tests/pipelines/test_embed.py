@@ -15,7 +15,7 @@ from clipcap_core import synthetic
 from clipcap_core.encoders import EncoderConfig, load_encoder
 from pipelines import embed_stages as st
 from pipelines import schemas, storage
-from pipelines.embed import EmbedConfig, EmbedResources, build_tables, run_embed
+from pipelines.embed import EmbedConfig, EmbedResources, build_tables, pending_shards, run_embed
 
 
 def _jpeg(img) -> bytes:
@@ -73,9 +73,12 @@ def test_tables_rows_schema_and_metadata(embedded):
     cfg, result = embedded
     assert cfg.table_uri.endswith("/embeddings/unit/tiny")
     files = storage.list_files(cfg.table_uri, ".parquet")
-    assert [f.rsplit("/", 1)[-1] for f in files] == [f"part-{i:05d}.parquet" for i in range(4)]
+    # 00002 is garbage: not committed; 00003 has no samples: marked done under _meta, no 0-row part file
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["part-00000.parquet", "part-00001.parquet"]
+    assert storage.list_files(storage.join(cfg.meta_uri, "empty"), ".json")[0].endswith("part-00003.json")
+    assert [u.rsplit("/", 1)[-1] for u in result.failed] == ["00002.tar"] and result.exit_code == 4
     table = pa.concat_tables([pq.read_table(f) for f in files])
-    assert (result.rows, table.num_rows, result.written, result.skipped) == (18, 18, 4, 0)
+    assert (result.rows, table.num_rows, result.written, result.skipped) == (18, 18, 3, 0)
     keys = table.column("key").to_pylist()
     assert len(set(keys)) == 18 and all(k.startswith("syn") for k in keys)
     assert schemas.validate_embedding_schema(table.schema) == result.dim == 128
@@ -104,23 +107,24 @@ def test_embeddings_equal_the_encoder_output(embedded):
 
 def test_bad_samples_land_in_errors_table(embedded):
     cfg, result = embedded
-    errors = pq.read_table(storage.join(cfg.table_uri, "_errors")).to_pylist()
+    errors = pq.read_table(storage.join(cfg.meta_uri, "errors")).to_pylist()
     by_key = {e["key"]: e for e in errors}
-    assert set(by_key) == {"bad-corrupt", "bad-text", "bad-noimage", "bad-truncated", "00002", "dl-fail"}
-    assert result.errors == 6
+    assert set(by_key) == {"bad-corrupt", "bad-text", "bad-noimage", "bad-truncated", "dl-fail"}
+    assert result.errors == 5
     assert by_key["dl-fail"]["stage"] == "download" and "404" in by_key["dl-fail"]["error"]
     assert "not an image" in by_key["bad-text"]["error"] and by_key["bad-text"]["source"] == "00000.tar/bad-text.png"
     assert "no image file" in by_key["bad-noimage"]["error"]
-    assert "unreadable tar" in by_key["00002"]["error"]
+    assert "unreadable shard" in result.failed[next(iter(result.failed))]
     assert all(e["stage"] in ("decode", "download") for e in errors)
 
 
-def test_rerun_writes_nothing(embedded):
+def test_rerun_writes_nothing_and_retries_only_the_unreadable_shard(embedded):
     cfg, _ = embedded
     fs, path = storage.filesystem(cfg.table_uri)
     before = {p: fs.info(p).get("ETag") for p in fs.find(path)}
     again = run_embed(cfg)
-    assert (again.written, again.skipped, again.rows, again.timeline) == (0, 4, 0, [])
+    assert (again.written, again.skipped, again.rows, again.exit_code) == (0, 3, 0, 4)
+    assert [u.rsplit("/", 1)[-1] for u in again.failed] == ["00002.tar"]
     fs.invalidate_cache()
     assert {p: fs.info(p).get("ETag") for p in fs.find(path)} == before
 
@@ -139,6 +143,25 @@ def test_resume_redoes_only_missing_shards_float16(shards, ray_cluster, tmp_path
     assert table.num_rows == 18 and len(set(table.column("key").to_pylist())) == 18
     assert table.schema.field("image_embedding").type == pa.list_(pa.float16(), 128)
     assert not list((tmp_path / "embeddings/unit/tiny").glob("_tmp.*"))  # stale temporaries removed
+
+
+def test_truncated_shard_is_not_done_until_repaired_then_arrives_whole(ray_cluster, tmp_path):
+    """Issue 13.1: a truncated shard used to be committed as an empty part, so the repaired shard never arrived."""
+    raw, good = tmp_path / "raw", tmp_path / "good-00001.tar"
+    raw.mkdir()
+    write_shard(raw / "00000.tar", good_samples(3, 0))
+    write_shard(good, good_samples(4, 3))
+    (raw / "00001.tar").write_bytes(good.read_bytes()[:3000])  # a half-copied shard
+    cfg = _cfg(raw, tmp_path / "out")
+    first = run_embed(cfg)
+    assert (first.rows, first.exit_code, [u.rsplit("/", 1)[-1] for u in first.failed]) == (3, 4, ["00001.tar"])
+    assert not storage.exists(storage.join(cfg.table_uri, "part-00001.parquet"))
+    assert not storage.list_files(storage.join(cfg.meta_uri, "empty"), ".json")
+    (raw / "00001.tar").write_bytes(good.read_bytes())  # repaired
+    second = run_embed(cfg)
+    assert (second.written, second.skipped, second.rows, second.failed, second.exit_code) == (1, 1, 4, {}, 0)
+    keys = pq.read_table(str(tmp_path / "out/embeddings/unit/tiny")).column("key").to_pylist()
+    assert sorted(keys) == [f"syn{i:08d}" for i in range(7)]
 
 
 def test_job_level_faults_fail_before_work(shards, tmp_path, s3_server):
@@ -181,3 +204,14 @@ def test_assembler_and_duplicate_keys():
     assert asm.incomplete() == []
     with pytest.raises(RuntimeError, match="expected 1"):
         asm.add(batch("b", ["x", "y"], 1))
+
+
+def test_old_layout_and_empty_markers_count_as_done(tmp_path):
+    """Tables written before _meta/ (0-row part files, _errors/ inside) still resume; so do the new markers."""
+    cfg = EmbedConfig(input=str(tmp_path / "raw"), output_root=str(tmp_path / "out"), dataset="d")
+    shards = [str(tmp_path / "raw" / f"{i:05d}.tar") for i in range(4)]
+    old_empty = schemas.embedding_schema(4).empty_table()
+    storage.atomic_write_table(old_empty, storage.join(cfg.table_uri, "part-00000.parquet"))
+    storage.atomic_write_table(pa.table({"key": ["x"]}), storage.join(cfg.table_uri, "_errors", "part-00000.parquet"))
+    storage.write_json({"rows": 0}, storage.join(cfg.meta_uri, "empty", "part-00002.json"))
+    assert [u.rsplit("/", 1)[-1] for u in pending_shards(cfg, shards)] == ["00001.tar", "00003.tar"]

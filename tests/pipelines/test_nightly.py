@@ -57,6 +57,30 @@ def test_nothing_new_is_a_noop_that_writes_nothing(tmp_path):
     assert sorted(p.name for p in Path(state).iterdir()) == before
 
 
+def test_failed_night_releases_the_lock_keeps_pointer_and_watermark_and_is_retried(tmp_path, monkeypatch):
+    """Issue 13.7: the failure path was untested. Training dies (here: the error Ray Train would raise)."""
+    files = tables.write_synthetic_tables(str(tmp_path / "d"), 60, shards=2, dim=8)
+    state = str(tmp_path / "state")
+    pointer = {"model": "s3://b/models/v1", "version": 1, "run": "r0"}
+    storage.write_json(pointer, storage.join(state, "production.json"))
+    tried: list[tuple[str, ...]] = []
+
+    def dying_training(job):
+        tried.append(job.tables)
+        raise RuntimeError("TrainingFailedError: worker 0 died")
+
+    monkeypatch.setattr(nightly, "run_training", dying_training)
+    cfg = nightly.NightlyConfig(tables=(str(tmp_path / "d"),), state=state)
+    for _night in range(2):
+        with pytest.raises(RuntimeError, match="worker 0 died"):
+            nightly.run_nightly(cfg)
+        assert not storage.exists(storage.join(state, "lock.json"))  # released
+        assert nightly.read_pointer(state) == pointer  # production untouched
+        assert storage.read_json(storage.join(state, "manifest.json")) is None  # watermark not moved
+        assert nightly.read_history(state) == []
+    assert tried == [tuple(sorted(files))] * 2  # the same new shards, retried the next night
+
+
 # --- the schedules --------------------------------------------------------------------------------------------
 def _entrypoint_args(command: str, script: str) -> list[str]:
     argv = shlex.split(command)

@@ -21,8 +21,11 @@ def test_list_and_inspect_tables(synth_root):
     # An errors table and a temporary file next to the parts must not be picked up.
     table_dir = storage.join(synth_root, "embeddings/synthetic/attr-proj")
     storage.atomic_write_table(pa.table({"key": ["x"]}), storage.join(table_dir, "_errors/part-00000.parquet"))
+    meta = storage.join(synth_root, "_meta/embeddings/synthetic/attr-proj/errors/part-00000.parquet")
+    storage.atomic_write_table(pa.table({"key": ["x"]}), meta)  # the embed stage's bookkeeping under the root
     files = tables.list_table_files(storage.join(synth_root, "embeddings"))
     assert [f.rsplit("/", 1)[1] for f in files] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert tables.list_table_files(synth_root) == files
     info = tables.inspect_tables(files)
     assert (info.dim, info.clip_model, info.num_rows) == (16, "attr-proj", 300)
     with pytest.raises(FileNotFoundError, match="no embedding tables"):
@@ -38,6 +41,14 @@ def test_mixed_dimensions_and_model_mismatch_are_clear_errors(tmp_path, synth_ro
     tables.check_model_dim(info, 16)
     with pytest.raises(ValueError, match=r"dimension mismatch.*D=16.*clip_dim=512"):
         tables.check_model_dim(info, 512)
+
+
+def test_corrupt_table_file_is_named(tmp_path, synth_root):
+    files = tables.list_table_files(storage.join(synth_root, "embeddings"))
+    bad = tmp_path / "part-00009.parquet"
+    bad.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(ValueError, match=r"part-00009\.parquet is not a readable Parquet file"):
+        tables.inspect_tables([*files, str(bad)])
 
 
 def test_table_without_caption_column_is_rejected(tmp_path):

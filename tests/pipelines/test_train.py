@@ -144,6 +144,23 @@ def test_checkpoint_round_trip_leaves_a_frozen_lm_out(tmp_path, table_info):
     assert train_step(model, batch, opt, sched, hp) == pytest.approx(train_step(fresh, batch, opt2, sched2, hp))
 
 
+def test_resume_from_a_checkpoint_of_another_model_fails_clearly(tmp_path, table_info):
+    """Issue 13.7: resuming with a checkpoint that does not fit was untested."""
+    from ray.train import Checkpoint
+
+    model, _ = _tiny(table_info, "tiny-transformer")
+    hp = TrainConfig(lr=1e-3, warmup_steps=2)
+    opt, sched = make_optimizer_and_scheduler(model, hp, 10)
+    tl.save_checkpoint(str(tmp_path), model, opt, sched, {"step": 1, "epoch": 0})
+    other, _ = _tiny(table_info, "tiny")  # an MLP mapping: other keys
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    opt2, sched2 = make_optimizer_and_scheduler(other, hp, 10)
+    with pytest.raises(RuntimeError, match="checkpoint does not fit the model: missing .*mapping"):
+        tl.load_checkpoint(Checkpoint.from_directory(str(tmp_path)), other, opt2, sched2)
+    assert sched2.last_epoch == 0  # nothing restored half-way into the optimizer / schedule
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items() if k.startswith("mapping."))
+
+
 def test_attribute_accuracy_against_chance():
     refs = ["a small red circle at the top", "two large blue squares on the left"]
     preds = ["a small red circle at the top.", "two large green squares on the right"]
