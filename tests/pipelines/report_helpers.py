@@ -1,5 +1,5 @@
 """Builders for the report tests (not a test module): a captioned synthetic archive laid out exactly as
-``clipcap caption`` writes it (parts named after the input's parts, ``_run.json`` naming the input), a tiny
+``clipcap caption`` writes it (``captions/`` parts named after the input's parts, ``_meta/run.json`` naming the input), a tiny
 model artifact, an evaluation of the captions and a training history."""
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ def captioned_run(root: Path, n: int = 8, archives: int = 2) -> dict[str, str]:
     per = n // archives
     for a in range(archives):
         write_archive(str(inp / f"shard{a}.tar"), samples[a * per:(a + 1) * per])
-    captions = root / "captions"
-    captions.mkdir()
+    output = root / "caption-run"  # the layout `clipcap caption` writes: captions/ + _meta/run.json
+    captions = output / "captions"
+    captions.mkdir(parents=True)
+    (output / "_meta").mkdir()
     keys: list[str] = []
     for part in sources.plan_parts(str(inp), sources.SourceConfig()):
         rel = part.files[0].rel  # "shard<a>.tar": one part per archive
@@ -46,7 +48,7 @@ def captioned_run(root: Path, n: int = 8, archives: int = 2) -> dict[str, str]:
         meta = {schemas.META_MODEL: f"{model}@v1"}
         pq.write_table(pa.table(rows, schema=schemas.with_metadata(schemas.CAPTIONS_SCORED_SCHEMA, meta)),
                        captions / f"part-{part.part_id}.parquet")
-    (captions / "_run.json").write_text(json.dumps({"input": str(inp), "model": f"{model}@v1"}))
+    (output / "_meta" / "run.json").write_text(json.dumps({"input": str(inp), "model": f"{model}@v1"}))
     refs = root / "refs.jsonl"
     refs.write_text("".join(json.dumps({"key": f"{s.key}", "caption": s.caption}) + "\n" for s in samples))
     run = root / "run"
@@ -55,5 +57,5 @@ def captioned_run(root: Path, n: int = 8, archives: int = 2) -> dict[str, str]:
     history += [{"kind": "epoch", "step": s, "epoch": s // 10, "val_loss": 2.5 / s, "bleu4": s / 40,
                  "cider": s / 8, "clip_score": 0.5} for s in (10, 20)]
     (run / "history.json").write_text(json.dumps(history))
-    return {"model": str(model), "input": str(inp), "captions": str(captions), "refs": str(refs),
+    return {"model": str(model), "input": str(inp), "captions": str(output), "refs": str(refs),
             "run": str(run), "keys": keys, "samples": samples}

@@ -75,8 +75,8 @@ def test_committer_writes_clip_score_per_rank_and_run_record_names_rerank(tmp_pa
     assert table.schema.remove_metadata() == schemas.CAPTIONS_SCORED_SCHEMA
     assert table.column("clip_score").to_pylist() == [0.75, 0.25] and table.column("rank").to_pylist() == [0, 1]
     assert schemas.read_metadata(table.schema)[schemas.META_RERANK] == "clip"
-    base = CaptionConfig(input="in", output="out")
+    base = CaptionConfig(input="in", output="out", model="m")
     assert "rerank" not in _run_record(base, "m", "d")  # older outputs stay resumable
-    assert _run_record(CaptionConfig(input="in", output="out", rerank="clip"), "m", "d")["rerank"] == "clip"
+    assert _run_record(CaptionConfig(input="in", output="out", model="m", rerank="clip"), "m", "d")["rerank"] == "clip"
     with pytest.raises(ValueError, match="needs clip_score=True"):
-        CaptionConfig(input="in", output="out", rerank="clip", clip_score=False)
+        CaptionConfig(input="in", output="out", model="m", rerank="clip", clip_score=False)

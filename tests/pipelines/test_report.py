@@ -88,7 +88,7 @@ def test_report_renders_in_headless_chromium(report):
     assert any(row.startswith("CIDEr") for row in state["metrics"]) and len(state["metrics"]) >= 4
     assert HOSTILE in state["captions"] and state["title"].startswith("clipcap report")  # rendered as text
     assert state["scripts"] == 0 and shot.stat().st_size > 10_000
-    assert json.loads((Path(report["captions"]) / "_run.json").read_text())["input"] == report["input"]
+    assert json.loads((Path(report["captions"]) / "_meta" / "run.json").read_text())["input"] == report["input"]
 
 
 def test_demo_report_step_evaluates_the_heldout_captions_and_prints_the_report_path(report, tmp_path, monkeypatch):
