@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from clipcap_core.configs import to_dict
+from clipcap_core.decap import ProjectionConfig
 from clipcap_core.decoding import DecodeConfig
 from pipelines import schemas, sources, storage
 from pipelines.caption_stages import TIMING_COLUMNS
@@ -77,6 +78,7 @@ class CaptionConfig:
     source: sources.SourceConfig = field(default_factory=sources.SourceConfig)
     decoding: DecodeConfig = field(default_factory=DecodeConfig)
     resources: ResourceOptions = field(default_factory=ResourceOptions)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)  # DeCap memory projection
     overwrite: bool = False
     progress_interval_s: float = 10.0
 
@@ -139,12 +141,26 @@ def _check_embeddings(parts: list[sources.Part], info: Any) -> None:
                              f"{info.uri!r} was trained on {info.encoder.model_name!r} embeddings")
 
 
+def _check_projection(cfg: CaptionConfig, info: Any) -> None:
+    from clipcap_core import artifacts
+    from clipcap_core.decap import check_projection
+
+    try:
+        has_memory = bool(artifacts.read_metadata(cfg.model)["weights"].get("decap"))
+    except FileNotFoundError:  # a preset
+        has_memory = False
+    check_projection(cfg.projection, info.clip_dim, has_memory)
+
+
 _SPEED_ONLY = ("batch_size", "use_cache", "static_cache")  # decoding options that do not change captions
 
 
 def _run_record(cfg: CaptionConfig, model_id: str, digest: str) -> dict[str, Any]:
     decoding = {k: v for k, v in to_dict(cfg.decoding).items() if k not in _SPEED_ONLY}
-    return {"model": model_id, "decoding": decoding, "input": cfg.input, "plan_digest": digest}
+    record = {"model": model_id, "decoding": decoding, "input": cfg.input, "plan_digest": digest}
+    if cfg.projection != ProjectionConfig():  # only when set: records of default runs stay as they were
+        record["projection"] = to_dict(cfg.projection)
+    return record
 
 
 def prepare(cfg: CaptionConfig) -> Plan:
@@ -155,6 +171,7 @@ def prepare(cfg: CaptionConfig) -> Plan:
     fs, path = storage.filesystem(cfg.output)
     fs.invalidate_cache(path)  # another process (an earlier, killed run) may have written here
     info = inspect_model(cfg.model)
+    _check_projection(cfg, info)
     parts = sources.plan_parts(cfg.input, cfg.source)
     _check_embeddings(parts, info)
     needs_clip = any(p.kind != "embeddings" for p in parts)
@@ -351,7 +368,8 @@ def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
     return ds.map_batches(CaptionStage, batch_size=res.caption_batch_size,
                           compute=ray.data.ActorPoolStrategy(size=res.caption_actors),
                           fn_constructor_kwargs=dict(model_uri=cfg.model, decoding=cfg.decoding,
-                                                     precision=res.precision, use_gpu=bool(gpu), threads=threads),
+                                                     precision=res.precision, use_gpu=bool(gpu), threads=threads,
+                                                     projection=cfg.projection),
                           **actor)
 
 
