@@ -128,3 +128,34 @@ def test_memory_table_sample_is_seeded_and_independent_of_the_layout(tmp_path):
         load_memory_table(str(tmp_path / "img"))
     with pytest.raises(FileNotFoundError, match="no text-embedding tables"):
         load_memory_table(str(tmp_path / "nothing"))
+
+
+def test_captioner_projection_modes_on_artifacts(tmp_path):
+    from clipcap_core.artifacts import save_model
+    from clipcap_core.captioner import Captioner
+    from clipcap_core.decoding import generate
+    from tests.core.core_helpers import synthetic_embeddings, trained_tiny
+
+    model, tok = trained_tiny()
+    _, memory = synthetic_embeddings(60, start=40_000, noise=0.0)
+    _, query = synthetic_embeddings(6, start=41_000, noise=0.3)
+    projected = DecapMemory(memory, tau=0.01).project(query)
+    save_model(model, tok, str(tmp_path / "plain"))  # image-trained: no memory of its own
+    _write_text_table(tmp_path / "mem" / "part-00000.parquet", [f"m{i}" for i in range(60)], memory)
+    plain = Captioner.from_pretrained(str(tmp_path / "plain"))
+    assert plain.decap is None and plain.caption(embeddings=query) == generate(model, query, tok).texts
+    with_memory = Captioner.from_pretrained(str(tmp_path / "plain"), projection=ProjectionConfig(
+        mode="memory", memory=str(tmp_path / "mem")))
+    expected = generate(model, projected, tok).texts
+    assert expected != generate(model, query, tok).texts  # the projection changes what is decoded here
+    assert with_memory.caption(embeddings=query) == expected
+    for options in ({"strategy": "beam", "beam_size": 3, "n": 2}, {"strategy": "sample", "n": 2, "seed": 3}):
+        assert with_memory.caption(embeddings=query, **options) == Captioner.from_pretrained(
+            str(tmp_path / "plain")).caption(embeddings=projected, **options)
+    save_model(model, tok, str(tmp_path / "decap"), decap=DecapMemory(memory))
+    assert Captioner.from_pretrained(str(tmp_path / "decap")).caption(embeddings=query) == expected
+    raw = Captioner.from_pretrained(str(tmp_path / "decap"), projection=ProjectionConfig(mode="none"))
+    assert raw.decap is None and raw.caption(embeddings=query) == generate(model, query, tok).texts
+    save_model(model, tok, str(tmp_path / "bad"), decap=DecapMemory(_memory(d=16)))
+    with pytest.raises(ValueError, match="memory has D=16 but the model expects clip_dim=128"):
+        Captioner.from_pretrained(str(tmp_path / "bad"))

@@ -77,18 +77,24 @@ def test_memory_is_a_seeded_sample_of_the_training_split(tmp_path):
     assert held.num_rows > 0
 
 
-def _image_embeddings(samples, gap):
-    """'Image' embeddings of the synthetic samples: the text space's attribute projection, noise and a constant
-    offset (a modality gap), as CLIP's image embeddings sit apart from its text embeddings."""
+def _image_embeddings(samples, norm=3.0):
+    """'Image' embeddings of the synthetic samples: the text space's attribute projection plus noise, shifted by a
+    constant offset orthogonal to every text embedding (a modality gap: CLIP's image embeddings sit apart from
+    its text embeddings, in directions text training never sees)."""
+    text = tables.attribute_embeddings(samples, DIM, seed=0, noise=0.0)
+    _, sv, vt = np.linalg.svd(text.astype(np.float64), full_matrices=True)
+    rank = int((sv > 1e-4 * sv[0]).sum())  # 14: five one-hot groups of 18 values projected to D=32
+    gap = vt[rank:].sum(0)  # in the orthogonal complement of the text embeddings' span
+    gap = norm * gap / np.linalg.norm(gap)
     emb = tables.attribute_embeddings(samples, DIM, seed=0, noise=0.15) + gap
-    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
 
 
 @pytest.mark.integration
 def test_text_only_training_on_ray_resumes_and_captions_images_through_its_memory(ray_cluster, s3_uri):
     files = _text_tables(storage.join(s3_uri, "data"), n=1200, shards=2)
     job = _job(files, storage.join(s3_uri, "runs"), name="decap", heldout_fraction=0.1,
-               decap=decap_train.DecapOptions(noise_std=0.02, memory_size=600, tau=0.01),
+               decap=decap_train.DecapOptions(noise_std=0.02, memory_size=900, tau=0.01),
                train=TrainConfig(epochs=3, batch_size=32, lr=1e-2, warmup_steps=10, max_caption_tokens=16),
                run=train.RunOptions(checkpoint_every=20, log_every=10, max_failures=1),
                scale=train.ScaleConfig(num_workers=1, cpus_per_worker=0.5),
@@ -107,11 +113,10 @@ def test_text_only_training_on_ray_resumes_and_captions_images_through_its_memor
 
     # Images it never saw, embedded with a modality gap: the memory projection closes it, raw decoding does not.
     samples = list(syn.generate(100, seed=0, size=16, start=50_000))
-    gap = 0.8 * np.random.default_rng(9).standard_normal(DIM).astype(np.float32) / np.sqrt(DIM) * 3
-    emb = _image_embeddings(samples, gap)
+    emb = _image_embeddings(samples)
     truth = [s.caption for s in samples]
     cap = Captioner.from_pretrained(result.artifact)
-    assert cap.decap is not None and len(cap.decap) == 600
+    assert cap.decap is not None and len(cap.decap) == 900
     projected = np.mean([p == t for p, t in zip(cap.caption(embeddings=emb, max_length=12), truth, strict=True)])
     raw_cap = Captioner.from_pretrained(result.artifact, projection=ProjectionConfig(mode="none"))
     raw = np.mean([p == t for p, t in zip(raw_cap.caption(embeddings=emb, max_length=12), truth, strict=True)])
