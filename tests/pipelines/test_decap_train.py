@@ -123,3 +123,11 @@ def test_text_only_training_on_ray_resumes_and_captions_images_through_its_memor
     assert projected >= 0.5 and projected >= raw + 0.2, (projected, raw)
     beams = cap.caption(embeddings=emb[:4], strategy="beam", beam_size=3, n=2, max_length=12)
     assert [b[0] for b in beams] == cap.caption(embeddings=emb[:4], max_length=12)
+
+
+def test_all_synthetic_captions_for_zero_shot_retrieval():
+    from pipelines.decap_demo import all_captions
+
+    caps = all_captions()
+    assert len(caps) == len(set(caps)) == 432 and all(syn.parse_caption(c) is not None for c in caps)
+    assert {s.caption for s in syn.generate(500, seed=4, size=8)} <= set(caps)
