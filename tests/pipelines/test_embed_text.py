@@ -116,6 +116,10 @@ def _read(uri: str) -> pa.Table:
     return pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
 
 
+def _result(out: str) -> dict:
+    return json.loads(out[out.index("\n{") + 1:])  # the summary line, then the result as JSON
+
+
 @pytest.mark.integration
 def test_cli_on_s3_resumes_without_duplicates(ray_cluster, s3_uri, encoder, capsys):
     from pipelines.cli import main
@@ -127,7 +131,7 @@ def test_cli_on_s3_resumes_without_duplicates(ray_cluster, s3_uri, encoder, caps
     args = ["embed-text", "--input", corpus, "--output-root", s3_uri, "--dataset", "corpus", "--part-size", "4",
             "--batch-size", "3", "--cpus-per-actor", "0.5"]
     assert main(args) == 0
-    result = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    result = _result(capsys.readouterr().out)
     table_uri = storage.join(s3_uri, "text-embeddings/corpus/tiny")
     assert (result["table_uri"], result["parts"], result["written"]) == (table_uri, 3, 3)
     assert (result["rows"], result["errors"], result["truncated"]) == (10, 1, 1)
@@ -144,7 +148,7 @@ def test_cli_on_s3_resumes_without_duplicates(ray_cluster, s3_uri, encoder, caps
     # A run that died after two parts: the rerun embeds only the missing one, and no row twice.
     fs.rm(storage.filesystem(storage.join(table_uri, "part-corpus-00002.parquet"))[1])
     assert main(args) == 0
-    again = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    again = _result(capsys.readouterr().out)
     assert (again["skipped"], again["written"], again["rows"], again["truncated"]) == (2, 1, 2, 1)
     rerun = _read(table_uri)
     assert sorted(rerun.column("key").to_pylist()) == sorted(table.column("key").to_pylist())
