@@ -106,10 +106,9 @@ def test_text_only_training_on_ray_resumes_and_captions_images_through_its_memor
     assert len(resumes) == 1 and 0 < resumes[0]["step"] <= 30
     epochs = [r for r in result.history if r["kind"] == "epoch"]
     assert epochs[-1]["step"] == train._plan(job)["total_steps"]
-    # Held-out *texts* are reconstructed from their text embeddings (chance 1/432; the image-path test's model,
-    # 2 epochs on 1200 rows, measured 0.45 under load).
+    # Held-out *texts* are reconstructed from their text embeddings (chance 1/432; measured 1.0).
     print("decap held-out text metrics:", result.metrics, flush=True)
-    assert result.metrics["exact_match"] >= 0.3, result.metrics
+    assert result.metrics["exact_match"] >= 0.7, result.metrics
     meta = read_metadata(result.artifact)
     assert meta["training"]["decoder"] == "decap" and meta["weights"]["decap"] == "decap.safetensors"
 
@@ -123,7 +122,7 @@ def test_text_only_training_on_ray_resumes_and_captions_images_through_its_memor
     raw_cap = Captioner.from_pretrained(result.artifact, projection=ProjectionConfig(mode="none"))
     raw = np.mean([p == t for p, t in zip(raw_cap.caption(embeddings=emb, max_length=12), truth, strict=True)])
     print(f"decap images: projected {projected:.2f}, raw {raw:.2f}", flush=True)
-    assert projected >= 0.3 and projected >= raw + 0.15, (projected, raw)
+    assert projected >= 0.6 and projected >= raw + 0.3, (projected, raw)  # measured 0.90 and 0.13
     beams = cap.caption(embeddings=emb[:4], strategy="beam", beam_size=3, n=2, max_length=12)
     assert [b[0] for b in beams] == cap.caption(embeddings=emb[:4], max_length=12)
 
