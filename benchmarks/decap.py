@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.embed_text import EmbedTextConfig, run_embed_text
 
     root = args.root or tempfile.mkdtemp(prefix="clipcap-decap-bench-")
-    ray.init(log_to_driver=False)
+    ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)  # never a stray cluster
     t0 = time.perf_counter()
     corpus = Path(root) / "corpus.txt"  # captions only: the generator's images are never rendered into it
     corpus.write_text("\n".join(s.caption for s in syn.generate(args.train_captions, seed=args.seed, size=8)) + "\n")
