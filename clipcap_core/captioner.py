@@ -8,7 +8,8 @@
 
 Images go through the CLIP encoder recorded in the model config (loaded on first use); embeddings must have
 that encoder's dimension. A DeCap model (artifact with a text-embedding memory) projects image embeddings onto
-its memory before decoding.
+its memory before decoding; ``projection=ProjectionConfig(mode="none")`` decodes the raw embeddings instead, and
+``ProjectionConfig(mode="memory", memory=<text-embedding table URI>)`` projects for any model (``decap.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from PIL import Image
 
 from clipcap_core.artifacts import LoadedModel, load_model
+from clipcap_core.decap import ProjectionConfig, resolve_projection
 from clipcap_core.decoding import Generation, generate
 from clipcap_core.imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, to_rgb
 
@@ -47,20 +49,23 @@ def open_image(item: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
 
 
 class Captioner:
-    def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu", encoder_precision: str = "fp32"):
+    def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu", encoder_precision: str = "fp32",
+                 projection: ProjectionConfig | None = None):
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
         self.metadata = loaded.metadata
         self.device = torch.device(device)
         self.encoder_precision = encoder_precision
         self._encoder: Any = None
-        self.decap = loaded.decap
+        memory = resolve_projection(projection or ProjectionConfig(), loaded.decap, self.config.clip_dim)
+        # once, on the model's device and in its dtype: every batch then projects there
+        self.decap = memory.to(self.model.device, self.model.dtype) if memory is not None else None
 
     @classmethod
-    def from_pretrained(cls, uri_or_preset: str, device: str | torch.device = "cpu",
-                        precision: str = "fp32") -> Captioner:
+    def from_pretrained(cls, uri_or_preset: str, device: str | torch.device = "cpu", precision: str = "fp32",
+                        projection: ProjectionConfig | None = None) -> Captioner:
         """Load an artifact (local dir or fsspec URI) or an untrained preset (``"tiny"``)."""
         loaded = load_model(uri_or_preset, device=device, precision=precision)
-        return cls(loaded, device=device, encoder_precision=precision)
+        return cls(loaded, device=device, encoder_precision=precision, projection=projection)
 
     @property
     def encoder(self) -> Any:
@@ -90,10 +95,11 @@ class Captioner:
         emb = self.embed_images(list(images)) if images is not None else np.asarray(embeddings, np.float32)
         if emb.ndim != 2 or emb.shape[1] != self.config.clip_dim:
             raise ValueError(f"embeddings must have shape (N, {self.config.clip_dim}), got {emb.shape}")
+        prefix_input: np.ndarray | torch.Tensor = emb
         if self.decap is not None:
-            emb = self.decap.project(emb)
+            prefix_input = self.decap.project(torch.from_numpy(np.ascontiguousarray(emb)))  # (N, D) on the device
         options.setdefault("batch_size", 64)
-        return generate(self.model, emb, self.tokenizer, strategy, **options)
+        return generate(self.model, prefix_input, self.tokenizer, strategy, **options)
 
     def caption(self, images: Sequence[ImageInput] | None = None, embeddings: np.ndarray | None = None,
                 strategy: str = "greedy", beam_size: int = 5, max_length: int = 30, stop_token: str | None = None,

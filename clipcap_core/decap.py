@@ -1,61 +1,227 @@
 """DeCap (arXiv 2303.03032): caption images with a decoder trained on text only.
 
 Training: the usual ClipCap training, with the CLIP *text* embedding of each caption as the prefix input
-(use ``normalize_prefix=True``: DeCap works on unit vectors). Inference: project the image embedding onto a
-memory M of caption text embeddings, w = softmax(v . M^T / tau), prefix = normalize(w . M), tau = 0.01 by
-default, then decode as usual. ``save_model(..., decap=memory)`` stores M in the artifact
-(``decap.safetensors``) and ``Captioner`` applies the projection automatically.
+(``normalize_prefix=True``: DeCap works on unit vectors; ``pipelines.train`` with ``decoder="decap"``). Inference:
+project the image embedding onto a memory M of caption text embeddings, w = softmax(v . M^T / tau),
+prefix = normalize(w . M), tau = 0.01 by default, then decode as usual. ``save_model(..., decap=memory)`` stores
+M in the artifact (``decap.safetensors``) and ``Captioner`` / bulk captioning apply the projection automatically.
 
     memory = DecapMemory.from_texts(encoder, captions)      # (M, D) unit vectors
     prefix_inputs = memory.project(image_embeddings)        # (N, D)
+    memory = resolve_projection(ProjectionConfig(mode="memory", memory="s3://b/text-embeddings/..."),
+                                loaded.decap, clip_dim=512)  # which memory a captioner uses, if any
+
+The memory is moved once to the decoding device in the model's dtype (``to``); ``project`` then runs batched on
+that device (chunks of rows, no per-image work). The softmax itself is taken in float32: with tau = 0.01 the
+logits reach +-100, where fp16 rounding would change the weights.
 """
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+DEFAULT_TAU = 0.01
+TEXT_EMBEDDING = "text_embedding"  # the column of text-embedding tables (pipelines.schemas owns the name)
+
 
 class DecapMemory:
-    def __init__(self, memory: np.ndarray | torch.Tensor, tau: float = 0.01):
-        mem = torch.as_tensor(np.asarray(memory, dtype=np.float32))
+    def __init__(self, memory: np.ndarray | torch.Tensor, tau: float = DEFAULT_TAU):
+        mem = memory if torch.is_tensor(memory) else torch.tensor(np.asarray(memory, dtype=np.float32))
         if mem.ndim != 2 or mem.shape[0] == 0:
             raise ValueError(f"DeCap memory must be a non-empty (M, D) array, got {tuple(mem.shape)}")
-        if tau <= 0:
+        if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau}")
-        self.memory = F.normalize(mem, dim=-1)  # (M, D)
+        self.memory = F.normalize(mem.float(), dim=-1).to(mem.dtype if mem.is_floating_point() else torch.float32)
         self.tau = float(tau)
 
     @property
     def dim(self) -> int:
         return int(self.memory.shape[1])
 
+    def __len__(self) -> int:
+        return int(self.memory.shape[0])
+
     @classmethod
-    def from_texts(cls, encoder: Any, texts: Sequence[str], tau: float = 0.01, batch_size: int = 256) -> DecapMemory:
+    def from_texts(cls, encoder: Any, texts: Sequence[str], tau: float = DEFAULT_TAU,
+                   batch_size: int = 256) -> DecapMemory:
         """Memory of the CLIP text embeddings of ``texts`` (``encoder``: a ``ClipEncoder``)."""
         chunks = [encoder.encode_text(list(texts[i: i + batch_size])) for i in range(0, len(texts), batch_size)]
         return cls(np.concatenate(chunks), tau=tau)
 
+    def to(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> DecapMemory:
+        """This memory on ``device`` in ``dtype`` (done once per actor / captioner, not per batch)."""
+        return DecapMemory(self.memory.to(device=device, dtype=dtype), tau=self.tau)
+
+    def check_dim(self, clip_dim: int, *, what: str = "the model") -> None:
+        if self.dim != int(clip_dim):
+            raise ValueError(f"DeCap memory has D={self.dim} but {what} expects clip_dim={clip_dim}: the memory "
+                             "must hold text embeddings of the CLIP model the decoder was trained on")
+
+    def _unit(self, embeddings: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = embeddings if torch.is_tensor(embeddings) else torch.as_tensor(np.asarray(embeddings, np.float32))
+        if x.ndim != 2 or x.shape[-1] != self.dim:
+            raise ValueError(f"embeddings have D={x.shape[-1]} but the DeCap memory has D={self.dim}")
+        return F.normalize(x.to(self.memory.device, torch.float32), dim=-1).to(self.memory.dtype)  # (N, D)
+
     @torch.inference_mode()
-    def project(self, embeddings: np.ndarray | torch.Tensor, chunk: int = 4096) -> np.ndarray:
-        """Image embeddings (N, D) -> memory-projected unit vectors np.float32 (N, D)."""
-        v = F.normalize(torch.as_tensor(np.asarray(embeddings, dtype=np.float32)), dim=-1)  # (N, D)
-        if v.shape[-1] != self.dim:
-            raise ValueError(f"embeddings have D={v.shape[-1]} but the DeCap memory has D={self.dim}")
+    def weights(self, embeddings: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Softmax weights (N, M) float32 of each embedding over the memory entries (rows sum to 1)."""
+        return (self._unit(embeddings) @ self.memory.T).float().div_(self.tau).softmax(dim=-1)
+
+    @torch.inference_mode()
+    def project(self, embeddings: np.ndarray | torch.Tensor, chunk: int = 4096) -> Any:
+        """Image embeddings (N, D) -> memory-projected unit vectors (N, D): np.float32 for a numpy input, a
+        tensor on the memory's device and dtype for a tensor input."""
+        v = self._unit(embeddings)
         out = []
-        for start in range(0, v.shape[0], chunk):
-            w = (v[start: start + chunk] @ self.memory.T / self.tau).softmax(dim=-1)  # (n, M)
-            out.append(F.normalize(w @ self.memory, dim=-1))  # (n, D)
-        return torch.cat(out).numpy() if out else np.zeros((0, self.dim), np.float32)
+        for start in range(0, v.shape[0], chunk):  # bounds the (n, M) weight matrix, whatever N is
+            w = (v[start: start + chunk] @ self.memory.T).float().div_(self.tau).softmax(dim=-1)  # (n, M)
+            out.append(F.normalize((w.to(self.memory.dtype) @ self.memory).float(), dim=-1))  # (n, D)
+        res = torch.cat(out) if out else torch.zeros((0, self.dim))
+        if torch.is_tensor(embeddings):
+            return res.to(self.memory.dtype)
+        return res.cpu().numpy().astype(np.float32)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """(tensors, metadata) for a safetensors file."""
-        return {"memory": self.memory.contiguous()}, {"tau": repr(self.tau)}
+        return {"memory": self.memory.float().cpu().contiguous()}, {"tau": repr(self.tau)}
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> DecapMemory:
-        return cls(tensors["memory"].numpy(), tau=float(metadata["tau"]))
+        return cls(tensors["memory"].float().numpy(), tau=float(metadata["tau"]))
+
+
+# --- which projection a captioner applies ------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class ProjectionConfig:
+    """``auto``: the artifact's own DeCap memory if it has one, else none; ``none``: decode the raw image
+    embedding (comparison); ``memory``: project onto ``memory`` (a text-embedding table URI) or, without one,
+    onto the artifact's memory. ``tau`` overrides the memory's temperature; ``memory_size`` > 0 keeps a seeded
+    sample of that many rows of a ``memory`` table."""
+
+    mode: Literal["auto", "none", "memory"] = "auto"
+    memory: str | None = None
+    tau: float | None = None
+    memory_size: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.memory and self.mode != "memory":
+            raise ValueError(f"a memory table ({self.memory}) needs projection mode 'memory', not {self.mode!r}")
+        if self.tau is not None and not self.tau > 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.memory_size < 0:
+            raise ValueError(f"memory_size must be >= 0, got {self.memory_size}")
+
+
+def resolve_projection(cfg: ProjectionConfig, own: DecapMemory | None, clip_dim: int) -> DecapMemory | None:
+    """The memory to project onto (on the CPU, float32), or None; a D mismatch or a missing memory fails."""
+    if cfg.mode == "none":
+        return None
+    memory = own
+    if cfg.memory:
+        memory = load_memory_table(cfg.memory, tau=cfg.tau or DEFAULT_TAU, max_rows=cfg.memory_size or None,
+                                   seed=cfg.seed)
+    elif cfg.mode == "memory" and own is None:
+        raise ValueError("projection 'memory' on a model without a DeCap memory needs a memory table (--memory URI)")
+    if memory is None:
+        return None
+    if cfg.tau is not None:
+        memory = DecapMemory(memory.memory, tau=cfg.tau)
+    memory.check_dim(clip_dim)
+    return memory
+
+
+def _table_files(uri: str) -> list[str]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if path.endswith(".parquet"):
+        names = [path]
+    else:
+        names = sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/_errors/" not in p
+                       and not posixpath.basename(p).startswith(("_", ".")))
+    if not names:
+        raise FileNotFoundError(f"no text-embedding tables (*.parquet) under {uri!r}")
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    prefix = "" if proto in ("file", "local") else f"{proto}://"
+    return [prefix + n for n in names]
+
+
+def load_memory_table(uri: str, *, tau: float = DEFAULT_TAU, max_rows: int | None = None,
+                      seed: int = 0) -> DecapMemory:
+    """A memory from the ``text_embedding`` column of a text-embedding table (a folder or one file); with
+    ``max_rows``, a seeded sample of that many rows (chosen by key, so independent of the file layout)."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    parts = []
+    for file in _table_files(uri):
+        with fsspec.open(file, "rb") as f:
+            schema = pq.read_schema(f)
+            if TEXT_EMBEDDING not in schema.names:
+                raise ValueError(f"{file} is not a text-embedding table: no {TEXT_EMBEDDING!r} column "
+                                 f"(has {schema.names}); make one with `clipcap embed-text`")
+            f.seek(0)
+            parts.append(pq.read_table(f, columns=["key", TEXT_EMBEDDING]))
+    table = pa.concat_tables(parts)
+    table = table.filter(pc.is_valid(table.column(TEXT_EMBEDDING)))
+    if max_rows is not None and table.num_rows > max_rows:
+        table = table.take(sample_rows(table.column("key").to_pylist(), max_rows, seed))
+    col = table.column(TEXT_EMBEDDING).combine_chunks()
+    flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    return DecapMemory(flat.reshape(-1, col.type.list_size), tau=tau)
+
+
+def sample_rows(keys: Sequence[str], n: int, seed: int) -> np.ndarray:
+    """Indices of ``n`` rows chosen by a seeded hash of their keys (same choice whatever the row order), sorted."""
+    import hashlib
+
+    salt = f"decap-memory:{seed}".encode()
+    h = np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8, key=salt).digest(), "little")
+                  for k in keys], dtype=np.uint64)
+    return np.sort(np.argsort(h, kind="stable")[:n])
+
+
+def memory_table_dim(uri: str) -> int:
+    """D of a text-embedding table from its Parquet footers (job-level checks before any work)."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dims = set()
+    for file in _table_files(uri):
+        with fsspec.open(file, "rb") as f:
+            schema = pq.read_schema(f)
+        if TEXT_EMBEDDING not in schema.names:
+            raise ValueError(f"{file} is not a text-embedding table: no {TEXT_EMBEDDING!r} column "
+                             f"(has {schema.names}); make one with `clipcap embed-text`")
+        col = schema.field(TEXT_EMBEDDING).type
+        if not pa.types.is_fixed_size_list(col):
+            raise ValueError(f"{file}: column {TEXT_EMBEDDING!r} must be fixed_size_list<float>[D], got {col}")
+        dims.add(int(col.list_size))
+    if len(dims) > 1:
+        raise ValueError(f"memory table {uri} mixes dimensions {sorted(dims)}")
+    return dims.pop()
+
+
+def check_projection(cfg: ProjectionConfig, clip_dim: int, has_own_memory: bool) -> None:
+    """Job-level checks of a projection choice without loading any memory (clear errors before work)."""
+    if cfg.mode == "none":
+        return
+    if cfg.memory:
+        dim = memory_table_dim(cfg.memory)
+        if dim != int(clip_dim):
+            raise ValueError(f"DeCap memory table {cfg.memory} has D={dim} but the model expects clip_dim={clip_dim}:"
+                             " the memory must hold text embeddings of the CLIP model the decoder was trained on")
+    elif cfg.mode == "memory" and not has_own_memory:
+        raise ValueError("projection 'memory' on a model without a DeCap memory needs a memory table (--memory URI)")

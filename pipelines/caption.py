@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from clipcap_core.configs import to_dict
+from clipcap_core.decap import ProjectionConfig
 from clipcap_core.decoding import DecodeConfig
 from pipelines import exitcodes, sources, storage
 from pipelines.caption_output import (  # noqa: F401  (the layout helpers are part of this module's API)
@@ -94,6 +95,7 @@ class CaptionConfig:
     source: sources.SourceConfig = field(default_factory=sources.SourceConfig)
     decoding: DecodeConfig = field(default_factory=DecodeConfig)
     resources: ResourceOptions = field(default_factory=ResourceOptions)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)  # DeCap memory projection
     overwrite: bool = False
     progress_interval_s: float = 10.0
     rerank: Literal["none", "clip"] = "none"  # clip: order each image's n captions by CLIP similarity
@@ -177,6 +179,18 @@ def _check_embeddings(parts: list[sources.Part], info: Any) -> None:
             raise ValueError(f"embedding table {where} was made with CLIP {p.clip_model!r} but model "
                              f"{info.uri!r} was trained on {info.encoder.model_name!r} embeddings")
 
+
+def _check_projection(cfg: CaptionConfig, info: Any) -> None:
+    from clipcap_core import artifacts
+    from clipcap_core.decap import check_projection
+
+    try:
+        has_memory = bool(artifacts.read_metadata(cfg.model)["weights"].get("decap"))
+    except FileNotFoundError:  # a preset
+        has_memory = False
+    check_projection(cfg.projection, info.clip_dim, has_memory)
+
+
 _SPEED_ONLY = ("batch_size", "use_cache", "static_cache")  # decoding options that do not change captions
 
 def _run_record(cfg: CaptionConfig, model_id: str, digest: str) -> dict[str, Any]:
@@ -186,6 +200,8 @@ def _run_record(cfg: CaptionConfig, model_id: str, digest: str) -> dict[str, Any
         record["rerank"] = cfg.rerank
     if not cfg.clip_score:
         record["clip_score"] = False
+    if cfg.projection != ProjectionConfig():  # only when set: records of default runs stay as they were
+        record["projection"] = to_dict(cfg.projection)
     return record
 
 def prepare(cfg: CaptionConfig) -> Plan:
@@ -197,6 +213,7 @@ def prepare(cfg: CaptionConfig) -> Plan:
     fs, path = storage.filesystem(cfg.output)
     fs.invalidate_cache(path)  # another process (an earlier, killed run) may have written here
     info = inspect_model(cfg.model, allow_untrained=cfg.allow_untrained)
+    _check_projection(cfg, info)
     parts = sources.plan_parts(cfg.input, cfg.source)
     _check_embeddings(parts, info)
     needs_clip = any(p.kind != "embeddings" for p in parts)
@@ -311,7 +328,7 @@ def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
                           fn_constructor_kwargs=dict(model_uri=plan.model_info.uri, decoding=cfg.decoding,
                                                      precision=res.precision, use_gpu=bool(gpu), threads=threads,
                                                      encoder_cfg=plan.model_info.encoder if cfg.clip_score else None,
-                                                     rerank=cfg.rerank),
+                                                     rerank=cfg.rerank, projection=cfg.projection),
                           **actor)
 
 def _log_progress(s: CaptionSummary, start: float) -> None:

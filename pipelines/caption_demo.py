@@ -57,13 +57,16 @@ def _norm(text: str) -> str:
 
 
 def caption_heldout(root: str, model_uri: str, samples: Sequence[Any], *, show: int = 5,
-                    resources: ResourceOptions | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Caption held-out synthetic samples through the bulk pipeline; print a few next to the truth."""
+                    resources: ResourceOptions | None = None, echo: Callable[[str], None] = print,
+                    name: str = "heldout", projection: Any = None) -> dict[str, Any]:
+    """Caption held-out synthetic samples through the bulk pipeline into ``<root>/captions/<name>``; print a few
+    next to the truth. ``projection``: a ``decap.ProjectionConfig`` (default: the model's own)."""
     archive = storage.join(root, "archives", ARCHIVE)
-    output = storage.join(root, "captions", "heldout")
+    output = storage.join(root, "captions", name)
     write_archive(archive, samples)
+    extra = {"projection": projection} if projection is not None else {}
     summary = caption_archive(CaptionConfig(input=archive, output=output, model=model_uri, overwrite=True,
-                                            resources=resources or ResourceOptions()))
+                                            resources=resources or ResourceOptions(), **extra))
     table = read_captions(output).to_pylist()
     predicted = {r["key"]: r["caption"] for r in table if r["rank"] == 0}
     truth = {f"{ARCHIVE}/{s.key}.png": s.caption for s in samples}

@@ -174,12 +174,13 @@ class CaptionStage:
     similarity to the image instead of by the decoder."""
 
     def __init__(self, model_uri: str, decoding: Any, precision: str = "fp32", use_gpu: bool = False,
-                 threads: int = 0, encoder_cfg: Any = None, rerank: str = "none"):
+                 threads: int = 0, encoder_cfg: Any = None, rerank: str = "none", projection: Any = None):
         from clipcap_core.clipscore import ClipScorer
         from clipcap_core.encoders import load_encoder
 
         _set_threads(threads)
-        self.decoder = Decoder(model_uri, decoding, device=_device(use_gpu), precision=precision)
+        self.decoder = Decoder(model_uri, decoding, device=_device(use_gpu), precision=precision,
+                               projection=projection)
         self.scorer = None if encoder_cfg is None else ClipScorer(
             load_encoder(encoder_cfg, device=_device(use_gpu), precision=precision))
         self.rerank = rerank
@@ -282,20 +283,30 @@ def model_version(meta: dict[str, Any], weights: dict[str, str]) -> str:
 class Decoder:
     """Model + tokenizer on a device; ``(N, D)`` embeddings -> ``n`` captions and scores per input."""
 
-    def __init__(self, model_uri: str, decoding: Any, device: str = "cpu", precision: str = "fp32"):
+    def __init__(self, model_uri: str, decoding: Any, device: str = "cpu", precision: str = "fp32",
+                 projection: Any = None):
         import torch
 
         from clipcap_core.artifacts import load_model
+        from clipcap_core.decap import ProjectionConfig, resolve_projection
         from clipcap_core.encoders import resolve_precision
 
         precision = resolve_precision(precision, torch.device(device))  # auto: fp16 on GPU, fp32 on CPU
         loaded = load_model(model_uri, device=device, precision=precision)
         self.model, self.tokenizer, self.cfg = loaded.model.eval(), loaded.tokenizer, decoding
+        # DeCap memory (the artifact's, or --memory's): loaded once per actor, on its device, in the model's dtype
+        memory = resolve_projection(projection or ProjectionConfig(), loaded.decap, loaded.config.clip_dim)
+        self.memory = memory.to(self.model.device, self.model.dtype) if memory is not None else None
 
     def __call__(self, embeds: np.ndarray) -> tuple[list[list[str]], list[list[float]]]:
+        import torch
+
         from clipcap_core.decoding import generate
 
-        gen = generate(self.model, embeds, self.tokenizer, config=self.cfg)
+        inputs: Any = embeds
+        if self.memory is not None:  # one batched projection for the whole block, on the device
+            inputs = self.memory.project(torch.from_numpy(np.ascontiguousarray(embeds)))
+        gen = generate(self.model, inputs, self.tokenizer, config=self.cfg)
         n = gen.n
         scores = np.asarray(gen.scores, dtype=np.float32).tolist()
         return gen.grouped(), [scores[i: i + n] for i in range(0, len(scores), n)]

@@ -17,6 +17,7 @@ import sys
 COMMANDS = {
     "download": "pipelines.commands.download",
     "embed": "pipelines.commands.embed",
+    "embed-text": "pipelines.commands.embed_text",
     "demo": "pipelines.commands.demo",
     "caption-images": "pipelines.commands.caption_images",
     "import-reference": "pipelines.commands.import_reference",

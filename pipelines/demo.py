@@ -133,6 +133,30 @@ def step_report(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
 STEPS.append(step_report)  # the last step: it reports on what the earlier steps produced
 
 
+def step_decap(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
+    """``clipcap demo --decap``: a text-only (DeCap) model trained on the demo's captions alone, captioning the
+    same held-out images as ``step_caption``, next to the image-trained model (pipelines.decap_demo)."""
+    import ray
+
+    from clipcap_core import synthetic
+    from clipcap_core.encoders import EncoderConfig
+    from pipelines.decap_demo import demo_decap
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address(cfg), log_to_driver=False)
+    from pipelines import tables
+
+    assert result.raw_uri is not None and result.embeddings_uri is not None
+    info = tables.inspect_tables(tables.list_table_files(result.embeddings_uri))  # the CLIP of the image step
+    encoder = EncoderConfig(model_name=info.clip_model, pretrained=info.clip_pretrained or None)
+    samples = list(synthetic.generate(n, seed=cfg.seed, size=64, start=cfg.samples))
+    report = demo_decap(result.raw_uri, result.root, samples, encoder=encoder, seed=cfg.seed,
+                        image_model_exact=result.summaries.get("caption", {}).get("exact_match"),
+                        echo=result.lines.append)
+    result.paths["decap_model"] = report["artifact"]
+    result.summaries["decap"] = report
+
+
 def run_demo(cfg: DemoConfig = DemoConfig(), steps: Sequence[Step] | None = None) -> DemoResult:
     """Run ``steps`` (default: ``STEPS``) in order; returns the paths and summaries they recorded."""
     root = str(Path(cfg.root).resolve()) if "://" not in cfg.root else cfg.root

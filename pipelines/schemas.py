@@ -6,6 +6,7 @@ Tables (see DESIGN.md, "Data contracts"):
 - caption tables   ``<output>/captions/part-<part>.parquet``, errors table ``<output>/_meta/errors/``
 Table folders hold only non-empty part files (every common Parquet reader takes them as they are).
 - evaluations      ``<output>/per_image.parquet`` (+ ``summary.json``, ``results.json``; pipelines.evaluate)
+- text-embedding tables ``<root>/text-embeddings/<dataset>/<clip-tag>/part-<part>.parquet`` (``embed-text``)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ META_PREPROCESS = META_PREFIX + "preprocess"
 META_CODE_VERSION = META_PREFIX + "code_version"
 META_SCHEMA_VERSION = META_PREFIX + "schema_version"
 META_SOURCE_SHARD = META_PREFIX + "source_shard"
+META_TRUNCATED = META_PREFIX + "truncated"  # text tables: captions of this part cut to the CLIP context
 
 EMBED_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
@@ -61,6 +63,15 @@ def embedding_schema(dim: int, dtype: str = "float32", with_text: bool = False) 
     if with_text:
         fields.append(pa.field(TEXT_EMBEDDING, embedding_type(dim, dtype)))
     return pa.schema(fields)
+
+
+def text_embedding_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+    """Text-embedding tables (``clipcap embed-text``): captions of a corpus and their CLIP text embeddings."""
+    return pa.schema([
+        pa.field(KEY, pa.string(), nullable=False),
+        pa.field(CAPTION, pa.string()),
+        pa.field(TEXT_EMBEDDING, embedding_type(dim, dtype), nullable=False),
+    ])
 
 
 RANK = "rank"
@@ -153,14 +164,16 @@ def read_metadata(schema: pa.Schema) -> dict[str, str]:
     return out
 
 
-def validate_embedding_schema(schema: pa.Schema, *, where: str = "embedding table") -> int:
-    """Check an embedding table's schema; return its embedding dimension D or raise ValueError."""
-    missing = [c for c in (KEY, IMAGE_EMBEDDING) if c not in schema.names]
+def validate_embedding_schema(schema: pa.Schema, *, where: str = "embedding table",
+                              column: str = IMAGE_EMBEDDING) -> int:
+    """Check an embedding table's schema (``column``: the embedding it must have); return D or raise ValueError."""
+    missing = [c for c in (KEY, column) if c not in schema.names]
     if missing:
-        raise ValueError(f"{where}: missing column(s) {missing}; has {schema.names}")
-    emb = schema.field(IMAGE_EMBEDDING).type
+        hint = "; text tables come from `clipcap embed-text`" if column == TEXT_EMBEDDING else ""
+        raise ValueError(f"{where}: missing column(s) {missing}; has {schema.names}{hint}")
+    emb = schema.field(column).type
     if not pa.types.is_fixed_size_list(emb) or not pa.types.is_floating(emb.value_type):
-        raise ValueError(f"{where}: column {IMAGE_EMBEDDING!r} must be fixed_size_list<float>[D], got {emb}")
+        raise ValueError(f"{where}: column {column!r} must be fixed_size_list<float>[D], got {emb}")
     return int(emb.list_size)
 
 

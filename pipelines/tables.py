@@ -81,14 +81,16 @@ def _footer(uri: str, storage_options: dict[str, Any] | None) -> tuple[pa.Schema
         raise ValueError(f"embedding table {uri} is not a readable Parquet file: {exc}") from exc
 
 
-def inspect_tables(files: Sequence[str], storage_options: dict[str, Any] | None = None) -> TableInfo:
-    """Validate every table's schema and metadata (footers only); all must share D and the CLIP model."""
+def inspect_tables(files: Sequence[str], storage_options: dict[str, Any] | None = None,
+                   column: str = schemas.IMAGE_EMBEDDING) -> TableInfo:
+    """Validate every table's schema and metadata (footers only); all must share D and the CLIP model.
+    ``column``: the embedding training reads (``text_embedding`` for DeCap's text tables)."""
     if not files:
         raise ValueError("no embedding table files given")
     dims, models, rows, dtype = {}, {}, [], "float32"
     for uri in files:
         schema, n = _footer(uri, storage_options)
-        dim = schemas.validate_embedding_schema(schema, where=uri)
+        dim = schemas.validate_embedding_schema(schema, where=uri, column=column)
         if schemas.CAPTION not in schema.names:
             raise ValueError(f"{uri}: training needs a {schemas.CAPTION!r} column; has {schema.names}")
         meta = schemas.read_metadata(schema)
@@ -160,8 +162,12 @@ def filter_table(table: pa.Table, split: Split) -> pa.Table:
     return table.filter(pa.array(keep))
 
 
-def embeddings_numpy(table: pa.Table, column: str = schemas.IMAGE_EMBEDDING) -> np.ndarray:
-    """A fixed_size_list<float>[D] column as a (N, D) float32 array (one copy at most)."""
+def embeddings_numpy(table: pa.Table, column: str | None = None) -> np.ndarray:
+    """A fixed_size_list<float>[D] column as a (N, D) float32 array (one copy at most); ``column`` None: the
+    image embedding, or the text embedding of a table that has only that (DeCap's text tables)."""
+    if column is None:
+        has_image = schemas.IMAGE_EMBEDDING in table.column_names
+        column = schemas.IMAGE_EMBEDDING if has_image else schemas.TEXT_EMBEDDING
     col = table.column(column).combine_chunks()
     d = col.type.list_size
     flat = col.flatten().to_numpy(zero_copy_only=False)
@@ -169,17 +175,18 @@ def embeddings_numpy(table: pa.Table, column: str = schemas.IMAGE_EMBEDDING) -> 
 
 
 # --- reading ------------------------------------------------------------------------------------------
-_TRAIN_COLUMNS = [schemas.KEY, schemas.CAPTION, schemas.IMAGE_EMBEDDING]
+def _train_columns(column: str = schemas.IMAGE_EMBEDDING) -> list[str]:
+    return [schemas.KEY, schemas.CAPTION, column]
 
 
 def read_split(files: Sequence[str], split: Split, storage_options: dict[str, Any] | None = None,
-               max_rows: int | None = None) -> pa.Table:
+               max_rows: int | None = None, column: str = schemas.IMAGE_EMBEDDING) -> pa.Table:
     """The rows of ``split`` from ``files`` in memory (for held-out / evaluation sets), sorted by key."""
     parts = []
     for uri in files:
         fs, path = storage.filesystem(uri, storage_options)
         with fs.open(path, "rb") as f:
-            parts.append(filter_table(pq.read_table(f, columns=_TRAIN_COLUMNS), split))
+            parts.append(filter_table(pq.read_table(f, columns=_train_columns(column)), split))
     if not parts:
         raise ValueError("no embedding table files given")
     table = pa.concat_tables(parts).combine_chunks()
@@ -205,13 +212,13 @@ class PrepareBatch:
     padding); padding to ``max_tokens`` here keeps blocks concatenable when Ray Data re-batches.
     """
 
-    def __init__(self, split: Split, tokenize: Tokenize, max_tokens: int):
-        self.split, self.tokenize, self.max_tokens = split, tokenize, max_tokens
+    def __init__(self, split: Split, tokenize: Tokenize, max_tokens: int, column: str = schemas.IMAGE_EMBEDDING):
+        self.split, self.tokenize, self.max_tokens, self.column = split, tokenize, max_tokens, column
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         table = filter_table(table, self.split)
         captions = table.column(schemas.CAPTION).to_pylist()
-        emb = embeddings_numpy(table)
+        emb = embeddings_numpy(table, self.column)
         tokens = np.zeros((len(captions), self.max_tokens), dtype=np.int64)
         mask = np.zeros((len(captions), self.max_tokens), dtype=np.float32)
         if captions:
@@ -227,22 +234,25 @@ class ReadPrepare:
     record batch (``rows_per_block`` rows) at a time and yields it filtered and tokenised (``PrepareBatch``),
     so blocks stream out of a file while it is still being read."""
 
-    def __init__(self, tokenize: Tokenize, max_tokens: int, rows_per_block: int = 4096):
+    def __init__(self, tokenize: Tokenize, max_tokens: int, rows_per_block: int = 4096,
+                 column: str = schemas.IMAGE_EMBEDDING):
         self.tokenize, self.max_tokens, self.rows_per_block = tokenize, max_tokens, rows_per_block
+        self.column = column
 
     def __call__(self, items: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         for uri, split_json in zip(items["uri"], items["split"], strict=True):
-            prep = PrepareBatch(Split(**json.loads(str(split_json))), self.tokenize, self.max_tokens)
+            prep = PrepareBatch(Split(**json.loads(str(split_json))), self.tokenize, self.max_tokens, self.column)
             fs, path = storage.filesystem(str(uri))
             with fs.open(path, "rb") as f:
-                for rb in pq.ParquetFile(f).iter_batches(batch_size=self.rows_per_block, columns=_TRAIN_COLUMNS):
+                pf = pq.ParquetFile(f)
+                for rb in pf.iter_batches(batch_size=self.rows_per_block, columns=_train_columns(self.column)):
                     out = prep(pa.Table.from_batches([rb]))
                     if len(out["tokens"]):
                         yield out
 
 
 def stream_tables(parts: Sequence[tuple[str, Split]], tokenize: Tokenize, max_tokens: int,
-                  rows_per_block: int = 4096) -> ray.data.Dataset:
+                  rows_per_block: int = 4096, column: str = schemas.IMAGE_EMBEDDING) -> ray.data.Dataset:
     """A Ray Data stream over ``parts`` ((table URI, rows of it to keep) in order; a URI may repeat, e.g.
     once per epoch), tokenised in the pipeline.
 
@@ -256,7 +266,7 @@ def stream_tables(parts: Sequence[tuple[str, Split]], tokenize: Tokenize, max_to
     if not items:
         raise ValueError("nothing to stream: no table parts given")
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ReadPrepare(tokenize, max_tokens, rows_per_block), batch_size=1, batch_format="numpy")
+        ReadPrepare(tokenize, max_tokens, rows_per_block, column), batch_size=1, batch_format="numpy")
 
 
 # --- synthetic tables (tests, benchmarks) -----------------------------------------------------------------
@@ -281,24 +291,25 @@ def attribute_embeddings(samples: Sequence[Any], dim: int, seed: int = 0, noise:
 
 def write_synthetic_tables(root: str, n: int, *, shards: int = 1, dim: int = 32, seed: int = 0, start: int = 0,
                            first_shard: int = 0, dataset: str = "synthetic", tag: str = "attr-proj",
-                           noise: float = 0.1) -> list[str]:
-    """Write ``n`` synthetic rows as ``shards`` tables under ``<root>/embeddings/<dataset>/<tag>/``."""
+                           noise: float = 0.1, column: str = schemas.IMAGE_EMBEDDING) -> list[str]:
+    """Write ``n`` synthetic rows as ``shards`` tables under ``<root>/embeddings/<dataset>/<tag>/`` (``column``
+    ``text_embedding``: text tables, ``schemas.text_embedding_schema``, under ``<root>/text-embeddings/``)."""
     from clipcap_core import synthetic as syn
 
     samples = [_Lite(s.key, s.caption, s.attributes) for s in syn.generate(n, seed=seed, size=16, start=start)]
     emb = attribute_embeddings(samples, dim, seed=seed, noise=noise)
     meta = schemas.embedding_metadata(clip_model=tag, clip_pretrained=None, dim=dim, dtype="float32",
                                       preprocess="synthetic attribute projection")
-    schema = schemas.with_metadata(schemas.embedding_schema(dim), meta)
+    text = column == schemas.TEXT_EMBEDDING
+    schema = schemas.with_metadata(schemas.text_embedding_schema(dim) if text else schemas.embedding_schema(dim), meta)
     out = []
     for k, idx in enumerate(np.array_split(np.arange(n), shards)):
-        table = pa.table({
-            schemas.KEY: [samples[i].key for i in idx],
-            schemas.CAPTION: [samples[i].caption for i in idx],
-            schemas.URL: [None] * len(idx),
-            schemas.IMAGE_EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(emb[idx].ravel()), dim),
-        }, schema=schema)
-        uri = storage.join(root, "embeddings", dataset, tag, f"part-{first_shard + k:05d}.parquet")
+        cols = {schemas.KEY: [samples[i].key for i in idx], schemas.CAPTION: [samples[i].caption for i in idx],
+                schemas.URL: [None] * len(idx),
+                column: pa.FixedSizeListArray.from_arrays(pa.array(emb[idx].ravel()), dim)}
+        table = pa.table({f.name: cols[f.name] for f in schema}, schema=schema)
+        folder = "text-embeddings" if text else "embeddings"
+        uri = storage.join(root, folder, dataset, tag, f"part-{first_shard + k:05d}.parquet")
         storage.atomic_write_table(table, uri)
         out.append(uri)
     return out

@@ -29,13 +29,14 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 
 from clipcap_core.configs import to_dict
 from clipcap_core.training import TrainConfig
-from pipelines import storage, tables
+from pipelines import decap_train, storage, tables
+from pipelines.decap_train import DecapOptions
 from pipelines.train_loop import (
     BatchTokenizer,
     RunOptions,
@@ -88,6 +89,8 @@ class TrainJobConfig:
     run: RunOptions = field(default_factory=RunOptions)  # checkpoints, failures, logging, evaluation
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     fault: FaultConfig | None = None
+    decoder: Literal["clipcap", "decap"] = "clipcap"  # decap: text-only training on text tables (decap_train)
+    decap: DecapOptions = field(default_factory=DecapOptions)
 
     def __post_init__(self) -> None:
         if not self.tables:
@@ -96,6 +99,10 @@ class TrainJobConfig:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.scale.num_workers < 1:
             raise ValueError(f"scale.num_workers must be >= 1, got {self.scale.num_workers}")
+
+    @property
+    def embedding_column(self) -> str:
+        return decap_train.embedding_column(self.decoder)
 
     @property
     def run_dir(self) -> str:
@@ -118,8 +125,10 @@ def _plan(cfg: TrainJobConfig) -> dict[str, Any]:
     """Everything decided on the driver before workers start: files, D check, model config, step counts."""
     files = tables.list_table_files(cfg.tables)
     replay = tables.list_table_files(cfg.replay_tables) if cfg.replay_tables else []
-    info = tables.inspect_tables(files + replay)
-    model_cfg = resolve_model_config(cfg.model, cfg.model_overrides, info)  # raises on a D mismatch
+    info = tables.inspect_tables(files + replay, column=cfg.embedding_column)
+    overrides = decap_train.model_overrides(cfg.decoder, cfg.model, cfg.model_overrides)
+    model_cfg = resolve_model_config(cfg.model, overrides, info)  # raises on a D mismatch
+    decap_train.check_plan(cfg.decoder, cfg.decap, info, model_cfg)
     n_train = tables.count_split(files, cfg.split())
     if replay and cfg.replay_fraction > 0:
         n_train += tables.count_split(
@@ -164,7 +173,8 @@ def _datasets(cfg: TrainJobConfig, plan: dict[str, Any]) -> dict[str, Any]:
         order = list(parts)
         random.Random(cfg.train.seed * 1000 + epoch).shuffle(order)
         stream += order
-    return {"train": tables.stream_tables(stream or parts, tokenize, cfg.train.max_caption_tokens)}
+    return {"train": tables.stream_tables(stream or parts, tokenize, cfg.train.max_caption_tokens,
+                                          column=cfg.embedding_column)}
 
 
 def run_training(cfg: TrainJobConfig) -> TrainResult:

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipcap_core.configs import from_dict, to_dict
-from pipelines import storage, tables
+from pipelines import decap_train, storage, tables
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -351,7 +351,8 @@ def _setup(config: dict[str, Any]) -> tuple[Any, ...]:
     heldout = None
     if rank == 0 and job["heldout_fraction"] > 0:
         split = tables.Split(part="heldout", heldout_fraction=job["heldout_fraction"], salt=job["split_salt"])
-        heldout = tables.read_split(plan["files"], split, max_rows=job["run"]["eval_max_samples"])
+        heldout = tables.read_split(plan["files"], split, max_rows=job["run"]["eval_max_samples"],
+                                    column=decap_train.embedding_column(job["decoder"]))
     opts = from_dict(RunOptions, job["run"])
     run = _Run(model, tokenizer, optimizer, scheduler, state, {"rank": rank, "world": world, "hp": hp,
                "heldout": heldout, "total_steps": plan["total_steps"], "eval_every": opts.eval_every})
@@ -380,6 +381,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         dtypes={"embedding": torch.float32, "tokens": torch.int64, "mask": torch.float32}))
     run, device = _setup(config)
     state, ends = run.state, plan["epoch_ends"]
+    noise = float(job["decap"]["noise_std"]) if job["decoder"] == "decap" else 0.0
     net = ray.train.torch.prepare_model(run.model, move_to_device=False) if run.world > 1 else run.model
     scaler = make_scaler(hp, device)
     if state["epoch"] < hp.epochs and batches is not None:
@@ -392,7 +394,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         for i, batch in enumerate(batches):
             run.wait += time.perf_counter() - t_ready  # blocked on the data pipeline (input-bound if large)
             if i >= skip:
-                loss = train_step(net, to_core_batch(batch), run.optimizer, run.scheduler, hp, scaler)
+                core = to_core_batch(batch)
+                if noise:  # CapDec: the decoder learns to caption from near, not exact, text embeddings
+                    core.embeds = decap_train.add_noise(core.embeds, noise)
+                loss = train_step(net, core, run.optimizer, run.scheduler, hp, scaler)
                 run.losses.append(loss)
                 run.window.append(loss)
                 run.seen += int(batch["tokens"].shape[0])
@@ -418,8 +423,12 @@ def _finish(job: dict[str, Any], plan: dict[str, Any], model: Any, tokenizer: An
     from clipcap_core.artifacts import save_model
 
     artifact = storage.join(job["output"], job["name"], "model")
-    save_model(model, tokenizer, artifact, metrics=metrics, extra={"training": {
+    memory = None
+    if job["decoder"] == "decap":  # seeded, so a resumed run stores the same memory
+        split = tables.Split(part="train", heldout_fraction=job["heldout_fraction"], salt=job["split_salt"])
+        memory = decap_train.build_memory(from_dict(decap_train.DecapOptions, job["decap"]), plan["files"], split)
+    save_model(model, tokenizer, artifact, metrics=metrics, decap=memory, extra={"training": {
         "run": job["name"], "step": state["step"], "epochs": state["epoch"], "tables": plan["files"],
         "replay": plan["replay"], "replay_fraction": job["replay_fraction"], "init": job["model"],
-        "train": job["train"]}})
+        "train": job["train"], "decoder": job["decoder"], "decap": job["decap"] if memory is not None else None}})
     return {"artifact": artifact, "history": state["history"], "metrics": metrics}

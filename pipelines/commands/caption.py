@@ -17,6 +17,8 @@ import json
 import sys
 from typing import Any
 
+from pipelines.commands.caption_images import add_projection_arguments
+
 # flag dest -> (config section or "" for the top level, field name)
 _FIELDS: dict[str, tuple[str, str]] = {
     "input": ("", "input"), "output": ("", "output"), "model": ("", "model"), "overwrite": ("", "overwrite"),
@@ -34,6 +36,8 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "caption_actors": ("resources", "caption_actors"), "read_cpus": ("resources", "read_cpus"),
     "cpus_per_actor": ("resources", "cpus_per_actor"), "torch_threads": ("resources", "torch_threads"), "gpus_per_actor": ("resources", "gpus_per_actor"),
     "precision": ("resources", "precision"), "jpeg_draft": ("resources", "jpeg_draft"),
+    "projection": ("projection", "mode"), "memory": ("projection", "memory"),
+    "memory_size": ("projection", "memory_size"), "tau": ("projection", "tau"),
 }
 
 
@@ -79,6 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jpeg-draft", action="store_true", default=None,
                    help="faster JPEG decoding by DCT scaling (pixels differ slightly)")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
+    add_projection_arguments(p)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:

@@ -5,6 +5,9 @@
 
 One line per image: ``<path>\\t<caption>`` (``n`` lines per image with ``-n``; ``--scores`` adds the mean
 token log-prob). For archives and millions of images use ``clipcap caption`` (Ray).
+
+DeCap artifacts project the image embedding onto their caption memory automatically; ``--projection none``
+decodes the raw embedding instead, ``--projection memory --memory <text-embedding table>`` projects for any model.
 """
 
 from __future__ import annotations
@@ -13,15 +16,35 @@ import argparse
 from typing import Any
 
 
+def add_projection_arguments(p: argparse.ArgumentParser) -> None:
+    """DeCap projection flags, shared by ``caption-images`` and ``caption``."""
+    p.add_argument("--projection", choices=["auto", "none", "memory"],
+                   help="auto (default): a DeCap artifact projects onto its memory; none: decode the raw image "
+                        "embedding; memory: project onto --memory (or the artifact's memory)")
+    p.add_argument("--memory", help="text-embedding table (clipcap embed-text) to project onto")
+    p.add_argument("--memory-size", type=int, help="seeded sample of this many --memory rows (default: all)")
+    p.add_argument("--tau", type=float, help="projection temperature (default: the memory's, 0.01)")
+
+
+def projection_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The projection flags given, as ``ProjectionConfig`` fields."""
+    out = {"mode": args.projection, "memory": args.memory, "memory_size": args.memory_size, "tau": args.tau}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def run(args: argparse.Namespace) -> int:
     from clipcap_core import artifacts
     from clipcap_core.captioner import Captioner, open_image
+    from clipcap_core.configs import from_dict
+    from clipcap_core.decap import ProjectionConfig
     from pipelines.caption_stages import UNTRAINED_HINT
 
     if artifacts.is_preset(args.model) and not args.allow_untrained:
         raise ValueError(UNTRAINED_HINT.format(uri=args.model))
     images = [open_image(p) for p in args.paths]  # a bad file fails here, naming its path, before the model loads
-    captioner = Captioner.from_pretrained(args.model, device=args.device, precision=args.precision)
+    projection = from_dict(ProjectionConfig, projection_options(args))
+    captioner = Captioner.from_pretrained(args.model, device=args.device, precision=args.precision,
+                                          projection=projection)
     options: dict[str, Any] = {"beam_size": args.beam_size, "max_length": args.max_length, "n": args.n,
                                "stop_token": args.stop_token, "seed": args.seed, "stop_at_eos": not args.ignore_eos}
     if args.temperature is not None:
@@ -59,4 +82,5 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype")
     p.add_argument("--scores", action="store_true", help="print the mean token log-prob too")
+    add_projection_arguments(p)
     p.set_defaults(func=run)

@@ -2,6 +2,7 @@
 
     clipcap demo                      # what `make demo` runs
     clipcap demo --samples 64 --root /tmp/clipcap-demo
+    clipcap demo --decap              # + a text-only (DeCap) model trained on the captions alone
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from typing import Any
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.demo import DemoConfig, run_demo
+    from pipelines.demo import STEPS, DemoConfig, run_demo, step_decap
 
-    result = run_demo(DemoConfig(root=args.root, samples=args.samples, seed=args.seed, ray_address=args.ray_address))
+    steps = [*STEPS, step_decap] if args.decap else None
+    result = run_demo(DemoConfig(root=args.root, samples=args.samples, seed=args.seed, ray_address=args.ray_address),
+                      steps=steps)
     print(result.describe())
     print(json.dumps({"embeddings_uri": result.embeddings_uri, "raw_uri": result.raw_uri, **result.paths},
                      indent=2))
@@ -28,4 +31,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--samples", type=int, default=256, help="synthetic images (default 256)")
     p.add_argument("--seed", type=int, default=0, help='seed of the synthetic data set')
     p.add_argument("--ray-address", help="default: RAY_ADDRESS if set, else a private local Ray instance")
+    p.add_argument("--decap", action="store_true",
+                   help="also train a text-only (DeCap) captioner on the captions and caption the held-out images")
     p.set_defaults(func=run)

@@ -3,6 +3,8 @@
     clipcap train --tables s3://b/embeddings/cc3m/ViT-B-32-openai --output s3://b/runs --name cc3m-mlp \
         --model clipcap-mlp --workers 4 --gpu --epochs 10
     clipcap train --config train.yaml --set train.lr=1e-4 --set run.checkpoint_every=200
+    clipcap train --decoder decap --tables s3://b/text-embeddings/corpus/ViT-B-32-openai --output s3://b/runs \
+        --name corpus-decap --noise-std 0.1 --memory-size 50000          # text only (DeCap); see decap_train
 
 Flags map onto ``TrainJobConfig`` (``--epochs``/``--lr``/... onto ``train``, ``--workers``/``--gpu``/... onto
 ``scale``, ``--mapping``/``--prefix-length``/``--freeze-lm`` onto ``model_overrides``); ``--set KEY=VALUE``
@@ -27,6 +29,8 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "torch_threads": ("scale", "torch_threads"),
     "checkpoint_every": ("run", "checkpoint_every"), "max_failures": ("run", "max_failures"),
     "log_every": ("run", "log_every"),
+    "decoder": ("", "decoder"), "noise_std": ("decap", "noise_std"), "memory_size": ("decap", "memory_size"),
+    "memory": ("decap", "memory"), "memory_seed": ("decap", "memory_seed"), "tau": ("decap", "tau"),
 }
 _MODEL_FLAGS = {"mapping": "mapping.kind", "prefix_length": "mapping.prefix_length", "freeze_lm": "lm.freeze"}
 
@@ -68,6 +72,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-lm", action=argparse.BooleanOptionalAction, default=None,
                    help="preset override: freeze (or tune) the language model")
     p.add_argument("--heldout-fraction", type=float, help='fraction of keys held out for evaluation')
+    g = p.add_argument_group("DeCap (text-only training)")
+    g.add_argument("--decoder", choices=["clipcap", "decap"],
+                   help="decap: train on the text_embedding of text tables (clipcap embed-text), no images")
+    g.add_argument("--noise-std", type=float, help="Gaussian noise on the normalised text embedding (CapDec)")
+    g.add_argument("--memory-size", type=int, help="caption embeddings stored as the projection memory "
+                   "(default 10000; 0: all), sampled with --memory-seed from the training split")
+    g.add_argument("--memory", help="take the memory from this text table instead of the training tables")
+    g.add_argument("--memory-seed", type=int)
+    g.add_argument("--tau", type=float, help="projection temperature stored with the memory (default 0.01)")
 
 
 def load_config_data(path: str | None) -> dict[str, Any]:

@@ -1,0 +1,42 @@
+"""Ray job: embed a caption corpus with the CLIP text tower into text-embedding tables (``clipcap embed-text``).
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/embed_text.py --input s3://bucket/corpus/captions.txt --output-root s3://bucket/clipcap \
+            --dataset corpus --model ViT-B-32 --pretrained openai --num-actors 4 --gpus-per-actor 1
+
+Same flags as ``clipcap embed-text``; tables go to <output-root>/text-embeddings/<dataset>/<clip-tag>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines.commands.embed_text import add_arguments, config_from_args
+    from pipelines.embed_text import run_embed_text
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        result = run_embed_text(config_from_args(args), ray_address=args.ray_address)
+    except (ValueError, OSError) as exc:  # job-level faults: one clear line, before any work
+        print(f"embed_text: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.describe())
+    print("RESULT " + json.dumps(result.to_dict(), sort_keys=True), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
