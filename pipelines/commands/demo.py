@@ -28,7 +28,7 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("demo", help="run the embedded default end to end (tiny preset, ./data)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="data", help="output folder (default: ./data)")
-    p.add_argument("--samples", type=int, default=256, help="synthetic images (default 256)")
+    p.add_argument("--samples", type=int, default=1024, help="synthetic images (default 1024)")
     p.add_argument("--seed", type=int, default=0, help='seed of the synthetic data set')
     p.add_argument("--ray-address", help="default: RAY_ADDRESS if set, else a private local Ray instance")
     p.add_argument("--decap", action="store_true",
