@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -162,11 +163,11 @@ def prepare(cfg: CaptionConfig) -> Plan:
         raise ValueError(f"dimension mismatch: CLIP {info.encoder.model_name!r} gives D={info.encoder_dim} "
                          f"but model {info.uri!r} expects clip_dim={info.clip_dim}")
     digest = sources.plan_digest(parts)
-    record = _run_record(cfg, info.model_id, digest)
+    record = storage.redact_json(_run_record(cfg, info.model_id, digest))  # as stored: no signed URLs
     run_uri = storage.join(cfg.output, "_run.json")
     previous = storage.read_json(run_uri)
     if cfg.overwrite:
-        _clear_output(cfg.output)
+        _clear_output(cfg.output, previous)
     elif previous is not None and previous != record:
         changed = sorted(k for k in record if previous.get(k) != record[k])
         raise ValueError(f"output {cfg.output!r} holds a run with different {', '.join(changed)}; use a new "
@@ -188,11 +189,19 @@ def _remove_stale_temporaries(output: str) -> None:
                     fs.rm(name)
 
 
-def _clear_output(output: str) -> None:
+_OUR_PART = re.compile(r"^part-.+-[0-9a-f]{8}\.parquet$")  # part_uri(sources.part_name(...))
+
+
+def _clear_output(output: str, previous: dict | None) -> None:
+    """``--overwrite``: remove the part / error files of the run recorded in ``_run.json``, nothing else (an
+    output folder without our ``_run.json`` is not ours to clear; other Parquet files there are kept)."""
+    if previous is None:
+        return
     fs, path = storage.filesystem(output)
     for uri in storage.list_files(output, ".parquet") + storage.list_files(storage.join(output, "_errors"),
                                                                            ".parquet"):
-        fs.rm(storage.filesystem(uri)[1])
+        if _OUR_PART.match(uri.rsplit("/", 1)[-1]):
+            fs.rm(storage.filesystem(uri)[1])
 
 
 # --- committing parts -------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 N_GOOD = 40
 JOB_FLAGS = ["--dataset", "syn", "--model", "tiny", "--shard-size", "16", "--image-size", "64", "--resize-mode",
-             "no", "--encode-format", "png", "--threads", "4", "--batch-size", "16", "--torch-threads", "1"]
+             "no", "--encode-format", "png", "--threads", "4", "--batch-size", "16", "--torch-threads", "1",
+             "--allow-private-urls"]  # the test HTTP server is on 127.0.0.1
 
 
 def _table(uri: str) -> pa.Table:
