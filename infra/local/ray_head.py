@@ -67,6 +67,7 @@ def free_port() -> int:
 
 def check_port_free(port: int, what: str, host: str = LOOPBACK) -> None:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are not "busy"
         try:
             s.bind((host, port))
         except OSError as exc:

@@ -16,6 +16,7 @@ the ``moto_server`` on that port (a recycled PID is left alone).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -67,6 +68,9 @@ def _wait_up(endpoint: str, timeout: float = 30.0) -> None:
 
 def check_port_free(port: int) -> None:
     with socket.socket() as s:
+        # SO_REUSEADDR: connections of a server stopped a moment ago (TIME_WAIT) do not make the port busy;
+        # a socket still listening on it does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError as exc:
@@ -146,6 +150,12 @@ def stop(port: int) -> bool:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return False
+    for _ in range(50):  # wait until it is gone, so the port is free when we return
+        if not _is_our_server(pid, port):
+            return True
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
     return True
 
 
