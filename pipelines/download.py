@@ -226,6 +226,9 @@ def run_download(cfg: DownloadConfig, ray_address: str | None = None, urls: pd.D
             if not ray.is_initialized():
                 ray.init(address=ray_address, log_to_driver=False)
         _download(cfg, df)
+    from pipelines.shard_redaction import redact_shards
+
+    redact_shards(cfg.output)  # img2dataset stores URLs as fetched: no signed query strings at rest
     missing = missing_shards(cfg, len(df))
     if missing:
         raise RuntimeError(f"img2dataset finished without shard(s) {missing[:10]} at {cfg.output}; rerun to "

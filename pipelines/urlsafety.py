@@ -120,6 +120,8 @@ def check_fetch_url(url: str, allow_private: bool = False, allow_object_store: b
         raise ValueError(f"URL scheme {scheme or '(none)'!r} not allowed (http, https only)")
     if not parts.hostname:
         raise ValueError("URL has no host")
+    if "@" in parts.netloc:  # urllib would put the password into its error messages
+        raise ValueError("URL carries credentials (user:password@): refused")
     check_host(parts.hostname, allow_private)
     return scheme
 

@@ -120,11 +120,28 @@ def start(cfg: HeadConfig) -> dict[str, str]:
     st.mkdir(parents=True, exist_ok=True, mode=0o700)
     # A stale ray_current_cluster from an earlier head makes ray.init() dial a dead address.
     (Path(cfg.temp_dir) / "ray_current_cluster").unlink(missing_ok=True)
-    env = _server_env(cfg, st)
     cmd = [_ray_exe(), "start", "--head", "--node-ip-address", cfg.node_ip, "--port", str(cfg.port),
            "--num-cpus", str(cfg.num_cpus), "--include-dashboard", "true", "--dashboard-host", LOOPBACK,
            "--dashboard-port", str(cfg.dashboard_port), "--dashboard-agent-listen-port", str(agent),
            "--ray-client-server-port", str(client), "--temp-dir", cfg.temp_dir, "--disable-usage-stats"]
+    for attempt in (1, 2):
+        env = _server_env(cfg, st)
+        rc, log = _ray_start(cmd, env, st)
+        if rc == 0:
+            break
+        stop(cfg.temp_dir)
+        # Ray gives the raylet a fixed 30 s to register; on an overloaded machine one retry usually does it.
+        if attempt == 2 or "timed out during startup" not in log:
+            raise RuntimeError(f"ray start failed (rc {rc}):\n{log[-3000:]}")
+    client_vars = {**{k: v for k, v in env.items() if k not in ("RAY_USAGE_STATS_ENABLED", "PATH")},
+                   # `ray job submit` reads RAY_API_SERVER_ADDRESS first; ray.init() / clipcap read RAY_ADDRESS.
+                   "RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{cfg.dashboard_port}",
+                   "RAY_ADDRESS": f"{cfg.node_ip}:{cfg.port}", "CLIPCAP_RAY_AGENT_PORT": str(agent)}
+    (st / "head.env").write_text("".join(f"{k}={v}\n" for k, v in client_vars.items()))
+    return client_vars
+
+
+def _ray_start(cmd: list[str], env: dict[str, str], st: Path) -> tuple[int, str]:
     log = st / "ray-start.log"
     # Output to a file, not a pipe: the daemons would inherit the pipe and keep it open for ever.
     with open(log, "wb") as out:
@@ -132,15 +149,7 @@ def start(cfg: HeadConfig) -> dict[str, str]:
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         (st / "session_id").write_text(str(proc.pid))  # the session leader: every Ray daemon inherits it
         rc = proc.wait()
-    if rc != 0:
-        stop(cfg.temp_dir)
-        raise RuntimeError(f"ray start failed (rc {rc}):\n{log.read_text(errors='replace')[-3000:]}")
-    client_vars = {**{k: v for k, v in env.items() if k not in ("RAY_USAGE_STATS_ENABLED", "PATH")},
-                   # `ray job submit` reads RAY_API_SERVER_ADDRESS first; ray.init() / clipcap read RAY_ADDRESS.
-                   "RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{cfg.dashboard_port}",
-                   "RAY_ADDRESS": f"{cfg.node_ip}:{cfg.port}", "CLIPCAP_RAY_AGENT_PORT": str(agent)}
-    (st / "head.env").write_text("".join(f"{k}={v}\n" for k, v in client_vars.items()))
-    return client_vars
+    return rc, log.read_text(errors="replace")
 
 
 def _session_pids(sid: int) -> list[int]:

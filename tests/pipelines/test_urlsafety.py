@@ -129,3 +129,32 @@ def test_http_inputs_keep_their_url(http_server):
     assert [f.uri for f in files] == [url]
     with urllib.request.urlopen(files[0].uri, timeout=5) as r:
         assert r.read() == b"\x89PNG"
+
+
+def test_img2dataset_shards_are_rewritten_without_signed_urls_once(tmp_path):
+    import io
+    import tarfile
+
+    from pipelines.shard_redaction import redact_shards
+
+    members = {"000000000.png": b"\x89PNG-bytes", "000000000.json": json.dumps({"url": SIGNED, "key": "0"}).encode(),
+               "000000000.txt": b"a cat"}
+    with tarfile.open(tmp_path / "00000.tar", "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    pq.write_table(pa.table({"key": ["000000000", "000000001"], "url": [SIGNED, "https://plain.example/x.jpg"],
+                             "status": ["success", "failed_to_download"]}), tmp_path / "00000.parquet")
+    pq.write_table(pa.table({"key": ["1"], "url": ["https://plain.example/y.jpg"]}), tmp_path / "00001.parquet")
+    before = (tmp_path / "00001.parquet").stat().st_mtime_ns
+    assert redact_shards(str(tmp_path)) == 1
+    with tarfile.open(tmp_path / "00000.tar") as tf:
+        got = {m.name: tf.extractfile(m).read() for m in tf}
+    assert got["000000000.png"] == members["000000000.png"] and got["000000000.txt"] == b"a cat"
+    assert json.loads(got["000000000.json"]) == {"url": urlsafety.redact_url(SIGNED), "key": "0"}
+    table = pq.read_table(tmp_path / "00000.parquet").to_pylist()
+    assert [r["url"] for r in table] == [urlsafety.redact_url(SIGNED), "https://plain.example/x.jpg"]
+    assert table[1]["status"] == "failed_to_download"
+    assert (tmp_path / "00001.parquet").stat().st_mtime_ns == before  # plain URLs: untouched
+    assert redact_shards(str(tmp_path)) == 0  # nothing left to do on a rerun
