@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
 
 from clipcap_core.configs import to_dict
 from clipcap_core.decoding import DecodeConfig
@@ -189,19 +189,31 @@ def _remove_stale_temporaries(output: str) -> None:
                     fs.rm(name)
 
 
-_OUR_PART = re.compile(r"^part-.+-[0-9a-f]{8}\.parquet$")  # part_uri(sources.part_name(...))
+def _is_our_part(fs: Any, path: str) -> bool:
+    """A part / error file this stage wrote: named ``part-<id>.parquet`` with ``clipcap.part = <id>`` in its
+    footer (what every commit writes); anything else in the folder is someone else's."""
+    name = path.rsplit("/", 1)[-1]
+    if not (name.startswith("part-") and name.endswith(".parquet")):
+        return False
+    try:
+        with fs.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+    except Exception:  # noqa: BLE001 - unreadable: not provably ours, keep it
+        return False
+    return meta.get(schemas.META_PART.encode()) == name[len("part-"):-len(".parquet")].encode()
 
 
 def _clear_output(output: str, previous: dict | None) -> None:
-    """``--overwrite``: remove the part / error files of the run recorded in ``_run.json``, nothing else (an
-    output folder without our ``_run.json`` is not ours to clear; other Parquet files there are kept)."""
+    """``--overwrite``: remove the part / error files our runs wrote, nothing else (an output folder without
+    our ``_run.json`` is not ours to clear; other Parquet files there are kept)."""
     if previous is None:
         return
-    fs, path = storage.filesystem(output)
+    fs, _ = storage.filesystem(output)
     for uri in storage.list_files(output, ".parquet") + storage.list_files(storage.join(output, "_errors"),
                                                                            ".parquet"):
-        if _OUR_PART.match(uri.rsplit("/", 1)[-1]):
-            fs.rm(storage.filesystem(uri)[1])
+        path = storage.filesystem(uri)[1]
+        if _is_our_part(fs, path):
+            fs.rm(path)
 
 
 # --- committing parts -------------------------------------------------------------------------------------------

@@ -82,12 +82,25 @@ def test_sixteen_bit_png_decodes_without_a_float64_copy():
 
 
 def test_overwrite_removes_only_our_part_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines import schemas
+
+    def write(path, part_id=None):
+        meta = {schemas.META_PART: part_id} if part_id else None
+        pq.write_table(pa.table({"key": ["k"]}).replace_schema_metadata(meta), path)
+
     out = tmp_path / "out"
     (out / "_errors").mkdir(parents=True)
-    ours = [out / "part-photos_a.jpg-0123abcd.parquet", out / "_errors" / "part-photos_a.jpg-0123abcd.parquet"]
+    ours = [out / "part-images-00000.parquet", out / "_errors" / "part-images-00000.parquet"]
+    for p in ours:
+        write(p, "images-00000")
     theirs = [out / "users.parquet", out / "part-00000.parquet", out / "_errors" / "notes.parquet"]
-    for p in ours + theirs:
-        p.write_bytes(b"PAR1")
+    for p in theirs:
+        write(p)
+    write(out / "part-x.parquet", "y")  # our key, another name: not provably ours
+    theirs.append(out / "part-x.parquet")
     caption._clear_output(str(out), previous=None)  # no _run.json of ours: not ours to clear
     assert all(p.exists() for p in ours + theirs)
     caption._clear_output(str(out), previous={"model": "m"})
