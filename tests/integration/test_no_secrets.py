@@ -43,7 +43,23 @@ def _texts(path: Path) -> list[str]:
     return [path.read_bytes().decode("latin-1")]
 
 
-def test_signed_urls_leave_no_secret_in_outputs_or_logs(http_server, ray_cluster, tmp_path, caplog, capfd):
+@pytest.fixture()
+def ray_local():
+    """The session's Ray if one is connected, else a small local instance without a dashboard (the dashboard
+    is what fails to start first on an overloaded machine)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def test_signed_urls_leave_no_secret_in_outputs_or_logs(http_server, ray_local, tmp_path, caplog, capfd):
     folder = http_server.root / f"signed-{tmp_path.name[-12:]}"
     tsv = synthetic.write_url_list(folder, 12, f"{http_server.base_url}/{folder.name}", seed=5)
     rows = [line.split("\t") for line in tsv.read_text().splitlines()]
