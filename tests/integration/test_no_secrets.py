@@ -99,7 +99,7 @@ def test_signed_urls_leave_no_secret_in_outputs_or_logs(http_server, ray_local, 
     captions = [p for p in (out / "captions").glob("part-*.parquet")]
     assert sum(pq.read_table(p).num_rows for p in captions) >= 10
     logs = caplog.text + "".join(capfd.readouterr())
-    assert "http://" in logs  # URLs were logged (redacted), so the check below means something
+    assert "pipelines.download" in logs  # the project's DEBUG/INFO logs were captured, so the check below counts
     leaks = [(str(p.relative_to(out)), s) for p in files for t in _texts(p) for s in SECRETS if s in t]
     leaks += [("logs", s) for s in SECRETS if s in logs]
     assert leaks == []
