@@ -7,19 +7,41 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint bench clean tiny-clip
+LOCK_PY := 3.11
+LOCK_FLAGS := pyproject.toml --extra dev --generate-hashes --python-version $(LOCK_PY) \
+              --python-platform x86_64-manylinux_2_28 --no-annotate --no-header -o requirements.lock
+
+.PHONY: setup demo test test-fast lint bench clean lock audit tiny-clip
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.txt
+# requirements.lock pins every package of the environment with its sha256 hashes (pip's hash-checking mode:
+# a tampered or substituted wheel fails the install). It is for CPython 3.11 on x86_64 Linux; elsewhere set
+# NO_LOCK=1 to install from pyproject.toml's ranges instead.
+$(STAMP): pyproject.toml requirements.txt requirements.lock
 	command -v chromium >/dev/null || command -v chromium-headless-shell >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
 		echo "warning: could not install chromium (the report's browser test will be skipped)"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+ifeq ($(NO_LOCK),)
+	$(PY) -m pip install --require-hashes -r requirements.lock
+	$(PY) -m pip install --no-deps -e .
+else
 	$(PY) -m pip install -r requirements.txt
 	$(PY) -m pip install -e ".[dev]"
+endif
 	touch $(STAMP)
+
+# One command to refresh the lock after editing pyproject.toml (keeps existing pins; UPGRADE=1 takes the newest).
+lock: setup
+	$(VENV)/bin/uv pip compile $(LOCK_FLAGS) $(if $(UPGRADE),--upgrade,)
+
+# Known-vulnerability audit of the locked set. pip-audit needs its advisory source (PyPI / OSV) online; no
+# offline snapshot of it is installable from the package registries, so this is a manual / CI-with-network step.
+audit: setup
+	$(PY) -m pip install -q pip-audit
+	$(VENV)/bin/pip-audit --require-hashes --disable-pip -r requirements.lock
 
 demo: setup
 	$(VENV)/bin/clipcap demo

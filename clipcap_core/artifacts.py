@@ -34,7 +34,7 @@ import clipcap_core
 from clipcap_core.configs import from_dict, to_dict
 from clipcap_core.decap import DecapMemory
 from clipcap_core.model import ClipCapModel, ModelConfig, build_model, load_pretrained_lm
-from clipcap_core.uris import exists, is_remote, local_copy, upload_dir
+from clipcap_core.uris import exists, is_remote, local_copy, safe_join, upload_dir
 
 SCHEMA_VERSION = 1
 CONFIG, MAPPING, LM, TOKENIZER, METRICS, CARD = ("config.json", "mapping.safetensors", "lm.safetensors",
@@ -264,17 +264,23 @@ def _load_local(root: Path, meta: dict[str, Any]) -> LoadedModel:
     from clipcap_core.tokenizer import load_tokenizer
 
     cfg = from_dict(ModelConfig, meta["model"])
-    tokenizer = load_tokenizer(str(root / meta["weights"]["tokenizer"]))
+    tokenizer = load_tokenizer(str(_weights_path(root, meta, "tokenizer")))
     lm = _load_lm(root, meta, cfg)
     model = ClipCapModel(cfg, lm)
-    load_weights_into(model.mapping, load_file(str(root / meta["weights"]["mapping"])), "mapping")
+    load_weights_into(model.mapping, load_file(str(_weights_path(root, meta, "mapping"))), "mapping")
     decap = None
     if meta["weights"].get("decap"):
         from safetensors import safe_open
 
-        with safe_open(str(root / meta["weights"]["decap"]), "pt") as f:
+        with safe_open(str(_weights_path(root, meta, "decap")), "pt") as f:
             decap = DecapMemory.from_state({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
     return LoadedModel(model, tokenizer, cfg, {k: v for k, v in meta.items() if k != "model"}, decap)
+
+
+def _weights_path(root: Path, meta: dict[str, Any], name: str) -> Path:
+    """The file ``config.json`` names for ``name``, refused unless it is a plain path inside the artifact
+    (config.json is as untrusted as the rest of a model URI: ``../../etc/x`` must not be read)."""
+    return safe_join(root, meta["weights"][name], what=f"artifact weights.{name}")
 
 
 def _load_lm(root: Path, meta: dict[str, Any], cfg: ModelConfig) -> PreTrainedModel:
@@ -285,7 +291,7 @@ def _load_lm(root: Path, meta: dict[str, Any], cfg: ModelConfig) -> PreTrainedMo
 
     with tempfile.TemporaryDirectory(prefix="clipcap-lm-") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(meta["lm_config"]))
-        (Path(tmp) / "model.safetensors").symlink_to((root / meta["weights"]["lm"]).resolve())
+        (Path(tmp) / "model.safetensors").symlink_to(_weights_path(root, meta, "lm").resolve())
         return AutoModelForCausalLM.from_pretrained(tmp)
 
 

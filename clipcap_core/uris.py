@@ -3,6 +3,11 @@
 Hugging Face loaders and tokenizers read local directories only, so remote artifacts / LMs are copied to a
 temporary local directory first (``local_copy``) and local save directories are uploaded file by file
 (``upload_dir``). File-by-file copies keep the layout predictable across fsspec backends.
+
+Model URIs come from shared buckets, so a remote listing is untrusted: ``local_copy`` takes each key's path
+relative to the URI by plain prefix (``posixpath.relpath`` would turn ``model/../../x`` into ``../../x``) and
+refuses any relative path that is empty, absolute, a drive path, holds ``..`` / ``.`` / backslashes, or resolves
+outside the temp folder (``safe_join``, also used for the file names in an artifact's ``config.json``).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -44,16 +50,45 @@ def local_copy(uri: str | os.PathLike[str]) -> Iterator[Path]:
     files = fs.find(root)
     if not files:
         raise FileNotFoundError(f"nothing found at {text}")
+    # Every destination is checked before the first byte is written: a tampered listing copies nothing.
+    plan = [(f, check_relative(_relative_key(f, root), what=text)) for f in files]
     tmp = Path(tempfile.mkdtemp(prefix="clipcap-"))
     try:
-        for f in files:
-            rel = posixpath.relpath(f, root)
-            dest = tmp / rel
+        for f, rel in plan:
+            dest = safe_join(tmp, rel, what=text)
             dest.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(f, str(dest))
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def _relative_key(key: str, root: str) -> str:
+    """``key`` relative to ``root`` by prefix only (no normalisation, which would resolve ``..``)."""
+    prefix = root.rstrip("/") + "/"
+    if not key.startswith(prefix):
+        raise ValueError(f"object {key!r} listed under {root!r} is not inside it")
+    return key[len(prefix):]
+
+
+def check_relative(rel: str, what: str = "path") -> str:
+    """``rel`` when it is a plain relative POSIX path (no absolute / drive / ``..`` / ``.`` / empty parts)."""
+    if (not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel
+            or _DRIVE.match(rel) or any(p in ("", ".", "..") for p in rel.split("/"))):
+        raise ValueError(f"{what}: refusing unsafe file name {rel!r} (absolute, drive, '..' or empty parts)")
+    return rel
+
+
+def safe_join(base: Path, rel: str, what: str = "path") -> Path:
+    """``base / rel`` when ``rel`` is a plain relative path that stays inside ``base`` (symlinks resolved)."""
+    dest = Path(base) / check_relative(rel, what)
+    real_base = Path(base).resolve()
+    if not dest.resolve().is_relative_to(real_base):
+        raise ValueError(f"{what}: file name {rel!r} resolves outside {base}")
+    return dest
 
 
 def upload_dir(local_dir: str | os.PathLike[str], uri: str) -> None:

@@ -9,7 +9,6 @@ Same flags as ``clipcap caption`` (``--config FILE`` for a YAML / JSON CaptionCo
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines.urlsafety import setup_logging
+
+    setup_logging()  # URLs (signed query strings) redacted in every log record
     try:
         return run(parser.parse_args(argv))
     except (ValueError, OSError) as exc:  # job-level faults: one clear line

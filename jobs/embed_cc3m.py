@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -76,7 +75,9 @@ def job_config(args: argparse.Namespace):  # -> EmbedJobConfig
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines.urlsafety import setup_logging
+
+    setup_logging()  # URLs (signed query strings) redacted in every log record
     args = build_parser().parse_args(argv)
     from pipelines.embed_job import result_dict, run_embed_job
 

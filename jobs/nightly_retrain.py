@@ -11,7 +11,6 @@ Schedules: ``infra/kuberay/cronjob-nightly.yaml`` (Kubernetes), ``infra/cluster/
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -33,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.commands.nightly import run
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines.urlsafety import setup_logging
+
+    setup_logging()  # URLs (signed query strings) redacted in every log record
     try:
         return run(args)
     except (ValueError, OSError, RuntimeError) as exc:  # job-level faults (config, lock held, ...): one line

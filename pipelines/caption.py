@@ -221,7 +221,7 @@ def prepare(cfg: CaptionConfig) -> Plan:
         raise ValueError(f"dimension mismatch: CLIP {info.encoder.model_name!r} gives D={info.encoder_dim} "
                          f"but model {info.uri!r} expects clip_dim={info.clip_dim}")
     digest = sources.plan_digest(parts)
-    record = _run_record(cfg, info.model_id, digest)
+    record = storage.redact_json(_run_record(cfg, info.model_id, digest))  # as stored: no signed URLs
     run_uri = meta_uri(cfg.output, "run.json")
     previous = storage.read_json(run_uri)
     old = _old_layout_files(cfg.output)
@@ -230,7 +230,7 @@ def prepare(cfg: CaptionConfig) -> Plan:
                          f"level); use a new output, or overwrite=True (--overwrite) to redo it as {TABLE_DIR}/ "
                          f"+ {META_DIR}/")
     if cfg.overwrite:
-        _clear_output(cfg.output)
+        _clear_output(cfg.output, previous)
     elif previous is not None and previous != record:
         changed = sorted(k for k in record if previous.get(k) != record[k])
         raise ValueError(f"output {cfg.output!r} holds a run with different {', '.join(changed)}; use a new "

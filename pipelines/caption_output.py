@@ -89,11 +89,36 @@ def _remove_stale_temporaries(output: str) -> None:
                     fs.rm(name)
 
 
-def _clear_output(output: str) -> None:
+def _is_our_part(fs: Any, path: str) -> bool:
+    """A part / error file this stage wrote: named ``part-<id>.parquet`` with ``clipcap.part = <id>`` in its
+    footer (what every commit writes); anything else in the folder is someone else's."""
+    import pyarrow.parquet as pq
+
+    name = path.rsplit("/", 1)[-1]
+    if not (name.startswith("part-") and name.endswith(".parquet")):
+        return False
+    try:
+        with fs.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+    except Exception:  # noqa: BLE001 - unreadable: not provably ours, keep it
+        return False
+    return meta.get(schemas.META_PART.encode()) == name[len("part-"):-len(".parquet")].encode()
+
+
+def _clear_output(output: str, previous: dict | None = None) -> None:
+    """``--overwrite``: remove the part / error files and markers our runs wrote, nothing else (an output
+    without our run record is not ours to clear; other Parquet files there are kept)."""
+    if previous is None and not _old_layout_files(output):
+        return
     fs, _ = storage.filesystem(output)
-    mine = (storage.list_files(table_uri(output), ".parquet") + storage.list_files(meta_uri(output, "errors"),
-            ".parquet") + storage.list_files(meta_uri(output, "empty"), ".json"))
-    for uri in mine + _old_layout_files(output):
+    parquet = (storage.list_files(table_uri(output), ".parquet") + storage.list_files(meta_uri(output, "errors"),
+               ".parquet") + [u for u in _old_layout_files(output) if u.endswith(".parquet")])
+    for uri in parquet:
+        path = storage.filesystem(uri)[1]
+        if _is_our_part(fs, path):
+            fs.rm(path)
+    for uri in storage.list_files(meta_uri(output, "empty"), ".json") + [
+            u for u in _old_layout_files(output) if u.endswith(".json")]:
         fs.rm(storage.filesystem(uri)[1])
 
 

@@ -68,6 +68,7 @@ class DownloadConfig:
     timeout: int = 10
     retries: int = 0
     incremental: bool = True  # False: img2dataset's "overwrite" (deletes the output folder first)
+    allow_private_urls: bool = False  # URLs on private / loopback / link-local literal hosts (refused by default)
 
     def __post_init__(self) -> None:
         if self.number_sample_per_shard < 1 or self.processes_count < 1 or self.thread_count < 1:
@@ -252,10 +253,21 @@ def missing_shards(cfg: DownloadConfig, rows: int) -> list[str]:
 
 
 def prepare_download(cfg: DownloadConfig) -> pd.DataFrame:
-    """Every check of the stage, no downloading: the URL list's columns, then the output's writability."""
+    """Every check of the stage, no downloading: the URL list's columns and URLs, the output's writability."""
     df = read_url_list(cfg)
+    check_urls(cfg, df)
     storage.check_writable(cfg.output)
     return df
+
+
+def check_urls(cfg: DownloadConfig, df: pd.DataFrame) -> None:
+    """Refuse a list with non-http(s) URLs (img2dataset would copy ``file://`` paths into the shards and read
+    ``s3://`` with our credentials) or private literal hosts, before any download (``urlsafety``)."""
+    from pipelines.urlsafety import url_list_problems
+
+    problems = url_list_problems(df["url"].dropna().unique(), cfg.allow_private_urls)
+    if problems:
+        raise ValueError(f"URL list {cfg.url_list!r} has URLs we do not fetch: " + "; ".join(problems[:5]))
 
 
 def run_download(cfg: DownloadConfig, ray_address: str | None = None, urls: pd.DataFrame | None = None
@@ -279,6 +291,9 @@ def run_download(cfg: DownloadConfig, ray_address: str | None = None, urls: pd.D
             if not ray.is_initialized():
                 ray.init(address=ray_address, log_to_driver=False)
         _download(cfg, df)
+    from pipelines.shard_redaction import redact_shards
+
+    redact_shards(cfg.output)  # img2dataset stores URLs as fetched: no signed query strings at rest
     missing = missing_shards(cfg, len(df))
     if missing:
         raise RuntimeError(f"img2dataset finished without shard(s) {missing[:10]} at {cfg.output}; rerun to "

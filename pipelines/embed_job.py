@@ -79,7 +79,7 @@ def default_job_config(root: str | Path = "data", samples: int = 256, seed: int 
         synthetic=SyntheticSource(folder=str(local / "synthetic"), samples=samples, seed=seed),
         download=DownloadConfig(url_list="", output=raw, input_format="tsv", header=False, image_size=64,
                                 resize_mode="no", encode_format="png", number_sample_per_shard=128,
-                                thread_count=8),
+                                thread_count=8, allow_private_urls=True),  # our own server on 127.0.0.1
         embed=EmbedConfig(input=raw, output_root=root, dataset="synthetic", encoder=EncoderConfig(model_name=TINY),
                           resources=EmbedResources(batch_size=64)),
     )

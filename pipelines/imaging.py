@@ -7,5 +7,6 @@ from clipcap_core.imaging import (  # noqa: F401  (re-exported)
     ImageDecodeError,
     decode_image,
     is_image_name,
+    sixteen_to_eight,
     to_rgb,
 )

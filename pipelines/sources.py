@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import posixpath
 import re
 import stat
@@ -61,6 +62,8 @@ class SourceConfig:
     url_column: str = "url"
     key_column: str = "key"
     url_schemes: tuple[str, ...] = ("http", "https", "s3", "gs")
+    allow_private_urls: bool = False        # URL inputs: fetch private / loopback / link-local hosts too
+    allow_object_store_urls: bool = False   # URL inputs: s3:// / gs:// (read with the job's own credentials)
     fetch_timeout_s: float = 20.0
     fetch_threads: int = 16
     read_batch: int = 64              # loose files fetched / URLs downloaded per round
@@ -278,8 +281,8 @@ class ImagesReader:
         def fetch(f: InputFile) -> Record:
             if f.size > cfg.max_member_bytes:
                 return Record(f.rel, f.uri, error=f"file too large ({f.size} bytes > {cfg.max_member_bytes})")
-            try:  # cat_file, not cat: a name with glob characters ("a [1].jpg") must not be expanded
-                return Record(f.rel, f.uri, data=fs.cat_file(storage.filesystem(f.uri)[1]))
+            try:
+                return Record(f.rel, f.uri, data=read_loose_file(fs, f, cfg.max_member_bytes))
             except Exception as exc:  # noqa: BLE001 - vanished file, permission, network: an error row
                 return Record(f.rel, f.uri, error=f"cannot read file: {type(exc).__name__}: {exc}",
                               stage=UNIT_STAGE)
@@ -287,6 +290,33 @@ class ImagesReader:
         with ThreadPoolExecutor(cfg.fetch_threads) as pool:
             for i in range(0, len(part.files), cfg.read_batch):
                 yield from pool.map(fetch, part.files[i: i + cfg.read_batch])
+
+
+def _check_local_file(uri: str, rel: str) -> str:
+    """The real path of a local loose file, refused unless it is a regular file inside the real input folder
+    (a symlink to /etc/passwd or /dev/zero in a user's folder must not be read)."""
+    path = storage.filesystem(uri)[1]
+    root = path[: len(path) - len(rel)] if path.endswith(rel) else os.path.dirname(path)
+    real, real_root = os.path.realpath(path), os.path.realpath(root or ".")
+    if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
+        raise PermissionError(f"symlink leads outside the input folder ({rel!r})")
+    if not stat.S_ISREG(os.stat(real).st_mode):
+        raise PermissionError(f"not a regular file ({rel!r})")
+    return real
+
+
+def read_loose_file(fs: Any, f: InputFile, limit: int) -> bytes:
+    """At most ``limit`` bytes of a loose file (more is an error: listed sizes can lie, e.g. devices)."""
+    if storage.protocol_prefix(fs) == "":
+        with open(_check_local_file(f.uri, f.rel), "rb") as fh:
+            data = fh.read(limit + 1)
+    else:
+        # open + bounded read, not cat_file: the object may be larger than the listing said.
+        with fs.open(storage.filesystem(f.uri)[1], "rb") as fh:
+            data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"file larger than {limit} bytes")
+    return data
 
 
 # --- tar and webdataset ---------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ a file whose footer cannot be read is one error row (``unreadable`` parts). Row 
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import schemas, storage
+from pipelines import schemas, storage, urlsafety
 from pipelines.sources import UNIT_STAGE, InputFile, Part, Record, SourceConfig, part_name, register
 
 _IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "image_bytes", "img", "bytes")
@@ -131,15 +130,14 @@ def _bytes_values(col: pa.ChunkedArray) -> list[bytes | None]:
 
 
 def fetch_url(url: str, cfg: SourceConfig) -> bytes:
-    """Download ``url`` (allowed schemes only), at most ``max_member_bytes``, within the timeout."""
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    """Download ``url`` (allowed schemes only), at most ``max_member_bytes``, within the timeout; private hosts
+    (after every redirect) and object-store URLs only with their opt-ins (``urlsafety``)."""
+    scheme = urlsafety.check_fetch_url(url, cfg.allow_private_urls, cfg.allow_object_store_urls)
     if scheme not in cfg.url_schemes:
         raise ValueError(f"URL scheme {scheme or '(none)'!r} not allowed (allowed: {list(cfg.url_schemes)})")
     limit = cfg.max_member_bytes
-    if scheme in ("http", "https"):
-        req = urllib.request.Request(url, headers={"User-Agent": "clipcap-pipeline"})
-        with urllib.request.urlopen(req, timeout=cfg.fetch_timeout_s) as resp:  # noqa: S310 - scheme checked
-            data = resp.read(limit + 1)
+    if scheme in urlsafety.HTTP_SCHEMES:
+        return urlsafety.fetch_http(url, cfg.fetch_timeout_s, limit, cfg.allow_private_urls)
     else:
         with fsspec.open(url, "rb") as fh:
             data = fh.read(limit + 1)

@@ -35,7 +35,8 @@ def protocol_prefix(fs: fsspec.AbstractFileSystem) -> str:
 
 
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return protocol_prefix(fs) + path
+    # HTTP(S) filesystems keep the whole URL as the path: prefixing again gave "http://http://host/...".
+    return path if "://" in path else protocol_prefix(fs) + path
 
 
 def ensure_dir(fs: fsspec.AbstractFileSystem, path: str) -> None:
@@ -55,9 +56,40 @@ def remove(uri: str, storage_options: dict[str, Any] | None = None) -> None:
     fs.rm(path)
 
 
+# Columns that may hold URLs from user data: redacted (query strings, credentials) before any write.
+REDACTED_COLUMNS = ("url", "source", "error")
+
+
+def redact_table(table: pa.Table) -> pa.Table:
+    """``table`` with URLs in its url / source / error string columns redacted (``urlsafety.redact_text``)."""
+    from pipelines.urlsafety import redact_text
+
+    for name in REDACTED_COLUMNS:
+        if name in table.column_names and pa.types.is_string(table.schema.field(name).type):
+            values = [None if v is None else redact_text(v) for v in table.column(name).to_pylist()]
+            idx = table.column_names.index(name)
+            table = table.set_column(idx, table.schema.field(name), pa.array(values, pa.string()))
+    return table
+
+
+def redact_json(obj: Any) -> Any:
+    """``obj`` with every string (keys included) URL-redacted."""
+    from pipelines.urlsafety import redact_text
+
+    if isinstance(obj, str):
+        return redact_text(obj)
+    if isinstance(obj, dict):
+        return {redact_json(k): redact_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_table(table: pa.Table, uri: str, storage_options: dict[str, Any] | None = None,
                        compression: str = "zstd") -> None:
-    """Write ``table`` to ``uri`` so that the final name appears only when the file is complete."""
+    """Write ``table`` to ``uri`` so that the final name appears only when the file is complete (URLs in the
+    url / source / error columns redacted first: signed URLs must not be stored)."""
+    table = redact_table(table)
     fs, path = filesystem(uri, storage_options)
     parent = posixpath.dirname(path)
     ensure_dir(fs, parent)
@@ -72,7 +104,8 @@ def atomic_write_table(table: pa.Table, uri: str, storage_options: dict[str, Any
 
 
 def write_json(obj: Any, uri: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Write JSON via a temporary name + rename (atomic on local disk, single PUT on S3)."""
+    """Write JSON via a temporary name + rename (atomic on local disk, single PUT on S3); URLs redacted."""
+    obj = redact_json(json.loads(json.dumps(obj, default=str)))
     fs, path = filesystem(uri, storage_options)
     parent = posixpath.dirname(path)
     if parent:

@@ -26,7 +26,8 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "allow_untrained": ("", "allow_untrained"),
     "format": ("source", "format"), "part_size": ("source", "part_size"), "max_pixels": ("source", "max_pixels"),
     "image_column": ("source", "image_column"), "url_column": ("source", "url_column"),
-    "key_column": ("source", "key_column"),
+    "key_column": ("source", "key_column"), "allow_private_urls": ("source", "allow_private_urls"),
+    "allow_object_store_urls": ("source", "allow_object_store_urls"),
     "strategy": ("decoding", "strategy"), "num_captions": ("decoding", "n"), "beam_size": ("decoding", "beam_size"),
     "max_length": ("decoding", "max_length"), "temperature": ("decoding", "temperature"),
     "top_p": ("decoding", "top_p"), "top_k": ("decoding", "top_k"), "stop_token": ("decoding", "stop_token"),
@@ -59,6 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-column", help="Parquet input: column with the row key (default: row position)")
     p.add_argument("--strategy", choices=["greedy", "beam", "reference-beam", "sample"],
                    help="decoding strategy (default greedy)")
+    p.add_argument("--allow-private-urls", action="store_true", default=None,
+                   help="URL inputs: fetch private / loopback / link-local hosts too (refused by default)")
+    p.add_argument("--allow-object-store-urls", action="store_true", default=None,
+                   help="URL inputs: fetch s3:// / gs:// URLs with this job's credentials (refused by default)")
     p.add_argument("--num-captions", type=int, help="captions per image (beam / sample)")
     p.add_argument("--rerank", choices=["none", "clip"], help="clip: rank each image's captions by CLIP similarity")
     p.add_argument("--no-clip-score", dest="clip_score", action="store_false", default=None,

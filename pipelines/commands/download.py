@@ -20,6 +20,7 @@ FIELDS = {
     "encode_format": "encode_format", "encode_quality": "encode_quality", "min_image_size": "min_image_size",
     "processes": "processes_count", "threads": "thread_count", "shard_size": "number_sample_per_shard",
     "distributor": "distributor", "timeout": "timeout", "retries": "retries", "incremental": "incremental",
+    "allow_private_urls": "allow_private_urls",
 }
 
 
@@ -51,6 +52,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=int,
         help='seconds per URL before it counts as failed (retried on the next run)')
     g.add_argument("--retries", type=int, help='img2dataset retries per URL within a run')
+    g.add_argument("--allow-private-urls", action="store_true", default=None,
+                   help="download from private / loopback / link-local hosts too (trusted internal lists only)")
     g.add_argument("--overwrite", dest="incremental", action="store_false", default=None,
                    help="delete the output folder first (default: incremental, finished shards are skipped)")
 

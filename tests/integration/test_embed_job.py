@@ -25,7 +25,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 N_GOOD = 40
 JOB_FLAGS = ["--dataset", "syn", "--model", "tiny", "--shard-size", "16", "--image-size", "64", "--resize-mode",
-             "no", "--encode-format", "png", "--threads", "4", "--batch-size", "16", "--torch-threads", "1"]
+             "no", "--encode-format", "png", "--threads", "4", "--batch-size", "16", "--torch-threads", "1",
+             "--allow-private-urls"]  # the test HTTP server is on 127.0.0.1
 
 
 def _table(uri: str) -> pa.Table:
@@ -49,7 +50,7 @@ def submit(cluster: dict, s3_env: dict, args: list[str]) -> tuple[str, str]:
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", cluster["dashboard"],
            "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--",
            sys.executable, "jobs/embed_cc3m.py", *args]
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env = cluster["env"]  # the head's token (our local heads keep token auth on)
     for _ in range(30):  # a fresh head's job agent comes up some seconds after the dashboard
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
         if "No available agent to submit job" not in proc.stdout + proc.stderr:

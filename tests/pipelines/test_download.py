@@ -15,7 +15,8 @@ from pipelines.download import DownloadConfig, read_url_list, run_download, summ
 
 
 def _cfg(url_list, output="unused", **kw) -> DownloadConfig:
-    return DownloadConfig(url_list=str(url_list), output=str(output), **kw)
+    # The test HTTP server is on 127.0.0.1: opt in to private hosts (refused by default).
+    return DownloadConfig(url_list=str(url_list), output=str(output), **{"allow_private_urls": True, **kw})
 
 
 def test_cc3m_headerless_tsv_keeps_quotes(tmp_path):
