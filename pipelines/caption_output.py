@@ -107,19 +107,23 @@ def _is_our_part(fs: Any, path: str) -> bool:
 
 def _clear_output(output: str, previous: dict | None = None) -> None:
     """``--overwrite``: remove the part / error files and markers our runs wrote, nothing else (an output
-    without our run record is not ours to clear; other Parquet files there are kept)."""
-    if previous is None and not _old_layout_files(output):
+    without our run record is not ours to clear; other Parquet files there are kept). The old layout's part
+    files (top level, beside its ``_run.json``) are ours by that record."""
+    old = _old_layout_files(output)
+    old_ours = storage.exists(storage.join(output, "_run.json"))
+    if previous is None and not old_ours:
         return
     fs, _ = storage.filesystem(output)
-    parquet = (storage.list_files(table_uri(output), ".parquet") + storage.list_files(meta_uri(output, "errors"),
-               ".parquet") + [u for u in _old_layout_files(output) if u.endswith(".parquet")])
-    for uri in parquet:
+    for uri in storage.list_files(table_uri(output), ".parquet") + storage.list_files(meta_uri(output, "errors"),
+                                                                                      ".parquet"):
         path = storage.filesystem(uri)[1]
         if _is_our_part(fs, path):
             fs.rm(path)
-    for uri in storage.list_files(meta_uri(output, "empty"), ".json") + [
-            u for u in _old_layout_files(output) if u.endswith(".json")]:
+    for uri in storage.list_files(meta_uri(output, "empty"), ".json"):
         fs.rm(storage.filesystem(uri)[1])
+    for uri in old if old_ours else []:
+        if uri.rsplit("/", 1)[-1].startswith(("part-", "_run.json", "_summary.json")):
+            fs.rm(storage.filesystem(uri)[1])
 
 
 # --- committing parts -------------------------------------------------------------------------------------------

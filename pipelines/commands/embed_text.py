@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "or an img2dataset output folder")
     p.add_argument("--output-root", help="storage root; tables go to <root>/text-embeddings/<dataset>/<clip-tag>/")
     p.add_argument("--dataset", help="dataset name in the output path")
-    p.add_argument("--input-format", choices=["auto", "text", "csv", "tsv", "jsonl", "parquet", "img2dataset"])
+    p.add_argument("--input-format", choices=["auto", "text", "csv", "tsv", "jsonl", "parquet", "img2dataset"],
+                   help="input kind (auto: by extension; img2dataset: webdataset shards with their captions)")
     p.add_argument("--caption-col", help="caption column of csv/tsv/jsonl/parquet input (default: caption)")
     p.add_argument("--key-col", help="key column (default: <file stem>-<row>)")
     p.add_argument("--part-size", type=int, help="captions per output part (default 10000)")

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how ids pair up: exact key, file stem, or trailing number (COCO file names)")
     p.add_argument("--prediction-id-column", help="default: key, then image_id")
     p.add_argument("--reference-id-column", help="default: key, then image_id")
-    p.add_argument("--caption-column")
+    p.add_argument("--caption-column", help="predictions table: the caption column (default: caption)")
     p.add_argument("--metrics", help="comma list of bleu,meteor,rouge,cider,spice (default: all but spice)")
     p.add_argument("--tokenize", choices=["ptb", "simple"], help="ptb (COCO's, Java; default) or simple")
     p.add_argument("--spice", choices=["auto", "on", "off"],

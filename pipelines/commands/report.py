@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-parts", type=int, help="caption parts read at most (default 4)")
     p.add_argument("--interpret", type=int, help="images with prefix interpretation (default 4)")
     p.add_argument("--thumb-px", type=int, help="thumbnail size (default 160)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of the sampled parts and images")
 
 
 def run(args: argparse.Namespace) -> int:

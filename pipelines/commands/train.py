@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-size", type=int, help="caption embeddings stored as the projection memory "
                    "(default 10000; 0: all), sampled with --memory-seed from the training split")
     g.add_argument("--memory", help="take the memory from this text table instead of the training tables")
-    g.add_argument("--memory-seed", type=int)
+    g.add_argument("--memory-seed", type=int, help="seed of the memory sample")
     g.add_argument("--tau", type=float, help="projection temperature stored with the memory (default 0.01)")
 
 

@@ -76,7 +76,8 @@ def test_caption_images_command(artifact, tmp_path, capsys):
     for i, s in enumerate(synthetic.generate(2, seed=5)):
         paths.append(str(tmp_path / f"{i}.png"))
         s.image.save(paths[-1])
-    assert clipcap(["caption-images", *paths, "--model", "tiny", "--max-length", "4", "--scores"]) == 0
+    assert clipcap(["caption-images", *paths, "--model", "tiny", "--allow-untrained", "--max-length", "4",
+                    "--scores"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == paths
     assert all(len(line.split("\t")) == 3 for line in lines)
