@@ -78,9 +78,11 @@ def test_bulk_job_projects_onto_the_artifact_memory(ray_cluster, s3_uri, decap_a
     assert expect != raw.caption(embeddings=emb, strategy="beam", beam_size=3, n=2)  # projecting matters here
     assert got == {(f"images.tar/{s.key}.png", rank): expect[i][rank] for i, s in enumerate(samples)
                    for rank in range(2)}
-    errors = read_captions(storage.join(out, "_errors")).to_pylist()
+    err_files = storage.list_files(storage.join(out, "_meta", "errors"), ".parquet")
+    errors = pa.concat_tables([pq.read_table(storage.filesystem(u)[1], filesystem=storage.filesystem(u)[0])
+                               for u in err_files]).to_pylist() if err_files else []
     assert [e["key"] for e in errors] == ["images.tar/broken.png"]
-    assert "projection" not in storage.read_json(storage.join(out, "_run.json"))  # default: the artifact's own
+    assert "projection" not in storage.read_json(storage.join(out, "_meta", "run.json"))  # default: the artifact's own
 
 
 def test_projection_flags_reach_the_job_and_are_checked_first(s3_uri, tmp_path, capsys):
@@ -91,12 +93,12 @@ def test_projection_flags_reach_the_job_and_are_checked_first(s3_uri, tmp_path, 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--input", "x", "--output", storage.join(s3_uri, "o"), "--model", "tiny",
-                              "--projection", "memory", "--memory", str(mem16.parent), "--tau", "0.05",
+                              "--allow-untrained", "--projection", "memory", "--memory", str(mem16.parent), "--tau", "0.05",
                               "--memory-size", "10"])
     cfg = config_from_args(args)
     assert cfg.projection == ProjectionConfig(mode="memory", memory=str(mem16.parent), tau=0.05, memory_size=10)
     with pytest.raises(ValueError, match="memory table .* has D=16 but the model expects clip_dim=128"):
         prepare(cfg)
     assert main(["caption", "--input", "x", "--output", storage.join(s3_uri, "o2"), "--model", "tiny",
-                 "--projection", "memory"]) == 2
+                 "--allow-untrained", "--projection", "memory"]) == 2
     assert "needs a memory table" in capsys.readouterr().err
