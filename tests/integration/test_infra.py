@@ -88,13 +88,16 @@ def test_jobs_api_refuses_a_job_without_token_and_runs_one_with_it(ray_cluster, 
     marker = tmp_path / "ran"
     entry = f"{sys.executable} -c \"open('{marker}', 'w').write('x')\""
     agent = f"http://127.0.0.1:{ray_cluster['env']['CLIPCAP_RAY_AGENT_PORT']}"
-    for url in (ray_cluster["dashboard"], agent):
-        assert _post_job(url, entry, {}) == 401
-        assert _post_job(url, entry, {"Authorization": "Bearer not-the-token"}) == 403
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(ray_cluster["dashboard"])  # RAY_AUTH_MODE=token + token path from the env
-    assert not marker.exists() and [j for j in client.list_jobs() if j.type.name == "SUBMISSION"] == []
+    # the session's head may already hold jobs of earlier tests: the refused POSTs must add none
+    before = {j.submission_id for j in client.list_jobs() if j.type.name == "SUBMISSION"}
+    for url in (ray_cluster["dashboard"], agent):
+        assert _post_job(url, entry, {}) == 401
+        assert _post_job(url, entry, {"Authorization": "Bearer not-the-token"}) == 403
+    after = {j.submission_id for j in client.list_jobs() if j.type.name == "SUBMISSION"}
+    assert not marker.exists() and after == before
     job = client.submit_job(entrypoint=entry)
     for _ in range(240):
         if client.get_job_status(job) in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):

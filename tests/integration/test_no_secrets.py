@@ -83,7 +83,8 @@ def test_signed_urls_leave_no_secret_in_outputs_or_logs(http_server, ray_local, 
                          "url": [line.split("\t")[1] for line in lines]})
         pq.write_table(urls, tmp_path / "urls.parquet")
         caption_archive(CaptionConfig(input=str(tmp_path / "urls.parquet"), output=str(out / "captions"),
-                                      model="tiny", source=SourceConfig(part_size=8, allow_private_urls=True),
+                                      model="tiny", allow_untrained=True,
+                                      source=SourceConfig(part_size=8, allow_private_urls=True),
                                       resources=ResourceOptions(clip_batch_size=4, caption_batch_size=4,
                                                                 decode_block_rows=4, read_cpus=0.25,
                                                                 cpus_per_actor=0.5)))
