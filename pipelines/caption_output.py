@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 from datetime import datetime, timezone
 from typing import Any
 
@@ -106,24 +107,25 @@ def _is_our_part(fs: Any, path: str) -> bool:
 
 
 def _clear_output(output: str, previous: dict | None = None) -> None:
-    """``--overwrite``: remove the part / error files and markers our runs wrote, nothing else (an output
-    without our run record is not ours to clear; other Parquet files there are kept). The old layout's part
-    files (top level, beside its ``_run.json``) are ours by that record."""
+    """``--overwrite``: remove the part / error files and markers our runs wrote, nothing else. Without a run
+    record of ours (``previous``, or the old layout's top-level ``_run.json``) nothing is ours to clear; a
+    Parquet file is ours when its name is ``part-<id>.parquet`` and its footer says ``clipcap.part = <id>``
+    (the old layout: also any ``part-*.parquet`` beside that layout's own ``_run.json``)."""
     old = _old_layout_files(output)
-    old_ours = storage.exists(storage.join(output, "_run.json"))
-    if previous is None and not old_ours:
+    old_record = storage.exists(storage.join(output, "_run.json"))
+    if previous is None and not old_record:
         return
     fs, _ = storage.filesystem(output)
-    for uri in storage.list_files(table_uri(output), ".parquet") + storage.list_files(meta_uri(output, "errors"),
-                                                                                      ".parquet"):
+    new = storage.list_files(table_uri(output), ".parquet") + storage.list_files(meta_uri(output, "errors"),
+                                                                                 ".parquet")
+    for uri in new + [u for u in old if u.endswith(".parquet")]:
         path = storage.filesystem(uri)[1]
-        if _is_our_part(fs, path):
+        top_old_part = old_record and uri in old and posixpath.dirname(path) == storage.filesystem(output)[1] \
+            and uri.rsplit("/", 1)[-1].startswith("part-")
+        if _is_our_part(fs, path) or top_old_part:
             fs.rm(path)
-    for uri in storage.list_files(meta_uri(output, "empty"), ".json"):
+    for uri in storage.list_files(meta_uri(output, "empty"), ".json") + [u for u in old if u.endswith(".json")]:
         fs.rm(storage.filesystem(uri)[1])
-    for uri in old if old_ours else []:
-        if uri.rsplit("/", 1)[-1].startswith(("part-", "_run.json", "_summary.json")):
-            fs.rm(storage.filesystem(uri)[1])
 
 
 # --- committing parts -------------------------------------------------------------------------------------------
