@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from clipcap_core.encoders import TINY_SEED, EncoderConfig, _open_clip, resolve_weights, validate_config
+from clipcap_core.training import optimizer_step
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -173,21 +174,8 @@ def train_step(model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tenso
     model.train()
     img, txt, scale = features(model, pixels, tokens, hp.precision)
     loss = loss_fn(img.float(), txt.float(), scale.float())
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    if hp.grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], hp.grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    optimizer_step(loss, [p for p in model.parameters() if p.requires_grad], optimizer, scheduler, hp.grad_clip,
+                   scaler)
     clamp_logit_scale(model)
     return float(loss.detach())
 

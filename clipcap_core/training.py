@@ -126,14 +126,22 @@ def train_step(model: ClipCapModel, batch: Batch, optimizer: torch.optim.Optimiz
     model.train()
     with autocast(cfg.precision, device):
         loss = model(batch.embeds, batch.tokens, batch.mask).loss
+    optimizer_step(loss, trainable_parameters(model), optimizer, scheduler, cfg.grad_clip, scaler)
+    return float(loss.detach())
+
+
+def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler | None, grad_clip: float,
+                   scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backward (scaled with fp16), optional gradient clipping of ``params``, optimizer + scheduler step."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
     else:
         loss.backward()
-    if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.grad_clip)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -141,7 +149,6 @@ def train_step(model: ClipCapModel, batch: Batch, optimizer: torch.optim.Optimiz
         optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return float(loss.detach())
 
 
 @torch.no_grad()

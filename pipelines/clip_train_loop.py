@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import tempfile
 import time
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 
 from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
 from clipcap_core.configs import from_dict
-from pipelines import clip_data, storage, tables
+from pipelines import clip_data, storage
 from pipelines.train_loop import Primed, RunOptions, _maybe_crash
 
 
@@ -247,7 +248,7 @@ def save_model_dir(job: dict[str, Any], plan: dict[str, Any], model: Any, state:
     model_dir = storage.join(job["output"], job["name"], "model")
     weights = storage.join(model_dir, f"{job['name']}.safetensors")
     info = {"schema": 1, "model_name": job["model"]["model_name"], "init": job["model"],
-            "weights": posixpath_basename(weights), "step": state["step"], "epochs": state["epoch"],
+            "weights": posixpath.basename(weights), "step": state["step"], "epochs": state["epoch"],
             "train": job["train"], "pairs": plan["n_train"], "shards": len(plan["shards"]),
             "heldout_fraction": job["heldout_fraction"], "split_salt": job["split_salt"], "metrics": metrics}
     fs, path = storage.filesystem(model_dir)
@@ -263,10 +264,6 @@ def save_model_dir(job: dict[str, Any], plan: dict[str, Any], model: Any, state:
     with fs.open(storage.filesystem(storage.join(model_dir, "README.md"))[1], "w") as f:
         f.write(model_card(info))
     return {"model_dir": model_dir, "weights": weights, "history": state["history"], "metrics": metrics}
-
-
-def posixpath_basename(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def model_card(info: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
@@ -292,4 +289,4 @@ def model_card(info: dict[str, Any], extra: dict[str, Any] | None = None) -> str
     return "\n".join(lines)
 
 
-__all__ = ["clip_train_loop", "evaluate_retrieval", "model_card", "save_model_dir", "tables"]
+__all__ = ["clip_train_loop", "evaluate_retrieval", "model_card", "save_model_dir"]
