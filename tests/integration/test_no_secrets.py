@@ -97,7 +97,7 @@ def test_signed_urls_leave_no_secret_in_outputs_or_logs(http_server, ray_local, 
     # The run did fetch through the signed URLs (so the secrets were really there to leak).
     embedded = [u for p in (out / "embeddings").rglob("part-*.parquet") for u in pq.read_table(p).column("url").to_pylist()]
     assert len(embedded) >= 10 and all("?redacted-" in u for u in embedded)
-    captions = [p for p in (out / "captions").glob("part-*.parquet")]
+    captions = list((out / "captions" / "captions").glob("part-*.parquet"))  # <output>/captions/ beside _meta/
     assert sum(pq.read_table(p).num_rows for p in captions) >= 10
     logs = caplog.text + "".join(capfd.readouterr())
     assert "pipelines.download" in logs  # the project's DEBUG/INFO logs were captured, so the check below counts
