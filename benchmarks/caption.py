@@ -1,28 +1,23 @@
-"""Bulk captioning speed: the Ray pipeline end to end vs a reference-style per-image loop.
+"""Bulk captioning speed with the users' defaults: `clipcap caption` end to end vs the same model in one plain
+process through `Captioner` (the compute limit) vs the authors' per-image loop.
 
-Same models for both: a ViT-B-32-sized CLIP and a GPT-2-small-sized ClipCap (MLP mapping, k = 10, D = 512),
-random seeded weights (same FLOPs as the real ones), saved as a model artifact. Input: a 256-image tar of
-synthetic JPEGs. Every caption is exactly ``--new-tokens`` tokens in our pipeline (no end-of-text stop);
-the reference stops at end-of-text if a random model happens to emit it (which only favours the reference).
+Same models for all three: a ViT-B-32-sized CLIP and a GPT-2-small-sized ClipCap (MLP mapping, k = 10, D = 512),
+random seeded weights (same FLOPs as the real ones), saved as a model artifact. Input: ``--images`` synthetic
+256 px JPEGs in one tar archive, written before any clock starts.
 
-- pipeline: ``pipelines.caption.caption_archive`` on a local Ray instance started beforehand: read + decode
-  tasks -> CLIP actor -> batched KV-cache decoding actor -> caption table. Timed from the call to the
-  committed table, so actor start-up and model loading are *included* ("end to end"). A small run
-  (``--small-images``) before it measures the fixed start-up; (N - n) / (wall_N - wall_n) is the "marginal"
-  rate, what images cost once the pipeline runs (the figure that matters for large archives).
-- reference: for each image, decode + preprocess, CLIP on that one image, then the authors' per-image
-  decoding without KV cache (``reference.generate2`` greedy, ``reference.generate_beam`` beam 5), all
-  threads of the machine. It costs seconds per image, so it runs on ``--ref-images`` images and is reported
-  per image (images/s on that subset). Run before Ray starts.
-- CPU time: process CPU seconds per image of the pipeline's stages (each actor runs 1 torch thread) vs the
-  reference run on 1 thread (``--ref-cpu-images``): the efficiency ratio, much less sensitive than wall time
-  to other processes sharing the machine.
+- ours: `clipcap caption --input archive.tar --output DIR --model DIR --strategy S --max-length T` with **no
+  resource flags**, in a new process as a user runs it: imports, Ray start, actor start-up, model loads,
+  reading, decoding, CLIP, decoding, CLIPScore (on by default) and commits are all inside the wall time;
+- Captioner: ``Captioner.from_pretrained(model).caption(images=<bytes>, ...)`` in this process, batches of
+  ``--captioner-batch`` (32), all cores as torch threads, the model loaded before the clock (the limit: pure
+  decode + CLIP + generation compute); no CLIPScore;
+- reference: decode + CLIP on one image at a time, then the authors' per-image decoding without a KV cache
+  (``reference.generate2`` greedy, ``generate_beam`` beam 5), all cores; costs seconds per image, so it runs
+  on ``--ref-images`` images.
+Prints images/s of each and the ratios ours / Captioner and ours / reference; ``--json`` writes them.
 
-    python benchmarks/caption.py                       # CPU: 256 images, greedy + beam-5, 30 tokens
-    python benchmarks/caption.py --strategies greedy --ref-images 8
-    python benchmarks/caption.py --gpus-per-actor 1 --caption-batch-size 256   # on a GPU machine
-
-Prints one line per strategy: pipeline images/s, stage busy seconds, reference images/s and the ratio.
+    python benchmarks/caption.py                        # 1024 images, greedy, 30 tokens
+    python benchmarks/caption.py --images 256 --strategies greedy,beam --ref-images 8
 """
 
 from __future__ import annotations
@@ -78,20 +73,40 @@ def build_archive(path: str, n: int, size: int) -> list[bytes]:
     return images
 
 
-def run_pipeline(archive: str, model: str, out: str, args: argparse.Namespace, strategy: str):
-    from clipcap_core.decoding import DecodeConfig
-    from pipelines.caption import CaptionConfig, ResourceOptions, caption_archive
+def run_pipeline(archive: str, model: str, out: str, args: argparse.Namespace, strategy: str) -> dict:
+    """`clipcap caption` with default resources in a new process; its wall time and summary."""
+    import subprocess
 
-    decoding = DecodeConfig(strategy=strategy, beam_size=5, max_length=args.new_tokens, stop_at_eos=False)
-    res = ResourceOptions(clip_batch_size=args.clip_batch_size, caption_batch_size=args.caption_batch_size,
-                          decode_block_rows=32, read_cpus=0.25, cpus_per_actor=args.cpus_per_actor,
-                          clip_actors=args.clip_actors, caption_actors=args.caption_actors,
-                          torch_threads=args.actor_threads, gpus_per_actor=args.gpus_per_actor)
-    cfg = CaptionConfig(input=archive, output=out, model=model, decoding=decoding, resources=res,
-                        progress_interval_s=15.0)
-    t0 = time.perf_counter()
-    summary = caption_archive(cfg)
-    return time.perf_counter() - t0, summary
+    cmd = [sys.executable, "-m", "pipelines.cli", "caption", "--input", archive, "--output", out, "--model", model,
+           "--strategy", strategy, "--max-length", str(args.new_tokens)] + args.extra_flags.split()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"clipcap caption failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    lines = proc.stdout.splitlines()
+    summary = json.loads("\n".join(lines[next(i for i, x in enumerate(lines) if x.startswith("{")):]))
+    plan = [x.split("resources: ", 1)[1] for x in proc.stderr.splitlines() if "pool resources: " in x]
+    return {"wall_s": wall, "images": summary["images"], "images_per_s": summary["images"] / wall, "plan": plan,
+            "command": " ".join(cmd[1:])}
+
+
+def run_captioner(images: list[bytes], model_uri: str, args: argparse.Namespace, strategy: str) -> dict:
+    """The same model in one plain process: ``Captioner.caption`` over batches, all cores (the limit)."""
+    from clipcap_core.captioner import Captioner
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cap = Captioner.from_pretrained(model_uri)
+    cap.caption(images=images[:2], strategy=strategy, max_length=args.new_tokens)  # loads CLIP, warms up
+    t = time.perf_counter()
+    n = 0
+    for start in range(0, len(images), args.captioner_batch):
+        chunk = images[start:start + args.captioner_batch]
+        n += len(cap.caption(images=chunk, strategy=strategy, beam_size=5, max_length=args.new_tokens,
+                             batch_size=args.captioner_batch))
+    wall = time.perf_counter() - t
+    return {"images": n, "wall_s": wall, "images_per_s": n / wall, "batch": args.captioner_batch}
 
 
 def run_reference(images: list[bytes], model_uri: str, args: argparse.Namespace, strategy: str,
@@ -137,78 +152,49 @@ def run_reference(images: list[bytes], model_uri: str, args: argparse.Namespace,
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--image-size", type=int, default=320)
-    p.add_argument("--small-images", type=int, default=8, help="images of the start-up calibration run")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=30)
-    p.add_argument("--strategies", default="greedy,beam")
-    p.add_argument("--ref-images", type=int, default=16, help="images run through the reference loop")
-    p.add_argument("--ref-cpu-images", type=int, default=4,
-                   help="images run through a 1-thread reference loop for the CPU-time ratio")
-    p.add_argument("--clip-batch-size", type=int, default=32)
-    p.add_argument("--caption-batch-size", type=int, default=64)
-    p.add_argument("--clip-actors", type=int, default=1)
-    p.add_argument("--caption-actors", type=int, default=2)
-    p.add_argument("--cpus-per-actor", type=float, default=0.5)
-    p.add_argument("--actor-threads", type=int, default=1, help="torch threads per actor")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
-    p.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray instance")
+    p.add_argument("--strategies", default="greedy")
+    p.add_argument("--ref-images", type=int, default=8, help="images run through the authors' per-image loop")
+    p.add_argument("--captioner-batch", type=int, default=32)
+    p.add_argument("--extra-flags", default="", help="flags added to `clipcap caption` (default: none)")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Ray runs its workers at nice 15 by default: on a shared machine that hands the CPU to every other
-    # process, including the reference loop (nice 0). Like for like: nice 0 for both.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    import ray
-
     work = Path(args.workdir or tempfile.mkdtemp(prefix="clipcap-bench-caption-"))
     model_uri, archive = str(work / "model"), str(work / "archive.tar")
     if not (work / "model" / "config.json").exists():
         build_artifact(model_uri)
     images = build_archive(archive, args.images, args.image_size)
-    small_archive = str(work / "small.tar")
-    build_archive(small_archive, args.small_images, args.image_size)
     cpus = os.cpu_count() or 1
     print(f"machine: {cpus} CPUs (load average {os.getloadavg()[0]:.1f}), torch {torch.__version__}, GPU: "
           f"{torch.cuda.is_available()}; archive {args.images} JPEGs {args.image_size}px; ViT-B-32 + GPT-2 small "
           f"(random weights); {args.new_tokens} new tokens", flush=True)
-    strategies = args.strategies.split(",")
-    # before Ray starts: all threads for wall time (as users run it); 1 thread for CPU time (several threads
-    # spin-wait when the machine is shared, which inflates the reference's CPU seconds)
-    reference = {s: run_reference(images, model_uri, args, s, cpus, args.ref_images) for s in strategies}
-    reference_1t = {s: run_reference(images, model_uri, args, s, 1, args.ref_cpu_images) for s in strategies}
-    ray.init(num_cpus=args.ray_cpus or cpus + 1, include_dashboard=False, log_to_driver=False)
     results = {}
-    for strategy in strategies:
-        # a small run first: its wall time is mostly the fixed start-up (actors, model loads), which the
-        # difference with the full run removes ("marginal" rate: what more images cost)
-        small_wall, small = run_pipeline(small_archive, model_uri, str(work / f"small-{strategy}-{time.time_ns()}"),
-                                         args, strategy)
-        wall, summary = run_pipeline(archive, model_uri, str(work / f"out-{strategy}-{time.time_ns()}"), args,
-                                     strategy)
-        ref, ref1 = reference[strategy], reference_1t[strategy]
-        ours, marginal = summary.images / wall, (summary.images - small.images) / max(wall - small_wall, 1e-9)
-        cpu_per_image = sum(summary.stage_cpu_seconds.values()) / summary.images
-        results[strategy] = {
-            "pipeline": {"images": summary.images, "wall_s": round(wall, 2), "images_per_s": round(ours, 3),
-                         "small_run": [small.images, round(small_wall, 2)], "marginal_images_per_s": round(marginal, 3),
-                         "stage_busy_s": summary.stage_seconds, "stage_cpu_s": summary.stage_cpu_seconds,
-                         "cpu_s_per_image": round(cpu_per_image, 4)},
-            "reference": ref, "reference_1_thread": ref1,
-            "ratio_end_to_end": round(ours / ref["images_per_s"], 1),
-            "ratio_marginal": round(marginal / ref["images_per_s"], 1),
-            "ratio_cpu_time": round(ref1["cpu_s_per_image"] / cpu_per_image, 1),
-        }
-        print(f"{strategy:6s} pipeline {ours:.2f} images/s end to end ({summary.images} in {wall:.1f} s incl. "
-              f"start-up), marginal {marginal:.2f} images/s, {cpu_per_image:.3f} CPU s/image, stage busy s "
-              f"{summary.stage_seconds} | reference {ref['images_per_s']:.3f} images/s ({ref['images']} images, "
-              f"s/image {ref['s_per_image']}), 1 thread {ref1['cpu_s_per_image']:.2f} CPU s/image | ratios: "
-              f"{results[strategy]['ratio_end_to_end']}x end to end, {results[strategy]['ratio_marginal']}x "
-              f"marginal, {results[strategy]['ratio_cpu_time']}x CPU time", flush=True)
-    print(json.dumps(results, indent=2))
-    ray.shutdown()
+    for strategy in args.strategies.split(","):
+        load = [os.getloadavg()[0]]
+        ref = run_reference(images, model_uri, args, strategy, cpus, args.ref_images)
+        limit = run_captioner(images, model_uri, args, strategy)
+        load.append(os.getloadavg()[0])
+        ours = run_pipeline(archive, model_uri, str(work / f"out-{strategy}-{time.time_ns()}"), args, strategy)
+        load.append(os.getloadavg()[0])
+        assert ours["images"] == args.images, ours
+        results[strategy] = {"ours": ours, "captioner": limit, "reference": ref, "loadavg_1m": load,
+                             "ours_over_captioner": round(ours["images_per_s"] / limit["images_per_s"], 3),
+                             "ours_over_reference": round(ours["images_per_s"] / ref["images_per_s"], 1)}
+        print(f"{strategy:6s} ours {ours['images_per_s']:.2f} images/s end to end ({ours['images']} in "
+              f"{ours['wall_s']:.1f} s, default flags) | Captioner {limit['images_per_s']:.2f} images/s | authors' "
+              f"loop {ref['images_per_s']:.3f} images/s ({ref['images']} images) | ours/Captioner "
+              f"{results[strategy]['ours_over_captioner']}, ours/authors {results[strategy]['ours_over_reference']}x"
+              f" | load {load}", flush=True)
+        print(f"       our plan: {ours['plan']}", flush=True)
+    print(json.dumps(results, indent=2, default=str))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

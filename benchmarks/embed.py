@@ -1,20 +1,23 @@
-"""Embed-stage throughput: the Ray pipeline against the bare model forward on the same images and batch.
+"""Embed-stage speed with the users' defaults: `clipcap embed` end to end vs the pure CLIP forward (the limit)
+vs rom1504's `clip-retrieval inference` (the tool a user would pick instead), on the same shards and weights.
 
-    python benchmarks/embed.py                          # 1024 images; tiny preset and ViT-B-32 (random weights)
-    python benchmarks/embed.py --images 256 --models ViT-B-32 --batch-size 32 --torch-threads 2
+    python benchmarks/embed.py                          # 1024 images, ViT-B-32 (seeded random weights), 8 shards
+    python benchmarks/embed.py --images 256 --models tiny --no-peer
 
 For each model it prints
-- wall-clock images/s: ``run_embed`` from its call to the last committed table file (validation, pipeline and
-  actor start-up, model load, decode, encode, writes; the one-off ``ray.init`` is timed apart);
-- steady-state images/s: rows reaching the driver after the first ``--warmup-batches`` batches, per second
-  (rows stream back in blocks of one or two batches);
-- pure-forward images/s: ``encode_pixels`` of the same model, same torch threads and batch size, on the same
-  images already decoded and resized, in this process, no Ray (after one warm-up batch); measured on
-  ``--pure-images`` images right before and right after the pipeline run, mean of the two (a shared machine's
-  load drifts; both are printed, with the 1-minute load average around the run);
-- steady-state / pure-forward.
-Input: 1024 synthetic 256x256 JPEGs in img2dataset's webdataset layout (``{key}.jpg/.txt/.json``, 4 shards),
-written before the clock starts. Random weights have the FLOPs of the real ones (no model hub here).
+- ours: `clipcap embed --input ... --model M --pretrained <file>` with **no resource flags**, run as a user runs
+  it (a new process: imports, Ray start, model load, decode, encode, commits all inside the wall time);
+  end-to-end images/s, time to the first embedded rows, and the steady-state rate the job reports
+  (``steady_rows_per_s``: rows reaching the driver after the first 10%);
+- pure forward: ``encode_pixels`` of the same model on the same images already decoded and resized, all cores
+  as torch threads, the job's default batch (64), in this process, no Ray; measured right before and right
+  after the job (a shared machine drifts; the mean is the reference, both are printed);
+- clip-retrieval: `clip-retrieval inference` in its own virtualenv (``benchmarks/peers.py`` installs it once),
+  webdataset input, the same checkpoint file, as many preprocessing workers as shards allow (<= cores), the same
+  batch; its process wall time. ``--no-peer`` skips it.
+- ratios: ours end to end / clip-retrieval, ours steady / pure forward.
+Input: synthetic 256x256 JPEGs in img2dataset's webdataset layout (``{key}.jpg/.txt/.json``), shards of
+``--per-shard``, written before any clock starts. Random weights have the FLOPs of the real ones (no model hub).
 """
 
 from __future__ import annotations
@@ -47,23 +50,14 @@ def write_shards(folder: Path, n: int, per_shard: int, size: int = 256) -> None:
                     tar.addfile(info, io.BytesIO(data))
 
 
-def steady_rate(timeline: list[tuple[float, int]], warmup_rows: int) -> float:
-    """Rows per second from the first arrival after ``warmup_rows`` rows to the last one."""
-    k = next((i for i, (_, rows) in enumerate(timeline) if rows >= warmup_rows), len(timeline))
-    if k >= len(timeline) - 1:
-        return float("nan")
-    (t0, r0), (t1, r1) = timeline[k], timeline[-1]
-    return (r1 - r0) / (t1 - t0) if t1 > t0 else float("nan")
-
-
-def load_pixels(model: str, n: int):  # -> (encoder, uint8 (n, H, W, 3))
+def load_pixels(model: str, n: int, ckpt: Path | None = None):  # -> (encoder, uint8 (n, H, W, 3))
     import numpy as np
 
     from clipcap_core import synthetic
     from clipcap_core.encoders import EncoderConfig, load_encoder
     from pipelines import imaging
 
-    enc = load_encoder(EncoderConfig(model_name=model))
+    enc = load_encoder(EncoderConfig(model_name=model, pretrained=str(ckpt) if ckpt else None))
     pixels = []
     for s in synthetic.generate(n, seed=0, size=256):  # the same JPEG bytes the pipeline decodes
         buf = io.BytesIO()
@@ -84,67 +78,98 @@ def pure_forward(enc, x, batch: int, threads: int) -> float:
     return len(x) / (time.perf_counter() - t)
 
 
-def bench_model(model: str, shards: Path, out: Path, args: argparse.Namespace) -> dict:
-    from clipcap_core.encoders import EncoderConfig
-    from pipelines.embed import EmbedConfig, EmbedResources, run_embed
+def save_checkpoint(model: str, path: Path) -> Path | None:
+    """Seeded random open_clip weights as a state-dict file both tools load (None for our shipped presets)."""
+    import torch
 
-    enc, x = load_pixels(model, min(args.images, args.pure_images))
-    # The machine may be shared: the pure forward runs right before and right after the pipeline, on the
-    # same images, and the mean is the reference (both are reported).
-    pure_before = pure_forward(enc, x, args.batch_size, args.torch_threads)
+    from clipcap_core import encoders
+
+    if model in ("tiny", "tiny-random"):
+        return None
+    torch.manual_seed(0)
+    net = encoders._open_clip().create_model(model, pretrained=None)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def run_ours(model: str, ckpt: Path | None, shards: Path, out: Path) -> dict:
+    """`clipcap embed` with default resources in a new process; its wall time and the figures it reports."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "pipelines.cli", "embed", "--input", str(shards), "--output-root", str(out),
+           "--dataset", "bench", "--model", model] + (["--pretrained", str(ckpt)] if ckpt else [])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"clipcap embed failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    lines = proc.stdout.splitlines()
+    report = json.loads("\n".join(lines[next(i for i, x in enumerate(lines) if x.startswith("{")):]))
+    plan = next((x.split("embed resources: ", 1)[1] for x in proc.stderr.splitlines() if "embed resources: " in x), "")
+    nan = float("nan")
+    return {"wall_s": wall, "rows": report["rows"], "first_rows_s": report["first_rows_s"] or nan,
+            "steady_img_s": report["steady_rows_per_s"] or nan, "plan": plan}
+
+
+def bench_model(model: str, shards: Path, work: Path, args: argparse.Namespace) -> dict:
+    ckpt = save_checkpoint(model, work / f"{model}.pt")
+    enc, x = load_pixels(model, min(args.images, args.pure_images), ckpt)
+    threads = os.cpu_count() or 1
+    pure_before = pure_forward(enc, x, args.batch_size, threads)
     load_before = os.getloadavg()[0]
-    cfg = EmbedConfig(input=str(shards), output_root=str(out), dataset="bench", encoder=EncoderConfig(model_name=model),
-                      resources=EmbedResources(batch_size=args.batch_size, torch_threads=args.torch_threads,
-                                               num_actors=1, cpus_per_actor=1, decode_cpus=1))
-    result = run_embed(cfg)
-    assert result.rows == args.images, result
+    ours = run_ours(model, ckpt, shards, work / f"out-{model}")
+    assert ours["rows"] == args.images, ours
+    peer = None
+    if ckpt is not None and not args.no_peer:
+        from benchmarks import peers
+
+        workers = max(1, min(threads, args.images // args.per_shard))
+        peer = peers.run_clip_retrieval(shards, ckpt, work / f"peer-{model}", batch_size=args.batch_size,
+                                        num_prepro_workers=workers, model=model)
     load_after = os.getloadavg()[0]
-    pure_after = pure_forward(enc, x, args.batch_size, args.torch_threads)
-    steady = steady_rate(result.timeline, args.warmup_batches * args.batch_size)
+    pure_after = pure_forward(enc, x, args.batch_size, threads)
     pure = (pure_before + pure_after) / 2
-    return {"model": model, "images": result.rows, "wall_s": round(result.wall_s, 2),
-            "wall_img_s": round(result.rows / result.wall_s, 2), "steady_img_s": round(steady, 2),
-            "pure_forward_img_s": round(pure, 2), "steady_over_pure": round(steady / pure, 3),
-            "pure_before_after": [round(pure_before, 2), round(pure_after, 2)],
-            "loadavg_1m_before_after": [round(load_before, 1), round(load_after, 1)],
-            "batch_size": args.batch_size, "torch_threads": args.torch_threads}
+    row = {"model": model, "images": ours["rows"], "ours_wall_s": round(ours["wall_s"], 1),
+           "ours_img_s": round(ours["rows"] / ours["wall_s"], 2), "ours_first_rows_s": round(ours["first_rows_s"], 1),
+           "ours_steady_img_s": round(ours["steady_img_s"], 2), "pure_img_s": round(pure, 2),
+           "steady_over_pure": round(ours["steady_img_s"] / pure, 3),
+           "pure_before_after": [round(pure_before, 2), round(pure_after, 2)],
+           "loadavg_1m_before_after": [round(load_before, 1), round(load_after, 1)], "ours_plan": ours["plan"]}
+    if peer:
+        row.update(peer_wall_s=round(peer["wall_s"], 1), peer_img_s=round(peer["images_per_s"], 2),
+                   ours_over_peer=round(row["ours_img_s"] / peer["images_per_s"], 3), peer_command=peer["command"])
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=1024)
-    p.add_argument("--per-shard", type=int, default=256)
-    p.add_argument("--models", default="tiny,ViT-B-32")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
-                   help="torch threads in the encoder actor and in the pure-forward loop (default: all cores)")
-    p.add_argument("--warmup-batches", type=int, default=2)
+    p.add_argument("--per-shard", type=int, default=128)
+    p.add_argument("--models", default="ViT-B-32")
+    p.add_argument("--batch-size", type=int, default=64, help="pure forward and clip-retrieval (our default: 64)")
     p.add_argument("--pure-images", type=int, default=256, help="images per pure-forward pass (before + after)")
+    p.add_argument("--no-peer", action="store_true", help="skip clip-retrieval")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
 
-    import ray
-
     with tempfile.TemporaryDirectory(prefix="clipcap-bench-") as tmp:
-        shards, out = Path(tmp, "shards"), Path(tmp, "out")
+        shards = Path(tmp, "shards")
         shards.mkdir()
         write_shards(shards, args.images, args.per_shard)
-        t = time.perf_counter()
-        ray.init(address="local", log_to_driver=False, include_dashboard=False)
-        ray_init_s = time.perf_counter() - t
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        rows = [bench_model(m, shards, out, args) for m in args.models.split(",")]
-        ray.shutdown()
-    print(f"\nembed benchmark: {args.images} images, {os.cpu_count()} CPU cores, ray.init {ray_init_s:.1f}s (not in wall)")
-    cols = ["model", "wall_s", "wall_img_s", "steady_img_s", "pure_forward_img_s", "steady_over_pure",
-            "pure_before_after", "loadavg_1m_before_after"]
-    print(" | ".join(f"{c:>18}" for c in cols))
+        rows = [bench_model(m, shards, Path(tmp), args) for m in args.models.split(",")]
+    print(f"\nembed benchmark: {args.images} images in shards of {args.per_shard}, {os.cpu_count()} CPU cores, "
+          "our default flags")
+    cols = ["model", "ours_wall_s", "ours_img_s", "ours_first_rows_s", "ours_steady_img_s", "pure_img_s",
+            "steady_over_pure", "peer_img_s", "ours_over_peer", "pure_before_after", "loadavg_1m_before_after"]
+    print(" | ".join(f"{c:>17}" for c in cols))
     for r in rows:
-        print(" | ".join(f"{r[c]!s:>18}" for c in cols))
+        print(" | ".join(f"{r.get(c, '-')!s:>17}" for c in cols))
+        print(f"  our plan: {r['ours_plan']}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"ray_init_s": ray_init_s, "results": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"results": rows}, indent=2))
     return 0
 
 

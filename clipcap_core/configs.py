@@ -27,7 +27,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
+def _coerce(value: Any, tp: Any, path: str) -> Any:  # noqa: C901 - one branch per supported type
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:

@@ -37,13 +37,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from clipcap_core.configs import to_dict
 from clipcap_core.decap import ProjectionConfig
 from clipcap_core.decoding import DecodeConfig
-from pipelines import exitcodes, sources, storage
+from pipelines import exitcodes, runtime, sources, storage
 from pipelines.caption_output import (  # noqa: F401  (the layout helpers are part of this module's API)
     META_DIR,
     TABLE_DIR,
@@ -66,25 +66,56 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class ResourceOptions:
-    """Batch sizes, actor pools and devices: the one place the pipeline's resources are set."""
+    """Batch sizes, actor pools and devices: the one place the pipeline's resources are set. Actor counts, CPUs,
+    threads and GPUs at 0 / None are sized from the cluster by ``runtime.plan_actors`` (one actor per GPU; on
+    CPU one per node running all its cores); a value wins."""
 
     decode_block_rows: int = 64    # rows per block out of the read/decode tasks
     clip_batch_size: int = 64
     caption_batch_size: int = 128
-    clip_actors: int = 1
-    caption_actors: int = 1
-    read_cpus: float = 1.0         # per read/decode task
+    # fused: CLIP and the captioner in one actor (one set of threads over the node's cores, one CLIP for the
+    # image and the CLIPScore text tower, no embedding hop between processes); split: a CLIP pool feeding a
+    # captioning pool, each scaled on its own (``clip_actors`` / ``caption_actors``). auto = fused.
+    stages: Literal["auto", "fused", "split"] = "auto"
+    caption_actors: int = 0        # actors of the captioning (or fused) pool; 0: sized from the cluster
+    clip_actors: int = 0           # split only: actors of the CLIP pool; 0: sized from the cluster
+    read_cpus: float = 0.0         # per read/decode task; 0: 1
     read_memory_mb: int = 768      # per read/decode task (a worker with torch imported: ~0.6 GB; >= 1)
-    cpus_per_actor: float = 1.0    # Ray CPUs reserved per actor
-    torch_threads: int = 0         # torch threads per actor; 0: cpus_per_actor rounded down, at least 1
-    gpus_per_actor: float = 0.0    # > 0: actors run on CUDA
+    cpus_per_actor: float = 0.0    # Ray CPUs reserved per actor (scheduling, not a thread cap); 0: 1
+    torch_threads: int = 0         # torch threads per actor; 0: the node's cores shared by its actors
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0 (CPU)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
     jpeg_draft: bool = False       # faster JPEG decode via DCT scaling (pixels differ slightly)
 
     def __post_init__(self) -> None:
-        if min(self.decode_block_rows, self.clip_batch_size, self.caption_batch_size, self.clip_actors,
-               self.caption_actors, self.read_memory_mb) < 1 or min(self.read_cpus, self.cpus_per_actor) <= 0:
-            raise ValueError("batch sizes, actor counts and read_memory_mb must be >= 1, CPUs > 0")
+        if min(self.decode_block_rows, self.clip_batch_size, self.caption_batch_size, self.read_memory_mb) < 1:
+            raise ValueError("batch sizes and read_memory_mb must be >= 1")
+        if min(self.clip_actors, self.caption_actors, self.read_cpus, self.cpus_per_actor, self.torch_threads) < 0:
+            raise ValueError("actor counts, CPUs and threads must be >= 0 (0 = size from the cluster)")
+        if self.stages not in ("auto", "fused", "split"):
+            raise ValueError(f"stages must be auto, fused or split, got {self.stages!r}")
+
+    def pools(self, needs_clip: bool, cluster: runtime.ClusterShape) -> tuple[runtime.ActorPlan | None,
+                                                                              runtime.ActorPlan]:
+        """(CLIP pool, captioning pool): the CLIP pool is None when fused or when no CLIP is needed (embedding
+        tables); split pools share the node's cores (auto threads halved)."""
+        kw = dict(cpus_per_actor=self.cpus_per_actor, gpus_per_actor=self.gpus_per_actor, read_cpus=self.read_cpus)
+        if not needs_clip or self.stages != "split":
+            return None, runtime.plan_actors(cluster, actors=self.caption_actors, torch_threads=self.torch_threads,
+                                             **kw)
+        first = runtime.plan_actors(cluster, actors=self.caption_actors, **kw)
+        threads = self.torch_threads or max(1, first.torch_threads // 2)
+        clip = runtime.plan_actors(cluster, actors=self.clip_actors, torch_threads=threads, **kw)
+        caption = runtime.plan_actors(cluster, actors=self.caption_actors, torch_threads=threads, **kw)
+        wanted = (clip.actors + caption.actors) * caption.cpus_per_actor + caption.read_cpus
+        if cluster.cpus > 0 and wanted > cluster.cpus:  # two pools: scale both reservations to fit
+            scale = cluster.cpus / wanted
+            log.warning("two actor pools + a read task reserve %.2f CPUs but the cluster has %g: scaling the "
+                        "reservations by %.2f", wanted, cluster.cpus, scale)
+            clip, caption = (replace(p, cpus_per_actor=p.cpus_per_actor * scale, read_cpus=p.read_cpus * scale)
+                             for p in (clip, caption))
+        return clip, caption
+
 
 @dataclass(frozen=True, kw_only=True)
 class CaptionConfig:
@@ -274,62 +305,51 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
     log.info("done: %s", json.dumps(summary.as_dict()))
     return summary
 
-def fit_resources(res: ResourceOptions, needs_clip: bool, cluster: dict[str, float]) -> ResourceOptions:
-    """Check the request against the cluster (``ray.cluster_resources()``): GPUs asked for but absent is a
-    job-level error; more CPUs reserved than the cluster has would starve the read tasks behind the actor
-    pools, so the CPU reservations (not the torch threads) are scaled down to fit, with a warning."""
-    from clipcap_core.configs import replace
-
-    actors = res.caption_actors + (res.clip_actors if needs_clip else 0)
-    if res.gpus_per_actor > 0 and cluster.get("GPU", 0.0) < res.gpus_per_actor * actors:
-        raise ValueError(f"{actors} actors x {res.gpus_per_actor} GPUs requested but the Ray cluster has "
-                         f"{cluster.get('GPU', 0.0):g} GPUs")
-    cpus = float(cluster.get("CPU", 0.0))
-    wanted = actors * res.cpus_per_actor + res.read_cpus
-    if cpus <= 0 or wanted <= cpus:
-        return res
-    scale = cpus / wanted
-    threads = res.torch_threads or max(1, int(res.cpus_per_actor))
-    log.warning("actors + read tasks reserve %.2f CPUs but the cluster has %g: scaling the reservations by %.2f "
-                "(torch threads per actor stay %d)", wanted, cpus, scale, threads)
-    return replace(res, cpus_per_actor=res.cpus_per_actor * scale, read_cpus=res.read_cpus * scale,
-                   torch_threads=threads)
-
 def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
     """The Ray Data pipeline over the parts still to do (resources all set here)."""
-    import ray
     import ray.data
 
     from clipcap_core.encoders import preprocess_spec
-    from pipelines.caption_stages import CaptionStage, ClipStage, read_decode_batch
+    from pipelines.caption_stages import CaptionStage, ClipCaptionStage, ClipStage, read_decode_batch
 
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS if set, else a local instance (as Ray Data would do)
-    res = fit_resources(cfg.resources, plan.needs_clip, ray.cluster_resources())
-    gpu = {"num_gpus": res.gpus_per_actor} if res.gpus_per_actor > 0 else {}
-    actor = dict(num_cpus=res.cpus_per_actor, batch_format="pyarrow", **gpu)
-    threads = res.torch_threads or max(1, int(res.cpus_per_actor))
+    runtime.ensure_ray()  # RAY_ADDRESS if set, else a local instance (as Ray Data would do)
+    res = cfg.resources
+    cluster = runtime.ClusterShape.from_ray()
+    clip_pool, pool = res.pools(plan.needs_clip, cluster)
+    if clip_pool is not None:
+        log.info(clip_pool.describe("caption: CLIP pool", cluster))
+    fused = plan.needs_clip and clip_pool is None
+    log.info(pool.describe("caption: CLIP + captioner pool" if fused else "caption: captioner pool", cluster))
     spec = preprocess_spec(plan.model_info.encoder) if plan.needs_clip else None
     items = [{"part": p.to_json()} for p in plan.todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # The memory request also keeps these tasks a stage of their own: Ray Data fuses a task map into the next
     # actor map when their remote args are equal, which would decode inside the CLIP actors, one part at a time.
-    ds = ds.map_batches(read_decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=res.read_cpus,
+    ds = ds.map_batches(read_decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=pool.read_cpus,
                         memory=res.read_memory_mb * 2**20,
                         fn_kwargs=dict(cfg_json=json.dumps(to_dict(cfg.source)), spec=spec,
                                        block_rows=res.decode_block_rows, jpeg_draft=res.jpeg_draft))
-    if plan.needs_clip:
-        ds = ds.map_batches(ClipStage, batch_size=res.clip_batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=res.clip_actors),
+    caption_kw = dict(model_uri=plan.model_info.uri, decoding=cfg.decoding, precision=res.precision,
+                      use_gpu=pool.use_gpu, threads=pool.torch_threads, rerank=cfg.rerank,
+                      projection=cfg.projection)
+    score_cfg = plan.model_info.encoder if cfg.clip_score else None
+
+    def actor(p: runtime.ActorPlan) -> dict[str, Any]:
+        gpu = {"num_gpus": p.gpus_per_actor} if p.use_gpu else {}
+        return dict(compute=ray.data.ActorPoolStrategy(size=p.actors), num_cpus=p.cpus_per_actor,
+                    batch_format="pyarrow", **gpu)
+
+    if fused:
+        return ds.map_batches(ClipCaptionStage, batch_size=res.caption_batch_size, **actor(pool),
+                              fn_constructor_kwargs=dict(caption_kw, encoder_cfg=plan.model_info.encoder,
+                                                         clip_batch_size=res.clip_batch_size,
+                                                         clip_score=cfg.clip_score))
+    if clip_pool is not None:
+        ds = ds.map_batches(ClipStage, batch_size=res.clip_batch_size, **actor(clip_pool),
                             fn_constructor_kwargs=dict(encoder_cfg=plan.model_info.encoder, precision=res.precision,
-                                                       use_gpu=bool(gpu), threads=threads), **actor)
-    return ds.map_batches(CaptionStage, batch_size=res.caption_batch_size,
-                          compute=ray.data.ActorPoolStrategy(size=res.caption_actors),
-                          fn_constructor_kwargs=dict(model_uri=plan.model_info.uri, decoding=cfg.decoding,
-                                                     precision=res.precision, use_gpu=bool(gpu), threads=threads,
-                                                     encoder_cfg=plan.model_info.encoder if cfg.clip_score else None,
-                                                     rerank=cfg.rerank, projection=cfg.projection),
-                          **actor)
+                                                       use_gpu=clip_pool.use_gpu, threads=clip_pool.torch_threads))
+    return ds.map_batches(CaptionStage, batch_size=res.caption_batch_size, **actor(pool),
+                          fn_constructor_kwargs=dict(caption_kw, encoder_cfg=score_cfg))
 
 def _log_progress(s: CaptionSummary, start: float) -> None:
     elapsed = time.monotonic() - start

@@ -207,6 +207,33 @@ class CaptionStage:
         return _with_time(table, "caption", clock.lap())
 
 
+class ClipCaptionStage:
+    """Actor (the default on every cluster): CLIP and the captioner in one process. One set of torch threads
+    works both models in turn over the node's cores (two pools on one node would split the cores or fight
+    over them), the embeddings never leave the process, and the CLIPScore text tower is the image encoder's
+    own CLIP (loaded once, not twice)."""
+
+    def __init__(self, encoder_cfg: Any, model_uri: str, decoding: Any, precision: str = "fp32",
+                 use_gpu: bool = False, threads: int = 0, rerank: str = "none", projection: Any = None,
+                 clip_batch_size: int = 64, clip_score: bool = True):
+        from clipcap_core.clipscore import ClipScorer
+
+        self.clip = ClipStage(encoder_cfg, precision, use_gpu, threads)
+        self.caption = CaptionStage(model_uri, decoding, precision, use_gpu, threads, encoder_cfg=None,
+                                    rerank=rerank, projection=projection)
+        if clip_score:
+            self.caption.scorer = ClipScorer(self.clip.encoder)
+        self.clip_batch = clip_batch_size
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if len(table) <= self.clip_batch:
+            return self.caption(self.clip(table))
+        embedded = [self.clip(table.slice(s, self.clip_batch)) for s in range(0, len(table), self.clip_batch)]
+        merged = pa.concat_tables(embedded)
+        # per-row CLIP times of the slices stay per row; the captioner then sees the whole batch at once
+        return self.caption(merged)
+
+
 def score_and_rank(image_emb: np.ndarray, texts: list[list[str]], scores: list[list[float]], scorer: Any,
                    rerank: bool) -> tuple[list[list[str]], list[list[float]], list[list[float]]]:
     """CLIPScore of each image's n captions; with ``rerank`` each image's captions (and their decoder scores)

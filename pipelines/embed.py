@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from clipcap_core import encoders
 from clipcap_core.encoders import EncoderConfig
 from pipelines import embed_stages as st
-from pipelines import exitcodes, imaging, schemas, storage
+from pipelines import exitcodes, imaging, runtime, schemas, storage
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +47,25 @@ META_DIR = "_meta"
 
 @dataclass(frozen=True, kw_only=True)
 class EmbedResources:
-    """How the embed pipeline uses the cluster (the only place it is set)."""
+    """How the embed pipeline uses the cluster (the only place it is set). 0 / None = sized from the cluster by
+    ``runtime.plan_actors`` (one actor per GPU; on CPU one per node, running all its cores); a value wins."""
 
-    num_actors: int = 1
-    cpus_per_actor: float = 1.0
+    num_actors: int = 0
+    cpus_per_actor: float = 0.0  # Ray's reservation per actor; 0: 1
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    torch_threads: int = 0  # CPU actors: torch intra-op threads; 0 = cpus_per_actor (never oversubscribe)
+    torch_threads: int = 0  # CPU actors: torch intra-op threads; 0: the node's cores / its actors
     batch_size: int = 64
-    decode_cpus: float = 1.0
+    decode_cpus: float = 0.0  # per decode task; 0: 1
     decode_memory_mb: int = 1024  # a shard is read whole (+ torch for the transforms); keeps decode unfused
 
     def __post_init__(self) -> None:
-        if self.num_actors < 1 or self.batch_size < 1 or self.cpus_per_actor <= 0 or self.decode_cpus <= 0:
-            raise ValueError("num_actors, batch_size, cpus_per_actor and decode_cpus must be positive")
+        if self.batch_size < 1 or min(self.num_actors, self.cpus_per_actor, self.decode_cpus, self.torch_threads) < 0:
+            raise ValueError("batch_size must be positive; actors, CPUs and threads >= 0 (0 = size from the cluster)")
+
+    def plan(self, cluster: runtime.ClusterShape) -> runtime.ActorPlan:
+        return runtime.plan_actors(cluster, actors=self.num_actors, cpus_per_actor=self.cpus_per_actor,
+                                   gpus_per_actor=self.gpus_per_actor, torch_threads=self.torch_threads,
+                                   read_cpus=self.decode_cpus)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,8 +116,26 @@ class EmbedResult:
     def exit_code(self) -> int:
         return exitcodes.outcome(self.shards - len(self.failed), len(self.failed))
 
+    @property
+    def first_rows_s(self) -> float | None:
+        """Start-up: seconds from the call to the first embedded rows reaching the driver."""
+        return self.timeline[0][0] if self.timeline else None
+
+    @property
+    def steady_rows_per_s(self) -> float | None:
+        """Rows/s once running: from the arrival that passes 10% of the rows to the last arrival (start-up and
+        the first batches through a cold model excluded)."""
+        if len(self.timeline) < 3:
+            return None
+        total = self.timeline[-1][1]
+        t0, r0 = next((t, r) for t, r in self.timeline if r >= 0.1 * total)
+        t1, r1 = self.timeline[-1]
+        return (r1 - r0) / (t1 - t0) if t1 > t0 and r1 > r0 else None
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "timeline"}
+        out = {k: v for k, v in self.__dict__.items() if k != "timeline"}
+        out.update(first_rows_s=self.first_rows_s, steady_rows_per_s=self.steady_rows_per_s)
+        return out
 
 
 # --- planning and validation (no Ray) ---------------------------------------------------------------
@@ -280,35 +304,30 @@ def commit_shard(cfg: EmbedConfig, shard_uri: str, cols: dict[str, np.ndarray] |
 
 # --- the Ray pipeline ---------------------------------------------------------------------------------
 
-def _gpus_per_actor(res: EmbedResources) -> float:
-    import ray
-
-    if res.gpus_per_actor is not None:
-        return res.gpus_per_actor
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-
-
 def build_dataset(cfg: EmbedConfig, pending: list[str]) -> Any:
     """The Ray Data pipeline over ``pending`` shard URIs (lazy; iterate it to run)."""
     import ray
 
     res = cfg.resources
-    gpus = _gpus_per_actor(res)
-    threads = res.torch_threads or max(1, round(res.cpus_per_actor))
+    cluster = runtime.ClusterShape.from_ray()
+    plan = res.plan(cluster)
+    log.info(plan.describe("embed", cluster))
     spec = encoders.preprocess_spec(cfg.encoder)
     ds = ray.data.from_items([{"uri": u} for u in pending], override_num_blocks=len(pending))
     # One block per decoded batch (Ray Data would otherwise pack a whole shard, up to 128 MB of pixels, into
     # one block): the actors start on the first batch, and rows stream back batch by batch, not shard by shard.
     height, width = (spec.size, spec.size) if isinstance(spec.size, int) else spec.size
     ds.context.target_max_block_size = max(1 << 16, int(1.2 * res.batch_size * height * width * 3))
-    ds = ds.map_batches(st.decode_shards, batch_size=1, num_cpus=res.decode_cpus,
+    ds = ds.map_batches(st.decode_shards, batch_size=1, num_cpus=plan.read_cpus,
                         memory=res.decode_memory_mb * 2**20,
                         fn_kwargs={"spec": spec, "batch_rows": res.batch_size})
     return ds.map_batches(
         st.EmbedActor, batch_size=res.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=res.num_actors), num_cpus=res.cpus_per_actor, num_gpus=gpus,
-        fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision, "torch_threads": threads,
-                               "use_gpu": gpus > 0, "text_embeddings": cfg.text_embeddings})
+        compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
+        num_gpus=plan.gpus_per_actor,
+        fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision,
+                               "torch_threads": plan.torch_threads, "use_gpu": plan.use_gpu,
+                               "text_embeddings": cfg.text_embeddings})
 
 
 def _drain(cfg: EmbedConfig, ds: Any, pending: list[str], dim: int, t0: float, result: EmbedResult) -> None:
@@ -353,10 +372,7 @@ def run_embed(cfg: EmbedConfig, ray_address: str | None = None) -> EmbedResult:
     result = EmbedResult(table_uri=cfg.table_uri, shards=len(shards), skipped=len(shards) - len(pending),
                          written=len(pending), rows=0, errors=0, dim=dim, wall_s=0.0)
     if pending:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=ray_address, log_to_driver=False)
+        runtime.ensure_ray(ray_address)
         remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
         log.info("embedding %d shard(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder, cfg.table_uri)
         _drain(cfg, build_dataset(cfg, pending), pending, dim, t0, result)

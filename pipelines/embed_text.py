@@ -34,7 +34,7 @@ import pyarrow as pa
 from clipcap_core import encoders
 from clipcap_core.configs import to_dict
 from clipcap_core.encoders import EncoderConfig
-from pipelines import embed, schemas, storage, text_sources
+from pipelines import embed, runtime, schemas, storage, text_sources
 from pipelines import embed_stages as st
 
 log = logging.getLogger(__name__)
@@ -224,13 +224,16 @@ def build_dataset(cfg: EmbedTextConfig, pending: list[text_sources.TextPart]) ->
     import ray
 
     res = cfg.resources
-    gpus = embed._gpus_per_actor(res)
+    cluster = runtime.ClusterShape.from_ray()
+    plan = res.plan(cluster)  # no decode tasks here: the driver ships the text parts as blocks
+    log.info(plan.describe("embed-text", cluster))
     ds = ray.data.from_arrow([part_block(p) for p in pending if len(p)])
     return ds.map_batches(
         TextEmbedActor, batch_size=res.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=res.num_actors), num_cpus=res.cpus_per_actor, num_gpus=gpus,
-        fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision, "use_gpu": gpus > 0,
-                               "torch_threads": res.torch_threads or max(1, round(res.cpus_per_actor))})
+        compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
+        num_gpus=plan.gpus_per_actor,
+        fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision, "use_gpu": plan.use_gpu,
+                               "torch_threads": plan.torch_threads})
 
 
 def _drain(cfg: EmbedTextConfig, pending: list[text_sources.TextPart], dim: int) -> tuple[int, int, int]:
@@ -261,10 +264,7 @@ def run_embed_text(cfg: EmbedTextConfig, ray_address: str | None = None) -> Embe
     result = EmbedTextResult(table_uri=cfg.table_uri, parts=len(parts), skipped=len(parts) - len(pending),
                              written=len(pending), rows=0, errors=0, truncated=0, dim=dim, wall_s=0.0)
     if pending:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=ray_address, log_to_driver=False)
+        runtime.ensure_ray(ray_address)
         embed.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
         log.info("embedding %d caption part(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
                  cfg.table_uri)

@@ -34,7 +34,7 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "seed": ("decoding", "seed"),
     "decode_block_rows": ("resources", "decode_block_rows"), "clip_batch_size": ("resources", "clip_batch_size"),
     "caption_batch_size": ("resources", "caption_batch_size"), "clip_actors": ("resources", "clip_actors"),
-    "caption_actors": ("resources", "caption_actors"), "read_cpus": ("resources", "read_cpus"),
+    "caption_actors": ("resources", "caption_actors"), "stages": ("resources", "stages"), "read_cpus": ("resources", "read_cpus"),
     "cpus_per_actor": ("resources", "cpus_per_actor"), "torch_threads": ("resources", "torch_threads"), "gpus_per_actor": ("resources", "gpus_per_actor"),
     "precision": ("resources", "precision"), "jpeg_draft": ("resources", "jpeg_draft"),
     "projection": ("projection", "mode"), "memory": ("projection", "memory"),
@@ -78,12 +78,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-block-rows", type=int, help="rows per block out of the decode tasks")
     p.add_argument("--clip-batch-size", type=int, help="images per CLIP forward")
     p.add_argument("--caption-batch-size", type=int, help="embeddings per decoding batch")
-    p.add_argument("--clip-actors", type=int, help="CLIP actors (one model each)")
-    p.add_argument("--caption-actors", type=int, help="decoding actors (one model each)")
-    p.add_argument("--read-cpus", type=float, help="CPUs per read/decode task")
-    p.add_argument("--cpus-per-actor", type=float, help="Ray CPUs reserved per actor")
-    p.add_argument("--torch-threads", type=int, help="torch threads per actor (default: from --cpus-per-actor)")
-    p.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (> 0: actors run on CUDA)")
+    p.add_argument("--stages", choices=["auto", "fused", "split"],
+                   help="fused (auto): CLIP + captioner in one actor; split: a CLIP pool feeding a captioning pool")
+    p.add_argument("--clip-actors", type=int, help="split stages: CLIP actors (default: sized from the cluster)")
+    p.add_argument("--caption-actors", type=int,
+                   help="captioning (or fused) actors, one model each (default: one per GPU, or per CPU node)")
+    p.add_argument("--read-cpus", type=float, help="CPUs per read/decode task (default 1)")
+    p.add_argument("--cpus-per-actor", type=float, help="Ray CPUs reserved per actor (default 1; not a thread cap)")
+    p.add_argument("--torch-threads", type=int, help="torch threads per actor (default: the node's cores / its actors)")
+    p.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default: 1 when the cluster has GPUs)")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPU, fp32 on CPU")
     p.add_argument("--jpeg-draft", action="store_true", default=None,
                    help="faster JPEG decoding by DCT scaling (pixels differ slightly)")
@@ -126,9 +129,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     if args.ray_address:
-        import ray
+        from pipelines import runtime
 
-        ray.init(address=args.ray_address, log_to_driver=False)
+        runtime.ensure_ray(args.ray_address)
     # otherwise Ray Data connects when the pipeline starts (RAY_ADDRESS, or a local instance): job-level
     # faults are reported before any Ray process starts
     summary = caption_archive(cfg)

@@ -37,11 +37,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 autocast on GPU")
     g.add_argument("--text-embeddings", action="store_true", default=None, help="also embed the captions")
     g.add_argument("--batch-size", type=int, help='images per CLIP forward')
-    g.add_argument("--num-actors", type=int, help="CLIP actors (one model each)")
-    g.add_argument("--cpus-per-actor", type=float, help='Ray CPUs reserved per CLIP actor')
+    g.add_argument("--num-actors", type=int, help="CLIP actors, one model each (default: one per GPU, or per CPU node)")
+    g.add_argument("--cpus-per-actor", type=float, help="Ray CPUs reserved per CLIP actor (default 1; not a thread cap)")
     g.add_argument("--gpus-per-actor", type=float, help="default: 1 when the cluster has GPUs")
-    g.add_argument("--torch-threads", type=int, help="torch threads per CPU actor (default: --cpus-per-actor)")
-    g.add_argument("--decode-cpus", type=float, help="CPUs per decode task")
+    g.add_argument("--torch-threads", type=int,
+                   help="torch threads per CPU actor (default: the node's cores / its actors)")
+    g.add_argument("--decode-cpus", type=float, help="CPUs per decode task (default 1)")
     g.add_argument("--decode-memory-mb", type=int, help="memory per decode task (a shard is read whole)")
 
 

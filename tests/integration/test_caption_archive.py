@@ -29,11 +29,11 @@ FLAGS = {"clip_batch_size": 4, "caption_batch_size": 4, "decode_block_rows": 4, 
          "cpus_per_actor": 0.5}
 
 
-def _config(inp: str, out: str, model: str) -> CaptionConfig:
+def _config(inp: str, out: str, model: str, **resources: object) -> CaptionConfig:
     # the URL rows point at the local HTTP server on 127.0.0.1: a private host, fetched only with the opt-in
     return CaptionConfig(input=inp, output=out, model=model,
                          source=SourceConfig(part_size=PART_SIZE, allow_private_urls=True),
-                         resources=ResourceOptions(**FLAGS), progress_interval_s=2.0)
+                         resources=ResourceOptions(**{**FLAGS, **resources}), progress_interval_s=2.0)
 
 
 def _read_dir(uri: str) -> pa.Table | None:
@@ -165,8 +165,11 @@ def test_run_killed_midway_then_rerun_equals_an_uninterrupted_run(first_run, mix
     assert _canonical(out) == _canonical(full_out)
 
 
-def test_each_key_gets_the_caption_of_its_own_image(ray_cluster, s3_uri, trained_model):
-    """Issue 13.7: reversing the embeddings in CaptionStage (captions landing on other keys) passed every test."""
+@pytest.mark.parametrize("stages", ["fused", "split"])
+def test_each_key_gets_the_caption_of_its_own_image(ray_cluster, s3_uri, trained_model, stages):
+    """Issue 13.7: reversing the embeddings in CaptionStage (captions landing on other keys) passed every test.
+    Both layouts: CLIP + captioner in one actor (the default; CLIP batches of 3 inside caption batches of 4,
+    so the fused actor's slicing is exercised) and a CLIP pool feeding a captioning pool."""
     import io
     import tarfile
 
@@ -175,17 +178,26 @@ def test_each_key_gets_the_caption_of_its_own_image(ray_cluster, s3_uri, trained
     from pipelines.caption_demo import write_archive
 
     samples = list(synthetic.generate(8, seed=3, size=48, start=20000))
-    archive, out = f"{s3_uri}/in/imgs.tar", f"{s3_uri}/out"
+    archive, out = f"{s3_uri}/in/imgs-{stages}.tar", f"{s3_uri}/out-{stages}"
     write_archive(archive, samples)
-    summary = caption_archive(_config(archive, out, trained_model))
-    got = {r["key"]: r["caption"] for r in _read_dir(table_uri(out)).to_pylist()}
+    summary = caption_archive(_config(archive, out, trained_model, stages=stages, clip_batch_size=3))
+    rows = _read_dir(table_uri(out)).to_pylist()
+    got = {r["key"]: r["caption"] for r in rows}
     fs, path = storage.filesystem(archive)
     with tarfile.open(fileobj=io.BytesIO(fs.cat_file(path))) as tf:
-        members = {f"imgs.tar/{m.name}": tf.extractfile(m).read() for m in tf if m.isfile()}
+        members = {f"imgs-{stages}.tar/{m.name}": tf.extractfile(m).read() for m in tf if m.isfile()}
     captioner = Captioner.from_pretrained(trained_model)
     want = {key: captioner.caption(images=[data])[0] for key, data in members.items()}
     assert summary.images == len(samples) and got == want
     assert len(set(want.values())) >= 3, f"the model does not tell the images apart: {want}"
+    # CLIPScore of each row: its own image against its own caption (the fused actor reuses its CLIP for the text)
+    from clipcap_core.clipscore import ClipScorer
+
+    keys = list(members)
+    scores = ClipScorer(captioner.encoder).score(captioner.embed_images([members[k] for k in keys]),
+                                                 [want[k] for k in keys]).clip_score
+    by_key = {r["key"]: r["clip_score"] for r in rows}
+    assert [by_key[k] for k in keys] == pytest.approx(scores.tolist(), abs=1e-4)
 
 
 def test_demo_step_captions_heldout_synthetic_images(ray_cluster, s3_uri, trained_model):

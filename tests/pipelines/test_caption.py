@@ -213,18 +213,27 @@ def test_cli_reports_job_level_faults_in_one_line(tmp_path, capsys):
     assert code == 2 and "does not exist" in err and "Traceback" not in err
 
 
-def test_resources_fit_the_cluster_or_fail_clearly():
-    from pipelines.caption import ResourceOptions, fit_resources
+def test_caption_pools_fit_the_cluster_or_fail_clearly():
+    from pipelines.caption import ResourceOptions
+    from pipelines.runtime import ClusterShape
 
-    res = ResourceOptions(clip_actors=1, caption_actors=2, cpus_per_actor=2.0, read_cpus=1.0)
-    assert fit_resources(res, True, {"CPU": 16.0}) == res
-    small = fit_resources(res, True, {"CPU": 2.0})
-    assert 3 * small.cpus_per_actor + small.read_cpus == pytest.approx(2.0) and small.torch_threads == 2
-    assert fit_resources(res, False, {"CPU": 5.0}) == res  # no CLIP pool for embedding tables
-    with pytest.raises(ValueError, match="GPUs"):
-        fit_resources(ResourceOptions(gpus_per_actor=1.0), True, {"CPU": 8.0})
-    with pytest.raises(ValueError, match=">= 1"):
-        ResourceOptions(caption_actors=0)
+    big, two = ClusterShape(16.0, 0.0, (16.0,)), ClusterShape(2.0, 0.0, (2.0,))
+    res = ResourceOptions(stages="split", clip_actors=1, caption_actors=2, cpus_per_actor=2.0, read_cpus=1.0,
+                          torch_threads=3)
+    clip, cap = res.pools(True, big)
+    assert (clip.actors, cap.actors, clip.cpus_per_actor, cap.torch_threads) == (1, 2, 2.0, 3)
+    clip, cap = res.pools(True, two)  # 3 actors x 2 CPUs + 1 read CPU > 2: reservations scaled, threads kept
+    assert 3 * cap.cpus_per_actor + cap.read_cpus == pytest.approx(2.0) and cap.torch_threads == 3
+    clip, cap = res.pools(False, big)  # embedding tables: no CLIP pool at all
+    assert clip is None and cap.actors == 2
+    clip, cap = ResourceOptions().pools(True, two)  # the default: one fused actor running both cores
+    assert clip is None and (cap.actors, cap.torch_threads, cap.cpus_per_actor, cap.read_cpus) == (1, 2, 1.0, 1.0)
+    clip, cap = ResourceOptions(stages="split").pools(True, two)  # two pools split the cores
+    assert clip.torch_threads == cap.torch_threads == 1
+    with pytest.raises(ValueError, match="GPU"):
+        ResourceOptions(gpus_per_actor=1.0).pools(True, ClusterShape(8.0, 0.0, (8.0,)))
+    with pytest.raises(ValueError, match=">= 0"):
+        ResourceOptions(caption_actors=-1)
 
 
 @pytest.mark.parametrize("strategy,n", [("greedy", 1), ("beam", 2), ("sample", 3)])

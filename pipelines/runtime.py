@@ -1,0 +1,117 @@
+"""The job runtime every Ray stage shares: how Ray is started, and how a stage's actors and tasks are sized.
+
+**Starting Ray.** ``ensure_ray`` is the one policy: a session that is already connected is used as it is;
+otherwise ``address`` (or ``RAY_ADDRESS``) is joined, else a local instance starts. Driver-side logs of the
+workers are not echoed (``log_to_driver=False``): each stage logs its own progress on the driver.
+
+**Sizing.** A stage that runs a model has one actor pool (model loaded once per actor) fed by read/decode
+tasks. Every knob defaults to 0 / None = "size it from the cluster" (``ray.cluster_resources()`` and the
+alive nodes), and every explicit value wins:
+
+- GPU cluster: one actor per GPU (``gpus_per_actor`` 1), 1 CPU reserved per actor and 2 torch threads (the
+  GPU does the work; the host threads only feed it); the other CPUs run the read/decode tasks.
+- CPU cluster: one actor per node up to 8 cores, one per 8 cores above that (torch's intra-op scaling flattens
+  out past ~8 threads on one model); each actor reserves **1 CPU** but runs **all its node's share of cores**
+  as torch threads. The reservation is what Ray schedules by: it leaves the other cores to the read/decode
+  tasks while they have work, and once decoding is done (a few seconds in, for CLIP on CPU decoding is ~10x
+  cheaper than encoding) the actor's threads take the cores the tasks freed. The alternative, reserving every
+  core for the actor, would leave nothing for the decode tasks (they would never be scheduled); reserving 1
+  CPU *and* running 1 thread (the old default) idles every other core once decoding ends: 0.66x of
+  clip-retrieval on 2 cores (issue 12).
+
+``plan_actors`` is pure (a cluster description in, an ``ActorPlan`` out) so the rules are unit-tested;
+``ActorPlan.describe`` is the one log line each stage prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CPU_THREADS_PER_ACTOR_MAX = 8  # above this many cores per node, another actor beats more threads
+GPU_ACTOR_THREADS = 2
+
+
+def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
+    """Connect to Ray once per process: keep a live session, else join ``address`` / ``RAY_ADDRESS``, else
+    start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    init_kwargs.setdefault("log_to_driver", False)
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, **init_kwargs)
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """What sizing needs to know of a cluster: total CPUs and GPUs, and the CPUs of each alive node that has any."""
+
+    cpus: float
+    gpus: float
+    node_cpus: tuple[float, ...]
+
+    @classmethod
+    def from_ray(cls) -> ClusterShape:
+        import ray
+
+        total = ray.cluster_resources()
+        nodes = tuple(float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive"))
+        return cls(cpus=float(total.get("CPU", 0.0)), gpus=float(total.get("GPU", 0.0)),
+                   node_cpus=tuple(c for c in nodes if c > 0) or (float(total.get("CPU", 1.0)),))
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How one stage uses the cluster: its actor pool and its read/decode tasks."""
+
+    actors: int
+    cpus_per_actor: float   # Ray's reservation (scheduling), not a thread cap
+    gpus_per_actor: float
+    torch_threads: int      # intra-op threads each actor runs
+    read_cpus: float        # reservation per read/decode task
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_actor > 0
+
+    def describe(self, stage: str, cluster: ClusterShape) -> str:
+        device = f"{self.gpus_per_actor:g} GPU" if self.use_gpu else "CPU"
+        return (f"{stage} resources: {self.actors} actor(s) on {device}, {self.cpus_per_actor:g} CPU reserved and "
+                f"{self.torch_threads} torch thread(s) each; read/decode tasks {self.read_cpus:g} CPU each; "
+                f"cluster {cluster.cpus:g} CPU / {cluster.gpus:g} GPU on {len(cluster.node_cpus)} node(s)")
+
+
+def plan_actors(cluster: ClusterShape, *, actors: int = 0, cpus_per_actor: float = 0.0,
+                gpus_per_actor: float | None = None, torch_threads: int = 0, read_cpus: float = 0.0) -> ActorPlan:
+    """Fill every 0 / None knob from ``cluster`` (rules in the module docstring); explicit values are kept.
+    A GPU request the cluster cannot hold is an error before any work; CPU reservations that would leave no
+    CPU for the read tasks are scaled down (a warning; the threads stay)."""
+    gpus = (1.0 if cluster.gpus > 0 else 0.0) if gpus_per_actor is None else float(gpus_per_actor)
+    if gpus < 0 or actors < 0 or cpus_per_actor < 0 or read_cpus < 0 or torch_threads < 0:
+        raise ValueError("resource settings must not be negative (0 = size from the cluster)")
+    smallest_node = max(1.0, min(cluster.node_cpus) if cluster.node_cpus else cluster.cpus)
+    if gpus > 0:
+        n = actors or max(1, int(cluster.gpus // gpus))
+        if cluster.gpus < n * gpus:
+            raise ValueError(f"{n} actor(s) x {gpus:g} GPU requested but the Ray cluster has {cluster.gpus:g} GPU")
+        threads = torch_threads or GPU_ACTOR_THREADS
+    else:
+        per_node = [max(1, int(c) // CPU_THREADS_PER_ACTOR_MAX) for c in cluster.node_cpus] or [1]
+        n = actors or sum(per_node)
+        # Threads: the node's cores shared by the actors that land on it (Ray spreads them evenly enough).
+        threads = torch_threads or max(1, int(smallest_node) // max(1, -(-n // len(per_node))))
+    plan = ActorPlan(actors=n, cpus_per_actor=cpus_per_actor or 1.0, gpus_per_actor=gpus, torch_threads=threads,
+                     read_cpus=read_cpus or 1.0)
+    wanted = plan.actors * plan.cpus_per_actor + plan.read_cpus
+    if cluster.cpus > 0 and wanted > cluster.cpus:
+        scale = cluster.cpus / wanted
+        log.warning("actors + a read task reserve %.2f CPUs but the cluster has %g: scaling the reservations by "
+                    "%.2f (torch threads per actor stay %d)", wanted, cluster.cpus, scale, plan.torch_threads)
+        plan = ActorPlan(actors=plan.actors, cpus_per_actor=plan.cpus_per_actor * scale, gpus_per_actor=gpus,
+                         torch_threads=plan.torch_threads, read_cpus=plan.read_cpus * scale)
+    return plan

@@ -1,0 +1,38 @@
+"""The sizing rules of ``pipelines.runtime.plan_actors`` (pure: a cluster description in, a plan out)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.runtime import ClusterShape, plan_actors
+
+
+def test_cpu_default_is_one_actor_per_node_running_all_its_cores():
+    plan = plan_actors(ClusterShape(2.0, 0.0, (2.0,)))
+    # 1 CPU reserved (the read tasks get the other), but every core as torch threads (the old default ran 1)
+    assert (plan.actors, plan.cpus_per_actor, plan.torch_threads, plan.read_cpus, plan.use_gpu) == (1, 1.0, 2, 1.0,
+                                                                                                     False)
+    plan = plan_actors(ClusterShape(48.0, 0.0, (16.0, 16.0, 16.0)))
+    assert (plan.actors, plan.torch_threads) == (6, 8)  # 2 per 16-core node, 8 threads each
+    plan = plan_actors(ClusterShape(12.0, 0.0, (4.0, 8.0)))
+    assert (plan.actors, plan.torch_threads) == (2, 4)  # threads from the smallest node: never oversubscribe it
+
+
+def test_gpu_default_is_one_actor_per_gpu_and_requests_must_fit():
+    plan = plan_actors(ClusterShape(32.0, 4.0, (16.0, 16.0)))
+    assert (plan.actors, plan.gpus_per_actor, plan.cpus_per_actor, plan.torch_threads) == (4, 1.0, 1.0, 2)
+    assert plan_actors(ClusterShape(32.0, 4.0, (16.0, 16.0)), gpus_per_actor=0.5).actors == 8
+    assert not plan_actors(ClusterShape(32.0, 4.0, (16.0, 16.0)), gpus_per_actor=0).use_gpu  # CPU on request
+    with pytest.raises(ValueError, match="3 actor.*1 GPU"):
+        plan_actors(ClusterShape(8.0, 1.0, (8.0,)), actors=3)
+
+
+def test_explicit_values_win_and_oversized_reservations_are_scaled():
+    plan = plan_actors(ClusterShape(16.0, 0.0, (16.0,)), actors=3, cpus_per_actor=2.0, torch_threads=5, read_cpus=0.5)
+    assert (plan.actors, plan.cpus_per_actor, plan.torch_threads, plan.read_cpus) == (3, 2.0, 5, 0.5)
+    plan = plan_actors(ClusterShape(2.0, 0.0, (2.0,)), actors=2, cpus_per_actor=1.0)
+    assert 2 * plan.cpus_per_actor + plan.read_cpus == pytest.approx(2.0) and plan.torch_threads == 1
+    with pytest.raises(ValueError, match="negative"):
+        plan_actors(ClusterShape(2.0, 0.0, (2.0,)), torch_threads=-1)
+    text = plan.describe("embed", ClusterShape(2.0, 0.0, (2.0,)))
+    assert "2 actor(s) on CPU" in text and "2 CPU / 0 GPU on 1 node(s)" in text
