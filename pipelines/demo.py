@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines import runtime
+
 log = logging.getLogger(__name__)
 
 
@@ -76,12 +78,9 @@ STEPS: list[Step] = [step_embed]
 def step_train(cfg: DemoConfig, result: DemoResult) -> None:
     """The tiny preset trained on the embedded synthetic set with Ray Train (pipelines.train.demo_train);
     reports held-out accuracy and hands the model artifact to the captioning step."""
-    import ray
-
     from pipelines.train import demo_train
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address(cfg), log_to_driver=False)
+    runtime.ensure_ray(ray_address(cfg))
     assert result.embeddings_uri is not None
     report = demo_train(result.embeddings_uri, result.root, seed=cfg.seed)
     result.paths["model"] = report.pop("artifact")
@@ -95,13 +94,10 @@ STEPS.append(step_train)
 def step_caption(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
     """Held-out synthetic images (indices past the demo's set: never embedded nor trained on) -> a tar archive
     -> bulk captioning (pipelines.caption) with the demo's model -> caption table; prints a few captions."""
-    import ray
-
     from clipcap_core import synthetic
     from pipelines.caption_demo import caption_heldout
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address(cfg), log_to_driver=False)
+    runtime.ensure_ray(ray_address(cfg))
     model = result.paths.get("model", "tiny")
     if model == "tiny":
         result.lines.append("no trained model in this demo run: captioning with the untrained `tiny` preset")
@@ -136,15 +132,12 @@ STEPS.append(step_report)  # the last step: it reports on what the earlier steps
 def step_decap(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
     """``clipcap demo --decap``: a text-only (DeCap) model trained on the demo's captions alone, captioning the
     same held-out images as ``step_caption``, next to the image-trained model (pipelines.decap_demo)."""
-    import ray
-
     from clipcap_core import synthetic
     from clipcap_core.encoders import EncoderConfig
+    from pipelines import tables
     from pipelines.decap_demo import demo_decap
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address(cfg), log_to_driver=False)
-    from pipelines import tables
+    runtime.ensure_ray(ray_address(cfg))
 
     assert result.raw_uri is not None and result.embeddings_uri is not None
     info = tables.inspect_tables(tables.list_table_files(result.embeddings_uri))  # the CLIP of the image step

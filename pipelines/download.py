@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from pipelines import exitcodes, storage
+from pipelines import exitcodes, runtime, storage
 
 log = logging.getLogger(__name__)
 
@@ -286,10 +286,7 @@ def run_download(cfg: DownloadConfig, ray_address: str | None = None, urls: pd.D
         log.info("all shards at %s are finished; nothing to download", cfg.output)
     else:
         if cfg.distributor == "ray":
-            import ray
-
-            if not ray.is_initialized():
-                ray.init(address=ray_address, log_to_driver=False)
+            runtime.ensure_ray(ray_address)
         _download(cfg, df)
     from pipelines.shard_redaction import redact_shards
 

@@ -140,10 +140,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def init_ray(address: str | None) -> None:
     """Connect to an explicit ``--ray-address``. Without one, Ray starts when the job first needs it (after
     tables and model were checked): it connects to RAY_ADDRESS (``ray job submit``) or starts a local instance."""
-    import ray
+    from pipelines import runtime
 
-    if address and not ray.is_initialized():
-        ray.init(address=address)
+    if address:
+        runtime.ensure_ray(address)
 
 
 def run(args: argparse.Namespace) -> int:
