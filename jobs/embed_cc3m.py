@@ -44,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def job_config(args: argparse.Namespace):  # -> EmbedJobConfig
-    from clipcap_core.configs import from_dict, to_dict
+    from clipcap_core.configs import to_dict
     from pipelines import storage
-    from pipelines.commands import download, embed
+    from pipelines.commands import download, embed, options
     from pipelines.embed_job import EmbedJobConfig, default_job_config
 
     root = args.output_root or str(CHECKOUT / "data")
@@ -61,15 +61,15 @@ def job_config(args: argparse.Namespace):  # -> EmbedJobConfig
             data["embed"]["dataset"] = args.dataset
         if args.raw:
             data["embed"]["input"] = data["download"]["output"] = args.raw
-    data = embed.merge(data, download.load_mapping(args.config))
-    data = embed.merge(data, {"embed": embed.options_from_args(args, skip=("input", "output_root", "dataset")),
-                              "download": download.options_from_args(args)})
+    data = options.merge(data, options.load_file(args.config))
+    data = options.merge(data, {"embed": embed.options_from_args(args, skip=("input", "output_root", "dataset")),
+                                "download": download.options_from_args(args)})
     if args.skip_download:
         data["download"] = data["synthetic"] = None  # embed the shards at --raw as they are
     elif data["download"].get("distributor") is None:  # auto: img2dataset's Ray distributor on a cluster
         data["download"]["distributor"] = "ray" if (args.ray_address or os.environ.get("RAY_ADDRESS")) \
             else "multiprocessing"
-    return from_dict(EmbedJobConfig, data)
+    return options.build(EmbedJobConfig, data)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,8 @@
     clipcap caption --config caption.yaml --overwrite          # YAML/JSON with CaptionConfig fields; flags win
 
 Flags map onto ``CaptionConfig`` (``--strategy``/``--num-captions``/... onto ``decoding``, ``--format``/
-``--part-size``/... onto ``source``, ``--clip-actors``/``--gpus-per-actor``/... onto ``resources``).
+``--part-size``/... onto ``source``, ``--stages``/``--gpus-per-actor``/... onto ``resources``);
+``--set KEY=VALUE`` reaches any other key.
 Output: ``<output>/captions/part-*.parquet`` (the caption table) and ``<output>/_meta/`` (errors table, run
 record, summary). Exit code: 0 every part done, 4 some parts could not be read (named on stderr; a rerun
 retries them), 5 none done, 2 a bad config, input, output or model (before any work).
@@ -17,6 +18,7 @@ import json
 import sys
 from typing import Any
 
+from pipelines.commands import options
 from pipelines.commands.caption_images import add_projection_arguments
 
 # flag dest -> (config section or "" for the top level, field name)
@@ -43,7 +45,7 @@ _FIELDS: dict[str, tuple[str, str]] = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML / JSON file with CaptionConfig fields (flags override it)")
+    options.add_config_arguments(p, "CaptionConfig", "decoding.top_k=40")
     p.add_argument("--input", help="directory, archive or Parquet file URI (local, s3://, ...)")
     p.add_argument("--output", help="caption table directory URI")
     p.add_argument("--model", help="trained model artifact URI (required; `clipcap train` or "
@@ -95,33 +97,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    """Build a validated CaptionConfig from ``--config`` plus flags (unknown keys / bad types fail)."""
-    from clipcap_core.configs import ConfigError, from_dict
+    """Build a validated CaptionConfig from ``--config``, flags and ``--set`` (unknown keys / bad types fail)."""
+    from clipcap_core.configs import ConfigError
     from pipelines.caption import CaptionConfig
 
-    data: dict[str, Any] = {}
-    if args.config:
-        from pathlib import Path
-
-        import yaml
-
-        text = Path(args.config).read_text()
-        data = (yaml.safe_load(text) if args.config.endswith((".yaml", ".yml")) else json.loads(text)) or {}
-    for dest, (section, name) in _FIELDS.items():
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
-        (data.setdefault(section, {}) if section else data)[name] = value
+    data = options.collect(args, _FIELDS)
     if not data.get("model"):
         from pipelines.caption_stages import UNTRAINED_HINT
 
         raise ConfigError("--model is required: " + UNTRAINED_HINT.format(uri="(none)").split("; ", 1)[1])
-    try:
-        return from_dict(CaptionConfig, data)
-    except ConfigError:
-        raise
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from exc
+    return options.build(CaptionConfig, data)
 
 
 def run(args: argparse.Namespace) -> int:

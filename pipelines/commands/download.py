@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pipelines.commands import options
+
 # flag dest -> DownloadConfig field
-FIELDS = {
+FIELDS = {k: ("", v) for k, v in {
     "url_list": "url_list", "output": "output", "input_format": "input_format", "header": "header",
     "columns": "columns", "url_col": "url_col", "caption_col": "caption_col", "image_size": "image_size",
     "resize_mode": "resize_mode", "resize_only_if_bigger": "resize_only_if_bigger",
@@ -21,7 +23,7 @@ FIELDS = {
     "processes": "processes_count", "threads": "thread_count", "shard_size": "number_sample_per_shard",
     "distributor": "distributor", "timeout": "timeout", "retries": "retries", "incremental": "incremental",
     "allow_private_urls": "allow_private_urls",
-}
+}.items()}
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -59,30 +61,13 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {field: getattr(args, dest) for dest, field in FIELDS.items() if getattr(args, dest, None) is not None}
-
-
-def load_mapping(path: str | None) -> dict[str, Any]:
-    """A YAML / JSON config file as a dict ({} without a path)."""
-    if not path:
-        return {}
-    import json
-    from pathlib import Path
-
-    import yaml
-
-    text = Path(path).read_text()
-    data = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
-    return dict(data or {})
+    return options.flags(args, FIELDS)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from clipcap_core.configs import from_dict
     from pipelines.download import DownloadConfig
 
-    data = load_mapping(args.config)
-    data.update(options_from_args(args))
-    return from_dict(DownloadConfig, data)
+    return options.build(DownloadConfig, options.collect(args, FIELDS))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("download", help="download a URL list into webdataset shards (img2dataset)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML / JSON file with DownloadConfig fields (flags override it)")
+    options.add_config_arguments(p, "DownloadConfig", "timeout=20")
     p.add_argument("--url-list", help="tsv / csv / parquet / jsonl file (or folder of them), any fsspec URI")
     p.add_argument("--output", help="shard folder URI (local, s3://, ...)")
     p.add_argument("--ray-address", help="with --distributor ray (default: RAY_ADDRESS or a local instance)")

@@ -16,6 +16,8 @@ import json
 import sys
 from typing import Any
 
+from pipelines.commands import options
+
 # flag dest -> (EmbedConfig section or "" for the top level, field name)
 FIELDS: dict[str, tuple[str, str]] = {
     "input": ("", "input"), "output_root": ("", "output_root"), "dataset": ("", "dataset"),
@@ -48,29 +50,13 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """The flags given, as a nested EmbedConfig mapping."""
-    data: dict[str, Any] = {}
-    for dest, (section, name) in FIELDS.items():
-        value = getattr(args, dest, None)
-        if value is None or dest in skip:
-            continue
-        (data.setdefault(section, {}) if section else data)[name] = value
-    return data
-
-
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Nested dict update (``over`` wins)."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
+    return options.flags(args, FIELDS, skip=skip)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from clipcap_core.configs import from_dict
-    from pipelines.commands.download import load_mapping
     from pipelines.embed import EmbedConfig
 
-    return from_dict(EmbedConfig, merge(load_mapping(args.config), options_from_args(args)))
+    return options.build(EmbedConfig, options.collect(args, FIELDS))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("embed", help="embed webdataset shards with CLIP into Parquet tables",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML / JSON file with EmbedConfig fields (flags override it)")
+    options.add_config_arguments(p, "EmbedConfig", "resources.batch_size=128")
     p.add_argument("--input", help="img2dataset output folder (webdataset .tar shards)")
     p.add_argument("--output-root", help="storage root; tables go to <root>/embeddings/<dataset>/<clip-tag>/")
     p.add_argument("--dataset", help="dataset name in the output path")

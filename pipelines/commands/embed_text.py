@@ -16,23 +16,20 @@ import argparse
 import json
 from typing import Any
 
-from pipelines.commands.embed import add_options, merge, options_from_args
+from pipelines.commands import options
+from pipelines.commands.embed import FIELDS as _EMBED_FIELDS
+from pipelines.commands.embed import add_options
 
-_TEXT_FIELDS = {"input": "input", "output_root": "output_root", "dataset": "dataset",
-                "input_format": "input_format", "caption_col": "caption_col", "key_col": "key_col",
-                "part_size": "part_size", "max_caption_chars": "max_caption_chars"}
+_FIELDS = {**{k: v for k, v in _EMBED_FIELDS.items() if k not in ("text_embeddings", "decode_cpus",
+                                                                   "decode_memory_mb")},
+           **{k: ("", k) for k in ("input", "output_root", "dataset", "input_format", "caption_col", "key_col",
+                                   "part_size", "max_caption_chars")}}
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from clipcap_core.configs import from_dict
-    from pipelines.commands.download import load_mapping
     from pipelines.embed_text import EmbedTextConfig
 
-    data = merge(load_mapping(args.config), options_from_args(args, skip=("text_embeddings", "decode_cpus",
-                                                                           "decode_memory_mb")))
-    data.update({name: getattr(args, dest) for dest, name in _TEXT_FIELDS.items()
-                 if getattr(args, dest, None) is not None})
-    return from_dict(EmbedTextConfig, data)
+    return options.build(EmbedTextConfig, options.collect(args, _FIELDS))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML / JSON file with EmbedTextConfig fields (flags override it)")
+    options.add_config_arguments(p, "EmbedTextConfig", "resources.batch_size=256")
     p.add_argument("--input", help="caption file (txt: one per line; csv/tsv/jsonl/parquet), a folder of them, "
                    "or an img2dataset output folder")
     p.add_argument("--output-root", help="storage root; tables go to <root>/text-embeddings/<dataset>/<clip-tag>/")

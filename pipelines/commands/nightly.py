@@ -15,11 +15,12 @@ import argparse
 import json
 from typing import Any
 
-from pipelines.commands.train import _FIELDS as _TRAIN_FIELDS
-from pipelines.commands.train import add_common_arguments, apply_flags, apply_sets, init_ray, load_config_data
+from pipelines.commands import options
+from pipelines.commands.train import FIELDS as TRAIN_FIELDS
+from pipelines.commands.train import add_common_arguments, init_ray
 
 _FIELDS: dict[str, tuple[str, str]] = {
-    **{k: v for k, v in _TRAIN_FIELDS.items() if v[0] in ("train", "scale", "run")},
+    **{k: v for k, v in TRAIN_FIELDS.items() if v[0] in ("train", "scale", "run")},
     "tables": ("", "tables"), "state": ("", "state"), "initial_model": ("", "initial_model"),
     "replay_ratio": ("", "replay_ratio"), "heldout_fraction": ("", "heldout_fraction"),
     "heldout_max": ("", "heldout_max"), "metric": ("", "metric"), "tolerance": ("", "tolerance"),
@@ -45,13 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from clipcap_core.configs import from_dict
     from pipelines.nightly import NightlyConfig
 
-    data = load_config_data(args.config)
-    apply_flags(data, args, _FIELDS)
-    apply_sets(data, args.set)
-    return from_dict(NightlyConfig, data)
+    return options.build(NightlyConfig, options.collect(args, _FIELDS))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipelines.commands.train import _FIELDS as _TRAIN_FIELDS
-from pipelines.commands.train import apply_flags, apply_sets, init_ray, load_config_data
+from pipelines.commands import options
+from pipelines.commands.train import FIELDS as TRAIN_FIELDS
+from pipelines.commands.train import init_ray
 
 _FIELDS: dict[str, tuple[str, str]] = {
-    **{k: v for k, v in _TRAIN_FIELDS.items() if v[0] == "train"},
+    **{k: v for k, v in TRAIN_FIELDS.items() if v[0] == "train"},
     "tables": ("", "tables"), "output": ("", "output"), "name": ("", "name"),
     "prefix_lengths": ("", "prefix_lengths"), "mappings": ("", "mappings"),
     "heldout_fraction": ("", "heldout_fraction"), "eval_max_samples": ("", "eval_max_samples"),
@@ -26,9 +27,7 @@ _FIELDS: dict[str, tuple[str, str]] = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML / JSON file with SweepConfig fields (flags override it)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config key, dotted (train.lr=1e-4, presets.mlp=clipcap-mlp); value parsed as YAML")
+    options.add_config_arguments(p, "SweepConfig", "train.lr=1e-4, presets.mlp=clipcap-mlp")
     p.add_argument("--tables", nargs="+", help="embedding table folders or files")
     p.add_argument("--output", help="where results and Tune state go (<output>/<name>/)")
     p.add_argument("--name", help='sweep name (results under <output>/<name>/)')
@@ -54,13 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from clipcap_core.configs import from_dict
     from pipelines.sweep import SweepConfig
 
-    data = load_config_data(args.config)
-    apply_flags(data, args, _FIELDS)
-    apply_sets(data, args.set)
-    return from_dict(SweepConfig, data)
+    return options.build(SweepConfig, options.collect(args, _FIELDS))
 
 
 def run(args: argparse.Namespace) -> int:

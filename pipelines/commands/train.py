@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
+from pipelines.commands import options
+
 # flag dest -> (config section or "" for the top level, field name)
-_FIELDS: dict[str, tuple[str, str]] = {
+FIELDS: dict[str, tuple[str, str]] = {
     "tables": ("", "tables"), "output": ("", "output"), "name": ("", "name"), "model": ("", "model"),
     "heldout_fraction": ("", "heldout_fraction"),
     "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
@@ -37,9 +38,7 @@ _MODEL_FLAGS = {"mapping": "mapping.kind", "prefix_length": "mapping.prefix_leng
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by train / nightly / sweep (hyperparameters, scale, run options)."""
-    p.add_argument("--config", help="YAML / JSON file with the command's config fields (flags override it)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config key, dotted (train.lr=1e-4); the value is parsed as YAML")
+    options.add_config_arguments(p, "the command's config")
     p.add_argument("--epochs", type=int, help='passes over the training split')
     p.add_argument("--batch-size", type=int, help='captions per step (per worker)')
     p.add_argument("--lr", type=float, help='peak learning rate (AdamW)')
@@ -83,58 +82,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tau", type=float, help="projection temperature stored with the memory (default 0.01)")
 
 
-def load_config_data(path: str | None) -> dict[str, Any]:
-    if not path:
-        return {}
-    import yaml
-
-    text = Path(path).read_text()
-    data = (yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
-    return data
-
-
-def apply_flags(data: dict[str, Any], args: argparse.Namespace, fields: dict[str, tuple[str, str]]) -> None:
-    for dest, (section, name) in fields.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            (data.setdefault(section, {}) if section else data)[name] = value
-
-
-def apply_sets(data: dict[str, Any], sets: list[str]) -> None:
-    """``--set a.b=VALUE`` (VALUE parsed as YAML) into the nested dict ``data``; under ``model_overrides`` the
-    rest of the key stays one dotted key (``--set model_overrides.mapping.clip_length=10``)."""
-    import yaml
-
-    for item in sets:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        if key.startswith("model_overrides."):
-            data.setdefault("model_overrides", {})[key.split(".", 1)[1]] = yaml.safe_load(raw)
-            continue
-        *parents, last = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {key}: {p!r} is not a config section")
-        node[last] = yaml.safe_load(raw)
-
-
 def config_from_args(args: argparse.Namespace) -> Any:
     """A validated TrainJobConfig from ``--config``, flags and ``--set`` (in that order of precedence)."""
-    from clipcap_core.configs import from_dict
     from pipelines.train import TrainJobConfig
 
-    data = load_config_data(args.config)
-    apply_flags(data, args, _FIELDS)
-    for dest, key in _MODEL_FLAGS.items():
-        if getattr(args, dest, None) is not None:
-            data.setdefault("model_overrides", {})[key] = getattr(args, dest)
-    apply_sets(data, args.set)
-    return from_dict(TrainJobConfig, data)
+    overrides = {key: getattr(args, dest) for dest, key in _MODEL_FLAGS.items() if getattr(args, dest, None) is not None}
+    data = options.collect(args, FIELDS, extra={"model_overrides": overrides} if overrides else None)
+    return options.build(TrainJobConfig, data)
 
 
 def init_ray(address: str | None) -> None:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import typing
 from typing import Any
 
-from pipelines.commands.train import apply_flags, apply_sets, init_ray, load_config_data
+from pipelines.commands import options
+from pipelines.commands.train import init_ray
 
 _FIELDS: dict[str, tuple[str, str]] = {
     "shards": ("", "shards"), "output": ("", "output"), "name": ("", "name"),
@@ -39,13 +39,11 @@ _FIELDS: dict[str, tuple[str, str]] = {
 def _choices(field_name: str) -> list[str]:
     from clipcap_core.clip_training import ClipTrainConfig
 
-    return list(typing.get_args(typing.get_type_hints(ClipTrainConfig)[field_name]))
+    return options.choices(ClipTrainConfig, field_name)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML / JSON file with ClipTrainJobConfig fields (flags override it)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config key, dotted (train.beta2=0.95); the value is parsed as YAML")
+    options.add_config_arguments(p, "ClipTrainJobConfig", "train.beta2=0.95")
     p.add_argument("--shards", nargs="+", help="webdataset shard folders or .tar files (local, s3://, ...)")
     p.add_argument("--output", help="storage root; the run lives in <output>/<name>/")
     p.add_argument("--name", help="run name (re-running with the same name resumes)")
@@ -79,13 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from clipcap_core.configs import from_dict
     from pipelines.clip_train import ClipTrainJobConfig
 
-    data = load_config_data(args.config)
-    apply_flags(data, args, _FIELDS)
-    apply_sets(data, args.set)
-    return from_dict(ClipTrainJobConfig, data)
+    return options.build(ClipTrainJobConfig, options.collect(args, _FIELDS))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,8 +33,10 @@ def test_unknown_keys_and_wrong_types_name_the_path():
         from_dict(EmbedConfig, {**BASE, "dtype": "bf16"})
     with pytest.raises(ConfigError, match="missing required config key 'dataset'"):
         from_dict(EmbedConfig, {"input": "a", "output_root": "b"})
-    with pytest.raises(ConfigError, match="must be positive"):
-        from_dict(EmbedResources, {"num_actors": 0})
+    with pytest.raises(ConfigError, match="0 = size from the cluster"):
+        from_dict(EmbedResources, {"num_actors": -1})
+    with pytest.raises(ConfigError, match="batch_size must be positive"):
+        from_dict(EmbedResources, {"batch_size": 0})
 
 
 def test_job_config_from_yaml_file(tmp_path):
