@@ -25,6 +25,7 @@ import numpy as np
 
 from clipcap_core.encoders import EncoderConfig, ImageResizer, PreprocessSpec
 from pipelines import imaging
+from pipelines.sources import SourceConfig, tar_member_problem
 
 # Columns flowing from the decode tasks to the encoder and on to the driver.
 SHARD, TOTAL, KEY, CAPTION, URL, SOURCE, ERROR, PIXELS, UNREAD = (
@@ -34,12 +35,17 @@ SHARD, TOTAL, KEY, CAPTION, URL, SOURCE, ERROR, PIXELS, UNREAD = (
 PASSTHROUGH = (SHARD, TOTAL, KEY, CAPTION, URL, SOURCE, ERROR, UNREAD)
 
 
+MAX_SHARD_BYTES = 4 << 30  # a shard is read whole: img2dataset's are ~10k samples, a few hundred MB
+
+
 @dataclass
 class Sample:
-    """One webdataset sample: its key and its files by extension (``jpg``, ``txt``, ``json``...)."""
+    """One webdataset sample: its key and its files by extension (``jpg``, ``txt``, ``json``...); ``refused``:
+    why one of its members was not read (the sample becomes an error row)."""
 
     key: str
     files: dict[str, bytes] = field(default_factory=dict)
+    refused: str = ""
 
 
 @dataclass
@@ -58,20 +64,29 @@ def shard_name(uri: str) -> str:
     return posixpath.basename(uri).removesuffix(".tar")
 
 
-def read_shard(data: bytes) -> list[Sample]:
-    """Group tar members into samples by key (the member name up to its first dot), in archive order."""
+def read_shard(data: bytes, cfg: SourceConfig | None = None) -> list[Sample]:
+    """Group tar members into samples by key (the member name up to its first dot), in archive order. Members
+    go through ``sources.tar_member_problem`` (unsafe paths, links, devices, duplicates, ``max_member_bytes``):
+    a refused member is not read and marks its sample ``refused``."""
+    cfg = cfg or SourceConfig()
     samples: dict[str, Sample] = {}
+    seen: set[str] = set()
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for member in tar:
-            if not member.isfile():
+            if member.isdir():
                 continue
             base = posixpath.basename(member.name)
             if base.startswith(".") or "." not in base:
                 continue
             stem, ext = base.split(".", 1)
             key = posixpath.join(posixpath.dirname(member.name), stem)
+            sample = samples.setdefault(key, Sample(key))
+            why = tar_member_problem(member, seen, cfg)
+            if why is not None:
+                sample.refused = sample.refused or f"archive member {member.name[:200]!r} refused: {why}"
+                continue
             f = tar.extractfile(member)
-            samples.setdefault(key, Sample(key)).files[ext.lower()] = f.read() if f else b""
+            sample.files[ext.lower()] = f.read() if f else b""
         end = tar.offset
     # tarfile takes a file cut between two members for a complete archive; every tar writer ends an archive
     # with zero blocks, so their absence means a truncated (half-copied / half-uploaded) shard.
@@ -94,6 +109,9 @@ def decode_sample(sample: Sample, resizer: ImageResizer, shard: str) -> DecodedR
     image_ext = next((e for e in sample.files if imaging.is_image_name("x." + e)), None)
     source = f"{shard}.tar/{sample.key}" + (f".{image_ext}" if image_ext else "")
     row = DecodedRow(key=key, caption=caption, url=meta.get("url"), source=source, pixels=None)
+    if sample.refused:
+        row.error = sample.refused
+        return row
     if image_ext is None:
         row.error = f"no image file in sample (has {sorted(sample.files)})"
         return row
@@ -126,8 +144,11 @@ def iter_shard_batches(uri: str, resizer: ImageResizer, batch_rows: int) -> Iter
     size = resizer.spec.size
     shape = (size, size, 3) if isinstance(size, int) else (size[0], size[1], 3)
     try:
-        with fsspec.open(uri, "rb") as f:  # one GET: shards are read whole
-            samples = read_shard(f.read())
+        with fsspec.open(uri, "rb") as f:  # one GET: shards are read whole, up to MAX_SHARD_BYTES
+            data = f.read(MAX_SHARD_BYTES + 1)
+        if len(data) > MAX_SHARD_BYTES:
+            raise OSError(f"shard larger than {MAX_SHARD_BYTES} bytes")
+        samples = read_shard(data)
     except (tarfile.TarError, EOFError, OSError) as exc:  # truncated / garbage tar, vanished file, network
         row = DecodedRow(key=shard, caption=None, url=None, source=uri, pixels=None, unread=True,
                          error=f"unreadable shard: {type(exc).__name__}: {exc}")

@@ -262,6 +262,13 @@ def _member_problem(raw_name: str, name: str, size: int, seen: set[str], cfg: So
     return why
 
 
+def tar_member_problem(m: tarfile.TarInfo, seen: set[str], cfg: SourceConfig) -> str | None:
+    """Why tar member ``m`` must not be read (unsafe path, link or device, duplicate, too large), or None; the
+    one check for every tar reader (caption's readers, embed's and embed-text's shard reader)."""
+    return _member_problem(m.name, _clean(m.name), m.size, seen, cfg,
+                           (not m.isfile(), "not a regular file (link or device)"))
+
+
 def _clean(name: str) -> str:
     while name.startswith("./"):
         name = name[2:]
@@ -331,8 +338,7 @@ def _tar_members(part: Part, cfg: SourceConfig) -> Iterator[tuple[str, bytes | N
                 name = _clean(m.name)
                 if m.isdir():
                     continue
-                why = _member_problem(m.name, name, m.size, seen, cfg,
-                                      (not m.isfile(), "not a regular file (link or device)"))
+                why = tar_member_problem(m, seen, cfg)
                 if why is not None:
                     yield name, None, why
                     continue

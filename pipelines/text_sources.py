@@ -141,7 +141,7 @@ def read_img2dataset_shard(uri: str, max_chars: int) -> TextPart:
     """Keys and captions of one shard: from its ``.parquet`` sibling, else from the tar's ``.txt`` members."""
     import pyarrow.parquet as pq
 
-    from pipelines.embed_stages import read_shard, shard_name
+    from pipelines.embed_stages import MAX_SHARD_BYTES, read_shard, shard_name
 
     meta = uri.removesuffix(".tar") + ".parquet"
     part = TextPart(part_id=shard_name(uri), source=uri)
@@ -152,17 +152,20 @@ def read_img2dataset_shard(uri: str, max_chars: int) -> TextPart:
         if "caption" not in table.column_names or "key" not in table.column_names:
             raise ValueError(f"img2dataset shard metadata {meta} has no key / caption column (has "
                              f"{table.column_names}); download with a caption column")
-        rows = zip(table.column("key").to_pylist(), table.column("caption").to_pylist(), strict=True)
+        rows = ((k, c, "") for k, c in zip(table.column("key").to_pylist(), table.column("caption").to_pylist(),
+                                            strict=True))
     else:
         fs, path = storage.filesystem(uri)
         with fs.open(path, "rb") as f:
-            samples = read_shard(f.read())
+            data = f.read(MAX_SHARD_BYTES + 1)
+        if len(data) > MAX_SHARD_BYTES:
+            raise ValueError(f"shard {uri} is larger than {MAX_SHARD_BYTES} bytes")
         rows = ((posixpath.basename(s.key), s.files["txt"].decode("utf-8", "replace") if "txt" in s.files
-                 else None) for s in samples)
-    for key, caption in rows:
+                 else None, s.refused) for s in read_shard(data))
+    for key, caption, refused in rows:
         part.keys.append(str(key))
         part.captions.append(caption)
-        part.errors.append(_check(caption, max_chars))
+        part.errors.append(refused or _check(caption, max_chars))
     return part
 
 

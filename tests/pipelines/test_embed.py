@@ -215,3 +215,38 @@ def test_old_layout_and_empty_markers_count_as_done(tmp_path):
     storage.atomic_write_table(pa.table({"key": ["x"]}), storage.join(cfg.table_uri, "_errors", "part-00000.parquet"))
     storage.write_json({"rows": 0}, storage.join(cfg.meta_uri, "empty", "part-00002.json"))
     assert [u.rsplit("/", 1)[-1] for u in pending_shards(cfg, shards)] == ["00001.tar", "00003.tar"]
+
+
+def test_shard_reader_refuses_unsafe_members_like_the_caption_readers():
+    """Issue 8: the embed (and embed-text) shard reader had none of the member checks of ``sources``: a link,
+    a ``..`` name or an oversized member was read like any other. Now each becomes its sample's error row."""
+    from pipelines.embed_stages import decode_sample, read_shard
+    from pipelines.sources import SourceConfig
+
+    good = next(iter(synthetic.generate(1, seed=0, size=32)))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        add("ok.jpg", _jpeg(good.image))
+        add("ok.txt", b"a caption")
+        add("../../evil.jpg", _jpeg(good.image))
+        link = tarfile.TarInfo("linked.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        add("big.jpg", b"x" * 5000)
+        add("ok.json", b"{}")  # a duplicate-free second member of the good sample
+    samples = {s.key: s for s in read_shard(buf.getvalue(), SourceConfig(max_member_bytes=4096))}
+    assert samples["ok"].refused == "" and set(samples["ok"].files) == {"jpg", "txt", "json"}
+    assert "'..'" in samples["../../evil"].refused and not samples["../../evil"].files
+    assert "link" in samples["linked"].refused
+    assert "too large" in samples["big"].refused and not samples["big"].files
+    from clipcap_core.encoders import ImageResizer, preprocess_spec
+
+    resizer = ImageResizer(preprocess_spec(EncoderConfig(model_name="tiny")))
+    rows = {k: decode_sample(s, resizer, "00000") for k, s in samples.items()}
+    assert rows["ok"].error == "" and rows["ok"].pixels is not None
+    assert all(rows[k].error and rows[k].pixels is None for k in ("../../evil", "linked", "big"))
