@@ -97,7 +97,8 @@ def run_captioner(images: list[bytes], model_uri: str, args: argparse.Namespace,
     from clipcap_core.captioner import Captioner
 
     torch.set_num_threads(os.cpu_count() or 1)
-    cap = Captioner.from_pretrained(model_uri)
+    gpu = torch.cuda.is_available()  # like the job's default: the GPU when there is one, fp16 there
+    cap = Captioner.from_pretrained(model_uri, device="cuda" if gpu else "cpu", precision="fp16" if gpu else "fp32")
     cap.caption(images=images[:2], strategy=strategy, max_length=args.new_tokens)  # loads CLIP, warms up
     t = time.perf_counter()
     n = 0

@@ -50,14 +50,15 @@ def write_shards(folder: Path, n: int, per_shard: int, size: int = 256) -> None:
                     tar.addfile(info, io.BytesIO(data))
 
 
-def load_pixels(model: str, n: int, ckpt: Path | None = None):  # -> (encoder, uint8 (n, H, W, 3))
+def load_pixels(model: str, n: int, ckpt: Path | None = None, device: str = "cpu"):  # -> (encoder, uint8 (n,H,W,3))
     import numpy as np
 
     from clipcap_core import synthetic
     from clipcap_core.encoders import EncoderConfig, load_encoder
     from pipelines import imaging
 
-    enc = load_encoder(EncoderConfig(model_name=model, pretrained=str(ckpt) if ckpt else None))
+    enc = load_encoder(EncoderConfig(model_name=model, pretrained=str(ckpt) if ckpt else None), device=device,
+                       precision="auto")
     pixels = []
     for s in synthetic.generate(n, seed=0, size=256):  # the same JPEG bytes the pipeline decodes
         buf = io.BytesIO()
@@ -72,9 +73,13 @@ def pure_forward(enc, x, batch: int, threads: int) -> float:
 
     torch.set_num_threads(threads)
     enc.encode_pixels(x[:batch])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     t = time.perf_counter()
     for i in range(0, len(x), batch):
         enc.encode_pixels(x[i:i + batch])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return len(x) / (time.perf_counter() - t)
 
 
@@ -92,12 +97,13 @@ def save_checkpoint(model: str, path: Path) -> Path | None:
     return path
 
 
-def run_ours(model: str, ckpt: Path | None, shards: Path, out: Path) -> dict:
-    """`clipcap embed` with default resources in a new process; its wall time and the figures it reports."""
+def run_ours(model: str, ckpt: Path | None, shards: Path, out: Path, extra: str = "") -> dict:
+    """`clipcap embed` with default resources (plus ``extra`` flags) in a new process; its wall time and the
+    figures it reports."""
     import subprocess
 
     cmd = [sys.executable, "-m", "pipelines.cli", "embed", "--input", str(shards), "--output-root", str(out),
-           "--dataset", "bench", "--model", model] + (["--pretrained", str(ckpt)] if ckpt else [])
+           "--dataset", "bench", "--model", model] + (["--pretrained", str(ckpt)] if ckpt else []) + extra.split()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True)
@@ -114,11 +120,11 @@ def run_ours(model: str, ckpt: Path | None, shards: Path, out: Path) -> dict:
 
 def bench_model(model: str, shards: Path, work: Path, args: argparse.Namespace) -> dict:
     ckpt = save_checkpoint(model, work / f"{model}.pt")
-    enc, x = load_pixels(model, min(args.images, args.pure_images), ckpt)
+    enc, x = load_pixels(model, min(args.images, args.pure_images), ckpt, args.device)
     threads = os.cpu_count() or 1
     pure_before = pure_forward(enc, x, args.batch_size, threads)
     load_before = os.getloadavg()[0]
-    ours = run_ours(model, ckpt, shards, work / f"out-{model}")
+    ours = run_ours(model, ckpt, shards, work / f"out-{model}", args.extra_flags)
     assert ours["rows"] == args.images, ours
     peer = None
     if ckpt is not None and not args.no_peer:
@@ -151,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="pure forward and clip-retrieval (our default: 64)")
     p.add_argument("--pure-images", type=int, default=256, help="images per pure-forward pass (before + after)")
     p.add_argument("--no-peer", action="store_true", help="skip clip-retrieval")
+    p.add_argument("--extra-flags", default="", help="flags added to `clipcap embed` (default: none)")
+    p.add_argument("--device", default="cpu", help="pure forward device (cuda on a GPU machine)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
 
