@@ -106,10 +106,10 @@ def main() -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from pipelines import tables
+    from pipelines import synthetic_tables
 
     with tempfile.TemporaryDirectory(prefix="clipcap-bench-train-") as workdir:
-        files = tables.write_synthetic_tables(workdir, args.rows, shards=args.shards, dim=args.dim)
+        files = synthetic_tables.write_synthetic_tables(workdir, args.rows, shards=args.shards, dim=args.dim)
         plain_before = plain_loop(files, args)
         ray_rates = ray_job(files, args, workdir)
         plain_after = plain_loop(files, args)

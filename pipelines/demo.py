@@ -76,9 +76,9 @@ STEPS: list[Step] = [step_embed]
 
 
 def step_train(cfg: DemoConfig, result: DemoResult) -> None:
-    """The tiny preset trained on the embedded synthetic set with Ray Train (pipelines.train.demo_train);
+    """The tiny preset trained on the embedded synthetic set with Ray Train (pipelines.demo_train);
     reports held-out accuracy and hands the model artifact to the captioning step."""
-    from pipelines.train import demo_train
+    from pipelines.demo_train import demo_train
 
     runtime.ensure_ray(ray_address(cfg))
     assert result.embeddings_uri is not None

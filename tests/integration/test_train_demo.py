@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clipcap_core.artifacts import read_metadata
-from pipelines import demo, tables
+from pipelines import demo, synthetic_tables
 
 pytestmark = pytest.mark.integration
 
@@ -14,7 +14,7 @@ def test_demo_train_step_hands_a_model_on_and_reports_heldout_accuracy(ray_clust
     assert demo.STEPS.index(demo.step_train) == demo.STEPS.index(demo.step_embed) + 1  # after embedding
     assert demo.STEPS.index(demo.step_caption) > demo.STEPS.index(demo.step_train)  # captions with the model it trained
     root = str(tmp_path)
-    tables.write_synthetic_tables(root, 300, dim=32, dataset="synthetic", tag="tiny")
+    synthetic_tables.write_synthetic_tables(root, 300, dim=32, dataset="synthetic", tag="tiny")
     result = demo.DemoResult(root=root, embeddings_uri=str(tmp_path / "embeddings/synthetic/tiny"))
     demo.step_train(demo.DemoConfig(root=root), result)
 

@@ -12,13 +12,13 @@ from clipcap_core.artifacts import read_metadata
 from clipcap_core.captioner import Captioner
 from clipcap_core.decap import ProjectionConfig
 from clipcap_core.training import TrainConfig
-from pipelines import decap_train, schemas, storage, tables, train
+from pipelines import decap_train, schemas, storage, synthetic_tables, tables, train
 
 DIM = 32
 
 
 def _text_tables(root, n=300, **kw):
-    return tables.write_synthetic_tables(str(root), n, dim=DIM, noise=0.0, column=schemas.TEXT_EMBEDDING, **kw)
+    return synthetic_tables.write_synthetic_tables(str(root), n, dim=DIM, noise=0.0, column=schemas.TEXT_EMBEDDING, **kw)
 
 
 def _job(files, output, **kw):
@@ -30,7 +30,7 @@ def test_plan_reads_text_tables_with_a_normalised_prefix(tmp_path):
     assert "/text-embeddings/synthetic/attr-proj/" in files[0]
     plan = train._plan(_job(files, tmp_path / "runs"))
     assert plan["dim"] == DIM and plan["model_config"].mapping.normalize_prefix is True
-    images = tables.write_synthetic_tables(str(tmp_path / "i"), 50, dim=DIM)
+    images = synthetic_tables.write_synthetic_tables(str(tmp_path / "i"), 50, dim=DIM)
     with pytest.raises(ValueError, match=r"missing column\(s\) \['text_embedding'\].*embed-text"):
         train._plan(_job(images, tmp_path / "runs"))
     with pytest.raises(ValueError, match=r"missing column\(s\) \['image_embedding'\]"):
@@ -41,10 +41,10 @@ def test_plan_reads_text_tables_with_a_normalised_prefix(tmp_path):
 
 def test_memory_table_must_match_the_training_tables(tmp_path):
     files = _text_tables(tmp_path / "t")
-    other_d = tables.write_synthetic_tables(str(tmp_path / "m16"), 20, dim=16, column=schemas.TEXT_EMBEDDING)
+    other_d = synthetic_tables.write_synthetic_tables(str(tmp_path / "m16"), 20, dim=16, column=schemas.TEXT_EMBEDDING)
     with pytest.raises(ValueError, match=r"memory table .* D=16 but the training tables have D=32"):
         train._plan(_job(files, tmp_path / "r", decap=decap_train.DecapOptions(memory=other_d[0])))
-    other_clip = tables.write_synthetic_tables(str(tmp_path / "mv"), 20, dim=DIM, tag="ViT-B-32",
+    other_clip = synthetic_tables.write_synthetic_tables(str(tmp_path / "mv"), 20, dim=DIM, tag="ViT-B-32",
                                                column=schemas.TEXT_EMBEDDING)
     with pytest.raises(ValueError, match="made with CLIP 'ViT-B-32'"):
         train._plan(_job(files, tmp_path / "r", decap=decap_train.DecapOptions(memory=other_clip[0])))
@@ -81,12 +81,12 @@ def _image_embeddings(samples, norm=3.0):
     """'Image' embeddings of the synthetic samples: the text space's attribute projection plus noise, shifted by a
     constant offset orthogonal to every text embedding (a modality gap: CLIP's image embeddings sit apart from
     its text embeddings, in directions text training never sees)."""
-    text = tables.attribute_embeddings(samples, DIM, seed=0, noise=0.0)
+    text = synthetic_tables.attribute_embeddings(samples, DIM, seed=0, noise=0.0)
     _, sv, vt = np.linalg.svd(text.astype(np.float64), full_matrices=True)
     rank = int((sv > 1e-4 * sv[0]).sum())  # 14: five one-hot groups of 18 values projected to D=32
     gap = vt[rank:].sum(0)  # in the orthogonal complement of the text embeddings' span
     gap = norm * gap / np.linalg.norm(gap)
-    emb = tables.attribute_embeddings(samples, DIM, seed=0, noise=0.15) + gap
+    emb = synthetic_tables.attribute_embeddings(samples, DIM, seed=0, noise=0.15) + gap
     return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
 
 

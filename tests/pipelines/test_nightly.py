@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import nightly, storage, tables
+from pipelines import nightly, storage, synthetic_tables
 from pipelines.train import RunOptions, ScaleConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def test_lock_blocks_a_second_run_until_released_or_stale(tmp_path):
 
 
 def test_nothing_new_is_a_noop_that_writes_nothing(tmp_path):
-    files = tables.write_synthetic_tables(str(tmp_path / "d"), 50, shards=2, dim=8)
+    files = synthetic_tables.write_synthetic_tables(str(tmp_path / "d"), 50, shards=2, dim=8)
     state = str(tmp_path / "state")
     storage.write_json({"shards": nightly.shard_sizes(files), "run": "r0"}, storage.join(state, "manifest.json"))
     before = sorted(p.name for p in Path(state).iterdir())
@@ -59,7 +59,7 @@ def test_nothing_new_is_a_noop_that_writes_nothing(tmp_path):
 
 def test_failed_night_releases_the_lock_keeps_pointer_and_watermark_and_is_retried(tmp_path, monkeypatch):
     """Issue 13.7: the failure path was untested. Training dies (here: the error Ray Train would raise)."""
-    files = tables.write_synthetic_tables(str(tmp_path / "d"), 60, shards=2, dim=8)
+    files = synthetic_tables.write_synthetic_tables(str(tmp_path / "d"), 60, shards=2, dim=8)
     state = str(tmp_path / "state")
     pointer = {"model": "s3://b/models/v1", "version": 1, "run": "r0"}
     storage.write_json(pointer, storage.join(state, "production.json"))
@@ -141,7 +141,7 @@ def _etag(uri: str) -> str:
 @pytest.mark.integration
 def test_nights_promote_noop_promote_refuse(ray_cluster, s3_uri):
     def add_shards(n, start, first):
-        tables.write_synthetic_tables(s3_uri, n, shards=1, dim=32, start=start, first_shard=first)
+        synthetic_tables.write_synthetic_tables(s3_uri, n, shards=1, dim=32, start=start, first_shard=first)
 
     add_shards(500, 0, 0)
     add_shards(500, 500, 1)

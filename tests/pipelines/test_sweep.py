@@ -8,7 +8,7 @@ import json
 import pytest
 
 from clipcap_core.configs import ConfigError
-from pipelines import sweep, tables
+from pipelines import sweep, synthetic_tables, tables
 from pipelines.commands import sweep as sweep_cmd
 from pipelines.train import TrainConfig
 
@@ -23,7 +23,7 @@ def test_defaults_are_the_paper_study_and_bad_settings_fail_early(tmp_path):
     with pytest.raises(ConfigError, match="mappings"):
         sweep_cmd.config_from_args(sweep_cmd_args(["--tables", "t", "--output", "o", "--set", "mappings=[rnn]"]))
     # A setting the model cannot take fails in the driver-side check, before any trial starts.
-    files = tables.write_synthetic_tables(str(tmp_path / "d"), 40, dim=8)
+    files = synthetic_tables.write_synthetic_tables(str(tmp_path / "d"), 40, dim=8)
     bad = sweep.SweepConfig(tables=tuple(files), output=str(tmp_path / "out"), mappings=("transformer",),
                             prefix_lengths=(2,), presets={"transformer": "tiny-transformer"})
     with pytest.raises(ValueError):
@@ -61,7 +61,7 @@ def test_results_table_files(tmp_path):
 
 @pytest.mark.integration
 def test_sweep_runs_one_trial_per_setting_on_ray_tune(ray_cluster, tmp_path):
-    files = tables.write_synthetic_tables(str(tmp_path / "d"), 600, shards=2, dim=16)
+    files = synthetic_tables.write_synthetic_tables(str(tmp_path / "d"), 600, shards=2, dim=16)
     cfg = sweep.SweepConfig(
         tables=tuple(files), output=str(tmp_path / "sweeps"), name="k", prefix_lengths=(1, 6),
         mappings=("mlp", "transformer"), heldout_fraction=0.2, eval_max_samples=80, trial_cpus=0.5,

@@ -7,13 +7,13 @@ import pyarrow as pa
 import pytest
 
 from clipcap_core import synthetic as syn
-from pipelines import schemas, storage, tables
+from pipelines import schemas, storage, synthetic_tables, tables
 
 
 @pytest.fixture()
 def synth_root(tmp_path):
     root = str(tmp_path / "root")
-    tables.write_synthetic_tables(root, 300, shards=3, dim=16)
+    synthetic_tables.write_synthetic_tables(root, 300, shards=3, dim=16)
     return root
 
 
@@ -33,7 +33,7 @@ def test_list_and_inspect_tables(synth_root):
 
 
 def test_mixed_dimensions_and_model_mismatch_are_clear_errors(tmp_path, synth_root):
-    other = tables.write_synthetic_tables(str(tmp_path / "other"), 10, dim=8)
+    other = synthetic_tables.write_synthetic_tables(str(tmp_path / "other"), 10, dim=8)
     files = tables.list_table_files(synth_root) + other
     with pytest.raises(ValueError, match="mix dimensions"):
         tables.inspect_tables(files)
@@ -94,7 +94,7 @@ def test_read_split_in_memory_and_counts(synth_root):
 def test_synthetic_embeddings_carry_the_attributes():
     # Same attributes -> near embeddings; a different colour -> far: what makes the set learnable.
     samples = list(syn.generate(200, seed=0, size=16))
-    emb = tables.attribute_embeddings(samples, 32, noise=0.05)
+    emb = synthetic_tables.attribute_embeddings(samples, 32, noise=0.05)
     same = [(i, j) for i in range(50) for j in range(i + 1, 200) if samples[i].caption == samples[j].caption]
     diff = [(i, j) for i in range(50) for j in range(i + 1, 200)
             if samples[i].attributes.color != samples[j].attributes.color]
@@ -128,7 +128,7 @@ def test_prepare_batch_filters_tokenises_and_pads(synth_root):
 
 @pytest.mark.integration
 def test_stream_tables_over_s3_on_ray(ray_cluster, s3_uri):
-    files = tables.write_synthetic_tables(s3_uri, 120, shards=2, dim=8)
+    files = synthetic_tables.write_synthetic_tables(s3_uri, 120, shards=2, dim=8)
 
     def tokenize(caps):
         tok = np.array([[len(w) for w in c.split()] for c in caps])

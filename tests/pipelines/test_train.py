@@ -16,7 +16,7 @@ from clipcap_core.artifacts import load_model, read_metadata, save_model
 from clipcap_core.decoding import generate
 from clipcap_core.metrics import exact_match
 from clipcap_core.training import TrainConfig, collate, make_optimizer_and_scheduler, train_step
-from pipelines import storage, tables, train
+from pipelines import demo_train, storage, synthetic_tables, tables, train
 from pipelines import train_loop as tl
 
 CAPTIONS = ["a small red circle at the top", "three large blue squares on the left .", "two"]
@@ -24,7 +24,7 @@ CAPTIONS = ["a small red circle at the top", "three large blue squares on the le
 
 @pytest.fixture()
 def table_info(tmp_path):
-    files = tables.write_synthetic_tables(str(tmp_path / "root"), 200, shards=2, dim=24)
+    files = synthetic_tables.write_synthetic_tables(str(tmp_path / "root"), 200, shards=2, dim=24)
     return tables.inspect_tables(files)
 
 
@@ -67,7 +67,7 @@ def test_preset_takes_dimension_and_encoder_from_the_tables(table_info):
 
 
 def test_artifact_with_another_dimension_is_refused_before_training(tmp_path, table_info, monkeypatch):
-    other = tables.inspect_tables(tables.write_synthetic_tables(str(tmp_path / "o"), 50, dim=16))
+    other = tables.inspect_tables(synthetic_tables.write_synthetic_tables(str(tmp_path / "o"), 50, dim=16))
     model, tok = _tiny(other)
     save_model(model, tok, str(tmp_path / "m16"))
     with pytest.raises(ValueError, match=r"dimension mismatch.*D=24.*artifact.*clip_dim=16"):
@@ -75,7 +75,7 @@ def test_artifact_with_another_dimension_is_refused_before_training(tmp_path, ta
     with pytest.raises(ValueError, match="presets only"):
         tl.resolve_model_config(str(tmp_path / "m16"), {"mapping.prefix_length": 2}, table_info)
     # Same D, another CLIP: refused too (the embeddings live in another space).
-    same_d = tables.inspect_tables(tables.write_synthetic_tables(str(tmp_path / "v"), 50, dim=16, tag="ViT-B-32"))
+    same_d = tables.inspect_tables(synthetic_tables.write_synthetic_tables(str(tmp_path / "v"), 50, dim=16, tag="ViT-B-32"))
     with pytest.raises(ValueError, match="CLIP mismatch.*'ViT-B-32'.*'attr-proj'"):
         tl.resolve_model_config(str(tmp_path / "m16"), {}, same_d)
     assert tl.resolve_model_config(str(tmp_path / "m16"), {}, other).clip_dim == 16
@@ -164,11 +164,11 @@ def test_resume_from_a_checkpoint_of_another_model_fails_clearly(tmp_path, table
 def test_attribute_accuracy_against_chance():
     refs = ["a small red circle at the top", "two large blue squares on the left"]
     preds = ["a small red circle at the top.", "two large green squares on the right"]
-    scores = train.attribute_accuracy(preds, refs)
+    scores = demo_train.attribute_accuracy(preds, refs)
     acc, chance = scores["accuracy"], scores["chance"]
     assert acc == {"exact": 0.5, "count": 1.0, "size": 1.0, "color": 0.5, "shape": 1.0, "position": 0.5}
     assert chance["color"] == pytest.approx(1 / 6) and chance["exact"] == pytest.approx(1 / 432)
-    assert train.attribute_accuracy(["not a caption"], refs[:1])["accuracy"]["size"] == 0.0
+    assert demo_train.attribute_accuracy(["not a caption"], refs[:1])["accuracy"]["size"] == 0.0
 
 
 def test_history_json_csv_and_loss_curve(tmp_path):
@@ -199,7 +199,7 @@ def _caption_accuracy(artifact: str, files: list[str]) -> float:
 
 @pytest.mark.integration
 def test_two_workers_learn_and_survive_a_killed_worker(ray_cluster, tmp_path):
-    files = tables.write_synthetic_tables(str(tmp_path / "data"), 1200, shards=2, dim=32)
+    files = synthetic_tables.write_synthetic_tables(str(tmp_path / "data"), 1200, shards=2, dim=32)
     job = train.TrainJobConfig(
         tables=(str(tmp_path / "data/embeddings"),), output=str(tmp_path / "runs"), name="learn", train=FAST,
         run=train.RunOptions(checkpoint_every=5, log_every=5, max_failures=1, keep_checkpoints=2),
@@ -229,7 +229,7 @@ def test_two_workers_learn_and_survive_a_killed_worker(ray_cluster, tmp_path):
 
 @pytest.mark.integration
 def test_rerun_with_the_same_name_resumes_on_s3(ray_cluster, s3_uri):
-    files = tables.write_synthetic_tables(storage.join(s3_uri, "data"), 400, shards=1, dim=16)
+    files = synthetic_tables.write_synthetic_tables(storage.join(s3_uri, "data"), 400, shards=1, dim=16)
     job = train.TrainJobConfig(
         tables=tuple(files), output=storage.join(s3_uri, "runs"), name="again", model="tiny-transformer",
         model_overrides={"mapping.prefix_length": 3, "mapping.clip_length": 3},  # frozen LM: not checkpointed
