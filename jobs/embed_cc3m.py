@@ -7,7 +7,7 @@ the `tiny` CLIP preset, output under ./data/ of the checkout) and says so. Real 
         --runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": "...", "NO_ALBUMENTATIONS_UPDATE": "1"}}' -- \
         python jobs/embed_cc3m.py --url-list s3://bucket/cc3m/Train_GCC-training.tsv \
             --output-root s3://bucket/clipcap --dataset cc3m --model ViT-B-32 --pretrained openai \
-            --processes 16 --threads 64 --num-actors 4 --gpus-per-actor 1 --batch-size 256
+            --processes 16 --threads 64 --batch-size 256
 
 Tables: <output-root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet; raw shards: <output-root>/raw/<dataset>
 (or --raw). Reruns skip finished shards of both stages. ``--config FILE``: YAML / JSON EmbedJobConfig; flags win.

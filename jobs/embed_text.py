@@ -2,7 +2,7 @@
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/embed_text.py --input s3://bucket/corpus/captions.txt --output-root s3://bucket/clipcap \
-            --dataset corpus --model ViT-B-32 --pretrained openai --num-actors 4 --gpus-per-actor 1
+            --dataset corpus --model ViT-B-32 --pretrained openai
 
 Same flags as ``clipcap embed-text``; tables go to <output-root>/text-embeddings/<dataset>/<clip-tag>/.
 """
