@@ -9,28 +9,23 @@ Same flags as ``clipcap caption`` (``--config FILE`` for a YAML / JSON CaptionCo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
+COMMAND = "caption"  # this job is `clipcap caption` (same flags, logging, redaction and exit codes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipelines.cli import command_parser
+
+    return command_parser(COMMAND)
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from pipelines.commands.caption import add_arguments, run
+    from pipelines.cli import main as clipcap
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    from pipelines.urlsafety import setup_logging
-
-    setup_logging()  # URLs (signed query strings) redacted in every log record
-    try:
-        return run(parser.parse_args(argv))
-    except (ValueError, OSError) as exc:  # job-level faults: one clear line
-        print(f"caption_archive: error: {exc}", file=sys.stderr)
-        return 2
+    return clipcap([COMMAND, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -11,35 +11,23 @@ Schedules: ``infra/kuberay/cronjob-nightly.yaml`` (Kubernetes), ``infra/cluster/
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
+COMMAND = "nightly"  # this job is `clipcap nightly` (same flags, logging, redaction and exit codes)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.commands.nightly import add_arguments
+    from pipelines.cli import command_parser
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
+    return command_parser(COMMAND)
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from pipelines.commands.nightly import run
+    from pipelines.cli import main as clipcap
 
-    args = build_parser().parse_args(argv)
-    from pipelines.urlsafety import setup_logging
-
-    setup_logging()  # URLs (signed query strings) redacted in every log record
-    try:
-        return run(args)
-    except (ValueError, OSError, RuntimeError) as exc:  # job-level faults (config, lock held, ...): one line
-        print(f"nightly_retrain: error: {exc}", file=sys.stderr)
-        return 2
+    return clipcap([COMMAND, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -11,34 +11,23 @@ Re-submitting with the same ``--output`` and ``--name`` resumes from the latest 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
+COMMAND = "train-clip"  # this job is `clipcap train-clip` (same flags, logging, redaction and exit codes)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.commands.train_clip import add_arguments
+    from pipelines.cli import command_parser
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
+    return command_parser(COMMAND)
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from pipelines.commands.train_clip import run
+    from pipelines.cli import main as clipcap
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except (ValueError, OSError) as exc:  # job-level faults (config, tables, dimension mismatch): one clear line
-        print(f"train_clip: error: {exc}", file=sys.stderr)
-        return 2
+    return clipcap([COMMAND, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
