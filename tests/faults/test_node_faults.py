@@ -8,6 +8,8 @@ whether Ray recovered within the run or the rerun resumed from the committed uni
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -40,4 +42,24 @@ def test_worker_node_killed_during_embed_loses_and_duplicates_nothing(tmp_path):
     assert report["nodes_alive"] == 2, report  # head + the surviving worker node
     got = pq.read_table(str(tmp_path / "out/embeddings/f/tiny")).column("key").to_pylist()
     assert len(got) == len(set(got)) and sorted(got) == sorted(keys), report  # 0 lost, 0 duplicated
+
+
+def test_worker_node_killed_during_caption_loses_and_duplicates_nothing(tmp_path):
+    from pipelines.caption import meta_uri, table_uri
+
+    raw = tmp_path / "raw"
+    keys = _write_shards(raw, seed=8)
+    for i in range(SHARDS):  # an img2dataset sidecar: each .tar is a webdataset shard (samples grouped by key)
+        (raw / f"{i:05d}_stats.json").write_text("{}")
+    out = tmp_path / "captions"
+    report, tail = run_driver("node_kill_caption.py", [str(raw), str(out)])
+    print("node-kill caption:", report)
+    kill = report["kill"]
+    assert kill["killed"] and 1 <= kill["probe_at_kill"] < SHARDS and kill["cpu_in_use_on_killed_node"] > 0, report
+    assert report["nodes_alive"] == 2 and report["results"][-1]["exit_code"] == 0, report
+    got = pq.read_table(table_uri(str(out))).column("key").to_pylist()
+    expect = [f"{i:05d}.tar/{k}" for i in range(SHARDS) for k in keys[i * PER_SHARD:(i + 1) * PER_SHARD]]
+    assert len(got) == len(set(got)) and sorted(got) == sorted(expect), (report, got[:3])  # 0 lost, 0 duplicated
+    errors = Path(meta_uri(str(out), "errors"))
+    assert sum(pq.read_table(f).num_rows for f in errors.glob("*.parquet")) == 0, report  # no member failed
 
