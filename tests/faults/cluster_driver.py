@@ -60,11 +60,11 @@ def short_ray_tmp():
 
 
 def run_driver(script: str, args: list[str], *, env: dict[str, str] | None = None,
-               timeout: float = 420) -> tuple[dict[str, Any], str]:
+               timeout: float = 600) -> tuple[dict[str, Any], str]:
     """Run ``tests/faults/<script>`` with ``args``; returns its ``FAULT-RESULT`` JSON and its output tail.
 
     Fails (AssertionError with the output tail) on a non-zero exit, a timeout or a missing result line."""
-    t0 = time.monotonic()
+    t0, load0 = time.monotonic(), os.getloadavg()[0]
     with short_ray_tmp() as (ray_tmp, left):
         full_env = dict(os.environ, **(env or {}), RAY_TMPDIR=ray_tmp, PYTHONPATH=str(ROOT),
                         RAY_USAGE_STATS_ENABLED="0")
@@ -79,11 +79,13 @@ def run_driver(script: str, args: list[str], *, env: dict[str, str] | None = Non
                 os.killpg(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()
             out += f"\n[cluster_driver] timed out after {timeout:.0f}s"
-    tail = out[-6000:] + (f"\n[cluster_driver] killed {len(left)} leftover process(es)" if left else "")
+    load = f"load average {load0:.0f} -> {os.getloadavg()[0]:.0f} on {os.cpu_count()} CPUs"
+    tail = f"[cluster_driver] {load}\n" + out[-6000:] + (f"\n[cluster_driver] killed {len(left)} leftover process(es)" if left else "")
     line = next((x for x in out.splitlines() if x.startswith("FAULT-RESULT ")), None)
     assert proc.returncode == 0 and line, tail
     report = json.loads(line.removeprefix("FAULT-RESULT "))
     report["driver_wall_s"] = round(time.monotonic() - t0, 1)
+    report["load"] = load  # the wall time means little without it on a shared machine
     report["cluster_start_retries"] = out.count("[cluster_driver] cluster start attempt")
     return report, tail
 
