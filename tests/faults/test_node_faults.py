@@ -63,3 +63,19 @@ def test_worker_node_killed_during_caption_loses_and_duplicates_nothing(tmp_path
     errors = Path(meta_uri(str(out), "errors"))
     assert sum(pq.read_table(f).num_rows for f in errors.glob("*.parquet")) == 0, report  # no member failed
 
+
+def test_worker_node_killed_during_train_resumes_from_its_checkpoint(tmp_path):
+    from pipelines import tables
+
+    tables.write_synthetic_tables(str(tmp_path / "data"), 600, shards=2, dim=32)
+    report, tail = run_driver("node_kill_train.py", [str(tmp_path / "data/embeddings"), str(tmp_path / "runs")])
+    print("node-kill train:", report)
+    kill, total = report["kill"], report["total_steps"]
+    # killed once a checkpoint was stored, well before the end, on a node running a training worker
+    assert kill["killed"] and 0 < kill["probe_at_kill"] < total and kill["cpu_in_use_on_killed_node"] > 0, report
+    assert report["nodes_alive"] == 2, report
+    # resumed from a stored checkpoint (a step > 0, not from scratch) and trained to the last step
+    resumes = report["resumes"]
+    assert len(resumes) >= 1 and all(0 < r["step"] < total for r in resumes), report
+    assert report["epochs"][-1] == total and report["artifact_step"] == total, report
+    assert report["steps_logged"] == sorted(set(report["steps_logged"])), report  # no step logged twice
