@@ -248,12 +248,18 @@ def build_tables(cols: dict[str, np.ndarray], cfg: EmbedConfig, dim: int, meta: 
     rows = ok[order[first]]
     np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
     schema = schemas.with_metadata(schemas.embedding_schema(dim, cfg.dtype, cfg.text_embeddings), meta)
-    arrays = [pa.array(uniq.tolist(), pa.string()), pa.array(list(cols[st.CAPTION][rows]), pa.string()),
-              pa.array(list(cols[st.URL][rows]), pa.string()),
+    arrays = [pa.array(uniq.tolist(), pa.string()), pa.array(_strings(cols[st.CAPTION][rows]), pa.string()),
+              pa.array(_strings(cols[st.URL][rows]), pa.string()),
               _fixed_list(cols["image_embedding"][rows], dim, np_dtype)]
     if cfg.text_embeddings:
         arrays.append(_fixed_list(cols["text_embedding"][rows], dim, np_dtype))
     return pa.Table.from_arrays(arrays, schema=schema), errs
+
+
+def _strings(values: np.ndarray) -> list[str | None]:
+    """Optional text values as str / None: Ray Data hands a column that was all None in a block (shards without
+    URLs, e.g. not made by img2dataset) back as float32 NaN, which ``pa.array(..., pa.string())`` rejects."""
+    return [v if isinstance(v, str) else None for v in values]
 
 
 def _fixed_list(values: np.ndarray, dim: int, np_dtype: type) -> pa.FixedSizeListArray:

@@ -55,8 +55,10 @@ class FlakyProxy:
                 resp = conn.getresponse()
                 data = resp.read()
                 conn.close()
+                # a HEAD reply has no body but the object's Content-Length (its size): pass that one through
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
                 self._reply(resp.status, [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP
-                                          and k.lower() != "content-length"], data)
+                                          and k.lower() != "content-length"], data, length)
 
             def _read_body(self) -> bytes:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -71,11 +73,12 @@ class FlakyProxy:
                 n = int(self.headers.get("Content-Length") or 0)
                 return self.rfile.read(n) if n else b""
 
-            def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+            def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes,
+                       length: str | None = None) -> None:
                 self.send_response(status)
                 for k, v in headers:
                     self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Length", length if length is not None else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

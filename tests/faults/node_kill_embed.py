@@ -1,7 +1,7 @@
 """Run by ``test_node_faults.py`` in its own process: embed on a real 3-node Ray cluster on this machine (a head
-without CPUs + 2 worker nodes, each its own raylet and resources, via ``ray.cluster_utils.Cluster``), remove a
-worker node (its raylet and every worker process on it die) once the first shard is committed, and rerun
-whatever the first run did not finish. Prints one JSON line: runs, node_killed_mid_run, error of the first run.
+without CPUs + 2 worker nodes, each its own raylet and resources, via ``ray.cluster_utils.Cluster``), remove the
+busiest worker node (its raylet and every worker process on it die) once the first shard is committed, and rerun
+whatever the first run did not finish. Prints one JSON line: runs, the kill, error of the first run.
 
     python tests/faults/node_kill_embed.py <input dir> <output root>
 """
@@ -9,10 +9,7 @@ whatever the first run did not finish. Prints one JSON line: runs, node_killed_m
 from __future__ import annotations
 
 import json
-import os
 import sys
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -20,49 +17,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 def main(inp: str, out: str) -> int:
     import ray
-    from ray.cluster_utils import Cluster
 
     from pipelines import storage
     from pipelines.embed import EmbedConfig, EmbedResources, run_embed
+    from tests.faults.cluster_driver import NodeKiller, alive_nodes, start_cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    ray.init(address=cluster.address, log_to_driver=False)
-    cluster.wait_for_nodes()
-    cfg = EmbedConfig(input=inp, output_root=out, dataset="f",
-                      resources=EmbedResources(batch_size=4, torch_threads=1, cpus_per_actor=0.5, decode_cpus=0.5,
-                                               decode_memory_mb=256))
-    state = {"killed_mid_run": False}
-    done = threading.Event()
+    cluster, nodes = start_cluster()
+    try:
+        cfg = EmbedConfig(input=inp, output_root=out, dataset="f",
+                          resources=EmbedResources(batch_size=4, torch_threads=1, cpus_per_actor=0.5,
+                                                   decode_cpus=0.5, decode_memory_mb=256))
 
-    def killer() -> None:
-        while not done.is_set():
-            if storage.list_files(cfg.table_uri, ".parquet"):
-                state["killed_mid_run"] = not done.is_set()
-                cluster.remove_node(workers[0], allow_graceful=False)
-                return
-            time.sleep(0.1)
+        def committed() -> int:
+            return len(storage.list_files(cfg.table_uri, ".parquet"))
 
-    threading.Thread(target=killer, daemon=True).start()
-    runs, first_error = 0, None
-    for _ in range(3):
-        runs += 1
-        try:
-            result = run_embed(cfg)
-        except Exception as exc:  # noqa: BLE001 - a lost node may fail the run: the next run resumes
-            first_error = first_error or f"{type(exc).__name__}: {str(exc)[:300]}"
-            continue
-        if not result.failed:
-            break
-    done.set()
-    print("FAULT-RESULT " + json.dumps({"runs": runs, "node_killed_mid_run": state["killed_mid_run"],
-                                        "first_error": first_error, "nodes_alive":
-                                        sum(1 for n in ray.nodes() if n["Alive"])}), flush=True)
-    ray.shutdown()
-    cluster.shutdown()
+        killer = NodeKiller(cluster, nodes, lambda: committed() >= 1, probe=committed).start()
+        runs, first_error, results = 0, None, []
+        for _ in range(3):
+            runs += 1
+            try:
+                result = run_embed(cfg)
+            except Exception as exc:  # noqa: BLE001 - a lost node may fail the run: the next run resumes
+                first_error = first_error or f"{type(exc).__name__}: {str(exc)[:300]}"
+                continue
+            results.append({"shards": result.shards, "skipped": result.skipped, "written": result.written,
+                            "rows": result.rows, "failed": len(result.failed)})
+            if not result.failed:
+                break
+        kill = killer.stop()
+        print("FAULT-RESULT " + json.dumps({"runs": runs, "kill": kill, "first_error": first_error,
+                                            "results": results, "nodes_alive": alive_nodes()}), flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     sys.exit(main(sys.argv[1], sys.argv[2]))

@@ -1,46 +1,81 @@
-"""Fault test (marked ``faults``): a worker node of a real multi-node Ray cluster dies during embed.
+"""Fault tests (marked ``faults``): a worker node of a real multi-node Ray cluster dies mid-job.
 
-``node_kill_embed.py`` runs in its own process (its own 3-node cluster, not the session's head): the table
-must end with exactly the expected rows, 0 lost and 0 duplicated, whether Ray recovered within the run or the
-rerun resumed from the committed shards.
+Each ``node_kill_*.py`` driver runs in its own process with its own 3-node cluster (``cluster_driver``: a head
+without CPUs + 2 worker nodes, not the session's head) and kills the busiest worker node once the job has
+committed its first unit: embed and caption must end with exactly the expected rows (0 lost, 0 duplicated),
+whether Ray recovered within the run or the rerun resumed from the committed units.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from tests.faults.cluster_driver import run_driver
 from tests.faults.test_s3_faults import _shard
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
-ROOT = Path(__file__).resolve().parents[2]
 SHARDS, PER_SHARD = 4, 8
 
 
-def test_worker_node_killed_during_embed_loses_and_duplicates_nothing(tmp_path):
+def _write_shards(raw, seed: int) -> list[str]:
     from clipcap_core import synthetic
 
-    raw = tmp_path / "raw"
     raw.mkdir()
     keys = []
     for i in range(SHARDS):
-        samples = list(synthetic.generate(PER_SHARD, seed=6, size=32, start=i * PER_SHARD))
+        samples = list(synthetic.generate(PER_SHARD, seed=seed, size=32, start=i * PER_SHARD))
         keys += [s.key for s in samples]
         (raw / f"{i:05d}.tar").write_bytes(_shard(samples))
-    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "ray"), PYTHONPATH=str(ROOT))
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/faults/node_kill_embed.py"), str(raw),
-                           str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("FAULT-RESULT ")), None)
-    assert proc.returncode == 0 and line, (proc.stdout + proc.stderr)[-4000:]
-    report = json.loads(line.removeprefix("FAULT-RESULT "))
-    assert report["node_killed_mid_run"] and report["nodes_alive"] == 2, report
+    return keys
+
+
+def test_worker_node_killed_during_embed_loses_and_duplicates_nothing(tmp_path):
+    keys = _write_shards(tmp_path / "raw", seed=6)
+    report, tail = run_driver("node_kill_embed.py", [str(tmp_path / "raw"), str(tmp_path / "out")])
+    print("node-kill embed:", report)
+    kill = report["kill"]
+    # the kill happened while the job ran, with shards still to do, on a node that was running work
+    assert kill["killed"] and 1 <= kill["probe_at_kill"] < SHARDS and kill["cpu_in_use_on_killed_node"] > 0, report
+    assert report["nodes_alive"] == 2, report  # head + the surviving worker node
     got = pq.read_table(str(tmp_path / "out/embeddings/f/tiny")).column("key").to_pylist()
     assert len(got) == len(set(got)) and sorted(got) == sorted(keys), report  # 0 lost, 0 duplicated
-    print("node-kill fault:", report)
+
+
+def test_worker_node_killed_during_caption_loses_and_duplicates_nothing(tmp_path):
+    from pipelines.caption import meta_uri, table_uri
+
+    raw = tmp_path / "raw"
+    keys = _write_shards(raw, seed=8)
+    for i in range(SHARDS):  # an img2dataset sidecar: each .tar is a webdataset shard (samples grouped by key)
+        (raw / f"{i:05d}_stats.json").write_text("{}")
+    out = tmp_path / "captions"
+    report, tail = run_driver("node_kill_caption.py", [str(raw), str(out)])
+    print("node-kill caption:", report)
+    kill = report["kill"]
+    assert kill["killed"] and 1 <= kill["probe_at_kill"] < SHARDS and kill["cpu_in_use_on_killed_node"] > 0, report
+    assert report["nodes_alive"] == 2 and report["results"][-1]["exit_code"] == 0, report
+    got = pq.read_table(table_uri(str(out))).column("key").to_pylist()
+    expect = [f"{i:05d}.tar/{k}" for i in range(SHARDS) for k in keys[i * PER_SHARD:(i + 1) * PER_SHARD]]
+    assert len(got) == len(set(got)) and sorted(got) == sorted(expect), (report, got[:3])  # 0 lost, 0 duplicated
+    errors = Path(meta_uri(str(out), "errors"))
+    assert sum(pq.read_table(f).num_rows for f in errors.glob("*.parquet")) == 0, report  # no member failed
+
+
+def test_worker_node_killed_during_train_resumes_from_its_checkpoint(tmp_path):
+    from pipelines import tables
+
+    tables.write_synthetic_tables(str(tmp_path / "data"), 600, shards=2, dim=32)
+    report, tail = run_driver("node_kill_train.py", [str(tmp_path / "data/embeddings"), str(tmp_path / "runs")])
+    print("node-kill train:", report)
+    kill, total = report["kill"], report["total_steps"]
+    # killed once a checkpoint was stored, well before the end, on a node running a training worker
+    assert kill["killed"] and 0 < kill["probe_at_kill"] < total and kill["cpu_in_use_on_killed_node"] > 0, report
+    assert report["nodes_alive"] == 2, report
+    # resumed from a stored checkpoint (a step > 0, not from scratch) and trained to the last step
+    resumes = report["resumes"]
+    assert len(resumes) >= 1 and all(0 < r["step"] < total for r in resumes), report
+    assert report["epochs"][-1] == total and report["artifact_step"] == total, report
+    assert report["steps_logged"] == sorted(set(report["steps_logged"])), report  # no step logged twice

@@ -24,6 +24,7 @@ import pytest
 
 from clipcap_core import synthetic
 from pipelines import storage
+from tests.faults.cluster_driver import short_ray_tmp
 from tests.faults.flaky_proxy import FlakyProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -54,8 +55,22 @@ def test_embed_through_flaky_restarted_s3_gives_every_row_once(s3_server, tmp_pa
         keys += [s.key for s in samples]
         fs.pipe_file(f"{base}/raw/{i:05d}.tar", _shard(samples))
     proxy = FlakyProxy(s3_server.endpoint, fail_every=7).start()
+    with short_ray_tmp() as (ray_tmp, _killed):  # tmp_path is too deep for Ray's socket paths
+        out, returncode, mid_job = _run_embed(prefix, proxy, fs, ray_tmp)
+    assert returncode == 0, out[-4000:]
+    assert mid_job and proxy.restarts == 1 and proxy.failed >= 3, (proxy.failed, proxy.forwarded)
+    print(f"flaky S3: {proxy.failed} injected 503s, {proxy.forwarded} forwarded, {proxy.restarts} restart(s)")
+    fs.invalidate_cache()
+    table = f"{prefix}/out/embeddings/f/tiny"
+    files = storage.list_files(table, ".parquet")
+    got = pa.concat_tables([pq.read_table(fs.open(storage.filesystem(f)[1], "rb")) for f in files])
+    assert len(files) == SHARDS and sorted(got.column("key").to_pylist()) == sorted(keys)  # 0 lost, 0 duplicated
+
+
+def _run_embed(prefix: str, proxy: FlakyProxy, fs, ray_tmp: str) -> tuple[str, int, bool]:
+    """``clipcap embed`` through the proxy in its own process; the proxy restarts once the first shard is in."""
     env = dict(os.environ, AWS_ENDPOINT_URL=proxy.endpoint, AWS_ENDPOINT_URL_S3=proxy.endpoint,
-               RAY_TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
+               RAY_TMPDIR=ray_tmp, PYTHONPATH=str(ROOT))
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "pipelines.cli", "embed", "--input", f"{prefix}/raw", "--output-root",
            f"{prefix}/out", "--dataset", "f", "--batch-size", "4", "--torch-threads", "1", "--ray-address", "local"]
@@ -66,8 +81,12 @@ def test_embed_through_flaky_restarted_s3_gives_every_row_once(s3_server, tmp_pa
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and proc.poll() is None:
             fs.invalidate_cache()
-            if storage.list_files(table, ".parquet"):  # read straight from moto, not through the proxy
-                mid_job = proc.poll() is None
+            try:  # straight from moto, not through the proxy
+                committed = len(storage.list_files(table, ".parquet"))
+            except FileNotFoundError:  # the run's write probe may remove the prefix it made
+                committed = 0
+            if committed:
+                mid_job = proc.poll() is None and committed < SHARDS  # the job still had shards to do
                 proxy.restart(down_s=1.0)
                 break
             time.sleep(0.2)
@@ -76,9 +95,4 @@ def test_embed_through_flaky_restarted_s3_gives_every_row_once(s3_server, tmp_pa
         if proc.poll() is None:
             proc.kill()
         proxy.stop()
-    assert proc.returncode == 0, out[-4000:]
-    assert mid_job and proxy.restarts == 1 and proxy.failed >= 3, (proxy.failed, proxy.forwarded)
-    fs.invalidate_cache()
-    files = storage.list_files(table, ".parquet")
-    got = pa.concat_tables([pq.read_table(fs.open(storage.filesystem(f)[1], "rb")) for f in files])
-    assert len(files) == SHARDS and sorted(got.column("key").to_pylist()) == sorted(keys)  # 0 lost, 0 duplicated
+    return out, proc.returncode, mid_job

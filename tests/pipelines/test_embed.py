@@ -202,6 +202,10 @@ def test_assembler_and_duplicate_keys():
     assert table.column("key").to_pylist() == ["k1", "k2"]
     assert [(e["key"], e["error"]) for e in errs] == [("k1", "duplicate key in shard")]
     assert asm.incomplete() == []
+    # Ray Data returns a column that was all None in a block (no URLs in the shard) as float32 NaN
+    cols = dict(cols, **{st.URL: np.full(3, np.nan, np.float32), st.CAPTION: np.array(["c", None, "d"], dtype=object)})
+    table, _ = build_tables(cols, cfg, 4, {})
+    assert table.column("url").to_pylist() == [None, None] and table.column("caption").null_count == 1
     with pytest.raises(RuntimeError, match="expected 1"):
         asm.add(batch("b", ["x", "y"], 1))
 

@@ -1,0 +1,180 @@
+"""Runs a fault driver script (``node_kill_*.py``) in its own process, with its own multi-node Ray cluster
+(test helper, not a test module).
+
+Ray's Unix sockets live under ``$RAY_TMPDIR/ray/session_<date>_<pid>/sockets/``, and a socket path may not exceed
+107 bytes: pytest's ``tmp_path`` is too deep for that, so the cluster gets a short ``/tmp/cf*`` folder of its own.
+The driver runs in a new session (process group); whatever it leaves behind (a raylet, a worker, after a timeout
+or a crash) is found by that folder in its command line or environment and killed by PID, never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _pids_using(marker: str) -> list[int]:
+    """PIDs of processes whose command line or environment names ``marker`` (our own temp folder)."""
+    me, found = os.getpid(), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        try:
+            blob = (d / "cmdline").read_bytes() + (d / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in blob:
+            found.append(int(d.name))
+    return found
+
+
+def _kill_leftovers(marker: str) -> list[int]:
+    pids = _pids_using(marker)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+@contextlib.contextmanager
+def short_ray_tmp():
+    """A short ``/tmp/cf*`` folder for ``RAY_TMPDIR``; afterwards every process still naming it is killed (by
+    PID) and the folder removed. Yields (folder, list that receives the PIDs killed)."""
+    ray_tmp, killed = tempfile.mkdtemp(prefix="cf", dir="/tmp"), []
+    try:
+        yield ray_tmp, killed
+    finally:
+        killed += _kill_leftovers(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def run_driver(script: str, args: list[str], *, env: dict[str, str] | None = None,
+               timeout: float = 600) -> tuple[dict[str, Any], str]:
+    """Run ``tests/faults/<script>`` with ``args``; returns its ``FAULT-RESULT`` JSON and its output tail.
+
+    Fails (AssertionError with the output tail) on a non-zero exit, a timeout or a missing result line."""
+    t0, load0 = time.monotonic(), os.getloadavg()[0]
+    with short_ray_tmp() as (ray_tmp, left):
+        full_env = dict(os.environ, **(env or {}), RAY_TMPDIR=ray_tmp, PYTHONPATH=str(ROOT),
+                        RAY_USAGE_STATS_ENABLED="0")
+        full_env.pop("RAY_ADDRESS", None)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests/faults" / script), *args], cwd=ROOT,
+                                env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            out += f"\n[cluster_driver] timed out after {timeout:.0f}s"
+    load = f"load average {load0:.0f} -> {os.getloadavg()[0]:.0f} on {os.cpu_count()} CPUs"
+    tail = f"[cluster_driver] {load}\n" + out[-6000:] + (f"\n[cluster_driver] killed {len(left)} leftover process(es)" if left else "")
+    line = next((x for x in out.splitlines() if x.startswith("FAULT-RESULT ")), None)
+    assert proc.returncode == 0 and line, tail
+    report = json.loads(line.removeprefix("FAULT-RESULT "))
+    report["driver_wall_s"] = round(time.monotonic() - t0, 1)
+    report["load"] = load  # the wall time means little without it on a shared machine
+    report["cluster_start_retries"] = out.count("[cluster_driver] cluster start attempt")
+    return report, tail
+
+
+# --- used inside the driver scripts ---------------------------------------------------------------------------
+def start_cluster(worker_cpus: float = 1, workers: int = 2, attempts: int = 3):
+    """A head without CPUs (the driver's node: nothing schedulable runs there) + ``workers`` worker nodes, each
+    its own raylet, object store and resources (``ray.cluster_utils.Cluster``); the driver is connected.
+
+    Ray gives a starting node 30 s (hard-coded) to register with the GCS; on a loaded 2-core machine a raylet
+    started under ``nice`` can miss that. A failed start is torn down (every process of this driver's
+    ``RAY_TMPDIR`` but the driver, by PID) and retried, up to ``attempts`` times."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    store = 80 * 2**20  # per node; Ray's default (30% of RAM each) would reserve /dev/shm three times over
+    for attempt in range(1, attempts + 1):
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": store,
+                                                                  "include_dashboard": False})
+            nodes = [cluster.add_node(num_cpus=worker_cpus, object_store_memory=store) for _ in range(workers)]
+            ray.init(address=cluster.address, log_to_driver=False)
+            cluster.wait_for_nodes()
+            return cluster, nodes
+        except Exception as exc:  # noqa: BLE001 - start-up timeouts under load: start again from scratch
+            if attempt == attempts:
+                raise
+            print(f"[cluster_driver] cluster start attempt {attempt} failed: {exc!s:.200}", flush=True)
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            _kill_leftovers(os.environ["RAY_TMPDIR"])
+            ray._common.utils.reset_ray_address()
+            ray._private.services.find_gcs_addresses.cache_clear()
+    raise AssertionError("unreachable")
+
+
+class NodeKiller:
+    """Background thread: once ``ready()`` is true, removes (SIGKILL, no grace) the worker node with the most CPU
+    in use at that moment (so the kill hits running work, not an idle node). ``info`` records what happened."""
+
+    def __init__(self, cluster, nodes, ready, *, poll_s: float = 0.1, probe=None):
+        import threading
+
+        self.cluster, self.nodes, self.ready, self.poll_s = cluster, nodes, ready, poll_s
+        self.probe = probe or (lambda: None)  # recorded at the kill (e.g. the units committed so far)
+        self.info: dict[str, Any] = {"killed": False}
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> NodeKiller:
+        self._t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def _busiest(self):
+        import ray._private.state as state
+
+        avail = state.available_resources_per_node()
+        total = state.total_resources_per_node()
+
+        def used(node) -> float:
+            nid = node.node_id
+            return total.get(nid, {}).get("CPU", 0.0) - avail.get(nid, {}).get("CPU", 0.0)
+
+        node = max(self.nodes, key=used)
+        return node, used(node)
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            try:
+                ready = self.ready()
+            except Exception:  # noqa: BLE001 - e.g. the output folder does not exist yet
+                ready = False
+            if ready:
+                node, used = self._busiest()
+                self.info.update(probe_at_kill=self.probe(), cpu_in_use_on_killed_node=used,
+                                 at_s=round(time.monotonic() - self._t0, 1))
+                self.cluster.remove_node(node, allow_graceful=False)
+                self.info["killed"] = not self.done.is_set()  # the job was still running after the kill
+                return
+            time.sleep(self.poll_s)
+
+    def stop(self) -> dict[str, Any]:
+        self.done.set()
+        self._thread.join(timeout=60)
+        return self.info
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n["Alive"])
