@@ -11,7 +11,7 @@ LOCK_PY := 3.11
 LOCK_FLAGS := pyproject.toml --extra dev --generate-hashes --python-version $(LOCK_PY) \
               --python-platform x86_64-manylinux_2_28 --no-annotate --no-header -o requirements.lock
 
-.PHONY: setup demo test test-fast lint bench clean lock audit tiny-clip
+.PHONY: setup demo test test-faults test-fast lint bench clean lock audit tiny-clip
 
 setup: $(STAMP)
 
@@ -50,6 +50,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The cluster-scale fault tests (node kills on a 3-node local cluster, a flaky + restarted S3): ~16 minutes on
+# 2 cores, so they are kept out of `make test` (addopts -m 'not faults') and run here.
+test-faults: setup
+	$(PY) -m pytest -q -m faults tests/faults
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration and not slow"
