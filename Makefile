@@ -11,7 +11,7 @@ LOCK_PY := 3.11
 LOCK_FLAGS := pyproject.toml --extra dev --generate-hashes --python-version $(LOCK_PY) \
               --python-platform x86_64-manylinux_2_28 --no-annotate --no-header -o requirements.lock
 
-.PHONY: setup demo test test-faults test-fast lint bench clean lock audit tiny-clip
+.PHONY: setup demo test test-faults test-slow test-fast lint bench clean lock audit tiny-clip
 
 setup: $(STAMP)
 
@@ -55,6 +55,11 @@ test: setup
 # 2 cores, so they are kept out of `make test` (addopts -m 'not faults') and run here.
 test-faults: setup
 	$(PY) -m pytest -q -m faults tests/faults
+
+# The slow end-to-end tests (nightly nights, killed-and-rerun caption / embed job / 2-worker training, sweep,
+# DeCap and demo training, GPT-2-small-sized reference checkpoints): ~12 minutes, kept out of `make test`.
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration and not slow"

@@ -133,6 +133,7 @@ def test_rerun_adds_nothing(first_run, mixed_on_s3, trained_model):
     assert _canonical(out) == before
 
 
+@pytest.mark.slow  # `make test-slow`: out of `make test`, which must stay well under 20 min on 2 cores
 def test_run_killed_midway_then_rerun_equals_an_uninterrupted_run(first_run, mixed_on_s3, ray_cluster,
                                                                    trained_model):
     full_out, summary = first_run

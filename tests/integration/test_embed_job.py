@@ -116,6 +116,7 @@ def test_resubmitted_job_writes_nothing_new(submitted, ray_cluster, s3_server):
     assert _etags(root) == before
 
 
+@pytest.mark.slow  # `make test-slow`: out of `make test`, which must stay well under 20 min on 2 cores
 def test_killed_run_then_rerun_has_no_duplicates(ray_cluster, s3_server, tmp_path):
     """SIGKILL the job driver after its first committed shard; the rerun commits the rest exactly once."""
     from clipcap_core.encoders import EncoderConfig

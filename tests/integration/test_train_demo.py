@@ -10,6 +10,7 @@ from pipelines import demo, synthetic_tables
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # `make test-slow`: out of `make test`, which must stay well under 20 min on 2 cores
 def test_demo_train_step_hands_a_model_on_and_reports_heldout_accuracy(ray_cluster, tmp_path):
     assert demo.STEPS.index(demo.step_train) == demo.STEPS.index(demo.step_embed) + 1  # after embedding
     assert demo.STEPS.index(demo.step_caption) > demo.STEPS.index(demo.step_train)  # captions with the model it trained

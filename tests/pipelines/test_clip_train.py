@@ -36,7 +36,7 @@ def _loss_worker(config: dict) -> dict:
     return {"loss": float(loss), "rank": rank}
 
 
-@pytest.mark.parametrize("local", [False, True])
+@pytest.mark.parametrize("local", [False, pytest.param(True, marks=pytest.mark.slow)])  # local loss: make test-slow
 def test_gathered_loss_over_two_workers_equals_single_process(ray_cluster, tmp_path, local):
     import ray.train
     from open_clip.loss import ClipLoss

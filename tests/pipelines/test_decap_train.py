@@ -90,6 +90,7 @@ def _image_embeddings(samples, norm=3.0):
     return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
 
 
+@pytest.mark.slow  # `make test-slow`: out of `make test`, which must stay well under 20 min on 2 cores
 @pytest.mark.integration
 def test_text_only_training_on_ray_resumes_and_captions_images_through_its_memory(ray_cluster, s3_uri):
     files = _text_tables(storage.join(s3_uri, "data"), n=1200, shards=2)

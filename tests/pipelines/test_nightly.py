@@ -138,6 +138,7 @@ def _etag(uri: str) -> str:
     return str(fs.info(path).get("ETag") or fs.info(path)["size"])
 
 
+@pytest.mark.slow  # `make test-slow`: out of `make test`, which must stay well under 20 min on 2 cores
 @pytest.mark.integration
 def test_nights_promote_noop_promote_refuse(ray_cluster, s3_uri):
     def add_shards(n, start, first):

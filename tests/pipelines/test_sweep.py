@@ -59,6 +59,7 @@ def test_results_table_files(tmp_path):
     assert md[0].startswith("| mapping | prefix_length") and md[3].startswith("| mlp | 10 | False | 0.6000")
 
 
+@pytest.mark.slow  # `make test-slow`: out of `make test`, which must stay well under 20 min on 2 cores
 @pytest.mark.integration
 def test_sweep_runs_one_trial_per_setting_on_ray_tune(ray_cluster, tmp_path):
     files = synthetic_tables.write_synthetic_tables(str(tmp_path / "d"), 600, shards=2, dim=16)

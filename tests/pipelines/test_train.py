@@ -197,6 +197,7 @@ def _caption_accuracy(artifact: str, files: list[str]) -> float:
     return exact_match(texts, held.column("caption").to_pylist())
 
 
+@pytest.mark.slow  # `make test-slow`: out of `make test`, which must stay well under 20 min on 2 cores
 @pytest.mark.integration
 def test_two_workers_learn_and_survive_a_killed_worker(ray_cluster, tmp_path):
     files = synthetic_tables.write_synthetic_tables(str(tmp_path / "data"), 1200, shards=2, dim=32)
