@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +179,21 @@ def alive_nodes() -> int:
     import ray
 
     return sum(1 for n in ray.nodes() if n["Alive"])
+
+
+def run_until_done(job: Callable[[], Any], summarize: Callable[[Any], dict[str, Any]],
+                   done: Callable[[Any], bool], attempts: int = 3) -> tuple[int, str | None, list[dict[str, Any]]]:
+    """Run ``job`` until ``done(result)`` (at most ``attempts`` runs; a lost node may fail a run and the next run
+    resumes). Returns (runs, the first run error as text or None, ``summarize(result)`` of each finished run)."""
+    runs, first_error, results = 0, None, []
+    for _ in range(attempts):
+        runs += 1
+        try:
+            result = job()
+        except Exception as exc:  # noqa: BLE001 - a lost node may fail the run: the next run resumes
+            first_error = first_error or f"{type(exc).__name__}: {str(exc)[:300]}"
+            continue
+        results.append(summarize(result))
+        if done(result):
+            break
+    return runs, first_error, results

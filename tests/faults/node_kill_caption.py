@@ -21,7 +21,7 @@ def main(inp: str, out: str) -> int:
     from pipelines import storage
     from pipelines.caption import CaptionConfig, ResourceOptions, caption_archive, table_uri
     from pipelines.sources import SourceConfig
-    from tests.faults.cluster_driver import NodeKiller, alive_nodes, start_cluster
+    from tests.faults.cluster_driver import NodeKiller, alive_nodes, run_until_done, start_cluster
 
     cluster, nodes = start_cluster()
     try:
@@ -36,19 +36,12 @@ def main(inp: str, out: str) -> int:
             return len(storage.list_files(table_uri(out), ".parquet"))
 
         killer = NodeKiller(cluster, nodes, lambda: committed() >= 1, probe=committed).start()
-        runs, first_error, results = 0, None, []
-        for _ in range(3):
-            runs += 1
-            try:
-                s = caption_archive(cfg)
-            except Exception as exc:  # noqa: BLE001 - a lost node may fail the run: the next run resumes
-                first_error = first_error or f"{type(exc).__name__}: {str(exc)[:300]}"
-                continue
-            results.append({"parts_total": s.parts_total, "skipped": s.parts_skipped, "done": s.parts_done,
-                            "images": s.images, "errors": s.errors, "failed": len(s.parts_failed),
-                            "exit_code": s.exit_code})
-            if s.exit_code == 0:
-                break
+        runs, first_error, results = run_until_done(
+            lambda: caption_archive(cfg),
+            lambda s: {"parts_total": s.parts_total, "skipped": s.parts_skipped, "done": s.parts_done,
+                       "images": s.images, "errors": s.errors, "failed": len(s.parts_failed),
+                       "exit_code": s.exit_code},
+            lambda s: s.exit_code == 0)
         kill = killer.stop()
         print("FAULT-RESULT " + json.dumps({"runs": runs, "kill": kill, "first_error": first_error,
                                             "results": results, "nodes_alive": alive_nodes()}), flush=True)

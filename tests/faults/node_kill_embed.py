@@ -20,7 +20,7 @@ def main(inp: str, out: str) -> int:
 
     from pipelines import storage
     from pipelines.embed import EmbedConfig, EmbedResources, run_embed
-    from tests.faults.cluster_driver import NodeKiller, alive_nodes, start_cluster
+    from tests.faults.cluster_driver import NodeKiller, alive_nodes, run_until_done, start_cluster
 
     cluster, nodes = start_cluster()
     try:
@@ -32,18 +32,11 @@ def main(inp: str, out: str) -> int:
             return len(storage.list_files(cfg.table_uri, ".parquet"))
 
         killer = NodeKiller(cluster, nodes, lambda: committed() >= 1, probe=committed).start()
-        runs, first_error, results = 0, None, []
-        for _ in range(3):
-            runs += 1
-            try:
-                result = run_embed(cfg)
-            except Exception as exc:  # noqa: BLE001 - a lost node may fail the run: the next run resumes
-                first_error = first_error or f"{type(exc).__name__}: {str(exc)[:300]}"
-                continue
-            results.append({"shards": result.shards, "skipped": result.skipped, "written": result.written,
-                            "rows": result.rows, "failed": len(result.failed)})
-            if not result.failed:
-                break
+        runs, first_error, results = run_until_done(
+            lambda: run_embed(cfg),
+            lambda r: {"shards": r.shards, "skipped": r.skipped, "written": r.written, "rows": r.rows,
+                       "failed": len(r.failed)},
+            lambda r: not r.failed)
         kill = killer.stop()
         print("FAULT-RESULT " + json.dumps({"runs": runs, "kill": kill, "first_error": first_error,
                                             "results": results, "nodes_alive": alive_nodes()}), flush=True)

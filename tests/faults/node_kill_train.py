@@ -22,7 +22,7 @@ def main(tables_dir: str, out: str) -> int:
 
     from clipcap_core.training import TrainConfig
     from pipelines import storage, train
-    from tests.faults.cluster_driver import NodeKiller, alive_nodes, start_cluster
+    from tests.faults.cluster_driver import NodeKiller, alive_nodes, run_until_done, start_cluster
 
     cluster, nodes = start_cluster(worker_cpus=2)
     try:
@@ -38,14 +38,8 @@ def main(tables_dir: str, out: str) -> int:
             return max(train.stored_checkpoint_steps(job.run_dir), default=0)
 
         killer = NodeKiller(cluster, nodes, lambda: stored() > 0, poll_s=0.05, probe=stored).start()
-        runs, first_error, result = 0, None, None
-        for _ in range(3):
-            runs += 1
-            try:
-                result = train.run_training(job)
-                break
-            except Exception as exc:  # noqa: BLE001 - the lost node may fail the run: the rerun resumes
-                first_error = first_error or f"{type(exc).__name__}: {str(exc)[:300]}"
+        runs, first_error, finished = run_until_done(lambda: train.run_training(job), lambda r: r, lambda r: True)
+        result = finished[-1] if finished else None
         kill = killer.stop()
         history = result.history if result else (storage.read_json(storage.join(job.run_dir, "history.json")) or [])
         steps = [r["step"] for r in history if r["kind"] == "step"]
