@@ -75,19 +75,12 @@ def build_archive(path: str, n: int, size: int) -> list[bytes]:
 
 def run_pipeline(archive: str, model: str, out: str, args: argparse.Namespace, strategy: str) -> dict:
     """`clipcap caption` with default resources in a new process; its wall time and summary."""
-    import subprocess
+    from benchmarks.clirun import run_clipcap
 
-    cmd = [sys.executable, "-m", "pipelines.cli", "caption", "--input", archive, "--output", out, "--model", model,
-           "--strategy", strategy, "--max-length", str(args.new_tokens)] + args.extra_flags.split()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise RuntimeError(f"clipcap caption failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    lines = proc.stdout.splitlines()
-    summary = json.loads("\n".join(lines[next(i for i, x in enumerate(lines) if x.startswith("{")):]))
-    plan = [x.split("resources: ", 1)[1] for x in proc.stderr.splitlines() if "pool resources: " in x]
+    wall, summary, stderr, cmd = run_clipcap("caption", "--input", archive, "--output", out, "--model", model,
+                                             "--strategy", strategy, "--max-length", str(args.new_tokens),
+                                             *args.extra_flags.split())
+    plan = [x.split("resources: ", 1)[1] for x in stderr.splitlines() if "pool resources: " in x]
     return {"wall_s": wall, "images": summary["images"], "images_per_s": summary["images"] / wall, "plan": plan,
             "command": " ".join(cmd[1:])}
 

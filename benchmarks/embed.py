@@ -100,19 +100,12 @@ def save_checkpoint(model: str, path: Path) -> Path | None:
 def run_ours(model: str, ckpt: Path | None, shards: Path, out: Path, extra: str = "") -> dict:
     """`clipcap embed` with default resources (plus ``extra`` flags) in a new process; its wall time and the
     figures it reports."""
-    import subprocess
+    from benchmarks.clirun import run_clipcap
 
-    cmd = [sys.executable, "-m", "pipelines.cli", "embed", "--input", str(shards), "--output-root", str(out),
-           "--dataset", "bench", "--model", model] + (["--pretrained", str(ckpt)] if ckpt else []) + extra.split()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise RuntimeError(f"clipcap embed failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    lines = proc.stdout.splitlines()
-    report = json.loads("\n".join(lines[next(i for i, x in enumerate(lines) if x.startswith("{")):]))
-    plan = next((x.split("embed resources: ", 1)[1] for x in proc.stderr.splitlines() if "embed resources: " in x), "")
+    wall, report, stderr, _ = run_clipcap("embed", "--input", str(shards), "--output-root", str(out), "--dataset",
+                                          "bench", "--model", model,
+                                          *(["--pretrained", str(ckpt)] if ckpt else []), *extra.split())
+    plan = next((x.split("embed resources: ", 1)[1] for x in stderr.splitlines() if "embed resources: " in x), "")
     nan = float("nan")
     return {"wall_s": wall, "rows": report["rows"], "first_rows_s": report["first_rows_s"] or nan,
             "steady_img_s": report["steady_rows_per_s"] or nan, "plan": plan}

@@ -65,10 +65,10 @@ def tree_pss_bytes(root: int) -> int:
 
 
 def run_measured(cmd: list[str], interval: float = 0.25) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from benchmarks.clirun import user_env
+
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
     done = threading.Event()
 
@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
-    cli = [sys.executable, "-m", "pipelines.cli"]
+    from benchmarks.clirun import clipcap_command
+
+    cli = clipcap_command()
     rows = []
     with tempfile.TemporaryDirectory(prefix="clipcap-bench-mem-") as tmp:
         for n in sizes:
