@@ -103,17 +103,10 @@ class ResourceOptions:
         if not needs_clip or self.stages != "split":
             return None, runtime.plan_actors(cluster, actors=self.caption_actors, torch_threads=self.torch_threads,
                                              **kw)
-        first = runtime.plan_actors(cluster, actors=self.caption_actors, **kw)
-        threads = self.torch_threads or max(1, first.torch_threads // 2)
-        clip = runtime.plan_actors(cluster, actors=self.clip_actors, torch_threads=threads, **kw)
-        caption = runtime.plan_actors(cluster, actors=self.caption_actors, torch_threads=threads, **kw)
-        wanted = (clip.actors + caption.actors) * caption.cpus_per_actor + caption.read_cpus
-        if cluster.cpus > 0 and wanted > cluster.cpus:  # two pools: scale both reservations to fit
-            scale = cluster.cpus / wanted
-            log.warning("two actor pools + a read task reserve %.2f CPUs but the cluster has %g: scaling the "
-                        "reservations by %.2f", wanted, cluster.cpus, scale)
-            clip, caption = (replace(p, cpus_per_actor=p.cpus_per_actor * scale, read_cpus=p.read_cpus * scale)
-                             for p in (clip, caption))
+        caption = runtime.plan_actors(cluster, actors=self.caption_actors, fit_cluster=False, **kw)
+        threads = self.torch_threads or max(1, caption.torch_threads // 2)
+        clip = runtime.plan_actors(cluster, actors=self.clip_actors, torch_threads=threads, fit_cluster=False, **kw)
+        clip, caption = runtime.fit(cluster, [clip, replace(caption, torch_threads=threads)])
         return clip, caption
 
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -86,11 +87,26 @@ class ActorPlan:
                 f"cluster {cluster.cpus:g} CPU / {cluster.gpus:g} GPU on {len(cluster.node_cpus)} node(s)")
 
 
+def fit(cluster: ClusterShape, plans: Sequence[ActorPlan]) -> list[ActorPlan]:
+    """The pools of one job, with their CPU reservations scaled down together (a warning; the threads stay)
+    when all their actors plus one read task (``plans[0].read_cpus``) would reserve more CPUs than the cluster
+    has: the read tasks would otherwise starve behind the actor pools."""
+    wanted = sum(p.actors * p.cpus_per_actor for p in plans) + plans[0].read_cpus
+    if cluster.cpus <= 0 or wanted <= cluster.cpus:
+        return list(plans)
+    scale = cluster.cpus / wanted
+    log.warning("%d actor pool(s) + a read task reserve %.2f CPUs but the cluster has %g: scaling the reservations "
+                "by %.2f (torch threads per actor stay as planned)", len(plans), wanted, cluster.cpus, scale)
+    return [replace(p, cpus_per_actor=p.cpus_per_actor * scale, read_cpus=p.read_cpus * scale) for p in plans]
+
+
 def plan_actors(cluster: ClusterShape, *, actors: int = 0, cpus_per_actor: float = 0.0,
-                gpus_per_actor: float | None = None, torch_threads: int = 0, read_cpus: float = 0.0) -> ActorPlan:
+                gpus_per_actor: float | None = None, torch_threads: int = 0, read_cpus: float = 0.0,
+                fit_cluster: bool = True) -> ActorPlan:
     """Fill every 0 / None knob from ``cluster`` (rules in the module docstring); explicit values are kept.
     A GPU request the cluster cannot hold is an error before any work; CPU reservations that would leave no
-    CPU for the read tasks are scaled down (a warning; the threads stay)."""
+    CPU for the read tasks are scaled down by ``fit`` (``fit_cluster=False``: a job with several pools fits
+    them together instead)."""
     gpus = (1.0 if cluster.gpus > 0 else 0.0) if gpus_per_actor is None else float(gpus_per_actor)
     if gpus < 0 or actors < 0 or cpus_per_actor < 0 or read_cpus < 0 or torch_threads < 0:
         raise ValueError("resource settings must not be negative (0 = size from the cluster)")
@@ -107,11 +123,4 @@ def plan_actors(cluster: ClusterShape, *, actors: int = 0, cpus_per_actor: float
         threads = torch_threads or max(1, int(smallest_node) // max(1, -(-n // len(per_node))))
     plan = ActorPlan(actors=n, cpus_per_actor=cpus_per_actor or 1.0, gpus_per_actor=gpus, torch_threads=threads,
                      read_cpus=read_cpus or 1.0)
-    wanted = plan.actors * plan.cpus_per_actor + plan.read_cpus
-    if cluster.cpus > 0 and wanted > cluster.cpus:
-        scale = cluster.cpus / wanted
-        log.warning("actors + a read task reserve %.2f CPUs but the cluster has %g: scaling the reservations by "
-                    "%.2f (torch threads per actor stay %d)", wanted, cluster.cpus, scale, plan.torch_threads)
-        plan = ActorPlan(actors=plan.actors, cpus_per_actor=plan.cpus_per_actor * scale, gpus_per_actor=gpus,
-                         torch_threads=plan.torch_threads, read_cpus=plan.read_cpus * scale)
-    return plan
+    return fit(cluster, [plan])[0] if fit_cluster else plan

@@ -224,6 +224,8 @@ def test_caption_pools_fit_the_cluster_or_fail_clearly():
     assert (clip.actors, cap.actors, clip.cpus_per_actor, cap.torch_threads) == (1, 2, 2.0, 3)
     clip, cap = res.pools(True, two)  # 3 actors x 2 CPUs + 1 read CPU > 2: reservations scaled, threads kept
     assert 3 * cap.cpus_per_actor + cap.read_cpus == pytest.approx(2.0) and cap.torch_threads == 3
+    # both pools together (not each alone) fit the cluster, with one read task beside them
+    assert clip.actors * clip.cpus_per_actor + cap.actors * cap.cpus_per_actor + cap.read_cpus == pytest.approx(2.0)
     clip, cap = res.pools(False, big)  # embedding tables: no CLIP pool at all
     assert clip is None and cap.actors == 2
     clip, cap = ResourceOptions().pools(True, two)  # the default: one fused actor running both cores
