@@ -1,17 +1,49 @@
-"""Every flag of every ``clipcap`` sub-command says what it does in ``--help`` (issue 13.6)."""
+"""Every flag of every ``clipcap`` sub-command says what it does in ``--help`` (issue 13.6), and none disappears
+or changes its destination, default, type, choices or arity (``cli_flags.json``, snapshotted before the issue 8
+refactor of ``pipelines/commands``; a deliberate change updates the file in the same commit)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from pipelines.cli import build_parser
 
+SNAPSHOT = Path(__file__).with_name("cli_flags.json")
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def _signature(a: argparse.Action) -> str:
+    parts = [f"dest={a.dest}", type(a).__name__.strip("_").replace("Action", "").lower()]
+    if a.default not in (None, argparse.SUPPRESS):
+        parts.append(f"default={a.default!r}")
+    if a.type is not None:
+        parts.append(f"type={getattr(a.type, '__name__', 'callable')}")
+    if a.choices:
+        parts.append("choices=" + ",".join(map(str, a.choices)))
+    if a.nargs is not None:
+        parts.append(f"nargs={a.nargs}")
+    if a.required:
+        parts.append("required")
+    return " ".join(parts)
+
 
 def test_every_flag_of_every_subcommand_has_help_text():
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert {"download", "embed", "train", "caption", "caption-images"} <= set(sub.choices)
+    sub = _subcommands()
+    assert {"download", "embed", "train", "caption", "caption-images"} <= set(sub)
     missing = {name: [a.option_strings or [a.dest] for a in sp._actions
                       if not a.help and not isinstance(a, argparse._HelpAction)]
-               for name, sp in sub.choices.items()}
+               for name, sp in sub.items()}
     assert {k: v for k, v in missing.items() if v} == {}
+
+
+def test_every_command_keeps_every_flag_as_it_was():
+    now = {name: {"/".join(a.option_strings) or a.dest: _signature(a) for a in sp._actions
+                  if not isinstance(a, argparse._HelpAction)}
+           for name, sp in _subcommands().items()}
+    assert now == json.loads(SNAPSHOT.read_text())
