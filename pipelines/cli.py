@@ -1,7 +1,8 @@
 """The ``clipcap`` console script: one sub-command per stage.
 
-Each sub-command module registers itself in ``COMMANDS`` with a function ``add_parser(subparsers)`` that
-sets ``func`` on its parser; ``func(args) -> int`` does the work by calling one library function.
+Each sub-command module named in ``COMMANDS`` has ``HELP`` (its line in ``clipcap --help``), a docstring (its
+``--help`` description), ``add_arguments(parser)`` and ``run(args) -> int``, which does the work by calling one
+library function; ``build_parser`` registers them all the same way.
 Heavy imports (torch, ray, open_clip) happen inside ``func``, so ``clipcap --help`` is instant.
 """
 
@@ -12,7 +13,7 @@ import importlib
 import os
 import sys
 
-# sub-command name -> module under pipelines.commands providing add_parser(subparsers)
+# sub-command name -> module under pipelines.commands (HELP, add_arguments, run)
 COMMANDS = {
     "download": "pipelines.commands.download",
     "embed": "pipelines.commands.embed",
@@ -36,14 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging of the project's modules "
                         "(not of boto / urllib3 / Ray, which would log credentials) and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for _name, module in COMMANDS.items():
+    for name, module in COMMANDS.items():
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
             if exc.name == module:  # stage not built yet
                 continue
             raise
-        mod.add_parser(sub)
+        p = sub.add_parser(name, help=mod.HELP, description=mod.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
     return parser
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+HELP = "caption images with a model and print the captions"
+
 
 def add_projection_arguments(p: argparse.ArgumentParser) -> None:
     """DeCap projection flags, shared by ``caption-images`` and ``caption``."""
@@ -60,9 +62,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("caption-images", help="caption images with a model and print the captions",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="image files or URIs (local, s3://, ...)")
     p.add_argument("--model", required=True, help="trained model artifact (directory or URI)")
     p.add_argument("--allow-untrained", action="store_true",
@@ -83,4 +83,3 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype")
     p.add_argument("--scores", action="store_true", help="print the mean token log-prob too")
     add_projection_arguments(p)
-    p.set_defaults(func=run)

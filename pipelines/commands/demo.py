@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+
+HELP = "run the embedded default end to end (tiny preset, ./data)"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,13 +25,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("demo", help="run the embedded default end to end (tiny preset, ./data)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default="data", help="output folder (default: ./data)")
     p.add_argument("--samples", type=int, default=1024, help="synthetic images (default 1024)")
     p.add_argument("--seed", type=int, default=0, help='seed of the synthetic data set')
     p.add_argument("--ray-address", help="default: RAY_ADDRESS if set, else a private local Ray instance")
     p.add_argument("--decap", action="store_true",
                    help="also train a text-only (DeCap) captioner on the captions and caption the held-out images")
-    p.set_defaults(func=run)

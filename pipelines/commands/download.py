@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipelines.commands import options
+from pipelines.commands import common, options
 
+HELP = "download a URL list into webdataset shards (img2dataset)"
 # flag dest -> DownloadConfig field
 FIELDS = {k: ("", v) for k, v in {
     "url_list": "url_list", "output": "output", "input_format": "input_format", "header": "header",
@@ -29,33 +30,30 @@ FIELDS = {k: ("", v) for k, v in {
 def add_options(p: argparse.ArgumentParser) -> None:
     """img2dataset options shared by ``clipcap download`` and ``jobs/embed_cc3m.py``."""
     g = p.add_argument_group("download (img2dataset)")
-    g.add_argument("--input-format", choices=["auto", "tsv", "csv", "parquet", "jsonl"],
-        help='URL list format (default auto: from the file name)')
+    common.add_flags(g, "--input-format  auto|tsv|csv|parquet|jsonl  URL list format (default auto: from the file name)")
     g.add_argument("--header", dest="header", action="store_true", default=None, help="tsv/csv has a header row")
     g.add_argument("--no-header", dest="header", action="store_false", help="tsv/csv has no header (CC3M)")
     g.add_argument("--columns", type=lambda s: s.split(","), help="column names of a headerless file "
                    "(default caption,url)")
-    g.add_argument("--url-col", help='column with the image URLs (default url)')
-    g.add_argument("--caption-col", help='column with the captions (default caption)')
-    g.add_argument("--image-size", type=int, help='side of the stored images in pixels (default 256)')
-    g.add_argument("--resize-mode", choices=["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"],
-        help='img2dataset resize mode (default keep_ratio)')
-    g.add_argument("--resize-only-if-bigger", action="store_true", default=None,
-        help='never upscale small images')
-    g.add_argument("--encode-format", choices=["jpg", "png", "webp"],
-        help='stored image format (default jpg)')
-    g.add_argument("--encode-quality", type=int, help='jpg/webp quality 0-100 or png compression 0-9')
-    g.add_argument("--min-image-size", type=int, help='drop images smaller than this many pixels per side')
-    g.add_argument("--processes", type=int, help="img2dataset processes")
-    g.add_argument("--threads", type=int, help="download threads per process")
-    g.add_argument("--shard-size", type=int, help="samples per shard")
-    g.add_argument("--distributor", choices=["multiprocessing", "ray"],
-        help='img2dataset distributor (ray: one task per shard on the cluster)')
-    g.add_argument("--timeout", type=int,
-        help='seconds per URL before it counts as failed (retried on the next run)')
-    g.add_argument("--retries", type=int, help='img2dataset retries per URL within a run')
-    g.add_argument("--allow-private-urls", action="store_true", default=None,
-                   help="download from private / loopback / link-local hosts too (trusted internal lists only)")
+    common.add_flags(g, """
+        --url-col           str     column with the image URLs (default url)
+        --caption-col       str     column with the captions (default caption)
+        --image-size        int     side of the stored images in pixels (default 256)
+        --resize-mode       no|border|keep_ratio|keep_ratio_largest|center_crop
+                                    img2dataset resize mode (default keep_ratio)
+        --resize-only-if-bigger  switch  never upscale small images
+        --encode-format     jpg|png|webp  stored image format (default jpg)
+        --encode-quality    int     jpg/webp quality 0-100 or png compression 0-9
+        --min-image-size    int     drop images smaller than this many pixels per side
+        --processes         int     img2dataset processes
+        --threads           int     download threads per process
+        --shard-size        int     samples per shard
+        --distributor       multiprocessing|ray  img2dataset distributor (ray: one task per shard on the cluster)
+        --timeout           int     seconds per URL before it counts as failed (retried on the next run)
+        --retries           int     img2dataset retries per URL within a run
+        --allow-private-urls  switch  download from private / loopback / link-local hosts too (trusted internal
+                                    lists only)
+    """)
     g.add_argument("--overwrite", dest="incremental", action="store_false", default=None,
                    help="delete the output folder first (default: incremental, finished shards are skipped)")
 
@@ -74,17 +72,15 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.download import run_download, summary_json
 
     summary = run_download(config_from_args(args), ray_address=args.ray_address)
-    print(summary.describe())
-    print(summary_json(summary))
+    common.print_result(summary.describe(), summary_json(summary))
     return summary.exit_code
 
 
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("download", help="download a URL list into webdataset shards (img2dataset)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_config_arguments(p, "DownloadConfig", "timeout=20")
-    p.add_argument("--url-list", help="tsv / csv / parquet / jsonl file (or folder of them), any fsspec URI")
-    p.add_argument("--output", help="shard folder URI (local, s3://, ...)")
-    p.add_argument("--ray-address", help="with --distributor ray (default: RAY_ADDRESS or a local instance)")
+    common.add_flags(p, """
+        --url-list      str     tsv / csv / parquet / jsonl file (or folder of them), any fsspec URI
+        --output        str     shard folder URI (local, s3://, ...)
+    """)
+    common.add_ray_address(p, "with --distributor ray (default: RAY_ADDRESS or a local instance)")
     add_options(p)
-    p.set_defaults(func=run)

@@ -12,12 +12,11 @@ Exit code: 0 all shards done, 4 some shards could not be read (named on stderr),
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
-from pipelines.commands import options
+from pipelines.commands import common, options
 
+HELP = "embed webdataset shards with CLIP into Parquet tables"
 # flag dest -> (EmbedConfig section or "" for the top level, field name)
 FIELDS: dict[str, tuple[str, str]] = {
     "input": ("", "input"), "output_root": ("", "output_root"), "dataset": ("", "dataset"),
@@ -32,20 +31,20 @@ FIELDS: dict[str, tuple[str, str]] = {
 
 def add_options(p: argparse.ArgumentParser) -> None:
     """Model and resource options shared by ``clipcap embed`` and ``jobs/embed_cc3m.py``."""
-    g = p.add_argument_group("embed (CLIP)")
-    g.add_argument("--model", help="open_clip model name (default: tiny), e.g. ViT-B-32")
-    g.add_argument("--pretrained", help="open_clip tag (openai, laion2b_s34b_b79k...), local file or s3:// URI")
-    g.add_argument("--dtype", choices=["float32", "float16"], help="stored embedding dtype")
-    g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 autocast on GPU")
-    g.add_argument("--text-embeddings", action="store_true", default=None, help="also embed the captions")
-    g.add_argument("--batch-size", type=int, help='images per CLIP forward')
-    g.add_argument("--num-actors", type=int, help="CLIP actors, one model each (default: one per GPU, or per CPU node)")
-    g.add_argument("--cpus-per-actor", type=float, help="Ray CPUs reserved per CLIP actor (default 1; not a thread cap)")
-    g.add_argument("--gpus-per-actor", type=float, help="default: 1 when the cluster has GPUs")
-    g.add_argument("--torch-threads", type=int,
-                   help="torch threads per CPU actor (default: the node's cores / its actors)")
-    g.add_argument("--decode-cpus", type=float, help="CPUs per decode task (default 1)")
-    g.add_argument("--decode-memory-mb", type=int, help="memory per decode task (a shard is read whole)")
+    common.add_flags(p.add_argument_group("embed (CLIP)"), """
+        --model             str     open_clip model name (default: tiny), e.g. ViT-B-32
+        --pretrained        str     open_clip tag (openai, laion2b_s34b_b79k...), local file or s3:// URI
+        --dtype             float32|float16  stored embedding dtype
+        --precision         auto|fp32|fp16|bf16  auto: fp16 autocast on GPU
+        --text-embeddings   switch  also embed the captions
+        --batch-size        int     images per CLIP forward
+        --num-actors        int     CLIP actors, one model each (default: one per GPU, or per CPU node)
+        --cpus-per-actor    float   Ray CPUs reserved per CLIP actor (default 1; not a thread cap)
+        --gpus-per-actor    float   default: 1 when the cluster has GPUs
+        --torch-threads     int     torch threads per CPU actor (default: the node's cores / its actors)
+        --decode-cpus       float   CPUs per decode task (default 1)
+        --decode-memory-mb  int     memory per decode task (a shard is read whole)
+    """)
 
 
 def options_from_args(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -63,21 +62,17 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.embed import run_embed
 
     result = run_embed(config_from_args(args), ray_address=args.ray_address)
-    print(result.describe())
-    print(json.dumps(result.to_dict(), indent=2))
-    for uri, why in sorted(result.failed.items()):
-        print(f"clipcap embed: shard not done (rerun to retry): {uri}: {why}", file=sys.stderr)
+    common.print_result(result.describe(), result.to_dict())
+    common.print_not_done(result.failed, "clipcap embed: shard not done (rerun to retry): {name}: {why}")
     return result.exit_code
 
 
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("embed", help="embed webdataset shards with CLIP into Parquet tables",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_config_arguments(p, "EmbedConfig", "resources.batch_size=128")
-    p.add_argument("--input", help="img2dataset output folder (webdataset .tar shards)")
-    p.add_argument("--output-root", help="storage root; tables go to <root>/embeddings/<dataset>/<clip-tag>/")
-    p.add_argument("--dataset", help="dataset name in the output path")
-    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, a running local head, "
-                   "else a new local instance)")
+    common.add_flags(p, """
+        --input         str     img2dataset output folder (webdataset .tar shards)
+        --output-root   str     storage root; tables go to <root>/embeddings/<dataset>/<clip-tag>/
+        --dataset       str     dataset name in the output path
+    """)
+    common.add_ray_address(p, common.RAY_ADDRESS_HEAD_HELP)
     add_options(p)
-    p.set_defaults(func=run)

@@ -13,12 +13,13 @@ Output: ``<output-root>/text-embeddings/<dataset>/<clip-tag>/part-<id>.parquet``
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from pipelines.commands import options
+from pipelines.commands import common, options
 from pipelines.commands.embed import FIELDS as _EMBED_FIELDS
 from pipelines.commands.embed import add_options
+
+HELP = "embed a caption corpus with the CLIP text tower into Parquet"
 
 _FIELDS = {**{k: v for k, v in _EMBED_FIELDS.items() if k not in ("text_embeddings", "decode_cpus",
                                                                    "decode_memory_mb")},
@@ -36,30 +37,23 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.embed_text import run_embed_text
 
     result = run_embed_text(config_from_args(args), ray_address=args.ray_address)
-    print(result.describe())
-    print(json.dumps(result.to_dict(), indent=2))
+    common.print_result(result.describe(), result.to_dict())
     return 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_config_arguments(p, "EmbedTextConfig", "resources.batch_size=256")
-    p.add_argument("--input", help="caption file (txt: one per line; csv/tsv/jsonl/parquet), a folder of them, "
-                   "or an img2dataset output folder")
-    p.add_argument("--output-root", help="storage root; tables go to <root>/text-embeddings/<dataset>/<clip-tag>/")
-    p.add_argument("--dataset", help="dataset name in the output path")
-    p.add_argument("--input-format", choices=["auto", "text", "csv", "tsv", "jsonl", "parquet", "img2dataset"],
-                   help="input kind (auto: by extension; img2dataset: webdataset shards with their captions)")
-    p.add_argument("--caption-col", help="caption column of csv/tsv/jsonl/parquet input (default: caption)")
-    p.add_argument("--key-col", help="key column (default: <file stem>-<row>)")
-    p.add_argument("--part-size", type=int, help="captions per output part (default 10000)")
-    p.add_argument("--max-caption-chars", type=int, help="longer captions are error rows (default 2000)")
-    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, a running local head, "
-                   "else a new local instance)")
+    common.add_flags(p, """
+        --input             str     caption file (txt: one per line; csv/tsv/jsonl/parquet), a folder of them,
+                                    or an img2dataset output folder
+        --output-root       str     storage root; tables go to <root>/text-embeddings/<dataset>/<clip-tag>/
+        --dataset           str     dataset name in the output path
+        --input-format      auto|text|csv|tsv|jsonl|parquet|img2dataset
+                                    input kind (auto: by extension; img2dataset: webdataset shards with their captions)
+        --caption-col       str     caption column of csv/tsv/jsonl/parquet input (default: caption)
+        --key-col           str     key column (default: <file stem>-<row>)
+        --part-size         int     captions per output part (default 10000)
+        --max-caption-chars int     longer captions are error rows (default 2000)
+    """)
+    common.add_ray_address(p, common.RAY_ADDRESS_HEAD_HELP)
     add_options(p)
-
-
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("embed-text", help="embed a caption corpus with the CLIP text tower into Parquet",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)

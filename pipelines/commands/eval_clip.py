@@ -10,7 +10,8 @@ Prints a table and writes the JSON report to ``--output`` when given (``pipeline
 from __future__ import annotations
 
 import argparse
-from typing import Any
+
+HELP = "retrieval and zero-shot evaluation of a CLIP model"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,9 +32,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("eval-clip", help="retrieval and zero-shot evaluation of a CLIP model",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="open_clip model name (default: tiny)")
     p.add_argument("--pretrained", help="open_clip tag, weights file or object-store URI")
     p.add_argument("--shards", nargs="+", help="webdataset shard folders or .tar files")
@@ -46,4 +45,3 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--templates", help="file with one prompt template per line, each with {} (default: {})")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--output", help="write the JSON report here (any URI)")
-    p.set_defaults(func=run)

@@ -11,8 +11,11 @@ References: a COCO captions annotation JSON, {id: [captions]} JSON, or a Parquet
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
+
+from pipelines.commands import common
+
+HELP = "COCO metrics + CLIPScore of captions against references"
 
 _FIELDS = ("predictions", "references", "output", "images", "model", "clip_model", "clip_pretrained",
            "id_match", "prediction_id_column", "reference_id_column", "caption_column", "tokenize", "spice",
@@ -20,23 +23,25 @@ _FIELDS = ("predictions", "references", "output", "images", "model", "clip_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--predictions", required=True, help="caption table, COCO results JSON or table URI")
-    p.add_argument("--references", required=True, help="COCO annotations JSON or reference table URI")
-    p.add_argument("--output", required=True, help="folder for per_image.parquet, summary.json, results.json")
-    p.add_argument("--images", help="images (folder / archives / Parquet) or an embedding table: adds CLIPScore")
-    p.add_argument("--model", help="model artifact whose CLIP scores (default: the caption table's model)")
-    p.add_argument("--clip-model", help="open_clip model name (instead of --model)")
-    p.add_argument("--clip-pretrained", help="open_clip tag, local file or URI of the CLIP weights")
-    p.add_argument("--id-match", choices=["auto", "key", "stem", "number"],
-                   help="how ids pair up: exact key, file stem, or trailing number (COCO file names)")
-    p.add_argument("--prediction-id-column", help="default: key, then image_id")
-    p.add_argument("--reference-id-column", help="default: key, then image_id")
-    p.add_argument("--caption-column", help="predictions table: the caption column (default: caption)")
-    p.add_argument("--metrics", help="comma list of bleu,meteor,rouge,cider,spice (default: all but spice)")
-    p.add_argument("--tokenize", choices=["ptb", "simple"], help="ptb (COCO's, Java; default) or simple")
-    p.add_argument("--spice", choices=["auto", "on", "off"],
-                   help="auto: when Stanford CoreNLP is present; on: try (downloads it when online)")
-    p.add_argument("--device", help="for the CLIP forward passes (cpu, cuda)")
+    for flag, help_text in (("--predictions", "caption table, COCO results JSON or table URI"),
+                            ("--references", "COCO annotations JSON or reference table URI"),
+                            ("--output", "folder for per_image.parquet, summary.json, results.json")):
+        p.add_argument(flag, required=True, help=help_text)
+    common.add_flags(p, """
+        --images            str     images (folder / archives / Parquet) or an embedding table: adds CLIPScore
+        --model             str     model artifact whose CLIP scores (default: the caption table's model)
+        --clip-model        str     open_clip model name (instead of --model)
+        --clip-pretrained   str     open_clip tag, local file or URI of the CLIP weights
+        --id-match          auto|key|stem|number
+                                    how ids pair up: exact key, file stem, or trailing number (COCO file names)
+        --prediction-id-column  str  default: key, then image_id
+        --reference-id-column   str  default: key, then image_id
+        --caption-column    str     predictions table: the caption column (default: caption)
+        --metrics           str     comma list of bleu,meteor,rouge,cider,spice (default: all but spice)
+        --tokenize          ptb|simple  ptb (COCO's, Java; default) or simple
+        --spice             auto|on|off  auto: when Stanford CoreNLP is present; on: try (downloads it when online)
+        --device            str     for the CLIP forward passes (cpu, cuda)
+    """)
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
 
@@ -54,12 +59,5 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.evaluate import format_table, run_evaluate
 
     summary = run_evaluate(config_from_args(args))
-    print(json.dumps(summary, indent=2) if args.json else format_table(summary))
+    common.print_result(None, summary if args.json else format_table(summary))
     return 0
-
-
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("evaluate", help="COCO metrics + CLIPScore of captions against references",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)

@@ -14,7 +14,8 @@ learned end-of-text; ``--ignore-eos`` makes it exact even if one shows up) and `
 from __future__ import annotations
 
 import argparse
-from typing import Any
+
+HELP = "convert a released ClipCap checkpoint into an artifact"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,9 +35,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("import-reference", help="convert a released ClipCap checkpoint into an artifact",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="state dict (.pt) in the authors' layout: local path or URI")
     p.add_argument("--out", required=True, help="artifact directory URI to write")
     p.add_argument("--mapping", required=True, choices=["mlp", "transformer"],
@@ -53,4 +52,3 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--clip-model", help="open_clip model that made the embeddings (default from D: 512 ViT-B-32, "
                                         "640 RN50x4, 768 ViT-L-14)")
     p.add_argument("--clip-pretrained", default="openai", help="its pretrained tag / file (with --clip-model)")
-    p.set_defaults(func=run)

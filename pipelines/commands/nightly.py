@@ -15,9 +15,11 @@ import argparse
 import json
 from typing import Any
 
-from pipelines.commands import options
+from pipelines.commands import common, options
 from pipelines.commands.train import FIELDS as TRAIN_FIELDS
-from pipelines.commands.train import add_common_arguments, init_ray
+from pipelines.commands.train import add_common_arguments
+
+HELP = "nightly retraining on fresh embedding shards + guarded promotion"
 
 _FIELDS: dict[str, tuple[str, str]] = {
     **{k: v for k, v in TRAIN_FIELDS.items() if v[0] in ("train", "scale", "run")},
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                           "history": nightly.read_history(args.state)}, indent=2, default=str))
         return 0
     cfg = config_from_args(args)
-    init_ray(args.ray_address)
+    common.init_ray(args.ray_address)
     result = nightly.run_nightly(cfg)
     print(json.dumps({"decision": result.decision, "reason": result.reason, "run": result.run,
                       "new_shards": list(result.new_shards), "candidate": result.candidate,
@@ -69,10 +71,3 @@ def run(args: argparse.Namespace) -> int:
                       "production_metrics": result.production_metrics, "production": result.pointer},
                      indent=2, default=str))
     return REFUSED_EXIT if result.decision == "refused" else 0
-
-
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("nightly", help="nightly retraining on fresh embedding shards + guarded promotion",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)

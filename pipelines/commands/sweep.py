@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipelines.commands import options
+from pipelines.commands import common, options
 from pipelines.commands.train import FIELDS as TRAIN_FIELDS
-from pipelines.commands.train import init_ray
+from pipelines.commands.train import add_train_flags
+
+HELP = "prefix-length x mapping sweep with Ray Tune (held-out BLEU-4, CIDEr)"
 
 _FIELDS: dict[str, tuple[str, str]] = {
     **{k: v for k, v in TRAIN_FIELDS.items() if v[0] == "train"},
@@ -28,28 +30,23 @@ _FIELDS: dict[str, tuple[str, str]] = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_config_arguments(p, "SweepConfig", "train.lr=1e-4, presets.mlp=clipcap-mlp")
-    p.add_argument("--tables", nargs="+", help="embedding table folders or files")
-    p.add_argument("--output", help="where results and Tune state go (<output>/<name>/)")
-    p.add_argument("--name", help='sweep name (results under <output>/<name>/)')
-    p.add_argument("--prefix-lengths", nargs="+", type=int, help="default: 1 10 20")
-    p.add_argument("--mappings", nargs="+", choices=["mlp", "transformer"], help="default: mlp transformer")
-    p.add_argument("--epochs", type=int, help='epochs per trial')
-    p.add_argument("--batch-size", type=int, help='captions per step')
-    p.add_argument("--lr", type=float, help='peak learning rate (AdamW)')
-    p.add_argument("--warmup-steps", type=int, help='linear warm-up steps')
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
-        help='training precision (bf16 / fp16: autocast)')
-    p.add_argument("--seed", type=int, help='training seed')
-    p.add_argument("--max-caption-tokens", type=int,
-        help='caption tokens kept per sample (incl. end-of-text)')
-    p.add_argument("--heldout-fraction", type=float, help='fraction of keys held out for evaluation')
-    p.add_argument("--eval-max-samples", type=int, help='held-out samples evaluated per trial at most')
-    p.add_argument("--max-train-rows", type=int,
-        help='training rows per trial at most (a sweep compares on a sample)')
-    p.add_argument("--trial-cpus", type=float, help='CPUs per trial')
-    p.add_argument("--trial-gpus", type=float, help='GPUs per trial')
-    p.add_argument("--max-concurrent", type=int, help='trials running at once at most')
-    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
+    common.add_flags(p, """
+        --tables            str+                embedding table folders or files
+        --output            str                 where results and Tune state go (<output>/<name>/)
+        --name              str                 sweep name (results under <output>/<name>/)
+        --prefix-lengths    int+                default: 1 10 20
+        --mappings          mlp|transformer+    default: mlp transformer
+    """)
+    add_train_flags(p, epochs="epochs per trial", batch_size="captions per step", seed="training seed")
+    common.add_flags(p, """
+        --heldout-fraction  float   fraction of keys held out for evaluation
+        --eval-max-samples  int     held-out samples evaluated per trial at most
+        --max-train-rows    int     training rows per trial at most (a sweep compares on a sample)
+        --trial-cpus        float   CPUs per trial
+        --trial-gpus        float   GPUs per trial
+        --max-concurrent    int     trials running at once at most
+    """)
+    common.add_ray_address(p)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -62,15 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.sweep import format_table, run_sweep
 
     cfg = config_from_args(args)
-    init_ray(args.ray_address)
+    common.init_ray(args.ray_address)
     rows = run_sweep(cfg)
     print(format_table(rows))
     print(f"\nsaved: {cfg.output.rstrip('/')}/{cfg.name}/results.{{csv,json,md}}")
     return 0
-
-
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("sweep", help="prefix-length x mapping sweep with Ray Tune (held-out BLEU-4, CIDEr)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
