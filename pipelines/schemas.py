@@ -31,6 +31,8 @@ CREATED_AT = "created_at"
 SOURCE = "source"
 STAGE = "stage"
 ERROR = "error"
+# Parquet inputs of caption: image-bytes columns looked for, in this order, when no image column is given
+IMAGE_BYTES_COLUMNS = ("image", "jpg", "png", "webp", "image_bytes", "img", "bytes")
 
 # --- Parquet key-value metadata (bytes keys in the file, str here) ------------------------------
 META_PREFIX = "clipcap."

@@ -27,126 +27,41 @@ are metadata, not inputs. Webdataset samples group consecutive members by key (p
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
-import os
 import posixpath
-import re
 import stat
 import tarfile
 import zipfile
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any
 
-import numpy as np
-
-from pipelines import imaging, schemas, storage
-
-Format = Literal["auto", "images", "tar", "zip", "webdataset", "parquet", "embeddings"]
-_PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "image_bytes", "img", "bytes")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SourceConfig:
-    """How an input is listed, partitioned and read."""
-
-    format: Format = "auto"
-    part_size: int = 1000             # loose images per part; target rows per Parquet part
-    max_member_bytes: int = 64 << 20  # larger files / members / downloads are error rows
-    max_pixels: int = imaging.DEFAULT_MAX_PIXELS
-    image_column: str | None = None   # Parquet: None = first of _PARQUET_IMAGE_COLUMNS present
-    url_column: str = "url"
-    key_column: str = "key"
-    url_schemes: tuple[str, ...] = ("http", "https", "s3", "gs")
-    allow_private_urls: bool = False        # URL inputs: fetch private / loopback / link-local hosts too
-    allow_object_store_urls: bool = False   # URL inputs: s3:// / gs:// (read with the job's own credentials)
-    fetch_timeout_s: float = 20.0
-    fetch_threads: int = 16
-    read_batch: int = 64              # loose files fetched / URLs downloaded per round
-
-    def __post_init__(self) -> None:
-        if self.part_size < 1 or self.read_batch < 1 or self.fetch_threads < 1:
-            raise ValueError("part_size, read_batch and fetch_threads must be >= 1")
-
-
-@dataclass(frozen=True)
-class InputFile:
-    uri: str   # full URI
-    rel: str   # path relative to the input root: the key prefix
-    size: int
-
-
-@dataclass(frozen=True)
-class Part:
-    part_id: str
-    kind: str
-    files: tuple[InputFile, ...]
-    row_groups: tuple[int, ...] = ()  # Parquet parts
-    row_offset: int = 0               # Parquet: index of the part's first row in its file
-    dim: int = 0                      # embedding tables: D
-    clip_model: str = ""              # embedding tables: the CLIP model recorded in the metadata
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Part:
-        d = json.loads(text)
-        d["files"] = tuple(InputFile(**f) for f in d["files"])
-        d["row_groups"] = tuple(d["row_groups"])
-        return cls(**d)
-
-
-# Stage of an error row that means "the part's input could not be read" (unreadable / truncated archive or
-# Parquet file, I/O error on a loose file): the part is then not committed, and a rerun retries it.
-UNIT_STAGE = "read-part"
-
-
-@dataclass
-class Record:
-    key: str
-    source: str
-    data: bytes | None = None
-    url: str | None = None
-    embedding: np.ndarray | None = None  # (D,) float32
-    error: str | None = None
-    stage: str = "read"
-
-
-class Reader(Protocol):
-    name: str
-
-    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]: ...
-
-    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]: ...
-
-
-READERS: dict[str, Reader] = {}
-
-
-def register(reader: Reader) -> Reader:
-    READERS[reader.name] = reader
-    return reader
-
-
-def get_reader(name: str) -> Reader:
-    try:
-        return READERS[name]
-    except KeyError:
-        raise ValueError(f"unknown input format {name!r}; known: {sorted(READERS)}") from None
+from pipelines import imaging, schemas, sources_parquet, storage
+from pipelines.sources_base import (
+    READERS,
+    UNIT_STAGE,
+    Format,
+    InputFile,
+    OneFileReader,
+    Part,
+    Reader,
+    Record,
+    SourceConfig,
+    get_reader,
+    part_name,
+    register,
+)
+from pipelines.sources_safety import (
+    clean_name,
+    member_problem,
+    read_loose_file,
+    tar_member_problem,
+    unsafe_member,
+)
 
 
 # --- listing and planning -------------------------------------------------------------------------------
-def part_name(rel: str, suffix: str = "") -> str:
-    """A file-name-safe, collision-free part id for a file path (readable tail + hash of the full path)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", rel).strip("._")[-80:] or "root"
-    return f"{safe}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}{suffix}"
-
-
 def list_input(uri: str, storage_options: dict[str, Any] | None = None) -> list[InputFile]:
     """Every file under ``uri`` (or ``uri`` itself), sorted, hidden / underscore-prefixed paths skipped."""
     try:
@@ -234,53 +149,9 @@ def read_part(part: Part, cfg: SourceConfig) -> Iterator[Record]:
     return get_reader(part.kind).read(part, cfg)
 
 
-# --- member safety --------------------------------------------------------------------------------------
-def unsafe_member(name: str) -> str | None:
-    """Why an archive member name must not be used (absolute, drive letter, ``..``), or None."""
-    if "\x00" in name:
-        return "member name contains NUL"
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-        return "unsafe member path (absolute)"
-    if ".." in re.split(r"[\\/]+", name):
-        return "unsafe member path ('..')"
-    return None
-
-
-def _member_problem(raw_name: str, name: str, size: int, seen: set[str], cfg: SourceConfig,
-                    *kind_checks: tuple[bool, str]) -> str | None:
-    """Why an archive member must not be read (None if it may): unsafe path, then the format's own checks
-    (links, encryption), then duplicates and size. Records ``name`` in ``seen`` either way."""
-    why = unsafe_member(raw_name)
-    for bad, reason in kind_checks:
-        if why is None and bad:
-            why = reason
-    if why is None and name in seen:
-        why = "duplicate member name"
-    if why is None and size > cfg.max_member_bytes:
-        why = f"member too large ({size} bytes > {cfg.max_member_bytes})"
-    seen.add(name)
-    return why
-
-
-def tar_member_problem(m: tarfile.TarInfo, seen: set[str], cfg: SourceConfig) -> str | None:
-    """Why tar member ``m`` must not be read (unsafe path, link or device, duplicate, too large), or None; the
-    one check for every tar reader (caption's readers, embed's and embed-text's shard reader)."""
-    return _member_problem(m.name, _clean(m.name), m.size, seen, cfg,
-                           (not m.isfile(), "not a regular file (link or device)"))
-
-
-def _clean(name: str) -> str:
-    while name.startswith("./"):
-        name = name[2:]
-    return name
-
-
 # --- loose images ---------------------------------------------------------------------------------------
-class ImagesReader:
+class ImagesReader(OneFileReader):
     name = "images"
-
-    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]:
-        return [Part(part_name(file.rel), self.name, (file,))]
 
     def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
         fs, _ = storage.filesystem(part.files[0].uri)
@@ -299,33 +170,6 @@ class ImagesReader:
                 yield from pool.map(fetch, part.files[i: i + cfg.read_batch])
 
 
-def _check_local_file(uri: str, rel: str) -> str:
-    """The real path of a local loose file, refused unless it is a regular file inside the real input folder
-    (a symlink to /etc/passwd or /dev/zero in a user's folder must not be read)."""
-    path = storage.filesystem(uri)[1]
-    root = path[: len(path) - len(rel)] if path.endswith(rel) else os.path.dirname(path)
-    real, real_root = os.path.realpath(path), os.path.realpath(root or ".")
-    if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
-        raise PermissionError(f"symlink leads outside the input folder ({rel!r})")
-    if not stat.S_ISREG(os.stat(real).st_mode):
-        raise PermissionError(f"not a regular file ({rel!r})")
-    return real
-
-
-def read_loose_file(fs: Any, f: InputFile, limit: int) -> bytes:
-    """At most ``limit`` bytes of a loose file (more is an error: listed sizes can lie, e.g. devices)."""
-    if storage.protocol_prefix(fs) == "":
-        with open(_check_local_file(f.uri, f.rel), "rb") as fh:
-            data = fh.read(limit + 1)
-    else:
-        # open + bounded read, not cat_file: the object may be larger than the listing said.
-        with fs.open(storage.filesystem(f.uri)[1], "rb") as fh:
-            data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"file larger than {limit} bytes")
-    return data
-
-
 # --- tar and webdataset ---------------------------------------------------------------------------------
 def _tar_members(part: Part, cfg: SourceConfig) -> Iterator[tuple[str, bytes | None, str | None]]:
     """(member name, bytes or None, error or None) in archive order; ("", None, error) for the archive."""
@@ -335,7 +179,7 @@ def _tar_members(part: Part, cfg: SourceConfig) -> Iterator[tuple[str, bytes | N
         fs, path = storage.filesystem(f.uri)
         with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tf:
             for m in tf:
-                name = _clean(m.name)
+                name = clean_name(m.name)
                 if m.isdir():
                     continue
                 why = tar_member_problem(m, seen, cfg)
@@ -354,11 +198,8 @@ def _member_record(part: Part, name: str, data: bytes | None, error: str | None)
     return Record(key, f.uri, data=data, error=error, stage="read" if name else UNIT_STAGE)
 
 
-class TarReader:
+class TarReader(OneFileReader):
     name = "tar"
-
-    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]:
-        return [Part(part_name(file.rel), self.name, (file,))]
 
     def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
         for name, data, error in _tar_members(part, cfg):
@@ -400,11 +241,12 @@ class WebDatasetReader(TarReader):
             yield Record(key, part.files[0].uri, data=image)
 
 
-def webdataset_samples(uri: str, cfg: SourceConfig = SourceConfig()
+def webdataset_samples(uri: str, cfg: SourceConfig | None = None
                        ) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
     """(sample key, {extension: bytes}, None) per sample of a webdataset shard at ``uri``, members grouped by key,
     through the same member-safety checks as the readers; a refused member or an unreadable archive gives
     (member name or "", {}, error). For stages that need more than the image (captions for CLIP training)."""
+    cfg = cfg or SourceConfig()
     part = Part(part_name(posixpath.basename(uri)), "webdataset", (InputFile(uri, posixpath.basename(uri), 0),))
     key, group = None, {}
     for name, data, error in _tar_members(part, cfg):
@@ -422,11 +264,8 @@ def webdataset_samples(uri: str, cfg: SourceConfig = SourceConfig()
 
 
 # --- zip ------------------------------------------------------------------------------------------------
-class ZipReader:
+class ZipReader(OneFileReader):
     name = "zip"
-
-    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]:
-        return [Part(part_name(file.rel), self.name, (file,))]
 
     def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
         f = part.files[0]
@@ -445,8 +284,8 @@ class ZipReader:
     @staticmethod
     def _member(part: Part, zf: zipfile.ZipFile, info: zipfile.ZipInfo, seen: set[str],
                 cfg: SourceConfig) -> Record:
-        name = _clean(info.filename)
-        why = _member_problem(info.filename, name, info.file_size, seen, cfg,
+        name = clean_name(info.filename)
+        why = member_problem(info.filename, name, info.file_size, seen, cfg,
                               (stat.S_ISLNK(info.external_attr >> 16), "not a regular file (symlink)"),
                               (bool(info.flag_bits & 0x1), "encrypted member"))
         if why is not None:
@@ -461,11 +300,10 @@ class ZipReader:
         return _member_record(part, name, data, None)
 
 
-# Parquet readers live in pipelines.sources_parquet to keep modules small; importing it registers them.
 for _reader in (ImagesReader(), TarReader(), WebDatasetReader(), ZipReader()):
     register(_reader)
 
-from pipelines import sources_parquet as _parquet  # noqa: E402,F401  (registers "parquet", "embeddings")
-
-__all__ = ["READERS", "InputFile", "Part", "Reader", "Record", "SourceConfig", "get_reader", "plan_digest",
-           "plan_parts", "read_part", "register", "schemas"]
+# sources_parquet registered "parquet", "embeddings" and "unreadable" when it was imported above
+__all__ = ["READERS", "UNIT_STAGE", "InputFile", "Part", "Reader", "Record", "SourceConfig", "get_reader",
+           "list_input", "part_name", "plan_digest", "plan_parts", "read_loose_file", "read_part", "register",
+           "schemas", "sources_parquet", "tar_member_problem", "unsafe_member", "webdataset_samples"]

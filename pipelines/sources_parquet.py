@@ -1,4 +1,5 @@
-"""Parquet readers for bulk captioning (registered into ``pipelines.sources.READERS`` on import).
+"""Parquet readers for bulk captioning (registered into ``pipelines.sources_base.READERS`` on import;
+importing ``pipelines.sources`` imports this module).
 
 - ``parquet``: a table with image bytes (a binary column, or a Hugging Face ``{bytes, path}`` struct) and/or
   image URLs (downloaded in a thread pool, with a timeout, a size cap and a scheme allow-list);
@@ -20,9 +21,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import schemas, storage, urlsafety
-from pipelines.sources import UNIT_STAGE, InputFile, Part, Record, SourceConfig, part_name, register
-
-_IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "image_bytes", "img", "bytes")
+from pipelines.sources_base import (
+    UNIT_STAGE,
+    InputFile,
+    OneFileReader,
+    Part,
+    Record,
+    SourceConfig,
+    part_name,
+    register,
+)
 
 
 def _open(file: InputFile) -> Any:
@@ -32,7 +40,7 @@ def _open(file: InputFile) -> Any:
 
 def image_column(schema: pa.Schema, cfg: SourceConfig) -> str | None:
     """The column holding encoded image bytes (binary, or a struct with a ``bytes`` field), if any."""
-    names = [cfg.image_column] if cfg.image_column else list(_IMAGE_COLUMNS)
+    names = [cfg.image_column] if cfg.image_column else list(schemas.IMAGE_BYTES_COLUMNS)
     for name in names:
         if name not in schema.names:
             continue
@@ -69,7 +77,7 @@ class ParquetReader:
             raise ValueError(f"{file.uri}: not an embedding table (no {schemas.IMAGE_EMBEDDING!r} column)")
         elif image_column(schema, cfg) is None and cfg.url_column not in schema.names:
             raise ValueError(
-                f"{file.uri}: no image column (one of {list(_IMAGE_COLUMNS)}), URL column "
+                f"{file.uri}: no image column (one of {list(schemas.IMAGE_BYTES_COLUMNS)}), URL column "
                 f"{cfg.url_column!r} or {schemas.IMAGE_EMBEDDING!r} column; has {schema.names}"
             )
         parts, group, first, offset, rows = [], [], 0, 0, 0
@@ -188,13 +196,10 @@ class EmbeddingsReader:
             seen.add(key)
 
 
-class UnreadableReader:
+class UnreadableReader(OneFileReader):
     """A file whose footer could not be read while planning: one error row with the reason."""
 
     name = "unreadable"
-
-    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]:
-        return [Part(part_name(file.rel), self.name, (file,))]
 
     def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
         f = part.files[0]
