@@ -25,7 +25,6 @@ import logging
 import os
 import posixpath
 import re
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from clipcap_core import uris
 
 TINY = "tiny"
 TINY_SEED = 1234
@@ -89,10 +90,6 @@ def available_models() -> list[str]:
     return list(_open_clip().list_models())
 
 
-def _is_uri(value: str) -> bool:
-    return "://" in value and not value.startswith("file://")
-
-
 def validate_config(cfg: EncoderConfig) -> None:
     """Raise ValueError (clear message) unless the model name and pretrained source can be resolved.
 
@@ -109,12 +106,9 @@ def validate_config(cfg: EncoderConfig) -> None:
         return
     if pre in oc.list_pretrained_tags_by_model(cfg.model_name):
         return
-    if _is_uri(pre):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(pre)
+    if uris.is_remote(pre):
         try:
-            found = fs.exists(path)
+            found = uris.exists(pre)
         except Exception as exc:  # noqa: BLE001 - any backend error is a config problem here
             raise ValueError(f"cannot reach CLIP weights {pre!r}: {type(exc).__name__}: {exc}") from exc
         if not found:
@@ -183,20 +177,13 @@ class ImageResizer:
 
 def resolve_weights(pretrained: str, cache_dir: str | None = None) -> str:
     """Local path for ``pretrained``: a tag or local file is returned as is; a URI is downloaded once."""
-    if not _is_uri(pretrained):
+    if not uris.is_remote(pretrained):
         return pretrained.removeprefix("file://")
-    import fsspec
-
     cache = Path(cache_dir or os.environ.get("CLIPCAP_CACHE", Path.home() / ".cache" / "clipcap")) / "weights"
     digest = hashlib.sha256(pretrained.encode()).hexdigest()[:16]
     local = cache / digest / posixpath.basename(pretrained.rstrip("/"))
     if not local.exists():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{uuid.uuid4().hex}.part")  # concurrent actors: last rename wins, same bytes
-        with fsspec.open(pretrained, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 24):
-                dst.write(chunk)
-        os.replace(tmp, local)
+        uris.download_file(pretrained, local)  # concurrent actors: last rename wins, same bytes
     return str(local)
 
 

@@ -1,4 +1,6 @@
-"""Moving model files between any fsspec URI (local path, ``s3://``, ``gs://``, ``memory://``) and local disk.
+"""The fsspec helpers below every other (``pipelines.storage`` builds its table / JSON writers on these): a URI ->
+(filesystem, path), existence, remote-or-local, and moving model files between any fsspec URI (local path,
+``s3://``, ``gs://``, ``memory://``) and local disk.
 
 Hugging Face loaders and tokenizers read local directories only, so remote artifacts / LMs are copied to a
 temporary local directory first (``local_copy``) and local save directories are uploaded file by file
@@ -18,8 +20,10 @@ import posixpath
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import fsspec
 
@@ -34,9 +38,27 @@ def _strip_file(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
-def exists(uri: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(str(uri))
+def filesystem(uri: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+               ) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of ``uri`` and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
+    return fs, path
+
+
+def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = filesystem(uri, storage_options)
     return bool(fs.exists(path))
+
+
+def download_file(uri: str, dest: Path) -> None:
+    """Copy the file at ``uri`` to ``dest`` by a temporary name + rename (concurrent copies: the last rename
+    wins, with the same bytes), 16 MiB at a time."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{uuid.uuid4().hex}.part")
+    with fsspec.open(uri, "rb") as src, open(tmp, "wb") as dst:
+        while chunk := src.read(1 << 24):
+            dst.write(chunk)
+    os.replace(tmp, dest)
 
 
 @contextlib.contextmanager
@@ -46,7 +68,7 @@ def local_copy(uri: str | os.PathLike[str]) -> Iterator[Path]:
     if not is_remote(text):
         yield Path(_strip_file(text))
         return
-    fs, root = fsspec.core.url_to_fs(text)
+    fs, root = filesystem(text)
     files = fs.find(root)
     if not files:
         raise FileNotFoundError(f"nothing found at {text}")
@@ -93,7 +115,7 @@ def safe_join(base: Path, rel: str, what: str = "path") -> Path:
 
 def upload_dir(local_dir: str | os.PathLike[str], uri: str) -> None:
     """Copy every file under ``local_dir`` to ``uri`` (created if missing), keeping relative paths."""
-    fs, root = fsspec.core.url_to_fs(str(uri))
+    fs, root = filesystem(uri)
     fs.makedirs(root, exist_ok=True)
     base = Path(local_dir)
     for path in sorted(p for p in base.rglob("*") if p.is_file()):

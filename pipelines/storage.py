@@ -1,6 +1,7 @@
 """Storage helpers over fsspec: one code path for local paths, ``s3://`` (s3fs), ``gs://`` and ``memory://``.
 
-- ``filesystem(uri)`` -> (fsspec filesystem, path inside it)
+- ``filesystem(uri)`` -> (fsspec filesystem, path inside it) and ``exists``: ``clipcap_core.uris``'s, re-exported
+  (the core library cannot import ``pipelines``, so the shared helpers live there)
 - ``atomic_write_table`` writes a Parquet file to a temporary name and renames it into place (on object
   stores, where rename is copy+delete, the final object only ever appears complete: S3 PUTs are atomic),
   so readers and reruns never see a partial file.
@@ -18,10 +19,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
-def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
-    return fs, path
+from clipcap_core.uris import exists, filesystem
+from pipelines import schemas
 
 
 def join(uri: str, *parts: str) -> str:
@@ -46,18 +45,13 @@ def ensure_dir(fs: fsspec.AbstractFileSystem, path: str) -> None:
         fs.makedirs(path, exist_ok=True)
 
 
-def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
-    fs, path = filesystem(uri, storage_options)
-    return bool(fs.exists(path))
-
-
 def remove(uri: str, storage_options: dict[str, Any] | None = None) -> None:
     fs, path = filesystem(uri, storage_options)
     fs.rm(path)
 
 
 # Columns that may hold URLs from user data: redacted (query strings, credentials) before any write.
-REDACTED_COLUMNS = ("url", "source", "error")
+REDACTED_COLUMNS = (schemas.URL, schemas.SOURCE, schemas.ERROR)
 
 
 def redact_table(table: pa.Table) -> pa.Table:
@@ -149,3 +143,7 @@ def check_writable(uri: str, storage_options: dict[str, Any] | None = None) -> N
         fs.rm(probe)
     except Exception as exc:  # noqa: BLE001 - turn any backend error into one clear message
         raise OSError(f"output URI {uri!r} is not writable: {type(exc).__name__}: {exc}") from exc
+
+
+__all__ = ["atomic_write_table", "check_writable", "ensure_dir", "exists", "filesystem", "full_uri", "join",
+           "list_files", "protocol_prefix", "read_json", "redact_json", "redact_table", "remove", "write_json"]
