@@ -68,7 +68,7 @@ def caption_heldout(root: str, model_uri: str, samples: Sequence[Any], *, show: 
     summary = caption_archive(CaptionConfig(input=archive, output=output, model=model_uri, overwrite=True,
                                             resources=resources or ResourceOptions(), **extra))
     table = read_captions(output).to_pylist()
-    predicted = {r["key"]: r["caption"] for r in table if r["rank"] == 0}
+    predicted = {r[schemas.KEY]: r[schemas.CAPTION] for r in table if r[schemas.RANK] == 0}
     truth = {f"{ARCHIVE}/{s.key}.png": s.caption for s in samples}
     hits = sum(_norm(predicted.get(k, "")) == _norm(v) for k, v in truth.items())
     echo(f"captioned {summary.images} held-out images from {archive} into {output} "

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines import imaging, sources, storage, tables
+from pipelines import imaging, schemas, sources, storage, tables
 
 log = logging.getLogger(__name__)
 ROWS_PER_BLOCK = 256
@@ -61,10 +61,10 @@ def _sidecar_keys(shard: str) -> list[str] | None:
     try:
         fs, path = storage.filesystem(side)
         with fs.open(path, "rb") as f:
-            t = pq.read_table(f, columns=["key", "status"])
+            t = pq.read_table(f, columns=[schemas.KEY, "status"])
     except Exception:  # noqa: BLE001 - a sidecar we cannot use: fall back to the tar itself
         return None
-    return [k for k, s in zip(t.column("key").to_pylist(), t.column("status").to_pylist(), strict=True)
+    return [k for k, s in zip(t.column(schemas.KEY).to_pylist(), t.column("status").to_pylist(), strict=True)
             if s == "success" and k]
 
 

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from pipelines import exitcodes, runtime, storage
+from pipelines import exitcodes, runtime, schemas, storage
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,9 @@ class DownloadConfig:
     output: str
     input_format: Literal["auto", "tsv", "csv", "parquet", "jsonl"] = "auto"
     header: bool | None = None  # tsv/csv only; None = detect (a first row holding a URL is data, CC3M)
-    columns: tuple[str, ...] = ("caption", "url")
-    url_col: str = "url"
-    caption_col: str | None = "caption"
+    columns: tuple[str, ...] = (schemas.CAPTION, schemas.URL)
+    url_col: str = schemas.URL
+    caption_col: str | None = schemas.CAPTION
     image_size: int = 256
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
     resize_only_if_bigger: bool = False
@@ -202,9 +202,9 @@ def read_url_list(cfg: DownloadConfig) -> pd.DataFrame:
     if missing:
         raise ValueError(f"URL list {cfg.url_list!r} has no column(s) {missing}; it has {list(df.columns)}. "
                          "Set url_col / caption_col (or columns + header=false for a headerless file).")
-    out = pd.DataFrame({"url": df[cfg.url_col].astype("string")})
+    out = pd.DataFrame({schemas.URL: df[cfg.url_col].astype("string")})
     if cfg.caption_col:
-        out["caption"] = df[cfg.caption_col].astype("string")
+        out[schemas.CAPTION] = df[cfg.caption_col].astype("string")
     return out
 
 
@@ -218,8 +218,8 @@ def _read_delimited(cfg: DownloadConfig, sep: str) -> pd.DataFrame:
 def img2dataset_kwargs(cfg: DownloadConfig, url_parquet: str) -> dict[str, Any]:
     """Our config as img2dataset.download() keyword arguments (the list already normalised to Parquet)."""
     return dict(
-        url_list=url_parquet, input_format="parquet", url_col="url",
-        caption_col="caption" if cfg.caption_col else None, output_folder=cfg.output, output_format="webdataset",
+        url_list=url_parquet, input_format="parquet", url_col=schemas.URL,
+        caption_col=schemas.CAPTION if cfg.caption_col else None, output_folder=cfg.output, output_format="webdataset",
         image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
         encode_format=cfg.encode_format, encode_quality=cfg.quality, min_image_size=cfg.min_image_size,
         processes_count=cfg.processes_count, thread_count=cfg.thread_count,
@@ -265,7 +265,7 @@ def check_urls(cfg: DownloadConfig, df: pd.DataFrame) -> None:
     ``s3://`` with our credentials) or private literal hosts, before any download (``urlsafety``)."""
     from pipelines.urlsafety import url_list_problems
 
-    problems = url_list_problems(df["url"].dropna().unique(), cfg.allow_private_urls)
+    problems = url_list_problems(df[schemas.URL].dropna().unique(), cfg.allow_private_urls)
     if problems:
         raise ValueError(f"URL list {cfg.url_list!r} has URLs we do not fetch: " + "; ".join(problems[:5]))
 

@@ -19,7 +19,7 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import storage
+from pipelines import schemas, storage
 from pipelines.urlsafety import redact_url
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ def _redacted_tar(raw: bytes) -> bytes:
             data = src.extractfile(member).read() if member.isfile() else None
             if data is not None and member.name.endswith(".json"):
                 meta = json.loads(data)
-                if isinstance(meta, dict) and isinstance(meta.get("url"), str):
-                    meta["url"] = redact_url(meta["url"])
+                if isinstance(meta, dict) and isinstance(meta.get(schemas.URL), str):
+                    meta[schemas.URL] = redact_url(meta[schemas.URL])
                 data = json.dumps(meta).encode()
                 member.size = len(data)
             dst.addfile(member, io.BytesIO(data) if data is not None else None)
@@ -59,10 +59,10 @@ def redact_shard(parquet_uri: str) -> bool:
     """Redact the URLs of one shard (``<id>.parquet`` + ``<id>.tar``); True if it had secrets."""
     fs, path = storage.filesystem(parquet_uri)
     with fs.open(path, "rb") as f:
-        if "url" not in pq.read_schema(f).names:
+        if schemas.URL not in pq.read_schema(f).names:
             return False
     with fs.open(path, "rb") as f:
-        if not any(_secret(u) for u in pq.read_table(f, columns=["url"]).column("url").to_pylist()):
+        if not any(_secret(u) for u in pq.read_table(f, columns=[schemas.URL]).column(schemas.URL).to_pylist()):
             return False
     with fs.open(path, "rb") as f:
         table = pq.read_table(f)
@@ -70,8 +70,8 @@ def redact_shard(parquet_uri: str) -> bool:
     if fs.exists(tar_path):  # the tar first: a crash in between leaves the parquet to flag the shard again
         with fs.open(tar_path, "rb") as f:
             _replace(fs, tar_path, _redacted_tar(f.read()))
-    urls = pa.array([None if u is None else redact_url(u) for u in table.column("url").to_pylist()], pa.string())
-    table = table.set_column(table.column_names.index("url"), "url", urls)
+    urls = pa.array([None if u is None else redact_url(u) for u in table.column(schemas.URL).to_pylist()], pa.string())
+    table = table.set_column(table.column_names.index(schemas.URL), schemas.URL, urls)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     _replace(fs, path, buf.getvalue())

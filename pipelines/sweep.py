@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from clipcap_core.configs import from_dict, to_dict
 from clipcap_core.training import TrainConfig
-from pipelines import storage, tables
+from pipelines import schemas, storage, tables
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _trial(config: dict[str, Any]) -> None:
     train_t = tables.read_split(files, split, max_rows=sweep.max_train_rows)
     held = tables.read_split(files, tables.Split(part="heldout", heldout_fraction=sweep.heldout_fraction),
                              max_rows=sweep.eval_max_samples)
-    captions, emb = train_t.column("caption").to_pylist(), tables.embeddings_numpy(train_t)
+    captions, emb = train_t.column(schemas.CAPTION).to_pylist(), tables.embeddings_numpy(train_t)
     steps = hp.epochs * -(-len(captions) // hp.batch_size)
     t0 = time.perf_counter()
 

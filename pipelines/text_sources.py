@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from pipelines import storage
+from pipelines import schemas, storage
 
 FORMATS = ("text", "csv", "tsv", "jsonl", "parquet", "img2dataset")
 _EXTENSIONS = {"txt": "text", "text": "text", "csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "json": "jsonl",
@@ -131,9 +131,9 @@ def read_table_file(uri: str, fmt: str, caption_col: str, key_col: str | None) -
     if missing:
         raise ValueError(f"{uri} has no column(s) {missing}; it has {list(df.columns)} (set --caption-col / "
                          "--key-col)")
-    out = pd.DataFrame({"caption": df[caption_col].astype("string")})
+    out = pd.DataFrame({schemas.CAPTION: df[caption_col].astype("string")})
     if key_col:
-        out["key"] = df[key_col].astype("string")
+        out[schemas.KEY] = df[key_col].astype("string")
     return out
 
 
@@ -149,10 +149,10 @@ def read_img2dataset_shard(uri: str, max_chars: int) -> TextPart:
         fs, path = storage.filesystem(meta)
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
-        if "caption" not in table.column_names or "key" not in table.column_names:
+        if schemas.CAPTION not in table.column_names or schemas.KEY not in table.column_names:
             raise ValueError(f"img2dataset shard metadata {meta} has no key / caption column (has "
                              f"{table.column_names}); download with a caption column")
-        rows = ((k, c, "") for k, c in zip(table.column("key").to_pylist(), table.column("caption").to_pylist(),
+        rows = ((k, c, "") for k, c in zip(table.column(schemas.KEY).to_pylist(), table.column(schemas.CAPTION).to_pylist(),
                                             strict=True))
     else:
         fs, path = storage.filesystem(uri)
@@ -178,9 +178,9 @@ def read_file_parts(uri: str, fmt: str, *, caption_col: str, key_col: str | None
         keys = [f"{stem}-{i:08d}" for i in range(len(captions))]
     else:
         df = read_table_file(uri, fmt, caption_col, key_col)
-        captions = [None if pd.isna(c) else str(c) for c in df["caption"]]
+        captions = [None if pd.isna(c) else str(c) for c in df[schemas.CAPTION]]
         errors = [_check(c, max_chars) for c in captions]
-        keys = ([str(k) if not pd.isna(k) else f"{stem}-{i:08d}" for i, k in enumerate(df["key"])] if key_col
+        keys = ([str(k) if not pd.isna(k) else f"{stem}-{i:08d}" for i, k in enumerate(df[schemas.KEY])] if key_col
                 else [f"{stem}-{i:08d}" for i in range(len(captions))])
     parts = []
     for n, start in enumerate(range(0, max(len(keys), 1), part_size)):
@@ -189,7 +189,7 @@ def read_file_parts(uri: str, fmt: str, *, caption_col: str, key_col: str | None
     return parts
 
 
-def plan_parts(uri: str, fmt: str = "auto", *, caption_col: str = "caption", key_col: str | None = None,
+def plan_parts(uri: str, fmt: str = "auto", *, caption_col: str = schemas.CAPTION, key_col: str | None = None,
                part_size: int = 10000, max_chars: int = 2000) -> list[TextPart]:
     """Every part of the input, in a deterministic order; part ids must be unique (two files with one stem fail)."""
     parts: list[TextPart] = []
