@@ -3,7 +3,8 @@
 Each sub-command module named in ``COMMANDS`` has ``HELP`` (its line in ``clipcap --help``), a docstring (its
 ``--help`` description), ``add_arguments(parser)`` and ``run(args) -> int``, which does the work by calling one
 library function; ``build_parser`` registers them all the same way.
-Heavy imports (torch, ray, open_clip) happen inside ``func``, so ``clipcap --help`` is instant.
+Heavy imports (torch, ray, open_clip) happen inside ``run``, and ``clipcap COMMAND ...`` imports only that
+command's module (some pull in torch for their config types), so a job's driver does not pay for the others.
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of ``commands`` only (the others are then not imported)."""
     parser = argparse.ArgumentParser(prog="clipcap", description="CLIP-prefix image captioning at scale on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging of the project's modules "
                         "(not of boto / urllib3 / Ray, which would log credentials) and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in COMMANDS.items():
+        if commands is not None and name not in commands:
+            continue
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -53,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command_parser(command: str) -> argparse.ArgumentParser:
     """The parser of one sub-command (``jobs/*.py``, the Ray job entry points, take the same flags)."""
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    sub = next(a for a in build_parser([command])._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[command]
 
 
@@ -61,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser([first] if first in COMMANDS else None)
     args = parser.parse_args(argv)
     from pipelines.urlsafety import setup_logging
 
