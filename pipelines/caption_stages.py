@@ -110,7 +110,7 @@ def read_decode_batch(batch: pa.Table, *, cfg_json: str, spec: Any, block_rows: 
 
     ``spec`` is the CLIP model's ``PreprocessSpec`` (None when the input is only embedding tables)."""
     from clipcap_core.configs import from_dict
-    from clipcap_core.encoders import ImageResizer
+    from clipcap_core.preprocess import ImageResizer
 
     cfg = from_dict(sources.SourceConfig, json.loads(cfg_json))
     resizer = ImageResizer(spec) if spec is not None else None

@@ -94,7 +94,7 @@ class PairPrep:
     max_pixels: int = imaging.DEFAULT_MAX_PIXELS
 
     def resizer(self) -> Any:
-        from clipcap_core.encoders import ImageResizer, PreprocessSpec
+        from clipcap_core.preprocess import ImageResizer, PreprocessSpec
 
         return ImageResizer(PreprocessSpec(size=self.size, mean=(0.0,) * 3, std=(1.0,) * 3,
                                            interpolation=self.interpolation))

@@ -19,13 +19,16 @@ import tarfile
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clipcap_core.encoders import EncoderConfig, ImageResizer, PreprocessSpec
+from clipcap_core.preprocess import ImageResizer, PreprocessSpec
 from pipelines import imaging
 from pipelines.sources import SourceConfig, tar_member_problem
+
+if TYPE_CHECKING:
+    from clipcap_core.encoders import EncoderConfig
 
 # Columns flowing from the decode tasks to the encoder and on to the driver.
 SHARD, TOTAL, KEY, CAPTION, URL, SOURCE, ERROR, PIXELS, UNREAD = (

@@ -135,3 +135,30 @@ def test_tiny_embeddings_are_informative(tiny):
     floor = {"count": 0.6, "size": 0.9, "color": 0.85, "shape": 0.45, "position": 0.85}
     acc = {a: _ridge_accuracy(emb, [getattr(s.attributes, a) for s in samples], 300) for a in floor}
     assert all(acc[a] >= floor[a] for a in floor), acc
+
+
+def test_loaded_weights_are_exactly_the_checkpoint_and_init_is_restored(tmp_path):
+    """Loading with a checkpoint skips the random init (start-up): every tensor must still be the file's, a
+    checkpoint missing a parameter must fail, and torch.nn.init must work again afterwards."""
+    import open_clip
+
+    torch.manual_seed(5)
+    ref = open_clip.create_model("ViT-B-32")
+    ckpt = tmp_path / "vitb32.pt"
+    torch.save(ref.state_dict(), ckpt)
+    enc = load_encoder(EncoderConfig(model_name="ViT-B-32", pretrained=str(ckpt)))
+    got, want = enc.model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    w = torch.empty(64, 64)
+    torch.nn.init.normal_(w)
+    assert float(w.std()) > 0.5  # the real init again, not the no-op
+    partial = dict(want)
+    partial.pop("visual.proj")
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(RuntimeError, match="visual.proj"):
+        load_encoder(EncoderConfig(model_name="ViT-B-32", pretrained=str(tmp_path / "partial.pt")))
+    w = torch.empty(64, 64)
+    torch.nn.init.normal_(w)  # restored after a failed load too
+    assert float(w.std()) > 0.5
