@@ -277,7 +277,8 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
     if plan.todo:
         committer = PartCommitter(cfg.output, plan.model_id, cfg.decoding, cfg.rerank)
         last = time.monotonic()
-        for block in build_dataset(cfg, plan).iter_batches(batch_size=None, batch_format="pyarrow"):
+        for block in build_dataset(cfg, plan).iter_batches(batch_size=None, batch_format="pyarrow",
+                                                          prefetch_batches=0):  # see embed._drain
             summary.first_output_s = summary.first_output_s or round(time.monotonic() - start, 3)
             for _pid, images, captioned, n_caps in committer.add(block):
                 summary.parts_done += 1

@@ -240,7 +240,8 @@ def _drain(cfg: EmbedTextConfig, pending: list[text_sources.TextPart], dim: int)
     by_id = {p.part_id: p for p in pending}
     assembler, committed, totals = st.ShardAssembler(), set(), [0, 0, 0]
     if any(len(p) for p in pending):
-        for batch in build_dataset(cfg, pending).iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in build_dataset(cfg, pending).iter_batches(batch_size=None, batch_format="numpy",
+                                                                prefetch_batches=0):  # see embed._drain
             got = np.asarray(batch[schemas.TEXT_EMBEDDING]).shape[-1]
             if got != dim:
                 raise ValueError(f"model {cfg.encoder.model_name} gave D={got}, its config says {dim}")
