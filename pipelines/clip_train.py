@@ -32,7 +32,7 @@ from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
 from pipelines import clip_data, storage, tables
 from pipelines.train_checkpoints import stream_start
 from pipelines.train_runner import fit_workers
-from pipelines.train_state import FaultConfig, RunOptions, ScaleConfig, StepPlan
+from pipelines.train_state import FaultConfig, RunOptions, ScaleConfig, StepPlan, check_heldout_fraction
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,7 @@ class ClipTrainJobConfig:
     def __post_init__(self) -> None:
         if not self.shards:
             raise ValueError("shards: give at least one webdataset shard folder or .tar file")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        if self.scale.num_workers < 1:
-            raise ValueError(f"scale.num_workers must be >= 1, got {self.scale.num_workers}")
+        check_heldout_fraction(self.heldout_fraction)
         if self.data == "memory" and self.train.augment != "none":
             raise ValueError("data='memory' decodes once, so it cannot augment: use augment='none' or data='stream'")
         if not self.name or "/" in self.name:

@@ -37,7 +37,7 @@ from pipelines.train_checkpoints import stream_start
 from pipelines.train_heldout import evaluate_model
 from pipelines.train_runner import fit_workers, write_history
 from pipelines.train_setup import BatchTokenizer, load_tokenizer_for, resolve_model_config
-from pipelines.train_state import FaultConfig, RunOptions, ScaleConfig, StepPlan
+from pipelines.train_state import FaultConfig, RunOptions, ScaleConfig, StepPlan, check_heldout_fraction
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,7 @@ class TrainJobConfig:
     def __post_init__(self) -> None:
         if not self.tables:
             raise ValueError("tables: give at least one embedding table folder or file")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        if self.scale.num_workers < 1:
-            raise ValueError(f"scale.num_workers must be >= 1, got {self.scale.num_workers}")
+        check_heldout_fraction(self.heldout_fraction)
 
     @property
     def embedding_column(self) -> str:

@@ -49,6 +49,10 @@ class ScaleConfig:
     gpus_per_worker: float = 1.0  # with use_gpu
     torch_threads: int = 0  # 0: Ray's default (OMP_NUM_THREADS = CPUs per worker)
 
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"scale.num_workers must be >= 1, got {self.num_workers}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class FaultConfig:
@@ -60,6 +64,12 @@ class FaultConfig:
     crash_at_step: int
     marker: str
     rank: int = 0
+
+
+def check_heldout_fraction(fraction: float) -> None:
+    """Both jobs hold out a key-hash share of their data: it must leave some to train on."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {fraction}")
 
 
 @dataclass(frozen=True, kw_only=True)
