@@ -34,13 +34,13 @@ def plain_loop(files: list[str], args: argparse.Namespace) -> float:
 
     from clipcap_core.training import TrainConfig, make_optimizer_and_scheduler, train_step
     from pipelines import tables
-    from pipelines.train_loop import BatchTokenizer, build_model, resolve_model_config, to_core_batch
+    from pipelines.train_setup import BatchTokenizer, build_or_load_model, resolve_model_config, to_core_batch
 
     torch.set_num_threads(args.threads)
     info = tables.inspect_tables(files)
     hp = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, warmup_steps=10,
                      max_caption_tokens=args.max_tokens)
-    model, tok = build_model(args.model, resolve_model_config(args.model, {}, info), seed=0)
+    model, tok = build_or_load_model(args.model, resolve_model_config(args.model, {}, info), seed=0)
     table = tables.read_split(files, tables.Split(part="train", heldout_fraction=0.0))
     tokens, mask = BatchTokenizer(tok, args.max_tokens)(table.column("caption").to_pylist())
     pad = args.max_tokens - tokens.shape[1]  # same padded width as the Ray pipeline; trimmed per batch

@@ -70,7 +70,7 @@ def ray_run(shards: str, out: str, args: argparse.Namespace) -> tuple[float, flo
     from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
     from pipelines.clip_train import ClipTrainJobConfig, run_clip_training
     from pipelines.train import ScaleConfig
-    from pipelines.train_loop import RunOptions
+    from pipelines.train_state import RunOptions
 
     if not ray.is_initialized():
         ray.init(address=args.ray_address, log_to_driver=False)

@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
-from clipcap_core.configs import to_dict
 from pipelines import clip_data, storage, tables
-from pipelines.train import FaultConfig, ScaleConfig, _env, stored_checkpoint_steps, write_history
-from pipelines.train_loop import RunOptions
+from pipelines.train_checkpoints import stream_start
+from pipelines.train_runner import fit_workers
+from pipelines.train_state import FaultConfig, RunOptions, ScaleConfig, StepPlan, check_heldout_fraction
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClipTrainJobConfig", "ClipTrainResult", "run_clip_training"]
+__all__ = ["ClipTrainJobConfig", "ClipTrainPlan", "ClipTrainResult", "plan", "run_clip_training"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,10 +61,7 @@ class ClipTrainJobConfig:
     def __post_init__(self) -> None:
         if not self.shards:
             raise ValueError("shards: give at least one webdataset shard folder or .tar file")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        if self.scale.num_workers < 1:
-            raise ValueError(f"scale.num_workers must be >= 1, got {self.scale.num_workers}")
+        check_heldout_fraction(self.heldout_fraction)
         if self.data == "memory" and self.train.augment != "none":
             raise ValueError("data='memory' decodes once, so it cannot augment: use augment='none' or data='stream'")
         if not self.name or "/" in self.name:
@@ -76,6 +73,15 @@ class ClipTrainJobConfig:
 
     def split(self, part: str = "train") -> tables.Split:
         return tables.Split(part=part, heldout_fraction=self.heldout_fraction, salt=self.split_salt)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipTrainPlan(StepPlan):
+    """What the driver decided before the workers start (sent to them with the job config)."""
+
+    shards: tuple[str, ...]
+    mode: Literal["stream", "memory"]  # see ClipTrainJobConfig.data
+    steps_per_epoch: int = 0  # "memory": every epoch is this many steps on every worker
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ def prep_for(cfg: ClipTrainJobConfig, part: str = "train") -> clip_data.PairPrep
                               crop_scale=cfg.train.crop_scale, seed=cfg.train.seed, split=cfg.split(part))
 
 
-def plan(cfg: ClipTrainJobConfig) -> dict[str, Any]:
+def plan(cfg: ClipTrainJobConfig) -> ClipTrainPlan:
     """Checks and step counts, on the driver, before any worker starts (bad configs fail here)."""
     from clipcap_core.encoders import validate_config
 
@@ -113,22 +119,20 @@ def plan(cfg: ClipTrainJobConfig) -> dict[str, Any]:
                          f"{W} worker(s); lower --batch-size or add data")
     if mode == "memory":  # every worker: its own shards, a seeded permutation per epoch, equal batch counts
         spe = per_worker // B
-        return {"shards": shards, "n_train": n_train, "mode": mode, "total_steps": E * spe,
-                "epoch_ends": [e * spe for e in range(1, E)], "steps_per_epoch": spe,
-                "stream_start_epoch": 0, "stream_first_step": 0}
+        return ClipTrainPlan(shards=tuple(shards), n_train=n_train, mode=mode, total_steps=E * spe,
+                             epoch_ends=tuple(e * spe for e in range(1, E)), steps_per_epoch=spe)
 
     def stream_steps(first_epoch: int) -> int:  # full batches per worker (drop_last: equal on every rank)
         return ((E - first_epoch) * n_train // W) // B
 
     total = stream_steps(0)
-    stored = stored_checkpoint_steps(cfg.run_dir)
-    start = max(e for e in range(E + 1) if total - stream_steps(e) <= min(stored)) if stored else 0
-    return {"shards": shards, "n_train": n_train, "mode": mode, "total_steps": total,
-            "epoch_ends": [round(e * total / E) for e in range(1, E)], "stream_start_epoch": start,
-            "stream_first_step": total - stream_steps(start)}
+    start, first_step = stream_start(cfg.run_dir, E, stream_steps)
+    return ClipTrainPlan(shards=tuple(shards), n_train=n_train, mode=mode, total_steps=total,
+                         epoch_ends=tuple(round(e * total / E) for e in range(1, E)), stream_start_epoch=start,
+                         stream_first_step=first_step)
 
 
-def data_mode(cfg: ClipTrainJobConfig, n_train: int) -> str:
+def data_mode(cfg: ClipTrainJobConfig, n_train: int) -> Literal["stream", "memory"]:
     if cfg.data != "auto":
         return cfg.data
     size = prep_for(cfg).size
@@ -136,52 +140,30 @@ def data_mode(cfg: ClipTrainJobConfig, n_train: int) -> str:
     return "memory" if cfg.train.augment == "none" and need_mb <= cfg.memory_limit_mb else "stream"
 
 
-def _dataset(cfg: ClipTrainJobConfig, p: dict[str, Any]) -> Any:
+def _dataset(cfg: ClipTrainJobConfig, p: ClipTrainPlan) -> Any:
     items: list[tuple[str, int]] = []
-    for epoch in range(p["stream_start_epoch"], cfg.train.epochs):
-        order = list(p["shards"])
+    for epoch in range(p.stream_start_epoch, cfg.train.epochs):
+        order = list(p.shards)
         random.Random(cfg.train.seed * 1000 + epoch).shuffle(order)
         items += [(s, epoch) for s in order]
-    return clip_data.stream_pairs(items or [(p["shards"][0], 0)], prep_for(cfg), num_cpus=cfg.read_cpus)
+    return clip_data.stream_pairs(items or [(p.shards[0], 0)], prep_for(cfg), num_cpus=cfg.read_cpus)
 
 
 def run_clip_training(cfg: ClipTrainJobConfig) -> ClipTrainResult:
     """Train (or resume) CLIP run ``cfg.name`` under ``cfg.output``; returns the weights and the history."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from pipelines.clip_train_loop import clip_train_loop
 
     p = plan(cfg)
     storage.check_writable(cfg.output)
     log.info("train-clip %s: %s from %s, %d pairs in %d shard(s), %d worker(s) x batch %d, %d epochs = %d steps "
              "(data: %s; streaming from epoch %d)", cfg.name, cfg.model.model_name, cfg.model.pretrained or "scratch",
-             p["n_train"], len(p["shards"]), cfg.scale.num_workers, cfg.train.batch_size, cfg.train.epochs,
-             p["total_steps"], p["mode"], p["stream_start_epoch"] + 1)
+             p.n_train, len(p.shards), cfg.scale.num_workers, cfg.train.batch_size, cfg.train.epochs,
+             p.total_steps, p.mode, p.stream_start_epoch + 1)
     t0 = time.perf_counter()
-    trainer = TorchTrainer(
-        clip_train_loop,
-        train_loop_config={"job": to_dict(cfg), "plan": {k: v for k, v in p.items()}},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
-            resources_per_worker={"CPU": cfg.scale.cpus_per_worker,
-                                  **({"GPU": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=cfg.output,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
-        datasets={"train": _dataset(cfg, p)} if p["mode"] == "stream" else None,
-    )
-    with _env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=str(cfg.run.poll_interval_s)):
-        result = trainer.fit()
-    if result.error:
-        raise result.error
-    out = result.return_value or {}
-    history = out.get("history", [])
-    write_history(history, cfg.run_dir)
+    out = fit_workers(clip_train_loop, cfg, p, {"train": _dataset(cfg, p)} if p.mode == "stream" else None)
     log.info("train-clip %s: done in %.0f s -> %s", cfg.name, time.perf_counter() - t0, out.get("weights"))
     return ClipTrainResult(model_dir=out["model_dir"], weights=out["weights"], run_dir=cfg.run_dir,
-                           history=history, metrics=out.get("metrics", {}))
+                           history=out["history"], metrics=out.get("metrics", {}))
 
 
 def pairs_per_second(history: list[dict[str, Any]]) -> float:

@@ -39,7 +39,7 @@ def embed_captions(raw_uri: str, root: str, encoder: Any, dataset: str = "synthe
 
 def train_decap(table_uri: str, root: str, *, seed: int = 0, epochs: int = 30, noise_std: float = 0.0,
                 memory_size: int = 0, name: str | None = None) -> Any:
-    """``train --decoder decap`` on a text table (tiny preset, 1 Ray Train worker); returns the TrainResult."""
+    """``train --decoder decap`` on a text table (tiny preset, 1 Ray Train worker); returns the TrainJobResult."""
     from clipcap_core.training import TrainConfig
     from pipelines.decap_train import DecapOptions
     from pipelines.train import RunOptions, TrainJobConfig, run_training

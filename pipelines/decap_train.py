@@ -45,9 +45,9 @@ def embedding_column(decoder: str) -> str:
 
 def model_overrides(decoder: str, model: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """Preset overrides with DeCap's normalised prefix input (an explicit ``False`` is kept, then refused)."""
-    from pipelines.train_loop import is_preset
+    from pipelines.train_setup import is_preset_name
 
-    if decoder != "decap" or not is_preset(model):
+    if decoder != "decap" or not is_preset_name(model):
         return overrides
     return {"mapping.normalize_prefix": True, **overrides}
 

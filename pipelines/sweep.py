@@ -68,7 +68,8 @@ def _trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     from clipcap_core.training import iterate_batches, train_loop
-    from pipelines.train_loop import build_model, evaluate_model, resolve_model_config
+    from pipelines.train_heldout import evaluate_model
+    from pipelines.train_setup import build_or_load_model, resolve_model_config
 
     sweep = from_dict(SweepConfig, config["sweep"])
     hp, mapping, k = sweep.train, config["mapping"], int(config["prefix_length"])
@@ -77,7 +78,7 @@ def _trial(config: dict[str, Any]) -> None:
     preset = sweep.presets[mapping]
     model_cfg = resolve_model_config(preset, _overrides(mapping, k), info)
     device = "cuda" if sweep.trial_gpus and torch.cuda.is_available() else "cpu"
-    model, tokenizer = build_model(preset, model_cfg, seed=hp.seed, device=device)
+    model, tokenizer = build_or_load_model(preset, model_cfg, seed=hp.seed, device=device)
     split = tables.Split(part="train", heldout_fraction=sweep.heldout_fraction)
     train_t = tables.read_split(files, split, max_rows=sweep.max_train_rows)
     held = tables.read_split(files, tables.Split(part="heldout", heldout_fraction=sweep.heldout_fraction),
@@ -123,7 +124,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
 
 
 def resolve_check(cfg: SweepConfig, mapping: str, k: int, info: tables.TableInfo) -> None:
-    from pipelines.train_loop import resolve_model_config
+    from pipelines.train_setup import resolve_model_config
 
     resolve_model_config(cfg.presets[mapping], _overrides(mapping, k), info)
 

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.clip_train import ClipTrainJobConfig, run_clip_training
     from pipelines.clip_train_loop import model_card
     from pipelines.train import ScaleConfig
-    from pipelines.train_loop import RunOptions
+    from pipelines.train_state import RunOptions
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="data/tiny-clip", help="work folder (shards, run)")

@@ -20,57 +20,29 @@ optimizer, scheduler, step, position in the epoch and the history, so no step co
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
-import posixpath
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pyarrow as pa
 
-from clipcap_core.configs import to_dict
+from clipcap_core.model import ModelConfig
 from clipcap_core.training import TrainConfig
 from pipelines import decap_train, storage, tables
 from pipelines.decap_train import DecapOptions
-from pipelines.train_loop import (
-    BatchTokenizer,
-    RunOptions,
-    evaluate_model,
-    load_tokenizer_for,
-    resolve_model_config,
-    train_loop,
-)
+from pipelines.train_checkpoints import stream_start
+from pipelines.train_heldout import evaluate_model
+from pipelines.train_runner import fit_workers, write_history
+from pipelines.train_setup import BatchTokenizer, load_tokenizer_for, resolve_model_config
+from pipelines.train_state import FaultConfig, RunOptions, ScaleConfig, StepPlan, check_heldout_fraction
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FaultConfig", "RunOptions", "ScaleConfig", "TrainConfig", "TrainJobConfig", "TrainResult",
-           "evaluate_artifact", "run_training"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class ScaleConfig:
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0  # with use_gpu
-    torch_threads: int = 0  # 0: Ray's default (OMP_NUM_THREADS = CPUs per worker)
-
-
-@dataclass(frozen=True, kw_only=True)
-class FaultConfig:
-    """Test hook: worker ``rank`` exits hard (``os._exit``) once when it reaches ``crash_at_step``.
-
-    ``marker`` (a URI) is written just before the exit; when it exists the crash does not happen again, so
-    the restarted group runs through."""
-
-    crash_at_step: int
-    marker: str
-    rank: int = 0
+__all__ = ["FaultConfig", "RunOptions", "ScaleConfig", "TrainConfig", "TrainJobConfig", "TrainJobResult",
+           "TrainPlan", "evaluate_artifact", "plan_training", "run_training", "write_history"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,10 +67,7 @@ class TrainJobConfig:
     def __post_init__(self) -> None:
         if not self.tables:
             raise ValueError("tables: give at least one embedding table folder or file")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        if self.scale.num_workers < 1:
-            raise ValueError(f"scale.num_workers must be >= 1, got {self.scale.num_workers}")
+        check_heldout_fraction(self.heldout_fraction)
 
     @property
     def embedding_column(self) -> str:
@@ -112,8 +81,18 @@ class TrainJobConfig:
         return tables.Split(part=part, heldout_fraction=self.heldout_fraction, salt=self.split_salt, **kw)
 
 
+@dataclass(frozen=True, kw_only=True)
+class TrainPlan(StepPlan):
+    """What the driver decided before the workers start (sent to them with the job config)."""
+
+    files: tuple[str, ...]  # the new tables' files
+    replay: tuple[str, ...] = ()  # older tables' files, sampled at replay_fraction
+    dim: int  # D of the tables
+    model_config: ModelConfig  # resolved: preset + overrides with D and CLIP of the tables, or the artifact's
+
+
 @dataclass(frozen=True)
-class TrainResult:
+class TrainJobResult:
     artifact: str  # model artifact URI
     run_dir: str
     history: list[dict[str, Any]]
@@ -121,7 +100,7 @@ class TrainResult:
 
 
 # --- driver ---------------------------------------------------------------------------------------------
-def _plan(cfg: TrainJobConfig) -> dict[str, Any]:
+def plan_training(cfg: TrainJobConfig) -> TrainPlan:
     """Everything decided on the driver before workers start: files, D check, model config, step counts."""
     files = tables.list_table_files(cfg.tables)
     replay = tables.list_table_files(cfg.replay_tables) if cfg.replay_tables else []
@@ -143,33 +122,22 @@ def _plan(cfg: TrainJobConfig) -> dict[str, Any]:
     # One stream holds every remaining epoch, so the data pipeline never stops and restarts between epochs.
     # It ends exactly at total_steps; a resumed run streams from the earliest epoch a stored checkpoint is in.
     total = stream_steps(0)
-    stored = stored_checkpoint_steps(cfg.run_dir)
-    start = max(e for e in range(E + 1) if total - stream_steps(e) <= min(stored)) if stored else 0
-    return {"files": files, "replay": replay, "dim": info.dim, "model_config": model_cfg, "n_train": n_train,
-            "total_steps": total, "epoch_ends": [round(e * total / E) for e in range(1, E)],
-            "stream_start_epoch": start, "stream_first_step": total - stream_steps(start)}
+    start, first_step = stream_start(cfg.run_dir, E, stream_steps)
+    return TrainPlan(files=tuple(files), replay=tuple(replay), dim=info.dim, model_config=model_cfg,
+                     n_train=n_train, total_steps=total, epoch_ends=tuple(round(e * total / E) for e in range(1, E)),
+                     stream_start_epoch=start, stream_first_step=first_step)
 
 
-def stored_checkpoint_steps(run_dir: str) -> list[int]:
-    """Steps of this run's checkpoints in storage. Ray restores the latest *registered* one, which is among
-    them, so a stream starting at or before the earliest covers it; the loop skips batches up to its step."""
-    steps = []
-    for uri in storage.list_files(run_dir, "/state.json", recursive=True):
-        if posixpath.basename(posixpath.dirname(uri)).startswith("checkpoint_"):
-            steps.append(int((storage.read_json(uri) or {}).get("step", 0)))
-    return steps
-
-
-def _datasets(cfg: TrainJobConfig, plan: dict[str, Any]) -> dict[str, Any]:
+def _datasets(cfg: TrainJobConfig, plan: TrainPlan) -> dict[str, Any]:
     """The training stream: every remaining epoch of the new tables' train split (+ a seeded replay sample of
     older tables), file order reshuffled per epoch (seeded), tokenised in the pipeline."""
-    tokenize = BatchTokenizer(load_tokenizer_for(cfg.model, plan["model_config"]), cfg.train.max_caption_tokens)
-    parts = [(f, cfg.split()) for f in plan["files"]]
-    if plan["replay"] and cfg.replay_fraction > 0:
+    tokenize = BatchTokenizer(load_tokenizer_for(cfg.model, plan.model_config), cfg.train.max_caption_tokens)
+    parts = [(f, cfg.split()) for f in plan.files]
+    if plan.replay and cfg.replay_fraction > 0:
         replay = cfg.split(sample_fraction=cfg.replay_fraction, sample_seed=cfg.replay_seed)
-        parts += [(f, replay) for f in plan["replay"]]
+        parts += [(f, replay) for f in plan.replay]
     stream = []
-    for epoch in range(plan["stream_start_epoch"], cfg.train.epochs):
+    for epoch in range(plan.stream_start_epoch, cfg.train.epochs):
         order = list(parts)
         random.Random(cfg.train.seed * 1000 + epoch).shuffle(order)
         stream += order
@@ -177,108 +145,18 @@ def _datasets(cfg: TrainJobConfig, plan: dict[str, Any]) -> dict[str, Any]:
                                           column=cfg.embedding_column)}
 
 
-def run_training(cfg: TrainJobConfig) -> TrainResult:
+def run_training(cfg: TrainJobConfig) -> TrainJobResult:
     """Train (or resume) run ``cfg.name`` under ``cfg.output``; returns the artifact URI and the history."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    from pipelines.train_loop import worker_loop
 
-    plan = _plan(cfg)
+    plan = plan_training(cfg)
     storage.check_writable(cfg.output)
     log.info("train %s: %d rows (D=%d), %d worker(s), %d epochs = %d steps (streaming from epoch %d)", cfg.name,
-             plan["n_train"], plan["dim"], cfg.scale.num_workers, cfg.train.epochs, plan["total_steps"],
-             plan["stream_start_epoch"] + 1)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"job": to_dict(cfg), "plan": {
-            "model_config": to_dict(plan["model_config"]),
-            **{k: plan[k] for k in ("files", "replay", "dim", "total_steps", "epoch_ends", "stream_start_epoch",
-                                    "stream_first_step")}}},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
-            resources_per_worker={"CPU": cfg.scale.cpus_per_worker,
-                                  **({"GPU": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=cfg.output,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
-        datasets=_datasets(cfg, plan),
-    )
-    with _env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=str(cfg.run.poll_interval_s)):  # read by the controller actor
-        result = trainer.fit()
-    if result.error:
-        raise result.error
-    out = result.return_value or {}
-    history = out.get("history", [])
-    write_history(history, cfg.run_dir)
-    return TrainResult(artifact=out["artifact"], run_dir=cfg.run_dir, history=history,
-                       metrics=out.get("metrics", {}))
-
-
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    """Set environment variables for the duration of the block (Ray Train copies a list of them, this one
-    included, from the driver into its controller actor when ``fit`` starts)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-# --- metrics history ------------------------------------------------------------------------------------
-def write_history(history: list[dict[str, Any]], run_dir: str) -> None:
-    """``history.json``, ``history.csv`` and ``loss_curve.png`` under ``run_dir``."""
-    import csv
-    import io
-
-    storage.write_json(history, storage.join(run_dir, "history.json"))
-    lead = ["kind", "step", "epoch", "attempt"]
-    columns = [c for c in lead if any(c in r for r in history)]
-    columns += sorted({k for row in history for k in row} - set(lead))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(history)
-    fs, path = storage.filesystem(storage.join(run_dir, "history.csv"))
-    with fs.open(path, "w") as f:
-        f.write(buf.getvalue())
-    fs, path = storage.filesystem(storage.join(run_dir, "loss_curve.png"))
-    with fs.open(path, "wb") as f:
-        f.write(plot_history(history))
-
-
-def plot_history(history: list[dict[str, Any]]) -> bytes:
-    """A PNG of train loss per step and held-out loss per epoch (bytes)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [(r["step"], r["train_loss"]) for r in history if r.get("kind") == "step"]
-    evals = [(r["step"], r["val_loss"]) for r in history if r.get("kind") == "epoch" and "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    if steps:
-        ax.plot(*zip(*steps, strict=True), label="train loss", lw=1)
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="held-out loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    if steps or evals:
-        ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+             plan.n_train, plan.dim, cfg.scale.num_workers, cfg.train.epochs, plan.total_steps,
+             plan.stream_start_epoch + 1)
+    out = fit_workers(worker_loop, cfg, plan, _datasets(cfg, plan))
+    return TrainJobResult(artifact=out["artifact"], run_dir=cfg.run_dir, history=out["history"],
+                          metrics=out.get("metrics", {}))
 
 
 # --- evaluation of a saved model --------------------------------------------------------------------------

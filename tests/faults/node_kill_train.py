@@ -21,7 +21,7 @@ def main(tables_dir: str, out: str) -> int:
     import ray
 
     from clipcap_core.training import TrainConfig
-    from pipelines import storage, train
+    from pipelines import storage, train, train_checkpoints
     from tests.faults.cluster_driver import NodeKiller, alive_nodes, run_until_done, start_cluster
 
     cluster, nodes = start_cluster(worker_cpus=2)
@@ -32,10 +32,10 @@ def main(tables_dir: str, out: str) -> int:
             run=train.RunOptions(checkpoint_every=4, log_every=4, max_failures=2, keep_checkpoints=2,
                                  eval_max_samples=32),
             scale=train.ScaleConfig(num_workers=2, cpus_per_worker=0.5, torch_threads=1))
-        plan = train._plan(job)
+        plan = train.plan_training(job)
 
         def stored() -> int:  # the latest checkpoint step in storage (0: none yet)
-            return max(train.stored_checkpoint_steps(job.run_dir), default=0)
+            return max(train_checkpoints.stored_checkpoint_steps(job.run_dir), default=0)
 
         killer = NodeKiller(cluster, nodes, lambda: stored() > 0, poll_s=0.05, probe=stored).start()
         runs, first_error, finished = run_until_done(lambda: train.run_training(job), lambda r: r, lambda r: True)
@@ -45,7 +45,7 @@ def main(tables_dir: str, out: str) -> int:
         steps = [r["step"] for r in history if r["kind"] == "step"]
         config = storage.read_json(storage.join(job.run_dir, "model/config.json")) if result else None
         print("FAULT-RESULT " + json.dumps({
-            "runs": runs, "kill": kill, "first_error": first_error, "total_steps": plan["total_steps"],
+            "runs": runs, "kill": kill, "first_error": first_error, "total_steps": plan.total_steps,
             "resumes": [r for r in history if r["kind"] == "resume"],
             "epochs": [r["step"] for r in history if r["kind"] == "epoch"],
             "steps_logged": steps, "artifact_step": (config or {}).get("training", {}).get("step"),

@@ -12,8 +12,7 @@ import torch
 from clipcap_core import synthetic
 from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
 from pipelines.clip_train import ClipTrainJobConfig, plan, run_clip_training
-from pipelines.train import FaultConfig, ScaleConfig
-from pipelines.train_loop import RunOptions
+from pipelines.train_state import FaultConfig, RunOptions, ScaleConfig
 
 pytestmark = pytest.mark.integration
 MODEL = ClipModelSpec(model_name="tiny", from_scratch=True)
@@ -90,9 +89,9 @@ def test_train_clip_learns_resumes_after_a_kill_and_fine_tunes(ray_cluster, tmp_
     assert (tmp_path / "crash.json").exists()
     result = run_clip_training(job)  # the rerun resumes from the epoch-1 checkpoint
     kinds = [(r["kind"], r["step"]) for r in result.history]
-    assert ("resume", plan(job)["steps_per_epoch"]) in kinds and plan(job)["mode"] == "memory"
+    assert ("resume", plan(job).steps_per_epoch) in kinds and plan(job).mode == "memory"
     steps = [r["step"] for r in result.history if r["kind"] == "step"]
-    assert steps == sorted(set(steps)) and result.history[-1]["step"] == plan(job)["total_steps"]
+    assert steps == sorted(set(steps)) and result.history[-1]["step"] == plan(job).total_steps
     untrained = evaluate_clip(EvalClipConfig(encoder=EncoderConfig(model_name="tiny-random"), shards=(str(shards),),
                                              part="heldout", heldout_fraction=0.25))
     trained = evaluate_clip(EvalClipConfig(encoder=EncoderConfig(model_name="tiny", pretrained=result.weights),
@@ -108,7 +107,7 @@ def test_train_clip_learns_resumes_after_a_kill_and_fine_tunes(ray_cluster, tmp_
     ft_job = _job(str(shards), out, "finetune", model=ClipModelSpec(model_name="tiny", pretrained=result.weights),
                   train=ClipTrainConfig(epochs=1, batch_size=32, lr=1e-3, warmup_steps=1, lock_image=True,
                                         augment="crop"))
-    assert plan(ft_job)["mode"] == "stream"
+    assert plan(ft_job).mode == "stream"
     ft = run_clip_training(ft_job)
     before, after = load_file(result.weights), load_file(ft.weights)
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))

@@ -28,26 +28,26 @@ def _job(files, output, **kw):
 def test_plan_reads_text_tables_with_a_normalised_prefix(tmp_path):
     files = _text_tables(tmp_path / "t")
     assert "/text-embeddings/synthetic/attr-proj/" in files[0]
-    plan = train._plan(_job(files, tmp_path / "runs"))
-    assert plan["dim"] == DIM and plan["model_config"].mapping.normalize_prefix is True
+    plan = train.plan_training(_job(files, tmp_path / "runs"))
+    assert plan.dim == DIM and plan.model_config.mapping.normalize_prefix is True
     images = synthetic_tables.write_synthetic_tables(str(tmp_path / "i"), 50, dim=DIM)
     with pytest.raises(ValueError, match=r"missing column\(s\) \['text_embedding'\].*embed-text"):
-        train._plan(_job(images, tmp_path / "runs"))
+        train.plan_training(_job(images, tmp_path / "runs"))
     with pytest.raises(ValueError, match=r"missing column\(s\) \['image_embedding'\]"):
-        train._plan(train.TrainJobConfig(tables=tuple(files), output=str(tmp_path / "runs")))
+        train.plan_training(train.TrainJobConfig(tables=tuple(files), output=str(tmp_path / "runs")))
     with pytest.raises(ValueError, match="normalize_prefix"):
-        train._plan(_job(files, tmp_path / "runs", model_overrides={"mapping.normalize_prefix": False}))
+        train.plan_training(_job(files, tmp_path / "runs", model_overrides={"mapping.normalize_prefix": False}))
 
 
 def test_memory_table_must_match_the_training_tables(tmp_path):
     files = _text_tables(tmp_path / "t")
     other_d = synthetic_tables.write_synthetic_tables(str(tmp_path / "m16"), 20, dim=16, column=schemas.TEXT_EMBEDDING)
     with pytest.raises(ValueError, match=r"memory table .* D=16 but the training tables have D=32"):
-        train._plan(_job(files, tmp_path / "r", decap=decap_train.DecapOptions(memory=other_d[0])))
+        train.plan_training(_job(files, tmp_path / "r", decap=decap_train.DecapOptions(memory=other_d[0])))
     other_clip = synthetic_tables.write_synthetic_tables(str(tmp_path / "mv"), 20, dim=DIM, tag="ViT-B-32",
                                                column=schemas.TEXT_EMBEDDING)
     with pytest.raises(ValueError, match="made with CLIP 'ViT-B-32'"):
-        train._plan(_job(files, tmp_path / "r", decap=decap_train.DecapOptions(memory=other_clip[0])))
+        train.plan_training(_job(files, tmp_path / "r", decap=decap_train.DecapOptions(memory=other_clip[0])))
     with pytest.raises(ValueError, match="tau > 0"):
         decap_train.DecapOptions(tau=0)
 
@@ -106,7 +106,7 @@ def test_text_only_training_on_ray_resumes_and_captions_images_through_its_memor
     resumes = [r for r in result.history if r["kind"] == "resume"]
     assert len(resumes) == 1 and 0 < resumes[0]["step"] <= 30
     epochs = [r for r in result.history if r["kind"] == "epoch"]
-    assert epochs[-1]["step"] == train._plan(job)["total_steps"]
+    assert epochs[-1]["step"] == train.plan_training(job).total_steps
     # Held-out *texts* are reconstructed from their text embeddings (chance 1/432; measured 1.0).
     print("decap held-out text metrics:", result.metrics, flush=True)
     assert result.metrics["exact_match"] >= 0.7, result.metrics

@@ -16,8 +16,10 @@ from clipcap_core.artifacts import load_model, read_metadata, save_model
 from clipcap_core.decoding import generate
 from clipcap_core.metrics import exact_match
 from clipcap_core.training import TrainConfig, collate, make_optimizer_and_scheduler, train_step
-from pipelines import demo_train, storage, synthetic_tables, tables, train
-from pipelines import train_loop as tl
+from pipelines import demo_train, storage, synthetic_tables, tables, train, train_checkpoints
+from pipelines import train_setup as ts
+from pipelines.train_checkpoints import load_checkpoint, save_checkpoint
+from pipelines.train_state import RunState
 
 CAPTIONS = ["a small red circle at the top", "three large blue squares on the left .", "two"]
 
@@ -29,14 +31,14 @@ def table_info(tmp_path):
 
 
 def _tiny(info, preset="tiny"):
-    cfg = tl.resolve_model_config(preset, {}, info)
-    return tl.build_model(preset, cfg, seed=0)
+    cfg = ts.resolve_model_config(preset, {}, info)
+    return ts.build_or_load_model(preset, cfg, seed=0)
 
 
 def test_batch_tokenizer_matches_core_collate(table_info):
     _, tok = _tiny(table_info)
     for max_tokens in (4, 16):
-        tokens, mask = tl.BatchTokenizer(tok, max_tokens)(CAPTIONS)
+        tokens, mask = ts.BatchTokenizer(tok, max_tokens)(CAPTIONS)
         ref = collate(tok, CAPTIONS, np.zeros((3, 24)), max_tokens)
         assert np.array_equal(tokens, ref.tokens.numpy()) and np.array_equal(mask, ref.mask.numpy())
     assert tokens[0, 7] == tok.eos_token_id and mask[0].sum() == 8  # 7 words + end-of-text
@@ -44,10 +46,10 @@ def test_batch_tokenizer_matches_core_collate(table_info):
 
 def test_per_batch_trim_keeps_the_loss(table_info):
     model, tok = _tiny(table_info)
-    tokens, mask = tl.BatchTokenizer(tok, 12)(CAPTIONS[:2])
+    tokens, mask = ts.BatchTokenizer(tok, 12)(CAPTIONS[:2])
     padded = {"embedding": torch.randn(2, 24), "tokens": torch.from_numpy(np.pad(tokens, ((0, 0), (0, 20)))),
               "mask": torch.from_numpy(np.pad(mask, ((0, 0), (0, 20))))}
-    batch = tl.to_core_batch(padded)
+    batch = ts.to_core_batch(padded)
     assert batch.tokens.shape == (2, 9)  # 8 words + end-of-text, not 32
     model.eval()
     full = model(padded["embedding"], padded["tokens"], padded["mask"]).loss
@@ -56,14 +58,14 @@ def test_per_batch_trim_keeps_the_loss(table_info):
 
 
 def test_preset_takes_dimension_and_encoder_from_the_tables(table_info):
-    cfg = tl.resolve_model_config("tiny", {"mapping.kind": "transformer", "mapping.prefix_length": 7,
+    cfg = ts.resolve_model_config("tiny", {"mapping.kind": "transformer", "mapping.prefix_length": 7,
                                            "mapping.num_layers": 1, "lm.freeze": True}, table_info)
     assert (cfg.clip_dim, cfg.encoder.model_name) == (24, "attr-proj")
     assert (cfg.mapping.kind, cfg.mapping.prefix_length, cfg.lm.freeze) == ("transformer", 7, True)
     with pytest.raises(ValueError, match="unknown key 'prefix_len'"):
-        tl.resolve_model_config("tiny", {"mapping.prefix_len": 3}, table_info)
+        ts.resolve_model_config("tiny", {"mapping.prefix_len": 3}, table_info)
     with pytest.raises(ValueError, match=r"dimension mismatch.*D=24.*clip_dim=128"):
-        tl.resolve_model_config("tiny", {"clip_dim": 128}, table_info)
+        ts.resolve_model_config("tiny", {"clip_dim": 128}, table_info)
 
 
 def test_artifact_with_another_dimension_is_refused_before_training(tmp_path, table_info, monkeypatch):
@@ -71,14 +73,14 @@ def test_artifact_with_another_dimension_is_refused_before_training(tmp_path, ta
     model, tok = _tiny(other)
     save_model(model, tok, str(tmp_path / "m16"))
     with pytest.raises(ValueError, match=r"dimension mismatch.*D=24.*artifact.*clip_dim=16"):
-        tl.resolve_model_config(str(tmp_path / "m16"), {}, table_info)
+        ts.resolve_model_config(str(tmp_path / "m16"), {}, table_info)
     with pytest.raises(ValueError, match="presets only"):
-        tl.resolve_model_config(str(tmp_path / "m16"), {"mapping.prefix_length": 2}, table_info)
+        ts.resolve_model_config(str(tmp_path / "m16"), {"mapping.prefix_length": 2}, table_info)
     # Same D, another CLIP: refused too (the embeddings live in another space).
     same_d = tables.inspect_tables(synthetic_tables.write_synthetic_tables(str(tmp_path / "v"), 50, dim=16, tag="ViT-B-32"))
     with pytest.raises(ValueError, match="CLIP mismatch.*'ViT-B-32'.*'attr-proj'"):
-        tl.resolve_model_config(str(tmp_path / "m16"), {}, same_d)
-    assert tl.resolve_model_config(str(tmp_path / "m16"), {}, other).clip_dim == 16
+        ts.resolve_model_config(str(tmp_path / "m16"), {}, same_d)
+    assert ts.resolve_model_config(str(tmp_path / "m16"), {}, other).clip_dim == 16
 
     def no_trainer(*a, **k):
         raise AssertionError("a trainer was created despite the dimension mismatch")
@@ -95,25 +97,25 @@ def test_artifact_with_another_dimension_is_refused_before_training(tmp_path, ta
 def test_plan_counts_equal_shards(table_info, tmp_path):
     job = train.TrainJobConfig(tables=table_info.files, output=str(tmp_path), heldout_fraction=0.2,
                                train=TrainConfig(batch_size=16, epochs=3), scale=train.ScaleConfig(num_workers=3))
-    plan = train._plan(job)
+    plan = train.plan_training(job)
     n_train = tables.count_split(table_info.files, job.split())
-    assert plan["n_train"] == n_train and 140 < n_train < 180
-    assert plan["total_steps"] == math.ceil((3 * n_train // 3) / 16) and plan["stream_start_epoch"] == 0
-    assert plan["epoch_ends"] == [round(plan["total_steps"] / 3), round(2 * plan["total_steps"] / 3)]
+    assert plan.n_train == n_train and 140 < n_train < 180
+    assert plan.total_steps == math.ceil((3 * n_train // 3) / 16) and plan.stream_start_epoch == 0
+    assert plan.epoch_ends == (round(plan.total_steps / 3), round(2 * plan.total_steps / 3))
     # A resumed run streams from the latest epoch whose stream still reaches back to the earliest stored
     # checkpoint (so it is never skipped past), and the stream still ends at total_steps.
-    total = plan["total_steps"]
+    total = plan.total_steps
 
     def first_step(e):  # where a stream of epochs e..2 starts: it holds (3 - e) * n_train // 3 rows per worker
         return total - math.ceil(((3 - e) * n_train // 3) / 16)
 
     starts = []
     for step in range(0, total + 1):
-        with mock.patch.object(train, "stored_checkpoint_steps", return_value=[step, total]):
-            p = train._plan(job)
-        e = p["stream_start_epoch"]
-        assert p["stream_first_step"] == first_step(e) <= step and (e == 3 or first_step(e + 1) > step), step
-        assert p["total_steps"] == total
+        with mock.patch.object(train_checkpoints, "stored_checkpoint_steps", return_value=[step, total]):
+            p = train.plan_training(job)
+        e = p.stream_start_epoch
+        assert p.stream_first_step == first_step(e) <= step and (e == 3 or first_step(e + 1) > step), step
+        assert p.total_steps == total
         starts.append(e)
     assert starts == sorted(starts) and starts[0] == 0 and starts[-1] == 3 and set(starts) == {0, 1, 2, 3}
     with pytest.raises(ValueError, match="at least one"):
@@ -127,16 +129,21 @@ def test_checkpoint_round_trip_leaves_a_frozen_lm_out(tmp_path, table_info):
     batch = collate(tok, CAPTIONS, np.random.default_rng(0).standard_normal((3, 24)), 16)
     for _ in range(3):
         train_step(model, batch, opt, sched, hp)
-    state = {"step": 3, "epoch": 0, "batch_in_epoch": 3, "attempt": 1, "history": [{"kind": "step", "step": 3}]}
-    tl.save_checkpoint(str(tmp_path), model, opt, sched, state)
+    state = RunState(step=3, epoch=0, attempt=1, history=[{"kind": "step", "step": 3}])
+    frozen_lm = {k: v for k, v in model.state_dict().items() if not k.startswith("lm.")}  # ClipCapRun's weights
+    save_checkpoint(str(tmp_path), frozen_lm, opt, sched, state)
     saved = torch.load(tmp_path / "weights.pt", weights_only=True)
     assert saved["model"] and not any(k.startswith("lm.") for k in saved["model"])
+    stored = json.loads((tmp_path / "state.json").read_text())
+    assert stored == {"step": 3, "epoch": 0, "attempt": 1, "history": [{"kind": "step", "step": 3}]}  # the format
+    # A checkpoint of the first stream design also held batch_in_epoch: it still restores.
+    (tmp_path / "state.json").write_text(json.dumps({**stored, "batch_in_epoch": 3}))
 
     fresh, _ = _tiny(table_info, "tiny-transformer")
     opt2, sched2 = make_optimizer_and_scheduler(fresh, hp, 10)
     from ray.train import Checkpoint
 
-    restored = tl.load_checkpoint(Checkpoint.from_directory(str(tmp_path)), fresh, opt2, sched2)
+    restored = load_checkpoint(Checkpoint.from_directory(str(tmp_path)), fresh, opt2, sched2, may_miss="lm.")
     assert restored == state and sched2.last_epoch == 3
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
@@ -151,12 +158,12 @@ def test_resume_from_a_checkpoint_of_another_model_fails_clearly(tmp_path, table
     model, _ = _tiny(table_info, "tiny-transformer")
     hp = TrainConfig(lr=1e-3, warmup_steps=2)
     opt, sched = make_optimizer_and_scheduler(model, hp, 10)
-    tl.save_checkpoint(str(tmp_path), model, opt, sched, {"step": 1, "epoch": 0})
+    save_checkpoint(str(tmp_path), model.state_dict(), opt, sched, RunState(step=1))
     other, _ = _tiny(table_info, "tiny")  # an MLP mapping: other keys
     before = {k: v.clone() for k, v in other.state_dict().items()}
     opt2, sched2 = make_optimizer_and_scheduler(other, hp, 10)
     with pytest.raises(RuntimeError, match="checkpoint does not fit the model: missing .*mapping"):
-        tl.load_checkpoint(Checkpoint.from_directory(str(tmp_path)), other, opt2, sched2)
+        load_checkpoint(Checkpoint.from_directory(str(tmp_path)), other, opt2, sched2, may_miss="lm.")
     assert sched2.last_epoch == 0  # nothing restored half-way into the optimizer / schedule
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items() if k.startswith("mapping."))
 
@@ -206,7 +213,7 @@ def test_two_workers_learn_and_survive_a_killed_worker(ray_cluster, tmp_path):
         run=train.RunOptions(checkpoint_every=5, log_every=5, max_failures=1, keep_checkpoints=2),
         scale=train.ScaleConfig(num_workers=2, cpus_per_worker=0.5),
         fault=train.FaultConfig(crash_at_step=13, rank=1, marker=str(tmp_path / "crashed.json")))
-    plan = train._plan(job)
+    plan = train.plan_training(job)
     result = train.run_training(job)
 
     # The model learned: held-out captions from the saved artifact are mostly exactly right (chance ~1/432).
@@ -217,15 +224,15 @@ def test_two_workers_learn_and_survive_a_killed_worker(ray_cluster, tmp_path):
     assert json.loads((tmp_path / "crashed.json").read_text())["step"] == 13
     resumes = [r for r in result.history if r["kind"] == "resume"]
     assert len(resumes) == 1 and resumes[0]["attempt"] == 2
-    ends = plan["epoch_ends"]
+    ends = plan.epoch_ends
     assert 0 < resumes[0]["step"] <= 13 and (resumes[0]["step"] % 5 == 0 or resumes[0]["step"] in ends)
     after = [r["step"] for r in result.history if r.get("attempt") == 2 and r["kind"] != "resume"]
-    assert min(after) > resumes[0]["step"] and epochs[-1]["step"] == plan["total_steps"]
+    assert min(after) > resumes[0]["step"] and epochs[-1]["step"] == plan.total_steps
     # Outputs: history, loss curve, at most keep_checkpoints checkpoints, the artifact.
     run_dir = tmp_path / "runs/learn"
     assert {"history.json", "history.csv", "loss_curve.png", "model"} <= {p.name for p in run_dir.iterdir()}
     assert 1 <= len(list(run_dir.glob("checkpoint_0*"))) <= 2
-    assert json.loads((run_dir / "model/config.json").read_text())["training"]["step"] == plan["total_steps"]
+    assert json.loads((run_dir / "model/config.json").read_text())["training"]["step"] == plan.total_steps
 
 
 @pytest.mark.integration
@@ -251,13 +258,13 @@ def test_rerun_with_the_same_name_resumes_on_s3(ray_cluster, s3_uri):
                  "--checkpoint-every", "4", "--log-every", "2", "--max-failures", "0", "--workers", "1",
                  "--cpus-per-worker", "0.5"]) == 0
     history = storage.read_json(storage.join(job.run_dir, "history.json"))
-    result = train.TrainResult(artifact=storage.join(job.run_dir, "model"), run_dir=job.run_dir, history=history,
-                               metrics={})
+    result = train.TrainJobResult(artifact=storage.join(job.run_dir, "model"), run_dir=job.run_dir, history=history,
+                                  metrics={})
     resumes = [r for r in result.history if r["kind"] == "resume"]
     assert len(resumes) == 1 and resumes[0]["step"] in (4, 8)
     steps = [r["step"] for r in result.history if r["kind"] == "step"]
     assert steps == sorted(set(steps)) and min(s for s in steps if s > resumes[0]["step"]) <= resumes[0]["step"] + 2
-    assert [r["step"] for r in result.history if r["kind"] == "epoch"][-1] == train._plan(job)["total_steps"]
+    assert [r["step"] for r in result.history if r["kind"] == "epoch"][-1] == train.plan_training(job).total_steps
     model_cfg = read_metadata(result.artifact)["model"]
     assert (model_cfg["mapping"]["kind"], model_cfg["mapping"]["prefix_length"], model_cfg["lm"]["freeze"]) == (
         "transformer", 3, True)

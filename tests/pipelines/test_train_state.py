@@ -1,0 +1,78 @@
+"""The typed driver -> worker training contract (plans, run state) and the shared step loop, without Ray."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipcap_core.configs import ConfigError, from_dict, to_dict
+from clipcap_core.presets import preset_config
+from pipelines.clip_train import ClipTrainPlan
+from pipelines.train import TrainPlan
+from pipelines.train_state import RunOptions, RunState, StepPlan
+from pipelines.train_steps import WorkerRun, run_steps
+
+
+@pytest.mark.parametrize("plan", [
+    TrainPlan(files=("a.parquet", "b.parquet"), replay=("old.parquet",), dim=24, model_config=preset_config("tiny"),
+              n_train=150, total_steps=15, epoch_ends=(5, 10), stream_start_epoch=1, stream_first_step=5),
+    ClipTrainPlan(shards=("s/0.tar",), mode="memory", n_train=96, total_steps=9, epoch_ends=(3, 6), steps_per_epoch=3),
+    RunState(step=7, epoch=1, attempt=2, history=[{"kind": "resume", "step": 4, "epoch": 1, "attempt": 2}]),
+])
+def test_plans_and_state_round_trip_and_refuse_unknown_keys(plan):
+    data = to_dict(plan)
+    assert from_dict(type(plan), data) == plan
+    with pytest.raises(ConfigError, match="unknown config key.*bogus"):
+        from_dict(type(plan), {**data, "bogus": 1})
+
+
+def test_a_plan_missing_a_key_or_of_the_wrong_type_fails_naming_it():
+    data = to_dict(ClipTrainPlan(shards=("s/0.tar",), mode="stream", n_train=96, total_steps=9, epoch_ends=(3, 6)))
+    with pytest.raises(ConfigError, match="missing required config key 'total_steps'"):
+        from_dict(ClipTrainPlan, {k: v for k, v in data.items() if k != "total_steps"})
+    with pytest.raises(ConfigError, match="mode"):
+        from_dict(ClipTrainPlan, {**data, "mode": "disk"})
+
+
+def test_checkpoint_state_drops_only_legacy_keys():
+    assert RunState.from_checkpoint({"step": 3, "epoch": 0, "batch_in_epoch": 3, "attempt": 1, "history": []}) == (
+        RunState(step=3, attempt=1))
+    with pytest.raises(ConfigError, match="unknown config key.*position"):
+        RunState.from_checkpoint({"step": 3, "position": 1})
+
+
+class _FakeRun(WorkerRun):
+    """The shared loop's bookkeeping without Ray: reports are recorded, not sent."""
+
+    def __init__(self, plan: StepPlan, opts: RunOptions, epochs: int):
+        self.plan, self.opts, self.epochs, self.batch_size, self.fault = plan, opts, epochs, 2, None
+        self.rank, self.world, self.state, self.metrics, self.window = 0, 1, RunState(attempt=1), {}, []
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=0.1), lambda s: 1.0)
+        self.reports: list[tuple[int, int, bool]] = []
+        self.start_epoch()
+
+    def evaluate(self) -> dict[str, float]:
+        return {"val_loss": 1.0}
+
+    def report(self, metrics, checkpoint):  # noqa: ANN001
+        self.reports.append((self.state.step, self.state.epoch, checkpoint))
+
+
+def test_run_steps_ends_epochs_at_planned_steps_checkpoints_and_skips_a_resumed_stream():
+    plan = StepPlan(n_train=20, total_steps=9, epoch_ends=(3, 6))
+    run = _FakeRun(plan, RunOptions(checkpoint_every=2, log_every=4), epochs=3)
+    batches = [{"tokens": torch.zeros(2, 4)} for _ in range(12)]  # more than planned: stops at total_steps
+    run_steps(run, batches, lambda b: 0.5, skip=0)
+    assert run.state.step == 9 and run.state.epoch == 3
+    assert run.reports == [(2, 0, True), (3, 1, True), (4, 1, True), (6, 2, True), (8, 2, True), (9, 3, True)]
+    kinds = [(r["kind"], r["step"]) for r in run.state.history]
+    assert kinds == [("epoch", 3), ("step", 4), ("epoch", 6), ("step", 8), ("epoch", 9)]
+    assert run.state.history[-1]["val_loss"] == 1.0 and run.state.history[0]["samples"] == 6
+
+    resumed = _FakeRun(plan, RunOptions(checkpoint_every=100), epochs=3)
+    resumed.state = RunState(step=6, epoch=2, attempt=2)
+    steps = []
+    run_steps(resumed, batches[:6], lambda b: steps.append(resumed.state.step) or 0.5, skip=3)  # stream from step 3
+    assert steps == [6, 7, 8] and resumed.state.epoch == 3
+    with pytest.raises(RuntimeError, match="precedes the data stream"):
+        run_steps(_FakeRun(plan, RunOptions(), epochs=3), batches, lambda b: 0.5, skip=-1)
