@@ -232,10 +232,12 @@ def _download_errors(shard_uri: str) -> list[dict[str, str]]:
             for r in t if r["status"] != "success"]
 
 
-def build_tables(cols: dict[str, np.ndarray], cfg: EmbedConfig, dim: int, meta: dict[str, str]
-                 ) -> tuple[pa.Table, list[dict[str, str]]]:
-    """Embedding table (sorted by key, first row per key) + decode error rows of one shard's columns."""
-    errs = [{"key": k, "source": s, "stage": "decode", "error": e}
+def rows_to_keep(cols: dict[str, np.ndarray], *, failed_stage: str, duplicate_stage: str, unit: str
+                 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
+    """Of one unit's (shard's, part's) columns: the indices of the rows to write (sorted by key, the first row
+    of each key), their keys, and the error rows: one per failed row (``failed_stage``) and one per repeated
+    key (``duplicate_stage``). Shared by embed and embed-text."""
+    errs = [{"key": k, "source": s, "stage": failed_stage, "error": e}
             for k, s, e in zip(cols[st.KEY], cols[st.SOURCE], cols[st.ERROR], strict=True) if e]
     ok = np.flatnonzero([not e for e in cols[st.ERROR]])
     keys = np.asarray(cols[st.KEY][ok], dtype=str)
@@ -243,9 +245,15 @@ def build_tables(cols: dict[str, np.ndarray], cfg: EmbedConfig, dim: int, meta: 
     uniq, first = np.unique(keys[order], return_index=True)
     for i in sorted(set(range(len(order))) - set(first.tolist())):
         j = ok[order[i]]
-        errs.append({"key": str(cols[st.KEY][j]), "source": str(cols[st.SOURCE][j]), "stage": "embed",
-                     "error": "duplicate key in shard"})
-    rows = ok[order[first]]
+        errs.append({"key": str(cols[st.KEY][j]), "source": str(cols[st.SOURCE][j]), "stage": duplicate_stage,
+                     "error": f"duplicate key in {unit}"})
+    return ok[order[first]], uniq, errs
+
+
+def build_tables(cols: dict[str, np.ndarray], cfg: EmbedConfig, dim: int, meta: dict[str, str]
+                 ) -> tuple[pa.Table, list[dict[str, str]]]:
+    """Embedding table (sorted by key, first row per key) + decode error rows of one shard's columns."""
+    rows, uniq, errs = rows_to_keep(cols, failed_stage="decode", duplicate_stage="embed", unit="shard")
     np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
     schema = schemas.with_metadata(schemas.embedding_schema(dim, cfg.dtype, cfg.text_embeddings), meta)
     arrays = [pa.array(uniq.tolist(), pa.string()), pa.array(_strings(cols[st.CAPTION][rows]), pa.string()),

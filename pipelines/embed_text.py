@@ -127,17 +127,7 @@ def pending_parts(cfg: EmbedTextConfig, parts: list[text_sources.TextPart]) -> l
 def build_tables(cols: dict[str, np.ndarray], dim: int, dtype: str, meta: dict[str, str]
                  ) -> tuple[pa.Table, list[dict[str, str]]]:
     """Text table (sorted by key, first row per key) + error rows of one part's columns."""
-    errs = [{"key": k, "source": s, "stage": "read", "error": e}
-            for k, s, e in zip(cols[st.KEY], cols[st.SOURCE], cols[st.ERROR], strict=True) if e]
-    ok = np.flatnonzero([not e for e in cols[st.ERROR]])
-    keys = np.asarray(cols[st.KEY][ok], dtype=str)
-    order = np.argsort(keys, kind="stable")
-    uniq, first = np.unique(keys[order], return_index=True)
-    for i in sorted(set(range(len(order))) - set(first.tolist())):
-        j = ok[order[i]]
-        errs.append({"key": str(cols[st.KEY][j]), "source": str(cols[st.SOURCE][j]), "stage": "embed-text",
-                     "error": "duplicate key in part"})
-    rows = ok[order[first]]
+    rows, uniq, errs = embed.rows_to_keep(cols, failed_stage="read", duplicate_stage="embed-text", unit="part")
     truncated = int(np.asarray(cols[TRUNCATED], dtype=bool)[rows].sum())
     schema = schemas.with_metadata(schemas.text_embedding_schema(dim, dtype),
                                    {**meta, schemas.META_TRUNCATED: str(truncated)})
@@ -259,8 +249,7 @@ def _drain(cfg: EmbedTextConfig, pending: list[text_sources.TextPart], dim: int)
 def run_embed_text(cfg: EmbedTextConfig, ray_address: str | None = None) -> EmbedTextResult:
     """Validate, then embed every part without a committed part file; returns counts and timings."""
     t0 = time.perf_counter()
-    parts = validate(cfg)
-    dim = encoders.embedding_dim(cfg.encoder)
+    parts, dim = validate(cfg), encoders.embedding_dim(cfg.encoder)
     pending = pending_parts(cfg, parts)
     result = EmbedTextResult(table_uri=cfg.table_uri, parts=len(parts), skipped=len(parts) - len(pending),
                              written=len(pending), rows=0, errors=0, truncated=0, dim=dim, wall_s=0.0)
