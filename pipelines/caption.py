@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 class ResourceOptions:
     """Batch sizes, actor pools and devices: the one place the pipeline's resources are set. Actor counts, CPUs,
     threads and GPUs at 0 / None are sized from the cluster by ``runtime.plan_actors`` (one actor per GPU; on
-    CPU one per node running all its cores); a value wins."""
+    CPU one single-thread actor per core, up to 8 per node); a value wins."""
 
     decode_block_rows: int = 64    # rows per block out of the read/decode tasks
     clip_batch_size: int = 64

@@ -48,7 +48,8 @@ META_DIR = "_meta"
 @dataclass(frozen=True, kw_only=True)
 class EmbedResources:
     """How the embed pipeline uses the cluster (the only place it is set). 0 / None = sized from the cluster by
-    ``runtime.plan_actors`` (one actor per GPU; on CPU one per node, running all its cores); a value wins."""
+    ``runtime.plan_actors`` (one actor per GPU; on CPU one single-thread actor per core, up to 8 per node); a
+    value wins."""
 
     num_actors: int = 0
     cpus_per_actor: float = 0.0  # Ray's reservation per actor; 0: 1

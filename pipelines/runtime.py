@@ -10,14 +10,16 @@ alive nodes), and every explicit value wins:
 
 - GPU cluster: one actor per GPU (``gpus_per_actor`` 1), 1 CPU reserved per actor and 2 torch threads (the
   GPU does the work; the host threads only feed it); the other CPUs run the read/decode tasks.
-- CPU cluster: one actor per node up to 8 cores, one per 8 cores above that (torch's intra-op scaling flattens
-  out past ~8 threads on one model); each actor reserves **1 CPU** but runs **all its node's share of cores**
-  as torch threads. The reservation is what Ray schedules by: it leaves the other cores to the read/decode
-  tasks while they have work, and once decoding is done (a few seconds in, for CLIP on CPU decoding is ~10x
-  cheaper than encoding) the actor's threads take the cores the tasks freed. The alternative, reserving every
-  core for the actor, would leave nothing for the decode tasks (they would never be scheduled); reserving 1
-  CPU *and* running 1 thread (the old default) idles every other core once decoding ends: 0.66x of
-  clip-retrieval on 2 cores (issue 12).
+- CPU cluster: one **single-thread** actor per core, up to 8 actors per node (above 8 cores each actor runs
+  cores / 8 threads, so a node never holds more than 8 model copies). Their reservations leave one CPU per node
+  for a read/decode task (2 cores: 0.5 CPU per actor + 1 for decoding); once decoding is done, the actors'
+  threads have every core. Why not one actor running all the node's cores as threads (the plan before): Ray runs
+  its workers at nice 15 and its raylet, GCS, dashboard and the driver (~15% of 2 cores while a job runs) preempt
+  them; an intra-op thread descheduled for a moment stalls the whole parallel region, so the one 2-thread actor
+  reached 7.6-8.5 img/s steady (ViT-B-32, 2 cores, 512 images) where two 1-thread actors reached 10.2-11.0 and
+  the pure forward 10.9. (Under ``chrt`` real-time priority, which the issue-12 benchmark used last stop, the
+  stalls vanish and the 2-thread actor looked fine: 12.6 img/s.) Reserving 1 CPU *and* running 1 thread in a
+  single actor (the first default) idles every other core once decoding ends: 0.66x of clip-retrieval.
 
 ``plan_actors`` is pure (a cluster description in, an ``ActorPlan`` out) so the rules are unit-tested;
 ``ActorPlan.describe`` is the one log line each stage prints.
@@ -33,7 +35,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-CPU_THREADS_PER_ACTOR_MAX = 8  # above this many cores per node, another actor beats more threads
+CPU_ACTORS_PER_NODE_MAX = 8  # model copies per CPU node; above 8 cores, each actor runs cores / 8 threads
 GPU_ACTOR_THREADS = 2
 
 
@@ -110,17 +112,20 @@ def plan_actors(cluster: ClusterShape, *, actors: int = 0, cpus_per_actor: float
     gpus = (1.0 if cluster.gpus > 0 else 0.0) if gpus_per_actor is None else float(gpus_per_actor)
     if gpus < 0 or actors < 0 or cpus_per_actor < 0 or read_cpus < 0 or torch_threads < 0:
         raise ValueError("resource settings must not be negative (0 = size from the cluster)")
-    smallest_node = max(1.0, min(cluster.node_cpus) if cluster.node_cpus else cluster.cpus)
     if gpus > 0:
         n = actors or max(1, int(cluster.gpus // gpus))
         if cluster.gpus < n * gpus:
             raise ValueError(f"{n} actor(s) x {gpus:g} GPU requested but the Ray cluster has {cluster.gpus:g} GPU")
         threads = torch_threads or GPU_ACTOR_THREADS
     else:
-        per_node = [max(1, int(c) // CPU_THREADS_PER_ACTOR_MAX) for c in cluster.node_cpus] or [1]
-        n = actors or sum(per_node)
-        # Threads: the node's cores shared by the actors that land on it (Ray spreads them evenly enough).
-        threads = torch_threads or max(1, int(smallest_node) // max(1, -(-n // len(per_node))))
+        nodes = [max(1, int(c)) for c in cluster.node_cpus] or [max(1, int(cluster.cpus))]
+        n = actors or sum(min(c, CPU_ACTORS_PER_NODE_MAX) for c in nodes)
+        on_node = [max(1, round(n * c / sum(nodes))) for c in nodes]  # Ray spreads the pool about evenly
+        # Threads: each node's cores shared by the actors on it; the reservation leaves a read task one CPU.
+        threads = torch_threads or max(1, min(c // k for c, k in zip(nodes, on_node, strict=True)))
+        if not cpus_per_actor:
+            cpus_per_actor = min(1.0, min((c - (read_cpus or 1.0)) / k for c, k in zip(nodes, on_node, strict=True)))
+            cpus_per_actor = cpus_per_actor if cpus_per_actor > 0 else 1.0  # a 1-core node: ``fit`` scales it
     plan = ActorPlan(actors=n, cpus_per_actor=cpus_per_actor or 1.0, gpus_per_actor=gpus, torch_threads=threads,
                      read_cpus=read_cpus or 1.0)
     return fit(cluster, [plan])[0] if fit_cluster else plan

@@ -7,15 +7,19 @@ import pytest
 from pipelines.runtime import ClusterShape, plan_actors
 
 
-def test_cpu_default_is_one_actor_per_node_running_all_its_cores():
+def test_cpu_default_is_one_single_thread_actor_per_core_leaving_a_cpu_for_decoding():
     plan = plan_actors(ClusterShape(2.0, 0.0, (2.0,)))
-    # 1 CPU reserved (the read tasks get the other), but every core as torch threads (the old default ran 1)
-    assert (plan.actors, plan.cpus_per_actor, plan.torch_threads, plan.read_cpus, plan.use_gpu) == (1, 1.0, 2, 1.0,
+    # 2 x 0.5 CPU reserved + 1 for a decode task; 1 torch thread each (a 2-thread actor stalls when Ray's own
+    # processes take a core for a moment)
+    assert (plan.actors, plan.cpus_per_actor, plan.torch_threads, plan.read_cpus, plan.use_gpu) == (2, 0.5, 1, 1.0,
                                                                                                      False)
+    assert plan.actors * plan.cpus_per_actor + plan.read_cpus == 2.0
     plan = plan_actors(ClusterShape(48.0, 0.0, (16.0, 16.0, 16.0)))
-    assert (plan.actors, plan.torch_threads) == (6, 8)  # 2 per 16-core node, 8 threads each
+    assert (plan.actors, plan.torch_threads, plan.cpus_per_actor) == (24, 2, 1.0)  # 8 per node, 2 threads each
     plan = plan_actors(ClusterShape(12.0, 0.0, (4.0, 8.0)))
-    assert (plan.actors, plan.torch_threads) == (2, 4)  # threads from the smallest node: never oversubscribe it
+    assert (plan.actors, plan.torch_threads, plan.cpus_per_actor) == (12, 1, 0.75)  # the 4-core node: 3 of 4 CPUs
+    plan = plan_actors(ClusterShape(1.0, 0.0, (1.0,)))
+    assert plan.actors == 1 and plan.cpus_per_actor + plan.read_cpus == pytest.approx(1.0)  # scaled to fit
 
 
 def test_gpu_default_is_one_actor_per_gpu_and_requests_must_fit():
