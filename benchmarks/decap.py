@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def zero_shot_top1(captioner, images, truth: list[str]) -> float:
     """Per image, the synthetic caption (of all 432) whose CLIP text embedding is most cosine-similar."""
-    from pipelines.decap_demo import all_captions
+    from clipcap_core.synthetic import all_captions
 
     captions = all_captions()
     text = captioner.encoder.encode_text(captions)

@@ -130,8 +130,9 @@ STEPS.append(step_report)  # the last step: it reports on what the earlier steps
 
 
 def step_decap(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
-    """``clipcap demo --decap``: a text-only (DeCap) model trained on the demo's captions alone, captioning the
-    same held-out images as ``step_caption``, next to the image-trained model (pipelines.decap_demo)."""
+    """``clipcap demo --decap``: a text-only (DeCap) model trained on a synthetic caption corpus alone (no
+    image), captioning the same held-out images as ``step_caption``, next to the image-trained model
+    (pipelines.decap_demo)."""
     from clipcap_core import synthetic
     from clipcap_core.encoders import EncoderConfig
     from pipelines import tables
@@ -143,7 +144,7 @@ def step_decap(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
     info = tables.inspect_tables(tables.list_table_files(result.embeddings_uri))  # the CLIP of the image step
     encoder = EncoderConfig(model_name=info.clip_model, pretrained=info.clip_pretrained or None)
     samples = list(synthetic.generate(n, seed=cfg.seed, size=64, start=cfg.samples))
-    report = demo_decap(result.raw_uri, result.root, samples, encoder=encoder, seed=cfg.seed,
+    report = demo_decap(result.root, samples, encoder=encoder, seed=cfg.seed,
                         image_model_exact=result.summaries.get("caption", {}).get("exact_match"),
                         echo=result.lines.append)
     result.paths["decap_model"] = report["artifact"]

@@ -129,7 +129,7 @@ def test_text_only_training_on_ray_resumes_and_captions_images_through_its_memor
 
 
 def test_all_synthetic_captions_for_zero_shot_retrieval():
-    from pipelines.decap_demo import all_captions
+    from clipcap_core.synthetic import all_captions
 
     caps = all_captions()
     assert len(caps) == len(set(caps)) == 432 and all(syn.parse_caption(c) is not None for c in caps)
