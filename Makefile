@@ -76,7 +76,7 @@ bench: setup
 # The aligned tiny CLIP shipped in clipcap_core/resources (tiny.safetensors + model card tiny.md): synthetic
 # shards -> `train-clip` (Ray Train, fixed seeds) -> fp16 weights -> zero-shot figures on unseen images.
 tiny-clip: setup
-	$(PY) -m pipelines.tiny_clip
+	$(PY) -m pipelines.clip.tiny
 
 clean:
 	rm -rf data .pytest_cache

@@ -109,7 +109,7 @@ def run_reference(images: list[bytes], model_uri: str, args: argparse.Namespace,
     from clipcap_core.artifacts import load_model
     from clipcap_core.encoders import load_encoder
     from clipcap_core.reference import generate2, generate_beam
-    from pipelines.imaging import decode_image
+    from pipelines.io.imaging import decode_image
 
     torch.set_num_threads(threads)
     loaded = load_model(model_uri)

@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from clipcap_core.captioner import Captioner
     from clipcap_core.decap import ProjectionConfig
     from clipcap_core.encoders import EncoderConfig
-    from pipelines.embed import EmbedResources
-    from pipelines.embed_text import EmbedTextConfig, run_embed_text
+    from pipelines.embed.job import EmbedResources
+    from pipelines.embed.text import EmbedTextConfig, run_embed_text
 
     root = args.root or tempfile.mkdtemp(prefix="clipcap-decap-bench-")
     ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)  # never a stray cluster
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder = EncoderConfig(model_name=args.model, pretrained=args.pretrained)
     table = run_embed_text(EmbedTextConfig(input=str(corpus), output_root=root, dataset="corpus", encoder=encoder,
                                            resources=EmbedResources(batch_size=256))).table_uri
-    from pipelines.decap_demo import train_decap
+    from pipelines.demo.decap import train_decap
 
     trained = train_decap(table, root, seed=args.seed, epochs=args.epochs, noise_std=args.noise_std,
                           name=f"decap-bench-s{args.seed}")

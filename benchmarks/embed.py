@@ -55,7 +55,7 @@ def load_pixels(model: str, n: int, ckpt: Path | None = None, device: str = "cpu
 
     from clipcap_core import synthetic
     from clipcap_core.encoders import EncoderConfig, load_encoder
-    from pipelines import imaging
+    from pipelines.io import imaging
 
     enc = load_encoder(EncoderConfig(model_name=model, pretrained=str(ckpt) if ckpt else None), device=device,
                        precision="auto")

@@ -3,7 +3,7 @@ aligned tiny CLIP landed, a trained one; before, seeded random weights and the f
 
 1. CLIPScore of the true captions vs the same captions shuffled across images (``clipcap_core.clipscore``);
 2. exact-caption rate of the first of 5 sampled candidates vs the CLIP-reranked best of the same 5
-   (``pipelines.caption_stages.score_and_rank``, what ``clipcap caption --rerank clip`` runs).
+   (``pipelines.caption.stages.score_and_rank``, what ``clipcap caption --rerank clip`` runs).
 
     python benchmarks/quality.py                          # train a tiny captioner on the CLIP's embeddings first
     python benchmarks/quality.py --model ./runs/demo/model  # or score an existing artifact (same CLIP)
@@ -71,7 +71,7 @@ def rerank_figures(model, tok, scorer, emb: np.ndarray, captions: list[str], n: 
                    seed: int) -> dict[str, float]:
     from clipcap_core.decoding import generate
     from clipcap_core.evaluation import exact_matches
-    from pipelines.caption_stages import score_and_rank
+    from pipelines.caption.stages import score_and_rank
 
     gen = generate(model, emb, tok, "sample", n=n, temperature=temperature, max_length=16, seed=seed)
     texts = gen.grouped()

@@ -5,7 +5,7 @@
 
 Both sides train the same model (same preset, seed, D, batch size, optimizer, torch threads) on the same rows:
 - plain: captions tokenised once up front, tensors in memory, a shuffled slice per step (no data cost at all);
-- ray: ``pipelines.train.run_training`` with 1 worker reading the Parquet tables through Ray Data
+- ray: ``pipelines.train.job.run_training`` with 1 worker reading the Parquet tables through Ray Data
   (tokenisation in the pipeline, prefetch), checkpoints each epoch, no held-out evaluation.
 Reported: samples/s inside the training loop (per-epoch wall time, so the streaming pipeline's per-epoch
 start is included), their ratio (target >= 0.8), and the Ray job's end-to-end rate including cluster and
@@ -33,8 +33,8 @@ def plain_loop(files: list[str], args: argparse.Namespace) -> float:
     import torch
 
     from clipcap_core.training import TrainConfig, make_optimizer_and_scheduler, train_step
-    from pipelines import tables
-    from pipelines.train_setup import BatchTokenizer, build_or_load_model, resolve_model_config, to_core_batch
+    from pipelines.io import tables
+    from pipelines.train.setup import BatchTokenizer, build_or_load_model, resolve_model_config, to_core_batch
 
     torch.set_num_threads(args.threads)
     info = tables.inspect_tables(files)
@@ -65,7 +65,7 @@ def ray_job(files: list[str], args: argparse.Namespace, workdir: str) -> dict[st
     import ray
 
     from clipcap_core.training import TrainConfig
-    from pipelines.train import RunOptions, ScaleConfig, TrainJobConfig, run_training
+    from pipelines.train.job import RunOptions, ScaleConfig, TrainJobConfig, run_training
 
     if not ray.is_initialized():
         ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
@@ -106,7 +106,7 @@ def main() -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from pipelines import synthetic_tables
+    from pipelines.demo import synthetic_tables
 
     with tempfile.TemporaryDirectory(prefix="clipcap-bench-train-") as workdir:
         files = synthetic_tables.write_synthetic_tables(workdir, args.rows, shards=args.shards, dim=args.dim)

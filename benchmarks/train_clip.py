@@ -5,7 +5,7 @@ open_clip loop on the same model, batch, optimizer and torch threads, side by si
     python benchmarks/train_clip.py --model tiny --pairs 8192 --epochs 3 --threads 2
 
 - plain: images decoded and tokenised once up front into tensors, a shuffled slice per step (no data cost);
-- ray: ``pipelines.clip_train.run_clip_training`` with its default data path (decode + tokenise in Ray Data
+- ray: ``pipelines.clip.job.run_clip_training`` with its default data path (decode + tokenise in Ray Data
   tasks every epoch, streaming split, prefetch), no held-out evaluation, checkpoint per epoch.
 Reported: pairs/s inside the training loop (the Ray run's logged step windows after its first, so start-up is
 excluded; its end-to-end wall time is shown too) and the ratio ray / plain (issue target >= 0.8). The plain
@@ -38,7 +38,8 @@ def plain_loop(shards: str, args: argparse.Namespace) -> float:
         make_optimizer_and_scheduler,
         train_step,
     )
-    from pipelines import clip_data, tables
+    from pipelines.clip import data as clip_data
+    from pipelines.io import tables
 
     torch.set_num_threads(args.threads)
     prep = clip_data.PairPrep(model_name=args.model, size=64, augment="none",
@@ -68,9 +69,9 @@ def ray_run(shards: str, out: str, args: argparse.Namespace) -> tuple[float, flo
     import ray
 
     from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
-    from pipelines.clip_train import ClipTrainJobConfig, run_clip_training
-    from pipelines.train import ScaleConfig
-    from pipelines.train_state import RunOptions
+    from pipelines.clip.job import ClipTrainJobConfig, run_clip_training
+    from pipelines.train.job import ScaleConfig
+    from pipelines.train.state import RunOptions
 
     if not ray.is_initialized():
         ray.init(address=args.ray_address, log_to_driver=False)

@@ -1,7 +1,7 @@
 """DeCap (arXiv 2303.03032): caption images with a decoder trained on text only.
 
 Training: the usual ClipCap training, with the CLIP *text* embedding of each caption as the prefix input
-(``normalize_prefix=True``: DeCap works on unit vectors; ``pipelines.train`` with ``decoder="decap"``). Inference:
+(``normalize_prefix=True``: DeCap works on unit vectors; ``pipelines.train.job`` with ``decoder="decap"``). Inference:
 project the image embedding onto a memory M of caption text embeddings, w = softmax(v . M^T / tau),
 prefix = normalize(w . M), tau = 0.01 by default, then decode as usual. ``save_model(..., decap=memory)`` stores
 M in the artifact (``decap.safetensors``) and ``Captioner`` / bulk captioning apply the projection automatically.
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_TAU = 0.01
-TEXT_EMBEDDING = "text_embedding"  # the column of text-embedding tables (pipelines.schemas owns the name)
+TEXT_EMBEDDING = "text_embedding"  # the column of text-embedding tables (pipelines.io.schemas owns the name)
 
 
 class DecapMemory:

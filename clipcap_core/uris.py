@@ -1,4 +1,4 @@
-"""The fsspec helpers below every other (``pipelines.storage`` builds its table / JSON writers on these): a URI ->
+"""The fsspec helpers below every other (``pipelines.io.storage`` builds its table / JSON writers on these): a URI ->
 (filesystem, path), existence, remote-or-local, and moving model files between any fsspec URI (local path,
 ``s3://``, ``gs://``, ``memory://``) and local disk.
 

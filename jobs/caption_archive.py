@@ -1,4 +1,4 @@
-"""Ray job: bulk-caption an image archive into caption tables (``pipelines.caption.caption_archive``).
+"""Ray job: bulk-caption an image archive into caption tables (``pipelines.caption.job.caption_archive``).
 
     ray job submit --working-dir . --runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": "..."}}' -- \
         python jobs/caption_archive.py --input s3://b/archives --output s3://b/captions/run1 --model s3://b/models/m1

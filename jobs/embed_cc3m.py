@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def job_config(args: argparse.Namespace):  # -> EmbedJobConfig
     from clipcap_core.configs import to_dict
-    from pipelines import storage
     from pipelines.commands import download, embed, options
-    from pipelines.embed_job import EmbedJobConfig, default_job_config
+    from pipelines.embed.download_embed import EmbedJobConfig, default_job_config
+    from pipelines.io import storage
 
     root = args.output_root or str(CHECKOUT / "data")
     if args.url_list or args.skip_download:  # real data: a URL list, or shards already downloaded
@@ -75,11 +75,11 @@ def job_config(args: argparse.Namespace):  # -> EmbedJobConfig
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from pipelines.urlsafety import setup_logging
+    from pipelines.io.urlsafety import setup_logging
 
     setup_logging()  # URLs (signed query strings) redacted in every log record
     args = build_parser().parse_args(argv)
-    from pipelines.embed_job import result_dict, run_embed_job
+    from pipelines.embed.download_embed import result_dict, run_embed_job
 
     try:
         cfg = job_config(args)

@@ -1,4 +1,4 @@
-"""Ray job: one nightly retraining run (``pipelines.nightly.run_nightly``), scheduled by cron / KubeRay.
+"""Ray job: one nightly retraining run (``pipelines.train.nightly.run_nightly``), scheduled by cron / KubeRay.
 
     ray job submit --working-dir . -- python jobs/nightly_retrain.py \
         --tables s3://b/embeddings/cc3m/ViT-B-32-openai --state s3://b/nightly/cc3m \

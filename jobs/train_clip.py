@@ -1,4 +1,4 @@
-"""Ray job: contrastive CLIP training / fine-tuning on webdataset shards with Ray Train (``pipelines.clip_train``).
+"""Ray job: contrastive CLIP training / fine-tuning on webdataset shards with Ray Train (``pipelines.clip.job``).
 
     ray job submit --working-dir . --runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": "..."}}' -- \
         python jobs/train_clip.py --shards s3://b/raw/mydomain --output s3://b/clip-runs \

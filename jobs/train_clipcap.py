@@ -1,4 +1,4 @@
-"""Ray job: train a ClipCap model on embedding tables with Ray Train (``pipelines.train.run_training``).
+"""Ray job: train a ClipCap model on embedding tables with Ray Train (``pipelines.train.job.run_training``).
 
     ray job submit --working-dir . --runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": "..."}}' -- \
         python jobs/train_clipcap.py --tables s3://b/embeddings/cc3m/ViT-B-32-openai --output s3://b/runs \

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser([first] if first in COMMANDS else None)
     args = parser.parse_args(argv)
-    from pipelines.urlsafety import setup_logging
+    from pipelines.io.urlsafety import setup_logging
 
     setup_logging(args.verbose)  # -v: our loggers only; URLs redacted in every record
     if not getattr(args, "func", None):

@@ -1,4 +1,4 @@
-"""``clipcap caption``: bulk-caption image archives into caption tables (``pipelines.caption``).
+"""``clipcap caption``: bulk-caption image archives into caption tables (``pipelines.caption.job``).
 
     clipcap caption --input s3://bucket/archives --output s3://bucket/captions/run1 --model s3://bucket/models/m1
     clipcap caption --config caption.yaml --overwrite          # YAML/JSON with CaptionConfig fields; flags win
@@ -98,18 +98,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> Any:
     """Build a validated CaptionConfig from ``--config``, flags and ``--set`` (unknown keys / bad types fail)."""
     from clipcap_core.configs import ConfigError
-    from pipelines.caption import CaptionConfig
+    from pipelines.caption.job import CaptionConfig
 
     data = options.collect(args, _FIELDS)
     if not data.get("model"):
-        from pipelines.caption_stages import UNTRAINED_HINT
+        from pipelines.caption.stages import UNTRAINED_HINT
 
         raise ConfigError("--model is required: " + UNTRAINED_HINT.format(uri="(none)").split("; ", 1)[1])
     return options.build(CaptionConfig, data)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.caption import caption_archive
+    from pipelines.caption.job import caption_archive
 
     cfg = config_from_args(args)
     common.init_ray(args.ray_address)  # job-level faults are reported before any Ray process starts

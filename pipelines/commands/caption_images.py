@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from clipcap_core.captioner import Captioner, open_image
     from clipcap_core.configs import from_dict
     from clipcap_core.decap import ProjectionConfig
-    from pipelines.caption_stages import UNTRAINED_HINT
+    from pipelines.caption.stages import UNTRAINED_HINT
 
     if artifacts.is_preset(args.model) and not args.allow_untrained:
         raise ValueError(UNTRAINED_HINT.format(uri=args.model))

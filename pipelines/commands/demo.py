@@ -14,7 +14,7 @@ HELP = "run the embedded default end to end (tiny preset, ./data)"
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.demo import STEPS, DemoConfig, run_demo, step_decap
+    from pipelines.demo.run import STEPS, DemoConfig, run_demo, step_decap
 
     steps = [*STEPS, step_decap] if args.decap else None
     result = run_demo(DemoConfig(root=args.root, samples=args.samples, seed=args.seed, ray_address=args.ray_address),

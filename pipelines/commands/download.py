@@ -1,4 +1,4 @@
-"""``clipcap download``: URL list -> webdataset shards with img2dataset (``pipelines.download``).
+"""``clipcap download``: URL list -> webdataset shards with img2dataset (``pipelines.download.job``).
 
     clipcap download --url-list cc3m/Train_GCC-training.tsv --output s3://bucket/cc3m/raw \
         --processes 16 --threads 64 --image-size 256
@@ -63,13 +63,13 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from pipelines.download import DownloadConfig
+    from pipelines.download.job import DownloadConfig
 
     return options.build(DownloadConfig, options.collect(args, FIELDS))
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.download import run_download, summary_json
+    from pipelines.download.job import run_download, summary_json
 
     summary = run_download(config_from_args(args), ray_address=args.ray_address)
     common.print_result(summary.describe(), summary_json(summary))

@@ -1,4 +1,4 @@
-"""``clipcap embed``: webdataset shards -> CLIP embedding tables (``pipelines.embed``).
+"""``clipcap embed``: webdataset shards -> CLIP embedding tables (``pipelines.embed.job``).
 
     clipcap embed --input s3://bucket/cc3m/raw --output-root s3://bucket/clipcap --dataset cc3m \
         --model ViT-B-32 --pretrained openai --num-actors 4 --gpus-per-actor 1 --batch-size 256
@@ -53,13 +53,13 @@ def options_from_args(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) -
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from pipelines.embed import EmbedConfig
+    from pipelines.embed.job import EmbedConfig
 
     return options.build(EmbedConfig, options.collect(args, FIELDS))
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.embed import run_embed
+    from pipelines.embed.job import run_embed
 
     result = run_embed(config_from_args(args), ray_address=args.ray_address)
     common.print_result(result.describe(), result.to_dict())

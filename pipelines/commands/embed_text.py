@@ -1,4 +1,4 @@
-"""``clipcap embed-text``: a caption corpus -> CLIP text-embedding tables (``pipelines.embed_text``).
+"""``clipcap embed-text``: a caption corpus -> CLIP text-embedding tables (``pipelines.embed.text``).
 
     clipcap embed-text --input s3://bucket/corpus/captions.txt --output-root s3://bucket/clipcap --dataset corpus \
         --model ViT-B-32 --pretrained openai --num-actors 2 --gpus-per-actor 1
@@ -28,13 +28,13 @@ _FIELDS = {**{k: v for k, v in _EMBED_FIELDS.items() if k not in ("text_embeddin
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from pipelines.embed_text import EmbedTextConfig
+    from pipelines.embed.text import EmbedTextConfig
 
     return options.build(EmbedTextConfig, options.collect(args, _FIELDS))
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.embed_text import run_embed_text
+    from pipelines.embed.text import run_embed_text
 
     result = run_embed_text(config_from_args(args), ray_address=args.ray_address)
     common.print_result(result.describe(), result.to_dict())

@@ -4,7 +4,7 @@
     clipcap eval-clip --model ViT-B-32 --pretrained s3://b/clip-runs/x/model/x.safetensors \
         --shards s3://b/raw/val --classes classes.txt --templates templates.txt --output eval.json
 
-Prints a table and writes the JSON report to ``--output`` when given (``pipelines.clip_evaluate``).
+Prints a table and writes the JSON report to ``--output`` when given (``pipelines.clip.evaluate``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ HELP = "retrieval and zero-shot evaluation of a CLIP model"
 
 def run(args: argparse.Namespace) -> int:
     from clipcap_core.encoders import EncoderConfig
-    from pipelines import storage
-    from pipelines.clip_evaluate import EvalClipConfig, evaluate_clip, format_report
+    from pipelines.clip.evaluate import EvalClipConfig, evaluate_clip, format_report
+    from pipelines.io import storage
 
     cfg = EvalClipConfig(encoder=EncoderConfig(model_name=args.model, pretrained=args.pretrained),
                          shards=tuple(args.shards or ()), tables=tuple(args.tables or ()), part=args.part,

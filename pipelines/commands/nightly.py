@@ -1,4 +1,4 @@
-"""``clipcap nightly``: one nightly retraining run (``pipelines.nightly.run_nightly``).
+"""``clipcap nightly``: one nightly retraining run (``pipelines.train.nightly.run_nightly``).
 
     clipcap nightly --tables s3://b/embeddings/cc3m/ViT-B-32-openai --state s3://b/nightly/cc3m \
         --initial-model s3://b/models/cc3m-mlp --workers 2 --gpu --metric cider --tolerance 0.02
@@ -48,13 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from pipelines.nightly import NightlyConfig
+    from pipelines.train.nightly import NightlyConfig
 
     return options.build(NightlyConfig, options.collect(args, _FIELDS))
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines import nightly
+    from pipelines.train import nightly
 
     if args.status:
         if not args.state:

@@ -50,13 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from pipelines.sweep import SweepConfig
+    from pipelines.train.sweep import SweepConfig
 
     return options.build(SweepConfig, options.collect(args, _FIELDS))
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.sweep import format_table, run_sweep
+    from pipelines.train.sweep import format_table, run_sweep
 
     cfg = config_from_args(args)
     common.init_ray(args.ray_address)

@@ -1,10 +1,10 @@
-"""``clipcap train``: train a ClipCap model on embedding tables with Ray Train (``pipelines.train``).
+"""``clipcap train``: train a ClipCap model on embedding tables with Ray Train (``pipelines.train.job``).
 
     clipcap train --tables s3://b/embeddings/cc3m/ViT-B-32-openai --output s3://b/runs --name cc3m-mlp \
         --model clipcap-mlp --workers 4 --gpu --epochs 10
     clipcap train --config train.yaml --set train.lr=1e-4 --set run.checkpoint_every=200
     clipcap train --decoder decap --tables s3://b/text-embeddings/corpus/ViT-B-32-openai --output s3://b/runs \
-        --name corpus-decap --noise-std 0.1 --memory-size 50000          # text only (DeCap); see decap_train
+        --name corpus-decap --noise-std 0.1 --memory-size 50000          # text only (DeCap); see pipelines.train.decap
 
 Flags map onto ``TrainJobConfig`` (``--epochs``/``--lr``/... onto ``train``, ``--workers``/``--gpu``/... onto
 ``scale``, ``--mapping``/``--prefix-length``/``--freeze-lm`` onto ``model_overrides``); ``--set KEY=VALUE``
@@ -83,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """A validated TrainJobConfig from ``--config``, flags and ``--set`` (in that order of precedence)."""
-    from pipelines.train import TrainJobConfig
+    from pipelines.train.job import TrainJobConfig
 
     overrides = {key: getattr(args, dest) for dest, key in _MODEL_FLAGS.items() if getattr(args, dest, None) is not None}
     data = options.collect(args, FIELDS, extra={"model_overrides": overrides} if overrides else None)
@@ -91,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.train import run_training
+    from pipelines.train.job import run_training
 
     cfg = config_from_args(args)  # config errors before any Ray process starts
     common.init_ray(args.ray_address)

@@ -4,7 +4,7 @@
         --model ViT-B-32 --pretrained openai --lock-image --lr 1e-5 --epochs 3 --workers 8 --gpu --precision bf16
     clipcap train-clip --shards data/raw/synthetic --output data/clip-runs --name tiny --model tiny --from-scratch
 
-Flags map onto ``pipelines.clip_train.ClipTrainJobConfig`` (``--lr``/``--epochs``/... onto ``train``,
+Flags map onto ``pipelines.clip.job.ClipTrainJobConfig`` (``--lr``/``--epochs``/... onto ``train``,
 ``--workers``/``--gpu``/... onto ``scale``, ``--model``/``--pretrained``/``--from-scratch`` onto ``model``);
 ``--config FILE`` gives any field and ``--set KEY=VALUE`` reaches any other (value parsed as YAML).
 Re-running with the same ``--output`` and ``--name`` resumes from the latest checkpoint. Prints the weights
@@ -69,13 +69,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from pipelines.clip_train import ClipTrainJobConfig
+    from pipelines.clip.job import ClipTrainJobConfig
 
     return options.build(ClipTrainJobConfig, options.collect(args, _FIELDS))
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.clip_train import plan, run_clip_training
+    from pipelines.clip.job import plan, run_clip_training
 
     cfg = config_from_args(args)
     plan(cfg)  # model, weights and shards checked before Ray starts

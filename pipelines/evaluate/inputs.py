@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import schemas, storage
+from pipelines.io import schemas, storage
 
 ID_COLUMNS = (schemas.KEY, schemas.IMAGE_ID)  # tried in this order when no id column is named
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".csv")
@@ -44,7 +44,7 @@ class References:
 
 # --- files and tables -----------------------------------------------------------------------------------
 def _files(uri: str) -> list[str]:
-    from pipelines.caption_output import resolve_table
+    from pipelines.caption.output import resolve_table
 
     uri = resolve_table(uri)[0]  # a caption run's output folder -> its captions/ table
     fs, path = storage.filesystem(uri)

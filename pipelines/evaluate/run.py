@@ -21,7 +21,6 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from pipelines import schemas, storage
 from pipelines.evaluate import images as image_input
 from pipelines.evaluate.inputs import (
     ID_MODES,
@@ -31,6 +30,7 @@ from pipelines.evaluate.inputs import (
     read_predictions,
     read_references,
 )
+from pipelines.io import schemas, storage
 
 log = logging.getLogger(__name__)
 SHOW_IDS = 10  # ids named in the summary per kind of problem

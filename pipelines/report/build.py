@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import caption_output, storage
+from pipelines.caption import output as caption_output
+from pipelines.io import storage
 from pipelines.report import charts, page
 from pipelines.report.sample import Sampled, attach_evaluation, fetch_images, sample_captions
 

@@ -31,7 +31,7 @@ def _data_uri(fig: Any) -> str:
 
 
 def training_chart(history: list[dict[str, Any]]) -> str | None:
-    """Loss curves (``pipelines.train.plot_history``'s data) beside the held-out metrics per epoch."""
+    """Loss curves (``pipelines.train.job.plot_history``'s data) beside the held-out metrics per epoch."""
     plt = _pyplot()
     steps = [(r["step"], r["train_loss"]) for r in history if r.get("kind") == "step" and "train_loss" in r]
     epochs = [r for r in history if r.get("kind") == "epoch"]

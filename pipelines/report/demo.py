@@ -13,7 +13,7 @@ import json
 import shutil
 from typing import Any
 
-from pipelines import storage
+from pipelines.io import storage
 
 
 def write_references(uri: str, samples: list[Any]) -> None:

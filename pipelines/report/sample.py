@@ -3,7 +3,7 @@
 A caption table can hold millions of rows, so nothing here reads a whole table: ``sample_captions`` picks at
 most ``max_parts`` part files (seeded), one row group of each, and at most ``batch_rows`` rows of that row
 group (the first record batch), then samples images among those rows. ``fetch_images`` reads only the input
-parts those rows came from (a caption part ``part-<id>.parquet`` is input part ``<id>``, ``pipelines.sources``)
+parts those rows came from (a caption part ``part-<id>.parquet`` is input part ``<id>``, ``pipelines.io.sources``)
 and stops reading a part once it has the images it wants. Per-image evaluation rows are read with a filter.
 """
 
@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import schemas, sources, storage
 from pipelines.evaluate.inputs import number, stem
-from pipelines.imaging import ImageDecodeError, decode_image
+from pipelines.io import schemas, sources, storage
+from pipelines.io.imaging import ImageDecodeError, decode_image
 
 
 @dataclass
@@ -66,7 +66,7 @@ def _first_batch(uri: str, rng: random.Random, batch_rows: int) -> tuple[pa.Tabl
 def sample_captions(captions: str, n: int, *, max_parts: int = 4, batch_rows: int = 2048,
                     seed: int = 0) -> CaptionSample:
     """Up to ``n`` images (all their ranked captions) from at most ``max_parts`` parts of ``captions``."""
-    from pipelines.caption_output import resolve_table
+    from pipelines.caption.output import resolve_table
 
     table = resolve_table(captions)[0]
     files = storage.list_files(table, ".parquet") if not captions.endswith(".parquet") else [captions]

@@ -56,7 +56,7 @@ def test_other_modes_use_open_clip(mode, size):
 
 def test_decode_modules_import_no_torch():
     """Decode/read tasks import these modules; torch + open_clip there cost ~8 s of CPU per worker process."""
-    code = ("import sys\nimport pipelines.embed_stages, pipelines.caption_stages, clipcap_core.preprocess\n"
+    code = ("import sys\nimport pipelines.embed.stages, pipelines.caption.stages, clipcap_core.preprocess\n"
             "from clipcap_core.preprocess import ImageResizer, PreprocessSpec\n"
             "ImageResizer(PreprocessSpec(size=224, mean=(0.5,) * 3, std=(0.5,) * 3))\n"
             "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))")

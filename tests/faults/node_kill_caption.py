@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 def main(inp: str, out: str) -> int:
     import ray
 
-    from pipelines import storage
-    from pipelines.caption import CaptionConfig, ResourceOptions, caption_archive, table_uri
-    from pipelines.sources import SourceConfig
+    from pipelines.caption.job import CaptionConfig, ResourceOptions, caption_archive, table_uri
+    from pipelines.io import storage
+    from pipelines.io.sources import SourceConfig
     from tests.faults.cluster_driver import NodeKiller, alive_nodes, run_until_done, start_cluster
 
     cluster, nodes = start_cluster()

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 def main(inp: str, out: str) -> int:
     import ray
 
-    from pipelines import storage
-    from pipelines.embed import EmbedConfig, EmbedResources, run_embed
+    from pipelines.embed.job import EmbedConfig, EmbedResources, run_embed
+    from pipelines.io import storage
     from tests.faults.cluster_driver import NodeKiller, alive_nodes, run_until_done, start_cluster
 
     cluster, nodes = start_cluster()

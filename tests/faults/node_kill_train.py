@@ -21,7 +21,9 @@ def main(tables_dir: str, out: str) -> int:
     import ray
 
     from clipcap_core.training import TrainConfig
-    from pipelines import storage, train, train_checkpoints
+    from pipelines.io import storage
+    from pipelines.train import checkpoints as train_checkpoints
+    from pipelines.train import job as train
     from tests.faults.cluster_driver import NodeKiller, alive_nodes, run_until_done, start_cluster
 
     cluster, nodes = start_cluster(worker_cpus=2)

@@ -45,7 +45,7 @@ def test_worker_node_killed_during_embed_loses_and_duplicates_nothing(tmp_path):
 
 
 def test_worker_node_killed_during_caption_loses_and_duplicates_nothing(tmp_path):
-    from pipelines.caption import meta_uri, table_uri
+    from pipelines.caption.job import meta_uri, table_uri
 
     raw = tmp_path / "raw"
     keys = _write_shards(raw, seed=8)
@@ -65,7 +65,7 @@ def test_worker_node_killed_during_caption_loses_and_duplicates_nothing(tmp_path
 
 
 def test_worker_node_killed_during_train_resumes_from_its_checkpoint(tmp_path):
-    from pipelines import tables
+    from pipelines.io import tables
 
     tables.write_synthetic_tables(str(tmp_path / "data"), 600, shards=2, dim=32)
     report, tail = run_driver("node_kill_train.py", [str(tmp_path / "data/embeddings"), str(tmp_path / "runs")])

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipcap_core import synthetic
-from pipelines import storage
+from pipelines.io import storage
 from tests.faults.cluster_driver import short_ray_tmp
 from tests.faults.flaky_proxy import FlakyProxy
 

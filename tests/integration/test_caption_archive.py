@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import storage
-from pipelines.caption import CaptionConfig, ResourceOptions, caption_archive, meta_uri, table_uri
-from pipelines.sources import SourceConfig
+from pipelines.caption.job import CaptionConfig, ResourceOptions, caption_archive, meta_uri, table_uri
+from pipelines.io import storage
+from pipelines.io.sources import SourceConfig
 from tests.pipelines.image_zoo import DUP_ERROR_KEYS, write_mixed_input
 
 pytestmark = pytest.mark.integration
@@ -176,7 +176,7 @@ def test_each_key_gets_the_caption_of_its_own_image(ray_cluster, s3_uri, trained
 
     from clipcap_core import synthetic
     from clipcap_core.captioner import Captioner
-    from pipelines.caption_demo import write_archive
+    from pipelines.demo.caption import write_archive
 
     samples = list(synthetic.generate(8, seed=3, size=48, start=20000))
     archive, out = f"{s3_uri}/in/imgs-{stages}.tar", f"{s3_uri}/out-{stages}"
@@ -203,7 +203,7 @@ def test_each_key_gets_the_caption_of_its_own_image(ray_cluster, s3_uri, trained
 
 def test_demo_step_captions_heldout_synthetic_images(ray_cluster, s3_uri, trained_model):
     from clipcap_core import synthetic
-    from pipelines.caption_demo import caption_heldout
+    from pipelines.demo.caption import caption_heldout
 
     samples = list(synthetic.generate(6, seed=1, size=48, start=5000))
     lines: list[str] = []

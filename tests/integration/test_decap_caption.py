@@ -18,11 +18,11 @@ from clipcap_core.artifacts import load_model, save_model
 from clipcap_core.captioner import Captioner
 from clipcap_core.decap import DecapMemory, ProjectionConfig
 from clipcap_core.encoders import EncoderConfig, load_encoder
-from pipelines import storage
-from pipelines.caption import prepare
-from pipelines.caption_demo import read_captions
+from pipelines.caption.job import prepare
 from pipelines.cli import main
 from pipelines.commands.caption import add_arguments, config_from_args
+from pipelines.demo.caption import read_captions
+from pipelines.io import storage
 
 pytestmark = pytest.mark.integration
 FLAGS = ["--part-size", "4", "--clip-batch-size", "4", "--caption-batch-size", "4", "--decode-block-rows", "4",

@@ -7,8 +7,8 @@ import pytest
 from clipcap_core import synthetic
 from clipcap_core.artifacts import load_model
 from clipcap_core.encoders import EncoderConfig
-from pipelines.caption_demo import ARCHIVE, read_captions
-from pipelines.decap_demo import demo_decap
+from pipelines.demo.caption import ARCHIVE, read_captions
+from pipelines.demo.decap import demo_decap
 
 pytestmark = pytest.mark.integration
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import schemas, storage
+from pipelines.io import schemas, storage
 
 pytestmark = pytest.mark.integration
 
 
 def test_demo_embeds_every_downloaded_sample(ray_cluster, tmp_path, capsys, monkeypatch):
-    from pipelines import demo
     from pipelines.cli import main
+    from pipelines.demo import run as demo
 
     seen: list[demo.DemoResult] = []
     monkeypatch.setattr(demo, "STEPS", [demo.step_embed, lambda cfg, result: seen.append(result)])  # a later step

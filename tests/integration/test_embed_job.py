@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipcap_core import synthetic
-from pipelines import schemas, storage
+from pipelines.io import schemas, storage
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,7 +120,7 @@ def test_resubmitted_job_writes_nothing_new(submitted, ray_cluster, s3_server):
 def test_killed_run_then_rerun_has_no_duplicates(ray_cluster, s3_server, tmp_path):
     """SIGKILL the job driver after its first committed shard; the rerun commits the rest exactly once."""
     from clipcap_core.encoders import EncoderConfig
-    from pipelines.embed import EmbedConfig, EmbedResources, run_embed
+    from pipelines.embed.job import EmbedConfig, EmbedResources, run_embed
     from tests.pipelines.test_embed import good_samples, write_shard
 
     raw = tmp_path / "raw"  # a small first shard, then two large ones: a window to kill the run midway

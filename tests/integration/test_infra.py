@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import storage
+from pipelines.io import storage
 
 pytestmark = pytest.mark.integration
 

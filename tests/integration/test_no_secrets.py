@@ -15,11 +15,11 @@ import pytest
 
 from clipcap_core import synthetic
 from clipcap_core.encoders import EncoderConfig
-from pipelines.caption import CaptionConfig, ResourceOptions, caption_archive
-from pipelines.download import DownloadConfig, run_download
-from pipelines.embed import EmbedConfig, EmbedResources, run_embed
-from pipelines.sources import SourceConfig
-from pipelines.urlsafety import PROJECT_LOGGERS, setup_logging
+from pipelines.caption.job import CaptionConfig, ResourceOptions, caption_archive
+from pipelines.download.job import DownloadConfig, run_download
+from pipelines.embed.job import EmbedConfig, EmbedResources, run_embed
+from pipelines.io.sources import SourceConfig
+from pipelines.io.urlsafety import PROJECT_LOGGERS, setup_logging
 
 pytestmark = pytest.mark.integration
 SECRETS = ("SIGdeadbeef0123456789", "AKIATESTSECRETKEY77", "TOKENsessionFQoG99", "hunter2pw")
@@ -100,7 +100,7 @@ def test_signed_urls_leave_no_secret_in_outputs_or_logs(http_server, ray_local, 
     captions = list((out / "captions" / "captions").glob("part-*.parquet"))  # <output>/captions/ beside _meta/
     assert sum(pq.read_table(p).num_rows for p in captions) >= 10
     logs = caplog.text + "".join(capfd.readouterr())
-    assert "pipelines.download" in logs  # the project's DEBUG/INFO logs were captured, so the check below counts
+    assert "pipelines.download.job" in logs  # the project's DEBUG/INFO logs were captured, so the check below counts
     leaks = [(str(p.relative_to(out)), s) for p in files for t in _texts(p) for s in SECRETS if s in t]
     leaks += [("logs", s) for s in SECRETS if s in logs]
     assert leaks == []

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from clipcap_core.artifacts import read_metadata
-from pipelines import demo, synthetic_tables
+from pipelines.demo import run as demo
+from pipelines.demo import synthetic_tables
 
 pytestmark = pytest.mark.integration
 

@@ -230,7 +230,7 @@ def write_mixed_input(root, *, base_url: str | None, dim: int, clip_model: str) 
     # an embedding table (CLIP skipped), with a NaN row
     emb = np.random.default_rng(0).standard_normal((3, dim)).astype(np.float32)
     emb[1, 0] = np.nan
-    from pipelines import schemas
+    from pipelines.io import schemas
 
     meta = schemas.embedding_metadata(clip_model=clip_model, clip_pretrained=None, dim=dim, dtype="float32",
                                       preprocess="test")

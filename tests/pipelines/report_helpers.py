@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipcap_core import synthetic
-from pipelines import schemas, sources
-from pipelines.caption_demo import write_archive
+from pipelines.demo.caption import write_archive
+from pipelines.io import schemas, sources
 
 HOSTILE = "<script>document.title='pwned'</script> two red circles"  # a caption is untrusted text
 

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipcap_core.decoding import DecodeConfig
-from pipelines import schemas, sources, storage
-from pipelines.caption import PartCommitter, errors_uri, part_uri
-from pipelines.caption_stages import STAGE_SCHEMA, read_decode_part
+from pipelines.caption.job import PartCommitter, errors_uri, part_uri
+from pipelines.caption.stages import STAGE_SCHEMA, read_decode_part
+from pipelines.io import schemas, sources, storage
 from tests.pipelines.image_zoo import good_images, write_mixed_input
 
 
@@ -57,7 +57,7 @@ def test_committer_waits_for_every_row_dedups_retries_and_writes_ranked_rows(tmp
 
 
 def test_empty_part_is_marked_done_under_meta_without_a_0_row_part_file(tmp_path):
-    from pipelines.caption import done_parts, empty_uri
+    from pipelines.caption.job import done_parts, empty_uri
 
     out = str(tmp_path / "out")
     c = PartCommitter(out, "m@1", DecodeConfig())
@@ -100,8 +100,8 @@ def test_clip_stage_uint8_path_matches_the_encoder_preprocess():
     from PIL import Image
 
     from clipcap_core.encoders import EncoderConfig
-    from pipelines.caption_stages import ClipStage
-    from pipelines.imaging import decode_image
+    from pipelines.caption.stages import ClipStage
+    from pipelines.io.imaging import decode_image
 
     stage = ClipStage(EncoderConfig(), threads=1)
     images = [decode_image(good_images()[n]) for n in ("rgb.jpg", "rotated.jpg", "cmyk.jpg")]
@@ -153,7 +153,7 @@ def _emb_table(path, dim: int, clip_model: str = "tiny") -> None:
 
 
 def _cfg(inp, out, **kw):
-    from pipelines.caption import CaptionConfig
+    from pipelines.caption.job import CaptionConfig
 
     kw.setdefault("model", "tiny")
     kw.setdefault("allow_untrained", True)
@@ -161,7 +161,7 @@ def _cfg(inp, out, **kw):
 
 
 def test_job_level_faults_raise_before_any_work(tmp_path):
-    from pipelines.caption import prepare
+    from pipelines.caption.job import prepare
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes(good_images()["rgb.jpg"])
@@ -185,7 +185,7 @@ def test_job_level_faults_raise_before_any_work(tmp_path):
 
 
 def test_rerun_is_refused_when_the_model_or_input_changed_and_overwrite_clears(tmp_path):
-    from pipelines.caption import prepare
+    from pipelines.caption.job import prepare
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes(good_images()["rgb.jpg"])
@@ -214,7 +214,7 @@ def test_cli_reports_job_level_faults_in_one_line(tmp_path, capsys):
 
 
 def test_caption_pools_fit_the_cluster_or_fail_clearly():
-    from pipelines.caption import ResourceOptions
+    from pipelines.caption.job import ResourceOptions
     from pipelines.runtime import ClusterShape
 
     big, two = ClusterShape(16.0, 0.0, (16.0,)), ClusterShape(2.0, 0.0, (2.0,))
@@ -241,7 +241,7 @@ def test_caption_pools_fit_the_cluster_or_fail_clearly():
 @pytest.mark.parametrize("strategy,n", [("greedy", 1), ("beam", 2), ("sample", 3)])
 def test_caption_stage_gives_n_ranked_captions_per_embedding(strategy, n):
     from clipcap_core.presets import preset_config
-    from pipelines.caption_stages import CaptionStage
+    from pipelines.caption.stages import CaptionStage
 
     dim = preset_config("tiny").clip_dim
     stage = CaptionStage("tiny", DecodeConfig(strategy=strategy, n=n, beam_size=3, max_length=6), threads=1)

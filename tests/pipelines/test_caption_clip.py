@@ -9,9 +9,9 @@ import pytest
 
 from clipcap_core.decoding import DecodeConfig
 from clipcap_core.encoders import EncoderConfig, load_encoder
-from pipelines import schemas
-from pipelines.caption import CaptionConfig, PartCommitter, _run_record, part_uri
-from pipelines.caption_stages import CaptionStage, score_and_rank
+from pipelines.caption.job import CaptionConfig, PartCommitter, _run_record, part_uri
+from pipelines.caption.stages import CaptionStage, score_and_rank
+from pipelines.io import schemas
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ import pyarrow as pa
 import pytest
 
 from clipcap_core.decoding import DecodeConfig
-from pipelines import sources, storage
-from pipelines.caption import (
+from pipelines.caption.job import (
     CaptionConfig,
     PartCommitter,
     done_parts,
@@ -24,6 +23,7 @@ from pipelines.caption import (
     prepare,
     table_uri,
 )
+from pipelines.io import sources, storage
 from tests.pipelines.image_zoo import good_images
 
 
@@ -223,7 +223,7 @@ class _Blocks:
 
 
 def test_rows_lost_in_the_pipeline_fail_the_run_naming_the_part(saved_tiny, images, tmp_path, monkeypatch):
-    from pipelines import caption
+    from pipelines.caption import job as caption
 
     lost_row = _rows("images-00000", [], 1)  # the marker says 1 member, the member row never arrives
     monkeypatch.setattr(caption, "build_dataset", lambda cfg, plan: _Blocks([lost_row]))
@@ -235,8 +235,8 @@ def test_rows_lost_in_the_pipeline_fail_the_run_naming_the_part(saved_tiny, imag
 def test_embed_rows_lost_in_the_pipeline_fail_the_run_naming_the_shard(tmp_path):
     import numpy as np
 
-    from pipelines import embed_stages as st
-    from pipelines.embed import EmbedConfig, EmbedResult, _drain
+    from pipelines.embed import stages as st
+    from pipelines.embed.job import EmbedConfig, EmbedResult, _drain
 
     n = 1
     batch = {st.SHARD: np.array(["00007"], dtype=object), st.TOTAL: np.full(n, 2), st.KEY: np.array(["k"], object),
@@ -279,8 +279,8 @@ def test_stages_give_each_key_the_caption_of_its_own_image(trained_model, tmp_pa
     from clipcap_core import synthetic
     from clipcap_core.captioner import Captioner
     from clipcap_core.encoders import ImageResizer, preprocess_spec
-    from pipelines.caption_demo import write_archive
-    from pipelines.caption_stages import CaptionStage, ClipStage, inspect_model, read_decode_part
+    from pipelines.caption.stages import CaptionStage, ClipStage, inspect_model, read_decode_part
+    from pipelines.demo.caption import write_archive
 
     archive = str(tmp_path / "imgs.tar")
     write_archive(archive, list(synthetic.generate(6, seed=3, size=48, start=20000)))

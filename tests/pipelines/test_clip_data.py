@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from clipcap_core import synthetic
-from pipelines import clip_data, tables
+from pipelines.clip import data as clip_data
+from pipelines.io import tables
 
 
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:

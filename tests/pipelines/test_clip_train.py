@@ -11,8 +11,8 @@ import torch
 
 from clipcap_core import synthetic
 from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
-from pipelines.clip_train import ClipTrainJobConfig, plan, run_clip_training
-from pipelines.train_state import FaultConfig, RunOptions, ScaleConfig
+from pipelines.clip.job import ClipTrainJobConfig, plan, run_clip_training
+from pipelines.train.state import FaultConfig, RunOptions, ScaleConfig
 
 pytestmark = pytest.mark.integration
 MODEL = ClipModelSpec(model_name="tiny", from_scratch=True)
@@ -78,7 +78,7 @@ def _job(shards: str, out: str, name: str, **kw) -> ClipTrainJobConfig:
 
 def test_train_clip_learns_resumes_after_a_kill_and_fine_tunes(ray_cluster, tmp_path):
     from clipcap_core.encoders import EncoderConfig
-    from pipelines.clip_evaluate import EvalClipConfig, evaluate_clip
+    from pipelines.clip.evaluate import EvalClipConfig, evaluate_clip
 
     shards = tmp_path / "shards"
     synthetic.write_webdataset(shards, 640, seed=3, shard_size=160)

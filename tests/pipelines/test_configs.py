@@ -8,9 +8,9 @@ import pytest
 
 from clipcap_core.configs import ConfigError, from_dict, load_file, replace, to_dict
 from clipcap_core.encoders import EncoderConfig
-from pipelines.download import DownloadConfig
-from pipelines.embed import EmbedConfig, EmbedResources
-from pipelines.embed_job import EmbedJobConfig, default_job_config
+from pipelines.download.job import DownloadConfig
+from pipelines.embed.download_embed import EmbedJobConfig, default_job_config
+from pipelines.embed.job import EmbedConfig, EmbedResources
 
 BASE = {"input": "s3://b/raw", "output_root": "s3://b/out", "dataset": "cc3m"}
 

@@ -12,7 +12,10 @@ from clipcap_core.artifacts import read_metadata
 from clipcap_core.captioner import Captioner
 from clipcap_core.decap import ProjectionConfig
 from clipcap_core.training import TrainConfig
-from pipelines import decap_train, schemas, storage, synthetic_tables, tables, train
+from pipelines.demo import synthetic_tables
+from pipelines.io import schemas, storage, tables
+from pipelines.train import decap as decap_train
+from pipelines.train import job as train
 
 DIM = 32
 

@@ -1,4 +1,4 @@
-"""pipelines.download: URL-list normalisation (CC3M's headerless TSV), img2dataset over real HTTP, resume."""
+"""pipelines.download.job: URL-list normalisation (CC3M's headerless TSV), img2dataset over real HTTP, resume."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from clipcap_core import synthetic
 from clipcap_core.configs import ConfigError, from_dict
-from pipelines import storage
-from pipelines.download import DownloadConfig, read_url_list, run_download, summarize
+from pipelines.download.job import DownloadConfig, read_url_list, run_download, summarize
+from pipelines.io import storage
 
 
 def _cfg(url_list, output="unused", **kw) -> DownloadConfig:
@@ -106,7 +106,7 @@ def test_unwritable_output_fails_before_work(served_list, s3_server, tmp_path):
 
 
 def test_error_kinds_transient_or_permanent():
-    from pipelines.download import is_transient
+    from pipelines.download.job import is_transient
 
     for msg in ("<urlopen error [Errno 111] Connection refused>", "timed out", "HTTP Error 503: Service Unavailable",
                 "HTTP Error 429: Too Many Requests", "<urlopen error [Errno -3] Temporary failure in name resolution>"):

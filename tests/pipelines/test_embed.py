@@ -1,4 +1,4 @@
-"""pipelines.embed: shards -> embedding tables on the real local Ray head, S3 output, errors, reruns, checks."""
+"""pipelines.embed.job: shards -> embedding tables on the real local Ray head, S3 output, errors, reruns, checks."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 
 from clipcap_core import synthetic
 from clipcap_core.encoders import EncoderConfig, load_encoder
-from pipelines import embed_stages as st
-from pipelines import schemas, storage
-from pipelines.embed import EmbedConfig, EmbedResources, build_tables, pending_shards, run_embed
+from pipelines.embed import stages as st
+from pipelines.embed.job import EmbedConfig, EmbedResources, build_tables, pending_shards, run_embed
+from pipelines.io import schemas, storage
 
 
 def _jpeg(img) -> bytes:
@@ -94,7 +94,7 @@ def test_tables_rows_schema_and_metadata(embedded):
 
 def test_embeddings_equal_the_encoder_output(embedded):
     cfg, _ = embedded
-    from pipelines import imaging
+    from pipelines.io import imaging
 
     enc = load_encoder(EncoderConfig())
     sample = good_samples(1, 5)[0]
@@ -224,8 +224,8 @@ def test_old_layout_and_empty_markers_count_as_done(tmp_path):
 def test_shard_reader_refuses_unsafe_members_like_the_caption_readers():
     """Issue 8: the embed (and embed-text) shard reader had none of the member checks of ``sources``: a link,
     a ``..`` name or an oversized member was read like any other. Now each becomes its sample's error row."""
-    from pipelines.embed_stages import decode_sample, read_shard
-    from pipelines.sources import SourceConfig
+    from pipelines.embed.stages import decode_sample, read_shard
+    from pipelines.io.sources import SourceConfig
 
     good = next(iter(synthetic.generate(1, seed=0, size=32)))
     buf = io.BytesIO()

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipcap_core.encoders import EncoderConfig, load_encoder
-from pipelines import embed_text, schemas, storage, text_sources
+from pipelines.embed import text as embed_text
+from pipelines.io import schemas, storage, text_sources
 
 LONG = " ".join(["red"] * 40)  # 40 tokens: more than the tiny CLIP's context of 32
 

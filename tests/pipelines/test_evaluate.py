@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipcap_core import synthetic
-from pipelines import schemas
 from pipelines.cli import main
 from pipelines.evaluate import EvaluateConfig, run_evaluate
 from pipelines.evaluate.inputs import match_ids, read_predictions, read_references
+from pipelines.io import schemas
 
 SAMPLES = list(synthetic.generate(6, seed=3, size=64, start=500))
 # predictions: 3 exact, 2 wrong, and one image the references do not know

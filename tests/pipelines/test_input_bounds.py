@@ -10,8 +10,9 @@ import tracemalloc
 import numpy as np
 from PIL import Image
 
-from pipelines import caption, imaging
-from pipelines.sources import SourceConfig, plan_parts, read_part
+from pipelines.caption import job as caption
+from pipelines.io import imaging
+from pipelines.io.sources import SourceConfig, plan_parts, read_part
 
 
 def _png(color=(200, 10, 10)) -> bytes:
@@ -44,7 +45,7 @@ def test_reads_are_capped_even_when_the_listing_says_small(tmp_path, monkeypatch
     inp = tmp_path / "in"
     inp.mkdir()
     (inp / "big.png").write_bytes(b"x" * 5000)
-    from pipelines import sources
+    from pipelines.io import sources
 
     # A listing that lies about the size (as a device or a growing object does): the read itself is bounded.
     real = sources.list_input
@@ -85,7 +86,7 @@ def test_overwrite_removes_only_our_part_files(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines import schemas
+    from pipelines.io import schemas
 
     def write(path, part_id=None):
         meta = {schemas.META_PART: part_id} if part_id else None

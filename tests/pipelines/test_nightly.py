@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import nightly, storage, synthetic_tables
-from pipelines.train import RunOptions, ScaleConfig, TrainConfig
+from pipelines.demo import synthetic_tables
+from pipelines.io import storage
+from pipelines.train import nightly
+from pipelines.train.job import RunOptions, ScaleConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

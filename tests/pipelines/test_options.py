@@ -62,7 +62,7 @@ def _empty(tmp_path):
 
 def test_flag_choices_come_from_the_config_types():
     from clipcap_core.clip_training import ClipTrainConfig
-    from pipelines.caption import ResourceOptions
+    from pipelines.caption.job import ResourceOptions
 
     assert options.choices(ResourceOptions, "stages") == ["auto", "fused", "split"]
     assert set(options.choices(ClipTrainConfig, "precision")) >= {"fp32", "bf16", "fp16"}

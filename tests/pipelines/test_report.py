@@ -95,7 +95,7 @@ def test_demo_report_step_evaluates_the_heldout_captions_and_prints_the_report_p
     """The demo's last step on a captioned held-out set (the helper's samples are what the demo would
     regenerate for seed 5, start 900): evaluation against the true captions, then the report. Run as on a
     machine without Java (the Java path is tests/core/test_metrics.py's; each JVM start costs seconds)."""
-    from pipelines.demo import DemoConfig, DemoResult, step_report
+    from pipelines.demo.run import DemoConfig, DemoResult, step_report
     from pipelines.report import demo as report_demo
 
     monkeypatch.setattr(report_demo.shutil, "which", lambda name: None)
@@ -116,7 +116,7 @@ def test_a_plain_caption_table_without_ranks_scores_or_images_still_reports(tmp_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines import schemas
+    from pipelines.io import schemas
     from pipelines.report import ReportConfig, build_report
 
     (tmp_path / "caps").mkdir()

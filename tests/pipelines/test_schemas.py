@@ -1,4 +1,4 @@
-"""pipelines.schemas: embedding / errors schemas and Parquet metadata."""
+"""pipelines.io.schemas: embedding / errors schemas and Parquet metadata."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import schemas
+from pipelines.io import schemas
 
 
 def test_embedding_schema_types():

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import sources
-from pipelines.imaging import ImageDecodeError, decode_image
-from pipelines.sources import SourceConfig, plan_digest, plan_parts, read_part
+from pipelines.io import sources
+from pipelines.io.imaging import ImageDecodeError, decode_image
+from pipelines.io.sources import SourceConfig, plan_digest, plan_parts, read_part
 from tests.pipelines.image_zoo import DUP_ERROR_KEYS, good_images, write_mixed_input
 
 DIM = 16

@@ -1,4 +1,4 @@
-"""pipelines.storage: atomic table writes, listing, JSON, writability checks (local and memory://)."""
+"""pipelines.io.storage: atomic table writes, listing, JSON, writability checks (local and memory://)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import storage
+from pipelines.io import storage
 
 
 def test_join_and_full_uri():

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pytest
 
 from clipcap_core import synthetic as syn
-from pipelines import schemas, storage, synthetic_tables, tables
+from pipelines.demo import synthetic_tables
+from pipelines.io import schemas, storage, tables
 
 
 @pytest.fixture()

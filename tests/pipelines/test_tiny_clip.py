@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from clipcap_core import synthetic
 from clipcap_core.encoders import EncoderConfig, load_encoder, shipped_weights
-from pipelines.tiny_clip import RESOURCES, zero_shot_synthetic
+from pipelines.clip.tiny import RESOURCES, zero_shot_synthetic
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,14 @@ from clipcap_core.artifacts import load_model, read_metadata, save_model
 from clipcap_core.decoding import generate
 from clipcap_core.metrics import exact_match
 from clipcap_core.training import TrainConfig, collate, make_optimizer_and_scheduler, train_step
-from pipelines import demo_train, storage, synthetic_tables, tables, train, train_checkpoints
-from pipelines import train_setup as ts
-from pipelines.train_checkpoints import load_checkpoint, save_checkpoint
-from pipelines.train_state import RunState
+from pipelines.demo import synthetic_tables
+from pipelines.demo import train as demo_train
+from pipelines.io import storage, tables
+from pipelines.train import checkpoints as train_checkpoints
+from pipelines.train import job as train
+from pipelines.train import setup as ts
+from pipelines.train.checkpoints import load_checkpoint, save_checkpoint
+from pipelines.train.state import RunState
 
 CAPTIONS = ["a small red circle at the top", "three large blue squares on the left .", "two"]
 

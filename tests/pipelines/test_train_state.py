@@ -7,10 +7,10 @@ import torch
 
 from clipcap_core.configs import ConfigError, from_dict, to_dict
 from clipcap_core.presets import preset_config
-from pipelines.clip_train import ClipTrainPlan
-from pipelines.train import TrainPlan
-from pipelines.train_state import RunOptions, RunState, StepPlan
-from pipelines.train_steps import WorkerRun, run_steps
+from pipelines.clip.job import ClipTrainPlan
+from pipelines.train.job import TrainPlan
+from pipelines.train.state import RunOptions, RunState, StepPlan
+from pipelines.train.steps import WorkerRun, run_steps
 
 
 @pytest.mark.parametrize("plan", [

@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import storage, urlsafety
-from pipelines.download import DownloadConfig, prepare_download
-from pipelines.sources import SourceConfig, list_input
-from pipelines.sources_parquet import fetch_url
+from pipelines.download.job import DownloadConfig, prepare_download
+from pipelines.io import storage, urlsafety
+from pipelines.io.sources import SourceConfig, list_input
+from pipelines.io.sources_parquet import fetch_url
 
 SIG = "X-Amz-Signature=0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 CRED = "X-Amz-Credential=AKIAEXAMPLESECRET12%2F20261201"
@@ -52,11 +52,11 @@ def test_verbose_logging_raises_only_project_loggers_and_redacts_urls(caplog):
     root_level = logging.getLogger().level
     try:
         urlsafety.setup_logging(verbose=True)
-        assert logging.getLogger("pipelines.caption").getEffectiveLevel() == logging.DEBUG
+        assert logging.getLogger("pipelines.caption.job").getEffectiveLevel() == logging.DEBUG
         assert logging.getLogger("botocore.credentials").getEffectiveLevel() > logging.DEBUG
         urlsafety.install_log_redaction()  # caplog's handler is on the root logger now
-        with caplog.at_level(logging.INFO, logger="pipelines.download"):
-            logging.getLogger("pipelines.download").info("fetching %s", SIGNED)
+        with caplog.at_level(logging.INFO, logger="pipelines.download.job"):
+            logging.getLogger("pipelines.download.job").info("fetching %s", SIGNED)
         assert "cat.jpg?redacted-" in caplog.text and "AKIAEXAMPLE" not in caplog.text
     finally:
         for name in urlsafety.PROJECT_LOGGERS:
@@ -135,7 +135,7 @@ def test_img2dataset_shards_are_rewritten_without_signed_urls_once(tmp_path):
     import io
     import tarfile
 
-    from pipelines.shard_redaction import redact_shards
+    from pipelines.io.shard_redaction import redact_shards
 
     members = {"000000000.png": b"\x89PNG-bytes", "000000000.json": json.dumps({"url": SIGNED, "key": "0"}).encode(),
                "000000000.txt": b"a cat"}

@@ -1,0 +1,353 @@
+"""Bulk captioning: image archives in, caption tables + an errors table out; resumable and idempotent.
+
+    summary = caption_archive(CaptionConfig(input="s3://b/archives", output="s3://b/captions/run1",
+                                            model="s3://b/models/m1"))
+
+Ray Data pipeline (stages in ``pipelines.caption.stages``): the driver plans the input into parts
+(``pipelines.io.sources``) -> read + safe decode + resize (one task per part) -> CLIP (actor pool; skipped when
+the input is only embedding tables) -> mapping network + batched decoding (actor pool) -> rows stream back to
+the driver, which commits each part as soon as all its rows have arrived.
+
+Output layout under ``output`` (each table folder holds only non-empty part files, so pandas, pyarrow,
+DuckDB, polars and Hugging Face ``datasets`` read it as it is):
+- ``captions/part-<part id>.parquet``: caption table, ``schemas.CAPTIONS_SCORED_SCHEMA``: key, caption, score
+  (mean token log-prob), model (``<uri>@<version>``), created_at, rank (one row per caption, 0 = best; with
+  ``num_captions`` = 1 the key alone is unique), clip_score (CLIPScore with the model's CLIP; ``rerank="clip"``
+  orders the ranks by it). Rows sorted by (key, rank).
+- ``_meta/errors/part-<part id>.parquet``: errors table (key, source, stage, error), parts with errors only.
+- ``_meta/empty/part-<part id>.json``: the done-marker of a part without one caption (all members failed).
+- ``_meta/run.json``: the model, decoding options and input plan digest of the run that owns this output;
+  ``_meta/summary.json``: the last run's summary.
+An output of the old layout (part files and ``_run.json`` at its top level) is refused with a message
+(``overwrite`` redoes it in this layout).
+
+Resumability: part ids are derived from the input (``sources.plan_parts``); a part is committed by writing
+its errors file, then its caption file (or empty marker), each atomically (``storage.atomic_write_table``),
+so an interrupted run leaves no partial file and the caption file's presence means "done". A rerun skips
+done parts and so never duplicates rows; a rerun with another model / decoding / input is refused
+(``overwrite=True`` redoes everything). A part whose input could not be read (unreadable or truncated
+archive, I/O error: ``sources.UNIT_STAGE`` rows) is not committed: it is listed in
+``CaptionSummary.parts_failed`` and retried by the next run (exit code ``exitcodes.PARTIAL``).
+Job-level faults (unreadable output, output inside the input, missing input, a missing / corrupt / untrained
+model, embedding dimension or CLIP model not matching the model) raise before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from clipcap_core.configs import to_dict
+from clipcap_core.decap import ProjectionConfig
+from clipcap_core.decoding import DecodeConfig
+from pipelines import exitcodes, runtime
+from pipelines.caption.output import (  # noqa: F401  (the layout helpers are part of this module's API)
+    META_DIR,
+    TABLE_DIR,
+    PartCommitter,
+    _clear_output,
+    _old_layout_files,
+    _remove_stale_temporaries,
+    done_parts,
+    empty_uri,
+    errors_uri,
+    meta_uri,
+    part_uri,
+    table_uri,
+)
+from pipelines.io import sources, storage
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True, kw_only=True)
+class ResourceOptions:
+    """Batch sizes, actor pools and devices: the one place the pipeline's resources are set. Actor counts, CPUs,
+    threads and GPUs at 0 / None are sized from the cluster by ``runtime.plan_actors`` (one actor per GPU; on
+    CPU one single-thread actor per core, up to 8 per node); a value wins."""
+
+    decode_block_rows: int = 64    # rows per block out of the read/decode tasks
+    clip_batch_size: int = 64
+    caption_batch_size: int = 128
+    # fused: CLIP and the captioner in one actor (one set of threads over the node's cores, one CLIP for the
+    # image and the CLIPScore text tower, no embedding hop between processes); split: a CLIP pool feeding a
+    # captioning pool, each scaled on its own (``clip_actors`` / ``caption_actors``). auto = fused.
+    stages: Literal["auto", "fused", "split"] = "auto"
+    caption_actors: int = 0        # actors of the captioning (or fused) pool; 0: sized from the cluster
+    clip_actors: int = 0           # split only: actors of the CLIP pool; 0: sized from the cluster
+    read_cpus: float = 0.0         # per read/decode task; 0: 1
+    read_memory_mb: int = 768      # per read/decode task (a worker with torch imported: ~0.6 GB; >= 1)
+    cpus_per_actor: float = 0.0    # Ray CPUs reserved per actor (scheduling, not a thread cap); 0: 1
+    torch_threads: int = 0         # torch threads per actor; 0: the node's cores shared by its actors
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0 (CPU)
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
+    jpeg_draft: bool = False       # faster JPEG decode via DCT scaling (pixels differ slightly)
+
+    def __post_init__(self) -> None:
+        if min(self.decode_block_rows, self.clip_batch_size, self.caption_batch_size, self.read_memory_mb) < 1:
+            raise ValueError("batch sizes and read_memory_mb must be >= 1")
+        if min(self.clip_actors, self.caption_actors, self.read_cpus, self.cpus_per_actor, self.torch_threads) < 0:
+            raise ValueError("actor counts, CPUs and threads must be >= 0 (0 = size from the cluster)")
+        if self.stages not in ("auto", "fused", "split"):
+            raise ValueError(f"stages must be auto, fused or split, got {self.stages!r}")
+
+    def pools(self, needs_clip: bool, cluster: runtime.ClusterShape) -> tuple[runtime.ActorPlan | None,
+                                                                              runtime.ActorPlan]:
+        """(CLIP pool, captioning pool): the CLIP pool is None when fused or when no CLIP is needed (embedding
+        tables); split pools share the node's cores (auto threads halved)."""
+        kw = dict(cpus_per_actor=self.cpus_per_actor, gpus_per_actor=self.gpus_per_actor, read_cpus=self.read_cpus)
+        if not needs_clip or self.stages != "split":
+            return None, runtime.plan_actors(cluster, actors=self.caption_actors, torch_threads=self.torch_threads,
+                                             **kw)
+        caption = runtime.plan_actors(cluster, actors=self.caption_actors, fit_cluster=False, **kw)
+        threads = self.torch_threads or max(1, caption.torch_threads // 2)
+        clip = runtime.plan_actors(cluster, actors=self.clip_actors, torch_threads=threads, fit_cluster=False, **kw)
+        clip, caption = runtime.fit(cluster, [clip, replace(caption, torch_threads=threads)])
+        return clip, caption
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaptionConfig:
+    input: str
+    output: str
+    model: str                     # model artifact URI (a preset name only with allow_untrained)
+    allow_untrained: bool = False  # accept an untrained preset: random captions, for wiring tests / benchmarks
+    source: sources.SourceConfig = field(default_factory=sources.SourceConfig)
+    decoding: DecodeConfig = field(default_factory=DecodeConfig)
+    resources: ResourceOptions = field(default_factory=ResourceOptions)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)  # DeCap memory projection
+    overwrite: bool = False
+    progress_interval_s: float = 10.0
+    rerank: Literal["none", "clip"] = "none"  # clip: order each image's n captions by CLIP similarity
+    # CLIPScore per caption with the model's CLIP text tower (ViT-B-32: a text forward costs ~2/3 of an image
+    # forward, so False saves that when nobody filters on it; the column is then null)
+    clip_score: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rerank not in ("none", "clip"):
+            raise ValueError(f"rerank must be 'none' or 'clip', got {self.rerank!r}")
+        if self.rerank == "clip" and not self.clip_score:
+            raise ValueError("rerank 'clip' needs clip_score=True (it ranks by the CLIP similarity)")
+
+@dataclass
+class CaptionSummary:
+    output: str
+    model: str
+    parts_total: int = 0
+    parts_skipped: int = 0       # already done before this run
+    parts_done: int = 0          # committed by this run
+    images: int = 0              # members processed by this run (captioned + errors)
+    captioned: int = 0
+    captions: int = 0
+    errors: int = 0
+    parts_failed: dict[str, str] = field(default_factory=dict)  # input not readable: not committed, retried
+    seconds: float = 0.0
+    first_output_s: float = 0.0  # start -> first rows back (planning, actor start-up, model loads, 1st batch)
+    stage_seconds: dict[str, float] = field(default_factory=dict)      # busy wall seconds per stage
+    stage_cpu_seconds: dict[str, float] = field(default_factory=dict)  # process CPU seconds per stage
+
+    @property
+    def exit_code(self) -> int:
+        return exitcodes.outcome(self.parts_total - len(self.parts_failed), len(self.parts_failed))
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["images_per_s"] = round(self.images_per_s, 3)
+        return d
+
+# --- job-level validation ----------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    parts: list[sources.Part]
+    todo: list[sources.Part]
+    model_id: str
+    model_info: Any   # pipelines.caption.stages.ModelInfo
+    needs_clip: bool
+    digest: str
+
+def check_output_outside_input(cfg: CaptionConfig) -> None:
+    """An output inside the input would be read back as input by the next run."""
+    try:
+        fs_in, p_in = storage.filesystem(cfg.input)
+        fs_out, p_out = storage.filesystem(cfg.output)
+    except Exception:  # noqa: BLE001 - a bad URI is reported by the input / output checks that follow
+        return
+    if storage.protocol_prefix(fs_in) != storage.protocol_prefix(fs_out):
+        return
+    norm_in, norm_out = p_in.rstrip("/"), p_out.rstrip("/")
+    if fs_in.protocol[0] in ("file", "local"):
+        import os
+
+        norm_in, norm_out = os.path.realpath(norm_in), os.path.realpath(norm_out)
+    if norm_out == norm_in or norm_out.startswith(norm_in + "/"):
+        raise ValueError(f"output {cfg.output!r} is inside input {cfg.input!r}: its files would be read back as "
+                         "input by the next run; choose an output outside the input")
+
+def _check_embeddings(parts: list[sources.Part], info: Any) -> None:
+    for p in parts:
+        if p.kind != "embeddings":
+            continue
+        where = p.files[0].uri
+        if p.dim != info.clip_dim:
+            raise ValueError(f"dimension mismatch: embedding table {where} has D={p.dim} but model "
+                             f"{info.uri!r} expects clip_dim={info.clip_dim} (CLIP {info.encoder.model_name})")
+        if p.clip_model and p.clip_model != info.encoder.model_name:
+            raise ValueError(f"embedding table {where} was made with CLIP {p.clip_model!r} but model "
+                             f"{info.uri!r} was trained on {info.encoder.model_name!r} embeddings")
+
+
+def _check_projection(cfg: CaptionConfig, info: Any) -> None:
+    from clipcap_core import artifacts
+    from clipcap_core.decap import check_projection
+
+    try:
+        has_memory = bool(artifacts.read_metadata(cfg.model)["weights"].get("decap"))
+    except FileNotFoundError:  # a preset
+        has_memory = False
+    check_projection(cfg.projection, info.clip_dim, has_memory)
+
+
+_SPEED_ONLY = ("batch_size", "use_cache", "static_cache")  # decoding options that do not change captions
+
+def _run_record(cfg: CaptionConfig, model_id: str, digest: str) -> dict[str, Any]:
+    decoding = {k: v for k, v in to_dict(cfg.decoding).items() if k not in _SPEED_ONLY}
+    record = {"model": model_id, "decoding": decoding, "input": cfg.input, "plan_digest": digest}
+    if cfg.rerank != "none":  # only when set, so outputs of runs from before the option stay resumable
+        record["rerank"] = cfg.rerank
+    if not cfg.clip_score:
+        record["clip_score"] = False
+    if cfg.projection != ProjectionConfig():  # only when set: records of default runs stay as they were
+        record["projection"] = to_dict(cfg.projection)
+    return record
+
+def prepare(cfg: CaptionConfig) -> Plan:
+    """Every job-level check, then the plan; raises before any work starts. Claims the output."""
+    from pipelines.caption.stages import inspect_model
+
+    check_output_outside_input(cfg)
+    storage.check_writable(cfg.output)
+    fs, path = storage.filesystem(cfg.output)
+    fs.invalidate_cache(path)  # another process (an earlier, killed run) may have written here
+    info = inspect_model(cfg.model, allow_untrained=cfg.allow_untrained)
+    _check_projection(cfg, info)
+    parts = sources.plan_parts(cfg.input, cfg.source)
+    _check_embeddings(parts, info)
+    needs_clip = any(p.kind != "embeddings" for p in parts)
+    if needs_clip and info.encoder_dim != info.clip_dim:
+        raise ValueError(f"dimension mismatch: CLIP {info.encoder.model_name!r} gives D={info.encoder_dim} "
+                         f"but model {info.uri!r} expects clip_dim={info.clip_dim}")
+    digest = sources.plan_digest(parts)
+    record = storage.redact_json(_run_record(cfg, info.model_id, digest))  # as stored: no signed URLs
+    run_uri = meta_uri(cfg.output, "run.json")
+    previous = storage.read_json(run_uri)
+    old = _old_layout_files(cfg.output)
+    if old and not cfg.overwrite:
+        raise ValueError(f"output {cfg.output!r} holds a caption table of the old layout ({old[0]} at its top "
+                         f"level); use a new output, or overwrite=True (--overwrite) to redo it as {TABLE_DIR}/ "
+                         f"+ {META_DIR}/")
+    if cfg.overwrite:
+        _clear_output(cfg.output, previous)
+    elif previous is not None and previous != record:
+        changed = sorted(k for k in record if previous.get(k) != record[k])
+        raise ValueError(f"output {cfg.output!r} holds a run with different {', '.join(changed)}; use a new "
+                         "output or overwrite=True (--overwrite) to redo it")
+    storage.write_json(record, run_uri)
+    _remove_stale_temporaries(cfg.output)
+    done = done_parts(cfg.output)
+    todo = [p for p in parts if p.part_id not in done]
+    return Plan(parts, todo, info.model_id, info, needs_clip, digest)
+
+# --- the job ----------------------------------------------------------------------------------------------------
+def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
+    """Caption every image of ``cfg.input`` into caption tables under ``cfg.output`` (see module docstring)."""
+    start = time.monotonic()
+    plan = prepare(cfg)
+    summary = CaptionSummary(output=cfg.output, model=plan.model_id, parts_total=len(plan.parts),
+                             parts_skipped=len(plan.parts) - len(plan.todo))
+    log.info("captioning %s -> %s with %s: %d parts (%d already done)", cfg.input, cfg.output, plan.model_id,
+             len(plan.parts), summary.parts_skipped)
+    if plan.todo:
+        committer = PartCommitter(cfg.output, plan.model_id, cfg.decoding, cfg.rerank)
+        last = time.monotonic()
+        for block in build_dataset(cfg, plan).iter_batches(batch_size=None, batch_format="pyarrow",
+                                                          prefetch_batches=0):  # see embed._drain
+            summary.first_output_s = summary.first_output_s or round(time.monotonic() - start, 3)
+            for _pid, images, captioned, n_caps in committer.add(block):
+                summary.parts_done += 1
+                summary.images += images
+                summary.captioned += captioned
+                summary.errors += images - captioned
+                summary.captions += n_caps
+            if time.monotonic() - last >= cfg.progress_interval_s:
+                last = time.monotonic()
+                _log_progress(summary, start)
+        summary.stage_seconds = {k: round(v, 3) for k, v in committer.stage_seconds.items()}
+        summary.stage_cpu_seconds = {k: round(v, 3) for k, v in committer.stage_cpu_seconds.items()}
+        summary.parts_failed = dict(committer.failed)
+        if committer.pending():
+            raise RuntimeError(f"pipeline ended with incomplete parts {committer.pending()[:5]} (rows lost?)")
+    summary.seconds = time.monotonic() - start
+    storage.write_json(summary.as_dict(), meta_uri(cfg.output, "summary.json"))
+    log.info("done: %s", json.dumps(summary.as_dict()))
+    return summary
+
+def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
+    """The Ray Data pipeline over the parts still to do (resources all set here)."""
+    import ray.data
+
+    from clipcap_core.encoders import preprocess_spec
+    from pipelines.caption.stages import CaptionStage, ClipCaptionStage, ClipStage, read_decode_batch
+
+    runtime.ensure_ray()  # RAY_ADDRESS if set, else a local instance (as Ray Data would do)
+    res = cfg.resources
+    cluster = runtime.ClusterShape.from_ray()
+    clip_pool, pool = res.pools(plan.needs_clip, cluster)
+    if clip_pool is not None:
+        log.info(clip_pool.describe("caption: CLIP pool", cluster))
+    fused = plan.needs_clip and clip_pool is None
+    log.info(pool.describe("caption: CLIP + captioner pool" if fused else "caption: captioner pool", cluster))
+    spec = preprocess_spec(plan.model_info.encoder) if plan.needs_clip else None
+    items = [{"part": p.to_json()} for p in plan.todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # The memory request also keeps these tasks a stage of their own: Ray Data fuses a task map into the next
+    # actor map when their remote args are equal, which would decode inside the CLIP actors, one part at a time.
+    ds = ds.map_batches(read_decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=pool.read_cpus,
+                        memory=res.read_memory_mb * 2**20,
+                        fn_kwargs=dict(cfg_json=json.dumps(to_dict(cfg.source)), spec=spec,
+                                       block_rows=res.decode_block_rows, jpeg_draft=res.jpeg_draft))
+    caption_kw = dict(model_uri=plan.model_info.uri, decoding=cfg.decoding, precision=res.precision,
+                      use_gpu=pool.use_gpu, threads=pool.torch_threads, rerank=cfg.rerank,
+                      projection=cfg.projection)
+    score_cfg = plan.model_info.encoder if cfg.clip_score else None
+
+    def actor(p: runtime.ActorPlan) -> dict[str, Any]:
+        gpu = {"num_gpus": p.gpus_per_actor} if p.use_gpu else {}
+        return dict(compute=ray.data.ActorPoolStrategy(size=p.actors), num_cpus=p.cpus_per_actor,
+                    batch_format="pyarrow", **gpu)
+
+    if fused:
+        return ds.map_batches(ClipCaptionStage, batch_size=res.caption_batch_size, **actor(pool),
+                              fn_constructor_kwargs=dict(caption_kw, encoder_cfg=plan.model_info.encoder,
+                                                         clip_batch_size=res.clip_batch_size,
+                                                         clip_score=cfg.clip_score))
+    if clip_pool is not None:
+        ds = ds.map_batches(ClipStage, batch_size=res.clip_batch_size, **actor(clip_pool),
+                            fn_constructor_kwargs=dict(encoder_cfg=plan.model_info.encoder, precision=res.precision,
+                                                       use_gpu=clip_pool.use_gpu, threads=clip_pool.torch_threads))
+    return ds.map_batches(CaptionStage, batch_size=res.caption_batch_size, **actor(pool),
+                          fn_constructor_kwargs=dict(caption_kw, encoder_cfg=score_cfg))
+
+def _log_progress(s: CaptionSummary, start: float) -> None:
+    elapsed = time.monotonic() - start
+    log.info("progress: parts %d/%d (+%d skipped), images %d, captions %d, errors %d, %.1f images/s",
+             s.parts_done, s.parts_total - s.parts_skipped, s.parts_skipped, s.images, s.captions, s.errors,
+             s.images / elapsed if elapsed > 0 else 0.0)

@@ -1,0 +1,210 @@
+"""The output side of bulk captioning: the output layout and the per-part committer (``PartCommitter``).
+
+Layout under a caption run's ``output`` (see ``pipelines.caption.job``): ``captions/part-<id>.parquet`` (the table:
+only non-empty part files, so every common Parquet reader takes the folder as it is) and ``_meta/`` (the
+errors table ``errors/``, ``empty/part-<id>.json`` markers of parts without captions, ``run.json``,
+``summary.json``). ``_old_layout_files`` finds outputs written before this layout (parts at the top level).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
+from clipcap_core.configs import to_dict
+from clipcap_core.decoding import DecodeConfig
+from pipelines.caption.stages import TIMING_COLUMNS
+from pipelines.io import schemas, sources, storage
+
+log = logging.getLogger(__name__)
+
+TABLE_DIR, META_DIR = "captions", "_meta"
+
+
+def table_uri(output: str) -> str:
+    return storage.join(output, TABLE_DIR)
+
+
+def meta_uri(output: str, *parts: str) -> str:
+    return storage.join(output, META_DIR, *parts)
+
+
+def part_uri(output: str, part_id: str) -> str:
+    return storage.join(output, TABLE_DIR, f"part-{part_id}.parquet")
+
+
+def errors_uri(output: str, part_id: str) -> str:
+    return meta_uri(output, "errors", f"part-{part_id}.parquet")
+
+
+def empty_uri(output: str, part_id: str) -> str:
+    return meta_uri(output, "empty", f"part-{part_id}.json")
+
+
+def resolve_table(uri: str) -> tuple[str, str | None]:
+    """(caption table folder, run output root or None) for a URI a user gives readers: a run output (its
+    ``captions/`` table), the ``captions/`` folder itself, or any other table folder / file (no run record)."""
+    if storage.list_files(table_uri(uri), ".parquet"):
+        return table_uri(uri), uri
+    parent = uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else ""
+    if uri.rstrip("/").endswith("/" + TABLE_DIR) and parent and storage.exists(meta_uri(parent, "run.json")):
+        return uri, parent
+    return uri, None
+
+
+def run_record(uri: str) -> dict[str, Any]:
+    """The ``_meta/run.json`` of the run that wrote the caption table at ``uri`` ({} if none)."""
+    _, root = resolve_table(uri)
+    return (storage.read_json(meta_uri(root, "run.json")) or {}) if root else {}
+
+
+def done_parts(output: str) -> set[str]:
+    """Part ids with a caption file or an empty marker."""
+    names = [u.rsplit("/", 1)[-1].removesuffix(".parquet") for u in storage.list_files(table_uri(output), ".parquet")]
+    names += [u.rsplit("/", 1)[-1].removesuffix(".json") for u in storage.list_files(meta_uri(output, "empty"),
+                                                                                     ".json")]
+    return {n.removeprefix("part-") for n in names}
+
+
+def _old_layout_files(output: str) -> list[str]:
+    """Files of the layout before ``captions/`` + ``_meta/`` (part files and bookkeeping at the top level)."""
+    old = storage.list_files(output, ".parquet") + storage.list_files(storage.join(output, "_errors"), ".parquet")
+    return old + [u for u in (storage.join(output, "_run.json"), storage.join(output, "_summary.json"))
+                  if storage.exists(u)]
+
+
+def _remove_stale_temporaries(output: str) -> None:
+    """Drop ``_tmp.*`` files a killed run left behind (never visible as parts; one run per output)."""
+    fs, _ = storage.filesystem(output)
+    for uri in (table_uri(output), meta_uri(output, "errors"), meta_uri(output, "empty"), meta_uri(output)):
+        sub = storage.filesystem(uri)[1]
+        if fs.exists(sub):
+            for name in fs.ls(sub, detail=False):
+                if name.rsplit("/", 1)[-1].startswith("_tmp."):
+                    fs.rm(name)
+
+
+def _is_our_part(fs: Any, path: str) -> bool:
+    """A part / error file this stage wrote: named ``part-<id>.parquet`` with ``clipcap.part = <id>`` in its
+    footer (what every commit writes); anything else in the folder is someone else's."""
+    import pyarrow.parquet as pq
+
+    name = path.rsplit("/", 1)[-1]
+    if not (name.startswith("part-") and name.endswith(".parquet")):
+        return False
+    try:
+        with fs.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+    except Exception:  # noqa: BLE001 - unreadable: not provably ours, keep it
+        return False
+    return meta.get(schemas.META_PART.encode()) == name[len("part-"):-len(".parquet")].encode()
+
+
+def _clear_output(output: str, previous: dict | None = None) -> None:
+    """``--overwrite``: remove the part / error files and markers our runs wrote, nothing else. Without a run
+    record of ours (``previous``, or the old layout's top-level ``_run.json``) nothing is ours to clear; a
+    Parquet file is ours when its name is ``part-<id>.parquet`` and its footer says ``clipcap.part = <id>``
+    (the old layout: also any ``part-*.parquet`` beside that layout's own ``_run.json``)."""
+    old = _old_layout_files(output)
+    old_record = storage.exists(storage.join(output, "_run.json"))
+    if previous is None and not old_record:
+        return
+    fs, _ = storage.filesystem(output)
+    new = storage.list_files(table_uri(output), ".parquet") + storage.list_files(meta_uri(output, "errors"),
+                                                                                 ".parquet")
+    for uri in new + [u for u in old if u.endswith(".parquet")]:
+        path = storage.filesystem(uri)[1]
+        top_old_part = old_record and uri in old and posixpath.dirname(path) == storage.filesystem(output)[1] \
+            and uri.rsplit("/", 1)[-1].startswith("part-")
+        if _is_our_part(fs, path) or top_old_part:
+            fs.rm(path)
+    for uri in storage.list_files(meta_uri(output, "empty"), ".json") + [u for u in old if u.endswith(".json")]:
+        fs.rm(storage.filesystem(uri)[1])
+
+
+# --- committing parts -------------------------------------------------------------------------------------------
+class PartCommitter:
+    """Collects stage rows per part (dedup by member index) and commits a part once all its rows arrived."""
+
+    def __init__(self, output: str, model_id: str, decoding: DecodeConfig, rerank: str = "none"):
+        self.output, self.model_id = output, model_id
+        self.meta = {schemas.META_MODEL: model_id, schemas.META_DECODING: json.dumps(to_dict(decoding)),
+                     schemas.META_SCHEMA_VERSION: schemas.SCHEMA_VERSION, schemas.META_RERANK: rerank}
+        self.rows: dict[str, dict[int, dict[str, Any]]] = {}
+        self.totals: dict[str, int] = {}
+        self.committed: list[str] = []
+        self.failed: dict[str, str] = {}  # part id -> why its input could not be read (not committed)
+        self.stage_seconds: dict[str, float] = {}
+        self.stage_cpu_seconds: dict[str, float] = {}
+
+    def add(self, table: pa.Table) -> list[tuple[str, int, int, int]]:
+        """Take a block of final-stage rows; return (part id, images, captions, errors) of parts committed."""
+        done = []
+        touched = set()
+        for name in TIMING_COLUMNS:
+            if name in table.column_names:
+                kind, stage = name.split("_", 1)
+                bucket = self.stage_seconds if kind == "t" else self.stage_cpu_seconds
+                bucket[stage] = bucket.get(stage, 0.0) + float(pa.compute.sum(table.column(name)).as_py() or 0.0)
+        for row in table.to_pylist():
+            pid = row["part_id"]
+            touched.add(pid)
+            if row["index"] < 0:
+                self.totals[pid] = row["total"]
+            else:
+                self.rows.setdefault(pid, {})[row["index"]] = row
+        for pid in sorted(touched):
+            if pid in self.totals and len(self.rows.get(pid, {})) >= self.totals[pid]:
+                rows = list(self.rows.pop(pid, {}).values())
+                del self.totals[pid]
+                unread = [r for r in rows if r["stage"] == sources.UNIT_STAGE]
+                if unread:
+                    self.failed[pid] = f"{unread[0]['source']}: {unread[0]['error']}"
+                    log.error("part %s is not done (a rerun retries it): %s", pid, self.failed[pid])
+                    continue
+                self.failed.pop(pid, None)
+                done.append(self.commit(pid, rows))
+        return done
+
+    def pending(self) -> list[str]:
+        return sorted(set(self.rows) | set(self.totals))
+
+    def commit(self, part_id: str, rows: list[dict[str, Any]]) -> tuple[str, int, int, int]:
+        now = datetime.now(timezone.utc)
+        caps: dict[str, list[Any]] = {n: [] for n in schemas.CAPTIONS_SCORED_SCHEMA.names}
+        errs: dict[str, list[Any]] = {n: [] for n in schemas.ERRORS_SCHEMA.names}
+        for row in sorted(rows, key=lambda r: (r["key"], r["index"])):
+            if row["error"] is None and row.get("captions"):
+                clip = row.get("clip_scores") or [None] * len(row["captions"])
+                for rank, (text, score) in enumerate(zip(row["captions"], row["scores"], strict=True)):
+                    for name, v in ((schemas.KEY, row["key"]), (schemas.CAPTION, text), (schemas.SCORE, score),
+                                    (schemas.MODEL, self.model_id), (schemas.CREATED_AT, now),
+                                    (schemas.RANK, rank), (schemas.CLIP_SCORE, clip[rank])):
+                        caps[name].append(v)
+            else:
+                error = row["error"] or "no caption produced"
+                for name, v in ((schemas.KEY, row["key"]), (schemas.SOURCE, row["source"]),
+                                (schemas.STAGE, row["stage"] or "caption"), (schemas.ERROR, error)):
+                    errs[name].append(v)
+        meta = dict(self.meta, **{schemas.META_PART: part_id})
+        errors = pa.table(errs, schema=schemas.with_metadata(schemas.ERRORS_SCHEMA, meta))
+        captions = pa.table(caps, schema=schemas.with_metadata(schemas.CAPTIONS_SCORED_SCHEMA, meta))
+        err_uri = errors_uri(self.output, part_id)
+        if errors.num_rows:
+            storage.atomic_write_table(errors, err_uri)
+        elif storage.exists(err_uri):  # stale, from a run this one overwrites
+            fs, path = storage.filesystem(err_uri)
+            fs.rm(path)
+        if captions.num_rows:  # last: "this part is done"
+            storage.atomic_write_table(captions, part_uri(self.output, part_id))
+        else:  # a 0-row Parquet file breaks Hugging Face datasets: the marker lives under _meta instead
+            storage.write_json({"part": part_id, "errors": errors.num_rows}, empty_uri(self.output, part_id))
+        self.committed.append(part_id)
+        images = len(rows)
+        return part_id, images, images - errors.num_rows, captions.num_rows

@@ -1,0 +1,339 @@
+"""The stages of bulk captioning: pure cores plus the callables Ray Data runs (no Ray import here).
+
+Rows flow between stages as pyarrow tables with the columns of ``STAGE_SCHEMA``:
+- ``read_decode_part`` (Ray task, one per part): reads a part's records, decodes images safely
+  (``pipelines.io.imaging``) and resizes them (the CLIP model's geometric preprocessing) to uint8 (H, W, 3)
+  bytes; embedding-table rows carry their embedding; failures become error rows. The last row of each part
+  is a *marker* (``index`` -1) whose ``total`` says how many member rows the part has, so the driver knows
+  when a part is complete however the rows were spread over actors.
+- ``ClipStage`` (actor pool): ``pixels`` -> ``embedding`` (float32 bytes), normalising on the device.
+- ``CaptionStage`` (actor pool): ``embedding`` -> ``captions`` / ``scores`` / ``clip_scores`` (n per image,
+  best first: by the decoder, or by CLIP similarity with rerank "clip") with batched KV-cache decoding and
+  the model's CLIP text encoder.
+Rows that a stage has nothing to do for (errors, markers, embeddings at the CLIP stage) pass through.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.io import sources
+from pipelines.io.imaging import ImageDecodeError, decode_image
+
+STAGE_SCHEMA = pa.schema([
+    ("part_id", pa.string()), ("index", pa.int32()), ("key", pa.string()), ("source", pa.string()),
+    ("pixels", pa.binary()), ("embedding", pa.binary()), ("error", pa.string()), ("stage", pa.string()),
+    ("total", pa.int32()), ("t_read", pa.float64()), ("cpu_read", pa.float64()),
+])
+# Each stage adds its busy wall seconds (t_*) and its process CPU seconds (cpu_*, all threads) per block,
+# spread over the block's rows: the driver sums them into the per-stage breakdown of the summary. CPU seconds
+# do not grow when other processes share the machine; wall seconds do.
+TIMING_COLUMNS = ("t_read", "cpu_read", "t_clip", "cpu_clip", "t_caption", "cpu_caption")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = (wall - self.wall, cpu - self.cpu)
+        self.wall, self.cpu = wall, cpu
+        return out
+
+
+class _Rows:
+    """Column buffers for one output block of ``read_decode_part``."""
+
+    def __init__(self) -> None:
+        self.cols: dict[str, list[Any]] = {name: [] for name in STAGE_SCHEMA.names}
+
+    def __len__(self) -> int:
+        return len(self.cols["key"])
+
+    def add(self, part_id: str, index: int, key: str, source: str, *, pixels: bytes = b"",
+            embedding: bytes = b"", error: str | None = None, stage: str | None = None, total: int = -1) -> None:
+        for name, value in (("part_id", part_id), ("index", index), ("key", key), ("source", source),
+                            ("pixels", pixels), ("embedding", embedding), ("error", error), ("stage", stage),
+                            ("total", total)):  # t_read / cpu_read are filled per block
+            self.cols[name].append(value)
+
+    def table(self, lap: tuple[float, float] = (0.0, 0.0)) -> pa.Table:
+        n = len(self)
+        self.cols["t_read"] = [lap[0] / n] * n if n else []
+        self.cols["cpu_read"] = [lap[1] / n] * n if n else []
+        return pa.table(self.cols, schema=STAGE_SCHEMA)
+
+
+def _decode_record(rec: sources.Record, resizer: Any, cfg: sources.SourceConfig,
+                   draft: tuple[int, int] | None) -> dict[str, Any]:
+    if rec.error is not None:
+        return {"error": rec.error, "stage": rec.stage}
+    if rec.embedding is not None:
+        return {"embedding": np.asarray(rec.embedding, dtype=np.float32).tobytes()}
+    try:
+        image = decode_image(rec.data or b"", max_pixels=cfg.max_pixels, draft_size=draft)
+    except ImageDecodeError as exc:
+        return {"error": str(exc), "stage": "decode"}
+    try:
+        return {"pixels": np.ascontiguousarray(resizer(image), dtype=np.uint8).tobytes()}
+    except Exception as exc:  # noqa: BLE001 - an image that decodes but cannot be resized is still a row
+        return {"error": f"preprocess failed: {type(exc).__name__}: {exc}", "stage": "preprocess"}
+
+
+def read_decode_part(part: sources.Part, cfg: sources.SourceConfig, resizer: Any, block_rows: int,
+                     draft: tuple[int, int] | None = None) -> Iterator[pa.Table]:
+    """Records of ``part`` as stage rows in blocks of ``block_rows``, then the part's marker row."""
+    rows, n, clock = _Rows(), 0, _Clock()
+    for rec in sources.read_part(part, cfg):
+        rows.add(part.part_id, n, rec.key, rec.source, **_decode_record(rec, resizer, cfg, draft))
+        n += 1
+        if len(rows) >= block_rows:
+            lap = clock.lap()
+            yield rows.table(lap)
+            rows = _Rows()
+            clock.lap()  # the time spent downstream while suspended is not ours
+    rows.add(part.part_id, -1, "", "", total=n)
+    yield rows.table(clock.lap())
+
+
+def read_decode_batch(batch: pa.Table, *, cfg_json: str, spec: Any, block_rows: int,
+                      jpeg_draft: bool = False) -> Iterator[pa.Table]:
+    """Ray Data task function over batches of ``{"part": [Part json]}``; yields several blocks per part.
+
+    ``spec`` is the CLIP model's ``PreprocessSpec`` (None when the input is only embedding tables)."""
+    from clipcap_core.configs import from_dict
+    from clipcap_core.preprocess import ImageResizer
+
+    cfg = from_dict(sources.SourceConfig, json.loads(cfg_json))
+    resizer = ImageResizer(spec) if spec is not None else None
+    draft = None
+    if jpeg_draft and spec is not None:
+        size = spec.size if isinstance(spec.size, tuple) else (spec.size, spec.size)
+        draft = (int(size[0]), int(size[1]))
+    for text in batch.column("part").to_pylist():
+        yield from read_decode_part(sources.Part.from_json(text), cfg, resizer, block_rows, draft)
+
+
+def _device(use_gpu: bool) -> str:
+    import torch
+
+    # Under Ray, an actor with num_gpus sees only its own GPU(s) as "cuda"; never assume cuda:0 is free.
+    return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def binary_rows(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[bytes]]:
+    """Indices of the non-empty values of a binary column, and those values."""
+    values = col.to_pylist()
+    idx = np.array([i for i, v in enumerate(values) if v], dtype=np.int64)
+    return idx, [values[i] for i in idx]
+
+
+class ClipStage:
+    """Actor: resized uint8 pixels -> CLIP image embeddings (float32 bytes)."""
+
+    def __init__(self, encoder_cfg: Any, precision: str = "fp32", use_gpu: bool = False, threads: int = 0):
+        from clipcap_core.encoders import load_encoder
+
+        _set_threads(threads)
+        self.encoder = load_encoder(encoder_cfg, device=_device(use_gpu), precision=precision)
+        size = self.encoder.spec.size
+        self.hw = (size, size) if isinstance(size, int) else tuple(size)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        clock = _Clock()
+        idx, blobs = binary_rows(table.column("pixels"))
+        emb = table.column("embedding").to_pylist()
+        if len(idx):
+            pixels = np.stack([np.frombuffer(b, dtype=np.uint8) for b in blobs]).reshape(len(idx), *self.hw, 3)
+            out = self.encoder.encode_pixels(pixels)  # (B, D) float32
+            for j, i in enumerate(idx):
+                emb[i] = out[j].tobytes()
+        table = table.drop_columns(["pixels", "embedding"])
+        table = table.append_column("embedding", pa.array(emb, type=pa.binary()))
+        return _with_time(table, "clip", clock.lap())
+
+
+class CaptionStage:
+    """Actor: CLIP embeddings -> n captions, scores and CLIPScores per image (mapping network + batched
+    decoding, then the model's CLIP text encoder); with ``rerank="clip"`` the n captions are ordered by CLIP
+    similarity to the image instead of by the decoder."""
+
+    def __init__(self, model_uri: str, decoding: Any, precision: str = "fp32", use_gpu: bool = False,
+                 threads: int = 0, encoder_cfg: Any = None, rerank: str = "none", projection: Any = None):
+        from clipcap_core.clipscore import ClipScorer
+        from clipcap_core.encoders import load_encoder
+
+        _set_threads(threads)
+        self.decoder = Decoder(model_uri, decoding, device=_device(use_gpu), precision=precision,
+                               projection=projection)
+        self.scorer = None if encoder_cfg is None else ClipScorer(
+            load_encoder(encoder_cfg, device=_device(use_gpu), precision=precision))
+        self.rerank = rerank
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        clock = _Clock()
+        idx, blobs = binary_rows(table.column("embedding"))
+        n = len(table)
+        captions: list[list[str] | None] = [None] * n
+        scores: list[list[float] | None] = [None] * n
+        clip: list[list[float] | None] = [None] * n
+        if len(idx):
+            emb = np.stack([np.frombuffer(b, dtype=np.float32) for b in blobs])  # (B, D)
+            texts, vals = self.decoder(emb)
+            if self.scorer is not None:
+                texts, vals, sims = score_and_rank(emb, texts, vals, self.scorer, self.rerank == "clip")
+            for j, i in enumerate(idx):
+                captions[i], scores[i] = texts[j], vals[j]
+                clip[i] = sims[j] if self.scorer is not None else None
+        table = table.drop_columns(["embedding"])
+        table = table.append_column("captions", pa.array(captions, type=pa.list_(pa.string())))
+        table = table.append_column("scores", pa.array(scores, type=pa.list_(pa.float32())))
+        table = table.append_column("clip_scores", pa.array(clip, type=pa.list_(pa.float32())))
+        return _with_time(table, "caption", clock.lap())
+
+
+class ClipCaptionStage:
+    """Actor (the default on every cluster): CLIP and the captioner in one process. One set of torch threads
+    works both models in turn over the node's cores (two pools on one node would split the cores or fight
+    over them), the embeddings never leave the process, and the CLIPScore text tower is the image encoder's
+    own CLIP (loaded once, not twice)."""
+
+    def __init__(self, encoder_cfg: Any, model_uri: str, decoding: Any, precision: str = "fp32",
+                 use_gpu: bool = False, threads: int = 0, rerank: str = "none", projection: Any = None,
+                 clip_batch_size: int = 64, clip_score: bool = True):
+        from clipcap_core.clipscore import ClipScorer
+
+        self.clip = ClipStage(encoder_cfg, precision, use_gpu, threads)
+        self.caption = CaptionStage(model_uri, decoding, precision, use_gpu, threads, encoder_cfg=None,
+                                    rerank=rerank, projection=projection)
+        if clip_score:
+            self.caption.scorer = ClipScorer(self.clip.encoder)
+        self.clip_batch = clip_batch_size
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if len(table) <= self.clip_batch:
+            return self.caption(self.clip(table))
+        embedded = [self.clip(table.slice(s, self.clip_batch)) for s in range(0, len(table), self.clip_batch)]
+        merged = pa.concat_tables(embedded)
+        # per-row CLIP times of the slices stay per row; the captioner then sees the whole batch at once
+        return self.caption(merged)
+
+
+def score_and_rank(image_emb: np.ndarray, texts: list[list[str]], scores: list[list[float]], scorer: Any,
+                   rerank: bool) -> tuple[list[list[str]], list[list[float]], list[list[float]]]:
+    """CLIPScore of each image's n captions; with ``rerank`` each image's captions (and their decoder scores)
+    re-ordered by CLIP similarity, best first (ties keep the decoder's order), as recaptioning pipelines do."""
+    from clipcap_core.clipscore import W
+    from clipcap_core.clipscore import rerank as clip_order
+
+    n = len(texts[0]) if texts else 0
+    flat = [t for group in texts for t in group]
+    order, cos = clip_order(image_emb, scorer.embed_texts(flat), n)  # (B, n) each
+    if not rerank:
+        order = np.tile(np.arange(n), (len(texts), 1))
+    clip = W * np.clip(cos, 0.0, None)
+    return ([[g[k] for k in o] for g, o in zip(texts, order, strict=True)],
+            [[v[k] for k in o] for v, o in zip(scores, order, strict=True)],
+            [[float(c[k]) for k in o] for c, o in zip(clip, order, strict=True)])
+
+
+def _with_time(table: pa.Table, stage: str, lap: tuple[float, float]) -> pa.Table:
+    n = len(table)
+    for prefix, value in zip(("t_", "cpu_"), lap, strict=True):
+        table = table.append_column(prefix + stage, pa.array([value / n] * n if n else [], type=pa.float64()))
+    return table
+
+
+# --- the model, seen from the pipeline ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelInfo:
+    uri: str
+    model_id: str      # "<uri>@<version>", written into every caption row
+    clip_dim: int      # D the mapping network consumes
+    encoder: Any       # EncoderConfig of the CLIP that made the training embeddings
+    encoder_dim: int   # D that CLIP produces
+
+
+UNTRAINED_HINT = ("model {uri!r} is an untrained preset (random weights: its captions mean nothing); pass "
+                  "--model <trained model artifact>: `clipcap train --tables <embeddings> --output <dir>` makes "
+                  "one, `clipcap import-reference coco_weights.pt --out <dir>` imports the authors' released weights")
+
+
+def inspect_model(uri: str, allow_untrained: bool = False) -> ModelInfo:
+    """The model's config and version, every weights file checked but none loaded (job-level check: a
+    missing, corrupt or untrained model or an unknown CLIP encoder -> ValueError before any work)."""
+    from clipcap_core import __version__, artifacts, encoders
+    from clipcap_core.configs import from_dict
+    from clipcap_core.model import ModelConfig
+
+    if artifacts.is_preset(uri) and not allow_untrained:
+        raise ValueError(UNTRAINED_HINT.format(uri=uri))
+    try:
+        if artifacts.is_preset(uri):
+            cfg, version = artifacts.read_config(uri), f"preset-{__version__}"
+        else:
+            meta = artifacts.read_metadata(uri)
+            cfg = from_dict(ModelConfig, meta["model"])
+            version = model_version(meta, artifacts.verify_weights(uri, meta))
+        encoders.validate_config(cfg.encoder)
+    except Exception as exc:  # noqa: BLE001 - one clear job-level message whatever the backend raised
+        raise ValueError(f"cannot use model {uri!r}: {exc}") from exc
+    encoder_dim = encoders.embedding_dim(cfg.encoder)
+    return ModelInfo(uri=uri, model_id=f"{uri}@{version}", clip_dim=int(cfg.clip_dim),
+                     encoder=cfg.encoder, encoder_dim=encoder_dim)
+
+
+def model_version(meta: dict[str, Any], weights: dict[str, str]) -> str:
+    """Version written into caption rows: a hash of the artifact's config.json (creation time, code version,
+    training step) and of every weights file's sha256, so other weights under the same config get another id."""
+    import hashlib
+
+    body = json.dumps({"config": meta, "weights": weights}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:12]
+
+
+class Decoder:
+    """Model + tokenizer on a device; ``(N, D)`` embeddings -> ``n`` captions and scores per input."""
+
+    def __init__(self, model_uri: str, decoding: Any, device: str = "cpu", precision: str = "fp32",
+                 projection: Any = None):
+        import torch
+
+        from clipcap_core.artifacts import load_model
+        from clipcap_core.decap import ProjectionConfig, resolve_projection
+        from clipcap_core.encoders import resolve_precision
+
+        precision = resolve_precision(precision, torch.device(device))  # auto: fp16 on GPU, fp32 on CPU
+        loaded = load_model(model_uri, device=device, precision=precision)
+        self.model, self.tokenizer, self.cfg = loaded.model.eval(), loaded.tokenizer, decoding
+        # DeCap memory (the artifact's, or --memory's): loaded once per actor, on its device, in the model's dtype
+        memory = resolve_projection(projection or ProjectionConfig(), loaded.decap, loaded.config.clip_dim)
+        self.memory = memory.to(self.model.device, self.model.dtype) if memory is not None else None
+
+    def __call__(self, embeds: np.ndarray) -> tuple[list[list[str]], list[list[float]]]:
+        import torch
+
+        from clipcap_core.decoding import generate
+
+        inputs: Any = embeds
+        if self.memory is not None:  # one batched projection for the whole block, on the device
+            inputs = self.memory.project(torch.from_numpy(np.ascontiguousarray(embeds)))
+        gen = generate(self.model, inputs, self.tokenizer, config=self.cfg)
+        n = gen.n
+        scores = np.asarray(gen.scores, dtype=np.float32).tolist()
+        return gen.grouped(), [scores[i: i + n] for i in range(0, len(scores), n)]

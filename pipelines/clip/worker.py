@@ -1,0 +1,160 @@
+"""What runs inside each Ray Train worker of ``clipcap train-clip``: the CLIP model and its held-out pairs, the
+contrastive step, in-memory batches (``data="memory"``), and (rank 0) the final model folder with its model card.
+The step loop, checkpoints and reporting are shared with ``clipcap train`` (``pipelines.train.steps``, ``pipelines.train.checkpoints``).
+
+The driver (``pipelines.clip.job``) has checked the model and shards and counted the steps; this loop only
+trains. Every worker steps on equal full batches (``drop_last``), so all ranks all-gather features of the same
+shape at every step; rank 0 evaluates and writes checkpoints; all workers report at the same steps.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from clipcap_core.configs import from_dict, to_dict
+from pipelines.clip import data as clip_data
+from pipelines.clip.job import ClipTrainJobConfig, ClipTrainPlan, prep_for
+from pipelines.io import storage
+from pipelines.train.heldout import evaluate_retrieval
+from pipelines.train.steps import Primed, WorkerRun, run_steps
+
+
+class ClipRun(WorkerRun):
+    """This worker's CLIP model (towers locked as asked), optimizer, loss, restored state, (rank 0) held-out pairs."""
+
+    label, unit, epoch_samples = "train-clip", "pairs", False
+
+    def __init__(self, job: ClipTrainJobConfig, plan: ClipTrainPlan):
+        from clipcap_core.clip_training import (
+            build_clip,
+            clip_loss,
+            lock_towers,
+            make_optimizer_and_scheduler,
+        )
+
+        hp = job.train
+        super().__init__(plan, job.run, epochs=hp.epochs, batch_size=hp.batch_size,
+                         torch_threads=job.scale.torch_threads, fault=job.fault)
+        self.job, self.hp = job, hp
+        self.model = build_clip(job.model, seed=hp.seed, device=self.device)
+        lock_towers(self.model, hp)
+        self.optimizer, self.scheduler = make_optimizer_and_scheduler(self.model, hp, plan.total_steps)
+        self.resume()
+        self.loss_fn = clip_loss(hp, self.rank, self.world)
+        self.heldout: tuple[np.ndarray, Any, list[str]] | None = None
+        if self.rank == 0 and job.heldout_fraction > 0:
+            self.heldout = clip_data.load_pairs(list(plan.shards), prep_for(job, "heldout"), job.run.eval_max_samples)
+
+    def evaluate(self) -> dict[str, float]:
+        return {} if self.heldout is None else evaluate_retrieval(self.model, self.heldout, self.hp.precision)
+
+
+def memory_batches(job: ClipTrainJobConfig, plan: ClipTrainPlan, rank: int, world: int, start_step: int,
+                   device: Any) -> Any:
+    """``data="memory"``: this worker's shards decoded once; batches for steps ``start_step``.. from a seeded
+    permutation per epoch (the same after a restart, so a resumed run sees the batches it would have seen)."""
+    import torch
+
+    pixels, tokens, _ = clip_data.load_pairs(list(plan.shards[rank::world]), prep_for(job, "train"))
+    pixels = torch.from_numpy(pixels)
+    B, spe = job.train.batch_size, plan.steps_per_epoch
+    order = None
+    for step in range(start_step, plan.total_steps):
+        epoch, i = divmod(step, spe)
+        if order is None or i == 0:
+            gen = torch.Generator().manual_seed(job.train.seed * 100003 + epoch * 1009 + rank)
+            order = torch.randperm(len(tokens), generator=gen)
+        idx = order[i * B:(i + 1) * B]
+        yield {"pixels": pixels[idx].to(device), "tokens": tokens[idx].to(device)}
+
+
+def clip_train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The per-worker loop run by ``TorchTrainer`` (config: ``{"job": ClipTrainJobConfig, "plan": ClipTrainPlan}``
+    as ``configs.to_dict``)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from clipcap_core.clip_training import make_scaler, train_step
+
+    job, plan = from_dict(ClipTrainJobConfig, config["job"]), from_dict(ClipTrainPlan, config["plan"])
+    hp, opts = job.train, job.run
+    stream = plan.mode == "stream"
+    batches = None if plan.stream_start_epoch >= hp.epochs or not stream else Primed(
+        ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=hp.batch_size, drop_last=True, device=ray.train.torch.get_device(),
+            prefetch_batches=opts.prefetch_batches, local_shuffle_buffer_size=opts.shuffle_buffer or None,
+            dtypes={"pixels": torch.uint8, "tokens": torch.int64}))
+    run = ClipRun(job, plan)
+    if not stream:
+        batches = memory_batches(job, plan, run.rank, run.world, run.state.step, run.device)
+    net = ray.train.torch.prepare_model(run.model, move_to_device=False) if run.world > 1 else run.model
+    scaler = make_scaler(hp, run.device)
+
+    def step(batch: dict[str, Any]) -> float:
+        return train_step(net, batch["pixels"], batch["tokens"], run.optimizer, run.scheduler, hp, run.loss_fn,
+                          scaler)
+
+    run_steps(run, batches, step, skip=run.state.step - plan.stream_first_step if stream else 0)
+    if run.rank != 0:
+        return None
+    return save_model_dir(job, plan, run)
+
+
+# --- the final model folder ---------------------------------------------------------------------------------
+def save_model_dir(job: ClipTrainJobConfig, plan: ClipTrainPlan, run: ClipRun) -> dict[str, Any]:
+    """Rank 0: ``<run>/model/`` = weights (safetensors), open_clip config, our provenance JSON, model card."""
+    from clipcap_core.clip_training import save_clip_weights
+    from clipcap_core.encoders import _open_clip
+
+    model, state, metrics = run.model, run.state, run.metrics
+    model_dir = storage.join(job.run_dir, "model")
+    weights = storage.join(model_dir, f"{job.name}.safetensors")
+    info = {"schema": 1, "model_name": job.model.model_name, "init": to_dict(job.model),
+            "weights": posixpath.basename(weights), "step": state.step, "epochs": state.epoch,
+            "train": to_dict(job.train), "pairs": plan.n_train, "shards": len(plan.shards),
+            "heldout_fraction": job.heldout_fraction, "split_salt": job.split_salt, "metrics": metrics}
+    fs, path = storage.filesystem(model_dir)
+    storage.ensure_dir(fs, path)
+    with tempfile.TemporaryDirectory(prefix="clipcap-clip-model-") as d:
+        local = os.path.join(d, "w.safetensors")
+        save_clip_weights(model, local)
+        fs.put_file(local, storage.filesystem(weights)[1])
+    oc_cfg = {"model_cfg": _open_clip().get_model_config(info["model_name"]),
+              "preprocess_cfg": dict(getattr(model, "module", model).visual.preprocess_cfg)}
+    storage.write_json(oc_cfg, storage.join(model_dir, "open_clip_config.json"))
+    storage.write_json(info, storage.join(model_dir, "clipcap_clip.json"))
+    with fs.open(storage.filesystem(storage.join(model_dir, "README.md"))[1], "w") as f:
+        f.write(model_card(info))
+    return {"model_dir": model_dir, "weights": weights, "history": state.history, "metrics": metrics}
+
+
+def model_card(info: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
+    """A short Markdown model card: what it is, how it was trained, held-out figures, how to use it."""
+    m = info.get("metrics", {})
+    lines = [f"# CLIP `{info['model_name']}` trained with `clipcap train-clip`", "",
+             f"- init: {info['init'].get('pretrained') or 'from scratch (seeded)'}",
+             f"- data: {info['pairs']} training pairs in {info['shards']} shard(s); held out by key hash: "
+             f"{info['heldout_fraction']:.0%} (salt `{info['split_salt']}`)",
+             f"- steps: {info['step']} ({info['epochs']} epochs), batch {info['train']['batch_size']} per worker, "
+             f"lr {info['train']['lr']}, weight decay {info['train']['weight_decay']}, "
+             f"warm-up {info['train']['warmup_steps']}, precision {info['train']['precision']}", ""]
+    if m:
+        lines += ["## Held-out retrieval", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in m.items() if isinstance(v, float)]
+        lines.append("")
+    for title, table in (extra or {}).items():
+        lines += [f"## {title}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in table.items()]
+        lines.append("")
+    lines += ["## Use", "", f"    clipcap embed --model {info['model_name']} --pretrained <this folder>/{info['weights']} ...",
+              f"    clipcap train-clip --model {info['model_name']} --pretrained <this folder>/{info['weights']} ...", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["clip_train_loop", "model_card", "save_model_dir"]

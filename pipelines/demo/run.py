@@ -1,0 +1,163 @@
+"""``clipcap demo`` / ``make demo``: the embedded default, end to end, on one machine.
+
+The demo is a sequence of steps, each a function ``step(cfg, result) -> None`` that does its stage and records
+what it produced on the shared ``DemoResult`` (paths, summaries). Today: download + embed (the embedded default
+of ``jobs/embed_cc3m.py``: synthetic images served over local HTTP -> img2dataset -> tiny CLIP -> Parquet under
+``./data``). Later stages append a step to ``STEPS`` and read the paths of the earlier ones:
+
+    def step_train(cfg: DemoConfig, result: DemoResult) -> None:
+        result.paths["model"] = train(result.embeddings_uri, ...)
+    STEPS.append(step_train)
+
+Everything runs on the ``tiny`` preset (the aligned tiny CLIP shipped in ``clipcap_core/resources``, made by
+``make tiny-clip``); the summary says so and how to switch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines import runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    root: str = "data"  # everything the demo writes goes under here
+    samples: int = 1024  # synthetic images downloaded and embedded (80% train, 20% held out by key hash)
+    seed: int = 0
+    ray_address: str | None = None  # None: RAY_ADDRESS if set, else a private local Ray instance
+
+
+@dataclass
+class DemoResult:
+    """What the steps produced; later steps read the earlier ones' paths from here."""
+
+    root: str
+    raw_uri: str | None = None
+    embeddings_uri: str | None = None
+    url_list: str | None = None
+    paths: dict[str, str] = field(default_factory=dict)  # more outputs by name (model, captions, ...)
+    summaries: dict[str, Any] = field(default_factory=dict)  # per step: its summary (JSON-safe)
+    lines: list[str] = field(default_factory=list)  # human-readable report, in step order
+
+    def describe(self) -> str:
+        return "\n".join(self.lines)
+
+
+Step = Callable[[DemoConfig, DemoResult], None]
+
+
+def ray_address(cfg: DemoConfig) -> str:
+    return cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def step_embed(cfg: DemoConfig, result: DemoResult) -> None:
+    """Synthetic set -> local HTTP -> img2dataset shards -> tiny CLIP embeddings (jobs/embed_cc3m.py default)."""
+    from pipelines.embed.download_embed import default_job_config, result_dict, run_embed_job
+
+    job = default_job_config(result.root, samples=cfg.samples, seed=cfg.seed)
+    out = run_embed_job(job, ray_address=ray_address(cfg))
+    assert job.synthetic is not None and job.download is not None
+    result.url_list = str(Path(job.synthetic.folder) / "captions.tsv")
+    result.raw_uri = job.download.output
+    result.embeddings_uri = out.embed.table_uri
+    result.summaries["embed"] = result_dict(out)
+    result.lines.append(out.describe())
+
+
+STEPS: list[Step] = [step_embed]
+
+
+def step_train(cfg: DemoConfig, result: DemoResult) -> None:
+    """The tiny preset trained on the embedded synthetic set with Ray Train (pipelines.demo.train);
+    reports held-out accuracy and hands the model artifact to the captioning step."""
+    from pipelines.demo.train import demo_train
+
+    runtime.ensure_ray(ray_address(cfg))
+    assert result.embeddings_uri is not None
+    report = demo_train(result.embeddings_uri, result.root, seed=cfg.seed)
+    result.paths["model"] = report.pop("artifact")
+    result.summaries["train"] = {k: v for k, v in report.items() if k != "lines"}
+    result.lines.extend(report["lines"])
+
+
+STEPS.append(step_train)
+
+
+def step_caption(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
+    """Held-out synthetic images (indices past the demo's set: never embedded nor trained on) -> a tar archive
+    -> bulk captioning (pipelines.caption.job) with the demo's model -> caption table; prints a few captions."""
+    from clipcap_core import synthetic
+    from pipelines.demo.caption import caption_heldout
+
+    runtime.ensure_ray(ray_address(cfg))
+    model = result.paths.get("model", "tiny")
+    if model == "tiny":
+        result.lines.append("no trained model in this demo run: captioning with the untrained `tiny` preset")
+    samples = list(synthetic.generate(n, seed=cfg.seed, size=64, start=cfg.samples))
+    report = caption_heldout(result.root, model, samples, echo=result.lines.append)
+    result.paths["captions"] = report["output"]
+    result.summaries["caption"] = report
+
+
+STEPS.append(step_caption)  # captions with the model the earlier steps produced
+
+
+def step_report(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
+    """The held-out captions of ``step_caption`` (same ``n`` samples) -> ``clipcap evaluate`` against the true
+    captions (CLIPScore on the archive's images) -> ``clipcap report``; prints the table and the report's path."""
+    from pipelines.report.demo import evaluate_and_report
+
+    if "captions" not in result.paths:
+        result.lines.append("no caption table in this demo run: evaluation and report skipped")
+        return
+    report = evaluate_and_report(result.root, result.paths["captions"], result.summaries["caption"]["archive"],
+                                 seed=cfg.seed, start=cfg.samples, n=n,
+                                 run_dir=result.summaries.get("train", {}).get("run_dir"))
+    result.paths.update(evaluation=report["evaluation"], report=report["report"])
+    result.summaries["evaluate"] = report["summary"]
+    result.lines.extend(report["lines"])
+
+
+STEPS.append(step_report)  # the last step: it reports on what the earlier steps produced
+
+
+def step_decap(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
+    """``clipcap demo --decap``: a text-only (DeCap) model trained on a synthetic caption corpus alone (no
+    image), captioning the same held-out images as ``step_caption``, next to the image-trained model
+    (pipelines.demo.decap)."""
+    from clipcap_core import synthetic
+    from clipcap_core.encoders import EncoderConfig
+    from pipelines.demo.decap import demo_decap
+    from pipelines.io import tables
+
+    runtime.ensure_ray(ray_address(cfg))
+
+    assert result.raw_uri is not None and result.embeddings_uri is not None
+    info = tables.inspect_tables(tables.list_table_files(result.embeddings_uri))  # the CLIP of the image step
+    encoder = EncoderConfig(model_name=info.clip_model, pretrained=info.clip_pretrained or None)
+    samples = list(synthetic.generate(n, seed=cfg.seed, size=64, start=cfg.samples))
+    report = demo_decap(result.root, samples, encoder=encoder, seed=cfg.seed,
+                        image_model_exact=result.summaries.get("caption", {}).get("exact_match"),
+                        echo=result.lines.append)
+    result.paths["decap_model"] = report["artifact"]
+    result.summaries["decap"] = report
+
+
+def run_demo(cfg: DemoConfig = DemoConfig(), steps: Sequence[Step] | None = None) -> DemoResult:
+    """Run ``steps`` (default: ``STEPS``) in order; returns the paths and summaries they recorded."""
+    root = str(Path(cfg.root).resolve()) if "://" not in cfg.root else cfg.root
+    result = DemoResult(root=root)
+    result.lines.append(f"clipcap demo: the EMBEDDED DEFAULT on the `tiny` preset (the shipped aligned tiny CLIP, "
+                        f"{cfg.samples} synthetic images), output under {root}")
+    for step in STEPS if steps is None else steps:
+        log.info("demo step %s", step.__name__)
+        step(cfg, result)
+    return result

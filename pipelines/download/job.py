@@ -1,0 +1,316 @@
+"""Download stage: image-text URL lists -> webdataset shards with img2dataset, configured by ``DownloadConfig``.
+
+    summary = run_download(DownloadConfig(url_list="cc3m/Train_GCC-training.tsv", output="s3://b/cc3m/raw"))
+
+What this module adds around img2dataset:
+- every input is first normalised to a Parquet list with ``url`` / ``caption`` columns (tsv, csv, parquet,
+  jsonl; CC3M's **headerless** TSV included: img2dataset would read its first row as the header, and
+  pyarrow's CSV reader strips quotes from captions that start with ``"``), so a missing column fails here,
+  before any download, with the columns that do exist in the message;
+- the output URI is checked for writability first;
+- incremental resume is img2dataset's (shards with ``_stats.json`` are skipped), with one change: a shard
+  whose stats hold *transient* failures (connection refused, timeouts, HTTP 5xx / 408 / 429: an outage, not a
+  dead link) was "attempted and failed", not "finished": the next run deletes its files and downloads it
+  again, so an outage is recovered by rerunning, without ``overwrite``. Permanent failures (404, bad image)
+  stay error rows of a finished shard;
+- ``DownloadSummary.exit_code`` (``pipelines.exitcodes``): 0 all shards finished, 4 some shards keep
+  transient failures (rerun), 5 not one sample downloaded (all dead links, or the server is down);
+- with the ``ray`` distributor (one task per shard, no retries in img2dataset) a missing shard afterwards is
+  an error, not silence;
+- the per-shard stats are summed into a ``DownloadSummary``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import posixpath
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import pandas as pd
+
+from pipelines import exitcodes, runtime
+from pipelines.io import schemas, storage
+
+log = logging.getLogger(__name__)
+
+INPUT_FORMATS = ("tsv", "csv", "parquet", "jsonl")
+_URL_PREFIXES = ("http://", "https://", "file://", "s3://", "gs://")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DownloadConfig:
+    """Everything img2dataset needs; ``columns`` names the fields of a headerless tsv/csv (CC3M order)."""
+
+    url_list: str
+    output: str
+    input_format: Literal["auto", "tsv", "csv", "parquet", "jsonl"] = "auto"
+    header: bool | None = None  # tsv/csv only; None = detect (a first row holding a URL is data, CC3M)
+    columns: tuple[str, ...] = (schemas.CAPTION, schemas.URL)
+    url_col: str = schemas.URL
+    caption_col: str | None = schemas.CAPTION
+    image_size: int = 256
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
+    resize_only_if_bigger: bool = False
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int | None = None  # None: 95 for jpg / webp, 9 (compression level) for png
+    min_image_size: int = 0
+    processes_count: int = 1
+    thread_count: int = 16
+    number_sample_per_shard: int = 10000
+    distributor: Literal["multiprocessing", "ray"] = "multiprocessing"
+    timeout: int = 10
+    retries: int = 0
+    incremental: bool = True  # False: img2dataset's "overwrite" (deletes the output folder first)
+    allow_private_urls: bool = False  # URLs on private / loopback / link-local literal hosts (refused by default)
+
+    def __post_init__(self) -> None:
+        if self.number_sample_per_shard < 1 or self.processes_count < 1 or self.thread_count < 1:
+            raise ValueError("number_sample_per_shard, processes_count and thread_count must be >= 1")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        q, top = self.encode_quality, (9 if self.encode_format == "png" else 100)
+        if q is not None and not 0 <= q <= top:
+            raise ValueError(f"encode_quality for {self.encode_format} must be in 0..{top}, got {q}")
+
+    @property
+    def quality(self) -> int:
+        if self.encode_quality is not None:
+            return self.encode_quality
+        return 9 if self.encode_format == "png" else 95
+
+
+@dataclass(frozen=True)
+class DownloadSummary:
+    output: str
+    shards: int
+    count: int
+    successes: int
+    failed_to_download: int
+    failed_to_resize: int
+    errors: dict[str, int]
+    retry: tuple[str, ...] = ()  # shards with transient failures: not finished, the next run retries them
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def exit_code(self) -> int:
+        if self.successes == 0:
+            return exitcodes.NOTHING
+        return exitcodes.PARTIAL if self.retry else exitcodes.OK
+
+    def describe(self) -> str:
+        top = ", ".join(f"{n} x {e[:60]}" for e, n in sorted(self.errors.items(), key=lambda x: -x[1])[:3])
+        text = (f"downloaded {self.successes}/{self.count} samples into {self.shards} shard(s) at {self.output} "
+                f"(failed: {self.failed_to_download} download, {self.failed_to_resize} decode/resize)"
+                + (f"; top errors: {top}" if top else ""))
+        if self.retry:
+            text += (f"; shard(s) {list(self.retry[:10])} had transient failures (outage, timeout, 5xx) and are "
+                     "not finished: rerun to retry them")
+        return text
+
+
+_RETRYABLE_HTTP = (408, 429)
+_TRANSIENT_WORDS = ("connection refused", "timed out", "timeout", "connection reset", "connection aborted",
+                    "remote end closed", "temporary failure", "temporarily unavailable", "try again")
+
+
+def is_transient(error: str | None) -> bool:
+    """True for a download error that a later attempt may not get (outage, timeout, 5xx, throttling); False
+    for a dead link (404, 403, ...), a bad image or an unknown host, which retrying would not fix."""
+    if not error:
+        return False
+    m = re.search(r"HTTP Error (\d{3})", error)
+    if m:
+        code = int(m.group(1))
+        return code >= 500 or code in _RETRYABLE_HTTP
+    low = error.lower()
+    return any(w in low for w in _TRANSIENT_WORDS)
+
+
+def transient_failures(stats: Mapping[str, Any]) -> int:
+    """Samples of one shard's ``_stats.json`` that failed transiently."""
+    return sum(int(n) for err, n in (stats.get("status_dict") or {}).items() if is_transient(err))
+
+
+def shards_to_retry(output: str) -> list[str]:
+    """Shard ids whose ``_stats.json`` records transient failures (attempted and failed, not finished)."""
+    out = []
+    for uri in storage.list_files(output, "_stats.json"):
+        if transient_failures(storage.read_json(uri, default={})):
+            out.append(posixpath.basename(uri).split("_")[0])
+    return out
+
+
+def reset_shards(output: str, shards: list[str]) -> None:
+    """Delete the files of ``shards`` so img2dataset's incremental mode downloads them again (stats first:
+    a crash in between leaves a shard without stats, which is "missing" and downloaded again too)."""
+    for shard in shards:
+        for suffix in ("_stats.json", ".tar", ".parquet"):
+            uri = storage.join(output, shard + suffix)
+            if storage.exists(uri):
+                storage.remove(uri)
+
+
+def detect_format(url_list: str) -> str:
+    name = posixpath.basename(url_list.rstrip("/")).lower().removesuffix(".gz")
+    for fmt in INPUT_FORMATS:
+        if name.endswith("." + fmt):
+            return fmt
+    if name.endswith(".json"):
+        return "jsonl"
+    raise ValueError(f"cannot tell the format of URL list {url_list!r} from its name; set input_format to one "
+                     f"of {list(INPUT_FORMATS)}")
+
+
+def _first_line(url_list: str) -> str:
+    import fsspec
+
+    with fsspec.open(url_list, "rt", encoding="utf-8", compression="infer") as f:
+        return f.readline().rstrip("\r\n")
+
+
+def _has_header(cfg: DownloadConfig, sep: str) -> bool:
+    """Explicit ``header``, else: a first row with a URL in it is data (CC3M), any other first row a header."""
+    if cfg.header is not None:
+        return cfg.header
+    fields = _first_line(cfg.url_list).split(sep)
+    return not any(f.strip().strip('"').startswith(_URL_PREFIXES) for f in fields)
+
+
+def read_url_list(cfg: DownloadConfig) -> pd.DataFrame:
+    """The URL list as a DataFrame with columns ``url`` (+ ``caption``), all strings; checks the columns."""
+    fmt = detect_format(cfg.url_list) if cfg.input_format == "auto" else cfg.input_format
+    wanted = [cfg.url_col] + ([cfg.caption_col] if cfg.caption_col else [])
+    try:
+        if fmt in ("tsv", "csv"):
+            df = _read_delimited(cfg, "\t" if fmt == "tsv" else ",")
+        elif fmt == "parquet":
+            df = pd.read_parquet(cfg.url_list)
+        else:
+            df = pd.read_json(cfg.url_list, lines=True, dtype=False)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"URL list {cfg.url_list!r} not found") from exc
+    missing = [c for c in wanted if c not in df.columns]
+    if missing:
+        raise ValueError(f"URL list {cfg.url_list!r} has no column(s) {missing}; it has {list(df.columns)}. "
+                         "Set url_col / caption_col (or columns + header=false for a headerless file).")
+    out = pd.DataFrame({schemas.URL: df[cfg.url_col].astype("string")})
+    if cfg.caption_col:
+        out[schemas.CAPTION] = df[cfg.caption_col].astype("string")
+    return out
+
+
+def _read_delimited(cfg: DownloadConfig, sep: str) -> pd.DataFrame:
+    if _has_header(cfg, sep):
+        return pd.read_csv(cfg.url_list, sep=sep, dtype=str, quoting=csv.QUOTE_NONE, keep_default_na=False)
+    return pd.read_csv(cfg.url_list, sep=sep, header=None, names=list(cfg.columns), dtype=str,
+                       quoting=csv.QUOTE_NONE, keep_default_na=False)
+
+
+def img2dataset_kwargs(cfg: DownloadConfig, url_parquet: str) -> dict[str, Any]:
+    """Our config as img2dataset.download() keyword arguments (the list already normalised to Parquet)."""
+    return dict(
+        url_list=url_parquet, input_format="parquet", url_col=schemas.URL,
+        caption_col=schemas.CAPTION if cfg.caption_col else None, output_folder=cfg.output, output_format="webdataset",
+        image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
+        encode_format=cfg.encode_format, encode_quality=cfg.quality, min_image_size=cfg.min_image_size,
+        processes_count=cfg.processes_count, thread_count=cfg.thread_count,
+        number_sample_per_shard=cfg.number_sample_per_shard, distributor=cfg.distributor, timeout=cfg.timeout,
+        retries=cfg.retries, incremental_mode="incremental" if cfg.incremental else "overwrite",
+        enable_wandb=False, save_additional_columns=None,
+    )
+
+
+def summarize(output: str) -> DownloadSummary:
+    """Sum img2dataset's per-shard ``*_stats.json`` under ``output``."""
+    totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
+    errors: dict[str, int] = {}
+    files = storage.list_files(output, "_stats.json")
+    for uri in files:
+        stats = storage.read_json(uri, default={})
+        for k in totals:
+            totals[k] += int(stats.get(k, 0))
+        for err, n in (stats.get("status_dict") or {}).items():
+            if err != "success":
+                errors[err] = errors.get(err, 0) + int(n)
+    return DownloadSummary(output=output, shards=len(files), errors=errors, retry=tuple(shards_to_retry(output)),
+                           **totals)
+
+
+def missing_shards(cfg: DownloadConfig, rows: int) -> list[str]:
+    """Shard ids (``00012``) of a ``rows``-row list that have no ``_stats.json`` (not finished) yet."""
+    expected = math.ceil(rows / cfg.number_sample_per_shard)
+    done = {posixpath.basename(u).split("_")[0] for u in storage.list_files(cfg.output, "_stats.json")}
+    return [f"{i:05d}" for i in range(expected) if f"{i:05d}" not in done]
+
+
+def prepare_download(cfg: DownloadConfig) -> pd.DataFrame:
+    """Every check of the stage, no downloading: the URL list's columns and URLs, the output's writability."""
+    df = read_url_list(cfg)
+    check_urls(cfg, df)
+    storage.check_writable(cfg.output)
+    return df
+
+
+def check_urls(cfg: DownloadConfig, df: pd.DataFrame) -> None:
+    """Refuse a list with non-http(s) URLs (img2dataset would copy ``file://`` paths into the shards and read
+    ``s3://`` with our credentials) or private literal hosts, before any download (``urlsafety``)."""
+    from pipelines.io.urlsafety import url_list_problems
+
+    problems = url_list_problems(df[schemas.URL].dropna().unique(), cfg.allow_private_urls)
+    if problems:
+        raise ValueError(f"URL list {cfg.url_list!r} has URLs we do not fetch: " + "; ".join(problems[:5]))
+
+
+def run_download(cfg: DownloadConfig, ray_address: str | None = None, urls: pd.DataFrame | None = None
+                 ) -> DownloadSummary:
+    """Validate (unless ``urls`` comes from ``prepare_download``), download with img2dataset, sum the stats.
+
+    With ``distributor="ray"`` Ray is started / connected (``ray_address``) after the checks if needed.
+    """
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    df = prepare_download(cfg) if urls is None else urls
+    retry = shards_to_retry(cfg.output) if cfg.incremental else []
+    if retry:
+        log.info("retrying shard(s) %s at %s: their last attempt had transient failures", retry, cfg.output)
+        reset_shards(cfg.output, retry)
+    if cfg.incremental and not missing_shards(cfg, len(df)):
+        log.info("all shards at %s are finished; nothing to download", cfg.output)
+    else:
+        if cfg.distributor == "ray":
+            runtime.ensure_ray(ray_address)
+        _download(cfg, df)
+    from pipelines.io.shard_redaction import redact_shards
+
+    redact_shards(cfg.output)  # img2dataset stores URLs as fetched: no signed query strings at rest
+    missing = missing_shards(cfg, len(df))
+    if missing:
+        raise RuntimeError(f"img2dataset finished without shard(s) {missing[:10]} at {cfg.output}; rerun to "
+                           "download them (finished shards are skipped)")
+    summary = summarize(cfg.output)
+    log.info(summary.describe())
+    return summary
+
+
+def _download(cfg: DownloadConfig, df: pd.DataFrame) -> None:
+    from img2dataset import download
+
+    with tempfile.TemporaryDirectory(prefix="clipcap-urls-") as tmp:
+        url_parquet = os.path.join(tmp, "urls.parquet")
+        df.to_parquet(url_parquet, index=False)
+        log.info("downloading %d URLs from %s to %s (%s)", len(df), cfg.url_list, cfg.output, cfg.distributor)
+        download(**img2dataset_kwargs(cfg, url_parquet))
+
+
+def summary_json(summary: DownloadSummary | Mapping[str, Any]) -> str:
+    data = summary.to_dict() if isinstance(summary, DownloadSummary) else dict(summary)
+    return json.dumps(data, indent=2, sort_keys=True)

@@ -1,0 +1,28 @@
+"""The embed stages: images -> CLIP embedding tables, captions -> text-embedding tables.
+
+``job`` the image embed stage (config, checks, Ray Data pipeline, per-shard commits); ``stages`` its
+row work (tar reading, decode, ``EmbedActor``, ``ShardAssembler``; no torch on import: decode tasks
+import it); ``text`` the embed-text stage; ``download_embed`` download + embed as one job.
+
+The stage's public names are re-exported here lazily (``pipelines._lazy``): importing the package imports
+no submodule, so ``import pipelines.embed.<module>`` stays as light as that module.
+"""
+
+from pipelines._lazy import lazy_exports
+
+_EXPORTS = {
+    "job": (
+        "EmbedConfig", "EmbedResources", "EmbedResult", "META_DIR", "build_dataset", "build_tables",
+        "check_input", "commit_shard", "download_incomplete", "empty_uri", "errors_uri", "list_shards",
+        "part_uri", "pending_shards", "remove_stale_temporaries", "rows_to_keep", "run_embed",
+        "unread_reason", "validate",
+    ),
+    "text": (
+        "EmbedTextConfig", "EmbedTextResult", "run_embed_text",
+    ),
+    "download_embed": (
+        "EmbedJobConfig", "EmbedJobResult", "default_job_config", "run_embed_job",
+    ),
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

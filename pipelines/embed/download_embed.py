@@ -1,0 +1,135 @@
+"""The download + embed job (``jobs/embed_cc3m.py``, ``clipcap demo``): URL list -> shards -> embedding tables.
+
+    result = run_embed_job(default_job_config("data"))          # embedded default: synthetic set, tiny preset
+    result = run_embed_job(EmbedJobConfig(download=DownloadConfig(...), embed=EmbedConfig(...)))
+
+The embedded default writes the seeded synthetic captioned images and their CC3M-style headerless URL list
+under ``<root>/synthetic``, serves that folder from a local HTTP server (``infra.local.http``) for the duration
+of the download, so img2dataset fetches it over real HTTP, then embeds the shards with the ``tiny`` preset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from clipcap_core.encoders import TINY, EncoderConfig
+from pipelines.download.job import DownloadConfig, DownloadSummary, prepare_download, run_download
+from pipelines.embed.job import EmbedConfig, EmbedResources, EmbedResult, run_embed
+from pipelines.io import storage
+
+log = logging.getLogger(__name__)
+
+SWITCH_HINT = ("This used the `tiny` preset (a tiny CLIP trained on synthetic shapes, synthetic data). For real embeddings pass a "
+               "URL list and an open_clip model, e.g. --url-list cc3m/Train_GCC-training.tsv --model ViT-B-32 "
+               "--pretrained openai (or --pretrained /path/or/s3://uri/of/weights.pt) --output-root s3://bucket/clipcap.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyntheticSource:
+    """Write ``samples`` synthetic images + URL list under ``folder`` and serve them over local HTTP."""
+
+    folder: str
+    samples: int = 256
+    seed: int = 0
+    image_size: int = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedJobConfig:
+    embed: EmbedConfig
+    download: DownloadConfig | None = None  # None: embed the shards already at embed.input
+    synthetic: SyntheticSource | None = None  # set: its URL list replaces download.url_list
+
+
+@dataclass
+class EmbedJobResult:
+    download: DownloadSummary | None
+    embed: EmbedResult
+    tiny: bool
+
+    @property
+    def exit_code(self) -> int:
+        """The worse of the two stages' codes (``pipelines.exitcodes``: 5 nothing > 4 partial > 0)."""
+        return max(self.embed.exit_code, self.download.exit_code if self.download else 0)
+
+    def describe(self) -> str:
+        lines = [self.download.describe()] if self.download else []
+        lines.append(self.embed.describe())
+        if self.download is not None:
+            lines.append(f"rows in table for this run's shards: {self.embed.rows}; successfully downloaded: "
+                         f"{self.download.successes}")
+        if self.tiny:
+            lines.append(SWITCH_HINT)
+        return "\n".join(lines)
+
+
+def default_job_config(root: str | Path = "data", samples: int = 256, seed: int = 0) -> EmbedJobConfig:
+    """The embedded default: synthetic set under ``<root>/synthetic``, shards ``<root>/raw/synthetic``,
+    tables ``<root>/embeddings/synthetic/tiny``."""
+    is_uri = "://" in str(root)
+    root = str(root) if is_uri else str(Path(root).resolve())
+    local = Path("data").resolve() if is_uri else Path(root)  # the HTTP server serves a local folder
+    raw = storage.join(root, "raw", "synthetic")
+    return EmbedJobConfig(
+        synthetic=SyntheticSource(folder=str(local / "synthetic"), samples=samples, seed=seed),
+        download=DownloadConfig(url_list="", output=raw, input_format="tsv", header=False, image_size=64,
+                                resize_mode="no", encode_format="png", number_sample_per_shard=128,
+                                thread_count=8, allow_private_urls=True),  # our own server on 127.0.0.1
+        embed=EmbedConfig(input=raw, output_root=root, dataset="synthetic", encoder=EncoderConfig(model_name=TINY),
+                          resources=EmbedResources(batch_size=64)),
+    )
+
+
+@contextlib.contextmanager
+def serve_synthetic(src: SyntheticSource) -> Iterator[str]:
+    """Write the synthetic set and serve it; yields the URL list path (URLs point at the server)."""
+    from clipcap_core import synthetic
+    from infra.local import http
+
+    folder = Path(src.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    server = http.start(folder)
+    try:
+        tsv = synthetic.write_url_list(folder, src.samples, server.base_url, seed=src.seed, size=src.image_size)
+        log.info("serving %d synthetic images from %s at %s", src.samples, folder, server.base_url)
+        yield str(tsv)
+    finally:
+        server.stop()
+
+
+def run_embed_job(cfg: EmbedJobConfig, ray_address: str | None = None) -> EmbedJobResult:
+    """Download (optional) then embed. Job-level checks of both stages run before the first download:
+    CLIP model, URL list columns, both outputs writable."""
+    from clipcap_core import encoders
+    from pipelines.io import schemas
+
+    encoders.validate_config(cfg.embed.encoder)
+    schemas.embedding_type(1, cfg.embed.dtype)
+    summary = None
+    if cfg.download is not None:
+        with _url_list(cfg) as url_list:
+            dl = replace(cfg.download, url_list=url_list)
+            urls = prepare_download(dl)
+            storage.check_writable(cfg.embed.table_uri)
+            summary = run_download(dl, ray_address=ray_address, urls=urls)
+    result = run_embed(cfg.embed, ray_address=ray_address)
+    return EmbedJobResult(download=summary, embed=result, tiny=cfg.embed.encoder.model_name == TINY)
+
+
+@contextlib.contextmanager
+def _url_list(cfg: EmbedJobConfig) -> Iterator[str]:
+    assert cfg.download is not None
+    if cfg.synthetic is None:
+        yield cfg.download.url_list
+    else:
+        with serve_synthetic(cfg.synthetic) as tsv:
+            yield tsv
+
+
+def result_dict(result: EmbedJobResult) -> dict[str, Any]:
+    return {"download": result.download.to_dict() if result.download else None, "embed": result.embed.to_dict()}

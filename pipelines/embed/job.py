@@ -1,0 +1,400 @@
+"""Embed stage: img2dataset webdataset shards -> CLIP embedding tables (Parquet), one file per input shard.
+
+    result = run_embed(EmbedConfig(input="s3://b/cc3m/raw", output_root="s3://b/clipcap", dataset="cc3m",
+                                   encoder=EncoderConfig(model_name="ViT-B-32", pretrained="openai")))
+
+Data flow (Ray Data, streaming):
+  shard URIs --decode tasks (read tar, decode, resize to uint8)--> row batches
+             --actor pool (EmbedActor: normalise + CLIP forward, GPU + autocast when present)--> embedded rows
+             --driver (ShardAssembler)--> ``<root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet``
+                                          and ``<root>/_meta/embeddings/<dataset>/<clip-tag>/errors/part-<shard>.parquet``
+A shard is committed (atomic write) as soon as all its rows are back, so a killed run loses at most the
+shards in flight, and a rerun skips every shard whose ``part-<shard>.parquet`` (or, for a shard without one
+good sample, ``_meta/.../empty/part-<shard>.json``) exists: no duplicates, and a finished table makes a rerun
+a no-op that starts no Ray work at all. The table folder holds nothing but non-empty part files, so pandas,
+pyarrow, DuckDB, polars and Hugging Face ``datasets`` read it as it is; bookkeeping lives under ``_meta/``.
+A shard that could not be read at all (truncated or garbage tar, I/O error) is *not* committed: it is
+listed in ``EmbedResult.failed``, retried by the next run, and the command exits ``exitcodes.PARTIAL``.
+
+Everything that can be checked is checked before Ray starts: the CLIP model name and weights, the input shards
+(present, holding images; captions when text embeddings are asked for), the output is writable.
+Resources (actor count, CPUs/GPUs per actor, torch threads, batch size, decode task CPUs/memory) live in
+``EmbedResources``, the one place this pipeline sets them.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import tarfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipcap_core import encoders
+from clipcap_core.encoders import EncoderConfig
+from pipelines import exitcodes, runtime
+from pipelines.embed import stages as st
+from pipelines.io import imaging, schemas, storage
+
+log = logging.getLogger(__name__)
+
+META_DIR = "_meta"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedResources:
+    """How the embed pipeline uses the cluster (the only place it is set). 0 / None = sized from the cluster by
+    ``runtime.plan_actors`` (one actor per GPU; on CPU one single-thread actor per core, up to 8 per node); a
+    value wins."""
+
+    num_actors: int = 0
+    cpus_per_actor: float = 0.0  # Ray's reservation per actor; 0: 1
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    torch_threads: int = 0  # CPU actors: torch intra-op threads; 0: the node's cores / its actors
+    batch_size: int = 64
+    decode_cpus: float = 0.0  # per decode task; 0: 1
+    decode_memory_mb: int = 1024  # a shard is read whole (+ torch for the transforms); keeps decode unfused
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or min(self.num_actors, self.cpus_per_actor, self.decode_cpus, self.torch_threads) < 0:
+            raise ValueError("batch_size must be positive; actors, CPUs and threads >= 0 (0 = size from the cluster)")
+
+    def plan(self, cluster: runtime.ClusterShape) -> runtime.ActorPlan:
+        return runtime.plan_actors(cluster, actors=self.num_actors, cpus_per_actor=self.cpus_per_actor,
+                                   gpus_per_actor=self.gpus_per_actor, torch_threads=self.torch_threads,
+                                   read_cpus=self.decode_cpus)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    input: str  # img2dataset output folder (webdataset .tar shards + per-shard .parquet)
+    output_root: str
+    dataset: str
+    encoder: EncoderConfig = EncoderConfig()
+    dtype: Literal["float32", "float16"] = "float32"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 autocast on GPU, fp32 on CPU
+    text_embeddings: bool = False
+    resources: EmbedResources = EmbedResources()
+
+    @property
+    def table_uri(self) -> str:
+        return storage.join(self.output_root, "embeddings", self.dataset, encoders.encoder_tag(self.encoder))
+
+    @property
+    def meta_uri(self) -> str:
+        """Bookkeeping of the table (errors table, empty-shard markers), outside the folder readers glob."""
+        return storage.join(self.output_root, META_DIR, "embeddings", self.dataset,
+                            encoders.encoder_tag(self.encoder))
+
+
+@dataclass
+class EmbedResult:
+    table_uri: str
+    shards: int
+    skipped: int
+    written: int
+    rows: int
+    errors: int
+    dim: int
+    wall_s: float
+    timeline: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, rows so far)
+    failed: dict[str, str] = field(default_factory=dict)  # shard URI -> why it could not be read (not committed)
+
+    def describe(self) -> str:
+        text = (f"embedded {self.rows} rows into {self.written} new shard file(s) at {self.table_uri} "
+                f"({self.skipped} of {self.shards} shard(s) already done, {self.errors} error row(s), D={self.dim}, "
+                f"{self.wall_s:.1f}s)")
+        if self.failed:
+            text += (f"; {len(self.failed)} shard(s) could not be read and are NOT done (a rerun retries them): "
+                     + "; ".join(f"{u}: {why}" for u, why in sorted(self.failed.items())[:5]))
+        return text
+
+    @property
+    def exit_code(self) -> int:
+        return exitcodes.outcome(self.shards - len(self.failed), len(self.failed))
+
+    @property
+    def first_rows_s(self) -> float | None:
+        """Start-up: seconds from the call to the first embedded rows reaching the driver."""
+        return self.timeline[0][0] if self.timeline else None
+
+    @property
+    def steady_rows_per_s(self) -> float | None:
+        """Rows/s once running: from the arrival that passes 10% of the rows to the last arrival (start-up and
+        the first batches through a cold model excluded)."""
+        if len(self.timeline) < 3:
+            return None
+        total = self.timeline[-1][1]
+        t0, r0 = next((t, r) for t, r in self.timeline if r >= 0.1 * total)
+        t1, r1 = self.timeline[-1]
+        return (r1 - r0) / (t1 - t0) if t1 > t0 and r1 > r0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "timeline"}
+        out.update(first_rows_s=self.first_rows_s, steady_rows_per_s=self.steady_rows_per_s)
+        return out
+
+
+# --- planning and validation (no Ray) ---------------------------------------------------------------
+
+def list_shards(input_uri: str) -> list[str]:
+    return storage.list_files(input_uri, ".tar")
+
+
+def part_uri(table_uri: str, shard: str) -> str:
+    return storage.join(table_uri, f"part-{shard}.parquet")
+
+
+def errors_uri(meta_uri: str, shard: str) -> str:
+    return storage.join(meta_uri, "errors", f"part-{shard}.parquet")
+
+
+def empty_uri(meta_uri: str, shard: str) -> str:
+    """Done-marker of a shard without one good sample (a 0-row part file breaks Hugging Face ``datasets``)."""
+    return storage.join(meta_uri, "empty", f"part-{shard}.json")
+
+
+def pending_shards(cfg: EmbedConfig, shards: list[str]) -> list[str]:
+    # A 0-row part file of an older run (before _meta/empty) still counts as done.
+    done = {posixpath.basename(u) for u in storage.list_files(cfg.table_uri, ".parquet")}
+    done |= {posixpath.basename(u).removesuffix(".json") + ".parquet"
+             for u in storage.list_files(storage.join(cfg.meta_uri, "empty"), ".json")}
+    return [s for s in shards if f"part-{st.shard_name(s)}.parquet" not in done]
+
+
+def _first_sample_files(uri: str) -> list[str]:
+    import fsspec
+
+    names: list[str] = []
+    with fsspec.open(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            stem = posixpath.basename(member.name).split(".", 1)[0]
+            if names and stem != names[0].split(".", 1)[0]:
+                break
+            names.append(posixpath.basename(member.name))
+    return names
+
+
+def check_input(cfg: EmbedConfig, shards: list[str]) -> None:
+    """The shards must hold images (and captions when text embeddings are asked for); checks one sample."""
+    if not shards:
+        raise FileNotFoundError(f"no webdataset shards (*.tar) under {cfg.input!r}; run the download stage first")
+    for uri in shards:
+        try:
+            names = _first_sample_files(uri)
+        except tarfile.TarError:
+            continue  # a corrupt shard becomes an error row; look at the next one
+        if not names:
+            continue
+        if not any(imaging.is_image_name(n) for n in names):
+            raise ValueError(f"input shards have no image column: first sample of {uri} has {names}")
+        if cfg.text_embeddings and not any(n.endswith(".txt") for n in names):
+            raise ValueError(f"text_embeddings needs captions, but the first sample of {uri} has no .txt: {names}")
+        return
+
+
+def validate(cfg: EmbedConfig) -> list[str]:
+    """All job-level checks, before any work; returns the input shard URIs."""
+    encoders.validate_config(cfg.encoder)
+    schemas.embedding_type(1, cfg.dtype)
+    shards = list_shards(cfg.input)
+    check_input(cfg, shards)
+    storage.check_writable(cfg.table_uri)
+    return shards
+
+
+def remove_stale_temporaries(table_uri: str, meta_uri: str) -> int:
+    """Delete ``_tmp.*`` files a killed run left behind (no other writer may be running on this table)."""
+    fs, path = storage.filesystem(table_uri)
+    meta = storage.filesystem(meta_uri)[1]
+    n = 0
+    for folder in (path, posixpath.join(meta, "errors"), posixpath.join(meta, "empty")):
+        if fs.exists(folder):
+            for p in fs.ls(folder, detail=False):
+                if posixpath.basename(p).startswith("_tmp."):
+                    fs.rm(p)
+                    n += 1
+    return n
+
+
+# --- output tables ------------------------------------------------------------------------------------
+
+def _download_errors(shard_uri: str) -> list[dict[str, str]]:
+    """img2dataset's failed samples of a shard (its sibling .parquet) as errors rows (stage 'download')."""
+    meta_uri = shard_uri.removesuffix(".tar") + ".parquet"
+    if not storage.exists(meta_uri):
+        return []
+    t = pq.read_table(meta_uri, columns=["key", "url", "status", "error_message"]).to_pylist()
+    return [{"key": r["key"], "source": r["url"], "stage": "download", "error": r["error_message"] or r["status"]}
+            for r in t if r["status"] != "success"]
+
+
+def rows_to_keep(cols: dict[str, np.ndarray], *, failed_stage: str, duplicate_stage: str, unit: str
+                 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
+    """Of one unit's (shard's, part's) columns: the indices of the rows to write (sorted by key, the first row
+    of each key), their keys, and the error rows: one per failed row (``failed_stage``) and one per repeated
+    key (``duplicate_stage``). Shared by embed and embed-text."""
+    errs = [{"key": k, "source": s, "stage": failed_stage, "error": e}
+            for k, s, e in zip(cols[st.KEY], cols[st.SOURCE], cols[st.ERROR], strict=True) if e]
+    ok = np.flatnonzero([not e for e in cols[st.ERROR]])
+    keys = np.asarray(cols[st.KEY][ok], dtype=str)
+    order = np.argsort(keys, kind="stable")
+    uniq, first = np.unique(keys[order], return_index=True)
+    for i in sorted(set(range(len(order))) - set(first.tolist())):
+        j = ok[order[i]]
+        errs.append({"key": str(cols[st.KEY][j]), "source": str(cols[st.SOURCE][j]), "stage": duplicate_stage,
+                     "error": f"duplicate key in {unit}"})
+    return ok[order[first]], uniq, errs
+
+
+def build_tables(cols: dict[str, np.ndarray], cfg: EmbedConfig, dim: int, meta: dict[str, str]
+                 ) -> tuple[pa.Table, list[dict[str, str]]]:
+    """Embedding table (sorted by key, first row per key) + decode error rows of one shard's columns."""
+    rows, uniq, errs = rows_to_keep(cols, failed_stage="decode", duplicate_stage="embed", unit="shard")
+    np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    schema = schemas.with_metadata(schemas.embedding_schema(dim, cfg.dtype, cfg.text_embeddings), meta)
+    arrays = [pa.array(uniq.tolist(), pa.string()), pa.array(_strings(cols[st.CAPTION][rows]), pa.string()),
+              pa.array(_strings(cols[st.URL][rows]), pa.string()),
+              _fixed_list(cols["image_embedding"][rows], dim, np_dtype)]
+    if cfg.text_embeddings:
+        arrays.append(_fixed_list(cols["text_embedding"][rows], dim, np_dtype))
+    return pa.Table.from_arrays(arrays, schema=schema), errs
+
+
+def _strings(values: np.ndarray) -> list[str | None]:
+    """Optional text values as str / None: Ray Data hands a column that was all None in a block (shards without
+    URLs, e.g. not made by img2dataset) back as float32 NaN, which ``pa.array(..., pa.string())`` rejects."""
+    return [v if isinstance(v, str) else None for v in values]
+
+
+def _fixed_list(values: np.ndarray, dim: int, np_dtype: type) -> pa.FixedSizeListArray:
+    flat = np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(-1, dim), dtype=np_dtype).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
+
+
+def unread_reason(cols: dict[str, np.ndarray] | None) -> str | None:
+    """Why the shard could not be read at all, or None (per-sample errors do not count)."""
+    if cols is None or not np.asarray(cols[st.UNREAD], dtype=bool).any():
+        return None
+    return str(cols[st.ERROR][np.flatnonzero(np.asarray(cols[st.UNREAD], dtype=bool))[0]])
+
+
+def download_incomplete(shard_uri: str) -> str | None:
+    """Why a shard is not final yet: img2dataset recorded transient failures (outage, timeout, 5xx) that the
+    download stage retries on its next run; committing it now would keep those samples out for good."""
+    from pipelines.download.job import is_transient
+
+    n = sum(1 for e in _download_errors(shard_uri) if is_transient(e["error"]))
+    return (f"{n} sample(s) failed to download with transient errors; rerun the download, then embed again"
+            if n else None)
+
+
+def commit_shard(cfg: EmbedConfig, shard_uri: str, cols: dict[str, np.ndarray] | None, dim: int) -> tuple[int, int]:
+    """Write the errors table (if any, else drop a stale one), then the part file, or the empty marker when
+    no sample is good: the commit marker is written last. Returns (rows, error rows)."""
+    shard = st.shard_name(shard_uri)
+    meta = schemas.embedding_metadata(
+        clip_model=cfg.encoder.model_name, clip_pretrained=cfg.encoder.pretrained, dim=dim, dtype=cfg.dtype,
+        preprocess=encoders.preprocess_spec(cfg.encoder).describe(), source_shard=shard_uri)
+    if cols is None:  # a shard without samples still gets its (empty) part file, so reruns skip it
+        cols = {k: np.array([], dtype=object) for k in (st.KEY, st.CAPTION, st.URL, st.SOURCE, st.ERROR)}
+        cols["image_embedding"] = cols["text_embedding"] = np.zeros((0, dim), np.float32)
+    table, errs = build_tables(cols, cfg, dim, meta)
+    errs = _download_errors(shard_uri) + errs
+    err_uri = errors_uri(cfg.meta_uri, shard)
+    if errs:
+        storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA), err_uri)
+    elif storage.exists(err_uri):  # from an earlier attempt at this shard
+        storage.remove(err_uri)
+    if table.num_rows:
+        storage.atomic_write_table(table, part_uri(cfg.table_uri, shard))
+    else:
+        storage.write_json({"shard": shard_uri, "rows": 0, "errors": len(errs)}, empty_uri(cfg.meta_uri, shard))
+    return table.num_rows, len(errs)
+
+
+# --- the Ray pipeline ---------------------------------------------------------------------------------
+
+def build_dataset(cfg: EmbedConfig, pending: list[str]) -> Any:
+    """The Ray Data pipeline over ``pending`` shard URIs (lazy; iterate it to run)."""
+    import ray
+
+    res = cfg.resources
+    cluster = runtime.ClusterShape.from_ray()
+    plan = res.plan(cluster)
+    log.info(plan.describe("embed", cluster))
+    spec = encoders.preprocess_spec(cfg.encoder)
+    ds = ray.data.from_items([{"uri": u} for u in pending], override_num_blocks=len(pending))
+    # One block per decoded batch (Ray Data would otherwise pack a whole shard, up to 128 MB of pixels, into
+    # one block): the actors start on the first batch, and rows stream back batch by batch, not shard by shard.
+    height, width = (spec.size, spec.size) if isinstance(spec.size, int) else spec.size
+    ds.context.target_max_block_size = max(1 << 16, int(1.2 * res.batch_size * height * width * 3))
+    ds = ds.map_batches(st.decode_shards, batch_size=1, num_cpus=plan.read_cpus, memory=res.decode_memory_mb * 2**20,
+                        fn_kwargs={"spec": spec, "batch_rows": res.batch_size})
+    return ds.map_batches(
+        st.EmbedActor, batch_size=res.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
+        num_gpus=plan.gpus_per_actor,
+        fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision,
+                               "torch_threads": plan.torch_threads, "use_gpu": plan.use_gpu,
+                               "text_embeddings": cfg.text_embeddings})
+
+
+def _drain(cfg: EmbedConfig, ds: Any, pending: list[str], dim: int, t0: float, result: EmbedResult) -> None:
+    by_name = {st.shard_name(u): u for u in pending}
+    assembler, committed = st.ShardAssembler(), set()
+    rows = errors = seen = 0
+    timeline: list[tuple[float, int]] = []
+    # prefetch_batches=0: a block is handed over as soon as it is done (Ray Data's default prefetch of 1 held
+    # each block back until the next was done too: the first rows and each shard commit came one actor task,
+    # ~16 s on 2 cores, late).
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+        got = np.asarray(batch["image_embedding"]).shape[-1]
+        if got != dim:
+            raise ValueError(f"model {cfg.encoder.model_name} gave D={got}, its config says {dim}")
+        seen += len(batch[st.KEY])
+        timeline.append((time.perf_counter() - t0, seen))
+        for shard in assembler.add(batch):
+            committed.add(shard)
+            n, e = _commit_or_fail(cfg, by_name[shard], assembler.pop(shard), dim, result)
+            rows, errors = rows + n, errors + e
+    if assembler.incomplete():
+        raise RuntimeError(f"embedding ended with incomplete shard(s) {assembler.incomplete()} (rows lost?)")
+    for shard in sorted(set(by_name) - committed):  # shards with no samples at all
+        n, e = _commit_or_fail(cfg, by_name[shard], None, dim, result)
+        rows, errors = rows + n, errors + e
+    result.rows, result.errors, result.timeline = rows, errors, timeline
+
+
+def _commit_or_fail(cfg: EmbedConfig, shard_uri: str, cols: dict[str, np.ndarray] | None, dim: int,
+                    result: EmbedResult) -> tuple[int, int]:
+    why = unread_reason(cols) or download_incomplete(shard_uri)
+    if why is None:
+        return commit_shard(cfg, shard_uri, cols, dim)
+    log.error("shard %s is not done (a rerun retries it): %s", shard_uri, why)
+    result.failed[shard_uri] = why
+    return 0, 0
+
+
+def run_embed(cfg: EmbedConfig, ray_address: str | None = None) -> EmbedResult:
+    """Validate, then embed every shard without a committed part file; returns counts and timings."""
+    t0 = time.perf_counter()
+    shards = validate(cfg)
+    dim = encoders.embedding_dim(cfg.encoder)
+    pending = pending_shards(cfg, shards)
+    result = EmbedResult(table_uri=cfg.table_uri, shards=len(shards), skipped=len(shards) - len(pending),
+                         written=len(pending), rows=0, errors=0, dim=dim, wall_s=0.0)
+    if pending:
+        runtime.ensure_ray(ray_address)
+        remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
+        log.info("embedding %d shard(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder, cfg.table_uri)
+        _drain(cfg, build_dataset(cfg, pending), pending, dim, t0, result)
+        result.written -= len(result.failed)
+    result.wall_s = time.perf_counter() - t0
+    log.info(result.describe())
+    return result

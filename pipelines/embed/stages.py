@@ -1,0 +1,236 @@
+"""The per-row work of the embed stage: read + decode img2dataset shards, encode with CLIP, assemble shards.
+
+Pure cores (no Ray): ``read_shard`` (tar bytes -> samples), ``decode_sample`` (one sample -> pixels or an
+error), ``iter_shard_batches`` (a shard -> column batches for the encoder), ``ShardAssembler`` (rows back into
+complete shards). Ray adapters: ``decode_shards`` (the function ``map_batches`` runs in decode tasks) and
+``EmbedActor`` (the callable class the actor pool runs; it loads the model once).
+
+Every row carries its shard name and the shard's total row count, so the driver knows when a shard is complete
+and can commit it, whichever actors its rows went through. Rows that failed carry a non-empty ``error`` and
+zero pixels; the actor does not encode them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import tarfile
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from clipcap_core.preprocess import ImageResizer, PreprocessSpec
+from pipelines.io import imaging
+from pipelines.io.sources import SourceConfig, tar_member_problem
+
+if TYPE_CHECKING:
+    from clipcap_core.encoders import EncoderConfig
+
+# Columns flowing from the decode tasks to the encoder and on to the driver.
+SHARD, TOTAL, KEY, CAPTION, URL, SOURCE, ERROR, PIXELS, UNREAD = (
+    "shard", "shard_total", "key", "caption", "url", "source", "error", "pixels", "shard_unread")
+# UNREAD marks the one row of a shard that could not be read at all: the shard is then not committed (a
+# rerun retries it), because an outage or a half-copied file must not become "done, 0 samples".
+PASSTHROUGH = (SHARD, TOTAL, KEY, CAPTION, URL, SOURCE, ERROR, UNREAD)
+
+
+MAX_SHARD_BYTES = 4 << 30  # a shard is read whole: img2dataset's are ~10k samples, a few hundred MB
+
+
+@dataclass
+class Sample:
+    """One webdataset sample: its key and its files by extension (``jpg``, ``txt``, ``json``...); ``refused``:
+    why one of its members was not read (the sample becomes an error row)."""
+
+    key: str
+    files: dict[str, bytes] = field(default_factory=dict)
+    refused: str = ""
+
+
+@dataclass
+class DecodedRow:
+    key: str
+    caption: str | None
+    url: str | None
+    source: str
+    pixels: np.ndarray | None
+    error: str = ""
+    unread: bool = False  # the whole shard could not be read (not a per-sample problem)
+
+
+def shard_name(uri: str) -> str:
+    """``.../00012.tar`` -> ``00012`` (also the ``part-<shard>.parquet`` name of its output)."""
+    return posixpath.basename(uri).removesuffix(".tar")
+
+
+def read_shard(data: bytes, cfg: SourceConfig | None = None) -> list[Sample]:
+    """Group tar members into samples by key (the member name up to its first dot), in archive order. Members
+    go through ``sources.tar_member_problem`` (unsafe paths, links, devices, duplicates, ``max_member_bytes``):
+    a refused member is not read and marks its sample ``refused``."""
+    cfg = cfg or SourceConfig()
+    samples: dict[str, Sample] = {}
+    seen: set[str] = set()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if member.isdir():
+                continue
+            base = posixpath.basename(member.name)
+            if base.startswith(".") or "." not in base:
+                continue
+            stem, ext = base.split(".", 1)
+            key = posixpath.join(posixpath.dirname(member.name), stem)
+            sample = samples.setdefault(key, Sample(key))
+            why = tar_member_problem(member, seen, cfg)
+            if why is not None:
+                sample.refused = sample.refused or f"archive member {member.name[:200]!r} refused: {why}"
+                continue
+            f = tar.extractfile(member)
+            sample.files[ext.lower()] = f.read() if f else b""
+        end = tar.offset
+    # tarfile takes a file cut between two members for a complete archive; every tar writer ends an archive
+    # with zero blocks, so their absence means a truncated (half-copied / half-uploaded) shard.
+    tail = data[end:end + tarfile.BLOCKSIZE]
+    if len(tail) < tarfile.BLOCKSIZE or any(tail):
+        raise tarfile.ReadError(f"truncated archive: no end-of-archive marker after {end} of {len(data)} bytes")
+    return list(samples.values())
+
+
+def decode_sample(sample: Sample, resizer: ImageResizer, shard: str) -> DecodedRow:
+    """Caption, url and resized uint8 pixels (H, W, 3) of one sample, or the same row with ``error`` set."""
+    meta: dict[str, Any] = {}
+    if "json" in sample.files:
+        try:
+            meta = json.loads(sample.files["json"])
+        except ValueError:
+            meta = {}
+    caption = sample.files["txt"].decode("utf-8", "replace") if "txt" in sample.files else meta.get("caption")
+    key = str(meta.get("key") or posixpath.basename(sample.key))
+    image_ext = next((e for e in sample.files if imaging.is_image_name("x." + e)), None)
+    source = f"{shard}.tar/{sample.key}" + (f".{image_ext}" if image_ext else "")
+    row = DecodedRow(key=key, caption=caption, url=meta.get("url"), source=source, pixels=None)
+    if sample.refused:
+        row.error = sample.refused
+        return row
+    if image_ext is None:
+        row.error = f"no image file in sample (has {sorted(sample.files)})"
+        return row
+    try:
+        row.pixels = resizer(imaging.decode_image(sample.files[image_ext]))
+    except Exception as exc:  # noqa: BLE001 - any decode failure of one sample is an error row
+        row.error = f"{type(exc).__name__}: {exc}"
+    return row
+
+
+def _columns(rows: list[DecodedRow], shard: str, total: int, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    pixels = np.zeros((len(rows), *shape), dtype=np.uint8)
+    for i, r in enumerate(rows):
+        if r.pixels is not None:
+            pixels[i] = r.pixels
+    return {
+        SHARD: np.array([shard] * len(rows), dtype=object), TOTAL: np.full(len(rows), total, dtype=np.int64),
+        KEY: np.array([r.key for r in rows], dtype=object), CAPTION: np.array([r.caption for r in rows], dtype=object),
+        URL: np.array([r.url for r in rows], dtype=object), SOURCE: np.array([r.source for r in rows], dtype=object),
+        ERROR: np.array([r.error for r in rows], dtype=object), PIXELS: pixels,
+        UNREAD: np.array([r.unread for r in rows], dtype=bool),
+    }
+
+
+def iter_shard_batches(uri: str, resizer: ImageResizer, batch_rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """Decode one shard into column batches of ``batch_rows`` rows (an unreadable shard is one ``UNREAD`` row)."""
+    import fsspec
+
+    shard = shard_name(uri)
+    size = resizer.spec.size
+    shape = (size, size, 3) if isinstance(size, int) else (size[0], size[1], 3)
+    try:
+        with fsspec.open(uri, "rb") as f:  # one GET: shards are read whole, up to MAX_SHARD_BYTES
+            data = f.read(MAX_SHARD_BYTES + 1)
+        if len(data) > MAX_SHARD_BYTES:
+            raise OSError(f"shard larger than {MAX_SHARD_BYTES} bytes")
+        samples = read_shard(data)
+    except (tarfile.TarError, EOFError, OSError) as exc:  # truncated / garbage tar, vanished file, network
+        row = DecodedRow(key=shard, caption=None, url=None, source=uri, pixels=None, unread=True,
+                         error=f"unreadable shard: {type(exc).__name__}: {exc}")
+        yield _columns([row], shard, 1, shape)
+        return
+    for start in range(0, len(samples), batch_rows):
+        rows = [decode_sample(s, resizer, shard) for s in samples[start:start + batch_rows]]
+        yield _columns(rows, shard, len(samples), shape)
+
+
+def decode_shards(batch: dict[str, np.ndarray], spec: PreprocessSpec, batch_rows: int
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data UDF (decode tasks): a batch of shard URIs -> decoded column batches."""
+    resizer = ImageResizer(spec)
+    for uri in batch["uri"]:
+        yield from iter_shard_batches(str(uri), resizer, batch_rows)
+
+
+class EmbedActor:
+    """Ray Data callable class (actor pool): loads the encoder once, embeds the rows without an error."""
+
+    def __init__(self, encoder: EncoderConfig, precision: str, torch_threads: int, use_gpu: bool,
+                 text_embeddings: bool):
+        import torch
+
+        from clipcap_core.encoders import load_encoder
+
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)  # the actor's CPU share, no more: decode tasks run beside it
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"  # CUDA_VISIBLE_DEVICES picks it
+        self.encoder = load_encoder(encoder, device=device, precision=precision)
+        self.text = text_embeddings
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return embed_batch(batch, self.encoder, self.text)
+
+
+def embed_batch(batch: dict[str, np.ndarray], encoder: Any, text: bool) -> dict[str, np.ndarray]:
+    """Pure core: pass the row columns through, add ``image_embedding`` (and ``text_embedding``)."""
+    ok = np.array([not e for e in batch[ERROR]], dtype=bool)
+    n, dim = len(ok), encoder.dim
+    out = {k: batch[k] for k in PASSTHROUGH}
+    image = np.zeros((n, dim), dtype=np.float32)  # (B, D); rows with an error keep zeros and are dropped later
+    if ok.any():
+        image[ok] = encoder.encode_pixels(batch[PIXELS][ok])
+    out["image_embedding"] = image
+    if text:
+        texts = np.zeros((n, dim), dtype=np.float32)
+        if ok.any():
+            texts[ok] = encoder.encode_text([c or "" for c in batch[CAPTION][ok]])
+        out["text_embedding"] = texts
+    return out
+
+
+class ShardAssembler:
+    """Collects embedded rows per shard; ``add`` returns the shards that became complete."""
+
+    def __init__(self) -> None:
+        self._parts: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
+        self._seen: dict[str, int] = defaultdict(int)
+
+    def add(self, batch: dict[str, np.ndarray]) -> list[str]:
+        shards = np.asarray(batch[SHARD], dtype=object)
+        done = []
+        for shard in dict.fromkeys(shards.tolist()):
+            mask = shards == shard
+            self._parts[shard].append({k: np.asarray(v)[mask] for k, v in batch.items()})
+            self._seen[shard] += int(mask.sum())
+            total = int(np.asarray(batch[TOTAL])[mask][0])
+            if self._seen[shard] > total:
+                raise RuntimeError(f"shard {shard}: got {self._seen[shard]} rows, expected {total}")
+            if self._seen[shard] == total:
+                done.append(shard)
+        return done
+
+    def pop(self, shard: str) -> dict[str, np.ndarray]:
+        parts = self._parts.pop(shard)
+        self._seen.pop(shard, None)
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def incomplete(self) -> list[str]:
+        return sorted(self._parts)

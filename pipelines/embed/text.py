@@ -1,0 +1,266 @@
+"""Embed-text stage: a caption corpus -> CLIP text-embedding tables (Parquet), one file per input part.
+
+    result = run_embed_text(EmbedTextConfig(input="s3://b/corpus/captions.txt", output_root="s3://b/clipcap",
+                                            dataset="corpus", encoder=EncoderConfig(model_name="ViT-B-32",
+                                                                                    pretrained="openai")))
+
+Data flow (Ray Data, streaming):
+  driver: input files -> parts (``text_sources.plan_parts``: key, caption, per-row error) -> one block per part
+  --actor pool (``TextEmbedActor``: the CLIP text tower, GPU + autocast when present)--> embedded rows
+  --driver (``pipelines.embed.stages.ShardAssembler``)--> ``<root>/text-embeddings/<dataset>/<clip-tag>/part-<id>.parquet``
+                                                and ``<root>/_meta/text-embeddings/.../errors/part-<id>.parquet``
+Columns ``key``, ``caption``, ``text_embedding`` (``schemas.text_embedding_schema``) with the image tables'
+Parquet metadata (CLIP model, D, dtype, code version, source) plus ``clipcap.truncated``: how many captions of
+the part were longer than the CLIP context and cut to it (open_clip's tokenizer truncates; we count).
+
+Commits, resume and stale temporaries are the image embed stage's (``pipelines.embed.job``): errors file, then
+part file, each atomic; a rerun embeds only parts without a part file. ``_run.json`` records the input, its
+plan digest and the settings: a rerun on changed input or settings is refused (a new ``--dataset`` or an
+emptied folder starts over). Resources are ``EmbedResources`` (``num_actors``, ``cpus_per_actor``,
+``gpus_per_actor``, ``torch_threads``, ``batch_size``), as in the image stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from clipcap_core import encoders
+from clipcap_core.configs import to_dict
+from clipcap_core.encoders import EncoderConfig
+from pipelines import runtime
+from pipelines.embed import job as embed
+from pipelines.embed import stages as st
+from pipelines.io import schemas, storage, text_sources
+
+log = logging.getLogger(__name__)
+TRUNCATED = "truncated"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedTextConfig:
+    input: str  # caption file, folder of them, or img2dataset output folder (text_sources)
+    output_root: str
+    dataset: str
+    input_format: Literal["auto", "text", "csv", "tsv", "jsonl", "parquet", "img2dataset"] = "auto"
+    caption_col: str = "caption"
+    key_col: str | None = None  # None: keys "<file stem>-<row>" (img2dataset: its keys)
+    part_size: int = 10000  # rows per output part (files; an img2dataset shard is one part)
+    max_caption_chars: int = 2000  # longer captions are error rows (bounded work per row)
+    encoder: EncoderConfig = EncoderConfig()
+    dtype: Literal["float32", "float16"] = "float32"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    resources: embed.EmbedResources = embed.EmbedResources(batch_size=256)
+
+    def __post_init__(self) -> None:
+        if self.part_size < 1 or self.max_caption_chars < 1:
+            raise ValueError("part_size and max_caption_chars must be >= 1")
+
+    @property
+    def table_uri(self) -> str:
+        return storage.join(self.output_root, "text-embeddings", self.dataset, encoders.encoder_tag(self.encoder))
+
+    @property
+    def meta_uri(self) -> str:
+        """Bookkeeping (errors table, empty-part markers, run record), outside the folder readers glob."""
+        return storage.join(self.output_root, embed.META_DIR, "text-embeddings", self.dataset,
+                            encoders.encoder_tag(self.encoder))
+
+
+@dataclass
+class EmbedTextResult:
+    table_uri: str
+    parts: int
+    skipped: int
+    written: int
+    rows: int
+    errors: int
+    truncated: int
+    dim: int
+    wall_s: float
+
+    def describe(self) -> str:
+        return (f"embedded {self.rows} caption(s) into {self.written} new part file(s) at {self.table_uri} "
+                f"({self.skipped} of {self.parts} part(s) already done, {self.errors} error row(s), "
+                f"{self.truncated} caption(s) truncated to the CLIP context, D={self.dim}, {self.wall_s:.1f}s)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# --- planning and validation (no Ray) ---------------------------------------------------------------------
+def _run_record(cfg: EmbedTextConfig, parts: list[text_sources.TextPart]) -> dict[str, Any]:
+    return {"input": cfg.input, "input_format": cfg.input_format, "caption_col": cfg.caption_col,
+            "key_col": cfg.key_col, "part_size": cfg.part_size, "max_caption_chars": cfg.max_caption_chars,
+            "encoder": to_dict(cfg.encoder), "dtype": cfg.dtype, "plan_digest": text_sources.plan_digest(parts)}
+
+
+def validate(cfg: EmbedTextConfig) -> list[text_sources.TextPart]:
+    """All job-level checks before any work (model, dtype, input columns, output, earlier run); the parts."""
+    encoders.validate_config(cfg.encoder)
+    schemas.embedding_type(1, cfg.dtype)
+    parts = text_sources.plan_parts(cfg.input, cfg.input_format, caption_col=cfg.caption_col, key_col=cfg.key_col,
+                                    part_size=cfg.part_size, max_chars=cfg.max_caption_chars)
+    storage.check_writable(cfg.table_uri)
+    record, run_uri = _run_record(cfg, parts), storage.join(cfg.meta_uri, "run.json")
+    previous = storage.read_json(run_uri)
+    if previous is not None and previous != record:
+        changed = sorted(k for k in record if previous.get(k) != record[k])
+        raise ValueError(f"text table {cfg.table_uri} was made from other input or settings (changed: "
+                         f"{', '.join(changed)}); use another --dataset, or delete the table to redo it")
+    storage.write_json(record, run_uri)
+    return parts
+
+
+def pending_parts(cfg: EmbedTextConfig, parts: list[text_sources.TextPart]) -> list[text_sources.TextPart]:
+    done = set(storage.list_files(cfg.table_uri, ".parquet"))
+    done |= {embed.part_uri(cfg.table_uri, posixpath.basename(u).removesuffix(".json").removeprefix("part-"))
+             for u in storage.list_files(storage.join(cfg.meta_uri, "empty"), ".json")}
+    return [p for p in parts if embed.part_uri(cfg.table_uri, p.part_id) not in done]
+
+
+# --- output tables ------------------------------------------------------------------------------------------
+def build_tables(cols: dict[str, np.ndarray], dim: int, dtype: str, meta: dict[str, str]
+                 ) -> tuple[pa.Table, list[dict[str, str]]]:
+    """Text table (sorted by key, first row per key) + error rows of one part's columns."""
+    rows, uniq, errs = embed.rows_to_keep(cols, failed_stage="read", duplicate_stage="embed-text", unit="part")
+    truncated = int(np.asarray(cols[TRUNCATED], dtype=bool)[rows].sum())
+    schema = schemas.with_metadata(schemas.text_embedding_schema(dim, dtype),
+                                   {**meta, schemas.META_TRUNCATED: str(truncated)})
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    arrays = [pa.array(uniq.tolist(), pa.string()), pa.array(list(cols[st.CAPTION][rows]), pa.string()),
+              embed._fixed_list(cols[schemas.TEXT_EMBEDDING][rows], dim, np_dtype)]
+    return pa.Table.from_arrays(arrays, schema=schema), errs
+
+
+def commit_part(cfg: EmbedTextConfig, part: text_sources.TextPart, cols: dict[str, np.ndarray] | None,
+                dim: int) -> tuple[int, int, int]:
+    """Errors table (if any), then the part file (the commit marker). Returns (rows, error rows, truncated)."""
+    meta = schemas.embedding_metadata(
+        clip_model=cfg.encoder.model_name, clip_pretrained=cfg.encoder.pretrained, dim=dim, dtype=cfg.dtype,
+        preprocess=f"text: open_clip tokenizer of {cfg.encoder.model_name}, truncated to its context",
+        source_shard=part.source)
+    if cols is None:  # an empty part still gets its (empty) part file, so reruns skip it
+        cols = {k: np.array([], dtype=object) for k in (st.KEY, st.CAPTION, st.SOURCE, st.ERROR)}
+        cols[TRUNCATED] = np.zeros(0, bool)
+        cols[schemas.TEXT_EMBEDDING] = np.zeros((0, dim), np.float32)
+    table, errs = build_tables(cols, dim, cfg.dtype, meta)
+    if errs:
+        storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA),
+                                   embed.errors_uri(cfg.meta_uri, part.part_id))
+    if table.num_rows:  # last: the commit marker
+        storage.atomic_write_table(table, embed.part_uri(cfg.table_uri, part.part_id))
+    else:  # a 0-row Parquet file breaks Hugging Face datasets: the done-marker lives under _meta instead
+        storage.write_json({"part": part.part_id, "errors": len(errs)}, embed.empty_uri(cfg.meta_uri, part.part_id))
+    return table.num_rows, len(errs), int(table.schema.metadata[schemas.META_TRUNCATED.encode()])
+
+
+# --- the Ray pipeline ---------------------------------------------------------------------------------------
+def part_block(part: text_sources.TextPart) -> pa.Table:
+    """A part as one block of rows tagged with the part id and its row count (``ShardAssembler`` columns)."""
+    n = len(part)
+    return pa.table({st.SHARD: [part.part_id] * n, st.TOTAL: pa.array([n] * n, pa.int64()),
+                     st.KEY: pa.array(part.keys, pa.string()), st.CAPTION: pa.array(part.captions, pa.string()),
+                     st.SOURCE: [f"{part.source}#{k}" for k in part.keys], st.ERROR: part.errors})
+
+
+def token_counts(tokenizer: Any, texts: list[str]) -> np.ndarray:
+    """CLIP tokens per caption with start/end tokens (what open_clip's tokenizer would keep, untruncated)."""
+    if hasattr(tokenizer, "encode"):  # open_clip SimpleTokenizer: BPE ids without start / end
+        return np.array([len(tokenizer.encode(t)) + 2 for t in texts], dtype=np.int64)
+    hf = tokenizer.tokenizer  # open_clip HFTokenizer
+    return np.array([len(ids) for ids in hf(list(texts))["input_ids"]], dtype=np.int64)
+
+
+def embed_text_batch(batch: dict[str, np.ndarray], encoder: Any, tokenizer: Any) -> dict[str, np.ndarray]:
+    """Pure core: pass the row columns through, add ``text_embedding`` and ``truncated`` (error rows: zeros)."""
+    ok = np.array([not e for e in batch[st.ERROR]], dtype=bool)
+    out = {k: batch[k] for k in (st.SHARD, st.TOTAL, st.KEY, st.CAPTION, st.SOURCE, st.ERROR)}
+    emb = np.zeros((len(ok), encoder.dim), dtype=np.float32)  # (B, D)
+    truncated = np.zeros(len(ok), dtype=bool)
+    if ok.any():
+        texts = [str(c) for c in batch[st.CAPTION][ok]]
+        emb[ok] = encoder.encode_text(texts)
+        truncated[ok] = token_counts(tokenizer, texts) > tokenizer.context_length
+    out[schemas.TEXT_EMBEDDING], out[TRUNCATED] = emb, truncated
+    return out
+
+
+class TextEmbedActor:
+    """Ray Data callable class (actor pool): loads the CLIP text tower once, embeds the rows without an error."""
+
+    def __init__(self, encoder: EncoderConfig, precision: str, torch_threads: int, use_gpu: bool):
+        import torch
+
+        from clipcap_core.encoders import load_encoder
+
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.encoder = load_encoder(encoder, device=device, precision=precision)
+        self.encoder.model.visual = torch.nn.Identity()  # text only: the image tower's weights are not kept
+        self.tokenizer = encoders._open_clip().get_tokenizer(encoder.model_name)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return embed_text_batch(batch, self.encoder, self.tokenizer)
+
+
+def build_dataset(cfg: EmbedTextConfig, pending: list[text_sources.TextPart]) -> Any:
+    """The Ray Data pipeline over the pending parts (lazy; iterate it to run)."""
+    import ray
+
+    res = cfg.resources
+    cluster = runtime.ClusterShape.from_ray()
+    plan = res.plan(cluster)  # no decode tasks here: the driver ships the text parts as blocks
+    log.info(plan.describe("embed-text", cluster))
+    ds = ray.data.from_arrow([part_block(p) for p in pending if len(p)])
+    return ds.map_batches(
+        TextEmbedActor, batch_size=res.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
+        num_gpus=plan.gpus_per_actor,
+        fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision, "use_gpu": plan.use_gpu,
+                               "torch_threads": plan.torch_threads})
+
+
+def _drain(cfg: EmbedTextConfig, pending: list[text_sources.TextPart], dim: int) -> tuple[int, int, int]:
+    by_id = {p.part_id: p for p in pending}
+    assembler, committed, totals = st.ShardAssembler(), set(), [0, 0, 0]
+    if any(len(p) for p in pending):
+        for batch in build_dataset(cfg, pending).iter_batches(batch_size=None, batch_format="numpy",
+                                                                prefetch_batches=0):  # see embed._drain
+            got = np.asarray(batch[schemas.TEXT_EMBEDDING]).shape[-1]
+            if got != dim:
+                raise ValueError(f"model {cfg.encoder.model_name} gave D={got}, its config says {dim}")
+            for pid in assembler.add(batch):
+                totals = [a + b for a, b in zip(totals, commit_part(cfg, by_id[pid], assembler.pop(pid), dim),
+                                                strict=True)]
+                committed.add(pid)
+    if assembler.incomplete():
+        raise RuntimeError(f"embed-text ended with incomplete part(s) {assembler.incomplete()}")
+    for pid in sorted(set(by_id) - committed):  # parts without rows
+        totals = [a + b for a, b in zip(totals, commit_part(cfg, by_id[pid], None, dim), strict=True)]
+    return totals[0], totals[1], totals[2]
+
+
+def run_embed_text(cfg: EmbedTextConfig, ray_address: str | None = None) -> EmbedTextResult:
+    """Validate, then embed every part without a committed part file; returns counts and timings."""
+    t0 = time.perf_counter()
+    parts, dim = validate(cfg), encoders.embedding_dim(cfg.encoder)
+    pending = pending_parts(cfg, parts)
+    result = EmbedTextResult(table_uri=cfg.table_uri, parts=len(parts), skipped=len(parts) - len(pending),
+                             written=len(pending), rows=0, errors=0, truncated=0, dim=dim, wall_s=0.0)
+    if pending:
+        runtime.ensure_ray(ray_address)
+        embed.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
+        log.info("embedding %d caption part(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
+                 cfg.table_uri)
+        result.rows, result.errors, result.truncated = _drain(cfg, pending, dim)
+    result.wall_s = time.perf_counter() - t0
+    log.info(result.describe())
+    return result

@@ -1,0 +1,309 @@
+"""Archive readers for bulk captioning: an input URI -> deterministic *parts* -> *records*.
+
+An input is a file or a directory (searched recursively) at any fsspec URI. ``plan_parts`` lists it once and
+cuts it into ``Part``s, the unit of work and of output (one caption-table file per part), named
+deterministically from the input so that a rerun finds the same parts:
+- loose image files: sorted by path, ``part_size`` per part (``images-00000``, ...);
+- a ``.tar`` / ``.tar.gz`` / ``.tgz`` / ``.zip`` archive or a webdataset shard: one part per file;
+- Parquet (image bytes, image URLs, or an embedding table): row groups packed to ~``part_size`` rows.
+``plan_digest`` fingerprints the plan (names, sizes) so a rerun can refuse an input that changed.
+
+A reader (``Reader`` protocol, ``READERS`` registry) plans one file and reads one part as ``Record``s: image
+bytes, a URL, an embedding, or an ``error`` (per-member problems are data, never exceptions).
+Keys are ``<file path relative to the input>/<member path or row key>`` (a loose image's key is its relative
+path), so they are unique across a whole input.
+
+Safety: members are read into memory, never extracted; members with absolute or ``..`` paths, links and
+devices, duplicates, encrypted zip members and anything over ``max_member_bytes`` are error rows, and no
+member's bytes are read past that limit (zip headers can lie). An unreadable or truncated archive yields the
+members read so far plus one error row keyed by the archive itself. Hidden or underscore-prefixed files and
+directories (``.DS_Store``, ``_errors/``, ``_tmp.*``) are skipped, as Arrow datasets do.
+
+Auto format (the default) by extension: ``.tar``/``.tar.gz``/``.tgz`` tar, ``.zip`` zip, ``.parquet`` Parquet
+(an ``image_embedding`` column makes it an embedding table), anything else a loose image. A ``.tar`` beside an
+img2dataset sidecar (``<shard>.parquet`` or ``<shard>_stats.json``) is a webdataset shard and the sidecars
+are metadata, not inputs. Webdataset samples group consecutive members by key (path up to the first dot).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import stat
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pipelines.io import imaging, schemas, sources_parquet, storage
+from pipelines.io.sources_base import (
+    READERS,
+    UNIT_STAGE,
+    Format,
+    InputFile,
+    OneFileReader,
+    Part,
+    Reader,
+    Record,
+    SourceConfig,
+    get_reader,
+    part_name,
+    register,
+)
+from pipelines.io.sources_safety import (
+    clean_name,
+    member_problem,
+    read_loose_file,
+    tar_member_problem,
+    unsafe_member,
+)
+
+
+# --- listing and planning -------------------------------------------------------------------------------
+def list_input(uri: str, storage_options: dict[str, Any] | None = None) -> list[InputFile]:
+    """Every file under ``uri`` (or ``uri`` itself), sorted, hidden / underscore-prefixed paths skipped."""
+    try:
+        fs, root = storage.filesystem(uri, storage_options)
+        if not fs.exists(root):
+            raise FileNotFoundError(f"input {uri!r} does not exist")
+        if fs.isfile(root):
+            info = fs.info(root)
+            return [InputFile(storage.full_uri(fs, root), posixpath.basename(root), int(info.get("size") or 0))]
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - bad scheme, missing bucket, no credentials: one clear error
+        raise OSError(f"cannot list input {uri!r}: {type(exc).__name__}: {exc}") from exc
+    files = []
+    root = root.rstrip("/")
+    for path, info in sorted(found.items()):
+        rel = posixpath.relpath(path, root)
+        if info.get("type") == "directory" or any(p.startswith((".", "_")) for p in rel.split("/")):
+            continue
+        files.append(InputFile(storage.full_uri(fs, path), rel, int(info.get("size") or 0)))
+    return files
+
+
+def _ext_kind(rel: str) -> str:
+    low = rel.lower()
+    if low.endswith((".tar.gz", ".tgz", ".tar")):
+        return "tar"
+    if low.endswith(".zip"):
+        return "zip"
+    if low.endswith(".parquet"):
+        return "parquet"
+    return "images"
+
+
+def classify(files: list[InputFile], fmt: Format) -> dict[str, list[InputFile]]:
+    """Group files by reader name (see the module docstring for the rules)."""
+    rels = {f.rel for f in files}
+    shard_meta: dict[str, set[str]] = {}  # img2dataset shard .tar -> its sidecar files present
+    for f in files:
+        if f.rel.endswith(".tar"):
+            shard_meta[f.rel] = {f.rel[:-4] + ".parquet", f.rel[:-4] + "_stats.json"} & rels
+    sidecars = set().union(*shard_meta.values()) if fmt in ("auto", "webdataset") else set()
+    groups: dict[str, list[InputFile]] = {}
+    for f in files:
+        if f.rel in sidecars:
+            continue
+        kind = "images" if fmt == "images" else _ext_kind(f.rel)
+        if kind == "tar" and (fmt == "webdataset" or shard_meta.get(f.rel)):
+            kind = "webdataset"
+        wanted = {"auto": None, "embeddings": "parquet"}.get(fmt, fmt)
+        if wanted is not None and kind != wanted:
+            continue  # an explicit format reads only its own files
+        groups.setdefault(kind, []).append(f)
+    return groups
+
+
+def plan_parts(uri: str, cfg: SourceConfig, storage_options: dict[str, Any] | None = None) -> list[Part]:
+    """List ``uri`` and cut it into parts (sorted by id). Raises for job-level faults (missing input,
+    a Parquet file with neither image nor URL column)."""
+    files = list_input(uri, storage_options)
+    groups = classify(files, cfg.format)
+    if not any(groups.values()):
+        raise ValueError(f"no input files under {uri!r} (format {cfg.format!r})")
+    parts: list[Part] = []
+    images = groups.pop("images", [])
+    for i in range(0, len(images), cfg.part_size):
+        parts.append(Part(f"images-{i // cfg.part_size:05d}", "images", tuple(images[i: i + cfg.part_size])))
+    for kind, members in sorted(groups.items()):
+        reader = get_reader("parquet" if kind == "embeddings" else kind)
+        for f in members:
+            parts.extend(reader.plan(f, cfg))
+    return sorted(parts, key=lambda p: p.part_id)
+
+
+def plan_digest(parts: list[Part]) -> str:
+    """Fingerprint of a plan: part ids, kinds, member paths and sizes, row groups."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.to_json().encode())
+    return h.hexdigest()[:16]
+
+
+def read_part(part: Part, cfg: SourceConfig) -> Iterator[Record]:
+    return get_reader(part.kind).read(part, cfg)
+
+
+# --- loose images ---------------------------------------------------------------------------------------
+class ImagesReader(OneFileReader):
+    name = "images"
+
+    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
+        fs, _ = storage.filesystem(part.files[0].uri)
+
+        def fetch(f: InputFile) -> Record:
+            if f.size > cfg.max_member_bytes:
+                return Record(f.rel, f.uri, error=f"file too large ({f.size} bytes > {cfg.max_member_bytes})")
+            try:
+                return Record(f.rel, f.uri, data=read_loose_file(fs, f, cfg.max_member_bytes))
+            except Exception as exc:  # noqa: BLE001 - vanished file, permission, network: an error row
+                return Record(f.rel, f.uri, error=f"cannot read file: {type(exc).__name__}: {exc}",
+                              stage=UNIT_STAGE)
+
+        with ThreadPoolExecutor(cfg.fetch_threads) as pool:
+            for i in range(0, len(part.files), cfg.read_batch):
+                yield from pool.map(fetch, part.files[i: i + cfg.read_batch])
+
+
+# --- tar and webdataset ---------------------------------------------------------------------------------
+def _tar_members(part: Part, cfg: SourceConfig) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """(member name, bytes or None, error or None) in archive order; ("", None, error) for the archive."""
+    f = part.files[0]
+    seen: set[str] = set()
+    try:
+        fs, path = storage.filesystem(f.uri)
+        with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tf:
+            for m in tf:
+                name = clean_name(m.name)
+                if m.isdir():
+                    continue
+                why = tar_member_problem(m, seen, cfg)
+                if why is not None:
+                    yield name, None, why
+                    continue
+                src = tf.extractfile(m)
+                yield name, (src.read() if src is not None else b""), None
+    except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as exc:
+        yield "", None, f"unreadable archive: {type(exc).__name__}: {exc}"
+
+
+def _member_record(part: Part, name: str, data: bytes | None, error: str | None) -> Record:
+    f = part.files[0]
+    key = f"{f.rel}/{name}" if name else f.rel
+    return Record(key, f.uri, data=data, error=error, stage="read" if name else UNIT_STAGE)
+
+
+class TarReader(OneFileReader):
+    name = "tar"
+
+    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
+        for name, data, error in _tar_members(part, cfg):
+            yield _member_record(part, name, data, error)
+
+
+def _sample_key(name: str) -> str:
+    d, base = posixpath.split(name)
+    return posixpath.join(d, base.split(".", 1)[0])
+
+
+class WebDatasetReader(TarReader):
+    name = "webdataset"
+
+    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
+        group: list[tuple[str, bytes]] = []
+        for name, data, error in _tar_members(part, cfg):
+            if error is not None or data is None:
+                yield from self._sample(part, group)
+                group = []
+                yield _member_record(part, name, None, error)
+                continue
+            if group and _sample_key(group[0][0]) != _sample_key(name):
+                yield from self._sample(part, group)
+                group = []
+            group.append((name, data))
+        yield from self._sample(part, group)
+
+    @staticmethod
+    def _sample(part: Part, group: list[tuple[str, bytes]]) -> Iterator[Record]:
+        if not group:
+            return
+        key = f"{part.files[0].rel}/{_sample_key(group[0][0])}"
+        image = next((d for n, d in group if imaging.is_image_name(n)), None)
+        if image is None:
+            exts = ", ".join(sorted(n.split(".", 1)[-1] for n, _ in group))
+            yield Record(key, part.files[0].uri, error=f"sample has no image member (has: {exts})")
+        else:
+            yield Record(key, part.files[0].uri, data=image)
+
+
+def webdataset_samples(uri: str, cfg: SourceConfig | None = None
+                       ) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+    """(sample key, {extension: bytes}, None) per sample of a webdataset shard at ``uri``, members grouped by key,
+    through the same member-safety checks as the readers; a refused member or an unreadable archive gives
+    (member name or "", {}, error). For stages that need more than the image (captions for CLIP training)."""
+    cfg = cfg or SourceConfig()
+    part = Part(part_name(posixpath.basename(uri)), "webdataset", (InputFile(uri, posixpath.basename(uri), 0),))
+    key, group = None, {}
+    for name, data, error in _tar_members(part, cfg):
+        if error is not None or data is None:
+            yield name, {}, error
+            continue
+        k = _sample_key(name)
+        if key is not None and k != key:
+            yield key, group, None
+            group = {}
+        key = k
+        group[posixpath.basename(name).split(".", 1)[-1].lower()] = data
+    if key is not None and group:
+        yield key, group, None
+
+
+# --- zip ------------------------------------------------------------------------------------------------
+class ZipReader(OneFileReader):
+    name = "zip"
+
+    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
+        f = part.files[0]
+        seen: set[str] = set()
+        try:
+            fs, path = storage.filesystem(f.uri)
+            with fs.open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
+                infos = zf.infolist()
+                for info in infos:
+                    if info.is_dir():
+                        continue
+                    yield self._member(part, zf, info, seen, cfg)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+            yield _member_record(part, "", None, f"unreadable archive: {type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _member(part: Part, zf: zipfile.ZipFile, info: zipfile.ZipInfo, seen: set[str],
+                cfg: SourceConfig) -> Record:
+        name = clean_name(info.filename)
+        why = member_problem(info.filename, name, info.file_size, seen, cfg,
+                              (stat.S_ISLNK(info.external_attr >> 16), "not a regular file (symlink)"),
+                              (bool(info.flag_bits & 0x1), "encrypted member"))
+        if why is not None:
+            return _member_record(part, name, None, why)
+        try:
+            with zf.open(info) as src:
+                data = src.read(cfg.max_member_bytes + 1)  # never trust the declared size
+        except Exception as exc:  # noqa: BLE001 - bad CRC, unsupported compression, corrupt stream
+            return _member_record(part, name, None, f"unreadable member: {type(exc).__name__}: {exc}")
+        if len(data) > cfg.max_member_bytes:
+            return _member_record(part, name, None, f"member inflates past {cfg.max_member_bytes} bytes")
+        return _member_record(part, name, data, None)
+
+
+for _reader in (ImagesReader(), TarReader(), WebDatasetReader(), ZipReader()):
+    register(_reader)
+
+# sources_parquet registered "parquet", "embeddings" and "unreadable" when it was imported above
+__all__ = ["READERS", "UNIT_STAGE", "InputFile", "Part", "Reader", "Record", "SourceConfig", "get_reader",
+           "list_input", "part_name", "plan_digest", "plan_parts", "read_loose_file", "read_part", "register",
+           "schemas", "sources_parquet", "tar_member_problem", "unsafe_member", "webdataset_samples"]

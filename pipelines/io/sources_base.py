@@ -1,0 +1,128 @@
+"""The types every input reader shares (``pipelines.io.sources`` plans and reads with them): ``SourceConfig``,
+``InputFile``, ``Part``, ``Record``, the ``Reader`` protocol and its registry, part ids.
+
+Readers register themselves here: ``pipelines.io.sources`` (loose images, tar, webdataset, zip) and
+``pipelines.io.sources_parquet`` (Parquet image bytes / URLs, embedding tables) both build on this module, and
+``sources`` imports ``sources_parquet``, so importing ``pipelines.io.sources`` registers every reader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+
+from pipelines.io import imaging, schemas
+
+Format = Literal["auto", "images", "tar", "zip", "webdataset", "parquet", "embeddings"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """How an input is listed, partitioned and read."""
+
+    format: Format = "auto"
+    part_size: int = 1000             # loose images per part; target rows per Parquet part
+    max_member_bytes: int = 64 << 20  # larger files / members / downloads are error rows
+    max_pixels: int = imaging.DEFAULT_MAX_PIXELS
+    image_column: str | None = None   # Parquet: None = first of schemas.IMAGE_BYTES_COLUMNS present
+    url_column: str = schemas.URL
+    key_column: str = schemas.KEY
+    url_schemes: tuple[str, ...] = ("http", "https", "s3", "gs")
+    allow_private_urls: bool = False        # URL inputs: fetch private / loopback / link-local hosts too
+    allow_object_store_urls: bool = False   # URL inputs: s3:// / gs:// (read with the job's own credentials)
+    fetch_timeout_s: float = 20.0
+    fetch_threads: int = 16
+    read_batch: int = 64              # loose files fetched / URLs downloaded per round
+
+    def __post_init__(self) -> None:
+        if self.part_size < 1 or self.read_batch < 1 or self.fetch_threads < 1:
+            raise ValueError("part_size, read_batch and fetch_threads must be >= 1")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    uri: str   # full URI
+    rel: str   # path relative to the input root: the key prefix
+    size: int
+
+
+@dataclass(frozen=True)
+class Part:
+    part_id: str
+    kind: str
+    files: tuple[InputFile, ...]
+    row_groups: tuple[int, ...] = ()  # Parquet parts
+    row_offset: int = 0               # Parquet: index of the part's first row in its file
+    dim: int = 0                      # embedding tables: D
+    clip_model: str = ""              # embedding tables: the CLIP model recorded in the metadata
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Part:
+        d = json.loads(text)
+        d["files"] = tuple(InputFile(**f) for f in d["files"])
+        d["row_groups"] = tuple(d["row_groups"])
+        return cls(**d)
+
+
+# Stage of an error row that means "the part's input could not be read" (unreadable / truncated archive or
+# Parquet file, I/O error on a loose file): the part is then not committed, and a rerun retries it.
+UNIT_STAGE = "read-part"
+
+
+@dataclass
+class Record:
+    key: str
+    source: str
+    data: bytes | None = None
+    url: str | None = None
+    embedding: np.ndarray | None = None  # (D,) float32
+    error: str | None = None
+    stage: str = "read"
+
+
+class Reader(Protocol):
+    name: str
+
+    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]: ...
+
+    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]: ...
+
+
+READERS: dict[str, Reader] = {}
+
+
+def register(reader: Reader) -> Reader:
+    READERS[reader.name] = reader
+    return reader
+
+
+def get_reader(name: str) -> Reader:
+    try:
+        return READERS[name]
+    except KeyError:
+        raise ValueError(f"unknown input format {name!r}; known: {sorted(READERS)}") from None
+
+
+def part_name(rel: str, suffix: str = "") -> str:
+    """A file-name-safe, collision-free part id for a file path (readable tail + hash of the full path)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", rel).strip("._")[-80:] or "root"
+    return f"{safe}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}{suffix}"
+
+
+class OneFileReader:
+    """``plan`` of the readers whose unit is a whole file: one part per file, named after its path."""
+
+    name = ""
+
+    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]:
+        return [Part(part_name(file.rel), self.name, (file,))]

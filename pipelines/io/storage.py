@@ -1,0 +1,149 @@
+"""Storage helpers over fsspec: one code path for local paths, ``s3://`` (s3fs), ``gs://`` and ``memory://``.
+
+- ``filesystem(uri)`` -> (fsspec filesystem, path inside it) and ``exists``: ``clipcap_core.uris``'s, re-exported
+  (the core library cannot import ``pipelines``, so the shared helpers live there)
+- ``atomic_write_table`` writes a Parquet file to a temporary name and renames it into place (on object
+  stores, where rename is copy+delete, the final object only ever appears complete: S3 PUTs are atomic),
+  so readers and reruns never see a partial file.
+- ``check_writable(uri)`` fails fast with a clear message when an output root cannot be written.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipcap_core.uris import exists, filesystem
+from pipelines.io import schemas
+
+
+def join(uri: str, *parts: str) -> str:
+    uri = str(uri).rstrip("/")
+    return posixpath.join(uri, *[p.strip("/") for p in parts])
+
+
+def protocol_prefix(fs: fsspec.AbstractFileSystem) -> str:
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return "" if proto in ("file", "local") else f"{proto}://"
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    # HTTP(S) filesystems keep the whole URL as the path: prefixing again gave "http://http://host/...".
+    return path if "://" in path else protocol_prefix(fs) + path
+
+
+def ensure_dir(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Create a directory on local-like filesystems. Object stores have no directories, and s3fs's
+    ``makedirs`` would *create a missing bucket*: a typo in an output URI must fail, not make buckets."""
+    if protocol_prefix(fs) in ("", "memory://"):
+        fs.makedirs(path, exist_ok=True)
+
+
+def remove(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    fs, path = filesystem(uri, storage_options)
+    fs.rm(path)
+
+
+# Columns that may hold URLs from user data: redacted (query strings, credentials) before any write.
+REDACTED_COLUMNS = (schemas.URL, schemas.SOURCE, schemas.ERROR)
+
+
+def redact_table(table: pa.Table) -> pa.Table:
+    """``table`` with URLs in its url / source / error string columns redacted (``urlsafety.redact_text``)."""
+    from pipelines.io.urlsafety import redact_text
+
+    for name in REDACTED_COLUMNS:
+        if name in table.column_names and pa.types.is_string(table.schema.field(name).type):
+            values = [None if v is None else redact_text(v) for v in table.column(name).to_pylist()]
+            idx = table.column_names.index(name)
+            table = table.set_column(idx, table.schema.field(name), pa.array(values, pa.string()))
+    return table
+
+
+def redact_json(obj: Any) -> Any:
+    """``obj`` with every string (keys included) URL-redacted."""
+    from pipelines.io.urlsafety import redact_text
+
+    if isinstance(obj, str):
+        return redact_text(obj)
+    if isinstance(obj, dict):
+        return {redact_json(k): redact_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_json(v) for v in obj]
+    return obj
+
+
+def atomic_write_table(table: pa.Table, uri: str, storage_options: dict[str, Any] | None = None,
+                       compression: str = "zstd") -> None:
+    """Write ``table`` to ``uri`` so that the final name appears only when the file is complete (URLs in the
+    url / source / error columns redacted first: signed URLs must not be stored)."""
+    table = redact_table(table)
+    fs, path = filesystem(uri, storage_options)
+    parent = posixpath.dirname(path)
+    ensure_dir(fs, parent)
+    tmp = posixpath.join(parent, f"_tmp.{uuid.uuid4().hex}.{posixpath.basename(path)}")
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f, compression=compression)
+    try:
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def write_json(obj: Any, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Write JSON via a temporary name + rename (atomic on local disk, single PUT on S3); URLs redacted."""
+    obj = redact_json(json.loads(json.dumps(obj, default=str)))
+    fs, path = filesystem(uri, storage_options)
+    parent = posixpath.dirname(path)
+    if parent:
+        ensure_dir(fs, parent)
+    tmp = posixpath.join(parent, f"_tmp.{uuid.uuid4().hex}.json")
+    with fs.open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    fs.mv(tmp, path)
+
+
+def read_json(uri: str, storage_options: dict[str, Any] | None = None, default: Any = None) -> Any:
+    fs, path = filesystem(uri, storage_options)
+    if not fs.exists(path):
+        return default
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def list_files(uri: str, suffix: str, storage_options: dict[str, Any] | None = None,
+               recursive: bool = False) -> list[str]:
+    """Sorted full URIs of files under ``uri`` ending in ``suffix`` (temporary ``_tmp.*`` names excluded)."""
+    fs, path = filesystem(uri, storage_options)
+    if not fs.exists(path):
+        return []
+    if recursive:
+        names = fs.find(path)
+    else:
+        names = [p for p in fs.ls(path, detail=False)]
+    out = [p for p in names if p.endswith(suffix) and not posixpath.basename(p).startswith("_tmp.")]
+    return sorted(full_uri(fs, p) for p in out)
+
+
+def check_writable(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Fail before any work if ``uri`` cannot be written (missing bucket, no credentials, bad scheme)."""
+    try:
+        fs, path = filesystem(uri, storage_options)
+        probe = posixpath.join(path, f"_tmp.write-probe.{uuid.uuid4().hex}")
+        ensure_dir(fs, path)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except Exception as exc:  # noqa: BLE001 - turn any backend error into one clear message
+        raise OSError(f"output URI {uri!r} is not writable: {type(exc).__name__}: {exc}") from exc
+
+
+__all__ = ["atomic_write_table", "check_writable", "ensure_dir", "exists", "filesystem", "full_uri", "join",
+           "list_files", "protocol_prefix", "read_json", "redact_json", "redact_table", "remove", "write_json"]

@@ -1,0 +1,173 @@
+"""The Ray Train job: ClipCap mapping network (+ LM when tuned) from embedding tables, on 1 CPU or N GPUs.
+
+    result = run_training(TrainJobConfig(tables=("s3://b/embeddings/cc3m/ViT-B-32-openai",), output="s3://b/runs",
+                                         name="cc3m-mlp", model="clipcap-mlp", scale=ScaleConfig(num_workers=4)))
+
+Data: the tables stream through Ray Data (``tables.stream_tables``: key-hash held-out split and tokenisation
+in the pipeline, padded to ``max_caption_tokens``), one stream over all epochs (file order reshuffled per
+epoch); each worker reads its ``get_dataset_shard("train")``, with the first batch requested while the model
+is still being built, and trims every batch to its longest caption (per-batch padding). D comes from the tables' schema/metadata; a model
+whose ``clip_dim`` differs is an error raised on the driver before any worker starts.
+
+Output layout, ``<output>/<name>/``: Ray's checkpoints (``checkpoint_*``, every ``checkpoint_every`` steps
+and each epoch), ``model/`` (the final artifact), ``history.json`` / ``history.csv`` (every logged step
+and epoch: losses, samples/s, held-out metrics, attempt) and ``loss_curve.png``.
+
+Fault tolerance: a worker that dies is replaced and the group restarts from the latest checkpoint
+(``max_failures``); re-running with the same output + name resumes from it too. The checkpoint holds model,
+optimizer, scheduler, step, position in the epoch and the history, so no step count is ever lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from clipcap_core.model import ModelConfig
+from clipcap_core.training import TrainConfig
+from pipelines.io import storage, tables
+from pipelines.train import decap as decap_train
+from pipelines.train.checkpoints import stream_start
+from pipelines.train.decap import DecapOptions
+from pipelines.train.heldout import evaluate_model
+from pipelines.train.runner import fit_workers, write_history
+from pipelines.train.setup import BatchTokenizer, load_tokenizer_for, resolve_model_config
+from pipelines.train.state import FaultConfig, RunOptions, ScaleConfig, StepPlan, check_heldout_fraction
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FaultConfig", "RunOptions", "ScaleConfig", "TrainConfig", "TrainJobConfig", "TrainJobResult",
+           "TrainPlan", "evaluate_artifact", "plan_training", "run_training", "write_history"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainJobConfig:
+    tables: tuple[str, ...]  # embedding table folders or files
+    output: str  # storage root; the run lives in <output>/<name>/
+    name: str = "clipcap"
+    model: str = "tiny"  # preset name (new model) or model artifact URI (warm start)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # dotted ModelConfig keys, presets only
+    replay_tables: tuple[str, ...] = ()  # older tables sampled at replay_fraction (nightly)
+    replay_fraction: float = 0.0
+    replay_seed: int = 0
+    heldout_fraction: float = 0.1
+    split_salt: str = "clipcap-heldout"
+    train: TrainConfig = field(default_factory=TrainConfig)  # hyperparameters (clipcap_core.training)
+    run: RunOptions = field(default_factory=RunOptions)  # checkpoints, failures, logging, evaluation
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    fault: FaultConfig | None = None
+    decoder: Literal["clipcap", "decap"] = "clipcap"  # decap: text-only training on text tables (decap_train)
+    decap: DecapOptions = field(default_factory=DecapOptions)
+
+    def __post_init__(self) -> None:
+        if not self.tables:
+            raise ValueError("tables: give at least one embedding table folder or file")
+        check_heldout_fraction(self.heldout_fraction)
+
+    @property
+    def embedding_column(self) -> str:
+        return decap_train.embedding_column(self.decoder)
+
+    @property
+    def run_dir(self) -> str:
+        return storage.join(self.output, self.name)
+
+    def split(self, part: str = "train", **kw: Any) -> tables.Split:
+        return tables.Split(part=part, heldout_fraction=self.heldout_fraction, salt=self.split_salt, **kw)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainPlan(StepPlan):
+    """What the driver decided before the workers start (sent to them with the job config)."""
+
+    files: tuple[str, ...]  # the new tables' files
+    replay: tuple[str, ...] = ()  # older tables' files, sampled at replay_fraction
+    dim: int  # D of the tables
+    model_config: ModelConfig  # resolved: preset + overrides with D and CLIP of the tables, or the artifact's
+
+
+@dataclass(frozen=True)
+class TrainJobResult:
+    artifact: str  # model artifact URI
+    run_dir: str
+    history: list[dict[str, Any]]
+    metrics: dict[str, float]  # last epoch's held-out metrics
+
+
+# --- driver ---------------------------------------------------------------------------------------------
+def plan_training(cfg: TrainJobConfig) -> TrainPlan:
+    """Everything decided on the driver before workers start: files, D check, model config, step counts."""
+    files = tables.list_table_files(cfg.tables)
+    replay = tables.list_table_files(cfg.replay_tables) if cfg.replay_tables else []
+    info = tables.inspect_tables(files + replay, column=cfg.embedding_column)
+    overrides = decap_train.model_overrides(cfg.decoder, cfg.model, cfg.model_overrides)
+    model_cfg = resolve_model_config(cfg.model, overrides, info)  # raises on a D mismatch
+    decap_train.check_plan(cfg.decoder, cfg.decap, info, model_cfg)
+    n_train = tables.count_split(files, cfg.split())
+    if replay and cfg.replay_fraction > 0:
+        n_train += tables.count_split(
+            replay, cfg.split(sample_fraction=cfg.replay_fraction, sample_seed=cfg.replay_seed))
+    W, B, E = cfg.scale.num_workers, cfg.train.batch_size, cfg.train.epochs
+    if n_train // W < 1:
+        raise ValueError(f"{n_train} training rows cannot feed {W} worker(s)")
+
+    def stream_steps(first_epoch: int) -> int:  # batches per worker in a stream of epochs first_epoch..E-1
+        return math.ceil(((E - first_epoch) * n_train // W) / B)  # streaming_split(equal=True) floors per worker
+
+    # One stream holds every remaining epoch, so the data pipeline never stops and restarts between epochs.
+    # It ends exactly at total_steps; a resumed run streams from the earliest epoch a stored checkpoint is in.
+    total = stream_steps(0)
+    start, first_step = stream_start(cfg.run_dir, E, stream_steps)
+    return TrainPlan(files=tuple(files), replay=tuple(replay), dim=info.dim, model_config=model_cfg,
+                     n_train=n_train, total_steps=total, epoch_ends=tuple(round(e * total / E) for e in range(1, E)),
+                     stream_start_epoch=start, stream_first_step=first_step)
+
+
+def _datasets(cfg: TrainJobConfig, plan: TrainPlan) -> dict[str, Any]:
+    """The training stream: every remaining epoch of the new tables' train split (+ a seeded replay sample of
+    older tables), file order reshuffled per epoch (seeded), tokenised in the pipeline."""
+    tokenize = BatchTokenizer(load_tokenizer_for(cfg.model, plan.model_config), cfg.train.max_caption_tokens)
+    parts = [(f, cfg.split()) for f in plan.files]
+    if plan.replay and cfg.replay_fraction > 0:
+        replay = cfg.split(sample_fraction=cfg.replay_fraction, sample_seed=cfg.replay_seed)
+        parts += [(f, replay) for f in plan.replay]
+    stream = []
+    for epoch in range(plan.stream_start_epoch, cfg.train.epochs):
+        order = list(parts)
+        random.Random(cfg.train.seed * 1000 + epoch).shuffle(order)
+        stream += order
+    return {"train": tables.stream_tables(stream or parts, tokenize, cfg.train.max_caption_tokens,
+                                          column=cfg.embedding_column)}
+
+
+def run_training(cfg: TrainJobConfig) -> TrainJobResult:
+    """Train (or resume) run ``cfg.name`` under ``cfg.output``; returns the artifact URI and the history."""
+    from pipelines.train.worker import worker_loop
+
+    plan = plan_training(cfg)
+    storage.check_writable(cfg.output)
+    log.info("train %s: %d rows (D=%d), %d worker(s), %d epochs = %d steps (streaming from epoch %d)", cfg.name,
+             plan.n_train, plan.dim, cfg.scale.num_workers, cfg.train.epochs, plan.total_steps,
+             plan.stream_start_epoch + 1)
+    out = fit_workers(worker_loop, cfg, plan, _datasets(cfg, plan))
+    return TrainJobResult(artifact=out["artifact"], run_dir=cfg.run_dir, history=out["history"],
+                          metrics=out.get("metrics", {}))
+
+
+# --- evaluation of a saved model --------------------------------------------------------------------------
+def evaluate_artifact(uri: str, heldout: pa.Table, *, device: str = "cpu", max_tokens: int = 32,
+                      batch_size: int = 64) -> dict[str, float]:
+    """Held-out loss and caption metrics of the model artifact at ``uri`` on ``heldout`` (key/caption/embedding)."""
+    from clipcap_core.artifacts import load_model
+
+    loaded = load_model(uri, device=device)
+    t0 = time.perf_counter()
+    metrics = evaluate_model(loaded.model, loaded.tokenizer, heldout, max_tokens=max_tokens, batch_size=batch_size)
+    log.info("evaluated %s on %d rows in %.1fs: %s", uri, heldout.num_rows, time.perf_counter() - t0, metrics)
+    return metrics

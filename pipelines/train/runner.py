@@ -1,0 +1,125 @@
+"""Driver side shared by ``clipcap train`` and ``train-clip``: build and run the ``TorchTrainer`` over a job's
+worker loop (resources, failures, checkpoint retention, controller poll interval), then write the run's history
+files (``history.json``, ``history.csv``, ``loss_curve.png``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from clipcap_core.configs import to_dict
+from pipelines.io import storage
+from pipelines.train.state import RunOptions, ScaleConfig, StepPlan
+
+
+class TrainJob(Protocol):
+    """What ``fit_workers`` reads of a job config (``TrainJobConfig``, ``ClipTrainJobConfig``)."""
+
+    name: str
+    output: str
+    run: RunOptions
+    scale: ScaleConfig
+
+    @property
+    def run_dir(self) -> str: ...
+
+
+def fit_workers(loop: Callable[[dict[str, Any]], Any], job: TrainJob, plan: StepPlan,
+                datasets: dict[str, Any] | None) -> dict[str, Any]:
+    """Run ``loop`` on ``job.scale.num_workers`` Ray Train workers with ``{"job": ..., "plan": ...}`` (both
+    ``configs.to_dict``); returns rank 0's return value after writing its ``history`` under ``job.run_dir``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    scale = job.scale
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"job": to_dict(job), "plan": to_dict(plan)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scale.num_workers, use_gpu=scale.use_gpu,
+            resources_per_worker={"CPU": scale.cpus_per_worker,
+                                  **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=job.name, storage_path=job.output,
+            failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints)),
+        datasets=datasets,
+    )
+    with _env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=str(job.run.poll_interval_s)):  # read by the controller actor
+        result = trainer.fit()
+    if result.error:
+        raise result.error
+    out = dict(result.return_value or {})
+    out["history"] = out.get("history", [])
+    write_history(out["history"], job.run_dir)
+    return out
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of the block (Ray Train copies a list of them, this one
+    included, from the driver into its controller actor when ``fit`` starts)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# --- metrics history ------------------------------------------------------------------------------------
+def write_history(history: list[dict[str, Any]], run_dir: str) -> None:
+    """``history.json``, ``history.csv`` and ``loss_curve.png`` under ``run_dir``."""
+    import csv
+    import io
+
+    storage.write_json(history, storage.join(run_dir, "history.json"))
+    lead = ["kind", "step", "epoch", "attempt"]
+    columns = [c for c in lead if any(c in r for r in history)]
+    columns += sorted({k for row in history for k in row} - set(lead))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    fs, path = storage.filesystem(storage.join(run_dir, "history.csv"))
+    with fs.open(path, "w") as f:
+        f.write(buf.getvalue())
+    fs, path = storage.filesystem(storage.join(run_dir, "loss_curve.png"))
+    with fs.open(path, "wb") as f:
+        f.write(plot_history(history))
+
+
+def plot_history(history: list[dict[str, Any]]) -> bytes:
+    """A PNG of train loss per step and held-out loss per epoch (bytes)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [(r["step"], r["train_loss"]) for r in history if r.get("kind") == "step"]
+    evals = [(r["step"], r["val_loss"]) for r in history if r.get("kind") == "epoch" and "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if steps:
+        ax.plot(*zip(*steps, strict=True), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if steps or evals:
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

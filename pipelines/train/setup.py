@@ -1,0 +1,136 @@
+"""Model set-up for ClipCap training, on the driver and in the Ray Train workers: the model config to train
+(a preset + dotted overrides, or a saved artifact's, checked against the tables), the model itself (seeded new or
+warm-started), its tokenizer, and how captions become token batches (in the Ray Data tasks and per worker batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from clipcap_core.configs import from_dict, to_dict
+from pipelines.io import storage, tables
+
+
+# --- the model config and the model -------------------------------------------------------------------------
+def is_preset_name(model: str) -> bool:
+    from clipcap_core.presets import PRESETS
+
+    return model in PRESETS
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for p in parents:
+        if not isinstance(d.get(p), dict):
+            raise ValueError(f"model override {key!r}: {p!r} is not a config section")
+        d = d[p]
+    if last not in d:
+        raise ValueError(f"model override {key!r}: unknown key {last!r} (known: {', '.join(sorted(d))})")
+    d[last] = value
+
+
+def resolve_model_config(model: str, overrides: dict[str, Any], info: tables.TableInfo) -> Any:
+    """The ModelConfig to train: a preset (+ dotted overrides) or a saved artifact's, checked against the tables.
+
+    A preset takes D and the CLIP model from the tables (they made the embeddings); an explicit ``clip_dim``
+    override or an artifact with another D is a clear error, raised before any worker starts."""
+    from clipcap_core.encoders import EncoderConfig
+    from clipcap_core.model import ModelConfig
+    from clipcap_core.presets import preset_config
+
+    if is_preset_name(model):
+        data = to_dict(preset_config(model))
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
+        if "clip_dim" in overrides:
+            tables.check_model_dim(info, int(overrides["clip_dim"]), what="model config (clip_dim override)")
+        data["clip_dim"] = info.dim
+        if info.clip_model:
+            data["encoder"] = to_dict(EncoderConfig(model_name=info.clip_model,
+                                                    pretrained=info.clip_pretrained or None))
+        return from_dict(ModelConfig, data)
+    if overrides:
+        raise ValueError(f"model overrides {sorted(overrides)} apply to presets only; {model!r} is an artifact "
+                         "(warm start keeps its architecture)")
+    cfg = read_artifact_config(model)
+    tables.check_model_dim(info, cfg.clip_dim, what=f"model artifact {model}")
+    if info.clip_model and cfg.encoder.model_name and info.clip_model != cfg.encoder.model_name:
+        raise ValueError(f"CLIP mismatch: the embedding tables were made with {info.clip_model!r} but model artifact "
+                         f"{model} was trained on {cfg.encoder.model_name!r} embeddings (same D, different space)")
+    return cfg
+
+
+def read_artifact_config(uri: str) -> Any:
+    from clipcap_core.artifacts import read_config
+
+    return read_config(uri)
+
+
+def build_or_load_model(model: str, model_cfg: Any, *, seed: int, device: str | Any = "cpu") -> tuple[Any, Any]:
+    """(ClipCapModel, tokenizer): a seeded new model for a preset, the saved one for an artifact (warm start)."""
+    import torch
+
+    if is_preset_name(model):
+        from clipcap_core.model import build_model as core_build
+        from clipcap_core.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(model_cfg.tokenizer_source)
+        torch.manual_seed(seed)
+        return core_build(model_cfg, tokenizer).to(device), tokenizer
+    from clipcap_core.artifacts import load_model
+
+    loaded = load_model(model, device=str(device))
+    return loaded.model, loaded.tokenizer
+
+
+def load_tokenizer_for(model: str, model_cfg: Any) -> Any:
+    from clipcap_core.tokenizer import load_tokenizer
+
+    if is_preset_name(model):
+        return load_tokenizer(model_cfg.tokenizer_source)
+    from clipcap_core.artifacts import read_metadata
+
+    return load_tokenizer(storage.join(model, read_metadata(model)["weights"]["tokenizer"]))
+
+
+# --- batches ------------------------------------------------------------------------------------------------
+class BatchTokenizer:
+    """captions -> (tokens (B,T) int64, mask (B,T) float32), exactly as ``training.collate`` builds them
+    (each caption's ids + end-of-text, at most ``max_tokens``, right-padded with the pad token), but with one
+    batched call per block into the Rust tokenizer. Pickles as the Rust tokenizer alone, so the Ray Data tasks
+    that run it never import transformers (seconds per fresh worker process)."""
+
+    def __init__(self, tokenizer: Any, max_tokens: int):
+        self.max_tokens = max_tokens
+        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend = backend if backend is not None and hasattr(backend, "encode_batch_fast") else None
+        self.tokenizer = None if self.backend is not None else tokenizer  # slow tokenizers: the HF call
+
+    def __call__(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self.backend is not None:  # no offsets, no BatchEncoding: ~2x the HF call
+            ids = [e.ids for e in self.backend.encode_batch_fast(list(captions), add_special_tokens=False)]
+        else:
+            ids = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+        T = min(self.max_tokens, max((len(x) for x in ids), default=0) + 1)
+        tokens = np.full((len(ids), T), self.pad, dtype=np.int64)
+        mask = np.zeros((len(ids), T), dtype=np.float32)
+        for i, row in enumerate(ids):
+            n = min(len(row), self.max_tokens - 1)
+            tokens[i, :n] = row[:n]
+            tokens[i, n] = self.eos  # every caption ends with end-of-text, a target too (generation learns to stop)
+            mask[i, : n + 1] = 1.0
+        return tokens, mask
+
+
+def to_core_batch(batch: dict[str, Any]) -> Any:
+    """A Ray Data batch (padded to max tokens) -> ``training.Batch`` trimmed to its longest caption."""
+    from clipcap_core.training import Batch
+
+    mask = batch["mask"]
+    T = int(mask.sum(1).max())  # per-batch padding: drop columns that are padding in every row
+    return Batch(batch["embedding"], batch["tokens"][:, :T], mask[:, :T])
+
+

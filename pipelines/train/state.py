@@ -1,0 +1,102 @@
+"""The typed contract between a training driver and its Ray Train workers (``clipcap train`` and ``train-clip``).
+
+What travels: the job config (``TrainJobConfig`` / ``ClipTrainJobConfig``, which hold the sections below) and the
+driver's step plan (``StepPlan``; ``train.job.TrainPlan`` / ``clip.job.ClipTrainPlan`` add what each job needs), each
+as ``configs.to_dict`` on the driver and ``configs.from_dict`` in the worker, so a missing or unknown key fails at
+once, naming the key. ``RunState`` is what a worker carries from step to step and stores in every checkpoint
+(``state.json``, the same keys as before it was a class).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from clipcap_core.configs import from_dict
+
+# Keys an older checkpoint's state.json may hold that no longer mean anything (the first stream design's position
+# in the epoch); dropped on restore so such a checkpoint still resumes.
+LEGACY_STATE_KEYS = ("batch_in_epoch",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """How the job runs (the hyperparameters are ``TrainConfig`` / ``ClipTrainConfig``)."""
+
+    checkpoint_every: int = 500  # steps; and at the end of every epoch
+    keep_checkpoints: int = 2
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    log_every: int = 50  # steps between progress lines / history rows
+    eval_max_samples: int = 256  # held-out rows evaluated at the end of each epoch (rank 0)
+    eval_every: int = 1  # epochs between held-out evaluations (the last epoch is always evaluated)
+    prefetch_batches: int = 4
+    shuffle_buffer: int = 0  # rows; 0: stream order (files are reshuffled every epoch)
+    # How often Ray Train's controller polls the workers (Ray's default: 2 s). A report waits for the poll that
+    # takes the previous one, so with 2 s every report costs up to 2 s, and a crash loses reports not yet taken.
+    poll_interval_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name in ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScaleConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # with use_gpu
+    torch_threads: int = 0  # 0: Ray's default (OMP_NUM_THREADS = CPUs per worker)
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"scale.num_workers must be >= 1, got {self.num_workers}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultConfig:
+    """Test hook: worker ``rank`` exits hard (``os._exit``) once when it reaches ``crash_at_step``.
+
+    ``marker`` (a URI) is written just before the exit; when it exists the crash does not happen again, so
+    the restarted group runs through."""
+
+    crash_at_step: int
+    marker: str
+    rank: int = 0
+
+
+def check_heldout_fraction(fraction: float) -> None:
+    """Both jobs hold out a key-hash share of their data: it must leave some to train on."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {fraction}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepPlan:
+    """The step plan both jobs share, decided on the driver before any worker starts.
+
+    One stream holds every remaining epoch; it ends exactly at ``total_steps``. Epochs end at the fixed steps
+    ``epoch_ends`` (the last one at ``total_steps``). A resumed run streams from ``stream_start_epoch``, whose
+    first batch is step ``stream_first_step``; the worker skips the batches before its restored step."""
+
+    n_train: int  # training rows / pairs (all workers)
+    total_steps: int
+    epoch_ends: tuple[int, ...]  # steps at which epochs 1..E-1 end
+    stream_start_epoch: int = 0
+    stream_first_step: int = 0
+
+
+@dataclass(kw_only=True)
+class RunState:
+    """A worker's progress, stored in every checkpoint (``state.json``); ``history`` rows become history.json."""
+
+    step: int = 0
+    epoch: int = 0  # epochs finished
+    attempt: int = 0  # worker-group starts of this run, this one included (set on start)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_checkpoint(cls, data: dict[str, Any]) -> RunState:
+        """A stored ``state.json``: known legacy keys are dropped, any other unknown key fails."""
+        return from_dict(cls, {k: v for k, v in data.items() if k not in LEGACY_STATE_KEYS})

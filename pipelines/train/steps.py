@@ -1,0 +1,204 @@
+"""The step loop every Ray Train worker runs (``clipcap train`` and ``train-clip``): restore, steps, progress
+lines and history rows, checkpoints, epoch ends with held-out metrics, the fault-injection hook.
+
+A job subclasses ``WorkerRun`` with its model, optimizer and held-out evaluation and hands ``run_steps`` its
+batches and one training step. Rank 0 evaluates and writes checkpoints; every worker calls ``ray.train.report``
+at the same steps (equal data shards give equal batch counts).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pipelines.io import storage
+from pipelines.train.checkpoints import checkpoint_name, load_checkpoint, save_checkpoint
+from pipelines.train.state import FaultConfig, RunOptions, RunState, StepPlan
+
+
+class Primed:
+    """Iterate ``iterable`` with its first item requested at once, in a background thread: the data stream
+    starts (its tasks, workers, first blocks) while the model is being built and the checkpoint restored."""
+
+    _END = object()
+
+    def __init__(self, iterable: Any):
+        import threading
+
+        self._it, self._first, self._error = iter(iterable), self._END, None
+        self._thread = threading.Thread(target=self._fetch, name="clipcap-first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = next(self._it)
+        except StopIteration:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
+            self._error = exc
+
+    def __iter__(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._first is not self._END:
+            yield self._first
+            yield from self._it
+
+
+def maybe_crash(fault: FaultConfig | None, rank: int, step: int) -> None:
+    """Fault-injection hook (the job's ``fault``): exit this worker process hard, once."""
+    if fault and rank == fault.rank and step == fault.crash_at_step and not storage.exists(fault.marker):
+        storage.write_json({"step": step, "rank": rank, "pid": os.getpid()}, fault.marker)
+        print(f"[clipcap train] fault injection: worker rank {rank} exits at step {step}", flush=True)
+        os._exit(1)
+
+
+class WorkerRun:
+    """Per-worker run state: restore, reporting (+ rank-0 checkpoints), progress lines, epoch ends, history rows.
+
+    A subclass builds ``model`` / ``optimizer`` / ``scheduler`` after ``__init__`` (which sets rank, world,
+    device and torch threads), then calls ``resume``; it implements ``evaluate`` (held-out metrics, rank 0) and
+    may narrow ``checkpoint_weights``."""
+
+    label: ClassVar[str] = "train"  # in progress lines: [clipcap <label>]
+    unit: ClassVar[str] = "samples"  # in progress lines: <rate> <unit>/s
+    epoch_samples: ClassVar[bool] = True  # epoch rows carry "samples" (all workers)
+    may_miss: ClassVar[str | None] = None  # weight-name prefix a checkpoint may leave out (see checkpoint_weights)
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+
+    def __init__(self, plan: StepPlan, opts: RunOptions, *, epochs: int, batch_size: int, torch_threads: int,
+                 fault: FaultConfig | None):
+        import ray.train
+        import ray.train.torch
+        import torch
+
+        self.plan, self.opts, self.epochs, self.batch_size, self.fault = plan, opts, epochs, batch_size, fault
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+        self.device = ray.train.torch.get_device()
+        self.state = RunState()
+        self.metrics: dict[str, float] = {}  # the latest held-out metrics
+        self.window: list[float] = []  # losses since the last progress line
+        self.start_epoch()
+
+    def resume(self) -> bool:
+        """Restore the latest checkpoint Ray hands this worker group (if any) and count this attempt."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt:
+            self.state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, may_miss=self.may_miss)
+        st = self.state
+        st.attempt += 1
+        if ckpt and self.rank == 0:
+            st.history.append({"kind": "resume", "step": st.step, "epoch": st.epoch, "attempt": st.attempt})
+            print(f"[clipcap {self.label}] resumed from step {st.step} (epoch {st.epoch + 1}), attempt {st.attempt}",
+                  flush=True)
+        return bool(ckpt)
+
+    def checkpoint_weights(self) -> dict[str, Any]:
+        return self.model.state_dict()
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics at an epoch end where they are due ({} where there is no held-out set)."""
+        raise NotImplementedError
+
+    def start_epoch(self) -> None:
+        self.losses: list[float] = []
+        self.seen, self.wait = 0, 0.0
+        self.t_epoch = self.t_window = time.perf_counter()
+
+    def report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
+        import ray.train
+
+        name = checkpoint_name(self.state.step)
+        if checkpoint and self.rank == 0:
+            with tempfile.TemporaryDirectory(prefix=f"clipcap-{self.label}-ckpt-") as d:
+                save_checkpoint(d, self.checkpoint_weights(), self.optimizer, self.scheduler, self.state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+        else:
+            ray.train.report(metrics, checkpoint_dir_name=name if checkpoint else None)
+
+    def log_step(self) -> None:
+        if self.rank != 0 or not self.window:
+            return
+        now, st = time.perf_counter(), self.state
+        rate = len(self.window) * self.batch_size * self.world / max(now - self.t_window, 1e-9)
+        row = {"kind": "step", "step": st.step, "epoch": st.epoch, "train_loss": float(np.mean(self.window)),
+               "lr": float(self.scheduler.get_last_lr()[0]), "samples_per_s": rate, "attempt": st.attempt}
+        st.history.append(row)
+        print(f"[clipcap {self.label}] epoch {st.epoch + 1} step {st.step}/{self.plan.total_steps} "
+              f"loss {row['train_loss']:.4f} lr {row['lr']:.2e} {rate:.1f} {self.unit}/s (attempt {st.attempt})",
+              flush=True)
+        self.window, self.t_window = [], now
+
+    def end_epoch(self) -> None:
+        """Held-out metrics (rank 0), a history row, a checkpoint; every worker reports at the same step."""
+        st = self.state
+        elapsed = time.perf_counter() - self.t_epoch
+        st.epoch += 1
+        fresh: dict[str, float] = {}
+        if st.epoch % self.opts.eval_every == 0 or st.epoch == self.epochs:
+            fresh = self.evaluate()
+            if fresh:
+                self.metrics = fresh
+        if self.rank == 0:
+            samples = {"samples": self.seen * self.world} if self.epoch_samples else {}
+            row = {"kind": "epoch", "step": st.step, "epoch": st.epoch, "attempt": st.attempt,
+                   "train_loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+                   "samples_per_s": self.seen * self.world / max(elapsed, 1e-9), **samples,
+                   "seconds": elapsed, "data_wait_s": self.wait, **fresh}
+            st.history.append(row)
+            print(f"[clipcap {self.label}] epoch {st.epoch}/{self.epochs} done: " + " ".join(
+                f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+        self.report({"step": st.step, "epoch": st.epoch, **fresh}, checkpoint=True)
+        self.start_epoch()
+
+
+def run_steps(run: WorkerRun, batches: Iterable[dict[str, Any]] | None, step: Callable[[dict[str, Any]], float],
+              *, skip: int) -> None:
+    """Train ``run`` on ``batches`` (one stream over every remaining epoch) until ``plan.total_steps``: the first
+    ``skip`` batches are read, not trained on (a restarted run's stream starts before its restored step).
+
+    ``step(batch) -> loss`` is one optimisation step. Epochs end at ``plan.epoch_ends`` and the last one when
+    the stream ends; checkpoints every ``checkpoint_every`` steps and at each epoch end."""
+    st, plan, opts = run.state, run.plan, run.opts
+    if st.epoch >= run.epochs or batches is None:
+        return
+    if skip < 0:
+        raise RuntimeError(f"restored step {st.step} precedes the data stream (epoch {plan.stream_start_epoch}); "
+                           "rerun the job to rebuild the stream")
+    ends = plan.epoch_ends
+    run.start_epoch()
+    t_ready = time.perf_counter()
+    for i, batch in enumerate(batches):
+        run.wait += time.perf_counter() - t_ready  # blocked on the data pipeline (input-bound if large)
+        if st.step >= plan.total_steps:
+            break
+        if i >= skip:
+            loss = step(batch)
+            run.losses.append(loss)
+            run.window.append(loss)
+            run.seen += int(batch["tokens"].shape[0])
+            st.step += 1
+            maybe_crash(run.fault, run.rank, st.step)
+            if st.step % opts.log_every == 0:
+                run.log_step()
+            if st.epoch < len(ends) and st.step == ends[st.epoch]:
+                run.end_epoch()
+            elif st.step % opts.checkpoint_every == 0:
+                run.report({"step": st.step, "epoch": st.epoch, "train_loss": loss}, checkpoint=True)
+        t_ready = time.perf_counter()
+    if st.epoch < run.epochs:  # the last epoch ends with the stream
+        run.end_epoch()

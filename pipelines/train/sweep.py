@@ -1,0 +1,151 @@
+"""Prefix-length sweep (the paper's study, repeated by our users): Ray Tune over prefix lengths x mapping types.
+
+    rows = run_sweep(SweepConfig(tables=("s3://b/embeddings/coco/ViT-B-32-openai",), output="s3://b/sweeps"))
+
+Each trial is one Tune function trainable: it builds the model of its setting (``presets[mapping]`` with
+``mapping.prefix_length = k``; for the transformer also ``clip_length = k``, the paper's convention), trains
+it in-process on the key-hash train split (at most ``max_train_rows``) and reports held-out loss and
+greedy-caption BLEU-4 / CIDEr / exact match. Trials run side by side as resources allow
+(``trial_cpus`` / ``trial_gpus`` each). The table lands in ``<output>/<name>/results.{csv,json,md}`` and is
+printed; Tune's own experiment state sits beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from clipcap_core.configs import from_dict, to_dict
+from clipcap_core.training import TrainConfig
+from pipelines.io import schemas, storage, tables
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("mapping", "prefix_length", "freeze_lm", "bleu4", "cider", "exact_match", "val_loss", "mapping_params",
+           "train_rows", "seconds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepConfig:
+    tables: tuple[str, ...]
+    output: str  # results and Tune state in <output>/<name>/
+    name: str = "prefix-sweep"
+    prefix_lengths: tuple[int, ...] = (1, 10, 20)
+    mappings: tuple[Literal["mlp", "transformer"], ...] = ("mlp", "transformer")
+    # Base preset per mapping type (paper: MLP + tuned GPT-2, transformer + frozen GPT-2).
+    presets: dict[str, str] = field(default_factory=lambda: {"mlp": "tiny", "transformer": "tiny-transformer"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    heldout_fraction: float = 0.1
+    eval_max_samples: int = 500
+    max_train_rows: int = 100_000  # sweeps compare settings; they need not see the whole corpus
+    trial_cpus: float = 1.0
+    trial_gpus: float = 0.0
+    max_concurrent: int = 0  # 0: as many as resources allow
+
+    def __post_init__(self) -> None:
+        if not self.prefix_lengths or min(self.prefix_lengths) < 1:
+            raise ValueError(f"prefix_lengths must be >= 1, got {self.prefix_lengths}")
+        missing = sorted(set(self.mappings) - set(self.presets))
+        if missing:
+            raise ValueError(f"no base preset for mapping(s) {missing}; set presets")
+
+
+def _overrides(mapping: str, k: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"mapping.kind": mapping, "mapping.prefix_length": k}
+    if mapping == "transformer":
+        out["mapping.clip_length"] = k
+    return out
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One setting: train in this process, report held-out loss per epoch and caption metrics at the end."""
+    import numpy as np
+    import torch
+    from ray import tune
+
+    from clipcap_core.training import iterate_batches, train_loop
+    from pipelines.train.heldout import evaluate_model
+    from pipelines.train.setup import build_or_load_model, resolve_model_config
+
+    sweep = from_dict(SweepConfig, config["sweep"])
+    hp, mapping, k = sweep.train, config["mapping"], int(config["prefix_length"])
+    files = tables.list_table_files(sweep.tables)
+    info = tables.inspect_tables(files)
+    preset = sweep.presets[mapping]
+    model_cfg = resolve_model_config(preset, _overrides(mapping, k), info)
+    device = "cuda" if sweep.trial_gpus and torch.cuda.is_available() else "cpu"
+    model, tokenizer = build_or_load_model(preset, model_cfg, seed=hp.seed, device=device)
+    split = tables.Split(part="train", heldout_fraction=sweep.heldout_fraction)
+    train_t = tables.read_split(files, split, max_rows=sweep.max_train_rows)
+    held = tables.read_split(files, tables.Split(part="heldout", heldout_fraction=sweep.heldout_fraction),
+                             max_rows=sweep.eval_max_samples)
+    captions, emb = train_t.column(schemas.CAPTION).to_pylist(), tables.embeddings_numpy(train_t)
+    steps = hp.epochs * -(-len(captions) // hp.batch_size)
+    t0 = time.perf_counter()
+
+    result = train_loop(model, lambda epoch: iterate_batches(tokenizer, captions, emb, hp, epoch=epoch), hp,
+                        total_steps=steps)
+    metrics = evaluate_model(model, tokenizer, held, max_tokens=hp.max_caption_tokens)
+    n_params = sum(p.numel() for p in model.mapping.parameters())
+    tune.report({**metrics, "mapping": mapping, "prefix_length": k, "freeze_lm": model_cfg.lm.freeze,
+                 "mapping_params": int(n_params), "train_rows": len(captions),
+                 "train_loss": float(np.mean(result.epoch_losses[-1:])), "seconds": time.perf_counter() - t0})
+
+
+def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """Run every (mapping, prefix length) setting as a Tune trial; returns and saves the results table."""
+    from ray import tune
+
+    files = tables.list_table_files(cfg.tables)  # table / model problems fail here, before any trial
+    info = tables.inspect_tables(files)
+    for mapping in cfg.mappings:
+        for k in cfg.prefix_lengths:
+            resolve_check(cfg, mapping, k, info)
+    storage.check_writable(cfg.output)
+    tuner = tune.Tuner(
+        tune.with_resources(_trial, {"cpu": cfg.trial_cpus, "gpu": cfg.trial_gpus}),
+        param_space={"sweep": to_dict(cfg), "mapping": tune.grid_search(list(cfg.mappings)),
+                     "prefix_length": tune.grid_search(list(cfg.prefix_lengths))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent or None),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.output, verbose=0),
+    )
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} sweep trial(s) failed; first: {errors[0]}")
+    rows = sorted(({c: r.metrics.get(c) for c in COLUMNS} for r in grid),
+                  key=lambda r: (str(r["mapping"]), int(r["prefix_length"])))
+    save_results(rows, storage.join(cfg.output, cfg.name))
+    return rows
+
+
+def resolve_check(cfg: SweepConfig, mapping: str, k: int, info: tables.TableInfo) -> None:
+    from pipelines.train.setup import resolve_model_config
+
+    resolve_model_config(cfg.presets[mapping], _overrides(mapping, k), info)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of the sweep (one row per setting)."""
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def save_results(rows: list[dict[str, Any]], out_dir: str) -> None:
+    storage.write_json(rows, storage.join(out_dir, "results.json"))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    for name, text in (("results.csv", buf.getvalue()), ("results.md", format_table(rows) + "\n")):
+        fs, path = storage.filesystem(storage.join(out_dir, name))
+        with fs.open(path, "w") as f:
+            f.write(text)

@@ -1,0 +1,109 @@
+"""What runs inside each Ray Train worker of ``clipcap train``: the ClipCap model and its held-out set, the step,
+and (rank 0) the final model artifact.
+
+``worker_loop(config)`` is the ``TorchTrainer`` loop of ``pipelines.train.job`` (the driver side). The driver has
+already validated the tables, resolved the model config (``setup.resolve_model_config``) and counted the
+steps (``job.TrainPlan``); the loop only trains. The step loop, checkpoints and reporting are shared with
+``train-clip`` (``steps``, ``checkpoints``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clipcap_core.configs import from_dict, to_dict
+from pipelines.io import storage, tables
+from pipelines.train import decap as decap_train
+from pipelines.train.heldout import evaluate_model
+from pipelines.train.job import TrainJobConfig, TrainPlan
+from pipelines.train.setup import build_or_load_model, to_core_batch
+from pipelines.train.steps import Primed, WorkerRun, run_steps
+
+
+class ClipCapRun(WorkerRun):
+    """This worker's ClipCap model, optimizer, restored state and (rank 0) held-out rows."""
+
+    may_miss = "lm."  # a frozen LM is not in checkpoints: it is rebuilt from its source
+
+    def __init__(self, job: TrainJobConfig, plan: TrainPlan):
+        import torch
+
+        from clipcap_core.training import make_optimizer_and_scheduler
+
+        hp = job.train
+        super().__init__(plan, job.run, epochs=hp.epochs, batch_size=hp.batch_size,
+                         torch_threads=job.scale.torch_threads, fault=job.fault)
+        self.job, self.hp = job, hp
+        self.model, self.tokenizer = build_or_load_model(job.model, plan.model_config, seed=hp.seed,
+                                                         device=self.device)
+        self.optimizer, self.scheduler = make_optimizer_and_scheduler(self.model, hp, plan.total_steps)
+        self.resume()
+        torch.manual_seed(hp.seed * 1000 + 100 * self.state.attempt + self.rank)  # dropout: per worker and attempt
+        self.heldout = None
+        if self.rank == 0 and job.heldout_fraction > 0:
+            self.heldout = tables.read_split(list(plan.files), job.split("heldout"),
+                                             max_rows=job.run.eval_max_samples, column=job.embedding_column)
+
+    def checkpoint_weights(self) -> dict[str, Any]:
+        """Weights that change in training: all but a frozen LM (rebuilt from its source on restore)."""
+        frozen_lm = self.model.config.lm.freeze
+        return {k: v for k, v in self.model.state_dict().items() if not (frozen_lm and k.startswith(self.may_miss))}
+
+    def evaluate(self) -> dict[str, float]:
+        if self.heldout is None or not self.heldout.num_rows:
+            return {}
+        return evaluate_model(self.model, self.tokenizer, self.heldout, max_tokens=self.hp.max_caption_tokens)
+
+
+def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The per-worker loop run by ``TorchTrainer`` (config: ``{"job": TrainJobConfig, "plan": TrainPlan}`` as
+    ``configs.to_dict``).
+
+    The worker's data shard is one stream over every remaining epoch; epochs end at ``epoch_ends`` (the
+    last one when the stream ends, at ``total_steps``). After a restart the batches before the restored step are
+    skipped (read, not trained on)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from clipcap_core.training import make_scaler, train_step
+
+    job, plan = from_dict(TrainJobConfig, config["job"]), from_dict(TrainPlan, config["plan"])
+    hp, opts = job.train, job.run
+    batches = None if plan.stream_start_epoch >= hp.epochs else Primed(
+        ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=hp.batch_size, device=ray.train.torch.get_device(), prefetch_batches=opts.prefetch_batches,
+            local_shuffle_buffer_size=opts.shuffle_buffer or None,
+            dtypes={"embedding": torch.float32, "tokens": torch.int64, "mask": torch.float32}))
+    run = ClipCapRun(job, plan)
+    noise = job.decap.noise_std if job.decoder == "decap" else 0.0
+    net = ray.train.torch.prepare_model(run.model, move_to_device=False) if run.world > 1 else run.model
+    scaler = make_scaler(hp, run.device)
+
+    def step(batch: dict[str, Any]) -> float:
+        core = to_core_batch(batch)
+        if noise:  # CapDec: the decoder learns to caption from near, not exact, text embeddings
+            core.embeds = decap_train.add_noise(core.embeds, noise)
+        return train_step(net, core, run.optimizer, run.scheduler, hp, scaler)
+
+    run_steps(run, batches, step, skip=run.state.step - plan.stream_first_step)
+    if run.rank != 0:
+        return None
+    return save_artifact(job, plan, run)
+
+
+def save_artifact(job: TrainJobConfig, plan: TrainPlan, run: ClipCapRun) -> dict[str, Any]:
+    """Rank 0: the final model artifact (with its training provenance) and the loop's return value."""
+    from clipcap_core.artifacts import save_model
+
+    artifact = storage.join(job.run_dir, "model")
+    memory = None
+    if job.decoder == "decap":  # seeded, so a resumed run stores the same memory
+        memory = decap_train.build_memory(job.decap, list(plan.files), job.split())
+    state = run.state
+    save_model(run.model, run.tokenizer, artifact, metrics=run.metrics, decap=memory, extra={"training": {
+        "run": job.name, "step": state.step, "epochs": state.epoch, "tables": list(plan.files),
+        "replay": list(plan.replay), "replay_fraction": job.replay_fraction, "init": job.model,
+        "train": to_dict(job.train), "decoder": job.decoder,
+        "decap": to_dict(job.decap) if memory is not None else None}})
+    return {"artifact": artifact, "history": state.history, "metrics": run.metrics}
