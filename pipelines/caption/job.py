@@ -318,6 +318,8 @@ def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
     spec = preprocess_spec(plan.model_info.encoder) if plan.needs_clip else None
     items = [{"part": p.to_json()} for p in plan.todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    if spec is not None:  # one block per decoded batch, so every actor of the pool gets work
+        ds.context.target_max_block_size = runtime.pixel_block_bytes(res.decode_block_rows, spec.size)
     # The memory request also keeps these tasks a stage of their own: Ray Data fuses a task map into the next
     # actor map when their remote args are equal, which would decode inside the CLIP actors, one part at a time.
     ds = ds.map_batches(read_decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=pool.read_cpus,

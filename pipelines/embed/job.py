@@ -330,10 +330,8 @@ def build_dataset(cfg: EmbedConfig, pending: list[str]) -> Any:
     log.info(plan.describe("embed", cluster))
     spec = encoders.preprocess_spec(cfg.encoder)
     ds = ray.data.from_items([{"uri": u} for u in pending], override_num_blocks=len(pending))
-    # One block per decoded batch (Ray Data would otherwise pack a whole shard, up to 128 MB of pixels, into
-    # one block): the actors start on the first batch, and rows stream back batch by batch, not shard by shard.
-    height, width = (spec.size, spec.size) if isinstance(spec.size, int) else spec.size
-    ds.context.target_max_block_size = max(1 << 16, int(1.2 * res.batch_size * height * width * 3))
+    # One block per decoded batch: the actors start on the first batch, and rows stream back batch by batch.
+    ds.context.target_max_block_size = runtime.pixel_block_bytes(res.batch_size, spec.size)
     ds = ds.map_batches(st.decode_shards, batch_size=1, num_cpus=plan.read_cpus, memory=res.decode_memory_mb * 2**20,
                         fn_kwargs={"spec": spec, "batch_rows": res.batch_size})
     return ds.map_batches(
