@@ -175,10 +175,17 @@ class NodeKiller:
         return self.info
 
 
-def alive_nodes() -> int:
+def alive_nodes(expect: int | None = None, wait_s: float = 90.0) -> int:
+    """Alive nodes; with ``expect``, wait up to ``wait_s`` for the count to drop to it: GCS marks a killed node
+    dead only after its health checks fail, and a job can finish first (caption did, in 30 s, stop 9)."""
     import ray
 
-    return sum(1 for n in ray.nodes() if n["Alive"])
+    deadline = time.monotonic() + (wait_s if expect is not None else 0.0)
+    while True:
+        alive = sum(1 for n in ray.nodes() if n["Alive"])
+        if expect is None or alive <= expect or time.monotonic() >= deadline:
+            return alive
+        time.sleep(1.0)
 
 
 def run_until_done(job: Callable[[], Any], summarize: Callable[[Any], dict[str, Any]],

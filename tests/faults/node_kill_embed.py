@@ -39,7 +39,7 @@ def main(inp: str, out: str) -> int:
             lambda r: not r.failed)
         kill = killer.stop()
         print("FAULT-RESULT " + json.dumps({"runs": runs, "kill": kill, "first_error": first_error,
-                                            "results": results, "nodes_alive": alive_nodes()}), flush=True)
+                                            "results": results, "nodes_alive": alive_nodes(expect=2)}), flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -51,7 +51,7 @@ def main(tables_dir: str, out: str) -> int:
             "resumes": [r for r in history if r["kind"] == "resume"],
             "epochs": [r["step"] for r in history if r["kind"] == "epoch"],
             "steps_logged": steps, "artifact_step": (config or {}).get("training", {}).get("step"),
-            "nodes_alive": alive_nodes()}), flush=True)
+            "nodes_alive": alive_nodes(expect=2)}), flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()

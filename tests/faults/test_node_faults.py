@@ -65,9 +65,9 @@ def test_worker_node_killed_during_caption_loses_and_duplicates_nothing(tmp_path
 
 
 def test_worker_node_killed_during_train_resumes_from_its_checkpoint(tmp_path):
-    from pipelines.io import tables
+    from pipelines.demo import synthetic_tables
 
-    tables.write_synthetic_tables(str(tmp_path / "data"), 600, shards=2, dim=32)
+    synthetic_tables.write_synthetic_tables(str(tmp_path / "data"), 600, shards=2, dim=32)
     report, tail = run_driver("node_kill_train.py", [str(tmp_path / "data/embeddings"), str(tmp_path / "runs")])
     print("node-kill train:", report)
     kill, total = report["kill"], report["total_steps"]
