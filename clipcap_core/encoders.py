@@ -35,8 +35,7 @@ import torch
 from PIL import Image
 
 from clipcap_core import uris
-from clipcap_core.preprocess import ImageResizer, PreprocessSpec
-from clipcap_core.preprocess import spec_from_dict as _spec_from_dict
+from clipcap_core.preprocess import ImageResizer, PreprocessSpec, spec_from_dict
 
 TINY = "tiny"
 TINY_SEED = 1234
@@ -130,7 +129,7 @@ def preprocess_spec(cfg: EncoderConfig) -> PreprocessSpec:
         tag_cfg = oc.get_pretrained_cfg(cfg.model_name, cfg.pretrained)
         base.update({k: v for k, v in tag_cfg.items() if k in base and v is not None})
     base["size"] = oc.get_model_config(cfg.model_name)["vision_cfg"]["image_size"]
-    return _spec_from_dict(base)
+    return spec_from_dict(base)
 
 
 def resolve_weights(pretrained: str, cache_dir: str | None = None) -> str:
@@ -164,7 +163,7 @@ class ClipEncoder:
         self.model = model
         self.device = device
         self.precision = precision
-        self.spec = _spec_from_dict(dict(model.visual.preprocess_cfg))
+        self.spec = spec_from_dict(dict(model.visual.preprocess_cfg))
         self._preprocess = image_transform_v2(PreprocessCfg(**asdict(self.spec)), is_train=False)
         self.resizer = ImageResizer(self.spec)
         self._tokenizer = oc.get_tokenizer(cfg.model_name)

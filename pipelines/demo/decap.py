@@ -37,7 +37,7 @@ def write_corpus(root: str, n: int, seed: int) -> str:
     uri = storage.join(root, "decap-corpus", "captions.txt")
     lines = [syn.caption_for(syn.sample_attributes(random.Random(f"corpus:{seed}:{i}"))) for i in range(n)]
     fs, path = storage.filesystem(uri)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    storage.ensure_dir(fs, posixpath.dirname(path))  # never s3fs makedirs: it would create a missing bucket
     with fs.open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return uri
