@@ -15,33 +15,51 @@ linearly decodable (checked by ``tests/core/test_encoders.py``); they carry no l
 Preprocessing is split for pipelines: ``resize`` (PIL -> uint8 (H, W, 3), done in decode tasks) then
 ``encode_pixels`` (uint8 (B, H, W, 3) -> normalise -> encode, done in the encoder actor); together they equal
 ``encode_images(stack(preprocess(img)))``. No Ray import here.
+
+This module is the config side and imports no torch: ``EncoderConfig``, ``validate_config``, ``encoder_tag``,
+``embedding_dim`` and ``preprocess_spec`` read open_clip's model config files (JSON) directly, so a job driver
+knows a model's D, preprocessing and output folder without importing torch, torchvision and open_clip (~10 s
+of CPU on the start-up path of every job on a small node). Only a hub ``pretrained`` tag (whose preprocessing
+lives in open_clip's registry) imports open_clip. ``load_encoder`` / ``ClipEncoder`` live in
+``clipcap_core.encoder_model`` and are importable from here (loaded on first use).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import logging
+import importlib.util
+import json
 import os
 import posixpath
 import re
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-
 from clipcap_core import uris
-from clipcap_core.preprocess import ImageResizer, PreprocessSpec, spec_from_dict
+from clipcap_core.preprocess import ImageResizer, PreprocessSpec, spec_from_dict  # noqa: F401 - ImageResizer re-exported
 
 TINY = "tiny"
 TINY_SEED = 1234
 _RESOURCES = Path(__file__).parent / "resources"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+# open_clip's ``PreprocessCfg()`` defaults (its eval transform for a model without a hub tag);
+# tests/core/test_encoders.py checks them against open_clip's own, for every model config it ships.
+OPEN_CLIP_PREPROCESS = {"size": 224, "mode": "RGB", "mean": (0.48145466, 0.4578275, 0.40821073),
+                        "std": (0.26862954, 0.26130258, 0.27577711), "interpolation": "bicubic",
+                        "resize_mode": "shortest", "fill_color": 0}
+_LAZY = ("ClipEncoder", "load_encoder", "_skip_init", "_quiet_random_init")
+
+
+def __getattr__(name: str) -> Any:
+    """``load_encoder``, ``ClipEncoder``: from ``encoder_model``, imported (torch, open_clip) on first use."""
+    if name in _LAZY:
+        from clipcap_core import encoder_model
+
+        return getattr(encoder_model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +79,35 @@ def _open_clip() -> Any:
     return open_clip
 
 
+def _natural_key(name: str) -> list[Any]:
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name.lower())]
+
+
+@cache
+def model_configs() -> dict[str, dict[str, Any]]:
+    """Every model open_clip can build, by name -> its config, read from the same JSON files open_clip reads
+    (its ``model_configs/`` folder, then ours, which win on a name clash as with ``add_model_config``), in
+    open_clip's order. ``find_spec`` locates the package without importing it."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("open_clip is not installed (pip install open_clip_torch)")
+    folders = [Path(next(iter(spec.submodule_search_locations))) / "model_configs", _RESOURCES]
+    found: dict[str, dict[str, Any]] = {}
+    for folder in folders:
+        for path in folder.glob("*.json"):
+            cfg = json.loads(path.read_text())
+            if isinstance(cfg, dict) and all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+                found[path.stem] = cfg
+    return dict(sorted(found.items(), key=lambda kv: _natural_key(kv[0])))
+
+
+def is_weights_location(pretrained: str) -> bool:
+    """True when ``pretrained`` names a file or object (a path, URI or weights file name), not a hub tag
+    (open_clip's tags are plain names such as ``openai`` or ``laion2b_s34b_b79k``)."""
+    return (uris.is_remote(pretrained) or pretrained.startswith("file://") or "/" in pretrained
+            or os.sep in pretrained or pretrained.endswith(WEIGHT_SUFFIXES))
+
+
 def shipped_weights(model_name: str) -> str | None:
     """Weights shipped with the package for ``model_name`` (the aligned ``tiny`` CLIP), else None.
 
@@ -71,16 +118,16 @@ def shipped_weights(model_name: str) -> str | None:
 
 
 def available_models() -> list[str]:
-    return list(_open_clip().list_models())
+    return list(model_configs())
 
 
 def validate_config(cfg: EncoderConfig) -> None:
     """Raise ValueError (clear message) unless the model name and pretrained source can be resolved.
 
-    Cheap: no weights are read; a URI is only checked for existence.
+    Cheap: no weights are read; a URI is only checked for existence; open_clip is imported only to look a
+    hub tag up.
     """
-    oc = _open_clip()
-    models = oc.list_models()
+    models = available_models()
     if cfg.model_name not in models:
         close = [m for m in models if cfg.model_name.lower().replace("/", "-") in m.lower()][:8]
         hint = f" Did you mean one of {close}?" if close else f" Known models include {models[:10]}..."
@@ -88,7 +135,7 @@ def validate_config(cfg: EncoderConfig) -> None:
     pre = cfg.pretrained
     if not pre:
         return
-    if pre in oc.list_pretrained_tags_by_model(cfg.model_name):
+    if not is_weights_location(pre) and pre in _open_clip().list_pretrained_tags_by_model(cfg.model_name):
         return
     if uris.is_remote(pre):
         try:
@@ -99,7 +146,7 @@ def validate_config(cfg: EncoderConfig) -> None:
             raise ValueError(f"CLIP weights not found at {pre!r}")
         return
     if not Path(pre.removeprefix("file://")).is_file():
-        tags = oc.list_pretrained_tags_by_model(cfg.model_name)
+        tags = _open_clip().list_pretrained_tags_by_model(cfg.model_name)
         raise ValueError(f"pretrained {pre!r} for {cfg.model_name!r} is neither a known tag {tags} nor an existing "
                          "file / object-store URI")
 
@@ -114,21 +161,28 @@ def encoder_tag(cfg: EncoderConfig) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{cfg.model_name}-{pre}")
 
 
+def _model_config(name: str) -> dict[str, Any]:
+    try:
+        return model_configs()[name]
+    except KeyError:
+        raise ValueError(f"unknown CLIP model name {name!r}") from None
+
+
 def embedding_dim(cfg: EncoderConfig) -> int:
     """D of ``cfg``'s model, read from its open_clip config (no weights are built)."""
-    return int(_open_clip().get_model_config(cfg.model_name)["embed_dim"])
+    return int(_model_config(cfg.model_name)["embed_dim"])
 
 
 def preprocess_spec(cfg: EncoderConfig) -> PreprocessSpec:
-    """The inference preprocessing open_clip uses for ``cfg``, without building the model."""
-    oc = _open_clip()
-    from open_clip.transform import PreprocessCfg
-
-    base = asdict(PreprocessCfg())
-    if cfg.pretrained and cfg.pretrained in oc.list_pretrained_tags_by_model(cfg.model_name):
-        tag_cfg = oc.get_pretrained_cfg(cfg.model_name, cfg.pretrained)
-        base.update({k: v for k, v in tag_cfg.items() if k in base and v is not None})
-    base["size"] = oc.get_model_config(cfg.model_name)["vision_cfg"]["image_size"]
+    """The inference preprocessing open_clip uses for ``cfg``, without building the model: its defaults with
+    the model's image size, and a hub tag's own mean / std / resize settings where it has them."""
+    base = dict(OPEN_CLIP_PREPROCESS)
+    if cfg.pretrained and not is_weights_location(cfg.pretrained):
+        oc = _open_clip()
+        if cfg.pretrained in oc.list_pretrained_tags_by_model(cfg.model_name):
+            tag_cfg = oc.get_pretrained_cfg(cfg.model_name, cfg.pretrained)
+            base.update({k: v for k, v in tag_cfg.items() if k in base and v is not None})
+    base["size"] = _model_config(cfg.model_name)["vision_cfg"]["image_size"]
     return spec_from_dict(base)
 
 
@@ -144,145 +198,10 @@ def resolve_weights(pretrained: str, cache_dir: str | None = None) -> str:
     return str(local)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: Any) -> str:
+    """"auto" -> fp16 on a CUDA ``device`` (a ``torch.device``), fp32 elsewhere; others checked and kept."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     return precision
-
-
-class ClipEncoder:
-    """A loaded open_clip model in eval mode with its preprocessing and tokenizer."""
-
-    def __init__(self, cfg: EncoderConfig, model: torch.nn.Module, device: torch.device, precision: str):
-        oc = _open_clip()
-        from open_clip.transform import PreprocessCfg, image_transform_v2
-
-        self.cfg = cfg
-        self.model = model
-        self.device = device
-        self.precision = precision
-        self.spec = spec_from_dict(dict(model.visual.preprocess_cfg))
-        self._preprocess = image_transform_v2(PreprocessCfg(**asdict(self.spec)), is_train=False)
-        self.resizer = ImageResizer(self.spec)
-        self._tokenizer = oc.get_tokenizer(cfg.model_name)
-        self._mean = torch.tensor(self.spec.mean, device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(self.spec.std, device=device).view(1, 3, 1, 1)
-        self.dim = int(getattr(model.visual, "output_dim", 0) or self._probe_dim())  # read, never assumed
-
-    @property
-    def model_name(self) -> str:
-        return self.cfg.model_name
-
-    @property
-    def pretrained(self) -> str | None:
-        return self.cfg.pretrained
-
-    @property
-    def tag(self) -> str:
-        return encoder_tag(self.cfg)
-
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """open_clip's eval transform: PIL image -> float tensor (3, H, W)."""
-        return self._preprocess(image)
-
-    def resize(self, image: Image.Image) -> np.ndarray:
-        return self.resizer(image)
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision in _AUTOCAST:
-            return torch.autocast(device_type=self.device.type, dtype=_AUTOCAST[self.precision])
-        return contextlib.nullcontext()
-
-    @torch.inference_mode()
-    def encode_images(self, images: torch.Tensor) -> np.ndarray:
-        """Preprocessed images (B, 3, H, W) -> unnormalised image embeddings np.float32 (B, D)."""
-        x = images.to(self.device, non_blocking=True)
-        with self._autocast():
-            out = self.model.encode_image(x)
-        return out.float().cpu().numpy()
-
-    @torch.inference_mode()
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Resized uint8 images (B, H, W, 3) -> embeddings np.float32 (B, D) (normalises on the device)."""
-        pixels = np.ascontiguousarray(pixels)
-        if not pixels.flags.writeable:  # e.g. zero-copy views of Ray objects; torch wants writable memory
-            pixels = pixels.copy()
-        x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1], like ToTensor
-        x = (x - self._mean) / self._std
-        with self._autocast():
-            out = self.model.encode_image(x)
-        return out.float().cpu().numpy()
-
-    @torch.inference_mode()
-    def encode_text(self, texts: list[str]) -> np.ndarray:
-        """Captions -> unnormalised text embeddings np.float32 (B, D)."""
-        tokens = self._tokenizer(list(texts)).to(self.device)
-        with self._autocast():
-            out = self.model.encode_text(tokens)
-        return out.float().cpu().numpy()
-
-    @torch.inference_mode()
-    def _probe_dim(self) -> int:
-        size = self.spec.size if isinstance(self.spec.size, tuple) else (self.spec.size, self.spec.size)
-        return int(self.model.encode_image(torch.zeros(1, 3, *size, device=self.device)).shape[-1])
-
-
-def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", precision: str = "fp32") -> ClipEncoder:
-    """Build the model of ``cfg`` (validated first) on ``device``; ``precision`` "fp16"/"bf16" = autocast."""
-    validate_config(cfg)
-    device = torch.device(device)
-    precision = resolve_precision(precision, device)
-    oc = _open_clip()
-    weights = resolve_weights(cfg.pretrained) if cfg.pretrained else shipped_weights(cfg.model_name)
-    # Seeded init without touching the caller's RNG: the tiny preset (and any random-weights model) is
-    # then identical in every process. Built on the CPU so the init does not depend on the device.
-    with torch.random.fork_rng(devices=[]), _quiet_random_init(weights is None), _skip_init(weights is not None):
-        torch.manual_seed(TINY_SEED)
-        model = oc.create_model(cfg.model_name, pretrained=weights, device="cpu", pretrained_text=False)
-    model = model.to(device).eval()
-    return ClipEncoder(cfg, model, device, precision)
-
-
-@contextlib.contextmanager
-def _skip_init(active: bool) -> Iterator[None]:
-    """No random init of weights that the checkpoint replaces: open_clip loads full checkpoints with
-    ``strict=True``, so every parameter is overwritten (a missing key fails the load), while buffers it computes
-    (the text tower's causal mask) are not made by ``torch.nn.init``. Saves ~1.5 s of CPU per ViT-B-32 load,
-    on the start-up path of every embed and caption actor. Process-global while it lasts: models are built
-    one at a time in a process."""
-    if not active:
-        yield
-        return
-    init = torch.nn.init
-    saved = {n: getattr(init, n) for n in dir(init) if n.endswith("_") and not n.startswith("_")}
-    try:
-        for name in saved:
-            setattr(init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(init, name, fn)
-
-
-class _DropRandomInitWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_random_init(active: bool) -> Iterator[None]:
-    """Without ``pretrained`` the seeded init *is* the model (the ``tiny`` preset, speed runs): open_clip's
-    root-logger warning "No pretrained weights loaded ... initialized randomly" would only alarm users who
-    load a trained ClipCap model built on such an encoder."""
-    if not active:
-        yield
-        return
-    flt, root = _DropRandomInitWarning(), logging.getLogger()
-    root.addFilter(flt)
-    try:
-        yield
-    finally:
-        root.removeFilter(flt)

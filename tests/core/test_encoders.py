@@ -162,3 +162,42 @@ def test_loaded_weights_are_exactly_the_checkpoint_and_init_is_restored(tmp_path
     w = torch.empty(64, 64)
     torch.nn.init.normal_(w)  # restored after a failed load too
     assert float(w.std()) > 0.5
+
+
+def test_config_side_reads_what_open_clip_reads():
+    """The torch-free config side (model list, D, preprocessing) equals open_clip's own answers for every model
+    it ships and ours; a drift in open_clip's defaults or config layout fails here, not in a job."""
+    from dataclasses import asdict
+
+    from open_clip.transform import PreprocessCfg
+
+    from clipcap_core import encoders
+    from clipcap_core.preprocess import spec_from_dict
+
+    oc = encoders._open_clip()
+    assert encoders.OPEN_CLIP_PREPROCESS == asdict(PreprocessCfg())
+    assert encoders.available_models() == oc.list_models()
+    for name in oc.list_models():
+        cfg = EncoderConfig(model_name=name, pretrained="/weights/model.pt")
+        assert embedding_dim(cfg) == int(oc.get_model_config(name)["embed_dim"]), name
+        want = dict(asdict(PreprocessCfg()), size=oc.get_model_config(name)["vision_cfg"]["image_size"])
+        assert preprocess_spec(cfg) == spec_from_dict(want), name
+    # a hub tag's own preprocessing still comes from open_clip's registry (here: a non-default mean/std)
+    tag = next((m, t) for m, t in oc.list_pretrained() if oc.get_pretrained_cfg(m, t).get("mean") not in
+               (None, PreprocessCfg().mean))
+    assert preprocess_spec(EncoderConfig(model_name=tag[0], pretrained=tag[1])).mean == tuple(
+        oc.get_pretrained_cfg(*tag)["mean"])
+
+
+def test_config_side_imports_no_torch(tmp_path):
+    """A job driver validates a model, names its folder and reads its D and preprocessing without torch,
+    torchvision or open_clip in the process (their import was ~10 s of CPU at every job's start)."""
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"x")
+    code = ("import sys; from clipcap_core import encoders as e; "
+            f"c = e.EncoderConfig(model_name='ViT-B-32', pretrained={str(weights)!r}); e.validate_config(c); "
+            "e.embedding_dim(c); e.preprocess_spec(c); e.encoder_tag(c); "
+            "e.validate_config(e.EncoderConfig()); e.preprocess_spec(e.EncoderConfig()); "
+            "print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
