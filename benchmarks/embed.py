@@ -15,7 +15,9 @@ For each model it prints
 - clip-retrieval: `clip-retrieval inference` in its own virtualenv (``benchmarks/peers.py`` installs it once),
   webdataset input, the same checkpoint file, as many preprocessing workers as shards allow (<= cores), the same
   batch; its process wall time. ``--no-peer`` skips it.
-- ratios: ours end to end / clip-retrieval, ours steady / pure forward.
+- ratios: ours end to end / clip-retrieval, ours steady / pure forward. Ours and clip-retrieval run
+  ``--rounds`` times each (default 2) in ABBA order, so a machine whose speed drifts during the run (a VM on a
+  shared host) favours neither; the ratio is of the summed wall times, and each round's ratio is printed too.
 Input: synthetic 256x256 JPEGs in img2dataset's webdataset layout (``{key}.jpg/.txt/.json``), shards of
 ``--per-shard``, written before any clock starts. Random weights have the FLOPs of the real ones (no model hub).
 """
@@ -31,6 +33,8 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -112,32 +116,51 @@ def run_ours(model: str, ckpt: Path | None, shards: Path, out: Path, extra: str 
 
 
 def bench_model(model: str, shards: Path, work: Path, args: argparse.Namespace) -> dict:
+    """``args.rounds`` rounds of ours and clip-retrieval in ABBA order (ours, peer | peer, ours | ...): the
+    machine's speed drifts during a run (a VM on a shared host: the same pure forward varied 12.5 -> 16.9 img/s
+    within one 8-minute run here), and alternating the order cancels a linear drift in the summed times."""
     ckpt = save_checkpoint(model, work / f"{model}.pt")
     enc, x = load_pixels(model, min(args.images, args.pure_images), ckpt, args.device)
     threads = os.cpu_count() or 1
     pure_before = pure_forward(enc, x, args.batch_size, threads)
     load_before = os.getloadavg()[0]
-    ours = run_ours(model, ckpt, shards, work / f"out-{model}", args.extra_flags)
-    assert ours["rows"] == args.images, ours
-    peer = None
-    if ckpt is not None and not args.no_peer:
-        from benchmarks import peers
+    with_peer = ckpt is not None and not args.no_peer
+    ours_runs, peer_runs = [], []
+    for i in range(args.rounds):
+        order = ("ours", "peer") if i % 2 == 0 else ("peer", "ours")
+        for who in order:
+            if who == "ours":
+                ours = run_ours(model, ckpt, shards, work / f"out-{model}-{i}", args.extra_flags)
+                assert ours["rows"] == args.images, ours
+                ours_runs.append(ours)
+            elif with_peer:
+                from benchmarks import peers
 
-        workers = max(1, min(threads, args.images // args.per_shard))
-        peer = peers.run_clip_retrieval(shards, ckpt, work / f"peer-{model}", batch_size=args.batch_size,
-                                        num_prepro_workers=workers, model=model)
+                workers = max(1, min(threads, args.images // args.per_shard))
+                peer_runs.append(peers.run_clip_retrieval(shards, ckpt, work / f"peer-{model}-{i}",
+                                                          batch_size=args.batch_size, num_prepro_workers=workers,
+                                                          model=model))
     load_after = os.getloadavg()[0]
     pure_after = pure_forward(enc, x, args.batch_size, threads)
     pure = (pure_before + pure_after) / 2
-    row = {"model": model, "images": ours["rows"], "ours_wall_s": round(ours["wall_s"], 1),
-           "ours_img_s": round(ours["rows"] / ours["wall_s"], 2), "ours_first_rows_s": round(ours["first_rows_s"], 1),
-           "ours_steady_img_s": round(ours["steady_img_s"], 2), "pure_img_s": round(pure, 2),
-           "steady_over_pure": round(ours["steady_img_s"] / pure, 3),
+    ours_wall = sum(r["wall_s"] for r in ours_runs)
+    steady = float(np.median([r["steady_img_s"] for r in ours_runs]))
+    row = {"model": model, "images": args.images, "rounds": args.rounds,
+           "ours_wall_s": round(ours_wall / len(ours_runs), 1),
+           "ours_img_s": round(args.images * len(ours_runs) / ours_wall, 2),
+           "ours_first_rows_s": round(float(np.median([r["first_rows_s"] for r in ours_runs])), 1),
+           "ours_steady_img_s": round(steady, 2), "pure_img_s": round(pure, 2),
+           "steady_over_pure": round(steady / pure, 3),
+           "ours_walls_s": [round(r["wall_s"], 1) for r in ours_runs],
            "pure_before_after": [round(pure_before, 2), round(pure_after, 2)],
-           "loadavg_1m_before_after": [round(load_before, 1), round(load_after, 1)], "ours_plan": ours["plan"]}
-    if peer:
-        row.update(peer_wall_s=round(peer["wall_s"], 1), peer_img_s=round(peer["images_per_s"], 2),
-                   ours_over_peer=round(row["ours_img_s"] / peer["images_per_s"], 3), peer_command=peer["command"])
+           "loadavg_1m_before_after": [round(load_before, 1), round(load_after, 1)], "ours_plan": ours_runs[0]["plan"]}
+    if peer_runs:
+        peer_wall = sum(r["wall_s"] for r in peer_runs)
+        row.update(peer_wall_s=round(peer_wall / len(peer_runs), 1),
+                   peer_img_s=round(args.images * len(peer_runs) / peer_wall, 2),
+                   ours_over_peer=round(peer_wall / ours_wall, 3),  # same images per run: a ratio of rates
+                   round_ratios=[round(p["wall_s"] / o["wall_s"], 3) for o, p in zip(ours_runs, peer_runs, strict=True)],
+                   peer_walls_s=[round(r["wall_s"], 1) for r in peer_runs], peer_command=peer_runs[0]["command"])
     return row
 
 
@@ -152,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-peer", action="store_true", help="skip clip-retrieval")
     p.add_argument("--extra-flags", default="", help="flags added to `clipcap embed` (default: none)")
     p.add_argument("--device", default="cpu", help="pure forward device (cuda on a GPU machine)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds of ours + clip-retrieval, alternating which goes first (ABBA; default 2)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
 
     with tempfile.TemporaryDirectory(prefix="clipcap-bench-") as tmp:
         shards = Path(tmp, "shards")
@@ -161,13 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         write_shards(shards, args.images, args.per_shard)
         rows = [bench_model(m, shards, Path(tmp), args) for m in args.models.split(",")]
     print(f"\nembed benchmark: {args.images} images in shards of {args.per_shard}, {os.cpu_count()} CPU cores, "
-          "our default flags")
+          f"our default flags, {args.rounds} round(s) of ours and clip-retrieval in ABBA order (times: means)")
     cols = ["model", "ours_wall_s", "ours_img_s", "ours_first_rows_s", "ours_steady_img_s", "pure_img_s",
             "steady_over_pure", "peer_img_s", "ours_over_peer", "pure_before_after", "loadavg_1m_before_after"]
     print(" | ".join(f"{c:>17}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r.get(c, '-')!s:>17}" for c in cols))
         print(f"  our plan: {r['ours_plan']}")
+        print(f"  per run: ours {r['ours_walls_s']} s" + (f", clip-retrieval {r['peer_walls_s']} s, per-round "
+                                                          f"ratio {r['round_ratios']}" if "peer_walls_s" in r else ""))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"results": rows}, indent=2))
