@@ -34,7 +34,7 @@ class ClipEncoder:
     """A loaded open_clip model in eval mode with its preprocessing and tokenizer."""
 
     def __init__(self, cfg: EncoderConfig, model: torch.nn.Module, device: torch.device, precision: str):
-        oc = _open_clip()
+        oc = _open_clip(cfg.model_name)
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
         self.cfg = cfg
@@ -113,7 +113,7 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", precisi
     validate_config(cfg)
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    oc = _open_clip()
+    oc = _open_clip(cfg.model_name)
     weights = resolve_weights(cfg.pretrained) if cfg.pretrained else shipped_weights(cfg.model_name)
     # Seeded init without touching the caller's RNG: the tiny preset (and any random-weights model) is
     # then identical in every process. Built on the CPU so the init does not depend on the device.

@@ -70,9 +70,46 @@ class EncoderConfig:
     pretrained: str | None = None
 
 
-def _open_clip() -> Any:
+# Optional backends open_clip imports at its own import for the model families built on them: timm (timm
+# vision towers) and transformers (Hugging Face text towers, CoCa's generation). ~1.6 s of CPU per process,
+# paid by every embed / caption actor at start-up although a ViT / ResNet CLIP uses neither.
+# (backend, what in a model config needs it, the open_clip modules that import it)
+_BACKENDS = (("timm", (("vision_cfg", "timm_model_name"),), ("open_clip.timm_model",)),
+             ("transformers", (("text_cfg", "hf_model_name"), ("multimodal_cfg", None)),
+              ("open_clip.hf_model", "open_clip.coca_model")))
+
+
+def _backends_needed(model_name: str) -> set[str]:
+    cfg = model_configs().get(model_name, {})
+    return {name for name, uses, _ in _BACKENDS
+            if any(part in cfg and (key is None or (cfg[part] or {}).get(key)) for part, key in uses)}
+
+
+def _open_clip(model_name: str | None = None) -> Any:
+    """open_clip with our model configs registered. With ``model_name``: when open_clip is not imported yet, it
+    is imported without the optional backends that model does not use (they read as not installed, as open_clip
+    allows); when a later model in the same process needs one, the open_clip modules using it are reloaded.
+    Without ``model_name`` (tags, tokenizers, configs): open_clip as it is, or a plain full import."""
+    import sys
+
+    needed = _backends_needed(model_name) if model_name is not None else set()
+    if "open_clip" not in sys.modules and model_name is not None:
+        blocked = [b for b, _, _ in _BACKENDS if b not in needed and b not in sys.modules]
+        for name in blocked:
+            sys.modules[name] = None  # type: ignore[assignment]  # `import name` raises ImportError
+        try:
+            import open_clip  # noqa: F401
+        finally:
+            for name in blocked:
+                if name in sys.modules and sys.modules[name] is None:
+                    del sys.modules[name]
     import open_clip
 
+    for name, _, modules in _BACKENDS:
+        if name in needed and getattr(sys.modules.get(modules[0]), name, "") is None:  # imported without it
+            for mod in modules:
+                if mod in sys.modules:
+                    importlib.reload(sys.modules[mod])  # in place: classes open_clip already holds see it too
     if TINY not in open_clip.list_models():
         for cfg in sorted(_RESOURCES.glob("*.json")):  # tiny.json, tiny-random.json: model name = file stem
             open_clip.add_model_config(cfg)
