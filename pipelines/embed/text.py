@@ -13,7 +13,7 @@ Columns ``key``, ``caption``, ``text_embedding`` (``schemas.text_embedding_schem
 Parquet metadata (CLIP model, D, dtype, code version, source) plus ``clipcap.truncated``: how many captions of
 the part were longer than the CLIP context and cut to it (open_clip's tokenizer truncates; we count).
 
-Commits, resume and stale temporaries are the image embed stage's (``pipelines.embed.job``): errors file, then
+Commits, resume and stale temporaries are the image embed stage's (``pipelines.embed.output``): errors file, then
 part file, each atomic; a rerun embeds only parts without a part file. ``_run.json`` records the input, its
 plan digest and the settings: a rerun on changed input or settings is refused (a new ``--dataset`` or an
 emptied folder starts over). Resources are ``EmbedResources`` (``num_actors``, ``cpus_per_actor``,
@@ -36,6 +36,7 @@ from clipcap_core.configs import to_dict
 from clipcap_core.encoders import EncoderConfig
 from pipelines import runtime
 from pipelines.embed import job as embed
+from pipelines.embed import output
 from pipelines.embed import stages as st
 from pipelines.io import schemas, storage, text_sources
 
@@ -120,22 +121,22 @@ def validate(cfg: EmbedTextConfig) -> list[text_sources.TextPart]:
 
 def pending_parts(cfg: EmbedTextConfig, parts: list[text_sources.TextPart]) -> list[text_sources.TextPart]:
     done = set(storage.list_files(cfg.table_uri, ".parquet"))
-    done |= {embed.part_uri(cfg.table_uri, posixpath.basename(u).removesuffix(".json").removeprefix("part-"))
+    done |= {output.part_uri(cfg.table_uri, posixpath.basename(u).removesuffix(".json").removeprefix("part-"))
              for u in storage.list_files(storage.join(cfg.meta_uri, "empty"), ".json")}
-    return [p for p in parts if embed.part_uri(cfg.table_uri, p.part_id) not in done]
+    return [p for p in parts if output.part_uri(cfg.table_uri, p.part_id) not in done]
 
 
 # --- output tables ------------------------------------------------------------------------------------------
 def build_tables(cols: dict[str, np.ndarray], dim: int, dtype: str, meta: dict[str, str]
                  ) -> tuple[pa.Table, list[dict[str, str]]]:
     """Text table (sorted by key, first row per key) + error rows of one part's columns."""
-    rows, uniq, errs = embed.rows_to_keep(cols, failed_stage="read", duplicate_stage="embed-text", unit="part")
+    rows, uniq, errs = output.rows_to_keep(cols, failed_stage="read", duplicate_stage="embed-text", unit="part")
     truncated = int(np.asarray(cols[TRUNCATED], dtype=bool)[rows].sum())
     schema = schemas.with_metadata(schemas.text_embedding_schema(dim, dtype),
                                    {**meta, schemas.META_TRUNCATED: str(truncated)})
     np_dtype = np.float16 if dtype == "float16" else np.float32
     arrays = [pa.array(uniq.tolist(), pa.string()), pa.array(list(cols[st.CAPTION][rows]), pa.string()),
-              embed._fixed_list(cols[schemas.TEXT_EMBEDDING][rows], dim, np_dtype)]
+              output.fixed_list(cols[schemas.TEXT_EMBEDDING][rows], dim, np_dtype)]
     return pa.Table.from_arrays(arrays, schema=schema), errs
 
 
@@ -153,11 +154,11 @@ def commit_part(cfg: EmbedTextConfig, part: text_sources.TextPart, cols: dict[st
     table, errs = build_tables(cols, dim, cfg.dtype, meta)
     if errs:
         storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA),
-                                   embed.errors_uri(cfg.meta_uri, part.part_id))
+                                   output.errors_uri(cfg.meta_uri, part.part_id))
     if table.num_rows:  # last: the commit marker
-        storage.atomic_write_table(table, embed.part_uri(cfg.table_uri, part.part_id))
+        storage.atomic_write_table(table, output.part_uri(cfg.table_uri, part.part_id))
     else:  # a 0-row Parquet file breaks Hugging Face datasets: the done-marker lives under _meta instead
-        storage.write_json({"part": part.part_id, "errors": len(errs)}, embed.empty_uri(cfg.meta_uri, part.part_id))
+        storage.write_json({"part": part.part_id, "errors": len(errs)}, output.empty_uri(cfg.meta_uri, part.part_id))
     return table.num_rows, len(errs), int(table.schema.metadata[schemas.META_TRUNCATED.encode()])
 
 
@@ -257,7 +258,7 @@ def run_embed_text(cfg: EmbedTextConfig, ray_address: str | None = None) -> Embe
                              written=len(pending), rows=0, errors=0, truncated=0, dim=dim, wall_s=0.0)
     if pending:
         runtime.ensure_ray(ray_address)
-        embed.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
+        output.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
         log.info("embedding %d caption part(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
                  cfg.table_uri)
         result.rows, result.errors, result.truncated = _drain(cfg, pending, dim)

@@ -14,7 +14,8 @@ import pytest
 from clipcap_core import synthetic
 from clipcap_core.encoders import EncoderConfig, load_encoder
 from pipelines.embed import stages as st
-from pipelines.embed.job import EmbedConfig, EmbedResources, build_tables, pending_shards, run_embed
+from pipelines.embed.job import EmbedConfig, EmbedResources, pending_shards, run_embed
+from pipelines.embed.output import build_tables
 from pipelines.io import schemas, storage
 
 
