@@ -1,8 +1,9 @@
 """The embed stages: images -> CLIP embedding tables, captions -> text-embedding tables.
 
 ``job`` the image embed stage (config, checks, Ray Data pipeline); ``output`` its table layout and per-shard
-commits; ``stages`` its row work (tar reading, decode, ``EmbedActor``, ``ShardAssembler``; no torch on import:
-decode tasks import it); ``text`` the embed-text stage; ``download_embed`` download + embed as one job.
+commits; ``stages`` its row work (tar reading, decode, ``ShardAssembler``; no torch on import: decode tasks
+import it); ``text`` the embed-text stage; ``download_embed`` download + embed as one job. The CLIP actor
+(``pipelines.clip_actor``) is shared with caption.
 
 The stage's public names are re-exported here lazily (``pipelines._lazy``): importing the package imports
 no submodule, so ``import pipelines.embed.<module>`` stays as light as that module.

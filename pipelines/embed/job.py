@@ -5,7 +5,8 @@
 
 Data flow (Ray Data, streaming):
   shard URIs --decode tasks (read tar, decode, resize to uint8)--> row batches
-             --actor pool (EmbedActor: normalise + CLIP forward, GPU + autocast when present)--> embedded rows
+             --actor pool (``clip_actor.ClipActor``: normalise + CLIP forward, GPU + autocast when present)
+             --> embedded rows
              --driver (ShardAssembler)--> ``<root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet``
                                           and ``<root>/_meta/embeddings/<dataset>/<clip-tag>/errors/part-<shard>.parquet``
 A shard is committed (atomic write) as soon as all its rows are back, so a killed run loses at most the
@@ -36,6 +37,7 @@ import numpy as np
 from clipcap_core import encoders
 from clipcap_core.encoders import EncoderConfig
 from pipelines import exitcodes, runtime
+from pipelines.clip_actor import ClipActor
 from pipelines.embed import output
 from pipelines.embed import stages as st
 from pipelines.io import imaging, schemas, storage
@@ -211,12 +213,11 @@ def build_dataset(cfg: EmbedConfig, pending: list[str]) -> Any:
     ds = ds.map_batches(st.decode_shards, batch_size=1, num_cpus=plan.read_cpus, memory=res.decode_memory_mb * 2**20,
                         fn_kwargs={"spec": spec, "batch_rows": res.batch_size})
     return ds.map_batches(
-        st.EmbedActor, batch_size=res.batch_size, batch_format="numpy",
+        ClipActor, batch_size=res.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor,
-        fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision,
-                               "torch_threads": plan.torch_threads, "use_gpu": plan.use_gpu,
-                               "text_embeddings": cfg.text_embeddings})
+        fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision, "threads": plan.torch_threads,
+                               "use_gpu": plan.use_gpu, "texts": cfg.text_embeddings})
 
 
 def _drain(cfg: EmbedConfig, ds: Any, pending: list[str], dim: int, t0: float, result: EmbedResult) -> None:

@@ -1,9 +1,9 @@
-"""The per-row work of the embed stage: read + decode img2dataset shards, encode with CLIP, assemble shards.
+"""The per-row work of the embed stage: read + decode img2dataset shards, assemble shards.
 
 Pure cores (no Ray): ``read_shard`` (tar bytes -> samples), ``decode_sample`` (one sample -> pixels or an
 error), ``iter_shard_batches`` (a shard -> column batches for the encoder), ``ShardAssembler`` (rows back into
-complete shards). Ray adapters: ``decode_shards`` (the function ``map_batches`` runs in decode tasks) and
-``EmbedActor`` (the callable class the actor pool runs; it loads the model once).
+complete shards). Ray adapter: ``decode_shards`` (the function ``map_batches`` runs in decode tasks). The actor
+pool runs ``pipelines.clip_actor.ClipActor``, whose numpy adapter reads these columns.
 
 Every row carries its shard name and the shard's total row count, so the driver knows when a shard is complete
 and can commit it, whichever actors its rows went through. Rows that failed carry a non-empty ``error`` and
@@ -19,7 +19,7 @@ import tarfile
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -27,15 +27,12 @@ from clipcap_core.preprocess import ImageResizer, PreprocessSpec
 from pipelines.io import imaging
 from pipelines.io.sources import SourceConfig, tar_member_problem
 
-if TYPE_CHECKING:
-    from clipcap_core.encoders import EncoderConfig
-
 # Columns flowing from the decode tasks to the encoder and on to the driver.
 SHARD, TOTAL, KEY, CAPTION, URL, SOURCE, ERROR, PIXELS, UNREAD = (
     "shard", "shard_total", "key", "caption", "url", "source", "error", "pixels", "shard_unread")
 # UNREAD marks the one row of a shard that could not be read at all: the shard is then not committed (a
 # rerun retries it), because an outage or a half-copied file must not become "done, 0 samples".
-PASSTHROUGH = (SHARD, TOTAL, KEY, CAPTION, URL, SOURCE, ERROR, UNREAD)
+TRUNCATED = "truncated"  # embed-text: the caption was longer than the CLIP context (cut to it)
 
 
 MAX_SHARD_BYTES = 4 << 30  # a shard is read whole: img2dataset's are ~10k samples, a few hundred MB
@@ -168,42 +165,6 @@ def decode_shards(batch: dict[str, np.ndarray], spec: PreprocessSpec, batch_rows
     resizer = ImageResizer(spec)
     for uri in batch["uri"]:
         yield from iter_shard_batches(str(uri), resizer, batch_rows)
-
-
-class EmbedActor:
-    """Ray Data callable class (actor pool): loads the encoder once, embeds the rows without an error."""
-
-    def __init__(self, encoder: EncoderConfig, precision: str, torch_threads: int, use_gpu: bool,
-                 text_embeddings: bool):
-        import torch
-
-        from clipcap_core.encoders import load_encoder
-
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)  # the actor's CPU share, no more: decode tasks run beside it
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"  # CUDA_VISIBLE_DEVICES picks it
-        self.encoder = load_encoder(encoder, device=device, precision=precision)
-        self.text = text_embeddings
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return embed_batch(batch, self.encoder, self.text)
-
-
-def embed_batch(batch: dict[str, np.ndarray], encoder: Any, text: bool) -> dict[str, np.ndarray]:
-    """Pure core: pass the row columns through, add ``image_embedding`` (and ``text_embedding``)."""
-    ok = np.array([not e for e in batch[ERROR]], dtype=bool)
-    n, dim = len(ok), encoder.dim
-    out = {k: batch[k] for k in PASSTHROUGH}
-    image = np.zeros((n, dim), dtype=np.float32)  # (B, D); rows with an error keep zeros and are dropped later
-    if ok.any():
-        image[ok] = encoder.encode_pixels(batch[PIXELS][ok])
-    out["image_embedding"] = image
-    if text:
-        texts = np.zeros((n, dim), dtype=np.float32)
-        if ok.any():
-            texts[ok] = encoder.encode_text([c or "" for c in batch[CAPTION][ok]])
-        out["text_embedding"] = texts
-    return out
 
 
 class ShardAssembler:

@@ -6,7 +6,8 @@
 
 Data flow (Ray Data, streaming):
   driver: input files -> parts (``text_sources.plan_parts``: key, caption, per-row error) -> one block per part
-  --actor pool (``TextEmbedActor``: the CLIP text tower, GPU + autocast when present)--> embedded rows
+  --actor pool (``pipelines.clip_actor.ClipActor``, text only: the CLIP text tower, GPU + autocast when present)
+  --> embedded rows
   --driver (``pipelines.embed.stages.ShardAssembler``)--> ``<root>/text-embeddings/<dataset>/<clip-tag>/part-<id>.parquet``
                                                 and ``<root>/_meta/text-embeddings/.../errors/part-<id>.parquet``
 Columns ``key``, ``caption``, ``text_embedding`` (``schemas.text_embedding_schema``) with the image tables'
@@ -35,13 +36,13 @@ from clipcap_core import encoders
 from clipcap_core.configs import to_dict
 from clipcap_core.encoders import EncoderConfig
 from pipelines import runtime
+from pipelines.clip_actor import ClipActor
 from pipelines.embed import job as embed
 from pipelines.embed import output
 from pipelines.embed import stages as st
 from pipelines.io import schemas, storage, text_sources
 
 log = logging.getLogger(__name__)
-TRUNCATED = "truncated"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,7 +132,7 @@ def build_tables(cols: dict[str, np.ndarray], dim: int, dtype: str, meta: dict[s
                  ) -> tuple[pa.Table, list[dict[str, str]]]:
     """Text table (sorted by key, first row per key) + error rows of one part's columns."""
     rows, uniq, errs = output.rows_to_keep(cols, failed_stage="read", duplicate_stage="embed-text", unit="part")
-    truncated = int(np.asarray(cols[TRUNCATED], dtype=bool)[rows].sum())
+    truncated = int(np.asarray(cols[st.TRUNCATED], dtype=bool)[rows].sum())
     schema = schemas.with_metadata(schemas.text_embedding_schema(dim, dtype),
                                    {**meta, schemas.META_TRUNCATED: str(truncated)})
     np_dtype = np.float16 if dtype == "float16" else np.float32
@@ -149,7 +150,7 @@ def commit_part(cfg: EmbedTextConfig, part: text_sources.TextPart, cols: dict[st
         source_shard=part.source)
     if cols is None:  # an empty part still gets its (empty) part file, so reruns skip it
         cols = {k: np.array([], dtype=object) for k in (st.KEY, st.CAPTION, st.SOURCE, st.ERROR)}
-        cols[TRUNCATED] = np.zeros(0, bool)
+        cols[st.TRUNCATED] = np.zeros(0, bool)
         cols[schemas.TEXT_EMBEDDING] = np.zeros((0, dim), np.float32)
     table, errs = build_tables(cols, dim, cfg.dtype, meta)
     if errs:
@@ -171,47 +172,6 @@ def part_block(part: text_sources.TextPart) -> pa.Table:
                      st.SOURCE: [f"{part.source}#{k}" for k in part.keys], st.ERROR: part.errors})
 
 
-def token_counts(tokenizer: Any, texts: list[str]) -> np.ndarray:
-    """CLIP tokens per caption with start/end tokens (what open_clip's tokenizer would keep, untruncated)."""
-    if hasattr(tokenizer, "encode"):  # open_clip SimpleTokenizer: BPE ids without start / end
-        return np.array([len(tokenizer.encode(t)) + 2 for t in texts], dtype=np.int64)
-    hf = tokenizer.tokenizer  # open_clip HFTokenizer
-    return np.array([len(ids) for ids in hf(list(texts))["input_ids"]], dtype=np.int64)
-
-
-def embed_text_batch(batch: dict[str, np.ndarray], encoder: Any, tokenizer: Any) -> dict[str, np.ndarray]:
-    """Pure core: pass the row columns through, add ``text_embedding`` and ``truncated`` (error rows: zeros)."""
-    ok = np.array([not e for e in batch[st.ERROR]], dtype=bool)
-    out = {k: batch[k] for k in (st.SHARD, st.TOTAL, st.KEY, st.CAPTION, st.SOURCE, st.ERROR)}
-    emb = np.zeros((len(ok), encoder.dim), dtype=np.float32)  # (B, D)
-    truncated = np.zeros(len(ok), dtype=bool)
-    if ok.any():
-        texts = [str(c) for c in batch[st.CAPTION][ok]]
-        emb[ok] = encoder.encode_text(texts)
-        truncated[ok] = token_counts(tokenizer, texts) > tokenizer.context_length
-    out[schemas.TEXT_EMBEDDING], out[TRUNCATED] = emb, truncated
-    return out
-
-
-class TextEmbedActor:
-    """Ray Data callable class (actor pool): loads the CLIP text tower once, embeds the rows without an error."""
-
-    def __init__(self, encoder: EncoderConfig, precision: str, torch_threads: int, use_gpu: bool):
-        import torch
-
-        from clipcap_core.encoders import load_encoder
-
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.encoder = load_encoder(encoder, device=device, precision=precision)
-        self.encoder.model.visual = torch.nn.Identity()  # text only: the image tower's weights are not kept
-        self.tokenizer = encoders._open_clip().get_tokenizer(encoder.model_name)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return embed_text_batch(batch, self.encoder, self.tokenizer)
-
-
 def build_dataset(cfg: EmbedTextConfig, pending: list[text_sources.TextPart]) -> Any:
     """The Ray Data pipeline over the pending parts (lazy; iterate it to run)."""
     import ray
@@ -222,11 +182,12 @@ def build_dataset(cfg: EmbedTextConfig, pending: list[text_sources.TextPart]) ->
     log.info(plan.describe("embed-text", cluster))
     ds = ray.data.from_arrow([part_block(p) for p in pending if len(p)])
     return ds.map_batches(
-        TextEmbedActor, batch_size=res.batch_size, batch_format="numpy",
+        ClipActor, batch_size=res.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor,
         fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision, "use_gpu": plan.use_gpu,
-                               "torch_threads": plan.torch_threads})
+                               "threads": plan.torch_threads, "images": False, "texts": True,
+                               "count_truncated": True})
 
 
 def _drain(cfg: EmbedTextConfig, pending: list[text_sources.TextPart], dim: int) -> tuple[int, int, int]:

@@ -269,7 +269,7 @@ def test_caption_images_names_a_bad_file_and_refuses_a_bomb(saved_tiny, tmp_path
 
 
 def test_stages_give_each_key_the_caption_of_its_own_image(trained_model, tmp_path):
-    """The callables Ray runs (read+decode, ClipStage, CaptionStage) and the committer, called in-process with a
+    """The callables Ray runs (read+decode, ClipActor, CaptionStage) and the committer, called in-process with a
     *trained* model: each key's caption equals ``Captioner`` on that member's own bytes (issue 13.7: reversing
     the embeddings inside CaptionStage passed every test that used the untrained preset)."""
     import tarfile
@@ -279,7 +279,8 @@ def test_stages_give_each_key_the_caption_of_its_own_image(trained_model, tmp_pa
     from clipcap_core import synthetic
     from clipcap_core.captioner import Captioner
     from clipcap_core.encoders import ImageResizer, preprocess_spec
-    from pipelines.caption.stages import CaptionStage, ClipStage, inspect_model, read_decode_part
+    from pipelines.caption.stages import CaptionStage, inspect_model, read_decode_part
+    from pipelines.clip_actor import ClipActor
     from pipelines.demo.caption import write_archive
 
     archive = str(tmp_path / "imgs.tar")
@@ -287,7 +288,7 @@ def test_stages_give_each_key_the_caption_of_its_own_image(trained_model, tmp_pa
     cfg = sources.SourceConfig()
     [part] = sources.plan_parts(archive, cfg)
     info = inspect_model(trained_model)
-    clip, cap = ClipStage(info.encoder, threads=1), CaptionStage(trained_model, DecodeConfig(), threads=1)
+    clip, cap = ClipActor(info.encoder, threads=1), CaptionStage(trained_model, DecodeConfig(), threads=1)
     out = str(tmp_path / "out")
     committer = PartCommitter(out, info.model_id, DecodeConfig())
     for block in read_decode_part(part, cfg, ImageResizer(preprocess_spec(info.encoder)), block_rows=4):
