@@ -6,7 +6,8 @@
 Ray Data pipeline (stages in ``pipelines.caption.stages``): the driver plans the input into parts
 (``pipelines.io.sources``) -> read + safe decode + resize (one task per part) -> CLIP (``pipelines.clip_actor``;
 skipped when the input is only embedding tables) -> mapping network + batched decoding (by default one actor
-runs both) -> rows stream back to the driver, which commits each part as soon as all its rows have arrived.
+runs both) -> rows stream back to the driver, whose committer (``output.PartCommitter``, the shared
+``pipelines.committer.UnitCommitter``) commits each part as soon as all its rows have arrived.
 
 Output layout under ``output`` (each table folder holds only non-empty part files, so pandas, pyarrow,
 DuckDB, polars and Hugging Face ``datasets`` read it as it is):
@@ -293,8 +294,7 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
         summary.stage_seconds = {k: round(v, 3) for k, v in committer.stage_seconds.items()}
         summary.stage_cpu_seconds = {k: round(v, 3) for k, v in committer.stage_cpu_seconds.items()}
         summary.parts_failed = dict(committer.failed)
-        if committer.pending():
-            raise RuntimeError(f"pipeline ended with incomplete parts {committer.pending()[:5]} (rows lost?)")
+        committer.finish("caption")  # every part has a marker row: none can be left without rows
     summary.seconds = time.monotonic() - start
     storage.write_json(summary.as_dict(), meta_uri(cfg.output, "summary.json"))
     log.info("done: %s", json.dumps(summary.as_dict()))

@@ -1,9 +1,9 @@
 """The embed stages: images -> CLIP embedding tables, captions -> text-embedding tables.
 
 ``job`` the image embed stage (config, checks, Ray Data pipeline); ``output`` its table layout and per-shard
-commits; ``stages`` its row work (tar reading, decode, ``ShardAssembler``; no torch on import: decode tasks
+commits (``ShardCommitter``); ``stages`` its row work (tar reading, decode; no torch on import: decode tasks
 import it); ``text`` the embed-text stage; ``download_embed`` download + embed as one job. The CLIP actor
-(``pipelines.clip_actor``) is shared with caption.
+(``pipelines.clip_actor``) and the per-unit committer (``pipelines.committer``) are shared with caption.
 
 The stage's public names are re-exported here lazily (``pipelines._lazy``): importing the package imports
 no submodule, so ``import pipelines.embed.<module>`` stays as light as that module.
@@ -18,8 +18,8 @@ _EXPORTS = {
         "run_embed",
     ),
     "output": (
-        "build_tables", "commit_shard", "download_incomplete", "empty_uri", "errors_uri", "part_uri",
-        "remove_stale_temporaries", "rows_to_keep", "unread_reason",
+        "ShardCommitter", "build_tables", "commit_shard", "download_incomplete", "empty_uri", "errors_uri",
+        "part_uri", "remove_stale_temporaries", "rows_to_keep", "unread_reason",
     ),
     "text": (
         "EmbedTextConfig", "EmbedTextResult", "run_embed_text",

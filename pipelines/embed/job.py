@@ -7,7 +7,7 @@ Data flow (Ray Data, streaming):
   shard URIs --decode tasks (read tar, decode, resize to uint8)--> row batches
              --actor pool (``clip_actor.ClipActor``: normalise + CLIP forward, GPU + autocast when present)
              --> embedded rows
-             --driver (ShardAssembler)--> ``<root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet``
+             --driver (``output.ShardCommitter``)--> ``<root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet``
                                           and ``<root>/_meta/embeddings/<dataset>/<clip-tag>/errors/part-<shard>.parquet``
 A shard is committed (atomic write) as soon as all its rows are back, so a killed run loses at most the
 shards in flight, and a rerun skips every shard whose ``part-<shard>.parquet`` (or, for a shard without one
@@ -221,9 +221,9 @@ def build_dataset(cfg: EmbedConfig, pending: list[str]) -> Any:
 
 
 def _drain(cfg: EmbedConfig, ds: Any, pending: list[str], dim: int, t0: float, result: EmbedResult) -> None:
-    by_name = {st.shard_name(u): u for u in pending}
-    assembler, committed = st.ShardAssembler(), set()
-    rows = errors = seen = 0
+    committer = output.ShardCommitter(cfg, pending, dim)
+    done: list[tuple[int, int]] = []
+    seen = 0
     timeline: list[tuple[float, int]] = []
     # prefetch_batches=0: a block is handed over as soon as it is done (Ray Data's default prefetch of 1 held
     # each block back until the next was done too: the first rows and each shard commit came one actor task,
@@ -234,26 +234,11 @@ def _drain(cfg: EmbedConfig, ds: Any, pending: list[str], dim: int, t0: float, r
             raise ValueError(f"model {cfg.encoder.model_name} gave D={got}, its config says {dim}")
         seen += len(batch[st.KEY])
         timeline.append((time.perf_counter() - t0, seen))
-        for shard in assembler.add(batch):
-            committed.add(shard)
-            n, e = _commit_or_fail(cfg, by_name[shard], assembler.pop(shard), dim, result)
-            rows, errors = rows + n, errors + e
-    if assembler.incomplete():
-        raise RuntimeError(f"embedding ended with incomplete shard(s) {assembler.incomplete()} (rows lost?)")
-    for shard in sorted(set(by_name) - committed):  # shards with no samples at all
-        n, e = _commit_or_fail(cfg, by_name[shard], None, dim, result)
-        rows, errors = rows + n, errors + e
-    result.rows, result.errors, result.timeline = rows, errors, timeline
-
-
-def _commit_or_fail(cfg: EmbedConfig, shard_uri: str, cols: dict[str, np.ndarray] | None, dim: int,
-                    result: EmbedResult) -> tuple[int, int]:
-    why = output.unread_reason(cols) or output.download_incomplete(shard_uri)
-    if why is None:
-        return output.commit_shard(cfg, shard_uri, cols, dim)
-    log.error("shard %s is not done (a rerun retries it): %s", shard_uri, why)
-    result.failed[shard_uri] = why
-    return 0, 0
+        done += committer.add(batch)
+    done += committer.finish("embedding", committer.uris)  # + shards with no samples at all
+    result.rows, result.errors = sum(n for n, _ in done), sum(e for _, e in done)
+    result.timeline = timeline
+    result.failed = {committer.uris[s]: why for s, why in committer.failed.items()}
 
 
 def run_embed(cfg: EmbedConfig, ray_address: str | None = None) -> EmbedResult:

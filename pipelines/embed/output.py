@@ -3,9 +3,9 @@
 Layout (see ``pipelines.embed.job``): ``<root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet`` (only
 non-empty part files) and ``<root>/_meta/embeddings/<dataset>/<clip-tag>/`` (``errors/part-<shard>.parquet``,
 ``empty/part-<shard>.json`` done-markers of shards without one good sample). ``commit_shard`` writes one shard
-(errors table, then the part file or the empty marker, each atomic); ``unread_reason`` and
-``download_incomplete`` say why a shard must not be committed yet. ``rows_to_keep`` and ``fixed_list`` are
-shared with embed-text.
+(errors table, then the part file or the empty marker, each atomic); ``ShardCommitter`` is the shared
+``pipelines.committer.UnitCommitter`` with embed's hooks: a shard that could not be read, or whose download
+recorded transient failures, is not committed. ``rows_to_keep`` and ``fixed_list`` are shared with embed-text.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipcap_core import encoders
+from pipelines.committer import UnitCommitter
 from pipelines.embed import stages as st
 from pipelines.io import schemas, storage
 
@@ -146,3 +147,17 @@ def commit_shard(cfg: EmbedConfig, shard_uri: str, cols: dict[str, np.ndarray] |
     return table.num_rows, len(errs)
 
 
+class ShardCommitter(UnitCommitter):
+    """Embed's driver side: rows back into shards (columns ``shard`` / ``index`` / ``shard_total``), each
+    complete shard committed by ``commit_shard``. Units are shard names; ``uris`` maps them to the shards."""
+
+    def __init__(self, cfg: EmbedConfig, shard_uris: list[str], dim: int):
+        super().__init__(unit=st.SHARD, index=st.INDEX, total=st.TOTAL, noun="shard")
+        self.cfg, self.dim = cfg, dim
+        self.uris = {st.shard_name(u): u for u in shard_uris}
+
+    def unread(self, unit: str, rows: dict[str, np.ndarray] | None) -> str | None:
+        return unread_reason(rows) or download_incomplete(self.uris[unit])
+
+    def commit(self, unit: str, rows: dict[str, np.ndarray] | None) -> tuple[int, int]:
+        return commit_shard(self.cfg, self.uris[unit], rows, self.dim)

@@ -8,8 +8,9 @@ Data flow (Ray Data, streaming):
   driver: input files -> parts (``text_sources.plan_parts``: key, caption, per-row error) -> one block per part
   --actor pool (``pipelines.clip_actor.ClipActor``, text only: the CLIP text tower, GPU + autocast when present)
   --> embedded rows
-  --driver (``pipelines.embed.stages.ShardAssembler``)--> ``<root>/text-embeddings/<dataset>/<clip-tag>/part-<id>.parquet``
-                                                and ``<root>/_meta/text-embeddings/.../errors/part-<id>.parquet``
+  --driver (``TextCommitter``, the shared ``pipelines.committer.UnitCommitter``)
+  --> ``<root>/text-embeddings/<dataset>/<clip-tag>/part-<id>.parquet``
+      and ``<root>/_meta/text-embeddings/.../errors/part-<id>.parquet``
 Columns ``key``, ``caption``, ``text_embedding`` (``schemas.text_embedding_schema``) with the image tables'
 Parquet metadata (CLIP model, D, dtype, code version, source) plus ``clipcap.truncated``: how many captions of
 the part were longer than the CLIP context and cut to it (open_clip's tokenizer truncates; we count).
@@ -37,6 +38,7 @@ from clipcap_core.configs import to_dict
 from clipcap_core.encoders import EncoderConfig
 from pipelines import runtime
 from pipelines.clip_actor import ClipActor
+from pipelines.committer import UnitCommitter
 from pipelines.embed import job as embed
 from pipelines.embed import output
 from pipelines.embed import stages as st
@@ -165,9 +167,11 @@ def commit_part(cfg: EmbedTextConfig, part: text_sources.TextPart, cols: dict[st
 
 # --- the Ray pipeline ---------------------------------------------------------------------------------------
 def part_block(part: text_sources.TextPart) -> pa.Table:
-    """A part as one block of rows tagged with the part id and its row count (``ShardAssembler`` columns)."""
+    """A part as one block of rows tagged with the part id, member index and row count (the committer's
+    columns, as the image embed stage's)."""
     n = len(part)
-    return pa.table({st.SHARD: [part.part_id] * n, st.TOTAL: pa.array([n] * n, pa.int64()),
+    return pa.table({st.SHARD: [part.part_id] * n, st.INDEX: pa.array(range(n), pa.int64()),
+                     st.TOTAL: pa.array([n] * n, pa.int64()),
                      st.KEY: pa.array(part.keys, pa.string()), st.CAPTION: pa.array(part.captions, pa.string()),
                      st.SOURCE: [f"{part.source}#{k}" for k in part.keys], st.ERROR: part.errors})
 
@@ -190,24 +194,30 @@ def build_dataset(cfg: EmbedTextConfig, pending: list[text_sources.TextPart]) ->
                                "count_truncated": True})
 
 
+class TextCommitter(UnitCommitter):
+    """embed-text's driver side: rows back into parts (the image embed stage's columns), each complete part
+    committed by ``commit_part``; a text part has no unreadable input (its reading happened on the driver)."""
+
+    def __init__(self, cfg: EmbedTextConfig, parts: list[text_sources.TextPart], dim: int):
+        super().__init__(unit=st.SHARD, index=st.INDEX, total=st.TOTAL, noun="part")
+        self.cfg, self.dim, self.parts = cfg, dim, {p.part_id: p for p in parts}
+
+    def commit(self, unit: str, rows: dict[str, np.ndarray] | None) -> tuple[int, int, int]:
+        return commit_part(self.cfg, self.parts[unit], rows, self.dim)
+
+
 def _drain(cfg: EmbedTextConfig, pending: list[text_sources.TextPart], dim: int) -> tuple[int, int, int]:
-    by_id = {p.part_id: p for p in pending}
-    assembler, committed, totals = st.ShardAssembler(), set(), [0, 0, 0]
+    committer = TextCommitter(cfg, pending, dim)
+    done: list[tuple[int, int, int]] = []
     if any(len(p) for p in pending):
         for batch in build_dataset(cfg, pending).iter_batches(batch_size=None, batch_format="numpy",
                                                                 prefetch_batches=0):  # see embed._drain
             got = np.asarray(batch[schemas.TEXT_EMBEDDING]).shape[-1]
             if got != dim:
                 raise ValueError(f"model {cfg.encoder.model_name} gave D={got}, its config says {dim}")
-            for pid in assembler.add(batch):
-                totals = [a + b for a, b in zip(totals, commit_part(cfg, by_id[pid], assembler.pop(pid), dim),
-                                                strict=True)]
-                committed.add(pid)
-    if assembler.incomplete():
-        raise RuntimeError(f"embed-text ended with incomplete part(s) {assembler.incomplete()}")
-    for pid in sorted(set(by_id) - committed):  # parts without rows
-        totals = [a + b for a, b in zip(totals, commit_part(cfg, by_id[pid], None, dim), strict=True)]
-    return totals[0], totals[1], totals[2]
+            done += committer.add(batch)
+    done += committer.finish("embed-text", committer.parts)  # + parts without rows
+    return sum(d[0] for d in done), sum(d[1] for d in done), sum(d[2] for d in done)
 
 
 def run_embed_text(cfg: EmbedTextConfig, ray_address: str | None = None) -> EmbedTextResult:

@@ -51,8 +51,10 @@ def test_committer_waits_for_every_row_dedups_retries_and_writes_ranked_rows(tmp
     assert schemas.read_metadata(table.schema)[schemas.META_PART] == "p1"
     errors = pq.read_table(errors_uri(out, "p1"))
     assert errors.to_pylist() == [{"key": "c.jpg", "source": "src", "stage": "decode", "error": "not an image"}]
+    assert c.add(_stage_rows("p1", [(1, "b.jpg", ["x b", "y b"], None)], total=None)) == []  # late copy: dropped
+    assert c.pending() == []
     # recommitting the part without errors (an overwrite run) removes the stale errors file
-    c.add(_stage_rows("p1", [(0, "a.jpg", ["x a", "y a"], None)], total=1))
+    PartCommitter(out, "tiny@abc", DecodeConfig()).add(_stage_rows("p1", [(0, "a.jpg", ["x a", "y a"], None)], total=1))
     assert not storage.exists(errors_uri(out, "p1"))
 
 

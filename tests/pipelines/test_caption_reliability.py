@@ -227,7 +227,7 @@ def test_rows_lost_in_the_pipeline_fail_the_run_naming_the_part(saved_tiny, imag
 
     lost_row = _rows("images-00000", [], 1)  # the marker says 1 member, the member row never arrives
     monkeypatch.setattr(caption, "build_dataset", lambda cfg, plan: _Blocks([lost_row]))
-    with pytest.raises(RuntimeError, match=r"incomplete parts \['images-00000'\] \(rows lost\?\)"):
+    with pytest.raises(RuntimeError, match=r"incomplete part\(s\) \['images-00000'\] \(rows lost\?\)"):
         caption.caption_archive(_cfg(images, tmp_path / "out", saved_tiny))
     assert done_parts(str(tmp_path / "out")) == set()
 
@@ -239,9 +239,9 @@ def test_embed_rows_lost_in_the_pipeline_fail_the_run_naming_the_shard(tmp_path)
     from pipelines.embed.job import EmbedConfig, EmbedResult, _drain
 
     n = 1
-    batch = {st.SHARD: np.array(["00007"], dtype=object), st.TOTAL: np.full(n, 2), st.KEY: np.array(["k"], object),
-             st.CAPTION: np.array(["c"], object), st.URL: np.array([None], object), st.SOURCE: np.array(["s"], object),
-             st.ERROR: np.array([""], object), st.UNREAD: np.zeros(n, bool),
+    batch = {st.SHARD: np.array(["00007"], dtype=object), st.INDEX: np.zeros(n, np.int64), st.TOTAL: np.full(n, 2),
+             st.KEY: np.array(["k"], object), st.CAPTION: np.array(["c"], object), st.URL: np.array([None], object),
+             st.SOURCE: np.array(["s"], object), st.ERROR: np.array([""], object), st.UNREAD: np.zeros(n, bool),
              "image_embedding": np.ones((n, 128), np.float32)}
     cfg = EmbedConfig(input=str(tmp_path), output_root=str(tmp_path / "o"), dataset="d")
     result = EmbedResult(table_uri=cfg.table_uri, shards=1, skipped=0, written=1, rows=0, errors=0, dim=128, wall_s=0)

@@ -49,11 +49,11 @@ def test_column_adapter_embeds_images_and_captions_of_good_rows_only(actor):
     every other column passed through, error rows zeros."""
     enc = actor.encoder
     pixels = np.stack([enc.resize(im) for im in _images()[:3]])
-    batch = {st.SHARD: np.array(["s"] * 3, dtype=object), st.KEY: np.array(["a", "b", "c"], dtype=object),
-             st.CAPTION: np.array(["one red circle", "bad", None], dtype=object),
+    batch = {st.SHARD: np.array(["s"] * 3, dtype=object), st.INDEX: np.arange(3), st.KEY: np.array(["a", "b", "c"],
+             dtype=object), st.CAPTION: np.array(["one red circle", "bad", None], dtype=object),
              st.ERROR: np.array(["", "not an image", ""], dtype=object), st.PIXELS: pixels}
     out = actor(batch)
-    assert sorted(out) == sorted([st.SHARD, st.KEY, st.CAPTION, st.ERROR, schemas.IMAGE_EMBEDDING,
+    assert sorted(out) == sorted([st.SHARD, st.INDEX, st.KEY, st.CAPTION, st.ERROR, schemas.IMAGE_EMBEDDING,
                                   schemas.TEXT_EMBEDDING])
     np.testing.assert_allclose(out[schemas.IMAGE_EMBEDDING][[0, 2]], enc.encode_pixels(pixels[[0, 2]]), atol=1e-5)
     np.testing.assert_allclose(out[schemas.TEXT_EMBEDDING][[0, 2]], enc.encode_text(["one red circle", ""]),

@@ -97,6 +97,7 @@ def test_text_tower_core_and_table(encoder):
                                  ["", "", "", "empty caption"])
     batch = {k: v.to_numpy(zero_copy_only=False) for k, v in zip(
         embed_text.part_block(part).column_names, embed_text.part_block(part).columns, strict=True)}
+    assert batch[st.INDEX].tolist() == [0, 1, 2, 3] and batch[st.TOTAL].tolist() == [4] * 4
     actor = ClipActor(EncoderConfig(model_name="tiny"), threads=1, images=False, texts=True, count_truncated=True)
     assert isinstance(actor.encoder.model.visual, torch.nn.Identity)  # text only: no image tower kept
     out = actor(batch)
