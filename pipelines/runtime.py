@@ -139,3 +139,14 @@ def pixel_block_bytes(rows: int, size: int | tuple[int, int]) -> int:
     height, width = (size, size) if isinstance(size, int) else size
     return max(1 << 16, int(1.2 * rows * height * width * 3))
 
+
+
+def actor_device(use_gpu: bool, threads: int = 0) -> str:
+    """Inside an actor: set torch's intra-op threads to the actor's share (0: torch's default) and return its
+    device. Under Ray an actor with ``num_gpus`` sees only its own GPU(s) (``CUDA_VISIBLE_DEVICES``) as
+    "cuda"; never assume cuda:0 is free."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)  # the actor's CPU share, no more: read/decode tasks run beside it
+    return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"

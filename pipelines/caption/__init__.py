@@ -1,7 +1,8 @@
 """Bulk captioning: image archives -> caption tables + errors table.
 
-``job`` config, checks, the Ray Data pipeline; ``stages`` read+decode tasks, CLIP and decoding
-actors (no torch on import: read tasks import it); ``output`` the output layout and committer.
+``job`` config, checks, the Ray Data pipeline; ``stages`` read+decode tasks and the decoding actors (no
+torch on import: read tasks import it); ``output`` the output layout and committer. The CLIP actor
+(``pipelines.clip_actor``) and the per-unit committer (``pipelines.committer``) are shared with embed.
 
 The stage's public names are re-exported here lazily (``pipelines._lazy``): importing the package imports
 no submodule, so ``import pipelines.caption.<module>`` stays as light as that module.

@@ -4,9 +4,10 @@
                                             model="s3://b/models/m1"))
 
 Ray Data pipeline (stages in ``pipelines.caption.stages``): the driver plans the input into parts
-(``pipelines.io.sources``) -> read + safe decode + resize (one task per part) -> CLIP (actor pool; skipped when
-the input is only embedding tables) -> mapping network + batched decoding (actor pool) -> rows stream back to
-the driver, which commits each part as soon as all its rows have arrived.
+(``pipelines.io.sources``) -> read + safe decode + resize (one task per part) -> CLIP (``pipelines.clip_actor``;
+skipped when the input is only embedding tables) -> mapping network + batched decoding (by default one actor
+runs both) -> rows stream back to the driver, whose committer (``output.PartCommitter``, the shared
+``pipelines.committer.UnitCommitter``) commits each part as soon as all its rows have arrived.
 
 Output layout under ``output`` (each table folder holds only non-empty part files, so pandas, pyarrow,
 DuckDB, polars and Hugging Face ``datasets`` read it as it is):
@@ -293,8 +294,7 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
         summary.stage_seconds = {k: round(v, 3) for k, v in committer.stage_seconds.items()}
         summary.stage_cpu_seconds = {k: round(v, 3) for k, v in committer.stage_cpu_seconds.items()}
         summary.parts_failed = dict(committer.failed)
-        if committer.pending():
-            raise RuntimeError(f"pipeline ended with incomplete parts {committer.pending()[:5]} (rows lost?)")
+        committer.finish("caption")  # every part has a marker row: none can be left without rows
     summary.seconds = time.monotonic() - start
     storage.write_json(summary.as_dict(), meta_uri(cfg.output, "summary.json"))
     log.info("done: %s", json.dumps(summary.as_dict()))
@@ -305,7 +305,8 @@ def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
     import ray.data
 
     from clipcap_core.encoders import preprocess_spec
-    from pipelines.caption.stages import CaptionStage, ClipCaptionStage, ClipStage, read_decode_batch
+    from pipelines.caption.stages import CaptionStage, ClipCaptionStage, read_decode_batch
+    from pipelines.clip_actor import ClipActor
 
     runtime.ensure_ray()  # RAY_ADDRESS if set, else a local instance (as Ray Data would do)
     res = cfg.resources
@@ -342,8 +343,8 @@ def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
                                                          clip_batch_size=res.clip_batch_size,
                                                          clip_score=cfg.clip_score))
     if clip_pool is not None:
-        ds = ds.map_batches(ClipStage, batch_size=res.clip_batch_size, **actor(clip_pool),
-                            fn_constructor_kwargs=dict(encoder_cfg=plan.model_info.encoder, precision=res.precision,
+        ds = ds.map_batches(ClipActor, batch_size=res.clip_batch_size, **actor(clip_pool),
+                            fn_constructor_kwargs=dict(encoder=plan.model_info.encoder, precision=res.precision,
                                                        use_gpu=clip_pool.use_gpu, threads=clip_pool.torch_threads))
     return ds.map_batches(CaptionStage, batch_size=res.caption_batch_size, **actor(pool),
                           fn_constructor_kwargs=dict(caption_kw, encoder_cfg=score_cfg))

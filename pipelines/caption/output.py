@@ -1,4 +1,5 @@
-"""The output side of bulk captioning: the output layout and the per-part committer (``PartCommitter``).
+"""The output side of bulk captioning: the output layout and the per-part committer (``PartCommitter``, the
+shared ``pipelines.committer.UnitCommitter`` with caption's hooks).
 
 Layout under a caption run's ``output`` (see ``pipelines.caption.job``): ``captions/part-<id>.parquet`` (the table:
 only non-empty part files, so every common Parquet reader takes the folder as it is) and ``_meta/`` (the
@@ -20,6 +21,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from clipcap_core.configs import to_dict
 from clipcap_core.decoding import DecodeConfig
 from pipelines.caption.stages import TIMING_COLUMNS
+from pipelines.committer import UnitCommitter
 from pipelines.io import schemas, sources, storage
 
 log = logging.getLogger(__name__)
@@ -129,57 +131,44 @@ def _clear_output(output: str, previous: dict | None = None) -> None:
 
 
 # --- committing parts -------------------------------------------------------------------------------------------
-class PartCommitter:
-    """Collects stage rows per part (dedup by member index) and commits a part once all its rows arrived."""
+class PartCommitter(UnitCommitter):
+    """Caption's driver side: the shared per-unit committer (rows back into parts, dedup by member index, a
+    marker row per part carrying its total) with caption's hooks: a part with a ``sources.UNIT_STAGE`` row is
+    unread (failed, not committed), any other is written by ``commit``. Also sums the stages' timing columns."""
 
     def __init__(self, output: str, model_id: str, decoding: DecodeConfig, rerank: str = "none"):
+        super().__init__(unit="part_id", index="index", total="total", noun="part")
         self.output, self.model_id = output, model_id
         self.meta = {schemas.META_MODEL: model_id, schemas.META_DECODING: json.dumps(to_dict(decoding)),
                      schemas.META_SCHEMA_VERSION: schemas.SCHEMA_VERSION, schemas.META_RERANK: rerank}
-        self.rows: dict[str, dict[int, dict[str, Any]]] = {}
-        self.totals: dict[str, int] = {}
-        self.committed: list[str] = []
-        self.failed: dict[str, str] = {}  # part id -> why its input could not be read (not committed)
         self.stage_seconds: dict[str, float] = {}
         self.stage_cpu_seconds: dict[str, float] = {}
 
-    def add(self, table: pa.Table) -> list[tuple[str, int, int, int]]:
+    def add(self, block: pa.Table) -> list[tuple[str, int, int, int]]:
         """Take a block of final-stage rows; return (part id, images, captions, errors) of parts committed."""
-        done = []
-        touched = set()
         for name in TIMING_COLUMNS:
-            if name in table.column_names:
+            if name in block.column_names:
                 kind, stage = name.split("_", 1)
                 bucket = self.stage_seconds if kind == "t" else self.stage_cpu_seconds
-                bucket[stage] = bucket.get(stage, 0.0) + float(pa.compute.sum(table.column(name)).as_py() or 0.0)
-        for row in table.to_pylist():
-            pid = row["part_id"]
-            touched.add(pid)
-            if row["index"] < 0:
-                self.totals[pid] = row["total"]
-            else:
-                self.rows.setdefault(pid, {})[row["index"]] = row
-        for pid in sorted(touched):
-            if pid in self.totals and len(self.rows.get(pid, {})) >= self.totals[pid]:
-                rows = list(self.rows.pop(pid, {}).values())
-                del self.totals[pid]
-                unread = [r for r in rows if r["stage"] == sources.UNIT_STAGE]
-                if unread:
-                    self.failed[pid] = f"{unread[0]['source']}: {unread[0]['error']}"
-                    log.error("part %s is not done (a rerun retries it): %s", pid, self.failed[pid])
-                    continue
-                self.failed.pop(pid, None)
-                done.append(self.commit(pid, rows))
-        return done
+                bucket[stage] = bucket.get(stage, 0.0) + float(pa.compute.sum(block.column(name)).as_py() or 0.0)
+        return super().add(block)
 
-    def pending(self) -> list[str]:
-        return sorted(set(self.rows) | set(self.totals))
+    def unread(self, part_id: str, rows: pa.Table | None) -> str | None:
+        if rows is None:
+            return None
+        stages = rows.column("stage").to_pylist()
+        if sources.UNIT_STAGE not in stages:
+            return None
+        row = rows.slice(stages.index(sources.UNIT_STAGE), 1).to_pylist()[0]
+        return f"{row['source']}: {row['error']}"
 
-    def commit(self, part_id: str, rows: list[dict[str, Any]]) -> tuple[str, int, int, int]:
+    def commit(self, part_id: str, rows: pa.Table | None) -> tuple[str, int, int, int]:
+        """Errors table (or drop a stale one), then the caption part file or the empty marker (last: "done")."""
+        members = rows.to_pylist() if rows is not None else []
         now = datetime.now(timezone.utc)
         caps: dict[str, list[Any]] = {n: [] for n in schemas.CAPTIONS_SCORED_SCHEMA.names}
         errs: dict[str, list[Any]] = {n: [] for n in schemas.ERRORS_SCHEMA.names}
-        for row in sorted(rows, key=lambda r: (r["key"], r["index"])):
+        for row in sorted(members, key=lambda r: (r["key"], r["index"])):
             if row["error"] is None and row.get("captions"):
                 clip = row.get("clip_scores") or [None] * len(row["captions"])
                 for rank, (text, score) in enumerate(zip(row["captions"], row["scores"], strict=True)):
@@ -205,6 +194,5 @@ class PartCommitter:
             storage.atomic_write_table(captions, part_uri(self.output, part_id))
         else:  # a 0-row Parquet file breaks Hugging Face datasets: the marker lives under _meta instead
             storage.write_json({"part": part_id, "errors": errors.num_rows}, empty_uri(self.output, part_id))
-        self.committed.append(part_id)
-        images = len(rows)
+        images = len(members)
         return part_id, images, images - errors.num_rows, captions.num_rows

@@ -6,10 +6,12 @@ Rows flow between stages as pyarrow tables with the columns of ``STAGE_SCHEMA``:
   bytes; embedding-table rows carry their embedding; failures become error rows. The last row of each part
   is a *marker* (``index`` -1) whose ``total`` says how many member rows the part has, so the driver knows
   when a part is complete however the rows were spread over actors.
-- ``ClipStage`` (actor pool): ``pixels`` -> ``embedding`` (float32 bytes), normalising on the device.
+- CLIP (``pipelines.clip_actor.ClipActor``, the one CLIP actor of every stage; its pyarrow adapter):
+  ``pixels`` -> ``embedding`` (float32 bytes), normalising on the device.
 - ``CaptionStage`` (actor pool): ``embedding`` -> ``captions`` / ``scores`` / ``clip_scores`` (n per image,
   best first: by the decoder, or by CLIP similarity with rerank "clip") with batched KV-cache decoding and
-  the model's CLIP text encoder.
+  the model's CLIP text encoder. ``ClipCaptionStage`` (the default) runs a ``ClipActor`` and a ``CaptionStage``
+  in one actor.
 Rows that a stage has nothing to do for (errors, markers, embeddings at the CLIP stage) pass through.
 """
 
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipelines import runtime
 from pipelines.io import sources
 from pipelines.io.imaging import ImageDecodeError, decode_image
 
@@ -38,7 +41,9 @@ STAGE_SCHEMA = pa.schema([
 TIMING_COLUMNS = ("t_read", "cpu_read", "t_clip", "cpu_clip", "t_caption", "cpu_caption")
 
 
-class _Clock:
+class Clock:
+    """Wall and process-CPU seconds since the last lap (the timing columns of every stage)."""
+
     def __init__(self) -> None:
         self.wall, self.cpu = time.perf_counter(), time.process_time()
 
@@ -91,7 +96,7 @@ def _decode_record(rec: sources.Record, resizer: Any, cfg: sources.SourceConfig,
 def read_decode_part(part: sources.Part, cfg: sources.SourceConfig, resizer: Any, block_rows: int,
                      draft: tuple[int, int] | None = None) -> Iterator[pa.Table]:
     """Records of ``part`` as stage rows in blocks of ``block_rows``, then the part's marker row."""
-    rows, n, clock = _Rows(), 0, _Clock()
+    rows, n, clock = _Rows(), 0, Clock()
     for rec in sources.read_part(part, cfg):
         rows.add(part.part_id, n, rec.key, rec.source, **_decode_record(rec, resizer, cfg, draft))
         n += 1
@@ -122,50 +127,11 @@ def read_decode_batch(batch: pa.Table, *, cfg_json: str, spec: Any, block_rows: 
         yield from read_decode_part(sources.Part.from_json(text), cfg, resizer, block_rows, draft)
 
 
-def _device(use_gpu: bool) -> str:
-    import torch
-
-    # Under Ray, an actor with num_gpus sees only its own GPU(s) as "cuda"; never assume cuda:0 is free.
-    return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-
-
-def _set_threads(threads: int) -> None:
-    import torch
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-
-
 def binary_rows(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[bytes]]:
     """Indices of the non-empty values of a binary column, and those values."""
     values = col.to_pylist()
     idx = np.array([i for i, v in enumerate(values) if v], dtype=np.int64)
     return idx, [values[i] for i in idx]
-
-
-class ClipStage:
-    """Actor: resized uint8 pixels -> CLIP image embeddings (float32 bytes)."""
-
-    def __init__(self, encoder_cfg: Any, precision: str = "fp32", use_gpu: bool = False, threads: int = 0):
-        from clipcap_core.encoders import load_encoder
-
-        _set_threads(threads)
-        self.encoder = load_encoder(encoder_cfg, device=_device(use_gpu), precision=precision)
-        size = self.encoder.spec.size
-        self.hw = (size, size) if isinstance(size, int) else tuple(size)
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        clock = _Clock()
-        idx, blobs = binary_rows(table.column("pixels"))
-        emb = table.column("embedding").to_pylist()
-        if len(idx):
-            pixels = np.stack([np.frombuffer(b, dtype=np.uint8) for b in blobs]).reshape(len(idx), *self.hw, 3)
-            out = self.encoder.encode_pixels(pixels)  # (B, D) float32
-            for j, i in enumerate(idx):
-                emb[i] = out[j].tobytes()
-        table = table.drop_columns(["pixels", "embedding"])
-        table = table.append_column("embedding", pa.array(emb, type=pa.binary()))
-        return _with_time(table, "clip", clock.lap())
 
 
 class CaptionStage:
@@ -176,17 +142,16 @@ class CaptionStage:
     def __init__(self, model_uri: str, decoding: Any, precision: str = "fp32", use_gpu: bool = False,
                  threads: int = 0, encoder_cfg: Any = None, rerank: str = "none", projection: Any = None):
         from clipcap_core.clipscore import ClipScorer
-        from clipcap_core.encoders import load_encoder
+        from pipelines.clip_actor import ClipActor
 
-        _set_threads(threads)
-        self.decoder = Decoder(model_uri, decoding, device=_device(use_gpu), precision=precision,
-                               projection=projection)
+        self.decoder = Decoder(model_uri, decoding, device=runtime.actor_device(use_gpu, threads),
+                               precision=precision, projection=projection)
         self.scorer = None if encoder_cfg is None else ClipScorer(
-            load_encoder(encoder_cfg, device=_device(use_gpu), precision=precision))
+            ClipActor(encoder_cfg, precision=precision, use_gpu=use_gpu, threads=threads).encoder)
         self.rerank = rerank
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        clock = _Clock()
+        clock = Clock()
         idx, blobs = binary_rows(table.column("embedding"))
         n = len(table)
         captions: list[list[str] | None] = [None] * n
@@ -204,7 +169,7 @@ class CaptionStage:
         table = table.append_column("captions", pa.array(captions, type=pa.list_(pa.string())))
         table = table.append_column("scores", pa.array(scores, type=pa.list_(pa.float32())))
         table = table.append_column("clip_scores", pa.array(clip, type=pa.list_(pa.float32())))
-        return _with_time(table, "caption", clock.lap())
+        return with_time(table, "caption", clock.lap())
 
 
 class ClipCaptionStage:
@@ -217,8 +182,9 @@ class ClipCaptionStage:
                  use_gpu: bool = False, threads: int = 0, rerank: str = "none", projection: Any = None,
                  clip_batch_size: int = 64, clip_score: bool = True):
         from clipcap_core.clipscore import ClipScorer
+        from pipelines.clip_actor import ClipActor
 
-        self.clip = ClipStage(encoder_cfg, precision, use_gpu, threads)
+        self.clip = ClipActor(encoder_cfg, precision=precision, use_gpu=use_gpu, threads=threads)
         self.caption = CaptionStage(model_uri, decoding, precision, use_gpu, threads, encoder_cfg=None,
                                     rerank=rerank, projection=projection)
         if clip_score:
@@ -252,7 +218,7 @@ def score_and_rank(image_emb: np.ndarray, texts: list[list[str]], scores: list[l
             [[float(c[k]) for k in o] for c, o in zip(clip, order, strict=True)])
 
 
-def _with_time(table: pa.Table, stage: str, lap: tuple[float, float]) -> pa.Table:
+def with_time(table: pa.Table, stage: str, lap: tuple[float, float]) -> pa.Table:
     n = len(table)
     for prefix, value in zip(("t_", "cpu_"), lap, strict=True):
         table = table.append_column(prefix + stage, pa.array([value / n] * n if n else [], type=pa.float64()))

@@ -5,8 +5,9 @@
 
 Data flow (Ray Data, streaming):
   shard URIs --decode tasks (read tar, decode, resize to uint8)--> row batches
-             --actor pool (EmbedActor: normalise + CLIP forward, GPU + autocast when present)--> embedded rows
-             --driver (ShardAssembler)--> ``<root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet``
+             --actor pool (``clip_actor.ClipActor``: normalise + CLIP forward, GPU + autocast when present)
+             --> embedded rows
+             --driver (``output.ShardCommitter``)--> ``<root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet``
                                           and ``<root>/_meta/embeddings/<dataset>/<clip-tag>/errors/part-<shard>.parquet``
 A shard is committed (atomic write) as soon as all its rows are back, so a killed run loses at most the
 shards in flight, and a rerun skips every shard whose ``part-<shard>.parquet`` (or, for a shard without one
@@ -32,12 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from clipcap_core import encoders
 from clipcap_core.encoders import EncoderConfig
 from pipelines import exitcodes, runtime
+from pipelines.clip_actor import ClipActor
+from pipelines.embed import output
 from pipelines.embed import stages as st
 from pipelines.io import imaging, schemas, storage
 
@@ -146,19 +147,6 @@ def list_shards(input_uri: str) -> list[str]:
     return storage.list_files(input_uri, ".tar")
 
 
-def part_uri(table_uri: str, shard: str) -> str:
-    return storage.join(table_uri, f"part-{shard}.parquet")
-
-
-def errors_uri(meta_uri: str, shard: str) -> str:
-    return storage.join(meta_uri, "errors", f"part-{shard}.parquet")
-
-
-def empty_uri(meta_uri: str, shard: str) -> str:
-    """Done-marker of a shard without one good sample (a 0-row part file breaks Hugging Face ``datasets``)."""
-    return storage.join(meta_uri, "empty", f"part-{shard}.json")
-
-
 def pending_shards(cfg: EmbedConfig, shards: list[str]) -> list[str]:
     # A 0-row part file of an older run (before _meta/empty) still counts as done.
     done = {posixpath.basename(u) for u in storage.list_files(cfg.table_uri, ".parquet")}
@@ -208,116 +196,6 @@ def validate(cfg: EmbedConfig) -> list[str]:
     return shards
 
 
-def remove_stale_temporaries(table_uri: str, meta_uri: str) -> int:
-    """Delete ``_tmp.*`` files a killed run left behind (no other writer may be running on this table)."""
-    fs, path = storage.filesystem(table_uri)
-    meta = storage.filesystem(meta_uri)[1]
-    n = 0
-    for folder in (path, posixpath.join(meta, "errors"), posixpath.join(meta, "empty")):
-        if fs.exists(folder):
-            for p in fs.ls(folder, detail=False):
-                if posixpath.basename(p).startswith("_tmp."):
-                    fs.rm(p)
-                    n += 1
-    return n
-
-
-# --- output tables ------------------------------------------------------------------------------------
-
-def _download_errors(shard_uri: str) -> list[dict[str, str]]:
-    """img2dataset's failed samples of a shard (its sibling .parquet) as errors rows (stage 'download')."""
-    meta_uri = shard_uri.removesuffix(".tar") + ".parquet"
-    if not storage.exists(meta_uri):
-        return []
-    t = pq.read_table(meta_uri, columns=["key", "url", "status", "error_message"]).to_pylist()
-    return [{"key": r["key"], "source": r["url"], "stage": "download", "error": r["error_message"] or r["status"]}
-            for r in t if r["status"] != "success"]
-
-
-def rows_to_keep(cols: dict[str, np.ndarray], *, failed_stage: str, duplicate_stage: str, unit: str
-                 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
-    """Of one unit's (shard's, part's) columns: the indices of the rows to write (sorted by key, the first row
-    of each key), their keys, and the error rows: one per failed row (``failed_stage``) and one per repeated
-    key (``duplicate_stage``). Shared by embed and embed-text."""
-    errs = [{"key": k, "source": s, "stage": failed_stage, "error": e}
-            for k, s, e in zip(cols[st.KEY], cols[st.SOURCE], cols[st.ERROR], strict=True) if e]
-    ok = np.flatnonzero([not e for e in cols[st.ERROR]])
-    keys = np.asarray(cols[st.KEY][ok], dtype=str)
-    order = np.argsort(keys, kind="stable")
-    uniq, first = np.unique(keys[order], return_index=True)
-    for i in sorted(set(range(len(order))) - set(first.tolist())):
-        j = ok[order[i]]
-        errs.append({"key": str(cols[st.KEY][j]), "source": str(cols[st.SOURCE][j]), "stage": duplicate_stage,
-                     "error": f"duplicate key in {unit}"})
-    return ok[order[first]], uniq, errs
-
-
-def build_tables(cols: dict[str, np.ndarray], cfg: EmbedConfig, dim: int, meta: dict[str, str]
-                 ) -> tuple[pa.Table, list[dict[str, str]]]:
-    """Embedding table (sorted by key, first row per key) + decode error rows of one shard's columns."""
-    rows, uniq, errs = rows_to_keep(cols, failed_stage="decode", duplicate_stage="embed", unit="shard")
-    np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
-    schema = schemas.with_metadata(schemas.embedding_schema(dim, cfg.dtype, cfg.text_embeddings), meta)
-    arrays = [pa.array(uniq.tolist(), pa.string()), pa.array(_strings(cols[st.CAPTION][rows]), pa.string()),
-              pa.array(_strings(cols[st.URL][rows]), pa.string()),
-              _fixed_list(cols["image_embedding"][rows], dim, np_dtype)]
-    if cfg.text_embeddings:
-        arrays.append(_fixed_list(cols["text_embedding"][rows], dim, np_dtype))
-    return pa.Table.from_arrays(arrays, schema=schema), errs
-
-
-def _strings(values: np.ndarray) -> list[str | None]:
-    """Optional text values as str / None: Ray Data hands a column that was all None in a block (shards without
-    URLs, e.g. not made by img2dataset) back as float32 NaN, which ``pa.array(..., pa.string())`` rejects."""
-    return [v if isinstance(v, str) else None for v in values]
-
-
-def _fixed_list(values: np.ndarray, dim: int, np_dtype: type) -> pa.FixedSizeListArray:
-    flat = np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(-1, dim), dtype=np_dtype).reshape(-1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
-
-
-def unread_reason(cols: dict[str, np.ndarray] | None) -> str | None:
-    """Why the shard could not be read at all, or None (per-sample errors do not count)."""
-    if cols is None or not np.asarray(cols[st.UNREAD], dtype=bool).any():
-        return None
-    return str(cols[st.ERROR][np.flatnonzero(np.asarray(cols[st.UNREAD], dtype=bool))[0]])
-
-
-def download_incomplete(shard_uri: str) -> str | None:
-    """Why a shard is not final yet: img2dataset recorded transient failures (outage, timeout, 5xx) that the
-    download stage retries on its next run; committing it now would keep those samples out for good."""
-    from pipelines.download.job import is_transient
-
-    n = sum(1 for e in _download_errors(shard_uri) if is_transient(e["error"]))
-    return (f"{n} sample(s) failed to download with transient errors; rerun the download, then embed again"
-            if n else None)
-
-
-def commit_shard(cfg: EmbedConfig, shard_uri: str, cols: dict[str, np.ndarray] | None, dim: int) -> tuple[int, int]:
-    """Write the errors table (if any, else drop a stale one), then the part file, or the empty marker when
-    no sample is good: the commit marker is written last. Returns (rows, error rows)."""
-    shard = st.shard_name(shard_uri)
-    meta = schemas.embedding_metadata(
-        clip_model=cfg.encoder.model_name, clip_pretrained=cfg.encoder.pretrained, dim=dim, dtype=cfg.dtype,
-        preprocess=encoders.preprocess_spec(cfg.encoder).describe(), source_shard=shard_uri)
-    if cols is None:  # a shard without samples still gets its (empty) part file, so reruns skip it
-        cols = {k: np.array([], dtype=object) for k in (st.KEY, st.CAPTION, st.URL, st.SOURCE, st.ERROR)}
-        cols["image_embedding"] = cols["text_embedding"] = np.zeros((0, dim), np.float32)
-    table, errs = build_tables(cols, cfg, dim, meta)
-    errs = _download_errors(shard_uri) + errs
-    err_uri = errors_uri(cfg.meta_uri, shard)
-    if errs:
-        storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA), err_uri)
-    elif storage.exists(err_uri):  # from an earlier attempt at this shard
-        storage.remove(err_uri)
-    if table.num_rows:
-        storage.atomic_write_table(table, part_uri(cfg.table_uri, shard))
-    else:
-        storage.write_json({"shard": shard_uri, "rows": 0, "errors": len(errs)}, empty_uri(cfg.meta_uri, shard))
-    return table.num_rows, len(errs)
-
-
 # --- the Ray pipeline ---------------------------------------------------------------------------------
 
 def build_dataset(cfg: EmbedConfig, pending: list[str]) -> Any:
@@ -335,18 +213,17 @@ def build_dataset(cfg: EmbedConfig, pending: list[str]) -> Any:
     ds = ds.map_batches(st.decode_shards, batch_size=1, num_cpus=plan.read_cpus, memory=res.decode_memory_mb * 2**20,
                         fn_kwargs={"spec": spec, "batch_rows": res.batch_size})
     return ds.map_batches(
-        st.EmbedActor, batch_size=res.batch_size, batch_format="numpy",
+        ClipActor, batch_size=res.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor,
-        fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision,
-                               "torch_threads": plan.torch_threads, "use_gpu": plan.use_gpu,
-                               "text_embeddings": cfg.text_embeddings})
+        fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision, "threads": plan.torch_threads,
+                               "use_gpu": plan.use_gpu, "texts": cfg.text_embeddings})
 
 
 def _drain(cfg: EmbedConfig, ds: Any, pending: list[str], dim: int, t0: float, result: EmbedResult) -> None:
-    by_name = {st.shard_name(u): u for u in pending}
-    assembler, committed = st.ShardAssembler(), set()
-    rows = errors = seen = 0
+    committer = output.ShardCommitter(cfg, pending, dim)
+    done: list[tuple[int, int]] = []
+    seen = 0
     timeline: list[tuple[float, int]] = []
     # prefetch_batches=0: a block is handed over as soon as it is done (Ray Data's default prefetch of 1 held
     # each block back until the next was done too: the first rows and each shard commit came one actor task,
@@ -357,26 +234,11 @@ def _drain(cfg: EmbedConfig, ds: Any, pending: list[str], dim: int, t0: float, r
             raise ValueError(f"model {cfg.encoder.model_name} gave D={got}, its config says {dim}")
         seen += len(batch[st.KEY])
         timeline.append((time.perf_counter() - t0, seen))
-        for shard in assembler.add(batch):
-            committed.add(shard)
-            n, e = _commit_or_fail(cfg, by_name[shard], assembler.pop(shard), dim, result)
-            rows, errors = rows + n, errors + e
-    if assembler.incomplete():
-        raise RuntimeError(f"embedding ended with incomplete shard(s) {assembler.incomplete()} (rows lost?)")
-    for shard in sorted(set(by_name) - committed):  # shards with no samples at all
-        n, e = _commit_or_fail(cfg, by_name[shard], None, dim, result)
-        rows, errors = rows + n, errors + e
-    result.rows, result.errors, result.timeline = rows, errors, timeline
-
-
-def _commit_or_fail(cfg: EmbedConfig, shard_uri: str, cols: dict[str, np.ndarray] | None, dim: int,
-                    result: EmbedResult) -> tuple[int, int]:
-    why = unread_reason(cols) or download_incomplete(shard_uri)
-    if why is None:
-        return commit_shard(cfg, shard_uri, cols, dim)
-    log.error("shard %s is not done (a rerun retries it): %s", shard_uri, why)
-    result.failed[shard_uri] = why
-    return 0, 0
+        done += committer.add(batch)
+    done += committer.finish("embedding", committer.uris)  # + shards with no samples at all
+    result.rows, result.errors = sum(n for n, _ in done), sum(e for _, e in done)
+    result.timeline = timeline
+    result.failed = {committer.uris[s]: why for s, why in committer.failed.items()}
 
 
 def run_embed(cfg: EmbedConfig, ray_address: str | None = None) -> EmbedResult:
@@ -389,7 +251,7 @@ def run_embed(cfg: EmbedConfig, ray_address: str | None = None) -> EmbedResult:
                          written=len(pending), rows=0, errors=0, dim=dim, wall_s=0.0)
     if pending:
         runtime.ensure_ray(ray_address)
-        remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
+        output.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
         log.info("embedding %d shard(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder, cfg.table_uri)
         _drain(cfg, build_dataset(cfg, pending), pending, dim, t0, result)
         result.written -= len(result.failed)

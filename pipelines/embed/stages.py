@@ -1,13 +1,15 @@
-"""The per-row work of the embed stage: read + decode img2dataset shards, encode with CLIP, assemble shards.
+"""The per-row work of the embed stage: read + decode img2dataset shards into column batches for CLIP.
 
 Pure cores (no Ray): ``read_shard`` (tar bytes -> samples), ``decode_sample`` (one sample -> pixels or an
-error), ``iter_shard_batches`` (a shard -> column batches for the encoder), ``ShardAssembler`` (rows back into
-complete shards). Ray adapters: ``decode_shards`` (the function ``map_batches`` runs in decode tasks) and
-``EmbedActor`` (the callable class the actor pool runs; it loads the model once).
+error), ``iter_shard_batches`` (a shard -> column batches for the encoder). Ray adapter: ``decode_shards`` (the
+function ``map_batches`` runs in decode tasks). The actor pool runs ``pipelines.clip_actor.ClipActor`` (its
+numpy adapter reads these columns); the driver puts the rows back into shards with
+``pipelines.embed.output.ShardCommitter``. No torch on import: decode tasks import this module.
 
-Every row carries its shard name and the shard's total row count, so the driver knows when a shard is complete
-and can commit it, whichever actors its rows went through. Rows that failed carry a non-empty ``error`` and
-zero pixels; the actor does not encode them.
+Every row carries its shard name, its member index in the shard and the shard's total row count, so the driver
+knows when a shard is complete and can commit it, whichever actors its rows went through, and keeps a row
+that a retried task sent twice once. Rows that failed carry a non-empty ``error`` and zero pixels; the actor
+does not encode them. The embed-text stage uses the same columns (without pixels).
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ import io
 import json
 import posixpath
 import tarfile
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -27,15 +28,12 @@ from clipcap_core.preprocess import ImageResizer, PreprocessSpec
 from pipelines.io import imaging
 from pipelines.io.sources import SourceConfig, tar_member_problem
 
-if TYPE_CHECKING:
-    from clipcap_core.encoders import EncoderConfig
-
 # Columns flowing from the decode tasks to the encoder and on to the driver.
-SHARD, TOTAL, KEY, CAPTION, URL, SOURCE, ERROR, PIXELS, UNREAD = (
-    "shard", "shard_total", "key", "caption", "url", "source", "error", "pixels", "shard_unread")
+SHARD, INDEX, TOTAL, KEY, CAPTION, URL, SOURCE, ERROR, PIXELS, UNREAD = (
+    "shard", "index", "shard_total", "key", "caption", "url", "source", "error", "pixels", "shard_unread")
 # UNREAD marks the one row of a shard that could not be read at all: the shard is then not committed (a
 # rerun retries it), because an outage or a half-copied file must not become "done, 0 samples".
-PASSTHROUGH = (SHARD, TOTAL, KEY, CAPTION, URL, SOURCE, ERROR, UNREAD)
+TRUNCATED = "truncated"  # embed-text: the caption was longer than the CLIP context (cut to it)
 
 
 MAX_SHARD_BYTES = 4 << 30  # a shard is read whole: img2dataset's are ~10k samples, a few hundred MB
@@ -125,13 +123,15 @@ def decode_sample(sample: Sample, resizer: ImageResizer, shard: str) -> DecodedR
     return row
 
 
-def _columns(rows: list[DecodedRow], shard: str, total: int, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+def _columns(rows: list[DecodedRow], shard: str, start: int, total: int, shape: tuple[int, int, int]
+             ) -> dict[str, np.ndarray]:
     pixels = np.zeros((len(rows), *shape), dtype=np.uint8)
     for i, r in enumerate(rows):
         if r.pixels is not None:
             pixels[i] = r.pixels
     return {
-        SHARD: np.array([shard] * len(rows), dtype=object), TOTAL: np.full(len(rows), total, dtype=np.int64),
+        SHARD: np.array([shard] * len(rows), dtype=object), INDEX: np.arange(start, start + len(rows)),
+        TOTAL: np.full(len(rows), total, dtype=np.int64),
         KEY: np.array([r.key for r in rows], dtype=object), CAPTION: np.array([r.caption for r in rows], dtype=object),
         URL: np.array([r.url for r in rows], dtype=object), SOURCE: np.array([r.source for r in rows], dtype=object),
         ERROR: np.array([r.error for r in rows], dtype=object), PIXELS: pixels,
@@ -155,11 +155,11 @@ def iter_shard_batches(uri: str, resizer: ImageResizer, batch_rows: int) -> Iter
     except (tarfile.TarError, EOFError, OSError) as exc:  # truncated / garbage tar, vanished file, network
         row = DecodedRow(key=shard, caption=None, url=None, source=uri, pixels=None, unread=True,
                          error=f"unreadable shard: {type(exc).__name__}: {exc}")
-        yield _columns([row], shard, 1, shape)
+        yield _columns([row], shard, 0, 1, shape)
         return
     for start in range(0, len(samples), batch_rows):
         rows = [decode_sample(s, resizer, shard) for s in samples[start:start + batch_rows]]
-        yield _columns(rows, shard, len(samples), shape)
+        yield _columns(rows, shard, start, len(samples), shape)
 
 
 def decode_shards(batch: dict[str, np.ndarray], spec: PreprocessSpec, batch_rows: int
@@ -168,69 +168,3 @@ def decode_shards(batch: dict[str, np.ndarray], spec: PreprocessSpec, batch_rows
     resizer = ImageResizer(spec)
     for uri in batch["uri"]:
         yield from iter_shard_batches(str(uri), resizer, batch_rows)
-
-
-class EmbedActor:
-    """Ray Data callable class (actor pool): loads the encoder once, embeds the rows without an error."""
-
-    def __init__(self, encoder: EncoderConfig, precision: str, torch_threads: int, use_gpu: bool,
-                 text_embeddings: bool):
-        import torch
-
-        from clipcap_core.encoders import load_encoder
-
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)  # the actor's CPU share, no more: decode tasks run beside it
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"  # CUDA_VISIBLE_DEVICES picks it
-        self.encoder = load_encoder(encoder, device=device, precision=precision)
-        self.text = text_embeddings
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return embed_batch(batch, self.encoder, self.text)
-
-
-def embed_batch(batch: dict[str, np.ndarray], encoder: Any, text: bool) -> dict[str, np.ndarray]:
-    """Pure core: pass the row columns through, add ``image_embedding`` (and ``text_embedding``)."""
-    ok = np.array([not e for e in batch[ERROR]], dtype=bool)
-    n, dim = len(ok), encoder.dim
-    out = {k: batch[k] for k in PASSTHROUGH}
-    image = np.zeros((n, dim), dtype=np.float32)  # (B, D); rows with an error keep zeros and are dropped later
-    if ok.any():
-        image[ok] = encoder.encode_pixels(batch[PIXELS][ok])
-    out["image_embedding"] = image
-    if text:
-        texts = np.zeros((n, dim), dtype=np.float32)
-        if ok.any():
-            texts[ok] = encoder.encode_text([c or "" for c in batch[CAPTION][ok]])
-        out["text_embedding"] = texts
-    return out
-
-
-class ShardAssembler:
-    """Collects embedded rows per shard; ``add`` returns the shards that became complete."""
-
-    def __init__(self) -> None:
-        self._parts: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
-        self._seen: dict[str, int] = defaultdict(int)
-
-    def add(self, batch: dict[str, np.ndarray]) -> list[str]:
-        shards = np.asarray(batch[SHARD], dtype=object)
-        done = []
-        for shard in dict.fromkeys(shards.tolist()):
-            mask = shards == shard
-            self._parts[shard].append({k: np.asarray(v)[mask] for k, v in batch.items()})
-            self._seen[shard] += int(mask.sum())
-            total = int(np.asarray(batch[TOTAL])[mask][0])
-            if self._seen[shard] > total:
-                raise RuntimeError(f"shard {shard}: got {self._seen[shard]} rows, expected {total}")
-            if self._seen[shard] == total:
-                done.append(shard)
-        return done
-
-    def pop(self, shard: str) -> dict[str, np.ndarray]:
-        parts = self._parts.pop(shard)
-        self._seen.pop(shard, None)
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    def incomplete(self) -> list[str]:
-        return sorted(self._parts)

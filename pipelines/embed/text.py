@@ -6,14 +6,16 @@
 
 Data flow (Ray Data, streaming):
   driver: input files -> parts (``text_sources.plan_parts``: key, caption, per-row error) -> one block per part
-  --actor pool (``TextEmbedActor``: the CLIP text tower, GPU + autocast when present)--> embedded rows
-  --driver (``pipelines.embed.stages.ShardAssembler``)--> ``<root>/text-embeddings/<dataset>/<clip-tag>/part-<id>.parquet``
-                                                and ``<root>/_meta/text-embeddings/.../errors/part-<id>.parquet``
+  --actor pool (``pipelines.clip_actor.ClipActor``, text only: the CLIP text tower, GPU + autocast when present)
+  --> embedded rows
+  --driver (``TextCommitter``, the shared ``pipelines.committer.UnitCommitter``)
+  --> ``<root>/text-embeddings/<dataset>/<clip-tag>/part-<id>.parquet``
+      and ``<root>/_meta/text-embeddings/.../errors/part-<id>.parquet``
 Columns ``key``, ``caption``, ``text_embedding`` (``schemas.text_embedding_schema``) with the image tables'
 Parquet metadata (CLIP model, D, dtype, code version, source) plus ``clipcap.truncated``: how many captions of
 the part were longer than the CLIP context and cut to it (open_clip's tokenizer truncates; we count).
 
-Commits, resume and stale temporaries are the image embed stage's (``pipelines.embed.job``): errors file, then
+Commits, resume and stale temporaries are the image embed stage's (``pipelines.embed.output``): errors file, then
 part file, each atomic; a rerun embeds only parts without a part file. ``_run.json`` records the input, its
 plan digest and the settings: a rerun on changed input or settings is refused (a new ``--dataset`` or an
 emptied folder starts over). Resources are ``EmbedResources`` (``num_actors``, ``cpus_per_actor``,
@@ -35,12 +37,14 @@ from clipcap_core import encoders
 from clipcap_core.configs import to_dict
 from clipcap_core.encoders import EncoderConfig
 from pipelines import runtime
+from pipelines.clip_actor import ClipActor
+from pipelines.committer import UnitCommitter
 from pipelines.embed import job as embed
+from pipelines.embed import output
 from pipelines.embed import stages as st
 from pipelines.io import schemas, storage, text_sources
 
 log = logging.getLogger(__name__)
-TRUNCATED = "truncated"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,22 +124,22 @@ def validate(cfg: EmbedTextConfig) -> list[text_sources.TextPart]:
 
 def pending_parts(cfg: EmbedTextConfig, parts: list[text_sources.TextPart]) -> list[text_sources.TextPart]:
     done = set(storage.list_files(cfg.table_uri, ".parquet"))
-    done |= {embed.part_uri(cfg.table_uri, posixpath.basename(u).removesuffix(".json").removeprefix("part-"))
+    done |= {output.part_uri(cfg.table_uri, posixpath.basename(u).removesuffix(".json").removeprefix("part-"))
              for u in storage.list_files(storage.join(cfg.meta_uri, "empty"), ".json")}
-    return [p for p in parts if embed.part_uri(cfg.table_uri, p.part_id) not in done]
+    return [p for p in parts if output.part_uri(cfg.table_uri, p.part_id) not in done]
 
 
 # --- output tables ------------------------------------------------------------------------------------------
 def build_tables(cols: dict[str, np.ndarray], dim: int, dtype: str, meta: dict[str, str]
                  ) -> tuple[pa.Table, list[dict[str, str]]]:
     """Text table (sorted by key, first row per key) + error rows of one part's columns."""
-    rows, uniq, errs = embed.rows_to_keep(cols, failed_stage="read", duplicate_stage="embed-text", unit="part")
-    truncated = int(np.asarray(cols[TRUNCATED], dtype=bool)[rows].sum())
+    rows, uniq, errs = output.rows_to_keep(cols, failed_stage="read", duplicate_stage="embed-text", unit="part")
+    truncated = int(np.asarray(cols[st.TRUNCATED], dtype=bool)[rows].sum())
     schema = schemas.with_metadata(schemas.text_embedding_schema(dim, dtype),
                                    {**meta, schemas.META_TRUNCATED: str(truncated)})
     np_dtype = np.float16 if dtype == "float16" else np.float32
     arrays = [pa.array(uniq.tolist(), pa.string()), pa.array(list(cols[st.CAPTION][rows]), pa.string()),
-              embed._fixed_list(cols[schemas.TEXT_EMBEDDING][rows], dim, np_dtype)]
+              output.fixed_list(cols[schemas.TEXT_EMBEDDING][rows], dim, np_dtype)]
     return pa.Table.from_arrays(arrays, schema=schema), errs
 
 
@@ -148,67 +152,28 @@ def commit_part(cfg: EmbedTextConfig, part: text_sources.TextPart, cols: dict[st
         source_shard=part.source)
     if cols is None:  # an empty part still gets its (empty) part file, so reruns skip it
         cols = {k: np.array([], dtype=object) for k in (st.KEY, st.CAPTION, st.SOURCE, st.ERROR)}
-        cols[TRUNCATED] = np.zeros(0, bool)
+        cols[st.TRUNCATED] = np.zeros(0, bool)
         cols[schemas.TEXT_EMBEDDING] = np.zeros((0, dim), np.float32)
     table, errs = build_tables(cols, dim, cfg.dtype, meta)
     if errs:
         storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA),
-                                   embed.errors_uri(cfg.meta_uri, part.part_id))
+                                   output.errors_uri(cfg.meta_uri, part.part_id))
     if table.num_rows:  # last: the commit marker
-        storage.atomic_write_table(table, embed.part_uri(cfg.table_uri, part.part_id))
+        storage.atomic_write_table(table, output.part_uri(cfg.table_uri, part.part_id))
     else:  # a 0-row Parquet file breaks Hugging Face datasets: the done-marker lives under _meta instead
-        storage.write_json({"part": part.part_id, "errors": len(errs)}, embed.empty_uri(cfg.meta_uri, part.part_id))
+        storage.write_json({"part": part.part_id, "errors": len(errs)}, output.empty_uri(cfg.meta_uri, part.part_id))
     return table.num_rows, len(errs), int(table.schema.metadata[schemas.META_TRUNCATED.encode()])
 
 
 # --- the Ray pipeline ---------------------------------------------------------------------------------------
 def part_block(part: text_sources.TextPart) -> pa.Table:
-    """A part as one block of rows tagged with the part id and its row count (``ShardAssembler`` columns)."""
+    """A part as one block of rows tagged with the part id, member index and row count (the committer's
+    columns, as the image embed stage's)."""
     n = len(part)
-    return pa.table({st.SHARD: [part.part_id] * n, st.TOTAL: pa.array([n] * n, pa.int64()),
+    return pa.table({st.SHARD: [part.part_id] * n, st.INDEX: pa.array(range(n), pa.int64()),
+                     st.TOTAL: pa.array([n] * n, pa.int64()),
                      st.KEY: pa.array(part.keys, pa.string()), st.CAPTION: pa.array(part.captions, pa.string()),
                      st.SOURCE: [f"{part.source}#{k}" for k in part.keys], st.ERROR: part.errors})
-
-
-def token_counts(tokenizer: Any, texts: list[str]) -> np.ndarray:
-    """CLIP tokens per caption with start/end tokens (what open_clip's tokenizer would keep, untruncated)."""
-    if hasattr(tokenizer, "encode"):  # open_clip SimpleTokenizer: BPE ids without start / end
-        return np.array([len(tokenizer.encode(t)) + 2 for t in texts], dtype=np.int64)
-    hf = tokenizer.tokenizer  # open_clip HFTokenizer
-    return np.array([len(ids) for ids in hf(list(texts))["input_ids"]], dtype=np.int64)
-
-
-def embed_text_batch(batch: dict[str, np.ndarray], encoder: Any, tokenizer: Any) -> dict[str, np.ndarray]:
-    """Pure core: pass the row columns through, add ``text_embedding`` and ``truncated`` (error rows: zeros)."""
-    ok = np.array([not e for e in batch[st.ERROR]], dtype=bool)
-    out = {k: batch[k] for k in (st.SHARD, st.TOTAL, st.KEY, st.CAPTION, st.SOURCE, st.ERROR)}
-    emb = np.zeros((len(ok), encoder.dim), dtype=np.float32)  # (B, D)
-    truncated = np.zeros(len(ok), dtype=bool)
-    if ok.any():
-        texts = [str(c) for c in batch[st.CAPTION][ok]]
-        emb[ok] = encoder.encode_text(texts)
-        truncated[ok] = token_counts(tokenizer, texts) > tokenizer.context_length
-    out[schemas.TEXT_EMBEDDING], out[TRUNCATED] = emb, truncated
-    return out
-
-
-class TextEmbedActor:
-    """Ray Data callable class (actor pool): loads the CLIP text tower once, embeds the rows without an error."""
-
-    def __init__(self, encoder: EncoderConfig, precision: str, torch_threads: int, use_gpu: bool):
-        import torch
-
-        from clipcap_core.encoders import load_encoder
-
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.encoder = load_encoder(encoder, device=device, precision=precision)
-        self.encoder.model.visual = torch.nn.Identity()  # text only: the image tower's weights are not kept
-        self.tokenizer = encoders._open_clip().get_tokenizer(encoder.model_name)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return embed_text_batch(batch, self.encoder, self.tokenizer)
 
 
 def build_dataset(cfg: EmbedTextConfig, pending: list[text_sources.TextPart]) -> Any:
@@ -221,31 +186,38 @@ def build_dataset(cfg: EmbedTextConfig, pending: list[text_sources.TextPart]) ->
     log.info(plan.describe("embed-text", cluster))
     ds = ray.data.from_arrow([part_block(p) for p in pending if len(p)])
     return ds.map_batches(
-        TextEmbedActor, batch_size=res.batch_size, batch_format="numpy",
+        ClipActor, batch_size=res.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor,
         fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision, "use_gpu": plan.use_gpu,
-                               "torch_threads": plan.torch_threads})
+                               "threads": plan.torch_threads, "images": False, "texts": True,
+                               "count_truncated": True})
+
+
+class TextCommitter(UnitCommitter):
+    """embed-text's driver side: rows back into parts (the image embed stage's columns), each complete part
+    committed by ``commit_part``; a text part has no unreadable input (its reading happened on the driver)."""
+
+    def __init__(self, cfg: EmbedTextConfig, parts: list[text_sources.TextPart], dim: int):
+        super().__init__(unit=st.SHARD, index=st.INDEX, total=st.TOTAL, noun="part")
+        self.cfg, self.dim, self.parts = cfg, dim, {p.part_id: p for p in parts}
+
+    def commit(self, unit: str, rows: dict[str, np.ndarray] | None) -> tuple[int, int, int]:
+        return commit_part(self.cfg, self.parts[unit], rows, self.dim)
 
 
 def _drain(cfg: EmbedTextConfig, pending: list[text_sources.TextPart], dim: int) -> tuple[int, int, int]:
-    by_id = {p.part_id: p for p in pending}
-    assembler, committed, totals = st.ShardAssembler(), set(), [0, 0, 0]
+    committer = TextCommitter(cfg, pending, dim)
+    done: list[tuple[int, int, int]] = []
     if any(len(p) for p in pending):
         for batch in build_dataset(cfg, pending).iter_batches(batch_size=None, batch_format="numpy",
                                                                 prefetch_batches=0):  # see embed._drain
             got = np.asarray(batch[schemas.TEXT_EMBEDDING]).shape[-1]
             if got != dim:
                 raise ValueError(f"model {cfg.encoder.model_name} gave D={got}, its config says {dim}")
-            for pid in assembler.add(batch):
-                totals = [a + b for a, b in zip(totals, commit_part(cfg, by_id[pid], assembler.pop(pid), dim),
-                                                strict=True)]
-                committed.add(pid)
-    if assembler.incomplete():
-        raise RuntimeError(f"embed-text ended with incomplete part(s) {assembler.incomplete()}")
-    for pid in sorted(set(by_id) - committed):  # parts without rows
-        totals = [a + b for a, b in zip(totals, commit_part(cfg, by_id[pid], None, dim), strict=True)]
-    return totals[0], totals[1], totals[2]
+            done += committer.add(batch)
+    done += committer.finish("embed-text", committer.parts)  # + parts without rows
+    return sum(d[0] for d in done), sum(d[1] for d in done), sum(d[2] for d in done)
 
 
 def run_embed_text(cfg: EmbedTextConfig, ray_address: str | None = None) -> EmbedTextResult:
@@ -257,7 +229,7 @@ def run_embed_text(cfg: EmbedTextConfig, ray_address: str | None = None) -> Embe
                              written=len(pending), rows=0, errors=0, truncated=0, dim=dim, wall_s=0.0)
     if pending:
         runtime.ensure_ray(ray_address)
-        embed.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
+        output.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
         log.info("embedding %d caption part(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
                  cfg.table_uri)
         result.rows, result.errors, result.truncated = _drain(cfg, pending, dim)

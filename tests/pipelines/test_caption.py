@@ -51,8 +51,10 @@ def test_committer_waits_for_every_row_dedups_retries_and_writes_ranked_rows(tmp
     assert schemas.read_metadata(table.schema)[schemas.META_PART] == "p1"
     errors = pq.read_table(errors_uri(out, "p1"))
     assert errors.to_pylist() == [{"key": "c.jpg", "source": "src", "stage": "decode", "error": "not an image"}]
+    assert c.add(_stage_rows("p1", [(1, "b.jpg", ["x b", "y b"], None)], total=None)) == []  # late copy: dropped
+    assert c.pending() == []
     # recommitting the part without errors (an overwrite run) removes the stale errors file
-    c.add(_stage_rows("p1", [(0, "a.jpg", ["x a", "y a"], None)], total=1))
+    PartCommitter(out, "tiny@abc", DecodeConfig()).add(_stage_rows("p1", [(0, "a.jpg", ["x a", "y a"], None)], total=1))
     assert not storage.exists(errors_uri(out, "p1"))
 
 
@@ -94,30 +96,6 @@ def test_read_decode_part_emits_pixels_errors_and_a_marker(tmp_path, tiny_resize
                 assert len(m["pixels"]) == size * size * 3 or len(m["embedding"]) == 8 * 4
             seen.setdefault(m["key"], ok)
     assert seen == expect
-
-
-def test_clip_stage_uint8_path_matches_the_encoder_preprocess():
-    from PIL import Image
-
-    from clipcap_core.encoders import EncoderConfig
-    from pipelines.caption.stages import ClipStage
-    from pipelines.io.imaging import decode_image
-
-    stage = ClipStage(EncoderConfig(), threads=1)
-    images = [decode_image(good_images()[n]) for n in ("rgb.jpg", "rotated.jpg", "cmyk.jpg")]
-    images.append(Image.new("RGB", (90, 40), (20, 200, 30)))
-    pixels = [stage.encoder.resize(im).tobytes() for im in images]
-    table = pa.table({"key": ["a", "b", "c", "d", "e"], "pixels": pixels[:2] + [b""] + pixels[2:],
-                      "embedding": [b"", b"", np.ones(3, np.float32).tobytes(), b"", b""]})
-    out = stage(table)
-    assert out.column_names == ["key", "embedding", "t_clip", "cpu_clip"]
-    emb = out.column("embedding").to_pylist()
-    assert np.frombuffer(emb[2], np.float32).tolist() == [1.0, 1.0, 1.0]  # passed through
-    import torch
-
-    ref = stage.encoder.encode_images(torch.stack([stage.encoder.preprocess(im) for im in images]))
-    got = np.stack([np.frombuffer(emb[i], np.float32) for i in (0, 1, 3, 4)])
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_cli_flags_fill_the_nested_config(tmp_path):

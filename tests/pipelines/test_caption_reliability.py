@@ -227,7 +227,7 @@ def test_rows_lost_in_the_pipeline_fail_the_run_naming_the_part(saved_tiny, imag
 
     lost_row = _rows("images-00000", [], 1)  # the marker says 1 member, the member row never arrives
     monkeypatch.setattr(caption, "build_dataset", lambda cfg, plan: _Blocks([lost_row]))
-    with pytest.raises(RuntimeError, match=r"incomplete parts \['images-00000'\] \(rows lost\?\)"):
+    with pytest.raises(RuntimeError, match=r"incomplete part\(s\) \['images-00000'\] \(rows lost\?\)"):
         caption.caption_archive(_cfg(images, tmp_path / "out", saved_tiny))
     assert done_parts(str(tmp_path / "out")) == set()
 
@@ -239,9 +239,9 @@ def test_embed_rows_lost_in_the_pipeline_fail_the_run_naming_the_shard(tmp_path)
     from pipelines.embed.job import EmbedConfig, EmbedResult, _drain
 
     n = 1
-    batch = {st.SHARD: np.array(["00007"], dtype=object), st.TOTAL: np.full(n, 2), st.KEY: np.array(["k"], object),
-             st.CAPTION: np.array(["c"], object), st.URL: np.array([None], object), st.SOURCE: np.array(["s"], object),
-             st.ERROR: np.array([""], object), st.UNREAD: np.zeros(n, bool),
+    batch = {st.SHARD: np.array(["00007"], dtype=object), st.INDEX: np.zeros(n, np.int64), st.TOTAL: np.full(n, 2),
+             st.KEY: np.array(["k"], object), st.CAPTION: np.array(["c"], object), st.URL: np.array([None], object),
+             st.SOURCE: np.array(["s"], object), st.ERROR: np.array([""], object), st.UNREAD: np.zeros(n, bool),
              "image_embedding": np.ones((n, 128), np.float32)}
     cfg = EmbedConfig(input=str(tmp_path), output_root=str(tmp_path / "o"), dataset="d")
     result = EmbedResult(table_uri=cfg.table_uri, shards=1, skipped=0, written=1, rows=0, errors=0, dim=128, wall_s=0)
@@ -269,7 +269,7 @@ def test_caption_images_names_a_bad_file_and_refuses_a_bomb(saved_tiny, tmp_path
 
 
 def test_stages_give_each_key_the_caption_of_its_own_image(trained_model, tmp_path):
-    """The callables Ray runs (read+decode, ClipStage, CaptionStage) and the committer, called in-process with a
+    """The callables Ray runs (read+decode, ClipActor, CaptionStage) and the committer, called in-process with a
     *trained* model: each key's caption equals ``Captioner`` on that member's own bytes (issue 13.7: reversing
     the embeddings inside CaptionStage passed every test that used the untrained preset)."""
     import tarfile
@@ -279,7 +279,8 @@ def test_stages_give_each_key_the_caption_of_its_own_image(trained_model, tmp_pa
     from clipcap_core import synthetic
     from clipcap_core.captioner import Captioner
     from clipcap_core.encoders import ImageResizer, preprocess_spec
-    from pipelines.caption.stages import CaptionStage, ClipStage, inspect_model, read_decode_part
+    from pipelines.caption.stages import CaptionStage, inspect_model, read_decode_part
+    from pipelines.clip_actor import ClipActor
     from pipelines.demo.caption import write_archive
 
     archive = str(tmp_path / "imgs.tar")
@@ -287,7 +288,7 @@ def test_stages_give_each_key_the_caption_of_its_own_image(trained_model, tmp_pa
     cfg = sources.SourceConfig()
     [part] = sources.plan_parts(archive, cfg)
     info = inspect_model(trained_model)
-    clip, cap = ClipStage(info.encoder, threads=1), CaptionStage(trained_model, DecodeConfig(), threads=1)
+    clip, cap = ClipActor(info.encoder, threads=1), CaptionStage(trained_model, DecodeConfig(), threads=1)
     out = str(tmp_path / "out")
     committer = PartCommitter(out, info.model_id, DecodeConfig())
     for block in read_decode_part(part, cfg, ImageResizer(preprocess_spec(info.encoder)), block_rows=4):

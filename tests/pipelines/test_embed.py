@@ -14,7 +14,8 @@ import pytest
 from clipcap_core import synthetic
 from clipcap_core.encoders import EncoderConfig, load_encoder
 from pipelines.embed import stages as st
-from pipelines.embed.job import EmbedConfig, EmbedResources, build_tables, pending_shards, run_embed
+from pipelines.embed.job import EmbedConfig, EmbedResources, pending_shards, run_embed
+from pipelines.embed.output import ShardCommitter, build_tables
 from pipelines.io import schemas, storage
 
 
@@ -185,29 +186,59 @@ def test_job_level_faults_fail_before_work(shards, tmp_path, s3_server):
     assert not out.exists()
 
 
-def test_assembler_and_duplicate_keys():
-    def batch(shard, keys, total):
-        n = len(keys)
-        return {st.SHARD: np.array([shard] * n, dtype=object), st.TOTAL: np.full(n, total),
-                st.KEY: np.array(keys, dtype=object), st.CAPTION: np.array(["c"] * n, dtype=object),
-                st.URL: np.array([None] * n, dtype=object), st.SOURCE: np.array(keys, dtype=object),
-                st.ERROR: np.array([""] * n, dtype=object), "image_embedding": np.ones((n, 4), np.float32)}
+def _rows(shard, keys, total, start=0):
+    """Embedded rows of one shard as the actors return them (member indices from ``start``)."""
+    n = len(keys)
+    return {st.SHARD: np.array([shard] * n, dtype=object), st.INDEX: np.arange(start, start + n),
+            st.TOTAL: np.full(n, total), st.KEY: np.array(keys, dtype=object),
+            st.CAPTION: np.array(["c"] * n, dtype=object), st.URL: np.array([None] * n, dtype=object),
+            st.SOURCE: np.array(keys, dtype=object), st.ERROR: np.array([""] * n, dtype=object),
+            st.UNREAD: np.zeros(n, bool), "image_embedding": np.ones((n, 4), np.float32)}
 
-    asm = st.ShardAssembler()
-    assert asm.add(batch("a", ["k2", "k1"], 3)) == []
-    assert asm.add(batch("a", ["k1"], 3)) == ["a"]
-    cols = asm.pop("a")
-    cfg = EmbedConfig(input="x", output_root="y", dataset="d")
-    table, errs = build_tables(cols, cfg, 4, {})
+
+def test_shard_committer_commits_complete_shards_and_duplicate_keys_become_errors(tmp_path):
+    cfg = EmbedConfig(input=str(tmp_path), output_root=str(tmp_path / "out"), dataset="d")
+    committer = ShardCommitter(cfg, [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], 4)
+    assert committer.add(_rows("a", ["k2", "k1"], 3)) == []
+    assert committer.add(_rows("a", ["k1"], 3, start=2)) == [(2, 1)]  # 2 rows, 1 error row
+    table = pq.read_table(storage.join(cfg.table_uri, "part-a.parquet"))
     assert table.column("key").to_pylist() == ["k1", "k2"]
-    assert [(e["key"], e["error"]) for e in errs] == [("k1", "duplicate key in shard")]
-    assert asm.incomplete() == []
-    # Ray Data returns a column that was all None in a block (no URLs in the shard) as float32 NaN
-    cols = dict(cols, **{st.URL: np.full(3, np.nan, np.float32), st.CAPTION: np.array(["c", None, "d"], dtype=object)})
-    table, _ = build_tables(cols, cfg, 4, {})
-    assert table.column("url").to_pylist() == [None, None] and table.column("caption").null_count == 1
+    errs = pq.read_table(storage.join(cfg.meta_uri, "errors", "part-a.parquet")).to_pylist()
+    assert [(e["key"], e["stage"], e["error"]) for e in errs] == [("k1", "embed", "duplicate key in shard")]
+    assert committer.pending() == []
     with pytest.raises(RuntimeError, match="expected 1"):
-        asm.add(batch("b", ["x", "y"], 1))
+        committer.add(_rows("b", ["x", "y"], 1))
+
+
+def test_build_tables_takes_ray_datas_nan_for_an_all_none_column():
+    # Ray Data returns a column that was all None in a block (no URLs in the shard) as float32 NaN
+    cols = dict(_rows("a", ["k2", "k1", "k3"], 3), **{st.URL: np.full(3, np.nan, np.float32),
+                                                       st.CAPTION: np.array(["c", None, "d"], dtype=object)})
+    table, errs = build_tables(cols, EmbedConfig(input="x", output_root="y", dataset="d"), 4, {})
+    assert table.column("key").to_pylist() == ["k1", "k2", "k3"] and errs == []
+    assert table.column("url").to_pylist() == [None] * 3 and table.column("caption").null_count == 1
+
+
+def test_a_retried_block_does_not_duplicate_rows(tmp_path):
+    """Decode -> ClipActor -> ShardCommitter in-process: Ray re-running a task sends its rows again; every row
+    carries its member index in the shard, so the copy is dropped instead of becoming rows (or 'duplicate key'
+    errors, or a shard that looks over-full)."""
+    from clipcap_core.encoders import ImageResizer, preprocess_spec
+    from pipelines.clip_actor import ClipActor
+
+    write_shard(tmp_path / "00000.tar", good_samples(5, 0))
+    uri = str(tmp_path / "00000.tar")
+    decoded = list(st.iter_shard_batches(uri, ImageResizer(preprocess_spec(EncoderConfig())), batch_rows=2))
+    assert [b[st.INDEX].tolist() for b in decoded] == [[0, 1], [2, 3], [4]]
+    actor = ClipActor(EncoderConfig(), threads=1, texts=True)
+    first, second, third = (actor(b) for b in decoded)
+    cfg = _cfg(tmp_path, tmp_path / "out", text_embeddings=True)
+    committer = ShardCommitter(cfg, [uri], 128)
+    assert [committer.add(b) for b in (first, second, first, third)] == [[], [], [], [(5, 0)]]
+    table = pq.read_table(storage.join(cfg.table_uri, "part-00000.parquet"))
+    assert table.column("key").to_pylist() == [f"syn{i:08d}" for i in range(5)]
+    assert not storage.exists(storage.join(cfg.meta_uri, "errors", "part-00000.parquet"))
+    assert committer.finish("embedding", committer.uris) == [] and committer.committed == ["00000"]
 
 
 def test_old_layout_and_empty_markers_count_as_done(tmp_path):

@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipcap_core.encoders import EncoderConfig, load_encoder
+from pipelines.clip_actor import ClipActor
+from pipelines.embed import stages as st
 from pipelines.embed import text as embed_text
 from pipelines.io import schemas, storage, text_sources
 
@@ -89,15 +91,20 @@ def test_img2dataset_shards_from_metadata_or_tar(tmp_path):
 
 
 def test_text_tower_core_and_table(encoder):
+    import torch
+
     part = text_sources.TextPart("p", "in.txt", ["k2", "k1", "k2", "k3"], ["two red squares", LONG, "dup", None],
                                  ["", "", "", "empty caption"])
     batch = {k: v.to_numpy(zero_copy_only=False) for k, v in zip(
         embed_text.part_block(part).column_names, embed_text.part_block(part).columns, strict=True)}
-    out = embed_text.embed_text_batch(batch, encoder, embed_text.encoders._open_clip().get_tokenizer("tiny"))
+    assert batch[st.INDEX].tolist() == [0, 1, 2, 3] and batch[st.TOTAL].tolist() == [4] * 4
+    actor = ClipActor(EncoderConfig(model_name="tiny"), threads=1, images=False, texts=True, count_truncated=True)
+    assert isinstance(actor.encoder.model.visual, torch.nn.Identity)  # text only: no image tower kept
+    out = actor(batch)
     np.testing.assert_allclose(out[schemas.TEXT_EMBEDDING][:3], encoder.encode_text(["two red squares", LONG, "dup"]),
                                atol=1e-5)
-    assert not out[schemas.TEXT_EMBEDDING][3].any() and out[embed_text.TRUNCATED].tolist() == [False, True, False,
-                                                                                               False]
+    assert not out[schemas.TEXT_EMBEDDING][3].any() and out[st.TRUNCATED].tolist() == [False, True, False, False]
+    assert schemas.IMAGE_EMBEDDING not in out
     table, errs = embed_text.build_tables(out, encoder.dim, "float16", {"clipcap.dim": str(encoder.dim)})
     assert table.column("key").to_pylist() == ["k1", "k2"] and table.column("caption").to_pylist() == [LONG,
                                                                                                        "two red squares"]

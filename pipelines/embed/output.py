@@ -1,0 +1,163 @@
+"""The output side of the embed stage: the table layout, the error rows and the per-shard commit.
+
+Layout (see ``pipelines.embed.job``): ``<root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet`` (only
+non-empty part files) and ``<root>/_meta/embeddings/<dataset>/<clip-tag>/`` (``errors/part-<shard>.parquet``,
+``empty/part-<shard>.json`` done-markers of shards without one good sample). ``commit_shard`` writes one shard
+(errors table, then the part file or the empty marker, each atomic); ``ShardCommitter`` is the shared
+``pipelines.committer.UnitCommitter`` with embed's hooks: a shard that could not be read, or whose download
+recorded transient failures, is not committed. ``rows_to_keep`` and ``fixed_list`` are shared with embed-text.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipcap_core import encoders
+from pipelines.committer import UnitCommitter
+from pipelines.embed import stages as st
+from pipelines.io import schemas, storage
+
+if TYPE_CHECKING:
+    from pipelines.embed.job import EmbedConfig
+
+
+def part_uri(table_uri: str, shard: str) -> str:
+    return storage.join(table_uri, f"part-{shard}.parquet")
+
+
+def errors_uri(meta_uri: str, shard: str) -> str:
+    return storage.join(meta_uri, "errors", f"part-{shard}.parquet")
+
+
+def empty_uri(meta_uri: str, shard: str) -> str:
+    """Done-marker of a shard without one good sample (a 0-row part file breaks Hugging Face ``datasets``)."""
+    return storage.join(meta_uri, "empty", f"part-{shard}.json")
+
+
+def remove_stale_temporaries(table_uri: str, meta_uri: str) -> int:
+    """Delete ``_tmp.*`` files a killed run left behind (no other writer may be running on this table)."""
+    fs, path = storage.filesystem(table_uri)
+    meta = storage.filesystem(meta_uri)[1]
+    n = 0
+    for folder in (path, posixpath.join(meta, "errors"), posixpath.join(meta, "empty")):
+        if fs.exists(folder):
+            for p in fs.ls(folder, detail=False):
+                if posixpath.basename(p).startswith("_tmp."):
+                    fs.rm(p)
+                    n += 1
+    return n
+
+
+def _download_errors(shard_uri: str) -> list[dict[str, str]]:
+    """img2dataset's failed samples of a shard (its sibling .parquet) as errors rows (stage 'download')."""
+    meta_uri = shard_uri.removesuffix(".tar") + ".parquet"
+    if not storage.exists(meta_uri):
+        return []
+    t = pq.read_table(meta_uri, columns=["key", "url", "status", "error_message"]).to_pylist()
+    return [{"key": r["key"], "source": r["url"], "stage": "download", "error": r["error_message"] or r["status"]}
+            for r in t if r["status"] != "success"]
+
+
+def rows_to_keep(cols: dict[str, np.ndarray], *, failed_stage: str, duplicate_stage: str, unit: str
+                 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
+    """Of one unit's (shard's, part's) columns: the indices of the rows to write (sorted by key, the first row
+    of each key), their keys, and the error rows: one per failed row (``failed_stage``) and one per repeated
+    key (``duplicate_stage``). Shared by embed and embed-text."""
+    errs = [{"key": k, "source": s, "stage": failed_stage, "error": e}
+            for k, s, e in zip(cols[st.KEY], cols[st.SOURCE], cols[st.ERROR], strict=True) if e]
+    ok = np.flatnonzero([not e for e in cols[st.ERROR]])
+    keys = np.asarray(cols[st.KEY][ok], dtype=str)
+    order = np.argsort(keys, kind="stable")
+    uniq, first = np.unique(keys[order], return_index=True)
+    for i in sorted(set(range(len(order))) - set(first.tolist())):
+        j = ok[order[i]]
+        errs.append({"key": str(cols[st.KEY][j]), "source": str(cols[st.SOURCE][j]), "stage": duplicate_stage,
+                     "error": f"duplicate key in {unit}"})
+    return ok[order[first]], uniq, errs
+
+
+def build_tables(cols: dict[str, np.ndarray], cfg: EmbedConfig, dim: int, meta: dict[str, str]
+                 ) -> tuple[pa.Table, list[dict[str, str]]]:
+    """Embedding table (sorted by key, first row per key) + decode error rows of one shard's columns."""
+    rows, uniq, errs = rows_to_keep(cols, failed_stage="decode", duplicate_stage="embed", unit="shard")
+    np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    schema = schemas.with_metadata(schemas.embedding_schema(dim, cfg.dtype, cfg.text_embeddings), meta)
+    arrays = [pa.array(uniq.tolist(), pa.string()), pa.array(_strings(cols[st.CAPTION][rows]), pa.string()),
+              pa.array(_strings(cols[st.URL][rows]), pa.string()),
+              fixed_list(cols["image_embedding"][rows], dim, np_dtype)]
+    if cfg.text_embeddings:
+        arrays.append(fixed_list(cols["text_embedding"][rows], dim, np_dtype))
+    return pa.Table.from_arrays(arrays, schema=schema), errs
+
+
+def _strings(values: np.ndarray) -> list[str | None]:
+    """Optional text values as str / None: Ray Data hands a column that was all None in a block (shards without
+    URLs, e.g. not made by img2dataset) back as float32 NaN, which ``pa.array(..., pa.string())`` rejects."""
+    return [v if isinstance(v, str) else None for v in values]
+
+
+def fixed_list(values: np.ndarray, dim: int, np_dtype: type) -> pa.FixedSizeListArray:
+    flat = np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(-1, dim), dtype=np_dtype).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
+
+
+def unread_reason(cols: dict[str, np.ndarray] | None) -> str | None:
+    """Why the shard could not be read at all, or None (per-sample errors do not count)."""
+    if cols is None or not np.asarray(cols[st.UNREAD], dtype=bool).any():
+        return None
+    return str(cols[st.ERROR][np.flatnonzero(np.asarray(cols[st.UNREAD], dtype=bool))[0]])
+
+
+def download_incomplete(shard_uri: str) -> str | None:
+    """Why a shard is not final yet: img2dataset recorded transient failures (outage, timeout, 5xx) that the
+    download stage retries on its next run; committing it now would keep those samples out for good."""
+    from pipelines.download.job import is_transient
+
+    n = sum(1 for e in _download_errors(shard_uri) if is_transient(e["error"]))
+    return (f"{n} sample(s) failed to download with transient errors; rerun the download, then embed again"
+            if n else None)
+
+
+def commit_shard(cfg: EmbedConfig, shard_uri: str, cols: dict[str, np.ndarray] | None, dim: int) -> tuple[int, int]:
+    """Write the errors table (if any, else drop a stale one), then the part file, or the empty marker when
+    no sample is good: the commit marker is written last. Returns (rows, error rows)."""
+    shard = st.shard_name(shard_uri)
+    meta = schemas.embedding_metadata(
+        clip_model=cfg.encoder.model_name, clip_pretrained=cfg.encoder.pretrained, dim=dim, dtype=cfg.dtype,
+        preprocess=encoders.preprocess_spec(cfg.encoder).describe(), source_shard=shard_uri)
+    if cols is None:  # a shard without samples still gets its (empty) part file, so reruns skip it
+        cols = {k: np.array([], dtype=object) for k in (st.KEY, st.CAPTION, st.URL, st.SOURCE, st.ERROR)}
+        cols["image_embedding"] = cols["text_embedding"] = np.zeros((0, dim), np.float32)
+    table, errs = build_tables(cols, cfg, dim, meta)
+    errs = _download_errors(shard_uri) + errs
+    err_uri = errors_uri(cfg.meta_uri, shard)
+    if errs:
+        storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA), err_uri)
+    elif storage.exists(err_uri):  # from an earlier attempt at this shard
+        storage.remove(err_uri)
+    if table.num_rows:
+        storage.atomic_write_table(table, part_uri(cfg.table_uri, shard))
+    else:
+        storage.write_json({"shard": shard_uri, "rows": 0, "errors": len(errs)}, empty_uri(cfg.meta_uri, shard))
+    return table.num_rows, len(errs)
+
+
+class ShardCommitter(UnitCommitter):
+    """Embed's driver side: rows back into shards (columns ``shard`` / ``index`` / ``shard_total``), each
+    complete shard committed by ``commit_shard``. Units are shard names; ``uris`` maps them to the shards."""
+
+    def __init__(self, cfg: EmbedConfig, shard_uris: list[str], dim: int):
+        super().__init__(unit=st.SHARD, index=st.INDEX, total=st.TOTAL, noun="shard")
+        self.cfg, self.dim = cfg, dim
+        self.uris = {st.shard_name(u): u for u in shard_uris}
+
+    def unread(self, unit: str, rows: dict[str, np.ndarray] | None) -> str | None:
+        return unread_reason(rows) or download_incomplete(self.uris[unit])
+
+    def commit(self, unit: str, rows: dict[str, np.ndarray] | None) -> tuple[int, int]:
+        return commit_shard(self.cfg, self.uris[unit], rows, self.dim)

@@ -1,0 +1,90 @@
+"""pipelines.committer: the one per-unit committer of embed, embed-text and caption (no Ray, no files)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipelines.committer import UnitCommitter
+
+
+class _Recorder(UnitCommitter):
+    """Commits into a dict; a unit is unread when one of its rows says ``unread``."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.written: dict[str, list[str] | None] = {}
+
+    def unread(self, unit, rows):
+        if rows is None:
+            return None
+        keys = rows["key"].tolist() if isinstance(rows, dict) else rows.column("key").to_pylist()
+        return "unreadable archive" if "unread" in keys else None
+
+    def commit(self, unit, rows):
+        keys = None if rows is None else (rows["key"].tolist() if isinstance(rows, dict)
+                                          else rows.column("key").to_pylist())
+        self.written[unit] = keys
+        return unit, 0 if keys is None else len(keys)
+
+
+def _numpy(unit: str, index: list[int], total: int, keys: list[str]) -> dict[str, np.ndarray]:
+    """Embed's protocol: the unit's total on every row."""
+    n = len(index)
+    return {"shard": np.array([unit] * n, dtype=object), "index": np.array(index), "shard_total": np.full(n, total),
+            "key": np.array(keys, dtype=object), "emb": np.arange(n * 2, dtype=np.float32).reshape(n, 2)}
+
+
+def _arrow(unit: str, index: list[int], keys: list[str], total: int | None = None) -> pa.Table:
+    """Caption's protocol: members carry total -1; one marker row (index -1) carries the part's total."""
+    index, keys = list(index), list(keys)
+    totals = [-1] * len(index)
+    if total is not None:
+        index, keys, totals = index + [-1], keys + [""], totals + [total]
+    return pa.table({"part_id": [unit] * len(index), "index": pa.array(index, pa.int32()), "key": keys,
+                     "total": pa.array(totals, pa.int32()), "error": [None] * len(index)})
+
+
+def test_total_on_every_row_units_complete_once_and_retried_rows_count_once():
+    c = _Recorder(unit="shard", total="shard_total", noun="shard")
+    assert c.add(_numpy("a", [0, 1], 3, ["k0", "k1"])) == []
+    # a retried task re-sends rows 0 and 1; row 1 twice inside the block too
+    assert c.add(_numpy("a", [1, 0, 1], 3, ["k1", "k0", "k1"])) == []
+    mixed = {k: np.concatenate([a, b]) for (k, a), b in zip(_numpy("a", [2], 3, ["k2"]).items(),
+                                                            _numpy("b", [0], 1, ["j0"]).values(), strict=True)}
+    assert c.add(mixed) == [("a", 3), ("b", 1)]  # one block completes two units
+    assert c.written == {"a": ["k0", "k1", "k2"], "b": ["j0"]} and c.pending() == []
+    assert c.add(_numpy("a", [2], 3, ["k2"])) == []  # a late copy after the commit: dropped
+    assert c.written["a"] == ["k0", "k1", "k2"] and c.pending() == [] and c.committed == ["a", "b"]
+    # units the stream never mentioned (a shard without samples) are committed with no rows at the end
+    assert c.finish("embedding", ["a", "b", "empty"]) == [("empty", 0)] and c.written["empty"] is None
+    with pytest.raises(RuntimeError, match="shard c: got 2 rows, expected 1"):
+        c.add(_numpy("c", [0, 1], 1, ["x", "y"]))
+
+
+def test_marker_row_units_wait_for_the_marker_and_the_members():
+    c = _Recorder()  # caption's column names are the defaults
+    assert c.add(_arrow("p", [1], ["b"])) == []
+    assert c.add(_arrow("p", [1], ["b"], total=3)) == []  # the marker before the last row; row 1 again
+    assert c.pending() == ["p"]
+    assert c.add(_arrow("p", [0, 2], ["a", "c"])) == [("p", 3)]
+    assert c.written["p"] == ["b", "a", "c"]  # arrival order, markers dropped, row 1 once
+    assert c.add(_arrow("empty", [], [], total=0)) == [("empty", 0)] and c.written["empty"] is None
+    # a column typed null in one block (all None) and string in the next is promoted, not an error
+    c.add(_arrow("q", [0], ["x"], total=2))
+    second = _arrow("q", [1], ["y"]).set_column(4, "error", pa.array(["bad"], pa.string()))
+    assert c.add(second) == [("q", 2)]
+
+
+def test_unread_units_fail_without_commit_and_lost_rows_fail_the_run():
+    c = _Recorder()
+    assert c.add(_arrow("t", [0, 1], ["a", "unread"], total=2)) == []
+    assert c.failed == {"t": "unreadable archive"} and "t" not in c.written and c.committed == []
+    assert c.add(_arrow("t", [0], ["a"])) == []  # settled: a late row does not reopen it
+    c.add(_arrow("lost", [], [], total=1))  # the marker says 1 member, the member never arrives
+    with pytest.raises(RuntimeError, match=r"caption ended with incomplete part\(s\) \['lost'\] \(rows lost\?\)"):
+        c.finish("caption")
+    numpy_side = _Recorder(unit="shard", total="shard_total", noun="shard")
+    numpy_side.add(_numpy("s", [0], 1, ["unread"]))
+    assert numpy_side.failed == {"s": "unreadable archive"} and numpy_side.finish("embedding", ["s"]) == []
