@@ -44,7 +44,7 @@ TINY = "tiny"
 TINY_SEED = 1234
 _RESOURCES = Path(__file__).parent / "resources"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")  # weights file names (not hub tags)
 # open_clip's ``PreprocessCfg()`` defaults (its eval transform for a model without a hub tag);
 # tests/core/test_encoders.py checks them against open_clip's own, for every model config it ships.
 OPEN_CLIP_PREPROCESS = {"size": 224, "mode": "RGB", "mean": (0.48145466, 0.4578275, 0.40821073),
@@ -193,7 +193,7 @@ def encoder_tag(cfg: EncoderConfig) -> str:
     if not cfg.pretrained:
         return cfg.model_name
     pre = cfg.pretrained
-    if "/" in pre or pre.endswith((".pt", ".pth", ".bin", ".safetensors")):
+    if "/" in pre or pre.endswith(WEIGHT_SUFFIXES):
         pre = posixpath.basename(pre.rstrip("/")).split(".")[0]
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{cfg.model_name}-{pre}")
 

@@ -83,13 +83,8 @@ def _old_layout_files(output: str) -> list[str]:
 
 def _remove_stale_temporaries(output: str) -> None:
     """Drop ``_tmp.*`` files a killed run left behind (never visible as parts; one run per output)."""
-    fs, _ = storage.filesystem(output)
-    for uri in (table_uri(output), meta_uri(output, "errors"), meta_uri(output, "empty"), meta_uri(output)):
-        sub = storage.filesystem(uri)[1]
-        if fs.exists(sub):
-            for name in fs.ls(sub, detail=False):
-                if name.rsplit("/", 1)[-1].startswith("_tmp."):
-                    fs.rm(name)
+    storage.remove_temporaries(table_uri(output), meta_uri(output, "errors"), meta_uri(output, "empty"),
+                               meta_uri(output))
 
 
 def _is_our_part(fs: Any, path: str) -> bool:

@@ -10,7 +10,6 @@ recorded transient failures, is not committed. ``rows_to_keep`` and ``fixed_list
 
 from __future__ import annotations
 
-import posixpath
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,16 +40,7 @@ def empty_uri(meta_uri: str, shard: str) -> str:
 
 def remove_stale_temporaries(table_uri: str, meta_uri: str) -> int:
     """Delete ``_tmp.*`` files a killed run left behind (no other writer may be running on this table)."""
-    fs, path = storage.filesystem(table_uri)
-    meta = storage.filesystem(meta_uri)[1]
-    n = 0
-    for folder in (path, posixpath.join(meta, "errors"), posixpath.join(meta, "empty")):
-        if fs.exists(folder):
-            for p in fs.ls(folder, detail=False):
-                if posixpath.basename(p).startswith("_tmp."):
-                    fs.rm(p)
-                    n += 1
-    return n
+    return storage.remove_temporaries(table_uri, storage.join(meta_uri, "errors"), storage.join(meta_uri, "empty"))
 
 
 def _download_errors(shard_uri: str) -> list[dict[str, str]]:

@@ -132,6 +132,21 @@ def list_files(uri: str, suffix: str, storage_options: dict[str, Any] | None = N
     return sorted(full_uri(fs, p) for p in out)
 
 
+def remove_temporaries(*uris: str) -> int:
+    """Delete the ``_tmp.*`` files a killed writer left directly under each folder of ``uris`` (the temporaries
+    of ``atomic_write_table`` / ``write_json``; never visible as parts). Only while no other writer runs on
+    them: one run per output. Returns how many were removed."""
+    n = 0
+    for uri in uris:
+        fs, path = filesystem(uri)
+        if fs.exists(path):
+            for name in fs.ls(path, detail=False):
+                if posixpath.basename(name.rstrip("/")).startswith("_tmp."):
+                    fs.rm(name)
+                    n += 1
+    return n
+
+
 def check_writable(uri: str, storage_options: dict[str, Any] | None = None) -> None:
     """Fail before any work if ``uri`` cannot be written (missing bucket, no credentials, bad scheme)."""
     try:

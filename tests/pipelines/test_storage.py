@@ -37,6 +37,25 @@ def test_atomic_write_and_listing(root, tmp_path):
     assert norm(storage.list_files(root, ".parquet", recursive=True)) == norm([uri])
 
 
+@pytest.mark.parametrize("root", ["local", "memory://storage-temporaries"])
+def test_remove_temporaries_removes_only_temporaries_of_the_named_folders(root, tmp_path):
+    """What embed and caption run before a job: a killed writer's ``_tmp.*`` files go, parts and other
+    folders' temporaries stay, and a missing folder is no error."""
+    root = str(tmp_path) if root == "local" else root
+    part, other = storage.join(root, "t", "part-00000.parquet"), storage.join(root, "other", "_tmp.x.parquet")
+    storage.atomic_write_table(pa.table({"key": ["a"]}), part)
+    for uri in (storage.join(root, "t", "_tmp.a.part-00001.parquet"), storage.join(root, "t", "meta", "_tmp.b.json"),
+                other):
+        fs, path = storage.filesystem(uri)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe(path, b"partial")
+    n = storage.remove_temporaries(storage.join(root, "t"), storage.join(root, "t", "meta"), storage.join(root, "nope"))
+    assert n == 2
+    fs, _ = storage.filesystem(root)
+    assert fs.exists(storage.filesystem(part)[1]) and fs.exists(storage.filesystem(other)[1])
+    assert not [p for p in fs.find(storage.filesystem(storage.join(root, "t"))[1]) if "_tmp." in p]
+
+
 def test_json_round_trip_and_default(tmp_path):
     uri = str(tmp_path / "d" / "m.json")
     storage.write_json({"a": 1, "b": [1, 2]}, uri)
