@@ -7,9 +7,11 @@ Both sides train the same model (same preset, seed, D, batch size, optimizer, to
 - plain: captions tokenised once up front, tensors in memory, a shuffled slice per step (no data cost at all);
 - ray: ``pipelines.train.job.run_training`` with 1 worker reading the Parquet tables through Ray Data
   (tokenisation in the pipeline, prefetch), checkpoints each epoch, no held-out evaluation.
-Reported: samples/s inside the training loop (per-epoch wall time, so the streaming pipeline's per-epoch
-start is included), their ratio (target >= 0.8), and the Ray job's end-to-end rate including cluster and
-worker start-up. Results also go to ``benchmarks/results/train.json``. CPU numbers on a shared machine are
+Reported: samples/s inside the training loop (per-epoch wall time, so the stream's start, paid once in the
+first epoch, is included), their ratio (target >= 0.9); the steady ratio (epochs after the first) and the
+stream's start (the first epoch's wait for its first batch: Ray Data's executor, stats actor and read-task
+process start), which together explain it; and the Ray job's end-to-end rate including cluster and worker
+start-up. Results also go to ``benchmarks/results/train.json``. CPU numbers on a shared machine are
 noisy: the plain loop runs before and after the Ray job and both runs are shown.
 """
 
@@ -84,7 +86,10 @@ def ray_job(files: list[str], args: argparse.Namespace, workdir: str) -> dict[st
         print(f"  ray epoch {r['epoch']}: {r['samples']} samples in {r['seconds']:.1f} s "
               f"({r['samples_per_s']:.0f}/s), {r['data_wait_s']:.1f} s waiting for data")
     rows = sum(r.get("samples", 0) for r in epochs) or args.rows * args.epochs
+    steady = [r["samples_per_s"] for r in epochs[1:]]
     return {"in_loop": float(np.mean([r["samples_per_s"] for r in epochs])),
+            "steady": float(np.mean(steady)) if steady else float("nan"),
+            "stream_start_s": epochs[0]["data_wait_s"] if epochs else float("nan"),
             "end_to_end": rows / wall, "wall_s": wall,
             "data_wait_fraction": sum(r["data_wait_s"] for r in epochs) / sum(r["seconds"] for r in epochs)}
 
@@ -115,18 +120,23 @@ def main() -> int:
         plain_after = plain_loop(files, args)
     plain = (plain_before + plain_after) / 2
     ratio = ray_rates["in_loop"] / plain
+    steady_ratio = ray_rates["steady"] / plain
     result = {"rows": args.rows, "dim": args.dim, "model": args.model, "batch_size": args.batch_size,
               "epochs": args.epochs, "threads": args.threads, "plain_before": plain_before,
               "plain_after": plain_after, "ray_in_loop": ray_rates["in_loop"],
+              "ray_steady": ray_rates["steady"], "ray_stream_start_s": ray_rates["stream_start_s"],
               "ray_end_to_end": ray_rates["end_to_end"], "ray_wall_s": ray_rates["wall_s"],
-              "ray_data_wait_fraction": ray_rates["data_wait_fraction"], "ratio": ratio}
+              "ray_data_wait_fraction": ray_rates["data_wait_fraction"], "ratio": ratio,
+              "steady_ratio": steady_ratio}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"plain in-memory loop: {plain:.0f} samples/s (before {plain_before:.0f}, after {plain_after:.0f})")
     print(f"ray train, 1 worker, streaming parquet: {ray_rates['in_loop']:.0f} samples/s in the loop, "
           f"{ray_rates['end_to_end']:.0f} samples/s end to end ({ray_rates['wall_s']:.1f} s incl. start-up); "
           f"{100 * ray_rates['data_wait_fraction']:.0f}% of loop time waiting for data")
-    print(f"ratio (ray in-loop / plain): {ratio:.2f} (target >= 0.8)")
+    print(f"ratio (ray in-loop / plain): {ratio:.2f} (target >= 0.9); steady (epochs after the first): "
+          f"{steady_ratio:.2f}; the first epoch's wait for data (mostly the stream's start): "
+          f"{ray_rates['stream_start_s']:.1f} s")
     return 0
 
 

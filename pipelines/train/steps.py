@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -49,6 +49,22 @@ class Primed:
         if self._first is not self._END:
             yield self._first
             yield from self._it
+
+
+def split_batches(batches: Iterable[dict[str, Any]], size: int) -> Iterator[dict[str, Any]]:
+    """Cut each batch of ``batches`` (columns of equal length) into consecutive batches of ``size`` rows.
+
+    Ray Data's per-batch cost (block slicing, format conversion in the prefetch thread, which shares the GIL
+    with the training step) is ~1 ms on 2 cores whatever the batch's size: at a small model's ~20 ms step that is
+    5%. Reading ``k * size`` rows per Ray batch and slicing them here (views, no copies) gives the same sequence
+    of batches, the stream's last partial one included, for a ``k``-th of that cost."""
+    for batch in batches:
+        n = len(next(iter(batch.values())))
+        if n <= size:
+            yield batch
+            continue
+        for s in range(0, n, size):
+            yield {k: v[s: s + size] for k, v in batch.items()}
 
 
 def maybe_crash(fault: FaultConfig | None, rank: int, step: int) -> None:

@@ -17,7 +17,9 @@ from pipelines.train import decap as decap_train
 from pipelines.train.heldout import evaluate_model
 from pipelines.train.job import TrainJobConfig, TrainPlan
 from pipelines.train.setup import build_or_load_model, to_core_batch
-from pipelines.train.steps import Primed, WorkerRun, run_steps
+from pipelines.train.steps import Primed, WorkerRun, run_steps, split_batches
+
+READ_ROWS = 1024  # rows per Ray Data batch (a whole number of training batches; see steps.split_batches)
 
 
 class ClipCapRun(WorkerRun):
@@ -70,11 +72,13 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
 
     job, plan = from_dict(TrainJobConfig, config["job"]), from_dict(TrainPlan, config["plan"])
     hp, opts = job.train, job.run
-    batches = None if plan.stream_start_epoch >= hp.epochs else Primed(
+    per_read = hp.batch_size * max(1, READ_ROWS // hp.batch_size)  # rows per Ray batch, cut into steps' batches
+    batches = None if plan.stream_start_epoch >= hp.epochs else Primed(split_batches(
         ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=hp.batch_size, device=ray.train.torch.get_device(), prefetch_batches=opts.prefetch_batches,
+            batch_size=per_read, device=ray.train.torch.get_device(),
+            prefetch_batches=max(1, -(-opts.prefetch_batches * hp.batch_size // per_read)),
             local_shuffle_buffer_size=opts.shuffle_buffer or None,
-            dtypes={"embedding": torch.float32, "tokens": torch.int64, "mask": torch.float32}))
+            dtypes={"embedding": torch.float32, "tokens": torch.int64, "mask": torch.float32}), hp.batch_size))
     run = ClipCapRun(job, plan)
     noise = job.decap.noise_std if job.decoder == "decap" else 0.0
     net = ray.train.torch.prepare_model(run.model, move_to_device=False) if run.world > 1 else run.model

@@ -76,3 +76,18 @@ def test_run_steps_ends_epochs_at_planned_steps_checkpoints_and_skips_a_resumed_
     assert steps == [6, 7, 8] and resumed.state.epoch == 3
     with pytest.raises(RuntimeError, match="precedes the data stream"):
         run_steps(_FakeRun(plan, RunOptions(), epochs=3), batches, lambda b: 0.5, skip=-1)
+
+
+def test_split_batches_gives_the_same_consecutive_batches_as_reading_at_the_step_size():
+    """The worker reads k * batch_size rows per Ray batch and cuts them: every row once, in order, in batches
+    of batch_size (a short one only where the stream's last read was short), columns kept aligned."""
+    from pipelines.train.steps import split_batches
+
+    rows = torch.arange(23)
+    reads = [{"x": rows[s: s + 8], "y": -rows[s: s + 8]} for s in range(0, 23, 8)]  # 8, 8, 7 rows
+    out = list(split_batches(reads, 4))
+    assert [len(b["x"]) for b in out] == [4, 4, 4, 4, 4, 3]
+    assert torch.equal(torch.cat([b["x"] for b in out]), rows)
+    assert all(torch.equal(b["y"], -b["x"]) for b in out)
+    small = [{"x": rows[:3], "y": rows[:3]}]
+    assert list(split_batches(small, 4)) == small  # a read at or under the step size passes through
