@@ -38,7 +38,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
         --precision         auto|fp32|fp16|bf16  auto: fp16 autocast on GPU
         --text-embeddings   switch  also embed the captions
         --batch-size        int     images per CLIP forward
-        --num-actors        int     CLIP actors, one model each (default: one per GPU, or per CPU node)
+        --num-actors        int     CLIP actors, one model each (default: one per GPU; on CPU one per core,
+                                    up to 8 per node, and on one node those as concurrent batches of one actor)
         --cpus-per-actor    float   Ray CPUs reserved per CLIP actor (default 1; not a thread cap)
         --gpus-per-actor    float   default: 1 when the cluster has GPUs
         --torch-threads     int     torch threads per CPU actor (default: the node's cores / its actors)

@@ -50,8 +50,9 @@ META_DIR = "_meta"
 @dataclass(frozen=True, kw_only=True)
 class EmbedResources:
     """How the embed pipeline uses the cluster (the only place it is set). 0 / None = sized from the cluster by
-    ``runtime.plan_actors`` (one actor per GPU; on CPU one single-thread actor per core, up to 8 per node); a
-    value wins."""
+    ``runtime.plan_actors`` (one actor per GPU; on CPU one single-thread actor per core, up to 8 per node, and on
+    a one-node cluster those as concurrent batches of one actor: ``runtime.share_process``); a value wins
+    (``num_actors`` given: that many actors, one batch at a time each)."""
 
     num_actors: int = 0
     cpus_per_actor: float = 0.0  # Ray's reservation per actor; 0: 1
@@ -66,9 +67,10 @@ class EmbedResources:
             raise ValueError("batch_size must be positive; actors, CPUs and threads >= 0 (0 = size from the cluster)")
 
     def plan(self, cluster: runtime.ClusterShape) -> runtime.ActorPlan:
-        return runtime.plan_actors(cluster, actors=self.num_actors, cpus_per_actor=self.cpus_per_actor,
+        plan = runtime.plan_actors(cluster, actors=self.num_actors, cpus_per_actor=self.cpus_per_actor,
                                    gpus_per_actor=self.gpus_per_actor, torch_threads=self.torch_threads,
                                    read_cpus=self.decode_cpus)
+        return plan if self.num_actors else runtime.share_process(plan, cluster)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,8 +216,7 @@ def build_dataset(cfg: EmbedConfig, pending: list[str]) -> Any:
                         fn_kwargs={"spec": spec, "batch_rows": res.batch_size})
     return ds.map_batches(
         ClipActor, batch_size=res.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
-        num_gpus=plan.gpus_per_actor,
+        **plan.pool_args(),
         fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision, "threads": plan.torch_threads,
                                "use_gpu": plan.use_gpu, "texts": cfg.text_embeddings})
 

@@ -187,8 +187,7 @@ def build_dataset(cfg: EmbedTextConfig, pending: list[text_sources.TextPart]) ->
     ds = ray.data.from_arrow([part_block(p) for p in pending if len(p)])
     return ds.map_batches(
         ClipActor, batch_size=res.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
-        num_gpus=plan.gpus_per_actor,
+        **plan.pool_args(),
         fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision, "use_gpu": plan.use_gpu,
                                "threads": plan.torch_threads, "images": False, "texts": True,
                                "count_truncated": True})

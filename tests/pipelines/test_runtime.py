@@ -40,3 +40,31 @@ def test_explicit_values_win_and_oversized_reservations_are_scaled():
         plan_actors(ClusterShape(2.0, 0.0, (2.0,)), torch_threads=-1)
     text = plan.describe("embed", ClusterShape(2.0, 0.0, (2.0,)))
     assert "2 actor(s) on CPU" in text and "2 CPU / 0 GPU on 1 node(s)" in text
+
+
+def test_one_node_cpu_plans_share_one_actor_process_and_the_rest_keep_theirs():
+    """embed's CPU default on one node: the single-thread actors become concurrent calls of one actor (one model
+    load), with the same cores at work and the same total reservation; GPU, several nodes, one actor and
+    already-shared plans are left as they are."""
+    from pipelines.embed.job import EmbedResources
+    from pipelines.runtime import share_process
+
+    one = ClusterShape(2.0, 0.0, (2.0,))
+    plan = share_process(plan_actors(one), one)
+    assert (plan.actors, plan.calls_per_actor, plan.torch_threads, plan.cpus_per_actor, plan.read_cpus) == (
+        1, 2, 1, 1.0, 1.0)
+    assert share_process(plan, one) == plan
+    big = ClusterShape(16.0, 0.0, (16.0,))
+    plan = share_process(plan_actors(big), big)
+    assert (plan.actors, plan.calls_per_actor, plan.torch_threads, plan.cpus_per_actor) == (1, 8, 2, 8.0)
+    assert "1 actor(s) running 8 batches at once on CPU" in plan.describe("embed", big)
+    args = plan.pool_args()
+    assert args["compute"].max_concurrent_calls_per_actor == 8 and args["compute"].enable_true_multi_threading
+    for cluster in (ClusterShape(48.0, 0.0, (16.0, 16.0, 16.0)), ClusterShape(32.0, 4.0, (16.0, 16.0)),
+                    ClusterShape(1.0, 0.0, (1.0,))):
+        assert share_process(plan_actors(cluster), cluster) == plan_actors(cluster)
+    assert plan_actors(one).pool_args()["compute"].max_concurrent_calls_per_actor is None
+    # embed shares on its own default, but not when the user asked for a number of actors
+    assert EmbedResources().plan(one).calls_per_actor == 2
+    assert (EmbedResources(num_actors=2).plan(one).actors, EmbedResources(num_actors=2).plan(one).calls_per_actor) == (
+        2, 1)
