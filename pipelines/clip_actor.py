@@ -65,7 +65,9 @@ class ClipActor:
             # An actor running several batches at once (``runtime.share_process``) runs each in a thread of its
             # own; OpenMP keeps the thread count per calling thread, and a new thread starts at
             # OMP_NUM_THREADS (Ray: the actor's CPU reservation), not the plan's threads per batch.
-            runtime.set_torch_threads(self.threads)
+            import torch
+
+            torch.set_num_threads(self.threads)
             self._local.threads_set = True
         return self.table(batch) if isinstance(batch, pa.Table) else self.columns(batch)
 

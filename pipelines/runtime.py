@@ -174,12 +174,5 @@ def actor_device(use_gpu: bool, threads: int = 0) -> str:
     import torch
 
     if threads > 0:
-        set_torch_threads(threads)  # the actor's CPU share, no more: read/decode tasks run beside it
+        torch.set_num_threads(threads)  # the actor's CPU share, no more: read/decode tasks run beside it
     return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-
-
-def set_torch_threads(threads: int) -> None:
-    """torch's intra-op threads for the calling thread (OpenMP keeps the count per thread)."""
-    import torch
-
-    torch.set_num_threads(threads)
