@@ -33,7 +33,14 @@ from pipelines.clip import data as clip_data
 from pipelines.io import storage, tables
 from pipelines.train.checkpoints import stream_start
 from pipelines.train.runner import fit_workers
-from pipelines.train.state import FaultConfig, RunOptions, ScaleConfig, StepPlan, check_heldout_fraction
+from pipelines.train.state import (
+    FaultConfig,
+    RunOptions,
+    ScaleConfig,
+    StepPlan,
+    StreamSpec,
+    check_heldout_fraction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +157,17 @@ def _dataset(cfg: ClipTrainJobConfig, p: ClipTrainPlan) -> Any:
     return clip_data.stream_pairs(items or [(p.shards[0], 0)], prep_for(cfg), num_cpus=cfg.read_cpus)
 
 
+def stream_spec(cfg: ClipTrainJobConfig, p: ClipTrainPlan) -> StreamSpec | None:
+    """How each worker reads the pair stream: whole steps' batches (the last short one dropped, as contrastive
+    batches must be full), prefetch ``run.prefetch_batches``; ``None`` when every epoch is done."""
+    if p.stream_start_epoch >= cfg.train.epochs:
+        return None
+    return StreamSpec(rows=cfg.train.batch_size, prefetch_batches=cfg.run.prefetch_batches, drop_last=True,
+                      shuffle_buffer=cfg.run.shuffle_buffer, dtypes={"pixels": "uint8", "tokens": "int64"})
+
+
 def run_clip_training(cfg: ClipTrainJobConfig) -> ClipTrainResult:
     """Train (or resume) CLIP run ``cfg.name`` under ``cfg.output``; returns the weights and the history."""
-    from pipelines.clip.worker import clip_train_loop
-
     p = plan(cfg)
     storage.check_writable(cfg.output)
     log.info("train-clip %s: %s from %s, %d pairs in %d shard(s), %d worker(s) x batch %d, %d epochs = %d steps "
@@ -161,7 +175,9 @@ def run_clip_training(cfg: ClipTrainJobConfig) -> ClipTrainResult:
              p.n_train, len(p.shards), cfg.scale.num_workers, cfg.train.batch_size, cfg.train.epochs,
              p.total_steps, p.mode, p.stream_start_epoch + 1)
     t0 = time.perf_counter()
-    out = fit_workers(clip_train_loop, cfg, p, {"train": _dataset(cfg, p)} if p.mode == "stream" else None)
+    stream = p.mode == "stream"
+    out = fit_workers("pipelines.clip.worker:clip_train_loop", cfg, p, {"train": _dataset(cfg, p)} if stream else None,
+                      stream_spec(cfg, p) if stream else None)
     log.info("train-clip %s: done in %.0f s -> %s", cfg.name, time.perf_counter() - t0, out.get("weights"))
     return ClipTrainResult(model_dir=out["model_dir"], weights=out["weights"], run_dir=cfg.run_dir,
                            history=out["history"], metrics=out.get("metrics", {}))

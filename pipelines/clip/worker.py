@@ -21,7 +21,8 @@ from pipelines.clip import data as clip_data
 from pipelines.clip.job import ClipTrainJobConfig, ClipTrainPlan, prep_for
 from pipelines.io import storage
 from pipelines.train.heldout import evaluate_retrieval
-from pipelines.train.steps import Primed, WorkerRun, run_steps
+from pipelines.train.launch import EarlyStream
+from pipelines.train.steps import WorkerRun, run_steps
 
 
 class ClipRun(WorkerRun):
@@ -73,25 +74,21 @@ def memory_batches(job: ClipTrainJobConfig, plan: ClipTrainPlan, rank: int, worl
         yield {"pixels": pixels[idx].to(device), "tokens": tokens[idx].to(device)}
 
 
-def clip_train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The per-worker loop run by ``TorchTrainer`` (config: ``{"job": ClipTrainJobConfig, "plan": ClipTrainPlan}``
-    as ``configs.to_dict``)."""
+def clip_train_loop(config: dict[str, Any], stream: EarlyStream | None) -> dict[str, Any] | None:
+    """The per-worker loop (``launch.worker_entry`` calls it; config: ``{"job": ClipTrainJobConfig, "plan":
+    ClipTrainPlan}`` as ``configs.to_dict``); ``stream`` the worker's shard of the pair stream, already started
+    (``None`` in memory mode)."""
     import ray.train
     import ray.train.torch
-    import torch
 
     from clipcap_core.clip_training import make_scaler, train_step
 
     job, plan = from_dict(ClipTrainJobConfig, config["job"]), from_dict(ClipTrainPlan, config["plan"])
-    hp, opts = job.train, job.run
-    stream = plan.mode == "stream"
-    batches = None if plan.stream_start_epoch >= hp.epochs or not stream else Primed(
-        ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=hp.batch_size, drop_last=True, device=ray.train.torch.get_device(),
-            prefetch_batches=opts.prefetch_batches, local_shuffle_buffer_size=opts.shuffle_buffer or None,
-            dtypes={"pixels": torch.uint8, "tokens": torch.int64}))
+    hp = job.train
+    batches = None if stream is None else stream.torch(ray.train.torch.get_device())
+    stream_mode = plan.mode == "stream"
     run = ClipRun(job, plan)
-    if not stream:
+    if not stream_mode:
         batches = memory_batches(job, plan, run.rank, run.world, run.state.step, run.device)
     net = ray.train.torch.prepare_model(run.model, move_to_device=False) if run.world > 1 else run.model
     scaler = make_scaler(hp, run.device)
@@ -100,7 +97,7 @@ def clip_train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         return train_step(net, batch["pixels"], batch["tokens"], run.optimizer, run.scheduler, hp, run.loss_fn,
                           scaler)
 
-    run_steps(run, batches, step, skip=run.state.step - plan.stream_first_step if stream else 0)
+    run_steps(run, batches, step, skip=run.state.step - plan.stream_first_step if stream_mode else 0)
     if run.rank != 0:
         return None
     return save_model_dir(job, plan, run)

@@ -38,7 +38,16 @@ from pipelines.train.decap import DecapOptions
 from pipelines.train.heldout import evaluate_model
 from pipelines.train.runner import fit_workers, write_history
 from pipelines.train.setup import BatchTokenizer, load_tokenizer_for, resolve_model_config
-from pipelines.train.state import FaultConfig, RunOptions, ScaleConfig, StepPlan, check_heldout_fraction
+from pipelines.train.state import (
+    FaultConfig,
+    RunOptions,
+    ScaleConfig,
+    StepPlan,
+    StreamSpec,
+    check_heldout_fraction,
+)
+
+READ_ROWS = 1024  # rows per Ray Data batch (a whole number of training batches; see steps.split_batches)
 
 log = logging.getLogger(__name__)
 
@@ -146,16 +155,27 @@ def _datasets(cfg: TrainJobConfig, plan: TrainPlan) -> dict[str, Any]:
                                           column=cfg.embedding_column)}
 
 
+def stream_spec(cfg: TrainJobConfig, plan: TrainPlan) -> StreamSpec | None:
+    """How each worker reads the stream: ``READ_ROWS`` rows per Ray batch (a whole number of the step's batches,
+    cut by ``steps.split_batches``), prefetch counted in rows as ``run.prefetch_batches`` steps; ``None`` when
+    every epoch is done (a finished run restarted)."""
+    hp = cfg.train
+    if plan.stream_start_epoch >= hp.epochs:
+        return None
+    rows = hp.batch_size * max(1, READ_ROWS // hp.batch_size)
+    return StreamSpec(rows=rows, prefetch_batches=max(1, -(-cfg.run.prefetch_batches * hp.batch_size // rows)),
+                      shuffle_buffer=cfg.run.shuffle_buffer,
+                      dtypes={"embedding": "float32", "tokens": "int64", "mask": "float32"})
+
+
 def run_training(cfg: TrainJobConfig) -> TrainJobResult:
     """Train (or resume) run ``cfg.name`` under ``cfg.output``; returns the artifact URI and the history."""
-    from pipelines.train.worker import worker_loop
-
     plan = plan_training(cfg)
     storage.check_writable(cfg.output)
     log.info("train %s: %d rows (D=%d), %d worker(s), %d epochs = %d steps (streaming from epoch %d)", cfg.name,
              plan.n_train, plan.dim, cfg.scale.num_workers, cfg.train.epochs, plan.total_steps,
              plan.stream_start_epoch + 1)
-    out = fit_workers(worker_loop, cfg, plan, _datasets(cfg, plan))
+    out = fit_workers("pipelines.train.worker:worker_loop", cfg, plan, _datasets(cfg, plan), stream_spec(cfg, plan))
     return TrainJobResult(artifact=out["artifact"], run_dir=cfg.run_dir, history=out["history"],
                           metrics=out.get("metrics", {}))
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from clipcap_core.configs import to_dict
 from pipelines.io import storage
-from pipelines.train.state import RunOptions, ScaleConfig, StepPlan
+from pipelines.train.state import RunOptions, ScaleConfig, StepPlan, StreamSpec
 
 
 class TrainJob(Protocol):
@@ -27,17 +27,22 @@ class TrainJob(Protocol):
     def run_dir(self) -> str: ...
 
 
-def fit_workers(loop: Callable[[dict[str, Any]], Any], job: TrainJob, plan: StepPlan,
-                datasets: dict[str, Any] | None) -> dict[str, Any]:
-    """Run ``loop`` on ``job.scale.num_workers`` Ray Train workers with ``{"job": ..., "plan": ...}`` (both
-    ``configs.to_dict``); returns rank 0's return value after writing its ``history`` under ``job.run_dir``."""
+def fit_workers(loop: str, job: TrainJob, plan: StepPlan, datasets: dict[str, Any] | None,
+                stream: StreamSpec | None = None) -> dict[str, Any]:
+    """Run ``loop`` (``"module:function"``) on ``job.scale.num_workers`` Ray Train workers as ``loop(config,
+    batches)``, config ``{"job": ..., "plan": ...}`` (both ``configs.to_dict``) and ``batches`` the worker's
+    ``launch.EarlyStream`` of ``datasets["train"]`` read as ``stream`` says (``None`` without a stream).
+    Returns rank 0's return value after writing its ``history`` under ``job.run_dir``."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipelines.train.launch import worker_entry
+
     scale = job.scale
     trainer = TorchTrainer(
-        loop,
-        train_loop_config={"job": to_dict(job), "plan": to_dict(plan)},
+        worker_entry,
+        train_loop_config={"job": to_dict(job), "plan": to_dict(plan), "loop": loop,
+                           "stream": to_dict(stream) if stream is not None and datasets else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scale.num_workers, use_gpu=scale.use_gpu,
             resources_per_worker={"CPU": scale.cpus_per_worker,

@@ -87,6 +87,23 @@ class StepPlan:
     stream_first_step: int = 0
 
 
+@dataclass(frozen=True, kw_only=True)
+class StreamSpec:
+    """How a worker reads its shard of the ``train`` stream (``launch.EarlyStream``), decided on the driver so the
+    worker can start the stream before it imports its loop."""
+
+    rows: int  # rows per Ray Data batch
+    prefetch_batches: int  # Ray Data batches
+    dtypes: dict[str, str]  # column -> torch dtype name ("float32", "int64", "uint8")
+    shuffle_buffer: int = 0  # rows; 0: stream order
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.prefetch_batches < 1:
+            raise ValueError(f"stream rows and prefetch_batches must be >= 1, got {self.rows}, "
+                             f"{self.prefetch_batches}")
+
+
 @dataclass(kw_only=True)
 class RunState:
     """A worker's progress, stored in every checkpoint (``state.json``); ``history`` rows become history.json."""

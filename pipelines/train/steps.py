@@ -21,36 +21,6 @@ from pipelines.train.checkpoints import checkpoint_name, load_checkpoint, save_c
 from pipelines.train.state import FaultConfig, RunOptions, RunState, StepPlan
 
 
-class Primed:
-    """Iterate ``iterable`` with its first item requested at once, in a background thread: the data stream
-    starts (its tasks, workers, first blocks) while the model is being built and the checkpoint restored."""
-
-    _END = object()
-
-    def __init__(self, iterable: Any):
-        import threading
-
-        self._it, self._first, self._error = iter(iterable), self._END, None
-        self._thread = threading.Thread(target=self._fetch, name="clipcap-first-batch", daemon=True)
-        self._thread.start()
-
-    def _fetch(self) -> None:
-        try:
-            self._first = next(self._it)
-        except StopIteration:
-            pass
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
-            self._error = exc
-
-    def __iter__(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        if self._first is not self._END:
-            yield self._first
-            yield from self._it
-
-
 def split_batches(batches: Iterable[dict[str, Any]], size: int) -> Iterator[dict[str, Any]]:
     """Cut each batch of ``batches`` (columns of equal length) into consecutive batches of ``size`` rows.
 

@@ -16,10 +16,9 @@ from pipelines.io import storage, tables
 from pipelines.train import decap as decap_train
 from pipelines.train.heldout import evaluate_model
 from pipelines.train.job import TrainJobConfig, TrainPlan
+from pipelines.train.launch import EarlyStream
 from pipelines.train.setup import build_or_load_model, to_core_batch
-from pipelines.train.steps import Primed, WorkerRun, run_steps, split_batches
-
-READ_ROWS = 1024  # rows per Ray Data batch (a whole number of training batches; see steps.split_batches)
+from pipelines.train.steps import WorkerRun, run_steps, split_batches
 
 
 class ClipCapRun(WorkerRun):
@@ -57,28 +56,22 @@ class ClipCapRun(WorkerRun):
         return evaluate_model(self.model, self.tokenizer, self.heldout, max_tokens=self.hp.max_caption_tokens)
 
 
-def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The per-worker loop run by ``TorchTrainer`` (config: ``{"job": TrainJobConfig, "plan": TrainPlan}`` as
-    ``configs.to_dict``).
+def worker_loop(config: dict[str, Any], stream: EarlyStream | None) -> dict[str, Any] | None:
+    """The per-worker loop (``launch.worker_entry`` calls it; config: ``{"job": TrainJobConfig, "plan":
+    TrainPlan}`` as ``configs.to_dict``).
 
-    The worker's data shard is one stream over every remaining epoch; epochs end at ``epoch_ends`` (the
-    last one when the stream ends, at ``total_steps``). After a restart the batches before the restored step are
+    ``stream`` is the worker's data shard, already started: one stream over every remaining epoch, read
+    ``job.stream_spec`` rows at a time and cut into the step's batches. Epochs end at ``epoch_ends`` (the last
+    one when the stream ends, at ``total_steps``). After a restart the batches before the restored step are
     skipped (read, not trained on)."""
     import ray.train
     import ray.train.torch
-    import torch
 
     from clipcap_core.training import make_scaler, train_step
 
     job, plan = from_dict(TrainJobConfig, config["job"]), from_dict(TrainPlan, config["plan"])
-    hp, opts = job.train, job.run
-    per_read = hp.batch_size * max(1, READ_ROWS // hp.batch_size)  # rows per Ray batch, cut into steps' batches
-    batches = None if plan.stream_start_epoch >= hp.epochs else Primed(split_batches(
-        ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=per_read, device=ray.train.torch.get_device(),
-            prefetch_batches=max(1, -(-opts.prefetch_batches * hp.batch_size // per_read)),
-            local_shuffle_buffer_size=opts.shuffle_buffer or None,
-            dtypes={"embedding": torch.float32, "tokens": torch.int64, "mask": torch.float32}), hp.batch_size))
+    hp = job.train
+    batches = None if stream is None else split_batches(stream.torch(ray.train.torch.get_device()), hp.batch_size)
     run = ClipCapRun(job, plan)
     noise = job.decap.noise_std if job.decoder == "decap" else 0.0
     net = ray.train.torch.prepare_model(run.model, move_to_device=False) if run.world > 1 else run.model

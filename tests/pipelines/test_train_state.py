@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from clipcap_core.configs import ConfigError, from_dict, to_dict
 from clipcap_core.presets import preset_config
 from pipelines.clip.job import ClipTrainPlan
 from pipelines.train.job import TrainPlan
-from pipelines.train.state import RunOptions, RunState, StepPlan
+from pipelines.train.state import RunOptions, RunState, StepPlan, StreamSpec
 from pipelines.train.steps import WorkerRun, run_steps
 
 
@@ -18,6 +20,7 @@ from pipelines.train.steps import WorkerRun, run_steps
               n_train=150, total_steps=15, epoch_ends=(5, 10), stream_start_epoch=1, stream_first_step=5),
     ClipTrainPlan(shards=("s/0.tar",), mode="memory", n_train=96, total_steps=9, epoch_ends=(3, 6), steps_per_epoch=3),
     RunState(step=7, epoch=1, attempt=2, history=[{"kind": "resume", "step": 4, "epoch": 1, "attempt": 2}]),
+    StreamSpec(rows=1024, prefetch_batches=1, shuffle_buffer=512, dtypes={"embedding": "float32", "tokens": "int64"}),
 ])
 def test_plans_and_state_round_trip_and_refuse_unknown_keys(plan):
     data = to_dict(plan)
@@ -91,3 +94,34 @@ def test_split_batches_gives_the_same_consecutive_batches_as_reading_at_the_step
     assert all(torch.equal(b["y"], -b["x"]) for b in out)
     small = [{"x": rows[:3], "y": rows[:3]}]
     assert list(split_batches(small, 4)) == small  # a read at or under the step size passes through
+
+
+def test_the_worker_entry_imports_no_framework_before_the_stream_starts():
+    """``launch.worker_entry`` starts the data stream before the loop's module is imported; that only helps while
+    importing it (and what it takes from the driver contract) stays free of torch, transformers and Ray."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipelines.train.launch; "
+            "print(sorted(m for m in ('torch', 'transformers', 'open_clip', 'ray', 'pyarrow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("batch_size, prefetch, rows, ray_prefetch", [
+    (64, 4, 1024, 1),  # 16 steps per Ray batch; 4 steps of prefetch round up to one Ray batch
+    (300, 8, 900, 3),  # 3 steps per Ray batch (a whole number of steps), 2,400 rows of prefetch -> 3 Ray batches
+    (2048, 2, 2048, 2),  # a step larger than the read size: one step per Ray batch
+])
+def test_the_clipcap_stream_reads_whole_steps_per_ray_batch(tmp_path, batch_size, prefetch, rows, ray_prefetch):
+    from pipelines.train.job import TrainConfig, TrainJobConfig, stream_spec
+
+    job = TrainJobConfig(tables=("t.parquet",), output=str(tmp_path), name="r",
+                         train=TrainConfig(epochs=2, batch_size=batch_size), run=RunOptions(prefetch_batches=prefetch))
+    plan = TrainPlan(files=("t.parquet",), dim=24, model_config=preset_config("tiny"), n_train=9000,
+                     total_steps=10, epoch_ends=(5,))
+    spec = stream_spec(job, plan)
+    assert (spec.rows, spec.prefetch_batches, spec.drop_last) == (rows, ray_prefetch, False)
+    assert spec.rows % batch_size == 0
+    finished = dataclasses.replace(plan, stream_start_epoch=2)  # every epoch done: nothing to stream
+    assert stream_spec(job, finished) is None
