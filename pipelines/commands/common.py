@@ -81,8 +81,9 @@ def add_scale_flags(p: argparse.ArgumentParser, *, cpus_help: str, threads_help:
     """Ray Train scale and run flags of ``train`` / ``nightly`` / ``train-clip`` (``scale`` and ``run`` sections)."""
     add_flags(p, """
         --workers           int     Ray Train workers
-        --gpu               switch  one GPU per worker
     """)
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="one GPU per worker (default: when the cluster has one for each worker; --no-gpu: CPU)")
     p.add_argument("--cpus-per-worker", type=float, help=cpus_help)
     p.add_argument("--torch-threads", type=int, help=threads_help)
     add_flags(p, """

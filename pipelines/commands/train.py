@@ -51,8 +51,10 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     options.add_config_arguments(p, "the command's config")
     add_train_flags(p, epochs="passes over the training split", batch_size="captions per step (per worker)",
                     seed="seed of the model init and the data order")
-    common.add_scale_flags(p, cpus_help="Ray CPUs per training worker (leave some for the data tasks)",
-                           threads_help="torch threads per worker (default: from --cpus-per-worker)")
+    common.add_scale_flags(p, cpus_help="Ray CPUs reserved per training worker (default: the node's cores less one "
+                                        "for the data tasks, shared by its workers; GPU: 1)",
+                           threads_help="torch threads per worker (default: CPU, the node's cores shared by its "
+                                        "workers; GPU, Ray's default)")
     common.add_ray_address(p)
 
 

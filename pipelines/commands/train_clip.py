@@ -63,7 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         --lock-text         switch  freeze the text tower
         --augment           {_choices("augment")}  training-time image augmentation
     """)
-    common.add_scale_flags(p, cpus_help="CPUs reserved per worker", threads_help="torch threads per worker (0: Ray's default)")
+    common.add_scale_flags(p, cpus_help="CPUs reserved per worker (default: the node's cores less one for the data "
+                                        "tasks, shared by its workers; GPU: 1)",
+                           threads_help="torch threads per worker (default: CPU, the node's cores shared by its "
+                                        "workers; GPU, Ray's default)")
     p.add_argument("--eval-max-samples", type=int, help="held-out pairs evaluated each epoch (rank 0)")
     common.add_ray_address(p)
 

@@ -43,15 +43,22 @@ class RunOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class ScaleConfig:
+    """Ray Train workers and what each reserves and runs. ``None`` / 0 = sized from the cluster when the job
+    starts (``runner.size_workers``); an explicit value wins."""
+
     num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    use_gpu: bool | None = None  # None: one GPU per worker when the cluster has one for each
+    cpus_per_worker: float = 0.0  # Ray's reservation; 0: the node's cores less one for the data tasks, shared
     gpus_per_worker: float = 1.0  # with use_gpu
-    torch_threads: int = 0  # 0: Ray's default (OMP_NUM_THREADS = CPUs per worker)
+    torch_threads: int = 0  # 0: CPU, the node's cores shared by its workers; GPU, Ray's default (CPUs per worker)
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"scale.num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker <= 0 or self.torch_threads < 0:
+            raise ValueError("scale.cpus_per_worker and torch_threads must be >= 0 (0: sized from the cluster) and "
+                             f"gpus_per_worker > 0, got {self.cpus_per_worker}, {self.torch_threads}, "
+                             f"{self.gpus_per_worker}")
 
 
 @dataclass(frozen=True, kw_only=True)

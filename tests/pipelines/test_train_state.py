@@ -10,8 +10,9 @@ import torch
 from clipcap_core.configs import ConfigError, from_dict, to_dict
 from clipcap_core.presets import preset_config
 from pipelines.clip.job import ClipTrainPlan
+from pipelines.runtime import ClusterShape
 from pipelines.train.job import TrainPlan
-from pipelines.train.state import RunOptions, RunState, StepPlan, StreamSpec
+from pipelines.train.state import RunOptions, RunState, ScaleConfig, StepPlan, StreamSpec
 from pipelines.train.steps import WorkerRun, run_steps
 
 
@@ -125,3 +126,46 @@ def test_the_clipcap_stream_reads_whole_steps_per_ray_batch(tmp_path, batch_size
     assert spec.rows % batch_size == 0
     finished = dataclasses.replace(plan, stream_start_epoch=2)  # every epoch done: nothing to stream
     assert stream_spec(job, finished) is None
+
+
+@pytest.mark.parametrize("cluster, scale, want", [
+    # one 2-core node, defaults: one core to train on, one left to the read/tokenise tasks and Ray
+    (ClusterShape(2.0, 0.0, (2.0,)), ScaleConfig(), (False, 1.0, 1)),
+    # 16 cores, 2 workers on the node: 15 cores between them
+    (ClusterShape(16.0, 0.0, (16.0,)), ScaleConfig(num_workers=2), (False, 7.5, 7)),
+    # 3 nodes of 4 cores, one worker per node
+    (ClusterShape(12.0, 0.0, (4.0, 4.0, 4.0)), ScaleConfig(num_workers=3), (False, 3.0, 3)),
+    # 2 workers on one 2-core node: half a CPU reserved each, the data tasks keep one
+    (ClusterShape(2.0, 0.0, (2.0,)), ScaleConfig(num_workers=2), (False, 0.5, 1)),
+    # a GPU for each worker: GPU training, 1 CPU reserved, Ray's default threads
+    (ClusterShape(32.0, 2.0, (32.0,)), ScaleConfig(num_workers=2), (True, 1.0, 0)),
+    # explicit values win, whatever the cluster of the moment holds (an autoscaler may add GPU nodes)
+    (ClusterShape(32.0, 2.0, (32.0,)), ScaleConfig(use_gpu=False, cpus_per_worker=0.5, torch_threads=1),
+     (False, 0.5, 1)),
+    (ClusterShape(2.0, 0.0, (2.0,)), ScaleConfig(use_gpu=True), (True, 1.0, 0)),
+])
+def test_training_workers_are_sized_from_the_cluster_and_explicit_values_win(cluster, scale, want):
+    from pipelines.train.runner import describe_workers, size_workers
+
+    sized = size_workers(scale, cluster)
+    assert (sized.use_gpu, sized.cpus_per_worker, sized.torch_threads) == want
+    assert sized.num_workers == scale.num_workers
+    if not sized.use_gpu and not scale.cpus_per_worker:  # Ray Data keeps at least a CPU per node for the stream
+        per_node = -(-scale.num_workers // len(cluster.node_cpus))
+        assert min(cluster.node_cpus) - per_node * sized.cpus_per_worker >= 1
+    assert f"{sized.num_workers} worker(s) on {'1 GPU' if want[0] else 'CPU'}" in describe_workers(sized, cluster)
+
+
+def test_too_few_gpus_for_the_workers_trains_on_cpu_and_says_how_to_use_them(caplog):
+    from pipelines.train.runner import size_workers
+
+    sized = size_workers(ScaleConfig(num_workers=4), ClusterShape(16.0, 2.0, (16.0,)))
+    assert (sized.use_gpu, sized.torch_threads) == (False, 3)
+    assert "do not fit the cluster's 2 GPU" in caplog.text and "--workers 2" in caplog.text
+
+
+def test_negative_or_zero_gpu_scale_settings_fail_naming_them():
+    with pytest.raises(ValueError, match="cpus_per_worker"):
+        ScaleConfig(cpus_per_worker=-1)
+    with pytest.raises(ValueError, match="gpus_per_worker"):
+        ScaleConfig(gpus_per_worker=0)
