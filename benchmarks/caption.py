@@ -145,7 +145,8 @@ def run_reference(images: list[bytes], model_uri: str, args: argparse.Namespace,
             "mean_tokens": float(np.mean(tokens))}
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """This benchmark's flags (``tests/test_benchmarks.py`` checks ``gpu_check.sh``'s lines against it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--image-size", type=int, default=256)
@@ -156,7 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--extra-flags", default="", help="flags added to `clipcap caption` (default: none)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", help="also write the figures to this file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="clipcap-bench-caption-"))
     model_uri, archive = str(work / "model"), str(work / "archive.tar")

@@ -116,7 +116,8 @@ def compare(model, tok, embeds: np.ndarray, beams: int, args: argparse.Namespace
     return B / ours_w, (B / ours_w) / (n_ref / ref_wall), paired
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """This benchmark's flags (``tests/test_benchmarks.py`` checks ``gpu_check.sh``'s lines against it)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=30)
@@ -124,7 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--ref-images", type=int, default=3, help="images decoded by the per-image reference")
     p.add_argument("--repeats", type=int, default=3, help="ours / hf-generate pairs (medians are reported)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = build(args.device)
     embeds = np.random.default_rng(0).normal(size=(args.batch, 512)).astype(np.float32)

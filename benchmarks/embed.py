@@ -164,8 +164,8 @@ def bench_model(model: str, shards: Path, work: Path, args: argparse.Namespace) 
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+def parser() -> argparse.ArgumentParser:
+    """This benchmark's flags (``tests/test_benchmarks.py`` checks ``gpu_check.sh``'s lines against it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--per-shard", type=int, default=128)
@@ -178,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2,
                    help="rounds of ours + clip-retrieval, alternating which goes first (ABBA; default 2)")
     p.add_argument("--json", help="also write the figures to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    p = parser()
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
