@@ -20,7 +20,6 @@ The good rows of a block are one forward in both. Caption's fused actor (``ClipC
 
 from __future__ import annotations
 
-import threading
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -44,8 +43,7 @@ class ClipActor:
         from clipcap_core.encoders import load_encoder
 
         self.encoder = load_encoder(encoder, device=runtime.actor_device(use_gpu, threads), precision=precision)
-        self.threads = threads
-        self._local = threading.local()  # which of the pool's call threads have set their torch threads
+        self.call_threads = runtime.CallThreads(threads)
         if not images:  # text only: the image tower's weights are not kept
             import torch
 
@@ -61,14 +59,7 @@ class ClipActor:
         return encoders._open_clip().get_tokenizer(self.encoder.model_name)
 
     def __call__(self, batch: Any) -> Any:
-        if self.threads > 0 and not getattr(self._local, "threads_set", False):
-            # An actor running several batches at once (``runtime.share_process``) runs each in a thread of its
-            # own; OpenMP keeps the thread count per calling thread, and a new thread starts at
-            # OMP_NUM_THREADS (Ray: the actor's CPU reservation), not the plan's threads per batch.
-            import torch
-
-            torch.set_num_threads(self.threads)
-            self._local.threads_set = True
+        self.call_threads()  # each of a shared actor's call threads runs the plan's torch threads
         return self.table(batch) if isinstance(batch, pa.Table) else self.columns(batch)
 
     def columns(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -167,6 +167,27 @@ def pixel_block_bytes(rows: int, size: int | tuple[int, int]) -> int:
 
 
 
+class CallThreads:
+    """Sets torch's intra-op threads to ``threads`` once in each thread that calls it (0: leave torch's).
+
+    An actor running several batches at once (``share_process``) runs each in a thread of its own, and OpenMP
+    keeps the thread count per calling thread: a new thread starts at OMP_NUM_THREADS (Ray: the actor's CPU
+    reservation), not at the plan's threads per batch. An actor calls this at the start of every batch."""
+
+    def __init__(self, threads: int):
+        import threading
+
+        self.threads = threads
+        self._local = threading.local()
+
+    def __call__(self) -> None:
+        if self.threads > 0 and not getattr(self._local, "done", False):
+            import torch
+
+            torch.set_num_threads(self.threads)
+            self._local.done = True
+
+
 def actor_device(use_gpu: bool, threads: int = 0) -> str:
     """Inside an actor: set torch's intra-op threads to the actor's share (0: torch's default) and return its
     device. Under Ray an actor with ``num_gpus`` sees only its own GPU(s) (``CUDA_VISIBLE_DEVICES``) as

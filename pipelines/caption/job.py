@@ -70,7 +70,8 @@ log = logging.getLogger(__name__)
 class ResourceOptions:
     """Batch sizes, actor pools and devices: the one place the pipeline's resources are set. Actor counts, CPUs,
     threads and GPUs at 0 / None are sized from the cluster by ``runtime.plan_actors`` (one actor per GPU; on
-    CPU one single-thread actor per core, up to 8 per node); a value wins."""
+    CPU one single-thread actor per core, up to 8 per node, and on a one-node cluster, without
+    ``caption_actors``, those as concurrent batches of one actor: ``runtime.share_process``); a value wins."""
 
     decode_block_rows: int = 64    # rows per block out of the read/decode tasks
     clip_batch_size: int = 64
@@ -103,8 +104,10 @@ class ResourceOptions:
         tables); split pools share the node's cores (auto threads halved)."""
         kw = dict(cpus_per_actor=self.cpus_per_actor, gpus_per_actor=self.gpus_per_actor, read_cpus=self.read_cpus)
         if not needs_clip or self.stages != "split":
-            return None, runtime.plan_actors(cluster, actors=self.caption_actors, torch_threads=self.torch_threads,
-                                             **kw)
+            plan = runtime.plan_actors(cluster, actors=self.caption_actors, torch_threads=self.torch_threads, **kw)
+            # one node, CPU, no actor count given: the single-thread actors as concurrent batches of one actor
+            # (CLIP and the LM loaded and held once, not once per core)
+            return None, plan if self.caption_actors else runtime.share_process(plan, cluster)
         caption = runtime.plan_actors(cluster, actors=self.caption_actors, fit_cluster=False, **kw)
         threads = self.torch_threads or max(1, caption.torch_threads // 2)
         clip = runtime.plan_actors(cluster, actors=self.clip_actors, torch_threads=threads, fit_cluster=False, **kw)
@@ -333,9 +336,7 @@ def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
     score_cfg = plan.model_info.encoder if cfg.clip_score else None
 
     def actor(p: runtime.ActorPlan) -> dict[str, Any]:
-        gpu = {"num_gpus": p.gpus_per_actor} if p.use_gpu else {}
-        return dict(compute=ray.data.ActorPoolStrategy(size=p.actors), num_cpus=p.cpus_per_actor,
-                    batch_format="pyarrow", **gpu)
+        return dict(p.pool_args(), batch_format="pyarrow")
 
     if fused:
         return ds.map_batches(ClipCaptionStage, batch_size=res.caption_batch_size, **actor(pool),

@@ -146,11 +146,13 @@ class CaptionStage:
 
         self.decoder = Decoder(model_uri, decoding, device=runtime.actor_device(use_gpu, threads),
                                precision=precision, projection=projection)
+        self.call_threads = runtime.CallThreads(threads)
         self.scorer = None if encoder_cfg is None else ClipScorer(
             ClipActor(encoder_cfg, precision=precision, use_gpu=use_gpu, threads=threads).encoder)
         self.rerank = rerank
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        self.call_threads()  # each of a shared actor's call threads runs the plan's torch threads
         clock = Clock()
         idx, blobs = binary_rows(table.column("embedding"))
         n = len(table)

@@ -206,8 +206,14 @@ def test_caption_pools_fit_the_cluster_or_fail_clearly():
     assert clip.actors * clip.cpus_per_actor + cap.actors * cap.cpus_per_actor + cap.read_cpus == pytest.approx(2.0)
     clip, cap = res.pools(False, big)  # embedding tables: no CLIP pool at all
     assert clip is None and cap.actors == 2
-    clip, cap = ResourceOptions().pools(True, two)  # the default: a fused single-thread actor per core
-    assert clip is None and (cap.actors, cap.torch_threads, cap.cpus_per_actor, cap.read_cpus) == (2, 1, 0.5, 1.0)
+    # the default on one CPU node: the fused single-thread actor per core, as concurrent batches of one actor
+    clip, cap = ResourceOptions().pools(True, two)
+    assert clip is None and (cap.actors, cap.calls_per_actor, cap.torch_threads, cap.cpus_per_actor,
+                             cap.read_cpus) == (1, 2, 1, 1.0, 1.0)
+    clip, cap = ResourceOptions().pools(True, ClusterShape(8.0, 0.0, (4.0, 4.0)))  # two nodes: an actor per core
+    assert (cap.actors, cap.calls_per_actor) == (8, 1)
+    clip, cap = ResourceOptions(caption_actors=2).pools(True, two)  # an explicit count is kept as actors
+    assert (cap.actors, cap.calls_per_actor) == (2, 1)
     clip, cap = ResourceOptions(stages="split").pools(True, two)  # two pools split the cores
     assert clip.torch_threads == cap.torch_threads == 1
     with pytest.raises(ValueError, match="GPU"):
