@@ -75,8 +75,13 @@ class EarlyStream:
     def torch(self, device: Any) -> Iterator[dict[str, Any]]:
         """The batches as tensors of the spec's dtypes on ``device``: zero-copy on CPU (numpy arrays of the same
         dtype), through pinned memory and an asynchronous copy on CUDA."""
+        import warnings
+
         import torch
 
+        # Arrays out of the object store are read-only; the step never writes to its batch, and a copy would cost
+        # memory, so torch's warning about it is silenced (as Ray's own iter_torch_batches does).
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         dtypes = {k: getattr(torch, v) for k, v in self.spec.dtypes.items()}
         cuda = torch.device(device).type == "cuda"
         for batch in self:

@@ -123,14 +123,25 @@ def start_cluster(worker_cpus: float = 1, workers: int = 2, attempts: int = 3):
     raise AssertionError("unreachable")
 
 
+def placement_group_nodes() -> set[str]:
+    """Node ids holding a bundle of a created placement group (Ray Train's worker group), from the GCS."""
+    import ray
+
+    return {node for pg in ray.util.placement_group_table().values() if pg.get("state") == "CREATED"
+            for node in pg.get("bundles_to_node_id", {}).values()}
+
+
 class NodeKiller:
     """Background thread: once ``ready()`` is true, removes (SIGKILL, no grace) the worker node with the most CPU
-    in use at that moment (so the kill hits running work, not an idle node). ``info`` records what happened."""
+    in use at that moment (so the kill hits running work, not an idle node), or, with ``hosts`` (a function
+    returning node ids), the busiest of those (where two nodes tie on CPU, "busiest" alone may pick the one
+    running only a data task). ``info`` records what happened."""
 
-    def __init__(self, cluster, nodes, ready, *, poll_s: float = 0.1, probe=None):
+    def __init__(self, cluster, nodes, ready, *, poll_s: float = 0.1, probe=None, hosts=None):
         import threading
 
         self.cluster, self.nodes, self.ready, self.poll_s = cluster, nodes, ready, poll_s
+        self.hosts = hosts
         self.probe = probe or (lambda: None)  # recorded at the kill (e.g. the units committed so far)
         self.info: dict[str, Any] = {"killed": False}
         self.done = threading.Event()
@@ -151,7 +162,13 @@ class NodeKiller:
             nid = node.node_id
             return total.get(nid, {}).get("CPU", 0.0) - avail.get(nid, {}).get("CPU", 0.0)
 
-        node = max(self.nodes, key=used)
+        hosts = None
+        if self.hosts:
+            try:
+                hosts = self.hosts()
+            except Exception as exc:  # noqa: BLE001 - recorded; the kill falls back to the busiest node
+                self.info["hosts_error"] = repr(exc)
+        node = max([n for n in self.nodes if n.node_id in hosts] or self.nodes if hosts else self.nodes, key=used)
         return node, used(node)
 
     def _run(self) -> None:

@@ -1,6 +1,6 @@
 """Run by ``test_node_faults.py`` in its own process: ``run_training`` with Ray Train (2 workers) on a real 3-node
-Ray cluster (``cluster_driver.start_cluster``), the busiest worker node removed (raylet + every worker process on
-it SIGKILLed) once the first checkpoint is stored. Ray Train restarts the worker group from the latest checkpoint
+Ray cluster (``cluster_driver.start_cluster``), the worker node of a training worker removed (raylet + every
+worker process on it SIGKILLed) once the first checkpoint is stored. Ray Train restarts the worker group from the latest checkpoint
 (``max_failures``); if the run fails instead, a rerun with the same output + name resumes from it. Worker nodes
 have 2 logical CPUs so that the survivor alone fits both training workers (0.5 CPU each) and the 1-CPU read task
 of the data stream. Prints one JSON line: runs, the kill, the resumes and the final step.
@@ -24,7 +24,13 @@ def main(tables_dir: str, out: str) -> int:
     from pipelines.io import storage
     from pipelines.train import checkpoints as train_checkpoints
     from pipelines.train import job as train
-    from tests.faults.cluster_driver import NodeKiller, alive_nodes, run_until_done, start_cluster
+    from tests.faults.cluster_driver import (
+        NodeKiller,
+        alive_nodes,
+        placement_group_nodes,
+        run_until_done,
+        start_cluster,
+    )
 
     cluster, nodes = start_cluster(worker_cpus=2)
     try:
@@ -39,7 +45,8 @@ def main(tables_dir: str, out: str) -> int:
         def stored() -> int:  # the latest checkpoint step in storage (0: none yet)
             return max(train_checkpoints.stored_checkpoint_steps(job.run_dir), default=0)
 
-        killer = NodeKiller(cluster, nodes, lambda: stored() > 0, poll_s=0.05, probe=stored).start()
+        killer = NodeKiller(cluster, nodes, lambda: stored() > 0, poll_s=0.05, probe=stored,
+                            hosts=placement_group_nodes).start()
         runs, first_error, finished = run_until_done(lambda: train.run_training(job), lambda r: r, lambda r: True)
         result = finished[-1] if finished else None
         kill = killer.stop()
