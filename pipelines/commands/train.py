@@ -53,8 +53,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                     seed="seed of the model init and the data order")
     common.add_scale_flags(p, cpus_help="Ray CPUs reserved per training worker (default: the node's cores less one "
                                         "for the data tasks, shared by its workers; GPU: 1)",
-                           threads_help="torch threads per worker (default: CPU, the node's cores shared by its "
-                                        "workers; GPU, Ray's default)")
+                           threads_help="torch threads per worker (default: CPU, the node's cores less one, shared by "
+                                        "its workers; GPU, Ray's default)")
     common.add_ray_address(p)
 
 

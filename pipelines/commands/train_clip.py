@@ -65,8 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """)
     common.add_scale_flags(p, cpus_help="CPUs reserved per worker (default: the node's cores less one for the data "
                                         "tasks, shared by its workers; GPU: 1)",
-                           threads_help="torch threads per worker (default: CPU, the node's cores shared by its "
-                                        "workers; GPU, Ray's default)")
+                           threads_help="torch threads per worker (default: CPU, the node's cores less one, shared by "
+                                        "its workers; GPU, Ray's default)")
     p.add_argument("--eval-max-samples", type=int, help="held-out pairs evaluated each epoch (rank 0)")
     common.add_ray_address(p)
 

@@ -50,7 +50,7 @@ class ScaleConfig:
     use_gpu: bool | None = None  # None: one GPU per worker when the cluster has one for each
     cpus_per_worker: float = 0.0  # Ray's reservation; 0: the node's cores less one for the data tasks, shared
     gpus_per_worker: float = 1.0  # with use_gpu
-    torch_threads: int = 0  # 0: CPU, the node's cores shared by its workers; GPU, Ray's default (CPUs per worker)
+    torch_threads: int = 0  # 0: CPU, the node's cores less one, shared by its workers; GPU, Ray's default
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:

@@ -168,7 +168,7 @@ class NodeKiller:
                 hosts = self.hosts()
             except Exception as exc:  # noqa: BLE001 - recorded; the kill falls back to the busiest node
                 self.info["hosts_error"] = repr(exc)
-        node = max([n for n in self.nodes if n.node_id in hosts] or self.nodes if hosts else self.nodes, key=used)
+        node = max([n for n in self.nodes if hosts and n.node_id in hosts] or self.nodes, key=used)
         self.info["nodes_cpu_in_use"] = {n.node_id[:8]: used(n) for n in self.nodes}
         if hosts is not None:
             self.info["hosts"] = sorted(h[:8] for h in hosts)
