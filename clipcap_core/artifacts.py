@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import clipcap_core
-from clipcap_core.configs import from_dict, to_dict
+from clipcap_core.configs import from_dict, strict_json, to_dict
 from clipcap_core.decap import DecapMemory
 from clipcap_core.model import ClipCapModel, ModelConfig, build_model, load_pretrained_lm
 from clipcap_core.uris import exists, is_remote, local_copy, safe_join, upload_dir
@@ -63,6 +64,9 @@ def save_model(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, uri: str
 
     ``extra``: more JSON-safe entries for config.json (train config, step, source...)."""
     cfg = model.config
+    check_finite(model.state_dict(), "model")
+    if decap is not None:
+        check_finite(decap.state()[0], "DeCap memory")
     with tempfile.TemporaryDirectory(prefix="clipcap-artifact-") as tmp:
         root = Path(tmp)
         save_file(_cpu_state(model.mapping.state_dict()), str(root / MAPPING), metadata={"format": "pt"})
@@ -74,7 +78,7 @@ def save_model(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, uri: str
         if decap is not None:
             tensors, info = decap.state()
             save_file(tensors, str(root / DECAP), metadata=info)
-        (root / METRICS).write_text(json.dumps(metrics or {}, indent=2, sort_keys=True, default=float))
+        (root / METRICS).write_text(strict_json(metrics or {}))
         meta = {
             "schema_version": SCHEMA_VERSION,
             "code_version": clipcap_core.__version__,
@@ -86,7 +90,7 @@ def save_model(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, uri: str
             **(extra or {}),
         }
         (root / CARD).write_text(_model_card(meta, metrics or {}))
-        body = json.dumps(meta, indent=2, sort_keys=True, default=str)
+        body = strict_json(meta)
         if is_remote(uri):
             upload_dir(root, uri)  # config.json is not there yet: it goes last
             import fsspec
@@ -103,6 +107,14 @@ def save_model(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, uri: str
                 else:
                     shutil.copy2(item, dest)
             (out / CONFIG).write_text(body)
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to save weights with a NaN or infinite value: such a model captions nothing and looks fine."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"refusing to save a {what} with non-finite weights: {bad[:5]}"
+                         + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
 
 def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -158,6 +170,9 @@ def read_metadata(uri: str) -> dict[str, Any]:
 _ST_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
                    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _MAX_HEADER = 100 << 20
+# float dtype -> (unsigned view, exponent mask): a value is NaN or infinite exactly when its exponent bits are all set
+_ST_EXPONENT = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
+                "F64": (np.uint64, 0x7FF0000000000000)}
 
 
 def weight_files(meta: dict[str, Any]) -> list[str]:
@@ -165,8 +180,9 @@ def weight_files(meta: dict[str, Any]) -> list[str]:
     return [name for key, name in sorted(meta["weights"].items()) if key != "tokenizer" and name]
 
 
-def _check_safetensors(f: Any, size: int) -> None:
-    """The header parses and every tensor's byte range fits its dtype x shape and the file (no tensor read)."""
+def _check_safetensors(f: Any, size: int) -> dict[str, Any]:
+    """The header parses and every tensor's byte range fits its dtype x shape and the file (no tensor read);
+    returns the header."""
     head = f.read(8)
     if len(head) < 8:
         raise ValueError(f"{size} bytes, too short for a safetensors file")
@@ -190,11 +206,30 @@ def _check_safetensors(f: Any, size: int) -> None:
         end = max(end, stop)
     if 8 + n + end != size:
         raise ValueError(f"tensors need {8 + n + end} bytes, the file has {size} (truncated or padded)")
+    return header
+
+
+def _check_finite_tensors(f: Any, header: dict[str, Any]) -> None:
+    """Every float tensor's values are finite, read one tensor at a time from the exponent bits (no torch)."""
+    start = f.tell()
+    bad = []
+    for name, info in header.items():
+        if name == "__metadata__" or info["dtype"] not in _ST_EXPONENT:
+            continue
+        view, mask = _ST_EXPONENT[info["dtype"]]
+        begin, stop = info["data_offsets"]
+        f.seek(start + begin)
+        bits = np.frombuffer(f.read(stop - begin), dtype=view)
+        if np.any((bits & view(mask)) == view(mask)):
+            bad.append(name)
+    if bad:
+        raise ValueError(f"non-finite (NaN or infinite) weights in {bad[:5]}"
+                         + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
 
 def verify_weights(uri: str, meta: dict[str, Any] | None = None) -> dict[str, str]:
-    """Check every weights file of the artifact at ``uri`` (present, well-formed safetensors) and return their
-    sha256 digests. Raises ValueError naming the file, before anything is loaded (or any Ray work starts)."""
+    """Check every weights file of the artifact at ``uri`` (present, well-formed safetensors, finite values) and
+    return their sha256 digests. Raises ValueError naming the file, before anything is loaded (or any Ray work starts)."""
     import hashlib
 
     import fsspec
@@ -207,7 +242,8 @@ def verify_weights(uri: str, meta: dict[str, Any] | None = None) -> dict[str, st
             fs, p = fsspec.core.url_to_fs(path)
             size = int(fs.size(p))
             with fs.open(p, "rb") as f:
-                _check_safetensors(f, size)
+                header = _check_safetensors(f, size)
+                _check_finite_tensors(f, header)
                 f.seek(0)
                 digest = hashlib.sha256()
                 for block in iter(lambda: f.read(1 << 22), b""):  # noqa: B023 - f is the loop's own file

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -126,6 +127,24 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return convert(cfg)
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) as None: JSON has no NaN, and strict parsers refuse it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return finite_json(obj.item())
+    return obj
+
+
+def strict_json(obj: Any) -> str:
+    """Indented, key-sorted JSON that any strict parser reads (non-finite numbers written as null)."""
+    return json.dumps(finite_json(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
 
 
 def replace(cfg: T, **changes: Any) -> T:

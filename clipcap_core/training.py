@@ -14,6 +14,7 @@ as in the paper's ``get_linear_schedule_with_warmup``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,22 +33,83 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """How a model preset trains unless told otherwise (``presets.RECIPES``): the values a ``TrainConfig`` leaves
+    unset. ``max_warmup_fraction`` caps the recipe's warm-up at that share of the run, so a short run (a few
+    thousand rows, a nightly sample) still reaches its peak rate while a long run keeps the recipe's steps."""
+
+    lr: float
+    warmup_steps: int
+    batch_size: int
+    epochs: int
+    max_caption_tokens: int  # including the final end-of-text
+    weight_decay: float = 0.0
+    max_warmup_fraction: float = 0.05
+
+
+# The ClipCap paper's COCO recipe (AdamW, lr 2e-5, 5,000 warm-up steps, batch 40, 10 epochs): ~141k steps on
+# COCO, where the 5% cap (7k steps) leaves the 5,000 unchanged.
+PAPER_RECIPE = Recipe(lr=2e-5, warmup_steps=5000, batch_size=40, epochs=10, max_caption_tokens=40)
+RECIPE_FIELDS = ("lr", "warmup_steps", "batch_size", "epochs", "max_caption_tokens", "weight_decay")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    lr: float = 2e-5
-    warmup_steps: int = 5000
-    batch_size: int = 40
-    epochs: int = 10
+    """Training hyperparameters. A field left ``None`` comes from the model preset's ``Recipe``
+    (``with_recipe``); the core functions fall back to ``PAPER_RECIPE`` for a config nobody resolved."""
+
+    lr: float | None = None  # peak learning rate (AdamW)
+    warmup_steps: int | None = None  # linear warm-up steps
+    warmup_fraction: float | None = None  # warm-up as a share of the run's steps (instead of warmup_steps)
+    max_warmup_fraction: float | None = None  # cap on warmup_steps as a share of the run (None: no cap)
+    batch_size: int | None = None
+    epochs: int | None = None
     grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16 / fp16: autocast (fp16 with a grad scaler)
     seed: int = 0
-    max_caption_tokens: int = 40  # including the final end-of-text
-    weight_decay: float = 0.0
+    max_caption_tokens: int | None = None  # including the final end-of-text
+    weight_decay: float | None = None
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1 or self.warmup_steps < 0:
+        def bad(name: str, ok: Callable[[Any], bool]) -> bool:
+            value = getattr(self, name)
+            return value is not None and not ok(value)
+
+        if (bad("lr", lambda v: v > 0) or bad("batch_size", lambda v: v >= 1) or bad("epochs", lambda v: v >= 1)
+                or bad("warmup_steps", lambda v: v >= 0)):
             raise ValueError("need lr > 0, batch_size >= 1, epochs >= 1, warmup_steps >= 0")
-        if self.max_caption_tokens < 2:
+        if bad("warmup_fraction", lambda v: 0 <= v < 1) or bad("max_warmup_fraction", lambda v: 0 < v <= 1):
+            raise ValueError("need 0 <= warmup_fraction < 1 and 0 < max_warmup_fraction <= 1")
+        if bad("max_caption_tokens", lambda v: v >= 2):
             raise ValueError("max_caption_tokens must be >= 2 (one word + end-of-text)")
+
+    def with_recipe(self, recipe: Recipe = PAPER_RECIPE) -> TrainConfig:
+        """Every unset field from ``recipe``. The recipe's warm-up cap applies only to the recipe's own
+        warm-up: steps or a fraction the user gave are taken as given."""
+        changes = {name: getattr(recipe, name) for name in RECIPE_FIELDS if getattr(self, name) is None}
+        user_warmup = self.warmup_steps is not None or self.warmup_fraction is not None
+        if self.max_warmup_fraction is None and not user_warmup:
+            changes["max_warmup_fraction"] = recipe.max_warmup_fraction
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def warmup_for(self, total_steps: int | None) -> int:
+        """Warm-up steps of a run of ``total_steps`` (unknown: the configured steps, uncapped)."""
+        cfg = self.with_recipe()
+        if total_steps is None:
+            return int(cfg.warmup_steps)
+        if cfg.warmup_fraction is not None:
+            return math.ceil(cfg.warmup_fraction * total_steps)
+        steps = int(cfg.warmup_steps)
+        if cfg.max_warmup_fraction is not None:
+            steps = min(steps, max(1, math.ceil(cfg.max_warmup_fraction * total_steps)))
+        return steps
+
+    def for_run(self, recipe: Recipe, total_steps: Callable[[TrainConfig], int]) -> TrainConfig:
+        """The effective config of one run: the recipe filled in, then warm-up fixed to concrete steps for
+        the run's ``total_steps(cfg)`` (so the run record says exactly what ran)."""
+        cfg = self.with_recipe(recipe)
+        warm = cfg.warmup_for(total_steps(cfg))
+        return dataclasses.replace(cfg, warmup_steps=warm, warmup_fraction=None, max_warmup_fraction=None)
 
 
 @dataclass
@@ -80,6 +142,7 @@ def collate(tokenizer: PreTrainedTokenizerBase, captions: Sequence[str], embeddi
 def iterate_batches(tokenizer: PreTrainedTokenizerBase, captions: Sequence[str], embeddings: np.ndarray,
                     cfg: TrainConfig, epoch: int = 0, shuffle: bool = True) -> Iterator[Batch]:
     """In-memory batches of one epoch, shuffled by (seed, epoch)."""
+    cfg = cfg.with_recipe()
     order = np.arange(len(captions))
     if shuffle:
         np.random.default_rng([cfg.seed, epoch]).shuffle(order)
@@ -91,18 +154,20 @@ def iterate_batches(tokenizer: PreTrainedTokenizerBase, captions: Sequence[str],
 def make_optimizer_and_scheduler(model: nn.Module, cfg: TrainConfig, total_steps: int | None = None
                                  ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the trainable parameters + linear warm-up (then linear decay to 0 at ``total_steps``)."""
+    cfg = cfg.with_recipe()
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(1, cfg.warmup_steps)
+    warmup = cfg.warmup_for(total_steps)
+    warm = max(1, warmup)
 
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
+        if step < warmup:
             return (step + 1) / warm
-        if total_steps is None or total_steps <= cfg.warmup_steps:
+        if total_steps is None or total_steps <= warmup:
             return 1.0
-        return max(0.0, (total_steps - step) / (total_steps - cfg.warmup_steps))
+        return max(0.0, (total_steps - step) / (total_steps - warmup))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -130,18 +195,32 @@ def train_step(model: ClipCapModel, batch: Batch, optimizer: torch.optim.Optimiz
     return float(loss.detach())
 
 
+class NonFiniteError(FloatingPointError):
+    """A step's loss or gradient is NaN or infinite: the step is not taken and training must stop (a model
+    trained on past it would be all NaN)."""
+
+
 def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                   scheduler: torch.optim.lr_scheduler.LRScheduler | None, grad_clip: float,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler | None, grad_clip: float | None,
                    scaler: torch.amp.GradScaler | None = None) -> None:
-    """Backward (scaled with fp16), optional gradient clipping of ``params``, optimizer + scheduler step."""
+    """Backward (scaled with fp16), optional gradient clipping of ``params``, optimizer + scheduler step.
+
+    Raises ``NonFiniteError`` before touching the weights when the loss or the gradient norm is not finite.
+    The check runs after backward, so data-parallel workers (whose gradients are all-reduced) all stop at the
+    same step; with fp16 an infinite gradient is the grad scaler's business (it skips the step) and only the
+    loss is checked."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
     else:
         loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    bad_grad = scaler is None and not bool(torch.isfinite(norm))
+    if bad_grad or not bool(torch.isfinite(loss.detach())):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"non-finite {'gradient norm' if bad_grad else 'loss'} "
+                             f"(loss {float(loss.detach()):.4g}, gradient norm {float(norm):.4g})")
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -149,6 +228,12 @@ def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], optimiz
         optimizer.step()
     if scheduler is not None:
         scheduler.step()
+
+
+def batch_rows_note(embeds: torch.Tensor | np.ndarray) -> str:
+    """'; rows [i, j] of the batch have non-finite vectors' where the batch shows the cause, else ''."""
+    bad = (~torch.isfinite(torch.as_tensor(embeds)).all(dim=-1)).nonzero().flatten().tolist()
+    return f"; rows {bad[:10]} of the batch have non-finite vectors" if bad else ""
 
 
 @torch.no_grad()
@@ -182,6 +267,7 @@ def train_loop(model: ClipCapModel, batches: Callable[[int], Iterable[Batch]], c
                total_steps: int | None = None, eval_batches: Callable[[], Iterable[Batch]] | None = None,
                on_step: Callable[[int, float], Any] | None = None) -> TrainResult:
     """``cfg.epochs`` passes over ``batches(epoch)``; optional per-epoch eval loss and per-step callback."""
+    cfg = cfg.with_recipe()
     torch.manual_seed(cfg.seed)
     optimizer, scheduler = make_optimizer_and_scheduler(model, cfg, total_steps)
     scaler = make_scaler(cfg, model.device)
@@ -189,7 +275,10 @@ def train_loop(model: ClipCapModel, batches: Callable[[int], Iterable[Batch]], c
     for epoch in range(cfg.epochs):
         epoch_losses = []
         for batch in batches(epoch):
-            loss = train_step(model, batch, optimizer, scheduler, cfg, scaler)
+            try:
+                loss = train_step(model, batch, optimizer, scheduler, cfg, scaler)
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"step {result.steps + 1}: {exc}{batch_rows_note(batch.embeds)}") from None
             result.steps += 1
             result.losses.append(loss)
             epoch_losses.append(loss)

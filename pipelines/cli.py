@@ -75,8 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from pipelines.exitcodes import JobFailed
+
     try:
         return int(args.func(args) or 0)
+    except JobFailed as exc:
+        print(f"clipcap {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (ValueError, OSError, FileNotFoundError) as exc:
         # Config / schema / URI problems: one clear line, no traceback (use -v for it).
         if args.verbose:

@@ -24,8 +24,9 @@ FIELDS: dict[str, tuple[str, str]] = {
     "tables": ("", "tables"), "output": ("", "output"), "name": ("", "name"), "model": ("", "model"),
     "heldout_fraction": ("", "heldout_fraction"),
     "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
-    "warmup_steps": ("train", "warmup_steps"), "precision": ("train", "precision"), "seed": ("train", "seed"),
-    "max_caption_tokens": ("train", "max_caption_tokens"),
+    "warmup_steps": ("train", "warmup_steps"), "warmup_fraction": ("train", "warmup_fraction"),
+    "weight_decay": ("train", "weight_decay"), "precision": ("train", "precision"), "seed": ("train", "seed"),
+    "max_caption_tokens": ("train", "max_caption_tokens"), "strict": ("", "strict"),
     **common.SCALE_FIELDS,
     "decoder": ("", "decoder"), "noise_std": ("decap", "noise_std"), "memory_size": ("decap", "memory_size"),
     "memory": ("decap", "memory"), "memory_seed": ("decap", "memory_seed"), "tau": ("decap", "tau"),
@@ -36,13 +37,16 @@ _MODEL_FLAGS = {"mapping": "mapping.kind", "prefix_length": "mapping.prefix_leng
 def add_train_flags(p: argparse.ArgumentParser, *, epochs: str, batch_size: str, seed: str) -> None:
     """The ``train`` section's flags of ``train`` / ``nightly`` / ``sweep`` (a sweep's help speaks of trials)."""
     common.add_flags(p, f"""
-        --epochs              int             {epochs}
-        --batch-size          int             {batch_size}
-        --lr                  float           peak learning rate (AdamW)
-        --warmup-steps        int             linear warm-up steps
+        --epochs              int             {epochs} (default: the preset's recipe)
+        --batch-size          int             {batch_size} (default: the preset's recipe)
+        --lr                  float           peak learning rate, AdamW (default: the preset's recipe)
+        --warmup-steps        int             linear warm-up steps (default: the recipe's, at most 5% of the run)
+        --warmup-fraction     float           linear warm-up as a share of the run's steps (instead of steps)
+        --weight-decay        float           AdamW weight decay (default: the preset's recipe)
         --precision           fp32|bf16|fp16  training precision (bf16 / fp16: autocast)
         --seed                int             {seed}
-        --max-caption-tokens  int             caption tokens kept per sample (incl. end-of-text)
+        --max-caption-tokens  int             caption tokens kept per sample, incl. end-of-text (default: the
+                                              preset's recipe)
     """)
 
 
@@ -71,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-lm", action=argparse.BooleanOptionalAction, default=None,
                    help="preset override: freeze (or tune) the language model")
     p.add_argument("--heldout-fraction", type=float, help="fraction of keys held out for evaluation")
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="fail (exit 2) on rows with a non-finite vector, an empty caption or a duplicate key "
+                        "instead of dropping them into the run's input_errors table")
     common.add_flags(p.add_argument_group("DeCap (text-only training)"), """
         --decoder       clipcap|decap   decap: train on the text_embedding of text tables (clipcap embed-text),
                                         no images
@@ -98,5 +105,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # config errors before any Ray process starts
     common.init_ray(args.ray_address)
     result = run_training(cfg)
-    common.print_result(None, {"artifact": result.artifact, "run_dir": result.run_dir, "metrics": result.metrics})
+    common.print_result(None, {"artifact": result.artifact, "run_dir": result.run_dir, "metrics": result.metrics,
+                               "dropped_rows": result.input_errors, "health": result.health})
     return 0

@@ -19,6 +19,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipcap_core.configs import finite_json
 from clipcap_core.uris import exists, filesystem
 from pipelines.io import schemas
 
@@ -99,14 +100,14 @@ def atomic_write_table(table: pa.Table, uri: str, storage_options: dict[str, Any
 
 def write_json(obj: Any, uri: str, storage_options: dict[str, Any] | None = None) -> None:
     """Write JSON via a temporary name + rename (atomic on local disk, single PUT on S3); URLs redacted."""
-    obj = redact_json(json.loads(json.dumps(obj, default=str)))
+    obj = redact_json(json.loads(json.dumps(finite_json(obj), default=str)))
     fs, path = filesystem(uri, storage_options)
     parent = posixpath.dirname(path)
     if parent:
         ensure_dir(fs, parent)
     tmp = posixpath.join(parent, f"_tmp.{uuid.uuid4().hex}.json")
     with fs.open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        json.dump(obj, f, indent=2, sort_keys=True, default=str, allow_nan=False)
     fs.mv(tmp, path)
 
 

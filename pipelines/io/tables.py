@@ -95,6 +95,7 @@ def inspect_tables(files: Sequence[str], storage_options: dict[str, Any] | None 
         meta = schemas.read_metadata(schema)
         if meta.get(schemas.META_DIM) and int(meta[schemas.META_DIM]) != dim:
             raise ValueError(f"{uri}: metadata says D={meta[schemas.META_DIM]} but the column has D={dim}")
+        check_clip_dim(uri, meta.get(schemas.META_CLIP_MODEL, ""), dim)
         dims[uri] = dim
         models[uri] = (meta.get(schemas.META_CLIP_MODEL, ""), meta.get(schemas.META_CLIP_PRETRAINED, ""))
         dtype = meta.get(schemas.META_DTYPE, dtype)
@@ -107,6 +108,21 @@ def inspect_tables(files: Sequence[str], storage_options: dict[str, Any] | None 
     clip_model, clip_pretrained = next(iter(models.values()))
     return TableInfo(files=tuple(files), dim=next(iter(dims.values())), clip_model=clip_model,
                      clip_pretrained=clip_pretrained, dtype=dtype, rows=tuple(rows))
+
+
+def check_clip_dim(uri: str, clip_model: str, dim: int) -> None:
+    """A table whose metadata names a CLIP of another D than its vectors is refused: a model trained on it
+    would say one encoder and expect another's vectors. Names open_clip does not know (a user's own config)
+    cannot be checked and pass."""
+    from clipcap_core.encoders import model_configs
+
+    try:
+        expected = int(model_configs().get(clip_model, {}).get("embed_dim", 0)) if clip_model else 0
+    except ImportError:
+        return
+    if expected and expected != dim:
+        raise ValueError(f"{uri}: metadata says CLIP {clip_model!r} (D={expected}) but the vectors have D={dim}; "
+                         "the table was not made by that encoder")
 
 
 def check_model_dim(info: TableInfo, model_dim: int, *, what: str = "model") -> None:
@@ -152,12 +168,28 @@ class Split:
         return keep
 
 
-def filter_table(table: pa.Table, split: Split) -> pa.Table:
-    """Rows of ``table`` in ``split`` with a non-empty caption."""
-    keep = split.mask(table.column(schemas.KEY))
+def row_problems(table: pa.Table, column: str | None) -> list[str]:
+    """Per row, why it cannot train ("" when it can): a null or empty caption, a non-finite vector."""
+    import pyarrow.compute as pc
+
     caps = table.column(schemas.CAPTION)
-    has_caption = np.asarray(caps.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-    keep &= has_caption
+    empty = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(caps)), 0), True)
+    no_caption = np.asarray(empty.to_numpy(zero_copy_only=False), dtype=bool)
+    finite = np.ones(table.num_rows, dtype=bool)
+    if column and column in table.column_names and table.num_rows:
+        finite = np.isfinite(embeddings_numpy(table, column)).all(axis=1)
+    return ["empty caption" if c else "" if f else "non-finite vector"
+            for c, f in zip(no_caption.tolist(), finite.tolist(), strict=True)]
+
+
+def filter_table(table: pa.Table, split: Split, column: str | None = None,
+                 drop: np.ndarray | None = None) -> pa.Table:
+    """Rows of ``table`` in ``split`` that can train: a non-empty caption, a finite ``column`` vector (when
+    given) and not in ``drop`` (a boolean mask, e.g. repeated keys)."""
+    keep = split.mask(table.column(schemas.KEY))
+    keep &= np.array([not p for p in row_problems(table, column)], dtype=bool)
+    if drop is not None:
+        keep &= ~drop
     return table.filter(pa.array(keep))
 
 
@@ -178,14 +210,29 @@ def _train_columns(column: str = schemas.IMAGE_EMBEDDING) -> list[str]:
     return [schemas.KEY, schemas.CAPTION, column]
 
 
+Repeats = dict[str, tuple[int, ...]]  # table URI -> row indices of keys seen in an earlier row (dropped)
+
+
+def _drop_mask(repeats: Repeats | None, uri: str, offset: int, n: int) -> np.ndarray | None:
+    rows = (repeats or {}).get(uri)
+    if not rows:
+        return None
+    idx = np.asarray(rows, dtype=np.int64) - offset
+    mask = np.zeros(n, dtype=bool)
+    mask[idx[(idx >= 0) & (idx < n)]] = True
+    return mask
+
+
 def read_split(files: Sequence[str], split: Split, storage_options: dict[str, Any] | None = None,
-               max_rows: int | None = None, column: str = schemas.IMAGE_EMBEDDING) -> pa.Table:
+               max_rows: int | None = None, column: str = schemas.IMAGE_EMBEDDING,
+               repeats: Repeats | None = None) -> pa.Table:
     """The rows of ``split`` from ``files`` in memory (for held-out / evaluation sets), sorted by key."""
     parts = []
     for uri in files:
         fs, path = storage.filesystem(uri, storage_options)
         with fs.open(path, "rb") as f:
-            parts.append(filter_table(pq.read_table(f, columns=_train_columns(column)), split))
+            table = pq.read_table(f, columns=_train_columns(column))
+        parts.append(filter_table(table, split, column, _drop_mask(repeats, uri, 0, table.num_rows)))
     if not parts:
         raise ValueError("no embedding table files given")
     table = pa.concat_tables(parts).combine_chunks()
@@ -193,14 +240,56 @@ def read_split(files: Sequence[str], split: Split, storage_options: dict[str, An
     return table.slice(0, max_rows) if max_rows is not None else table
 
 
-def count_split(files: Sequence[str], split: Split, storage_options: dict[str, Any] | None = None) -> int:
-    """Rows in ``split`` (reads the key and caption columns only)."""
-    n = 0
+def count_split(files: Sequence[str], split: Split, storage_options: dict[str, Any] | None = None,
+                column: str = schemas.IMAGE_EMBEDDING, repeats: Repeats | None = None) -> int:
+    """Rows in ``split`` that can train (the same rows ``read_split`` and ``stream_tables`` give)."""
+    return sum(read_split([uri], split, storage_options, column=column, repeats=repeats).num_rows
+               for uri in files)
+
+
+@dataclass(frozen=True)
+class Audit:
+    """What a pass over the training tables found: rows that cannot train, as an errors table, and the
+    repeated keys' rows (the first row of a key trains, later ones are dropped)."""
+
+    errors: pa.Table  # schemas.ERRORS_SCHEMA: key, source (table URI), stage, error
+    repeats: Repeats
+
+    def counts(self) -> dict[str, int]:
+        reasons = self.errors.column(schemas.ERROR).to_pylist()
+        return {r: reasons.count(r) for r in sorted(set(reasons))}
+
+
+def audit_tables(files: Sequence[str], column: str = schemas.IMAGE_EMBEDDING,
+                 storage_options: dict[str, Any] | None = None, rows_per_batch: int = 65536) -> Audit:
+    """Check every row of ``files`` (in order) before training: null or empty captions, non-finite vectors,
+    keys repeated across or within tables. Reads key, caption and the vectors one record batch at a time."""
+    seen: set[str] = set()
+    keys_out: list[str] = []
+    sources: list[str] = []
+    reasons: list[str] = []
+    repeats: dict[str, list[int]] = {}
     for uri in files:
         fs, path = storage.filesystem(uri, storage_options)
+        offset = 0
         with fs.open(path, "rb") as f:
-            n += filter_table(pq.read_table(f, columns=[schemas.KEY, schemas.CAPTION]), split).num_rows
-    return n
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=rows_per_batch, columns=_train_columns(column)):
+                table = pa.Table.from_batches([rb])
+                keys = table.column(schemas.KEY).to_pylist()
+                for i, (key, why) in enumerate(zip(keys, row_problems(table, column), strict=True)):
+                    if not why and key in seen:
+                        why = "duplicate key"
+                        repeats.setdefault(uri, []).append(offset + i)
+                    seen.add(key)
+                    if why:
+                        keys_out.append(key)
+                        sources.append(uri)
+                        reasons.append(why)
+                offset += table.num_rows
+    errors = pa.table({schemas.KEY: keys_out, schemas.SOURCE: sources,
+                       schemas.STAGE: ["train-input"] * len(keys_out), schemas.ERROR: reasons},
+                      schema=schemas.ERRORS_SCHEMA)
+    return Audit(errors=errors, repeats={u: tuple(r) for u, r in repeats.items()})
 
 
 class PrepareBatch:
@@ -214,8 +303,8 @@ class PrepareBatch:
     def __init__(self, split: Split, tokenize: Tokenize, max_tokens: int, column: str = schemas.IMAGE_EMBEDDING):
         self.split, self.tokenize, self.max_tokens, self.column = split, tokenize, max_tokens, column
 
-    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
-        table = filter_table(table, self.split)
+    def __call__(self, table: pa.Table, drop: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        table = filter_table(table, self.split, self.column, drop)
         captions = table.column(schemas.CAPTION).to_pylist()
         emb = embeddings_numpy(table, self.column)
         tokens = np.zeros((len(captions), self.max_tokens), dtype=np.int64)
@@ -239,29 +328,35 @@ class ReadPrepare:
         self.column = column
 
     def __call__(self, items: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        for uri, split_json in zip(items["uri"], items["split"], strict=True):
+        for uri, split_json, drop_json in zip(items["uri"], items["split"], items["drop"], strict=True):
             prep = PrepareBatch(Split(**json.loads(str(split_json))), self.tokenize, self.max_tokens, self.column)
+            repeats = {str(uri): tuple(json.loads(str(drop_json)))}
             fs, path = storage.filesystem(str(uri))
+            offset = 0
             with fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
                 for rb in pf.iter_batches(batch_size=self.rows_per_block, columns=_train_columns(self.column)):
-                    out = prep(pa.Table.from_batches([rb]))
+                    out = prep(pa.Table.from_batches([rb]), _drop_mask(repeats, str(uri), offset, rb.num_rows))
+                    offset += rb.num_rows
                     if len(out["tokens"]):
                         yield out
 
 
 def stream_tables(parts: Sequence[tuple[str, Split]], tokenize: Tokenize, max_tokens: int,
-                  rows_per_block: int = 4096, column: str = schemas.IMAGE_EMBEDDING) -> ray.data.Dataset:
+                  rows_per_block: int = 4096, column: str = schemas.IMAGE_EMBEDDING,
+                  repeats: Repeats | None = None) -> ray.data.Dataset:
     """A Ray Data stream over ``parts`` ((table URI, rows of it to keep) in order; a URI may repeat, e.g.
     once per epoch), tokenised in the pipeline.
 
     One task per part reads its file with pyarrow (through fsspec, like every other reader here) and yields
     blocks of ``rows_per_block`` rows as it goes. ``read_parquet`` would bundle small files into one task and
     emit nothing until it finished, and ``union``-ing one read per epoch held every epoch back until all were
-    read: the first batch came after tens of seconds instead of one."""
+    read: the first batch came after tens of seconds instead of one. Rows that cannot train (``filter_table``)
+    and ``repeats`` are left out, as ``count_split`` counts them."""
     import ray.data
 
-    items = [{"uri": u, "split": json.dumps(dataclasses.asdict(sp))} for u, sp in parts]
+    items = [{"uri": u, "split": json.dumps(dataclasses.asdict(sp)), "drop": json.dumps(list((repeats or {}).get(u, ())))}
+             for u, sp in parts]
     if not items:
         raise ValueError("nothing to stream: no table parts given")
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(

@@ -78,14 +78,15 @@ def add_noise(embeds: Any, std: float) -> Any:
     return unit + std * torch.randn_like(unit) if std > 0 else unit
 
 
-def build_memory(options: DecapOptions, files: list[str], split: tables.Split) -> Any:
+def build_memory(options: DecapOptions, files: list[str], split: tables.Split,
+                 repeats: tables.Repeats | None = None) -> Any:
     """The artifact's memory: a seeded sample of ``split`` of the training ``files`` or of ``options.memory``."""
     from clipcap_core.decap import DecapMemory, load_memory_table, sample_rows
 
     size = options.memory_size or None
     if options.memory:
         return load_memory_table(options.memory, tau=options.tau, max_rows=size, seed=options.memory_seed)
-    table = tables.read_split(files, split, column=schemas.TEXT_EMBEDDING)
+    table = tables.read_split(files, split, column=schemas.TEXT_EMBEDDING, repeats=repeats)
     if size is not None and table.num_rows > size:
         table = table.take(sample_rows(table.column(schemas.KEY).to_pylist(), size, options.memory_seed))
     return DecapMemory(tables.embeddings_numpy(table, schemas.TEXT_EMBEDDING), tau=options.tau)

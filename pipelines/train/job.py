@@ -20,6 +20,7 @@ optimizer, scheduler, step, position in the epoch and the history, so no step co
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -31,13 +32,21 @@ import pyarrow as pa
 
 from clipcap_core.model import ModelConfig
 from clipcap_core.training import TrainConfig
+from pipelines import exitcodes
+from pipelines.exitcodes import JobFailed
 from pipelines.io import storage, tables
 from pipelines.train import decap as decap_train
 from pipelines.train.checkpoints import stream_start
 from pipelines.train.decap import DecapOptions
 from pipelines.train.heldout import evaluate_model
 from pipelines.train.runner import fit_workers, write_history
-from pipelines.train.setup import BatchTokenizer, load_tokenizer_for, resolve_model_config
+from pipelines.train.setup import (
+    BatchTokenizer,
+    is_preset_name,
+    load_tokenizer_for,
+    recipe_for,
+    resolve_model_config,
+)
 from pipelines.train.state import (
     FaultConfig,
     RunOptions,
@@ -73,6 +82,7 @@ class TrainJobConfig:
     fault: FaultConfig | None = None
     decoder: Literal["clipcap", "decap"] = "clipcap"  # decap: text-only training on text tables (decap_train)
     decap: DecapOptions = field(default_factory=DecapOptions)
+    strict: bool = False  # rows that cannot train (empty caption, non-finite vector, repeated key) refuse the run
 
     def __post_init__(self) -> None:
         if not self.tables:
@@ -99,6 +109,9 @@ class TrainPlan(StepPlan):
     replay: tuple[str, ...] = ()  # older tables' files, sampled at replay_fraction
     dim: int  # D of the tables
     model_config: ModelConfig  # resolved: preset + overrides with D and CLIP of the tables, or the artifact's
+    train: TrainConfig = field(default_factory=TrainConfig)  # the effective recipe: flags over the preset's (or warm-start artifact's), warm-up in steps
+    repeats: dict[str, tuple[int, ...]] = field(default_factory=dict)  # rows of repeated keys (tables.Audit)
+    input_errors: dict[str, int] = field(default_factory=dict)  # rows dropped before training, by reason
 
 
 @dataclass(frozen=True)
@@ -107,35 +120,70 @@ class TrainJobResult:
     run_dir: str
     history: list[dict[str, Any]]
     metrics: dict[str, float]  # last epoch's held-out metrics
+    health: dict[str, Any] = field(default_factory=dict)  # steps.loss_health: did the loss fall
+    input_errors: dict[str, int] = field(default_factory=dict)  # rows dropped before training, by reason
 
 
 # --- driver ---------------------------------------------------------------------------------------------
 def plan_training(cfg: TrainJobConfig) -> TrainPlan:
     """Everything decided on the driver before workers start: files, D check, model config, step counts."""
+    return plan_and_audit(cfg)[0]
+
+
+def plan_and_audit(cfg: TrainJobConfig) -> tuple[TrainPlan, tables.Audit]:
+    """``plan_training``, with the audit of every table row (the rows that cannot train, as an errors table)."""
     files = tables.list_table_files(cfg.tables)
     replay = tables.list_table_files(cfg.replay_tables) if cfg.replay_tables else []
     info = tables.inspect_tables(files + replay, column=cfg.embedding_column)
     overrides = decap_train.model_overrides(cfg.decoder, cfg.model, cfg.model_overrides)
     model_cfg = resolve_model_config(cfg.model, overrides, info)  # raises on a D mismatch
     decap_train.check_plan(cfg.decoder, cfg.decap, info, model_cfg)
-    n_train = tables.count_split(files, cfg.split())
+    audit = tables.audit_tables(files + replay, column=cfg.embedding_column)
+    check_audit(audit, strict=cfg.strict)
+    col, rep = cfg.embedding_column, audit.repeats
+    n_train = tables.count_split(files, cfg.split(), column=col, repeats=rep)
     if replay and cfg.replay_fraction > 0:
         n_train += tables.count_split(
-            replay, cfg.split(sample_fraction=cfg.replay_fraction, sample_seed=cfg.replay_seed))
-    W, B, E = cfg.scale.num_workers, cfg.train.batch_size, cfg.train.epochs
+            replay, cfg.split(sample_fraction=cfg.replay_fraction, sample_seed=cfg.replay_seed), column=col, repeats=rep)
+    W = cfg.scale.num_workers
     if n_train // W < 1:
         raise ValueError(f"{n_train} training rows cannot feed {W} worker(s)")
 
-    def stream_steps(first_epoch: int) -> int:  # batches per worker in a stream of epochs first_epoch..E-1
-        return math.ceil(((E - first_epoch) * n_train // W) / B)  # streaming_split(equal=True) floors per worker
+    def stream_steps(hp: TrainConfig, first_epoch: int) -> int:  # batches per worker, epochs first_epoch..E-1
+        return math.ceil(((hp.epochs - first_epoch) * n_train // W) / hp.batch_size)  # equal=True floors
 
+    hp = cfg.train.for_run(recipe_for(cfg.model), lambda c: stream_steps(c, 0))
     # One stream holds every remaining epoch, so the data pipeline never stops and restarts between epochs.
     # It ends exactly at total_steps; a resumed run streams from the earliest epoch a stored checkpoint is in.
-    total = stream_steps(0)
-    start, first_step = stream_start(cfg.run_dir, E, stream_steps)
-    return TrainPlan(files=tuple(files), replay=tuple(replay), dim=info.dim, model_config=model_cfg,
+    total, E = stream_steps(hp, 0), hp.epochs
+    start, first_step = stream_start(cfg.run_dir, E, lambda e: stream_steps(hp, e))
+    return TrainPlan(files=tuple(files), replay=tuple(replay), dim=info.dim, model_config=model_cfg, train=hp,
+                     repeats=audit.repeats, input_errors=audit.counts(),
                      n_train=n_train, total_steps=total, epoch_ends=tuple(round(e * total / E) for e in range(1, E)),
-                     stream_start_epoch=start, stream_first_step=first_step)
+                     stream_start_epoch=start, stream_first_step=first_step), audit
+
+
+def check_audit(audit: tables.Audit, *, strict: bool) -> None:
+    """``strict``: any row that cannot train refuses the run (before any work); else they are dropped."""
+    if strict and audit.errors.num_rows:
+        first = audit.errors.slice(0, 3).to_pylist()
+        raise ValueError(f"--strict: {audit.errors.num_rows} row(s) cannot train ({audit.counts()}); first: "
+                         + "; ".join(f"{r['key']!r} in {r['source']}: {r['error']}" for r in first))
+
+
+def describe_recipe(model: str, hp: TrainConfig, total_steps: int) -> str:
+    """The effective recipe in one line (logged once, before the workers start)."""
+    return (f"train recipe ({'preset ' + model if is_preset_name(model) else 'from ' + model}): lr {hp.lr:g}, "
+            f"warm-up {hp.warmup_steps} of {total_steps} steps, batch {hp.batch_size}, {hp.epochs} epochs, "
+            f"{hp.max_caption_tokens} caption tokens, weight decay {hp.weight_decay:g}, {hp.precision}")
+
+
+def schedule_warning(hp: TrainConfig, total_steps: int) -> str | None:
+    """A warm-up as long as the run never reaches the peak learning rate: said, not run silently."""
+    if hp.warmup_steps >= total_steps:
+        return (f"warm-up of {hp.warmup_steps} steps is not shorter than the run ({total_steps} steps): the learning "
+                f"rate never reaches its peak {hp.lr:g}; set --warmup-steps or --warmup-fraction lower")
+    return None
 
 
 def _datasets(cfg: TrainJobConfig, plan: TrainPlan) -> dict[str, Any]:
@@ -152,7 +200,7 @@ def _datasets(cfg: TrainJobConfig, plan: TrainPlan) -> dict[str, Any]:
         random.Random(cfg.train.seed * 1000 + epoch).shuffle(order)
         stream += order
     return {"train": tables.stream_tables(stream or parts, tokenize, cfg.train.max_caption_tokens,
-                                          column=cfg.embedding_column)}
+                                          column=cfg.embedding_column, repeats=plan.repeats)}
 
 
 def stream_spec(cfg: TrainJobConfig, plan: TrainPlan) -> StreamSpec | None:
@@ -168,16 +216,34 @@ def stream_spec(cfg: TrainJobConfig, plan: TrainPlan) -> StreamSpec | None:
                       dtypes={"embedding": "float32", "tokens": "int64", "mask": "float32"})
 
 
+def input_errors_uri(cfg: TrainJobConfig) -> str:
+    return storage.join(cfg.run_dir, "input_errors.parquet")
+
+
 def run_training(cfg: TrainJobConfig) -> TrainJobResult:
     """Train (or resume) run ``cfg.name`` under ``cfg.output``; returns the artifact URI and the history."""
-    plan = plan_training(cfg)
+    plan, audit = plan_and_audit(cfg)
+    cfg = dataclasses.replace(cfg, train=plan.train)
     storage.check_writable(cfg.output)
+    log.info(describe_recipe(cfg.model, plan.train, plan.total_steps))
+    warning = schedule_warning(plan.train, plan.total_steps)
+    if warning:
+        log.warning(warning)
+    if plan.input_errors:
+        log.warning("train %s: dropped %s row(s) that cannot train (%s); listed in %s", cfg.name,
+                    sum(plan.input_errors.values()), plan.input_errors, input_errors_uri(cfg))
+        storage.atomic_write_table(audit.errors, input_errors_uri(cfg))
     log.info("train %s: %d rows (D=%d), %d worker(s), %d epochs = %d steps (streaming from epoch %d)", cfg.name,
              plan.n_train, plan.dim, cfg.scale.num_workers, cfg.train.epochs, plan.total_steps,
              plan.stream_start_epoch + 1)
     out = fit_workers("pipelines.train.worker:worker_loop", cfg, plan, _datasets(cfg, plan), stream_spec(cfg, plan))
+    if out.get("failure"):
+        raise JobFailed(f"train {cfg.name}: {out['failure']}; no model was written", exitcodes.UNHEALTHY)
+    health = out.get("health") or {}
+    if health.get("warning"):
+        log.warning("train %s: %s", cfg.name, health["warning"])
     return TrainJobResult(artifact=out["artifact"], run_dir=cfg.run_dir, history=out["history"],
-                          metrics=out.get("metrics", {}))
+                          metrics=out.get("metrics", {}), health=health, input_errors=plan.input_errors)
 
 
 # --- evaluation of a saved model --------------------------------------------------------------------------

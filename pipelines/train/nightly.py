@@ -107,8 +107,11 @@ def new_shards(current: dict[str, int], manifest: dict[str, Any] | None) -> list
 
 
 def decide(candidate: dict[str, float], production: dict[str, float] | None, metric: str,
-           tolerance: float) -> tuple[bool, str]:
-    """(promote?, reason). Not worse than production beyond ``tolerance`` on ``metric``; finite loss."""
+           tolerance: float, health: dict[str, Any] | None = None) -> tuple[bool, str]:
+    """(promote?, reason). Not worse than production beyond ``tolerance`` on ``metric``; finite loss; a training
+    loss that fell (``steps.loss_health``)."""
+    if health and health.get("loss_fell") is False:
+        return False, f"candidate refused: {health.get('warning', 'its training loss did not fall')}"
     loss = candidate.get("val_loss", float("nan"))
     if not math.isfinite(loss):
         return False, f"candidate validation loss is not finite ({loss})"
@@ -197,7 +200,9 @@ def _train_candidate(cfg: NightlyConfig, run: str, fresh: list[str], old: list[s
              run, len(fresh), new_rows, fraction, old_rows, job.model)
     replay = {"tables": list(job.replay_tables), "fraction": fraction, "seed": seed, "new_rows": new_rows,
               "old_rows": old_rows, "init": job.model}
-    return run_training(job).artifact, replay
+    result = run_training(job)
+    replay["health"] = result.health
+    return result.artifact, replay
 
 
 def run_nightly(cfg: NightlyConfig) -> NightlyResult:
@@ -220,7 +225,7 @@ def run_nightly(cfg: NightlyConfig) -> NightlyResult:
         candidate, replay = _train_candidate(cfg, run, fresh, old, rows, pointer)
         cand_m, *rest = _evaluate([candidate] + ([pointer["model"]] if pointer else []), heldout, cfg)
         prod_m = rest[0] if rest else None
-        promote, reason = decide(cand_m, prod_m, cfg.metric, cfg.tolerance)
+        promote, reason = decide(cand_m, prod_m, cfg.metric, cfg.tolerance, replay.get("health"))
         record = {"run": run, "at": _now(), "decision": "promoted" if promote else "refused", "reason": reason,
                   "candidate": candidate, "candidate_metrics": cand_m, "production": pointer and pointer["model"],
                   "production_metrics": prod_m, "new_shards": fresh, "metric": cfg.metric,

@@ -62,6 +62,21 @@ def resolve_model_config(model: str, overrides: dict[str, Any], info: tables.Tab
     return cfg
 
 
+def recipe_for(model: str) -> Any:
+    """The recipe a run starts from: the preset's, or for a warm start the recipe the artifact was trained with
+    (its recorded ``training.train``), so nightly retraining keeps the first run's settings."""
+    import dataclasses
+
+    from clipcap_core.artifacts import read_metadata
+    from clipcap_core.presets import preset_recipe
+    from clipcap_core.training import PAPER_RECIPE, RECIPE_FIELDS
+
+    if is_preset_name(model):
+        return preset_recipe(model)
+    trained = (read_metadata(model).get("training") or {}).get("train") or {}
+    return dataclasses.replace(PAPER_RECIPE, **{k: trained[k] for k in RECIPE_FIELDS if trained.get(k) is not None})
+
+
 def read_artifact_config(uri: str) -> Any:
     from clipcap_core.artifacts import read_config
 

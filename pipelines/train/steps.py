@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from clipcap_core.training import NonFiniteError, batch_rows_note
 from pipelines.io import storage
 from pipelines.train.checkpoints import checkpoint_name, load_checkpoint, save_checkpoint
 from pipelines.train.state import FaultConfig, RunOptions, RunState, StepPlan
@@ -35,6 +36,30 @@ def split_batches(batches: Iterable[dict[str, Any]], size: int) -> Iterator[dict
             continue
         for s in range(0, n, size):
             yield {k: v[s: s + size] for k, v in batch.items()}
+
+
+def loss_health(history: list[dict[str, Any]], total_steps: int, *, after: float = 0.5,
+                min_drop: float = 0.02) -> dict[str, Any]:
+    """Did the training loss fall? The mean logged loss of the run's first tenth against the mean past ``after``
+    of it; ``{}`` when the history is too short to tell. A loss that did not fall by ``min_drop`` (relative)
+    is a warning in the run record and the artifact, and nightly's gate refuses such a model."""
+    rows = [(r["step"], r["train_loss"]) for r in history if r.get("kind") == "step"
+            and np.isfinite(r.get("train_loss", np.nan))]
+    if len(rows) < 2:
+        rows = [(r["step"], r["train_loss"]) for r in history if r.get("kind") == "epoch"
+                and np.isfinite(r.get("train_loss", np.nan))]
+    if len(rows) < 2:
+        return {}
+    early = [loss for s, loss in rows if s <= max(0.1 * total_steps, rows[0][0])]
+    late = [loss for s, loss in rows if s >= after * total_steps and s > rows[0][0]]
+    if not early or not late:
+        return {}
+    first, last = float(np.mean(early)), float(np.mean(late))
+    out: dict[str, Any] = {"loss_fell": last < first * (1 - min_drop), "early_loss": first, "late_loss": last}
+    if not out["loss_fell"]:
+        out["warning"] = (f"training loss did not fall: {first:.4f} in the first tenth of the run, {last:.4f} "
+                          f"past {after:.0%} of it (check the learning rate, warm-up and data)")
+    return out
 
 
 def maybe_crash(fault: FaultConfig | None, rank: int, step: int) -> None:
@@ -76,6 +101,7 @@ class WorkerRun:
         self.state = RunState()
         self.metrics: dict[str, float] = {}  # the latest held-out metrics
         self.window: list[float] = []  # losses since the last progress line
+        self.failure: str | None = None  # why the run stopped early (a non-finite loss or gradient)
         self.start_epoch()
 
     def resume(self) -> bool:
@@ -173,7 +199,14 @@ def run_steps(run: WorkerRun, batches: Iterable[dict[str, Any]] | None, step: Ca
         if st.step >= plan.total_steps:
             break
         if i >= skip:
-            loss = step(batch)
+            try:
+                loss = step(batch)
+            except NonFiniteError as exc:  # weights untouched; every worker sees the same all-reduced gradient
+                run.failure = f"stopped at step {st.step + 1}: {exc}"
+                if "embedding" in batch:
+                    run.failure += batch_rows_note(batch["embedding"])
+                print(f"[clipcap {run.label}] {run.failure}", flush=True)
+                return
             run.losses.append(loss)
             run.window.append(loss)
             run.seen += int(batch["tokens"].shape[0])

@@ -69,15 +69,16 @@ def _trial(config: dict[str, Any]) -> None:
 
     from clipcap_core.training import iterate_batches, train_loop
     from pipelines.train.heldout import evaluate_model
-    from pipelines.train.setup import build_or_load_model, resolve_model_config
+    from pipelines.train.setup import build_or_load_model, recipe_for, resolve_model_config
 
     sweep = from_dict(SweepConfig, config["sweep"])
-    hp, mapping, k = sweep.train, config["mapping"], int(config["prefix_length"])
+    mapping, k = config["mapping"], int(config["prefix_length"])
     files = tables.list_table_files(sweep.tables)
     info = tables.inspect_tables(files)
     preset = sweep.presets[mapping]
     model_cfg = resolve_model_config(preset, _overrides(mapping, k), info)
     device = "cuda" if sweep.trial_gpus and torch.cuda.is_available() else "cpu"
+    hp = sweep.train.with_recipe(recipe_for(preset))
     model, tokenizer = build_or_load_model(preset, model_cfg, seed=hp.seed, device=device)
     split = tables.Split(part="train", heldout_fraction=sweep.heldout_fraction)
     train_t = tables.read_split(files, split, max_rows=sweep.max_train_rows)

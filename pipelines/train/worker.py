@@ -18,7 +18,7 @@ from pipelines.train.heldout import evaluate_model
 from pipelines.train.job import TrainJobConfig, TrainPlan
 from pipelines.train.launch import EarlyStream
 from pipelines.train.setup import build_or_load_model, to_core_batch
-from pipelines.train.steps import WorkerRun, run_steps, split_batches
+from pipelines.train.steps import WorkerRun, loss_health, run_steps, split_batches
 
 
 class ClipCapRun(WorkerRun):
@@ -42,8 +42,8 @@ class ClipCapRun(WorkerRun):
         torch.manual_seed(hp.seed * 1000 + 100 * self.state.attempt + self.rank)  # dropout: per worker and attempt
         self.heldout = None
         if self.rank == 0 and job.heldout_fraction > 0:
-            self.heldout = tables.read_split(list(plan.files), job.split("heldout"),
-                                             max_rows=job.run.eval_max_samples, column=job.embedding_column)
+            self.heldout = tables.read_split(list(plan.files), job.split("heldout"), max_rows=job.run.eval_max_samples,
+                                             column=job.embedding_column, repeats=plan.repeats)
 
     def checkpoint_weights(self) -> dict[str, Any]:
         """Weights that change in training: all but a frozen LM (rebuilt from its source on restore)."""
@@ -86,6 +86,8 @@ def worker_loop(config: dict[str, Any], stream: EarlyStream | None) -> dict[str,
     run_steps(run, batches, step, skip=run.state.step - plan.stream_first_step)
     if run.rank != 0:
         return None
+    if run.failure:  # nothing is saved: the last checkpoint holds the last finite weights
+        return {"failure": run.failure, "history": run.state.history}
     return save_artifact(job, plan, run)
 
 
@@ -96,11 +98,15 @@ def save_artifact(job: TrainJobConfig, plan: TrainPlan, run: ClipCapRun) -> dict
     artifact = storage.join(job.run_dir, "model")
     memory = None
     if job.decoder == "decap":  # seeded, so a resumed run stores the same memory
-        memory = decap_train.build_memory(job.decap, list(plan.files), job.split())
+        memory = decap_train.build_memory(job.decap, list(plan.files), job.split(), repeats=plan.repeats)
     state = run.state
+    health = loss_health(state.history, plan.total_steps)
+    if health.get("loss_fell") is False:
+        state.history.append({"kind": "warning", "step": state.step, "warning": health["warning"]})
     save_model(run.model, run.tokenizer, artifact, metrics=run.metrics, decap=memory, extra={"training": {
         "run": job.name, "step": state.step, "epochs": state.epoch, "tables": list(plan.files),
         "replay": list(plan.replay), "replay_fraction": job.replay_fraction, "init": job.model,
         "train": to_dict(job.train), "decoder": job.decoder,
-        "decap": to_dict(job.decap) if memory is not None else None}})
-    return {"artifact": artifact, "history": state.history, "metrics": run.metrics}
+        "decap": to_dict(job.decap) if memory is not None else None, "health": health,
+        "input_errors": plan.input_errors}})
+    return {"artifact": artifact, "history": state.history, "metrics": run.metrics, "health": health}
