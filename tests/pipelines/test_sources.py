@@ -140,3 +140,18 @@ def test_size_limits_and_job_level_faults(tmp_path):
 def test_unsafe_member_names(name, why):
     got = sources.unsafe_member(name)
     assert (got is None) if why is None else (why in got)
+
+
+def test_underscore_files_are_input_and_hidden_or_bookkeeping_paths_are_named_skips(tmp_path, caplog):
+    jpg = good_images()["rgb.jpg"]
+    for rel in ("_DSC0001.JPG", "_raw/_DSC0002.JPG", "c.jpg", ".DS_Store", ".git/x.jpg", "_meta/run.json",
+                "_tmp.1a2b.parquet", "sub/_SUCCESS"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(jpg)
+    cfg = SourceConfig()
+    with caplog.at_level("INFO", logger="pipelines.io.sources"):
+        parts, skipped = sources.plan_input(str(tmp_path), cfg)
+    keys = [r.key for p in parts for r in read_part(p, cfg) if r.error is None]
+    assert keys == ["_DSC0001.JPG", "_raw/_DSC0002.JPG", "c.jpg"]
+    assert skipped == [".DS_Store", ".git/x.jpg", "_meta/run.json", "_tmp.1a2b.parquet", "sub/_SUCCESS"]
+    assert "skipped 5 hidden / bookkeeping file(s)" in caplog.text and "_meta/run.json" in caplog.text
