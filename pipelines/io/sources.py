@@ -4,7 +4,8 @@ An input is a file or a directory (searched recursively) at any fsspec URI. ``pl
 cuts it into ``Part``s, the unit of work and of output (one caption-table file per part), named
 deterministically from the input so that a rerun finds the same parts:
 - loose image files: sorted by path, ``part_size`` per part (``images-00000``, ...);
-- a ``.tar`` / ``.tar.gz`` / ``.tgz`` / ``.zip`` archive or a webdataset shard: one part per file;
+- a tar archive (plain, gzip, bzip2 or xz: ``TAR_SUFFIXES``), a ``.zip`` or a webdataset shard: one part per
+  file;
 - Parquet (image bytes, image URLs, or an embedding table): row groups packed to ~``part_size`` rows.
 ``plan_digest`` fingerprints the plan (names, sizes) so a rerun can refuse an input that changed.
 
@@ -24,7 +25,7 @@ named (``Listing.skipped``, one log line), never dropped in silence. Any other u
 cameras name files ``_DSC0001.JPG``. A caption output is never inside its input (``caption.job`` refuses it), so
 its ``captions/`` folder is not read back.
 
-Auto format (the default) by extension: ``.tar``/``.tar.gz``/``.tgz`` tar, ``.zip`` zip, ``.parquet`` Parquet
+Auto format (the default) by extension: ``TAR_SUFFIXES`` tar, ``.zip`` zip, ``.parquet`` Parquet
 (an ``image_embedding`` column makes it an embedding table), anything else a loose image. A ``.tar`` beside an
 img2dataset sidecar (``<shard>.parquet`` or ``<shard>_stats.json``) is a webdataset shard and the sidecars
 are metadata, not inputs. Webdataset samples group consecutive members by key (path up to the first dot).
@@ -130,9 +131,13 @@ def log_skipped(uri: str, skipped: list[str]) -> None:
                  ", ".join(skipped[:SHOW_SKIPPED]), more)
 
 
+# tar archives by name; tarfile's stream mode ("r|*") reads each compression, member by member, unextracted
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
+
+
 def _ext_kind(rel: str) -> str:
     low = rel.lower()
-    if low.endswith((".tar.gz", ".tgz", ".tar")):
+    if low.endswith(TAR_SUFFIXES):
         return "tar"
     if low.endswith(".zip"):
         return "zip"

@@ -155,3 +155,22 @@ def test_underscore_files_are_input_and_hidden_or_bookkeeping_paths_are_named_sk
     assert keys == ["_DSC0001.JPG", "_raw/_DSC0002.JPG", "c.jpg"]
     assert skipped == [".DS_Store", ".git/x.jpg", "_meta/run.json", "_tmp.1a2b.parquet", "sub/_SUCCESS"]
     assert "skipped 5 hidden / bookkeeping file(s)" in caplog.text and "_meta/run.json" in caplog.text
+
+
+@pytest.mark.parametrize("mode,name", [("w:bz2", "a.tar.bz2"), ("w:xz", "a.tar.xz"), ("w:bz2", "a.tbz2"),
+                                       ("w:xz", "a.txz")])
+def test_bzip2_and_xz_tars_are_read_member_by_member_with_the_same_bounds(tmp_path, mode, name):
+    jpg = good_images()["rgb.jpg"]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tf:
+        for member, data in (("x/ok.jpg", jpg), ("big.jpg", jpg * 4), ("../up.jpg", jpg)):
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    (tmp_path / name).write_bytes(buf.getvalue())
+    cfg = SourceConfig(max_member_bytes=len(jpg) * 2)
+    [part] = plan_parts(str(tmp_path), cfg)
+    recs = {r.key: r for r in read_part(part, cfg)}
+    assert part.kind == "tar" and set(recs) == {f"{name}/x/ok.jpg", f"{name}/big.jpg", f"{name}/../up.jpg"}
+    assert recs[f"{name}/x/ok.jpg"].data == jpg
+    assert "too large" in recs[f"{name}/big.jpg"].error and "'..'" in recs[f"{name}/../up.jpg"].error
