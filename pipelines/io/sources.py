@@ -272,33 +272,50 @@ def _sample_key(name: str) -> str:
 
 
 class WebDatasetReader(TarReader):
+    """A webdataset shard: one row per sample key, from the sample's first image member in archive order.
+
+    Every other image member is an error row keyed by its member path: a second image of one sample (``a.jpg``
+    + ``a.png``, ``c.v1.jpg`` + ``c.v2.jpg``), or a member of a key already read (members of one sample must be
+    consecutive). Not one row per image: a webdataset key names one sample, and its ``.txt`` / ``.json`` and
+    img2dataset's ``.parquet`` join on that key; ``format="tar"`` captions every member under its own name."""
+
     name = "webdataset"
 
     def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
         group: list[tuple[str, bytes]] = []
+        done: set[str] = set()
         for name, data, error in _tar_members(part, cfg):
-            if error is not None or data is None:
-                yield from self._sample(part, group)
-                group = []
+            if error is not None or data is None:  # a refused member is its own error row; its sample goes on
                 yield _member_record(part, name, None, error)
                 continue
             if group and _sample_key(group[0][0]) != _sample_key(name):
-                yield from self._sample(part, group)
+                yield from self._sample(part, group, done)
                 group = []
             group.append((name, data))
-        yield from self._sample(part, group)
+        yield from self._sample(part, group, done)
 
     @staticmethod
-    def _sample(part: Part, group: list[tuple[str, bytes]]) -> Iterator[Record]:
+    def _sample(part: Part, group: list[tuple[str, bytes]], done: set[str]) -> Iterator[Record]:
         if not group:
             return
-        key = f"{part.files[0].rel}/{_sample_key(group[0][0])}"
-        image = next((d for n, d in group if imaging.is_image_name(n)), None)
-        if image is None:
+        key = _sample_key(group[0][0])
+        if key in done:
+            for n, _ in group:
+                yield _member_record(part, n, None, f"member of sample {key!r} after other samples (a webdataset "
+                                                    "sample's members must be consecutive)")
+            return
+        done.add(key)
+        f = part.files[0]
+        images = [(n, d) for n, d in group if imaging.is_image_name(n)]
+        if not images:
             exts = ", ".join(sorted(n.split(".", 1)[-1] for n, _ in group))
-            yield Record(key, part.files[0].uri, error=f"sample has no image member (has: {exts})")
-        else:
-            yield Record(key, part.files[0].uri, data=image)
+            yield Record(f"{f.rel}/{key}", f.uri, error=f"sample has no image member (has: {exts})")
+            return
+        yield Record(f"{f.rel}/{key}", f.uri, data=images[0][1])
+        for n, _ in images[1:]:
+            yield _member_record(part, n, None, f"second image of sample {key!r} (captioned from {images[0][0]}); "
+                                                "a webdataset sample has one image: use format tar to caption "
+                                                "every member")
 
 
 def webdataset_samples(uri: str, cfg: SourceConfig | None = None

@@ -174,3 +174,27 @@ def test_bzip2_and_xz_tars_are_read_member_by_member_with_the_same_bounds(tmp_pa
     assert part.kind == "tar" and set(recs) == {f"{name}/x/ok.jpg", f"{name}/big.jpg", f"{name}/../up.jpg"}
     assert recs[f"{name}/x/ok.jpg"].data == jpg
     assert "too large" in recs[f"{name}/big.jpg"].error and "'..'" in recs[f"{name}/../up.jpg"].error
+
+
+def test_webdataset_gives_one_row_per_key_and_names_every_other_image(tmp_path):
+    jpg, png = good_images()["rgb.jpg"], good_images()["la.png"]
+    members = [("a.jpg", jpg), ("a.png", png), ("a.txt", b"cap"), ("b.jpg", jpg), ("c.v1.jpg", jpg),
+               ("c.v2.jpg", png), ("a.webp", jpg)]  # a.webp: key "a" again after other samples
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for member, data in members:
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    (tmp_path / "00000.tar").write_bytes(buf.getvalue())
+    cfg = SourceConfig(format="webdataset")
+    records = [r for p in plan_parts(str(tmp_path), cfg) for r in read_part(p, cfg)]
+    keys = [r.key for r in records]
+    assert len(keys) == len(set(keys))
+    rows = {r.key: r.data for r in records if r.error is None}
+    errors = {r.key: r.error for r in records if r.error is not None}
+    assert rows == {"00000.tar/a": jpg, "00000.tar/b": jpg, "00000.tar/c": jpg}
+    assert set(errors) == {"00000.tar/a.png", "00000.tar/c.v2.jpg", "00000.tar/a.webp"}
+    assert "second image of sample 'a' (captioned from a.jpg)" in errors["00000.tar/a.png"]
+    assert "second image of sample 'c'" in errors["00000.tar/c.v2.jpg"]
+    assert "after other samples" in errors["00000.tar/a.webp"]
