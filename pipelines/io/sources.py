@@ -179,13 +179,14 @@ def plan_input(uri: str, cfg: SourceConfig, storage_options: dict[str, Any] | No
     job-level faults (missing input, a Parquet file with neither image nor URL column)."""
     listing = scan_input(uri, storage_options)
     log_skipped(uri, listing.skipped)
-    return _cut_parts(uri, listing.files, cfg), listing.skipped
+    return _cut_parts(uri, listing, cfg), listing.skipped
 
 
-def _cut_parts(uri: str, files: list[InputFile], cfg: SourceConfig) -> list[Part]:
-    groups = classify(files, cfg.format)
+def _cut_parts(uri: str, listing: Listing, cfg: SourceConfig) -> list[Part]:
+    groups = classify(listing.files, cfg.format)
     if not any(groups.values()):
-        raise ValueError(f"no input files under {uri!r} (format {cfg.format!r})")
+        hidden = f"; skipped {len(listing.skipped)} hidden / bookkeeping" if listing.skipped else ""
+        raise ValueError(f"no input files under {uri!r} (format {cfg.format!r}{hidden})")
     parts: list[Part] = []
     images = groups.pop("images", [])
     for i in range(0, len(images), cfg.part_size):

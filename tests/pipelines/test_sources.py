@@ -133,6 +133,9 @@ def test_size_limits_and_job_level_faults(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="no input files"):
         plan_parts(str(empty), cfg)
+    (empty / ".DS_Store").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"no input files .*skipped 1 hidden / bookkeeping"):
+        plan_parts(str(empty), cfg)
 
 
 @pytest.mark.parametrize("name,why", [("/etc/passwd", "absolute"), ("a/../../b", ".."), ("C:/x", "absolute"),
