@@ -150,6 +150,8 @@ class CaptionSummary:
     captions: int = 0
     errors: int = 0
     parts_failed: dict[str, str] = field(default_factory=dict)  # input not readable: not committed, retried
+    files_skipped: int = 0       # hidden / bookkeeping files of the input (``sources.scan_input``), not read
+    files_skipped_first: list[str] = field(default_factory=list)  # the first of them, by path
     seconds: float = 0.0
     first_output_s: float = 0.0  # start -> first rows back (planning, actor start-up, model loads, 1st batch)
     stage_seconds: dict[str, float] = field(default_factory=dict)      # busy wall seconds per stage
@@ -177,6 +179,7 @@ class Plan:
     model_info: Any   # pipelines.caption.stages.ModelInfo
     needs_clip: bool
     digest: str
+    skipped: list[str] = field(default_factory=list)  # hidden / bookkeeping input paths, not read
 
 def check_output_outside_input(cfg: CaptionConfig) -> None:
     """An output inside the input would be read back as input by the next run."""
@@ -243,7 +246,7 @@ def prepare(cfg: CaptionConfig) -> Plan:
     fs.invalidate_cache(path)  # another process (an earlier, killed run) may have written here
     info = inspect_model(cfg.model, allow_untrained=cfg.allow_untrained)
     _check_projection(cfg, info)
-    parts = sources.plan_parts(cfg.input, cfg.source)
+    parts, skipped = sources.plan_input(cfg.input, cfg.source)
     _check_embeddings(parts, info)
     needs_clip = any(p.kind != "embeddings" for p in parts)
     if needs_clip and info.encoder_dim != info.clip_dim:
@@ -268,7 +271,7 @@ def prepare(cfg: CaptionConfig) -> Plan:
     _remove_stale_temporaries(cfg.output)
     done = done_parts(cfg.output)
     todo = [p for p in parts if p.part_id not in done]
-    return Plan(parts, todo, info.model_id, info, needs_clip, digest)
+    return Plan(parts, todo, info.model_id, info, needs_clip, digest, skipped)
 
 # --- the job ----------------------------------------------------------------------------------------------------
 def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
@@ -276,7 +279,8 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
     start = time.monotonic()
     plan = prepare(cfg)
     summary = CaptionSummary(output=cfg.output, model=plan.model_id, parts_total=len(plan.parts),
-                             parts_skipped=len(plan.parts) - len(plan.todo))
+                             parts_skipped=len(plan.parts) - len(plan.todo), files_skipped=len(plan.skipped),
+                             files_skipped_first=plan.skipped[:sources.SHOW_SKIPPED])
     log.info("captioning %s -> %s with %s: %d parts (%d already done)", cfg.input, cfg.output, plan.model_id,
              len(plan.parts), summary.parts_skipped)
     if plan.todo:

@@ -6,7 +6,8 @@ What this module adds around img2dataset:
 - every input is first normalised to a Parquet list with ``url`` / ``caption`` columns (tsv, csv, parquet,
   jsonl; CC3M's **headerless** TSV included: img2dataset would read its first row as the header, and
   pyarrow's CSV reader strips quotes from captions that start with ``"``), so a missing column fails here,
-  before any download, with the columns that do exist in the message;
+  before any download, with the columns that do exist in the message; a line with a field too many (a tab
+  inside a caption) or bytes that are not UTF-8 fail there too, naming the file and the line;
 - the output URI is checked for writability first;
 - incremental resume is img2dataset's (shards with ``_stats.json`` are skipped), with one change: a shard
   whose stats hold *transient* failures (connection refused, timeouts, HTTP 5xx / 408 / 429: an outage, not a
@@ -22,7 +23,6 @@ What this module adds around img2dataset:
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -38,6 +38,7 @@ import pandas as pd
 
 from pipelines import exitcodes, runtime
 from pipelines.io import schemas, storage
+from pipelines.io.delimited import read_delimited
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,8 @@ def detect_format(url_list: str) -> str:
 def _first_line(url_list: str) -> str:
     import fsspec
 
-    with fsspec.open(url_list, "rt", encoding="utf-8", compression="infer") as f:
+    # a bad byte here is named by read_delimited, with its line: this only looks for a URL
+    with fsspec.open(url_list, "rt", encoding="utf-8", errors="replace", compression="infer") as f:
         return f.readline().rstrip("\r\n")
 
 
@@ -210,10 +212,8 @@ def read_url_list(cfg: DownloadConfig) -> pd.DataFrame:
 
 
 def _read_delimited(cfg: DownloadConfig, sep: str) -> pd.DataFrame:
-    if _has_header(cfg, sep):
-        return pd.read_csv(cfg.url_list, sep=sep, dtype=str, quoting=csv.QUOTE_NONE, keep_default_na=False)
-    return pd.read_csv(cfg.url_list, sep=sep, header=None, names=list(cfg.columns), dtype=str,
-                       quoting=csv.QUOTE_NONE, keep_default_na=False)
+    names = None if _has_header(cfg, sep) else cfg.columns
+    return read_delimited(cfg.url_list, sep, names=names, what="URL list")
 
 
 def img2dataset_kwargs(cfg: DownloadConfig, url_parquet: str) -> dict[str, Any]:

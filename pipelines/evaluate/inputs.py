@@ -5,7 +5,10 @@
 - references: a COCO captions annotation JSON (``{"images": [...], "annotations": [{"image_id", "caption"}]}``),
   a JSON object ``{id: [captions]}``, or a Parquet / JSONL / CSV table (id, caption; several rows per image).
 Ids are strings (COCO's integer ids as decimal strings). ``match_ids`` pairs the two sides by the exact id,
-the file stem, or the trailing number of the stem (``COCO_val2014_000000391895.jpg`` -> ``391895``).
+the file stem, or the trailing number of the stem (``COCO_val2014_000000391895.jpg`` -> ``391895``); two ids of
+one side that meet one id of the other that way (``a/9.png`` and ``b/9.png`` vs ``9``) are a ValueError naming
+them, never a silent first-wins. Blank reference captions are dropped and counted (``References.blank``); a
+reference left with none is not scored, and is named (``Matched.empty_references``).
 Job-level problems (missing file or column, unreadable JSON) raise ValueError naming the problem.
 """
 
@@ -38,8 +41,16 @@ class Predictions:
 
 @dataclass
 class References:
-    refs: dict[str, list[str]]
+    refs: dict[str, list[str]]  # non-blank captions only
     aliases: dict[str, str] = field(default_factory=dict)  # COCO file_name -> image id
+    blank: int = 0  # blank captions dropped (an empty reference would be scored as a real one)
+
+    def add(self, rid: str, caption: str) -> None:
+        if caption.strip():
+            self.refs.setdefault(rid, []).append(caption)
+        else:
+            self.refs.setdefault(rid, [])
+            self.blank += 1
 
 
 # --- files and tables -----------------------------------------------------------------------------------
@@ -177,20 +188,23 @@ def read_references(uri: str, *, id_column: str | None = None, caption_column: s
         data = _load_json(uri, "references")
         if isinstance(data, dict) and "annotations" in data:  # COCO captions annotations
             for a in data["annotations"]:
-                out.refs.setdefault(_id_str(a["image_id"]), []).append(str(a.get("caption") or ""))
+                out.add(_id_str(a["image_id"]), str(a.get("caption") or ""))
             for img in data.get("images", []):
                 out.refs.setdefault(_id_str(img["id"]), [])  # an image without captions is still an image
                 if img.get("file_name"):
                     out.aliases[img["file_name"]] = _id_str(img["id"])
         elif isinstance(data, dict):
-            out.refs = {str(k): [v] if isinstance(v, str) else [str(x) for x in v] for k, v in data.items()}
+            for k, v in data.items():
+                out.refs.setdefault(str(k), [])
+                for c in [v] if isinstance(v, str) else v:
+                    out.add(str(k), str(c))
         else:
             raise ValueError(f"references {uri!r}: expected a COCO annotations JSON (with 'annotations') or "
                              "an object {id: [captions]}")
         return out
     ids, captions, _ = _table_rows(uri, id_column, caption_column, "references")
     for i, c in zip(ids, captions, strict=True):
-        out.refs.setdefault(i, []).append(c)
+        out.add(i, c)
     return out
 
 
@@ -217,6 +231,7 @@ class Matched:
     missing_references: list[str]  # prediction ids with no reference
     missing_predictions: list[str]  # reference ids with no prediction
     lookup: dict[str, str] = field(repr=False, default_factory=dict)  # normalised id / file name -> reference id
+    empty_references: list[str] = field(default_factory=list)  # reference ids without a caption: not scored
 
     def resolve(self, key: str) -> str | None:
         """The reference id that ``key`` (a prediction or image key) stands for under this match mode."""
@@ -236,25 +251,45 @@ def match_ids(preds: Predictions, refs: References, mode: str = "auto") -> Match
                      "or name the id columns")
 
 
+def _reference_lookup(refs: References, norm: Callable[[str], str]) -> dict[str, list[str]]:
+    """Normalised id -> the distinct reference ids (and COCO file names' ids) that give it."""
+    out: dict[str, list[str]] = {}
+    for name, rid in [(rid, rid) for rid in refs.refs] + list(refs.aliases.items()):
+        if rid in refs.refs and rid not in out.setdefault(norm(name), []):
+            out[norm(name)].append(rid)
+    return out
+
+
+def _check_unambiguous(preds: Predictions, by_norm: dict[str, list[str]], mode: str) -> None:
+    """Two references, or two predictions, that meet one id of the other side under ``mode``: a clear error."""
+    pred_by_norm: dict[str, list[str]] = {}
+    for pid in preds.ids:
+        pred_by_norm.setdefault(ID_MODES[mode](pid), []).append(pid)
+    for n, pids in pred_by_norm.items():
+        rids = by_norm.get(n, [])
+        if rids and (len(rids) > 1 or len(pids) > 1):
+            raise ValueError(f"id match {mode}: prediction(s) {pids[:3]} and reference(s) {rids[:3]} all match as "
+                             f"{n!r}, so which image is which is ambiguous; use --id-match key (equal ids) or give "
+                             "ids that stay unique under this match")
+
+
 def _match(preds: Predictions, refs: References, mode: str) -> Matched:
     norm = ID_MODES[mode]
-    by_norm: dict[str, str] = {}
-    usable = {rid for rid, rs in refs.refs.items() if rs}  # a COCO image without captions cannot be scored
-    for rid in refs.refs:
-        if rid in usable:
-            by_norm.setdefault(norm(rid), rid)
-    for alias, rid in refs.aliases.items():
-        if rid in usable:
-            by_norm.setdefault(norm(alias), rid)
+    candidates = _reference_lookup(refs, norm)
+    if mode != "key":
+        _check_unambiguous(preds, candidates, mode)
+    by_norm = {n: rids[0] for n, rids in candidates.items()}
     ids, captions, ref_lists, missing, used = [], [], [], [], set()
     for pid, cap in zip(preds.ids, preds.captions, strict=True):
         rid = by_norm.get(norm(pid))
-        if rid is None or rid in used:  # no reference, or a second prediction for the same image
+        if rid is None or rid in used:  # no reference, or a second prediction for the same image (key mode)
             missing.append(pid)
             continue
         used.add(rid)
-        ids.append(rid)
-        captions.append(cap)
-        ref_lists.append(refs.refs[rid])
-    unpredicted = [r for r in refs.refs if r in usable and r not in used]
-    return Matched(mode, ids, captions, ref_lists, missing, unpredicted, by_norm)
+        if refs.refs[rid]:  # a reference without a caption is not scored (named in empty_references)
+            ids.append(rid)
+            captions.append(cap)
+            ref_lists.append(refs.refs[rid])
+    empty = [r for r, rs in refs.refs.items() if not rs]
+    unpredicted = [r for r, rs in refs.refs.items() if rs and r not in used]
+    return Matched(mode, ids, captions, ref_lists, missing, unpredicted, by_norm, empty)

@@ -6,9 +6,10 @@
 
 Outputs under ``output``: ``per_image.parquet`` (``schemas.evaluation_schema``: image_id, caption, references,
 one column per score), ``summary.json`` (corpus metrics, counts and first few ids with no reference / no
-prediction / no image, the CLIP used, notes such as why SPICE did not run) and ``results.json`` (the evaluated
-predictions as a COCO results file, for other tools). Everything runs in this process: the metrics are
-pycocoevalcap's (single-process Java / Python), and CLIPScore needs one text forward per caption.
+prediction / no image / no reference caption, blank reference captions dropped, the CLIP used, notes such as
+why SPICE did not run) and ``results.json`` (the evaluated predictions as a COCO results file, for other tools).
+Everything runs in this process: the metrics are pycocoevalcap's (single-process Java / Python), and CLIPScore
+needs one text forward per caption.
 """
 
 from __future__ import annotations
@@ -126,8 +127,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.images:  # every check of the CLIP side before the (slow) metrics
         enc_cfg = resolve_clip(cfg, preds)
         parts = image_input.plan(cfg.images, enc_cfg)
-    log.info("evaluating %d predictions (id match %s; %d without reference, %d references without prediction)",
-             len(m.ids), m.mode, len(m.missing_references), len(m.missing_predictions))
+    log.info("evaluating %d predictions (id match %s; %d without reference, %d references without prediction, "
+             "%d references without a caption)", len(m.ids), m.mode, len(m.missing_references),
+             len(m.missing_predictions), len(m.empty_references))
     ev = evaluate_predictions(m.captions, m.refs, metrics=[x for x in cfg.metrics if x != "spice"],
                               tokenize=cfg.tokenize, spice="on" if "spice" in cfg.metrics else cfg.spice)
     per, summary_metrics, notes = dict(ev.per_item), dict(ev.summary), dict(ev.notes)
@@ -145,6 +147,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "clip": None if enc_cfg is None else {"model_name": enc_cfg.model_name, "pretrained": enc_cfg.pretrained},
         "missing_references": _named(m.missing_references), "missing_predictions": _named(m.missing_predictions),
         "duplicate_predictions": _named(preds.duplicates),
+        "empty_references": _named(m.empty_references), "blank_reference_captions": refs.blank,
         "missing_images": _named(sorted(problems)),
         "image_problems": dict(sorted(problems.items())[:SHOW_IDS]),
     }
@@ -181,7 +184,8 @@ def metric_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
 def format_table(summary: dict[str, Any]) -> str:
     lines = [f"evaluated {summary['evaluated']} images (id match: {summary['id_match']}); scores x100"]
     lines += [f"  {label:<14s}{value:>8s}" for label, value in metric_rows(summary)]
-    for kind in ("missing_references", "missing_predictions", "duplicate_predictions", "missing_images"):
+    for kind in ("missing_references", "missing_predictions", "duplicate_predictions", "empty_references",
+                 "missing_images"):
         if summary[kind]["count"]:
             lines.append(f"  {kind.replace('_', ' ')}: {summary[kind]['count']} (e.g. {summary[kind]['first'][:3]})")
     lines += [f"  note: {k}: {v}" for k, v in summary["notes"].items()]

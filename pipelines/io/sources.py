@@ -4,7 +4,8 @@ An input is a file or a directory (searched recursively) at any fsspec URI. ``pl
 cuts it into ``Part``s, the unit of work and of output (one caption-table file per part), named
 deterministically from the input so that a rerun finds the same parts:
 - loose image files: sorted by path, ``part_size`` per part (``images-00000``, ...);
-- a ``.tar`` / ``.tar.gz`` / ``.tgz`` / ``.zip`` archive or a webdataset shard: one part per file;
+- a tar archive (plain, gzip, bzip2 or xz: ``TAR_SUFFIXES``), a ``.zip`` or a webdataset shard: one part per
+  file;
 - Parquet (image bytes, image URLs, or an embedding table): row groups packed to ~``part_size`` rows.
 ``plan_digest`` fingerprints the plan (names, sizes) so a rerun can refuse an input that changed.
 
@@ -16,10 +17,15 @@ path), so they are unique across a whole input.
 Safety: members are read into memory, never extracted; members with absolute or ``..`` paths, links and
 devices, duplicates, encrypted zip members and anything over ``max_member_bytes`` are error rows, and no
 member's bytes are read past that limit (zip headers can lie). An unreadable or truncated archive yields the
-members read so far plus one error row keyed by the archive itself. Hidden or underscore-prefixed files and
-directories (``.DS_Store``, ``_errors/``, ``_tmp.*``) are skipped, as Arrow datasets do.
+members read so far plus one error row keyed by the archive itself.
 
-Auto format (the default) by extension: ``.tar``/``.tar.gz``/``.tgz`` tar, ``.zip`` zip, ``.parquet`` Parquet
+Skipped paths: hidden files and folders (``.DS_Store``, ``.git/``) and bookkeeping that ours and other tools write
+beside data (``_meta/``, ``_errors/``, ``_tmp.*``, ``_SUCCESS``, Parquet's ``_metadata``); they are counted and
+named (``Listing.skipped``, one log line), never dropped in silence. Any other underscore-prefixed name is input:
+cameras name files ``_DSC0001.JPG``. A caption output is never inside its input (``caption.job`` refuses it), so
+its ``captions/`` folder is not read back.
+
+Auto format (the default) by extension: ``TAR_SUFFIXES`` tar, ``.zip`` zip, ``.parquet`` Parquet
 (an ``image_embedding`` column makes it an embedding table), anything else a loose image. A ``.tar`` beside an
 img2dataset sidecar (``<shard>.parquet`` or ``<shard>_stats.json``) is a webdataset shard and the sidecars
 are metadata, not inputs. Webdataset samples group consecutive members by key (path up to the first dot).
@@ -28,6 +34,7 @@ are metadata, not inputs. Webdataset samples group consecutive members by key (p
 from __future__ import annotations
 
 import hashlib
+import logging
 import posixpath
 import stat
 import tarfile
@@ -35,6 +42,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from pipelines.io import imaging, schemas, sources_parquet, storage
@@ -60,35 +68,76 @@ from pipelines.io.sources_safety import (
     unsafe_member,
 )
 
+log = logging.getLogger(__name__)
+
 
 # --- listing and planning -------------------------------------------------------------------------------
-def list_input(uri: str, storage_options: dict[str, Any] | None = None) -> list[InputFile]:
-    """Every file under ``uri`` (or ``uri`` itself), sorted, hidden / underscore-prefixed paths skipped."""
+# Names that are bookkeeping, not input: ours (caption / embed outputs, atomic writes) and Spark's / Parquet's.
+BOOKKEEPING_NAMES = frozenset({"_meta", "_errors", "_run.json", "_summary.json", "_SUCCESS", "_metadata",
+                               "_common_metadata"})
+SHOW_SKIPPED = 10  # skipped paths named in the log line
+
+
+@dataclass(frozen=True)
+class Listing:
+    files: list[InputFile]  # sorted by path
+    skipped: list[str]      # hidden / bookkeeping paths relative to the input, sorted
+
+
+def is_skipped_name(name: str) -> bool:
+    """True for a hidden name or a bookkeeping name (see the module docstring); other ``_`` names are input."""
+    return name.startswith((".", "_tmp.")) or name in BOOKKEEPING_NAMES
+
+
+def scan_input(uri: str, storage_options: dict[str, Any] | None = None) -> Listing:
+    """Every file under ``uri`` (or ``uri`` itself), sorted, with the hidden / bookkeeping paths set apart."""
     try:
         fs, root = storage.filesystem(uri, storage_options)
         if not fs.exists(root):
             raise FileNotFoundError(f"input {uri!r} does not exist")
         if fs.isfile(root):
             info = fs.info(root)
-            return [InputFile(storage.full_uri(fs, root), posixpath.basename(root), int(info.get("size") or 0))]
+            return Listing([InputFile(storage.full_uri(fs, root), posixpath.basename(root),
+                                      int(info.get("size") or 0))], [])
         found = fs.find(root, detail=True)
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - bad scheme, missing bucket, no credentials: one clear error
         raise OSError(f"cannot list input {uri!r}: {type(exc).__name__}: {exc}") from exc
-    files = []
+    files, skipped = [], []
     root = root.rstrip("/")
     for path, info in sorted(found.items()):
         rel = posixpath.relpath(path, root)
-        if info.get("type") == "directory" or any(p.startswith((".", "_")) for p in rel.split("/")):
+        if info.get("type") == "directory":
+            continue
+        if any(is_skipped_name(p) for p in rel.split("/")):
+            skipped.append(rel)
             continue
         files.append(InputFile(storage.full_uri(fs, path), rel, int(info.get("size") or 0)))
-    return files
+    return Listing(files, skipped)
+
+
+def list_input(uri: str, storage_options: dict[str, Any] | None = None) -> list[InputFile]:
+    """The input files of ``uri`` (``scan_input``), the skipped ones logged by count and name."""
+    listing = scan_input(uri, storage_options)
+    log_skipped(uri, listing.skipped)
+    return listing.files
+
+
+def log_skipped(uri: str, skipped: list[str]) -> None:
+    if skipped:
+        more = f" and {len(skipped) - SHOW_SKIPPED} more" if len(skipped) > SHOW_SKIPPED else ""
+        log.info("skipped %d hidden / bookkeeping file(s) under %s: %s%s", len(skipped), uri,
+                 ", ".join(skipped[:SHOW_SKIPPED]), more)
+
+
+# tar archives by name; tarfile's stream mode ("r|*") reads each compression, member by member, unextracted
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
 
 
 def _ext_kind(rel: str) -> str:
     low = rel.lower()
-    if low.endswith((".tar.gz", ".tgz", ".tar")):
+    if low.endswith(TAR_SUFFIXES):
         return "tar"
     if low.endswith(".zip"):
         return "zip"
@@ -120,12 +169,24 @@ def classify(files: list[InputFile], fmt: Format) -> dict[str, list[InputFile]]:
 
 
 def plan_parts(uri: str, cfg: SourceConfig, storage_options: dict[str, Any] | None = None) -> list[Part]:
-    """List ``uri`` and cut it into parts (sorted by id). Raises for job-level faults (missing input,
-    a Parquet file with neither image nor URL column)."""
-    files = list_input(uri, storage_options)
-    groups = classify(files, cfg.format)
+    """List ``uri`` and cut it into parts (sorted by id); see ``plan_input``."""
+    return plan_input(uri, cfg, storage_options)[0]
+
+
+def plan_input(uri: str, cfg: SourceConfig, storage_options: dict[str, Any] | None = None
+               ) -> tuple[list[Part], list[str]]:
+    """The parts of ``uri`` (sorted by id) and the hidden / bookkeeping paths skipped (logged). Raises for
+    job-level faults (missing input, a Parquet file with neither image nor URL column)."""
+    listing = scan_input(uri, storage_options)
+    log_skipped(uri, listing.skipped)
+    return _cut_parts(uri, listing, cfg), listing.skipped
+
+
+def _cut_parts(uri: str, listing: Listing, cfg: SourceConfig) -> list[Part]:
+    groups = classify(listing.files, cfg.format)
     if not any(groups.values()):
-        raise ValueError(f"no input files under {uri!r} (format {cfg.format!r})")
+        hidden = f"; skipped {len(listing.skipped)} hidden / bookkeeping" if listing.skipped else ""
+        raise ValueError(f"no input files under {uri!r} (format {cfg.format!r}{hidden})")
     parts: list[Part] = []
     images = groups.pop("images", [])
     for i in range(0, len(images), cfg.part_size):
@@ -212,33 +273,50 @@ def _sample_key(name: str) -> str:
 
 
 class WebDatasetReader(TarReader):
+    """A webdataset shard: one row per sample key, from the sample's first image member in archive order.
+
+    Every other image member is an error row keyed by its member path: a second image of one sample (``a.jpg``
+    + ``a.png``, ``c.v1.jpg`` + ``c.v2.jpg``), or a member of a key already read (members of one sample must be
+    consecutive). Not one row per image: a webdataset key names one sample, and its ``.txt`` / ``.json`` and
+    img2dataset's ``.parquet`` join on that key; ``format="tar"`` captions every member under its own name."""
+
     name = "webdataset"
 
     def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
         group: list[tuple[str, bytes]] = []
+        done: set[str] = set()
         for name, data, error in _tar_members(part, cfg):
-            if error is not None or data is None:
-                yield from self._sample(part, group)
-                group = []
+            if error is not None or data is None:  # a refused member is its own error row; its sample goes on
                 yield _member_record(part, name, None, error)
                 continue
             if group and _sample_key(group[0][0]) != _sample_key(name):
-                yield from self._sample(part, group)
+                yield from self._sample(part, group, done)
                 group = []
             group.append((name, data))
-        yield from self._sample(part, group)
+        yield from self._sample(part, group, done)
 
     @staticmethod
-    def _sample(part: Part, group: list[tuple[str, bytes]]) -> Iterator[Record]:
+    def _sample(part: Part, group: list[tuple[str, bytes]], done: set[str]) -> Iterator[Record]:
         if not group:
             return
-        key = f"{part.files[0].rel}/{_sample_key(group[0][0])}"
-        image = next((d for n, d in group if imaging.is_image_name(n)), None)
-        if image is None:
+        key = _sample_key(group[0][0])
+        if key in done:
+            for n, _ in group:
+                yield _member_record(part, n, None, f"member of sample {key!r} after other samples (a webdataset "
+                                                    "sample's members must be consecutive)")
+            return
+        done.add(key)
+        f = part.files[0]
+        images = [(n, d) for n, d in group if imaging.is_image_name(n)]
+        if not images:
             exts = ", ".join(sorted(n.split(".", 1)[-1] for n, _ in group))
-            yield Record(key, part.files[0].uri, error=f"sample has no image member (has: {exts})")
-        else:
-            yield Record(key, part.files[0].uri, data=image)
+            yield Record(f"{f.rel}/{key}", f.uri, error=f"sample has no image member (has: {exts})")
+            return
+        yield Record(f"{f.rel}/{key}", f.uri, data=images[0][1])
+        for n, _ in images[1:]:
+            yield _member_record(part, n, None, f"second image of sample {key!r} (captioned from {images[0][0]}); "
+                                                "a webdataset sample has one image: use format tar to caption "
+                                                "every member")
 
 
 def webdataset_samples(uri: str, cfg: SourceConfig | None = None
@@ -304,6 +382,7 @@ for _reader in (ImagesReader(), TarReader(), WebDatasetReader(), ZipReader()):
     register(_reader)
 
 # sources_parquet registered "parquet", "embeddings" and "unreadable" when it was imported above
-__all__ = ["READERS", "UNIT_STAGE", "InputFile", "Part", "Reader", "Record", "SourceConfig", "get_reader",
-           "list_input", "part_name", "plan_digest", "plan_parts", "read_loose_file", "read_part", "register",
-           "schemas", "sources_parquet", "tar_member_problem", "unsafe_member", "webdataset_samples"]
+__all__ = ["READERS", "UNIT_STAGE", "InputFile", "Listing", "Part", "Reader", "Record", "SourceConfig",
+           "get_reader", "list_input", "part_name", "plan_digest", "plan_input", "plan_parts", "read_loose_file",
+           "read_part", "register", "scan_input", "schemas", "sources_parquet", "tar_member_problem",
+           "unsafe_member", "webdataset_samples"]

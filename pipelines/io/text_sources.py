@@ -15,7 +15,6 @@ Per-row problems (a line that is not UTF-8, an empty caption, one longer than ``
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import posixpath
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from pipelines.io import schemas, storage
+from pipelines.io.delimited import read_delimited
 
 FORMATS = ("text", "csv", "tsv", "jsonl", "parquet", "img2dataset")
 _EXTENSIONS = {"txt": "text", "text": "text", "csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "json": "jsonl",
@@ -116,16 +116,13 @@ def read_text_lines(uri: str, max_chars: int) -> tuple[list[str | None], list[st
 
 def read_table_file(uri: str, fmt: str, caption_col: str, key_col: str | None) -> pd.DataFrame:
     """A csv / tsv / jsonl / parquet file as string columns ``caption`` (+ ``key``); checks the columns."""
-    try:
-        if fmt in ("csv", "tsv"):
-            df = pd.read_csv(uri, sep="\t" if fmt == "tsv" else ",", dtype=str, quoting=csv.QUOTE_NONE,
-                             keep_default_na=False)
-        elif fmt == "parquet":
-            df = pd.read_parquet(uri)
-        else:
-            df = pd.read_json(uri, lines=True, dtype=False)
-    except ValueError as exc:
-        raise ValueError(f"cannot read {uri} as {fmt}: {exc}") from exc
+    if fmt in ("csv", "tsv"):
+        df = read_delimited(uri, "\t" if fmt == "tsv" else ",", what="caption file")  # names file and line
+    else:
+        try:
+            df = pd.read_parquet(uri) if fmt == "parquet" else pd.read_json(uri, lines=True, dtype=False)
+        except ValueError as exc:
+            raise ValueError(f"cannot read {uri} as {fmt}: {exc}") from exc
     wanted = [caption_col] + ([key_col] if key_col else [])
     missing = [c for c in wanted if c not in df.columns]
     if missing:

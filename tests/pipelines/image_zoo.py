@@ -152,7 +152,7 @@ def write_mixed_input(root, *, base_url: str | None, dim: int, clip_model: str) 
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
 
-    # loose images, nested, with bad files; hidden / underscore paths are skipped entirely
+    # loose images, nested, with bad files; hidden and bookkeeping paths are skipped (a camera's _DSC name is read)
     for i, (name, data) in enumerate(sorted(good.items())):
         rel = f"images/{'ab'[i % 2]}/{name}"
         put(rel, data)
@@ -161,7 +161,9 @@ def write_mixed_input(root, *, base_url: str | None, dim: int, clip_model: str) 
         put(f"images/bad/{name}", bad[name])
         expect[f"images/bad/{name}"] = False
     put("images/.hidden.jpg", good["rgb.jpg"])
-    put("images/_skip/x.jpg", good["rgb.jpg"])
+    put("images/_meta/x.jpg", good["rgb.jpg"])
+    put("images/_DSC0001.JPG", good["rgb.jpg"])
+    expect["images/_DSC0001.JPG"] = True
 
     # plain tar: good, bad, unsafe paths, links, duplicates, a directory entry
     reg = tarfile.REGTYPE

@@ -182,6 +182,22 @@ def test_rerun_is_refused_when_the_model_or_input_changed_and_overwrite_clears(t
     assert [p.part_id for p in again.todo] == ["images-00000"] and not list(out.rglob("part-*.parquet"))
 
 
+def test_underscore_files_are_captioned_and_skipped_files_are_counted_in_the_summary(tmp_path):
+    from pipelines.caption.job import caption_archive, prepare
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    (inp / "_meta").mkdir(parents=True)
+    for rel in ("_DSC0001.JPG", "b.jpg", ".DS_Store", "_meta/run.json"):
+        (inp / rel).write_bytes(good_images()["rgb.jpg"])
+    plan = prepare(_cfg(inp, out))
+    assert [f.rel for p in plan.parts for f in p.files] == ["_DSC0001.JPG", "b.jpg"]
+    PartCommitter(str(out), plan.model_id, DecodeConfig()).add(
+        _stage_rows("images-00000", [(0, "_DSC0001.JPG", ["x"], None), (1, "b.jpg", ["y"], None)], total=2))
+    summary = caption_archive(_cfg(inp, out))  # every part done: no Ray needed
+    assert (summary.files_skipped, summary.files_skipped_first) == (2, [".DS_Store", "_meta/run.json"])
+    assert storage.read_json(storage.join(str(out), "_meta/summary.json"))["files_skipped"] == 2
+
+
 def test_cli_reports_job_level_faults_in_one_line(tmp_path, capsys):
     from pipelines.cli import main
 

@@ -50,6 +50,24 @@ def test_missing_column_is_a_clear_error(tmp_path):
         read_url_list(_cfg(tmp_path / "l.txt"))
 
 
+def test_a_bad_line_is_an_error_naming_the_file_and_the_line(tmp_path):
+    rows = [f"caption {i}\thttp://a/{i}.jpg\n".encode() for i in range(6)]
+    tab = tmp_path / "tab.tsv"  # headerless (CC3M): a tab inside the caption of line 5
+    tab.write_bytes(b"".join(rows[:4] + [b"a cat\tsitting\thttp://a/x.jpg\n"] + rows[4:]))
+    with pytest.raises(ValueError, match=r"URL list '.*tab\.tsv': Expected 2 fields in line 5, saw 3: a field "
+                                         r"holds the separator '\\t'"):
+        read_url_list(_cfg(tab))
+    latin = tmp_path / "latin.tsv"  # with a header: a Latin-1 byte on line 4 of the file
+    latin.write_bytes(b"caption\turl\n" + b"".join(rows[:2]) + b"caf\xe9 au lait\thttp://a/c.jpg\n" + rows[5])
+    with pytest.raises(ValueError, match=r"URL list '.*latin\.tsv': line 4 is not UTF-8 \(invalid continuation "
+                                         r"byte, byte 3 of the line\)"):
+        read_url_list(_cfg(latin))
+    first = tmp_path / "first.tsv"  # the bad byte on the first line, which also decides header or not
+    first.write_bytes(b"\xff caption\thttp://a/0.jpg\n" + rows[1])
+    with pytest.raises(ValueError, match=r"line 1 is not UTF-8"):
+        read_url_list(_cfg(first))
+
+
 def test_config_validation():
     with pytest.raises(ConfigError, match="encode_quality for png"):
         from_dict(DownloadConfig, {"url_list": "x.tsv", "output": "o", "encode_format": "png", "encode_quality": 95})

@@ -66,6 +66,9 @@ def test_table_formats_columns_and_keys(tmp_path):
         text_sources.plan_parts(str(tmp_path / "notes.bin"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         text_sources.plan_parts(str(tmp_path / "missing.txt"))
+    (tmp_path / "bad.csv").write_bytes(b"id,text\na,one\nb,caf\xe9\n")
+    with pytest.raises(ValueError, match=r"caption file '.*bad\.csv': line 3 is not UTF-8"):
+        text_sources.plan_parts(str(tmp_path / "bad.csv"), caption_col="text")
 
 
 def _tar(members: dict[str, bytes]) -> bytes:

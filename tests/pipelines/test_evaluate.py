@@ -84,6 +84,33 @@ def test_coco_inputs_and_clear_errors(tmp_path):
         read_predictions(str(tmp_path / "bad.json"))
 
 
+def test_a_reference_without_a_caption_is_not_scored_and_is_named(tmp_path):
+    (tmp_path / "refs.csv").write_text("key,caption\n1,a red circle\n1,\n2,\n3,a blue square\n")
+    (tmp_path / "preds.csv").write_text("key,caption\n1,a red circle\n2,a green triangle\n3,a blue square\n")
+    refs = read_references(str(tmp_path / "refs.csv"))
+    m = match_ids(read_predictions(str(tmp_path / "preds.csv")), refs)
+    assert m.ids == ["1", "3"] and m.refs == [["a red circle"], ["a blue square"]]
+    assert m.empty_references == ["2"] and refs.blank == 2 and m.missing_references == []
+    summary = run_evaluate(EvaluateConfig(predictions=str(tmp_path / "preds.csv"), output=str(tmp_path / "e"),
+                                          references=str(tmp_path / "refs.csv"), tokenize="simple", metrics=("bleu",)))
+    assert summary["evaluated"] == 2 and summary["metrics"]["exact_match"] == 1.0
+    assert summary["empty_references"] == {"count": 1, "first": ["2"]} and summary["blank_reference_captions"] == 2
+
+
+def test_ids_that_collide_under_stem_matching_are_a_clear_error(tmp_path):
+    (tmp_path / "refs.csv").write_text("key,caption\n9,a red circle\n10,a dot\n")
+    (tmp_path / "preds.csv").write_text("key,caption\na/9.png,a red circle\nb/9.png,a blue square\n"
+                                        "a/10.png,a dot\n")
+    preds = read_predictions(str(tmp_path / "preds.csv"))
+    with pytest.raises(ValueError, match=r"id match stem: prediction\(s\) \['a/9.png', 'b/9.png'\] and "
+                                         r"reference\(s\) \['9'\] all match as '9'"):
+        match_ids(preds, read_references(str(tmp_path / "refs.csv")))
+    (tmp_path / "refs2.csv").write_text("key,caption\na/9.png,a red circle\nb/9.png,a blue square\n")
+    (tmp_path / "preds2.csv").write_text("key,caption\nx/9.jpg,a red circle\n")
+    with pytest.raises(ValueError, match=r"reference\(s\) \['a/9.png', 'b/9.png'\] all match as '9'"):
+        match_ids(read_predictions(str(tmp_path / "preds2.csv")), read_references(str(tmp_path / "refs2.csv")))
+
+
 def test_evaluate_with_images_scores_each_image_with_its_own_caption(inputs):
     from clipcap_core.encoders import EncoderConfig, load_encoder
 

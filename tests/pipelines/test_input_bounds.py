@@ -48,9 +48,9 @@ def test_reads_are_capped_even_when_the_listing_says_small(tmp_path, monkeypatch
     from pipelines.io import sources
 
     # A listing that lies about the size (as a device or a growing object does): the read itself is bounded.
-    real = sources.list_input
-    monkeypatch.setattr(sources, "list_input", lambda uri, opts=None: [
-        sources.InputFile(f.uri, f.rel, 10) for f in real(uri, opts)])
+    real = sources.scan_input
+    monkeypatch.setattr(sources, "scan_input", lambda uri, opts=None: sources.Listing(
+        [sources.InputFile(f.uri, f.rel, 10) for f in real(uri, opts).files], []))
     rec = _records(inp, max_member_bytes=1000)["big.png"]
     assert "larger than 1000 bytes" in rec.error
 

@@ -133,6 +133,9 @@ def test_size_limits_and_job_level_faults(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="no input files"):
         plan_parts(str(empty), cfg)
+    (empty / ".DS_Store").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"no input files .*skipped 1 hidden / bookkeeping"):
+        plan_parts(str(empty), cfg)
 
 
 @pytest.mark.parametrize("name,why", [("/etc/passwd", "absolute"), ("a/../../b", ".."), ("C:/x", "absolute"),
@@ -140,3 +143,61 @@ def test_size_limits_and_job_level_faults(tmp_path):
 def test_unsafe_member_names(name, why):
     got = sources.unsafe_member(name)
     assert (got is None) if why is None else (why in got)
+
+
+def test_underscore_files_are_input_and_hidden_or_bookkeeping_paths_are_named_skips(tmp_path, caplog):
+    jpg = good_images()["rgb.jpg"]
+    for rel in ("_DSC0001.JPG", "_raw/_DSC0002.JPG", "c.jpg", ".DS_Store", ".git/x.jpg", "_meta/run.json",
+                "_tmp.1a2b.parquet", "sub/_SUCCESS"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(jpg)
+    cfg = SourceConfig()
+    keys = [r.key for p in plan_parts(str(tmp_path), cfg) for r in read_part(p, cfg) if r.error is None]
+    assert keys == ["_DSC0001.JPG", "_raw/_DSC0002.JPG", "c.jpg"]
+    with caplog.at_level("INFO", logger="pipelines.io.sources"):
+        _, skipped = sources.plan_input(str(tmp_path), cfg)
+    assert skipped == [".DS_Store", ".git/x.jpg", "_meta/run.json", "_tmp.1a2b.parquet", "sub/_SUCCESS"]
+    assert "skipped 5 hidden / bookkeeping file(s)" in caplog.text and "_meta/run.json" in caplog.text
+
+
+@pytest.mark.parametrize("mode,name", [("w:bz2", "a.tar.bz2"), ("w:xz", "a.tar.xz"), ("w:bz2", "a.tbz2"),
+                                       ("w:xz", "a.txz")])
+def test_bzip2_and_xz_tars_are_read_member_by_member_with_the_same_bounds(tmp_path, mode, name):
+    jpg = good_images()["rgb.jpg"]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tf:
+        for member, data in (("x/ok.jpg", jpg), ("big.jpg", jpg * 4), ("../up.jpg", jpg)):
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    (tmp_path / name).write_bytes(buf.getvalue())
+    cfg = SourceConfig(max_member_bytes=len(jpg) * 2)
+    [part] = plan_parts(str(tmp_path), cfg)
+    recs = {r.key: r for r in read_part(part, cfg)}
+    assert part.kind == "tar" and set(recs) == {f"{name}/x/ok.jpg", f"{name}/big.jpg", f"{name}/../up.jpg"}
+    assert recs[f"{name}/x/ok.jpg"].data == jpg
+    assert "too large" in recs[f"{name}/big.jpg"].error and "'..'" in recs[f"{name}/../up.jpg"].error
+
+
+def test_webdataset_gives_one_row_per_key_and_names_every_other_image(tmp_path):
+    jpg, png = good_images()["rgb.jpg"], good_images()["la.png"]
+    members = [("a.jpg", jpg), ("a.png", png), ("a.txt", b"cap"), ("b.jpg", jpg), ("c.v1.jpg", jpg),
+               ("c.v2.jpg", png), ("a.webp", jpg)]  # a.webp: key "a" again after other samples
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for member, data in members:
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    (tmp_path / "00000.tar").write_bytes(buf.getvalue())
+    cfg = SourceConfig(format="webdataset")
+    records = [r for p in plan_parts(str(tmp_path), cfg) for r in read_part(p, cfg)]
+    keys = [r.key for r in records]
+    assert len(keys) == len(set(keys))
+    rows = {r.key: r.data for r in records if r.error is None}
+    errors = {r.key: r.error for r in records if r.error is not None}
+    assert rows == {"00000.tar/a": jpg, "00000.tar/b": jpg, "00000.tar/c": jpg}
+    assert set(errors) == {"00000.tar/a.png", "00000.tar/c.v2.jpg", "00000.tar/a.webp"}
+    assert "second image of sample 'a' (captioned from a.jpg)" in errors["00000.tar/a.png"]
+    assert "second image of sample 'c'" in errors["00000.tar/c.v2.jpg"]
+    assert "after other samples" in errors["00000.tar/a.webp"]
