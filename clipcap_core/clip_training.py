@@ -33,6 +33,9 @@ Precision = Literal["fp32", "bf16", "fp16"]
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+DEFAULT_WARMUP_STEPS, MAX_WARMUP_FRACTION = 100, 0.05
+
+
 @dataclass(frozen=True, kw_only=True)
 class ClipTrainConfig:
     """Hyperparameters of contrastive training (open_clip's defaults where it has them)."""
@@ -44,7 +47,8 @@ class ClipTrainConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: DEFAULT_WARMUP_STEPS, at most MAX_WARMUP_FRACTION of the run
+    warmup_fraction: float | None = None  # warm-up as a share of the run's steps (instead of steps)
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     precision: Precision = "fp32"  # bf16 / fp16 autocast on GPU
     seed: int = 0
@@ -55,11 +59,22 @@ class ClipTrainConfig:
     augment: Literal["none", "crop"] = "crop"  # "crop": RandomResizedCrop(scale=crop_scale) in the data tasks
     crop_scale: tuple[float, float] = (0.9, 1.0)  # open_clip's default train crop
 
+    def warmup_for(self, total_steps: int) -> int:
+        """Warm-up steps of a run of ``total_steps``: as set, or the default capped at 5% of the run (so a short
+        fine-tune reaches its peak rate, as ``clipcap train``'s recipes do)."""
+        if self.warmup_fraction is not None:
+            return math.ceil(self.warmup_fraction * total_steps)
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(DEFAULT_WARMUP_STEPS, max(1, math.ceil(MAX_WARMUP_FRACTION * total_steps)))
+
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError(f"epochs must be >= 1 and batch_size >= 2, got {self.epochs} / {self.batch_size}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+        if self.lr <= 0 or (self.warmup_steps or 0) < 0 or self.grad_clip < 0:
             raise ValueError("lr must be > 0, warmup_steps and grad_clip >= 0")
+        if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
@@ -118,13 +133,14 @@ def make_optimizer_and_scheduler(model: torch.nn.Module, hp: ClipTrainConfig, to
               {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": hp.weight_decay}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=(hp.beta1, hp.beta2),
                                   eps=hp.eps)
-    warm = max(1, hp.warmup_steps)
+    warmup = hp.warmup_for(total_steps)
+    warm = max(1, warmup)
 
     def factor(step: int) -> float:
-        if step < hp.warmup_steps:
+        if step < warmup:
             return (step + 1) / warm
-        span = max(1, total_steps - hp.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - hp.warmup_steps) / span)))
+        span = max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -18,6 +18,7 @@ logits reach +-100, where fp16 rounding would change the weights.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TAU = 0.01
 TEXT_EMBEDDING = "text_embedding"  # the column of text-embedding tables (pipelines.io.schemas owns the name)
@@ -179,7 +182,12 @@ def load_memory_table(uri: str, *, tau: float = DEFAULT_TAU, max_rows: int | Non
         table = table.take(sample_rows(table.column("key").to_pylist(), max_rows, seed))
     col = table.column(TEXT_EMBEDDING).combine_chunks()
     flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-    return DecapMemory(flat.reshape(-1, col.type.list_size), tau=tau)
+    vectors = flat.reshape(-1, col.type.list_size)
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():  # a NaN entry would turn every projection that weighs it into NaN
+        log.warning("DeCap memory %s: %d row(s) with non-finite vectors left out", uri, int((~finite).sum()))
+        vectors = vectors[finite]
+    return DecapMemory(vectors, tau=tau)
 
 
 def sample_rows(keys: Sequence[str], n: int, seed: int) -> np.ndarray:

@@ -114,7 +114,8 @@ def save_model_dir(job: ClipTrainJobConfig, plan: ClipTrainPlan, run: ClipRun) -
     weights = storage.join(model_dir, f"{job.name}.safetensors")
     info = {"schema": 1, "model_name": job.model.model_name, "init": to_dict(job.model),
             "weights": posixpath.basename(weights), "step": state.step, "epochs": state.epoch,
-            "train": to_dict(job.train), "pairs": plan.n_train, "shards": len(plan.shards),
+            "train": {**to_dict(job.train), "warmup_steps": job.train.warmup_for(plan.total_steps)},
+            "pairs": plan.n_train, "shards": len(plan.shards),
             "heldout_fraction": job.heldout_fraction, "split_salt": job.split_salt, "metrics": metrics}
     fs, path = storage.filesystem(model_dir)
     storage.ensure_dir(fs, path)

@@ -54,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         --batch-size        int     pairs per worker per step (the loss sees workers x this)
         --lr                float   peak learning rate (AdamW)
         --weight-decay      float   AdamW weight decay (not on gains, biases, logit scale)
-        --warmup-steps      int     linear warm-up steps before the cosine decay
+        --warmup-steps      int     linear warm-up steps before the cosine decay (default: 100, at most 5% of
+                                    the run)
         --grad-clip         float   max gradient norm (0 = off)
         --precision         {_choices("precision")}  autocast precision (bf16/fp16 on GPU)
         --seed              int     init, crop and shard-order seed

@@ -149,3 +149,25 @@ def test_the_finite_check_reads_each_float_format(tmp_path, dtype):
 def test_strict_json_writes_non_finite_numbers_as_null():
     text = strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": np.float32(2.5)})
     assert json.loads(text, parse_constant=lambda c: 1 / 0) == {"a": None, "b": [1.0, None], "c": 2.5}
+
+
+def test_train_clip_caps_its_default_warmup_by_the_run_but_not_a_given_one():
+    from clipcap_core.clip_training import ClipTrainConfig
+
+    assert ClipTrainConfig().warmup_for(100_000) == 100 and ClipTrainConfig().warmup_for(400) == 20
+    assert ClipTrainConfig(warmup_steps=300).warmup_for(400) == 300
+    assert ClipTrainConfig(warmup_fraction=0.25).warmup_for(400) == 100
+
+
+def test_a_nan_row_in_a_decap_memory_table_is_left_out(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipcap_core.decap import load_memory_table
+
+    vectors = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    vectors[2, 1] = np.nan
+    pq.write_table(pa.table({"key": list("abcde"), "text_embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(vectors.ravel()), 4)}), tmp_path / "part-0.parquet")
+    memory = load_memory_table(str(tmp_path / "part-0.parquet"))
+    assert np.isfinite(memory.state()[0]["memory"].numpy()).all() and memory.state()[0]["memory"].shape[0] == 4
