@@ -188,6 +188,29 @@ def validate_config(cfg: EncoderConfig) -> None:
                          "file / object-store URI")
 
 
+def fetch_pretrained(cfg: EncoderConfig) -> str | None:
+    """Bring a hub tag's weights into the local cache once, on the driver, before any actor starts; returns the
+    cached file (None for other sources, which ``validate_config`` checks). Without this, an unreachable hub
+    surfaces inside a CLIP actor, which Ray restarts again and again; here it is one ValueError (exit 2).
+    ``huggingface_hub`` retries a failed request a few times (about a minute offline; ``HF_HUB_OFFLINE=1``
+    makes it immediate)."""
+    pre = cfg.pretrained
+    if not pre or is_weights_location(pre):
+        return None
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+    source = get_pretrained_cfg(cfg.model_name, pre)
+    if not source:
+        return None  # validate_config names an unknown tag
+    try:
+        return download_pretrained(source) or None
+    except Exception as exc:  # noqa: BLE001 - no network, no hub, a proxy error: one clear message
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"cannot fetch the CLIP weights {cfg.model_name}/{pre} from the model hub "
+                         f"({type(exc).__name__}: {first[:200]}); pass --pretrained a local file or an object-store "
+                         "URI (s3://...) of the checkpoint instead") from None
+
+
 def encoder_tag(cfg: EncoderConfig) -> str:
     """Path-safe name of the model that made the embeddings: "tiny", "ViT-B-32-openai", "ViT-B-32-mycheckpoint"."""
     if not cfg.pretrained:

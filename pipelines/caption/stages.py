@@ -259,6 +259,7 @@ def inspect_model(uri: str, allow_untrained: bool = False) -> ModelInfo:
             cfg = from_dict(ModelConfig, meta["model"])
             version = model_version(meta, artifacts.verify_weights(uri, meta))
         encoders.validate_config(cfg.encoder)
+        encoders.fetch_pretrained(cfg.encoder)  # an unreachable hub fails here, not in a restarting actor
     except Exception as exc:  # noqa: BLE001 - one clear job-level message whatever the backend raised
         raise ValueError(f"cannot use model {uri!r}: {exc}") from exc
     encoder_dim = encoders.embedding_dim(cfg.encoder)

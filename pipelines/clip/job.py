@@ -113,9 +113,10 @@ def prep_for(cfg: ClipTrainJobConfig, part: str = "train") -> clip_data.PairPrep
 
 def plan(cfg: ClipTrainJobConfig) -> ClipTrainPlan:
     """Checks and step counts, on the driver, before any worker starts (bad configs fail here)."""
-    from clipcap_core.encoders import validate_config
+    from clipcap_core.encoders import fetch_pretrained, validate_config
 
     validate_config(cfg.model.encoder_config())
+    fetch_pretrained(cfg.model.encoder_config())
     shards = clip_data.list_shards(cfg.shards)
     counts = [int(cfg.split().mask(k).sum()) if k else 0 for k in map(clip_data.shard_keys, shards)]
     n_train = sum(counts)

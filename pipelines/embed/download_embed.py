@@ -109,6 +109,7 @@ def run_embed_job(cfg: EmbedJobConfig, ray_address: str | None = None) -> EmbedJ
     from pipelines.io import schemas
 
     encoders.validate_config(cfg.embed.encoder)
+    encoders.fetch_pretrained(cfg.embed.encoder)  # before the download: an unreachable hub fails first
     schemas.embedding_type(1, cfg.embed.dtype)
     summary = None
     if cfg.download is not None:

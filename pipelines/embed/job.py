@@ -194,6 +194,7 @@ def validate(cfg: EmbedConfig) -> list[str]:
     schemas.embedding_type(1, cfg.dtype)
     shards = list_shards(cfg.input)
     check_input(cfg, shards)
+    encoders.fetch_pretrained(cfg.encoder)  # an unreachable hub fails here, not in a restarting actor
     storage.check_writable(cfg.table_uri)
     return shards
 

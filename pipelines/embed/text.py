@@ -111,6 +111,7 @@ def validate(cfg: EmbedTextConfig) -> list[text_sources.TextPart]:
     schemas.embedding_type(1, cfg.dtype)
     parts = text_sources.plan_parts(cfg.input, cfg.input_format, caption_col=cfg.caption_col, key_col=cfg.key_col,
                                     part_size=cfg.part_size, max_chars=cfg.max_caption_chars)
+    encoders.fetch_pretrained(cfg.encoder)  # an unreachable hub fails here, not in a restarting actor
     storage.check_writable(cfg.table_uri)
     record, run_uri = _run_record(cfg, parts), storage.join(cfg.meta_uri, "run.json")
     previous = storage.read_json(run_uri)

@@ -285,3 +285,21 @@ def test_shard_reader_refuses_unsafe_members_like_the_caption_readers():
     rows = {k: decode_sample(s, resizer, "00000") for k, s in samples.items()}
     assert rows["ok"].error == "" and rows["ok"].pixels is not None
     assert all(rows[k].error and rows[k].pixels is None for k in ("../../evil", "linked", "big"))
+
+
+def test_an_unreachable_hub_is_one_line_and_exit_2_before_any_actor_or_folder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "00000.tar", good_samples(2, 0))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}  # no hub here; offline makes the miss immediate
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "embed", "--input", str(shards), "--output-root",
+                          str(tmp_path / "out"), "--dataset", "d", "--model", "ViT-B-32", "--pretrained", "openai"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot fetch the CLIP weights ViT-B-32/openai from the model hub" in lines[0]
+    assert not (tmp_path / "out").exists()

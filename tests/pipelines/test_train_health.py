@@ -130,3 +130,4 @@ def test_a_nan_vector_gives_a_counted_dropped_row_and_a_finite_model(ray_cluster
     assert all(np.isfinite(r["train_loss"]) for r in result.history if "train_loss" in r)
     recorded = json.loads((tmp_path / "runs/poisoned/model/config.json").read_text())["training"]
     assert recorded["train"]["lr"] == 3e-3 and recorded["input_errors"]["non-finite vector"] == 1
+
