@@ -31,11 +31,18 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 DEFAULT_TAU = 0.01
+IVF_FROM = 200_000  # memory entries from which a top-k projection searches a faiss IVF index instead of all entries
 TEXT_EMBEDDING = "text_embedding"  # the column of text-embedding tables (pipelines.io.schemas owns the name)
 
 
 class DecapMemory:
-    def __init__(self, memory: np.ndarray | torch.Tensor, tau: float = DEFAULT_TAU):
+    """Unit caption embeddings and the projection temperature. ``top_k`` > 0 takes the softmax over each image's
+    ``top_k`` most similar entries only (the rest weigh ~exp(-(s1 - s)/tau), nothing at tau 0.01): for memories
+    too large for a full (N, M) softmax; ``index`` (a faiss inner-product index over the memory, e.g. IVF from
+    ``pipelines.index``) finds them without scoring every entry."""
+
+    def __init__(self, memory: np.ndarray | torch.Tensor, tau: float = DEFAULT_TAU, top_k: int = 0,
+                 index: Any = None):
         mem = memory if torch.is_tensor(memory) else torch.tensor(np.asarray(memory, dtype=np.float32))
         if mem.ndim != 2 or mem.shape[0] == 0:
             raise ValueError(f"DeCap memory must be a non-empty (M, D) array, got {tuple(mem.shape)}")
@@ -43,6 +50,7 @@ class DecapMemory:
             raise ValueError(f"tau must be > 0, got {tau}")
         self.memory = F.normalize(mem.float(), dim=-1).to(mem.dtype if mem.is_floating_point() else torch.float32)
         self.tau = float(tau)
+        self.top_k, self.index = int(top_k), index
 
     @property
     def dim(self) -> int:
@@ -60,7 +68,7 @@ class DecapMemory:
 
     def to(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> DecapMemory:
         """This memory on ``device`` in ``dtype`` (done once per actor / captioner, not per batch)."""
-        return DecapMemory(self.memory.to(device=device, dtype=dtype), tau=self.tau)
+        return DecapMemory(self.memory.to(device=device, dtype=dtype), tau=self.tau, top_k=self.top_k, index=self.index)
 
     def check_dim(self, clip_dim: int, *, what: str = "the model") -> None:
         if self.dim != int(clip_dim):
@@ -85,12 +93,46 @@ class DecapMemory:
         v = self._unit(embeddings)
         out = []
         for start in range(0, v.shape[0], chunk):  # bounds the (n, M) weight matrix, whatever N is
+            if 0 < self.top_k < len(self):
+                out.append(self._project_top_k(v[start: start + chunk]))
+                continue
             w = (v[start: start + chunk] @ self.memory.T).float().div_(self.tau).softmax(dim=-1)  # (n, M)
             out.append(F.normalize((w.to(self.memory.dtype) @ self.memory).float(), dim=-1))  # (n, D)
         res = torch.cat(out) if out else torch.zeros((0, self.dim))
         if torch.is_tensor(embeddings):
             return res.to(self.memory.dtype)
         return res.cpu().numpy().astype(np.float32)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "index": None}  # a faiss index does not pickle: each process builds its own
+
+    def knn_index(self) -> Any:
+        """A faiss IVF index over a memory of ``IVF_FROM`` entries or more (built once, lazily), else None:
+        below that an exact top-k over every entry costs less than the index."""
+        if self.index is None and len(self) >= IVF_FROM:
+            import faiss
+
+            mem = self.memory.float().cpu().numpy()
+            nlist = int(4 * np.sqrt(len(mem)))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(0)
+            index.train(mem[rng.choice(len(mem), size=min(len(mem), 100_000), replace=False)])
+            index.add(mem)
+            index.nprobe = max(8, nlist // 16)
+            self.index = index
+        return self.index
+
+    def _project_top_k(self, v: torch.Tensor) -> torch.Tensor:
+        """The projection of unit vectors ``v`` (n, D) over each one's ``top_k`` nearest entries (n, D)."""
+        if self.knn_index() is not None:
+            sims, ids = self.index.search(v.float().cpu().numpy(), self.top_k)
+            sims = torch.as_tensor(sims, device=self.memory.device)
+            ids = torch.as_tensor(ids, device=self.memory.device).clamp_(min=0)
+        else:
+            sims, ids = (v @ self.memory.T).float().topk(self.top_k, dim=-1)  # (n, k)
+        w = sims.float().div_(self.tau).softmax(dim=-1)  # (n, k)
+        picked = self.memory[ids]  # (n, k, D)
+        return F.normalize(torch.einsum("nk,nkd->nd", w.to(self.memory.dtype), picked).float(), dim=-1)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """(tensors, metadata) for a safetensors file."""
@@ -114,8 +156,11 @@ class ProjectionConfig:
     tau: float | None = None
     memory_size: int = 0
     seed: int = 0
+    top_k: int = 0  # > 0: softmax over each image's top_k nearest memory entries (large memories)
 
     def __post_init__(self) -> None:
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.memory and self.mode != "memory":
             raise ValueError(f"a memory table ({self.memory}) needs projection mode 'memory', not {self.mode!r}")
         if self.tau is not None and not self.tau > 0:
@@ -136,8 +181,8 @@ def resolve_projection(cfg: ProjectionConfig, own: DecapMemory | None, clip_dim:
         raise ValueError("projection 'memory' on a model without a DeCap memory needs a memory table (--memory URI)")
     if memory is None:
         return None
-    if cfg.tau is not None:
-        memory = DecapMemory(memory.memory, tau=cfg.tau)
+    if cfg.tau is not None or cfg.top_k:
+        memory = DecapMemory(memory.memory, tau=cfg.tau or memory.tau, top_k=cfg.top_k)
     memory.check_dim(clip_dim)
     return memory
 

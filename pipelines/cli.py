@@ -30,6 +30,8 @@ COMMANDS = {
     "eval-clip": "pipelines.commands.eval_clip",
     "evaluate": "pipelines.commands.evaluate",
     "report": "pipelines.commands.report",
+    "index": "pipelines.commands.index",
+    "search": "pipelines.commands.search",
 }
 
 

@@ -40,6 +40,7 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "precision": ("resources", "precision"), "jpeg_draft": ("resources", "jpeg_draft"),
     "projection": ("projection", "mode"), "memory": ("projection", "memory"),
     "memory_size": ("projection", "memory_size"), "tau": ("projection", "tau"),
+    "projection_top_k": ("projection", "top_k"),
 }
 
 

@@ -26,11 +26,14 @@ def add_projection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", help="text-embedding table (clipcap embed-text) to project onto")
     p.add_argument("--memory-size", type=int, help="seeded sample of this many --memory rows (default: all)")
     p.add_argument("--tau", type=float, help="projection temperature (default: the memory's, 0.01)")
+    p.add_argument("--projection-top-k", type=int, dest="projection_top_k",
+                   help="softmax over each image's k nearest memory entries only (large memories; default: all)")
 
 
 def projection_options(args: argparse.Namespace) -> dict[str, Any]:
     """The projection flags given, as ``ProjectionConfig`` fields."""
-    out = {"mode": args.projection, "memory": args.memory, "memory_size": args.memory_size, "tau": args.tau}
+    out = {"mode": args.projection, "memory": args.memory, "memory_size": args.memory_size, "tau": args.tau,
+           "top_k": args.projection_top_k}
     return {k: v for k, v in out.items() if v is not None}
 
 
