@@ -17,6 +17,8 @@ DuckDB, polars and Hugging Face ``datasets`` read it as it is):
   orders the ranks by it). Rows sorted by (key, rank).
 - ``_meta/errors/part-<part id>.parquet``: errors table (key, source, stage, error), parts with errors only.
 - ``_meta/empty/part-<part id>.json``: the done-marker of a part without one caption (all members failed).
+- ``_meta/tmp/``: files being written, renamed into ``captions/`` or ``_meta/errors/`` once complete (so no
+  reader of the table folder ever sees a temporary, whatever stops the run).
 - ``_meta/run.json``: the model, decoding options and input plan digest of the run that owns this output;
   ``_meta/summary.json``: the last run's summary.
 An output of the old layout (part files and ``_run.json`` at its top level) is refused with a message

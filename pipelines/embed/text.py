@@ -157,9 +157,10 @@ def commit_part(cfg: EmbedTextConfig, part: text_sources.TextPart, cols: dict[st
     table, errs = build_tables(cols, dim, cfg.dtype, meta)
     if errs:
         storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA),
-                                   output.errors_uri(cfg.meta_uri, part.part_id))
+                                   output.errors_uri(cfg.meta_uri, part.part_id), tmp_dir=output.tmp_uri(cfg.meta_uri))
     if table.num_rows:  # last: the commit marker
-        storage.atomic_write_table(table, output.part_uri(cfg.table_uri, part.part_id))
+        storage.atomic_write_table(table, output.part_uri(cfg.table_uri, part.part_id),
+                                   tmp_dir=output.tmp_uri(cfg.meta_uri))
     else:  # a 0-row Parquet file breaks Hugging Face datasets: the done-marker lives under _meta instead
         storage.write_json({"part": part.part_id, "errors": len(errs)}, output.empty_uri(cfg.meta_uri, part.part_id))
     return table.num_rows, len(errs), int(table.schema.metadata[schemas.META_TRUNCATED.encode()])
