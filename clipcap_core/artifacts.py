@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 import clipcap_core
 from clipcap_core.configs import from_dict, strict_json, to_dict
 from clipcap_core.decap import DecapMemory
+from clipcap_core.mapping import Mapping
 from clipcap_core.model import ClipCapModel, ModelConfig, build_model, load_pretrained_lm
 from clipcap_core.uris import exists, is_remote, local_copy, safe_join, upload_dir
 
@@ -227,14 +228,61 @@ def _check_finite_tensors(f: Any, header: dict[str, Any]) -> None:
                          + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
 
+def _distinct_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name and shape of each distinct tensor of ``module`` (a tied weight under its first name only, as
+    ``save_model`` writes it)."""
+    seen: set[int] = set()
+    shapes = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            shapes[name] = tuple(tensor.shape)
+    return shapes
+
+
+def expected_shapes(meta: dict[str, Any]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Per weights file, the tensors (name -> shape) the model of config.json needs, from a skeleton built on
+    the meta device (no memory, no initialisation). An artifact whose LM is the unchanged base LM has no
+    ``lm_config``: its width is known only once that LM is loaded, so nothing is checked here for it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not meta.get("lm_config") or not meta["weights"].get("lm"):
+        return {}
+    cfg = from_dict(ModelConfig, meta["model"])
+    kwargs = dict(meta["lm_config"])
+    lm_config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(lm_config)
+        mapping = Mapping(cfg.mapping, cfg.clip_dim, int(lm.get_input_embeddings().weight.shape[1]))
+    return {meta["weights"]["mapping"]: _distinct_shapes(mapping), meta["weights"]["lm"]: _distinct_shapes(lm)}
+
+
+def fit_problems(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]],
+                 show: Callable[[str], str] = str) -> list[str]:
+    """How tensors ``got`` (name -> shape) differ from ``expected``: missing, unexpected, wrong shapes."""
+    problems = []
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = [f"{show(k)}: {got[k]} but expected {v}" for k, v in expected.items() if k in got and got[k] != v]
+    if missing:
+        problems.append(f"missing {[show(k) for k in missing[:5]]}")
+    if unexpected:
+        problems.append(f"unexpected {[show(k) for k in unexpected[:5]]}")
+    if wrong:
+        problems.append(f"wrong shapes {wrong[:5]}")
+    return problems
+
+
 def verify_weights(uri: str, meta: dict[str, Any] | None = None) -> dict[str, str]:
-    """Check every weights file of the artifact at ``uri`` (present, well-formed safetensors, finite values) and
-    return their sha256 digests. Raises ValueError naming the file, before anything is loaded (or any Ray work starts)."""
+    """Check every weights file of the artifact at ``uri`` (present, well-formed safetensors whose tensors fit
+    the model of config.json: another model's file is refused; every float finite) and return their sha256
+    digests. Raises ValueError naming the file, before anything is loaded (or any Ray work starts)."""
     import hashlib
 
     import fsspec
 
     meta = meta if meta is not None else read_metadata(uri)
+    expected = expected_shapes(meta)
     digests = {}
     for name in weight_files(meta):
         path = f"{str(uri).rstrip('/')}/{name}"
@@ -243,6 +291,7 @@ def verify_weights(uri: str, meta: dict[str, Any] | None = None) -> dict[str, st
             size = int(fs.size(p))
             with fs.open(p, "rb") as f:
                 header = _check_safetensors(f, size)
+                shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
                 _check_finite_tensors(f, header)
                 f.seek(0)
                 digest = hashlib.sha256()
@@ -252,6 +301,10 @@ def verify_weights(uri: str, meta: dict[str, Any] | None = None) -> dict[str, st
             raise ValueError(f"weights file {path} is missing") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"weights file {path} is corrupt: {exc}") from None
+        problems = fit_problems(expected[name], shapes) if name in expected else []
+        if problems:
+            raise ValueError(f"weights file {path} does not fit the model in {CONFIG} (another model's "
+                             f"weights?): {'; '.join(problems)}")
         digests[name] = digest.hexdigest()
     return digests
 
@@ -335,18 +388,8 @@ def load_weights_into(module: torch.nn.Module, state: dict[str, torch.Tensor], w
                       show: Callable[[str], str] = str) -> None:
     """Strict ``load_state_dict`` with one clear message for missing / unexpected keys and wrong shapes
     (``show`` renders a key for the message, e.g. in the checkpoint's own naming)."""
-    expected = module.state_dict()
-    problems = []
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{show(k)}: {tuple(state[k].shape)} but expected {tuple(v.shape)}"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing:
-        problems.append(f"missing {[show(k) for k in missing[:5]]}")
-    if unexpected:
-        problems.append(f"unexpected {[show(k) for k in unexpected[:5]]}")
-    if wrong:
-        problems.append(f"wrong shapes {wrong[:5]}")
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    problems = fit_problems(expected, {k: tuple(v.shape) for k, v in state.items()}, show)
     if problems:
         raise ValueError(f"{what}: weights do not fit the config: {'; '.join(problems)}")
     module.load_state_dict(state)

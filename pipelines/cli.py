@@ -2,9 +2,12 @@
 
 Each sub-command module named in ``COMMANDS`` has ``HELP`` (its line in ``clipcap --help``), a docstring (its
 ``--help`` description), ``add_arguments(parser)`` and ``run(args) -> int``, which does the work by calling one
-library function; ``build_parser`` registers them all the same way.
+library function, and optionally ``STOP_ON_SIGNALS = True`` (see below); ``build_parser`` registers them all the
+same way.
 Heavy imports (torch, ray, open_clip) happen inside ``run``, and ``clipcap COMMAND ...`` imports only that
 command's module (some pull in torch for their config types), so a job's driver does not pay for the others.
+A command runs under ``stopping.run``: an output that fails part-way, and in a command with
+``STOP_ON_SIGNALS`` SIGTERM / Ctrl-C, end it with one line on stderr and their exit code (``pipelines.exitcodes``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import argparse
 import importlib
 import os
 import sys
+
+from pipelines import stopping
 
 # sub-command name -> module under pipelines.commands (HELP, add_arguments, run)
 COMMANDS = {
@@ -53,7 +58,7 @@ def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=mod.HELP, description=mod.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
-        p.set_defaults(func=mod.run)
+        p.set_defaults(func=mod.run, stop_on_signals=getattr(mod, "STOP_ON_SIGNALS", False))
     return parser
 
 
@@ -80,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.exitcodes import JobFailed
 
     try:
-        return int(args.func(args) or 0)
+        return stopping.run(lambda: int(args.func(args) or 0), f"clipcap {args.command}",
+                            signals=args.stop_on_signals)
     except JobFailed as exc:
         print(f"clipcap {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -10,8 +10,10 @@ A unit is complete when ``total`` distinct member indices arrived: a row that ar
 task that made it) is kept once, and rows of a unit already settled are dropped. A complete unit whose input
 could not be read (the ``unread`` hook names why) is *failed*: logged, listed in ``failed``, not committed, so a
 rerun retries it; any other is handed to the ``commit`` hook, the stage's writer (errors table, then the part
-file or an empty marker). Subclasses implement the two hooks; ``finish`` settles the units that got no rows at
-all and fails the run if rows were lost. Blocks are numpy column dicts (embed) or pyarrow tables (caption); a
+file or an empty marker). A stop signal during a commit waits until the unit is written
+(``stopping.committing``); a storage error while writing it raises ``stopping.CommitFailed`` naming the unit.
+Subclasses implement the two hooks; ``finish`` settles the units that got no rows at all and fails the run if
+rows were lost. Blocks are numpy column dicts (embed) or pyarrow tables (caption); a
 unit's member rows reach the hooks in the same format, concatenated in arrival order, markers dropped.
 """
 
@@ -23,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from pipelines import stopping
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +103,12 @@ class UnitCommitter:
             self.failed[unit] = why
             log.error("%s %s is not done (a rerun retries it): %s", self.noun, unit, why)
             return None
-        result = self.commit(unit, rows)
-        self.committed.append(unit)
+        with stopping.committing():  # a stop signal waits until the unit is written
+            try:
+                result = self.commit(unit, rows)
+            except OSError as exc:  # disk full, read-only output: work began, so no usage error
+                raise stopping.CommitFailed(self.noun, unit, exc) from exc
+            self.committed.append(unit)
         return result
 
     def pending(self) -> list[str]:

@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pipelines import stopping
+
 log = logging.getLogger(__name__)
 
 CPU_ACTORS_PER_NODE_MAX = 8  # model copies per CPU node; above 8 cores, each actor runs cores / 8 threads
@@ -53,6 +55,7 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         return
     init_kwargs.setdefault("log_to_driver", False)
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, **init_kwargs)
+    stopping.reinstall()  # ray.init replaces the SIGTERM handler of a command run by the CLI
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ DuckDB, polars and Hugging Face ``datasets`` read it as it is):
   orders the ranks by it). Rows sorted by (key, rank).
 - ``_meta/errors/part-<part id>.parquet``: errors table (key, source, stage, error), parts with errors only.
 - ``_meta/empty/part-<part id>.json``: the done-marker of a part without one caption (all members failed).
+- ``_meta/tmp/``: files being written, renamed into ``captions/`` or ``_meta/errors/`` once complete (so no
+  reader of the table folder ever sees a temporary, whatever stops the run).
 - ``_meta/run.json``: the model, decoding options and input plan digest of the run that owns this output;
   ``_meta/summary.json``: the last run's summary.
 An output of the old layout (part files and ``_run.json`` at its top level) is refused with a message
@@ -28,7 +30,9 @@ so an interrupted run leaves no partial file and the caption file's presence mea
 done parts and so never duplicates rows; a rerun with another model / decoding / input is refused
 (``overwrite=True`` redoes everything). A part whose input could not be read (unreadable or truncated
 archive, I/O error: ``sources.UNIT_STAGE`` rows) is not committed: it is listed in
-``CaptionSummary.parts_failed`` and retried by the next run (exit code ``exitcodes.PARTIAL``).
+``CaptionSummary.parts_failed`` and retried by the next run (exit code ``exitcodes.PARTIAL``). A stop signal
+or an output that fails part-way (disk full, read-only) stops the run with ``stopping.Interrupted`` /
+``stopping.CommitFailed`` carrying the parts committed so far.
 Job-level faults (unreadable output, output inside the input, missing input, a missing / corrupt / untrained
 model, embedding dimension or CLIP model not matching the model) raise before any work starts.
 """
@@ -44,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from clipcap_core.configs import to_dict
 from clipcap_core.decap import ProjectionConfig
 from clipcap_core.decoding import DecodeConfig
-from pipelines import exitcodes, runtime
+from pipelines import exitcodes, runtime, stopping
 from pipelines.caption.output import (  # noqa: F401  (the layout helpers are part of this module's API)
     META_DIR,
     TABLE_DIR,
@@ -285,27 +289,37 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
              len(plan.parts), summary.parts_skipped)
     if plan.todo:
         committer = PartCommitter(cfg.output, plan.model_id, cfg.decoding, cfg.rerank)
-        last = time.monotonic()
-        for block in build_dataset(cfg, plan).iter_batches(batch_size=None, batch_format="pyarrow",
-                                                          prefetch_batches=0):  # see embed._drain
-            summary.first_output_s = summary.first_output_s or round(time.monotonic() - start, 3)
-            for _pid, images, captioned, n_caps in committer.add(block):
-                summary.parts_done += 1
-                summary.images += images
-                summary.captioned += captioned
-                summary.errors += images - captioned
-                summary.captions += n_caps
-            if time.monotonic() - last >= cfg.progress_interval_s:
-                last = time.monotonic()
-                _log_progress(summary, start)
-        summary.stage_seconds = {k: round(v, 3) for k, v in committer.stage_seconds.items()}
-        summary.stage_cpu_seconds = {k: round(v, 3) for k, v in committer.stage_cpu_seconds.items()}
-        summary.parts_failed = dict(committer.failed)
-        committer.finish("caption")  # every part has a marker row: none can be left without rows
+        # a stop or a failed commit names the parts committed so far (earlier runs' included)
+        with stopping.counting(lambda: (summary.parts_skipped + len(committer.committed), summary.parts_total),
+                               "part"):
+            _drain(cfg, plan, committer, summary, start)
     summary.seconds = time.monotonic() - start
     storage.write_json(summary.as_dict(), meta_uri(cfg.output, "summary.json"))
     log.info("done: %s", json.dumps(summary.as_dict()))
     return summary
+
+
+def _drain(cfg: CaptionConfig, plan: Plan, committer: PartCommitter, summary: CaptionSummary,
+           start: float) -> None:
+    """Run the pipeline over the parts to do, committing each part as its rows complete; counts into
+    ``summary``."""
+    last = time.monotonic()
+    for block in build_dataset(cfg, plan).iter_batches(batch_size=None, batch_format="pyarrow",
+                                                      prefetch_batches=0):  # see embed._drain
+        summary.first_output_s = summary.first_output_s or round(time.monotonic() - start, 3)
+        for _pid, images, captioned, n_caps in committer.add(block):
+            summary.parts_done += 1
+            summary.images += images
+            summary.captioned += captioned
+            summary.errors += images - captioned
+            summary.captions += n_caps
+        if time.monotonic() - last >= cfg.progress_interval_s:
+            last = time.monotonic()
+            _log_progress(summary, start)
+    summary.stage_seconds = {k: round(v, 3) for k, v in committer.stage_seconds.items()}
+    summary.stage_cpu_seconds = {k: round(v, 3) for k, v in committer.stage_cpu_seconds.items()}
+    summary.parts_failed = dict(committer.failed)
+    committer.finish("caption")  # every part has a marker row: none can be left without rows
 
 def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
     """The Ray Data pipeline over the parts still to do (resources all set here)."""

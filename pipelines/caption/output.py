@@ -4,7 +4,7 @@ shared ``pipelines.committer.UnitCommitter`` with caption's hooks).
 Layout under a caption run's ``output`` (see ``pipelines.caption.job``): ``captions/part-<id>.parquet`` (the table:
 only non-empty part files, so every common Parquet reader takes the folder as it is) and ``_meta/`` (the
 errors table ``errors/``, ``empty/part-<id>.json`` markers of parts without captions, ``run.json``,
-``summary.json``). ``_old_layout_files`` finds outputs written before this layout (parts at the top level).
+``summary.json``, ``tmp/``: files being written, renamed into place when complete). ``_old_layout_files`` finds outputs written before this layout (parts at the top level).
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ def meta_uri(output: str, *parts: str) -> str:
 
 def part_uri(output: str, part_id: str) -> str:
     return storage.join(output, TABLE_DIR, f"part-{part_id}.parquet")
+
+
+def tmp_uri(output: str) -> str:
+    """Where part files are written before their rename into ``captions/``: outside every reader's glob."""
+    return meta_uri(output, "tmp")
 
 
 def errors_uri(output: str, part_id: str) -> str:
@@ -84,7 +89,7 @@ def _old_layout_files(output: str) -> list[str]:
 def _remove_stale_temporaries(output: str) -> None:
     """Drop ``_tmp.*`` files a killed run left behind (never visible as parts; one run per output)."""
     storage.remove_temporaries(table_uri(output), meta_uri(output, "errors"), meta_uri(output, "empty"),
-                               meta_uri(output))
+                               meta_uri(output), tmp_uri(output))
 
 
 def _is_our_part(fs: Any, path: str) -> bool:
@@ -181,12 +186,12 @@ class PartCommitter(UnitCommitter):
         captions = pa.table(caps, schema=schemas.with_metadata(schemas.CAPTIONS_SCORED_SCHEMA, meta))
         err_uri = errors_uri(self.output, part_id)
         if errors.num_rows:
-            storage.atomic_write_table(errors, err_uri)
+            storage.atomic_write_table(errors, err_uri, tmp_dir=tmp_uri(self.output))
         elif storage.exists(err_uri):  # stale, from a run this one overwrites
             fs, path = storage.filesystem(err_uri)
             fs.rm(path)
         if captions.num_rows:  # last: "this part is done"
-            storage.atomic_write_table(captions, part_uri(self.output, part_id))
+            storage.atomic_write_table(captions, part_uri(self.output, part_id), tmp_dir=tmp_uri(self.output))
         else:  # a 0-row Parquet file breaks Hugging Face datasets: the marker lives under _meta instead
             storage.write_json({"part": part_id, "errors": errors.num_rows}, empty_uri(self.output, part_id))
         images = len(members)

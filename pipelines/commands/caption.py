@@ -8,7 +8,8 @@ Flags map onto ``CaptionConfig`` (``--strategy``/``--num-captions``/... onto ``d
 ``--set KEY=VALUE`` reaches any other key.
 Output: ``<output>/captions/part-*.parquet`` (the caption table) and ``<output>/_meta/`` (errors table, run
 record, summary). Exit code: 0 every part done, 4 some parts could not be read (named on stderr; a rerun
-retries them), 5 none done, 2 a bad config, input, output or model (before any work).
+retries them) or the output failed part-way (the part and the cause named), 5 none done, 2 a bad config,
+input, output or model (before any work), 143 / 130 stopped by SIGTERM / Ctrl-C (a rerun resumes).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 from pipelines.commands import common, options
 from pipelines.commands.caption_images import add_projection_arguments
 
+# SIGTERM / Ctrl-C: stop committing, say how many parts are committed, exit 143 / 130 (pipelines.stopping)
+STOP_ON_SIGNALS = True
 HELP = "bulk-caption image archives into caption tables"
 # flag dest -> (config section or "" for the top level, field name)
 _FIELDS: dict[str, tuple[str, str]] = {

@@ -6,7 +6,8 @@
 
 Output: ``<output-root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet`` (errors table under
 ``<output-root>/_meta/embeddings/...``); a rerun skips finished shards and retries shards that could not be read.
-Exit code: 0 all shards done, 4 some shards could not be read (named on stderr), 5 none done, 2 bad config.
+Exit code: 0 all shards done, 4 some shards could not be read (named on stderr) or the output failed part-way,
+5 none done, 2 bad config, 143 / 130 stopped by SIGTERM / Ctrl-C (a rerun resumes).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 from pipelines.commands import common, options
 
+# SIGTERM / Ctrl-C: stop committing, say how many shards are committed, exit 143 / 130 (pipelines.stopping)
+STOP_ON_SIGNALS = True
 HELP = "embed webdataset shards with CLIP into Parquet tables"
 # flag dest -> (EmbedConfig section or "" for the top level, field name)
 FIELDS: dict[str, tuple[str, str]] = {

@@ -19,6 +19,8 @@ from pipelines.commands import common, options
 from pipelines.commands.embed import FIELDS as _EMBED_FIELDS
 from pipelines.commands.embed import add_options
 
+# SIGTERM / Ctrl-C: stop committing, say how many parts are committed, exit 143 / 130 (pipelines.stopping)
+STOP_ON_SIGNALS = True
 HELP = "embed a caption corpus with the CLIP text tower into Parquet"
 
 _FIELDS = {**{k: v for k, v in _EMBED_FIELDS.items() if k not in ("text_embeddings", "decode_cpus",

@@ -16,6 +16,9 @@ a no-op that starts no Ray work at all. The table folder holds nothing but non-e
 pyarrow, DuckDB, polars and Hugging Face ``datasets`` read it as it is; bookkeeping lives under ``_meta/``.
 A shard that could not be read at all (truncated or garbage tar, I/O error) is *not* committed: it is
 listed in ``EmbedResult.failed``, retried by the next run, and the command exits ``exitcodes.PARTIAL``.
+A stop signal or an output that fails part-way stops the run with ``stopping.Interrupted`` /
+``stopping.CommitFailed`` carrying the shards committed so far; files are written under ``_meta/.../tmp/``
+and renamed into place, so the table folder never holds a temporary.
 
 Everything that can be checked is checked before Ray starts: the CLIP model name and weights, the input shards
 (present, holding images; captions when text embeddings are asked for), the output is writable.
@@ -36,7 +39,7 @@ import numpy as np
 
 from clipcap_core import encoders
 from clipcap_core.encoders import EncoderConfig
-from pipelines import exitcodes, runtime
+from pipelines import exitcodes, runtime, stopping
 from pipelines.clip_actor import ClipActor
 from pipelines.embed import output
 from pipelines.embed import stages as st
@@ -230,14 +233,15 @@ def _drain(cfg: EmbedConfig, ds: Any, pending: list[str], dim: int, t0: float, r
     # prefetch_batches=0: a block is handed over as soon as it is done (Ray Data's default prefetch of 1 held
     # each block back until the next was done too: the first rows and each shard commit came one actor task,
     # ~16 s on 2 cores, late).
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-        got = np.asarray(batch["image_embedding"]).shape[-1]
-        if got != dim:
-            raise ValueError(f"model {cfg.encoder.model_name} gave D={got}, its config says {dim}")
-        seen += len(batch[st.KEY])
-        timeline.append((time.perf_counter() - t0, seen))
-        done += committer.add(batch)
-    done += committer.finish("embedding", committer.uris)  # + shards with no samples at all
+    with stopping.counting(lambda: (result.skipped + len(committer.committed), result.shards), "shard"):
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            got = np.asarray(batch["image_embedding"]).shape[-1]
+            if got != dim:
+                raise ValueError(f"model {cfg.encoder.model_name} gave D={got}, its config says {dim}")
+            seen += len(batch[st.KEY])
+            timeline.append((time.perf_counter() - t0, seen))
+            done += committer.add(batch)
+        done += committer.finish("embedding", committer.uris)  # + shards with no samples at all
     result.rows, result.errors = sum(n for n, _ in done), sum(e for _, e in done)
     result.timeline = timeline
     result.failed = {committer.uris[s]: why for s, why in committer.failed.items()}
@@ -252,10 +256,12 @@ def run_embed(cfg: EmbedConfig, ray_address: str | None = None) -> EmbedResult:
     result = EmbedResult(table_uri=cfg.table_uri, shards=len(shards), skipped=len(shards) - len(pending),
                          written=len(pending), rows=0, errors=0, dim=dim, wall_s=0.0)
     if pending:
-        runtime.ensure_ray(ray_address)
-        output.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
-        log.info("embedding %d shard(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder, cfg.table_uri)
-        _drain(cfg, build_dataset(cfg, pending), pending, dim, t0, result)
+        with stopping.counting(lambda: (result.skipped, result.shards), "shard"):  # stopped before any commit
+            runtime.ensure_ray(ray_address)
+            output.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
+            log.info("embedding %d shard(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
+                     cfg.table_uri)
+            _drain(cfg, build_dataset(cfg, pending), pending, dim, t0, result)
         result.written -= len(result.failed)
     result.wall_s = time.perf_counter() - t0
     log.info(result.describe())

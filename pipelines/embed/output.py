@@ -2,10 +2,11 @@
 
 Layout (see ``pipelines.embed.job``): ``<root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet`` (only
 non-empty part files) and ``<root>/_meta/embeddings/<dataset>/<clip-tag>/`` (``errors/part-<shard>.parquet``,
-``empty/part-<shard>.json`` done-markers of shards without one good sample). ``commit_shard`` writes one shard
-(errors table, then the part file or the empty marker, each atomic); ``ShardCommitter`` is the shared
-``pipelines.committer.UnitCommitter`` with embed's hooks: a shard that could not be read, or whose download
-recorded transient failures, is not committed. ``rows_to_keep`` and ``fixed_list`` are shared with embed-text.
+``empty/part-<shard>.json`` done-markers of shards without one good sample, ``tmp/``: files being written).
+``commit_shard`` writes one shard (errors table, then the part file or the empty marker, each atomic);
+``ShardCommitter`` is the shared ``pipelines.committer.UnitCommitter`` with embed's hooks: a shard that could
+not be read, or whose download recorded transient failures, is not committed. ``rows_to_keep`` and
+``fixed_list`` are shared with embed-text.
 """
 
 from __future__ import annotations
@@ -38,9 +39,15 @@ def empty_uri(meta_uri: str, shard: str) -> str:
     return storage.join(meta_uri, "empty", f"part-{shard}.json")
 
 
+def tmp_uri(meta_uri: str) -> str:
+    """Where a table's files are written before their rename into place: outside every reader's glob."""
+    return storage.join(meta_uri, "tmp")
+
+
 def remove_stale_temporaries(table_uri: str, meta_uri: str) -> int:
     """Delete ``_tmp.*`` files a killed run left behind (no other writer may be running on this table)."""
-    return storage.remove_temporaries(table_uri, storage.join(meta_uri, "errors"), storage.join(meta_uri, "empty"))
+    return storage.remove_temporaries(table_uri, storage.join(meta_uri, "errors"), storage.join(meta_uri, "empty"),
+                                      tmp_uri(meta_uri))
 
 
 def _download_errors(shard_uri: str) -> list[dict[str, str]]:
@@ -127,11 +134,12 @@ def commit_shard(cfg: EmbedConfig, shard_uri: str, cols: dict[str, np.ndarray] |
     errs = _download_errors(shard_uri) + errs
     err_uri = errors_uri(cfg.meta_uri, shard)
     if errs:
-        storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA), err_uri)
+        storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA), err_uri,
+                                   tmp_dir=tmp_uri(cfg.meta_uri))
     elif storage.exists(err_uri):  # from an earlier attempt at this shard
         storage.remove(err_uri)
     if table.num_rows:
-        storage.atomic_write_table(table, part_uri(cfg.table_uri, shard))
+        storage.atomic_write_table(table, part_uri(cfg.table_uri, shard), tmp_dir=tmp_uri(cfg.meta_uri))
     else:
         storage.write_json({"shard": shard_uri, "rows": 0, "errors": len(errs)}, empty_uri(cfg.meta_uri, shard))
     return table.num_rows, len(errs)

@@ -36,7 +36,7 @@ import pyarrow as pa
 from clipcap_core import encoders
 from clipcap_core.configs import to_dict
 from clipcap_core.encoders import EncoderConfig
-from pipelines import runtime
+from pipelines import runtime, stopping
 from pipelines.clip_actor import ClipActor
 from pipelines.committer import UnitCommitter
 from pipelines.embed import job as embed
@@ -158,9 +158,10 @@ def commit_part(cfg: EmbedTextConfig, part: text_sources.TextPart, cols: dict[st
     table, errs = build_tables(cols, dim, cfg.dtype, meta)
     if errs:
         storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA),
-                                   output.errors_uri(cfg.meta_uri, part.part_id))
+                                   output.errors_uri(cfg.meta_uri, part.part_id), tmp_dir=output.tmp_uri(cfg.meta_uri))
     if table.num_rows:  # last: the commit marker
-        storage.atomic_write_table(table, output.part_uri(cfg.table_uri, part.part_id))
+        storage.atomic_write_table(table, output.part_uri(cfg.table_uri, part.part_id),
+                                   tmp_dir=output.tmp_uri(cfg.meta_uri))
     else:  # a 0-row Parquet file breaks Hugging Face datasets: the done-marker lives under _meta instead
         storage.write_json({"part": part.part_id, "errors": len(errs)}, output.empty_uri(cfg.meta_uri, part.part_id))
     return table.num_rows, len(errs), int(table.schema.metadata[schemas.META_TRUNCATED.encode()])
@@ -206,8 +207,9 @@ class TextCommitter(UnitCommitter):
         return commit_part(self.cfg, self.parts[unit], rows, self.dim)
 
 
-def _drain(cfg: EmbedTextConfig, pending: list[text_sources.TextPart], dim: int) -> tuple[int, int, int]:
-    committer = TextCommitter(cfg, pending, dim)
+def _drain(cfg: EmbedTextConfig, committer: TextCommitter, dim: int) -> tuple[int, int, int]:
+    """Run the pipeline over the committer's parts, committing each as it completes: (rows, errors, truncated)."""
+    pending = list(committer.parts.values())
     done: list[tuple[int, int, int]] = []
     if any(len(p) for p in pending):
         for batch in build_dataset(cfg, pending).iter_batches(batch_size=None, batch_format="numpy",
@@ -228,11 +230,14 @@ def run_embed_text(cfg: EmbedTextConfig, ray_address: str | None = None) -> Embe
     result = EmbedTextResult(table_uri=cfg.table_uri, parts=len(parts), skipped=len(parts) - len(pending),
                              written=len(pending), rows=0, errors=0, truncated=0, dim=dim, wall_s=0.0)
     if pending:
-        runtime.ensure_ray(ray_address)
-        output.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
-        log.info("embedding %d caption part(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
-                 cfg.table_uri)
-        result.rows, result.errors, result.truncated = _drain(cfg, pending, dim)
+        committer = TextCommitter(cfg, pending, dim)
+        # a stop or a failed commit names the parts committed so far (earlier runs' included)
+        with stopping.counting(lambda: (result.skipped + len(committer.committed), result.parts), "part"):
+            runtime.ensure_ray(ray_address)
+            output.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
+            log.info("embedding %d caption part(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
+                     cfg.table_uri)
+            result.rows, result.errors, result.truncated = _drain(cfg, committer, dim)
     result.wall_s = time.perf_counter() - t0
     log.info(result.describe())
     return result

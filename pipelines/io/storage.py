@@ -2,9 +2,9 @@
 
 - ``filesystem(uri)`` -> (fsspec filesystem, path inside it) and ``exists``: ``clipcap_core.uris``'s, re-exported
   (the core library cannot import ``pipelines``, so the shared helpers live there)
-- ``atomic_write_table`` writes a Parquet file to a temporary name and renames it into place (on object
-  stores, where rename is copy+delete, the final object only ever appears complete: S3 PUTs are atomic),
-  so readers and reruns never see a partial file.
+- ``atomic_write_table`` writes a Parquet file to a temporary name (in a folder of its own for tables) and
+  renames it into place (on object stores, where rename is copy+delete, the final object only ever appears
+  complete: S3 PUTs are atomic), so readers and reruns never see a partial file.
 - ``check_writable(uri)`` fails fast with a clear message when an output root cannot be written.
 """
 
@@ -81,17 +81,25 @@ def redact_json(obj: Any) -> Any:
 
 
 def atomic_write_table(table: pa.Table, uri: str, storage_options: dict[str, Any] | None = None,
-                       compression: str = "zstd") -> None:
+                       compression: str = "zstd", tmp_dir: str | None = None) -> None:
     """Write ``table`` to ``uri`` so that the final name appears only when the file is complete (URLs in the
-    url / source / error columns redacted first: signed URLs must not be stored)."""
+    url / source / error columns redacted first: signed URLs must not be stored).
+
+    The file is written under a temporary name, in ``tmp_dir`` when given (a table's writers pass a folder
+    under ``_meta/``, so no glob or dataset reader of the table folder ever sees a temporary, whatever kills the
+    writer), else beside ``uri``; then moved to ``uri``: a rename on local disk (``tmp_dir`` on the same
+    filesystem), a server-side copy + delete on object stores, whose final object appears whole. A write that
+    fails (disk full, read-only output) removes its temporary before the error goes on."""
     table = redact_table(table)
     fs, path = filesystem(uri, storage_options)
     parent = posixpath.dirname(path)
+    tmp_parent = filesystem(tmp_dir, storage_options)[1] if tmp_dir else parent
     ensure_dir(fs, parent)
-    tmp = posixpath.join(parent, f"_tmp.{uuid.uuid4().hex}.{posixpath.basename(path)}")
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, compression=compression)
+    ensure_dir(fs, tmp_parent)
+    tmp = posixpath.join(tmp_parent, f"_tmp.{uuid.uuid4().hex}.{posixpath.basename(path)}")
     try:
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table, f, compression=compression)
         fs.mv(tmp, path)
     finally:
         if fs.exists(tmp):

@@ -74,6 +74,31 @@ def test_corrupt_weights_are_named_before_any_work_and_leave_no_run_record(saved
         load_model(str(broken))
 
 
+@pytest.mark.parametrize("weights", ["mapping.safetensors", "lm.safetensors"])
+def test_another_models_weights_file_is_named_before_any_work(weights, saved_tiny, images, tmp_path):
+    """A model folder holding a well-formed weights file of another model (other CLIP width, other LM) is
+    refused by the pre-run check, naming the file, before Ray starts and before anything is written."""
+    from dataclasses import replace
+
+    from clipcap_core.artifacts import load_model, save_model
+    from clipcap_core.model import build_model
+    from clipcap_core.presets import preset_config
+
+    tiny = load_model(str(saved_tiny))
+    cfg = preset_config("tiny")
+    other_cfg = replace(cfg, clip_dim=cfg.clip_dim * 2, lm=replace(cfg.lm, config={**cfg.lm.config, "n_layer": 1}))
+    save_model(build_model(other_cfg, tiny.tokenizer), tiny.tokenizer, str(tmp_path / "other"))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(saved_tiny, mixed)
+    shutil.copy(tmp_path / "other" / weights, mixed / weights)
+    with pytest.raises(ValueError, match=rf"{weights} does not fit the model in config.json"):
+        prepare(_cfg(images, tmp_path / "out", mixed))
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # nothing written
+    from pipelines.cli import main
+
+    assert main(["caption", "--input", str(images), "--output", str(tmp_path / "o2"), "--model", str(mixed)]) == 2
+
+
 def test_model_id_hashes_the_weights_not_only_config_json(saved_tiny, images, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(saved_tiny, other)

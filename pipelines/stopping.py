@@ -1,0 +1,180 @@
+"""How a job stops part-way: on a stop signal (SIGTERM, SIGINT) or when its output cannot take a unit.
+
+Either way the job ends with one line on stderr saying how many units (parts, shards) are committed, so the
+user knows a rerun resumes from there, and an exit code: 128 + the signal number for a signal (``exitcodes``:
+143 SIGTERM, 130 SIGINT), ``exitcodes.PARTIAL`` when a commit failed.
+
+- ``on_signals()``: the CLI runs a command inside it; SIGTERM / SIGINT then raise ``Interrupted`` in the main
+  thread, except while a unit is being written (``committing()``): the signal waits until that unit is
+  committed, so each unit is written whole or not at all. A second signal while stopping is ignored.
+- ``CommitFailed``: raised by the committer when writing a unit fails after work began (disk full, output
+  turned read-only): a part-way failure, not a usage error.
+- ``counting(count, noun)``: a job's driver loop runs inside it, so either exception carries "N of M units
+  committed".
+- ``run(call, prog, signals)``: what the CLI runs a command with: ``on_signals`` for the commands that
+  commit units (``STOP_ON_SIGNALS`` in their module: caption, embed, embed-text), and a part-way stop turned
+  into its line and exit code after ``release_ray()`` of the session the command opened (a local Ray
+  instance stops with it: no worker outlives the driver).
+
+``Interrupted`` is a ``BaseException`` (as ``KeyboardInterrupt``), so no ``except Exception`` on the way up
+swallows it.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+
+from pipelines import exitcodes
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Units committed (by this run or earlier ones) out of the units of the whole input."""
+
+    done: int
+    total: int
+    noun: str  # singular: "part", "shard"
+
+    def describe(self) -> str:
+        return f"{self.done} of {self.total} {self.noun}s committed; rerun resumes"
+
+
+class Interrupted(BaseException):
+    """A stop signal arrived; the job stops committing and exits 128 + ``signum``."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.progress: Progress | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return exitcodes.signal_code(self.signum)
+
+    def line(self, prog: str) -> str:
+        """The one stderr line (the same for every command, so scripts can match it)."""
+        if self.progress is None:
+            return f"stopped by {signal.Signals(self.signum).name}"
+        return f"stopped: {self.progress.describe()}"
+
+
+class CommitFailed(Exception):
+    """Writing a unit failed after work began (``cause``: the storage error); the unit is not committed."""
+
+    def __init__(self, noun: str, unit: str, cause: OSError):
+        super().__init__(f"{noun} {unit} not committed: {type(cause).__name__}: {cause}")
+        self.progress: Progress | None = None
+        self.exit_code = exitcodes.PARTIAL
+
+    def line(self, prog: str) -> str:
+        """The one stderr line: ``prog`` (``clipcap caption``), the unit and the cause, the units committed."""
+        done = f"; {self.progress.describe()}" if self.progress is not None else ""
+        return f"{prog}: error: {self}{done}"
+
+
+class _State:
+    """What the handler needs across calls: whether ``on_signals`` is active, the commit depth, a signal held
+    back by it, whether one fired."""
+
+    active = False
+    depth = 0
+    pending: int | None = None
+    fired = False
+
+
+_state = _State()
+
+
+def _handle(signum: int, _frame: FrameType | None) -> None:
+    if _state.fired:
+        return  # already stopping: a second signal must not break the shutdown
+    if _state.depth:
+        _state.pending = signum  # raised when the unit being written is committed
+        return
+    _state.fired = True
+    raise Interrupted(signum)
+
+
+@contextmanager
+def on_signals(enabled: bool = True) -> Iterator[None]:
+    """SIGTERM / SIGINT raise ``Interrupted`` inside the block (``enabled``, main thread only; otherwise
+    nothing changes)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _handle) for s in SIGNALS}
+    _state.active, _state.depth, _state.pending, _state.fired = True, 0, None, False
+    try:
+        yield
+    finally:
+        _state.active = False
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def reinstall() -> None:
+    """While ``on_signals`` is active, take the signals back from a library that set its own handlers
+    (``ray.init`` makes SIGTERM ``sys.exit``, which aborts the driver in Ray's C++ teardown)."""
+    if _state.active and threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, _handle)
+
+
+@contextmanager
+def committing() -> Iterator[None]:
+    """Hold a stop signal back while one unit is written; raise it once the unit is committed."""
+    _state.depth += 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+    if not _state.depth and _state.pending is not None and not _state.fired:
+        signum, _state.pending, _state.fired = _state.pending, None, True
+        raise Interrupted(signum)
+
+
+@contextmanager
+def counting(count: Callable[[], tuple[int, int]], noun: str) -> Iterator[None]:
+    """Attach ``count()`` = (units committed, units in all) to an ``Interrupted`` / ``CommitFailed`` leaving
+    the block."""
+    try:
+        yield
+    except (Interrupted, CommitFailed) as exc:
+        if exc.progress is None:
+            exc.progress = Progress(*count(), noun)
+        raise
+
+
+def run(call: Callable[[], int], prog: str, signals: bool = True) -> int:
+    """``call()`` under ``on_signals(signals)``; a part-way stop becomes its one stderr line and its exit code,
+    after the Ray session the call opened is released (a second signal meanwhile is ignored)."""
+    connected = _ray_connected()  # a session opened before (a caller's own) is the caller's to keep
+    with on_signals(signals):
+        try:
+            return call()
+        except (Interrupted, CommitFailed) as exc:
+            _state.fired = True
+            if not connected:
+                release_ray()
+            print(exc.line(prog), file=sys.stderr, flush=True)
+            return exc.exit_code
+
+
+def _ray_connected() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def release_ray() -> None:
+    """Disconnect this driver from Ray: its actors and tasks end, and a local instance it started stops."""
+    if _ray_connected():
+        import ray
+
+        ray.shutdown()

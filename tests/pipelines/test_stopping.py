@@ -1,0 +1,281 @@
+"""Stopping part-way (``pipelines.stopping``): SIGTERM / Ctrl-C and an output that fails mid-job end a run
+with one line naming the committed units and their exit code; a table folder never holds a half-written or
+temporary file, whatever stops the writer. Unit tests feed the driver fixed blocks (no Ray); the marked test
+stops a real ``clipcap caption`` process."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+from clipcap_core import synthetic
+from clipcap_core.decoding import DecodeConfig
+from pipelines import stopping
+from pipelines.caption import job as caption_job
+from pipelines.caption.output import PartCommitter, _remove_stale_temporaries, meta_uri, table_uri
+from pipelines.cli import main
+from pipelines.embed import output as embed_output
+from pipelines.embed import stages as st
+from pipelines.embed.job import EmbedConfig, EmbedResult, _drain
+from pipelines.io import storage
+from tests.pipelines.test_caption_reliability import _Blocks, _rows
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _images(folder: Path, n: int, size: int = 32) -> Path:
+    folder.mkdir(parents=True)
+    for s in synthetic.generate(n, seed=5, size=size, start=30000):
+        s.image.save(folder / f"{s.key}.png")
+    return folder
+
+
+def _temporaries(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("_tmp.*")]
+
+
+def _watch(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[list[str]]:
+    """What ``folder`` holds each time a Parquet file has just been written (before its rename)."""
+    seen: list[list[str]] = []
+    real = storage.pq.write_table
+
+    def write(table, where, **kw):
+        real(table, where, **kw)
+        seen.append(sorted(os.listdir(folder)) if folder.is_dir() else [])
+
+    monkeypatch.setattr(storage.pq, "write_table", write)
+    return seen
+
+
+# --- temporaries live outside the table folder ----------------------------------------------------------------
+def test_a_caption_part_being_written_is_never_in_the_table_folder(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    seen = _watch(monkeypatch, out / "captions")
+    c = PartCommitter(str(out), "m@1", DecodeConfig())
+    c.add(_rows("p0", [(0, "a.jpg", "one", None, None), (1, "b.jpg", None, "bad", "decode")], 2))
+    c.add(_rows("p1", [(0, "c.jpg", "two", None, None)], 1))
+    assert seen == [[], [], ["part-p0.parquet"]]  # p0's errors file, p0's part file, p1's part file
+    assert sorted(os.listdir(out / "captions")) == ["part-p0.parquet", "part-p1.parquet"]
+    assert _temporaries(out) == []
+
+
+def test_an_embedding_shard_being_written_is_never_in_the_table_folder(tmp_path, monkeypatch):
+    cfg = EmbedConfig(input=str(tmp_path / "in"), output_root=str(tmp_path / "out"), dataset="d")
+    table = Path(cfg.table_uri)
+    seen = _watch(monkeypatch, table)
+    cols = {st.KEY: np.array(["k0", "k1"], dtype=object), st.CAPTION: np.array(["a", "b"], dtype=object),
+            st.URL: np.array([None, None], dtype=object), st.SOURCE: np.array(["s0", "s1"], dtype=object),
+            st.ERROR: np.array([None, "bad image"], dtype=object), "image_embedding": np.ones((2, 4), np.float32)}
+    embed_output.commit_shard(cfg, str(tmp_path / "in" / "00000.tar"), cols, 4)
+    assert seen == [[], []] and os.listdir(table) == ["part-00000.parquet"]  # errors file, then part file
+    assert _temporaries(tmp_path / "out") == []
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed_from_the_tmp_folders(tmp_path):
+    out, cfg = tmp_path / "out", EmbedConfig(input="in", output_root=str(tmp_path / "emb"), dataset="d")
+    for stale in (Path(meta_uri(str(out), "tmp")) / "_tmp.dead.part-p9.parquet",
+                  Path(table_uri(str(out))) / "_tmp.old.part-p8.parquet",
+                  Path(embed_output.tmp_uri(cfg.meta_uri)) / "_tmp.dead.part-00009.parquet"):
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_bytes(b"")
+    _remove_stale_temporaries(str(out))
+    assert embed_output.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri) == 1
+    assert _temporaries(tmp_path) == []
+
+
+# --- a signal or a failing output stops the driver with one line -----------------------------------------------
+class _Unhandled(Exception):
+    """A stop signal the command under test did not handle (it would otherwise end pytest itself)."""
+
+
+@pytest.fixture()
+def unhandled_signals_fail():
+    """SIGINT / SIGTERM outside a command's own handling fail the test instead of stopping the session."""
+
+    def fail(signum, _frame):
+        raise _Unhandled(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, fail) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield fail
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _caption_args(inp: Path, out: Path, model: str) -> list[str]:
+    return ["caption", "--input", str(inp), "--output", str(out), "--model", model, "--part-size", "2"]
+
+
+def _two_parts() -> list:
+    return [_rows("images-00000", [(0, "a.png", "one", None, None), (1, "b.png", "two", None, None)], 2),
+            _rows("images-00001", [(0, "c.png", "three", None, None), (1, "d.png", "four", None, None)], 2)]
+
+
+class _SignalAfterFirst(_Blocks):
+    """The driver's stream, with a stop signal (default: Ctrl-C) after the first block."""
+
+    def __init__(self, blocks: list, signum: int = signal.SIGINT):
+        super().__init__(blocks)
+        self.signum = signum
+
+    def iter_batches(self, **_kw):
+        yield self.blocks[0]
+        os.kill(os.getpid(), self.signum)
+        yield from self.blocks[1:]
+
+
+def test_ctrl_c_between_parts_exits_130_with_one_line_and_no_traceback(trained_model, tmp_path, monkeypatch,
+                                                                       capsys, unhandled_signals_fail):
+    monkeypatch.setattr(caption_job, "build_dataset", lambda cfg, plan: _SignalAfterFirst(_two_parts()))
+    out = tmp_path / "out"
+    code = main(_caption_args(_images(tmp_path / "in", 4), out, trained_model))
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert err.strip().splitlines()[-1] == "stopped: 1 of 2 parts committed; rerun resumes"
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert os.listdir(out / "captions") == ["part-images-00000.parquet"]
+    assert signal.getsignal(signal.SIGINT) is unhandled_signals_fail  # the handler before the command is back
+
+
+def _shard_rows(shard: str) -> dict[str, np.ndarray]:
+    """One embedded row of ``shard`` (a shard of one sample), as the actors return it."""
+    return {st.SHARD: np.array([shard], object), st.INDEX: np.zeros(1, np.int64), st.TOTAL: np.ones(1, np.int64),
+            st.KEY: np.array([f"k{shard}"], object), st.CAPTION: np.array(["c"], object),
+            st.URL: np.array([None], object), st.SOURCE: np.array(["s"], object), st.ERROR: np.array([""], object),
+            st.UNREAD: np.zeros(1, bool), "image_embedding": np.ones((1, 4), np.float32)}
+
+
+def test_sigterm_in_an_embed_run_names_the_shards_committed(tmp_path, unhandled_signals_fail):
+    cfg = EmbedConfig(input=str(tmp_path), output_root=str(tmp_path / "o"), dataset="d")
+    result = EmbedResult(table_uri=cfg.table_uri, shards=3, skipped=1, written=2, rows=0, errors=0, dim=4, wall_s=0)
+    stream = _SignalAfterFirst([_shard_rows("00001"), _shard_rows("00002")], signal.SIGTERM)
+    with stopping.on_signals(), pytest.raises(stopping.Interrupted) as stop:
+        _drain(cfg, stream, [str(tmp_path / "00001.tar"), str(tmp_path / "00002.tar")], 4, 0.0, result)
+    assert stop.value.line("clipcap embed") == "stopped: 2 of 3 shards committed; rerun resumes"
+    assert stop.value.exit_code == 143 and os.listdir(cfg.table_uri) == ["part-00001.parquet"]
+
+
+def test_sigterm_during_a_commit_waits_until_the_part_is_written(trained_model, tmp_path, monkeypatch, capsys,
+                                                                unhandled_signals_fail):
+    real = storage.pq.write_table
+
+    def write_then_signal(table, where, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the part file is being written
+        real(table, where, **kw)
+
+    monkeypatch.setattr(storage.pq, "write_table", write_then_signal)
+    monkeypatch.setattr(caption_job, "build_dataset", lambda cfg, plan: _Blocks(_two_parts()))
+    out = tmp_path / "out"
+    code = main(_caption_args(_images(tmp_path / "in", 4), out, trained_model))
+    err = capsys.readouterr().err
+    assert code == 143 and err.strip().splitlines()[-1] == "stopped: 1 of 2 parts committed; rerun resumes"
+    assert duckdb.sql(f"select count(*) from '{out}/captions/*.parquet'").fetchall() == [(2,)]
+    assert _temporaries(out) == []
+
+
+def test_a_full_disk_mid_job_exits_4_naming_the_part_and_leaves_nothing_half_written(trained_model, tmp_path,
+                                                                                     monkeypatch, capsys):
+    real, writes = storage.pq.write_table, []
+
+    def fill_disk(table, where, **kw):
+        writes.append(1)
+        if len(writes) == 2:  # the second part: some bytes, then the disk is full
+            where.write(b"PAR1" + b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(table, where, **kw)
+
+    monkeypatch.setattr(storage.pq, "write_table", fill_disk)
+    monkeypatch.setattr(caption_job, "build_dataset", lambda cfg, plan: _Blocks(_two_parts()))
+    out = tmp_path / "out"
+    code = main(_caption_args(_images(tmp_path / "in", 4), out, trained_model))
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert re.search(r"part images-00001 not committed: OSError: .*No space left on device; "
+                     r"1 of 2 parts committed; rerun resumes", err), err
+    assert "Traceback" not in err
+    assert os.listdir(out / "captions") == ["part-images-00000.parquet"]
+    assert _temporaries(out) == []
+
+
+# --- a real driver process --------------------------------------------------------------------------------------
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@contextmanager
+def _caption_process(inp: Path, out: Path, model: str) -> Iterator[subprocess.Popen]:
+    """A ``clipcap caption`` driver with a local Ray of its own; stopped on the way out if still running."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+    small = ["--part-size", "4", "--caption-batch-size", "4", "--clip-batch-size", "4", "--decode-block-rows", "4"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "caption", "--input", str(inp), "--output",
+                             str(out), "--model", model, *small], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+
+
+@pytest.mark.integration
+def test_sigterm_stops_a_caption_run_cleanly_and_a_rerun_completes_it(trained_model, tmp_path):
+    inp, out = _images(tmp_path / "in", 400), tmp_path / "out"
+    with _caption_process(inp, out, trained_model) as proc:  # killed if the test fails before its end
+        while not list((out / "captions").glob("part-*.parquet")) and proc.poll() is None:
+            time.sleep(0.05)
+        workers = _descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    stops = [line for line in err.splitlines() if line.startswith("stopped")]
+    assert len(stops) == 1 and "Traceback" not in err, err[-3000:]
+    done = int(re.fullmatch(r"stopped: (\d+) of 100 parts committed; rerun resumes", stops[0]).group(1))
+    assert 1 <= done < 100
+    assert not [p for p in os.listdir(out / "captions") if not p.startswith("part-")]
+    assert duckdb.sql(f"select count(*) from '{out}/captions/*.parquet'").fetchall() == [(4 * done,)]
+    time.sleep(1)
+    assert not [pid for pid in workers if _alive(pid)], "Ray processes outlived the driver"
+    with _caption_process(inp, out, trained_model) as again:
+        _, err = again.communicate(timeout=180)
+    assert again.returncode == 0, err[-3000:]
+    rows = duckdb.sql(f"select count(*), count(distinct key) from '{out}/captions/*.parquet'").fetchall()[0]
+    assert rows == (400, 400)
