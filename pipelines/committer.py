@@ -20,6 +20,7 @@ unit's member rows reach the hooks in the same format, concatenated in arrival o
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -44,6 +45,7 @@ class UnitCommitter:
         self._settled: set[str] = set()
         self.committed: list[str] = []
         self.failed: dict[str, str] = {}  # unit -> why its input could not be read (not committed)
+        self.retry_delays: tuple[float, ...] = RETRY_DELAYS_S
 
     # --- the stage's hooks ---------------------------------------------------------------------------------
     def unread(self, unit: str, rows: Block | None) -> str | None:
@@ -104,12 +106,28 @@ class UnitCommitter:
             log.error("%s %s is not done (a rerun retries it): %s", self.noun, unit, why)
             return None
         with stopping.committing():  # a stop signal waits until the unit is written
-            try:
-                result = self.commit(unit, rows)
-            except OSError as exc:  # disk full, read-only output: work began, so no usage error
-                raise stopping.CommitFailed(self.noun, unit, exc) from exc
+            result = self._commit_with_retries(unit, rows)
             self.committed.append(unit)
         return result
+
+    def _commit_with_retries(self, unit: str, rows: Block | None) -> Any:
+        """``commit``, retried with backoff while the storage error looks transient (connection refused or
+        reset, timeouts, HTTP 5xx / throttling: an object store restarting); a deterministic error (disk full,
+        read-only, access denied) or the last retry is ``CommitFailed``: exit 4, the unit and the cause named.
+        A retry rewrites the same names, so it never duplicates rows."""
+        for attempt in range(len(self.retry_delays) + 1):
+            try:
+                return self.commit(unit, rows)
+            except Exception as exc:  # noqa: BLE001 - classified below; anything else goes up unchanged
+                if not (isinstance(exc, OSError) or is_transient(exc)):
+                    raise
+                if not is_transient(exc) or attempt == len(self.retry_delays):
+                    raise stopping.CommitFailed(self.noun, unit, exc) from exc
+                log.warning("%s %s: writing failed (%s: %s); retry %d of %d in %.0f s", self.noun, unit,
+                            type(exc).__name__, str(exc)[:200], attempt + 1, len(self.retry_delays),
+                            self.retry_delays[attempt])
+                time.sleep(self.retry_delays[attempt])
+        raise AssertionError("unreachable")
 
     def pending(self) -> list[str]:
         """Units with rows but not complete."""
@@ -122,6 +140,27 @@ class UnitCommitter:
             raise RuntimeError(f"{stage} ended with incomplete {self.noun}(s) {self.pending()[:5]} (rows lost?)")
         done = [self._settle(u, None) for u in sorted(set(expected) - self._settled)]
         return [r for r in done if r is not None]
+
+
+RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0)  # ~30 s in all: a restarted object store is back well within it
+_TRANSIENT_NAMES = ("EndpointConnectionError", "ConnectTimeout", "ReadTimeout", "ConnectionClosedError",
+                    "ClientOSError", "ServerDisconnectedError", "ClientConnectorError", "ConnectionError",
+                    "ConnectionRefusedError", "ConnectionResetError", "TimeoutError", "BrokenPipeError")
+_TRANSIENT_TEXT = ("connection refused", "connection reset", "timed out", "could not connect", "slow down",
+                   "slowdown", "service unavailable", "internal server error", "internalerror", "bad gateway",
+                   "gateway timeout", "throttl")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A storage error worth retrying: the service was unreachable or overloaded, not the request wrong."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if e is None:
+            continue
+        if any(type(e).__name__ == n or n in [c.__name__ for c in type(e).__mro__] for n in _TRANSIENT_NAMES):
+            return True
+        if any(t in str(e).lower() for t in _TRANSIENT_TEXT):
+            return True
+    return False
 
 
 def _column(block: Block, name: str) -> np.ndarray:

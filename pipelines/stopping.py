@@ -69,7 +69,7 @@ class Interrupted(BaseException):
 class CommitFailed(Exception):
     """Writing a unit failed after work began (``cause``: the storage error); the unit is not committed."""
 
-    def __init__(self, noun: str, unit: str, cause: OSError):
+    def __init__(self, noun: str, unit: str, cause: BaseException):
         super().__init__(f"{noun} {unit} not committed: {type(cause).__name__}: {cause}")
         self.progress: Progress | None = None
         self.exit_code = exitcodes.PARTIAL

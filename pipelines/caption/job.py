@@ -153,6 +153,8 @@ class CaptionSummary:
     captioned: int = 0
     captions: int = 0
     errors: int = 0
+    empty_captions: int = 0      # captioned images whose first caption is empty
+    untrained: bool = False      # an untrained preset was asked for (allow_untrained): empty captions expected
     parts_failed: dict[str, str] = field(default_factory=dict)  # input not readable: not committed, retried
     files_skipped: int = 0       # hidden / bookkeeping files of the input (``sources.scan_input``), not read
     files_skipped_first: list[str] = field(default_factory=list)  # the first of them, by path
@@ -162,8 +164,16 @@ class CaptionSummary:
     stage_cpu_seconds: dict[str, float] = field(default_factory=dict)  # process CPU seconds per stage
 
     @property
+    def mostly_empty(self) -> bool:
+        """Most images of this run got an empty caption: a model that decodes nothing (NaN-trained, untrained,
+        the wrong tokenizer) looks like success otherwise."""
+        return self.captioned > 0 and 2 * self.empty_captions > self.captioned
+
+    @property
     def exit_code(self) -> int:
-        return exitcodes.outcome(self.parts_total - len(self.parts_failed), len(self.parts_failed))
+        code = exitcodes.outcome(self.parts_total - len(self.parts_failed), len(self.parts_failed))
+        unhealthy = code == exitcodes.OK and self.mostly_empty and not self.untrained
+        return exitcodes.UNHEALTHY if unhealthy else code
 
     @property
     def images_per_s(self) -> float:
@@ -316,6 +326,11 @@ def _drain(cfg: CaptionConfig, plan: Plan, committer: PartCommitter, summary: Ca
         if time.monotonic() - last >= cfg.progress_interval_s:
             last = time.monotonic()
             _log_progress(summary, start)
+    summary.empty_captions = committer.empty_captions
+    summary.untrained = cfg.allow_untrained
+    if summary.mostly_empty and not summary.untrained:
+        log.error("%d of %d captions are empty: the model decodes nothing useful (exit %d)",
+                  summary.empty_captions, summary.captioned, exitcodes.UNHEALTHY)
     summary.stage_seconds = {k: round(v, 3) for k, v in committer.stage_seconds.items()}
     summary.stage_cpu_seconds = {k: round(v, 3) for k, v in committer.stage_cpu_seconds.items()}
     summary.parts_failed = dict(committer.failed)

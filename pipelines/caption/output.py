@@ -143,6 +143,7 @@ class PartCommitter(UnitCommitter):
                      schemas.META_SCHEMA_VERSION: schemas.SCHEMA_VERSION, schemas.META_RERANK: rerank}
         self.stage_seconds: dict[str, float] = {}
         self.stage_cpu_seconds: dict[str, float] = {}
+        self.empty_captions = 0  # captioned images whose first caption is empty (a broken or untrained model)
 
     def add(self, block: pa.Table) -> list[tuple[str, int, int, int]]:
         """Take a block of final-stage rows; return (part id, images, captions, errors) of parts committed."""
@@ -195,4 +196,6 @@ class PartCommitter(UnitCommitter):
         else:  # a 0-row Parquet file breaks Hugging Face datasets: the marker lives under _meta instead
             storage.write_json({"part": part_id, "errors": errors.num_rows}, empty_uri(self.output, part_id))
         images = len(members)
+        self.empty_captions += sum(1 for r in members if r["error"] is None and r.get("captions")
+                                   and not str(r["captions"][0] or "").strip())
         return part_id, images, images - errors.num_rows, captions.num_rows

@@ -88,3 +88,80 @@ def test_unread_units_fail_without_commit_and_lost_rows_fail_the_run():
     numpy_side = _Recorder(unit="shard", total="shard_total", noun="shard")
     numpy_side.add(_numpy("s", [0], 1, ["unread"]))
     assert numpy_side.failed == {"s": "unreadable archive"} and numpy_side.finish("embedding", ["s"]) == []
+
+
+class _Flaky(_Recorder):
+    """Commits after ``fail`` failures of ``error``."""
+
+    def __init__(self, fail: int, error: BaseException, **kw):
+        super().__init__(**kw)
+        self.fail, self.error, self.attempts = fail, error, 0
+
+    def commit(self, unit, rows):
+        self.attempts += 1
+        if self.attempts <= self.fail:
+            raise self.error
+        return super().commit(unit, rows)
+
+
+def test_a_transient_storage_error_is_retried_with_a_bound_and_a_deterministic_one_is_not():
+    from pipelines.stopping import CommitFailed
+
+    c = _Flaky(2, ConnectionRefusedError(111, "Connection refused"), unit="shard", total="shard_total", noun="shard")
+    c.retry_delays = (0.01, 0.01, 0.01)
+    assert c.add(_numpy("a", [0], 1, ["k0"])) == [("a", 1)] and c.attempts == 3 and c.committed == ["a"]
+    down = _Flaky(99, ConnectionRefusedError(111, "Connection refused"), unit="shard", total="shard_total",
+                  noun="shard")
+    down.retry_delays = (0.01, 0.01)
+    with pytest.raises(CommitFailed, match="shard a not committed: ConnectionRefusedError"):
+        down.add(_numpy("a", [0], 1, ["k0"]))
+    assert down.attempts == 3 and down.committed == []
+    full = _Flaky(99, OSError(28, "No space left on device"), unit="shard", total="shard_total", noun="shard")
+    with pytest.raises(CommitFailed, match="No space left"):
+        full.add(_numpy("a", [0], 1, ["k0"]))
+    assert full.attempts == 1  # a full disk does not heal by waiting
+    bug = _Flaky(1, KeyError("x"), unit="shard", total="shard_total", noun="shard")
+    with pytest.raises(KeyError):
+        bug.add(_numpy("a", [0], 1, ["k0"]))  # not a storage error: not retried, not disguised
+
+
+@pytest.mark.integration
+def test_a_stopped_s3_server_is_retried_until_it_is_back_or_the_bound():
+    import threading
+
+    from infra.local import s3
+    from pipelines.io import storage
+    from pipelines.stopping import CommitFailed
+
+    server = s3.start(buckets=("clipcap",))
+    env = server.env()
+    # explicit options: a filesystem of its own (fsspec caches instances by their arguments), no botocore retries
+    # on a refused connection, so the committer's own bound is what is measured
+    options = {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"],
+               "client_kwargs": {"endpoint_url": env["AWS_ENDPOINT_URL"], "region_name": "us-east-1"},
+               "config_kwargs": {"retries": {"max_attempts": 1}}}
+
+    class ToS3(_Recorder):
+        def commit(self, unit, rows):
+            table = pa.table({"key": rows["key"].tolist()})
+            try:
+                storage.atomic_write_table(table, f"s3://clipcap/retry/{unit}.parquet", options)
+            except FileNotFoundError as exc:  # moto restarts empty: its bucket is back a moment after the port
+                raise ConnectionError(f"bucket not back yet: {exc}") from exc
+            return super().commit(unit, rows)
+
+    try:
+        c = ToS3(unit="shard", total="shard_total", noun="shard")
+        c.retry_delays = (0.5, 0.5)
+        assert c.add(_numpy("a", [0], 1, ["k0"])) == [("a", 1)]
+        s3.stop(server.port)
+        with pytest.raises(CommitFailed, match="shard b not committed"):
+            c.add(_numpy("b", [0], 1, ["k1"]))
+        assert c.committed == ["a"]
+        # the server comes back during the retries: the part is committed, once
+        c.retry_delays = (1.0, 2.0, 4.0, 8.0)
+        threading.Timer(1.5, lambda: s3.start(port=server.port, buckets=("clipcap",))).start()
+        assert c.add(_numpy("d", [0], 1, ["k3"])) == [("d", 1)]
+        assert storage.exists("s3://clipcap/retry/d.parquet", options)
+    finally:
+        s3.stop(server.port)

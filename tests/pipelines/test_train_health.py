@@ -131,3 +131,21 @@ def test_a_nan_vector_gives_a_counted_dropped_row_and_a_finite_model(ray_cluster
     recorded = json.loads((tmp_path / "runs/poisoned/model/config.json").read_text())["training"]
     assert recorded["train"]["lr"] == 3e-3 and recorded["input_errors"]["non-finite vector"] == 1
 
+
+
+def test_a_caption_run_whose_captions_are_mostly_empty_says_so_in_its_exit_code(tmp_path):
+    from clipcap_core.decoding import DecodeConfig
+    from pipelines import exitcodes
+    from pipelines.caption.job import CaptionSummary
+    from pipelines.caption.output import PartCommitter
+
+    committer = PartCommitter(str(tmp_path / "out"), "m@1", DecodeConfig())
+    rows = pa.Table.from_pylist([{"key": f"k{i}", "index": i, "error": None, "source": "s", "stage": None,
+                                  "captions": ["" if i < 3 else "a red circle"], "scores": [-1.0],
+                                  "clip_scores": [0.5]} for i in range(5)])
+    assert committer.commit("p0", rows) == ("p0", 5, 5, 5) and committer.empty_captions == 3
+    summary = CaptionSummary(output="o", model="m", parts_total=1, parts_done=1, images=5, captioned=5,
+                             empty_captions=committer.empty_captions)
+    assert summary.mostly_empty and summary.exit_code == exitcodes.UNHEALTHY
+    summary.empty_captions = 2
+    assert summary.exit_code == exitcodes.OK
