@@ -156,7 +156,6 @@ def test_captions_equal_the_authors_inference_through_every_path(decap, bpe):
     theirs, images, memory, out = decap
     expected = _reference_captions(theirs, authors_projection(images, memory), bpe)
     assert "None" not in expected
-    print(expected)
     lengths = {len(t.split()) for t in expected}
     assert len(lengths) > 2, expected  # captions stop at different lengths: the stop rule is exercised
     assert len({t.split()[0] for t in expected if t}) > 4, expected  # the prefix steers the caption
@@ -279,3 +278,27 @@ def test_train_step_uses_the_recipes_label_smoothing(decap):
             m.p = 0.0
     optimizer, scheduler = make_optimizer_and_scheduler(model, cfg, total_steps=1)
     assert train_step(model, batch, optimizer, scheduler, cfg) == pytest.approx(float(smoothed), rel=1e-5)
+
+
+def test_a_decoder_trained_on_clip_bpe_emits_start_of_text_first_and_captions_without_it():
+    """Trained like the authors (start token first in every target), the decoder's first greedy token is the start
+    token, as in their inference; our caption text drops it, as their ``replace`` does."""
+    from clipcap_core.mapping import MappingConfig
+    from clipcap_core.model import LMConfig, ModelConfig, build_model
+    from clipcap_core.training import train_loop
+
+    tok = load_tokenizer(CLIP_BPE)
+    lm = {"n_layer": 1, "n_head": 4, "n_embd": 32, "n_positions": 32, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+          "attn_pdrop": 0.0}
+    cfg = ModelConfig(clip_dim=16, mapping=MappingConfig(kind="linear", prefix_length=1, normalize_prefix=True),
+                      lm=LMConfig(name_or_path="decap-decoder", config=lm), tokenizer=CLIP_BPE, encoder=TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg, tok)
+    captions = CAPTIONS[:4]
+    embeds = np.random.default_rng(0).normal(size=(4, 16)).astype(np.float32)
+    train_cfg = TrainConfig(lr=1e-2, warmup_steps=5, batch_size=4, epochs=150, max_caption_tokens=20,
+                            label_smoothing=0.1)
+    train_loop(model, lambda epoch: [collate(tok, captions, embeds, 20)], train_cfg)
+    gen = generate(model, embeds, tok, "greedy")
+    assert [ids[0] for ids in gen.token_ids] == [SOT] * 4
+    assert gen.texts == [tok.decode(tok.encode(c, add_special_tokens=False)) for c in captions]
