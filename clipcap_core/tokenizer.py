@@ -104,7 +104,7 @@ def prepare(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer: ``"word"`` (built-in), a hub name, a local directory or an fsspec URI of one."""
+    """Load a tokenizer: ``"word"`` / ``"clip-bpe"`` (built-in), a hub name, a local directory or an fsspec URI of one."""
     if source == WORD:
         return build_word_tokenizer()
     if source == CLIP_BPE:
