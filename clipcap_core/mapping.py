@@ -1,11 +1,12 @@
 """Mapping networks: a CLIP embedding (B, D) -> k prefix vectors (B, k, E) in the LM's embedding space.
 
 - ``mlp``: Linear(D, kE/2) -> Tanh -> Linear(kE/2, kE), reshaped to (k, E) (paper: used with GPT-2 tuning).
+- ``linear``: one Linear(D, kE), reshaped to (k, E) (the DeCap authors' ``clip_project``, with k = 1).
 - ``transformer``: Linear(D, clip_length*E) gives clip_length tokens, concatenated with k learned constant
   tokens, ``num_layers`` pre-norm blocks of ``num_heads``-head self-attention + ReLU MLP; the outputs at the
   constant positions are the prefix (paper: used with GPT-2 frozen).
 
-Both match the released checkpoints' computation exactly (q/kv projections without bias, MLP ratio 2, ReLU);
+``mlp`` and ``transformer`` match the released ClipCap checkpoints' computation exactly (q/kv projections without bias, MLP ratio 2, ReLU);
 ``reference.py`` maps their key names onto ours. ``normalize_prefix`` L2-normalises the CLIP embedding
 first (the released transformer checkpoint was trained that way). New kinds register in ``MAPPINGS``.
 """
@@ -22,7 +23,7 @@ from torch import nn
 
 @dataclass(frozen=True, kw_only=True)
 class MappingConfig:
-    kind: Literal["mlp", "transformer"] = "mlp"
+    kind: Literal["mlp", "linear", "transformer"] = "mlp"
     prefix_length: int = 10  # k: number of prefix vectors fed to the LM
     clip_length: int = 10  # transformer only: tokens made from the CLIP embedding
     num_layers: int = 8  # transformer only
@@ -45,6 +46,16 @@ class MLPMapping(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, k, E)
         return self.net(x).view(x.shape[0], self.k, self.lm_dim)
+
+
+class LinearMapping(nn.Module):
+    def __init__(self, cfg: MappingConfig, clip_dim: int, lm_dim: int):
+        super().__init__()
+        self.k, self.lm_dim = cfg.prefix_length, lm_dim
+        self.linear = nn.Linear(clip_dim, cfg.prefix_length * lm_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, k, E)
+        return self.linear(x).view(x.shape[0], self.k, self.lm_dim)
 
 
 class Attention(nn.Module):
@@ -100,7 +111,8 @@ class TransformerMapping(nn.Module):
         return h[:, self.clip_length:]
 
 
-MAPPINGS: dict[str, type[nn.Module]] = {"mlp": MLPMapping, "transformer": TransformerMapping}
+MAPPINGS: dict[str, type[nn.Module]] = {"mlp": MLPMapping, "linear": LinearMapping,
+                                         "transformer": TransformerMapping}
 
 
 class Mapping(nn.Module):

@@ -128,8 +128,8 @@ class ClipCapModel(nn.Module):
     def prefix(self, clip_embeds: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, k, E)
         return self.mapping(clip_embeds.to(self.device, next(self.mapping.parameters()).dtype)).to(self.dtype)
 
-    def forward(self, clip_embeds: torch.Tensor, tokens: torch.Tensor,
-                mask: torch.Tensor | None = None) -> ClipCapOutput:
+    def forward(self, clip_embeds: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+                label_smoothing: float = 0.0) -> ClipCapOutput:
         """clip_embeds (B, D), tokens (B, T) long, mask (B, T) 1 = real token -> loss + logits (B, T, V)."""
         k = self.prefix_length
         prefix = self.prefix(clip_embeds)  # (B, k, E)
@@ -137,13 +137,16 @@ class ClipCapModel(nn.Module):
         hidden = self.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
         # Only positions k-1 .. k+T-2 predict caption tokens: skip the LM head on the rest.
         logits = self.lm.get_output_embeddings()(hidden[:, k - 1: -1])  # (B, T, V)
-        loss = caption_loss(logits, tokens, mask)
+        loss = caption_loss(logits, tokens, mask, label_smoothing)
         return ClipCapOutput(loss=loss, logits=logits)
 
 
-def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean cross-entropy over the tokens where ``mask`` is 1 (all tokens when mask is None)."""
-    nll = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none")  # (B*T,)
+def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over the tokens where ``mask`` is 1 (all tokens when mask is None); with
+    ``label_smoothing`` eps each target is (1 - eps) one-hot + eps uniform, as torch's ``cross_entropy``."""
+    nll = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none",
+                          label_smoothing=label_smoothing)  # (B*T,)
     if mask is None:
         return nll.mean()
     m = mask.flatten().to(nll.dtype)

@@ -7,8 +7,13 @@
 - ``clipcap-mlp``: the paper's MLP + GPT-2 fine-tuning setting (ViT-B/32, D = 512, k = 10).
 - ``clipcap-transformer``: the paper's transformer + frozen GPT-2 setting (RN50x4, D = 640, k = 40,
   clip_length 40, 8 layers, normalised prefix).
+- ``decap-reference``: the DeCap authors' text-only decoder (dhg-wei/DeCap ``train.py``): a GPT-2 of their
+  decoder config (4 layers, 4 heads, E = 768) trained from scratch over CLIP's BPE vocabulary, fed by one
+  Linear(D, E) from a unit CLIP text embedding of ViT-B/32 (prefix length 1). Train it with
+  ``clipcap train --decoder decap``; ``clipcap import-reference --decap`` loads their released weights.
 
-The last two need real GPT-2 / CLIP weights (hub or local copies); see README for offline use.
+The clipcap-* presets need real GPT-2 / CLIP weights (hub or local copies); see README for offline use.
+``decap-reference`` needs real CLIP weights only (for the embeddings), like the authors' code.
 
 Each preset trains with its ``Recipe`` (``RECIPES``) unless the config or flags say otherwise: the tiny ones with
 a rate and batch that learn a few thousand rows in minutes on a CPU, the paper's with the paper's COCO recipe.
@@ -27,6 +32,9 @@ TINY_LM = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64, "n_inner"
            # then learns through it; with the usual 0.02 a frozen random LM averages its inputs and cannot.
            "initializer_range": 0.2}
 TINY_CLIP_DIM = 128  # embed_dim of clipcap_core/resources/tiny.json
+# The DeCap authors' decoder_config.pkl: GPT-2 defaults otherwise (1,024 positions, dropout 0.1, gelu_new). Their
+# vocabulary is GPT-2's 50,257 rows of which CLIP's BPE uses the first 49,408: ours has those 49,408.
+DECAP_LM = {"n_layer": 4, "n_head": 4, "n_embd": 768}
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
@@ -56,17 +64,30 @@ PRESETS: dict[str, ModelConfig] = {
         lm=LMConfig(name_or_path="gpt2", freeze=True),
         encoder=EncoderConfig(model_name="RN50x4", pretrained="openai"),
     ),
+    "decap-reference": ModelConfig(
+        clip_dim=512,
+        mapping=MappingConfig(kind="linear", prefix_length=1, normalize_prefix=True),
+        lm=LMConfig(name_or_path="decap-decoder", config=DECAP_LM, seed=0, freeze=False),
+        tokenizer="clip-bpe",
+        encoder=EncoderConfig(model_name="ViT-B-32", pretrained="openai"),
+    ),
 }
 
 
 # 30 epochs at batch 16 and lr 3e-3: ~1,500 steps on the demo's 820 training rows, ~5,000 on 3,000 caption rows.
 TINY_RECIPE = Recipe(lr=3e-3, warmup_steps=20, batch_size=16, epochs=30, max_caption_tokens=24)
 
+# The DeCap authors' train.py: AdamW lr 1e-5 (no weight decay), 1,000 warm-up steps then linear decay, batch 64
+# per GPU, 10 epochs on COCO, captions cut to 20 CLIP tokens (start and end-of-text included), label smoothing 0.1.
+DECAP_RECIPE = Recipe(lr=1e-5, warmup_steps=1000, batch_size=64, epochs=10, max_caption_tokens=20,
+                      weight_decay=0.0, label_smoothing=0.1)
+
 RECIPES: dict[str, Recipe] = {
     "tiny": TINY_RECIPE,
     "tiny-transformer": TINY_RECIPE,
     "clipcap-mlp": PAPER_RECIPE,
     "clipcap-transformer": PAPER_RECIPE,
+    "decap-reference": DECAP_RECIPE,
 }
 
 

@@ -1,17 +1,26 @@
-"""Tokenizers: GPT-2 family tokenizers by hub name / local dir / object-store URI, and the tiny word-level one.
+"""Tokenizers: GPT-2 family tokenizers by hub name / local dir / object-store URI, the tiny word-level one and
+CLIP's BPE vocabulary (DeCap).
 
 The ``tiny`` preset uses a word-level tokenizer (HF ``tokenizers`` WordLevel wrapped in a fast tokenizer)
 built from ``synthetic.VOCABULARY`` or from training captions. Every tokenizer we hand out has an
 end-of-text token used as eos and pad: captions end with eos so generation learns to stop, and padding is
 masked out of the loss.
 
+``clip-bpe`` is CLIP's BPE vocabulary (49,408 tokens; start-of-text 49406, end-of-text 49407), built offline
+from the vocabulary file open_clip ships, as an HF ``CLIPTokenizer``: the DeCap authors' decoder speaks it.
+A tokenizer whose start token differs from its end token (CLIP's) has captions encoded as
+[start, words..., end], as ``clip.tokenize`` does; the model learns to emit the start token first and
+decoding drops it from the text. Unlike ``clip.tokenize`` it does not run ftfy or unescape HTML entities.
+
     tok = load_tokenizer("word")                  # tiny word-level tokenizer over synthetic.VOCABULARY
     tok = build_word_tokenizer(captions)          # word-level tokenizer over your captions
+    tok = load_tokenizer("clip-bpe")              # CLIP's BPE vocabulary
     tok = load_tokenizer("gpt2" | "/dir" | "s3://bucket/tok")
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
 from collections import Counter
@@ -22,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 EOS = "<|endoftext|>"
 UNK = "<unk>"
 WORD = "word"  # tokenizer source name of the built-in word-level tokenizer
+CLIP_BPE = "clip-bpe"  # tokenizer source name of CLIP's BPE vocabulary
 _WORD_RE = re.compile(r"\w+|[^\w\s]")
 
 
@@ -59,6 +69,31 @@ def build_word_tokenizer(captions: Iterable[str] | None = None, *, words: Sequen
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=EOS, unk_token=UNK)
 
 
+@functools.lru_cache(maxsize=1)
+def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocabulary, merges) of open_clip's bundled CLIP BPE file, special tokens named as OpenAI's CLIP does."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    st = SimpleTokenizer()
+    names = {st.sot_token_id: "<|startoftext|>", st.eot_token_id: "<|endoftext|>"}
+    vocab = {names.get(i, token): i for token, i in st.encoder.items()}
+    return vocab, sorted(st.bpe_ranks, key=st.bpe_ranks.__getitem__)
+
+
+def build_clip_tokenizer() -> PreTrainedTokenizerBase:
+    """CLIP's BPE vocabulary as an HF ``CLIPTokenizer`` (end-of-text is eos and pad; text keeps ' .')."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_bpe()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), clean_up_tokenization_spaces=False)
+
+
+def start_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The token every caption starts with: the tokenizer's bos when it is not also its eos (CLIP), else None."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and bos != tokenizer.eos_token_id else None
+
+
 def prepare(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Make sure the tokenizer has an eos token and uses it as pad (GPT-2 ships without a pad token)."""
     if tokenizer.eos_token is None:
@@ -69,9 +104,11 @@ def prepare(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer: ``"word"`` (built-in), a hub name, a local directory or an fsspec URI of one."""
+    """Load a tokenizer: ``"word"`` / ``"clip-bpe"`` (built-in), a hub name, a local directory or an fsspec URI of one."""
     if source == WORD:
         return build_word_tokenizer()
+    if source == CLIP_BPE:
+        return build_clip_tokenizer()
     from transformers import AutoTokenizer
 
     from clipcap_core.uris import is_remote, local_copy
@@ -95,6 +132,9 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, uri: str) -> None:
 
 
 def encode_caption(tokenizer: PreTrainedTokenizerBase, caption: str, max_tokens: int) -> list[int]:
-    """Token ids of ``caption`` followed by eos, truncated to ``max_tokens`` (eos always kept last)."""
-    ids = tokenizer.encode(caption, add_special_tokens=False)[: max_tokens - 1]
-    return [*ids, tokenizer.eos_token_id]
+    """Token ids of ``caption`` (after the start token, if the tokenizer has one) followed by eos, truncated to
+    ``max_tokens`` (eos always kept last)."""
+    start = start_token_id(tokenizer)
+    head = [] if start is None else [start]
+    ids = tokenizer.encode(caption, add_special_tokens=False)[: max_tokens - 1 - len(head)]
+    return [*head, *ids, tokenizer.eos_token_id]

@@ -45,12 +45,14 @@ class Recipe:
     max_caption_tokens: int  # including the final end-of-text
     weight_decay: float = 0.0
     max_warmup_fraction: float = 0.05
+    label_smoothing: float = 0.0  # eps of the caption loss's label smoothing
 
 
 # The ClipCap paper's COCO recipe (AdamW, lr 2e-5, 5,000 warm-up steps, batch 40, 10 epochs): ~141k steps on
 # COCO, where the 5% cap (7k steps) leaves the 5,000 unchanged.
 PAPER_RECIPE = Recipe(lr=2e-5, warmup_steps=5000, batch_size=40, epochs=10, max_caption_tokens=40)
-RECIPE_FIELDS = ("lr", "warmup_steps", "batch_size", "epochs", "max_caption_tokens", "weight_decay")
+RECIPE_FIELDS = ("lr", "warmup_steps", "batch_size", "epochs", "max_caption_tokens", "weight_decay",
+                 "label_smoothing")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     max_caption_tokens: int | None = None  # including the final end-of-text
     weight_decay: float | None = None
+    label_smoothing: float | None = None  # caption loss label smoothing eps in [0, 1)
 
     def __post_init__(self) -> None:
         def bad(name: str, ok: Callable[[Any], bool]) -> bool:
@@ -82,6 +85,8 @@ class TrainConfig:
             raise ValueError("need 0 <= warmup_fraction < 1 and 0 < max_warmup_fraction <= 1")
         if bad("max_caption_tokens", lambda v: v >= 2):
             raise ValueError("max_caption_tokens must be >= 2 (one word + end-of-text)")
+        if bad("label_smoothing", lambda v: 0 <= v < 1):
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
     def with_recipe(self, recipe: Recipe = PAPER_RECIPE) -> TrainConfig:
         """Every unset field from ``recipe``. The recipe's warm-up cap applies only to the recipe's own
@@ -190,7 +195,7 @@ def train_step(model: ClipCapModel, batch: Batch, optimizer: torch.optim.Optimiz
     batch = batch.to(device)
     model.train()
     with autocast(cfg.precision, device):
-        loss = model(batch.embeds, batch.tokens, batch.mask).loss
+        loss = model(batch.embeds, batch.tokens, batch.mask, label_smoothing=cfg.label_smoothing or 0.0).loss
     optimizer_step(loss, trainable_parameters(model), optimizer, scheduler, cfg.grad_clip, scaler)
     return float(loss.detach())
 

@@ -175,7 +175,8 @@ def describe_recipe(model: str, hp: TrainConfig, total_steps: int) -> str:
     """The effective recipe in one line (logged once, before the workers start)."""
     return (f"train recipe ({'preset ' + model if is_preset_name(model) else 'from ' + model}): lr {hp.lr:g}, "
             f"warm-up {hp.warmup_steps} of {total_steps} steps, batch {hp.batch_size}, {hp.epochs} epochs, "
-            f"{hp.max_caption_tokens} caption tokens, weight decay {hp.weight_decay:g}, {hp.precision}")
+            f"{hp.max_caption_tokens} caption tokens, weight decay {hp.weight_decay:g}, "
+            f"label smoothing {hp.label_smoothing or 0:g}, {hp.precision}")
 
 
 def schedule_warning(hp: TrainConfig, total_steps: int) -> str | None:

@@ -113,13 +113,17 @@ def load_tokenizer_for(model: str, model_cfg: Any) -> Any:
 # --- batches ------------------------------------------------------------------------------------------------
 class BatchTokenizer:
     """captions -> (tokens (B,T) int64, mask (B,T) float32), exactly as ``training.collate`` builds them
-    (each caption's ids + end-of-text, at most ``max_tokens``, right-padded with the pad token), but with one
-    batched call per block into the Rust tokenizer. Pickles as the Rust tokenizer alone, so the Ray Data tasks
-    that run it never import transformers (seconds per fresh worker process)."""
+    (the start token if any, each caption's ids + end-of-text, at most ``max_tokens``, right-padded with the
+    pad token), but with one batched call per block into the Rust tokenizer. Pickles as the Rust tokenizer
+    alone, so the Ray Data tasks that run it never import transformers (seconds per fresh worker process)."""
 
     def __init__(self, tokenizer: Any, max_tokens: int):
+        from clipcap_core.tokenizer import start_token_id
+
         self.max_tokens = max_tokens
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        start = start_token_id(tokenizer)
+        self.head = [] if start is None else [start]
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self.backend = backend if backend is not None and hasattr(backend, "encode_batch_fast") else None
         self.tokenizer = None if self.backend is not None else tokenizer  # slow tokenizers: the HF call
@@ -129,6 +133,8 @@ class BatchTokenizer:
             ids = [e.ids for e in self.backend.encode_batch_fast(list(captions), add_special_tokens=False)]
         else:
             ids = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+        if self.head:
+            ids = [self.head + row for row in ids]
         T = min(self.max_tokens, max((len(x) for x in ids), default=0) + 1)
         tokens = np.full((len(ids), T), self.pad, dtype=np.int64)
         mask = np.zeros((len(ids), T), dtype=np.float32)

@@ -12,7 +12,7 @@ from tests.core.core_helpers import one_thread  # noqa: F401
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+@pytest.mark.parametrize("kind", ["mlp", "linear", "transformer"])
 @pytest.mark.parametrize("clip_dim,k,E", [(512, 10, 64), (640, 3, 32), (7, 1, 16)])
 def test_output_shape_for_any_dimensions(kind, clip_dim, k, E):
     torch.manual_seed(0)
@@ -31,6 +31,13 @@ def test_mlp_has_the_papers_layer_sizes():
     assert isinstance(m.net.net[1], torch.nn.Tanh)
 
 
+def test_linear_is_one_affine_map_of_the_embedding():
+    m = Mapping(MappingConfig(kind="linear", prefix_length=1), 512, 768)
+    assert [tuple(p.shape) for p in m.parameters()] == [(768, 512), (768,)]  # the DeCap authors' clip_project
+    x = torch.randn(3, 512)
+    torch.testing.assert_close(m(x)[:, 0], m.net.linear(x))
+
+
 def test_transformer_layers_heads_and_constant_tokens():
     cfg = MappingConfig(kind="transformer", prefix_length=6, clip_length=3, num_layers=3, num_heads=4)
     m = Mapping(cfg, 20, 32)
@@ -44,7 +51,7 @@ def test_transformer_layers_heads_and_constant_tokens():
     assert not torch.allclose(before, m(x))
 
 
-@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+@pytest.mark.parametrize("kind", ["mlp", "linear", "transformer"])
 def test_normalize_prefix_makes_the_scale_irrelevant(kind):
     x = torch.randn(3, 16)
     torch.manual_seed(0)

@@ -48,6 +48,18 @@ def test_batch_tokenizer_matches_core_collate(table_info):
     assert tokens[0, 7] == tok.eos_token_id and mask[0].sum() == 8  # 7 words + end-of-text
 
 
+def test_batch_tokenizer_starts_clip_bpe_captions_with_start_of_text():
+    from clipcap_core.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("clip-bpe")
+    for max_tokens in (3, 20):
+        tokens, mask = ts.BatchTokenizer(tok, max_tokens)(CAPTIONS)
+        ref = collate(tok, CAPTIONS, np.zeros((3, 24)), max_tokens)
+        assert np.array_equal(tokens, ref.tokens.numpy()) and np.array_equal(mask, ref.mask.numpy())
+        assert (tokens[:, 0] == tok.bos_token_id).all()
+    assert tokens[2, :3].tolist() == [tok.bos_token_id, *tok.encode("two", add_special_tokens=False), tok.eos_token_id]
+
+
 def test_per_batch_trim_keeps_the_loss(table_info):
     model, tok = _tiny(table_info)
     tokens, mask = ts.BatchTokenizer(tok, 12)(CAPTIONS[:2])
