@@ -135,16 +135,22 @@ def _untied_lm_state(lm: PreTrainedModel) -> dict[str, torch.Tensor]:
 
 
 def _model_card(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
+    from clipcap_core.encoders import describe_weights
+
     m = meta["model"]
+    train = (meta.get("training") or {}).get("train") or {}
     lines = [
         "# ClipCap model", "",
         f"- created: {meta['created_at']} with clipcap-pipeline {meta['code_version']} (schema {meta['schema_version']})",
-        f"- CLIP encoder: {m['encoder']['model_name']} / {m['encoder']['pretrained']} (D = {m['clip_dim']})",
+        f"- CLIP encoder: {describe_weights(m['encoder']['model_name'], m['encoder']['pretrained'])} "
+        f"(D = {m['clip_dim']})",
         f"- mapping: {m['mapping']['kind']}, prefix length {m['mapping']['prefix_length']}",
         f"- language model: {m['lm']['name_or_path']} ({'frozen' if m['lm']['freeze'] else 'fine-tuned'}; "
         f"weights {'in lm.safetensors' if meta['weights']['lm'] else 'from the base model'})",
         "", "## Metrics", "",
         *(f"- {k}: {v}" for k, v in sorted(metrics.items())),
+        *([] if metrics else ["- none recorded (no held-out evaluation ran); `clipcap evaluate` scores a caption run"]),
+        *(["", "## Training recipe", "", *(f"- {k}: {v}" for k, v in sorted(train.items()))] if train else []),
         "", "## Use", "", "```python", "from clipcap_core import Captioner",
         "captioner = Captioner.from_pretrained('<this directory or URI>')",
         "captioner.caption(images=['photo.jpg'])", "```", "",

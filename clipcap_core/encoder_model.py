@@ -115,7 +115,7 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", precisi
     precision = resolve_precision(precision, device)
     oc = _open_clip(cfg.model_name)
     weights = resolve_weights(cfg.pretrained) if cfg.pretrained else shipped_weights(cfg.model_name)
-    # Seeded init without touching the caller's RNG: the tiny preset (and any random-weights model) is
+    # Seeded init without touching the caller's RNG: `tiny-random` (and any random-weights model) is
     # then identical in every process. Built on the CPU so the init does not depend on the device.
     with torch.random.fork_rng(devices=[]), _quiet_random_init(weights is None), _skip_init(weights is not None):
         torch.manual_seed(TINY_SEED)

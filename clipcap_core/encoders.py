@@ -2,15 +2,15 @@
 
     enc = load_encoder(EncoderConfig(model_name="ViT-B-32", pretrained="openai"), device="cuda")
     enc = load_encoder(EncoderConfig(model_name="ViT-B-32", pretrained="s3://bucket/clip/vit-b-32.pt"))
-    enc = load_encoder(EncoderConfig())            # the `tiny` preset: seeded random weights, CPU-fast
+    enc = load_encoder(EncoderConfig())            # the `tiny` preset: a small trained CLIP, CPU-fast
     x = torch.stack([enc.preprocess(img) for img in images])    # (B, 3, H, W)
     e = enc.encode_images(x)                                     # np.float32 (B, D), D = enc.dim
 
 The `tiny` preset is a small open_clip config shipped in ``clipcap_core/resources/tiny.json`` (ViT on
-64x64 images, 8x8 patches, fixed 2-D sin-cos positions, average pooling; 2-layer text tower). Its weights are
-a fixed-seed random init, identical in every process, so the embed and caption jobs agree without a
-checkpoint file. Random weights keep colour, shape, size, count and position of the synthetic images
-linearly decodable (checked by ``tests/core/test_encoders.py``); they carry no language-image alignment.
+64x64 images, 16x16 patches, 3 layers; 2-layer text tower) with trained, language-aligned weights shipped beside
+it (``resources/tiny.safetensors``, made by ``clipcap train-clip`` on the synthetic set; ``resources/tiny.md`` is
+its card). ``tiny-random`` (``resources/tiny-random.json``: 4x4 patches, fixed 2-D sin-cos positions) has no
+weights file: a fixed-seed random init, identical in every process, with no language-image alignment.
 
 Preprocessing is split for pipelines: ``resize`` (PIL -> uint8 (H, W, 3), done in decode tasks) then
 ``encode_pixels`` (uint8 (B, H, W, 3) -> normalise -> encode, done in the encoder actor); together they equal
@@ -152,6 +152,18 @@ def shipped_weights(model_name: str) -> str | None:
     seeded random init is the point)."""
     path = _RESOURCES / f"{model_name}.safetensors"
     return str(path) if path.is_file() else None
+
+
+def describe_weights(model_name: str, pretrained: str | None) -> str:
+    """Where ``model_name``'s weights come from, for model cards and reports: a hub tag, a weights file, the
+    weights shipped with this package, or a seeded random init (so random weights never pass for trained ones)."""
+    if pretrained:
+        kind = "weights file" if is_weights_location(pretrained) else "pretrained tag"
+        return f"{model_name}, {kind} {pretrained!r}"
+    shipped = shipped_weights(model_name)
+    if shipped:
+        return f"{model_name}, trained weights shipped with clipcap_core (resources/{Path(shipped).name})"
+    return f"{model_name}, seeded random init (no pretrained weights)"
 
 
 def available_models() -> list[str]:

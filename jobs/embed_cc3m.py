@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = job_config(args)
         if cfg.synthetic is not None:
             print(f"embed_cc3m: no --url-list given: running the EMBEDDED DEFAULT ({cfg.synthetic.samples} "
-                  f"synthetic images, `tiny` CLIP preset with random weights) into {cfg.embed.output_root}",
+                  f"synthetic images, `tiny` CLIP preset trained on synthetic shapes) into {cfg.embed.output_root}",
                   flush=True)
         result = run_embed_job(cfg, ray_address=args.ray_address)
     except (ValueError, OSError) as exc:  # job-level faults: one clear line, before any work

@@ -19,6 +19,8 @@ Why each piece (measured on Ray 2.60):
   the head in its own session and record its id; ``stop`` signals that session plus any process holding
   files under this temp dir's session folders (job drivers run in sessions of their own), nothing else.
 - A busy port is an error naming it before anything starts (Ray would otherwise pick another or fail late).
+- A failed ``start`` / ``env`` exits 3 with the error on stderr and prints ``(exit 3)`` on stdout, so
+  ``eval "$(...)"`` fails too (an empty eval returns 0).
 """
 
 from __future__ import annotations
@@ -224,6 +226,11 @@ def _signal(pids: list[int], sig: int) -> None:
             pass
 
 
+# What a failed start or env prints on stdout: `eval "$(ray_head.sh start)"` would otherwise eval nothing and
+# return 0, and the next pasted `ray job submit` would go to whatever Ray holds the jobs port.
+FAILED_EVAL = "(exit 3)  # ray_head failed: see the error above\n"
+
+
 def _exports(env: dict[str, str]) -> str:
     return "".join(f"export {k}={v}\n" for k, v in env.items())
 
@@ -259,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         env = start(cfg)
     except (RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.stdout.write(FAILED_EVAL)
         return 3
     if not cfg.auth:
         print("# WARNING: token auth is OFF (--no-auth): anyone reaching these ports can run code", file=sys.stderr)

@@ -71,6 +71,24 @@ def run_record(uri: str) -> dict[str, Any]:
     return (storage.read_json(meta_uri(root, "run.json")) or {}) if root else {}
 
 
+def top_captions(output: str) -> list[tuple[str, str]]:
+    """(key, caption) of every committed image's rank-0 caption, sorted by key (key, caption and rank columns
+    only: what ``clipcap caption --show`` prints after a run)."""
+    import pyarrow.parquet as pq
+
+    rows: list[tuple[str, str]] = []
+    for uri in storage.list_files(table_uri(output), ".parquet"):
+        fs, path = storage.filesystem(uri)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            ranked = schemas.RANK in pf.schema_arrow.names
+            table = pf.read(columns=[schemas.KEY, schemas.CAPTION] + ([schemas.RANK] if ranked else []))
+        if ranked:
+            table = table.filter(pa.compute.equal(table.column(schemas.RANK), 0))
+        rows += zip(table.column(schemas.KEY).to_pylist(), table.column(schemas.CAPTION).to_pylist(), strict=True)
+    return sorted(rows)
+
+
 def done_parts(output: str) -> set[str]:
     """Part ids with a caption file or an empty marker."""
     names = [u.rsplit("/", 1)[-1].removesuffix(".parquet") for u in storage.list_files(table_uri(output), ".parquet")]

@@ -7,8 +7,10 @@ Flags map onto ``CaptionConfig`` (``--strategy``/``--num-captions``/... onto ``d
 ``--part-size``/... onto ``source``, ``--stages``/``--gpus-per-actor``/... onto ``resources``);
 ``--set KEY=VALUE`` reaches any other key.
 Output: ``<output>/captions/part-*.parquet`` (the caption table) and ``<output>/_meta/`` (errors table, run
-record, summary). Exit code: 0 every part done, 4 some parts could not be read (named on stderr; a rerun
-retries them) or the output failed part-way (the part and the cause named), 5 none done, 2 a bad config,
+record, summary). After the summary, ``--show K`` prints ``key<TAB>caption`` for the first K images by key
+(rank-0 captions of the committed table; by default all of them when there are at most ``SHOW_ALL_UP_TO``).
+Exit code: 0 every part done, 4 some parts could not be read (named on stderr; a rerun retries them) or the
+output failed part-way (the part and the cause named), 5 none done, 6 most captions empty, 2 a bad config,
 input, output or model (before any work), 143 / 130 stopped by SIGTERM / Ctrl-C (a rerun resumes).
 """
 
@@ -23,6 +25,7 @@ from pipelines.commands.caption_images import add_projection_arguments
 # SIGTERM / Ctrl-C: stop committing, say how many parts are committed, exit 143 / 130 (pipelines.stopping)
 STOP_ON_SIGNALS = True
 HELP = "bulk-caption image archives into caption tables"
+SHOW_ALL_UP_TO = 20  # without --show, a run of at most this many images prints every caption
 # flag dest -> (config section or "" for the top level, field name)
 _FIELDS: dict[str, tuple[str, str]] = {
     "input": ("", "input"), "output": ("", "output"), "model": ("", "model"), "overwrite": ("", "overwrite"),
@@ -95,6 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         --precision         auto|fp32|fp16|bf16  auto: fp16 on GPU, fp32 on CPU
         --jpeg-draft        switch  faster JPEG decoding by DCT scaling (pixels differ slightly)
     """)
+    p.add_argument("--show", type=int, metavar="K",
+                   help=f"print key<TAB>caption for the first K images by key after the run (default: all when "
+                        f"there are at most {SHOW_ALL_UP_TO}; 0: none)")
     common.add_ray_address(p)
     add_projection_arguments(p)
 
@@ -116,8 +122,31 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.caption.job import caption_archive
 
     cfg = config_from_args(args)
+    if args.show is not None and args.show < 0:
+        from clipcap_core.configs import ConfigError
+
+        raise ConfigError(f"--show must be >= 0 (0 prints no captions), got {args.show}")
     common.init_ray(args.ray_address)  # job-level faults are reported before any Ray process starts
     summary = caption_archive(cfg)
     common.print_result(None, summary.as_dict())
     common.print_not_done(summary.parts_failed, "clipcap caption: part {name} not done (rerun to retry): {why}")
+    show_captions(cfg.output, args.show)
     return summary.exit_code
+
+
+def show_captions(output: str, show: int | None) -> None:
+    """Print ``key<TAB>caption`` lines of the first ``show`` images (None: all of at most ``SHOW_ALL_UP_TO``), so a
+    small run's captions are seen without opening Parquet; a larger run gets a hint on stderr instead."""
+    import sys
+
+    from pipelines.caption.output import table_uri, top_captions
+
+    if show == 0:
+        return
+    rows = top_captions(output)
+    if show is None and len(rows) > SHOW_ALL_UP_TO:
+        print(f"clipcap caption: {len(rows)} images captioned in {table_uri(output)}; --show K prints the first K",
+              file=sys.stderr)
+        return
+    for key, caption in rows[:show]:
+        print(f"{key}\t{' '.join((caption or '').split())}")

@@ -3,7 +3,8 @@
     clipcap report --captions s3://b/captions/run1 --evaluation ./eval/run1 --run s3://b/runs/cc3m-mlp \\
                    --out report.html
 
-The gallery samples a few parts of the caption table (never the whole table); images come from the input
+The page opens with what went wrong (captions matching no reference, empty or looping captions, the lowest
+CLIPScores). The gallery samples a few parts of the caption table (never the whole table); images come from the input
 recorded in the table's ``_run.json`` (or ``--images``); the model card and prefix interpretation from the
 model recorded in the table (or ``--model``).
 """
@@ -17,7 +18,7 @@ from pipelines.commands import common
 HELP = "write a self-contained HTML report of a captioning run"
 
 _FIELDS = ("captions", "out", "evaluation", "run", "model", "images", "sample", "max_parts", "interpret",
-           "thumb_px", "seed")
+           "thumb_px", "seed", "order", "failures")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         --interpret     int     images with prefix interpretation (default 4)
         --thumb-px      int     thumbnail size (default 160)
         --seed          int     seed of the sampled parts and images
+        --order         worst|key  gallery order (default worst: flagged and lowest-scoring first; the page
+                                can switch)
+        --failures      int     rows listed per kind of failure (default 50; all are counted)
     """)
 
 

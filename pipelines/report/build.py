@@ -3,6 +3,11 @@
     path = build_report(ReportConfig(captions="s3://b/captions/run1", evaluation="./eval/run1",
                                      run="s3://b/runs/cc3m-mlp", out="report.html"))
 
+The page leads with what went wrong (``failures``: captions matching no reference, empty or looping captions,
+the lowest CLIPScores, over every evaluated image), then the metrics with their ranges (``scales``), the charts,
+the gallery (worst first, or by key: ``order``; the page can switch), prefix interpretation and the model card
+(``card``: from the artifact's config.json, not only its README).
+
 Sources: the caption table (sampled, ``sample.py``), the images it was made from (the input recorded in its
 ``_meta/run.json``, or ``images``), an evaluation folder (``summary.json`` + ``per_image.parquet``), a training run
 folder (``history.json``), and the model artifact named in the caption table's metadata (model card,
@@ -15,14 +20,21 @@ from __future__ import annotations
 import logging
 import posixpath
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from pipelines.caption import output as caption_output
 from pipelines.io import storage
-from pipelines.report import charts, page
-from pipelines.report.sample import Sampled, attach_evaluation, fetch_images, sample_captions
+from pipelines.report import card, charts, page, scales
+from pipelines.report.failures import Failures, find_failures, matches_reference, row_flags, worst_first
+from pipelines.report.sample import (
+    Sampled,
+    attach_evaluation,
+    evaluation_rows,
+    fetch_images,
+    sample_captions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +52,14 @@ class ReportConfig:
     interpret: int = 4            # images whose prefixes are interpreted
     thumb_px: int = 160
     seed: int = 0
+    order: Literal["worst", "key"] = "worst"  # gallery order in the file (the page can switch)
+    failures: int = 50            # rows listed per kind of failure (all are counted)
 
     def __post_init__(self) -> None:
         if self.sample < 1 or self.max_parts < 1 or self.interpret < 0 or not 16 <= self.thumb_px <= 1024:
             raise ValueError("need sample >= 1, max_parts >= 1, interpret >= 0, 16 <= thumb_px <= 1024")
+        if self.order not in ("worst", "key") or self.failures < 1:
+            raise ValueError(f"need order worst|key (got {self.order!r}) and failures >= 1")
         if not self.out.endswith((".html", ".htm")):
             raise ValueError(f"--out must be an .html file, got {self.out!r}")
 
@@ -80,16 +96,39 @@ def _interpretation(loaded: Any, items: list[Sampled], n: int) -> list[dict[str,
 
 
 def _evaluation_context(evaluation: str | None, items: list[Sampled]) -> dict[str, Any]:
-    from pipelines.evaluate.run import metric_rows
-
     summary = storage.read_json(storage.join(evaluation, "summary.json")) if evaluation else None
     if summary is None:
-        return {"metrics": [], "eval_note": ""}
+        return {"metrics": [], "eval_note": "", "eval_rows": []}
     attach_evaluation(evaluation, items)
     note = (f"{summary['evaluated']} images evaluated against {summary['references']}; "
             f"{summary['missing_references']['count']} predictions without reference, "
             f"{summary['missing_predictions']['count']} references without prediction.")
-    return {"metrics": metric_rows(summary), "eval_note": note}
+    return {"metrics": scales.metric_table(summary), "eval_note": note, "eval_rows": evaluation_rows(evaluation)}
+
+
+def item_row(it: Sampled) -> dict[str, Any]:
+    """One sampled image as an evaluation-shaped row: its rank-0 caption, references and scores."""
+    first = it.captions[0] if it.captions else {}
+    row = {"image_id": it.key, "caption": first.get("caption") or "", "references": [],
+           "clip_score": first.get("clip_score")}
+    row.update({k: v for k, v in it.evaluation.items() if v is not None and k != "image_id"})
+    return row
+
+
+def gallery_cards(items: list[Sampled], order: str) -> list[dict[str, Any]]:
+    """One card per item with its flags, references (matched or not) and both ranks, in ``order``."""
+    rows = [item_row(it) for it in items]
+    worst_rank = {i: r for r, i in enumerate(worst_first(rows))}
+    cards = [{"it": it, "flags": row_flags(row), "worst_rank": worst_rank[i], "key_rank": i,
+              "refs": [(ref, matches_reference(row["caption"], [ref])) for ref in row["references"]]}
+             for i, (it, row) in enumerate(zip(items, rows, strict=True))]
+    return sorted(cards, key=lambda c: c["worst_rank"]) if order == "worst" else cards
+
+
+def _failures(eval_rows: list[dict[str, Any]], items: list[Sampled], shown: int) -> Failures:
+    if eval_rows:
+        return find_failures(eval_rows, source="evaluation", shown=shown)
+    return find_failures([item_row(it) for it in items], source="sample", shown=shown)
 
 
 def build_report(cfg: ReportConfig) -> str:
@@ -109,18 +148,23 @@ def build_report(cfg: ReportConfig) -> str:
     history = storage.read_json(storage.join(cfg.run, "history.json")) if cfg.run else None
     clip_values = [c.get("clip_score") for it in sampled.items for c in it.captions[:1]]
     interpretation = _interpretation(loaded, sampled.items, cfg.interpret)
+    evaluated = _evaluation_context(cfg.evaluation, sampled.items)
     context = {
         "title": posixpath.basename(cfg.captions.rstrip("/")) or cfg.captions, "captions": cfg.captions,
-        "model": model_uri, "items": sampled.items, "parts_read": sampled.parts_read,
+        "model": model_uri, "parts_read": sampled.parts_read, "items": sampled.items,
         "parts_total": sampled.parts_total, "rows_read": sampled.rows_read,
+        "cards": gallery_cards(sampled.items, cfg.order), "order": cfg.order,
+        "failures": _failures(evaluated.pop("eval_rows"), sampled.items, cfg.failures),
         "training_chart": charts.training_chart(history) if history else None,
-        "clip_chart": charts.histogram(clip_values, "CLIPScore"),
+        "clip_chart": charts.histogram(clip_values, "CLIPScore (0-2.5)"),
         "score_keys": ("bleu4", "cider", "clip_score", "ref_clip_score", "exact_match"),
+        "scale": scales.scale, "log_prob_scale": scales.LOG_PROB_SCALE,
         "interpretation": interpretation,
         "interpretation_note": "no model or no image embeddings for prefix interpretation"
         if not interpretation else "",
+        "card": card.card_sections(model_uri, evaluated["metrics"]),
         "model_card": _model_card(model_uri), "model_card_note": f"no model card found for {model_uri!r}",
-        **_evaluation_context(cfg.evaluation, sampled.items),
+        **evaluated,
     }
     html = page.render(context)
     fs, path = storage.filesystem(cfg.out)

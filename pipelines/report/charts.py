@@ -1,6 +1,6 @@
 """Charts of ``clipcap report`` as PNG data URIs (matplotlib, Agg backend; embedded, so the file stands alone).
 
-    training_chart(history)       # train loss per step + held-out loss, and held-out metrics per epoch
+    training_chart(history)       # train loss + held-out loss, and held-out metrics per epoch
     histogram(values, label)      # e.g. CLIPScore of the sampled captions
 """
 
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from collections.abc import Sequence
 from typing import Any
 
+MIN_STEP_ROWS = 3  # fewer step rows draw no line: plot the epoch rows' train loss instead
 HELDOUT = ("exact_match", "bleu4", "cider", "clip_score")  # clipcap_core.evaluation.heldout_metrics
 
 
@@ -30,16 +32,30 @@ def _data_uri(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def train_loss_points(history: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], str]:
+    """(step, train loss) points and their legend: the step rows, or the epoch rows' mean loss when a short run
+    logged fewer than ``MIN_STEP_ROWS`` steps (a 64-sample run logs none between its epochs)."""
+    def finite(v: Any) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    steps = [(r["step"], r["train_loss"]) for r in history if r.get("kind") == "step" and finite(r.get("train_loss"))]
+    if len(steps) >= MIN_STEP_ROWS:
+        return steps, "train loss"
+    epochs = [(r["step"], r["train_loss"]) for r in history
+              if r.get("kind") == "epoch" and finite(r.get("train_loss"))]
+    return (epochs, "train loss (epoch mean)") if len(epochs) > len(steps) else (steps, "train loss")
+
+
 def training_chart(history: list[dict[str, Any]]) -> str | None:
     """Loss curves (``pipelines.train.job.plot_history``'s data) beside the held-out metrics per epoch."""
     plt = _pyplot()
-    steps = [(r["step"], r["train_loss"]) for r in history if r.get("kind") == "step" and "train_loss" in r]
     epochs = [r for r in history if r.get("kind") == "epoch"]
+    steps, label = train_loss_points(history)
     if not steps and not epochs:
         return None
     fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
     if steps:
-        loss_ax.plot(*zip(*steps, strict=True), lw=1, label="train loss")
+        loss_ax.plot(*zip(*steps, strict=True), "-" if label == "train loss" else "s-", lw=1, label=label)
     val = [(r["step"], r["val_loss"]) for r in epochs if "val_loss" in r]
     if val:
         loss_ax.plot(*zip(*val, strict=True), "o-", label="held-out loss")

@@ -4,7 +4,9 @@ A caption table can hold millions of rows, so nothing here reads a whole table: 
 most ``max_parts`` part files (seeded), one row group of each, and at most ``batch_rows`` rows of that row
 group (the first record batch), then samples images among those rows. ``fetch_images`` reads only the input
 parts those rows came from (a caption part ``part-<id>.parquet`` is input part ``<id>``, ``pipelines.io.sources``)
-and stops reading a part once it has the images it wants. Per-image evaluation rows are read with a filter.
+and stops reading a part once it has the images it wants. Per-image evaluation rows of the sample are read with
+a filter; ``evaluation_rows`` reads every row (for the failures section: an evaluation is as long as its
+references, thousands of rows, not a caption table's millions).
 """
 
 from __future__ import annotations
@@ -149,3 +151,13 @@ def attach_evaluation(evaluation: str, items: list[Sampled]) -> None:
         table = pq.read_table(f, filters=pc.field(schemas.IMAGE_ID).isin(list(forms)))
     for row in table.to_pylist():
         forms[row[schemas.IMAGE_ID]].evaluation = row
+
+
+def evaluation_rows(evaluation: str) -> list[dict[str, Any]]:
+    """Every row of ``<evaluation>/per_image.parquet`` ([] when there is none)."""
+    uri = storage.join(evaluation, "per_image.parquet")
+    if not storage.exists(uri):
+        return []
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f).to_pylist()

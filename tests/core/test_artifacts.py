@@ -33,6 +33,18 @@ def _same_outputs(a: ClipCapModel, b: ClipCapModel, tok_a, tok_b) -> None:
         np.testing.assert_array_equal(ga.scores, gb.scores)
 
 
+def test_model_card_names_the_clip_weights_the_recipe_and_missing_metrics(tmp_path):
+    """A card a reader can trust: `tiny` is the shipped trained CLIP (not "tiny / None"), an empty metrics file
+    is said to be empty, and the training recipe of config.json's ``training.train`` is listed."""
+    loaded = load_model("tiny")
+    save_model(loaded.model, loaded.tokenizer, str(tmp_path / "m"),
+               extra={"training": {"train": {"lr": 0.003, "batch_size": 16}}})
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "- CLIP encoder: tiny, trained weights shipped with clipcap_core (resources/tiny.safetensors)" in card
+    assert "## Metrics\n\n- none recorded (no held-out evaluation ran)" in card
+    assert "## Training recipe\n\n- batch_size: 16\n- lr: 0.003\n" in card
+
+
 def test_local_round_trip_and_layout(tmp_path):
     model, tok = trained_tiny()
     out = tmp_path / "model"

@@ -128,7 +128,7 @@ def _ridge_accuracy(x: np.ndarray, labels: list, n_train: int, lam: float = 1.0)
 
 
 def test_tiny_embeddings_are_informative(tiny):
-    """A linear probe reads every caption attribute off tiny embeddings (random weights, no training)."""
+    """A linear probe reads every caption attribute off embeddings of the shipped, trained tiny CLIP."""
     samples = list(synthetic.generate(450, seed=11))
     pixels = np.stack([tiny.resize(s.image) for s in samples])
     emb = np.concatenate([tiny.encode_pixels(pixels[i:i + 100]) for i in range(0, len(pixels), 100)])

@@ -52,3 +52,24 @@ def test_readme_local_infrastructure_lines_run_as_written(tmp_path):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", s3_port))
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_readme_head_line_fails_visibly_when_the_start_fails(tmp_path):
+    """The README's `eval "$(infra/local/ray_head.sh start ...)"` line on a busy port: the eval itself exits
+    non-zero with the reason on stderr, so a script stops and a person sees it (an empty eval returns 0). No Ray
+    starts: the busy port is refused first."""
+    line = readme_lines()[2]
+    assert line.startswith('eval "$(infra/local/ray_head.sh start')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env.update(PYTHON=sys.executable, RAY_TMPDIR=str(tmp_path / "ray"), CLIPCAP_RAY_PORT=str(port))
+        proc = subprocess.run(["bash", "-c", f'{line}\necho "eval exit: $?"\necho "RAY_ADDRESS=${{RAY_ADDRESS:-}}"'],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        strict = subprocess.run(["bash", "-c", f"set -euo pipefail\n{line}\necho reached"], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60)
+    assert "eval exit: 3" in proc.stdout and "RAY_ADDRESS=\n" in proc.stdout, proc.stdout + proc.stderr
+    assert f"GCS port {port} on 127.0.0.1 is busy" in proc.stderr
+    assert strict.returncode == 3 and "reached" not in strict.stdout, strict.stdout + strict.stderr

@@ -1,6 +1,7 @@
 """Builders for the report tests (not a test module): a captioned synthetic archive laid out exactly as
 ``clipcap caption`` writes it (``captions/`` parts named after the input's parts, ``_meta/run.json`` naming the input), a tiny
-model artifact, an evaluation of the captions and a training history."""
+model artifact (with a training record in its config.json), an evaluation of the captions and a training history.
+``wrong`` plants captions by sample index (the first caption is always the hostile one)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,16 @@ from pipelines.io import schemas, sources
 HOSTILE = "<script>document.title='pwned'</script> two red circles"  # a caption is untrusted text
 
 
-def captioned_run(root: Path, n: int = 8, archives: int = 2) -> dict[str, str]:
+TRAINING = {"run": "report-test", "step": 20, "epochs": 2, "tables": ["embeddings/part-0.parquet"], "init": "tiny",
+            "train": {"lr": 0.003, "batch_size": 16, "epochs": 2, "warmup_steps": 1}, "input_errors": {}}
+
+
+def captioned_run(root: Path, n: int = 8, archives: int = 2, wrong: dict[int, str] | None = None) -> dict[str, str]:
     from clipcap_core.artifacts import load_model, save_model
 
     model = root / "model"
     loaded = load_model("tiny")
-    save_model(loaded.model, loaded.tokenizer, str(model), metrics={"cider": 1.23})
+    save_model(loaded.model, loaded.tokenizer, str(model), metrics={"cider": 1.23}, extra={"training": TRAINING})
     inp = root / "input"
     samples = list(synthetic.generate(n, seed=5, size=64, start=900))
     per = n // archives
@@ -40,7 +45,7 @@ def captioned_run(root: Path, n: int = 8, archives: int = 2) -> dict[str, str]:
         for s in samples[a * per:(a + 1) * per]:
             key = f"{rel}/{s.key}.png"
             keys.append(key)
-            caption = HOSTILE if len(keys) == 1 else s.caption
+            caption = HOSTILE if len(keys) == 1 else (wrong or {}).get(len(keys) - 1, s.caption)
             for rank, text in enumerate((caption, "an alternative caption")):
                 for name, v in (("key", key), ("caption", text), ("score", -0.5 - rank), ("model", f"{model}@v1"),
                                 ("created_at", None), ("rank", rank), ("clip_score", 0.6 - 0.1 * rank)):

@@ -255,3 +255,43 @@ def test_caption_stage_gives_n_ranked_captions_per_embedding(strategy, n):
         assert all(isinstance(c, str) for c in r["captions"]) and len(r["scores"]) == n
         if strategy == "beam":
             assert r["scores"] == sorted(r["scores"], reverse=True)
+
+
+def _done_run(tmp_path, names: list[str], captions: dict[str, list[str]]) -> list[str]:
+    """A caption run whose only part is already committed (beam, 2 captions): the CLI then needs no Ray."""
+    from pipelines.caption.job import prepare
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    for name in names:
+        (inp / name).write_bytes(good_images()["rgb.jpg"])
+    beam = DecodeConfig(strategy="beam", n=2, beam_size=2)
+    plan = prepare(_cfg(inp, out, decoding=beam))
+    rows = [(i, name, captions.get(name, [f"{name} one", f"{name} two"]), None) for i, name in enumerate(sorted(names))]
+    PartCommitter(str(out), plan.model_id, beam).add(_stage_rows("images-00000", rows, total=len(names)))
+    return ["caption", "--input", str(inp), "--output", str(out), "--model", "tiny", "--allow-untrained",
+            "--strategy", "beam", "--num-captions", "2", "--beam-size", "2"]
+
+
+def test_cli_shows_the_rank0_captions_of_a_small_run_sorted_by_key(tmp_path, capsys):
+    from pipelines.cli import main
+
+    argv = _done_run(tmp_path, ["c.jpg", "a.jpg", "b.jpg"], {"b.jpg": ["b\tone\nline", "b two"]})
+    assert main(argv) == 0  # default: every caption of a run of at most 20 images
+    assert capsys.readouterr().out.splitlines()[-3:] == ["a.jpg\ta.jpg one", "b.jpg\tb one line", "c.jpg\tc.jpg one"]
+    assert main([*argv, "--show", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-2:] == ["a.jpg\ta.jpg one", "b.jpg\tb one line"] and "c.jpg\t" not in out
+    assert main([*argv, "--show", "0"]) == 0 and "\t" not in capsys.readouterr().out
+    assert main([*argv, "--show", "-1"]) == 2 and "--show must be >= 0" in capsys.readouterr().err
+
+
+def test_cli_shows_no_captions_of_a_larger_run_unless_asked(tmp_path, capsys):
+    from pipelines.cli import main
+
+    argv = _done_run(tmp_path, [f"{i:02d}.jpg" for i in range(21)], {})
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "\t" not in captured.out and "21 images captioned" in captured.err and "--show K" in captured.err
+    assert main([*argv, "--show", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[-3:] == [f"{i:02d}.jpg\t{i:02d}.jpg one" for i in range(3)]

@@ -126,4 +126,110 @@ def test_a_plain_caption_table_without_ranks_scores_or_images_still_reports(tmp_
     out = build_report(ReportConfig(captions=str(tmp_path / "caps"), out=str(tmp_path / "r.html"), sample=5))
     html = Path(out).read_text()
     assert "a dog" in html and "a &lt;b&gt;bold&lt;/b&gt; cat" in html and "No evaluation given" in html
-    assert html.count('<figure class="card">') == 2 and "no image" in html
+    assert html.count('<figure class="card') == 2 and "no image" in html
+
+
+# Planted failures: a swapped caption, an empty one and a looping one, beside the hostile first caption.
+PLANTED = {2: "two large red circles at the bottom", 4: "", 6: "three three three large yellow circles"}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    run = captioned_run(root, wrong=PLANTED)
+    run_evaluate(EvaluateConfig(predictions=run["captions"], references=run["refs"], images=run["input"],
+                                output=str(root / "eval"), tokenize="simple", metrics=("bleu", "cider")))
+    paths = {}
+    for order in ("worst", "key"):
+        paths[order] = root / f"report-{order}.html"
+        assert main(["report", "--captions", run["captions"], "--evaluation", str(root / "eval"), "--run", run["run"],
+                     "--order", order, "--out", str(paths[order])]) == 0
+    wrong = [run["keys"][i] for i in (0, *PLANTED)]
+    return {**run, "paths": paths, "html": paths["worst"].read_text(), "wrong": wrong}
+
+
+def _stem(key: str) -> str:
+    return key.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def test_report_leads_with_failures_then_scaled_metrics_and_a_filled_model_card(planted):
+    html = planted["html"]
+    assert html.index('id="failures"') < html.index('id="metrics"') < html.index('id="gallery"')
+    assert 'class="bad"' in html and "4 of 8</strong> captions match none of their references" in html
+    assert "<strong>2</strong> empty or looping" in html and "loops on &#39;three&#39;" in html
+    assert re.search(r"<td>CIDEr</td><td class=\"num\">[\d.]+</td><td class=\"num\">0-1000</td>", html)
+    assert re.search(r"<td>CLIPScore</td><td class=\"num\">[\d.]+</td><td class=\"num\">0-250</td>", html)
+    card = html[html.index('id="model-card"'):]
+    assert "tiny, trained weights shipped with clipcap_core" in card and "<td>lr</td><td>0.003</td>" in card
+    assert "<td>cider</td><td>1.23</td>" in card and "<td>training tables</td><td>1: embeddings/part-0.parquet" in card
+    cards = re.findall(r'<figure class="(card(?: bad)?)" data-key="([^"]+)"', html)
+    assert {k for _, k in cards[:4]} == set(planted["wrong"])  # worst first: the flagged cards lead
+    assert [cls for cls, _ in cards] == ["card bad"] * 4 + ["card"] * 4
+    by_key = re.findall(r'<figure class="card(?: bad)?" data-key="([^"]+)"', planted["paths"]["key"].read_text())
+    assert by_key == sorted(planted["keys"])
+
+
+def test_train_loss_comes_from_the_epoch_rows_when_a_short_run_logged_too_few_steps(monkeypatch):
+    """A 64-sample run logs no step row between its epochs: the chart still draws train loss (epoch means)."""
+    from matplotlib.axes import Axes
+
+    from pipelines.report.charts import training_chart
+
+    lines: list[tuple[str, list]] = []
+    plot = Axes.plot
+
+    def recording(ax, *args, **kwargs):
+        lines.append((kwargs.get("label", ""), list(args[0]) if args else []))
+        return plot(ax, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", recording)
+    epochs = [{"kind": "epoch", "step": s, "epoch": s // 4, "train_loss": 3.0 / s, "val_loss": 2.0 / s}
+              for s in (4, 8, 12)]
+    for steps in ([], [{"kind": "step", "step": 4, "train_loss": 2.0}]):
+        lines.clear()
+        assert training_chart(steps + epochs) is not None
+        assert [xs for label, xs in lines if label.startswith("train loss")] == [[4, 8, 12]], lines
+    lines.clear()
+    many = [{"kind": "step", "step": s, "train_loss": 1.0} for s in range(1, 6)]
+    training_chart(many + epochs)
+    assert [(label, xs) for label, xs in lines if label.startswith("train")] == [("train loss", [1, 2, 3, 4, 5])]
+
+
+def test_failures_section_in_headless_chromium_lists_exactly_the_wrong_rows(planted):
+    chromium = shutil.which("chromium") or shutil.which("chromium-headless-shell")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (make setup installs it)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report-failures.png"
+    cards_js = """() => [...document.querySelectorAll('#gallery figure.card')]
+        .map(c => [c.dataset.key, c.classList.contains('bad'), c.getBoundingClientRect().top,
+                   c.getBoundingClientRect().left, c.querySelectorAll('.ref-match').length])
+        .sort((a, b) => a[2] - b[2] || a[3] - b[3])"""
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1600})
+            page.goto(planted["paths"]["worst"].as_uri(), wait_until="load")
+            state = page.evaluate("""() => ({
+                first: document.body.querySelector('section, table').id,
+                mismatch: [...document.querySelectorAll('#failures-mismatch tr.failure')].map(r => r.dataset.key),
+                degenerate: [...document.querySelectorAll('#failures-degenerate tr.failure')].map(r => r.dataset.key),
+                border: getComputedStyle(document.getElementById('failures')).borderTopColor,
+                scripts: document.scripts.length })""")
+            worst = page.evaluate(cards_js)
+            page.screenshot(path=str(shot), full_page=True)
+            page.click("label[for=order-key]")
+            by_key = page.evaluate(cards_js)
+        finally:
+            browser.close()
+    shutil.copy(shot, "/tmp/report-failures.png")
+    print(f"report failures screenshot: {shot} (copied to /tmp/report-failures.png)")
+    wrong = planted["wrong"]
+    assert state["first"] == "failures" and state["scripts"] == 0 and state["border"] == "rgb(176, 0, 32)"
+    assert sorted(map(_stem, state["mismatch"])) == sorted(map(_stem, wrong))
+    assert sorted(map(_stem, state["degenerate"])) == sorted(_stem(planted["keys"][i]) for i in (4, 6))
+    assert {k for k, *_ in worst[:4]} == set(wrong) and [bad for _, bad, *_ in worst] == [True] * 4 + [False] * 4
+    assert [refs for *_, refs in worst] == [0] * 4 + [1] * 4  # a reference is green only where it matches
+    assert [k for k, *_ in by_key] == sorted(planted["keys"])  # the page's own switch, no script
+    assert shot.stat().st_size > 10_000

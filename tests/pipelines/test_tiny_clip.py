@@ -4,6 +4,7 @@ retrieves the right caption among all 432 (the figures the model card records)."
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -61,3 +62,25 @@ def test_eval_clip_cli_on_shards(tmp_path, capsys):
                  "--output", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["retrieval"]["i2t_r1"] < 0.2
     assert np.isfinite(report["seconds"])
+
+
+def _sentences_calling_tiny_random(text: str) -> list[str]:
+    """Sentences that name the `tiny` CLIP (not `tiny-random`) and call its weights random."""
+    found = []
+    for sentence in re.split(r"(?<=[.:;])\s+|\n\s*\n", text):
+        flat = " ".join(sentence.split())
+        names_tiny = re.search(r"`tiny`|``tiny``|\btiny (CLIP|preset)\b|\bthe tiny preset\b", flat)
+        if names_tiny and "tiny-random" not in flat and re.search(r"random[- ]weights?\b", flat):
+            found.append(flat)
+    return found
+
+
+def test_docs_describe_tiny_as_the_trained_clip_not_a_random_one():
+    """`tiny` is a small trained, aligned CLIP shipped as package data; only `tiny-random` has random weights."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    files = [root / "README.md", root / "ARCHITECTURE.md", *sorted((root / "jobs").glob("*.py")),
+             *sorted((root / "clipcap_core").glob("*.py")), *sorted((root / "pipelines").rglob("*.py"))]
+    wrong = [(str(f.relative_to(root)), s) for f in files for s in _sentences_calling_tiny_random(f.read_text())]
+    assert wrong == []
