@@ -38,7 +38,10 @@ class ClipCapRun(WorkerRun):
         self.model, self.tokenizer = build_or_load_model(job.model, plan.model_config, seed=hp.seed,
                                                          device=self.device)
         self.optimizer, self.scheduler = make_optimizer_and_scheduler(self.model, hp, plan.total_steps)
-        self.resume()
+        if not self.resume() and self.rank == 0:  # the run record opens with the effective recipe
+            self.state.history.append({"kind": "recipe", "step": 0, "epoch": 0, "attempt": self.state.attempt,
+                                       **{f"recipe_{k}": v for k, v in to_dict(hp).items()},
+                                       **{f"dropped_{k.replace(' ', '_')}": n for k, n in plan.input_errors.items()}})
         torch.manual_seed(hp.seed * 1000 + 100 * self.state.attempt + self.rank)  # dropout: per worker and attempt
         self.heldout = None
         if self.rank == 0 and job.heldout_fraction > 0:

@@ -145,6 +145,7 @@ class NodeKiller:
         self.probe = probe or (lambda: None)  # recorded at the kill (e.g. the units committed so far)
         self.info: dict[str, Any] = {"killed": False}
         self.done = threading.Event()
+        self.fired = threading.Event()  # set once the node is removed (or the killer stopped)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> NodeKiller:
@@ -186,13 +187,44 @@ class NodeKiller:
                                  at_s=round(time.monotonic() - self._t0, 1))
                 self.cluster.remove_node(node, allow_graceful=False)
                 self.info["killed"] = not self.done.is_set()  # the job was still running after the kill
+                self.fired.set()
                 return
             time.sleep(self.poll_s)
 
     def stop(self) -> dict[str, Any]:
         self.done.set()
+        self.fired.set()
         self._thread.join(timeout=60)
         return self.info
+
+
+@contextlib.contextmanager
+def hold_driver_until_kill(killer: NodeKiller, units: int = 1, wait_s: float = 120.0):
+    """Make the kill part of the job's timeline: once the driver has committed ``units`` units, its committer
+    waits (up to ``wait_s``) until ``killer`` has removed a node. Meanwhile Ray's tasks and actors go on with the
+    other units, so the kill always lands mid-job, with units left to do, whatever the machine's speed (a fast
+    job could otherwise commit every unit before the killer's next poll)."""
+    from pipelines.committer import UnitCommitter
+
+    settle = UnitCommitter._settle
+
+    def held(self, unit, rows):
+        result = settle(self, unit, rows)
+        if len(self.committed) >= units and not killer.fired.is_set():
+            killer.info["driver_held_s"] = round(_timed_wait(killer.fired, wait_s), 1)
+        return result
+
+    UnitCommitter._settle = held
+    try:
+        yield
+    finally:
+        UnitCommitter._settle = settle
+
+
+def _timed_wait(event, wait_s: float) -> float:
+    t0 = time.monotonic()
+    event.wait(wait_s)
+    return time.monotonic() - t0
 
 
 def alive_nodes(expect: int | None = None, wait_s: float = 90.0) -> int:

@@ -21,7 +21,13 @@ def main(inp: str, out: str) -> int:
     from pipelines.caption.job import CaptionConfig, ResourceOptions, caption_archive, table_uri
     from pipelines.io import storage
     from pipelines.io.sources import SourceConfig
-    from tests.faults.cluster_driver import NodeKiller, alive_nodes, run_until_done, start_cluster
+    from tests.faults.cluster_driver import (
+        NodeKiller,
+        alive_nodes,
+        hold_driver_until_kill,
+        run_until_done,
+        start_cluster,
+    )
 
     cluster, nodes = start_cluster()
     try:
@@ -36,12 +42,13 @@ def main(inp: str, out: str) -> int:
             return len(storage.list_files(table_uri(out), ".parquet"))
 
         killer = NodeKiller(cluster, nodes, lambda: committed() >= 1, probe=committed).start()
-        runs, first_error, results = run_until_done(
-            lambda: caption_archive(cfg),
-            lambda s: {"parts_total": s.parts_total, "skipped": s.parts_skipped, "done": s.parts_done,
-                       "images": s.images, "errors": s.errors, "failed": len(s.parts_failed),
-                       "exit_code": s.exit_code},
-            lambda s: s.exit_code == 0)
+        with hold_driver_until_kill(killer):
+            runs, first_error, results = run_until_done(
+                lambda: caption_archive(cfg),
+                lambda s: {"parts_total": s.parts_total, "skipped": s.parts_skipped, "done": s.parts_done,
+                           "images": s.images, "errors": s.errors, "failed": len(s.parts_failed),
+                           "exit_code": s.exit_code},
+                lambda s: s.exit_code == 0)
         kill = killer.stop()
         print("FAULT-RESULT " + json.dumps({"runs": runs, "kill": kill, "first_error": first_error,
                                             "results": results, "nodes_alive": alive_nodes(expect=2)}), flush=True)

@@ -20,7 +20,13 @@ def main(inp: str, out: str) -> int:
 
     from pipelines.embed.job import EmbedConfig, EmbedResources, run_embed
     from pipelines.io import storage
-    from tests.faults.cluster_driver import NodeKiller, alive_nodes, run_until_done, start_cluster
+    from tests.faults.cluster_driver import (
+        NodeKiller,
+        alive_nodes,
+        hold_driver_until_kill,
+        run_until_done,
+        start_cluster,
+    )
 
     cluster, nodes = start_cluster()
     try:
@@ -32,11 +38,12 @@ def main(inp: str, out: str) -> int:
             return len(storage.list_files(cfg.table_uri, ".parquet"))
 
         killer = NodeKiller(cluster, nodes, lambda: committed() >= 1, probe=committed).start()
-        runs, first_error, results = run_until_done(
-            lambda: run_embed(cfg),
-            lambda r: {"shards": r.shards, "skipped": r.skipped, "written": r.written, "rows": r.rows,
-                       "failed": len(r.failed)},
-            lambda r: not r.failed)
+        with hold_driver_until_kill(killer):
+            runs, first_error, results = run_until_done(
+                lambda: run_embed(cfg),
+                lambda r: {"shards": r.shards, "skipped": r.skipped, "written": r.written, "rows": r.rows,
+                           "failed": len(r.failed)},
+                lambda r: not r.failed)
         kill = killer.stop()
         print("FAULT-RESULT " + json.dumps({"runs": runs, "kill": kill, "first_error": first_error,
                                             "results": results, "nodes_alive": alive_nodes(expect=2)}), flush=True)

@@ -130,6 +130,9 @@ def test_a_nan_vector_gives_a_counted_dropped_row_and_a_finite_model(ray_cluster
     assert all(np.isfinite(r["train_loss"]) for r in result.history if "train_loss" in r)
     recorded = json.loads((tmp_path / "runs/poisoned/model/config.json").read_text())["training"]
     assert recorded["train"]["lr"] == 3e-3 and recorded["input_errors"]["non-finite vector"] == 1
+    recipe = result.history[0]  # the run record opens with the effective recipe
+    assert recipe["kind"] == "recipe" and recipe["recipe_lr"] == 3e-3 and recipe["recipe_epochs"] == 2
+    assert recipe["dropped_non-finite_vector"] == 1
 
 
 
