@@ -10,7 +10,7 @@ held-out images:
 - decap: exact-caption accuracy with the memory projection (the DeCap way);
 - zero-shot: the CLIP's own retrieval top-1: per image, argmax over all 432 synthetic captions of cosine similarity;
 - raw: exact-caption accuracy decoding the raw image embedding (``--projection none``).
-Target (issue 10): decap >= 0.8 x zero-shot, and clearly above raw. Meaningful only with an aligned CLIP
+Target: decap >= 0.8 x zero-shot, and clearly above raw. Meaningful only with an aligned CLIP
 (image and text towers trained together); with random towers all three are near chance (1/432).
 """
 

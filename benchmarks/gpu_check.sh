@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run of the speed benchmarks with GPU settings, for a machine with an NVIDIA GPU (issue 12).
+# One prepared run of the speed benchmarks with GPU settings, for a machine with an NVIDIA GPU.
 # Installs nothing (the project's venv must already exist: `make setup`, or wheels brought along); every step has
 # its own time limit so the whole script stays under ~8 minutes; figures go to stdout and $OUT (or
 # benchmarks/results/gpu/). Record them and the GPU model in ARCHITECTURE.md ("GPU figures").

@@ -8,7 +8,7 @@ descendants of that process). Every 0.25 s the benchmark sums the **proportional
 ``/proc/<pid>/smaps_rollup``) of the job's whole process tree: shared pages (Ray's object store is shared
 memory mapped by many workers, torch's libraries by every worker) are divided among the processes that map
 them, so the sum is the memory the job really holds (RSS would count the object store once per worker). The
-peak over the run is reported, with the 8k/1k ratio (issue 12 target: within 10%, i.e. memory does not grow
+peak over the run is reported, with the 8k/1k ratio (target: within 10%, i.e. memory does not grow
 with the input: shards / parts stream through and are committed one by one).
 Inputs are written before the clock: webdataset shards of 128 synthetic 256 px JPEGs (embed) and tar archives
 of 128 of them (caption: one part per archive). Linux only (``/proc``).

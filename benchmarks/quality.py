@@ -1,5 +1,5 @@
-"""Quality figures of issue 11 on held-out synthetic images, with the project's CLIP (``--clip tiny``: after the
-aligned tiny CLIP landed, a trained one; before, seeded random weights and the figures mean nothing):
+"""Quality figures on held-out synthetic images, with the project's CLIP (``--clip tiny``, the aligned tiny CLIP;
+with the seeded random-weight ``tiny-random`` the figures mean nothing):
 
 1. CLIPScore of the true captions vs the same captions shuffled across images (``clipcap_core.clipscore``);
 2. exact-caption rate of the first of 5 sampled candidates vs the CLIP-reranked best of the same 5

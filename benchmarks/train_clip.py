@@ -8,7 +8,7 @@ open_clip loop on the same model, batch, optimizer and torch threads, side by si
 - ray: ``pipelines.clip.job.run_clip_training`` with its default data path (decode + tokenise in Ray Data
   tasks every epoch, streaming split, prefetch), no held-out evaluation, checkpoint per epoch.
 Reported: pairs/s inside the training loop (the Ray run's logged step windows after its first, so start-up is
-excluded; its end-to-end wall time is shown too) and the ratio ray / plain (issue target >= 0.8). The plain
+excluded; its end-to-end wall time is shown too) and the ratio ray / plain (target >= 0.8). The plain
 loop runs before and after the Ray job (a shared machine is noisy); both are shown. Results also go to
 ``benchmarks/results/train_clip.json``.
 """

@@ -5,8 +5,8 @@
 (see ARCHITECTURE.md).
 Nothing here parses argv or reads the environment on import; ``pipelines.cli`` is the console front.
 
-The IO modules that used to sit here (``from pipelines import storage, schemas``) are still reachable under
-their old names, lazily; new code imports them from ``pipelines.io``.
+The IO modules are also reachable here, lazily (``from pipelines import storage, schemas``), for code that
+imports them by these names; our own code imports them from ``pipelines.io``.
 """
 
 from pipelines._lazy import lazy_exports

@@ -13,13 +13,12 @@ alive nodes), and every explicit value wins:
 - CPU cluster: one **single-thread** actor per core, up to 8 actors per node (above 8 cores each actor runs
   cores / 8 threads, so a node never holds more than 8 model copies). Their reservations leave one CPU per node
   for a read/decode task (2 cores: 0.5 CPU per actor + 1 for decoding); once decoding is done, the actors'
-  threads have every core. Why not one actor running all the node's cores as threads (the plan before): Ray runs
-  its workers at nice 15 and its raylet, GCS, dashboard and the driver (~15% of 2 cores while a job runs) preempt
-  them; an intra-op thread descheduled for a moment stalls the whole parallel region, so the one 2-thread actor
-  reached 7.6-8.5 img/s steady (ViT-B-32, 2 cores, 512 images) where two 1-thread actors reached 10.2-11.0 and
-  the pure forward 10.9. (Under ``chrt`` real-time priority, which the issue-12 benchmark used last stop, the
-  stalls vanish and the 2-thread actor looked fine: 12.6 img/s.) Reserving 1 CPU *and* running 1 thread in a
-  single actor (the first default) idles every other core once decoding ends: 0.66x of clip-retrieval.
+  threads have every core. Why not one actor running all the node's cores as threads: Ray runs its workers at
+  nice 15 and its raylet, GCS, dashboard and the driver (~15% of 2 cores while a job runs) preempt them; an
+  intra-op thread descheduled for a moment stalls the whole parallel region, so one 2-thread actor embeds
+  markedly slower than two 1-thread actors (under ``chrt`` real-time priority the stalls vanish, which hides
+  this). Why not one actor reserving 1 CPU and running 1 thread: every other core idles once decoding ends.
+  Figures: benchmarks/RESULTS.md, "Embedding speed".
 - One node, CPU (embed, embed-text): those single-thread actors run as concurrent batches of **one** actor
   (``share_process``: Ray Data's ``max_concurrent_calls_per_actor`` with true multi-threading; each call a
   thread with its own torch threads). The same cores work the same way, single-thread parallel regions that no

@@ -6,8 +6,8 @@
 Everything that talks to S3 here (s3fs, pyarrow via ``from_uri``, Ray Data, Ray Train, img2dataset) picks
 the endpoint up from ``AWS_ENDPOINT_URL`` plus any credentials (moto accepts any value).
 
-A busy port is refused before anything starts (a second ``start`` on one port used to report success and
-overwrite the PID file, so ``stop`` then stopped nothing). PID and log files live in a per-user 0700 folder
+A busy port is refused before anything starts (a second ``start`` on one port must not report success and
+overwrite the PID file, or ``stop`` would then stop nothing). PID and log files live in a per-user 0700 folder
 (``CLIPCAP_RUN_DIR``, default ``/tmp/clipcap-run-<uid>``), refused when it is a symlink or not ours, and are
 opened without following symlinks; ``stop`` signals the recorded process group only when its leader is still
 the ``moto_server`` on that port (a recycled PID is left alone).

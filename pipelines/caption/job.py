@@ -21,7 +21,7 @@ DuckDB, polars and Hugging Face ``datasets`` read it as it is):
   reader of the table folder ever sees a temporary, whatever stops the run).
 - ``_meta/run.json``: the model, decoding options and input plan digest of the run that owns this output;
   ``_meta/summary.json``: the last run's summary.
-An output of the old layout (part files and ``_run.json`` at its top level) is refused with a message
+An output in the flat layout (part files and ``_run.json`` at its top level) is refused with a message
 (``overwrite`` redoes it in this layout).
 
 Resumability: part ids are derived from the input (``sources.plan_parts``); a part is committed by writing

@@ -4,7 +4,8 @@ shared ``pipelines.committer.UnitCommitter`` with caption's hooks).
 Layout under a caption run's ``output`` (see ``pipelines.caption.job``): ``captions/part-<id>.parquet`` (the table:
 only non-empty part files, so every common Parquet reader takes the folder as it is) and ``_meta/`` (the
 errors table ``errors/``, ``empty/part-<id>.json`` markers of parts without captions, ``run.json``,
-``summary.json``, ``tmp/``: files being written, renamed into place when complete). ``_old_layout_files`` finds outputs written before this layout (parts at the top level).
+``summary.json``, ``tmp/``: files being written, renamed into place when complete). ``_old_layout_files`` finds
+outputs in the flat layout (part files and ``_run.json`` at the top level), which a run refuses.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def done_parts(output: str) -> set[str]:
 
 
 def _old_layout_files(output: str) -> list[str]:
-    """Files of the layout before ``captions/`` + ``_meta/`` (part files and bookkeeping at the top level)."""
+    """Files of the flat layout (part files and bookkeeping at the top level, not in ``captions/`` + ``_meta/``)."""
     old = storage.list_files(output, ".parquet") + storage.list_files(storage.join(output, "_errors"), ".parquet")
     return old + [u for u in (storage.join(output, "_run.json"), storage.join(output, "_summary.json"))
                   if storage.exists(u)]
@@ -128,9 +129,9 @@ def _is_our_part(fs: Any, path: str) -> bool:
 
 def _clear_output(output: str, previous: dict | None = None) -> None:
     """``--overwrite``: remove the part / error files and markers our runs wrote, nothing else. Without a run
-    record of ours (``previous``, or the old layout's top-level ``_run.json``) nothing is ours to clear; a
+    record of ours (``previous``, or the flat layout's top-level ``_run.json``) nothing is ours to clear; a
     Parquet file is ours when its name is ``part-<id>.parquet`` and its footer says ``clipcap.part = <id>``
-    (the old layout: also any ``part-*.parquet`` beside that layout's own ``_run.json``)."""
+    (the flat layout: also any ``part-*.parquet`` beside that layout's own ``_run.json``)."""
     old = _old_layout_files(output)
     old_record = storage.exists(storage.join(output, "_run.json"))
     if previous is None and not old_record:

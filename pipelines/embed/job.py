@@ -153,7 +153,7 @@ def list_shards(input_uri: str) -> list[str]:
 
 
 def pending_shards(cfg: EmbedConfig, shards: list[str]) -> list[str]:
-    # A 0-row part file of an older run (before _meta/empty) still counts as done.
+    # A 0-row part file (a table without _meta/empty markers) counts as done too.
     done = {posixpath.basename(u) for u in storage.list_files(cfg.table_uri, ".parquet")}
     done |= {posixpath.basename(u).removesuffix(".json") + ".parquet"
              for u in storage.list_files(storage.join(cfg.meta_uri, "empty"), ".json")}
@@ -230,9 +230,9 @@ def _drain(cfg: EmbedConfig, ds: Any, pending: list[str], dim: int, t0: float, r
     done: list[tuple[int, int]] = []
     seen = 0
     timeline: list[tuple[float, int]] = []
-    # prefetch_batches=0: a block is handed over as soon as it is done (Ray Data's default prefetch of 1 held
-    # each block back until the next was done too: the first rows and each shard commit came one actor task,
-    # ~16 s on 2 cores, late).
+    # prefetch_batches=0: a block is handed over as soon as it is done (Ray Data's default prefetch of 1 holds
+    # each block back until the next is done too, so the first rows and each shard commit come one actor task
+    # late).
     with stopping.counting(lambda: (result.skipped + len(committer.committed), result.shards), "shard"):
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             got = np.asarray(batch["image_embedding"]).shape[-1]

@@ -16,7 +16,7 @@ Parquet metadata (CLIP model, D, dtype, code version, source) plus ``clipcap.tru
 the part were longer than the CLIP context and cut to it (open_clip's tokenizer truncates; we count).
 
 Commits, resume and stale temporaries are the image embed stage's (``pipelines.embed.output``): errors file, then
-part file, each atomic; a rerun embeds only parts without a part file. ``_run.json`` records the input, its
+part file, each atomic; a rerun embeds only parts without a part file. ``_meta/.../run.json`` records the input, its
 plan digest and the settings: a rerun on changed input or settings is refused (a new ``--dataset`` or an
 emptied folder starts over). Resources are ``EmbedResources`` (``num_actors``, ``cpus_per_actor``,
 ``gpus_per_actor``, ``torch_threads``, ``batch_size``), as in the image stage.

@@ -1,4 +1,4 @@
-"""Safety checks on what an input holds (issue 14): archive members and loose files, before any byte is used.
+"""Safety checks on what an input holds: archive members and loose files, before any byte is used.
 
 Members are read into memory, never extracted; members with absolute or ``..`` paths, links and devices,
 duplicates, encrypted zip members and anything over ``max_member_bytes`` are refused (the readers make them error

@@ -45,7 +45,7 @@ def list_table_files(uris: str | Sequence[str], storage_options: dict[str, Any] 
                 raise FileNotFoundError(f"embedding table {uri!r} does not exist")
             files.append(str(uri))
             continue
-        # bookkeeping (``_meta/``, old ``_errors/``), temporaries and hidden files are not tables
+        # bookkeeping (``_meta/``, ``_errors/``), temporaries and hidden files are not tables
         base = storage.filesystem(uri, storage_options)[1].rstrip("/")
         found = [f for f in storage.list_files(uri, ".parquet", storage_options, recursive=True)
                  if not any(p.startswith(("_", ".")) for p in
@@ -349,9 +349,9 @@ def stream_tables(parts: Sequence[tuple[str, Split]], tokenize: Tokenize, max_to
     once per epoch), tokenised in the pipeline.
 
     One task per part reads its file with pyarrow (through fsspec, like every other reader here) and yields
-    blocks of ``rows_per_block`` rows as it goes. ``read_parquet`` would bundle small files into one task and
-    emit nothing until it finished, and ``union``-ing one read per epoch held every epoch back until all were
-    read: the first batch came after tens of seconds instead of one. Rows that cannot train (``filter_table``)
+    blocks of ``rows_per_block`` rows as it goes. ``read_parquet`` would bundle small files into one task that
+    emits nothing until it finishes, and ``union``-ing one read per epoch holds every epoch back until all are
+    read: the first batch would come after tens of seconds instead of one. Rows that cannot train (``filter_table``)
     and ``repeats`` are left out, as ``count_split`` counts them."""
     import ray.data
 

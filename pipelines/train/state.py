@@ -4,7 +4,7 @@ What travels: the job config (``TrainJobConfig`` / ``ClipTrainJobConfig``, which
 driver's step plan (``StepPlan``; ``train.job.TrainPlan`` / ``clip.job.ClipTrainPlan`` add what each job needs), each
 as ``configs.to_dict`` on the driver and ``configs.from_dict`` in the worker, so a missing or unknown key fails at
 once, naming the key. ``RunState`` is what a worker carries from step to step and stores in every checkpoint
-(``state.json``, the same keys as before it was a class).
+(``state.json``, one key per field).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 from clipcap_core.configs import from_dict
 
-# Keys an older checkpoint's state.json may hold that no longer mean anything (the first stream design's position
-# in the epoch); dropped on restore so such a checkpoint still resumes.
+# Keys a checkpoint's state.json may hold that this loop does not use (a batch position within the epoch);
+# dropped on restore, so such a checkpoint resumes.
 LEGACY_STATE_KEYS = ("batch_in_epoch",)
 
 
