@@ -1,5 +1,5 @@
 """``benchmarks/gpu_check.sh`` runs once, on a borrowed GPU machine with minutes of budget: a flag it passes that a
-benchmark (or ``clipcap``) no longer takes would waste the run. Each benchmark line must parse with that
+benchmark (or ``clipcap``) does not take would waste the run. Each benchmark line must parse with that
 benchmark's own flags, and what it hands ``clipcap`` through ``--extra-flags`` with the command's."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The package layout (ARCHITECTURE.md "Packages"): one package per stage over ``pipelines.io``, small
-modules, no module left at its old flat name, and stage packages whose re-exports are lazy."""
+modules, no stage module at a flat ``pipelines/<name>.py`` path, and stage packages whose re-exports are lazy."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ROOT / "pipelines"
 STAGES = ("io", "download", "embed", "train", "clip", "caption", "demo", "evaluate", "report", "commands")
 LAZY = ("download", "embed", "train", "clip", "caption", "demo")
-OLD_FLAT = (  # the modules that sat directly in pipelines/ before the stage packages
+OLD_FLAT = (  # flat pipelines/<name>.py paths that must not exist: these modules live in their stage packages
     "storage", "schemas", "imaging", "sources", "sources_base", "sources_safety", "sources_parquet",
     "text_sources", "urlsafety", "shard_redaction", "tables", "download", "embed", "embed_stages",
     "embed_text", "embed_job", "train", "train_loop", "train_state", "train_setup", "train_steps",
@@ -42,7 +42,7 @@ def test_old_flat_modules_are_gone():
 
 
 def test_no_code_imports_io_modules_through_the_old_top_level_names():
-    """``from pipelines import storage`` still works (a lazy alias); our own code names ``pipelines.io``."""
+    """``from pipelines import storage`` works (a lazy alias); our own code names ``pipelines.io``."""
     io_names = {p.stem for p in (PIPELINES / "io").glob("*.py")} - {"__init__"}
     pattern = re.compile(r"^\s*from pipelines import (.+)$", re.M)
     found = []

@@ -1,5 +1,5 @@
-"""The precision a component is asked for is the dtype its matmuls actually run in (issue 13.7: making
-``ClipEncoder`` or the training step ignore bf16 / fp16 passed every older test, which only compared outputs)."""
+"""The precision a component is asked for is the dtype its matmuls actually run in (comparing outputs alone would
+not notice ``ClipEncoder`` or the training step ignoring bf16 / fp16)."""
 
 from __future__ import annotations
 

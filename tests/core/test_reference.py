@@ -38,8 +38,8 @@ def _write_reference(model, tmp_path, tok):
 
 
 def _authors_model(model, ckpt):
-    """Their model layout, loaded strictly from the checkpoint (as their code would, minus the legacy buffers
-    that today's transformers no longer registers)."""
+    """Their model layout, loaded strictly from the checkpoint (as their code would, minus the ``attn.bias`` /
+    ``attn.masked_bias`` buffers, which current transformers does not register)."""
     with torch.device("meta"):  # every weight comes from the checkpoint: skip the random init
         gpt = GPT2LMHeadModel(model.lm.config)
     theirs = AuthorsClipCap(gpt, model.config.mapping, model.config.clip_dim)

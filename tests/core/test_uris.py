@@ -1,4 +1,4 @@
-"""Path-safe copies of remote model directories (issue 14, finding 1): a model URI from a shared bucket whose
+"""Path-safe copies of remote model directories: a model URI from a shared bucket whose
 listing holds ``..`` keys must not write outside the temp folder, and ``config.json`` cannot point the loader
 at files outside the artifact."""
 
@@ -28,7 +28,7 @@ def test_traversal_key_in_remote_model_is_refused_and_writes_nothing(s3_server, 
     model, tok = sharp_model()
     prefix = f"evil-{uuid.uuid4().hex[:8]}"
     save_model(model, tok, f"s3://clipcap/{prefix}/evilmodel")
-    # The old code wrote this key to <tempdir>/clipcap-XXXX/../<marker>/owned.txt, i.e. <tempdir>/<marker>/.
+    # A naive copy writes this key to <tempdir>/clipcap-XXXX/../<marker>/owned.txt, i.e. <tempdir>/<marker>/.
     marker = f"owned-{uuid.uuid4().hex[:8]}"
     key = f"{prefix}/evilmodel/../{marker}/owned.txt"
     _client(s3_server).put_object(Bucket="clipcap", Key=key, Body=b"owned")
@@ -70,7 +70,7 @@ def test_artifact_weight_paths_outside_the_artifact_are_refused(tmp_path, field)
     model, tok = sharp_model()
     out = tmp_path / "model"
     save_model(model, tok, str(out))
-    # A copy of the real file outside the artifact: the old loader read it happily.
+    # A copy of the real file outside the artifact: a loader that joins names blindly would read it.
     outside = tmp_path / "outside"
     outside.mkdir()
     meta = json.loads((out / "config.json").read_text())

@@ -229,7 +229,7 @@ def _timed_wait(event, wait_s: float) -> float:
 
 def alive_nodes(expect: int | None = None, wait_s: float = 90.0) -> int:
     """Alive nodes; with ``expect``, wait up to ``wait_s`` for the count to drop to it: GCS marks a killed node
-    dead only after its health checks fail, and a job can finish first (caption did, in 30 s, stop 9)."""
+    dead only after its health checks fail, and a short job (caption: ~30 s) can finish first."""
     import ray
 
     deadline = time.monotonic() + (wait_s if expect is not None else 0.0)

@@ -18,8 +18,8 @@ from tests.faults.test_s3_faults import _shard
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 SHARDS, PER_SHARD = 4, 8
-# caption commits a part only when its last row is back, and with 4 parts of 8 images all 4 could land in the
-# same second: the killer then found no moment with a part committed and the job still running (stop 9).
+# caption commits a part only when its last row is back, and with 4 parts of 8 images all 4 can land in the
+# same second, leaving the killer no moment with a part committed and the job still running.
 # 12 parts spread the commits over the run.
 CAPTION_SHARDS = 12
 

@@ -1,5 +1,5 @@
-"""Cluster definitions are authenticated and keep the dashboard on loopback (issue 14, finding 2). The old AWS
-YAML ran `ray start --head --dashboard-host=0.0.0.0` without RAY_AUTH_MODE=token: an open jobs API."""
+"""Cluster definitions are authenticated and keep the dashboard on loopback: `ray start --head
+--dashboard-host=0.0.0.0` without RAY_AUTH_MODE=token would be an open jobs API."""
 
 from __future__ import annotations
 

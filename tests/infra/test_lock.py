@@ -1,4 +1,4 @@
-"""Supply chain (issue 14, finding 6): the lock pins every package with hashes, covers every dependency the
+"""Supply chain: the lock pins every package with hashes, covers every dependency the
 project declares, and is what setup / images install."""
 
 from __future__ import annotations

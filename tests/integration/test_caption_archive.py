@@ -89,7 +89,7 @@ def first_run(ray_cluster, mixed_on_s3, trained_model):
 
 
 # Inputs that cannot be read (a truncated tar, a broken zip, a broken Parquet file): their parts are not
-# committed (issue 13.1: an outage or a half-copied file must not become "done"); the run exits 4 naming them.
+# committed (an outage or a half-copied file must not become "done"); the run exits 4 naming them.
 UNREADABLE = ("archives/broken.zip", "archives/cut.tar", "tables/broken.parquet")
 
 
@@ -168,8 +168,8 @@ def test_run_killed_midway_then_rerun_equals_an_uninterrupted_run(first_run, mix
 
 @pytest.mark.parametrize("stages", ["fused", "split"])
 def test_each_key_gets_the_caption_of_its_own_image(ray_cluster, s3_uri, trained_model, stages):
-    """Issue 13.7: reversing the embeddings in CaptionStage (captions landing on other keys) passed every test.
-    Both layouts: CLIP + captioner in one actor (the default; CLIP batches of 3 inside caption batches of 4,
+    """Every key gets its own image's caption (embeddings reversed in CaptionStage would land captions on other
+    keys). Both layouts: CLIP + captioner in one actor (the default; CLIP batches of 3 inside caption batches of 4,
     so the fused actor's slicing is exercised) and a CLIP pool feeding a captioning pool."""
     import io
     import tarfile

@@ -24,7 +24,7 @@ def test_text_only_model_captions_heldout_images_through_its_memory(ray_cluster,
     # the memory is the training captions' text embeddings, shipped in the artifact
     loaded = load_model(report["artifact"])
     assert loaded.decap is not None and 1200 <= len(loaded.decap) <= 1500
-    # Issue 10's bar: the projection's exact match >= 0.8 x the CLIP's own zero-shot top-1 on the same images.
+    # The bar: the projection's exact match >= 0.8 x the CLIP's own zero-shot top-1 on the same images.
     # A captioner fed the wrong embedding (raw instead of projected, another image's) or captions landing on the
     # wrong image would fall far below it.
     assert report["zero_shot_top1"] >= 0.8

@@ -1,6 +1,5 @@
 """The local services the project starts for itself: S3 server, Ray head with jobs API, HTTP server; and what
-keeps them closed (issue 14 finding 2, issue 13 item 5): token auth, loopback-only ports, scoped stops, busy
-ports refused."""
+keeps them closed: token auth, loopback-only ports, scoped stops, busy ports refused."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""No secrets at rest or in logs (issue 14, finding 3): a download + embed + caption run on signed URLs (query
+"""No secrets at rest or in logs: a download + embed + caption run on signed URLs (query
 strings with a signature, credential and session token, plus a URL with user:password@) leaves none of the
 secret values in any output file (Parquet read back as values, tar members, JSON) or in the logs at DEBUG."""
 

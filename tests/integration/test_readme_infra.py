@@ -1,4 +1,4 @@
-"""The README's local-infrastructure lines work as written (issue 13, item 5): the fenced block of that section is
+"""The README's local-infrastructure lines work as written: the fenced block of that section is
 run line by line in one bash (after `make setup`, which the test environment already is), with free ports and a
 private temp dir swapped in so parallel sessions do not collide. Afterwards nothing of it is left running."""
 

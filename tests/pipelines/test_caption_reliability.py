@@ -1,6 +1,6 @@
-"""Issue 13 regressions for bulk captioning, without Ray: model checks before any work (corrupt weights named,
+"""Bulk captioning's reliability, without Ray: model checks before any work (corrupt weights named,
 weights in the model id, untrained presets refused), unreadable parts not committed, the output layout
-(old layout refused, output inside input refused) and tables that pandas, pyarrow, DuckDB, polars and
+(flat layout refused, output inside input refused) and tables that pandas, pyarrow, DuckDB, polars and
 Hugging Face ``datasets`` read as they are."""
 
 from __future__ import annotations
@@ -190,8 +190,8 @@ def test_truncated_tar_part_yields_a_unit_stage_row(tmp_path):
 
 
 def test_tables_read_as_they_are_by_pandas_pyarrow_duckdb_polars_and_datasets(tmp_path):
-    """Issue 13.6: a 0-row part file and _summary.json / _errors/ inside the table folder broke polars and
-    datasets. The caption folder now holds only non-empty part files; bookkeeping lives in _meta/."""
+    """A 0-row part file or bookkeeping files inside the table folder break polars and datasets, so the caption
+    folder holds only non-empty part files; bookkeeping lives in _meta/."""
     out = str(tmp_path / "out")
     c = PartCommitter(out, "m@1", DecodeConfig())
     c.add(_rows("p0", [(0, "a.jpg", "one", None, None), (1, "b.jpg", None, "bad", "decode")], 2))
@@ -295,8 +295,8 @@ def test_caption_images_names_a_bad_file_and_refuses_a_bomb(saved_tiny, tmp_path
 
 def test_stages_give_each_key_the_caption_of_its_own_image(trained_model, tmp_path):
     """The callables Ray runs (read+decode, ClipActor, CaptionStage) and the committer, called in-process with a
-    *trained* model: each key's caption equals ``Captioner`` on that member's own bytes (issue 13.7: reversing
-    the embeddings inside CaptionStage passed every test that used the untrained preset)."""
+    *trained* model: each key's caption equals ``Captioner`` on that member's own bytes (with an untrained
+    preset, embeddings reversed inside CaptionStage would go unnoticed)."""
     import tarfile
 
     import pyarrow.parquet as pq

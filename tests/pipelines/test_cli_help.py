@@ -1,6 +1,6 @@
-"""Every flag of every ``clipcap`` sub-command says what it does in ``--help`` (issue 13.6), and none disappears
-or changes its destination, default, type, choices or arity (``cli_flags.json``, snapshotted before the issue 8
-refactor of ``pipelines/commands``; a deliberate change updates the file in the same commit)."""
+"""Every flag of every ``clipcap`` sub-command says what it does in ``--help``, and none disappears or changes
+its destination, default, type, choices or arity against the snapshot ``cli_flags.json`` (a deliberate change
+updates the file in the same commit)."""
 
 from __future__ import annotations
 

@@ -135,7 +135,8 @@ def test_error_kinds_transient_or_permanent():
 
 
 def test_outage_is_not_finished_and_a_rerun_recovers_it_without_overwrite(tmp_path):
-    """Issue 13.2: with the server down the shards were committed as finished (rc 0), and only --overwrite helped."""
+    """With the server down the shards are not finished (exit 5, both to retry), and a plain rerun fetches them once
+    the server is back, without --overwrite."""
     from infra.local import http
 
     (tmp_path / "site").mkdir()
@@ -163,7 +164,7 @@ def _stats(out, shard, successes, errors):
 
 
 def test_exit_codes_all_dead_links_some_transient_or_all_finished(tmp_path):
-    """All-404 lists exited 0; now: 5 when not one sample arrived, 4 while transient failures remain."""
+    """Exit 5 when not one sample arrived (an all-404 list), 4 while transient failures remain, else 0."""
     dead, partial, fine = tmp_path / "dead", tmp_path / "partial", tmp_path / "fine"
     _stats(dead, "00000", 0, {"HTTP Error 404: File not found": 3})
     assert (summarize(str(dead)).exit_code, summarize(str(dead)).retry) == (5, ())  # finished: never retried

@@ -147,7 +147,7 @@ def test_resume_redoes_only_missing_shards_float16(shards, ray_cluster, tmp_path
 
 
 def test_truncated_shard_is_not_done_until_repaired_then_arrives_whole(ray_cluster, tmp_path):
-    """Issue 13.1: a truncated shard used to be committed as an empty part, so the repaired shard never arrived."""
+    """A truncated shard is not committed (not even as an empty part), so the repaired shard arrives whole."""
     raw, good = tmp_path / "raw", tmp_path / "good-00001.tar"
     raw.mkdir()
     write_shard(raw / "00000.tar", good_samples(3, 0))
@@ -253,8 +253,8 @@ def test_old_layout_and_empty_markers_count_as_done(tmp_path):
 
 
 def test_shard_reader_refuses_unsafe_members_like_the_caption_readers():
-    """Issue 8: the embed (and embed-text) shard reader had none of the member checks of ``sources``: a link,
-    a ``..`` name or an oversized member was read like any other. Now each becomes its sample's error row."""
+    """The embed (and embed-text) shard reader applies the member checks of ``sources``: a link, a ``..`` name
+    or an oversized member becomes its sample's error row."""
     from pipelines.embed.stages import decode_sample, read_shard
     from pipelines.io.sources import SourceConfig
 

@@ -1,4 +1,4 @@
-"""Bounded inputs (issue 14, findings 4 and 6): loose files must be regular files inside the real input
+"""Bounded inputs: loose files must be regular files inside the real input
 folder, reads are capped, 16-bit decoding stays in integers, ``--overwrite`` removes only our files."""
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def test_symlinks_out_of_the_input_folder_and_devices_are_error_rows(tmp_path):
     (inp / "ok.png").write_bytes(_png())
     (outside / "secret.png").write_bytes(_png((1, 2, 3)))
     (inp / "inside-link.png").symlink_to(inp / "ok.png")    # stays inside: fine
-    (inp / "escape.png").symlink_to(outside / "secret.png")  # the old code read and captioned this
-    (inp / "zero.png").symlink_to("/dev/zero")               # the old code read until memory ran out
+    (inp / "escape.png").symlink_to(outside / "secret.png")  # a file outside the input: never read
+    (inp / "zero.png").symlink_to("/dev/zero")               # a device: reading it would never end
     recs = _records(inp)
     assert recs["ok.png"].data == _png() and recs["inside-link.png"].data == _png()
     assert "outside the input folder" in recs["escape.png"].error and recs["escape.png"].data is None

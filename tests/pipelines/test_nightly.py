@@ -60,7 +60,7 @@ def test_nothing_new_is_a_noop_that_writes_nothing(tmp_path):
 
 
 def test_failed_night_releases_the_lock_keeps_pointer_and_watermark_and_is_retried(tmp_path, monkeypatch):
-    """Issue 13.7: the failure path was untested. Training dies (here: the error Ray Train would raise)."""
+    """The failure path: training dies (here: the error Ray Train would raise)."""
     files = synthetic_tables.write_synthetic_tables(str(tmp_path / "d"), 60, shards=2, dim=8)
     state = str(tmp_path / "state")
     pointer = {"model": "s3://b/models/v1", "version": 1, "run": "r0"}

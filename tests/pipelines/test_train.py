@@ -168,7 +168,7 @@ def test_checkpoint_round_trip_leaves_a_frozen_lm_out(tmp_path, table_info):
 
 
 def test_resume_from_a_checkpoint_of_another_model_fails_clearly(tmp_path, table_info):
-    """Issue 13.7: resuming with a checkpoint that does not fit was untested."""
+    """Resuming with a checkpoint of another model fails with a clear message."""
     from ray.train import Checkpoint
 
     model, _ = _tiny(table_info, "tiny-transformer")

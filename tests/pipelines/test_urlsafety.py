@@ -1,4 +1,4 @@
-"""No secrets at rest or in logs, and the fetch policy for URLs from user data (issue 14, findings 3 and 5)."""
+"""No secrets at rest or in logs, and the fetch policy for URLs from user data."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def test_download_lists_with_local_or_private_urls_fail_before_any_work(tmp_path
 
 @pytest.mark.integration
 def test_http_inputs_keep_their_url(http_server):
-    """The old storage.full_uri turned http://host/x into http://http://host/x: HTTP inputs never read."""
+    """``storage.full_uri`` keeps an http URL as it is (not ``http://http://host/x``), so HTTP inputs are read."""
     (http_server.root / "in.png").write_bytes(b"\x89PNG")
     url = f"{http_server.base_url}/in.png"
     files = list_input(url)
