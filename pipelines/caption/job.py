@@ -312,10 +312,10 @@ def _drain(cfg: CaptionConfig, plan: Plan, committer: PartCommitter, summary: Ca
            start: float) -> None:
     """Run the pipeline over the parts to do, committing each part as its rows complete; counts into
     ``summary``, shown as one progress line."""
+    ds = build_dataset(cfg, plan)  # starts Ray (its log path printed) before the progress line is drawn
     with console.Progress("caption", len(plan.todo), unit="parts", rows="images",
                           interval_s=cfg.progress_interval_s) as progress:
-        for block in build_dataset(cfg, plan).iter_batches(batch_size=None, batch_format="pyarrow",
-                                                          prefetch_batches=0):  # see embed._drain
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):  # see embed
             summary.first_output_s = summary.first_output_s or round(time.monotonic() - start, 3)
             for _pid, images, captioned, n_caps in committer.add(block):
                 summary.parts_done += 1
