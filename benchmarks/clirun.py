@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def clipcap_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", *args]
+    return [sys.executable, "-m", "pipelines.cli", "-v", *args]  # -v: Ray's and our log lines on stderr
 
 
 def user_env() -> dict[str, str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CLIPCAP = [sys.executable, "-m", "pipelines.cli"]
+CLIPCAP = [sys.executable, "-m", "pipelines.cli", "-v"]  # -v: the recipe line stays on stderr
 
 
 def train(args: list[str]) -> dict:
@@ -50,14 +50,14 @@ def main() -> None:
     figures: dict = {}
     if not Path(root, "embeddings", "synthetic", "tiny").is_dir():
         run_demo(demo, steps=[step_embed])
-    clipcap = train(["--tables", f"{root}/embeddings/synthetic/tiny", "--output", f"{root}/runs",
+    clipcap = train(["--input", f"{root}/embeddings/synthetic/tiny", "--output", f"{root}/runs",
                      "--name", "clipcap-defaults", "--model", "tiny"])
     figures["clipcap"] = {"heldout_exact": clipcap["metrics"]["exact_match"], "seconds": clipcap["seconds"],
                           "recipe": clipcap["recipe"]}
     print("clipcap train (default flags):", figures["clipcap"], flush=True)
 
     table = embed_captions(write_corpus(root, 3000, 0), root, EncoderConfig())
-    decap = train(["--decoder", "decap", "--tables", table, "--output", f"{root}/runs", "--name", "decap-defaults",
+    decap = train(["--decoder", "decap", "--input", table, "--output", f"{root}/runs", "--name", "decap-defaults",
                    "--model", "tiny"])
     samples = list(synthetic.generate(args.images, seed=0, size=64, start=demo.samples))
     captioned = caption_heldout(root, decap["artifact"], samples, name="decap-defaults", show=0, echo=lambda _: None)

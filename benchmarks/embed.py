@@ -5,7 +5,7 @@ vs rom1504's `clip-retrieval inference` (the tool a user would pick instead), on
     python benchmarks/embed.py --images 256 --models tiny --no-peer
 
 For each model it prints
-- ours: `clipcap embed --input ... --model M --pretrained <file>` with **no resource flags**, run as a user runs
+- ours: `clipcap embed --input ... --clip M --clip-pretrained <file>` with **no resource flags**, run as a user runs
   it (a new process: imports, Ray start, model load, decode, encode, commits all inside the wall time);
   end-to-end images/s, time to the first embedded rows, and the steady-state rate the job reports
   (``steady_rows_per_s``: rows reaching the driver after the first 10%);
@@ -106,9 +106,9 @@ def run_ours(model: str, ckpt: Path | None, shards: Path, out: Path, extra: str 
     figures it reports."""
     from benchmarks.clirun import run_clipcap
 
-    wall, report, stderr, _ = run_clipcap("embed", "--input", str(shards), "--output-root", str(out), "--dataset",
-                                          "bench", "--model", model,
-                                          *(["--pretrained", str(ckpt)] if ckpt else []), *extra.split())
+    wall, report, stderr, _ = run_clipcap("embed", "--input", str(shards), "--output", str(out), "--dataset",
+                                          "bench", "--clip", model,
+                                          *(["--clip-pretrained", str(ckpt)] if ckpt else []), *extra.split())
     plan = next((x.split("embed resources: ", 1)[1] for x in stderr.splitlines() if "embed resources: " in x), "")
     nan = float("nan")
     return {"wall_s": wall, "rows": report["rows"], "first_rows_s": report["first_rows_s"] or nan,

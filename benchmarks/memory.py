@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 shards = Path(tmp, f"shards-{n}")
                 shards.mkdir()
                 write_shards(shards, n, PER_UNIT)
-                r = run_measured(cli + ["embed", "--input", str(shards), "--output-root", f"{tmp}/emb-{n}",
-                                        "--dataset", "m", "--model", args.model])
+                r = run_measured(cli + ["embed", "--input", str(shards), "--output", f"{tmp}/emb-{n}",
+                                        "--dataset", "m", "--clip", args.model])
                 rows.append({"stage": "embed", "images": n, **r})
                 print(rows[-1], flush=True)
             if "caption" in args.stages:

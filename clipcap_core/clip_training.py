@@ -3,7 +3,7 @@
     model = build_clip(ClipModelSpec(model_name="tiny"))              # seeded init, or pretrained weights
     optimizer, scheduler = make_optimizer_and_scheduler(model, hp, total_steps)
     loss = train_step(model, pixels_uint8, tokens, optimizer, scheduler, hp, loss_fn=clip_loss(hp))
-    save_clip_weights(model, "out/open_clip_model.safetensors")      # loadable as `--pretrained <file>`
+    save_clip_weights(model, "out/open_clip_model.safetensors")      # loadable as `--clip-pretrained <file>`
 
 What follows open_clip's own trainer (``open_clip_train``), on purpose, so a model trained here behaves like
 one trained there: ``open_clip.loss.ClipLoss`` (features gathered across workers when the process group has

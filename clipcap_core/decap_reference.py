@@ -97,7 +97,7 @@ def _decoder(state: dict[str, torch.Tensor], lm_config: dict[str, int], eos: int
 def _default_encoder(clip_dim: int) -> EncoderConfig:
     name, tag = DEFAULT_ENCODERS.get(clip_dim, (None, None))
     if name is None:
-        raise ValueError(f"no default CLIP encoder for D={clip_dim}: pass encoder= (--clip-model)")
+        raise ValueError(f"no default CLIP encoder for D={clip_dim}: pass encoder= (--clip)")
     return EncoderConfig(model_name=name, pretrained=tag)
 
 

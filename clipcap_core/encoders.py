@@ -219,7 +219,7 @@ def fetch_pretrained(cfg: EncoderConfig) -> str | None:
     except Exception as exc:  # noqa: BLE001 - no network, no hub, a proxy error: one clear message
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"cannot fetch the CLIP weights {cfg.model_name}/{pre} from the model hub "
-                         f"({type(exc).__name__}: {first[:200]}); pass --pretrained a local file or an object-store "
+                         f"({type(exc).__name__}: {first[:200]}); pass --clip-pretrained a local file or an object-store "
                          "URI (s3://...) of the checkpoint instead") from None
 
 

@@ -253,7 +253,7 @@ def import_reference_checkpoint(ckpt: str, out: str, mapping: MappingConfig, cli
     if encoder is None:
         name, tag = DEFAULT_ENCODERS.get(clip_dim, (None, None))
         if name is None:
-            raise ValueError(f"no default CLIP encoder for D={clip_dim}: pass encoder= (--clip-model)")
+            raise ValueError(f"no default CLIP encoder for D={clip_dim}: pass encoder= (--clip)")
         encoder = EncoderConfig(model_name=name, pretrained=tag)
     cfg = ModelConfig(clip_dim=clip_dim, mapping=mapping, lm=LMConfig(name_or_path=lm, freeze=not lm_saved),
                       tokenizer=tokenizer, encoder=encoder)

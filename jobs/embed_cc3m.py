@@ -5,11 +5,11 @@ the `tiny` CLIP preset, output under ./data/ of the checkout) and says so. Real 
 
     ray job submit --address http://HEAD:8265 --working-dir . \
         --runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": "...", "NO_ALBUMENTATIONS_UPDATE": "1"}}' -- \
-        python jobs/embed_cc3m.py --url-list s3://bucket/cc3m/Train_GCC-training.tsv \
-            --output-root s3://bucket/clipcap --dataset cc3m --model ViT-B-32 --pretrained openai \
+        python jobs/embed_cc3m.py --input s3://bucket/cc3m/Train_GCC-training.tsv \
+            --output s3://bucket/clipcap --dataset cc3m --clip ViT-B-32 --clip-pretrained openai \
             --processes 16 --threads 64 --batch-size 256
 
-Tables: <output-root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet; raw shards: <output-root>/raw/<dataset>
+Tables: <output>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet; raw shards: <output>/raw/<dataset>
 (or --raw). Reruns skip finished shards of both stages. ``--config FILE``: YAML / JSON EmbedJobConfig; flags win.
 """
 
@@ -26,15 +26,17 @@ sys.path.insert(0, str(CHECKOUT))  # run from a checkout or a Ray working dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.commands import download, embed
+    from pipelines.cli import Parser
+    from pipelines.commands import common, download, embed
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML / JSON file with EmbedJobConfig fields (embed / download / synthetic)")
-    p.add_argument("--url-list", help="URL list (tsv / csv / parquet / jsonl; CC3M's headerless TSV works); "
+    p.add_argument("--input", help="URL list (tsv / csv / parquet / jsonl; CC3M's headerless TSV works); "
                    "without it: the synthetic embedded default")
-    p.add_argument("--output-root", help=f"storage root (default: {CHECKOUT / 'data'})")
+    p.add_argument("--output", help=f"storage root (default: {CHECKOUT / 'data'})")
+    common.old_spellings(p, {"--url-list": "--input", "--output-root": "--output"})
     p.add_argument("--dataset", help="dataset name in output paths (default: cc3m, or synthetic)")
-    p.add_argument("--raw", help="shard folder (default: <output-root>/raw/<dataset>)")
+    p.add_argument("--raw", help="shard folder (default: <output>/raw/<dataset>)")
     p.add_argument("--skip-download", action="store_true", help="embed the shards already at --raw")
     p.add_argument("--synthetic", type=int, default=256, help="samples of the embedded default (default 256)")
     p.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS, a running local head, else local)")
@@ -49,12 +51,12 @@ def job_config(args: argparse.Namespace):  # -> EmbedJobConfig
     from pipelines.embed.download_embed import EmbedJobConfig, default_job_config
     from pipelines.io import storage
 
-    root = args.output_root or str(CHECKOUT / "data")
-    if args.url_list or args.skip_download:  # real data: a URL list, or shards already downloaded
+    root = args.output or str(CHECKOUT / "data")
+    if args.input or args.skip_download:  # real data: a URL list, or shards already downloaded
         dataset = args.dataset or "cc3m"
         raw = args.raw or storage.join(root, "raw", dataset)
         data = {"embed": {"input": raw, "output_root": root, "dataset": dataset},
-                "download": {"url_list": args.url_list or "", "output": raw}}
+                "download": {"url_list": args.input or "", "output": raw}}
     else:
         data = to_dict(default_job_config(root, samples=args.synthetic))
         if args.dataset:
@@ -62,8 +64,8 @@ def job_config(args: argparse.Namespace):  # -> EmbedJobConfig
         if args.raw:
             data["embed"]["input"] = data["download"]["output"] = args.raw
     data = options.merge(data, options.load_file(args.config))
-    data = options.merge(data, {"embed": embed.options_from_args(args, skip=("input", "output_root", "dataset")),
-                                "download": download.options_from_args(args)})
+    data = options.merge(data, {"embed": embed.options_from_args(args, skip=("input", "output", "dataset")),
+                                "download": download.options_from_args(args, skip=("input", "output"))})
     if args.skip_download:
         data["download"] = data["synthetic"] = None  # embed the shards at --raw as they are
     elif data["download"].get("distributor") is None:  # auto: img2dataset's Ray distributor on a cluster
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = job_config(args)
         if cfg.synthetic is not None:
-            print(f"embed_cc3m: no --url-list given: running the EMBEDDED DEFAULT ({cfg.synthetic.samples} "
+            print(f"embed_cc3m: no --input given: running the EMBEDDED DEFAULT ({cfg.synthetic.samples} "
                   f"synthetic images, `tiny` CLIP preset trained on synthetic shapes) into {cfg.embed.output_root}",
                   flush=True)
         result = run_embed_job(cfg, ray_address=args.ray_address)

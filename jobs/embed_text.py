@@ -1,10 +1,10 @@
 """Ray job: embed a caption corpus with the CLIP text tower into text-embedding tables (``clipcap embed-text``).
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python jobs/embed_text.py --input s3://bucket/corpus/captions.txt --output-root s3://bucket/clipcap \
-            --dataset corpus --model ViT-B-32 --pretrained openai
+        python jobs/embed_text.py --input s3://bucket/corpus/captions.txt --output s3://bucket/clipcap \
+            --dataset corpus --clip ViT-B-32 --clip-pretrained openai
 
-Same flags as ``clipcap embed-text``; tables go to <output-root>/text-embeddings/<dataset>/<clip-tag>/.
+Same flags as ``clipcap embed-text``; tables go to <output>/text-embeddings/<dataset>/<clip-tag>/.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines.cli import Parser
     from pipelines.commands.embed_text import add_arguments, config_from_args
     from pipelines.embed.text import run_embed_text
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)
     try:

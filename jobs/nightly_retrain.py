@@ -1,7 +1,7 @@
 """Ray job: one nightly retraining run (``pipelines.train.nightly.run_nightly``), scheduled by cron / KubeRay.
 
     ray job submit --working-dir . -- python jobs/nightly_retrain.py \
-        --tables s3://b/embeddings/cc3m/ViT-B-32-openai --state s3://b/nightly/cc3m \
+        --input s3://b/embeddings/cc3m/ViT-B-32-openai --state s3://b/nightly/cc3m \
         --initial-model s3://b/models/cc3m-mlp --workers 2 --gpu --metric cider --tolerance 0.02
 
 Same flags as ``clipcap nightly``. Exit code 0: promoted or nothing new; 3: candidate refused; 2: job error.

@@ -1,8 +1,8 @@
 """Ray job: contrastive CLIP training / fine-tuning on webdataset shards with Ray Train (``pipelines.clip.job``).
 
     ray job submit --working-dir . --runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": "..."}}' -- \
-        python jobs/train_clip.py --shards s3://b/raw/mydomain --output s3://b/clip-runs \
-        --name vitb32-mydomain --model ViT-B-32 --pretrained openai --lr 1e-5 --workers 4 --gpu
+        python jobs/train_clip.py --input s3://b/raw/mydomain --output s3://b/clip-runs \
+        --name vitb32-mydomain --clip ViT-B-32 --clip-pretrained openai --lr 1e-5 --workers 4 --gpu
 
 Same flags as ``clipcap train-clip`` (``--config FILE`` for a YAML / JSON ClipTrainJobConfig, ``--set key=value``).
 Re-submitting with the same ``--output`` and ``--name`` resumes from the latest checkpoint.

@@ -1,7 +1,7 @@
 """Ray job: train a ClipCap model on embedding tables with Ray Train (``pipelines.train.job.run_training``).
 
     ray job submit --working-dir . --runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": "..."}}' -- \
-        python jobs/train_clipcap.py --tables s3://b/embeddings/cc3m/ViT-B-32-openai --output s3://b/runs \
+        python jobs/train_clipcap.py --input s3://b/embeddings/cc3m/ViT-B-32-openai --output s3://b/runs \
         --name cc3m-mlp --model clipcap-mlp --workers 4 --gpu
 
 Same flags as ``clipcap train`` (``--config FILE`` for a YAML / JSON TrainJobConfig, ``--set key=value``).

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipelines import stopping
+from pipelines import console, stopping
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     if ray.is_initialized():
         return
     init_kwargs.setdefault("log_to_driver", False)
+    console.announce_log()  # the CLI's job log, where Ray's own output goes
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, **init_kwargs)
     stopping.reinstall()  # ray.init replaces the SIGTERM handler of a command run by the CLI
 

@@ -164,7 +164,9 @@ def run(call: Callable[[], int], prog: str, signals: bool = True) -> int:
             _state.fired = True
             if not connected:
                 release_ray()
-            print(exc.line(prog), file=sys.stderr, flush=True)
+            from pipelines.console import terminal
+
+            print(exc.line(prog), file=terminal(), flush=True)
             return exc.exit_code
 
 

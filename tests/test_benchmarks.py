@@ -37,7 +37,7 @@ def test_every_gpu_check_line_parses_with_its_benchmarks_flags(name):
     args = importlib.import_module(f"benchmarks.{name}").parser().parse_args(argv)  # SystemExit on a bad flag
     extra = getattr(args, "extra_flags", "")
     if extra:  # what the benchmark adds to `clipcap <command> <its own required flags>`
-        required = {"embed": ["--input", "x", "--output-root", "y", "--dataset", "d"],
+        required = {"embed": ["--input", "x", "--output", "y", "--dataset", "d"],
                     "caption": ["--input", "x", "--output", "y", "--model", "m"]}[name]
         parsed = command_parser(name).parse_args(required + extra.split())
         assert all(getattr(parsed, flag.lstrip("-").replace("-", "_")) is not None

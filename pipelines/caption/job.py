@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from clipcap_core.configs import to_dict
 from clipcap_core.decap import ProjectionConfig
 from clipcap_core.decoding import DecodeConfig
-from pipelines import exitcodes, runtime, stopping
+from pipelines import console, exitcodes, runtime, stopping
 from pipelines.caption.output import (  # noqa: F401  (the layout helpers are part of this module's API)
     META_DIR,
     TABLE_DIR,
@@ -305,27 +305,25 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
             _drain(cfg, plan, committer, summary, start)
     summary.seconds = time.monotonic() - start
     storage.write_json(summary.as_dict(), meta_uri(cfg.output, "summary.json"))
-    log.info("done: %s", json.dumps(summary.as_dict()))
     return summary
 
 
 def _drain(cfg: CaptionConfig, plan: Plan, committer: PartCommitter, summary: CaptionSummary,
            start: float) -> None:
     """Run the pipeline over the parts to do, committing each part as its rows complete; counts into
-    ``summary``."""
-    last = time.monotonic()
-    for block in build_dataset(cfg, plan).iter_batches(batch_size=None, batch_format="pyarrow",
-                                                      prefetch_batches=0):  # see embed._drain
-        summary.first_output_s = summary.first_output_s or round(time.monotonic() - start, 3)
-        for _pid, images, captioned, n_caps in committer.add(block):
-            summary.parts_done += 1
-            summary.images += images
-            summary.captioned += captioned
-            summary.errors += images - captioned
-            summary.captions += n_caps
-        if time.monotonic() - last >= cfg.progress_interval_s:
-            last = time.monotonic()
-            _log_progress(summary, start)
+    ``summary``, shown as one progress line."""
+    ds = build_dataset(cfg, plan)  # starts Ray (its log path printed) before the progress line is drawn
+    with console.Progress("caption", len(plan.todo), unit="parts", rows="images",
+                          interval_s=cfg.progress_interval_s) as progress:
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):  # see embed
+            summary.first_output_s = summary.first_output_s or round(time.monotonic() - start, 3)
+            for _pid, images, captioned, n_caps in committer.add(block):
+                summary.parts_done += 1
+                summary.images += images
+                summary.captioned += captioned
+                summary.errors += images - captioned
+                summary.captions += n_caps
+                progress.update(1, images, images - captioned)
     summary.empty_captions = committer.empty_captions
     summary.untrained = cfg.allow_untrained
     if summary.mostly_empty and not summary.untrained:
@@ -382,9 +380,3 @@ def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
                                                        use_gpu=clip_pool.use_gpu, threads=clip_pool.torch_threads))
     return ds.map_batches(CaptionStage, batch_size=res.caption_batch_size, **actor(pool),
                           fn_constructor_kwargs=dict(caption_kw, encoder_cfg=score_cfg))
-
-def _log_progress(s: CaptionSummary, start: float) -> None:
-    elapsed = time.monotonic() - start
-    log.info("progress: parts %d/%d (+%d skipped), images %d, captions %d, errors %d, %.1f images/s",
-             s.parts_done, s.parts_total - s.parts_skipped, s.parts_skipped, s.images, s.captions, s.errors,
-             s.images / elapsed if elapsed > 0 else 0.0)

@@ -238,8 +238,8 @@ class ModelInfo:
 
 
 UNTRAINED_HINT = ("model {uri!r} is an untrained preset (random weights: its captions mean nothing); pass "
-                  "--model <trained model artifact>: `clipcap train --tables <embeddings> --output <dir>` makes "
-                  "one, `clipcap import-reference coco_weights.pt --out <dir>` imports the authors' released weights")
+                  "--model <trained model artifact>: `clipcap train --input <embeddings> --output <dir>` makes "
+                  "one, `clipcap import-reference coco_weights.pt --output <dir>` imports the authors' released weights")
 
 
 def inspect_model(uri: str, allow_untrained: bool = False) -> ModelInfo:

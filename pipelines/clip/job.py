@@ -4,7 +4,7 @@
         shards=("s3://b/raw/mydomain",), output="s3://b/clip-runs", name="vitb32-mydomain",
         model=ClipModelSpec(model_name="ViT-B-32", pretrained="openai"), train=ClipTrainConfig(lr=1e-5, epochs=3),
         scale=ScaleConfig(num_workers=8, use_gpu=True)))
-    # result.weights: <output>/<name>/model/<name>.safetensors -> `clipcap embed --model ViT-B-32 --pretrained ...`
+    # result.weights: <output>/<name>/model/<name>.safetensors -> `clipcap embed --clip ViT-B-32 --clip-pretrained ...`
 
 Data: img2dataset shards (image + ``.txt`` caption per sample) -> one Ray Data read task per (shard, epoch),
 shard order reshuffled per epoch (seeded), decode + seeded crop + tokenise in the tasks (``clip_data``) ->
@@ -95,7 +95,7 @@ class ClipTrainPlan(StepPlan):
 @dataclass(frozen=True)
 class ClipTrainResult:
     model_dir: str  # <run>/model/
-    weights: str  # the safetensors file: `--pretrained` for embed / caption / train-clip
+    weights: str  # the safetensors file: `--clip-pretrained` for embed / train-clip / eval-clip
     run_dir: str
     history: list[dict[str, Any]]
     metrics: dict[str, float]  # last held-out retrieval metrics

@@ -150,8 +150,8 @@ def model_card(info: dict[str, Any], extra: dict[str, Any] | None = None) -> str
         lines += [f"## {title}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in table.items()]
         lines.append("")
-    lines += ["## Use", "", f"    clipcap embed --model {info['model_name']} --pretrained <this folder>/{info['weights']} ...",
-              f"    clipcap train-clip --model {info['model_name']} --pretrained <this folder>/{info['weights']} ...", ""]
+    lines += ["## Use", "", f"    clipcap embed --clip {info['model_name']} --clip-pretrained <this folder>/{info['weights']} ...",
+              f"    clipcap train-clip --clip {info['model_name']} --clip-pretrained <this folder>/{info['weights']} ...", ""]
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from pipelines.commands.caption_images import add_projection_arguments
 
 # SIGTERM / Ctrl-C: stop committing, say how many parts are committed, exit 143 / 130 (pipelines.stopping)
 STOP_ON_SIGNALS = True
+JOB_LOG = True  # Ray's output to a log file unless -v (pipelines.console)
 HELP = "bulk-caption image archives into caption tables"
 SHOW_ALL_UP_TO = 20  # without --show, a run of at most this many images prints every caption
 # flag dest -> (config section or "" for the top level, field name)
@@ -115,7 +116,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         from pipelines.caption.stages import UNTRAINED_HINT
 
         raise ConfigError("--model is required: " + UNTRAINED_HINT.format(uri="(none)").split("; ", 1)[1])
-    return options.build(CaptionConfig, data)
+    return options.build(CaptionConfig, data, _FIELDS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,16 +138,15 @@ def run(args: argparse.Namespace) -> int:
 def show_captions(output: str, show: int | None) -> None:
     """Print ``key<TAB>caption`` lines of the first ``show`` images (None: all of at most ``SHOW_ALL_UP_TO``), so a
     small run's captions are seen without opening Parquet; a larger run gets a hint on stderr instead."""
-    import sys
-
     from pipelines.caption.output import table_uri, top_captions
+    from pipelines.console import terminal
 
     if show == 0:
         return
     rows = top_captions(output)
     if show is None and len(rows) > SHOW_ALL_UP_TO:
         print(f"clipcap caption: {len(rows)} images captioned in {table_uri(output)}; --show K prints the first K",
-              file=sys.stderr)
+              file=terminal())
         return
     for key, caption in rows[:show]:
         print(f"{key}\t{' '.join((caption or '').split())}")

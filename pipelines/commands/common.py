@@ -59,9 +59,42 @@ def flag_rows(table: str) -> list[tuple[str, str, str]]:
 
 
 def add_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, table: str) -> None:
-    """One ``add_argument`` per row ``FLAG KIND HELP`` of ``table``, in order."""
+    """One ``add_argument`` per row ``FLAG KIND HELP`` of ``table``, in order (a ``%`` in HELP is a percent
+    sign, not an argparse format)."""
     for flag, kind, help_text in flag_rows(table):
-        p.add_argument(flag, help=help_text, **flag_kwargs(kind))
+        p.add_argument(flag, help=help_text.replace("%", "%%"), **flag_kwargs(kind))
+
+
+class _OldSpelling(argparse.Action):
+    """An old flag name kept for one release: warns on stderr, naming the new flag, then acts as that flag."""
+
+    def __init__(self, option_strings: list[str], dest: str, target: argparse.Action, **_: Any):
+        super().__init__(option_strings, dest, nargs=target.nargs, type=target.type, choices=target.choices,
+                         default=argparse.SUPPRESS, metavar=target.metavar, help=argparse.SUPPRESS)
+        self.target = target
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        new = self.target.option_strings[0]
+        print(f"{parser.prog}: warning: {option_string} is deprecated and goes in the next release; use {new}",
+              file=sys.stderr)
+        self.target(parser, namespace, values, new)
+
+
+def old_spellings(p: argparse.ArgumentParser, renamed: Mapping[str, str]) -> None:
+    """Accept each old flag name of ``renamed`` (old -> new) as the new flag, with a deprecation warning; hidden
+    from ``--help``."""
+    for old, new in renamed.items():
+        target = p._option_string_actions[new]
+        p.add_argument(old, dest=target.dest, action=_OldSpelling, target=target)
+
+
+def require(args: argparse.Namespace, *dests: str) -> None:
+    """A ValueError naming the first missing flag of ``dests`` (a flag with an old spelling cannot be argparse-
+    required: argparse would not count the old spelling as the flag)."""
+    for dest in dests:
+        if getattr(args, dest, None) in (None, ""):
+            raise ValueError(f"--{dest.replace('_', '-')} is required")
 
 
 def add_ray_address(p: argparse.ArgumentParser, help_text: str = RAY_ADDRESS_HELP) -> None:
@@ -103,13 +136,29 @@ def init_ray(address: str | None) -> None:
 
 
 def print_result(text: str | None, data: Mapping[str, Any] | str) -> None:
-    """A stage's one-line description (if any), then its summary as indented JSON (or JSON already rendered)."""
+    """A stage's summary, once: on a terminal its one-line description (or the scalar fields, wrapped), else
+    the description then the summary as indented JSON (or JSON already rendered) for scripts."""
+    if sys.stdout.isatty() and not isinstance(data, str):
+        print(text if text is not None else brief(data))
+        return
     if text is not None:
         print(text)
     print(data if isinstance(data, str) else json.dumps(data, indent=2))
 
 
+def brief(data: Mapping[str, Any], width: int = 100) -> str:
+    """The non-empty scalar fields of ``data`` as ``key: value`` pairs, wrapped to ``width`` columns."""
+    import textwrap
+
+    pairs = [f"{k}: {round(v, 2) if isinstance(v, float) else v}" for k, v in data.items()
+             if isinstance(v, (str, int, float)) and not isinstance(v, bool) and v not in ("", 0)]
+    return textwrap.fill(", ".join(pairs), width=width, subsequent_indent="  ")
+
+
 def print_not_done(failed: Mapping[str, str], line: str) -> None:
-    """One stderr line per unit not done, sorted by name; ``line`` is formatted with ``name`` and ``why``."""
+    """One line per unit not done on the operator's terminal, sorted by name; ``line`` is formatted with
+    ``name`` and ``why``."""
+    from pipelines.console import terminal
+
     for name, why in sorted(failed.items()):
-        print(line.format(name=name, why=why), file=sys.stderr)
+        print(line.format(name=name, why=why), file=terminal())

@@ -1,7 +1,7 @@
 """``clipcap demo``: the embedded default end to end (synthetic data, tiny preset, output under ./data).
 
     clipcap demo                      # what `make demo` runs
-    clipcap demo --samples 64 --root /tmp/clipcap-demo
+    clipcap demo --samples 64 --output /tmp/clipcap-demo
     clipcap demo --decap              # + a text-only (DeCap) model trained on the captions alone
 """
 
@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipelines.commands import common
+
+JOB_LOG = True  # Ray's output to a log file unless -v (pipelines.console)
 HELP = "run the embedded default end to end (tiny preset, ./data)"
 
 
@@ -17,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.demo.run import STEPS, DemoConfig, run_demo, step_decap
 
     steps = [*STEPS, step_decap] if args.decap else None
-    result = run_demo(DemoConfig(root=args.root, samples=args.samples, seed=args.seed, ray_address=args.ray_address),
+    result = run_demo(DemoConfig(root=args.output, samples=args.samples, seed=args.seed, ray_address=args.ray_address),
                       steps=steps)
     print(result.describe())
     print(json.dumps({"embeddings_uri": result.embeddings_uri, "raw_uri": result.raw_uri, **result.paths},
@@ -26,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", default="data", help="output folder (default: ./data)")
+    p.add_argument("--output", default="data", help="output folder (default: ./data)")
+    common.old_spellings(p, {"--root": "--output"})
     p.add_argument("--samples", type=int, default=1024, help="synthetic images (default 1024)")
     p.add_argument("--seed", type=int, default=0, help='seed of the synthetic data set')
     p.add_argument("--ray-address", help="default: RAY_ADDRESS if set, else a private local Ray instance")

@@ -1,6 +1,6 @@
 """``clipcap download``: URL list -> webdataset shards with img2dataset (``pipelines.download.job``).
 
-    clipcap download --url-list cc3m/Train_GCC-training.tsv --output s3://bucket/cc3m/raw \
+    clipcap download --input cc3m/Train_GCC-training.tsv --output s3://bucket/cc3m/raw \
         --processes 16 --threads 64 --image-size 256
     clipcap download --config download.yaml          # YAML/JSON with DownloadConfig fields; flags win
 
@@ -14,10 +14,11 @@ from typing import Any
 
 from pipelines.commands import common, options
 
+JOB_LOG = True  # Ray's output to a log file unless -v (pipelines.console)
 HELP = "download a URL list into webdataset shards (img2dataset)"
 # flag dest -> DownloadConfig field
 FIELDS = {k: ("", v) for k, v in {
-    "url_list": "url_list", "output": "output", "input_format": "input_format", "header": "header",
+    "input": "url_list", "output": "output", "input_format": "input_format", "header": "header",
     "columns": "columns", "url_col": "url_col", "caption_col": "caption_col", "image_size": "image_size",
     "resize_mode": "resize_mode", "resize_only_if_bigger": "resize_only_if_bigger",
     "encode_format": "encode_format", "encode_quality": "encode_quality", "min_image_size": "min_image_size",
@@ -58,14 +59,14 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="delete the output folder first (default: incremental, finished shards are skipped)")
 
 
-def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return options.flags(args, FIELDS)
+def options_from_args(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    return options.flags(args, FIELDS, skip=skip)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
     from pipelines.download.job import DownloadConfig
 
-    return options.build(DownloadConfig, options.collect(args, FIELDS))
+    return options.build(DownloadConfig, options.collect(args, FIELDS), FIELDS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_config_arguments(p, "DownloadConfig", "timeout=20")
     common.add_flags(p, """
-        --url-list      str     tsv / csv / parquet / jsonl file (or folder of them), any fsspec URI
+        --input         str     URL list: tsv / csv / parquet / jsonl file (or folder of them), any fsspec URI
         --output        str     shard folder URI (local, s3://, ...)
     """)
+    common.old_spellings(p, {"--url-list": "--input"})
     common.add_ray_address(p, "with --distributor ray (default: RAY_ADDRESS or a local instance)")
     add_options(p)

@@ -1,7 +1,7 @@
 """``clipcap eval-clip``: retrieval R@1/5/10 (image->text, text->image) and zero-shot classification of a CLIP.
 
-    clipcap eval-clip --model tiny --shards data/raw/synthetic --part heldout
-    clipcap eval-clip --model ViT-B-32 --pretrained s3://b/clip-runs/x/model/x.safetensors \
+    clipcap eval-clip --clip tiny --shards data/raw/synthetic --part heldout
+    clipcap eval-clip --clip ViT-B-32 --clip-pretrained s3://b/clip-runs/x/model/x.safetensors \
         --shards s3://b/raw/val --classes classes.txt --templates templates.txt --output eval.json
 
 Prints a table and writes the JSON report to ``--output`` when given (``pipelines.clip.evaluate``).
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from pipelines.commands import common
+
 HELP = "retrieval and zero-shot evaluation of a CLIP model"
 
 
@@ -19,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.clip.evaluate import EvalClipConfig, evaluate_clip, format_report
     from pipelines.io import storage
 
-    cfg = EvalClipConfig(encoder=EncoderConfig(model_name=args.model, pretrained=args.pretrained),
+    cfg = EvalClipConfig(encoder=EncoderConfig(model_name=args.clip, pretrained=args.clip_pretrained),
                          shards=tuple(args.shards or ()), tables=tuple(args.tables or ()), part=args.part,
                          heldout_fraction=args.heldout_fraction, split_salt=args.split_salt,
                          max_samples=args.max_samples, classes=args.classes, templates=args.templates,
@@ -33,8 +35,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="open_clip model name (default: tiny)")
-    p.add_argument("--pretrained", help="open_clip tag, weights file or object-store URI")
+    p.add_argument("--clip", default="tiny", help="open_clip model name (default: tiny)")
+    p.add_argument("--clip-pretrained", help="open_clip tag, weights file or object-store URI")
+    common.old_spellings(p, {"--model": "--clip", "--pretrained": "--clip-pretrained"})
     p.add_argument("--shards", nargs="+", help="webdataset shard folders or .tar files")
     p.add_argument("--tables", nargs="+", help="embedding tables with image and text embeddings")
     p.add_argument("--part", choices=["all", "heldout", "train"], default="all", help="key-hash split to evaluate")

@@ -17,7 +17,7 @@ from pipelines.commands import common
 
 HELP = "COCO metrics + CLIPScore of captions against references"
 
-_FIELDS = ("predictions", "references", "output", "images", "model", "clip_model", "clip_pretrained",
+_FIELDS = ("predictions", "references", "output", "images", "model", "clip", "clip_pretrained",
            "id_match", "prediction_id_column", "reference_id_column", "caption_column", "tokenize", "spice",
            "device")
 
@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_flags(p, """
         --images            str     images (folder / archives / Parquet) or an embedding table: adds CLIPScore
         --model             str     model artifact whose CLIP scores (default: the caption table's model)
-        --clip-model        str     open_clip model name (instead of --model)
+        --clip              str     open_clip model name (instead of --model)
         --clip-pretrained   str     open_clip tag, local file or URI of the CLIP weights
         --id-match          auto|key|stem|number
                                     how ids pair up: exact key, file stem, or trailing number (COCO file names)
@@ -42,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         --spice             auto|on|off  auto: when Stanford CoreNLP is present; on: try (downloads it when online)
         --device            str     for the CLIP forward passes (cpu, cuda)
     """)
+    common.old_spellings(p, {"--clip-model": "--clip"})
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
 
@@ -50,6 +51,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from pipelines.evaluate import EvaluateConfig
 
     data: dict[str, Any] = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
+    if "clip" in data:
+        data["clip_model"] = data.pop("clip")
     if args.metrics:
         data["metrics"] = [m.strip() for m in args.metrics.split(",") if m.strip()]
     return from_dict(EvaluateConfig, data)

@@ -14,6 +14,7 @@ import json
 
 from pipelines.commands import common, options
 
+JOB_LOG = True  # Ray's output to a log file unless -v (pipelines.console)
 HELP = "build a nearest-neighbour index (faiss) over an embedding table"
 FIELDS = {name: ("", name) for name in ("input", "output", "column", "kind", "exact_below", "nlist", "train_sample",
                                         "hnsw_m", "parallel", "seed")}
@@ -41,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipelines.index import IndexConfig, build_index
 
-    cfg = options.build(IndexConfig, options.collect(args, FIELDS))
+    cfg = options.build(IndexConfig, options.collect(args, FIELDS), FIELDS)
     common.init_ray(args.ray_address)
     print(json.dumps(build_index(cfg), indent=2))
     return 0

@@ -1,6 +1,6 @@
 """``clipcap nightly``: one nightly retraining run (``pipelines.train.nightly.run_nightly``).
 
-    clipcap nightly --tables s3://b/embeddings/cc3m/ViT-B-32-openai --state s3://b/nightly/cc3m \
+    clipcap nightly --input s3://b/embeddings/cc3m/ViT-B-32-openai --state s3://b/nightly/cc3m \
         --initial-model s3://b/models/cc3m-mlp --workers 2 --gpu --metric cider --tolerance 0.02
     clipcap nightly --state s3://b/nightly/cc3m --status        # print the pointer and the decision history
 
@@ -19,11 +19,12 @@ from pipelines.commands import common, options
 from pipelines.commands.train import FIELDS as TRAIN_FIELDS
 from pipelines.commands.train import add_common_arguments
 
+JOB_LOG = True  # Ray's output to a log file unless -v (pipelines.console)
 HELP = "nightly retraining on fresh embedding shards + guarded promotion"
 
 _FIELDS: dict[str, tuple[str, str]] = {
     **{k: v for k, v in TRAIN_FIELDS.items() if v[0] in ("train", "scale", "run")},
-    "tables": ("", "tables"), "state": ("", "state"), "initial_model": ("", "initial_model"),
+    "input": ("", "tables"), "state": ("", "state"), "initial_model": ("", "initial_model"),
     "replay_ratio": ("", "replay_ratio"), "heldout_fraction": ("", "heldout_fraction"),
     "heldout_max": ("", "heldout_max"), "metric": ("", "metric"), "tolerance": ("", "tolerance"),
     "eval_gpus": ("", "eval_num_gpus"),
@@ -33,7 +34,8 @@ REFUSED_EXIT = 3
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
-    p.add_argument("--tables", nargs="+", help="embedding table folders to watch for new shards")
+    p.add_argument("--input", nargs="+", help="embedding table folders to watch for new shards")
+    common.old_spellings(p, {"--tables": "--input"})
     p.add_argument("--state", help="state folder: manifest, held-out set, production pointer, history")
     p.add_argument("--initial-model", help="preset or artifact URI used while nothing is in production")
     p.add_argument("--replay-ratio", type=float, help="replayed older rows per new row (seeded sample)")
@@ -50,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> Any:
     from pipelines.train.nightly import NightlyConfig
 
-    return options.build(NightlyConfig, options.collect(args, _FIELDS))
+    return options.build(NightlyConfig, options.collect(args, _FIELDS), _FIELDS)
 
 
 def run(args: argparse.Namespace) -> int:

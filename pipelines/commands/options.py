@@ -2,7 +2,7 @@
 typed config dataclass (``clipcap_core.configs.from_dict``: unknown keys and wrong types fail, naming the key).
 
     FIELDS = {"lr": ("train", "lr"), "input": ("", "input")}   # flag dest -> (section, dotted; "" = top, field)
-    cfg = options.build(TrainJobConfig, options.collect(args, FIELDS))
+    cfg = options.build(TrainJobConfig, options.collect(args, FIELDS), FIELDS)
 
 Precedence, lowest first: the dataclass defaults, ``--config FILE``, ``base`` (a command's computed defaults
 go *under* the file instead, see ``collect``), the flags given, then ``--set``. Choice lists of flags come from
@@ -109,17 +109,31 @@ def collect(args: argparse.Namespace, fields: Fields, *, base: Mapping[str, Any]
     return data
 
 
-def build(cls: type, data: Mapping[str, Any]) -> Any:
+def build(cls: type, data: Mapping[str, Any], fields: Fields | None = None) -> Any:
     """``from_dict`` with every failure a ConfigError (a dataclass ``__post_init__`` may raise ValueError /
-    TypeError): the CLI turns it into one line and exit code 2, before any work."""
+    TypeError): the CLI turns it into one line and exit code 2, before any work. A required top-level field
+    that is missing is named by its flag in ``fields``."""
     from clipcap_core.configs import ConfigError, from_dict
 
+    require(cls, data, fields or {})
     try:
         return from_dict(cls, data)
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{cls.__name__}: {exc}") from exc
+
+
+def require(cls: type, data: Mapping[str, Any], fields: Fields) -> None:
+    """``--input is required (or input: in the --config file)`` for the first required field of ``cls`` that
+    ``data`` lacks and a flag of ``fields`` sets."""
+    import dataclasses
+
+    flag_of = {name: dest for dest, (section, name) in fields.items() if not section}
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in data and f.name in flag_of:
+            raise _error(f"--{flag_of[f.name].replace('_', '-')} is required (or {f.name}: in the --config file)")
 
 
 def add_config_arguments(p: argparse.ArgumentParser, what: str, example: str = "train.lr=1e-4") -> None:

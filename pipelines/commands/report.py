@@ -1,7 +1,7 @@
 """``clipcap report``: one self-contained HTML report of a captioning run (``pipelines.report``).
 
-    clipcap report --captions s3://b/captions/run1 --evaluation ./eval/run1 --run s3://b/runs/cc3m-mlp \\
-                   --out report.html
+    clipcap report --input s3://b/captions/run1 --evaluation ./eval/run1 --run s3://b/runs/cc3m-mlp \\
+                   --output report.html
 
 The page opens with what went wrong (captions matching no reference, empty or looping captions, the lowest
 CLIPScores). The gallery samples a few parts of the caption table (never the whole table); images come from the input
@@ -17,13 +17,14 @@ from pipelines.commands import common
 
 HELP = "write a self-contained HTML report of a captioning run"
 
-_FIELDS = ("captions", "out", "evaluation", "run", "model", "images", "sample", "max_parts", "interpret",
+_FIELDS = ("evaluation", "run", "model", "images", "sample", "max_parts", "interpret",
            "thumb_px", "seed", "order", "failures")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--captions", required=True, help="caption table folder URI")
-    p.add_argument("--out", required=True, help="the HTML file to write")
+    p.add_argument("--input", help="caption table folder URI (required)")
+    p.add_argument("--output", help="the HTML file to write (required)")
+    common.old_spellings(p, {"--captions": "--input", "--out": "--output"})
     common.add_flags(p, """
         --evaluation    str     folder written by clipcap evaluate (metric table, per-image scores)
         --run           str     training run folder with history.json (training curves)
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from clipcap_core.configs import from_dict
     from pipelines.report import ReportConfig, build_report
 
-    cfg = from_dict(ReportConfig, {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None})
+    common.require(args, "input", "output")
+    data = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
+    cfg = from_dict(ReportConfig, {"captions": args.input, "out": args.output, **data})
     print(build_report(cfg))
     return 0

@@ -1,6 +1,6 @@
 """``clipcap sweep``: Ray Tune over prefix lengths x mapping types; prints and saves held-out BLEU-4 / CIDEr.
 
-    clipcap sweep --tables s3://b/embeddings/coco/ViT-B-32-openai --output s3://b/sweeps \
+    clipcap sweep --input s3://b/embeddings/coco/ViT-B-32-openai --output s3://b/sweeps \
         --prefix-lengths 1 10 20 --mappings mlp transformer --epochs 5
     clipcap sweep --config sweep.yaml --set presets.mlp=clipcap-mlp --set presets.transformer=clipcap-transformer
 
@@ -16,11 +16,12 @@ from pipelines.commands import common, options
 from pipelines.commands.train import FIELDS as TRAIN_FIELDS
 from pipelines.commands.train import add_train_flags
 
+JOB_LOG = True  # Ray's output to a log file unless -v (pipelines.console)
 HELP = "prefix-length x mapping sweep with Ray Tune (held-out BLEU-4, CIDEr)"
 
 _FIELDS: dict[str, tuple[str, str]] = {
     **{k: v for k, v in TRAIN_FIELDS.items() if v[0] == "train"},
-    "tables": ("", "tables"), "output": ("", "output"), "name": ("", "name"),
+    "input": ("", "tables"), "output": ("", "output"), "name": ("", "name"),
     "prefix_lengths": ("", "prefix_lengths"), "mappings": ("", "mappings"),
     "heldout_fraction": ("", "heldout_fraction"), "eval_max_samples": ("", "eval_max_samples"),
     "max_train_rows": ("", "max_train_rows"), "trial_cpus": ("", "trial_cpus"), "trial_gpus": ("", "trial_gpus"),
@@ -31,12 +32,13 @@ _FIELDS: dict[str, tuple[str, str]] = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_config_arguments(p, "SweepConfig", "train.lr=1e-4, presets.mlp=clipcap-mlp")
     common.add_flags(p, """
-        --tables            str+                embedding table folders or files
+        --input             str+                embedding table folders or files
         --output            str                 where results and Tune state go (<output>/<name>/)
         --name              str                 sweep name (results under <output>/<name>/)
         --prefix-lengths    int+                default: 1 10 20
         --mappings          mlp|transformer+    default: mlp transformer
     """)
+    common.old_spellings(p, {"--tables": "--input"})
     add_train_flags(p, epochs="epochs per trial", batch_size="captions per step", seed="training seed")
     common.add_flags(p, """
         --heldout-fraction  float   fraction of keys held out for evaluation
@@ -52,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> Any:
     from pipelines.train.sweep import SweepConfig
 
-    return options.build(SweepConfig, options.collect(args, _FIELDS))
+    return options.build(SweepConfig, options.collect(args, _FIELDS), _FIELDS)
 
 
 def run(args: argparse.Namespace) -> int:

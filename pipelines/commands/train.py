@@ -1,9 +1,9 @@
 """``clipcap train``: train a ClipCap model on embedding tables with Ray Train (``pipelines.train.job``).
 
-    clipcap train --tables s3://b/embeddings/cc3m/ViT-B-32-openai --output s3://b/runs --name cc3m-mlp \
+    clipcap train --input s3://b/embeddings/cc3m/ViT-B-32-openai --output s3://b/runs --name cc3m-mlp \
         --model clipcap-mlp --workers 4 --gpu --epochs 10
     clipcap train --config train.yaml --set train.lr=1e-4 --set run.checkpoint_every=200
-    clipcap train --decoder decap --tables s3://b/text-embeddings/corpus/ViT-B-32-openai --output s3://b/runs \
+    clipcap train --decoder decap --input s3://b/text-embeddings/corpus/ViT-B-32-openai --output s3://b/runs \
         --name corpus-decap --noise-std 0.1 --memory-size 50000          # text only (DeCap); see pipelines.train.decap
 
 Flags map onto ``TrainJobConfig`` (``--epochs``/``--lr``/... onto ``train``, ``--workers``/``--gpu``/... onto
@@ -18,10 +18,11 @@ from typing import Any
 
 from pipelines.commands import common, options
 
+JOB_LOG = True  # Ray's output to a log file unless -v (pipelines.console)
 HELP = "train a ClipCap model on embedding tables (Ray Train)"
 # flag dest -> (config section or "" for the top level, field name)
 FIELDS: dict[str, tuple[str, str]] = {
-    "tables": ("", "tables"), "output": ("", "output"), "name": ("", "name"), "model": ("", "model"),
+    "input": ("", "tables"), "output": ("", "output"), "name": ("", "name"), "model": ("", "model"),
     "heldout_fraction": ("", "heldout_fraction"),
     "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
     "warmup_steps": ("train", "warmup_steps"), "warmup_fraction": ("train", "warmup_fraction"),
@@ -65,13 +66,14 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
     common.add_flags(p, """
-        --tables            str+              embedding table folders or files (local, s3://, ...)
+        --input             str+              embedding table folders or files (local, s3://, ...)
         --output            str               storage root; the run lives in <output>/<name>/
         --name              str               run name (re-running with the same name resumes)
         --model             str               preset (tiny, clipcap-mlp, ...) or model artifact URI to warm-start from
         --mapping           mlp|transformer   preset override: mapping network
         --prefix-length     int               preset override: prefix length k
     """)
+    common.old_spellings(p, {"--tables": "--input"})
     p.add_argument("--freeze-lm", action=argparse.BooleanOptionalAction, default=None,
                    help="preset override: freeze (or tune) the language model")
     p.add_argument("--heldout-fraction", type=float, help="fraction of keys held out for evaluation")
@@ -96,7 +98,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
     overrides = {key: getattr(args, dest) for dest, key in _MODEL_FLAGS.items() if getattr(args, dest, None) is not None}
     data = options.collect(args, FIELDS, extra={"model_overrides": overrides} if overrides else None)
-    return options.build(TrainJobConfig, data)
+    return options.build(TrainJobConfig, data, FIELDS)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,14 +1,14 @@
 """``clipcap train-clip``: contrastive CLIP training / fine-tuning on webdataset shards with Ray Train.
 
-    clipcap train-clip --shards s3://b/raw/mydomain --output s3://b/clip-runs --name vitb32-mydomain \
-        --model ViT-B-32 --pretrained openai --lock-image --lr 1e-5 --epochs 3 --workers 8 --gpu --precision bf16
-    clipcap train-clip --shards data/raw/synthetic --output data/clip-runs --name tiny --model tiny --from-scratch
+    clipcap train-clip --input s3://b/raw/mydomain --output s3://b/clip-runs --name vitb32-mydomain \
+        --clip ViT-B-32 --clip-pretrained openai --lock-image --lr 1e-5 --epochs 3 --workers 8 --gpu --precision bf16
+    clipcap train-clip --input data/raw/synthetic --output data/clip-runs --name tiny --clip tiny --from-scratch
 
 Flags map onto ``pipelines.clip.job.ClipTrainJobConfig`` (``--lr``/``--epochs``/... onto ``train``,
-``--workers``/``--gpu``/... onto ``scale``, ``--model``/``--pretrained``/``--from-scratch`` onto ``model``);
+``--workers``/``--gpu``/... onto ``scale``, ``--clip``/``--clip-pretrained``/``--from-scratch`` onto ``model``);
 ``--config FILE`` gives any field and ``--set KEY=VALUE`` reaches any other (value parsed as YAML).
 Re-running with the same ``--output`` and ``--name`` resumes from the latest checkpoint. Prints the weights
-file, which ``clipcap embed`` / ``caption`` / ``train-clip`` take as ``--pretrained``.
+file, which ``clipcap embed`` / ``train-clip`` / ``eval-clip`` take as ``--clip-pretrained``.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from typing import Any
 
 from pipelines.commands import common, options
 
+JOB_LOG = True  # Ray's output to a log file unless -v (pipelines.console)
 HELP = "train or fine-tune CLIP contrastively (Ray Train)"
 
 _FIELDS: dict[str, tuple[str, str]] = {
-    "shards": ("", "shards"), "output": ("", "output"), "name": ("", "name"),
+    "input": ("", "shards"), "output": ("", "output"), "name": ("", "name"),
     "heldout_fraction": ("", "heldout_fraction"),
-    "model": ("model", "model_name"), "pretrained": ("model", "pretrained"), "from_scratch": ("model", "from_scratch"),
+    "clip": ("model", "model_name"), "clip_pretrained": ("model", "pretrained"), "from_scratch": ("model", "from_scratch"),
     "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
     "weight_decay": ("train", "weight_decay"), "warmup_steps": ("train", "warmup_steps"),
     "grad_clip": ("train", "grad_clip"), "precision": ("train", "precision"), "seed": ("train", "seed"),
@@ -43,11 +44,11 @@ def _choices(field_name: str) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_config_arguments(p, "ClipTrainJobConfig", "train.beta2=0.95")
     common.add_flags(p, f"""
-        --shards            str+    webdataset shard folders or .tar files (local, s3://, ...)
+        --input             str+    webdataset shard folders or .tar files (local, s3://, ...)
         --output            str     storage root; the run lives in <output>/<name>/
         --name              str     run name (re-running with the same name resumes)
-        --model             str     open_clip model name (tiny, ViT-B-32, ...)
-        --pretrained        str     fine-tune from an open_clip tag, a weights file or an object-store URI
+        --clip              str     open_clip model name (tiny, ViT-B-32, ...)
+        --clip-pretrained   str     fine-tune from an open_clip tag, a weights file or an object-store URI
         --from-scratch      switch  seeded random init even where the name ships weights (e.g. tiny)
         --heldout-fraction  float   samples held out by key hash for retrieval eval
         --epochs            int     passes over the training pairs
@@ -64,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         --lock-text         switch  freeze the text tower
         --augment           {_choices("augment")}  training-time image augmentation
     """)
+    common.old_spellings(p, {"--shards": "--input", "--model": "--clip", "--pretrained": "--clip-pretrained"})
     common.add_scale_flags(p, cpus_help="CPUs reserved per worker (default: the node's cores less one for the data "
                                         "tasks, shared by its workers; GPU: 1)",
                            threads_help="torch threads per worker (default: CPU, the node's cores less one, shared by "
@@ -75,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> Any:
     from pipelines.clip.job import ClipTrainJobConfig
 
-    return options.build(ClipTrainJobConfig, options.collect(args, _FIELDS))
+    return options.build(ClipTrainJobConfig, options.collect(args, _FIELDS), _FIELDS)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,8 +25,8 @@ from pipelines.io import storage
 log = logging.getLogger(__name__)
 
 SWITCH_HINT = ("This used the `tiny` preset (a tiny CLIP trained on synthetic shapes, synthetic data). For real embeddings pass a "
-               "URL list and an open_clip model, e.g. --url-list cc3m/Train_GCC-training.tsv --model ViT-B-32 "
-               "--pretrained openai (or --pretrained /path/or/s3://uri/of/weights.pt) --output-root s3://bucket/clipcap.")
+               "URL list and an open_clip model, e.g. --input cc3m/Train_GCC-training.tsv --clip ViT-B-32 "
+               "--clip-pretrained openai (or --clip-pretrained /path/or/s3://uri/of/weights.pt) --output s3://bucket/clipcap.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -39,7 +39,7 @@ import numpy as np
 
 from clipcap_core import encoders
 from clipcap_core.encoders import EncoderConfig
-from pipelines import exitcodes, runtime, stopping
+from pipelines import console, exitcodes, runtime, stopping
 from pipelines.clip_actor import ClipActor
 from pipelines.embed import output
 from pipelines.embed import stages as st
@@ -233,14 +233,17 @@ def _drain(cfg: EmbedConfig, ds: Any, pending: list[str], dim: int, t0: float, r
     # prefetch_batches=0: a block is handed over as soon as it is done (Ray Data's default prefetch of 1 holds
     # each block back until the next is done too, so the first rows and each shard commit come one actor task
     # late).
-    with stopping.counting(lambda: (result.skipped + len(committer.committed), result.shards), "shard"):
+    with stopping.counting(lambda: (result.skipped + len(committer.committed), result.shards), "shard"), \
+            console.Progress("embed", len(pending), unit="shards", rows="images") as progress:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             got = np.asarray(batch["image_embedding"]).shape[-1]
             if got != dim:
                 raise ValueError(f"model {cfg.encoder.model_name} gave D={got}, its config says {dim}")
             seen += len(batch[st.KEY])
             timeline.append((time.perf_counter() - t0, seen))
-            done += committer.add(batch)
+            new = committer.add(batch)
+            progress.update(len(new), sum(n for n, _ in new), sum(e for _, e in new))
+            done += new
         done += committer.finish("embedding", committer.uris)  # + shards with no samples at all
     result.rows, result.errors = sum(n for n, _ in done), sum(e for _, e in done)
     result.timeline = timeline

@@ -36,7 +36,7 @@ import pyarrow as pa
 from clipcap_core import encoders
 from clipcap_core.configs import to_dict
 from clipcap_core.encoders import EncoderConfig
-from pipelines import runtime, stopping
+from pipelines import console, runtime, stopping
 from pipelines.clip_actor import ClipActor
 from pipelines.committer import UnitCommitter
 from pipelines.embed import job as embed
@@ -212,12 +212,15 @@ def _drain(cfg: EmbedTextConfig, committer: TextCommitter, dim: int) -> tuple[in
     pending = list(committer.parts.values())
     done: list[tuple[int, int, int]] = []
     if any(len(p) for p in pending):
-        for batch in build_dataset(cfg, pending).iter_batches(batch_size=None, batch_format="numpy",
-                                                                prefetch_batches=0):  # see embed._drain
-            got = np.asarray(batch[schemas.TEXT_EMBEDDING]).shape[-1]
-            if got != dim:
-                raise ValueError(f"model {cfg.encoder.model_name} gave D={got}, its config says {dim}")
-            done += committer.add(batch)
+        with console.Progress("embed-text", len(pending), unit="parts", rows="captions") as progress:
+            for batch in build_dataset(cfg, pending).iter_batches(batch_size=None, batch_format="numpy",
+                                                                    prefetch_batches=0):  # see embed._drain
+                got = np.asarray(batch[schemas.TEXT_EMBEDDING]).shape[-1]
+                if got != dim:
+                    raise ValueError(f"model {cfg.encoder.model_name} gave D={got}, its config says {dim}")
+                new = committer.add(batch)
+                progress.update(len(new), sum(d[0] for d in new), sum(d[1] for d in new))
+                done += new
     done += committer.finish("embed-text", committer.parts)  # + parts without rows
     return sum(d[0] for d in done), sum(d[1] for d in done), sum(d[2] for d in done)
 

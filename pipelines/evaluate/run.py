@@ -70,7 +70,7 @@ class EvaluateConfig:
 
 
 def resolve_clip(cfg: EvaluateConfig, preds: Predictions) -> Any:
-    """The CLIP (EncoderConfig) to score with: --clip-model, else --model's, else the caption table's model's."""
+    """The CLIP (EncoderConfig) to score with: --clip, else --model's, else the caption table's model's."""
     from clipcap_core import artifacts, encoders
 
     if cfg.clip_model:
@@ -78,13 +78,13 @@ def resolve_clip(cfg: EvaluateConfig, preds: Predictions) -> Any:
     else:
         source = cfg.model or preds.model
         if not source:
-            raise ValueError("CLIPScore needs the captioner's CLIP: pass --model <artifact> or --clip-model "
+            raise ValueError("CLIPScore needs the captioner's CLIP: pass --model <artifact> or --clip "
                              "(the predictions do not name the model that wrote them)")
         try:
             enc = artifacts.read_config(source).encoder
         except Exception as exc:  # noqa: BLE001 - one clear job-level message
             raise ValueError(f"cannot read the CLIP of model {source!r} ({type(exc).__name__}: {exc}); "
-                             "pass --model or --clip-model") from exc
+                             "pass --model or --clip") from exc
     encoders.validate_config(enc)
     return enc
 

@@ -61,7 +61,7 @@ class ReportConfig:
         if self.order not in ("worst", "key") or self.failures < 1:
             raise ValueError(f"need order worst|key (got {self.order!r}) and failures >= 1")
         if not self.out.endswith((".html", ".htm")):
-            raise ValueError(f"--out must be an .html file, got {self.out!r}")
+            raise ValueError(f"--output must be an .html file, got {self.out!r}")
 
 
 def _load_model(uri: str | None) -> Any:

@@ -72,7 +72,7 @@ def _run_embed(prefix: str, proxy: FlakyProxy, fs, ray_tmp: str) -> tuple[str, i
     env = dict(os.environ, AWS_ENDPOINT_URL=proxy.endpoint, AWS_ENDPOINT_URL_S3=proxy.endpoint,
                RAY_TMPDIR=ray_tmp, PYTHONPATH=str(ROOT))
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "pipelines.cli", "embed", "--input", f"{prefix}/raw", "--output-root",
+    cmd = [sys.executable, "-m", "pipelines.cli", "embed", "--input", f"{prefix}/raw", "--output",
            f"{prefix}/out", "--dataset", "f", "--batch-size", "4", "--torch-threads", "1", "--ray-address", "local"]
     table = f"{prefix}/out/embeddings/f/tiny"
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

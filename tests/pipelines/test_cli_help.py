@@ -42,6 +42,12 @@ def test_every_flag_of_every_subcommand_has_help_text():
     assert {k: v for k, v in missing.items() if v} == {}
 
 
+def test_every_help_page_renders():
+    assert "COMMAND" in build_parser(flags=False).format_help()
+    for name, sp in _subcommands().items():
+        assert sp.format_help().startswith(f"usage: clipcap {name}"), name
+
+
 def test_every_command_keeps_every_flag_as_it_was():
     now = {name: {"/".join(a.option_strings) or a.dest: _signature(a) for a in sp._actions
                   if not isinstance(a, argparse._HelpAction)}

@@ -296,8 +296,8 @@ def test_an_unreachable_hub_is_one_line_and_exit_2_before_any_actor_or_folder(tm
     shards.mkdir()
     write_shard(shards / "00000.tar", good_samples(2, 0))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}  # no hub here; offline makes the miss immediate
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "embed", "--input", str(shards), "--output-root",
-                          str(tmp_path / "out"), "--dataset", "d", "--model", "ViT-B-32", "--pretrained", "openai"],
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "embed", "--input", str(shards), "--output",
+                          str(tmp_path / "out"), "--dataset", "d", "--clip", "ViT-B-32", "--clip-pretrained", "openai"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 2, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]

@@ -139,7 +139,7 @@ def test_cli_on_s3_resumes_without_duplicates(ray_cluster, s3_uri, encoder, caps
     corpus = storage.join(s3_uri, "corpus.txt")
     fs, path = storage.filesystem(corpus)
     fs.pipe_file(path, ("\n".join(captions) + "\n").encode())
-    args = ["embed-text", "--input", corpus, "--output-root", s3_uri, "--dataset", "corpus", "--part-size", "4",
+    args = ["embed-text", "--input", corpus, "--output", s3_uri, "--dataset", "corpus", "--part-size", "4",
             "--batch-size", "3", "--cpus-per-actor", "0.5"]
     assert main(args) == 0
     result = _result(capsys.readouterr().out)

@@ -1,0 +1,171 @@
+"""What an operator sees of a long job: our progress line and summary on the terminal, everything else in a log.
+
+- ``job_log(command)``: while a CLI command runs, file descriptor 2 points at a log file, so Ray's own messages
+  (its Python loggers, its progress output, the C++ core worker's lines) and every library's warnings land
+  there; ``terminal()`` is the stream the operator still sees (our progress, the summary, errors), and the
+  project's own warnings are also copied to it. Not under ``-v`` (everything stays on stderr, as Ray prints it).
+- ``Progress``: one live line (tqdm) on a terminal; elsewhere one plain line every ``interval_s`` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+_terminal: TextIO | None = None  # the operator's stream while a job log is open
+
+
+def terminal() -> TextIO:
+    """Where operator-facing lines go: the saved stderr while ``job_log`` holds fd 2, else ``sys.stderr``."""
+    return _terminal or sys.stderr
+
+
+def log_dir() -> Path:
+    """The folder of the job logs (``CLIPCAP_LOG_DIR``, else ``<tmp>/clipcap-logs``)."""
+    return Path(os.environ.get("CLIPCAP_LOG_DIR") or Path(tempfile.gettempdir()) / "clipcap-logs")
+
+
+def _owns_fd2() -> bool:
+    """``sys.stderr`` writes to file descriptor 2 (not a test's capture or a replaced stream)."""
+    try:
+        return sys.stderr.fileno() == 2
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return False
+
+
+class _ProjectOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pipelines.io.urlsafety import PROJECT_LOGGERS
+
+        return record.name.split(".", 1)[0] in PROJECT_LOGGERS
+
+
+_log_path: Path | None = None  # the open job log, until its path is printed
+_command = ""
+
+
+def announce_log() -> None:
+    """Print the open job log's path once (``runtime.ensure_ray`` and the download job call it as Ray or
+    img2dataset start writing there)."""
+    global _log_path
+    if _log_path is not None and _terminal is not None:
+        print(f"clipcap {_command}: Ray's output and the job's log: {_log_path}", file=_terminal, flush=True)
+        _log_path = None
+
+
+@contextlib.contextmanager
+def job_log(command: str) -> Iterator[Path | None]:
+    """Send fd 2 to ``<log_dir>/clipcap-<command>-<time>-<pid>.log`` for the block; its path is printed once,
+    when Ray (or img2dataset) starts (``announce_log``); an empty log is removed.
+    Yields None and changes nothing when stderr is not the process's fd 2."""
+    global _terminal, _log_path, _command
+    if not _owns_fd2():
+        yield None
+        return
+    path = log_dir() / f"clipcap-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    _terminal = open(saved, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+    _log_path, _command = path, command
+    if sys.stdout.isatty():  # Ray Data's tqdm bars would fill the log with cursor codes
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    echo = _echo_handler(command, _terminal)
+    logging.getLogger().addHandler(echo)
+    try:
+        yield path
+    finally:
+        logging.getLogger().removeHandler(echo)
+        sys.stderr.flush()
+        _terminal.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        _terminal, _log_path = None, None
+        if path.stat().st_size == 0:
+            path.unlink()
+
+
+def _echo_handler(command: str, stream: TextIO) -> logging.Handler:
+    """The project's own warnings and errors, copied to the operator's terminal."""
+    echo = logging.StreamHandler(stream)
+    echo.setLevel(logging.WARNING)
+    echo.addFilter(_ProjectOnly())
+    echo.setFormatter(logging.Formatter(f"clipcap {command}: %(levelname)s: %(message)s"))
+    return echo
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _columns(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return 0
+
+
+class Progress:
+    """Units (parts, shards, steps) done of ``total``, rows and error rows so far, rows/s and an ETA."""
+
+    def __init__(self, what: str, total: int, *, unit: str = "parts", rows: str = "rows",
+                 interval_s: float = 10.0, stream: TextIO | None = None):
+        self.what, self.total, self.unit, self.rows_name = what, total, unit, rows
+        self.interval_s = interval_s
+        self.stream = stream or terminal()
+        self.done = self.rows = self.errors = 0
+        self.start = self._last = time.monotonic()
+        self._bar: Any = self._tqdm() if self.stream.isatty() else None
+
+    def _tqdm(self) -> Any:
+        from tqdm import tqdm
+
+        sized = _columns(self.stream) > 0  # a pseudo-terminal may report 0 columns: a fixed width then
+        return tqdm(total=self.total, desc=self.what, unit=f" {self.unit}", file=self.stream, dynamic_ncols=sized,
+                    ncols=None if sized else 100, nrows=None if sized else 24,
+                    bar_format="{desc}: {n_fmt}/{total_fmt}{unit} |{bar:20}| [{elapsed}<{remaining}]{postfix}")
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.start
+        return self.rows / elapsed if elapsed > 0 else 0.0
+
+    def postfix(self) -> str:
+        return f"{self.rows} {self.rows_name}, {self.rate():.1f} {self.rows_name}/s, {self.errors} error rows"
+
+    def line(self) -> str:
+        """The plain line: ``caption: 3/10 parts, 1200 images, 45.0 images/s, 2 error rows, ETA 1m20s``."""
+        elapsed = time.monotonic() - self.start
+        eta = _duration(elapsed * (self.total - self.done) / self.done) if self.done > 0 else "?"
+        return f"{self.what}: {self.done}/{self.total} {self.unit}, {self.postfix()}, ETA {eta}"
+
+    def update(self, units: int = 0, rows: int = 0, errors: int = 0) -> None:
+        self.done, self.rows, self.errors = self.done + units, self.rows + rows, self.errors + errors
+        if self._bar is not None:
+            self._bar.set_postfix_str(self.postfix(), refresh=False)
+            self._bar.update(units)
+        elif time.monotonic() - self._last >= self.interval_s:
+            self._last = time.monotonic()
+            print(self.line(), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(self.postfix(), refresh=False)
+            self._bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
