@@ -72,7 +72,7 @@ def test_a_prepared_block_drops_the_same_rows_as_the_count(tmp_path):
 def test_a_table_whose_metadata_names_another_clip_is_refused_before_any_work(tmp_path, capsys):
     # metadata says the tiny CLIP (D=128) but the vectors have D=64
     files = synthetic_tables.write_synthetic_tables(str(tmp_path / "d"), 40, dim=64, tag="tiny")
-    code = main(["train", "--tables", *files, "--output", str(tmp_path / "runs"), "--model", "tiny"])
+    code = main(["train", "--input", *files, "--output", str(tmp_path / "runs"), "--model", "tiny"])
     assert code == 2
     assert "metadata says CLIP 'tiny' (D=128) but the vectors have D=64" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
