@@ -34,11 +34,14 @@ _FIELDS: dict[str, tuple[str, str]] = {
 }
 
 
+# The Literal values of ClipTrainConfig's precision / augment, written out: reading them from the dataclass
+# imports torch (~30 s of `train-clip --help` on a busy 2-core box). test_cli_help checks they match.
+CHOICES = {"precision": ("fp32", "bf16", "fp16"), "augment": ("none", "crop")}
+
+
 def _choices(field_name: str) -> str:
     """The values of a ``ClipTrainConfig`` ``Literal`` field as a flag-table KIND (``a|b|c``)."""
-    from clipcap_core.clip_training import ClipTrainConfig
-
-    return "|".join(options.choices(ClipTrainConfig, field_name))
+    return "|".join(CHOICES[field_name])
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -86,3 +86,11 @@ def test_embed_drivers_import_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2]).stdout.strip()
     assert out == "[]", out
+
+
+def test_train_clip_flag_choices_are_the_configs_literals():
+    from clipcap_core.clip_training import ClipTrainConfig
+    from pipelines.commands import options, train_clip
+
+    for name, values in train_clip.CHOICES.items():
+        assert list(values) == options.choices(ClipTrainConfig, name)
