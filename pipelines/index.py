@@ -38,7 +38,7 @@ from pipelines.io import schemas, storage, tables
 log = logging.getLogger(__name__)
 INDEX, ROWS, INFO = "index.faiss", "rows.parquet", "index.json"
 HNSW_EF_SEARCH = 128  # candidates an HNSW query keeps: >= 0.95 top-10 agreement with exact search at 100k
-READ_ROWS = 65_536  # vectors read and added per record batch (bounds the build's memory beyond the index itself)
+READ_ROWS = 16_384  # vectors read and added per record batch: ~4 copies of a batch beside the index itself
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,8 +256,9 @@ class Searcher:
         if q.shape[1] != self.info["dim"]:
             raise ValueError(f"query vectors have D={q.shape[1]} but the index has D={self.info['dim']}")
         scores, ids = self.index.search(q, k)
-        cols = {c: self.rows.column(c).to_pylist() for c in self.rows.column_names}
-        return [[{"rank": r, "score": float(s), **{c: cols[c][i] for c in cols}}
+        found = ids[ids >= 0]
+        picked = iter(self.rows.take(pa.array(found)).to_pylist())  # only the hits' rows, in search order
+        return [[{"rank": r, "score": float(s), **next(picked)}
                  for r, (s, i) in enumerate(zip(srow, irow, strict=True)) if i >= 0]
                 for srow, irow in zip(scores, ids, strict=True)]
 
