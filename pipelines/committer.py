@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,8 @@ class UnitCommitter:
         self.committed: list[str] = []
         self.failed: dict[str, str] = {}  # unit -> why its input could not be read (not committed)
         self.retry_delays: tuple[float, ...] = RETRY_DELAYS_S
+        # called before each unit is written (the output's ``Lease.check``): what it raises fails the unit
+        self.guard: Callable[[], None] | None = None
 
     # --- the stage's hooks ---------------------------------------------------------------------------------
     def unread(self, unit: str, rows: Block | None) -> str | None:
@@ -114,7 +116,12 @@ class UnitCommitter:
         """``commit``, retried with backoff while the storage error looks transient (connection refused or
         reset, timeouts, HTTP 5xx / throttling: an object store restarting); a deterministic error (disk full,
         read-only, access denied) or the last retry is ``CommitFailed``: exit 4, the unit and the cause named.
-        A retry rewrites the same names, so it never duplicates rows."""
+        A retry rewrites the same names, so it never duplicates rows. A failing ``guard`` is ``CommitFailed``."""
+        try:
+            if self.guard is not None:
+                self.guard()
+        except Exception as exc:  # noqa: BLE001 - e.g. lease.LeaseLost: another run owns the output now
+            raise stopping.CommitFailed(self.noun, unit, exc) from exc
         for attempt in range(len(self.retry_delays) + 1):
             try:
                 return self.commit(unit, rows)
