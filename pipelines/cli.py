@@ -17,7 +17,7 @@ import importlib
 import os
 import sys
 
-from pipelines import stopping
+from pipelines import exitcodes, stopping
 
 # sub-command name -> module under pipelines.commands (HELP, add_arguments, run)
 COMMANDS = {
@@ -42,7 +42,8 @@ COMMANDS = {
 
 def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or of ``commands`` only (the others are then not imported)."""
-    parser = argparse.ArgumentParser(prog="clipcap", description="CLIP-prefix image captioning at scale on Ray.")
+    parser = argparse.ArgumentParser(prog="clipcap", description="CLIP-prefix image captioning at scale on Ray.",
+                                     epilog=exitcodes.help_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging of the project's modules "
                         "(not of boto / urllib3 / Ray, which would log credentials) and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
