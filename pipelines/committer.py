@@ -12,7 +12,8 @@ could not be read (the ``unread`` hook names why) is *failed*: logged, listed in
 rerun retries it; any other is handed to the ``commit`` hook, the stage's writer (errors table, then the part
 file or an empty marker). A stop signal during a commit waits until the unit is written
 (``stopping.committing``); a storage error while writing it raises ``stopping.CommitFailed`` naming the unit.
-Subclasses implement the two hooks; ``finish`` settles the units that got no rows at all and fails the run if
+``guard`` (the output's ``lease.Lease.check``) runs before each unit is written: a run that lost its output's
+lease commits nothing more. Subclasses implement the two hooks; ``finish`` settles the units that got no rows at all and fails the run if
 rows were lost. Blocks are numpy column dicts (embed) or pyarrow tables (caption); a
 unit's member rows reach the hooks in the same format, concatenated in arrival order, markers dropped.
 """
