@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from pipelines import stopping
+from pipelines import exitcodes, stopping
 
 # sub-command name -> module under pipelines.commands (HELP, add_arguments, run)
 COMMANDS = {
@@ -88,7 +88,8 @@ def unknown_message(extras: list[str], known: list[str]) -> str:
 def build_parser(commands: list[str] | None = None, *, flags: bool = True) -> argparse.ArgumentParser:
     """The parser of every command, or of ``commands`` only (the others are then not imported); ``flags=False``
     registers the commands without their flags (``clipcap --help`` lists them without building each one)."""
-    parser = Parser(prog="clipcap", description="CLIP-prefix image captioning at scale on Ray.")
+    parser = Parser(prog="clipcap", description="CLIP-prefix image captioning at scale on Ray.",
+                    epilog=exitcodes.help_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging of the project's modules "
                         "(not of boto / urllib3 / Ray, which would log credentials) and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -12,7 +12,8 @@ could not be read (the ``unread`` hook names why) is *failed*: logged, listed in
 rerun retries it; any other is handed to the ``commit`` hook, the stage's writer (errors table, then the part
 file or an empty marker). A stop signal during a commit waits until the unit is written
 (``stopping.committing``); a storage error while writing it raises ``stopping.CommitFailed`` naming the unit.
-Subclasses implement the two hooks; ``finish`` settles the units that got no rows at all and fails the run if
+``guard`` (the output's ``lease.Lease.check``) runs before each unit is written: a run that lost its output's
+lease commits nothing more. Subclasses implement the two hooks; ``finish`` settles the units that got no rows at all and fails the run if
 rows were lost. Blocks are numpy column dicts (embed) or pyarrow tables (caption); a
 unit's member rows reach the hooks in the same format, concatenated in arrival order, markers dropped.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,8 @@ class UnitCommitter:
         self.committed: list[str] = []
         self.failed: dict[str, str] = {}  # unit -> why its input could not be read (not committed)
         self.retry_delays: tuple[float, ...] = RETRY_DELAYS_S
+        # called before each unit is written (the output's ``Lease.check``): what it raises fails the unit
+        self.guard: Callable[[], None] | None = None
 
     # --- the stage's hooks ---------------------------------------------------------------------------------
     def unread(self, unit: str, rows: Block | None) -> str | None:
@@ -114,7 +117,12 @@ class UnitCommitter:
         """``commit``, retried with backoff while the storage error looks transient (connection refused or
         reset, timeouts, HTTP 5xx / throttling: an object store restarting); a deterministic error (disk full,
         read-only, access denied) or the last retry is ``CommitFailed``: exit 4, the unit and the cause named.
-        A retry rewrites the same names, so it never duplicates rows."""
+        A retry rewrites the same names, so it never duplicates rows. A failing ``guard`` is ``CommitFailed``."""
+        try:
+            if self.guard is not None:
+                self.guard()
+        except Exception as exc:  # noqa: BLE001 - e.g. lease.LeaseLost: another run owns the output now
+            raise stopping.CommitFailed(self.noun, unit, exc) from exc
         for attempt in range(len(self.retry_delays) + 1):
             try:
                 return self.commit(unit, rows)

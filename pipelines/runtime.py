@@ -54,8 +54,8 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         return
     init_kwargs.setdefault("log_to_driver", False)
     console.announce_log()  # the CLI's job log, where Ray's own output goes
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, **init_kwargs)
-    stopping.reinstall()  # ray.init replaces the SIGTERM handler of a command run by the CLI
+    with stopping.starting_ray():  # a SIGTERM meanwhile stops the command once Ray is up
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, **init_kwargs)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ user knows a rerun resumes from there, and an exit code: 128 + the signal number
   committed, so each unit is written whole or not at all. A second signal while stopping is ignored.
 - ``CommitFailed``: raised by the committer when writing a unit fails after work began (disk full, output
   turned read-only): a part-way failure, not a usage error.
+- ``starting_ray()``: around ``ray.init``, whose own SIGTERM handler would ``sys.exit`` mid-start; a stop signal
+  then waits until Ray is up.
 - ``counting(count, noun)``: a job's driver loop runs inside it, so either exception carries "N of M units
   committed".
 - ``run(call, prog, signals)``: what the CLI runs a command with: ``on_signals`` for the commands that
@@ -126,6 +128,24 @@ def reinstall() -> None:
     if _state.active and threading.current_thread() is threading.main_thread():
         for s in SIGNALS:
             signal.signal(s, _handle)
+
+
+@contextmanager
+def starting_ray() -> Iterator[None]:
+    """Around ``ray.init`` while ``on_signals`` is active: Ray's own SIGTERM handler (``sys.exit`` mid-start, which
+    leaves its processes behind or is swallowed) is not installed, and a stop signal is held until Ray is up, so
+    ``release_ray`` stops it whole."""
+    import ray._private.utils as ray_utils  # where ray.init installs its handler from
+
+    own = ray_utils.set_sigterm_handler
+    if _state.active:
+        ray_utils.set_sigterm_handler = lambda _handler: None
+    try:
+        with committing():
+            yield
+    finally:
+        ray_utils.set_sigterm_handler = own
+        reinstall()
 
 
 @contextmanager

@@ -19,6 +19,8 @@ DuckDB, polars and Hugging Face ``datasets`` read it as it is):
 - ``_meta/empty/part-<part id>.json``: the done-marker of a part without one caption (all members failed).
 - ``_meta/tmp/``: files being written, renamed into ``captions/`` or ``_meta/errors/`` once complete (so no
   reader of the table folder ever sees a temporary, whatever stops the run).
+- ``_meta/lease.json``: held by the run in progress (``pipelines.lease``): a second run on the output stops
+  with exit 2 before any work, naming it; ``force_unlock`` takes it.
 - ``_meta/run.json``: the model, decoding options and input plan digest of the run that owns this output;
   ``_meta/summary.json``: the last run's summary.
 An output in the flat layout (part files and ``_run.json`` at its top level) is refused with a message
@@ -64,6 +66,7 @@ from pipelines.caption.output import (  # noqa: F401  (the layout helpers are pa
     table_uri,
 )
 from pipelines.io import sources, storage
+from pipelines.lease import LEASE_FILE, Lease
 
 if TYPE_CHECKING:
     import ray.data
@@ -130,6 +133,7 @@ class CaptionConfig:
     resources: ResourceOptions = field(default_factory=ResourceOptions)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)  # DeCap memory projection
     overwrite: bool = False
+    force_unlock: bool = False     # take the output's lease even from a live run (``pipelines.lease``)
     progress_interval_s: float = 10.0
     rerank: Literal["none", "clip"] = "none"  # clip: order each image's n captions by CLIP similarity
     # CLIPScore per caption with the model's CLIP text tower (ViT-B-32: a text forward costs ~2/3 of an image
@@ -251,7 +255,8 @@ def _run_record(cfg: CaptionConfig, model_id: str, digest: str) -> dict[str, Any
     return record
 
 def prepare(cfg: CaptionConfig) -> Plan:
-    """Every job-level check, then the plan; raises before any work starts. Claims the output."""
+    """Every job-level check, then the plan; raises before any work starts. Claims the output (clears
+    temporaries): call it holding the output's lease, as ``caption_archive`` does."""
     from pipelines.caption.stages import inspect_model
 
     check_output_outside_input(cfg)
@@ -291,6 +296,14 @@ def prepare(cfg: CaptionConfig) -> Plan:
 def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
     """Caption every image of ``cfg.input`` into caption tables under ``cfg.output`` (see module docstring)."""
     start = time.monotonic()
+    check_output_outside_input(cfg)
+    storage.check_writable(cfg.output)
+    with Lease(meta_uri(cfg.output, LEASE_FILE), force=cfg.force_unlock) as lease:  # one run per output
+        return _caption(cfg, lease, start)
+
+
+def _caption(cfg: CaptionConfig, lease: Lease, start: float) -> CaptionSummary:
+    """``caption_archive`` once the output's lease is held."""
     plan = prepare(cfg)
     summary = CaptionSummary(output=cfg.output, model=plan.model_id, parts_total=len(plan.parts),
                              parts_skipped=len(plan.parts) - len(plan.todo), files_skipped=len(plan.skipped),
@@ -299,6 +312,7 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
              len(plan.parts), summary.parts_skipped)
     if plan.todo:
         committer = PartCommitter(cfg.output, plan.model_id, cfg.decoding, cfg.rerank)
+        committer.guard = lease.check
         # a stop or a failed commit names the parts committed so far (earlier runs' included)
         with stopping.counting(lambda: (summary.parts_skipped + len(committer.committed), summary.parts_total),
                                "part"):

@@ -11,7 +11,7 @@ record, summary). After the summary, ``--show K`` prints ``key<TAB>caption`` for
 (rank-0 captions of the committed table; by default all of them when there are at most ``SHOW_ALL_UP_TO``).
 Exit code: 0 every part done, 4 some parts could not be read (named on stderr; a rerun retries them) or the
 output failed part-way (the part and the cause named), 5 none done, 6 most captions empty, 2 a bad config,
-input, output or model (before any work), 143 / 130 stopped by SIGTERM / Ctrl-C (a rerun resumes).
+input, output or model, or another run holds the output's lease (before any work), 143 / 130 stopped by SIGTERM / Ctrl-C (a rerun resumes).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ SHOW_ALL_UP_TO = 20  # without --show, a run of at most this many images prints 
 # flag dest -> (config section or "" for the top level, field name)
 _FIELDS: dict[str, tuple[str, str]] = {
     "input": ("", "input"), "output": ("", "output"), "model": ("", "model"), "overwrite": ("", "overwrite"),
+    "force_unlock": ("", "force_unlock"),
     "rerank": ("", "rerank"), "clip_score": ("", "clip_score"),
     "allow_untrained": ("", "allow_untrained"),
     "format": ("source", "format"), "part_size": ("source", "part_size"), "max_pixels": ("source", "max_pixels"),
@@ -60,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                     `clipcap import-reference` makes one)
         --allow-untrained   switch  accept an untrained preset as --model (random captions: wiring tests, benchmarks)
         --overwrite         switch  redo every part of the output
+        --force-unlock      switch  take the output's lease (_meta/lease.json) even from a run that looks alive
         --format            auto|images|tar|zip|webdataset|parquet|embeddings
                                     input format (default auto: by file extension)
         --part-size         int     loose images (or Parquet rows) per output part

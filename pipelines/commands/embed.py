@@ -25,6 +25,7 @@ HELP = "embed webdataset shards with CLIP into Parquet tables"
 FIELDS: dict[str, tuple[str, str]] = {
     "input": ("", "input"), "output": ("", "output_root"), "dataset": ("", "dataset"),
     "dtype": ("", "dtype"), "precision": ("", "precision"), "text_embeddings": ("", "text_embeddings"),
+    "force_unlock": ("", "force_unlock"),
     "clip": ("encoder", "model_name"), "clip_pretrained": ("encoder", "pretrained"),
     "num_actors": ("resources", "num_actors"), "cpus_per_actor": ("resources", "cpus_per_actor"),
     "gpus_per_actor": ("resources", "gpus_per_actor"), "torch_threads": ("resources", "torch_threads"),
@@ -79,6 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         --input         str     img2dataset output folder (webdataset .tar shards)
         --output        str     storage root; tables go to <output>/embeddings/<dataset>/<clip-tag>/
         --dataset       str     dataset name in the output path
+        --force-unlock  switch  take the table's lease (_meta/.../lease.json) even from a run that looks alive
     """)
     common.old_spellings(p, {"--output-root": "--output"})
     common.add_ray_address(p, common.RAY_ADDRESS_HEAD_HELP)

@@ -57,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         --key-col           str     key column (default: <file stem>-<row>)
         --part-size         int     captions per output part (default 10000)
         --max-caption-chars int     longer captions are error rows (default 2000)
+        --force-unlock      switch  take the table's lease (_meta/.../lease.json) even from a run that looks alive
     """)
     common.old_spellings(p, {"--output-root": "--output"})
     common.add_ray_address(p, common.RAY_ADDRESS_HEAD_HELP)

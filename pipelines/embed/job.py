@@ -20,7 +20,8 @@ A stop signal or an output that fails part-way stops the run with ``stopping.Int
 ``stopping.CommitFailed`` carrying the shards committed so far; files are written under ``_meta/.../tmp/``
 and renamed into place, so the table folder never holds a temporary.
 
-Everything that can be checked is checked before Ray starts: the CLIP model name and weights, the input shards
+One run at a time per table: a run holds ``_meta/.../lease.json`` (``pipelines.lease``) from planning to its
+end; a second one stops with exit 2 before any work. Everything that can be checked is checked before Ray starts: the CLIP model name and weights, the input shards
 (present, holding images; captions when text embeddings are asked for), the output is writable.
 Resources (actor count, CPUs/GPUs per actor, torch threads, batch size, decode task CPUs/memory) live in
 ``EmbedResources``, the one place this pipeline sets them.
@@ -32,6 +33,7 @@ import logging
 import posixpath
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,6 +46,7 @@ from pipelines.clip_actor import ClipActor
 from pipelines.embed import output
 from pipelines.embed import stages as st
 from pipelines.io import imaging, schemas, storage
+from pipelines.lease import LEASE_FILE, Lease
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,7 @@ class EmbedConfig:
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 autocast on GPU, fp32 on CPU
     text_embeddings: bool = False
     resources: EmbedResources = EmbedResources()
+    force_unlock: bool = False  # take the table's lease even from a live run (``pipelines.lease``)
 
     @property
     def table_uri(self) -> str:
@@ -225,8 +229,10 @@ def build_dataset(cfg: EmbedConfig, pending: list[str]) -> Any:
                                "use_gpu": plan.use_gpu, "texts": cfg.text_embeddings})
 
 
-def _drain(cfg: EmbedConfig, ds: Any, pending: list[str], dim: int, t0: float, result: EmbedResult) -> None:
+def _drain(cfg: EmbedConfig, ds: Any, pending: list[str], dim: int, t0: float, result: EmbedResult,
+           guard: Callable[[], None] | None = None) -> None:
     committer = output.ShardCommitter(cfg, pending, dim)
+    committer.guard = guard
     done: list[tuple[int, int]] = []
     seen = 0
     timeline: list[tuple[float, int]] = []
@@ -254,6 +260,12 @@ def run_embed(cfg: EmbedConfig, ray_address: str | None = None) -> EmbedResult:
     """Validate, then embed every shard without a committed part file; returns counts and timings."""
     t0 = time.perf_counter()
     shards = validate(cfg)
+    with Lease(storage.join(cfg.meta_uri, LEASE_FILE), force=cfg.force_unlock) as lease:  # one run per table
+        return _embed(cfg, shards, lease, t0, ray_address)
+
+
+def _embed(cfg: EmbedConfig, shards: list[str], lease: Lease, t0: float, ray_address: str | None) -> EmbedResult:
+    """``run_embed`` once the table's lease is held."""
     dim = encoders.embedding_dim(cfg.encoder)
     pending = pending_shards(cfg, shards)
     result = EmbedResult(table_uri=cfg.table_uri, shards=len(shards), skipped=len(shards) - len(pending),
@@ -264,7 +276,7 @@ def run_embed(cfg: EmbedConfig, ray_address: str | None = None) -> EmbedResult:
             output.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
             log.info("embedding %d shard(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
                      cfg.table_uri)
-            _drain(cfg, build_dataset(cfg, pending), pending, dim, t0, result)
+            _drain(cfg, build_dataset(cfg, pending), pending, dim, t0, result, lease.check)
         result.written -= len(result.failed)
     result.wall_s = time.perf_counter() - t0
     log.info(result.describe())

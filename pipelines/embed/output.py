@@ -45,9 +45,9 @@ def tmp_uri(meta_uri: str) -> str:
 
 
 def remove_stale_temporaries(table_uri: str, meta_uri: str) -> int:
-    """Delete ``_tmp.*`` files a killed run left behind (no other writer may be running on this table)."""
+    """Delete ``_tmp.*`` files a killed run left behind (call it holding the table's lease: no other writer)."""
     return storage.remove_temporaries(table_uri, storage.join(meta_uri, "errors"), storage.join(meta_uri, "empty"),
-                                      tmp_uri(meta_uri))
+                                      tmp_uri(meta_uri), meta_uri)
 
 
 def _download_errors(shard_uri: str) -> list[dict[str, str]]:

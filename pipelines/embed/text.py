@@ -43,6 +43,7 @@ from pipelines.embed import job as embed
 from pipelines.embed import output
 from pipelines.embed import stages as st
 from pipelines.io import schemas, storage, text_sources
+from pipelines.lease import LEASE_FILE, Lease
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class EmbedTextConfig:
     dtype: Literal["float32", "float16"] = "float32"
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     resources: embed.EmbedResources = embed.EmbedResources(batch_size=256)
+    force_unlock: bool = False  # take the table's lease even from a live run (``pipelines.lease``)
 
     def __post_init__(self) -> None:
         if self.part_size < 1 or self.max_caption_chars < 1:
@@ -106,13 +108,18 @@ def _run_record(cfg: EmbedTextConfig, parts: list[text_sources.TextPart]) -> dic
 
 
 def validate(cfg: EmbedTextConfig) -> list[text_sources.TextPart]:
-    """All job-level checks before any work (model, dtype, input columns, output, earlier run); the parts."""
+    """All job-level checks before any work (model, dtype, input columns, output); the parts."""
     encoders.validate_config(cfg.encoder)
     schemas.embedding_type(1, cfg.dtype)
     parts = text_sources.plan_parts(cfg.input, cfg.input_format, caption_col=cfg.caption_col, key_col=cfg.key_col,
                                     part_size=cfg.part_size, max_chars=cfg.max_caption_chars)
     encoders.fetch_pretrained(cfg.encoder)  # an unreachable hub fails here, not in a restarting actor
     storage.check_writable(cfg.table_uri)
+    return parts
+
+
+def claim(cfg: EmbedTextConfig, parts: list[text_sources.TextPart]) -> None:
+    """Refuse a table made from other input or settings, else record this run's (holding the table's lease)."""
     record, run_uri = _run_record(cfg, parts), storage.join(cfg.meta_uri, "run.json")
     previous = storage.read_json(run_uri)
     if previous is not None and previous != record:
@@ -120,7 +127,6 @@ def validate(cfg: EmbedTextConfig) -> list[text_sources.TextPart]:
         raise ValueError(f"text table {cfg.table_uri} was made from other input or settings (changed: "
                          f"{', '.join(changed)}); use another --dataset, or delete the table to redo it")
     storage.write_json(record, run_uri)
-    return parts
 
 
 def pending_parts(cfg: EmbedTextConfig, parts: list[text_sources.TextPart]) -> list[text_sources.TextPart]:
@@ -228,12 +234,22 @@ def _drain(cfg: EmbedTextConfig, committer: TextCommitter, dim: int) -> tuple[in
 def run_embed_text(cfg: EmbedTextConfig, ray_address: str | None = None) -> EmbedTextResult:
     """Validate, then embed every part without a committed part file; returns counts and timings."""
     t0 = time.perf_counter()
-    parts, dim = validate(cfg), encoders.embedding_dim(cfg.encoder)
+    parts = validate(cfg)
+    with Lease(storage.join(cfg.meta_uri, LEASE_FILE), force=cfg.force_unlock) as lease:  # one run per table
+        claim(cfg, parts)
+        return _embed_text(cfg, parts, lease, t0, ray_address)
+
+
+def _embed_text(cfg: EmbedTextConfig, parts: list[text_sources.TextPart], lease: Lease, t0: float,
+                ray_address: str | None) -> EmbedTextResult:
+    """``run_embed_text`` once the table's lease is held and the run recorded."""
+    dim = encoders.embedding_dim(cfg.encoder)
     pending = pending_parts(cfg, parts)
     result = EmbedTextResult(table_uri=cfg.table_uri, parts=len(parts), skipped=len(parts) - len(pending),
                              written=len(pending), rows=0, errors=0, truncated=0, dim=dim, wall_s=0.0)
     if pending:
         committer = TextCommitter(cfg, pending, dim)
+        committer.guard = lease.check
         # a stop or a failed commit names the parts committed so far (earlier runs' included)
         with stopping.counting(lambda: (result.skipped + len(committer.committed), result.parts), "part"):
             runtime.ensure_ray(ray_address)

@@ -7,7 +7,7 @@ State lives in one folder (any fsspec URI), so the job is stateless and safe to 
     <state>/production.json    the pointer serving reads: model URI, version, run, reason, metrics, previous
     <state>/history/<run>.json one record per decision (promoted / refused), with both models' metrics
     <state>/candidates/<run>/  the candidate's training run (checkpoints, model artifact, metrics history)
-    <state>/lock.json          held while a run is in progress (best effort; schedulers also forbid overlap)
+    <state>/lock.json          the lease of the run in progress (``pipelines.lease``; schedulers also forbid overlap)
 
 A run: list shards -> nothing new? no-op (nothing written) -> train on the new shards plus a seeded replay
 sample of older ones, warm-starting from production -> evaluate candidate and production on the same held-out
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.io import storage, tables
+from pipelines.lease import Lease
 from pipelines.train.job import (
     RunOptions,
     ScaleConfig,
@@ -58,7 +58,7 @@ class NightlyConfig:
     heldout_max: int = 1000                  # rows frozen into heldout.parquet on the first run
     metric: Metric = "cider"
     tolerance: float = 0.02                  # absolute: candidate may be this much worse and still promote
-    lock_ttl_s: float = 12 * 3600.0          # a lock older than this is stale (crashed run)
+    lock_ttl_s: float = 12 * 3600.0          # a lock not renewed this long is stale (crashed run)
     eval_num_gpus: float = 0.0               # GPUs for the evaluation task (when Ray is initialised)
 
 
@@ -126,21 +126,6 @@ def decide(candidate: dict[str, float], production: dict[str, float] | None, met
     if worse_by > tolerance:
         return False, f"{verdict}: worse by {worse_by:.4f}"
     return True, f"{verdict}: not worse beyond tolerance"
-
-
-def _acquire_lock(path: str, run: str, ttl_s: float) -> None:
-    held = storage.read_json(path)
-    if held and time.time() - float(held.get("since", 0)) < ttl_s:
-        raise RuntimeError(f"another nightly run ({held.get('run')}) holds {path} since {held.get('since_iso')}; "
-                           f"delete it if that run is dead")
-    storage.write_json({"run": run, "since": time.time(), "since_iso": _now()}, path)
-
-
-def _release_lock(path: str, run: str) -> None:
-    held = storage.read_json(path)
-    if held and held.get("run") == run:
-        fs, p = storage.filesystem(path)
-        fs.rm(p)
 
 
 def _now() -> str:
@@ -215,32 +200,36 @@ def run_nightly(cfg: NightlyConfig) -> NightlyResult:
     if not fresh:
         return NightlyResult(decision="noop", reason=f"no new shards among {len(files)} (manifest {paths['manifest']})")
     run = _run_id(fresh)
-    _acquire_lock(paths["lock"], run, cfg.lock_ttl_s)
-    try:
-        info = tables.inspect_tables(files)  # same D / CLIP model everywhere, before any work
-        old = [f for f in files if f not in fresh]
-        rows = dict(zip(info.files, info.rows, strict=True))
-        heldout = ensure_heldout(cfg, files)
-        pointer = read_pointer(cfg.state)
-        candidate, replay = _train_candidate(cfg, run, fresh, old, rows, pointer)
-        cand_m, *rest = _evaluate([candidate] + ([pointer["model"]] if pointer else []), heldout, cfg)
-        prod_m = rest[0] if rest else None
-        promote, reason = decide(cand_m, prod_m, cfg.metric, cfg.tolerance, replay.get("health"))
-        record = {"run": run, "at": _now(), "decision": "promoted" if promote else "refused", "reason": reason,
-                  "candidate": candidate, "candidate_metrics": cand_m, "production": pointer and pointer["model"],
-                  "production_metrics": prod_m, "new_shards": fresh, "metric": cfg.metric,
-                  "tolerance": cfg.tolerance, "heldout_rows": heldout.num_rows, "training": replay}
-        if promote:
-            previous = {k: pointer[k] for k in ("model", "version", "run")} if pointer else None
-            pointer = {"model": candidate, "version": (pointer["version"] + 1) if pointer else 1, "run": run,
-                       "promoted_at": record["at"], "reason": reason, "metrics": cand_m, "previous": previous}
-            storage.write_json(pointer, paths["pointer"])  # the one atomic switch serving sees
-        storage.write_json(record, storage.join(paths["history"], f"{run}.json"))
-        # The watermark moves on refusal too: the shards join the replay pool instead of blocking every night.
-        storage.write_json({"shards": sizes, "run": run, "updated_at": record["at"]}, paths["manifest"])
-        log.info("nightly %s: %s (%s)", run, record["decision"], reason)
-        return NightlyResult(decision=record["decision"], reason=reason, run=run, new_shards=tuple(fresh),
-                             candidate=candidate, candidate_metrics=cand_m, production_metrics=prod_m,
-                             pointer=read_pointer(cfg.state))
-    finally:
-        _release_lock(paths["lock"], run)
+    with Lease(paths["lock"], run=run, stale_after_s=cfg.lock_ttl_s,
+               override=f"delete {paths['lock']} if that run is dead"):
+        return _night(cfg, run, files, fresh, sizes)
+
+
+def _night(cfg: NightlyConfig, run: str, files: list[str], fresh: list[str], sizes: dict[str, int]) -> NightlyResult:
+    """One night's training, evaluation and decision, holding the state folder's lease."""
+    paths = state_paths(cfg.state)
+    info = tables.inspect_tables(files)  # same D / CLIP model everywhere, before any work
+    old = [f for f in files if f not in fresh]
+    rows = dict(zip(info.files, info.rows, strict=True))
+    heldout = ensure_heldout(cfg, files)
+    pointer = read_pointer(cfg.state)
+    candidate, replay = _train_candidate(cfg, run, fresh, old, rows, pointer)
+    cand_m, *rest = _evaluate([candidate] + ([pointer["model"]] if pointer else []), heldout, cfg)
+    prod_m = rest[0] if rest else None
+    promote, reason = decide(cand_m, prod_m, cfg.metric, cfg.tolerance, replay.get("health"))
+    record = {"run": run, "at": _now(), "decision": "promoted" if promote else "refused", "reason": reason,
+              "candidate": candidate, "candidate_metrics": cand_m, "production": pointer and pointer["model"],
+              "production_metrics": prod_m, "new_shards": fresh, "metric": cfg.metric,
+              "tolerance": cfg.tolerance, "heldout_rows": heldout.num_rows, "training": replay}
+    if promote:
+        previous = {k: pointer[k] for k in ("model", "version", "run")} if pointer else None
+        pointer = {"model": candidate, "version": (pointer["version"] + 1) if pointer else 1, "run": run,
+                   "promoted_at": record["at"], "reason": reason, "metrics": cand_m, "previous": previous}
+        storage.write_json(pointer, paths["pointer"])  # the one atomic switch serving sees
+    storage.write_json(record, storage.join(paths["history"], f"{run}.json"))
+    # The watermark moves on refusal too: the shards join the replay pool instead of blocking every night.
+    storage.write_json({"shards": sizes, "run": run, "updated_at": record["at"]}, paths["manifest"])
+    log.info("nightly %s: %s (%s)", run, record["decision"], reason)
+    return NightlyResult(decision=record["decision"], reason=reason, run=run, new_shards=tuple(fresh),
+                         candidate=candidate, candidate_metrics=cand_m, production_metrics=prod_m,
+                         pointer=read_pointer(cfg.state))

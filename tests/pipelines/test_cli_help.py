@@ -94,3 +94,22 @@ def test_train_clip_flag_choices_are_the_configs_literals():
 
     for name, values in train_clip.CHOICES.items():
         assert list(values) == options.choices(ClipTrainConfig, name)
+
+
+def _exit_codes() -> dict[str, int]:
+    from pipelines import exitcodes
+
+    return {k: v for k, v in vars(exitcodes).items() if k.isupper() and isinstance(v, int)}
+
+
+def test_clipcap_help_lists_every_exit_code():
+    text = build_parser([]).format_help()
+    listed = {int(line.split()[0]) for line in text.split("exit codes:", 1)[-1].splitlines() if line[:3].strip()}
+    assert set(_exit_codes().values()) <= listed, (sorted(_exit_codes().values()), text)
+
+
+def test_the_readme_exit_code_table_is_the_one_in_exitcodes():
+    from pipelines.exitcodes import CODES, markdown_table
+
+    assert {c.code for c in CODES} == set(_exit_codes().values())
+    assert markdown_table() in (Path(__file__).resolve().parents[2] / "README.md").read_text()

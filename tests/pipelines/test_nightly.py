@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import yaml
 
 from pipelines.demo import synthetic_tables
 from pipelines.io import storage
+from pipelines.lease import Lease, LeaseHeld
 from pipelines.train import nightly
 from pipelines.train.job import RunOptions, ScaleConfig, TrainConfig
 
@@ -37,16 +39,21 @@ def test_new_shards_are_unseen_or_rewritten():
     assert nightly.new_shards({"a": 10}, None) == ["a"]
 
 
-def test_lock_blocks_a_second_run_until_released_or_stale(tmp_path):
-    path = str(tmp_path / "lock.json")
-    nightly._acquire_lock(path, "run-1", ttl_s=3600)
-    with pytest.raises(RuntimeError, match="run-1"):
-        nightly._acquire_lock(path, "run-2", ttl_s=3600)
-    nightly._release_lock(path, "run-2")  # not its lock: stays
-    assert storage.exists(path)
-    nightly._acquire_lock(path, "run-3", ttl_s=0.0)  # stale: taken over
-    nightly._release_lock(path, "run-3")
-    assert not storage.exists(path)
+def test_a_night_is_refused_while_another_holds_the_lock_and_runs_once_it_is_stale(tmp_path, monkeypatch):
+    files = synthetic_tables.write_synthetic_tables(str(tmp_path / "d"), 60, shards=2, dim=8)
+    state = str(tmp_path / "state")
+    other = Lease(storage.join(state, "lock.json"), run="night-1")
+    other.acquire()
+    cfg = nightly.NightlyConfig(tables=(str(tmp_path / "d"),), state=state)
+    with pytest.raises(LeaseHeld, match=r"run night-1, since .* delete .*lock.json if that run is dead"):
+        nightly.run_nightly(cfg)
+    def training(job):
+        raise RuntimeError("trained")
+
+    monkeypatch.setattr(nightly, "run_training", training)
+    with pytest.raises(RuntimeError, match="trained"):  # stale: taken over, and released after the night
+        nightly.run_nightly(dataclasses.replace(cfg, lock_ttl_s=0.0))
+    assert not storage.exists(storage.join(state, "lock.json")) and len(files) == 2
 
 
 def test_nothing_new_is_a_noop_that_writes_nothing(tmp_path):

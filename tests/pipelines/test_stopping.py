@@ -5,14 +5,16 @@ stops a real ``clipcap caption`` process."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -235,15 +237,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
+SMALL_CAPTION = ["--part-size", "4", "--caption-batch-size", "4", "--clip-batch-size", "4", "--decode-block-rows", "4"]
+
+
 @contextmanager
-def _caption_process(inp: Path, out: Path, model: str) -> Iterator[subprocess.Popen]:
-    """A ``clipcap caption`` driver with a local Ray of its own; stopped on the way out if still running."""
+def _cli_process(*args: str, log: Path | None = None) -> Iterator[subprocess.Popen]:
+    """A ``clipcap`` driver with a local Ray of its own (stderr piped, or to ``log``); stopped on the way out if
+    still running."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
-    small = ["--part-size", "4", "--caption-batch-size", "4", "--clip-batch-size", "4", "--decode-block-rows", "4"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "caption", "--input", str(inp), "--output",
-                             str(out), "--model", model, *small], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = subprocess.PIPE if log is None else log.open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE if log is None else subprocess.DEVNULL, stderr=err)
     try:
         yield proc
     finally:
@@ -254,6 +259,12 @@ def _caption_process(inp: Path, out: Path, model: str) -> Iterator[subprocess.Po
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.communicate()
+        if log is not None:
+            err.close()
+
+
+def _caption_process(inp: Path, out: Path, model: str) -> contextlib.AbstractContextManager[subprocess.Popen]:
+    return _cli_process("caption", "--input", str(inp), "--output", str(out), "--model", model, *SMALL_CAPTION)
 
 
 @pytest.mark.integration
@@ -281,3 +292,143 @@ def test_sigterm_stops_a_caption_run_cleanly_and_a_rerun_completes_it(trained_mo
     assert main(["caption", "--input", str(inp), "--output", str(out), "--model", trained_model, *small]) == 0
     rows = duckdb.sql(f"select count(*), count(distinct key) from '{out}/captions/*.parquet'").fetchall()[0]
     assert rows == (400, 400)
+
+
+@pytest.mark.integration
+def test_sigterm_while_ray_starts_stops_the_command_once_ray_is_up(tmp_path):
+    """Ray's SIGTERM handler (``sys.exit``) is not installed by ``ray.init`` under ``on_signals``: a signal while
+    Ray starts stops the command with 143 and its one line, after a whole start (then a clean shutdown)."""
+    code = ("import os, signal, sys, threading\nfrom pipelines import runtime, stopping\n"
+            "def call():\n    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+            "    runtime.ensure_ray(num_cpus=1)\n    print('not stopped', flush=True)\n    return 0\n"
+            "sys.exit(stopping.run(call, 'probe'))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 143, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == "stopped by SIGTERM" and "not stopped" not in done.stdout
+
+
+# --- SIGTERM at several points of a real run; three readers on what it left; a rerun completes it --------------
+POINTS = {"start-up": 0, "first-unit": 1, "half": 8}  # SIGTERM once this many units are committed (0: started)
+
+
+def _wait_for(proc: subprocess.Popen, ready: Callable[[], bool], what: str, log: Path) -> None:
+    deadline = time.monotonic() + 300
+    while not ready():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {what}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} within 300 s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.02)
+
+
+def _second_run_is_refused(first: subprocess.Popen, args: list[str], log: Path) -> None:
+    """The same command started while ``first`` runs (paused, so it commits nothing meanwhile) exits 2 before
+    any work, naming the first run's host and pid."""
+    first.send_signal(signal.SIGSTOP)
+    try:
+        with _cli_process(*args, log=log) as second:
+            second.communicate(timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    err = log.read_text()
+    assert second.returncode == 2 and f"host {socket.gethostname()}, pid {first.pid}, run " in err, err[-3000:]
+    assert "--force-unlock" in err and "Traceback" not in err
+
+
+def _stop_at(point: str, args: list[str], table: Path, started: Callable[[], bool], log: Path) -> int:
+    """Run ``clipcap *args``, SIGTERM it at ``point`` (start-up: once ``started()``, before any unit); check the
+    exit code and its one line; the units committed."""
+    def parts() -> int:
+        return len(list(table.glob("part-*.parquet")))
+
+    with _cli_process(*args, log=log) as proc:
+        if POINTS[point]:
+            _wait_for(proc, lambda: parts() >= POINTS[point], f"{POINTS[point]} committed unit(s)", log)
+            if point == "first-unit":
+                _second_run_is_refused(proc, args, log.with_name("second.log"))
+        else:
+            _wait_for(proc, started, "the start", log)
+            assert not parts()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    err = log.read_text()
+    stops = [line for line in err.splitlines() if line.startswith("stopped")]
+    assert proc.returncode == 143 and len(stops) == 1 and "Traceback" not in err, err[-3000:]
+    done = re.fullmatch(r"stopped: (\d+) of 16 \w+s committed; rerun resumes|stopped by SIGTERM", stops[0])
+    assert done, stops
+    assert int(done.group(1) or 0) == parts() and parts() < 16 and (parts() >= 1) == (point != "start-up")
+    assert not [p.name for p in table.glob("*") if not p.name.startswith("part-")]  # no temporary, nothing else
+    return parts()
+
+
+def _keys_three_ways(table: Path, hf_cache: Path) -> list[str]:
+    """The keys of the table folder as DuckDB, polars and Hugging Face ``datasets`` read them (each equal to the
+    keys of its committed part files, duplicates kept); [] when no part is committed yet."""
+    import datasets
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    files = sorted(table.glob("*.parquet"))
+    committed = sorted(k for f in files for k in pq.read_table(f, columns=["key"]).column("key").to_pylist())
+    if not files:
+        return []
+    glob = f"{table}/*.parquet"
+    by_duckdb = sorted(k for (k,) in duckdb.sql(f"select key from '{glob}'").fetchall())
+    by_polars = sorted(pl.read_parquet(glob, columns=["key"])["key"].to_list())
+    loaded = datasets.load_dataset("parquet", data_files=glob, split="train", cache_dir=str(hf_cache))
+    assert by_duckdb == committed and by_polars == committed and sorted(loaded["key"]) == committed
+    return committed
+
+
+@pytest.fixture()
+def hf_offline(tmp_path, monkeypatch) -> Path:
+    """Hugging Face ``datasets`` offline, its cache under ``tmp_path``."""
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    return tmp_path / "hf"
+
+
+def _stop_read_rerun(point: str, args: list[str], table: Path, started: Callable[[], bool], keys: list[str],
+                     tmp_path: Path, hf: Path) -> None:
+    """SIGTERM at ``point``; the three readers agree on the committed rows; the rerun leaves the rows ``keys``."""
+    done = _stop_at(point, args, table, started, tmp_path / "stopped.log")
+    assert len(set(_keys_three_ways(table, hf / "stopped"))) == 4 * done
+    with _cli_process(*args, log=tmp_path / "rerun.log") as again:
+        again.communicate(timeout=180)
+    assert again.returncode == 0, (tmp_path / "rerun.log").read_text()[-3000:]
+    assert _keys_three_ways(table, hf / "rerun") == sorted(keys)  # a clean run's rows: none twice, none missing
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("point", list(POINTS))
+def test_sigterm_at_any_point_of_a_caption_run_leaves_a_table_three_readers_agree_on(point, trained_model,
+                                                                                      tmp_path, hf_offline):
+    inp, out = _images(tmp_path / "in", 64), tmp_path / "out"
+    args = ["caption", "--input", str(inp), "--output", str(out), "--model", trained_model, *SMALL_CAPTION]
+    keys = [p.name for p in inp.iterdir()]
+    # start-up: the run record is written (planning done, under the lease), Ray not yet started
+    _stop_read_rerun(point, args, out / "captions", (out / "_meta" / "run.json").exists, keys, tmp_path, hf_offline)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("point", list(POINTS))
+def test_sigterm_at_any_point_of_an_embed_run_leaves_a_table_three_readers_agree_on(point, tmp_path, hf_offline):
+    from tests.pipelines.test_embed import good_samples, write_shard
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    keys = []
+    for i in range(16):
+        samples = good_samples(4, 4 * i)
+        write_shard(inp / f"{i:05d}.tar", samples)
+        keys += [key for key, _ in samples]
+    args = ["embed", "--input", str(inp), "--output-root", str(out), "--dataset", "d", "--batch-size", "4"]
+    table = Path(EmbedConfig(input=str(inp), output_root=str(out), dataset="d").table_uri)
+    # start-up: the table folder is made (the output checked writable), Ray not yet started
+    _stop_read_rerun(point, args, table, table.exists, keys, tmp_path, hf_offline)
