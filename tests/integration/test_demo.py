@@ -19,7 +19,7 @@ def test_demo_embeds_every_downloaded_sample(ray_cluster, tmp_path, capsys, monk
     monkeypatch.setattr(demo, "STEPS", [demo.step_embed, lambda cfg, result: seen.append(result)])  # a later step
     assert main(["demo", "--samples", "24", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "tiny" in out and "--pretrained" in out  # says it is the tiny preset, and how to switch
+    assert "tiny" in out and "--clip-pretrained" in out  # says it is the tiny preset, and how to switch
     table_uri = str(tmp_path / "embeddings" / "synthetic" / "tiny")
     table = pq.read_table(table_uri)
     stats = [storage.read_json(u) for u in storage.list_files(str(tmp_path / "raw" / "synthetic"), "_stats.json")]

@@ -16,12 +16,12 @@ def test_demo_train_step_hands_a_model_on_and_reports_heldout_accuracy(ray_clust
     assert demo.STEPS.index(demo.step_train) == demo.STEPS.index(demo.step_embed) + 1  # after embedding
     assert demo.STEPS.index(demo.step_caption) > demo.STEPS.index(demo.step_train)  # captions with the model it trained
     root = str(tmp_path)
-    synthetic_tables.write_synthetic_tables(root, 300, dim=32, dataset="synthetic", tag="tiny")
+    synthetic_tables.write_synthetic_tables(root, 300, dim=128, dataset="synthetic", tag="tiny")  # D of the tiny CLIP it names
     result = demo.DemoResult(root=root, embeddings_uri=str(tmp_path / "embeddings/synthetic/tiny"))
     demo.step_train(demo.DemoConfig(root=root), result)
 
     meta = read_metadata(result.paths["model"])
-    assert meta["model"]["clip_dim"] == 32 and meta["training"]["epochs"] == 30
+    assert meta["model"]["clip_dim"] == 128 and meta["training"]["epochs"] == 30
     summary = result.summaries["train"]
     acc, chance = summary["accuracy"], summary["chance"]
     assert summary["heldout_rows"] + summary["train_rows"] == 300 and 35 < summary["heldout_rows"] < 85
