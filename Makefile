@@ -11,7 +11,8 @@ LOCK_PY := 3.11
 LOCK_FLAGS := pyproject.toml --extra dev --generate-hashes --python-version $(LOCK_PY) \
               --python-platform x86_64-manylinux_2_28 --no-annotate --no-header -o requirements.lock
 
-.PHONY: setup demo test test-faults test-slow test-fast lint bench clean lock audit tiny-clip
+.PHONY: setup demo test test-faults test-slow test-fast lint bench clean lock audit tiny-clip tiny-scenes-clip \
+        tiny-scenes-gapped-clip
 
 setup: $(STAMP)
 
@@ -77,6 +78,16 @@ bench: setup
 # shards -> `train-clip` (Ray Train, fixed seeds) -> fp16 weights -> zero-shot figures on unseen images.
 tiny-clip: setup
 	$(PY) -m pipelines.clip.tiny
+
+# The two CLIPs of the `scenes` world (clipcap_core/scenes.py), shipped beside tiny (<name>.safetensors + card
+# <name>.md): `tiny-scenes` (learned temperature) and `tiny-scenes-gapped` (fixed temperature 0.01 from open_clip's
+# cone-shaped init: a modality gap near a real CLIP's). Scenes shards -> `train-clip` -> fp16 -> zero-shot and gap
+# figures. Ray runs its workers at nice 15: on a busy machine RAY_worker_niceness=0 keeps them at make's niceness.
+tiny-scenes-clip: setup
+	$(PY) -m pipelines.clip.tiny_scenes --variant tiny-scenes
+
+tiny-scenes-gapped-clip: setup
+	$(PY) -m pipelines.clip.tiny_scenes --variant tiny-scenes-gapped
 
 clean:
 	rm -rf data .pytest_cache

@@ -58,6 +58,11 @@ class ClipTrainConfig:
     lock_text: bool = False  # freeze the text tower
     augment: Literal["none", "crop"] = "crop"  # "crop": RandomResizedCrop(scale=crop_scale) in the data tasks
     crop_scale: tuple[float, float] = (0.9, 1.0)  # open_clip's default train crop
+    # Fixed logit scale (1 / temperature, e.g. 100), not learned; None: learned from open_clip's init (1 / 0.07).
+    logit_scale: float | None = None
+    # Cone-shaped init: a seeded random offset of this size (x sqrt(width)) added to each tower's final LayerNorm
+    # bias, so each modality starts in its own narrow cone (with a low fixed temperature: a modality gap).
+    cone_init: float = 0.0
 
     def warmup_for(self, total_steps: int) -> int:
         """Warm-up steps of a run of ``total_steps``: as set, or the default capped at 5% of the run (so a short
@@ -78,6 +83,10 @@ class ClipTrainConfig:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if self.logit_scale is not None and not 0 < self.logit_scale <= 100:
+            raise ValueError(f"logit_scale must be in (0, 100] (it is clamped to 100), got {self.logit_scale}")
+        if self.cone_init < 0:
+            raise ValueError(f"cone_init must be >= 0, got {self.cone_init}")
         if self.lock_image and self.lock_text:
             raise ValueError("lock_image and lock_text together leave nothing to train but the temperature")
 
@@ -116,6 +125,32 @@ def lock_towers(model: torch.nn.Module, hp: ClipTrainConfig) -> None:
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
     if hp.lock_text:
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+
+
+def _final_norms(model: torch.nn.Module) -> list[torch.nn.LayerNorm]:
+    """The LayerNorms right before each tower's projection (open_clip's ``visual.ln_post``, ``ln_final``)."""
+    m = getattr(model, "module", model)
+    text = getattr(m, "text", m)  # CustomTextCLIP keeps its text tower under .text
+    norms = [getattr(getattr(m, "visual", None), "ln_post", None), getattr(text, "ln_final", None)]
+    if not all(isinstance(n, torch.nn.LayerNorm) for n in norms):
+        raise ValueError("cone_init needs open_clip towers with visual.ln_post and ln_final LayerNorms")
+    return norms  # type: ignore[return-value]
+
+
+def shape_init(model: torch.nn.Module, hp: ClipTrainConfig) -> None:
+    """Apply ``hp.cone_init`` (an offset per tower: each modality in its own cone) and a fixed ``hp.logit_scale``
+    (frozen): the two causes of the modality gap in Liang et al., "Mind the Gap" (NeurIPS 2022)."""
+    m = getattr(model, "module", model)
+    gen = torch.Generator().manual_seed(hp.seed + 7919)
+    with torch.no_grad():
+        if hp.cone_init > 0:
+            for norm in _final_norms(m):
+                width = norm.bias.numel()
+                offset = torch.nn.functional.normalize(torch.randn(width, generator=gen), dim=0)
+                norm.bias.add_(offset.to(norm.bias) * hp.cone_init * math.sqrt(width))
+        if hp.logit_scale is not None:
+            m.logit_scale.fill_(math.log(hp.logit_scale))
+            m.logit_scale.requires_grad_(False)
 
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:

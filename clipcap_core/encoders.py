@@ -9,8 +9,10 @@
 The `tiny` preset is a small open_clip config shipped in ``clipcap_core/resources/tiny.json`` (ViT on
 64x64 images, 16x16 patches, 3 layers; 2-layer text tower) with trained, language-aligned weights shipped beside
 it (``resources/tiny.safetensors``, made by ``clipcap train-clip`` on the synthetic set; ``resources/tiny.md`` is
-its card). ``tiny-random`` (``resources/tiny-random.json``: 4x4 patches, fixed 2-D sin-cos positions) has no
-weights file: a fixed-seed random init, identical in every process, with no language-image alignment.
+its card). ``tiny-scenes`` and ``tiny-scenes-gapped`` (the second with a real CLIP's modality gap) are the same
+kind of ViT trained on the ``scenes`` world, shipped the same way. ``tiny-random`` (``resources/tiny-random.json``:
+4x4 patches, fixed 2-D sin-cos positions) has no weights file: a fixed-seed random init, identical in every
+process, with no language-image alignment.
 
 Preprocessing is split for pipelines: ``resize`` (PIL -> uint8 (H, W, 3), done in decode tasks) then
 ``encode_pixels`` (uint8 (B, H, W, 3) -> normalise -> encode, done in the encoder actor); together they equal
@@ -146,7 +148,7 @@ def is_weights_location(pretrained: str) -> bool:
 
 
 def shipped_weights(model_name: str) -> str | None:
-    """Weights shipped with the package for ``model_name`` (the aligned ``tiny`` CLIP), else None.
+    """Weights shipped with the package for ``model_name`` (``tiny``, ``tiny-scenes``, ``tiny-scenes-gapped``), else None.
 
     ``resources/<name>.safetensors`` is loaded when no ``pretrained`` is given; ``tiny-random`` has none (its
     seeded random init is the point)."""

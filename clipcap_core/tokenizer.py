@@ -13,6 +13,7 @@ A tokenizer whose start token differs from its end token (CLIP's) has captions e
 decoding drops it from the text. Unlike ``clip.tokenize`` it does not run ftfy or unescape HTML entities.
 
     tok = load_tokenizer("word")                  # tiny word-level tokenizer over synthetic.VOCABULARY
+    tok = load_tokenizer("word-scenes")           # the same over scenes.VOCABULARY
     tok = build_word_tokenizer(captions)          # word-level tokenizer over your captions
     tok = load_tokenizer("clip-bpe")              # CLIP's BPE vocabulary
     tok = load_tokenizer("gpt2" | "/dir" | "s3://bucket/tok")
@@ -31,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 EOS = "<|endoftext|>"
 UNK = "<unk>"
 WORD = "word"  # tokenizer source name of the built-in word-level tokenizer
+WORD_SCENES = "word-scenes"  # the word-level tokenizer over the scenes world's vocabulary
 CLIP_BPE = "clip-bpe"  # tokenizer source name of CLIP's BPE vocabulary
 _WORD_RE = re.compile(r"\w+|[^\w\s]")
 
@@ -104,9 +106,13 @@ def prepare(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer: ``"word"`` / ``"clip-bpe"`` (built-in), a hub name, a local directory or an fsspec URI of one."""
+    """Load a tokenizer: ``"word"`` / ``"word-scenes"`` / ``"clip-bpe"`` (built-in), a hub name, a local directory or an fsspec URI of one."""
     if source == WORD:
         return build_word_tokenizer()
+    if source == WORD_SCENES:
+        from clipcap_core.scenes import VOCABULARY
+
+        return build_word_tokenizer(words=VOCABULARY)
     if source == CLIP_BPE:
         return build_clip_tokenizer()
     from transformers import AutoTokenizer

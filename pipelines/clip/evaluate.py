@@ -1,4 +1,4 @@
-"""``clipcap eval-clip``: retrieval R@1/5/10 and zero-shot classification of a CLIP on held-out pairs.
+"""``clipcap eval-clip``: retrieval R@1/5/10, the modality gap and zero-shot classification of a CLIP on held-out pairs.
 
     report = evaluate_clip(EvalClipConfig(encoder=EncoderConfig(model_name="tiny"), shards=("data/raw/x",),
                                           part="heldout", classes="classes.txt", templates="templates.txt"))
@@ -6,6 +6,8 @@
 Pairs come from webdataset shards (images encoded here with the model's eval preprocessing, captions with its
 text tower) or from embedding tables that hold both ``image_embedding`` and ``text_embedding``. ``part``
 selects the key-hash split (``heldout`` with the training job's fraction and salt gives its held-out set).
+The modality gap of the pairs (``clip_eval.modality_gap``: mean paired cosine, centroid distance, share of
+variance along the gap) is reported for every model, so a CLIP can be placed beside real ones.
 Zero-shot: each image's label is its caption when that caption is one of ``classes`` (compared lower-cased,
 stripped; others are counted as unlabelled, never dropped silently); class embeddings are the CLIP paper's
 prompt ensemble over ``templates`` (one per line, each with ``{}``). When every class is a synthetic caption
@@ -127,7 +129,7 @@ def synthetic_attributes(predicted: list[str], truth: list[str]) -> dict[str, fl
 
 def evaluate_clip(cfg: EvalClipConfig) -> dict[str, Any]:
     """Retrieval (and zero-shot with ``classes``) figures of ``cfg.encoder`` on the selected pairs."""
-    from clipcap_core.clip_eval import retrieval
+    from clipcap_core.clip_eval import modality_gap, retrieval
     from clipcap_core.encoders import encoder_tag, load_encoder
 
     classes = read_lines(cfg.classes) if cfg.classes else None
@@ -139,6 +141,8 @@ def evaluate_clip(cfg: EvalClipConfig) -> dict[str, Any]:
         raise ValueError(f"no image-caption pairs in the {cfg.part!r} split of {cfg.shards or cfg.tables}")
     report: dict[str, Any] = {"model": encoder_tag(cfg.encoder), "part": cfg.part,
                               "retrieval": retrieval(img, txt, captions)}
+    if len(captions) > 1:
+        report["gap"] = modality_gap(img, txt)
     if classes:
         report["zero_shot"] = zero_shot_report(encoder, img, captions, classes, templates)
     report["seconds"] = time.perf_counter() - t0
@@ -147,7 +151,7 @@ def evaluate_clip(cfg: EvalClipConfig) -> dict[str, Any]:
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"eval-clip {report['model']} ({report['part']} split)", f"{'metric':<28}{'value':>10}"]
-    for section in ("retrieval", "zero_shot"):
+    for section in ("retrieval", "gap", "zero_shot"):
         for k, v in report.get(section, {}).items():
             lines.append(f"{section + '/' + k:<28}{v:>10.4f}" if isinstance(v, float) else
                          f"{section + '/' + k:<28}{v!s:>10}")

@@ -36,6 +36,7 @@ class ClipRun(WorkerRun):
             clip_loss,
             lock_towers,
             make_optimizer_and_scheduler,
+            shape_init,
         )
 
         hp = job.train
@@ -43,6 +44,7 @@ class ClipRun(WorkerRun):
                          torch_threads=job.scale.torch_threads, fault=job.fault)
         self.job, self.hp = job, hp
         self.model = build_clip(job.model, seed=hp.seed, device=self.device)
+        shape_init(self.model, hp)
         lock_towers(self.model, hp)
         self.optimizer, self.scheduler = make_optimizer_and_scheduler(self.model, hp, plan.total_steps)
         self.resume()

@@ -23,6 +23,7 @@ from pipelines.io import schemas, storage
 
 log = logging.getLogger(__name__)
 ARCHIVE = "heldout.tar"
+Accuracy = Callable[[list[str], list[str]], dict[str, dict[str, float]]]
 
 
 def write_archive(uri: str, samples: Sequence[Any]) -> None:
@@ -58,9 +59,11 @@ def _norm(text: str) -> str:
 
 def caption_heldout(root: str, model_uri: str, samples: Sequence[Any], *, show: int = 5,
                     resources: ResourceOptions | None = None, echo: Callable[[str], None] = print,
-                    name: str = "heldout", projection: Any = None) -> dict[str, Any]:
+                    name: str = "heldout", projection: Any = None, accuracy: Accuracy | None = None
+                    ) -> dict[str, Any]:
     """Caption held-out synthetic samples through the bulk pipeline into ``<root>/captions/<name>``; print a few
-    next to the truth. ``projection``: a ``decap.ProjectionConfig`` (default: the model's own)."""
+    next to the truth. ``projection``: a ``decap.ProjectionConfig`` (default: the model's own). ``accuracy``
+    (``worlds.World.accuracy``): exact match is its (any wording of the same scene), printed per attribute."""
     archive = storage.join(root, "archives", ARCHIVE)
     output = storage.join(root, "captions", name)
     write_archive(archive, samples)
@@ -77,5 +80,12 @@ def caption_heldout(root: str, model_uri: str, samples: Sequence[Any], *, show: 
         mark = "ok " if _norm(predicted.get(key, "")) == _norm(truth[key]) else "   "
         echo(f"  {mark} true: {truth[key]:<40s} model: {predicted.get(key, '<no caption>')}")
     echo(f"exact match on held-out images: {hits}/{len(truth)}")
-    return {"archive": archive, "output": output, "images": summary.images, "errors": summary.errors,
-            "exact_match": hits / max(1, len(truth)), "summary": summary.as_dict()}
+    out = {"archive": archive, "output": output, "images": summary.images, "errors": summary.errors,
+           "exact_match": hits / max(1, len(truth)), "summary": summary.as_dict()}
+    if accuracy is not None:
+        keys = sorted(truth)
+        scores = accuracy([predicted.get(k, "") for k in keys], [truth[k] for k in keys])
+        out.update(exact_match=scores["accuracy"]["exact"], accuracy=scores)
+        echo("held-out accuracy, any wording (chance in brackets): " + ", ".join(
+            f"{k} {100 * v:.0f}% ({100 * scores['chance'][k]:.2g}%)" for k, v in scores["accuracy"].items()))
+    return out

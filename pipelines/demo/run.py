@@ -10,7 +10,8 @@ of ``jobs/embed_cc3m.py``: synthetic images served over local HTTP -> img2datase
     STEPS.append(step_train)
 
 Everything runs on the ``tiny`` preset (the aligned tiny CLIP shipped in ``clipcap_core/resources``, made by
-``make tiny-clip``); the summary says so and how to switch.
+``make tiny-clip``); the summary says so and how to switch. ``world`` picks the synthetic world
+(``pipelines.demo.worlds``): the one-group default, or ``scenes`` with its ``tiny-scenes`` CLIP.
 """
 
 from __future__ import annotations
@@ -27,12 +28,16 @@ from pipelines import runtime
 log = logging.getLogger(__name__)
 
 
+SAMPLES = {"synthetic": 1024, "scenes": 2048}  # images embedded per world by default
+
+
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     root: str = "data"  # everything the demo writes goes under here
     samples: int = 1024  # synthetic images downloaded and embedded (80% train, 20% held out by key hash)
     seed: int = 0
     ray_address: str | None = None  # None: RAY_ADDRESS if set, else a private local Ray instance
+    world: str = "synthetic"  # pipelines.demo.worlds.WORLDS
 
 
 @dataclass
@@ -62,7 +67,7 @@ def step_embed(cfg: DemoConfig, result: DemoResult) -> None:
     """Synthetic set -> local HTTP -> img2dataset shards -> tiny CLIP embeddings (jobs/embed_cc3m.py default)."""
     from pipelines.embed.download_embed import default_job_config, result_dict, run_embed_job
 
-    job = default_job_config(result.root, samples=cfg.samples, seed=cfg.seed)
+    job = default_job_config(result.root, samples=cfg.samples, seed=cfg.seed, world=cfg.world)
     out = run_embed_job(job, ray_address=ray_address(cfg))
     assert job.synthetic is not None and job.download is not None
     result.url_list = str(Path(job.synthetic.folder) / "captions.tsv")
@@ -82,7 +87,7 @@ def step_train(cfg: DemoConfig, result: DemoResult) -> None:
 
     runtime.ensure_ray(ray_address(cfg))
     assert result.embeddings_uri is not None
-    report = demo_train(result.embeddings_uri, result.root, seed=cfg.seed)
+    report = demo_train(result.embeddings_uri, result.root, seed=cfg.seed, world=cfg.world)
     result.paths["model"] = report.pop("artifact")
     result.summaries["train"] = {k: v for k, v in report.items() if k != "lines"}
     result.lines.extend(report["lines"])
@@ -94,15 +99,15 @@ STEPS.append(step_train)
 def step_caption(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
     """Held-out synthetic images (indices past the demo's set: never embedded nor trained on) -> a tar archive
     -> bulk captioning (pipelines.caption.job) with the demo's model -> caption table; prints a few captions."""
-    from clipcap_core import synthetic
     from pipelines.demo.caption import caption_heldout
+    from pipelines.demo.worlds import world
 
     runtime.ensure_ray(ray_address(cfg))
     model = result.paths.get("model", "tiny")
     if model == "tiny":
         result.lines.append("no trained model in this demo run: captioning with the untrained `tiny` preset")
-    samples = list(synthetic.generate(n, seed=cfg.seed, size=64, start=cfg.samples))
-    report = caption_heldout(result.root, model, samples, echo=result.lines.append)
+    samples = world(cfg.world).heldout(n, cfg.seed, cfg.samples)
+    report = caption_heldout(result.root, model, samples, echo=result.lines.append, accuracy=world(cfg.world).accuracy)
     result.paths["captions"] = report["output"]
     result.summaries["caption"] = report
 
@@ -112,15 +117,18 @@ STEPS.append(step_caption)  # captions with the model the earlier steps produced
 
 def step_report(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
     """The held-out captions of ``step_caption`` (same ``n`` samples) -> ``clipcap evaluate`` against the true
-    captions (CLIPScore on the archive's images) -> ``clipcap report``; prints the table and the report's path."""
+    captions (all references of each image; CLIPScore on the archive's images) -> ``clipcap report``; prints the
+    table and the report's path."""
+    from pipelines.demo.worlds import world
     from pipelines.report.demo import evaluate_and_report
 
     if "captions" not in result.paths:
         result.lines.append("no caption table in this demo run: evaluation and report skipped")
         return
+    w = world(cfg.world)
+    refs = {s.key: list(w.references(s)) for s in w.heldout(n, cfg.seed, cfg.samples)}
     report = evaluate_and_report(result.root, result.paths["captions"], result.summaries["caption"]["archive"],
-                                 seed=cfg.seed, start=cfg.samples, n=n,
-                                 run_dir=result.summaries.get("train", {}).get("run_dir"))
+                                 references=refs, run_dir=result.summaries.get("train", {}).get("run_dir"))
     result.paths.update(evaluation=report["evaluation"], report=report["report"])
     result.summaries["evaluate"] = report["summary"]
     result.lines.extend(report["lines"])
@@ -153,10 +161,13 @@ def step_decap(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
 
 def run_demo(cfg: DemoConfig = DemoConfig(), steps: Sequence[Step] | None = None) -> DemoResult:
     """Run ``steps`` (default: ``STEPS``) in order; returns the paths and summaries they recorded."""
+    from pipelines.demo.worlds import world
+
     root = str(Path(cfg.root).resolve()) if "://" not in cfg.root else cfg.root
     result = DemoResult(root=root)
-    result.lines.append(f"clipcap demo: the EMBEDDED DEFAULT on the `tiny` preset (the shipped aligned tiny CLIP, "
-                        f"{cfg.samples} synthetic images), output under {root}")
+    clip = world(cfg.world).clip_model
+    result.lines.append(f"clipcap demo: the EMBEDDED DEFAULT on the `tiny` preset (the shipped aligned `{clip}` CLIP, "
+                        f"{cfg.samples} images of the `{cfg.world}` world), output under {root}")
     for step in STEPS if steps is None else steps:
         log.info("demo step %s", step.__name__)
         step(cfg, result)

@@ -53,28 +53,33 @@ def attribute_accuracy(predictions: list[str], references: list[str]) -> dict[st
     return {"accuracy": {"exact": exact, **acc}, "chance": {"exact": chance_exact, **chance}}
 
 
-def demo_train(embeddings_uri: str, root: str, *, seed: int = 0, epochs: int = 30) -> dict[str, Any]:
+def demo_train(embeddings_uri: str, root: str, *, seed: int = 0, epochs: int = 30,
+               world: str = "synthetic") -> dict[str, Any]:
     """Train the ``tiny`` preset on the demo's embedding table with Ray Train (1 worker), then caption the
     key-hash held-out rows with the saved artifact and report exact-match and per-attribute accuracy."""
     from clipcap_core.artifacts import load_model
     from clipcap_core.decoding import generate
+    from pipelines.demo.worlds import world as get_world
 
+    w = get_world(world)
     files = tables.list_table_files(embeddings_uri)
     info = tables.inspect_tables(files)
     job = TrainJobConfig(
         tables=(embeddings_uri,), output=storage.join(root, "runs"), name=f"demo-{info.clip_model}-{info.num_rows}-s{seed}",
-        model="tiny", model_overrides={"mapping.normalize_prefix": True}, heldout_fraction=0.2,
-        train=TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, warmup_steps=20, max_caption_tokens=16, seed=seed),
+        model="tiny", model_overrides={"mapping.normalize_prefix": True, "tokenizer": w.tokenizer}, heldout_fraction=0.2,
+        train=TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, warmup_steps=20, max_caption_tokens=w.max_caption_tokens,
+                          seed=seed),
         run=RunOptions(checkpoint_every=10**6, log_every=100, eval_max_samples=256, eval_every=10))
     t0 = time.perf_counter()
     result = run_training(job)
     seconds = time.perf_counter() - t0
     held = tables.read_split(files, job.split("heldout"))
     loaded = load_model(result.artifact)
-    texts = generate(loaded.model, tables.embeddings_numpy(held), loaded.tokenizer, "greedy", max_length=16).texts
-    scores = attribute_accuracy(texts, held.column("caption").to_pylist())
+    texts = generate(loaded.model, tables.embeddings_numpy(held), loaded.tokenizer, "greedy",
+                     max_length=w.max_caption_tokens).texts
+    scores = w.accuracy(texts, held.column("caption").to_pylist())
     acc, chance = scores["accuracy"], scores["chance"]
-    per_attr = ", ".join(f"{k} {100 * acc[k]:.0f}% ({100 * chance[k]:.0f}%)" for k in acc if k != "exact")
+    per_attr = ", ".join(f"{k} {100 * acc[k]:.0f}% ({100 * chance[k]:.2g}%)" for k in acc if k != "exact")
     n_train = info.num_rows - held.num_rows
     zs = clip_zero_shot(info, held)
     lines = [

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from clipcap_core.encoders import TINY, EncoderConfig
+from clipcap_core.encoders import EncoderConfig
 from pipelines.download.job import DownloadConfig, DownloadSummary, prepare_download, run_download
 from pipelines.embed.job import EmbedConfig, EmbedResources, EmbedResult, run_embed
 from pipelines.io import storage
@@ -37,6 +37,7 @@ class SyntheticSource:
     samples: int = 256
     seed: int = 0
     image_size: int = 64
+    world: str = "synthetic"  # pipelines.demo.worlds: synthetic | scenes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,19 +69,23 @@ class EmbedJobResult:
         return "\n".join(lines)
 
 
-def default_job_config(root: str | Path = "data", samples: int = 256, seed: int = 0) -> EmbedJobConfig:
+def default_job_config(root: str | Path = "data", samples: int = 256, seed: int = 0,
+                       world: str = "synthetic") -> EmbedJobConfig:
     """The embedded default: synthetic set under ``<root>/synthetic``, shards ``<root>/raw/synthetic``,
-    tables ``<root>/embeddings/synthetic/tiny``."""
+    tables ``<root>/embeddings/synthetic/tiny`` (``world="scenes"``: ``scenes`` and the ``tiny-scenes`` CLIP)."""
+    from pipelines.demo.worlds import world as get_world
+
+    clip = get_world(world).clip_model
     is_uri = "://" in str(root)
     root = str(root) if is_uri else str(Path(root).resolve())
     local = Path("data").resolve() if is_uri else Path(root)  # the HTTP server serves a local folder
-    raw = storage.join(root, "raw", "synthetic")
+    raw = storage.join(root, "raw", world)
     return EmbedJobConfig(
-        synthetic=SyntheticSource(folder=str(local / "synthetic"), samples=samples, seed=seed),
+        synthetic=SyntheticSource(folder=str(local / world), samples=samples, seed=seed, world=world),
         download=DownloadConfig(url_list="", output=raw, input_format="tsv", header=False, image_size=64,
                                 resize_mode="no", encode_format="png", number_sample_per_shard=128,
                                 thread_count=8, allow_private_urls=True),  # our own server on 127.0.0.1
-        embed=EmbedConfig(input=raw, output_root=root, dataset="synthetic", encoder=EncoderConfig(model_name=TINY),
+        embed=EmbedConfig(input=raw, output_root=root, dataset=world, encoder=EncoderConfig(model_name=clip),
                           resources=EmbedResources(batch_size=64)),
     )
 
@@ -88,14 +93,15 @@ def default_job_config(root: str | Path = "data", samples: int = 256, seed: int 
 @contextlib.contextmanager
 def serve_synthetic(src: SyntheticSource) -> Iterator[str]:
     """Write the synthetic set and serve it; yields the URL list path (URLs point at the server)."""
-    from clipcap_core import synthetic
     from infra.local import http
+    from pipelines.demo.worlds import world
 
     folder = Path(src.folder)
     folder.mkdir(parents=True, exist_ok=True)
     server = http.start(folder)
     try:
-        tsv = synthetic.write_url_list(folder, src.samples, server.base_url, seed=src.seed, size=src.image_size)
+        tsv = world(src.world).write_url_list(folder, src.samples, server.base_url, seed=src.seed,
+                                              size=src.image_size)
         log.info("serving %d synthetic images from %s at %s", src.samples, folder, server.base_url)
         yield str(tsv)
     finally:
@@ -119,7 +125,7 @@ def run_embed_job(cfg: EmbedJobConfig, ray_address: str | None = None) -> EmbedJ
             storage.check_writable(cfg.embed.table_uri)
             summary = run_download(dl, ray_address=ray_address, urls=urls)
     result = run_embed(cfg.embed, ray_address=ray_address)
-    return EmbedJobResult(download=summary, embed=result, tiny=cfg.embed.encoder.model_name == TINY)
+    return EmbedJobResult(download=summary, embed=result, tiny=encoders.shipped_weights(cfg.embed.encoder.model_name) is not None)
 
 
 @contextlib.contextmanager

@@ -1,9 +1,9 @@
 """The last step of ``clipcap demo``: evaluate the held-out captions and write the report.
 
-    out = evaluate_and_report(root, captions_uri, archive_uri, seed=0, start=256, n=32, run_dir=...)
+    out = evaluate_and_report(root, captions_uri, archive_uri, references={key: [caption, ...]}, run_dir=...)
 
-The references are the true captions of the held-out synthetic samples (regenerated from ``seed``/``start``:
-the generator is deterministic per index), written as ``<root>/references/heldout.jsonl``. Without Java the
+The references are the true captions of the held-out samples (one per image in the ``synthetic`` world, six in
+``scenes``), written as ``<root>/references/heldout.jsonl``, one ``{"key", "caption"}`` row per reference. Without Java the
 evaluation uses the simple tokenizer and leaves METEOR out, and says so.
 """
 
@@ -16,21 +16,20 @@ from typing import Any
 from pipelines.io import storage
 
 
-def write_references(uri: str, samples: list[Any]) -> None:
+def write_references(uri: str, references: dict[str, list[str]]) -> None:
     fs, path = storage.filesystem(uri)
     storage.ensure_dir(fs, path.rsplit("/", 1)[0])
     with fs.open(path, "w") as f:
-        f.writelines(json.dumps({"key": s.key, "caption": s.caption}) + "\n" for s in samples)
+        f.writelines(json.dumps({"key": key, "caption": c}) + "\n" for key, caps in references.items() for c in caps)
 
 
-def evaluate_and_report(root: str, captions: str, images: str, *, seed: int, start: int, n: int,
+def evaluate_and_report(root: str, captions: str, images: str, *, references: dict[str, list[str]],
                         run_dir: str | None = None) -> dict[str, Any]:
-    from clipcap_core import synthetic
     from pipelines.evaluate import EvaluateConfig, format_table, run_evaluate
     from pipelines.report import ReportConfig, build_report
 
     refs = storage.join(root, "references", "heldout.jsonl")
-    write_references(refs, list(synthetic.generate(n, seed=seed, size=64, start=start)))
+    write_references(refs, references)
     lines = []
     java = shutil.which("java") is not None
     if not java:

@@ -17,6 +17,7 @@ from clipcap_core.clip_training import (
     lock_towers,
     make_optimizer_and_scheduler,
     save_clip_weights,
+    shape_init,
     train_step,
 )
 
@@ -66,6 +67,23 @@ def test_steps_lower_the_loss_and_clamp_the_temperature():
         model.logit_scale.fill_(10.0)  # exp(10) > 100
     train_step(model, pixels, tokens, opt, sched, hp, clip_loss(hp))
     assert model.logit_scale.item() <= math.log(100) + 1e-6
+
+
+def test_fixed_temperature_stays_and_cone_init_narrows_each_modality():
+    """``logit_scale`` is frozen at its value through steps; ``cone_init`` offsets both towers' final norms."""
+    hp = ClipTrainConfig(lr=1e-3, warmup_steps=0, logit_scale=100.0, cone_init=1.0)
+    plain, model = build_clip(SPEC), build_clip(SPEC)
+    shape_init(model, hp)
+    opt, sched = make_optimizer_and_scheduler(model, hp, total_steps=100)
+    pixels, tokens = _batch(model)
+    for _ in range(3):
+        train_step(model, pixels, tokens, opt, sched, hp, clip_loss(hp))
+    assert model.logit_scale.exp().item() == pytest.approx(100.0) and not model.logit_scale.requires_grad
+    assert all(p is not model.logit_scale for g in opt.param_groups for p in g["params"])
+    moved = (model.visual.ln_post.bias - plain.visual.ln_post.bias).norm().item()
+    assert moved > 0.5 * math.sqrt(plain.visual.ln_post.bias.numel())
+    with pytest.raises(ValueError, match="logit_scale"):
+        ClipTrainConfig(logit_scale=200.0)
 
 
 def test_lock_image_keeps_the_image_tower():

@@ -1,0 +1,100 @@
+"""The synthetic worlds ``clipcap demo --world`` runs on: what differs between them, in one place per world.
+
+- ``synthetic`` (default, quick): one group of shapes, 432 captions, the ``tiny`` CLIP; one reference per image.
+- ``scenes``: two groups and a relation (``clipcap_core.scenes``), the ``tiny-scenes`` CLIP; six references per
+  image; the held-out images are half unseen scenes of seen combinations, half held-out colour-shape combinations.
+
+A world gives the URL list the download serves, the CLIP and tokenizer the demo trains with, the held-out samples
+it captions, their references for ``clipcap evaluate`` and the accuracy of generated captions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+WORLDS = ("synthetic", "scenes")
+
+
+@dataclass(frozen=True)
+class World:
+    name: str
+    clip_model: str  # the shipped CLIP that embeds it
+    tokenizer: str  # the tiny preset's word-level tokenizer source
+    max_caption_tokens: int
+    write_url_list: Callable[..., Path]  # (folder, n, base_url, seed=, size=) -> TSV
+    heldout: Callable[[int, int, int], list[Any]]  # (n, seed, start) -> samples with .key .caption .image
+    references: Callable[[Any], Sequence[str]]  # sample -> its reference captions
+    accuracy: Callable[[list[str], list[str]], dict[str, dict[str, float]]]  # predictions, canonical truth
+
+
+def _synthetic_heldout(n: int, seed: int, start: int) -> list[Any]:
+    from clipcap_core import synthetic
+
+    return list(synthetic.generate(n, seed=seed, size=64, start=start))
+
+
+def _synthetic_url_list(*args: Any, **kwargs: Any) -> Path:
+    from clipcap_core import synthetic
+
+    return synthetic.write_url_list(*args, **kwargs)
+
+
+def _synthetic_accuracy(predictions: list[str], references: list[str]) -> dict[str, dict[str, float]]:
+    from pipelines.demo.train import attribute_accuracy
+
+    return attribute_accuracy(predictions, references)
+
+
+def _scenes_heldout(n: int, seed: int, start: int) -> list[Any]:
+    """First half unseen scenes of seen combinations (``test``), second half held-out combinations (``novel``)."""
+    from clipcap_core import scenes
+
+    half = n // 2
+    return [*scenes.generate(n - half, seed=seed, start=start, split="test"),
+            *scenes.generate(half, seed=seed, start=start, split="novel")]
+
+
+def _scenes_url_list(*args: Any, **kwargs: Any) -> Path:
+    from clipcap_core import scenes
+
+    return scenes.write_url_list(*args, **kwargs)
+
+
+def scenes_accuracy(predictions: list[str], references: list[str]) -> dict[str, dict[str, float]]:
+    """Scenes: exact (same scene, any wording), relation, and per-attribute accuracy over both groups (after
+    saying both scenes with left / above), with chance levels; a caption that does not parse scores 0."""
+    from clipcap_core import scenes
+
+    pred = [scenes.parse_caption(p) for p in predictions]
+    truth = [scenes.parse_caption(r) for r in references]
+    pairs = [(p.normalized() if p else None, t.normalized()) for p, t in zip(pred, truth, strict=True) if t]
+    n = max(len(pairs), 1)
+    values = {"count": (1, 2, 3), "size": scenes.SIZES, "color": tuple(scenes.COLORS), "shape": scenes.SHAPES}
+    acc = {k: sum(p is not None and getattr(p.first, k) == getattr(t.first, k) and
+                  getattr(p.second, k) == getattr(t.second, k) for p, t in pairs) / n for k in values}
+    acc["relation"] = sum(p is not None and p.relation == t.relation for p, t in pairs) / n
+    chance = {k: 1.0 / len(v) ** 2 for k, v in values.items()} | {"relation": 0.5}
+    return {"accuracy": {"exact": sum(p == t for p, t in pairs) / n, **acc},
+            "chance": {"exact": math.prod(chance.values()), **chance}}
+
+
+def _scenes_references(sample: Any) -> Sequence[str]:
+    return sample.references
+
+
+REGISTRY: dict[str, World] = {
+    "synthetic": World("synthetic", "tiny", "word", 16, _synthetic_url_list, _synthetic_heldout,
+                       lambda s: [s.caption], _synthetic_accuracy),
+    "scenes": World("scenes", "tiny-scenes", "word-scenes", 24, _scenes_url_list, _scenes_heldout,
+                    _scenes_references, scenes_accuracy),
+}
+
+
+def world(name: str) -> World:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown world {name!r}; choose one of {sorted(REGISTRY)}")
+    return REGISTRY[name]
