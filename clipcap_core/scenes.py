@@ -18,10 +18,8 @@ side): far too many to memorise. A seeded set of colour-shape combinations (``he
 
 from __future__ import annotations
 
-import io
 import json
 import random
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,8 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from clipcap_core import synthetic
 
 COUNTS = ("a", "two", "three")
 SIZES = ("small", "large")
@@ -253,24 +253,17 @@ def write_url_list(out_dir: str | Path, n: int, base_url: str, seed: int = 0, si
                    image_format: str = "png", split: Split = "train") -> Path:
     """``synthetic.write_url_list`` for scenes: images, a headerless ``caption<TAB>url`` TSV of canonical
     captions, and ``references.jsonl`` (one ``{"key", "caption"}`` row per reference). Returns the TSV."""
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    lines, refs = [], []
-    for s in generate(n, seed=seed, size=size, split=split):
-        name = f"{s.key}.{image_format}"
-        s.image.save(out / "images" / name)
-        lines.append(f"{s.caption}\t{base_url.rstrip('/')}/images/{name}")
-        refs += [json.dumps({"key": s.key, "caption": c}) for c in s.references]
-    (out / "references.jsonl").write_text("\n".join(refs) + "\n")
-    tsv = out / "captions.tsv"
-    tsv.write_text("\n".join(lines) + "\n")
+    refs: list[str] = []
+
+    def noting_references(samples: Iterator[SceneSample]) -> Iterator[SceneSample]:
+        for s in samples:
+            refs.extend(json.dumps({"key": s.key, "caption": c}) for c in s.references)
+            yield s
+
+    tsv = synthetic.write_images(out_dir, noting_references(generate(n, seed=seed, size=size, split=split)),
+                                 base_url, image_format)
+    (Path(out_dir) / "references.jsonl").write_text("\n".join(refs) + "\n")
     return tsv
-
-
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tf.addfile(info, io.BytesIO(data))
 
 
 def write_webdataset(out_dir: str | Path, n: int, *, seed: int = 0, size: int = 64, shard_size: int = 1024,
@@ -278,23 +271,13 @@ def write_webdataset(out_dir: str | Path, n: int, *, seed: int = 0, size: int = 
                      ) -> list[Path]:
     """Webdataset shards in img2dataset's layout; ``.txt`` is the canonical caption or (``random``) one reference
     per sample (``training_caption``); ``.json`` holds every reference."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for shard, first in enumerate(range(start, start + n, shard_size)):
-        path = out / f"{shard:05d}.tar"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tarfile.open(tmp, "w") as tf:
-            for s in generate(min(shard_size, start + n - first), seed=seed, size=size, start=first, split=split):
-                png = io.BytesIO()
-                s.image.save(png, format="PNG")
-                text = s.caption if caption == "canonical" else training_caption(s, seed)
-                meta = {"key": s.key, "caption": text, "references": list(s.references), "status": "success"}
-                for ext, data in (("png", png.getvalue()), ("txt", text.encode()), ("json", json.dumps(meta).encode())):
-                    _add(tf, f"{s.key}.{ext}", data)
-        tmp.replace(path)
-        paths.append(path)
-    return paths
+    def members(first: int, count: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+        for s in generate(count, seed=seed, size=size, start=first, split=split):
+            text = s.caption if caption == "canonical" else training_caption(s, seed)
+            meta = {"key": s.key, "caption": text, "references": list(s.references), "status": "success"}
+            yield s.key, {"png": synthetic.png_bytes(s.image), "txt": text.encode(), "json": json.dumps(meta).encode()}
+
+    return synthetic.write_shards(out_dir, n, members, shard_size=shard_size, start=start)
 
 
 def caption_space() -> dict[str, int]:

@@ -10,10 +10,14 @@ attribute is visible); a model that does not is caught by exact-match and per-at
 
 from __future__ import annotations
 
+import io
+import json
 import random
-from collections.abc import Iterator
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -129,17 +133,13 @@ def generate(n: int, seed: int = 0, size: int = 64, start: int = 0) -> Iterator[
                               attributes=attrs)
 
 
-def write_url_list(out_dir: str | Path, n: int, base_url: str, seed: int = 0, size: int = 64,
-                   image_format: str = "png") -> Path:
-    """Write ``n`` images under ``out_dir/images`` and a headerless ``caption<TAB>url`` TSV (CC3M layout).
-
-    ``base_url`` is where ``out_dir`` is served (e.g. the local HTTP server) or a ``file://`` URL of it.
-    Returns the TSV path.
-    """
+def write_images(out_dir: str | Path, samples: Iterable[Any], base_url: str, image_format: str = "png") -> Path:
+    """Each sample's ``image`` under ``out_dir/images`` and a headerless ``caption<TAB>url`` TSV (CC3M layout) of
+    their ``caption``s; ``base_url`` is where ``out_dir`` is served. Shared by both synthetic worlds."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []
-    for s in generate(n, seed=seed, size=size):
+    for s in samples:
         name = f"{s.key}.{image_format}"
         s.image.save(out / "images" / name)
         lines.append(f"{s.caption}\t{base_url.rstrip('/')}/images/{name}")
@@ -148,15 +148,30 @@ def write_url_list(out_dir: str | Path, n: int, base_url: str, seed: int = 0, si
     return tsv
 
 
-def write_webdataset(out_dir: str | Path, n: int, *, seed: int = 0, size: int = 64, shard_size: int = 1024,
-                     start: int = 0) -> list[Path]:
-    """``n`` samples as webdataset shards in img2dataset's layout (``00000.tar`` holding ``<key>.png``,
-    ``<key>.txt``, ``<key>.json``), ``shard_size`` per shard; for CLIP training without a download step.
-    Sample ``i`` is ``generate``'s sample ``i`` (same seed -> same images as the URL list)."""
-    import io
-    import json
-    import tarfile
+def write_url_list(out_dir: str | Path, n: int, base_url: str, seed: int = 0, size: int = 64,
+                   image_format: str = "png") -> Path:
+    """Write ``n`` images under ``out_dir/images`` and a headerless ``caption<TAB>url`` TSV (CC3M layout).
 
+    ``base_url`` is where ``out_dir`` is served (e.g. the local HTTP server) or a ``file://`` URL of it.
+    Returns the TSV path.
+    """
+    return write_images(out_dir, generate(n, seed=seed, size=size), base_url, image_format)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+Members = Callable[[int, int], Iterable[tuple[str, dict[str, bytes]]]]  # (first, count) -> (key, {ext: bytes})
+
+
+def write_shards(out_dir: str | Path, n: int, members: Members, *, shard_size: int = 1024, start: int = 0
+                 ) -> list[Path]:
+    """Samples ``start .. start + n`` as webdataset shards in img2dataset's layout (``00000.tar`` holding
+    ``<key>.<ext>`` per member), ``shard_size`` per shard, each written under a temporary name then renamed.
+    ``members(first, count)`` gives those samples' files. Shared by both synthetic worlds."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -164,18 +179,26 @@ def write_webdataset(out_dir: str | Path, n: int, *, seed: int = 0, size: int = 
         path = out / f"{shard:05d}.tar"
         tmp = path.with_name(f".{path.name}.tmp")
         with tarfile.open(tmp, "w") as tf:
-            for s in generate(min(shard_size, start + n - first), seed=seed, size=size, start=first):
-                png = io.BytesIO()
-                s.image.save(png, format="PNG")
-                meta = {"key": s.key, "caption": s.caption, "status": "success"}
-                for ext, data in (("png", png.getvalue()), ("txt", s.caption.encode()),
-                                  ("json", json.dumps(meta).encode())):
-                    info = tarfile.TarInfo(f"{s.key}.{ext}")
+            for key, files in members(first, min(shard_size, start + n - first)):
+                for ext, data in files.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
         tmp.replace(path)
         paths.append(path)
     return paths
+
+
+def write_webdataset(out_dir: str | Path, n: int, *, seed: int = 0, size: int = 64, shard_size: int = 1024,
+                     start: int = 0) -> list[Path]:
+    """``n`` samples as webdataset shards (``<key>.png``, ``<key>.txt``, ``<key>.json``); for CLIP training
+    without a download step. Sample ``i`` is ``generate``'s sample ``i`` (same seed -> same images as the URL list)."""
+    def members(first: int, count: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+        for s in generate(count, seed=seed, size=size, start=first):
+            meta = {"key": s.key, "caption": s.caption, "status": "success"}
+            yield s.key, {"png": png_bytes(s.image), "txt": s.caption.encode(), "json": json.dumps(meta).encode()}
+
+    return write_shards(out_dir, n, members, shard_size=shard_size, start=start)
 
 
 def all_captions() -> list[str]:
