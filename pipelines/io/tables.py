@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -254,6 +254,7 @@ class Audit:
 
     errors: pa.Table  # schemas.ERRORS_SCHEMA: key, source (table URI), stage, error
     repeats: Repeats
+    kept: int = 0  # rows of the given splits that train
 
     def counts(self) -> dict[str, int]:
         reasons = self.errors.column(schemas.ERROR).to_pylist()
@@ -261,10 +262,14 @@ class Audit:
 
 
 def audit_tables(files: Sequence[str], column: str = schemas.IMAGE_EMBEDDING,
-                 storage_options: dict[str, Any] | None = None, rows_per_batch: int = 65536) -> Audit:
+                 storage_options: dict[str, Any] | None = None, rows_per_batch: int = 65536,
+                 splits: Mapping[str, Split] | None = None) -> Audit:
     """Check every row of ``files`` (in order) before training: null or empty captions, non-finite vectors,
-    keys repeated across or within tables. Reads key, caption and the vectors one record batch at a time."""
+    keys repeated across or within tables. Reads key, caption and the vectors one record batch at a time.
+    ``splits`` (file -> the rows of it a run trains on): ``Audit.kept`` counts the rows that pass, in the same
+    pass (what ``count_split`` with the audit's repeats gives, without reading the tables again)."""
     seen: set[str] = set()
+    kept = 0
     keys_out: list[str] = []
     sources: list[str] = []
     reasons: list[str] = []
@@ -276,6 +281,7 @@ def audit_tables(files: Sequence[str], column: str = schemas.IMAGE_EMBEDDING,
             for rb in pq.ParquetFile(f).iter_batches(batch_size=rows_per_batch, columns=_train_columns(column)):
                 table = pa.Table.from_batches([rb])
                 keys = table.column(schemas.KEY).to_pylist()
+                in_split = splits[uri].mask(keys) if splits and uri in splits else np.zeros(len(keys), dtype=bool)
                 for i, (key, why) in enumerate(zip(keys, row_problems(table, column), strict=True)):
                     if not why and key in seen:
                         why = "duplicate key"
@@ -285,11 +291,13 @@ def audit_tables(files: Sequence[str], column: str = schemas.IMAGE_EMBEDDING,
                         keys_out.append(key)
                         sources.append(uri)
                         reasons.append(why)
+                    elif in_split[i]:
+                        kept += 1
                 offset += table.num_rows
     errors = pa.table({schemas.KEY: keys_out, schemas.SOURCE: sources,
                        schemas.STAGE: ["train-input"] * len(keys_out), schemas.ERROR: reasons},
                       schema=schemas.ERRORS_SCHEMA)
-    return Audit(errors=errors, repeats={u: tuple(r) for u, r in repeats.items()})
+    return Audit(errors=errors, repeats={u: tuple(r) for u, r in repeats.items()}, kept=kept)
 
 
 class PrepareBatch:

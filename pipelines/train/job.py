@@ -138,13 +138,13 @@ def plan_and_audit(cfg: TrainJobConfig) -> tuple[TrainPlan, tables.Audit]:
     overrides = decap_train.model_overrides(cfg.decoder, cfg.model, cfg.model_overrides)
     model_cfg = resolve_model_config(cfg.model, overrides, info)  # raises on a D mismatch
     decap_train.check_plan(cfg.decoder, cfg.decap, info, model_cfg)
-    audit = tables.audit_tables(files + replay, column=cfg.embedding_column)
-    check_audit(audit, strict=cfg.strict)
-    col, rep = cfg.embedding_column, audit.repeats
-    n_train = tables.count_split(files, cfg.split(), column=col, repeats=rep)
+    splits = {f: cfg.split() for f in files}
     if replay and cfg.replay_fraction > 0:
-        n_train += tables.count_split(
-            replay, cfg.split(sample_fraction=cfg.replay_fraction, sample_seed=cfg.replay_seed), column=col, repeats=rep)
+        replay_split = cfg.split(sample_fraction=cfg.replay_fraction, sample_seed=cfg.replay_seed)
+        splits.update({f: replay_split for f in replay})
+    audit = tables.audit_tables(files + replay, column=cfg.embedding_column, splits=splits)
+    check_audit(audit, strict=cfg.strict)
+    n_train = audit.kept  # one pass over the tables checks every row and counts the training rows
     W = cfg.scale.num_workers
     if n_train // W < 1:
         raise ValueError(f"{n_train} training rows cannot feed {W} worker(s)")
