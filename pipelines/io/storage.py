@@ -120,11 +120,18 @@ def write_json(obj: Any, uri: str, storage_options: dict[str, Any] | None = None
 
 
 def read_json(uri: str, storage_options: dict[str, Any] | None = None, default: Any = None) -> Any:
+    """The JSON document at ``uri`` or ``default`` when there is none.
+
+    One whole-object read (a single GET on S3): a file object would read by ranges pinned to the ETag it saw
+    first, and a writer replacing the document between the two (a lease heartbeat, a run record) made the
+    read fail with ``FileExpired`` instead of returning either version.
+    """
     fs, path = filesystem(uri, storage_options)
-    if not fs.exists(path):
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
         return default
-    with fs.open(path, "r") as f:
-        return json.load(f)
+    return json.loads(data)
 
 
 def list_files(uri: str, suffix: str, storage_options: dict[str, Any] | None = None,
