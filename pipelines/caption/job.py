@@ -23,8 +23,6 @@ DuckDB, polars and Hugging Face ``datasets`` read it as it is):
   with exit 2 before any work, naming it; ``force_unlock`` takes it.
 - ``_meta/run.json``: the model, decoding options and input plan digest of the run that owns this output;
   ``_meta/summary.json``: the last run's summary.
-An output in the flat layout (part files and ``_run.json`` at its top level) is refused with a message
-(``overwrite`` redoes it in this layout).
 
 Resumability: part ids are derived from the input (``sources.plan_parts``); a part is committed by writing
 its errors file, then its caption file (or empty marker), each atomically (``storage.atomic_write_table``),
@@ -56,7 +54,6 @@ from pipelines.caption.output import (  # noqa: F401  (the layout helpers are pa
     TABLE_DIR,
     PartCommitter,
     _clear_output,
-    _old_layout_files,
     _remove_stale_temporaries,
     done_parts,
     empty_uri,
@@ -275,11 +272,6 @@ def prepare(cfg: CaptionConfig) -> Plan:
     record = storage.redact_json(_run_record(cfg, info.model_id, digest))  # as stored: no signed URLs
     run_uri = meta_uri(cfg.output, "run.json")
     previous = storage.read_json(run_uri)
-    old = _old_layout_files(cfg.output)
-    if old and not cfg.overwrite:
-        raise ValueError(f"output {cfg.output!r} holds a caption table of the old layout ({old[0]} at its top "
-                         f"level); use a new output, or overwrite=True (--overwrite) to redo it as {TABLE_DIR}/ "
-                         f"+ {META_DIR}/")
     if cfg.overwrite:
         _clear_output(cfg.output, previous)
     elif previous is not None and previous != record:

@@ -4,15 +4,13 @@ shared ``pipelines.committer.UnitCommitter`` with caption's hooks).
 Layout under a caption run's ``output`` (see ``pipelines.caption.job``): ``captions/part-<id>.parquet`` (the table:
 only non-empty part files, so every common Parquet reader takes the folder as it is) and ``_meta/`` (the
 errors table ``errors/``, ``empty/part-<id>.json`` markers of parts without captions, ``run.json``,
-``summary.json``, ``tmp/``: files being written, renamed into place when complete). ``_old_layout_files`` finds
-outputs in the flat layout (part files and ``_run.json`` at the top level), which a run refuses.
+``summary.json``, ``tmp/``: files being written, renamed into place when complete).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import posixpath
 from datetime import datetime, timezone
 from typing import Any
 
@@ -98,13 +96,6 @@ def done_parts(output: str) -> set[str]:
     return {n.removeprefix("part-") for n in names}
 
 
-def _old_layout_files(output: str) -> list[str]:
-    """Files of the flat layout (part files and bookkeeping at the top level, not in ``captions/`` + ``_meta/``)."""
-    old = storage.list_files(output, ".parquet") + storage.list_files(storage.join(output, "_errors"), ".parquet")
-    return old + [u for u in (storage.join(output, "_run.json"), storage.join(output, "_summary.json"))
-                  if storage.exists(u)]
-
-
 def _remove_stale_temporaries(output: str) -> None:
     """Drop ``_tmp.*`` files a killed run left behind (never visible as parts; one run per output)."""
     storage.remove_temporaries(table_uri(output), meta_uri(output, "errors"), meta_uri(output, "empty"),
@@ -129,23 +120,17 @@ def _is_our_part(fs: Any, path: str) -> bool:
 
 def _clear_output(output: str, previous: dict | None = None) -> None:
     """``--overwrite``: remove the part / error files and markers our runs wrote, nothing else. Without a run
-    record of ours (``previous``, or the flat layout's top-level ``_run.json``) nothing is ours to clear; a
-    Parquet file is ours when its name is ``part-<id>.parquet`` and its footer says ``clipcap.part = <id>``
-    (the flat layout: also any ``part-*.parquet`` beside that layout's own ``_run.json``)."""
-    old = _old_layout_files(output)
-    old_record = storage.exists(storage.join(output, "_run.json"))
-    if previous is None and not old_record:
+    record of ours (``previous``) nothing is ours to clear; a Parquet file is ours when its name is
+    ``part-<id>.parquet`` and its footer says ``clipcap.part = <id>``."""
+    if previous is None:
         return
     fs, _ = storage.filesystem(output)
-    new = storage.list_files(table_uri(output), ".parquet") + storage.list_files(meta_uri(output, "errors"),
-                                                                                 ".parquet")
-    for uri in new + [u for u in old if u.endswith(".parquet")]:
+    for uri in storage.list_files(table_uri(output), ".parquet") + storage.list_files(meta_uri(output, "errors"),
+                                                                                      ".parquet"):
         path = storage.filesystem(uri)[1]
-        top_old_part = old_record and uri in old and posixpath.dirname(path) == storage.filesystem(output)[1] \
-            and uri.rsplit("/", 1)[-1].startswith("part-")
-        if _is_our_part(fs, path) or top_old_part:
+        if _is_our_part(fs, path):
             fs.rm(path)
-    for uri in storage.list_files(meta_uri(output, "empty"), ".json") + [u for u in old if u.endswith(".json")]:
+    for uri in storage.list_files(meta_uri(output, "empty"), ".json"):
         fs.rm(storage.filesystem(uri)[1])
 
 

@@ -2,7 +2,7 @@
 
 Rows flow between stages as pyarrow tables with the columns of ``STAGE_SCHEMA``:
 - ``read_decode_part`` (Ray task, one per part): reads a part's records, decodes images safely
-  (``pipelines.io.imaging``) and resizes them (the CLIP model's geometric preprocessing) to uint8 (H, W, 3)
+  (``clipcap_core.imaging``) and resizes them (the CLIP model's geometric preprocessing) to uint8 (H, W, 3)
   bytes; embedding-table rows carry their embedding; failures become error rows. The last row of each part
   is a *marker* (``index`` -1) whose ``total`` says how many member rows the part has, so the driver knows
   when a part is complete however the rows were spread over actors.
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from clipcap_core.imaging import ImageDecodeError, decode_image
 from pipelines import runtime
 from pipelines.io import sources
-from pipelines.io.imaging import ImageDecodeError, decode_image
 
 STAGE_SCHEMA = pa.schema([
     ("part_id", pa.string()), ("index", pa.int32()), ("key", pa.string()), ("source", pa.string()),

@@ -7,7 +7,7 @@
 
 A sample is a pair when its tar group has an image member and a ``.txt`` caption; anything else (no caption,
 an undecodable image, an unsafe member) is skipped and counted, never trained on. Members go through the
-member-safety checks of ``pipelines.io.sources`` and images through ``pipelines.io.imaging.decode_image``.
+member-safety checks of ``pipelines.io.sources`` and images through ``clipcap_core.imaging.decode_image``.
 The key-hash ``tables.Split`` (same salt as every other stage) decides train / held-out per sample key, so the
 held-out images of CLIP training are the same whichever worker or run reads them.
 
@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines.io import imaging, schemas, sources, storage, tables
+from clipcap_core import imaging
+from pipelines.io import schemas, sources, storage, tables
 
 log = logging.getLogger(__name__)
 ROWS_PER_BLOCK = 256

@@ -39,13 +39,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from clipcap_core import encoders
+from clipcap_core import encoders, imaging
 from clipcap_core.encoders import EncoderConfig
 from pipelines import console, exitcodes, runtime, stopping
 from pipelines.clip_actor import ClipActor
 from pipelines.embed import output
 from pipelines.embed import stages as st
-from pipelines.io import imaging, schemas, storage
+from pipelines.io import schemas, storage
 from pipelines.lease import LEASE_FILE, Lease
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,6 @@ def list_shards(input_uri: str) -> list[str]:
 
 
 def pending_shards(cfg: EmbedConfig, shards: list[str]) -> list[str]:
-    # A 0-row part file (a table without _meta/empty markers) counts as done too.
     done = {posixpath.basename(u) for u in storage.list_files(cfg.table_uri, ".parquet")}
     done |= {posixpath.basename(u).removesuffix(".json") + ".parquet"
              for u in storage.list_files(storage.join(cfg.meta_uri, "empty"), ".json")}

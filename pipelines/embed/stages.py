@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from clipcap_core import imaging
 from clipcap_core.preprocess import ImageResizer, PreprocessSpec
-from pipelines.io import imaging
 from pipelines.io.sources import SourceConfig, tar_member_problem
 
 # Columns flowing from the decode tasks to the encoder and on to the driver.

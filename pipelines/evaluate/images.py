@@ -6,7 +6,7 @@
 ``uri`` is anything ``pipelines.io.sources`` reads (a folder of images, tar / zip archives, webdataset shards,
 Parquet with image bytes, or one of our embedding tables). Record keys are mapped to reference ids the way
 predictions were (``resolve``), and only the ids being evaluated are decoded and embedded. Images are decoded safely
-(``pipelines.io.imaging``) and embedded with the CLIP the captioner was trained with; an embedding table must have
+(``clipcap_core.imaging``) and embedded with the CLIP the captioner was trained with; an embedding table must have
 been made by that CLIP (D and the recorded model name are checked before any work).
 """
 
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from clipcap_core.imaging import ImageDecodeError, decode_image
 from pipelines.io import sources
-from pipelines.io.imaging import ImageDecodeError, decode_image
 
 
 def plan(uri: str, encoder_cfg: Any) -> list[sources.Part]:

@@ -45,7 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.io import imaging, schemas, sources_parquet, storage
+from clipcap_core import imaging
+from pipelines.io import schemas, sources_parquet, storage
 from pipelines.io.sources_base import (
     READERS,
     UNIT_STAGE,

@@ -18,7 +18,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from pipelines.io import imaging, schemas
+from clipcap_core import imaging
+from pipelines.io import schemas
 
 Format = Literal["auto", "images", "tar", "zip", "webdataset", "parquet", "embeddings"]
 

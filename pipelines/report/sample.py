@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from clipcap_core.imaging import ImageDecodeError, decode_image
 from pipelines.evaluate.inputs import number, stem
 from pipelines.io import schemas, sources, storage
-from pipelines.io.imaging import ImageDecodeError, decode_image
 
 
 @dataclass

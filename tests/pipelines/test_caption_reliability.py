@@ -1,6 +1,6 @@
 """Bulk captioning's reliability, without Ray: model checks before any work (corrupt weights named,
 weights in the model id, untrained presets refused), unreadable parts not committed, the output layout
-(flat layout refused, output inside input refused) and tables that pandas, pyarrow, DuckDB, polars and
+(output inside input refused) and tables that pandas, pyarrow, DuckDB, polars and
 Hugging Face ``datasets`` read as they are."""
 
 from __future__ import annotations
@@ -131,18 +131,6 @@ def test_output_inside_the_input_is_refused(saved_tiny, images):
         prepare(_cfg(images, images / "captions-run", saved_tiny))
     with pytest.raises(ValueError, match="inside input"):
         prepare(_cfg(images, images, saved_tiny))
-
-
-def test_old_layout_is_refused_clearly_and_overwrite_redoes_it(saved_tiny, images, tmp_path):
-    out = tmp_path / "old"
-    out.mkdir()
-    (out / "_run.json").write_text("{}")
-    storage.atomic_write_table(pa.table({"key": ["a.jpg"]}), str(out / "part-images-00000.parquet"))
-    with pytest.raises(ValueError, match="old layout.*overwrite"):
-        prepare(_cfg(images, out, saved_tiny))
-    plan = prepare(_cfg(images, out, saved_tiny, overwrite=True))
-    assert [p.part_id for p in plan.todo] == ["images-00000"]
-    assert sorted(p.name for p in out.iterdir()) == ["_meta"]
 
 
 def _rows(part_id, members, total):

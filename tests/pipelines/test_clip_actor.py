@@ -21,7 +21,7 @@ def actor():
 def _images():
     from PIL import Image
 
-    from pipelines.io.imaging import decode_image
+    from clipcap_core.imaging import decode_image
 
     images = [decode_image(good_images()[n]) for n in ("rgb.jpg", "rotated.jpg", "cmyk.jpg")]
     return images + [Image.new("RGB", (90, 40), (20, 200, 30))]

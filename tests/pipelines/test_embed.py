@@ -95,7 +95,7 @@ def test_tables_rows_schema_and_metadata(embedded):
 
 def test_embeddings_equal_the_encoder_output(embedded):
     cfg, _ = embedded
-    from pipelines.io import imaging
+    from clipcap_core import imaging
 
     enc = load_encoder(EncoderConfig())
     sample = good_samples(1, 5)[0]
@@ -241,13 +241,10 @@ def test_a_retried_block_does_not_duplicate_rows(tmp_path):
     assert committer.finish("embedding", committer.uris) == [] and committer.committed == ["00000"]
 
 
-def test_old_layout_and_empty_markers_count_as_done(tmp_path):
-    """Tables written before _meta/ (0-row part files, _errors/ inside) still resume; so do the new markers."""
+def test_part_files_and_empty_markers_count_as_done(tmp_path):
     cfg = EmbedConfig(input=str(tmp_path / "raw"), output_root=str(tmp_path / "out"), dataset="d")
     shards = [str(tmp_path / "raw" / f"{i:05d}.tar") for i in range(4)]
-    old_empty = schemas.embedding_schema(4).empty_table()
-    storage.atomic_write_table(old_empty, storage.join(cfg.table_uri, "part-00000.parquet"))
-    storage.atomic_write_table(pa.table({"key": ["x"]}), storage.join(cfg.table_uri, "_errors", "part-00000.parquet"))
+    storage.atomic_write_table(pa.table({"key": ["x"]}), storage.join(cfg.table_uri, "part-00000.parquet"))
     storage.write_json({"rows": 0}, storage.join(cfg.meta_uri, "empty", "part-00002.json"))
     assert [u.rsplit("/", 1)[-1] for u in pending_shards(cfg, shards)] == ["00001.tar", "00003.tar"]
 

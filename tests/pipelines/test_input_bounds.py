@@ -10,8 +10,8 @@ import tracemalloc
 import numpy as np
 from PIL import Image
 
+from clipcap_core import imaging
 from pipelines.caption import job as caption
-from pipelines.io import imaging
 from pipelines.io.sources import SourceConfig, plan_parts, read_part
 
 
@@ -93,17 +93,19 @@ def test_overwrite_removes_only_our_part_files(tmp_path):
         pq.write_table(pa.table({"key": ["k"]}).replace_schema_metadata(meta), path)
 
     out = tmp_path / "out"
-    (out / "_errors").mkdir(parents=True)
-    ours = [out / "part-images-00000.parquet", out / "_errors" / "part-images-00000.parquet"]
+    table, errors = out / "captions", out / "_meta" / "errors"
+    table.mkdir(parents=True)
+    errors.mkdir(parents=True)
+    ours = [table / "part-images-00000.parquet", errors / "part-images-00000.parquet"]
     for p in ours:
         write(p, "images-00000")
-    theirs = [out / "users.parquet", out / "part-00000.parquet", out / "_errors" / "notes.parquet"]
+    theirs = [table / "users.parquet", table / "part-00000.parquet", errors / "notes.parquet"]
     for p in theirs:
         write(p)
-    write(out / "part-x.parquet", "y")  # our key, another name: not provably ours
-    theirs.append(out / "part-x.parquet")
-    caption._clear_output(str(out), previous=None)  # no _run.json of ours: not ours to clear
+    write(table / "part-x.parquet", "y")  # our key, another name: not provably ours
+    theirs.append(table / "part-x.parquet")
+    caption._clear_output(str(out), previous=None)  # no run record of ours: not ours to clear
     assert all(p.exists() for p in ours + theirs)
     caption._clear_output(str(out), previous={"model": "m"})
     assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)
-    assert os.listdir(out / "_errors") == ["notes.parquet"]
+    assert os.listdir(errors) == ["notes.parquet"]

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from clipcap_core.imaging import ImageDecodeError, decode_image
 from pipelines.io import sources
-from pipelines.io.imaging import ImageDecodeError, decode_image
 from pipelines.io.sources import SourceConfig, plan_digest, plan_parts, read_part
 from tests.pipelines.image_zoo import DUP_ERROR_KEYS, good_images, write_mixed_input
 

@@ -152,8 +152,6 @@ def test_checkpoint_round_trip_leaves_a_frozen_lm_out(tmp_path, table_info):
     assert saved["model"] and not any(k.startswith("lm.") for k in saved["model"])
     stored = json.loads((tmp_path / "state.json").read_text())
     assert stored == {"step": 3, "epoch": 0, "attempt": 1, "history": [{"kind": "step", "step": 3}]}  # the format
-    # A checkpoint of the first stream design also held batch_in_epoch: it still restores.
-    (tmp_path / "state.json").write_text(json.dumps({**stored, "batch_in_epoch": 3}))
 
     fresh, _ = _tiny(table_info, "tiny-transformer")
     opt2, sched2 = make_optimizer_and_scheduler(fresh, hp, 10)

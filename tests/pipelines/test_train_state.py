@@ -38,9 +38,8 @@ def test_a_plan_missing_a_key_or_of_the_wrong_type_fails_naming_it():
         from_dict(ClipTrainPlan, {**data, "mode": "disk"})
 
 
-def test_checkpoint_state_drops_only_legacy_keys():
-    assert RunState.from_checkpoint({"step": 3, "epoch": 0, "batch_in_epoch": 3, "attempt": 1, "history": []}) == (
-        RunState(step=3, attempt=1))
+def test_checkpoint_state_refuses_unknown_keys():
+    assert RunState.from_checkpoint({"step": 3, "epoch": 0, "attempt": 1, "history": []}) == RunState(step=3, attempt=1)
     with pytest.raises(ConfigError, match="unknown config key.*position"):
         RunState.from_checkpoint({"step": 3, "position": 1})
 
