@@ -70,7 +70,7 @@ class Captioner:
     @property
     def encoder(self) -> Any:
         if self._encoder is None:
-            from clipcap_core.encoders import load_encoder
+            from clipcap_core.encoder_model import load_encoder
 
             enc = load_encoder(self.config.encoder, device=self.device, precision=self.encoder_precision)
             if enc.dim != self.config.clip_dim:

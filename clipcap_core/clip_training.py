@@ -13,7 +13,7 @@ no weight decay on gains, biases, embeddings of dimension < 2 and ``logit_scale`
 decay, optional gradient clipping, bf16/fp16 autocast on GPU (fp16 with a grad scaler).
 
 Images arrive as uint8 (B, H, W, 3) already resized/cropped (augmentation happens in the data tasks); they are
-normalised here, on the device, with the model's mean/std, exactly as ``encoders.ClipEncoder.encode_pixels``.
+normalised here, on the device, with the model's mean/std, exactly as ``encoder_model.ClipEncoder.encode_pixels``.
 """
 
 from __future__ import annotations

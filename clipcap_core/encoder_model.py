@@ -1,7 +1,7 @@
 """The loaded CLIP (torch + open_clip): ``load_encoder`` builds an ``EncoderConfig``'s model on a device and
-returns a ``ClipEncoder``. Imported on first use through ``clipcap_core.encoders`` (its ``__getattr__``), so
-config-level code (job drivers validating a model, naming its output folder, reading its D and preprocessing)
-never pays for importing torch, torchvision and open_clip. No Ray import here.
+returns a ``ClipEncoder``. Kept apart from ``clipcap_core.encoders`` (the config side), so config-level code
+(job drivers validating a model, naming its output folder, reading its D and preprocessing) never pays for
+importing torch, torchvision and open_clip. No Ray import here.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ This module is the config side and imports no torch: ``EncoderConfig``, ``valida
 knows a model's D, preprocessing and output folder without importing torch, torchvision and open_clip (~10 s
 of CPU on the start-up path of every job on a small node). Only a hub ``pretrained`` tag (whose preprocessing
 lives in open_clip's registry) imports open_clip. ``load_encoder`` / ``ClipEncoder`` live in
-``clipcap_core.encoder_model`` and are importable from here (loaded on first use).
+``clipcap_core.encoder_model``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from clipcap_core import uris
-from clipcap_core.preprocess import ImageResizer, PreprocessSpec, spec_from_dict  # noqa: F401 - ImageResizer re-exported
+from clipcap_core.preprocess import PreprocessSpec, spec_from_dict
 
 TINY = "tiny"
 TINY_SEED = 1234
@@ -52,16 +52,6 @@ WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")  # weights file names 
 OPEN_CLIP_PREPROCESS = {"size": 224, "mode": "RGB", "mean": (0.48145466, 0.4578275, 0.40821073),
                         "std": (0.26862954, 0.26130258, 0.27577711), "interpolation": "bicubic",
                         "resize_mode": "shortest", "fill_color": 0}
-_LAZY = ("ClipEncoder", "load_encoder", "_skip_init", "_quiet_random_init")
-
-
-def __getattr__(name: str) -> Any:
-    """``load_encoder``, ``ClipEncoder``: from ``encoder_model``, imported (torch, open_clip) on first use."""
-    if name in _LAZY:
-        from clipcap_core import encoder_model
-
-        return getattr(encoder_model, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -40,7 +40,7 @@ class ClipActor:
 
     def __init__(self, encoder: EncoderConfig, *, precision: str = "fp32", use_gpu: bool = False, threads: int = 0,
                  images: bool = True, texts: bool = False, count_truncated: bool = False):
-        from clipcap_core.encoders import load_encoder
+        from clipcap_core.encoder_model import load_encoder
 
         self.encoder = load_encoder(encoder, device=runtime.actor_device(use_gpu, threads), precision=precision)
         self.call_threads = runtime.CallThreads(threads)

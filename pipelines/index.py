@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipcap_core import uris
 from pipelines.io import schemas, storage, tables
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def read_batches(files: Sequence[str], column: str) -> Iterator[tuple[str, int, 
     """(file, first row, key/caption table, unit vectors) per record batch; rows with non-finite vectors are
     left out (a NaN would poison every distance to it)."""
     for uri in files:
-        fs, path = storage.filesystem(uri)
+        fs, path = uris.filesystem(uri)
         offset = 0
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
@@ -213,7 +214,7 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
         faiss.write_index(index, os.path.join(tmp, INDEX))
         pq.write_table(rows, os.path.join(tmp, ROWS))
         for name in (INDEX, ROWS):
-            fs, path = storage.filesystem(storage.join(cfg.output, name))
+            fs, path = uris.filesystem(storage.join(cfg.output, name))
             fs.put_file(os.path.join(tmp, name), path)
     storage.write_json(meta, storage.join(cfg.output, INFO))  # last: its presence means the index is complete
     log.info("index %s: %s over %d vectors (D=%d) in %.1f s", cfg.output, kind, meta["count"], info.dim,
@@ -240,7 +241,7 @@ class Searcher:
             raise FileNotFoundError(f"no index at {uri!r} ({INFO} missing: build it with `clipcap index`)")
         with tempfile.TemporaryDirectory(prefix="clipcap-index-") as tmp:
             for name in (INDEX, ROWS):
-                fs, path = storage.filesystem(storage.join(uri, name))
+                fs, path = uris.filesystem(storage.join(uri, name))
                 fs.get_file(path, os.path.join(tmp, name))
             index = faiss.read_index(os.path.join(tmp, INDEX))
             rows = pq.read_table(os.path.join(tmp, ROWS))
@@ -263,7 +264,8 @@ class Searcher:
                 for srow, irow in zip(scores, ids, strict=True)]
 
     def clip(self) -> Any:
-        from clipcap_core.encoders import EncoderConfig, load_encoder
+        from clipcap_core.encoder_model import load_encoder
+        from clipcap_core.encoders import EncoderConfig
 
         if self.encoder is None:
             if not self.info.get("clip_model"):
@@ -292,7 +294,7 @@ class Searcher:
         for key in keys:
             i = where[key]
             file, row = self.rows.column("file")[i].as_py(), self.rows.column("row")[i].as_py()
-            fs, path = storage.filesystem(file)
+            fs, path = uris.filesystem(file)
             with fs.open(path, "rb") as f:
                 table = pq.read_table(f, columns=[self.info["column"]])
             vectors.append(tables.embeddings_numpy(table.slice(row, 1), self.info["column"])[0])
@@ -301,7 +303,7 @@ class Searcher:
 
 def storage_read(uri: str, limit: int = 64 << 20) -> bytes:
     """The bytes of a query image at any URI, at most ``limit`` (a query is one photo, not a stream)."""
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     with fs.open(path, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from clipcap_core import uris
 from pipelines.exitcodes import USAGE, JobFailed
 from pipelines.io import storage
 
@@ -115,7 +116,7 @@ class Lease:
                         + (f" ({holder.describe()})" if holder else ""))
 
     def _create(self) -> bool:
-        fs, path = storage.filesystem(self.uri)
+        fs, path = uris.filesystem(self.uri)
         storage.ensure_dir(fs, path.rsplit("/", 1)[0])
         try:
             with fs.open(path, "xb") as f:
@@ -165,7 +166,7 @@ class Lease:
 
     def read(self) -> Owner | None:
         """The owner the lease file names, None without one (a file still being created is waited for)."""
-        fs, path = storage.filesystem(self.uri)
+        fs, path = uris.filesystem(self.uri)
         for _ in range(20):
             fs.invalidate_cache(path)  # another process writes it: no cached listing or size
             try:

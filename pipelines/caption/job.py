@@ -29,7 +29,7 @@ its errors file, then its caption file (or empty marker), each atomically (``sto
 so an interrupted run leaves no partial file and the caption file's presence means "done". A rerun skips
 done parts and so never duplicates rows; a rerun with another model / decoding / input is refused
 (``overwrite=True`` redoes everything). A part whose input could not be read (unreadable or truncated
-archive, I/O error: ``sources.UNIT_STAGE`` rows) is not committed: it is listed in
+archive, I/O error: ``sources_base.UNIT_STAGE`` rows) is not committed: it is listed in
 ``CaptionSummary.parts_failed`` and retried by the next run (exit code ``exitcodes.PARTIAL``). A stop signal
 or an output that fails part-way (disk full, read-only) stops the run with ``stopping.Interrupted`` /
 ``stopping.CommitFailed`` carrying the parts committed so far.
@@ -45,24 +45,19 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from clipcap_core import uris
 from clipcap_core.configs import to_dict
 from clipcap_core.decap import ProjectionConfig
 from clipcap_core.decoding import DecodeConfig
 from pipelines import console, exitcodes, runtime, stopping
-from pipelines.caption.output import (  # noqa: F401  (the layout helpers are part of this module's API)
-    META_DIR,
-    TABLE_DIR,
+from pipelines.caption.output import (
     PartCommitter,
     _clear_output,
     _remove_stale_temporaries,
     done_parts,
-    empty_uri,
-    errors_uri,
     meta_uri,
-    part_uri,
-    table_uri,
 )
-from pipelines.io import sources, storage
+from pipelines.io import sources, sources_base, storage
 from pipelines.lease import LEASE_FILE, Lease
 
 if TYPE_CHECKING:
@@ -125,7 +120,7 @@ class CaptionConfig:
     output: str
     model: str                     # model artifact URI (a preset name only with allow_untrained)
     allow_untrained: bool = False  # accept an untrained preset: random captions, for wiring tests / benchmarks
-    source: sources.SourceConfig = field(default_factory=sources.SourceConfig)
+    source: sources_base.SourceConfig = field(default_factory=sources_base.SourceConfig)
     decoding: DecodeConfig = field(default_factory=DecodeConfig)
     resources: ResourceOptions = field(default_factory=ResourceOptions)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)  # DeCap memory projection
@@ -188,8 +183,8 @@ class CaptionSummary:
 # --- job-level validation ----------------------------------------------------------------------------------
 @dataclass
 class Plan:
-    parts: list[sources.Part]
-    todo: list[sources.Part]
+    parts: list[sources_base.Part]
+    todo: list[sources_base.Part]
     model_id: str
     model_info: Any   # pipelines.caption.stages.ModelInfo
     needs_clip: bool
@@ -199,8 +194,8 @@ class Plan:
 def check_output_outside_input(cfg: CaptionConfig) -> None:
     """An output inside the input would be read back as input by the next run."""
     try:
-        fs_in, p_in = storage.filesystem(cfg.input)
-        fs_out, p_out = storage.filesystem(cfg.output)
+        fs_in, p_in = uris.filesystem(cfg.input)
+        fs_out, p_out = uris.filesystem(cfg.output)
     except Exception:  # noqa: BLE001 - a bad URI is reported by the input / output checks that follow
         return
     if storage.protocol_prefix(fs_in) != storage.protocol_prefix(fs_out):
@@ -214,7 +209,7 @@ def check_output_outside_input(cfg: CaptionConfig) -> None:
         raise ValueError(f"output {cfg.output!r} is inside input {cfg.input!r}: its files would be read back as "
                          "input by the next run; choose an output outside the input")
 
-def _check_embeddings(parts: list[sources.Part], info: Any) -> None:
+def _check_embeddings(parts: list[sources_base.Part], info: Any) -> None:
     for p in parts:
         if p.kind != "embeddings":
             continue
@@ -258,7 +253,7 @@ def prepare(cfg: CaptionConfig) -> Plan:
 
     check_output_outside_input(cfg)
     storage.check_writable(cfg.output)
-    fs, path = storage.filesystem(cfg.output)
+    fs, path = uris.filesystem(cfg.output)
     fs.invalidate_cache(path)  # another process (an earlier, killed run) may have written here
     info = inspect_model(cfg.model, allow_untrained=cfg.allow_untrained)
     _check_projection(cfg, info)

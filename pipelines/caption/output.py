@@ -17,11 +17,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
+from clipcap_core import uris
 from clipcap_core.configs import to_dict
 from clipcap_core.decoding import DecodeConfig
 from pipelines.caption.stages import TIMING_COLUMNS
 from pipelines.committer import UnitCommitter
-from pipelines.io import schemas, sources, storage
+from pipelines.io import schemas, sources_base, storage
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def resolve_table(uri: str) -> tuple[str, str | None]:
     if storage.list_files(table_uri(uri), ".parquet"):
         return table_uri(uri), uri
     parent = uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else ""
-    if uri.rstrip("/").endswith("/" + TABLE_DIR) and parent and storage.exists(meta_uri(parent, "run.json")):
+    if uri.rstrip("/").endswith("/" + TABLE_DIR) and parent and uris.exists(meta_uri(parent, "run.json")):
         return uri, parent
     return uri, None
 
@@ -77,7 +78,7 @@ def top_captions(output: str) -> list[tuple[str, str]]:
 
     rows: list[tuple[str, str]] = []
     for uri in storage.list_files(table_uri(output), ".parquet"):
-        fs, path = storage.filesystem(uri)
+        fs, path = uris.filesystem(uri)
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             ranked = schemas.RANK in pf.schema_arrow.names
@@ -124,20 +125,20 @@ def _clear_output(output: str, previous: dict | None = None) -> None:
     ``part-<id>.parquet`` and its footer says ``clipcap.part = <id>``."""
     if previous is None:
         return
-    fs, _ = storage.filesystem(output)
+    fs, _ = uris.filesystem(output)
     for uri in storage.list_files(table_uri(output), ".parquet") + storage.list_files(meta_uri(output, "errors"),
                                                                                       ".parquet"):
-        path = storage.filesystem(uri)[1]
+        path = uris.filesystem(uri)[1]
         if _is_our_part(fs, path):
             fs.rm(path)
     for uri in storage.list_files(meta_uri(output, "empty"), ".json"):
-        fs.rm(storage.filesystem(uri)[1])
+        fs.rm(uris.filesystem(uri)[1])
 
 
 # --- committing parts -------------------------------------------------------------------------------------------
 class PartCommitter(UnitCommitter):
     """Caption's driver side: the shared per-unit committer (rows back into parts, dedup by member index, a
-    marker row per part carrying its total) with caption's hooks: a part with a ``sources.UNIT_STAGE`` row is
+    marker row per part carrying its total) with caption's hooks: a part with a ``sources_base.UNIT_STAGE`` row is
     unread (failed, not committed), any other is written by ``commit``. Also sums the stages' timing columns."""
 
     def __init__(self, output: str, model_id: str, decoding: DecodeConfig, rerank: str = "none"):
@@ -162,9 +163,9 @@ class PartCommitter(UnitCommitter):
         if rows is None:
             return None
         stages = rows.column("stage").to_pylist()
-        if sources.UNIT_STAGE not in stages:
+        if sources_base.UNIT_STAGE not in stages:
             return None
-        row = rows.slice(stages.index(sources.UNIT_STAGE), 1).to_pylist()[0]
+        row = rows.slice(stages.index(sources_base.UNIT_STAGE), 1).to_pylist()[0]
         return f"{row['source']}: {row['error']}"
 
     def commit(self, part_id: str, rows: pa.Table | None) -> tuple[str, int, int, int]:
@@ -192,8 +193,8 @@ class PartCommitter(UnitCommitter):
         err_uri = errors_uri(self.output, part_id)
         if errors.num_rows:
             storage.atomic_write_table(errors, err_uri, tmp_dir=tmp_uri(self.output))
-        elif storage.exists(err_uri):  # stale, from a run this one overwrites
-            fs, path = storage.filesystem(err_uri)
+        elif uris.exists(err_uri):  # stale, from a run this one overwrites
+            fs, path = uris.filesystem(err_uri)
             fs.rm(path)
         if captions.num_rows:  # last: "this part is done"
             storage.atomic_write_table(captions, part_uri(self.output, part_id), tmp_dir=tmp_uri(self.output))

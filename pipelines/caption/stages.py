@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from clipcap_core.imaging import ImageDecodeError, decode_image
 from pipelines import runtime
-from pipelines.io import sources
+from pipelines.io import sources, sources_base
 
 STAGE_SCHEMA = pa.schema([
     ("part_id", pa.string()), ("index", pa.int32()), ("key", pa.string()), ("source", pa.string()),
@@ -77,7 +77,7 @@ class _Rows:
         return pa.table(self.cols, schema=STAGE_SCHEMA)
 
 
-def _decode_record(rec: sources.Record, resizer: Any, cfg: sources.SourceConfig,
+def _decode_record(rec: sources_base.Record, resizer: Any, cfg: sources_base.SourceConfig,
                    draft: tuple[int, int] | None) -> dict[str, Any]:
     if rec.error is not None:
         return {"error": rec.error, "stage": rec.stage}
@@ -93,7 +93,7 @@ def _decode_record(rec: sources.Record, resizer: Any, cfg: sources.SourceConfig,
         return {"error": f"preprocess failed: {type(exc).__name__}: {exc}", "stage": "preprocess"}
 
 
-def read_decode_part(part: sources.Part, cfg: sources.SourceConfig, resizer: Any, block_rows: int,
+def read_decode_part(part: sources_base.Part, cfg: sources_base.SourceConfig, resizer: Any, block_rows: int,
                      draft: tuple[int, int] | None = None) -> Iterator[pa.Table]:
     """Records of ``part`` as stage rows in blocks of ``block_rows``, then the part's marker row."""
     rows, n, clock = _Rows(), 0, Clock()
@@ -117,14 +117,14 @@ def read_decode_batch(batch: pa.Table, *, cfg_json: str, spec: Any, block_rows: 
     from clipcap_core.configs import from_dict
     from clipcap_core.preprocess import ImageResizer
 
-    cfg = from_dict(sources.SourceConfig, json.loads(cfg_json))
+    cfg = from_dict(sources_base.SourceConfig, json.loads(cfg_json))
     resizer = ImageResizer(spec) if spec is not None else None
     draft = None
     if jpeg_draft and spec is not None:
         size = spec.size if isinstance(spec.size, tuple) else (spec.size, spec.size)
         draft = (int(size[0]), int(size[1]))
     for text in batch.column("part").to_pylist():
-        yield from read_decode_part(sources.Part.from_json(text), cfg, resizer, block_rows, draft)
+        yield from read_decode_part(sources_base.Part.from_json(text), cfg, resizer, block_rows, draft)
 
 
 def binary_rows(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[bytes]]:

@@ -30,19 +30,19 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from clipcap_core import imaging
+from clipcap_core import imaging, uris
 from pipelines.io import schemas, sources, storage, tables
 
 log = logging.getLogger(__name__)
 ROWS_PER_BLOCK = 256
 
 
-def list_shards(uris: str | Sequence[str]) -> list[str]:
+def list_shards(roots: str | Sequence[str]) -> list[str]:
     """Webdataset ``.tar`` shards under each URI (a folder, searched recursively, or a file), sorted."""
     out: list[str] = []
-    for uri in [uris] if isinstance(uris, str) else list(uris):
+    for uri in [roots] if isinstance(roots, str) else list(roots):
         if uri.endswith(".tar"):
-            if not storage.exists(uri):
+            if not uris.exists(uri):
                 raise FileNotFoundError(f"shard not found: {uri}")
             out.append(uri)
             continue
@@ -57,10 +57,10 @@ def list_shards(uris: str | Sequence[str]) -> list[str]:
 def _sidecar_keys(shard: str) -> list[str] | None:
     """Keys of the successful samples from img2dataset's ``<shard>.parquet`` (None if absent/unusable)."""
     side = shard[: -len(".tar")] + ".parquet"
-    if not storage.exists(side):
+    if not uris.exists(side):
         return None
     try:
-        fs, path = storage.filesystem(side)
+        fs, path = uris.filesystem(side)
         with fs.open(path, "rb") as f:
             t = pq.read_table(f, columns=[schemas.KEY, "status"])
     except Exception:  # noqa: BLE001 - a sidecar we cannot use: fall back to the tar itself

@@ -24,9 +24,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from clipcap_core import uris
 from clipcap_core.encoders import EncoderConfig
 from pipelines.clip import data as clip_data
-from pipelines.io import storage, tables
+from pipelines.io import tables
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class EvalClipConfig:
 
 
 def read_lines(uri: str) -> list[str]:
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     with fs.open(path, "r") as f:
         lines = [ln.strip() for ln in f.read(16 << 20).splitlines()]  # bounded: 16 MB of class names
     out = [ln for ln in lines if ln and not ln.startswith("#")]
@@ -130,7 +131,8 @@ def synthetic_attributes(predicted: list[str], truth: list[str]) -> dict[str, fl
 def evaluate_clip(cfg: EvalClipConfig) -> dict[str, Any]:
     """Retrieval (and zero-shot with ``classes``) figures of ``cfg.encoder`` on the selected pairs."""
     from clipcap_core.clip_eval import modality_gap, retrieval
-    from clipcap_core.encoders import encoder_tag, load_encoder
+    from clipcap_core.encoder_model import load_encoder
+    from clipcap_core.encoders import encoder_tag
 
     classes = read_lines(cfg.classes) if cfg.classes else None
     templates = read_lines(cfg.templates) if cfg.templates else ["{}"]

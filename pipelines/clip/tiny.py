@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from clipcap_core import synthetic
     from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
-    from clipcap_core.encoders import EncoderConfig, load_encoder
+    from clipcap_core.encoder_model import load_encoder
+    from clipcap_core.encoders import EncoderConfig
     from pipelines.clip.job import ClipTrainJobConfig, run_clip_training
     from pipelines.clip.worker import model_card
-    from pipelines.train.job import ScaleConfig
-    from pipelines.train.state import RunOptions
+    from pipelines.train.state import RunOptions, ScaleConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="data/tiny-clip", help="work folder (shards, run)")

@@ -122,8 +122,7 @@ def train(name: str, v: Variant, root: Path) -> Any:
 
     from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
     from pipelines.clip.job import ClipTrainJobConfig, run_clip_training
-    from pipelines.train.job import ScaleConfig
-    from pipelines.train.state import RunOptions
+    from pipelines.train.state import RunOptions, ScaleConfig
 
     shards = root / "shards"
     if not (shards / f"{TRAIN_N // SHARD - 1:05d}.tar").exists():
@@ -174,7 +173,8 @@ def card(name: str, v: Variant, result: Any, figures: dict[str, dict[str, float]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from clipcap_core.encoders import EncoderConfig, load_encoder
+    from clipcap_core.encoder_model import load_encoder
+    from clipcap_core.encoders import EncoderConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", choices=sorted(VARIANTS), required=True, help="which CLIP to make")

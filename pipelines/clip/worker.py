@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from clipcap_core import uris
 from clipcap_core.configs import from_dict, to_dict
 from pipelines.clip import data as clip_data
 from pipelines.clip.job import ClipTrainJobConfig, ClipTrainPlan, prep_for
@@ -119,17 +120,17 @@ def save_model_dir(job: ClipTrainJobConfig, plan: ClipTrainPlan, run: ClipRun) -
             "train": {**to_dict(job.train), "warmup_steps": job.train.warmup_for(plan.total_steps)},
             "pairs": plan.n_train, "shards": len(plan.shards),
             "heldout_fraction": job.heldout_fraction, "split_salt": job.split_salt, "metrics": metrics}
-    fs, path = storage.filesystem(model_dir)
+    fs, path = uris.filesystem(model_dir)
     storage.ensure_dir(fs, path)
     with tempfile.TemporaryDirectory(prefix="clipcap-clip-model-") as d:
         local = os.path.join(d, "w.safetensors")
         save_clip_weights(model, local)
-        fs.put_file(local, storage.filesystem(weights)[1])
+        fs.put_file(local, uris.filesystem(weights)[1])
     oc_cfg = {"model_cfg": _open_clip().get_model_config(info["model_name"]),
               "preprocess_cfg": dict(getattr(model, "module", model).visual.preprocess_cfg)}
     storage.write_json(oc_cfg, storage.join(model_dir, "open_clip_config.json"))
     storage.write_json(info, storage.join(model_dir, "clipcap_clip.json"))
-    with fs.open(storage.filesystem(storage.join(model_dir, "README.md"))[1], "w") as f:
+    with fs.open(uris.filesystem(storage.join(model_dir, "README.md"))[1], "w") as f:
         f.write(model_card(info))
     return {"model_dir": model_dir, "weights": weights, "history": state.history, "metrics": metrics}
 

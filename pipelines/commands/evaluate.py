@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     from clipcap_core.configs import from_dict
-    from pipelines.evaluate import EvaluateConfig
+    from pipelines.evaluate.run import EvaluateConfig
 
     data: dict[str, Any] = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
     if "clip" in data:
@@ -59,7 +59,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.evaluate import format_table, run_evaluate
+    from pipelines.evaluate.run import format_table, run_evaluate
 
     summary = run_evaluate(config_from_args(args))
     common.print_result(None, summary if args.json else format_table(summary))

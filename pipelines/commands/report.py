@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clipcap_core.configs import from_dict
-    from pipelines.report import ReportConfig, build_report
+    from pipelines.report.build import ReportConfig, build_report
 
     common.require(args, "input", "output")
     data = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}

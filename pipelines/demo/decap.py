@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from clipcap_core import synthetic as syn
+from clipcap_core import uris
 from pipelines.io import storage
 
 
@@ -36,7 +37,7 @@ def write_corpus(root: str, n: int, seed: int) -> str:
     """``n`` generator captions, one per line (no image is rendered), at ``<root>/decap-corpus/captions.txt``."""
     uri = storage.join(root, "decap-corpus", "captions.txt")
     lines = [syn.caption_for(syn.sample_attributes(random.Random(f"corpus:{seed}:{i}"))) for i in range(n)]
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     storage.ensure_dir(fs, posixpath.dirname(path))  # never s3fs makedirs: it would create a missing bucket
     with fs.open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -59,7 +60,8 @@ def train_decap(table_uri: str, root: str, *, seed: int = 0, epochs: int = 30, n
     """``train --decoder decap`` on a text table (tiny preset, 1 Ray Train worker); returns the TrainJobResult."""
     from clipcap_core.training import TrainConfig
     from pipelines.train.decap import DecapOptions
-    from pipelines.train.job import RunOptions, TrainJobConfig, run_training
+    from pipelines.train.job import TrainJobConfig, run_training
+    from pipelines.train.state import RunOptions
 
     job = TrainJobConfig(
         tables=(table_uri,), output=storage.join(root, "runs"), name=name or f"decap-s{seed}", model="tiny",
@@ -75,7 +77,7 @@ def demo_decap(root: str, samples: Sequence[Any], *, encoder: Any, seed: int = 0
     """Steps 1-4 above; prints the text-only model's exact match on the held-out images (memory projection and
     raw embedding) next to the CLIP's zero-shot top-1 and the image-trained model's."""
     from clipcap_core.decap import ProjectionConfig
-    from clipcap_core.encoders import load_encoder
+    from clipcap_core.encoder_model import load_encoder
     from pipelines.clip.tiny import zero_shot_captions
     from pipelines.demo.caption import caption_heldout
 

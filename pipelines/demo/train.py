@@ -13,12 +13,14 @@ import pyarrow as pa
 
 from clipcap_core.training import TrainConfig
 from pipelines.io import storage, tables
-from pipelines.train.job import RunOptions, TrainJobConfig, run_training
+from pipelines.train.job import TrainJobConfig, run_training
+from pipelines.train.state import RunOptions
 
 
 def clip_zero_shot(info: tables.TableInfo, held: pa.Table) -> dict[str, float]:
     """Zero-shot figures of the CLIP that made ``held``'s embeddings on those rows (synthetic captions only)."""
-    from clipcap_core.encoders import EncoderConfig, load_encoder
+    from clipcap_core.encoder_model import load_encoder
+    from clipcap_core.encoders import EncoderConfig
     from clipcap_core.synthetic import parse_caption as synthetic_caption
     from pipelines.clip.tiny import zero_shot_captions
 

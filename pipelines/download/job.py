@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from clipcap_core import uris
 from pipelines import exitcodes, runtime
 from pipelines.io import schemas, storage
 from pipelines.io.delimited import read_delimited
@@ -157,7 +158,7 @@ def reset_shards(output: str, shards: list[str]) -> None:
     for shard in shards:
         for suffix in ("_stats.json", ".tar", ".parquet"):
             uri = storage.join(output, shard + suffix)
-            if storage.exists(uri):
+            if uris.exists(uri):
                 storage.remove(uri)
 
 

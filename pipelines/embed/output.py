@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipcap_core import encoders
+from clipcap_core import encoders, uris
 from pipelines.committer import UnitCommitter
 from pipelines.embed import stages as st
 from pipelines.io import schemas, storage
@@ -53,7 +53,7 @@ def remove_stale_temporaries(table_uri: str, meta_uri: str) -> int:
 def _download_errors(shard_uri: str) -> list[dict[str, str]]:
     """img2dataset's failed samples of a shard (its sibling .parquet) as errors rows (stage 'download')."""
     meta_uri = shard_uri.removesuffix(".tar") + ".parquet"
-    if not storage.exists(meta_uri):
+    if not uris.exists(meta_uri):
         return []
     t = pq.read_table(meta_uri, columns=["key", "url", "status", "error_message"]).to_pylist()
     return [{"key": r["key"], "source": r["url"], "stage": "download", "error": r["error_message"] or r["status"]}
@@ -136,7 +136,7 @@ def commit_shard(cfg: EmbedConfig, shard_uri: str, cols: dict[str, np.ndarray] |
     if errs:
         storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA), err_uri,
                                    tmp_dir=tmp_uri(cfg.meta_uri))
-    elif storage.exists(err_uri):  # from an earlier attempt at this shard
+    elif uris.exists(err_uri):  # from an earlier attempt at this shard
         storage.remove(err_uri)
     if table.num_rows:
         storage.atomic_write_table(table, part_uri(cfg.table_uri, shard), tmp_dir=tmp_uri(cfg.meta_uri))

@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipcap_core import uris
 from pipelines.io import schemas, storage
 
 ID_COLUMNS = (schemas.KEY, schemas.IMAGE_ID)  # tried in this order when no id column is named
@@ -58,7 +59,7 @@ def _files(uri: str) -> list[str]:
     from pipelines.caption.output import resolve_table
 
     uri = resolve_table(uri)[0]  # a caption run's output folder -> its captions/ table
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     if not fs.exists(path):
         raise ValueError(f"{uri!r} does not exist")
     if fs.isdir(path):
@@ -71,7 +72,7 @@ def _files(uri: str) -> list[str]:
 
 
 def _read_text(uri: str) -> str:
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     with fs.open(path, "r") as f:
         return f.read()
 
@@ -80,7 +81,7 @@ def _read_table(uri: str, columns: set[str] | None = None) -> pa.Table:
     """One Parquet / JSONL / CSV file (strings stay strings; our metadata is kept for Parquet)."""
     import pandas as pd
 
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     if uri.endswith(".parquet"):
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)

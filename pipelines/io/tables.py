@@ -1,6 +1,6 @@
 """Reading embedding tables for training: file discovery, metadata checks, key-hash splits, Ray Data streams.
 
-- ``list_table_files(uris)``: directories / files / globs -> sorted ``part-*.parquet`` URIs (errors tables and
+- ``list_table_files(roots)``: directories / files / globs -> sorted ``part-*.parquet`` URIs (errors tables and
   temporary names excluded).
 - ``inspect_tables(files)`` -> ``TableInfo`` (D, clip model, rows) from Parquet footers only; mixed dimensions
   or CLIP models are an error, raised before any work starts.
@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipcap_core import uris
 from pipelines.io import schemas, storage
 
 if TYPE_CHECKING:
@@ -34,22 +35,22 @@ Tokenize = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]  # captions -> t
 
 
 # --- discovery and metadata ---------------------------------------------------------------------------
-def list_table_files(uris: str | Sequence[str], storage_options: dict[str, Any] | None = None) -> list[str]:
+def list_table_files(roots: str | Sequence[str], storage_options: dict[str, Any] | None = None) -> list[str]:
     """Expand table URIs (a ``.parquet`` file, or a directory searched recursively) to sorted file URIs."""
-    if isinstance(uris, str):
-        uris = [uris]
+    if isinstance(roots, str):
+        roots = [roots]
     files: list[str] = []
-    for uri in uris:
+    for uri in roots:
         if str(uri).endswith(".parquet"):
-            if not storage.exists(uri, storage_options):
+            if not uris.exists(uri, storage_options):
                 raise FileNotFoundError(f"embedding table {uri!r} does not exist")
             files.append(str(uri))
             continue
         # bookkeeping (``_meta/``, ``_errors/``), temporaries and hidden files are not tables
-        base = storage.filesystem(uri, storage_options)[1].rstrip("/")
+        base = uris.filesystem(uri, storage_options)[1].rstrip("/")
         found = [f for f in storage.list_files(uri, ".parquet", storage_options, recursive=True)
                  if not any(p.startswith(("_", ".")) for p in
-                            storage.filesystem(f, storage_options)[1].removeprefix(base).split("/"))]
+                            uris.filesystem(f, storage_options)[1].removeprefix(base).split("/"))]
         if not found:
             raise FileNotFoundError(f"no embedding tables (*.parquet) under {uri!r}")
         files.extend(found)
@@ -71,7 +72,7 @@ class TableInfo:
 
 
 def _footer(uri: str, storage_options: dict[str, Any] | None) -> tuple[pa.Schema, int]:
-    fs, path = storage.filesystem(uri, storage_options)
+    fs, path = uris.filesystem(uri, storage_options)
     try:
         with fs.open(path, "rb") as f:
             meta = pq.ParquetFile(f).metadata
@@ -229,7 +230,7 @@ def read_split(files: Sequence[str], split: Split, storage_options: dict[str, An
     """The rows of ``split`` from ``files`` in memory (for held-out / evaluation sets), sorted by key."""
     parts = []
     for uri in files:
-        fs, path = storage.filesystem(uri, storage_options)
+        fs, path = uris.filesystem(uri, storage_options)
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=_train_columns(column))
         parts.append(filter_table(table, split, column, _drop_mask(repeats, uri, 0, table.num_rows)))
@@ -275,7 +276,7 @@ def audit_tables(files: Sequence[str], column: str = schemas.IMAGE_EMBEDDING,
     reasons: list[str] = []
     repeats: dict[str, list[int]] = {}
     for uri in files:
-        fs, path = storage.filesystem(uri, storage_options)
+        fs, path = uris.filesystem(uri, storage_options)
         offset = 0
         with fs.open(path, "rb") as f:
             for rb in pq.ParquetFile(f).iter_batches(batch_size=rows_per_batch, columns=_train_columns(column)):
@@ -339,7 +340,7 @@ class ReadPrepare:
         for uri, split_json, drop_json in zip(items["uri"], items["split"], items["drop"], strict=True):
             prep = PrepareBatch(Split(**json.loads(str(split_json))), self.tokenize, self.max_tokens, self.column)
             repeats = {str(uri): tuple(json.loads(str(drop_json)))}
-            fs, path = storage.filesystem(str(uri))
+            fs, path = uris.filesystem(str(uri))
             offset = 0
             with fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from clipcap_core import uris
 from pipelines.io import schemas, storage
 from pipelines.io.delimited import read_delimited
 
@@ -56,7 +57,7 @@ def list_inputs(uri: str, fmt: str = "auto") -> list[tuple[str, str]]:
     """(file URI, format) of every input file; a folder with ``.tar`` shards is an img2dataset output."""
     if fmt not in ("auto", *FORMATS):
         raise ValueError(f"input format must be one of {['auto', *FORMATS]}, got {fmt!r}")
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     if not fs.exists(path):
         raise FileNotFoundError(f"caption input {uri!r} does not exist")
     if not fs.isdir(path):
@@ -142,8 +143,8 @@ def read_img2dataset_shard(uri: str, max_chars: int) -> TextPart:
 
     meta = uri.removesuffix(".tar") + ".parquet"
     part = TextPart(part_id=shard_name(uri), source=uri)
-    if storage.exists(meta):
-        fs, path = storage.filesystem(meta)
+    if uris.exists(meta):
+        fs, path = uris.filesystem(meta)
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
         if schemas.CAPTION not in table.column_names or schemas.KEY not in table.column_names:
@@ -152,7 +153,7 @@ def read_img2dataset_shard(uri: str, max_chars: int) -> TextPart:
         rows = ((k, c, "") for k, c in zip(table.column(schemas.KEY).to_pylist(), table.column(schemas.CAPTION).to_pylist(),
                                             strict=True))
     else:
-        fs, path = storage.filesystem(uri)
+        fs, path = uris.filesystem(uri)
         with fs.open(path, "rb") as f:
             data = f.read(MAX_SHARD_BYTES + 1)
         if len(data) > MAX_SHARD_BYTES:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+from clipcap_core import uris
 from clipcap_core.configs import to_dict
 from pipelines.io import storage
 from pipelines.runtime import ClusterShape
@@ -143,10 +144,10 @@ def write_history(history: list[dict[str, Any]], run_dir: str) -> None:
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(history)
-    fs, path = storage.filesystem(storage.join(run_dir, "history.csv"))
+    fs, path = uris.filesystem(storage.join(run_dir, "history.csv"))
     with fs.open(path, "w") as f:
         f.write(buf.getvalue())
-    fs, path = storage.filesystem(storage.join(run_dir, "loss_curve.png"))
+    fs, path = uris.filesystem(storage.join(run_dir, "loss_curve.png"))
     with fs.open(path, "wb") as f:
         f.write(plot_history(history))
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from clipcap_core import uris
 from clipcap_core.training import NonFiniteError, batch_rows_note
 from pipelines.io import storage
 from pipelines.train.checkpoints import checkpoint_name, load_checkpoint, save_checkpoint
@@ -64,7 +65,7 @@ def loss_health(history: list[dict[str, Any]], total_steps: int, *, after: float
 
 def maybe_crash(fault: FaultConfig | None, rank: int, step: int) -> None:
     """Fault-injection hook (the job's ``fault``): exit this worker process hard, once."""
-    if fault and rank == fault.rank and step == fault.crash_at_step and not storage.exists(fault.marker):
+    if fault and rank == fault.rank and step == fault.crash_at_step and not uris.exists(fault.marker):
         storage.write_json({"step": step, "rank": rank, "pid": os.getpid()}, fault.marker)
         print(f"[clipcap train] fault injection: worker rank {rank} exits at step {step}", flush=True)
         os._exit(1)

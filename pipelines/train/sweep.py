@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from clipcap_core import uris
 from clipcap_core.configs import from_dict, to_dict
 from clipcap_core.training import TrainConfig
 from pipelines.io import schemas, storage, tables
@@ -147,6 +148,6 @@ def save_results(rows: list[dict[str, Any]], out_dir: str) -> None:
     writer.writeheader()
     writer.writerows(rows)
     for name, text in (("results.csv", buf.getvalue()), ("results.md", format_table(rows) + "\n")):
-        fs, path = storage.filesystem(storage.join(out_dir, name))
+        fs, path = uris.filesystem(storage.join(out_dir, name))
         with fs.open(path, "w") as f:
             f.write(text)

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from clipcap_core import uris
 from pipelines.committer import UnitCommitter
 
 
@@ -162,6 +163,6 @@ def test_a_stopped_s3_server_is_retried_until_it_is_back_or_the_bound():
         c.retry_delays = (1.0, 2.0, 4.0, 8.0)
         threading.Timer(1.5, lambda: s3.start(port=server.port, buckets=("clipcap",))).start()
         assert c.add(_numpy("d", [0], 1, ["k3"])) == [("d", 1)]
-        assert storage.exists("s3://clipcap/retry/d.parquet", options)
+        assert uris.exists("s3://clipcap/retry/d.parquet", options)
     finally:
         s3.stop(server.port)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clipcap_core import uris
 from pipelines import stopping
 from pipelines.caption import job as caption_job
 from pipelines.cli import main
@@ -59,7 +60,7 @@ def test_a_second_run_is_refused_naming_the_first_until_released_stale_or_forced
     Lease(uri, run="run-4", force=True).acquire()  # live, but forced
     assert storage.read_json(uri)["run"] == "run-4" and "(forced)" in caplog.text
     Lease(uri, run="run-4").release()
-    assert not storage.exists(uri)
+    assert not uris.exists(uri)
 
 
 def test_of_runs_starting_at_once_exactly_one_holds_the_lease(root):

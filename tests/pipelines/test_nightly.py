@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from clipcap_core import uris
+from clipcap_core.training import TrainConfig
 from pipelines.demo import synthetic_tables
 from pipelines.io import storage
 from pipelines.lease import Lease, LeaseHeld
 from pipelines.train import nightly
-from pipelines.train.job import RunOptions, ScaleConfig, TrainConfig
+from pipelines.train.state import RunOptions, ScaleConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,7 +55,7 @@ def test_a_night_is_refused_while_another_holds_the_lock_and_runs_once_it_is_sta
     monkeypatch.setattr(nightly, "run_training", training)
     with pytest.raises(RuntimeError, match="trained"):  # stale: taken over, and released after the night
         nightly.run_nightly(dataclasses.replace(cfg, lock_ttl_s=0.0))
-    assert not storage.exists(storage.join(state, "lock.json")) and len(files) == 2
+    assert not uris.exists(storage.join(state, "lock.json")) and len(files) == 2
 
 
 def test_nothing_new_is_a_noop_that_writes_nothing(tmp_path):
@@ -83,7 +85,7 @@ def test_failed_night_releases_the_lock_keeps_pointer_and_watermark_and_is_retri
     for _night in range(2):
         with pytest.raises(RuntimeError, match="worker 0 died"):
             nightly.run_nightly(cfg)
-        assert not storage.exists(storage.join(state, "lock.json"))  # released
+        assert not uris.exists(storage.join(state, "lock.json"))  # released
         assert nightly.read_pointer(state) == pointer  # production untouched
         assert storage.read_json(storage.join(state, "manifest.json")) is None  # watermark not moved
         assert nightly.read_history(state) == []
@@ -143,7 +145,7 @@ def _night(s3_uri: str, **train_kw) -> nightly.NightlyConfig:
 
 
 def _etag(uri: str) -> str:
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     return str(fs.info(path).get("ETag") or fs.info(path)["size"])
 
 
@@ -201,4 +203,4 @@ def test_nights_promote_noop_promote_refuse(ray_cluster, s3_uri):
     assert [h["decision"] for h in history] == ["promoted", "promoted", "refused"]
     assert "worse by" in history[-1]["reason"] or "not finite" in history[-1]["reason"]
     assert history[-1]["training"]["init"] == p3["model"]
-    assert not storage.exists(storage.join(state, "lock.json"))
+    assert not uris.exists(storage.join(state, "lock.json"))
