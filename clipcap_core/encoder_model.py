@@ -35,6 +35,7 @@ class ClipEncoder:
 
     def __init__(self, cfg: EncoderConfig, model: torch.nn.Module, device: torch.device, precision: str):
         oc = _open_clip(cfg.model_name)
+        # lazy: open_clip + torch ~12.6 s to import (python -X importtime)
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
         self.cfg = cfg

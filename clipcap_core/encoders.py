@@ -34,6 +34,7 @@ import json
 import os
 import posixpath
 import re
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -82,8 +83,6 @@ def _open_clip(model_name: str | None = None) -> Any:
     is imported without the optional backends that model does not use (they read as not installed, as open_clip
     allows); when a later model in the same process needs one, the open_clip modules using it are reloaded.
     Without ``model_name`` (tags, tokenizers, configs): open_clip as it is, or a plain full import."""
-    import sys
-
     needed = _backends_needed(model_name) if model_name is not None else set()
     if "open_clip" not in sys.modules and model_name is not None:
         blocked = [b for b, _, _ in _BACKENDS if b not in needed and b not in sys.modules]
@@ -95,6 +94,7 @@ def _open_clip(model_name: str | None = None) -> Any:
             for name in blocked:
                 if name in sys.modules and sys.modules[name] is None:
                     del sys.modules[name]
+    # lazy: open_clip + torch ~12.6 s to import (python -X importtime)
     import open_clip
 
     for name, _, modules in _BACKENDS:
@@ -201,6 +201,7 @@ def fetch_pretrained(cfg: EncoderConfig) -> str | None:
     pre = cfg.pretrained
     if not pre or is_weights_location(pre):
         return None
+    # lazy: open_clip + torch ~12.6 s to import (python -X importtime)
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
     source = get_pretrained_cfg(cfg.model_name, pre)

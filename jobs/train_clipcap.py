@@ -14,19 +14,18 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipelines.cli import command_parser
+from pipelines.cli import main as clipcap
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 COMMAND = "train"  # this job is `clipcap train` (same flags, logging, redaction and exit codes)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.cli import command_parser
-
     return command_parser(COMMAND)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.cli import main as clipcap
-
     return clipcap([COMMAND, *(sys.argv[1:] if argv is None else argv)])
 
 

@@ -22,7 +22,10 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from pipelines import exitcodes, stopping
+from pipelines import console, exitcodes, stopping
+from pipelines.console import terminal
+from pipelines.exitcodes import JobFailed
+from pipelines.io.urlsafety import setup_logging
 
 # sub-command name -> module under pipelines.commands (HELP, add_arguments, run)
 COMMANDS = {
@@ -125,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser([first]) if first in COMMANDS else build_parser(flags=False)
     args = parser.parse_args(argv)
-    from pipelines.io.urlsafety import setup_logging
 
     setup_logging(args.verbose)  # -v: our loggers only; URLs redacted in every record
     if not getattr(args, "func", None):
@@ -133,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.verbose or not args.job_log:
         return _run(args)
-    from pipelines import console
 
     with console.job_log(args.command):  # Ray's own output to the log file; ours stays on the terminal
         return _run(args)
@@ -141,9 +142,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """The command under ``stopping.run``; a job-level failure becomes one line on the terminal and its code."""
-    from pipelines.console import terminal
-    from pipelines.exitcodes import JobFailed
-
     try:
         return stopping.run(lambda: int(args.func(args) or 0), f"clipcap {args.command}",
                             signals=args.stop_on_signals)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from clipcap_core import encoders
 from pipelines import runtime
 from pipelines.caption import stages as caption_rows
 from pipelines.embed import stages as st
@@ -40,6 +41,7 @@ class ClipActor:
 
     def __init__(self, encoder: EncoderConfig, *, precision: str = "fp32", use_gpu: bool = False, threads: int = 0,
                  images: bool = True, texts: bool = False, count_truncated: bool = False):
+        # lazy: torch ~6.7 s to import (python -X importtime)
         from clipcap_core.encoder_model import load_encoder
 
         self.encoder = load_encoder(encoder, device=runtime.actor_device(use_gpu, threads), precision=precision)
@@ -54,8 +56,6 @@ class ClipActor:
 
     @cached_property
     def tokenizer(self) -> Any:
-        from clipcap_core import encoders
-
         return encoders._open_clip().get_tokenizer(self.encoder.model_name)
 
     def __call__(self, batch: Any) -> Any:

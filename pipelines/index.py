@@ -29,11 +29,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipcap_core import uris
+from clipcap_core.encoders import EncoderConfig
+from clipcap_core.imaging import decode_image
+from pipelines import runtime
 from pipelines.io import schemas, storage, tables
 
 log = logging.getLogger(__name__)
@@ -112,8 +116,6 @@ def train_sample(files: Sequence[str], column: str, n: int, total: int, seed: in
 # --- building ---------------------------------------------------------------------------------------------------
 def empty_index(kind: str, dim: int, n: int, cfg: IndexConfig, files: Sequence[str]) -> Any:
     """An empty (trained, for ivf) inner-product index of ``kind`` for ``n`` vectors of ``dim``."""
-    import faiss
-
     if kind == "flat":
         return faiss.IndexFlatIP(dim)
     if kind == "hnsw":
@@ -144,15 +146,11 @@ def fill(index: Any, files: Sequence[str], column: str, first_id: int = 0) -> pa
 
 
 def _flat_types() -> tuple[type, ...]:
-    import faiss
-
     return (faiss.IndexFlat, faiss.IndexHNSW)
 
 
 def _fill_remote(index_bytes: bytes, files: list[str], column: str, first_id: int) -> tuple[bytes, pa.Table]:
     """Ray task: a trained empty IVF index + its files -> the filled index (serialised) and its rows."""
-    import faiss
-
     index = faiss.deserialize_index(np.frombuffer(index_bytes, dtype=np.uint8))
     rows = fill(index, files, column, first_id)
     return faiss.serialize_index(index).tobytes(), rows
@@ -161,10 +159,8 @@ def _fill_remote(index_bytes: bytes, files: list[str], column: str, first_id: in
 def fill_on_ray(index: Any, files: Sequence[str], counts: Sequence[int], column: str) -> pa.Table:
     """One Ray task per file fills a copy of the trained IVF ``index``; the lists are merged here, in file order
     (ids are file offsets, so the result equals a local build)."""
-    import faiss
+    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray
-
-    from pipelines import runtime
 
     runtime.ensure_ray(None)
     task = ray.remote(num_cpus=1)(_fill_remote)
@@ -184,6 +180,7 @@ def use_ray(cfg: IndexConfig, kind: str, files: Sequence[str]) -> bool:
         return False
     if cfg.parallel == "ray":
         return True
+    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray
 
     return ray.is_initialized() and len([n for n in ray.nodes() if n["Alive"]]) > 1
@@ -191,8 +188,6 @@ def use_ray(cfg: IndexConfig, kind: str, files: Sequence[str]) -> bool:
 
 def build_index(cfg: IndexConfig) -> dict[str, Any]:
     """Build the index of ``cfg.input`` into ``cfg.output``; returns its ``index.json``."""
-    import faiss
-
     files = tables.list_table_files(cfg.input)
     info = tables.inspect_tables(files, column=cfg.column)
     storage.check_writable(cfg.output)
@@ -234,8 +229,6 @@ class Searcher:
 
     @classmethod
     def open(cls, uri: str, nprobe: int | None = None) -> Searcher:
-        import faiss
-
         info = storage.read_json(storage.join(uri, INFO))
         if info is None:
             raise FileNotFoundError(f"no index at {uri!r} ({INFO} missing: build it with `clipcap index`)")
@@ -264,8 +257,8 @@ class Searcher:
                 for srow, irow in zip(scores, ids, strict=True)]
 
     def clip(self) -> Any:
+        # lazy: torch ~6.7 s to import (python -X importtime)
         from clipcap_core.encoder_model import load_encoder
-        from clipcap_core.encoders import EncoderConfig
 
         if self.encoder is None:
             if not self.info.get("clip_model"):
@@ -278,8 +271,6 @@ class Searcher:
         return self.search_vectors(self.clip().encode_text(list(texts)), k)
 
     def search_images(self, paths: Sequence[str], k: int = 10) -> list[list[dict[str, Any]]]:
-        from clipcap_core.imaging import decode_image
-
         clip = self.clip()
         pixels = np.stack([clip.resize(decode_image(storage_read(p))) for p in paths])
         return self.search_vectors(clip.encode_pixels(pixels), k)

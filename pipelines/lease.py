@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from clipcap_core import uris
+from pipelines import stopping
 from pipelines.exitcodes import USAGE, JobFailed
 from pipelines.io import storage
 
@@ -192,8 +193,6 @@ class Lease:
                 log.warning("renewing the lease %s failed (%s: %s); retrying", self.uri, type(exc).__name__, exc)
 
     def __enter__(self) -> Lease:
-        from pipelines import stopping
-
         try:
             with stopping.committing():  # a stop signal waits until the lease file is whole
                 self.acquire()

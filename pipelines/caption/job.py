@@ -41,14 +41,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from clipcap_core import uris
 from clipcap_core.configs import to_dict
-from clipcap_core.decap import ProjectionConfig
+from clipcap_core.decap import ProjectionConfig, check_projection
 from clipcap_core.decoding import DecodeConfig
+from clipcap_core.encoders import preprocess_spec
 from pipelines import console, exitcodes, runtime, stopping
 from pipelines.caption.output import (
     PartCommitter,
@@ -57,6 +59,8 @@ from pipelines.caption.output import (
     done_parts,
     meta_uri,
 )
+from pipelines.caption.stages import CaptionStage, ClipCaptionStage, inspect_model, read_decode_batch
+from pipelines.clip_actor import ClipActor
 from pipelines.io import sources, sources_base, storage
 from pipelines.lease import LEASE_FILE, Lease
 
@@ -202,8 +206,6 @@ def check_output_outside_input(cfg: CaptionConfig) -> None:
         return
     norm_in, norm_out = p_in.rstrip("/"), p_out.rstrip("/")
     if fs_in.protocol[0] in ("file", "local"):
-        import os
-
         norm_in, norm_out = os.path.realpath(norm_in), os.path.realpath(norm_out)
     if norm_out == norm_in or norm_out.startswith(norm_in + "/"):
         raise ValueError(f"output {cfg.output!r} is inside input {cfg.input!r}: its files would be read back as "
@@ -223,8 +225,8 @@ def _check_embeddings(parts: list[sources_base.Part], info: Any) -> None:
 
 
 def _check_projection(cfg: CaptionConfig, info: Any) -> None:
+    # lazy: safetensors.torch + torch ~6.7 s to import (python -X importtime)
     from clipcap_core import artifacts
-    from clipcap_core.decap import check_projection
 
     try:
         has_memory = bool(artifacts.read_metadata(cfg.model)["weights"].get("decap"))
@@ -249,8 +251,6 @@ def _run_record(cfg: CaptionConfig, model_id: str, digest: str) -> dict[str, Any
 def prepare(cfg: CaptionConfig) -> Plan:
     """Every job-level check, then the plan; raises before any work starts. Claims the output (clears
     temporaries): call it holding the output's lease, as ``caption_archive`` does."""
-    from pipelines.caption.stages import inspect_model
-
     check_output_outside_input(cfg)
     storage.check_writable(cfg.output)
     fs, path = uris.filesystem(cfg.output)
@@ -337,11 +337,8 @@ def _drain(cfg: CaptionConfig, plan: Plan, committer: PartCommitter, summary: Ca
 
 def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
     """The Ray Data pipeline over the parts still to do (resources all set here)."""
+    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray.data
-
-    from clipcap_core.encoders import preprocess_spec
-    from pipelines.caption.stages import CaptionStage, ClipCaptionStage, read_decode_batch
-    from pipelines.clip_actor import ClipActor
 
     runtime.ensure_ray()  # RAY_ADDRESS if set, else a local instance (as Ray Data would do)
     res = cfg.resources

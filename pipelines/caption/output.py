@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
 
 from clipcap_core import uris
 from clipcap_core.configs import to_dict
@@ -74,8 +75,6 @@ def run_record(uri: str) -> dict[str, Any]:
 def top_captions(output: str) -> list[tuple[str, str]]:
     """(key, caption) of every committed image's rank-0 caption, sorted by key (key, caption and rank columns
     only: what ``clipcap caption --show`` prints after a run)."""
-    import pyarrow.parquet as pq
-
     rows: list[tuple[str, str]] = []
     for uri in storage.list_files(table_uri(output), ".parquet"):
         fs, path = uris.filesystem(uri)
@@ -106,8 +105,6 @@ def _remove_stale_temporaries(output: str) -> None:
 def _is_our_part(fs: Any, path: str) -> bool:
     """A part / error file this stage wrote: named ``part-<id>.parquet`` with ``clipcap.part = <id>`` in its
     footer (what every commit writes); anything else in the folder is someone else's."""
-    import pyarrow.parquet as pq
-
     name = path.rsplit("/", 1)[-1]
     if not (name.startswith("part-") and name.endswith(".parquet")):
         return False

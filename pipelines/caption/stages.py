@@ -17,6 +17,7 @@ Rows that a stage has nothing to do for (errors, markers, embeddings at the CLIP
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -26,7 +27,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from clipcap_core.clipscore import ClipScorer, W
+from clipcap_core.clipscore import rerank as clip_order
+from clipcap_core.configs import from_dict
+from clipcap_core.encoders import resolve_precision
 from clipcap_core.imaging import ImageDecodeError, decode_image
+from clipcap_core.preprocess import ImageResizer
 from pipelines import runtime
 from pipelines.io import sources, sources_base
 
@@ -114,9 +120,6 @@ def read_decode_batch(batch: pa.Table, *, cfg_json: str, spec: Any, block_rows: 
     """Ray Data task function over batches of ``{"part": [Part json]}``; yields several blocks per part.
 
     ``spec`` is the CLIP model's ``PreprocessSpec`` (None when the input is only embedding tables)."""
-    from clipcap_core.configs import from_dict
-    from clipcap_core.preprocess import ImageResizer
-
     cfg = from_dict(sources_base.SourceConfig, json.loads(cfg_json))
     resizer = ImageResizer(spec) if spec is not None else None
     draft = None
@@ -141,7 +144,6 @@ class CaptionStage:
 
     def __init__(self, model_uri: str, decoding: Any, precision: str = "fp32", use_gpu: bool = False,
                  threads: int = 0, encoder_cfg: Any = None, rerank: str = "none", projection: Any = None):
-        from clipcap_core.clipscore import ClipScorer
         from pipelines.clip_actor import ClipActor
 
         self.decoder = Decoder(model_uri, decoding, device=runtime.actor_device(use_gpu, threads),
@@ -183,7 +185,6 @@ class ClipCaptionStage:
     def __init__(self, encoder_cfg: Any, model_uri: str, decoding: Any, precision: str = "fp32",
                  use_gpu: bool = False, threads: int = 0, rerank: str = "none", projection: Any = None,
                  clip_batch_size: int = 64, clip_score: bool = True):
-        from clipcap_core.clipscore import ClipScorer
         from pipelines.clip_actor import ClipActor
 
         self.clip = ClipActor(encoder_cfg, precision=precision, use_gpu=use_gpu, threads=threads)
@@ -206,9 +207,6 @@ def score_and_rank(image_emb: np.ndarray, texts: list[list[str]], scores: list[l
                    rerank: bool) -> tuple[list[list[str]], list[list[float]], list[list[float]]]:
     """CLIPScore of each image's n captions; with ``rerank`` each image's captions (and their decoder scores)
     re-ordered by CLIP similarity, best first (ties keep the decoder's order), as recaptioning pipelines do."""
-    from clipcap_core.clipscore import W
-    from clipcap_core.clipscore import rerank as clip_order
-
     n = len(texts[0]) if texts else 0
     flat = [t for group in texts for t in group]
     order, cos = clip_order(image_emb, scorer.embed_texts(flat), n)  # (B, n) each
@@ -245,8 +243,8 @@ UNTRAINED_HINT = ("model {uri!r} is an untrained preset (random weights: its cap
 def inspect_model(uri: str, allow_untrained: bool = False) -> ModelInfo:
     """The model's config and version, every weights file checked but none loaded (job-level check: a
     missing, corrupt or untrained model or an unknown CLIP encoder -> ValueError before any work)."""
+    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core import __version__, artifacts, encoders
-    from clipcap_core.configs import from_dict
     from clipcap_core.model import ModelConfig
 
     if artifacts.is_preset(uri) and not allow_untrained:
@@ -270,8 +268,6 @@ def inspect_model(uri: str, allow_untrained: bool = False) -> ModelInfo:
 def model_version(meta: dict[str, Any], weights: dict[str, str]) -> str:
     """Version written into caption rows: a hash of the artifact's config.json (creation time, code version,
     training step) and of every weights file's sha256, so other weights under the same config get another id."""
-    import hashlib
-
     body = json.dumps({"config": meta, "weights": weights}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 
@@ -281,11 +277,11 @@ class Decoder:
 
     def __init__(self, model_uri: str, decoding: Any, device: str = "cpu", precision: str = "fp32",
                  projection: Any = None):
+        # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
         import torch
 
         from clipcap_core.artifacts import load_model
         from clipcap_core.decap import ProjectionConfig, resolve_projection
-        from clipcap_core.encoders import resolve_precision
 
         precision = resolve_precision(precision, torch.device(device))  # auto: fp16 on GPU, fp32 on CPU
         loaded = load_model(model_uri, device=device, precision=precision)
@@ -295,6 +291,7 @@ class Decoder:
         self.memory = memory.to(self.model.device, self.model.dtype) if memory is not None else None
 
     def __call__(self, embeds: np.ndarray) -> tuple[list[list[str]], list[list[float]]]:
+        # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
         import torch
 
         from clipcap_core.decoding import generate

@@ -15,9 +15,21 @@ import tempfile
 from typing import Any
 
 import numpy as np
+import torch
 
 from clipcap_core import uris
+from clipcap_core.clip_training import (
+    build_clip,
+    clip_loss,
+    lock_towers,
+    make_optimizer_and_scheduler,
+    make_scaler,
+    save_clip_weights,
+    shape_init,
+    train_step,
+)
 from clipcap_core.configs import from_dict, to_dict
+from clipcap_core.encoders import _open_clip
 from pipelines.clip import data as clip_data
 from pipelines.clip.job import ClipTrainJobConfig, ClipTrainPlan, prep_for
 from pipelines.io import storage
@@ -32,14 +44,6 @@ class ClipRun(WorkerRun):
     label, unit, epoch_samples = "train-clip", "pairs", False
 
     def __init__(self, job: ClipTrainJobConfig, plan: ClipTrainPlan):
-        from clipcap_core.clip_training import (
-            build_clip,
-            clip_loss,
-            lock_towers,
-            make_optimizer_and_scheduler,
-            shape_init,
-        )
-
         hp = job.train
         super().__init__(plan, job.run, epochs=hp.epochs, batch_size=hp.batch_size,
                          torch_threads=job.scale.torch_threads, fault=job.fault)
@@ -62,8 +66,6 @@ def memory_batches(job: ClipTrainJobConfig, plan: ClipTrainPlan, rank: int, worl
                    device: Any) -> Any:
     """``data="memory"``: this worker's shards decoded once; batches for steps ``start_step``.. from a seeded
     permutation per epoch (the same after a restart, so a resumed run sees the batches it would have seen)."""
-    import torch
-
     pixels, tokens, _ = clip_data.load_pairs(list(plan.shards[rank::world]), prep_for(job, "train"))
     pixels = torch.from_numpy(pixels)
     B, spe = job.train.batch_size, plan.steps_per_epoch
@@ -81,10 +83,9 @@ def clip_train_loop(config: dict[str, Any], stream: EarlyStream | None) -> dict[
     """The per-worker loop (``launch.worker_entry`` calls it; config: ``{"job": ClipTrainJobConfig, "plan":
     ClipTrainPlan}`` as ``configs.to_dict``); ``stream`` the worker's shard of the pair stream, already started
     (``None`` in memory mode)."""
+    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray.train
     import ray.train.torch
-
-    from clipcap_core.clip_training import make_scaler, train_step
 
     job, plan = from_dict(ClipTrainJobConfig, config["job"]), from_dict(ClipTrainPlan, config["plan"])
     hp = job.train
@@ -109,9 +110,6 @@ def clip_train_loop(config: dict[str, Any], stream: EarlyStream | None) -> dict[
 # --- the final model folder ---------------------------------------------------------------------------------
 def save_model_dir(job: ClipTrainJobConfig, plan: ClipTrainPlan, run: ClipRun) -> dict[str, Any]:
     """Rank 0: ``<run>/model/`` = weights (safetensors), open_clip config, our provenance JSON, model card."""
-    from clipcap_core.clip_training import save_clip_weights
-    from clipcap_core.encoders import _open_clip
-
     model, state, metrics = run.model, run.state, run.metrics
     model_dir = storage.join(job.run_dir, "model")
     weights = storage.join(model_dir, f"{job.name}.safetensors")

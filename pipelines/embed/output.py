@@ -113,6 +113,7 @@ def unread_reason(cols: dict[str, np.ndarray] | None) -> str | None:
 def download_incomplete(shard_uri: str) -> str | None:
     """Why a shard is not final yet: img2dataset recorded transient failures (outage, timeout, 5xx) that the
     download stage retries on its next run; committing it now would keep those samples out for good."""
+    # lazy: pandas ~0.55 s to import (python -X importtime)
     from pipelines.download.job import is_transient
 
     n = sum(1 for e in _download_errors(shard_uri) if is_transient(e["error"]))

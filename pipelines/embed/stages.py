@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import numpy as np
 
 from clipcap_core import imaging
@@ -142,8 +143,6 @@ def _columns(rows: list[DecodedRow], shard: str, start: int, total: int, shape: 
 
 def iter_shard_batches(uri: str, resizer: ImageResizer, batch_rows: int) -> Iterator[dict[str, np.ndarray]]:
     """Decode one shard into column batches of ``batch_rows`` rows (an unreadable shard is one ``UNREAD`` row)."""
-    import fsspec
-
     shard = shard_name(uri)
     size = resizer.spec.size
     shape = (size, size, 3) if isinstance(size, int) else (size[0], size[1], 3)

@@ -17,14 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from clipcap_core.encoders import embedding_dim
 from clipcap_core.imaging import ImageDecodeError, decode_image
 from pipelines.io import sources, sources_base
 
 
 def plan(uri: str, encoder_cfg: Any) -> list[sources_base.Part]:
     """The input's parts, with embedding tables checked against the CLIP (job-level ValueError)."""
-    from clipcap_core.encoders import embedding_dim
-
     parts = sources.plan_parts(uri, sources_base.SourceConfig())
     dim = embedding_dim(encoder_cfg)
     for p in parts:

@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipcap_core import uris
+from clipcap_core.encoders import model_configs
 from pipelines.io import schemas, storage
 
 if TYPE_CHECKING:
@@ -115,8 +117,6 @@ def check_clip_dim(uri: str, clip_model: str, dim: int) -> None:
     """A table whose metadata names a CLIP of another D than its vectors is refused: a model trained on it
     would say one encoder and expect another's vectors. Names open_clip does not know (a user's own config)
     cannot be checked and pass."""
-    from clipcap_core.encoders import model_configs
-
     try:
         expected = int(model_configs().get(clip_model, {}).get("embed_dim", 0)) if clip_model else 0
     except ImportError:
@@ -171,8 +171,6 @@ class Split:
 
 def row_problems(table: pa.Table, column: str | None) -> list[str]:
     """Per row, why it cannot train ("" when it can): a null or empty caption, a non-finite vector."""
-    import pyarrow.compute as pc
-
     caps = table.column(schemas.CAPTION)
     empty = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(caps)), 0), True)
     no_caption = np.asarray(empty.to_numpy(zero_copy_only=False), dtype=bool)
@@ -362,6 +360,7 @@ def stream_tables(parts: Sequence[tuple[str, Split]], tokenize: Tokenize, max_to
     emits nothing until it finishes, and ``union``-ing one read per epoch holds every epoch back until all are
     read: the first batch would come after tens of seconds instead of one. Rows that cannot train (``filter_table``)
     and ``repeats`` are left out, as ``count_split`` counts them."""
+    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray.data
 
     items = [{"uri": u, "split": json.dumps(dataclasses.asdict(sp)), "drop": json.dumps(list((repeats or {}).get(u, ())))}

@@ -21,9 +21,12 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 
+import fsspec
 import pandas as pd
+import pyarrow.parquet as pq
 
 from clipcap_core import uris
+from pipelines.embed.stages import MAX_SHARD_BYTES, read_shard, shard_name
 from pipelines.io import schemas, storage
 from pipelines.io.delimited import read_delimited
 
@@ -94,8 +97,6 @@ def _check(caption: str | None, max_chars: int) -> str:
 
 def read_text_lines(uri: str, max_chars: int) -> tuple[list[str | None], list[str]]:
     """Captions and per-row errors of a one-caption-per-line file (each line decoded on its own)."""
-    import fsspec
-
     with fsspec.open(uri, "rb", compression="infer") as f:
         data = f.read()
     lines = data.split(b"\n")
@@ -137,10 +138,6 @@ def read_table_file(uri: str, fmt: str, caption_col: str, key_col: str | None) -
 
 def read_img2dataset_shard(uri: str, max_chars: int) -> TextPart:
     """Keys and captions of one shard: from its ``.parquet`` sibling, else from the tar's ``.txt`` members."""
-    import pyarrow.parquet as pq
-
-    from pipelines.embed.stages import MAX_SHARD_BYTES, read_shard, shard_name
-
     meta = uri.removesuffix(".tar") + ".parquet"
     part = TextPart(part_id=shard_name(uri), source=uri)
     if uris.exists(meta):

@@ -25,6 +25,8 @@ from typing import Any, Literal
 import numpy as np
 
 from clipcap_core import uris
+from clipcap_core.encoder_model import load_encoder
+from clipcap_core.interpret import interpret_prefix
 from pipelines.caption import output as caption_output
 from pipelines.io import storage
 from pipelines.report import card, charts, page, scales
@@ -68,6 +70,7 @@ class ReportConfig:
 def _load_model(uri: str | None) -> Any:
     if not uri:
         return None
+    # lazy: safetensors.torch + torch ~6.7 s to import (python -X importtime)
     from clipcap_core.artifacts import load_model
 
     try:
@@ -86,8 +89,6 @@ def _model_card(uri: str | None) -> str | None:
 
 
 def _interpretation(loaded: Any, items: list[Sampled], n: int) -> list[dict[str, Any]]:
-    from clipcap_core.interpret import interpret_prefix
-
     chosen = [it for it in items if it.embedding is not None][:n]
     if loaded is None or not chosen:
         return []
@@ -141,8 +142,6 @@ def build_report(cfg: ReportConfig) -> str:
     images = cfg.images or run_record.get("input")
     encoder = None
     if loaded is not None and cfg.interpret:
-        from clipcap_core.encoder_model import load_encoder
-
         encoder = load_encoder(loaded.config.encoder)
     if images:
         fetch_images(images, sampled.items, cfg.thumb_px, encoder)

@@ -14,6 +14,7 @@ import shutil
 from typing import Any
 
 from clipcap_core import uris
+from pipelines.evaluate.run import EvaluateConfig, format_table, run_evaluate
 from pipelines.io import storage
 
 
@@ -26,7 +27,7 @@ def write_references(uri: str, references: dict[str, list[str]]) -> None:
 
 def evaluate_and_report(root: str, captions: str, images: str, *, references: dict[str, list[str]],
                         run_dir: str | None = None) -> dict[str, Any]:
-    from pipelines.evaluate.run import EvaluateConfig, format_table, run_evaluate
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from pipelines.report.build import ReportConfig, build_report
 
     refs = storage.join(root, "references", "heldout.jsonl")

@@ -11,6 +11,7 @@ references, thousands of rows, not a caption table's millions).
 
 from __future__ import annotations
 
+import base64
 import io
 import posixpath
 import random
@@ -69,6 +70,7 @@ def _first_batch(uri: str, rng: random.Random, batch_rows: int) -> tuple[pa.Tabl
 def sample_captions(captions: str, n: int, *, max_parts: int = 4, batch_rows: int = 2048,
                     seed: int = 0) -> CaptionSample:
     """Up to ``n`` images (all their ranked captions) from at most ``max_parts`` parts of ``captions``."""
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from pipelines.caption.output import resolve_table
 
     table = resolve_table(captions)[0]
@@ -95,8 +97,6 @@ def sample_captions(captions: str, n: int, *, max_parts: int = 4, batch_rows: in
 
 def thumbnail(data: bytes, px: int) -> str:
     """A data URI of a JPEG thumbnail re-encoded by us (the original bytes never reach the page)."""
-    import base64
-
     image = decode_image(data)
     image.thumbnail((px, px))
     buf = io.BytesIO()

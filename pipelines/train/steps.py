@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from clipcap_core import uris
 from clipcap_core.training import NonFiniteError, batch_rows_note
@@ -89,9 +90,9 @@ class WorkerRun:
 
     def __init__(self, plan: StepPlan, opts: RunOptions, *, epochs: int, batch_size: int, torch_threads: int,
                  fault: FaultConfig | None):
+        # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
         import ray.train
         import ray.train.torch
-        import torch
 
         self.plan, self.opts, self.epochs, self.batch_size, self.fault = plan, opts, epochs, batch_size, fault
         ctx = ray.train.get_context()
@@ -107,6 +108,7 @@ class WorkerRun:
 
     def resume(self) -> bool:
         """Restore the latest checkpoint Ray hands this worker group (if any) and count this attempt."""
+        # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
@@ -133,6 +135,7 @@ class WorkerRun:
         self.t_epoch = self.t_window = time.perf_counter()
 
     def report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
+        # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
         import ray.train
 
         name = checkpoint_name(self.state.step)
