@@ -244,11 +244,9 @@ def test_embed_rows_lost_in_the_pipeline_fail_the_run_naming_the_shard(tmp_path)
     from pipelines.embed import stages as st
     from pipelines.embed.job import EmbedConfig, EmbedResult, _drain
 
-    n = 1
-    batch = {st.SHARD: np.array(["00007"], dtype=object), st.INDEX: np.zeros(n, np.int64), st.TOTAL: np.full(n, 2),
-             st.KEY: np.array(["k"], object), st.CAPTION: np.array(["c"], object), st.URL: np.array([None], object),
-             st.SOURCE: np.array(["s"], object), st.ERROR: np.array([""], object), st.UNREAD: np.zeros(n, bool),
-             "image_embedding": np.ones((n, 128), np.float32)}
+    batch = pa.table({st.SHARD: ["00007"], st.INDEX: pa.array([0], pa.int64()), st.TOTAL: pa.array([2], pa.int64()),
+                      st.KEY: ["k"], st.CAPTION: ["c"], st.URL: pa.array([None], pa.string()), st.SOURCE: ["s"],
+                      st.ERROR: [""], st.UNREAD: [False], "embedding": [np.ones(128, np.float32).tobytes()]})
     cfg = EmbedConfig(input=str(tmp_path), output_root=str(tmp_path / "o"), dataset="d")
     result = EmbedResult(table_uri=cfg.table_uri, shards=1, skipped=0, written=1, rows=0, errors=0, dim=128, wall_s=0)
     with pytest.raises(RuntimeError, match=r"incomplete shard\(s\) \['00007'\] \(rows lost\?\)"):

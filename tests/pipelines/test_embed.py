@@ -16,7 +16,7 @@ from clipcap_core.encoder_model import load_encoder
 from clipcap_core.encoders import EncoderConfig
 from pipelines.embed import stages as st
 from pipelines.embed.job import EmbedConfig, EmbedResources, pending_shards, run_embed
-from pipelines.embed.output import ShardCommitter, build_tables
+from pipelines.embed.output import ShardCommitter
 from pipelines.io import schemas, storage
 
 
@@ -190,11 +190,10 @@ def test_job_level_faults_fail_before_work(shards, tmp_path, s3_server):
 def _rows(shard, keys, total, start=0):
     """Embedded rows of one shard as the actors return them (member indices from ``start``)."""
     n = len(keys)
-    return {st.SHARD: np.array([shard] * n, dtype=object), st.INDEX: np.arange(start, start + n),
-            st.TOTAL: np.full(n, total), st.KEY: np.array(keys, dtype=object),
-            st.CAPTION: np.array(["c"] * n, dtype=object), st.URL: np.array([None] * n, dtype=object),
-            st.SOURCE: np.array(keys, dtype=object), st.ERROR: np.array([""] * n, dtype=object),
-            st.UNREAD: np.zeros(n, bool), "image_embedding": np.ones((n, 4), np.float32)}
+    return pa.table({st.SHARD: [shard] * n, st.INDEX: pa.array(range(start, start + n), pa.int64()),
+                     st.TOTAL: pa.array([total] * n, pa.int64()), st.KEY: keys, st.CAPTION: ["c"] * n,
+                     st.URL: pa.array([None] * n, pa.string()), st.SOURCE: keys, st.ERROR: [""] * n,
+                     st.UNREAD: [False] * n, "embedding": [np.ones(4, np.float32).tobytes()] * n})
 
 
 def test_shard_committer_commits_complete_shards_and_duplicate_keys_become_errors(tmp_path):
@@ -211,15 +210,6 @@ def test_shard_committer_commits_complete_shards_and_duplicate_keys_become_error
         committer.add(_rows("b", ["x", "y"], 1))
 
 
-def test_build_tables_takes_ray_datas_nan_for_an_all_none_column():
-    # Ray Data returns a column that was all None in a block (no URLs in the shard) as float32 NaN
-    cols = dict(_rows("a", ["k2", "k1", "k3"], 3), **{st.URL: np.full(3, np.nan, np.float32),
-                                                       st.CAPTION: np.array(["c", None, "d"], dtype=object)})
-    table, errs = build_tables(cols, EmbedConfig(input="x", output_root="y", dataset="d"), 4, {})
-    assert table.column("key").to_pylist() == ["k1", "k2", "k3"] and errs == []
-    assert table.column("url").to_pylist() == [None] * 3 and table.column("caption").null_count == 1
-
-
 def test_a_retried_block_does_not_duplicate_rows(tmp_path):
     """Decode -> ClipActor -> ShardCommitter in-process: Ray re-running a task sends its rows again; every row
     carries its member index in the shard, so the copy is dropped instead of becoming rows (or 'duplicate key'
@@ -231,7 +221,7 @@ def test_a_retried_block_does_not_duplicate_rows(tmp_path):
     write_shard(tmp_path / "00000.tar", good_samples(5, 0))
     uri = str(tmp_path / "00000.tar")
     decoded = list(st.iter_shard_batches(uri, ImageResizer(preprocess_spec(EncoderConfig())), batch_rows=2))
-    assert [b[st.INDEX].tolist() for b in decoded] == [[0, 1], [2, 3], [4]]
+    assert [b.column(st.INDEX).to_pylist() for b in decoded] == [[0, 1], [2, 3], [4]]
     actor = ClipActor(EncoderConfig(), threads=1, texts=True)
     first, second, third = (actor(b) for b in decoded)
     cfg = _cfg(tmp_path, tmp_path / "out", text_embeddings=True)

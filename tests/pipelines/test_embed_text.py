@@ -17,6 +17,7 @@ import pytest
 from clipcap_core import uris
 from clipcap_core.encoder_model import load_encoder
 from clipcap_core.encoders import EncoderConfig
+from pipelines import rows
 from pipelines.clip_actor import ClipActor
 from pipelines.embed import stages as st
 from pipelines.embed import text as embed_text
@@ -100,16 +101,16 @@ def test_text_tower_core_and_table(encoder):
 
     part = text_sources.TextPart("p", "in.txt", ["k2", "k1", "k2", "k3"], ["two red squares", LONG, "dup", None],
                                  ["", "", "", "empty caption"])
-    batch = {k: v.to_numpy(zero_copy_only=False) for k, v in zip(
-        embed_text.part_block(part).column_names, embed_text.part_block(part).columns, strict=True)}
-    assert batch[st.INDEX].tolist() == [0, 1, 2, 3] and batch[st.TOTAL].tolist() == [4] * 4
+    batch = embed_text.part_block(part)
+    assert batch.column(st.INDEX).to_pylist() == [0, 1, 2, 3] and batch.column(st.TOTAL).to_pylist() == [4] * 4
     actor = ClipActor(EncoderConfig(model_name="tiny"), threads=1, images=False, texts=True, count_truncated=True)
     assert isinstance(actor.encoder.model.visual, torch.nn.Identity)  # text only: no image tower kept
     out = actor(batch)
-    np.testing.assert_allclose(out[schemas.TEXT_EMBEDDING][:3], encoder.encode_text(["two red squares", LONG, "dup"]),
-                               atol=1e-5)
-    assert not out[schemas.TEXT_EMBEDDING][3].any() and out[st.TRUNCATED].tolist() == [False, True, False, False]
-    assert schemas.IMAGE_EMBEDDING not in out
+    text = out.column(rows.TEXT_EMBEDDING).to_pylist()
+    np.testing.assert_allclose(np.stack([np.frombuffer(t, np.float32) for t in text[:3]]),
+                               encoder.encode_text(["two red squares", LONG, "dup"]), atol=1e-5)
+    assert text[3] == b"" and out.column(st.TRUNCATED).to_pylist() == [False, True, False, False]
+    assert rows.EMBEDDING not in out.column_names
     table, errs = embed_text.build_tables(out, encoder.dim, "float16", {"clipcap.dim": str(encoder.dim)})
     assert table.column("key").to_pylist() == ["k1", "k2"] and table.column("caption").to_pylist() == [LONG,
                                                                                                        "two red squares"]

@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
+import pyarrow as pa
 import pytest
 
 from clipcap_core import uris
@@ -112,11 +112,11 @@ def test_a_committer_whose_lease_is_lost_commits_no_further_unit(tmp_path):
         raise LeaseLost("the lease of this run was taken by host h, pid 1")
 
     committer = Units(unit="u", index="i", total="t")
-    block = {"u": np.array(["p0"]), "i": np.array([0]), "t": np.array([1])}
+    block = pa.table({"u": ["p0"], "i": [0], "t": [1]})
     assert committer.add(block) == ["p0"]
     committer.guard = lost
     with pytest.raises(stopping.CommitFailed, match="part p1 not committed: LeaseLost: .* taken by host h"):
-        committer.add({**block, "u": np.array(["p1"])})
+        committer.add(block.set_column(0, "u", pa.array(["p1"])))
     assert committer.committed == ["p0"]
 
 
