@@ -1,4 +1,6 @@
-"""The ``clipcap`` console script: one sub-command per stage.
+"""The ``clipcap`` console script: one sub-command per stage. ``python -m pipelines.cli CMD ...`` is the same
+command without an installed script: the Ray job entry point
+(``ray job submit --working-dir . -- python -m pipelines.cli caption --input ... --output ... --model ...``).
 
 Each sub-command module named in ``COMMANDS`` has ``HELP`` (its line in ``clipcap --help``), a docstring (its
 ``--help`` description), ``add_arguments(parser)`` and ``run(args) -> int``, which does the work by calling one
@@ -115,7 +117,7 @@ def build_parser(commands: list[str] | None = None, *, flags: bool = True) -> ar
 
 
 def command_parser(command: str) -> argparse.ArgumentParser:
-    """The parser of one sub-command (``jobs/*.py``, the Ray job entry points, take the same flags)."""
+    """The parser of one sub-command, flags included, as ``clipcap CMD`` builds it."""
     sub = next(a for a in build_parser([command])._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[command]
 

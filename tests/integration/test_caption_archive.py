@@ -141,7 +141,7 @@ def test_run_killed_midway_then_rerun_equals_an_uninterrupted_run(first_run, mix
     full_out, summary = first_run
     inp, prefix, _ = mixed_on_s3
     out = f"{prefix}/captions/killed"
-    cmd = [sys.executable, str(ROOT / "jobs" / "caption_archive.py"), "--input", inp, "--output", out,
+    cmd = [sys.executable, "-m", "pipelines.cli", "caption", "--input", inp, "--output", out,
            "--model", trained_model, "--part-size", str(PART_SIZE), "--ray-address", ray_cluster["gcs"],
            "--allow-private-urls"]
     for name, value in FLAGS.items():
