@@ -178,7 +178,7 @@ def run_clip_training(cfg: ClipTrainJobConfig) -> ClipTrainResult:
     t0 = time.perf_counter()
     stream = p.mode == "stream"
     out = fit_workers("pipelines.clip.worker:clip_train_loop", cfg, p, {"train": _dataset(cfg, p)} if stream else None,
-                      stream_spec(cfg, p) if stream else None)
+                      stream_spec(cfg, p) if stream else None, what="train-clip")
     log.info("train-clip %s: done in %.0f s -> %s", cfg.name, time.perf_counter() - t0, out.get("weights"))
     return ClipTrainResult(model_dir=out["model_dir"], weights=out["weights"], run_dir=cfg.run_dir,
                            history=out["history"], metrics=out.get("metrics", {}))

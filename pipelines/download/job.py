@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from pipelines import exitcodes, runtime
+from pipelines import console, exitcodes, runtime
 from pipelines.io import schemas, storage
 from pipelines.io.delimited import read_delimited
 
@@ -302,13 +302,36 @@ def run_download(cfg: DownloadConfig, ray_address: str | None = None, urls: pd.D
 
 
 def _download(cfg: DownloadConfig, df: pd.DataFrame) -> None:
+    """img2dataset's download, its per-shard lines in the job log and our progress line read from the shards'
+    ``_stats.json`` as they land."""
     from img2dataset import download
 
     with tempfile.TemporaryDirectory(prefix="clipcap-urls-") as tmp:
         url_parquet = os.path.join(tmp, "urls.parquet")
         df.to_parquet(url_parquet, index=False)
         log.info("downloading %d URLs from %s to %s (%s)", len(df), cfg.url_list, cfg.output, cfg.distributor)
-        download(**img2dataset_kwargs(cfg, url_parquet))
+        shards = math.ceil(len(df) / cfg.number_sample_per_shard)
+        progress = console.Progress("download", shards, unit="shards", rows="images")
+        with console.stdout_to_log(), console.watch(progress, ShardTally(cfg.output).read, interval_s=2.0):
+            download(**img2dataset_kwargs(cfg, url_parquet))
+
+
+class ShardTally:
+    """Finished shards, images and failed samples under a download's output, from img2dataset's per-shard
+    ``_stats.json`` (each read once: a shard's stats are written when it is done)."""
+
+    def __init__(self, output: str):
+        self.output = output
+        self.seen: dict[str, tuple[int, int]] = {}  # stats file -> (successes, failures)
+
+    def read(self) -> tuple[int, int, int, str]:
+        for uri in storage.list_files(self.output, "_stats.json"):
+            if uri not in self.seen:
+                stats = storage.read_json(uri, default={}) or {}
+                ok = int(stats.get("successes", 0))
+                self.seen[uri] = (ok, int(stats.get("count", 0)) - ok)
+        return (len(self.seen), sum(ok for ok, _ in self.seen.values()),
+                sum(bad for _, bad in self.seen.values()), "")
 
 
 def summary_json(summary: DownloadSummary | Mapping[str, Any]) -> str:
