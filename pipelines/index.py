@@ -142,6 +142,40 @@ def fill(index: Any, files: Sequence[str], column: str, first_id: int = 0) -> pa
     return pa.concat_tables(rows) if rows else pa.table({})
 
 
+def fill_ivf(index: Any, files: Sequence[str], column: str) -> pa.Table:
+    """``fill`` for an IVF index with each inverted list allocated once, at its final size: a first pass assigns
+    every vector to its list (the quantizer search ``add`` runs), the second writes each list in place. Appending
+    (``add_with_ids``) grows each list's buffer by doubling, so lists hold up to 2x their vectors (~1.4x on
+    average). The result is the index ``fill`` builds, byte for byte (same lists, same order within a list)."""
+    import faiss
+
+    assigned, rows = [], []
+    for _uri, _end, batch_rows, vectors in read_batches(files, column):
+        assigned.append(index.quantizer.assign(vectors, 1)[:, 0] if len(vectors) else np.zeros(0, np.int64))
+        rows.append(batch_rows)
+    lists = np.concatenate(assigned) if assigned else np.zeros(0, np.int64)
+    invlists = index.invlists
+    for list_no, size in enumerate(np.bincount(lists, minlength=index.nlist)):
+        if size:
+            invlists.resize(list_no, int(size))
+    filled = np.zeros(index.nlist, np.int64)
+    start = 0
+    for _uri, _end, _rows, vectors in read_batches(files, column):
+        batch_lists = lists[start:start + len(vectors)]
+        order = np.argsort(batch_lists, kind="stable")  # by list, in row order within each list
+        cuts = np.flatnonzero(np.diff(batch_lists[order])) + 1
+        for group in np.split(order, cuts) if len(order) else []:
+            list_no = int(batch_lists[group[0]])
+            ids = (group + start).astype(np.int64)
+            codes = np.ascontiguousarray(vectors[group]).view(np.uint8)
+            invlists.update_entries(list_no, int(filled[list_no]), len(group), faiss.swig_ptr(ids),
+                                    faiss.swig_ptr(codes))
+            filled[list_no] += len(group)
+        start += len(vectors)
+    index.ntotal = start
+    return pa.concat_tables(rows) if rows else pa.table({})
+
+
 def _flat_types() -> tuple[type, ...]:
     import faiss
 
@@ -201,6 +235,8 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
     t_train = time.perf_counter() - t0
     if use_ray(cfg, kind, files):
         rows = fill_on_ray(index, files, info.rows, cfg.column)
+    elif kind == "ivf":
+        rows = fill_ivf(index, files, cfg.column)
     else:
         rows = fill(index, files, cfg.column)
     meta = {"kind": kind, "count": int(index.ntotal), "dim": info.dim, "metric": "cosine", "column": cfg.column,

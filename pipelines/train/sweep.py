@@ -112,7 +112,8 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
         param_space={"sweep": to_dict(cfg), "mapping": tune.grid_search(list(cfg.mappings)),
                      "prefix_length": tune.grid_search(list(cfg.prefix_lengths))},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent or None),
-        run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.output, verbose=0),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.output, verbose=0,
+                                  callbacks=[_trials_progress(tune, len(cfg.mappings) * len(cfg.prefix_lengths))]),
     )
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error]
@@ -122,6 +123,35 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
                   key=lambda r: (str(r["mapping"]), int(r["prefix_length"])))
     save_results(rows, storage.join(cfg.output, cfg.name))
     return rows
+
+
+def _trials_progress(tune: Any, total: int) -> Any:
+    """A Tune callback (it runs on the driver) advancing the operator's progress line as trials end."""
+    from pipelines import console
+
+    class TrialsDone(tune.Callback):
+        def __init__(self) -> None:
+            self.progress = console.Progress("sweep", total, unit="trials", rows="trials", count_errors=False)
+            self.failed = 0
+
+        def __getstate__(self) -> dict[str, Any]:  # Tune saves its callbacks with the experiment: not the stream
+            return {"progress": None, "failed": self.failed}
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            if self.progress is not None:
+                self.progress.update(1, 1)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.failed += 1
+            if self.progress is not None:
+                self.progress.note = f"{self.failed} failed"
+                self.progress.update(1, 1)
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            if self.progress is not None:
+                self.progress.close()
+
+    return TrialsDone()
 
 
 def resolve_check(cfg: SweepConfig, mapping: str, k: int, info: tables.TableInfo) -> None:
