@@ -152,11 +152,17 @@ class ProjectionConfig:
     sample of that many rows of a ``memory`` table."""
 
     mode: Literal["auto", "none", "memory"] = "auto"
+    """auto: a DeCap artifact projects onto its memory; none: decode the raw image embedding; memory: project onto
+    the memory table (or the artifact's memory)"""
     memory: str | None = None
+    """text-embedding table (clipcap embed-text) to project onto"""
     tau: float | None = None
+    """projection temperature (default: the memory's, 0.01)"""
     memory_size: int = 0
+    """seeded sample of this many memory table rows (0: all)"""
     seed: int = 0
-    top_k: int = 0  # > 0: softmax over each image's top_k nearest memory entries (large memories)
+    top_k: int = 0
+    """softmax over each image's k nearest memory entries only (large memories; 0: all)"""
 
     def __post_init__(self) -> None:
         if self.top_k < 0:
