@@ -88,6 +88,10 @@ def _lookup(module: str, name: str) -> tuple[str, ast.AST | None] | None:
             for alias in node.names:
                 if (alias.asname or alias.name) == name:  # a name from a module, or a module from a package
                     return _lookup(node.module or "", alias.name) or (f"{node.module}.{alias.name}", None)
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if (alias.asname or alias.name) == name:
+                    return alias.name, None
     return None
 
 
@@ -167,9 +171,21 @@ def _class_vars(cls: ast.ClassDef) -> dict[str, Any]:
     return out
 
 
+def _section_defaults(value: ast.expr | None) -> dict[str, Any]:
+    """The field values a section's default instance sets: ``EmbedResources(batch_size=256)`` (also as
+    ``field(default=...)`` or ``field(default_factory=lambda: ...)``)."""
+    if isinstance(value, ast.Call) and ast.unparse(value.func).split(".")[-1] == "field":
+        kw = {k.arg: k.value for k in value.keywords}
+        value = kw.get("default") or getattr(kw.get("default_factory"), "body", None)
+    if not isinstance(value, ast.Call):
+        return {}
+    return {k.arg: _literal(k.value) for k in value.keywords if k.arg}
+
+
 def _walk(module: str, cls: ast.ClassDef, prefix: str, names: dict[str, str | None], comma: set[str],
-          every: bool) -> list[tuple[Field, str | None, bool]]:
-    """(field, its CLI_FLAGS name, comma) per leaf field; ``every``: the fields mapped to None too."""
+          every: bool, given: dict[str, Any]) -> list[tuple[Field, str | None, bool]]:
+    """(field, its CLI_FLAGS name, comma) per leaf field; ``every``: the fields mapped to None too; ``given``:
+    defaults the containing field's default instance sets."""
     own = _class_vars(cls)
     names = {**{prefix + k: v for k, v in own.get("CLI_FLAGS", {}).items()}, **names}
     comma = comma | {prefix + k for k in own.get("CLI_COMMA", ())}
@@ -184,9 +200,10 @@ def _walk(module: str, cls: ast.ClassDef, prefix: str, names: dict[str, str | No
             continue
         tp = _type(module, node.annotation)
         if "section" in tp:
-            out += _walk(*tp["section"], path + ".", names, comma, every)
+            out += _walk(*tp["section"], path + ".", names, comma, every, _section_defaults(node.value))
             continue
         default, help_text = _default_and_help(node.value)
+        default = given.get(node.target.id, default)
         nxt = body[i + 1] if i + 1 < len(body) else None
         if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
             help_text = nxt.value.value
@@ -206,7 +223,7 @@ def _walk_ref(ref: str, every: bool = False) -> list[tuple[Field, str | None, bo
     found = _lookup(module, name)
     if not found or not isinstance(found[1], ast.ClassDef) or not _is_dataclass(found[1]):
         raise ValueError(f"{ref}: no dataclass {name} in {module}")
-    return _walk(found[0], found[1], "", {}, set(), every)
+    return _walk(found[0], found[1], "", {}, set(), every, {})
 
 
 # --- the flags ---------------------------------------------------------------------------------------------------
@@ -247,13 +264,15 @@ def _help(f: Field) -> str:
     return text.replace("%", "%%")
 
 
-def add(p: argparse.ArgumentParser, ref: str, *, skip: tuple[str, ...] = ()) -> None:
-    """One argument per flag of ``ref`` (but the dests in ``skip``); a section's flags in its argument group."""
-    groups: dict[str, Any] = {"": p}
+def add(p: argparse.ArgumentParser, ref: str, *, skip: tuple[str, ...] = (), title: str | None = None) -> None:
+    """One argument per flag of ``ref`` (but the dests in ``skip``); a section's flags in its argument group, or
+    every flag in one group ``title`` (a parser that takes the flags of several configs)."""
+    groups: dict[str, Any] = {"": p.add_argument_group(title) if title else p}
     for fl in flags(ref):
         if fl.dest in skip:
             continue
-        f, target = fl.field, groups.get(fl.section) or groups.setdefault(fl.section, p.add_argument_group(fl.section))
+        section = "" if title else fl.section
+        f, target = fl.field, groups.get(section) or groups.setdefault(section, p.add_argument_group(section))
         kw: dict[str, Any] = {"dest": fl.dest, "help": _help(f)}
         if f.kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction if f.optional else (

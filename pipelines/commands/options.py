@@ -109,6 +109,17 @@ def collect(args: argparse.Namespace, fields: Fields, *, base: Mapping[str, Any]
     return data
 
 
+def from_args(args: argparse.Namespace, ref: str, *, extra: Mapping[str, Any] | None = None) -> Any:
+    """The config ``module:Class`` from ``--config``, its flags (``flags.add(p, ref)``) and ``--set``, validated."""
+    import importlib
+
+    from pipelines.commands import flags
+
+    module, _, name = ref.partition(":")
+    fields = flags.fields(ref)
+    return build(getattr(importlib.import_module(module), name), collect(args, fields, extra=extra), fields)
+
+
 def build(cls: type, data: Mapping[str, Any], fields: Fields | None = None) -> Any:
     """``from_dict`` with every failure a ConfigError (a dataclass ``__post_init__`` may raise ValueError /
     TypeError): the CLI turns it into one line and exit code 2, before any work. A required top-level field
