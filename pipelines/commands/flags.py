@@ -255,25 +255,27 @@ def _show(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _help(f: Field) -> str:
+def _help(f: Field, comma: bool = False) -> str:
     text = f.help
-    shown = " ".join(map(_show, f.default)) if isinstance(f.default, tuple) else _show(f.default)
+    shown = ("," if comma else " ").join(map(_show, f.default)) if isinstance(f.default, tuple) else _show(f.default)
     if f.kind != "bool" and f.default not in (REQUIRED, None, "") and not isinstance(f.default, Expr) \
             and "default" not in text and f"{shown}:" not in text:  # "(0: sized from the cluster)" says it
         text = f"{text} (default: {shown})".lstrip()
     return text.replace("%", "%%")
 
 
-def add(p: argparse.ArgumentParser, ref: str, *, skip: tuple[str, ...] = (), title: str | None = None) -> None:
+def add(p: argparse.ArgumentParser, ref: str, *, skip: tuple[str, ...] = (), title: str | None = None,
+        required: bool = False) -> None:
     """One argument per flag of ``ref`` (but the dests in ``skip``); a section's flags in its argument group, or
-    every flag in one group ``title`` (a parser that takes the flags of several configs)."""
+    every flag in one group ``title`` (a parser that takes the flags of several configs). ``required``: a field
+    without a default is a required flag (a command without ``--config``, where nothing else can give it)."""
     groups: dict[str, Any] = {"": p.add_argument_group(title) if title else p}
     for fl in flags(ref):
         if fl.dest in skip:
             continue
         section = "" if title else fl.section
         f, target = fl.field, groups.get(section) or groups.setdefault(section, p.add_argument_group(section))
-        kw: dict[str, Any] = {"dest": fl.dest, "help": _help(f)}
+        kw: dict[str, Any] = {"dest": fl.dest, "help": _help(f, fl.comma)}
         if f.kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction if f.optional else (
                 "store_false" if f.default is True else "store_true")
@@ -287,4 +289,6 @@ def add(p: argparse.ArgumentParser, ref: str, *, skip: tuple[str, ...] = (), tit
                 kw["choices"] = list(f.choices)
             if f.many and not fl.comma:
                 kw["nargs"] = "+"
+            if required and f.default is REQUIRED:
+                kw["required"] = True
         target.add_argument(fl.flag, **kw)
