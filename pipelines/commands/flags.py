@@ -125,7 +125,8 @@ def _type(module: str, node: ast.expr) -> dict[str, Any]:
         if base == "Literal":
             return {"kind": "str", "choices": tuple(str(ast.literal_eval(e)) for e in elts)}
         if base == "Optional":
-            return {**_type(module, elts[0]), "optional": True}
+            out = _type(module, elts[0])
+            return {**out, "optional": True} if "section" not in out else {"kind": "other"}
         if base == "tuple" and len(elts) == 2 and isinstance(elts[1], ast.Constant) and elts[1].value is Ellipsis:
             return {**_type(module, elts[0]), "many": True}
         return {"kind": "other"}
