@@ -147,8 +147,10 @@ def test_the_fields_read_from_the_source_are_the_imported_classes():
         assert read == real, ref
 
 
-@pytest.mark.parametrize("command", ["caption"])
+@pytest.mark.parametrize("command", ["caption", "train", "train-clip", "report"])
 def test_help_of_a_command_whose_config_module_imports_torch_imports_no_torch(command):
+    """The flags are read from the configs' source: importing the config for ``--help`` (or a bad flag's exit 2)
+    would import torch, seconds of every call on a busy 2-core node."""
     code = (f"import sys\nfrom pipelines.cli import main\ntry:\n    main([{command!r}, '--help'])\n"
             "except SystemExit:\n    pass\nprint('torch' in sys.modules, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
