@@ -45,14 +45,10 @@ class ClipTrainConfig:
         "beta1": None, "beta2": None, "eps": None, "warmup_fraction": None, "gather_with_grad": None,
         "crop_scale": None, "logit_scale": None, "cone_init": None,
     }
-    epochs: int = 10
-    """passes over the training pairs"""
-    batch_size: int = 256
-    """pairs per worker per step (the loss sees workers x this: features are gathered)"""
-    lr: float = 5e-4
-    """peak learning rate (AdamW)"""
-    weight_decay: float = 0.2
-    """AdamW weight decay (not on gains, biases, logit scale)"""
+    epochs: int = 10  # passes over the training pairs
+    batch_size: int = 256  # pairs per worker per step (the loss sees workers x this: features are gathered)
+    lr: float = 5e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.2  # AdamW weight decay (not on gains, biases, logit scale)
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
@@ -60,19 +56,13 @@ class ClipTrainConfig:
     """linear warm-up steps before the cosine decay (default: DEFAULT_WARMUP_STEPS = 100, at most
     MAX_WARMUP_FRACTION = 5% of the run)"""
     warmup_fraction: float | None = None  # warm-up as a share of the run's steps (instead of steps)
-    grad_clip: float = 1.0
-    """max global gradient norm (0 = off)"""
-    precision: Precision = "fp32"
-    """autocast precision (bf16 / fp16 on GPU)"""
-    seed: int = 0
-    """init, crop and shard-order seed"""
-    local_loss: bool = False
-    """each worker's rows against all gathered features (open_clip --local-loss)"""
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    precision: Precision = "fp32"  # autocast precision (bf16 / fp16 on GPU)
+    seed: int = 0  # init, crop and shard-order seed
+    local_loss: bool = False  # each worker's rows against all gathered features (open_clip --local-loss)
     gather_with_grad: bool = True  # gradients flow through the gathered features (open_clip --gather-with-grad)
-    lock_image: bool = False
-    """freeze the image tower (LiT-style when fine-tuning)"""
-    lock_text: bool = False
-    """freeze the text tower"""
+    lock_image: bool = False  # freeze the image tower (LiT-style when fine-tuning)
+    lock_text: bool = False  # freeze the text tower
     augment: Literal["none", "crop"] = "crop"
     """training-time image augmentation (crop: RandomResizedCrop(scale=crop_scale) in the data tasks)"""
     crop_scale: tuple[float, float] = (0.9, 1.0)  # open_clip's default train crop
@@ -115,12 +105,9 @@ class ClipModelSpec:
     ``pretrained`` (an open_clip tag, a local file or an object-store URI, as ``EncoderConfig``)."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"model_name": "--clip", "pretrained": "--clip-pretrained"}
-    model_name: str = "tiny"
-    """open_clip model name (tiny, ViT-B-32, ...)"""
-    pretrained: str | None = None
-    """fine-tune from an open_clip tag, a weights file or an object-store URI"""
-    from_scratch: bool = False
-    """seeded random init even where the name ships weights (e.g. the aligned tiny)"""
+    model_name: str = "tiny"  # open_clip model name (tiny, ViT-B-32, ...)
+    pretrained: str | None = None  # fine-tune from an open_clip tag, a weights file or an object-store URI
+    from_scratch: bool = False  # seeded random init even where the name ships weights (e.g. the aligned tiny)
 
     def encoder_config(self) -> EncoderConfig:
         return EncoderConfig(model_name=self.model_name, pretrained=self.pretrained)

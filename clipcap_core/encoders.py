@@ -69,8 +69,7 @@ class EncoderConfig:
     """Which CLIP model makes the embeddings."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"model_name": "--clip", "pretrained": "--clip-pretrained"}
-    model_name: str = TINY
-    """open_clip model name, e.g. ViT-B-32 (default: tiny)"""
+    model_name: str = TINY  # open_clip model name, e.g. ViT-B-32 (default: tiny)
     pretrained: str | None = None
     """open_clip tag (openai, laion2b_s34b_b79k...), local file or fsspec URI (s3://...) of the weights"""
 

@@ -38,25 +38,16 @@ class EvalClipConfig:
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"batch_size": None}
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    shards: tuple[str, ...] = ()
-    """webdataset shard folders or .tar files"""
-    tables: tuple[str, ...] = ()
-    """embedding tables with image and text embeddings"""
-    part: Literal["all", "heldout", "train"] = "all"
-    """key-hash split to evaluate"""
-    heldout_fraction: float = 0.05
-    """the training job's held-out fraction"""
-    split_salt: str = "clipcap-heldout"
-    """the training job's split salt"""
-    max_samples: int = 5000
-    """pairs evaluated (0 = all)"""
-    classes: str | None = None
-    """file with one class name per line (zero-shot)"""
-    templates: str | None = None
-    """file with one prompt template per line, each with {} (default: {})"""
+    shards: tuple[str, ...] = ()  # webdataset shard folders or .tar files
+    tables: tuple[str, ...] = ()  # embedding tables with image and text embeddings
+    part: Literal["all", "heldout", "train"] = "all"  # key-hash split to evaluate
+    heldout_fraction: float = 0.05  # the training job's held-out fraction
+    split_salt: str = "clipcap-heldout"  # the training job's split salt
+    max_samples: int = 5000  # pairs evaluated (0 = all)
+    classes: str | None = None  # file with one class name per line (zero-shot)
+    templates: str | None = None  # file with one prompt template per line, each with {} (default: {})
     batch_size: int = 256
-    device: str = "cpu"
-    """torch device (cpu, cuda, cuda:1)"""
+    device: str = "cpu"  # torch device (cpu, cuda, cuda:1)
 
     def __post_init__(self) -> None:
         if bool(self.shards) == bool(self.tables):

@@ -8,8 +8,8 @@ Field ``beam_size`` is the flag ``--beam-size``; a section's fields (a field who
 ``decoding.beam_size``) go by their own names, in an argument group named after the section. ``int`` / ``float`` /
 ``str`` type the value, a ``Literal`` gives the choices, ``tuple[X, ...]`` takes one or more values, ``bool`` is a
 switch: ``--name`` when it defaults to False, ``--no-name`` when to True, ``--name/--no-name`` for ``bool | None``.
-The help is the field's docstring (the string right under it) or ``field(metadata={"help": ...})``, plus its
-default. Every flag defaults to None: a flag not given keeps the ``--config`` file's value.
+The help is the field's docstring (the string right under it), ``field(metadata={"help": ...})`` or the comment
+at the end of its line, plus its default. Every flag defaults to None: a flag not given keeps the ``--config`` file's value.
 
 A config class declares its exceptions next to its fields, in ``ClassVar`` literals: ``CLI_FLAGS`` maps a field path
 to its flag name where the two differ (``"decoding.n": "--num-captions"``) or to None for a field set only by
@@ -18,8 +18,8 @@ the tuple fields given as one comma-separated value. A section class's own ``CLI
 class's entries win.
 
 The dataclasses are read from their source (``ast``), not imported: the caption and training configs' modules
-import torch (seconds of every ``--help`` and of a bad flag's exit), and a field docstring exists only in the
-source. ``tests/pipelines/test_cli_help.py`` checks what is read against the imported classes.
+import torch (seconds of every ``--help`` and of a bad flag's exit), and a field's docstring or comment exists only
+in the source. ``tests/pipelines/test_cli_flags.py`` checks what is read against the imported classes.
 """
 
 from __future__ import annotations
@@ -66,6 +66,11 @@ def comma_list(text: str) -> list[str]:
 # --- reading the dataclasses from their source ------------------------------------------------------------------
 @functools.cache
 def _module(name: str) -> ast.Module:
+    return ast.parse(_source(name))
+
+
+@functools.cache
+def _source(name: str) -> str:
     top, _, rest = name.partition(".")
     spec = importlib.util.find_spec(top)  # the top package only: no sub-package __init__ runs
     if spec is None or not spec.submodule_search_locations:
@@ -73,7 +78,7 @@ def _module(name: str) -> ast.Module:
     base = Path(next(iter(spec.submodule_search_locations))).joinpath(*rest.split(".")) if rest else None
     path = next((p for p in ((base.with_suffix(".py"), base / "__init__.py") if base else ()) if p.is_file()),
                 Path(spec.origin or ""))
-    return ast.parse(path.read_text(), str(path))
+    return path.read_text()
 
 
 def _lookup(module: str, name: str) -> tuple[str, ast.AST | None] | None:
@@ -163,6 +168,13 @@ def _literal(node: ast.expr) -> Any:
         return Expr(ast.unparse(node))
 
 
+def _comment(module: str, node: ast.stmt) -> str:
+    """The ``# ...`` comment at the end of ``node``'s last line ("" if none)."""
+    line = _source(module).splitlines()[(node.end_lineno or node.lineno) - 1].encode()
+    rest = line[node.end_col_offset or 0:].decode().strip()  # ast offsets count UTF-8 bytes
+    return rest[1:].strip() if rest.startswith("#") else ""
+
+
 def _class_vars(cls: ast.ClassDef) -> dict[str, Any]:
     out = {}
     for node in cls.body:
@@ -208,6 +220,7 @@ def _walk(module: str, cls: ast.ClassDef, prefix: str, names: dict[str, str | No
         nxt = body[i + 1] if i + 1 < len(body) else None
         if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
             help_text = nxt.value.value
+        help_text = help_text or _comment(module, node)
         f = Field(path=path, default=default, help=" ".join(help_text.split()), **tp)
         out.append((f, names.get(path), path in comma))
     return out

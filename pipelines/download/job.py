@@ -56,10 +56,8 @@ class DownloadConfig:
         "number_sample_per_shard": "--shard-size", "incremental": "--overwrite",
     }
     CLI_COMMA: ClassVar[tuple[str, ...]] = ("columns",)
-    url_list: str
-    """URL list: tsv / csv / parquet / jsonl file (or folder of them), any fsspec URI"""
-    output: str
-    """shard folder URI (local, s3://, ...)"""
+    url_list: str  # URL list: tsv / csv / parquet / jsonl file (or folder of them), any fsspec URI
+    output: str  # shard folder URI (local, s3://, ...)
     input_format: Literal["auto", "tsv", "csv", "parquet", "jsonl"] = "auto"
     """URL list format (auto: from the file name)"""
     header: bool | None = None
@@ -67,34 +65,23 @@ class DownloadConfig:
     data)"""
     columns: tuple[str, ...] = (schemas.CAPTION, schemas.URL)
     """column names of a headerless file, comma-separated (default: caption,url)"""
-    url_col: str = schemas.URL
-    """column with the image URLs (default: url)"""
-    caption_col: str | None = schemas.CAPTION
-    """column with the captions (default: caption)"""
-    image_size: int = 256
-    """side of the stored images in pixels"""
+    url_col: str = schemas.URL  # column with the image URLs (default: url)
+    caption_col: str | None = schemas.CAPTION  # column with the captions (default: caption)
+    image_size: int = 256  # side of the stored images in pixels
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
     """img2dataset resize mode"""
-    resize_only_if_bigger: bool = False
-    """never upscale small images"""
-    encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    """stored image format"""
+    resize_only_if_bigger: bool = False  # never upscale small images
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"  # stored image format
     encode_quality: int | None = None
     """jpg/webp quality 0-100 or png compression 0-9 (default: 95 for jpg / webp, 9 for png)"""
-    min_image_size: int = 0
-    """drop images smaller than this many pixels per side"""
-    processes_count: int = 1
-    """img2dataset processes"""
-    thread_count: int = 16
-    """download threads per process"""
-    number_sample_per_shard: int = 10000
-    """samples per shard"""
+    min_image_size: int = 0  # drop images smaller than this many pixels per side
+    processes_count: int = 1  # img2dataset processes
+    thread_count: int = 16  # download threads per process
+    number_sample_per_shard: int = 10000  # samples per shard
     distributor: Literal["multiprocessing", "ray"] = "multiprocessing"
     """img2dataset distributor (ray: one task per shard on the cluster)"""
-    timeout: int = 10
-    """seconds per URL before it counts as failed (retried on the next run)"""
-    retries: int = 0
-    """img2dataset retries per URL within a run"""
+    timeout: int = 10  # seconds per URL before it counts as failed (retried on the next run)
+    retries: int = 0  # img2dataset retries per URL within a run
     incremental: bool = True
     """finished shards are skipped (off, --overwrite: img2dataset's overwrite, the output folder is deleted
     first)"""

@@ -56,25 +56,17 @@ class EmbedTextConfig:
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"output_root": "--output"}
     input: str
     """caption file (txt: one per line; csv/tsv/jsonl/parquet), a folder of them, or an img2dataset output folder"""
-    output_root: str
-    """storage root; tables go to <output>/text-embeddings/<dataset>/<clip-tag>/"""
-    dataset: str
-    """dataset name in the output path"""
+    output_root: str  # storage root; tables go to <output>/text-embeddings/<dataset>/<clip-tag>/
+    dataset: str  # dataset name in the output path
     input_format: Literal["auto", "text", "csv", "tsv", "jsonl", "parquet", "img2dataset"] = "auto"
     """input kind (auto: by extension; img2dataset: webdataset shards with their captions)"""
-    caption_col: str = "caption"
-    """caption column of csv/tsv/jsonl/parquet input"""
-    key_col: str | None = None
-    """key column (default: <file stem>-<row>; img2dataset: its keys)"""
-    part_size: int = 10000
-    """captions per output part (files; an img2dataset shard is one part)"""
-    max_caption_chars: int = 2000
-    """longer captions are error rows (bounded work per row)"""
+    caption_col: str = "caption"  # caption column of csv/tsv/jsonl/parquet input
+    key_col: str | None = None  # key column (default: <file stem>-<row>; img2dataset: its keys)
+    part_size: int = 10000  # captions per output part (files; an img2dataset shard is one part)
+    max_caption_chars: int = 2000  # longer captions are error rows (bounded work per row)
     encoder: EncoderConfig = EncoderConfig()
-    dtype: Literal["float32", "float16"] = "float32"
-    """stored embedding dtype"""
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    """auto: fp16 autocast on GPU, fp32 on CPU"""
+    dtype: Literal["float32", "float16"] = "float32"  # stored embedding dtype
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 autocast on GPU, fp32 on CPU
     resources: embed.EmbedResources = embed.EmbedResources(batch_size=256)
     force_unlock: bool = False
     """take the table's lease (_meta/.../lease.json) even from a run that looks alive"""

@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import numpy as np
 
@@ -25,12 +25,14 @@ Format = Literal["auto", "images", "tar", "zip", "webdataset", "parquet", "embed
 
 @dataclass(frozen=True, kw_only=True)
 class SourceConfig:
-    """How an input is listed, partitioned and read."""
+    """How an input is listed, partitioned and read. ``CLI_FLAGS``: the fields that are not ``clipcap caption``
+    flags (``pipelines.commands.flags``)."""
 
-    format: Format = "auto"
-    """input format (auto: by file extension)"""
-    part_size: int = 1000
-    """loose images (or Parquet rows) per output part"""
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"max_member_bytes": None, "url_schemes": None,
+                                                  "fetch_timeout_s": None, "fetch_threads": None, "read_batch": None}
+
+    format: Format = "auto"  # input format (auto: by file extension)
+    part_size: int = 1000  # loose images (or Parquet rows) per output part
     max_member_bytes: int = 64 << 20  # larger files / members / downloads are error rows
     max_pixels: int = imaging.DEFAULT_MAX_PIXELS
     """decompression-bomb limit per image (default: 64 megapixels)"""

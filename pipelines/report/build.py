@@ -45,32 +45,20 @@ class ReportConfig:
     renamed ones."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"captions": "--input", "out": "--output"}
-    captions: str
-    """caption table folder URI (required)"""
-    out: str
-    """the HTML file to write (required)"""
-    evaluation: str | None = None
-    """folder written by clipcap evaluate (metric table, per-image scores)"""
-    run: str | None = None
-    """training run folder with history.json (training curves)"""
-    model: str | None = None
-    """model artifact (default: the one recorded in the caption table)"""
-    images: str | None = None
-    """the captioned images (default: the input in the table's _meta/run.json)"""
-    sample: int = 24
-    """images in the gallery"""
-    max_parts: int = 4
-    """caption parts read at most"""
-    interpret: int = 4
-    """images with prefix interpretation"""
-    thumb_px: int = 160
-    """thumbnail size"""
-    seed: int = 0
-    """seed of the sampled parts and images"""
+    captions: str  # caption table folder URI (required)
+    out: str  # the HTML file to write (required)
+    evaluation: str | None = None  # folder written by clipcap evaluate (metric table, per-image scores)
+    run: str | None = None  # training run folder with history.json (training curves)
+    model: str | None = None  # model artifact (default: the one recorded in the caption table)
+    images: str | None = None  # the captioned images (default: the input in the table's _meta/run.json)
+    sample: int = 24  # images in the gallery
+    max_parts: int = 4  # caption parts read at most
+    interpret: int = 4  # images with prefix interpretation
+    thumb_px: int = 160  # thumbnail size
+    seed: int = 0  # seed of the sampled parts and images
     order: Literal["worst", "key"] = "worst"
     """gallery order (worst: flagged and lowest-scoring first; the page can switch)"""
-    failures: int = 50
-    """rows listed per kind of failure (all are counted)"""
+    failures: int = 50  # rows listed per kind of failure (all are counted)
 
     def __post_init__(self) -> None:
         if self.sample < 1 or self.max_parts < 1 or self.interpret < 0 or not 16 <= self.thumb_px <= 1024:

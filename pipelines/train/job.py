@@ -73,20 +73,15 @@ class TrainJobConfig:
         "tables": "--input", "model_overrides": None, "replay_tables": None, "replay_fraction": None,
         "replay_seed": None, "split_salt": None, "fault": None,
     }
-    tables: tuple[str, ...]
-    """embedding table folders or files (local, s3://, ...)"""
-    output: str
-    """storage root; the run lives in <output>/<name>/"""
-    name: str = "clipcap"
-    """run name (re-running with the same name resumes)"""
-    model: str = "tiny"
-    """preset (tiny, clipcap-mlp, ...) or model artifact URI to warm-start from"""
+    tables: tuple[str, ...]  # embedding table folders or files (local, s3://, ...)
+    output: str  # storage root; the run lives in <output>/<name>/
+    name: str = "clipcap"  # run name (re-running with the same name resumes)
+    model: str = "tiny"  # preset (tiny, clipcap-mlp, ...) or model artifact URI to warm-start from
     model_overrides: dict[str, Any] = field(default_factory=dict)  # dotted ModelConfig keys, presets only
     replay_tables: tuple[str, ...] = ()  # older tables sampled at replay_fraction (nightly)
     replay_fraction: float = 0.0
     replay_seed: int = 0
-    heldout_fraction: float = 0.1
-    """fraction of keys held out for evaluation"""
+    heldout_fraction: float = 0.1  # fraction of keys held out for evaluation
     split_salt: str = "clipcap-heldout"
     train: TrainConfig = field(default_factory=TrainConfig)  # hyperparameters (clipcap_core.training)
     run: RunOptions = field(default_factory=RunOptions)  # checkpoints, failures, logging, evaluation

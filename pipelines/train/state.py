@@ -28,15 +28,11 @@ class RunOptions:
         "keep_checkpoints": None, "eval_max_samples": None, "eval_every": None, "prefetch_batches": None,
         "shuffle_buffer": None, "poll_interval_s": None,
     }
-    checkpoint_every: int = 500
-    """steps between checkpoints (and every epoch)"""
+    checkpoint_every: int = 500  # steps between checkpoints (and every epoch)
     keep_checkpoints: int = 2
-    max_failures: int = 2
-    """worker-group restarts from the latest checkpoint"""
-    log_every: int = 50
-    """steps between progress lines (and history rows)"""
-    eval_max_samples: int = 256
-    """held-out rows evaluated at the end of each epoch (rank 0)"""
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    log_every: int = 50  # steps between progress lines (and history rows)
+    eval_max_samples: int = 256  # held-out rows evaluated at the end of each epoch (rank 0)
     eval_every: int = 1  # epochs between held-out evaluations (the last epoch is always evaluated)
     prefetch_batches: int = 4
     shuffle_buffer: int = 0  # rows; 0: stream order (files are reshuffled every epoch)
@@ -58,8 +54,7 @@ class ScaleConfig:
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"num_workers": "--workers", "use_gpu": "--gpu",
                                                   "gpus_per_worker": None}
-    num_workers: int = 1
-    """Ray Train workers"""
+    num_workers: int = 1  # Ray Train workers
     use_gpu: bool | None = None
     """one GPU per worker (default: when the cluster has one for each worker; --no-gpu: CPU)"""
     cpus_per_worker: float = 0.0

@@ -38,7 +38,7 @@ class _Example:
     """how many"""
     ratio: float | None = None
     """a share"""
-    paths: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()  # where from (a comment: the help when there is no docstring)
     names: tuple[str, ...] = ("a", "b")
     fast: bool = False
     """go fast"""
@@ -73,8 +73,9 @@ def test_a_field_is_a_flag_typed_by_its_annotation():
     assert flags.fields(EXAMPLE)["how_many"] == ("", "count") and flags.fields(EXAMPLE)["level"] == ("inner", "level")
 
 
-def test_help_comes_from_the_field_docstring_or_metadata_with_the_default():
+def test_help_comes_from_the_field_docstring_metadata_or_comment_with_the_default():
     text = " ".join(_parser().format_help().split())
+    assert "--paths PATHS [PATHS ...] where from (a comment: the help when there is no docstring)" in text
     assert "--how-many HOW_MANY how many (default: 2)" in text
     assert "--level {low,high} how high (default: low)" in text
     assert "--meta META from metadata (default: 7)" in text
