@@ -43,16 +43,21 @@ READ_ROWS = 16_384  # vectors read and added per record batch: ~4 copies of a ba
 
 @dataclass(frozen=True, kw_only=True)
 class IndexConfig:
-    input: str  # an embedding table folder or file (local, s3://, ...)
-    output: str  # the index folder
-    column: str = schemas.IMAGE_EMBEDDING  # or text_embedding (text tables, DeCap memories)
+    """The ``clipcap index`` config: each field is a flag (``pipelines.commands.flags``)."""
+
+    input: str  # embedding table folder or file (local, s3://, ...)
+    output: str  # index folder (any URI)
+    column: str = schemas.IMAGE_EMBEDDING
+    """vector column: image_embedding (default) or text_embedding (text tables, DeCap memories)"""
     kind: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
-    exact_below: int = 100_000  # auto: flat below this many vectors, ivf from it
-    nlist: int = 0  # ivf lists (0: ~4 sqrt(N))
-    train_sample: int = 100_000  # ivf: vectors sampled (seeded) to train the centroids
-    hnsw_m: int = 32  # hnsw: links per node
-    parallel: Literal["auto", "local", "ray"] = "auto"  # auto: Ray tasks on a multi-node cluster (ivf only)
-    seed: int = 0
+    """auto: exact (flat) below exact_below vectors, IVF from it"""
+    exact_below: int = 100_000  # auto's threshold
+    nlist: int = 0  # IVF lists (0: ~4 sqrt(N))
+    train_sample: int = 100_000  # IVF: vectors sampled (seeded) to train the centroids
+    hnsw_m: int = 32  # HNSW links per node
+    parallel: Literal["auto", "local", "ray"] = "auto"
+    """auto: Ray tasks per table file on a multi-node cluster (IVF)"""
+    seed: int = 0  # seed of the IVF training sample and k-means
 
     def __post_init__(self) -> None:
         if min(self.exact_below, self.train_sample, self.hnsw_m) < 1 or self.nlist < 0:

@@ -17,7 +17,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from clipcap_core.configs import from_dict, to_dict
 from clipcap_core.training import TrainConfig
@@ -31,20 +31,25 @@ COLUMNS = ("mapping", "prefix_length", "freeze_lm", "bleu4", "cider", "exact_mat
 
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig:
-    tables: tuple[str, ...]
-    output: str  # results and Tune state in <output>/<name>/
-    name: str = "prefix-sweep"
-    prefix_lengths: tuple[int, ...] = (1, 10, 20)
-    mappings: tuple[Literal["mlp", "transformer"], ...] = ("mlp", "transformer")
+    """The ``clipcap sweep`` config: each field is a flag (``pipelines.commands.flags``); ``CLI_FLAGS`` names the
+    renamed flags and the fields set by ``--config`` / ``--set`` only (None)."""
+
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"tables": "--input", "presets": None}
+    tables: tuple[str, ...]  # embedding table folders or files
+    output: str  # where results and Tune state go (<output>/<name>/)
+    name: str = "prefix-sweep"  # sweep name (results under <output>/<name>/)
+    prefix_lengths: tuple[int, ...] = (1, 10, 20)  # prefix lengths k tried
+    mappings: tuple[Literal["mlp", "transformer"], ...] = ("mlp", "transformer")  # mapping networks tried
     # Base preset per mapping type (paper: MLP + tuned GPT-2, transformer + frozen GPT-2).
     presets: dict[str, str] = field(default_factory=lambda: {"mlp": "tiny", "transformer": "tiny-transformer"})
     train: TrainConfig = field(default_factory=TrainConfig)
-    heldout_fraction: float = 0.1
-    eval_max_samples: int = 500
-    max_train_rows: int = 100_000  # sweeps compare settings; they need not see the whole corpus
-    trial_cpus: float = 1.0
-    trial_gpus: float = 0.0
-    max_concurrent: int = 0  # 0: as many as resources allow
+    heldout_fraction: float = 0.1  # fraction of keys held out for evaluation
+    eval_max_samples: int = 500  # held-out samples evaluated per trial at most
+    max_train_rows: int = 100_000
+    """training rows per trial at most (a sweep compares settings on a sample, not the whole corpus)"""
+    trial_cpus: float = 1.0  # CPUs per trial
+    trial_gpus: float = 0.0  # GPUs per trial
+    max_concurrent: int = 0  # trials running at once at most (0: as many as resources allow)
 
     def __post_init__(self) -> None:
         if not self.prefix_lengths or min(self.prefix_lengths) < 1:
