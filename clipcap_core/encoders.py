@@ -38,7 +38,7 @@ import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from clipcap_core import uris
 from clipcap_core.preprocess import PreprocessSpec, spec_from_dict
@@ -57,10 +57,12 @@ OPEN_CLIP_PREPROCESS = {"size": 224, "mode": "RGB", "mean": (0.48145466, 0.45782
 
 @dataclass(frozen=True, kw_only=True)
 class EncoderConfig:
-    """Which CLIP model makes the embeddings. ``pretrained``: open_clip tag, local file or fsspec URI."""
+    """Which CLIP model makes the embeddings."""
 
-    model_name: str = TINY
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"model_name": "--clip", "pretrained": "--clip-pretrained"}
+    model_name: str = TINY  # open_clip model name, e.g. ViT-B-32 (default: tiny)
     pretrained: str | None = None
+    """open_clip tag (openai, laion2b_s34b_b79k...), local file or fsspec URI (s3://...) of the weights"""
 
 
 # Optional backends open_clip imports at its own import for the model families built on them: timm (timm

@@ -73,14 +73,6 @@ def test_a_command_imports_only_its_own_module():
     assert out[-1] == "False"  # download's --help needs no torch
 
 
-def test_train_clip_flag_choices_are_the_configs_literals():
-    from clipcap_core.clip_training import ClipTrainConfig
-    from pipelines.commands import options, train_clip
-
-    for name, values in train_clip.CHOICES.items():
-        assert list(values) == options.choices(ClipTrainConfig, name)
-
-
 def _exit_codes() -> dict[str, int]:
     from pipelines import exitcodes
 
