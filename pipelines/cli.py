@@ -24,8 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from pipelines import console, exitcodes, stopping
-from pipelines.console import terminal
+from pipelines import exitcodes, stopping
 from pipelines.exitcodes import JobFailed
 from pipelines.io.urlsafety import setup_logging
 
@@ -137,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.verbose or not args.job_log:
         return _run(args)
+    # lazy: pipelines.console imports tqdm, ~0.15-0.3 s (python -X importtime) that `clipcap CMD --help` skips
+    from pipelines import console
 
     with console.job_log(args.command):  # Ray's own output to the log file; ours stays on the terminal
         return _run(args)
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """The command under ``stopping.run``; a job-level failure becomes one line on the terminal and its code."""
+    from pipelines.console import terminal  # lazy: tqdm, see main
+
     try:
         return stopping.run(lambda: int(args.func(args) or 0), f"clipcap {args.command}",
                             signals=args.stop_on_signals)
