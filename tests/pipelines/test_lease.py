@@ -103,6 +103,34 @@ def test_the_heartbeat_renews_the_lease_and_finds_it_taken_over(root):
     assert storage.read_json(uri)["run"] == "run-2"  # the first run's exit leaves the new owner's lease
 
 
+def test_a_lease_whose_process_was_killed_is_taken_at_once_and_only_in_its_own_pid_space(tmp_path, caplog):
+    """A driver killed with SIGKILL (or by the OOM killer) leaves a fresh lease: a rerun on the same host takes it
+    at once instead of waiting 120 s for it to go stale. A lease of the same pid from another pid space (another
+    container or boot) is not judged by our process table: refused as live."""
+    import subprocess
+    import sys
+
+    uri = str(tmp_path / "_meta" / "lease.json")
+    code = f"from pipelines.lease import Lease; Lease({uri!r}, run='killed').acquire(); print('held', flush=True)"
+    holder = subprocess.Popen([sys.executable, "-c", code + "; import time; time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(LeaseHeld, match="run killed"):
+        Lease(uri, run="rerun").acquire()  # alive: refused
+    holder.kill()
+    holder.wait()
+    owner = json.loads(Path(uri).read_text())
+    Path(uri).write_text(json.dumps({**owner, "pid_space": "another-container"}))
+    with pytest.raises(LeaseHeld, match="run killed"):
+        Lease(uri, run="rerun").acquire()  # dead here, but its pid is not ours to judge
+    Path(uri).write_text(json.dumps(owner))
+    rerun = Lease(uri, run="rerun")
+    rerun.acquire()
+    assert storage.read_json(uri)["run"] == "rerun"
+    assert f"its process {owner['pid']} on this host is gone" in caplog.text
+    rerun.release()
+
+
 def test_a_committer_whose_lease_is_lost_commits_no_further_unit(tmp_path):
     class Units(UnitCommitter):
         def commit(self, unit, rows):
