@@ -75,6 +75,17 @@ def per_half(eval_dir: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def attribute_accuracy(eval_dir: Path, samples: list) -> dict[str, float]:
+    """The scenes world's parse-based scores of the evaluated captions (``worlds.scenes_accuracy``: exact in any
+    wording, count / size / colour / shape of both groups, relation), from ``results.json``."""
+    from pipelines.demo.worlds import scenes_accuracy
+
+    predicted = {Path(str(r["image_id"])).name: r["caption"]
+                 for r in json.loads((eval_dir / "results.json").read_text())}
+    scores = scenes_accuracy([predicted.get(s.key, "") for s in samples], [s.caption for s in samples])
+    return {k: round(v, 4) for k, v in scores["accuracy"].items()}
+
+
 def gap_figures(artifact: str, samples: list) -> dict[str, dict[str, float]]:
     """Modality gap of (image, canonical caption) pairs, raw and after the artifact's memory projection."""
     from clipcap_core.captioner import Captioner
@@ -94,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", type=int, default=20000, help="training captions (text only)")
     p.add_argument("--heldout", type=int, default=400, help="held-out images (half test, half novel)")
-    p.add_argument("--epochs", type=int, default=5, help="clipcap train --epochs")
+    p.add_argument("--epochs", type=int, default=6, help="clipcap train --epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", help="output folder (default: a temporary one)")
     args = p.parse_args(argv)
@@ -124,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             "--metrics", "bleu,cider", "--tokenize", "simple", "--json")
         ms = summary["metrics"]
         results[mode] = {"exact_match": ms["exact_match"], "cider": ms["cider"], "bleu4": ms["bleu4"],
-                         "evaluated": summary["evaluated"], **per_half(ev)}
+                         "evaluated": summary["evaluated"], **per_half(ev),
+                         "parsed": attribute_accuracy(ev, samples)}
     gap = gap_figures(artifact, samples)
     proj, raw = results["memory"], results["none"]
     ok = proj["exact_match"] >= raw["exact_match"] + 0.10 or proj["cider"] >= 1.3 * raw["cider"]
@@ -141,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {100 * r['exact_match']:.1f} | {100 * r['cider']:.1f} | {100 * r['bleu4']:.1f} | "
               f"{100 * s['exact_match']:.1f} / {100 * n['exact_match']:.1f} | "
               f"{100 * s['cider']:.1f} / {100 * n['cider']:.1f} |")
+    print("| decoding (parsed, any wording) | exact | count | size | colour | shape | relation |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in (("memory projection", proj), ("raw image embedding", raw)):
+        a = r["parsed"]
+        print(f"| {name} | " + " | ".join(f"{100 * a[k]:.1f}" for k in ("exact", "count", "size", "color", "shape",
+                                                                           "relation")) + " |")
     print("| vectors vs caption text embedding | paired cosine | centroid distance | gap variance share |")
     print("|---|---|---|---|")
     for name, g in gap.items():
