@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 import time
@@ -39,14 +38,9 @@ CLIP = "tiny-scenes-gapped"
 
 def write_corpus(path: Path, n: int, seed: int) -> None:
     """``n`` training-split scenes, each said in one of its six wordings (seeded): text only."""
-    from clipcap_core import scenes
+    from pipelines.demo.worlds import scenes_corpus
 
-    holdout = scenes.heldout_combos()
-    lines = []
-    for i in range(n):
-        rng = random.Random(f"decap-corpus:{seed}:{i}")
-        lines.append(rng.choice(scenes.references(scenes.sample_scene(rng, "train", holdout))))
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(scenes_corpus(n, seed)) + "\n")
 
 
 def write_heldout(root: Path, n: int, seed: int) -> tuple[Path, Path, list]:
