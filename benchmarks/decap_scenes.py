@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.clirun import run_clipcap  # noqa: E402
 
-CLIP = "tiny-scenes-gapped"
+GAPPED = "tiny-scenes-gapped"
 
 
 def write_corpus(path: Path, n: int, seed: int) -> None:
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", type=int, default=400, help="held-out images (half test, half novel)")
     p.add_argument("--epochs", type=int, default=6, help="clipcap train --epochs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip", default=GAPPED, help="the CLIP (tiny-scenes: the same without a modality gap)")
     p.add_argument("--root", help="output folder (default: a temporary one)")
     args = p.parse_args(argv)
 
@@ -111,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     corpus = root / "corpus.txt"
     write_corpus(corpus, args.corpus, args.seed)
     walls["embed-text"], emb, _, _ = run_clipcap(
-        "embed-text", "--input", str(corpus), "--output", str(root), "--dataset", "scenes-corpus", "--clip", CLIP)
-    table = emb.get("table_uri") or str(root / "text-embeddings" / "scenes-corpus" / CLIP)
+        "embed-text", "--input", str(corpus), "--output", str(root), "--dataset", "scenes-corpus", "--clip", args.clip)
+    table = emb.get("table_uri") or str(root / "text-embeddings" / "scenes-corpus" / args.clip)
     walls["train"], trained, _, _ = run_clipcap(
         "train", "--decoder", "decap", "--model", "tiny", "--input", table, "--output", str(root / "runs"),
         "--name", "decap-scenes", "--epochs", str(args.epochs), "--seed", str(args.seed))
@@ -134,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     gap = gap_figures(artifact, samples)
     proj, raw = results["memory"], results["none"]
     ok = proj["exact_match"] >= raw["exact_match"] + 0.10 or proj["cider"] >= 1.3 * raw["cider"]
-    report = {"clip": CLIP, "corpus": args.corpus, "heldout": args.heldout, "epochs": args.epochs, "seed": args.seed,
+    report = {"clip": args.clip, "corpus": args.corpus, "heldout": args.heldout, "epochs": args.epochs, "seed": args.seed,
               "projection": proj, "raw": raw, "gap": gap, "target_met": ok,
               "wall_s": {k: round(v, 1) for k, v in walls.items()},
               "total_s": round(time.perf_counter() - t0, 1), "root": str(root)}
-    print(f"\nDeCap on scenes, CLIP {CLIP}: {args.corpus} training captions, {args.epochs} epochs, "
+    print(f"\nDeCap on scenes, CLIP {args.clip}: {args.corpus} training captions, {args.epochs} epochs, "
           f"{args.heldout} held-out images (half seen combinations, half novel)")
     print("| decoding | exact match | CIDEr | BLEU-4 | exact seen / novel | CIDEr seen / novel |")
     print("|---|---|---|---|---|---|")
