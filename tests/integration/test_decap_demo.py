@@ -39,8 +39,7 @@ def test_text_only_model_captions_heldout_images_through_its_memory(ray_cluster,
 def test_text_only_model_on_scenes_speaks_the_scenes_world(ray_cluster, tmp_path):
     """``clipcap demo --decap --world scenes``'s step: a scenes corpus -> embed-text (tiny-scenes) -> train
     --decoder decap -> bulk captions of scenes images. Catches a decoder trained with the synthetic vocabulary
-    (scenes words become <unk>, captions do not parse) or on the synthetic corpus, and a scenes caption cut to the
-    synthetic world's 16 tokens (the longest scenes wording needs 12 words + end-of-text; cut, it never ends)."""
+    (scenes words become <unk>, captions do not parse) or on the synthetic corpus."""
     from clipcap_core import scenes
     from pipelines.demo.worlds import world
 
