@@ -114,10 +114,14 @@ def demo_decap(root: str, samples: Sequence[Any], *, encoder: Any, seed: int = 0
     clip = load_encoder(encoder)
     pixels = np.stack([clip.resize(s.image) for s in samples])
     zero = zero_shot_top1(clip, clip.encode_pixels(pixels), samples, world)
+    from clipcap_core.synthetic import all_captions
+
+    candidates = len(all_captions()) if world == "synthetic" else len({s.caption for s in samples})  # what it ranks
     side = f"; image-trained model: {100 * image_model_exact:.0f}%" if image_model_exact is not None else ""
     echo(f"decap on {len(samples)} held-out images: {100 * projected['exact_match']:.0f}% exact with the memory "
          f"projection, {100 * raw['exact_match']:.0f}% decoding the raw image embedding; CLIP {encoder.model_name} "
-         f"zero-shot top-1 {100 * zero:.0f}%{side} (meaningful only with aligned image and text towers)")
+         f"zero-shot top-1 {100 * zero:.0f}% among {candidates} captions{side} (meaningful only with aligned image "
+         "and text towers)")
     return {"artifact": trained.artifact, "text_table": table, "train_metrics": trained.metrics,
             "exact_match": projected["exact_match"], "exact_match_raw": raw["exact_match"],
             "zero_shot_top1": zero, "captions": projected["output"],
