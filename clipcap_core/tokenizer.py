@@ -38,6 +38,9 @@ UNK = "<unk>"
 WORD = "word"  # tokenizer source name of the built-in word-level tokenizer
 WORD_SCENES = "word-scenes"  # the word-level tokenizer over the scenes world's vocabulary
 CLIP_BPE = "clip-bpe"  # tokenizer source name of CLIP's BPE vocabulary
+# The word-level vocabulary of the world each shipped CLIP was trained on: a tiny preset trained on tables of one
+# of these CLIPs takes its world's words (the synthetic ``word`` vocabulary lacks the scenes relations and plurals).
+WORD_TOKENIZER_OF_CLIP = {"tiny": WORD, "tiny-scenes": WORD_SCENES, "tiny-scenes-gapped": WORD_SCENES}
 _WORD_RE = re.compile(r"\w+|[^\w\s]")
 
 

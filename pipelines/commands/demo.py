@@ -20,8 +20,6 @@ HELP = "run the embedded default end to end (tiny preset, ./data)"
 def run(args: argparse.Namespace) -> int:
     from pipelines.demo.run import SAMPLES, STEPS, DemoConfig, run_demo, step_decap
 
-    if args.decap and args.world != "synthetic":
-        raise ValueError("--decap runs on the synthetic world only (leave out --world)")
     steps = [*STEPS, step_decap] if args.decap else None
     samples = args.samples or SAMPLES[args.world]
     result = run_demo(DemoConfig(root=args.output, samples=samples, seed=args.seed, ray_address=args.ray_address,

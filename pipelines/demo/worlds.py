@@ -5,7 +5,8 @@
   image; the held-out images are half unseen scenes of seen combinations, half held-out colour-shape combinations.
 
 A world gives the URL list the download serves, the CLIP and tokenizer the demo trains with, the held-out samples
-it captions, their references for ``clipcap evaluate`` and the accuracy of generated captions.
+it captions, their references for ``clipcap evaluate``, the accuracy of generated captions and the text-only
+caption corpus ``clipcap demo --decap`` trains on.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class World:
     heldout: Callable[[int, int, int], list[Any]]  # (n, seed, start) -> samples with .key .caption .image
     references: Callable[[Any], Sequence[str]]  # sample -> its reference captions
     accuracy: Callable[[list[str], list[str]], dict[str, dict[str, float]]]  # predictions, canonical truth
+    corpus: Callable[[int, int], list[str]]  # (n, seed) -> training-split captions, text only (no image rendered)
 
 
 def _synthetic_heldout(n: int, seed: int, start: int) -> list[Any]:
@@ -46,6 +48,28 @@ def _synthetic_accuracy(predictions: list[str], references: list[str]) -> dict[s
     from pipelines.demo.train import attribute_accuracy
 
     return attribute_accuracy(predictions, references)
+
+
+def _synthetic_corpus(n: int, seed: int) -> list[str]:
+    import random
+
+    from clipcap_core import synthetic
+
+    return [synthetic.caption_for(synthetic.sample_attributes(random.Random(f"corpus:{seed}:{i}"))) for i in range(n)]
+
+
+def scenes_corpus(n: int, seed: int) -> list[str]:
+    """``n`` training-split scenes (never a held-out colour-shape combination), each in one of its six wordings."""
+    import random
+
+    from clipcap_core import scenes
+
+    holdout = scenes.heldout_combos()
+    out = []
+    for i in range(n):
+        rng = random.Random(f"decap-corpus:{seed}:{i}")
+        out.append(rng.choice(scenes.references(scenes.sample_scene(rng, "train", holdout))))
+    return out
 
 
 def _scenes_heldout(n: int, seed: int, start: int) -> list[Any]:
@@ -81,9 +105,9 @@ def _scenes_references(sample: Any) -> Sequence[str]:
 
 REGISTRY: dict[str, World] = {
     "synthetic": World("synthetic", "tiny", "word", 16, _synthetic_url_list, _synthetic_heldout,
-                       lambda s: [s.caption], _synthetic_accuracy),
+                       lambda s: [s.caption], _synthetic_accuracy, _synthetic_corpus),
     "scenes": World("scenes", "tiny-scenes", "word-scenes", 24, _scenes_url_list, _scenes_heldout,
-                    _scenes_references, scenes_accuracy),
+                    _scenes_references, scenes_accuracy, scenes_corpus),
 }
 
 

@@ -37,11 +37,14 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
 def resolve_model_config(model: str, overrides: dict[str, Any], info: tables.TableInfo) -> Any:
     """The ModelConfig to train: a preset (+ dotted overrides) or a saved artifact's, checked against the tables.
 
-    A preset takes D and the CLIP model from the tables (they made the embeddings); an explicit ``clip_dim``
-    override or an artifact with another D is a clear error, raised before any worker starts."""
+    A preset takes D and the CLIP model from the tables (they made the embeddings), and a preset with the built-in
+    word-level tokenizer takes the vocabulary of that CLIP's world (``WORD_TOKENIZER_OF_CLIP``: scenes tables get
+    ``word-scenes``) unless a ``tokenizer`` override names one; an explicit ``clip_dim`` override or an artifact
+    with another D is a clear error, raised before any worker starts."""
     # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.model import ModelConfig
     from clipcap_core.presets import preset_config
+    from clipcap_core.tokenizer import WORD, WORD_TOKENIZER_OF_CLIP
 
     if is_preset_name(model):
         data = to_dict(preset_config(model))
@@ -50,6 +53,8 @@ def resolve_model_config(model: str, overrides: dict[str, Any], info: tables.Tab
         if "clip_dim" in overrides:
             tables.check_model_dim(info, int(overrides["clip_dim"]), what="model config (clip_dim override)")
         data["clip_dim"] = info.dim
+        if data.get("tokenizer") == WORD and "tokenizer" not in overrides:
+            data["tokenizer"] = WORD_TOKENIZER_OF_CLIP.get(info.clip_model or "", WORD)
         if info.clip_model:
             data["encoder"] = to_dict(EncoderConfig(model_name=info.clip_model,
                                                     pretrained=info.clip_pretrained or None))

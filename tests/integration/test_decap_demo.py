@@ -33,3 +33,28 @@ def test_text_only_model_captions_heldout_images_through_its_memory(ray_cluster,
     rows = read_captions(report["captions"]).to_pylist()
     assert sorted(r["key"] for r in rows if r["rank"] == 0) == sorted(f"{ARCHIVE}/{s.key}.png" for s in samples)
     assert any("zero-shot top-1" in line and "memory projection" in line for line in lines)
+
+
+@pytest.mark.slow  # ~3 min on 2 cores: `make test-slow`
+def test_text_only_model_on_scenes_speaks_the_scenes_world(ray_cluster, tmp_path):
+    """``clipcap demo --decap --world scenes``'s step: a scenes corpus -> embed-text (tiny-scenes) -> train
+    --decoder decap -> bulk captions of scenes images. Catches a decoder trained with the synthetic vocabulary
+    (scenes words become <unk>, captions do not parse) or on the synthetic corpus."""
+    from clipcap_core import scenes
+    from pipelines.demo.worlds import world
+
+    samples = world("scenes").heldout(16, 0, 100_000)
+    report = demo_decap(str(tmp_path), samples, encoder=EncoderConfig(model_name="tiny-scenes"), corpus_size=1500,
+                        epochs=4, world="scenes")
+    loaded = load_model(report["artifact"])
+    assert loaded.config.tokenizer == "word-scenes" and loaded.decap is not None
+    corpus = (tmp_path / "decap-corpus" / "captions.txt").read_text().splitlines()
+    assert len(corpus) == 1500 and all(scenes.parse_caption(c) for c in corpus)
+    rows = [r for r in read_captions(report["captions"]).to_pylist() if r["rank"] == 0]
+    assert sorted(r["key"] for r in rows) == sorted(f"{ARCHIVE}/{s.key}.png" for s in samples)
+    # projected onto a memory of scenes captions, nearly every caption is a well-formed scenes caption
+    assert sum(scenes.parse_caption(r["caption"]) is not None for r in rows) >= 0.75 * len(rows), rows
+    # the world's accuracy: any wording counts; relation and attributes are scored on both decodings
+    for key in ("accuracy", "accuracy_raw"):
+        assert set(report[key]["accuracy"]) == {"exact", "count", "size", "color", "shape", "relation"}
+    assert 0.0 <= report["zero_shot_top1"] <= 1.0

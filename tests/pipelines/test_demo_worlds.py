@@ -40,11 +40,20 @@ def test_scenes_accuracy_takes_any_wording_of_the_same_scene():
     assert chance["relation"] == 0.5 and chance["exact"] < 1e-4
 
 
-def test_demo_refuses_decap_on_scenes(capsys):
-    from pipelines.cli import main
-
-    assert main(["demo", "--world", "scenes", "--decap", "--root", "/nonexistent"]) == 2
-    assert "--decap runs on the synthetic world only" in capsys.readouterr().err
+def test_decap_corpus_of_scenes_is_training_text_in_every_wording():
+    """The text-only corpus ``clipcap demo --decap --world scenes`` trains on: parseable scenes captions in the
+    scenes vocabulary, in several wordings, and never a held-out colour-shape combination (a corpus drawn from
+    the wrong world or split, or always in one wording, fails here)."""
+    corpus = world("scenes").corpus(300, 0)
+    assert corpus == world("scenes").corpus(300, 0) and len(set(corpus)) > 290  # seeded, not one caption
+    parsed = [scenes.parse_caption(c) for c in corpus]
+    assert all(parsed)
+    held = scenes.heldout_combos()
+    assert not any((g.color, g.shape) in held for p in parsed for g in (p.first, p.second))
+    assert sum(c == scenes.caption_for(p) for c, p in zip(corpus, parsed, strict=True)) < 0.5 * len(corpus)
+    tok = load_tokenizer(world("scenes").tokenizer)
+    assert tok.unk_token_id not in [i for c in corpus for i in tok(c)["input_ids"]]
+    assert all(scenes.parse_caption(c) is None for c in world("synthetic").corpus(20, 0))
 
 
 def test_heldout_samples_of_synthetic_world_are_the_old_ones():

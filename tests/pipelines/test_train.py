@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
+import random
 from unittest import mock
 
 import numpy as np
@@ -85,6 +87,26 @@ def test_preset_takes_dimension_and_encoder_from_the_tables(table_info):
         ts.resolve_model_config("tiny", {"mapping.prefix_len": 3}, table_info)
     with pytest.raises(ValueError, match=r"dimension mismatch.*D=24.*clip_dim=128"):
         ts.resolve_model_config("tiny", {"clip_dim": 128}, table_info)
+
+
+def test_tiny_preset_on_scenes_tables_takes_the_scenes_vocabulary(table_info):
+    """Catches a tiny preset trained on scenes captions with the synthetic word vocabulary, which has no
+    'left', 'right', plurals like 'diamonds' ...: those captions would train on <unk> tokens."""
+    from clipcap_core import scenes
+    from clipcap_core.tokenizer import WORD, WORD_SCENES, load_tokenizer
+
+    for clip in ("tiny-scenes", "tiny-scenes-gapped"):
+        info = dataclasses.replace(table_info, clip_model=clip)
+        cfg = ts.resolve_model_config("tiny", {}, info)
+        assert cfg.tokenizer == WORD_SCENES
+        tok = ts.load_tokenizer_for("tiny", cfg)
+        caption = scenes.references(scenes.sample_scene(random.Random(0)))[3]
+        assert tok.unk_token_id not in tok(caption)["input_ids"], caption
+    assert load_tokenizer(WORD).unk_token_id in load_tokenizer(WORD)(caption)["input_ids"]  # the gap it closes
+    # other CLIPs keep the preset's vocabulary, and an explicit override wins
+    assert ts.resolve_model_config("tiny", {}, table_info).tokenizer == WORD
+    info = dataclasses.replace(table_info, clip_model="tiny-scenes")
+    assert ts.resolve_model_config("tiny", {"tokenizer": WORD}, info).tokenizer == WORD
 
 
 def test_artifact_with_another_dimension_is_refused_before_training(tmp_path, table_info, monkeypatch):
