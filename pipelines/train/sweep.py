@@ -45,6 +45,8 @@ class SweepConfig:
     trial_cpus: float = 1.0
     trial_gpus: float = 0.0
     max_concurrent: int = 0  # 0: as many as resources allow
+    # Dotted overrides of every setting's preset (e.g. {"tokenizer": "word-scenes"}); the swept keys win.
+    model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.prefix_lengths or min(self.prefix_lengths) < 1:
@@ -54,47 +56,76 @@ class SweepConfig:
             raise ValueError(f"no base preset for mapping(s) {missing}; set presets")
 
 
-def _overrides(mapping: str, k: int) -> dict[str, Any]:
+def _overrides(mapping: str, k: int, freeze_lm: bool | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"mapping.kind": mapping, "mapping.prefix_length": k}
     if mapping == "transformer":
         out["mapping.clip_length"] = k
+    if freeze_lm is not None:
+        out["lm.freeze"] = freeze_lm
     return out
 
 
-def _trial(config: dict[str, Any]) -> None:
-    """One setting: train in this process, report held-out loss per epoch and caption metrics at the end."""
+@dataclass
+class TrainedSetting:
+    """One setting trained in a trial's process: the model, its tokenizer, the held-out rows and run figures."""
+
+    model: Any
+    tokenizer: Any
+    heldout: Any  # pa.Table of the key-hash held-out rows (at most eval_max_samples)
+    max_tokens: int
+    train_rows: int
+    train_loss: float
+    seconds: float
+
+
+def train_setting(sweep: SweepConfig, mapping: str, k: int, *, freeze_lm: bool | None = None,
+                  seed: int | None = None) -> TrainedSetting:
+    """Train setting (mapping, k[, LM frozen or tuned][, seed]) in this process on the key-hash train split (at
+    most ``max_train_rows``); ``freeze_lm`` / ``seed`` None: the preset's and ``sweep.train``'s."""
+    import dataclasses
+
     import numpy as np
     import torch
-    from ray import tune
 
     from clipcap_core.training import iterate_batches, train_loop
-    from pipelines.train.heldout import evaluate_model
     from pipelines.train.setup import build_or_load_model, recipe_for, resolve_model_config
 
-    sweep = from_dict(SweepConfig, config["sweep"])
-    mapping, k = config["mapping"], int(config["prefix_length"])
     files = tables.list_table_files(sweep.tables)
     info = tables.inspect_tables(files)
     preset = sweep.presets[mapping]
-    model_cfg = resolve_model_config(preset, _overrides(mapping, k), info)
+    model_cfg = resolve_model_config(preset, {**sweep.model_overrides, **_overrides(mapping, k, freeze_lm)}, info)
     device = "cuda" if sweep.trial_gpus and torch.cuda.is_available() else "cpu"
     hp = sweep.train.with_recipe(recipe_for(preset))
+    if seed is not None:
+        hp = dataclasses.replace(hp, seed=seed)
     model, tokenizer = build_or_load_model(preset, model_cfg, seed=hp.seed, device=device)
-    split = tables.Split(part="train", heldout_fraction=sweep.heldout_fraction)
-    train_t = tables.read_split(files, split, max_rows=sweep.max_train_rows)
+    train_t = tables.read_split(files, tables.Split(part="train", heldout_fraction=sweep.heldout_fraction),
+                                max_rows=sweep.max_train_rows)
     held = tables.read_split(files, tables.Split(part="heldout", heldout_fraction=sweep.heldout_fraction),
                              max_rows=sweep.eval_max_samples)
     captions, emb = train_t.column(schemas.CAPTION).to_pylist(), tables.embeddings_numpy(train_t)
     steps = hp.epochs * -(-len(captions) // hp.batch_size)
     t0 = time.perf_counter()
-
     result = train_loop(model, lambda epoch: iterate_batches(tokenizer, captions, emb, hp, epoch=epoch), hp,
                         total_steps=steps)
-    metrics = evaluate_model(model, tokenizer, held, max_tokens=hp.max_caption_tokens)
-    n_params = sum(p.numel() for p in model.mapping.parameters())
-    tune.report({**metrics, "mapping": mapping, "prefix_length": k, "freeze_lm": model_cfg.lm.freeze,
-                 "mapping_params": int(n_params), "train_rows": len(captions),
-                 "train_loss": float(np.mean(result.epoch_losses[-1:])), "seconds": time.perf_counter() - t0})
+    return TrainedSetting(model, tokenizer, held, int(hp.max_caption_tokens), len(captions),
+                          float(np.mean(result.epoch_losses[-1:])), time.perf_counter() - t0)
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One setting: train in this process, report held-out loss and caption metrics at the end."""
+    from ray import tune
+
+    from pipelines.train.heldout import evaluate_model
+
+    sweep = from_dict(SweepConfig, config["sweep"])
+    mapping, k = config["mapping"], int(config["prefix_length"])
+    run = train_setting(sweep, mapping, k)
+    metrics = evaluate_model(run.model, run.tokenizer, run.heldout, max_tokens=run.max_tokens)
+    n_params = sum(p.numel() for p in run.model.mapping.parameters())
+    tune.report({**metrics, "mapping": mapping, "prefix_length": k, "freeze_lm": run.model.config.lm.freeze,
+                 "mapping_params": int(n_params), "train_rows": run.train_rows, "train_loss": run.train_loss,
+                 "seconds": run.seconds})
 
 
 def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
@@ -127,7 +158,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
 def resolve_check(cfg: SweepConfig, mapping: str, k: int, info: tables.TableInfo) -> None:
     from pipelines.train.setup import resolve_model_config
 
-    resolve_model_config(cfg.presets[mapping], _overrides(mapping, k), info)
+    resolve_model_config(cfg.presets[mapping], {**cfg.model_overrides, **_overrides(mapping, k)}, info)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
