@@ -18,7 +18,7 @@ from pipelines.commands import common
 HELP = "write a self-contained HTML report of a captioning run"
 
 _FIELDS = ("evaluation", "run", "model", "images", "sample", "max_parts", "interpret",
-           "thumb_px", "seed", "order", "failures")
+           "thumb_px", "seed", "order", "failures", "studies")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                 can switch)
         --failures      int     rows listed per kind of failure (default 50; all are counted)
     """)
+    p.add_argument("--studies", nargs="+", help="clipcap study output folders (<output>/<name>/): their tables and "
+                   "plots in a Studies section")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     common.require(args, "input", "output")
     data = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
+    data["studies"] = tuple(data.get("studies") or ())
     cfg = from_dict(ReportConfig, {"captions": args.input, "out": args.output, **data})
     print(build_report(cfg))
     return 0
