@@ -32,6 +32,7 @@ class DecodingOptions:
     max_length: int = 24
     seed: int = 0
     tokenize: Literal["ptb", "simple"] = "ptb"
+    metrics: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider")  # COCO metrics (METEOR and ptb need Java)
 
     def strategies(self) -> list[tuple[str, str, dict[str, Any]]]:
         """(label, strategy, options) per row of the study, greedy first."""
@@ -80,7 +81,8 @@ def decoding_study(model: Any, tok: Any, emb: np.ndarray, refs: list[list[str]],
         t0 = time.perf_counter()
         texts = _captions(model, tok, emb, strategy, opts, options.max_length, scorer)
         seconds = time.perf_counter() - t0
-        ev = evaluate_predictions(texts, refs, tokenize=options.tokenize, spice="off", image_emb=emb, scorer=scorer)
+        ev = evaluate_predictions(texts, refs, metrics=options.metrics, tokenize=options.tokenize, spice="off",
+                                  image_emb=emb, scorer=scorer)
         rows.append({"strategy": label, "images_per_s": len(texts) / seconds, "seconds": seconds,
                      **{m: ev.summary.get(m) for m in METRICS}, "images": len(texts), "example": texts[0]})
     return rows

@@ -44,6 +44,7 @@ class StudyConfig:
     eval_max_samples: int = 500
     max_train_rows: int = 100_000
     tokenize: Literal["ptb", "simple"] = "ptb"  # ptb: the COCO tokenizer (Java), as `clipcap evaluate`
+    metrics: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider")  # COCO metrics (METEOR needs Java)
     trial_cpus: float = 1.0
     trial_gpus: float = 0.0
     max_concurrent: int = 0  # 0: as many as resources allow
@@ -77,7 +78,7 @@ def _trial(config: dict[str, Any]) -> None:
     emb = tables.embeddings_numpy(run.heldout)
     texts = generate(run.model, emb, run.tokenizer, "greedy", max_length=run.max_tokens).texts
     refs = [[c] for c in run.heldout.column("caption").to_pylist()]
-    ev = evaluate_predictions(texts, refs, tokenize=study.tokenize, spice="off", image_emb=emb,
+    ev = evaluate_predictions(texts, refs, metrics=study.metrics, tokenize=study.tokenize, spice="off", image_emb=emb,
                               scorer=scorer_for(run.model.config.encoder, emb.shape[1]))
     tune.report({**{m: ev.summary.get(m) for m in METRICS}, "mapping": mapping, "prefix_length": k, "lm": lm,
                  "seed": seed, "trainable_params": sum(p.numel() for p in trainable_parameters(run.model)),

@@ -41,12 +41,12 @@ def test_every_strategy_is_timed_and_scored_on_its_own_captions(trained_model, t
     cfg = study_cmd.config_from_args(p.parse_args(
         ["decoding", "--input", table, "--model", trained_model, "--output", str(tmp_path / "out"),
          "--heldout-fraction", "0", "--beam-sizes", "2", "--rerank-n", "3", "--tokenize", "simple",
-         "--max-length", "14"]))
+         "--max-length", "14", "--set", "options.metrics=[bleu, cider]"]))  # no JVM start per strategy
     rows = decoding_study.run_decoding_study(cfg)
     assert [r["strategy"] for r in rows] == ["greedy", "beam 2", "sample (top-p 0.9, T 1)",
                                              "3 samples + CLIP rerank"]
     assert all(r["images"] == 12 and r["images_per_s"] > 0 for r in rows)
-    assert all(r["clip_score"] is not None for r in rows)  # the model's CLIP (tiny) scored every strategy
+    assert all(r["clip_score"] is not None and r["bleu4"] is not None for r in rows)  # the model's CLIP (tiny) scored every strategy
     # The greedy row is the metric of the model's own greedy captions of those rows, recomputed here.
     loaded = load_model(trained_model)
     read = pq.read_table(table)
