@@ -39,7 +39,7 @@ _DECODING_FIELDS: dict[str, tuple[str, str]] = {
     "heldout_fraction": ("", "heldout_fraction"), "eval_max_samples": ("", "max_rows"),
     "tokenize": ("options", "tokenize"), "beam_sizes": ("options", "beam_sizes"), "top_p": ("options", "top_p"),
     "temperature": ("options", "temperature"), "rerank_n": ("options", "rerank_n"),
-    "max_length": ("options", "max_length"),
+    "max_length": ("options", "max_length"), "repeats": ("options", "repeats"),
 }
 
 
@@ -71,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--temperature", type=float, help="decoding: sampling temperature (default 1.0)")
     add("--rerank-n", type=int, nargs="+", help="decoding: samples per image CLIP reranks (default: 5)")
     add("--max-length", type=int, help="decoding: caption tokens at most (default 24)")
+    add("--repeats", type=int, help="decoding: runs per strategy, the fastest timed (default 1)")
     common.add_ray_address(p)
 
 
