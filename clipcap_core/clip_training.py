@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -38,25 +38,33 @@ DEFAULT_WARMUP_STEPS, MAX_WARMUP_FRACTION = 100, 0.05
 
 @dataclass(frozen=True, kw_only=True)
 class ClipTrainConfig:
-    """Hyperparameters of contrastive training (open_clip's defaults where it has them)."""
+    """Hyperparameters of contrastive training (open_clip's defaults where it has them). ``CLI_FLAGS``: the fields
+    that are not ``clipcap train-clip`` flags (``pipelines.commands.flags``)."""
 
-    epochs: int = 10
-    batch_size: int = 256  # per worker; the loss sees workers x batch_size pairs (features are gathered)
-    lr: float = 5e-4
-    weight_decay: float = 0.2
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {
+        "beta1": None, "beta2": None, "eps": None, "warmup_fraction": None, "gather_with_grad": None,
+        "crop_scale": None, "logit_scale": None, "cone_init": None,
+    }
+    epochs: int = 10  # passes over the training pairs
+    batch_size: int = 256  # pairs per worker per step (the loss sees workers x this: features are gathered)
+    lr: float = 5e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.2  # AdamW weight decay (not on gains, biases, logit scale)
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
-    warmup_steps: int | None = None  # None: DEFAULT_WARMUP_STEPS, at most MAX_WARMUP_FRACTION of the run
+    warmup_steps: int | None = None
+    """linear warm-up steps before the cosine decay (default: DEFAULT_WARMUP_STEPS = 100, at most
+    MAX_WARMUP_FRACTION = 5% of the run)"""
     warmup_fraction: float | None = None  # warm-up as a share of the run's steps (instead of steps)
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
-    precision: Precision = "fp32"  # bf16 / fp16 autocast on GPU
-    seed: int = 0
-    local_loss: bool = False  # open_clip --local-loss: each rank's rows against all gathered features
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    precision: Precision = "fp32"  # autocast precision (bf16 / fp16 on GPU)
+    seed: int = 0  # init, crop and shard-order seed
+    local_loss: bool = False  # each worker's rows against all gathered features (open_clip --local-loss)
     gather_with_grad: bool = True  # gradients flow through the gathered features (open_clip --gather-with-grad)
     lock_image: bool = False  # freeze the image tower (LiT-style when fine-tuning)
     lock_text: bool = False  # freeze the text tower
-    augment: Literal["none", "crop"] = "crop"  # "crop": RandomResizedCrop(scale=crop_scale) in the data tasks
+    augment: Literal["none", "crop"] = "crop"
+    """training-time image augmentation (crop: RandomResizedCrop(scale=crop_scale) in the data tasks)"""
     crop_scale: tuple[float, float] = (0.9, 1.0)  # open_clip's default train crop
     # Fixed logit scale (1 / temperature, e.g. 100), not learned; None: learned from open_clip's init (1 / 0.07).
     logit_scale: float | None = None
@@ -96,9 +104,10 @@ class ClipModelSpec:
     """Which CLIP to train: an open_clip model name, from scratch (pretrained None) or fine-tuned from
     ``pretrained`` (an open_clip tag, a local file or an object-store URI, as ``EncoderConfig``)."""
 
-    model_name: str = "tiny"
-    pretrained: str | None = None
-    from_scratch: bool = False  # True: ignore the weights a name ships with (e.g. the aligned `tiny`)
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"model_name": "--clip", "pretrained": "--clip-pretrained"}
+    model_name: str = "tiny"  # open_clip model name (tiny, ViT-B-32, ...)
+    pretrained: str | None = None  # fine-tune from an open_clip tag, a weights file or an object-store URI
+    from_scratch: bool = False  # seeded random init even where the name ships weights (e.g. the aligned tiny)
 
     def encoder_config(self) -> EncoderConfig:
         return EncoderConfig(model_name=self.model_name, pretrained=self.pretrained)

@@ -22,7 +22,7 @@ import logging
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -149,14 +149,20 @@ class ProjectionConfig:
     """``auto``: the artifact's own DeCap memory if it has one, else none; ``none``: decode the raw image
     embedding (comparison); ``memory``: project onto ``memory`` (a text-embedding table URI) or, without one,
     onto the artifact's memory. ``tau`` overrides the memory's temperature; ``memory_size`` > 0 keeps a seeded
-    sample of that many rows of a ``memory`` table."""
+    sample of that many rows of a ``memory`` table. ``CLI_FLAGS``: the ``clipcap caption`` flags named otherwise
+    and the fields that are none (``pipelines.commands.flags``)."""
+
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"mode": "--projection", "top_k": "--projection-top-k",
+                                                  "seed": None}
 
     mode: Literal["auto", "none", "memory"] = "auto"
-    memory: str | None = None
-    tau: float | None = None
-    memory_size: int = 0
+    """auto: a DeCap artifact projects onto its memory; none: decode the raw image embedding; memory: project onto
+    the memory table (or the artifact's memory)"""
+    memory: str | None = None  # text-embedding table (clipcap embed-text) to project onto
+    tau: float | None = None  # projection temperature (default: the memory's, 0.01)
+    memory_size: int = 0  # seeded sample of this many memory table rows (0: all)
     seed: int = 0
-    top_k: int = 0  # > 0: softmax over each image's top_k nearest memory entries (large memories)
+    top_k: int = 0  # softmax over each image's k nearest memory entries only (large memories; 0: all)
 
     def __post_init__(self) -> None:
         if self.top_k < 0:

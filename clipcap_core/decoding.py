@@ -21,7 +21,7 @@ Sampling is deterministic given ``seed``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -36,17 +36,22 @@ STRATEGIES: tuple[str, ...] = ("greedy", "beam", "reference-beam", "sample")
 
 @dataclass(frozen=True, kw_only=True)
 class DecodeConfig:
-    strategy: Strategy = "greedy"
+    """How captions are decoded. ``CLI_FLAGS``: the fields that are not ``clipcap caption`` flags
+    (``pipelines.commands.flags``)."""
+
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"length_penalty": None, "stop_at_eos": None, "use_cache": None,
+                                                  "static_cache": None, "batch_size": None}
+    strategy: Strategy = "greedy"  # decoding strategy
     max_length: int = 30  # new tokens at most
-    beam_size: int = 5
+    beam_size: int = 5  # beams per image (beam / reference-beam)
     length_penalty: float = 1.0  # beam: rank finished captions by sum log-prob / length ** length_penalty
-    temperature: float = 1.0  # sample and reference-beam
-    top_k: int = 0  # sample: keep the k most likely tokens (0 = all)
-    top_p: float = 1.0  # sample: nucleus mass
-    n: int = 1  # captions per input (beam: the n best beams; sample: n samples)
-    stop_token: str | None = None  # e.g. "." (authors' models stop there)
+    temperature: float = 1.0  # sampling temperature (sample, reference-beam)
+    top_k: int = 0  # sample among the k likeliest tokens (sample; 0: all)
+    top_p: float = 1.0  # nucleus sampling mass (sample)
+    n: int = 1  # captions per image (beam: the n best beams; sample: n samples)
+    stop_token: str | None = None  # also stop at this token, e.g. "." (the authors' models stop there)
     stop_at_eos: bool = True
-    seed: int = 0
+    seed: int = 0  # sampling seed (sample)
     use_cache: bool = True  # False: re-run the whole sequence every step (tests, baselines)
     static_cache: bool = True  # GPT-2 family: preallocated KV buffers (kvcache.py); False: HF DynamicCache
     batch_size: int | None = None  # inputs per decoding batch (None: all at once)

@@ -37,7 +37,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from clipcap_core import uris
 from clipcap_core.preprocess import ImageResizer, PreprocessSpec, spec_from_dict  # noqa: F401 - ImageResizer re-exported
@@ -66,10 +66,12 @@ def __getattr__(name: str) -> Any:
 
 @dataclass(frozen=True, kw_only=True)
 class EncoderConfig:
-    """Which CLIP model makes the embeddings. ``pretrained``: open_clip tag, local file or fsspec URI."""
+    """Which CLIP model makes the embeddings."""
 
-    model_name: str = TINY
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"model_name": "--clip", "pretrained": "--clip-pretrained"}
+    model_name: str = TINY  # open_clip model name, e.g. ViT-B-32 (default: tiny)
     pretrained: str | None = None
+    """open_clip tag (openai, laion2b_s34b_b79k...), local file or fsspec URI (s3://...) of the weights"""
 
 
 # Optional backends open_clip imports at its own import for the model families built on them: timm (timm

@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -58,19 +58,24 @@ RECIPE_FIELDS = ("lr", "warmup_steps", "batch_size", "epochs", "max_caption_toke
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Training hyperparameters. A field left ``None`` comes from the model preset's ``Recipe``
-    (``with_recipe``); the core functions fall back to ``PAPER_RECIPE`` for a config nobody resolved."""
+    (``with_recipe``); the core functions fall back to ``PAPER_RECIPE`` for a config nobody resolved.
+    ``CLI_FLAGS``: the fields that are not flags of the training commands (``pipelines.commands.flags``)."""
 
-    lr: float | None = None  # peak learning rate (AdamW)
-    warmup_steps: int | None = None  # linear warm-up steps
-    warmup_fraction: float | None = None  # warm-up as a share of the run's steps (instead of warmup_steps)
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"max_warmup_fraction": None, "grad_clip": None,
+                                                  "label_smoothing": None}
+    lr: float | None = None  # peak learning rate, AdamW (default: the preset's recipe)
+    warmup_steps: int | None = None  # linear warm-up steps (default: the recipe's, at most 5% of the run)
+    warmup_fraction: float | None = None  # linear warm-up as a share of the run's steps (instead of steps)
     max_warmup_fraction: float | None = None  # cap on warmup_steps as a share of the run (None: no cap)
-    batch_size: int | None = None
-    epochs: int | None = None
+    batch_size: int | None = None  # captions per step and worker (default: the preset's recipe)
+    epochs: int | None = None  # passes over the training split (default: the preset's recipe)
     grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16 / fp16: autocast (fp16 with a grad scaler)
-    seed: int = 0
-    max_caption_tokens: int | None = None  # including the final end-of-text
-    weight_decay: float | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """training precision (bf16 / fp16: autocast, fp16 with a grad scaler)"""
+    seed: int = 0  # seed of the model init and the data order
+    max_caption_tokens: int | None = None
+    """caption tokens kept per sample, incl. end-of-text (default: the preset's recipe)"""
+    weight_decay: float | None = None  # AdamW weight decay (default: the preset's recipe)
     label_smoothing: float | None = None  # caption loss label smoothing eps in [0, 1)
 
     def __post_init__(self) -> None:

@@ -4,7 +4,8 @@
   (its Python loggers, its progress output, the C++ core worker's lines) and every library's warnings land
   there; ``terminal()`` is the stream the operator still sees (our progress, the summary, errors), and the
   project's own warnings are also copied to it. Not under ``-v`` (everything stays on stderr, as Ray prints it).
-- ``Progress``: one live line (tqdm) on a terminal; elsewhere one plain line every ``interval_s`` seconds.
+- ``Progress``: one live line (tqdm) on a terminal; elsewhere one plain line every ``interval_s`` seconds
+  (``CLIPCAP_PROGRESS_EVERY_S`` overrides it, e.g. for a CI log). ``watch`` feeds one from a job's own tally.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -79,6 +81,7 @@ def job_log(command: str) -> Iterator[Path | None]:
     _log_path, _command = path, command
     if sys.stdout.isatty():  # Ray Data's tqdm bars would fill the log with cursor codes
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # workers' lines in the log without colour codes
     os.dup2(log_fd, 2)
     os.close(log_fd)
     echo = _echo_handler(command, _terminal)
@@ -121,9 +124,11 @@ class Progress:
     """Units (parts, shards, steps) done of ``total``, rows and error rows so far, rows/s and an ETA."""
 
     def __init__(self, what: str, total: int, *, unit: str = "parts", rows: str = "rows",
-                 interval_s: float = 10.0, stream: TextIO | None = None):
+                 interval_s: float = 10.0, stream: TextIO | None = None, count_errors: bool = True):
         self.what, self.total, self.unit, self.rows_name = what, total, unit, rows
-        self.interval_s = interval_s
+        self.count_errors = count_errors  # False: no "error rows" field (training counts steps, not rows)
+        self.note = ""  # a short free field at the end of the line (``loss 0.91``)
+        self.interval_s = float(os.environ.get("CLIPCAP_PROGRESS_EVERY_S") or interval_s)  # off a terminal
         self.stream = stream or terminal()
         self.done = self.rows = self.errors = 0
         self.start = self._last = time.monotonic()
@@ -142,7 +147,9 @@ class Progress:
         return self.rows / elapsed if elapsed > 0 else 0.0
 
     def postfix(self) -> str:
-        return f"{self.rows} {self.rows_name}, {self.rate():.1f} {self.rows_name}/s, {self.errors} error rows"
+        text = f"{self.rows} {self.rows_name}, {self.rate():.1f} {self.rows_name}/s"
+        text += f", {self.errors} error rows" if self.count_errors else ""
+        return f"{text}, {self.note}" if self.note else text
 
     def line(self) -> str:
         """The plain line: ``caption: 3/10 parts, 1200 images, 45.0 images/s, 2 error rows, ETA 1m20s``."""
@@ -159,6 +166,12 @@ class Progress:
             self._last = time.monotonic()
             print(self.line(), file=self.stream, flush=True)
 
+    def advance_to(self, done: int, rows: int, errors: int = 0, note: str = "") -> None:
+        """Set absolute counts (a poller reading a job's own tally); a count never moves back (a restarted
+        training attempt replays steps it had already counted)."""
+        self.note = note or self.note
+        self.update(max(0, done - self.done), max(0, rows - self.rows), max(0, errors - self.errors))
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.set_postfix_str(self.postfix(), refresh=False)
@@ -169,3 +182,52 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def watch(progress: Progress, read: Callable[[], tuple[int, int, int, str] | None], interval_s: float = 1.0
+          ) -> Iterator[Progress]:
+    """Advance ``progress`` from ``read() -> (done, rows, errors, note)`` every ``interval_s`` in a thread while
+    the block runs (a job whose work happens elsewhere: Ray Train workers, img2dataset), once more at the end,
+    then close it. A ``read`` that raises or returns None is skipped (the next poll tries again)."""
+    stop = threading.Event()
+
+    def poll() -> None:
+        try:
+            got = read()
+        except Exception:  # noqa: BLE001 - a progress read must never fail the job
+            return
+        if got is not None:
+            progress.advance_to(*got)
+
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            poll()
+
+    thread = threading.Thread(target=loop, name=f"clipcap-progress-{progress.what}", daemon=True)
+    thread.start()
+    try:
+        yield progress
+    finally:
+        stop.set()
+        thread.join()
+        poll()
+        progress.close()
+
+
+@contextlib.contextmanager
+def stdout_to_log() -> Iterator[None]:
+    """While a job log holds fd 2, send fd 1 there too for the block (a library that prints its own progress to
+    stdout, in this process and in the processes it starts: img2dataset). Changes nothing without a job log."""
+    if _terminal is None:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -43,16 +43,21 @@ READ_ROWS = 16_384  # vectors read and added per record batch: ~4 copies of a ba
 
 @dataclass(frozen=True, kw_only=True)
 class IndexConfig:
-    input: str  # an embedding table folder or file (local, s3://, ...)
-    output: str  # the index folder
-    column: str = schemas.IMAGE_EMBEDDING  # or text_embedding (text tables, DeCap memories)
+    """The ``clipcap index`` config: each field is a flag (``pipelines.commands.flags``)."""
+
+    input: str  # embedding table folder or file (local, s3://, ...)
+    output: str  # index folder (any URI)
+    column: str = schemas.IMAGE_EMBEDDING
+    """vector column: image_embedding (default) or text_embedding (text tables, DeCap memories)"""
     kind: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
-    exact_below: int = 100_000  # auto: flat below this many vectors, ivf from it
-    nlist: int = 0  # ivf lists (0: ~4 sqrt(N))
-    train_sample: int = 100_000  # ivf: vectors sampled (seeded) to train the centroids
-    hnsw_m: int = 32  # hnsw: links per node
-    parallel: Literal["auto", "local", "ray"] = "auto"  # auto: Ray tasks on a multi-node cluster (ivf only)
-    seed: int = 0
+    """auto: exact (flat) below exact_below vectors, IVF from it"""
+    exact_below: int = 100_000  # auto's threshold
+    nlist: int = 0  # IVF lists (0: ~4 sqrt(N))
+    train_sample: int = 100_000  # IVF: vectors sampled (seeded) to train the centroids
+    hnsw_m: int = 32  # HNSW links per node
+    parallel: Literal["auto", "local", "ray"] = "auto"
+    """auto: Ray tasks per table file on a multi-node cluster (IVF)"""
+    seed: int = 0  # seed of the IVF training sample and k-means
 
     def __post_init__(self) -> None:
         if min(self.exact_below, self.train_sample, self.hnsw_m) < 1 or self.nlist < 0:
@@ -142,6 +147,40 @@ def fill(index: Any, files: Sequence[str], column: str, first_id: int = 0) -> pa
     return pa.concat_tables(rows) if rows else pa.table({})
 
 
+def fill_ivf(index: Any, files: Sequence[str], column: str) -> pa.Table:
+    """``fill`` for an IVF index with each inverted list allocated once, at its final size: a first pass assigns
+    every vector to its list (the quantizer search ``add`` runs), the second writes each list in place. Appending
+    (``add_with_ids``) grows each list's buffer by doubling, so lists hold up to 2x their vectors (~1.4x on
+    average). The result is the index ``fill`` builds, byte for byte (same lists, same order within a list)."""
+    import faiss
+
+    assigned, rows = [], []
+    for _uri, _end, batch_rows, vectors in read_batches(files, column):
+        assigned.append(index.quantizer.assign(vectors, 1)[:, 0] if len(vectors) else np.zeros(0, np.int64))
+        rows.append(batch_rows)
+    lists = np.concatenate(assigned) if assigned else np.zeros(0, np.int64)
+    invlists = index.invlists
+    for list_no, size in enumerate(np.bincount(lists, minlength=index.nlist)):
+        if size:
+            invlists.resize(list_no, int(size))
+    filled = np.zeros(index.nlist, np.int64)
+    start = 0
+    for _uri, _end, _rows, vectors in read_batches(files, column):
+        batch_lists = lists[start:start + len(vectors)]
+        order = np.argsort(batch_lists, kind="stable")  # by list, in row order within each list
+        cuts = np.flatnonzero(np.diff(batch_lists[order])) + 1
+        for group in np.split(order, cuts) if len(order) else []:
+            list_no = int(batch_lists[group[0]])
+            ids = (group + start).astype(np.int64)
+            codes = np.ascontiguousarray(vectors[group]).view(np.uint8)
+            invlists.update_entries(list_no, int(filled[list_no]), len(group), faiss.swig_ptr(ids),
+                                    faiss.swig_ptr(codes))
+            filled[list_no] += len(group)
+        start += len(vectors)
+    index.ntotal = start
+    return pa.concat_tables(rows) if rows else pa.table({})
+
+
 def _flat_types() -> tuple[type, ...]:
     import faiss
 
@@ -201,6 +240,8 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
     t_train = time.perf_counter() - t0
     if use_ray(cfg, kind, files):
         rows = fill_on_ray(index, files, info.rows, cfg.column)
+    elif kind == "ivf":
+        rows = fill_ivf(index, files, cfg.column)
     else:
         rows = fill(index, files, cfg.column)
     meta = {"kind": kind, "count": int(index.ntotal), "dim": info.dim, "metric": "cosine", "column": cfg.column,

@@ -45,7 +45,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from clipcap_core.configs import to_dict
 from clipcap_core.decap import ProjectionConfig
@@ -78,24 +78,26 @@ class ResourceOptions:
     """Batch sizes, actor pools and devices: the one place the pipeline's resources are set. Actor counts, CPUs,
     threads and GPUs at 0 / None are sized from the cluster by ``runtime.plan_actors`` (one actor per GPU; on
     CPU one single-thread actor per core, up to 8 per node, and on a one-node cluster, without
-    ``caption_actors``, those as concurrent batches of one actor: ``runtime.share_process``); a value wins."""
+    ``caption_actors``, those as concurrent batches of one actor: ``runtime.share_process``); a value wins.
+    ``CLI_FLAGS``: the fields that are not ``clipcap caption`` flags (``pipelines.commands.flags``)."""
 
-    decode_block_rows: int = 64    # rows per block out of the read/decode tasks
-    clip_batch_size: int = 64
-    caption_batch_size: int = 128
-    # fused: CLIP and the captioner in one actor (one set of threads over the node's cores, one CLIP for the
-    # image and the CLIPScore text tower, no embedding hop between processes); split: a CLIP pool feeding a
-    # captioning pool, each scaled on its own (``clip_actors`` / ``caption_actors``). auto = fused.
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"read_memory_mb": None}
+    decode_block_rows: int = 64  # rows per block out of the read/decode tasks
+    clip_batch_size: int = 64  # images per CLIP forward
+    caption_batch_size: int = 128  # embeddings per decoding batch
+    # fused: one set of threads over the node's cores, one CLIP for the image and the CLIPScore text tower, no
+    # embedding hop between processes; split: each pool scaled on its own (clip_actors / caption_actors)
     stages: Literal["auto", "fused", "split"] = "auto"
-    caption_actors: int = 0        # actors of the captioning (or fused) pool; 0: sized from the cluster
-    clip_actors: int = 0           # split only: actors of the CLIP pool; 0: sized from the cluster
-    read_cpus: float = 0.0         # per read/decode task; 0: 1
+    """fused (auto): CLIP + captioner in one actor; split: a CLIP pool feeding a captioning pool"""
+    caption_actors: int = 0  # captioning (or fused) actors, one model each (0: one per GPU or per CPU node)
+    clip_actors: int = 0  # split stages: CLIP actors (0: sized from the cluster)
+    read_cpus: float = 0.0  # CPUs per read/decode task (0: 1)
     read_memory_mb: int = 768      # per read/decode task (a worker with torch imported: ~0.6 GB; >= 1)
-    cpus_per_actor: float = 0.0    # Ray CPUs reserved per actor (scheduling, not a thread cap); 0: 1
-    torch_threads: int = 0         # torch threads per actor; 0: the node's cores shared by its actors
-    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0 (CPU)
+    cpus_per_actor: float = 0.0  # Ray CPUs reserved per actor (0: 1; scheduling, not a thread cap)
+    torch_threads: int = 0  # torch threads per actor (0: the node's cores shared by its actors)
+    gpus_per_actor: float | None = None  # GPUs per actor (default: 1 when the cluster has GPUs, else 0)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
-    jpeg_draft: bool = False       # faster JPEG decode via DCT scaling (pixels differ slightly)
+    jpeg_draft: bool = False  # faster JPEG decoding by DCT scaling (pixels differ slightly)
 
     def __post_init__(self) -> None:
         if min(self.decode_block_rows, self.clip_batch_size, self.caption_batch_size, self.read_memory_mb) < 1:
@@ -124,21 +126,23 @@ class ResourceOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class CaptionConfig:
-    input: str
-    output: str
-    model: str                     # model artifact URI (a preset name only with allow_untrained)
-    allow_untrained: bool = False  # accept an untrained preset: random captions, for wiring tests / benchmarks
+    # each field is a `clipcap caption` flag (pipelines.commands.flags); CLI_FLAGS: named otherwise / None: no flag
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"decoding.n": "--num-captions", "progress_interval_s": None}
+    input: str  # directory, archive or Parquet file URI (local, s3://, ...)
+    output: str  # caption table directory URI
+    model: str  # trained model artifact URI (`clipcap train` or `clipcap import-reference` makes one)
+    allow_untrained: bool = False  # accept an untrained preset (random captions: wiring tests, benchmarks)
     source: sources.SourceConfig = field(default_factory=sources.SourceConfig)
     decoding: DecodeConfig = field(default_factory=DecodeConfig)
     resources: ResourceOptions = field(default_factory=ResourceOptions)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)  # DeCap memory projection
-    overwrite: bool = False
-    force_unlock: bool = False     # take the output's lease even from a live run (``pipelines.lease``)
+    overwrite: bool = False  # redo every part of the output
+    force_unlock: bool = False  # take the output's lease (_meta/lease.json) even from a run that looks alive
     progress_interval_s: float = 10.0
-    rerank: Literal["none", "clip"] = "none"  # clip: order each image's n captions by CLIP similarity
-    # CLIPScore per caption with the model's CLIP text tower (ViT-B-32: a text forward costs ~2/3 of an image
-    # forward, so False saves that when nobody filters on it; the column is then null)
+    rerank: Literal["none", "clip"] = "none"  # clip: rank each image's captions by CLIP similarity
+    # ViT-B-32: a text forward costs ~2/3 of an image forward; the column is null without it
     clip_score: bool = True
+    """the clip_score column: CLIPScore per caption with the model's CLIP text tower (off: no text forward)"""
 
     def __post_init__(self) -> None:
         if self.rerank not in ("none", "clip"):

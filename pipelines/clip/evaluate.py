@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -33,17 +33,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class EvalClipConfig:
+    """The ``clipcap eval-clip`` config: each field is a flag (``pipelines.commands.flags``) but ``CLI_FLAGS``'
+    None ones."""
+
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"batch_size": None}
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    shards: tuple[str, ...] = ()  # webdataset shard folders / .tar files
-    tables: tuple[str, ...] = ()  # embedding tables with image_embedding + text_embedding
-    part: Literal["all", "heldout", "train"] = "all"
-    heldout_fraction: float = 0.05
-    split_salt: str = "clipcap-heldout"
+    shards: tuple[str, ...] = ()  # webdataset shard folders or .tar files
+    tables: tuple[str, ...] = ()  # embedding tables with image and text embeddings
+    part: Literal["all", "heldout", "train"] = "all"  # key-hash split to evaluate
+    heldout_fraction: float = 0.05  # the training job's held-out fraction
+    split_salt: str = "clipcap-heldout"  # the training job's split salt
     max_samples: int = 5000  # pairs evaluated (0 = all)
-    classes: str | None = None  # file: one class name per line
-    templates: str | None = None  # file: one prompt template per line, each with "{}"
+    classes: str | None = None  # file with one class name per line (zero-shot)
+    templates: str | None = None  # file with one prompt template per line, each with {} (default: {})
     batch_size: int = 256
-    device: str = "cpu"
+    device: str = "cpu"  # torch device (cpu, cuda, cuda:1)
 
     def __post_init__(self) -> None:
         if bool(self.shards) == bool(self.tables):

@@ -26,7 +26,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
 from pipelines.clip import data as clip_data
@@ -49,14 +49,21 @@ __all__ = ["ClipTrainJobConfig", "ClipTrainPlan", "ClipTrainResult", "plan", "ru
 
 @dataclass(frozen=True, kw_only=True)
 class ClipTrainJobConfig:
-    shards: tuple[str, ...]  # webdataset shard folders or .tar files (img2dataset output)
+    """The ``clipcap train-clip`` config: each field is a flag (``pipelines.commands.flags``); ``CLI_FLAGS`` names
+    the renamed flags and the fields set by ``--config`` / ``--set`` only (None)."""
+
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {
+        "shards": "--input", "run.eval_max_samples": "--eval-max-samples", "split_salt": None, "read_cpus": None,
+        "data": None, "memory_limit_mb": None, "fault": None,
+    }
+    shards: tuple[str, ...]  # webdataset shard folders or .tar files, img2dataset output (local, s3://, ...)
     output: str  # storage root; the run lives in <output>/<name>/
-    name: str = "clip"
+    name: str = "clip"  # run name (re-running with the same name resumes)
     model: ClipModelSpec = field(default_factory=ClipModelSpec)
     train: ClipTrainConfig = field(default_factory=ClipTrainConfig)
     run: RunOptions = field(default_factory=lambda: RunOptions(log_every=10, eval_max_samples=512))
     scale: ScaleConfig = field(default_factory=ScaleConfig)
-    heldout_fraction: float = 0.05
+    heldout_fraction: float = 0.05  # samples held out by key hash for retrieval eval
     split_salt: str = "clipcap-heldout"
     read_cpus: float = 0.5  # CPU reserved per data task (decode + crop + tokenise)
     # "stream": Ray Data tasks decode every epoch (any size, augmentation); "memory": each worker decodes its
@@ -178,7 +185,7 @@ def run_clip_training(cfg: ClipTrainJobConfig) -> ClipTrainResult:
     t0 = time.perf_counter()
     stream = p.mode == "stream"
     out = fit_workers("pipelines.clip.worker:clip_train_loop", cfg, p, {"train": _dataset(cfg, p)} if stream else None,
-                      stream_spec(cfg, p) if stream else None)
+                      stream_spec(cfg, p) if stream else None, what="train-clip")
     log.info("train-clip %s: done in %.0f s -> %s", cfg.name, time.perf_counter() - t0, out.get("weights"))
     return ClipTrainResult(model_dir=out["model_dir"], weights=out["weights"], run_dir=cfg.run_dir,
                            history=out["history"], metrics=out.get("metrics", {}))

@@ -19,7 +19,7 @@ HELP = "caption images with a model and print the captions"
 
 
 def add_projection_arguments(p: argparse.ArgumentParser) -> None:
-    """DeCap projection flags, shared by ``caption-images`` and ``caption``."""
+    """DeCap projection flags (``caption`` has them as ``ProjectionConfig``'s fields)."""
     p.add_argument("--projection", choices=["auto", "none", "memory"],
                    help="auto (default): a DeCap artifact projects onto its memory; none: decode the raw image "
                         "embedding; memory: project onto --memory (or the artifact's memory)")

@@ -1,17 +1,6 @@
-"""What the ``clipcap`` sub-commands share besides their config layer (``options``): flags declared as a table,
-the flags several commands take (``--ray-address``, the training scale and run flags), connecting to Ray, and
-printing a result with the units that were not done.
-
-    common.add_flags(p, '''
-        --epochs        int         passes over the training split
-        --gpu           switch      one GPU per worker
-        --mappings      mlp|transformer+  default: mlp transformer
-    ''')
-
-A row is ``FLAG KIND HELP``. KIND is ``int``, ``float``, ``str``, ``switch`` (``store_true`` with default None,
-so an absent switch keeps the config file's value) or ``a|b|c`` (choices); a trailing ``+`` takes one or more
-values; a line that does not start with ``-`` continues the help of the row above. Flags that need more (a
-``dest``, a default, another action) stay plain ``add_argument`` calls.
+"""What the ``clipcap`` sub-commands share besides their config layer (``options``) and the flags generated
+from their configs (``flags``): old flag spellings, ``--ray-address``, connecting to Ray, and printing a result
+with the units that were not done.
 """
 
 from __future__ import annotations
@@ -22,47 +11,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-_TYPES: dict[str, type] = {"int": int, "float": float, "str": str}
 RAY_ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS or a local instance)"
 # embed / embed-text look for a running local head before they start one (runtime.ensure_ray)
 RAY_ADDRESS_HEAD_HELP = "Ray cluster address (default: RAY_ADDRESS, a running local head, else a new local instance)"
-
-
-def flag_kwargs(kind: str) -> dict[str, Any]:
-    """The ``add_argument`` keywords of one table KIND (see the module docstring)."""
-    kwargs: dict[str, Any] = {}
-    if kind.endswith("+"):
-        kwargs["nargs"], kind = "+", kind[:-1]
-    if kind == "switch":
-        kwargs.update(action="store_true", default=None)
-    elif "|" in kind:
-        kwargs["choices"] = kind.split("|")
-    elif kind in _TYPES:
-        if kind != "str":
-            kwargs["type"] = _TYPES[kind]
-    else:
-        raise ValueError(f"flag table: unknown kind {kind!r} (int, float, str, switch or a|b|c, optional +)")
-    return kwargs
-
-
-def flag_rows(table: str) -> list[tuple[str, str, str]]:
-    """``(flag, kind, help)`` per row; a line that does not start with ``-`` continues the previous help."""
-    rows: list[tuple[str, str, str]] = []
-    for line in filter(None, (raw.strip() for raw in table.splitlines())):
-        if not line.startswith("-"):
-            flag, kind, help_text = rows.pop()
-            rows.append((flag, kind, f"{help_text} {line}".lstrip()))
-            continue
-        flag, kind, *help_text = line.split(None, 2)
-        rows.append((flag, kind, "".join(help_text)))
-    return rows
-
-
-def add_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, table: str) -> None:
-    """One ``add_argument`` per row ``FLAG KIND HELP`` of ``table``, in order (a ``%`` in HELP is a percent
-    sign, not an argparse format)."""
-    for flag, kind, help_text in flag_rows(table):
-        p.add_argument(flag, help=help_text.replace("%", "%%"), **flag_kwargs(kind))
 
 
 class _OldSpelling(argparse.Action):
@@ -99,31 +50,6 @@ def require(args: argparse.Namespace, *dests: str) -> None:
 
 def add_ray_address(p: argparse.ArgumentParser, help_text: str = RAY_ADDRESS_HELP) -> None:
     p.add_argument("--ray-address", help=help_text)
-
-
-# flag dest -> (section, field) of the flags add_scale_flags adds (options.collect)
-SCALE_FIELDS: dict[str, tuple[str, str]] = {
-    "workers": ("scale", "num_workers"), "gpu": ("scale", "use_gpu"), "cpus_per_worker": ("scale", "cpus_per_worker"),
-    "torch_threads": ("scale", "torch_threads"),
-    "checkpoint_every": ("run", "checkpoint_every"), "max_failures": ("run", "max_failures"),
-    "log_every": ("run", "log_every"),
-}
-
-
-def add_scale_flags(p: argparse.ArgumentParser, *, cpus_help: str, threads_help: str) -> None:
-    """Ray Train scale and run flags of ``train`` / ``nightly`` / ``train-clip`` (``scale`` and ``run`` sections)."""
-    add_flags(p, """
-        --workers           int     Ray Train workers
-    """)
-    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
-                   help="one GPU per worker (default: when the cluster has one for each worker; --no-gpu: CPU)")
-    p.add_argument("--cpus-per-worker", type=float, help=cpus_help)
-    p.add_argument("--torch-threads", type=int, help=threads_help)
-    add_flags(p, """
-        --checkpoint-every  int     steps between checkpoints (and every epoch)
-        --max-failures      int     worker-group restarts from the latest checkpoint
-        --log-every         int     steps between progress lines
-    """)
 
 
 def init_ray(address: str | None) -> None:

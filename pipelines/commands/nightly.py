@@ -15,44 +15,25 @@ import argparse
 import json
 from typing import Any
 
-from pipelines.commands import common, options
-from pipelines.commands.train import FIELDS as TRAIN_FIELDS
-from pipelines.commands.train import add_common_arguments
+from pipelines.commands import common, flags, options
 
 JOB_LOG = True  # Ray's output to a log file unless -v (pipelines.console)
 HELP = "nightly retraining on fresh embedding shards + guarded promotion"
 
-_FIELDS: dict[str, tuple[str, str]] = {
-    **{k: v for k, v in TRAIN_FIELDS.items() if v[0] in ("train", "scale", "run")},
-    "input": ("", "tables"), "state": ("", "state"), "initial_model": ("", "initial_model"),
-    "replay_ratio": ("", "replay_ratio"), "heldout_fraction": ("", "heldout_fraction"),
-    "heldout_max": ("", "heldout_max"), "metric": ("", "metric"), "tolerance": ("", "tolerance"),
-    "eval_gpus": ("", "eval_num_gpus"),
-}
+CONFIG = "pipelines.train.nightly:NightlyConfig"  # its fields are the flags (pipelines.commands.flags)
 REFUSED_EXIT = 3
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common_arguments(p)
-    p.add_argument("--input", nargs="+", help="embedding table folders to watch for new shards")
+    options.add_config_arguments(p, "the command's config")
+    flags.add(p, CONFIG)
     common.old_spellings(p, {"--tables": "--input"})
-    p.add_argument("--state", help="state folder: manifest, held-out set, production pointer, history")
-    p.add_argument("--initial-model", help="preset or artifact URI used while nothing is in production")
-    p.add_argument("--replay-ratio", type=float, help="replayed older rows per new row (seeded sample)")
-    p.add_argument("--heldout-fraction", type=float,
-        help='fraction of keys held out (frozen on the first run)')
-    p.add_argument("--heldout-max", type=int, help="rows frozen into the held-out set on the first run")
-    p.add_argument("--metric", choices=["cider", "bleu4", "exact_match", "clip_score", "val_loss"],
-        help='held-out metric that decides promotion')
-    p.add_argument("--tolerance", type=float, help="how much worse (absolute) a candidate may be and still promote")
-    p.add_argument("--eval-gpus", type=float, help="GPUs for the evaluation task")
     p.add_argument("--status", action="store_true", help="print the pointer and history of --state and exit")
+    common.add_ray_address(p)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from pipelines.train.nightly import NightlyConfig
-
-    return options.build(NightlyConfig, options.collect(args, _FIELDS), _FIELDS)
+    return options.from_args(args, CONFIG)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,19 +1,17 @@
 """The one config layer of every command: a YAML / JSON file, then flags, then ``--set KEY=VALUE``, into a
 typed config dataclass (``clipcap_core.configs.from_dict``: unknown keys and wrong types fail, naming the key).
 
-    FIELDS = {"lr": ("train", "lr"), "input": ("", "input")}   # flag dest -> (section, dotted; "" = top, field)
-    cfg = options.build(TrainJobConfig, options.collect(args, FIELDS), FIELDS)
+    cfg = options.from_args(args, "pipelines.train.job:TrainJobConfig")   # the flags flags.add made for it
 
 Precedence, lowest first: the dataclass defaults, ``--config FILE``, ``base`` (a command's computed defaults
-go *under* the file instead, see ``collect``), the flags given, then ``--set``. Choice lists of flags come from
-the config's ``Literal`` types (``choices``), so the CLI and the config cannot drift apart.
+go *under* the file instead, see ``collect``), the flags given, then ``--set``. The flags are the config's
+fields (``flags``): the flag of a field is ``Fields``' ``dest -> (section, field name)``, ``""`` the top level.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -109,6 +107,17 @@ def collect(args: argparse.Namespace, fields: Fields, *, base: Mapping[str, Any]
     return data
 
 
+def from_args(args: argparse.Namespace, ref: str, *, extra: Mapping[str, Any] | None = None) -> Any:
+    """The config ``module:Class`` from ``--config``, its flags (``flags.add(p, ref)``) and ``--set``, validated."""
+    import importlib
+
+    from pipelines.commands import flags
+
+    module, _, name = ref.partition(":")
+    fields = flags.fields(ref)
+    return build(getattr(importlib.import_module(module), name), collect(args, fields, extra=extra), fields)
+
+
 def build(cls: type, data: Mapping[str, Any], fields: Fields | None = None) -> Any:
     """``from_dict`` with every failure a ConfigError (a dataclass ``__post_init__`` may raise ValueError /
     TypeError): the CLI turns it into one line and exit code 2, before any work. A required top-level field
@@ -141,12 +150,3 @@ def add_config_arguments(p: argparse.ArgumentParser, what: str, example: str = "
     p.add_argument("--config", help=f"YAML / JSON file with {what} fields (flags override it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"any config key, dotted ({example}); the value is parsed as YAML")
-
-
-def choices(cls: type, name: str) -> list[str]:
-    """The values of the ``Literal`` type of field ``name`` of dataclass ``cls`` (for argparse ``choices``)."""
-    tp = typing.get_type_hints(cls)[name]
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) is typing.Union:  # Literal[...] | None
-        args = next(typing.get_args(a) for a in args if typing.get_origin(a) is typing.Literal)
-    return [str(a) for a in args]

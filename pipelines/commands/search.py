@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.commands import common
-
 HELP = "query a nearest-neighbour index by text, image or key"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    common.add_flags(p, """
-        --index     str     index folder (clipcap index --output)
-        --text      str+    query texts (encoded by the table's CLIP)
-        --image     str+    query image files (local or any URI)
-        --key       str+    keys of indexed rows (their own vectors)
-        --nprobe    int     IVF lists searched per query (default: the index's)
-        --output    str     also write the hits as Parquet (query, rank, score, key, caption, file, row)
-    """)
+    p.add_argument("--index", help="index folder (clipcap index --output)")
+    p.add_argument("--text", nargs="+", help="query texts (encoded by the table's CLIP)")
+    p.add_argument("--image", nargs="+", help="query image files (local or any URI)")
+    p.add_argument("--key", nargs="+", help="keys of indexed rows (their own vectors)")
+    p.add_argument("--nprobe", type=int, help="IVF lists searched per query (default: the index's)")
+    p.add_argument("--output", help="also write the hits as Parquet (query, rank, score, key, caption, file, row)")
     p.add_argument("-k", "--top-k", type=int, default=10, help="neighbours per query (default 10)")
 
 

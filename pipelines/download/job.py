@@ -32,11 +32,11 @@ import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pandas as pd
 
-from pipelines import exitcodes, runtime
+from pipelines import console, exitcodes, runtime
 from pipelines.io import schemas, storage
 from pipelines.io.delimited import read_delimited
 
@@ -48,29 +48,45 @@ _URL_PREFIXES = ("http://", "https://", "file://", "s3://", "gs://")
 
 @dataclass(frozen=True, kw_only=True)
 class DownloadConfig:
-    """Everything img2dataset needs; ``columns`` names the fields of a headerless tsv/csv (CC3M order)."""
+    """Everything img2dataset needs; ``columns`` names the fields of a headerless tsv/csv (CC3M order). Each field
+    is a ``clipcap download`` flag (``pipelines.commands.flags``); ``CLI_FLAGS`` names the renamed ones."""
 
-    url_list: str
-    output: str
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {
+        "url_list": "--input", "processes_count": "--processes", "thread_count": "--threads",
+        "number_sample_per_shard": "--shard-size", "incremental": "--overwrite",
+    }
+    CLI_COMMA: ClassVar[tuple[str, ...]] = ("columns",)
+    url_list: str  # URL list: tsv / csv / parquet / jsonl file (or folder of them), any fsspec URI
+    output: str  # shard folder URI (local, s3://, ...)
     input_format: Literal["auto", "tsv", "csv", "parquet", "jsonl"] = "auto"
-    header: bool | None = None  # tsv/csv only; None = detect (a first row holding a URL is data, CC3M)
+    """URL list format (auto: from the file name)"""
+    header: bool | None = None
+    """tsv/csv has a header row (--no-header: it has none, CC3M; default: detected, a first row holding a URL is
+    data)"""
     columns: tuple[str, ...] = (schemas.CAPTION, schemas.URL)
-    url_col: str = schemas.URL
-    caption_col: str | None = schemas.CAPTION
-    image_size: int = 256
+    """column names of a headerless file, comma-separated (default: caption,url)"""
+    url_col: str = schemas.URL  # column with the image URLs (default: url)
+    caption_col: str | None = schemas.CAPTION  # column with the captions (default: caption)
+    image_size: int = 256  # side of the stored images in pixels
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
-    resize_only_if_bigger: bool = False
-    encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    encode_quality: int | None = None  # None: 95 for jpg / webp, 9 (compression level) for png
-    min_image_size: int = 0
-    processes_count: int = 1
-    thread_count: int = 16
-    number_sample_per_shard: int = 10000
+    """img2dataset resize mode"""
+    resize_only_if_bigger: bool = False  # never upscale small images
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"  # stored image format
+    encode_quality: int | None = None
+    """jpg/webp quality 0-100 or png compression 0-9 (default: 95 for jpg / webp, 9 for png)"""
+    min_image_size: int = 0  # drop images smaller than this many pixels per side
+    processes_count: int = 1  # img2dataset processes
+    thread_count: int = 16  # download threads per process
+    number_sample_per_shard: int = 10000  # samples per shard
     distributor: Literal["multiprocessing", "ray"] = "multiprocessing"
-    timeout: int = 10
-    retries: int = 0
-    incremental: bool = True  # False: img2dataset's "overwrite" (deletes the output folder first)
-    allow_private_urls: bool = False  # URLs on private / loopback / link-local literal hosts (refused by default)
+    """img2dataset distributor (ray: one task per shard on the cluster)"""
+    timeout: int = 10  # seconds per URL before it counts as failed (retried on the next run)
+    retries: int = 0  # img2dataset retries per URL within a run
+    incremental: bool = True
+    """finished shards are skipped (off, --overwrite: img2dataset's overwrite, the output folder is deleted
+    first)"""
+    allow_private_urls: bool = False
+    """download from private / loopback / link-local hosts too (trusted internal lists only)"""
 
     def __post_init__(self) -> None:
         if self.number_sample_per_shard < 1 or self.processes_count < 1 or self.thread_count < 1:
@@ -302,13 +318,36 @@ def run_download(cfg: DownloadConfig, ray_address: str | None = None, urls: pd.D
 
 
 def _download(cfg: DownloadConfig, df: pd.DataFrame) -> None:
+    """img2dataset's download, its per-shard lines in the job log and our progress line read from the shards'
+    ``_stats.json`` as they land."""
     from img2dataset import download
 
     with tempfile.TemporaryDirectory(prefix="clipcap-urls-") as tmp:
         url_parquet = os.path.join(tmp, "urls.parquet")
         df.to_parquet(url_parquet, index=False)
         log.info("downloading %d URLs from %s to %s (%s)", len(df), cfg.url_list, cfg.output, cfg.distributor)
-        download(**img2dataset_kwargs(cfg, url_parquet))
+        shards = math.ceil(len(df) / cfg.number_sample_per_shard)
+        progress = console.Progress("download", shards, unit="shards", rows="images")
+        with console.stdout_to_log(), console.watch(progress, ShardTally(cfg.output).read, interval_s=2.0):
+            download(**img2dataset_kwargs(cfg, url_parquet))
+
+
+class ShardTally:
+    """Finished shards, images and failed samples under a download's output, from img2dataset's per-shard
+    ``_stats.json`` (each read once: a shard's stats are written when it is done)."""
+
+    def __init__(self, output: str):
+        self.output = output
+        self.seen: dict[str, tuple[int, int]] = {}  # stats file -> (successes, failures)
+
+    def read(self) -> tuple[int, int, int, str]:
+        for uri in storage.list_files(self.output, "_stats.json"):
+            if uri not in self.seen:
+                stats = storage.read_json(uri, default={}) or {}
+                ok = int(stats.get("successes", 0))
+                self.seen[uri] = (ok, int(stats.get("count", 0)) - ok)
+        return (len(self.seen), sum(ok for ok, _ in self.seen.values()),
+                sum(bad for _, bad in self.seen.values()), "")
 
 
 def summary_json(summary: DownloadSummary | Mapping[str, Any]) -> str:

@@ -35,7 +35,7 @@ import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -61,12 +61,15 @@ class EmbedResources:
     (``num_actors`` given: that many actors, one batch at a time each)."""
 
     num_actors: int = 0
-    cpus_per_actor: float = 0.0  # Ray's reservation per actor; 0: 1
-    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    torch_threads: int = 0  # CPU actors: torch intra-op threads; 0: the node's cores / its actors
-    batch_size: int = 64
-    decode_cpus: float = 0.0  # per decode task; 0: 1
-    decode_memory_mb: int = 1024  # a shard is read whole (+ torch for the transforms); keeps decode unfused
+    """CLIP actors, one model each (0: one per GPU; on CPU one per core, up to 8 per node, and on one node those as
+    concurrent batches of one actor)"""
+    cpus_per_actor: float = 0.0  # Ray CPUs reserved per CLIP actor (0: 1; not a thread cap)
+    gpus_per_actor: float | None = None  # GPUs per CLIP actor (default: 1 when the cluster has GPUs, else 0)
+    torch_threads: int = 0  # torch threads per CPU actor (0: the node's cores / its actors)
+    batch_size: int = 64  # rows per CLIP forward
+    decode_cpus: float = 0.0  # CPUs per decode task (0: 1)
+    decode_memory_mb: int = 1024  # + torch for the transforms; keeps decode unfused
+    """memory per decode task (a shard is read whole)"""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or min(self.num_actors, self.cpus_per_actor, self.decode_cpus, self.torch_threads) < 0:
@@ -81,15 +84,19 @@ class EmbedResources:
 
 @dataclass(frozen=True, kw_only=True)
 class EmbedConfig:
+    """The ``clipcap embed`` config: each field is a flag (``pipelines.commands.flags``), ``CLI_FLAGS`` the renamed."""
+
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"output_root": "--output"}
     input: str  # img2dataset output folder (webdataset .tar shards + per-shard .parquet)
-    output_root: str
-    dataset: str
+    output_root: str  # storage root; tables go to <output>/embeddings/<dataset>/<clip-tag>/
+    dataset: str  # dataset name in the output path
     encoder: EncoderConfig = EncoderConfig()
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16"] = "float32"  # stored embedding dtype
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 autocast on GPU, fp32 on CPU
-    text_embeddings: bool = False
+    text_embeddings: bool = False  # also embed the captions
     resources: EmbedResources = EmbedResources()
-    force_unlock: bool = False  # take the table's lease even from a live run (``pipelines.lease``)
+    force_unlock: bool = False
+    """take the table's lease (_meta/.../lease.json) even from a run that looks alive"""
 
     @property
     def table_uri(self) -> str:

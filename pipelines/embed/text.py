@@ -28,7 +28,7 @@ import logging
 import posixpath
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -50,19 +50,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class EmbedTextConfig:
-    input: str  # caption file, folder of them, or img2dataset output folder (text_sources)
-    output_root: str
-    dataset: str
+    """The ``clipcap embed-text`` config: each field is a flag (``pipelines.commands.flags``), ``CLI_FLAGS`` the
+    renamed."""
+
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"output_root": "--output"}
+    input: str
+    """caption file (txt: one per line; csv/tsv/jsonl/parquet), a folder of them, or an img2dataset output folder"""
+    output_root: str  # storage root; tables go to <output>/text-embeddings/<dataset>/<clip-tag>/
+    dataset: str  # dataset name in the output path
     input_format: Literal["auto", "text", "csv", "tsv", "jsonl", "parquet", "img2dataset"] = "auto"
-    caption_col: str = "caption"
-    key_col: str | None = None  # None: keys "<file stem>-<row>" (img2dataset: its keys)
-    part_size: int = 10000  # rows per output part (files; an img2dataset shard is one part)
+    """input kind (auto: by extension; img2dataset: webdataset shards with their captions)"""
+    caption_col: str = "caption"  # caption column of csv/tsv/jsonl/parquet input
+    key_col: str | None = None  # key column (default: <file stem>-<row>; img2dataset: its keys)
+    part_size: int = 10000  # captions per output part (files; an img2dataset shard is one part)
     max_caption_chars: int = 2000  # longer captions are error rows (bounded work per row)
     encoder: EncoderConfig = EncoderConfig()
-    dtype: Literal["float32", "float16"] = "float32"
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    dtype: Literal["float32", "float16"] = "float32"  # stored embedding dtype
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 autocast on GPU, fp32 on CPU
     resources: embed.EmbedResources = embed.EmbedResources(batch_size=256)
-    force_unlock: bool = False  # take the table's lease even from a live run (``pipelines.lease``)
+    force_unlock: bool = False
+    """take the table's lease (_meta/.../lease.json) even from a run that looks alive"""
 
     def __post_init__(self) -> None:
         if self.part_size < 1 or self.max_caption_chars < 1:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -39,21 +39,30 @@ SHOW_IDS = 10  # ids named in the summary per kind of problem
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
-    predictions: str
-    references: str
-    output: str
-    images: str | None = None            # images or image embeddings: enables CLIPScore / RefCLIPScore
-    model: str | None = None             # model artifact whose CLIP scores (default: the caption table's model)
-    clip_model: str | None = None        # or name the CLIP directly (open_clip name)
-    clip_pretrained: str | None = None
+    """The ``clipcap evaluate`` config: each field is a flag (``pipelines.commands.flags``); ``CLI_FLAGS`` names the
+    renamed flag, ``CLI_COMMA`` the one given as a comma-separated list."""
+
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"clip_model": "--clip"}
+    CLI_COMMA: ClassVar[tuple[str, ...]] = ("metrics",)
+    predictions: str  # caption table, COCO results JSON or table URI
+    references: str  # COCO annotations JSON or reference table URI
+    output: str  # folder for per_image.parquet, summary.json, results.json
+    images: str | None = None
+    """images (folder / archives / Parquet) or an embedding table: adds CLIPScore / RefCLIPScore"""
+    model: str | None = None  # model artifact whose CLIP scores (default: the caption table's model)
+    clip_model: str | None = None  # open_clip model name (instead of the model's CLIP)
+    clip_pretrained: str | None = None  # open_clip tag, local file or URI of the CLIP weights
     id_match: Literal["auto", "key", "stem", "number"] = "auto"
-    prediction_id_column: str | None = None
-    reference_id_column: str | None = None
-    caption_column: str = schemas.CAPTION
+    """how ids pair up: exact key, file stem, or trailing number (COCO file names)"""
+    prediction_id_column: str | None = None  # default: key, then image_id
+    reference_id_column: str | None = None  # default: key, then image_id
+    caption_column: str = schemas.CAPTION  # predictions table: the caption column (default: caption)
     metrics: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider")
-    tokenize: Literal["ptb", "simple"] = "ptb"
+    """comma list of bleu,meteor,rouge,cider,spice (default: all but spice)"""
+    tokenize: Literal["ptb", "simple"] = "ptb"  # ptb (COCO's, Java) or simple
     spice: Literal["auto", "on", "off"] = "auto"
-    device: str = "cpu"
+    """auto: when Stanford CoreNLP is present; on: try (downloads it when online)"""
+    device: str = "cpu"  # for the CLIP forward passes (cpu, cuda)
 
     def __post_init__(self) -> None:
         from clipcap_core.metrics import METRICS

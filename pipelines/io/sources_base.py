@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import numpy as np
 
@@ -25,18 +25,28 @@ Format = Literal["auto", "images", "tar", "zip", "webdataset", "parquet", "embed
 
 @dataclass(frozen=True, kw_only=True)
 class SourceConfig:
-    """How an input is listed, partitioned and read."""
+    """How an input is listed, partitioned and read. ``CLI_FLAGS``: the fields that are not ``clipcap caption``
+    flags (``pipelines.commands.flags``)."""
 
-    format: Format = "auto"
-    part_size: int = 1000             # loose images per part; target rows per Parquet part
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"max_member_bytes": None, "url_schemes": None,
+                                                  "fetch_timeout_s": None, "fetch_threads": None, "read_batch": None}
+
+    format: Format = "auto"  # input format (auto: by file extension)
+    part_size: int = 1000  # loose images (or Parquet rows) per output part
     max_member_bytes: int = 64 << 20  # larger files / members / downloads are error rows
     max_pixels: int = imaging.DEFAULT_MAX_PIXELS
-    image_column: str | None = None   # Parquet: None = first of schemas.IMAGE_BYTES_COLUMNS present
+    """decompression-bomb limit per image (default: 64 megapixels)"""
+    image_column: str | None = None
+    """Parquet input: column with the encoded image bytes (default: the first of schemas.IMAGE_BYTES_COLUMNS present)"""
     url_column: str = schemas.URL
+    """Parquet input: column with image URLs (fetched when no bytes; default: url)"""
     key_column: str = schemas.KEY
+    """Parquet input: column with the row key (default: key, else the row position)"""
     url_schemes: tuple[str, ...] = ("http", "https", "s3", "gs")
-    allow_private_urls: bool = False        # URL inputs: fetch private / loopback / link-local hosts too
-    allow_object_store_urls: bool = False   # URL inputs: s3:// / gs:// (read with the job's own credentials)
+    allow_private_urls: bool = False
+    """URL inputs: fetch private / loopback / link-local hosts too (refused by default)"""
+    allow_object_store_urls: bool = False
+    """URL inputs: fetch s3:// / gs:// URLs with this job's credentials (refused by default)"""
     fetch_timeout_s: float = 20.0
     fetch_threads: int = 16
     read_batch: int = 64              # loose files fetched / URLs downloaded per round

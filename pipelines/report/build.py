@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import posixpath
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -41,20 +41,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class ReportConfig:
-    captions: str
-    out: str
-    evaluation: str | None = None
-    run: str | None = None        # training run folder with history.json
-    model: str | None = None      # default: the model recorded in the caption table
-    images: str | None = None     # default: the input recorded in the run's _meta/run.json
-    sample: int = 24              # images in the gallery
-    max_parts: int = 4            # caption parts read at most
-    interpret: int = 4            # images whose prefixes are interpreted
-    thumb_px: int = 160
-    seed: int = 0
-    order: Literal["worst", "key"] = "worst"  # gallery order in the file (the page can switch)
-    failures: int = 50            # rows listed per kind of failure (all are counted)
-    studies: tuple[str, ...] = ()  # `clipcap study` output folders (<output>/<name>/) shown in a Studies section
+    """The ``clipcap report`` config: each field is a flag (``pipelines.commands.flags``); ``CLI_FLAGS`` names the
+    renamed ones."""
+
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"captions": "--input", "out": "--output"}
+    captions: str  # caption table folder URI (required)
+    out: str  # the HTML file to write (required)
+    evaluation: str | None = None  # folder written by clipcap evaluate (metric table, per-image scores)
+    run: str | None = None  # training run folder with history.json (training curves)
+    model: str | None = None  # model artifact (default: the one recorded in the caption table)
+    images: str | None = None  # the captioned images (default: the input in the table's _meta/run.json)
+    sample: int = 24  # images in the gallery
+    max_parts: int = 4  # caption parts read at most
+    interpret: int = 4  # images with prefix interpretation
+    thumb_px: int = 160  # thumbnail size
+    seed: int = 0  # seed of the sampled parts and images
+    order: Literal["worst", "key"] = "worst"
+    """gallery order (worst: flagged and lowest-scoring first; the page can switch)"""
+    failures: int = 50  # rows listed per kind of failure (all are counted)
+    studies: tuple[str, ...] = ()  # clipcap study output folders (<output>/<name>/): tables and plots in a section
 
     def __post_init__(self) -> None:
         if self.sample < 1 or self.max_parts < 1 or self.interpret < 0 or not 16 <= self.thumb_px <= 1024:

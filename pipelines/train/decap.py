@@ -28,11 +28,13 @@ DECODERS = ("clipcap", "decap")
 class DecapOptions:
     """DeCap training options (used with ``decoder="decap"``)."""
 
-    noise_std: float = 0.0  # Gaussian noise added to the normalised text embedding in training (CapDec)
-    memory_size: int = 10000  # caption embeddings in the memory; 0: every row of the source
-    memory: str | None = None  # another text table as the memory source (default: the training tables)
-    memory_seed: int = 0
-    tau: float = 0.01
+    noise_std: float = 0.0  # Gaussian noise on the normalised text embedding in training (CapDec)
+    memory_size: int = 10000
+    """caption embeddings stored as the projection memory (0: all), sampled with memory_seed from the training
+    split"""
+    memory: str | None = None  # take the memory from this text table instead of the training tables
+    memory_seed: int = 0  # seed of the memory sample
+    tau: float = 0.01  # projection temperature stored with the memory
 
     def __post_init__(self) -> None:
         if self.noise_std < 0 or self.memory_size < 0 or not self.tau > 0:

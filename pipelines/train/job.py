@@ -26,7 +26,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 
@@ -66,23 +66,33 @@ __all__ = ["FaultConfig", "RunOptions", "ScaleConfig", "TrainConfig", "TrainJobC
 
 @dataclass(frozen=True, kw_only=True)
 class TrainJobConfig:
-    tables: tuple[str, ...]  # embedding table folders or files
+    """The ``clipcap train`` config: each field is a flag (``pipelines.commands.flags``); ``CLI_FLAGS`` names the
+    renamed flags and the fields set by ``--config`` / ``--set`` only (None)."""
+
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {
+        "tables": "--input", "model_overrides": None, "replay_tables": None, "replay_fraction": None,
+        "replay_seed": None, "split_salt": None, "fault": None,
+    }
+    tables: tuple[str, ...]  # embedding table folders or files (local, s3://, ...)
     output: str  # storage root; the run lives in <output>/<name>/
-    name: str = "clipcap"
-    model: str = "tiny"  # preset name (new model) or model artifact URI (warm start)
+    name: str = "clipcap"  # run name (re-running with the same name resumes)
+    model: str = "tiny"  # preset (tiny, clipcap-mlp, ...) or model artifact URI to warm-start from
     model_overrides: dict[str, Any] = field(default_factory=dict)  # dotted ModelConfig keys, presets only
     replay_tables: tuple[str, ...] = ()  # older tables sampled at replay_fraction (nightly)
     replay_fraction: float = 0.0
     replay_seed: int = 0
-    heldout_fraction: float = 0.1
+    heldout_fraction: float = 0.1  # fraction of keys held out for evaluation
     split_salt: str = "clipcap-heldout"
     train: TrainConfig = field(default_factory=TrainConfig)  # hyperparameters (clipcap_core.training)
     run: RunOptions = field(default_factory=RunOptions)  # checkpoints, failures, logging, evaluation
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     fault: FaultConfig | None = None
-    decoder: Literal["clipcap", "decap"] = "clipcap"  # decap: text-only training on text tables (decap_train)
+    decoder: Literal["clipcap", "decap"] = "clipcap"
+    """decap: train on the text_embedding of text tables (clipcap embed-text), no images (decap_train)"""
     decap: DecapOptions = field(default_factory=DecapOptions)
-    strict: bool = False  # rows that cannot train (empty caption, non-finite vector, repeated key) refuse the run
+    strict: bool = False
+    """fail (exit 2) on rows with a non-finite vector, an empty caption or a duplicate key instead of dropping
+    them into the run's input_errors table"""
 
     def __post_init__(self) -> None:
         if not self.tables:

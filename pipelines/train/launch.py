@@ -30,6 +30,9 @@ def worker_entry(config: dict[str, Any]) -> Any:
     batches = EarlyStream(from_dict(StreamSpec, spec)) if spec else None
     module, _, name = str(config["loop"]).partition(":")
     loop = getattr(importlib.import_module(module), name)
+    from pipelines.train.steps import attach_board  # after the stream started (steps imports torch)
+
+    attach_board(config.get("progress"))  # rank 0 posts its step there for the driver's progress line
     return loop(config, batches)
 
 

@@ -23,7 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,19 +47,24 @@ LOWER_IS_BETTER = {"val_loss"}
 
 @dataclass(frozen=True, kw_only=True)
 class NightlyConfig:
-    tables: tuple[str, ...]                  # embedding table folders to watch (or files)
-    state: str                               # the state folder (see module docstring)
-    initial_model: str = "tiny"              # preset or artifact URI to start from when nothing is in production
+    """The ``clipcap nightly`` config: each field is a flag (``pipelines.commands.flags``); ``CLI_FLAGS`` names the
+    renamed flags and the fields set by ``--config`` / ``--set`` only (None)."""
+
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"tables": "--input", "eval_num_gpus": "--eval-gpus",
+                                                  "lock_ttl_s": None}
+    tables: tuple[str, ...]  # embedding table folders to watch for new shards (or files)
+    state: str  # state folder: manifest, held-out set, production pointer, history (see the module docstring)
+    initial_model: str = "tiny"  # preset or artifact URI used while nothing is in production
     train: TrainConfig = field(default_factory=TrainConfig)  # hyperparameters of each night's fine-tuning
     run: RunOptions = field(default_factory=RunOptions)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
-    replay_ratio: float = 1.0                # replayed old rows per new row (seeded sample of older shards)
-    heldout_fraction: float = 0.1
-    heldout_max: int = 1000                  # rows frozen into heldout.parquet on the first run
-    metric: Metric = "cider"
-    tolerance: float = 0.02                  # absolute: candidate may be this much worse and still promote
+    replay_ratio: float = 1.0  # replayed older rows per new row (seeded sample of older shards)
+    heldout_fraction: float = 0.1  # fraction of keys held out (frozen on the first run)
+    heldout_max: int = 1000  # rows frozen into the held-out set (heldout.parquet) on the first run
+    metric: Metric = "cider"  # held-out metric that decides promotion
+    tolerance: float = 0.02  # how much worse (absolute) a candidate may be and still promote
     lock_ttl_s: float = 12 * 3600.0          # a lock not renewed this long is stale (crashed run)
-    eval_num_gpus: float = 0.0               # GPUs for the evaluation task (when Ray is initialised)
+    eval_num_gpus: float = 0.0  # GPUs for the evaluation task (when Ray is initialised)
 
 
 @dataclass(frozen=True)

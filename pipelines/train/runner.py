@@ -73,26 +73,37 @@ def describe_workers(scale: ScaleConfig, cluster: ClusterShape) -> str:
 
 
 def fit_workers(loop: str, job: TrainJob, plan: StepPlan, datasets: dict[str, Any] | None,
-                stream: StreamSpec | None = None) -> dict[str, Any]:
+                stream: StreamSpec | None = None, what: str = "train") -> dict[str, Any]:
     """Run ``loop`` (``"module:function"``) on ``job.scale.num_workers`` Ray Train workers as ``loop(config,
     batches)``, config ``{"job": ..., "plan": ...}`` (both ``configs.to_dict``) and ``batches`` the worker's
     ``launch.EarlyStream`` of ``datasets["train"]`` read as ``stream`` says (``None`` without a stream).
-    Returns rank 0's return value after writing its ``history`` under ``job.run_dir``."""
+    Returns rank 0's return value after writing its ``history`` under ``job.run_dir``.
+    The operator sees one progress line (``what``: steps done, samples, loss) read from the run's ``Board``
+    actor; the workers' own lines go to stderr (the job log, without Ray's colour codes)."""
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines import runtime
+    from pipelines import console, runtime
     from pipelines.train.launch import worker_entry
+    from pipelines.train.steps import Board
 
-    runtime.ensure_ray(None, log_to_driver=True)  # the progress lines are printed by the workers
+    runtime.ensure_ray(None, log_to_driver=True)  # the workers' lines, for the job log
     cluster = ClusterShape.from_ray()
     scale = size_workers(job.scale, cluster)
     log.info(describe_workers(scale, cluster))
     job = dataclasses.replace(job, scale=scale)  # type: ignore[type-var]  # the workers read the sized scale
+    board = ray.remote(num_cpus=0)(Board).remote()
+
+    def read() -> tuple[int, int, int, str] | None:
+        row = ray.get(board.read.remote(), timeout=10)
+        return (int(row["step"]), int(row["samples"]), 0, f"loss {row['loss']:.4f}") if row else None
+
     trainer = TorchTrainer(
         worker_entry,
         train_loop_config={"job": to_dict(job), "plan": to_dict(plan), "loop": loop,
-                           "stream": to_dict(stream) if stream is not None and datasets else None},
+                           "stream": to_dict(stream) if stream is not None and datasets else None,
+                           "progress": board},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scale.num_workers, use_gpu=scale.use_gpu,
             resources_per_worker={"CPU": scale.cpus_per_worker,
@@ -103,8 +114,10 @@ def fit_workers(loop: str, job: TrainJob, plan: StepPlan, datasets: dict[str, An
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints)),
         datasets=datasets,
     )
-    with _env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=str(job.run.poll_interval_s)):  # read by the controller actor
-        result = trainer.fit()
+    progress = console.Progress(what, plan.total_steps, unit="steps", rows="samples", count_errors=False)
+    with _env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=str(job.run.poll_interval_s)), console.watch(progress, read):
+        result = trainer.fit()  # the health-check interval is read by the controller actor
+    ray.kill(board)
     if result.error:
         raise result.error
     out = dict(result.return_value or {})

@@ -10,7 +10,7 @@ once, naming the key. ``RunState`` is what a worker carries from step to step an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from clipcap_core.configs import from_dict
 
@@ -21,12 +21,17 @@ LEGACY_STATE_KEYS = ("batch_in_epoch",)
 
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
-    """How the job runs (the hyperparameters are ``TrainConfig`` / ``ClipTrainConfig``)."""
+    """How the job runs (the hyperparameters are ``TrainConfig`` / ``ClipTrainConfig``). ``CLI_FLAGS``: the fields
+    that are not flags of the training commands (``pipelines.commands.flags``)."""
 
-    checkpoint_every: int = 500  # steps; and at the end of every epoch
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {
+        "keep_checkpoints": None, "eval_max_samples": None, "eval_every": None, "prefetch_batches": None,
+        "shuffle_buffer": None, "poll_interval_s": None,
+    }
+    checkpoint_every: int = 500  # steps between checkpoints (and every epoch)
     keep_checkpoints: int = 2
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
-    log_every: int = 50  # steps between progress lines / history rows
+    log_every: int = 50  # steps between progress lines (and history rows)
     eval_max_samples: int = 256  # held-out rows evaluated at the end of each epoch (rank 0)
     eval_every: int = 1  # epochs between held-out evaluations (the last epoch is always evaluated)
     prefetch_batches: int = 4
@@ -44,13 +49,20 @@ class RunOptions:
 @dataclass(frozen=True, kw_only=True)
 class ScaleConfig:
     """Ray Train workers and what each reserves and runs. ``None`` / 0 = sized from the cluster when the job
-    starts (``runner.size_workers``); an explicit value wins."""
+    starts (``runner.size_workers``); an explicit value wins. ``CLI_FLAGS``: the flags of the training commands
+    named otherwise (``pipelines.commands.flags``)."""
 
-    num_workers: int = 1
-    use_gpu: bool | None = None  # None: one GPU per worker when the cluster has one for each
-    cpus_per_worker: float = 0.0  # Ray's reservation; 0: the node's cores less one for the data tasks, shared
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"num_workers": "--workers", "use_gpu": "--gpu",
+                                                  "gpus_per_worker": None}
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool | None = None
+    """one GPU per worker (default: when the cluster has one for each worker; --no-gpu: CPU)"""
+    cpus_per_worker: float = 0.0
+    """Ray CPUs reserved per worker (0: the node's cores less one for the data tasks, shared by its workers; GPU:
+    1)"""
     gpus_per_worker: float = 1.0  # with use_gpu
-    torch_threads: int = 0  # 0: CPU, the node's cores less one, shared by its workers; GPU, Ray's default
+    torch_threads: int = 0
+    """torch threads per worker (0: CPU, the node's cores less one, shared by its workers; GPU, Ray's default)"""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:

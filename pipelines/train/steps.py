@@ -9,6 +9,7 @@ at the same steps (equal data shards give equal batch counts).
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -66,8 +67,38 @@ def maybe_crash(fault: FaultConfig | None, rank: int, step: int) -> None:
     """Fault-injection hook (the job's ``fault``): exit this worker process hard, once."""
     if fault and rank == fault.rank and step == fault.crash_at_step and not storage.exists(fault.marker):
         storage.write_json({"step": step, "rank": rank, "pid": os.getpid()}, fault.marker)
-        print(f"[clipcap train] fault injection: worker rank {rank} exits at step {step}", flush=True)
+        say(f"[clipcap train] fault injection: worker rank {rank} exits at step {step}")
         os._exit(1)
+
+
+def say(line: str) -> None:
+    """A worker's progress line, on stderr once (Ray Train's patched ``print`` sends a line both to the stream
+    and to its logger, and the driver then shows it twice); the driver's job log receives it."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+class Board:
+    """The latest step, samples and loss of a run, posted by rank 0 and read by the driver's progress line
+    (``runner.fit_workers`` makes it a Ray actor): the driver waits in ``trainer.fit()`` while workers train."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, float] = {}
+
+    def post(self, row: dict[str, float]) -> None:
+        self.latest = row
+
+    def read(self) -> dict[str, float]:
+        return self.latest
+
+
+_board: Any = None  # this worker's handle on the run's Board actor (``launch.worker_entry`` sets it)
+POST_EVERY_S = 1.0  # rank 0 posts at most this often (one fire-and-forget actor call)
+
+
+def attach_board(handle: Any) -> None:
+    global _board
+    _board = handle
 
 
 class WorkerRun:
@@ -102,6 +133,7 @@ class WorkerRun:
         self.metrics: dict[str, float] = {}  # the latest held-out metrics
         self.window: list[float] = []  # losses since the last progress line
         self.failure: str | None = None  # why the run stopped early (a non-finite loss or gradient)
+        self._posted = 0.0  # when rank 0 last posted to the board
         self.start_epoch()
 
     def resume(self) -> bool:
@@ -115,8 +147,7 @@ class WorkerRun:
         st.attempt += 1
         if ckpt and self.rank == 0:
             st.history.append({"kind": "resume", "step": st.step, "epoch": st.epoch, "attempt": st.attempt})
-            print(f"[clipcap {self.label}] resumed from step {st.step} (epoch {st.epoch + 1}), attempt {st.attempt}",
-                  flush=True)
+            say(f"[clipcap {self.label}] resumed from step {st.step} (epoch {st.epoch + 1}), attempt {st.attempt}")
         return bool(ckpt)
 
     def checkpoint_weights(self) -> dict[str, Any]:
@@ -142,6 +173,15 @@ class WorkerRun:
         else:
             ray.train.report(metrics, checkpoint_dir_name=name if checkpoint else None)
 
+    def post_progress(self, force: bool = False) -> None:
+        """Rank 0: the step, samples so far (all workers) and recent loss to the driver's board."""
+        now = time.monotonic()
+        if self.rank != 0 or _board is None or (not force and now - self._posted < POST_EVERY_S):
+            return
+        self._posted, st = now, self.state
+        loss = float(np.mean(self.losses[-20:])) if self.losses else float("nan")
+        _board.post.remote({"step": st.step, "samples": st.step * self.batch_size * self.world, "loss": loss})
+
     def log_step(self) -> None:
         if self.rank != 0 or not self.window:
             return
@@ -150,9 +190,8 @@ class WorkerRun:
         row = {"kind": "step", "step": st.step, "epoch": st.epoch, "train_loss": float(np.mean(self.window)),
                "lr": float(self.scheduler.get_last_lr()[0]), "samples_per_s": rate, "attempt": st.attempt}
         st.history.append(row)
-        print(f"[clipcap {self.label}] epoch {st.epoch + 1} step {st.step}/{self.plan.total_steps} "
-              f"loss {row['train_loss']:.4f} lr {row['lr']:.2e} {rate:.1f} {self.unit}/s (attempt {st.attempt})",
-              flush=True)
+        say(f"[clipcap {self.label}] epoch {st.epoch + 1} step {st.step}/{self.plan.total_steps} "
+            f"loss {row['train_loss']:.4f} lr {row['lr']:.2e} {rate:.1f} {self.unit}/s (attempt {st.attempt})")
         self.window, self.t_window = [], now
 
     def end_epoch(self) -> None:
@@ -172,8 +211,9 @@ class WorkerRun:
                    "samples_per_s": self.seen * self.world / max(elapsed, 1e-9), **samples,
                    "seconds": elapsed, "data_wait_s": self.wait, **fresh}
             st.history.append(row)
-            print(f"[clipcap {self.label}] epoch {st.epoch}/{self.epochs} done: " + " ".join(
-                f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+            say(f"[clipcap {self.label}] epoch {st.epoch}/{self.epochs} done: " + " ".join(
+                f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
+        self.post_progress(force=True)
         self.report({"step": st.step, "epoch": st.epoch, **fresh}, checkpoint=True)
         self.start_epoch()
 
@@ -205,13 +245,14 @@ def run_steps(run: WorkerRun, batches: Iterable[dict[str, Any]] | None, step: Ca
                 run.failure = f"stopped at step {st.step + 1}: {exc}"
                 if "embedding" in batch:
                     run.failure += batch_rows_note(batch["embedding"])
-                print(f"[clipcap {run.label}] {run.failure}", flush=True)
+                say(f"[clipcap {run.label}] {run.failure}")
                 return
             run.losses.append(loss)
             run.window.append(loss)
             run.seen += int(batch["tokens"].shape[0])
             st.step += 1
             maybe_crash(run.fault, run.rank, st.step)
+            run.post_progress()
             if st.step % opts.log_every == 0:
                 run.log_step()
             if st.epoch < len(ends) and st.step == ends[st.epoch]:

@@ -17,7 +17,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from clipcap_core.configs import from_dict, to_dict
 from clipcap_core.training import TrainConfig
@@ -31,20 +31,26 @@ COLUMNS = ("mapping", "prefix_length", "freeze_lm", "bleu4", "cider", "exact_mat
 
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig:
-    tables: tuple[str, ...]
-    output: str  # results and Tune state in <output>/<name>/
-    name: str = "prefix-sweep"
-    prefix_lengths: tuple[int, ...] = (1, 10, 20)
-    mappings: tuple[Literal["mlp", "transformer"], ...] = ("mlp", "transformer")
+    """The ``clipcap sweep`` config: each field is a flag (``pipelines.commands.flags``); ``CLI_FLAGS`` names the
+    renamed flags and the fields set by ``--config`` / ``--set`` only (None)."""
+
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"tables": "--input", "presets": None,
+                                                  "model_overrides": None}
+    tables: tuple[str, ...]  # embedding table folders or files
+    output: str  # where results and Tune state go (<output>/<name>/)
+    name: str = "prefix-sweep"  # sweep name (results under <output>/<name>/)
+    prefix_lengths: tuple[int, ...] = (1, 10, 20)  # prefix lengths k tried
+    mappings: tuple[Literal["mlp", "transformer"], ...] = ("mlp", "transformer")  # mapping networks tried
     # Base preset per mapping type (paper: MLP + tuned GPT-2, transformer + frozen GPT-2).
     presets: dict[str, str] = field(default_factory=lambda: {"mlp": "tiny", "transformer": "tiny-transformer"})
     train: TrainConfig = field(default_factory=TrainConfig)
-    heldout_fraction: float = 0.1
-    eval_max_samples: int = 500
-    max_train_rows: int = 100_000  # sweeps compare settings; they need not see the whole corpus
-    trial_cpus: float = 1.0
-    trial_gpus: float = 0.0
-    max_concurrent: int = 0  # 0: as many as resources allow
+    heldout_fraction: float = 0.1  # fraction of keys held out for evaluation
+    eval_max_samples: int = 500  # held-out samples evaluated per trial at most
+    max_train_rows: int = 100_000
+    """training rows per trial at most (a sweep compares settings on a sample, not the whole corpus)"""
+    trial_cpus: float = 1.0  # CPUs per trial
+    trial_gpus: float = 0.0  # GPUs per trial
+    max_concurrent: int = 0  # trials running at once at most (0: as many as resources allow)
     # Dotted overrides of every setting's preset (e.g. {"tokenizer": "word-scenes"}); the swept keys win.
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -143,7 +149,8 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
         param_space={"sweep": to_dict(cfg), "mapping": tune.grid_search(list(cfg.mappings)),
                      "prefix_length": tune.grid_search(list(cfg.prefix_lengths))},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent or None),
-        run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.output, verbose=0),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.output, verbose=0,
+                                  callbacks=[_trials_progress(tune, len(cfg.mappings) * len(cfg.prefix_lengths))]),
     )
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error]
@@ -153,6 +160,35 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
                   key=lambda r: (str(r["mapping"]), int(r["prefix_length"])))
     save_results(rows, storage.join(cfg.output, cfg.name))
     return rows
+
+
+def _trials_progress(tune: Any, total: int) -> Any:
+    """A Tune callback (it runs on the driver) advancing the operator's progress line as trials end."""
+    from pipelines import console
+
+    class TrialsDone(tune.Callback):
+        def __init__(self) -> None:
+            self.progress = console.Progress("sweep", total, unit="trials", rows="trials", count_errors=False)
+            self.failed = 0
+
+        def __getstate__(self) -> dict[str, Any]:  # Tune saves its callbacks with the experiment: not the stream
+            return {"progress": None, "failed": self.failed}
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            if self.progress is not None:
+                self.progress.update(1, 1)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.failed += 1
+            if self.progress is not None:
+                self.progress.note = f"{self.failed} failed"
+                self.progress.update(1, 1)
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            if self.progress is not None:
+                self.progress.close()
+
+    return TrialsDone()
 
 
 def resolve_check(cfg: SweepConfig, mapping: str, k: int, info: tables.TableInfo) -> None:

@@ -88,14 +88,6 @@ def test_embed_drivers_import_no_torch():
     assert out == "[]", out
 
 
-def test_train_clip_flag_choices_are_the_configs_literals():
-    from clipcap_core.clip_training import ClipTrainConfig
-    from pipelines.commands import options, train_clip
-
-    for name, values in train_clip.CHOICES.items():
-        assert list(values) == options.choices(ClipTrainConfig, name)
-
-
 def _exit_codes() -> dict[str, int]:
     from pipelines import exitcodes
 

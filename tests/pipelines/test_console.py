@@ -65,3 +65,55 @@ def test_caption_stderr_is_our_lines_only_and_ray_goes_to_the_log(tmp_path):
     logs = list((tmp_path / "logs").glob("clipcap-caption-*.log"))
     assert len(logs) == 1 and out.stderr.count(str(logs[0])) == 1
     assert "Started a local Ray instance" in logs[0].read_text()
+
+
+def test_watch_advances_from_absolute_counts_and_never_moves_back():
+    """A job whose work runs elsewhere (Ray Train workers, img2dataset) is shown from its own tally: the last
+    read lands on the line, a replayed count (a restarted attempt) does not move it back, and a failing read is
+    skipped rather than failing the job."""
+    from pipelines.console import watch
+
+    reads = iter([(3, 48, 0, "loss 1.0"), RuntimeError("board gone"), (2, 32, 0, "loss 0.9"), (10, 160, 0, "loss 0.1")])
+
+    def read():
+        got = next(reads, (10, 160, 0, "loss 0.1"))
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    stream = io.StringIO()
+    progress = Progress("train", 10, unit="steps", rows="samples", interval_s=0.0, stream=stream, count_errors=False)
+    with watch(progress, read, interval_s=0.01):
+        import time
+
+        time.sleep(0.2)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("train: 3/10 steps, 48 samples, ") and ", loss 1.0, ETA " in lines[0]
+    assert lines[-1].startswith("train: 10/10 steps, 160 samples, ") and "loss 0.1" in lines[-1]
+    assert "error rows" not in lines[-1]
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == sorted(int(line.split()[1].split("/")[0])
+                                                                           for line in lines)
+
+
+@pytest.mark.integration
+def test_train_shows_one_progress_line_and_logs_each_worker_line_once(tmp_path):
+    """``clipcap train`` off a terminal: progress lines of ours (steps from the workers' board, loss) on stderr,
+    no worker line there; each worker line exactly once in the job log, without colour codes (Ray Train's patched
+    ``print`` doubled every line, and Ray's prefix wrapped each in colour codes)."""
+    from pipelines.demo import synthetic_tables
+
+    synthetic_tables.write_synthetic_tables(str(tmp_path / "tables"), 200, shards=2, dim=24)
+    env = {**os.environ, "RAY_ADDRESS": "", "CLIPCAP_LOG_DIR": str(tmp_path / "logs"), "CLIPCAP_PROGRESS_EVERY_S": "0"}
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--input", str(tmp_path / "tables"),
+                          "--output", str(tmp_path / "out"), "--model", "tiny", "--epochs", "2"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    ours = [line for line in out.stderr.splitlines() if line.startswith("train: ")]
+    assert ours and ours[-1].startswith("train: ") and " loss " in ours[-1], out.stderr
+    total = ours[-1].split()[1]
+    assert total.split("/")[0] == total.split("/")[1], ours  # the last read saw the last step
+    assert "[clipcap train]" not in out.stderr and "\x1b[" not in out.stderr
+    log = next((tmp_path / "logs").glob("clipcap-train-*.log")).read_text()
+    worker = [line for line in log.splitlines() if "[clipcap train]" in line]
+    assert any(" epoch 2/2 done: " in line for line in worker), log[-3000:]
+    assert len(worker) == len(set(worker)) and not any("\x1b[" in line for line in worker)

@@ -173,3 +173,33 @@ def test_exit_codes_all_dead_links_some_transient_or_all_finished(tmp_path):
     assert (summarize(str(partial)).exit_code, summarize(str(partial)).retry) == (4, ("00001",))
     _stats(fine, "00000", 4, {"HTTP Error 404: File not found": 1})
     assert summarize(str(fine)).exit_code == 0
+
+
+def test_the_shard_tally_reads_what_img2dataset_wrote(downloaded):
+    """The progress line's counts come from the shards' own stats (a wrong key or a failed-count slip shows)."""
+    from pipelines.download.job import ShardTally
+
+    cfg, summary = downloaded
+    assert ShardTally(cfg.output).read() == (2, summary.successes, summary.count - summary.successes, "")
+
+
+@pytest.mark.integration
+def test_download_prints_our_progress_and_logs_img2dataset(served_list, tmp_path):
+    """Off a terminal: our ``download:`` lines on stderr with the finished shards, images and failed samples;
+    img2dataset's own per-shard lines (printed to stdout, also by its worker processes) only in the job log."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "RAY_ADDRESS": "", "CLIPCAP_LOG_DIR": str(tmp_path / "logs"), "CLIPCAP_PROGRESS_EVERY_S": "0"}
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "download", "--input", served_list, "--output",
+                          str(tmp_path / "shards"), "--image-size", "64", "--resize-mode", "no", "--shard-size", "8",
+                          "--threads", "4", "--allow-private-urls"], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[2], timeout=600)
+    assert out.returncode in (0, 4), out.stderr  # 2 of 14 links are dead on purpose
+    ours = [line for line in out.stderr.splitlines() if line.startswith("download: ")]
+    assert ours and ours[-1].startswith("download: 2/2 shards, 12 images, ") and ", 2 error rows" in ours[-1], out.stderr
+    assert "success:" not in out.stdout + out.stderr
+    log = next((tmp_path / "logs").glob("clipcap-download-*.log")).read_text()
+    assert "success:" in log

@@ -63,7 +63,8 @@ def test_results_table_files(tmp_path):
 
 @pytest.mark.slow  # `make test-slow`: out of `make test`, which must stay well under 20 min on 2 cores
 @pytest.mark.integration
-def test_sweep_runs_one_trial_per_setting_on_ray_tune(ray_cluster, tmp_path):
+def test_sweep_runs_one_trial_per_setting_on_ray_tune(ray_cluster, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CLIPCAP_PROGRESS_EVERY_S", "0")  # every progress update printed
     files = synthetic_tables.write_synthetic_tables(str(tmp_path / "d"), 600, shards=2, dim=16)
     cfg = sweep.SweepConfig(
         tables=tuple(files), output=str(tmp_path / "sweeps"), name="k", prefix_lengths=(1, 6),
@@ -79,5 +80,7 @@ def test_sweep_runs_one_trial_per_setting_on_ray_tune(ray_cluster, tmp_path):
     assert all(0.0 <= r["bleu4"] <= 1.0 and r["cider"] >= 0.0 for r in rows)
     # ... and trained: the MLP + tuned LM setting captions held-out images well (chance is ~1/432).
     assert by["mlp", 6]["exact_match"] > 0.3 and by["mlp", 6]["cider"] > 3.0
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sweep: ")]
+    assert progress[-1].startswith("sweep: 4/4 trials, 4 trials, ")  # one line advanced by each trial's end
     saved = json.loads((tmp_path / "sweeps/k/results.json").read_text())
     assert saved == rows and (tmp_path / "sweeps/k/results.md").exists()
