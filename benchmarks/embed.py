@@ -57,9 +57,9 @@ def write_shards(folder: Path, n: int, per_shard: int, size: int = 256) -> None:
 def load_pixels(model: str, n: int, ckpt: Path | None = None, device: str = "cpu"):  # -> (encoder, uint8 (n,H,W,3))
     import numpy as np
 
-    from clipcap_core import synthetic
-    from clipcap_core.encoders import EncoderConfig, load_encoder
-    from pipelines.io import imaging
+    from clipcap_core import imaging, synthetic
+    from clipcap_core.encoder_model import load_encoder
+    from clipcap_core.encoders import EncoderConfig
 
     enc = load_encoder(EncoderConfig(model_name=model, pretrained=str(ckpt) if ckpt else None), device=device,
                        precision="auto")

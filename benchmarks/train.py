@@ -78,8 +78,8 @@ def ours_threads(args: argparse.Namespace) -> tuple[int, int]:
     import torch
 
     from pipelines.runtime import ClusterShape
-    from pipelines.train.job import ScaleConfig
     from pipelines.train.runner import size_workers
+    from pipelines.train.state import ScaleConfig
 
     default = torch.get_num_threads()
     if args.threads:
@@ -96,7 +96,8 @@ def ray_job(files: list[str], args: argparse.Namespace, workdir: str) -> dict[st
     import ray
 
     from clipcap_core.training import TrainConfig
-    from pipelines.train.job import RunOptions, ScaleConfig, TrainJobConfig, run_training
+    from pipelines.train.job import TrainJobConfig, run_training
+    from pipelines.train.state import RunOptions, ScaleConfig
 
     if not ray.is_initialized():
         ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)

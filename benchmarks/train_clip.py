@@ -70,8 +70,7 @@ def ray_run(shards: str, out: str, args: argparse.Namespace) -> tuple[float, flo
 
     from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
     from pipelines.clip.job import ClipTrainJobConfig, run_clip_training
-    from pipelines.train.job import ScaleConfig
-    from pipelines.train.state import RunOptions
+    from pipelines.train.state import RunOptions, ScaleConfig
 
     if not ray.is_initialized():
         ray.init(address=args.ray_address, log_to_driver=False)

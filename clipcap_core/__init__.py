@@ -15,6 +15,7 @@ __all__ = ["Captioner", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name == "Captioner":
+        # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
         from clipcap_core.captioner import Captioner
 
         return Captioner

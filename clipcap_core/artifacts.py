@@ -18,6 +18,7 @@ not an existing path) gives an untrained preset model, for wiring and tests.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import shutil
 import tempfile
@@ -26,16 +27,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 import clipcap_core
 from clipcap_core.configs import from_dict, strict_json, to_dict
 from clipcap_core.decap import DecapMemory
+from clipcap_core.encoders import describe_weights
 from clipcap_core.mapping import Mapping
 from clipcap_core.model import ClipCapModel, ModelConfig, build_model, load_pretrained_lm
+from clipcap_core.presets import PRESETS
+from clipcap_core.tokenizer import load_tokenizer
 from clipcap_core.uris import exists, is_remote, local_copy, safe_join, upload_dir
 
 SCHEMA_VERSION = 1
@@ -94,7 +100,6 @@ def save_model(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, uri: str
         body = strict_json(meta)
         if is_remote(uri):
             upload_dir(root, uri)  # config.json is not there yet: it goes last
-            import fsspec
 
             with fsspec.open(f"{uri.rstrip('/')}/{CONFIG}", "w") as f:
                 f.write(body)
@@ -135,8 +140,6 @@ def _untied_lm_state(lm: PreTrainedModel) -> dict[str, torch.Tensor]:
 
 
 def _model_card(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
-    from clipcap_core.encoders import describe_weights
-
     m = meta["model"]
     train = (meta.get("training") or {}).get("train") or {}
     lines = [
@@ -160,8 +163,6 @@ def _model_card(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
 
 def read_metadata(uri: str) -> dict[str, Any]:
     """config.json of the artifact at ``uri`` (a clear error when it is not an artifact)."""
-    import fsspec
-
     path = f"{str(uri).rstrip('/')}/{CONFIG}"
     try:
         with fsspec.open(path, "r") as f:
@@ -250,8 +251,6 @@ def expected_shapes(meta: dict[str, Any]) -> dict[str, dict[str, tuple[int, ...]
     """Per weights file, the tensors (name -> shape) the model of config.json needs, from a skeleton built on
     the meta device (no memory, no initialisation). An artifact whose LM is the unchanged base LM has no
     ``lm_config``: its width is known only once that LM is loaded, so nothing is checked here for it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if not meta.get("lm_config") or not meta["weights"].get("lm"):
         return {}
     cfg = from_dict(ModelConfig, meta["model"])
@@ -283,10 +282,6 @@ def verify_weights(uri: str, meta: dict[str, Any] | None = None) -> dict[str, st
     """Check every weights file of the artifact at ``uri`` (present, well-formed safetensors whose tensors fit
     the model of config.json: another model's file is refused; every float finite) and return their sha256
     digests. Raises ValueError naming the file, before anything is loaded (or any Ray work starts)."""
-    import hashlib
-
-    import fsspec
-
     meta = meta if meta is not None else read_metadata(uri)
     expected = expected_shapes(meta)
     digests = {}
@@ -317,8 +312,6 @@ def verify_weights(uri: str, meta: dict[str, Any] | None = None) -> dict[str, st
 
 def is_preset(uri_or_preset: str) -> bool:
     """True for a preset name (``tiny``...) that is not also an existing path: an untrained model."""
-    from clipcap_core.presets import PRESETS
-
     return uri_or_preset in PRESETS and not exists(uri_or_preset)
 
 
@@ -334,7 +327,6 @@ def read_config(uri_or_preset: str) -> ModelConfig:
 def load_model(uri_or_preset: str, device: str | torch.device = "cpu", precision: str = "fp32") -> LoadedModel:
     """Load an artifact (any fsspec URI) or build an untrained preset model (``"tiny"``...)."""
     from clipcap_core.presets import PRESETS, preset_config
-    from clipcap_core.tokenizer import load_tokenizer
 
     if precision not in DTYPES:
         raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
@@ -355,9 +347,6 @@ def load_model(uri_or_preset: str, device: str | torch.device = "cpu", precision
 
 
 def _load_local(root: Path, meta: dict[str, Any]) -> LoadedModel:
-    from clipcap_core.model import ClipCapModel
-    from clipcap_core.tokenizer import load_tokenizer
-
     cfg = from_dict(ModelConfig, meta["model"])
     tokenizer = load_tokenizer(str(_weights_path(root, meta, "tokenizer")))
     lm = _load_lm(root, meta, cfg)
@@ -365,8 +354,6 @@ def _load_local(root: Path, meta: dict[str, Any]) -> LoadedModel:
     load_weights_into(model.mapping, load_file(str(_weights_path(root, meta, "mapping"))), "mapping")
     decap = None
     if meta["weights"].get("decap"):
-        from safetensors import safe_open
-
         with safe_open(str(_weights_path(root, meta, "decap")), "pt") as f:
             decap = DecapMemory.from_state({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
     return LoadedModel(model, tokenizer, cfg, {k: v for k, v in meta.items() if k != "model"}, decap)

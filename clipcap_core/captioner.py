@@ -18,6 +18,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 from PIL import Image
@@ -25,6 +26,7 @@ from PIL import Image
 from clipcap_core.artifacts import LoadedModel, load_model
 from clipcap_core.decap import ProjectionConfig, resolve_projection
 from clipcap_core.decoding import Generation, generate
+from clipcap_core.encoder_model import load_encoder
 from clipcap_core.imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, to_rgb
 
 ImageInput = Image.Image | str | os.PathLike[str] | bytes
@@ -38,7 +40,6 @@ def open_image(item: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         return to_rgb(item)
     if isinstance(item, (bytes, bytearray)):
         return decode_image(bytes(item), max_pixels=max_pixels)
-    import fsspec
 
     try:
         with fsspec.open(str(item), "rb") as f:
@@ -70,8 +71,6 @@ class Captioner:
     @property
     def encoder(self) -> Any:
         if self._encoder is None:
-            from clipcap_core.encoders import load_encoder
-
             enc = load_encoder(self.config.encoder, device=self.device, precision=self.encoder_precision)
             if enc.dim != self.config.clip_dim:
                 raise ValueError(f"CLIP encoder {enc.tag} gives D={enc.dim} but the model expects "

@@ -13,7 +13,7 @@ no weight decay on gains, biases, embeddings of dimension < 2 and ``logit_scale`
 decay, optional gradient clipping, bf16/fp16 autocast on GPU (fp16 with a grad scaler).
 
 Images arrive as uint8 (B, H, W, 3) already resized/cropped (augmentation happens in the data tasks); they are
-normalised here, on the device, with the model's mean/std, exactly as ``encoders.ClipEncoder.encode_pixels``.
+normalised here, on the device, with the model's mean/std, exactly as ``encoder_model.ClipEncoder.encode_pixels``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from clipcap_core.encoders import TINY_SEED, EncoderConfig, _open_clip, resolve_weights, validate_config
+from clipcap_core.encoders import (
+    TINY_SEED,
+    EncoderConfig,
+    _open_clip,
+    resolve_weights,
+    shipped_weights,
+    validate_config,
+)
 from clipcap_core.training import optimizer_step
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -115,8 +122,6 @@ class ClipModelSpec:
 
 def build_clip(spec: ClipModelSpec, *, seed: int = TINY_SEED, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The open_clip model of ``spec`` in train mode: seeded init (same in every process), then its weights."""
-    from clipcap_core.encoders import shipped_weights
-
     validate_config(spec.encoder_config())
     oc = _open_clip()
     weights = resolve_weights(spec.pretrained) if spec.pretrained else None
@@ -191,6 +196,7 @@ def make_optimizer_and_scheduler(model: torch.nn.Module, hp: ClipTrainConfig, to
 
 def clip_loss(hp: ClipTrainConfig, rank: int = 0, world_size: int = 1) -> torch.nn.Module:
     """open_clip's ``ClipLoss``; with ``world_size`` > 1 it all-gathers features over the default process group."""
+    # lazy: open_clip + torch ~12.6 s to import (python -X importtime)
     from open_clip.loss import ClipLoss
 
     return ClipLoss(local_loss=hp.local_loss, gather_with_grad=hp.gather_with_grad, cache_labels=True,
@@ -247,6 +253,7 @@ def make_scaler(hp: ClipTrainConfig, device: torch.device) -> torch.amp.GradScal
 # --- weights files --------------------------------------------------------------------------------------
 def save_clip_weights(model: torch.nn.Module, path: str, dtype: torch.dtype | None = None) -> None:
     """The model's state dict as one safetensors file (open_clip loads it as ``pretrained=<file>``)."""
+    # lazy: safetensors.torch + torch ~6.7 s to import (python -X importtime)
     from safetensors.torch import save_file
 
     state = getattr(model, "module", model).state_dict()

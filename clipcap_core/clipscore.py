@@ -10,7 +10,7 @@
 As in the authors' code, ``w`` scales the image side only: RefCLIPScore = H-mean(w * max(cos(c, v), 0),
 max_r max(cos(c, r), 0)). Embeddings may be unnormalised (our tables store open_clip's raw outputs); every
 function normalises. The CLIP must be the one the captioner was trained with: its embedding space is what
-the scores measure. Pure numpy + an ``encoders.ClipEncoder``; no Ray.
+the scores measure. Pure numpy + an ``encoder_model.ClipEncoder``; no Ray.
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ class ClipScorer:
 def scorer_for(encoder_cfg: Any, dim: int) -> ClipScorer | None:
     """A scorer with the CLIP of ``encoder_cfg`` (loaded once per process), or None when that CLIP cannot be
     loaded here or does not give D = ``dim``: held-out metrics then go on without CLIPScore (logged)."""
-    from clipcap_core.encoders import load_encoder
+    # lazy: torch ~6.7 s to import (python -X importtime)
+    from clipcap_core.encoder_model import load_encoder
 
     try:
         encoder = load_encoder(encoder_cfg)

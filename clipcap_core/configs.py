@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 T = TypeVar("T")
 
 
@@ -162,8 +164,6 @@ def load_file(cls: type[T], path: str | Path) -> T:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:

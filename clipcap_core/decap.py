@@ -18,13 +18,19 @@ logits reach +-100, where fp16 rounding would change the weights.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import faiss
+import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
@@ -110,8 +116,6 @@ class DecapMemory:
         """A faiss IVF index over a memory of ``IVF_FROM`` entries or more (built once, lazily), else None:
         below that an exact top-k over every entry costs less than the index."""
         if self.index is None and len(self) >= IVF_FROM:
-            import faiss
-
             mem = self.memory.float().cpu().numpy()
             nlist = int(4 * np.sqrt(len(mem)))
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -194,8 +198,6 @@ def resolve_projection(cfg: ProjectionConfig, own: DecapMemory | None, clip_dim:
 
 
 def _table_files(uri: str) -> list[str]:
-    import fsspec
-
     fs, path = fsspec.core.url_to_fs(uri)
     if path.endswith(".parquet"):
         names = [path]
@@ -213,11 +215,6 @@ def load_memory_table(uri: str, *, tau: float = DEFAULT_TAU, max_rows: int | Non
                       seed: int = 0) -> DecapMemory:
     """A memory from the ``text_embedding`` column of a text-embedding table (a folder or one file); with
     ``max_rows``, a seeded sample of that many rows (chosen by key, so independent of the file layout)."""
-    import fsspec
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     parts = []
     for file in _table_files(uri):
         with fsspec.open(file, "rb") as f:
@@ -243,8 +240,6 @@ def load_memory_table(uri: str, *, tau: float = DEFAULT_TAU, max_rows: int | Non
 
 def sample_rows(keys: Sequence[str], n: int, seed: int) -> np.ndarray:
     """Indices of ``n`` rows chosen by a seeded hash of their keys (same choice whatever the row order), sorted."""
-    import hashlib
-
     salt = f"decap-memory:{seed}".encode()
     h = np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8, key=salt).digest(), "little")
                   for k in keys], dtype=np.uint64)
@@ -253,10 +248,6 @@ def sample_rows(keys: Sequence[str], n: int, seed: int) -> np.ndarray:
 
 def memory_table_dim(uri: str) -> int:
     """D of a text-embedding table from its Parquet footers (job-level checks before any work)."""
-    import fsspec
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     dims = set()
     for file in _table_files(uri):
         with fsspec.open(file, "rb") as f:

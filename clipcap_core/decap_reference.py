@@ -20,13 +20,14 @@ from __future__ import annotations
 import re
 
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from clipcap_core.decap import DEFAULT_TAU, DecapMemory, load_memory_table
 from clipcap_core.encoders import EncoderConfig
 from clipcap_core.mapping import MappingConfig
 from clipcap_core.model import ClipCapModel, LMConfig, ModelConfig
 from clipcap_core.reference import DEFAULT_ENCODERS, ImportResult, read_state_dict
-from clipcap_core.tokenizer import CLIP_BPE
+from clipcap_core.tokenizer import CLIP_BPE, load_tokenizer
 
 DECAP_HEADS = 4  # n_head of their decoder_config.pkl
 _LEGACY = re.compile(r"^decoder\.transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
@@ -37,8 +38,8 @@ def import_decap_checkpoint(ckpt: str, out: str, *, encoder: EncoderConfig | Non
                             tau: float = DEFAULT_TAU, n_head: int = DECAP_HEADS) -> ImportResult:
     """Convert their ``DeCap`` state dict at ``ckpt`` (any fsspec URI) into our artifact at ``out``;
     ``memory``: a text-embedding table whose rows the artifact keeps as its DeCap memory."""
+    # lazy: safetensors.torch + torch ~6.7 s to import (python -X importtime)
     from clipcap_core.artifacts import load_weights_into, save_model
-    from clipcap_core.tokenizer import load_tokenizer
 
     state = read_state_dict(ckpt)
     unknown = sorted(k for k in state if not (k in _PROJECT or k.startswith("decoder.")))
@@ -78,8 +79,7 @@ def decoder_config(state: dict[str, torch.Tensor], vocab_size: int, n_head: int,
 
 def _decoder(state: dict[str, torch.Tensor], lm_config: dict[str, int], eos: int, ckpt: str) -> torch.nn.Module:
     """Their GPT-2 decoder holding the checkpoint's weights (strictly: every key, every shape)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+    # lazy: safetensors.torch + torch ~6.7 s to import (python -X importtime)
     from clipcap_core.artifacts import load_weights_into
 
     V = lm_config["vocab_size"]

@@ -1,7 +1,7 @@
 """The loaded CLIP (torch + open_clip): ``load_encoder`` builds an ``EncoderConfig``'s model on a device and
-returns a ``ClipEncoder``. Imported on first use through ``clipcap_core.encoders`` (its ``__getattr__``), so
-config-level code (job drivers validating a model, naming its output folder, reading its D and preprocessing)
-never pays for importing torch, torchvision and open_clip. No Ray import here.
+returns a ``ClipEncoder``. Kept apart from ``clipcap_core.encoders`` (the config side), so config-level code
+(job drivers validating a model, naming its output folder, reading its D and preprocessing) never pays for
+importing torch, torchvision and open_clip. No Ray import here.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class ClipEncoder:
 
     def __init__(self, cfg: EncoderConfig, model: torch.nn.Module, device: torch.device, precision: str):
         oc = _open_clip(cfg.model_name)
+        # lazy: open_clip + torch ~12.6 s to import (python -X importtime)
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
         self.cfg = cfg

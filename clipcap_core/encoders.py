@@ -23,7 +23,7 @@ This module is the config side and imports no torch: ``EncoderConfig``, ``valida
 knows a model's D, preprocessing and output folder without importing torch, torchvision and open_clip (~10 s
 of CPU on the start-up path of every job on a small node). Only a hub ``pretrained`` tag (whose preprocessing
 lives in open_clip's registry) imports open_clip. ``load_encoder`` / ``ClipEncoder`` live in
-``clipcap_core.encoder_model`` and are importable from here (loaded on first use).
+``clipcap_core.encoder_model``.
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ import json
 import os
 import posixpath
 import re
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
 from clipcap_core import uris
-from clipcap_core.preprocess import ImageResizer, PreprocessSpec, spec_from_dict  # noqa: F401 - ImageResizer re-exported
+from clipcap_core.preprocess import PreprocessSpec, spec_from_dict
 
 TINY = "tiny"
 TINY_SEED = 1234
@@ -52,16 +53,6 @@ WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")  # weights file names 
 OPEN_CLIP_PREPROCESS = {"size": 224, "mode": "RGB", "mean": (0.48145466, 0.4578275, 0.40821073),
                         "std": (0.26862954, 0.26130258, 0.27577711), "interpolation": "bicubic",
                         "resize_mode": "shortest", "fill_color": 0}
-_LAZY = ("ClipEncoder", "load_encoder", "_skip_init", "_quiet_random_init")
-
-
-def __getattr__(name: str) -> Any:
-    """``load_encoder``, ``ClipEncoder``: from ``encoder_model``, imported (torch, open_clip) on first use."""
-    if name in _LAZY:
-        from clipcap_core import encoder_model
-
-        return getattr(encoder_model, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,8 +85,6 @@ def _open_clip(model_name: str | None = None) -> Any:
     is imported without the optional backends that model does not use (they read as not installed, as open_clip
     allows); when a later model in the same process needs one, the open_clip modules using it are reloaded.
     Without ``model_name`` (tags, tokenizers, configs): open_clip as it is, or a plain full import."""
-    import sys
-
     needed = _backends_needed(model_name) if model_name is not None else set()
     if "open_clip" not in sys.modules and model_name is not None:
         blocked = [b for b, _, _ in _BACKENDS if b not in needed and b not in sys.modules]
@@ -107,6 +96,7 @@ def _open_clip(model_name: str | None = None) -> Any:
             for name in blocked:
                 if name in sys.modules and sys.modules[name] is None:
                     del sys.modules[name]
+    # lazy: open_clip + torch ~12.6 s to import (python -X importtime)
     import open_clip
 
     for name, _, modules in _BACKENDS:
@@ -213,6 +203,7 @@ def fetch_pretrained(cfg: EncoderConfig) -> str | None:
     pre = cfg.pretrained
     if not pre or is_weights_location(pre):
         return None
+    # lazy: open_clip + torch ~12.6 s to import (python -X importtime)
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
     source = get_pretrained_cfg(cfg.model_name, pre)

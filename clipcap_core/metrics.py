@@ -14,8 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 from collections.abc import Sequence
+
+import pycocoevalcap.spice as spice_pkg
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from clipcap_core.tokenizer import words_of
 
@@ -51,7 +59,6 @@ def _tokenized(preds: Sequence[str], ref_lists: list[list[str]], tokenize: str
     if tokenize != "ptb":
         raise ValueError(f"tokenize must be 'ptb' or 'simple', got {tokenize!r}")
     _need_java("the PTB tokenizer (use tokenize='simple' to avoid it)")
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     # one tokenizer run (one JVM start, seconds on a busy machine) for references and predictions together
     # (an empty caption would be an empty line, which the tokenizer's rstrip() drops, shifting every later line
@@ -121,16 +128,11 @@ def _scorers(metrics: Sequence[str]) -> list[tuple[str, type]]:
         out.append(("bleu", _Bleu4))
     if "meteor" in metrics:
         _need_java("METEOR")
-        from pycocoevalcap.meteor.meteor import Meteor
 
         out.append(("meteor", Meteor))
     if "rouge" in metrics:
-        from pycocoevalcap.rouge.rouge import Rouge
-
         out.append(("rouge_l", Rouge))
     if "cider" in metrics:
-        from pycocoevalcap.cider.cider import Cider
-
         out.append(("cider", Cider))
     return out
 
@@ -139,8 +141,6 @@ class _Bleu4:
     """pycocoevalcap's Bleu(4), quiet (it prints its internal ratios otherwise)."""
 
     def compute_score(self, gts: dict, res: dict) -> tuple[list[float], list[list[float]]]:
-        from pycocoevalcap.bleu.bleu import Bleu
-
         return Bleu(4).compute_score(gts, res, verbose=0)
 
 
@@ -152,9 +152,6 @@ def spice_unavailable() -> str | None:
     pycocoevalcap downloads on first use (~1 GB zip, needs internet)."""
     if shutil.which("java") is None:
         return "SPICE needs Java (a `java` executable on PATH)"
-    import os
-
-    import pycocoevalcap.spice as spice_pkg
 
     jar = os.path.join(os.path.dirname(spice_pkg.__file__), "lib", SPICE_JAR)
     if not os.path.exists(jar):

@@ -21,10 +21,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from clipcap_core.encoders import EncoderConfig
 from clipcap_core.mapping import Mapping, MappingConfig
+from clipcap_core.uris import is_remote, local_copy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,8 +72,6 @@ class ClipCapOutput:
 def build_lm(cfg: LMConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
     """Create (``cfg.config``, seeded; vocabulary from ``tokenizer``) or load (``cfg.name_or_path``) the LM."""
     if cfg.config is not None:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
         kwargs = dict(cfg.config)
         if tokenizer is not None:
             kwargs.setdefault("vocab_size", len(tokenizer))
@@ -80,10 +85,6 @@ def build_lm(cfg: LMConfig, tokenizer: PreTrainedTokenizerBase | None = None) ->
 
 def load_pretrained_lm(name_or_path: str) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` for a hub id, local dir or fsspec URI (copied locally first)."""
-    from transformers import AutoModelForCausalLM
-
-    from clipcap_core.uris import is_remote, local_copy
-
     try:
         if is_remote(name_or_path):
             with local_copy(name_or_path) as local:

@@ -52,6 +52,7 @@ class ImageResizer:
         self.spec = spec
         self._steps: list[Any] | None = None
         if not (spec.resize_mode == "shortest" and isinstance(spec.size, int)):
+            # lazy: open_clip + torch ~12.6 s to import (python -X importtime)
             from open_clip.transform import PreprocessCfg, image_transform_v2
 
             full = image_transform_v2(PreprocessCfg(**asdict(spec)), is_train=False)

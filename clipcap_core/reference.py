@@ -11,15 +11,20 @@ Checkpoints are read with ``torch.load(weights_only=True)``: no pickled code eve
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass
 
+import fsspec
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from clipcap_core.encoders import EncoderConfig
 from clipcap_core.mapping import MappingConfig
-from clipcap_core.model import ClipCapModel, LMConfig, ModelConfig
+from clipcap_core.model import ClipCapModel, LMConfig, ModelConfig, load_pretrained_lm
+from clipcap_core.tokenizer import load_tokenizer
+from clipcap_core.uris import is_remote, local_copy
 
 LEGACY_BUFFERS = re.compile(r"^gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 
@@ -238,8 +243,8 @@ def import_reference_checkpoint(ckpt: str, out: str, mapping: MappingConfig, cli
     ``lm``: the base LM (hub name, dir or URI). When the checkpoint carries LM weights (``gpt.*``) they are used
     and ``lm`` may hold only the LM config; they are saved in the artifact unless identical to ``lm``'s weights.
     """
+    # lazy: safetensors.torch + torch ~6.7 s to import (python -X importtime)
     from clipcap_core.artifacts import load_weights_into, save_model
-    from clipcap_core.tokenizer import load_tokenizer
 
     if mapping.kind == "transformer" and mapping.num_heads != 8:
         raise ValueError("the authors' transformer mapper always has 8 heads: use num_heads=8")
@@ -266,10 +271,6 @@ def import_reference_checkpoint(ckpt: str, out: str, mapping: MappingConfig, cli
 
 def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     """``torch.load(weights_only=True)`` of a flat state dict at any fsspec URI."""
-    import pickle
-
-    import fsspec
-
     try:
         with fsspec.open(uri, "rb") as f:
             state = torch.load(f, map_location="cpu", weights_only=True)
@@ -303,8 +304,6 @@ def _their_mapping_state(state: dict[str, torch.Tensor], kind: str, ckpt: str) -
 
 def _lm_for_import(source: str, gpt_state: dict[str, torch.Tensor], ckpt: str) -> tuple[nn.Module, bool]:
     """(LM holding the checkpoint's weights or the base weights, whether it must be saved in the artifact)."""
-    from clipcap_core.model import load_pretrained_lm
-
     if not gpt_state:
         return load_pretrained_lm(source), False
     try:
@@ -332,10 +331,6 @@ def _lm_for_import(source: str, gpt_state: dict[str, torch.Tensor], ckpt: str) -
 
 
 def _lm_from_config(source: str) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from clipcap_core.uris import is_remote, local_copy
-
     try:
         if is_remote(source):
             with local_copy(source) as local:

@@ -27,7 +27,11 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from transformers import PreTrainedTokenizerBase
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import AutoTokenizer, CLIPTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from clipcap_core.synthetic import VOCABULARY
+from clipcap_core.uris import is_remote, local_copy, upload_dir
 
 EOS = "<|endoftext|>"
 UNK = "<unk>"
@@ -49,13 +53,8 @@ def build_word_tokenizer(captions: Iterable[str] | None = None, *, words: Sequen
     Words come from ``words`` if given, else from ``captions`` (kept when seen ``min_count`` times),
     else from ``synthetic.VOCABULARY``. Deterministic: the same inputs give the same ids.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     if words is None:
         if captions is None:
-            from clipcap_core.synthetic import VOCABULARY
-
             words = VOCABULARY
         else:
             counts = Counter(w for c in captions for w in words_of(c))
@@ -74,6 +73,7 @@ def build_word_tokenizer(captions: Iterable[str] | None = None, *, words: Sequen
 @functools.lru_cache(maxsize=1)
 def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(vocabulary, merges) of open_clip's bundled CLIP BPE file, special tokens named as OpenAI's CLIP does."""
+    # lazy: open_clip + torch ~12.6 s to import (python -X importtime)
     from open_clip.tokenizer import SimpleTokenizer
 
     st = SimpleTokenizer()
@@ -84,8 +84,6 @@ def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def build_clip_tokenizer() -> PreTrainedTokenizerBase:
     """CLIP's BPE vocabulary as an HF ``CLIPTokenizer`` (end-of-text is eos and pad; text keeps ' .')."""
-    from transformers import CLIPTokenizer
-
     vocab, merges = _clip_bpe()
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), clean_up_tokenization_spaces=False)
 
@@ -115,9 +113,6 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
         return build_word_tokenizer(words=VOCABULARY)
     if source == CLIP_BPE:
         return build_clip_tokenizer()
-    from transformers import AutoTokenizer
-
-    from clipcap_core.uris import is_remote, local_copy
 
     if is_remote(source):
         with local_copy(source) as local:
@@ -130,8 +125,6 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, uri: str) -> None:
     """Save tokenizer files (``save_pretrained`` layout) under ``uri`` (local path or fsspec URI)."""
-    from clipcap_core.uris import upload_dir
-
     with tempfile.TemporaryDirectory(prefix="clipcap-tok-") as tmp:
         tokenizer.save_pretrained(tmp)
         upload_dir(tmp, uri)

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from clipcap_core.decoding import generate
+from clipcap_core.evaluation import heldout_metrics
 from clipcap_core.model import ClipCapModel, trainable_parameters
 from clipcap_core.tokenizer import encode_caption
 
@@ -309,9 +311,6 @@ def evaluate_captions(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, e
     """Held-out caption quality: exact-match accuracy, BLEU-4 and CIDEr of ``strategy`` captions vs ``refs``,
     plus CLIPScore against ``embeds`` with a ``clipscore.ClipScorer`` of the model's CLIP (the shared
     ``evaluation.heldout_metrics``, as ``clipcap evaluate`` computes them)."""
-    from clipcap_core.decoding import generate
-    from clipcap_core.evaluation import heldout_metrics
-
     texts = generate(model, embeds, tokenizer, strategy, max_length=max_length, batch_size=batch_size,
                      **decode).texts
     return heldout_metrics(texts, refs, image_emb=embeds if clip_scorer is not None else None,

@@ -21,14 +21,17 @@ import os
 import sys
 from pathlib import Path
 
+from clipcap_core.configs import to_dict
+from pipelines.cli import Parser
+from pipelines.commands import common, download, embed
+from pipelines.io import storage
+from pipelines.io.urlsafety import setup_logging
+
 CHECKOUT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(CHECKOUT))  # run from a checkout or a Ray working dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.cli import Parser
-    from pipelines.commands import common, download, embed
-
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML / JSON file with EmbedJobConfig fields (embed / download / synthetic)")
     p.add_argument("--input", help="URL list (tsv / csv / parquet / jsonl; CC3M's headerless TSV works); "
@@ -46,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def job_config(args: argparse.Namespace):  # -> EmbedJobConfig
-    from clipcap_core.configs import to_dict
     from pipelines.commands import download, embed, options
+
+    # lazy: pandas ~0.55 s to import (python -X importtime)
     from pipelines.embed.download_embed import EmbedJobConfig, default_job_config
-    from pipelines.io import storage
 
     root = args.output or str(CHECKOUT / "data")
     if args.input or args.skip_download:  # real data: a URL list, or shards already downloaded
@@ -77,10 +80,10 @@ def job_config(args: argparse.Namespace):  # -> EmbedJobConfig
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from pipelines.io.urlsafety import setup_logging
 
     setup_logging()  # URLs (signed query strings) redacted in every log record
     args = build_parser().parse_args(argv)
+    # lazy: pandas ~0.55 s to import (python -X importtime)
     from pipelines.embed.download_embed import result_dict, run_embed_job
 
     try:

@@ -1,4 +1,6 @@
-"""The ``clipcap`` console script: one sub-command per stage.
+"""The ``clipcap`` console script: one sub-command per stage. ``python -m pipelines.cli CMD ...`` is the same
+command without an installed script: the Ray job entry point
+(``ray job submit --working-dir . -- python -m pipelines.cli caption --input ... --output ... --model ...``).
 
 Each sub-command module named in ``COMMANDS`` has ``HELP`` (its line in ``clipcap --help``), a docstring (its
 ``--help`` description), ``add_arguments(parser)`` and ``run(args) -> int``, which does the work by calling one
@@ -23,6 +25,8 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from pipelines import exitcodes, stopping
+from pipelines.exitcodes import JobFailed
+from pipelines.io.urlsafety import setup_logging
 
 # sub-command name -> module under pipelines.commands (HELP, add_arguments, run)
 COMMANDS = {
@@ -113,7 +117,7 @@ def build_parser(commands: list[str] | None = None, *, flags: bool = True) -> ar
 
 
 def command_parser(command: str) -> argparse.ArgumentParser:
-    """The parser of one sub-command (``jobs/*.py``, the Ray job entry points, take the same flags)."""
+    """The parser of one sub-command, flags included, as ``clipcap CMD`` builds it."""
     sub = next(a for a in build_parser([command])._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[command]
 
@@ -126,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser([first]) if first in COMMANDS else build_parser(flags=False)
     args = parser.parse_args(argv)
-    from pipelines.io.urlsafety import setup_logging
 
     setup_logging(args.verbose)  # -v: our loggers only; URLs redacted in every record
     if not getattr(args, "func", None):
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.verbose or not args.job_log:
         return _run(args)
+    # lazy: pipelines.console imports tqdm, ~0.15-0.3 s (python -X importtime) that `clipcap CMD --help` skips
     from pipelines import console
 
     with console.job_log(args.command):  # Ray's own output to the log file; ours stays on the terminal
@@ -142,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """The command under ``stopping.run``; a job-level failure becomes one line on the terminal and its code."""
-    from pipelines.console import terminal
-    from pipelines.exitcodes import JobFailed
+    from pipelines.console import terminal  # lazy: tqdm, see main
 
     try:
         return stopping.run(lambda: int(args.func(args) or 0), f"clipcap {args.command}",

@@ -3,36 +3,29 @@ caption (images; in the captioning actor, or a pool of its own with ``--stages s
 
 ``ClipActor`` is the callable class Ray Data's actor pools run. ``__init__`` loads the encoder once per actor
 process: torch threads = the actor's share and the device Ray gave it (``runtime.actor_device``), precision
-("auto": fp16 autocast on GPU, fp32 on CPU); ``images=False`` drops the image tower (text only). A batch
-comes in one of the pipelines' two row formats, each with one small adapter:
+("auto": fp16 autocast on GPU, fp32 on CPU); ``images=False`` drops the image tower (text only). A batch is an
+Arrow table of the stages' row format (``pipelines.rows``):
 
-- numpy column dicts (embed, embed-text: ``pipelines.embed.stages`` columns), ``columns``: uint8 ``pixels``
-  (B, H, W, 3) -> ``image_embedding`` (B, D) float32; with ``texts`` ``caption`` -> ``text_embedding``, with
-  ``count_truncated`` also ``truncated`` (longer than the CLIP context). ``pixels`` is dropped, every other
-  column passes through; rows with an ``error`` get zeros, not a forward.
-- pyarrow stage tables (caption: ``pipelines.caption.stages.STAGE_SCHEMA``), ``table``: ``pixels`` bytes ->
-  ``embedding`` (float32 bytes); rows without pixels keep theirs (embedding-table input, errors, markers),
-  plus the stage's timing columns ``t_clip`` / ``cpu_clip``.
-
-The good rows of a block are one forward in both. Caption's fused actor (``ClipCaptionStage``) holds one
-``ClipActor`` and hands its encoder to the CLIPScore scorer, so one loaded CLIP serves both.
+- ``images``: ``pixels`` bytes -> ``embedding`` (float32 bytes); rows without pixels (errors, markers,
+  embedding-table rows) keep theirs (``b""`` when the table has no ``embedding`` column). ``pixels`` is dropped.
+- ``texts``: ``caption`` of the rows without an ``error`` -> ``text_embedding`` (float32 bytes, ``b""`` for the
+  others); with ``count_truncated`` also ``truncated`` (longer than the CLIP context).
+Every other column passes through, plus the timing columns ``t_clip`` / ``cpu_clip``. The good rows of a block
+are one forward. Caption's fused actor (``ClipCaptionStage``) holds one ``ClipActor`` and hands its encoder to
+the CLIPScore scorer, so one loaded CLIP serves both.
 """
 
 from __future__ import annotations
 
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines import runtime
-from pipelines.caption import stages as caption_rows
-from pipelines.embed import stages as st
-from pipelines.io import schemas
-
-if TYPE_CHECKING:
-    from clipcap_core.encoders import EncoderConfig
+from clipcap_core import encoders
+from clipcap_core.encoders import EncoderConfig
+from pipelines import rows, runtime
 
 
 class ClipActor:
@@ -40,13 +33,14 @@ class ClipActor:
 
     def __init__(self, encoder: EncoderConfig, *, precision: str = "fp32", use_gpu: bool = False, threads: int = 0,
                  images: bool = True, texts: bool = False, count_truncated: bool = False):
-        from clipcap_core.encoders import load_encoder
+        # lazy: open_clip + torch ~12.6 s to import (python -X importtime); decode tasks import this module
+        import torch
+
+        from clipcap_core.encoder_model import load_encoder
 
         self.encoder = load_encoder(encoder, device=runtime.actor_device(use_gpu, threads), precision=precision)
         self.call_threads = runtime.CallThreads(threads)
         if not images:  # text only: the image tower's weights are not kept
-            import torch
-
             self.encoder.model.visual = torch.nn.Identity()
         self.images, self.texts, self.count_truncated = images, texts, count_truncated
         size = self.encoder.spec.size
@@ -54,53 +48,45 @@ class ClipActor:
 
     @cached_property
     def tokenizer(self) -> Any:
-        from clipcap_core import encoders
-
         return encoders._open_clip().get_tokenizer(self.encoder.model_name)
 
-    def __call__(self, batch: Any) -> Any:
+    def __call__(self, table: pa.Table) -> pa.Table:
         self.call_threads()  # each of a shared actor's call threads runs the plan's torch threads
-        return self.table(batch) if isinstance(batch, pa.Table) else self.columns(batch)
-
-    def columns(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """numpy adapter (embed, embed-text)."""
-        ok = np.array([not e for e in batch[st.ERROR]], dtype=bool)
-        out = {k: v for k, v in batch.items() if k != st.PIXELS}
+        clock = rows.Clock()
         if self.images:
-            image = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)  # (B, D); error rows keep zeros
-            if ok.any():
-                image[ok] = self.encoder.encode_pixels(batch[st.PIXELS][ok])
-            out[schemas.IMAGE_EMBEDDING] = image
+            table = self._images(table)
         if self.texts:
-            out.update(self._texts(batch[st.CAPTION], ok))
-        return out
+            table = self._texts(table)
+        return rows.with_time(table, "clip", clock.lap())
 
-    def _texts(self, captions: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
-        texts = [c if isinstance(c, str) else "" for c in captions[ok]]  # a sample without caption: ""
-        emb = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)  # (B, D)
-        if texts:
-            emb[ok] = self.encoder.encode_text(texts)
-        out = {schemas.TEXT_EMBEDDING: emb}
-        if self.count_truncated:
-            truncated = np.zeros(len(ok), dtype=bool)
-            if texts:
-                truncated[ok] = token_counts(self.tokenizer, texts) > self.tokenizer.context_length
-            out[st.TRUNCATED] = truncated
-        return out
-
-    def table(self, table: pa.Table) -> pa.Table:
-        """pyarrow adapter (caption)."""
-        clock = caption_rows.Clock()
-        idx, blobs = caption_rows.binary_rows(table.column("pixels"))
-        emb = table.column("embedding").to_pylist()
+    def _images(self, table: pa.Table) -> pa.Table:
+        idx, blobs = rows.binary_rows(table.column(rows.PIXELS))
+        has = rows.EMBEDDING in table.column_names
+        emb = table.column(rows.EMBEDDING).to_pylist() if has else [b""] * len(table)
         if len(idx):
             pixels = np.stack([np.frombuffer(b, dtype=np.uint8) for b in blobs]).reshape(len(idx), *self.hw, 3)
             out = self.encoder.encode_pixels(pixels)  # (B, D) float32
             for j, i in enumerate(idx):
                 emb[i] = out[j].tobytes()
-        table = table.drop_columns(["pixels", "embedding"])
-        table = table.append_column("embedding", pa.array(emb, type=pa.binary()))
-        return caption_rows.with_time(table, "clip", clock.lap())
+        table = table.drop_columns([rows.PIXELS, rows.EMBEDDING] if has else [rows.PIXELS])
+        return table.append_column(rows.EMBEDDING, pa.array(emb, type=pa.binary()))
+
+    def _texts(self, table: pa.Table) -> pa.Table:
+        ok = np.array([not e for e in table.column(rows.ERROR).to_pylist()], dtype=bool)
+        captions = table.column(rows.CAPTION).to_pylist()
+        texts = [c if isinstance(c, str) else "" for c, good in zip(captions, ok, strict=True) if good]  # none: ""
+        emb = [b""] * len(table)
+        if texts:
+            out = self.encoder.encode_text(texts)  # (B, D) float32
+            for j, i in enumerate(np.flatnonzero(ok)):
+                emb[i] = out[j].tobytes()
+        table = table.append_column(rows.TEXT_EMBEDDING, pa.array(emb, type=pa.binary()))
+        if self.count_truncated:
+            truncated = np.zeros(len(ok), dtype=bool)
+            if texts:
+                truncated[ok] = token_counts(self.tokenizer, texts) > self.tokenizer.context_length
+            table = table.append_column(rows.TRUNCATED, pa.array(truncated, type=pa.bool_()))
+        return table
 
 
 def token_counts(tokenizer: Any, texts: list[str]) -> np.ndarray:

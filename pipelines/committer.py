@@ -14,8 +14,8 @@ file or an empty marker). A stop signal during a commit waits until the unit is 
 (``stopping.committing``); a storage error while writing it raises ``stopping.CommitFailed`` naming the unit.
 ``guard`` (the output's ``lease.Lease.check``) runs before each unit is written: a run that lost its output's
 lease commits nothing more. Subclasses implement the two hooks; ``finish`` settles the units that got no rows at all and fails the run if
-rows were lost. Blocks are numpy column dicts (embed) or pyarrow tables (caption); a
-unit's member rows reach the hooks in the same format, concatenated in arrival order, markers dropped.
+rows were lost. Blocks are Arrow tables (the stages' row format, ``pipelines.rows``); a unit's member rows reach
+the hooks as one table, concatenated in arrival order, markers dropped.
 """
 
 from __future__ import annotations
@@ -32,15 +32,13 @@ from pipelines import stopping
 
 log = logging.getLogger(__name__)
 
-Block = dict[str, np.ndarray] | pa.Table
-
 
 class UnitCommitter:
     """Collects rows per unit (dedup by member index) and settles each unit once all its members arrived."""
 
     def __init__(self, *, unit: str = "part_id", index: str = "index", total: str = "total", noun: str = "part"):
         self.unit_col, self.index_col, self.total_col, self.noun = unit, index, total, noun
-        self._rows: dict[str, list[Block]] = {}
+        self._rows: dict[str, list[pa.Table]] = {}
         self._seen: dict[str, np.ndarray] = {}  # member indices arrived, per unit
         self._totals: dict[str, int] = {}
         self._settled: set[str] = set()
@@ -51,16 +49,16 @@ class UnitCommitter:
         self.guard: Callable[[], None] | None = None
 
     # --- the stage's hooks ---------------------------------------------------------------------------------
-    def unread(self, unit: str, rows: Block | None) -> str | None:
+    def unread(self, unit: str, rows: pa.Table | None) -> str | None:
         """Why the unit's input could not be read (then it is not committed), or None."""
         return None
 
-    def commit(self, unit: str, rows: Block | None) -> Any:
+    def commit(self, unit: str, rows: pa.Table | None) -> Any:
         """Write one complete unit (``rows``: its member rows, None when it has none); returns the stage's counts."""
         raise NotImplementedError
 
     # --- collecting -----------------------------------------------------------------------------------------
-    def add(self, block: Block) -> list[Any]:
+    def add(self, block: pa.Table) -> list[Any]:
         """Take a block of rows; return what ``commit`` returned for each unit this block completed."""
         units = _column(block, self.unit_col).astype(str)
         index, total = _column(block, self.index_col), _column(block, self.total_col)
@@ -74,7 +72,7 @@ class UnitCommitter:
                 done.append(self._settle(unit, self._pop(unit)))
         return [r for r in done if r is not None]
 
-    def _take(self, unit: str, block: Block, mask: np.ndarray, index: np.ndarray, total: np.ndarray) -> None:
+    def _take(self, unit: str, block: pa.Table, mask: np.ndarray, index: np.ndarray, total: np.ndarray) -> None:
         if (total >= 0).any():
             self._totals[unit] = int(total[total >= 0][0])
         seen = self._seen.get(unit, np.zeros(0, dtype=np.int64))
@@ -85,7 +83,7 @@ class UnitCommitter:
         self._seen[unit] = np.concatenate([seen, index[keep]])
         self._rows.setdefault(unit, [])
         if keep.any():  # a copy: the driver keeps no view of Ray's block buffers
-            self._rows[unit].append(_take(block, np.flatnonzero(mask)[keep]))
+            self._rows[unit].append(block.take(pa.array(np.flatnonzero(mask)[keep])))
 
     def _complete(self, unit: str) -> bool:
         if unit not in self._totals:
@@ -95,13 +93,13 @@ class UnitCommitter:
             raise RuntimeError(f"{self.noun} {unit}: got {got} rows, expected {total}")
         return got == total
 
-    def _pop(self, unit: str) -> Block | None:
+    def _pop(self, unit: str) -> pa.Table | None:
         pieces = self._rows.pop(unit, [])
         self._seen.pop(unit, None)
         self._totals.pop(unit, None)
         return _concat(pieces) if pieces else None
 
-    def _settle(self, unit: str, rows: Block | None) -> Any:
+    def _settle(self, unit: str, rows: pa.Table | None) -> Any:
         self._settled.add(unit)
         why = self.unread(unit, rows)
         if why is not None:
@@ -113,7 +111,7 @@ class UnitCommitter:
             self.committed.append(unit)
         return result
 
-    def _commit_with_retries(self, unit: str, rows: Block | None) -> Any:
+    def _commit_with_retries(self, unit: str, rows: pa.Table | None) -> Any:
         """``commit``, retried with backoff while the storage error looks transient (connection refused or
         reset, timeouts, HTTP 5xx / throttling: an object store restarting); a deterministic error (disk full,
         read-only, access denied) or the last retry is ``CommitFailed``: exit 4, the unit and the cause named.
@@ -171,21 +169,10 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _column(block: Block, name: str) -> np.ndarray:
-    if isinstance(block, pa.Table):
-        return block.column(name).to_numpy()
-    return np.asarray(block[name])
+def _column(block: pa.Table, name: str) -> np.ndarray:
+    return block.column(name).to_numpy()
 
 
-def _take(block: Block, rows: np.ndarray) -> Block:
-    if isinstance(block, pa.Table):
-        return block.take(pa.array(rows))
-    return {k: np.asarray(v)[rows] for k, v in block.items()}
-
-
-def _concat(pieces: list[Block]) -> Block:
-    if len(pieces) == 1:
-        return pieces[0]
-    if isinstance(pieces[0], pa.Table):  # a column all null in one block is typed null there: promote it
-        return pa.concat_tables(pieces, promote_options="default")
-    return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+def _concat(pieces: list[pa.Table]) -> pa.Table:
+    # a column all null in one block is typed null there: promote it
+    return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces, promote_options="default")

@@ -22,6 +22,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
+from pipelines.io.urlsafety import PROJECT_LOGGERS
+
 _terminal: TextIO | None = None  # the operator's stream while a job log is open
 
 
@@ -45,8 +49,6 @@ def _owns_fd2() -> bool:
 
 class _ProjectOnly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        from pipelines.io.urlsafety import PROJECT_LOGGERS
-
         return record.name.split(".", 1)[0] in PROJECT_LOGGERS
 
 
@@ -135,8 +137,6 @@ class Progress:
         self._bar: Any = self._tqdm() if self.stream.isatty() else None
 
     def _tqdm(self) -> Any:
-        from tqdm import tqdm
-
         sized = _columns(self.stream) > 0  # a pseudo-terminal may report 0 columns: a fixed width then
         return tqdm(total=self.total, desc=self.what, unit=f" {self.unit}", file=self.stream, dynamic_ncols=sized,
                     ncols=None if sized else 100, nrows=None if sized else 24,

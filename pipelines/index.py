@@ -29,10 +29,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipcap_core import uris
+from clipcap_core.encoders import EncoderConfig
+from clipcap_core.imaging import decode_image
+from pipelines import runtime
 from pipelines.io import schemas, storage, tables
 
 log = logging.getLogger(__name__)
@@ -88,7 +93,7 @@ def read_batches(files: Sequence[str], column: str) -> Iterator[tuple[str, int, 
     """(file, first row, key/caption table, unit vectors) per record batch; rows with non-finite vectors are
     left out (a NaN would poison every distance to it)."""
     for uri in files:
-        fs, path = storage.filesystem(uri)
+        fs, path = uris.filesystem(uri)
         offset = 0
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
@@ -116,8 +121,6 @@ def train_sample(files: Sequence[str], column: str, n: int, total: int, seed: in
 # --- building ---------------------------------------------------------------------------------------------------
 def empty_index(kind: str, dim: int, n: int, cfg: IndexConfig, files: Sequence[str]) -> Any:
     """An empty (trained, for ivf) inner-product index of ``kind`` for ``n`` vectors of ``dim``."""
-    import faiss
-
     if kind == "flat":
         return faiss.IndexFlatIP(dim)
     if kind == "hnsw":
@@ -182,15 +185,11 @@ def fill_ivf(index: Any, files: Sequence[str], column: str) -> pa.Table:
 
 
 def _flat_types() -> tuple[type, ...]:
-    import faiss
-
     return (faiss.IndexFlat, faiss.IndexHNSW)
 
 
 def _fill_remote(index_bytes: bytes, files: list[str], column: str, first_id: int) -> tuple[bytes, pa.Table]:
     """Ray task: a trained empty IVF index + its files -> the filled index (serialised) and its rows."""
-    import faiss
-
     index = faiss.deserialize_index(np.frombuffer(index_bytes, dtype=np.uint8))
     rows = fill(index, files, column, first_id)
     return faiss.serialize_index(index).tobytes(), rows
@@ -199,10 +198,8 @@ def _fill_remote(index_bytes: bytes, files: list[str], column: str, first_id: in
 def fill_on_ray(index: Any, files: Sequence[str], counts: Sequence[int], column: str) -> pa.Table:
     """One Ray task per file fills a copy of the trained IVF ``index``; the lists are merged here, in file order
     (ids are file offsets, so the result equals a local build)."""
-    import faiss
+    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray
-
-    from pipelines import runtime
 
     runtime.ensure_ray(None)
     task = ray.remote(num_cpus=1)(_fill_remote)
@@ -222,6 +219,7 @@ def use_ray(cfg: IndexConfig, kind: str, files: Sequence[str]) -> bool:
         return False
     if cfg.parallel == "ray":
         return True
+    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray
 
     return ray.is_initialized() and len([n for n in ray.nodes() if n["Alive"]]) > 1
@@ -229,8 +227,6 @@ def use_ray(cfg: IndexConfig, kind: str, files: Sequence[str]) -> bool:
 
 def build_index(cfg: IndexConfig) -> dict[str, Any]:
     """Build the index of ``cfg.input`` into ``cfg.output``; returns its ``index.json``."""
-    import faiss
-
     files = tables.list_table_files(cfg.input)
     info = tables.inspect_tables(files, column=cfg.column)
     storage.check_writable(cfg.output)
@@ -254,7 +250,7 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
         faiss.write_index(index, os.path.join(tmp, INDEX))
         pq.write_table(rows, os.path.join(tmp, ROWS))
         for name in (INDEX, ROWS):
-            fs, path = storage.filesystem(storage.join(cfg.output, name))
+            fs, path = uris.filesystem(storage.join(cfg.output, name))
             fs.put_file(os.path.join(tmp, name), path)
     storage.write_json(meta, storage.join(cfg.output, INFO))  # last: its presence means the index is complete
     log.info("index %s: %s over %d vectors (D=%d) in %.1f s", cfg.output, kind, meta["count"], info.dim,
@@ -274,14 +270,12 @@ class Searcher:
 
     @classmethod
     def open(cls, uri: str, nprobe: int | None = None) -> Searcher:
-        import faiss
-
         info = storage.read_json(storage.join(uri, INFO))
         if info is None:
             raise FileNotFoundError(f"no index at {uri!r} ({INFO} missing: build it with `clipcap index`)")
         with tempfile.TemporaryDirectory(prefix="clipcap-index-") as tmp:
             for name in (INDEX, ROWS):
-                fs, path = storage.filesystem(storage.join(uri, name))
+                fs, path = uris.filesystem(storage.join(uri, name))
                 fs.get_file(path, os.path.join(tmp, name))
             index = faiss.read_index(os.path.join(tmp, INDEX))
             rows = pq.read_table(os.path.join(tmp, ROWS))
@@ -304,7 +298,8 @@ class Searcher:
                 for srow, irow in zip(scores, ids, strict=True)]
 
     def clip(self) -> Any:
-        from clipcap_core.encoders import EncoderConfig, load_encoder
+        # lazy: torch ~6.7 s to import (python -X importtime)
+        from clipcap_core.encoder_model import load_encoder
 
         if self.encoder is None:
             if not self.info.get("clip_model"):
@@ -317,8 +312,6 @@ class Searcher:
         return self.search_vectors(self.clip().encode_text(list(texts)), k)
 
     def search_images(self, paths: Sequence[str], k: int = 10) -> list[list[dict[str, Any]]]:
-        from clipcap_core.imaging import decode_image
-
         clip = self.clip()
         pixels = np.stack([clip.resize(decode_image(storage_read(p))) for p in paths])
         return self.search_vectors(clip.encode_pixels(pixels), k)
@@ -333,7 +326,7 @@ class Searcher:
         for key in keys:
             i = where[key]
             file, row = self.rows.column("file")[i].as_py(), self.rows.column("row")[i].as_py()
-            fs, path = storage.filesystem(file)
+            fs, path = uris.filesystem(file)
             with fs.open(path, "rb") as f:
                 table = pq.read_table(f, columns=[self.info["column"]])
             vectors.append(tables.embeddings_numpy(table.slice(row, 1), self.info["column"])[0])
@@ -342,7 +335,7 @@ class Searcher:
 
 def storage_read(uri: str, limit: int = 64 << 20) -> bytes:
     """The bytes of a query image at any URI, at most ``limit`` (a query is one photo, not a stream)."""
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     with fs.open(path, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:

@@ -6,7 +6,8 @@ nightly's ``<state>/lock.json``) held for the whole run, on local disk and objec
 
 The file records the owner (host, pid, run id) with ``started_at`` and ``renewed_at`` (UTC ISO). A heartbeat
 thread rewrites ``renewed_at`` every ``renew_every_s``; a lease not renewed for ``stale_after_s`` (a killed
-run) is taken over with a warning, and ``force`` takes a live one. A second run finds a live lease and stops
+run) is taken over with a warning, and so at once is one whose process is gone (same host and process namespace,
+no such pid: a driver killed with SIGKILL or OOM); ``force`` takes a live one. A second run finds a live lease and stops
 with ``LeaseHeld`` (exit 2) before any work, naming the owner and how to override.
 
 How a run takes it: an exclusive create (``open(..., "xb")``: ``O_EXCL`` on local disk, a PUT with
@@ -32,6 +33,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from clipcap_core import uris
+from pipelines import stopping
 from pipelines.exitcodes import USAGE, JobFailed
 from pipelines.io import storage
 
@@ -64,12 +67,26 @@ class Owner:
     run: str
     started_at: str
     renewed_at: str
+    pid_space: str = ""  # boot id + pid namespace: where ``pid`` means this process (``_pid_space``)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Owner:
         since = d.get("started_at") or d.get("since_iso") or _iso(float(d.get("since", 0)))  # nightly's lock.json
         return cls(host=str(d.get("host", "?")), pid=int(d.get("pid", 0)), run=str(d.get("run", "?")),
-                   started_at=since, renewed_at=d.get("renewed_at") or since)
+                   started_at=since, renewed_at=d.get("renewed_at") or since, pid_space=str(d.get("pid_space", "")))
+
+    def process_gone(self) -> bool:
+        """The owner ran in this host's process space and its pid no longer exists (a pid reused since reads as
+        alive: the lease then goes stale as usual)."""
+        if not self.pid_space or self.pid_space != _pid_space() or self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
     def age_s(self) -> float:
         """Seconds since the last renewal (by this host's clock)."""
@@ -89,7 +106,7 @@ class Lease:
         self.stale_after_s, self.renew_every_s = stale_after_s, renew_every_s
         now = _iso(time.time())
         self.owner = Owner(host=socket.gethostname(), pid=os.getpid(), run=run or _run_id(), started_at=now,
-                           renewed_at=now)
+                           renewed_at=now, pid_space=_pid_space())
         self.lost: LeaseLost | None = None
         self._renewed = now
         self._stop = threading.Event()
@@ -115,7 +132,7 @@ class Lease:
                         + (f" ({holder.describe()})" if holder else ""))
 
     def _create(self) -> bool:
-        fs, path = storage.filesystem(self.uri)
+        fs, path = uris.filesystem(self.uri)
         storage.ensure_dir(fs, path.rsplit("/", 1)[0])
         try:
             with fs.open(path, "xb") as f:
@@ -125,12 +142,13 @@ class Lease:
             return False
 
     def _take_over(self, holder: Owner) -> None:
-        stale = holder.age_s() >= self.stale_after_s
-        if not (stale or self.force):
+        stale, gone = holder.age_s() >= self.stale_after_s, holder.process_gone()
+        if not (stale or gone or self.force):
             raise LeaseHeld(f"{self.uri} is held by another run: {holder.describe()}. Wait for it to end; if it "
                             f"is dead, its lease goes stale {self.stale_after_s:.0f} s after its last renewal, "
                             f"or {self.override}")
-        why = f"not renewed for {holder.age_s():.0f} s" if stale else "forced"
+        why = (f"not renewed for {holder.age_s():.0f} s" if stale else
+               f"its process {holder.pid} on this host is gone" if gone else "forced")
         log.warning("taking over the lease %s (%s) of %s", self.uri, why, holder.describe())
         if self.read() == holder:  # the one judged, not a newer owner's
             storage.remove(self.uri)
@@ -165,7 +183,7 @@ class Lease:
 
     def read(self) -> Owner | None:
         """The owner the lease file names, None without one (a file still being created is waited for)."""
-        fs, path = storage.filesystem(self.uri)
+        fs, path = uris.filesystem(self.uri)
         for _ in range(20):
             fs.invalidate_cache(path)  # another process writes it: no cached listing or size
             try:
@@ -191,8 +209,6 @@ class Lease:
                 log.warning("renewing the lease %s failed (%s: %s); retrying", self.uri, type(exc).__name__, exc)
 
     def __enter__(self) -> Lease:
-        from pipelines import stopping
-
         try:
             with stopping.committing():  # a stop signal waits until the lease file is whole
                 self.acquire()
@@ -205,6 +221,17 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _pid_space() -> str:
+    """This machine's boot id and this process's pid namespace (Linux); "" elsewhere, where no pid is judged.
+    A host name alone is not enough: containers may share one, each with its own pids."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{socket.gethostname()}:{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
 
 
 def _iso(t: float) -> str:

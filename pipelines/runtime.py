@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -48,6 +49,7 @@ GPU_ACTOR_THREADS = 2
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     """Connect to Ray once per process: keep a live session, else join ``address`` / ``RAY_ADDRESS``, else
     start a local instance."""
+    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray
 
     if ray.is_initialized():
@@ -68,6 +70,7 @@ class ClusterShape:
 
     @classmethod
     def from_ray(cls) -> ClusterShape:
+        # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
         import ray
 
         total = ray.cluster_resources()
@@ -101,6 +104,7 @@ class ActorPlan:
 
     def pool_args(self) -> dict[str, Any]:
         """``map_batches`` keywords of this plan's actor pool: size, concurrent calls, CPU / GPU reservation."""
+        # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
         import ray.data
 
         calls = {"max_concurrent_calls_per_actor": self.calls_per_actor, "enable_true_multi_threading": True}
@@ -178,13 +182,12 @@ class CallThreads:
     reservation), not at the plan's threads per batch. An actor calls this at the start of every batch."""
 
     def __init__(self, threads: int):
-        import threading
-
         self.threads = threads
         self._local = threading.local()
 
     def __call__(self) -> None:
         if self.threads > 0 and not getattr(self._local, "done", False):
+            # lazy: torch ~6.7 s to import (python -X importtime)
             import torch
 
             torch.set_num_threads(self.threads)
@@ -195,6 +198,7 @@ def actor_device(use_gpu: bool, threads: int = 0) -> str:
     """Inside an actor: set torch's intra-op threads to the actor's share (0: torch's default) and return its
     device. Under Ray an actor with ``num_gpus`` sees only its own GPU(s) (``CUDA_VISIBLE_DEVICES``) as
     "cuda"; never assume cuda:0 is free."""
+    # lazy: torch ~6.7 s to import (python -X importtime)
     import torch
 
     if threads > 0:

@@ -1,91 +1,70 @@
-"""The package layout (ARCHITECTURE.md "Packages"): one package per stage over ``pipelines.io``, small
-modules, no stage module at a flat ``pipelines/<name>.py`` path, and stage packages whose re-exports are lazy."""
+"""The package layout (ARCHITECTURE.md "Packages"): ``pipelines`` and ``clipcap_core`` modules import each other
+without cycles, so any module imports on its own and a reader follows imports downwards only."""
 
 from __future__ import annotations
 
-import importlib
-import json
-import re
-import subprocess
-import sys
+import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINES = ROOT / "pipelines"
-STAGES = ("io", "download", "embed", "train", "clip", "caption", "demo", "evaluate", "report", "commands")
-LAZY = ("download", "embed", "train", "clip", "caption", "demo")
-OLD_FLAT = (  # flat pipelines/<name>.py paths that must not exist: these modules live in their stage packages
-    "storage", "schemas", "imaging", "sources", "sources_base", "sources_safety", "sources_parquet",
-    "text_sources", "urlsafety", "shard_redaction", "tables", "download", "embed", "embed_stages",
-    "embed_text", "embed_job", "train", "train_loop", "train_state", "train_setup", "train_steps",
-    "train_checkpoints", "train_heldout", "train_runner", "decap_train", "nightly", "sweep", "clip_train",
-    "clip_train_loop", "clip_data", "clip_evaluate", "tiny_clip", "caption", "caption_stages",
-    "caption_output", "demo", "demo_train", "caption_demo", "decap_demo", "synthetic_tables",
-)
-MAX_LINES = 400  # STYLE.md: modules up to ~400 lines
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_every_stage_package_exists(stage):
-    assert (PIPELINES / stage / "__init__.py").is_file()
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def test_no_module_in_pipelines_is_over_400_lines():
-    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in PIPELINES.rglob("*.py")}
-    assert {p: n for p, n in sizes.items() if n > MAX_LINES} == {}
-
-
-def test_old_flat_modules_are_gone():
-    assert [n for n in OLD_FLAT if (PIPELINES / f"{n}.py").exists()] == []
-
-
-def test_no_code_imports_io_modules_through_the_old_top_level_names():
-    """``from pipelines import storage`` works (a lazy alias); our own code names ``pipelines.io``."""
-    io_names = {p.stem for p in (PIPELINES / "io").glob("*.py")} - {"__init__"}
-    pattern = re.compile(r"^\s*from pipelines import (.+)$", re.M)
-    found = []
-    for path in [*ROOT.glob("pipelines/**/*.py"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("benchmarks/*.py"),
-                 *ROOT.glob("jobs/*.py")]:
-        if path == Path(__file__).resolve():
-            continue  # the test below uses the aliases on purpose
-        for match in pattern.finditer(path.read_text()):
-            names = {n.strip().split(" as ")[0] for n in match[1].split(",")}
-            found += [f"{path.relative_to(ROOT)}: {n}" for n in sorted(names & io_names)]
-    assert found == []
-
-
-def test_stage_packages_import_no_submodule_until_a_name_is_used():
-    """Ray decode tasks import ``pipelines.embed.stages`` / ``pipelines.caption.stages``; their packages must
-    not pull in the jobs (and torch) with them."""
-    code = ("import json, sys\n"
-            f"import {', '.join('pipelines.' + s for s in LAZY)}\n"
-            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('pipelines.'))))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    loaded = json.loads(out.stdout.strip().splitlines()[-1])
-    assert loaded == ["pipelines._lazy", *sorted(f"pipelines.{s}" for s in LAZY)]
-
-
-@pytest.mark.parametrize("stage", LAZY)
-def test_every_re_exported_name_resolves_to_its_submodule(stage):
-    package = importlib.import_module(f"pipelines.{stage}")
-    for module, names in package._EXPORTS.items():
-        real = importlib.import_module(f"pipelines.{stage}.{module}")
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """Our modules ``path`` imports at module level (``if TYPE_CHECKING:`` blocks are not imports)."""
+    out: set[str] = set()
+    nodes = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        nodes += list(ast.walk(node)) if isinstance(node, (ast.If, ast.Try)) else [node]
+    for node in nodes:
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
         for name in names:
-            assert getattr(package, name) is getattr(real, name), (stage, name)
-    with pytest.raises(AttributeError):
-        package.no_such_name  # noqa: B018
+            parts = name.split(".")
+            out |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & known
+    return out
 
 
-def test_old_public_imports_keep_working():
-    from pipelines import schemas, storage
-    from pipelines.caption import CaptionConfig, ResourceOptions, caption_archive
-    from pipelines.embed import EmbedConfig, EmbedResources, run_embed
-    from pipelines.train import FaultConfig, RunOptions, ScaleConfig, TrainJobConfig, run_training
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of ``graph`` (module -> modules it imports), or []."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
 
-    assert storage.__name__ == "pipelines.io.storage" and schemas.__name__ == "pipelines.io.schemas"
-    assert run_embed.__module__ == "pipelines.embed.job" and EmbedConfig and EmbedResources
-    assert run_training.__module__ == "pipelines.train.job" and TrainJobConfig
-    assert {c.__module__ for c in (RunOptions, ScaleConfig, FaultConfig)} == {"pipelines.train.state"}
-    assert caption_archive.__module__ == "pipelines.caption.job" and CaptionConfig and ResourceOptions
+    def visit(m: str) -> list[str]:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return path[path.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        state[m] = 2
+        path.pop()
+        return []
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return []
+
+
+def test_pipelines_and_clipcap_core_have_no_import_cycle():
+    files = [p for pkg in ("pipelines", "clipcap_core") for p in (ROOT / pkg).rglob("*.py")]
+    known = {_module(p) for p in files}
+    graph = {_module(p): _imports(p, known) - {_module(p)} for p in files}
+    assert len(graph) > 100
+    assert _cycle(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) == []

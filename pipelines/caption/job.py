@@ -23,15 +23,13 @@ DuckDB, polars and Hugging Face ``datasets`` read it as it is):
   with exit 2 before any work, naming it; ``force_unlock`` takes it.
 - ``_meta/run.json``: the model, decoding options and input plan digest of the run that owns this output;
   ``_meta/summary.json``: the last run's summary.
-An output in the flat layout (part files and ``_run.json`` at its top level) is refused with a message
-(``overwrite`` redoes it in this layout).
 
 Resumability: part ids are derived from the input (``sources.plan_parts``); a part is committed by writing
 its errors file, then its caption file (or empty marker), each atomically (``storage.atomic_write_table``),
 so an interrupted run leaves no partial file and the caption file's presence means "done". A rerun skips
 done parts and so never duplicates rows; a rerun with another model / decoding / input is refused
 (``overwrite=True`` redoes everything). A part whose input could not be read (unreadable or truncated
-archive, I/O error: ``sources.UNIT_STAGE`` rows) is not committed: it is listed in
+archive, I/O error: ``sources_base.UNIT_STAGE`` rows) is not committed: it is listed in
 ``CaptionSummary.parts_failed`` and retried by the next run (exit code ``exitcodes.PARTIAL``). A stop signal
 or an output that fails part-way (disk full, read-only) stops the run with ``stopping.Interrupted`` /
 ``stopping.CommitFailed`` carrying the parts committed so far.
@@ -43,29 +41,27 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from clipcap_core import uris
 from clipcap_core.configs import to_dict
-from clipcap_core.decap import ProjectionConfig
+from clipcap_core.decap import ProjectionConfig, check_projection
 from clipcap_core.decoding import DecodeConfig
+from clipcap_core.encoders import preprocess_spec
 from pipelines import console, exitcodes, runtime, stopping
-from pipelines.caption.output import (  # noqa: F401  (the layout helpers are part of this module's API)
-    META_DIR,
-    TABLE_DIR,
+from pipelines.caption.output import (
     PartCommitter,
     _clear_output,
-    _old_layout_files,
     _remove_stale_temporaries,
     done_parts,
-    empty_uri,
-    errors_uri,
     meta_uri,
-    part_uri,
-    table_uri,
 )
-from pipelines.io import sources, storage
+from pipelines.caption.stages import CaptionStage, ClipCaptionStage, inspect_model, read_decode_batch
+from pipelines.clip_actor import ClipActor
+from pipelines.io import sources, sources_base, storage
 from pipelines.lease import LEASE_FILE, Lease
 
 if TYPE_CHECKING:
@@ -132,7 +128,7 @@ class CaptionConfig:
     output: str  # caption table directory URI
     model: str  # trained model artifact URI (`clipcap train` or `clipcap import-reference` makes one)
     allow_untrained: bool = False  # accept an untrained preset (random captions: wiring tests, benchmarks)
-    source: sources.SourceConfig = field(default_factory=sources.SourceConfig)
+    source: sources_base.SourceConfig = field(default_factory=sources_base.SourceConfig)
     decoding: DecodeConfig = field(default_factory=DecodeConfig)
     resources: ResourceOptions = field(default_factory=ResourceOptions)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)  # DeCap memory projection
@@ -195,8 +191,8 @@ class CaptionSummary:
 # --- job-level validation ----------------------------------------------------------------------------------
 @dataclass
 class Plan:
-    parts: list[sources.Part]
-    todo: list[sources.Part]
+    parts: list[sources_base.Part]
+    todo: list[sources_base.Part]
     model_id: str
     model_info: Any   # pipelines.caption.stages.ModelInfo
     needs_clip: bool
@@ -206,22 +202,20 @@ class Plan:
 def check_output_outside_input(cfg: CaptionConfig) -> None:
     """An output inside the input would be read back as input by the next run."""
     try:
-        fs_in, p_in = storage.filesystem(cfg.input)
-        fs_out, p_out = storage.filesystem(cfg.output)
+        fs_in, p_in = uris.filesystem(cfg.input)
+        fs_out, p_out = uris.filesystem(cfg.output)
     except Exception:  # noqa: BLE001 - a bad URI is reported by the input / output checks that follow
         return
     if storage.protocol_prefix(fs_in) != storage.protocol_prefix(fs_out):
         return
     norm_in, norm_out = p_in.rstrip("/"), p_out.rstrip("/")
     if fs_in.protocol[0] in ("file", "local"):
-        import os
-
         norm_in, norm_out = os.path.realpath(norm_in), os.path.realpath(norm_out)
     if norm_out == norm_in or norm_out.startswith(norm_in + "/"):
         raise ValueError(f"output {cfg.output!r} is inside input {cfg.input!r}: its files would be read back as "
                          "input by the next run; choose an output outside the input")
 
-def _check_embeddings(parts: list[sources.Part], info: Any) -> None:
+def _check_embeddings(parts: list[sources_base.Part], info: Any) -> None:
     for p in parts:
         if p.kind != "embeddings":
             continue
@@ -235,8 +229,8 @@ def _check_embeddings(parts: list[sources.Part], info: Any) -> None:
 
 
 def _check_projection(cfg: CaptionConfig, info: Any) -> None:
+    # lazy: safetensors.torch + torch ~6.7 s to import (python -X importtime)
     from clipcap_core import artifacts
-    from clipcap_core.decap import check_projection
 
     try:
         has_memory = bool(artifacts.read_metadata(cfg.model)["weights"].get("decap"))
@@ -261,11 +255,9 @@ def _run_record(cfg: CaptionConfig, model_id: str, digest: str) -> dict[str, Any
 def prepare(cfg: CaptionConfig) -> Plan:
     """Every job-level check, then the plan; raises before any work starts. Claims the output (clears
     temporaries): call it holding the output's lease, as ``caption_archive`` does."""
-    from pipelines.caption.stages import inspect_model
-
     check_output_outside_input(cfg)
     storage.check_writable(cfg.output)
-    fs, path = storage.filesystem(cfg.output)
+    fs, path = uris.filesystem(cfg.output)
     fs.invalidate_cache(path)  # another process (an earlier, killed run) may have written here
     info = inspect_model(cfg.model, allow_untrained=cfg.allow_untrained)
     _check_projection(cfg, info)
@@ -279,11 +271,6 @@ def prepare(cfg: CaptionConfig) -> Plan:
     record = storage.redact_json(_run_record(cfg, info.model_id, digest))  # as stored: no signed URLs
     run_uri = meta_uri(cfg.output, "run.json")
     previous = storage.read_json(run_uri)
-    old = _old_layout_files(cfg.output)
-    if old and not cfg.overwrite:
-        raise ValueError(f"output {cfg.output!r} holds a caption table of the old layout ({old[0]} at its top "
-                         f"level); use a new output, or overwrite=True (--overwrite) to redo it as {TABLE_DIR}/ "
-                         f"+ {META_DIR}/")
     if cfg.overwrite:
         _clear_output(cfg.output, previous)
     elif previous is not None and previous != record:
@@ -354,11 +341,8 @@ def _drain(cfg: CaptionConfig, plan: Plan, committer: PartCommitter, summary: Ca
 
 def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
     """The Ray Data pipeline over the parts still to do (resources all set here)."""
+    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray.data
-
-    from clipcap_core.encoders import preprocess_spec
-    from pipelines.caption.stages import CaptionStage, ClipCaptionStage, read_decode_batch
-    from pipelines.clip_actor import ClipActor
 
     runtime.ensure_ray()  # RAY_ADDRESS if set, else a local instance (as Ray Data would do)
     res = cfg.resources

@@ -4,26 +4,26 @@ shared ``pipelines.committer.UnitCommitter`` with caption's hooks).
 Layout under a caption run's ``output`` (see ``pipelines.caption.job``): ``captions/part-<id>.parquet`` (the table:
 only non-empty part files, so every common Parquet reader takes the folder as it is) and ``_meta/`` (the
 errors table ``errors/``, ``empty/part-<id>.json`` markers of parts without captions, ``run.json``,
-``summary.json``, ``tmp/``: files being written, renamed into place when complete). ``_old_layout_files`` finds
-outputs in the flat layout (part files and ``_run.json`` at the top level), which a run refuses.
+``summary.json``, ``tmp/``: files being written, renamed into place when complete).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import posixpath
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
 
+from clipcap_core import uris
 from clipcap_core.configs import to_dict
 from clipcap_core.decoding import DecodeConfig
 from pipelines.caption.stages import TIMING_COLUMNS
 from pipelines.committer import UnitCommitter
-from pipelines.io import schemas, sources, storage
+from pipelines.io import schemas, sources_base, storage
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def resolve_table(uri: str) -> tuple[str, str | None]:
     if storage.list_files(table_uri(uri), ".parquet"):
         return table_uri(uri), uri
     parent = uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else ""
-    if uri.rstrip("/").endswith("/" + TABLE_DIR) and parent and storage.exists(meta_uri(parent, "run.json")):
+    if uri.rstrip("/").endswith("/" + TABLE_DIR) and parent and uris.exists(meta_uri(parent, "run.json")):
         return uri, parent
     return uri, None
 
@@ -75,11 +75,9 @@ def run_record(uri: str) -> dict[str, Any]:
 def top_captions(output: str) -> list[tuple[str, str]]:
     """(key, caption) of every committed image's rank-0 caption, sorted by key (key, caption and rank columns
     only: what ``clipcap caption --show`` prints after a run)."""
-    import pyarrow.parquet as pq
-
     rows: list[tuple[str, str]] = []
     for uri in storage.list_files(table_uri(output), ".parquet"):
-        fs, path = storage.filesystem(uri)
+        fs, path = uris.filesystem(uri)
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             ranked = schemas.RANK in pf.schema_arrow.names
@@ -98,13 +96,6 @@ def done_parts(output: str) -> set[str]:
     return {n.removeprefix("part-") for n in names}
 
 
-def _old_layout_files(output: str) -> list[str]:
-    """Files of the flat layout (part files and bookkeeping at the top level, not in ``captions/`` + ``_meta/``)."""
-    old = storage.list_files(output, ".parquet") + storage.list_files(storage.join(output, "_errors"), ".parquet")
-    return old + [u for u in (storage.join(output, "_run.json"), storage.join(output, "_summary.json"))
-                  if storage.exists(u)]
-
-
 def _remove_stale_temporaries(output: str) -> None:
     """Drop ``_tmp.*`` files a killed run left behind (never visible as parts; one run per output)."""
     storage.remove_temporaries(table_uri(output), meta_uri(output, "errors"), meta_uri(output, "empty"),
@@ -114,8 +105,6 @@ def _remove_stale_temporaries(output: str) -> None:
 def _is_our_part(fs: Any, path: str) -> bool:
     """A part / error file this stage wrote: named ``part-<id>.parquet`` with ``clipcap.part = <id>`` in its
     footer (what every commit writes); anything else in the folder is someone else's."""
-    import pyarrow.parquet as pq
-
     name = path.rsplit("/", 1)[-1]
     if not (name.startswith("part-") and name.endswith(".parquet")):
         return False
@@ -129,30 +118,24 @@ def _is_our_part(fs: Any, path: str) -> bool:
 
 def _clear_output(output: str, previous: dict | None = None) -> None:
     """``--overwrite``: remove the part / error files and markers our runs wrote, nothing else. Without a run
-    record of ours (``previous``, or the flat layout's top-level ``_run.json``) nothing is ours to clear; a
-    Parquet file is ours when its name is ``part-<id>.parquet`` and its footer says ``clipcap.part = <id>``
-    (the flat layout: also any ``part-*.parquet`` beside that layout's own ``_run.json``)."""
-    old = _old_layout_files(output)
-    old_record = storage.exists(storage.join(output, "_run.json"))
-    if previous is None and not old_record:
+    record of ours (``previous``) nothing is ours to clear; a Parquet file is ours when its name is
+    ``part-<id>.parquet`` and its footer says ``clipcap.part = <id>``."""
+    if previous is None:
         return
-    fs, _ = storage.filesystem(output)
-    new = storage.list_files(table_uri(output), ".parquet") + storage.list_files(meta_uri(output, "errors"),
-                                                                                 ".parquet")
-    for uri in new + [u for u in old if u.endswith(".parquet")]:
-        path = storage.filesystem(uri)[1]
-        top_old_part = old_record and uri in old and posixpath.dirname(path) == storage.filesystem(output)[1] \
-            and uri.rsplit("/", 1)[-1].startswith("part-")
-        if _is_our_part(fs, path) or top_old_part:
+    fs, _ = uris.filesystem(output)
+    for uri in storage.list_files(table_uri(output), ".parquet") + storage.list_files(meta_uri(output, "errors"),
+                                                                                      ".parquet"):
+        path = uris.filesystem(uri)[1]
+        if _is_our_part(fs, path):
             fs.rm(path)
-    for uri in storage.list_files(meta_uri(output, "empty"), ".json") + [u for u in old if u.endswith(".json")]:
-        fs.rm(storage.filesystem(uri)[1])
+    for uri in storage.list_files(meta_uri(output, "empty"), ".json"):
+        fs.rm(uris.filesystem(uri)[1])
 
 
 # --- committing parts -------------------------------------------------------------------------------------------
 class PartCommitter(UnitCommitter):
     """Caption's driver side: the shared per-unit committer (rows back into parts, dedup by member index, a
-    marker row per part carrying its total) with caption's hooks: a part with a ``sources.UNIT_STAGE`` row is
+    marker row per part carrying its total) with caption's hooks: a part with a ``sources_base.UNIT_STAGE`` row is
     unread (failed, not committed), any other is written by ``commit``. Also sums the stages' timing columns."""
 
     def __init__(self, output: str, model_id: str, decoding: DecodeConfig, rerank: str = "none"):
@@ -177,9 +160,9 @@ class PartCommitter(UnitCommitter):
         if rows is None:
             return None
         stages = rows.column("stage").to_pylist()
-        if sources.UNIT_STAGE not in stages:
+        if sources_base.UNIT_STAGE not in stages:
             return None
-        row = rows.slice(stages.index(sources.UNIT_STAGE), 1).to_pylist()[0]
+        row = rows.slice(stages.index(sources_base.UNIT_STAGE), 1).to_pylist()[0]
         return f"{row['source']}: {row['error']}"
 
     def commit(self, part_id: str, rows: pa.Table | None) -> tuple[str, int, int, int]:
@@ -207,8 +190,8 @@ class PartCommitter(UnitCommitter):
         err_uri = errors_uri(self.output, part_id)
         if errors.num_rows:
             storage.atomic_write_table(errors, err_uri, tmp_dir=tmp_uri(self.output))
-        elif storage.exists(err_uri):  # stale, from a run this one overwrites
-            fs, path = storage.filesystem(err_uri)
+        elif uris.exists(err_uri):  # stale, from a run this one overwrites
+            fs, path = uris.filesystem(err_uri)
             fs.rm(path)
         if captions.num_rows:  # last: "this part is done"
             storage.atomic_write_table(captions, part_uri(self.output, part_id), tmp_dir=tmp_uri(self.output))

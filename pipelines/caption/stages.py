@@ -1,12 +1,13 @@
 """The stages of bulk captioning: pure cores plus the callables Ray Data runs (no Ray import here).
 
-Rows flow between stages as pyarrow tables with the columns of ``STAGE_SCHEMA``:
+Rows flow between stages as Arrow tables (the row format of ``pipelines.rows``) with the columns of
+``STAGE_SCHEMA``:
 - ``read_decode_part`` (Ray task, one per part): reads a part's records, decodes images safely
-  (``pipelines.io.imaging``) and resizes them (the CLIP model's geometric preprocessing) to uint8 (H, W, 3)
+  (``clipcap_core.imaging``) and resizes them (the CLIP model's geometric preprocessing) to uint8 (H, W, 3)
   bytes; embedding-table rows carry their embedding; failures become error rows. The last row of each part
   is a *marker* (``index`` -1) whose ``total`` says how many member rows the part has, so the driver knows
   when a part is complete however the rows were spread over actors.
-- CLIP (``pipelines.clip_actor.ClipActor``, the one CLIP actor of every stage; its pyarrow adapter):
+- CLIP (``pipelines.clip_actor.ClipActor``, the one CLIP actor of every stage):
   ``pixels`` -> ``embedding`` (float32 bytes), normalising on the device.
 - ``CaptionStage`` (actor pool): ``embedding`` -> ``captions`` / ``scores`` / ``clip_scores`` (n per image,
   best first: by the decoder, or by CLIP similarity with rerank "clip") with batched KV-cache decoding and
@@ -17,8 +18,8 @@ Rows that a stage has nothing to do for (errors, markers, embeddings at the CLIP
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,32 +27,22 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines import runtime
-from pipelines.io import sources
-from pipelines.io.imaging import ImageDecodeError, decode_image
+from clipcap_core.clipscore import ClipScorer, W
+from clipcap_core.clipscore import rerank as clip_order
+from clipcap_core.configs import from_dict
+from clipcap_core.encoders import resolve_precision
+from clipcap_core.imaging import ImageDecodeError, decode_image
+from clipcap_core.preprocess import ImageResizer
+from pipelines import rows, runtime
+from pipelines.clip_actor import ClipActor
+from pipelines.io import sources, sources_base
 
 STAGE_SCHEMA = pa.schema([
     ("part_id", pa.string()), ("index", pa.int32()), ("key", pa.string()), ("source", pa.string()),
     ("pixels", pa.binary()), ("embedding", pa.binary()), ("error", pa.string()), ("stage", pa.string()),
     ("total", pa.int32()), ("t_read", pa.float64()), ("cpu_read", pa.float64()),
 ])
-# Each stage adds its busy wall seconds (t_*) and its process CPU seconds (cpu_*, all threads) per block,
-# spread over the block's rows: the driver sums them into the per-stage breakdown of the summary. CPU seconds
-# do not grow when other processes share the machine; wall seconds do.
-TIMING_COLUMNS = ("t_read", "cpu_read", "t_clip", "cpu_clip", "t_caption", "cpu_caption")
-
-
-class Clock:
-    """Wall and process-CPU seconds since the last lap (the timing columns of every stage)."""
-
-    def __init__(self) -> None:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def lap(self) -> tuple[float, float]:
-        wall, cpu = time.perf_counter(), time.process_time()
-        out = (wall - self.wall, cpu - self.cpu)
-        self.wall, self.cpu = wall, cpu
-        return out
+TIMING_COLUMNS = ("t_read", "cpu_read", "t_clip", "cpu_clip", "t_caption", "cpu_caption")  # pipelines.rows.Clock
 
 
 class _Rows:
@@ -77,7 +68,7 @@ class _Rows:
         return pa.table(self.cols, schema=STAGE_SCHEMA)
 
 
-def _decode_record(rec: sources.Record, resizer: Any, cfg: sources.SourceConfig,
+def _decode_record(rec: sources_base.Record, resizer: Any, cfg: sources_base.SourceConfig,
                    draft: tuple[int, int] | None) -> dict[str, Any]:
     if rec.error is not None:
         return {"error": rec.error, "stage": rec.stage}
@@ -93,20 +84,20 @@ def _decode_record(rec: sources.Record, resizer: Any, cfg: sources.SourceConfig,
         return {"error": f"preprocess failed: {type(exc).__name__}: {exc}", "stage": "preprocess"}
 
 
-def read_decode_part(part: sources.Part, cfg: sources.SourceConfig, resizer: Any, block_rows: int,
+def read_decode_part(part: sources_base.Part, cfg: sources_base.SourceConfig, resizer: Any, block_rows: int,
                      draft: tuple[int, int] | None = None) -> Iterator[pa.Table]:
     """Records of ``part`` as stage rows in blocks of ``block_rows``, then the part's marker row."""
-    rows, n, clock = _Rows(), 0, Clock()
+    buf, n, clock = _Rows(), 0, rows.Clock()
     for rec in sources.read_part(part, cfg):
-        rows.add(part.part_id, n, rec.key, rec.source, **_decode_record(rec, resizer, cfg, draft))
+        buf.add(part.part_id, n, rec.key, rec.source, **_decode_record(rec, resizer, cfg, draft))
         n += 1
-        if len(rows) >= block_rows:
+        if len(buf) >= block_rows:
             lap = clock.lap()
-            yield rows.table(lap)
-            rows = _Rows()
+            yield buf.table(lap)
+            buf = _Rows()
             clock.lap()  # the time spent downstream while suspended is not ours
-    rows.add(part.part_id, -1, "", "", total=n)
-    yield rows.table(clock.lap())
+    buf.add(part.part_id, -1, "", "", total=n)
+    yield buf.table(clock.lap())
 
 
 def read_decode_batch(batch: pa.Table, *, cfg_json: str, spec: Any, block_rows: int,
@@ -114,24 +105,14 @@ def read_decode_batch(batch: pa.Table, *, cfg_json: str, spec: Any, block_rows: 
     """Ray Data task function over batches of ``{"part": [Part json]}``; yields several blocks per part.
 
     ``spec`` is the CLIP model's ``PreprocessSpec`` (None when the input is only embedding tables)."""
-    from clipcap_core.configs import from_dict
-    from clipcap_core.preprocess import ImageResizer
-
-    cfg = from_dict(sources.SourceConfig, json.loads(cfg_json))
+    cfg = from_dict(sources_base.SourceConfig, json.loads(cfg_json))
     resizer = ImageResizer(spec) if spec is not None else None
     draft = None
     if jpeg_draft and spec is not None:
         size = spec.size if isinstance(spec.size, tuple) else (spec.size, spec.size)
         draft = (int(size[0]), int(size[1]))
     for text in batch.column("part").to_pylist():
-        yield from read_decode_part(sources.Part.from_json(text), cfg, resizer, block_rows, draft)
-
-
-def binary_rows(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[bytes]]:
-    """Indices of the non-empty values of a binary column, and those values."""
-    values = col.to_pylist()
-    idx = np.array([i for i, v in enumerate(values) if v], dtype=np.int64)
-    return idx, [values[i] for i in idx]
+        yield from read_decode_part(sources_base.Part.from_json(text), cfg, resizer, block_rows, draft)
 
 
 class CaptionStage:
@@ -141,9 +122,6 @@ class CaptionStage:
 
     def __init__(self, model_uri: str, decoding: Any, precision: str = "fp32", use_gpu: bool = False,
                  threads: int = 0, encoder_cfg: Any = None, rerank: str = "none", projection: Any = None):
-        from clipcap_core.clipscore import ClipScorer
-        from pipelines.clip_actor import ClipActor
-
         self.decoder = Decoder(model_uri, decoding, device=runtime.actor_device(use_gpu, threads),
                                precision=precision, projection=projection)
         self.call_threads = runtime.CallThreads(threads)
@@ -153,8 +131,8 @@ class CaptionStage:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         self.call_threads()  # each of a shared actor's call threads runs the plan's torch threads
-        clock = Clock()
-        idx, blobs = binary_rows(table.column("embedding"))
+        clock = rows.Clock()
+        idx, blobs = rows.binary_rows(table.column("embedding"))
         n = len(table)
         captions: list[list[str] | None] = [None] * n
         scores: list[list[float] | None] = [None] * n
@@ -171,7 +149,7 @@ class CaptionStage:
         table = table.append_column("captions", pa.array(captions, type=pa.list_(pa.string())))
         table = table.append_column("scores", pa.array(scores, type=pa.list_(pa.float32())))
         table = table.append_column("clip_scores", pa.array(clip, type=pa.list_(pa.float32())))
-        return with_time(table, "caption", clock.lap())
+        return rows.with_time(table, "caption", clock.lap())
 
 
 class ClipCaptionStage:
@@ -183,9 +161,6 @@ class ClipCaptionStage:
     def __init__(self, encoder_cfg: Any, model_uri: str, decoding: Any, precision: str = "fp32",
                  use_gpu: bool = False, threads: int = 0, rerank: str = "none", projection: Any = None,
                  clip_batch_size: int = 64, clip_score: bool = True):
-        from clipcap_core.clipscore import ClipScorer
-        from pipelines.clip_actor import ClipActor
-
         self.clip = ClipActor(encoder_cfg, precision=precision, use_gpu=use_gpu, threads=threads)
         self.caption = CaptionStage(model_uri, decoding, precision, use_gpu, threads, encoder_cfg=None,
                                     rerank=rerank, projection=projection)
@@ -206,9 +181,6 @@ def score_and_rank(image_emb: np.ndarray, texts: list[list[str]], scores: list[l
                    rerank: bool) -> tuple[list[list[str]], list[list[float]], list[list[float]]]:
     """CLIPScore of each image's n captions; with ``rerank`` each image's captions (and their decoder scores)
     re-ordered by CLIP similarity, best first (ties keep the decoder's order), as recaptioning pipelines do."""
-    from clipcap_core.clipscore import W
-    from clipcap_core.clipscore import rerank as clip_order
-
     n = len(texts[0]) if texts else 0
     flat = [t for group in texts for t in group]
     order, cos = clip_order(image_emb, scorer.embed_texts(flat), n)  # (B, n) each
@@ -218,13 +190,6 @@ def score_and_rank(image_emb: np.ndarray, texts: list[list[str]], scores: list[l
     return ([[g[k] for k in o] for g, o in zip(texts, order, strict=True)],
             [[v[k] for k in o] for v, o in zip(scores, order, strict=True)],
             [[float(c[k]) for k in o] for c, o in zip(clip, order, strict=True)])
-
-
-def with_time(table: pa.Table, stage: str, lap: tuple[float, float]) -> pa.Table:
-    n = len(table)
-    for prefix, value in zip(("t_", "cpu_"), lap, strict=True):
-        table = table.append_column(prefix + stage, pa.array([value / n] * n if n else [], type=pa.float64()))
-    return table
 
 
 # --- the model, seen from the pipeline ------------------------------------------------------------------------
@@ -245,8 +210,8 @@ UNTRAINED_HINT = ("model {uri!r} is an untrained preset (random weights: its cap
 def inspect_model(uri: str, allow_untrained: bool = False) -> ModelInfo:
     """The model's config and version, every weights file checked but none loaded (job-level check: a
     missing, corrupt or untrained model or an unknown CLIP encoder -> ValueError before any work)."""
+    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core import __version__, artifacts, encoders
-    from clipcap_core.configs import from_dict
     from clipcap_core.model import ModelConfig
 
     if artifacts.is_preset(uri) and not allow_untrained:
@@ -270,8 +235,6 @@ def inspect_model(uri: str, allow_untrained: bool = False) -> ModelInfo:
 def model_version(meta: dict[str, Any], weights: dict[str, str]) -> str:
     """Version written into caption rows: a hash of the artifact's config.json (creation time, code version,
     training step) and of every weights file's sha256, so other weights under the same config get another id."""
-    import hashlib
-
     body = json.dumps({"config": meta, "weights": weights}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 
@@ -281,11 +244,11 @@ class Decoder:
 
     def __init__(self, model_uri: str, decoding: Any, device: str = "cpu", precision: str = "fp32",
                  projection: Any = None):
+        # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
         import torch
 
         from clipcap_core.artifacts import load_model
         from clipcap_core.decap import ProjectionConfig, resolve_projection
-        from clipcap_core.encoders import resolve_precision
 
         precision = resolve_precision(precision, torch.device(device))  # auto: fp16 on GPU, fp32 on CPU
         loaded = load_model(model_uri, device=device, precision=precision)
@@ -295,6 +258,7 @@ class Decoder:
         self.memory = memory.to(self.model.device, self.model.dtype) if memory is not None else None
 
     def __call__(self, embeds: np.ndarray) -> tuple[list[list[str]], list[list[float]]]:
+        # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
         import torch
 
         from clipcap_core.decoding import generate

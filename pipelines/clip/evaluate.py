@@ -24,9 +24,11 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from clipcap_core.encoders import EncoderConfig
+from clipcap_core import synthetic, uris
+from clipcap_core.clip_eval import class_embeddings, modality_gap, retrieval, zero_shot
+from clipcap_core.encoders import EncoderConfig, encoder_tag
 from pipelines.clip import data as clip_data
-from pipelines.io import storage, tables
+from pipelines.io import schemas, tables
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class EvalClipConfig:
 
 
 def read_lines(uri: str) -> list[str]:
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     with fs.open(path, "r") as f:
         lines = [ln.strip() for ln in f.read(16 << 20).splitlines()]  # bounded: 16 MB of class names
     out = [ln for ln in lines if ln and not ln.startswith("#")]
@@ -87,8 +89,6 @@ def encode_texts(encoder: Any, texts: list[str], batch_size: int = 256) -> np.nd
 
 
 def _pairs_from_tables(cfg: EvalClipConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from pipelines.io import schemas
-
     files = tables.list_table_files(cfg.tables)
     t = tables.read_split(files, cfg.split(), max_rows=cfg.max_samples or None)
     if schemas.TEXT_EMBEDDING not in t.column_names:
@@ -100,8 +100,6 @@ def _pairs_from_tables(cfg: EvalClipConfig) -> tuple[np.ndarray, np.ndarray, lis
 def zero_shot_report(encoder: Any, img: np.ndarray, captions: list[str], classes: list[str],
                      templates: list[str]) -> dict[str, Any]:
     """Zero-shot top-1/top-5 over ``classes`` for the images whose caption is a class (+ synthetic attributes)."""
-    from clipcap_core.clip_eval import class_embeddings, zero_shot
-
     index = {c.strip().lower(): i for i, c in enumerate(classes)}
     labelled = [(i, index[c.strip().lower()]) for i, c in enumerate(captions) if c.strip().lower() in index]
     out: dict[str, Any] = {"classes": len(classes), "templates": len(templates),
@@ -120,8 +118,6 @@ def zero_shot_report(encoder: Any, img: np.ndarray, captions: list[str], classes
 
 def synthetic_attributes(predicted: list[str], truth: list[str]) -> dict[str, float]:
     """Per-attribute accuracy when every caption is a synthetic one (else {})."""
-    from clipcap_core import synthetic
-
     parsed_t = [synthetic.parse_caption(c) for c in truth]
     if not parsed_t or any(p is None for p in parsed_t):
         return {}
@@ -133,8 +129,8 @@ def synthetic_attributes(predicted: list[str], truth: list[str]) -> dict[str, fl
 
 def evaluate_clip(cfg: EvalClipConfig) -> dict[str, Any]:
     """Retrieval (and zero-shot with ``classes``) figures of ``cfg.encoder`` on the selected pairs."""
-    from clipcap_core.clip_eval import modality_gap, retrieval
-    from clipcap_core.encoders import encoder_tag, load_encoder
+    # lazy: torch ~6.7 s to import (python -X importtime)
+    from clipcap_core.encoder_model import load_encoder
 
     classes = read_lines(cfg.classes) if cfg.classes else None
     templates = read_lines(cfg.templates) if cfg.templates else ["{}"]

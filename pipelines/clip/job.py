@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
+from clipcap_core.encoders import fetch_pretrained, preprocess_spec, validate_config
 from pipelines.clip import data as clip_data
 from pipelines.io import storage, tables
 from pipelines.train.checkpoints import stream_start
@@ -109,8 +110,6 @@ class ClipTrainResult:
 
 
 def prep_for(cfg: ClipTrainJobConfig, part: str = "train") -> clip_data.PairPrep:
-    from clipcap_core.encoders import preprocess_spec
-
     spec = preprocess_spec(cfg.model.encoder_config())
     size = spec.size if isinstance(spec.size, int) else int(spec.size[0])
     return clip_data.PairPrep(model_name=cfg.model.model_name, size=size, interpolation=spec.interpolation,
@@ -120,8 +119,6 @@ def prep_for(cfg: ClipTrainJobConfig, part: str = "train") -> clip_data.PairPrep
 
 def plan(cfg: ClipTrainJobConfig) -> ClipTrainPlan:
     """Checks and step counts, on the driver, before any worker starts (bad configs fail here)."""
-    from clipcap_core.encoders import fetch_pretrained, validate_config
-
     validate_config(cfg.model.encoder_config())
     fetch_pretrained(cfg.model.encoder_config())
     shards = clip_data.list_shards(cfg.shards)

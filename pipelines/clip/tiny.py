@@ -22,6 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from clipcap_core import synthetic
+from clipcap_core.clip_eval import l2n
+from clipcap_core.encoders import EncoderConfig
+from pipelines.clip.evaluate import encode_texts, synthetic_attributes
+from pipelines.train.state import RunOptions, ScaleConfig
+
 RESOURCES = Path(__file__).resolve().parents[2] / "clipcap_core" / "resources"
 TRAIN_SEED, EVAL_SEED, EVAL_N = 1, 7777, 1000
 TRAIN_N, BATCH = 8192, 256
@@ -30,8 +36,6 @@ TRAIN_N, BATCH = 8192, 256
 def zero_shot_synthetic(encoder: Any, n: int = EVAL_N, seed: int = EVAL_SEED) -> dict[str, float]:
     """Top-1 exact and per-attribute accuracy of image->caption retrieval over all synthetic captions, on
     ``n`` fresh images of ``seed``."""
-    from clipcap_core import synthetic
-
     samples = list(synthetic.generate(n, seed=seed, size=64))
     pixels = np.stack([encoder.resize(s.image) for s in samples])
     img = np.concatenate([encoder.encode_pixels(pixels[i: i + 256]) for i in range(0, n, 256)])
@@ -40,10 +44,6 @@ def zero_shot_synthetic(encoder: Any, n: int = EVAL_N, seed: int = EVAL_SEED) ->
 
 def zero_shot_captions(encoder: Any, image_emb: np.ndarray, truth: list[str]) -> dict[str, float]:
     """Image embeddings -> the most similar of all 432 synthetic captions; exact and per-attribute accuracy."""
-    from clipcap_core import synthetic
-    from clipcap_core.clip_eval import l2n
-    from pipelines.clip.evaluate import encode_texts, synthetic_attributes
-
     classes = synthetic.all_captions()
     top1 = [classes[i] for i in (l2n(image_emb) @ l2n(encode_texts(encoder, classes)).T).argmax(1)]
     out = {"images": float(len(truth)), "classes": float(len(classes)),
@@ -53,16 +53,14 @@ def zero_shot_captions(encoder: Any, image_emb: np.ndarray, truth: list[str]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s, ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray
     from safetensors.torch import load_file, save_file
 
-    from clipcap_core import synthetic
     from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
-    from clipcap_core.encoders import EncoderConfig, load_encoder
+    from clipcap_core.encoder_model import load_encoder
     from pipelines.clip.job import ClipTrainJobConfig, run_clip_training
     from pipelines.clip.worker import model_card
-    from pipelines.train.job import ScaleConfig
-    from pipelines.train.state import RunOptions
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="data/tiny-clip", help="work folder (shards, run)")

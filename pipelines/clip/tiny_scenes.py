@@ -32,6 +32,10 @@ from typing import Any
 import numpy as np
 
 from clipcap_core import scenes
+from clipcap_core.clip_eval import l2n
+from clipcap_core.encoders import EncoderConfig
+from pipelines.clip.evaluate import encode_texts
+from pipelines.train.state import RunOptions, ScaleConfig
 
 RESOURCES = Path(__file__).resolve().parents[2] / "clipcap_core" / "resources"
 TRAIN_SEED, EVAL_SEED, EVAL_N = 1, 7777, 1000
@@ -77,9 +81,6 @@ def _encode_images(encoder: Any, samples: list[scenes.SceneSample]) -> np.ndarra
 
 def hard_negative_accuracy(encoder: Any, img: np.ndarray, samples: list[scenes.SceneSample]) -> dict[str, float]:
     """Per kind: share of images whose true caption scores above every edit of that kind (and of all kinds)."""
-    from clipcap_core.clip_eval import l2n
-    from pipelines.clip.evaluate import encode_texts
-
     negs = [hard_negatives(s.scene) for s in samples]
     kinds = list(negs[0])
     texts = [scenes.caption_for(x) for s, n in zip(samples, negs, strict=True)
@@ -101,7 +102,6 @@ def hard_negative_accuracy(encoder: Any, img: np.ndarray, samples: list[scenes.S
 def zero_shot_scenes(encoder: Any, split: str, n: int = EVAL_N, seed: int = EVAL_SEED) -> dict[str, float]:
     """Zero-shot figures of ``encoder`` on ``n`` fresh ``split`` scenes (see the module doc) + the modality gap."""
     from clipcap_core.clip_eval import l2n, modality_gap
-    from pipelines.clip.evaluate import encode_texts
 
     samples = list(scenes.generate(n, seed=seed, size=64, split=split))  # type: ignore[arg-type]
     img = _encode_images(encoder, samples)
@@ -118,12 +118,11 @@ def zero_shot_scenes(encoder: Any, split: str, n: int = EVAL_N, seed: int = EVAL
 # --- the run ----------------------------------------------------------------------------------------------
 def train(name: str, v: Variant, root: Path) -> Any:
     """Shards (once) and the ``train-clip`` run of variant ``name``; returns its ``ClipTrainResult``."""
+    # lazy: torch ~6.7 s, transformers ~1.4 s, ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray
 
     from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
     from pipelines.clip.job import ClipTrainJobConfig, run_clip_training
-    from pipelines.train.job import ScaleConfig
-    from pipelines.train.state import RunOptions
 
     shards = root / "shards"
     if not (shards / f"{TRAIN_N // SHARD - 1:05d}.tar").exists():
@@ -147,6 +146,7 @@ def train(name: str, v: Variant, root: Path) -> Any:
 
 
 def write_fp16(weights: str, out: Path) -> None:
+    # lazy: safetensors.torch + torch ~6.7 s to import (python -X importtime)
     from safetensors.torch import load_file, save_file
 
     save_file({k: t.half() if t.is_floating_point() else t for k, t in load_file(weights).items()}, str(out),
@@ -155,6 +155,7 @@ def write_fp16(weights: str, out: Path) -> None:
 
 
 def card(name: str, v: Variant, result: Any, figures: dict[str, dict[str, float]], seconds: float) -> str:
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from pipelines.clip.worker import model_card
 
     info = json.loads((Path(result.model_dir) / "clipcap_clip.json").read_text())
@@ -174,7 +175,8 @@ def card(name: str, v: Variant, result: Any, figures: dict[str, dict[str, float]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from clipcap_core.encoders import EncoderConfig, load_encoder
+    # lazy: torch ~6.7 s to import (python -X importtime)
+    from clipcap_core.encoder_model import load_encoder
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", choices=sorted(VARIANTS), required=True, help="which CLIP to make")

@@ -15,8 +15,21 @@ import tempfile
 from typing import Any
 
 import numpy as np
+import torch
 
+from clipcap_core import uris
+from clipcap_core.clip_training import (
+    build_clip,
+    clip_loss,
+    lock_towers,
+    make_optimizer_and_scheduler,
+    make_scaler,
+    save_clip_weights,
+    shape_init,
+    train_step,
+)
 from clipcap_core.configs import from_dict, to_dict
+from clipcap_core.encoders import _open_clip
 from pipelines.clip import data as clip_data
 from pipelines.clip.job import ClipTrainJobConfig, ClipTrainPlan, prep_for
 from pipelines.io import storage
@@ -31,14 +44,6 @@ class ClipRun(WorkerRun):
     label, unit, epoch_samples = "train-clip", "pairs", False
 
     def __init__(self, job: ClipTrainJobConfig, plan: ClipTrainPlan):
-        from clipcap_core.clip_training import (
-            build_clip,
-            clip_loss,
-            lock_towers,
-            make_optimizer_and_scheduler,
-            shape_init,
-        )
-
         hp = job.train
         super().__init__(plan, job.run, epochs=hp.epochs, batch_size=hp.batch_size,
                          torch_threads=job.scale.torch_threads, fault=job.fault)
@@ -61,8 +66,6 @@ def memory_batches(job: ClipTrainJobConfig, plan: ClipTrainPlan, rank: int, worl
                    device: Any) -> Any:
     """``data="memory"``: this worker's shards decoded once; batches for steps ``start_step``.. from a seeded
     permutation per epoch (the same after a restart, so a resumed run sees the batches it would have seen)."""
-    import torch
-
     pixels, tokens, _ = clip_data.load_pairs(list(plan.shards[rank::world]), prep_for(job, "train"))
     pixels = torch.from_numpy(pixels)
     B, spe = job.train.batch_size, plan.steps_per_epoch
@@ -80,10 +83,9 @@ def clip_train_loop(config: dict[str, Any], stream: EarlyStream | None) -> dict[
     """The per-worker loop (``launch.worker_entry`` calls it; config: ``{"job": ClipTrainJobConfig, "plan":
     ClipTrainPlan}`` as ``configs.to_dict``); ``stream`` the worker's shard of the pair stream, already started
     (``None`` in memory mode)."""
+    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray.train
     import ray.train.torch
-
-    from clipcap_core.clip_training import make_scaler, train_step
 
     job, plan = from_dict(ClipTrainJobConfig, config["job"]), from_dict(ClipTrainPlan, config["plan"])
     hp = job.train
@@ -108,9 +110,6 @@ def clip_train_loop(config: dict[str, Any], stream: EarlyStream | None) -> dict[
 # --- the final model folder ---------------------------------------------------------------------------------
 def save_model_dir(job: ClipTrainJobConfig, plan: ClipTrainPlan, run: ClipRun) -> dict[str, Any]:
     """Rank 0: ``<run>/model/`` = weights (safetensors), open_clip config, our provenance JSON, model card."""
-    from clipcap_core.clip_training import save_clip_weights
-    from clipcap_core.encoders import _open_clip
-
     model, state, metrics = run.model, run.state, run.metrics
     model_dir = storage.join(job.run_dir, "model")
     weights = storage.join(model_dir, f"{job.name}.safetensors")
@@ -119,17 +118,17 @@ def save_model_dir(job: ClipTrainJobConfig, plan: ClipTrainPlan, run: ClipRun) -
             "train": {**to_dict(job.train), "warmup_steps": job.train.warmup_for(plan.total_steps)},
             "pairs": plan.n_train, "shards": len(plan.shards),
             "heldout_fraction": job.heldout_fraction, "split_salt": job.split_salt, "metrics": metrics}
-    fs, path = storage.filesystem(model_dir)
+    fs, path = uris.filesystem(model_dir)
     storage.ensure_dir(fs, path)
     with tempfile.TemporaryDirectory(prefix="clipcap-clip-model-") as d:
         local = os.path.join(d, "w.safetensors")
         save_clip_weights(model, local)
-        fs.put_file(local, storage.filesystem(weights)[1])
+        fs.put_file(local, uris.filesystem(weights)[1])
     oc_cfg = {"model_cfg": _open_clip().get_model_config(info["model_name"]),
               "preprocess_cfg": dict(getattr(model, "module", model).visual.preprocess_cfg)}
     storage.write_json(oc_cfg, storage.join(model_dir, "open_clip_config.json"))
     storage.write_json(info, storage.join(model_dir, "clipcap_clip.json"))
-    with fs.open(storage.filesystem(storage.join(model_dir, "README.md"))[1], "w") as f:
+    with fs.open(uris.filesystem(storage.join(model_dir, "README.md"))[1], "w") as f:
         f.write(model_card(info))
     return {"model_dir": model_dir, "weights": weights, "history": state.history, "metrics": metrics}
 

@@ -31,7 +31,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.evaluate import format_table, run_evaluate
+    from pipelines.evaluate.run import format_table, run_evaluate
 
     summary = run_evaluate(config_from_args(args))
     common.print_result(None, summary if args.json else format_table(summary))

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.report import build_report
+    from pipelines.report.build import build_report
 
     common.require(args, "input", "output")
     print(build_report(options.from_args(args, CONFIG)))

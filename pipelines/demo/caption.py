@@ -18,7 +18,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.caption.job import CaptionConfig, ResourceOptions, caption_archive, table_uri
+from clipcap_core import uris
+from pipelines.caption.job import CaptionConfig, ResourceOptions, caption_archive
+from pipelines.caption.output import table_uri
 from pipelines.io import schemas, storage
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ def write_archive(uri: str, samples: Sequence[Any]) -> None:
             info.size = png.tell()
             png.seek(0)
             tf.addfile(info, png)
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     storage.ensure_dir(fs, path.rsplit("/", 1)[0])
     with fs.open(path, "wb") as f:
         f.write(buf.getvalue())
@@ -47,7 +49,7 @@ def read_captions(output: str) -> pa.Table:
     """All committed caption parts of an output, concatenated (metadata dropped)."""
     tables = []
     for uri in storage.list_files(table_uri(output), ".parquet"):
-        fs, path = storage.filesystem(uri)
+        fs, path = uris.filesystem(uri)
         with fs.open(path, "rb") as f:
             tables.append(pq.read_table(f).replace_schema_metadata(None))
     return pa.concat_tables(tables) if tables else schemas.CAPTIONS_SCORED_SCHEMA.empty_table()

@@ -29,14 +29,19 @@ from typing import Any
 import numpy as np
 
 from clipcap_core import synthetic as syn
+from clipcap_core import uris
+from pipelines.clip.tiny import zero_shot_captions
+from pipelines.embed.job import EmbedResources
 from pipelines.io import storage
+from pipelines.train.decap import DecapOptions
+from pipelines.train.state import RunOptions
 
 
 def write_corpus(root: str, n: int, seed: int) -> str:
     """``n`` generator captions, one per line (no image is rendered), at ``<root>/decap-corpus/captions.txt``."""
     uri = storage.join(root, "decap-corpus", "captions.txt")
     lines = [syn.caption_for(syn.sample_attributes(random.Random(f"corpus:{seed}:{i}"))) for i in range(n)]
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     storage.ensure_dir(fs, posixpath.dirname(path))  # never s3fs makedirs: it would create a missing bucket
     with fs.open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -46,7 +51,7 @@ def write_corpus(root: str, n: int, seed: int) -> str:
 def embed_captions(corpus_uri: str, root: str, encoder: Any, dataset: str = "synthetic-captions",
                    input_format: str = "auto") -> str:
     """Text-embedding table of the captions in ``corpus_uri`` (resumable); returns its URI."""
-    from pipelines.embed.job import EmbedResources
+    # lazy: pandas ~0.55 s to import (python -X importtime)
     from pipelines.embed.text import EmbedTextConfig, run_embed_text
 
     cfg = EmbedTextConfig(input=corpus_uri, output_root=root, dataset=dataset, input_format=input_format,
@@ -57,9 +62,9 @@ def embed_captions(corpus_uri: str, root: str, encoder: Any, dataset: str = "syn
 def train_decap(table_uri: str, root: str, *, seed: int = 0, epochs: int = 30, noise_std: float = 0.0,
                 memory_size: int = 0, name: str | None = None) -> Any:
     """``train --decoder decap`` on a text table (tiny preset, 1 Ray Train worker); returns the TrainJobResult."""
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.training import TrainConfig
-    from pipelines.train.decap import DecapOptions
-    from pipelines.train.job import RunOptions, TrainJobConfig, run_training
+    from pipelines.train.job import TrainJobConfig, run_training
 
     job = TrainJobConfig(
         tables=(table_uri,), output=storage.join(root, "runs"), name=name or f"decap-s{seed}", model="tiny",
@@ -74,9 +79,9 @@ def demo_decap(root: str, samples: Sequence[Any], *, encoder: Any, seed: int = 0
                echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Steps 1-4 above; prints the text-only model's exact match on the held-out images (memory projection and
     raw embedding) next to the CLIP's zero-shot top-1 and the image-trained model's."""
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.decap import ProjectionConfig
-    from clipcap_core.encoders import load_encoder
-    from pipelines.clip.tiny import zero_shot_captions
+    from clipcap_core.encoder_model import load_encoder
     from pipelines.demo.caption import caption_heldout
 
     t0 = time.perf_counter()

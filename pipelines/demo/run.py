@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipcap_core import synthetic
+from clipcap_core.encoders import EncoderConfig
 from pipelines import runtime
+from pipelines.demo.decap import demo_decap
+from pipelines.demo.worlds import world
+from pipelines.io import tables
+from pipelines.report.demo import evaluate_and_report
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,7 @@ def ray_address(cfg: DemoConfig) -> str:
 
 def step_embed(cfg: DemoConfig, result: DemoResult) -> None:
     """Synthetic set -> local HTTP -> img2dataset shards -> tiny CLIP embeddings (jobs/embed_cc3m.py default)."""
+    # lazy: pandas ~0.55 s to import (python -X importtime)
     from pipelines.embed.download_embed import default_job_config, result_dict, run_embed_job
 
     job = default_job_config(result.root, samples=cfg.samples, seed=cfg.seed, world=cfg.world)
@@ -83,6 +90,7 @@ STEPS: list[Step] = [step_embed]
 def step_train(cfg: DemoConfig, result: DemoResult) -> None:
     """The tiny preset trained on the embedded synthetic set with Ray Train (pipelines.demo.train);
     reports held-out accuracy and hands the model artifact to the captioning step."""
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from pipelines.demo.train import demo_train
 
     runtime.ensure_ray(ray_address(cfg))
@@ -99,8 +107,8 @@ STEPS.append(step_train)
 def step_caption(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
     """Held-out synthetic images (indices past the demo's set: never embedded nor trained on) -> a tar archive
     -> bulk captioning (pipelines.caption.job) with the demo's model -> caption table; prints a few captions."""
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from pipelines.demo.caption import caption_heldout
-    from pipelines.demo.worlds import world
 
     runtime.ensure_ray(ray_address(cfg))
     model = result.paths.get("model", "tiny")
@@ -119,9 +127,6 @@ def step_report(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
     """The held-out captions of ``step_caption`` (same ``n`` samples) -> ``clipcap evaluate`` against the true
     captions (all references of each image; CLIPScore on the archive's images) -> ``clipcap report``; prints the
     table and the report's path."""
-    from pipelines.demo.worlds import world
-    from pipelines.report.demo import evaluate_and_report
-
     if "captions" not in result.paths:
         result.lines.append("no caption table in this demo run: evaluation and report skipped")
         return
@@ -141,11 +146,6 @@ def step_decap(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
     """``clipcap demo --decap``: a text-only (DeCap) model trained on a synthetic caption corpus alone (no
     image), captioning the same held-out images as ``step_caption``, next to the image-trained model
     (pipelines.demo.decap)."""
-    from clipcap_core import synthetic
-    from clipcap_core.encoders import EncoderConfig
-    from pipelines.demo.decap import demo_decap
-    from pipelines.io import tables
-
     runtime.ensure_ray(ray_address(cfg))
 
     assert result.raw_uri is not None and result.embeddings_uri is not None
@@ -161,8 +161,6 @@ def step_decap(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
 
 def run_demo(cfg: DemoConfig = DemoConfig(), steps: Sequence[Step] | None = None) -> DemoResult:
     """Run ``steps`` (default: ``STEPS``) in order; returns the paths and summaries they recorded."""
-    from pipelines.demo.worlds import world
-
     root = str(Path(cfg.root).resolve()) if "://" not in cfg.root else cfg.root
     result = DemoResult(root=root)
     clip = world(cfg.world).clip_model

@@ -13,13 +13,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from clipcap_core import synthetic as syn
 from pipelines.io import schemas, storage
 
 
 def attribute_embeddings(samples: Sequence[Any], dim: int, seed: int = 0, noise: float = 0.1) -> np.ndarray:
     """Embeddings = fixed seeded projection of the one-hot attributes + Gaussian noise, L2-normalised."""
-    from clipcap_core import synthetic as syn
-
     groups = [tuple(range(1, 4)), syn.SIZES, tuple(syn.COLORS), syn.SHAPES, syn.POSITIONS]
     width = sum(len(g) for g in groups)
     proj = np.random.default_rng(seed).standard_normal((width, dim)).astype(np.float32)
@@ -40,8 +39,6 @@ def write_synthetic_tables(root: str, n: int, *, shards: int = 1, dim: int = 32,
                            noise: float = 0.1, column: str = schemas.IMAGE_EMBEDDING) -> list[str]:
     """Write ``n`` synthetic rows as ``shards`` tables under ``<root>/embeddings/<dataset>/<tag>/`` (``column``
     ``text_embedding``: text tables, ``schemas.text_embedding_schema``, under ``<root>/text-embeddings/``)."""
-    from clipcap_core import synthetic as syn
-
     samples = [_Lite(s.key, s.caption, s.attributes) for s in syn.generate(n, seed=seed, size=16, start=start)]
     emb = attribute_embeddings(samples, dim, seed=seed, noise=noise)
     meta = schemas.embedding_metadata(clip_model=tag, clip_pretrained=None, dim=dim, dtype="float32",

@@ -11,17 +11,21 @@ from typing import Any
 
 import pyarrow as pa
 
+from clipcap_core import synthetic as syn
+from clipcap_core.decoding import generate
+from clipcap_core.encoder_model import load_encoder
+from clipcap_core.encoders import EncoderConfig
+from clipcap_core.synthetic import parse_caption as synthetic_caption
 from clipcap_core.training import TrainConfig
+from pipelines.clip.tiny import zero_shot_captions
+from pipelines.demo.worlds import world as get_world
 from pipelines.io import storage, tables
-from pipelines.train.job import RunOptions, TrainJobConfig, run_training
+from pipelines.train.job import TrainJobConfig, run_training
+from pipelines.train.state import RunOptions
 
 
 def clip_zero_shot(info: tables.TableInfo, held: pa.Table) -> dict[str, float]:
     """Zero-shot figures of the CLIP that made ``held``'s embeddings on those rows (synthetic captions only)."""
-    from clipcap_core.encoders import EncoderConfig, load_encoder
-    from clipcap_core.synthetic import parse_caption as synthetic_caption
-    from pipelines.clip.tiny import zero_shot_captions
-
     caps = held.column("caption").to_pylist()
     if not info.clip_model or not caps:
         return {}
@@ -38,8 +42,6 @@ def clip_zero_shot(info: tables.TableInfo, held: pa.Table) -> dict[str, float]:
 def attribute_accuracy(predictions: list[str], references: list[str]) -> dict[str, dict[str, float]]:
     """Synthetic captions: exact match and per-attribute accuracy (count, size, colour, shape, position), with
     the chance level of each (a caption that does not parse scores 0 on every attribute)."""
-    from clipcap_core import synthetic as syn
-
     pred = [syn.parse_caption(p) for p in predictions]
     ref = [syn.parse_caption(r) for r in references]
     values = {"count": (1, 2, 3), "size": syn.SIZES, "color": tuple(syn.COLORS), "shape": syn.SHAPES,
@@ -57,9 +59,8 @@ def demo_train(embeddings_uri: str, root: str, *, seed: int = 0, epochs: int = 3
                world: str = "synthetic") -> dict[str, Any]:
     """Train the ``tiny`` preset on the demo's embedding table with Ray Train (1 worker), then caption the
     key-hash held-out rows with the saved artifact and report exact-match and per-attribute accuracy."""
+    # lazy: safetensors.torch + torch ~6.7 s to import (python -X importtime)
     from clipcap_core.artifacts import load_model
-    from clipcap_core.decoding import generate
-    from pipelines.demo.worlds import world as get_world
 
     w = get_world(world)
     files = tables.list_table_files(embeddings_uri)

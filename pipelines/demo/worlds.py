@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipcap_core import scenes, synthetic
+
 WORLDS = ("synthetic", "scenes")
 
 
@@ -32,18 +34,15 @@ class World:
 
 
 def _synthetic_heldout(n: int, seed: int, start: int) -> list[Any]:
-    from clipcap_core import synthetic
-
     return list(synthetic.generate(n, seed=seed, size=64, start=start))
 
 
 def _synthetic_url_list(*args: Any, **kwargs: Any) -> Path:
-    from clipcap_core import synthetic
-
     return synthetic.write_url_list(*args, **kwargs)
 
 
 def _synthetic_accuracy(predictions: list[str], references: list[str]) -> dict[str, dict[str, float]]:
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from pipelines.demo.train import attribute_accuracy
 
     return attribute_accuracy(predictions, references)
@@ -51,24 +50,18 @@ def _synthetic_accuracy(predictions: list[str], references: list[str]) -> dict[s
 
 def _scenes_heldout(n: int, seed: int, start: int) -> list[Any]:
     """First half unseen scenes of seen combinations (``test``), second half held-out combinations (``novel``)."""
-    from clipcap_core import scenes
-
     half = n // 2
     return [*scenes.generate(n - half, seed=seed, start=start, split="test"),
             *scenes.generate(half, seed=seed, start=start, split="novel")]
 
 
 def _scenes_url_list(*args: Any, **kwargs: Any) -> Path:
-    from clipcap_core import scenes
-
     return scenes.write_url_list(*args, **kwargs)
 
 
 def scenes_accuracy(predictions: list[str], references: list[str]) -> dict[str, dict[str, float]]:
     """Scenes: exact (same scene, any wording), relation, and per-attribute accuracy over both groups (after
     saying both scenes with left / above), with chance levels; a caption that does not parse scores 0."""
-    from clipcap_core import scenes
-
     pred = [scenes.parse_caption(p) for p in predictions]
     truth = [scenes.parse_caption(r) for r in references]
     pairs = [(p.normalized() if p else None, t.normalized()) for p, t in zip(pred, truth, strict=True) if t]

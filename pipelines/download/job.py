@@ -34,11 +34,15 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
+import fsspec
 import pandas as pd
 
+from clipcap_core import uris
 from pipelines import console, exitcodes, runtime
 from pipelines.io import schemas, storage
 from pipelines.io.delimited import read_delimited
+from pipelines.io.shard_redaction import redact_shards
+from pipelines.io.urlsafety import url_list_problems
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +177,7 @@ def reset_shards(output: str, shards: list[str]) -> None:
     for shard in shards:
         for suffix in ("_stats.json", ".tar", ".parquet"):
             uri = storage.join(output, shard + suffix)
-            if storage.exists(uri):
+            if uris.exists(uri):
                 storage.remove(uri)
 
 
@@ -189,8 +193,6 @@ def detect_format(url_list: str) -> str:
 
 
 def _first_line(url_list: str) -> str:
-    import fsspec
-
     # a bad byte here is named by read_delimited, with its line: this only looks for a URL
     with fsspec.open(url_list, "rt", encoding="utf-8", errors="replace", compression="infer") as f:
         return f.readline().rstrip("\r\n")
@@ -280,8 +282,6 @@ def prepare_download(cfg: DownloadConfig) -> pd.DataFrame:
 def check_urls(cfg: DownloadConfig, df: pd.DataFrame) -> None:
     """Refuse a list with non-http(s) URLs (img2dataset would copy ``file://`` paths into the shards and read
     ``s3://`` with our credentials) or private literal hosts, before any download (``urlsafety``)."""
-    from pipelines.io.urlsafety import url_list_problems
-
     problems = url_list_problems(df[schemas.URL].dropna().unique(), cfg.allow_private_urls)
     if problems:
         raise ValueError(f"URL list {cfg.url_list!r} has URLs we do not fetch: " + "; ".join(problems[:5]))
@@ -305,7 +305,6 @@ def run_download(cfg: DownloadConfig, ray_address: str | None = None, urls: pd.D
         if cfg.distributor == "ray":
             runtime.ensure_ray(ray_address)
         _download(cfg, df)
-    from pipelines.io.shard_redaction import redact_shards
 
     redact_shards(cfg.output)  # img2dataset stores URLs as fetched: no signed query strings at rest
     missing = missing_shards(cfg, len(df))
@@ -320,6 +319,7 @@ def run_download(cfg: DownloadConfig, ray_address: str | None = None, urls: pd.D
 def _download(cfg: DownloadConfig, df: pd.DataFrame) -> None:
     """img2dataset's download, its per-shard lines in the job log and our progress line read from the shards'
     ``_stats.json`` as they land."""
+    # lazy: img2dataset ~8.1 s to import (python -X importtime)
     from img2dataset import download
 
     with tempfile.TemporaryDirectory(prefix="clipcap-urls-") as tmp:

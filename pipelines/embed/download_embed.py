@@ -17,10 +17,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from clipcap_core import encoders
 from clipcap_core.encoders import EncoderConfig
+from infra.local import http
+from pipelines.demo.worlds import world
+from pipelines.demo.worlds import world as get_world
 from pipelines.download.job import DownloadConfig, DownloadSummary, prepare_download, run_download
 from pipelines.embed.job import EmbedConfig, EmbedResources, EmbedResult, run_embed
-from pipelines.io import storage
+from pipelines.io import schemas, storage
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +77,6 @@ def default_job_config(root: str | Path = "data", samples: int = 256, seed: int 
                        world: str = "synthetic") -> EmbedJobConfig:
     """The embedded default: synthetic set under ``<root>/synthetic``, shards ``<root>/raw/synthetic``,
     tables ``<root>/embeddings/synthetic/tiny`` (``world="scenes"``: ``scenes`` and the ``tiny-scenes`` CLIP)."""
-    from pipelines.demo.worlds import world as get_world
-
     clip = get_world(world).clip_model
     is_uri = "://" in str(root)
     root = str(root) if is_uri else str(Path(root).resolve())
@@ -93,9 +95,6 @@ def default_job_config(root: str | Path = "data", samples: int = 256, seed: int 
 @contextlib.contextmanager
 def serve_synthetic(src: SyntheticSource) -> Iterator[str]:
     """Write the synthetic set and serve it; yields the URL list path (URLs point at the server)."""
-    from infra.local import http
-    from pipelines.demo.worlds import world
-
     folder = Path(src.folder)
     folder.mkdir(parents=True, exist_ok=True)
     server = http.start(folder)
@@ -111,9 +110,6 @@ def serve_synthetic(src: SyntheticSource) -> Iterator[str]:
 def run_embed_job(cfg: EmbedJobConfig, ray_address: str | None = None) -> EmbedJobResult:
     """Download (optional) then embed. Job-level checks of both stages run before the first download:
     CLIP model, URL list columns, both outputs writable."""
-    from clipcap_core import encoders
-    from pipelines.io import schemas
-
     encoders.validate_config(cfg.embed.encoder)
     encoders.fetch_pretrained(cfg.embed.encoder)  # before the download: an unreachable hub fails first
     schemas.embedding_type(1, cfg.embed.dtype)

@@ -1,14 +1,14 @@
-"""The per-row work of the embed stage: read + decode img2dataset shards into column batches for CLIP.
+"""The per-row work of the embed stage: read + decode img2dataset shards into row blocks for CLIP.
 
 Pure cores (no Ray): ``read_shard`` (tar bytes -> samples), ``decode_sample`` (one sample -> pixels or an
-error), ``iter_shard_batches`` (a shard -> column batches for the encoder). Ray adapter: ``decode_shards`` (the
-function ``map_batches`` runs in decode tasks). The actor pool runs ``pipelines.clip_actor.ClipActor`` (its
-numpy adapter reads these columns); the driver puts the rows back into shards with
+error), ``iter_shard_batches`` (a shard -> Arrow blocks of the stages' row format, ``pipelines.rows``). Ray
+adapter: ``decode_shards`` (the function ``map_batches`` runs in decode tasks). The actor pool runs
+``pipelines.clip_actor.ClipActor``; the driver puts the rows back into shards with
 ``pipelines.embed.output.ShardCommitter``. No torch on import: decode tasks import this module.
 
 Every row carries its shard name, its member index in the shard and the shard's total row count, so the driver
 knows when a shard is complete and can commit it, whichever actors its rows went through, and keeps a row
-that a retried task sent twice once. Rows that failed carry a non-empty ``error`` and zero pixels; the actor
+that a retried task sent twice once. Rows that failed carry a non-empty ``error`` and no pixels; the actor
 does not encode them. The embed-text stage uses the same columns (without pixels).
 """
 
@@ -22,18 +22,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import numpy as np
+import pyarrow as pa
 
+from clipcap_core import imaging
 from clipcap_core.preprocess import ImageResizer, PreprocessSpec
-from pipelines.io import imaging
-from pipelines.io.sources import SourceConfig, tar_member_problem
+from pipelines import rows
+from pipelines.io.sources_base import SourceConfig
+from pipelines.io.sources_safety import tar_member_problem
 
-# Columns flowing from the decode tasks to the encoder and on to the driver.
-SHARD, INDEX, TOTAL, KEY, CAPTION, URL, SOURCE, ERROR, PIXELS, UNREAD = (
-    "shard", "index", "shard_total", "key", "caption", "url", "source", "error", "pixels", "shard_unread")
+# Columns flowing from the decode tasks to the encoder and on to the driver (pixels, error, caption and the
+# CLIP actor's vectors are the row format's, ``pipelines.rows``).
+SHARD, INDEX, TOTAL, KEY, URL, SOURCE, UNREAD = ("shard", "index", "shard_total", "key", "url", "source",
+                                                 "shard_unread")
+CAPTION, ERROR, PIXELS = rows.CAPTION, rows.ERROR, rows.PIXELS
 # UNREAD marks the one row of a shard that could not be read at all: the shard is then not committed (a
 # rerun retries it), because an outage or a half-copied file must not become "done, 0 samples".
-TRUNCATED = "truncated"  # embed-text: the caption was longer than the CLIP context (cut to it)
+TRUNCATED = rows.TRUNCATED  # embed-text: the caption was longer than the CLIP context (cut to it)
 
 
 MAX_SHARD_BYTES = 4 << 30  # a shard is read whole: img2dataset's are ~10k samples, a few hundred MB
@@ -67,7 +73,7 @@ def shard_name(uri: str) -> str:
 
 def read_shard(data: bytes, cfg: SourceConfig | None = None) -> list[Sample]:
     """Group tar members into samples by key (the member name up to its first dot), in archive order. Members
-    go through ``sources.tar_member_problem`` (unsafe paths, links, devices, duplicates, ``max_member_bytes``):
+    go through ``sources_safety.tar_member_problem`` (unsafe paths, links, devices, duplicates, ``max_member_bytes``):
     a refused member is not read and marks its sample ``refused``."""
     cfg = cfg or SourceConfig()
     samples: dict[str, Sample] = {}
@@ -123,29 +129,27 @@ def decode_sample(sample: Sample, resizer: ImageResizer, shard: str) -> DecodedR
     return row
 
 
-def _columns(rows: list[DecodedRow], shard: str, start: int, total: int, shape: tuple[int, int, int]
-             ) -> dict[str, np.ndarray]:
-    pixels = np.zeros((len(rows), *shape), dtype=np.uint8)
-    for i, r in enumerate(rows):
-        if r.pixels is not None:
-            pixels[i] = r.pixels
-    return {
-        SHARD: np.array([shard] * len(rows), dtype=object), INDEX: np.arange(start, start + len(rows)),
-        TOTAL: np.full(len(rows), total, dtype=np.int64),
-        KEY: np.array([r.key for r in rows], dtype=object), CAPTION: np.array([r.caption for r in rows], dtype=object),
-        URL: np.array([r.url for r in rows], dtype=object), SOURCE: np.array([r.source for r in rows], dtype=object),
-        ERROR: np.array([r.error for r in rows], dtype=object), PIXELS: pixels,
-        UNREAD: np.array([r.unread for r in rows], dtype=bool),
-    }
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
-def iter_shard_batches(uri: str, resizer: ImageResizer, batch_rows: int) -> Iterator[dict[str, np.ndarray]]:
-    """Decode one shard into column batches of ``batch_rows`` rows (an unreadable shard is one ``UNREAD`` row)."""
-    import fsspec
+def _block(decoded: list[DecodedRow], shard: str, start: int, total: int) -> pa.Table:
+    n = len(decoded)
+    return pa.table({
+        SHARD: pa.array([shard] * n, pa.string()), INDEX: pa.array(range(start, start + n), pa.int64()),
+        TOTAL: pa.array([total] * n, pa.int64()), KEY: pa.array([r.key for r in decoded], pa.string()),
+        CAPTION: pa.array([_text(r.caption) for r in decoded], pa.string()),
+        URL: pa.array([_text(r.url) for r in decoded], pa.string()),
+        SOURCE: pa.array([r.source for r in decoded], pa.string()),
+        ERROR: pa.array([r.error for r in decoded], pa.string()),
+        PIXELS: pa.array([r.pixels.tobytes() if r.pixels is not None else b"" for r in decoded], pa.binary()),
+        UNREAD: pa.array([r.unread for r in decoded], pa.bool_()),
+    })
 
+
+def iter_shard_batches(uri: str, resizer: ImageResizer, batch_rows: int) -> Iterator[pa.Table]:
+    """Decode one shard into blocks of ``batch_rows`` rows (an unreadable shard is one ``UNREAD`` row)."""
     shard = shard_name(uri)
-    size = resizer.spec.size
-    shape = (size, size, 3) if isinstance(size, int) else (size[0], size[1], 3)
     try:
         with fsspec.open(uri, "rb") as f:  # one GET: shards are read whole, up to MAX_SHARD_BYTES
             data = f.read(MAX_SHARD_BYTES + 1)
@@ -155,16 +159,15 @@ def iter_shard_batches(uri: str, resizer: ImageResizer, batch_rows: int) -> Iter
     except (tarfile.TarError, EOFError, OSError) as exc:  # truncated / garbage tar, vanished file, network
         row = DecodedRow(key=shard, caption=None, url=None, source=uri, pixels=None, unread=True,
                          error=f"unreadable shard: {type(exc).__name__}: {exc}")
-        yield _columns([row], shard, 0, 1, shape)
+        yield _block([row], shard, 0, 1)
         return
     for start in range(0, len(samples), batch_rows):
-        rows = [decode_sample(s, resizer, shard) for s in samples[start:start + batch_rows]]
-        yield _columns(rows, shard, start, len(samples), shape)
+        decoded = [decode_sample(s, resizer, shard) for s in samples[start:start + batch_rows]]
+        yield _block(decoded, shard, start, len(samples))
 
 
-def decode_shards(batch: dict[str, np.ndarray], spec: PreprocessSpec, batch_rows: int
-                  ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data UDF (decode tasks): a batch of shard URIs -> decoded column batches."""
+def decode_shards(batch: pa.Table, spec: PreprocessSpec, batch_rows: int) -> Iterator[pa.Table]:
+    """Ray Data UDF (decode tasks): a batch of shard URIs -> decoded row blocks."""
     resizer = ImageResizer(spec)
-    for uri in batch["uri"]:
+    for uri in batch.column("uri").to_pylist():
         yield from iter_shard_batches(str(uri), resizer, batch_rows)

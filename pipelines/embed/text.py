@@ -36,7 +36,7 @@ import pyarrow as pa
 from clipcap_core import encoders
 from clipcap_core.configs import to_dict
 from clipcap_core.encoders import EncoderConfig
-from pipelines import console, runtime, stopping
+from pipelines import console, rows, runtime, stopping
 from pipelines.clip_actor import ClipActor
 from pipelines.committer import UnitCommitter
 from pipelines.embed import job as embed
@@ -144,31 +144,29 @@ def pending_parts(cfg: EmbedTextConfig, parts: list[text_sources.TextPart]) -> l
 
 
 # --- output tables ------------------------------------------------------------------------------------------
-def build_tables(cols: dict[str, np.ndarray], dim: int, dtype: str, meta: dict[str, str]
-                 ) -> tuple[pa.Table, list[dict[str, str]]]:
-    """Text table (sorted by key, first row per key) + error rows of one part's columns."""
-    rows, uniq, errs = output.rows_to_keep(cols, failed_stage="read", duplicate_stage="embed-text", unit="part")
-    truncated = int(np.asarray(cols[st.TRUNCATED], dtype=bool)[rows].sum())
+def build_tables(table: pa.Table, dim: int, dtype: str, meta: dict[str, str]) -> tuple[pa.Table, list[dict[str, str]]]:
+    """Text table (sorted by key, first row per key) + error rows of one part's rows."""
+    keep, uniq, errs = output.rows_to_keep(table, failed_stage="read", duplicate_stage="embed-text", unit="part")
+    truncated = sum(table.column(st.TRUNCATED).take(pa.array(keep, pa.int64())).to_pylist())
     schema = schemas.with_metadata(schemas.text_embedding_schema(dim, dtype),
                                    {**meta, schemas.META_TRUNCATED: str(truncated)})
     np_dtype = np.float16 if dtype == "float16" else np.float32
-    arrays = [pa.array(uniq.tolist(), pa.string()), pa.array(list(cols[st.CAPTION][rows]), pa.string()),
-              output.fixed_list(cols[schemas.TEXT_EMBEDDING][rows], dim, np_dtype)]
+    arrays = [pa.array(uniq.tolist(), pa.string()), output.strings(table, st.CAPTION, keep),
+              output.vectors(table, rows.TEXT_EMBEDDING, keep, dim, np_dtype)]
     return pa.Table.from_arrays(arrays, schema=schema), errs
 
 
-def commit_part(cfg: EmbedTextConfig, part: text_sources.TextPart, cols: dict[str, np.ndarray] | None,
+def commit_part(cfg: EmbedTextConfig, part: text_sources.TextPart, table: pa.Table | None,
                 dim: int) -> tuple[int, int, int]:
     """Errors table (if any), then the part file (the commit marker). Returns (rows, error rows, truncated)."""
     meta = schemas.embedding_metadata(
         clip_model=cfg.encoder.model_name, clip_pretrained=cfg.encoder.pretrained, dim=dim, dtype=cfg.dtype,
         preprocess=f"text: open_clip tokenizer of {cfg.encoder.model_name}, truncated to its context",
         source_shard=part.source)
-    if cols is None:  # an empty part still gets its (empty) part file, so reruns skip it
-        cols = {k: np.array([], dtype=object) for k in (st.KEY, st.CAPTION, st.SOURCE, st.ERROR)}
-        cols[st.TRUNCATED] = np.zeros(0, bool)
-        cols[schemas.TEXT_EMBEDDING] = np.zeros((0, dim), np.float32)
-    table, errs = build_tables(cols, dim, cfg.dtype, meta)
+    if table is None:  # an empty part still gets its done-marker, so reruns skip it
+        table = pa.table({**{k: pa.array([], pa.string()) for k in (st.KEY, st.CAPTION, st.SOURCE, st.ERROR)},
+                          st.TRUNCATED: pa.array([], pa.bool_()), rows.TEXT_EMBEDDING: pa.array([], pa.binary())})
+    table, errs = build_tables(table, dim, cfg.dtype, meta)
     if errs:
         storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA),
                                    output.errors_uri(cfg.meta_uri, part.part_id), tmp_dir=output.tmp_uri(cfg.meta_uri))
@@ -193,6 +191,7 @@ def part_block(part: text_sources.TextPart) -> pa.Table:
 
 def build_dataset(cfg: EmbedTextConfig, pending: list[text_sources.TextPart]) -> Any:
     """The Ray Data pipeline over the pending parts (lazy; iterate it to run)."""
+    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray
 
     res = cfg.resources
@@ -201,7 +200,7 @@ def build_dataset(cfg: EmbedTextConfig, pending: list[text_sources.TextPart]) ->
     log.info(plan.describe("embed-text", cluster))
     ds = ray.data.from_arrow([part_block(p) for p in pending if len(p)])
     return ds.map_batches(
-        ClipActor, batch_size=res.batch_size, batch_format="numpy",
+        ClipActor, batch_size=res.batch_size, batch_format="pyarrow",
         **plan.pool_args(),
         fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision, "use_gpu": plan.use_gpu,
                                "threads": plan.torch_threads, "images": False, "texts": True,
@@ -216,8 +215,8 @@ class TextCommitter(UnitCommitter):
         super().__init__(unit=st.SHARD, index=st.INDEX, total=st.TOTAL, noun="part")
         self.cfg, self.dim, self.parts = cfg, dim, {p.part_id: p for p in parts}
 
-    def commit(self, unit: str, rows: dict[str, np.ndarray] | None) -> tuple[int, int, int]:
-        return commit_part(self.cfg, self.parts[unit], rows, self.dim)
+    def commit(self, unit: str, table: pa.Table | None) -> tuple[int, int, int]:
+        return commit_part(self.cfg, self.parts[unit], table, self.dim)
 
 
 def _drain(cfg: EmbedTextConfig, committer: TextCommitter, dim: int) -> tuple[int, int, int]:
@@ -226,9 +225,9 @@ def _drain(cfg: EmbedTextConfig, committer: TextCommitter, dim: int) -> tuple[in
     done: list[tuple[int, int, int]] = []
     if any(len(p) for p in pending):
         with console.Progress("embed-text", len(pending), unit="parts", rows="captions") as progress:
-            for batch in build_dataset(cfg, pending).iter_batches(batch_size=None, batch_format="numpy",
+            for batch in build_dataset(cfg, pending).iter_batches(batch_size=None, batch_format="pyarrow",
                                                                     prefetch_batches=0):  # see embed._drain
-                got = np.asarray(batch[schemas.TEXT_EMBEDDING]).shape[-1]
+                got = rows.vector_dim(batch.column(rows.TEXT_EMBEDDING)) or dim
                 if got != dim:
                     raise ValueError(f"model {cfg.encoder.model_name} gave D={got}, its config says {dim}")
                 new = committer.add(batch)

@@ -6,7 +6,3 @@ RefCLIPScore (the captioner's own CLIP), written as per-image Parquet + summary 
 - ``run``: ``EvaluateConfig``, ``run_evaluate``, ``format_table``.
 The scoring itself is ``clipcap_core.evaluation`` (also used by training, nightly and the sweep).
 """
-
-from pipelines.evaluate.run import EvaluateConfig, format_table, run_evaluate
-
-__all__ = ["EvaluateConfig", "format_table", "run_evaluate"]

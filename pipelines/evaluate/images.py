@@ -6,7 +6,7 @@
 ``uri`` is anything ``pipelines.io.sources`` reads (a folder of images, tar / zip archives, webdataset shards,
 Parquet with image bytes, or one of our embedding tables). Record keys are mapped to reference ids the way
 predictions were (``resolve``), and only the ids being evaluated are decoded and embedded. Images are decoded safely
-(``pipelines.io.imaging``) and embedded with the CLIP the captioner was trained with; an embedding table must have
+(``clipcap_core.imaging``) and embedded with the CLIP the captioner was trained with; an embedding table must have
 been made by that CLIP (D and the recorded model name are checked before any work).
 """
 
@@ -17,15 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.io import sources
-from pipelines.io.imaging import ImageDecodeError, decode_image
+from clipcap_core.encoders import embedding_dim
+from clipcap_core.imaging import ImageDecodeError, decode_image
+from pipelines.io import sources, sources_base
 
 
-def plan(uri: str, encoder_cfg: Any) -> list[sources.Part]:
+def plan(uri: str, encoder_cfg: Any) -> list[sources_base.Part]:
     """The input's parts, with embedding tables checked against the CLIP (job-level ValueError)."""
-    from clipcap_core.encoders import embedding_dim
-
-    parts = sources.plan_parts(uri, sources.SourceConfig())
+    parts = sources.plan_parts(uri, sources_base.SourceConfig())
     dim = embedding_dim(encoder_cfg)
     for p in parts:
         if p.kind != "embeddings":
@@ -39,9 +38,9 @@ def plan(uri: str, encoder_cfg: Any) -> list[sources.Part]:
     return parts
 
 
-def _records(parts: list[sources.Part], wanted: set[str], resolve: Callable[[str], str | None]
-             ) -> Iterator[tuple[str, sources.Record]]:
-    cfg = sources.SourceConfig()
+def _records(parts: list[sources_base.Part], wanted: set[str], resolve: Callable[[str], str | None]
+             ) -> Iterator[tuple[str, sources_base.Record]]:
+    cfg = sources_base.SourceConfig()
     for part in parts:
         for rec in sources.read_part(part, cfg):
             rid = resolve(rec.key)
@@ -49,7 +48,7 @@ def _records(parts: list[sources.Part], wanted: set[str], resolve: Callable[[str
                 yield rid, rec
 
 
-def image_embeddings(parts: list[sources.Part], wanted: set[str], resolve: Callable[[str], str | None],
+def image_embeddings(parts: list[sources_base.Part], wanted: set[str], resolve: Callable[[str], str | None],
                      encoder: Any | None, batch_size: int = 64) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Embeddings of the ``wanted`` ids and the problems of those that have none (error text per id).
     ``encoder`` (a loaded ``ClipEncoder``) is needed only when the input holds images."""

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.parquet as pq
 
+from clipcap_core import uris
 from pipelines.io import schemas, storage
 
 ID_COLUMNS = (schemas.KEY, schemas.IMAGE_ID)  # tried in this order when no id column is named
@@ -55,10 +57,11 @@ class References:
 
 # --- files and tables -----------------------------------------------------------------------------------
 def _files(uri: str) -> list[str]:
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from pipelines.caption.output import resolve_table
 
     uri = resolve_table(uri)[0]  # a caption run's output folder -> its captions/ table
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     if not fs.exists(path):
         raise ValueError(f"{uri!r} does not exist")
     if fs.isdir(path):
@@ -71,16 +74,17 @@ def _files(uri: str) -> list[str]:
 
 
 def _read_text(uri: str) -> str:
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     with fs.open(path, "r") as f:
         return f.read()
 
 
 def _read_table(uri: str, columns: set[str] | None = None) -> pa.Table:
     """One Parquet / JSONL / CSV file (strings stay strings; our metadata is kept for Parquet)."""
+    # lazy: pandas ~0.55 s to import (python -X importtime)
     import pandas as pd
 
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     if uri.endswith(".parquet"):
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
@@ -164,8 +168,6 @@ def read_predictions(uri: str, *, id_column: str | None = None, caption_column: 
                              '{"image_id": ..., "caption": ...} objects')
         ids, captions, meta = [_id_str(r["image_id"]) for r in data], [str(r["caption"] or "") for r in data], {}
     else:
-        import pyarrow.compute  # noqa: F401  (pa.compute in _best_rank)
-
         ids, captions, meta = _table_rows(uri, id_column, caption_column, "predictions", _best_rank)
     model = meta.get(schemas.META_MODEL)
     out = Predictions([], [], model=model.rsplit("@", 1)[0] if model else None)

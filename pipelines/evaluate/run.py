@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pyarrow as pa
 
+from clipcap_core.clipscore import ClipScorer
 from pipelines.evaluate import images as image_input
 from pipelines.evaluate.inputs import (
     ID_MODES,
@@ -65,6 +66,7 @@ class EvaluateConfig:
     device: str = "cpu"  # for the CLIP forward passes (cpu, cuda)
 
     def __post_init__(self) -> None:
+        # lazy: transformers ~1.4 s to import (python -X importtime)
         from clipcap_core.metrics import METRICS
 
         if self.id_match != "auto" and self.id_match not in ID_MODES:
@@ -80,6 +82,7 @@ class EvaluateConfig:
 
 def resolve_clip(cfg: EvaluateConfig, preds: Predictions) -> Any:
     """The CLIP (EncoderConfig) to score with: --clip, else --model's, else the caption table's model's."""
+    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core import artifacts, encoders
 
     if cfg.clip_model:
@@ -105,8 +108,8 @@ def _named(ids: list[str]) -> dict[str, Any]:
 def _clip_scores(cfg: EvaluateConfig, enc_cfg: Any, parts: list, m: Matched
                  ) -> tuple[dict[str, list[float]], dict[str, str], dict[str, float]]:
     """Per-image CLIPScore / RefCLIPScore (NaN where the image is missing), problems per id, corpus means."""
-    from clipcap_core.clipscore import ClipScorer
-    from clipcap_core.encoders import load_encoder
+    # lazy: torch ~6.7 s to import (python -X importtime)
+    from clipcap_core.encoder_model import load_encoder
 
     encoder = load_encoder(enc_cfg, device=cfg.device)
     emb, problems = image_input.image_embeddings(parts, set(m.ids), m.resolve, encoder)
@@ -126,6 +129,7 @@ def _clip_scores(cfg: EvaluateConfig, enc_cfg: Any, parts: list, m: Matched
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate ``cfg.predictions`` against ``cfg.references``; write the outputs; return the summary."""
+    # lazy: transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.evaluation import evaluate_predictions
 
     storage.check_writable(cfg.output)

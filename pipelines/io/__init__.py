@@ -1,8 +1,8 @@
-"""The one IO layer every stage stands on: storage, schemas, image decoding, input sources, embedding tables.
+"""The one IO layer every stage stands on: storage, schemas, input sources, embedding tables.
 
 ``storage`` fsspec helpers (atomic table writes, JSON, listing); ``schemas`` column names, pyarrow schemas,
-Parquet metadata keys; ``imaging`` safe image decoding (``clipcap_core.imaging``); ``sources`` /
-``sources_base`` / ``sources_safety`` / ``sources_parquet`` input listing, partitioning and archive readers;
+Parquet metadata keys; ``sources`` / ``sources_base`` / ``sources_safety`` / ``sources_parquet`` input
+listing, partitioning and archive readers;
 ``text_sources`` caption corpora -> parts; ``tables`` reading embedding tables for training; ``urlsafety`` URL
 redaction and fetch policy; ``shard_redaction`` rewrites img2dataset shards holding signed URLs.
 

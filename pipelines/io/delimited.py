@@ -13,6 +13,7 @@ import csv
 import re
 from collections.abc import Sequence
 
+import fsspec
 import pandas as pd
 
 
@@ -34,8 +35,6 @@ def read_delimited(uri: str, sep: str, *, names: Sequence[str] | None = None, wh
 
 def first_non_utf8(uri: str) -> tuple[int, int]:
     """(1-based line, 0-based byte in that line) of the first bytes of ``uri`` that are not UTF-8; (0, 0) if none."""
-    import fsspec
-
     with fsspec.open(uri, "rb", compression="infer") as f:
         for n, raw in enumerate(f, start=1):
             try:

@@ -17,6 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from clipcap_core import __version__
+
 SCHEMA_VERSION = "1"
 
 # --- column names -----------------------------------------------------------------------------
@@ -133,8 +135,6 @@ def embedding_metadata(
     *, clip_model: str, clip_pretrained: str | None, dim: int, dtype: str, preprocess: str,
     source_shard: str | None = None,
 ) -> dict[str, str]:
-    from clipcap_core import __version__
-
     meta = {
         META_CLIP_MODEL: clip_model,
         META_CLIP_PRETRAINED: clip_pretrained or "",

@@ -19,6 +19,7 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipcap_core import uris
 from pipelines.io import schemas, storage
 from pipelines.io.urlsafety import redact_url
 
@@ -57,7 +58,7 @@ def _redacted_tar(raw: bytes) -> bytes:
 
 def redact_shard(parquet_uri: str) -> bool:
     """Redact the URLs of one shard (``<id>.parquet`` + ``<id>.tar``); True if it had secrets."""
-    fs, path = storage.filesystem(parquet_uri)
+    fs, path = uris.filesystem(parquet_uri)
     with fs.open(path, "rb") as f:
         if schemas.URL not in pq.read_schema(f).names:
             return False

@@ -9,7 +9,7 @@ deterministically from the input so that a rerun finds the same parts:
 - Parquet (image bytes, image URLs, or an embedding table): row groups packed to ~``part_size`` rows.
 ``plan_digest`` fingerprints the plan (names, sizes) so a rerun can refuse an input that changed.
 
-A reader (``Reader`` protocol, ``READERS`` registry) plans one file and reads one part as ``Record``s: image
+A reader (``Reader`` protocol; ``READERS`` lists every one) plans one file and reads one part as ``Record``s: image
 bytes, a URL, an embedding, or an ``error`` (per-member problems are data, never exceptions).
 Keys are ``<file path relative to the input>/<member path or row key>`` (a loose image's key is its relative
 path), so they are unique across a whole input.
@@ -45,9 +45,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.io import imaging, schemas, sources_parquet, storage
+from clipcap_core import imaging, uris
+from pipelines.io import sources_parquet, storage
 from pipelines.io.sources_base import (
-    READERS,
     UNIT_STAGE,
     Format,
     InputFile,
@@ -56,16 +56,13 @@ from pipelines.io.sources_base import (
     Reader,
     Record,
     SourceConfig,
-    get_reader,
     part_name,
-    register,
 )
 from pipelines.io.sources_safety import (
     clean_name,
     member_problem,
     read_loose_file,
     tar_member_problem,
-    unsafe_member,
 )
 
 log = logging.getLogger(__name__)
@@ -92,7 +89,7 @@ def is_skipped_name(name: str) -> bool:
 def scan_input(uri: str, storage_options: dict[str, Any] | None = None) -> Listing:
     """Every file under ``uri`` (or ``uri`` itself), sorted, with the hidden / bookkeeping paths set apart."""
     try:
-        fs, root = storage.filesystem(uri, storage_options)
+        fs, root = uris.filesystem(uri, storage_options)
         if not fs.exists(root):
             raise FileNotFoundError(f"input {uri!r} does not exist")
         if fs.isfile(root):
@@ -215,7 +212,7 @@ class ImagesReader(OneFileReader):
     name = "images"
 
     def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
-        fs, _ = storage.filesystem(part.files[0].uri)
+        fs, _ = uris.filesystem(part.files[0].uri)
 
         def fetch(f: InputFile) -> Record:
             if f.size > cfg.max_member_bytes:
@@ -237,7 +234,7 @@ def _tar_members(part: Part, cfg: SourceConfig) -> Iterator[tuple[str, bytes | N
     f = part.files[0]
     seen: set[str] = set()
     try:
-        fs, path = storage.filesystem(f.uri)
+        fs, path = uris.filesystem(f.uri)
         with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tf:
             for m in tf:
                 name = clean_name(m.name)
@@ -349,7 +346,7 @@ class ZipReader(OneFileReader):
         f = part.files[0]
         seen: set[str] = set()
         try:
-            fs, path = storage.filesystem(f.uri)
+            fs, path = uris.filesystem(f.uri)
             with fs.open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
                 infos = zf.infolist()
                 for info in infos:
@@ -378,11 +375,16 @@ class ZipReader(OneFileReader):
         return _member_record(part, name, data, None)
 
 
-for _reader in (ImagesReader(), TarReader(), WebDatasetReader(), ZipReader()):
-    register(_reader)
+# Every input reader, by the ``Part.kind`` it reads.
+READERS: dict[str, Reader] = {
+    "images": ImagesReader(), "tar": TarReader(), "webdataset": WebDatasetReader(), "zip": ZipReader(),
+    "parquet": sources_parquet.ParquetReader(), "embeddings": sources_parquet.EmbeddingsReader(),
+    "unreadable": sources_parquet.UnreadableReader(),
+}
 
-# sources_parquet registered "parquet", "embeddings" and "unreadable" when it was imported above
-__all__ = ["READERS", "UNIT_STAGE", "InputFile", "Listing", "Part", "Reader", "Record", "SourceConfig",
-           "get_reader", "list_input", "part_name", "plan_digest", "plan_input", "plan_parts", "read_loose_file",
-           "read_part", "register", "scan_input", "schemas", "sources_parquet", "tar_member_problem",
-           "unsafe_member", "webdataset_samples"]
+
+def get_reader(name: str) -> Reader:
+    try:
+        return READERS[name]
+    except KeyError:
+        raise ValueError(f"unknown input format {name!r}; known: {sorted(READERS)}") from None

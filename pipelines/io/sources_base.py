@@ -1,9 +1,8 @@
 """The types every input reader shares (``pipelines.io.sources`` plans and reads with them): ``SourceConfig``,
-``InputFile``, ``Part``, ``Record``, the ``Reader`` protocol and its registry, part ids.
+``InputFile``, ``Part``, ``Record``, the ``Reader`` protocol, part ids.
 
-Readers register themselves here: ``pipelines.io.sources`` (loose images, tar, webdataset, zip) and
-``pipelines.io.sources_parquet`` (Parquet image bytes / URLs, embedding tables) both build on this module, and
-``sources`` imports ``sources_parquet``, so importing ``pipelines.io.sources`` registers every reader.
+The readers (``pipelines.io.sources``: loose images, tar, webdataset, zip; ``pipelines.io.sources_parquet``:
+Parquet image bytes / URLs, embedding tables) build on this module; ``sources.READERS`` lists them all.
 """
 
 from __future__ import annotations
@@ -18,7 +17,8 @@ from typing import ClassVar, Literal, Protocol
 
 import numpy as np
 
-from pipelines.io import imaging, schemas
+from clipcap_core import imaging
+from pipelines.io import schemas
 
 Format = Literal["auto", "images", "tar", "zip", "webdataset", "parquet", "embeddings"]
 
@@ -106,21 +106,6 @@ class Reader(Protocol):
     def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]: ...
 
     def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]: ...
-
-
-READERS: dict[str, Reader] = {}
-
-
-def register(reader: Reader) -> Reader:
-    READERS[reader.name] = reader
-    return reader
-
-
-def get_reader(name: str) -> Reader:
-    try:
-        return READERS[name]
-    except KeyError:
-        raise ValueError(f"unknown input format {name!r}; known: {sorted(READERS)}") from None
 
 
 def part_name(rel: str, suffix: str = "") -> str:

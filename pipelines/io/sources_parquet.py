@@ -1,5 +1,4 @@
-"""Parquet readers for bulk captioning (registered into ``pipelines.io.sources_base.READERS`` on import;
-importing ``pipelines.io.sources`` imports this module).
+"""Parquet readers for bulk captioning (listed in ``pipelines.io.sources.READERS``).
 
 - ``parquet``: a table with image bytes (a binary column, or a Hugging Face ``{bytes, path}`` struct) and/or
   image URLs (downloaded in a thread pool, with a timeout, a size cap and a scheme allow-list);
@@ -20,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.io import schemas, storage, urlsafety
+from clipcap_core import uris
+from pipelines.io import schemas, urlsafety
 from pipelines.io.sources_base import (
     UNIT_STAGE,
     InputFile,
@@ -29,12 +29,11 @@ from pipelines.io.sources_base import (
     Record,
     SourceConfig,
     part_name,
-    register,
 )
 
 
 def _open(file: InputFile) -> Any:
-    fs, path = storage.filesystem(file.uri)
+    fs, path = uris.filesystem(file.uri)
     return fs.open(path, "rb")
 
 
@@ -210,7 +209,3 @@ class UnreadableReader(OneFileReader):
         except Exception as exc:  # noqa: BLE001
             reason = f"{type(exc).__name__}: {exc}"
         yield Record(f.rel, f.uri, error=f"unreadable Parquet file: {reason}", stage=UNIT_STAGE)
-
-
-for _reader in (ParquetReader(), EmbeddingsReader(), UnreadableReader()):
-    register(_reader)

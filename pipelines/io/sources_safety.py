@@ -15,6 +15,7 @@ import stat
 import tarfile
 from typing import Any
 
+from clipcap_core import uris
 from pipelines.io import storage
 from pipelines.io.sources_base import InputFile, SourceConfig
 
@@ -63,7 +64,7 @@ def clean_name(name: str) -> str:
 def check_local_file(uri: str, rel: str) -> str:
     """The real path of a local loose file, refused unless it is a regular file inside the real input folder
     (a symlink to /etc/passwd or /dev/zero in a user's folder must not be read)."""
-    path = storage.filesystem(uri)[1]
+    path = uris.filesystem(uri)[1]
     root = path[: len(path) - len(rel)] if path.endswith(rel) else os.path.dirname(path)
     real, real_root = os.path.realpath(path), os.path.realpath(root or ".")
     if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
@@ -80,7 +81,7 @@ def read_loose_file(fs: Any, f: InputFile, limit: int) -> bytes:
             data = fh.read(limit + 1)
     else:
         # open + bounded read, not cat_file: the object may be larger than the listing said.
-        with fs.open(storage.filesystem(f.uri)[1], "rb") as fh:
+        with fs.open(uris.filesystem(f.uri)[1], "rb") as fh:
             data = fh.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"file larger than {limit} bytes")

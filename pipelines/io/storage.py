@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from clipcap_core.configs import finite_json
 from clipcap_core.uris import exists, filesystem
 from pipelines.io import schemas
+from pipelines.io.urlsafety import redact_text
 
 
 def join(uri: str, *parts: str) -> str:
@@ -57,8 +58,6 @@ REDACTED_COLUMNS = (schemas.URL, schemas.SOURCE, schemas.ERROR)
 
 def redact_table(table: pa.Table) -> pa.Table:
     """``table`` with URLs in its url / source / error string columns redacted (``urlsafety.redact_text``)."""
-    from pipelines.io.urlsafety import redact_text
-
     for name in REDACTED_COLUMNS:
         if name in table.column_names and pa.types.is_string(table.schema.field(name).type):
             values = [None if v is None else redact_text(v) for v in table.column(name).to_pylist()]
@@ -69,8 +68,6 @@ def redact_table(table: pa.Table) -> pa.Table:
 
 def redact_json(obj: Any) -> Any:
     """``obj`` with every string (keys included) URL-redacted."""
-    from pipelines.io.urlsafety import redact_text
-
     if isinstance(obj, str):
         return redact_text(obj)
     if isinstance(obj, dict):

@@ -1,6 +1,6 @@
 """Reading embedding tables for training: file discovery, metadata checks, key-hash splits, Ray Data streams.
 
-- ``list_table_files(uris)``: directories / files / globs -> sorted ``part-*.parquet`` URIs (errors tables and
+- ``list_table_files(roots)``: directories / files / globs -> sorted ``part-*.parquet`` URIs (errors tables and
   temporary names excluded).
 - ``inspect_tables(files)`` -> ``TableInfo`` (D, clip model, rows) from Parquet footers only; mixed dimensions
   or CLIP models are an error, raised before any work starts.
@@ -23,8 +23,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from clipcap_core import uris
+from clipcap_core.encoders import model_configs
 from pipelines.io import schemas, storage
 
 if TYPE_CHECKING:
@@ -34,22 +37,22 @@ Tokenize = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]  # captions -> t
 
 
 # --- discovery and metadata ---------------------------------------------------------------------------
-def list_table_files(uris: str | Sequence[str], storage_options: dict[str, Any] | None = None) -> list[str]:
+def list_table_files(roots: str | Sequence[str], storage_options: dict[str, Any] | None = None) -> list[str]:
     """Expand table URIs (a ``.parquet`` file, or a directory searched recursively) to sorted file URIs."""
-    if isinstance(uris, str):
-        uris = [uris]
+    if isinstance(roots, str):
+        roots = [roots]
     files: list[str] = []
-    for uri in uris:
+    for uri in roots:
         if str(uri).endswith(".parquet"):
-            if not storage.exists(uri, storage_options):
+            if not uris.exists(uri, storage_options):
                 raise FileNotFoundError(f"embedding table {uri!r} does not exist")
             files.append(str(uri))
             continue
         # bookkeeping (``_meta/``, ``_errors/``), temporaries and hidden files are not tables
-        base = storage.filesystem(uri, storage_options)[1].rstrip("/")
+        base = uris.filesystem(uri, storage_options)[1].rstrip("/")
         found = [f for f in storage.list_files(uri, ".parquet", storage_options, recursive=True)
                  if not any(p.startswith(("_", ".")) for p in
-                            storage.filesystem(f, storage_options)[1].removeprefix(base).split("/"))]
+                            uris.filesystem(f, storage_options)[1].removeprefix(base).split("/"))]
         if not found:
             raise FileNotFoundError(f"no embedding tables (*.parquet) under {uri!r}")
         files.extend(found)
@@ -71,7 +74,7 @@ class TableInfo:
 
 
 def _footer(uri: str, storage_options: dict[str, Any] | None) -> tuple[pa.Schema, int]:
-    fs, path = storage.filesystem(uri, storage_options)
+    fs, path = uris.filesystem(uri, storage_options)
     try:
         with fs.open(path, "rb") as f:
             meta = pq.ParquetFile(f).metadata
@@ -114,8 +117,6 @@ def check_clip_dim(uri: str, clip_model: str, dim: int) -> None:
     """A table whose metadata names a CLIP of another D than its vectors is refused: a model trained on it
     would say one encoder and expect another's vectors. Names open_clip does not know (a user's own config)
     cannot be checked and pass."""
-    from clipcap_core.encoders import model_configs
-
     try:
         expected = int(model_configs().get(clip_model, {}).get("embed_dim", 0)) if clip_model else 0
     except ImportError:
@@ -170,8 +171,6 @@ class Split:
 
 def row_problems(table: pa.Table, column: str | None) -> list[str]:
     """Per row, why it cannot train ("" when it can): a null or empty caption, a non-finite vector."""
-    import pyarrow.compute as pc
-
     caps = table.column(schemas.CAPTION)
     empty = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(caps)), 0), True)
     no_caption = np.asarray(empty.to_numpy(zero_copy_only=False), dtype=bool)
@@ -229,7 +228,7 @@ def read_split(files: Sequence[str], split: Split, storage_options: dict[str, An
     """The rows of ``split`` from ``files`` in memory (for held-out / evaluation sets), sorted by key."""
     parts = []
     for uri in files:
-        fs, path = storage.filesystem(uri, storage_options)
+        fs, path = uris.filesystem(uri, storage_options)
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=_train_columns(column))
         parts.append(filter_table(table, split, column, _drop_mask(repeats, uri, 0, table.num_rows)))
@@ -275,7 +274,7 @@ def audit_tables(files: Sequence[str], column: str = schemas.IMAGE_EMBEDDING,
     reasons: list[str] = []
     repeats: dict[str, list[int]] = {}
     for uri in files:
-        fs, path = storage.filesystem(uri, storage_options)
+        fs, path = uris.filesystem(uri, storage_options)
         offset = 0
         with fs.open(path, "rb") as f:
             for rb in pq.ParquetFile(f).iter_batches(batch_size=rows_per_batch, columns=_train_columns(column)):
@@ -339,7 +338,7 @@ class ReadPrepare:
         for uri, split_json, drop_json in zip(items["uri"], items["split"], items["drop"], strict=True):
             prep = PrepareBatch(Split(**json.loads(str(split_json))), self.tokenize, self.max_tokens, self.column)
             repeats = {str(uri): tuple(json.loads(str(drop_json)))}
-            fs, path = storage.filesystem(str(uri))
+            fs, path = uris.filesystem(str(uri))
             offset = 0
             with fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
@@ -361,6 +360,7 @@ def stream_tables(parts: Sequence[tuple[str, Split]], tokenize: Tokenize, max_to
     emits nothing until it finishes, and ``union``-ing one read per epoch holds every epoch back until all are
     read: the first batch would come after tens of seconds instead of one. Rows that cannot train (``filter_table``)
     and ``repeats`` are left out, as ``count_split`` counts them."""
+    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray.data
 
     items = [{"uri": u, "split": json.dumps(dataclasses.asdict(sp)), "drop": json.dumps(list((repeats or {}).get(u, ())))}

@@ -21,8 +21,12 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 
+import fsspec
 import pandas as pd
+import pyarrow.parquet as pq
 
+from clipcap_core import uris
+from pipelines.embed.stages import MAX_SHARD_BYTES, read_shard, shard_name
 from pipelines.io import schemas, storage
 from pipelines.io.delimited import read_delimited
 
@@ -56,7 +60,7 @@ def list_inputs(uri: str, fmt: str = "auto") -> list[tuple[str, str]]:
     """(file URI, format) of every input file; a folder with ``.tar`` shards is an img2dataset output."""
     if fmt not in ("auto", *FORMATS):
         raise ValueError(f"input format must be one of {['auto', *FORMATS]}, got {fmt!r}")
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     if not fs.exists(path):
         raise FileNotFoundError(f"caption input {uri!r} does not exist")
     if not fs.isdir(path):
@@ -93,8 +97,6 @@ def _check(caption: str | None, max_chars: int) -> str:
 
 def read_text_lines(uri: str, max_chars: int) -> tuple[list[str | None], list[str]]:
     """Captions and per-row errors of a one-caption-per-line file (each line decoded on its own)."""
-    import fsspec
-
     with fsspec.open(uri, "rb", compression="infer") as f:
         data = f.read()
     lines = data.split(b"\n")
@@ -136,14 +138,10 @@ def read_table_file(uri: str, fmt: str, caption_col: str, key_col: str | None) -
 
 def read_img2dataset_shard(uri: str, max_chars: int) -> TextPart:
     """Keys and captions of one shard: from its ``.parquet`` sibling, else from the tar's ``.txt`` members."""
-    import pyarrow.parquet as pq
-
-    from pipelines.embed.stages import MAX_SHARD_BYTES, read_shard, shard_name
-
     meta = uri.removesuffix(".tar") + ".parquet"
     part = TextPart(part_id=shard_name(uri), source=uri)
-    if storage.exists(meta):
-        fs, path = storage.filesystem(meta)
+    if uris.exists(meta):
+        fs, path = uris.filesystem(meta)
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
         if schemas.CAPTION not in table.column_names or schemas.KEY not in table.column_names:
@@ -152,7 +150,7 @@ def read_img2dataset_shard(uri: str, max_chars: int) -> TextPart:
         rows = ((k, c, "") for k, c in zip(table.column(schemas.KEY).to_pylist(), table.column(schemas.CAPTION).to_pylist(),
                                             strict=True))
     else:
-        fs, path = storage.filesystem(uri)
+        fs, path = uris.filesystem(uri)
         with fs.open(path, "rb") as f:
             data = f.read(MAX_SHARD_BYTES + 1)
         if len(data) > MAX_SHARD_BYTES:

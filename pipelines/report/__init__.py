@@ -5,7 +5,3 @@ captions, references and scores; metric table; training curves; prefix interpret
 - ``charts``: matplotlib charts as data URIs. ``page``: the Jinja2 template (autoescaped).
 - ``build``: ``ReportConfig`` and ``build_report``.
 """
-
-from pipelines.report.build import ReportConfig, build_report
-
-__all__ = ["ReportConfig", "build_report"]

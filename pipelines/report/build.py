@@ -24,6 +24,9 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from clipcap_core import uris
+from clipcap_core.encoder_model import load_encoder
+from clipcap_core.interpret import interpret_prefix
 from pipelines.caption import output as caption_output
 from pipelines.io import storage
 from pipelines.report import card, charts, page, scales
@@ -73,6 +76,7 @@ class ReportConfig:
 def _load_model(uri: str | None) -> Any:
     if not uri:
         return None
+    # lazy: safetensors.torch + torch ~6.7 s to import (python -X importtime)
     from clipcap_core.artifacts import load_model
 
     try:
@@ -83,16 +87,14 @@ def _load_model(uri: str | None) -> Any:
 
 
 def _model_card(uri: str | None) -> str | None:
-    if not uri or not storage.exists(storage.join(uri, "README.md")):
+    if not uri or not uris.exists(storage.join(uri, "README.md")):
         return None
-    fs, path = storage.filesystem(storage.join(uri, "README.md"))
+    fs, path = uris.filesystem(storage.join(uri, "README.md"))
     with fs.open(path, "r") as f:
         return f.read(64 << 10)  # bounded: a card is a page, not a book
 
 
 def _interpretation(loaded: Any, items: list[Sampled], n: int) -> list[dict[str, Any]]:
-    from clipcap_core.interpret import interpret_prefix
-
     chosen = [it for it in items if it.embedding is not None][:n]
     if loaded is None or not chosen:
         return []
@@ -167,8 +169,6 @@ def build_report(cfg: ReportConfig) -> str:
     images = cfg.images or run_record.get("input")
     encoder = None
     if loaded is not None and cfg.interpret:
-        from clipcap_core.encoders import load_encoder
-
         encoder = load_encoder(loaded.config.encoder)
     if images:
         fetch_images(images, sampled.items, cfg.thumb_px, encoder)
@@ -195,7 +195,7 @@ def build_report(cfg: ReportConfig) -> str:
         **evaluated,
     }
     html = page.render(context)
-    fs, path = storage.filesystem(cfg.out)
+    fs, path = uris.filesystem(cfg.out)
     storage.ensure_dir(fs, posixpath.dirname(path) or ".")
     with fs.open(path, "w") as f:
         f.write(html)

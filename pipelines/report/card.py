@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from clipcap_core.encoders import describe_weights
 from pipelines.io import storage
 
 log = logging.getLogger(__name__)
@@ -19,8 +20,6 @@ SHOW_TABLES = 3  # training tables named on the card (the rest counted)
 
 
 def _model_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
-    from clipcap_core.encoders import describe_weights
-
     m = meta["model"]
     enc, lm = m["encoder"], m["lm"]
     return [("CLIP", describe_weights(enc["model_name"], enc.get("pretrained"))),
@@ -55,6 +54,7 @@ def _metric_rows(metrics: dict[str, Any], eval_metrics: list[tuple[str, str, str
 
 def card_sections(uri: str | None, eval_metrics: list[tuple[str, str, str, str]]) -> list[Section]:
     """Sections of the card of the artifact at ``uri`` ([] when it has no readable config.json)."""
+    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.artifacts import read_metadata
 
     if not uri:

@@ -13,11 +13,13 @@ import json
 import shutil
 from typing import Any
 
+from clipcap_core import uris
+from pipelines.evaluate.run import EvaluateConfig, format_table, run_evaluate
 from pipelines.io import storage
 
 
 def write_references(uri: str, references: dict[str, list[str]]) -> None:
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     storage.ensure_dir(fs, path.rsplit("/", 1)[0])
     with fs.open(path, "w") as f:
         f.writelines(json.dumps({"key": key, "caption": c}) + "\n" for key, caps in references.items() for c in caps)
@@ -25,8 +27,8 @@ def write_references(uri: str, references: dict[str, list[str]]) -> None:
 
 def evaluate_and_report(root: str, captions: str, images: str, *, references: dict[str, list[str]],
                         run_dir: str | None = None) -> dict[str, Any]:
-    from pipelines.evaluate import EvaluateConfig, format_table, run_evaluate
-    from pipelines.report import ReportConfig, build_report
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
+    from pipelines.report.build import ReportConfig, build_report
 
     refs = storage.join(root, "references", "heldout.jsonl")
     write_references(refs, references)

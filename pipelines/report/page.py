@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jinja2
+
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
@@ -121,7 +123,5 @@ Order: <input type="radio" name="order" id="order-worst"{% if order == "worst" %
 
 
 def render(context: dict[str, Any]) -> str:
-    import jinja2
-
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return env.from_string(TEMPLATE).render(**context)

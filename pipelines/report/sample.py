@@ -11,6 +11,7 @@ references, thousands of rows, not a caption table's millions).
 
 from __future__ import annotations
 
+import base64
 import io
 import posixpath
 import random
@@ -22,9 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from clipcap_core import uris
+from clipcap_core.imaging import ImageDecodeError, decode_image
 from pipelines.evaluate.inputs import number, stem
-from pipelines.io import schemas, sources, storage
-from pipelines.io.imaging import ImageDecodeError, decode_image
+from pipelines.io import schemas, sources, sources_base, storage
 
 
 @dataclass
@@ -53,7 +55,7 @@ def _part_id(uri: str) -> str:
 
 
 def _first_batch(uri: str, rng: random.Random, batch_rows: int) -> tuple[pa.Table, dict[str, str]]:
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         meta = schemas.read_metadata(pf.schema_arrow)
@@ -68,6 +70,7 @@ def _first_batch(uri: str, rng: random.Random, batch_rows: int) -> tuple[pa.Tabl
 def sample_captions(captions: str, n: int, *, max_parts: int = 4, batch_rows: int = 2048,
                     seed: int = 0) -> CaptionSample:
     """Up to ``n`` images (all their ranked captions) from at most ``max_parts`` parts of ``captions``."""
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from pipelines.caption.output import resolve_table
 
     table = resolve_table(captions)[0]
@@ -94,8 +97,6 @@ def sample_captions(captions: str, n: int, *, max_parts: int = 4, batch_rows: in
 
 def thumbnail(data: bytes, px: int) -> str:
     """A data URI of a JPEG thumbnail re-encoded by us (the original bytes never reach the page)."""
-    import base64
-
     image = decode_image(data)
     image.thumbnail((px, px))
     buf = io.BytesIO()
@@ -108,12 +109,12 @@ def fetch_images(input_uri: str, items: list[Sampled], px: int, encoder: Any = N
     wanted: dict[str, list[Sampled]] = {}
     for it in items:
         wanted.setdefault(it.part_id, []).append(it)
-    cfg = sources.SourceConfig()
+    cfg = sources_base.SourceConfig()
     parts = [p for p in sources.plan_parts(input_uri, cfg) if p.part_id in wanted]
     for part in parts:
         todo = {it.key: it for it in wanted[part.part_id]}
         if part.kind == "images":  # loose files: read only the wanted ones
-            part = sources.Part(part.part_id, part.kind, tuple(f for f in part.files if f.rel in todo))
+            part = sources_base.Part(part.part_id, part.kind, tuple(f for f in part.files if f.rel in todo))
         for rec in sources.read_part(part, cfg):
             it = todo.pop(rec.key, None)
             if it is not None:
@@ -125,7 +126,7 @@ def fetch_images(input_uri: str, items: list[Sampled], px: int, encoder: Any = N
             it.image_error = "image not found in the captioned input"
 
 
-def _attach(it: Sampled, rec: sources.Record, px: int, encoder: Any) -> None:
+def _attach(it: Sampled, rec: sources_base.Record, px: int, encoder: Any) -> None:
     if rec.error is not None:
         it.image_error = rec.error
     elif rec.embedding is not None:  # an embedding-table input: no pixels to show
@@ -143,10 +144,10 @@ def attach_evaluation(evaluation: str, items: list[Sampled]) -> None:
     """Per-image scores and references of the sampled keys from ``<evaluation>/per_image.parquet`` (filtered
     read; an evaluation id may be the key, its stem or its trailing number, as ``clipcap evaluate`` matched)."""
     uri = storage.join(evaluation, "per_image.parquet")
-    if not storage.exists(uri):
+    if not uris.exists(uri):
         return
     forms = {form: it for it in items for form in (it.key, stem(it.key), number(it.key))}
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     with fs.open(path, "rb") as f:
         table = pq.read_table(f, filters=pc.field(schemas.IMAGE_ID).isin(list(forms)))
     for row in table.to_pylist():
@@ -156,8 +157,8 @@ def attach_evaluation(evaluation: str, items: list[Sampled]) -> None:
 def evaluation_rows(evaluation: str) -> list[dict[str, Any]]:
     """Every row of ``<evaluation>/per_image.parquet`` ([] when there is none)."""
     uri = storage.join(evaluation, "per_image.parquet")
-    if not storage.exists(uri):
+    if not uris.exists(uri):
         return []
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     with fs.open(path, "rb") as f:
         return pq.read_table(f).to_pylist()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipelines.evaluate.run import ROWS
+
 # score -> (maximum per image; what it measures). Every score is >= 0.
 SCALES: dict[str, tuple[float, str]] = {
     **{f"bleu{n}": (1.0, f"BLEU-{n}: n-gram precision against the references, with a brevity penalty")
@@ -35,8 +37,6 @@ def scale(name: str, *, x100: bool = False) -> str:
 
 def metric_table(summary: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(label, value x100, range x100, meaning) per metric of an evaluation summary, in the COCO order."""
-    from pipelines.evaluate.run import ROWS
-
     ms = summary["metrics"]
     return [(label, f"{ms[key] * factor:.2f}", scale(key, x100=True), SCALES[key][1])
             for label, key, factor in ROWS if ms.get(key) is not None and key in SCALES]

@@ -27,6 +27,7 @@ def save_checkpoint(directory: str, weights: dict[str, Any], optimizer: Any, sch
                     ) -> None:
     """Write ``weights`` (a state dict, possibly partial: see ``load_checkpoint``'s ``may_miss``), the optimizer,
     the scheduler and ``state`` into the local folder ``directory``."""
+    # lazy: torch ~6.7 s to import (python -X importtime)
     import torch
 
     torch.save({"model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
@@ -41,6 +42,7 @@ def load_checkpoint(checkpoint: Any, model: Any, optimizer: Any, scheduler: Any,
 
     Weights whose names start with ``may_miss`` may be absent (a frozen LM, rebuilt from its source); any other
     missing or unexpected weight is a clear error raised before the optimizer or schedule is touched."""
+    # lazy: torch ~6.7 s to import (python -X importtime)
     import torch
 
     with checkpoint.as_directory() as d:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.io import schemas, tables
+from pipelines.train.setup import is_preset_name
 
 DECODERS = ("clipcap", "decap")
 
@@ -47,8 +48,6 @@ def embedding_column(decoder: str) -> str:
 
 def model_overrides(decoder: str, model: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """Preset overrides with DeCap's normalised prefix input (an explicit ``False`` is kept, then refused)."""
-    from pipelines.train.setup import is_preset_name
-
     if decoder != "decap" or not is_preset_name(model):
         return overrides
     return {"mapping.normalize_prefix": True, **overrides}
@@ -73,6 +72,7 @@ def check_plan(decoder: str, options: DecapOptions, info: tables.TableInfo, mode
 
 def add_noise(embeds: Any, std: float) -> Any:
     """Normalised embeddings (B, D) plus N(0, std^2) noise per component (CapDec's noise injection)."""
+    # lazy: torch ~6.7 s to import (python -X importtime)
     import torch
     import torch.nn.functional as F
 
@@ -83,6 +83,7 @@ def add_noise(embeds: Any, std: float) -> Any:
 def build_memory(options: DecapOptions, files: list[str], split: tables.Split,
                  repeats: tables.Repeats | None = None) -> Any:
     """The artifact's memory: a seeded sample of ``split`` of the training ``files`` or of ``options.memory``."""
+    # lazy: torch ~6.7 s to import (python -X importtime)
     from clipcap_core.decap import DecapMemory, load_memory_table, sample_rows
 
     size = options.memory_size or None

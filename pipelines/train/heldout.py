@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from clipcap_core.clip_eval import retrieval
+from clipcap_core.clipscore import scorer_for
 from pipelines.io import tables
 
 
@@ -15,7 +17,7 @@ def evaluate_model(model: Any, tokenizer: Any, heldout: pa.Table, *, max_tokens:
                    batch_size: int = 64) -> dict[str, float]:
     """Held-out loss + greedy-caption metrics (exact match, BLEU-4, CIDEr, CLIPScore) of ``model`` on ``heldout``
     (``clipcap_core.evaluation.heldout_metrics``, the code ``clipcap evaluate`` uses)."""
-    from clipcap_core.clipscore import scorer_for
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.training import collate, evaluate_captions, evaluate_loss
 
     captions = heldout.column("caption").to_pylist()
@@ -32,7 +34,7 @@ def evaluate_model(model: Any, tokenizer: Any, heldout: pa.Table, *, max_tokens:
 def evaluate_retrieval(model: Any, heldout: tuple[np.ndarray, Any, list[str]], precision: str = "fp32"
                        ) -> dict[str, float]:
     """Retrieval R@1/5/10 both ways on held-out pairs (``clip_eval.retrieval``), with the model's temperature."""
-    from clipcap_core.clip_eval import retrieval
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.clip_training import encode_batches
 
     pixels, tokens, captions = heldout

@@ -261,6 +261,7 @@ def run_training(cfg: TrainJobConfig) -> TrainJobResult:
 def evaluate_artifact(uri: str, heldout: pa.Table, *, device: str = "cpu", max_tokens: int = 32,
                       batch_size: int = 64) -> dict[str, float]:
     """Held-out loss and caption metrics of the model artifact at ``uri`` on ``heldout`` (key/caption/embedding)."""
+    # lazy: safetensors.torch + torch ~6.7 s to import (python -X importtime)
     from clipcap_core.artifacts import load_model
 
     loaded = load_model(uri, device=device)

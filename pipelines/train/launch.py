@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,8 +79,7 @@ class EarlyStream:
     def torch(self, device: Any) -> Iterator[dict[str, Any]]:
         """The batches as tensors of the spec's dtypes on ``device``: zero-copy on CPU (numpy arrays of the same
         dtype), through pinned memory and an asynchronous copy on CUDA."""
-        import warnings
-
+        # lazy: torch ~6.7 s to import (python -X importtime)
         import torch
 
         # Arrays out of the object store are read-only; the step never writes to its batch, and a copy would cost

@@ -28,16 +28,12 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipcap_core import uris
+from clipcap_core.training import TrainConfig
 from pipelines.io import storage, tables
 from pipelines.lease import Lease
-from pipelines.train.job import (
-    RunOptions,
-    ScaleConfig,
-    TrainConfig,
-    TrainJobConfig,
-    evaluate_artifact,
-    run_training,
-)
+from pipelines.train.job import TrainJobConfig, evaluate_artifact, run_training
+from pipelines.train.state import RunOptions, ScaleConfig
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +96,7 @@ def read_history(state: str) -> list[dict[str, Any]]:
 def shard_sizes(files: Sequence[str]) -> dict[str, int]:
     out = {}
     for uri in files:
-        fs, path = storage.filesystem(uri)
+        fs, path = uris.filesystem(uri)
         out[uri] = int(fs.size(path))
     return out
 
@@ -145,8 +141,8 @@ def _run_id(fresh: Sequence[str]) -> str:
 def ensure_heldout(cfg: NightlyConfig, files: Sequence[str]) -> pa.Table:
     """The fixed held-out set: frozen into ``heldout.parquet`` on the first run, read back afterwards."""
     uri = state_paths(cfg.state)["heldout"]
-    if storage.exists(uri):
-        fs, path = storage.filesystem(uri)
+    if uris.exists(uri):
+        fs, path = uris.filesystem(uri)
         with fs.open(path, "rb") as f:
             return pq.read_table(f)
     held = tables.read_split(files, tables.Split(part="heldout", heldout_fraction=cfg.heldout_fraction),
@@ -164,6 +160,7 @@ def _evaluate_all(uris: list[str], heldout: pa.Table) -> list[dict[str, float]]:
 
 def _evaluate(uris: list[str], heldout: pa.Table, cfg: NightlyConfig) -> list[dict[str, float]]:
     """Metrics of each artifact on the same held-out set, in one Ray task (GPU if asked) when Ray is up."""
+    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray
 
     if ray.is_initialized():

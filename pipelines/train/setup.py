@@ -5,16 +5,19 @@ warm-started), its tokenizer, and how captions become token batches (in the Ray 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
 from clipcap_core.configs import from_dict, to_dict
+from clipcap_core.encoders import EncoderConfig
 from pipelines.io import storage, tables
 
 
 # --- the model config and the model -------------------------------------------------------------------------
 def is_preset_name(model: str) -> bool:
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.presets import PRESETS
 
     return model in PRESETS
@@ -36,7 +39,7 @@ def resolve_model_config(model: str, overrides: dict[str, Any], info: tables.Tab
 
     A preset takes D and the CLIP model from the tables (they made the embeddings); an explicit ``clip_dim``
     override or an artifact with another D is a clear error, raised before any worker starts."""
-    from clipcap_core.encoders import EncoderConfig
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.model import ModelConfig
     from clipcap_core.presets import preset_config
 
@@ -65,8 +68,7 @@ def resolve_model_config(model: str, overrides: dict[str, Any], info: tables.Tab
 def recipe_for(model: str) -> Any:
     """The recipe a run starts from: the preset's, or for a warm start the recipe the artifact was trained with
     (its recorded ``training.train``), so nightly retraining keeps the first run's settings."""
-    import dataclasses
-
+    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.artifacts import read_metadata
     from clipcap_core.presets import preset_recipe
     from clipcap_core.training import PAPER_RECIPE, RECIPE_FIELDS
@@ -78,6 +80,7 @@ def recipe_for(model: str) -> Any:
 
 
 def read_artifact_config(uri: str) -> Any:
+    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.artifacts import read_config
 
     return read_config(uri)
@@ -85,6 +88,7 @@ def read_artifact_config(uri: str) -> Any:
 
 def build_or_load_model(model: str, model_cfg: Any, *, seed: int, device: str | Any = "cpu") -> tuple[Any, Any]:
     """(ClipCapModel, tokenizer): a seeded new model for a preset, the saved one for an artifact (warm start)."""
+    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     import torch
 
     if is_preset_name(model):
@@ -101,6 +105,7 @@ def build_or_load_model(model: str, model_cfg: Any, *, seed: int, device: str | 
 
 
 def load_tokenizer_for(model: str, model_cfg: Any) -> Any:
+    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.tokenizer import load_tokenizer
 
     if is_preset_name(model):
@@ -118,6 +123,7 @@ class BatchTokenizer:
     alone, so the Ray Data tasks that run it never import transformers (seconds per fresh worker process)."""
 
     def __init__(self, tokenizer: Any, max_tokens: int):
+        # lazy: transformers ~1.4 s to import (python -X importtime)
         from clipcap_core.tokenizer import start_token_id
 
         self.max_tokens = max_tokens
@@ -148,6 +154,7 @@ class BatchTokenizer:
 
 def to_core_batch(batch: dict[str, Any]) -> Any:
     """A Ray Data batch (padded to max tokens) -> ``training.Batch`` trimmed to its longest caption."""
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.training import Batch
 
     mask = batch["mask"]

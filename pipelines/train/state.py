@@ -14,10 +14,6 @@ from typing import Any, ClassVar
 
 from clipcap_core.configs import from_dict
 
-# Keys a checkpoint's state.json may hold that this loop does not use (a batch position within the epoch);
-# dropped on restore, so such a checkpoint resumes.
-LEGACY_STATE_KEYS = ("batch_in_epoch",)
-
 
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
@@ -134,5 +130,5 @@ class RunState:
 
     @classmethod
     def from_checkpoint(cls, data: dict[str, Any]) -> RunState:
-        """A stored ``state.json``: known legacy keys are dropped, any other unknown key fails."""
-        return from_dict(cls, {k: v for k, v in data.items() if k not in LEGACY_STATE_KEYS})
+        """A stored ``state.json``: an unknown or missing key fails, naming it."""
+        return from_dict(cls, data)

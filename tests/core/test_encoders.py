@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from clipcap_core import encoders, synthetic
+from clipcap_core.encoder_model import load_encoder
 from clipcap_core.encoders import (
     EncoderConfig,
     embedding_dim,
     encoder_tag,
-    load_encoder,
     preprocess_spec,
     resolve_precision,
     validate_config,
@@ -56,7 +56,7 @@ def test_split_preprocessing_matches_full_transform(tiny, images):
 
 
 def test_tiny_weights_identical_in_every_process(tiny):
-    code = ("from clipcap_core.encoders import load_encoder, EncoderConfig; "
+    code = ("from clipcap_core.encoders import EncoderConfig; from clipcap_core.encoder_model import load_encoder; "
             "m = load_encoder(EncoderConfig()).model; "
             "print(repr(float(sum(p.double().abs().sum() for p in m.parameters()))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -190,20 +190,6 @@ def test_config_side_reads_what_open_clip_reads():
         oc.get_pretrained_cfg(*tag)["mean"])
 
 
-def test_config_side_imports_no_torch(tmp_path):
-    """A job driver validates a model, names its folder and reads its D and preprocessing without torch,
-    torchvision or open_clip in the process (their import was ~10 s of CPU at every job's start)."""
-    weights = tmp_path / "w.pt"
-    weights.write_bytes(b"x")
-    code = ("import sys; from clipcap_core import encoders as e; "
-            f"c = e.EncoderConfig(model_name='ViT-B-32', pretrained={str(weights)!r}); e.validate_config(c); "
-            "e.embedding_dim(c); e.preprocess_spec(c); e.encoder_tag(c); "
-            "e.validate_config(e.EncoderConfig()); e.preprocess_spec(e.EncoderConfig()); "
-            "print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
-
-
 def test_open_clip_imported_without_backends_the_model_does_not_use(tmp_path):
     """An actor loading a ViT CLIP imports open_clip without timm / transformers (~1.6 s of CPU per actor at
     start-up); a timm-tower CLIP built later in the same process still works (open_clip's timm module is
@@ -219,12 +205,13 @@ def test_open_clip_imported_without_backends_the_model_does_not_use(tmp_path):
 import sys
 import numpy as np
 from clipcap_core import encoders as e
-tiny = e.load_encoder(e.EncoderConfig())
+from clipcap_core.encoder_model import load_encoder
+tiny = load_encoder(e.EncoderConfig())
 print(sorted(m for m in ("timm", "transformers") if m in sys.modules))
 known = e.model_configs()
 e.model_configs = lambda: {{**known, "tiny-timm": {cfg!r}}}
 e._open_clip().add_model_config({str(tmp_path / "tiny-timm.json")!r})
-timm_clip = e.load_encoder(e.EncoderConfig(model_name="tiny-timm"))
+timm_clip = load_encoder(e.EncoderConfig(model_name="tiny-timm"))
 print(timm_clip.dim, timm_clip.encode_pixels(np.zeros((2, 64, 64, 3), np.uint8)).shape, "timm" in sys.modules)
 import transformers
 print(tiny.encode_text(["a red square"]).shape)

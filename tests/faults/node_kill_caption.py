@@ -18,9 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 def main(inp: str, out: str) -> int:
     import ray
 
-    from pipelines.caption.job import CaptionConfig, ResourceOptions, caption_archive, table_uri
+    from pipelines.caption.job import CaptionConfig, ResourceOptions, caption_archive
+    from pipelines.caption.output import table_uri
     from pipelines.io import storage
-    from pipelines.io.sources import SourceConfig
+    from pipelines.io.sources_base import SourceConfig
     from tests.faults.cluster_driver import (
         NodeKiller,
         alive_nodes,

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from pipelines.train import state as train_state
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
@@ -37,9 +39,9 @@ def main(tables_dir: str, out: str) -> int:
         job = train.TrainJobConfig(
             tables=(tables_dir,), output=out, name="nodekill",
             train=TrainConfig(epochs=2, batch_size=16, lr=1e-2, warmup_steps=5, max_caption_tokens=16),
-            run=train.RunOptions(checkpoint_every=4, log_every=4, max_failures=2, keep_checkpoints=2,
+            run=train_state.RunOptions(checkpoint_every=4, log_every=4, max_failures=2, keep_checkpoints=2,
                                  eval_max_samples=32),
-            scale=train.ScaleConfig(num_workers=2, cpus_per_worker=0.5, torch_threads=1))
+            scale=train_state.ScaleConfig(num_workers=2, cpus_per_worker=0.5, torch_threads=1))
         plan = train.plan_training(job)
 
         def stored() -> int:  # the latest checkpoint step in storage (0: none yet)

@@ -49,7 +49,7 @@ def test_worker_node_killed_during_embed_loses_and_duplicates_nothing(tmp_path):
 
 
 def test_worker_node_killed_during_caption_loses_and_duplicates_nothing(tmp_path):
-    from pipelines.caption.job import meta_uri, table_uri
+    from pipelines.caption.output import meta_uri, table_uri
 
     raw = tmp_path / "raw"
     keys = _write_shards(raw, seed=8, shards=CAPTION_SHARDS)

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipcap_core import synthetic
+from clipcap_core import synthetic, uris
 from pipelines.io import storage
 from tests.faults.cluster_driver import short_ray_tmp
 from tests.faults.flaky_proxy import FlakyProxy
@@ -48,7 +48,7 @@ def _shard(samples) -> bytes:
 
 def test_embed_through_flaky_restarted_s3_gives_every_row_once(s3_server, tmp_path):
     prefix = f"s3://clipcap/faults-{uuid.uuid4().hex[:8]}"
-    fs, base = storage.filesystem(prefix)
+    fs, base = uris.filesystem(prefix)
     keys = []
     for i in range(SHARDS):
         samples = list(synthetic.generate(PER_SHARD, seed=5, size=32, start=i * PER_SHARD))
@@ -63,7 +63,7 @@ def test_embed_through_flaky_restarted_s3_gives_every_row_once(s3_server, tmp_pa
     fs.invalidate_cache()
     table = f"{prefix}/out/embeddings/f/tiny"
     files = storage.list_files(table, ".parquet")
-    got = pa.concat_tables([pq.read_table(fs.open(storage.filesystem(f)[1], "rb")) for f in files])
+    got = pa.concat_tables([pq.read_table(fs.open(uris.filesystem(f)[1], "rb")) for f in files])
     assert len(files) == SHARDS and sorted(got.column("key").to_pylist()) == sorted(keys)  # 0 lost, 0 duplicated
 
 

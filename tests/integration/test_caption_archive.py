@@ -15,9 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.caption.job import CaptionConfig, ResourceOptions, caption_archive, meta_uri, table_uri
+from clipcap_core import uris
+from pipelines.caption.job import CaptionConfig, ResourceOptions, caption_archive
+from pipelines.caption.output import meta_uri, table_uri
 from pipelines.io import storage
-from pipelines.io.sources import SourceConfig
+from pipelines.io.sources_base import SourceConfig
 from tests.pipelines.image_zoo import DUP_ERROR_KEYS, write_mixed_input
 
 pytestmark = pytest.mark.integration
@@ -37,12 +39,12 @@ def _config(inp: str, out: str, model: str, **resources: object) -> CaptionConfi
 
 
 def _read_dir(uri: str) -> pa.Table | None:
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     fs.invalidate_cache()
     files = storage.list_files(uri, ".parquet")
     tables = []
     for f in files:
-        with fs.open(storage.filesystem(f)[1], "rb") as fh:
+        with fs.open(uris.filesystem(f)[1], "rb") as fh:
             tables.append(pq.read_table(fh).replace_schema_metadata(None))
     return pa.concat_tables(tables) if tables else None
 
@@ -56,7 +58,7 @@ def _canonical(out: str) -> tuple[list[tuple], list[tuple]]:
 
 def _committed(out: str) -> list[str]:
     """Part files now under ``out`` (listing races the run's own write probe: vanished prefix = none yet)."""
-    fs, _ = storage.filesystem(out)
+    fs, _ = uris.filesystem(out)
     fs.invalidate_cache()
     try:
         return storage.list_files(table_uri(out), ".parquet")
@@ -74,7 +76,7 @@ def mixed_on_s3(s3_server, http_server, tmp_path_factory):
     dim = preset_config("tiny").clip_dim
     expect = write_mixed_input(local, base_url=f"{http_server.base_url}/{sub}", dim=dim, clip_model="tiny")
     prefix = f"s3://clipcap/{sub}"
-    fs, base = storage.filesystem(prefix)
+    fs, base = uris.filesystem(prefix)
     for p in sorted(local.rglob("*")):
         if p.is_file():
             fs.pipe_file(f"{base}/input/{p.relative_to(local).as_posix()}", p.read_bytes())
@@ -139,7 +141,7 @@ def test_run_killed_midway_then_rerun_equals_an_uninterrupted_run(first_run, mix
     full_out, summary = first_run
     inp, prefix, _ = mixed_on_s3
     out = f"{prefix}/captions/killed"
-    cmd = [sys.executable, str(ROOT / "jobs" / "caption_archive.py"), "--input", inp, "--output", out,
+    cmd = [sys.executable, "-m", "pipelines.cli", "caption", "--input", inp, "--output", out,
            "--model", trained_model, "--part-size", str(PART_SIZE), "--ray-address", ray_cluster["gcs"],
            "--allow-private-urls"]
     for name, value in FLAGS.items():
@@ -184,7 +186,7 @@ def test_each_key_gets_the_caption_of_its_own_image(ray_cluster, s3_uri, trained
     summary = caption_archive(_config(archive, out, trained_model, stages=stages, clip_batch_size=3))
     rows = _read_dir(table_uri(out)).to_pylist()
     got = {r["key"]: r["caption"] for r in rows}
-    fs, path = storage.filesystem(archive)
+    fs, path = uris.filesystem(archive)
     with tarfile.open(fileobj=io.BytesIO(fs.cat_file(path))) as tf:
         members = {f"imgs-{stages}.tar/{m.name}": tf.extractfile(m).read() for m in tf if m.isfile()}
     captioner = Captioner.from_pretrained(trained_model)

@@ -13,11 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipcap_core import synthetic
+from clipcap_core import synthetic, uris
 from clipcap_core.artifacts import load_model, save_model
 from clipcap_core.captioner import Captioner
 from clipcap_core.decap import DecapMemory, ProjectionConfig
-from clipcap_core.encoders import EncoderConfig, load_encoder
+from clipcap_core.encoder_model import load_encoder
+from clipcap_core.encoders import EncoderConfig
 from pipelines.caption.job import prepare
 from pipelines.cli import main
 from pipelines.commands.caption import add_arguments, config_from_args
@@ -43,7 +44,7 @@ def _archive(uri: str, samples) -> None:
         info = tarfile.TarInfo("broken.png")  # not an image: an error row, not a crash
         info.size = 5
         tf.addfile(info, io.BytesIO(b"\x89PNGx"))
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     fs.pipe_file(path, buf.getvalue())
 
 
@@ -79,7 +80,7 @@ def test_bulk_job_projects_onto_the_artifact_memory(ray_cluster, s3_uri, decap_a
     assert got == {(f"images.tar/{s.key}.png", rank): expect[i][rank] for i, s in enumerate(samples)
                    for rank in range(2)}
     err_files = storage.list_files(storage.join(out, "_meta", "errors"), ".parquet")
-    errors = pa.concat_tables([pq.read_table(storage.filesystem(u)[1], filesystem=storage.filesystem(u)[0])
+    errors = pa.concat_tables([pq.read_table(uris.filesystem(u)[1], filesystem=uris.filesystem(u)[0])
                                for u in err_files]).to_pylist() if err_files else []
     assert [e["key"] for e in errors] == ["images.tar/broken.png"]
     assert "projection" not in storage.read_json(storage.join(out, "_meta", "run.json"))  # default: the artifact's own

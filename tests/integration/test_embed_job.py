@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipcap_core import synthetic
+from clipcap_core import synthetic, uris
 from pipelines.io import schemas, storage
 
 pytestmark = pytest.mark.integration
@@ -30,13 +30,13 @@ JOB_FLAGS = ["--dataset", "syn", "--model", "tiny", "--shard-size", "16", "--ima
 
 
 def _table(uri: str) -> pa.Table:
-    fs, _ = storage.filesystem(uri)
+    fs, _ = uris.filesystem(uri)
     fs.invalidate_cache()
     return pa.concat_tables([pq.read_table(f) for f in storage.list_files(uri, ".parquet")])
 
 
 def _etags(uri: str) -> dict[str, str]:
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     fs.invalidate_cache()
     return {p: fs.info(p)["ETag"] for p in fs.find(path)}
 
@@ -158,7 +158,7 @@ def test_killed_run_then_rerun_has_no_duplicates(ray_cluster, s3_server, tmp_pat
 
 
 def _parts(table_uri: str) -> list[str]:
-    fs, _ = storage.filesystem(table_uri)
+    fs, _ = uris.filesystem(table_uri)
     fs.invalidate_cache()
     try:
         return storage.list_files(table_uri, ".parquet")

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from clipcap_core import synthetic
 from pipelines.demo.caption import write_archive
-from pipelines.io import schemas, sources
+from pipelines.io import schemas, sources, sources_base
 
 HOSTILE = "<script>document.title='pwned'</script> two red circles"  # a caption is untrusted text
 
@@ -38,7 +38,7 @@ def captioned_run(root: Path, n: int = 8, archives: int = 2, wrong: dict[int, st
     captions.mkdir(parents=True)
     (output / "_meta").mkdir()
     keys: list[str] = []
-    for part in sources.plan_parts(str(inp), sources.SourceConfig()):
+    for part in sources.plan_parts(str(inp), sources_base.SourceConfig()):
         rel = part.files[0].rel  # "shard<a>.tar": one part per archive
         a = int(rel[len("shard"):-len(".tar")])
         rows = {name: [] for name in schemas.CAPTIONS_SCORED_SCHEMA.names}

@@ -9,10 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from clipcap_core import uris
 from clipcap_core.decoding import DecodeConfig
-from pipelines.caption.job import PartCommitter, errors_uri, part_uri
+from pipelines.caption.output import PartCommitter, errors_uri, part_uri
 from pipelines.caption.stages import STAGE_SCHEMA, read_decode_part
-from pipelines.io import schemas, sources, storage
+from pipelines.io import schemas, sources, sources_base, storage
 from tests.pipelines.image_zoo import good_images, write_mixed_input
 
 
@@ -39,7 +40,7 @@ def test_committer_waits_for_every_row_dedups_retries_and_writes_ranked_rows(tmp
     assert c.add(_stage_rows("p1", [(1, "b.jpg", ["x b", "y b"], None)], total=None)) == []
     # the marker arrives before the last row; a retried task re-sends row 1
     assert c.add(_stage_rows("p1", [(1, "b.jpg", ["x b", "y b"], None)], total=3)) == []
-    assert not storage.exists(part_uri(out, "p1"))
+    assert not uris.exists(part_uri(out, "p1"))
     done = c.add(_stage_rows("p1", [(0, "a.jpg", ["x a", "y a"], None), (2, "c.jpg", None, "not an image")], None))
     assert done == [("p1", 3, 2, 4)] and c.pending() == []
     table = pq.read_table(part_uri(out, "p1"))
@@ -55,31 +56,32 @@ def test_committer_waits_for_every_row_dedups_retries_and_writes_ranked_rows(tmp
     assert c.pending() == []
     # recommitting the part without errors (an overwrite run) removes the stale errors file
     PartCommitter(out, "tiny@abc", DecodeConfig()).add(_stage_rows("p1", [(0, "a.jpg", ["x a", "y a"], None)], total=1))
-    assert not storage.exists(errors_uri(out, "p1"))
+    assert not uris.exists(errors_uri(out, "p1"))
 
 
 def test_empty_part_is_marked_done_under_meta_without_a_0_row_part_file(tmp_path):
-    from pipelines.caption.job import done_parts, empty_uri
+    from pipelines.caption.output import done_parts, empty_uri
 
     out = str(tmp_path / "out")
     c = PartCommitter(out, "m@1", DecodeConfig())
     assert c.add(_stage_rows("p0", [], total=0)) == [("p0", 0, 0, 0)]
     assert c.add(_stage_rows("p1", [(0, "a.jpg", None, "not an image")], total=1)) == [("p1", 1, 0, 0)]
-    assert not storage.exists(part_uri(out, "p0")) and not storage.exists(part_uri(out, "p1"))
-    assert storage.exists(empty_uri(out, "p0")) and storage.exists(errors_uri(out, "p1"))
+    assert not uris.exists(part_uri(out, "p0")) and not uris.exists(part_uri(out, "p1"))
+    assert uris.exists(empty_uri(out, "p0")) and uris.exists(errors_uri(out, "p1"))
     assert done_parts(out) == {"p0", "p1"}
 
 
 @pytest.fixture(scope="module")
 def tiny_resizer():
-    from clipcap_core.encoders import EncoderConfig, ImageResizer, preprocess_spec
+    from clipcap_core.encoders import EncoderConfig, preprocess_spec
+    from clipcap_core.preprocess import ImageResizer
 
     return ImageResizer(preprocess_spec(EncoderConfig()))
 
 
 def test_read_decode_part_emits_pixels_errors_and_a_marker(tmp_path, tiny_resizer):
     expect = write_mixed_input(tmp_path, base_url=None, dim=8, clip_model="tiny")
-    cfg = sources.SourceConfig(part_size=100)
+    cfg = sources_base.SourceConfig(part_size=100)
     size = tiny_resizer.spec.size
     seen = {}
     for part in sources.plan_parts(str(tmp_path), cfg):

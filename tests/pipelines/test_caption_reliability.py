@@ -1,6 +1,6 @@
 """Bulk captioning's reliability, without Ray: model checks before any work (corrupt weights named,
 weights in the model id, untrained presets refused), unreadable parts not committed, the output layout
-(flat layout refused, output inside input refused) and tables that pandas, pyarrow, DuckDB, polars and
+(output inside input refused) and tables that pandas, pyarrow, DuckDB, polars and
 Hugging Face ``datasets`` read as they are."""
 
 from __future__ import annotations
@@ -12,18 +12,11 @@ import shutil
 import pyarrow as pa
 import pytest
 
+from clipcap_core import uris
 from clipcap_core.decoding import DecodeConfig
-from pipelines.caption.job import (
-    CaptionConfig,
-    PartCommitter,
-    done_parts,
-    errors_uri,
-    meta_uri,
-    part_uri,
-    prepare,
-    table_uri,
-)
-from pipelines.io import sources, storage
+from pipelines.caption.job import CaptionConfig, prepare
+from pipelines.caption.output import PartCommitter, done_parts, errors_uri, meta_uri, part_uri, table_uri
+from pipelines.io import sources, sources_base, storage
 from tests.pipelines.image_zoo import good_images
 
 
@@ -133,18 +126,6 @@ def test_output_inside_the_input_is_refused(saved_tiny, images):
         prepare(_cfg(images, images, saved_tiny))
 
 
-def test_old_layout_is_refused_clearly_and_overwrite_redoes_it(saved_tiny, images, tmp_path):
-    out = tmp_path / "old"
-    out.mkdir()
-    (out / "_run.json").write_text("{}")
-    storage.atomic_write_table(pa.table({"key": ["a.jpg"]}), str(out / "part-images-00000.parquet"))
-    with pytest.raises(ValueError, match="old layout.*overwrite"):
-        prepare(_cfg(images, out, saved_tiny))
-    plan = prepare(_cfg(images, out, saved_tiny, overwrite=True))
-    assert [p.part_id for p in plan.todo] == ["images-00000"]
-    assert sorted(p.name for p in out.iterdir()) == ["_meta"]
-
-
 def _rows(part_id, members, total):
     """Final-stage rows: members = [(index, key, caption or None, error or None, stage)] + the marker."""
     cols = {n: [] for n in ("part_id", "index", "key", "source", "error", "stage", "total", "captions", "scores")}
@@ -160,11 +141,11 @@ def test_a_part_whose_archive_could_not_be_read_is_not_committed_then_retried(tm
     out = str(tmp_path / "out")
     c = PartCommitter(out, "m@1", DecodeConfig())
     half = [(0, "t.tar/a.jpg", "a cap", None, None),
-            (1, "t.tar", None, "unreadable archive: ReadError: unexpected end of data", sources.UNIT_STAGE)]
+            (1, "t.tar", None, "unreadable archive: ReadError: unexpected end of data", sources_base.UNIT_STAGE)]
     assert c.add(_rows("t", half, 2)) == []
     assert list(c.failed) == ["t"] and "unexpected end of data" in c.failed["t"]
-    assert done_parts(out) == set() and not storage.exists(part_uri(out, "t"))
-    assert not storage.exists(errors_uri(out, "t"))
+    assert done_parts(out) == set() and not uris.exists(part_uri(out, "t"))
+    assert not uris.exists(errors_uri(out, "t"))
     retry = PartCommitter(out, "m@1", DecodeConfig())  # the next run, archive repaired
     assert retry.add(_rows("t", [(0, "t.tar/a.jpg", "a cap", None, None), (1, "t.tar/b.jpg", "b", None, None)], 2)) \
         == [("t", 2, 2, 2)]
@@ -183,10 +164,10 @@ def test_truncated_tar_part_yields_a_unit_stage_row(tmp_path):
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     (tmp_path / "t.tar").write_bytes(buf.getvalue()[:700])  # cut inside the first member
-    cfg = sources.SourceConfig()
+    cfg = sources_base.SourceConfig()
     [part] = sources.plan_parts(str(tmp_path / "t.tar"), cfg)
     recs = list(sources.read_part(part, cfg))
-    assert recs[-1].stage == sources.UNIT_STAGE and "unreadable archive" in recs[-1].error
+    assert recs[-1].stage == sources_base.UNIT_STAGE and "unreadable archive" in recs[-1].error
 
 
 def test_tables_read_as_they_are_by_pandas_pyarrow_duckdb_polars_and_datasets(tmp_path):
@@ -263,11 +244,9 @@ def test_embed_rows_lost_in_the_pipeline_fail_the_run_naming_the_shard(tmp_path)
     from pipelines.embed import stages as st
     from pipelines.embed.job import EmbedConfig, EmbedResult, _drain
 
-    n = 1
-    batch = {st.SHARD: np.array(["00007"], dtype=object), st.INDEX: np.zeros(n, np.int64), st.TOTAL: np.full(n, 2),
-             st.KEY: np.array(["k"], object), st.CAPTION: np.array(["c"], object), st.URL: np.array([None], object),
-             st.SOURCE: np.array(["s"], object), st.ERROR: np.array([""], object), st.UNREAD: np.zeros(n, bool),
-             "image_embedding": np.ones((n, 128), np.float32)}
+    batch = pa.table({st.SHARD: ["00007"], st.INDEX: pa.array([0], pa.int64()), st.TOTAL: pa.array([2], pa.int64()),
+                      st.KEY: ["k"], st.CAPTION: ["c"], st.URL: pa.array([None], pa.string()), st.SOURCE: ["s"],
+                      st.ERROR: [""], st.UNREAD: [False], "embedding": [np.ones(128, np.float32).tobytes()]})
     cfg = EmbedConfig(input=str(tmp_path), output_root=str(tmp_path / "o"), dataset="d")
     result = EmbedResult(table_uri=cfg.table_uri, shards=1, skipped=0, written=1, rows=0, errors=0, dim=128, wall_s=0)
     with pytest.raises(RuntimeError, match=r"incomplete shard\(s\) \['00007'\] \(rows lost\?\)"):
@@ -303,14 +282,15 @@ def test_stages_give_each_key_the_caption_of_its_own_image(trained_model, tmp_pa
 
     from clipcap_core import synthetic
     from clipcap_core.captioner import Captioner
-    from clipcap_core.encoders import ImageResizer, preprocess_spec
+    from clipcap_core.encoders import preprocess_spec
+    from clipcap_core.preprocess import ImageResizer
     from pipelines.caption.stages import CaptionStage, inspect_model, read_decode_part
     from pipelines.clip_actor import ClipActor
     from pipelines.demo.caption import write_archive
 
     archive = str(tmp_path / "imgs.tar")
     write_archive(archive, list(synthetic.generate(6, seed=3, size=48, start=20000)))
-    cfg = sources.SourceConfig()
+    cfg = sources_base.SourceConfig()
     [part] = sources.plan_parts(archive, cfg)
     info = inspect_model(trained_model)
     clip, cap = ClipActor(info.encoder, threads=1), CaptionStage(trained_model, DecodeConfig(), threads=1)

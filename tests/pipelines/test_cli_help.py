@@ -73,21 +73,6 @@ def test_a_command_imports_only_its_own_module():
     assert out[-1] == "False"  # download's --help needs no torch
 
 
-def test_embed_drivers_import_no_torch():
-    """The embed job drivers validate the CLIP model, size the plan and commit shards without torch,
-    torchvision, open_clip or transformers in the driver process (~10 s of CPU saved at every embed job's
-    start on a 2-core node, where the actors importing them need those cores); only the actors load models."""
-    import subprocess
-    import sys
-
-    code = ("import sys, pipelines.embed.job, pipelines.embed.text, pipelines.commands.embed, "
-            "pipelines.commands.embed_text\n"
-            "print(sorted(m for m in ('torch', 'torchvision', 'open_clip', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[2]).stdout.strip()
-    assert out == "[]", out
-
-
 def _exit_codes() -> dict[str, int]:
     from pipelines import exitcodes
 

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 
 from clipcap_core.encoders import EncoderConfig
+from pipelines import rows
 from pipelines.clip_actor import ClipActor
 from pipelines.embed import stages as st
-from pipelines.io import schemas
 from tests.pipelines.image_zoo import good_images
 
 
@@ -21,16 +21,17 @@ def actor():
 def _images():
     from PIL import Image
 
-    from pipelines.io.imaging import decode_image
+    from clipcap_core.imaging import decode_image
 
     images = [decode_image(good_images()[n]) for n in ("rgb.jpg", "rotated.jpg", "cmyk.jpg")]
     return images + [Image.new("RGB", (90, 40), (20, 200, 30))]
 
 
-def test_table_adapter_uint8_path_matches_the_encoder_preprocess(actor):
-    """Caption's row format: pixels bytes -> embedding bytes; rows without pixels keep their embedding."""
+def test_caption_rows_uint8_path_matches_the_encoder_preprocess():
+    """Caption's rows: pixels bytes -> embedding bytes; rows without pixels keep their embedding."""
     import torch
 
+    actor = ClipActor(EncoderConfig(), threads=1)  # caption's: images only
     images = _images()
     pixels = [actor.encoder.resize(im).tobytes() for im in images]
     table = pa.table({"key": ["a", "b", "c", "d", "e"], "pixels": pixels[:2] + [b""] + pixels[2:],
@@ -44,23 +45,25 @@ def test_table_adapter_uint8_path_matches_the_encoder_preprocess(actor):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_column_adapter_embeds_images_and_captions_of_good_rows_only(actor):
-    """Embed's row format: pixels (B, H, W, 3) -> image_embedding, caption -> text_embedding; pixels dropped,
-    every other column passed through, error rows zeros."""
+def test_embed_rows_get_image_and_caption_embeddings_of_good_rows_only(actor):
+    """Embed's rows: pixels -> embedding, caption -> text_embedding; pixels dropped, every other column passed
+    through, error rows (no pixels) get no vectors."""
     enc = actor.encoder
     pixels = np.stack([enc.resize(im) for im in _images()[:3]])
-    batch = {st.SHARD: np.array(["s"] * 3, dtype=object), st.INDEX: np.arange(3), st.KEY: np.array(["a", "b", "c"],
-             dtype=object), st.CAPTION: np.array(["one red circle", "bad", None], dtype=object),
-             st.ERROR: np.array(["", "not an image", ""], dtype=object), st.PIXELS: pixels}
+    batch = pa.table({st.SHARD: ["s"] * 3, st.INDEX: pa.array(range(3), pa.int64()), st.KEY: ["a", "b", "c"],
+                      st.CAPTION: ["one red circle", "bad", None], st.ERROR: ["", "not an image", ""],
+                      st.PIXELS: [pixels[0].tobytes(), b"", pixels[2].tobytes()]})
     out = actor(batch)
-    assert sorted(out) == sorted([st.SHARD, st.INDEX, st.KEY, st.CAPTION, st.ERROR, schemas.IMAGE_EMBEDDING,
-                                  schemas.TEXT_EMBEDDING])
-    np.testing.assert_allclose(out[schemas.IMAGE_EMBEDDING][[0, 2]], enc.encode_pixels(pixels[[0, 2]]), atol=1e-5)
-    np.testing.assert_allclose(out[schemas.TEXT_EMBEDDING][[0, 2]], enc.encode_text(["one red circle", ""]),
-                               atol=1e-5)
-    assert not out[schemas.IMAGE_EMBEDDING][1].any() and not out[schemas.TEXT_EMBEDDING][1].any()
+    assert out.column_names == [st.SHARD, st.INDEX, st.KEY, st.CAPTION, st.ERROR, rows.EMBEDDING,
+                                rows.TEXT_EMBEDDING, "t_clip", "cpu_clip"]
+    image, text = out.column(rows.EMBEDDING).to_pylist(), out.column(rows.TEXT_EMBEDDING).to_pylist()
+    np.testing.assert_allclose(np.stack([np.frombuffer(image[i], np.float32) for i in (0, 2)]),
+                               enc.encode_pixels(pixels[[0, 2]]), atol=1e-5)
+    np.testing.assert_allclose(np.stack([np.frombuffer(text[i], np.float32) for i in (0, 2)]),
+                               enc.encode_text(["one red circle", ""]), atol=1e-5)
+    assert image[1] == b"" and text[1] == b""
     images_only = ClipActor(EncoderConfig(), threads=1)(batch)
-    assert schemas.TEXT_EMBEDDING not in images_only and st.TRUNCATED not in images_only
+    assert rows.TEXT_EMBEDDING not in images_only.column_names and rows.TRUNCATED not in images_only.column_names
 
 
 def test_fused_caption_actor_scores_with_its_own_clip():

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
+from clipcap_core import uris
 from pipelines.committer import UnitCommitter
 
 
@@ -19,21 +19,20 @@ class _Recorder(UnitCommitter):
     def unread(self, unit, rows):
         if rows is None:
             return None
-        keys = rows["key"].tolist() if isinstance(rows, dict) else rows.column("key").to_pylist()
+        keys = rows.column("key").to_pylist()
         return "unreadable archive" if "unread" in keys else None
 
     def commit(self, unit, rows):
-        keys = None if rows is None else (rows["key"].tolist() if isinstance(rows, dict)
-                                          else rows.column("key").to_pylist())
+        keys = None if rows is None else rows.column("key").to_pylist()
         self.written[unit] = keys
         return unit, 0 if keys is None else len(keys)
 
 
-def _numpy(unit: str, index: list[int], total: int, keys: list[str]) -> dict[str, np.ndarray]:
+def _every_row(unit: str, index: list[int], total: int, keys: list[str]) -> pa.Table:
     """Embed's protocol: the unit's total on every row."""
     n = len(index)
-    return {"shard": np.array([unit] * n, dtype=object), "index": np.array(index), "shard_total": np.full(n, total),
-            "key": np.array(keys, dtype=object), "emb": np.arange(n * 2, dtype=np.float32).reshape(n, 2)}
+    return pa.table({"shard": [unit] * n, "index": pa.array(index, pa.int64()),
+                     "shard_total": pa.array([total] * n, pa.int64()), "key": keys})
 
 
 def _arrow(unit: str, index: list[int], keys: list[str], total: int | None = None) -> pa.Table:
@@ -48,19 +47,18 @@ def _arrow(unit: str, index: list[int], keys: list[str], total: int | None = Non
 
 def test_total_on_every_row_units_complete_once_and_retried_rows_count_once():
     c = _Recorder(unit="shard", total="shard_total", noun="shard")
-    assert c.add(_numpy("a", [0, 1], 3, ["k0", "k1"])) == []
+    assert c.add(_every_row("a", [0, 1], 3, ["k0", "k1"])) == []
     # a retried task re-sends rows 0 and 1; row 1 twice inside the block too
-    assert c.add(_numpy("a", [1, 0, 1], 3, ["k1", "k0", "k1"])) == []
-    mixed = {k: np.concatenate([a, b]) for (k, a), b in zip(_numpy("a", [2], 3, ["k2"]).items(),
-                                                            _numpy("b", [0], 1, ["j0"]).values(), strict=True)}
+    assert c.add(_every_row("a", [1, 0, 1], 3, ["k1", "k0", "k1"])) == []
+    mixed = pa.concat_tables([_every_row("a", [2], 3, ["k2"]), _every_row("b", [0], 1, ["j0"])])
     assert c.add(mixed) == [("a", 3), ("b", 1)]  # one block completes two units
     assert c.written == {"a": ["k0", "k1", "k2"], "b": ["j0"]} and c.pending() == []
-    assert c.add(_numpy("a", [2], 3, ["k2"])) == []  # a late copy after the commit: dropped
+    assert c.add(_every_row("a", [2], 3, ["k2"])) == []  # a late copy after the commit: dropped
     assert c.written["a"] == ["k0", "k1", "k2"] and c.pending() == [] and c.committed == ["a", "b"]
     # units the stream never mentioned (a shard without samples) are committed with no rows at the end
     assert c.finish("embedding", ["a", "b", "empty"]) == [("empty", 0)] and c.written["empty"] is None
     with pytest.raises(RuntimeError, match="shard c: got 2 rows, expected 1"):
-        c.add(_numpy("c", [0, 1], 1, ["x", "y"]))
+        c.add(_every_row("c", [0, 1], 1, ["x", "y"]))
 
 
 def test_marker_row_units_wait_for_the_marker_and_the_members():
@@ -85,9 +83,9 @@ def test_unread_units_fail_without_commit_and_lost_rows_fail_the_run():
     c.add(_arrow("lost", [], [], total=1))  # the marker says 1 member, the member never arrives
     with pytest.raises(RuntimeError, match=r"caption ended with incomplete part\(s\) \['lost'\] \(rows lost\?\)"):
         c.finish("caption")
-    numpy_side = _Recorder(unit="shard", total="shard_total", noun="shard")
-    numpy_side.add(_numpy("s", [0], 1, ["unread"]))
-    assert numpy_side.failed == {"s": "unreadable archive"} and numpy_side.finish("embedding", ["s"]) == []
+    every_row_side = _Recorder(unit="shard", total="shard_total", noun="shard")
+    every_row_side.add(_every_row("s", [0], 1, ["unread"]))
+    assert every_row_side.failed == {"s": "unreadable archive"} and every_row_side.finish("embedding", ["s"]) == []
 
 
 class _Flaky(_Recorder):
@@ -109,20 +107,20 @@ def test_a_transient_storage_error_is_retried_with_a_bound_and_a_deterministic_o
 
     c = _Flaky(2, ConnectionRefusedError(111, "Connection refused"), unit="shard", total="shard_total", noun="shard")
     c.retry_delays = (0.01, 0.01, 0.01)
-    assert c.add(_numpy("a", [0], 1, ["k0"])) == [("a", 1)] and c.attempts == 3 and c.committed == ["a"]
+    assert c.add(_every_row("a", [0], 1, ["k0"])) == [("a", 1)] and c.attempts == 3 and c.committed == ["a"]
     down = _Flaky(99, ConnectionRefusedError(111, "Connection refused"), unit="shard", total="shard_total",
                   noun="shard")
     down.retry_delays = (0.01, 0.01)
     with pytest.raises(CommitFailed, match="shard a not committed: ConnectionRefusedError"):
-        down.add(_numpy("a", [0], 1, ["k0"]))
+        down.add(_every_row("a", [0], 1, ["k0"]))
     assert down.attempts == 3 and down.committed == []
     full = _Flaky(99, OSError(28, "No space left on device"), unit="shard", total="shard_total", noun="shard")
     with pytest.raises(CommitFailed, match="No space left"):
-        full.add(_numpy("a", [0], 1, ["k0"]))
+        full.add(_every_row("a", [0], 1, ["k0"]))
     assert full.attempts == 1  # a full disk does not heal by waiting
     bug = _Flaky(1, KeyError("x"), unit="shard", total="shard_total", noun="shard")
     with pytest.raises(KeyError):
-        bug.add(_numpy("a", [0], 1, ["k0"]))  # not a storage error: not retried, not disguised
+        bug.add(_every_row("a", [0], 1, ["k0"]))  # not a storage error: not retried, not disguised
 
 
 @pytest.mark.integration
@@ -143,7 +141,7 @@ def test_a_stopped_s3_server_is_retried_until_it_is_back_or_the_bound():
 
     class ToS3(_Recorder):
         def commit(self, unit, rows):
-            table = pa.table({"key": rows["key"].tolist()})
+            table = rows.select(["key"])
             try:
                 storage.atomic_write_table(table, f"s3://clipcap/retry/{unit}.parquet", options)
             except FileNotFoundError as exc:  # moto restarts empty: its bucket is back a moment after the port
@@ -153,15 +151,15 @@ def test_a_stopped_s3_server_is_retried_until_it_is_back_or_the_bound():
     try:
         c = ToS3(unit="shard", total="shard_total", noun="shard")
         c.retry_delays = (0.5, 0.5)
-        assert c.add(_numpy("a", [0], 1, ["k0"])) == [("a", 1)]
+        assert c.add(_every_row("a", [0], 1, ["k0"])) == [("a", 1)]
         s3.stop(server.port)
         with pytest.raises(CommitFailed, match="shard b not committed"):
-            c.add(_numpy("b", [0], 1, ["k1"]))
+            c.add(_every_row("b", [0], 1, ["k1"]))
         assert c.committed == ["a"]
         # the server comes back during the retries: the part is committed, once
         c.retry_delays = (1.0, 2.0, 4.0, 8.0)
         threading.Timer(1.5, lambda: s3.start(port=server.port, buckets=("clipcap",))).start()
-        assert c.add(_numpy("d", [0], 1, ["k3"])) == [("d", 1)]
-        assert storage.exists("s3://clipcap/retry/d.parquet", options)
+        assert c.add(_every_row("d", [0], 1, ["k3"])) == [("d", 1)]
+        assert uris.exists("s3://clipcap/retry/d.parquet", options)
     finally:
         s3.stop(server.port)

@@ -16,6 +16,7 @@ from pipelines.demo import synthetic_tables
 from pipelines.io import schemas, storage, tables
 from pipelines.train import decap as decap_train
 from pipelines.train import job as train
+from pipelines.train import state as train_state
 
 DIM = 32
 
@@ -100,9 +101,9 @@ def test_text_only_training_on_ray_resumes_and_captions_images_through_its_memor
     job = _job(files, storage.join(s3_uri, "runs"), name="decap", heldout_fraction=0.1,
                decap=decap_train.DecapOptions(noise_std=0.02, memory_size=900, tau=0.01),
                train=TrainConfig(epochs=3, batch_size=32, lr=1e-2, warmup_steps=10, max_caption_tokens=16),
-               run=train.RunOptions(checkpoint_every=20, log_every=10, max_failures=1),
-               scale=train.ScaleConfig(num_workers=1, cpus_per_worker=0.5),
-               fault=train.FaultConfig(crash_at_step=30, marker=storage.join(s3_uri, "crashed.json")))
+               run=train_state.RunOptions(checkpoint_every=20, log_every=10, max_failures=1),
+               scale=train_state.ScaleConfig(num_workers=1, cpus_per_worker=0.5),
+               fault=train_state.FaultConfig(crash_at_step=30, marker=storage.join(s3_uri, "crashed.json")))
     result = train.run_training(job)
 
     # Ray Train: it crashed at step 30, resumed from a checkpoint, and finished every step.

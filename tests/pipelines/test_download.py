@@ -8,7 +8,7 @@ import uuid
 import pandas as pd
 import pytest
 
-from clipcap_core import synthetic
+from clipcap_core import synthetic, uris
 from clipcap_core.configs import ConfigError, from_dict
 from pipelines.download.job import DownloadConfig, read_url_list, run_download, summarize
 from pipelines.io import storage
@@ -107,7 +107,7 @@ def test_download_over_http(downloaded):
 
 def test_rerun_is_incremental(downloaded):
     cfg, summary = downloaded
-    fs, path = storage.filesystem(cfg.output)
+    fs, path = uris.filesystem(cfg.output)
     before = {p: fs.info(p)["mtime"] for p in fs.find(path)}
     assert run_download(cfg) == summary
     assert {p: fs.info(p)["mtime"] for p in fs.find(path)} == before

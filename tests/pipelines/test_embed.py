@@ -11,11 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipcap_core import synthetic
-from clipcap_core.encoders import EncoderConfig, load_encoder
+from clipcap_core import synthetic, uris
+from clipcap_core.encoder_model import load_encoder
+from clipcap_core.encoders import EncoderConfig
 from pipelines.embed import stages as st
 from pipelines.embed.job import EmbedConfig, EmbedResources, pending_shards, run_embed
-from pipelines.embed.output import ShardCommitter, build_tables
+from pipelines.embed.output import ShardCommitter
 from pipelines.io import schemas, storage
 
 
@@ -95,7 +96,7 @@ def test_tables_rows_schema_and_metadata(embedded):
 
 def test_embeddings_equal_the_encoder_output(embedded):
     cfg, _ = embedded
-    from pipelines.io import imaging
+    from clipcap_core import imaging
 
     enc = load_encoder(EncoderConfig())
     sample = good_samples(1, 5)[0]
@@ -121,7 +122,7 @@ def test_bad_samples_land_in_errors_table(embedded):
 
 def test_rerun_writes_nothing_and_retries_only_the_unreadable_shard(embedded):
     cfg, _ = embedded
-    fs, path = storage.filesystem(cfg.table_uri)
+    fs, path = uris.filesystem(cfg.table_uri)
     before = {p: fs.info(p).get("ETag") for p in fs.find(path)}
     again = run_embed(cfg)
     assert (again.written, again.skipped, again.rows, again.exit_code) == (0, 3, 0, 4)
@@ -134,12 +135,12 @@ def test_resume_redoes_only_missing_shards_float16(shards, ray_cluster, tmp_path
     cfg = _cfg(shards, tmp_path, dtype="float16")
     first = run_embed(cfg)
     part1 = storage.join(cfg.table_uri, "part-00001.parquet")
-    kept = storage.filesystem(part1)[0].info(part1)["mtime"]
-    storage.filesystem(cfg.table_uri)[0].rm(storage.join(cfg.table_uri, "part-00000.parquet"))
+    kept = uris.filesystem(part1)[0].info(part1)["mtime"]
+    uris.filesystem(cfg.table_uri)[0].rm(storage.join(cfg.table_uri, "part-00000.parquet"))
     (tmp_path / "embeddings/unit/tiny/_tmp.deadbeef.part-00000.parquet").write_bytes(b"half a file")
     second = run_embed(cfg)
     assert (second.written, second.rows) == (1, 10) and first.rows == 18
-    assert storage.filesystem(part1)[0].info(part1)["mtime"] == kept
+    assert uris.filesystem(part1)[0].info(part1)["mtime"] == kept
     table = pq.read_table(str(tmp_path / "embeddings/unit/tiny"))
     assert table.num_rows == 18 and len(set(table.column("key").to_pylist())) == 18
     assert table.schema.field("image_embedding").type == pa.list_(pa.float16(), 128)
@@ -156,7 +157,7 @@ def test_truncated_shard_is_not_done_until_repaired_then_arrives_whole(ray_clust
     cfg = _cfg(raw, tmp_path / "out")
     first = run_embed(cfg)
     assert (first.rows, first.exit_code, [u.rsplit("/", 1)[-1] for u in first.failed]) == (3, 4, ["00001.tar"])
-    assert not storage.exists(storage.join(cfg.table_uri, "part-00001.parquet"))
+    assert not uris.exists(storage.join(cfg.table_uri, "part-00001.parquet"))
     assert not storage.list_files(storage.join(cfg.meta_uri, "empty"), ".json")
     (raw / "00001.tar").write_bytes(good.read_bytes())  # repaired
     second = run_embed(cfg)
@@ -189,11 +190,10 @@ def test_job_level_faults_fail_before_work(shards, tmp_path, s3_server):
 def _rows(shard, keys, total, start=0):
     """Embedded rows of one shard as the actors return them (member indices from ``start``)."""
     n = len(keys)
-    return {st.SHARD: np.array([shard] * n, dtype=object), st.INDEX: np.arange(start, start + n),
-            st.TOTAL: np.full(n, total), st.KEY: np.array(keys, dtype=object),
-            st.CAPTION: np.array(["c"] * n, dtype=object), st.URL: np.array([None] * n, dtype=object),
-            st.SOURCE: np.array(keys, dtype=object), st.ERROR: np.array([""] * n, dtype=object),
-            st.UNREAD: np.zeros(n, bool), "image_embedding": np.ones((n, 4), np.float32)}
+    return pa.table({st.SHARD: [shard] * n, st.INDEX: pa.array(range(start, start + n), pa.int64()),
+                     st.TOTAL: pa.array([total] * n, pa.int64()), st.KEY: keys, st.CAPTION: ["c"] * n,
+                     st.URL: pa.array([None] * n, pa.string()), st.SOURCE: keys, st.ERROR: [""] * n,
+                     st.UNREAD: [False] * n, "embedding": [np.ones(4, np.float32).tobytes()] * n})
 
 
 def test_shard_committer_commits_complete_shards_and_duplicate_keys_become_errors(tmp_path):
@@ -210,26 +210,18 @@ def test_shard_committer_commits_complete_shards_and_duplicate_keys_become_error
         committer.add(_rows("b", ["x", "y"], 1))
 
 
-def test_build_tables_takes_ray_datas_nan_for_an_all_none_column():
-    # Ray Data returns a column that was all None in a block (no URLs in the shard) as float32 NaN
-    cols = dict(_rows("a", ["k2", "k1", "k3"], 3), **{st.URL: np.full(3, np.nan, np.float32),
-                                                       st.CAPTION: np.array(["c", None, "d"], dtype=object)})
-    table, errs = build_tables(cols, EmbedConfig(input="x", output_root="y", dataset="d"), 4, {})
-    assert table.column("key").to_pylist() == ["k1", "k2", "k3"] and errs == []
-    assert table.column("url").to_pylist() == [None] * 3 and table.column("caption").null_count == 1
-
-
 def test_a_retried_block_does_not_duplicate_rows(tmp_path):
     """Decode -> ClipActor -> ShardCommitter in-process: Ray re-running a task sends its rows again; every row
     carries its member index in the shard, so the copy is dropped instead of becoming rows (or 'duplicate key'
     errors, or a shard that looks over-full)."""
-    from clipcap_core.encoders import ImageResizer, preprocess_spec
+    from clipcap_core.encoders import preprocess_spec
+    from clipcap_core.preprocess import ImageResizer
     from pipelines.clip_actor import ClipActor
 
     write_shard(tmp_path / "00000.tar", good_samples(5, 0))
     uri = str(tmp_path / "00000.tar")
     decoded = list(st.iter_shard_batches(uri, ImageResizer(preprocess_spec(EncoderConfig())), batch_rows=2))
-    assert [b[st.INDEX].tolist() for b in decoded] == [[0, 1], [2, 3], [4]]
+    assert [b.column(st.INDEX).to_pylist() for b in decoded] == [[0, 1], [2, 3], [4]]
     actor = ClipActor(EncoderConfig(), threads=1, texts=True)
     first, second, third = (actor(b) for b in decoded)
     cfg = _cfg(tmp_path, tmp_path / "out", text_embeddings=True)
@@ -237,17 +229,14 @@ def test_a_retried_block_does_not_duplicate_rows(tmp_path):
     assert [committer.add(b) for b in (first, second, first, third)] == [[], [], [], [(5, 0)]]
     table = pq.read_table(storage.join(cfg.table_uri, "part-00000.parquet"))
     assert table.column("key").to_pylist() == [f"syn{i:08d}" for i in range(5)]
-    assert not storage.exists(storage.join(cfg.meta_uri, "errors", "part-00000.parquet"))
+    assert not uris.exists(storage.join(cfg.meta_uri, "errors", "part-00000.parquet"))
     assert committer.finish("embedding", committer.uris) == [] and committer.committed == ["00000"]
 
 
-def test_old_layout_and_empty_markers_count_as_done(tmp_path):
-    """Tables written before _meta/ (0-row part files, _errors/ inside) still resume; so do the new markers."""
+def test_part_files_and_empty_markers_count_as_done(tmp_path):
     cfg = EmbedConfig(input=str(tmp_path / "raw"), output_root=str(tmp_path / "out"), dataset="d")
     shards = [str(tmp_path / "raw" / f"{i:05d}.tar") for i in range(4)]
-    old_empty = schemas.embedding_schema(4).empty_table()
-    storage.atomic_write_table(old_empty, storage.join(cfg.table_uri, "part-00000.parquet"))
-    storage.atomic_write_table(pa.table({"key": ["x"]}), storage.join(cfg.table_uri, "_errors", "part-00000.parquet"))
+    storage.atomic_write_table(pa.table({"key": ["x"]}), storage.join(cfg.table_uri, "part-00000.parquet"))
     storage.write_json({"rows": 0}, storage.join(cfg.meta_uri, "empty", "part-00002.json"))
     assert [u.rsplit("/", 1)[-1] for u in pending_shards(cfg, shards)] == ["00001.tar", "00003.tar"]
 
@@ -256,7 +245,7 @@ def test_shard_reader_refuses_unsafe_members_like_the_caption_readers():
     """The embed (and embed-text) shard reader applies the member checks of ``sources``: a link, a ``..`` name
     or an oversized member becomes its sample's error row."""
     from pipelines.embed.stages import decode_sample, read_shard
-    from pipelines.io.sources import SourceConfig
+    from pipelines.io.sources_base import SourceConfig
 
     good = next(iter(synthetic.generate(1, seed=0, size=32)))
     buf = io.BytesIO()
@@ -279,7 +268,8 @@ def test_shard_reader_refuses_unsafe_members_like_the_caption_readers():
     assert "'..'" in samples["../../evil"].refused and not samples["../../evil"].files
     assert "link" in samples["linked"].refused
     assert "too large" in samples["big"].refused and not samples["big"].files
-    from clipcap_core.encoders import ImageResizer, preprocess_spec
+    from clipcap_core.encoders import preprocess_spec
+    from clipcap_core.preprocess import ImageResizer
 
     resizer = ImageResizer(preprocess_spec(EncoderConfig(model_name="tiny")))
     rows = {k: decode_sample(s, resizer, "00000") for k, s in samples.items()}

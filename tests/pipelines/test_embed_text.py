@@ -14,7 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipcap_core.encoders import EncoderConfig, load_encoder
+from clipcap_core import uris
+from clipcap_core.encoder_model import load_encoder
+from clipcap_core.encoders import EncoderConfig
+from pipelines import rows
 from pipelines.clip_actor import ClipActor
 from pipelines.embed import stages as st
 from pipelines.embed import text as embed_text
@@ -98,16 +101,16 @@ def test_text_tower_core_and_table(encoder):
 
     part = text_sources.TextPart("p", "in.txt", ["k2", "k1", "k2", "k3"], ["two red squares", LONG, "dup", None],
                                  ["", "", "", "empty caption"])
-    batch = {k: v.to_numpy(zero_copy_only=False) for k, v in zip(
-        embed_text.part_block(part).column_names, embed_text.part_block(part).columns, strict=True)}
-    assert batch[st.INDEX].tolist() == [0, 1, 2, 3] and batch[st.TOTAL].tolist() == [4] * 4
+    batch = embed_text.part_block(part)
+    assert batch.column(st.INDEX).to_pylist() == [0, 1, 2, 3] and batch.column(st.TOTAL).to_pylist() == [4] * 4
     actor = ClipActor(EncoderConfig(model_name="tiny"), threads=1, images=False, texts=True, count_truncated=True)
     assert isinstance(actor.encoder.model.visual, torch.nn.Identity)  # text only: no image tower kept
     out = actor(batch)
-    np.testing.assert_allclose(out[schemas.TEXT_EMBEDDING][:3], encoder.encode_text(["two red squares", LONG, "dup"]),
-                               atol=1e-5)
-    assert not out[schemas.TEXT_EMBEDDING][3].any() and out[st.TRUNCATED].tolist() == [False, True, False, False]
-    assert schemas.IMAGE_EMBEDDING not in out
+    text = out.column(rows.TEXT_EMBEDDING).to_pylist()
+    np.testing.assert_allclose(np.stack([np.frombuffer(t, np.float32) for t in text[:3]]),
+                               encoder.encode_text(["two red squares", LONG, "dup"]), atol=1e-5)
+    assert text[3] == b"" and out.column(st.TRUNCATED).to_pylist() == [False, True, False, False]
+    assert rows.EMBEDDING not in out.column_names
     table, errs = embed_text.build_tables(out, encoder.dim, "float16", {"clipcap.dim": str(encoder.dim)})
     assert table.column("key").to_pylist() == ["k1", "k2"] and table.column("caption").to_pylist() == [LONG,
                                                                                                        "two red squares"]
@@ -118,11 +121,11 @@ def test_text_tower_core_and_table(encoder):
 
 # --- on the real local Ray cluster and S3 server ------------------------------------------------------------
 def _read(uri: str) -> pa.Table:
-    fs, _ = storage.filesystem(uri)
+    fs, _ = uris.filesystem(uri)
     fs.invalidate_cache()
     parts = []
     for f in storage.list_files(uri, ".parquet"):
-        with fs.open(storage.filesystem(f)[1], "rb") as fh:
+        with fs.open(uris.filesystem(f)[1], "rb") as fh:
             parts.append(pq.read_table(fh))
     return pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
 
@@ -137,7 +140,7 @@ def test_cli_on_s3_resumes_without_duplicates(ray_cluster, s3_uri, encoder, caps
 
     captions = [f"{c} small red circle at the top" for c in ("a", "two", "three")] * 3 + ["", LONG]
     corpus = storage.join(s3_uri, "corpus.txt")
-    fs, path = storage.filesystem(corpus)
+    fs, path = uris.filesystem(corpus)
     fs.pipe_file(path, ("\n".join(captions) + "\n").encode())
     args = ["embed-text", "--input", corpus, "--output", s3_uri, "--dataset", "corpus", "--part-size", "4",
             "--batch-size", "3", "--cpus-per-actor", "0.5"]
@@ -152,12 +155,12 @@ def test_cli_on_s3_resumes_without_duplicates(ray_cluster, s3_uri, encoder, caps
     np.testing.assert_allclose(emb, encoder.encode_text(table.column("caption").to_pylist()), atol=1e-4)
     errors = _read(storage.join(s3_uri, "_meta/text-embeddings/corpus/tiny/errors")).to_pylist()
     assert [(e["key"], e["error"]) for e in errors] == [("corpus-00000009", "empty caption")]
-    meta = pq.read_schema(storage.filesystem(storage.join(table_uri, "part-corpus-00001.parquet"))[0].open(
-        storage.filesystem(storage.join(table_uri, "part-corpus-00001.parquet"))[1], "rb")).metadata
+    meta = pq.read_schema(uris.filesystem(storage.join(table_uri, "part-corpus-00001.parquet"))[0].open(
+        uris.filesystem(storage.join(table_uri, "part-corpus-00001.parquet"))[1], "rb")).metadata
     assert meta[b"clipcap.clip_model"] == b"tiny" and meta[b"clipcap.dim"] == b"128"
 
     # A run that died after two parts: the rerun embeds only the missing one, and no row twice.
-    fs.rm(storage.filesystem(storage.join(table_uri, "part-corpus-00002.parquet"))[1])
+    fs.rm(uris.filesystem(storage.join(table_uri, "part-corpus-00002.parquet"))[1])
     assert main(args) == 0
     again = _result(capsys.readouterr().out)
     assert (again["skipped"], again["written"], again["rows"], again["truncated"]) == (2, 1, 2, 1)

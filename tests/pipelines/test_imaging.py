@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.io.imaging import ImageDecodeError, decode_image, is_image_name, to_rgb
+from clipcap_core.imaging import ImageDecodeError, decode_image, is_image_name, to_rgb
 from tests.pipelines.image_zoo import bad_images, good_images
 
 

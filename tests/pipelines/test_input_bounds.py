@@ -10,9 +10,10 @@ import tracemalloc
 import numpy as np
 from PIL import Image
 
-from pipelines.caption import job as caption
-from pipelines.io import imaging
-from pipelines.io.sources import SourceConfig, plan_parts, read_part
+from clipcap_core import imaging
+from pipelines.caption import output as caption_output
+from pipelines.io.sources import plan_parts, read_part
+from pipelines.io.sources_base import SourceConfig
 
 
 def _png(color=(200, 10, 10)) -> bytes:
@@ -45,12 +46,12 @@ def test_reads_are_capped_even_when_the_listing_says_small(tmp_path, monkeypatch
     inp = tmp_path / "in"
     inp.mkdir()
     (inp / "big.png").write_bytes(b"x" * 5000)
-    from pipelines.io import sources
+    from pipelines.io import sources, sources_base
 
     # A listing that lies about the size (as a device or a growing object does): the read itself is bounded.
     real = sources.scan_input
     monkeypatch.setattr(sources, "scan_input", lambda uri, opts=None: sources.Listing(
-        [sources.InputFile(f.uri, f.rel, 10) for f in real(uri, opts).files], []))
+        [sources_base.InputFile(f.uri, f.rel, 10) for f in real(uri, opts).files], []))
     rec = _records(inp, max_member_bytes=1000)["big.png"]
     assert "larger than 1000 bytes" in rec.error
 
@@ -93,17 +94,19 @@ def test_overwrite_removes_only_our_part_files(tmp_path):
         pq.write_table(pa.table({"key": ["k"]}).replace_schema_metadata(meta), path)
 
     out = tmp_path / "out"
-    (out / "_errors").mkdir(parents=True)
-    ours = [out / "part-images-00000.parquet", out / "_errors" / "part-images-00000.parquet"]
+    table, errors = out / "captions", out / "_meta" / "errors"
+    table.mkdir(parents=True)
+    errors.mkdir(parents=True)
+    ours = [table / "part-images-00000.parquet", errors / "part-images-00000.parquet"]
     for p in ours:
         write(p, "images-00000")
-    theirs = [out / "users.parquet", out / "part-00000.parquet", out / "_errors" / "notes.parquet"]
+    theirs = [table / "users.parquet", table / "part-00000.parquet", errors / "notes.parquet"]
     for p in theirs:
         write(p)
-    write(out / "part-x.parquet", "y")  # our key, another name: not provably ours
-    theirs.append(out / "part-x.parquet")
-    caption._clear_output(str(out), previous=None)  # no _run.json of ours: not ours to clear
+    write(table / "part-x.parquet", "y")  # our key, another name: not provably ours
+    theirs.append(table / "part-x.parquet")
+    caption_output._clear_output(str(out), previous=None)  # no run record of ours: not ours to clear
     assert all(p.exists() for p in ours + theirs)
-    caption._clear_output(str(out), previous={"model": "m"})
+    caption_output._clear_output(str(out), previous={"model": "m"})
     assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)
-    assert os.listdir(out / "_errors") == ["notes.parquet"]
+    assert os.listdir(errors) == ["notes.parquet"]

@@ -11,9 +11,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
+import pyarrow as pa
 import pytest
 
+from clipcap_core import uris
 from pipelines import stopping
 from pipelines.caption import job as caption_job
 from pipelines.cli import main
@@ -59,7 +60,7 @@ def test_a_second_run_is_refused_naming_the_first_until_released_stale_or_forced
     Lease(uri, run="run-4", force=True).acquire()  # live, but forced
     assert storage.read_json(uri)["run"] == "run-4" and "(forced)" in caplog.text
     Lease(uri, run="run-4").release()
-    assert not storage.exists(uri)
+    assert not uris.exists(uri)
 
 
 def test_of_runs_starting_at_once_exactly_one_holds_the_lease(root):
@@ -102,6 +103,34 @@ def test_the_heartbeat_renews_the_lease_and_finds_it_taken_over(root):
     assert storage.read_json(uri)["run"] == "run-2"  # the first run's exit leaves the new owner's lease
 
 
+def test_a_lease_whose_process_was_killed_is_taken_at_once_and_only_in_its_own_pid_space(tmp_path, caplog):
+    """A driver killed with SIGKILL (or by the OOM killer) leaves a fresh lease: a rerun on the same host takes it
+    at once instead of waiting 120 s for it to go stale. A lease of the same pid from another pid space (another
+    container or boot) is not judged by our process table: refused as live."""
+    import subprocess
+    import sys
+
+    uri = str(tmp_path / "_meta" / "lease.json")
+    code = f"from pipelines.lease import Lease; Lease({uri!r}, run='killed').acquire(); print('held', flush=True)"
+    holder = subprocess.Popen([sys.executable, "-c", code + "; import time; time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(LeaseHeld, match="run killed"):
+        Lease(uri, run="rerun").acquire()  # alive: refused
+    holder.kill()
+    holder.wait()
+    owner = json.loads(Path(uri).read_text())
+    Path(uri).write_text(json.dumps({**owner, "pid_space": "another-container"}))
+    with pytest.raises(LeaseHeld, match="run killed"):
+        Lease(uri, run="rerun").acquire()  # dead here, but its pid is not ours to judge
+    Path(uri).write_text(json.dumps(owner))
+    rerun = Lease(uri, run="rerun")
+    rerun.acquire()
+    assert storage.read_json(uri)["run"] == "rerun"
+    assert f"its process {owner['pid']} on this host is gone" in caplog.text
+    rerun.release()
+
+
 def test_a_committer_whose_lease_is_lost_commits_no_further_unit(tmp_path):
     class Units(UnitCommitter):
         def commit(self, unit, rows):
@@ -111,11 +140,11 @@ def test_a_committer_whose_lease_is_lost_commits_no_further_unit(tmp_path):
         raise LeaseLost("the lease of this run was taken by host h, pid 1")
 
     committer = Units(unit="u", index="i", total="t")
-    block = {"u": np.array(["p0"]), "i": np.array([0]), "t": np.array([1])}
+    block = pa.table({"u": ["p0"], "i": [0], "t": [1]})
     assert committer.add(block) == ["p0"]
     committer.guard = lost
     with pytest.raises(stopping.CommitFailed, match="part p1 not committed: LeaseLost: .* taken by host h"):
-        committer.add({**block, "u": np.array(["p1"])})
+        committer.add(block.set_column(0, "u", pa.array(["p1"])))
     assert committer.committed == ["p0"]
 
 

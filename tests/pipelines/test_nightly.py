@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from clipcap_core import uris
+from clipcap_core.training import TrainConfig
 from pipelines.demo import synthetic_tables
 from pipelines.io import storage
 from pipelines.lease import Lease, LeaseHeld
 from pipelines.train import nightly
-from pipelines.train.job import RunOptions, ScaleConfig, TrainConfig
+from pipelines.train.state import RunOptions, ScaleConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,7 +55,7 @@ def test_a_night_is_refused_while_another_holds_the_lock_and_runs_once_it_is_sta
     monkeypatch.setattr(nightly, "run_training", training)
     with pytest.raises(RuntimeError, match="trained"):  # stale: taken over, and released after the night
         nightly.run_nightly(dataclasses.replace(cfg, lock_ttl_s=0.0))
-    assert not storage.exists(storage.join(state, "lock.json")) and len(files) == 2
+    assert not uris.exists(storage.join(state, "lock.json")) and len(files) == 2
 
 
 def test_nothing_new_is_a_noop_that_writes_nothing(tmp_path):
@@ -83,7 +85,7 @@ def test_failed_night_releases_the_lock_keeps_pointer_and_watermark_and_is_retri
     for _night in range(2):
         with pytest.raises(RuntimeError, match="worker 0 died"):
             nightly.run_nightly(cfg)
-        assert not storage.exists(storage.join(state, "lock.json"))  # released
+        assert not uris.exists(storage.join(state, "lock.json"))  # released
         assert nightly.read_pointer(state) == pointer  # production untouched
         assert storage.read_json(storage.join(state, "manifest.json")) is None  # watermark not moved
         assert nightly.read_history(state) == []
@@ -91,16 +93,15 @@ def test_failed_night_releases_the_lock_keeps_pointer_and_watermark_and_is_retri
 
 
 # --- the schedules --------------------------------------------------------------------------------------------
-def _entrypoint_args(command: str, script: str) -> list[str]:
+def _entrypoint_args(command: str, subcommand: str) -> list[str]:
+    """The flags of a job command line ``python -m pipelines.cli <subcommand> ...``."""
     argv = shlex.split(command)
-    assert argv[0] == "python" and argv[1].endswith(script), argv[:2]
-    assert (ROOT / "jobs" / script).exists()
-    return argv[2:]
+    assert argv[:4] == ["python", "-m", "pipelines.cli", subcommand], argv[:4]
+    return argv[4:]
 
 
 def test_kuberay_and_cron_entrypoints_are_valid_job_commands():
-    import jobs.nightly_retrain as nj
-    import jobs.train_clipcap as tj
+    from pipelines.cli import command_parser
     from pipelines.commands import nightly as nc
     from pipelines.commands import train as tc
 
@@ -109,12 +110,12 @@ def test_kuberay_and_cron_entrypoints_are_valid_job_commands():
     cron = docs["raycronjob-nightly.yaml"][0]
     assert rayjob["kind"] == "RayJob" and cron["kind"] == "RayCronJob"
     assert cron["spec"]["jobTemplate"] == rayjob["spec"], "raycronjob-nightly.yaml drifted from rayjob-nightly.yaml"
-    cfg = nc.config_from_args(nj.build_parser().parse_args(_entrypoint_args(rayjob["spec"]["entrypoint"],
-                                                                           "nightly_retrain.py")))
+    cfg = nc.config_from_args(command_parser("nightly").parse_args(_entrypoint_args(rayjob["spec"]["entrypoint"],
+                                                                                    "nightly")))
     assert cfg.state.startswith("s3://") and cfg.scale.use_gpu and cfg.metric == "cider"
     train_job = docs["rayjob-train.yaml"][0]
-    tcfg = tc.config_from_args(tj.build_parser().parse_args(_entrypoint_args(train_job["spec"]["entrypoint"],
-                                                                          "train_clipcap.py")))
+    tcfg = tc.config_from_args(command_parser("train").parse_args(_entrypoint_args(train_job["spec"]["entrypoint"],
+                                                                                   "train")))
     assert tcfg.model == "clipcap-mlp" and tcfg.scale.num_workers == 4 and tcfg.run.max_failures == 3
     # The Kubernetes CronJob creates RayJobs from a ConfigMap holding rayjob-nightly.yaml, never overlapping.
     cronjob = next(d for d in docs["cronjob-nightly.yaml"] if d["kind"] == "CronJob")
@@ -127,7 +128,7 @@ def test_kuberay_and_cron_entrypoints_are_valid_job_commands():
     fields = line.split(None, 5)
     assert len(fields[:5]) == 5 and "flock -n" in fields[5]
     cmd = fields[5].split(" -- ", 1)[1].split(">>")[0]
-    nc.config_from_args(nj.build_parser().parse_args(_entrypoint_args(cmd, "nightly_retrain.py")))
+    nc.config_from_args(command_parser("nightly").parse_args(_entrypoint_args(cmd, "nightly")))
     launcher = yaml.safe_load((ROOT / "infra/cluster/clipcap-aws.yaml").read_text())
     assert launcher["head_node_type"] in launcher["available_node_types"]
 
@@ -143,7 +144,7 @@ def _night(s3_uri: str, **train_kw) -> nightly.NightlyConfig:
 
 
 def _etag(uri: str) -> str:
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     return str(fs.info(path).get("ETag") or fs.info(path)["size"])
 
 
@@ -201,4 +202,4 @@ def test_nights_promote_noop_promote_refuse(ray_cluster, s3_uri):
     assert [h["decision"] for h in history] == ["promoted", "promoted", "refused"]
     assert "worse by" in history[-1]["reason"] or "not finite" in history[-1]["reason"]
     assert history[-1]["training"]["init"] == p3["model"]
-    assert not storage.exists(storage.join(state, "lock.json"))
+    assert not uris.exists(storage.join(state, "lock.json"))

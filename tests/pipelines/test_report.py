@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import main
-from pipelines.evaluate import EvaluateConfig, run_evaluate
+from pipelines.evaluate.run import EvaluateConfig, run_evaluate
 from pipelines.report.sample import sample_captions
 from tests.pipelines.report_helpers import HOSTILE, captioned_run
 
@@ -117,7 +117,7 @@ def test_a_plain_caption_table_without_ranks_scores_or_images_still_reports(tmp_
     import pyarrow.parquet as pq
 
     from pipelines.io import schemas
-    from pipelines.report import ReportConfig, build_report
+    from pipelines.report.build import ReportConfig, build_report
 
     (tmp_path / "caps").mkdir()
     rows = {"key": ["a.jpg", "b.jpg"], "caption": ["a dog", "a <b>bold</b> cat"], "score": [None, -1.0],

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from clipcap_core import synthetic
@@ -77,10 +78,10 @@ def test_an_embedding_shard_being_written_is_never_in_the_table_folder(tmp_path,
     cfg = EmbedConfig(input=str(tmp_path / "in"), output_root=str(tmp_path / "out"), dataset="d")
     table = Path(cfg.table_uri)
     seen = _watch(monkeypatch, table)
-    cols = {st.KEY: np.array(["k0", "k1"], dtype=object), st.CAPTION: np.array(["a", "b"], dtype=object),
-            st.URL: np.array([None, None], dtype=object), st.SOURCE: np.array(["s0", "s1"], dtype=object),
-            st.ERROR: np.array([None, "bad image"], dtype=object), "image_embedding": np.ones((2, 4), np.float32)}
-    embed_output.commit_shard(cfg, str(tmp_path / "in" / "00000.tar"), cols, 4)
+    rows = pa.table({st.KEY: ["k0", "k1"], st.CAPTION: ["a", "b"], st.URL: pa.array([None, None], pa.string()),
+                     st.SOURCE: ["s0", "s1"], st.ERROR: [None, "bad image"],
+                     "embedding": [np.ones(4, np.float32).tobytes(), b""]})
+    embed_output.commit_shard(cfg, str(tmp_path / "in" / "00000.tar"), rows, 4)
     assert seen == [[], []] and os.listdir(table) == ["part-00000.parquet"]  # errors file, then part file
     assert _temporaries(tmp_path / "out") == []
 
@@ -152,12 +153,12 @@ def test_ctrl_c_between_parts_exits_130_with_one_line_and_no_traceback(trained_m
     assert signal.getsignal(signal.SIGINT) is unhandled_signals_fail  # the handler before the command is back
 
 
-def _shard_rows(shard: str) -> dict[str, np.ndarray]:
+def _shard_rows(shard: str) -> pa.Table:
     """One embedded row of ``shard`` (a shard of one sample), as the actors return it."""
-    return {st.SHARD: np.array([shard], object), st.INDEX: np.zeros(1, np.int64), st.TOTAL: np.ones(1, np.int64),
-            st.KEY: np.array([f"k{shard}"], object), st.CAPTION: np.array(["c"], object),
-            st.URL: np.array([None], object), st.SOURCE: np.array(["s"], object), st.ERROR: np.array([""], object),
-            st.UNREAD: np.zeros(1, bool), "image_embedding": np.ones((1, 4), np.float32)}
+    return pa.table({st.SHARD: [shard], st.INDEX: pa.array([0], pa.int64()), st.TOTAL: pa.array([1], pa.int64()),
+                     st.KEY: [f"k{shard}"], st.CAPTION: ["c"], st.URL: pa.array([None], pa.string()),
+                     st.SOURCE: ["s"], st.ERROR: [""], st.UNREAD: [False],
+                     "embedding": [np.ones(4, np.float32).tobytes()]})
 
 
 def test_sigterm_in_an_embed_run_names_the_shards_committed(tmp_path, unhandled_signals_fail):

@@ -6,14 +6,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from clipcap_core import uris
 from pipelines.io import storage
 
 
 def test_join_and_full_uri():
     assert storage.join("s3://b/root/", "/embeddings", "cc3m/") == "s3://b/root/embeddings/cc3m"
-    fs, path = storage.filesystem("memory://x/y")
+    fs, path = uris.filesystem("memory://x/y")
     assert storage.full_uri(fs, path).startswith("memory://")
-    fs, path = storage.filesystem("/tmp/abc")
+    fs, path = uris.filesystem("/tmp/abc")
     assert storage.full_uri(fs, path) == "/tmp/abc"
 
 
@@ -23,15 +24,15 @@ def test_atomic_write_and_listing(root, tmp_path):
     table = pa.table({"key": ["a", "b"], "x": [1, 2]})
     uri = storage.join(root, "t", "part-00000.parquet")
     storage.atomic_write_table(table, uri)
-    fs, path = storage.filesystem(uri)
+    fs, path = uris.filesystem(uri)
     with fs.open(path, "rb") as f:
         assert pq.read_table(f).equals(table)
-    fs.pipe(storage.filesystem(storage.join(root, "t", "_tmp.abc.part-00001.parquet"))[1], b"partial")
-    def norm(uris: list[str]) -> list[str]:  # memory:// lists as memory:///...: compare filesystem paths
-        return [storage.filesystem(u)[1].lstrip("/") for u in uris]
+    fs.pipe(uris.filesystem(storage.join(root, "t", "_tmp.abc.part-00001.parquet"))[1], b"partial")
+    def norm(found: list[str]) -> list[str]:  # memory:// lists as memory:///...: compare filesystem paths
+        return [uris.filesystem(u)[1].lstrip("/") for u in found]
 
     assert norm(storage.list_files(storage.join(root, "t"), ".parquet")) == norm([uri])  # temporaries not listed
-    assert [p for p in fs.ls(storage.filesystem(storage.join(root, "t"))[1], detail=False)
+    assert [p for p in fs.ls(uris.filesystem(storage.join(root, "t"))[1], detail=False)
             if "_tmp." in p and "abc" not in p] == []  # the writer's own temporary is gone
     assert storage.list_files(storage.join(root, "missing"), ".parquet") == []
     assert norm(storage.list_files(root, ".parquet", recursive=True)) == norm([uri])
@@ -46,14 +47,14 @@ def test_remove_temporaries_removes_only_temporaries_of_the_named_folders(root, 
     storage.atomic_write_table(pa.table({"key": ["a"]}), part)
     for uri in (storage.join(root, "t", "_tmp.a.part-00001.parquet"), storage.join(root, "t", "meta", "_tmp.b.json"),
                 other):
-        fs, path = storage.filesystem(uri)
+        fs, path = uris.filesystem(uri)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe(path, b"partial")
     n = storage.remove_temporaries(storage.join(root, "t"), storage.join(root, "t", "meta"), storage.join(root, "nope"))
     assert n == 2
-    fs, _ = storage.filesystem(root)
-    assert fs.exists(storage.filesystem(part)[1]) and fs.exists(storage.filesystem(other)[1])
-    assert not [p for p in fs.find(storage.filesystem(storage.join(root, "t"))[1]) if "_tmp." in p]
+    fs, _ = uris.filesystem(root)
+    assert fs.exists(uris.filesystem(part)[1]) and fs.exists(uris.filesystem(other)[1])
+    assert not [p for p in fs.find(uris.filesystem(storage.join(root, "t"))[1]) if "_tmp." in p]
 
 
 def test_json_round_trip_and_default(tmp_path):
@@ -61,7 +62,7 @@ def test_json_round_trip_and_default(tmp_path):
     storage.write_json({"a": 1, "b": [1, 2]}, uri)
     assert storage.read_json(uri) == {"a": 1, "b": [1, 2]}
     assert storage.read_json(str(tmp_path / "none.json"), default={"x": 0}) == {"x": 0}
-    assert storage.exists(uri) and not storage.exists(str(tmp_path / "none.json"))
+    assert uris.exists(uri) and not uris.exists(str(tmp_path / "none.json"))
 
 
 def test_check_writable(tmp_path):

@@ -8,11 +8,11 @@ import json
 import pytest
 
 from clipcap_core.configs import ConfigError
+from clipcap_core.training import TrainConfig
 from pipelines.commands import sweep as sweep_cmd
 from pipelines.demo import synthetic_tables
 from pipelines.io import tables
 from pipelines.train import sweep
-from pipelines.train.job import TrainConfig
 
 
 def test_defaults_are_the_paper_study_and_bad_settings_fail_early(tmp_path):

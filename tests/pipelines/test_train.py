@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clipcap_core import uris
 from clipcap_core.artifacts import load_model, read_metadata, save_model
 from clipcap_core.decoding import generate
 from clipcap_core.metrics import exact_match
@@ -21,7 +22,9 @@ from pipelines.demo import train as demo_train
 from pipelines.io import storage, tables
 from pipelines.train import checkpoints as train_checkpoints
 from pipelines.train import job as train
+from pipelines.train import runner
 from pipelines.train import setup as ts
+from pipelines.train import state as train_state
 from pipelines.train.checkpoints import load_checkpoint, save_checkpoint
 from pipelines.train.state import RunState
 
@@ -112,7 +115,7 @@ def test_artifact_with_another_dimension_is_refused_before_training(tmp_path, ta
 
 def test_plan_counts_equal_shards(table_info, tmp_path):
     job = train.TrainJobConfig(tables=table_info.files, output=str(tmp_path), heldout_fraction=0.2,
-                               train=TrainConfig(batch_size=16, epochs=3), scale=train.ScaleConfig(num_workers=3))
+                               train=TrainConfig(batch_size=16, epochs=3), scale=train_state.ScaleConfig(num_workers=3))
     plan = train.plan_training(job)
     n_train = tables.count_split(table_info.files, job.split())
     assert plan.n_train == n_train and 140 < n_train < 180
@@ -152,8 +155,6 @@ def test_checkpoint_round_trip_leaves_a_frozen_lm_out(tmp_path, table_info):
     assert saved["model"] and not any(k.startswith("lm.") for k in saved["model"])
     stored = json.loads((tmp_path / "state.json").read_text())
     assert stored == {"step": 3, "epoch": 0, "attempt": 1, "history": [{"kind": "step", "step": 3}]}  # the format
-    # A checkpoint of the first stream design also held batch_in_epoch: it still restores.
-    (tmp_path / "state.json").write_text(json.dumps({**stored, "batch_in_epoch": 3}))
 
     fresh, _ = _tiny(table_info, "tiny-transformer")
     opt2, sched2 = make_optimizer_and_scheduler(fresh, hp, 10)
@@ -200,7 +201,7 @@ def test_history_json_csv_and_loss_curve(tmp_path):
     history.insert(5, {"kind": "resume", "step": 4, "epoch": 0, "attempt": 2})
     history.append({"kind": "epoch", "step": 10, "epoch": 1, "train_loss": 0.5, "val_loss": 0.6, "attempt": 2})
     run_dir = storage.join(str(tmp_path), "run")
-    train.write_history(history, run_dir)
+    runner.write_history(history, run_dir)
     assert json.loads((tmp_path / "run/history.json").read_text()) == history
     lines = (tmp_path / "run/history.csv").read_text().splitlines()
     assert lines[0].split(",")[:3] == ["kind", "step", "epoch"] and len(lines) == len(history) + 1
@@ -226,9 +227,9 @@ def test_two_workers_learn_and_survive_a_killed_worker(ray_cluster, tmp_path):
     files = synthetic_tables.write_synthetic_tables(str(tmp_path / "data"), 1200, shards=2, dim=32)
     job = train.TrainJobConfig(
         tables=(str(tmp_path / "data/embeddings"),), output=str(tmp_path / "runs"), name="learn", train=FAST,
-        run=train.RunOptions(checkpoint_every=5, log_every=5, max_failures=1, keep_checkpoints=2),
-        scale=train.ScaleConfig(num_workers=2, cpus_per_worker=0.5),
-        fault=train.FaultConfig(crash_at_step=13, rank=1, marker=str(tmp_path / "crashed.json")))
+        run=train_state.RunOptions(checkpoint_every=5, log_every=5, max_failures=1, keep_checkpoints=2),
+        scale=train_state.ScaleConfig(num_workers=2, cpus_per_worker=0.5),
+        fault=train_state.FaultConfig(crash_at_step=13, rank=1, marker=str(tmp_path / "crashed.json")))
     plan = train.plan_training(job)
     result = train.run_training(job)
 
@@ -258,12 +259,12 @@ def test_rerun_with_the_same_name_resumes_on_s3(ray_cluster, s3_uri):
         tables=tuple(files), output=storage.join(s3_uri, "runs"), name="again", model="tiny-transformer",
         model_overrides={"mapping.prefix_length": 3, "mapping.clip_length": 3},  # frozen LM: not checkpointed
         train=TrainConfig(epochs=2, batch_size=32, lr=1e-2, warmup_steps=5, max_caption_tokens=16),
-        run=train.RunOptions(checkpoint_every=4, log_every=2, max_failures=0),
-        scale=train.ScaleConfig(num_workers=1, cpus_per_worker=0.5),
-        fault=train.FaultConfig(crash_at_step=9, marker=storage.join(s3_uri, "crashed.json")))
+        run=train_state.RunOptions(checkpoint_every=4, log_every=2, max_failures=0),
+        scale=train_state.ScaleConfig(num_workers=1, cpus_per_worker=0.5),
+        fault=train_state.FaultConfig(crash_at_step=9, marker=storage.join(s3_uri, "crashed.json")))
     with pytest.raises(Exception, match="(?i)fail|died|error"):
         train.run_training(job)  # no retries allowed: the run fails at step 9
-    assert storage.exists(storage.join(s3_uri, "runs/again/checkpoint_00000008")) or storage.exists(
+    assert uris.exists(storage.join(s3_uri, "runs/again/checkpoint_00000008")) or uris.exists(
         storage.join(s3_uri, "runs/again/checkpoint_00000004"))
     # Same output + name, through the CLI this time: resumes from the stored checkpoint.
     from pipelines.cli import main
@@ -284,4 +285,4 @@ def test_rerun_with_the_same_name_resumes_on_s3(ray_cluster, s3_uri):
     model_cfg = read_metadata(result.artifact)["model"]
     assert (model_cfg["mapping"]["kind"], model_cfg["mapping"]["prefix_length"], model_cfg["lm"]["freeze"]) == (
         "transformer", 3, True)
-    assert storage.exists(storage.join(s3_uri, "runs/again/loss_curve.png"))
+    assert uris.exists(storage.join(s3_uri, "runs/again/loss_curve.png"))

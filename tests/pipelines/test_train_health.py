@@ -12,11 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from clipcap_core import training
 from pipelines.cli import main
 from pipelines.demo import synthetic_tables
 from pipelines.io import schemas, tables
 from pipelines.train import job as train
 from pipelines.train import nightly
+from pipelines.train import state as train_state
 from pipelines.train.steps import loss_health
 
 
@@ -119,8 +121,8 @@ def test_a_nan_vector_gives_a_counted_dropped_row_and_a_finite_model(ray_cluster
     files = synthetic_tables.write_synthetic_tables(str(tmp_path / "d"), 128, dim=24)
     _poison(files[0], nan_row=10, null_row=11, dup_of=(12, 13))
     job = train.TrainJobConfig(tables=tuple(files), output=str(tmp_path / "runs"), name="poisoned",
-                               train=train.TrainConfig(epochs=2),
-                               run=train.RunOptions(log_every=2, checkpoint_every=10**6))
+                               train=training.TrainConfig(epochs=2),
+                               run=train_state.RunOptions(log_every=2, checkpoint_every=10**6))
     result = train.run_training(job)
     assert result.input_errors == {"duplicate key": 1, "empty caption": 1, "non-finite vector": 1}
     errors = pq.read_table(tmp_path / "runs/poisoned/input_errors.parquet").to_pylist()

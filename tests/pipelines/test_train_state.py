@@ -38,9 +38,8 @@ def test_a_plan_missing_a_key_or_of_the_wrong_type_fails_naming_it():
         from_dict(ClipTrainPlan, {**data, "mode": "disk"})
 
 
-def test_checkpoint_state_drops_only_legacy_keys():
-    assert RunState.from_checkpoint({"step": 3, "epoch": 0, "batch_in_epoch": 3, "attempt": 1, "history": []}) == (
-        RunState(step=3, attempt=1))
+def test_checkpoint_state_refuses_unknown_keys():
+    assert RunState.from_checkpoint({"step": 3, "epoch": 0, "attempt": 1, "history": []}) == RunState(step=3, attempt=1)
     with pytest.raises(ConfigError, match="unknown config key.*position"):
         RunState.from_checkpoint({"step": 3, "position": 1})
 
@@ -97,25 +96,14 @@ def test_split_batches_gives_the_same_consecutive_batches_as_reading_at_the_step
     assert list(split_batches(small, 4)) == small  # a read at or under the step size passes through
 
 
-def test_the_worker_entry_imports_no_framework_before_the_stream_starts():
-    """``launch.worker_entry`` starts the data stream before the loop's module is imported; that only helps while
-    importing it (and what it takes from the driver contract) stays free of torch, transformers and Ray."""
-    import subprocess
-    import sys
-
-    code = ("import sys, pipelines.train.launch; "
-            "print(sorted(m for m in ('torch', 'transformers', 'open_clip', 'ray', 'pyarrow') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
-
-
 @pytest.mark.parametrize("batch_size, prefetch, rows, ray_prefetch", [
     (64, 4, 1024, 1),  # 16 steps per Ray batch; 4 steps of prefetch round up to one Ray batch
     (300, 8, 900, 3),  # 3 steps per Ray batch (a whole number of steps), 2,400 rows of prefetch -> 3 Ray batches
     (2048, 2, 2048, 2),  # a step larger than the read size: one step per Ray batch
 ])
 def test_the_clipcap_stream_reads_whole_steps_per_ray_batch(tmp_path, batch_size, prefetch, rows, ray_prefetch):
-    from pipelines.train.job import TrainConfig, TrainJobConfig, stream_spec
+    from clipcap_core.training import TrainConfig
+    from pipelines.train.job import TrainJobConfig, stream_spec
 
     job = TrainJobConfig(tables=("t.parquet",), output=str(tmp_path), name="r",
                          train=TrainConfig(epochs=2, batch_size=batch_size), run=RunOptions(prefetch_batches=prefetch))

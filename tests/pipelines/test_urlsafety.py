@@ -14,7 +14,8 @@ import pytest
 
 from pipelines.download.job import DownloadConfig, prepare_download
 from pipelines.io import storage, urlsafety
-from pipelines.io.sources import SourceConfig, list_input
+from pipelines.io.sources import list_input
+from pipelines.io.sources_base import SourceConfig
 from pipelines.io.sources_parquet import fetch_url
 
 SIG = "X-Amz-Signature=0f1e2d3c4b5a69788796a5b4c3d2e1f0"
