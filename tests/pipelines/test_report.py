@@ -240,7 +240,7 @@ def test_study_folders_become_a_studies_section_with_their_table_and_plot(tmp_pa
     import pyarrow.parquet as pq
 
     from pipelines.io import schemas
-    from pipelines.report import ReportConfig, build_report
+    from pipelines.report.build import ReportConfig, build_report
     from pipelines.train import study
 
     (tmp_path / "caps").mkdir()
