@@ -39,6 +39,7 @@ COMMANDS = {
     "train": "pipelines.commands.train",
     "nightly": "pipelines.commands.nightly",
     "sweep": "pipelines.commands.sweep",
+    "study": "pipelines.commands.study",
     "caption": "pipelines.commands.caption",
     "train-clip": "pipelines.commands.train_clip",
     "eval-clip": "pipelines.commands.eval_clip",

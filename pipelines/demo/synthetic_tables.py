@@ -1,7 +1,7 @@
 """Synthetic embedding tables for tests and benchmarks (not a pipeline stage): rows of the synthetic captioned
 set whose embeddings are a fixed seeded projection of their one-hot attributes (+ noise), so a mapping network
-can learn them in seconds without any CLIP. Written in the layout and schema of ``clipcap embed`` /
-``embed-text`` tables.
+can learn them in seconds without any CLIP, and ``scenes`` rows embedded by a shipped CLIP in this process
+(``write_scenes_tables``). Written in the layout and schema of ``clipcap embed`` / ``embed-text`` tables.
 """
 
 from __future__ import annotations
@@ -63,3 +63,30 @@ class _Lite:  # a synthetic sample without its image
     key: str
     caption: str
     attributes: Any
+
+
+def write_scenes_tables(root: str, n: int, *, shards: int = 1, seed: int = 0, clip: str = "tiny-scenes",
+                        batch: int = 256) -> list[str]:
+    """``n`` training scenes (``clipcap_core.scenes``, canonical captions) embedded in this process by the
+    shipped CLIP ``clip``, written like ``clipcap embed`` would under ``<root>/embeddings/scenes/<clip>/``: the
+    input of ``clipcap study`` on ``scenes`` without the download and embed stages (same CLIP, same metadata)."""
+    from clipcap_core import scenes
+    from clipcap_core.encoder_model import load_encoder
+    from clipcap_core.encoders import EncoderConfig
+
+    encoder = load_encoder(EncoderConfig(model_name=clip))
+    samples = list(scenes.generate(n, seed=seed, split="train"))
+    emb = np.concatenate([encoder.encode_pixels(np.stack([encoder.resize(s.image) for s in samples[i: i + batch]]))
+                          for i in range(0, n, batch)]).astype(np.float32)
+    meta = schemas.embedding_metadata(clip_model=clip, clip_pretrained=None, dim=encoder.dim, dtype="float32",
+                                      preprocess=f"scenes 64 px, {clip} eval preprocessing (in process)")
+    schema = schemas.with_metadata(schemas.embedding_schema(encoder.dim), meta)
+    out = []
+    for k, idx in enumerate(np.array_split(np.arange(n), shards)):
+        cols = {schemas.KEY: [samples[i].key for i in idx], schemas.CAPTION: [samples[i].caption for i in idx],
+                schemas.URL: [None] * len(idx),
+                schemas.IMAGE_EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(emb[idx].ravel()), encoder.dim)}
+        uri = storage.join(root, "embeddings", "scenes", clip, f"part-{k:05d}.parquet")
+        storage.atomic_write_table(pa.table({f.name: cols[f.name] for f in schema}, schema=schema), uri)
+        out.append(uri)
+    return out

@@ -62,6 +62,7 @@ class ReportConfig:
     order: Literal["worst", "key"] = "worst"
     """gallery order (worst: flagged and lowest-scoring first; the page can switch)"""
     failures: int = 50  # rows listed per kind of failure (all are counted)
+    studies: tuple[str, ...] = ()  # clipcap study output folders (<output>/<name>/): tables and plots in a section
 
     def __post_init__(self) -> None:
         if self.sample < 1 or self.max_parts < 1 or self.interpret < 0 or not 16 <= self.thumb_px <= 1024:
@@ -138,6 +139,27 @@ def _failures(eval_rows: list[dict[str, Any]], items: list[Sampled], shown: int)
     return find_failures([item_row(it) for it in items], source="sample", shown=shown)
 
 
+def study_sections(folders: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Each ``clipcap study`` folder's Markdown table and plot (a data URI), for the page's Studies section."""
+    import base64
+
+    out = []
+    for folder in folders:
+        fs, path = storage.filesystem(storage.join(folder, "table.md"))
+        if not fs.exists(path):
+            raise ValueError(f"{folder} is not a `clipcap study` output folder (no table.md)")
+        with fs.open(path, "r") as f:
+            table = f.read()
+        plot = None
+        for name in ("prefix.png", "decoding.png"):
+            pfs, ppath = storage.filesystem(storage.join(folder, name))
+            if pfs.exists(ppath):
+                with pfs.open(ppath, "rb") as f:
+                    plot = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+        out.append({"name": posixpath.basename(folder.rstrip("/")), "table": table, "plot": plot})
+    return out
+
+
 def build_report(cfg: ReportConfig) -> str:
     """Write the report to ``cfg.out``; returns its URI."""
     sampled = sample_captions(cfg.captions, cfg.sample, max_parts=cfg.max_parts, seed=cfg.seed)
@@ -169,6 +191,7 @@ def build_report(cfg: ReportConfig) -> str:
         if not interpretation else "",
         "card": card.card_sections(model_uri, evaluated["metrics"]),
         "model_card": _model_card(model_uri), "model_card_note": f"no model card found for {model_uri!r}",
+        "studies": study_sections(cfg.studies),
         **evaluated,
     }
     html = page.render(context)

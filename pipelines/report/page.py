@@ -108,6 +108,11 @@ Order: <input type="radio" name="order" id="order-worst"{% if order == "worst" %
 </table><p class="scores">Nearest LM input embedding (cosine) to each of the model's prefix vectors (ClipCap paper, Fig. 6).</p>
 {% else %}<p>{{ interpretation_note }}</p>{% endif %}
 
+{% if studies %}<h2>Studies</h2>
+{% for st in studies %}<section class="study" id="study-{{ st.name }}"><h3>{{ st.name }}</h3>
+{% if st.plot %}<img alt="{{ st.name }} plot" src="{{ st.plot }}">{% endif %}<pre>{{ st.table }}</pre></section>
+{% endfor %}{% endif %}
+
 <h2>Model card</h2>
 {% if card %}<table id="model-card">{% for title, rows in card %}<tr><th colspan="2">{{ title }}</th></tr>
 {% for name, value in rows %}<tr><td>{{ name }}</td><td>{{ value }}</td></tr>{% endfor %}{% endfor %}</table>{% endif %}

@@ -13,6 +13,7 @@ printed; Tune's own experiment state sits beside it.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import time
@@ -40,7 +41,8 @@ class SweepConfig:
     """The ``clipcap sweep`` config: each field is a flag (``pipelines.commands.flags``); ``CLI_FLAGS`` names the
     renamed flags and the fields set by ``--config`` / ``--set`` only (None)."""
 
-    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"tables": "--input", "presets": None}
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"tables": "--input", "presets": None,
+                                                  "model_overrides": None}
     tables: tuple[str, ...]  # embedding table folders or files
     output: str  # where results and Tune state go (<output>/<name>/)
     name: str = "prefix-sweep"  # sweep name (results under <output>/<name>/)
@@ -56,6 +58,8 @@ class SweepConfig:
     trial_cpus: float = 1.0  # CPUs per trial
     trial_gpus: float = 0.0  # GPUs per trial
     max_concurrent: int = 0  # trials running at once at most (0: as many as resources allow)
+    # Dotted overrides of every setting's preset (e.g. {"tokenizer": "word-scenes"}); the swept keys win.
+    model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.prefix_lengths or min(self.prefix_lengths) < 1:
@@ -65,42 +69,67 @@ class SweepConfig:
             raise ValueError(f"no base preset for mapping(s) {missing}; set presets")
 
 
-def _overrides(mapping: str, k: int) -> dict[str, Any]:
+def _overrides(mapping: str, k: int, freeze_lm: bool | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"mapping.kind": mapping, "mapping.prefix_length": k}
     if mapping == "transformer":
         out["mapping.clip_length"] = k
+    if freeze_lm is not None:
+        out["lm.freeze"] = freeze_lm
     return out
 
 
-def _trial(config: dict[str, Any]) -> None:
-    """One setting: train in this process, report held-out loss per epoch and caption metrics at the end."""
-    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
-    from ray import tune
+@dataclass
+class TrainedSetting:
+    """One setting trained in a trial's process: the model, its tokenizer, the held-out rows and run figures."""
 
-    sweep = from_dict(SweepConfig, config["sweep"])
-    mapping, k = config["mapping"], int(config["prefix_length"])
+    model: Any
+    tokenizer: Any
+    heldout: Any  # pa.Table of the key-hash held-out rows (at most eval_max_samples)
+    max_tokens: int
+    train_rows: int
+    train_loss: float
+    seconds: float
+
+
+def train_setting(sweep: SweepConfig, mapping: str, k: int, *, freeze_lm: bool | None = None,
+                  seed: int | None = None) -> TrainedSetting:
+    """Train setting (mapping, k[, LM frozen or tuned][, seed]) in this process on the key-hash train split (at
+    most ``max_train_rows``); ``freeze_lm`` / ``seed`` None: the preset's and ``sweep.train``'s."""
     files = tables.list_table_files(sweep.tables)
     info = tables.inspect_tables(files)
     preset = sweep.presets[mapping]
-    model_cfg = resolve_model_config(preset, _overrides(mapping, k), info)
+    model_cfg = resolve_model_config(preset, {**sweep.model_overrides, **_overrides(mapping, k, freeze_lm)}, info)
     device = "cuda" if sweep.trial_gpus and torch.cuda.is_available() else "cpu"
     hp = sweep.train.with_recipe(recipe_for(preset))
+    if seed is not None:
+        hp = dataclasses.replace(hp, seed=seed)
     model, tokenizer = build_or_load_model(preset, model_cfg, seed=hp.seed, device=device)
-    split = tables.Split(part="train", heldout_fraction=sweep.heldout_fraction)
-    train_t = tables.read_split(files, split, max_rows=sweep.max_train_rows)
+    train_t = tables.read_split(files, tables.Split(part="train", heldout_fraction=sweep.heldout_fraction),
+                                max_rows=sweep.max_train_rows)
     held = tables.read_split(files, tables.Split(part="heldout", heldout_fraction=sweep.heldout_fraction),
                              max_rows=sweep.eval_max_samples)
     captions, emb = train_t.column(schemas.CAPTION).to_pylist(), tables.embeddings_numpy(train_t)
     steps = hp.epochs * -(-len(captions) // hp.batch_size)
     t0 = time.perf_counter()
-
     result = train_loop(model, lambda epoch: iterate_batches(tokenizer, captions, emb, hp, epoch=epoch), hp,
                         total_steps=steps)
-    metrics = evaluate_model(model, tokenizer, held, max_tokens=hp.max_caption_tokens)
-    n_params = sum(p.numel() for p in model.mapping.parameters())
-    tune.report({**metrics, "mapping": mapping, "prefix_length": k, "freeze_lm": model_cfg.lm.freeze,
-                 "mapping_params": int(n_params), "train_rows": len(captions),
-                 "train_loss": float(np.mean(result.epoch_losses[-1:])), "seconds": time.perf_counter() - t0})
+    return TrainedSetting(model, tokenizer, held, int(hp.max_caption_tokens), len(captions),
+                          float(np.mean(result.epoch_losses[-1:])), time.perf_counter() - t0)
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One setting: train in this process, report held-out loss and caption metrics at the end."""
+    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
+    from ray import tune
+
+    sweep = from_dict(SweepConfig, config["sweep"])
+    mapping, k = config["mapping"], int(config["prefix_length"])
+    run = train_setting(sweep, mapping, k)
+    metrics = evaluate_model(run.model, run.tokenizer, run.heldout, max_tokens=run.max_tokens)
+    n_params = sum(p.numel() for p in run.model.mapping.parameters())
+    tune.report({**metrics, "mapping": mapping, "prefix_length": k, "freeze_lm": run.model.config.lm.freeze,
+                 "mapping_params": int(n_params), "train_rows": run.train_rows, "train_loss": run.train_loss,
+                 "seconds": run.seconds})
 
 
 def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
@@ -164,7 +193,7 @@ def _trials_progress(tune: Any, total: int) -> Any:
 def resolve_check(cfg: SweepConfig, mapping: str, k: int, info: tables.TableInfo) -> None:
     from pipelines.train.setup import resolve_model_config
 
-    resolve_model_config(cfg.presets[mapping], _overrides(mapping, k), info)
+    resolve_model_config(cfg.presets[mapping], {**cfg.model_overrides, **_overrides(mapping, k)}, info)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -233,3 +233,27 @@ def test_failures_section_in_headless_chromium_lists_exactly_the_wrong_rows(plan
     assert [refs for *_, refs in worst] == [0] * 4 + [1] * 4  # a reference is green only where it matches
     assert [k for k, *_ in by_key] == sorted(planted["keys"])  # the page's own switch, no script
     assert shot.stat().st_size > 10_000
+
+
+def test_study_folders_become_a_studies_section_with_their_table_and_plot(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.io import schemas
+    from pipelines.report.build import ReportConfig, build_report
+    from pipelines.train import study
+
+    (tmp_path / "caps").mkdir()
+    rows = {"key": ["a.jpg"], "caption": ["a dog"], "score": [-1.0], "model": ["m"], "created_at": [None]}
+    pq.write_table(pa.table(rows, schema=schemas.CAPTIONS_SCHEMA), tmp_path / "caps" / "part-x.parquet")
+    trials = [{"mapping": "mlp", "prefix_length": k, "lm": "tuned", "seed": s, "cider": 1.0 + k / 10 + s / 100,
+               "bleu4": 0.3, "trainable_params": 100 * k, "train_rows": 9, "seconds": 1.0} for k in (1, 10) for s in (0, 1)]
+    study.save(trials, study.summarize(trials), str(tmp_path / "studies" / "prefix-study"))
+    out = build_report(ReportConfig(captions=str(tmp_path / "caps"), out=str(tmp_path / "r.html"), sample=1,
+                                    studies=(str(tmp_path / "studies" / "prefix-study"),)))
+    html = Path(out).read_text()
+    assert '<section class="study" id="study-prefix-study">' in html and "data:image/png;base64," in html
+    assert "| mlp | 10 | tuned | 2 |" in html and "200.50 ± 0.71" in html  # CIDEr x100 of k = 10 over 2 seeds
+    with pytest.raises(ValueError, match="not a `clipcap study` output folder"):
+        build_report(ReportConfig(captions=str(tmp_path / "caps"), out=str(tmp_path / "r2.html"),
+                                  studies=(str(tmp_path / "caps"),)))
