@@ -133,8 +133,11 @@ def read_json(uri: str, storage_options: dict[str, Any] | None = None, default: 
 
 def list_files(uri: str, suffix: str, storage_options: dict[str, Any] | None = None,
                recursive: bool = False) -> list[str]:
-    """Sorted full URIs of files under ``uri`` ending in ``suffix`` (temporary ``_tmp.*`` names excluded)."""
+    """Sorted full URIs of files under ``uri`` ending in ``suffix`` (temporary ``_tmp.*`` names excluded).
+    Always a fresh listing: s3fs caches listings per filesystem instance, and other processes (img2dataset's,
+    Ray's workers) write here while this process polls (a cached listing would miss their files)."""
     fs, path = filesystem(uri, storage_options)
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
     if recursive:
