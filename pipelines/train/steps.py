@@ -178,13 +178,21 @@ class WorkerRun:
             ray.train.report(metrics, checkpoint_dir_name=name if checkpoint else None)
 
     def post_progress(self, force: bool = False) -> None:
-        """Rank 0: the step, samples so far (all workers) and recent loss to the driver's board."""
+        """Rank 0: the step, samples so far (all workers) and recent loss to the driver's board. ``force`` (an
+        epoch's end) also waits for the post to land, so the driver's last read sees the last step."""
         now = time.monotonic()
         if self.rank != 0 or _board is None or (not force and now - self._posted < POST_EVERY_S):
             return
         self._posted, st = now, self.state
         loss = float(np.mean(self.losses[-20:])) if self.losses else float("nan")
-        _board.post.remote({"step": st.step, "samples": st.step * self.batch_size * self.world, "loss": loss})
+        posted = _board.post.remote({"step": st.step, "samples": st.step * self.batch_size * self.world, "loss": loss})
+        if force:
+            import ray
+
+            try:
+                ray.get(posted, timeout=10)
+            except Exception:  # noqa: BLE001 - progress must never fail training
+                pass
 
     def log_step(self) -> None:
         if self.rank != 0 or not self.window:

@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 SHARDS, PER_SHARD = 4, 8
 # caption commits a part only when its last row is back, and with 4 parts of 8 images all 4 can land in the
 # same second, leaving the killer no moment with a part committed and the job still running.
-# 12 parts spread the commits over the run.
-CAPTION_SHARDS = 12
+# 12 parts spread the commits over the run. Embed likewise: with 4 shards its actors could finish every shard
+# before the first commit, so the kill landed on idle nodes (nothing in flight to lose or redo).
+CAPTION_SHARDS = EMBED_SHARDS = 12
 
 
 def _write_shards(raw, seed: int, shards: int = SHARDS) -> list[str]:
@@ -37,12 +38,13 @@ def _write_shards(raw, seed: int, shards: int = SHARDS) -> list[str]:
 
 
 def test_worker_node_killed_during_embed_loses_and_duplicates_nothing(tmp_path):
-    keys = _write_shards(tmp_path / "raw", seed=6)
+    keys = _write_shards(tmp_path / "raw", seed=6, shards=EMBED_SHARDS)
     report, tail = run_driver("node_kill_embed.py", [str(tmp_path / "raw"), str(tmp_path / "out")])
     print("node-kill embed:", report)
     kill = report["kill"]
     # the kill happened while the job ran, with shards still to do, on a node that was running work
-    assert kill["killed"] and 1 <= kill["probe_at_kill"] < SHARDS and kill["cpu_in_use_on_killed_node"] > 0, report
+    assert kill["killed"] and 1 <= kill["probe_at_kill"] < EMBED_SHARDS and kill["cpu_in_use_on_killed_node"] > 0, \
+        report
     assert report["nodes_alive"] == 2, report  # head + the surviving worker node
     got = pq.read_table(str(tmp_path / "out/embeddings/f/tiny")).column("key").to_pylist()
     assert len(got) == len(set(got)) and sorted(got) == sorted(keys), report  # 0 lost, 0 duplicated
