@@ -123,25 +123,91 @@ def start_cluster(worker_cpus: float = 1, workers: int = 2, attempts: int = 3):
     raise AssertionError("unreachable")
 
 
-def placement_group_nodes() -> set[str]:
-    """Node ids holding a bundle of a created placement group (Ray Train's worker group), from the GCS."""
-    import ray
+def actor_processes(class_name: str) -> list[dict[str, Any]]:
+    """The live actors of ``class_name`` (e.g. Ray Train's ``RayTrainWorker``), each as its process id and node
+    id, from the GCS actor table (where each actor's worker process reports both)."""
+    import ray._private.state as state
 
-    return {node for pg in ray.util.placement_group_table().values() if pg.get("state") == "CREATED"
-            for node in pg.get("bundles_to_node_id", {}).values()}
+    return [{"pid": int(a["Pid"]), "node": a["Address"]["NodeID"]}
+            for a in state.actors(actor_state_name="ALIVE").values() if a["ActorClassName"] == class_name]
+
+
+def _process_start(pid: int) -> int | None:
+    """The start time (clock ticks after boot) of process ``pid``; ``None`` if there is no such live process (a
+    zombie counts as gone: it runs nothing). Start time + pid names one process, whatever pid reuse does."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state is field 3, starttime field 22
+    return None if fields[0] in "ZX" else int(fields[19])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` in the process tree (a raylet's workers, and anything they started)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            status = (d / "status").read_text()
+        except OSError:
+            continue
+        ppid = int(status.split("\nPPid:\t", 1)[1].split("\n", 1)[0])
+        children.setdefault(ppid, []).append(int(d.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _signal(pids, sig) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
+
+
+def freeze_and_kill(node) -> dict[str, list[int]]:
+    """Take a ``Cluster`` worker node down at one instant, as a machine loss does: SIGSTOP its raylet and every
+    process below it (its worker processes), then SIGKILL them all, then ``Cluster.remove_node`` for the
+    cluster's own bookkeeping.
+
+    ``remove_node`` alone SIGKILLs only the node's own processes (the raylet): the worker processes it started
+    live on until each notices its raylet is gone (up to ~1 s on this VM), and Ray Train workers went on training
+    and reporting checkpoints meanwhile (steps 4 to 12 in one run). Returns the pids: ``raylet``, ``node`` (the
+    raylet and the node's other processes), ``workers`` (every process below the raylet)."""
+    own = [p.process.pid for procs in node.all_processes.values() for p in procs]
+    raylet = _raylet_pid(node)
+    stopped: set[int] = set()
+    while True:  # a process may start a child between the scan and its SIGSTOP: scan again until none new
+        new = [p for p in [*own, *_descendants(raylet)] if p not in stopped]
+        if not new:
+            break
+        _signal(new, signal.SIGSTOP)
+        stopped.update(new)
+    _signal(stopped, signal.SIGKILL)
+    return {"node": sorted(own), "workers": sorted(stopped - set(own)), "raylet": [raylet]}
 
 
 class NodeKiller:
-    """Background thread: once ``ready()`` is true, removes (SIGKILL, no grace) the worker node with the most CPU
-    in use at that moment (so the kill hits running work, not an idle node), or, with ``hosts`` (a function
-    returning node ids), the busiest of those (where two nodes tie on CPU, "busiest" alone may pick the one
-    running only a data task). ``info`` records what happened."""
+    """Background thread: once ``ready()`` is true, takes down (``freeze_and_kill``: the raylet and every process
+    below it, SIGKILL, no grace) the worker node with the most CPU in use at that moment (so the kill hits running
+    work, not an idle node), or, with ``targets`` (a function returning the processes the kill must end, as
+    ``actor_processes`` does), the busiest node hosting one of them (CPU in use alone may pick the node running
+    only a data task).
 
-    def __init__(self, cluster, nodes, ready, *, poll_s: float = 0.1, probe=None, hosts=None):
+    ``info`` records what happened: the node, the targets and where each ran, the pids SIGKILLed, ``probe()`` at
+    the kill and once the node's processes are gone, and which of them still ran ``gone_wait_s`` after it
+    (``survivors``; ``targets_survived``, the targets among them): a kill that left one running was no kill."""
+
+    def __init__(self, cluster, nodes, ready, *, poll_s: float = 0.1, probe=None, targets=None,
+                 gone_wait_s: float = 30.0):
         import threading
 
         self.cluster, self.nodes, self.ready, self.poll_s = cluster, nodes, ready, poll_s
-        self.hosts = hosts
+        self.targets, self.gone_wait_s = targets, gone_wait_s
         self.probe = probe or (lambda: None)  # recorded at the kill (e.g. the units committed so far)
         self.info: dict[str, Any] = {"killed": False}
         self.done = threading.Event()
@@ -153,7 +219,8 @@ class NodeKiller:
         self._thread.start()
         return self
 
-    def _busiest(self):
+    def _pick(self):
+        """(node to kill, its CPU in use, the targets living on it)."""
         import ray._private.state as state
 
         avail = state.available_resources_per_node()
@@ -163,17 +230,18 @@ class NodeKiller:
             nid = node.node_id
             return total.get(nid, {}).get("CPU", 0.0) - avail.get(nid, {}).get("CPU", 0.0)
 
-        hosts = None
-        if self.hosts:
+        targets: list[dict[str, Any]] = []
+        if self.targets:
             try:
-                hosts = self.hosts()
-            except Exception as exc:  # noqa: BLE001 - recorded; the kill falls back to the busiest node
-                self.info["hosts_error"] = repr(exc)
-        node = max([n for n in self.nodes if hosts and n.node_id in hosts] or self.nodes, key=used)
+                targets = self.targets()
+            except Exception as exc:  # noqa: BLE001 - recorded; the test sees no target on the killed node
+                self.info["targets_error"] = repr(exc)
+        hosts = {t["node"] for t in targets}
+        node = max([n for n in self.nodes if n.node_id in hosts] or self.nodes, key=used)
         self.info["nodes_cpu_in_use"] = {n.node_id[:8]: used(n) for n in self.nodes}
-        if hosts is not None:
-            self.info["hosts"] = sorted(h[:8] for h in hosts)
-        return node, used(node)
+        if self.targets:
+            self.info["targets_at_kill"] = [{"pid": t["pid"], "node": t["node"][:8]} for t in targets]
+        return node, used(node), [t for t in targets if t["node"] == node.node_id]
 
     def _run(self) -> None:
         while not self.done.is_set():
@@ -182,20 +250,47 @@ class NodeKiller:
             except Exception:  # noqa: BLE001 - e.g. the output folder does not exist yet
                 ready = False
             if ready:
-                node, used = self._busiest()
-                self.info.update(probe_at_kill=self.probe(), cpu_in_use_on_killed_node=used,
-                                 at_s=round(time.monotonic() - self._t0, 1))
-                self.cluster.remove_node(node, allow_graceful=False)
-                self.info["killed"] = not self.done.is_set()  # the job was still running after the kill
-                self.fired.set()
+                try:
+                    self._kill()
+                except Exception as exc:  # noqa: BLE001 - recorded: the test fails on "killed" and names it
+                    self.info["kill_error"] = repr(exc)
+                    self.fired.set()
                 return
             time.sleep(self.poll_s)
+
+    def _kill(self) -> None:
+        node, used, on_node = self._pick()
+        self.info.update(probe_at_kill=self.probe(), cpu_in_use_on_killed_node=used,
+                         at_s=round(time.monotonic() - self._t0, 1), node=node.node_id[:8],
+                         targets_on_node=sorted(t["pid"] for t in on_node))
+        raylet = _raylet_pid(node)
+        watched = {pid: _process_start(pid) for pid in {raylet, *_descendants(raylet), *(t["pid"] for t in on_node)}}
+        pids = freeze_and_kill(node)
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.info["killed"] = not self.done.is_set()  # the job was still running after the kill
+        self.info.update(raylet_pid=pids["raylet"][0], sigkilled_node_pids=pids["node"],
+                         sigkilled_worker_pids=pids["workers"])
+        self.fired.set()
+        t0, alive = time.monotonic(), {pid: st for pid, st in watched.items() if st is not None}
+        while alive and time.monotonic() - t0 < self.gone_wait_s:
+            alive = {pid: st for pid, st in alive.items() if _process_start(pid) == st}
+            if alive:
+                time.sleep(0.1)
+        self.info.update(survivors=sorted(alive), gone_within_s=round(time.monotonic() - t0, 1),
+                         probe_when_gone=self.probe(),
+                         targets_survived=sorted(set(alive) & {t["pid"] for t in on_node}))
 
     def stop(self) -> dict[str, Any]:
         self.done.set()
         self.fired.set()
-        self._thread.join(timeout=60)
+        self._thread.join(timeout=60 + self.gone_wait_s)
         return self.info
+
+
+def _raylet_pid(node) -> int:
+    import ray._private.ray_constants as constants
+
+    return node.all_processes[constants.PROCESS_TYPE_RAYLET][0].process.pid
 
 
 @contextlib.contextmanager

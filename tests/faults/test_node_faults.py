@@ -1,9 +1,11 @@
 """Fault tests (marked ``faults``): a worker node of a real multi-node Ray cluster dies mid-job.
 
 Each ``node_kill_*.py`` driver runs in its own process with its own 3-node cluster (``cluster_driver``: a head
-without CPUs + 2 worker nodes, not the session's head) and kills the busiest worker node once the job has
-committed its first unit: embed and caption must end with exactly the expected rows (0 lost, 0 duplicated),
-whether Ray recovered within the run or the rerun resumed from the committed units.
+without CPUs + 2 worker nodes, not the session's head) and takes a busy worker node down (its raylet and every
+worker process on it) once the job has committed its first unit: embed and caption must end with exactly the
+expected rows (0 lost, 0 duplicated), whether Ray recovered within the run or the rerun resumed from the committed
+units; train must restart and resume from the checkpoint Ray Train had registered. A failed assertion says whose
+half failed: "harness missed" (no kill, or a process of the node lived on) or the product's.
 """
 
 from __future__ import annotations
@@ -37,11 +39,20 @@ def _write_shards(raw, seed: int, shards: int = SHARDS) -> list[str]:
     return keys
 
 
+def _assert_node_down(kill: dict, report: dict) -> None:
+    """The harness's half: the kill happened and every process of the killed node is gone (a worker process left
+    running would let the job go on as if nothing happened)."""
+    assert kill["killed"], ("harness missed: no node was killed while the job ran", report)
+    assert kill["sigkilled_worker_pids"] and not kill["survivors"], \
+        ("harness missed: processes of the killed node still ran", report)
+
+
 def test_worker_node_killed_during_embed_loses_and_duplicates_nothing(tmp_path):
     keys = _write_shards(tmp_path / "raw", seed=6, shards=EMBED_SHARDS)
     report, tail = run_driver("node_kill_embed.py", [str(tmp_path / "raw"), str(tmp_path / "out")])
     print("node-kill embed:", report)
     kill = report["kill"]
+    _assert_node_down(kill, report)
     # the kill happened while the job ran, with shards still to do, on a node that was running work
     assert kill["killed"] and 1 <= kill["probe_at_kill"] < EMBED_SHARDS and kill["cpu_in_use_on_killed_node"] > 0, \
         report
@@ -61,6 +72,7 @@ def test_worker_node_killed_during_caption_loses_and_duplicates_nothing(tmp_path
     report, tail = run_driver("node_kill_caption.py", [str(raw), str(out)])
     print("node-kill caption:", report)
     kill = report["kill"]
+    _assert_node_down(kill, report)
     assert kill["killed"] and 1 <= kill["probe_at_kill"] < CAPTION_SHARDS and kill["cpu_in_use_on_killed_node"] > 0, \
         report
     assert report["nodes_alive"] == 2 and report["results"][-1]["exit_code"] == 0, report
@@ -78,11 +90,19 @@ def test_worker_node_killed_during_train_resumes_from_its_checkpoint(tmp_path):
     report, tail = run_driver("node_kill_train.py", [str(tmp_path / "data/embeddings"), str(tmp_path / "runs")])
     print("node-kill train:", report)
     kill, total = report["kill"], report["total_steps"]
-    # killed once a checkpoint was stored, well before the end, on a node running a training worker
-    assert kill["killed"] and 0 < kill["probe_at_kill"] < total and kill["cpu_in_use_on_killed_node"] > 0, report
+    _assert_node_down(kill, report)
+    # the harness's half: a training worker ran on the killed node, once Ray Train had registered a checkpoint
+    # (the restore point), well before the end
+    assert kill["targets_on_node"] and not kill["targets_survived"], \
+        ("harness missed: no training worker ran on the killed node", report)
+    at_kill, gone = kill["probe_at_kill"], kill["probe_when_gone"]
+    assert 0 < at_kill["registered"] < total, ("harness missed: no registered checkpoint at the kill", report)
     assert report["nodes_alive"] == 2, report
-    # resumed from a stored checkpoint (a step > 0, not from scratch) and trained to the last step
+    # the product's half: Ray Train restarted the worker group (2 actors per attempt), which resumed from a
+    # checkpoint registered by the kill (nothing later: the node's workers died with it) and trained to the end
+    assert report["train_worker_actors"] >= 4, ("product did not restart the worker group", report)
     resumes = report["resumes"]
-    assert len(resumes) >= 1 and all(0 < r["step"] < total for r in resumes), report
+    assert resumes and all(at_kill["registered"] <= r["step"] <= gone["stored"] for r in resumes), \
+        ("product did not resume from the checkpoint registered at the kill", report)
     assert report["epochs"][-1] == total and report["artifact_step"] == total, report
     assert report["steps_logged"] == sorted(set(report["steps_logged"])), report  # no step logged twice
