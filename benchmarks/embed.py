@@ -1,25 +1,24 @@
 """Embed-stage speed with the users' defaults: `clipcap embed` end to end vs the pure CLIP forward (the limit)
-vs rom1504's `clip-retrieval inference` (the tool a user would pick instead), on the same shards and weights.
+vs rom1504's `clip-retrieval inference` at its best batch size (the tool a user would pick instead), on the same
+shards and weights.
 
     python benchmarks/embed.py                          # 1024 images, ViT-B-32 (seeded random weights), 8 shards
+    python benchmarks/embed.py --images 4096 --per-shard 512 --peer-batches 32,64
     python benchmarks/embed.py --images 256 --models tiny --no-peer
 
-For each model it prints
-- ours: `clipcap embed --input ... --clip M --clip-pretrained <file>` with **no resource flags**, run as a user runs
-  it (a new process: imports, Ray start, model load, decode, encode, commits all inside the wall time);
-  end-to-end images/s, time to the first embedded rows, and the steady-state rate the job reports
-  (``steady_rows_per_s``: rows reaching the driver after the first 10%);
-- pure forward: ``encode_pixels`` of the same model on the same images already decoded and resized, all cores
-  as torch threads, the job's default batch (64), in this process, no Ray; measured right before and right
-  after the job (a shared machine drifts; the mean is the reference, both are printed);
-- clip-retrieval: `clip-retrieval inference` in its own virtualenv (``benchmarks/peers.py`` installs it once),
-  webdataset input, the same checkpoint file, as many preprocessing workers as shards allow (<= cores), the same
-  batch; its process wall time. ``--no-peer`` skips it.
-- ratios: ours end to end / clip-retrieval, ours steady / pure forward. Ours and clip-retrieval run
-  ``--rounds`` times each (default 2) in ABBA order, so a machine whose speed drifts during the run (a VM on a
-  shared host) favours neither; the ratio is of the summed wall times, and each round's ratio is printed too.
-Input: synthetic 256x256 JPEGs in img2dataset's webdataset layout (``{key}.jpg/.txt/.json``), shards of
-``--per-shard``, written before any clock starts. Random weights have the FLOPs of the real ones (no model hub).
+For each model:
+- the peer's sweep: one `clip-retrieval inference` run per ``--peer-batches`` size on ``--sweep-images`` images;
+  the fastest batch is the one compared below;
+- ours: `clipcap embed` with **no resource flags**, a new process as a user runs it (imports, Ray start, model
+  load, decode, encode, commits all inside the wall time): images/s end to end, time to the first rows, and the
+  steady rate the job reports (rows reaching the driver after the first 10%);
+- clip-retrieval at its best batch, ``--rounds`` rounds alternating with ours (ABBA), so a drifting machine
+  favours neither; the ratio is of the summed wall times;
+- the pure forward (``encode_pixels`` on decoded, resized images, no Ray), before and after the runs, in our
+  plan's layout (its concurrent batches x torch threads, parsed from the job's resources line) and with all
+  cores as intra-op threads of one batch; steady / pure compares like with like.
+Input: synthetic 256x256 JPEGs in img2dataset's webdataset layout, written before any clock starts. Random
+weights have the FLOPs of the real ones (no model hub).
 """
 
 from __future__ import annotations
@@ -147,12 +146,12 @@ def run_ours(model: str, ckpt: Path | None, shards: Path, out: Path, extra: str 
             "steady_img_s": report["steady_rows_per_s"] or nan, "plan": plan}
 
 
-def sweep_peer(ckpt: Path, shards: Path, work: Path, model: str, args: argparse.Namespace) -> dict[int, float]:
+def sweep_peer(ckpt: Path, shards: Path, work: Path, model: str, batches: list[int]) -> dict[int, float]:
     """One clip-retrieval run per batch size of ``--peer-batches`` on the sweep shards: its images/s at each."""
     from benchmarks import peers
 
     rates = {}
-    for b in (int(v) for v in args.peer_batches.split(",")):
+    for b in batches:
         run = peers.run_clip_retrieval(shards, ckpt, work / f"sweep-{model}-{b}", batch_size=b,
                                        num_prepro_workers=peer_workers(shards), model=model)
         rates[b] = run["images_per_s"]
@@ -179,8 +178,9 @@ def bench_model(model: str, shards: Path, sweep_shards: Path, work: Path, args: 
     pure_before = pure_pair(enc, x, args.batch_size, layout)
     load_before = os.getloadavg()[0]
     with_peer = ckpt is not None and not args.no_peer
-    sweep = sweep_peer(ckpt, sweep_shards, work, model, args) if with_peer and args.peer_batches else {}
-    peer_batch = max(sweep, key=sweep.get) if sweep else args.batch_size
+    batches = [int(b) for b in args.peer_batches.split(",") if b.strip()]
+    sweep = sweep_peer(ckpt, sweep_shards, work, model, batches) if with_peer and len(batches) > 1 else {}
+    peer_batch = max(sweep, key=sweep.get) if sweep else (batches or [args.batch_size])[0]
     ours_runs, peer_runs = [], []
     for i in range(args.rounds):
         order = ("ours", "peer") if i % 2 == 0 else ("peer", "ours")
@@ -236,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="pure forward (our default: 64)")
     p.add_argument("--peer-batches", default="32,64,128,256",
                    help="clip-retrieval batch sizes swept before the ABBA rounds, which use the fastest ('': no "
-                        "sweep, the peer runs at --batch-size)")
+                        "sweep: the peer runs at the one size given, else at --batch-size)")
     p.add_argument("--sweep-images", type=int, default=1024,
                    help="images of the peer's sweep (its own shards when fewer than --images)")
     p.add_argument("--pure-images", type=int, default=256, help="images per pure-forward pass (before + after)")
