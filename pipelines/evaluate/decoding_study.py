@@ -2,11 +2,6 @@
 CLIPScore) for one trained model on one set of embeddings: greedy, beam search (sizes), nucleus sampling, and
 ``n`` samples reranked by the model's own CLIP (``pipelines.caption.stages.score_and_rank``, what ``clipcap caption
 --rerank clip`` runs), each timed end to end (reranking includes its CLIP text encoding).
-
-    rows = decoding_study(model, tokenizer, emb, refs, DecodingOptions(), scorer=ClipScorer(encoder))
-    rows = run_decoding_study(DecodingStudyConfig(tables=("t",), model="runs/x/model", output="studies"))
-
-Output in ``<output>/<name>/``: ``table.md``, ``table.parquet``, ``decoding.png`` (CIDEr against images/s).
 """
 
 from __future__ import annotations

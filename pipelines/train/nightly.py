@@ -1,18 +1,4 @@
 """Nightly retraining: fresh embedding shards -> warm-started candidate -> held-out comparison -> promotion.
-
-State lives in one folder (any fsspec URI), so the job is stateless and safe to re-run:
-
-    <state>/manifest.json      the watermark: every shard already trained on (URI -> size), updated last
-    <state>/heldout.parquet    the fixed held-out set (key-hash split, frozen on the first run)
-    <state>/production.json    the pointer serving reads: model URI, version, run, reason, metrics, previous
-    <state>/history/<run>.json one record per decision (promoted / refused), with both models' metrics
-    <state>/candidates/<run>/  the candidate's training run (checkpoints, model artifact, metrics history)
-    <state>/lock.json          the lease of the run in progress (``pipelines.lease``; schedulers also forbid overlap)
-
-A run: list shards -> nothing new? no-op (nothing written) -> train on the new shards plus a seeded replay
-sample of older ones, warm-starting from production -> evaluate candidate and production on the same held-out
-set -> promote iff the candidate is not worse than production beyond ``tolerance`` on ``metric`` (and its loss
-is finite) -> pointer (one atomic write), history record, manifest.
 """
 
 from __future__ import annotations

@@ -2,13 +2,6 @@
 fine-tuned) x seeds, each a Ray Tune trial of the sweep (``sweep.train_setting``), scored on the key-hash held-out
 rows with the metrics of ``clipcap evaluate`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr, CLIPScore), then reduced to
 mean and spread over seeds per setting, with training time and trainable parameters.
-
-    rows, table = run_prefix_study(StudyConfig(tables=("data/embeddings/scenes/tiny-scenes",), output="studies"))
-
-Output in ``<output>/<name>/``: ``trials.parquet`` (one row per setting and seed), ``table.parquet`` and
-``table.md`` (one row per setting: ``<metric>_mean`` / ``<metric>_std``), ``prefix.png`` (CIDEr and BLEU-4 against
-prefix length, one line per mapping and LM, bars = spread over seeds). ``table.md`` ends with the spread between
-settings beside the spread over seeds: a difference smaller than the seeds' spread is not one.
 """
 
 from __future__ import annotations
