@@ -86,9 +86,8 @@ class ActorPlan:
 
 def share_process(plan: ActorPlan, cluster: ClusterShape) -> ActorPlan:
     """A CPU plan of several actors on a one-node cluster, as one actor running that many batches at once (each
-    on the plan's torch threads): the same cores at work, but the model is imported and loaded once instead of
-    once per actor (~7 s of CPU each for ViT-B-32 on this 2-core box, paid before the first batch) and held
-    once in memory. Several nodes keep one actor per core: Ray places actors, not threads, on nodes."""
+    on the plan's torch threads): the same cores at work, but the model is imported, loaded and held once.
+    Several nodes keep one actor per core: Ray places actors, not threads, on nodes."""
     if plan.use_gpu or plan.actors < 2 or plan.calls_per_actor != 1 or len(cluster.node_cpus) != 1:
         return plan
     return replace(plan, actors=1, calls_per_actor=plan.actors, cpus_per_actor=plan.cpus_per_actor * plan.actors)
@@ -139,8 +138,7 @@ def plan_actors(cluster: ClusterShape, *, actors: int = 0, cpus_per_actor: float
 def pixel_block_bytes(rows: int, size: int | tuple[int, int]) -> int:
     """Ray Data ``target_max_block_size`` for blocks of ``rows`` decoded uint8 images of ``size``: one block
     per decoded batch. Ray Data otherwise merges a read task's batches into blocks of up to 128 MB (a whole
-    shard / part of pixels), and an actor pool then has one block for one actor: the other actors idle (caption
-    on 2 cores: 1 of 2 single-thread actors busy, 0.71x ``Captioner``)."""
+    shard of pixels), and an actor pool then has one block for one actor while the others idle."""
     height, width = (size, size) if isinstance(size, int) else size
     return max(1 << 16, int(1.2 * rows * height * width * 3))
 

@@ -34,11 +34,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class ResourceOptions:
-    """Batch sizes, actor pools and devices: the one place the pipeline's resources are set. Actor counts, CPUs,
-    threads and GPUs at 0 / None are sized from the cluster by ``runtime.plan_actors`` (one actor per GPU; on
-    CPU one single-thread actor per core, up to 8 per node, and on a one-node cluster, without
-    ``caption_actors``, those as concurrent batches of one actor: ``runtime.share_process``); a value wins.
-    ``CLI_FLAGS``: the fields that are not ``clipcap caption`` flags (``pipelines.commands.flags``)."""
+    """Batch sizes, actor pools and devices: the one place the pipeline's resources are set. Knobs at 0 / None
+    are sized from the cluster (``runtime.plan_actors``, ``runtime.share_process``); a value wins."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"read_memory_mb": None}
     decode_block_rows: int = 64  # rows per block out of the read/decode tasks
