@@ -1,4 +1,9 @@
 """The job runtime every Ray stage shares: how Ray is started, and how a stage's actors and tasks are sized.
+
+Knobs at 0 / None are sized from the cluster, explicit values win. GPU: one actor per GPU, 1 CPU, 2 torch threads.
+CPU: one single-thread actor per core (up to 8 per node, then cores / 8 threads each), leaving one CPU per node
+for read / decode tasks. Single-thread because Ray runs workers at nice 15: a descheduled intra-op thread stalls
+the whole parallel region.
 """
 
 from __future__ import annotations

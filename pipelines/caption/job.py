@@ -245,7 +245,7 @@ def prepare(cfg: CaptionConfig) -> Plan:
 
 # --- the job ----------------------------------------------------------------------------------------------------
 def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
-    """Caption every image of ``cfg.input`` into caption tables under ``cfg.output`` (see module docstring)."""
+    """Caption every image of ``cfg.input`` into caption tables under ``cfg.output``."""
     start = time.monotonic()
     check_output_outside_input(cfg)
     storage.check_writable(cfg.output)

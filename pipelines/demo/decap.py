@@ -1,4 +1,10 @@
-"""The DeCap step of ``clipcap demo --decap``: a captioner trained on a caption corpus alone, no image."""
+"""The DeCap step of ``clipcap demo --decap``: a captioner trained on a caption corpus alone, no image.
+
+1. a text-only caption corpus from the world's generator; 2. ``embed-text`` on it; 3. ``train --decoder decap``;
+4. bulk captioning of the held-out images with that artifact (memory projection) and with ``projection none``.
+The corpus, not the demo's own training captions: at tau 0.01 the projection nearly writes the nearest memory
+caption, so the memory must cover the captions the images need.
+"""
 
 from __future__ import annotations
 
@@ -75,7 +81,7 @@ def zero_shot_top1(clip: Any, image_emb: np.ndarray, samples: Sequence[Any], wor
 def demo_decap(root: str, samples: Sequence[Any], *, encoder: Any, seed: int = 0, corpus_size: int = 3000,
                epochs: int = 15, image_model_exact: float | None = None, world: str = "synthetic",
                echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Steps 1-4 above; prints the text-only model's exact match on the held-out images (memory projection and
+    """Steps 1-4 of the module docstring; prints the text-only model's exact match on the held-out images (memory projection and
     raw embedding) next to the CLIP's zero-shot top-1 and the image-trained model's. On ``scenes`` exact match
     is the world's (any wording of the same scene) and the per-attribute accuracy is printed too."""
     # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)

@@ -1,7 +1,9 @@
 """Archive readers for bulk captioning: an input URI -> deterministic *parts* -> *records*.
 
 Hidden files and tool bookkeeping (``_meta/``, ``_SUCCESS``, ``_metadata``, ...) are skipped and counted; any
-other underscore-prefixed name is input (cameras write ``_DSC0001.JPG``).
+other underscore-prefixed name is input (cameras write ``_DSC0001.JPG``). Auto format by extension: tar (any
+compression), zip, Parquet (an ``image_embedding`` column: an embedding table), else a loose image; a ``.tar``
+beside an img2dataset sidecar is a webdataset shard and the sidecars are metadata.
 """
 
 from __future__ import annotations
