@@ -1,8 +1,4 @@
-"""clipcap_core: pure PyTorch + tokenizer code for CLIP-prefix captioning (ClipCap, DeCap). No Ray imports.
-
-Public API: ``from clipcap_core import Captioner`` (imported lazily so that ``import clipcap_core`` stays
-cheap for configs and schemas).
-"""
+"""clipcap_core: pure PyTorch + tokenizer code for CLIP-prefix captioning (ClipCap, DeCap). No Ray imports."""
 
 from __future__ import annotations
 

@@ -1,18 +1,7 @@
 """Model artifacts: a directory at any fsspec URI (local path, ``s3://``, ``memory://``) that fully describes a model.
 
-Layout (schema version 1):
-- ``config.json``: ``{"schema_version", "code_version", "created_at", "model": ModelConfig, "weights": {...},
-  "lm_config": <HF config of a saved LM> | null, **extra}`` (extra: train config, step, source...). Written last,
-  so a half-uploaded artifact has no config.json and fails to load with a clear message.
-- ``mapping.safetensors``: the mapping network (keys as in ``ClipCapModel.mapping``).
-- ``lm.safetensors``: the LM, only when it is not the unchanged base LM: fine-tuned LMs and the tiny preset's
-  randomly initialised LM (not on any hub, and ~100 KB). A frozen pretrained LM is never re-saved: config.json
-  references it by ``model.lm.name_or_path``.
-- ``tokenizer/``: tokenizer files (``save_pretrained`` layout); ``metrics.json``; ``README.md`` (model card).
-- ``decap.safetensors``: only for DeCap models, the text-embedding memory (``decap.DecapMemory``).
-
-Loading reads safetensors and JSON only: nothing is unpickled. ``load_model("tiny")`` (a preset name that is
-not an existing path) gives an untrained preset model, for wiring and tests.
+``config.json`` is written last, so a half-uploaded artifact fails to load with a clear message; weights are
+safetensors (a frozen pretrained LM is referenced, never re-saved). Loading never unpickles.
 """
 
 from __future__ import annotations

@@ -1,16 +1,4 @@
-"""The Python API: ``Captioner.from_pretrained(uri_or_preset).caption(images)``.
-
-    from clipcap_core import Captioner
-    cap = Captioner.from_pretrained("s3://bucket/models/clipcap-coco")     # or a local dir, or "tiny"
-    cap.caption(images=["a.jpg", pil_image, jpeg_bytes])                   # one string per image
-    cap.caption(embeddings=emb, strategy="beam", beam_size=5, n=3)         # three strings per input
-    gen = cap.generate(images=[...], strategy="sample", top_p=0.9)         # Generation: texts, token_ids, scores
-
-Images go through the CLIP encoder recorded in the model config (loaded on first use); embeddings must have
-that encoder's dimension. A DeCap model (artifact with a text-embedding memory) projects image embeddings onto
-its memory before decoding; ``projection=ProjectionConfig(mode="none")`` decodes the raw embeddings instead, and
-``ProjectionConfig(mode="memory", memory=<text-embedding table URI>)`` projects for any model (``decap.py``).
-"""
+"""The Python API: ``Captioner.from_pretrained(uri_or_preset).caption(images)``."""
 
 from __future__ import annotations
 

@@ -1,16 +1,7 @@
 """CLIP evaluation on embeddings (no Ray, no I/O): retrieval recall@K both ways and zero-shot classification.
 
-    r = retrieval(image_emb, text_emb, captions)            # {"i2t_r1": ..., "t2i_r10": ..., "n": ...}
-    z = zero_shot(image_emb, labels, class_emb)             # top-1 / top-5 accuracy + predictions
-    w = class_embeddings(encode_text, classes, templates)   # the CLIP paper's prompt ensembling
-    g = modality_gap(image_emb, text_emb)                   # paired cosine, centroid distance, gap variance
-
-Rows are image-caption pairs. Captions repeat in real data (and the synthetic set has 432 distinct captions),
-so a retrieval hit is judged by *caption text*, not by row index: image->text hits when one of the top-K
-retrieved captions equals the image's own caption; text->image hits when one of the top-K images has the
-query caption. Duplicate captions are searched once (the gallery of texts is the distinct captions), as
-COCO's five-captions-per-image convention treats any correct caption as a hit. Embeddings are L2-normalised
-here, whatever the caller passes.
+Captions repeat, so a retrieval hit is judged by caption text, not row index (each distinct caption is searched
+once). Embeddings are L2-normalised here, whatever the caller passes.
 """
 
 from __future__ import annotations

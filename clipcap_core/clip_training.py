@@ -1,19 +1,7 @@
 """Contrastive CLIP training, pure PyTorch (no Ray): model set-up, open_clip's loss, optimizer, one step.
 
-    model = build_clip(ClipModelSpec(model_name="tiny"))              # seeded init, or pretrained weights
-    optimizer, scheduler = make_optimizer_and_scheduler(model, hp, total_steps)
-    loss = train_step(model, pixels_uint8, tokens, optimizer, scheduler, hp, loss_fn=clip_loss(hp))
-    save_clip_weights(model, "out/open_clip_model.safetensors")      # loadable as `--clip-pretrained <file>`
-
-What follows open_clip's own trainer (``open_clip_train``), on purpose, so a model trained here behaves like
-one trained there: ``open_clip.loss.ClipLoss`` (features gathered across workers when the process group has
-more than one rank, so the global batch is the set of negatives; ``local_loss`` computes each rank's rows
-only), a learnable temperature clamped to ``ln 100`` after every step, AdamW with betas (0.9, 0.98), eps 1e-6,
-no weight decay on gains, biases, embeddings of dimension < 2 and ``logit_scale``, linear warm-up then cosine
-decay, optional gradient clipping, bf16/fp16 autocast on GPU (fp16 with a grad scaler).
-
-Images arrive as uint8 (B, H, W, 3) already resized/cropped (augmentation happens in the data tasks); they are
-normalised here, on the device, with the model's mean/std, exactly as ``encoder_model.ClipEncoder.encode_pixels``.
+It follows open_clip's own trainer on purpose (loss, temperature clamp, AdamW settings, no-decay rule, schedule),
+so a model trained here behaves like one trained there.
 """
 
 from __future__ import annotations

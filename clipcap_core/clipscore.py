@@ -1,16 +1,6 @@
 """CLIPScore, RefCLIPScore and CLIP reranking of captions (Hessel et al. 2021, arXiv 2104.08718).
 
-    clip_score(image_emb, text_emb)                    # (N,) w * max(cos(image, caption), 0), w = 2.5
-    ref_similarity(text_emb, ref_embs)                 # (N,) max over an image's references of max(cos, 0)
-    ref_clip_score(clip_s, ref_sim)                    # (N,) harmonic mean of the two (0 when either is 0)
-    rerank(image_emb, cand_emb, n)                     # (N, n) candidate order, best CLIP similarity first
-    scorer = ClipScorer(encoder); scorer.score(image_emb, captions, references)   # text encoded here
-    scorer_for(encoder_cfg, dim)                       # cached scorer for held-out metrics, or None
-
-As in the authors' code, ``w`` scales the image side only: RefCLIPScore = H-mean(w * max(cos(c, v), 0),
-max_r max(cos(c, r), 0)). Embeddings may be unnormalised (our tables store open_clip's raw outputs); every
-function normalises. The CLIP must be the one the captioner was trained with: its embedding space is what
-the scores measure. Pure numpy + an ``encoder_model.ClipEncoder``; no Ray.
+As in the authors' code, ``w`` scales the image side only; every function normalises its inputs.
 """
 
 from __future__ import annotations

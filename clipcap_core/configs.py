@@ -1,10 +1,4 @@
-"""Strict loading of frozen, keyword-only config dataclasses (one source for CLI flags, YAML and JSON).
-
-Every config in the project is a ``@dataclass(frozen=True, kw_only=True)``. ``from_dict`` builds one from a
-plain mapping and fails at once, naming the offending key path, on unknown keys, missing required keys and
-wrong types; ``to_dict`` is its inverse (JSON-safe). Nested dataclasses, ``Optional``, ``Literal``, tuples,
-lists and dicts of simple types are supported: enough for configs, small enough to read.
-"""
+"""Strict loading of frozen, keyword-only config dataclasses (one source for CLI flags, YAML and JSON)."""
 
 from __future__ import annotations
 

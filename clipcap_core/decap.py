@@ -1,19 +1,7 @@
 """DeCap (arXiv 2303.03032): caption images with a decoder trained on text only.
 
-Training: the usual ClipCap training, with the CLIP *text* embedding of each caption as the prefix input
-(``normalize_prefix=True``: DeCap works on unit vectors; ``pipelines.train.job`` with ``decoder="decap"``). Inference:
-project the image embedding onto a memory M of caption text embeddings, w = softmax(v . M^T / tau),
-prefix = normalize(w . M), tau = 0.01 by default, then decode as usual. ``save_model(..., decap=memory)`` stores
-M in the artifact (``decap.safetensors``) and ``Captioner`` / bulk captioning apply the projection automatically.
-
-    memory = DecapMemory.from_texts(encoder, captions)      # (M, D) unit vectors
-    prefix_inputs = memory.project(image_embeddings)        # (N, D)
-    memory = resolve_projection(ProjectionConfig(mode="memory", memory="s3://b/text-embeddings/..."),
-                                loaded.decap, clip_dim=512)  # which memory a captioner uses, if any
-
-The memory is moved once to the decoding device in the model's dtype (``to``); ``project`` then runs batched on
-that device (chunks of rows, no per-image work). The softmax itself is taken in float32: with tau = 0.01 the
-logits reach +-100, where fp16 rounding would change the weights.
+Inference projects an image embedding onto a memory M of caption text embeddings: w = softmax(v . M^T / tau),
+prefix = normalize(w . M). The softmax runs in float32: with tau = 0.01 the logits reach +-100.
 """
 
 from __future__ import annotations

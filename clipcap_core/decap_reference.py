@@ -1,19 +1,4 @@
-"""Import the DeCap authors' released decoder (dhg-wei/DeCap) into our model artifact.
-
-Their checkpoint is the state dict of their ``DeCap`` module:
-- ``clip_project.model.0.{weight,bias}``: one Linear(D, E) (their ``MLP`` with two sizes has no activation);
-- ``decoder.*``: a ``GPT2LMHeadModel`` of their decoder config (4 layers, 4 heads, tied output embedding) over
-  GPT-2's 50,257-row embedding, of which CLIP's BPE vocabulary uses the first 49,408 (checkpoints saved by
-  transformers < 4.31 also carry ``attn.bias`` / ``attn.masked_bias`` buffers, ignored).
-
-It becomes a ``linear`` mapping with prefix length 1 on unit inputs (``normalize_prefix``: they always feed
-normalised embeddings), the decoder as our LM with the rows past CLIP's vocabulary dropped (never a training
-target, so never their argmax), and the ``clip-bpe`` tokenizer. Layer sizes are read from the checkpoint; the
-head count cannot be, and is theirs (4) unless given. The memory of caption text embeddings that their
-inference projects onto comes from a text-embedding table (``memory``), or later at caption time.
-
-    import_decap_checkpoint("coco_prefix-009.pt", "s3://b/models/decap-coco", memory="s3://b/text-embeddings/coco")
-"""
+"""Import the DeCap authors' released decoder (dhg-wei/DeCap) into our model artifact."""
 
 from __future__ import annotations
 

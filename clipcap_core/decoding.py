@@ -1,21 +1,7 @@
 """Batched caption decoding over the LM's KV cache: greedy, beam, the authors' beam ("reference-beam"), sampling.
 
-    gen = generate(model, clip_embeds, tokenizer, strategy="beam", beam_size=5, max_length=30)
-    gen.texts, gen.token_ids, gen.scores          # one row per caption; input i owns rows [i*n, (i+1)*n)
-
-Design (why it is fast):
-- the prefix runs once per image, then the cache is repeated for beams / samples (``Cache.batch_repeat_interleave``);
-- each step runs only the new token through ``lm.base_model`` with a ``DynamicCache`` and the LM head on that
-  one position; no attention mask is built (all prefixes have the same length, nothing is padded);
-- finished rows (greedy / sampling) and finished images (beam) are dropped from the batch as they finish, so
-  the cost follows the captions still being written;
-- beam bookkeeping is a handful of tensor ops per step: one top-k over (B, K*V), a gather, a cache reorder.
-
-Stopping: end-of-text (``stop_at_eos``) and optionally ``stop_token`` (its first token id, like the authors'
-code); the stop token is part of the caption ('.' stays in the text), end-of-text is not. Scores are the mean
-token log-prob of the caption (stop token included); for ``reference-beam`` the authors' length-averaged score.
-``use_cache=False`` recomputes the whole sequence each step (the same algorithm, for tests and baselines).
-Sampling is deterministic given ``seed``.
+The prefix runs once per image and its cache is shared by beams / samples; finished rows leave the batch. The
+stop token stays in the caption, end-of-text does not; scores are the mean token log-prob.
 """
 
 from __future__ import annotations

@@ -1,29 +1,7 @@
 """CLIP image/text encoders (open_clip): loading by name + pretrained tag, local file or object-store URI.
 
-    enc = load_encoder(EncoderConfig(model_name="ViT-B-32", pretrained="openai"), device="cuda")
-    enc = load_encoder(EncoderConfig(model_name="ViT-B-32", pretrained="s3://bucket/clip/vit-b-32.pt"))
-    enc = load_encoder(EncoderConfig())            # the `tiny` preset: a small trained CLIP, CPU-fast
-    x = torch.stack([enc.preprocess(img) for img in images])    # (B, 3, H, W)
-    e = enc.encode_images(x)                                     # np.float32 (B, D), D = enc.dim
-
-The `tiny` preset is a small open_clip config shipped in ``clipcap_core/resources/tiny.json`` (ViT on
-64x64 images, 16x16 patches, 3 layers; 2-layer text tower) with trained, language-aligned weights shipped beside
-it (``resources/tiny.safetensors``, made by ``clipcap train-clip`` on the synthetic set; ``resources/tiny.md`` is
-its card). ``tiny-scenes`` and ``tiny-scenes-gapped`` (the second with a real CLIP's modality gap) are the same
-kind of ViT trained on the ``scenes`` world, shipped the same way. ``tiny-random`` (``resources/tiny-random.json``:
-4x4 patches, fixed 2-D sin-cos positions) has no weights file: a fixed-seed random init, identical in every
-process, with no language-image alignment.
-
-Preprocessing is split for pipelines: ``resize`` (PIL -> uint8 (H, W, 3), done in decode tasks) then
-``encode_pixels`` (uint8 (B, H, W, 3) -> normalise -> encode, done in the encoder actor); together they equal
-``encode_images(stack(preprocess(img)))``. No Ray import here.
-
-This module is the config side and imports no torch: ``EncoderConfig``, ``validate_config``, ``encoder_tag``,
-``embedding_dim`` and ``preprocess_spec`` read open_clip's model config files (JSON) directly, so a job driver
-knows a model's D, preprocessing and output folder without importing torch, torchvision and open_clip (~10 s
-of CPU on the start-up path of every job on a small node). Only a hub ``pretrained`` tag (whose preprocessing
-lives in open_clip's registry) imports open_clip. ``load_encoder`` / ``ClipEncoder`` live in
-``clipcap_core.encoder_model``.
+This is the config side: a job driver learns a model's D, preprocessing and output folder from open_clip's JSON
+config files without importing torch; ``load_encoder`` / ``ClipEncoder`` live in ``clipcap_core.encoder_model``.
 """
 
 from __future__ import annotations
@@ -141,9 +119,7 @@ def is_weights_location(pretrained: str) -> bool:
 
 def shipped_weights(model_name: str) -> str | None:
     """Weights shipped with the package for ``model_name`` (``tiny``, ``tiny-scenes``, ``tiny-scenes-gapped``), else None.
-
-    ``resources/<name>.safetensors`` is loaded when no ``pretrained`` is given; ``tiny-random`` has none (its
-    seeded random init is the point)."""
+    """
     path = _RESOURCES / f"{model_name}.safetensors"
     return str(path) if path.is_file() else None
 
@@ -165,11 +141,7 @@ def available_models() -> list[str]:
 
 
 def validate_config(cfg: EncoderConfig) -> None:
-    """Raise ValueError (clear message) unless the model name and pretrained source can be resolved.
-
-    Cheap: no weights are read; a URI is only checked for existence; open_clip is imported only to look a
-    hub tag up.
-    """
+    """Raise ValueError (clear message) unless the model name and pretrained source can be resolved."""
     models = available_models()
     if cfg.model_name not in models:
         close = [m for m in models if cfg.model_name.lower().replace("/", "-") in m.lower()][:8]

@@ -1,12 +1,5 @@
 """One evaluation of captions against references, shared by ``clipcap evaluate``, training's held-out metrics,
 nightly promotion and the sweep (so a number means the same thing wherever it is printed).
-
-    ev = evaluate_predictions(preds, refs)                                   # COCO metrics + exact match
-    ev = evaluate_predictions(preds, refs, image_emb=emb, scorer=ClipScorer(encoder))   # + CLIPScore, RefCLIPScore
-    ev.summary["cider"], ev.per_item["cider"][i]
-
-COCO metrics come from pycocoevalcap (``metrics.caption_scores``); CLIP scores from ``clipscore``. SPICE is
-computed only when asked and able; otherwise ``ev.notes["spice"]`` says why in one line.
 """
 
 from __future__ import annotations
@@ -76,10 +69,7 @@ def evaluate_predictions(preds: Sequence[str], refs: Sequence[Sequence[str]], *,
 def heldout_metrics(texts: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]], *,
                     image_emb: np.ndarray | None = None, scorer: ClipScorer | None = None,
                     tokenize: str = "simple") -> dict[str, Any]:
-    """Training / nightly / sweep held-out numbers: exact match, BLEU-4, CIDEr (+ CLIPScore with a scorer).
-
-    ``tokenize="simple"`` by default: no JVM start inside training workers, and held-out numbers only need to
-    be comparable between checkpoints, not with published COCO figures."""
+    """Training / nightly / sweep held-out numbers: exact match, BLEU-4, CIDEr (+ CLIPScore with a scorer)."""
     ref_lists = [[r] if isinstance(r, str) else list(r) for r in refs]
     ev = evaluate_predictions(texts, ref_lists, metrics=("bleu", "cider"), tokenize=tokenize, spice="off",
                               image_emb=image_emb, scorer=scorer)

@@ -1,16 +1,8 @@
 """Safe image decoding: untrusted bytes in, an RGB ``PIL.Image`` out, or an ``ImageDecodeError`` saying why.
 
-Owns the per-sample rules every image-reading stage shares (bulk captioning, embedding):
-- zero-byte, non-image, truncated or corrupt data -> ``ImageDecodeError`` (the caller writes an error row);
-- decompression bombs: the pixel count is checked from the header, *before* any pixel is decoded, against
-  ``max_pixels`` (Pillow's own global limit is neither relied on nor changed);
-- every mode becomes 8-bit RGB: CMYK / YCbCr / palette / 1-bit / grayscale convert; alpha (RGBA, LA, PA,
-  palette or L with a transparent colour) is composited on white; 16-bit grayscale ("I;16*", "I") is
-  scaled to 8 bits (x / 257), not clipped; float images are scaled from [0, 1] or clipped to [0, 255];
-- the EXIF orientation tag is applied (a broken EXIF block leaves the image as stored, it is no error);
-- animated images use their first frame.
-Pillow's process-wide settings (``MAX_IMAGE_PIXELS``, ``LOAD_TRUNCATED_IMAGES``) are left alone (truncated
-data is caught only while ``LOAD_TRUNCATED_IMAGES`` keeps its default, False; nothing in our stack sets it).
+The caller writes an error row for bad data; the pixel count is checked from the header
+before any pixel is decoded; 16-bit images are scaled to 8 bits, not clipped; EXIF orientation is applied;
+animations give their first frame. Pillow's process-wide settings are left alone.
 """
 
 from __future__ import annotations
@@ -48,11 +40,7 @@ def is_image_name(name: str) -> bool:
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                  draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode untrusted image bytes to an upright 8-bit RGB image.
-
-    ``draft_size`` lets JPEG decoding downscale by 1/2..1/8 in the DCT domain while staying at least that
-    large (much faster for big photos; pixels differ slightly from a full decode + resize).
-    """
+    """Decode untrusted image bytes to an upright 8-bit RGB image."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     with warnings.catch_warnings():

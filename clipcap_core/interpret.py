@@ -1,11 +1,4 @@
-"""Prefix interpretation (ClipCap paper, Fig. 6): the vocabulary tokens nearest to each prefix vector.
-
-    interpret_prefix(model, tokenizer, clip_embeds, top_k=1)   # [[["on"], ["red"], ...] per image]
-
-Nearness is cosine similarity (default) or Euclidean distance between a prefix vector p_j (E) and the LM's
-input token embeddings (V, E). With a fine-tuned LM the prefixes tend to be readable; with a frozen LM they
-usually are not (the paper's observation).
-"""
+"""Prefix interpretation (ClipCap paper, Fig. 6): the vocabulary tokens nearest to each prefix vector."""
 
 from __future__ import annotations
 

@@ -1,18 +1,7 @@
 """GPT-2 decoding steps over a preallocated ("static") KV cache with a shared prefix, for ``decoding.py``.
 
-Why: HF's ``DynamicCache`` grows by ``torch.cat`` every step (the whole cache is copied per layer per step)
-and beam search copies it again to reorder beams. On a CPU that memory traffic costs about as much as the
-LM head. Here:
-- the prefix K/V (k positions) are kept once per image, shared by its beams / samples (``repeat`` copies
-  nothing); only the generated positions live per row, in buffers sized for ``max_new_tokens``;
-- a step writes one position in place; reordering beams gathers only the generated part into a spare buffer
-  (one pass); finished rows / images shrink the batch.
-
-The prefill runs the HF model itself (``lm.base_model``); each step reuses the model's own modules
-(``ln_1``, ``attn.c_attn``, ``attn.c_proj``, ``attn.scaling``, ``ln_2``, ``mlp``, ``ln_f``) with attention
-split into the shared-prefix part and the per-row part (one softmax over both): GPT-2's computation with a
-cache. Tests check the tokens against the ``DynamicCache`` and no-cache paths. Other LM families use the
-generic ``decoding.CachedLM``.
+HF's ``DynamicCache`` copies the whole cache every step and again to reorder beams; here the prefix K/V are kept
+once per image and a step writes one position in place. Tests check the tokens against HF's cache.
 """
 
 from __future__ import annotations

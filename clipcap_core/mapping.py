@@ -1,14 +1,7 @@
 """Mapping networks: a CLIP embedding (B, D) -> k prefix vectors (B, k, E) in the LM's embedding space.
 
-- ``mlp``: Linear(D, kE/2) -> Tanh -> Linear(kE/2, kE), reshaped to (k, E) (paper: used with GPT-2 tuning).
-- ``linear``: one Linear(D, kE), reshaped to (k, E) (the DeCap authors' ``clip_project``, with k = 1).
-- ``transformer``: Linear(D, clip_length*E) gives clip_length tokens, concatenated with k learned constant
-  tokens, ``num_layers`` pre-norm blocks of ``num_heads``-head self-attention + ReLU MLP; the outputs at the
-  constant positions are the prefix (paper: used with GPT-2 frozen).
-
-``mlp`` and ``transformer`` match the released ClipCap checkpoints' computation exactly (q/kv projections without bias, MLP ratio 2, ReLU);
-``reference.py`` maps their key names onto ours. ``normalize_prefix`` L2-normalises the CLIP embedding
-first (the released transformer checkpoint was trained that way). New kinds register in ``MAPPINGS``.
+``mlp`` and ``transformer`` compute exactly what the released ClipCap checkpoints do (``reference.py`` maps
+their keys); ``linear`` is the DeCap authors' projection.
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
-"""Caption metrics: exact match, and COCO metrics through pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr,
-optional SPICE).
+"""Caption metrics: exact match, and COCO metrics through pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE).
 
-    caption_metrics(preds, refs)                          # PTB tokenizer (Java), BLEU/METEOR/ROUGE-L/CIDEr
-    caption_metrics(preds, refs, metrics=("bleu", "cider"), tokenize="simple")   # no Java, fast
-    corpus, per_item = caption_scores(preds, refs)        # the same, plus each prediction's own scores
-    exact_match(preds, refs)                              # fraction equal to a reference after normalisation
-
-``refs`` holds one reference string or a list of references per prediction. The PTB tokenizer and METEOR
-need Java; SPICE also downloads Stanford CoreNLP on first use, so offline it fails with a clear message.
+The PTB tokenizer, METEOR and SPICE need Java (SPICE also CoreNLP); offline they fail with a clear message.
 """
 
 from __future__ import annotations
@@ -86,9 +79,7 @@ def caption_metrics(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequenc
 def caption_scores(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]], *,
                    metrics: Sequence[str] = ("bleu", "meteor", "rouge", "cider"),
                    tokenize: str = "ptb") -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Corpus-level scores and per-prediction scores (same keys; lists aligned with ``preds``).
-
-    The corpus value is pycocoevalcap's own (corpus BLEU is not the mean of the per-caption BLEUs)."""
+    """Corpus-level scores and per-prediction scores (same keys; lists aligned with ``preds``)."""
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown} (known: {list(METRICS)})")

@@ -1,16 +1,8 @@
 """The ClipCap model: mapping network prefix + GPT-2-family LM, with the LM fine-tuned or truly frozen.
 
-    cfg = ModelConfig(clip_dim=512, mapping=MappingConfig(kind="mlp"), lm=LMConfig(name_or_path="gpt2"))
-    model = build_model(cfg, tokenizer)            # loads the LM (hub name / local dir / fsspec URI)
-    out = model(clip_embeds, tokens, mask)         # ClipCapOutput(loss, logits)
-
-Sequence fed to the LM: [p_1..p_k, t_1..t_T] (prefix then caption tokens). logits[:, i] predicts t_{i+1}
-from the prefix and t_1..t_i, so the loss covers caption tokens only (mask 1 for real tokens, including the
-final end-of-text; 0 for padding). Captions are right-padded, so under the causal mask no real position ever
-attends to padding: no attention mask is needed, only the loss mask.
-
-A frozen LM has ``requires_grad=False`` on every parameter (no weight gradients are computed or stored;
-gradients still flow *through* it to the prefix) and stays in eval mode (no dropout), as in the paper.
+The LM sees [p_1..p_k, t_1..t_T]; the loss covers caption tokens only. Captions are right-padded, so under the
+causal mask no real position attends to padding: only a loss mask is needed. A frozen LM has no weight gradients
+and stays in eval mode, as in the paper.
 """
 
 from __future__ import annotations

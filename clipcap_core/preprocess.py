@@ -1,13 +1,7 @@
 """CLIP inference preprocessing that decode tasks run: ``PreprocessSpec`` and ``ImageResizer`` (PIL -> uint8).
 
-No torch, torchvision or open_clip import for the common case: a Ray decode/read task that imported open_clip to
-build its transform paid ~8 s of CPU per worker process on 2 cores (torch, torchvision -> torch._dynamo,
-transformers) before decoding its first image, all of it on the start-up path of every embed and caption job.
-``ImageResizer`` therefore does open_clip's eval geometry for its default ``resize_mode="shortest"`` with a
-square size itself, with the same arithmetic as torchvision's ``Resize`` (shortest edge, ``int()`` of the long
-edge, PIL resampling with antialias) and ``CenterCrop`` (``round()`` of the offsets); the tests check it
-pixel for pixel against open_clip's own transform. Any other mode ("longest", "squash", a non-square size)
-uses open_clip's transform, imported then.
+Pixel-equal to open_clip's eval transform (tests check it), so decode tasks import no torch, torchvision or
+open_clip; modes other than the default square ``shortest`` use open_clip's own transform.
 """
 
 from __future__ import annotations

@@ -1,23 +1,4 @@
-"""Named model configurations (a declarative registry, apart from logic).
-
-- ``tiny``: 2-layer 64-wide GPT-2 (seeded random init), word-level tokenizer over the synthetic vocabulary,
-  the ``tiny`` CLIP encoder (D read from that model: 128), MLP mapping with k = 4. Learns the synthetic set
-  in seconds on a CPU. Its tokenizer can be rebuilt from training captions (``build_word_tokenizer``).
-- ``tiny-transformer``: the same with a transformer mapper and a frozen LM.
-- ``clipcap-mlp``: the paper's MLP + GPT-2 fine-tuning setting (ViT-B/32, D = 512, k = 10).
-- ``clipcap-transformer``: the paper's transformer + frozen GPT-2 setting (RN50x4, D = 640, k = 40,
-  clip_length 40, 8 layers, normalised prefix).
-- ``decap-reference``: the DeCap authors' text-only decoder (dhg-wei/DeCap ``train.py``): a GPT-2 of their
-  decoder config (4 layers, 4 heads, E = 768) trained from scratch over CLIP's BPE vocabulary, fed by one
-  Linear(D, E) from a unit CLIP text embedding of ViT-B/32 (prefix length 1). Train it with
-  ``clipcap train --decoder decap``; ``clipcap import-reference --decap`` loads their released weights.
-
-The clipcap-* presets need real GPT-2 / CLIP weights (hub or local copies); see README for offline use.
-``decap-reference`` needs real CLIP weights only (for the embeddings), like the authors' code.
-
-Each preset trains with its ``Recipe`` (``RECIPES``) unless the config or flags say otherwise: the tiny ones with
-a rate and batch that learn a few thousand rows in minutes on a CPU, the paper's with the paper's COCO recipe.
-"""
+"""Named model configurations (a declarative registry, apart from logic)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,7 @@
 """The authors' ClipCap (rmokady/CLIP_prefix_caption) re-implemented: model layout, decoding, checkpoint import.
 
-- ``AuthorsClipCap``: their module layout (``clip_project.*``, ``gpt.*``), so their state dicts load strictly.
-- ``generate2`` / ``generate_beam``: their per-image decoding (no KV cache, whole sequence re-run each step;
-  greedy stopping at ``stop_token``; beam with length-averaged scores and stopped beams carried along).
-  Used by compatibility tests and as the benchmark baseline.
-- ``import_reference_checkpoint``: their state dict -> our model artifact (``clipcap import-reference``).
-  ``export_reference_state_dict`` is the inverse (for tests and for users going back).
-Checkpoints are read with ``torch.load(weights_only=True)``: no pickled code ever runs.
+Their decoding is the compatibility tests' oracle and the benchmark baseline; checkpoints load with
+``weights_only=True``, so no pickled code runs.
 """
 
 from __future__ import annotations
@@ -239,9 +234,6 @@ class ImportResult:
 def import_reference_checkpoint(ckpt: str, out: str, mapping: MappingConfig, clip_dim: int, lm: str = "gpt2",
                                 tokenizer: str | None = None, encoder: EncoderConfig | None = None) -> ImportResult:
     """Convert a state dict in the authors' layout at ``ckpt`` (any fsspec URI) into our artifact at ``out``.
-
-    ``lm``: the base LM (hub name, dir or URI). When the checkpoint carries LM weights (``gpt.*``) they are used
-    and ``lm`` may hold only the LM config; they are saved in the artifact unless identical to ``lm``'s weights.
     """
     # lazy: safetensors.torch + torch ~6.7 s to import (python -X importtime)
     from clipcap_core.artifacts import load_weights_into, save_model

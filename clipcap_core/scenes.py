@@ -1,19 +1,4 @@
 """Seeded ``scenes`` world: two groups of shapes and a spatial relation between them, several captions per image.
-
-The one-group ``synthetic`` world is solved by every model; this one tells them apart. Each image shows two
-groups, each with its own count, size, colour and shape, one left of / right of / above / below the other,
-on a varied background (gradient + noise), with jittered sizes, colours and positions. Its references say the
-same scene in different words and orders::
-
-    two small red circles left of a large blue square            (canonical: the image's caption)
-    a large blue square to the right of two small red circles    (and four more)
-
-240 groups x 240 groups x 4 relations = 230,400 canonical captions (115,200 scenes, each sayable from either
-side): far too many to memorise. A seeded set of colour-shape combinations (``heldout_combos``) never occurs in
-``split="train"`` or ``"test"``; ``split="novel"`` puts one in every image, to test composition.
-
-    samples = list(generate(100, seed=0, split="train"))   # SceneSample(key, caption, references, image, scene)
-    write_webdataset("data/scenes/shards", 8192, caption="random")   # CLIP training shards
 """
 
 from __future__ import annotations

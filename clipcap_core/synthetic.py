@@ -1,12 +1,4 @@
-"""Seeded synthetic captioned images: the embedded default data set (no internet needed).
-
-Each image shows 1-3 shapes of one colour, shape and size, grouped in one region; its caption says exactly
-that, e.g. ``"two small red circles at the top"``. A model that learns gets held-out captions right (every
-attribute is visible); a model that does not is caught by exact-match and per-attribute accuracy.
-
-    samples = list(generate(100, seed=0))             # SyntheticSample(key, caption, image, attributes)
-    write_url_list("data/synthetic", 200, base_url)   # images/ + CC3M-style headerless "caption<TAB>url" TSV
-"""
+"""Seeded synthetic captioned images: the embedded default data set (no internet needed)."""
 
 from __future__ import annotations
 
@@ -150,11 +142,7 @@ def write_images(out_dir: str | Path, samples: Iterable[Any], base_url: str, ima
 
 def write_url_list(out_dir: str | Path, n: int, base_url: str, seed: int = 0, size: int = 64,
                    image_format: str = "png") -> Path:
-    """Write ``n`` images under ``out_dir/images`` and a headerless ``caption<TAB>url`` TSV (CC3M layout).
-
-    ``base_url`` is where ``out_dir`` is served (e.g. the local HTTP server) or a ``file://`` URL of it.
-    Returns the TSV path.
-    """
+    """Write ``n`` images under ``out_dir/images`` and a headerless ``caption<TAB>url`` TSV (CC3M layout)."""
     return write_images(out_dir, generate(n, seed=seed, size=size), base_url, image_format)
 
 

@@ -1,22 +1,5 @@
 """Tokenizers: GPT-2 family tokenizers by hub name / local dir / object-store URI, the tiny word-level one and
 CLIP's BPE vocabulary (DeCap).
-
-The ``tiny`` preset uses a word-level tokenizer (HF ``tokenizers`` WordLevel wrapped in a fast tokenizer)
-built from ``synthetic.VOCABULARY`` or from training captions. Every tokenizer we hand out has an
-end-of-text token used as eos and pad: captions end with eos so generation learns to stop, and padding is
-masked out of the loss.
-
-``clip-bpe`` is CLIP's BPE vocabulary (49,408 tokens; start-of-text 49406, end-of-text 49407), built offline
-from the vocabulary file open_clip ships, as an HF ``CLIPTokenizer``: the DeCap authors' decoder speaks it.
-A tokenizer whose start token differs from its end token (CLIP's) has captions encoded as
-[start, words..., end], as ``clip.tokenize`` does; the model learns to emit the start token first and
-decoding drops it from the text. Unlike ``clip.tokenize`` it does not run ftfy or unescape HTML entities.
-
-    tok = load_tokenizer("word")                  # tiny word-level tokenizer over synthetic.VOCABULARY
-    tok = load_tokenizer("word-scenes")           # the same over scenes.VOCABULARY
-    tok = build_word_tokenizer(captions)          # word-level tokenizer over your captions
-    tok = load_tokenizer("clip-bpe")              # CLIP's BPE vocabulary
-    tok = load_tokenizer("gpt2" | "/dir" | "s3://bucket/tok")
 """
 
 from __future__ import annotations
@@ -52,9 +35,6 @@ def words_of(text: str) -> list[str]:
 def build_word_tokenizer(captions: Iterable[str] | None = None, *, words: Sequence[str] | None = None,
                          min_count: int = 1) -> PreTrainedTokenizerBase:
     """Word-level fast tokenizer: ids 0/1 are ``<|endoftext|>`` (eos + pad) and ``<unk>``, then sorted words.
-
-    Words come from ``words`` if given, else from ``captions`` (kept when seen ``min_count`` times),
-    else from ``synthetic.VOCABULARY``. Deterministic: the same inputs give the same ids.
     """
     if words is None:
         if captions is None:

@@ -1,14 +1,5 @@
 """Training core (pure PyTorch; the Ray Train job calls these per worker): batches, AdamW + linear warm-up,
 train step with gradient clipping and mixed precision, evaluation loss and held-out caption metrics.
-
-    cfg = TrainConfig(lr=1e-3, warmup_steps=50, epochs=5, batch_size=64)
-    batches = lambda epoch: iterate_batches(tok, captions, embeds, cfg, epoch=epoch)
-    result = train_loop(model, batches, cfg)                 # TrainResult(steps, losses)
-    evaluate_captions(model, tok, heldout_embeds, heldout_captions)   # exact match, BLEU-4, CIDEr
-
-Only parameters with ``requires_grad`` are optimised (a frozen LM is never touched). Schedule: linear warm-up
-to ``lr`` over ``warmup_steps``, then linear decay to 0 at ``total_steps`` (constant when it is unknown),
-as in the paper's ``get_linear_schedule_with_warmup``.
 """
 
 from __future__ import annotations
@@ -215,12 +206,10 @@ class NonFiniteError(FloatingPointError):
 def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, grad_clip: float | None,
                    scaler: torch.amp.GradScaler | None = None) -> None:
-    """Backward (scaled with fp16), optional gradient clipping of ``params``, optimizer + scheduler step.
+    """Backward, optional gradient clipping, optimizer + scheduler step.
 
-    Raises ``NonFiniteError`` before touching the weights when the loss or the gradient norm is not finite.
-    The check runs after backward, so data-parallel workers (whose gradients are all-reduced) all stop at the
-    same step; with fp16 an infinite gradient is the grad scaler's business (it skips the step) and only the
-    loss is checked."""
+    Raises ``NonFiniteError`` before touching the weights when the loss or gradient norm is not finite
+    (after backward, so data-parallel workers all stop at the same step)."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()

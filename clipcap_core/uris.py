@@ -1,15 +1,6 @@
 """The fsspec helpers below every other (``pipelines.io.storage`` builds its table / JSON writers on these): a URI ->
 (filesystem, path), existence, remote-or-local, and moving model files between any fsspec URI (local path,
 ``s3://``, ``gs://``, ``memory://``) and local disk.
-
-Hugging Face loaders and tokenizers read local directories only, so remote artifacts / LMs are copied to a
-temporary local directory first (``local_copy``) and local save directories are uploaded file by file
-(``upload_dir``). File-by-file copies keep the layout predictable across fsspec backends.
-
-Model URIs come from shared buckets, so a remote listing is untrusted: ``local_copy`` takes each key's path
-relative to the URI by plain prefix (``posixpath.relpath`` would turn ``model/../../x`` into ``../../x``) and
-refuses any relative path that is empty, absolute, a drive path, holds ``..`` / ``.`` / backslashes, or resolves
-outside the temp folder (``safe_join``, also used for the file names in an artifact's ``config.json``).
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
-"""The ``clipcap`` console script: one sub-command per stage. ``python -m pipelines.cli CMD ...`` is the same
-command without an installed script: the Ray job entry point
-(``ray job submit --working-dir . -- python -m pipelines.cli caption --input ... --output ... --model ...``).
+"""The ``clipcap`` console script: one sub-command per stage; ``python -m pipelines.cli CMD ...`` is the same
+command for ``ray job submit``.
 
-Each sub-command module named in ``COMMANDS`` has ``HELP`` (its line in ``clipcap --help``), a docstring (its
-``--help`` description), ``add_arguments(parser)`` and ``run(args) -> int``, which does the work by calling one
-library function, and optionally ``STOP_ON_SIGNALS = True`` (see below); ``build_parser`` registers them all the
-same way.
-Heavy imports (torch, ray, open_clip) happen inside ``run``, and ``clipcap COMMAND ...`` imports only that
-command's module (some pull in torch for their config types), so a job's driver does not pay for the others.
-A command runs under ``stopping.run``: an output that fails part-way, and in a command with
-``STOP_ON_SIGNALS`` SIGTERM / Ctrl-C, end it with one line on stderr and their exit code (``pipelines.exitcodes``).
-A command with ``JOB_LOG = True`` (the long ones, which start Ray) runs under ``console.job_log`` unless ``-v``:
-Ray's own output goes to a log file, the terminal shows our progress line, warnings and summary.
+A sub-command module has ``HELP``, a docstring (its ``--help``), ``add_arguments(parser)`` and ``run(args) -> int``;
+optional ``STOP_ON_SIGNALS`` (SIGTERM / Ctrl-C stop it cleanly) and ``JOB_LOG`` (Ray's output goes to a log file).
 """
 
 from __future__ import annotations

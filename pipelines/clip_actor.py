@@ -1,18 +1,5 @@
 """The one CLIP actor of every stage: embed (images, optionally their captions), embed-text (captions only) and
 caption (images; in the captioning actor, or a pool of its own with ``--stages split``).
-
-``ClipActor`` is the callable class Ray Data's actor pools run. ``__init__`` loads the encoder once per actor
-process: torch threads = the actor's share and the device Ray gave it (``runtime.actor_device``), precision
-("auto": fp16 autocast on GPU, fp32 on CPU); ``images=False`` drops the image tower (text only). A batch is an
-Arrow table of the stages' row format (``pipelines.rows``):
-
-- ``images``: ``pixels`` bytes -> ``embedding`` (float32 bytes); rows without pixels (errors, markers,
-  embedding-table rows) keep theirs (``b""`` when the table has no ``embedding`` column). ``pixels`` is dropped.
-- ``texts``: ``caption`` of the rows without an ``error`` -> ``text_embedding`` (float32 bytes, ``b""`` for the
-  others); with ``count_truncated`` also ``truncated`` (longer than the CLIP context).
-Every other column passes through, plus the timing columns ``t_clip`` / ``cpu_clip``. The good rows of a block
-are one forward. Caption's fused actor (``ClipCaptionStage``) holds one ``ClipActor`` and hands its encoder to
-the CLIPScore scorer, so one loaded CLIP serves both.
 """
 
 from __future__ import annotations

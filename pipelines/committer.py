@@ -1,21 +1,4 @@
 """The one per-unit committer every stage's driver runs: embed (unit = shard), embed-text and caption (part).
-
-Rows stream back to the driver in blocks, a unit's rows spread over any number of blocks and actors.
-``UnitCommitter`` collects them per unit and settles each unit once, as soon as it is complete. The protocol
-(columns named per stage):
-- ``unit``: the unit the row belongs to; ``index``: its member index in the unit (-1: a marker row, no member);
-- ``total`` >= 0 on a row says how many members its unit has. Embed and embed-text put it on every row;
-  caption's read tasks on one marker row per part (which also announces a part without members).
-A unit is complete when ``total`` distinct member indices arrived: a row that arrives twice (Ray retried the
-task that made it) is kept once, and rows of a unit already settled are dropped. A complete unit whose input
-could not be read (the ``unread`` hook names why) is *failed*: logged, listed in ``failed``, not committed, so a
-rerun retries it; any other is handed to the ``commit`` hook, the stage's writer (errors table, then the part
-file or an empty marker). A stop signal during a commit waits until the unit is written
-(``stopping.committing``); a storage error while writing it raises ``stopping.CommitFailed`` naming the unit.
-``guard`` (the output's ``lease.Lease.check``) runs before each unit is written: a run that lost its output's
-lease commits nothing more. Subclasses implement the two hooks; ``finish`` settles the units that got no rows at all and fails the run if
-rows were lost. Blocks are Arrow tables (the stages' row format, ``pipelines.rows``); a unit's member rows reach
-the hooks as one table, concatenated in arrival order, markers dropped.
 """
 
 from __future__ import annotations

@@ -1,11 +1,4 @@
 """What an operator sees of a long job: our progress line and summary on the terminal, everything else in a log.
-
-- ``job_log(command)``: while a CLI command runs, file descriptor 2 points at a log file, so Ray's own messages
-  (its Python loggers, its progress output, the C++ core worker's lines) and every library's warnings land
-  there; ``terminal()`` is the stream the operator still sees (our progress, the summary, errors), and the
-  project's own warnings are also copied to it. Not under ``-v`` (everything stays on stderr, as Ray prints it).
-- ``Progress``: one live line (tqdm) on a terminal; elsewhere one plain line every ``interval_s`` seconds
-  (``CLIPCAP_PROGRESS_EVERY_S`` overrides it, e.g. for a CI log). ``watch`` feeds one from a job's own tally.
 """
 
 from __future__ import annotations

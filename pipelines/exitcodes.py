@@ -1,9 +1,4 @@
-"""Exit codes of every ``clipcap`` sub-command (``python -m pipelines.cli``) and ``jobs/embed_cc3m.py``.
-
-``CODES`` holds each code with its meaning and what to do: the one source of the table in ``clipcap --help``
-(``help_table``) and in the README's "Exit codes" (``markdown_table``; a test keeps the README equal to it).
-An uncaught crash exits 1 with a traceback.
-"""
+"""Exit codes of every ``clipcap`` sub-command (``python -m pipelines.cli``) and ``jobs/embed_cc3m.py``."""
 
 from __future__ import annotations
 

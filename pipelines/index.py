@@ -1,21 +1,4 @@
 """Nearest-neighbour indexes over embedding tables (``clipcap index`` / ``clipcap search``), built with faiss.
-
-    info = build_index(IndexConfig(input="s3://b/clipcap/embeddings/cc3m/ViT-B-32-openai", output="s3://b/index/cc3m"))
-    searcher = Searcher.open("s3://b/index/cc3m")
-    searcher.search_text(["a dog on a beach"], k=10)      # the table's own CLIP encodes the query
-
-The tables store CLIP vectors as the model outputs them (unnormalised); the index holds unit vectors, so its
-inner product is the cosine similarity. Kinds:
-- ``flat``: exact search, every vector compared (the default below ``exact_below`` rows);
-- ``ivf``: IVF-Flat: k-means centroids (``nlist``, default ~4 sqrt(N)) trained on a seeded sample, each vector
-  stored in its nearest centroid's list, ``nprobe`` lists searched per query (the default above it);
-- ``hnsw``: a navigable small-world graph (no training, more memory and a slower build, fast queries).
-Memory stays near the raw vectors: they are read one record batch at a time and added as they come.
-
-Layout of ``output``: ``index.faiss``, ``rows.parquet`` (faiss id -> key, caption, table file, row in that file)
-and ``index.json`` (kind, count, D, the CLIP that made the vectors, build settings). On a multi-node cluster an IVF
-index is filled by one Ray task per table file and the lists are merged on the driver; on one node faiss's own
-threads already use every core, so the build stays in-process.
 """
 
 from __future__ import annotations

@@ -1,23 +1,9 @@
 """One run at a time per output: a lease file (``<output>/_meta/lease.json``, a table's ``_meta/.../lease.json``,
 nightly's ``<state>/lock.json``) held for the whole run, on local disk and object stores alike (fsspec).
 
-    with Lease(meta_uri(output, LEASE_FILE), force=cfg.force_unlock, override="rerun with --force-unlock"):
-        ...  # clear temporaries, plan, commit units
-
-The file records the owner (host, pid, run id) with ``started_at`` and ``renewed_at`` (UTC ISO). A heartbeat
-thread rewrites ``renewed_at`` every ``renew_every_s``; a lease not renewed for ``stale_after_s`` (a killed
-run) is taken over with a warning, and so at once is one whose process is gone (same host and process namespace,
-no such pid: a driver killed with SIGKILL or OOM); ``force`` takes a live one. A second run finds a live lease and stops
-with ``LeaseHeld`` (exit 2) before any work, naming the owner and how to override.
-
-How a run takes it: an exclusive create (``open(..., "xb")``: ``O_EXCL`` on local disk, a PUT with
-``If-None-Match: *`` on S3, which AWS S3 and the moto server honour), then a read-back that must name this run.
-Taking over a stale or forced lease deletes the file it judged and creates its own, then reads back after
-``SETTLE_S`` (a renewal of the old owner in flight would have overwritten it: then it tries again). Neither
-that nor a renewal (read, check, write) is a compare-and-swap, so two runs can briefly both believe they hold
-it; each heartbeat checks that the file still names its run, and a run that lost it (``LeaseLost``) commits
-no further unit (``UnitCommitter.guard``): overlap is bounded by one renewal period. Staleness compares
-``renewed_at`` with the local clock (hosts in NTP sync).
+Taken by an exclusive create (``O_EXCL``; on S3 a PUT with ``If-None-Match: *``) and a read-back. Takeover and
+renewal are not compare-and-swap, so each heartbeat checks that the file still names this run, and a run that
+lost it commits no further unit (``UnitCommitter.guard``).
 """
 
 from __future__ import annotations

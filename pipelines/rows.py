@@ -1,10 +1,5 @@
 """The row format of the image and text stages (embed, embed-text, caption): Arrow tables, Ray Data's
 ``batch_format="pyarrow"``, from the read / decode tasks through the CLIP actor to the driver's committer.
-
-Images travel as ``pixels`` (uint8 (H, W, 3) bytes, ``b""`` when the row has none: an error, a marker, an
-embedding-table row) and vectors as float32 bytes (``embedding``, ``text_embedding``; ``b""`` when the row has
-none). ``Clock`` / ``with_time``: each stage adds its busy wall seconds (``t_<stage>``) and process CPU seconds
-(``cpu_<stage>``, all threads) per block, spread over the block's rows.
 """
 
 from __future__ import annotations

@@ -1,32 +1,9 @@
 """The job runtime every Ray stage shares: how Ray is started, and how a stage's actors and tasks are sized.
 
-**Starting Ray.** ``ensure_ray`` is the one policy: a session that is already connected is used as it is;
-otherwise ``address`` (or ``RAY_ADDRESS``) is joined, else a local instance starts. Driver-side logs of the
-workers are not echoed (``log_to_driver=False``): each stage logs its own progress on the driver.
-
-**Sizing.** A stage that runs a model has one actor pool (model loaded once per actor) fed by read/decode
-tasks. Every knob defaults to 0 / None = "size it from the cluster" (``ray.cluster_resources()`` and the
-alive nodes), and every explicit value wins:
-
-- GPU cluster: one actor per GPU (``gpus_per_actor`` 1), 1 CPU reserved per actor and 2 torch threads (the
-  GPU does the work; the host threads only feed it); the other CPUs run the read/decode tasks.
-- CPU cluster: one **single-thread** actor per core, up to 8 actors per node (above 8 cores each actor runs
-  cores / 8 threads, so a node never holds more than 8 model copies). Their reservations leave one CPU per node
-  for a read/decode task (2 cores: 0.5 CPU per actor + 1 for decoding); once decoding is done, the actors'
-  threads have every core. Why not one actor running all the node's cores as threads: Ray runs its workers at
-  nice 15 and its raylet, GCS, dashboard and the driver (~15% of 2 cores while a job runs) preempt them; an
-  intra-op thread descheduled for a moment stalls the whole parallel region, so one 2-thread actor embeds
-  markedly slower than two 1-thread actors (under ``chrt`` real-time priority the stalls vanish, which hides
-  this). Why not one actor reserving 1 CPU and running 1 thread: every other core idles once decoding ends.
-  Figures: benchmarks/RESULTS.md, "Embedding speed".
-- One node, CPU (embed, embed-text): those single-thread actors run as concurrent batches of **one** actor
-  (``share_process``: Ray Data's ``max_concurrent_calls_per_actor`` with true multi-threading; each call a
-  thread with its own torch threads). The same cores work the same way, single-thread parallel regions that no
-  preemption stalls, but torch / open_clip are imported and the weights loaded once instead of per actor, and the
-  model is held once. Across nodes Ray places actors, not threads, so a multi-node plan keeps one per core.
-
-``plan_actors`` is pure (a cluster description in, an ``ActorPlan`` out) so the rules are unit-tested;
-``ActorPlan.describe`` is the one log line each stage prints.
+Knobs at 0 / None are sized from the cluster, explicit values win. GPU: one actor per GPU, 1 CPU, 2 torch threads.
+CPU: one single-thread actor per core (up to 8 per node, then cores / 8 threads each), leaving one CPU per node
+for read / decode tasks. Single-thread because Ray runs workers at nice 15: a descheduled intra-op thread stalls
+the whole parallel region.
 """
 
 from __future__ import annotations
@@ -114,9 +91,8 @@ class ActorPlan:
 
 def share_process(plan: ActorPlan, cluster: ClusterShape) -> ActorPlan:
     """A CPU plan of several actors on a one-node cluster, as one actor running that many batches at once (each
-    on the plan's torch threads): the same cores at work, but the model is imported and loaded once instead of
-    once per actor (~7 s of CPU each for ViT-B-32 on this 2-core box, paid before the first batch) and held
-    once in memory. Several nodes keep one actor per core: Ray places actors, not threads, on nodes."""
+    on the plan's torch threads): the same cores at work, but the model is imported, loaded and held once.
+    Several nodes keep one actor per core: Ray places actors, not threads, on nodes."""
     if plan.use_gpu or plan.actors < 2 or plan.calls_per_actor != 1 or len(cluster.node_cpus) != 1:
         return plan
     return replace(plan, actors=1, calls_per_actor=plan.actors, cpus_per_actor=plan.cpus_per_actor * plan.actors)
@@ -167,19 +143,14 @@ def plan_actors(cluster: ClusterShape, *, actors: int = 0, cpus_per_actor: float
 def pixel_block_bytes(rows: int, size: int | tuple[int, int]) -> int:
     """Ray Data ``target_max_block_size`` for blocks of ``rows`` decoded uint8 images of ``size``: one block
     per decoded batch. Ray Data otherwise merges a read task's batches into blocks of up to 128 MB (a whole
-    shard / part of pixels), and an actor pool then has one block for one actor: the other actors idle (caption
-    on 2 cores: 1 of 2 single-thread actors busy, 0.71x ``Captioner``)."""
+    shard of pixels), and an actor pool then has one block for one actor while the others idle."""
     height, width = (size, size) if isinstance(size, int) else size
     return max(1 << 16, int(1.2 * rows * height * width * 3))
 
 
 
 class CallThreads:
-    """Sets torch's intra-op threads to ``threads`` once in each thread that calls it (0: leave torch's).
-
-    An actor running several batches at once (``share_process``) runs each in a thread of its own, and OpenMP
-    keeps the thread count per calling thread: a new thread starts at OMP_NUM_THREADS (Ray: the actor's CPU
-    reservation), not at the plan's threads per batch. An actor calls this at the start of every batch."""
+    """Sets torch's intra-op threads to ``threads`` once in each thread that calls it (0: leave torch's)."""
 
     def __init__(self, threads: int):
         self.threads = threads

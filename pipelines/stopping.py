@@ -1,25 +1,7 @@
 """How a job stops part-way: on a stop signal (SIGTERM, SIGINT) or when its output cannot take a unit.
 
-Either way the job ends with one line on stderr saying how many units (parts, shards) are committed, so the
-user knows a rerun resumes from there, and an exit code: 128 + the signal number for a signal (``exitcodes``:
-143 SIGTERM, 130 SIGINT), ``exitcodes.PARTIAL`` when a commit failed.
-
-- ``on_signals()``: the CLI runs a command inside it; SIGTERM / SIGINT then raise ``Interrupted`` in the main
-  thread, except while a unit is being written (``committing()``): the signal waits until that unit is
-  committed, so each unit is written whole or not at all. A second signal while stopping is ignored.
-- ``CommitFailed``: raised by the committer when writing a unit fails after work began (disk full, output
-  turned read-only): a part-way failure, not a usage error.
-- ``starting_ray()``: around ``ray.init``, whose own SIGTERM handler would ``sys.exit`` mid-start; a stop signal
-  then waits until Ray is up.
-- ``counting(count, noun)``: a job's driver loop runs inside it, so either exception carries "N of M units
-  committed".
-- ``run(call, prog, signals)``: what the CLI runs a command with: ``on_signals`` for the commands that
-  commit units (``STOP_ON_SIGNALS`` in their module: caption, embed, embed-text), and a part-way stop turned
-  into its line and exit code after ``release_ray()`` of the session the command opened (a local Ray
-  instance stops with it: no worker outlives the driver).
-
-``Interrupted`` is a ``BaseException`` (as ``KeyboardInterrupt``), so no ``except Exception`` on the way up
-swallows it.
+``Interrupted`` is a ``BaseException`` (as ``KeyboardInterrupt``), so no ``except Exception`` swallows it; a
+signal during a commit waits until the unit is written.
 """
 
 from __future__ import annotations

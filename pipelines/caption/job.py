@@ -1,41 +1,4 @@
-"""Bulk captioning: image archives in, caption tables + an errors table out; resumable and idempotent.
-
-    summary = caption_archive(CaptionConfig(input="s3://b/archives", output="s3://b/captions/run1",
-                                            model="s3://b/models/m1"))
-
-Ray Data pipeline (stages in ``pipelines.caption.stages``): the driver plans the input into parts
-(``pipelines.io.sources``) -> read + safe decode + resize (one task per part) -> CLIP (``pipelines.clip_actor``;
-skipped when the input is only embedding tables) -> mapping network + batched decoding (by default one actor
-runs both) -> rows stream back to the driver, whose committer (``output.PartCommitter``, the shared
-``pipelines.committer.UnitCommitter``) commits each part as soon as all its rows have arrived.
-
-Output layout under ``output`` (each table folder holds only non-empty part files, so pandas, pyarrow,
-DuckDB, polars and Hugging Face ``datasets`` read it as it is):
-- ``captions/part-<part id>.parquet``: caption table, ``schemas.CAPTIONS_SCORED_SCHEMA``: key, caption, score
-  (mean token log-prob), model (``<uri>@<version>``), created_at, rank (one row per caption, 0 = best; with
-  ``num_captions`` = 1 the key alone is unique), clip_score (CLIPScore with the model's CLIP; ``rerank="clip"``
-  orders the ranks by it). Rows sorted by (key, rank).
-- ``_meta/errors/part-<part id>.parquet``: errors table (key, source, stage, error), parts with errors only.
-- ``_meta/empty/part-<part id>.json``: the done-marker of a part without one caption (all members failed).
-- ``_meta/tmp/``: files being written, renamed into ``captions/`` or ``_meta/errors/`` once complete (so no
-  reader of the table folder ever sees a temporary, whatever stops the run).
-- ``_meta/lease.json``: held by the run in progress (``pipelines.lease``): a second run on the output stops
-  with exit 2 before any work, naming it; ``force_unlock`` takes it.
-- ``_meta/run.json``: the model, decoding options and input plan digest of the run that owns this output;
-  ``_meta/summary.json``: the last run's summary.
-
-Resumability: part ids are derived from the input (``sources.plan_parts``); a part is committed by writing
-its errors file, then its caption file (or empty marker), each atomically (``storage.atomic_write_table``),
-so an interrupted run leaves no partial file and the caption file's presence means "done". A rerun skips
-done parts and so never duplicates rows; a rerun with another model / decoding / input is refused
-(``overwrite=True`` redoes everything). A part whose input could not be read (unreadable or truncated
-archive, I/O error: ``sources_base.UNIT_STAGE`` rows) is not committed: it is listed in
-``CaptionSummary.parts_failed`` and retried by the next run (exit code ``exitcodes.PARTIAL``). A stop signal
-or an output that fails part-way (disk full, read-only) stops the run with ``stopping.Interrupted`` /
-``stopping.CommitFailed`` carrying the parts committed so far.
-Job-level faults (unreadable output, output inside the input, missing input, a missing / corrupt / untrained
-model, embedding dimension or CLIP model not matching the model) raise before any work starts.
-"""
+"""Bulk captioning: image archives in, caption tables + an errors table out; resumable and idempotent."""
 
 from __future__ import annotations
 
@@ -71,11 +34,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class ResourceOptions:
-    """Batch sizes, actor pools and devices: the one place the pipeline's resources are set. Actor counts, CPUs,
-    threads and GPUs at 0 / None are sized from the cluster by ``runtime.plan_actors`` (one actor per GPU; on
-    CPU one single-thread actor per core, up to 8 per node, and on a one-node cluster, without
-    ``caption_actors``, those as concurrent batches of one actor: ``runtime.share_process``); a value wins.
-    ``CLI_FLAGS``: the fields that are not ``clipcap caption`` flags (``pipelines.commands.flags``)."""
+    """Batch sizes, actor pools and devices: the one place the pipeline's resources are set. Knobs at 0 / None
+    are sized from the cluster (``runtime.plan_actors``, ``runtime.share_process``); a value wins."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"read_memory_mb": None}
     decode_block_rows: int = 64  # rows per block out of the read/decode tasks
@@ -285,7 +245,7 @@ def prepare(cfg: CaptionConfig) -> Plan:
 
 # --- the job ----------------------------------------------------------------------------------------------------
 def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
-    """Caption every image of ``cfg.input`` into caption tables under ``cfg.output`` (see module docstring)."""
+    """Caption every image of ``cfg.input`` into caption tables under ``cfg.output``."""
     start = time.monotonic()
     check_output_outside_input(cfg)
     storage.check_writable(cfg.output)

@@ -1,10 +1,5 @@
 """The output side of bulk captioning: the output layout and the per-part committer (``PartCommitter``, the
 shared ``pipelines.committer.UnitCommitter`` with caption's hooks).
-
-Layout under a caption run's ``output`` (see ``pipelines.caption.job``): ``captions/part-<id>.parquet`` (the table:
-only non-empty part files, so every common Parquet reader takes the folder as it is) and ``_meta/`` (the
-errors table ``errors/``, ``empty/part-<id>.json`` markers of parts without captions, ``run.json``,
-``summary.json``, ``tmp/``: files being written, renamed into place when complete).
 """
 
 from __future__ import annotations

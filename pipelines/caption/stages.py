@@ -1,20 +1,4 @@
-"""The stages of bulk captioning: pure cores plus the callables Ray Data runs (no Ray import here).
-
-Rows flow between stages as Arrow tables (the row format of ``pipelines.rows``) with the columns of
-``STAGE_SCHEMA``:
-- ``read_decode_part`` (Ray task, one per part): reads a part's records, decodes images safely
-  (``clipcap_core.imaging``) and resizes them (the CLIP model's geometric preprocessing) to uint8 (H, W, 3)
-  bytes; embedding-table rows carry their embedding; failures become error rows. The last row of each part
-  is a *marker* (``index`` -1) whose ``total`` says how many member rows the part has, so the driver knows
-  when a part is complete however the rows were spread over actors.
-- CLIP (``pipelines.clip_actor.ClipActor``, the one CLIP actor of every stage):
-  ``pixels`` -> ``embedding`` (float32 bytes), normalising on the device.
-- ``CaptionStage`` (actor pool): ``embedding`` -> ``captions`` / ``scores`` / ``clip_scores`` (n per image,
-  best first: by the decoder, or by CLIP similarity with rerank "clip") with batched KV-cache decoding and
-  the model's CLIP text encoder. ``ClipCaptionStage`` (the default) runs a ``ClipActor`` and a ``CaptionStage``
-  in one actor.
-Rows that a stage has nothing to do for (errors, markers, embeddings at the CLIP stage) pass through.
-"""
+"""The stages of bulk captioning: pure cores plus the callables Ray Data runs (no Ray import here)."""
 
 from __future__ import annotations
 
@@ -102,9 +86,7 @@ def read_decode_part(part: sources_base.Part, cfg: sources_base.SourceConfig, re
 
 def read_decode_batch(batch: pa.Table, *, cfg_json: str, spec: Any, block_rows: int,
                       jpeg_draft: bool = False) -> Iterator[pa.Table]:
-    """Ray Data task function over batches of ``{"part": [Part json]}``; yields several blocks per part.
-
-    ``spec`` is the CLIP model's ``PreprocessSpec`` (None when the input is only embedding tables)."""
+    """Ray Data task function over batches of ``{"part": [Part json]}``; yields several blocks per part."""
     cfg = from_dict(sources_base.SourceConfig, json.loads(cfg_json))
     resizer = ImageResizer(spec) if spec is not None else None
     draft = None

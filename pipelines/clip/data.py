@@ -1,19 +1,4 @@
 """Image-caption pairs for CLIP training and evaluation, from img2dataset webdataset shards (any fsspec URI).
-
-    shards = list_shards(["s3://b/raw/cc3m"])                    # the .tar files, sorted
-    n = count_pairs(shards, split)                                 # key-only pass (sidecar Parquet or tar names)
-    ds = stream_pairs([(shard, epoch), ...], prep)                 # Ray Data: one task per (shard, epoch)
-    pixels, tokens, captions = load_pairs(shards, split, prep, max_rows=512)   # in-process (held-out eval)
-
-A sample is a pair when its tar group has an image member and a ``.txt`` caption; anything else (no caption,
-an undecodable image, an unsafe member) is skipped and counted, never trained on. Members go through the
-member-safety checks of ``pipelines.io.sources`` and images through ``clipcap_core.imaging.decode_image``.
-The key-hash ``tables.Split`` (same salt as every other stage) decides train / held-out per sample key, so the
-held-out images of CLIP training are the same whichever worker or run reads them.
-
-``PairPrep`` is the per-row work of the data tasks: decode -> augment (seeded RandomResizedCrop, or open_clip's
-eval resize/crop) -> uint8 (S, S, 3), and caption -> open_clip tokens (B, context). Pixels stay uint8 until the
-worker normalises them on its device (4x less data through the object store than float32).
 """
 
 from __future__ import annotations

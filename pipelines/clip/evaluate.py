@@ -1,18 +1,4 @@
 """``clipcap eval-clip``: retrieval R@1/5/10, the modality gap and zero-shot classification of a CLIP on held-out pairs.
-
-    report = evaluate_clip(EvalClipConfig(encoder=EncoderConfig(model_name="tiny"), shards=("data/raw/x",),
-                                          part="heldout", classes="classes.txt", templates="templates.txt"))
-
-Pairs come from webdataset shards (images encoded here with the model's eval preprocessing, captions with its
-text tower) or from embedding tables that hold both ``image_embedding`` and ``text_embedding``. ``part``
-selects the key-hash split (``heldout`` with the training job's fraction and salt gives its held-out set).
-The modality gap of the pairs (``clip_eval.modality_gap``: mean paired cosine, centroid distance, share of
-variance along the gap) is reported for every model, so a CLIP can be placed beside real ones.
-Zero-shot: each image's label is its caption when that caption is one of ``classes`` (compared lower-cased,
-stripped; others are counted as unlabelled, never dropped silently); class embeddings are the CLIP paper's
-prompt ensemble over ``templates`` (one per line, each with ``{}``). When every class is a synthetic caption
-(``clipcap_core.synthetic``), the accuracy of each attribute of the top-1 class is reported too.
-Runs in one process (an evaluation set is thousands of pairs, not millions).
 """
 
 from __future__ import annotations

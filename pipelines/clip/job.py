@@ -1,22 +1,4 @@
 """``clipcap train-clip``, driver side: contrastive CLIP training / fine-tuning with Ray Train on webdataset shards.
-
-    result = run_clip_training(ClipTrainJobConfig(
-        shards=("s3://b/raw/mydomain",), output="s3://b/clip-runs", name="vitb32-mydomain",
-        model=ClipModelSpec(model_name="ViT-B-32", pretrained="openai"), train=ClipTrainConfig(lr=1e-5, epochs=3),
-        scale=ScaleConfig(num_workers=8, use_gpu=True)))
-    # result.weights: <output>/<name>/model/<name>.safetensors -> `clipcap embed --clip ViT-B-32 --clip-pretrained ...`
-
-Data: img2dataset shards (image + ``.txt`` caption per sample) -> one Ray Data read task per (shard, epoch),
-shard order reshuffled per epoch (seeded), decode + seeded crop + tokenise in the tasks (``clip_data``) ->
-``streaming_split`` -> each worker iterates uint8 pixel / token batches. One stream covers every remaining
-epoch (as ``clipcap train``). A salted key hash holds ``heldout_fraction`` of the samples out; rank 0 evaluates
-retrieval R@1/5/10 on (at most ``run.eval_max_samples`` of) them at epoch ends.
-
-Run layout, ``<output>/<name>/``: Ray's ``checkpoint_*`` (every ``run.checkpoint_every`` steps and each epoch;
-model, optimizer, scheduler, step, history), ``model/`` (``<name>.safetensors``, ``open_clip_config.json``,
-``clipcap_clip.json``, ``README.md`` model card), ``history.json`` / ``.csv``, ``loss_curve.png``.
-Re-running with the same output and name resumes from the latest checkpoint; a dead worker is replaced and the
-group restarts from it (``run.max_failures``).
 """
 
 from __future__ import annotations

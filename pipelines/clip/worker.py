@@ -1,10 +1,6 @@
 """What runs inside each Ray Train worker of ``clipcap train-clip``: the CLIP model and its held-out pairs, the
 contrastive step, in-memory batches (``data="memory"``), and (rank 0) the final model folder with its model card.
 The step loop, checkpoints and reporting are shared with ``clipcap train`` (``pipelines.train.steps``, ``pipelines.train.checkpoints``).
-
-The driver (``pipelines.clip.job``) has checked the model and shards and counted the steps; this loop only
-trains. Every worker steps on equal full batches (``drop_last``), so all ranks all-gather features of the same
-shape at every step; rank 0 evaluates and writes checkpoints; all workers report at the same steps.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""One module per ``clipcap`` sub-command: ``add_parser(subparsers)`` + a ``run(args)`` calling the library."""
+"""One module per ``clipcap`` sub-command: ``add_arguments(parser)`` + a ``run(args)`` calling the library."""

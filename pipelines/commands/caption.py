@@ -3,15 +3,10 @@
     clipcap caption --input s3://bucket/archives --output s3://bucket/captions/run1 --model s3://bucket/models/m1
     clipcap caption --config caption.yaml --overwrite          # YAML/JSON with CaptionConfig fields; flags win
 
-The flags are ``CaptionConfig``'s fields (``--strategy``/``--num-captions``/... of ``decoding``, ``--format``/
-``--part-size``/... of ``source``, ``--stages``/``--gpus-per-actor``/... of ``resources``);
-``--set KEY=VALUE`` reaches any other key.
 Output: ``<output>/captions/part-*.parquet`` (the caption table) and ``<output>/_meta/`` (errors table, run
 record, summary). After the summary, ``--show K`` prints ``key<TAB>caption`` for the first K images by key
 (rank-0 captions of the committed table; by default all of them when there are at most ``SHOW_ALL_UP_TO``).
-Exit code: 0 every part done, 4 some parts could not be read (named on stderr; a rerun retries them) or the
-output failed part-way (the part and the cause named), 5 none done, 6 most captions empty, 2 a bad config,
-input, output or model, or another run holds the output's lease (before any work), 143 / 130 stopped by SIGTERM / Ctrl-C (a rerun resumes).
+A rerun resumes; parts that could not be read are named on stderr and retried (exit codes: ``clipcap --help``).
 """
 
 from __future__ import annotations

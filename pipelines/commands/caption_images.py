@@ -15,26 +15,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pipelines.commands import flags, options
+
 HELP = "caption images with a model and print the captions"
-
-
-def add_projection_arguments(p: argparse.ArgumentParser) -> None:
-    """DeCap projection flags (``caption`` has them as ``ProjectionConfig``'s fields)."""
-    p.add_argument("--projection", choices=["auto", "none", "memory"],
-                   help="auto (default): a DeCap artifact projects onto its memory; none: decode the raw image "
-                        "embedding; memory: project onto --memory (or the artifact's memory)")
-    p.add_argument("--memory", help="text-embedding table (clipcap embed-text) to project onto")
-    p.add_argument("--memory-size", type=int, help="seeded sample of this many --memory rows (default: all)")
-    p.add_argument("--tau", type=float, help="projection temperature (default: the memory's, 0.01)")
-    p.add_argument("--projection-top-k", type=int, dest="projection_top_k",
-                   help="softmax over each image's k nearest memory entries only (large memories; default: all)")
-
-
-def projection_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The projection flags given, as ``ProjectionConfig`` fields."""
-    out = {"mode": args.projection, "memory": args.memory, "memory_size": args.memory_size, "tau": args.tau,
-           "top_k": args.projection_top_k}
-    return {k: v for k, v in out.items() if v is not None}
+PROJECTION = "clipcap_core.decap:ProjectionConfig"  # the DeCap projection flags, as `clipcap caption` has them
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,18 +31,18 @@ def run(args: argparse.Namespace) -> int:
     if artifacts.is_preset(args.model) and not args.allow_untrained:
         raise ValueError(UNTRAINED_HINT.format(uri=args.model))
     images = [open_image(p) for p in args.paths]  # a bad file fails here, naming its path, before the model loads
-    projection = from_dict(ProjectionConfig, projection_options(args))
+    projection = from_dict(ProjectionConfig, options.flags(args, flags.fields(PROJECTION)))
     captioner = Captioner.from_pretrained(args.model, device=args.device, precision=args.precision,
                                           projection=projection)
-    options: dict[str, Any] = {"beam_size": args.beam_size, "max_length": args.max_length, "n": args.n,
+    decode: dict[str, Any] = {"beam_size": args.beam_size, "max_length": args.max_length, "n": args.n,
                                "stop_token": args.stop_token, "seed": args.seed, "stop_at_eos": not args.ignore_eos}
     if args.temperature is not None:
-        options["temperature"] = args.temperature
+        decode["temperature"] = args.temperature
     if args.top_p is not None:
-        options["top_p"] = args.top_p
+        decode["top_p"] = args.top_p
     if args.top_k is not None:
-        options["top_k"] = args.top_k
-    gen = captioner.generate(images=images, strategy=args.strategy, **options)
+        decode["top_k"] = args.top_k
+    gen = captioner.generate(images=images, strategy=args.strategy, **decode)
     for i, (text, score) in enumerate(zip(gen.texts, gen.scores, strict=True)):
         path = args.paths[i // gen.n]
         print(f"{path}\t{text}" + (f"\t{score:.4f}" if args.scores else ""))
@@ -85,4 +69,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype")
     p.add_argument("--scores", action="store_true", help="print the mean token log-prob too")
-    add_projection_arguments(p)
+    flags.add(p, PROJECTION, title="DeCap projection")

@@ -6,8 +6,6 @@
 
 Output: ``<output>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet`` (errors table under
 ``<output>/_meta/embeddings/...``); a rerun skips finished shards and retries shards that could not be read.
-Exit code: 0 all shards done, 4 some shards could not be read (named on stderr) or the output failed part-way,
-5 none done, 2 bad config, 143 / 130 stopped by SIGTERM / Ctrl-C (a rerun resumes).
 """
 
 from __future__ import annotations

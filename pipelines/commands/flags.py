@@ -1,25 +1,10 @@
 """A command's flags generated from its config dataclass: adding an option is adding a field.
 
-    CONFIG = "pipelines.caption.job:CaptionConfig"
-    flags.add(p, CONFIG)                                    # in add_arguments
-    cfg = options.build(CaptionConfig, options.collect(args, flags.fields(CONFIG)), flags.fields(CONFIG))
-
-Field ``beam_size`` is the flag ``--beam-size``; a section's fields (a field whose type is a dataclass, e.g.
-``decoding.beam_size``) go by their own names, in an argument group named after the section. ``int`` / ``float`` /
-``str`` type the value, a ``Literal`` gives the choices, ``tuple[X, ...]`` takes one or more values, ``bool`` is a
-switch: ``--name`` when it defaults to False, ``--no-name`` when to True, ``--name/--no-name`` for ``bool | None``.
-The help is the field's docstring (the string right under it), ``field(metadata={"help": ...})`` or the comment
-at the end of its line, plus its default. Every flag defaults to None: a flag not given keeps the ``--config`` file's value.
-
-A config class declares its exceptions next to its fields, in ``ClassVar`` literals: ``CLI_FLAGS`` maps a field path
-to its flag name where the two differ (``"decoding.n": "--num-captions"``) or to None for a field set only by
-``--config`` / ``--set`` (a field whose type has no flag form, a ``dict``, must be listed so); ``CLI_COMMA`` names
-the tuple fields given as one comma-separated value. A section class's own ``CLI_FLAGS`` apply inside it; the outer
-class's entries win.
-
-The dataclasses are read from their source (``ast``), not imported: the caption and training configs' modules
-import torch (seconds of every ``--help`` and of a bad flag's exit), and a field's docstring or comment exists only
-in the source. ``tests/pipelines/test_cli_flags.py`` checks what is read against the imported classes.
+Field ``beam_size`` is ``--beam-size``; a section's fields go in an argument group named after the section. The
+type gives parsing (``Literal`` -> choices, ``tuple`` -> several values, ``bool`` -> a switch); the help is the
+field's docstring, ``metadata["help"]`` or its end-of-line comment. ``ClassVar`` ``CLI_FLAGS`` renames a flag or
+hides a field (None), ``CLI_COMMA`` names comma-separated tuples. The classes are read from source (``ast``): their
+modules import torch, and field docstrings exist only in the source.
 """
 
 from __future__ import annotations

@@ -1,11 +1,5 @@
 """The one config layer of every command: a YAML / JSON file, then flags, then ``--set KEY=VALUE``, into a
 typed config dataclass (``clipcap_core.configs.from_dict``: unknown keys and wrong types fail, naming the key).
-
-    cfg = options.from_args(args, "pipelines.train.job:TrainJobConfig")   # the flags flags.add made for it
-
-Precedence, lowest first: the dataclass defaults, ``--config FILE``, ``base`` (a command's computed defaults
-go *under* the file instead, see ``collect``), the flags given, then ``--set``. The flags are the config's
-fields (``flags``): the flag of a field is ``Fields``' ``dest -> (section, field name)``, ``""`` the top level.
 """
 
 from __future__ import annotations

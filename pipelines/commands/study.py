@@ -19,72 +19,26 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipelines.commands import common, options
+from pipelines.commands import common, flags, options
 
 JOB_LOG = True  # Ray's output to a log file unless -v (pipelines.console)
 HELP = "studies: prefix length x mapping x frozen / tuned LM x seeds (Ray Tune); decoding strategies' cost and gain"
 
-# flag dest -> (config section, field): the flags below, then --config and --set, into StudyConfig
-_FIELDS: dict[str, tuple[str, str]] = {
-    "input": ("", "tables"), "output": ("", "output"), "name": ("", "name"),
-    "prefix_lengths": ("", "prefix_lengths"), "mappings": ("", "mappings"), "lms": ("", "lms"),
-    "seeds": ("", "seeds"), "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"),
-    "lr": ("train", "lr"), "heldout_fraction": ("", "heldout_fraction"),
-    "eval_max_samples": ("", "eval_max_samples"), "max_train_rows": ("", "max_train_rows"),
-    "tokenize": ("", "tokenize"), "trial_cpus": ("", "trial_cpus"), "trial_gpus": ("", "trial_gpus"),
-    "max_concurrent": ("", "max_concurrent"),
-}
-_DECODING_FIELDS: dict[str, tuple[str, str]] = {
-    "input": ("", "tables"), "output": ("", "output"), "name": ("", "name"), "model": ("", "model"),
-    "heldout_fraction": ("", "heldout_fraction"), "eval_max_samples": ("", "max_rows"),
-    "tokenize": ("options", "tokenize"), "beam_sizes": ("options", "beam_sizes"), "top_p": ("options", "top_p"),
-    "temperature": ("options", "temperature"), "rerank_n": ("options", "rerank_n"),
-    "max_length": ("options", "max_length"), "repeats": ("options", "repeats"),
-}
+PREFIX = "pipelines.train.study:StudyConfig"  # their fields are the flags (pipelines.commands.flags)
+DECODING = "pipelines.evaluate.decoding_study:DecodingStudyConfig"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", choices=["prefix", "decoding"],
                    help="prefix: prefix length x mapping x LM x seeds; decoding: strategies of one model")
     options.add_config_arguments(p, "StudyConfig", "model_overrides.tokenizer=word-scenes")
-    add = p.add_argument
-    add("--input", nargs="+", help="embedding table folders or files (required)")
-    add("--output", help="where the tables, plot and Tune state go: <output>/<name>/ (required)")
-    add("--name", help="study name (default prefix-study)")
-    add("--prefix-lengths", type=int, nargs="+", help="default: 1 10 20")
-    add("--mappings", nargs="+", choices=["mlp", "transformer"], help="default: mlp transformer")
-    add("--lms", nargs="+", choices=["frozen", "tuned"], help="the LM frozen or fine-tuned (default: both)")
-    add("--seeds", type=int, nargs="+", help="training seeds per setting (default: 0 1 2)")
-    add("--epochs", type=int, help="epochs per trial (default: the preset's recipe)")
-    add("--batch-size", type=int, help="captions per step (default: the preset's recipe)")
-    add("--lr", type=float, help="peak learning rate (default: the preset's recipe)")
-    add("--heldout-fraction", type=float, help="fraction of keys held out for evaluation (default 0.1)")
-    add("--eval-max-samples", type=int, help="held-out rows captioned per trial at most (default 500)")
-    add("--max-train-rows", type=int, help="training rows per trial at most (default 100000)")
-    add("--tokenize", choices=["ptb", "simple"], help="ptb: the COCO tokenizer (Java, default); simple: none")
-    add("--trial-cpus", type=float, help="CPUs per trial (default 1)")
-    add("--trial-gpus", type=float, help="GPUs per trial (default 0)")
-    add("--max-concurrent", type=int, help="trials running at once at most (default: as resources allow)")
-    add("--model", help="decoding: the trained model artifact (required)")
-    add("--beam-sizes", type=int, nargs="+", help="decoding: beam sizes (default: 3 5)")
-    add("--top-p", type=float, help="decoding: nucleus mass of sampling (default 0.9)")
-    add("--temperature", type=float, help="decoding: sampling temperature (default 1.0)")
-    add("--rerank-n", type=int, nargs="+", help="decoding: samples per image CLIP reranks (default: 5)")
-    add("--max-length", type=int, help="decoding: caption tokens at most (default 24)")
-    add("--repeats", type=int, help="decoding: runs per strategy, the fastest timed (default 1)")
+    flags.add(p, PREFIX, title="study")
+    flags.add(p, DECODING, skip=tuple(flags.fields(PREFIX)), title="study decoding")
     common.add_ray_address(p)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    if args.study == "decoding":
-        from pipelines.evaluate.decoding_study import DecodingStudyConfig
-
-        data = options.collect(args, _DECODING_FIELDS)
-        data.setdefault("name", "decoding-study")
-        return options.build(DecodingStudyConfig, data, _DECODING_FIELDS)
-    from pipelines.train.study import StudyConfig
-
-    return options.build(StudyConfig, options.collect(args, _FIELDS), _FIELDS)
+    return options.from_args(args, DECODING if args.study == "decoding" else PREFIX)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,9 +6,8 @@
     clipcap train --decoder decap --input s3://b/text-embeddings/corpus/ViT-B-32-openai --output s3://b/runs \
         --name corpus-decap --noise-std 0.1 --memory-size 50000          # text only (DeCap); see pipelines.train.decap
 
-The flags are ``TrainJobConfig``'s fields (``--epochs``/``--lr``/... of ``train``, ``--workers``/``--gpu``/... of
-``scale``; ``--mapping``/``--prefix-length``/``--freeze-lm`` go into ``model_overrides``); ``--set KEY=VALUE``
-reaches any other key (value parsed as YAML). Re-running with the same ``--output`` and ``--name`` resumes.
+``--mapping``/``--prefix-length``/``--freeze-lm`` go into ``model_overrides``. Re-running with the same
+``--output`` and ``--name`` resumes.
 """
 
 from __future__ import annotations

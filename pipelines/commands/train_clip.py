@@ -4,9 +4,6 @@
         --clip ViT-B-32 --clip-pretrained openai --lock-image --lr 1e-5 --epochs 3 --workers 8 --gpu --precision bf16
     clipcap train-clip --input data/raw/synthetic --output data/clip-runs --name tiny --clip tiny --from-scratch
 
-The flags are ``pipelines.clip.job.ClipTrainJobConfig``'s fields (``--lr``/``--epochs``/... of ``train``,
-``--workers``/``--gpu``/... of ``scale``, ``--clip``/``--clip-pretrained``/``--from-scratch`` of ``model``);
-``--config FILE`` gives any field and ``--set KEY=VALUE`` reaches any other (value parsed as YAML).
 Re-running with the same ``--output`` and ``--name`` resumes from the latest checkpoint. Prints the weights
 file, which ``clipcap embed`` / ``train-clip`` / ``eval-clip`` take as ``--clip-pretrained``.
 """

@@ -1,11 +1,4 @@
-"""The bulk-captioning step of ``clipcap demo``: held-out synthetic images -> archive -> caption table.
-
-    report = caption_heldout(root, model_uri, samples)   # samples: held-out synthetic.SyntheticSample
-
-Packs the images into ``<root>/archives/heldout.tar``, captions it with ``pipelines.caption.job`` (the same Ray
-pipeline users run on real archives) into ``<root>/captions/heldout/``, and prints a few captions next to the
-true ones with the exact-match rate.
-"""
+"""The bulk-captioning step of ``clipcap demo``: held-out synthetic images -> archive -> caption table."""
 
 from __future__ import annotations
 

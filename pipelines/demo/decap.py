@@ -1,24 +1,9 @@
 """The DeCap step of ``clipcap demo --decap``: a captioner trained on a caption corpus alone, no image.
 
-    report = demo_decap(root, heldout_samples, encoder=EncoderConfig())               # synthetic world
-    report = demo_decap(root, heldout_samples, encoder=EncoderConfig("tiny-scenes"), world="scenes")
-
-1. a caption corpus: ``corpus_size`` captions written by the world's generator (``worlds.World.corpus``: text
-   only, seeded apart from the demo's images: no image is ever rendered for them; on scenes, training-split
-   scenes in any of their wordings) -> ``<root>/decap-corpus/captions.txt``;
-2. ``embed-text`` on it -> text-embedding table;
-3. ``train --decoder decap`` on that table (Ray Train, 1 worker; the memory is the training captions' embeddings);
-4. bulk captioning (``pipelines.caption.job``) of the held-out images with that artifact, which projects every image
-   embedding onto its memory, and once more with ``projection none`` (the raw image embedding), for comparison,
-   next to the CLIP's own zero-shot retrieval top-1 on the same images (synthetic: over all 432 captions;
-   scenes: over the canonical captions of the held-out images, as the tiny-scenes cards count it).
-Why a corpus and not the captions of the demo's own shards (the step before): DeCap's projection writes, at tau
-0.01, nearly the caption of the nearest memory entry, so the memory must cover the captions the images will need.
-The ~900 training captions of the demo's shards missed ~12% of the 432 synthetic captions, and the projection
-scored 78% against 97% for the raw embedding; a corpus of 3,000 captions misses ~0.2% of them. That is DeCap's
-premise anyway: text of the target domain is cheap, paired images are not.
-Without aligned CLIP towers (the image and text embeddings of a random CLIP share no space) the text-only
-model cannot caption images: the demo says which CLIP it ran.
+1. a text-only caption corpus from the world's generator; 2. ``embed-text`` on it; 3. ``train --decoder decap``;
+4. bulk captioning of the held-out images with that artifact (memory projection) and with ``projection none``.
+The corpus, not the demo's own training captions: at tau 0.01 the projection nearly writes the nearest memory
+caption, so the memory must cover the captions the images need.
 """
 
 from __future__ import annotations
@@ -96,7 +81,7 @@ def zero_shot_top1(clip: Any, image_emb: np.ndarray, samples: Sequence[Any], wor
 def demo_decap(root: str, samples: Sequence[Any], *, encoder: Any, seed: int = 0, corpus_size: int = 3000,
                epochs: int = 15, image_model_exact: float | None = None, world: str = "synthetic",
                echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Steps 1-4 above; prints the text-only model's exact match on the held-out images (memory projection and
+    """Steps 1-4 of the module docstring; prints the text-only model's exact match on the held-out images (memory projection and
     raw embedding) next to the CLIP's zero-shot top-1 and the image-trained model's. On ``scenes`` exact match
     is the world's (any wording of the same scene) and the per-attribute accuracy is printed too."""
     # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)

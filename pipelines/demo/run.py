@@ -1,18 +1,4 @@
-"""``clipcap demo`` / ``make demo``: the embedded default, end to end, on one machine.
-
-The demo is a sequence of steps, each a function ``step(cfg, result) -> None`` that does its stage and records
-what it produced on the shared ``DemoResult`` (paths, summaries). Today: download + embed (the embedded default
-of ``jobs/embed_cc3m.py``: synthetic images served over local HTTP -> img2dataset -> tiny CLIP -> Parquet under
-``./data``). Later stages append a step to ``STEPS`` and read the paths of the earlier ones:
-
-    def step_train(cfg: DemoConfig, result: DemoResult) -> None:
-        result.paths["model"] = train(result.embeddings_uri, ...)
-    STEPS.append(step_train)
-
-Everything runs on the ``tiny`` preset (the aligned tiny CLIP shipped in ``clipcap_core/resources``, made by
-``make tiny-clip``); the summary says so and how to switch. ``world`` picks the synthetic world
-(``pipelines.demo.worlds``): the one-group default, or ``scenes`` with its ``tiny-scenes`` CLIP.
-"""
+"""``clipcap demo`` / ``make demo``: the embedded default, end to end, on one machine."""
 
 from __future__ import annotations
 

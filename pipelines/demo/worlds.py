@@ -1,12 +1,4 @@
 """The synthetic worlds ``clipcap demo --world`` runs on: what differs between them, in one place per world.
-
-- ``synthetic`` (default, quick): one group of shapes, 432 captions, the ``tiny`` CLIP; one reference per image.
-- ``scenes``: two groups and a relation (``clipcap_core.scenes``), the ``tiny-scenes`` CLIP; six references per
-  image; the held-out images are half unseen scenes of seen combinations, half held-out colour-shape combinations.
-
-A world gives the URL list the download serves, the CLIP and tokenizer the demo trains with, the held-out samples
-it captions, their references for ``clipcap evaluate``, the accuracy of generated captions and the text-only
-caption corpus ``clipcap demo --decap`` trains on.
 """
 
 from __future__ import annotations

@@ -1,24 +1,4 @@
 """Download stage: image-text URL lists -> webdataset shards with img2dataset, configured by ``DownloadConfig``.
-
-    summary = run_download(DownloadConfig(url_list="cc3m/Train_GCC-training.tsv", output="s3://b/cc3m/raw"))
-
-What this module adds around img2dataset:
-- every input is first normalised to a Parquet list with ``url`` / ``caption`` columns (tsv, csv, parquet,
-  jsonl; CC3M's **headerless** TSV included: img2dataset would read its first row as the header, and
-  pyarrow's CSV reader strips quotes from captions that start with ``"``), so a missing column fails here,
-  before any download, with the columns that do exist in the message; a line with a field too many (a tab
-  inside a caption) or bytes that are not UTF-8 fail there too, naming the file and the line;
-- the output URI is checked for writability first;
-- incremental resume is img2dataset's (shards with ``_stats.json`` are skipped), with one change: a shard
-  whose stats hold *transient* failures (connection refused, timeouts, HTTP 5xx / 408 / 429: an outage, not a
-  dead link) was "attempted and failed", not "finished": the next run deletes its files and downloads it
-  again, so an outage is recovered by rerunning, without ``overwrite``. Permanent failures (404, bad image)
-  stay error rows of a finished shard;
-- ``DownloadSummary.exit_code`` (``pipelines.exitcodes``): 0 all shards finished, 4 some shards keep
-  transient failures (rerun), 5 not one sample downloaded (all dead links, or the server is down);
-- with the ``ray`` distributor (one task per shard, no retries in img2dataset) a missing shard afterwards is
-  an error, not silence;
-- the per-shard stats are summed into a ``DownloadSummary``.
 """
 
 from __future__ import annotations
@@ -290,8 +270,6 @@ def check_urls(cfg: DownloadConfig, df: pd.DataFrame) -> None:
 def run_download(cfg: DownloadConfig, ray_address: str | None = None, urls: pd.DataFrame | None = None
                  ) -> DownloadSummary:
     """Validate (unless ``urls`` comes from ``prepare_download``), download with img2dataset, sum the stats.
-
-    With ``distributor="ray"`` Ray is started / connected (``ray_address``) after the checks if needed.
     """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     df = prepare_download(cfg) if urls is None else urls

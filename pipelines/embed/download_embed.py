@@ -1,11 +1,4 @@
 """The download + embed job (``jobs/embed_cc3m.py``, ``clipcap demo``): URL list -> shards -> embedding tables.
-
-    result = run_embed_job(default_job_config("data"))          # embedded default: synthetic set, tiny preset
-    result = run_embed_job(EmbedJobConfig(download=DownloadConfig(...), embed=EmbedConfig(...)))
-
-The embedded default writes the seeded synthetic captioned images and their CC3M-style headerless URL list
-under ``<root>/synthetic``, serves that folder from a local HTTP server (``infra.local.http``) for the duration
-of the download, so img2dataset fetches it over real HTTP, then embeds the shards with the ``tiny`` preset.
 """
 
 from __future__ import annotations

@@ -1,31 +1,4 @@
-"""Embed stage: img2dataset webdataset shards -> CLIP embedding tables (Parquet), one file per input shard.
-
-    result = run_embed(EmbedConfig(input="s3://b/cc3m/raw", output_root="s3://b/clipcap", dataset="cc3m",
-                                   encoder=EncoderConfig(model_name="ViT-B-32", pretrained="openai")))
-
-Data flow (Ray Data, streaming):
-  shard URIs --decode tasks (read tar, decode, resize to uint8)--> row batches
-             --actor pool (``clip_actor.ClipActor``: normalise + CLIP forward, GPU + autocast when present)
-             --> embedded rows
-             --driver (``output.ShardCommitter``)--> ``<root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet``
-                                          and ``<root>/_meta/embeddings/<dataset>/<clip-tag>/errors/part-<shard>.parquet``
-A shard is committed (atomic write) as soon as all its rows are back, so a killed run loses at most the
-shards in flight, and a rerun skips every shard whose ``part-<shard>.parquet`` (or, for a shard without one
-good sample, ``_meta/.../empty/part-<shard>.json``) exists: no duplicates, and a finished table makes a rerun
-a no-op that starts no Ray work at all. The table folder holds nothing but non-empty part files, so pandas,
-pyarrow, DuckDB, polars and Hugging Face ``datasets`` read it as it is; bookkeeping lives under ``_meta/``.
-A shard that could not be read at all (truncated or garbage tar, I/O error) is *not* committed: it is
-listed in ``EmbedResult.failed``, retried by the next run, and the command exits ``exitcodes.PARTIAL``.
-A stop signal or an output that fails part-way stops the run with ``stopping.Interrupted`` /
-``stopping.CommitFailed`` carrying the shards committed so far; files are written under ``_meta/.../tmp/``
-and renamed into place, so the table folder never holds a temporary.
-
-One run at a time per table: a run holds ``_meta/.../lease.json`` (``pipelines.lease``) from planning to its
-end; a second one stops with exit 2 before any work. Everything that can be checked is checked before Ray starts: the CLIP model name and weights, the input shards
-(present, holding images; captions when text embeddings are asked for), the output is writable.
-Resources (actor count, CPUs/GPUs per actor, torch threads, batch size, decode task CPUs/memory) live in
-``EmbedResources``, the one place this pipeline sets them.
-"""
+"""Embed stage: img2dataset webdataset shards -> CLIP embedding tables (Parquet), one file per input shard."""
 
 from __future__ import annotations
 

@@ -1,13 +1,4 @@
-"""The output side of the embed stage: the table layout, the error rows and the per-shard commit.
-
-Layout (see ``pipelines.embed.job``): ``<root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet`` (only
-non-empty part files) and ``<root>/_meta/embeddings/<dataset>/<clip-tag>/`` (``errors/part-<shard>.parquet``,
-``empty/part-<shard>.json`` done-markers of shards without one good sample, ``tmp/``: files being written).
-``commit_shard`` writes one shard (errors table, then the part file or the empty marker, each atomic);
-``ShardCommitter`` is the shared ``pipelines.committer.UnitCommitter`` with embed's hooks: a shard that could
-not be read, or whose download recorded transient failures, is not committed. ``rows_to_keep`` and
-``fixed_list`` are shared with embed-text.
-"""
+"""The output side of the embed stage: the table layout, the error rows and the per-shard commit."""
 
 from __future__ import annotations
 

@@ -1,16 +1,4 @@
-"""The per-row work of the embed stage: read + decode img2dataset shards into row blocks for CLIP.
-
-Pure cores (no Ray): ``read_shard`` (tar bytes -> samples), ``decode_sample`` (one sample -> pixels or an
-error), ``iter_shard_batches`` (a shard -> Arrow blocks of the stages' row format, ``pipelines.rows``). Ray
-adapter: ``decode_shards`` (the function ``map_batches`` runs in decode tasks). The actor pool runs
-``pipelines.clip_actor.ClipActor``; the driver puts the rows back into shards with
-``pipelines.embed.output.ShardCommitter``. No torch on import: decode tasks import this module.
-
-Every row carries its shard name, its member index in the shard and the shard's total row count, so the driver
-knows when a shard is complete and can commit it, whichever actors its rows went through, and keeps a row
-that a retried task sent twice once. Rows that failed carry a non-empty ``error`` and no pixels; the actor
-does not encode them. The embed-text stage uses the same columns (without pixels).
-"""
+"""The per-row work of the embed stage: read + decode img2dataset shards into row blocks for CLIP."""
 
 from __future__ import annotations
 

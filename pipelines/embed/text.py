@@ -1,26 +1,4 @@
-"""Embed-text stage: a caption corpus -> CLIP text-embedding tables (Parquet), one file per input part.
-
-    result = run_embed_text(EmbedTextConfig(input="s3://b/corpus/captions.txt", output_root="s3://b/clipcap",
-                                            dataset="corpus", encoder=EncoderConfig(model_name="ViT-B-32",
-                                                                                    pretrained="openai")))
-
-Data flow (Ray Data, streaming):
-  driver: input files -> parts (``text_sources.plan_parts``: key, caption, per-row error) -> one block per part
-  --actor pool (``pipelines.clip_actor.ClipActor``, text only: the CLIP text tower, GPU + autocast when present)
-  --> embedded rows
-  --driver (``TextCommitter``, the shared ``pipelines.committer.UnitCommitter``)
-  --> ``<root>/text-embeddings/<dataset>/<clip-tag>/part-<id>.parquet``
-      and ``<root>/_meta/text-embeddings/.../errors/part-<id>.parquet``
-Columns ``key``, ``caption``, ``text_embedding`` (``schemas.text_embedding_schema``) with the image tables'
-Parquet metadata (CLIP model, D, dtype, code version, source) plus ``clipcap.truncated``: how many captions of
-the part were longer than the CLIP context and cut to it (open_clip's tokenizer truncates; we count).
-
-Commits, resume and stale temporaries are the image embed stage's (``pipelines.embed.output``): errors file, then
-part file, each atomic; a rerun embeds only parts without a part file. ``_meta/.../run.json`` records the input, its
-plan digest and the settings: a rerun on changed input or settings is refused (a new ``--dataset`` or an
-emptied folder starts over). Resources are ``EmbedResources`` (``num_actors``, ``cpus_per_actor``,
-``gpus_per_actor``, ``torch_threads``, ``batch_size``), as in the image stage.
-"""
+"""Embed-text stage: a caption corpus -> CLIP text-embedding tables (Parquet), one file per input part."""
 
 from __future__ import annotations
 

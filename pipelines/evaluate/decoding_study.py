@@ -2,11 +2,6 @@
 CLIPScore) for one trained model on one set of embeddings: greedy, beam search (sizes), nucleus sampling, and
 ``n`` samples reranked by the model's own CLIP (``pipelines.caption.stages.score_and_rank``, what ``clipcap caption
 --rerank clip`` runs), each timed end to end (reranking includes its CLIP text encoding).
-
-    rows = decoding_study(model, tokenizer, emb, refs, DecodingOptions(), scorer=ClipScorer(encoder))
-    rows = run_decoding_study(DecodingStudyConfig(tables=("t",), model="runs/x/model", output="studies"))
-
-Output in ``<output>/<name>/``: ``table.md``, ``table.parquet``, ``decoding.png`` (CIDEr against images/s).
 """
 
 from __future__ import annotations
@@ -14,7 +9,7 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -25,15 +20,15 @@ METRICS = ("bleu1", "bleu4", "meteor", "rouge_l", "cider", "clip_score")
 
 @dataclass(frozen=True, kw_only=True)
 class DecodingOptions:
-    beam_sizes: tuple[int, ...] = (3, 5)
-    top_p: float = 0.9
-    temperature: float = 1.0
+    beam_sizes: tuple[int, ...] = (3, 5)  # beam sizes
+    top_p: float = 0.9  # nucleus mass of sampling
+    temperature: float = 1.0  # sampling temperature
     rerank_n: tuple[int, ...] = (5,)  # samples per image that CLIP reranks
-    max_length: int = 24
+    max_length: int = 24  # caption tokens at most
     seed: int = 0
-    tokenize: Literal["ptb", "simple"] = "ptb"
+    tokenize: Literal["ptb", "simple"] = "ptb"  # ptb: the COCO tokenizer (Java); simple: none
     metrics: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider")  # COCO metrics (METEOR and ptb need Java)
-    repeats: int = 1  # decode each strategy this many times and keep the fastest (same seed: same captions)
+    repeats: int = 1  # runs per strategy, the fastest timed (same seed: same captions)
 
     def strategies(self) -> list[tuple[str, str, dict[str, Any]]]:
         """(label, strategy, options) per row of the study, greedy first."""
@@ -47,8 +42,12 @@ class DecodingOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class DecodingStudyConfig:
+    """The ``clipcap study decoding`` config; the flags it shares with ``StudyConfig`` are that config's."""
+
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {
+        "tables": "--input", "max_rows": "--eval-max-samples", "options.seed": None, "options.metrics": None}
     tables: tuple[str, ...]  # embedding tables of the model's CLIP
-    model: str  # a trained model artifact
+    model: str  # the trained model artifact (required)
     output: str
     name: str = "decoding-study"
     heldout_fraction: float = 0.1  # the key-hash held-out split of the training job (0: every row)

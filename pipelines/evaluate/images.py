@@ -1,14 +1,4 @@
-"""Image embeddings for CLIPScore in ``clipcap evaluate``: from an embedding table or from images.
-
-    parts = plan(uri, encoder_cfg)                                        # checks before any work
-    emb, problems = image_embeddings(parts, wanted, resolve, encoder)     # {id: (D,) float32}, {id: error}
-
-``uri`` is anything ``pipelines.io.sources`` reads (a folder of images, tar / zip archives, webdataset shards,
-Parquet with image bytes, or one of our embedding tables). Record keys are mapped to reference ids the way
-predictions were (``resolve``), and only the ids being evaluated are decoded and embedded. Images are decoded safely
-(``clipcap_core.imaging``) and embedded with the CLIP the captioner was trained with; an embedding table must have
-been made by that CLIP (D and the recorded model name are checked before any work).
-"""
+"""Image embeddings for CLIPScore in ``clipcap evaluate``: from an embedding table or from images."""
 
 from __future__ import annotations
 

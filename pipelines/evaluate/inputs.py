@@ -1,16 +1,4 @@
-"""Reading what ``clipcap evaluate`` compares: predictions, references, and matching their ids.
-
-- predictions: our caption table (a folder of ``part-*.parquet`` or one file; rank 0 kept when ``rank`` is
-  there), a COCO results JSON (``[{"image_id", "caption"}]``), or a Parquet / JSONL / CSV table.
-- references: a COCO captions annotation JSON (``{"images": [...], "annotations": [{"image_id", "caption"}]}``),
-  a JSON object ``{id: [captions]}``, or a Parquet / JSONL / CSV table (id, caption; several rows per image).
-Ids are strings (COCO's integer ids as decimal strings). ``match_ids`` pairs the two sides by the exact id,
-the file stem, or the trailing number of the stem (``COCO_val2014_000000391895.jpg`` -> ``391895``); two ids of
-one side that meet one id of the other that way (``a/9.png`` and ``b/9.png`` vs ``9``) are a ValueError naming
-them, never a silent first-wins. Blank reference captions are dropped and counted (``References.blank``); a
-reference left with none is not scored, and is named (``Matched.empty_references``).
-Job-level problems (missing file or column, unreadable JSON) raise ValueError naming the problem.
-"""
+"""Reading what ``clipcap evaluate`` compares: predictions, references, and matching their ids."""
 
 from __future__ import annotations
 

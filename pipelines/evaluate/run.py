@@ -1,16 +1,4 @@
-"""``clipcap evaluate``: config, checks before work, scoring, outputs.
-
-    summary = run_evaluate(EvaluateConfig(predictions="s3://b/captions/run1", references="captions_val2014.json",
-                                          images="s3://b/coco/val2014.tar", output="s3://b/eval/run1"))
-    print(format_table(summary))
-
-Outputs under ``output``: ``per_image.parquet`` (``schemas.evaluation_schema``: image_id, caption, references,
-one column per score), ``summary.json`` (corpus metrics, counts and first few ids with no reference / no
-prediction / no image / no reference caption, blank reference captions dropped, the CLIP used, notes such as
-why SPICE did not run) and ``results.json`` (the evaluated predictions as a COCO results file, for other tools).
-Everything runs in this process: the metrics are pycocoevalcap's (single-process Java / Python), and CLIPScore
-needs one text forward per caption.
-"""
+"""``clipcap evaluate``: config, checks before work, scoring, outputs."""
 
 from __future__ import annotations
 

@@ -1,10 +1,4 @@
 """Reading a TSV / CSV list (URL lists, caption files) as string columns, or one error naming the file and line.
-
-Fields are split on the separator with quotes kept as text (``csv.QUOTE_NONE``: CC3M captions start with ``"``),
-so a row with one field too many (a tab inside a caption) or a byte that is not UTF-8 cannot be read as
-intended. Both are job-level errors raised before any work, naming the file, the line and what to do: pandas
-alone says "Expected 2 fields in line 5" or "can't decode byte 0xe9 in position 429" without the file, and the
-position is one of its read buffer, not of the file.
 """
 
 from __future__ import annotations

@@ -1,13 +1,4 @@
-"""The one place that owns column names, pyarrow schemas and Parquet metadata keys of our tables.
-
-Tables (see DESIGN.md, "Data contracts"):
-- embedding tables ``<root>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet``, bookkeeping (errors table
-  ``errors/part-<shard>.parquet``, empty-shard markers) under ``<root>/_meta/embeddings/<dataset>/<clip-tag>/``
-- caption tables   ``<output>/captions/part-<part>.parquet``, errors table ``<output>/_meta/errors/``
-Table folders hold only non-empty part files (every common Parquet reader takes them as they are).
-- evaluations      ``<output>/per_image.parquet`` (+ ``summary.json``, ``results.json``; pipelines.evaluate)
-- text-embedding tables ``<root>/text-embeddings/<dataset>/<clip-tag>/part-<part>.parquet`` (``embed-text``)
-"""
+"""The one place that owns column names, pyarrow schemas and Parquet metadata keys of our tables."""
 
 from __future__ import annotations
 

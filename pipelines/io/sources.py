@@ -1,34 +1,9 @@
 """Archive readers for bulk captioning: an input URI -> deterministic *parts* -> *records*.
 
-An input is a file or a directory (searched recursively) at any fsspec URI. ``plan_parts`` lists it once and
-cuts it into ``Part``s, the unit of work and of output (one caption-table file per part), named
-deterministically from the input so that a rerun finds the same parts:
-- loose image files: sorted by path, ``part_size`` per part (``images-00000``, ...);
-- a tar archive (plain, gzip, bzip2 or xz: ``TAR_SUFFIXES``), a ``.zip`` or a webdataset shard: one part per
-  file;
-- Parquet (image bytes, image URLs, or an embedding table): row groups packed to ~``part_size`` rows.
-``plan_digest`` fingerprints the plan (names, sizes) so a rerun can refuse an input that changed.
-
-A reader (``Reader`` protocol; ``READERS`` lists every one) plans one file and reads one part as ``Record``s: image
-bytes, a URL, an embedding, or an ``error`` (per-member problems are data, never exceptions).
-Keys are ``<file path relative to the input>/<member path or row key>`` (a loose image's key is its relative
-path), so they are unique across a whole input.
-
-Safety: members are read into memory, never extracted; members with absolute or ``..`` paths, links and
-devices, duplicates, encrypted zip members and anything over ``max_member_bytes`` are error rows, and no
-member's bytes are read past that limit (zip headers can lie). An unreadable or truncated archive yields the
-members read so far plus one error row keyed by the archive itself.
-
-Skipped paths: hidden files and folders (``.DS_Store``, ``.git/``) and bookkeeping that ours and other tools write
-beside data (``_meta/``, ``_errors/``, ``_tmp.*``, ``_SUCCESS``, Parquet's ``_metadata``); they are counted and
-named (``Listing.skipped``, one log line), never dropped in silence. Any other underscore-prefixed name is input:
-cameras name files ``_DSC0001.JPG``. A caption output is never inside its input (``caption.job`` refuses it), so
-its ``captions/`` folder is not read back.
-
-Auto format (the default) by extension: ``TAR_SUFFIXES`` tar, ``.zip`` zip, ``.parquet`` Parquet
-(an ``image_embedding`` column makes it an embedding table), anything else a loose image. A ``.tar`` beside an
-img2dataset sidecar (``<shard>.parquet`` or ``<shard>_stats.json``) is a webdataset shard and the sidecars
-are metadata, not inputs. Webdataset samples group consecutive members by key (path up to the first dot).
+Hidden files and tool bookkeeping (``_meta/``, ``_SUCCESS``, ``_metadata``, ...) are skipped and counted; any
+other underscore-prefixed name is input (cameras write ``_DSC0001.JPG``). Auto format by extension: tar (any
+compression), zip, Parquet (an ``image_embedding`` column: an embedding table), else a loose image; a ``.tar``
+beside an img2dataset sidecar is a webdataset shard and the sidecars are metadata.
 """
 
 from __future__ import annotations
@@ -270,12 +245,7 @@ def _sample_key(name: str) -> str:
 
 
 class WebDatasetReader(TarReader):
-    """A webdataset shard: one row per sample key, from the sample's first image member in archive order.
-
-    Every other image member is an error row keyed by its member path: a second image of one sample (``a.jpg``
-    + ``a.png``, ``c.v1.jpg`` + ``c.v2.jpg``), or a member of a key already read (members of one sample must be
-    consecutive). Not one row per image: a webdataset key names one sample, and its ``.txt`` / ``.json`` and
-    img2dataset's ``.parquet`` join on that key; ``format="tar"`` captions every member under its own name."""
+    """A webdataset shard: one row per sample key, from the sample's first image member in archive order."""
 
     name = "webdataset"
 

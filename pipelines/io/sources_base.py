@@ -1,8 +1,5 @@
 """The types every input reader shares (``pipelines.io.sources`` plans and reads with them): ``SourceConfig``,
 ``InputFile``, ``Part``, ``Record``, the ``Reader`` protocol, part ids.
-
-The readers (``pipelines.io.sources``: loose images, tar, webdataset, zip; ``pipelines.io.sources_parquet``:
-Parquet image bytes / URLs, embedding tables) build on this module; ``sources.READERS`` lists them all.
 """
 
 from __future__ import annotations

@@ -1,12 +1,4 @@
-"""Parquet readers for bulk captioning (listed in ``pipelines.io.sources.READERS``).
-
-- ``parquet``: a table with image bytes (a binary column, or a Hugging Face ``{bytes, path}`` struct) and/or
-  image URLs (downloaded in a thread pool, with a timeout, a size cap and a scheme allow-list);
-- ``embeddings``: an embedding table (``image_embedding`` fixed_size_list<float>[D]): CLIP is skipped.
-A file that has neither an image, a URL nor an embedding column is a job-level error (raised while planning);
-a file whose footer cannot be read is one error row (``unreadable`` parts). Row keys are
-``<file>/<key column value>``, or ``<file>/#<row index>`` where the table has no key.
-"""
+"""Parquet readers for bulk captioning (listed in ``pipelines.io.sources.READERS``)."""
 
 from __future__ import annotations
 

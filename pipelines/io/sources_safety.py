@@ -1,11 +1,4 @@
-"""Safety checks on what an input holds: archive members and loose files, before any byte is used.
-
-Members are read into memory, never extracted; members with absolute or ``..`` paths, links and devices,
-duplicates, encrypted zip members and anything over ``max_member_bytes`` are refused (the readers make them error
-rows). Loose local files are read only when their real path is a regular file inside the real input folder, and
-never past the limit, whatever the listing says. Every tar reader (caption's, embed's and embed-text's shard
-reader, CLIP training's) goes through ``tar_member_problem``.
-"""
+"""Safety checks on what an input holds: archive members and loose files, before any byte is used."""
 
 from __future__ import annotations
 

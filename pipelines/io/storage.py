@@ -1,11 +1,4 @@
 """Storage helpers over fsspec: one code path for local paths, ``s3://`` (s3fs), ``gs://`` and ``memory://``.
-
-- ``filesystem(uri)`` -> (fsspec filesystem, path inside it) and ``exists``: ``clipcap_core.uris``'s, re-exported
-  (the core library cannot import ``pipelines``, so the shared helpers live there)
-- ``atomic_write_table`` writes a Parquet file to a temporary name (in a folder of its own for tables) and
-  renames it into place (on object stores, where rename is copy+delete, the final object only ever appears
-  complete: S3 PUTs are atomic), so readers and reruns never see a partial file.
-- ``check_writable(uri)`` fails fast with a clear message when an output root cannot be written.
 """
 
 from __future__ import annotations
@@ -81,12 +74,7 @@ def atomic_write_table(table: pa.Table, uri: str, storage_options: dict[str, Any
                        compression: str = "zstd", tmp_dir: str | None = None) -> None:
     """Write ``table`` to ``uri`` so that the final name appears only when the file is complete (URLs in the
     url / source / error columns redacted first: signed URLs must not be stored).
-
-    The file is written under a temporary name, in ``tmp_dir`` when given (a table's writers pass a folder
-    under ``_meta/``, so no glob or dataset reader of the table folder ever sees a temporary, whatever kills the
-    writer), else beside ``uri``; then moved to ``uri``: a rename on local disk (``tmp_dir`` on the same
-    filesystem), a server-side copy + delete on object stores, whose final object appears whole. A write that
-    fails (disk full, read-only output) removes its temporary before the error goes on."""
+    """
     table = redact_table(table)
     fs, path = filesystem(uri, storage_options)
     parent = posixpath.dirname(path)
@@ -119,10 +107,8 @@ def write_json(obj: Any, uri: str, storage_options: dict[str, Any] | None = None
 def read_json(uri: str, storage_options: dict[str, Any] | None = None, default: Any = None) -> Any:
     """The JSON document at ``uri`` or ``default`` when there is none.
 
-    One whole-object read (a single GET on S3): a file object would read by ranges pinned to the ETag it saw
-    first, and a writer replacing the document between the two (a lease heartbeat, a run record) made the
-    read fail with ``FileExpired`` instead of returning either version.
-    """
+    One whole-object read: a ranged read pinned to the first ETag fails (``FileExpired``) when a writer
+    replaces the document between reads (a lease heartbeat, a run record)."""
     fs, path = filesystem(uri, storage_options)
     try:
         data = fs.cat_file(path)

@@ -1,15 +1,4 @@
 """Reading embedding tables for training: file discovery, metadata checks, key-hash splits, Ray Data streams.
-
-- ``list_table_files(roots)``: directories / files / globs -> sorted ``part-*.parquet`` URIs (errors tables and
-  temporary names excluded).
-- ``inspect_tables(files)`` -> ``TableInfo`` (D, clip model, rows) from Parquet footers only; mixed dimensions
-  or CLIP models are an error, raised before any work starts.
-- ``Split``: which rows a stage sees. The held-out split is a pure function of the key (a salted hash), so
-  it is the same on every run, every worker and every new shard; a *replay sample* of older rows is a second
-  seeded hash, so nightly replay is reproducible.
-- ``read_split`` (in memory, pyarrow) for small sets (held-out, evaluation); ``stream_tables`` (Ray Data) for
-  training, tokenising in the data pipeline (``PrepareBatch``) so the train loop only moves tensors.
-Synthetic tables for tests and benchmarks live in ``pipelines.demo.synthetic_tables``.
 """
 
 from __future__ import annotations
@@ -302,10 +291,7 @@ def audit_tables(files: Sequence[str], column: str = schemas.IMAGE_EMBEDDING,
 class PrepareBatch:
     """Ray Data map function: split filter + tokenisation, so training iterates ready tensors.
 
-    Output columns: ``embedding`` (B,D) float32, ``tokens`` (B,max_tokens) int64 (right-padded with 0),
-    ``mask`` (B,max_tokens) float32. The train loop trims each batch to its longest caption (per-batch
-    padding); padding to ``max_tokens`` here keeps blocks concatenable when Ray Data re-batches.
-    """
+    Pads to ``max_tokens`` so blocks stay concatenable when Ray Data re-batches; the loop trims per batch."""
 
     def __init__(self, split: Split, tokenize: Tokenize, max_tokens: int, column: str = schemas.IMAGE_EMBEDDING):
         self.split, self.tokenize, self.max_tokens, self.column = split, tokenize, max_tokens, column
@@ -354,12 +340,7 @@ def stream_tables(parts: Sequence[tuple[str, Split]], tokenize: Tokenize, max_to
                   repeats: Repeats | None = None) -> ray.data.Dataset:
     """A Ray Data stream over ``parts`` ((table URI, rows of it to keep) in order; a URI may repeat, e.g.
     once per epoch), tokenised in the pipeline.
-
-    One task per part reads its file with pyarrow (through fsspec, like every other reader here) and yields
-    blocks of ``rows_per_block`` rows as it goes. ``read_parquet`` would bundle small files into one task that
-    emits nothing until it finishes, and ``union``-ing one read per epoch holds every epoch back until all are
-    read: the first batch would come after tens of seconds instead of one. Rows that cannot train (``filter_table``)
-    and ``repeats`` are left out, as ``count_split`` counts them."""
+    """
     # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray.data
 

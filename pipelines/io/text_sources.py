@@ -1,16 +1,4 @@
 """Caption corpora for ``clipcap embed-text``: input files -> deterministic parts of (key, caption, error) rows.
-
-Inputs (a file, or a folder of them; ``fmt`` "auto" tells them by extension / content):
-- ``text``: one caption per line (``.txt``, gzip and friends by suffix); key ``<file stem>-<line index>``;
-- ``csv`` / ``tsv`` / ``jsonl`` / ``parquet`` with a caption column (``caption_col``) and optionally a key column;
-  read with pandas as strings, as the download stage reads URL lists (no quote handling: CC3M-style text);
-- ``img2dataset``: a folder of webdataset shards; captions and keys from each shard's ``.parquet`` sibling
-  (every row, failed downloads too: their text is still text), or from the tar's ``.txt`` members without one.
-
-A part is the unit of work and of output: one per img2dataset shard (id = the shard name, as in the image
-table, so image and text tables of a data set line up), else ``part_size`` rows of a file (id ``<stem>-<n>``).
-Per-row problems (a line that is not UTF-8, an empty caption, one longer than ``max_chars``) are rows with
-``error`` set; a missing caption column or an unknown format is a ``ValueError`` before any work.
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
 """URLs from user data are untrusted and may carry secrets: redaction before anything is stored or logged,
 and the fetch policy (schemes, private addresses, redirects) for every URL the pipeline itself downloads.
-
-- ``redact_url``: drops user:password@ and replaces the query string / fragment by ``?redacted-<hash>`` (a
-  signed URL's ``X-Amz-Signature`` / ``X-Amz-Credential`` / ``X-Amz-Security-Token`` live there); the hash keeps
-  two signed URLs of different objects distinguishable without keeping the secret. ``redact_text`` does the
-  same to every URL inside free text (error messages, log lines). ``storage`` applies it to every string
-  column / JSON value it writes, and ``install_log_redaction`` to every log record.
-- ``check_fetch_url`` / ``fetch_http``: only http(s) (object-store schemes only with an explicit opt-in, they
-  would use the job's own credentials), and no private, loopback, link-local, reserved or multicast address,
-  checked again after every redirect, unless ``allow_private`` (``--allow-private-urls``; the local test
-  servers are on 127.0.0.1). Residual risk: a DNS answer that changes between the check and the connection.
+Residual risk: a DNS answer that changes between the check and the connection.
 """
 
 from __future__ import annotations

@@ -1,19 +1,4 @@
-"""``clipcap report``: gather a bounded sample and the run's artifacts, write one HTML file.
-
-    path = build_report(ReportConfig(captions="s3://b/captions/run1", evaluation="./eval/run1",
-                                     run="s3://b/runs/cc3m-mlp", out="report.html"))
-
-The page leads with what went wrong (``failures``: captions matching no reference, empty or looping captions,
-the lowest CLIPScores, over every evaluated image), then the metrics with their ranges (``scales``), the charts,
-the gallery (worst first, or by key: ``order``; the page can switch), prefix interpretation and the model card
-(``card``: from the artifact's config.json, not only its README).
-
-Sources: the caption table (sampled, ``sample.py``), the images it was made from (the input recorded in its
-``_meta/run.json``, or ``images``), an evaluation folder (``summary.json`` + ``per_image.parquet``), a training run
-folder (``history.json``), and the model artifact named in the caption table's metadata (model card,
-prefix interpretation with ``clipcap_core.interpret``). Every part but the caption table is optional; what is
-missing is said on the page. Nothing is fetched from the network beyond these URIs.
-"""
+"""``clipcap report``: gather a bounded sample and the run's artifacts, write one HTML file."""
 
 from __future__ import annotations
 

@@ -2,8 +2,6 @@
 and where its weights come from, mapping and LM, the training data and recipe (``training.train``), and the
 metrics (the artifact's, else this report's evaluation), so the card says what the model is however thin its
 README.
-
-    sections = card_sections("s3://b/runs/r1/model", eval_metrics=scales.metric_table(summary))
 """
 
 from __future__ import annotations

@@ -1,7 +1,4 @@
 """Charts of ``clipcap report`` as PNG data URIs (matplotlib, Agg backend; embedded, so the file stands alone).
-
-    training_chart(history)       # train loss + held-out loss, and held-out metrics per epoch
-    histogram(values, label)      # e.g. CLIPScore of the sampled captions
 """
 
 from __future__ import annotations

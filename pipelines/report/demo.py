@@ -1,11 +1,4 @@
-"""The last step of ``clipcap demo``: evaluate the held-out captions and write the report.
-
-    out = evaluate_and_report(root, captions_uri, archive_uri, references={key: [caption, ...]}, run_dir=...)
-
-The references are the true captions of the held-out samples (one per image in the ``synthetic`` world, six in
-``scenes``), written as ``<root>/references/heldout.jsonl``, one ``{"key", "caption"}`` row per reference. Without Java the
-evaluation uses the simple tokenizer and leaves METEOR out, and says so.
-"""
+"""The last step of ``clipcap demo``: evaluate the held-out captions and write the report."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
 """What went wrong in a captioning run, for the top of ``clipcap report``: captions that match none of their
 references, empty or looping captions, and the lowest CLIPScores.
-
-    found = find_failures(evaluation_rows, shown=50)   # rows of per_image.parquet: every evaluated image
-    found = find_failures(sample_rows(items), shown=50) # no evaluation: the sampled rank-0 captions
-
-An operator reads the report to learn whether the run worked, so the failures come first and are counted in
-full; only the listed rows are bounded (``shown``). Rows are plain dicts (``image_id``, ``caption``,
-``references``, scores), the shape of ``schemas.evaluation_schema``.
 """
 
 from __future__ import annotations

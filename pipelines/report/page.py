@@ -1,12 +1,7 @@
 """The HTML of ``clipcap report``: one self-contained page (inline CSS, images as data URIs, no scripts).
 
-Rendered with Jinja2 with autoescaping on: captions, references, keys and the model card are untrusted text.
-Order: what went wrong first (``failures``), then metrics, charts, gallery, interpretation, model card.
-Element ids the browser test (and users' scripts) rely on: ``failures`` (``tr.failure`` rows with ``data-key``
-in ``failures-mismatch`` / ``failures-degenerate``, and ``failures-low-clip``), ``metrics`` (metric table),
-``gallery`` (one ``figure.card`` per image, ``.bad`` when flagged), ``order-worst`` / ``order-key`` (radio
-buttons that reorder the gallery with CSS alone), ``chart-training``, ``chart-clip``, ``interpretation``,
-``model-card`` (the card's facts) and ``model-card-readme`` (the artifact's README.md).
+Jinja2 autoescaping is on: captions, references, keys and the model card are untrusted text. Element ids
+(``failures``, ``metrics``, ``gallery``, ``order-*``, ``chart-*``, ``model-card``) are what the browser test reads.
 """
 
 from __future__ import annotations

@@ -1,13 +1,4 @@
-"""Bounded reads for ``clipcap report``: a sample of a caption table and the images behind it.
-
-A caption table can hold millions of rows, so nothing here reads a whole table: ``sample_captions`` picks at
-most ``max_parts`` part files (seeded), one row group of each, and at most ``batch_rows`` rows of that row
-group (the first record batch), then samples images among those rows. ``fetch_images`` reads only the input
-parts those rows came from (a caption part ``part-<id>.parquet`` is input part ``<id>``, ``pipelines.io.sources``)
-and stops reading a part once it has the images it wants. Per-image evaluation rows of the sample are read with
-a filter; ``evaluation_rows`` reads every row (for the failures section: an evaluation is as long as its
-references, thousands of rows, not a caption table's millions).
-"""
+"""Bounded reads for ``clipcap report``: a sample of a caption table and the images behind it."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
 """The range and meaning of every score ``clipcap report`` prints, so no number stands without its scale
 ("CLIPScore 241.60" means 2.416 of a possible 2.5, x100 as COCO tables print it).
-
-    scale("clip_score")            # "0-2.5"     (per image, as stored)
-    scale("clip_score", x100=True) # "0-250"     (the metric table)
-    metric_table(summary)          # [(label, value x100, range x100)] for the metrics present
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
 """Training checkpoints, shared by ``clipcap train`` and ``train-clip``: the file format, restore, and where a
 resumed run's data stream starts.
-
-A checkpoint is a Ray Train checkpoint folder ``<run>/checkpoint_<step:08d>/`` holding ``weights.pt`` (``model``:
-the weights that change in training, ``optimizer``, ``scheduler`` state dicts; ``torch.save``) and ``state.json``
-(``RunState``: step, epoch, attempt, history). Rank 0 writes it; every worker reports at the same steps.
 """
 
 from __future__ import annotations
@@ -38,10 +34,7 @@ def save_checkpoint(directory: str, weights: dict[str, Any], optimizer: Any, sch
 
 def load_checkpoint(checkpoint: Any, model: Any, optimizer: Any, scheduler: Any, *, may_miss: str | None = None
                     ) -> RunState:
-    """Restore model, optimizer and scheduler from a Ray checkpoint; returns its ``RunState``.
-
-    Weights whose names start with ``may_miss`` may be absent (a frozen LM, rebuilt from its source); any other
-    missing or unexpected weight is a clear error raised before the optimizer or schedule is touched."""
+    """Restore model, optimizer and scheduler from a Ray checkpoint; returns its ``RunState``."""
     # lazy: torch ~6.7 s to import (python -X importtime)
     import torch
 

@@ -1,18 +1,4 @@
-"""Text-only (DeCap) training on Ray Train: what ``clipcap train --decoder decap`` adds to the image path.
-
-The job is ``pipelines.train.job`` unchanged in shape (same stream, checkpoints, resume, history); with
-``decoder="decap"`` it
-- reads ``text_embedding`` from text-embedding tables (``clipcap embed-text``) instead of ``image_embedding``;
-- trains on unit vectors: the mapping normalises its input (``normalize_prefix``, forced on presets, required of
-  a warm-start artifact), and with ``noise_std`` > 0 adds Gaussian noise to the normalised text embedding of each
-  training batch (CapDec, arXiv 2211.00575), which makes the decoder tolerant of the image/text modality gap;
-  held-out metrics reconstruct held-out *texts* from their (noise-free) embeddings;
-- stores a memory of caption text embeddings in the artifact (``decap.safetensors``): ``memory_size`` rows of
-  the training split chosen by a seeded hash of their keys, or of another text table (``memory``), with ``tau``.
-  Captioners project image embeddings onto it (``clipcap_core.decap``).
-The memory is rebuilt deterministically by rank 0 when it saves the artifact, so it is never in a checkpoint
-and a resumed run stores the same memory.
-"""
+"""Text-only (DeCap) training on Ray Train: what ``clipcap train --decoder decap`` adds to the image path."""
 
 from __future__ import annotations
 

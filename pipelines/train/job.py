@@ -1,22 +1,4 @@
-"""The Ray Train job: ClipCap mapping network (+ LM when tuned) from embedding tables, on 1 CPU or N GPUs.
-
-    result = run_training(TrainJobConfig(tables=("s3://b/embeddings/cc3m/ViT-B-32-openai",), output="s3://b/runs",
-                                         name="cc3m-mlp", model="clipcap-mlp", scale=ScaleConfig(num_workers=4)))
-
-Data: the tables stream through Ray Data (``tables.stream_tables``: key-hash held-out split and tokenisation
-in the pipeline, padded to ``max_caption_tokens``), one stream over all epochs (file order reshuffled per
-epoch); each worker reads its ``get_dataset_shard("train")``, with the first batch requested while the model
-is still being built, and trims every batch to its longest caption (per-batch padding). D comes from the tables' schema/metadata; a model
-whose ``clip_dim`` differs is an error raised on the driver before any worker starts.
-
-Output layout, ``<output>/<name>/``: Ray's checkpoints (``checkpoint_*``, every ``checkpoint_every`` steps
-and each epoch), ``model/`` (the final artifact), ``history.json`` / ``history.csv`` (every logged step
-and epoch: losses, samples/s, held-out metrics, attempt) and ``loss_curve.png``.
-
-Fault tolerance: a worker that dies is replaced and the group restarts from the latest checkpoint
-(``max_failures``); re-running with the same output + name resumes from it too. The checkpoint holds model,
-optimizer, scheduler, step, position in the epoch and the history, so no step count is ever lost.
-"""
+"""The Ray Train job: ClipCap mapping network (+ LM when tuned) from embedding tables, on 1 CPU or N GPUs."""
 
 from __future__ import annotations
 

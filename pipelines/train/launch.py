@@ -1,15 +1,5 @@
 """What Ray Train runs first in each worker of ``clipcap train`` and ``train-clip``: the worker's data stream is
 started before the job's loop module is imported.
-
-Ray Train creates a dataset's split coordinator actor only when a worker first asks for its shard, and the
-coordinator starts Ray Data's executor (its stats actor and the read tasks' processes) only when the first
-batch is asked for. Each of those is a new process: ~3 s apiece on 2 cores, one after the other, before the
-first row arrives. Importing a loop's module (torch, transformers or open_clip) takes ~8 s of the worker's own
-start. This module imports neither: ``worker_entry`` asks for the shard and its first batch in a background
-thread, and only then imports the loop, so the stream starts while the loop's imports run instead of after.
-
-The driver passes ``fit_workers`` the loop as ``"module:function"`` and a ``StreamSpec``; the loop is called as
-``loop(config, batches)`` with ``batches`` an ``EarlyStream`` (``None`` where the job reads no stream).
 """
 
 from __future__ import annotations

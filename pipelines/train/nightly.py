@@ -1,18 +1,7 @@
 """Nightly retraining: fresh embedding shards -> warm-started candidate -> held-out comparison -> promotion.
 
-State lives in one folder (any fsspec URI), so the job is stateless and safe to re-run:
-
-    <state>/manifest.json      the watermark: every shard already trained on (URI -> size), updated last
-    <state>/heldout.parquet    the fixed held-out set (key-hash split, frozen on the first run)
-    <state>/production.json    the pointer serving reads: model URI, version, run, reason, metrics, previous
-    <state>/history/<run>.json one record per decision (promoted / refused), with both models' metrics
-    <state>/candidates/<run>/  the candidate's training run (checkpoints, model artifact, metrics history)
-    <state>/lock.json          the lease of the run in progress (``pipelines.lease``; schedulers also forbid overlap)
-
-A run: list shards -> nothing new? no-op (nothing written) -> train on the new shards plus a seeded replay
-sample of older ones, warm-starting from production -> evaluate candidate and production on the same held-out
-set -> promote iff the candidate is not worse than production beyond ``tolerance`` on ``metric`` (and its loss
-is finite) -> pointer (one atomic write), history record, manifest.
+All state lives in one folder (manifest = watermark, written last; frozen held-out set; production pointer;
+history; candidates; lock), so the job is stateless and safe to re-run: nothing new is a no-op.
 """
 
 from __future__ import annotations
@@ -49,7 +38,7 @@ class NightlyConfig:
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"tables": "--input", "eval_num_gpus": "--eval-gpus",
                                                   "lock_ttl_s": None}
     tables: tuple[str, ...]  # embedding table folders to watch for new shards (or files)
-    state: str  # state folder: manifest, held-out set, production pointer, history (see the module docstring)
+    state: str  # state folder: manifest, held-out set, production pointer, history
     initial_model: str = "tiny"  # preset or artifact URI used while nothing is in production
     train: TrainConfig = field(default_factory=TrainConfig)  # hyperparameters of each night's fine-tuning
     run: RunOptions = field(default_factory=RunOptions)
@@ -193,7 +182,7 @@ def _train_candidate(cfg: NightlyConfig, run: str, fresh: list[str], old: list[s
 
 
 def run_nightly(cfg: NightlyConfig) -> NightlyResult:
-    """One nightly run (see module docstring). No new shards -> returns ``noop`` and writes nothing."""
+    """One nightly run. No new shards -> returns ``noop`` and writes nothing."""
     paths = state_paths(cfg.state)
     files = tables.list_table_files(cfg.tables)
     sizes = shard_sizes(files)

@@ -41,17 +41,9 @@ class TrainJob(Protocol):
 
 def size_workers(scale: ScaleConfig, cluster: ClusterShape) -> ScaleConfig:
     """``scale`` with its ``None`` / 0 knobs sized from ``cluster``; explicit values are kept (and not checked
-    against the cluster of the moment: an autoscaling cluster adds the nodes they ask for).
-
-    - ``use_gpu``: one GPU per worker when the cluster has ``num_workers * gpus_per_worker`` GPUs, else CPU (with
-      a warning where it has some GPUs, but too few).
-    - CPU: each node's cores less one are shared by the workers on it (``ceil(workers / nodes)`` per node, on the
-      smallest node), as torch threads and as Ray's reservation. The core left over runs the data tasks (read +
-      tokenise, or decode; with every core reserved Ray Data gets no CPU and the stream never starts) and Ray's
-      own processes. Those preempt a worker's threads (Ray runs workers at nice 15), and a parallel region
-      waits for its slowest thread: on 2 cores a 2-thread worker trained the tiny preset no faster than a
-      1-thread one (1,884 vs 1,763-1,921 samples/s in the loop), where a plain 2-thread loop gains 1.25x.
-    - GPU: 1 CPU reserved per worker, torch threads Ray's default (the GPU does the work)."""
+    against the cluster of the moment: an autoscaling cluster adds the nodes they ask for). GPU: one per worker
+    when there is one for each. CPU: each node's cores less one, as threads and reservation; the spare core runs
+    the data tasks (with every core reserved the stream never starts)."""
     workers, use_gpu = scale.num_workers, scale.use_gpu
     if use_gpu is None:
         use_gpu = cluster.gpus > 0 and cluster.gpus >= workers * scale.gpus_per_worker

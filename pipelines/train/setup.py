@@ -36,11 +36,7 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
 
 def resolve_model_config(model: str, overrides: dict[str, Any], info: tables.TableInfo) -> Any:
     """The ModelConfig to train: a preset (+ dotted overrides) or a saved artifact's, checked against the tables.
-
-    A preset takes D and the CLIP model from the tables (they made the embeddings), and a preset with the built-in
-    word-level tokenizer takes the vocabulary of that CLIP's world (``WORD_TOKENIZER_OF_CLIP``: scenes tables get
-    ``word-scenes``) unless a ``tokenizer`` override names one; an explicit ``clip_dim`` override or an artifact
-    with another D is a clear error, raised before any worker starts."""
+    """
     # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.model import ModelConfig
     from clipcap_core.presets import preset_config

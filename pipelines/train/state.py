@@ -1,10 +1,4 @@
 """The typed contract between a training driver and its Ray Train workers (``clipcap train`` and ``train-clip``).
-
-What travels: the job config (``TrainJobConfig`` / ``ClipTrainJobConfig``, which hold the sections below) and the
-driver's step plan (``StepPlan``; ``train.job.TrainPlan`` / ``clip.job.ClipTrainPlan`` add what each job needs), each
-as ``configs.to_dict`` on the driver and ``configs.from_dict`` in the worker, so a missing or unknown key fails at
-once, naming the key. ``RunState`` is what a worker carries from step to step and stores in every checkpoint
-(``state.json``, one key per field).
 """
 
 from __future__ import annotations
@@ -71,10 +65,7 @@ class ScaleConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class FaultConfig:
-    """Test hook: worker ``rank`` exits hard (``os._exit``) once when it reaches ``crash_at_step``.
-
-    ``marker`` (a URI) is written just before the exit; when it exists the crash does not happen again, so
-    the restarted group runs through."""
+    """Test hook: worker ``rank`` exits hard (``os._exit``) once when it reaches ``crash_at_step``."""
 
     crash_at_step: int
     marker: str
@@ -89,11 +80,7 @@ def check_heldout_fraction(fraction: float) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class StepPlan:
-    """The step plan both jobs share, decided on the driver before any worker starts.
-
-    One stream holds every remaining epoch; it ends exactly at ``total_steps``. Epochs end at the fixed steps
-    ``epoch_ends`` (the last one at ``total_steps``). A resumed run streams from ``stream_start_epoch``, whose
-    first batch is step ``stream_first_step``; the worker skips the batches before its restored step."""
+    """The step plan both jobs share, decided on the driver before any worker starts."""
 
     n_train: int  # training rows / pairs (all workers)
     total_steps: int

@@ -1,9 +1,5 @@
 """The step loop every Ray Train worker runs (``clipcap train`` and ``train-clip``): restore, steps, progress
 lines and history rows, checkpoints, epoch ends with held-out metrics, the fault-injection hook.
-
-A job subclasses ``WorkerRun`` with its model, optimizer and held-out evaluation and hands ``run_steps`` its
-batches and one training step. Rank 0 evaluates and writes checkpoints; every worker calls ``ray.train.report``
-at the same steps (equal data shards give equal batch counts).
 """
 
 from __future__ import annotations
@@ -26,12 +22,7 @@ from pipelines.train.state import FaultConfig, RunOptions, RunState, StepPlan
 
 
 def split_batches(batches: Iterable[dict[str, Any]], size: int) -> Iterator[dict[str, Any]]:
-    """Cut each batch of ``batches`` (columns of equal length) into consecutive batches of ``size`` rows.
-
-    Ray Data's per-batch cost (block slicing, format conversion in the prefetch thread, which shares the GIL
-    with the training step) is ~1 ms on 2 cores whatever the batch's size: at a small model's ~20 ms step that is
-    5%. Reading ``k * size`` rows per Ray batch and slicing them here (views, no copies) gives the same sequence
-    of batches, the stream's last partial one included, for a ``k``-th of that cost."""
+    """Cut each batch of ``batches`` (columns of equal length) into consecutive batches of ``size`` rows."""
     for batch in batches:
         n = len(next(iter(batch.values())))
         if n <= size:
@@ -105,10 +96,7 @@ def attach_board(handle: Any) -> None:
 
 class WorkerRun:
     """Per-worker run state: restore, reporting (+ rank-0 checkpoints), progress lines, epoch ends, history rows.
-
-    A subclass builds ``model`` / ``optimizer`` / ``scheduler`` after ``__init__`` (which sets rank, world,
-    device and torch threads), then calls ``resume``; it implements ``evaluate`` (held-out metrics, rank 0) and
-    may narrow ``checkpoint_weights``."""
+    """
 
     label: ClassVar[str] = "train"  # in progress lines: [clipcap <label>]
     unit: ClassVar[str] = "samples"  # in progress lines: <rate> <unit>/s
@@ -234,9 +222,7 @@ def run_steps(run: WorkerRun, batches: Iterable[dict[str, Any]] | None, step: Ca
               *, skip: int) -> None:
     """Train ``run`` on ``batches`` (one stream over every remaining epoch) until ``plan.total_steps``: the first
     ``skip`` batches are read, not trained on (a restarted run's stream starts before its restored step).
-
-    ``step(batch) -> loss`` is one optimisation step. Epochs end at ``plan.epoch_ends`` and the last one when
-    the stream ends; checkpoints every ``checkpoint_every`` steps and at each epoch end."""
+    """
     st, plan, opts = run.state, run.plan, run.opts
     if st.epoch >= run.epochs or batches is None:
         return

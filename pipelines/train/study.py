@@ -2,13 +2,6 @@
 fine-tuned) x seeds, each a Ray Tune trial of the sweep (``sweep.train_setting``), scored on the key-hash held-out
 rows with the metrics of ``clipcap evaluate`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr, CLIPScore), then reduced to
 mean and spread over seeds per setting, with training time and trainable parameters.
-
-    rows, table = run_prefix_study(StudyConfig(tables=("data/embeddings/scenes/tiny-scenes",), output="studies"))
-
-Output in ``<output>/<name>/``: ``trials.parquet`` (one row per setting and seed), ``table.parquet`` and
-``table.md`` (one row per setting: ``<metric>_mean`` / ``<metric>_std``), ``prefix.png`` (CIDEr and BLEU-4 against
-prefix length, one line per mapping and LM, bars = spread over seeds). ``table.md`` ends with the spread between
-settings beside the spread over seeds: a difference smaller than the seeds' spread is not one.
 """
 
 from __future__ import annotations
@@ -16,7 +9,7 @@ from __future__ import annotations
 import io
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from clipcap_core.configs import from_dict, to_dict
 from clipcap_core.training import TrainConfig
@@ -30,24 +23,31 @@ LM_FREEZE = {"frozen": True, "tuned": False}
 
 @dataclass(frozen=True, kw_only=True)
 class StudyConfig:
-    tables: tuple[str, ...]
-    output: str  # results and Tune state in <output>/<name>/
-    name: str = "prefix-study"
-    prefix_lengths: tuple[int, ...] = (1, 10, 20)
-    mappings: tuple[Literal["mlp", "transformer"], ...] = ("mlp", "transformer")
-    lms: tuple[Literal["frozen", "tuned"], ...] = ("frozen", "tuned")
-    seeds: tuple[int, ...] = (0, 1, 2)
+    """The ``clipcap study prefix`` config: each field is a flag (``pipelines.commands.flags``)."""
+
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {
+        "tables": "--input", "presets": None, "model_overrides": None, "metrics": None, "train.warmup_steps": None,
+        "train.warmup_fraction": None, "train.precision": None, "train.seed": None,
+        "train.max_caption_tokens": None, "train.weight_decay": None,
+    }
+    tables: tuple[str, ...]  # embedding table folders or files
+    output: str  # where the tables, plot and Tune state go: <output>/<name>/
+    name: str = "prefix-study"  # study name
+    prefix_lengths: tuple[int, ...] = (1, 10, 20)  # prefix lengths k tried
+    mappings: tuple[Literal["mlp", "transformer"], ...] = ("mlp", "transformer")  # mapping networks tried
+    lms: tuple[Literal["frozen", "tuned"], ...] = ("frozen", "tuned")  # the LM frozen or fine-tuned
+    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds per setting
     presets: dict[str, str] = field(default_factory=lambda: {"mlp": "tiny", "transformer": "tiny-transformer"})
     model_overrides: dict[str, Any] = field(default_factory=dict)  # dotted, every setting (e.g. tokenizer)
     train: TrainConfig = field(default_factory=TrainConfig)
-    heldout_fraction: float = 0.1
-    eval_max_samples: int = 500
-    max_train_rows: int = 100_000
+    heldout_fraction: float = 0.1  # fraction of keys held out for evaluation
+    eval_max_samples: int = 500  # held-out rows captioned per trial at most
+    max_train_rows: int = 100_000  # training rows per trial at most
     tokenize: Literal["ptb", "simple"] = "ptb"  # ptb: the COCO tokenizer (Java), as `clipcap evaluate`
     metrics: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider")  # COCO metrics (METEOR needs Java)
-    trial_cpus: float = 1.0
-    trial_gpus: float = 0.0
-    max_concurrent: int = 0  # 0: as many as resources allow
+    trial_cpus: float = 1.0  # CPUs per trial
+    trial_gpus: float = 0.0  # GPUs per trial
+    max_concurrent: int = 0  # trials running at once at most (0: as many as resources allow)
 
     def __post_init__(self) -> None:
         if not self.seeds:

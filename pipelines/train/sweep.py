@@ -1,13 +1,4 @@
 """Prefix-length sweep (the paper's study, repeated by our users): Ray Tune over prefix lengths x mapping types.
-
-    rows = run_sweep(SweepConfig(tables=("s3://b/embeddings/coco/ViT-B-32-openai",), output="s3://b/sweeps"))
-
-Each trial is one Tune function trainable: it builds the model of its setting (``presets[mapping]`` with
-``mapping.prefix_length = k``; for the transformer also ``clip_length = k``, the paper's convention), trains
-it in-process on the key-hash train split (at most ``max_train_rows``) and reports held-out loss and
-greedy-caption BLEU-4 / CIDEr / exact match. Trials run side by side as resources allow
-(``trial_cpus`` / ``trial_gpus`` each). The table lands in ``<output>/<name>/results.{csv,json,md}`` and is
-printed; Tune's own experiment state sits beside it.
 """
 
 from __future__ import annotations

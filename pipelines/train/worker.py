@@ -1,10 +1,5 @@
 """What runs inside each Ray Train worker of ``clipcap train``: the ClipCap model and its held-out set, the step,
 and (rank 0) the final model artifact.
-
-``worker_loop(config)`` is the ``TorchTrainer`` loop of ``pipelines.train.job`` (the driver side). The driver has
-already validated the tables, resolved the model config (``setup.resolve_model_config``) and counted the
-steps (``job.TrainPlan``); the loop only trains. The step loop, checkpoints and reporting are shared with
-``train-clip`` (``steps``, ``checkpoints``).
 """
 
 from __future__ import annotations
@@ -61,11 +56,7 @@ class ClipCapRun(WorkerRun):
 def worker_loop(config: dict[str, Any], stream: EarlyStream | None) -> dict[str, Any] | None:
     """The per-worker loop (``launch.worker_entry`` calls it; config: ``{"job": TrainJobConfig, "plan":
     TrainPlan}`` as ``configs.to_dict``).
-
-    ``stream`` is the worker's data shard, already started: one stream over every remaining epoch, read
-    ``job.stream_spec`` rows at a time and cut into the step's batches. Epochs end at ``epoch_ends`` (the last
-    one when the stream ends, at ``total_steps``). After a restart the batches before the restored step are
-    skipped (read, not trained on)."""
+    """
     # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray.train
     import ray.train.torch

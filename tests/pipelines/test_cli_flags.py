@@ -95,10 +95,10 @@ class _Unmapped:
 
 def _command_configs() -> dict[str, str]:
     out = {}
-    for name, module in COMMANDS.items():
-        ref = getattr(importlib.import_module(module), "CONFIG", None)
-        if ref:
-            out[name] = ref
+    for name, module in COMMANDS.items():  # CONFIG, or the several configs of one command (study)
+        for attr, ref in vars(importlib.import_module(module)).items():
+            if attr.isupper() and isinstance(ref, str) and ref.startswith("pipelines.") and ref.endswith("Config"):
+                out[name if attr == "CONFIG" else f"{name}-{attr.lower()}"] = ref
     return out
 
 
