@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.clirun import run_clipcap  # noqa: E402
+from benchmarks.scenes_eval import attribute_accuracy, per_half, write_heldout  # noqa: E402
 
 GAPPED = "tiny-scenes-gapped"
 
@@ -41,43 +42,6 @@ def write_corpus(path: Path, n: int, seed: int) -> None:
     from pipelines.demo.worlds import scenes_corpus
 
     path.write_text("\n".join(scenes_corpus(n, seed)) + "\n")
-
-
-def write_heldout(root: Path, n: int, seed: int) -> tuple[Path, Path, list]:
-    """Half ``test``, half ``novel`` scenes -> ``heldout.tar`` of PNGs and ``references.jsonl`` (key, caption)."""
-    from pipelines.demo.caption import write_archive
-    from pipelines.demo.worlds import world
-
-    samples = world("scenes").heldout(n, seed, 0)
-    archive = root / "archives" / "heldout.tar"
-    write_archive(str(archive), samples)
-    refs = root / "references.jsonl"
-    refs.write_text("".join(json.dumps({"key": s.key, "caption": c}) + "\n" for s in samples for c in s.references))
-    return archive, refs, samples
-
-
-def per_half(eval_dir: Path) -> dict[str, dict[str, float]]:
-    """Mean exact match and CIDEr of the ``test`` and ``novel`` halves from ``per_image.parquet``."""
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(eval_dir / "per_image.parquet").to_pylist()
-    out = {}
-    for half, prefix in (("seen_combos", "scnte"), ("novel_combos", "scnno")):
-        sel = [r for r in rows if Path(str(r["image_id"])).name.startswith(prefix)]
-        out[half] = {"n": len(sel), "exact_match": float(np.mean([r["exact_match"] for r in sel])),
-                     "cider": float(np.mean([r["cider"] for r in sel]))}
-    return out
-
-
-def attribute_accuracy(eval_dir: Path, samples: list) -> dict[str, float]:
-    """The scenes world's parse-based scores of the evaluated captions (``worlds.scenes_accuracy``: exact in any
-    wording, count / size / colour / shape of both groups, relation), from ``results.json``."""
-    from pipelines.demo.worlds import scenes_accuracy
-
-    predicted = {Path(str(r["image_id"])).name: r["caption"]
-                 for r in json.loads((eval_dir / "results.json").read_text())}
-    scores = scenes_accuracy([predicted.get(s.key, "") for s in samples], [s.caption for s in samples])
-    return {k: round(v, 4) for k, v in scores["accuracy"].items()}
 
 
 def gap_figures(artifact: str, samples: list) -> dict[str, dict[str, float]]:

@@ -38,7 +38,7 @@ class ClipTrainConfig:
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {
         "beta1": None, "beta2": None, "eps": None, "warmup_fraction": None, "gather_with_grad": None,
-        "crop_scale": None, "logit_scale": None, "cone_init": None,
+        "crop_scale": None, "logit_scale": None, "cone_init": None, "group_size": None,
     }
     epochs: int = 10  # passes over the training pairs
     batch_size: int = 256  # pairs per worker per step (the loss sees workers x this: features are gathered)
@@ -66,6 +66,10 @@ class ClipTrainConfig:
     # Cone-shaped init: a seeded random offset of this size (x sqrt(width)) added to each tower's final LayerNorm
     # bias, so each modality starts in its own narrow cone (with a low fixed temperature: a modality gap).
     cone_init: float = 0.0
+    # Pairs kept in one batch: consecutive groups of this many, in shard order (e.g. 2: a scene and its hard
+    # negative written side by side, ``scenes.generate(twins=True)``), so each batch holds the negatives the data
+    # put there. In-memory data with no held-out split (a held-out sample would break its group).
+    group_size: int = 1
 
     def warmup_for(self, total_steps: int) -> int:
         """Warm-up steps of a run of ``total_steps``: as set, or the default capped at 5% of the run (so a short
@@ -90,6 +94,8 @@ class ClipTrainConfig:
             raise ValueError(f"logit_scale must be in (0, 100] (it is clamped to 100), got {self.logit_scale}")
         if self.cone_init < 0:
             raise ValueError(f"cone_init must be >= 0, got {self.cone_init}")
+        if self.group_size < 1 or self.batch_size % self.group_size:
+            raise ValueError(f"group_size must be >= 1 and divide batch_size {self.batch_size}, got {self.group_size}")
         if self.lock_image and self.lock_text:
             raise ValueError("lock_image and lock_text together leave nothing to train but the temperature")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -139,6 +139,38 @@ def sample_scene(rng: random.Random, split: str = "train", holdout: frozenset[tu
     return Scene(a, rng.choice(RELATIONS), b)
 
 
+def _edits(g: Group, kind: str) -> list[Group]:
+    values = {"count": (1, 2, 3), "size": SIZES, "color": tuple(COLORS), "shape": SHAPES}[kind]
+    return [replace(g, **{kind: v}) for v in values if v != getattr(g, kind)]
+
+
+def hard_negatives(s: Scene) -> dict[str, list[Scene]]:
+    """Scenes one minimal edit away from ``s``, by kind: one attribute of one group, the relation, or the two
+    groups' colours swapped (attribute binding; empty when both groups share a colour)."""
+    out = {kind: [replace(s, first=g) for g in _edits(s.first, kind)] + [replace(s, second=g) for g in _edits(s.second, kind)]
+           for kind in ("count", "size", "color", "shape")}
+    out["relation"] = [replace(s, relation=r) for r in RELATIONS if r != s.relation]
+    swap = replace(s, first=replace(s.first, color=s.second.color), second=replace(s.second, color=s.first.color))
+    out["binding"] = [swap] if s.first.color != s.second.color else []
+    return out
+
+
+# Kinds of edit a training twin makes, weighted: shape and relation are what a CLIP trained on random batches
+# skips (colours alone tell two random scenes apart), so they come up most.
+TWIN_KINDS = ("shape", "shape", "relation", "relation", "count", "size", "color", "binding")
+
+
+def twin(s: Scene, rng: random.Random, holdout: frozenset[tuple[str, str]]) -> Scene:
+    """A hard negative of ``s`` to train beside it: one minimal edit (``TWIN_KINDS``) that keeps every colour-shape
+    combination out of ``holdout``."""
+    negs = hard_negatives(s)
+    while True:
+        options = [e for e in negs[rng.choice(TWIN_KINDS)]
+                   if all((g.color, g.shape) not in holdout for g in (e.first, e.second))]
+        if options:
+            return rng.choice(options)
+
+
 def _background(size: int, rng: random.Random) -> np.ndarray:
     """A low-saturation two-colour gradient with pixel noise, (size, size, 3) uint8."""
     def tone() -> np.ndarray:
@@ -216,14 +248,22 @@ def sample_key(split: str, i: int) -> str:
 
 
 def generate(n: int, seed: int = 0, size: int = 64, start: int = 0, split: Split = "train",
-             holdout_seed: int = HOLDOUT_SEED) -> Iterator[SceneSample]:
-    """``n`` samples of ``split``; sample ``i`` depends only on (seed, split, i, holdout_seed)."""
+             holdout_seed: int = HOLDOUT_SEED, twins: bool = False) -> Iterator[SceneSample]:
+    """``n`` samples of ``split``; sample ``i`` depends only on (seed, split, i, holdout_seed, twins). ``twins``: each
+    odd sample is a ``twin`` (one minimal edit, drawn afresh) of the sample before it, so a batch that keeps
+    neighbours together holds hard negatives (``train`` / ``test`` only)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if twins and split == "novel":
+        raise ValueError("twins: an edit may drop the novel combination; use split train or test")
     holdout = heldout_combos(holdout_seed)
     for i in range(start, start + n):
         rng = random.Random(f"scenes:{seed}:{split}:{i}")
-        scene = sample_scene(rng, split, holdout)
+        if twins and i % 2:
+            base = sample_scene(random.Random(f"scenes:{seed}:{split}:{i - 1}"), split, holdout)
+            scene = twin(base, rng, holdout)
+        else:
+            scene = sample_scene(rng, split, holdout)
         refs = references(scene)
         yield SceneSample(key=sample_key(split, i), caption=refs[0], references=refs, image=render(scene, size, rng),
                           scene=scene)
@@ -252,12 +292,13 @@ def write_url_list(out_dir: str | Path, n: int, base_url: str, seed: int = 0, si
 
 
 def write_webdataset(out_dir: str | Path, n: int, *, seed: int = 0, size: int = 64, shard_size: int = 1024,
-                     start: int = 0, split: Split = "train", caption: Literal["canonical", "random"] = "canonical"
-                     ) -> list[Path]:
+                     start: int = 0, split: Split = "train", caption: Literal["canonical", "random"] = "canonical",
+                     twins: bool = False) -> list[Path]:
     """Webdataset shards in img2dataset's layout; ``.txt`` is the canonical caption or (``random``) one reference
-    per sample (``training_caption``); ``.json`` holds every reference."""
+    per sample (``training_caption``); ``.json`` holds every reference. ``twins``: as ``generate`` (keep
+    ``shard_size`` even so no pair spans two shards)."""
     def members(first: int, count: int) -> Iterator[tuple[str, dict[str, bytes]]]:
-        for s in generate(count, seed=seed, size=size, start=first, split=split):
+        for s in generate(count, seed=seed, size=size, start=first, split=split, twins=twins):
             text = s.caption if caption == "canonical" else training_caption(s, seed)
             meta = {"key": s.key, "caption": text, "references": list(s.references), "status": "success"}
             yield s.key, {"png": synthetic.png_bytes(s.image), "txt": text.encode(), "json": json.dumps(meta).encode()}

@@ -62,6 +62,11 @@ class ClipTrainJobConfig:
         check_heldout_fraction(self.heldout_fraction)
         if self.data == "memory" and self.train.augment != "none":
             raise ValueError("data='memory' decodes once, so it cannot augment: use augment='none' or data='stream'")
+        if self.train.group_size > 1 and (self.heldout_fraction > 0 or self.data == "stream"
+                                          or self.train.augment != "none"):
+            raise ValueError("train.group_size > 1 keeps groups of consecutive pairs in memory data: it needs "
+                             "heldout_fraction 0 (a held-out sample would break its group), augment 'none' and "
+                             "data 'memory' or 'auto'")
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a non-empty folder name, got {self.name!r}")
 
@@ -130,6 +135,8 @@ def plan(cfg: ClipTrainJobConfig) -> ClipTrainPlan:
 def data_mode(cfg: ClipTrainJobConfig, n_train: int) -> Literal["stream", "memory"]:
     if cfg.data != "auto":
         return cfg.data
+    if cfg.train.group_size > 1:
+        return "memory"
     size = prep_for(cfg).size
     need_mb = n_train / cfg.scale.num_workers * (size * size * 3 + 8 * 77) / 2**20
     return "memory" if cfg.train.augment == "none" and need_mb <= cfg.memory_limit_mb else "stream"

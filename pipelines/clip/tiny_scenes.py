@@ -58,22 +58,6 @@ VARIANTS = {
 
 
 # --- zero-shot figures ------------------------------------------------------------------------------------
-def _edits(g: scenes.Group, kind: str) -> list[scenes.Group]:
-    values = {"count": (1, 2, 3), "size": scenes.SIZES, "color": tuple(scenes.COLORS), "shape": scenes.SHAPES}[kind]
-    return [replace(g, **{kind: v}) for v in values if v != getattr(g, kind)]
-
-
-def hard_negatives(s: scenes.Scene) -> dict[str, list[scenes.Scene]]:
-    """Scenes one minimal edit away from ``s``, by kind: one attribute of one group, the relation, or the two
-    groups' colours swapped (attribute binding; empty when both groups share a colour)."""
-    out = {kind: [replace(s, first=g) for g in _edits(s.first, kind)] + [replace(s, second=g) for g in _edits(s.second, kind)]
-           for kind in ("count", "size", "color", "shape")}
-    out["relation"] = [replace(s, relation=r) for r in scenes.RELATIONS if r != s.relation]
-    swap = replace(s, first=replace(s.first, color=s.second.color), second=replace(s.second, color=s.first.color))
-    out["binding"] = [swap] if s.first.color != s.second.color else []
-    return out
-
-
 def _encode_images(encoder: Any, samples: list[scenes.SceneSample]) -> np.ndarray:
     pixels = np.stack([encoder.resize(s.image) for s in samples])
     return np.concatenate([encoder.encode_pixels(pixels[i: i + 256]) for i in range(0, len(pixels), 256)])
@@ -81,7 +65,7 @@ def _encode_images(encoder: Any, samples: list[scenes.SceneSample]) -> np.ndarra
 
 def hard_negative_accuracy(encoder: Any, img: np.ndarray, samples: list[scenes.SceneSample]) -> dict[str, float]:
     """Per kind: share of images whose true caption scores above every edit of that kind (and of all kinds)."""
-    negs = [hard_negatives(s.scene) for s in samples]
+    negs = [scenes.hard_negatives(s.scene) for s in samples]
     kinds = list(negs[0])
     texts = [scenes.caption_for(x) for s, n in zip(samples, negs, strict=True)
              for x in [s.scene] + [e for k in kinds for e in n[k]]]

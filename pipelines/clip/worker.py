@@ -61,7 +61,8 @@ class ClipRun(WorkerRun):
 def memory_batches(job: ClipTrainJobConfig, plan: ClipTrainPlan, rank: int, world: int, start_step: int,
                    device: Any) -> Any:
     """``data="memory"``: this worker's shards decoded once; batches for steps ``start_step``.. from a seeded
-    permutation per epoch (the same after a restart, so a resumed run sees the batches it would have seen)."""
+    permutation per epoch (the same after a restart, so a resumed run sees the batches it would have seen), of groups
+    of ``train.group_size`` consecutive pairs."""
     pixels, tokens, _ = clip_data.load_pairs(list(plan.shards[rank::world]), prep_for(job, "train"))
     pixels = torch.from_numpy(pixels)
     B, spe = job.train.batch_size, plan.steps_per_epoch
@@ -70,7 +71,8 @@ def memory_batches(job: ClipTrainJobConfig, plan: ClipTrainPlan, rank: int, worl
         epoch, i = divmod(step, spe)
         if order is None or i == 0:
             gen = torch.Generator().manual_seed(job.train.seed * 100003 + epoch * 1009 + rank)
-            order = torch.randperm(len(tokens), generator=gen)
+            g = job.train.group_size  # groups of g consecutive pairs stay together (the data's hard negatives)
+            order = (torch.randperm(len(tokens) // g, generator=gen)[:, None] * g + torch.arange(g)).reshape(-1)
         idx = order[i * B:(i + 1) * B]
         yield {"pixels": pixels[idx].to(device), "tokens": tokens[idx].to(device)}
 

@@ -8,6 +8,7 @@ import tarfile
 import time
 
 import numpy as np
+import pytest
 
 from clipcap_core import scenes
 
@@ -102,3 +103,37 @@ def test_write_url_list_and_webdataset_carry_every_reference(tmp_path):
             meta = json.loads(tf.extractfile(f"{s.key}.json").read())
             assert text == scenes.training_caption(s, 4) and text in s.references
             assert meta["references"] == list(s.references)
+
+
+def test_hard_negatives_are_one_edit_away():
+    s = scenes.Scene(scenes.Group(2, "small", "red", "circle"), "left", scenes.Group(1, "large", "blue", "square"))
+    negs = scenes.hard_negatives(s)
+    assert len(negs["count"]) == 4 and len(negs["size"]) == 2 and len(negs["color"]) == 14
+    assert len(negs["shape"]) == 8 and {n.relation for n in negs["relation"]} == {"right", "above", "below"}
+    (swap,) = negs["binding"]
+    assert scenes.caption_for(swap) == "two small blue circles left of a large red square"
+    assert all(n != s for kind in negs.values() for n in kind)
+    same = scenes.Scene(s.first, "left", scenes.Group(1, "large", "red", "square"))
+    assert scenes.hard_negatives(same)["binding"] == []  # both groups red: swapping colours changes nothing
+
+
+def _kind_of_edit(a: scenes.Scene, b: scenes.Scene) -> str | None:
+    return next((k for k, edits in scenes.hard_negatives(a).items() if b in edits), None)
+
+
+def test_twins_are_one_edit_apart_and_keep_the_holdout():
+    holdout = scenes.heldout_combos()
+    plain = list(scenes.generate(300, seed=3))
+    twins = list(scenes.generate(300, seed=3, twins=True))
+    kinds = []
+    for i in range(0, 300, 2):
+        base, twin = twins[i], twins[i + 1]
+        assert base.scene == plain[i].scene and np.array_equal(np.asarray(base.image), np.asarray(plain[i].image))
+        kinds.append(_kind_of_edit(base.scene, twin.scene))
+        assert all((g.color, g.shape) not in holdout for g in (twin.scene.first, twin.scene.second))
+    assert None not in kinds  # every odd sample is one minimal edit of the one before it
+    assert {"shape", "relation", "count", "size", "color", "binding"} <= set(kinds)
+    assert kinds.count("shape") > kinds.count("size")  # shape and relation are drawn twice as often
+    assert scenes.references(twins[1].scene) == twins[1].references
+    with pytest.raises(ValueError, match="twins"):
+        next(scenes.generate(2, split="novel", twins=True))
