@@ -174,8 +174,8 @@ def bench_model(model: str, shards: Path, sweep_shards: Path, work: Path, args: 
     alternating the order cancels a linear drift in the summed times."""
     ckpt = save_checkpoint(model, work / f"{model}.pt")
     enc, x = load_pixels(model, min(args.images, args.pure_images), ckpt, args.device)
-    layout = (os.cpu_count() or 1, 1)  # our CPU default on one node; checked against the job's plan line below
-    pure_before = pure_pair(enc, x, args.batch_size, layout)
+    assumed = (os.cpu_count() or 1, 1)  # our CPU default on one node; checked against the job's plan line below
+    pure_before = pure_pair(enc, x, args.batch_size, assumed)
     load_before = os.getloadavg()[0]
     with_peer = ckpt is not None and not args.no_peer
     batches = [int(b) for b in args.peer_batches.split(",") if b.strip()]
@@ -198,7 +198,7 @@ def bench_model(model: str, shards: Path, sweep_shards: Path, work: Path, args: 
     load_after = os.getloadavg()[0]
     layout = plan_layout(ours_runs[0]["plan"])
     pure_after = pure_pair(enc, x, args.batch_size, layout)
-    if layout != (os.cpu_count() or 1, 1):  # the job ran another layout: measure that one before and after alike
+    if layout != assumed:  # the job ran another layout: its pure forward is the one measured after the runs
         pure_before = (pure_before[0], pure_after[1])
     pure_intra, pure_plan = ((a + b) / 2 for a, b in zip(pure_before, pure_after, strict=True))
     ours_wall = sum(r["wall_s"] for r in ours_runs)

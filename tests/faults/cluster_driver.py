@@ -171,8 +171,8 @@ def _signal(pids, sig) -> None:
 
 def freeze_and_kill(node) -> dict[str, list[int]]:
     """Take a ``Cluster`` worker node down at one instant, as a machine loss does: SIGSTOP its raylet and every
-    process below it (its worker processes), then SIGKILL them all, then ``Cluster.remove_node`` for the
-    cluster's own bookkeeping.
+    process below it (its worker processes), then SIGKILL them all. The caller then calls ``Cluster.remove_node``
+    for the cluster's own bookkeeping (``NodeKiller`` does).
 
     ``remove_node`` alone SIGKILLs only the node's own processes (the raylet): the worker processes it started
     live on until each notices its raylet is gone (up to ~1 s on this VM), and Ray Train workers went on training
