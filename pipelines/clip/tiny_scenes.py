@@ -42,7 +42,7 @@ from pipelines.train.state import RunOptions, ScaleConfig
 
 RESOURCES = Path(__file__).resolve().parents[2] / "clipcap_core" / "resources"
 TRAIN_SEED, EVAL_SEED, EVAL_N = 1, 7777, 1000
-TRAIN_N, SHARD = 8192, 1024
+TRAIN_N, SHARD = 16384, 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +55,7 @@ class Variant:
 
 
 VARIANTS = {
-    "tiny-scenes": Variant(steps=192),
+    "tiny-scenes": Variant(steps=1024),
     "tiny-scenes-gapped": Variant(steps=250, lr=3e-4, logit_scale=100.0),
 }
 

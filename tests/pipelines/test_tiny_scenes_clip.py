@@ -35,10 +35,14 @@ def test_shipped_scenes_clip_loads_and_is_small(name):
 
 def test_tiny_scenes_is_far_above_chance_and_not_saturated():
     enc = load_encoder(EncoderConfig(model_name="tiny-scenes"))
+    shape = []
     for split in ("test", "novel"):
         f = zero_shot_scenes(enc, split, n=300, seed=4242)  # a seed neither training nor the card used
         assert 0.1 < f["top1"] < 0.95, (split, f)  # chance is 1/300
         assert f["hard_color"] > 0.5 and f["hard_all"] < 0.95, (split, f)
+        shape.append(f["hard_shape"])
+    # shape is learned from the hard-negative twins (a CLIP trained on random batches stays at chance, 1/9)
+    assert np.mean(shape) > 0.13, shape
     card = json.loads((RESOURCES / "tiny-scenes.eval.json").read_text())
     assert card["test"]["top1"] > card["novel"]["top1"] * 0.5 and card["test"]["images"] == 1000
 
