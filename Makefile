@@ -80,7 +80,7 @@ tiny-clip: setup
 	$(PY) -m pipelines.clip.tiny
 
 # The two CLIPs of the `scenes` world (clipcap_core/scenes.py), shipped beside tiny (<name>.safetensors + card
-# <name>.md): `tiny-scenes` (learned temperature) and `tiny-scenes-gapped` (fixed temperature 0.01 from open_clip's
+# <name>.md): `tiny-scenes` (learned temperature) and `tiny-scenes-gapped` (fixed temperature 0.01 from a
 # cone-shaped init: a modality gap near a real CLIP's). Scenes shards in hard-negative twins -> `train-clip` (each
 # twin pair in one batch) -> fp16 -> zero-shot and gap figures. Ray runs its workers at nice 15: on a busy machine RAY_worker_niceness=0 keeps them at make's niceness.
 tiny-scenes-clip: setup

@@ -56,7 +56,7 @@ class Variant:
 
 VARIANTS = {
     "tiny-scenes": Variant(steps=1024),
-    "tiny-scenes-gapped": Variant(steps=250, lr=3e-4, logit_scale=100.0),
+    "tiny-scenes-gapped": Variant(steps=384, logit_scale=100.0, cone_init=4.0),
 }
 
 

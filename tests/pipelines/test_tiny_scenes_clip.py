@@ -55,16 +55,15 @@ def _gap(name: str, n: int = 300) -> dict[str, float]:
 
 
 def test_gapped_clip_has_a_modality_gap_near_a_real_clips():
-    """Real CLIPs: paired cosine ~0.3, centroid distance ~0.8; ``tiny`` / ``tiny-scenes``: ~0.95 and ~0.04. The
-    gapped one measured 0.59 and 0.75 (its paired cosine is still about twice a real CLIP's)."""
+    """Real CLIPs: paired cosine ~0.3, centroid distance ~0.8; ``tiny`` / ``tiny-scenes``: above 0.9 and below 0.1."""
     gapped, plain = _gap("tiny-scenes-gapped"), _gap("tiny-scenes")
     assert 0.2 < gapped["paired_cosine"] < 0.65, gapped
-    assert 0.6 < gapped["centroid_distance"] < 1.0, gapped
+    assert 0.6 < gapped["centroid_distance"] < 1.1, gapped
     assert gapped["gap_variance_share"] > 0.15, gapped
     assert plain["paired_cosine"] > 0.9 and plain["centroid_distance"] < 0.1, plain
     card = json.loads((RESOURCES / "tiny-scenes-gapped.eval.json").read_text())
-    assert 0.2 < card["test"]["paired_cosine"] < 0.65 and 0.6 < card["test"]["centroid_distance"] < 1.0
-    assert card["test"]["top1"] > 0.05  # still a working CLIP (chance 1/1000)
+    assert 0.2 < card["test"]["paired_cosine"] < 0.65 and 0.6 < card["test"]["centroid_distance"] < 1.1
+    assert card["test"]["top1"] > 0.1  # still a working CLIP (chance 1/1000)
 
 
 def test_eval_clip_prints_the_gap_for_every_model(tmp_path, capsys):
