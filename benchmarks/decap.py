@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder = EncoderConfig(model_name=args.model, pretrained=args.pretrained)
     table = run_embed_text(EmbedTextConfig(input=str(corpus), output_root=root, dataset="corpus", encoder=encoder,
                                            resources=EmbedResources(batch_size=256))).table_uri
-    from pipelines.demo.decap import train_decap
+    from pipelines.demo.run import train_decap
 
     trained = train_decap(table, root, seed=args.seed, epochs=args.epochs, noise_std=args.noise_std,
                           name=f"decap-bench-s{args.seed}")

@@ -39,9 +39,14 @@ def main() -> None:
     from clipcap_core.encoder_model import load_encoder
     from clipcap_core.encoders import EncoderConfig
     from pipelines.clip.tiny import zero_shot_captions
-    from pipelines.demo.caption import caption_heldout
-    from pipelines.demo.decap import embed_captions, write_corpus
-    from pipelines.demo.run import DemoConfig, run_demo, step_embed
+    from pipelines.demo.run import (
+        DemoConfig,
+        caption_heldout,
+        embed_captions,
+        run_demo,
+        step_embed,
+        write_corpus,
+    )
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="/tmp/clipcap-defaults")

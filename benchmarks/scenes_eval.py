@@ -16,7 +16,7 @@ HALVES = {"seen_combos": "scnte", "novel_combos": "scnno"}
 
 def write_heldout(root: Path, n: int, seed: int) -> tuple[Path, Path, list]:
     """Half ``test``, half ``novel`` scenes -> ``heldout.tar`` of PNGs and ``references.jsonl`` (key, caption)."""
-    from pipelines.demo.caption import write_archive
+    from pipelines.demo.run import write_archive
     from pipelines.demo.worlds import world
 
     samples = world("scenes").heldout(n, seed, 0)

@@ -24,7 +24,7 @@ from pipelines.caption.output import (
 )
 from pipelines.caption.stages import CaptionStage, ClipCaptionStage, inspect_model, read_decode_batch
 from pipelines.clip_actor import ClipActor
-from pipelines.io import sources, sources_base, storage
+from pipelines.io import sources, storage
 from pipelines.lease import LEASE_FILE, Lease
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class CaptionConfig:
     output: str  # caption table directory URI
     model: str  # trained model artifact URI (`clipcap train` or `clipcap import-reference` makes one)
     allow_untrained: bool = False  # accept an untrained preset (random captions: wiring tests, benchmarks)
-    source: sources_base.SourceConfig = field(default_factory=sources_base.SourceConfig)
+    source: sources.SourceConfig = field(default_factory=sources.SourceConfig)
     decoding: DecodeConfig = field(default_factory=DecodeConfig)
     resources: ResourceOptions = field(default_factory=ResourceOptions)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)  # DeCap memory projection
@@ -151,8 +151,8 @@ class CaptionSummary:
 # --- job-level validation ----------------------------------------------------------------------------------
 @dataclass
 class Plan:
-    parts: list[sources_base.Part]
-    todo: list[sources_base.Part]
+    parts: list[sources.Part]
+    todo: list[sources.Part]
     model_id: str
     model_info: Any   # pipelines.caption.stages.ModelInfo
     needs_clip: bool
@@ -175,7 +175,7 @@ def check_output_outside_input(cfg: CaptionConfig) -> None:
         raise ValueError(f"output {cfg.output!r} is inside input {cfg.input!r}: its files would be read back as "
                          "input by the next run; choose an output outside the input")
 
-def _check_embeddings(parts: list[sources_base.Part], info: Any) -> None:
+def _check_embeddings(parts: list[sources.Part], info: Any) -> None:
     for p in parts:
         if p.kind != "embeddings":
             continue

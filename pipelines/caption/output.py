@@ -18,7 +18,7 @@ from clipcap_core.configs import to_dict
 from clipcap_core.decoding import DecodeConfig
 from pipelines.caption.stages import TIMING_COLUMNS
 from pipelines.committer import UnitCommitter
-from pipelines.io import schemas, sources_base, storage
+from pipelines.io import schemas, sources, storage
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _clear_output(output: str, previous: dict | None = None) -> None:
 # --- committing parts -------------------------------------------------------------------------------------------
 class PartCommitter(UnitCommitter):
     """Caption's driver side: the shared per-unit committer (rows back into parts, dedup by member index, a
-    marker row per part carrying its total) with caption's hooks: a part with a ``sources_base.UNIT_STAGE`` row is
+    marker row per part carrying its total) with caption's hooks: a part with a ``sources.UNIT_STAGE`` row is
     unread (failed, not committed), any other is written by ``commit``. Also sums the stages' timing columns."""
 
     def __init__(self, output: str, model_id: str, decoding: DecodeConfig, rerank: str = "none"):
@@ -155,9 +155,9 @@ class PartCommitter(UnitCommitter):
         if rows is None:
             return None
         stages = rows.column("stage").to_pylist()
-        if sources_base.UNIT_STAGE not in stages:
+        if sources.UNIT_STAGE not in stages:
             return None
-        row = rows.slice(stages.index(sources_base.UNIT_STAGE), 1).to_pylist()[0]
+        row = rows.slice(stages.index(sources.UNIT_STAGE), 1).to_pylist()[0]
         return f"{row['source']}: {row['error']}"
 
     def commit(self, part_id: str, rows: pa.Table | None) -> tuple[str, int, int, int]:

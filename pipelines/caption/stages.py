@@ -19,7 +19,7 @@ from clipcap_core.imaging import ImageDecodeError, decode_image
 from clipcap_core.preprocess import ImageResizer
 from pipelines import rows, runtime
 from pipelines.clip_actor import ClipActor
-from pipelines.io import sources, sources_base
+from pipelines.io import sources
 
 STAGE_SCHEMA = pa.schema([
     ("part_id", pa.string()), ("index", pa.int32()), ("key", pa.string()), ("source", pa.string()),
@@ -52,7 +52,7 @@ class _Rows:
         return pa.table(self.cols, schema=STAGE_SCHEMA)
 
 
-def _decode_record(rec: sources_base.Record, resizer: Any, cfg: sources_base.SourceConfig,
+def _decode_record(rec: sources.Record, resizer: Any, cfg: sources.SourceConfig,
                    draft: tuple[int, int] | None) -> dict[str, Any]:
     if rec.error is not None:
         return {"error": rec.error, "stage": rec.stage}
@@ -68,7 +68,7 @@ def _decode_record(rec: sources_base.Record, resizer: Any, cfg: sources_base.Sou
         return {"error": f"preprocess failed: {type(exc).__name__}: {exc}", "stage": "preprocess"}
 
 
-def read_decode_part(part: sources_base.Part, cfg: sources_base.SourceConfig, resizer: Any, block_rows: int,
+def read_decode_part(part: sources.Part, cfg: sources.SourceConfig, resizer: Any, block_rows: int,
                      draft: tuple[int, int] | None = None) -> Iterator[pa.Table]:
     """Records of ``part`` as stage rows in blocks of ``block_rows``, then the part's marker row."""
     buf, n, clock = _Rows(), 0, rows.Clock()
@@ -87,14 +87,14 @@ def read_decode_part(part: sources_base.Part, cfg: sources_base.SourceConfig, re
 def read_decode_batch(batch: pa.Table, *, cfg_json: str, spec: Any, block_rows: int,
                       jpeg_draft: bool = False) -> Iterator[pa.Table]:
     """Ray Data task function over batches of ``{"part": [Part json]}``; yields several blocks per part."""
-    cfg = from_dict(sources_base.SourceConfig, json.loads(cfg_json))
+    cfg = from_dict(sources.SourceConfig, json.loads(cfg_json))
     resizer = ImageResizer(spec) if spec is not None else None
     draft = None
     if jpeg_draft and spec is not None:
         size = spec.size if isinstance(spec.size, tuple) else (spec.size, spec.size)
         draft = (int(size[0]), int(size[1]))
     for text in batch.column("part").to_pylist():
-        yield from read_decode_part(sources_base.Part.from_json(text), cfg, resizer, block_rows, draft)
+        yield from read_decode_part(sources.Part.from_json(text), cfg, resizer, block_rows, draft)
 
 
 class CaptionStage:

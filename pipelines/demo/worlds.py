@@ -37,7 +37,7 @@ def _synthetic_url_list(*args: Any, **kwargs: Any) -> Path:
 
 def _synthetic_accuracy(predictions: list[str], references: list[str]) -> dict[str, dict[str, float]]:
     # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
-    from pipelines.demo.train import attribute_accuracy
+    from pipelines.demo.run import attribute_accuracy
 
     return attribute_accuracy(predictions, references)
 

@@ -17,8 +17,7 @@ import pyarrow as pa
 from clipcap_core import imaging
 from clipcap_core.preprocess import ImageResizer, PreprocessSpec
 from pipelines import rows
-from pipelines.io.sources_base import SourceConfig
-from pipelines.io.sources_safety import tar_member_problem
+from pipelines.io.sources import SourceConfig, tar_member_problem
 
 # Columns flowing from the decode tasks to the encoder and on to the driver (pixels, error, caption and the
 # CLIP actor's vectors are the row format's, ``pipelines.rows``).
@@ -61,7 +60,7 @@ def shard_name(uri: str) -> str:
 
 def read_shard(data: bytes, cfg: SourceConfig | None = None) -> list[Sample]:
     """Group tar members into samples by key (the member name up to its first dot), in archive order. Members
-    go through ``sources_safety.tar_member_problem`` (unsafe paths, links, devices, duplicates, ``max_member_bytes``):
+    go through ``sources.tar_member_problem`` (unsafe paths, links, devices, duplicates, ``max_member_bytes``):
     a refused member is not read and marks its sample ``refused``."""
     cfg = cfg or SourceConfig()
     samples: dict[str, Sample] = {}

@@ -9,12 +9,12 @@ import numpy as np
 
 from clipcap_core.encoders import embedding_dim
 from clipcap_core.imaging import ImageDecodeError, decode_image
-from pipelines.io import sources, sources_base
+from pipelines.io import sources
 
 
-def plan(uri: str, encoder_cfg: Any) -> list[sources_base.Part]:
+def plan(uri: str, encoder_cfg: Any) -> list[sources.Part]:
     """The input's parts, with embedding tables checked against the CLIP (job-level ValueError)."""
-    parts = sources.plan_parts(uri, sources_base.SourceConfig())
+    parts = sources.plan_parts(uri, sources.SourceConfig())
     dim = embedding_dim(encoder_cfg)
     for p in parts:
         if p.kind != "embeddings":
@@ -28,9 +28,9 @@ def plan(uri: str, encoder_cfg: Any) -> list[sources_base.Part]:
     return parts
 
 
-def _records(parts: list[sources_base.Part], wanted: set[str], resolve: Callable[[str], str | None]
-             ) -> Iterator[tuple[str, sources_base.Record]]:
-    cfg = sources_base.SourceConfig()
+def _records(parts: list[sources.Part], wanted: set[str], resolve: Callable[[str], str | None]
+             ) -> Iterator[tuple[str, sources.Record]]:
+    cfg = sources.SourceConfig()
     for part in parts:
         for rec in sources.read_part(part, cfg):
             rid = resolve(rec.key)
@@ -38,7 +38,7 @@ def _records(parts: list[sources_base.Part], wanted: set[str], resolve: Callable
                 yield rid, rec
 
 
-def image_embeddings(parts: list[sources_base.Part], wanted: set[str], resolve: Callable[[str], str | None],
+def image_embeddings(parts: list[sources.Part], wanted: set[str], resolve: Callable[[str], str | None],
                      encoder: Any | None, batch_size: int = 64) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Embeddings of the ``wanted`` ids and the problems of those that have none (error text per id).
     ``encoder`` (a loaded ``ClipEncoder``) is needed only when the input holds images."""

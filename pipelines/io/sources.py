@@ -1,46 +1,392 @@
-"""Archive readers for bulk captioning: an input URI -> deterministic *parts* -> *records*.
+"""Input readers for bulk captioning: an input URI -> deterministic *parts* -> *records*, one explicit registry
+(``READERS``) of loose images, tar, webdataset, zip, Parquet (bytes or URLs) and embedding tables.
 
 Hidden files and tool bookkeeping (``_meta/``, ``_SUCCESS``, ``_metadata``, ...) are skipped and counted; any
 other underscore-prefixed name is input (cameras write ``_DSC0001.JPG``). Auto format by extension: tar (any
 compression), zip, Parquet (an ``image_embedding`` column: an embedding table), else a loose image; a ``.tar``
-beside an img2dataset sidecar is a webdataset shard and the sidecars are metadata.
+beside an img2dataset sidecar is a webdataset shard and the sidecars are metadata. Every archive member and loose
+file passes the safety checks (unsafe paths, links, devices, duplicates, size) before any byte is used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
+import os
 import posixpath
+import re
 import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal, Protocol
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from clipcap_core import imaging, uris
-from pipelines.io import sources_parquet, storage
-from pipelines.io.sources_base import (
-    UNIT_STAGE,
-    Format,
-    InputFile,
-    OneFileReader,
-    Part,
-    Reader,
-    Record,
-    SourceConfig,
-    part_name,
-)
-from pipelines.io.sources_safety import (
-    clean_name,
-    member_problem,
-    read_loose_file,
-    tar_member_problem,
-)
+from pipelines.io import schemas, storage, urlsafety
 
 log = logging.getLogger(__name__)
+
+
+Format = Literal["auto", "images", "tar", "zip", "webdataset", "parquet", "embeddings"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """How an input is listed, partitioned and read. ``CLI_FLAGS``: the fields that are not ``clipcap caption``
+    flags (``pipelines.commands.flags``)."""
+
+    CLI_FLAGS: ClassVar[dict[str, str | None]] = {"max_member_bytes": None, "url_schemes": None,
+                                                  "fetch_timeout_s": None, "fetch_threads": None, "read_batch": None}
+
+    format: Format = "auto"  # input format (auto: by file extension)
+    part_size: int = 1000  # loose images (or Parquet rows) per output part
+    max_member_bytes: int = 64 << 20  # larger files / members / downloads are error rows
+    max_pixels: int = imaging.DEFAULT_MAX_PIXELS
+    """decompression-bomb limit per image (default: 64 megapixels)"""
+    image_column: str | None = None
+    """Parquet input: column with the encoded image bytes (default: the first of schemas.IMAGE_BYTES_COLUMNS present)"""
+    url_column: str = schemas.URL
+    """Parquet input: column with image URLs (fetched when no bytes; default: url)"""
+    key_column: str = schemas.KEY
+    """Parquet input: column with the row key (default: key, else the row position)"""
+    url_schemes: tuple[str, ...] = ("http", "https", "s3", "gs")
+    allow_private_urls: bool = False
+    """URL inputs: fetch private / loopback / link-local hosts too (refused by default)"""
+    allow_object_store_urls: bool = False
+    """URL inputs: fetch s3:// / gs:// URLs with this job's credentials (refused by default)"""
+    fetch_timeout_s: float = 20.0
+    fetch_threads: int = 16
+    read_batch: int = 64              # loose files fetched / URLs downloaded per round
+
+    def __post_init__(self) -> None:
+        if self.part_size < 1 or self.read_batch < 1 or self.fetch_threads < 1:
+            raise ValueError("part_size, read_batch and fetch_threads must be >= 1")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    uri: str   # full URI
+    rel: str   # path relative to the input root: the key prefix
+    size: int
+
+
+@dataclass(frozen=True)
+class Part:
+    part_id: str
+    kind: str
+    files: tuple[InputFile, ...]
+    row_groups: tuple[int, ...] = ()  # Parquet parts
+    row_offset: int = 0               # Parquet: index of the part's first row in its file
+    dim: int = 0                      # embedding tables: D
+    clip_model: str = ""              # embedding tables: the CLIP model recorded in the metadata
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Part:
+        d = json.loads(text)
+        d["files"] = tuple(InputFile(**f) for f in d["files"])
+        d["row_groups"] = tuple(d["row_groups"])
+        return cls(**d)
+
+
+# Stage of an error row that means "the part's input could not be read" (unreadable / truncated archive or
+# Parquet file, I/O error on a loose file): the part is then not committed, and a rerun retries it.
+UNIT_STAGE = "read-part"
+
+
+@dataclass
+class Record:
+    key: str
+    source: str
+    data: bytes | None = None
+    url: str | None = None
+    embedding: np.ndarray | None = None  # (D,) float32
+    error: str | None = None
+    stage: str = "read"
+
+
+class Reader(Protocol):
+    name: str
+
+    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]: ...
+
+    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]: ...
+
+
+def part_name(rel: str, suffix: str = "") -> str:
+    """A file-name-safe, collision-free part id for a file path (readable tail + hash of the full path)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", rel).strip("._")[-80:] or "root"
+    return f"{safe}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}{suffix}"
+
+
+class OneFileReader:
+    """``plan`` of the readers whose unit is a whole file: one part per file, named after its path."""
+
+    name = ""
+
+    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]:
+        return [Part(part_name(file.rel), self.name, (file,))]
+
+
+def unsafe_member(name: str) -> str | None:
+    """Why an archive member name must not be used (absolute, drive letter, ``..``), or None."""
+    if "\x00" in name:
+        return "member name contains NUL"
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return "unsafe member path (absolute)"
+    if ".." in re.split(r"[\\/]+", name):
+        return "unsafe member path ('..')"
+    return None
+
+
+def member_problem(raw_name: str, name: str, size: int, seen: set[str], cfg: SourceConfig,
+                    *kind_checks: tuple[bool, str]) -> str | None:
+    """Why an archive member must not be read (None if it may): unsafe path, then the format's own checks
+    (links, encryption), then duplicates and size. Records ``name`` in ``seen`` either way."""
+    why = unsafe_member(raw_name)
+    for bad, reason in kind_checks:
+        if why is None and bad:
+            why = reason
+    if why is None and name in seen:
+        why = "duplicate member name"
+    if why is None and size > cfg.max_member_bytes:
+        why = f"member too large ({size} bytes > {cfg.max_member_bytes})"
+    seen.add(name)
+    return why
+
+
+def tar_member_problem(m: tarfile.TarInfo, seen: set[str], cfg: SourceConfig) -> str | None:
+    """Why tar member ``m`` must not be read (unsafe path, link or device, duplicate, too large), or None; the
+    one check for every tar reader (caption's readers, embed's and embed-text's shard reader)."""
+    return member_problem(m.name, clean_name(m.name), m.size, seen, cfg,
+                           (not m.isfile(), "not a regular file (link or device)"))
+
+
+def clean_name(name: str) -> str:
+    """``name`` without leading ``./`` (tar members are often stored so)."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+def check_local_file(uri: str, rel: str) -> str:
+    """The real path of a local loose file, refused unless it is a regular file inside the real input folder
+    (a symlink to /etc/passwd or /dev/zero in a user's folder must not be read)."""
+    path = uris.filesystem(uri)[1]
+    root = path[: len(path) - len(rel)] if path.endswith(rel) else os.path.dirname(path)
+    real, real_root = os.path.realpath(path), os.path.realpath(root or ".")
+    if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
+        raise PermissionError(f"symlink leads outside the input folder ({rel!r})")
+    if not stat.S_ISREG(os.stat(real).st_mode):
+        raise PermissionError(f"not a regular file ({rel!r})")
+    return real
+
+
+def read_loose_file(fs: Any, f: InputFile, limit: int) -> bytes:
+    """At most ``limit`` bytes of a loose file (more is an error: listed sizes can lie, e.g. devices)."""
+    if storage.protocol_prefix(fs) == "":
+        with open(check_local_file(f.uri, f.rel), "rb") as fh:
+            data = fh.read(limit + 1)
+    else:
+        # open + bounded read, not cat_file: the object may be larger than the listing said.
+        with fs.open(uris.filesystem(f.uri)[1], "rb") as fh:
+            data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"file larger than {limit} bytes")
+    return data
+
+
+def _open(file: InputFile) -> Any:
+    fs, path = uris.filesystem(file.uri)
+    return fs.open(path, "rb")
+
+
+def image_column(schema: pa.Schema, cfg: SourceConfig) -> str | None:
+    """The column holding encoded image bytes (binary, or a struct with a ``bytes`` field), if any."""
+    names = [cfg.image_column] if cfg.image_column else list(schemas.IMAGE_BYTES_COLUMNS)
+    for name in names:
+        if name not in schema.names:
+            continue
+        t = schema.field(name).type
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            return name
+        if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:
+            return name
+        if cfg.image_column:
+            raise ValueError(f"image column {name!r} must be binary or a {{bytes, path}} struct, got {t}")
+    if cfg.image_column:
+        raise ValueError(f"image column {cfg.image_column!r} not found; columns: {schema.names}")
+    return None
+
+
+class ParquetReader:
+    """Plans every Parquet file (deciding ``parquet`` vs ``embeddings`` from its schema); reads bytes/URLs."""
+
+    name = "parquet"
+
+    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]:
+        try:
+            with _open(file) as fh:
+                meta = pq.ParquetFile(fh).metadata
+        except Exception:  # noqa: BLE001 - a corrupt file is one error row, found again at read time
+            return [Part(part_name(file.rel), "unreadable", (file,))]
+        schema = meta.schema.to_arrow_schema()
+        kind, dim, clip_model = "parquet", 0, ""
+        if schemas.IMAGE_EMBEDDING in schema.names:
+            kind = "embeddings"
+            dim = schemas.validate_embedding_schema(schema, where=file.uri)
+            clip_model = schemas.read_metadata(schema).get(schemas.META_CLIP_MODEL, "")
+        elif cfg.format == "embeddings":
+            raise ValueError(f"{file.uri}: not an embedding table (no {schemas.IMAGE_EMBEDDING!r} column)")
+        elif image_column(schema, cfg) is None and cfg.url_column not in schema.names:
+            raise ValueError(
+                f"{file.uri}: no image column (one of {list(schemas.IMAGE_BYTES_COLUMNS)}), URL column "
+                f"{cfg.url_column!r} or {schemas.IMAGE_EMBEDDING!r} column; has {schema.names}"
+            )
+        parts, group, first, offset, rows = [], [], 0, 0, 0
+        for rg in range(meta.num_row_groups):
+            if not group:
+                first = offset
+            group.append(rg)
+            rows += meta.row_group(rg).num_rows
+            offset += meta.row_group(rg).num_rows
+            if rows >= cfg.part_size or rg == meta.num_row_groups - 1:
+                parts.append(Part(part_name(file.rel, f"-rg{group[0]:05d}"), kind, (file,), tuple(group),
+                                  first, dim, clip_model))
+                group, rows = [], 0
+        return parts
+
+    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
+        f = part.files[0]
+        with _open(f) as fh:
+            pf = pq.ParquetFile(fh)
+            schema = pf.schema_arrow
+            img_col = image_column(schema, cfg)
+            cols = [c for c in (cfg.key_column, img_col, cfg.url_column) if c and c in schema.names]
+            table = pf.read_row_groups(list(part.row_groups), columns=cols)
+        keys = row_keys(table, part, cfg)
+        images = _bytes_values(table.column(img_col)) if img_col else [None] * table.num_rows
+        urls = table.column(cfg.url_column).to_pylist() if cfg.url_column in cols else [None] * table.num_rows
+        seen: set[str] = set()
+        pending: list[Record] = []
+        for key, data, url in zip(keys, images, urls, strict=True):
+            if key in seen:
+                yield Record(key, f.uri, error="duplicate key")
+            elif data:
+                yield Record(key, f.uri, data=data)
+            elif url:
+                pending.append(Record(key, f.uri, url=str(url)))
+            else:
+                yield Record(key, f.uri, error="row has neither image bytes nor a URL")
+            seen.add(key)
+        yield from fetch_rounds(lambda r: _download(r, cfg), pending, cfg)
+
+
+def row_keys(table: pa.Table, part: Part, cfg: SourceConfig) -> list[str]:
+    rel = part.files[0].rel
+    if cfg.key_column in table.column_names:
+        raw = table.column(cfg.key_column).to_pylist()
+    else:
+        raw = [None] * table.num_rows
+    return [f"{rel}/{k}" if k is not None and str(k) != "" else f"{rel}/#{part.row_offset + i}"
+            for i, k in enumerate(raw)]
+
+
+def _bytes_values(col: pa.ChunkedArray) -> list[bytes | None]:
+    if pa.types.is_struct(col.type):
+        col = pa.chunked_array([c.field("bytes") for c in col.chunks], type=col.type.field("bytes").type)
+    return col.to_pylist()
+
+
+def fetch_url(url: str, cfg: SourceConfig) -> bytes:
+    """Download ``url`` (allowed schemes only), at most ``max_member_bytes``, within the timeout; private hosts
+    (after every redirect) and object-store URLs only with their opt-ins (``urlsafety``)."""
+    scheme = urlsafety.check_fetch_url(url, cfg.allow_private_urls, cfg.allow_object_store_urls)
+    if scheme not in cfg.url_schemes:
+        raise ValueError(f"URL scheme {scheme or '(none)'!r} not allowed (allowed: {list(cfg.url_schemes)})")
+    limit = cfg.max_member_bytes
+    if scheme in urlsafety.HTTP_SCHEMES:
+        return urlsafety.fetch_http(url, cfg.fetch_timeout_s, limit, cfg.allow_private_urls)
+    else:
+        with fsspec.open(url, "rb") as fh:
+            data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"download larger than {limit} bytes")
+    return data
+
+
+def fetch_rounds(fetch: Any, items: Sequence[Any], cfg: SourceConfig) -> Iterator[Record]:
+    """``fetch`` of each item on ``fetch_threads`` threads, ``read_batch`` items per round, in order."""
+    with ThreadPoolExecutor(cfg.fetch_threads) as pool:
+        for i in range(0, len(items), cfg.read_batch):
+            yield from pool.map(fetch, items[i: i + cfg.read_batch])
+
+
+def _download(rec: Record, cfg: SourceConfig) -> Record:
+    try:
+        rec.data = fetch_url(rec.url or "", cfg)
+    except Exception as exc:  # noqa: BLE001 - 404, timeout, refused, DNS: an error row
+        rec.error, rec.stage = f"download failed: {type(exc).__name__}: {exc}", "fetch"
+    return rec
+
+
+class EmbeddingsReader(ParquetReader):
+    """Rows of an embedding table as embeddings (planned by ``ParquetReader``)."""
+
+    name = "embeddings"
+
+    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
+        f = part.files[0]
+        with _open(f) as fh:
+            pf = pq.ParquetFile(fh)
+            cols = [c for c in (cfg.key_column, schemas.IMAGE_EMBEDDING) if c in pf.schema_arrow.names]
+            table = pf.read_row_groups(list(part.row_groups), columns=cols)
+        keys = row_keys(table, part, cfg)
+        col = table.column(schemas.IMAGE_EMBEDDING).combine_chunks()
+        valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        # .values keeps the slots of null rows (unlike .flatten()), so rows stay aligned
+        flat = col.values.slice(col.offset * part.dim, len(col) * part.dim).to_numpy(zero_copy_only=False)
+        emb = np.asarray(flat, dtype=np.float32).reshape(len(col), part.dim)
+        finite = np.isfinite(emb).all(axis=1)
+        seen: set[str] = set()
+        for i, key in enumerate(keys):
+            if key in seen:
+                yield Record(key, f.uri, error="duplicate key")
+            elif not valid[i]:
+                yield Record(key, f.uri, error="null embedding")
+            elif not finite[i]:
+                yield Record(key, f.uri, error="non-finite embedding (NaN or inf)")
+            else:
+                yield Record(key, f.uri, embedding=emb[i])
+            seen.add(key)
+
+
+class UnreadableReader(OneFileReader):
+    """A file whose footer could not be read while planning: one error row with the reason."""
+
+    name = "unreadable"
+
+    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
+        f = part.files[0]
+        try:
+            with _open(f) as fh:
+                pq.ParquetFile(fh)
+            reason = "file changed since planning"
+        except Exception as exc:  # noqa: BLE001
+            reason = f"{type(exc).__name__}: {exc}"
+        yield Record(f.rel, f.uri, error=f"unreadable Parquet file: {reason}", stage=UNIT_STAGE)
 
 
 # --- listing and planning -------------------------------------------------------------------------------
@@ -87,13 +433,6 @@ def scan_input(uri: str, storage_options: dict[str, Any] | None = None) -> Listi
             continue
         files.append(InputFile(storage.full_uri(fs, path), rel, int(info.get("size") or 0)))
     return Listing(files, skipped)
-
-
-def list_input(uri: str, storage_options: dict[str, Any] | None = None) -> list[InputFile]:
-    """The input files of ``uri`` (``scan_input``), the skipped ones logged by count and name."""
-    listing = scan_input(uri, storage_options)
-    log_skipped(uri, listing.skipped)
-    return listing.files
 
 
 def log_skipped(uri: str, skipped: list[str]) -> None:
@@ -164,7 +503,7 @@ def _cut_parts(uri: str, listing: Listing, cfg: SourceConfig) -> list[Part]:
     for i in range(0, len(images), cfg.part_size):
         parts.append(Part(f"images-{i // cfg.part_size:05d}", "images", tuple(images[i: i + cfg.part_size])))
     for kind, members in sorted(groups.items()):
-        reader = get_reader("parquet" if kind == "embeddings" else kind)
+        reader = get_reader(kind)
         for f in members:
             parts.extend(reader.plan(f, cfg))
     return sorted(parts, key=lambda p: p.part_id)
@@ -198,9 +537,7 @@ class ImagesReader(OneFileReader):
                 return Record(f.rel, f.uri, error=f"cannot read file: {type(exc).__name__}: {exc}",
                               stage=UNIT_STAGE)
 
-        with ThreadPoolExecutor(cfg.fetch_threads) as pool:
-            for i in range(0, len(part.files), cfg.read_batch):
-                yield from pool.map(fetch, part.files[i: i + cfg.read_batch])
+        yield from fetch_rounds(fetch, part.files, cfg)
 
 
 # --- tar and webdataset ---------------------------------------------------------------------------------
@@ -348,8 +685,8 @@ class ZipReader(OneFileReader):
 # Every input reader, by the ``Part.kind`` it reads.
 READERS: dict[str, Reader] = {
     "images": ImagesReader(), "tar": TarReader(), "webdataset": WebDatasetReader(), "zip": ZipReader(),
-    "parquet": sources_parquet.ParquetReader(), "embeddings": sources_parquet.EmbeddingsReader(),
-    "unreadable": sources_parquet.UnreadableReader(),
+    "parquet": ParquetReader(), "embeddings": EmbeddingsReader(),
+    "unreadable": UnreadableReader(),
 }
 
 

@@ -1,30 +1,285 @@
-"""``clipcap report``: gather a bounded sample and the run's artifacts, write one HTML file."""
+"""``clipcap report``: gather a bounded sample and the run's artifacts, write one self-contained HTML file: the
+failures (captions matching no reference, empty or looping captions, lowest CLIPScores), every score with its
+scale, charts as PNG data URIs, and the model card built from the artifact's ``config.json`` / ``metrics.json``.
+"""
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
+import math
 import posixpath
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from clipcap_core import uris
 from clipcap_core.encoder_model import load_encoder
+from clipcap_core.encoders import describe_weights
 from clipcap_core.interpret import interpret_prefix
+from clipcap_core.metrics import normalize_caption
 from pipelines.caption import output as caption_output
+from pipelines.evaluate.run import ROWS
 from pipelines.io import storage
-from pipelines.report import card, charts, page, scales
-from pipelines.report.failures import Failures, find_failures, matches_reference, row_flags, worst_first
-from pipelines.report.sample import (
-    Sampled,
-    attach_evaluation,
-    evaluation_rows,
-    fetch_images,
-    sample_captions,
-)
+from pipelines.report import page
+from pipelines.report.sample import Sampled, attach_evaluation, evaluation_rows, fetch_images, sample_captions
 
 log = logging.getLogger(__name__)
+
+# score -> (maximum per image; what it measures). Every score is >= 0.
+SCALES: dict[str, tuple[float, str]] = {
+    **{f"bleu{n}": (1.0, f"BLEU-{n}: n-gram precision against the references, with a brevity penalty")
+       for n in range(1, 5)},
+    "meteor": (1.0, "METEOR: unigram match with stems and synonyms"),
+    "rouge_l": (1.0, "ROUGE-L: longest common subsequence F-score"),
+    "cider": (10.0, "CIDEr-D: TF-IDF weighted n-gram similarity to the references (x10 by definition)"),
+    "spice": (1.0, "SPICE: F-score of scene-graph tuples"),
+    "exact_match": (1.0, "1 when the caption equals a reference after normalisation (per run: the share)"),
+    "clip_score": (2.5, "CLIPScore: 2.5 x max(cos(image, caption), 0) with the captioner's CLIP"),
+    "ref_clip_score": (2.5 * 2 / 3.5, "RefCLIPScore: harmonic mean of CLIPScore and the best reference cosine"),
+}
+LOG_PROB_SCALE = "<= 0; 0 = certain"  # the caption table's score: mean token log-prob
+
+
+def scale(name: str, *, x100: bool = False) -> str:
+    """``"0-<max>"`` of score ``name`` (x100 for the metric table); ``""`` for a score with no known range."""
+    if name not in SCALES:
+        return ""
+    top = SCALES[name][0] * (100 if x100 else 1)
+    return f"0-{top:.3g}" if top < 1000 else f"0-{top:.0f}"
+
+
+def metric_table(summary: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(label, value x100, range x100, meaning) per metric of an evaluation summary, in the COCO order."""
+    ms = summary["metrics"]
+    return [(label, f"{ms[key] * factor:.2f}", scale(key, x100=True), SCALES[key][1])
+            for label, key, factor in ROWS if ms.get(key) is not None and key in SCALES]
+
+
+LOOP_MAX_NGRAM = 4  # a loop is an n-gram (n <= 4) repeated back to back: "red red red", "a dog a dog"
+
+
+@dataclass
+class Failures:
+    source: str                       # "evaluation" (every evaluated image) or "sample" (the gallery's)
+    checked: int                      # rows looked at
+    with_references: int              # rows that had a reference to compare with
+    mismatches: list[dict[str, Any]] = field(default_factory=list)   # worst first, at most ``shown``
+    mismatch_count: int = 0
+    degenerate: list[dict[str, Any]] = field(default_factory=list)   # empty or looping (``why`` says which)
+    degenerate_count: int = 0
+    lowest_clip: list[dict[str, Any]] = field(default_factory=list)  # lowest CLIPScore first
+
+    @property
+    def any(self) -> bool:
+        return bool(self.mismatch_count or self.degenerate_count)
+
+
+def loop_of(caption: str) -> str | None:
+    """The repeated n-gram when ``caption`` loops (a word 3 times in a row, or a 2..4-gram twice), else None."""
+    words = normalize_caption(caption).split()
+    for n in range(1, LOOP_MAX_NGRAM + 1):
+        times = 3 if n == 1 else 2
+        for i in range(len(words) - n * times + 1):
+            gram = words[i:i + n]
+            if all(words[i + k * n:i + (k + 1) * n] == gram for k in range(1, times)):
+                return " ".join(gram)
+    return None
+
+
+def degenerate_reason(caption: str | None) -> str | None:
+    """Why a caption is useless whatever the references: empty, or looping; None when it is neither."""
+    if not (caption or "").strip():
+        return "empty caption"
+    gram = loop_of(caption or "")
+    return f"loops on {gram!r}" if gram else None
+
+
+def matches_reference(caption: str, references: list[str]) -> bool:
+    """True when ``caption`` equals one of ``references`` after normalisation (``clipcap evaluate``'s exact match)."""
+    return normalize_caption(caption) in {normalize_caption(r) for r in references}
+
+
+def is_mismatch(row: dict[str, Any]) -> bool:
+    """A row with references whose caption matches none of them (its exact_match, or computed here)."""
+    refs = row.get("references") or []
+    if not refs:
+        return False
+    if row.get("exact_match") is not None:
+        return row["exact_match"] < 0.5
+    return not matches_reference(row.get("caption") or "", refs)
+
+
+def _badness(row: dict[str, Any]) -> tuple[float, float]:
+    """Sort key, worst first: lowest CIDEr, then lowest CLIPScore (missing scores sort last)."""
+    cider, clip = row.get("cider"), row.get("clip_score")
+    return (cider if cider is not None else float("inf"), clip if clip is not None else float("inf"))
+
+
+def find_failures(rows: list[dict[str, Any]], *, source: str, shown: int = 50, lowest: int = 5) -> Failures:
+    """Mismatches, degenerate captions and the ``lowest`` CLIPScores among ``rows`` (lists cut to ``shown``)."""
+    for row in rows:
+        row["why"] = degenerate_reason(row.get("caption"))
+    bad = sorted((r for r in rows if is_mismatch(r)), key=_badness)
+    odd = sorted((r for r in rows if r["why"]), key=_badness)
+    scored = sorted((r for r in rows if r.get("clip_score") is not None), key=lambda r: r["clip_score"])
+    return Failures(source=source, checked=len(rows), with_references=sum(bool(r.get("references")) for r in rows),
+                    mismatches=bad[:shown], mismatch_count=len(bad), degenerate=odd[:shown],
+                    degenerate_count=len(odd), lowest_clip=scored[:lowest])
+
+
+def row_flags(row: dict[str, Any]) -> list[str]:
+    """What is wrong with one caption row, for its gallery card ([] when nothing is)."""
+    flags = ["matches no reference"] if is_mismatch(row) else []
+    why = degenerate_reason(row.get("caption"))
+    return flags + ([why] if why else [])
+
+
+def worst_first(rows: list[dict[str, Any]]) -> list[int]:
+    """Indices of ``rows`` worst first: flagged rows, then by lowest CIDEr and CLIPScore, then by id."""
+    return sorted(range(len(rows)), key=lambda i: (not row_flags(rows[i]), *_badness(rows[i]),
+                                                   str(rows[i].get("image_id"))))
+
+
+MIN_STEP_ROWS = 3  # fewer step rows draw no line: plot the epoch rows' train loss instead
+HELDOUT = ("exact_match", "bleu4", "cider", "clip_score")  # clipcap_core.evaluation.heldout_metrics
+
+
+def _pyplot() -> Any:
+    # lazy: matplotlib.pyplot ~1.1 s to import (python -X importtime)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _data_uri(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _pyplot().close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def train_loss_points(history: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], str]:
+    """(step, train loss) points and their legend: the step rows, or the epoch rows' mean loss when a short run
+    logged fewer than ``MIN_STEP_ROWS`` steps (a 64-sample run logs none between its epochs)."""
+    def finite(v: Any) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    steps = [(r["step"], r["train_loss"]) for r in history if r.get("kind") == "step" and finite(r.get("train_loss"))]
+    if len(steps) >= MIN_STEP_ROWS:
+        return steps, "train loss"
+    epochs = [(r["step"], r["train_loss"]) for r in history
+              if r.get("kind") == "epoch" and finite(r.get("train_loss"))]
+    return (epochs, "train loss (epoch mean)") if len(epochs) > len(steps) else (steps, "train loss")
+
+
+def training_chart(history: list[dict[str, Any]]) -> str | None:
+    """Loss curves (``pipelines.train.job.plot_history``'s data) beside the held-out metrics per epoch."""
+    plt = _pyplot()
+    epochs = [r for r in history if r.get("kind") == "epoch"]
+    steps, label = train_loss_points(history)
+    if not steps and not epochs:
+        return None
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
+    if steps:
+        loss_ax.plot(*zip(*steps, strict=True), "-" if label == "train loss" else "s-", lw=1, label=label)
+    val = [(r["step"], r["val_loss"]) for r in epochs if "val_loss" in r]
+    if val:
+        loss_ax.plot(*zip(*val, strict=True), "o-", label="held-out loss")
+    loss_ax.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
+    for name in HELDOUT:
+        points = [(r["step"], r[name]) for r in epochs if isinstance(r.get(name), (int, float))]
+        if points:
+            metric_ax.plot(*zip(*points, strict=True), "o-", label=name)
+    metric_ax.set(xlabel="step", title="held-out metrics")
+    for ax in (loss_ax, metric_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _data_uri(fig)
+
+
+def histogram(values: Sequence[float], label: str) -> str | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    ax.hist(values, bins=min(20, max(5, len(values) // 2)), color="#4c72b0")
+    ax.set(xlabel=label, ylabel="captions", title=f"{label} of the sampled captions (n={len(values)})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _data_uri(fig)
+
+
+Section = tuple[str, list[tuple[str, str]]]  # (title, [(name, value)])
+SHOW_TABLES = 3  # training tables named on the card (the rest counted)
+
+
+def _model_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    m = meta["model"]
+    enc, lm = m["encoder"], m["lm"]
+    return [("CLIP", describe_weights(enc["model_name"], enc.get("pretrained"))),
+            ("CLIP embedding size D", str(m["clip_dim"])),
+            ("mapping", f"{m['mapping']['kind']}, prefix length {m['mapping']['prefix_length']}"),
+            ("language model", f"{lm['name_or_path']} ({'frozen' if lm.get('freeze') else 'fine-tuned'})"),
+            ("created", f"{meta.get('created_at', '?')} with clipcap-pipeline {meta.get('code_version', '?')}")]
+
+
+def _data_rows(training: dict[str, Any]) -> list[tuple[str, str]]:
+    tables = list(training.get("tables") or [])
+    named = ", ".join(tables[:SHOW_TABLES]) + (f" and {len(tables) - SHOW_TABLES} more" if len(tables) > SHOW_TABLES
+                                                else "")
+    dropped = training.get("input_errors") or {}
+    rows = [("training tables", f"{len(tables)}: {named}" if tables else "not recorded"),
+            ("run", str(training.get("run", "?"))), ("initialised from", str(training.get("init", "?"))),
+            ("trained", f"{training.get('step', '?')} steps, {training.get('epochs', '?')} epochs"),
+            ("rows dropped before training", ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items())) or "none")]
+    if training.get("replay"):
+        rows.append(("replayed tables", f"{len(training['replay'])} (fraction {training.get('replay_fraction')})"))
+    return rows
+
+
+def _metric_rows(metrics: dict[str, Any], eval_metrics: list[tuple[str, str, str, str]]) -> list[tuple[str, str]]:
+    if metrics:
+        return [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in sorted(metrics.items())]
+    if eval_metrics:
+        return [(f"{label} (this report's evaluation, x100)", f"{value} of {scale}")
+                for label, value, scale, _ in eval_metrics]
+    return [("metrics", "none recorded with the model and no --evaluation given")]
+
+
+def card_sections(uri: str | None, eval_metrics: list[tuple[str, str, str, str]]) -> list[Section]:
+    """Sections of the card of the artifact at ``uri`` ([] when it has no readable config.json)."""
+    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
+    from clipcap_core.artifacts import read_metadata
+
+    if not uri:
+        return []
+    try:
+        meta = read_metadata(uri)
+    except Exception as exc:  # noqa: BLE001 - the report goes on and says the card is missing
+        log.warning("report: cannot read the config of model %s: %s", uri, exc)
+        return []
+    metrics = storage.read_json(storage.join(uri, "metrics.json")) or {}
+    training = meta.get("training") or {}
+    train = training.get("train") or {}
+    recipe = [(k, "default" if v is None else str(v)) for k, v in train.items()] or [
+        ("recipe", "not recorded (an imported or untrained model)")]
+    sections: list[Section] = [("Model", _model_rows(meta)), ("Metrics", _metric_rows(metrics, eval_metrics))]
+    if training:
+        sections.append(("Data", _data_rows(training)))
+    sections.append(("Training recipe", recipe))
+    return sections
+
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,7 +351,7 @@ def _evaluation_context(evaluation: str | None, items: list[Sampled]) -> dict[st
     note = (f"{summary['evaluated']} images evaluated against {summary['references']}; "
             f"{summary['missing_references']['count']} predictions without reference, "
             f"{summary['missing_predictions']['count']} references without prediction.")
-    return {"metrics": scales.metric_table(summary), "eval_note": note, "eval_rows": evaluation_rows(evaluation)}
+    return {"metrics": metric_table(summary), "eval_note": note, "eval_rows": evaluation_rows(evaluation)}
 
 
 def item_row(it: Sampled) -> dict[str, Any]:
@@ -126,8 +381,6 @@ def _failures(eval_rows: list[dict[str, Any]], items: list[Sampled], shown: int)
 
 def study_sections(folders: tuple[str, ...]) -> list[dict[str, Any]]:
     """Each ``clipcap study`` folder's Markdown table and plot (a data URI), for the page's Studies section."""
-    import base64
-
     out = []
     for folder in folders:
         fs, path = storage.filesystem(storage.join(folder, "table.md"))
@@ -167,14 +420,14 @@ def build_report(cfg: ReportConfig) -> str:
         "parts_total": sampled.parts_total, "rows_read": sampled.rows_read,
         "cards": gallery_cards(sampled.items, cfg.order), "order": cfg.order,
         "failures": _failures(evaluated.pop("eval_rows"), sampled.items, cfg.failures),
-        "training_chart": charts.training_chart(history) if history else None,
-        "clip_chart": charts.histogram(clip_values, "CLIPScore (0-2.5)"),
+        "training_chart": training_chart(history) if history else None,
+        "clip_chart": histogram(clip_values, "CLIPScore (0-2.5)"),
         "score_keys": ("bleu4", "cider", "clip_score", "ref_clip_score", "exact_match"),
-        "scale": scales.scale, "log_prob_scale": scales.LOG_PROB_SCALE,
+        "scale": scale, "log_prob_scale": LOG_PROB_SCALE,
         "interpretation": interpretation,
         "interpretation_note": "no model or no image embeddings for prefix interpretation"
         if not interpretation else "",
-        "card": card.card_sections(model_uri, evaluated["metrics"]),
+        "card": card_sections(model_uri, evaluated["metrics"]),
         "model_card": _model_card(model_uri), "model_card_note": f"no model card found for {model_uri!r}",
         "studies": study_sections(cfg.studies),
         **evaluated,

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from clipcap_core import uris
 from clipcap_core.imaging import ImageDecodeError, decode_image
 from pipelines.evaluate.inputs import number, stem
-from pipelines.io import schemas, sources, sources_base, storage
+from pipelines.io import schemas, sources, storage
 
 
 @dataclass
@@ -100,12 +100,12 @@ def fetch_images(input_uri: str, items: list[Sampled], px: int, encoder: Any = N
     wanted: dict[str, list[Sampled]] = {}
     for it in items:
         wanted.setdefault(it.part_id, []).append(it)
-    cfg = sources_base.SourceConfig()
+    cfg = sources.SourceConfig()
     parts = [p for p in sources.plan_parts(input_uri, cfg) if p.part_id in wanted]
     for part in parts:
         todo = {it.key: it for it in wanted[part.part_id]}
         if part.kind == "images":  # loose files: read only the wanted ones
-            part = sources_base.Part(part.part_id, part.kind, tuple(f for f in part.files if f.rel in todo))
+            part = sources.Part(part.part_id, part.kind, tuple(f for f in part.files if f.rel in todo))
         for rec in sources.read_part(part, cfg):
             it = todo.pop(rec.key, None)
             if it is not None:
@@ -117,7 +117,7 @@ def fetch_images(input_uri: str, items: list[Sampled], px: int, encoder: Any = N
             it.image_error = "image not found in the captioned input"
 
 
-def _attach(it: Sampled, rec: sources_base.Record, px: int, encoder: Any) -> None:
+def _attach(it: Sampled, rec: sources.Record, px: int, encoder: Any) -> None:
     if rec.error is not None:
         it.image_error = rec.error
     elif rec.embedding is not None:  # an embedding-table input: no pixels to show

@@ -21,7 +21,7 @@ def main(inp: str, out: str) -> int:
     from pipelines.caption.job import CaptionConfig, ResourceOptions, caption_archive
     from pipelines.caption.output import table_uri
     from pipelines.io import storage
-    from pipelines.io.sources_base import SourceConfig
+    from pipelines.io.sources import SourceConfig
     from tests.faults.cluster_driver import (
         NodeKiller,
         alive_nodes,

@@ -19,7 +19,7 @@ from clipcap_core import uris
 from pipelines.caption.job import CaptionConfig, ResourceOptions, caption_archive
 from pipelines.caption.output import meta_uri, table_uri
 from pipelines.io import storage
-from pipelines.io.sources_base import SourceConfig
+from pipelines.io.sources import SourceConfig
 from tests.pipelines.image_zoo import DUP_ERROR_KEYS, write_mixed_input
 
 pytestmark = pytest.mark.integration
@@ -178,7 +178,7 @@ def test_each_key_gets_the_caption_of_its_own_image(ray_cluster, s3_uri, trained
 
     from clipcap_core import synthetic
     from clipcap_core.captioner import Captioner
-    from pipelines.demo.caption import write_archive
+    from pipelines.demo.run import write_archive
 
     samples = list(synthetic.generate(8, seed=3, size=48, start=20000))
     archive, out = f"{s3_uri}/in/imgs-{stages}.tar", f"{s3_uri}/out-{stages}"
@@ -205,7 +205,7 @@ def test_each_key_gets_the_caption_of_its_own_image(ray_cluster, s3_uri, trained
 
 def test_demo_step_captions_heldout_synthetic_images(ray_cluster, s3_uri, trained_model):
     from clipcap_core import synthetic
-    from pipelines.demo.caption import caption_heldout
+    from pipelines.demo.run import caption_heldout
 
     samples = list(synthetic.generate(6, seed=1, size=48, start=5000))
     lines: list[str] = []

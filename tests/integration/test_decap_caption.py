@@ -22,7 +22,7 @@ from clipcap_core.encoders import EncoderConfig
 from pipelines.caption.job import prepare
 from pipelines.cli import main
 from pipelines.commands.caption import add_arguments, config_from_args
-from pipelines.demo.caption import read_captions
+from pipelines.demo.run import read_captions
 from pipelines.io import storage
 
 pytestmark = pytest.mark.integration

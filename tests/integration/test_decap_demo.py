@@ -7,8 +7,7 @@ import pytest
 from clipcap_core import synthetic
 from clipcap_core.artifacts import load_model
 from clipcap_core.encoders import EncoderConfig
-from pipelines.demo.caption import ARCHIVE, read_captions
-from pipelines.demo.decap import demo_decap
+from pipelines.demo.run import ARCHIVE, demo_decap, read_captions
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from clipcap_core.encoders import EncoderConfig
 from pipelines.caption.job import CaptionConfig, ResourceOptions, caption_archive
 from pipelines.download.job import DownloadConfig, run_download
 from pipelines.embed.job import EmbedConfig, EmbedResources, run_embed
-from pipelines.io.sources_base import SourceConfig
+from pipelines.io.sources import SourceConfig
 from pipelines.io.urlsafety import PROJECT_LOGGERS, setup_logging
 
 pytestmark = pytest.mark.integration

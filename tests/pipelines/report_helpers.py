@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipcap_core import synthetic
-from pipelines.demo.caption import write_archive
-from pipelines.io import schemas, sources, sources_base
+from pipelines.demo.run import write_archive
+from pipelines.io import schemas, sources
 
 HOSTILE = "<script>document.title='pwned'</script> two red circles"  # a caption is untrusted text
 
@@ -38,7 +38,7 @@ def captioned_run(root: Path, n: int = 8, archives: int = 2, wrong: dict[int, st
     captions.mkdir(parents=True)
     (output / "_meta").mkdir()
     keys: list[str] = []
-    for part in sources.plan_parts(str(inp), sources_base.SourceConfig()):
+    for part in sources.plan_parts(str(inp), sources.SourceConfig()):
         rel = part.files[0].rel  # "shard<a>.tar": one part per archive
         a = int(rel[len("shard"):-len(".tar")])
         rows = {name: [] for name in schemas.CAPTIONS_SCORED_SCHEMA.names}

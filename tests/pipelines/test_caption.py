@@ -13,7 +13,7 @@ from clipcap_core import uris
 from clipcap_core.decoding import DecodeConfig
 from pipelines.caption.output import PartCommitter, errors_uri, part_uri
 from pipelines.caption.stages import STAGE_SCHEMA, read_decode_part
-from pipelines.io import schemas, sources, sources_base, storage
+from pipelines.io import schemas, sources, storage
 from tests.pipelines.image_zoo import good_images, write_mixed_input
 
 
@@ -81,7 +81,7 @@ def tiny_resizer():
 
 def test_read_decode_part_emits_pixels_errors_and_a_marker(tmp_path, tiny_resizer):
     expect = write_mixed_input(tmp_path, base_url=None, dim=8, clip_model="tiny")
-    cfg = sources_base.SourceConfig(part_size=100)
+    cfg = sources.SourceConfig(part_size=100)
     size = tiny_resizer.spec.size
     seen = {}
     for part in sources.plan_parts(str(tmp_path), cfg):

@@ -16,7 +16,7 @@ from clipcap_core import uris
 from clipcap_core.decoding import DecodeConfig
 from pipelines.caption.job import CaptionConfig, prepare
 from pipelines.caption.output import PartCommitter, done_parts, errors_uri, meta_uri, part_uri, table_uri
-from pipelines.io import sources, sources_base, storage
+from pipelines.io import sources, storage
 from tests.pipelines.image_zoo import good_images
 
 
@@ -141,7 +141,7 @@ def test_a_part_whose_archive_could_not_be_read_is_not_committed_then_retried(tm
     out = str(tmp_path / "out")
     c = PartCommitter(out, "m@1", DecodeConfig())
     half = [(0, "t.tar/a.jpg", "a cap", None, None),
-            (1, "t.tar", None, "unreadable archive: ReadError: unexpected end of data", sources_base.UNIT_STAGE)]
+            (1, "t.tar", None, "unreadable archive: ReadError: unexpected end of data", sources.UNIT_STAGE)]
     assert c.add(_rows("t", half, 2)) == []
     assert list(c.failed) == ["t"] and "unexpected end of data" in c.failed["t"]
     assert done_parts(out) == set() and not uris.exists(part_uri(out, "t"))
@@ -164,10 +164,10 @@ def test_truncated_tar_part_yields_a_unit_stage_row(tmp_path):
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     (tmp_path / "t.tar").write_bytes(buf.getvalue()[:700])  # cut inside the first member
-    cfg = sources_base.SourceConfig()
+    cfg = sources.SourceConfig()
     [part] = sources.plan_parts(str(tmp_path / "t.tar"), cfg)
     recs = list(sources.read_part(part, cfg))
-    assert recs[-1].stage == sources_base.UNIT_STAGE and "unreadable archive" in recs[-1].error
+    assert recs[-1].stage == sources.UNIT_STAGE and "unreadable archive" in recs[-1].error
 
 
 def test_tables_read_as_they_are_by_pandas_pyarrow_duckdb_polars_and_datasets(tmp_path):
@@ -286,11 +286,11 @@ def test_stages_give_each_key_the_caption_of_its_own_image(trained_model, tmp_pa
     from clipcap_core.preprocess import ImageResizer
     from pipelines.caption.stages import CaptionStage, inspect_model, read_decode_part
     from pipelines.clip_actor import ClipActor
-    from pipelines.demo.caption import write_archive
+    from pipelines.demo.run import write_archive
 
     archive = str(tmp_path / "imgs.tar")
     write_archive(archive, list(synthetic.generate(6, seed=3, size=48, start=20000)))
-    cfg = sources_base.SourceConfig()
+    cfg = sources.SourceConfig()
     [part] = sources.plan_parts(archive, cfg)
     info = inspect_model(trained_model)
     clip, cap = ClipActor(info.encoder, threads=1), CaptionStage(trained_model, DecodeConfig(), threads=1)

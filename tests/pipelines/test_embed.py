@@ -258,7 +258,7 @@ def test_shard_reader_refuses_unsafe_members_like_the_caption_readers():
     """The embed (and embed-text) shard reader applies the member checks of ``sources``: a link, a ``..`` name
     or an oversized member becomes its sample's error row."""
     from pipelines.embed.stages import decode_sample, read_shard
-    from pipelines.io.sources_base import SourceConfig
+    from pipelines.io.sources import SourceConfig
 
     good = next(iter(synthetic.generate(1, seed=0, size=32)))
     buf = io.BytesIO()

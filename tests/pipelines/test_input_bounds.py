@@ -12,8 +12,7 @@ from PIL import Image
 
 from clipcap_core import imaging
 from pipelines.caption import output as caption_output
-from pipelines.io.sources import plan_parts, read_part
-from pipelines.io.sources_base import SourceConfig
+from pipelines.io.sources import SourceConfig, plan_parts, read_part
 
 
 def _png(color=(200, 10, 10)) -> bytes:
@@ -46,12 +45,12 @@ def test_reads_are_capped_even_when_the_listing_says_small(tmp_path, monkeypatch
     inp = tmp_path / "in"
     inp.mkdir()
     (inp / "big.png").write_bytes(b"x" * 5000)
-    from pipelines.io import sources, sources_base
+    from pipelines.io import sources
 
     # A listing that lies about the size (as a device or a growing object does): the read itself is bounded.
     real = sources.scan_input
     monkeypatch.setattr(sources, "scan_input", lambda uri, opts=None: sources.Listing(
-        [sources_base.InputFile(f.uri, f.rel, 10) for f in real(uri, opts).files], []))
+        [sources.InputFile(f.uri, f.rel, 10) for f in real(uri, opts).files], []))
     rec = _records(inp, max_member_bytes=1000)["big.png"]
     assert "larger than 1000 bytes" in rec.error
 

@@ -95,8 +95,8 @@ def test_demo_report_step_evaluates_the_heldout_captions_and_prints_the_report_p
     """The demo's last step on a captioned held-out set (the helper's samples are what the demo would
     regenerate for seed 5, start 900): evaluation against the true captions, then the report. Run as on a
     machine without Java (the Java path is tests/core/test_metrics.py's; each JVM start costs seconds)."""
+    from pipelines.demo import run as report_demo
     from pipelines.demo.run import DemoConfig, DemoResult, step_report
-    from pipelines.report import demo as report_demo
 
     monkeypatch.setattr(report_demo.shutil, "which", lambda name: None)
 
@@ -173,7 +173,7 @@ def test_train_loss_comes_from_the_epoch_rows_when_a_short_run_logged_too_few_st
     """A 64-sample run logs no step row between its epochs: the chart still draws train loss (epoch means)."""
     from matplotlib.axes import Axes
 
-    from pipelines.report.charts import training_chart
+    from pipelines.report.build import training_chart
 
     lines: list[tuple[str, list]] = []
     plot = Axes.plot

@@ -11,9 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipcap_core.imaging import ImageDecodeError, decode_image
-from pipelines.io import sources, sources_base, sources_safety
-from pipelines.io.sources import plan_digest, plan_parts, read_part
-from pipelines.io.sources_base import SourceConfig
+from pipelines.io import sources
+from pipelines.io.sources import SourceConfig, plan_digest, plan_parts, read_part
 from tests.pipelines.image_zoo import DUP_ERROR_KEYS, good_images, write_mixed_input
 
 DIM = 16
@@ -29,7 +28,7 @@ def mixed(tmp_path_factory, http_server):
     return target, expect
 
 
-def _status(rec: sources_base.Record) -> bool:
+def _status(rec: sources.Record) -> bool:
     if rec.error is not None:
         return False
     if rec.embedding is not None:
@@ -90,7 +89,7 @@ def test_plan_is_deterministic_and_digest_tracks_changes(mixed, tmp_path):
     ids = [p.part_id for p in a]
     assert len(set(ids)) == len(ids) and all(set(i) <= set("abcdefghijklmnopqrstuvwxyz"
                                                             "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") for i in ids)
-    assert all(sources_base.Part.from_json(p.to_json()) == p for p in a)
+    assert all(sources.Part.from_json(p.to_json()) == p for p in a)
     assert plan_digest(plan_parts(str(root), SourceConfig(part_size=5))) != plan_digest(a)
 
 
@@ -142,7 +141,7 @@ def test_size_limits_and_job_level_faults(tmp_path):
 @pytest.mark.parametrize("name,why", [("/etc/passwd", "absolute"), ("a/../../b", ".."), ("C:/x", "absolute"),
                                       ("..\\x", ".."), ("ok/a..b.jpg", None), ("./a.jpg", None)])
 def test_unsafe_member_names(name, why):
-    got = sources_safety.unsafe_member(name)
+    got = sources.unsafe_member(name)
     assert (got is None) if why is None else (why in got)
 
 

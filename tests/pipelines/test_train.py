@@ -19,8 +19,8 @@ from clipcap_core.artifacts import load_model, read_metadata, save_model
 from clipcap_core.decoding import generate
 from clipcap_core.metrics import exact_match
 from clipcap_core.training import TrainConfig, collate, make_optimizer_and_scheduler, train_step
+from pipelines.demo import run as demo_train
 from pipelines.demo import synthetic_tables
-from pipelines.demo import train as demo_train
 from pipelines.io import storage, tables
 from pipelines.train import checkpoints as train_checkpoints
 from pipelines.train import job as train

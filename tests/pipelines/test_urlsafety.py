@@ -14,9 +14,7 @@ import pytest
 
 from pipelines.download.job import DownloadConfig, prepare_download
 from pipelines.io import storage, urlsafety
-from pipelines.io.sources import list_input
-from pipelines.io.sources_base import SourceConfig
-from pipelines.io.sources_parquet import fetch_url
+from pipelines.io.sources import SourceConfig, fetch_url, scan_input
 
 SIG = "X-Amz-Signature=0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 CRED = "X-Amz-Credential=AKIAEXAMPLESECRET12%2F20261201"
@@ -126,7 +124,7 @@ def test_http_inputs_keep_their_url(http_server):
     """``storage.full_uri`` keeps an http URL as it is (not ``http://http://host/x``), so HTTP inputs are read."""
     (http_server.root / "in.png").write_bytes(b"\x89PNG")
     url = f"{http_server.base_url}/in.png"
-    files = list_input(url)
+    files = scan_input(url).files
     assert [f.uri for f in files] == [url]
     with urllib.request.urlopen(files[0].uri, timeout=5) as r:
         assert r.read() == b"\x89PNG"
