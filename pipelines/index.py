@@ -337,6 +337,3 @@ def format_hits(queries: Sequence[str], hits: list[list[dict[str, Any]]]) -> str
 
 def hits_table(queries: Sequence[str], hits: list[list[dict[str, Any]]]) -> pa.Table:
     return pa.Table.from_pylist([{"query": q, **h} for q, rows in zip(queries, hits, strict=True) for h in rows])
-
-
-__all__ = ["IndexConfig", "Searcher", "build_index", "default_nprobe", "format_hits", "hits_table", "unit_rows"]

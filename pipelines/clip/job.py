@@ -27,8 +27,6 @@ from pipelines.train.state import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClipTrainJobConfig", "ClipTrainPlan", "ClipTrainResult", "plan", "run_clip_training"]
-
 
 @dataclass(frozen=True, kw_only=True)
 class ClipTrainJobConfig:

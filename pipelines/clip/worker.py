@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from clipcap_core import uris
+from clipcap_core.clip_eval import retrieval
 from clipcap_core.clip_training import (
     build_clip,
     clip_loss,
@@ -29,9 +30,23 @@ from clipcap_core.encoders import _open_clip
 from pipelines.clip import data as clip_data
 from pipelines.clip.job import ClipTrainJobConfig, ClipTrainPlan, prep_for
 from pipelines.io import storage
-from pipelines.train.heldout import evaluate_retrieval
-from pipelines.train.launch import EarlyStream
+from pipelines.train.state import EarlyStream
 from pipelines.train.steps import WorkerRun, run_steps
+
+
+def evaluate_retrieval(model: Any, heldout: tuple[np.ndarray, Any, list[str]], precision: str = "fp32"
+                       ) -> dict[str, float]:
+    """Retrieval R@1/5/10 both ways on held-out pairs (``clip_eval.retrieval``), with the model's temperature."""
+    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
+    from clipcap_core.clip_training import encode_batches
+
+    pixels, tokens, captions = heldout
+    if not captions:
+        return {}
+    img, txt = encode_batches(model, pixels, tokens, precision=precision)
+    out = {f"heldout_{k}": v for k, v in retrieval(img, txt, captions).items()}
+    out["logit_scale"] = float(getattr(model, "module", model).logit_scale.exp().item())
+    return out
 
 
 class ClipRun(WorkerRun):
@@ -78,7 +93,7 @@ def memory_batches(job: ClipTrainJobConfig, plan: ClipTrainPlan, rank: int, worl
 
 
 def clip_train_loop(config: dict[str, Any], stream: EarlyStream | None) -> dict[str, Any] | None:
-    """The per-worker loop (``launch.worker_entry`` calls it; config: ``{"job": ClipTrainJobConfig, "plan":
+    """The per-worker loop (``state.worker_entry`` calls it; config: ``{"job": ClipTrainJobConfig, "plan":
     ClipTrainPlan}`` as ``configs.to_dict``); ``stream`` the worker's shard of the pair stream, already started
     (``None`` in memory mode)."""
     # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
@@ -152,6 +167,3 @@ def model_card(info: dict[str, Any], extra: dict[str, Any] | None = None) -> str
     lines += ["## Use", "", f"    clipcap embed --clip {info['model_name']} --clip-pretrained <this folder>/{info['weights']} ...",
               f"    clipcap train-clip --clip {info['model_name']} --clip-pretrained <this folder>/{info['weights']} ...", ""]
     return "\n".join(lines)
-
-
-__all__ = ["clip_train_loop", "model_card", "save_model_dir"]

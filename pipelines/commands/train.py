@@ -4,7 +4,7 @@
         --model clipcap-mlp --workers 4 --gpu --epochs 10
     clipcap train --config train.yaml --set train.lr=1e-4 --set run.checkpoint_every=200
     clipcap train --decoder decap --input s3://b/text-embeddings/corpus/ViT-B-32-openai --output s3://b/runs \
-        --name corpus-decap --noise-std 0.1 --memory-size 50000          # text only (DeCap); see pipelines.train.decap
+        --name corpus-decap --noise-std 0.1 --memory-size 50000          # text only (DeCap); see pipelines.train.setup
 
 ``--mapping``/``--prefix-length``/``--freeze-lm`` go into ``model_overrides``. Re-running with the same
 ``--output`` and ``--name`` resumes.

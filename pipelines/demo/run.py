@@ -52,8 +52,8 @@ from pipelines.embed.text import EmbedTextConfig, run_embed_text
 from pipelines.evaluate.run import EvaluateConfig, format_table, run_evaluate
 from pipelines.io import schemas, storage, tables
 from pipelines.report.build import ReportConfig, build_report
-from pipelines.train.decap import DecapOptions
 from pipelines.train.job import TrainJobConfig, run_training
+from pipelines.train.setup import DecapOptions
 from pipelines.train.state import RunOptions
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,8 @@ Accuracy = Callable[[list[str], list[str]], dict[str, dict[str, float]]]
 
 
 def write_references(uri: str, references: dict[str, list[str]]) -> None:
-    fs, path = uris.filesystem(uri)
-    storage.ensure_dir(fs, path.rsplit("/", 1)[0])
-    with fs.open(path, "w") as f:
-        f.writelines(json.dumps({"key": key, "caption": c}) + "\n" for key, caps in references.items() for c in caps)
+    storage.write_file(uri, "".join(json.dumps({"key": key, "caption": c}) + "\n"
+                                    for key, caps in references.items() for c in caps))
 
 
 def evaluate_and_report(root: str, captions: str, images: str, *, references: dict[str, list[str]],
@@ -100,10 +98,7 @@ def write_archive(uri: str, samples: Sequence[Any]) -> None:
             info.size = png.tell()
             png.seek(0)
             tf.addfile(info, png)
-    fs, path = uris.filesystem(uri)
-    storage.ensure_dir(fs, path.rsplit("/", 1)[0])
-    with fs.open(path, "wb") as f:
-        f.write(buf.getvalue())
+    storage.write_file(uri, buf.getvalue())
 
 
 def read_captions(output: str) -> pa.Table:

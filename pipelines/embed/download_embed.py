@@ -13,7 +13,6 @@ from typing import Any
 from clipcap_core import encoders
 from clipcap_core.encoders import EncoderConfig
 from infra.local import http
-from pipelines.demo.worlds import world
 from pipelines.demo.worlds import world as get_world
 from pipelines.download.job import DownloadConfig, DownloadSummary, prepare_download, run_download
 from pipelines.embed.job import EmbedConfig, EmbedResources, EmbedResult, run_embed
@@ -92,7 +91,7 @@ def serve_synthetic(src: SyntheticSource) -> Iterator[str]:
     folder.mkdir(parents=True, exist_ok=True)
     server = http.start(folder)
     try:
-        tsv = world(src.world).write_url_list(folder, src.samples, server.base_url, seed=src.seed,
+        tsv = get_world(src.world).write_url_list(folder, src.samples, server.base_url, seed=src.seed,
                                               size=src.image_size)
         log.info("serving %d synthetic images from %s at %s", src.samples, folder, server.base_url)
         yield str(tsv)

@@ -1,27 +1,216 @@
-"""Embed-text stage: a caption corpus -> CLIP text-embedding tables (Parquet), one file per input part."""
+"""Embed-text stage: a caption corpus (text, csv, tsv, jsonl, parquet files or img2dataset shards) -> deterministic
+parts of (key, caption, error) rows -> CLIP text-embedding tables (Parquet), one file per input part."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import posixpath
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import fsspec
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from clipcap_core import encoders
+from clipcap_core import encoders, uris
 from clipcap_core.configs import to_dict
 from clipcap_core.encoders import EncoderConfig
 from pipelines import console, rows, runtime, stopping
 from pipelines.clip_actor import ClipActor
 from pipelines.committer import UnitCommitter
 from pipelines.embed import job as embed
-from pipelines.embed import output
 from pipelines.embed import stages as st
-from pipelines.io import schemas, storage, text_sources
+from pipelines.embed.stages import MAX_SHARD_BYTES, read_shard, shard_name
+from pipelines.io import schemas, storage
+from pipelines.io.delimited import read_delimited
 from pipelines.lease import LEASE_FILE, Lease
+
+FORMATS = ("text", "csv", "tsv", "jsonl", "parquet", "img2dataset")
+_EXTENSIONS = {"txt": "text", "text": "text", "csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "json": "jsonl",
+               "parquet": "parquet"}
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+
+
+@dataclass
+class TextPart:
+    part_id: str
+    source: str  # file URI the rows come from
+    keys: list[str] = field(default_factory=list)
+    captions: list[str | None] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # "" = a good row
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def file_format(uri: str) -> str | None:
+    """``text`` / ``csv`` / ... from a file name (compression suffixes ignored), None when unknown."""
+    name = posixpath.basename(uri).lower()
+    for suffix in _COMPRESSED:
+        name = name.removesuffix(suffix)
+    return _EXTENSIONS.get(name.rsplit(".", 1)[-1]) if "." in name else None
+
+
+def list_inputs(uri: str, fmt: str = "auto") -> list[tuple[str, str]]:
+    """(file URI, format) of every input file; a folder with ``.tar`` shards is an img2dataset embed."""
+    if fmt not in ("auto", *FORMATS):
+        raise ValueError(f"input format must be one of {['auto', *FORMATS]}, got {fmt!r}")
+    fs, path = uris.filesystem(uri)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"caption input {uri!r} does not exist")
+    if not fs.isdir(path):
+        found = fmt if fmt != "auto" else file_format(uri)
+        if found is None or found == "img2dataset":
+            raise ValueError(f"cannot tell the format of {uri!r}; set --input-format to one of {list(FORMATS)}")
+        return [(uri, found)]
+    shards = storage.list_files(uri, ".tar")
+    if fmt == "img2dataset" or (fmt == "auto" and shards):
+        if not shards:
+            raise FileNotFoundError(f"no img2dataset shards (*.tar) under {uri!r}")
+        return [(s, "img2dataset") for s in shards]
+    files = [(f, fmt if fmt != "auto" else file_format(f)) for f in storage.list_files(uri, "")]
+    files = [(f, k) for f, k in files if k is not None and not posixpath.basename(f).startswith(("_", "."))]
+    if not files:
+        raise FileNotFoundError(f"no caption files ({', '.join(sorted(_EXTENSIONS))}) under {uri!r}")
+    return files
+
+
+def _stem(uri: str) -> str:
+    name = posixpath.basename(uri.rstrip("/"))
+    for suffix in _COMPRESSED:
+        name = name.removesuffix(suffix)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name.rsplit(".", 1)[0]) or "captions"
+
+
+def _check(caption: str | None, max_chars: int) -> str:
+    if caption is None or not caption.strip():
+        return "empty caption"
+    if len(caption) > max_chars:
+        return f"caption longer than {max_chars} characters ({len(caption)})"
+    return ""
+
+
+def read_text_lines(uri: str, max_chars: int) -> tuple[list[str | None], list[str]]:
+    """Captions and per-row errors of a one-caption-per-line file (each line decoded on its own)."""
+    with fsspec.open(uri, "rb", compression="infer") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the file's final newline ends the last line; it does not start another
+    captions: list[str | None] = []
+    errors = []
+    for raw in lines:
+        try:
+            text: str | None = raw.rstrip(b"\r").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            captions.append(None)
+            errors.append(f"line is not UTF-8: {exc.reason} at byte {exc.start}")
+            continue
+        captions.append(text)
+        errors.append(_check(text, max_chars))
+    return captions, errors
+
+
+def read_table_file(uri: str, fmt: str, caption_col: str, key_col: str | None) -> pd.DataFrame:
+    """A csv / tsv / jsonl / parquet file as string columns ``caption`` (+ ``key``); checks the columns."""
+    if fmt in ("csv", "tsv"):
+        df = read_delimited(uri, "\t" if fmt == "tsv" else ",", what="caption file")  # names file and line
+    else:
+        try:
+            df = pd.read_parquet(uri) if fmt == "parquet" else pd.read_json(uri, lines=True, dtype=False)
+        except ValueError as exc:
+            raise ValueError(f"cannot read {uri} as {fmt}: {exc}") from exc
+    wanted = [caption_col] + ([key_col] if key_col else [])
+    missing = [c for c in wanted if c not in df.columns]
+    if missing:
+        raise ValueError(f"{uri} has no column(s) {missing}; it has {list(df.columns)} (set --caption-col / "
+                         "--key-col)")
+    out = pd.DataFrame({schemas.CAPTION: df[caption_col].astype("string")})
+    if key_col:
+        out[schemas.KEY] = df[key_col].astype("string")
+    return out
+
+
+def read_img2dataset_shard(uri: str, max_chars: int) -> TextPart:
+    """Keys and captions of one shard: from its ``.parquet`` sibling, else from the tar's ``.txt`` members."""
+    meta = uri.removesuffix(".tar") + ".parquet"
+    part = TextPart(part_id=shard_name(uri), source=uri)
+    if uris.exists(meta):
+        fs, path = uris.filesystem(meta)
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        if schemas.CAPTION not in table.column_names or schemas.KEY not in table.column_names:
+            raise ValueError(f"img2dataset shard metadata {meta} has no key / caption column (has "
+                             f"{table.column_names}); download with a caption column")
+        rows = ((k, c, "") for k, c in zip(table.column(schemas.KEY).to_pylist(), table.column(schemas.CAPTION).to_pylist(),
+                                            strict=True))
+    else:
+        fs, path = uris.filesystem(uri)
+        with fs.open(path, "rb") as f:
+            data = f.read(MAX_SHARD_BYTES + 1)
+        if len(data) > MAX_SHARD_BYTES:
+            raise ValueError(f"shard {uri} is larger than {MAX_SHARD_BYTES} bytes")
+        rows = ((posixpath.basename(s.key), s.files["txt"].decode("utf-8", "replace") if "txt" in s.files
+                 else None, s.refused) for s in read_shard(data))
+    for key, caption, refused in rows:
+        part.keys.append(str(key))
+        part.captions.append(caption)
+        part.errors.append(refused or _check(caption, max_chars))
+    return part
+
+
+def read_file_parts(uri: str, fmt: str, *, caption_col: str, key_col: str | None, part_size: int,
+                    max_chars: int) -> list[TextPart]:
+    """The parts of one caption file: ``part_size`` rows each, ids ``<stem>-<00000>``."""
+    stem = _stem(uri)
+    if fmt == "text":
+        captions, errors = read_text_lines(uri, max_chars)
+        keys = [f"{stem}-{i:08d}" for i in range(len(captions))]
+    else:
+        df = read_table_file(uri, fmt, caption_col, key_col)
+        captions = [None if pd.isna(c) else str(c) for c in df[schemas.CAPTION]]
+        errors = [_check(c, max_chars) for c in captions]
+        keys = ([str(k) if not pd.isna(k) else f"{stem}-{i:08d}" for i, k in enumerate(df[schemas.KEY])] if key_col
+                else [f"{stem}-{i:08d}" for i in range(len(captions))])
+    parts = []
+    for n, start in enumerate(range(0, max(len(keys), 1), part_size)):
+        sl = slice(start, start + part_size)
+        parts.append(TextPart(f"{stem}-{n:05d}", uri, keys[sl], captions[sl], errors[sl]))
+    return parts
+
+
+def plan_parts(uri: str, fmt: str = "auto", *, caption_col: str = schemas.CAPTION, key_col: str | None = None,
+               part_size: int = 10000, max_chars: int = 2000) -> list[TextPart]:
+    """Every part of the input, in a deterministic order; part ids must be unique (two files with one stem fail)."""
+    parts: list[TextPart] = []
+    for file, kind in list_inputs(uri, fmt):
+        if kind == "img2dataset":
+            parts.append(read_img2dataset_shard(file, max_chars))
+        else:
+            parts.extend(read_file_parts(file, kind, caption_col=caption_col, key_col=key_col,
+                                         part_size=part_size, max_chars=max_chars))
+    seen: dict[str, str] = {}
+    for p in parts:
+        if p.part_id in seen:
+            raise ValueError(f"inputs {seen[p.part_id]} and {p.source} give the same part id {p.part_id!r}: "
+                             "rename one of the files")
+        seen[p.part_id] = p.source
+    return parts
+
+
+def plan_digest(parts: list[TextPart]) -> str:
+    """A digest of the plan (part ids, sources, keys and captions): a rerun on changed input is refused."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps([p.part_id, p.source, p.keys, p.captions]).encode())
+    return h.hexdigest()[:16]
+
 
 log = logging.getLogger(__name__)
 
@@ -86,24 +275,24 @@ class EmbedTextResult:
 
 
 # --- planning and validation (no Ray) ---------------------------------------------------------------------
-def _run_record(cfg: EmbedTextConfig, parts: list[text_sources.TextPart]) -> dict[str, Any]:
+def _run_record(cfg: EmbedTextConfig, parts: list[TextPart]) -> dict[str, Any]:
     return {"input": cfg.input, "input_format": cfg.input_format, "caption_col": cfg.caption_col,
             "key_col": cfg.key_col, "part_size": cfg.part_size, "max_caption_chars": cfg.max_caption_chars,
-            "encoder": to_dict(cfg.encoder), "dtype": cfg.dtype, "plan_digest": text_sources.plan_digest(parts)}
+            "encoder": to_dict(cfg.encoder), "dtype": cfg.dtype, "plan_digest": plan_digest(parts)}
 
 
-def validate(cfg: EmbedTextConfig) -> list[text_sources.TextPart]:
+def validate(cfg: EmbedTextConfig) -> list[TextPart]:
     """All job-level checks before any work (model, dtype, input columns, output); the parts."""
     encoders.validate_config(cfg.encoder)
     schemas.embedding_type(1, cfg.dtype)
-    parts = text_sources.plan_parts(cfg.input, cfg.input_format, caption_col=cfg.caption_col, key_col=cfg.key_col,
+    parts = plan_parts(cfg.input, cfg.input_format, caption_col=cfg.caption_col, key_col=cfg.key_col,
                                     part_size=cfg.part_size, max_chars=cfg.max_caption_chars)
     encoders.fetch_pretrained(cfg.encoder)  # an unreachable hub fails here, not in a restarting actor
     storage.check_writable(cfg.table_uri)
     return parts
 
 
-def claim(cfg: EmbedTextConfig, parts: list[text_sources.TextPart]) -> None:
+def claim(cfg: EmbedTextConfig, parts: list[TextPart]) -> None:
     """Refuse a table made from other input or settings, else record this run's (holding the table's lease)."""
     record, run_uri = _run_record(cfg, parts), storage.join(cfg.meta_uri, "run.json")
     previous = storage.read_json(run_uri)
@@ -114,27 +303,27 @@ def claim(cfg: EmbedTextConfig, parts: list[text_sources.TextPart]) -> None:
     storage.write_json(record, run_uri)
 
 
-def pending_parts(cfg: EmbedTextConfig, parts: list[text_sources.TextPart]) -> list[text_sources.TextPart]:
+def pending_parts(cfg: EmbedTextConfig, parts: list[TextPart]) -> list[TextPart]:
     done = set(storage.list_files(cfg.table_uri, ".parquet"))
-    done |= {output.part_uri(cfg.table_uri, posixpath.basename(u).removesuffix(".json").removeprefix("part-"))
+    done |= {embed.part_uri(cfg.table_uri, posixpath.basename(u).removesuffix(".json").removeprefix("part-"))
              for u in storage.list_files(storage.join(cfg.meta_uri, "empty"), ".json")}
-    return [p for p in parts if output.part_uri(cfg.table_uri, p.part_id) not in done]
+    return [p for p in parts if embed.part_uri(cfg.table_uri, p.part_id) not in done]
 
 
 # --- output tables ------------------------------------------------------------------------------------------
 def build_tables(table: pa.Table, dim: int, dtype: str, meta: dict[str, str]) -> tuple[pa.Table, list[dict[str, str]]]:
     """Text table (sorted by key, first row per key) + error rows of one part's rows."""
-    keep, uniq, errs = output.rows_to_keep(table, failed_stage="read", duplicate_stage="embed-text", unit="part")
+    keep, uniq, errs = embed.rows_to_keep(table, failed_stage="read", duplicate_stage="embed-text", unit="part")
     truncated = sum(table.column(st.TRUNCATED).take(pa.array(keep, pa.int64())).to_pylist())
     schema = schemas.with_metadata(schemas.text_embedding_schema(dim, dtype),
                                    {**meta, schemas.META_TRUNCATED: str(truncated)})
     np_dtype = np.float16 if dtype == "float16" else np.float32
-    arrays = [pa.array(uniq.tolist(), pa.string()), output.strings(table, st.CAPTION, keep),
-              output.vectors(table, rows.TEXT_EMBEDDING, keep, dim, np_dtype)]
+    arrays = [pa.array(uniq.tolist(), pa.string()), embed.strings(table, st.CAPTION, keep),
+              embed.vectors(table, rows.TEXT_EMBEDDING, keep, dim, np_dtype)]
     return pa.Table.from_arrays(arrays, schema=schema), errs
 
 
-def commit_part(cfg: EmbedTextConfig, part: text_sources.TextPart, table: pa.Table | None,
+def commit_part(cfg: EmbedTextConfig, part: TextPart, table: pa.Table | None,
                 dim: int) -> tuple[int, int, int]:
     """Errors table (if any), then the part file (the commit marker). Returns (rows, error rows, truncated)."""
     meta = schemas.embedding_metadata(
@@ -147,17 +336,17 @@ def commit_part(cfg: EmbedTextConfig, part: text_sources.TextPart, table: pa.Tab
     table, errs = build_tables(table, dim, cfg.dtype, meta)
     if errs:
         storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA),
-                                   output.errors_uri(cfg.meta_uri, part.part_id), tmp_dir=output.tmp_uri(cfg.meta_uri))
+                                   embed.errors_uri(cfg.meta_uri, part.part_id), tmp_dir=embed.tmp_uri(cfg.meta_uri))
     if table.num_rows:  # last: the commit marker
-        storage.atomic_write_table(table, output.part_uri(cfg.table_uri, part.part_id),
-                                   tmp_dir=output.tmp_uri(cfg.meta_uri))
+        storage.atomic_write_table(table, embed.part_uri(cfg.table_uri, part.part_id),
+                                   tmp_dir=embed.tmp_uri(cfg.meta_uri))
     else:  # a 0-row Parquet file breaks Hugging Face datasets: the done-marker lives under _meta instead
-        storage.write_json({"part": part.part_id, "errors": len(errs)}, output.empty_uri(cfg.meta_uri, part.part_id))
+        storage.write_json({"part": part.part_id, "errors": len(errs)}, embed.empty_uri(cfg.meta_uri, part.part_id))
     return table.num_rows, len(errs), int(table.schema.metadata[schemas.META_TRUNCATED.encode()])
 
 
 # --- the Ray pipeline ---------------------------------------------------------------------------------------
-def part_block(part: text_sources.TextPart) -> pa.Table:
+def part_block(part: TextPart) -> pa.Table:
     """A part as one block of rows tagged with the part id, member index and row count (the committer's
     columns, as the image embed stage's)."""
     n = len(part)
@@ -167,7 +356,7 @@ def part_block(part: text_sources.TextPart) -> pa.Table:
                      st.SOURCE: [f"{part.source}#{k}" for k in part.keys], st.ERROR: part.errors})
 
 
-def build_dataset(cfg: EmbedTextConfig, pending: list[text_sources.TextPart]) -> Any:
+def build_dataset(cfg: EmbedTextConfig, pending: list[TextPart]) -> Any:
     """The Ray Data pipeline over the pending parts (lazy; iterate it to run)."""
     # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray
@@ -189,7 +378,7 @@ class TextCommitter(UnitCommitter):
     """embed-text's driver side: rows back into parts (the image embed stage's columns), each complete part
     committed by ``commit_part``; a text part has no unreadable input (its reading happened on the driver)."""
 
-    def __init__(self, cfg: EmbedTextConfig, parts: list[text_sources.TextPart], dim: int):
+    def __init__(self, cfg: EmbedTextConfig, parts: list[TextPart], dim: int):
         super().__init__(unit=st.SHARD, index=st.INDEX, total=st.TOTAL, noun="part")
         self.cfg, self.dim, self.parts = cfg, dim, {p.part_id: p for p in parts}
 
@@ -224,7 +413,7 @@ def run_embed_text(cfg: EmbedTextConfig, ray_address: str | None = None) -> Embe
         return _embed_text(cfg, parts, lease, t0, ray_address)
 
 
-def _embed_text(cfg: EmbedTextConfig, parts: list[text_sources.TextPart], lease: Lease, t0: float,
+def _embed_text(cfg: EmbedTextConfig, parts: list[TextPart], lease: Lease, t0: float,
                 ray_address: str | None) -> EmbedTextResult:
     """``run_embed_text`` once the table's lease is held and the run recorded."""
     dim = encoders.embedding_dim(cfg.encoder)
@@ -237,7 +426,7 @@ def _embed_text(cfg: EmbedTextConfig, parts: list[text_sources.TextPart], lease:
         # a stop or a failed commit names the parts committed so far (earlier runs' included)
         with stopping.counting(lambda: (result.skipped + len(committer.committed), result.parts), "part"):
             runtime.ensure_ray(ray_address)
-            output.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
+            embed.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
             log.info("embedding %d caption part(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
                      cfg.table_uri)
             result.rows, result.errors, result.truncated = _drain(cfg, committer, dim)

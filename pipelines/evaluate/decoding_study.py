@@ -138,9 +138,7 @@ def save(rows: list[dict[str, Any]], out_dir: str) -> None:
 
     storage.atomic_write_table(pa.Table.from_pylist(rows), storage.join(out_dir, "table.parquet"))
     for name, data in (("table.md", (format_table(rows) + "\n").encode()), ("decoding.png", plot(rows))):
-        fs, path = storage.filesystem(storage.join(out_dir, name))
-        with fs.open(path, "wb") as f:
-            f.write(data)
+        storage.write_file(storage.join(out_dir, name), data)
 
 
 def run_decoding_study(cfg: DecodingStudyConfig) -> list[dict[str, Any]]:

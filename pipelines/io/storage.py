@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipcap_core.configs import finite_json
-from clipcap_core.uris import exists, filesystem
+from clipcap_core.uris import filesystem
 from pipelines.io import schemas
 from pipelines.io.urlsafety import redact_text
 
@@ -38,6 +38,14 @@ def ensure_dir(fs: fsspec.AbstractFileSystem, path: str) -> None:
     ``makedirs`` would *create a missing bucket*: a typo in an output URI must fail, not make buckets."""
     if protocol_prefix(fs) in ("", "memory://"):
         fs.makedirs(path, exist_ok=True)
+
+
+def write_file(uri: str, data: bytes | str) -> None:
+    """Write ``data`` (bytes, or text as UTF-8) to ``uri``, creating its folder on local-like filesystems."""
+    fs, path = filesystem(uri)
+    ensure_dir(fs, posixpath.dirname(path) or ".")
+    with fs.open(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
 
 
 def remove(uri: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -160,7 +168,3 @@ def check_writable(uri: str, storage_options: dict[str, Any] | None = None) -> N
         fs.rm(probe)
     except Exception as exc:  # noqa: BLE001 - turn any backend error into one clear message
         raise OSError(f"output URI {uri!r} is not writable: {type(exc).__name__}: {exc}") from exc
-
-
-__all__ = ["atomic_write_table", "check_writable", "ensure_dir", "exists", "filesystem", "full_uri", "join",
-           "list_files", "protocol_prefix", "read_json", "redact_json", "redact_table", "remove", "write_json"]

@@ -383,14 +383,14 @@ def study_sections(folders: tuple[str, ...]) -> list[dict[str, Any]]:
     """Each ``clipcap study`` folder's Markdown table and plot (a data URI), for the page's Studies section."""
     out = []
     for folder in folders:
-        fs, path = storage.filesystem(storage.join(folder, "table.md"))
+        fs, path = uris.filesystem(storage.join(folder, "table.md"))
         if not fs.exists(path):
             raise ValueError(f"{folder} is not a `clipcap study` output folder (no table.md)")
         with fs.open(path, "r") as f:
             table = f.read()
         plot = None
         for name in ("prefix.png", "decoding.png"):
-            pfs, ppath = storage.filesystem(storage.join(folder, name))
+            pfs, ppath = uris.filesystem(storage.join(folder, name))
             if pfs.exists(ppath):
                 with pfs.open(ppath, "rb") as f:
                     plot = "data:image/png;base64," + base64.b64encode(f.read()).decode()
@@ -433,9 +433,6 @@ def build_report(cfg: ReportConfig) -> str:
         **evaluated,
     }
     html = page.render(context)
-    fs, path = uris.filesystem(cfg.out)
-    storage.ensure_dir(fs, posixpath.dirname(path) or ".")
-    with fs.open(path, "w") as f:
-        f.write(html)
+    storage.write_file(cfg.out, html)
     log.info("report: %s (%d images, %.0f KB)", cfg.out, len(sampled.items), len(html) / 1024)
     return cfg.out

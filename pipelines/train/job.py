@@ -17,15 +17,17 @@ from clipcap_core.training import TrainConfig
 from pipelines import exitcodes
 from pipelines.exitcodes import JobFailed
 from pipelines.io import storage, tables
-from pipelines.train import decap as decap_train
 from pipelines.train.checkpoints import stream_start
-from pipelines.train.decap import DecapOptions
-from pipelines.train.heldout import evaluate_model
-from pipelines.train.runner import fit_workers, write_history
+from pipelines.train.runner import fit_workers
 from pipelines.train.setup import (
     BatchTokenizer,
+    DecapOptions,
+    check_plan,
+    embedding_column,
+    evaluate_model,
     is_preset_name,
     load_tokenizer_for,
+    model_overrides,
     recipe_for,
     resolve_model_config,
 )
@@ -41,9 +43,6 @@ from pipelines.train.state import (
 READ_ROWS = 1024  # rows per Ray Data batch (a whole number of training batches; see steps.split_batches)
 
 log = logging.getLogger(__name__)
-
-__all__ = ["FaultConfig", "RunOptions", "ScaleConfig", "TrainConfig", "TrainJobConfig", "TrainJobResult",
-           "TrainPlan", "evaluate_artifact", "plan_training", "run_training", "write_history"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +82,7 @@ class TrainJobConfig:
 
     @property
     def embedding_column(self) -> str:
-        return decap_train.embedding_column(self.decoder)
+        return embedding_column(self.decoder)
 
     @property
     def run_dir(self) -> str:
@@ -127,9 +126,9 @@ def plan_and_audit(cfg: TrainJobConfig) -> tuple[TrainPlan, tables.Audit]:
     files = tables.list_table_files(cfg.tables)
     replay = tables.list_table_files(cfg.replay_tables) if cfg.replay_tables else []
     info = tables.inspect_tables(files + replay, column=cfg.embedding_column)
-    overrides = decap_train.model_overrides(cfg.decoder, cfg.model, cfg.model_overrides)
+    overrides = model_overrides(cfg.decoder, cfg.model, cfg.model_overrides)
     model_cfg = resolve_model_config(cfg.model, overrides, info)  # raises on a D mismatch
-    decap_train.check_plan(cfg.decoder, cfg.decap, info, model_cfg)
+    check_plan(cfg.decoder, cfg.decap, info, model_cfg)
     splits = {f: cfg.split() for f in files}
     if replay and cfg.replay_fraction > 0:
         replay_split = cfg.split(sample_fraction=cfg.replay_fraction, sample_seed=cfg.replay_seed)

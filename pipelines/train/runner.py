@@ -6,23 +6,20 @@ retention, controller poll interval), then write the run's history files (``hist
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
 import logging
 import math
 import os
-from collections.abc import Iterator
 from typing import Any, Protocol
+from unittest import mock
 
-from clipcap_core import uris
 from clipcap_core.configs import to_dict
 from pipelines import runtime
 from pipelines.io import storage
 from pipelines.runtime import ClusterShape
-from pipelines.train.launch import worker_entry
-from pipelines.train.state import RunOptions, ScaleConfig, StepPlan, StreamSpec
+from pipelines.train.state import RunOptions, ScaleConfig, StepPlan, StreamSpec, worker_entry
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +70,7 @@ def fit_workers(loop: str, job: TrainJob, plan: StepPlan, datasets: dict[str, An
                 stream: StreamSpec | None = None, what: str = "train") -> dict[str, Any]:
     """Run ``loop`` (``"module:function"``) on ``job.scale.num_workers`` Ray Train workers as ``loop(config,
     batches)``, config ``{"job": ..., "plan": ...}`` (both ``configs.to_dict``) and ``batches`` the worker's
-    ``launch.EarlyStream`` of ``datasets["train"]`` read as ``stream`` says (``None`` without a stream).
+    ``EarlyStream`` of ``datasets["train"]`` read as ``stream`` says (``None`` without a stream).
     Returns rank 0's return value after writing its ``history`` under ``job.run_dir``.
     The operator sees one progress line (``what``: steps done, samples, loss) read from the run's ``Board``
     actor; the workers' own lines go to stderr (the job log, without Ray's colour codes)."""
@@ -112,8 +109,10 @@ def fit_workers(loop: str, job: TrainJob, plan: StepPlan, datasets: dict[str, An
         datasets=datasets,
     )
     progress = console.Progress(what, plan.total_steps, unit="steps", rows="samples", count_errors=False)
-    with _env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=str(job.run.poll_interval_s)), console.watch(progress, read):
-        result = trainer.fit()  # the health-check interval is read by the controller actor
+    # Ray Train copies this variable from the driver into its controller actor when ``fit`` starts
+    poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(job.run.poll_interval_s)}
+    with mock.patch.dict(os.environ, poll), console.watch(progress, read):
+        result = trainer.fit()
     ray.kill(board)
     if result.error:
         raise result.error
@@ -121,22 +120,6 @@ def fit_workers(loop: str, job: TrainJob, plan: StepPlan, datasets: dict[str, An
     out["history"] = out.get("history", [])
     write_history(out["history"], job.run_dir)
     return out
-
-
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    """Set environment variables for the duration of the block (Ray Train copies a list of them, this one
-    included, from the driver into its controller actor when ``fit`` starts)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # --- metrics history ------------------------------------------------------------------------------------
@@ -150,12 +133,8 @@ def write_history(history: list[dict[str, Any]], run_dir: str) -> None:
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(history)
-    fs, path = uris.filesystem(storage.join(run_dir, "history.csv"))
-    with fs.open(path, "w") as f:
-        f.write(buf.getvalue())
-    fs, path = uris.filesystem(storage.join(run_dir, "loss_curve.png"))
-    with fs.open(path, "wb") as f:
-        f.write(plot_history(history))
+    storage.write_file(storage.join(run_dir, "history.csv"), buf.getvalue())
+    storage.write_file(storage.join(run_dir, "loss_curve.png"), plot_history(history))
 
 
 def plot_history(history: list[dict[str, Any]]) -> bytes:

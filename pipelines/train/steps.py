@@ -18,7 +18,12 @@ from clipcap_core import uris
 from clipcap_core.training import NonFiniteError, batch_rows_note
 from pipelines.io import storage
 from pipelines.train.checkpoints import checkpoint_name, load_checkpoint, save_checkpoint
-from pipelines.train.state import FaultConfig, RunOptions, RunState, StepPlan
+from pipelines.train.state import (
+    FaultConfig,
+    RunOptions,
+    RunState,
+    StepPlan,
+)
 
 
 def split_batches(batches: Iterable[dict[str, Any]], size: int) -> Iterator[dict[str, Any]]:
@@ -85,7 +90,7 @@ class Board:
         return self.latest
 
 
-_board: Any = None  # this worker's handle on the run's Board actor (``launch.worker_entry`` sets it)
+_board: Any = None  # this worker's handle on the run's Board actor (``state.worker_entry`` sets it)
 POST_EVERY_S = 1.0  # rank 0 posts at most this often (one fire-and-forget actor call)
 
 

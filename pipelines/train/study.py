@@ -201,6 +201,4 @@ def save(trials: list[dict[str, Any]], table: list[dict[str, Any]], out_dir: str
     storage.atomic_write_table(pa.Table.from_pylist(trials), storage.join(out_dir, "trials.parquet"))
     storage.atomic_write_table(pa.Table.from_pylist(table), storage.join(out_dir, "table.parquet"))
     for name, data in (("table.md", (format_table(table) + "\n").encode()), ("prefix.png", plot(table))):
-        fs, path = storage.filesystem(storage.join(out_dir, name))
-        with fs.open(path, "wb") as f:
-            f.write(data)
+        storage.write_file(storage.join(out_dir, name), data)

@@ -14,12 +14,10 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from clipcap_core import uris
 from clipcap_core.configs import from_dict, to_dict
 from clipcap_core.training import TrainConfig, iterate_batches, train_loop
 from pipelines.io import schemas, storage, tables
-from pipelines.train.heldout import evaluate_model
-from pipelines.train.setup import build_or_load_model, recipe_for, resolve_model_config
+from pipelines.train.setup import build_or_load_model, evaluate_model, recipe_for, resolve_model_config
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +202,4 @@ def save_results(rows: list[dict[str, Any]], out_dir: str) -> None:
     writer.writeheader()
     writer.writerows(rows)
     for name, text in (("results.csv", buf.getvalue()), ("results.md", format_table(rows) + "\n")):
-        fs, path = uris.filesystem(storage.join(out_dir, name))
-        with fs.open(path, "w") as f:
-            f.write(text)
+        storage.write_file(storage.join(out_dir, name), text)

@@ -11,11 +11,9 @@ import torch
 from clipcap_core.configs import from_dict, to_dict
 from clipcap_core.training import make_optimizer_and_scheduler, make_scaler, train_step
 from pipelines.io import storage, tables
-from pipelines.train import decap as decap_train
-from pipelines.train.heldout import evaluate_model
 from pipelines.train.job import TrainJobConfig, TrainPlan
-from pipelines.train.launch import EarlyStream
-from pipelines.train.setup import build_or_load_model, to_core_batch
+from pipelines.train.setup import add_noise, build_memory, build_or_load_model, evaluate_model, to_core_batch
+from pipelines.train.state import EarlyStream
 from pipelines.train.steps import WorkerRun, loss_health, run_steps, split_batches
 
 
@@ -54,7 +52,7 @@ class ClipCapRun(WorkerRun):
 
 
 def worker_loop(config: dict[str, Any], stream: EarlyStream | None) -> dict[str, Any] | None:
-    """The per-worker loop (``launch.worker_entry`` calls it; config: ``{"job": TrainJobConfig, "plan":
+    """The per-worker loop (``state.worker_entry`` calls it; config: ``{"job": TrainJobConfig, "plan":
     TrainPlan}`` as ``configs.to_dict``).
     """
     # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
@@ -72,7 +70,7 @@ def worker_loop(config: dict[str, Any], stream: EarlyStream | None) -> dict[str,
     def step(batch: dict[str, Any]) -> float:
         core = to_core_batch(batch)
         if noise:  # CapDec: the decoder learns to caption from near, not exact, text embeddings
-            core.embeds = decap_train.add_noise(core.embeds, noise)
+            core.embeds = add_noise(core.embeds, noise)
         return train_step(net, core, run.optimizer, run.scheduler, hp, scaler)
 
     run_steps(run, batches, step, skip=run.state.step - plan.stream_first_step)
@@ -91,7 +89,7 @@ def save_artifact(job: TrainJobConfig, plan: TrainPlan, run: ClipCapRun) -> dict
     artifact = storage.join(job.run_dir, "model")
     memory = None
     if job.decoder == "decap":  # seeded, so a resumed run stores the same memory
-        memory = decap_train.build_memory(job.decap, list(plan.files), job.split(), repeats=plan.repeats)
+        memory = build_memory(job.decap, list(plan.files), job.split(), repeats=plan.repeats)
     state = run.state
     health = loss_health(state.history, plan.total_steps)
     if health.get("loss_fell") is False:

@@ -14,8 +14,8 @@ from clipcap_core.decap import ProjectionConfig
 from clipcap_core.training import TrainConfig
 from pipelines.demo import synthetic_tables
 from pipelines.io import schemas, storage, tables
-from pipelines.train import decap as decap_train
 from pipelines.train import job as train
+from pipelines.train import setup as decap_train
 from pipelines.train import state as train_state
 
 DIM = 32

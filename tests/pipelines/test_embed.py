@@ -15,8 +15,7 @@ from clipcap_core import synthetic, uris
 from clipcap_core.encoder_model import load_encoder
 from clipcap_core.encoders import EncoderConfig
 from pipelines.embed import stages as st
-from pipelines.embed.job import EmbedConfig, EmbedResources, pending_shards, run_embed
-from pipelines.embed.output import ShardCommitter
+from pipelines.embed.job import EmbedConfig, EmbedResources, ShardCommitter, pending_shards, run_embed
 from pipelines.io import schemas, storage
 
 

@@ -21,7 +21,7 @@ from pipelines import rows
 from pipelines.clip_actor import ClipActor
 from pipelines.embed import stages as st
 from pipelines.embed import text as embed_text
-from pipelines.io import schemas, storage, text_sources
+from pipelines.io import schemas, storage
 
 LONG = " ".join(["red"] * 40)  # 40 tokens: more than the tiny CLIP's context of 32
 
@@ -35,7 +35,7 @@ def test_text_file_rows_and_bad_lines(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_bytes(b"a small red circle at the top\r\n\n\xff\xfe broken\n" + LONG.encode() + b"\n" + b"y" * 50
                      + b"\n")
-    parts = text_sources.plan_parts(str(path), part_size=3, max_chars=40)
+    parts = embed_text.plan_parts(str(path), part_size=3, max_chars=40)
     assert [p.part_id for p in parts] == ["corpus-00000", "corpus-00001"]
     rows = [(k, c, e) for p in parts for k, c, e in zip(p.keys, p.captions, p.errors, strict=True)]
     assert [r[0] for r in rows] == [f"corpus-{i:08d}" for i in range(5)]
@@ -43,8 +43,8 @@ def test_text_file_rows_and_bad_lines(tmp_path):
     assert rows[1][2] == "empty caption" and rows[2][1] is None and "not UTF-8" in rows[2][2]
     assert rows[3] == ("corpus-00000003", LONG, "caption longer than 40 characters (159)")
     assert rows[4][2] == "caption longer than 40 characters (50)"
-    assert text_sources.plan_digest(parts) == text_sources.plan_digest(
-        text_sources.plan_parts(str(path), part_size=3, max_chars=40))
+    assert embed_text.plan_digest(parts) == embed_text.plan_digest(
+        embed_text.plan_parts(str(path), part_size=3, max_chars=40))
 
 
 def test_table_formats_columns_and_keys(tmp_path):
@@ -54,24 +54,24 @@ def test_table_formats_columns_and_keys(tmp_path):
     df.to_json(tmp_path / "j.jsonl", orient="records", lines=True)
     df.to_parquet(tmp_path / "p.parquet")
     for name in ("c.csv", "t.tsv", "j.jsonl", "p.parquet"):
-        (part,) = text_sources.plan_parts(str(tmp_path / name), caption_col="text", key_col="id")
+        (part,) = embed_text.plan_parts(str(tmp_path / name), caption_col="text", key_col="id")
         assert part.keys == ["b", "a", "c"], name
         assert part.captions[0] == "two red squares" and part.errors == ["", "empty caption", ""], name
-    (part,) = text_sources.plan_parts(str(tmp_path / "c.csv"), caption_col="text")
+    (part,) = embed_text.plan_parts(str(tmp_path / "c.csv"), caption_col="text")
     assert part.keys == ["c-00000000", "c-00000001", "c-00000002"]
     with pytest.raises(ValueError, match=r"no column\(s\) \['caption'\]; it has \['id', 'text'\]"):
-        text_sources.plan_parts(str(tmp_path / "c.csv"))
+        embed_text.plan_parts(str(tmp_path / "c.csv"))
     with pytest.raises(ValueError, match="same part id 'c-00000'"):  # a folder: c.csv and c.tsv collide
         (tmp_path / "c.tsv").write_text((tmp_path / "t.tsv").read_text())
-        text_sources.plan_parts(str(tmp_path), caption_col="text", key_col="id")
+        embed_text.plan_parts(str(tmp_path), caption_col="text", key_col="id")
     (tmp_path / "notes.bin").write_text("x")
     with pytest.raises(ValueError, match="cannot tell the format"):
-        text_sources.plan_parts(str(tmp_path / "notes.bin"))
+        embed_text.plan_parts(str(tmp_path / "notes.bin"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        text_sources.plan_parts(str(tmp_path / "missing.txt"))
+        embed_text.plan_parts(str(tmp_path / "missing.txt"))
     (tmp_path / "bad.csv").write_bytes(b"id,text\na,one\nb,caf\xe9\n")
     with pytest.raises(ValueError, match=r"caption file '.*bad\.csv': line 3 is not UTF-8"):
-        text_sources.plan_parts(str(tmp_path / "bad.csv"), caption_col="text")
+        embed_text.plan_parts(str(tmp_path / "bad.csv"), caption_col="text")
 
 
 def _tar(members: dict[str, bytes]) -> bytes:
@@ -90,7 +90,7 @@ def test_img2dataset_shards_from_metadata_or_tar(tmp_path):
                              "status": ["success", "failed_to_download"]}), tmp_path / "00000.parquet")
     (tmp_path / "00001.tar").write_bytes(_tar({"000010000.jpg": b"x", "000010000.txt": b"three blue squares",
                                                "000010001.jpg": b"x"}))
-    parts = text_sources.plan_parts(str(tmp_path))
+    parts = embed_text.plan_parts(str(tmp_path))
     assert [(p.part_id, p.keys, p.captions, p.errors) for p in parts] == [
         ("00000", ["000000000", "000000001"], ["a red circle", None], ["", "empty caption"]),
         ("00001", ["000010000", "000010001"], ["three blue squares", None], ["", "empty caption"])]
@@ -99,7 +99,7 @@ def test_img2dataset_shards_from_metadata_or_tar(tmp_path):
 def test_text_tower_core_and_table(encoder):
     import torch
 
-    part = text_sources.TextPart("p", "in.txt", ["k2", "k1", "k2", "k3"], ["two red squares", LONG, "dup", None],
+    part = embed_text.TextPart("p", "in.txt", ["k2", "k1", "k2", "k3"], ["two red squares", LONG, "dup", None],
                                  ["", "", "", "empty caption"])
     batch = embed_text.part_block(part)
     assert batch.column(st.INDEX).to_pylist() == [0, 1, 2, 3] and batch.column(st.TOTAL).to_pylist() == [4] * 4

@@ -29,7 +29,7 @@ from pipelines import stopping
 from pipelines.caption import job as caption_job
 from pipelines.caption.output import PartCommitter, _remove_stale_temporaries, meta_uri, table_uri
 from pipelines.cli import main
-from pipelines.embed import output as embed_output
+from pipelines.embed import job as embed_output
 from pipelines.embed import stages as st
 from pipelines.embed.job import EmbedConfig, EmbedResult, _drain
 from pipelines.io import storage

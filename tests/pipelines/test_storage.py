@@ -111,7 +111,7 @@ def test_a_listing_on_s3_sees_files_another_process_wrote_since(s3_uri, s3_serve
     folder = storage.join(s3_uri, "shards")
     storage.write_json({"n": 0}, storage.join(folder, "00000_stats.json"))
     assert len(storage.list_files(folder, "_stats.json")) == 1  # fills this process's listing cache
-    other = s3fs.S3FileSystem(skip_instance_cache=True, **storage.filesystem(folder)[0].storage_options)
-    other.pipe(storage.filesystem(folder)[1] + "/00001_stats.json", b"{}")  # as another process would
+    other = s3fs.S3FileSystem(skip_instance_cache=True, **uris.filesystem(folder)[0].storage_options)
+    other.pipe(uris.filesystem(folder)[1] + "/00001_stats.json", b"{}")  # as another process would
     assert [u.rsplit("/", 1)[-1] for u in storage.list_files(folder, "_stats.json")] == [
         "00000_stats.json", "00001_stats.json"]

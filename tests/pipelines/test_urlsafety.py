@@ -134,7 +134,7 @@ def test_img2dataset_shards_are_rewritten_without_signed_urls_once(tmp_path):
     import io
     import tarfile
 
-    from pipelines.io.shard_redaction import redact_shards
+    from pipelines.download.job import redact_shards
 
     members = {"000000000.png": b"\x89PNG-bytes", "000000000.json": json.dumps({"url": SIGNED, "key": "0"}).encode(),
                "000000000.txt": b"a cat"}
