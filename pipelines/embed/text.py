@@ -286,7 +286,7 @@ def validate(cfg: EmbedTextConfig) -> list[TextPart]:
     encoders.validate_config(cfg.encoder)
     schemas.embedding_type(1, cfg.dtype)
     parts = plan_parts(cfg.input, cfg.input_format, caption_col=cfg.caption_col, key_col=cfg.key_col,
-                                    part_size=cfg.part_size, max_chars=cfg.max_caption_chars)
+                       part_size=cfg.part_size, max_chars=cfg.max_caption_chars)
     encoders.fetch_pretrained(cfg.encoder)  # an unreachable hub fails here, not in a restarting actor
     storage.check_writable(cfg.table_uri)
     return parts

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from clipcap_core import uris
 from clipcap_core.imaging import ImageDecodeError, decode_image
-from pipelines.evaluate.inputs import number, stem
+from pipelines.evaluate.run import number, stem
 from pipelines.io import schemas, sources, storage
 
 

@@ -13,8 +13,7 @@ import pytest
 
 from clipcap_core import synthetic
 from pipelines.cli import main
-from pipelines.evaluate.inputs import match_ids, read_predictions, read_references
-from pipelines.evaluate.run import EvaluateConfig, run_evaluate
+from pipelines.evaluate.run import EvaluateConfig, match_ids, read_predictions, read_references, run_evaluate
 from pipelines.io import schemas
 
 SAMPLES = list(synthetic.generate(6, seed=3, size=64, start=500))
