@@ -2,11 +2,11 @@
 
 Steps: embed a synthetic (or scenes) world; train the ``tiny`` preset with Ray Train and score the key-hash
 held-out rows per attribute beside the CLIP's zero-shot figures; caption held-out images (never embedded nor
-trained on) through the bulk pipeline; evaluate them against the true captions and write the report. With
-``--decap``: a captioner trained on a text-only caption corpus (``embed-text``, ``train --decoder decap``), then
-bulk captioning with its memory projection and with ``projection none``. The corpus, not the demo's own training
-captions: at tau 0.01 the projection nearly writes the nearest memory caption, so the memory must cover the
-captions the images need.
+trained on) through the bulk pipeline; evaluate them against the true captions and write the report.
+With ``--decap``: a captioner trained on a text-only caption corpus (``embed-text``, ``train --decoder
+decap``), then bulk captioning with its memory projection and with ``projection none``. The corpus, not the
+demo's own training captions: at tau 0.01 the projection nearly writes the nearest memory caption, so the
+memory must cover the captions the images need.
 """
 
 from __future__ import annotations

@@ -94,25 +94,11 @@ def run_prefix_study(cfg: StudyConfig) -> tuple[list[dict[str, Any]], list[dict[
     """Every (mapping, prefix length, LM, seed) as a Tune trial; returns (trial rows, setting rows), saved."""
     from ray import tune
 
-    files = tables.list_table_files(cfg.tables)  # table / model problems fail here, before any trial
-    info = tables.inspect_tables(files)
-    sw = cfg.sweep()
-    for mapping in cfg.mappings:
-        for k in cfg.prefix_lengths:
-            sweep.resolve_check(sw, mapping, k, info)
-    storage.check_writable(cfg.output)
     space = {"study": to_dict(cfg), "mapping": tune.grid_search(list(cfg.mappings)),
              "prefix_length": tune.grid_search(list(cfg.prefix_lengths)), "lm": tune.grid_search(list(cfg.lms)),
              "seed": tune.grid_search(list(cfg.seeds))}
-    tuner = tune.Tuner(
-        tune.with_resources(_trial, {"cpu": cfg.trial_cpus, "gpu": cfg.trial_gpus}), param_space=space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent or None),
-        run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.output, verbose=0))
-    grid = tuner.fit()
-    errors = [r.error for r in grid if r.error]
-    if errors:
-        raise RuntimeError(f"{len(errors)} study trial(s) failed; first: {errors[0]}")
-    trials = sorted(({c: r.metrics.get(c) for c in TRIAL_COLUMNS} for r in grid),
+    metrics = sweep.run_trials(cfg.sweep(), _trial, space, "study")
+    trials = sorted(({c: m.get(c) for c in TRIAL_COLUMNS} for m in metrics),
                     key=lambda r: (str(r["mapping"]), int(r["prefix_length"]), str(r["lm"]), int(r["seed"])))
     table = summarize(trials)
     save(trials, table, storage.join(cfg.output, cfg.name))

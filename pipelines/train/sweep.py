@@ -8,6 +8,7 @@ import dataclasses
 import io
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -16,6 +17,7 @@ import torch
 
 from clipcap_core.configs import from_dict, to_dict
 from clipcap_core.training import TrainConfig, iterate_batches, train_loop
+from pipelines import console
 from pipelines.io import schemas, storage, tables
 from pipelines.train.setup import build_or_load_model, evaluate_model, recipe_for, resolve_model_config
 
@@ -126,34 +128,40 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     from ray import tune
 
-    files = tables.list_table_files(cfg.tables)  # table / model problems fail here, before any trial
-    info = tables.inspect_tables(files)
-    for mapping in cfg.mappings:
-        for k in cfg.prefix_lengths:
-            resolve_check(cfg, mapping, k, info)
-    storage.check_writable(cfg.output)
-    tuner = tune.Tuner(
-        tune.with_resources(_trial, {"cpu": cfg.trial_cpus, "gpu": cfg.trial_gpus}),
-        param_space={"sweep": to_dict(cfg), "mapping": tune.grid_search(list(cfg.mappings)),
-                     "prefix_length": tune.grid_search(list(cfg.prefix_lengths))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent or None),
-        run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.output, verbose=0,
-                                  callbacks=[_trials_progress(tune, len(cfg.mappings) * len(cfg.prefix_lengths))]),
-    )
-    grid = tuner.fit()
-    errors = [r.error for r in grid if r.error]
-    if errors:
-        raise RuntimeError(f"{len(errors)} sweep trial(s) failed; first: {errors[0]}")
-    rows = sorted(({c: r.metrics.get(c) for c in COLUMNS} for r in grid),
+    space = {"sweep": to_dict(cfg), "mapping": tune.grid_search(list(cfg.mappings)),
+             "prefix_length": tune.grid_search(list(cfg.prefix_lengths))}
+    progress = _trials_progress(tune, len(cfg.mappings) * len(cfg.prefix_lengths))
+    rows = sorted(({c: m.get(c) for c in COLUMNS} for m in run_trials(cfg, _trial, space, "sweep", [progress])),
                   key=lambda r: (str(r["mapping"]), int(r["prefix_length"])))
     save_results(rows, storage.join(cfg.output, cfg.name))
     return rows
 
 
+def run_trials(cfg: SweepConfig, trial: Any, space: dict[str, Any], what: str, callbacks: Sequence[Any] = ()
+               ) -> list[dict[str, Any]]:
+    """Every setting of the grid ``space`` as a Tune trial of ``trial``, after the checks that need no trial
+    (tables, each setting's model config, the output); the trials' reported metrics."""
+    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
+    from ray import tune
+
+    info = tables.inspect_tables(tables.list_table_files(cfg.tables))  # table / model problems fail here
+    for mapping in cfg.mappings:
+        for k in cfg.prefix_lengths:
+            resolve_check(cfg, mapping, k, info)
+    storage.check_writable(cfg.output)
+    tuner = tune.Tuner(
+        tune.with_resources(trial, {"cpu": cfg.trial_cpus, "gpu": cfg.trial_gpus}), param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent or None),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.output, verbose=0, callbacks=list(callbacks)))
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} {what} trial(s) failed; first: {errors[0]}")
+    return [r.metrics for r in grid]
+
+
 def _trials_progress(tune: Any, total: int) -> Any:
     """A Tune callback (it runs on the driver) advancing the operator's progress line as trials end."""
-    from pipelines import console
-
     class TrialsDone(tune.Callback):
         def __init__(self) -> None:
             self.progress = console.Progress("sweep", total, unit="trials", rows="trials", count_errors=False)
@@ -180,8 +188,6 @@ def _trials_progress(tune: Any, total: int) -> Any:
 
 
 def resolve_check(cfg: SweepConfig, mapping: str, k: int, info: tables.TableInfo) -> None:
-    from pipelines.train.setup import resolve_model_config
-
     resolve_model_config(cfg.presets[mapping], {**cfg.model_overrides, **_overrides(mapping, k)}, info)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.evaluate.run import EvaluateConfig, run_evaluate
-from pipelines.report.sample import sample_captions
+from pipelines.report.build import sample_captions
 from tests.pipelines.report_helpers import HOSTILE, captioned_run
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
