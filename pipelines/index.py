@@ -138,8 +138,6 @@ def fill_ivf(index: Any, files: Sequence[str], column: str) -> pa.Table:
     every vector to its list (the quantizer search ``add`` runs), the second writes each list in place. Appending
     (``add_with_ids``) grows each list's buffer by doubling, so lists hold up to 2x their vectors (~1.4x on
     average). The result is the index ``fill`` builds, byte for byte (same lists, same order within a list)."""
-    import faiss
-
     assigned, rows = [], []
     for _uri, _end, batch_rows, vectors in read_batches(files, column):
         assigned.append(index.quantizer.assign(vectors, 1)[:, 0] if len(vectors) else np.zeros(0, np.int64))

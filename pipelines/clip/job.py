@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -173,9 +172,3 @@ def run_clip_training(cfg: ClipTrainJobConfig) -> ClipTrainResult:
     log.info("train-clip %s: done in %.0f s -> %s", cfg.name, time.perf_counter() - t0, out.get("weights"))
     return ClipTrainResult(model_dir=out["model_dir"], weights=out["weights"], run_dir=cfg.run_dir,
                            history=out["history"], metrics=out.get("metrics", {}))
-
-
-def pairs_per_second(history: list[dict[str, Any]]) -> float:
-    """Mean training throughput over the logged step windows (pairs/s, all workers)."""
-    rates = [r["samples_per_s"] for r in history if r.get("kind") == "step" and math.isfinite(r["samples_per_s"])]
-    return sum(rates) / len(rates) if rates else float("nan")

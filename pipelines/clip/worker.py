@@ -18,6 +18,7 @@ from clipcap_core.clip_eval import retrieval
 from clipcap_core.clip_training import (
     build_clip,
     clip_loss,
+    encode_batches,
     lock_towers,
     make_optimizer_and_scheduler,
     make_scaler,
@@ -37,9 +38,6 @@ from pipelines.train.steps import WorkerRun, run_steps
 def evaluate_retrieval(model: Any, heldout: tuple[np.ndarray, Any, list[str]], precision: str = "fp32"
                        ) -> dict[str, float]:
     """Retrieval R@1/5/10 both ways on held-out pairs (``clip_eval.retrieval``), with the model's temperature."""
-    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
-    from clipcap_core.clip_training import encode_batches
-
     pixels, tokens, captions = heldout
     if not captions:
         return {}

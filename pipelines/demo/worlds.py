@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,19 +44,11 @@ def _synthetic_accuracy(predictions: list[str], references: list[str]) -> dict[s
 
 
 def _synthetic_corpus(n: int, seed: int) -> list[str]:
-    import random
-
-    from clipcap_core import synthetic
-
     return [synthetic.caption_for(synthetic.sample_attributes(random.Random(f"corpus:{seed}:{i}"))) for i in range(n)]
 
 
 def scenes_corpus(n: int, seed: int) -> list[str]:
     """``n`` training-split scenes (never a held-out colour-shape combination), each in one of its six wordings."""
-    import random
-
-    from clipcap_core import scenes
-
     holdout = scenes.heldout_combos()
     out = []
     for i in range(n):

@@ -22,12 +22,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipcap_core import uris
+from clipcap_core.artifacts import load_model, read_metadata
 from clipcap_core.encoder_model import load_encoder
 from clipcap_core.encoders import describe_weights
 from clipcap_core.imaging import ImageDecodeError, decode_image
 from clipcap_core.interpret import interpret_prefix
 from clipcap_core.metrics import normalize_caption
 from pipelines.caption import output as caption_output
+from pipelines.caption.output import resolve_table
 from pipelines.evaluate.run import ROWS, number, stem
 from pipelines.io import schemas, sources, storage
 from pipelines.report import page
@@ -74,9 +76,6 @@ def _first_batch(uri: str, rng: random.Random, batch_rows: int) -> tuple[pa.Tabl
 def sample_captions(captions: str, n: int, *, max_parts: int = 4, batch_rows: int = 2048,
                     seed: int = 0) -> CaptionSample:
     """Up to ``n`` images (all their ranked captions) from at most ``max_parts`` parts of ``captions``."""
-    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
-    from pipelines.caption.output import resolve_table
-
     table = resolve_table(captions)[0]
     files = storage.list_files(table, ".parquet") if not captions.endswith(".parquet") else [captions]
     if not files:
@@ -399,9 +398,6 @@ def _metric_rows(metrics: dict[str, Any], eval_metrics: list[tuple[str, str, str
 
 def card_sections(uri: str | None, eval_metrics: list[tuple[str, str, str, str]]) -> list[Section]:
     """Sections of the card of the artifact at ``uri`` ([] when it has no readable config.json)."""
-    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
-    from clipcap_core.artifacts import read_metadata
-
     if not uri:
         return []
     try:
@@ -457,9 +453,6 @@ class ReportConfig:
 def _load_model(uri: str | None) -> Any:
     if not uri:
         return None
-    # lazy: safetensors.torch + torch ~6.7 s to import (python -X importtime)
-    from clipcap_core.artifacts import load_model
-
     try:
         return load_model(uri)
     except Exception as exc:  # noqa: BLE001 - the report goes on without interpretation / card

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from unittest import mock
 
 from clipcap_core.configs import to_dict
-from pipelines import runtime
+from pipelines import console, runtime
 from pipelines.io import storage
 from pipelines.runtime import ClusterShape
 from pipelines.train.state import RunOptions, ScaleConfig, StepPlan, StreamSpec, worker_entry
@@ -79,7 +79,6 @@ def fit_workers(loop: str, job: TrainJob, plan: StepPlan, datasets: dict[str, An
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines import console
     from pipelines.train.steps import Board
 
     runtime.ensure_ray(None, log_to_driver=True)  # the workers' lines, for the job log
