@@ -9,8 +9,8 @@ Runs the user's path per seed, each step a ``clipcap`` process of its own (``ben
    each with its canonical caption;
 2. ``clipcap embed --clip tiny-scenes`` on them;
 3. ``clipcap train --model tiny --seed S`` on that table (the preset's own recipe; it holds out its key-hash share);
-4. ``--heldout`` images (half ``test``: unseen scenes of seen combinations, half ``novel``: one held-out
-   colour-shape combination each), captioned by ``clipcap caption``;
+4. ``--heldout`` images (``--heldout-seed`` or the seed picks them; half ``test``: unseen scenes of seen
+   combinations, half ``novel``: one held-out colour-shape combination each), captioned by ``clipcap caption``;
 5. ``clipcap evaluate`` against the six references per image: exact match (any reference) and CIDEr, and the
    parsed scores (``worlds.scenes_accuracy``: exact in any wording, count / size / colour / shape of both groups,
    relation), each overall and per half.
@@ -49,7 +49,7 @@ def zero_shot(n: int, seed: int) -> dict[str, float]:
             for half, split in (("seen_combos", "test"), ("novel_combos", "novel"))}
 
 
-def run_seed(root: Path, seed: int, n_train: int, n_heldout: int) -> dict:
+def run_seed(root: Path, seed: int, n_train: int, n_heldout: int, heldout_seed: int | None = None) -> dict:
     """One seed, start to end (see the module doc); returns its figures and step walls."""
     from clipcap_core import scenes
 
@@ -64,7 +64,8 @@ def run_seed(root: Path, seed: int, n_train: int, n_heldout: int) -> dict:
         "train", "--model", "tiny", "--input", table, "--output", str(root / "runs"), "--name", "clipcap-scenes",
         "--seed", str(seed))
     artifact = trained.get("artifact") or str(root / "runs" / "clipcap-scenes" / "model")
-    archive, refs, samples = write_heldout(root, n_heldout, seed)
+    heldout_seed = seed if heldout_seed is None else heldout_seed
+    archive, refs, samples = write_heldout(root, n_heldout, heldout_seed)
     out, ev = root / "captions", root / "eval"
     walls["caption"], _, _, _ = run_clipcap("caption", "--input", str(archive), "--output", str(out),
                                             "--model", artifact, "--show", "0")
@@ -76,7 +77,7 @@ def run_seed(root: Path, seed: int, n_train: int, n_heldout: int) -> dict:
                        **attribute_accuracy(ev, samples)}}
     for half, prefix in HALVES.items():
         figures[half] = {k: v for k, v in halves[half].items() if k != "n"} | attribute_accuracy(ev, samples, prefix)
-    return {"seed": seed, "figures": figures, "zero_shot_top1": zero_shot(n_heldout - n_heldout // 2, seed),
+    return {"seed": seed, "figures": figures, "zero_shot_top1": zero_shot(n_heldout - n_heldout // 2, heldout_seed),
             "wall_s": {k: round(v, 1) for k, v in walls.items()}}
 
 
@@ -115,12 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train", type=int, default=2048, help="training scenes per seed (images embedded)")
     p.add_argument("--heldout", type=int, default=400, help="held-out images (half test, half novel)")
+    p.add_argument("--heldout-seed", type=int,
+                   help="one held-out set for every seed (the spread is then the training's alone); default: each "
+                        "seed draws its own")
     p.add_argument("--root", help="output folder (default: a temporary one)")
     args = p.parse_args(argv)
 
     root = Path(args.root or tempfile.mkdtemp(prefix="clipcap-scenes-clipcap-")).resolve()
     t0 = time.perf_counter()
-    runs = [run_seed(root / f"seed{s}", s, args.train, args.heldout) for s in args.seeds]
+    runs = [run_seed(root / f"seed{s}", s, args.train, args.heldout, args.heldout_seed) for s in args.seeds]
     summary = summarise(runs)
     print(f"\nClipCap (tiny preset) on scenes, CLIP {CLIP}: {args.train} training scenes, {args.heldout} held-out images "
           f"(half seen combinations, half held out), seeds {args.seeds}; figures in %")
