@@ -23,7 +23,7 @@ from pathlib import Path
 
 from clipcap_core.configs import to_dict
 from pipelines.cli import Parser
-from pipelines.commands import common, download, embed
+from pipelines.commands import download, embed
 from pipelines.io import storage
 from pipelines.io.urlsafety import setup_logging
 
@@ -37,7 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="URL list (tsv / csv / parquet / jsonl; CC3M's headerless TSV works); "
                    "without it: the synthetic embedded default")
     p.add_argument("--output", help=f"storage root (default: {CHECKOUT / 'data'})")
-    common.old_spellings(p, {"--url-list": "--input", "--output-root": "--output"})
     p.add_argument("--dataset", help="dataset name in output paths (default: cc3m, or synthetic)")
     p.add_argument("--raw", help="shard folder (default: <output>/raw/<dataset>)")
     p.add_argument("--skip-download", action="store_true", help="embed the shards already at --raw")

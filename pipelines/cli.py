@@ -54,7 +54,7 @@ class Parser(argparse.ArgumentParser):
         ns, extras = self.parse_known_args(args, namespace)
         if extras:
             parser = self._chosen(ns)
-            parser.error(unknown_message(extras, [*_listed(parser), *_listed(self)]))
+            parser.error(unknown_message(extras, [*_flags(parser), *_flags(self)]))
         return ns
 
     def error(self, message: str) -> NoReturn:
@@ -67,9 +67,8 @@ class Parser(argparse.ArgumentParser):
         return sub.choices.get(getattr(ns, "command", None) or "", self) if sub else self
 
 
-def _listed(parser: argparse.ArgumentParser) -> list[str]:
-    """The flags ``--help`` lists (not the hidden old spellings)."""
-    return [flag for a in parser._actions if a.help != argparse.SUPPRESS for flag in a.option_strings]
+def _flags(parser: argparse.ArgumentParser) -> list[str]:
+    return [flag for a in parser._actions for flag in a.option_strings]
 
 
 def unknown_message(extras: list[str], known: list[str]) -> str:

@@ -1,5 +1,5 @@
 """What the ``clipcap`` sub-commands share besides their config layer (``options``) and the flags generated
-from their configs (``flags``): old flag spellings, ``--ray-address``, connecting to Ray, and printing a result
+from their configs (``flags``): ``--ray-address``, connecting to Ray, and printing a result
 with the units that were not done.
 """
 
@@ -16,33 +16,8 @@ RAY_ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS or a local instanc
 RAY_ADDRESS_HEAD_HELP = "Ray cluster address (default: RAY_ADDRESS, a running local head, else a new local instance)"
 
 
-class _OldSpelling(argparse.Action):
-    """An old flag name kept for one release: warns on stderr, naming the new flag, then acts as that flag."""
-
-    def __init__(self, option_strings: list[str], dest: str, target: argparse.Action, **_: Any):
-        super().__init__(option_strings, dest, nargs=target.nargs, type=target.type, choices=target.choices,
-                         default=argparse.SUPPRESS, metavar=target.metavar, help=argparse.SUPPRESS)
-        self.target = target
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        new = self.target.option_strings[0]
-        print(f"{parser.prog}: warning: {option_string} is deprecated and goes in the next release; use {new}",
-              file=sys.stderr)
-        self.target(parser, namespace, values, new)
-
-
-def old_spellings(p: argparse.ArgumentParser, renamed: Mapping[str, str]) -> None:
-    """Accept each old flag name of ``renamed`` (old -> new) as the new flag, with a deprecation warning; hidden
-    from ``--help``."""
-    for old, new in renamed.items():
-        target = p._option_string_actions[new]
-        p.add_argument(old, dest=target.dest, action=_OldSpelling, target=target)
-
-
 def require(args: argparse.Namespace, *dests: str) -> None:
-    """A ValueError naming the first missing flag of ``dests`` (a flag with an old spelling cannot be argparse-
-    required: argparse would not count the old spelling as the flag)."""
+    """A ValueError naming the first missing flag of ``dests`` (``main`` prints it as one line, exit code 2)."""
     for dest in dests:
         if getattr(args, dest, None) in (None, ""):
             raise ValueError(f"--{dest.replace('_', '-')} is required")

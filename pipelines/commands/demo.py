@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipelines.commands import common
-
 JOB_LOG = True  # Ray's output to a log file unless -v (pipelines.console)
 HELP = "run the embedded default end to end (tiny preset, ./data)"
 
@@ -32,7 +30,6 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="data", help="output folder (default: ./data)")
-    common.old_spellings(p, {"--root": "--output"})
     p.add_argument("--samples", type=int, help="synthetic images (default: 1024; scenes: 2048)")
     p.add_argument("--seed", type=int, default=0, help='seed of the synthetic data set')
     p.add_argument("--ray-address", help="default: RAY_ADDRESS if set, else a private local Ray instance")

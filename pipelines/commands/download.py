@@ -43,5 +43,4 @@ def run(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_config_arguments(p, "DownloadConfig", "timeout=20")
     flags.add(p, CONFIG)
-    common.old_spellings(p, {"--url-list": "--input"})
     common.add_ray_address(p, "with --distributor ray (default: RAY_ADDRESS or a local instance)")

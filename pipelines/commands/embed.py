@@ -26,7 +26,6 @@ _JOB_FIELDS = ("input", "output", "dataset", "force_unlock")  # the flags of thi
 def add_options(p: argparse.ArgumentParser) -> None:
     """Model and resource options shared by ``clipcap embed`` and ``jobs/embed_cc3m.py``."""
     flags.add(p, CONFIG, skip=_JOB_FIELDS, title="embed (CLIP)")
-    common.old_spellings(p, {"--model": "--clip", "--pretrained": "--clip-pretrained"})
 
 
 def options_from_args(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -50,5 +49,4 @@ def run(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_config_arguments(p, "EmbedConfig", "resources.batch_size=128")
     flags.add(p, CONFIG)
-    common.old_spellings(p, {"--output-root": "--output", "--model": "--clip", "--pretrained": "--clip-pretrained"})
     common.add_ray_address(p, common.RAY_ADDRESS_HEAD_HELP)

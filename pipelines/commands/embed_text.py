@@ -40,5 +40,4 @@ def run(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_config_arguments(p, "EmbedTextConfig", "resources.batch_size=256")
     flags.add(p, CONFIG)
-    common.old_spellings(p, {"--output-root": "--output", "--model": "--clip", "--pretrained": "--clip-pretrained"})
     common.add_ray_address(p, common.RAY_ADDRESS_HEAD_HELP)

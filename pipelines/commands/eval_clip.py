@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.commands import common, flags, options
+from pipelines.commands import flags, options
 
 HELP = "retrieval and zero-shot evaluation of a CLIP model"
 CONFIG = "pipelines.clip.evaluate:EvalClipConfig"  # its fields are the flags (pipelines.commands.flags)
@@ -31,5 +31,4 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.add(p, CONFIG)
-    common.old_spellings(p, {"--model": "--clip", "--pretrained": "--clip-pretrained"})
     p.add_argument("--output", help="write the JSON report here (any URI)")

@@ -22,7 +22,6 @@ CONFIG = "pipelines.evaluate.run:EvaluateConfig"  # its fields are the flags (pi
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.add(p, CONFIG, required=True)
-    common.old_spellings(p, {"--clip-model": "--clip"})
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
 

@@ -94,4 +94,3 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", help="open_clip model that made the embeddings (default from D: 512 ViT-B-32, "
                                         "640 RN50x4, 768 ViT-L-14)")
     p.add_argument("--clip-pretrained", default="openai", help="its pretrained tag / file (with --clip)")
-    common.old_spellings(p, {"--out": "--output", "--clip-model": "--clip"})

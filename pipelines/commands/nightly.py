@@ -27,7 +27,6 @@ REFUSED_EXIT = 3
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_config_arguments(p, "the command's config")
     flags.add(p, CONFIG)
-    common.old_spellings(p, {"--tables": "--input"})
     p.add_argument("--status", action="store_true", help="print the pointer and history of --state and exit")
     common.add_ray_address(p)
 

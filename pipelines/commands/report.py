@@ -22,7 +22,6 @@ CONFIG = "pipelines.report.build:ReportConfig"  # its fields are the flags (pipe
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.add(p, CONFIG)
-    common.old_spellings(p, {"--captions": "--input", "--out": "--output"})
 
 
 def run(args: argparse.Namespace) -> int:

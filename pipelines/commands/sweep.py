@@ -23,7 +23,6 @@ CONFIG = "pipelines.train.sweep:SweepConfig"  # its fields are the flags (pipeli
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_config_arguments(p, "SweepConfig", "train.lr=1e-4, presets.mlp=clipcap-mlp")
     flags.add(p, CONFIG)
-    common.old_spellings(p, {"--tables": "--input"})
     common.add_ray_address(p)
 
 

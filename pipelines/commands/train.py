@@ -27,7 +27,6 @@ _MODEL_FLAGS = {"mapping": "mapping.kind", "prefix_length": "mapping.prefix_leng
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_config_arguments(p, "the command's config")
     flags.add(p, CONFIG)
-    common.old_spellings(p, {"--tables": "--input"})
     g = p.add_argument_group("preset overrides (model_overrides)")
     g.add_argument("--mapping", choices=["mlp", "transformer"], help="mapping network")
     g.add_argument("--prefix-length", type=int, help="prefix length k")

@@ -24,7 +24,6 @@ CONFIG = "pipelines.clip.job:ClipTrainJobConfig"  # its fields are the flags (pi
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_config_arguments(p, "ClipTrainJobConfig", "train.beta2=0.95")
     flags.add(p, CONFIG)
-    common.old_spellings(p, {"--shards": "--input", "--model": "--clip", "--pretrained": "--clip-pretrained"})
     common.add_ray_address(p)
 
 

@@ -192,7 +192,7 @@ def test_nights_promote_noop_promote_refuse(ray_cluster, s3_uri):
 
     add_shards(300, 1500, 3)
     night = _night(s3_uri)
-    argv = ["nightly", "--tables", *night.tables, "--state", night.state, "--initial-model", "tiny",
+    argv = ["nightly", "--input", *night.tables, "--state", night.state, "--initial-model", "tiny",
             "--epochs", "1", "--batch-size", "32", "--lr", "20", "--warmup-steps", "0", "--max-caption-tokens", "16",
             "--max-failures", "0", "--workers", "1", "--cpus-per-worker", "0.5", "--heldout-fraction", "0.15",
             "--heldout-max", "150", "--metric", "cider", "--tolerance", "0.05"]
