@@ -24,6 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from clipcap_core.configs import ConfigError, from_dict
+
 REQUIRED = object()  # a field without a default
 _PRIMITIVE = {"int": int, "float": float, "str": None, "bool": None}
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; anything near 1 MiB is not one
@@ -308,34 +312,22 @@ def add(p: argparse.ArgumentParser, ref: str, *, skip: tuple[str, ...] = (), tit
 
 
 # --- --config, flags and --set into the config ----------------------------------------------------------------
-def _error(message: str) -> Exception:
-    from clipcap_core.configs import ConfigError
-
-    return ConfigError(message)
-
-
 def load_file(path: str | None) -> dict[str, Any]:
     """A YAML (``.yaml`` / ``.yml``, ``safe_load``) or JSON config file as a dict; ``{}`` without a path."""
     if not path:
         return {}
-    import yaml
-
-    p = Path(path)
+    p, kind = Path(path), "YAML" if path.endswith((".yaml", ".yml")) else "JSON"
     if not p.is_file():
-        raise _error(f"config file {path} does not exist or is not a file")
+        raise ConfigError(f"config file {path} does not exist or is not a file")
     if p.stat().st_size > MAX_CONFIG_BYTES:
-        raise _error(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
-    text = p.read_text()
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        data = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
+        data = yaml.safe_load(p.read_text()) if kind == "YAML" else json.loads(p.read_text())
     except (yaml.YAMLError, ValueError) as exc:
-        raise _error(f"config file {path} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}: "
-                     f"{exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise _error(f"config file {path} must hold a mapping, got {type(data).__name__}")
-    return data
+        raise ConfigError(f"config file {path} is not valid {kind}: {exc}") from exc
+    if not isinstance(data or {}, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return data or {}
 
 
 def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -350,39 +342,33 @@ def given(args: argparse.Namespace, fields: Fields, *, skip: tuple[str, ...] = (
     """The flags that were given (not None), as a nested mapping."""
     data: dict[str, Any] = {}
     for dest, (section, name) in fields.items():
-        value = getattr(args, dest, None)
-        if value is None or dest in skip:
-            continue
-        node = data
-        for part in section.split(".") if section else ():
-            node = node.setdefault(part, {})
-        node[name] = value
+        if getattr(args, dest, None) is not None and dest not in skip:
+            _put(data, f"{section}.{name}".lstrip("."), getattr(args, dest))
     return data
 
 
-def apply_sets(data: dict[str, Any], sets: list[str] | None) -> None:
-    """``--set a.b=VALUE`` (VALUE parsed as YAML) into ``data``; under ``model_overrides`` the rest of the key
-    stays one dotted key (``--set model_overrides.mapping.clip_length=10``)."""
-    import yaml
+def _put(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data[a][b] = value`` for the key ``a.b``; under ``model_overrides`` the rest of the key stays one dotted
+    key (``model_overrides.mapping.clip_length``: a ModelConfig key)."""
+    *parents, last = key.split(".", 1) if key.startswith("model_overrides.") else key.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {p!r} is not a config section")
+    node[last] = value
 
+
+def apply_sets(data: dict[str, Any], sets: list[str] | None) -> None:
+    """``--set a.b=VALUE`` (VALUE parsed as YAML) into ``data``."""
     for item in sets or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise _error(f"--set expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         try:
-            value = yaml.safe_load(raw)
+            _put(data, key, yaml.safe_load(raw))
         except yaml.YAMLError as exc:
-            raise _error(f"--set {key}: the value is not valid YAML: {exc}") from exc
-        if key.startswith("model_overrides."):
-            data.setdefault("model_overrides", {})[key.split(".", 1)[1]] = value
-            continue
-        *parents, last = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise _error(f"--set {key}: {p!r} is not a config section")
-        node[last] = value
+            raise ConfigError(f"--set {key}: the value is not valid YAML: {exc}") from exc
 
 
 def collect(args: argparse.Namespace, fields: Fields, *, base: Mapping[str, Any] | None = None,
@@ -405,8 +391,6 @@ def build(cls: type, data: Mapping[str, Any], flag_fields: Fields | None = None)
     """``from_dict`` with every failure a ConfigError (a dataclass ``__post_init__`` may raise ValueError /
     TypeError): the CLI turns it into one line and exit code 2, before any work. A required top-level field
     that is missing is named by its flag in ``flag_fields``."""
-    from clipcap_core.configs import ConfigError, from_dict
-
     require(cls, data, flag_fields or {})
     try:
         return from_dict(cls, data)
@@ -423,7 +407,7 @@ def require(cls: type, data: Mapping[str, Any], flag_fields: Fields) -> None:
     for f in dataclasses.fields(cls):
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and f.name not in data and f.name in flag_of:
-            raise _error(f"--{flag_of[f.name].replace('_', '-')} is required (or {f.name}: in the --config file)")
+            raise ConfigError(f"--{flag_of[f.name].replace('_', '-')} is required (or {f.name}: in the --config file)")
 
 
 def add_config_arguments(p: argparse.ArgumentParser, what: str, example: str = "train.lr=1e-4") -> None:
