@@ -9,7 +9,7 @@ import pytest
 
 from clipcap_core.configs import ConfigError
 from clipcap_core.training import TrainConfig
-from pipelines.cli import command_parser
+from pipelines.cli import SWEEP, command_parser
 from pipelines.commands import flags
 from pipelines.demo import synthetic_tables
 from pipelines.io import tables
