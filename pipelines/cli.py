@@ -399,11 +399,8 @@ def caption_images(args: argparse.Namespace) -> int:
         clipcap caption-images img/*.jpg --model ./artifacts/tiny-synthetic --strategy beam --beam-size 5 -n 3
 
     One line per image: ``<path>\\t<caption>`` (``n`` lines per image with ``-n``; ``--scores`` adds the mean
-    token log-prob). For archives and millions of images use ``clipcap caption`` (Ray).
-
-    DeCap artifacts project the image embedding onto their caption memory automatically; ``--projection none``
-    decodes the raw embedding instead, ``--projection memory --memory <text-embedding table>`` projects for any
-    model.
+    token log-prob). For archives and millions of images use ``clipcap caption`` (Ray). DeCap artifacts project
+    the image embedding onto their caption memory (``--projection``).
     """
     from clipcap_core import artifacts
     from clipcap_core.captioner import Captioner, open_image
@@ -636,9 +633,8 @@ def caption(args: argparse.Namespace) -> int:
         clipcap caption --config caption.yaml --overwrite          # YAML/JSON with CaptionConfig fields; flags win
 
     Output: ``<output>/captions/part-*.parquet`` (the caption table) and ``<output>/_meta/`` (errors table, run
-    record, summary). After the summary, ``--show K`` prints ``key<TAB>caption`` for the first K images by key
-    (rank-0 captions of the committed table; by default all of them when there are at most 20).
-    A rerun resumes; parts that could not be read are named on stderr and retried (exit codes: ``clipcap --help``).
+    record, summary); ``--show K`` then prints the first K rank-0 captions by key. A rerun resumes; parts that
+    could not be read are named on stderr and retried (exit codes: ``clipcap --help``).
     """
     from pipelines.caption.job import caption_archive
 
