@@ -1,7 +1,7 @@
 """Do the default flags learn? ``clipcap train`` with no flags but the tables and the preset, end to end, on the
 data a new user has after ``make demo``:
 
-1. ClipCap: ``clipcap train --tables <demo embeddings> --model tiny`` -> held-out exact-caption rate (target >= 0.9);
+1. ClipCap: ``clipcap train --input <demo embeddings> --model tiny`` -> held-out exact-caption rate (target >= 0.9);
 2. DeCap: 3,000 synthetic captions -> ``clipcap embed-text`` -> ``clipcap train --decoder decap --model tiny`` ->
    ``clipcap caption`` of unseen images -> exact match, next to the tiny CLIP's zero-shot top-1 on the same
    images (target: >= 0.8x of it).

@@ -22,13 +22,14 @@ import sys
 from pathlib import Path
 
 from clipcap_core.configs import to_dict
-from pipelines.cli import Parser
-from pipelines.commands import common, download, embed
+from pipelines.cli import DOWNLOAD, EMBED, Parser
+from pipelines.commands import flags
 from pipelines.io import storage
 from pipelines.io.urlsafety import setup_logging
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(CHECKOUT))  # run from a checkout or a Ray working dir
+_EMBED_JOB_FIELDS = ("input", "output", "dataset", "force_unlock")  # this job's own flags, not the CLIP's or pool's
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,20 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="URL list (tsv / csv / parquet / jsonl; CC3M's headerless TSV works); "
                    "without it: the synthetic embedded default")
     p.add_argument("--output", help=f"storage root (default: {CHECKOUT / 'data'})")
-    common.old_spellings(p, {"--url-list": "--input", "--output-root": "--output"})
     p.add_argument("--dataset", help="dataset name in output paths (default: cc3m, or synthetic)")
     p.add_argument("--raw", help="shard folder (default: <output>/raw/<dataset>)")
     p.add_argument("--skip-download", action="store_true", help="embed the shards already at --raw")
     p.add_argument("--synthetic", type=int, default=256, help="samples of the embedded default (default 256)")
     p.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS, a running local head, else local)")
-    download.add_options(p)
-    embed.add_options(p)
+    flags.add(p, DOWNLOAD, skip=("input", "output"), title="download (img2dataset)")
+    flags.add(p, EMBED, skip=_EMBED_JOB_FIELDS, title="embed (CLIP)")
     return p
 
 
 def job_config(args: argparse.Namespace):  # -> EmbedJobConfig
-    from pipelines.commands import download, embed, options
-
     # lazy: pandas ~0.55 s to import (python -X importtime)
     from pipelines.embed.download_embed import EmbedJobConfig, default_job_config
 
@@ -66,15 +64,15 @@ def job_config(args: argparse.Namespace):  # -> EmbedJobConfig
             data["embed"]["dataset"] = args.dataset
         if args.raw:
             data["embed"]["input"] = data["download"]["output"] = args.raw
-    data = options.merge(data, options.load_file(args.config))
-    data = options.merge(data, {"embed": embed.options_from_args(args, skip=("input", "output", "dataset")),
-                                "download": download.options_from_args(args, skip=("input", "output"))})
+    data = flags.merge(data, flags.load_file(args.config))
+    data = flags.merge(data, {"embed": flags.given(args, flags.fields(EMBED), skip=_EMBED_JOB_FIELDS),
+                              "download": flags.given(args, flags.fields(DOWNLOAD), skip=("input", "output"))})
     if args.skip_download:
         data["download"] = data["synthetic"] = None  # embed the shards at --raw as they are
     elif data["download"].get("distributor") is None:  # auto: img2dataset's Ray distributor on a cluster
         data["download"]["distributor"] = "ray" if (args.ray_address or os.environ.get("RAY_ADDRESS")) \
             else "multiprocessing"
-    return options.build(EmbedJobConfig, data)
+    return flags.build(EmbedJobConfig, data)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,1 +1,1 @@
-"""One module per ``clipcap`` sub-command: ``add_arguments(parser)`` + a ``run(args)`` calling the library."""
+"""The config layer of the ``clipcap`` commands (``flags``); the commands are in ``pipelines.cli``."""

@@ -1,24 +1,37 @@
-"""A command's flags generated from its config dataclass: adding an option is adding a field.
+"""The one config layer of every command: a command's flags generated from its config dataclass (adding an option
+is adding a field), and a YAML / JSON ``--config`` file < flags < ``--set KEY=VALUE`` into that dataclass
+(``clipcap_core.configs.from_dict``: unknown keys and wrong types fail, naming the key).
 
 Field ``beam_size`` is ``--beam-size``; a section's fields go in an argument group named after the section. The
 type gives parsing (``Literal`` -> choices, ``tuple`` -> several values, ``bool`` -> a switch); the help is the
-field's docstring, ``metadata["help"]`` or its end-of-line comment. ``ClassVar`` ``CLI_FLAGS`` renames a flag or
-hides a field (None), ``CLI_COMMA`` names comma-separated tuples. The classes are read from source (``ast``): their
-modules import torch, and field docstrings exist only in the source.
+field's docstring, ``metadata["help"]`` or its end-of-line comment. ``ClassVar`` ``CLI_FLAGS`` renames a flag
+(``-k/--top-k``: two spellings; no dashes: a positional argument) or hides a field (None), ``CLI_COMMA`` names
+comma-separated tuples. The classes are read from source (``ast``): their modules import torch, and field
+docstrings exist only in the source.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import functools
+import importlib
 import importlib.util
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from clipcap_core.configs import ConfigError, from_dict
+
 REQUIRED = object()  # a field without a default
 _PRIMITIVE = {"int": int, "float": float, "str": None, "bool": None}
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; anything near 1 MiB is not one
+Fields = Mapping[str, tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -237,7 +250,7 @@ def flags(ref: str) -> tuple[Flag, ...]:
                              "(set by --config / --set only)")
         negative = f.kind == "bool" and f.default is True and not f.optional
         flag = name or ("--no-" if negative else "--") + last.replace("_", "-")
-        dest = last if negative else flag[2:].replace("-", "_")
+        dest = last if negative else flag.split("/")[-1].lstrip("-").replace("-", "_")
         out.append(Flag(flag, dest, f, ".".join(sections), comma))
     dests = [fl.dest for fl in out]
     if len(set(dests)) != len(dests):
@@ -264,10 +277,11 @@ def _help(f: Field, comma: bool = False) -> str:
 
 
 def add(p: argparse.ArgumentParser, ref: str, *, skip: tuple[str, ...] = (), title: str | None = None,
-        required: bool = False) -> None:
+        required: bool = False, defaults: bool = False) -> None:
     """One argument per flag of ``ref`` (but the dests in ``skip``); a section's flags in its argument group, or
     every flag in one group ``title`` (a parser that takes the flags of several configs). ``required``: a field
-    without a default is a required flag (a command without ``--config``, where nothing else can give it)."""
+    without a default is a required flag (a command without ``--config``, where nothing else can give it);
+    ``defaults``: a flag's default is its field's (else None: an absent flag keeps the config file's value)."""
     groups: dict[str, Any] = {"": p.add_argument_group(title) if title else p}
     for fl in flags(ref):
         if fl.dest in skip:
@@ -275,10 +289,12 @@ def add(p: argparse.ArgumentParser, ref: str, *, skip: tuple[str, ...] = (), tit
         section = "" if title else fl.section
         f, target = fl.field, groups.get(section) or groups.setdefault(section, p.add_argument_group(section))
         kw: dict[str, Any] = {"dest": fl.dest, "help": _help(f, fl.comma)}
+        if defaults and f.default not in (REQUIRED, None):
+            kw["default"] = f.default
         if f.kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction if f.optional else (
                 "store_false" if f.default is True else "store_true")
-            kw["default"] = None
+            kw.setdefault("default", None)
         else:
             if fl.comma:
                 kw["type"] = comma_list
@@ -288,6 +304,114 @@ def add(p: argparse.ArgumentParser, ref: str, *, skip: tuple[str, ...] = (), tit
                 kw["choices"] = list(f.choices)
             if f.many and not fl.comma:
                 kw["nargs"] = "+"
-            if required and f.default is REQUIRED:
+            if required and f.default is REQUIRED and fl.flag.startswith("-"):
                 kw["required"] = True
-        target.add_argument(fl.flag, **kw)
+        if not fl.flag.startswith("-"):  # a positional argument: its name is its dest
+            del kw["dest"]
+        target.add_argument(*fl.flag.split("/"), **kw)
+
+
+# --- --config, flags and --set into the config ----------------------------------------------------------------
+def load_file(path: str | None) -> dict[str, Any]:
+    """A YAML (``.yaml`` / ``.yml``, ``safe_load``) or JSON config file as a dict; ``{}`` without a path."""
+    if not path:
+        return {}
+    p, kind = Path(path), "YAML" if path.endswith((".yaml", ".yml")) else "JSON"
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist or is not a file")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data = yaml.safe_load(p.read_text()) if kind == "YAML" else json.loads(p.read_text())
+    except (yaml.YAMLError, ValueError) as exc:
+        raise ConfigError(f"config file {path} is not valid {kind}: {exc}") from exc
+    if not isinstance(data or {}, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return data or {}
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key, anything else in ``over`` replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out.get(k) or {}, v) if isinstance(v, Mapping) else v
+    return out
+
+
+def given(args: argparse.Namespace, fields: Fields, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The flags that were given (not None), as a nested mapping."""
+    data: dict[str, Any] = {}
+    for dest, (section, name) in fields.items():
+        if getattr(args, dest, None) is not None and dest not in skip:
+            _put(data, f"{section}.{name}".lstrip("."), getattr(args, dest))
+    return data
+
+
+def _put(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data[a][b] = value`` for the key ``a.b``; under ``model_overrides`` the rest of the key stays one dotted
+    key (``model_overrides.mapping.clip_length``: a ModelConfig key)."""
+    *parents, last = key.split(".", 1) if key.startswith("model_overrides.") else key.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {p!r} is not a config section")
+    node[last] = value
+
+
+def apply_sets(data: dict[str, Any], sets: list[str] | None) -> None:
+    """``--set a.b=VALUE`` (VALUE parsed as YAML) into ``data``."""
+    for item in sets or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            _put(data, key, yaml.safe_load(raw))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: the value is not valid YAML: {exc}") from exc
+
+
+def collect(args: argparse.Namespace, fields: Fields, *, base: Mapping[str, Any] | None = None,
+            extra: Mapping[str, Any] | None = None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``base`` < ``--config`` file < flags (then ``extra``, values a command derives from its flags) <
+    ``--set``, as one nested mapping."""
+    data = merge(base or {}, load_file(getattr(args, "config", None)))
+    data = merge(merge(data, given(args, fields, skip=skip)), extra or {})
+    apply_sets(data, getattr(args, "set", None))
+    return data
+
+
+def from_args(args: argparse.Namespace, ref: str, *, extra: Mapping[str, Any] | None = None) -> Any:
+    """The config ``module:Class`` from ``--config``, its flags (``add(p, ref)``) and ``--set``, validated."""
+    module, _, name = ref.partition(":")
+    return build(getattr(importlib.import_module(module), name), collect(args, fields(ref), extra=extra), fields(ref))
+
+
+def build(cls: type, data: Mapping[str, Any], flag_fields: Fields | None = None) -> Any:
+    """``from_dict`` with every failure a ConfigError (a dataclass ``__post_init__`` may raise ValueError /
+    TypeError): the CLI turns it into one line and exit code 2, before any work. A required top-level field
+    that is missing is named by its flag in ``flag_fields``."""
+    require(cls, data, flag_fields or {})
+    try:
+        return from_dict(cls, data)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{cls.__name__}: {exc}") from exc
+
+
+def require(cls: type, data: Mapping[str, Any], flag_fields: Fields) -> None:
+    """``--input is required (or input: in the --config file)`` for the first required field of ``cls`` that
+    ``data`` lacks and a flag of ``flag_fields`` sets."""
+    flag_of = {name: dest for dest, (section, name) in flag_fields.items() if not section}
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in data and f.name in flag_of:
+            raise ConfigError(f"--{flag_of[f.name].replace('_', '-')} is required (or {f.name}: in the --config file)")
+
+
+def add_config_arguments(p: argparse.ArgumentParser, what: str, example: str = "train.lr=1e-4") -> None:
+    """``--config FILE`` and ``--set KEY=VALUE`` (every command that has a config takes both)."""
+    p.add_argument("--config", help=f"YAML / JSON file with {what} fields (flags override it)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"any config key, dotted ({example}); the value is parsed as YAML")

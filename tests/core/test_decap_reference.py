@@ -125,8 +125,8 @@ def decap(tmp_path_factory):
     memory, images = torch.randn(40, D, generator=gen), torch.randn(16, D, generator=gen)
     _write_memory(root / "memory.parquet", memory.numpy())
     out = root / "artifact"
-    assert clipcap(["import-reference", "--decap", str(root / "coco_prefix-009.pt"), "--out", str(out),
-                    "--memory", str(root / "memory.parquet"), "--clip-model", "tiny"]) == 0
+    assert clipcap(["import-reference", "--decap", str(root / "coco_prefix-009.pt"), "--output", str(out),
+                    "--memory", str(root / "memory.parquet"), "--clip", "tiny"]) == 0
     return theirs, images, memory, out
 
 
@@ -196,8 +196,8 @@ def test_bad_decap_checkpoints_and_flags_fail_clearly(decap, tmp_path):
     with pytest.raises(ValueError, match="unexpected"):
         import_decap_checkpoint(str(tmp_path / "c.pt"), str(tmp_path / "x"), encoder=TINY)
     ckpt = str(out.parent / "coco_prefix-009.pt")
-    assert clipcap(["import-reference", "--decap", ckpt, "--out", str(tmp_path / "y"), "--mapping", "mlp"]) != 0
-    assert clipcap(["import-reference", ckpt, "--out", str(tmp_path / "y")]) != 0  # ClipCap needs --mapping...
+    assert clipcap(["import-reference", "--decap", ckpt, "--output", str(tmp_path / "y"), "--mapping", "mlp"]) != 0
+    assert clipcap(["import-reference", ckpt, "--output", str(tmp_path / "y")]) != 0  # ClipCap needs --mapping...
     assert not (tmp_path / "y").exists()
 
 

@@ -54,7 +54,7 @@ def _authors_model(model, ckpt):
 def _check_compatible(model, tok, tmp_path, x, max_length, flags, stop_token):
     ckpt = _write_reference(model, tmp_path, tok)
     out = tmp_path / "artifact"
-    assert clipcap(["import-reference", str(ckpt), "--out", str(out), *flags, "--lm", str(tmp_path / "lm-config"),
+    assert clipcap(["import-reference", str(ckpt), "--output", str(out), *flags, "--lm", str(tmp_path / "lm-config"),
                     "--tokenizer", str(tmp_path / "tokenizer")]) == 0
     assert (out / LM).exists()  # the checkpoint carried the LM and no base weights were given: saved
     imported = load_model(str(out)).model
@@ -88,7 +88,7 @@ def test_tiny_reference_checkpoint_imports_with_identical_outputs(tmp_path, kind
         model, tok = _with_mapping(model, tok, MappingConfig(kind="transformer", prefix_length=4, clip_length=4,
                                                              num_layers=2, num_heads=8, normalize_prefix=True))
     m = model.config.mapping
-    flags = ["--mapping", kind, "--prefix-length", str(m.prefix_length), "--clip-dim", "128", "--clip-model", "tiny"]
+    flags = ["--mapping", kind, "--prefix-length", str(m.prefix_length), "--clip-dim", "128", "--clip", "tiny"]
     if kind == "transformer":
         flags += ["--clip-length", str(m.clip_length), "--num-layers", str(m.num_layers), "--normalize-prefix"]
     x = 3 * torch.randn(12, 128, generator=torch.Generator().manual_seed(1))
@@ -189,7 +189,7 @@ def test_pickled_code_never_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EVIL_MARK", str(mark))
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"clip_project.model.0.weight": _Evil()}, f)
-    code = clipcap(["import-reference", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "out"), "--mapping", "mlp",
+    code = clipcap(["import-reference", str(tmp_path / "evil.pt"), "--output", str(tmp_path / "out"), "--mapping", "mlp",
                     "--prefix-length", "4", "--clip-dim", "128"])
     assert code == 2 and "weights-only" in capsys.readouterr().err
     assert not mark.exists()

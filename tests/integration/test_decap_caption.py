@@ -4,7 +4,6 @@ and their job-level checks."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import tarfile
 
@@ -20,8 +19,8 @@ from clipcap_core.decap import DecapMemory, ProjectionConfig
 from clipcap_core.encoder_model import load_encoder
 from clipcap_core.encoders import EncoderConfig
 from pipelines.caption.job import prepare
-from pipelines.cli import main
-from pipelines.commands.caption import add_arguments, config_from_args
+from pipelines.cli import caption_config as config_from_args
+from pipelines.cli import command_parser, main
 from pipelines.demo.run import read_captions
 from pipelines.io import storage
 
@@ -91,8 +90,7 @@ def test_projection_flags_reach_the_job_and_are_checked_first(s3_uri, tmp_path, 
     mem16.parent.mkdir()
     pq.write_table(pa.table({"key": ["a"], "text_embedding": pa.FixedSizeListArray.from_arrays(
         pa.array(np.ones(16, np.float32)), 16)}), mem16)
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    parser = command_parser("caption")
     args = parser.parse_args(["--input", "x", "--output", storage.join(s3_uri, "o"), "--model", "tiny",
                               "--allow-untrained", "--projection", "memory", "--memory", str(mem16.parent), "--tau", "0.05",
                               "--memory-size", "10"])

@@ -17,7 +17,7 @@ def test_demo_embeds_every_downloaded_sample(ray_cluster, tmp_path, capsys, monk
 
     seen: list[demo.DemoResult] = []
     monkeypatch.setattr(demo, "STEPS", [demo.step_embed, lambda cfg, result: seen.append(result)])  # a later step
-    assert main(["demo", "--samples", "24", "--root", str(tmp_path)]) == 0
+    assert main(["demo", "--samples", "24", "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "tiny" in out and "--clip-pretrained" in out  # says it is the tiny preset, and how to switch
     table_uri = str(tmp_path / "embeddings" / "synthetic" / "tiny")

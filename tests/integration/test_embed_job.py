@@ -24,7 +24,7 @@ from pipelines.io import schemas, storage
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 N_GOOD = 40
-JOB_FLAGS = ["--dataset", "syn", "--model", "tiny", "--shard-size", "16", "--image-size", "64", "--resize-mode",
+JOB_FLAGS = ["--dataset", "syn", "--clip", "tiny", "--shard-size", "16", "--image-size", "64", "--resize-mode",
              "no", "--encode-format", "png", "--threads", "4", "--batch-size", "16", "--torch-threads", "1",
              "--allow-private-urls"]  # the test HTTP server is on 127.0.0.1
 
@@ -82,7 +82,7 @@ def url_list(http_server) -> Path:
 @pytest.fixture(scope="module")
 def submitted(ray_cluster, s3_server, url_list):
     root = f"s3://clipcap/embed-job-{uuid.uuid4().hex[:8]}"
-    args = ["--url-list", str(url_list), "--output-root", root, *JOB_FLAGS]
+    args = ["--input", str(url_list), "--output", root, *JOB_FLAGS]
     status, logs = submit(ray_cluster, s3_server.env(), args)
     assert status == "SUCCEEDED", logs[-4000:]
     return root, args, logs
@@ -132,7 +132,7 @@ def test_killed_run_then_rerun_has_no_duplicates(ray_cluster, s3_server, tmp_pat
         start += n
     out = f"s3://clipcap/embed-killed-{uuid.uuid4().hex[:8]}"
     table_uri = storage.join(out, "embeddings", "syn", "tiny")
-    flags = ["--skip-download", "--raw", str(raw), "--output-root", out, "--dataset", "syn", "--model", "tiny",
+    flags = ["--skip-download", "--raw", str(raw), "--output", out, "--dataset", "syn", "--clip", "tiny",
              "--batch-size", "4", "--torch-threads", "1", "--ray-address", ray_cluster["gcs"]]
     proc = subprocess.Popen([sys.executable, "jobs/embed_cc3m.py", *flags], cwd=ROOT, env=dict(os.environ),
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -178,14 +178,14 @@ def _run_job(argv: list[str], capsys) -> tuple[int, str]:
 
 def test_job_faults_fail_before_any_work(url_list, s3_server, tmp_path, capsys):
     out = tmp_path / "out"
-    base = ["--url-list", str(url_list), "--output-root", str(out), *JOB_FLAGS]
-    rc, err = _run_job([*base, "--model", "ViT-Nope"], capsys)
+    base = ["--input", str(url_list), "--output", str(out), *JOB_FLAGS]
+    rc, err = _run_job([*base, "--clip", "ViT-Nope"], capsys)
     assert rc == 2 and "unknown CLIP model name 'ViT-Nope'" in err
     bad_list = tmp_path / "list.csv"
     bad_list.write_text("link,caption\nhttp://127.0.0.1:9/a.png,a\n")
-    rc, err = _run_job(["--url-list", str(bad_list), "--output-root", str(out), *JOB_FLAGS], capsys)
+    rc, err = _run_job(["--input", str(bad_list), "--output", str(out), *JOB_FLAGS], capsys)
     assert rc == 2 and "no column(s) ['url']" in err
     assert not (out / "raw").exists() and not (out / "embeddings").exists()
-    rc, err = _run_job(["--url-list", str(url_list), "--output-root", "s3://no-such-bucket-clipcap/x", *JOB_FLAGS],
+    rc, err = _run_job(["--input", str(url_list), "--output", "s3://no-such-bucket-clipcap/x", *JOB_FLAGS],
                        capsys)
     assert rc == 2 and "not writable" in err

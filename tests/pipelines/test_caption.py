@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -102,10 +100,10 @@ def test_read_decode_part_emits_pixels_errors_and_a_marker(tmp_path, tiny_resize
 
 def test_cli_flags_fill_the_nested_config(tmp_path):
     from clipcap_core.configs import ConfigError
-    from pipelines.commands.caption import add_arguments, config_from_args
+    from pipelines.cli import caption_config as config_from_args
+    from pipelines.cli import command_parser
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    parser = command_parser("caption")
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("input: in\noutput: out\nmodel: m\nresources: {clip_actors: 3}\ndecoding: {beam_size: 4}\n")
     args = parser.parse_args(["--config", str(cfg_file), "--strategy", "beam", "--num-captions", "2",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import re
 import subprocess
 import sys
 import typing
@@ -15,7 +16,7 @@ from typing import ClassVar, Literal
 
 import pytest
 
-from pipelines.cli import COMMANDS
+from pipelines import cli
 from pipelines.commands import flags
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,12 +95,9 @@ class _Unmapped:
 
 
 def _command_configs() -> dict[str, str]:
-    out = {}
-    for name, module in COMMANDS.items():  # CONFIG, or the several configs of one command (study)
-        for attr, ref in vars(importlib.import_module(module)).items():
-            if attr.isupper() and isinstance(ref, str) and ref.startswith("pipelines.") and ref.endswith("Config"):
-                out[name if attr == "CONFIG" else f"{name}-{attr.lower()}"] = ref
-    return out
+    """Every ``module:Class`` whose fields are flags of a command (``pipelines.cli``'s constants)."""
+    return {attr: ref for attr, ref in vars(cli).items()
+            if attr.isupper() and isinstance(ref, str) and re.fullmatch(r"[\w.]+:[A-Z]\w*", ref)}
 
 
 def _imported(cls: type, prefix: str = "", instance: object = None) -> dict[str, tuple]:
@@ -133,7 +131,7 @@ def test_the_fields_read_from_the_source_are_the_imported_classes():
     """The reader (``ast``) against Python's own view of every command's config: a field it misreads (a type
     alias, an import it cannot follow, a section) fails here."""
     configs = _command_configs()
-    assert "caption" in configs
+    assert {"CAPTION", "CAPTION_IMAGES", "PRESET"} <= set(configs)
     for ref in configs.values():
         module, _, name = ref.partition(":")
         cls = getattr(importlib.import_module(module), name)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.commands.common import brief
+from pipelines.cli import brief
 from pipelines.console import Progress
 
 ROOT = Path(__file__).resolve().parents[2]

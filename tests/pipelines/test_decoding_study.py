@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipcap_core import synthetic
-from pipelines.commands import study as study_cmd
+from pipelines.cli import command_parser, study_config
 from pipelines.evaluate import decoding_study
 from pipelines.io import schemas, storage
 from tests.pipelines.trained_model import SEED, SIZE, embed_like_the_pipeline
@@ -36,9 +34,8 @@ def test_every_strategy_is_timed_and_scored_on_its_own_captions(trained_model, t
     from clipcap_core.metrics import caption_metrics
 
     table = _table(tmp_path)
-    p = argparse.ArgumentParser()
-    study_cmd.add_arguments(p)
-    cfg = study_cmd.config_from_args(p.parse_args(
+    p = command_parser("study")
+    cfg = study_config(p.parse_args(
         ["decoding", "--input", table, "--model", trained_model, "--output", str(tmp_path / "out"),
          "--heldout-fraction", "0", "--beam-sizes", "2", "--rerank-n", "3", "--tokenize", "simple",
          "--max-length", "14", "--set", "options.metrics=[bleu, cider]"]))  # no JVM start per strategy

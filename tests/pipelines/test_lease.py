@@ -179,7 +179,7 @@ def test_a_second_embed_run_exits_2_before_any_work(tmp_path, capsys):
     cfg = EmbedConfig(input=str(tmp_path / "in"), output_root=str(tmp_path / "out"), dataset="d")
     first = Lease(storage.join(cfg.meta_uri, "lease.json"))
     first.acquire()
-    code = main(["embed", "--input", cfg.input, "--output-root", cfg.output_root, "--dataset", "d"])
+    code = main(["embed", "--input", cfg.input, "--output", cfg.output_root, "--dataset", "d"])
     _refused(capsys, code, first)
     assert not list(Path(cfg.output_root).rglob("*.parquet"))
 
@@ -189,7 +189,7 @@ def test_a_second_embed_text_run_exits_2_before_any_work(tmp_path, capsys):
     cfg = EmbedTextConfig(input=str(tmp_path / "captions.txt"), output_root=str(tmp_path / "out"), dataset="d")
     first = Lease(storage.join(cfg.meta_uri, "lease.json"))
     first.acquire()
-    code = main(["embed-text", "--input", cfg.input, "--output-root", cfg.output_root, "--dataset", "d"])
+    code = main(["embed-text", "--input", cfg.input, "--output", cfg.output_root, "--dataset", "d"])
     _refused(capsys, code, first)
     assert not list(Path(cfg.output_root).rglob("*.parquet")) and not Path(cfg.meta_uri, "run.json").exists()
     assert json.loads(Path(cfg.meta_uri, "lease.json").read_text())["run"] == first.owner.run

@@ -101,21 +101,20 @@ def _entrypoint_args(command: str, subcommand: str) -> list[str]:
 
 
 def test_kuberay_and_cron_entrypoints_are_valid_job_commands():
-    from pipelines.cli import command_parser
-    from pipelines.commands import nightly as nc
-    from pipelines.commands import train as tc
+    from pipelines.cli import NIGHTLY, command_parser, train_config
+    from pipelines.commands.flags import from_args
 
     docs = {p.name: list(yaml.safe_load_all(p.read_text())) for p in (ROOT / "infra/kuberay").glob("*.yaml")}
     rayjob = docs["rayjob-nightly.yaml"][0]
     cron = docs["raycronjob-nightly.yaml"][0]
     assert rayjob["kind"] == "RayJob" and cron["kind"] == "RayCronJob"
     assert cron["spec"]["jobTemplate"] == rayjob["spec"], "raycronjob-nightly.yaml drifted from rayjob-nightly.yaml"
-    cfg = nc.config_from_args(command_parser("nightly").parse_args(_entrypoint_args(rayjob["spec"]["entrypoint"],
-                                                                                    "nightly")))
+    cfg = from_args(command_parser("nightly").parse_args(_entrypoint_args(rayjob["spec"]["entrypoint"], "nightly")),
+                    NIGHTLY)
     assert cfg.state.startswith("s3://") and cfg.scale.use_gpu and cfg.metric == "cider"
     train_job = docs["rayjob-train.yaml"][0]
-    tcfg = tc.config_from_args(command_parser("train").parse_args(_entrypoint_args(train_job["spec"]["entrypoint"],
-                                                                                   "train")))
+    tcfg = train_config(command_parser("train").parse_args(_entrypoint_args(train_job["spec"]["entrypoint"],
+                                                                            "train")))
     assert tcfg.model == "clipcap-mlp" and tcfg.scale.num_workers == 4 and tcfg.run.max_failures == 3
     # The Kubernetes CronJob creates RayJobs from a ConfigMap holding rayjob-nightly.yaml, never overlapping.
     cronjob = next(d for d in docs["cronjob-nightly.yaml"] if d["kind"] == "CronJob")
@@ -128,7 +127,7 @@ def test_kuberay_and_cron_entrypoints_are_valid_job_commands():
     fields = line.split(None, 5)
     assert len(fields[:5]) == 5 and "flock -n" in fields[5]
     cmd = fields[5].split(" -- ", 1)[1].split(">>")[0]
-    nc.config_from_args(command_parser("nightly").parse_args(_entrypoint_args(cmd, "nightly")))
+    from_args(command_parser("nightly").parse_args(_entrypoint_args(cmd, "nightly")), NIGHTLY)
     launcher = yaml.safe_load((ROOT / "infra/cluster/clipcap-aws.yaml").read_text())
     assert launcher["head_node_type"] in launcher["available_node_types"]
 
@@ -192,7 +191,7 @@ def test_nights_promote_noop_promote_refuse(ray_cluster, s3_uri):
 
     add_shards(300, 1500, 3)
     night = _night(s3_uri)
-    argv = ["nightly", "--tables", *night.tables, "--state", night.state, "--initial-model", "tiny",
+    argv = ["nightly", "--input", *night.tables, "--state", night.state, "--initial-model", "tiny",
             "--epochs", "1", "--batch-size", "32", "--lr", "20", "--warmup-steps", "0", "--max-caption-tokens", "16",
             "--max-failures", "0", "--workers", "1", "--cpus-per-worker", "0.5", "--heldout-fraction", "0.15",
             "--heldout-max", "150", "--metric", "cider", "--tolerance", "0.05"]

@@ -1,4 +1,4 @@
-"""The one config layer (``pipelines.commands.options``) that every command uses: file < flags < --set."""
+"""The one config layer (``pipelines.commands.flags``) that every command uses: file < flags < --set."""
 
 from __future__ import annotations
 
@@ -7,19 +7,17 @@ import argparse
 import pytest
 
 from clipcap_core.configs import ConfigError
-from pipelines.commands import options
+from pipelines.commands import flags as options
 
 
 def _caption_args(argv: list[str]) -> argparse.Namespace:
-    from pipelines.commands.caption import add_arguments
+    from pipelines.cli import command_parser
 
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    return p.parse_args(argv)
+    return command_parser("caption").parse_args(argv)
 
 
 def test_file_then_flags_then_set_each_win_over_the_one_before(tmp_path):
-    from pipelines.commands.caption import config_from_args
+    from pipelines.cli import caption_config as config_from_args
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("input: in\noutput: out\nmodel: m\ndecoding: {beam_size: 3, top_k: 7}\n"

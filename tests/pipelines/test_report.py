@@ -27,8 +27,8 @@ def report(tmp_path_factory):
     summary = run_evaluate(EvaluateConfig(predictions=run["captions"], references=run["refs"], images=run["input"],
                                           output=str(root / "eval"), tokenize="simple", metrics=("bleu", "cider")))
     out = root / "site" / "report.html"
-    assert main(["report", "--captions", run["captions"], "--evaluation", str(root / "eval"), "--run", run["run"],
-                 "--out", str(out)]) == 0
+    assert main(["report", "--input", run["captions"], "--evaluation", str(root / "eval"), "--run", run["run"],
+                 "--output", str(out)]) == 0
     return {**run, "html": out.read_text(), "path": out, "summary": summary}
 
 
@@ -54,9 +54,9 @@ def test_sample_reads_only_a_few_parts(report):
 
 
 def test_bad_report_options_fail_clearly(report, tmp_path, capsys):
-    assert main(["report", "--captions", str(tmp_path / "nothing"), "--out", str(tmp_path / "r.html")]) == 2
+    assert main(["report", "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "r.html")]) == 2
     assert "no caption table parts" in capsys.readouterr().err
-    assert main(["report", "--captions", report["captions"], "--out", str(tmp_path / "r.pdf")]) == 2
+    assert main(["report", "--input", report["captions"], "--output", str(tmp_path / "r.pdf")]) == 2
     assert "must be an .html file" in capsys.readouterr().err
 
 
@@ -142,8 +142,8 @@ def planted(tmp_path_factory):
     paths = {}
     for order in ("worst", "key"):
         paths[order] = root / f"report-{order}.html"
-        assert main(["report", "--captions", run["captions"], "--evaluation", str(root / "eval"), "--run", run["run"],
-                     "--order", order, "--out", str(paths[order])]) == 0
+        assert main(["report", "--input", run["captions"], "--evaluation", str(root / "eval"), "--run", run["run"],
+                     "--order", order, "--output", str(paths[order])]) == 0
     wrong = [run["keys"][i] for i in (0, *PLANTED)]
     return {**run, "paths": paths, "html": paths["worst"].read_text(), "wrong": wrong}
 

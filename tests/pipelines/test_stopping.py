@@ -429,7 +429,7 @@ def test_sigterm_at_any_point_of_an_embed_run_leaves_a_table_three_readers_agree
         samples = good_samples(4, 4 * i)
         write_shard(inp / f"{i:05d}.tar", samples)
         keys += [key for key, _ in samples]
-    args = ["embed", "--input", str(inp), "--output-root", str(out), "--dataset", "d", "--batch-size", "4"]
+    args = ["embed", "--input", str(inp), "--output", str(out), "--dataset", "d", "--batch-size", "4"]
     table = Path(EmbedConfig(input=str(inp), output_root=str(out), dataset="d").table_uri)
     # start-up: the table folder is made (the output checked writable), Ray not yet started
     _stop_read_rerun(point, args, table, table.exists, keys, tmp_path, hf_offline)

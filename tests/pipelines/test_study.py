@@ -3,28 +3,25 @@ grid (2 settings x 1 seed on a few scenes rows embedded by the shipped tiny-scen
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.commands import study as study_cmd
+from pipelines.cli import command_parser, study_config
 from pipelines.demo import synthetic_tables
 from pipelines.train import study
 
 
 def _args(argv):
-    p = argparse.ArgumentParser()
-    study_cmd.add_arguments(p)
-    return p.parse_args(argv)
+    return command_parser("study").parse_args(argv)
 
 
 def test_flags_reach_the_config_and_defaults_are_the_paper_grid():
-    cfg = study_cmd.config_from_args(_args(["prefix", "--input", "a", "--output", "o"]))
+    cfg = study_config(_args(["prefix", "--input", "a", "--output", "o"]))
     assert (cfg.prefix_lengths, cfg.mappings, cfg.lms, cfg.seeds) == ((1, 10, 20), ("mlp", "transformer"),
                                                                      ("frozen", "tuned"), (0, 1, 2))
-    cfg = study_cmd.config_from_args(_args(["prefix", "--input", "a", "--output", "o", "--prefix-lengths", "2", "5",
+    cfg = study_config(_args(["prefix", "--input", "a", "--output", "o", "--prefix-lengths", "2", "5",
                                             "--lms", "frozen", "--seeds", "7", "--epochs", "3",
                                             "--set", "model_overrides.tokenizer=word-scenes"]))
     assert cfg.prefix_lengths == (2, 5) and cfg.lms == ("frozen",) and cfg.seeds == (7,)

@@ -9,7 +9,8 @@ import pytest
 
 from clipcap_core.configs import ConfigError
 from clipcap_core.training import TrainConfig
-from pipelines.commands import sweep as sweep_cmd
+from pipelines.cli import SWEEP, command_parser
+from pipelines.commands import flags
 from pipelines.demo import synthetic_tables
 from pipelines.io import tables
 from pipelines.train import sweep
@@ -23,7 +24,7 @@ def test_defaults_are_the_paper_study_and_bad_settings_fail_early(tmp_path):
     with pytest.raises(ValueError, match="no base preset"):
         sweep.SweepConfig(tables=("t",), output="o", presets={"mlp": "tiny"})
     with pytest.raises(ConfigError, match="mappings"):
-        sweep_cmd.config_from_args(sweep_cmd_args(["--tables", "t", "--output", "o", "--set", "mappings=[rnn]"]))
+        flags.from_args(sweep_cmd_args(["--input", "t", "--output", "o", "--set", "mappings=[rnn]"]), SWEEP)
     # A setting the model cannot take fails in the driver-side check, before any trial starts.
     files = synthetic_tables.write_synthetic_tables(str(tmp_path / "d"), 40, dim=8)
     bad = sweep.SweepConfig(tables=tuple(files), output=str(tmp_path / "out"), mappings=("transformer",),
@@ -33,17 +34,13 @@ def test_defaults_are_the_paper_study_and_bad_settings_fail_early(tmp_path):
 
 
 def sweep_cmd_args(argv):
-    import argparse
-
-    p = argparse.ArgumentParser()
-    sweep_cmd.add_arguments(p)
-    return p.parse_args(argv)
+    return command_parser("sweep").parse_args(argv)
 
 
 def test_cli_flags_reach_the_config():
-    cfg = sweep_cmd.config_from_args(sweep_cmd_args(
-        ["--tables", "a", "b", "--output", "s3://x/y", "--prefix-lengths", "2", "5", "--mappings", "mlp",
-         "--epochs", "3", "--set", "presets.mlp=clipcap-mlp", "--trial-gpus", "1"]))
+    cfg = flags.from_args(sweep_cmd_args(
+        ["--input", "a", "b", "--output", "s3://x/y", "--prefix-lengths", "2", "5", "--mappings", "mlp",
+         "--epochs", "3", "--set", "presets.mlp=clipcap-mlp", "--trial-gpus", "1"]), SWEEP)
     assert cfg.tables == ("a", "b") and cfg.prefix_lengths == (2, 5) and cfg.mappings == ("mlp",)
     assert cfg.train.epochs == 3 and cfg.presets["mlp"] == "clipcap-mlp" and cfg.trial_gpus == 1.0
 

@@ -53,13 +53,13 @@ def test_eval_clip_cli_on_shards(tmp_path, capsys):
     templates = tmp_path / "templates.txt"
     templates.write_text("{}\na picture of {}\n")
     out = tmp_path / "eval.json"
-    assert main(["eval-clip", "--model", "tiny", "--shards", str(tmp_path / "shards"), "--classes", str(classes),
+    assert main(["eval-clip", "--clip", "tiny", "--shards", str(tmp_path / "shards"), "--classes", str(classes),
                  "--templates", str(templates), "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["retrieval"]["n"] == 150 and "retrieval/i2t_r1" in capsys.readouterr().out
     assert report["retrieval"]["i2t_r1"] > 0.8 and report["zero_shot"]["top1"] > 0.8
     assert report["zero_shot"]["unlabelled_images"] == 0 and report["zero_shot"]["attr_color"] > 0.9
-    assert main(["eval-clip", "--model", "tiny-random", "--shards", str(tmp_path / "shards"),
+    assert main(["eval-clip", "--clip", "tiny-random", "--shards", str(tmp_path / "shards"),
                  "--output", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["retrieval"]["i2t_r1"] < 0.2
     assert np.isfinite(report["seconds"])

@@ -72,7 +72,7 @@ def test_eval_clip_prints_the_gap_for_every_model(tmp_path, capsys):
     scenes.write_webdataset(tmp_path / "shards", 120, seed=31, split="test")
     for name in ("tiny", "tiny-scenes-gapped"):
         out = tmp_path / f"{name}.json"
-        assert main(["eval-clip", "--model", name, "--shards", str(tmp_path / "shards"), "--output", str(out)]) == 0
+        assert main(["eval-clip", "--clip", name, "--shards", str(tmp_path / "shards"), "--output", str(out)]) == 0
         gap = json.loads(out.read_text())["gap"]
         assert set(gap) >= {"paired_cosine", "centroid_distance", "gap_variance_share"}
     printed = capsys.readouterr().out

@@ -291,7 +291,7 @@ def test_rerun_with_the_same_name_resumes_on_s3(ray_cluster, s3_uri):
     # Same output + name, through the CLI this time: resumes from the stored checkpoint.
     from pipelines.cli import main
 
-    assert main(["train", "--tables", *files, "--output", job.output, "--name", "again", "--model", "tiny-transformer",
+    assert main(["train", "--input", *files, "--output", job.output, "--name", "again", "--model", "tiny-transformer",
                  "--prefix-length", "3", "--set", "model_overrides.mapping.clip_length=3", "--epochs", "2",
                  "--batch-size", "32", "--lr", "0.01", "--warmup-steps", "5", "--max-caption-tokens", "16",
                  "--checkpoint-every", "4", "--log-every", "2", "--max-failures", "0", "--workers", "1",
