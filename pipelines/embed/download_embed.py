@@ -20,7 +20,7 @@ from pipelines.io import schemas, storage
 
 log = logging.getLogger(__name__)
 
-SWITCH_HINT = ("This used the `tiny` preset (a tiny CLIP trained on synthetic shapes, synthetic data). For real embeddings pass a "
+SWITCH_HINT = ("This used a tiny CLIP shipped with the package on synthetic images. For real embeddings pass a "
                "URL list and an open_clip model, e.g. --input cc3m/Train_GCC-training.tsv --clip ViT-B-32 "
                "--clip-pretrained openai (or --clip-pretrained /path/or/s3://uri/of/weights.pt) --output s3://bucket/clipcap.")
 
