@@ -107,7 +107,7 @@ def run_reference(images: list[bytes], model_uri: str, args: argparse.Namespace,
                   threads: int, count: int) -> dict:
     """CLIP one image at a time, then the authors' per-image decoding: wall and CPU seconds per stage."""
     from clipcap_core.artifacts import load_model
-    from clipcap_core.encoder_model import load_encoder
+    from clipcap_core.encoders import load_encoder
     from clipcap_core.imaging import decode_image
     from clipcap_core.reference import generate2, generate_beam
 

@@ -100,8 +100,7 @@ def main() -> None:
 
     from clipcap_core import synthetic
     from clipcap_core.clipscore import ClipScorer
-    from clipcap_core.encoder_model import load_encoder
-    from clipcap_core.encoders import EncoderConfig
+    from clipcap_core.encoders import EncoderConfig, load_encoder
 
     t0 = time.perf_counter()
     enc_cfg = EncoderConfig(model_name=args.clip, pretrained=args.clip_pretrained)

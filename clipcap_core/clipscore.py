@@ -107,7 +107,7 @@ def scorer_for(encoder_cfg: Any, dim: int) -> ClipScorer | None:
     """A scorer with the CLIP of ``encoder_cfg`` (loaded once per process), or None when that CLIP cannot be
     loaded here or does not give D = ``dim``: held-out metrics then go on without CLIPScore (logged)."""
     # lazy: torch ~6.7 s to import (python -X importtime)
-    from clipcap_core.encoder_model import load_encoder
+    from clipcap_core.encoders import load_encoder
 
     try:
         encoder = load_encoder(encoder_cfg)

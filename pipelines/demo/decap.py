@@ -86,7 +86,7 @@ def demo_decap(root: str, samples: Sequence[Any], *, encoder: Any, seed: int = 0
     is the world's (any wording of the same scene) and the per-attribute accuracy is printed too."""
     # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.decap import ProjectionConfig
-    from clipcap_core.encoder_model import load_encoder
+    from clipcap_core.encoders import load_encoder
     from pipelines.demo.caption import caption_heldout
     from pipelines.demo.worlds import world as get_world
 

@@ -13,8 +13,7 @@ import pyarrow as pa
 
 from clipcap_core import synthetic as syn
 from clipcap_core.decoding import generate
-from clipcap_core.encoder_model import load_encoder
-from clipcap_core.encoders import EncoderConfig
+from clipcap_core.encoders import EncoderConfig, load_encoder
 from clipcap_core.synthetic import parse_caption as synthetic_caption
 from clipcap_core.training import TrainConfig
 from pipelines.clip.tiny import zero_shot_captions

@@ -97,7 +97,7 @@ def _clip_scores(cfg: EvaluateConfig, enc_cfg: Any, parts: list, m: Matched
                  ) -> tuple[dict[str, list[float]], dict[str, str], dict[str, float]]:
     """Per-image CLIPScore / RefCLIPScore (NaN where the image is missing), problems per id, corpus means."""
     # lazy: torch ~6.7 s to import (python -X importtime)
-    from clipcap_core.encoder_model import load_encoder
+    from clipcap_core.encoders import load_encoder
 
     encoder = load_encoder(enc_cfg, device=cfg.device)
     emb, problems = image_input.image_embeddings(parts, set(m.ids), m.resolve, encoder)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from clipcap_core import uris
-from clipcap_core.encoder_model import load_encoder
+from clipcap_core.encoders import load_encoder
 from clipcap_core.interpret import interpret_prefix
 from pipelines.caption import output as caption_output
 from pipelines.io import storage

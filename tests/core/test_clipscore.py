@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from clipcap_core.clipscore import ClipScorer, clip_score, ref_clip_score, ref_similarity, rerank
-from clipcap_core.encoder_model import load_encoder
-from clipcap_core.encoders import EncoderConfig
+from clipcap_core.encoders import EncoderConfig, load_encoder
 
 
 @pytest.fixture(scope="module")

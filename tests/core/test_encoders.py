@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from clipcap_core import encoders, synthetic
-from clipcap_core.encoder_model import load_encoder
 from clipcap_core.encoders import (
     EncoderConfig,
     embedding_dim,
     encoder_tag,
+    load_encoder,
     preprocess_spec,
     resolve_precision,
     validate_config,
@@ -56,7 +56,7 @@ def test_split_preprocessing_matches_full_transform(tiny, images):
 
 
 def test_tiny_weights_identical_in_every_process(tiny):
-    code = ("from clipcap_core.encoders import EncoderConfig; from clipcap_core.encoder_model import load_encoder; "
+    code = ("from clipcap_core.encoders import EncoderConfig; from clipcap_core.encoders import load_encoder; "
             "m = load_encoder(EncoderConfig()).model; "
             "print(repr(float(sum(p.double().abs().sum() for p in m.parameters()))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -173,7 +173,7 @@ def test_config_side_reads_what_open_clip_reads():
     from open_clip.transform import PreprocessCfg
 
     from clipcap_core import encoders
-    from clipcap_core.preprocess import spec_from_dict
+    from clipcap_core.imaging import spec_from_dict
 
     oc = encoders._open_clip()
     assert encoders.OPEN_CLIP_PREPROCESS == asdict(PreprocessCfg())
@@ -205,7 +205,7 @@ def test_open_clip_imported_without_backends_the_model_does_not_use(tmp_path):
 import sys
 import numpy as np
 from clipcap_core import encoders as e
-from clipcap_core.encoder_model import load_encoder
+from clipcap_core.encoders import load_encoder
 tiny = load_encoder(e.EncoderConfig())
 print(sorted(m for m in ("timm", "transformers") if m in sys.modules))
 known = e.model_configs()

@@ -17,8 +17,7 @@ from clipcap_core import synthetic, uris
 from clipcap_core.artifacts import load_model, save_model
 from clipcap_core.captioner import Captioner
 from clipcap_core.decap import DecapMemory, ProjectionConfig
-from clipcap_core.encoder_model import load_encoder
-from clipcap_core.encoders import EncoderConfig
+from clipcap_core.encoders import EncoderConfig, load_encoder
 from pipelines.caption.job import prepare
 from pipelines.cli import main
 from pipelines.commands.caption import add_arguments, config_from_args

@@ -8,8 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipcap_core.decoding import DecodeConfig
-from clipcap_core.encoder_model import load_encoder
-from clipcap_core.encoders import EncoderConfig
+from clipcap_core.encoders import EncoderConfig, load_encoder
 from pipelines.caption.job import CaptionConfig, _run_record
 from pipelines.caption.output import PartCommitter, part_uri
 from pipelines.caption.stages import CaptionStage, score_and_rank
