@@ -44,8 +44,7 @@ def build_artifact(out: str, seed: int = 0) -> None:
 
     from clipcap_core.artifacts import save_model
     from clipcap_core.encoders import EncoderConfig
-    from clipcap_core.mapping import MappingConfig
-    from clipcap_core.model import LMConfig, ModelConfig, build_model
+    from clipcap_core.model import LMConfig, MappingConfig, ModelConfig, build_model
     from clipcap_core.tokenizer import build_word_tokenizer
 
     vocab = GPT2Config().vocab_size

@@ -27,8 +27,7 @@ import clipcap_core
 from clipcap_core.configs import from_dict, strict_json, to_dict
 from clipcap_core.decap import DecapMemory
 from clipcap_core.encoders import describe_weights
-from clipcap_core.mapping import Mapping
-from clipcap_core.model import ClipCapModel, ModelConfig, build_model, load_pretrained_lm
+from clipcap_core.model import ClipCapModel, Mapping, ModelConfig, build_model, load_pretrained_lm
 from clipcap_core.presets import PRESETS
 from clipcap_core.tokenizer import load_tokenizer
 from clipcap_core.uris import exists, is_remote, local_copy, safe_join, upload_dir
