@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from clipcap_core.decoding import generate
-from clipcap_core.evaluation import heldout_metrics
+from clipcap_core.metrics import heldout_metrics
 from clipcap_core.model import ClipCapModel, trainable_parameters
 from clipcap_core.tokenizer import encode_caption
 

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pyarrow as pa
 
-from clipcap_core.clipscore import ClipScorer
+from clipcap_core.metrics import ClipScorer
 from pipelines.evaluate import images as image_input
 from pipelines.evaluate.inputs import (
     ID_MODES,
@@ -118,7 +118,7 @@ def _clip_scores(cfg: EvaluateConfig, enc_cfg: Any, parts: list, m: Matched
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate ``cfg.predictions`` against ``cfg.references``; write the outputs; return the summary."""
     # lazy: transformers ~1.4 s to import (python -X importtime)
-    from clipcap_core.evaluation import evaluate_predictions
+    from clipcap_core.metrics import evaluate_predictions
 
     storage.check_writable(cfg.output)
     preds = read_predictions(cfg.predictions, id_column=cfg.prediction_id_column, caption_column=cfg.caption_column)

@@ -11,7 +11,7 @@ import numpy as np
 
 from clipcap_core import uris
 from clipcap_core.encoders import load_encoder
-from clipcap_core.interpret import interpret_prefix
+from clipcap_core.model import interpret_prefix
 from pipelines.caption import output as caption_output
 from pipelines.io import storage
 from pipelines.report import card, charts, page, scales

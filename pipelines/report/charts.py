@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 MIN_STEP_ROWS = 3  # fewer step rows draw no line: plot the epoch rows' train loss instead
-HELDOUT = ("exact_match", "bleu4", "cider", "clip_score")  # clipcap_core.evaluation.heldout_metrics
+HELDOUT = ("exact_match", "bleu4", "cider", "clip_score")  # clipcap_core.metrics.heldout_metrics
 
 
 def _pyplot() -> Any:

@@ -9,14 +9,14 @@ import numpy as np
 import pyarrow as pa
 
 from clipcap_core.clip_eval import retrieval
-from clipcap_core.clipscore import scorer_for
+from clipcap_core.metrics import scorer_for
 from pipelines.io import tables
 
 
 def evaluate_model(model: Any, tokenizer: Any, heldout: pa.Table, *, max_tokens: int = 40,
                    batch_size: int = 64) -> dict[str, float]:
     """Held-out loss + greedy-caption metrics (exact match, BLEU-4, CIDEr, CLIPScore) of ``model`` on ``heldout``
-    (``clipcap_core.evaluation.heldout_metrics``, the code ``clipcap evaluate`` uses)."""
+    (``clipcap_core.metrics.heldout_metrics``, the code ``clipcap evaluate`` uses)."""
     # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.training import collate, evaluate_captions, evaluate_loss
 

@@ -25,7 +25,7 @@ def _cos(a, b) -> float:
 
 
 def test_score_and_rank_orders_by_clip_similarity_and_scores_each_caption(encoder):
-    from clipcap_core.clipscore import ClipScorer
+    from clipcap_core.metrics import ClipScorer
 
     texts = [["one red circle", "two blue squares", "three green triangles"],
              ["a small circle", "a large square", "one red circle"]]
