@@ -155,7 +155,7 @@ def write_checkpoint(path: Path, model: str = "ViT-B-32", seed: int | None = Non
 
     from clipcap_core import encoders
 
-    with torch.random.fork_rng(devices=[]), encoders._quiet_random_init(True):  # random on purpose
+    with torch.random.fork_rng(devices=[]), encoders._quiet_random_init():  # random on purpose
         torch.manual_seed(encoders.TINY_SEED if seed is None else seed)
         net = open_clip.create_model(model, pretrained=None, device="cpu", pretrained_text=False)
     path = Path(path)

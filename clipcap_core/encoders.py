@@ -22,7 +22,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
 
 from clipcap_core import uris
 from clipcap_core.imaging import ImageResizer, PreprocessSpec, spec_from_dict
@@ -251,6 +250,7 @@ def resolve_precision(precision: str, device: Any) -> str:
         return "fp16" if device.type == "cuda" else "fp32"
     return precision
 
+
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -267,8 +267,9 @@ class ClipEncoder:
         self.device = device
         self.precision = precision
         self.spec = spec_from_dict(dict(model.visual.preprocess_cfg))
-        self._preprocess = image_transform_v2(PreprocessCfg(**asdict(self.spec)), is_train=False)
-        self.resizer = ImageResizer(self.spec)
+        # open_clip's eval transform, PIL image -> float tensor (3, H, W); its geometry alone, PIL -> uint8 (H, W, 3)
+        self.preprocess = image_transform_v2(PreprocessCfg(**asdict(self.spec)), is_train=False)
+        self.resize = ImageResizer(self.spec)
         self._tokenizer = oc.get_tokenizer(cfg.model_name)
         self._mean = torch.tensor(self.spec.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.spec.std, device=device).view(1, 3, 1, 1)
@@ -286,13 +287,6 @@ class ClipEncoder:
     def tag(self) -> str:
         return encoder_tag(self.cfg)
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """open_clip's eval transform: PIL image -> float tensor (3, H, W)."""
-        return self._preprocess(image)
-
-    def resize(self, image: Image.Image) -> np.ndarray:
-        return self.resizer(image)
-
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision in _AUTOCAST:
             return torch.autocast(device_type=self.device.type, dtype=_AUTOCAST[self.precision])
@@ -301,9 +295,8 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor) -> np.ndarray:
         """Preprocessed images (B, 3, H, W) -> unnormalised image embeddings np.float32 (B, D)."""
-        x = images.to(self.device, non_blocking=True)
         with self._autocast():
-            out = self.model.encode_image(x)
+            out = self.model.encode_image(images.to(self.device, non_blocking=True))
         return out.float().cpu().numpy()
 
     @torch.inference_mode()
@@ -342,7 +335,7 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", precisi
     weights = resolve_weights(cfg.pretrained) if cfg.pretrained else shipped_weights(cfg.model_name)
     # Seeded init without touching the caller's RNG: `tiny-random` (and any random-weights model) is
     # then identical in every process. Built on the CPU so the init does not depend on the device.
-    with torch.random.fork_rng(devices=[]), _quiet_random_init(weights is None), _skip_init(weights is not None):
+    with torch.random.fork_rng(devices=[]), _quiet_random_init() if weights is None else _skip_init():
         torch.manual_seed(TINY_SEED)
         model = oc.create_model(cfg.model_name, pretrained=weights, device="cpu", pretrained_text=False)
     model = model.to(device).eval()
@@ -350,15 +343,12 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", precisi
 
 
 @contextlib.contextmanager
-def _skip_init(active: bool) -> Iterator[None]:
+def _skip_init() -> Iterator[None]:
     """No random init of weights that the checkpoint replaces: open_clip loads full checkpoints with
     ``strict=True``, so every parameter is overwritten (a missing key fails the load), while buffers it computes
     (the text tower's causal mask) are not made by ``torch.nn.init``. Saves ~1.5 s of CPU per ViT-B-32 load,
     on the start-up path of every embed and caption actor. Process-global while it lasts: models are built
     one at a time in a process."""
-    if not active:
-        yield
-        return
     init = torch.nn.init
     saved = {n: getattr(init, n) for n in dir(init) if n.endswith("_") and not n.startswith("_")}
     try:
@@ -370,22 +360,17 @@ def _skip_init(active: bool) -> Iterator[None]:
             setattr(init, name, fn)
 
 
-class _DropRandomInitWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
+def _not_random_init_warning(record: logging.LogRecord) -> bool:
+    return "No pretrained weights loaded" not in record.getMessage()
 
 
 @contextlib.contextmanager
-def _quiet_random_init(active: bool) -> Iterator[None]:
+def _quiet_random_init() -> Iterator[None]:
     """Without ``pretrained`` the seeded init *is* the model (the ``tiny`` preset, speed runs): open_clip's
     root-logger warning "No pretrained weights loaded ... initialized randomly" would only alarm users who
     load a trained ClipCap model built on such an encoder."""
-    if not active:
-        yield
-        return
-    flt, root = _DropRandomInitWarning(), logging.getLogger()
-    root.addFilter(flt)
+    logging.getLogger().addFilter(_not_random_init_warning)
     try:
         yield
     finally:
-        root.removeFilter(flt)
+        logging.getLogger().removeFilter(_not_random_init_warning)
