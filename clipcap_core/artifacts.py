@@ -124,7 +124,7 @@ def _model_card(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
         *(f"- {k}: {v}" for k, v in sorted(metrics.items())),
         *([] if metrics else ["- none recorded (no held-out evaluation ran); `clipcap evaluate` scores a caption run"]),
         *(["", "## Training recipe", "", *(f"- {k}: {v}" for k, v in sorted(train.items()))] if train else []),
-        "", "## Use", "", "```python", "from clipcap_core import Captioner",
+        "", "## Use", "", "```python", "from clipcap_core.captioner import Captioner",
         "captioner = Captioner.from_pretrained('<this directory or URI>')",
         "captioner.caption(images=['photo.jpg'])", "```", "",
     ]
