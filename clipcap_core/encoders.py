@@ -13,7 +13,6 @@ import logging
 import os
 import posixpath
 import re
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -48,45 +47,11 @@ class EncoderConfig:
     """open_clip tag (openai, laion2b_s34b_b79k...), local file or fsspec URI (s3://...) of the weights"""
 
 
-# Optional backends open_clip imports at its own import for the model families built on them: timm (timm
-# vision towers) and transformers (Hugging Face text towers, CoCa's generation). ~1.6 s of CPU per process,
-# paid by every embed / caption actor at start-up although a ViT / ResNet CLIP uses neither.
-# (backend, what in a model config needs it, the open_clip modules that import it)
-_BACKENDS = (("timm", (("vision_cfg", "timm_model_name"),), ("open_clip.timm_model",)),
-             ("transformers", (("text_cfg", "hf_model_name"), ("multimodal_cfg", None)),
-              ("open_clip.hf_model", "open_clip.coca_model")))
-
-
-def _backends_needed(model_name: str) -> set[str]:
-    cfg = model_configs().get(model_name, {})
-    return {name for name, uses, _ in _BACKENDS
-            if any(part in cfg and (key is None or (cfg[part] or {}).get(key)) for part, key in uses)}
-
-
-def _open_clip(model_name: str | None = None) -> Any:
-    """open_clip with our model configs registered. With ``model_name``: when open_clip is not imported yet, it
-    is imported without the optional backends that model does not use (they read as not installed, as open_clip
-    allows); when a later model in the same process needs one, the open_clip modules using it are reloaded.
-    Without ``model_name`` (tags, tokenizers, configs): open_clip as it is, or a plain full import."""
-    needed = _backends_needed(model_name) if model_name is not None else set()
-    if "open_clip" not in sys.modules and model_name is not None:
-        blocked = [b for b, _, _ in _BACKENDS if b not in needed and b not in sys.modules]
-        for name in blocked:
-            sys.modules[name] = None  # type: ignore[assignment]  # `import name` raises ImportError
-        try:
-            import open_clip  # noqa: F401
-        finally:
-            for name in blocked:
-                if name in sys.modules and sys.modules[name] is None:
-                    del sys.modules[name]
-    # lazy: open_clip + torch ~12.6 s to import (python -X importtime)
+def _open_clip() -> Any:
+    """open_clip with our model configs (``resources/*.json``) registered."""
+    # lazy: open_clip takes 4-6 s to import after torch (2-core VM, loaded); the config side reads its JSON instead
     import open_clip
 
-    for name, _, modules in _BACKENDS:
-        if name in needed and getattr(sys.modules.get(modules[0]), name, "") is None:  # imported without it
-            for mod in modules:
-                if mod in sys.modules:
-                    importlib.reload(sys.modules[mod])  # in place: classes open_clip already holds see it too
     if TINY not in open_clip.list_models():
         for cfg in sorted(_RESOURCES.glob("*.json")):  # tiny.json, tiny-random.json: model name = file stem
             open_clip.add_model_config(cfg)
@@ -180,14 +145,12 @@ def fetch_pretrained(cfg: EncoderConfig) -> str | None:
     pre = cfg.pretrained
     if not pre or is_weights_location(pre):
         return None
-    # lazy: open_clip + torch ~12.6 s to import (python -X importtime)
-    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
-
-    source = get_pretrained_cfg(cfg.model_name, pre)
+    oc = _open_clip()
+    source = oc.get_pretrained_cfg(cfg.model_name, pre)
     if not source:
         return None  # validate_config names an unknown tag
     try:
-        return download_pretrained(source) or None
+        return oc.download_pretrained(source) or None
     except Exception as exc:  # noqa: BLE001 - no network, no hub, a proxy error: one clear message
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"cannot fetch the CLIP weights {cfg.model_name}/{pre} from the model hub "
@@ -258,17 +221,15 @@ class ClipEncoder:
     """A loaded open_clip model in eval mode with its preprocessing and tokenizer."""
 
     def __init__(self, cfg: EncoderConfig, model: torch.nn.Module, device: torch.device, precision: str):
-        oc = _open_clip(cfg.model_name)
-        # lazy: open_clip + torch ~12.6 s to import (python -X importtime)
-        from open_clip.transform import PreprocessCfg, image_transform_v2
-
+        oc = _open_clip()
         self.cfg = cfg
         self.model = model
         self.device = device
         self.precision = precision
         self.spec = spec_from_dict(dict(model.visual.preprocess_cfg))
         # open_clip's eval transform, PIL image -> float tensor (3, H, W); its geometry alone, PIL -> uint8 (H, W, 3)
-        self.preprocess = image_transform_v2(PreprocessCfg(**asdict(self.spec)), is_train=False)
+        self.preprocess = oc.transform.image_transform_v2(oc.transform.PreprocessCfg(**asdict(self.spec)),
+                                                          is_train=False)
         self.resize = ImageResizer(self.spec)
         self._tokenizer = oc.get_tokenizer(cfg.model_name)
         self._mean = torch.tensor(self.spec.mean, device=device).view(1, 3, 1, 1)
@@ -331,7 +292,7 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", precisi
     validate_config(cfg)
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    oc = _open_clip(cfg.model_name)
+    oc = _open_clip()
     weights = resolve_weights(cfg.pretrained) if cfg.pretrained else shipped_weights(cfg.model_name)
     # Seeded init without touching the caller's RNG: `tiny-random` (and any random-weights model) is
     # then identical in every process. Built on the CPU so the init does not depend on the device.
