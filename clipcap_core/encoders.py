@@ -214,7 +214,14 @@ def resolve_precision(precision: str, device: Any) -> str:
     return precision
 
 
-_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast to ``precision``'s dtype for "fp16" / "bf16", no-op for "fp32"."""
+    if precision in AMP_DTYPES:
+        return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[precision])
+    return contextlib.nullcontext()
 
 
 class ClipEncoder:
@@ -248,15 +255,10 @@ class ClipEncoder:
     def tag(self) -> str:
         return encoder_tag(self.cfg)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision in _AUTOCAST:
-            return torch.autocast(device_type=self.device.type, dtype=_AUTOCAST[self.precision])
-        return contextlib.nullcontext()
-
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor) -> np.ndarray:
         """Preprocessed images (B, 3, H, W) -> unnormalised image embeddings np.float32 (B, D)."""
-        with self._autocast():
+        with autocast(self.precision, self.device):
             out = self.model.encode_image(images.to(self.device, non_blocking=True))
         return out.float().cpu().numpy()
 
@@ -269,7 +271,7 @@ class ClipEncoder:
         x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1], like ToTensor
         x = (x - self._mean) / self._std
-        with self._autocast():
+        with autocast(self.precision, self.device):
             out = self.model.encode_image(x)
         return out.float().cpu().numpy()
 
@@ -277,7 +279,7 @@ class ClipEncoder:
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """Captions -> unnormalised text embeddings np.float32 (B, D)."""
         tokens = self._tokenizer(list(texts)).to(self.device)
-        with self._autocast():
+        with autocast(self.precision, self.device):
             out = self.model.encode_text(tokens)
         return out.float().cpu().numpy()
 

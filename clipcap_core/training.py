@@ -4,7 +4,6 @@ train step with gradient clipping and mixed precision, evaluation loss and held-
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -18,11 +17,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from clipcap_core.decoding import generate
+from clipcap_core.encoders import autocast
 from clipcap_core.metrics import heldout_metrics
 from clipcap_core.model import ClipCapModel, trainable_parameters
 from clipcap_core.tokenizer import encode_caption
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,12 +171,6 @@ def make_optimizer_and_scheduler(model: nn.Module, cfg: TrainConfig, total_steps
         return max(0.0, (total_steps - step) / (total_steps - warmup))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision in AMP_DTYPES:
-        return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[precision])
-    return contextlib.nullcontext()
 
 
 def make_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
