@@ -44,8 +44,7 @@ def build_artifact(out: str, seed: int = 0) -> None:
 
     from clipcap_core.artifacts import save_model
     from clipcap_core.encoders import EncoderConfig
-    from clipcap_core.mapping import MappingConfig
-    from clipcap_core.model import LMConfig, ModelConfig, build_model
+    from clipcap_core.model import LMConfig, MappingConfig, ModelConfig, build_model
     from clipcap_core.tokenizer import build_word_tokenizer
 
     vocab = GPT2Config().vocab_size
@@ -107,7 +106,7 @@ def run_reference(images: list[bytes], model_uri: str, args: argparse.Namespace,
                   threads: int, count: int) -> dict:
     """CLIP one image at a time, then the authors' per-image decoding: wall and CPU seconds per stage."""
     from clipcap_core.artifacts import load_model
-    from clipcap_core.encoder_model import load_encoder
+    from clipcap_core.encoders import load_encoder
     from clipcap_core.imaging import decode_image
     from clipcap_core.reference import generate2, generate_beam
 

@@ -30,8 +30,7 @@ import torch
 def build(device: str, seed: int = 0):
     from transformers import GPT2Config
 
-    from clipcap_core.mapping import MappingConfig
-    from clipcap_core.model import LMConfig, ModelConfig, build_model
+    from clipcap_core.model import LMConfig, MappingConfig, ModelConfig, build_model
     from clipcap_core.tokenizer import build_word_tokenizer
 
     vocab = GPT2Config().vocab_size

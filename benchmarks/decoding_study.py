@@ -30,9 +30,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from clipcap_core.clipscore import ClipScorer
-    from clipcap_core.encoder_model import load_encoder
-    from clipcap_core.encoders import EncoderConfig
+    from clipcap_core.encoders import EncoderConfig, load_encoder
+    from clipcap_core.metrics import ClipScorer
     from pipelines.evaluate.decoding_study import DecodingOptions, decoding_study, format_table
     from tests.quality import recipe
 

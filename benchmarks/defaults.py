@@ -36,8 +36,7 @@ def train(args: list[str]) -> dict:
 
 def main() -> None:
     from clipcap_core import synthetic
-    from clipcap_core.encoder_model import load_encoder
-    from clipcap_core.encoders import EncoderConfig
+    from clipcap_core.encoders import EncoderConfig, load_encoder
     from pipelines.clip.tiny import zero_shot_captions
     from pipelines.demo.run import (
         DemoConfig,

@@ -57,8 +57,7 @@ def load_pixels(model: str, n: int, ckpt: Path | None = None, device: str = "cpu
     import numpy as np
 
     from clipcap_core import imaging, synthetic
-    from clipcap_core.encoder_model import load_encoder
-    from clipcap_core.encoders import EncoderConfig
+    from clipcap_core.encoders import EncoderConfig, load_encoder
 
     enc = load_encoder(EncoderConfig(model_name=model, pretrained=str(ckpt) if ckpt else None), device=device,
                        precision="auto")

@@ -41,13 +41,13 @@ MUTATIONS: tuple[Mutation, ...] = (
              "position after end-of-text is", "clipcap_core/training.py",
              "mask[i, : len(x)] = 1.0", "mask[i, 1: len(x) + 1] = 1.0"),
     Mutation("prefix_not_normalised", "the mapping ignores normalize_prefix: DeCap trains on raw text embeddings "
-             "(norm ~15) and decodes unit memory projections", "clipcap_core/mapping.py",
+             "(norm ~15) and decodes unit memory projections", "clipcap_core/model.py",
              "if self.cfg.normalize_prefix:", "if False:"),
     Mutation("wrong_stop_token", "decoding stops at <unk> instead of end-of-text", "clipcap_core/decoding.py",
              "ids = [tokenizer.eos_token_id] if stop_at_eos else []",
              "ids = [tokenizer.unk_token_id] if stop_at_eos else []"),
     Mutation("mapping_reshape", "MLP output (B, k*E) viewed as (k, B, E) then transposed: each image's prefix "
-             "vectors come from other rows of its batch", "clipcap_core/mapping.py",
+             "vectors come from other rows of its batch", "clipcap_core/model.py",
              "return self.net(x).view(x.shape[0], self.k, self.lm_dim)",
              "return self.net(x).view(self.k, x.shape[0], self.lm_dim).transpose(0, 1)"),
     Mutation("captions_shuffled", "training batches pair each caption with the embedding of another key of the "

@@ -153,9 +153,9 @@ def write_checkpoint(path: Path, model: str = "ViT-B-32", seed: int | None = Non
     import open_clip
     import torch
 
-    from clipcap_core import encoder_model, encoders
+    from clipcap_core import encoders
 
-    with torch.random.fork_rng(devices=[]), encoder_model._quiet_random_init(True):  # random on purpose
+    with torch.random.fork_rng(devices=[]), encoders._quiet_random_init():  # random on purpose
         torch.manual_seed(encoders.TINY_SEED if seed is None else seed)
         net = open_clip.create_model(model, pretrained=None, device="cpu", pretrained_text=False)
     path = Path(path)
@@ -283,8 +283,7 @@ def check_embeddings(shards_dir: Path, checkpoint: Path, output: Path, *, n: int
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from clipcap_core.encoder_model import load_encoder
-    from clipcap_core.encoders import EncoderConfig
+    from clipcap_core.encoders import EncoderConfig, load_encoder
 
     output = Path(output)
     emb = np.concatenate([np.load(f) for f in sorted((output / "img_emb").glob("*.npy"))]).astype(np.float32)

@@ -1,7 +1,7 @@
 """Quality figures on held-out synthetic images, with the project's CLIP (``--clip tiny``, the aligned tiny CLIP;
 with the seeded random-weight ``tiny-random`` the figures mean nothing):
 
-1. CLIPScore of the true captions vs the same captions shuffled across images (``clipcap_core.clipscore``);
+1. CLIPScore of the true captions vs the same captions shuffled across images (``clipcap_core.metrics``);
 2. exact-caption rate of the first of 5 sampled candidates vs the CLIP-reranked best of the same 5
    (``pipelines.caption.stages.score_and_rank``, what ``clipcap caption --rerank clip`` runs).
 
@@ -70,7 +70,7 @@ def clip_figures(scorer, emb: np.ndarray, captions: list[str], seed: int) -> dic
 def rerank_figures(model, tok, scorer, emb: np.ndarray, captions: list[str], n: int, temperature: float,
                    seed: int) -> dict[str, float]:
     from clipcap_core.decoding import generate
-    from clipcap_core.evaluation import exact_matches
+    from clipcap_core.metrics import exact_matches
     from pipelines.caption.stages import score_and_rank
 
     gen = generate(model, emb, tok, "sample", n=n, temperature=temperature, max_length=16, seed=seed)
@@ -99,9 +99,8 @@ def main() -> None:
     args = p.parse_args()
 
     from clipcap_core import synthetic
-    from clipcap_core.clipscore import ClipScorer
-    from clipcap_core.encoder_model import load_encoder
-    from clipcap_core.encoders import EncoderConfig
+    from clipcap_core.encoders import EncoderConfig, load_encoder
+    from clipcap_core.metrics import ClipScorer
 
     t0 = time.perf_counter()
     enc_cfg = EncoderConfig(model_name=args.clip, pretrained=args.clip_pretrained)

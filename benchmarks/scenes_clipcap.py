@@ -40,8 +40,7 @@ ATTRIBUTES = ("exact", "count", "size", "color", "shape", "relation")
 
 def zero_shot(n: int, seed: int) -> dict[str, float]:
     """``tiny-scenes`` top-1 on the held-out images of each half (the ``test`` / ``novel`` samples of ``seed``)."""
-    from clipcap_core.encoder_model import load_encoder
-    from clipcap_core.encoders import EncoderConfig
+    from clipcap_core.encoders import EncoderConfig, load_encoder
     from pipelines.clip.tiny_scenes import zero_shot_scenes
 
     enc = load_encoder(EncoderConfig(model_name=CLIP))

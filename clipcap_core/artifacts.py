@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import shutil
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,11 +27,10 @@ import clipcap_core
 from clipcap_core.configs import from_dict, strict_json, to_dict
 from clipcap_core.decap import DecapMemory
 from clipcap_core.encoders import describe_weights
-from clipcap_core.mapping import Mapping
-from clipcap_core.model import ClipCapModel, ModelConfig, build_model, load_pretrained_lm
-from clipcap_core.presets import PRESETS
+from clipcap_core.model import ClipCapModel, Mapping, ModelConfig, build_model, load_pretrained_lm
+from clipcap_core.presets import PRESETS, preset_config
 from clipcap_core.tokenizer import load_tokenizer
-from clipcap_core.uris import exists, is_remote, local_copy, safe_join, upload_dir
+from clipcap_core.uris import exists, local_copy, safe_join, upload_dir
 
 SCHEMA_VERSION = 1
 CONFIG, MAPPING, LM, TOKENIZER, METRICS, CARD = ("config.json", "mapping.safetensors", "lm.safetensors",
@@ -49,10 +48,6 @@ class LoadedModel:
     decap: DecapMemory | None = None
 
 
-def _lm_is_saved(cfg: ModelConfig) -> bool:
-    return not cfg.lm.freeze or cfg.lm.config is not None
-
-
 def save_model(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, uri: str,
                metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
                decap: DecapMemory | None = None) -> None:
@@ -65,10 +60,10 @@ def save_model(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, uri: str
         check_finite(decap.state()[0], "DeCap memory")
     with tempfile.TemporaryDirectory(prefix="clipcap-artifact-") as tmp:
         root = Path(tmp)
-        save_file(_cpu_state(model.mapping.state_dict()), str(root / MAPPING), metadata={"format": "pt"})
+        save_file(_cpu_state(model.mapping), str(root / MAPPING), metadata={"format": "pt"})
         lm_config = None
-        if _lm_is_saved(cfg):
-            save_file(_cpu_state(_untied_lm_state(model.lm)), str(root / LM), metadata={"format": "pt"})
+        if not cfg.lm.freeze or cfg.lm.config is not None:  # a frozen pretrained LM is referenced, not saved
+            save_file(_cpu_state(model.lm), str(root / LM), metadata={"format": "pt"})
             lm_config = model.lm.config.to_dict()
         tokenizer.save_pretrained(str(root / TOKENIZER))
         if decap is not None:
@@ -86,22 +81,9 @@ def save_model(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, uri: str
             **(extra or {}),
         }
         (root / CARD).write_text(_model_card(meta, metrics or {}))
-        body = strict_json(meta)
-        if is_remote(uri):
-            upload_dir(root, uri)  # config.json is not there yet: it goes last
-
-            with fsspec.open(f"{uri.rstrip('/')}/{CONFIG}", "w") as f:
-                f.write(body)
-        else:
-            out = Path(uri.removeprefix("file://"))
-            out.mkdir(parents=True, exist_ok=True)
-            for item in root.iterdir():
-                dest = out / item.name
-                if item.is_dir():
-                    shutil.copytree(item, dest, dirs_exist_ok=True)
-                else:
-                    shutil.copy2(item, dest)
-            (out / CONFIG).write_text(body)
+        upload_dir(root, uri)  # config.json is not there yet: it goes last
+        with fsspec.open(f"{uri.rstrip('/')}/{CONFIG}", "w") as f:
+            f.write(strict_json(meta))
 
 
 def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
@@ -112,20 +94,19 @@ def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
                          + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
 
-def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-
-
-def _untied_lm_state(lm: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """LM state without tensors that share storage with an earlier one (tied output embedding)."""
+def _distinct_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s tensors by name, a tensor listed under several names (a tied weight) under its first only."""
     seen: set[int] = set()
     out = {}
-    for k, v in lm.state_dict().items():
-        if v.data_ptr() in seen:
-            continue
-        seen.add(v.data_ptr())
-        out[k] = v
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out[name] = tensor
     return out
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in _distinct_state(module).items()}
 
 
 def _model_card(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
@@ -143,7 +124,7 @@ def _model_card(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
         *(f"- {k}: {v}" for k, v in sorted(metrics.items())),
         *([] if metrics else ["- none recorded (no held-out evaluation ran); `clipcap evaluate` scores a caption run"]),
         *(["", "## Training recipe", "", *(f"- {k}: {v}" for k, v in sorted(train.items()))] if train else []),
-        "", "## Use", "", "```python", "from clipcap_core import Captioner",
+        "", "## Use", "", "```python", "from clipcap_core.captioner import Captioner",
         "captioner = Captioner.from_pretrained('<this directory or URI>')",
         "captioner.caption(images=['photo.jpg'])", "```", "",
     ]
@@ -195,9 +176,7 @@ def _check_safetensors(f: Any, size: int) -> dict[str, Any]:
         if name == "__metadata__":
             continue
         begin, stop = info["data_offsets"]
-        count = 1
-        for d in info["shape"]:
-            count *= int(d)
+        count = math.prod(int(d) for d in info["shape"])
         if info["dtype"] not in _ST_DTYPE_BYTES or stop - begin != count * _ST_DTYPE_BYTES[info["dtype"]]:
             raise ValueError(f"tensor {name!r}: {info['dtype']} {info['shape']} does not fit bytes {begin}..{stop}")
         end = max(end, stop)
@@ -224,18 +203,6 @@ def _check_finite_tensors(f: Any, header: dict[str, Any]) -> None:
                          + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
 
-def _distinct_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Name and shape of each distinct tensor of ``module`` (a tied weight under its first name only, as
-    ``save_model`` writes it)."""
-    seen: set[int] = set()
-    shapes = {}
-    for name, tensor in module.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            shapes[name] = tuple(tensor.shape)
-    return shapes
-
-
 def expected_shapes(meta: dict[str, Any]) -> dict[str, dict[str, tuple[int, ...]]]:
     """Per weights file, the tensors (name -> shape) the model of config.json needs, from a skeleton built on
     the meta device (no memory, no initialisation). An artifact whose LM is the unchanged base LM has no
@@ -248,7 +215,8 @@ def expected_shapes(meta: dict[str, Any]) -> dict[str, dict[str, tuple[int, ...]
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(lm_config)
         mapping = Mapping(cfg.mapping, cfg.clip_dim, int(lm.get_input_embeddings().weight.shape[1]))
-    return {meta["weights"]["mapping"]: _distinct_shapes(mapping), meta["weights"]["lm"]: _distinct_shapes(lm)}
+    return {meta["weights"][part]: {k: tuple(v.shape) for k, v in _distinct_state(module).items()}
+            for part, module in (("mapping", mapping), ("lm", lm))}
 
 
 def fit_problems(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]],
@@ -306,20 +274,16 @@ def is_preset(uri_or_preset: str) -> bool:
 
 def read_config(uri_or_preset: str) -> ModelConfig:
     """The ModelConfig of an artifact or preset, without loading weights (for checks before work starts)."""
-    from clipcap_core.presets import PRESETS, preset_config
-
-    if uri_or_preset in PRESETS and not exists(uri_or_preset):
+    if is_preset(uri_or_preset):
         return preset_config(uri_or_preset)
     return from_dict(ModelConfig, read_metadata(uri_or_preset)["model"])
 
 
 def load_model(uri_or_preset: str, device: str | torch.device = "cpu", precision: str = "fp32") -> LoadedModel:
     """Load an artifact (any fsspec URI) or build an untrained preset model (``"tiny"``...)."""
-    from clipcap_core.presets import PRESETS, preset_config
-
     if precision not in DTYPES:
         raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
-    if uri_or_preset in PRESETS and not exists(uri_or_preset):
+    if is_preset(uri_or_preset):
         cfg = preset_config(uri_or_preset)
         tokenizer = load_tokenizer(cfg.tokenizer_source)
         with torch.random.fork_rng(devices=[]):
@@ -358,8 +322,6 @@ def _load_lm(root: Path, meta: dict[str, Any], cfg: ModelConfig) -> PreTrainedMo
     if not meta["weights"]["lm"]:
         return load_pretrained_lm(cfg.lm.name_or_path)
     # Reassemble a from_pretrained directory (config + weights): HF handles tied weights and skips random init.
-    from transformers import AutoModelForCausalLM
-
     with tempfile.TemporaryDirectory(prefix="clipcap-lm-") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(meta["lm_config"]))
         (Path(tmp) / "model.safetensors").symlink_to(_weights_path(root, meta, "lm").resolve())

@@ -14,7 +14,7 @@ from PIL import Image
 from clipcap_core.artifacts import LoadedModel, load_model
 from clipcap_core.decap import ProjectionConfig, resolve_projection
 from clipcap_core.decoding import Generation, generate
-from clipcap_core.encoder_model import load_encoder
+from clipcap_core.encoders import load_encoder
 from clipcap_core.imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, to_rgb
 
 ImageInput = Image.Image | str | os.PathLike[str] | bytes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,6 +25,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# type -> (accepted Python types, its name in messages); a bool is accepted as a bool only
+_SCALARS = {float: ((int, float), "a number"), int: (int, "an integer"), bool: (bool, "true/false"),
+            str: (str, "a string")}
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:  # noqa: C901 - one branch per supported type
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -32,14 +38,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:  # noqa: C901 - one branch p
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, path)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            with contextlib.suppress(ConfigError):
+                if arg is not type(None):
+                    return _coerce(value, arg, path)
         raise ConfigError(f"{path}: {value!r} does not match {_type_name(tp)}")
     if origin is typing.Literal:
         if value not in args:
@@ -62,22 +64,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:  # noqa: C901 - one branch p
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
         val_tp = args[1] if len(args) == 2 else Any
         return {str(k): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {type(value).__name__} {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
-        return value
+    if tp in _SCALARS:
+        kinds, what = _SCALARS[tp]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and tp is not bool):
+            raise ConfigError(f"{path}: expected {what}, got {type(value).__name__} {value!r}")
+        return float(value) if tp is float else value
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value

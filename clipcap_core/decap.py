@@ -199,6 +199,15 @@ def _table_files(uri: str) -> list[str]:
     return [prefix + n for n in names]
 
 
+def _embedding_field(f: Any, file: str) -> pa.Field:
+    """The ``text_embedding`` field of the Parquet file open as ``f`` (a clear error for any other table)."""
+    schema = pq.read_schema(f)
+    if TEXT_EMBEDDING not in schema.names:
+        raise ValueError(f"{file} is not a text-embedding table: no {TEXT_EMBEDDING!r} column "
+                         f"(has {schema.names}); make one with `clipcap embed-text`")
+    return schema.field(TEXT_EMBEDDING)
+
+
 def load_memory_table(uri: str, *, tau: float = DEFAULT_TAU, max_rows: int | None = None,
                       seed: int = 0) -> DecapMemory:
     """A memory from the ``text_embedding`` column of a text-embedding table (a folder or one file); with
@@ -206,10 +215,7 @@ def load_memory_table(uri: str, *, tau: float = DEFAULT_TAU, max_rows: int | Non
     parts = []
     for file in _table_files(uri):
         with fsspec.open(file, "rb") as f:
-            schema = pq.read_schema(f)
-            if TEXT_EMBEDDING not in schema.names:
-                raise ValueError(f"{file} is not a text-embedding table: no {TEXT_EMBEDDING!r} column "
-                                 f"(has {schema.names}); make one with `clipcap embed-text`")
+            _embedding_field(f, file)
             f.seek(0)
             parts.append(pq.read_table(f, columns=["key", TEXT_EMBEDDING]))
     table = pa.concat_tables(parts)
@@ -239,11 +245,7 @@ def memory_table_dim(uri: str) -> int:
     dims = set()
     for file in _table_files(uri):
         with fsspec.open(file, "rb") as f:
-            schema = pq.read_schema(f)
-        if TEXT_EMBEDDING not in schema.names:
-            raise ValueError(f"{file} is not a text-embedding table: no {TEXT_EMBEDDING!r} column "
-                             f"(has {schema.names}); make one with `clipcap embed-text`")
-        col = schema.field(TEXT_EMBEDDING).type
+            col = _embedding_field(f, file).type
         if not pa.types.is_fixed_size_list(col):
             raise ValueError(f"{file}: column {TEXT_EMBEDDING!r} must be fixed_size_list<float>[D], got {col}")
         dims.add(int(col.list_size))

@@ -1,25 +1,29 @@
-"""CLIP image/text encoders (open_clip): loading by name + pretrained tag, local file or object-store URI.
-
-This is the config side: a job driver learns a model's D, preprocessing and output folder from open_clip's JSON
-config files without importing torch; ``load_encoder`` / ``ClipEncoder`` live in ``clipcap_core.encoder_model``.
+"""CLIP image/text encoders (open_clip) by name + pretrained tag, local file or object-store URI: the config
+(``EncoderConfig``; D, preprocessing and output tag read from open_clip's JSON model configs, nothing built) and
+the loaded model (``load_encoder`` -> ``ClipEncoder``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import posixpath
 import re
-import sys
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+import torch
+
 from clipcap_core import uris
-from clipcap_core.preprocess import PreprocessSpec, spec_from_dict
+from clipcap_core.imaging import ImageResizer, PreprocessSpec, spec_from_dict
 
 TINY = "tiny"
 TINY_SEED = 1234
@@ -43,45 +47,11 @@ class EncoderConfig:
     """open_clip tag (openai, laion2b_s34b_b79k...), local file or fsspec URI (s3://...) of the weights"""
 
 
-# Optional backends open_clip imports at its own import for the model families built on them: timm (timm
-# vision towers) and transformers (Hugging Face text towers, CoCa's generation). ~1.6 s of CPU per process,
-# paid by every embed / caption actor at start-up although a ViT / ResNet CLIP uses neither.
-# (backend, what in a model config needs it, the open_clip modules that import it)
-_BACKENDS = (("timm", (("vision_cfg", "timm_model_name"),), ("open_clip.timm_model",)),
-             ("transformers", (("text_cfg", "hf_model_name"), ("multimodal_cfg", None)),
-              ("open_clip.hf_model", "open_clip.coca_model")))
-
-
-def _backends_needed(model_name: str) -> set[str]:
-    cfg = model_configs().get(model_name, {})
-    return {name for name, uses, _ in _BACKENDS
-            if any(part in cfg and (key is None or (cfg[part] or {}).get(key)) for part, key in uses)}
-
-
-def _open_clip(model_name: str | None = None) -> Any:
-    """open_clip with our model configs registered. With ``model_name``: when open_clip is not imported yet, it
-    is imported without the optional backends that model does not use (they read as not installed, as open_clip
-    allows); when a later model in the same process needs one, the open_clip modules using it are reloaded.
-    Without ``model_name`` (tags, tokenizers, configs): open_clip as it is, or a plain full import."""
-    needed = _backends_needed(model_name) if model_name is not None else set()
-    if "open_clip" not in sys.modules and model_name is not None:
-        blocked = [b for b, _, _ in _BACKENDS if b not in needed and b not in sys.modules]
-        for name in blocked:
-            sys.modules[name] = None  # type: ignore[assignment]  # `import name` raises ImportError
-        try:
-            import open_clip  # noqa: F401
-        finally:
-            for name in blocked:
-                if name in sys.modules and sys.modules[name] is None:
-                    del sys.modules[name]
-    # lazy: open_clip + torch ~12.6 s to import (python -X importtime)
+def _open_clip() -> Any:
+    """open_clip with our model configs (``resources/*.json``) registered."""
+    # lazy: open_clip takes 4-6 s to import after torch (2-core VM, loaded); the config side reads its JSON instead
     import open_clip
 
-    for name, _, modules in _BACKENDS:
-        if name in needed and getattr(sys.modules.get(modules[0]), name, "") is None:  # imported without it
-            for mod in modules:
-                if mod in sys.modules:
-                    importlib.reload(sys.modules[mod])  # in place: classes open_clip already holds see it too
     if TINY not in open_clip.list_models():
         for cfg in sorted(_RESOURCES.glob("*.json")):  # tiny.json, tiny-random.json: model name = file stem
             open_clip.add_model_config(cfg)
@@ -175,14 +145,12 @@ def fetch_pretrained(cfg: EncoderConfig) -> str | None:
     pre = cfg.pretrained
     if not pre or is_weights_location(pre):
         return None
-    # lazy: open_clip + torch ~12.6 s to import (python -X importtime)
-    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
-
-    source = get_pretrained_cfg(cfg.model_name, pre)
+    oc = _open_clip()
+    source = oc.get_pretrained_cfg(cfg.model_name, pre)
     if not source:
         return None  # validate_config names an unknown tag
     try:
-        return download_pretrained(source) or None
+        return oc.download_pretrained(source) or None
     except Exception as exc:  # noqa: BLE001 - no network, no hub, a proxy error: one clear message
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"cannot fetch the CLIP weights {cfg.model_name}/{pre} from the model hub "
@@ -244,3 +212,128 @@ def resolve_precision(precision: str, device: Any) -> str:
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     return precision
+
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast to ``precision``'s dtype for "fp16" / "bf16", no-op for "fp32"."""
+    if precision in AMP_DTYPES:
+        return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[precision])
+    return contextlib.nullcontext()
+
+
+class ClipEncoder:
+    """A loaded open_clip model in eval mode with its preprocessing and tokenizer."""
+
+    def __init__(self, cfg: EncoderConfig, model: torch.nn.Module, device: torch.device, precision: str):
+        oc = _open_clip()
+        self.cfg = cfg
+        self.model = model
+        self.device = device
+        self.precision = precision
+        self.spec = spec_from_dict(dict(model.visual.preprocess_cfg))
+        # open_clip's eval transform, PIL image -> float tensor (3, H, W); its geometry alone, PIL -> uint8 (H, W, 3)
+        self.preprocess = oc.transform.image_transform_v2(oc.transform.PreprocessCfg(**asdict(self.spec)),
+                                                          is_train=False)
+        self.resize = ImageResizer(self.spec)
+        self._tokenizer = oc.get_tokenizer(cfg.model_name)
+        self._mean = torch.tensor(self.spec.mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.spec.std, device=device).view(1, 3, 1, 1)
+        self.dim = int(getattr(model.visual, "output_dim", 0) or self._probe_dim())  # read, never assumed
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.model_name
+
+    @property
+    def pretrained(self) -> str | None:
+        return self.cfg.pretrained
+
+    @property
+    def tag(self) -> str:
+        return encoder_tag(self.cfg)
+
+    @torch.inference_mode()
+    def encode_images(self, images: torch.Tensor) -> np.ndarray:
+        """Preprocessed images (B, 3, H, W) -> unnormalised image embeddings np.float32 (B, D)."""
+        with autocast(self.precision, self.device):
+            out = self.model.encode_image(images.to(self.device, non_blocking=True))
+        return out.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Resized uint8 images (B, H, W, 3) -> embeddings np.float32 (B, D) (normalises on the device)."""
+        pixels = np.ascontiguousarray(pixels)
+        if not pixels.flags.writeable:  # e.g. zero-copy views of Ray objects; torch wants writable memory
+            pixels = pixels.copy()
+        x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1], like ToTensor
+        x = (x - self._mean) / self._std
+        with autocast(self.precision, self.device):
+            out = self.model.encode_image(x)
+        return out.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        """Captions -> unnormalised text embeddings np.float32 (B, D)."""
+        tokens = self._tokenizer(list(texts)).to(self.device)
+        with autocast(self.precision, self.device):
+            out = self.model.encode_text(tokens)
+        return out.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def _probe_dim(self) -> int:
+        size = self.spec.size if isinstance(self.spec.size, tuple) else (self.spec.size, self.spec.size)
+        return int(self.model.encode_image(torch.zeros(1, 3, *size, device=self.device)).shape[-1])
+
+
+def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", precision: str = "fp32") -> ClipEncoder:
+    """Build the model of ``cfg`` (validated first) on ``device``; ``precision`` "fp16"/"bf16" = autocast."""
+    validate_config(cfg)
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    oc = _open_clip()
+    weights = resolve_weights(cfg.pretrained) if cfg.pretrained else shipped_weights(cfg.model_name)
+    # Seeded init without touching the caller's RNG: `tiny-random` (and any random-weights model) is
+    # then identical in every process. Built on the CPU so the init does not depend on the device.
+    with torch.random.fork_rng(devices=[]), _quiet_random_init() if weights is None else _skip_init():
+        torch.manual_seed(TINY_SEED)
+        model = oc.create_model(cfg.model_name, pretrained=weights, device="cpu", pretrained_text=False)
+    model = model.to(device).eval()
+    return ClipEncoder(cfg, model, device, precision)
+
+
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """No random init of weights that the checkpoint replaces: open_clip loads full checkpoints with
+    ``strict=True``, so every parameter is overwritten (a missing key fails the load), while buffers it computes
+    (the text tower's causal mask) are not made by ``torch.nn.init``. Saves ~1.5 s of CPU per ViT-B-32 load,
+    on the start-up path of every embed and caption actor. Process-global while it lasts: models are built
+    one at a time in a process."""
+    init = torch.nn.init
+    saved = {n: getattr(init, n) for n in dir(init) if n.endswith("_") and not n.startswith("_")}
+    try:
+        for name in saved:
+            setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
+def _not_random_init_warning(record: logging.LogRecord) -> bool:
+    return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Without ``pretrained`` the seeded init *is* the model (the ``tiny`` preset, speed runs): open_clip's
+    root-logger warning "No pretrained weights loaded ... initialized randomly" would only alarm users who
+    load a trained ClipCap model built on such an encoder."""
+    logging.getLogger().addFilter(_not_random_init_warning)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(_not_random_init_warning)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from clipcap_core.encoders import EncoderConfig
-from clipcap_core.mapping import MappingConfig
-from clipcap_core.model import LMConfig, ModelConfig
+from clipcap_core.model import LMConfig, MappingConfig, ModelConfig
 from clipcap_core.training import PAPER_RECIPE, Recipe
 
 TINY_LM = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64, "n_inner": 256,

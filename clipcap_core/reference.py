@@ -1,6 +1,7 @@
-"""The authors' ClipCap (rmokady/CLIP_prefix_caption) re-implemented: model layout, decoding, checkpoint import.
+"""The authors' ClipCap (rmokady/CLIP_prefix_caption) re-implemented: model layout, decoding, checkpoint import;
+and the import of the DeCap authors' released decoder (dhg-wei/DeCap).
 
-Their decoding is the compatibility tests' oracle and the benchmark baseline; checkpoints load with
+ClipCap's decoding is the compatibility tests' oracle and the benchmark baseline; checkpoints load with
 ``weights_only=True``, so no pickled code runs.
 """
 
@@ -13,15 +14,17 @@ from dataclasses import dataclass
 import fsspec
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from clipcap_core.artifacts import fit_problems, load_weights_into, save_model
+from clipcap_core.decap import DEFAULT_TAU, load_memory_table
 from clipcap_core.encoders import EncoderConfig
-from clipcap_core.mapping import MappingConfig
-from clipcap_core.model import ClipCapModel, LMConfig, ModelConfig, load_pretrained_lm
-from clipcap_core.tokenizer import load_tokenizer
+from clipcap_core.model import ClipCapModel, LMConfig, MappingConfig, ModelConfig, load_pretrained_lm
+from clipcap_core.tokenizer import CLIP_BPE, load_tokenizer
 from clipcap_core.uris import is_remote, local_copy
 
-LEGACY_BUFFERS = re.compile(r"^gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
+# what GPT-2 state dicts saved by transformers < 4.31 carry: in both authors' checkpoints, never loaded
+LEGACY_BUFFERS = re.compile(r"^(gpt|decoder)\.transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 
 
 # ---- their module layout -------------------------------------------------------------------------------------
@@ -233,11 +236,7 @@ class ImportResult:
 
 def import_reference_checkpoint(ckpt: str, out: str, mapping: MappingConfig, clip_dim: int, lm: str = "gpt2",
                                 tokenizer: str | None = None, encoder: EncoderConfig | None = None) -> ImportResult:
-    """Convert a state dict in the authors' layout at ``ckpt`` (any fsspec URI) into our artifact at ``out``.
-    """
-    # lazy: safetensors.torch + torch ~6.7 s to import (python -X importtime)
-    from clipcap_core.artifacts import load_weights_into, save_model
-
+    """Convert a state dict in the authors' layout at ``ckpt`` (any fsspec URI) into our artifact at ``out``."""
     if mapping.kind == "transformer" and mapping.num_heads != 8:
         raise ValueError("the authors' transformer mapper always has 8 heads: use num_heads=8")
     state = read_state_dict(ckpt)
@@ -247,13 +246,8 @@ def import_reference_checkpoint(ckpt: str, out: str, mapping: MappingConfig, cli
     mapping_state = _their_mapping_state(state, mapping.kind, ckpt)
     gpt_state = {k[4:]: v for k, v in state.items() if k.startswith("gpt.") and not LEGACY_BUFFERS.match(k)}
     lm_model, lm_saved = _lm_for_import(lm, gpt_state, ckpt)
-    if encoder is None:
-        name, tag = DEFAULT_ENCODERS.get(clip_dim, (None, None))
-        if name is None:
-            raise ValueError(f"no default CLIP encoder for D={clip_dim}: pass encoder= (--clip)")
-        encoder = EncoderConfig(model_name=name, pretrained=tag)
     cfg = ModelConfig(clip_dim=clip_dim, mapping=mapping, lm=LMConfig(name_or_path=lm, freeze=not lm_saved),
-                      tokenizer=tokenizer, encoder=encoder)
+                      tokenizer=tokenizer, encoder=encoder or _default_encoder(clip_dim))
     model = ClipCapModel(cfg, lm_model)
     load_weights_into(model.mapping, mapping_state, f"{ckpt} with {_flags(mapping, clip_dim)}",
                       show=lambda k: f"clip_project.{translate_key(k, mapping.kind, to_ours=False)}")
@@ -305,13 +299,10 @@ def _lm_for_import(source: str, gpt_state: dict[str, torch.Tensor], ckpt: str) -
     lm = base if base is not None else _lm_from_config(source)
     expected = lm.state_dict()
     tied = getattr(lm.config, "tie_word_embeddings", False)
-    missing = sorted(set(expected) - set(gpt_state) - ({"lm_head.weight"} if tied else set()))
-    unexpected = sorted(set(gpt_state) - set(expected))
-    wrong = [f"gpt.{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-             for k, v in gpt_state.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{ckpt}: LM weights do not fit {source!r}: missing {['gpt.' + k for k in missing[:5]]}, "
-                         f"unexpected {['gpt.' + k for k in unexpected[:5]]}, wrong shapes {wrong[:5]}")
+    needed = {k: tuple(v.shape) for k, v in expected.items() if k in gpt_state or not (tied and k == "lm_head.weight")}
+    problems = fit_problems(needed, {k: tuple(v.shape) for k, v in gpt_state.items()}, show=lambda k: f"gpt.{k}")
+    if problems:
+        raise ValueError(f"{ckpt}: LM weights do not fit {source!r}: {'; '.join(problems)}")
     same = base is not None and all(torch.equal(expected[k], v) for k, v in gpt_state.items())
     if not same:
         lm.load_state_dict(gpt_state, strict=False, assign=base is None)  # assign: a skeleton on "meta"
@@ -333,3 +324,73 @@ def _lm_from_config(source: str) -> nn.Module:
         raise OSError(f"--lm {source!r}: need a hub name or a directory with the LM config: {exc}") from exc
     with torch.device("meta"):  # a skeleton: every weight comes from the checkpoint (no random init)
         return AutoModelForCausalLM.from_config(config)
+
+
+# ---- the DeCap authors' decoder -----------------------------------------------------------------------------
+DECAP_HEADS = 4  # n_head of their decoder_config.pkl
+_PROJECT = ("clip_project.model.0.weight", "clip_project.model.0.bias")
+
+
+def import_decap_checkpoint(ckpt: str, out: str, *, encoder: EncoderConfig | None = None, memory: str | None = None,
+                            tau: float = DEFAULT_TAU, n_head: int = DECAP_HEADS) -> ImportResult:
+    """Convert their ``DeCap`` state dict at ``ckpt`` (any fsspec URI) into our artifact at ``out``;
+    ``memory``: a text-embedding table whose rows the artifact keeps as its DeCap memory."""
+    state = read_state_dict(ckpt)
+    unknown = sorted(k for k in state if not (k in _PROJECT or k.startswith("decoder.")))
+    if unknown or not all(k in state for k in _PROJECT):
+        raise ValueError(f"{ckpt}: not a DeCap checkpoint (need {list(_PROJECT)} and decoder.*; "
+                         f"unexpected {unknown[:5]})")
+    clip_dim = int(state[_PROJECT[0]].shape[1])
+    tokenizer = load_tokenizer(CLIP_BPE)
+    lm_config = decoder_config(state, len(tokenizer), n_head, ckpt)
+    cfg = ModelConfig(clip_dim=clip_dim, mapping=MappingConfig(kind="linear", prefix_length=1, normalize_prefix=True),
+                      lm=LMConfig(name_or_path="decap-decoder", config=lm_config, freeze=False),
+                      tokenizer=CLIP_BPE, encoder=encoder or _default_encoder(clip_dim))
+    model = ClipCapModel(cfg, _decoder(state, lm_config, tokenizer.eos_token_id, ckpt))
+    load_weights_into(model.mapping, {"net.linear.weight": state[_PROJECT[0]], "net.linear.bias": state[_PROJECT[1]]},
+                      f"{ckpt} (DeCap clip_project)")
+    decap = None
+    if memory is not None:
+        decap = load_memory_table(memory, tau=tau)
+        decap.check_dim(clip_dim, what="the DeCap checkpoint")
+    save_model(model, tokenizer, out, extra={"imported_from": str(ckpt), "reference": "decap"}, decap=decap)
+    return ImportResult(config=cfg, lm_saved=True)
+
+
+def decoder_config(state: dict[str, torch.Tensor], vocab_size: int, n_head: int, ckpt: str) -> dict[str, int]:
+    """``GPT2Config`` sizes of their decoder read from the state dict (vocabulary cut to ``vocab_size``)."""
+    wte = state.get("decoder.transformer.wte.weight")
+    wpe = state.get("decoder.transformer.wpe.weight")
+    if wte is None or wpe is None:
+        raise ValueError(f"{ckpt}: no decoder.transformer.wte / wpe weights: not a DeCap checkpoint")
+    if wte.shape[0] < vocab_size:
+        raise ValueError(f"{ckpt}: decoder vocabulary {wte.shape[0]} is smaller than CLIP's BPE ({vocab_size})")
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"decoder\.transformer\.h\.(\d+)\.", k))}
+    n_embd = int(wte.shape[1])
+    if n_embd % n_head:
+        raise ValueError(f"{ckpt}: decoder width {n_embd} is not divisible by {n_head} heads")
+    inner = state.get("decoder.transformer.h.0.mlp.c_fc.weight")
+    return {"vocab_size": vocab_size, "n_positions": int(wpe.shape[0]), "n_embd": n_embd, "n_layer": len(layers),
+            "n_head": n_head, "n_inner": int(inner.shape[1]) if inner is not None else 4 * n_embd}
+
+
+def _decoder(state: dict[str, torch.Tensor], lm_config: dict[str, int], eos: int, ckpt: str) -> torch.nn.Module:
+    """Their GPT-2 decoder holding the checkpoint's weights (strictly: every key, every shape)."""
+    V = lm_config["vocab_size"]
+    weights = {k[len("decoder."):]: v for k, v in state.items()
+               if k.startswith("decoder.") and not LEGACY_BUFFERS.match(k)}
+    head = weights.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head, weights["transformer.wte.weight"]):
+        raise ValueError(f"{ckpt}: decoder.lm_head is not tied to decoder.transformer.wte (their decoder ties them)")
+    weights["transformer.wte.weight"] = weights["transformer.wte.weight"][:V]
+    weights["lm_head.weight"] = weights["transformer.wte.weight"]
+    lm = GPT2LMHeadModel(GPT2Config(**lm_config, bos_token_id=eos, eos_token_id=eos))
+    load_weights_into(lm, weights, f"{ckpt} (DeCap decoder)", show=lambda k: f"decoder.{k}")
+    return lm
+
+
+def _default_encoder(clip_dim: int) -> EncoderConfig:
+    name, tag = DEFAULT_ENCODERS.get(clip_dim, (None, None))
+    if name is None:
+        raise ValueError(f"no default CLIP encoder for D={clip_dim}: pass encoder= (--clip)")
+    return EncoderConfig(model_name=name, pretrained=tag)

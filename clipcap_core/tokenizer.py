@@ -65,12 +65,6 @@ def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, sorted(st.bpe_ranks, key=st.bpe_ranks.__getitem__)
 
 
-def build_clip_tokenizer() -> PreTrainedTokenizerBase:
-    """CLIP's BPE vocabulary as an HF ``CLIPTokenizer`` (end-of-text is eos and pad; text keeps ' .')."""
-    vocab, merges = _clip_bpe()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), clean_up_tokenization_spaces=False)
-
-
 def start_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The token every caption starts with: the tokenizer's bos when it is not also its eos (CLIP), else None."""
     bos = tokenizer.bos_token_id
@@ -94,8 +88,9 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
         from clipcap_core.scenes import VOCABULARY
 
         return build_word_tokenizer(words=VOCABULARY)
-    if source == CLIP_BPE:
-        return build_clip_tokenizer()
+    if source == CLIP_BPE:  # an HF CLIPTokenizer (end-of-text is eos and pad; text keeps ' .')
+        vocab, merges = _clip_bpe()
+        return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), clean_up_tokenization_spaces=False)
 
     if is_remote(source):
         with local_copy(source) as local:

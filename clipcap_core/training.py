@@ -4,7 +4,6 @@ train step with gradient clipping and mixed precision, evaluation loss and held-
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -18,11 +17,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from clipcap_core.decoding import generate
-from clipcap_core.evaluation import heldout_metrics
+from clipcap_core.encoders import autocast
+from clipcap_core.metrics import heldout_metrics
 from clipcap_core.model import ClipCapModel, trainable_parameters
 from clipcap_core.tokenizer import encode_caption
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,12 +173,6 @@ def make_optimizer_and_scheduler(model: nn.Module, cfg: TrainConfig, total_steps
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision in AMP_DTYPES:
-        return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[precision])
-    return contextlib.nullcontext()
-
-
 def make_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
     return torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
 
@@ -298,7 +290,7 @@ def evaluate_captions(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, e
                       max_length: int = 30, batch_size: int = 256, tokenize: str = "simple",
                       clip_scorer: Any = None, **decode: Any) -> dict[str, float]:
     """Held-out caption quality: exact-match accuracy, BLEU-4 and CIDEr of ``strategy`` captions vs ``refs``,
-    plus CLIPScore against ``embeds`` with a ``clipscore.ClipScorer`` of the model's CLIP (the shared
+    plus CLIPScore against ``embeds`` with a ``metrics.ClipScorer`` of the model's CLIP (the shared
     ``evaluation.heldout_metrics``, as ``clipcap evaluate`` computes them)."""
     texts = generate(model, embeds, tokenizer, strategy, max_length=max_length, batch_size=batch_size,
                      **decode).texts

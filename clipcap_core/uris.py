@@ -25,15 +25,10 @@ def is_remote(uri: str | os.PathLike[str]) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
-def _strip_file(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
-
-
 def filesystem(uri: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
                ) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem of ``uri`` and the path inside it."""
-    fs, path = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
-    return fs, path
+    return fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
 
 
 def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -57,7 +52,7 @@ def local_copy(uri: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a local directory holding the files under ``uri`` (the path itself when already local)."""
     text = str(uri)
     if not is_remote(text):
-        yield Path(_strip_file(text))
+        yield Path(text.removeprefix("file://"))
         return
     fs, root = filesystem(text)
     files = fs.find(root)

@@ -437,7 +437,7 @@ def import_reference(args: argparse.Namespace) -> int:
     unless identical to ``--lm``'s weights. Decode like the authors with ``--stop-token .`` (their models never
     learned end-of-text; ``--ignore-eos`` makes it exact even if one shows up) and ``--strategy reference-beam``.
 
-    ``--decap``: the DeCap authors' decoder (``clipcap_core.decap_reference``): mapping, sizes, vocabulary (CLIP's
+    ``--decap``: the DeCap authors' decoder (``clipcap_core.reference``): mapping, sizes, vocabulary (CLIP's
     BPE) and D come from the checkpoint; ``--memory`` stores a text-embedding table as the memory image embeddings
     are projected onto (or give one at caption time). Their greedy decoding is our default ``greedy``.
     """
@@ -457,7 +457,7 @@ def import_reference(args: argparse.Namespace) -> int:
 
 
 def _import_decap(args: argparse.Namespace, encoder: object) -> int:
-    from clipcap_core.decap_reference import import_decap_checkpoint
+    from clipcap_core.reference import import_decap_checkpoint
 
     given = [flag for flag, value in (("--mapping", args.mapping), ("--prefix-length", args.prefix_length),
                                       ("--clip-length", args.clip_length), ("--clip-dim", args.clip_dim),
@@ -472,7 +472,7 @@ def _import_decap(args: argparse.Namespace, encoder: object) -> int:
 
 
 def _import_clipcap(args: argparse.Namespace, encoder: object) -> int:
-    from clipcap_core.mapping import MappingConfig
+    from clipcap_core.model import MappingConfig
     from clipcap_core.reference import import_reference_checkpoint
 
     mapping = MappingConfig(kind=args.mapping, prefix_length=args.prefix_length,

@@ -23,7 +23,7 @@ class ClipActor:
         # lazy: open_clip + torch ~12.6 s to import (python -X importtime); decode tasks import this module
         import torch
 
-        from clipcap_core.encoder_model import load_encoder
+        from clipcap_core.encoders import load_encoder
 
         self.encoder = load_encoder(encoder, device=runtime.actor_device(use_gpu, threads), precision=precision)
         self.call_threads = runtime.CallThreads(threads)

@@ -280,7 +280,7 @@ class Searcher:
 
     def clip(self) -> Any:
         # lazy: torch ~6.7 s to import (python -X importtime)
-        from clipcap_core.encoder_model import load_encoder
+        from clipcap_core.encoders import load_encoder
 
         if self.encoder is None:
             if not self.info.get("clip_model"):

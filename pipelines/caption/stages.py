@@ -11,12 +11,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from clipcap_core.clipscore import ClipScorer, W
-from clipcap_core.clipscore import rerank as clip_order
 from clipcap_core.configs import from_dict
 from clipcap_core.encoders import resolve_precision
-from clipcap_core.imaging import ImageDecodeError, decode_image
-from clipcap_core.preprocess import ImageResizer
+from clipcap_core.imaging import ImageDecodeError, ImageResizer, decode_image
+from clipcap_core.metrics import ClipScorer, W
+from clipcap_core.metrics import rerank as clip_order
 from pipelines import rows, runtime
 from pipelines.clip_actor import ClipActor
 from pipelines.io import sources

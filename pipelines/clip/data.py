@@ -18,7 +18,7 @@ from PIL import Image
 
 from clipcap_core import imaging, uris
 from clipcap_core.encoders import _open_clip
-from clipcap_core.preprocess import ImageResizer, PreprocessSpec
+from clipcap_core.imaging import ImageResizer, PreprocessSpec
 from pipelines.io import schemas, sources, storage, tables
 
 log = logging.getLogger(__name__)

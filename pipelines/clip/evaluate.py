@@ -116,7 +116,7 @@ def synthetic_attributes(predicted: list[str], truth: list[str]) -> dict[str, fl
 def evaluate_clip(cfg: EvalClipConfig) -> dict[str, Any]:
     """Retrieval (and zero-shot with ``classes``) figures of ``cfg.encoder`` on the selected pairs."""
     # lazy: torch ~6.7 s to import (python -X importtime)
-    from clipcap_core.encoder_model import load_encoder
+    from clipcap_core.encoders import load_encoder
 
     classes = read_lines(cfg.classes) if cfg.classes else None
     templates = read_lines(cfg.templates) if cfg.templates else ["{}"]

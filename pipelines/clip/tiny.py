@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file, save_file
 
     from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
-    from clipcap_core.encoder_model import load_encoder
+    from clipcap_core.encoders import load_encoder
     from pipelines.clip.job import ClipTrainJobConfig, run_clip_training
     from pipelines.clip.worker import model_card
 

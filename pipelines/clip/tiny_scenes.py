@@ -164,7 +164,7 @@ def card(name: str, v: Variant, result: Any, figures: dict[str, dict[str, float]
 
 def main(argv: list[str] | None = None) -> int:
     # lazy: torch ~6.7 s to import (python -X importtime)
-    from clipcap_core.encoder_model import load_encoder
+    from clipcap_core.encoders import load_encoder
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", choices=sorted(VARIANTS), required=True, help="which CLIP to make")

@@ -35,8 +35,7 @@ from clipcap_core.artifacts import load_model
 from clipcap_core.clip_eval import l2n
 from clipcap_core.decap import ProjectionConfig
 from clipcap_core.decoding import generate
-from clipcap_core.encoder_model import load_encoder
-from clipcap_core.encoders import EncoderConfig
+from clipcap_core.encoders import EncoderConfig, load_encoder
 from clipcap_core.synthetic import all_captions
 from clipcap_core.synthetic import parse_caption as synthetic_caption
 from clipcap_core.training import TrainConfig

@@ -71,8 +71,7 @@ def write_scenes_tables(root: str, n: int, *, shards: int = 1, seed: int = 0, cl
     shipped CLIP ``clip``, written like ``clipcap embed`` would under ``<root>/embeddings/scenes/<clip>/``: the
     input of ``clipcap study`` on ``scenes`` without the download and embed stages (same CLIP, same metadata)."""
     from clipcap_core import scenes
-    from clipcap_core.encoder_model import load_encoder
-    from clipcap_core.encoders import EncoderConfig
+    from clipcap_core.encoders import EncoderConfig, load_encoder
 
     encoder = load_encoder(EncoderConfig(model_name=clip))
     samples = list(scenes.generate(n, seed=seed, split="train"))

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipcap_core import imaging
-from clipcap_core.preprocess import ImageResizer, PreprocessSpec
+from clipcap_core.imaging import ImageResizer, PreprocessSpec
 from pipelines import rows
 from pipelines.io.sources import SourceConfig, tar_member_problem
 

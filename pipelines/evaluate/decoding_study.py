@@ -72,7 +72,7 @@ def _captions(model: Any, tok: Any, emb: np.ndarray, strategy: str, opts: dict[s
 def decoding_study(model: Any, tok: Any, emb: np.ndarray, refs: list[list[str]], options: DecodingOptions,
                    scorer: Any) -> list[dict[str, Any]]:
     """One row per strategy: images/s of decoding (+ reranking) and the metrics of its captions vs ``refs``."""
-    from clipcap_core.evaluation import evaluate_predictions
+    from clipcap_core.metrics import evaluate_predictions
 
     rows = []
     for label, strategy, opts in options.strategies():
@@ -144,7 +144,7 @@ def save(rows: list[dict[str, Any]], out_dir: str) -> None:
 def run_decoding_study(cfg: DecodingStudyConfig) -> list[dict[str, Any]]:
     """Load the artifact and the (held-out) rows, run every strategy, save and return the table."""
     from clipcap_core.artifacts import load_model
-    from clipcap_core.clipscore import scorer_for
+    from clipcap_core.metrics import scorer_for
 
     files = tables.list_table_files(cfg.tables)
     info = tables.inspect_tables(files)

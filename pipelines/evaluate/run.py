@@ -19,9 +19,9 @@ import pyarrow.compute
 import pyarrow.parquet as pq
 
 from clipcap_core import uris
-from clipcap_core.clipscore import ClipScorer
 from clipcap_core.encoders import embedding_dim
 from clipcap_core.imaging import ImageDecodeError, decode_image
+from clipcap_core.metrics import ClipScorer
 from pipelines.io import schemas, sources, storage
 
 ID_COLUMNS = (schemas.KEY, schemas.IMAGE_ID)  # tried in this order when no id column is named
@@ -434,7 +434,7 @@ def _clip_scores(cfg: EvaluateConfig, enc_cfg: Any, parts: list, m: Matched
                  ) -> tuple[dict[str, list[float]], dict[str, str], dict[str, float]]:
     """Per-image CLIPScore / RefCLIPScore (NaN where the image is missing), problems per id, corpus means."""
     # lazy: torch ~6.7 s to import (python -X importtime)
-    from clipcap_core.encoder_model import load_encoder
+    from clipcap_core.encoders import load_encoder
 
     encoder = load_encoder(enc_cfg, device=cfg.device)
     emb, problems = image_embeddings(parts, set(m.ids), m.resolve, encoder)
@@ -455,7 +455,7 @@ def _clip_scores(cfg: EvaluateConfig, enc_cfg: Any, parts: list, m: Matched
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate ``cfg.predictions`` against ``cfg.references``; write the outputs; return the summary."""
     # lazy: transformers ~1.4 s to import (python -X importtime)
-    from clipcap_core.evaluation import evaluate_predictions
+    from clipcap_core.metrics import evaluate_predictions
 
     storage.check_writable(cfg.output)
     preds = read_predictions(cfg.predictions, id_column=cfg.prediction_id_column, caption_column=cfg.caption_column)

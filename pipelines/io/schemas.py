@@ -98,7 +98,7 @@ CAPTIONS_SCHEMA = pa.schema(
 # (n captions per image -> n rows with ranks 0..n-1; with n = 1, (key) alone is unique).
 CAPTIONS_RANKED_SCHEMA = CAPTIONS_SCHEMA.append(pa.field(RANK, pa.int16(), nullable=False))
 
-# CLIPScore of (image, caption) with the captioner's own CLIP: 2.5 * max(cos, 0) (clipcap_core.clipscore).
+# CLIPScore of (image, caption) with the captioner's own CLIP: 2.5 * max(cos, 0) (clipcap_core.metrics).
 # Caption tables carry it per caption (null when it could not be computed); ``--rerank clip`` orders ``rank``
 # by it (by the cosine underneath, so negative cosines still rank).
 CLIP_SCORE = "clip_score"

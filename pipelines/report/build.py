@@ -23,11 +23,10 @@ import pyarrow.parquet as pq
 
 from clipcap_core import uris
 from clipcap_core.artifacts import load_model, read_metadata
-from clipcap_core.encoder_model import load_encoder
-from clipcap_core.encoders import describe_weights
+from clipcap_core.encoders import describe_weights, load_encoder
 from clipcap_core.imaging import ImageDecodeError, decode_image
-from clipcap_core.interpret import interpret_prefix
 from clipcap_core.metrics import normalize_caption
+from clipcap_core.model import interpret_prefix
 from pipelines.caption import output as caption_output
 from pipelines.caption.output import resolve_table
 from pipelines.evaluate.run import ROWS, number, stem
@@ -285,7 +284,7 @@ def worst_first(rows: list[dict[str, Any]]) -> list[int]:
 
 
 MIN_STEP_ROWS = 3  # fewer step rows draw no line: plot the epoch rows' train loss instead
-HELDOUT = ("exact_match", "bleu4", "cider", "clip_score")  # clipcap_core.evaluation.heldout_metrics
+HELDOUT = ("exact_match", "bleu4", "cider", "clip_score")  # clipcap_core.metrics.heldout_metrics
 
 
 def _pyplot() -> Any:

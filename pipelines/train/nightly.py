@@ -26,7 +26,7 @@ from pipelines.train.state import RunOptions, ScaleConfig
 
 log = logging.getLogger(__name__)
 
-Metric = Literal["cider", "bleu4", "exact_match", "clip_score", "val_loss"]  # clipcap_core.evaluation
+Metric = Literal["cider", "bleu4", "exact_match", "clip_score", "val_loss"]  # clipcap_core.metrics
 LOWER_IS_BETTER = {"val_loss"}
 
 

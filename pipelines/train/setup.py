@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from clipcap_core.clipscore import scorer_for
 from clipcap_core.configs import from_dict, to_dict
 from clipcap_core.encoders import EncoderConfig
+from clipcap_core.metrics import scorer_for
 from pipelines.io import schemas, storage, tables
 
 
@@ -171,7 +171,7 @@ def to_core_batch(batch: dict[str, Any]) -> Any:
 def evaluate_model(model: Any, tokenizer: Any, heldout: pa.Table, *, max_tokens: int = 40,
                    batch_size: int = 64) -> dict[str, float]:
     """Held-out loss + greedy-caption metrics (exact match, BLEU-4, CIDEr, CLIPScore) of ``model`` on ``heldout``
-    (``clipcap_core.evaluation.heldout_metrics``, the code ``clipcap evaluate`` uses)."""
+    (``clipcap_core.metrics.heldout_metrics``, the code ``clipcap evaluate`` uses)."""
     # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.training import collate, evaluate_captions, evaluate_loss
 

@@ -67,9 +67,8 @@ def _trial(config: dict[str, Any]) -> None:
     """One (setting, seed): train, caption the held-out rows greedily, report every metric."""
     from ray import tune
 
-    from clipcap_core.clipscore import scorer_for
     from clipcap_core.decoding import generate
-    from clipcap_core.evaluation import evaluate_predictions
+    from clipcap_core.metrics import evaluate_predictions, scorer_for
     from clipcap_core.model import trainable_parameters
 
     study = from_dict(StudyConfig, config["study"])

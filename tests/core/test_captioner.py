@@ -8,8 +8,9 @@ import io
 import numpy as np
 import pytest
 
-from clipcap_core import Captioner, synthetic
+from clipcap_core import synthetic
 from clipcap_core.artifacts import save_model
+from clipcap_core.captioner import Captioner
 from clipcap_core.decap import DecapMemory
 from clipcap_core.decoding import generate
 from pipelines.cli import main as clipcap

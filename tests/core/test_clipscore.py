@@ -7,9 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from clipcap_core.clipscore import ClipScorer, clip_score, ref_clip_score, ref_similarity, rerank
-from clipcap_core.encoder_model import load_encoder
-from clipcap_core.encoders import EncoderConfig
+from clipcap_core.encoders import EncoderConfig, load_encoder
+from clipcap_core.metrics import ClipScorer, clip_score, ref_clip_score, ref_similarity, rerank
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +68,7 @@ def test_scorer_refuses_embeddings_of_another_clip(encoder):
 def test_heldout_metrics_add_clip_score_with_the_models_clip(encoder):
     """Training / nightly held-out numbers: the CLIP of the model's config scores the captions; a CLIP that
     cannot load or gives another D leaves CLIPScore out instead of failing the run."""
-    from clipcap_core.clipscore import scorer_for
-    from clipcap_core.evaluation import heldout_metrics
+    from clipcap_core.metrics import heldout_metrics, scorer_for
 
     caps = ["one red circle at the top", "two small blue squares on the left"]
     scorer = scorer_for(EncoderConfig(model_name="tiny"), encoder.dim)

@@ -20,11 +20,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from clipcap_core.artifacts import load_model
 from clipcap_core.captioner import Captioner
-from clipcap_core.decap_reference import import_decap_checkpoint
 from clipcap_core.decoding import decode_config, generate
 from clipcap_core.encoders import EncoderConfig
 from clipcap_core.model import caption_loss
 from clipcap_core.presets import PRESETS, RECIPES
+from clipcap_core.reference import import_decap_checkpoint
 from clipcap_core.tokenizer import CLIP_BPE, encode_caption, load_tokenizer
 from clipcap_core.training import TrainConfig, collate, make_optimizer_and_scheduler, train_step
 from pipelines.caption.stages import Decoder
@@ -283,8 +283,7 @@ def test_train_step_uses_the_recipes_label_smoothing(decap):
 def test_a_decoder_trained_on_clip_bpe_emits_start_of_text_first_and_captions_without_it():
     """Trained like the authors (start token first in every target), the decoder's first greedy token is the start
     token, as in their inference; our caption text drops it, as their ``replace`` does."""
-    from clipcap_core.mapping import MappingConfig
-    from clipcap_core.model import LMConfig, ModelConfig, build_model
+    from clipcap_core.model import LMConfig, MappingConfig, ModelConfig, build_model
     from clipcap_core.training import train_loop
 
     tok = load_tokenizer(CLIP_BPE)

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from clipcap_core import encoders, synthetic
-from clipcap_core.encoder_model import load_encoder
 from clipcap_core.encoders import (
     EncoderConfig,
     embedding_dim,
     encoder_tag,
+    load_encoder,
     preprocess_spec,
     resolve_precision,
     validate_config,
@@ -56,7 +55,7 @@ def test_split_preprocessing_matches_full_transform(tiny, images):
 
 
 def test_tiny_weights_identical_in_every_process(tiny):
-    code = ("from clipcap_core.encoders import EncoderConfig; from clipcap_core.encoder_model import load_encoder; "
+    code = ("from clipcap_core.encoders import EncoderConfig; from clipcap_core.encoders import load_encoder; "
             "m = load_encoder(EncoderConfig()).model; "
             "print(repr(float(sum(p.double().abs().sum() for p in m.parameters()))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -172,8 +171,7 @@ def test_config_side_reads_what_open_clip_reads():
 
     from open_clip.transform import PreprocessCfg
 
-    from clipcap_core import encoders
-    from clipcap_core.preprocess import spec_from_dict
+    from clipcap_core.imaging import spec_from_dict
 
     oc = encoders._open_clip()
     assert encoders.OPEN_CLIP_PREPROCESS == asdict(PreprocessCfg())
@@ -188,34 +186,3 @@ def test_config_side_reads_what_open_clip_reads():
                (None, PreprocessCfg().mean))
     assert preprocess_spec(EncoderConfig(model_name=tag[0], pretrained=tag[1])).mean == tuple(
         oc.get_pretrained_cfg(*tag)["mean"])
-
-
-def test_open_clip_imported_without_backends_the_model_does_not_use(tmp_path):
-    """An actor loading a ViT CLIP imports open_clip without timm / transformers (~1.6 s of CPU per actor at
-    start-up); a timm-tower CLIP built later in the same process still works (open_clip's timm module is
-    reloaded), and both libraries stay importable for other code (the captioner's GPT-2)."""
-    import json
-
-    spec = json.loads((Path(encoders.__file__).parent / "resources/tiny.json").read_text())
-    cfg = {"embed_dim": 32, "text_cfg": spec["text_cfg"],
-           "vision_cfg": {"timm_model_name": "resnet10t", "timm_model_pretrained": False, "timm_pool": "avg",
-                          "timm_proj": "linear", "image_size": 64}}
-    (tmp_path / "tiny-timm.json").write_text(json.dumps(cfg))
-    code = f"""
-import sys
-import numpy as np
-from clipcap_core import encoders as e
-from clipcap_core.encoder_model import load_encoder
-tiny = load_encoder(e.EncoderConfig())
-print(sorted(m for m in ("timm", "transformers") if m in sys.modules))
-known = e.model_configs()
-e.model_configs = lambda: {{**known, "tiny-timm": {cfg!r}}}
-e._open_clip().add_model_config({str(tmp_path / "tiny-timm.json")!r})
-timm_clip = load_encoder(e.EncoderConfig(model_name="tiny-timm"))
-print(timm_clip.dim, timm_clip.encode_pixels(np.zeros((2, 64, 64, 3), np.uint8)).shape, "timm" in sys.modules)
-import transformers
-print(tiny.encode_text(["a red square"]).shape)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.splitlines() == ["[]", "32 (2, 32) True", "(1, 128)"], out.stdout

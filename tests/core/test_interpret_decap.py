@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clipcap_core.decap import DecapMemory
-from clipcap_core.interpret import interpret_prefix, nearest_tokens
+from clipcap_core.model import interpret_prefix, nearest_tokens
 from tests.core.core_helpers import sharp_model
 
 

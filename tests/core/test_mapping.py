@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clipcap_core.configs import ConfigError, from_dict
-from clipcap_core.mapping import Mapping, MappingConfig
+from clipcap_core.model import Mapping, MappingConfig
 from tests.core.core_helpers import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")

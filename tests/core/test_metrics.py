@@ -66,7 +66,7 @@ def test_corpus_and_per_image_scores_equal_pycocoevalcap_called_directly(monkeyp
     import pycocoevalcap.eval as coco_eval
     from pycocotools.coco import COCO
 
-    from clipcap_core.evaluation import evaluate_predictions
+    from clipcap_core.metrics import evaluate_predictions
 
     class NoSpice:  # COCOEvalCap always runs SPICE last; offline it cannot, so it scores nothing here
         def method(self):

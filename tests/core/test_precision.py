@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipcap_core.encoder_model import load_encoder
-from clipcap_core.encoders import EncoderConfig
+from clipcap_core.encoders import EncoderConfig, load_encoder
 from clipcap_core.training import TrainConfig, collate, make_optimizer_and_scheduler, train_step
 from tests.core.core_helpers import one_thread, sharp_model, synthetic_embeddings  # noqa: F401
 

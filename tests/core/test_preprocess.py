@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipcap_core.preprocess import ImageResizer, PreprocessSpec
+from clipcap_core.imaging import ImageResizer, PreprocessSpec
 
 SHAPES = [(1, 1), (7, 300), (300, 7), (223, 224), (224, 224), (225, 224), (640, 480), (479, 641), (33, 1000),
           (1000, 999), (64, 64), (65, 63), (150, 225)]

@@ -13,8 +13,7 @@ from transformers import GPT2LMHeadModel
 
 from clipcap_core.artifacts import LM, load_model
 from clipcap_core.decoding import generate
-from clipcap_core.mapping import MappingConfig
-from clipcap_core.model import LMConfig, ModelConfig, build_model
+from clipcap_core.model import LMConfig, MappingConfig, ModelConfig, build_model
 from clipcap_core.reference import (
     LEGACY_BUFFERS,
     AuthorsClipCap,

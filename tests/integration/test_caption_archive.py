@@ -194,7 +194,7 @@ def test_each_key_gets_the_caption_of_its_own_image(ray_cluster, s3_uri, trained
     assert summary.images == len(samples) and got == want
     assert len(set(want.values())) >= 3, f"the model does not tell the images apart: {want}"
     # CLIPScore of each row: its own image against its own caption (the fused actor reuses its CLIP for the text)
-    from clipcap_core.clipscore import ClipScorer
+    from clipcap_core.metrics import ClipScorer
 
     keys = list(members)
     scores = ClipScorer(captioner.encoder).score(captioner.embed_images([members[k] for k in keys]),

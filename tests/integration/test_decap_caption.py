@@ -16,8 +16,7 @@ from clipcap_core import synthetic, uris
 from clipcap_core.artifacts import load_model, save_model
 from clipcap_core.captioner import Captioner
 from clipcap_core.decap import DecapMemory, ProjectionConfig
-from clipcap_core.encoder_model import load_encoder
-from clipcap_core.encoders import EncoderConfig
+from clipcap_core.encoders import EncoderConfig, load_encoder
 from pipelines.caption.job import prepare
 from pipelines.cli import caption_config as config_from_args
 from pipelines.cli import command_parser, main

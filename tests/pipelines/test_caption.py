@@ -72,7 +72,7 @@ def test_empty_part_is_marked_done_under_meta_without_a_0_row_part_file(tmp_path
 @pytest.fixture(scope="module")
 def tiny_resizer():
     from clipcap_core.encoders import EncoderConfig, preprocess_spec
-    from clipcap_core.preprocess import ImageResizer
+    from clipcap_core.imaging import ImageResizer
 
     return ImageResizer(preprocess_spec(EncoderConfig()))
 

@@ -8,8 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipcap_core.decoding import DecodeConfig
-from clipcap_core.encoder_model import load_encoder
-from clipcap_core.encoders import EncoderConfig
+from clipcap_core.encoders import EncoderConfig, load_encoder
 from pipelines.caption.job import CaptionConfig, _run_record
 from pipelines.caption.output import PartCommitter, part_uri
 from pipelines.caption.stages import CaptionStage, score_and_rank
@@ -26,7 +25,7 @@ def _cos(a, b) -> float:
 
 
 def test_score_and_rank_orders_by_clip_similarity_and_scores_each_caption(encoder):
-    from clipcap_core.clipscore import ClipScorer
+    from clipcap_core.metrics import ClipScorer
 
     texts = [["one red circle", "two blue squares", "three green triangles"],
              ["a small circle", "a large square", "one red circle"]]

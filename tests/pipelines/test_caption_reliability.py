@@ -283,7 +283,7 @@ def test_stages_give_each_key_the_caption_of_its_own_image(trained_model, tmp_pa
     from clipcap_core import synthetic
     from clipcap_core.captioner import Captioner
     from clipcap_core.encoders import preprocess_spec
-    from clipcap_core.preprocess import ImageResizer
+    from clipcap_core.imaging import ImageResizer
     from pipelines.caption.stages import CaptionStage, inspect_model, read_decode_part
     from pipelines.clip_actor import ClipActor
     from pipelines.demo.run import write_archive

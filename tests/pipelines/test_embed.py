@@ -12,8 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipcap_core import synthetic, uris
-from clipcap_core.encoder_model import load_encoder
-from clipcap_core.encoders import EncoderConfig
+from clipcap_core.encoders import EncoderConfig, load_encoder
 from pipelines.embed import stages as st
 from pipelines.embed.job import EmbedConfig, EmbedResources, ShardCommitter, pending_shards, run_embed
 from pipelines.io import schemas, storage
@@ -227,7 +226,7 @@ def test_a_retried_block_does_not_duplicate_rows(tmp_path):
     carries its member index in the shard, so the copy is dropped instead of becoming rows (or 'duplicate key'
     errors, or a shard that looks over-full)."""
     from clipcap_core.encoders import preprocess_spec
-    from clipcap_core.preprocess import ImageResizer
+    from clipcap_core.imaging import ImageResizer
     from pipelines.clip_actor import ClipActor
 
     write_shard(tmp_path / "00000.tar", good_samples(5, 0))
@@ -281,7 +280,7 @@ def test_shard_reader_refuses_unsafe_members_like_the_caption_readers():
     assert "link" in samples["linked"].refused
     assert "too large" in samples["big"].refused and not samples["big"].files
     from clipcap_core.encoders import preprocess_spec
-    from clipcap_core.preprocess import ImageResizer
+    from clipcap_core.imaging import ImageResizer
 
     resizer = ImageResizer(preprocess_spec(EncoderConfig(model_name="tiny")))
     rows = {k: decode_sample(s, resizer, "00000") for k, s in samples.items()}

@@ -15,8 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipcap_core import uris
-from clipcap_core.encoder_model import load_encoder
-from clipcap_core.encoders import EncoderConfig
+from clipcap_core.encoders import EncoderConfig, load_encoder
 from pipelines import rows
 from pipelines.clip_actor import ClipActor
 from pipelines.embed import stages as st

@@ -111,8 +111,7 @@ def test_ids_that_collide_under_stem_matching_are_a_clear_error(tmp_path):
 
 
 def test_evaluate_with_images_scores_each_image_with_its_own_caption(inputs):
-    from clipcap_core.encoder_model import load_encoder
-    from clipcap_core.encoders import EncoderConfig
+    from clipcap_core.encoders import EncoderConfig, load_encoder
 
     out = inputs["root"] / "eval"
     summary = run_evaluate(EvaluateConfig(predictions=inputs["captions"], references=inputs["refs"],
@@ -169,8 +168,7 @@ def test_job_level_problems_fail_before_any_work(inputs, capsys):
 
 
 def test_image_embeddings_from_an_embedding_table_and_clip_checks(inputs):
-    from clipcap_core.encoder_model import load_encoder
-    from clipcap_core.encoders import EncoderConfig
+    from clipcap_core.encoders import EncoderConfig, load_encoder
 
     enc = load_encoder(EncoderConfig(model_name="tiny"))
     emb = enc.encode_pixels(np.stack([enc.resize(s.image) for s in SAMPLES]))

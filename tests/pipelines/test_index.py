@@ -33,8 +33,7 @@ def _write_table(uri: str, keys, captions, vectors: np.ndarray, clip_model: str 
 @pytest.fixture(scope="module")
 def tiny_table(tmp_path_factory):
     """600 unseen synthetic images embedded by the shipped tiny CLIP, in 2 table files."""
-    from clipcap_core.encoder_model import load_encoder
-    from clipcap_core.encoders import EncoderConfig
+    from clipcap_core.encoders import EncoderConfig, load_encoder
 
     root = tmp_path_factory.mktemp("idx")
     clip = load_encoder(EncoderConfig())

@@ -12,8 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from clipcap_core import synthetic
-from clipcap_core.encoder_model import load_encoder
-from clipcap_core.encoders import EncoderConfig, shipped_weights
+from clipcap_core.encoders import EncoderConfig, load_encoder, shipped_weights
 from pipelines.clip.tiny import RESOURCES, zero_shot_synthetic
 
 

@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 
 from clipcap_core import scenes
 from clipcap_core.clip_eval import modality_gap
-from clipcap_core.encoder_model import load_encoder
-from clipcap_core.encoders import EncoderConfig, shipped_weights
+from clipcap_core.encoders import EncoderConfig, load_encoder, shipped_weights
 from pipelines.clip.evaluate import encode_texts
 from pipelines.clip.tiny_scenes import RESOURCES, zero_shot_scenes
 

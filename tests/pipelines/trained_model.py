@@ -13,8 +13,7 @@ import torch
 
 from clipcap_core import synthetic
 from clipcap_core.artifacts import save_model
-from clipcap_core.encoder_model import load_encoder
-from clipcap_core.encoders import EncoderConfig
+from clipcap_core.encoders import EncoderConfig, load_encoder
 from clipcap_core.model import build_model
 from clipcap_core.presets import preset_config
 from clipcap_core.tokenizer import build_word_tokenizer

@@ -49,8 +49,7 @@ def _embed_images(encoder: Any, samples: list[Any], batch: int = 256) -> np.ndar
 def scenes_data(n_train: int = N_TRAIN, n_heldout: int = N_HELDOUT, seed: int = 0) -> Data:
     """Seeded training and held-out scenes, embedded by the shipped ``tiny-scenes`` CLIP."""
     from clipcap_core import scenes
-    from clipcap_core.encoder_model import load_encoder
-    from clipcap_core.encoders import EncoderConfig
+    from clipcap_core.encoders import EncoderConfig, load_encoder
 
     encoder = load_encoder(EncoderConfig(model_name="tiny-scenes"))
     train = list(scenes.generate(n_train, seed=seed, split="train"))
