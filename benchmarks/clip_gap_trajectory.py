@@ -32,6 +32,7 @@ def main() -> None:
         build_clip,
         clip_loss,
         features,
+        grouped_order,
         make_optimizer_and_scheduler,
         shape_init,
         train_step,
@@ -67,7 +68,7 @@ def main() -> None:
         model.eval()
         with torch.no_grad():
             img, txt, _ = features(model, test_pixels, tokens([s.caption for s in test]))
-            _, cls, _ = features(model, test_pixels, tokens(classes))
+            cls = model.encode_text(tokens(classes), normalize=True)
         pred = (l2n(img.numpy()) @ l2n(cls.numpy()).T).argmax(1)
         top1 = np.mean([classes[i] == s.caption for i, s in zip(pred, test, strict=True)])
         gap = modality_gap(img.numpy(), txt.numpy())
@@ -78,8 +79,7 @@ def main() -> None:
     report(0)
     gen, step = torch.Generator().manual_seed(0), 0
     while step < args.steps:
-        pairs = torch.randperm(args.train // 2, generator=gen)
-        order = torch.stack([pairs * 2, pairs * 2 + 1], 1).reshape(-1)  # each twin pair in one batch
+        order = grouped_order(args.train, 2, gen)  # each twin pair in one batch
         for i in range(0, args.train - hp.batch_size + 1, hp.batch_size):
             idx = order[i: i + hp.batch_size]
             train_step(model, pixels[idx], caps[idx], optimizer, scheduler, hp, loss_fn)

@@ -166,6 +166,12 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
     return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
+def grouped_order(n: int, group: int, gen: torch.Generator) -> torch.Tensor:
+    """A seeded permutation of ``range(n)`` that keeps each run of ``group`` consecutive indices together (a scene
+    and its hard-negative twins land in one batch when the batch size is a multiple of ``group``)."""
+    return (torch.randperm(n // group, generator=gen)[:, None] * group + torch.arange(group)).reshape(-1)
+
+
 def make_optimizer_and_scheduler(model: torch.nn.Module, hp: ClipTrainConfig, total_steps: int
                                  ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with open_clip's weight-decay exclusions; linear warm-up then cosine decay to 0 at ``total_steps``."""

@@ -19,6 +19,7 @@ from clipcap_core.clip_training import (
     build_clip,
     clip_loss,
     encode_batches,
+    grouped_order,
     lock_towers,
     make_optimizer_and_scheduler,
     make_scaler,
@@ -84,8 +85,7 @@ def memory_batches(job: ClipTrainJobConfig, plan: ClipTrainPlan, rank: int, worl
         epoch, i = divmod(step, spe)
         if order is None or i == 0:
             gen = torch.Generator().manual_seed(job.train.seed * 100003 + epoch * 1009 + rank)
-            g = job.train.group_size  # groups of g consecutive pairs stay together (the data's hard negatives)
-            order = (torch.randperm(len(tokens) // g, generator=gen)[:, None] * g + torch.arange(g)).reshape(-1)
+            order = grouped_order(len(tokens), job.train.group_size, gen)
         idx = order[i * B:(i + 1) * B]
         yield {"pixels": pixels[idx].to(device), "tokens": tokens[idx].to(device)}
 
