@@ -9,7 +9,7 @@ Runs the user's path per seed, each step a ``clipcap`` process of its own (``ben
    each with its canonical caption;
 2. ``clipcap embed --clip tiny-scenes`` on them;
 3. ``clipcap train --model tiny --seed S`` on that table (the preset's own recipe; it holds out its key-hash share);
-4. ``--heldout`` images (``--heldout-seed`` or the seed picks them; half ``test``: unseen scenes of seen
+4. ``--heldout`` images (drawn by ``--heldout-seed``, the same for every seed, or with -1 by each seed; half ``test``: unseen scenes of seen
    combinations, half ``novel``: one held-out colour-shape combination each), captioned by ``clipcap caption``;
 5. ``clipcap evaluate`` against the six references per image: exact match (any reference) and CIDEr, and the
    parsed scores (``worlds.scenes_accuracy``: exact in any wording, count / size / colour / shape of both groups,
@@ -113,17 +113,18 @@ def print_table(runs: list[dict], summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--train", type=int, default=2048, help="training scenes per seed (images embedded)")
-    p.add_argument("--heldout", type=int, default=400, help="held-out images (half test, half novel)")
-    p.add_argument("--heldout-seed", type=int,
-                   help="one held-out set for every seed (the spread is then the training's alone); default: each "
-                        "seed draws its own")
+    p.add_argument("--train", type=int, default=8192, help="training scenes per seed (images embedded)")
+    p.add_argument("--heldout", type=int, default=2000, help="held-out images (half test, half novel)")
+    p.add_argument("--heldout-seed", type=int, default=100,
+                   help="seed of the one held-out set every seed is evaluated on (the spread is then the training's "
+                        "alone); -1: each seed draws its own")
     p.add_argument("--root", help="output folder (default: a temporary one)")
     args = p.parse_args(argv)
 
     root = Path(args.root or tempfile.mkdtemp(prefix="clipcap-scenes-clipcap-")).resolve()
     t0 = time.perf_counter()
-    runs = [run_seed(root / f"seed{s}", s, args.train, args.heldout, args.heldout_seed) for s in args.seeds]
+    heldout_seed = None if args.heldout_seed < 0 else args.heldout_seed
+    runs = [run_seed(root / f"seed{s}", s, args.train, args.heldout, heldout_seed) for s in args.seeds]
     summary = summarise(runs)
     print(f"\nClipCap (tiny preset) on scenes, CLIP {CLIP}: {args.train} training scenes, {args.heldout} held-out images "
           f"(half seen combinations, half held out), seeds {args.seeds}; figures in %")
