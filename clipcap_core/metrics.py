@@ -1,10 +1,6 @@
-"""Caption scores: exact match and the COCO metrics through pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr,
-SPICE); CLIPScore, RefCLIPScore and CLIP reranking (Hessel et al. 2021, arXiv 2104.08718); and the one evaluation
-shared by ``clipcap evaluate``, training's held-out metrics, nightly promotion and the sweep (so a number means
-the same thing wherever it is printed).
-
-The PTB tokenizer, METEOR and SPICE need Java (SPICE also CoreNLP); offline they fail with a clear message. As in
-the CLIPScore authors' code, ``w`` scales the image side only; every function normalises its inputs.
+"""Caption scores: exact match, the COCO metrics through pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr,
+SPICE), CLIPScore / RefCLIPScore and CLIP reranking (Hessel et al. 2021); and the one evaluation every command
+shares, so a number means the same thing wherever it is printed. PTB tokenizer, METEOR and SPICE need Java.
 """
 
 from __future__ import annotations
@@ -61,10 +57,8 @@ def _tokenized(preds: Sequence[str], ref_lists: list[list[str]], tokenize: str
     if tokenize != "ptb":
         raise ValueError(f"tokenize must be 'ptb' or 'simple', got {tokenize!r}")
     _need_java("the PTB tokenizer (use tokenize='simple' to avoid it)")
-
-    # one tokenizer run (one JVM start, seconds on a busy machine) for references and predictions together
-    # (an empty caption would be an empty line, which the tokenizer's rstrip() drops, shifting every later line
-    # onto the wrong id: "." tokenizes to nothing after punctuation removal instead)
+    # one tokenizer run (one JVM start) for both; an empty caption is sent as "." (an empty line would be
+    # dropped, shifting every later line onto the wrong id) and tokenizes to nothing
     both = {("g", i): [{"caption": r if r.strip() else "."} for r in rs] for i, rs in enumerate(ref_lists)}
     both.update({("r", i): [{"caption": p if p.strip() else "."}] for i, p in enumerate(preds)})
     out = PTBTokenizer().tokenize(both)
@@ -127,11 +121,9 @@ SPICE_JAR = "stanford-corenlp-3.6.0.jar"
 
 
 def spice_unavailable() -> str | None:
-    """Why SPICE cannot run here without a download (None when it can): Java, and the CoreNLP jar that
-    pycocoevalcap downloads on first use (~1 GB zip, needs internet)."""
+    """Why SPICE cannot run here without a download (None when it can): Java, and the ~1 GB CoreNLP jar."""
     if shutil.which("java") is None:
         return "SPICE needs Java (a `java` executable on PATH)"
-
     jar = os.path.join(os.path.dirname(spice_pkg.__file__), "lib", SPICE_JAR)
     if not os.path.exists(jar):
         return (f"SPICE not run: Stanford CoreNLP ({jar}) is missing; pycocoevalcap downloads it (~1 GB) on "
@@ -191,8 +183,8 @@ def ref_clip_score(clip_s: np.ndarray, ref_sim: np.ndarray) -> np.ndarray:
 
 
 def rerank(image_emb: np.ndarray, cand_emb: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Order of each image's ``n`` candidates by CLIP similarity, best first (stable: ties keep the decoder's
-    order). ``cand_emb`` is (N * n, D), image i owning rows [i*n, (i+1)*n). Returns (order (N, n), cos (N, n))."""
+    """(order (N, n), cos (N, n)) of each image's ``n`` candidates (rows [i*n, (i+1)*n) of ``cand_emb``) by
+    CLIP similarity, best first; ties keep the decoder's order."""
     image_emb = np.asarray(image_emb)
     if len(cand_emb) != len(image_emb) * n:
         raise ValueError(f"{len(cand_emb)} candidates for {len(image_emb)} images x {n}")
@@ -241,8 +233,8 @@ class ClipScorer:
 
 @functools.lru_cache(maxsize=2)
 def scorer_for(encoder_cfg: Any, dim: int) -> ClipScorer | None:
-    """A scorer with the CLIP of ``encoder_cfg`` (loaded once per process), or None when that CLIP cannot be
-    loaded here or does not give D = ``dim``: held-out metrics then go on without CLIPScore (logged)."""
+    """A scorer with the CLIP of ``encoder_cfg`` (once per process), or None (logged) when it cannot be loaded
+    here or does not give D = ``dim``: held-out metrics then go on without CLIPScore."""
     # lazy: torch ~6.7 s to import (python -X importtime)
     from clipcap_core.encoders import load_encoder
 
@@ -261,8 +253,7 @@ def scorer_for(encoder_cfg: Any, dim: int) -> ClipScorer | None:
 # ---- one evaluation --------------------------------------------------------------------------------------------
 @dataclass
 class Evaluation:
-    summary: dict[str, float]                  # corpus-level: bleu1..4, meteor, rouge_l, cider, [spice],
-    #                                            exact_match, [clip_score, ref_clip_score] (means), n
+    summary: dict[str, float]                  # corpus-level scores (clip scores: means) and n
     per_item: dict[str, list[float]]           # the same names, one value per prediction
     notes: dict[str, str] = field(default_factory=dict)  # e.g. why SPICE did not run
 
@@ -277,8 +268,8 @@ def evaluate_predictions(preds: Sequence[str], refs: Sequence[Sequence[str]], *,
                          metrics: Sequence[str] = DEFAULT_METRICS, tokenize: str = "ptb",
                          spice: str = "auto", image_emb: np.ndarray | None = None,
                          scorer: ClipScorer | None = None) -> Evaluation:
-    """Score ``preds[i]`` against ``refs[i]``. ``spice``: "auto" (run when CoreNLP is present), "on" (try,
-    even if that means pycocoevalcap's download), "off". CLIP scores need ``image_emb`` (N, D) and ``scorer``."""
+    """Score ``preds[i]`` against ``refs[i]``. ``spice``: "auto" (when CoreNLP is present), "on" (try, even
+    with a download), "off". CLIP scores need ``image_emb`` (N, D) and ``scorer``."""
     if spice not in ("auto", "on", "off"):
         raise ValueError(f"spice must be 'auto', 'on' or 'off', got {spice!r}")
     refs = [list(r) for r in refs]

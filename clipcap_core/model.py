@@ -1,10 +1,7 @@
 """The ClipCap model: a mapping network (CLIP embedding (B, D) -> k prefix vectors (B, k, E)) + a GPT-2-family LM,
-fine-tuned or truly frozen. ``mlp`` and ``transformer`` mappings compute exactly what the released ClipCap
-checkpoints do (``reference.py`` maps their keys); ``linear`` is the DeCap authors' projection.
-
-The LM sees [p_1..p_k, t_1..t_T]; the loss covers caption tokens only. Captions are right-padded, so under the
-causal mask no real position attends to padding: only a loss mask is needed. A frozen LM has no weight gradients
-and stays in eval mode, as in the paper.
+fine-tuned or frozen (no gradients, eval mode). ``mlp`` / ``transformer`` compute what the released ClipCap
+checkpoints do; ``linear`` is DeCap's projection. The loss covers caption tokens only; captions are
+right-padded, so under the causal mask only a loss mask is needed.
 """
 
 from __future__ import annotations
@@ -142,9 +139,8 @@ class Mapping(nn.Module):
 
 @dataclass(frozen=True, kw_only=True)
 class LMConfig:
-    """Which language model. ``config`` set: a randomly initialised GPT-2 of that shape (``GPT2Config``
-    keyword arguments; ``vocab_size`` defaults to the tokenizer's), seeded by ``seed`` (the tiny preset).
-    Otherwise ``name_or_path``: hub id, local directory or fsspec URI of a ``from_pretrained`` directory."""
+    """Which LM: with ``config``, a seeded random GPT-2 of that shape (``GPT2Config`` kwargs); else
+    ``name_or_path``, a hub id, local directory or fsspec URI of a ``from_pretrained`` directory."""
 
     name_or_path: str = "gpt2"
     config: dict[str, Any] | None = None
@@ -250,8 +246,7 @@ class ClipCapModel(nn.Module):
 
 def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None,
                  label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over the tokens where ``mask`` is 1 (all tokens when mask is None); with
-    ``label_smoothing`` eps each target is (1 - eps) one-hot + eps uniform, as torch's ``cross_entropy``."""
+    """Mean (label-smoothed) cross-entropy over the tokens where ``mask`` is 1 (all when mask is None)."""
     nll = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none",
                           label_smoothing=label_smoothing)  # (B*T,)
     if mask is None:
