@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from clipcap_core.encoders import EncoderConfig
-from clipcap_core.uris import is_remote, local_copy
+from clipcap_core.uris import local_copy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,10 +188,8 @@ def build_lm(cfg: LMConfig, tokenizer: PreTrainedTokenizerBase | None = None) ->
 def load_pretrained_lm(name_or_path: str) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` for a hub id, local dir or fsspec URI (copied locally first)."""
     try:
-        if is_remote(name_or_path):
-            with local_copy(name_or_path) as local:
-                return AutoModelForCausalLM.from_pretrained(str(local))
-        return AutoModelForCausalLM.from_pretrained(name_or_path)
+        with local_copy(name_or_path) as local:  # a hub id or local path is used as it is
+            return AutoModelForCausalLM.from_pretrained(str(local))
     except OSError as exc:
         raise OSError(f"cannot load language model {name_or_path!r} (hub name, local dir or URI): {exc}") from exc
 

@@ -21,7 +21,7 @@ from clipcap_core.decap import DEFAULT_TAU, load_memory_table
 from clipcap_core.encoders import EncoderConfig
 from clipcap_core.model import ClipCapModel, LMConfig, MappingConfig, ModelConfig, load_pretrained_lm
 from clipcap_core.tokenizer import CLIP_BPE, load_tokenizer
-from clipcap_core.uris import is_remote, local_copy
+from clipcap_core.uris import local_copy
 
 # what GPT-2 state dicts saved by transformers < 4.31 carry: in both authors' checkpoints, never loaded
 LEGACY_BUFFERS = re.compile(r"^(gpt|decoder)\.transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
@@ -315,11 +315,8 @@ def _lm_for_import(source: str, gpt_state: dict[str, torch.Tensor], ckpt: str) -
 
 def _lm_from_config(source: str) -> nn.Module:
     try:
-        if is_remote(source):
-            with local_copy(source) as local:
-                config = AutoConfig.from_pretrained(str(local))
-        else:
-            config = AutoConfig.from_pretrained(source)
+        with local_copy(source) as local:
+            config = AutoConfig.from_pretrained(str(local))
     except OSError as exc:
         raise OSError(f"--lm {source!r}: need a hub name or a directory with the LM config: {exc}") from exc
     with torch.device("meta"):  # a skeleton: every weight comes from the checkpoint (no random init)
