@@ -208,7 +208,6 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast to ``precision``'s dtype for "fp16" / "bf16", no-op for "fp32"."""
     if precision in AMP_DTYPES:
         return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[precision])
     return contextlib.nullcontext()

@@ -94,14 +94,12 @@ def caption_scores(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequence
     if "meteor" in metrics:
         _need_java("METEOR")
     res = {i: [r[0] if r[0].strip() else "<empty>"] for i, r in res.items()}  # scorers reject empty hypotheses
-    order = list(gts)  # the scorers return per-item scores in gts' key order
     out: dict[str, float] = {}
     per: dict[str, list[float]] = {}
 
     def put(name: str, corpus: float, items: Sequence[float]) -> None:
         out[name] = float(corpus)
-        by_id = dict(zip(order, (float(v) for v in items), strict=True))
-        per[name] = [by_id[i] for i in range(len(preds))]
+        per[name] = [float(v) for v in items]  # in gts' key order: 0 .. N-1
 
     if "bleu" in metrics:
         corpus, items = Bleu(4).compute_score(gts, res, verbose=0)  # verbose=0: it prints its ratios otherwise
@@ -112,8 +110,7 @@ def caption_scores(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequence
         if metric in metrics:
             put(name, *scorer().compute_score(gts, res))
     if "spice" in metrics:
-        corpus, items = _spice(gts, res)
-        put("spice", corpus, items)
+        put("spice", *_spice(gts, res))
     return out, per
 
 
@@ -153,8 +150,7 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.where(norm > 0, norm, 1.0)
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity of (N, D) and (N, D) -> (N,)."""
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # (N, D), (N, D) -> (N,)
     return np.sum(normalize(a) * normalize(b), axis=-1)
 
 

@@ -142,7 +142,6 @@ def write_images(out_dir: str | Path, samples: Iterable[Any], base_url: str, ima
 
 def write_url_list(out_dir: str | Path, n: int, base_url: str, seed: int = 0, size: int = 64,
                    image_format: str = "png") -> Path:
-    """Write ``n`` images under ``out_dir/images`` and a headerless ``caption<TAB>url`` TSV (CC3M layout)."""
     return write_images(out_dir, generate(n, seed=seed, size=size), base_url, image_format)
 
 

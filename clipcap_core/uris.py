@@ -26,7 +26,6 @@ def is_remote(uri: str | os.PathLike[str]) -> bool:
 
 def filesystem(uri: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
                ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem of ``uri`` and the path inside it."""
     return fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
 
 
