@@ -1,5 +1,4 @@
-"""Seeded ``scenes`` world: two groups of shapes and a spatial relation between them, several captions per image.
-"""
+"""Seeded ``scenes`` world: two groups of shapes in a spatial relation, several captions per image."""
 
 from __future__ import annotations
 
@@ -190,10 +189,7 @@ def _regions(relation: str, size: int, rng: random.Random) -> tuple[tuple[float,
     m, gap = size * 0.03, size * 0.04
     cut = size / 2 + rng.uniform(-0.08, 0.08) * size
     low, high = (m, cut - gap / 2), (cut + gap / 2, size - m)
-    if relation in ("left", "above"):
-        spans = (low, high)
-    else:
-        spans = (high, low)
+    spans = (low, high) if relation in ("left", "above") else (high, low)
     if relation in ("left", "right"):
         return tuple((s[0], m, s[1], size - m) for s in spans)  # type: ignore[return-value]
     return tuple((m, s[0], size - m, s[1]) for s in spans)  # type: ignore[return-value]
@@ -233,10 +229,8 @@ def render(scene: Scene, size: int, rng: random.Random) -> Image.Image:
     img = Image.fromarray(_background(size, rng))
     draw = ImageDraw.Draw(img)
     for group, box in zip((scene.first, scene.second), _regions(scene.relation, size, rng), strict=True):
-        base = _RADIUS[group.size] * size / 64
-        radius = base * rng.uniform(0.88, 1.12)
-        short = min(box[2] - box[0], box[3] - box[1]) / 2
-        radius = min(radius, short * 0.98)
+        radius = _RADIUS[group.size] * size / 64 * rng.uniform(0.88, 1.12)
+        radius = min(radius, min(box[2] - box[0], box[3] - box[1]) / 2 * 0.98)
         for cx, cy in _centres(box, group.count, radius, rng):
             fill = tuple(max(0, min(255, c + rng.randint(-14, 14))) for c in COLORS[group.color])
             _draw(draw, group.shape, cx, cy, radius * rng.uniform(0.94, 1.06), fill)
