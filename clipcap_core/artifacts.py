@@ -1,6 +1,6 @@
-"""Model artifacts: a directory at any fsspec URI that fully describes a model. ``config.json`` is written last
-(a half-uploaded artifact fails to load clearly); weights are safetensors (a frozen pretrained LM is referenced,
-never re-saved); loading never unpickles, and config.json is as untrusted as the rest.
+"""Model artifacts: a directory at any fsspec URI that fully describes a model. ``config.json`` is written
+last (a half-uploaded artifact fails to load clearly); weights are safetensors (a frozen pretrained LM is
+referenced, never re-saved); loading never unpickles, and config.json is as untrusted as the rest.
 """
 
 from __future__ import annotations
