@@ -59,9 +59,13 @@ TINY_RECIPE = Recipe(lr=3e-3, warmup_steps=20, batch_size=16, epochs=30, max_cap
 DECAP_RECIPE = Recipe(lr=1e-5, warmup_steps=1000, batch_size=64, epochs=10, max_caption_tokens=20,
                       weight_decay=0.0, label_smoothing=0.1)
 
-RECIPES: dict[str, Recipe] = {"tiny": TINY_RECIPE, "tiny-transformer": TINY_RECIPE,
-                               "decap-reference": DECAP_RECIPE,
-                               "clipcap-mlp": PAPER_RECIPE, "clipcap-transformer": PAPER_RECIPE}
+RECIPES: dict[str, Recipe] = {
+    "tiny": TINY_RECIPE,
+    "tiny-transformer": TINY_RECIPE,
+    "clipcap-mlp": PAPER_RECIPE,
+    "clipcap-transformer": PAPER_RECIPE,
+    "decap-reference": DECAP_RECIPE,
+}
 
 
 def preset_recipe(name: str) -> Recipe:

@@ -1,8 +1,6 @@
-"""The authors' ClipCap (rmokady/CLIP_prefix_caption) re-implemented: model layout, decoding, checkpoint import;
-and the import of the DeCap authors' released decoder (dhg-wei/DeCap).
-
-ClipCap's decoding is the compatibility tests' oracle and the benchmark baseline; checkpoints load with
-``weights_only=True``, so no pickled code runs.
+"""The authors' ClipCap (rmokady/CLIP_prefix_caption): model layout, decoding (the tests' oracle and the
+benchmark baseline) and checkpoint import; and the import of the DeCap authors' decoder (dhg-wei/DeCap).
+Checkpoints load with ``weights_only=True``: no pickled code runs.
 """
 
 from __future__ import annotations
@@ -204,8 +202,7 @@ def translate_key(key: str, kind: str, to_ours: bool = True) -> str | None:
     """Map a mapping-network key between the authors' layout and ours (None if it has no counterpart)."""
     src, dst = (0, 1) if to_ours else (1, 0)
     for pair in _KEY_PAIRS[kind]:
-        m = re.fullmatch(_regex(pair[src]), key)
-        if m:
+        if m := re.fullmatch(_regex(pair[src]), key):
             return pair[dst].format(**m.groupdict())
     return None
 
