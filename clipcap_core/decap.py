@@ -129,7 +129,6 @@ class DecapMemory:
         return cls(tensors["memory"].float().numpy(), tau=float(metadata["tau"]))
 
 
-# --- which projection a captioner applies ------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class ProjectionConfig:
     """Which memory a captioner projects onto. ``CLI_FLAGS``: the ``clipcap caption`` flags named otherwise

@@ -55,8 +55,7 @@ class DecodeConfig:
 @dataclass
 class Generation:
     texts: list[str]  # N * n captions
-    token_ids: list[list[int]]  # generated ids: a stop token like '.' included, the end-of-text that
-    # stopped the caption not
+    token_ids: list[list[int]]  # generated ids: a stop token like '.' kept, a final end-of-text not
     scores: np.ndarray  # (N * n,) float32 mean token log-prob
     n: int = 1
 

@@ -142,7 +142,6 @@ def _spice(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float,
             f"run it once online or leave 'spice' out of metrics ({type(exc).__name__}: {exc})") from exc
 
 
-# ---- CLIPScore ---------------------------------------------------------------------------------------------------
 def normalize(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (float64, so tests can compare with a hand computation exactly)."""
     x = np.asarray(x, dtype=np.float64)
@@ -246,7 +245,6 @@ def scorer_for(encoder_cfg: Any, dim: int) -> ClipScorer | None:
     return ClipScorer(encoder)
 
 
-# ---- one evaluation --------------------------------------------------------------------------------------------
 @dataclass
 class Evaluation:
     summary: dict[str, float]                  # corpus-level scores (clip scores: means) and n
@@ -287,11 +285,9 @@ def evaluate_predictions(preds: Sequence[str], refs: Sequence[Sequence[str]], *,
     corpus["exact_match"] = float(np.mean(per["exact_match"])) if len(preds) else float("nan")
     if image_emb is not None and scorer is not None and len(preds):
         scores = scorer.score(image_emb, preds, refs)
-        per["clip_score"] = scores.clip_score.tolist()
-        corpus["clip_score"] = float(np.mean(scores.clip_score))
-        if scores.ref_clip_score is not None:
-            per["ref_clip_score"] = scores.ref_clip_score.tolist()
-            corpus["ref_clip_score"] = float(np.mean(scores.ref_clip_score))
+        for name in ("clip_score", "ref_clip_score"):
+            if (values := getattr(scores, name)) is not None:
+                per[name], corpus[name] = values.tolist(), float(np.mean(values))
     corpus["n"] = float(len(preds))
     return Evaluation(corpus, per, notes)
 
