@@ -1,5 +1,4 @@
 """Batched caption decoding over the LM's KV cache: greedy, beam, the authors' beam ("reference-beam"), sampling.
-
 The prefix runs once per image, its cache shared by beams / samples; finished rows leave the batch. The stop
 token stays in the caption, end-of-text does not; scores are the mean token log-prob. GPT-2 decodes over a
 preallocated KV cache written in place (HF's ``DynamicCache`` copies the whole cache every step).

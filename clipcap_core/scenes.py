@@ -160,8 +160,7 @@ TWIN_KINDS = ("shape", "shape", "relation", "relation", "count", "size", "color"
 
 
 def twin(s: Scene, rng: random.Random, holdout: frozenset[tuple[str, str]]) -> Scene:
-    """A hard negative of ``s`` to train beside it: one minimal edit (``TWIN_KINDS``) that keeps every colour-shape
-    combination out of ``holdout``."""
+    """A hard negative of ``s`` to train beside it: one minimal edit (``TWIN_KINDS``) avoiding ``holdout``."""
     negs = hard_negatives(s)
     while True:
         options = [e for e in negs[rng.choice(TWIN_KINDS)]
@@ -243,9 +242,8 @@ def sample_key(split: str, i: int) -> str:
 
 def generate(n: int, seed: int = 0, size: int = 64, start: int = 0, split: Split = "train",
              holdout_seed: int = HOLDOUT_SEED, twins: bool = False) -> Iterator[SceneSample]:
-    """``n`` samples of ``split``; sample ``i`` depends only on (seed, split, i, holdout_seed, twins). ``twins``: each
-    odd sample is a ``twin`` (one minimal edit, drawn afresh) of the sample before it, so a batch that keeps
-    neighbours together holds hard negatives (``train`` / ``test`` only)."""
+    """``n`` samples of ``split``, sample ``i`` depending only on (seed, split, i, holdout_seed, twins);
+    ``twins``: each odd sample is a ``twin`` of the one before it (``train`` / ``test`` only)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if twins and split == "novel":
@@ -288,9 +286,8 @@ def write_url_list(out_dir: str | Path, n: int, base_url: str, seed: int = 0, si
 def write_webdataset(out_dir: str | Path, n: int, *, seed: int = 0, size: int = 64, shard_size: int = 1024,
                      start: int = 0, split: Split = "train", caption: Literal["canonical", "random"] = "canonical",
                      twins: bool = False) -> list[Path]:
-    """Webdataset shards in img2dataset's layout; ``.txt`` is the canonical caption or (``random``) one reference
-    per sample (``training_caption``); ``.json`` holds every reference. ``twins``: as ``generate`` (keep
-    ``shard_size`` even so no pair spans two shards)."""
+    """Webdataset shards in img2dataset's layout: ``.txt`` the canonical caption or (``random``) a reference,
+    ``.json`` every reference. ``twins``: as ``generate`` (an even ``shard_size`` keeps pairs together)."""
     def members(first: int, count: int) -> Iterator[tuple[str, dict[str, bytes]]]:
         for s in generate(count, seed=seed, size=size, start=first, split=split, twins=twins):
             text = s.caption if caption == "canonical" else training_caption(s, seed)
