@@ -202,8 +202,7 @@ def normalize_pixels(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tens
 def features(model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tensor, precision: str = "fp32"
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(normalised image features (B, D), normalised text features (B, D), logit scale exp'd) of a batch."""
-    device = pixels.device
-    with autocast(precision, device):
+    with autocast(precision, pixels.device):
         out = model(normalize_pixels(model, pixels), tokens)
     if isinstance(out, dict):
         return out["image_features"], out["text_features"], out["logit_scale"]

@@ -177,11 +177,9 @@ def resolve_projection(cfg: ProjectionConfig, own: DecapMemory | None, clip_dim:
 
 def _table_files(uri: str) -> list[str]:
     fs, path = fsspec.core.url_to_fs(uri)
-    if path.endswith(".parquet"):
-        names = [path]
-    else:
-        names = sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/_errors/" not in p
-                       and not posixpath.basename(p).startswith(("_", ".")))
+    names = [path] if path.endswith(".parquet") else sorted(
+        p for p in fs.find(path) if p.endswith(".parquet") and "/_errors/" not in p
+        and not posixpath.basename(p).startswith(("_", ".")))
     if not names:
         raise FileNotFoundError(f"no text-embedding tables (*.parquet) under {uri!r}")
     proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol

@@ -51,9 +51,8 @@ def exact_match(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequence[st
 def _tokenized(preds: Sequence[str], ref_lists: list[list[str]], tokenize: str
                ) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
     if tokenize == "simple":
-        gts = {i: [normalize_caption(r) for r in rs] for i, rs in enumerate(ref_lists)}
-        res = {i: [normalize_caption(p)] for i, p in enumerate(preds)}
-        return gts, res
+        return ({i: [normalize_caption(r) for r in rs] for i, rs in enumerate(ref_lists)},
+                {i: [normalize_caption(p)] for i, p in enumerate(preds)})
     if tokenize != "ptb":
         raise ValueError(f"tokenize must be 'ptb' or 'simple', got {tokenize!r}")
     _need_java("the PTB tokenizer (use tokenize='simple' to avoid it)")
@@ -62,9 +61,7 @@ def _tokenized(preds: Sequence[str], ref_lists: list[list[str]], tokenize: str
     both = {("g", i): [{"caption": r if r.strip() else "."} for r in rs] for i, rs in enumerate(ref_lists)}
     both.update({("r", i): [{"caption": p if p.strip() else "."}] for i, p in enumerate(preds)})
     out = PTBTokenizer().tokenize(both)
-    gts = {i: out[("g", i)] for i in range(len(ref_lists))}
-    res = {i: out[("r", i)] for i in range(len(preds))}
-    return gts, res
+    return {i: out[("g", i)] for i in range(len(ref_lists))}, {i: out[("r", i)] for i in range(len(preds))}
 
 
 def _need_java(what: str) -> None:
@@ -219,8 +216,7 @@ class ClipScorer:
         cs = clip_score(image_emb, text, self.w)
         if references is None:
             return ClipScores(cs, None, None)
-        flat = [r for refs in references for r in refs]
-        emb = self.embed_texts(flat)
+        emb = self.embed_texts([r for refs in references for r in refs])
         bounds = np.cumsum([0] + [len(r) for r in references])
         sims = ref_similarity(text, [emb[bounds[i]: bounds[i + 1]] for i in range(len(references))])
         return ClipScores(cs, ref_clip_score(cs, sims), sims)
@@ -254,8 +250,8 @@ class Evaluation:
 
 def exact_matches(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> list[float]:
     """1.0 where a prediction equals (normalised) one of its references, else 0.0."""
-    return [float(normalize_caption(p) in {normalize_caption(r) for r in rs}) for p, rs in zip(preds, refs,
-                                                                                               strict=True)]
+    return [float(normalize_caption(p) in {normalize_caption(r) for r in rs})
+            for p, rs in zip(preds, refs, strict=True)]
 
 
 def evaluate_predictions(preds: Sequence[str], refs: Sequence[Sequence[str]], *,

@@ -88,8 +88,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.ln_1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads)
+        self.ln_1, self.attn = nn.LayerNorm(dim), Attention(dim, num_heads)
         self.ln_2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
 

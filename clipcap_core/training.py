@@ -103,8 +103,8 @@ class TrainConfig:
     def for_run(self, recipe: Recipe, total_steps: Callable[[TrainConfig], int]) -> TrainConfig:
         """The config a run uses: recipe filled in, warm-up fixed to steps for ``total_steps(cfg)``."""
         cfg = self.with_recipe(recipe)
-        warm = cfg.warmup_for(total_steps(cfg))
-        return dataclasses.replace(cfg, warmup_steps=warm, warmup_fraction=None, max_warmup_fraction=None)
+        return dataclasses.replace(cfg, warmup_steps=cfg.warmup_for(total_steps(cfg)), warmup_fraction=None,
+                                   max_warmup_fraction=None)
 
 
 @dataclass
