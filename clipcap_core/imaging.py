@@ -101,8 +101,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if arr.size and arr.max() <= 1.0:
             arr *= 255.0
         return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    has_alpha = mode in _ALPHA_MODES or "transparency" in img.info
-    if has_alpha:
+    if mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
