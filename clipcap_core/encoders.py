@@ -12,7 +12,7 @@ import logging
 import os
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -247,9 +247,7 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor) -> np.ndarray:
         """Preprocessed images (B, 3, H, W) -> unnormalised image embeddings np.float32 (B, D)."""
-        with autocast(self.precision, self.device):
-            out = self.model.encode_image(images.to(self.device, non_blocking=True))
-        return out.float().cpu().numpy()
+        return self._run(self.model.encode_image, images.to(self.device, non_blocking=True))
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -259,18 +257,16 @@ class ClipEncoder:
             pixels = pixels.copy()
         x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1], like ToTensor
-        x = (x - self._mean) / self._std
-        with autocast(self.precision, self.device):
-            out = self.model.encode_image(x)
-        return out.float().cpu().numpy()
+        return self._run(self.model.encode_image, (x - self._mean) / self._std)
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """Captions -> unnormalised text embeddings np.float32 (B, D)."""
-        tokens = self._tokenizer(list(texts)).to(self.device)
+        return self._run(self.model.encode_text, self._tokenizer(list(texts)).to(self.device))
+
+    def _run(self, encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> np.ndarray:
         with autocast(self.precision, self.device):
-            out = self.model.encode_text(tokens)
-        return out.float().cpu().numpy()
+            return encode(x).float().cpu().numpy()
 
     @torch.inference_mode()
     def _probe_dim(self) -> int:
