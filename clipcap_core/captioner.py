@@ -21,8 +21,7 @@ ImageInput = Image.Image | str | os.PathLike[str] | bytes
 
 
 def open_image(item: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A PIL RGB image from a PIL image, a path / fsspec URI or encoded bytes, decoded by ``imaging``'s safe
-    path (a bad file raises ``ImageDecodeError`` naming its path)."""
+    """An RGB PIL image from a PIL image, path / URI or bytes, by ``imaging``'s safe path (errors name it)."""
     if isinstance(item, Image.Image):
         return to_rgb(item)
     if isinstance(item, (bytes, bytearray)):

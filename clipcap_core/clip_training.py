@@ -29,8 +29,7 @@ DEFAULT_WARMUP_STEPS, MAX_WARMUP_FRACTION = 100, 0.05
 
 @dataclass(frozen=True, kw_only=True)
 class ClipTrainConfig:
-    """Hyperparameters of contrastive training (open_clip's defaults where it has them). ``CLI_FLAGS``: the fields
-    that are not ``clipcap train-clip`` flags."""
+    """Contrastive training hyperparameters (open_clip's defaults); ``CLI_FLAGS``: the fields not flags."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {
         "beta1": None, "beta2": None, "eps": None, "warmup_fraction": None, "gather_with_grad": None,

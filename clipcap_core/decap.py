@@ -131,8 +131,7 @@ class DecapMemory:
 
 @dataclass(frozen=True, kw_only=True)
 class ProjectionConfig:
-    """Which memory a captioner projects onto. ``CLI_FLAGS``: the ``clipcap caption`` flags named otherwise
-    and the fields that are none."""
+    """Which memory a captioner projects onto; ``CLI_FLAGS``: flags named otherwise, fields that are none."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"mode": "--projection", "top_k": "--projection-top-k",
                                                   "seed": None}

@@ -327,8 +327,7 @@ _PROJECT = ("clip_project.model.0.weight", "clip_project.model.0.bias")
 
 def import_decap_checkpoint(ckpt: str, out: str, *, encoder: EncoderConfig | None = None, memory: str | None = None,
                             tau: float = DEFAULT_TAU, n_head: int = DECAP_HEADS) -> ImportResult:
-    """Convert their ``DeCap`` state dict at ``ckpt`` (any fsspec URI) into our artifact at ``out``;
-    ``memory``: a text-embedding table whose rows the artifact keeps as its DeCap memory."""
+    """Convert their ``DeCap`` state dict at ``ckpt`` into our artifact at ``out`` (keeping ``memory``)."""
     state = read_state_dict(ckpt)
     unknown = sorted(k for k in state if not (k in _PROJECT or k.startswith("decoder.")))
     if unknown or not all(k in state for k in _PROJECT):

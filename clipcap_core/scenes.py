@@ -268,8 +268,7 @@ def training_caption(sample: SceneSample, seed: int = 0) -> str:
 
 def write_url_list(out_dir: str | Path, n: int, base_url: str, seed: int = 0, size: int = 64,
                    image_format: str = "png", split: Split = "train") -> Path:
-    """``synthetic.write_url_list`` for scenes: images, a headerless ``caption<TAB>url`` TSV of canonical
-    captions, and ``references.jsonl`` (one ``{"key", "caption"}`` row per reference). Returns the TSV."""
+    """``synthetic.write_url_list`` for scenes, and ``references.jsonl`` (``{"key", "caption"}`` rows)."""
     refs: list[str] = []
 
     def noting_references(samples: Iterator[SceneSample]) -> Iterator[SceneSample]:

@@ -122,8 +122,7 @@ def generate(n: int, seed: int = 0, size: int = 64, start: int = 0) -> Iterator[
 
 
 def write_images(out_dir: str | Path, samples: Iterable[Any], base_url: str, image_format: str = "png") -> Path:
-    """Each sample's ``image`` under ``out_dir/images`` and a headerless ``caption<TAB>url`` TSV (CC3M);
-    ``base_url`` is where ``out_dir`` is served. Shared by both synthetic worlds."""
+    """Each sample's ``image`` under ``out_dir/images`` and a ``caption<TAB>url`` TSV (CC3M layout)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []
@@ -152,8 +151,7 @@ Members = Callable[[int, int], Iterable[tuple[str, dict[str, bytes]]]]  # (first
 
 def write_shards(out_dir: str | Path, n: int, members: Members, *, shard_size: int = 1024, start: int = 0
                  ) -> list[Path]:
-    """Samples ``start .. start + n`` (files from ``members``) as webdataset shards in img2dataset's layout,
-    each written under a temporary name then renamed. Shared by both synthetic worlds."""
+    """Samples ``start .. start + n`` (files from ``members``) as img2dataset-layout shards."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -98,8 +98,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, uri: str) -> None:
 
 
 def encode_caption(tokenizer: PreTrainedTokenizerBase, caption: str, max_tokens: int) -> list[int]:
-    """Token ids of ``caption`` (after the start token, if the tokenizer has one) followed by eos, truncated to
-    ``max_tokens`` (eos always kept last)."""
+    """Ids of ``caption`` (after the start token, if any) and eos, at most ``max_tokens`` (eos kept last)."""
     start = start_token_id(tokenizer)
     head = [] if start is None else [start]
     ids = tokenizer.encode(caption, add_special_tokens=False)[: max_tokens - 1 - len(head)]
