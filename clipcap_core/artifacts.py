@@ -1,7 +1,6 @@
-"""Model artifacts: a directory at any fsspec URI (local path, ``s3://``, ``memory://``) that fully describes a model.
-
-``config.json`` is written last, so a half-uploaded artifact fails to load with a clear message; weights are
-safetensors (a frozen pretrained LM is referenced, never re-saved). Loading never unpickles.
+"""Model artifacts: a directory at any fsspec URI that fully describes a model. ``config.json`` is written
+last (a half-uploaded artifact fails to load clearly); weights are safetensors (a frozen pretrained LM is
+referenced, never re-saved); loading never unpickles, and config.json is as untrusted as the rest.
 """
 
 from __future__ import annotations
@@ -51,9 +50,7 @@ class LoadedModel:
 def save_model(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, uri: str,
                metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
                decap: DecapMemory | None = None) -> None:
-    """Write the artifact of ``model`` to ``uri`` (created; existing files with the same names are replaced).
-
-    ``extra``: more JSON-safe entries for config.json (train config, step, source...)."""
+    """Write the artifact of ``model`` to ``uri``; ``extra``: more config.json entries."""
     cfg = model.config
     check_finite(model.state_dict(), "model")
     if decap is not None:
@@ -159,8 +156,8 @@ def weight_files(meta: dict[str, Any]) -> list[str]:
 
 
 def _check_safetensors(f: Any, size: int) -> dict[str, Any]:
-    """The header parses and every tensor's byte range fits its dtype x shape and the file (no tensor read);
-    returns the header."""
+    """The header (``__metadata__`` dropped) once it parses and every tensor's byte range fits its dtype x
+    shape and the file (no tensor read)."""
     head = f.read(8)
     if len(head) < 8:
         raise ValueError(f"{size} bytes, too short for a safetensors file")
@@ -171,10 +168,9 @@ def _check_safetensors(f: Any, size: int) -> dict[str, Any]:
         header = json.loads(f.read(n))
     except ValueError as exc:
         raise ValueError(f"header is not valid JSON ({exc})") from None
+    header.pop("__metadata__", None)
     end = 0
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         begin, stop = info["data_offsets"]
         count = math.prod(int(d) for d in info["shape"])
         if info["dtype"] not in _ST_DTYPE_BYTES or stop - begin != count * _ST_DTYPE_BYTES[info["dtype"]]:
@@ -190,7 +186,7 @@ def _check_finite_tensors(f: Any, header: dict[str, Any]) -> None:
     start = f.tell()
     bad = []
     for name, info in header.items():
-        if name == "__metadata__" or info["dtype"] not in _ST_EXPONENT:
+        if info["dtype"] not in _ST_EXPONENT:
             continue
         view, mask = _ST_EXPONENT[info["dtype"]]
         begin, stop = info["data_offsets"]
@@ -204,9 +200,8 @@ def _check_finite_tensors(f: Any, header: dict[str, Any]) -> None:
 
 
 def expected_shapes(meta: dict[str, Any]) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Per weights file, the tensors (name -> shape) the model of config.json needs, from a skeleton built on
-    the meta device (no memory, no initialisation). An artifact whose LM is the unchanged base LM has no
-    ``lm_config``: its width is known only once that LM is loaded, so nothing is checked here for it."""
+    """Per weights file, the tensors (name -> shape) the model of config.json needs, from a skeleton on the
+    meta device; empty for an artifact whose LM is the unchanged base LM (its width is known once loaded)."""
     if not meta.get("lm_config") or not meta["weights"].get("lm"):
         return {}
     cfg = from_dict(ModelConfig, meta["model"])
@@ -222,23 +217,16 @@ def expected_shapes(meta: dict[str, Any]) -> dict[str, dict[str, tuple[int, ...]
 def fit_problems(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]],
                  show: Callable[[str], str] = str) -> list[str]:
     """How tensors ``got`` (name -> shape) differ from ``expected``: missing, unexpected, wrong shapes."""
-    problems = []
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = [f"{show(k)}: {got[k]} but expected {v}" for k, v in expected.items() if k in got and got[k] != v]
-    if missing:
-        problems.append(f"missing {[show(k) for k in missing[:5]]}")
-    if unexpected:
-        problems.append(f"unexpected {[show(k) for k in unexpected[:5]]}")
-    if wrong:
-        problems.append(f"wrong shapes {wrong[:5]}")
-    return problems
+    missing = [show(k) for k in sorted(set(expected) - set(got))[:5]]
+    unexpected = [show(k) for k in sorted(set(got) - set(expected))[:5]]
+    wrong = [f"{show(k)}: {got[k]} but expected {v}" for k, v in expected.items() if got.get(k, v) != v][:5]
+    kinds = (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong))
+    return [f"{kind} {names}" for kind, names in kinds if names]
 
 
 def verify_weights(uri: str, meta: dict[str, Any] | None = None) -> dict[str, str]:
-    """Check every weights file of the artifact at ``uri`` (present, well-formed safetensors whose tensors fit
-    the model of config.json: another model's file is refused; every float finite) and return their sha256
-    digests. Raises ValueError naming the file, before anything is loaded (or any Ray work starts)."""
+    """sha256 digests of the artifact's weights files, each checked (present, well-formed, fitting the model
+    of config.json, every float finite); else a ValueError naming the file, before anything is loaded."""
     meta = meta if meta is not None else read_metadata(uri)
     expected = expected_shapes(meta)
     digests = {}
@@ -249,7 +237,7 @@ def verify_weights(uri: str, meta: dict[str, Any] | None = None) -> dict[str, st
             size = int(fs.size(p))
             with fs.open(p, "rb") as f:
                 header = _check_safetensors(f, size)
-                shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+                shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in header.items()}
                 _check_finite_tensors(f, header)
                 f.seek(0)
                 digest = hashlib.sha256()
@@ -313,8 +301,7 @@ def _load_local(root: Path, meta: dict[str, Any]) -> LoadedModel:
 
 
 def _weights_path(root: Path, meta: dict[str, Any], name: str) -> Path:
-    """The file ``config.json`` names for ``name``, refused unless it is a plain path inside the artifact
-    (config.json is as untrusted as the rest of a model URI: ``../../etc/x`` must not be read)."""
+    """The file config.json names for ``name``, refused unless a plain path inside the artifact."""
     return safe_join(root, meta["weights"][name], what=f"artifact weights.{name}")
 
 
@@ -330,8 +317,7 @@ def _load_lm(root: Path, meta: dict[str, Any], cfg: ModelConfig) -> PreTrainedMo
 
 def load_weights_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
                       show: Callable[[str], str] = str) -> None:
-    """Strict ``load_state_dict`` with one clear message for missing / unexpected keys and wrong shapes
-    (``show`` renders a key for the message, e.g. in the checkpoint's own naming)."""
+    """Strict ``load_state_dict`` with one clear message (``show`` renders a key, e.g. in its own naming)."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     problems = fit_problems(expected, {k: tuple(v.shape) for k, v in state.items()}, show)
     if problems:

@@ -21,9 +21,7 @@ ImageInput = Image.Image | str | os.PathLike[str] | bytes
 
 
 def open_image(item: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A PIL RGB image from a PIL image, a path / fsspec URI, or encoded bytes, decoded by the safe path
-    (``clipcap_core.imaging``: pixel limit before decoding, every mode to RGB, EXIF orientation). A bad file
-    raises ``ImageDecodeError`` naming its path."""
+    """An RGB PIL image from a PIL image, path / URI or bytes, by ``imaging``'s safe path (errors name it)."""
     if isinstance(item, Image.Image):
         return to_rgb(item)
     if isinstance(item, (bytes, bytearray)):
@@ -66,8 +64,7 @@ class Captioner:
             self._encoder = enc
         return self._encoder
 
-    def embed_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> np.ndarray:
-        """CLIP image embeddings np.float32 (N, D) of the images."""
+    def embed_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> np.ndarray:  # (N, D)
         out = []
         for start in range(0, len(images), batch_size):
             batch = torch.stack([self.encoder.preprocess(open_image(im)) for im in images[start: start + batch_size]])

@@ -1,40 +1,35 @@
-"""Contrastive CLIP training, pure PyTorch (no Ray): model set-up, open_clip's loss, optimizer, one step.
-
-It follows open_clip's own trainer on purpose (loss, temperature clamp, AdamW settings, no-decay rule, schedule),
-so a model trained here behaves like one trained there.
+"""Contrastive CLIP training, pure PyTorch (no Ray), following open_clip's own trainer (loss, temperature
+clamp, AdamW settings, no-decay rule, schedule) so a model trained here behaves like one trained there.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from open_clip.loss import ClipLoss
+from safetensors.torch import save_file
 
 from clipcap_core.encoders import (
     TINY_SEED,
     EncoderConfig,
     _open_clip,
+    autocast,
     resolve_weights,
     shipped_weights,
     validate_config,
 )
 from clipcap_core.training import optimizer_step
 
-Precision = Literal["fp32", "bf16", "fp16"]
-_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 DEFAULT_WARMUP_STEPS, MAX_WARMUP_FRACTION = 100, 0.05
 
 
 @dataclass(frozen=True, kw_only=True)
 class ClipTrainConfig:
-    """Hyperparameters of contrastive training (open_clip's defaults where it has them). ``CLI_FLAGS``: the fields
-    that are not ``clipcap train-clip`` flags (``pipelines.commands.flags``)."""
+    """Contrastive training hyperparameters (open_clip's defaults); ``CLI_FLAGS``: the fields not flags."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {
         "beta1": None, "beta2": None, "eps": None, "warmup_fraction": None, "gather_with_grad": None,
@@ -52,7 +47,7 @@ class ClipTrainConfig:
     MAX_WARMUP_FRACTION = 5% of the run)"""
     warmup_fraction: float | None = None  # warm-up as a share of the run's steps (instead of steps)
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    precision: Precision = "fp32"  # autocast precision (bf16 / fp16 on GPU)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast precision (bf16 / fp16 on GPU)
     seed: int = 0  # init, crop and shard-order seed
     local_loss: bool = False  # each worker's rows against all gathered features (open_clip --local-loss)
     gather_with_grad: bool = True  # gradients flow through the gathered features (open_clip --gather-with-grad)
@@ -63,17 +58,14 @@ class ClipTrainConfig:
     crop_scale: tuple[float, float] = (0.9, 1.0)  # open_clip's default train crop
     # Fixed logit scale (1 / temperature, e.g. 100), not learned; None: learned from open_clip's init (1 / 0.07).
     logit_scale: float | None = None
-    # Cone-shaped init: a seeded random offset of this size (x sqrt(width)) added to each tower's final LayerNorm
-    # bias, so each modality starts in its own narrow cone (with a low fixed temperature: a modality gap).
+    # Seeded offset of this size (x sqrt(width)) on each tower's final LayerNorm bias: one cone per modality.
     cone_init: float = 0.0
-    # Pairs kept in one batch: consecutive groups of this many, in shard order (e.g. 2: a scene and its hard
-    # negative written side by side, ``scenes.generate(twins=True)``), so each batch holds the negatives the data
-    # put there. In-memory data with no held-out split (a held-out sample would break its group).
+    # Consecutive pairs kept in one batch (2: a scene and its twin, ``scenes.generate(twins=True)``);
+    # in-memory data with no held-out split (a held-out sample would break its group).
     group_size: int = 1
 
     def warmup_for(self, total_steps: int) -> int:
-        """Warm-up steps of a run of ``total_steps``: as set, or the default capped at 5% of the run (so a short
-        fine-tune reaches its peak rate, as ``clipcap train``'s recipes do)."""
+        """Warm-up steps of a run of ``total_steps``: as set, or the default capped at 5% of the run."""
         if self.warmup_fraction is not None:
             return math.ceil(self.warmup_fraction * total_steps)
         if self.warmup_steps is not None:
@@ -102,8 +94,7 @@ class ClipTrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ClipModelSpec:
-    """Which CLIP to train: an open_clip model name, from scratch (pretrained None) or fine-tuned from
-    ``pretrained`` (an open_clip tag, a local file or an object-store URI, as ``EncoderConfig``)."""
+    """Which CLIP to train: an open_clip model name, from scratch or fine-tuned from ``pretrained``."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"model_name": "--clip", "pretrained": "--clip-pretrained"}
     model_name: str = "tiny"  # open_clip model name (tiny, ViT-B-32, ...)
@@ -146,8 +137,8 @@ def _final_norms(model: torch.nn.Module) -> list[torch.nn.LayerNorm]:
 
 
 def shape_init(model: torch.nn.Module, hp: ClipTrainConfig) -> None:
-    """Apply ``hp.cone_init`` (an offset per tower: each modality in its own cone) and a fixed ``hp.logit_scale``
-    (frozen): the two causes of the modality gap in Liang et al., "Mind the Gap" (NeurIPS 2022)."""
+    """Apply ``hp.cone_init`` and a frozen ``hp.logit_scale``: the two causes of the modality gap in Liang
+    et al., "Mind the Gap" (NeurIPS 2022)."""
     m = getattr(model, "module", model)
     gen = torch.Generator().manual_seed(hp.seed + 7919)
     with torch.no_grad():
@@ -167,8 +158,7 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
 
 
 def grouped_order(n: int, group: int, gen: torch.Generator) -> torch.Tensor:
-    """A seeded permutation of ``range(n)`` that keeps each run of ``group`` consecutive indices together (a scene
-    and its hard-negative twins land in one batch when the batch size is a multiple of ``group``)."""
+    """A seeded permutation of ``range(n)`` keeping each run of ``group`` consecutive indices together."""
     return (torch.randperm(n // group, generator=gen)[:, None] * group + torch.arange(group)).reshape(-1)
 
 
@@ -196,9 +186,6 @@ def make_optimizer_and_scheduler(model: torch.nn.Module, hp: ClipTrainConfig, to
 
 def clip_loss(hp: ClipTrainConfig, rank: int = 0, world_size: int = 1) -> torch.nn.Module:
     """open_clip's ``ClipLoss``; with ``world_size`` > 1 it all-gathers features over the default process group."""
-    # lazy: open_clip + torch ~12.6 s to import (python -X importtime)
-    from open_clip.loss import ClipLoss
-
     return ClipLoss(local_loss=hp.local_loss, gather_with_grad=hp.gather_with_grad, cache_labels=True,
                     rank=rank, world_size=world_size)
 
@@ -211,17 +198,10 @@ def normalize_pixels(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tens
     return (pixels.permute(0, 3, 1, 2).float().div_(255.0) - mean) / std
 
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision in _AMP:
-        return torch.autocast(device_type=device.type, dtype=_AMP[precision])
-    return contextlib.nullcontext()
-
-
 def features(model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tensor, precision: str = "fp32"
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(normalised image features (B, D), normalised text features (B, D), logit scale exp'd) of a batch."""
-    device = pixels.device
-    with autocast(precision, device):
+    with autocast(precision, pixels.device):
         out = model(normalize_pixels(model, pixels), tokens)
     if isinstance(out, dict):
         return out["image_features"], out["text_features"], out["logit_scale"]
@@ -250,12 +230,8 @@ def make_scaler(hp: ClipTrainConfig, device: torch.device) -> torch.amp.GradScal
     return torch.amp.GradScaler(device.type) if hp.precision == "fp16" and device.type == "cuda" else None
 
 
-# --- weights files --------------------------------------------------------------------------------------
 def save_clip_weights(model: torch.nn.Module, path: str, dtype: torch.dtype | None = None) -> None:
     """The model's state dict as one safetensors file (open_clip loads it as ``pretrained=<file>``)."""
-    # lazy: safetensors.torch + torch ~6.7 s to import (python -X importtime)
-    from safetensors.torch import save_file
-
     state = getattr(model, "module", model).state_dict()
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in state.items()}

@@ -83,10 +83,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, _path: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f" in {_path}" if _path else ""
-        raise ConfigError(
-            f"unknown config key(s){where} for {cls.__name__}: {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(fields))})"
-        )
+        raise ConfigError(f"unknown config key(s){where} for {cls.__name__}: {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, field in fields.items():
         key_path = f"{_path}.{name}" if _path else name
@@ -96,9 +94,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, _path: str = "") -> T:
             raise ConfigError(f"missing required config key {key_path!r} for {cls.__name__}")
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
         raise ConfigError(f"{_path or cls.__name__}: {exc}") from exc
 
 
@@ -136,9 +134,7 @@ def strict_json(obj: Any) -> str:
 
 def replace(cfg: T, **changes: Any) -> T:
     """``dataclasses.replace`` that validates the new values like ``from_dict``."""
-    data = to_dict(cfg)
-    data.update(changes)
-    return from_dict(type(cfg), data)
+    return from_dict(type(cfg), {**to_dict(cfg), **changes})
 
 
 def load_file(cls: type[T], path: str | Path) -> T:
@@ -148,14 +144,9 @@ def load_file(cls: type[T], path: str | Path) -> T:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    if path.suffix in (".yaml", ".yml"):
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+    is_yaml = path.suffix in (".yaml", ".yml")
+    try:
+        data = (yaml.safe_load(text) or {}) if is_yaml else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid {'YAML' if is_yaml else 'JSON'}: {exc}") from exc
     return from_dict(cls, data)

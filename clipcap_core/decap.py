@@ -1,7 +1,6 @@
-"""DeCap (arXiv 2303.03032): caption images with a decoder trained on text only.
-
-Inference projects an image embedding onto a memory M of caption text embeddings: w = softmax(v . M^T / tau),
-prefix = normalize(w . M). The softmax runs in float32: with tau = 0.01 the logits reach +-100.
+"""DeCap (arXiv 2303.03032): caption images with a decoder trained on text only, projecting an image embedding
+onto a memory M of caption text embeddings: w = softmax(v . M^T / tau), prefix = normalize(w . M). The softmax
+runs in float32: with tau = 0.01 the logits reach +-100.
 """
 
 from __future__ import annotations
@@ -27,13 +26,12 @@ log = logging.getLogger(__name__)
 DEFAULT_TAU = 0.01
 IVF_FROM = 200_000  # memory entries from which a top-k projection searches a faiss IVF index instead of all entries
 TEXT_EMBEDDING = "text_embedding"  # the column of text-embedding tables (pipelines.io.schemas owns the name)
+NO_MEMORY = "projection 'memory' on a model without a DeCap memory needs a memory table (--memory URI)"
 
 
 class DecapMemory:
-    """Unit caption embeddings and the projection temperature. ``top_k`` > 0 takes the softmax over each image's
-    ``top_k`` most similar entries only (the rest weigh ~exp(-(s1 - s)/tau), nothing at tau 0.01): for memories
-    too large for a full (N, M) softmax; ``index`` (a faiss inner-product index over the memory, e.g. IVF from
-    ``pipelines.index``) finds them without scoring every entry."""
+    """Unit caption embeddings and the projection temperature. ``top_k`` > 0: the softmax over each image's
+    ``top_k`` nearest entries only (the rest weigh ~0 at tau 0.01), found by ``index`` (faiss) if given."""
 
     def __init__(self, memory: np.ndarray | torch.Tensor, tau: float = DEFAULT_TAU, top_k: int = 0,
                  index: Any = None):
@@ -65,9 +63,7 @@ class DecapMemory:
         return DecapMemory(self.memory.to(device=device, dtype=dtype), tau=self.tau, top_k=self.top_k, index=self.index)
 
     def check_dim(self, clip_dim: int, *, what: str = "the model") -> None:
-        if self.dim != int(clip_dim):
-            raise ValueError(f"DeCap memory has D={self.dim} but {what} expects clip_dim={clip_dim}: the memory "
-                             "must hold text embeddings of the CLIP model the decoder was trained on")
+        _check_dim("DeCap memory", self.dim, clip_dim, what)
 
     def _unit(self, embeddings: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = embeddings if torch.is_tensor(embeddings) else torch.as_tensor(np.asarray(embeddings, np.float32))
@@ -82,8 +78,7 @@ class DecapMemory:
 
     @torch.inference_mode()
     def project(self, embeddings: np.ndarray | torch.Tensor, chunk: int = 4096) -> Any:
-        """Image embeddings (N, D) -> memory-projected unit vectors (N, D): np.float32 for a numpy input, a
-        tensor on the memory's device and dtype for a tensor input."""
+        """Image embeddings (N, D) -> projected unit vectors (N, D): np.float32, or a tensor for a tensor."""
         v = self._unit(embeddings)
         out = []
         for start in range(0, v.shape[0], chunk):  # bounds the (n, M) weight matrix, whatever N is
@@ -101,8 +96,7 @@ class DecapMemory:
         return {**self.__dict__, "index": None}  # a faiss index does not pickle: each process builds its own
 
     def knn_index(self) -> Any:
-        """A faiss IVF index over a memory of ``IVF_FROM`` entries or more (built once, lazily), else None:
-        below that an exact top-k over every entry costs less than the index."""
+        """A faiss IVF index over a memory of ``IVF_FROM`` entries or more (built once), else None."""
         if self.index is None and len(self) >= IVF_FROM:
             mem = self.memory.float().cpu().numpy()
             nlist = int(4 * np.sqrt(len(mem)))
@@ -135,14 +129,9 @@ class DecapMemory:
         return cls(tensors["memory"].float().numpy(), tau=float(metadata["tau"]))
 
 
-# --- which projection a captioner applies ------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class ProjectionConfig:
-    """``auto``: the artifact's own DeCap memory if it has one, else none; ``none``: decode the raw image
-    embedding (comparison); ``memory``: project onto ``memory`` (a text-embedding table URI) or, without one,
-    onto the artifact's memory. ``tau`` overrides the memory's temperature; ``memory_size`` > 0 keeps a seeded
-    sample of that many rows of a ``memory`` table. ``CLI_FLAGS``: the ``clipcap caption`` flags named otherwise
-    and the fields that are none (``pipelines.commands.flags``)."""
+    """Which memory a captioner projects onto; ``CLI_FLAGS``: flags named otherwise, fields that are none."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"mode": "--projection", "top_k": "--projection-top-k",
                                                   "seed": None}
@@ -176,7 +165,7 @@ def resolve_projection(cfg: ProjectionConfig, own: DecapMemory | None, clip_dim:
         memory = load_memory_table(cfg.memory, tau=cfg.tau or DEFAULT_TAU, max_rows=cfg.memory_size or None,
                                    seed=cfg.seed)
     elif cfg.mode == "memory" and own is None:
-        raise ValueError("projection 'memory' on a model without a DeCap memory needs a memory table (--memory URI)")
+        raise ValueError(NO_MEMORY)
     if memory is None:
         return None
     if cfg.tau is not None or cfg.top_k:
@@ -187,11 +176,9 @@ def resolve_projection(cfg: ProjectionConfig, own: DecapMemory | None, clip_dim:
 
 def _table_files(uri: str) -> list[str]:
     fs, path = fsspec.core.url_to_fs(uri)
-    if path.endswith(".parquet"):
-        names = [path]
-    else:
-        names = sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/_errors/" not in p
-                       and not posixpath.basename(p).startswith(("_", ".")))
+    names = [path] if path.endswith(".parquet") else sorted(
+        p for p in fs.find(path) if p.endswith(".parquet") and "/_errors/" not in p
+        and not posixpath.basename(p).startswith(("_", ".")))
     if not names:
         raise FileNotFoundError(f"no text-embedding tables (*.parquet) under {uri!r}")
     proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
@@ -211,7 +198,7 @@ def _embedding_field(f: Any, file: str) -> pa.Field:
 def load_memory_table(uri: str, *, tau: float = DEFAULT_TAU, max_rows: int | None = None,
                       seed: int = 0) -> DecapMemory:
     """A memory from the ``text_embedding`` column of a text-embedding table (a folder or one file); with
-    ``max_rows``, a seeded sample of that many rows (chosen by key, so independent of the file layout)."""
+    ``max_rows``, a seeded sample of that many rows chosen by key."""
     parts = []
     for file in _table_files(uri):
         with fsspec.open(file, "rb") as f:
@@ -256,12 +243,13 @@ def memory_table_dim(uri: str) -> int:
 
 def check_projection(cfg: ProjectionConfig, clip_dim: int, has_own_memory: bool) -> None:
     """Job-level checks of a projection choice without loading any memory (clear errors before work)."""
-    if cfg.mode == "none":
-        return
-    if cfg.memory:
-        dim = memory_table_dim(cfg.memory)
-        if dim != int(clip_dim):
-            raise ValueError(f"DeCap memory table {cfg.memory} has D={dim} but the model expects clip_dim={clip_dim}:"
-                             " the memory must hold text embeddings of the CLIP model the decoder was trained on")
+    if cfg.memory:  # implies mode "memory"
+        _check_dim(f"DeCap memory table {cfg.memory}", memory_table_dim(cfg.memory), clip_dim, "the model")
     elif cfg.mode == "memory" and not has_own_memory:
-        raise ValueError("projection 'memory' on a model without a DeCap memory needs a memory table (--memory URI)")
+        raise ValueError(NO_MEMORY)
+
+
+def _check_dim(memory: str, dim: int, clip_dim: int, what: str) -> None:
+    if dim != int(clip_dim):
+        raise ValueError(f"{memory} has D={dim} but {what} expects clip_dim={clip_dim}: the memory must hold "
+                         "text embeddings of the CLIP model the decoder was trained on")

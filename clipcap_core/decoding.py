@@ -1,10 +1,7 @@
 """Batched caption decoding over the LM's KV cache: greedy, beam, the authors' beam ("reference-beam"), sampling.
-
-The prefix runs once per image and its cache is shared by beams / samples; finished rows leave the batch. The
-stop token stays in the caption, end-of-text does not; scores are the mean token log-prob. GPT-2 steps run over a
-preallocated ("static") KV cache with the prefix K/V kept once per image, written one position in place per step
-(HF's ``DynamicCache`` copies the whole cache every step and again to reorder beams; tests check the tokens
-against HF's cache).
+The prefix runs once per image, its cache shared by beams / samples; finished rows leave the batch. The stop
+token stays in the caption, end-of-text does not; scores are the mean token log-prob. GPT-2 decodes over a
+preallocated KV cache written in place (HF's ``DynamicCache`` copies the whole cache every step).
 """
 
 from __future__ import annotations
@@ -20,13 +17,11 @@ from transformers import PreTrainedTokenizerBase
 from clipcap_core.configs import from_dict
 
 Strategy = Literal["greedy", "beam", "reference-beam", "sample"]
-STRATEGIES: tuple[str, ...] = ("greedy", "beam", "reference-beam", "sample")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DecodeConfig:
-    """How captions are decoded. ``CLI_FLAGS``: the fields that are not ``clipcap caption`` flags
-    (``pipelines.commands.flags``)."""
+    """How captions are decoded. ``CLI_FLAGS``: the fields that are not ``clipcap caption`` flags."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"length_penalty": None, "stop_at_eos": None, "use_cache": None,
                                                   "static_cache": None, "batch_size": None}
@@ -59,8 +54,7 @@ class DecodeConfig:
 @dataclass
 class Generation:
     texts: list[str]  # N * n captions
-    token_ids: list[list[int]]  # generated ids: a stop token like '.' included, the end-of-text that
-    # stopped the caption not
+    token_ids: list[list[int]]  # generated ids: a stop token like '.' kept, a final end-of-text not
     scores: np.ndarray  # (N * n,) float32 mean token log-prob
     n: int = 1
 
@@ -147,8 +141,7 @@ class StaticCacheGPT2:
         self.rows *= n
 
     def _alloc(self) -> None:
-        """Row buffers. One row per image (greedy): the prefix goes in too and attention is one SDPA call;
-        several rows per image (beams, samples): prefix kept apart, shared (``_attend_shared``)."""
+        """Row buffers: with one row per image they hold the prefix too (one SDPA call), else it is shared."""
         k = self.pk[0]
         self.off = k.shape[2] if self.group == 1 else 0
         shape = (self.rows, k.shape[1], self.off + self.max_new, k.shape[3])
@@ -292,9 +285,8 @@ def _sequential(lm: CachedLM, prefix: torch.Tensor, cfg: DecodeConfig, stop: tor
 
 
 def _beam(lm: CachedLM, prefix: torch.Tensor, cfg: DecodeConfig, stop: torch.Tensor):
-    """Standard beam search (the semantics of HF ``generate(num_beams=K)``): K running beams per image, a
-    pool of the K best finished captions ranked by sum log-prob / length ** length_penalty; an image is done
-    when its pool is full and its best running beam, normalised at the current length, cannot beat the pool."""
+    """Beam search as HF ``generate(num_beams=K)``: K running beams per image, a pool of the K best finished
+    captions ranked by sum log-prob / length ** length_penalty; an image ends when no beam beats its pool."""
     K, T, lp = cfg.beam_size, cfg.max_length, cfg.length_penalty
     logits = lm.prefill(prefix).float()  # (B, V)
     B, V = logits.shape
@@ -342,7 +334,7 @@ def _beam(lm: CachedLM, prefix: torch.Tensor, cfg: DecodeConfig, stop: torch.Ten
 
 
 class _Pool:
-    """The K best finished captions per image: normalized score, sum log-prob, length, tokens."""
+    """The K best finished captions per image."""
 
     def __init__(self, B: int, K: int, T: int, dev: torch.device):
         self.K, self.T = K, T
@@ -365,8 +357,7 @@ class _Pool:
             1, best[..., None].expand(-1, -1, self.T))
 
     def done(self, images, best_sum, length: int, lp: float) -> torch.Tensor:
-        """True where the pool is full and the best running beam, normalised at the current length (HF's
-        default heuristic), does not beat the pool's worst entry."""
+        """True where the pool is full and the best running beam (at the current length) cannot beat it."""
         worst = self.score[images][:, -1]
         return torch.isfinite(worst) & (best_sum / length ** lp <= worst)
 
@@ -377,8 +368,7 @@ class _Pool:
 
 
 def _reference_beam(lm: CachedLM, prefix: torch.Tensor, cfg: DecodeConfig, stop: torch.Tensor):
-    """The authors' ``generate_beam`` batched over images: beams ranked by length-averaged log-prob,
-    stopped beams carried along with token 0 at no cost, an image ends when all its beams stopped."""
+    """The authors' ``generate_beam`` batched over images (length-averaged ranking, stopped beams carried)."""
     K = cfg.beam_size
     logp = (lm.prefill(prefix).float() / cfg.temperature).softmax(-1).log()  # (B, V) as the authors compute it
     B, V = logp.shape

@@ -1,6 +1,5 @@
-"""CLIP image/text encoders (open_clip) by name + pretrained tag, local file or object-store URI: the config
-(``EncoderConfig``; D, preprocessing and output tag read from open_clip's JSON model configs, nothing built) and
-the loaded model (``load_encoder`` -> ``ClipEncoder``).
+"""CLIP encoders (open_clip) by name + pretrained tag, file or URI: the config (``EncoderConfig``; D and
+preprocessing read from open_clip's JSON model configs, nothing built) and the loaded model (``ClipEncoder``).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import logging
 import os
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -30,8 +29,7 @@ TINY_SEED = 1234
 _RESOURCES = Path(__file__).parent / "resources"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")  # weights file names (not hub tags)
-# open_clip's ``PreprocessCfg()`` defaults (its eval transform for a model without a hub tag);
-# tests/core/test_encoders.py checks them against open_clip's own, for every model config it ships.
+# open_clip's ``PreprocessCfg()`` defaults (tests check them against open_clip's own)
 OPEN_CLIP_PREPROCESS = {"size": 224, "mode": "RGB", "mean": (0.48145466, 0.4578275, 0.40821073),
                         "std": (0.26862954, 0.26130258, 0.27577711), "interpolation": "bicubic",
                         "resize_mode": "shortest", "fill_color": 0}
@@ -64,9 +62,8 @@ def _natural_key(name: str) -> list[Any]:
 
 @cache
 def model_configs() -> dict[str, dict[str, Any]]:
-    """Every model open_clip can build, by name -> its config, read from the same JSON files open_clip reads
-    (its ``model_configs/`` folder, then ours, which win on a name clash as with ``add_model_config``), in
-    open_clip's order. ``find_spec`` locates the package without importing it."""
+    """Every model open_clip can build, name -> config, read from its JSON files and ours (which win), in
+    open_clip's order, without importing open_clip."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("open_clip is not installed (pip install open_clip_torch)")
@@ -81,22 +78,19 @@ def model_configs() -> dict[str, dict[str, Any]]:
 
 
 def is_weights_location(pretrained: str) -> bool:
-    """True when ``pretrained`` names a file or object (a path, URI or weights file name), not a hub tag
-    (open_clip's tags are plain names such as ``openai`` or ``laion2b_s34b_b79k``)."""
+    """True when ``pretrained`` names a file or object (path, URI, weights file name), not a hub tag."""
     return (uris.is_remote(pretrained) or pretrained.startswith("file://") or "/" in pretrained
             or os.sep in pretrained or pretrained.endswith(WEIGHT_SUFFIXES))
 
 
 def shipped_weights(model_name: str) -> str | None:
-    """Weights shipped with the package for ``model_name`` (``tiny``, ``tiny-scenes``, ``tiny-scenes-gapped``), else None.
-    """
+    """Weights shipped with the package for ``model_name`` (``tiny``, ``tiny-scenes``...), else None."""
     path = _RESOURCES / f"{model_name}.safetensors"
     return str(path) if path.is_file() else None
 
 
 def describe_weights(model_name: str, pretrained: str | None) -> str:
-    """Where ``model_name``'s weights come from, for model cards and reports: a hub tag, a weights file, the
-    weights shipped with this package, or a seeded random init (so random weights never pass for trained ones)."""
+    """Where ``model_name``'s weights come from, for model cards (random never passes for trained)."""
     if pretrained:
         kind = "weights file" if is_weights_location(pretrained) else "pretrained tag"
         return f"{model_name}, {kind} {pretrained!r}"
@@ -137,11 +131,8 @@ def validate_config(cfg: EncoderConfig) -> None:
 
 
 def fetch_pretrained(cfg: EncoderConfig) -> str | None:
-    """Bring a hub tag's weights into the local cache once, on the driver, before any actor starts; returns the
-    cached file (None for other sources, which ``validate_config`` checks). Without this, an unreachable hub
-    surfaces inside a CLIP actor, which Ray restarts again and again; here it is one ValueError (exit 2).
-    ``huggingface_hub`` retries a failed request a few times (about a minute offline; ``HF_HUB_OFFLINE=1``
-    makes it immediate)."""
+    """Bring a hub tag's weights into the local cache on the driver before any actor starts (else an
+    unreachable hub fails inside actors Ray restarts again and again); returns the file, None for others."""
     pre = cfg.pretrained
     if not pre or is_weights_location(pre):
         return None
@@ -181,8 +172,7 @@ def embedding_dim(cfg: EncoderConfig) -> int:
 
 
 def preprocess_spec(cfg: EncoderConfig) -> PreprocessSpec:
-    """The inference preprocessing open_clip uses for ``cfg``, without building the model: its defaults with
-    the model's image size, and a hub tag's own mean / std / resize settings where it has them."""
+    """open_clip's inference preprocessing for ``cfg`` (a hub tag's own settings included), nothing built."""
     base = dict(OPEN_CLIP_PREPROCESS)
     if cfg.pretrained and not is_weights_location(cfg.pretrained):
         oc = _open_clip()
@@ -218,7 +208,6 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast to ``precision``'s dtype for "fp16" / "bf16", no-op for "fp32"."""
     if precision in AMP_DTYPES:
         return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[precision])
     return contextlib.nullcontext()
@@ -258,9 +247,7 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor) -> np.ndarray:
         """Preprocessed images (B, 3, H, W) -> unnormalised image embeddings np.float32 (B, D)."""
-        with autocast(self.precision, self.device):
-            out = self.model.encode_image(images.to(self.device, non_blocking=True))
-        return out.float().cpu().numpy()
+        return self._run(self.model.encode_image, images.to(self.device, non_blocking=True))
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -270,18 +257,16 @@ class ClipEncoder:
             pixels = pixels.copy()
         x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1], like ToTensor
-        x = (x - self._mean) / self._std
-        with autocast(self.precision, self.device):
-            out = self.model.encode_image(x)
-        return out.float().cpu().numpy()
+        return self._run(self.model.encode_image, (x - self._mean) / self._std)
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """Captions -> unnormalised text embeddings np.float32 (B, D)."""
-        tokens = self._tokenizer(list(texts)).to(self.device)
+        return self._run(self.model.encode_text, self._tokenizer(list(texts)).to(self.device))
+
+    def _run(self, encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> np.ndarray:
         with autocast(self.precision, self.device):
-            out = self.model.encode_text(tokens)
-        return out.float().cpu().numpy()
+            return encode(x).float().cpu().numpy()
 
     @torch.inference_mode()
     def _probe_dim(self) -> int:
@@ -296,8 +281,7 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", precisi
     precision = resolve_precision(precision, device)
     oc = _open_clip()
     weights = resolve_weights(cfg.pretrained) if cfg.pretrained else shipped_weights(cfg.model_name)
-    # Seeded init without touching the caller's RNG: `tiny-random` (and any random-weights model) is
-    # then identical in every process. Built on the CPU so the init does not depend on the device.
+    # seeded on the CPU, caller's RNG untouched: random weights are the same in every process and device
     with torch.random.fork_rng(devices=[]), _quiet_random_init() if weights is None else _skip_init():
         torch.manual_seed(TINY_SEED)
         model = oc.create_model(cfg.model_name, pretrained=weights, device="cpu", pretrained_text=False)
@@ -307,11 +291,8 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", precisi
 
 @contextlib.contextmanager
 def _skip_init() -> Iterator[None]:
-    """No random init of weights that the checkpoint replaces: open_clip loads full checkpoints with
-    ``strict=True``, so every parameter is overwritten (a missing key fails the load), while buffers it computes
-    (the text tower's causal mask) are not made by ``torch.nn.init``. Saves ~1.5 s of CPU per ViT-B-32 load,
-    on the start-up path of every embed and caption actor. Process-global while it lasts: models are built
-    one at a time in a process."""
+    """No random init of weights a checkpoint replaces (open_clip loads with ``strict=True``): ~1.5 s of CPU
+    per ViT-B-32 load in every embed and caption actor. Process-global while it lasts."""
     init = torch.nn.init
     saved = {n: getattr(init, n) for n in dir(init) if n.endswith("_") and not n.startswith("_")}
     try:
@@ -329,9 +310,7 @@ def _not_random_init_warning(record: logging.LogRecord) -> bool:
 
 @contextlib.contextmanager
 def _quiet_random_init() -> Iterator[None]:
-    """Without ``pretrained`` the seeded init *is* the model (the ``tiny`` preset, speed runs): open_clip's
-    root-logger warning "No pretrained weights loaded ... initialized randomly" would only alarm users who
-    load a trained ClipCap model built on such an encoder."""
+    """Silence open_clip's "No pretrained weights loaded" warning where the seeded init *is* the model."""
     logging.getLogger().addFilter(_not_random_init_warning)
     try:
         yield

@@ -1,14 +1,11 @@
-"""Images without torch: safe decoding of untrusted bytes, and the CLIP inference resize decode tasks run.
-
-``decode_image``: an RGB ``PIL.Image`` or an ``ImageDecodeError`` saying why (the caller writes an error row); the
-pixel count is checked from the header before any pixel is decoded; 16-bit images are scaled to 8 bits, not
-clipped; EXIF orientation is applied; animations give their first frame; Pillow's process-wide settings are left
-alone. ``PreprocessSpec`` / ``ImageResizer`` (PIL -> uint8) are pixel-equal to open_clip's eval transform (tests
-check it); modes other than the default square ``shortest`` use open_clip's own transform.
+"""Images without torch: safe decoding of untrusted bytes (pixel count checked from the header before
+decoding, Pillow's process-wide settings left alone), and the CLIP inference resize that decode tasks run,
+pixel-equal to open_clip's eval transform.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import posixpath
 import warnings
@@ -18,12 +15,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# 64 megapixels (e.g. 8000 x 8000): larger than any photo a captioner needs, far below what exhausts RAM
-# (an RGBA 64 MP image is 256 MB decoded).
+# 64 megapixels: more than any photo a captioner needs, far below what exhausts RAM (256 MB decoded as RGBA)
 DEFAULT_MAX_PIXELS = 64_000_000
 
-# File extensions we treat as images when grouping webdataset samples (directories and plain archives do
-# not look at extensions: every file is a member, and the decoder decides).
+# File extensions treated as images when grouping webdataset samples (elsewhere the decoder decides)
 IMAGE_EXTENSIONS = frozenset(
     {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "jp2", "jfif"}
 )
@@ -44,7 +39,7 @@ def is_image_name(name: str) -> bool:
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                  draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode untrusted image bytes to an upright 8-bit RGB image."""
+    """Untrusted image bytes -> an upright 8-bit RGB image (an animation: its first frame)."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     with warnings.catch_warnings():
@@ -71,28 +66,20 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             img.load()
         except Exception as exc:  # noqa: BLE001
             raise ImageDecodeError(f"truncated or corrupt image data: {type(exc).__name__}: {exc}") from None
-    img = _exif_upright(img)
+    with contextlib.suppress(Exception):  # a malformed EXIF block is not a reason to drop the image
+        img = ImageOps.exif_transpose(img)
     try:
         return to_rgb(img)
     except Exception as exc:  # noqa: BLE001
         raise ImageDecodeError(f"cannot convert mode {img.mode!r} to RGB: {type(exc).__name__}: {exc}") from None
 
 
-def _exif_upright(img: Image.Image) -> Image.Image:
-    try:
-        out = ImageOps.exif_transpose(img)
-    except Exception:  # noqa: BLE001 - a malformed EXIF block is not a reason to drop the image
-        return img
-    return out if out is not None else img
-
-
 _ROWS_PER_BLOCK = 256
 
 
 def sixteen_to_eight(arr: np.ndarray) -> np.ndarray:
-    """16-bit (or int32 "I") grey levels to 8 bits, round(x / 257) clipped to 0..255, in integer arithmetic
-    a block of rows at a time: a float64 copy of a 64 MP image was 512 MB (1.6 GB peak for an 8000x8000 PNG
-    of 124 KB); this needs the uint8 output plus one block."""
+    """16-bit (or int32 "I") grey levels to 8 bits, round(x / 257) clipped to 0..255, in integer arithmetic a
+    block of rows at a time (a float copy of a 64 MP image would need 512 MB)."""
     out = np.empty(arr.shape, dtype=np.uint8)
     for r in range(0, arr.shape[0], _ROWS_PER_BLOCK):
         block = np.clip(arr[r: r + _ROWS_PER_BLOCK], 0, 65535).astype(np.uint32)
@@ -114,8 +101,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if arr.size and arr.max() <= 1.0:
             arr *= 255.0
         return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    has_alpha = mode in _ALPHA_MODES or "transparency" in img.info
-    if has_alpha:
+    if mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

@@ -1,10 +1,6 @@
-"""Caption scores: exact match and the COCO metrics through pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr,
-SPICE); CLIPScore, RefCLIPScore and CLIP reranking (Hessel et al. 2021, arXiv 2104.08718); and the one evaluation
-shared by ``clipcap evaluate``, training's held-out metrics, nightly promotion and the sweep (so a number means
-the same thing wherever it is printed).
-
-The PTB tokenizer, METEOR and SPICE need Java (SPICE also CoreNLP); offline they fail with a clear message. As in
-the CLIPScore authors' code, ``w`` scales the image side only; every function normalises its inputs.
+"""Caption scores: exact match, the COCO metrics through pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr,
+SPICE), CLIPScore / RefCLIPScore and CLIP reranking (Hessel et al. 2021); and the one evaluation every command
+shares, so a number means the same thing wherever it is printed. PTB tokenizer, METEOR and SPICE need Java.
 """
 
 from __future__ import annotations
@@ -55,22 +51,17 @@ def exact_match(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequence[st
 def _tokenized(preds: Sequence[str], ref_lists: list[list[str]], tokenize: str
                ) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
     if tokenize == "simple":
-        gts = {i: [normalize_caption(r) for r in rs] for i, rs in enumerate(ref_lists)}
-        res = {i: [normalize_caption(p)] for i, p in enumerate(preds)}
-        return gts, res
+        return ({i: [normalize_caption(r) for r in rs] for i, rs in enumerate(ref_lists)},
+                {i: [normalize_caption(p)] for i, p in enumerate(preds)})
     if tokenize != "ptb":
         raise ValueError(f"tokenize must be 'ptb' or 'simple', got {tokenize!r}")
     _need_java("the PTB tokenizer (use tokenize='simple' to avoid it)")
-
-    # one tokenizer run (one JVM start, seconds on a busy machine) for references and predictions together
-    # (an empty caption would be an empty line, which the tokenizer's rstrip() drops, shifting every later line
-    # onto the wrong id: "." tokenizes to nothing after punctuation removal instead)
+    # one tokenizer run (one JVM start) for both; an empty caption is sent as "." (an empty line would be
+    # dropped, shifting every later line onto the wrong id) and tokenizes to nothing
     both = {("g", i): [{"caption": r if r.strip() else "."} for r in rs] for i, rs in enumerate(ref_lists)}
     both.update({("r", i): [{"caption": p if p.strip() else "."}] for i, p in enumerate(preds)})
     out = PTBTokenizer().tokenize(both)
-    gts = {i: out[("g", i)] for i in range(len(ref_lists))}
-    res = {i: out[("r", i)] for i in range(len(preds))}
-    return gts, res
+    return {i: out[("g", i)] for i in range(len(ref_lists))}, {i: out[("r", i)] for i in range(len(preds))}
 
 
 def _need_java(what: str) -> None:
@@ -100,14 +91,12 @@ def caption_scores(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequence
     if "meteor" in metrics:
         _need_java("METEOR")
     res = {i: [r[0] if r[0].strip() else "<empty>"] for i, r in res.items()}  # scorers reject empty hypotheses
-    order = list(gts)  # the scorers return per-item scores in gts' key order
     out: dict[str, float] = {}
     per: dict[str, list[float]] = {}
 
     def put(name: str, corpus: float, items: Sequence[float]) -> None:
         out[name] = float(corpus)
-        by_id = dict(zip(order, (float(v) for v in items), strict=True))
-        per[name] = [by_id[i] for i in range(len(preds))]
+        per[name] = [float(v) for v in items]  # in gts' key order: 0 .. N-1
 
     if "bleu" in metrics:
         corpus, items = Bleu(4).compute_score(gts, res, verbose=0)  # verbose=0: it prints its ratios otherwise
@@ -118,8 +107,7 @@ def caption_scores(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequence
         if metric in metrics:
             put(name, *scorer().compute_score(gts, res))
     if "spice" in metrics:
-        corpus, items = _spice(gts, res)
-        put("spice", corpus, items)
+        put("spice", *_spice(gts, res))
     return out, per
 
 
@@ -127,11 +115,9 @@ SPICE_JAR = "stanford-corenlp-3.6.0.jar"
 
 
 def spice_unavailable() -> str | None:
-    """Why SPICE cannot run here without a download (None when it can): Java, and the CoreNLP jar that
-    pycocoevalcap downloads on first use (~1 GB zip, needs internet)."""
+    """Why SPICE cannot run here without a download (None when it can): Java, and the ~1 GB CoreNLP jar."""
     if shutil.which("java") is None:
         return "SPICE needs Java (a `java` executable on PATH)"
-
     jar = os.path.join(os.path.dirname(spice_pkg.__file__), "lib", SPICE_JAR)
     if not os.path.exists(jar):
         return (f"SPICE not run: Stanford CoreNLP ({jar}) is missing; pycocoevalcap downloads it (~1 GB) on "
@@ -153,7 +139,6 @@ def _spice(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float,
             f"run it once online or leave 'spice' out of metrics ({type(exc).__name__}: {exc})") from exc
 
 
-# ---- CLIPScore ---------------------------------------------------------------------------------------------------
 def normalize(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (float64, so tests can compare with a hand computation exactly)."""
     x = np.asarray(x, dtype=np.float64)
@@ -161,8 +146,7 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.where(norm > 0, norm, 1.0)
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity of (N, D) and (N, D) -> (N,)."""
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # (N, D), (N, D) -> (N,)
     return np.sum(normalize(a) * normalize(b), axis=-1)
 
 
@@ -191,8 +175,8 @@ def ref_clip_score(clip_s: np.ndarray, ref_sim: np.ndarray) -> np.ndarray:
 
 
 def rerank(image_emb: np.ndarray, cand_emb: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Order of each image's ``n`` candidates by CLIP similarity, best first (stable: ties keep the decoder's
-    order). ``cand_emb`` is (N * n, D), image i owning rows [i*n, (i+1)*n). Returns (order (N, n), cos (N, n))."""
+    """(order (N, n), cos (N, n)) of each image's ``n`` candidates (rows [i*n, (i+1)*n) of ``cand_emb``) by
+    CLIP similarity, best first; ties keep the decoder's order."""
     image_emb = np.asarray(image_emb)
     if len(cand_emb) != len(image_emb) * n:
         raise ValueError(f"{len(cand_emb)} candidates for {len(image_emb)} images x {n}")
@@ -232,8 +216,7 @@ class ClipScorer:
         cs = clip_score(image_emb, text, self.w)
         if references is None:
             return ClipScores(cs, None, None)
-        flat = [r for refs in references for r in refs]
-        emb = self.embed_texts(flat)
+        emb = self.embed_texts([r for refs in references for r in refs])
         bounds = np.cumsum([0] + [len(r) for r in references])
         sims = ref_similarity(text, [emb[bounds[i]: bounds[i + 1]] for i in range(len(references))])
         return ClipScores(cs, ref_clip_score(cs, sims), sims)
@@ -241,8 +224,8 @@ class ClipScorer:
 
 @functools.lru_cache(maxsize=2)
 def scorer_for(encoder_cfg: Any, dim: int) -> ClipScorer | None:
-    """A scorer with the CLIP of ``encoder_cfg`` (loaded once per process), or None when that CLIP cannot be
-    loaded here or does not give D = ``dim``: held-out metrics then go on without CLIPScore (logged)."""
+    """A scorer with the CLIP of ``encoder_cfg`` (once per process), or None (logged) when it cannot be loaded
+    here or does not give D = ``dim``: held-out metrics then go on without CLIPScore."""
     # lazy: torch ~6.7 s to import (python -X importtime)
     from clipcap_core.encoders import load_encoder
 
@@ -258,27 +241,25 @@ def scorer_for(encoder_cfg: Any, dim: int) -> ClipScorer | None:
     return ClipScorer(encoder)
 
 
-# ---- one evaluation --------------------------------------------------------------------------------------------
 @dataclass
 class Evaluation:
-    summary: dict[str, float]                  # corpus-level: bleu1..4, meteor, rouge_l, cider, [spice],
-    #                                            exact_match, [clip_score, ref_clip_score] (means), n
+    summary: dict[str, float]                  # corpus-level scores (clip scores: means) and n
     per_item: dict[str, list[float]]           # the same names, one value per prediction
     notes: dict[str, str] = field(default_factory=dict)  # e.g. why SPICE did not run
 
 
 def exact_matches(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> list[float]:
     """1.0 where a prediction equals (normalised) one of its references, else 0.0."""
-    return [float(normalize_caption(p) in {normalize_caption(r) for r in rs}) for p, rs in zip(preds, refs,
-                                                                                               strict=True)]
+    return [float(normalize_caption(p) in {normalize_caption(r) for r in rs})
+            for p, rs in zip(preds, refs, strict=True)]
 
 
 def evaluate_predictions(preds: Sequence[str], refs: Sequence[Sequence[str]], *,
                          metrics: Sequence[str] = DEFAULT_METRICS, tokenize: str = "ptb",
                          spice: str = "auto", image_emb: np.ndarray | None = None,
                          scorer: ClipScorer | None = None) -> Evaluation:
-    """Score ``preds[i]`` against ``refs[i]``. ``spice``: "auto" (run when CoreNLP is present), "on" (try,
-    even if that means pycocoevalcap's download), "off". CLIP scores need ``image_emb`` (N, D) and ``scorer``."""
+    """Score ``preds[i]`` against ``refs[i]``. ``spice``: "auto" (when CoreNLP is present), "on" (try, even
+    with a download), "off". CLIP scores need ``image_emb`` (N, D) and ``scorer``."""
     if spice not in ("auto", "on", "off"):
         raise ValueError(f"spice must be 'auto', 'on' or 'off', got {spice!r}")
     refs = [list(r) for r in refs]
@@ -300,11 +281,9 @@ def evaluate_predictions(preds: Sequence[str], refs: Sequence[Sequence[str]], *,
     corpus["exact_match"] = float(np.mean(per["exact_match"])) if len(preds) else float("nan")
     if image_emb is not None and scorer is not None and len(preds):
         scores = scorer.score(image_emb, preds, refs)
-        per["clip_score"] = scores.clip_score.tolist()
-        corpus["clip_score"] = float(np.mean(scores.clip_score))
-        if scores.ref_clip_score is not None:
-            per["ref_clip_score"] = scores.ref_clip_score.tolist()
-            corpus["ref_clip_score"] = float(np.mean(scores.ref_clip_score))
+        for name in ("clip_score", "ref_clip_score"):
+            if (values := getattr(scores, name)) is not None:
+                per[name], corpus[name] = values.tolist(), float(np.mean(values))
     corpus["n"] = float(len(preds))
     return Evaluation(corpus, per, notes)
 

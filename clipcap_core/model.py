@@ -1,10 +1,7 @@
 """The ClipCap model: a mapping network (CLIP embedding (B, D) -> k prefix vectors (B, k, E)) + a GPT-2-family LM,
-fine-tuned or truly frozen. ``mlp`` and ``transformer`` mappings compute exactly what the released ClipCap
-checkpoints do (``reference.py`` maps their keys); ``linear`` is the DeCap authors' projection.
-
-The LM sees [p_1..p_k, t_1..t_T]; the loss covers caption tokens only. Captions are right-padded, so under the
-causal mask no real position attends to padding: only a loss mask is needed. A frozen LM has no weight gradients
-and stays in eval mode, as in the paper.
+fine-tuned or frozen (no gradients, eval mode). ``mlp`` / ``transformer`` compute what the released ClipCap
+checkpoints do; ``linear`` is DeCap's projection. The loss covers caption tokens only; captions are
+right-padded, so under the causal mask only a loss mask is needed.
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ from transformers import (
 )
 
 from clipcap_core.encoders import EncoderConfig
-from clipcap_core.uris import is_remote, local_copy
+from clipcap_core.uris import local_copy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,8 +88,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.ln_1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads)
+        self.ln_1, self.attn = nn.LayerNorm(dim), Attention(dim, num_heads)
         self.ln_2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
@@ -142,9 +138,8 @@ class Mapping(nn.Module):
 
 @dataclass(frozen=True, kw_only=True)
 class LMConfig:
-    """Which language model. ``config`` set: a randomly initialised GPT-2 of that shape (``GPT2Config``
-    keyword arguments; ``vocab_size`` defaults to the tokenizer's), seeded by ``seed`` (the tiny preset).
-    Otherwise ``name_or_path``: hub id, local directory or fsspec URI of a ``from_pretrained`` directory."""
+    """Which LM: with ``config``, a seeded random GPT-2 of that shape (``GPT2Config`` kwargs); else
+    ``name_or_path``, a hub id, local directory or fsspec URI of a ``from_pretrained`` directory."""
 
     name_or_path: str = "gpt2"
     config: dict[str, Any] | None = None
@@ -192,10 +187,8 @@ def build_lm(cfg: LMConfig, tokenizer: PreTrainedTokenizerBase | None = None) ->
 def load_pretrained_lm(name_or_path: str) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` for a hub id, local dir or fsspec URI (copied locally first)."""
     try:
-        if is_remote(name_or_path):
-            with local_copy(name_or_path) as local:
-                return AutoModelForCausalLM.from_pretrained(str(local))
-        return AutoModelForCausalLM.from_pretrained(name_or_path)
+        with local_copy(name_or_path) as local:  # a hub id or local path is used as it is
+            return AutoModelForCausalLM.from_pretrained(str(local))
     except OSError as exc:
         raise OSError(f"cannot load language model {name_or_path!r} (hub name, local dir or URI): {exc}") from exc
 
@@ -250,8 +243,7 @@ class ClipCapModel(nn.Module):
 
 def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None,
                  label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over the tokens where ``mask`` is 1 (all tokens when mask is None); with
-    ``label_smoothing`` eps each target is (1 - eps) one-hot + eps uniform, as torch's ``cross_entropy``."""
+    """Mean (label-smoothed) cross-entropy over the tokens where ``mask`` is 1 (all when mask is None)."""
     nll = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none",
                           label_smoothing=label_smoothing)  # (B*T,)
     if mask is None:

@@ -8,12 +8,10 @@ from clipcap_core.training import PAPER_RECIPE, Recipe
 
 TINY_LM = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64, "n_inner": 256,
            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-           # a wide init keeps a frozen random LM expressive (attention not uniform): the transformer mapper
-           # then learns through it; with the usual 0.02 a frozen random LM averages its inputs and cannot.
+           # wide init: at the usual 0.02 a frozen random LM averages its inputs; no mapper learns through it
            "initializer_range": 0.2}
 TINY_CLIP_DIM = 128  # embed_dim of clipcap_core/resources/tiny.json
-# The DeCap authors' decoder_config.pkl: GPT-2 defaults otherwise (1,024 positions, dropout 0.1, gelu_new). Their
-# vocabulary is GPT-2's 50,257 rows of which CLIP's BPE uses the first 49,408: ours has those 49,408.
+# The DeCap authors' decoder_config.pkl (GPT-2 defaults otherwise); vocabulary: the 49,408 CLIP BPE rows
 DECAP_LM = {"n_layer": 4, "n_head": 4, "n_embd": 768}
 
 PRESETS: dict[str, ModelConfig] = {
@@ -57,8 +55,7 @@ PRESETS: dict[str, ModelConfig] = {
 # 30 epochs at batch 16 and lr 3e-3: ~1,500 steps on the demo's 820 training rows, ~5,000 on 3,000 caption rows.
 TINY_RECIPE = Recipe(lr=3e-3, warmup_steps=20, batch_size=16, epochs=30, max_caption_tokens=24)
 
-# The DeCap authors' train.py: AdamW lr 1e-5 (no weight decay), 1,000 warm-up steps then linear decay, batch 64
-# per GPU, 10 epochs on COCO, captions cut to 20 CLIP tokens (start and end-of-text included), label smoothing 0.1.
+# The DeCap authors' train.py (batch 64 per GPU; 20 CLIP tokens with start and end-of-text)
 DECAP_RECIPE = Recipe(lr=1e-5, warmup_steps=1000, batch_size=64, epochs=10, max_caption_tokens=20,
                       weight_decay=0.0, label_smoothing=0.1)
 
@@ -77,7 +74,6 @@ def preset_recipe(name: str) -> Recipe:
 
 
 def preset_config(name: str) -> ModelConfig:
-    """The ModelConfig of preset ``name``; unknown names fail with the list of known ones."""
     try:
         return PRESETS[name]
     except KeyError:

@@ -1,8 +1,6 @@
-"""The authors' ClipCap (rmokady/CLIP_prefix_caption) re-implemented: model layout, decoding, checkpoint import;
-and the import of the DeCap authors' released decoder (dhg-wei/DeCap).
-
-ClipCap's decoding is the compatibility tests' oracle and the benchmark baseline; checkpoints load with
-``weights_only=True``, so no pickled code runs.
+"""The authors' ClipCap (rmokady/CLIP_prefix_caption): model layout, decoding (the tests' oracle and the
+benchmark baseline) and checkpoint import; and the import of the DeCap authors' decoder (dhg-wei/DeCap).
+Checkpoints load with ``weights_only=True``: no pickled code runs.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from clipcap_core.decap import DEFAULT_TAU, load_memory_table
 from clipcap_core.encoders import EncoderConfig
 from clipcap_core.model import ClipCapModel, LMConfig, MappingConfig, ModelConfig, load_pretrained_lm
 from clipcap_core.tokenizer import CLIP_BPE, load_tokenizer
-from clipcap_core.uris import is_remote, local_copy
+from clipcap_core.uris import local_copy
 
 # what GPT-2 state dicts saved by transformers < 4.31 carry: in both authors' checkpoints, never loaded
 LEGACY_BUFFERS = re.compile(r"^(gpt|decoder)\.transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
@@ -204,8 +202,7 @@ def translate_key(key: str, kind: str, to_ours: bool = True) -> str | None:
     """Map a mapping-network key between the authors' layout and ours (None if it has no counterpart)."""
     src, dst = (0, 1) if to_ours else (1, 0)
     for pair in _KEY_PAIRS[kind]:
-        m = re.fullmatch(_regex(pair[src]), key)
-        if m:
+        if m := re.fullmatch(_regex(pair[src]), key):
             return pair[dst].format(**m.groupdict())
     return None
 
@@ -315,11 +312,8 @@ def _lm_for_import(source: str, gpt_state: dict[str, torch.Tensor], ckpt: str) -
 
 def _lm_from_config(source: str) -> nn.Module:
     try:
-        if is_remote(source):
-            with local_copy(source) as local:
-                config = AutoConfig.from_pretrained(str(local))
-        else:
-            config = AutoConfig.from_pretrained(source)
+        with local_copy(source) as local:
+            config = AutoConfig.from_pretrained(str(local))
     except OSError as exc:
         raise OSError(f"--lm {source!r}: need a hub name or a directory with the LM config: {exc}") from exc
     with torch.device("meta"):  # a skeleton: every weight comes from the checkpoint (no random init)
@@ -333,8 +327,7 @@ _PROJECT = ("clip_project.model.0.weight", "clip_project.model.0.bias")
 
 def import_decap_checkpoint(ckpt: str, out: str, *, encoder: EncoderConfig | None = None, memory: str | None = None,
                             tau: float = DEFAULT_TAU, n_head: int = DECAP_HEADS) -> ImportResult:
-    """Convert their ``DeCap`` state dict at ``ckpt`` (any fsspec URI) into our artifact at ``out``;
-    ``memory``: a text-embedding table whose rows the artifact keeps as its DeCap memory."""
+    """Convert their ``DeCap`` state dict at ``ckpt`` into our artifact at ``out`` (keeping ``memory``)."""
     state = read_state_dict(ckpt)
     unknown = sorted(k for k in state if not (k in _PROJECT or k.startswith("decoder.")))
     if unknown or not all(k in state for k in _PROJECT):

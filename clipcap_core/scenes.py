@@ -1,5 +1,4 @@
-"""Seeded ``scenes`` world: two groups of shapes and a spatial relation between them, several captions per image.
-"""
+"""Seeded ``scenes`` world: two groups of shapes in a spatial relation, several captions per image."""
 
 from __future__ import annotations
 
@@ -161,8 +160,7 @@ TWIN_KINDS = ("shape", "shape", "relation", "relation", "count", "size", "color"
 
 
 def twin(s: Scene, rng: random.Random, holdout: frozenset[tuple[str, str]]) -> Scene:
-    """A hard negative of ``s`` to train beside it: one minimal edit (``TWIN_KINDS``) that keeps every colour-shape
-    combination out of ``holdout``."""
+    """A hard negative of ``s`` to train beside it: one minimal edit (``TWIN_KINDS``) avoiding ``holdout``."""
     negs = hard_negatives(s)
     while True:
         options = [e for e in negs[rng.choice(TWIN_KINDS)]
@@ -190,10 +188,7 @@ def _regions(relation: str, size: int, rng: random.Random) -> tuple[tuple[float,
     m, gap = size * 0.03, size * 0.04
     cut = size / 2 + rng.uniform(-0.08, 0.08) * size
     low, high = (m, cut - gap / 2), (cut + gap / 2, size - m)
-    if relation in ("left", "above"):
-        spans = (low, high)
-    else:
-        spans = (high, low)
+    spans = (low, high) if relation in ("left", "above") else (high, low)
     if relation in ("left", "right"):
         return tuple((s[0], m, s[1], size - m) for s in spans)  # type: ignore[return-value]
     return tuple((m, s[0], size - m, s[1]) for s in spans)  # type: ignore[return-value]
@@ -233,10 +228,8 @@ def render(scene: Scene, size: int, rng: random.Random) -> Image.Image:
     img = Image.fromarray(_background(size, rng))
     draw = ImageDraw.Draw(img)
     for group, box in zip((scene.first, scene.second), _regions(scene.relation, size, rng), strict=True):
-        base = _RADIUS[group.size] * size / 64
-        radius = base * rng.uniform(0.88, 1.12)
-        short = min(box[2] - box[0], box[3] - box[1]) / 2
-        radius = min(radius, short * 0.98)
+        radius = _RADIUS[group.size] * size / 64 * rng.uniform(0.88, 1.12)
+        radius = min(radius, min(box[2] - box[0], box[3] - box[1]) / 2 * 0.98)
         for cx, cy in _centres(box, group.count, radius, rng):
             fill = tuple(max(0, min(255, c + rng.randint(-14, 14))) for c in COLORS[group.color])
             _draw(draw, group.shape, cx, cy, radius * rng.uniform(0.94, 1.06), fill)
@@ -249,9 +242,8 @@ def sample_key(split: str, i: int) -> str:
 
 def generate(n: int, seed: int = 0, size: int = 64, start: int = 0, split: Split = "train",
              holdout_seed: int = HOLDOUT_SEED, twins: bool = False) -> Iterator[SceneSample]:
-    """``n`` samples of ``split``; sample ``i`` depends only on (seed, split, i, holdout_seed, twins). ``twins``: each
-    odd sample is a ``twin`` (one minimal edit, drawn afresh) of the sample before it, so a batch that keeps
-    neighbours together holds hard negatives (``train`` / ``test`` only)."""
+    """``n`` samples of ``split``, sample ``i`` depending only on (seed, split, i, holdout_seed, twins);
+    ``twins``: each odd sample is a ``twin`` of the one before it (``train`` / ``test`` only)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if twins and split == "novel":
@@ -276,8 +268,7 @@ def training_caption(sample: SceneSample, seed: int = 0) -> str:
 
 def write_url_list(out_dir: str | Path, n: int, base_url: str, seed: int = 0, size: int = 64,
                    image_format: str = "png", split: Split = "train") -> Path:
-    """``synthetic.write_url_list`` for scenes: images, a headerless ``caption<TAB>url`` TSV of canonical
-    captions, and ``references.jsonl`` (one ``{"key", "caption"}`` row per reference). Returns the TSV."""
+    """``synthetic.write_url_list`` for scenes, and ``references.jsonl`` (``{"key", "caption"}`` rows)."""
     refs: list[str] = []
 
     def noting_references(samples: Iterator[SceneSample]) -> Iterator[SceneSample]:
@@ -294,9 +285,8 @@ def write_url_list(out_dir: str | Path, n: int, base_url: str, seed: int = 0, si
 def write_webdataset(out_dir: str | Path, n: int, *, seed: int = 0, size: int = 64, shard_size: int = 1024,
                      start: int = 0, split: Split = "train", caption: Literal["canonical", "random"] = "canonical",
                      twins: bool = False) -> list[Path]:
-    """Webdataset shards in img2dataset's layout; ``.txt`` is the canonical caption or (``random``) one reference
-    per sample (``training_caption``); ``.json`` holds every reference. ``twins``: as ``generate`` (keep
-    ``shard_size`` even so no pair spans two shards)."""
+    """Webdataset shards in img2dataset's layout: ``.txt`` the canonical caption or (``random``) a reference,
+    ``.json`` every reference. ``twins``: as ``generate`` (an even ``shard_size`` keeps pairs together)."""
     def members(first: int, count: int) -> Iterator[tuple[str, dict[str, bytes]]]:
         for s in generate(count, seed=seed, size=size, start=first, split=split, twins=twins):
             text = s.caption if caption == "canonical" else training_caption(s, seed)

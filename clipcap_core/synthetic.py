@@ -78,10 +78,8 @@ def parse_caption(caption: str) -> Attributes | None:
 
 
 def sample_attributes(rng: random.Random) -> Attributes:
-    return Attributes(
-        count=rng.randint(1, 3), size=rng.choice(SIZES), color=rng.choice(list(COLORS)),
-        shape=rng.choice(SHAPES), position=rng.choice(POSITIONS),
-    )
+    return Attributes(count=rng.randint(1, 3), size=rng.choice(SIZES), color=rng.choice(list(COLORS)),
+                      shape=rng.choice(SHAPES), position=rng.choice(POSITIONS))
 
 
 def _region(position: str, size: int) -> tuple[int, int, int, int]:
@@ -91,13 +89,11 @@ def _region(position: str, size: int) -> tuple[int, int, int, int]:
 
 def render(a: Attributes, size: int, rng: random.Random) -> Image.Image:
     """Draw ``a`` on a lightly varied background; shapes sit side by side inside their half of the image."""
-    bg = tuple(235 + rng.randint(-15, 15) for _ in range(3))
-    img = Image.new("RGB", (size, size), bg)
+    img = Image.new("RGB", (size, size), tuple(235 + rng.randint(-15, 15) for _ in range(3)))
     draw = ImageDraw.Draw(img)
     x0, y0, x1, y1 = _region(a.position, size)
     horizontal = (x1 - x0) >= (y1 - y0)
-    span = (x1 - x0) if horizontal else (y1 - y0)
-    cell = span // a.count
+    cell = ((x1 - x0) if horizontal else (y1 - y0)) // a.count
     other = (y1 - y0) if horizontal else (x1 - x0)
     radius = max(2, int(min(cell, other) * (0.42 if a.size == "large" else 0.2)))
     color = tuple(max(0, min(255, c + rng.randint(-12, 12))) for c in COLORS[a.color])
@@ -126,8 +122,7 @@ def generate(n: int, seed: int = 0, size: int = 64, start: int = 0) -> Iterator[
 
 
 def write_images(out_dir: str | Path, samples: Iterable[Any], base_url: str, image_format: str = "png") -> Path:
-    """Each sample's ``image`` under ``out_dir/images`` and a headerless ``caption<TAB>url`` TSV (CC3M layout) of
-    their ``caption``s; ``base_url`` is where ``out_dir`` is served. Shared by both synthetic worlds."""
+    """Each sample's ``image`` under ``out_dir/images`` and a ``caption<TAB>url`` TSV (CC3M layout)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []
@@ -142,7 +137,6 @@ def write_images(out_dir: str | Path, samples: Iterable[Any], base_url: str, ima
 
 def write_url_list(out_dir: str | Path, n: int, base_url: str, seed: int = 0, size: int = 64,
                    image_format: str = "png") -> Path:
-    """Write ``n`` images under ``out_dir/images`` and a headerless ``caption<TAB>url`` TSV (CC3M layout)."""
     return write_images(out_dir, generate(n, seed=seed, size=size), base_url, image_format)
 
 
@@ -157,9 +151,7 @@ Members = Callable[[int, int], Iterable[tuple[str, dict[str, bytes]]]]  # (first
 
 def write_shards(out_dir: str | Path, n: int, members: Members, *, shard_size: int = 1024, start: int = 0
                  ) -> list[Path]:
-    """Samples ``start .. start + n`` as webdataset shards in img2dataset's layout (``00000.tar`` holding
-    ``<key>.<ext>`` per member), ``shard_size`` per shard, each written under a temporary name then renamed.
-    ``members(first, count)`` gives those samples' files. Shared by both synthetic worlds."""
+    """Samples ``start .. start + n`` (files from ``members``) as img2dataset-layout shards."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -179,8 +171,7 @@ def write_shards(out_dir: str | Path, n: int, members: Members, *, shard_size: i
 
 def write_webdataset(out_dir: str | Path, n: int, *, seed: int = 0, size: int = 64, shard_size: int = 1024,
                      start: int = 0) -> list[Path]:
-    """``n`` samples as webdataset shards (``<key>.png``, ``<key>.txt``, ``<key>.json``); for CLIP training
-    without a download step. Sample ``i`` is ``generate``'s sample ``i`` (same seed -> same images as the URL list)."""
+    """``n`` samples (``generate``'s) as webdataset shards: CLIP training without a download step."""
     def members(first: int, count: int) -> Iterator[tuple[str, dict[str, bytes]]]:
         for s in generate(count, seed=seed, size=size, start=first):
             meta = {"key": s.key, "caption": s.caption, "status": "success"}

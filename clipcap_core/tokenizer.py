@@ -1,6 +1,4 @@
-"""Tokenizers: GPT-2 family tokenizers by hub name / local dir / object-store URI, the tiny word-level one and
-CLIP's BPE vocabulary (DeCap).
-"""
+"""Tokenizers: GPT-2 family ones by hub name / local dir / URI, the tiny word-level one, CLIP's BPE."""
 
 from __future__ import annotations
 
@@ -13,16 +11,15 @@ from collections.abc import Iterable, Sequence
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, CLIPTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from clipcap_core.synthetic import VOCABULARY
-from clipcap_core.uris import is_remote, local_copy, upload_dir
+from clipcap_core import scenes, synthetic
+from clipcap_core.uris import local_copy, upload_dir
 
 EOS = "<|endoftext|>"
 UNK = "<unk>"
 WORD = "word"  # tokenizer source name of the built-in word-level tokenizer
 WORD_SCENES = "word-scenes"  # the word-level tokenizer over the scenes world's vocabulary
 CLIP_BPE = "clip-bpe"  # tokenizer source name of CLIP's BPE vocabulary
-# The word-level vocabulary of the world each shipped CLIP was trained on: a tiny preset trained on tables of one
-# of these CLIPs takes its world's words (the synthetic ``word`` vocabulary lacks the scenes relations and plurals).
+# The word-level vocabulary of the world each shipped CLIP was trained on (a tiny preset on its tables)
 WORD_TOKENIZER_OF_CLIP = {"tiny": WORD, "tiny-scenes": WORD_SCENES, "tiny-scenes-gapped": WORD_SCENES}
 _WORD_RE = re.compile(r"\w+|[^\w\s]")
 
@@ -34,17 +31,14 @@ def words_of(text: str) -> list[str]:
 
 def build_word_tokenizer(captions: Iterable[str] | None = None, *, words: Sequence[str] | None = None,
                          min_count: int = 1) -> PreTrainedTokenizerBase:
-    """Word-level fast tokenizer: ids 0/1 are ``<|endoftext|>`` (eos + pad) and ``<unk>``, then sorted words.
-    """
+    """Word-level fast tokenizer: ids 0/1 are ``<|endoftext|>`` (eos, pad), ``<unk>``, then sorted words."""
     if words is None:
         if captions is None:
-            words = VOCABULARY
+            words = synthetic.VOCABULARY
         else:
             counts = Counter(w for c in captions for w in words_of(c))
             words = [w for w, n in counts.items() if n >= min_count]
-    vocab = {EOS: 0, UNK: 1}
-    for w in sorted(set(words) - {EOS, UNK}):
-        vocab[w] = len(vocab)
+    vocab = {w: i for i, w in enumerate([EOS, UNK, *sorted(set(words) - {EOS, UNK})])}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Sequence(
@@ -81,22 +75,17 @@ def prepare(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer: ``"word"`` / ``"word-scenes"`` / ``"clip-bpe"`` (built-in), a hub name, a local directory or an fsspec URI of one."""
+    """A built-in tokenizer (``word``, ``word-scenes``, ``clip-bpe``) or one by hub name, directory or URI."""
     if source == WORD:
         return build_word_tokenizer()
     if source == WORD_SCENES:
-        from clipcap_core.scenes import VOCABULARY
-
-        return build_word_tokenizer(words=VOCABULARY)
+        return build_word_tokenizer(words=scenes.VOCABULARY)
     if source == CLIP_BPE:  # an HF CLIPTokenizer (end-of-text is eos and pad; text keeps ' .')
         vocab, merges = _clip_bpe()
         return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), clean_up_tokenization_spaces=False)
-
-    if is_remote(source):
-        with local_copy(source) as local:
-            return prepare(AutoTokenizer.from_pretrained(str(local)))
     try:
-        return prepare(AutoTokenizer.from_pretrained(source))
+        with local_copy(source) as local:  # a hub name or local directory is used as it is
+            return prepare(AutoTokenizer.from_pretrained(str(local)))
     except OSError as exc:
         raise OSError(f"cannot load tokenizer {source!r} (hub name, local directory or URI): {exc}") from exc
 
@@ -109,8 +98,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, uri: str) -> None:
 
 
 def encode_caption(tokenizer: PreTrainedTokenizerBase, caption: str, max_tokens: int) -> list[int]:
-    """Token ids of ``caption`` (after the start token, if the tokenizer has one) followed by eos, truncated to
-    ``max_tokens`` (eos always kept last)."""
+    """Ids of ``caption`` (after the start token, if any) and eos, at most ``max_tokens`` (eos kept last)."""
     start = start_token_id(tokenizer)
     head = [] if start is None else [start]
     ids = tokenizer.encode(caption, add_special_tokens=False)[: max_tokens - 1 - len(head)]

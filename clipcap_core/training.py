@@ -1,6 +1,5 @@
 """Training core (pure PyTorch; the Ray Train job calls these per worker): batches, AdamW + linear warm-up,
-train step with gradient clipping and mixed precision, evaluation loss and held-out caption metrics.
-"""
+the train step (gradient clipping, mixed precision), evaluation loss and held-out caption metrics."""
 
 from __future__ import annotations
 
@@ -25,9 +24,8 @@ from clipcap_core.tokenizer import encode_caption
 
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
-    """How a model preset trains unless told otherwise (``presets.RECIPES``): the values a ``TrainConfig`` leaves
-    unset. ``max_warmup_fraction`` caps the recipe's warm-up at that share of the run, so a short run (a few
-    thousand rows, a nightly sample) still reaches its peak rate while a long run keeps the recipe's steps."""
+    """How a model preset trains unless told otherwise (``presets.RECIPES``). ``max_warmup_fraction`` caps the
+    recipe's warm-up at that share of the run, so a short run still reaches its peak rate."""
 
     lr: float
     warmup_steps: int
@@ -39,8 +37,7 @@ class Recipe:
     label_smoothing: float = 0.0  # eps of the caption loss's label smoothing
 
 
-# The ClipCap paper's COCO recipe (AdamW, lr 2e-5, 5,000 warm-up steps, batch 40, 10 epochs): ~141k steps on
-# COCO, where the 5% cap (7k steps) leaves the 5,000 unchanged.
+# The ClipCap paper's COCO recipe: ~141k steps on COCO, where the 5% cap (7k) leaves the 5,000 unchanged.
 PAPER_RECIPE = Recipe(lr=2e-5, warmup_steps=5000, batch_size=40, epochs=10, max_caption_tokens=40)
 RECIPE_FIELDS = ("lr", "warmup_steps", "batch_size", "epochs", "max_caption_tokens", "weight_decay",
                  "label_smoothing")
@@ -48,9 +45,8 @@ RECIPE_FIELDS = ("lr", "warmup_steps", "batch_size", "epochs", "max_caption_toke
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Training hyperparameters. A field left ``None`` comes from the model preset's ``Recipe``
-    (``with_recipe``); the core functions fall back to ``PAPER_RECIPE`` for a config nobody resolved.
-    ``CLI_FLAGS``: the fields that are not flags of the training commands (``pipelines.commands.flags``)."""
+    """Training hyperparameters; a field left ``None`` comes from the preset's ``Recipe`` (``PAPER_RECIPE`` if
+    unresolved). ``CLI_FLAGS``: the fields that are not flags of the training commands."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"max_warmup_fraction": None, "grad_clip": None,
                                                   "label_smoothing": None}
@@ -85,8 +81,7 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
     def with_recipe(self, recipe: Recipe = PAPER_RECIPE) -> TrainConfig:
-        """Every unset field from ``recipe``. The recipe's warm-up cap applies only to the recipe's own
-        warm-up: steps or a fraction the user gave are taken as given."""
+        """Every unset field from ``recipe``; its warm-up cap applies to its own warm-up only."""
         changes = {name: getattr(recipe, name) for name in RECIPE_FIELDS if getattr(self, name) is None}
         user_warmup = self.warmup_steps is not None or self.warmup_fraction is not None
         if self.max_warmup_fraction is None and not user_warmup:
@@ -106,11 +101,10 @@ class TrainConfig:
         return steps
 
     def for_run(self, recipe: Recipe, total_steps: Callable[[TrainConfig], int]) -> TrainConfig:
-        """The effective config of one run: the recipe filled in, then warm-up fixed to concrete steps for
-        the run's ``total_steps(cfg)`` (so the run record says exactly what ran)."""
+        """The config a run uses: recipe filled in, warm-up fixed to steps for ``total_steps(cfg)``."""
         cfg = self.with_recipe(recipe)
-        warm = cfg.warmup_for(total_steps(cfg))
-        return dataclasses.replace(cfg, warmup_steps=warm, warmup_fraction=None, max_warmup_fraction=None)
+        return dataclasses.replace(cfg, warmup_steps=cfg.warmup_for(total_steps(cfg)), warmup_fraction=None,
+                                   max_warmup_fraction=None)
 
 
 @dataclass
@@ -191,17 +185,14 @@ def train_step(model: ClipCapModel, batch: Batch, optimizer: torch.optim.Optimiz
 
 
 class NonFiniteError(FloatingPointError):
-    """A step's loss or gradient is NaN or infinite: the step is not taken and training must stop (a model
-    trained on past it would be all NaN)."""
+    """A step's loss or gradient is NaN or infinite: the step is not taken and training must stop."""
 
 
 def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, grad_clip: float | None,
                    scaler: torch.amp.GradScaler | None = None) -> None:
-    """Backward, optional gradient clipping, optimizer + scheduler step.
-
-    Raises ``NonFiniteError`` before touching the weights when the loss or gradient norm is not finite
-    (after backward, so data-parallel workers all stop at the same step)."""
+    """Backward, optional gradient clipping, optimizer + scheduler step. A non-finite loss or gradient norm
+    raises ``NonFiniteError`` before the weights change (after backward: all data-parallel workers stop)."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -289,9 +280,7 @@ def evaluate_captions(model: ClipCapModel, tokenizer: PreTrainedTokenizerBase, e
                       refs: Sequence[str] | Sequence[Sequence[str]], *, strategy: str = "greedy",
                       max_length: int = 30, batch_size: int = 256, tokenize: str = "simple",
                       clip_scorer: Any = None, **decode: Any) -> dict[str, float]:
-    """Held-out caption quality: exact-match accuracy, BLEU-4 and CIDEr of ``strategy`` captions vs ``refs``,
-    plus CLIPScore against ``embeds`` with a ``metrics.ClipScorer`` of the model's CLIP (the shared
-    ``evaluation.heldout_metrics``, as ``clipcap evaluate`` computes them)."""
+    """``metrics.heldout_metrics`` of ``strategy`` captions vs ``refs`` (CLIPScore with ``clip_scorer``)."""
     texts = generate(model, embeds, tokenizer, strategy, max_length=max_length, batch_size=batch_size,
                      **decode).texts
     return heldout_metrics(texts, refs, image_emb=embeds if clip_scorer is not None else None,

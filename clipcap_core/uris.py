@@ -1,6 +1,5 @@
-"""The fsspec helpers below every other (``pipelines.io.storage`` builds its table / JSON writers on these): a URI ->
-(filesystem, path), existence, remote-or-local, and moving model files between any fsspec URI (local path,
-``s3://``, ``gs://``, ``memory://``) and local disk.
+"""The fsspec helpers below every other (``pipelines.io.storage`` builds on them): a URI -> (filesystem,
+path), existence, remote-or-local, and moving model files between any fsspec URI and local disk.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ def is_remote(uri: str | os.PathLike[str]) -> bool:
 
 def filesystem(uri: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
                ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem of ``uri`` and the path inside it."""
     return fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
 
 
@@ -37,8 +35,7 @@ def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
 
 
 def download_file(uri: str, dest: Path) -> None:
-    """Copy the file at ``uri`` to ``dest`` by a temporary name + rename (concurrent copies: the last rename
-    wins, with the same bytes), 16 MiB at a time."""
+    """Copy the file at ``uri`` to ``dest`` by a temporary name + rename (concurrent copies: same bytes)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{uuid.uuid4().hex}.part")
     with fsspec.open(uri, "rb") as src, open(tmp, "wb") as dst:
@@ -105,9 +102,6 @@ def upload_dir(local_dir: str | os.PathLike[str], uri: str) -> None:
     fs.makedirs(root, exist_ok=True)
     base = Path(local_dir)
     for path in sorted(p for p in base.rglob("*") if p.is_file()):
-        rel = path.relative_to(base).as_posix()
-        dest = posixpath.join(root, rel)
-        parent = posixpath.dirname(dest)
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
+        dest = posixpath.join(root, path.relative_to(base).as_posix())
+        fs.makedirs(posixpath.dirname(dest), exist_ok=True)
         fs.put_file(str(path), dest)
