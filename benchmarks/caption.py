@@ -12,7 +12,7 @@ random seeded weights (same FLOPs as the real ones), saved as a model artifact. 
   ``--captioner-batch`` (32), all cores as torch threads, the model loaded before the clock (the limit: pure
   decode + CLIP + generation compute); no CLIPScore;
 - reference: decode + CLIP on one image at a time, then the authors' per-image decoding without a KV cache
-  (``reference.generate2`` greedy, ``generate_beam`` beam 5), all cores; costs seconds per image, so it runs
+  (``authors_clipcap.generate2`` greedy, ``generate_beam`` beam 5), all cores; costs seconds per image, so it runs
   on ``--ref-images`` images.
 Prints images/s of each and the ratios ours / Captioner and ours / reference; ``--json`` writes them.
 
@@ -105,10 +105,10 @@ def run_captioner(images: list[bytes], model_uri: str, args: argparse.Namespace,
 def run_reference(images: list[bytes], model_uri: str, args: argparse.Namespace, strategy: str,
                   threads: int, count: int) -> dict:
     """CLIP one image at a time, then the authors' per-image decoding: wall and CPU seconds per stage."""
+    from benchmarks.authors_clipcap import generate2, generate_beam
     from clipcap_core.artifacts import load_model
     from clipcap_core.encoders import load_encoder
     from clipcap_core.imaging import decode_image
-    from clipcap_core.reference import generate2, generate_beam
 
     torch.set_num_threads(threads)
     loaded = load_model(model_uri)

@@ -4,7 +4,7 @@ Same GPT-2-small-sized weights (random, seeded), same prefixes (MLP mapping, k =
 ``--new-tokens`` new tokens for every method (no stop token: random weights would stop at arbitrary places):
 - ours: ``clipcap_core.decoding.generate`` on the whole batch (greedy, beam 5);
 - hf-generate: ``lm.generate(inputs_embeds=prefix, num_beams=1|5)`` on the same batch;
-- reference: the authors' ``generate2`` / ``generate_beam`` (``clipcap_core.reference``), one image at a time,
+- reference: the authors' ``generate2`` / ``generate_beam`` (``benchmarks/authors_clipcap.py``), one image at a time,
   no KV cache; timed on ``--ref-images`` images and reported per caption.
 All three start from the CLIP embeddings (the mapping network is timed too). Ours and HF run in adjacent pairs
 (``--repeats``, order alternating) and the HF ratio is the median per-pair ratio, which cancels most of the
@@ -20,11 +20,15 @@ same for ``beam5``.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 
 def build(device: str, seed: int = 0):
@@ -63,7 +67,7 @@ def hf_generate(model, embeds: np.ndarray, new_tokens: int, beams: int) -> torch
 
 def reference(model, tok, embeds: np.ndarray, new_tokens: int, beams: int) -> list[str]:
     """The authors' loop: per image, map the embedding, then generate2 / generate_beam without a KV cache."""
-    from clipcap_core.reference import generate2, generate_beam
+    from benchmarks.authors_clipcap import generate2, generate_beam
 
     out = []
     for e in embeds:

@@ -11,17 +11,11 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from benchmarks.authors_clipcap import AuthorsClipCap, export_reference_state_dict, generate2, generate_beam
 from clipcap_core.artifacts import LM, load_model
 from clipcap_core.decoding import generate
 from clipcap_core.model import LMConfig, MappingConfig, ModelConfig, build_model
-from clipcap_core.reference import (
-    LEGACY_BUFFERS,
-    AuthorsClipCap,
-    export_reference_state_dict,
-    generate2,
-    generate_beam,
-    import_reference_checkpoint,
-)
+from clipcap_core.reference import LEGACY_BUFFERS, import_reference_checkpoint
 from clipcap_core.tokenizer import build_word_tokenizer
 from pipelines.cli import main as clipcap
 from tests.core.core_helpers import sharp_model
