@@ -513,15 +513,11 @@ ROWS = (("BLEU-1", "bleu1", 100), ("BLEU-2", "bleu2", 100), ("BLEU-3", "bleu3", 
         ("RefCLIPScore", "ref_clip_score", 100))
 
 
-def metric_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, formatted value) for the metrics present, x100 like COCO tables."""
-    ms = summary["metrics"]
-    return [(label, f"{ms[key] * scale:.2f}") for label, key, scale in ROWS if key in ms]
-
-
 def format_table(summary: dict[str, Any]) -> str:
+    """The summary as the printed table: the metrics present, x100 like COCO tables, then what was missing."""
+    ms = summary["metrics"]
     lines = [f"evaluated {summary['evaluated']} images (id match: {summary['id_match']}); scores x100"]
-    lines += [f"  {label:<14s}{value:>8s}" for label, value in metric_rows(summary)]
+    lines += [f"  {label:<14s}{ms[key] * scale:>8.2f}" for label, key, scale in ROWS if key in ms]
     for kind in ("missing_references", "missing_predictions", "duplicate_predictions", "empty_references",
                  "missing_images"):
         if summary[kind]["count"]:

@@ -1,7 +1,6 @@
-"""``clipcap report``: bounded reads of a caption table sample and the images behind it, plus the run's artifacts,
-written as one self-contained HTML file: the failures (captions matching no reference, empty or looping captions,
-lowest CLIPScores), every score with its scale, charts as PNG data URIs, and the model card built from the
-artifact's ``config.json`` / ``metrics.json``.
+"""``clipcap report``: a bounded sample of a caption table, the images behind it and the run's artifacts as one
+self-contained HTML file: failures first (no matching reference, empty or looping, lowest CLIPScore), every score
+with its scale, charts as PNG data URIs, and the model card from the artifact's config and metrics.
 """
 
 from __future__ import annotations
@@ -98,7 +97,7 @@ def sample_captions(captions: str, n: int, *, max_parts: int = 4, batch_rows: in
 
 
 def thumbnail(data: bytes, px: int) -> str:
-    """A data URI of a JPEG thumbnail re-encoded by us (the original bytes never reach the page)."""
+    """A JPEG thumbnail data URI, re-encoded by us: the original bytes never reach the page."""
     image = decode_image(data)
     image.thumbnail((px, px))
     buf = io.BytesIO()
@@ -140,30 +139,6 @@ def _attach(it: Sampled, rec: sources.Record, px: int, encoder: Any) -> None:
                 it.embedding = encoder.encode_pixels(encoder.resize(decode_image(rec.data or b""))[None])[0]
         except ImageDecodeError as exc:
             it.image_error = str(exc)
-
-
-def attach_evaluation(evaluation: str, items: list[Sampled]) -> None:
-    """Per-image scores and references of the sampled keys from ``<evaluation>/per_image.parquet`` (filtered
-    read; an evaluation id may be the key, its stem or its trailing number, as ``clipcap evaluate`` matched)."""
-    uri = storage.join(evaluation, "per_image.parquet")
-    if not uris.exists(uri):
-        return
-    forms = {form: it for it in items for form in (it.key, stem(it.key), number(it.key))}
-    fs, path = uris.filesystem(uri)
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f, filters=pc.field(schemas.IMAGE_ID).isin(list(forms)))
-    for row in table.to_pylist():
-        forms[row[schemas.IMAGE_ID]].evaluation = row
-
-
-def evaluation_rows(evaluation: str) -> list[dict[str, Any]]:
-    """Every row of ``<evaluation>/per_image.parquet`` ([] when there is none)."""
-    uri = storage.join(evaluation, "per_image.parquet")
-    if not uris.exists(uri):
-        return []
-    fs, path = uris.filesystem(uri)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f).to_pylist()
 
 
 log = logging.getLogger(__name__)
@@ -238,7 +213,7 @@ def degenerate_reason(caption: str | None) -> str | None:
 
 
 def matches_reference(caption: str, references: list[str]) -> bool:
-    """True when ``caption`` equals one of ``references`` after normalisation (``clipcap evaluate``'s exact match)."""
+    """``clipcap evaluate``'s exact match: ``caption`` equals a reference after normalisation."""
     return normalize_caption(caption) in {normalize_caption(r) for r in references}
 
 
@@ -305,8 +280,8 @@ def _data_uri(fig: Any) -> str:
 
 
 def train_loss_points(history: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], str]:
-    """(step, train loss) points and their legend: the step rows, or the epoch rows' mean loss when a short run
-    logged fewer than ``MIN_STEP_ROWS`` steps (a 64-sample run logs none between its epochs)."""
+    """(step, train loss) points and their legend: the step rows, or the epoch means when a short run logged
+    fewer than ``MIN_STEP_ROWS`` steps."""
     def finite(v: Any) -> bool:
         return isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -319,7 +294,7 @@ def train_loss_points(history: list[dict[str, Any]]) -> tuple[list[tuple[int, fl
 
 
 def training_chart(history: list[dict[str, Any]]) -> str | None:
-    """Loss curves (``pipelines.train.job.plot_history``'s data) beside the held-out metrics per epoch."""
+    """Loss curves beside the held-out metrics per epoch."""
     plt = _pyplot()
     epochs = [r for r in history if r.get("kind") == "epoch"]
     steps, label = train_loss_points(history)
@@ -477,14 +452,24 @@ def _interpretation(loaded: Any, items: list[Sampled], n: int) -> list[dict[str,
 
 
 def _evaluation_context(evaluation: str | None, items: list[Sampled]) -> dict[str, Any]:
+    """The evaluation's metric table and every per-image row; each sampled item gets its own row (an evaluation
+    id may be the key, its stem or its trailing number, as ``clipcap evaluate`` matched)."""
     summary = storage.read_json(storage.join(evaluation, "summary.json")) if evaluation else None
     if summary is None:
         return {"metrics": [], "eval_note": "", "eval_rows": []}
-    attach_evaluation(evaluation, items)
+    fs, path = uris.filesystem(storage.join(evaluation, "per_image.parquet"))
+    rows = []
+    if fs.exists(path):
+        with fs.open(path, "rb") as f:
+            rows = pq.read_table(f).to_pylist()
+    forms = {form: it for it in items for form in (it.key, stem(it.key), number(it.key))}
+    for row in rows:
+        if row[schemas.IMAGE_ID] in forms:
+            forms[row[schemas.IMAGE_ID]].evaluation = dict(row)
     note = (f"{summary['evaluated']} images evaluated against {summary['references']}; "
             f"{summary['missing_references']['count']} predictions without reference, "
             f"{summary['missing_predictions']['count']} references without prediction.")
-    return {"metrics": metric_table(summary), "eval_note": note, "eval_rows": evaluation_rows(evaluation)}
+    return {"metrics": metric_table(summary), "eval_note": note, "eval_rows": rows}
 
 
 def item_row(it: Sampled) -> dict[str, Any]:
@@ -504,12 +489,6 @@ def gallery_cards(items: list[Sampled], order: str) -> list[dict[str, Any]]:
               "refs": [(ref, matches_reference(row["caption"], [ref])) for ref in row["references"]]}
              for i, (it, row) in enumerate(zip(items, rows, strict=True))]
     return sorted(cards, key=lambda c: c["worst_rank"]) if order == "worst" else cards
-
-
-def _failures(eval_rows: list[dict[str, Any]], items: list[Sampled], shown: int) -> Failures:
-    if eval_rows:
-        return find_failures(eval_rows, source="evaluation", shown=shown)
-    return find_failures([item_row(it) for it in items], source="sample", shown=shown)
 
 
 def study_sections(folders: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -536,23 +515,23 @@ def build_report(cfg: ReportConfig) -> str:
     sampled = sample_captions(cfg.captions, cfg.sample, max_parts=cfg.max_parts, seed=cfg.seed)
     model_uri = cfg.model or sampled.model
     loaded = _load_model(model_uri)
-    run_record = caption_output.run_record(cfg.captions)
-    images = cfg.images or run_record.get("input")
-    encoder = None
-    if loaded is not None and cfg.interpret:
-        encoder = load_encoder(loaded.config.encoder)
+    images = cfg.images or caption_output.run_record(cfg.captions).get("input")
+    encoder = load_encoder(loaded.config.encoder) if loaded is not None and cfg.interpret else None
     if images:
         fetch_images(images, sampled.items, cfg.thumb_px, encoder)
     history = storage.read_json(storage.join(cfg.run, "history.json")) if cfg.run else None
     clip_values = [c.get("clip_score") for it in sampled.items for c in it.captions[:1]]
     interpretation = _interpretation(loaded, sampled.items, cfg.interpret)
     evaluated = _evaluation_context(cfg.evaluation, sampled.items)
+    eval_rows = evaluated.pop("eval_rows")
+    failures = find_failures(eval_rows or [item_row(it) for it in sampled.items],
+                             source="evaluation" if eval_rows else "sample", shown=cfg.failures)
     context = {
         "title": posixpath.basename(cfg.captions.rstrip("/")) or cfg.captions, "captions": cfg.captions,
         "model": model_uri, "parts_read": sampled.parts_read, "items": sampled.items,
         "parts_total": sampled.parts_total, "rows_read": sampled.rows_read,
         "cards": gallery_cards(sampled.items, cfg.order), "order": cfg.order,
-        "failures": _failures(evaluated.pop("eval_rows"), sampled.items, cfg.failures),
+        "failures": failures,
         "training_chart": training_chart(history) if history else None,
         "clip_chart": histogram(clip_values, "CLIPScore (0-2.5)"),
         "score_keys": ("bleu4", "cider", "clip_score", "ref_clip_score", "exact_match"),
