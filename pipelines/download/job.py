@@ -17,6 +17,7 @@ import tarfile
 import tempfile
 import urllib.parse
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
@@ -155,8 +156,8 @@ def shards_to_retry(output: str) -> list[str]:
 
 
 def reset_shards(output: str, shards: list[str]) -> None:
-    """Delete the files of ``shards`` so img2dataset's incremental mode downloads them again (stats first:
-    a crash in between leaves a shard without stats, which is "missing" and downloaded again too)."""
+    """Delete the files of ``shards`` so img2dataset's incremental mode downloads them again (stats first: a
+    shard left without stats is missing, downloaded again too)."""
     for shard in shards:
         for suffix in ("_stats.json", ".tar", ".parquet"):
             uri = storage.join(output, shard + suffix)
@@ -226,17 +227,13 @@ def img2dataset_kwargs(cfg: DownloadConfig, url_parquet: str) -> dict[str, Any]:
 
 def summarize(output: str) -> DownloadSummary:
     """Sum img2dataset's per-shard ``*_stats.json`` under ``output``."""
-    totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
-    errors: dict[str, int] = {}
-    files = storage.list_files(output, "_stats.json")
-    for uri in files:
-        stats = storage.read_json(uri, default={})
-        for k in totals:
-            totals[k] += int(stats.get(k, 0))
-        for err, n in (stats.get("status_dict") or {}).items():
-            if err != "success":
-                errors[err] = errors.get(err, 0) + int(n)
-    return DownloadSummary(output=output, shards=len(files), errors=errors, retry=tuple(shards_to_retry(output)),
+    stats = [storage.read_json(uri, default={}) for uri in storage.list_files(output, "_stats.json")]
+    keys = ("count", "successes", "failed_to_download", "failed_to_resize")
+    totals = {k: sum(int(s.get(k, 0)) for s in stats) for k in keys}
+    errors: Counter[str] = Counter()
+    for s in stats:
+        errors.update({err: int(n) for err, n in (s.get("status_dict") or {}).items() if err != "success"})
+    return DownloadSummary(output=output, shards=len(stats), errors=dict(errors), retry=tuple(shards_to_retry(output)),
                            **totals)
 
 
@@ -290,8 +287,7 @@ def run_download(cfg: DownloadConfig, ray_address: str | None = None, urls: pd.D
 
 
 def _download(cfg: DownloadConfig, df: pd.DataFrame) -> None:
-    """img2dataset's download, its per-shard lines in the job log and our progress line read from the shards'
-    ``_stats.json`` as they land."""
+    """img2dataset's download, its own output in the job log, our progress line from the shards' stats."""
     # lazy: img2dataset ~8.1 s to import (python -X importtime)
     from img2dataset import download
 

@@ -100,15 +100,11 @@ def _read_table(uri: str, columns: set[str] | None = None) -> pa.Table:
 
 
 def _id_column(table: pa.Table, wanted: str | None, where: str) -> str:
-    names = table.column_names
-    if wanted:
-        if wanted not in names:
-            raise ValueError(f"{where}: no id column {wanted!r}; columns are {names}")
-        return wanted
-    for name in ID_COLUMNS:
-        if name in names:
+    for name in [wanted] if wanted else ID_COLUMNS:
+        if name in table.column_names:
             return name
-    raise ValueError(f"{where}: no id column (looked for {list(ID_COLUMNS)}); columns are {names}")
+    looked = repr(wanted) if wanted else f"(looked for {list(ID_COLUMNS)})"
+    raise ValueError(f"{where}: no id column {looked}; columns are {table.column_names}")
 
 
 def _table_rows(uri: str, id_column: str | None, caption_column: str, where: str,
@@ -439,17 +435,15 @@ def _clip_scores(cfg: EvaluateConfig, enc_cfg: Any, parts: list, m: Matched
     encoder = load_encoder(enc_cfg, device=cfg.device)
     emb, problems = image_embeddings(parts, set(m.ids), m.resolve, encoder)
     have = [i for i, rid in enumerate(m.ids) if rid in emb]
-    per = {schemas.CLIP_SCORE: [math.nan] * len(m.ids), "ref_clip_score": [math.nan] * len(m.ids)}
+    clip, ref_clip = np.full(len(m.ids), np.nan), np.full(len(m.ids), np.nan)
     corpus: dict[str, float] = {}
     if have:
         s = ClipScorer(encoder).score(np.stack([emb[m.ids[i]] for i in have]), [m.captions[i] for i in have],
                                       [m.refs[i] for i in have])
-        for j, i in enumerate(have):
-            per[schemas.CLIP_SCORE][i] = float(s.clip_score[j])
-            per["ref_clip_score"][i] = float(s.ref_clip_score[j])
+        clip[have], ref_clip[have] = s.clip_score, s.ref_clip_score
         corpus = {schemas.CLIP_SCORE: float(np.mean(s.clip_score)), "ref_clip_score": float(np.mean(s.ref_clip_score)),
                   "clip_n": float(len(have))}
-    return per, problems, corpus
+    return {schemas.CLIP_SCORE: clip.tolist(), "ref_clip_score": ref_clip.tolist()}, problems, corpus
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:

@@ -96,15 +96,6 @@ def sample_captions(captions: str, n: int, *, max_parts: int = 4, batch_rows: in
     return CaptionSample(items, model, len(files), len(chosen), rows)
 
 
-def thumbnail(data: bytes, px: int) -> str:
-    """A JPEG thumbnail data URI, re-encoded by us: the original bytes never reach the page."""
-    image = decode_image(data)
-    image.thumbnail((px, px))
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def fetch_images(input_uri: str, items: list[Sampled], px: int, encoder: Any = None) -> None:
     """Thumbnails (and CLIP embeddings with ``encoder``) of ``items`` from the captioned input, in place."""
     wanted: dict[str, list[Sampled]] = {}
@@ -128,17 +119,21 @@ def fetch_images(input_uri: str, items: list[Sampled], px: int, encoder: Any = N
 
 
 def _attach(it: Sampled, rec: sources.Record, px: int, encoder: Any) -> None:
-    if rec.error is not None:
-        it.image_error = rec.error
-    elif rec.embedding is not None:  # an embedding-table input: no pixels to show
-        it.embedding, it.image_error = rec.embedding, "input was an embedding table (no image)"
-    else:
-        try:
-            it.thumbnail = thumbnail(rec.data or b"", px)
-            if encoder is not None:
-                it.embedding = encoder.encode_pixels(encoder.resize(decode_image(rec.data or b""))[None])[0]
-        except ImageDecodeError as exc:
-            it.image_error = str(exc)
+    if rec.error is not None or rec.embedding is not None:  # an embedding-table input has no pixels to show
+        it.embedding = rec.embedding
+        it.image_error = rec.error or "input was an embedding table (no image)"
+        return
+    try:
+        image = decode_image(rec.data or b"")
+    except ImageDecodeError as exc:
+        it.image_error = str(exc)
+        return
+    if encoder is not None:
+        it.embedding = encoder.encode_pixels(encoder.resize(image)[None])[0]
+    image.thumbnail((px, px))  # a JPEG re-encoded by us: the original bytes never reach the page
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    it.thumbnail = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 log = logging.getLogger(__name__)
@@ -250,12 +245,6 @@ def row_flags(row: dict[str, Any]) -> list[str]:
     flags = ["matches no reference"] if is_mismatch(row) else []
     why = degenerate_reason(row.get("caption"))
     return flags + ([why] if why else [])
-
-
-def worst_first(rows: list[dict[str, Any]]) -> list[int]:
-    """Indices of ``rows`` worst first: flagged rows, then by lowest CIDEr and CLIPScore, then by id."""
-    return sorted(range(len(rows)), key=lambda i: (not row_flags(rows[i]), *_badness(rows[i]),
-                                                   str(rows[i].get("image_id"))))
 
 
 MIN_STEP_ROWS = 3  # fewer step rows draw no line: plot the epoch rows' train loss instead
@@ -482,13 +471,17 @@ def item_row(it: Sampled) -> dict[str, Any]:
 
 
 def gallery_cards(items: list[Sampled], order: str) -> list[dict[str, Any]]:
-    """One card per item with its flags, references (matched or not) and both ranks, in ``order``."""
-    rows = [item_row(it) for it in items]
-    worst_rank = {i: r for r, i in enumerate(worst_first(rows))}
-    cards = [{"it": it, "flags": row_flags(row), "worst_rank": worst_rank[i], "key_rank": i,
-              "refs": [(ref, matches_reference(row["caption"], [ref])) for ref in row["references"]]}
-             for i, (it, row) in enumerate(zip(items, rows, strict=True))]
-    return sorted(cards, key=lambda c: c["worst_rank"]) if order == "worst" else cards
+    """One card per item with its flags, references (matched or not) and both ranks, in ``order``; worst first
+    is flagged cards, then lowest CIDEr and CLIPScore, then by id."""
+    cards = []
+    for i, it in enumerate(items):
+        row = item_row(it)
+        cards.append({"it": it, "flags": row_flags(row), "key_rank": i, "row": row,
+                      "refs": [(ref, matches_reference(row["caption"], [ref])) for ref in row["references"]]})
+    worst = sorted(cards, key=lambda c: (not c["flags"], *_badness(c["row"]), str(c["row"]["image_id"])))
+    for rank, card in enumerate(worst):
+        card["worst_rank"] = rank
+    return worst if order == "worst" else cards
 
 
 def study_sections(folders: tuple[str, ...]) -> list[dict[str, Any]]:

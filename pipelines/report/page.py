@@ -1,7 +1,5 @@
 """The HTML of ``clipcap report``: one self-contained page (inline CSS, images as data URIs, no scripts).
-
-Jinja2 autoescaping is on: captions, references, keys and the model card are untrusted text. Element ids
-(``failures``, ``metrics``, ``gallery``, ``order-*``, ``chart-*``, ``model-card``) are what the browser test reads.
+Autoescaped: captions, references, keys and the model card are untrusted text. The browser tests read the ids.
 """
 
 from __future__ import annotations
