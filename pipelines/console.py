@@ -98,7 +98,7 @@ def _columns(stream: TextIO) -> int:
         return 0
 
 
-class Progress:
+class Progress(contextlib.AbstractContextManager):
     """Units (parts, shards, steps) done of ``total``, rows and error rows so far, rows/s and an ETA."""
 
     def __init__(self, what: str, total: int, *, unit: str = "parts", rows: str = "rows",
@@ -153,9 +153,6 @@ class Progress:
             self._bar.set_postfix_str(self.postfix(), refresh=False)
             self._bar.close()
 
-    def __enter__(self) -> Progress:
-        return self
-
     def __exit__(self, *exc: object) -> None:
         self.close()
 
@@ -164,8 +161,7 @@ class Progress:
 def watch(progress: Progress, read: Callable[[], tuple[int, int, int, str] | None], interval_s: float = 1.0
           ) -> Iterator[Progress]:
     """Advance ``progress`` from ``read() -> (done, rows, errors, note)`` every ``interval_s`` in a thread while
-    the block runs (the work happens elsewhere: Ray Train workers, img2dataset), once more at the end, then close
-    it. A ``read`` that raises or returns None is skipped."""
+    the block runs, once more at the end, then close it; a ``read`` that raises or returns None is skipped."""
     stop = threading.Event()
 
     def poll() -> None:

@@ -302,8 +302,7 @@ def _download(cfg: DownloadConfig, df: pd.DataFrame) -> None:
 
 
 class ShardTally:
-    """Finished shards, images and failed samples under a download's output, from img2dataset's per-shard
-    ``_stats.json`` (each read once: a shard's stats are written when it is done)."""
+    """Finished shards, images and failed samples from img2dataset's per-shard stats (each read once)."""
 
     def __init__(self, output: str):
         self.output = output

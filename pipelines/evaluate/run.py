@@ -107,8 +107,8 @@ def _id_column(table: pa.Table, wanted: str | None, where: str) -> str:
     raise ValueError(f"{where}: no id column {looked}; columns are {table.column_names}")
 
 
-def _table_rows(uri: str, id_column: str | None, caption_column: str, where: str,
-                keep: Callable[[pa.Table], pa.Table] = lambda t: t) -> tuple[list[str], list[str], dict[str, str]]:
+def _table_rows(uri: str, id_column: str | None, caption_column: str, where: str, best_rank: bool = False
+                ) -> tuple[list[str], list[str], dict[str, str]]:
     ids: list[str] = []
     captions: list[str] = []
     meta: dict[str, str] = {}
@@ -118,7 +118,8 @@ def _table_rows(uri: str, id_column: str | None, caption_column: str, where: str
         meta = meta or schemas.read_metadata(table.schema)
         if caption_column not in table.column_names:
             raise ValueError(f"{where} {f!r}: no caption column {caption_column!r}; columns are {table.column_names}")
-        table = keep(table)
+        if best_rank and schemas.RANK in table.column_names:
+            table = table.filter(pa.compute.equal(table.column(schemas.RANK), 0))
         col = _id_column(table, id_column, f"{where} {f!r}")
         ids += [_id_str(v) for v in table.column(col).to_pylist()]
         captions += ["" if c is None else str(c) for c in table.column(caption_column).to_pylist()]
@@ -143,12 +144,6 @@ def _load_json(uri: str, where: str) -> Any:
 
 
 # --- predictions ----------------------------------------------------------------------------------------
-def _best_rank(table: pa.Table) -> pa.Table:
-    if schemas.RANK in table.column_names:
-        return table.filter(pa.compute.equal(table.column(schemas.RANK), 0))
-    return table
-
-
 def read_predictions(uri: str, *, id_column: str | None = None, caption_column: str = schemas.CAPTION
                      ) -> Predictions:
     if uri.endswith(".json"):
@@ -159,17 +154,16 @@ def read_predictions(uri: str, *, id_column: str | None = None, caption_column: 
                              '{"image_id": ..., "caption": ...} objects')
         ids, captions, meta = [_id_str(r["image_id"]) for r in data], [str(r["caption"] or "") for r in data], {}
     else:
-        ids, captions, meta = _table_rows(uri, id_column, caption_column, "predictions", _best_rank)
+        ids, captions, meta = _table_rows(uri, id_column, caption_column, "predictions", best_rank=True)
     model = meta.get(schemas.META_MODEL)
     out = Predictions([], [], model=model.rsplit("@", 1)[0] if model else None)
-    seen: set[str] = set()
+    kept: dict[str, str] = {}
     for i, c in zip(ids, captions, strict=True):
-        if i in seen:
+        if i in kept:
             out.duplicates.append(i)
-            continue
-        seen.add(i)
-        out.ids.append(i)
-        out.captions.append(c)
+        else:
+            kept[i] = c
+    out.ids, out.captions = list(kept), list(kept.values())
     return out
 
 

@@ -441,8 +441,7 @@ def _interpretation(loaded: Any, items: list[Sampled], n: int) -> list[dict[str,
 
 
 def _evaluation_context(evaluation: str | None, items: list[Sampled]) -> dict[str, Any]:
-    """The evaluation's metric table and every per-image row; each sampled item gets its own row (an evaluation
-    id may be the key, its stem or its trailing number, as ``clipcap evaluate`` matched)."""
+    """The evaluation's metric table and per-image rows; each sampled item gets its row by key, stem or number."""
     summary = storage.read_json(storage.join(evaluation, "summary.json")) if evaluation else None
     if summary is None:
         return {"metrics": [], "eval_note": "", "eval_rows": []}
@@ -488,18 +487,14 @@ def study_sections(folders: tuple[str, ...]) -> list[dict[str, Any]]:
     """Each ``clipcap study`` folder's Markdown table and plot (a data URI), for the page's Studies section."""
     out = []
     for folder in folders:
-        fs, path = uris.filesystem(storage.join(folder, "table.md"))
-        if not fs.exists(path):
+        fs, root = uris.filesystem(folder)
+        if not fs.exists(posixpath.join(root, "table.md")):
             raise ValueError(f"{folder} is not a `clipcap study` output folder (no table.md)")
-        with fs.open(path, "r") as f:
-            table = f.read()
-        plot = None
-        for name in ("prefix.png", "decoding.png"):
-            pfs, ppath = uris.filesystem(storage.join(folder, name))
-            if pfs.exists(ppath):
-                with pfs.open(ppath, "rb") as f:
-                    plot = "data:image/png;base64," + base64.b64encode(f.read()).decode()
-        out.append({"name": posixpath.basename(folder.rstrip("/")), "table": table, "plot": plot})
+        plots = [fs.cat_file(p) for p in (posixpath.join(root, n) for n in ("prefix.png", "decoding.png"))
+                 if fs.exists(p)]
+        out.append({"name": posixpath.basename(folder.rstrip("/")),
+                    "table": fs.cat_file(posixpath.join(root, "table.md")).decode(),
+                    "plot": "data:image/png;base64," + base64.b64encode(plots[-1]).decode() if plots else None})
     return out
 
 
