@@ -1,6 +1,7 @@
 """``clipcap report``: a bounded sample of a caption table, the images behind it and the run's artifacts as one
 self-contained HTML file: failures first (no matching reference, empty or looping, lowest CLIPScore), every score
-with its scale, charts as PNG data URIs, and the model card from the artifact's config and metrics.
+with its scale, charts as PNG data URIs, and the model card from the artifact's config and metrics. The page
+(``page.html``) has no scripts and is autoescaped: captions, references, keys and model cards are untrusted text.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import posixpath
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, ClassVar, Literal
 
+import jinja2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,7 +33,6 @@ from pipelines.caption import output as caption_output
 from pipelines.caption.output import resolve_table
 from pipelines.evaluate.run import ROWS, number, stem
 from pipelines.io import schemas, sources, storage
-from pipelines.report import page
 
 
 @dataclass
@@ -532,7 +534,8 @@ def build_report(cfg: ReportConfig) -> str:
         "studies": study_sections(cfg.studies),
         **evaluated,
     }
-    html = page.render(context)
+    template = resources.files(__package__).joinpath("page.html").read_text("utf-8")
+    html = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(template).render(**context)
     storage.write_file(cfg.out, html)
     log.info("report: %s (%d images, %.0f KB)", cfg.out, len(sampled.items), len(html) / 1024)
     return cfg.out
