@@ -1,5 +1,4 @@
-"""What an operator sees of a long job: our progress line and summary on the terminal, everything else in a log.
-"""
+"""What an operator sees of a long job: our progress line and summary on the terminal, everything else in a log."""
 
 from __future__ import annotations
 
@@ -27,11 +26,6 @@ def terminal() -> TextIO:
     return _terminal or sys.stderr
 
 
-def log_dir() -> Path:
-    """The folder of the job logs (``CLIPCAP_LOG_DIR``, else ``<tmp>/clipcap-logs``)."""
-    return Path(os.environ.get("CLIPCAP_LOG_DIR") or Path(tempfile.gettempdir()) / "clipcap-logs")
-
-
 def _owns_fd2() -> bool:
     """``sys.stderr`` writes to file descriptor 2 (not a test's capture or a replaced stream)."""
     try:
@@ -40,18 +34,12 @@ def _owns_fd2() -> bool:
         return False
 
 
-class _ProjectOnly(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.name.split(".", 1)[0] in PROJECT_LOGGERS
-
-
 _log_path: Path | None = None  # the open job log, until its path is printed
 _command = ""
 
 
 def announce_log() -> None:
-    """Print the open job log's path once (``runtime.ensure_ray`` and the download job call it as Ray or
-    img2dataset start writing there)."""
+    """Print the open job log's path once, when Ray or img2dataset start writing there."""
     global _log_path
     if _log_path is not None and _terminal is not None:
         print(f"clipcap {_command}: Ray's output and the job's log: {_log_path}", file=_terminal, flush=True)
@@ -60,14 +48,15 @@ def announce_log() -> None:
 
 @contextlib.contextmanager
 def job_log(command: str) -> Iterator[Path | None]:
-    """Send fd 2 to ``<log_dir>/clipcap-<command>-<time>-<pid>.log`` for the block; its path is printed once,
-    when Ray (or img2dataset) starts (``announce_log``); an empty log is removed.
-    Yields None and changes nothing when stderr is not the process's fd 2."""
+    """Send fd 2 to ``clipcap-<command>-<time>-<pid>.log`` in ``$CLIPCAP_LOG_DIR`` (default ``<tmp>/clipcap-logs``)
+    for the block, the project's warnings copied to the terminal; an empty log is removed. Yields None and changes
+    nothing when stderr is not the process's fd 2."""
     global _terminal, _log_path, _command
     if not _owns_fd2():
         yield None
         return
-    path = log_dir() / f"clipcap-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log_dir = Path(os.environ.get("CLIPCAP_LOG_DIR") or Path(tempfile.gettempdir()) / "clipcap-logs")
+    path = log_dir / f"clipcap-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stderr.flush()
     saved = os.dup(2)
@@ -79,7 +68,10 @@ def job_log(command: str) -> Iterator[Path | None]:
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # workers' lines in the log without colour codes
     os.dup2(log_fd, 2)
     os.close(log_fd)
-    echo = _echo_handler(command, _terminal)
+    echo = logging.StreamHandler(_terminal)
+    echo.setLevel(logging.WARNING)
+    echo.addFilter(lambda record: record.name.split(".", 1)[0] in PROJECT_LOGGERS)
+    echo.setFormatter(logging.Formatter(f"clipcap {command}: %(levelname)s: %(message)s"))
     logging.getLogger().addHandler(echo)
     try:
         yield path
@@ -94,15 +86,6 @@ def job_log(command: str) -> Iterator[Path | None]:
             path.unlink()
 
 
-def _echo_handler(command: str, stream: TextIO) -> logging.Handler:
-    """The project's own warnings and errors, copied to the operator's terminal."""
-    echo = logging.StreamHandler(stream)
-    echo.setLevel(logging.WARNING)
-    echo.addFilter(_ProjectOnly())
-    echo.setFormatter(logging.Formatter(f"clipcap {command}: %(levelname)s: %(message)s"))
-    return echo
-
-
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -115,7 +98,7 @@ def _columns(stream: TextIO) -> int:
         return 0
 
 
-class Progress:
+class Progress(contextlib.AbstractContextManager):
     """Units (parts, shards, steps) done of ``total``, rows and error rows so far, rows/s and an ETA."""
 
     def __init__(self, what: str, total: int, *, unit: str = "parts", rows: str = "rows",
@@ -160,8 +143,8 @@ class Progress:
             print(self.line(), file=self.stream, flush=True)
 
     def advance_to(self, done: int, rows: int, errors: int = 0, note: str = "") -> None:
-        """Set absolute counts (a poller reading a job's own tally); a count never moves back (a restarted
-        training attempt replays steps it had already counted)."""
+        """Set absolute counts (a poller reading a job's own tally); a count never moves back (a restarted training
+        attempt replays steps it had already counted)."""
         self.note = note or self.note
         self.update(max(0, done - self.done), max(0, rows - self.rows), max(0, errors - self.errors))
 
@@ -169,9 +152,6 @@ class Progress:
         if self._bar is not None:
             self._bar.set_postfix_str(self.postfix(), refresh=False)
             self._bar.close()
-
-    def __enter__(self) -> Progress:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -181,8 +161,7 @@ class Progress:
 def watch(progress: Progress, read: Callable[[], tuple[int, int, int, str] | None], interval_s: float = 1.0
           ) -> Iterator[Progress]:
     """Advance ``progress`` from ``read() -> (done, rows, errors, note)`` every ``interval_s`` in a thread while
-    the block runs (a job whose work happens elsewhere: Ray Train workers, img2dataset), once more at the end,
-    then close it. A ``read`` that raises or returns None is skipped (the next poll tries again)."""
+    the block runs, once more at the end, then close it; a ``read`` that raises or returns None is skipped."""
     stop = threading.Event()
 
     def poll() -> None:
@@ -210,8 +189,8 @@ def watch(progress: Progress, read: Callable[[], tuple[int, int, int, str] | Non
 
 @contextlib.contextmanager
 def stdout_to_log() -> Iterator[None]:
-    """While a job log holds fd 2, send fd 1 there too for the block (a library that prints its own progress to
-    stdout, in this process and in the processes it starts: img2dataset). Changes nothing without a job log."""
+    """While a job log holds fd 2, send fd 1 there too for the block (img2dataset prints its progress to stdout,
+    in this process and those it starts)."""
     if _terminal is None:
         yield
         return

@@ -66,9 +66,9 @@ class JobFailed(RuntimeError):
 
 def outcome(done: int, failed: int) -> int:
     """Exit code from the units done (this run or before) and the units that failed."""
-    if failed == 0:
-        return OK if done > 0 else NOTHING
-    return PARTIAL if done > 0 else NOTHING
+    if done == 0:
+        return NOTHING
+    return PARTIAL if failed else OK
 
 
 def signal_code(signum: int) -> int:

@@ -1,5 +1,4 @@
-"""Nearest-neighbour indexes over embedding tables (``clipcap index`` / ``clipcap search``), built with faiss.
-"""
+"""Nearest-neighbour indexes over embedding tables (``clipcap index`` / ``clipcap search``), built with faiss."""
 
 from __future__ import annotations
 
@@ -123,21 +122,19 @@ def fill(index: Any, files: Sequence[str], column: str, first_id: int = 0) -> pa
     """Add every vector of ``files`` to ``index`` (ids from ``first_id``); returns their rows table."""
     rows, next_id = [], first_id
     for _uri, _end, batch_rows, vectors in read_batches(files, column):
-        ids = np.arange(next_id, next_id + len(vectors), dtype=np.int64)
-        if hasattr(index, "add_with_ids") and not isinstance(index, _flat_types()):
-            index.add_with_ids(vectors, ids)
+        if isinstance(index, (faiss.IndexFlat, faiss.IndexHNSW)):
+            index.add(vectors)  # ids are the insertion order
         else:
-            index.add(vectors)  # flat / hnsw: ids are the insertion order
+            index.add_with_ids(vectors, np.arange(next_id, next_id + len(vectors), dtype=np.int64))
         rows.append(batch_rows)
         next_id += len(vectors)
     return pa.concat_tables(rows) if rows else pa.table({})
 
 
 def fill_ivf(index: Any, files: Sequence[str], column: str) -> pa.Table:
-    """``fill`` for an IVF index with each inverted list allocated once, at its final size: a first pass assigns
-    every vector to its list (the quantizer search ``add`` runs), the second writes each list in place. Appending
-    (``add_with_ids``) grows each list's buffer by doubling, so lists hold up to 2x their vectors (~1.4x on
-    average). The result is the index ``fill`` builds, byte for byte (same lists, same order within a list)."""
+    """``fill`` for an IVF index with each inverted list allocated once at its final size (appending doubles a
+    list's buffer, up to 2x its vectors): a first pass assigns every vector to its list, the second writes each
+    list in place. The result is ``fill``'s index, byte for byte."""
     assigned, rows = [], []
     for _uri, _end, batch_rows, vectors in read_batches(files, column):
         assigned.append(index.quantizer.assign(vectors, 1)[:, 0] if len(vectors) else np.zeros(0, np.int64))
@@ -165,10 +162,6 @@ def fill_ivf(index: Any, files: Sequence[str], column: str) -> pa.Table:
     return pa.concat_tables(rows) if rows else pa.table({})
 
 
-def _flat_types() -> tuple[type, ...]:
-    return (faiss.IndexFlat, faiss.IndexHNSW)
-
-
 def _fill_remote(index_bytes: bytes, files: list[str], column: str, first_id: int) -> tuple[bytes, pa.Table]:
     """Ray task: a trained empty IVF index + its files -> the filled index (serialised) and its rows."""
     index = faiss.deserialize_index(np.frombuffer(index_bytes, dtype=np.uint8))
@@ -177,8 +170,8 @@ def _fill_remote(index_bytes: bytes, files: list[str], column: str, first_id: in
 
 
 def fill_on_ray(index: Any, files: Sequence[str], counts: Sequence[int], column: str) -> pa.Table:
-    """One Ray task per file fills a copy of the trained IVF ``index``; the lists are merged here, in file order
-    (ids are file offsets, so the result equals a local build)."""
+    """One Ray task per file fills a copy of the trained IVF ``index``; merged here in file order, the result
+    equals a local build."""
     # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray
 

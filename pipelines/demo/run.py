@@ -1,12 +1,6 @@
-"""``clipcap demo`` / ``make demo``: the embedded default, end to end, on one machine.
-
-Steps: embed a synthetic (or scenes) world; train the ``tiny`` preset with Ray Train and score the key-hash
-held-out rows per attribute beside the CLIP's zero-shot figures; caption held-out images (never embedded nor
-trained on) through the bulk pipeline; evaluate them against the true captions and write the report.
-With ``--decap``: a captioner trained on a text-only caption corpus (``embed-text``, ``train --decoder
-decap``), then bulk captioning with its memory projection and with ``projection none``. The corpus, not the
-demo's own training captions: at tau 0.01 the projection nearly writes the nearest memory caption, so the
-memory must cover the captions the images need.
+"""``clipcap demo`` / ``make demo``: the embedded default end to end on one machine: embed a synthetic world,
+train the ``tiny`` preset, caption held-out images through the bulk pipeline, evaluate and report. ``--decap``
+adds a captioner trained on a text-only caption corpus (its memory must cover the captions the images need).
 """
 
 from __future__ import annotations
@@ -14,9 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
-import posixpath
 import shutil
 import tarfile
 import time
@@ -29,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipcap_core import synthetic as syn
 from clipcap_core import uris
 from clipcap_core.artifacts import load_model
 from clipcap_core.clip_eval import l2n
@@ -58,32 +49,6 @@ from pipelines.train.state import RunOptions
 log = logging.getLogger(__name__)
 ARCHIVE = "heldout.tar"
 Accuracy = Callable[[list[str], list[str]], dict[str, dict[str, float]]]
-
-
-def write_references(uri: str, references: dict[str, list[str]]) -> None:
-    storage.write_file(uri, "".join(json.dumps({"key": key, "caption": c}) + "\n"
-                                    for key, caps in references.items() for c in caps))
-
-
-def evaluate_and_report(root: str, captions: str, images: str, *, references: dict[str, list[str]],
-                        run_dir: str | None = None) -> dict[str, Any]:
-    refs = storage.join(root, "references", "heldout.jsonl")
-    write_references(refs, references)
-    lines = []
-    java = shutil.which("java") is not None
-    if not java:
-        lines.append("no Java: evaluating with the simple tokenizer, without METEOR (install a JRE for COCO's)")
-    evaluation = storage.join(root, "evaluation", "heldout")
-    summary = run_evaluate(EvaluateConfig(
-        predictions=captions, references=refs, images=images, output=evaluation,
-        tokenize="ptb" if java else "simple",
-        metrics=("bleu", "meteor", "rouge", "cider") if java else ("bleu", "rouge", "cider")))
-    lines.append(f"evaluate: {captions} against the true captions -> {evaluation}")
-    lines.extend(format_table(summary).splitlines())
-    report = storage.join(root, "report.html")
-    build_report(ReportConfig(captions=captions, evaluation=evaluation, run=run_dir, out=report))
-    lines.append(f"report: {report}  (open it in a browser: gallery, metrics, training curves, model card)")
-    return {"evaluation": evaluation, "report": report, "summary": summary, "lines": lines}
 
 
 def write_archive(uri: str, samples: Sequence[Any]) -> None:
@@ -118,9 +83,8 @@ def caption_heldout(root: str, model_uri: str, samples: Sequence[Any], *, show: 
                     resources: ResourceOptions | None = None, echo: Callable[[str], None] = print,
                     name: str = "heldout", projection: Any = None, accuracy: Accuracy | None = None
                     ) -> dict[str, Any]:
-    """Caption held-out synthetic samples through the bulk pipeline into ``<root>/captions/<name>``; print a few
-    next to the truth. ``projection``: a ``decap.ProjectionConfig`` (default: the model's own). ``accuracy``
-    (``worlds.World.accuracy``): exact match is its (any wording of the same scene), printed per attribute."""
+    """Caption held-out samples through the bulk pipeline into ``<root>/captions/<name>``; print a few next to
+    the truth. With ``accuracy`` (``World.accuracy``) exact match is any wording of the same scene."""
     archive = storage.join(root, "archives", ARCHIVE)
     output = storage.join(root, "captions", name)
     write_archive(archive, samples)
@@ -162,36 +126,26 @@ def clip_zero_shot(info: tables.TableInfo, held: pa.Table) -> dict[str, float]:
     return zero_shot_captions(enc, tables.embeddings_numpy(held), caps)
 
 
-
-def attribute_accuracy(predictions: list[str], references: list[str]) -> dict[str, dict[str, float]]:
-    """Synthetic captions: exact match and per-attribute accuracy (count, size, colour, shape, position), with
-    the chance level of each (a caption that does not parse scores 0 on every attribute)."""
-    pred = [syn.parse_caption(p) for p in predictions]
-    ref = [syn.parse_caption(r) for r in references]
-    values = {"count": (1, 2, 3), "size": syn.SIZES, "color": tuple(syn.COLORS), "shape": syn.SHAPES,
-              "position": syn.POSITIONS}
-    n = max(len(ref), 1)
-    acc = {k: sum(p is not None and getattr(p, k) == getattr(r, k) for p, r in zip(pred, ref, strict=True)) / n
-           for k in values}
-    exact = sum(p is not None and p == r for p, r in zip(pred, ref, strict=True)) / n
-    chance = {k: 1.0 / len(v) for k, v in values.items()}
-    chance_exact = math.prod(chance.values())
-    return {"accuracy": {"exact": exact, **acc}, "chance": {"exact": chance_exact, **chance}}
+def _tiny_job(table: str, root: str, name: str, *, seed: int, epochs: int, max_caption_tokens: int,
+              **options: Any) -> TrainJobConfig:
+    """The demo's training job: the ``tiny`` preset on one Ray Train worker."""
+    return TrainJobConfig(
+        tables=(table,), output=storage.join(root, "runs"), name=name, model="tiny", **options,
+        train=TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, warmup_steps=20,
+                          max_caption_tokens=max_caption_tokens, seed=seed),
+        run=RunOptions(checkpoint_every=10**6, log_every=100, eval_max_samples=256, eval_every=10))
 
 
 def demo_train(embeddings_uri: str, root: str, *, seed: int = 0, epochs: int = 30,
                world: str = "synthetic") -> dict[str, Any]:
-    """Train the ``tiny`` preset on the demo's embedding table with Ray Train (1 worker), then caption the
-    key-hash held-out rows with the saved artifact and report exact-match and per-attribute accuracy."""
+    """Train on the demo's embedding table, then caption its key-hash held-out rows with the saved artifact and
+    report exact-match and per-attribute accuracy."""
     w = get_world(world)
     files = tables.list_table_files(embeddings_uri)
     info = tables.inspect_tables(files)
-    job = TrainJobConfig(
-        tables=(embeddings_uri,), output=storage.join(root, "runs"), name=f"demo-{info.clip_model}-{info.num_rows}-s{seed}",
-        model="tiny", model_overrides={"mapping.normalize_prefix": True, "tokenizer": w.tokenizer}, heldout_fraction=0.2,
-        train=TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, warmup_steps=20, max_caption_tokens=w.max_caption_tokens,
-                          seed=seed),
-        run=RunOptions(checkpoint_every=10**6, log_every=100, eval_max_samples=256, eval_every=10))
+    job = _tiny_job(embeddings_uri, root, f"demo-{info.clip_model}-{info.num_rows}-s{seed}", seed=seed,
+                    epochs=epochs, max_caption_tokens=w.max_caption_tokens, heldout_fraction=0.2,
+                    model_overrides={"mapping.normalize_prefix": True, "tokenizer": w.tokenizer})
     t0 = time.perf_counter()
     result = run_training(job)
     seconds = time.perf_counter() - t0
@@ -224,11 +178,7 @@ def demo_train(embeddings_uri: str, root: str, *, seed: int = 0, epochs: int = 3
 def write_corpus(root: str, n: int, seed: int, world: str = "synthetic") -> str:
     """``n`` generator captions, one per line (no image is rendered), at ``<root>/decap-corpus/captions.txt``."""
     uri = storage.join(root, "decap-corpus", "captions.txt")
-    lines = get_world(world).corpus(n, seed)
-    fs, path = uris.filesystem(uri)
-    storage.ensure_dir(fs, posixpath.dirname(path))  # never s3fs makedirs: it would create a missing bucket
-    with fs.open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    storage.write_file(uri, "\n".join(get_world(world).corpus(n, seed)) + "\n")
     return uri
 
 
@@ -242,20 +192,15 @@ def embed_captions(corpus_uri: str, root: str, encoder: Any, dataset: str = "syn
 
 def train_decap(table_uri: str, root: str, *, seed: int = 0, epochs: int = 30, noise_std: float = 0.0,
                 memory_size: int = 0, name: str | None = None, max_caption_tokens: int = 16) -> Any:
-    """``train --decoder decap`` on a text table (tiny preset, 1 Ray Train worker); returns the TrainJobResult."""
-    job = TrainJobConfig(
-        tables=(table_uri,), output=storage.join(root, "runs"), name=name or f"decap-s{seed}", model="tiny",
-        decoder="decap", heldout_fraction=0.1, decap=DecapOptions(noise_std=noise_std, memory_size=memory_size),
-        train=TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, warmup_steps=20, max_caption_tokens=max_caption_tokens,
-                          seed=seed),
-        run=RunOptions(checkpoint_every=10**6, log_every=100, eval_max_samples=256, eval_every=10))
-    return run_training(job)
+    """``train --decoder decap`` on a text table; returns the TrainJobResult."""
+    return run_training(_tiny_job(table_uri, root, name or f"decap-s{seed}", seed=seed, epochs=epochs,
+                                  max_caption_tokens=max_caption_tokens, decoder="decap", heldout_fraction=0.1,
+                                  decap=DecapOptions(noise_std=noise_std, memory_size=memory_size)))
 
 
 def zero_shot_top1(clip: Any, image_emb: np.ndarray, samples: Sequence[Any], world: str) -> float:
     """The CLIP's image -> caption retrieval top-1 (exact caption): synthetic over all 432 captions, scenes over
     the canonical captions of ``samples`` (the caption space is too large to rank)."""
-
     truth = [s.caption for s in samples]
     if world == "synthetic":
         return zero_shot_captions(clip, image_emb, truth)["top1_exact"]
@@ -267,9 +212,8 @@ def zero_shot_top1(clip: Any, image_emb: np.ndarray, samples: Sequence[Any], wor
 def demo_decap(root: str, samples: Sequence[Any], *, encoder: Any, seed: int = 0, corpus_size: int = 3000,
                epochs: int = 15, image_model_exact: float | None = None, world: str = "synthetic",
                echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Steps 1-4 of the module docstring; prints the text-only model's exact match on the held-out images (memory projection and
-    raw embedding) next to the CLIP's zero-shot top-1 and the image-trained model's. On ``scenes`` exact match
-    is the world's (any wording of the same scene) and the per-attribute accuracy is printed too."""
+    """Train a text-only model on a caption corpus, caption ``samples`` with its memory projection and without,
+    and print their exact match beside the CLIP's zero-shot top-1 and the image-trained model's."""
     w = get_world(world)
     accuracy = w.accuracy if world != "synthetic" else None  # synthetic: one wording, exact string match
     t0 = time.perf_counter()
@@ -294,8 +238,6 @@ def demo_decap(root: str, samples: Sequence[Any], *, encoder: Any, seed: int = 0
             "exact_match": projected["exact_match"], "exact_match_raw": raw["exact_match"],
             "zero_shot_top1": zero, "captions": projected["output"],
             "accuracy": projected.get("accuracy"), "accuracy_raw": raw.get("accuracy")}
-
-
 
 
 SAMPLES = {"synthetic": 1024, "scenes": 2048}  # images embedded per world by default
@@ -345,12 +287,8 @@ def step_embed(cfg: DemoConfig, result: DemoResult) -> None:
     result.lines.append(out.describe())
 
 
-STEPS: list[Step] = [step_embed]
-
-
 def step_train(cfg: DemoConfig, result: DemoResult) -> None:
-    """The tiny preset trained on the embedded synthetic set with Ray Train (pipelines.demo.train);
-    reports held-out accuracy and hands the model artifact to the captioning step."""
+    """The tiny preset trained on the embedded set; hands the model artifact to the captioning step."""
     runtime.ensure_ray(ray_address(cfg))
     assert result.embeddings_uri is not None
     report = demo_train(result.embeddings_uri, result.root, seed=cfg.seed, world=cfg.world)
@@ -359,12 +297,8 @@ def step_train(cfg: DemoConfig, result: DemoResult) -> None:
     result.lines.extend(report["lines"])
 
 
-STEPS.append(step_train)
-
-
 def step_caption(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
-    """Held-out synthetic images (indices past the demo's set: never embedded nor trained on) -> a tar archive
-    -> bulk captioning (pipelines.caption.job) with the demo's model -> caption table; prints a few captions."""
+    """Held-out images (never embedded nor trained on) -> a tar archive -> bulk captioning with the demo's model."""
     runtime.ensure_ray(ray_address(cfg))
     model = result.paths.get("model", "tiny")
     if model == "tiny":
@@ -376,26 +310,35 @@ def step_caption(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
     result.summaries["caption"] = report
 
 
-STEPS.append(step_caption)  # captions with the model the earlier steps produced
-
-
 def step_report(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
-    """The held-out captions of ``step_caption`` (same ``n`` samples) -> ``clipcap evaluate`` against the true
-    captions (all references of each image; CLIPScore on the archive's images) -> ``clipcap report``; prints the
-    table and the report's path."""
+    """``step_caption``'s captions (same ``n`` samples) -> ``clipcap evaluate`` against every true caption, with
+    CLIPScore on the archive's images -> ``clipcap report``."""
     if "captions" not in result.paths:
         result.lines.append("no caption table in this demo run: evaluation and report skipped")
         return
-    w = get_world(cfg.world)
-    refs = {s.key: list(w.references(s)) for s in w.heldout(n, cfg.seed, cfg.samples)}
-    report = evaluate_and_report(result.root, result.paths["captions"], result.summaries["caption"]["archive"],
-                                 references=refs, run_dir=result.summaries.get("train", {}).get("run_dir"))
-    result.paths.update(evaluation=report["evaluation"], report=report["report"])
-    result.summaries["evaluate"] = report["summary"]
-    result.lines.extend(report["lines"])
+    w, captions = get_world(cfg.world), result.paths["captions"]
+    refs = storage.join(result.root, "references", "heldout.jsonl")
+    storage.write_file(refs, "".join(json.dumps({"key": s.key, "caption": c}) + "\n"
+                                     for s in w.heldout(n, cfg.seed, cfg.samples) for c in w.references(s)))
+    java = shutil.which("java") is not None
+    if not java:
+        result.lines.append("no Java: evaluating with the simple tokenizer, without METEOR (install a JRE for COCO's)")
+    evaluation = storage.join(result.root, "evaluation", "heldout")
+    summary = run_evaluate(EvaluateConfig(
+        predictions=captions, references=refs, images=result.summaries["caption"]["archive"], output=evaluation,
+        tokenize="ptb" if java else "simple",
+        metrics=("bleu", "meteor", "rouge", "cider") if java else ("bleu", "rouge", "cider")))
+    result.lines.append(f"evaluate: {captions} against the true captions -> {evaluation}")
+    result.lines.extend(format_table(summary).splitlines())
+    report = storage.join(result.root, "report.html")
+    build_report(ReportConfig(captions=captions, evaluation=evaluation, out=report,
+                              run=result.summaries.get("train", {}).get("run_dir")))
+    result.lines.append(f"report: {report}  (open it in a browser: gallery, metrics, training curves, model card)")
+    result.paths.update(evaluation=evaluation, report=report)
+    result.summaries["evaluate"] = summary
 
 
-STEPS.append(step_report)  # the last step: it reports on what the earlier steps produced
+STEPS: list[Step] = [step_embed, step_train, step_caption, step_report]  # step_decap is added by --decap
 
 
 # (captions, epochs) of the DeCap step per world: ~2,800 steps each; 3,000 synthetic captions miss ~0.2% of the
@@ -404,11 +347,9 @@ DECAP_CORPUS = {"synthetic": (3000, 15), "scenes": (10000, 5)}
 
 
 def step_decap(cfg: DemoConfig, result: DemoResult, n: int = 32) -> None:
-    """``clipcap demo --decap``: a text-only (DeCap) model trained on a caption corpus of the world alone (no
-    image), captioning the same held-out images as ``step_caption``, next to the image-trained model
-    (pipelines.demo.decap)."""
+    """``clipcap demo --decap``: a text-only (DeCap) model captioning the same held-out images as
+    ``step_caption``, next to the image-trained model."""
     runtime.ensure_ray(ray_address(cfg))
-
     assert result.raw_uri is not None and result.embeddings_uri is not None
     info = tables.inspect_tables(tables.list_table_files(result.embeddings_uri))  # the CLIP of the image step
     encoder = EncoderConfig(model_name=info.clip_model, pretrained=info.clip_pretrained or None)

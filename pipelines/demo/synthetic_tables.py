@@ -1,13 +1,12 @@
-"""Synthetic embedding tables for tests and benchmarks (not a pipeline stage): rows of the synthetic captioned
-set whose embeddings are a fixed seeded projection of their one-hot attributes (+ noise), so a mapping network
-can learn them in seconds without any CLIP, and ``scenes`` rows embedded by a shipped CLIP in this process
-(``write_scenes_tables``). Written in the layout and schema of ``clipcap embed`` / ``embed-text`` tables.
+"""Synthetic embedding tables for tests and benchmarks, in the layout and schema of ``clipcap embed`` tables:
+synthetic rows embedded as a seeded projection of their one-hot attributes (a mapping learns them in seconds
+without a CLIP), and ``scenes`` rows embedded by a shipped CLIP in this process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,39 +36,22 @@ def attribute_embeddings(samples: Sequence[Any], dim: int, seed: int = 0, noise:
 def write_synthetic_tables(root: str, n: int, *, shards: int = 1, dim: int = 32, seed: int = 0, start: int = 0,
                            first_shard: int = 0, dataset: str = "synthetic", tag: str = "attr-proj",
                            noise: float = 0.1, column: str = schemas.IMAGE_EMBEDDING) -> list[str]:
-    """Write ``n`` synthetic rows as ``shards`` tables under ``<root>/embeddings/<dataset>/<tag>/`` (``column``
-    ``text_embedding``: text tables, ``schemas.text_embedding_schema``, under ``<root>/text-embeddings/``)."""
-    samples = [_Lite(s.key, s.caption, s.attributes) for s in syn.generate(n, seed=seed, size=16, start=start)]
+    """``n`` synthetic rows as ``shards`` tables under ``<root>/embeddings/<dataset>/<tag>/`` (with ``column``
+    ``text_embedding``: text tables under ``<root>/text-embeddings/``)."""
+    samples = [dataclasses.replace(s, image=None) for s in syn.generate(n, seed=seed, size=16, start=start)]
     emb = attribute_embeddings(samples, dim, seed=seed, noise=noise)
     meta = schemas.embedding_metadata(clip_model=tag, clip_pretrained=None, dim=dim, dtype="float32",
                                       preprocess="synthetic attribute projection")
     text = column == schemas.TEXT_EMBEDDING
-    schema = schemas.with_metadata(schemas.text_embedding_schema(dim) if text else schemas.embedding_schema(dim), meta)
-    out = []
-    for k, idx in enumerate(np.array_split(np.arange(n), shards)):
-        cols = {schemas.KEY: [samples[i].key for i in idx], schemas.CAPTION: [samples[i].caption for i in idx],
-                schemas.URL: [None] * len(idx),
-                column: pa.FixedSizeListArray.from_arrays(pa.array(emb[idx].ravel()), dim)}
-        table = pa.table({f.name: cols[f.name] for f in schema}, schema=schema)
-        folder = "text-embeddings" if text else "embeddings"
-        uri = storage.join(root, folder, dataset, tag, f"part-{first_shard + k:05d}.parquet")
-        storage.atomic_write_table(table, uri)
-        out.append(uri)
-    return out
-
-
-@dataclass(frozen=True)
-class _Lite:  # a synthetic sample without its image
-    key: str
-    caption: str
-    attributes: Any
+    schema = schemas.text_embedding_schema(dim) if text else schemas.embedding_schema(dim)
+    folder = storage.join(root, "text-embeddings" if text else "embeddings", dataset, tag)
+    return _write_shards(folder, samples, emb, schemas.with_metadata(schema, meta), column, shards, first_shard)
 
 
 def write_scenes_tables(root: str, n: int, *, shards: int = 1, seed: int = 0, clip: str = "tiny-scenes",
                         batch: int = 256) -> list[str]:
-    """``n`` training scenes (``clipcap_core.scenes``, canonical captions) embedded in this process by the
-    shipped CLIP ``clip``, written like ``clipcap embed`` would under ``<root>/embeddings/scenes/<clip>/``: the
-    input of ``clipcap study`` on ``scenes`` without the download and embed stages (same CLIP, same metadata)."""
+    """``n`` training scenes embedded in this process by the shipped CLIP ``clip``, written as ``clipcap embed``
+    would under ``<root>/embeddings/scenes/<clip>/``: ``clipcap study`` input without the download and embed."""
     from clipcap_core import scenes
     from clipcap_core.encoders import EncoderConfig, load_encoder
 
@@ -80,12 +62,19 @@ def write_scenes_tables(root: str, n: int, *, shards: int = 1, seed: int = 0, cl
     meta = schemas.embedding_metadata(clip_model=clip, clip_pretrained=None, dim=encoder.dim, dtype="float32",
                                       preprocess=f"scenes 64 px, {clip} eval preprocessing (in process)")
     schema = schemas.with_metadata(schemas.embedding_schema(encoder.dim), meta)
+    return _write_shards(storage.join(root, "embeddings", "scenes", clip), samples, emb, schema,
+                         schemas.IMAGE_EMBEDDING, shards, 0)
+
+
+def _write_shards(folder: str, samples: Sequence[Any], emb: np.ndarray, schema: pa.Schema, column: str,
+                  shards: int, first_shard: int) -> list[str]:
+    """``samples`` (key, caption) and their embeddings as ``shards`` parts under ``folder``."""
     out = []
-    for k, idx in enumerate(np.array_split(np.arange(n), shards)):
+    for k, idx in enumerate(np.array_split(np.arange(len(samples)), shards)):
         cols = {schemas.KEY: [samples[i].key for i in idx], schemas.CAPTION: [samples[i].caption for i in idx],
                 schemas.URL: [None] * len(idx),
-                schemas.IMAGE_EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(emb[idx].ravel()), encoder.dim)}
-        uri = storage.join(root, "embeddings", "scenes", clip, f"part-{k:05d}.parquet")
+                column: pa.FixedSizeListArray.from_arrays(pa.array(emb[idx].ravel()), emb.shape[1])}
+        uri = storage.join(folder, f"part-{first_shard + k:05d}.parquet")
         storage.atomic_write_table(pa.table({f.name: cols[f.name] for f in schema}, schema=schema), uri)
         out.append(uri)
     return out

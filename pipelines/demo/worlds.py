@@ -1,5 +1,4 @@
-"""The synthetic worlds ``clipcap demo --world`` runs on: what differs between them, in one place per world.
-"""
+"""The synthetic worlds ``clipcap demo --world`` runs on: what differs between them, in one place per world."""
 
 from __future__ import annotations
 
@@ -32,15 +31,18 @@ def _synthetic_heldout(n: int, seed: int, start: int) -> list[Any]:
     return list(synthetic.generate(n, seed=seed, size=64, start=start))
 
 
-def _synthetic_url_list(*args: Any, **kwargs: Any) -> Path:
-    return synthetic.write_url_list(*args, **kwargs)
-
-
-def _synthetic_accuracy(predictions: list[str], references: list[str]) -> dict[str, dict[str, float]]:
-    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
-    from pipelines.demo.run import attribute_accuracy
-
-    return attribute_accuracy(predictions, references)
+def synthetic_accuracy(predictions: list[str], references: list[str]) -> dict[str, dict[str, float]]:
+    """Exact match and per-attribute accuracy with the chance level of each; an unparsed caption scores 0."""
+    pred = [synthetic.parse_caption(p) for p in predictions]
+    ref = [synthetic.parse_caption(r) for r in references]
+    values = {"count": (1, 2, 3), "size": synthetic.SIZES, "color": tuple(synthetic.COLORS),
+              "shape": synthetic.SHAPES, "position": synthetic.POSITIONS}
+    n = max(len(ref), 1)
+    acc = {k: sum(p is not None and getattr(p, k) == getattr(r, k) for p, r in zip(pred, ref, strict=True)) / n
+           for k in values}
+    exact = sum(p is not None and p == r for p, r in zip(pred, ref, strict=True)) / n
+    chance = {k: 1.0 / len(v) for k, v in values.items()}
+    return {"accuracy": {"exact": exact, **acc}, "chance": {"exact": math.prod(chance.values()), **chance}}
 
 
 def _synthetic_corpus(n: int, seed: int) -> list[str]:
@@ -64,13 +66,9 @@ def _scenes_heldout(n: int, seed: int, start: int) -> list[Any]:
             *scenes.generate(half, seed=seed, start=start, split="novel")]
 
 
-def _scenes_url_list(*args: Any, **kwargs: Any) -> Path:
-    return scenes.write_url_list(*args, **kwargs)
-
-
 def scenes_accuracy(predictions: list[str], references: list[str]) -> dict[str, dict[str, float]]:
-    """Scenes: exact (same scene, any wording), relation, and per-attribute accuracy over both groups (after
-    saying both scenes with left / above), with chance levels; a caption that does not parse scores 0."""
+    """Exact (same scene, any wording), relation and per-attribute accuracy over both groups, with chance levels;
+    an unparsed caption scores 0."""
     pred = [scenes.parse_caption(p) for p in predictions]
     truth = [scenes.parse_caption(r) for r in references]
     pairs = [(p.normalized() if p else None, t.normalized()) for p, t in zip(pred, truth, strict=True) if t]
@@ -84,15 +82,11 @@ def scenes_accuracy(predictions: list[str], references: list[str]) -> dict[str, 
             "chance": {"exact": math.prod(chance.values()), **chance}}
 
 
-def _scenes_references(sample: Any) -> Sequence[str]:
-    return sample.references
-
-
 REGISTRY: dict[str, World] = {
-    "synthetic": World("synthetic", "tiny", "word", 16, _synthetic_url_list, _synthetic_heldout,
-                       lambda s: [s.caption], _synthetic_accuracy, _synthetic_corpus),
-    "scenes": World("scenes", "tiny-scenes", "word-scenes", 24, _scenes_url_list, _scenes_heldout,
-                    _scenes_references, scenes_accuracy, scenes_corpus),
+    "synthetic": World("synthetic", "tiny", "word", 16, synthetic.write_url_list, _synthetic_heldout,
+                       lambda s: [s.caption], synthetic_accuracy, _synthetic_corpus),
+    "scenes": World("scenes", "tiny-scenes", "word-scenes", 24, scenes.write_url_list, _scenes_heldout,
+                    lambda s: s.references, scenes_accuracy, scenes_corpus),
 }
 
 

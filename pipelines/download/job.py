@@ -1,10 +1,7 @@
 """Download stage: image-text URL lists -> webdataset shards with img2dataset, configured by ``DownloadConfig``.
 
-img2dataset stores each sample's URL as fetched (query string with ``X-Amz-Signature`` / ``X-Amz-Credential``
-included) in ``<shard>.parquet`` and in every ``<key>.json`` of ``<shard>.tar``, with no option to leave it out.
-After a download, each shard whose URLs carry a query string, fragment or credentials is rewritten with
-``urlsafety.redact_url`` URLs (written to a temporary name, then renamed over the original). Shards whose URLs
-are all plain are not touched (no cost for CC3M-like lists), and a rerun finds nothing left to do.
+img2dataset stores each URL as fetched (signed query strings included) in the shard's parquet and tar, so after a
+download every shard whose URLs carry a query string, fragment or credentials is rewritten with redacted URLs.
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ import tarfile
 import tempfile
 import urllib.parse
 import uuid
-from collections.abc import Mapping
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
@@ -148,23 +145,19 @@ def is_transient(error: str | None) -> bool:
     return any(w in low for w in _TRANSIENT_WORDS)
 
 
-def transient_failures(stats: Mapping[str, Any]) -> int:
-    """Samples of one shard's ``_stats.json`` that failed transiently."""
-    return sum(int(n) for err, n in (stats.get("status_dict") or {}).items() if is_transient(err))
-
-
 def shards_to_retry(output: str) -> list[str]:
     """Shard ids whose ``_stats.json`` records transient failures (attempted and failed, not finished)."""
     out = []
     for uri in storage.list_files(output, "_stats.json"):
-        if transient_failures(storage.read_json(uri, default={})):
+        status = storage.read_json(uri, default={}).get("status_dict") or {}
+        if sum(int(n) for err, n in status.items() if is_transient(err)):
             out.append(posixpath.basename(uri).split("_")[0])
     return out
 
 
 def reset_shards(output: str, shards: list[str]) -> None:
-    """Delete the files of ``shards`` so img2dataset's incremental mode downloads them again (stats first:
-    a crash in between leaves a shard without stats, which is "missing" and downloaded again too)."""
+    """Delete the files of ``shards`` so img2dataset's incremental mode downloads them again (stats first: a
+    shard left without stats is missing, downloaded again too)."""
     for shard in shards:
         for suffix in ("_stats.json", ".tar", ".parquet"):
             uri = storage.join(output, shard + suffix)
@@ -183,17 +176,13 @@ def detect_format(url_list: str) -> str:
                      f"of {list(INPUT_FORMATS)}")
 
 
-def _first_line(url_list: str) -> str:
-    # a bad byte here is named by read_delimited, with its line: this only looks for a URL
-    with fsspec.open(url_list, "rt", encoding="utf-8", errors="replace", compression="infer") as f:
-        return f.readline().rstrip("\r\n")
-
-
 def _has_header(cfg: DownloadConfig, sep: str) -> bool:
     """Explicit ``header``, else: a first row with a URL in it is data (CC3M), any other first row a header."""
     if cfg.header is not None:
         return cfg.header
-    fields = _first_line(cfg.url_list).split(sep)
+    # a bad byte here is named by read_delimited, with its line: this only looks for a URL
+    with fsspec.open(cfg.url_list, "rt", encoding="utf-8", errors="replace", compression="infer") as f:
+        fields = f.readline().rstrip("\r\n").split(sep)
     return not any(f.strip().strip('"').startswith(_URL_PREFIXES) for f in fields)
 
 
@@ -203,7 +192,9 @@ def read_url_list(cfg: DownloadConfig) -> pd.DataFrame:
     wanted = [cfg.url_col] + ([cfg.caption_col] if cfg.caption_col else [])
     try:
         if fmt in ("tsv", "csv"):
-            df = _read_delimited(cfg, "\t" if fmt == "tsv" else ",")
+            sep = "\t" if fmt == "tsv" else ","
+            df = read_delimited(cfg.url_list, sep, names=None if _has_header(cfg, sep) else cfg.columns,
+                                what="URL list")
         elif fmt == "parquet":
             df = pd.read_parquet(cfg.url_list)
         else:
@@ -218,11 +209,6 @@ def read_url_list(cfg: DownloadConfig) -> pd.DataFrame:
     if cfg.caption_col:
         out[schemas.CAPTION] = df[cfg.caption_col].astype("string")
     return out
-
-
-def _read_delimited(cfg: DownloadConfig, sep: str) -> pd.DataFrame:
-    names = None if _has_header(cfg, sep) else cfg.columns
-    return read_delimited(cfg.url_list, sep, names=names, what="URL list")
 
 
 def img2dataset_kwargs(cfg: DownloadConfig, url_parquet: str) -> dict[str, Any]:
@@ -241,17 +227,13 @@ def img2dataset_kwargs(cfg: DownloadConfig, url_parquet: str) -> dict[str, Any]:
 
 def summarize(output: str) -> DownloadSummary:
     """Sum img2dataset's per-shard ``*_stats.json`` under ``output``."""
-    totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
-    errors: dict[str, int] = {}
-    files = storage.list_files(output, "_stats.json")
-    for uri in files:
-        stats = storage.read_json(uri, default={})
-        for k in totals:
-            totals[k] += int(stats.get(k, 0))
-        for err, n in (stats.get("status_dict") or {}).items():
-            if err != "success":
-                errors[err] = errors.get(err, 0) + int(n)
-    return DownloadSummary(output=output, shards=len(files), errors=errors, retry=tuple(shards_to_retry(output)),
+    stats = [storage.read_json(uri, default={}) for uri in storage.list_files(output, "_stats.json")]
+    keys = ("count", "successes", "failed_to_download", "failed_to_resize")
+    totals = {k: sum(int(s.get(k, 0)) for s in stats) for k in keys}
+    errors: Counter[str] = Counter()
+    for s in stats:
+        errors.update({err: int(n) for err, n in (s.get("status_dict") or {}).items() if err != "success"})
+    return DownloadSummary(output=output, shards=len(stats), errors=dict(errors), retry=tuple(shards_to_retry(output)),
                            **totals)
 
 
@@ -280,8 +262,7 @@ def check_urls(cfg: DownloadConfig, df: pd.DataFrame) -> None:
 
 def run_download(cfg: DownloadConfig, ray_address: str | None = None, urls: pd.DataFrame | None = None
                  ) -> DownloadSummary:
-    """Validate (unless ``urls`` comes from ``prepare_download``), download with img2dataset, sum the stats.
-    """
+    """Validate (unless ``urls`` comes from ``prepare_download``), download with img2dataset, sum the stats."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     df = prepare_download(cfg) if urls is None else urls
     retry = shards_to_retry(cfg.output) if cfg.incremental else []
@@ -306,8 +287,7 @@ def run_download(cfg: DownloadConfig, ray_address: str | None = None, urls: pd.D
 
 
 def _download(cfg: DownloadConfig, df: pd.DataFrame) -> None:
-    """img2dataset's download, its per-shard lines in the job log and our progress line read from the shards'
-    ``_stats.json`` as they land."""
+    """img2dataset's download, its own output in the job log, our progress line from the shards' stats."""
     # lazy: img2dataset ~8.1 s to import (python -X importtime)
     from img2dataset import download
 
@@ -322,8 +302,7 @@ def _download(cfg: DownloadConfig, df: pd.DataFrame) -> None:
 
 
 class ShardTally:
-    """Finished shards, images and failed samples under a download's output, from img2dataset's per-shard
-    ``_stats.json`` (each read once: a shard's stats are written when it is done)."""
+    """Finished shards, images and failed samples from img2dataset's per-shard stats (each read once)."""
 
     def __init__(self, output: str):
         self.output = output
@@ -339,11 +318,8 @@ class ShardTally:
                 sum(bad for _, bad in self.seen.values()), "")
 
 
-def summary_json(summary: DownloadSummary | Mapping[str, Any]) -> str:
-    data = summary.to_dict() if isinstance(summary, DownloadSummary) else dict(summary)
-    return json.dumps(data, indent=2, sort_keys=True)
-
-
+def summary_json(summary: DownloadSummary) -> str:
+    return json.dumps(summary.to_dict(), indent=2, sort_keys=True)
 
 
 def _secret(url: str | None) -> bool:
@@ -380,13 +356,12 @@ def redact_shard(parquet_uri: str) -> bool:
     """Redact the URLs of one shard (``<id>.parquet`` + ``<id>.tar``); True if it had secrets."""
     fs, path = uris.filesystem(parquet_uri)
     with fs.open(path, "rb") as f:
-        if schemas.URL not in pq.read_schema(f).names:
+        pf = pq.ParquetFile(f)
+        if schemas.URL not in pf.schema_arrow.names:
             return False
-    with fs.open(path, "rb") as f:
-        if not any(_secret(u) for u in pq.read_table(f, columns=[schemas.URL]).column(schemas.URL).to_pylist()):
+        if not any(_secret(u) for u in pf.read(columns=[schemas.URL]).column(schemas.URL).to_pylist()):
             return False
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
+        table = pf.read()
     tar_path = path[: -len(".parquet")] + ".tar"
     if fs.exists(tar_path):  # the tar first: a crash in between leaves the parquet to flag the shard again
         with fs.open(tar_path, "rb") as f:

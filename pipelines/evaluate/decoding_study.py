@@ -1,7 +1,6 @@
-"""``clipcap study decoding``: what each decoding strategy costs (images/s) and buys (held-out COCO metrics and
-CLIPScore) for one trained model on one set of embeddings: greedy, beam search (sizes), nucleus sampling, and
-``n`` samples reranked by the model's own CLIP (``pipelines.caption.stages.score_and_rank``, what ``clipcap caption
---rerank clip`` runs), each timed end to end (reranking includes its CLIP text encoding).
+"""``clipcap study decoding``: what each decoding strategy (greedy, beam, nucleus sampling, ``n`` samples reranked
+by the model's own CLIP as ``clipcap caption --rerank clip`` does) costs in images/s, timed end to end, and buys in
+held-out COCO metrics and CLIPScore, for one trained model on one set of embeddings.
 """
 
 from __future__ import annotations

@@ -100,19 +100,15 @@ def _read_table(uri: str, columns: set[str] | None = None) -> pa.Table:
 
 
 def _id_column(table: pa.Table, wanted: str | None, where: str) -> str:
-    names = table.column_names
-    if wanted:
-        if wanted not in names:
-            raise ValueError(f"{where}: no id column {wanted!r}; columns are {names}")
-        return wanted
-    for name in ID_COLUMNS:
-        if name in names:
+    for name in [wanted] if wanted else ID_COLUMNS:
+        if name in table.column_names:
             return name
-    raise ValueError(f"{where}: no id column (looked for {list(ID_COLUMNS)}); columns are {names}")
+    looked = repr(wanted) if wanted else f"(looked for {list(ID_COLUMNS)})"
+    raise ValueError(f"{where}: no id column {looked}; columns are {table.column_names}")
 
 
-def _table_rows(uri: str, id_column: str | None, caption_column: str, where: str,
-                keep: Callable[[pa.Table], pa.Table] = lambda t: t) -> tuple[list[str], list[str], dict[str, str]]:
+def _table_rows(uri: str, id_column: str | None, caption_column: str, where: str, best_rank: bool = False
+                ) -> tuple[list[str], list[str], dict[str, str]]:
     ids: list[str] = []
     captions: list[str] = []
     meta: dict[str, str] = {}
@@ -122,7 +118,8 @@ def _table_rows(uri: str, id_column: str | None, caption_column: str, where: str
         meta = meta or schemas.read_metadata(table.schema)
         if caption_column not in table.column_names:
             raise ValueError(f"{where} {f!r}: no caption column {caption_column!r}; columns are {table.column_names}")
-        table = keep(table)
+        if best_rank and schemas.RANK in table.column_names:
+            table = table.filter(pa.compute.equal(table.column(schemas.RANK), 0))
         col = _id_column(table, id_column, f"{where} {f!r}")
         ids += [_id_str(v) for v in table.column(col).to_pylist()]
         captions += ["" if c is None else str(c) for c in table.column(caption_column).to_pylist()]
@@ -147,12 +144,6 @@ def _load_json(uri: str, where: str) -> Any:
 
 
 # --- predictions ----------------------------------------------------------------------------------------
-def _best_rank(table: pa.Table) -> pa.Table:
-    if schemas.RANK in table.column_names:
-        return table.filter(pa.compute.equal(table.column(schemas.RANK), 0))
-    return table
-
-
 def read_predictions(uri: str, *, id_column: str | None = None, caption_column: str = schemas.CAPTION
                      ) -> Predictions:
     if uri.endswith(".json"):
@@ -163,17 +154,16 @@ def read_predictions(uri: str, *, id_column: str | None = None, caption_column: 
                              '{"image_id": ..., "caption": ...} objects')
         ids, captions, meta = [_id_str(r["image_id"]) for r in data], [str(r["caption"] or "") for r in data], {}
     else:
-        ids, captions, meta = _table_rows(uri, id_column, caption_column, "predictions", _best_rank)
+        ids, captions, meta = _table_rows(uri, id_column, caption_column, "predictions", best_rank=True)
     model = meta.get(schemas.META_MODEL)
     out = Predictions([], [], model=model.rsplit("@", 1)[0] if model else None)
-    seen: set[str] = set()
+    kept: dict[str, str] = {}
     for i, c in zip(ids, captions, strict=True):
-        if i in seen:
+        if i in kept:
             out.duplicates.append(i)
-            continue
-        seen.add(i)
-        out.ids.append(i)
-        out.captions.append(c)
+        else:
+            kept[i] = c
+    out.ids, out.captions = list(kept), list(kept.values())
     return out
 
 
@@ -439,17 +429,15 @@ def _clip_scores(cfg: EvaluateConfig, enc_cfg: Any, parts: list, m: Matched
     encoder = load_encoder(enc_cfg, device=cfg.device)
     emb, problems = image_embeddings(parts, set(m.ids), m.resolve, encoder)
     have = [i for i, rid in enumerate(m.ids) if rid in emb]
-    per = {schemas.CLIP_SCORE: [math.nan] * len(m.ids), "ref_clip_score": [math.nan] * len(m.ids)}
+    clip, ref_clip = np.full(len(m.ids), np.nan), np.full(len(m.ids), np.nan)
     corpus: dict[str, float] = {}
     if have:
         s = ClipScorer(encoder).score(np.stack([emb[m.ids[i]] for i in have]), [m.captions[i] for i in have],
                                       [m.refs[i] for i in have])
-        for j, i in enumerate(have):
-            per[schemas.CLIP_SCORE][i] = float(s.clip_score[j])
-            per["ref_clip_score"][i] = float(s.ref_clip_score[j])
+        clip[have], ref_clip[have] = s.clip_score, s.ref_clip_score
         corpus = {schemas.CLIP_SCORE: float(np.mean(s.clip_score)), "ref_clip_score": float(np.mean(s.ref_clip_score)),
                   "clip_n": float(len(have))}
-    return per, problems, corpus
+    return {schemas.CLIP_SCORE: clip.tolist(), "ref_clip_score": ref_clip.tolist()}, problems, corpus
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -513,15 +501,11 @@ ROWS = (("BLEU-1", "bleu1", 100), ("BLEU-2", "bleu2", 100), ("BLEU-3", "bleu3", 
         ("RefCLIPScore", "ref_clip_score", 100))
 
 
-def metric_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, formatted value) for the metrics present, x100 like COCO tables."""
-    ms = summary["metrics"]
-    return [(label, f"{ms[key] * scale:.2f}") for label, key, scale in ROWS if key in ms]
-
-
 def format_table(summary: dict[str, Any]) -> str:
+    """The summary as the printed table: the metrics present, x100 like COCO tables, then what was missing."""
+    ms = summary["metrics"]
     lines = [f"evaluated {summary['evaluated']} images (id match: {summary['id_match']}); scores x100"]
-    lines += [f"  {label:<14s}{value:>8s}" for label, value in metric_rows(summary)]
+    lines += [f"  {label:<14s}{ms[key] * scale:>8.2f}" for label, key, scale in ROWS if key in ms]
     for kind in ("missing_references", "missing_predictions", "duplicate_predictions", "empty_references",
                  "missing_images"):
         if summary[kind]["count"]:

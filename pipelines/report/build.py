@@ -1,7 +1,7 @@
-"""``clipcap report``: bounded reads of a caption table sample and the images behind it, plus the run's artifacts,
-written as one self-contained HTML file: the failures (captions matching no reference, empty or looping captions,
-lowest CLIPScores), every score with its scale, charts as PNG data URIs, and the model card built from the
-artifact's ``config.json`` / ``metrics.json``.
+"""``clipcap report``: a bounded sample of a caption table, the images behind it and the run's artifacts as one
+self-contained HTML file: failures first (no matching reference, empty or looping, lowest CLIPScore), every score
+with its scale, charts as PNG data URIs, and the model card from the artifact's config and metrics. The page
+(``page.html``) has no scripts and is autoescaped: captions, references, keys and model cards are untrusted text.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import posixpath
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, ClassVar, Literal
 
+import jinja2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,7 +33,6 @@ from pipelines.caption import output as caption_output
 from pipelines.caption.output import resolve_table
 from pipelines.evaluate.run import ROWS, number, stem
 from pipelines.io import schemas, sources, storage
-from pipelines.report import page
 
 
 @dataclass
@@ -97,15 +98,6 @@ def sample_captions(captions: str, n: int, *, max_parts: int = 4, batch_rows: in
     return CaptionSample(items, model, len(files), len(chosen), rows)
 
 
-def thumbnail(data: bytes, px: int) -> str:
-    """A data URI of a JPEG thumbnail re-encoded by us (the original bytes never reach the page)."""
-    image = decode_image(data)
-    image.thumbnail((px, px))
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def fetch_images(input_uri: str, items: list[Sampled], px: int, encoder: Any = None) -> None:
     """Thumbnails (and CLIP embeddings with ``encoder``) of ``items`` from the captioned input, in place."""
     wanted: dict[str, list[Sampled]] = {}
@@ -129,41 +121,21 @@ def fetch_images(input_uri: str, items: list[Sampled], px: int, encoder: Any = N
 
 
 def _attach(it: Sampled, rec: sources.Record, px: int, encoder: Any) -> None:
-    if rec.error is not None:
-        it.image_error = rec.error
-    elif rec.embedding is not None:  # an embedding-table input: no pixels to show
-        it.embedding, it.image_error = rec.embedding, "input was an embedding table (no image)"
-    else:
-        try:
-            it.thumbnail = thumbnail(rec.data or b"", px)
-            if encoder is not None:
-                it.embedding = encoder.encode_pixels(encoder.resize(decode_image(rec.data or b""))[None])[0]
-        except ImageDecodeError as exc:
-            it.image_error = str(exc)
-
-
-def attach_evaluation(evaluation: str, items: list[Sampled]) -> None:
-    """Per-image scores and references of the sampled keys from ``<evaluation>/per_image.parquet`` (filtered
-    read; an evaluation id may be the key, its stem or its trailing number, as ``clipcap evaluate`` matched)."""
-    uri = storage.join(evaluation, "per_image.parquet")
-    if not uris.exists(uri):
+    if rec.error is not None or rec.embedding is not None:  # an embedding-table input has no pixels to show
+        it.embedding = rec.embedding
+        it.image_error = rec.error or "input was an embedding table (no image)"
         return
-    forms = {form: it for it in items for form in (it.key, stem(it.key), number(it.key))}
-    fs, path = uris.filesystem(uri)
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f, filters=pc.field(schemas.IMAGE_ID).isin(list(forms)))
-    for row in table.to_pylist():
-        forms[row[schemas.IMAGE_ID]].evaluation = row
-
-
-def evaluation_rows(evaluation: str) -> list[dict[str, Any]]:
-    """Every row of ``<evaluation>/per_image.parquet`` ([] when there is none)."""
-    uri = storage.join(evaluation, "per_image.parquet")
-    if not uris.exists(uri):
-        return []
-    fs, path = uris.filesystem(uri)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f).to_pylist()
+    try:
+        image = decode_image(rec.data or b"")
+    except ImageDecodeError as exc:
+        it.image_error = str(exc)
+        return
+    if encoder is not None:
+        it.embedding = encoder.encode_pixels(encoder.resize(image)[None])[0]
+    image.thumbnail((px, px))  # a JPEG re-encoded by us: the original bytes never reach the page
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    it.thumbnail = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 log = logging.getLogger(__name__)
@@ -238,7 +210,7 @@ def degenerate_reason(caption: str | None) -> str | None:
 
 
 def matches_reference(caption: str, references: list[str]) -> bool:
-    """True when ``caption`` equals one of ``references`` after normalisation (``clipcap evaluate``'s exact match)."""
+    """``clipcap evaluate``'s exact match: ``caption`` equals a reference after normalisation."""
     return normalize_caption(caption) in {normalize_caption(r) for r in references}
 
 
@@ -277,12 +249,6 @@ def row_flags(row: dict[str, Any]) -> list[str]:
     return flags + ([why] if why else [])
 
 
-def worst_first(rows: list[dict[str, Any]]) -> list[int]:
-    """Indices of ``rows`` worst first: flagged rows, then by lowest CIDEr and CLIPScore, then by id."""
-    return sorted(range(len(rows)), key=lambda i: (not row_flags(rows[i]), *_badness(rows[i]),
-                                                   str(rows[i].get("image_id"))))
-
-
 MIN_STEP_ROWS = 3  # fewer step rows draw no line: plot the epoch rows' train loss instead
 HELDOUT = ("exact_match", "bleu4", "cider", "clip_score")  # clipcap_core.metrics.heldout_metrics
 
@@ -305,8 +271,8 @@ def _data_uri(fig: Any) -> str:
 
 
 def train_loss_points(history: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], str]:
-    """(step, train loss) points and their legend: the step rows, or the epoch rows' mean loss when a short run
-    logged fewer than ``MIN_STEP_ROWS`` steps (a 64-sample run logs none between its epochs)."""
+    """(step, train loss) points and their legend: the step rows, or the epoch means when a short run logged
+    fewer than ``MIN_STEP_ROWS`` steps."""
     def finite(v: Any) -> bool:
         return isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -319,7 +285,7 @@ def train_loss_points(history: list[dict[str, Any]]) -> tuple[list[tuple[int, fl
 
 
 def training_chart(history: list[dict[str, Any]]) -> str | None:
-    """Loss curves (``pipelines.train.job.plot_history``'s data) beside the held-out metrics per epoch."""
+    """Loss curves beside the held-out metrics per epoch."""
     plt = _pyplot()
     epochs = [r for r in history if r.get("kind") == "epoch"]
     steps, label = train_loss_points(history)
@@ -477,14 +443,23 @@ def _interpretation(loaded: Any, items: list[Sampled], n: int) -> list[dict[str,
 
 
 def _evaluation_context(evaluation: str | None, items: list[Sampled]) -> dict[str, Any]:
+    """The evaluation's metric table and per-image rows; each sampled item gets its row by key, stem or number."""
     summary = storage.read_json(storage.join(evaluation, "summary.json")) if evaluation else None
     if summary is None:
         return {"metrics": [], "eval_note": "", "eval_rows": []}
-    attach_evaluation(evaluation, items)
+    fs, path = uris.filesystem(storage.join(evaluation, "per_image.parquet"))
+    rows = []
+    if fs.exists(path):
+        with fs.open(path, "rb") as f:
+            rows = pq.read_table(f).to_pylist()
+    forms = {form: it for it in items for form in (it.key, stem(it.key), number(it.key))}
+    for row in rows:
+        if row[schemas.IMAGE_ID] in forms:
+            forms[row[schemas.IMAGE_ID]].evaluation = dict(row)
     note = (f"{summary['evaluated']} images evaluated against {summary['references']}; "
             f"{summary['missing_references']['count']} predictions without reference, "
             f"{summary['missing_predictions']['count']} references without prediction.")
-    return {"metrics": metric_table(summary), "eval_note": note, "eval_rows": evaluation_rows(evaluation)}
+    return {"metrics": metric_table(summary), "eval_note": note, "eval_rows": rows}
 
 
 def item_row(it: Sampled) -> dict[str, Any]:
@@ -497,37 +472,31 @@ def item_row(it: Sampled) -> dict[str, Any]:
 
 
 def gallery_cards(items: list[Sampled], order: str) -> list[dict[str, Any]]:
-    """One card per item with its flags, references (matched or not) and both ranks, in ``order``."""
-    rows = [item_row(it) for it in items]
-    worst_rank = {i: r for r, i in enumerate(worst_first(rows))}
-    cards = [{"it": it, "flags": row_flags(row), "worst_rank": worst_rank[i], "key_rank": i,
-              "refs": [(ref, matches_reference(row["caption"], [ref])) for ref in row["references"]]}
-             for i, (it, row) in enumerate(zip(items, rows, strict=True))]
-    return sorted(cards, key=lambda c: c["worst_rank"]) if order == "worst" else cards
-
-
-def _failures(eval_rows: list[dict[str, Any]], items: list[Sampled], shown: int) -> Failures:
-    if eval_rows:
-        return find_failures(eval_rows, source="evaluation", shown=shown)
-    return find_failures([item_row(it) for it in items], source="sample", shown=shown)
+    """One card per item with its flags, references (matched or not) and both ranks, in ``order``; worst first
+    is flagged cards, then lowest CIDEr and CLIPScore, then by id."""
+    cards = []
+    for i, it in enumerate(items):
+        row = item_row(it)
+        cards.append({"it": it, "flags": row_flags(row), "key_rank": i, "row": row,
+                      "refs": [(ref, matches_reference(row["caption"], [ref])) for ref in row["references"]]})
+    worst = sorted(cards, key=lambda c: (not c["flags"], *_badness(c["row"]), str(c["row"]["image_id"])))
+    for rank, card in enumerate(worst):
+        card["worst_rank"] = rank
+    return worst if order == "worst" else cards
 
 
 def study_sections(folders: tuple[str, ...]) -> list[dict[str, Any]]:
     """Each ``clipcap study`` folder's Markdown table and plot (a data URI), for the page's Studies section."""
     out = []
     for folder in folders:
-        fs, path = uris.filesystem(storage.join(folder, "table.md"))
-        if not fs.exists(path):
+        fs, root = uris.filesystem(folder)
+        if not fs.exists(posixpath.join(root, "table.md")):
             raise ValueError(f"{folder} is not a `clipcap study` output folder (no table.md)")
-        with fs.open(path, "r") as f:
-            table = f.read()
-        plot = None
-        for name in ("prefix.png", "decoding.png"):
-            pfs, ppath = uris.filesystem(storage.join(folder, name))
-            if pfs.exists(ppath):
-                with pfs.open(ppath, "rb") as f:
-                    plot = "data:image/png;base64," + base64.b64encode(f.read()).decode()
-        out.append({"name": posixpath.basename(folder.rstrip("/")), "table": table, "plot": plot})
+        plots = [fs.cat_file(p) for p in (posixpath.join(root, n) for n in ("prefix.png", "decoding.png"))
+                 if fs.exists(p)]
+        out.append({"name": posixpath.basename(folder.rstrip("/")),
+                    "table": fs.cat_file(posixpath.join(root, "table.md")).decode(),
+                    "plot": "data:image/png;base64," + base64.b64encode(plots[-1]).decode() if plots else None})
     return out
 
 
@@ -536,23 +505,23 @@ def build_report(cfg: ReportConfig) -> str:
     sampled = sample_captions(cfg.captions, cfg.sample, max_parts=cfg.max_parts, seed=cfg.seed)
     model_uri = cfg.model or sampled.model
     loaded = _load_model(model_uri)
-    run_record = caption_output.run_record(cfg.captions)
-    images = cfg.images or run_record.get("input")
-    encoder = None
-    if loaded is not None and cfg.interpret:
-        encoder = load_encoder(loaded.config.encoder)
+    images = cfg.images or caption_output.run_record(cfg.captions).get("input")
+    encoder = load_encoder(loaded.config.encoder) if loaded is not None and cfg.interpret else None
     if images:
         fetch_images(images, sampled.items, cfg.thumb_px, encoder)
     history = storage.read_json(storage.join(cfg.run, "history.json")) if cfg.run else None
     clip_values = [c.get("clip_score") for it in sampled.items for c in it.captions[:1]]
     interpretation = _interpretation(loaded, sampled.items, cfg.interpret)
     evaluated = _evaluation_context(cfg.evaluation, sampled.items)
+    eval_rows = evaluated.pop("eval_rows")
+    failures = find_failures(eval_rows or [item_row(it) for it in sampled.items],
+                             source="evaluation" if eval_rows else "sample", shown=cfg.failures)
     context = {
         "title": posixpath.basename(cfg.captions.rstrip("/")) or cfg.captions, "captions": cfg.captions,
         "model": model_uri, "parts_read": sampled.parts_read, "items": sampled.items,
         "parts_total": sampled.parts_total, "rows_read": sampled.rows_read,
         "cards": gallery_cards(sampled.items, cfg.order), "order": cfg.order,
-        "failures": _failures(evaluated.pop("eval_rows"), sampled.items, cfg.failures),
+        "failures": failures,
         "training_chart": training_chart(history) if history else None,
         "clip_chart": histogram(clip_values, "CLIPScore (0-2.5)"),
         "score_keys": ("bleu4", "cider", "clip_score", "ref_clip_score", "exact_match"),
@@ -565,7 +534,8 @@ def build_report(cfg: ReportConfig) -> str:
         "studies": study_sections(cfg.studies),
         **evaluated,
     }
-    html = page.render(context)
+    template = resources.files(__package__).joinpath("page.html").read_text("utf-8")
+    html = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(template).render(**context)
     storage.write_file(cfg.out, html)
     log.info("report: %s (%d images, %.0f KB)", cfg.out, len(sampled.items), len(html) / 1024)
     return cfg.out

@@ -19,8 +19,8 @@ from clipcap_core.artifacts import load_model, read_metadata, save_model
 from clipcap_core.decoding import generate
 from clipcap_core.metrics import exact_match
 from clipcap_core.training import TrainConfig, collate, make_optimizer_and_scheduler, train_step
-from pipelines.demo import run as demo_train
 from pipelines.demo import synthetic_tables
+from pipelines.demo.worlds import synthetic_accuracy
 from pipelines.io import storage, tables
 from pipelines.train import checkpoints as train_checkpoints
 from pipelines.train import job as train
@@ -210,11 +210,11 @@ def test_resume_from_a_checkpoint_of_another_model_fails_clearly(tmp_path, table
 def test_attribute_accuracy_against_chance():
     refs = ["a small red circle at the top", "two large blue squares on the left"]
     preds = ["a small red circle at the top.", "two large green squares on the right"]
-    scores = demo_train.attribute_accuracy(preds, refs)
+    scores = synthetic_accuracy(preds, refs)
     acc, chance = scores["accuracy"], scores["chance"]
     assert acc == {"exact": 0.5, "count": 1.0, "size": 1.0, "color": 0.5, "shape": 1.0, "position": 0.5}
     assert chance["color"] == pytest.approx(1 / 6) and chance["exact"] == pytest.approx(1 / 432)
-    assert demo_train.attribute_accuracy(["not a caption"], refs[:1])["accuracy"]["size"] == 0.0
+    assert synthetic_accuracy(["not a caption"], refs[:1])["accuracy"]["size"] == 0.0
 
 
 def test_history_json_csv_and_loss_curve(tmp_path):
