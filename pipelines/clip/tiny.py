@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
     from clipcap_core.encoders import load_encoder
-    from pipelines.clip.job import ClipTrainJobConfig, run_clip_training
-    from pipelines.clip.worker import model_card
+    from pipelines.clip.job import ClipTrainJobConfig, model_card, run_clip_training
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="data/tiny-clip", help="work folder (shards, run)")

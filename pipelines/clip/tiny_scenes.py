@@ -144,7 +144,7 @@ def write_fp16(weights: str, out: Path) -> None:
 
 def card(name: str, v: Variant, result: Any, figures: dict[str, dict[str, float]], seconds: float) -> str:
     # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
-    from pipelines.clip.worker import model_card
+    from pipelines.clip.job import model_card
 
     info = json.loads((Path(result.model_dir) / "clipcap_clip.json").read_text())
     info["weights"] = f"{name}.safetensors"

@@ -226,8 +226,7 @@ def given(args: argparse.Namespace, fields: Fields, *, skip: tuple[str, ...] = (
 
 
 def _put(data: dict[str, Any], key: str, value: Any) -> None:
-    """``data[a][b] = value`` for the key ``a.b``; under ``model_overrides`` the rest of the key stays one dotted
-    key (``model_overrides.mapping.clip_length``: a ModelConfig key)."""
+    """``data[a][b] = value`` for the key ``a.b``; under ``model_overrides`` the rest stays one dotted key."""
     *parents, last = key.split(".", 1) if key.startswith("model_overrides.") else key.split(".")
     node = data
     for p in parents:
@@ -249,42 +248,32 @@ def apply_sets(data: dict[str, Any], sets: list[str] | None) -> None:
             raise ConfigError(f"--set {key}: the value is not valid YAML: {exc}") from exc
 
 
-def collect(args: argparse.Namespace, fields: Fields, *, base: Mapping[str, Any] | None = None,
-            extra: Mapping[str, Any] | None = None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``base`` < ``--config`` file < flags (then ``extra``, values a command derives from its flags) <
-    ``--set``, as one nested mapping."""
-    data = merge(base or {}, load_file(getattr(args, "config", None)))
-    data = merge(merge(data, given(args, fields, skip=skip)), extra or {})
+def collect(args: argparse.Namespace, fields: Fields, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``--config`` file < flags (then ``extra``, values a command derives from its flags) < ``--set``."""
+    data = merge(merge(load_file(getattr(args, "config", None)), given(args, fields)), extra or {})
     apply_sets(data, getattr(args, "set", None))
     return data
 
 
 def from_args(args: argparse.Namespace, ref: str | type, *, extra: Mapping[str, Any] | None = None) -> Any:
     """The config ``module:Class`` from ``--config``, its flags (``add(p, ref)``) and ``--set``, validated."""
-    return build(config_class(ref), collect(args, fields(ref), extra=extra), fields(ref))
+    return build(config_class(ref), collect(args, fields(ref), extra), fields(ref))
 
 
 def build(cls: type, data: Mapping[str, Any], flag_fields: Fields | None = None) -> Any:
-    """``from_dict`` with every failure a ConfigError (a dataclass ``__post_init__`` may raise ValueError /
-    TypeError): the CLI turns it into one line and exit code 2, before any work. A required top-level field
-    that is missing is named by its flag in ``flag_fields``."""
-    require(cls, data, flag_fields or {})
+    """``from_dict`` with every failure a ConfigError (one line, exit code 2, before any work); a missing
+    required top-level field is named by its flag in ``flag_fields``."""
+    flag_of = {name: dest for dest, (section, name) in (flag_fields or {}).items() if not section}
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in data and f.name in flag_of:
+            raise ConfigError(f"--{flag_of[f.name].replace('_', '-')} is required (or {f.name}: in the --config file)")
     try:
         return from_dict(cls, data)
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{cls.__name__}: {exc}") from exc
-
-
-def require(cls: type, data: Mapping[str, Any], flag_fields: Fields) -> None:
-    """``--input is required (or input: in the --config file)`` for the first required field of ``cls`` that
-    ``data`` lacks and a flag of ``flag_fields`` sets."""
-    flag_of = {name: dest for dest, (section, name) in flag_fields.items() if not section}
-    for f in dataclasses.fields(cls):
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if required and f.name not in data and f.name in flag_of:
-            raise ConfigError(f"--{flag_of[f.name].replace('_', '-')} is required (or {f.name}: in the --config file)")
 
 
 def add_config_arguments(p: argparse.ArgumentParser, what: str, example: str = "train.lr=1e-4") -> None:

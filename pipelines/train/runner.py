@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import os
+from collections.abc import Callable
 from typing import Any, Protocol
 from unittest import mock
 
@@ -19,7 +20,7 @@ from clipcap_core.configs import to_dict
 from pipelines import console, runtime
 from pipelines.io import storage
 from pipelines.runtime import ClusterShape
-from pipelines.train.state import RunOptions, ScaleConfig, StepPlan, StreamSpec, worker_entry
+from pipelines.train.state import RunOptions, ScaleConfig, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,11 @@ def describe_workers(scale: ScaleConfig, cluster: ClusterShape) -> str:
             f"{len(cluster.node_cpus)} node(s)")
 
 
-def fit_workers(loop: str, job: TrainJob, plan: StepPlan, datasets: dict[str, Any] | None,
-                stream: StreamSpec | None = None, what: str = "train") -> dict[str, Any]:
-    """Run ``loop`` (``"module:function"``) on ``job.scale.num_workers`` Ray Train workers as ``loop(config,
-    batches)``, config ``{"job": ..., "plan": ...}`` (both ``configs.to_dict``) and ``batches`` the worker's
-    ``EarlyStream`` of ``datasets["train"]`` read as ``stream`` says (``None`` without a stream).
-    Returns rank 0's return value after writing its ``history`` under ``job.run_dir``.
-    The operator sees one progress line (``what``: steps done, samples, loss) read from the run's ``Board``
-    actor; the workers' own lines go to stderr (the job log, without Ray's colour codes)."""
+def fit_workers(loop: Callable[[dict[str, Any]], Any], job: TrainJob, plan: StepPlan,
+                datasets: dict[str, Any] | None, what: str = "train") -> dict[str, Any]:
+    """Run ``loop`` on ``job.scale.num_workers`` Ray Train workers with config ``{"job", "plan", "progress"}``
+    (job and plan as ``configs.to_dict``, progress the run's ``Board``, read by the operator's progress line).
+    Returns rank 0's return value after writing its ``history`` under ``job.run_dir``."""
     # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray
     import ray.train
@@ -93,10 +91,7 @@ def fit_workers(loop: str, job: TrainJob, plan: StepPlan, datasets: dict[str, An
         return (int(row["step"]), int(row["samples"]), 0, f"loss {row['loss']:.4f}") if row else None
 
     trainer = TorchTrainer(
-        worker_entry,
-        train_loop_config={"job": to_dict(job), "plan": to_dict(plan), "loop": loop,
-                           "stream": to_dict(stream) if stream is not None and datasets else None,
-                           "progress": board},
+        loop, train_loop_config={"job": to_dict(job), "plan": to_dict(plan), "progress": board},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scale.num_workers, use_gpu=scale.use_gpu,
             resources_per_worker={"CPU": scale.cpus_per_worker,

@@ -23,6 +23,7 @@ from pipelines.train.state import (
     RunOptions,
     RunState,
     StepPlan,
+    StreamSpec,
 )
 
 
@@ -90,13 +91,17 @@ class Board:
         return self.latest
 
 
-_board: Any = None  # this worker's handle on the run's Board actor (``state.worker_entry`` sets it)
 POST_EVERY_S = 1.0  # rank 0 posts at most this often (one fire-and-forget actor call)
 
 
-def attach_board(handle: Any) -> None:
-    global _board
-    _board = handle
+def stream_batches(spec: StreamSpec, device: Any) -> Iterable[dict[str, Any]]:
+    """This worker's shard of the ``train`` dataset as tensors of the spec's dtypes on ``device``."""
+    import ray.train
+
+    return ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=spec.rows, prefetch_batches=spec.prefetch_batches, drop_last=spec.drop_last,
+        local_shuffle_buffer_size=spec.shuffle_buffer or None, device=device,
+        dtypes={k: getattr(torch, v) for k, v in spec.dtypes.items()}, pin_memory=torch.device(device).type == "cuda")
 
 
 class WorkerRun:
@@ -107,18 +112,20 @@ class WorkerRun:
     unit: ClassVar[str] = "samples"  # in progress lines: <rate> <unit>/s
     epoch_samples: ClassVar[bool] = True  # epoch rows carry "samples" (all workers)
     may_miss: ClassVar[str | None] = None  # weight-name prefix a checkpoint may leave out (see checkpoint_weights)
+    board: Any = None  # the run's Board actor, where rank 0 posts its progress
 
     model: Any
     optimizer: Any
     scheduler: Any
 
     def __init__(self, plan: StepPlan, opts: RunOptions, *, epochs: int, batch_size: int, torch_threads: int,
-                 fault: FaultConfig | None):
+                 fault: FaultConfig | None, board: Any = None):
         # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
         import ray.train
         import ray.train.torch
 
         self.plan, self.opts, self.epochs, self.batch_size, self.fault = plan, opts, epochs, batch_size, fault
+        self.board = board
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         if torch_threads:
@@ -174,11 +181,11 @@ class WorkerRun:
         """Rank 0: the step, samples so far (all workers) and recent loss to the driver's board. ``force`` (an
         epoch's end) also waits for the post to land, so the driver's last read sees the last step."""
         now = time.monotonic()
-        if self.rank != 0 or _board is None or (not force and now - self._posted < POST_EVERY_S):
+        if self.rank != 0 or self.board is None or (not force and now - self._posted < POST_EVERY_S):
             return
         self._posted, st = now, self.state
         loss = float(np.mean(self.losses[-20:])) if self.losses else float("nan")
-        posted = _board.post.remote({"step": st.step, "samples": st.step * self.batch_size * self.world, "loss": loss})
+        posted = self.board.post.remote({"step": st.step, "samples": st.step * self.batch_size * self.world, "loss": loss})
         if force:
             import ray
 
