@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal, NoReturn
 
 from pipelines import exitcodes, stopping
 from pipelines.commands import flags
+from pipelines.console import job_log, terminal
 from pipelines.exitcodes import JobFailed
 from pipelines.io.urlsafety import setup_logging
 
@@ -238,17 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.verbose or not args.job_log:
         return _run(args)
-    # lazy: pipelines.console imports tqdm, ~0.15-0.3 s (python -X importtime) that `clipcap CMD --help` skips
-    from pipelines import console
-
-    with console.job_log(args.command):  # Ray's own output to the log file; ours stays on the terminal
+    with job_log(args.command):  # Ray's own output to the log file; ours stays on the terminal
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
     """The command under ``stopping.run``; a job-level failure is one line on the terminal and its exit code."""
-    from pipelines.console import terminal  # lazy: tqdm, see main
-
     try:
         return stopping.run(lambda: int(args.func(args) or 0), f"clipcap {args.command}",
                             signals=args.stop_on_signals)
@@ -300,8 +296,6 @@ def brief(data: Mapping[str, Any], width: int = 100) -> str:
 
 def print_not_done(failed: Mapping[str, str], line: str) -> None:
     """One line per unit not done (``line`` formatted with ``name`` and ``why``) on the operator's terminal."""
-    from pipelines.console import terminal
-
     for name, why in sorted(failed.items()):
         print(line.format(name=name, why=why), file=terminal())
 
@@ -627,7 +621,6 @@ def caption(args: argparse.Namespace) -> int:
 def show_captions(output: str, show: int | None) -> None:
     """``key<TAB>caption`` of the first ``show`` images (None: all of at most ``SHOW_ALL_UP_TO``, else a hint)."""
     from pipelines.caption.output import table_uri, top_captions
-    from pipelines.console import terminal
 
     if show == 0:
         return

@@ -8,13 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import random
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import ray.train.torch
 import torch
 
 from clipcap_core import uris
@@ -37,7 +37,7 @@ from clipcap_core.configs import from_dict, to_dict
 from clipcap_core.encoders import _open_clip, fetch_pretrained, preprocess_spec, validate_config
 from pipelines.clip import data as clip_data
 from pipelines.io import storage, tables
-from pipelines.train.checkpoints import stream_start
+from pipelines.train.checkpoints import epoch_order, stream_plan
 from pipelines.train.runner import fit_workers
 from pipelines.train.state import (
     FaultConfig,
@@ -54,8 +54,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class ClipTrainJobConfig:
-    """The ``clipcap train-clip`` config: each field is a flag (``pipelines.commands.flags``); ``CLI_FLAGS`` names
-    the renamed flags and the fields set by ``--config`` / ``--set`` only (None)."""
+    """The ``clipcap train-clip`` config: each field is a flag; ``CLI_FLAGS`` renames or hides (None) a few."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {
         "shards": "--input", "run.eval_max_samples": "--eval-max-samples", "split_salt": None, "read_cpus": None,
@@ -147,11 +146,7 @@ def plan(cfg: ClipTrainJobConfig) -> ClipTrainPlan:
     def stream_steps(first_epoch: int) -> int:  # full batches per worker (drop_last: equal on every rank)
         return ((E - first_epoch) * n_train // W) // B
 
-    total = stream_steps(0)
-    start, first_step = stream_start(cfg.run_dir, E, stream_steps)
-    return ClipTrainPlan(shards=tuple(shards), n_train=n_train, mode=mode, total_steps=total,
-                         epoch_ends=tuple(round(e * total / E) for e in range(1, E)), stream_start_epoch=start,
-                         stream_first_step=first_step)
+    return ClipTrainPlan(shards=tuple(shards), n_train=n_train, mode=mode, **stream_plan(cfg.run_dir, E, stream_steps))
 
 
 def data_mode(cfg: ClipTrainJobConfig, n_train: int) -> Literal["stream", "memory"]:
@@ -165,17 +160,12 @@ def data_mode(cfg: ClipTrainJobConfig, n_train: int) -> Literal["stream", "memor
 
 
 def _dataset(cfg: ClipTrainJobConfig, p: ClipTrainPlan) -> Any:
-    items: list[tuple[str, int]] = []
-    for epoch in range(p.stream_start_epoch, cfg.train.epochs):
-        order = list(p.shards)
-        random.Random(cfg.train.seed * 1000 + epoch).shuffle(order)
-        items += [(s, epoch) for s in order]
+    items = epoch_order(p.shards, cfg.train.seed, p.stream_start_epoch, cfg.train.epochs)
     return clip_data.stream_pairs(items or [(p.shards[0], 0)], prep_for(cfg), num_cpus=cfg.read_cpus)
 
 
 def stream_spec(cfg: ClipTrainJobConfig, p: ClipTrainPlan) -> StreamSpec | None:
-    """How each worker reads the pair stream: whole steps' batches (the last short one dropped, as contrastive
-    batches must be full), prefetch ``run.prefetch_batches``; ``None`` when every epoch is done."""
+    """How each worker reads the pair stream (full batches only: contrastive); ``None`` when every epoch is done."""
     if p.stream_start_epoch >= cfg.train.epochs:
         return None
     return StreamSpec(rows=cfg.train.batch_size, prefetch_batches=cfg.run.prefetch_batches, drop_last=True,
@@ -217,10 +207,8 @@ class ClipRun(WorkerRun):
     label, unit, epoch_samples = "train-clip", "pairs", False
 
     def __init__(self, job: ClipTrainJobConfig, plan: ClipTrainPlan, board: Any = None):
-        hp = job.train
-        super().__init__(plan, job.run, epochs=hp.epochs, batch_size=hp.batch_size,
-                         torch_threads=job.scale.torch_threads, fault=job.fault, board=board)
-        self.job, self.hp = job, hp
+        super().__init__(job, plan, board)
+        hp = self.hp
         self.model = build_clip(job.model, seed=hp.seed, device=self.device)
         shape_init(self.model, hp)
         lock_towers(self.model, hp)
@@ -238,8 +226,7 @@ class ClipRun(WorkerRun):
 def memory_batches(job: ClipTrainJobConfig, plan: ClipTrainPlan, rank: int, world: int, start_step: int,
                    device: Any) -> Any:
     """``data="memory"``: this worker's shards decoded once; batches for steps ``start_step``.. from a seeded
-    permutation per epoch (the same after a restart, so a resumed run sees the batches it would have seen), of groups
-    of ``train.group_size`` consecutive pairs."""
+    permutation per epoch (the same after a restart) of groups of ``train.group_size`` consecutive pairs."""
     pixels, tokens, _ = clip_data.load_pairs(list(plan.shards[rank::world]), prep_for(job, "train"))
     pixels = torch.from_numpy(pixels)
     B, spe = job.train.batch_size, plan.steps_per_epoch
@@ -254,10 +241,7 @@ def memory_batches(job: ClipTrainJobConfig, plan: ClipTrainPlan, rank: int, worl
 
 
 def clip_train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
-    """What each Ray Train worker runs (config: ``{"job": ClipTrainJobConfig, "plan": ClipTrainPlan, "progress":
-    Board}``, job and plan as ``configs.to_dict``)."""
-    import ray.train.torch
-
+    """What each Ray Train worker runs (config from ``runner.fit_workers``)."""
     job, plan = from_dict(ClipTrainJobConfig, config["job"]), from_dict(ClipTrainPlan, config["plan"])
     hp = job.train
     stream_mode, spec = plan.mode == "stream", stream_spec(job, plan)

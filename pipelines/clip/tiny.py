@@ -1,13 +1,8 @@
-"""Make the aligned ``tiny`` CLIP shipped in ``clipcap_core/resources`` (``make tiny-clip``; ~10 min on 2 cores).
+"""Make the aligned ``tiny`` CLIP shipped in ``clipcap_core/resources`` (``make tiny-clip``; ~10 min on 2 cores):
+``clipcap train-clip`` from scratch on the synthetic set (seed ``TRAIN_SEED``), the weights cast to fp16 as
+``tiny.safetensors``, and zero-shot figures on ``EVAL_N`` unseen images (``EVAL_SEED``) in its model card.
 
     python -m pipelines.clip.tiny [--root data/tiny-clip] [--steps 600]
-
-1. the synthetic set as webdataset shards (``synthetic.write_webdataset``, seed ``TRAIN_SEED``);
-2. ``clipcap train-clip`` on them (Ray Train, the ``tiny`` architecture from scratch, fixed seed);
-3. the weights, cast to fp16, -> ``clipcap_core/resources/tiny.safetensors`` (what ``--model tiny`` loads);
-4. zero-shot image->caption retrieval among all 432 synthetic captions on ``EVAL_N`` images of a seed the
-   training never saw (``EVAL_SEED``), with the per-attribute accuracy of the top-1 caption, written into the
-   model card ``clipcap_core/resources/tiny.md`` and ``tiny.eval.json``.
 """
 
 from __future__ import annotations

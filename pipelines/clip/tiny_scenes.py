@@ -3,21 +3,12 @@ tiny-scenes-gapped-clip``; <= 20 min each on 2 cores).
 
     python -m pipelines.clip.tiny_scenes --variant tiny-scenes|tiny-scenes-gapped [--root data/tiny-scenes] [--steps N]
 
-1. ``TRAIN_N`` scenes of the ``train`` split (no held-out colour-shape combination) as webdataset shards, each
-   image with one of its reference captions (``scenes.training_caption``: varied wording), in hard-negative twins
-   (``scenes.generate(twins=True)``: every other scene is one minimal edit of the one before, shape and relation
-   most often). Random scenes in a batch differ in colour, so a CLIP trained on them alone never needs shape or
-   relation; ``train.group_size=2`` keeps each twin pair in one batch, which makes it learn them;
-2. ``clipcap train-clip`` from scratch (Ray Train, fixed seeds, no key-hash held-out split: the figures come from
-   fresh scenes below): ``tiny-scenes`` learns its temperature as CLIP does; ``tiny-scenes-gapped`` keeps a fixed
-   low temperature (logit scale 100) from a cone-shaped init and trains briefly (the gap shrinks as training goes
-   on), which leaves a gap near a real CLIP's (Liang et al., "Mind the Gap", NeurIPS 2022);
-3. fp16 weights -> ``clipcap_core/resources/<variant>.safetensors`` (what ``--model <variant>`` loads);
-4. figures of the fp16 file on ``EVAL_N`` fresh images of the ``test`` split (unseen images) and of the
-   ``novel`` split (held-out combinations) into the model card ``<variant>.md`` and ``<variant>.eval.json``:
-   zero-shot image->caption top-1 among the canonical captions of those images, the share of images whose true
-   caption beats every minimal edit of one kind (count, size, colour, shape, relation, colours swapped between
-   the groups), and the modality gap.
+``TRAIN_N`` train-split scenes in hard-negative twins (one minimal edit apart) with varied reference captions;
+``train.group_size=2`` keeps each twin pair in one batch, so the CLIP must learn shape and relation, not colour
+alone. ``tiny-scenes`` learns its temperature; ``tiny-scenes-gapped`` keeps logit scale 100 from a cone-shaped
+init and trains briefly, which leaves a modality gap near a real CLIP's (Liang et al., NeurIPS 2022). The fp16
+weights go to ``<variant>.safetensors``; zero-shot, minimal-edit and gap figures on fresh ``test`` and ``novel``
+scenes go to its model card and ``<variant>.eval.json``.
 """
 
 from __future__ import annotations

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
+import ray.train.torch
 import torch
 
 from clipcap_core.artifacts import load_model, save_model
@@ -20,7 +21,7 @@ from clipcap_core.training import TrainConfig, make_optimizer_and_scheduler, mak
 from pipelines import exitcodes
 from pipelines.exitcodes import JobFailed
 from pipelines.io import storage, tables
-from pipelines.train.checkpoints import stream_start
+from pipelines.train.checkpoints import epoch_order, stream_plan
 from pipelines.train.runner import fit_workers
 from pipelines.train.setup import (
     BatchTokenizer,
@@ -55,8 +56,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class TrainJobConfig:
-    """The ``clipcap train`` config: each field is a flag (``pipelines.commands.flags``); ``CLI_FLAGS`` names the
-    renamed flags and the fields set by ``--config`` / ``--set`` only (None)."""
+    """The ``clipcap train`` config: each field is a flag; ``CLI_FLAGS`` renames or hides (None) a few."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {
         "tables": "--input", "model_overrides": None, "replay_tables": None, "replay_fraction": None,
@@ -99,6 +99,14 @@ class TrainJobConfig:
     def split(self, part: str = "train", **kw: Any) -> tables.Split:
         return tables.Split(part=part, heldout_fraction=self.heldout_fraction, salt=self.split_salt, **kw)
 
+    def splits(self, files: Sequence[str], replay: Sequence[str]) -> dict[str, tables.Split]:
+        """The train split of each new table file and a seeded sample of each replayed one."""
+        out = {f: self.split() for f in files}
+        if replay and self.replay_fraction > 0:
+            sample = self.split(sample_fraction=self.replay_fraction, sample_seed=self.replay_seed)
+            out.update({f: sample for f in replay})
+        return out
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainPlan(StepPlan):
@@ -137,11 +145,7 @@ def plan_and_audit(cfg: TrainJobConfig) -> tuple[TrainPlan, tables.Audit]:
     overrides = model_overrides(cfg.decoder, cfg.model, cfg.model_overrides)
     model_cfg = resolve_model_config(cfg.model, overrides, info)  # raises on a D mismatch
     check_plan(cfg.decoder, cfg.decap, info, model_cfg)
-    splits = {f: cfg.split() for f in files}
-    if replay and cfg.replay_fraction > 0:
-        replay_split = cfg.split(sample_fraction=cfg.replay_fraction, sample_seed=cfg.replay_seed)
-        splits.update({f: replay_split for f in replay})
-    audit = tables.audit_tables(files + replay, column=cfg.embedding_column, splits=splits)
+    audit = tables.audit_tables(files + replay, column=cfg.embedding_column, splits=cfg.splits(files, replay))
     check_audit(audit, strict=cfg.strict)
     n_train = audit.kept  # one pass over the tables checks every row and counts the training rows
     W = cfg.scale.num_workers
@@ -152,14 +156,9 @@ def plan_and_audit(cfg: TrainJobConfig) -> tuple[TrainPlan, tables.Audit]:
         return math.ceil(((hp.epochs - first_epoch) * n_train // W) / hp.batch_size)  # equal=True floors
 
     hp = cfg.train.for_run(recipe_for(cfg.model), lambda c: stream_steps(c, 0))
-    # One stream holds every remaining epoch, so the data pipeline never stops and restarts between epochs.
-    # It ends exactly at total_steps; a resumed run streams from the earliest epoch a stored checkpoint is in.
-    total, E = stream_steps(hp, 0), hp.epochs
-    start, first_step = stream_start(cfg.run_dir, E, lambda e: stream_steps(hp, e))
     return TrainPlan(files=tuple(files), replay=tuple(replay), dim=info.dim, model_config=model_cfg, train=hp,
-                     repeats=audit.repeats, input_errors=audit.counts(),
-                     n_train=n_train, total_steps=total, epoch_ends=tuple(round(e * total / E) for e in range(1, E)),
-                     stream_start_epoch=start, stream_first_step=first_step), audit
+                     repeats=audit.repeats, input_errors=audit.counts(), n_train=n_train,
+                     **stream_plan(cfg.run_dir, hp.epochs, lambda e: stream_steps(hp, e))), audit
 
 
 def check_audit(audit: tables.Audit, *, strict: bool) -> None:
@@ -187,26 +186,17 @@ def schedule_warning(hp: TrainConfig, total_steps: int) -> str | None:
 
 
 def _datasets(cfg: TrainJobConfig, plan: TrainPlan) -> dict[str, Any]:
-    """The training stream: every remaining epoch of the new tables' train split (+ a seeded replay sample of
-    older tables), file order reshuffled per epoch (seeded), tokenised in the pipeline."""
+    """The training stream: every remaining epoch of the train split (+ replay sample), tokenised in the pipeline."""
     tokenize = BatchTokenizer(load_tokenizer_for(cfg.model, plan.model_config), cfg.train.max_caption_tokens)
-    parts = [(f, cfg.split()) for f in plan.files]
-    if plan.replay and cfg.replay_fraction > 0:
-        replay = cfg.split(sample_fraction=cfg.replay_fraction, sample_seed=cfg.replay_seed)
-        parts += [(f, replay) for f in plan.replay]
-    stream = []
-    for epoch in range(plan.stream_start_epoch, cfg.train.epochs):
-        order = list(parts)
-        random.Random(cfg.train.seed * 1000 + epoch).shuffle(order)
-        stream += order
+    parts = list(cfg.splits(plan.files, plan.replay).items())
+    stream = [part for part, _ in epoch_order(parts, cfg.train.seed, plan.stream_start_epoch, cfg.train.epochs)]
     return {"train": tables.stream_tables(stream or parts, tokenize, cfg.train.max_caption_tokens,
                                           column=cfg.embedding_column, repeats=plan.repeats)}
 
 
 def stream_spec(cfg: TrainJobConfig, plan: TrainPlan) -> StreamSpec | None:
-    """How each worker reads the stream: ``READ_ROWS`` rows per Ray batch (a whole number of the step's batches,
-    cut by ``steps.split_batches``), prefetch counted in rows as ``run.prefetch_batches`` steps; ``None`` when
-    every epoch is done (a finished run restarted)."""
+    """How each worker reads the stream: ``READ_ROWS`` rows per Ray batch (whole steps), prefetch as
+    ``run.prefetch_batches`` steps; ``None`` when every epoch is done."""
     hp = cfg.train
     if plan.stream_start_epoch >= hp.epochs:
         return None
@@ -253,10 +243,8 @@ class ClipCapRun(WorkerRun):
     may_miss = "lm."  # a frozen LM is not in checkpoints: it is rebuilt from its source
 
     def __init__(self, job: TrainJobConfig, plan: TrainPlan, board: Any = None):
-        hp = job.train
-        super().__init__(plan, job.run, epochs=hp.epochs, batch_size=hp.batch_size,
-                         torch_threads=job.scale.torch_threads, fault=job.fault, board=board)
-        self.job, self.hp = job, hp
+        super().__init__(job, plan, board)
+        hp = self.hp
         self.model, self.tokenizer = build_or_load_model(job.model, plan.model_config, seed=hp.seed,
                                                          device=self.device)
         self.optimizer, self.scheduler = make_optimizer_and_scheduler(self.model, hp, plan.total_steps)
@@ -282,10 +270,7 @@ class ClipCapRun(WorkerRun):
 
 
 def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
-    """What each Ray Train worker runs (config: ``{"job": TrainJobConfig, "plan": TrainPlan, "progress": Board}``,
-    job and plan as ``configs.to_dict``)."""
-    import ray.train.torch
-
+    """What each Ray Train worker runs (config from ``runner.fit_workers``)."""
     job, plan = from_dict(TrainJobConfig, config["job"]), from_dict(TrainPlan, config["plan"])
     hp = job.train
     spec = stream_spec(job, plan)

@@ -1,5 +1,4 @@
-"""What a training driver and its Ray Train workers share (``clipcap train`` and ``train-clip``): the typed
-configs, plans and run state sent to the workers and stored in checkpoints.
+"""The typed configs, plans and run state a training driver sends its Ray Train workers (``train``, ``train-clip``).
 """
 
 from __future__ import annotations
@@ -12,8 +11,7 @@ from clipcap_core.configs import from_dict
 
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
-    """How the job runs (the hyperparameters are ``TrainConfig`` / ``ClipTrainConfig``). ``CLI_FLAGS``: the fields
-    that are not flags of the training commands (``pipelines.commands.flags``)."""
+    """How the job runs (the hyperparameters are ``TrainConfig`` / ``ClipTrainConfig``)."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {
         "keep_checkpoints": None, "eval_max_samples": None, "eval_every": None, "prefetch_batches": None,
@@ -27,8 +25,7 @@ class RunOptions:
     eval_every: int = 1  # epochs between held-out evaluations (the last epoch is always evaluated)
     prefetch_batches: int = 4
     shuffle_buffer: int = 0  # rows; 0: stream order (files are reshuffled every epoch)
-    # How often Ray Train's controller polls the workers (Ray's default: 2 s). A report waits for the poll that
-    # takes the previous one, so with 2 s every report costs up to 2 s, and a crash loses reports not yet taken.
+    # Ray Train's controller poll (its default 2 s): each report waits for it, and a crash loses those not taken
     poll_interval_s: float = 0.25
 
     def __post_init__(self) -> None:
@@ -39,9 +36,7 @@ class RunOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class ScaleConfig:
-    """Ray Train workers and what each reserves and runs. ``None`` / 0 = sized from the cluster when the job
-    starts (``runner.size_workers``); an explicit value wins. ``CLI_FLAGS``: the flags of the training commands
-    named otherwise (``pipelines.commands.flags``)."""
+    """Ray Train workers and what each reserves and runs; ``None`` / 0: sized from the cluster (``size_workers``)."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"num_workers": "--workers", "use_gpu": "--gpu",
                                                   "gpus_per_worker": None}
