@@ -38,17 +38,11 @@ SWEEP = "pipelines.train.sweep:SweepConfig"
 TRAIN = "pipelines.train.job:TrainJobConfig"
 TRAIN_CLIP = "pipelines.clip.job:ClipTrainJobConfig"
 PROJECTION = "clipcap_core.decap:ProjectionConfig"  # the DeCap projection flags, as `clipcap caption` has them
-CAPTION_IMAGES = "pipelines.cli:CaptionImagesArgs"
-DEMO = "pipelines.cli:DemoArgs"
-IMPORT_REFERENCE = "pipelines.cli:ImportReferenceArgs"
-PRESET = "pipelines.cli:PresetOverrides"
-SEARCH = "pipelines.cli:SearchArgs"
 
 RAY_ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS or a local instance)"
 # embed / embed-text look for a running local head before they start one (runtime.ensure_ray)
 RAY_ADDRESS_HEAD_HELP = "Ray cluster address (default: RAY_ADDRESS, a running local head, else a new local instance)"
 SHOW_ALL_UP_TO = 20  # without --show, a caption run of at most this many images prints every caption
-REFUSED_EXIT = 3  # nightly: the candidate was refused
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,7 +176,7 @@ class Command:
 
     run: Callable[[argparse.Namespace], int]
     help: str
-    config: str = ""
+    config: str | type = ""
     example: str = ""
     ray: str = ""
     more: Callable[[argparse.ArgumentParser], None] | None = None
@@ -192,7 +186,7 @@ class Command:
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         if self.example:
-            flags.add_config_arguments(p, self.config.rpartition(":")[2], self.example)
+            flags.add_config_arguments(p, flags.config_class(self.config).__name__, self.example)
         if self.config:
             flags.add(p, self.config, required=self.standalone, defaults=self.standalone)
         if self.more:
@@ -306,7 +300,6 @@ def download(args: argparse.Namespace) -> int:
 
         clipcap download --input cc3m/Train_GCC-training.tsv --output s3://bucket/cc3m/raw \\
             --processes 16 --threads 64 --image-size 256
-        clipcap download --config download.yaml          # YAML/JSON with DownloadConfig fields; flags win
 
     A headerless TSV (CC3M) is detected from its first row (or ``--no-header --columns caption,url``).
     """
@@ -322,7 +315,6 @@ def embed(args: argparse.Namespace) -> int:
 
         clipcap embed --input s3://bucket/cc3m/raw --output s3://bucket/clipcap --dataset cc3m \\
             --clip ViT-B-32 --clip-pretrained openai --num-actors 4 --gpus-per-actor 1 --batch-size 256
-        clipcap embed --config embed.yaml                # YAML/JSON with EmbedConfig fields; flags win
 
     Output: ``<output>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet``; a rerun skips finished shards.
     """
@@ -339,8 +331,7 @@ def embed_text(args: argparse.Namespace) -> int:
 
         clipcap embed-text --input s3://bucket/corpus/captions.txt --output s3://bucket/clipcap --dataset corpus \\
             --clip ViT-B-32 --clip-pretrained openai --num-actors 2 --gpus-per-actor 1
-        clipcap embed-text --input data/raw/synthetic --output data --dataset synthetic    # img2dataset shards
-        clipcap embed-text --input captions.csv --caption-col text --key-col id ...        # csv/tsv/jsonl/parquet
+        clipcap embed-text --input captions.csv --caption-col text --key-col id ...    # or img2dataset shards
 
     Output: ``<output>/text-embeddings/<dataset>/<clip-tag>/part-<id>.parquet``, input of
     ``clipcap train --decoder decap`` (a text-only captioner).
@@ -356,7 +347,6 @@ def demo(args: argparse.Namespace) -> int:
     """``clipcap demo``: the embedded default end to end (synthetic data, tiny preset, output under ./data).
 
         clipcap demo                      # what `make demo` runs
-        clipcap demo --samples 64 --output /tmp/clipcap-demo
         clipcap demo --decap              # + a text-only (DeCap) model trained on the captions alone
         clipcap demo --world scenes       # two groups and a relation, six references per image, the tiny-scenes CLIP
     """
@@ -401,13 +391,10 @@ def caption_images(args: argparse.Namespace) -> int:
 
 
 def import_reference(args: argparse.Namespace) -> int:
-    """``clipcap import-reference``: convert a released ClipCap or DeCap checkpoint (authors' layout) into a model
-    artifact.
+    """``clipcap import-reference``: convert a released ClipCap or DeCap checkpoint into a model artifact.
 
         clipcap import-reference coco_weights.pt --output s3://bucket/models/coco-mlp \\
             --mapping mlp --prefix-length 10 --clip-dim 512 --lm gpt2
-        clipcap import-reference transformer_weights.pt --output ./coco-transformer --mapping transformer \\
-            --prefix-length 40 --clip-length 40 --num-layers 8 --clip-dim 640 --normalize-prefix --lm ./gpt2-config
         clipcap import-reference --decap coco_prefix-009.pt --output ./decap-coco --memory s3://b/text-embeddings/coco
 
     Read with ``torch.load(weights_only=True)`` (no pickled code runs). ``gpt.*`` weights are used when present
@@ -462,7 +449,7 @@ def _import_clipcap(args: argparse.Namespace, encoder: object) -> int:
 
 def train_config(args: argparse.Namespace) -> Any:
     """The TrainJobConfig of ``--config`` < flags (``--mapping`` ... into ``model_overrides``) < ``--set``."""
-    overrides = {f"{section}.{name}": getattr(args, dest) for dest, (section, name) in flags.fields(PRESET).items()
+    overrides = {f"{section}.{name}": getattr(args, dest) for dest, (section, name) in flags.fields(PresetOverrides).items()
                  if getattr(args, dest, None) is not None}
     return flags.from_args(args, TRAIN, extra={"model_overrides": overrides} if overrides else None)
 
@@ -472,9 +459,8 @@ def train(args: argparse.Namespace) -> int:
 
         clipcap train --input s3://b/embeddings/cc3m/ViT-B-32-openai --output s3://b/runs --name cc3m-mlp \\
             --model clipcap-mlp --workers 4 --gpu --epochs 10
-        clipcap train --config train.yaml --set train.lr=1e-4 --set run.checkpoint_every=200
         clipcap train --decoder decap --input s3://b/text-embeddings/corpus/ViT-B-32-openai --output s3://b/runs \\
-            --name corpus-decap --noise-std 0.1 --memory-size 50000      # text only (DeCap); see pipelines.train.setup
+            --name corpus-decap --noise-std 0.1 --memory-size 50000      # text only (DeCap)
 
     Re-running with the same ``--output`` and ``--name`` resumes.
     """
@@ -514,7 +500,7 @@ def nightly(args: argparse.Namespace) -> int:
                       "candidate_metrics": result.candidate_metrics,
                       "production_metrics": result.production_metrics, "production": result.pointer},
                      indent=2, default=str))
-    return REFUSED_EXIT if result.decision == "refused" else 0
+    return exitcodes.REFUSED if result.decision == "refused" else 0
 
 
 def _status_flag(p: argparse.ArgumentParser) -> None:
@@ -526,7 +512,6 @@ def sweep(args: argparse.Namespace) -> int:
 
         clipcap sweep --input s3://b/embeddings/coco/ViT-B-32-openai --output s3://b/sweeps \\
             --prefix-lengths 1 10 20 --mappings mlp transformer --epochs 5
-        clipcap sweep --config sweep.yaml --set presets.mlp=clipcap-mlp --set presets.transformer=clipcap-transformer
 
     The table lands in ``<output>/<name>/results.{csv,json,md}``.
     """
@@ -551,8 +536,6 @@ def study(args: argparse.Namespace) -> int:
 
         clipcap study prefix --input data/embeddings/scenes/tiny-scenes --output studies \\
             --set model_overrides.tokenizer=word-scenes
-        clipcap study prefix --input s3://b/embeddings/coco/ViT-B-32-openai --output s3://b/studies \\
-            --set presets.mlp=clipcap-mlp --set presets.transformer=clipcap-transformer --trial-gpus 1
         clipcap study decoding --input data/embeddings/scenes/tiny-scenes --model runs/scenes/model --output studies
 
     Output in ``<output>/<name>/``: ``table.md``, ``table.parquet`` and a plot.
@@ -598,7 +581,6 @@ def caption(args: argparse.Namespace) -> int:
     """``clipcap caption``: bulk-caption image archives into caption tables (``pipelines.caption.job``).
 
         clipcap caption --input s3://bucket/archives --output s3://bucket/captions/run1 --model s3://bucket/models/m1
-        clipcap caption --config caption.yaml --overwrite          # YAML/JSON with CaptionConfig fields; flags win
 
     Output: ``<output>/captions/part-*.parquet`` and ``<output>/_meta/`` (errors, run record, summary). A rerun
     resumes and retries the parts that could not be read (exit codes: ``clipcap --help``).
@@ -643,8 +625,7 @@ def train_clip(args: argparse.Namespace) -> int:
     """``clipcap train-clip``: contrastive CLIP training / fine-tuning on webdataset shards with Ray Train.
 
         clipcap train-clip --input s3://b/raw/mydomain --output s3://b/clip-runs --name vitb32-mydomain \\
-            --clip ViT-B-32 --clip-pretrained openai --lock-image --lr 1e-5 --epochs 3 --workers 8 --gpu \\
-            --precision bf16
+            --clip ViT-B-32 --clip-pretrained openai --lock-image --lr 1e-5 --epochs 3 --workers 8 --gpu
         clipcap train-clip --input data/raw/synthetic --output data/clip-runs --name tiny --clip tiny --from-scratch
 
     Re-running with the same ``--output`` and ``--name`` resumes. Prints the weights file (``--clip-pretrained``
@@ -667,6 +648,8 @@ def eval_clip(args: argparse.Namespace) -> int:
         clipcap eval-clip --clip tiny --shards data/raw/synthetic --part heldout
         clipcap eval-clip --clip ViT-B-32 --clip-pretrained s3://b/clip-runs/x/model/x.safetensors \\
             --shards s3://b/raw/val --classes classes.txt --templates templates.txt --output eval.json
+
+    Prints a table; ``--output`` also writes the JSON report.
     """
     from pipelines.clip.evaluate import evaluate_clip, format_report
     from pipelines.io import storage
@@ -677,10 +660,6 @@ def eval_clip(args: argparse.Namespace) -> int:
         storage.write_json(report, args.output)
         print(f"report: {args.output}")
     return 0
-
-
-def _eval_clip_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", help="write the JSON report here (any URI)")
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -743,7 +722,6 @@ def search(args: argparse.Namespace) -> int:
 
         clipcap search --index data/index/synthetic --text "two small red circles at the top" -k 10
         clipcap search --index s3://b/clipcap/index/cc3m --image photo.jpg --output hits.parquet
-        clipcap search --index data/index/synthetic --key 000000123
 
     Text and images are encoded by the CLIP that made the table; a key queries with that row's own vector.
     """
@@ -774,15 +752,15 @@ COMMANDS = {
                      "resources.batch_size=128", RAY_ADDRESS_HEAD_HELP, stop_on_signals=True),
     "embed-text": Command(embed_text, "embed a caption corpus with the CLIP text tower into Parquet", EMBED_TEXT,
                           "resources.batch_size=256", RAY_ADDRESS_HEAD_HELP, stop_on_signals=True),
-    "demo": Command(demo, "run the embedded default end to end (tiny preset, ./data)", DEMO,
+    "demo": Command(demo, "run the embedded default end to end (tiny preset, ./data)", DemoArgs,
                     ray="default: RAY_ADDRESS if set, else a private local Ray instance", standalone=True),
-    "caption-images": Command(caption_images, "caption images with a model and print the captions", CAPTION_IMAGES,
+    "caption-images": Command(caption_images, "caption images with a model and print the captions", CaptionImagesArgs,
                               more=functools.partial(flags.add, ref=PROJECTION, title="DeCap projection"),
                               standalone=True, job_log=False),
     "import-reference": Command(import_reference, "convert a released ClipCap or DeCap checkpoint into an artifact",
-                                IMPORT_REFERENCE, standalone=True, job_log=False),
+                                ImportReferenceArgs, standalone=True, job_log=False),
     "train": Command(train, "train a ClipCap model on embedding tables (Ray Train)", TRAIN, "train.lr=1e-4",
-                     RAY_ADDRESS_HELP, functools.partial(flags.add, ref=PRESET,
+                     RAY_ADDRESS_HELP, functools.partial(flags.add, ref=PresetOverrides,
                                                          title="preset overrides (model_overrides)")),
     "nightly": Command(nightly, "nightly retraining on fresh embedding shards + guarded promotion", NIGHTLY,
                        "train.lr=1e-4", RAY_ADDRESS_HELP, _status_flag),
@@ -794,14 +772,13 @@ COMMANDS = {
                        RAY_ADDRESS_HELP, _show_flag, stop_on_signals=True),
     "train-clip": Command(train_clip, "train or fine-tune CLIP contrastively (Ray Train)", TRAIN_CLIP,
                           "train.beta2=0.95", RAY_ADDRESS_HELP),
-    "eval-clip": Command(eval_clip, "retrieval and zero-shot evaluation of a CLIP model", EVAL_CLIP,
-                         more=_eval_clip_flags, job_log=False),
+    "eval-clip": Command(eval_clip, "retrieval and zero-shot evaluation of a CLIP model", EVAL_CLIP, job_log=False),
     "evaluate": Command(evaluate, "COCO metrics + CLIPScore of captions against references", more=_evaluate_flags,
                         job_log=False),
     "report": Command(report, "write a self-contained HTML report of a captioning run", REPORT, job_log=False),
     "index": Command(index, "build a nearest-neighbour index (faiss) over an embedding table", INDEX, "kind=hnsw",
                      RAY_ADDRESS_HELP),
-    "search": Command(search, "query a nearest-neighbour index by text, image or key", SEARCH, standalone=True,
+    "search": Command(search, "query a nearest-neighbour index by text, image or key", SearchArgs, standalone=True,
                       job_log=False),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 import posixpath
 import random
@@ -162,15 +163,9 @@ def load_pairs(shards: Sequence[str], prep: PairPrep, max_rows: int = 0
                ) -> tuple[np.ndarray, Any, list[str]]:
     """In-process: (pixels (N, S, S, 3) uint8, tokens (N, T) int64, captions) of ``prep.split`` (0 rows: all)."""
     resizer = prep.resizer()
-    pix, caps = [], []
-    for shard in shards:
-        for _key, pixels, caption in iter_shard_pairs(shard, prep, 0, resizer):
-            pix.append(pixels)
-            caps.append(caption)
-            if max_rows and len(pix) >= max_rows:
-                break
-        if max_rows and len(pix) >= max_rows:
-            break
-    if not pix:
+    pairs = itertools.chain.from_iterable(iter_shard_pairs(shard, prep, 0, resizer) for shard in shards)
+    rows = list(itertools.islice(pairs, max_rows or None))
+    if not rows:
         return np.zeros((0, prep.size, prep.size, 3), np.uint8), _tokenizer(prep.model_name)([]), []
-    return np.stack(pix), _tokenizer(prep.model_name)(caps), caps
+    captions = [caption for *_, caption in rows]
+    return np.stack([pixels for _, pixels, _ in rows]), _tokenizer(prep.model_name)(captions), captions

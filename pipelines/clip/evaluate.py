@@ -34,6 +34,7 @@ class EvalClipConfig:
     templates: str | None = None  # file with one prompt template per line, each with {} (default: {})
     batch_size: int = 256
     device: str = "cpu"  # torch device (cpu, cuda, cuda:1)
+    output: str | None = None  # write the JSON report here (any URI)
 
     def __post_init__(self) -> None:
         if bool(self.shards) == bool(self.tables):

@@ -16,11 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+from safetensors.torch import load_file, save_file
 
 from clipcap_core import synthetic
 from clipcap_core.clip_eval import l2n
-from clipcap_core.encoders import EncoderConfig
+from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
+from clipcap_core.encoders import EncoderConfig, load_encoder
 from pipelines.clip.evaluate import encode_texts, synthetic_attributes
+from pipelines.clip.job import ClipTrainJobConfig, model_card, run_clip_training
 from pipelines.train.state import RunOptions, ScaleConfig
 
 RESOURCES = Path(__file__).resolve().parents[2] / "clipcap_core" / "resources"
@@ -48,14 +52,6 @@ def zero_shot_captions(encoder: Any, image_emb: np.ndarray, truth: list[str]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s, ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
-    import ray
-    from safetensors.torch import load_file, save_file
-
-    from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
-    from clipcap_core.encoders import load_encoder
-    from pipelines.clip.job import ClipTrainJobConfig, model_card, run_clip_training
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="data/tiny-clip", help="work folder (shards, run)")
     ap.add_argument("--steps", type=int, default=600, help="training steps of batch 256")

@@ -177,14 +177,6 @@ def describe_recipe(model: str, hp: TrainConfig, total_steps: int) -> str:
             f"label smoothing {hp.label_smoothing or 0:g}, {hp.precision}")
 
 
-def schedule_warning(hp: TrainConfig, total_steps: int) -> str | None:
-    """A warm-up as long as the run never reaches the peak learning rate: said, not run silently."""
-    if hp.warmup_steps >= total_steps:
-        return (f"warm-up of {hp.warmup_steps} steps is not shorter than the run ({total_steps} steps): the learning "
-                f"rate never reaches its peak {hp.lr:g}; set --warmup-steps or --warmup-fraction lower")
-    return None
-
-
 def _datasets(cfg: TrainJobConfig, plan: TrainPlan) -> dict[str, Any]:
     """The training stream: every remaining epoch of the train split (+ replay sample), tokenised in the pipeline."""
     tokenize = BatchTokenizer(load_tokenizer_for(cfg.model, plan.model_config), cfg.train.max_caption_tokens)
@@ -206,23 +198,21 @@ def stream_spec(cfg: TrainJobConfig, plan: TrainPlan) -> StreamSpec | None:
                       dtypes={"embedding": "float32", "tokens": "int64", "mask": "float32"})
 
 
-def input_errors_uri(cfg: TrainJobConfig) -> str:
-    return storage.join(cfg.run_dir, "input_errors.parquet")
-
-
 def run_training(cfg: TrainJobConfig) -> TrainJobResult:
     """Train (or resume) run ``cfg.name`` under ``cfg.output``; returns the artifact URI and the history."""
     plan, audit = plan_and_audit(cfg)
     cfg = dataclasses.replace(cfg, train=plan.train)
     storage.check_writable(cfg.output)
-    log.info(describe_recipe(cfg.model, plan.train, plan.total_steps))
-    warning = schedule_warning(plan.train, plan.total_steps)
-    if warning:
-        log.warning(warning)
+    hp = plan.train
+    log.info(describe_recipe(cfg.model, hp, plan.total_steps))
+    if hp.warmup_steps >= plan.total_steps:  # the peak learning rate is never reached: said, not run silently
+        log.warning(f"warm-up of {hp.warmup_steps} steps is not shorter than the run ({plan.total_steps} steps): the "
+                    f"learning rate never reaches its peak {hp.lr:g}; set --warmup-steps or --warmup-fraction lower")
     if plan.input_errors:
+        errors_uri = storage.join(cfg.run_dir, "input_errors.parquet")
         log.warning("train %s: dropped %s row(s) that cannot train (%s); listed in %s", cfg.name,
-                    sum(plan.input_errors.values()), plan.input_errors, input_errors_uri(cfg))
-        storage.atomic_write_table(audit.errors, input_errors_uri(cfg))
+                    sum(plan.input_errors.values()), plan.input_errors, errors_uri)
+        storage.atomic_write_table(audit.errors, errors_uri)
     log.info("train %s: %d rows (D=%d), %d worker(s), %d epochs = %d steps (streaming from epoch %d)", cfg.name,
              plan.n_train, plan.dim, cfg.scale.num_workers, cfg.train.epochs, plan.total_steps,
              plan.stream_start_epoch + 1)
