@@ -1,12 +1,10 @@
 """The one config layer of every command: a command's flags generated from its config dataclass (adding an option
-is adding a field), and a YAML / JSON ``--config`` file < flags < ``--set KEY=VALUE`` into that dataclass
-(``clipcap_core.configs.from_dict``: unknown keys and wrong types fail, naming the key).
+is adding a field), and a YAML / JSON ``--config`` file < flags < ``--set KEY=VALUE`` into that dataclass.
 
-Field ``beam_size`` is ``--beam-size``; a section's fields go in an argument group named after the section. The
-type gives parsing (``Literal`` -> choices, ``tuple`` -> several values, ``bool`` -> a switch); the help is the
-field's docstring, ``metadata["help"]`` or its end-of-line comment. ``ClassVar`` ``CLI_FLAGS`` renames a flag
-(``-k/--top-k``: two spellings; no dashes: a positional argument) or hides a field (None), ``CLI_COMMA`` names
-comma-separated tuples.
+Field ``beam_size`` is ``--beam-size``, in an argument group per section; ``Literal`` gives choices, ``tuple``
+several values, ``bool`` a switch; the help is the field's docstring, ``metadata["help"]`` or end-of-line comment.
+``ClassVar`` ``CLI_FLAGS`` renames a flag (``-k/--top-k``; no dashes: positional) or hides a field (None);
+``CLI_COMMA`` names comma-separated tuples.
 """
 
 from __future__ import annotations
@@ -52,12 +50,11 @@ class Flag:
 
 
 def comma_list(text: str) -> list[str]:
-    """``a, b,c`` -> ``["a", "b", "c"]`` (the type of a ``CLI_COMMA`` field's flag)."""
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def config_class(ref: str | type) -> type:
-    """The class of a ``module:Class`` reference (imported when its command's parser is built)."""
+    """The class of a ``module:Class`` reference."""
     if isinstance(ref, type):
         return ref
     module, _, name = ref.partition(":")
@@ -97,7 +94,7 @@ def _type(tp: Any) -> dict[str, Any]:
 
 
 def _walk(cls: type, prefix: str, names: dict[str, str | None], comma: set[str], instance: Any) -> list[Flag]:
-    """The flags of ``cls``'s leaf fields (sections flattened); ``instance``: a section's default instance."""
+    """The flags of ``cls``'s leaf fields; ``instance``: a section's default instance."""
     names = {**{prefix + k: v for k, v in getattr(cls, "CLI_FLAGS", {}).items()}, **names}
     comma = comma | {prefix + k for k in getattr(cls, "CLI_COMMA", ())}
     hints, docs, out = typing.get_type_hints(cls), _field_help(cls), []
@@ -158,10 +155,9 @@ def _help(fl: Flag) -> str:
 
 def add(p: argparse.ArgumentParser, ref: str | type, *, skip: tuple[str, ...] = (), title: str | None = None,
         required: bool = False, defaults: bool = False) -> None:
-    """One argument per flag of ``ref`` (but the dests in ``skip``); a section's flags in its argument group, or
-    every flag in one group ``title``. ``required``: a field without a default is a required flag (no
-    ``--config`` can give it); ``defaults``: a flag's default is its field's (else None: an absent flag keeps
-    the config file's value)."""
+    """One argument per flag of ``ref`` (but ``skip``), by section or all in group ``title``. ``required``: a field
+    without a default is a required flag; ``defaults``: flags default to the fields' (else None: an absent flag
+    keeps the config file's value)."""
     groups: dict[str, Any] = {"": p.add_argument_group(title) if title else p}
     for fl in flags(ref):
         if fl.dest in skip:
@@ -191,7 +187,7 @@ def add(p: argparse.ArgumentParser, ref: str | type, *, skip: tuple[str, ...] = 
 
 # --- --config, flags and --set into the config ----------------------------------------------------------------
 def load_file(path: str | None) -> dict[str, Any]:
-    """A YAML (``.yaml`` / ``.yml``, ``safe_load``) or JSON config file as a dict; ``{}`` without a path."""
+    """A YAML (``safe_load``) or JSON config file as a dict; ``{}`` without a path."""
     if not path:
         return {}
     p, kind = Path(path), "YAML" if path.endswith((".yaml", ".yml")) else "JSON"
@@ -261,8 +257,7 @@ def from_args(args: argparse.Namespace, ref: str | type, *, extra: Mapping[str, 
 
 
 def build(cls: type, data: Mapping[str, Any], flag_fields: Fields | None = None) -> Any:
-    """``from_dict`` with every failure a ConfigError (one line, exit code 2, before any work); a missing
-    required top-level field is named by its flag in ``flag_fields``."""
+    """``from_dict`` with every failure a ConfigError, a missing required field named by its flag."""
     flag_of = {name: dest for dest, (section, name) in (flag_fields or {}).items() if not section}
     for f in dataclasses.fields(cls):
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
