@@ -1,9 +1,6 @@
-"""The ``clipcap`` console script: one sub-command per stage; ``python -m pipelines.cli CMD ...`` is the same
-command for ``ray job submit``.
-
-A sub-command is a ``run(args) -> exit code`` function (its docstring is its ``--help``) and a ``Command`` entry in
-``COMMANDS``: the config dataclass whose fields are its flags (``pipelines.commands.flags``), whether it takes
-``--config`` / ``--set`` and ``--ray-address``, and its few flags that are no config field.
+"""The ``clipcap`` console script (``python -m pipelines.cli CMD ...`` under ``ray job submit``): a sub-command is
+a ``run(args) -> exit code`` function (its docstring is its ``--help``) and a ``Command`` in ``COMMANDS`` naming
+the config dataclass whose fields are its flags (``pipelines.commands.flags``).
 """
 
 from __future__ import annotations
@@ -21,10 +18,11 @@ from typing import Any, ClassVar, Literal, NoReturn
 
 from pipelines import exitcodes, stopping
 from pipelines.commands import flags
+from pipelines.console import job_log, terminal
 from pipelines.exitcodes import JobFailed
 from pipelines.io.urlsafety import setup_logging
 
-# the configs whose fields are the commands' flags, read from their source (importing them imports torch)
+# the configs whose fields are the commands' flags, imported when that command's parser is built
 CAPTION = "pipelines.caption.job:CaptionConfig"
 DOWNLOAD = "pipelines.download.job:DownloadConfig"
 EMBED = "pipelines.embed.job:EmbedConfig"
@@ -40,17 +38,11 @@ SWEEP = "pipelines.train.sweep:SweepConfig"
 TRAIN = "pipelines.train.job:TrainJobConfig"
 TRAIN_CLIP = "pipelines.clip.job:ClipTrainJobConfig"
 PROJECTION = "clipcap_core.decap:ProjectionConfig"  # the DeCap projection flags, as `clipcap caption` has them
-CAPTION_IMAGES = "pipelines.cli:CaptionImagesArgs"
-DEMO = "pipelines.cli:DemoArgs"
-IMPORT_REFERENCE = "pipelines.cli:ImportReferenceArgs"
-PRESET = "pipelines.cli:PresetOverrides"
-SEARCH = "pipelines.cli:SearchArgs"
 
 RAY_ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS or a local instance)"
 # embed / embed-text look for a running local head before they start one (runtime.ensure_ray)
 RAY_ADDRESS_HEAD_HELP = "Ray cluster address (default: RAY_ADDRESS, a running local head, else a new local instance)"
 SHOW_ALL_UP_TO = 20  # without --show, a caption run of at most this many images prints every caption
-REFUSED_EXIT = 3  # nightly: the candidate was refused
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,8 +134,7 @@ class PresetOverrides:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse without abbreviated flags (``--out`` is not ``--output``), and an unknown flag answered with
-    the closest flags of the command it was given to."""
+    """argparse without abbreviated flags, and an unknown flag answered with the command's closest flags."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("allow_abbrev", False)
@@ -158,11 +149,9 @@ class Parser(argparse.ArgumentParser):
         return ns
 
     def error(self, message: str) -> NoReturn:
-        """One line naming the problem and where the flags are listed (not the whole usage)."""
         self.exit(2, f"{self.prog}: error: {message}\n{self.prog} --help lists every flag\n")
 
     def _chosen(self, ns: argparse.Namespace) -> argparse.ArgumentParser:
-        """The sub-command's parser when one was named (the flag was meant for it), else this one."""
         sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
         return sub.choices.get(getattr(ns, "command", None) or "", self) if sub else self
 
@@ -172,7 +161,6 @@ def _flags(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def unknown_message(extras: list[str], known: list[str]) -> str:
-    """``unrecognized arguments: --outptu (did you mean --output?)``."""
     hints = []
     for arg in extras:
         close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=2) if arg.startswith("--") else []
@@ -182,13 +170,13 @@ def unknown_message(extras: list[str], known: list[str]) -> str:
 
 @dataclass(frozen=True)
 class Command:
-    """A sub-command: ``run`` and the flags of ``config`` (``module:Class``); ``example`` (a ``--set`` example):
-    it takes ``--config`` / ``--set``; ``ray``: the help of its ``--ray-address``; ``more``: its other flags;
-    ``standalone``: a flag's default is its field's and a field without one is a required flag (no ``--config``)."""
+    """A sub-command: ``run`` and the flags of ``config``; with ``example`` (a ``--set`` example) it takes
+    ``--config`` / ``--set``; ``ray``: its ``--ray-address`` help; ``standalone``: no ``--config``, so flags
+    carry the field defaults and a field without one is a required flag."""
 
     run: Callable[[argparse.Namespace], int]
     help: str
-    config: str = ""
+    config: str | type = ""
     example: str = ""
     ray: str = ""
     more: Callable[[argparse.ArgumentParser], None] | None = None
@@ -198,7 +186,7 @@ class Command:
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         if self.example:
-            flags.add_config_arguments(p, self.config.rpartition(":")[2], self.example)
+            flags.add_config_arguments(p, flags.config_class(self.config).__name__, self.example)
         if self.config:
             flags.add(p, self.config, required=self.standalone, defaults=self.standalone)
         if self.more:
@@ -208,8 +196,7 @@ class Command:
 
 
 def build_parser(commands: list[str] | None = None, *, flags: bool = True) -> argparse.ArgumentParser:
-    """The parser of every command, or of ``commands`` only (the others' flags are not generated); ``flags=False``
-    registers the commands without their flags (``clipcap --help`` lists them without building each one)."""
+    """The parser of every command, or of ``commands`` only; ``flags=False``: the commands without their flags."""
     parser = Parser(prog="clipcap", description="CLIP-prefix image captioning at scale on Ray.",
                     epilog=exitcodes.help_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging of the project's modules "
@@ -227,7 +214,6 @@ def build_parser(commands: list[str] | None = None, *, flags: bool = True) -> ar
 
 
 def command_parser(command: str) -> argparse.ArgumentParser:
-    """The parser of one sub-command, flags included, as ``clipcap CMD`` builds it."""
     sub = next(a for a in build_parser([command])._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[command]
 
@@ -247,17 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.verbose or not args.job_log:
         return _run(args)
-    # lazy: pipelines.console imports tqdm, ~0.15-0.3 s (python -X importtime) that `clipcap CMD --help` skips
-    from pipelines import console
-
-    with console.job_log(args.command):  # Ray's own output to the log file; ours stays on the terminal
+    with job_log(args.command):  # Ray's own output to the log file; ours stays on the terminal
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
-    """The command under ``stopping.run``; a job-level failure becomes one line on the terminal and its code."""
-    from pipelines.console import terminal  # lazy: tqdm, see main
-
+    """The command under ``stopping.run``; a job-level failure is one line on the terminal and its exit code."""
     try:
         return stopping.run(lambda: int(args.func(args) or 0), f"clipcap {args.command}",
                             signals=args.stop_on_signals)
@@ -274,15 +255,14 @@ def _run(args: argparse.Namespace) -> int:
 
 # --- what the commands share ------------------------------------------------------------------------------------
 def require(args: argparse.Namespace, *dests: str) -> None:
-    """A ValueError naming the first missing flag of ``dests`` (``main`` prints it as one line, exit code 2)."""
+    """A ValueError naming the first missing flag of ``dests``."""
     for dest in dests:
         if getattr(args, dest, None) in (None, ""):
             raise ValueError(f"--{dest.replace('_', '-')} is required")
 
 
 def init_ray(address: str | None) -> None:
-    """Connect to an explicit ``--ray-address``. Without one, Ray starts when the job first needs it (after
-    inputs and model were checked): it connects to RAY_ADDRESS (``ray job submit``) or starts a local instance."""
+    """Connect to an explicit ``--ray-address``; without one Ray starts when the job first needs it."""
     from pipelines import runtime
 
     if address:
@@ -290,8 +270,7 @@ def init_ray(address: str | None) -> None:
 
 
 def print_result(text: str | None, data: Mapping[str, Any] | str) -> None:
-    """A stage's summary, once: on a terminal its one-line description (or the scalar fields, wrapped), else
-    the description then the summary as indented JSON (or JSON already rendered) for scripts."""
+    """A stage's summary: on a terminal one line (or the scalar fields, wrapped), else also the JSON for scripts."""
     if sys.stdout.isatty() and not isinstance(data, str):
         print(text if text is not None else brief(data))
         return
@@ -310,10 +289,7 @@ def brief(data: Mapping[str, Any], width: int = 100) -> str:
 
 
 def print_not_done(failed: Mapping[str, str], line: str) -> None:
-    """One line per unit not done on the operator's terminal, sorted by name; ``line`` is formatted with
-    ``name`` and ``why``."""
-    from pipelines.console import terminal
-
+    """One line per unit not done (``line`` formatted with ``name`` and ``why``) on the operator's terminal."""
     for name, why in sorted(failed.items()):
         print(line.format(name=name, why=why), file=terminal())
 
@@ -324,10 +300,8 @@ def download(args: argparse.Namespace) -> int:
 
         clipcap download --input cc3m/Train_GCC-training.tsv --output s3://bucket/cc3m/raw \\
             --processes 16 --threads 64 --image-size 256
-        clipcap download --config download.yaml          # YAML/JSON with DownloadConfig fields; flags win
 
-    A headerless TSV (CC3M) is detected from its first row; ``--no-header --columns caption,url`` says so
-    explicitly.
+    A headerless TSV (CC3M) is detected from its first row (or ``--no-header --columns caption,url``).
     """
     from pipelines.download.job import run_download, summary_json
 
@@ -341,10 +315,8 @@ def embed(args: argparse.Namespace) -> int:
 
         clipcap embed --input s3://bucket/cc3m/raw --output s3://bucket/clipcap --dataset cc3m \\
             --clip ViT-B-32 --clip-pretrained openai --num-actors 4 --gpus-per-actor 1 --batch-size 256
-        clipcap embed --config embed.yaml                # YAML/JSON with EmbedConfig fields; flags win
 
-    Output: ``<output>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet`` (errors table under
-    ``<output>/_meta/embeddings/...``); a rerun skips finished shards and retries shards that could not be read.
+    Output: ``<output>/embeddings/<dataset>/<clip-tag>/part-<shard>.parquet``; a rerun skips finished shards.
     """
     from pipelines.embed.job import run_embed
 
@@ -359,12 +331,10 @@ def embed_text(args: argparse.Namespace) -> int:
 
         clipcap embed-text --input s3://bucket/corpus/captions.txt --output s3://bucket/clipcap --dataset corpus \\
             --clip ViT-B-32 --clip-pretrained openai --num-actors 2 --gpus-per-actor 1
-        clipcap embed-text --input data/raw/synthetic --output data --dataset synthetic    # img2dataset shards
-        clipcap embed-text --input captions.csv --caption-col text --key-col id ...        # csv/tsv/jsonl/parquet
+        clipcap embed-text --input captions.csv --caption-col text --key-col id ...    # or img2dataset shards
 
-    Output: ``<output>/text-embeddings/<dataset>/<clip-tag>/part-<id>.parquet`` (key, caption, text_embedding)
-    + ``_errors/``; a rerun skips finished parts. Train a text-only (DeCap) captioner on it with
-    ``clipcap train --decoder decap --input <that folder>``.
+    Output: ``<output>/text-embeddings/<dataset>/<clip-tag>/part-<id>.parquet``, input of
+    ``clipcap train --decoder decap`` (a text-only captioner).
     """
     from pipelines.embed.text import run_embed_text
 
@@ -377,7 +347,6 @@ def demo(args: argparse.Namespace) -> int:
     """``clipcap demo``: the embedded default end to end (synthetic data, tiny preset, output under ./data).
 
         clipcap demo                      # what `make demo` runs
-        clipcap demo --samples 64 --output /tmp/clipcap-demo
         clipcap demo --decap              # + a text-only (DeCap) model trained on the captions alone
         clipcap demo --world scenes       # two groups and a relation, six references per image, the tiny-scenes CLIP
     """
@@ -398,9 +367,8 @@ def caption_images(args: argparse.Namespace) -> int:
         clipcap caption-images photo1.jpg photo2.png --model s3://bucket/models/coco
         clipcap caption-images img/*.jpg --model ./artifacts/tiny-synthetic --strategy beam --beam-size 5 -n 3
 
-    One line per image: ``<path>\\t<caption>`` (``n`` lines per image with ``-n``; ``--scores`` adds the mean
-    token log-prob). For archives and millions of images use ``clipcap caption`` (Ray). DeCap artifacts project
-    the image embedding onto their caption memory (``--projection``).
+    One line per image: ``<path>\\t<caption>`` (``n`` lines with ``-n``; ``--scores`` adds the mean token
+    log-prob). For archives and millions of images use ``clipcap caption`` (Ray).
     """
     from clipcap_core import artifacts
     from clipcap_core.captioner import Captioner, open_image
@@ -423,23 +391,16 @@ def caption_images(args: argparse.Namespace) -> int:
 
 
 def import_reference(args: argparse.Namespace) -> int:
-    """``clipcap import-reference``: convert a released ClipCap or DeCap checkpoint (authors' layout) into a model
-    artifact.
+    """``clipcap import-reference``: convert a released ClipCap or DeCap checkpoint into a model artifact.
 
         clipcap import-reference coco_weights.pt --output s3://bucket/models/coco-mlp \\
             --mapping mlp --prefix-length 10 --clip-dim 512 --lm gpt2
-        clipcap import-reference transformer_weights.pt --output ./coco-transformer --mapping transformer \\
-            --prefix-length 40 --clip-length 40 --num-layers 8 --clip-dim 640 --normalize-prefix --lm ./gpt2-config
         clipcap import-reference --decap coco_prefix-009.pt --output ./decap-coco --memory s3://b/text-embeddings/coco
 
-    The checkpoint is read with ``torch.load(weights_only=True)`` (no pickled code runs). Its ``gpt.*`` weights are
-    used when present (then ``--lm`` may be a directory holding only the LM config) and saved in the artifact
-    unless identical to ``--lm``'s weights. Decode like the authors with ``--stop-token .`` (their models never
-    learned end-of-text; ``--ignore-eos`` makes it exact even if one shows up) and ``--strategy reference-beam``.
-
-    ``--decap``: the DeCap authors' decoder (``clipcap_core.reference``): mapping, sizes, vocabulary (CLIP's
-    BPE) and D come from the checkpoint; ``--memory`` stores a text-embedding table as the memory image embeddings
-    are projected onto (or give one at caption time). Their greedy decoding is our default ``greedy``.
+    Read with ``torch.load(weights_only=True)`` (no pickled code runs). ``gpt.*`` weights are used when present
+    and saved unless identical to ``--lm``'s. Decode like the authors with ``--stop-token . --ignore-eos`` and
+    ``--strategy reference-beam``. ``--decap``: architecture and vocabulary come from the checkpoint; ``--memory``
+    stores the text-embedding table image embeddings are projected onto.
     """
     from clipcap_core.encoders import EncoderConfig
 
@@ -487,9 +448,8 @@ def _import_clipcap(args: argparse.Namespace, encoder: object) -> int:
 
 
 def train_config(args: argparse.Namespace) -> Any:
-    """A validated TrainJobConfig from ``--config``, flags (``--mapping`` ... into ``model_overrides``) and
-    ``--set``, in that order of precedence."""
-    overrides = {f"{section}.{name}": getattr(args, dest) for dest, (section, name) in flags.fields(PRESET).items()
+    """The TrainJobConfig of ``--config`` < flags (``--mapping`` ... into ``model_overrides``) < ``--set``."""
+    overrides = {f"{section}.{name}": getattr(args, dest) for dest, (section, name) in flags.fields(PresetOverrides).items()
                  if getattr(args, dest, None) is not None}
     return flags.from_args(args, TRAIN, extra={"model_overrides": overrides} if overrides else None)
 
@@ -499,12 +459,10 @@ def train(args: argparse.Namespace) -> int:
 
         clipcap train --input s3://b/embeddings/cc3m/ViT-B-32-openai --output s3://b/runs --name cc3m-mlp \\
             --model clipcap-mlp --workers 4 --gpu --epochs 10
-        clipcap train --config train.yaml --set train.lr=1e-4 --set run.checkpoint_every=200
         clipcap train --decoder decap --input s3://b/text-embeddings/corpus/ViT-B-32-openai --output s3://b/runs \\
-            --name corpus-decap --noise-std 0.1 --memory-size 50000      # text only (DeCap); see pipelines.train.setup
+            --name corpus-decap --noise-std 0.1 --memory-size 50000      # text only (DeCap)
 
-    ``--mapping``/``--prefix-length``/``--freeze-lm`` go into ``model_overrides``. Re-running with the same
-    ``--output`` and ``--name`` resumes.
+    Re-running with the same ``--output`` and ``--name`` resumes.
     """
     from pipelines.train.job import run_training
 
@@ -523,9 +481,8 @@ def nightly(args: argparse.Namespace) -> int:
             --initial-model s3://b/models/cc3m-mlp --workers 2 --gpu --metric cider --tolerance 0.02
         clipcap nightly --state s3://b/nightly/cc3m --status        # print the pointer and the decision history
 
-    Safe to run at any time: a no-op when no new shard arrived; the production pointer (``<state>/production.json``)
-    moves only when the candidate is not worse than production on the fixed held-out set. Exit code 0 for
-    promoted / no-op, 3 when the candidate was refused (so schedulers can alert on it).
+    A no-op when no new shard arrived; the production pointer (``<state>/production.json``) moves only when the
+    candidate is not worse on the fixed held-out set. Exit code 0: promoted / no-op, 3: refused.
     """
     from pipelines.train import nightly as job
 
@@ -543,7 +500,7 @@ def nightly(args: argparse.Namespace) -> int:
                       "candidate_metrics": result.candidate_metrics,
                       "production_metrics": result.production_metrics, "production": result.pointer},
                      indent=2, default=str))
-    return REFUSED_EXIT if result.decision == "refused" else 0
+    return exitcodes.REFUSED if result.decision == "refused" else 0
 
 
 def _status_flag(p: argparse.ArgumentParser) -> None:
@@ -555,7 +512,6 @@ def sweep(args: argparse.Namespace) -> int:
 
         clipcap sweep --input s3://b/embeddings/coco/ViT-B-32-openai --output s3://b/sweeps \\
             --prefix-lengths 1 10 20 --mappings mlp transformer --epochs 5
-        clipcap sweep --config sweep.yaml --set presets.mlp=clipcap-mlp --set presets.transformer=clipcap-transformer
 
     The table lands in ``<output>/<name>/results.{csv,json,md}``.
     """
@@ -574,20 +530,15 @@ def study_config(args: argparse.Namespace) -> Any:
 
 
 def study(args: argparse.Namespace) -> int:
-    """``clipcap study prefix``: prefix length x mapping x LM (frozen / fine-tuned) x seeds, on Ray Tune, with
-    held-out BLEU-1..4, METEOR, ROUGE-L, CIDEr and CLIPScore as mean and spread over seeds, training time and
-    trainable parameters per setting (``pipelines.train.study``). ``clipcap study decoding``: one trained model's
-    held-out rows captioned greedily, by beam search, by sampling and by n samples + CLIP rerank: images/s and the
-    same metrics (``pipelines.evaluate.decoding_study``).
+    """``clipcap study prefix``: prefix length x mapping x LM (frozen / tuned) x seeds on Ray Tune, held-out
+    caption metrics as mean and spread over seeds (``pipelines.train.study``). ``clipcap study decoding``: one
+    model's held-out rows by each decoding strategy, images/s and metrics (``pipelines.evaluate.decoding_study``).
 
         clipcap study prefix --input data/embeddings/scenes/tiny-scenes --output studies \\
             --set model_overrides.tokenizer=word-scenes
-        clipcap study prefix --input s3://b/embeddings/coco/ViT-B-32-openai --output s3://b/studies \\
-            --set presets.mlp=clipcap-mlp --set presets.transformer=clipcap-transformer --trial-gpus 1
         clipcap study decoding --input data/embeddings/scenes/tiny-scenes --model runs/scenes/model --output studies
 
-    Output in ``<output>/<name>/``: ``table.md``, ``table.parquet`` and ``prefix.png`` + ``trials.parquet``
-    (prefix) or ``decoding.png`` (decoding).
+    Output in ``<output>/<name>/``: ``table.md``, ``table.parquet`` and a plot.
     """
     from pipelines.train.study import format_table, run_prefix_study
 
@@ -614,7 +565,7 @@ def _study_flags(p: argparse.ArgumentParser) -> None:
 
 
 def caption_config(args: argparse.Namespace) -> Any:
-    """A validated CaptionConfig from ``--config``, flags and ``--set`` (unknown keys / bad types fail)."""
+    """The validated CaptionConfig of ``--config`` < flags < ``--set``."""
     from clipcap_core.configs import ConfigError
     from pipelines.caption.job import CaptionConfig
 
@@ -630,11 +581,9 @@ def caption(args: argparse.Namespace) -> int:
     """``clipcap caption``: bulk-caption image archives into caption tables (``pipelines.caption.job``).
 
         clipcap caption --input s3://bucket/archives --output s3://bucket/captions/run1 --model s3://bucket/models/m1
-        clipcap caption --config caption.yaml --overwrite          # YAML/JSON with CaptionConfig fields; flags win
 
-    Output: ``<output>/captions/part-*.parquet`` (the caption table) and ``<output>/_meta/`` (errors table, run
-    record, summary); ``--show K`` then prints the first K rank-0 captions by key. A rerun resumes; parts that
-    could not be read are named on stderr and retried (exit codes: ``clipcap --help``).
+    Output: ``<output>/captions/part-*.parquet`` and ``<output>/_meta/`` (errors, run record, summary). A rerun
+    resumes and retries the parts that could not be read (exit codes: ``clipcap --help``).
     """
     from pipelines.caption.job import caption_archive
 
@@ -652,10 +601,8 @@ def caption(args: argparse.Namespace) -> int:
 
 
 def show_captions(output: str, show: int | None) -> None:
-    """Print ``key<TAB>caption`` lines of the first ``show`` images (None: all of at most ``SHOW_ALL_UP_TO``), so a
-    small run's captions are seen without opening Parquet; a larger run gets a hint on stderr instead."""
+    """``key<TAB>caption`` of the first ``show`` images (None: all of at most ``SHOW_ALL_UP_TO``, else a hint)."""
     from pipelines.caption.output import table_uri, top_captions
-    from pipelines.console import terminal
 
     if show == 0:
         return
@@ -678,12 +625,11 @@ def train_clip(args: argparse.Namespace) -> int:
     """``clipcap train-clip``: contrastive CLIP training / fine-tuning on webdataset shards with Ray Train.
 
         clipcap train-clip --input s3://b/raw/mydomain --output s3://b/clip-runs --name vitb32-mydomain \\
-            --clip ViT-B-32 --clip-pretrained openai --lock-image --lr 1e-5 --epochs 3 --workers 8 --gpu \\
-            --precision bf16
+            --clip ViT-B-32 --clip-pretrained openai --lock-image --lr 1e-5 --epochs 3 --workers 8 --gpu
         clipcap train-clip --input data/raw/synthetic --output data/clip-runs --name tiny --clip tiny --from-scratch
 
-    Re-running with the same ``--output`` and ``--name`` resumes from the latest checkpoint. Prints the weights
-    file, which ``clipcap embed`` / ``train-clip`` / ``eval-clip`` take as ``--clip-pretrained``.
+    Re-running with the same ``--output`` and ``--name`` resumes. Prints the weights file (``--clip-pretrained``
+    of ``embed`` / ``train-clip`` / ``eval-clip``).
     """
     from pipelines.clip.job import plan, run_clip_training
 
@@ -703,7 +649,7 @@ def eval_clip(args: argparse.Namespace) -> int:
         clipcap eval-clip --clip ViT-B-32 --clip-pretrained s3://b/clip-runs/x/model/x.safetensors \\
             --shards s3://b/raw/val --classes classes.txt --templates templates.txt --output eval.json
 
-    Prints a table and writes the JSON report to ``--output`` when given (``pipelines.clip.evaluate``).
+    Prints a table; ``--output`` also writes the JSON report.
     """
     from pipelines.clip.evaluate import evaluate_clip, format_report
     from pipelines.io import storage
@@ -714,10 +660,6 @@ def eval_clip(args: argparse.Namespace) -> int:
         storage.write_json(report, args.output)
         print(f"report: {args.output}")
     return 0
-
-
-def _eval_clip_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", help="write the JSON report here (any URI)")
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -748,10 +690,9 @@ def report(args: argparse.Namespace) -> int:
         clipcap report --input s3://b/captions/run1 --evaluation ./eval/run1 --run s3://b/runs/cc3m-mlp \\
                        --output report.html
 
-    The page opens with what went wrong (captions matching no reference, empty or looping captions, the lowest
-    CLIPScores). The gallery samples a few parts of the caption table (never the whole table); images come from the
-    input recorded in the table's ``_run.json`` (or ``--images``); the model card and prefix interpretation from
-    the model recorded in the table (or ``--model``).
+    The page opens with what went wrong (unmatched, empty or looping captions, the lowest CLIPScores); the
+    gallery samples a few parts of the table; images and model come from the table's run record (or
+    ``--images`` / ``--model``).
     """
     from pipelines.report.build import build_report
 
@@ -766,8 +707,7 @@ def index(args: argparse.Namespace) -> int:
         clipcap index --input s3://b/clipcap/embeddings/cc3m/ViT-B-32-openai --output s3://b/clipcap/index/cc3m
         clipcap index --input data/text-embeddings/corpus/tiny --column text_embedding --output data/index/corpus
 
-    Exact search below ``--exact-below`` vectors, IVF above it (``--kind`` overrides: flat, ivf, hnsw); cosine
-    similarity (the table's vectors are normalised in the index). Query it with ``clipcap search``.
+    Exact search below ``--exact-below`` vectors, IVF above (``--kind`` overrides); cosine similarity.
     """
     from pipelines.index import build_index
 
@@ -782,10 +722,8 @@ def search(args: argparse.Namespace) -> int:
 
         clipcap search --index data/index/synthetic --text "two small red circles at the top" -k 10
         clipcap search --index s3://b/clipcap/index/cc3m --image photo.jpg --output hits.parquet
-        clipcap search --index data/index/synthetic --key 000000123
 
-    Text and images are encoded by the CLIP that made the table (named in its metadata); a key queries with that
-    row's own vector (it comes first, at cosine 1). Prints rank, cosine, key and caption per query.
+    Text and images are encoded by the CLIP that made the table; a key queries with that row's own vector.
     """
     from pipelines.index import Searcher, format_hits, hits_table
     from pipelines.io import storage
@@ -814,15 +752,15 @@ COMMANDS = {
                      "resources.batch_size=128", RAY_ADDRESS_HEAD_HELP, stop_on_signals=True),
     "embed-text": Command(embed_text, "embed a caption corpus with the CLIP text tower into Parquet", EMBED_TEXT,
                           "resources.batch_size=256", RAY_ADDRESS_HEAD_HELP, stop_on_signals=True),
-    "demo": Command(demo, "run the embedded default end to end (tiny preset, ./data)", DEMO,
+    "demo": Command(demo, "run the embedded default end to end (tiny preset, ./data)", DemoArgs,
                     ray="default: RAY_ADDRESS if set, else a private local Ray instance", standalone=True),
-    "caption-images": Command(caption_images, "caption images with a model and print the captions", CAPTION_IMAGES,
+    "caption-images": Command(caption_images, "caption images with a model and print the captions", CaptionImagesArgs,
                               more=functools.partial(flags.add, ref=PROJECTION, title="DeCap projection"),
                               standalone=True, job_log=False),
     "import-reference": Command(import_reference, "convert a released ClipCap or DeCap checkpoint into an artifact",
-                                IMPORT_REFERENCE, standalone=True, job_log=False),
+                                ImportReferenceArgs, standalone=True, job_log=False),
     "train": Command(train, "train a ClipCap model on embedding tables (Ray Train)", TRAIN, "train.lr=1e-4",
-                     RAY_ADDRESS_HELP, functools.partial(flags.add, ref=PRESET,
+                     RAY_ADDRESS_HELP, functools.partial(flags.add, ref=PresetOverrides,
                                                          title="preset overrides (model_overrides)")),
     "nightly": Command(nightly, "nightly retraining on fresh embedding shards + guarded promotion", NIGHTLY,
                        "train.lr=1e-4", RAY_ADDRESS_HELP, _status_flag),
@@ -834,14 +772,13 @@ COMMANDS = {
                        RAY_ADDRESS_HELP, _show_flag, stop_on_signals=True),
     "train-clip": Command(train_clip, "train or fine-tune CLIP contrastively (Ray Train)", TRAIN_CLIP,
                           "train.beta2=0.95", RAY_ADDRESS_HELP),
-    "eval-clip": Command(eval_clip, "retrieval and zero-shot evaluation of a CLIP model", EVAL_CLIP,
-                         more=_eval_clip_flags, job_log=False),
+    "eval-clip": Command(eval_clip, "retrieval and zero-shot evaluation of a CLIP model", EVAL_CLIP, job_log=False),
     "evaluate": Command(evaluate, "COCO metrics + CLIPScore of captions against references", more=_evaluate_flags,
                         job_log=False),
     "report": Command(report, "write a self-contained HTML report of a captioning run", REPORT, job_log=False),
     "index": Command(index, "build a nearest-neighbour index (faiss) over an embedding table", INDEX, "kind=hnsw",
                      RAY_ADDRESS_HELP),
-    "search": Command(search, "query a nearest-neighbour index by text, image or key", SEARCH, standalone=True,
+    "search": Command(search, "query a nearest-neighbour index by text, image or key", SearchArgs, standalone=True,
                       job_log=False),
 }
 

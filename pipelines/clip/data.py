@@ -1,10 +1,10 @@
-"""Image-caption pairs for CLIP training and evaluation, from img2dataset webdataset shards (any fsspec URI).
-"""
+"""Image-caption pairs for CLIP training and evaluation, from img2dataset webdataset shards (any fsspec URI)."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 import posixpath
 import random
@@ -134,8 +134,7 @@ def _tokenizer(model_name: str) -> Any:
 
 
 def read_pairs(batch: dict[str, np.ndarray], prep: PairPrep) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data ``map_batches`` function: rows ``{"shard", "epoch"}`` -> blocks of ``{"pixels", "tokens"}``
-    (at most ``ROWS_PER_BLOCK`` rows each, yielded as they are read, so the trainer starts on the first)."""
+    """Ray Data ``map_batches`` function: rows ``{"shard", "epoch"}`` -> blocks of ``{"pixels", "tokens"}``."""
     resizer, tokenize = prep.resizer(), _tokenizer(prep.model_name)
     for shard, epoch in zip(batch["shard"], batch["epoch"], strict=True):
         pix: list[np.ndarray] = []
@@ -162,18 +161,11 @@ def stream_pairs(items: Sequence[tuple[str, int]], prep: PairPrep, *, num_cpus: 
 
 def load_pairs(shards: Sequence[str], prep: PairPrep, max_rows: int = 0
                ) -> tuple[np.ndarray, Any, list[str]]:
-    """In-process: (pixels (N, S, S, 3) uint8, tokens (N, T) torch.int64, captions) of ``prep.split``, at most
-    ``max_rows`` (0 = all), shards read in order; for held-out evaluation and small benchmarks."""
+    """In-process: (pixels (N, S, S, 3) uint8, tokens (N, T) int64, captions) of ``prep.split`` (0 rows: all)."""
     resizer = prep.resizer()
-    pix, caps = [], []
-    for shard in shards:
-        for _key, pixels, caption in iter_shard_pairs(shard, prep, 0, resizer):
-            pix.append(pixels)
-            caps.append(caption)
-            if max_rows and len(pix) >= max_rows:
-                break
-        if max_rows and len(pix) >= max_rows:
-            break
-    if not pix:
+    pairs = itertools.chain.from_iterable(iter_shard_pairs(shard, prep, 0, resizer) for shard in shards)
+    rows = list(itertools.islice(pairs, max_rows or None))
+    if not rows:
         return np.zeros((0, prep.size, prep.size, 3), np.uint8), _tokenizer(prep.model_name)([]), []
-    return np.stack(pix), _tokenizer(prep.model_name)(caps), caps
+    captions = [caption for *_, caption in rows]
+    return np.stack([pixels for _, pixels, _ in rows]), _tokenizer(prep.model_name)(captions), captions

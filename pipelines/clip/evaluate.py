@@ -1,5 +1,4 @@
-"""``clipcap eval-clip``: retrieval R@1/5/10, the modality gap and zero-shot classification of a CLIP on held-out pairs.
-"""
+"""``clipcap eval-clip``: retrieval R@1/5/10, the modality gap and zero-shot classification of a CLIP."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import numpy as np
 
 from clipcap_core import synthetic, uris
 from clipcap_core.clip_eval import class_embeddings, modality_gap, retrieval, zero_shot
-from clipcap_core.encoders import EncoderConfig, encoder_tag
+from clipcap_core.encoders import EncoderConfig, encoder_tag, load_encoder
 from pipelines.clip import data as clip_data
 from pipelines.io import schemas, tables
 
@@ -21,8 +20,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class EvalClipConfig:
-    """The ``clipcap eval-clip`` config: each field is a flag (``pipelines.commands.flags``) but ``CLI_FLAGS``'
-    None ones."""
+    """The ``clipcap eval-clip`` config: each field is a flag but ``CLI_FLAGS``' None ones."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"batch_size": None}
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -36,6 +34,7 @@ class EvalClipConfig:
     templates: str | None = None  # file with one prompt template per line, each with {} (default: {})
     batch_size: int = 256
     device: str = "cpu"  # torch device (cpu, cuda, cuda:1)
+    output: str | None = None  # write the JSON report here (any URI)
 
     def __post_init__(self) -> None:
         if bool(self.shards) == bool(self.tables):
@@ -115,9 +114,6 @@ def synthetic_attributes(predicted: list[str], truth: list[str]) -> dict[str, fl
 
 def evaluate_clip(cfg: EvalClipConfig) -> dict[str, Any]:
     """Retrieval (and zero-shot with ``classes``) figures of ``cfg.encoder`` on the selected pairs."""
-    # lazy: torch ~6.7 s to import (python -X importtime)
-    from clipcap_core.encoders import load_encoder
-
     classes = read_lines(cfg.classes) if cfg.classes else None
     templates = read_lines(cfg.templates) if cfg.templates else ["{}"]
     t0 = time.perf_counter()

@@ -1,19 +1,43 @@
-"""``clipcap train-clip``, driver side: contrastive CLIP training / fine-tuning with Ray Train on webdataset shards.
+"""``clipcap train-clip``: contrastive CLIP training / fine-tuning with Ray Train on webdataset shards. The driver
+plans and starts the workers; each worker builds the model (towers locked as asked), runs the shared step loop
+(``pipelines.train.steps``) on the pair stream or on in-memory batches, and rank 0 writes the model folder.
 """
 
 from __future__ import annotations
 
 import logging
-import random
+import os
+import posixpath
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
-from clipcap_core.encoders import fetch_pretrained, preprocess_spec, validate_config
+import numpy as np
+import ray.train.torch
+import torch
+
+from clipcap_core import uris
+from clipcap_core.clip_eval import retrieval
+from clipcap_core.clip_training import (
+    ClipModelSpec,
+    ClipTrainConfig,
+    build_clip,
+    clip_loss,
+    encode_batches,
+    grouped_order,
+    lock_towers,
+    make_optimizer_and_scheduler,
+    make_scaler,
+    save_clip_weights,
+    shape_init,
+    train_step,
+)
+from clipcap_core.configs import from_dict, to_dict
+from clipcap_core.encoders import _open_clip, fetch_pretrained, preprocess_spec, validate_config
 from pipelines.clip import data as clip_data
 from pipelines.io import storage, tables
-from pipelines.train.checkpoints import stream_start
+from pipelines.train.checkpoints import epoch_order, stream_plan
 from pipelines.train.runner import fit_workers
 from pipelines.train.state import (
     FaultConfig,
@@ -23,14 +47,14 @@ from pipelines.train.state import (
     StreamSpec,
     check_heldout_fraction,
 )
+from pipelines.train.steps import WorkerRun, run_steps, stream_batches
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ClipTrainJobConfig:
-    """The ``clipcap train-clip`` config: each field is a flag (``pipelines.commands.flags``); ``CLI_FLAGS`` names
-    the renamed flags and the fields set by ``--config`` / ``--set`` only (None)."""
+    """The ``clipcap train-clip`` config: each field is a flag; ``CLI_FLAGS`` renames or hides (None) a few."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {
         "shards": "--input", "run.eval_max_samples": "--eval-max-samples", "split_salt": None, "read_cpus": None,
@@ -122,11 +146,7 @@ def plan(cfg: ClipTrainJobConfig) -> ClipTrainPlan:
     def stream_steps(first_epoch: int) -> int:  # full batches per worker (drop_last: equal on every rank)
         return ((E - first_epoch) * n_train // W) // B
 
-    total = stream_steps(0)
-    start, first_step = stream_start(cfg.run_dir, E, stream_steps)
-    return ClipTrainPlan(shards=tuple(shards), n_train=n_train, mode=mode, total_steps=total,
-                         epoch_ends=tuple(round(e * total / E) for e in range(1, E)), stream_start_epoch=start,
-                         stream_first_step=first_step)
+    return ClipTrainPlan(shards=tuple(shards), n_train=n_train, mode=mode, **stream_plan(cfg.run_dir, E, stream_steps))
 
 
 def data_mode(cfg: ClipTrainJobConfig, n_train: int) -> Literal["stream", "memory"]:
@@ -140,17 +160,12 @@ def data_mode(cfg: ClipTrainJobConfig, n_train: int) -> Literal["stream", "memor
 
 
 def _dataset(cfg: ClipTrainJobConfig, p: ClipTrainPlan) -> Any:
-    items: list[tuple[str, int]] = []
-    for epoch in range(p.stream_start_epoch, cfg.train.epochs):
-        order = list(p.shards)
-        random.Random(cfg.train.seed * 1000 + epoch).shuffle(order)
-        items += [(s, epoch) for s in order]
+    items = epoch_order(p.shards, cfg.train.seed, p.stream_start_epoch, cfg.train.epochs)
     return clip_data.stream_pairs(items or [(p.shards[0], 0)], prep_for(cfg), num_cpus=cfg.read_cpus)
 
 
 def stream_spec(cfg: ClipTrainJobConfig, p: ClipTrainPlan) -> StreamSpec | None:
-    """How each worker reads the pair stream: whole steps' batches (the last short one dropped, as contrastive
-    batches must be full), prefetch ``run.prefetch_batches``; ``None`` when every epoch is done."""
+    """How each worker reads the pair stream (full batches only: contrastive); ``None`` when every epoch is done."""
     if p.stream_start_epoch >= cfg.train.epochs:
         return None
     return StreamSpec(rows=cfg.train.batch_size, prefetch_batches=cfg.run.prefetch_batches, drop_last=True,
@@ -167,8 +182,131 @@ def run_clip_training(cfg: ClipTrainJobConfig) -> ClipTrainResult:
              p.total_steps, p.mode, p.stream_start_epoch + 1)
     t0 = time.perf_counter()
     stream = p.mode == "stream"
-    out = fit_workers("pipelines.clip.worker:clip_train_loop", cfg, p, {"train": _dataset(cfg, p)} if stream else None,
-                      stream_spec(cfg, p) if stream else None, what="train-clip")
+    out = fit_workers(clip_train_loop, cfg, p, {"train": _dataset(cfg, p)} if stream else None, what="train-clip")
     log.info("train-clip %s: done in %.0f s -> %s", cfg.name, time.perf_counter() - t0, out.get("weights"))
     return ClipTrainResult(model_dir=out["model_dir"], weights=out["weights"], run_dir=cfg.run_dir,
                            history=out["history"], metrics=out.get("metrics", {}))
+
+
+# --- worker -------------------------------------------------------------------------------------------
+def evaluate_retrieval(model: Any, heldout: tuple[np.ndarray, Any, list[str]], precision: str = "fp32"
+                       ) -> dict[str, float]:
+    """Retrieval R@1/5/10 both ways on held-out pairs (``clip_eval.retrieval``), with the model's temperature."""
+    pixels, tokens, captions = heldout
+    if not captions:
+        return {}
+    img, txt = encode_batches(model, pixels, tokens, precision=precision)
+    out = {f"heldout_{k}": v for k, v in retrieval(img, txt, captions).items()}
+    out["logit_scale"] = float(getattr(model, "module", model).logit_scale.exp().item())
+    return out
+
+
+class ClipRun(WorkerRun):
+    """This worker's CLIP model (towers locked as asked), optimizer, loss, restored state, (rank 0) held-out pairs."""
+
+    label, unit, epoch_samples = "train-clip", "pairs", False
+
+    def __init__(self, job: ClipTrainJobConfig, plan: ClipTrainPlan, board: Any = None):
+        super().__init__(job, plan, board)
+        hp = self.hp
+        self.model = build_clip(job.model, seed=hp.seed, device=self.device)
+        shape_init(self.model, hp)
+        lock_towers(self.model, hp)
+        self.optimizer, self.scheduler = make_optimizer_and_scheduler(self.model, hp, plan.total_steps)
+        self.resume()
+        self.loss_fn = clip_loss(hp, self.rank, self.world)
+        self.heldout: tuple[np.ndarray, Any, list[str]] | None = None
+        if self.rank == 0 and job.heldout_fraction > 0:
+            self.heldout = clip_data.load_pairs(list(plan.shards), prep_for(job, "heldout"), job.run.eval_max_samples)
+
+    def evaluate(self) -> dict[str, float]:
+        return {} if self.heldout is None else evaluate_retrieval(self.model, self.heldout, self.hp.precision)
+
+
+def memory_batches(job: ClipTrainJobConfig, plan: ClipTrainPlan, rank: int, world: int, start_step: int,
+                   device: Any) -> Any:
+    """``data="memory"``: this worker's shards decoded once; batches for steps ``start_step``.. from a seeded
+    permutation per epoch (the same after a restart) of groups of ``train.group_size`` consecutive pairs."""
+    pixels, tokens, _ = clip_data.load_pairs(list(plan.shards[rank::world]), prep_for(job, "train"))
+    pixels = torch.from_numpy(pixels)
+    B, spe = job.train.batch_size, plan.steps_per_epoch
+    order = None
+    for step in range(start_step, plan.total_steps):
+        epoch, i = divmod(step, spe)
+        if order is None or i == 0:
+            gen = torch.Generator().manual_seed(job.train.seed * 100003 + epoch * 1009 + rank)
+            order = grouped_order(len(tokens), job.train.group_size, gen)
+        idx = order[i * B:(i + 1) * B]
+        yield {"pixels": pixels[idx].to(device), "tokens": tokens[idx].to(device)}
+
+
+def clip_train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
+    """What each Ray Train worker runs (config from ``runner.fit_workers``)."""
+    job, plan = from_dict(ClipTrainJobConfig, config["job"]), from_dict(ClipTrainPlan, config["plan"])
+    hp = job.train
+    stream_mode, spec = plan.mode == "stream", stream_spec(job, plan)
+    run = ClipRun(job, plan, config.get("progress"))
+    if not stream_mode:
+        batches = memory_batches(job, plan, run.rank, run.world, run.state.step, run.device)
+    else:
+        batches = None if spec is None else stream_batches(spec, run.device)
+    net = ray.train.torch.prepare_model(run.model, move_to_device=False) if run.world > 1 else run.model
+    scaler = make_scaler(hp, run.device)
+
+    def step(batch: dict[str, Any]) -> float:
+        return train_step(net, batch["pixels"], batch["tokens"], run.optimizer, run.scheduler, hp, run.loss_fn,
+                          scaler)
+
+    run_steps(run, batches, step, skip=run.state.step - plan.stream_first_step if stream_mode else 0)
+    if run.rank != 0:
+        return None
+    return save_model_dir(job, plan, run)
+
+
+# --- the final model folder ---------------------------------------------------------------------------------
+def save_model_dir(job: ClipTrainJobConfig, plan: ClipTrainPlan, run: ClipRun) -> dict[str, Any]:
+    """Rank 0: ``<run>/model/`` = weights (safetensors), open_clip config, our provenance JSON, model card."""
+    model, state, metrics = run.model, run.state, run.metrics
+    model_dir = storage.join(job.run_dir, "model")
+    weights = storage.join(model_dir, f"{job.name}.safetensors")
+    info = {"schema": 1, "model_name": job.model.model_name, "init": to_dict(job.model),
+            "weights": posixpath.basename(weights), "step": state.step, "epochs": state.epoch,
+            "train": {**to_dict(job.train), "warmup_steps": job.train.warmup_for(plan.total_steps)},
+            "pairs": plan.n_train, "shards": len(plan.shards),
+            "heldout_fraction": job.heldout_fraction, "split_salt": job.split_salt, "metrics": metrics}
+    fs, path = uris.filesystem(model_dir)
+    storage.ensure_dir(fs, path)
+    with tempfile.TemporaryDirectory(prefix="clipcap-clip-model-") as d:
+        local = os.path.join(d, "w.safetensors")
+        save_clip_weights(model, local)
+        fs.put_file(local, uris.filesystem(weights)[1])
+    oc_cfg = {"model_cfg": _open_clip().get_model_config(info["model_name"]),
+              "preprocess_cfg": dict(getattr(model, "module", model).visual.preprocess_cfg)}
+    storage.write_json(oc_cfg, storage.join(model_dir, "open_clip_config.json"))
+    storage.write_json(info, storage.join(model_dir, "clipcap_clip.json"))
+    with fs.open(uris.filesystem(storage.join(model_dir, "README.md"))[1], "w") as f:
+        f.write(model_card(info))
+    return {"model_dir": model_dir, "weights": weights, "history": state.history, "metrics": metrics}
+
+
+def model_card(info: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
+    """A short Markdown model card: what it is, how it was trained, held-out figures, how to use it."""
+    m = info.get("metrics", {})
+    lines = [f"# CLIP `{info['model_name']}` trained with `clipcap train-clip`", "",
+             f"- init: {info['init'].get('pretrained') or 'from scratch (seeded)'}",
+             f"- data: {info['pairs']} training pairs in {info['shards']} shard(s); held out by key hash: "
+             f"{info['heldout_fraction']:.0%} (salt `{info['split_salt']}`)",
+             f"- steps: {info['step']} ({info['epochs']} epochs), batch {info['train']['batch_size']} per worker, "
+             f"lr {info['train']['lr']}, weight decay {info['train']['weight_decay']}, "
+             f"warm-up {info['train']['warmup_steps']}, precision {info['train']['precision']}", ""]
+    if m:
+        lines += ["## Held-out retrieval", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in m.items() if isinstance(v, float)]
+        lines.append("")
+    for title, table in (extra or {}).items():
+        lines += [f"## {title}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in table.items()]
+        lines.append("")
+    lines += ["## Use", "", f"    clipcap embed --clip {info['model_name']} --clip-pretrained <this folder>/{info['weights']} ...",
+              f"    clipcap train-clip --clip {info['model_name']} --clip-pretrained <this folder>/{info['weights']} ...", ""]
+    return "\n".join(lines)

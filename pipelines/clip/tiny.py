@@ -1,13 +1,8 @@
-"""Make the aligned ``tiny`` CLIP shipped in ``clipcap_core/resources`` (``make tiny-clip``; ~10 min on 2 cores).
+"""Make the aligned ``tiny`` CLIP shipped in ``clipcap_core/resources`` (``make tiny-clip``; ~10 min on 2 cores):
+``clipcap train-clip`` from scratch on the synthetic set (seed ``TRAIN_SEED``), the weights cast to fp16 as
+``tiny.safetensors``, and zero-shot figures on ``EVAL_N`` unseen images (``EVAL_SEED``) in its model card.
 
     python -m pipelines.clip.tiny [--root data/tiny-clip] [--steps 600]
-
-1. the synthetic set as webdataset shards (``synthetic.write_webdataset``, seed ``TRAIN_SEED``);
-2. ``clipcap train-clip`` on them (Ray Train, the ``tiny`` architecture from scratch, fixed seed);
-3. the weights, cast to fp16, -> ``clipcap_core/resources/tiny.safetensors`` (what ``--model tiny`` loads);
-4. zero-shot image->caption retrieval among all 432 synthetic captions on ``EVAL_N`` images of a seed the
-   training never saw (``EVAL_SEED``), with the per-attribute accuracy of the top-1 caption, written into the
-   model card ``clipcap_core/resources/tiny.md`` and ``tiny.eval.json``.
 """
 
 from __future__ import annotations
@@ -21,11 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+from safetensors.torch import load_file, save_file
 
 from clipcap_core import synthetic
 from clipcap_core.clip_eval import l2n
-from clipcap_core.encoders import EncoderConfig
+from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
+from clipcap_core.encoders import EncoderConfig, load_encoder
 from pipelines.clip.evaluate import encode_texts, synthetic_attributes
+from pipelines.clip.job import ClipTrainJobConfig, model_card, run_clip_training
 from pipelines.train.state import RunOptions, ScaleConfig
 
 RESOURCES = Path(__file__).resolve().parents[2] / "clipcap_core" / "resources"
@@ -53,15 +52,6 @@ def zero_shot_captions(encoder: Any, image_emb: np.ndarray, truth: list[str]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s, ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
-    import ray
-    from safetensors.torch import load_file, save_file
-
-    from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
-    from clipcap_core.encoders import load_encoder
-    from pipelines.clip.job import ClipTrainJobConfig, run_clip_training
-    from pipelines.clip.worker import model_card
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="data/tiny-clip", help="work folder (shards, run)")
     ap.add_argument("--steps", type=int, default=600, help="training steps of batch 256")

@@ -3,21 +3,12 @@ tiny-scenes-gapped-clip``; <= 20 min each on 2 cores).
 
     python -m pipelines.clip.tiny_scenes --variant tiny-scenes|tiny-scenes-gapped [--root data/tiny-scenes] [--steps N]
 
-1. ``TRAIN_N`` scenes of the ``train`` split (no held-out colour-shape combination) as webdataset shards, each
-   image with one of its reference captions (``scenes.training_caption``: varied wording), in hard-negative twins
-   (``scenes.generate(twins=True)``: every other scene is one minimal edit of the one before, shape and relation
-   most often). Random scenes in a batch differ in colour, so a CLIP trained on them alone never needs shape or
-   relation; ``train.group_size=2`` keeps each twin pair in one batch, which makes it learn them;
-2. ``clipcap train-clip`` from scratch (Ray Train, fixed seeds, no key-hash held-out split: the figures come from
-   fresh scenes below): ``tiny-scenes`` learns its temperature as CLIP does; ``tiny-scenes-gapped`` keeps a fixed
-   low temperature (logit scale 100) from a cone-shaped init and trains briefly (the gap shrinks as training goes
-   on), which leaves a gap near a real CLIP's (Liang et al., "Mind the Gap", NeurIPS 2022);
-3. fp16 weights -> ``clipcap_core/resources/<variant>.safetensors`` (what ``--model <variant>`` loads);
-4. figures of the fp16 file on ``EVAL_N`` fresh images of the ``test`` split (unseen images) and of the
-   ``novel`` split (held-out combinations) into the model card ``<variant>.md`` and ``<variant>.eval.json``:
-   zero-shot image->caption top-1 among the canonical captions of those images, the share of images whose true
-   caption beats every minimal edit of one kind (count, size, colour, shape, relation, colours swapped between
-   the groups), and the modality gap.
+``TRAIN_N`` train-split scenes in hard-negative twins (one minimal edit apart) with varied reference captions;
+``train.group_size=2`` keeps each twin pair in one batch, so the CLIP must learn shape and relation, not colour
+alone. ``tiny-scenes`` learns its temperature; ``tiny-scenes-gapped`` keeps logit scale 100 from a cone-shaped
+init and trains briefly, which leaves a modality gap near a real CLIP's (Liang et al., NeurIPS 2022). The fp16
+weights go to ``<variant>.safetensors``; zero-shot, minimal-edit and gap figures on fresh ``test`` and ``novel``
+scenes go to its model card and ``<variant>.eval.json``.
 """
 
 from __future__ import annotations
@@ -33,11 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+from safetensors.torch import load_file, save_file
 
 from clipcap_core import scenes
-from clipcap_core.clip_eval import l2n
-from clipcap_core.encoders import EncoderConfig
+from clipcap_core.clip_eval import l2n, modality_gap
+from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
+from clipcap_core.encoders import EncoderConfig, load_encoder
 from pipelines.clip.evaluate import encode_texts
+from pipelines.clip.job import ClipTrainJobConfig, model_card, run_clip_training
 from pipelines.train.state import RunOptions, ScaleConfig
 
 RESOURCES = Path(__file__).resolve().parents[2] / "clipcap_core" / "resources"
@@ -88,8 +83,6 @@ def hard_negative_accuracy(encoder: Any, img: np.ndarray, samples: list[scenes.S
 
 def zero_shot_scenes(encoder: Any, split: str, n: int = EVAL_N, seed: int = EVAL_SEED) -> dict[str, float]:
     """Zero-shot figures of ``encoder`` on ``n`` fresh ``split`` scenes (see the module doc) + the modality gap."""
-    from clipcap_core.clip_eval import l2n, modality_gap
-
     samples = list(scenes.generate(n, seed=seed, size=64, split=split))  # type: ignore[arg-type]
     img = _encode_images(encoder, samples)
     classes = sorted({s.caption for s in samples})
@@ -105,12 +98,6 @@ def zero_shot_scenes(encoder: Any, split: str, n: int = EVAL_N, seed: int = EVAL
 # --- the run ----------------------------------------------------------------------------------------------
 def train(name: str, v: Variant, root: Path) -> Any:
     """Shards (once) and the ``train-clip`` run of variant ``name``; returns its ``ClipTrainResult``."""
-    # lazy: torch ~6.7 s, transformers ~1.4 s, ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
-    import ray
-
-    from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
-    from pipelines.clip.job import ClipTrainJobConfig, run_clip_training
-
     shards = root / "shards-twins"
     if not (shards / f"{TRAIN_N // SHARD - 1:05d}.tar").exists():
         t0 = time.perf_counter()
@@ -134,18 +121,12 @@ def train(name: str, v: Variant, root: Path) -> Any:
 
 
 def write_fp16(weights: str, out: Path) -> None:
-    # lazy: safetensors.torch + torch ~6.7 s to import (python -X importtime)
-    from safetensors.torch import load_file, save_file
-
     save_file({k: t.half() if t.is_floating_point() else t for k, t in load_file(weights).items()}, str(out),
               metadata={"format": "pt"})
     out.chmod(0o644)
 
 
 def card(name: str, v: Variant, result: Any, figures: dict[str, dict[str, float]], seconds: float) -> str:
-    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
-    from pipelines.clip.worker import model_card
-
     info = json.loads((Path(result.model_dir) / "clipcap_clip.json").read_text())
     info["weights"] = f"{name}.safetensors"
     temp = (f"fixed logit scale {v.logit_scale:g} (temperature {1 / v.logit_scale:g}), not learned"
@@ -163,9 +144,6 @@ def card(name: str, v: Variant, result: Any, figures: dict[str, dict[str, float]
 
 
 def main(argv: list[str] | None = None) -> int:
-    # lazy: torch ~6.7 s to import (python -X importtime)
-    from clipcap_core.encoders import load_encoder
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", choices=sorted(VARIANTS), required=True, help="which CLIP to make")
     ap.add_argument("--root", default="data/tiny-scenes", help="work folder (shards, runs)")

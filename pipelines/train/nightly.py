@@ -1,7 +1,5 @@
 """Nightly retraining: fresh embedding shards -> warm-started candidate -> held-out comparison -> promotion.
-
-All state lives in one folder (manifest = watermark, written last; frozen held-out set; production pointer;
-history; candidates; lock), so the job is stateless and safe to re-run: nothing new is a no-op.
+All state lives in one folder, so the job is stateless and safe to re-run: nothing new is a no-op.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
 from clipcap_core import uris
 from clipcap_core.training import TrainConfig
@@ -32,8 +31,7 @@ LOWER_IS_BETTER = {"val_loss"}
 
 @dataclass(frozen=True, kw_only=True)
 class NightlyConfig:
-    """The ``clipcap nightly`` config: each field is a flag (``pipelines.commands.flags``); ``CLI_FLAGS`` names the
-    renamed flags and the fields set by ``--config`` / ``--set`` only (None)."""
+    """The ``clipcap nightly`` config: each field is a flag; ``CLI_FLAGS`` renames or hides (None) a few."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"tables": "--input", "eval_num_gpus": "--eval-gpus",
                                                   "lock_ttl_s": None}
@@ -98,8 +96,7 @@ def new_shards(current: dict[str, int], manifest: dict[str, Any] | None) -> list
 
 def decide(candidate: dict[str, float], production: dict[str, float] | None, metric: str,
            tolerance: float, health: dict[str, Any] | None = None) -> tuple[bool, str]:
-    """(promote?, reason). Not worse than production beyond ``tolerance`` on ``metric``; finite loss; a training
-    loss that fell (``steps.loss_health``)."""
+    """(promote?, reason): not worse beyond ``tolerance`` on ``metric``, finite loss, a training loss that fell."""
     if health and health.get("loss_fell") is False:
         return False, f"candidate refused: {health.get('warning', 'its training loss did not fall')}"
     loss = candidate.get("val_loss", float("nan"))
@@ -143,21 +140,14 @@ def ensure_heldout(cfg: NightlyConfig, files: Sequence[str]) -> pa.Table:
 
 
 # --- the run ----------------------------------------------------------------------------------------------
-def _evaluate_all(uris: list[str], heldout: pa.Table) -> list[dict[str, float]]:
-    return [evaluate_artifact(u, heldout) for u in uris]
-
-
 def _evaluate(uris: list[str], heldout: pa.Table, cfg: NightlyConfig) -> list[dict[str, float]]:
     """Metrics of each artifact on the same held-out set, in one Ray task (GPU if asked) when Ray is up."""
-    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
-    import ray
-
     if ray.is_initialized():
         device = "cuda" if cfg.eval_num_gpus else "cpu"
         task = ray.remote(num_cpus=1, num_gpus=cfg.eval_num_gpus)(
             lambda us, t: [evaluate_artifact(u, t, device=device) for u in us])
         return ray.get(task.remote(uris, heldout))
-    return _evaluate_all(uris, heldout)
+    return [evaluate_artifact(u, heldout) for u in uris]
 
 
 def _train_candidate(cfg: NightlyConfig, run: str, fresh: list[str], old: list[str],

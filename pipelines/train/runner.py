@@ -1,7 +1,5 @@
-"""Driver side shared by ``clipcap train`` and ``train-clip``: size the workers from the cluster
-(``size_workers``), build and run the ``TorchTrainer`` over a job's worker loop (resources, failures, checkpoint
-retention, controller poll interval), then write the run's history files (``history.json``, ``history.csv``,
-``loss_curve.png``).
+"""Driver side shared by ``clipcap train`` and ``train-clip``: size the workers from the cluster, run the
+``TorchTrainer`` over a job's worker loop, then write the run's history files.
 """
 
 from __future__ import annotations
@@ -12,14 +10,20 @@ import io
 import logging
 import math
 import os
+from collections.abc import Callable
 from typing import Any, Protocol
 from unittest import mock
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
 
 from clipcap_core.configs import to_dict
 from pipelines import console, runtime
 from pipelines.io import storage
 from pipelines.runtime import ClusterShape
-from pipelines.train.state import RunOptions, ScaleConfig, StepPlan, StreamSpec, worker_entry
+from pipelines.train.state import RunOptions, ScaleConfig, StepPlan
+from pipelines.train.steps import Board
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +41,9 @@ class TrainJob(Protocol):
 
 
 def size_workers(scale: ScaleConfig, cluster: ClusterShape) -> ScaleConfig:
-    """``scale`` with its ``None`` / 0 knobs sized from ``cluster``; explicit values are kept (and not checked
-    against the cluster of the moment: an autoscaling cluster adds the nodes they ask for). GPU: one per worker
-    when there is one for each. CPU: each node's cores less one, as threads and reservation; the spare core runs
-    the data tasks (with every core reserved the stream never starts)."""
+    """``scale`` with its ``None`` / 0 knobs sized from ``cluster`` (explicit values kept: an autoscaler adds
+    nodes). GPU: one per worker when there is one for each. CPU: each node's cores less one, as threads and
+    reservation; the spare core runs the data tasks (with every core reserved the stream never starts)."""
     workers, use_gpu = scale.num_workers, scale.use_gpu
     if use_gpu is None:
         use_gpu = cluster.gpus > 0 and cluster.gpus >= workers * scale.gpus_per_worker
@@ -66,21 +69,10 @@ def describe_workers(scale: ScaleConfig, cluster: ClusterShape) -> str:
             f"{len(cluster.node_cpus)} node(s)")
 
 
-def fit_workers(loop: str, job: TrainJob, plan: StepPlan, datasets: dict[str, Any] | None,
-                stream: StreamSpec | None = None, what: str = "train") -> dict[str, Any]:
-    """Run ``loop`` (``"module:function"``) on ``job.scale.num_workers`` Ray Train workers as ``loop(config,
-    batches)``, config ``{"job": ..., "plan": ...}`` (both ``configs.to_dict``) and ``batches`` the worker's
-    ``EarlyStream`` of ``datasets["train"]`` read as ``stream`` says (``None`` without a stream).
-    Returns rank 0's return value after writing its ``history`` under ``job.run_dir``.
-    The operator sees one progress line (``what``: steps done, samples, loss) read from the run's ``Board``
-    actor; the workers' own lines go to stderr (the job log, without Ray's colour codes)."""
-    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.train.steps import Board
-
+def fit_workers(loop: Callable[[dict[str, Any]], Any], job: TrainJob, plan: StepPlan,
+                datasets: dict[str, Any] | None, what: str = "train") -> dict[str, Any]:
+    """Run ``loop`` on Ray Train workers with config ``{"job", "plan", "progress"}`` (job and plan as
+    ``configs.to_dict``, progress the run's ``Board``); rank 0's return value, its history written."""
     runtime.ensure_ray(None, log_to_driver=True)  # the workers' lines, for the job log
     cluster = ClusterShape.from_ray()
     scale = size_workers(job.scale, cluster)
@@ -93,10 +85,7 @@ def fit_workers(loop: str, job: TrainJob, plan: StepPlan, datasets: dict[str, An
         return (int(row["step"]), int(row["samples"]), 0, f"loss {row['loss']:.4f}") if row else None
 
     trainer = TorchTrainer(
-        worker_entry,
-        train_loop_config={"job": to_dict(job), "plan": to_dict(plan), "loop": loop,
-                           "stream": to_dict(stream) if stream is not None and datasets else None,
-                           "progress": board},
+        loop, train_loop_config={"job": to_dict(job), "plan": to_dict(plan), "progress": board},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scale.num_workers, use_gpu=scale.use_gpu,
             resources_per_worker={"CPU": scale.cpus_per_worker,

@@ -1,8 +1,9 @@
-"""Model set-up for ClipCap training, on the driver and in the Ray Train workers: the model config to train
-(a preset + dotted overrides, or a saved artifact's, checked against the tables), the model itself (seeded new or
-warm-started), its tokenizer, how captions become token batches (in the Ray Data tasks and per worker batch), the
-held-out metrics rank 0 computes at epoch ends, and what text-only (DeCap) training adds to the image path
-(``clipcap train --decoder decap``).
+"""Model set-up for ClipCap training, on the driver and in the workers: the model config (a preset + dotted
+overrides, or a saved artifact's, checked against the tables), the model and tokenizer, token batches, held-out
+metrics, and what text-only (DeCap) training adds (``clipcap train --decoder decap``).
+
+The Ray Data tasks that tokenise import this module (``BatchTokenizer``), so the model, artifact and DeCap modules
+are imported in the functions that use them: GPT-2's model code costs each task process ~2.5 s (torch._dynamo).
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
+import torch.nn.functional as F
 
 from clipcap_core.configs import from_dict, to_dict
 from clipcap_core.encoders import EncoderConfig
 from clipcap_core.metrics import scorer_for
+from clipcap_core.tokenizer import WORD, WORD_TOKENIZER_OF_CLIP, load_tokenizer, start_token_id
 from pipelines.io import schemas, storage, tables
 
 
 # --- the model config and the model -------------------------------------------------------------------------
 def is_preset_name(model: str) -> bool:
-    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.presets import PRESETS
 
     return model in PRESETS
@@ -40,12 +43,9 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
 
 
 def resolve_model_config(model: str, overrides: dict[str, Any], info: tables.TableInfo) -> Any:
-    """The ModelConfig to train: a preset (+ dotted overrides) or a saved artifact's, checked against the tables.
-    """
-    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
+    """The ModelConfig to train: a preset (+ dotted overrides) or a saved artifact's, checked against the tables."""
     from clipcap_core.model import ModelConfig
     from clipcap_core.presets import preset_config
-    from clipcap_core.tokenizer import WORD, WORD_TOKENIZER_OF_CLIP
 
     if is_preset_name(model):
         data = to_dict(preset_config(model))
@@ -63,7 +63,9 @@ def resolve_model_config(model: str, overrides: dict[str, Any], info: tables.Tab
     if overrides:
         raise ValueError(f"model overrides {sorted(overrides)} apply to presets only; {model!r} is an artifact "
                          "(warm start keeps its architecture)")
-    cfg = read_artifact_config(model)
+    from clipcap_core.artifacts import read_config
+
+    cfg = read_config(model)
     tables.check_model_dim(info, cfg.clip_dim, what=f"model artifact {model}")
     if info.clip_model and cfg.encoder.model_name and info.clip_model != cfg.encoder.model_name:
         raise ValueError(f"CLIP mismatch: the embedding tables were made with {info.clip_model!r} but model artifact "
@@ -72,9 +74,7 @@ def resolve_model_config(model: str, overrides: dict[str, Any], info: tables.Tab
 
 
 def recipe_for(model: str) -> Any:
-    """The recipe a run starts from: the preset's, or for a warm start the recipe the artifact was trained with
-    (its recorded ``training.train``), so nightly retraining keeps the first run's settings."""
-    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
+    """The recipe a run starts from: the preset's, or a warm-started artifact's own (nightly keeps its settings)."""
     from clipcap_core.artifacts import read_metadata
     from clipcap_core.presets import preset_recipe
     from clipcap_core.training import PAPER_RECIPE, RECIPE_FIELDS
@@ -85,21 +85,10 @@ def recipe_for(model: str) -> Any:
     return dataclasses.replace(PAPER_RECIPE, **{k: trained[k] for k in RECIPE_FIELDS if trained.get(k) is not None})
 
 
-def read_artifact_config(uri: str) -> Any:
-    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
-    from clipcap_core.artifacts import read_config
-
-    return read_config(uri)
-
-
 def build_or_load_model(model: str, model_cfg: Any, *, seed: int, device: str | Any = "cpu") -> tuple[Any, Any]:
     """(ClipCapModel, tokenizer): a seeded new model for a preset, the saved one for an artifact (warm start)."""
-    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
-    import torch
-
     if is_preset_name(model):
         from clipcap_core.model import build_model as core_build
-        from clipcap_core.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(model_cfg.tokenizer_source)
         torch.manual_seed(seed)
@@ -111,9 +100,6 @@ def build_or_load_model(model: str, model_cfg: Any, *, seed: int, device: str | 
 
 
 def load_tokenizer_for(model: str, model_cfg: Any) -> Any:
-    # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
-    from clipcap_core.tokenizer import load_tokenizer
-
     if is_preset_name(model):
         return load_tokenizer(model_cfg.tokenizer_source)
     from clipcap_core.artifacts import read_metadata
@@ -123,15 +109,10 @@ def load_tokenizer_for(model: str, model_cfg: Any) -> Any:
 
 # --- batches ------------------------------------------------------------------------------------------------
 class BatchTokenizer:
-    """captions -> (tokens (B,T) int64, mask (B,T) float32), exactly as ``training.collate`` builds them
-    (the start token if any, each caption's ids + end-of-text, at most ``max_tokens``, right-padded with the
-    pad token), but with one batched call per block into the Rust tokenizer. Pickles as the Rust tokenizer
-    alone, so the Ray Data tasks that run it never import transformers (seconds per fresh worker process)."""
+    """captions -> (tokens (B,T) int64, mask (B,T) float32), exactly as ``training.collate`` builds them, with
+    one batched call per block into the Rust tokenizer."""
 
     def __init__(self, tokenizer: Any, max_tokens: int):
-        # lazy: transformers ~1.4 s to import (python -X importtime)
-        from clipcap_core.tokenizer import start_token_id
-
         self.max_tokens = max_tokens
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         start = start_token_id(tokenizer)
@@ -160,7 +141,6 @@ class BatchTokenizer:
 
 def to_core_batch(batch: dict[str, Any]) -> Any:
     """A Ray Data batch (padded to max tokens) -> ``training.Batch`` trimmed to its longest caption."""
-    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core.training import Batch
 
     mask = batch["mask"]
@@ -170,9 +150,7 @@ def to_core_batch(batch: dict[str, Any]) -> Any:
 
 def evaluate_model(model: Any, tokenizer: Any, heldout: pa.Table, *, max_tokens: int = 40,
                    batch_size: int = 64) -> dict[str, float]:
-    """Held-out loss + greedy-caption metrics (exact match, BLEU-4, CIDEr, CLIPScore) of ``model`` on ``heldout``
-    (``clipcap_core.metrics.heldout_metrics``, the code ``clipcap evaluate`` uses)."""
-    # lazy: torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
+    """Held-out loss + greedy-caption metrics (exact match, BLEU-4, CIDEr, CLIPScore) of ``model`` on ``heldout``."""
     from clipcap_core.training import collate, evaluate_captions, evaluate_loss
 
     captions = heldout.column("caption").to_pylist()
@@ -236,10 +214,6 @@ def check_plan(decoder: str, options: DecapOptions, info: tables.TableInfo, mode
 
 def add_noise(embeds: Any, std: float) -> Any:
     """Normalised embeddings (B, D) plus N(0, std^2) noise per component (CapDec's noise injection)."""
-    # lazy: torch ~6.7 s to import (python -X importtime)
-    import torch
-    import torch.nn.functional as F
-
     unit = F.normalize(embeds.float(), dim=-1)
     return unit + std * torch.randn_like(unit) if std > 0 else unit
 
@@ -247,7 +221,6 @@ def add_noise(embeds: Any, std: float) -> Any:
 def build_memory(options: DecapOptions, files: list[str], split: tables.Split,
                  repeats: tables.Repeats | None = None) -> Any:
     """The artifact's memory: a seeded sample of ``split`` of the training ``files`` or of ``options.memory``."""
-    # lazy: torch ~6.7 s to import (python -X importtime)
     from clipcap_core.decap import DecapMemory, load_memory_table, sample_rows
 
     size = options.memory_size or None

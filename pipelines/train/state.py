@@ -1,14 +1,8 @@
-"""What a training driver and its Ray Train workers share (``clipcap train`` and ``train-clip``): the typed
-configs and plans sent to the workers, and the worker entry that starts the worker's data stream before the job's
-loop module is imported (``EarlyStream``). Imports no more than ``clipcap_core.configs``, so that start is early.
+"""The typed configs, plans and run state a training driver sends its Ray Train workers (``train``, ``train-clip``).
 """
 
 from __future__ import annotations
 
-import importlib
-import threading
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,8 +11,7 @@ from clipcap_core.configs import from_dict
 
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
-    """How the job runs (the hyperparameters are ``TrainConfig`` / ``ClipTrainConfig``). ``CLI_FLAGS``: the fields
-    that are not flags of the training commands (``pipelines.commands.flags``)."""
+    """How the job runs (the hyperparameters are ``TrainConfig`` / ``ClipTrainConfig``)."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {
         "keep_checkpoints": None, "eval_max_samples": None, "eval_every": None, "prefetch_batches": None,
@@ -32,8 +25,7 @@ class RunOptions:
     eval_every: int = 1  # epochs between held-out evaluations (the last epoch is always evaluated)
     prefetch_batches: int = 4
     shuffle_buffer: int = 0  # rows; 0: stream order (files are reshuffled every epoch)
-    # How often Ray Train's controller polls the workers (Ray's default: 2 s). A report waits for the poll that
-    # takes the previous one, so with 2 s every report costs up to 2 s, and a crash loses reports not yet taken.
+    # Ray Train's controller poll (its default 2 s): each report waits for it, and a crash loses those not taken
     poll_interval_s: float = 0.25
 
     def __post_init__(self) -> None:
@@ -44,9 +36,7 @@ class RunOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class ScaleConfig:
-    """Ray Train workers and what each reserves and runs. ``None`` / 0 = sized from the cluster when the job
-    starts (``runner.size_workers``); an explicit value wins. ``CLI_FLAGS``: the flags of the training commands
-    named otherwise (``pipelines.commands.flags``)."""
+    """Ray Train workers and what each reserves and runs; ``None`` / 0: sized from the cluster (``size_workers``)."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"num_workers": "--workers", "use_gpu": "--gpu",
                                                   "gpus_per_worker": None}
@@ -97,8 +87,7 @@ class StepPlan:
 
 @dataclass(frozen=True, kw_only=True)
 class StreamSpec:
-    """How a worker reads its shard of the ``train`` stream (``launch.EarlyStream``), decided on the driver so the
-    worker can start the stream before it imports its loop."""
+    """How a worker reads its shard of the ``train`` stream (``steps.stream_batches``)."""
 
     rows: int  # rows per Ray Data batch
     prefetch_batches: int  # Ray Data batches
@@ -125,74 +114,3 @@ class RunState:
     def from_checkpoint(cls, data: dict[str, Any]) -> RunState:
         """A stored ``state.json``: an unknown or missing key fails, naming it."""
         return from_dict(cls, data)
-
-
-def worker_entry(config: dict[str, Any]) -> Any:
-    """The function ``TorchTrainer`` runs: ``config["loop"]`` (``"module:function"``) called with ``config`` and
-    the worker's ``EarlyStream`` (started here, before the loop's module is imported)."""
-    spec = config.get("stream")
-    batches = EarlyStream(from_dict(StreamSpec, spec)) if spec else None
-    module, _, name = str(config["loop"]).partition(":")
-    loop = getattr(importlib.import_module(module), name)
-    from pipelines.train.steps import attach_board  # after the stream started (steps imports torch)
-
-    attach_board(config.get("progress"))  # rank 0 posts its step there for the driver's progress line
-    return loop(config, batches)
-
-
-class EarlyStream:
-    """This worker's shard of the ``train`` dataset as numpy batches of ``spec.rows`` rows, with the shard and its
-    first batch requested at once in a background thread; ``torch(device)`` iterates it as tensors."""
-
-    _END = object()
-
-    def __init__(self, spec: StreamSpec):
-        self.spec = spec
-        self._it: Iterator[dict[str, Any]] | None = None
-        self._first: Any = self._END
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._start, name="clipcap-stream-start", daemon=True)
-        self._thread.start()
-
-    def _start(self) -> None:
-        try:
-            import ray.train
-
-            s = self.spec
-            self._it = iter(ray.train.get_dataset_shard("train").iter_batches(
-                batch_size=s.rows, batch_format="numpy", prefetch_batches=s.prefetch_batches,
-                drop_last=s.drop_last, local_shuffle_buffer_size=s.shuffle_buffer or None))
-            self._first = next(self._it)
-        except StopIteration:
-            pass
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
-            self._error = exc
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        """The numpy batches, in stream order (the first one already fetched)."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        if self._first is not self._END:
-            first, self._first = self._first, self._END
-            yield first
-            assert self._it is not None
-            yield from self._it
-
-    def torch(self, device: Any) -> Iterator[dict[str, Any]]:
-        """The batches as tensors of the spec's dtypes on ``device``: zero-copy on CPU (numpy arrays of the same
-        dtype), through pinned memory and an asynchronous copy on CUDA."""
-        # lazy: torch ~6.7 s to import (python -X importtime)
-        import torch
-
-        # Arrays out of the object store are read-only; the step never writes to its batch, and a copy would cost
-        # memory, so torch's warning about it is silenced (as Ray's own iter_torch_batches does).
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        dtypes = {k: getattr(torch, v) for k, v in self.spec.dtypes.items()}
-        cuda = torch.device(device).type == "cuda"
-        for batch in self:
-            out = {}
-            for k, v in batch.items():
-                t = torch.as_tensor(v, dtype=dtypes.get(k))
-                out[k] = t.pin_memory().to(device, non_blocking=True) if cuda else t
-            yield out

@@ -1,5 +1,5 @@
-"""The step loop every Ray Train worker runs (``clipcap train`` and ``train-clip``): restore, steps, progress
-lines and history rows, checkpoints, epoch ends with held-out metrics, the fault-injection hook.
+"""The step loop every Ray Train worker runs (``clipcap train`` and ``train-clip``): restore, steps, progress,
+history rows, checkpoints, epoch ends with held-out metrics, the fault-injection hook.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
 import torch
 
 from clipcap_core import uris
@@ -20,9 +23,9 @@ from pipelines.io import storage
 from pipelines.train.checkpoints import checkpoint_name, load_checkpoint, save_checkpoint
 from pipelines.train.state import (
     FaultConfig,
-    RunOptions,
     RunState,
     StepPlan,
+    StreamSpec,
 )
 
 
@@ -39,9 +42,8 @@ def split_batches(batches: Iterable[dict[str, Any]], size: int) -> Iterator[dict
 
 def loss_health(history: list[dict[str, Any]], total_steps: int, *, after: float = 0.5,
                 min_drop: float = 0.02) -> dict[str, Any]:
-    """Did the training loss fall? The mean logged loss of the run's first tenth against the mean past ``after``
-    of it; ``{}`` when the history is too short to tell. A loss that did not fall by ``min_drop`` (relative)
-    is a warning in the run record and the artifact, and nightly's gate refuses such a model."""
+    """Did the training loss fall (by ``min_drop``, relative)? The mean logged loss of the run's first tenth
+    against the mean past ``after`` of it; ``{}`` when the history is too short to tell."""
     rows = [(r["step"], r["train_loss"]) for r in history if r.get("kind") == "step"
             and np.isfinite(r.get("train_loss", np.nan))]
     if len(rows) < 2:
@@ -70,15 +72,13 @@ def maybe_crash(fault: FaultConfig | None, rank: int, step: int) -> None:
 
 
 def say(line: str) -> None:
-    """A worker's progress line, on stderr once (Ray Train's patched ``print`` sends a line both to the stream
-    and to its logger, and the driver then shows it twice); the driver's job log receives it."""
+    """A worker's progress line on stderr (Ray Train's patched ``print`` would show it twice)."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
 
 class Board:
-    """The latest step, samples and loss of a run, posted by rank 0 and read by the driver's progress line
-    (``runner.fit_workers`` makes it a Ray actor): the driver waits in ``trainer.fit()`` while workers train."""
+    """The latest step, samples and loss of a run (a Ray actor): rank 0 posts, the driver's progress line reads."""
 
     def __init__(self) -> None:
         self.latest: dict[str, float] = {}
@@ -90,39 +90,39 @@ class Board:
         return self.latest
 
 
-_board: Any = None  # this worker's handle on the run's Board actor (``state.worker_entry`` sets it)
 POST_EVERY_S = 1.0  # rank 0 posts at most this often (one fire-and-forget actor call)
 
 
-def attach_board(handle: Any) -> None:
-    global _board
-    _board = handle
+def stream_batches(spec: StreamSpec, device: Any) -> Iterable[dict[str, Any]]:
+    """This worker's shard of the ``train`` dataset as tensors of the spec's dtypes on ``device``."""
+    return ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=spec.rows, prefetch_batches=spec.prefetch_batches, drop_last=spec.drop_last,
+        local_shuffle_buffer_size=spec.shuffle_buffer or None, device=device,
+        dtypes={k: getattr(torch, v) for k, v in spec.dtypes.items()}, pin_memory=torch.device(device).type == "cuda")
 
 
 class WorkerRun:
-    """Per-worker run state: restore, reporting (+ rank-0 checkpoints), progress lines, epoch ends, history rows.
-    """
+    """Per-worker run state: restore, reporting (+ rank-0 checkpoints), progress lines, epoch ends, history rows."""
 
     label: ClassVar[str] = "train"  # in progress lines: [clipcap <label>]
     unit: ClassVar[str] = "samples"  # in progress lines: <rate> <unit>/s
     epoch_samples: ClassVar[bool] = True  # epoch rows carry "samples" (all workers)
     may_miss: ClassVar[str | None] = None  # weight-name prefix a checkpoint may leave out (see checkpoint_weights)
+    board: Any = None  # the run's Board actor, where rank 0 posts its progress
 
     model: Any
     optimizer: Any
     scheduler: Any
 
-    def __init__(self, plan: StepPlan, opts: RunOptions, *, epochs: int, batch_size: int, torch_threads: int,
-                 fault: FaultConfig | None):
-        # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
-        import ray.train
-        import ray.train.torch
-
-        self.plan, self.opts, self.epochs, self.batch_size, self.fault = plan, opts, epochs, batch_size, fault
+    def __init__(self, job: Any, plan: StepPlan, board: Any = None):
+        """``job``: a ``TrainJobConfig`` or ``ClipTrainJobConfig`` (its ``train``, ``run``, ``scale``, ``fault``)."""
+        self.job, self.hp, self.plan, self.board = job, job.train, plan, board
+        self.opts, self.fault = job.run, job.fault
+        self.epochs, self.batch_size = job.train.epochs, job.train.batch_size
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        if torch_threads:
-            torch.set_num_threads(int(torch_threads))
+        if job.scale.torch_threads:
+            torch.set_num_threads(int(job.scale.torch_threads))
         self.device = ray.train.torch.get_device()
         self.state = RunState()
         self.metrics: dict[str, float] = {}  # the latest held-out metrics
@@ -133,9 +133,6 @@ class WorkerRun:
 
     def resume(self) -> bool:
         """Restore the latest checkpoint Ray hands this worker group (if any) and count this attempt."""
-        # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
-        import ray.train
-
         ckpt = ray.train.get_checkpoint()
         if ckpt:
             self.state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, may_miss=self.may_miss)
@@ -159,9 +156,6 @@ class WorkerRun:
         self.t_epoch = self.t_window = time.perf_counter()
 
     def report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
-        # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
-        import ray.train
-
         name = checkpoint_name(self.state.step)
         if checkpoint and self.rank == 0:
             with tempfile.TemporaryDirectory(prefix=f"clipcap-{self.label}-ckpt-") as d:
@@ -171,17 +165,14 @@ class WorkerRun:
             ray.train.report(metrics, checkpoint_dir_name=name if checkpoint else None)
 
     def post_progress(self, force: bool = False) -> None:
-        """Rank 0: the step, samples so far (all workers) and recent loss to the driver's board. ``force`` (an
-        epoch's end) also waits for the post to land, so the driver's last read sees the last step."""
+        """Rank 0: step, samples and recent loss to the board; ``force`` (an epoch's end) waits for it to land."""
         now = time.monotonic()
-        if self.rank != 0 or _board is None or (not force and now - self._posted < POST_EVERY_S):
+        if self.rank != 0 or self.board is None or (not force and now - self._posted < POST_EVERY_S):
             return
         self._posted, st = now, self.state
         loss = float(np.mean(self.losses[-20:])) if self.losses else float("nan")
-        posted = _board.post.remote({"step": st.step, "samples": st.step * self.batch_size * self.world, "loss": loss})
+        posted = self.board.post.remote({"step": st.step, "samples": st.step * self.batch_size * self.world, "loss": loss})
         if force:
-            import ray
-
             try:
                 ray.get(posted, timeout=10)
             except Exception:  # noqa: BLE001 - progress must never fail training
@@ -225,9 +216,8 @@ class WorkerRun:
 
 def run_steps(run: WorkerRun, batches: Iterable[dict[str, Any]] | None, step: Callable[[dict[str, Any]], float],
               *, skip: int) -> None:
-    """Train ``run`` on ``batches`` (one stream over every remaining epoch) until ``plan.total_steps``: the first
-    ``skip`` batches are read, not trained on (a restarted run's stream starts before its restored step).
-    """
+    """Train ``run`` on ``batches`` until ``plan.total_steps``; the first ``skip`` batches are read, not trained on
+    (a restarted run's stream starts before its restored step)."""
     st, plan, opts = run.state, run.plan, run.opts
     if st.epoch >= run.epochs or batches is None:
         return

@@ -1,15 +1,16 @@
-"""``clipcap study prefix``: the ClipCap paper's question as a tool. Prefix length x mapping x LM (frozen or
-fine-tuned) x seeds, each a Ray Tune trial of the sweep (``sweep.train_setting``), scored on the key-hash held-out
-rows with the metrics of ``clipcap evaluate`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr, CLIPScore), then reduced to
-mean and spread over seeds per setting, with training time and trainable parameters.
+"""``clipcap study prefix``: prefix length x mapping x LM (frozen or tuned) x seeds, each a Ray Tune trial of the
+sweep, scored on held-out rows with ``clipcap evaluate``'s metrics, reduced to mean and spread over seeds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
+
+from ray import tune
 
 from clipcap_core.configs import from_dict, to_dict
 from clipcap_core.training import TrainConfig
@@ -23,7 +24,7 @@ LM_FREEZE = {"frozen": True, "tuned": False}
 
 @dataclass(frozen=True, kw_only=True)
 class StudyConfig:
-    """The ``clipcap study prefix`` config: each field is a flag (``pipelines.commands.flags``)."""
+    """The ``clipcap study prefix`` config: each field is a flag."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {
         "tables": "--input", "presets": None, "model_overrides": None, "metrics": None, "train.warmup_steps": None,
@@ -55,18 +56,12 @@ class StudyConfig:
         self.sweep()  # prefix lengths and presets are checked where the sweep checks them
 
     def sweep(self) -> sweep.SweepConfig:
-        return sweep.SweepConfig(
-            tables=self.tables, output=self.output, name=self.name, prefix_lengths=self.prefix_lengths,
-            mappings=self.mappings, presets=self.presets, model_overrides=self.model_overrides, train=self.train,
-            heldout_fraction=self.heldout_fraction, eval_max_samples=self.eval_max_samples,
-            max_train_rows=self.max_train_rows, trial_cpus=self.trial_cpus, trial_gpus=self.trial_gpus,
-            max_concurrent=self.max_concurrent)
+        """The sweep config of the same fields (the trials train through ``sweep.train_setting``)."""
+        return sweep.SweepConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(sweep.SweepConfig)})
 
 
 def _trial(config: dict[str, Any]) -> None:
     """One (setting, seed): train, caption the held-out rows greedily, report every metric."""
-    from ray import tune
-
     from clipcap_core.decoding import generate
     from clipcap_core.metrics import evaluate_predictions, scorer_for
     from clipcap_core.model import trainable_parameters
@@ -91,8 +86,6 @@ TRIAL_COLUMNS = (*SETTING, "seed", *METRICS, "trainable_params", "train_rows", "
 
 def run_prefix_study(cfg: StudyConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every (mapping, prefix length, LM, seed) as a Tune trial; returns (trial rows, setting rows), saved."""
-    from ray import tune
-
     space = {"study": to_dict(cfg), "mapping": tune.grid_search(list(cfg.mappings)),
              "prefix_length": tune.grid_search(list(cfg.prefix_lengths)), "lm": tune.grid_search(list(cfg.lms)),
              "seed": tune.grid_search(list(cfg.seeds))}

@@ -1,5 +1,4 @@
-"""Prefix-length sweep (the paper's study, repeated by our users): Ray Tune over prefix lengths x mapping types.
-"""
+"""Prefix-length sweep (the paper's study): Ray Tune over prefix lengths x mapping types."""
 
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from ray import tune
 
 from clipcap_core.configs import from_dict, to_dict
 from clipcap_core.training import TrainConfig, iterate_batches, train_loop
@@ -29,8 +29,7 @@ COLUMNS = ("mapping", "prefix_length", "freeze_lm", "bleu4", "cider", "exact_mat
 
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig:
-    """The ``clipcap sweep`` config: each field is a flag (``pipelines.commands.flags``); ``CLI_FLAGS`` names the
-    renamed flags and the fields set by ``--config`` / ``--set`` only (None)."""
+    """The ``clipcap sweep`` config: each field is a flag; ``CLI_FLAGS`` renames or hides (None) a few."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"tables": "--input", "presets": None,
                                                   "model_overrides": None}
@@ -84,8 +83,7 @@ class TrainedSetting:
 
 def train_setting(sweep: SweepConfig, mapping: str, k: int, *, freeze_lm: bool | None = None,
                   seed: int | None = None) -> TrainedSetting:
-    """Train setting (mapping, k[, LM frozen or tuned][, seed]) in this process on the key-hash train split (at
-    most ``max_train_rows``); ``freeze_lm`` / ``seed`` None: the preset's and ``sweep.train``'s."""
+    """Train setting (mapping, k[, LM frozen][, seed]) in this process on the train split (``None``: the preset's)."""
     files = tables.list_table_files(sweep.tables)
     info = tables.inspect_tables(files)
     preset = sweep.presets[mapping]
@@ -110,9 +108,6 @@ def train_setting(sweep: SweepConfig, mapping: str, k: int, *, freeze_lm: bool |
 
 def _trial(config: dict[str, Any]) -> None:
     """One setting: train in this process, report held-out loss and caption metrics at the end."""
-    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
-    from ray import tune
-
     sweep = from_dict(SweepConfig, config["sweep"])
     mapping, k = config["mapping"], int(config["prefix_length"])
     run = train_setting(sweep, mapping, k)
@@ -125,12 +120,9 @@ def _trial(config: dict[str, Any]) -> None:
 
 def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     """Run every (mapping, prefix length) setting as a Tune trial; returns and saves the results table."""
-    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
-    from ray import tune
-
     space = {"sweep": to_dict(cfg), "mapping": tune.grid_search(list(cfg.mappings)),
              "prefix_length": tune.grid_search(list(cfg.prefix_lengths))}
-    progress = _trials_progress(tune, len(cfg.mappings) * len(cfg.prefix_lengths))
+    progress = TrialsDone(len(cfg.mappings) * len(cfg.prefix_lengths))
     rows = sorted(({c: m.get(c) for c in COLUMNS} for m in run_trials(cfg, _trial, space, "sweep", [progress])),
                   key=lambda r: (str(r["mapping"]), int(r["prefix_length"])))
     save_results(rows, storage.join(cfg.output, cfg.name))
@@ -139,11 +131,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
 
 def run_trials(cfg: SweepConfig, trial: Any, space: dict[str, Any], what: str, callbacks: Sequence[Any] = ()
                ) -> list[dict[str, Any]]:
-    """Every setting of the grid ``space`` as a Tune trial of ``trial``, after the checks that need no trial
-    (tables, each setting's model config, the output); the trials' reported metrics."""
-    # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
-    from ray import tune
-
+    """Every setting of the grid ``space`` as a Tune trial of ``trial`` (after the checks that need none)."""
     info = tables.inspect_tables(tables.list_table_files(cfg.tables))  # table / model problems fail here
     for mapping in cfg.mappings:
         for k in cfg.prefix_lengths:
@@ -160,31 +148,29 @@ def run_trials(cfg: SweepConfig, trial: Any, space: dict[str, Any], what: str, c
     return [r.metrics for r in grid]
 
 
-def _trials_progress(tune: Any, total: int) -> Any:
+class TrialsDone(tune.Callback):
     """A Tune callback (it runs on the driver) advancing the operator's progress line as trials end."""
-    class TrialsDone(tune.Callback):
-        def __init__(self) -> None:
-            self.progress = console.Progress("sweep", total, unit="trials", rows="trials", count_errors=False)
-            self.failed = 0
 
-        def __getstate__(self) -> dict[str, Any]:  # Tune saves its callbacks with the experiment: not the stream
-            return {"progress": None, "failed": self.failed}
+    def __init__(self, total: int) -> None:
+        self.progress = console.Progress("sweep", total, unit="trials", rows="trials", count_errors=False)
+        self.failed = 0
 
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            if self.progress is not None:
-                self.progress.update(1, 1)
+    def __getstate__(self) -> dict[str, Any]:  # Tune saves its callbacks with the experiment: not the stream
+        return {"progress": None, "failed": self.failed}
 
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.failed += 1
-            if self.progress is not None:
-                self.progress.note = f"{self.failed} failed"
-                self.progress.update(1, 1)
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.progress is not None:
+            self.progress.update(1, 1)
 
-        def on_experiment_end(self, trials: list, **info: Any) -> None:
-            if self.progress is not None:
-                self.progress.close()
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.failed += 1
+        if self.progress is not None:
+            self.progress.note = f"{self.failed} failed"
+            self.progress.update(1, 1)
 
-    return TrialsDone()
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.progress is not None:
+            self.progress.close()
 
 
 def resolve_check(cfg: SweepConfig, mapping: str, k: int, info: tables.TableInfo) -> None:

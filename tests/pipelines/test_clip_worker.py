@@ -1,4 +1,4 @@
-"""pipelines.clip.worker's in-memory batches: seeded per epoch, and groups of consecutive pairs (a scene and its
+"""pipelines.clip.job's in-memory batches: seeded per epoch, and groups of consecutive pairs (a scene and its
 hard-negative twin) stay together in one batch when ``train.group_size`` asks for it."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ import pytest
 
 from clipcap_core import scenes
 from clipcap_core.clip_training import ClipModelSpec, ClipTrainConfig
-from pipelines.clip.job import ClipTrainJobConfig, plan
-from pipelines.clip.worker import memory_batches
+from pipelines.clip.job import ClipTrainJobConfig, memory_batches, plan
 
 
 def _job(tmp_path, group_size: int, **kw) -> ClipTrainJobConfig:
