@@ -1,19 +1,65 @@
-"""The one per-unit committer every stage's driver runs: embed (unit = shard), embed-text and caption (part).
-"""
+"""The one per-unit committer every stage's driver runs (embed: unit = shard; embed-text, caption: part), and
+the output layout it commits into."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from clipcap_core import uris
 from pipelines import stopping
+from pipelines.io import storage
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UnitTable:
+    """A table folder of ``part-<unit>.parquet`` files and its bookkeeping folder ``meta`` (``errors/``,
+    ``empty/`` done-markers, ``tmp/``), which no reader globs: a 0-row Parquet file breaks ``datasets``."""
+
+    table: str
+    meta: str
+
+    def dir(self, name: str) -> str:
+        return storage.join(self.meta, name)
+
+    def part(self, unit: str) -> str:
+        return storage.join(self.table, f"part-{unit}.parquet")
+
+    def errors(self, unit: str) -> str:
+        return storage.join(self.dir("errors"), f"part-{unit}.parquet")
+
+    def empty(self, unit: str) -> str:
+        return storage.join(self.dir("empty"), f"part-{unit}.json")
+
+    def done(self) -> set[str]:
+        """Units with a part file or an empty marker."""
+        names = storage.list_files(self.table, ".parquet") + storage.list_files(self.dir("empty"), ".json")
+        return {u.rsplit("/", 1)[-1].removeprefix("part-").rsplit(".", 1)[0] for u in names}
+
+    def remove_temporaries(self) -> int:
+        """Delete the ``_tmp.*`` files a killed run left (call it holding the output's lease: no other writer)."""
+        return storage.remove_temporaries(self.table, self.dir("errors"), self.dir("empty"), self.dir("tmp"),
+                                          self.meta)
+
+    def write(self, unit: str, table: pa.Table, errors: pa.Table, marker: dict[str, Any]) -> None:
+        """The errors table (or drop a stale one), then the part file, or ``marker`` as the empty marker when no
+        row is good: the commit marker is written last."""
+        if errors.num_rows:
+            storage.atomic_write_table(errors, self.errors(unit), tmp_dir=self.dir("tmp"))
+        elif uris.exists(self.errors(unit)):  # from an earlier attempt at this unit
+            storage.remove(self.errors(unit))
+        if table.num_rows:
+            storage.atomic_write_table(table, self.part(unit), tmp_dir=self.dir("tmp"))
+        else:
+            storage.write_json(marker, self.empty(unit))
 
 
 class UnitCommitter:

@@ -15,13 +15,7 @@ from clipcap_core.decap import ProjectionConfig, check_projection
 from clipcap_core.decoding import DecodeConfig
 from clipcap_core.encoders import preprocess_spec
 from pipelines import console, exitcodes, runtime, stopping
-from pipelines.caption.output import (
-    PartCommitter,
-    _clear_output,
-    _remove_stale_temporaries,
-    done_parts,
-    meta_uri,
-)
+from pipelines.caption.output import PartCommitter, _clear_output, layout, meta_uri
 from pipelines.caption.stages import CaptionStage, ClipCaptionStage, inspect_model, read_decode_batch
 from pipelines.clip_actor import ClipActor
 from pipelines.io import sources, storage
@@ -238,8 +232,8 @@ def prepare(cfg: CaptionConfig) -> Plan:
         raise ValueError(f"output {cfg.output!r} holds a run with different {', '.join(changed)}; use a new "
                          "output or overwrite=True (--overwrite) to redo it")
     storage.write_json(record, run_uri)
-    _remove_stale_temporaries(cfg.output)
-    done = done_parts(cfg.output)
+    layout(cfg.output).remove_temporaries()
+    done = layout(cfg.output).done()
     todo = [p for p in parts if p.part_id not in done]
     return Plan(parts, todo, info.model_id, info, needs_clip, digest, skipped)
 

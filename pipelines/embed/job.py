@@ -20,7 +20,7 @@ from clipcap_core import encoders, imaging, uris
 from clipcap_core.encoders import EncoderConfig
 from pipelines import console, exitcodes, rows, runtime, stopping
 from pipelines.clip_actor import ClipActor
-from pipelines.committer import UnitCommitter
+from pipelines.committer import UnitCommitter, UnitTable
 from pipelines.embed import stages as st
 from pipelines.io import schemas, storage
 from pipelines.lease import LEASE_FILE, Lease
@@ -81,9 +81,11 @@ class EmbedConfig:
 
     @property
     def meta_uri(self) -> str:
-        """Bookkeeping of the table (errors table, empty-shard markers), outside the folder readers glob."""
-        return storage.join(self.output_root, META_DIR, "embeddings", self.dataset,
-                            encoders.encoder_tag(self.encoder))
+        return storage.join(self.output_root, META_DIR, "embeddings", self.dataset, encoders.encoder_tag(self.encoder))
+
+    @property
+    def units(self) -> UnitTable:
+        return UnitTable(self.table_uri, self.meta_uri)
 
 
 @dataclass
@@ -141,10 +143,8 @@ def list_shards(input_uri: str) -> list[str]:
 
 
 def pending_shards(cfg: EmbedConfig, shards: list[str]) -> list[str]:
-    done = {posixpath.basename(u) for u in storage.list_files(cfg.table_uri, ".parquet")}
-    done |= {posixpath.basename(u).removesuffix(".json") + ".parquet"
-             for u in storage.list_files(storage.join(cfg.meta_uri, "empty"), ".json")}
-    return [s for s in shards if f"part-{st.shard_name(s)}.parquet" not in done]
+    done = cfg.units.done()
+    return [s for s in shards if st.shard_name(s) not in done]
 
 
 def _first_sample_files(uri: str) -> list[str]:
@@ -255,7 +255,7 @@ def _embed(cfg: EmbedConfig, shards: list[str], lease: Lease, t0: float, ray_add
     if pending:
         with stopping.counting(lambda: (result.skipped, result.shards), "shard"):  # stopped before any commit
             runtime.ensure_ray(ray_address)
-            remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
+            cfg.units.remove_temporaries()
             log.info("embedding %d shard(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
                      cfg.table_uri)
             _drain(cfg, build_dataset(cfg, pending), pending, dim, t0, result, lease.check)
@@ -263,30 +263,6 @@ def _embed(cfg: EmbedConfig, shards: list[str], lease: Lease, t0: float, ray_add
     result.wall_s = time.perf_counter() - t0
     log.info(result.describe())
     return result
-
-
-def part_uri(table_uri: str, shard: str) -> str:
-    return storage.join(table_uri, f"part-{shard}.parquet")
-
-
-def errors_uri(meta_uri: str, shard: str) -> str:
-    return storage.join(meta_uri, "errors", f"part-{shard}.parquet")
-
-
-def empty_uri(meta_uri: str, shard: str) -> str:
-    """Done-marker of a shard without one good sample (a 0-row part file breaks Hugging Face ``datasets``)."""
-    return storage.join(meta_uri, "empty", f"part-{shard}.json")
-
-
-def tmp_uri(meta_uri: str) -> str:
-    """Where a table's files are written before their rename into place: outside every reader's glob."""
-    return storage.join(meta_uri, "tmp")
-
-
-def remove_stale_temporaries(table_uri: str, meta_uri: str) -> int:
-    """Delete ``_tmp.*`` files a killed run left behind (call it holding the table's lease: no other writer)."""
-    return storage.remove_temporaries(table_uri, storage.join(meta_uri, "errors"), storage.join(meta_uri, "empty"),
-                                      tmp_uri(meta_uri), meta_uri)
 
 
 def _download_errors(shard_uri: str) -> list[dict[str, str]]:
@@ -323,7 +299,8 @@ def strings(table: pa.Table, name: str, take: np.ndarray) -> pa.Array:
 
 
 def vectors(table: pa.Table, name: str, take: np.ndarray, dim: int, np_dtype: type) -> pa.FixedSizeListArray:
-    return fixed_list(rows.vectors(table.column(name).take(pa.array(take, pa.int64())), dim), dim, np_dtype)
+    values = rows.vectors(table.column(name).take(pa.array(take, pa.int64())), dim)  # (N, D) float32
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.astype(np_dtype).reshape(-1)), dim)
 
 
 def build_tables(table: pa.Table, cfg: EmbedConfig, dim: int, meta: dict[str, str]
@@ -339,19 +316,6 @@ def build_tables(table: pa.Table, cfg: EmbedConfig, dim: int, meta: dict[str, st
     return pa.Table.from_arrays(arrays, schema=schema), errs
 
 
-def fixed_list(values: np.ndarray, dim: int, np_dtype: type) -> pa.FixedSizeListArray:
-    flat = np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(-1, dim), dtype=np_dtype).reshape(-1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
-
-
-def unread_reason(table: pa.Table | None) -> str | None:
-    """Why the shard could not be read at all, or None (per-sample errors do not count)."""
-    unread = [] if table is None else table.column(st.UNREAD).to_pylist()
-    if not any(unread):
-        return None
-    return str(table.column(st.ERROR)[unread.index(True)].as_py())
-
-
 def download_incomplete(shard_uri: str) -> str | None:
     """Why a shard is not final yet: img2dataset recorded transient failures (outage, timeout, 5xx) that the
     download stage retries on its next run; committing it now would keep those samples out for good."""
@@ -364,8 +328,7 @@ def download_incomplete(shard_uri: str) -> str | None:
 
 
 def commit_shard(cfg: EmbedConfig, shard_uri: str, table: pa.Table | None, dim: int) -> tuple[int, int]:
-    """Write the errors table (if any, else drop a stale one), then the part file, or the empty marker when
-    no sample is good: the commit marker is written last. Returns (rows, error rows)."""
+    """Commit one shard (``UnitTable.write``); returns (rows, error rows)."""
     shard = st.shard_name(shard_uri)
     meta = schemas.embedding_metadata(
         clip_model=cfg.encoder.model_name, clip_pretrained=cfg.encoder.pretrained, dim=dim, dtype=cfg.dtype,
@@ -375,16 +338,8 @@ def commit_shard(cfg: EmbedConfig, shard_uri: str, table: pa.Table | None, dim: 
                           rows.EMBEDDING: pa.array([], pa.binary()), rows.TEXT_EMBEDDING: pa.array([], pa.binary())})
     table, errs = build_tables(table, cfg, dim, meta)
     errs = _download_errors(shard_uri) + errs
-    err_uri = errors_uri(cfg.meta_uri, shard)
-    if errs:
-        storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA), err_uri,
-                                   tmp_dir=tmp_uri(cfg.meta_uri))
-    elif uris.exists(err_uri):  # from an earlier attempt at this shard
-        storage.remove(err_uri)
-    if table.num_rows:
-        storage.atomic_write_table(table, part_uri(cfg.table_uri, shard), tmp_dir=tmp_uri(cfg.meta_uri))
-    else:
-        storage.write_json({"shard": shard_uri, "rows": 0, "errors": len(errs)}, empty_uri(cfg.meta_uri, shard))
+    cfg.units.write(shard, table, pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA),
+                    {"shard": shard_uri, "rows": 0, "errors": len(errs)})
     return table.num_rows, len(errs)
 
 
@@ -398,7 +353,11 @@ class ShardCommitter(UnitCommitter):
         self.uris = {st.shard_name(u): u for u in shard_uris}
 
     def unread(self, unit: str, table: pa.Table | None) -> str | None:
-        return unread_reason(table) or download_incomplete(self.uris[unit])
+        """The shard's read error (not a per-sample one), else ``download_incomplete``."""
+        unread = [] if table is None else table.column(st.UNREAD).to_pylist()
+        if any(unread):
+            return str(table.column(st.ERROR)[unread.index(True)].as_py())
+        return download_incomplete(self.uris[unit])
 
     def commit(self, unit: str, table: pa.Table | None) -> tuple[int, int]:
         return commit_shard(self.cfg, self.uris[unit], table, self.dim)

@@ -23,7 +23,7 @@ from clipcap_core.configs import to_dict
 from clipcap_core.encoders import EncoderConfig
 from pipelines import console, rows, runtime, stopping
 from pipelines.clip_actor import ClipActor
-from pipelines.committer import UnitCommitter
+from pipelines.committer import UnitCommitter, UnitTable
 from pipelines.embed import job as embed
 from pipelines.embed import stages as st
 from pipelines.embed.stages import MAX_SHARD_BYTES, read_shard, shard_name
@@ -248,9 +248,12 @@ class EmbedTextConfig:
 
     @property
     def meta_uri(self) -> str:
-        """Bookkeeping (errors table, empty-part markers, run record), outside the folder readers glob."""
         return storage.join(self.output_root, embed.META_DIR, "text-embeddings", self.dataset,
                             encoders.encoder_tag(self.encoder))
+
+    @property
+    def units(self) -> UnitTable:
+        return UnitTable(self.table_uri, self.meta_uri)
 
 
 @dataclass
@@ -304,10 +307,8 @@ def claim(cfg: EmbedTextConfig, parts: list[TextPart]) -> None:
 
 
 def pending_parts(cfg: EmbedTextConfig, parts: list[TextPart]) -> list[TextPart]:
-    done = set(storage.list_files(cfg.table_uri, ".parquet"))
-    done |= {embed.part_uri(cfg.table_uri, posixpath.basename(u).removesuffix(".json").removeprefix("part-"))
-             for u in storage.list_files(storage.join(cfg.meta_uri, "empty"), ".json")}
-    return [p for p in parts if embed.part_uri(cfg.table_uri, p.part_id) not in done]
+    done = cfg.units.done()
+    return [p for p in parts if p.part_id not in done]
 
 
 # --- output tables ------------------------------------------------------------------------------------------
@@ -325,7 +326,7 @@ def build_tables(table: pa.Table, dim: int, dtype: str, meta: dict[str, str]) ->
 
 def commit_part(cfg: EmbedTextConfig, part: TextPart, table: pa.Table | None,
                 dim: int) -> tuple[int, int, int]:
-    """Errors table (if any), then the part file (the commit marker). Returns (rows, error rows, truncated)."""
+    """Commit one part (``UnitTable.write``); returns (rows, error rows, truncated)."""
     meta = schemas.embedding_metadata(
         clip_model=cfg.encoder.model_name, clip_pretrained=cfg.encoder.pretrained, dim=dim, dtype=cfg.dtype,
         preprocess=f"text: open_clip tokenizer of {cfg.encoder.model_name}, truncated to its context",
@@ -334,14 +335,8 @@ def commit_part(cfg: EmbedTextConfig, part: TextPart, table: pa.Table | None,
         table = pa.table({**{k: pa.array([], pa.string()) for k in (st.KEY, st.CAPTION, st.SOURCE, st.ERROR)},
                           st.TRUNCATED: pa.array([], pa.bool_()), rows.TEXT_EMBEDDING: pa.array([], pa.binary())})
     table, errs = build_tables(table, dim, cfg.dtype, meta)
-    if errs:
-        storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA),
-                                   embed.errors_uri(cfg.meta_uri, part.part_id), tmp_dir=embed.tmp_uri(cfg.meta_uri))
-    if table.num_rows:  # last: the commit marker
-        storage.atomic_write_table(table, embed.part_uri(cfg.table_uri, part.part_id),
-                                   tmp_dir=embed.tmp_uri(cfg.meta_uri))
-    else:  # a 0-row Parquet file breaks Hugging Face datasets: the done-marker lives under _meta instead
-        storage.write_json({"part": part.part_id, "errors": len(errs)}, embed.empty_uri(cfg.meta_uri, part.part_id))
+    cfg.units.write(part.part_id, table, pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA),
+                    {"part": part.part_id, "errors": len(errs)})
     return table.num_rows, len(errs), int(table.schema.metadata[schemas.META_TRUNCATED.encode()])
 
 
@@ -426,7 +421,7 @@ def _embed_text(cfg: EmbedTextConfig, parts: list[TextPart], lease: Lease, t0: f
         # a stop or a failed commit names the parts committed so far (earlier runs' included)
         with stopping.counting(lambda: (result.skipped + len(committer.committed), result.parts), "part"):
             runtime.ensure_ray(ray_address)
-            embed.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
+            cfg.units.remove_temporaries()
             log.info("embedding %d caption part(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
                      cfg.table_uri)
             result.rows, result.errors, result.truncated = _drain(cfg, committer, dim)
