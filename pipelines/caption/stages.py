@@ -28,27 +28,11 @@ STAGE_SCHEMA = pa.schema([
 TIMING_COLUMNS = ("t_read", "cpu_read", "t_clip", "cpu_clip", "t_caption", "cpu_caption")  # pipelines.rows.Clock
 
 
-class _Rows:
-    """Column buffers for one output block of ``read_decode_part``."""
-
-    def __init__(self) -> None:
-        self.cols: dict[str, list[Any]] = {name: [] for name in STAGE_SCHEMA.names}
-
-    def __len__(self) -> int:
-        return len(self.cols["key"])
-
-    def add(self, part_id: str, index: int, key: str, source: str, *, pixels: bytes = b"",
-            embedding: bytes = b"", error: str | None = None, stage: str | None = None, total: int = -1) -> None:
-        for name, value in (("part_id", part_id), ("index", index), ("key", key), ("source", source),
-                            ("pixels", pixels), ("embedding", embedding), ("error", error), ("stage", stage),
-                            ("total", total)):  # t_read / cpu_read are filled per block
-            self.cols[name].append(value)
-
-    def table(self, lap: tuple[float, float] = (0.0, 0.0)) -> pa.Table:
-        n = len(self)
-        self.cols["t_read"] = [lap[0] / n] * n if n else []
-        self.cols["cpu_read"] = [lap[1] / n] * n if n else []
-        return pa.table(self.cols, schema=STAGE_SCHEMA)
+def _stage_table(buf: list[dict[str, Any]], lap: tuple[float, float]) -> pa.Table:
+    """One block of stage rows, the read time shared out per row."""
+    n = len(buf)
+    return pa.Table.from_pylist([{"pixels": b"", "embedding": b"", "total": -1, **r, "t_read": lap[0] / n,
+                                  "cpu_read": lap[1] / n} for r in buf], schema=STAGE_SCHEMA)
 
 
 def _decode_record(rec: sources.Record, resizer: Any, cfg: sources.SourceConfig,
@@ -70,17 +54,18 @@ def _decode_record(rec: sources.Record, resizer: Any, cfg: sources.SourceConfig,
 def read_decode_part(part: sources.Part, cfg: sources.SourceConfig, resizer: Any, block_rows: int,
                      draft: tuple[int, int] | None = None) -> Iterator[pa.Table]:
     """Records of ``part`` as stage rows in blocks of ``block_rows``, then the part's marker row."""
-    buf, n, clock = _Rows(), 0, rows.Clock()
+    buf: list[dict[str, Any]] = []
+    n, clock = 0, rows.Clock()
     for rec in sources.read_part(part, cfg):
-        buf.add(part.part_id, n, rec.key, rec.source, **_decode_record(rec, resizer, cfg, draft))
+        buf.append(dict(part_id=part.part_id, index=n, key=rec.key, source=rec.source,
+                        **_decode_record(rec, resizer, cfg, draft)))
         n += 1
         if len(buf) >= block_rows:
-            lap = clock.lap()
-            yield buf.table(lap)
-            buf = _Rows()
+            yield _stage_table(buf, clock.lap())
+            buf = []
             clock.lap()  # the time spent downstream while suspended is not ours
-    buf.add(part.part_id, -1, "", "", total=n)
-    yield buf.table(clock.lap())
+    buf.append(dict(part_id=part.part_id, index=-1, key="", source="", total=n))
+    yield _stage_table(buf, clock.lap())
 
 
 def read_decode_batch(batch: pa.Table, *, cfg_json: str, spec: Any, block_rows: int,
