@@ -141,10 +141,8 @@ class UnitCommitter:
         return result
 
     def _commit_with_retries(self, unit: str, rows: pa.Table | None) -> Any:
-        """``commit``, retried with backoff while the storage error looks transient (connection refused or
-        reset, timeouts, HTTP 5xx / throttling: an object store restarting); a deterministic error (disk full,
-        read-only, access denied) or the last retry is ``CommitFailed``: exit 4, the unit and the cause named.
-        A retry rewrites the same names, so it never duplicates rows. A failing ``guard`` is ``CommitFailed``."""
+        """``commit``, retried with backoff while the storage error is transient; a deterministic error, the
+        last retry or a failing ``guard`` is ``CommitFailed`` (exit 4). A retry rewrites the same names."""
         try:
             if self.guard is not None:
                 self.guard()
@@ -165,12 +163,10 @@ class UnitCommitter:
         raise AssertionError("unreachable")
 
     def pending(self) -> list[str]:
-        """Units with rows but not complete."""
         return sorted(set(self._rows) | set(self._totals))
 
     def finish(self, stage: str, expected: Iterable[str] = ()) -> list[Any]:
-        """At the end of the stream: fail if a unit is incomplete (rows lost in the pipeline), then settle the
-        ``expected`` units that got no row at all (embed: a shard without samples)."""
+        """End of stream: fail on a unit with lost rows, then settle ``expected`` units without rows."""
         if self.pending():
             raise RuntimeError(f"{stage} ended with incomplete {self.noun}(s) {self.pending()[:5]} (rows lost?)")
         done = [self._settle(u, None) for u in sorted(set(expected) - self._settled)]

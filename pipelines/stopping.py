@@ -1,7 +1,5 @@
-"""How a job stops part-way: on a stop signal (SIGTERM, SIGINT) or when its output cannot take a unit.
-
-``Interrupted`` is a ``BaseException`` (as ``KeyboardInterrupt``), so no ``except Exception`` swallows it; a
-signal during a commit waits until the unit is written.
+"""How a job stops part-way: on SIGTERM / SIGINT (``Interrupted``, a ``BaseException``, waits for a commit in
+flight) or when its output cannot take a unit (``CommitFailed``).
 """
 
 from __future__ import annotations
@@ -65,8 +63,7 @@ class CommitFailed(Exception):
 
 
 class _State:
-    """What the handler needs across calls: whether ``on_signals`` is active, the commit depth, a signal held
-    back by it, whether one fired."""
+    """The handler's state: ``on_signals`` active, commit depth, a held-back signal, whether one fired."""
 
     active = False
     depth = 0
@@ -89,8 +86,7 @@ def _handle(signum: int, _frame: FrameType | None) -> None:
 
 @contextmanager
 def on_signals(enabled: bool = True) -> Iterator[None]:
-    """SIGTERM / SIGINT raise ``Interrupted`` inside the block (``enabled``, main thread only; otherwise
-    nothing changes)."""
+    """SIGTERM / SIGINT raise ``Interrupted`` inside the block (``enabled``, main thread only)."""
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -105,8 +101,7 @@ def on_signals(enabled: bool = True) -> Iterator[None]:
 
 
 def reinstall() -> None:
-    """While ``on_signals`` is active, take the signals back from a library that set its own handlers
-    (``ray.init`` makes SIGTERM ``sys.exit``, which aborts the driver in Ray's C++ teardown)."""
+    """Take the signals back from a library that set its own handlers (``ray.init``) while active."""
     if _state.active and threading.current_thread() is threading.main_thread():
         for s in SIGNALS:
             signal.signal(s, _handle)
@@ -114,9 +109,7 @@ def reinstall() -> None:
 
 @contextmanager
 def starting_ray() -> Iterator[None]:
-    """Around ``ray.init`` while ``on_signals`` is active: Ray's own SIGTERM handler (``sys.exit`` mid-start, which
-    leaves its processes behind or is swallowed) is not installed, and a stop signal is held until Ray is up, so
-    ``release_ray`` stops it whole."""
+    """Around ``ray.init``: Ray's SIGTERM handler is not installed and a stop signal waits until Ray is up."""
     # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray._private.utils as ray_utils  # where ray.init installs its handler from
 
@@ -146,8 +139,7 @@ def committing() -> Iterator[None]:
 
 @contextmanager
 def counting(count: Callable[[], tuple[int, int]], noun: str) -> Iterator[None]:
-    """Attach ``count()`` = (units committed, units in all) to an ``Interrupted`` / ``CommitFailed`` leaving
-    the block."""
+    """Attach ``count()`` = (units committed, units in all) to a stop leaving the block."""
     try:
         yield
     except (Interrupted, CommitFailed) as exc:
@@ -157,8 +149,7 @@ def counting(count: Callable[[], tuple[int, int]], noun: str) -> Iterator[None]:
 
 
 def run(call: Callable[[], int], prog: str, signals: bool = True) -> int:
-    """``call()`` under ``on_signals(signals)``; a part-way stop becomes its one stderr line and its exit code,
-    after the Ray session the call opened is released (a second signal meanwhile is ignored)."""
+    """``call()`` under ``on_signals``; a stop releases the Ray session it opened and becomes one line."""
     connected = _ray_connected()  # a session opened before (a caller's own) is the caller's to keep
     with on_signals(signals):
         try:

@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class ResourceOptions:
-    """Batch sizes, actor pools and devices: the one place the pipeline's resources are set. Knobs at 0 / None
-    are sized from the cluster (``runtime.plan_actors``, ``runtime.share_process``); a value wins."""
+    """Batch sizes, actor pools and devices: set in this one place (0 / None: sized from the cluster)."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"read_memory_mb": None}
     decode_block_rows: int = 64  # rows per block out of the read/decode tasks
@@ -59,8 +58,7 @@ class ResourceOptions:
 
     def pools(self, needs_clip: bool, cluster: runtime.ClusterShape) -> tuple[runtime.ActorPlan | None,
                                                                               runtime.ActorPlan]:
-        """(CLIP pool, captioning pool): the CLIP pool is None when fused or when no CLIP is needed (embedding
-        tables); split pools share the node's cores (auto threads halved)."""
+        """(CLIP pool or None when fused / not needed, captioning pool); split pools share the cores."""
         kw = dict(cpus_per_actor=self.cpus_per_actor, gpus_per_actor=self.gpus_per_actor, read_cpus=self.read_cpus)
         if not needs_clip or self.stages != "split":
             plan = runtime.plan_actors(cluster, actors=self.caption_actors, torch_threads=self.torch_threads, **kw)
@@ -123,8 +121,7 @@ class CaptionSummary:
 
     @property
     def mostly_empty(self) -> bool:
-        """Most images of this run got an empty caption: a model that decodes nothing (NaN-trained, untrained,
-        the wrong tokenizer) looks like success otherwise."""
+        """Most captions empty: a model that decodes nothing (NaN-trained, wrong tokenizer)."""
         return self.captioned > 0 and 2 * self.empty_captions > self.captioned
 
     @property
@@ -207,8 +204,7 @@ def _run_record(cfg: CaptionConfig, model_id: str, digest: str) -> dict[str, Any
     return record
 
 def prepare(cfg: CaptionConfig) -> Plan:
-    """Every job-level check, then the plan; raises before any work starts. Claims the output (clears
-    temporaries): call it holding the output's lease, as ``caption_archive`` does."""
+    """Every job-level check (raising before any work), then the plan; call it holding the output's lease."""
     check_output_outside_input(cfg)
     storage.check_writable(cfg.output)
     fs, path = uris.filesystem(cfg.output)
@@ -244,33 +240,28 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
     check_output_outside_input(cfg)
     storage.check_writable(cfg.output)
     with Lease(meta_uri(cfg.output, LEASE_FILE), force=cfg.force_unlock) as lease:  # one run per output
-        return _caption(cfg, lease, start)
-
-
-def _caption(cfg: CaptionConfig, lease: Lease, start: float) -> CaptionSummary:
-    """``caption_archive`` once the output's lease is held."""
-    plan = prepare(cfg)
-    summary = CaptionSummary(output=cfg.output, model=plan.model_id, parts_total=len(plan.parts),
-                             parts_skipped=len(plan.parts) - len(plan.todo), files_skipped=len(plan.skipped),
-                             files_skipped_first=plan.skipped[:sources.SHOW_SKIPPED])
-    log.info("captioning %s -> %s with %s: %d parts (%d already done)", cfg.input, cfg.output, plan.model_id,
-             len(plan.parts), summary.parts_skipped)
-    if plan.todo:
-        committer = PartCommitter(cfg.output, plan.model_id, cfg.decoding, cfg.rerank)
-        committer.guard = lease.check
-        # a stop or a failed commit names the parts committed so far (earlier runs' included)
-        with stopping.counting(lambda: (summary.parts_skipped + len(committer.committed), summary.parts_total),
-                               "part"):
-            _drain(cfg, plan, committer, summary, start)
-    summary.seconds = time.monotonic() - start
-    storage.write_json(summary.as_dict(), meta_uri(cfg.output, "summary.json"))
-    return summary
+        plan = prepare(cfg)
+        summary = CaptionSummary(output=cfg.output, model=plan.model_id, parts_total=len(plan.parts),
+                                 parts_skipped=len(plan.parts) - len(plan.todo),
+                                 files_skipped=len(plan.skipped),
+                                 files_skipped_first=plan.skipped[:sources.SHOW_SKIPPED])
+        log.info("captioning %s -> %s with %s: %d parts (%d already done)", cfg.input, cfg.output,
+                 plan.model_id, len(plan.parts), summary.parts_skipped)
+        if plan.todo:
+            committer = PartCommitter(cfg.output, plan.model_id, cfg.decoding, cfg.rerank)
+            committer.guard = lease.check
+            # a stop or a failed commit names the parts committed so far (earlier runs' included)
+            with stopping.counting(lambda: (summary.parts_skipped + len(committer.committed),
+                                            summary.parts_total), "part"):
+                _drain(cfg, plan, committer, summary, start)
+        summary.seconds = time.monotonic() - start
+        storage.write_json(summary.as_dict(), meta_uri(cfg.output, "summary.json"))
+        return summary
 
 
 def _drain(cfg: CaptionConfig, plan: Plan, committer: PartCommitter, summary: CaptionSummary,
            start: float) -> None:
-    """Run the pipeline over the parts to do, committing each part as its rows complete; counts into
-    ``summary``, shown as one progress line."""
+    """Run the pipeline, committing each part as its rows complete; counts into ``summary``."""
     ds = build_dataset(cfg, plan)  # starts Ray (its log path printed) before the progress line is drawn
     with console.Progress("caption", len(plan.todo), unit="parts", rows="images",
                           interval_s=cfg.progress_interval_s) as progress:

@@ -36,8 +36,7 @@ def layout(output: str) -> UnitTable:
 
 
 def resolve_table(uri: str) -> tuple[str, str | None]:
-    """(caption table folder, run output root or None) for a URI a user gives readers: a run output (its
-    ``captions/`` table), the ``captions/`` folder itself, or any other table folder / file (no run record)."""
+    """(caption table folder, run output root or None) of a run output, its ``captions/`` or any table."""
     if storage.list_files(table_uri(uri), ".parquet"):
         return table_uri(uri), uri
     parent = uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else ""
@@ -53,8 +52,7 @@ def run_record(uri: str) -> dict[str, Any]:
 
 
 def top_captions(output: str) -> list[tuple[str, str]]:
-    """(key, caption) of every committed image's rank-0 caption, sorted by key (key, caption and rank columns
-    only: what ``clipcap caption --show`` prints after a run)."""
+    """(key, caption) of every committed image's rank-0 caption, sorted by key (``caption --show``)."""
     rows: list[tuple[str, str]] = []
     for uri in storage.list_files(table_uri(output), ".parquet"):
         fs, path = uris.filesystem(uri)
@@ -69,8 +67,7 @@ def top_captions(output: str) -> list[tuple[str, str]]:
 
 
 def _is_our_part(fs: Any, path: str) -> bool:
-    """A part / error file this stage wrote: named ``part-<id>.parquet`` with ``clipcap.part = <id>`` in its
-    footer (what every commit writes); anything else in the folder is someone else's."""
+    """A ``part-<id>.parquet`` whose footer says ``clipcap.part = <id>``: a file this stage wrote."""
     name = path.rsplit("/", 1)[-1]
     if not (name.startswith("part-") and name.endswith(".parquet")):
         return False
@@ -83,9 +80,7 @@ def _is_our_part(fs: Any, path: str) -> bool:
 
 
 def _clear_output(output: str, previous: dict | None = None) -> None:
-    """``--overwrite``: remove the part / error files and markers our runs wrote, nothing else. Without a run
-    record of ours (``previous``) nothing is ours to clear; a Parquet file is ours when its name is
-    ``part-<id>.parquet`` and its footer says ``clipcap.part = <id>``."""
+    """``--overwrite``: remove the part / error files and markers our runs wrote, nothing else."""
     if previous is None:
         return
     fs, _ = uris.filesystem(output)
@@ -100,9 +95,8 @@ def _clear_output(output: str, previous: dict | None = None) -> None:
 
 # --- committing parts -------------------------------------------------------------------------------------------
 class PartCommitter(UnitCommitter):
-    """Caption's driver side: the shared per-unit committer (rows back into parts, dedup by member index, a
-    marker row per part carrying its total) with caption's hooks: a part with a ``sources.UNIT_STAGE`` row is
-    unread (failed, not committed), any other is written by ``commit``. Also sums the stages' timing columns."""
+    """Caption's committer: a part with a ``sources.UNIT_STAGE`` row is unread (not committed, retried); sums
+    the stages' timing columns."""
 
     def __init__(self, output: str, model_id: str, decoding: DecodeConfig, rerank: str = "none"):
         super().__init__(unit="part_id", index="index", total="total", noun="part")

@@ -82,9 +82,7 @@ def read_decode_batch(batch: pa.Table, *, cfg_json: str, spec: Any, block_rows: 
 
 
 class CaptionStage:
-    """Actor: CLIP embeddings -> n captions, scores and CLIPScores per image (mapping network + batched
-    decoding, then the model's CLIP text encoder); with ``rerank="clip"`` the n captions are ordered by CLIP
-    similarity to the image instead of by the decoder."""
+    """Actor: CLIP embeddings -> n captions, scores and CLIPScores per image (``rerank="clip"``: by CLIP)."""
 
     def __init__(self, model_uri: str, decoding: Any, precision: str = "fp32", use_gpu: bool = False,
                  threads: int = 0, encoder_cfg: Any = None, rerank: str = "none", projection: Any = None):
@@ -119,10 +117,8 @@ class CaptionStage:
 
 
 class ClipCaptionStage:
-    """Actor (the default on every cluster): CLIP and the captioner in one process. One set of torch threads
-    works both models in turn over the node's cores (two pools on one node would split the cores or fight
-    over them), the embeddings never leave the process, and the CLIPScore text tower is the image encoder's
-    own CLIP (loaded once, not twice)."""
+    """Actor (the default): CLIP and the captioner in one process, one set of torch threads over the node's
+    cores; the embeddings never leave it and the CLIPScore text tower is the same CLIP."""
 
     def __init__(self, encoder_cfg: Any, model_uri: str, decoding: Any, precision: str = "fp32",
                  use_gpu: bool = False, threads: int = 0, rerank: str = "none", projection: Any = None,
@@ -145,8 +141,7 @@ class ClipCaptionStage:
 
 def score_and_rank(image_emb: np.ndarray, texts: list[list[str]], scores: list[list[float]], scorer: Any,
                    rerank: bool) -> tuple[list[list[str]], list[list[float]], list[list[float]]]:
-    """CLIPScore of each image's n captions; with ``rerank`` each image's captions (and their decoder scores)
-    re-ordered by CLIP similarity, best first (ties keep the decoder's order), as recaptioning pipelines do."""
+    """CLIPScore of each image's n captions; ``rerank``: captions and scores ordered by CLIP similarity."""
     n = len(texts[0]) if texts else 0
     flat = [t for group in texts for t in group]
     order, cos = clip_order(image_emb, scorer.embed_texts(flat), n)  # (B, n) each
@@ -174,8 +169,7 @@ UNTRAINED_HINT = ("model {uri!r} is an untrained preset (random weights: its cap
 
 
 def inspect_model(uri: str, allow_untrained: bool = False) -> ModelInfo:
-    """The model's config and version, every weights file checked but none loaded (job-level check: a
-    missing, corrupt or untrained model or an unknown CLIP encoder -> ValueError before any work)."""
+    """The model's config and version, every weights file checked, none loaded: ValueError before any work."""
     # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core import __version__, artifacts, encoders
     from clipcap_core.model import ModelConfig
@@ -199,8 +193,7 @@ def inspect_model(uri: str, allow_untrained: bool = False) -> ModelInfo:
 
 
 def model_version(meta: dict[str, Any], weights: dict[str, str]) -> str:
-    """Version written into caption rows: a hash of the artifact's config.json (creation time, code version,
-    training step) and of every weights file's sha256, so other weights under the same config get another id."""
+    """A hash of the artifact's config.json and every weights file's sha256 (other weights: another id)."""
     body = json.dumps({"config": meta, "weights": weights}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 

@@ -67,8 +67,7 @@ class EmbedJobResult:
 
 def default_job_config(root: str | Path = "data", samples: int = 256, seed: int = 0,
                        world: str = "synthetic") -> EmbedJobConfig:
-    """The embedded default: synthetic set under ``<root>/synthetic``, shards ``<root>/raw/synthetic``,
-    tables ``<root>/embeddings/synthetic/tiny`` (``world="scenes"``: ``scenes`` and the ``tiny-scenes`` CLIP)."""
+    """The embedded default: the synthetic (or ``scenes``) set under ``root``, its shards and tables."""
     clip = get_world(world).clip_model
     is_uri = "://" in str(root)
     root = str(root) if is_uri else str(Path(root).resolve())
@@ -100,8 +99,7 @@ def serve_synthetic(src: SyntheticSource) -> Iterator[str]:
 
 
 def run_embed_job(cfg: EmbedJobConfig, ray_address: str | None = None) -> EmbedJobResult:
-    """Download (optional) then embed. Job-level checks of both stages run before the first download:
-    CLIP model, URL list columns, both outputs writable."""
+    """Download (optional) then embed; both stages' job-level checks run before the first download."""
     encoders.validate_config(cfg.embed.encoder)
     encoders.fetch_pretrained(cfg.embed.encoder)  # before the download: an unreachable hub fails first
     schemas.embedding_type(1, cfg.embed.dtype)

@@ -1,5 +1,4 @@
-"""Embed stage: img2dataset webdataset shards -> CLIP embedding tables (Parquet), one file per input shard; the
-output side too: the table layout, the error rows and the per-shard commit."""
+"""Embed stage: img2dataset webdataset shards -> CLIP embedding tables, one Parquet file per shard."""
 
 from __future__ import annotations
 
@@ -32,10 +31,7 @@ META_DIR = "_meta"
 
 @dataclass(frozen=True, kw_only=True)
 class EmbedResources:
-    """How the embed pipeline uses the cluster (the only place it is set). 0 / None = sized from the cluster by
-    ``runtime.plan_actors`` (one actor per GPU; on CPU one single-thread actor per core, up to 8 per node, and on
-    a one-node cluster those as concurrent batches of one actor: ``runtime.share_process``); a value wins
-    (``num_actors`` given: that many actors, one batch at a time each)."""
+    """How embed uses the cluster (the one place it is set); 0 / None: sized by ``runtime.plan_actors``."""
 
     num_actors: int = 0
     """CLIP actors, one model each (0: one per GPU; on CPU one per core, up to 8 per node, and on one node those as
@@ -121,8 +117,7 @@ class EmbedResult:
 
     @property
     def steady_rows_per_s(self) -> float | None:
-        """Rows/s once running: from the arrival that passes 10% of the rows to the last arrival (start-up and
-        the first batches through a cold model excluded)."""
+        """Rows/s from the arrival that passes 10% of the rows to the last one (start-up excluded)."""
         if len(self.timeline) < 3:
             return None
         total = self.timeline[-1][1]
@@ -243,23 +238,19 @@ def run_embed(cfg: EmbedConfig, ray_address: str | None = None) -> EmbedResult:
     t0 = time.perf_counter()
     shards = validate(cfg)
     with Lease(storage.join(cfg.meta_uri, LEASE_FILE), force=cfg.force_unlock) as lease:  # one run per table
-        return _embed(cfg, shards, lease, t0, ray_address)
-
-
-def _embed(cfg: EmbedConfig, shards: list[str], lease: Lease, t0: float, ray_address: str | None) -> EmbedResult:
-    """``run_embed`` once the table's lease is held."""
-    dim = encoders.embedding_dim(cfg.encoder)
-    pending = pending_shards(cfg, shards)
-    result = EmbedResult(table_uri=cfg.table_uri, shards=len(shards), skipped=len(shards) - len(pending),
-                         written=len(pending), rows=0, errors=0, dim=dim, wall_s=0.0)
-    if pending:
-        with stopping.counting(lambda: (result.skipped, result.shards), "shard"):  # stopped before any commit
-            runtime.ensure_ray(ray_address)
-            cfg.units.remove_temporaries()
-            log.info("embedding %d shard(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
-                     cfg.table_uri)
-            _drain(cfg, build_dataset(cfg, pending), pending, dim, t0, result, lease.check)
-        result.written -= len(result.failed)
+        dim = encoders.embedding_dim(cfg.encoder)
+        pending = pending_shards(cfg, shards)
+        result = EmbedResult(table_uri=cfg.table_uri, shards=len(shards), skipped=len(shards) - len(pending),
+                             written=len(pending), rows=0, errors=0, dim=dim, wall_s=0.0)
+        if pending:
+            # a stop before any commit names the shards of earlier runs
+            with stopping.counting(lambda: (result.skipped, result.shards), "shard"):
+                runtime.ensure_ray(ray_address)
+                cfg.units.remove_temporaries()
+                log.info("embedding %d shard(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
+                         cfg.table_uri)
+                _drain(cfg, build_dataset(cfg, pending), pending, dim, t0, result, lease.check)
+            result.written -= len(result.failed)
     result.wall_s = time.perf_counter() - t0
     log.info(result.describe())
     return result
@@ -277,9 +268,8 @@ def _download_errors(shard_uri: str) -> list[dict[str, str]]:
 
 def rows_to_keep(table: pa.Table, *, failed_stage: str, duplicate_stage: str, unit: str
                  ) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
-    """Of one unit's (shard's, part's) rows: the indices of the rows to write (sorted by key, the first row of
-    each key), their keys, and the error rows: one per failed row (``failed_stage``) and one per repeated key
-    (``duplicate_stage``). Shared by embed and embed-text."""
+    """Of one unit's rows: the indices to write (sorted by key, first row per key), their keys, and the
+    error rows (failed rows, repeated keys). Shared by embed and embed-text."""
     keys, sources, errors = (table.column(c).to_pylist() for c in (st.KEY, st.SOURCE, st.ERROR))
     errs = [{"key": k, "source": s, "stage": failed_stage, "error": e}
             for k, s, e in zip(keys, sources, errors, strict=True) if e]
@@ -317,8 +307,7 @@ def build_tables(table: pa.Table, cfg: EmbedConfig, dim: int, meta: dict[str, st
 
 
 def download_incomplete(shard_uri: str) -> str | None:
-    """Why a shard is not final yet: img2dataset recorded transient failures (outage, timeout, 5xx) that the
-    download stage retries on its next run; committing it now would keep those samples out for good."""
+    """Why a shard is not final: img2dataset recorded transient failures its download stage retries."""
     # lazy: pandas ~0.55 s to import (python -X importtime)
     from pipelines.download.job import is_transient
 
@@ -344,8 +333,7 @@ def commit_shard(cfg: EmbedConfig, shard_uri: str, table: pa.Table | None, dim: 
 
 
 class ShardCommitter(UnitCommitter):
-    """Embed's driver side: rows back into shards (columns ``shard`` / ``index`` / ``shard_total``), each
-    complete shard committed by ``commit_shard``. Units are shard names; ``uris`` maps them to the shards."""
+    """Embed's committer: units are shard names, ``uris`` maps them to the shards."""
 
     def __init__(self, cfg: EmbedConfig, shard_uris: list[str], dim: int):
         super().__init__(unit=st.SHARD, index=st.INDEX, total=st.TOTAL, noun="shard")

@@ -34,8 +34,7 @@ MAX_SHARD_BYTES = 4 << 30  # a shard is read whole: img2dataset's are ~10k sampl
 
 @dataclass
 class Sample:
-    """One webdataset sample: its key and its files by extension (``jpg``, ``txt``, ``json``...); ``refused``:
-    why one of its members was not read (the sample becomes an error row)."""
+    """One webdataset sample: its files by extension; ``refused``: why one of its members was not read."""
 
     key: str
     files: dict[str, bytes] = field(default_factory=dict)
@@ -59,9 +58,8 @@ def shard_name(uri: str) -> str:
 
 
 def read_shard(data: bytes, cfg: SourceConfig | None = None) -> list[Sample]:
-    """Group tar members into samples by key (the member name up to its first dot), in archive order. Members
-    go through ``sources.tar_member_problem`` (unsafe paths, links, devices, duplicates, ``max_member_bytes``):
-    a refused member is not read and marks its sample ``refused``."""
+    """Tar members grouped into samples by key, in archive order; a member refused by
+    ``sources.tar_member_problem`` is not read and marks its sample ``refused``."""
     cfg = cfg or SourceConfig()
     samples: dict[str, Sample] = {}
     seen: set[str] = set()

@@ -217,8 +217,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class EmbedTextConfig:
-    """The ``clipcap embed-text`` config: each field is a flag (``pipelines.commands.flags``), ``CLI_FLAGS`` the
-    renamed."""
+    """The ``clipcap embed-text`` config: each field is a flag, ``CLI_FLAGS`` the renamed."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"output_root": "--output"}
     input: str
@@ -342,8 +341,7 @@ def commit_part(cfg: EmbedTextConfig, part: TextPart, table: pa.Table | None,
 
 # --- the Ray pipeline ---------------------------------------------------------------------------------------
 def part_block(part: TextPart) -> pa.Table:
-    """A part as one block of rows tagged with the part id, member index and row count (the committer's
-    columns, as the image embed stage's)."""
+    """A part as one block of rows with the committer's columns (part id, index, total)."""
     n = len(part)
     return pa.table({st.SHARD: [part.part_id] * n, st.INDEX: pa.array(range(n), pa.int64()),
                      st.TOTAL: pa.array([n] * n, pa.int64()),
@@ -370,8 +368,7 @@ def build_dataset(cfg: EmbedTextConfig, pending: list[TextPart]) -> Any:
 
 
 class TextCommitter(UnitCommitter):
-    """embed-text's driver side: rows back into parts (the image embed stage's columns), each complete part
-    committed by ``commit_part``; a text part has no unreadable input (its reading happened on the driver)."""
+    """embed-text's committer; a text part has no unreadable input (it was read on the driver)."""
 
     def __init__(self, cfg: EmbedTextConfig, parts: list[TextPart], dim: int):
         super().__init__(unit=st.SHARD, index=st.INDEX, total=st.TOTAL, noun="part")
@@ -405,26 +402,20 @@ def run_embed_text(cfg: EmbedTextConfig, ray_address: str | None = None) -> Embe
     parts = validate(cfg)
     with Lease(storage.join(cfg.meta_uri, LEASE_FILE), force=cfg.force_unlock) as lease:  # one run per table
         claim(cfg, parts)
-        return _embed_text(cfg, parts, lease, t0, ray_address)
-
-
-def _embed_text(cfg: EmbedTextConfig, parts: list[TextPart], lease: Lease, t0: float,
-                ray_address: str | None) -> EmbedTextResult:
-    """``run_embed_text`` once the table's lease is held and the run recorded."""
-    dim = encoders.embedding_dim(cfg.encoder)
-    pending = pending_parts(cfg, parts)
-    result = EmbedTextResult(table_uri=cfg.table_uri, parts=len(parts), skipped=len(parts) - len(pending),
-                             written=len(pending), rows=0, errors=0, truncated=0, dim=dim, wall_s=0.0)
-    if pending:
-        committer = TextCommitter(cfg, pending, dim)
-        committer.guard = lease.check
-        # a stop or a failed commit names the parts committed so far (earlier runs' included)
-        with stopping.counting(lambda: (result.skipped + len(committer.committed), result.parts), "part"):
-            runtime.ensure_ray(ray_address)
-            cfg.units.remove_temporaries()
-            log.info("embedding %d caption part(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
-                     cfg.table_uri)
-            result.rows, result.errors, result.truncated = _drain(cfg, committer, dim)
+        dim = encoders.embedding_dim(cfg.encoder)
+        pending = pending_parts(cfg, parts)
+        result = EmbedTextResult(table_uri=cfg.table_uri, parts=len(parts), skipped=len(parts) - len(pending),
+                                 written=len(pending), rows=0, errors=0, truncated=0, dim=dim, wall_s=0.0)
+        if pending:
+            committer = TextCommitter(cfg, pending, dim)
+            committer.guard = lease.check
+            # a stop or a failed commit names the parts committed so far (earlier runs' included)
+            with stopping.counting(lambda: (result.skipped + len(committer.committed), result.parts), "part"):
+                runtime.ensure_ray(ray_address)
+                cfg.units.remove_temporaries()
+                log.info("embedding %d caption part(s) of %s with %s -> %s", len(pending), cfg.input,
+                         cfg.encoder, cfg.table_uri)
+                result.rows, result.errors, result.truncated = _drain(cfg, committer, dim)
     result.wall_s = time.perf_counter() - t0
     log.info(result.describe())
     return result

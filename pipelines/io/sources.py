@@ -40,8 +40,7 @@ Format = Literal["auto", "images", "tar", "zip", "webdataset", "parquet", "embed
 
 @dataclass(frozen=True, kw_only=True)
 class SourceConfig:
-    """How an input is listed, partitioned and read. ``CLI_FLAGS``: the fields that are not ``clipcap caption``
-    flags (``pipelines.commands.flags``)."""
+    """How an input is listed, partitioned and read. ``CLI_FLAGS``: the fields that are not flags."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"max_member_bytes": None, "url_schemes": None,
                                                   "fetch_timeout_s": None, "fetch_threads": None, "read_batch": None}
@@ -134,8 +133,8 @@ def unsafe_member(name: str) -> str | None:
 
 def member_problem(raw_name: str, name: str, size: int, seen: set[str], cfg: SourceConfig,
                     *kind_checks: tuple[bool, str]) -> str | None:
-    """Why an archive member must not be read (None if it may): unsafe path, then the format's own checks
-    (links, encryption), then duplicates and size. Records ``name`` in ``seen`` either way."""
+    """Why an archive member must not be read, or None: unsafe path, the format's own checks, duplicate,
+    size. Records ``name`` in ``seen``."""
     why = unsafe_member(raw_name)
     for bad, reason in kind_checks:
         if why is None and bad:
@@ -149,8 +148,7 @@ def member_problem(raw_name: str, name: str, size: int, seen: set[str], cfg: Sou
 
 
 def tar_member_problem(m: tarfile.TarInfo, seen: set[str], cfg: SourceConfig) -> str | None:
-    """Why tar member ``m`` must not be read (unsafe path, link or device, duplicate, too large), or None; the
-    one check for every tar reader (caption's readers, embed's and embed-text's shard reader)."""
+    """Why tar member ``m`` must not be read (unsafe path, link or device, duplicate, too large), or None."""
     return member_problem(m.name, clean_name(m.name), m.size, seen, cfg,
                            (not m.isfile(), "not a regular file (link or device)"))
 
@@ -163,8 +161,7 @@ def clean_name(name: str) -> str:
 
 
 def check_local_file(uri: str, rel: str) -> str:
-    """The real path of a local loose file, refused unless it is a regular file inside the real input folder
-    (a symlink to /etc/passwd or /dev/zero in a user's folder must not be read)."""
+    """The real path of a local loose file, refused unless a regular file inside the real input folder."""
     path = uris.filesystem(uri)[1]
     root = path[: len(path) - len(rel)] if path.endswith(rel) else os.path.dirname(path)
     real, real_root = os.path.realpath(path), os.path.realpath(root or ".")
@@ -213,7 +210,7 @@ def image_column(schema: pa.Schema, cfg: SourceConfig) -> str | None:
 
 
 def plan_parquet(file: InputFile, cfg: SourceConfig) -> list[Part]:
-    """Parts of ``part_size`` rows (whole row groups) of a Parquet file, ``parquet`` or ``embeddings`` by its schema."""
+    """Parts of whole row groups (``part_size`` rows) of a Parquet file: ``parquet`` or ``embeddings``."""
     try:
         with _open(file) as fh:
             meta = pq.ParquetFile(fh).metadata
@@ -286,8 +283,7 @@ def _bytes_values(col: pa.ChunkedArray) -> list[bytes | None]:
 
 
 def fetch_url(url: str, cfg: SourceConfig) -> bytes:
-    """Download ``url`` (allowed schemes only), at most ``max_member_bytes``, within the timeout; private hosts
-    (after every redirect) and object-store URLs only with their opt-ins (``urlsafety``)."""
+    """Download ``url`` within the ``urlsafety`` policy, at most ``max_member_bytes``, within the timeout."""
     scheme = urlsafety.check_fetch_url(url, cfg.allow_private_urls, cfg.allow_object_store_urls)
     if scheme not in cfg.url_schemes:
         raise ValueError(f"URL scheme {scheme or '(none)'!r} not allowed (allowed: {list(cfg.url_schemes)})")
@@ -444,8 +440,7 @@ def plan_parts(uri: str, cfg: SourceConfig, storage_options: dict[str, Any] | No
 
 def plan_input(uri: str, cfg: SourceConfig, storage_options: dict[str, Any] | None = None
                ) -> tuple[list[Part], list[str]]:
-    """The parts of ``uri`` (sorted by id) and the hidden / bookkeeping paths skipped (logged). Raises for
-    job-level faults (missing input, a Parquet file with neither image nor URL column)."""
+    """The parts of ``uri`` (sorted by id) and the hidden / bookkeeping paths skipped; raises job faults."""
     files, skipped = scan_input(uri, storage_options)
     if skipped:
         more = f" and {len(skipped) - SHOW_SKIPPED} more" if len(skipped) > SHOW_SKIPPED else ""
@@ -571,9 +566,8 @@ def _webdataset_sample(part: Part, group: list[tuple[str, bytes]], done: set[str
 
 def webdataset_samples(uri: str, cfg: SourceConfig | None = None
                        ) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
-    """(sample key, {extension: bytes}, None) per sample of a webdataset shard at ``uri``, members grouped by key,
-    through the same member-safety checks as the readers; a refused member or an unreadable archive gives
-    (member name or "", {}, error). For stages that need more than the image (captions for CLIP training)."""
+    """(sample key, {extension: bytes}, None) per sample of a webdataset shard, through the member checks;
+    a refused member or an unreadable archive gives (member name or "", {}, error)."""
     cfg = cfg or SourceConfig()
     part = Part(part_name(posixpath.basename(uri)), "webdataset", (InputFile(uri, posixpath.basename(uri), 0),))
     key, group = None, {}

@@ -34,8 +34,7 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def ensure_dir(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    """Create a directory on local-like filesystems. Object stores have no directories, and s3fs's
-    ``makedirs`` would *create a missing bucket*: a typo in an output URI must fail, not make buckets."""
+    """Create a directory on local-like filesystems only (s3fs's ``makedirs`` would create a bucket)."""
     if protocol_prefix(fs) in ("", "memory://"):
         fs.makedirs(path, exist_ok=True)
 
@@ -80,9 +79,7 @@ def redact_json(obj: Any) -> Any:
 
 def atomic_write_table(table: pa.Table, uri: str, storage_options: dict[str, Any] | None = None,
                        compression: str = "zstd", tmp_dir: str | None = None) -> None:
-    """Write ``table`` to ``uri`` so that the final name appears only when the file is complete (URLs in the
-    url / source / error columns redacted first: signed URLs must not be stored).
-    """
+    """Write ``table`` so the final name appears only when complete (URL columns redacted first)."""
     table = redact_table(table)
     fs, path = filesystem(uri, storage_options)
     parent = posixpath.dirname(path)
@@ -113,10 +110,7 @@ def write_json(obj: Any, uri: str, storage_options: dict[str, Any] | None = None
 
 
 def read_json(uri: str, storage_options: dict[str, Any] | None = None, default: Any = None) -> Any:
-    """The JSON document at ``uri`` or ``default`` when there is none.
-
-    One whole-object read: a ranged read pinned to the first ETag fails (``FileExpired``) when a writer
-    replaces the document between reads (a lease heartbeat, a run record)."""
+    """The JSON document at ``uri`` or ``default``; one whole read (a ranged read fails on a rewrite)."""
     fs, path = filesystem(uri, storage_options)
     try:
         data = fs.cat_file(path)
@@ -127,9 +121,7 @@ def read_json(uri: str, storage_options: dict[str, Any] | None = None, default: 
 
 def list_files(uri: str, suffix: str, storage_options: dict[str, Any] | None = None,
                recursive: bool = False) -> list[str]:
-    """Sorted full URIs of files under ``uri`` ending in ``suffix`` (temporary ``_tmp.*`` names excluded).
-    Always a fresh listing: s3fs caches listings per filesystem instance, and other processes (img2dataset's,
-    Ray's workers) write here while this process polls (a cached listing would miss their files)."""
+    """Sorted full URIs of the files under ``uri`` ending in ``suffix`` (no ``_tmp.*``), never cached."""
     fs, path = filesystem(uri, storage_options)
     fs.invalidate_cache(path)
     if not fs.exists(path):
@@ -143,9 +135,7 @@ def list_files(uri: str, suffix: str, storage_options: dict[str, Any] | None = N
 
 
 def remove_temporaries(*uris: str) -> int:
-    """Delete the ``_tmp.*`` files a killed writer left directly under each folder of ``uris`` (the temporaries
-    of ``atomic_write_table`` / ``write_json``; never visible as parts). Only while no other writer runs on
-    them: one run per output. Returns how many were removed."""
+    """Delete the ``_tmp.*`` files a killed writer left under each folder (one run per output)."""
     n = 0
     for uri in uris:
         fs, path = filesystem(uri)
