@@ -89,8 +89,8 @@ class UnitCommitter:
     # --- collecting -----------------------------------------------------------------------------------------
     def add(self, block: pa.Table) -> list[Any]:
         """Take a block of rows; return what ``commit`` returned for each unit this block completed."""
-        units = _column(block, self.unit_col).astype(str)
-        index, total = _column(block, self.index_col), _column(block, self.total_col)
+        units = block.column(self.unit_col).to_numpy().astype(str)
+        index, total = block.column(self.index_col).to_numpy(), block.column(self.total_col).to_numpy()
         done = []
         for unit in dict.fromkeys(units.tolist()):
             if unit in self._settled:
@@ -126,7 +126,8 @@ class UnitCommitter:
         pieces = self._rows.pop(unit, [])
         self._seen.pop(unit, None)
         self._totals.pop(unit, None)
-        return _concat(pieces) if pieces else None
+        # a column all null in one block is typed null there: promote it
+        return pa.concat_tables(pieces, promote_options="default") if pieces else None
 
     def _settle(self, unit: str, rows: pa.Table | None) -> Any:
         self._settled.add(unit)
@@ -185,19 +186,8 @@ _TRANSIENT_TEXT = ("connection refused", "connection reset", "timed out", "could
 def is_transient(exc: BaseException) -> bool:
     """A storage error worth retrying: the service was unreachable or overloaded, not the request wrong."""
     for e in (exc, exc.__cause__, exc.__context__):
-        if e is None:
-            continue
-        if any(type(e).__name__ == n or n in [c.__name__ for c in type(e).__mro__] for n in _TRANSIENT_NAMES):
-            return True
-        if any(t in str(e).lower() for t in _TRANSIENT_TEXT):
+        if e is not None and ({c.__name__ for c in type(e).__mro__} & set(_TRANSIENT_NAMES)
+                              or any(t in str(e).lower() for t in _TRANSIENT_TEXT)):
             return True
     return False
 
-
-def _column(block: pa.Table, name: str) -> np.ndarray:
-    return block.column(name).to_numpy()
-
-
-def _concat(pieces: list[pa.Table]) -> pa.Table:
-    # a column all null in one block is typed null there: promote it
-    return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces, promote_options="default")

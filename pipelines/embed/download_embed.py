@@ -105,23 +105,14 @@ def run_embed_job(cfg: EmbedJobConfig, ray_address: str | None = None) -> EmbedJ
     schemas.embedding_type(1, cfg.embed.dtype)
     summary = None
     if cfg.download is not None:
-        with _url_list(cfg) as url_list:
+        source = serve_synthetic(cfg.synthetic) if cfg.synthetic else contextlib.nullcontext(cfg.download.url_list)
+        with source as url_list:
             dl = replace(cfg.download, url_list=url_list)
             urls = prepare_download(dl)
             storage.check_writable(cfg.embed.table_uri)
             summary = run_download(dl, ray_address=ray_address, urls=urls)
     result = run_embed(cfg.embed, ray_address=ray_address)
     return EmbedJobResult(download=summary, embed=result, tiny=encoders.shipped_weights(cfg.embed.encoder.model_name) is not None)
-
-
-@contextlib.contextmanager
-def _url_list(cfg: EmbedJobConfig) -> Iterator[str]:
-    assert cfg.download is not None
-    if cfg.synthetic is None:
-        yield cfg.download.url_list
-    else:
-        with serve_synthetic(cfg.synthetic) as tsv:
-            yield tsv
 
 
 def result_dict(result: EmbedJobResult) -> dict[str, Any]:

@@ -28,10 +28,8 @@ Tokenize = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]  # captions -> t
 # --- discovery and metadata ---------------------------------------------------------------------------
 def list_table_files(roots: str | Sequence[str], storage_options: dict[str, Any] | None = None) -> list[str]:
     """Expand table URIs (a ``.parquet`` file, or a directory searched recursively) to sorted file URIs."""
-    if isinstance(roots, str):
-        roots = [roots]
     files: list[str] = []
-    for uri in roots:
+    for uri in [roots] if isinstance(roots, str) else roots:
         if str(uri).endswith(".parquet"):
             if not uris.exists(uri, storage_options):
                 raise FileNotFoundError(f"embedding table {uri!r} does not exist")
@@ -183,13 +181,12 @@ def embeddings_numpy(table: pa.Table, column: str | None = None) -> np.ndarray:
         has_image = schemas.IMAGE_EMBEDDING in table.column_names
         column = schemas.IMAGE_EMBEDDING if has_image else schemas.TEXT_EMBEDDING
     col = table.column(column).combine_chunks()
-    d = col.type.list_size
     flat = col.flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(flat, dtype=np.float32).reshape(-1, d)
+    return np.asarray(flat, dtype=np.float32).reshape(-1, col.type.list_size)
 
 
 # --- reading ------------------------------------------------------------------------------------------
-def _train_columns(column: str = schemas.IMAGE_EMBEDDING) -> list[str]:
+def _train_columns(column: str) -> list[str]:
     return [schemas.KEY, schemas.CAPTION, column]
 
 
@@ -218,8 +215,7 @@ def read_split(files: Sequence[str], split: Split, storage_options: dict[str, An
         parts.append(filter_table(table, split, column, _drop_mask(repeats, uri, 0, table.num_rows)))
     if not parts:
         raise ValueError("no embedding table files given")
-    table = pa.concat_tables(parts).combine_chunks()
-    table = table.sort_by(schemas.KEY)
+    table = pa.concat_tables(parts).combine_chunks().sort_by(schemas.KEY)
     return table.slice(0, max_rows) if max_rows is not None else table
 
 
@@ -249,10 +245,7 @@ def audit_tables(files: Sequence[str], column: str = schemas.IMAGE_EMBEDDING,
     """Check every row of ``files`` before training (captions, vectors, repeated keys), a record batch at a
     time; ``Audit.kept`` counts the rows of ``splits`` that pass."""
     seen: set[str] = set()
-    kept = 0
-    keys_out: list[str] = []
-    sources: list[str] = []
-    reasons: list[str] = []
+    kept, bad = 0, []
     repeats: dict[str, list[int]] = {}
     for uri in files:
         fs, path = uris.filesystem(uri, storage_options)
@@ -268,16 +261,13 @@ def audit_tables(files: Sequence[str], column: str = schemas.IMAGE_EMBEDDING,
                         repeats.setdefault(uri, []).append(offset + i)
                     seen.add(key)
                     if why:
-                        keys_out.append(key)
-                        sources.append(uri)
-                        reasons.append(why)
+                        bad.append({schemas.KEY: key, schemas.SOURCE: uri, schemas.STAGE: "train-input",
+                                    schemas.ERROR: why})
                     elif in_split[i]:
                         kept += 1
                 offset += table.num_rows
-    errors = pa.table({schemas.KEY: keys_out, schemas.SOURCE: sources,
-                       schemas.STAGE: ["train-input"] * len(keys_out), schemas.ERROR: reasons},
-                      schema=schemas.ERRORS_SCHEMA)
-    return Audit(errors=errors, repeats={u: tuple(r) for u, r in repeats.items()}, kept=kept)
+    return Audit(errors=pa.Table.from_pylist(bad, schema=schemas.ERRORS_SCHEMA),
+                 repeats={u: tuple(r) for u, r in repeats.items()}, kept=kept)
 
 
 class PrepareBatch:
