@@ -9,24 +9,11 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from types import FrameType
 
 from pipelines import exitcodes
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Units committed (by this run or earlier ones) out of the units of the whole input."""
-
-    done: int
-    total: int
-    noun: str  # singular: "part", "shard"
-
-    def describe(self) -> str:
-        return f"{self.done} of {self.total} {self.noun}s committed; rerun resumes"
 
 
 class Interrupted(BaseException):
@@ -35,7 +22,7 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-        self.progress: Progress | None = None
+        self.progress: str | None = None  # units committed (this run's and earlier ones') of all, by ``counting``
 
     @property
     def exit_code(self) -> int:
@@ -45,7 +32,7 @@ class Interrupted(BaseException):
         """The one stderr line (the same for every command, so scripts can match it)."""
         if self.progress is None:
             return f"stopped by {signal.Signals(self.signum).name}"
-        return f"stopped: {self.progress.describe()}"
+        return f"stopped: {self.progress}"
 
 
 class CommitFailed(Exception):
@@ -53,12 +40,12 @@ class CommitFailed(Exception):
 
     def __init__(self, noun: str, unit: str, cause: BaseException):
         super().__init__(f"{noun} {unit} not committed: {type(cause).__name__}: {cause}")
-        self.progress: Progress | None = None
+        self.progress: str | None = None
         self.exit_code = exitcodes.PARTIAL
 
     def line(self, prog: str) -> str:
         """The one stderr line: ``prog`` (``clipcap caption``), the unit and the cause, the units committed."""
-        done = f"; {self.progress.describe()}" if self.progress is not None else ""
+        done = f"; {self.progress}" if self.progress is not None else ""
         return f"{prog}: error: {self}{done}"
 
 
@@ -144,7 +131,8 @@ def counting(count: Callable[[], tuple[int, int]], noun: str) -> Iterator[None]:
         yield
     except (Interrupted, CommitFailed) as exc:
         if exc.progress is None:
-            exc.progress = Progress(*count(), noun)
+            done, total = count()
+            exc.progress = f"{done} of {total} {noun}s committed; rerun resumes"
         raise
 
 

@@ -100,12 +100,9 @@ def read_text_lines(uri: str, max_chars: int) -> tuple[list[str | None], list[st
     """Captions and per-row errors of a one-caption-per-line file (each line decoded on its own)."""
     with fsspec.open(uri, "rb", compression="infer") as f:
         data = f.read()
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the file's final newline ends the last line; it does not start another
     captions: list[str | None] = []
     errors = []
-    for raw in lines:
+    for raw in data.removesuffix(b"\n").split(b"\n") if data else []:  # a final newline starts no line
         try:
             text: str | None = raw.rstrip(b"\r").decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -155,9 +155,7 @@ def tar_member_problem(m: tarfile.TarInfo, seen: set[str], cfg: SourceConfig) ->
 
 def clean_name(name: str) -> str:
     """``name`` without leading ``./`` (tar members are often stored so)."""
-    while name.startswith("./"):
-        name = name[2:]
-    return name
+    return re.sub(r"^(\./)+", "", name)
 
 
 def check_local_file(uri: str, rel: str) -> str:
@@ -174,13 +172,10 @@ def check_local_file(uri: str, rel: str) -> str:
 
 def read_loose_file(fs: Any, f: InputFile, limit: int) -> bytes:
     """At most ``limit`` bytes of a loose file (more is an error: listed sizes can lie, e.g. devices)."""
-    if storage.protocol_prefix(fs) == "":
-        with open(check_local_file(f.uri, f.rel), "rb") as fh:
-            data = fh.read(limit + 1)
-    else:
-        # open + bounded read, not cat_file: the object may be larger than the listing said.
-        with fs.open(uris.filesystem(f.uri)[1], "rb") as fh:
-            data = fh.read(limit + 1)
+    local = storage.protocol_prefix(fs) == ""
+    # a bounded read, not cat_file: the object may be larger than the listing said
+    with open(check_local_file(f.uri, f.rel), "rb") if local else fs.open(uris.filesystem(f.uri)[1], "rb") as fh:
+        data = fh.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"file larger than {limit} bytes")
     return data
@@ -240,6 +235,7 @@ def plan_parquet(file: InputFile, cfg: SourceConfig) -> list[Part]:
             group, rows = [], 0
     return parts
 
+
 def read_parquet(part: Part, cfg: SourceConfig) -> Iterator[Record]:
     f = part.files[0]
     with _open(f) as fh:
@@ -268,10 +264,8 @@ def read_parquet(part: Part, cfg: SourceConfig) -> Iterator[Record]:
 
 def row_keys(table: pa.Table, part: Part, cfg: SourceConfig) -> list[str]:
     rel = part.files[0].rel
-    if cfg.key_column in table.column_names:
-        raw = table.column(cfg.key_column).to_pylist()
-    else:
-        raw = [None] * table.num_rows
+    has = cfg.key_column in table.column_names
+    raw = table.column(cfg.key_column).to_pylist() if has else [None] * table.num_rows
     return [f"{rel}/{k}" if k is not None and str(k) != "" else f"{rel}/#{part.row_offset + i}"
             for i, k in enumerate(raw)]
 
@@ -290,9 +284,8 @@ def fetch_url(url: str, cfg: SourceConfig) -> bytes:
     limit = cfg.max_member_bytes
     if scheme in urlsafety.HTTP_SCHEMES:
         return urlsafety.fetch_http(url, cfg.fetch_timeout_s, limit, cfg.allow_private_urls)
-    else:
-        with fsspec.open(url, "rb") as fh:
-            data = fh.read(limit + 1)
+    with fsspec.open(url, "rb") as fh:
+        data = fh.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"download larger than {limit} bytes")
     return data
