@@ -147,7 +147,6 @@ class Plan:
     model_id: str
     model_info: Any   # pipelines.caption.stages.ModelInfo
     needs_clip: bool
-    digest: str
     skipped: list[str] = field(default_factory=list)  # hidden / bookkeeping input paths, not read
 
 def check_output_outside_input(cfg: CaptionConfig) -> None:
@@ -217,8 +216,7 @@ def prepare(cfg: CaptionConfig) -> Plan:
     if needs_clip and info.encoder_dim != info.clip_dim:
         raise ValueError(f"dimension mismatch: CLIP {info.encoder.model_name!r} gives D={info.encoder_dim} "
                          f"but model {info.uri!r} expects clip_dim={info.clip_dim}")
-    digest = sources.plan_digest(parts)
-    record = storage.redact_json(_run_record(cfg, info.model_id, digest))  # as stored: no signed URLs
+    record = storage.redact_json(_run_record(cfg, info.model_id, sources.plan_digest(parts)))  # as stored
     run_uri = meta_uri(cfg.output, "run.json")
     previous = storage.read_json(run_uri)
     if cfg.overwrite:
@@ -229,9 +227,8 @@ def prepare(cfg: CaptionConfig) -> Plan:
                          "output or overwrite=True (--overwrite) to redo it")
     storage.write_json(record, run_uri)
     layout(cfg.output).remove_temporaries()
-    done = layout(cfg.output).done()
-    todo = [p for p in parts if p.part_id not in done]
-    return Plan(parts, todo, info.model_id, info, needs_clip, digest, skipped)
+    todo = [p for p in parts if p.part_id not in layout(cfg.output).done()]
+    return Plan(parts, todo, info.model_id, info, needs_clip, skipped)
 
 # --- the job ----------------------------------------------------------------------------------------------------
 def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
@@ -312,18 +309,14 @@ def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
                       use_gpu=pool.use_gpu, threads=pool.torch_threads, rerank=cfg.rerank,
                       projection=cfg.projection)
     score_cfg = plan.model_info.encoder if cfg.clip_score else None
-
-    def actor(p: runtime.ActorPlan) -> dict[str, Any]:
-        return dict(p.pool_args(), batch_format="pyarrow")
-
     if fused:
-        return ds.map_batches(ClipCaptionStage, batch_size=res.caption_batch_size, **actor(pool),
+        return ds.map_batches(ClipCaptionStage, batch_size=res.caption_batch_size, **pool.pool_args(),
                               fn_constructor_kwargs=dict(caption_kw, encoder_cfg=plan.model_info.encoder,
                                                          clip_batch_size=res.clip_batch_size,
                                                          clip_score=cfg.clip_score))
     if clip_pool is not None:
-        ds = ds.map_batches(ClipActor, batch_size=res.clip_batch_size, **actor(clip_pool),
+        ds = ds.map_batches(ClipActor, batch_size=res.clip_batch_size, **clip_pool.pool_args(),
                             fn_constructor_kwargs=dict(encoder=plan.model_info.encoder, precision=res.precision,
                                                        use_gpu=clip_pool.use_gpu, threads=clip_pool.torch_threads))
-    return ds.map_batches(CaptionStage, batch_size=res.caption_batch_size, **actor(pool),
+    return ds.map_batches(CaptionStage, batch_size=res.caption_batch_size, **pool.pool_args(),
                           fn_constructor_kwargs=dict(caption_kw, encoder_cfg=score_cfg))

@@ -200,8 +200,7 @@ def build_dataset(cfg: EmbedConfig, pending: list[str]) -> Any:
     ds = ds.map_batches(st.decode_shards, batch_size=1, batch_format="pyarrow", num_cpus=plan.read_cpus,
                         memory=res.decode_memory_mb * 2**20, fn_kwargs={"spec": spec, "batch_rows": res.batch_size})
     return ds.map_batches(
-        ClipActor, batch_size=res.batch_size, batch_format="pyarrow",
-        **plan.pool_args(),
+        ClipActor, batch_size=res.batch_size, **plan.pool_args(),
         fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision, "threads": plan.torch_threads,
                                "use_gpu": plan.use_gpu, "texts": cfg.text_embeddings})
 

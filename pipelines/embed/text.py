@@ -114,8 +114,9 @@ def read_text_lines(uri: str, max_chars: int) -> tuple[list[str | None], list[st
     return captions, errors
 
 
-def read_table_file(uri: str, fmt: str, caption_col: str, key_col: str | None) -> pd.DataFrame:
-    """A csv / tsv / jsonl / parquet file as string columns ``caption`` (+ ``key``); checks the columns."""
+def read_table_file(uri: str, fmt: str, caption_col: str, key_col: str | None
+                    ) -> tuple[list[str | None], list[str | None]]:
+    """Captions and keys (None: none there) of a csv / tsv / jsonl / parquet file; checks the columns."""
     if fmt in ("csv", "tsv"):
         df = read_delimited(uri, "\t" if fmt == "tsv" else ",", what="caption file")  # names file and line
     else:
@@ -128,10 +129,9 @@ def read_table_file(uri: str, fmt: str, caption_col: str, key_col: str | None) -
     if missing:
         raise ValueError(f"{uri} has no column(s) {missing}; it has {list(df.columns)} (set --caption-col / "
                          "--key-col)")
-    out = pd.DataFrame({schemas.CAPTION: df[caption_col].astype("string")})
-    if key_col:
-        out[schemas.KEY] = df[key_col].astype("string")
-    return out
+    captions, keys = ([None if pd.isna(v) else str(v) for v in df[c].astype("string")] if c else [None] * len(df)
+                      for c in (caption_col, key_col))
+    return captions, keys
 
 
 def read_img2dataset_shard(uri: str, max_chars: int) -> TextPart:
@@ -168,13 +168,11 @@ def read_file_parts(uri: str, fmt: str, *, caption_col: str, key_col: str | None
     stem = _stem(uri)
     if fmt == "text":
         captions, errors = read_text_lines(uri, max_chars)
-        keys = [f"{stem}-{i:08d}" for i in range(len(captions))]
+        given: list[str | None] = [None] * len(captions)
     else:
-        df = read_table_file(uri, fmt, caption_col, key_col)
-        captions = [None if pd.isna(c) else str(c) for c in df[schemas.CAPTION]]
+        captions, given = read_table_file(uri, fmt, caption_col, key_col)
         errors = [_check(c, max_chars) for c in captions]
-        keys = ([str(k) if not pd.isna(k) else f"{stem}-{i:08d}" for i, k in enumerate(df[schemas.KEY])] if key_col
-                else [f"{stem}-{i:08d}" for i in range(len(captions))])
+    keys = [k if k is not None else f"{stem}-{i:08d}" for i, k in enumerate(given)]
     parts = []
     for n, start in enumerate(range(0, max(len(keys), 1), part_size)):
         sl = slice(start, start + part_size)
@@ -357,8 +355,7 @@ def build_dataset(cfg: EmbedTextConfig, pending: list[TextPart]) -> Any:
     log.info(plan.describe("embed-text", cluster))
     ds = ray.data.from_arrow([part_block(p) for p in pending if len(p)])
     return ds.map_batches(
-        ClipActor, batch_size=res.batch_size, batch_format="pyarrow",
-        **plan.pool_args(),
+        ClipActor, batch_size=res.batch_size, **plan.pool_args(),
         fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision, "use_gpu": plan.use_gpu,
                                "threads": plan.torch_threads, "images": False, "texts": True,
                                "count_truncated": True})
