@@ -82,7 +82,6 @@ class Lease:
         self.owner = Owner(host=socket.gethostname(), pid=os.getpid(), run=run or _run_id(), started_at=now,
                            renewed_at=now, pid_space=_pid_space())
         self.lost: LeaseLost | None = None
-        self._renewed = now
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -146,8 +145,8 @@ class Lease:
         if holder is None or holder.run != self.owner.run:
             who = f"taken by {holder.describe()}" if holder else "removed"
             raise LeaseLost(f"the lease {self.uri} of this run ({self.owner.run}) was {who}")
-        self._renewed = _iso(time.time())
-        storage.write_json(asdict(replace(self.owner, renewed_at=self._renewed)), self.uri)
+        self.owner = replace(self.owner, renewed_at=_iso(time.time()))
+        storage.write_json(asdict(self.owner), self.uri)
 
     def check(self) -> None:
         """Raise ``LeaseLost`` if a heartbeat found the lease taken (called before each unit is committed)."""

@@ -83,11 +83,9 @@ def _clear_output(output: str, previous: dict | None = None) -> None:
     """``--overwrite``: remove the part / error files and markers our runs wrote, nothing else."""
     if previous is None:
         return
-    fs, _ = uris.filesystem(output)
-    units = layout(output)
+    fs, units = uris.filesystem(output)[0], layout(output)
     for uri in storage.list_files(units.table, ".parquet") + storage.list_files(units.dir("errors"), ".parquet"):
-        path = uris.filesystem(uri)[1]
-        if _is_our_part(fs, path):
+        if _is_our_part(fs, path := uris.filesystem(uri)[1]):
             fs.rm(path)
     for uri in storage.list_files(units.dir("empty"), ".json"):
         fs.rm(uris.filesystem(uri)[1])
@@ -117,10 +115,8 @@ class PartCommitter(UnitCommitter):
         return super().add(block)
 
     def unread(self, part_id: str, rows: pa.Table | None) -> str | None:
-        if rows is None:
-            return None
-        stages = rows.column("stage").to_pylist()
-        if sources.UNIT_STAGE not in stages:
+        stages = [] if rows is None else rows.column("stage").to_pylist()
+        if rows is None or sources.UNIT_STAGE not in stages:
             return None
         row = rows.slice(stages.index(sources.UNIT_STAGE), 1).to_pylist()[0]
         return f"{row['source']}: {row['error']}"

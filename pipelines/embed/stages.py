@@ -90,22 +90,17 @@ def read_shard(data: bytes, cfg: SourceConfig | None = None) -> list[Sample]:
 
 def decode_sample(sample: Sample, resizer: ImageResizer, shard: str) -> DecodedRow:
     """Caption, url and resized uint8 pixels (H, W, 3) of one sample, or the same row with ``error`` set."""
-    meta: dict[str, Any] = {}
-    if "json" in sample.files:
-        try:
-            meta = json.loads(sample.files["json"])
-        except ValueError:
-            meta = {}
+    try:
+        meta: dict[str, Any] = json.loads(sample.files.get("json", b"{}"))
+    except ValueError:
+        meta = {}
     caption = sample.files["txt"].decode("utf-8", "replace") if "txt" in sample.files else meta.get("caption")
     key = str(meta.get("key") or posixpath.basename(sample.key))
     image_ext = next((e for e in sample.files if imaging.is_image_name("x." + e)), None)
     source = f"{shard}.tar/{sample.key}" + (f".{image_ext}" if image_ext else "")
     row = DecodedRow(key=key, caption=caption, url=meta.get("url"), source=source, pixels=None)
-    if sample.refused:
-        row.error = sample.refused
-        return row
-    if image_ext is None:
-        row.error = f"no image file in sample (has {sorted(sample.files)})"
+    if sample.refused or image_ext is None:
+        row.error = sample.refused or f"no image file in sample (has {sorted(sample.files)})"
         return row
     try:
         row.pixels = resizer(imaging.decode_image(sample.files[image_ext]))

@@ -82,9 +82,8 @@ def atomic_write_table(table: pa.Table, uri: str, storage_options: dict[str, Any
     """Write ``table`` so the final name appears only when complete (URL columns redacted first)."""
     table = redact_table(table)
     fs, path = filesystem(uri, storage_options)
-    parent = posixpath.dirname(path)
-    tmp_parent = filesystem(tmp_dir, storage_options)[1] if tmp_dir else parent
-    ensure_dir(fs, parent)
+    tmp_parent = filesystem(tmp_dir, storage_options)[1] if tmp_dir else posixpath.dirname(path)
+    ensure_dir(fs, posixpath.dirname(path))
     ensure_dir(fs, tmp_parent)
     tmp = posixpath.join(tmp_parent, f"_tmp.{uuid.uuid4().hex}.{posixpath.basename(path)}")
     try:
@@ -113,10 +112,9 @@ def read_json(uri: str, storage_options: dict[str, Any] | None = None, default: 
     """The JSON document at ``uri`` or ``default``; one whole read (a ranged read fails on a rewrite)."""
     fs, path = filesystem(uri, storage_options)
     try:
-        data = fs.cat_file(path)
+        return json.loads(fs.cat_file(path))
     except FileNotFoundError:
         return default
-    return json.loads(data)
 
 
 def list_files(uri: str, suffix: str, storage_options: dict[str, Any] | None = None,
@@ -126,12 +124,9 @@ def list_files(uri: str, suffix: str, storage_options: dict[str, Any] | None = N
     fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
-    if recursive:
-        names = fs.find(path)
-    else:
-        names = [p for p in fs.ls(path, detail=False)]
-    out = [p for p in names if p.endswith(suffix) and not posixpath.basename(p).startswith("_tmp.")]
-    return sorted(full_uri(fs, p) for p in out)
+    names = fs.find(path) if recursive else fs.ls(path, detail=False)
+    names = [p for p in names if p.endswith(suffix) and not posixpath.basename(p).startswith("_tmp.")]
+    return sorted(full_uri(fs, p) for p in names)
 
 
 def remove_temporaries(*uris: str) -> int:
