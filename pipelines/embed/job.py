@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import logging
 import posixpath
-import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,7 +19,7 @@ from pipelines import console, exitcodes, rows, runtime, stopping
 from pipelines.clip_actor import ClipActor
 from pipelines.committer import UnitCommitter, UnitTable
 from pipelines.embed import stages as st
-from pipelines.io import schemas, storage
+from pipelines.io import schemas, sources, storage
 from pipelines.lease import LEASE_FILE, Lease
 
 log = logging.getLogger(__name__)
@@ -142,31 +140,18 @@ def pending_shards(cfg: EmbedConfig, shards: list[str]) -> list[str]:
     return [s for s in shards if st.shard_name(s) not in done]
 
 
-def _first_sample_files(uri: str) -> list[str]:
-    names: list[str] = []
-    with fsspec.open(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            stem = posixpath.basename(member.name).split(".", 1)[0]
-            if names and stem != names[0].split(".", 1)[0]:
-                break
-            names.append(posixpath.basename(member.name))
-    return names
-
-
 def check_input(cfg: EmbedConfig, shards: list[str]) -> None:
     """The shards must hold images (and captions when text embeddings are asked for); checks one sample."""
     if not shards:
         raise FileNotFoundError(f"no webdataset shards (*.tar) under {cfg.input!r}; run the download stage first")
     for uri in shards:
-        try:
-            names = _first_sample_files(uri)
-        except tarfile.TarError:
+        key, files, error = next(sources.webdataset_samples(uri), ("", {}, "no sample"))
+        if error is not None:
             continue  # a corrupt shard becomes an error row; look at the next one
-        if not names:
-            continue
+        names = [f"{posixpath.basename(key)}.{ext}" for ext in files]
         if not any(imaging.is_image_name(n) for n in names):
             raise ValueError(f"input shards have no image column: first sample of {uri} has {names}")
-        if cfg.text_embeddings and not any(n.endswith(".txt") for n in names):
+        if cfg.text_embeddings and "txt" not in files:
             raise ValueError(f"text_embeddings needs captions, but the first sample of {uri} has no .txt: {names}")
         return
 
