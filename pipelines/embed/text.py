@@ -318,22 +318,6 @@ def build_tables(table: pa.Table, dim: int, dtype: str, meta: dict[str, str]) ->
     return pa.Table.from_arrays(arrays, schema=schema), errs
 
 
-def commit_part(cfg: EmbedTextConfig, part: TextPart, table: pa.Table | None,
-                dim: int) -> tuple[int, int, int]:
-    """Commit one part (``UnitTable.write``); returns (rows, error rows, truncated)."""
-    meta = schemas.embedding_metadata(
-        clip_model=cfg.encoder.model_name, clip_pretrained=cfg.encoder.pretrained, dim=dim, dtype=cfg.dtype,
-        preprocess=f"text: open_clip tokenizer of {cfg.encoder.model_name}, truncated to its context",
-        source_shard=part.source)
-    if table is None:  # an empty part still gets its done-marker, so reruns skip it
-        table = pa.table({**{k: pa.array([], pa.string()) for k in (st.KEY, st.CAPTION, st.SOURCE, st.ERROR)},
-                          st.TRUNCATED: pa.array([], pa.bool_()), rows.TEXT_EMBEDDING: pa.array([], pa.binary())})
-    table, errs = build_tables(table, dim, cfg.dtype, meta)
-    cfg.units.write(part.part_id, table, pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA),
-                    {"part": part.part_id, "errors": len(errs)})
-    return table.num_rows, len(errs), int(table.schema.metadata[schemas.META_TRUNCATED.encode()])
-
-
 # --- the Ray pipeline ---------------------------------------------------------------------------------------
 def part_block(part: TextPart) -> pa.Table:
     """A part as one block of rows with the committer's columns (part id, index, total)."""
@@ -369,7 +353,20 @@ class TextCommitter(UnitCommitter):
         self.cfg, self.dim, self.parts = cfg, dim, {p.part_id: p for p in parts}
 
     def commit(self, unit: str, table: pa.Table | None) -> tuple[int, int, int]:
-        return commit_part(self.cfg, self.parts[unit], table, self.dim)
+        """Commit one part (``UnitTable.write``); returns (rows, error rows, truncated)."""
+        cfg, model = self.cfg, self.cfg.encoder.model_name
+        meta = schemas.embedding_metadata(
+            clip_model=model, clip_pretrained=cfg.encoder.pretrained, dim=self.dim, dtype=cfg.dtype,
+            preprocess=f"text: open_clip tokenizer of {model}, truncated to its context",
+            source_shard=self.parts[unit].source)
+        if table is None:  # an empty part still gets its done-marker, so reruns skip it
+            strings = {k: pa.array([], pa.string()) for k in (st.KEY, st.CAPTION, st.SOURCE, st.ERROR)}
+            table = pa.table({**strings, st.TRUNCATED: pa.array([], pa.bool_()),
+                              rows.TEXT_EMBEDDING: pa.array([], pa.binary())})
+        table, errs = build_tables(table, self.dim, cfg.dtype, meta)
+        cfg.units.write(unit, table, pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA),
+                        {"part": unit, "errors": len(errs)})
+        return table.num_rows, len(errs), int(table.schema.metadata[schemas.META_TRUNCATED.encode()])
 
 
 def _drain(cfg: EmbedTextConfig, committer: TextCommitter, dim: int) -> tuple[int, int, int]:
