@@ -53,10 +53,32 @@ class EmbedResources:
         return plan if self.num_actors else runtime.share_process(plan, cluster)
 
 
+class TableOutput:
+    """Where a config with ``output_root``, ``dataset`` and ``encoder`` writes its ``KIND`` of table."""
+
+    KIND: ClassVar[str]
+    output_root: str
+    dataset: str
+    encoder: EncoderConfig
+
+    @property
+    def table_uri(self) -> str:
+        return storage.join(self.output_root, self.KIND, self.dataset, encoders.encoder_tag(self.encoder))
+
+    @property
+    def meta_uri(self) -> str:
+        return storage.join(self.output_root, META_DIR, self.KIND, self.dataset, encoders.encoder_tag(self.encoder))
+
+    @property
+    def units(self) -> UnitTable:
+        return UnitTable(self.table_uri, self.meta_uri)
+
+
 @dataclass(frozen=True, kw_only=True)
-class EmbedConfig:
+class EmbedConfig(TableOutput):
     """The ``clipcap embed`` config: each field is a flag (``pipelines.commands.flags``), ``CLI_FLAGS`` the renamed."""
 
+    KIND: ClassVar[str] = "embeddings"
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"output_root": "--output"}
     input: str  # img2dataset output folder (webdataset .tar shards + per-shard .parquet)
     output_root: str  # storage root; tables go to <output>/embeddings/<dataset>/<clip-tag>/
@@ -68,18 +90,6 @@ class EmbedConfig:
     resources: EmbedResources = EmbedResources()
     force_unlock: bool = False
     """take the table's lease (_meta/.../lease.json) even from a run that looks alive"""
-
-    @property
-    def table_uri(self) -> str:
-        return storage.join(self.output_root, "embeddings", self.dataset, encoders.encoder_tag(self.encoder))
-
-    @property
-    def meta_uri(self) -> str:
-        return storage.join(self.output_root, META_DIR, "embeddings", self.dataset, encoders.encoder_tag(self.encoder))
-
-    @property
-    def units(self) -> UnitTable:
-        return UnitTable(self.table_uri, self.meta_uri)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from clipcap_core.configs import to_dict
 from clipcap_core.encoders import EncoderConfig
 from pipelines import console, rows, runtime, stopping
 from pipelines.clip_actor import ClipActor
-from pipelines.committer import UnitCommitter, UnitTable
+from pipelines.committer import UnitCommitter
 from pipelines.embed import job as embed
 from pipelines.embed import stages as st
 from pipelines.embed.stages import MAX_SHARD_BYTES, read_shard, shard_name
@@ -211,9 +211,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class EmbedTextConfig:
+class EmbedTextConfig(embed.TableOutput):
     """The ``clipcap embed-text`` config: each field is a flag, ``CLI_FLAGS`` the renamed."""
 
+    KIND: ClassVar[str] = "text-embeddings"
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"output_root": "--output"}
     input: str
     """caption file (txt: one per line; csv/tsv/jsonl/parquet), a folder of them, or an img2dataset output folder"""
@@ -235,19 +236,6 @@ class EmbedTextConfig:
     def __post_init__(self) -> None:
         if self.part_size < 1 or self.max_caption_chars < 1:
             raise ValueError("part_size and max_caption_chars must be >= 1")
-
-    @property
-    def table_uri(self) -> str:
-        return storage.join(self.output_root, "text-embeddings", self.dataset, encoders.encoder_tag(self.encoder))
-
-    @property
-    def meta_uri(self) -> str:
-        return storage.join(self.output_root, embed.META_DIR, "text-embeddings", self.dataset,
-                            encoders.encoder_tag(self.encoder))
-
-    @property
-    def units(self) -> UnitTable:
-        return UnitTable(self.table_uri, self.meta_uri)
 
 
 @dataclass
