@@ -135,9 +135,7 @@ class CaptionSummary:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["images_per_s"] = round(self.images_per_s, 3)
-        return d
+        return {**self.__dict__, "images_per_s": round(self.images_per_s, 3)}
 
 # --- job-level validation ----------------------------------------------------------------------------------
 @dataclass
@@ -166,9 +164,7 @@ def check_output_outside_input(cfg: CaptionConfig) -> None:
                          "input by the next run; choose an output outside the input")
 
 def _check_embeddings(parts: list[sources.Part], info: Any) -> None:
-    for p in parts:
-        if p.kind != "embeddings":
-            continue
+    for p in [p for p in parts if p.kind == "embeddings"]:
         where = p.files[0].uri
         if p.dim != info.clip_dim:
             raise ValueError(f"dimension mismatch: embedding table {where} has D={p.dim} but model "

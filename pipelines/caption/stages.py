@@ -131,12 +131,9 @@ class ClipCaptionStage:
         self.clip_batch = clip_batch_size
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if len(table) <= self.clip_batch:
-            return self.caption(self.clip(table))
-        embedded = [self.clip(table.slice(s, self.clip_batch)) for s in range(0, len(table), self.clip_batch)]
-        merged = pa.concat_tables(embedded)
         # per-row CLIP times of the slices stay per row; the captioner then sees the whole batch at once
-        return self.caption(merged)
+        starts = range(0, max(len(table), 1), self.clip_batch)
+        return self.caption(pa.concat_tables([self.clip(table.slice(s, self.clip_batch)) for s in starts]))
 
 
 def score_and_rank(image_emb: np.ndarray, texts: list[list[str]], scores: list[list[float]], scorer: Any,

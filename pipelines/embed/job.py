@@ -134,9 +134,8 @@ class EmbedResult:
         return (r1 - r0) / (t1 - t0) if t1 > t0 and r1 > r0 else None
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "timeline"}
-        out.update(first_rows_s=self.first_rows_s, steady_rows_per_s=self.steady_rows_per_s)
-        return out
+        return {**{k: v for k, v in self.__dict__.items() if k != "timeline"}, "first_rows_s": self.first_rows_s,
+                "steady_rows_per_s": self.steady_rows_per_s}
 
 
 # --- planning and validation (no Ray) ---------------------------------------------------------------
