@@ -519,25 +519,36 @@ def _sample_key(name: str) -> str:
     return posixpath.join(d, base.split(".", 1)[0])
 
 
-def read_webdataset(part: Part, cfg: SourceConfig) -> Iterator[Record]:
-    """A webdataset shard: one row per sample key, from the sample's first image member in archive order."""
-    group: list[tuple[str, bytes]] = []
-    done: set[str] = set()
+Members = list[tuple[str, bytes]]  # (member name, bytes) of one webdataset sample, in archive order
+
+
+def _sample_groups(part: Part, cfg: SourceConfig) -> Iterator[tuple[str, Members, str | None]]:
+    """(sample key, its consecutive members, None) in archive order; a refused member (its sample goes on) or
+    an unreadable archive is (member name or "", [], error) where it occurs."""
+    group: Members = []
     for name, data, error in _tar_members(part, cfg):
-        if error is not None or data is None:  # a refused member is its own error row; its sample goes on
-            yield _member_record(part, name, None, error)
+        if error is not None or data is None:
+            yield name, [], error
             continue
         if group and _sample_key(group[0][0]) != _sample_key(name):
-            yield from _webdataset_sample(part, group, done)
+            yield _sample_key(group[0][0]), group, None
             group = []
         group.append((name, data))
-    yield from _webdataset_sample(part, group, done)
+    if group:
+        yield _sample_key(group[0][0]), group, None
 
 
-def _webdataset_sample(part: Part, group: list[tuple[str, bytes]], done: set[str]) -> Iterator[Record]:
-    if not group:
-        return
-    key = _sample_key(group[0][0])
+def read_webdataset(part: Part, cfg: SourceConfig) -> Iterator[Record]:
+    """A webdataset shard: one row per sample key, from the sample's first image member in archive order."""
+    done: set[str] = set()
+    for key, group, error in _sample_groups(part, cfg):
+        if error is not None:
+            yield _member_record(part, key, None, error)
+        else:
+            yield from _webdataset_sample(part, key, group, done)
+
+
+def _webdataset_sample(part: Part, key: str, group: Members, done: set[str]) -> Iterator[Record]:
     if key in done:
         for n, _ in group:
             yield _member_record(part, n, None, f"member of sample {key!r} after other samples (a webdataset "
@@ -561,21 +572,9 @@ def webdataset_samples(uri: str, cfg: SourceConfig | None = None
                        ) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
     """(sample key, {extension: bytes}, None) per sample of a webdataset shard, through the member checks;
     a refused member or an unreadable archive gives (member name or "", {}, error)."""
-    cfg = cfg or SourceConfig()
     part = Part(part_name(posixpath.basename(uri)), "webdataset", (InputFile(uri, posixpath.basename(uri), 0),))
-    key, group = None, {}
-    for name, data, error in _tar_members(part, cfg):
-        if error is not None or data is None:
-            yield name, {}, error
-            continue
-        k = _sample_key(name)
-        if key is not None and k != key:
-            yield key, group, None
-            group = {}
-        key = k
-        group[posixpath.basename(name).split(".", 1)[-1].lower()] = data
-    if key is not None and group:
-        yield key, group, None
+    for key, group, error in _sample_groups(part, cfg or SourceConfig()):
+        yield key, {posixpath.basename(n).split(".", 1)[-1].lower(): d for n, d in group}, error
 
 
 # --- zip ------------------------------------------------------------------------------------------------
