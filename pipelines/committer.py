@@ -45,13 +45,13 @@ class UnitTable:
         return {u.rsplit("/", 1)[-1].removeprefix("part-").rsplit(".", 1)[0] for u in names}
 
     def remove_temporaries(self) -> int:
-        """Delete the ``_tmp.*`` files a killed run left (call it holding the output's lease: no other writer)."""
+        """Delete the ``_tmp.*`` files a killed run left (call it holding the output's lease)."""
         return storage.remove_temporaries(self.table, self.dir("errors"), self.dir("empty"), self.dir("tmp"),
                                           self.meta)
 
     def write(self, unit: str, table: pa.Table, errors: pa.Table, marker: dict[str, Any]) -> None:
-        """The errors table (or drop a stale one), then the part file, or ``marker`` as the empty marker when no
-        row is good: the commit marker is written last."""
+        """The errors table (or drop a stale one), then the part file, or ``marker`` as the empty marker
+        when no row is good: the commit marker is written last."""
         if errors.num_rows:
             storage.atomic_write_table(errors, self.errors(unit), tmp_dir=self.dir("tmp"))
         elif uris.exists(self.errors(unit)):  # from an earlier attempt at this unit

@@ -22,7 +22,7 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-        self.progress: str | None = None  # units committed (this run's and earlier ones') of all, by ``counting``
+        self.progress: str | None = None  # units committed of all (``counting``)
 
     @property
     def exit_code(self) -> int:

@@ -84,7 +84,8 @@ def _clear_output(output: str, previous: dict | None = None) -> None:
     if previous is None:
         return
     fs, units = uris.filesystem(output)[0], layout(output)
-    for uri in storage.list_files(units.table, ".parquet") + storage.list_files(units.dir("errors"), ".parquet"):
+    for uri in storage.list_files(units.table, ".parquet") + storage.list_files(units.dir("errors"),
+                                                                                ".parquet"):
         if _is_our_part(fs, path := uris.filesystem(uri)[1]):
             fs.rm(path)
     for uri in storage.list_files(units.dir("empty"), ".json"):
@@ -129,16 +130,17 @@ class PartCommitter(UnitCommitter):
         for row in sorted(members, key=lambda r: (r["key"], r["index"])):
             if row["error"] is None and row.get("captions"):
                 clip = row.get("clip_scores") or [None] * len(row["captions"])
+                ranked = enumerate(zip(row["captions"], row["scores"], strict=True))
                 caps += [{schemas.KEY: row["key"], schemas.CAPTION: text, schemas.SCORE: score,
                           schemas.MODEL: self.model_id, schemas.CREATED_AT: now, schemas.RANK: rank,
-                          schemas.CLIP_SCORE: clip[rank]}
-                         for rank, (text, score) in enumerate(zip(row["captions"], row["scores"], strict=True))]
+                          schemas.CLIP_SCORE: clip[rank]} for rank, (text, score) in ranked]
             else:
                 errs.append({schemas.KEY: row["key"], schemas.SOURCE: row["source"],
-                             schemas.STAGE: row["stage"] or "caption", schemas.ERROR: row["error"] or "no caption produced"})
+                             schemas.STAGE: row["stage"] or "caption",
+                             schemas.ERROR: row["error"] or "no caption produced"})
         meta = dict(self.meta, **{schemas.META_PART: part_id})
-        errors = pa.Table.from_pylist(errs, schema=schemas.with_metadata(schemas.ERRORS_SCHEMA, meta))
-        captions = pa.Table.from_pylist(caps, schema=schemas.with_metadata(schemas.CAPTIONS_SCORED_SCHEMA, meta))
+        errors = pa.Table.from_pylist(errs, schemas.with_metadata(schemas.ERRORS_SCHEMA, meta))
+        captions = pa.Table.from_pylist(caps, schemas.with_metadata(schemas.CAPTIONS_SCORED_SCHEMA, meta))
         layout(self.output).write(part_id, captions, errors, {"part": part_id, "errors": errors.num_rows})
         self.empty_captions += sum(1 for r in members if r["error"] is None and r.get("captions")
                                    and not str(r["captions"][0] or "").strip())

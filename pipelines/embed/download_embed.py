@@ -105,8 +105,8 @@ def run_embed_job(cfg: EmbedJobConfig, ray_address: str | None = None) -> EmbedJ
     schemas.embedding_type(1, cfg.embed.dtype)
     summary = None
     if cfg.download is not None:
-        source = serve_synthetic(cfg.synthetic) if cfg.synthetic else contextlib.nullcontext(cfg.download.url_list)
-        with source as url_list:
+        given = contextlib.nullcontext(cfg.download.url_list)
+        with serve_synthetic(cfg.synthetic) if cfg.synthetic else given as url_list:
             dl = replace(cfg.download, url_list=url_list)
             urls = prepare_download(dl)
             storage.check_writable(cfg.embed.table_uri)

@@ -67,7 +67,8 @@ class TableOutput:
 
     @property
     def meta_uri(self) -> str:
-        return storage.join(self.output_root, META_DIR, self.KIND, self.dataset, encoders.encoder_tag(self.encoder))
+        tag = encoders.encoder_tag(self.encoder)
+        return storage.join(self.output_root, META_DIR, self.KIND, self.dataset, tag)
 
     @property
     def units(self) -> UnitTable:
@@ -134,8 +135,8 @@ class EmbedResult:
         return (r1 - r0) / (t1 - t0) if t1 > t0 and r1 > r0 else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**{k: v for k, v in self.__dict__.items() if k != "timeline"}, "first_rows_s": self.first_rows_s,
-                "steady_rows_per_s": self.steady_rows_per_s}
+        out = {k: v for k, v in self.__dict__.items() if k != "timeline"}
+        return {**out, "first_rows_s": self.first_rows_s, "steady_rows_per_s": self.steady_rows_per_s}
 
 
 # --- planning and validation (no Ray) ---------------------------------------------------------------

@@ -129,8 +129,9 @@ def read_table_file(uri: str, fmt: str, caption_col: str, key_col: str | None
     if missing:
         raise ValueError(f"{uri} has no column(s) {missing}; it has {list(df.columns)} (set --caption-col / "
                          "--key-col)")
-    captions, keys = ([None if pd.isna(v) else str(v) for v in df[c].astype("string")] if c else [None] * len(df)
-                      for c in (caption_col, key_col))
+    captions = [None if pd.isna(v) else str(v) for v in df[caption_col].astype("string")]
+    keys = ([None if pd.isna(v) else str(v) for v in df[key_col].astype("string")] if key_col
+            else [None] * len(df))
     return captions, keys
 
 

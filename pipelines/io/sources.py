@@ -2,8 +2,8 @@
 (``READERS``) of loose images, tar, webdataset, zip, Parquet (bytes or URLs) and embedding tables.
 
 Hidden files and tool bookkeeping (``_meta/``, ``_SUCCESS``, ...) are skipped; other ``_`` names are input
-(``_DSC0001.JPG``). A ``.tar`` beside an img2dataset sidecar is a webdataset shard. Every archive member and loose
-file passes the safety checks (unsafe paths, links, devices, duplicates, size) before any byte is used.
+(``_DSC0001.JPG``). A ``.tar`` beside an img2dataset sidecar is a webdataset shard. Every archive member and
+loose file passes the safety checks (unsafe paths, links, devices, duplicates, size) before any byte is used.
 """
 
 from __future__ import annotations
@@ -174,7 +174,8 @@ def read_loose_file(fs: Any, f: InputFile, limit: int) -> bytes:
     """At most ``limit`` bytes of a loose file (more is an error: listed sizes can lie, e.g. devices)."""
     local = storage.protocol_prefix(fs) == ""
     # a bounded read, not cat_file: the object may be larger than the listing said
-    with open(check_local_file(f.uri, f.rel), "rb") if local else fs.open(uris.filesystem(f.uri)[1], "rb") as fh:
+    path = check_local_file(f.uri, f.rel) if local else uris.filesystem(f.uri)[1]
+    with open(path, "rb") if local else fs.open(path, "rb") as fh:
         data = fh.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"file larger than {limit} bytes")
@@ -563,9 +564,9 @@ def _webdataset_sample(part: Part, key: str, group: Members, done: set[str]) -> 
         return
     yield Record(f"{f.rel}/{key}", f.uri, data=images[0][1])
     for n, _ in images[1:]:
-        yield _member_record(part, n, None, f"second image of sample {key!r} (captioned from {images[0][0]}); "
-                                            "a webdataset sample has one image: use format tar to caption "
-                                            "every member")
+        why = (f"second image of sample {key!r} (captioned from {images[0][0]}); a webdataset sample has one "
+               "image: use format tar to caption every member")
+        yield _member_record(part, n, None, why)
 
 
 def webdataset_samples(uri: str, cfg: SourceConfig | None = None
