@@ -1,6 +1,4 @@
-"""The one CLIP actor of every stage: embed (images, optionally their captions), embed-text (captions only) and
-caption (images; in the captioning actor, or a pool of its own with ``--stages split``).
-"""
+"""The one CLIP actor of embed, embed-text and caption (images and / or captions)."""
 
 from __future__ import annotations
 

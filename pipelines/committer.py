@@ -1,19 +1,65 @@
-"""The one per-unit committer every stage's driver runs: embed (unit = shard), embed-text and caption (part).
-"""
+"""The one per-unit committer every stage's driver runs (embed: unit = shard; embed-text, caption: part), and
+the output layout it commits into."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from clipcap_core import uris
 from pipelines import stopping
+from pipelines.io import storage
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UnitTable:
+    """A table folder of ``part-<unit>.parquet`` files and its bookkeeping folder ``meta`` (``errors/``,
+    ``empty/`` done-markers, ``tmp/``), which no reader globs: a 0-row Parquet file breaks ``datasets``."""
+
+    table: str
+    meta: str
+
+    def dir(self, name: str) -> str:
+        return storage.join(self.meta, name)
+
+    def part(self, unit: str) -> str:
+        return storage.join(self.table, f"part-{unit}.parquet")
+
+    def errors(self, unit: str) -> str:
+        return storage.join(self.dir("errors"), f"part-{unit}.parquet")
+
+    def empty(self, unit: str) -> str:
+        return storage.join(self.dir("empty"), f"part-{unit}.json")
+
+    def done(self) -> set[str]:
+        """Units with a part file or an empty marker."""
+        names = storage.list_files(self.table, ".parquet") + storage.list_files(self.dir("empty"), ".json")
+        return {u.rsplit("/", 1)[-1].removeprefix("part-").rsplit(".", 1)[0] for u in names}
+
+    def remove_temporaries(self) -> int:
+        """Delete the ``_tmp.*`` files a killed run left (call it holding the output's lease)."""
+        return storage.remove_temporaries(self.table, self.dir("errors"), self.dir("empty"), self.dir("tmp"),
+                                          self.meta)
+
+    def write(self, unit: str, table: pa.Table, errors: pa.Table, marker: dict[str, Any]) -> None:
+        """The errors table (or drop a stale one), then the part file, or ``marker`` as the empty marker
+        when no row is good: the commit marker is written last."""
+        if errors.num_rows:
+            storage.atomic_write_table(errors, self.errors(unit), tmp_dir=self.dir("tmp"))
+        elif uris.exists(self.errors(unit)):  # from an earlier attempt at this unit
+            storage.remove(self.errors(unit))
+        if table.num_rows:
+            storage.atomic_write_table(table, self.part(unit), tmp_dir=self.dir("tmp"))
+        else:
+            storage.write_json(marker, self.empty(unit))
 
 
 class UnitCommitter:
@@ -43,8 +89,8 @@ class UnitCommitter:
     # --- collecting -----------------------------------------------------------------------------------------
     def add(self, block: pa.Table) -> list[Any]:
         """Take a block of rows; return what ``commit`` returned for each unit this block completed."""
-        units = _column(block, self.unit_col).astype(str)
-        index, total = _column(block, self.index_col), _column(block, self.total_col)
+        units = block.column(self.unit_col).to_numpy().astype(str)
+        index, total = block.column(self.index_col).to_numpy(), block.column(self.total_col).to_numpy()
         done = []
         for unit in dict.fromkeys(units.tolist()):
             if unit in self._settled:
@@ -80,7 +126,8 @@ class UnitCommitter:
         pieces = self._rows.pop(unit, [])
         self._seen.pop(unit, None)
         self._totals.pop(unit, None)
-        return _concat(pieces) if pieces else None
+        # a column all null in one block is typed null there: promote it
+        return pa.concat_tables(pieces, promote_options="default") if pieces else None
 
     def _settle(self, unit: str, rows: pa.Table | None) -> Any:
         self._settled.add(unit)
@@ -95,10 +142,8 @@ class UnitCommitter:
         return result
 
     def _commit_with_retries(self, unit: str, rows: pa.Table | None) -> Any:
-        """``commit``, retried with backoff while the storage error looks transient (connection refused or
-        reset, timeouts, HTTP 5xx / throttling: an object store restarting); a deterministic error (disk full,
-        read-only, access denied) or the last retry is ``CommitFailed``: exit 4, the unit and the cause named.
-        A retry rewrites the same names, so it never duplicates rows. A failing ``guard`` is ``CommitFailed``."""
+        """``commit``, retried with backoff while the storage error is transient; a deterministic error, the
+        last retry or a failing ``guard`` is ``CommitFailed`` (exit 4). A retry rewrites the same names."""
         try:
             if self.guard is not None:
                 self.guard()
@@ -119,12 +164,10 @@ class UnitCommitter:
         raise AssertionError("unreachable")
 
     def pending(self) -> list[str]:
-        """Units with rows but not complete."""
         return sorted(set(self._rows) | set(self._totals))
 
     def finish(self, stage: str, expected: Iterable[str] = ()) -> list[Any]:
-        """At the end of the stream: fail if a unit is incomplete (rows lost in the pipeline), then settle the
-        ``expected`` units that got no row at all (embed: a shard without samples)."""
+        """End of stream: fail on a unit with lost rows, then settle ``expected`` units without rows."""
         if self.pending():
             raise RuntimeError(f"{stage} ended with incomplete {self.noun}(s) {self.pending()[:5]} (rows lost?)")
         done = [self._settle(u, None) for u in sorted(set(expected) - self._settled)]
@@ -143,19 +186,8 @@ _TRANSIENT_TEXT = ("connection refused", "connection reset", "timed out", "could
 def is_transient(exc: BaseException) -> bool:
     """A storage error worth retrying: the service was unreachable or overloaded, not the request wrong."""
     for e in (exc, exc.__cause__, exc.__context__):
-        if e is None:
-            continue
-        if any(type(e).__name__ == n or n in [c.__name__ for c in type(e).__mro__] for n in _TRANSIENT_NAMES):
-            return True
-        if any(t in str(e).lower() for t in _TRANSIENT_TEXT):
+        if e is not None and ({c.__name__ for c in type(e).__mro__} & set(_TRANSIENT_NAMES)
+                              or any(t in str(e).lower() for t in _TRANSIENT_TEXT)):
             return True
     return False
 
-
-def _column(block: pa.Table, name: str) -> np.ndarray:
-    return block.column(name).to_numpy()
-
-
-def _concat(pieces: list[pa.Table]) -> pa.Table:
-    # a column all null in one block is typed null there: promote it
-    return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces, promote_options="default")

@@ -1,10 +1,6 @@
-"""One run at a time per output: a lease file (``<output>/_meta/lease.json``, a table's ``_meta/.../lease.json``,
-nightly's ``<state>/lock.json``) held for the whole run, on local disk and object stores alike (fsspec).
-
-Taken by an exclusive create (``O_EXCL``; on S3 a PUT with ``If-None-Match: *``) and a read-back. Takeover and
-renewal are not compare-and-swap, so each heartbeat checks that the file still names this run, and a run that
-lost it commits no further unit (``UnitCommitter.guard``).
-"""
+"""One run at a time per output: a lease file under the output's ``_meta/`` (nightly: ``<state>/lock.json``)
+taken by an exclusive create (``O_EXCL``; S3: ``If-None-Match: *``) and a read-back. Takeover and renewal
+are not compare-and-swap: a heartbeat checks the file still names this run, else no unit is committed."""
 
 from __future__ import annotations
 
@@ -15,9 +11,8 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
-from typing import Any
 
 from clipcap_core import uris
 from pipelines import stopping
@@ -55,15 +50,8 @@ class Owner:
     renewed_at: str
     pid_space: str = ""  # boot id + pid namespace: where ``pid`` means this process (``_pid_space``)
 
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Owner:
-        since = d.get("started_at") or d.get("since_iso") or _iso(float(d.get("since", 0)))  # nightly's lock.json
-        return cls(host=str(d.get("host", "?")), pid=int(d.get("pid", 0)), run=str(d.get("run", "?")),
-                   started_at=since, renewed_at=d.get("renewed_at") or since, pid_space=str(d.get("pid_space", "")))
-
     def process_gone(self) -> bool:
-        """The owner ran in this host's process space and its pid no longer exists (a pid reused since reads as
-        alive: the lease then goes stale as usual)."""
+        """The owner ran in this process space and its pid no longer exists."""
         if not self.pid_space or self.pid_space != _pid_space() or self.pid <= 0:
             return False
         try:
@@ -94,14 +82,12 @@ class Lease:
         self.owner = Owner(host=socket.gethostname(), pid=os.getpid(), run=run or _run_id(), started_at=now,
                            renewed_at=now, pid_space=_pid_space())
         self.lost: LeaseLost | None = None
-        self._renewed = now
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # --- taking and giving back ---------------------------------------------------------------------------
     def acquire(self) -> None:
-        """Create the lease file, or take over a stale (or, with ``force``, any) one; raise ``LeaseHeld`` when a
-        live run holds it. Read back to confirm this run holds it."""
+        """Create the lease file or take over a stale (or forced) one, then read back; ``LeaseHeld``: live."""
         took_over = False
         for _ in range(5):
             if self._create():
@@ -159,8 +145,8 @@ class Lease:
         if holder is None or holder.run != self.owner.run:
             who = f"taken by {holder.describe()}" if holder else "removed"
             raise LeaseLost(f"the lease {self.uri} of this run ({self.owner.run}) was {who}")
-        self._renewed = _iso(time.time())
-        storage.write_json(asdict(self._current()), self.uri)
+        self.owner = replace(self.owner, renewed_at=_iso(time.time()))
+        storage.write_json(asdict(self.owner), self.uri)
 
     def check(self) -> None:
         """Raise ``LeaseLost`` if a heartbeat found the lease taken (called before each unit is committed)."""
@@ -173,15 +159,12 @@ class Lease:
         for _ in range(20):
             fs.invalidate_cache(path)  # another process writes it: no cached listing or size
             try:
-                return Owner.from_json(json.loads(fs.cat_file(path)))
+                return Owner(**json.loads(fs.cat_file(path)))
             except FileNotFoundError:
                 return None
             except (ValueError, KeyError, TypeError):
                 time.sleep(0.05)  # an exclusive create writes after creating: empty for an instant
         return Owner(host="?", pid=0, run="unreadable", started_at=_iso(0), renewed_at=_iso(0))
-
-    def _current(self) -> Owner:
-        return Owner(**{**asdict(self.owner), "renewed_at": self._renewed})
 
     def _beat(self) -> None:
         while not self._stop.wait(self.renew_every_s):
@@ -210,8 +193,7 @@ class Lease:
 
 
 def _pid_space() -> str:
-    """This machine's boot id and this process's pid namespace (Linux); "" elsewhere, where no pid is judged.
-    A host name alone is not enough: containers may share one, each with its own pids."""
+    """Boot id + pid namespace (Linux; "" elsewhere): where a pid means this process, not just the host."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()

@@ -1,6 +1,4 @@
-"""The row format of the image and text stages (embed, embed-text, caption): Arrow tables, Ray Data's
-``batch_format="pyarrow"``, from the read / decode tasks through the CLIP actor to the driver's committer.
-"""
+"""The row format of embed, embed-text and caption: Arrow tables from read tasks via CLIP to the committer."""
 
 from __future__ import annotations
 

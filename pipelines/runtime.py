@@ -1,9 +1,7 @@
-"""The job runtime every Ray stage shares: how Ray is started, and how a stage's actors and tasks are sized.
+"""The job runtime every Ray stage shares: how Ray is started, and how actors and tasks are sized.
 
-Knobs at 0 / None are sized from the cluster, explicit values win. GPU: one actor per GPU, 1 CPU, 2 torch threads.
-CPU: one single-thread actor per core (up to 8 per node, then cores / 8 threads each), leaving one CPU per node
-for read / decode tasks. Single-thread because Ray runs workers at nice 15: a descheduled intra-op thread stalls
-the whole parallel region.
+Knobs at 0 / None are sized from the cluster. GPU: one actor per GPU, 2 threads. CPU: one single-thread actor
+per core (up to 8 per node), one CPU per node left to read tasks; single-thread: Ray runs workers at nice 15.
 """
 
 from __future__ import annotations
@@ -24,8 +22,7 @@ GPU_ACTOR_THREADS = 2
 
 
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
-    """Connect to Ray once per process: keep a live session, else join ``address`` / ``RAY_ADDRESS``, else
-    start a local instance."""
+    """Connect to Ray once: a live session, else ``address`` / ``RAY_ADDRESS``, else a local instance."""
     # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray
 
@@ -80,28 +77,25 @@ class ActorPlan:
                 f"each; cluster {cluster.cpus:g} CPU / {cluster.gpus:g} GPU on {len(cluster.node_cpus)} node(s)")
 
     def pool_args(self) -> dict[str, Any]:
-        """``map_batches`` keywords of this plan's actor pool: size, concurrent calls, CPU / GPU reservation."""
+        """``map_batches`` keywords of this plan's actor pool (size, calls, CPU / GPU) and the Arrow rows."""
         # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
         import ray.data
 
         calls = {"max_concurrent_calls_per_actor": self.calls_per_actor, "enable_true_multi_threading": True}
         return {"compute": ray.data.ActorPoolStrategy(size=self.actors, **(calls if self.calls_per_actor > 1 else {})),
-                "num_cpus": self.cpus_per_actor, "num_gpus": self.gpus_per_actor}
+                "num_cpus": self.cpus_per_actor, "num_gpus": self.gpus_per_actor, "batch_format": "pyarrow"}
 
 
 def share_process(plan: ActorPlan, cluster: ClusterShape) -> ActorPlan:
-    """A CPU plan of several actors on a one-node cluster, as one actor running that many batches at once (each
-    on the plan's torch threads): the same cores at work, but the model is imported, loaded and held once.
-    Several nodes keep one actor per core: Ray places actors, not threads, on nodes."""
+    """A several-actor CPU plan on a one-node cluster as one actor running that many batches at once: the
+    model loads once. Several nodes keep one actor per core (Ray places actors, not threads)."""
     if plan.use_gpu or plan.actors < 2 or plan.calls_per_actor != 1 or len(cluster.node_cpus) != 1:
         return plan
     return replace(plan, actors=1, calls_per_actor=plan.actors, cpus_per_actor=plan.cpus_per_actor * plan.actors)
 
 
 def fit(cluster: ClusterShape, plans: Sequence[ActorPlan]) -> list[ActorPlan]:
-    """The pools of one job, with their CPU reservations scaled down together (a warning; the threads stay)
-    when all their actors plus one read task (``plans[0].read_cpus``) would reserve more CPUs than the cluster
-    has: the read tasks would otherwise starve behind the actor pools."""
+    """The pools' CPU reservations scaled down (a warning) when they and a read task exceed the cluster."""
     wanted = sum(p.actors * p.cpus_per_actor for p in plans) + plans[0].read_cpus
     if cluster.cpus <= 0 or wanted <= cluster.cpus:
         return list(plans)
@@ -114,10 +108,8 @@ def fit(cluster: ClusterShape, plans: Sequence[ActorPlan]) -> list[ActorPlan]:
 def plan_actors(cluster: ClusterShape, *, actors: int = 0, cpus_per_actor: float = 0.0,
                 gpus_per_actor: float | None = None, torch_threads: int = 0, read_cpus: float = 0.0,
                 fit_cluster: bool = True) -> ActorPlan:
-    """Fill every 0 / None knob from ``cluster`` (rules in the module docstring); explicit values are kept.
-    A GPU request the cluster cannot hold is an error before any work; CPU reservations that would leave no
-    CPU for the read tasks are scaled down by ``fit`` (``fit_cluster=False``: a job with several pools fits
-    them together instead)."""
+    """Fill every 0 / None knob from ``cluster`` (module docstring); explicit values are kept. A GPU request
+    the cluster cannot hold is an error; ``fit_cluster=False``: a job with several pools fits them itself."""
     gpus = (1.0 if cluster.gpus > 0 else 0.0) if gpus_per_actor is None else float(gpus_per_actor)
     if gpus < 0 or actors < 0 or cpus_per_actor < 0 or read_cpus < 0 or torch_threads < 0:
         raise ValueError("resource settings must not be negative (0 = size from the cluster)")
@@ -141,9 +133,7 @@ def plan_actors(cluster: ClusterShape, *, actors: int = 0, cpus_per_actor: float
 
 
 def pixel_block_bytes(rows: int, size: int | tuple[int, int]) -> int:
-    """Ray Data ``target_max_block_size`` for blocks of ``rows`` decoded uint8 images of ``size``: one block
-    per decoded batch. Ray Data otherwise merges a read task's batches into blocks of up to 128 MB (a whole
-    shard of pixels), and an actor pool then has one block for one actor while the others idle."""
+    """``target_max_block_size`` for one block per decoded batch, so every actor of a pool gets work."""
     height, width = (size, size) if isinstance(size, int) else size
     return max(1 << 16, int(1.2 * rows * height * width * 3))
 
@@ -166,9 +156,7 @@ class CallThreads:
 
 
 def actor_device(use_gpu: bool, threads: int = 0) -> str:
-    """Inside an actor: set torch's intra-op threads to the actor's share (0: torch's default) and return its
-    device. Under Ray an actor with ``num_gpus`` sees only its own GPU(s) (``CUDA_VISIBLE_DEVICES``) as
-    "cuda"; never assume cuda:0 is free."""
+    """Inside an actor: set torch's threads (0: default) and return its device (Ray shows only its GPUs)."""
     # lazy: torch ~6.7 s to import (python -X importtime)
     import torch
 

@@ -1,7 +1,5 @@
-"""How a job stops part-way: on a stop signal (SIGTERM, SIGINT) or when its output cannot take a unit.
-
-``Interrupted`` is a ``BaseException`` (as ``KeyboardInterrupt``), so no ``except Exception`` swallows it; a
-signal during a commit waits until the unit is written.
+"""How a job stops part-way: on SIGTERM / SIGINT (``Interrupted``, a ``BaseException``, waits for a commit in
+flight) or when its output cannot take a unit (``CommitFailed``).
 """
 
 from __future__ import annotations
@@ -11,24 +9,11 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from types import FrameType
 
 from pipelines import exitcodes
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Units committed (by this run or earlier ones) out of the units of the whole input."""
-
-    done: int
-    total: int
-    noun: str  # singular: "part", "shard"
-
-    def describe(self) -> str:
-        return f"{self.done} of {self.total} {self.noun}s committed; rerun resumes"
 
 
 class Interrupted(BaseException):
@@ -37,7 +22,7 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-        self.progress: Progress | None = None
+        self.progress: str | None = None  # units committed of all (``counting``)
 
     @property
     def exit_code(self) -> int:
@@ -47,7 +32,7 @@ class Interrupted(BaseException):
         """The one stderr line (the same for every command, so scripts can match it)."""
         if self.progress is None:
             return f"stopped by {signal.Signals(self.signum).name}"
-        return f"stopped: {self.progress.describe()}"
+        return f"stopped: {self.progress}"
 
 
 class CommitFailed(Exception):
@@ -55,18 +40,17 @@ class CommitFailed(Exception):
 
     def __init__(self, noun: str, unit: str, cause: BaseException):
         super().__init__(f"{noun} {unit} not committed: {type(cause).__name__}: {cause}")
-        self.progress: Progress | None = None
+        self.progress: str | None = None
         self.exit_code = exitcodes.PARTIAL
 
     def line(self, prog: str) -> str:
         """The one stderr line: ``prog`` (``clipcap caption``), the unit and the cause, the units committed."""
-        done = f"; {self.progress.describe()}" if self.progress is not None else ""
+        done = f"; {self.progress}" if self.progress is not None else ""
         return f"{prog}: error: {self}{done}"
 
 
 class _State:
-    """What the handler needs across calls: whether ``on_signals`` is active, the commit depth, a signal held
-    back by it, whether one fired."""
+    """The handler's state: ``on_signals`` active, commit depth, a held-back signal, whether one fired."""
 
     active = False
     depth = 0
@@ -89,8 +73,7 @@ def _handle(signum: int, _frame: FrameType | None) -> None:
 
 @contextmanager
 def on_signals(enabled: bool = True) -> Iterator[None]:
-    """SIGTERM / SIGINT raise ``Interrupted`` inside the block (``enabled``, main thread only; otherwise
-    nothing changes)."""
+    """SIGTERM / SIGINT raise ``Interrupted`` inside the block (``enabled``, main thread only)."""
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -105,8 +88,7 @@ def on_signals(enabled: bool = True) -> Iterator[None]:
 
 
 def reinstall() -> None:
-    """While ``on_signals`` is active, take the signals back from a library that set its own handlers
-    (``ray.init`` makes SIGTERM ``sys.exit``, which aborts the driver in Ray's C++ teardown)."""
+    """Take the signals back from a library that set its own handlers (``ray.init``) while active."""
     if _state.active and threading.current_thread() is threading.main_thread():
         for s in SIGNALS:
             signal.signal(s, _handle)
@@ -114,9 +96,7 @@ def reinstall() -> None:
 
 @contextmanager
 def starting_ray() -> Iterator[None]:
-    """Around ``ray.init`` while ``on_signals`` is active: Ray's own SIGTERM handler (``sys.exit`` mid-start, which
-    leaves its processes behind or is swallowed) is not installed, and a stop signal is held until Ray is up, so
-    ``release_ray`` stops it whole."""
+    """Around ``ray.init``: Ray's SIGTERM handler is not installed and a stop signal waits until Ray is up."""
     # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray._private.utils as ray_utils  # where ray.init installs its handler from
 
@@ -146,19 +126,18 @@ def committing() -> Iterator[None]:
 
 @contextmanager
 def counting(count: Callable[[], tuple[int, int]], noun: str) -> Iterator[None]:
-    """Attach ``count()`` = (units committed, units in all) to an ``Interrupted`` / ``CommitFailed`` leaving
-    the block."""
+    """Attach ``count()`` = (units committed, units in all) to a stop leaving the block."""
     try:
         yield
     except (Interrupted, CommitFailed) as exc:
         if exc.progress is None:
-            exc.progress = Progress(*count(), noun)
+            done, total = count()
+            exc.progress = f"{done} of {total} {noun}s committed; rerun resumes"
         raise
 
 
 def run(call: Callable[[], int], prog: str, signals: bool = True) -> int:
-    """``call()`` under ``on_signals(signals)``; a part-way stop becomes its one stderr line and its exit code,
-    after the Ray session the call opened is released (a second signal meanwhile is ignored)."""
+    """``call()`` under ``on_signals``; a stop releases the Ray session it opened and becomes one line."""
     connected = _ray_connected()  # a session opened before (a caller's own) is the caller's to keep
     with on_signals(signals):
         try:

@@ -15,13 +15,7 @@ from clipcap_core.decap import ProjectionConfig, check_projection
 from clipcap_core.decoding import DecodeConfig
 from clipcap_core.encoders import preprocess_spec
 from pipelines import console, exitcodes, runtime, stopping
-from pipelines.caption.output import (
-    PartCommitter,
-    _clear_output,
-    _remove_stale_temporaries,
-    done_parts,
-    meta_uri,
-)
+from pipelines.caption.output import PartCommitter, _clear_output, layout, meta_uri
 from pipelines.caption.stages import CaptionStage, ClipCaptionStage, inspect_model, read_decode_batch
 from pipelines.clip_actor import ClipActor
 from pipelines.io import sources, storage
@@ -34,8 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class ResourceOptions:
-    """Batch sizes, actor pools and devices: the one place the pipeline's resources are set. Knobs at 0 / None
-    are sized from the cluster (``runtime.plan_actors``, ``runtime.share_process``); a value wins."""
+    """Batch sizes, actor pools and devices: set in this one place (0 / None: sized from the cluster)."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"read_memory_mb": None}
     decode_block_rows: int = 64  # rows per block out of the read/decode tasks
@@ -65,8 +58,7 @@ class ResourceOptions:
 
     def pools(self, needs_clip: bool, cluster: runtime.ClusterShape) -> tuple[runtime.ActorPlan | None,
                                                                               runtime.ActorPlan]:
-        """(CLIP pool, captioning pool): the CLIP pool is None when fused or when no CLIP is needed (embedding
-        tables); split pools share the node's cores (auto threads halved)."""
+        """(CLIP pool or None when fused / not needed, captioning pool); split pools share the cores."""
         kw = dict(cpus_per_actor=self.cpus_per_actor, gpus_per_actor=self.gpus_per_actor, read_cpus=self.read_cpus)
         if not needs_clip or self.stages != "split":
             plan = runtime.plan_actors(cluster, actors=self.caption_actors, torch_threads=self.torch_threads, **kw)
@@ -129,8 +121,7 @@ class CaptionSummary:
 
     @property
     def mostly_empty(self) -> bool:
-        """Most images of this run got an empty caption: a model that decodes nothing (NaN-trained, untrained,
-        the wrong tokenizer) looks like success otherwise."""
+        """Most captions empty: a model that decodes nothing (NaN-trained, wrong tokenizer)."""
         return self.captioned > 0 and 2 * self.empty_captions > self.captioned
 
     @property
@@ -144,9 +135,7 @@ class CaptionSummary:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["images_per_s"] = round(self.images_per_s, 3)
-        return d
+        return {**self.__dict__, "images_per_s": round(self.images_per_s, 3)}
 
 # --- job-level validation ----------------------------------------------------------------------------------
 @dataclass
@@ -156,7 +145,6 @@ class Plan:
     model_id: str
     model_info: Any   # pipelines.caption.stages.ModelInfo
     needs_clip: bool
-    digest: str
     skipped: list[str] = field(default_factory=list)  # hidden / bookkeeping input paths, not read
 
 def check_output_outside_input(cfg: CaptionConfig) -> None:
@@ -176,9 +164,7 @@ def check_output_outside_input(cfg: CaptionConfig) -> None:
                          "input by the next run; choose an output outside the input")
 
 def _check_embeddings(parts: list[sources.Part], info: Any) -> None:
-    for p in parts:
-        if p.kind != "embeddings":
-            continue
+    for p in [p for p in parts if p.kind == "embeddings"]:
         where = p.files[0].uri
         if p.dim != info.clip_dim:
             raise ValueError(f"dimension mismatch: embedding table {where} has D={p.dim} but model "
@@ -213,8 +199,7 @@ def _run_record(cfg: CaptionConfig, model_id: str, digest: str) -> dict[str, Any
     return record
 
 def prepare(cfg: CaptionConfig) -> Plan:
-    """Every job-level check, then the plan; raises before any work starts. Claims the output (clears
-    temporaries): call it holding the output's lease, as ``caption_archive`` does."""
+    """Every job-level check (raising before any work), then the plan; call it holding the output's lease."""
     check_output_outside_input(cfg)
     storage.check_writable(cfg.output)
     fs, path = uris.filesystem(cfg.output)
@@ -227,8 +212,7 @@ def prepare(cfg: CaptionConfig) -> Plan:
     if needs_clip and info.encoder_dim != info.clip_dim:
         raise ValueError(f"dimension mismatch: CLIP {info.encoder.model_name!r} gives D={info.encoder_dim} "
                          f"but model {info.uri!r} expects clip_dim={info.clip_dim}")
-    digest = sources.plan_digest(parts)
-    record = storage.redact_json(_run_record(cfg, info.model_id, digest))  # as stored: no signed URLs
+    record = storage.redact_json(_run_record(cfg, info.model_id, sources.plan_digest(parts)))  # as stored
     run_uri = meta_uri(cfg.output, "run.json")
     previous = storage.read_json(run_uri)
     if cfg.overwrite:
@@ -238,10 +222,9 @@ def prepare(cfg: CaptionConfig) -> Plan:
         raise ValueError(f"output {cfg.output!r} holds a run with different {', '.join(changed)}; use a new "
                          "output or overwrite=True (--overwrite) to redo it")
     storage.write_json(record, run_uri)
-    _remove_stale_temporaries(cfg.output)
-    done = done_parts(cfg.output)
-    todo = [p for p in parts if p.part_id not in done]
-    return Plan(parts, todo, info.model_id, info, needs_clip, digest, skipped)
+    layout(cfg.output).remove_temporaries()
+    todo = [p for p in parts if p.part_id not in layout(cfg.output).done()]
+    return Plan(parts, todo, info.model_id, info, needs_clip, skipped)
 
 # --- the job ----------------------------------------------------------------------------------------------------
 def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
@@ -250,33 +233,28 @@ def caption_archive(cfg: CaptionConfig) -> CaptionSummary:
     check_output_outside_input(cfg)
     storage.check_writable(cfg.output)
     with Lease(meta_uri(cfg.output, LEASE_FILE), force=cfg.force_unlock) as lease:  # one run per output
-        return _caption(cfg, lease, start)
-
-
-def _caption(cfg: CaptionConfig, lease: Lease, start: float) -> CaptionSummary:
-    """``caption_archive`` once the output's lease is held."""
-    plan = prepare(cfg)
-    summary = CaptionSummary(output=cfg.output, model=plan.model_id, parts_total=len(plan.parts),
-                             parts_skipped=len(plan.parts) - len(plan.todo), files_skipped=len(plan.skipped),
-                             files_skipped_first=plan.skipped[:sources.SHOW_SKIPPED])
-    log.info("captioning %s -> %s with %s: %d parts (%d already done)", cfg.input, cfg.output, plan.model_id,
-             len(plan.parts), summary.parts_skipped)
-    if plan.todo:
-        committer = PartCommitter(cfg.output, plan.model_id, cfg.decoding, cfg.rerank)
-        committer.guard = lease.check
-        # a stop or a failed commit names the parts committed so far (earlier runs' included)
-        with stopping.counting(lambda: (summary.parts_skipped + len(committer.committed), summary.parts_total),
-                               "part"):
-            _drain(cfg, plan, committer, summary, start)
-    summary.seconds = time.monotonic() - start
-    storage.write_json(summary.as_dict(), meta_uri(cfg.output, "summary.json"))
-    return summary
+        plan = prepare(cfg)
+        summary = CaptionSummary(output=cfg.output, model=plan.model_id, parts_total=len(plan.parts),
+                                 parts_skipped=len(plan.parts) - len(plan.todo),
+                                 files_skipped=len(plan.skipped),
+                                 files_skipped_first=plan.skipped[:sources.SHOW_SKIPPED])
+        log.info("captioning %s -> %s with %s: %d parts (%d already done)", cfg.input, cfg.output,
+                 plan.model_id, len(plan.parts), summary.parts_skipped)
+        if plan.todo:
+            committer = PartCommitter(cfg.output, plan.model_id, cfg.decoding, cfg.rerank)
+            committer.guard = lease.check
+            # a stop or a failed commit names the parts committed so far (earlier runs' included)
+            with stopping.counting(lambda: (summary.parts_skipped + len(committer.committed),
+                                            summary.parts_total), "part"):
+                _drain(cfg, plan, committer, summary, start)
+        summary.seconds = time.monotonic() - start
+        storage.write_json(summary.as_dict(), meta_uri(cfg.output, "summary.json"))
+        return summary
 
 
 def _drain(cfg: CaptionConfig, plan: Plan, committer: PartCommitter, summary: CaptionSummary,
            start: float) -> None:
-    """Run the pipeline over the parts to do, committing each part as its rows complete; counts into
-    ``summary``, shown as one progress line."""
+    """Run the pipeline, committing each part as its rows complete; counts into ``summary``."""
     ds = build_dataset(cfg, plan)  # starts Ray (its log path printed) before the progress line is drawn
     with console.Progress("caption", len(plan.todo), unit="parts", rows="images",
                           interval_s=cfg.progress_interval_s) as progress:
@@ -327,18 +305,14 @@ def build_dataset(cfg: CaptionConfig, plan: Plan) -> ray.data.Dataset:
                       use_gpu=pool.use_gpu, threads=pool.torch_threads, rerank=cfg.rerank,
                       projection=cfg.projection)
     score_cfg = plan.model_info.encoder if cfg.clip_score else None
-
-    def actor(p: runtime.ActorPlan) -> dict[str, Any]:
-        return dict(p.pool_args(), batch_format="pyarrow")
-
     if fused:
-        return ds.map_batches(ClipCaptionStage, batch_size=res.caption_batch_size, **actor(pool),
+        return ds.map_batches(ClipCaptionStage, batch_size=res.caption_batch_size, **pool.pool_args(),
                               fn_constructor_kwargs=dict(caption_kw, encoder_cfg=plan.model_info.encoder,
                                                          clip_batch_size=res.clip_batch_size,
                                                          clip_score=cfg.clip_score))
     if clip_pool is not None:
-        ds = ds.map_batches(ClipActor, batch_size=res.clip_batch_size, **actor(clip_pool),
+        ds = ds.map_batches(ClipActor, batch_size=res.clip_batch_size, **clip_pool.pool_args(),
                             fn_constructor_kwargs=dict(encoder=plan.model_info.encoder, precision=res.precision,
                                                        use_gpu=clip_pool.use_gpu, threads=clip_pool.torch_threads))
-    return ds.map_batches(CaptionStage, batch_size=res.caption_batch_size, **actor(pool),
+    return ds.map_batches(CaptionStage, batch_size=res.caption_batch_size, **pool.pool_args(),
                           fn_constructor_kwargs=dict(caption_kw, encoder_cfg=score_cfg))

@@ -1,6 +1,4 @@
-"""The output side of bulk captioning: the output layout and the per-part committer (``PartCommitter``, the
-shared ``pipelines.committer.UnitCommitter`` with caption's hooks).
-"""
+"""The output side of bulk captioning: the output layout and the per-part committer (``PartCommitter``)."""
 
 from __future__ import annotations
 
@@ -17,7 +15,7 @@ from clipcap_core import uris
 from clipcap_core.configs import to_dict
 from clipcap_core.decoding import DecodeConfig
 from pipelines.caption.stages import TIMING_COLUMNS
-from pipelines.committer import UnitCommitter
+from pipelines.committer import UnitCommitter, UnitTable
 from pipelines.io import schemas, sources, storage
 
 log = logging.getLogger(__name__)
@@ -33,26 +31,12 @@ def meta_uri(output: str, *parts: str) -> str:
     return storage.join(output, META_DIR, *parts)
 
 
-def part_uri(output: str, part_id: str) -> str:
-    return storage.join(output, TABLE_DIR, f"part-{part_id}.parquet")
-
-
-def tmp_uri(output: str) -> str:
-    """Where part files are written before their rename into ``captions/``: outside every reader's glob."""
-    return meta_uri(output, "tmp")
-
-
-def errors_uri(output: str, part_id: str) -> str:
-    return meta_uri(output, "errors", f"part-{part_id}.parquet")
-
-
-def empty_uri(output: str, part_id: str) -> str:
-    return meta_uri(output, "empty", f"part-{part_id}.json")
+def layout(output: str) -> UnitTable:
+    return UnitTable(table_uri(output), meta_uri(output))
 
 
 def resolve_table(uri: str) -> tuple[str, str | None]:
-    """(caption table folder, run output root or None) for a URI a user gives readers: a run output (its
-    ``captions/`` table), the ``captions/`` folder itself, or any other table folder / file (no run record)."""
+    """(caption table folder, run output root or None) of a run output, its ``captions/`` or any table."""
     if storage.list_files(table_uri(uri), ".parquet"):
         return table_uri(uri), uri
     parent = uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else ""
@@ -68,8 +52,7 @@ def run_record(uri: str) -> dict[str, Any]:
 
 
 def top_captions(output: str) -> list[tuple[str, str]]:
-    """(key, caption) of every committed image's rank-0 caption, sorted by key (key, caption and rank columns
-    only: what ``clipcap caption --show`` prints after a run)."""
+    """(key, caption) of every committed image's rank-0 caption, sorted by key (``caption --show``)."""
     rows: list[tuple[str, str]] = []
     for uri in storage.list_files(table_uri(output), ".parquet"):
         fs, path = uris.filesystem(uri)
@@ -83,23 +66,8 @@ def top_captions(output: str) -> list[tuple[str, str]]:
     return sorted(rows)
 
 
-def done_parts(output: str) -> set[str]:
-    """Part ids with a caption file or an empty marker."""
-    names = [u.rsplit("/", 1)[-1].removesuffix(".parquet") for u in storage.list_files(table_uri(output), ".parquet")]
-    names += [u.rsplit("/", 1)[-1].removesuffix(".json") for u in storage.list_files(meta_uri(output, "empty"),
-                                                                                     ".json")]
-    return {n.removeprefix("part-") for n in names}
-
-
-def _remove_stale_temporaries(output: str) -> None:
-    """Drop ``_tmp.*`` files a killed run left behind (never visible as parts; one run per output)."""
-    storage.remove_temporaries(table_uri(output), meta_uri(output, "errors"), meta_uri(output, "empty"),
-                               meta_uri(output), tmp_uri(output))
-
-
 def _is_our_part(fs: Any, path: str) -> bool:
-    """A part / error file this stage wrote: named ``part-<id>.parquet`` with ``clipcap.part = <id>`` in its
-    footer (what every commit writes); anything else in the folder is someone else's."""
+    """A ``part-<id>.parquet`` whose footer says ``clipcap.part = <id>``: a file this stage wrote."""
     name = path.rsplit("/", 1)[-1]
     if not (name.startswith("part-") and name.endswith(".parquet")):
         return False
@@ -112,26 +80,22 @@ def _is_our_part(fs: Any, path: str) -> bool:
 
 
 def _clear_output(output: str, previous: dict | None = None) -> None:
-    """``--overwrite``: remove the part / error files and markers our runs wrote, nothing else. Without a run
-    record of ours (``previous``) nothing is ours to clear; a Parquet file is ours when its name is
-    ``part-<id>.parquet`` and its footer says ``clipcap.part = <id>``."""
+    """``--overwrite``: remove the part / error files and markers our runs wrote, nothing else."""
     if previous is None:
         return
-    fs, _ = uris.filesystem(output)
-    for uri in storage.list_files(table_uri(output), ".parquet") + storage.list_files(meta_uri(output, "errors"),
-                                                                                      ".parquet"):
-        path = uris.filesystem(uri)[1]
-        if _is_our_part(fs, path):
+    fs, units = uris.filesystem(output)[0], layout(output)
+    for uri in storage.list_files(units.table, ".parquet") + storage.list_files(units.dir("errors"),
+                                                                                ".parquet"):
+        if _is_our_part(fs, path := uris.filesystem(uri)[1]):
             fs.rm(path)
-    for uri in storage.list_files(meta_uri(output, "empty"), ".json"):
+    for uri in storage.list_files(units.dir("empty"), ".json"):
         fs.rm(uris.filesystem(uri)[1])
 
 
 # --- committing parts -------------------------------------------------------------------------------------------
 class PartCommitter(UnitCommitter):
-    """Caption's driver side: the shared per-unit committer (rows back into parts, dedup by member index, a
-    marker row per part carrying its total) with caption's hooks: a part with a ``sources.UNIT_STAGE`` row is
-    unread (failed, not committed), any other is written by ``commit``. Also sums the stages' timing columns."""
+    """Caption's committer: a part with a ``sources.UNIT_STAGE`` row is unread (not committed, retried); sums
+    the stages' timing columns."""
 
     def __init__(self, output: str, model_id: str, decoding: DecodeConfig, rerank: str = "none"):
         super().__init__(unit="part_id", index="index", total="total", noun="part")
@@ -152,47 +116,32 @@ class PartCommitter(UnitCommitter):
         return super().add(block)
 
     def unread(self, part_id: str, rows: pa.Table | None) -> str | None:
-        if rows is None:
-            return None
-        stages = rows.column("stage").to_pylist()
-        if sources.UNIT_STAGE not in stages:
+        stages = [] if rows is None else rows.column("stage").to_pylist()
+        if rows is None or sources.UNIT_STAGE not in stages:
             return None
         row = rows.slice(stages.index(sources.UNIT_STAGE), 1).to_pylist()[0]
         return f"{row['source']}: {row['error']}"
 
     def commit(self, part_id: str, rows: pa.Table | None) -> tuple[str, int, int, int]:
-        """Errors table (or drop a stale one), then the caption part file or the empty marker (last: "done")."""
+        """Errors table, then the caption part file or the empty marker (last: "done")."""
         members = rows.to_pylist() if rows is not None else []
         now = datetime.now(timezone.utc)
-        caps: dict[str, list[Any]] = {n: [] for n in schemas.CAPTIONS_SCORED_SCHEMA.names}
-        errs: dict[str, list[Any]] = {n: [] for n in schemas.ERRORS_SCHEMA.names}
+        caps, errs = [], []
         for row in sorted(members, key=lambda r: (r["key"], r["index"])):
             if row["error"] is None and row.get("captions"):
                 clip = row.get("clip_scores") or [None] * len(row["captions"])
-                for rank, (text, score) in enumerate(zip(row["captions"], row["scores"], strict=True)):
-                    for name, v in ((schemas.KEY, row["key"]), (schemas.CAPTION, text), (schemas.SCORE, score),
-                                    (schemas.MODEL, self.model_id), (schemas.CREATED_AT, now),
-                                    (schemas.RANK, rank), (schemas.CLIP_SCORE, clip[rank])):
-                        caps[name].append(v)
+                ranked = enumerate(zip(row["captions"], row["scores"], strict=True))
+                caps += [{schemas.KEY: row["key"], schemas.CAPTION: text, schemas.SCORE: score,
+                          schemas.MODEL: self.model_id, schemas.CREATED_AT: now, schemas.RANK: rank,
+                          schemas.CLIP_SCORE: clip[rank]} for rank, (text, score) in ranked]
             else:
-                error = row["error"] or "no caption produced"
-                for name, v in ((schemas.KEY, row["key"]), (schemas.SOURCE, row["source"]),
-                                (schemas.STAGE, row["stage"] or "caption"), (schemas.ERROR, error)):
-                    errs[name].append(v)
+                errs.append({schemas.KEY: row["key"], schemas.SOURCE: row["source"],
+                             schemas.STAGE: row["stage"] or "caption",
+                             schemas.ERROR: row["error"] or "no caption produced"})
         meta = dict(self.meta, **{schemas.META_PART: part_id})
-        errors = pa.table(errs, schema=schemas.with_metadata(schemas.ERRORS_SCHEMA, meta))
-        captions = pa.table(caps, schema=schemas.with_metadata(schemas.CAPTIONS_SCORED_SCHEMA, meta))
-        err_uri = errors_uri(self.output, part_id)
-        if errors.num_rows:
-            storage.atomic_write_table(errors, err_uri, tmp_dir=tmp_uri(self.output))
-        elif uris.exists(err_uri):  # stale, from a run this one overwrites
-            fs, path = uris.filesystem(err_uri)
-            fs.rm(path)
-        if captions.num_rows:  # last: "this part is done"
-            storage.atomic_write_table(captions, part_uri(self.output, part_id), tmp_dir=tmp_uri(self.output))
-        else:  # a 0-row Parquet file breaks Hugging Face datasets: the marker lives under _meta instead
-            storage.write_json({"part": part_id, "errors": errors.num_rows}, empty_uri(self.output, part_id))
-        images = len(members)
+        errors = pa.Table.from_pylist(errs, schemas.with_metadata(schemas.ERRORS_SCHEMA, meta))
+        captions = pa.Table.from_pylist(caps, schemas.with_metadata(schemas.CAPTIONS_SCORED_SCHEMA, meta))
+        layout(self.output).write(part_id, captions, errors, {"part": part_id, "errors": errors.num_rows})
         self.empty_captions += sum(1 for r in members if r["error"] is None and r.get("captions")
                                    and not str(r["captions"][0] or "").strip())
-        return part_id, images, images - errors.num_rows, captions.num_rows
+        return part_id, len(members), len(members) - errors.num_rows, captions.num_rows

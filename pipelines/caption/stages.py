@@ -28,27 +28,11 @@ STAGE_SCHEMA = pa.schema([
 TIMING_COLUMNS = ("t_read", "cpu_read", "t_clip", "cpu_clip", "t_caption", "cpu_caption")  # pipelines.rows.Clock
 
 
-class _Rows:
-    """Column buffers for one output block of ``read_decode_part``."""
-
-    def __init__(self) -> None:
-        self.cols: dict[str, list[Any]] = {name: [] for name in STAGE_SCHEMA.names}
-
-    def __len__(self) -> int:
-        return len(self.cols["key"])
-
-    def add(self, part_id: str, index: int, key: str, source: str, *, pixels: bytes = b"",
-            embedding: bytes = b"", error: str | None = None, stage: str | None = None, total: int = -1) -> None:
-        for name, value in (("part_id", part_id), ("index", index), ("key", key), ("source", source),
-                            ("pixels", pixels), ("embedding", embedding), ("error", error), ("stage", stage),
-                            ("total", total)):  # t_read / cpu_read are filled per block
-            self.cols[name].append(value)
-
-    def table(self, lap: tuple[float, float] = (0.0, 0.0)) -> pa.Table:
-        n = len(self)
-        self.cols["t_read"] = [lap[0] / n] * n if n else []
-        self.cols["cpu_read"] = [lap[1] / n] * n if n else []
-        return pa.table(self.cols, schema=STAGE_SCHEMA)
+def _stage_table(buf: list[dict[str, Any]], lap: tuple[float, float]) -> pa.Table:
+    """One block of stage rows, the read time shared out per row."""
+    n = len(buf)
+    return pa.Table.from_pylist([{"pixels": b"", "embedding": b"", "total": -1, **r, "t_read": lap[0] / n,
+                                  "cpu_read": lap[1] / n} for r in buf], schema=STAGE_SCHEMA)
 
 
 def _decode_record(rec: sources.Record, resizer: Any, cfg: sources.SourceConfig,
@@ -70,17 +54,18 @@ def _decode_record(rec: sources.Record, resizer: Any, cfg: sources.SourceConfig,
 def read_decode_part(part: sources.Part, cfg: sources.SourceConfig, resizer: Any, block_rows: int,
                      draft: tuple[int, int] | None = None) -> Iterator[pa.Table]:
     """Records of ``part`` as stage rows in blocks of ``block_rows``, then the part's marker row."""
-    buf, n, clock = _Rows(), 0, rows.Clock()
+    buf: list[dict[str, Any]] = []
+    n, clock = 0, rows.Clock()
     for rec in sources.read_part(part, cfg):
-        buf.add(part.part_id, n, rec.key, rec.source, **_decode_record(rec, resizer, cfg, draft))
+        buf.append(dict(part_id=part.part_id, index=n, key=rec.key, source=rec.source,
+                        **_decode_record(rec, resizer, cfg, draft)))
         n += 1
         if len(buf) >= block_rows:
-            lap = clock.lap()
-            yield buf.table(lap)
-            buf = _Rows()
+            yield _stage_table(buf, clock.lap())
+            buf = []
             clock.lap()  # the time spent downstream while suspended is not ours
-    buf.add(part.part_id, -1, "", "", total=n)
-    yield buf.table(clock.lap())
+    buf.append(dict(part_id=part.part_id, index=-1, key="", source="", total=n))
+    yield _stage_table(buf, clock.lap())
 
 
 def read_decode_batch(batch: pa.Table, *, cfg_json: str, spec: Any, block_rows: int,
@@ -97,9 +82,7 @@ def read_decode_batch(batch: pa.Table, *, cfg_json: str, spec: Any, block_rows: 
 
 
 class CaptionStage:
-    """Actor: CLIP embeddings -> n captions, scores and CLIPScores per image (mapping network + batched
-    decoding, then the model's CLIP text encoder); with ``rerank="clip"`` the n captions are ordered by CLIP
-    similarity to the image instead of by the decoder."""
+    """Actor: CLIP embeddings -> n captions, scores and CLIPScores per image (``rerank="clip"``: by CLIP)."""
 
     def __init__(self, model_uri: str, decoding: Any, precision: str = "fp32", use_gpu: bool = False,
                  threads: int = 0, encoder_cfg: Any = None, rerank: str = "none", projection: Any = None):
@@ -134,10 +117,8 @@ class CaptionStage:
 
 
 class ClipCaptionStage:
-    """Actor (the default on every cluster): CLIP and the captioner in one process. One set of torch threads
-    works both models in turn over the node's cores (two pools on one node would split the cores or fight
-    over them), the embeddings never leave the process, and the CLIPScore text tower is the image encoder's
-    own CLIP (loaded once, not twice)."""
+    """Actor (the default): CLIP and the captioner in one process, one set of torch threads over the node's
+    cores; the embeddings never leave it and the CLIPScore text tower is the same CLIP."""
 
     def __init__(self, encoder_cfg: Any, model_uri: str, decoding: Any, precision: str = "fp32",
                  use_gpu: bool = False, threads: int = 0, rerank: str = "none", projection: Any = None,
@@ -150,18 +131,14 @@ class ClipCaptionStage:
         self.clip_batch = clip_batch_size
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if len(table) <= self.clip_batch:
-            return self.caption(self.clip(table))
-        embedded = [self.clip(table.slice(s, self.clip_batch)) for s in range(0, len(table), self.clip_batch)]
-        merged = pa.concat_tables(embedded)
         # per-row CLIP times of the slices stay per row; the captioner then sees the whole batch at once
-        return self.caption(merged)
+        starts = range(0, max(len(table), 1), self.clip_batch)
+        return self.caption(pa.concat_tables([self.clip(table.slice(s, self.clip_batch)) for s in starts]))
 
 
 def score_and_rank(image_emb: np.ndarray, texts: list[list[str]], scores: list[list[float]], scorer: Any,
                    rerank: bool) -> tuple[list[list[str]], list[list[float]], list[list[float]]]:
-    """CLIPScore of each image's n captions; with ``rerank`` each image's captions (and their decoder scores)
-    re-ordered by CLIP similarity, best first (ties keep the decoder's order), as recaptioning pipelines do."""
+    """CLIPScore of each image's n captions; ``rerank``: captions and scores ordered by CLIP similarity."""
     n = len(texts[0]) if texts else 0
     flat = [t for group in texts for t in group]
     order, cos = clip_order(image_emb, scorer.embed_texts(flat), n)  # (B, n) each
@@ -189,8 +166,7 @@ UNTRAINED_HINT = ("model {uri!r} is an untrained preset (random weights: its cap
 
 
 def inspect_model(uri: str, allow_untrained: bool = False) -> ModelInfo:
-    """The model's config and version, every weights file checked but none loaded (job-level check: a
-    missing, corrupt or untrained model or an unknown CLIP encoder -> ValueError before any work)."""
+    """The model's config and version, every weights file checked, none loaded: ValueError before any work."""
     # lazy: safetensors.torch + torch ~6.7 s, transformers ~1.4 s to import (python -X importtime)
     from clipcap_core import __version__, artifacts, encoders
     from clipcap_core.model import ModelConfig
@@ -214,8 +190,7 @@ def inspect_model(uri: str, allow_untrained: bool = False) -> ModelInfo:
 
 
 def model_version(meta: dict[str, Any], weights: dict[str, str]) -> str:
-    """Version written into caption rows: a hash of the artifact's config.json (creation time, code version,
-    training step) and of every weights file's sha256, so other weights under the same config get another id."""
+    """A hash of the artifact's config.json and every weights file's sha256 (other weights: another id)."""
     body = json.dumps({"config": meta, "weights": weights}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 

@@ -67,8 +67,7 @@ class EmbedJobResult:
 
 def default_job_config(root: str | Path = "data", samples: int = 256, seed: int = 0,
                        world: str = "synthetic") -> EmbedJobConfig:
-    """The embedded default: synthetic set under ``<root>/synthetic``, shards ``<root>/raw/synthetic``,
-    tables ``<root>/embeddings/synthetic/tiny`` (``world="scenes"``: ``scenes`` and the ``tiny-scenes`` CLIP)."""
+    """The embedded default: the synthetic (or ``scenes``) set under ``root``, its shards and tables."""
     clip = get_world(world).clip_model
     is_uri = "://" in str(root)
     root = str(root) if is_uri else str(Path(root).resolve())
@@ -100,30 +99,20 @@ def serve_synthetic(src: SyntheticSource) -> Iterator[str]:
 
 
 def run_embed_job(cfg: EmbedJobConfig, ray_address: str | None = None) -> EmbedJobResult:
-    """Download (optional) then embed. Job-level checks of both stages run before the first download:
-    CLIP model, URL list columns, both outputs writable."""
+    """Download (optional) then embed; both stages' job-level checks run before the first download."""
     encoders.validate_config(cfg.embed.encoder)
     encoders.fetch_pretrained(cfg.embed.encoder)  # before the download: an unreachable hub fails first
     schemas.embedding_type(1, cfg.embed.dtype)
     summary = None
     if cfg.download is not None:
-        with _url_list(cfg) as url_list:
+        given = contextlib.nullcontext(cfg.download.url_list)
+        with serve_synthetic(cfg.synthetic) if cfg.synthetic else given as url_list:
             dl = replace(cfg.download, url_list=url_list)
             urls = prepare_download(dl)
             storage.check_writable(cfg.embed.table_uri)
             summary = run_download(dl, ray_address=ray_address, urls=urls)
     result = run_embed(cfg.embed, ray_address=ray_address)
     return EmbedJobResult(download=summary, embed=result, tiny=encoders.shipped_weights(cfg.embed.encoder.model_name) is not None)
-
-
-@contextlib.contextmanager
-def _url_list(cfg: EmbedJobConfig) -> Iterator[str]:
-    assert cfg.download is not None
-    if cfg.synthetic is None:
-        yield cfg.download.url_list
-    else:
-        with serve_synthetic(cfg.synthetic) as tsv:
-            yield tsv
 
 
 def result_dict(result: EmbedJobResult) -> dict[str, Any]:

@@ -1,17 +1,14 @@
-"""Embed stage: img2dataset webdataset shards -> CLIP embedding tables (Parquet), one file per input shard; the
-output side too: the table layout, the error rows and the per-shard commit."""
+"""Embed stage: img2dataset webdataset shards -> CLIP embedding tables, one Parquet file per shard."""
 
 from __future__ import annotations
 
 import logging
 import posixpath
-import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,9 +17,9 @@ from clipcap_core import encoders, imaging, uris
 from clipcap_core.encoders import EncoderConfig
 from pipelines import console, exitcodes, rows, runtime, stopping
 from pipelines.clip_actor import ClipActor
-from pipelines.committer import UnitCommitter
+from pipelines.committer import UnitCommitter, UnitTable
 from pipelines.embed import stages as st
-from pipelines.io import schemas, storage
+from pipelines.io import schemas, sources, storage
 from pipelines.lease import LEASE_FILE, Lease
 
 log = logging.getLogger(__name__)
@@ -32,10 +29,7 @@ META_DIR = "_meta"
 
 @dataclass(frozen=True, kw_only=True)
 class EmbedResources:
-    """How the embed pipeline uses the cluster (the only place it is set). 0 / None = sized from the cluster by
-    ``runtime.plan_actors`` (one actor per GPU; on CPU one single-thread actor per core, up to 8 per node, and on
-    a one-node cluster those as concurrent batches of one actor: ``runtime.share_process``); a value wins
-    (``num_actors`` given: that many actors, one batch at a time each)."""
+    """How embed uses the cluster (the one place it is set); 0 / None: sized by ``runtime.plan_actors``."""
 
     num_actors: int = 0
     """CLIP actors, one model each (0: one per GPU; on CPU one per core, up to 8 per node, and on one node those as
@@ -59,10 +53,33 @@ class EmbedResources:
         return plan if self.num_actors else runtime.share_process(plan, cluster)
 
 
+class TableOutput:
+    """Where a config with ``output_root``, ``dataset`` and ``encoder`` writes its ``KIND`` of table."""
+
+    KIND: ClassVar[str]
+    output_root: str
+    dataset: str
+    encoder: EncoderConfig
+
+    @property
+    def table_uri(self) -> str:
+        return storage.join(self.output_root, self.KIND, self.dataset, encoders.encoder_tag(self.encoder))
+
+    @property
+    def meta_uri(self) -> str:
+        tag = encoders.encoder_tag(self.encoder)
+        return storage.join(self.output_root, META_DIR, self.KIND, self.dataset, tag)
+
+    @property
+    def units(self) -> UnitTable:
+        return UnitTable(self.table_uri, self.meta_uri)
+
+
 @dataclass(frozen=True, kw_only=True)
-class EmbedConfig:
+class EmbedConfig(TableOutput):
     """The ``clipcap embed`` config: each field is a flag (``pipelines.commands.flags``), ``CLI_FLAGS`` the renamed."""
 
+    KIND: ClassVar[str] = "embeddings"
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"output_root": "--output"}
     input: str  # img2dataset output folder (webdataset .tar shards + per-shard .parquet)
     output_root: str  # storage root; tables go to <output>/embeddings/<dataset>/<clip-tag>/
@@ -74,16 +91,6 @@ class EmbedConfig:
     resources: EmbedResources = EmbedResources()
     force_unlock: bool = False
     """take the table's lease (_meta/.../lease.json) even from a run that looks alive"""
-
-    @property
-    def table_uri(self) -> str:
-        return storage.join(self.output_root, "embeddings", self.dataset, encoders.encoder_tag(self.encoder))
-
-    @property
-    def meta_uri(self) -> str:
-        """Bookkeeping of the table (errors table, empty-shard markers), outside the folder readers glob."""
-        return storage.join(self.output_root, META_DIR, "embeddings", self.dataset,
-                            encoders.encoder_tag(self.encoder))
 
 
 @dataclass
@@ -119,8 +126,7 @@ class EmbedResult:
 
     @property
     def steady_rows_per_s(self) -> float | None:
-        """Rows/s once running: from the arrival that passes 10% of the rows to the last arrival (start-up and
-        the first batches through a cold model excluded)."""
+        """Rows/s from the arrival that passes 10% of the rows to the last one (start-up excluded)."""
         if len(self.timeline) < 3:
             return None
         total = self.timeline[-1][1]
@@ -130,8 +136,7 @@ class EmbedResult:
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "timeline"}
-        out.update(first_rows_s=self.first_rows_s, steady_rows_per_s=self.steady_rows_per_s)
-        return out
+        return {**out, "first_rows_s": self.first_rows_s, "steady_rows_per_s": self.steady_rows_per_s}
 
 
 # --- planning and validation (no Ray) ---------------------------------------------------------------
@@ -141,21 +146,8 @@ def list_shards(input_uri: str) -> list[str]:
 
 
 def pending_shards(cfg: EmbedConfig, shards: list[str]) -> list[str]:
-    done = {posixpath.basename(u) for u in storage.list_files(cfg.table_uri, ".parquet")}
-    done |= {posixpath.basename(u).removesuffix(".json") + ".parquet"
-             for u in storage.list_files(storage.join(cfg.meta_uri, "empty"), ".json")}
-    return [s for s in shards if f"part-{st.shard_name(s)}.parquet" not in done]
-
-
-def _first_sample_files(uri: str) -> list[str]:
-    names: list[str] = []
-    with fsspec.open(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            stem = posixpath.basename(member.name).split(".", 1)[0]
-            if names and stem != names[0].split(".", 1)[0]:
-                break
-            names.append(posixpath.basename(member.name))
-    return names
+    done = cfg.units.done()
+    return [s for s in shards if st.shard_name(s) not in done]
 
 
 def check_input(cfg: EmbedConfig, shards: list[str]) -> None:
@@ -163,15 +155,13 @@ def check_input(cfg: EmbedConfig, shards: list[str]) -> None:
     if not shards:
         raise FileNotFoundError(f"no webdataset shards (*.tar) under {cfg.input!r}; run the download stage first")
     for uri in shards:
-        try:
-            names = _first_sample_files(uri)
-        except tarfile.TarError:
+        key, files, error = next(sources.webdataset_samples(uri), ("", {}, "no sample"))
+        if error is not None:
             continue  # a corrupt shard becomes an error row; look at the next one
-        if not names:
-            continue
+        names = [f"{posixpath.basename(key)}.{ext}" for ext in files]
         if not any(imaging.is_image_name(n) for n in names):
             raise ValueError(f"input shards have no image column: first sample of {uri} has {names}")
-        if cfg.text_embeddings and not any(n.endswith(".txt") for n in names):
+        if cfg.text_embeddings and "txt" not in files:
             raise ValueError(f"text_embeddings needs captions, but the first sample of {uri} has no .txt: {names}")
         return
 
@@ -205,8 +195,7 @@ def build_dataset(cfg: EmbedConfig, pending: list[str]) -> Any:
     ds = ds.map_batches(st.decode_shards, batch_size=1, batch_format="pyarrow", num_cpus=plan.read_cpus,
                         memory=res.decode_memory_mb * 2**20, fn_kwargs={"spec": spec, "batch_rows": res.batch_size})
     return ds.map_batches(
-        ClipActor, batch_size=res.batch_size, batch_format="pyarrow",
-        **plan.pool_args(),
+        ClipActor, batch_size=res.batch_size, **plan.pool_args(),
         fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision, "threads": plan.torch_threads,
                                "use_gpu": plan.use_gpu, "texts": cfg.text_embeddings})
 
@@ -243,50 +232,22 @@ def run_embed(cfg: EmbedConfig, ray_address: str | None = None) -> EmbedResult:
     t0 = time.perf_counter()
     shards = validate(cfg)
     with Lease(storage.join(cfg.meta_uri, LEASE_FILE), force=cfg.force_unlock) as lease:  # one run per table
-        return _embed(cfg, shards, lease, t0, ray_address)
-
-
-def _embed(cfg: EmbedConfig, shards: list[str], lease: Lease, t0: float, ray_address: str | None) -> EmbedResult:
-    """``run_embed`` once the table's lease is held."""
-    dim = encoders.embedding_dim(cfg.encoder)
-    pending = pending_shards(cfg, shards)
-    result = EmbedResult(table_uri=cfg.table_uri, shards=len(shards), skipped=len(shards) - len(pending),
-                         written=len(pending), rows=0, errors=0, dim=dim, wall_s=0.0)
-    if pending:
-        with stopping.counting(lambda: (result.skipped, result.shards), "shard"):  # stopped before any commit
-            runtime.ensure_ray(ray_address)
-            remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
-            log.info("embedding %d shard(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
-                     cfg.table_uri)
-            _drain(cfg, build_dataset(cfg, pending), pending, dim, t0, result, lease.check)
-        result.written -= len(result.failed)
+        dim = encoders.embedding_dim(cfg.encoder)
+        pending = pending_shards(cfg, shards)
+        result = EmbedResult(table_uri=cfg.table_uri, shards=len(shards), skipped=len(shards) - len(pending),
+                             written=len(pending), rows=0, errors=0, dim=dim, wall_s=0.0)
+        if pending:
+            # a stop before any commit names the shards of earlier runs
+            with stopping.counting(lambda: (result.skipped, result.shards), "shard"):
+                runtime.ensure_ray(ray_address)
+                cfg.units.remove_temporaries()
+                log.info("embedding %d shard(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
+                         cfg.table_uri)
+                _drain(cfg, build_dataset(cfg, pending), pending, dim, t0, result, lease.check)
+            result.written -= len(result.failed)
     result.wall_s = time.perf_counter() - t0
     log.info(result.describe())
     return result
-
-
-def part_uri(table_uri: str, shard: str) -> str:
-    return storage.join(table_uri, f"part-{shard}.parquet")
-
-
-def errors_uri(meta_uri: str, shard: str) -> str:
-    return storage.join(meta_uri, "errors", f"part-{shard}.parquet")
-
-
-def empty_uri(meta_uri: str, shard: str) -> str:
-    """Done-marker of a shard without one good sample (a 0-row part file breaks Hugging Face ``datasets``)."""
-    return storage.join(meta_uri, "empty", f"part-{shard}.json")
-
-
-def tmp_uri(meta_uri: str) -> str:
-    """Where a table's files are written before their rename into place: outside every reader's glob."""
-    return storage.join(meta_uri, "tmp")
-
-
-def remove_stale_temporaries(table_uri: str, meta_uri: str) -> int:
-    """Delete ``_tmp.*`` files a killed run left behind (call it holding the table's lease: no other writer)."""
-    return storage.remove_temporaries(table_uri, storage.join(meta_uri, "errors"), storage.join(meta_uri, "empty"),
-                                      tmp_uri(meta_uri), meta_uri)
 
 
 def _download_errors(shard_uri: str) -> list[dict[str, str]]:
@@ -301,9 +262,8 @@ def _download_errors(shard_uri: str) -> list[dict[str, str]]:
 
 def rows_to_keep(table: pa.Table, *, failed_stage: str, duplicate_stage: str, unit: str
                  ) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
-    """Of one unit's (shard's, part's) rows: the indices of the rows to write (sorted by key, the first row of
-    each key), their keys, and the error rows: one per failed row (``failed_stage``) and one per repeated key
-    (``duplicate_stage``). Shared by embed and embed-text."""
+    """Of one unit's rows: the indices to write (sorted by key, first row per key), their keys, and the
+    error rows (failed rows, repeated keys). Shared by embed and embed-text."""
     keys, sources, errors = (table.column(c).to_pylist() for c in (st.KEY, st.SOURCE, st.ERROR))
     errs = [{"key": k, "source": s, "stage": failed_stage, "error": e}
             for k, s, e in zip(keys, sources, errors, strict=True) if e]
@@ -323,7 +283,8 @@ def strings(table: pa.Table, name: str, take: np.ndarray) -> pa.Array:
 
 
 def vectors(table: pa.Table, name: str, take: np.ndarray, dim: int, np_dtype: type) -> pa.FixedSizeListArray:
-    return fixed_list(rows.vectors(table.column(name).take(pa.array(take, pa.int64())), dim), dim, np_dtype)
+    values = rows.vectors(table.column(name).take(pa.array(take, pa.int64())), dim)  # (N, D) float32
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.astype(np_dtype).reshape(-1)), dim)
 
 
 def build_tables(table: pa.Table, cfg: EmbedConfig, dim: int, meta: dict[str, str]
@@ -339,22 +300,8 @@ def build_tables(table: pa.Table, cfg: EmbedConfig, dim: int, meta: dict[str, st
     return pa.Table.from_arrays(arrays, schema=schema), errs
 
 
-def fixed_list(values: np.ndarray, dim: int, np_dtype: type) -> pa.FixedSizeListArray:
-    flat = np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(-1, dim), dtype=np_dtype).reshape(-1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
-
-
-def unread_reason(table: pa.Table | None) -> str | None:
-    """Why the shard could not be read at all, or None (per-sample errors do not count)."""
-    unread = [] if table is None else table.column(st.UNREAD).to_pylist()
-    if not any(unread):
-        return None
-    return str(table.column(st.ERROR)[unread.index(True)].as_py())
-
-
 def download_incomplete(shard_uri: str) -> str | None:
-    """Why a shard is not final yet: img2dataset recorded transient failures (outage, timeout, 5xx) that the
-    download stage retries on its next run; committing it now would keep those samples out for good."""
+    """Why a shard is not final: img2dataset recorded transient failures its download stage retries."""
     # lazy: pandas ~0.55 s to import (python -X importtime)
     from pipelines.download.job import is_transient
 
@@ -364,8 +311,7 @@ def download_incomplete(shard_uri: str) -> str | None:
 
 
 def commit_shard(cfg: EmbedConfig, shard_uri: str, table: pa.Table | None, dim: int) -> tuple[int, int]:
-    """Write the errors table (if any, else drop a stale one), then the part file, or the empty marker when
-    no sample is good: the commit marker is written last. Returns (rows, error rows)."""
+    """Commit one shard (``UnitTable.write``); returns (rows, error rows)."""
     shard = st.shard_name(shard_uri)
     meta = schemas.embedding_metadata(
         clip_model=cfg.encoder.model_name, clip_pretrained=cfg.encoder.pretrained, dim=dim, dtype=cfg.dtype,
@@ -375,22 +321,13 @@ def commit_shard(cfg: EmbedConfig, shard_uri: str, table: pa.Table | None, dim: 
                           rows.EMBEDDING: pa.array([], pa.binary()), rows.TEXT_EMBEDDING: pa.array([], pa.binary())})
     table, errs = build_tables(table, cfg, dim, meta)
     errs = _download_errors(shard_uri) + errs
-    err_uri = errors_uri(cfg.meta_uri, shard)
-    if errs:
-        storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA), err_uri,
-                                   tmp_dir=tmp_uri(cfg.meta_uri))
-    elif uris.exists(err_uri):  # from an earlier attempt at this shard
-        storage.remove(err_uri)
-    if table.num_rows:
-        storage.atomic_write_table(table, part_uri(cfg.table_uri, shard), tmp_dir=tmp_uri(cfg.meta_uri))
-    else:
-        storage.write_json({"shard": shard_uri, "rows": 0, "errors": len(errs)}, empty_uri(cfg.meta_uri, shard))
+    cfg.units.write(shard, table, pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA),
+                    {"shard": shard_uri, "rows": 0, "errors": len(errs)})
     return table.num_rows, len(errs)
 
 
 class ShardCommitter(UnitCommitter):
-    """Embed's driver side: rows back into shards (columns ``shard`` / ``index`` / ``shard_total``), each
-    complete shard committed by ``commit_shard``. Units are shard names; ``uris`` maps them to the shards."""
+    """Embed's committer: units are shard names, ``uris`` maps them to the shards."""
 
     def __init__(self, cfg: EmbedConfig, shard_uris: list[str], dim: int):
         super().__init__(unit=st.SHARD, index=st.INDEX, total=st.TOTAL, noun="shard")
@@ -398,7 +335,11 @@ class ShardCommitter(UnitCommitter):
         self.uris = {st.shard_name(u): u for u in shard_uris}
 
     def unread(self, unit: str, table: pa.Table | None) -> str | None:
-        return unread_reason(table) or download_incomplete(self.uris[unit])
+        """The shard's read error (not a per-sample one), else ``download_incomplete``."""
+        unread = [] if table is None else table.column(st.UNREAD).to_pylist()
+        if any(unread):
+            return str(table.column(st.ERROR)[unread.index(True)].as_py())
+        return download_incomplete(self.uris[unit])
 
     def commit(self, unit: str, table: pa.Table | None) -> tuple[int, int]:
         return commit_shard(self.cfg, self.uris[unit], table, self.dim)

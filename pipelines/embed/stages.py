@@ -34,8 +34,7 @@ MAX_SHARD_BYTES = 4 << 30  # a shard is read whole: img2dataset's are ~10k sampl
 
 @dataclass
 class Sample:
-    """One webdataset sample: its key and its files by extension (``jpg``, ``txt``, ``json``...); ``refused``:
-    why one of its members was not read (the sample becomes an error row)."""
+    """One webdataset sample: its files by extension; ``refused``: why one of its members was not read."""
 
     key: str
     files: dict[str, bytes] = field(default_factory=dict)
@@ -59,9 +58,8 @@ def shard_name(uri: str) -> str:
 
 
 def read_shard(data: bytes, cfg: SourceConfig | None = None) -> list[Sample]:
-    """Group tar members into samples by key (the member name up to its first dot), in archive order. Members
-    go through ``sources.tar_member_problem`` (unsafe paths, links, devices, duplicates, ``max_member_bytes``):
-    a refused member is not read and marks its sample ``refused``."""
+    """Tar members grouped into samples by key, in archive order; a member refused by
+    ``sources.tar_member_problem`` is not read and marks its sample ``refused``."""
     cfg = cfg or SourceConfig()
     samples: dict[str, Sample] = {}
     seen: set[str] = set()
@@ -92,22 +90,17 @@ def read_shard(data: bytes, cfg: SourceConfig | None = None) -> list[Sample]:
 
 def decode_sample(sample: Sample, resizer: ImageResizer, shard: str) -> DecodedRow:
     """Caption, url and resized uint8 pixels (H, W, 3) of one sample, or the same row with ``error`` set."""
-    meta: dict[str, Any] = {}
-    if "json" in sample.files:
-        try:
-            meta = json.loads(sample.files["json"])
-        except ValueError:
-            meta = {}
+    try:
+        meta: dict[str, Any] = json.loads(sample.files.get("json", b"{}"))
+    except ValueError:
+        meta = {}
     caption = sample.files["txt"].decode("utf-8", "replace") if "txt" in sample.files else meta.get("caption")
     key = str(meta.get("key") or posixpath.basename(sample.key))
     image_ext = next((e for e in sample.files if imaging.is_image_name("x." + e)), None)
     source = f"{shard}.tar/{sample.key}" + (f".{image_ext}" if image_ext else "")
     row = DecodedRow(key=key, caption=caption, url=meta.get("url"), source=source, pixels=None)
-    if sample.refused:
-        row.error = sample.refused
-        return row
-    if image_ext is None:
-        row.error = f"no image file in sample (has {sorted(sample.files)})"
+    if sample.refused or image_ext is None:
+        row.error = sample.refused or f"no image file in sample (has {sorted(sample.files)})"
         return row
     try:
         row.pixels = resizer(imaging.decode_image(sample.files[image_ext]))

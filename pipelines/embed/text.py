@@ -100,12 +100,9 @@ def read_text_lines(uri: str, max_chars: int) -> tuple[list[str | None], list[st
     """Captions and per-row errors of a one-caption-per-line file (each line decoded on its own)."""
     with fsspec.open(uri, "rb", compression="infer") as f:
         data = f.read()
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the file's final newline ends the last line; it does not start another
     captions: list[str | None] = []
     errors = []
-    for raw in lines:
+    for raw in data.removesuffix(b"\n").split(b"\n") if data else []:  # a final newline starts no line
         try:
             text: str | None = raw.rstrip(b"\r").decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -117,8 +114,9 @@ def read_text_lines(uri: str, max_chars: int) -> tuple[list[str | None], list[st
     return captions, errors
 
 
-def read_table_file(uri: str, fmt: str, caption_col: str, key_col: str | None) -> pd.DataFrame:
-    """A csv / tsv / jsonl / parquet file as string columns ``caption`` (+ ``key``); checks the columns."""
+def read_table_file(uri: str, fmt: str, caption_col: str, key_col: str | None
+                    ) -> tuple[list[str | None], list[str | None]]:
+    """Captions and keys (None: none there) of a csv / tsv / jsonl / parquet file; checks the columns."""
     if fmt in ("csv", "tsv"):
         df = read_delimited(uri, "\t" if fmt == "tsv" else ",", what="caption file")  # names file and line
     else:
@@ -131,10 +129,10 @@ def read_table_file(uri: str, fmt: str, caption_col: str, key_col: str | None) -
     if missing:
         raise ValueError(f"{uri} has no column(s) {missing}; it has {list(df.columns)} (set --caption-col / "
                          "--key-col)")
-    out = pd.DataFrame({schemas.CAPTION: df[caption_col].astype("string")})
-    if key_col:
-        out[schemas.KEY] = df[key_col].astype("string")
-    return out
+    captions = [None if pd.isna(v) else str(v) for v in df[caption_col].astype("string")]
+    keys = ([None if pd.isna(v) else str(v) for v in df[key_col].astype("string")] if key_col
+            else [None] * len(df))
+    return captions, keys
 
 
 def read_img2dataset_shard(uri: str, max_chars: int) -> TextPart:
@@ -171,13 +169,11 @@ def read_file_parts(uri: str, fmt: str, *, caption_col: str, key_col: str | None
     stem = _stem(uri)
     if fmt == "text":
         captions, errors = read_text_lines(uri, max_chars)
-        keys = [f"{stem}-{i:08d}" for i in range(len(captions))]
+        given: list[str | None] = [None] * len(captions)
     else:
-        df = read_table_file(uri, fmt, caption_col, key_col)
-        captions = [None if pd.isna(c) else str(c) for c in df[schemas.CAPTION]]
+        captions, given = read_table_file(uri, fmt, caption_col, key_col)
         errors = [_check(c, max_chars) for c in captions]
-        keys = ([str(k) if not pd.isna(k) else f"{stem}-{i:08d}" for i, k in enumerate(df[schemas.KEY])] if key_col
-                else [f"{stem}-{i:08d}" for i in range(len(captions))])
+    keys = [k if k is not None else f"{stem}-{i:08d}" for i, k in enumerate(given)]
     parts = []
     for n, start in enumerate(range(0, max(len(keys), 1), part_size)):
         sl = slice(start, start + part_size)
@@ -216,10 +212,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class EmbedTextConfig:
-    """The ``clipcap embed-text`` config: each field is a flag (``pipelines.commands.flags``), ``CLI_FLAGS`` the
-    renamed."""
+class EmbedTextConfig(embed.TableOutput):
+    """The ``clipcap embed-text`` config: each field is a flag, ``CLI_FLAGS`` the renamed."""
 
+    KIND: ClassVar[str] = "text-embeddings"
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"output_root": "--output"}
     input: str
     """caption file (txt: one per line; csv/tsv/jsonl/parquet), a folder of them, or an img2dataset output folder"""
@@ -241,16 +237,6 @@ class EmbedTextConfig:
     def __post_init__(self) -> None:
         if self.part_size < 1 or self.max_caption_chars < 1:
             raise ValueError("part_size and max_caption_chars must be >= 1")
-
-    @property
-    def table_uri(self) -> str:
-        return storage.join(self.output_root, "text-embeddings", self.dataset, encoders.encoder_tag(self.encoder))
-
-    @property
-    def meta_uri(self) -> str:
-        """Bookkeeping (errors table, empty-part markers, run record), outside the folder readers glob."""
-        return storage.join(self.output_root, embed.META_DIR, "text-embeddings", self.dataset,
-                            encoders.encoder_tag(self.encoder))
 
 
 @dataclass
@@ -304,10 +290,8 @@ def claim(cfg: EmbedTextConfig, parts: list[TextPart]) -> None:
 
 
 def pending_parts(cfg: EmbedTextConfig, parts: list[TextPart]) -> list[TextPart]:
-    done = set(storage.list_files(cfg.table_uri, ".parquet"))
-    done |= {embed.part_uri(cfg.table_uri, posixpath.basename(u).removesuffix(".json").removeprefix("part-"))
-             for u in storage.list_files(storage.join(cfg.meta_uri, "empty"), ".json")}
-    return [p for p in parts if embed.part_uri(cfg.table_uri, p.part_id) not in done]
+    done = cfg.units.done()
+    return [p for p in parts if p.part_id not in done]
 
 
 # --- output tables ------------------------------------------------------------------------------------------
@@ -323,32 +307,9 @@ def build_tables(table: pa.Table, dim: int, dtype: str, meta: dict[str, str]) ->
     return pa.Table.from_arrays(arrays, schema=schema), errs
 
 
-def commit_part(cfg: EmbedTextConfig, part: TextPart, table: pa.Table | None,
-                dim: int) -> tuple[int, int, int]:
-    """Errors table (if any), then the part file (the commit marker). Returns (rows, error rows, truncated)."""
-    meta = schemas.embedding_metadata(
-        clip_model=cfg.encoder.model_name, clip_pretrained=cfg.encoder.pretrained, dim=dim, dtype=cfg.dtype,
-        preprocess=f"text: open_clip tokenizer of {cfg.encoder.model_name}, truncated to its context",
-        source_shard=part.source)
-    if table is None:  # an empty part still gets its done-marker, so reruns skip it
-        table = pa.table({**{k: pa.array([], pa.string()) for k in (st.KEY, st.CAPTION, st.SOURCE, st.ERROR)},
-                          st.TRUNCATED: pa.array([], pa.bool_()), rows.TEXT_EMBEDDING: pa.array([], pa.binary())})
-    table, errs = build_tables(table, dim, cfg.dtype, meta)
-    if errs:
-        storage.atomic_write_table(pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA),
-                                   embed.errors_uri(cfg.meta_uri, part.part_id), tmp_dir=embed.tmp_uri(cfg.meta_uri))
-    if table.num_rows:  # last: the commit marker
-        storage.atomic_write_table(table, embed.part_uri(cfg.table_uri, part.part_id),
-                                   tmp_dir=embed.tmp_uri(cfg.meta_uri))
-    else:  # a 0-row Parquet file breaks Hugging Face datasets: the done-marker lives under _meta instead
-        storage.write_json({"part": part.part_id, "errors": len(errs)}, embed.empty_uri(cfg.meta_uri, part.part_id))
-    return table.num_rows, len(errs), int(table.schema.metadata[schemas.META_TRUNCATED.encode()])
-
-
 # --- the Ray pipeline ---------------------------------------------------------------------------------------
 def part_block(part: TextPart) -> pa.Table:
-    """A part as one block of rows tagged with the part id, member index and row count (the committer's
-    columns, as the image embed stage's)."""
+    """A part as one block of rows with the committer's columns (part id, index, total)."""
     n = len(part)
     return pa.table({st.SHARD: [part.part_id] * n, st.INDEX: pa.array(range(n), pa.int64()),
                      st.TOTAL: pa.array([n] * n, pa.int64()),
@@ -367,23 +328,34 @@ def build_dataset(cfg: EmbedTextConfig, pending: list[TextPart]) -> Any:
     log.info(plan.describe("embed-text", cluster))
     ds = ray.data.from_arrow([part_block(p) for p in pending if len(p)])
     return ds.map_batches(
-        ClipActor, batch_size=res.batch_size, batch_format="pyarrow",
-        **plan.pool_args(),
+        ClipActor, batch_size=res.batch_size, **plan.pool_args(),
         fn_constructor_kwargs={"encoder": cfg.encoder, "precision": cfg.precision, "use_gpu": plan.use_gpu,
                                "threads": plan.torch_threads, "images": False, "texts": True,
                                "count_truncated": True})
 
 
 class TextCommitter(UnitCommitter):
-    """embed-text's driver side: rows back into parts (the image embed stage's columns), each complete part
-    committed by ``commit_part``; a text part has no unreadable input (its reading happened on the driver)."""
+    """embed-text's committer; a text part has no unreadable input (it was read on the driver)."""
 
     def __init__(self, cfg: EmbedTextConfig, parts: list[TextPart], dim: int):
         super().__init__(unit=st.SHARD, index=st.INDEX, total=st.TOTAL, noun="part")
         self.cfg, self.dim, self.parts = cfg, dim, {p.part_id: p for p in parts}
 
     def commit(self, unit: str, table: pa.Table | None) -> tuple[int, int, int]:
-        return commit_part(self.cfg, self.parts[unit], table, self.dim)
+        """Commit one part (``UnitTable.write``); returns (rows, error rows, truncated)."""
+        cfg, model = self.cfg, self.cfg.encoder.model_name
+        meta = schemas.embedding_metadata(
+            clip_model=model, clip_pretrained=cfg.encoder.pretrained, dim=self.dim, dtype=cfg.dtype,
+            preprocess=f"text: open_clip tokenizer of {model}, truncated to its context",
+            source_shard=self.parts[unit].source)
+        if table is None:  # an empty part still gets its done-marker, so reruns skip it
+            strings = {k: pa.array([], pa.string()) for k in (st.KEY, st.CAPTION, st.SOURCE, st.ERROR)}
+            table = pa.table({**strings, st.TRUNCATED: pa.array([], pa.bool_()),
+                              rows.TEXT_EMBEDDING: pa.array([], pa.binary())})
+        table, errs = build_tables(table, self.dim, cfg.dtype, meta)
+        cfg.units.write(unit, table, pa.Table.from_pylist(errs, schema=schemas.ERRORS_SCHEMA),
+                        {"part": unit, "errors": len(errs)})
+        return table.num_rows, len(errs), int(table.schema.metadata[schemas.META_TRUNCATED.encode()])
 
 
 def _drain(cfg: EmbedTextConfig, committer: TextCommitter, dim: int) -> tuple[int, int, int]:
@@ -410,26 +382,20 @@ def run_embed_text(cfg: EmbedTextConfig, ray_address: str | None = None) -> Embe
     parts = validate(cfg)
     with Lease(storage.join(cfg.meta_uri, LEASE_FILE), force=cfg.force_unlock) as lease:  # one run per table
         claim(cfg, parts)
-        return _embed_text(cfg, parts, lease, t0, ray_address)
-
-
-def _embed_text(cfg: EmbedTextConfig, parts: list[TextPart], lease: Lease, t0: float,
-                ray_address: str | None) -> EmbedTextResult:
-    """``run_embed_text`` once the table's lease is held and the run recorded."""
-    dim = encoders.embedding_dim(cfg.encoder)
-    pending = pending_parts(cfg, parts)
-    result = EmbedTextResult(table_uri=cfg.table_uri, parts=len(parts), skipped=len(parts) - len(pending),
-                             written=len(pending), rows=0, errors=0, truncated=0, dim=dim, wall_s=0.0)
-    if pending:
-        committer = TextCommitter(cfg, pending, dim)
-        committer.guard = lease.check
-        # a stop or a failed commit names the parts committed so far (earlier runs' included)
-        with stopping.counting(lambda: (result.skipped + len(committer.committed), result.parts), "part"):
-            runtime.ensure_ray(ray_address)
-            embed.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri)
-            log.info("embedding %d caption part(s) of %s with %s -> %s", len(pending), cfg.input, cfg.encoder,
-                     cfg.table_uri)
-            result.rows, result.errors, result.truncated = _drain(cfg, committer, dim)
+        dim = encoders.embedding_dim(cfg.encoder)
+        pending = pending_parts(cfg, parts)
+        result = EmbedTextResult(table_uri=cfg.table_uri, parts=len(parts), skipped=len(parts) - len(pending),
+                                 written=len(pending), rows=0, errors=0, truncated=0, dim=dim, wall_s=0.0)
+        if pending:
+            committer = TextCommitter(cfg, pending, dim)
+            committer.guard = lease.check
+            # a stop or a failed commit names the parts committed so far (earlier runs' included)
+            with stopping.counting(lambda: (result.skipped + len(committer.committed), result.parts), "part"):
+                runtime.ensure_ray(ray_address)
+                cfg.units.remove_temporaries()
+                log.info("embedding %d caption part(s) of %s with %s -> %s", len(pending), cfg.input,
+                         cfg.encoder, cfg.table_uri)
+                result.rows, result.errors, result.truncated = _drain(cfg, committer, dim)
     result.wall_s = time.perf_counter() - t0
     log.info(result.describe())
     return result

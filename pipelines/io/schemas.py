@@ -49,24 +49,15 @@ def embedding_type(dim: int, dtype: str = "float32") -> pa.DataType:
 
 
 def embedding_schema(dim: int, dtype: str = "float32", with_text: bool = False) -> pa.Schema:
-    fields = [
-        pa.field(KEY, pa.string(), nullable=False),
-        pa.field(CAPTION, pa.string()),
-        pa.field(URL, pa.string()),
-        pa.field(IMAGE_EMBEDDING, embedding_type(dim, dtype), nullable=False),
-    ]
-    if with_text:
-        fields.append(pa.field(TEXT_EMBEDDING, embedding_type(dim, dtype)))
-    return pa.schema(fields)
+    fields = [pa.field(KEY, pa.string(), nullable=False), (CAPTION, pa.string()), (URL, pa.string()),
+              pa.field(IMAGE_EMBEDDING, embedding_type(dim, dtype), nullable=False)]
+    return pa.schema(fields + ([(TEXT_EMBEDDING, embedding_type(dim, dtype))] if with_text else []))
 
 
 def text_embedding_schema(dim: int, dtype: str = "float32") -> pa.Schema:
     """Text-embedding tables (``clipcap embed-text``): captions of a corpus and their CLIP text embeddings."""
-    return pa.schema([
-        pa.field(KEY, pa.string(), nullable=False),
-        pa.field(CAPTION, pa.string()),
-        pa.field(TEXT_EMBEDDING, embedding_type(dim, dtype), nullable=False),
-    ])
+    return pa.schema([pa.field(KEY, pa.string(), nullable=False), (CAPTION, pa.string()),
+                      pa.field(TEXT_EMBEDDING, embedding_type(dim, dtype), nullable=False)])
 
 
 RANK = "rank"
@@ -74,24 +65,11 @@ META_MODEL = META_PREFIX + "model"
 META_DECODING = META_PREFIX + "decoding"
 META_PART = META_PREFIX + "part"
 
-ERRORS_SCHEMA = pa.schema(
-    [
-        pa.field(KEY, pa.string()),
-        pa.field(SOURCE, pa.string()),
-        pa.field(STAGE, pa.string()),
-        pa.field(ERROR, pa.string()),
-    ]
-)
+ERRORS_SCHEMA = pa.schema([(name, pa.string()) for name in (KEY, SOURCE, STAGE, ERROR)])
 
-CAPTIONS_SCHEMA = pa.schema(
-    [
-        pa.field(KEY, pa.string(), nullable=False),
-        pa.field(CAPTION, pa.string()),
-        pa.field(SCORE, pa.float32()),
-        pa.field(MODEL, pa.string()),
-        pa.field(CREATED_AT, pa.timestamp("us", tz="UTC")),
-    ]
-)
+CAPTIONS_SCHEMA = pa.schema([pa.field(KEY, pa.string(), nullable=False), (CAPTION, pa.string()),
+                             (SCORE, pa.float32()), (MODEL, pa.string()),
+                             (CREATED_AT, pa.timestamp("us", tz="UTC"))])
 
 
 # Caption tables written by bulk captioning (pipelines.caption.job): one row per caption, ``rank`` 0 = best
@@ -122,22 +100,12 @@ def evaluation_schema(scores: tuple[str, ...] | list[str]) -> pa.Schema:
                      + [pa.field(s, pa.float64()) for s in EVAL_SCORES if s in scores])
 
 
-def embedding_metadata(
-    *, clip_model: str, clip_pretrained: str | None, dim: int, dtype: str, preprocess: str,
-    source_shard: str | None = None,
-) -> dict[str, str]:
-    meta = {
-        META_CLIP_MODEL: clip_model,
-        META_CLIP_PRETRAINED: clip_pretrained or "",
-        META_DIM: str(dim),
-        META_DTYPE: dtype,
-        META_PREPROCESS: preprocess,
-        META_CODE_VERSION: __version__,
-        META_SCHEMA_VERSION: SCHEMA_VERSION,
-    }
-    if source_shard is not None:
-        meta[META_SOURCE_SHARD] = source_shard
-    return meta
+def embedding_metadata(*, clip_model: str, clip_pretrained: str | None, dim: int, dtype: str, preprocess: str,
+                       source_shard: str | None = None) -> dict[str, str]:
+    meta = {META_CLIP_MODEL: clip_model, META_CLIP_PRETRAINED: clip_pretrained or "", META_DIM: str(dim),
+            META_DTYPE: dtype, META_PREPROCESS: preprocess, META_CODE_VERSION: __version__,
+            META_SCHEMA_VERSION: SCHEMA_VERSION}
+    return meta if source_shard is None else {**meta, META_SOURCE_SHARD: source_shard}
 
 
 def with_metadata(schema: pa.Schema, meta: Mapping[str, str]) -> pa.Schema:
@@ -148,13 +116,8 @@ def with_metadata(schema: pa.Schema, meta: Mapping[str, str]) -> pa.Schema:
 
 def read_metadata(schema: pa.Schema) -> dict[str, str]:
     """Our ``clipcap.*`` metadata of a Parquet schema as a str dict."""
-    raw = schema.metadata or {}
-    out = {}
-    for k, v in raw.items():
-        key = k.decode() if isinstance(k, bytes) else k
-        if key.startswith(META_PREFIX):
-            out[key] = v.decode() if isinstance(v, bytes) else v
-    return out
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}  # pyarrow keeps bytes
+    return {k: v for k, v in meta.items() if k.startswith(META_PREFIX)}
 
 
 def validate_embedding_schema(schema: pa.Schema, *, where: str = "embedding table",

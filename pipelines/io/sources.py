@@ -1,11 +1,9 @@
 """Input readers for bulk captioning: an input URI -> deterministic *parts* -> *records*, one explicit registry
 (``READERS``) of loose images, tar, webdataset, zip, Parquet (bytes or URLs) and embedding tables.
 
-Hidden files and tool bookkeeping (``_meta/``, ``_SUCCESS``, ``_metadata``, ...) are skipped and counted; any
-other underscore-prefixed name is input (cameras write ``_DSC0001.JPG``). Auto format by extension: tar (any
-compression), zip, Parquet (an ``image_embedding`` column: an embedding table), else a loose image; a ``.tar``
-beside an img2dataset sidecar is a webdataset shard and the sidecars are metadata. Every archive member and loose
-file passes the safety checks (unsafe paths, links, devices, duplicates, size) before any byte is used.
+Hidden files and tool bookkeeping (``_meta/``, ``_SUCCESS``, ...) are skipped; other ``_`` names are input
+(``_DSC0001.JPG``). A ``.tar`` beside an img2dataset sidecar is a webdataset shard. Every archive member and
+loose file passes the safety checks (unsafe paths, links, devices, duplicates, size) before any byte is used.
 """
 
 from __future__ import annotations
@@ -21,10 +19,10 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import fsspec
 import numpy as np
@@ -42,8 +40,7 @@ Format = Literal["auto", "images", "tar", "zip", "webdataset", "parquet", "embed
 
 @dataclass(frozen=True, kw_only=True)
 class SourceConfig:
-    """How an input is listed, partitioned and read. ``CLI_FLAGS``: the fields that are not ``clipcap caption``
-    flags (``pipelines.commands.flags``)."""
+    """How an input is listed, partitioned and read. ``CLI_FLAGS``: the fields that are not flags."""
 
     CLI_FLAGS: ClassVar[dict[str, str | None]] = {"max_member_bytes": None, "url_schemes": None,
                                                   "fetch_timeout_s": None, "fetch_threads": None, "read_batch": None}
@@ -117,27 +114,10 @@ class Record:
     stage: str = "read"
 
 
-class Reader(Protocol):
-    name: str
-
-    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]: ...
-
-    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]: ...
-
-
 def part_name(rel: str, suffix: str = "") -> str:
     """A file-name-safe, collision-free part id for a file path (readable tail + hash of the full path)."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", rel).strip("._")[-80:] or "root"
     return f"{safe}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}{suffix}"
-
-
-class OneFileReader:
-    """``plan`` of the readers whose unit is a whole file: one part per file, named after its path."""
-
-    name = ""
-
-    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]:
-        return [Part(part_name(file.rel), self.name, (file,))]
 
 
 def unsafe_member(name: str) -> str | None:
@@ -153,8 +133,8 @@ def unsafe_member(name: str) -> str | None:
 
 def member_problem(raw_name: str, name: str, size: int, seen: set[str], cfg: SourceConfig,
                     *kind_checks: tuple[bool, str]) -> str | None:
-    """Why an archive member must not be read (None if it may): unsafe path, then the format's own checks
-    (links, encryption), then duplicates and size. Records ``name`` in ``seen`` either way."""
+    """Why an archive member must not be read, or None: unsafe path, the format's own checks, duplicate,
+    size. Records ``name`` in ``seen``."""
     why = unsafe_member(raw_name)
     for bad, reason in kind_checks:
         if why is None and bad:
@@ -168,22 +148,18 @@ def member_problem(raw_name: str, name: str, size: int, seen: set[str], cfg: Sou
 
 
 def tar_member_problem(m: tarfile.TarInfo, seen: set[str], cfg: SourceConfig) -> str | None:
-    """Why tar member ``m`` must not be read (unsafe path, link or device, duplicate, too large), or None; the
-    one check for every tar reader (caption's readers, embed's and embed-text's shard reader)."""
+    """Why tar member ``m`` must not be read (unsafe path, link or device, duplicate, too large), or None."""
     return member_problem(m.name, clean_name(m.name), m.size, seen, cfg,
                            (not m.isfile(), "not a regular file (link or device)"))
 
 
 def clean_name(name: str) -> str:
     """``name`` without leading ``./`` (tar members are often stored so)."""
-    while name.startswith("./"):
-        name = name[2:]
-    return name
+    return re.sub(r"^(\./)+", "", name)
 
 
 def check_local_file(uri: str, rel: str) -> str:
-    """The real path of a local loose file, refused unless it is a regular file inside the real input folder
-    (a symlink to /etc/passwd or /dev/zero in a user's folder must not be read)."""
+    """The real path of a local loose file, refused unless a regular file inside the real input folder."""
     path = uris.filesystem(uri)[1]
     root = path[: len(path) - len(rel)] if path.endswith(rel) else os.path.dirname(path)
     real, real_root = os.path.realpath(path), os.path.realpath(root or ".")
@@ -196,13 +172,11 @@ def check_local_file(uri: str, rel: str) -> str:
 
 def read_loose_file(fs: Any, f: InputFile, limit: int) -> bytes:
     """At most ``limit`` bytes of a loose file (more is an error: listed sizes can lie, e.g. devices)."""
-    if storage.protocol_prefix(fs) == "":
-        with open(check_local_file(f.uri, f.rel), "rb") as fh:
-            data = fh.read(limit + 1)
-    else:
-        # open + bounded read, not cat_file: the object may be larger than the listing said.
-        with fs.open(uris.filesystem(f.uri)[1], "rb") as fh:
-            data = fh.read(limit + 1)
+    local = storage.protocol_prefix(fs) == ""
+    # a bounded read, not cat_file: the object may be larger than the listing said
+    path = check_local_file(f.uri, f.rel) if local else uris.filesystem(f.uri)[1]
+    with open(path, "rb") if local else fs.open(path, "rb") as fh:
+        data = fh.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"file larger than {limit} bytes")
     return data
@@ -231,75 +205,68 @@ def image_column(schema: pa.Schema, cfg: SourceConfig) -> str | None:
     return None
 
 
-class ParquetReader:
-    """Plans every Parquet file (deciding ``parquet`` vs ``embeddings`` from its schema); reads bytes/URLs."""
+def plan_parquet(file: InputFile, cfg: SourceConfig) -> list[Part]:
+    """Parts of whole row groups (``part_size`` rows) of a Parquet file: ``parquet`` or ``embeddings``."""
+    try:
+        with _open(file) as fh:
+            meta = pq.ParquetFile(fh).metadata
+    except Exception:  # noqa: BLE001 - a corrupt file is one error row, found again at read time
+        return [Part(part_name(file.rel), "unreadable", (file,))]
+    schema = meta.schema.to_arrow_schema()
+    kind, dim, clip_model = "parquet", 0, ""
+    if schemas.IMAGE_EMBEDDING in schema.names:
+        kind = "embeddings"
+        dim = schemas.validate_embedding_schema(schema, where=file.uri)
+        clip_model = schemas.read_metadata(schema).get(schemas.META_CLIP_MODEL, "")
+    elif cfg.format == "embeddings":
+        raise ValueError(f"{file.uri}: not an embedding table (no {schemas.IMAGE_EMBEDDING!r} column)")
+    elif image_column(schema, cfg) is None and cfg.url_column not in schema.names:
+        raise ValueError(
+            f"{file.uri}: no image column (one of {list(schemas.IMAGE_BYTES_COLUMNS)}), URL column "
+            f"{cfg.url_column!r} or {schemas.IMAGE_EMBEDDING!r} column; has {schema.names}"
+        )
+    parts, group, offset, rows = [], [], 0, 0
+    for rg in range(meta.num_row_groups):
+        group.append(rg)
+        rows += meta.row_group(rg).num_rows
+        offset += meta.row_group(rg).num_rows
+        if rows >= cfg.part_size or rg == meta.num_row_groups - 1:
+            parts.append(Part(part_name(file.rel, f"-rg{group[0]:05d}"), kind, (file,), tuple(group),
+                              offset - rows, dim, clip_model))
+            group, rows = [], 0
+    return parts
 
-    name = "parquet"
 
-    def plan(self, file: InputFile, cfg: SourceConfig) -> list[Part]:
-        try:
-            with _open(file) as fh:
-                meta = pq.ParquetFile(fh).metadata
-        except Exception:  # noqa: BLE001 - a corrupt file is one error row, found again at read time
-            return [Part(part_name(file.rel), "unreadable", (file,))]
-        schema = meta.schema.to_arrow_schema()
-        kind, dim, clip_model = "parquet", 0, ""
-        if schemas.IMAGE_EMBEDDING in schema.names:
-            kind = "embeddings"
-            dim = schemas.validate_embedding_schema(schema, where=file.uri)
-            clip_model = schemas.read_metadata(schema).get(schemas.META_CLIP_MODEL, "")
-        elif cfg.format == "embeddings":
-            raise ValueError(f"{file.uri}: not an embedding table (no {schemas.IMAGE_EMBEDDING!r} column)")
-        elif image_column(schema, cfg) is None and cfg.url_column not in schema.names:
-            raise ValueError(
-                f"{file.uri}: no image column (one of {list(schemas.IMAGE_BYTES_COLUMNS)}), URL column "
-                f"{cfg.url_column!r} or {schemas.IMAGE_EMBEDDING!r} column; has {schema.names}"
-            )
-        parts, group, first, offset, rows = [], [], 0, 0, 0
-        for rg in range(meta.num_row_groups):
-            if not group:
-                first = offset
-            group.append(rg)
-            rows += meta.row_group(rg).num_rows
-            offset += meta.row_group(rg).num_rows
-            if rows >= cfg.part_size or rg == meta.num_row_groups - 1:
-                parts.append(Part(part_name(file.rel, f"-rg{group[0]:05d}"), kind, (file,), tuple(group),
-                                  first, dim, clip_model))
-                group, rows = [], 0
-        return parts
-
-    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
-        f = part.files[0]
-        with _open(f) as fh:
-            pf = pq.ParquetFile(fh)
-            schema = pf.schema_arrow
-            img_col = image_column(schema, cfg)
-            cols = [c for c in (cfg.key_column, img_col, cfg.url_column) if c and c in schema.names]
-            table = pf.read_row_groups(list(part.row_groups), columns=cols)
-        keys = row_keys(table, part, cfg)
-        images = _bytes_values(table.column(img_col)) if img_col else [None] * table.num_rows
-        urls = table.column(cfg.url_column).to_pylist() if cfg.url_column in cols else [None] * table.num_rows
-        seen: set[str] = set()
-        pending: list[Record] = []
-        for key, data, url in zip(keys, images, urls, strict=True):
-            if key in seen:
-                yield Record(key, f.uri, error="duplicate key")
-            elif data:
-                yield Record(key, f.uri, data=data)
-            elif url:
-                pending.append(Record(key, f.uri, url=str(url)))
-            else:
-                yield Record(key, f.uri, error="row has neither image bytes nor a URL")
-            seen.add(key)
-        yield from fetch_rounds(lambda r: _download(r, cfg), pending, cfg)
+def read_parquet(part: Part, cfg: SourceConfig) -> Iterator[Record]:
+    f = part.files[0]
+    with _open(f) as fh:
+        pf = pq.ParquetFile(fh)
+        schema = pf.schema_arrow
+        img_col = image_column(schema, cfg)
+        cols = [c for c in (cfg.key_column, img_col, cfg.url_column) if c and c in schema.names]
+        table = pf.read_row_groups(list(part.row_groups), columns=cols)
+    keys = row_keys(table, part, cfg)
+    images = _bytes_values(table.column(img_col)) if img_col else [None] * table.num_rows
+    urls = table.column(cfg.url_column).to_pylist() if cfg.url_column in cols else [None] * table.num_rows
+    seen: set[str] = set()
+    pending: list[Record] = []
+    for key, data, url in zip(keys, images, urls, strict=True):
+        if key in seen:
+            yield Record(key, f.uri, error="duplicate key")
+        elif data:
+            yield Record(key, f.uri, data=data)
+        elif url:
+            pending.append(Record(key, f.uri, url=str(url)))
+        else:
+            yield Record(key, f.uri, error="row has neither image bytes nor a URL")
+        seen.add(key)
+    yield from fetch_rounds(lambda r: _download(r, cfg), pending, cfg)
 
 
 def row_keys(table: pa.Table, part: Part, cfg: SourceConfig) -> list[str]:
     rel = part.files[0].rel
-    if cfg.key_column in table.column_names:
-        raw = table.column(cfg.key_column).to_pylist()
-    else:
-        raw = [None] * table.num_rows
+    has = cfg.key_column in table.column_names
+    raw = table.column(cfg.key_column).to_pylist() if has else [None] * table.num_rows
     return [f"{rel}/{k}" if k is not None and str(k) != "" else f"{rel}/#{part.row_offset + i}"
             for i, k in enumerate(raw)]
 
@@ -311,17 +278,15 @@ def _bytes_values(col: pa.ChunkedArray) -> list[bytes | None]:
 
 
 def fetch_url(url: str, cfg: SourceConfig) -> bytes:
-    """Download ``url`` (allowed schemes only), at most ``max_member_bytes``, within the timeout; private hosts
-    (after every redirect) and object-store URLs only with their opt-ins (``urlsafety``)."""
+    """Download ``url`` within the ``urlsafety`` policy, at most ``max_member_bytes``, within the timeout."""
     scheme = urlsafety.check_fetch_url(url, cfg.allow_private_urls, cfg.allow_object_store_urls)
     if scheme not in cfg.url_schemes:
         raise ValueError(f"URL scheme {scheme or '(none)'!r} not allowed (allowed: {list(cfg.url_schemes)})")
     limit = cfg.max_member_bytes
     if scheme in urlsafety.HTTP_SCHEMES:
         return urlsafety.fetch_http(url, cfg.fetch_timeout_s, limit, cfg.allow_private_urls)
-    else:
-        with fsspec.open(url, "rb") as fh:
-            data = fh.read(limit + 1)
+    with fsspec.open(url, "rb") as fh:
+        data = fh.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"download larger than {limit} bytes")
     return data
@@ -342,51 +307,42 @@ def _download(rec: Record, cfg: SourceConfig) -> Record:
     return rec
 
 
-class EmbeddingsReader(ParquetReader):
-    """Rows of an embedding table as embeddings (planned by ``ParquetReader``)."""
+def read_embeddings(part: Part, cfg: SourceConfig) -> Iterator[Record]:
+    f = part.files[0]
+    with _open(f) as fh:
+        pf = pq.ParquetFile(fh)
+        cols = [c for c in (cfg.key_column, schemas.IMAGE_EMBEDDING) if c in pf.schema_arrow.names]
+        table = pf.read_row_groups(list(part.row_groups), columns=cols)
+    keys = row_keys(table, part, cfg)
+    col = table.column(schemas.IMAGE_EMBEDDING).combine_chunks()
+    valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    # .values keeps the slots of null rows (unlike .flatten()), so rows stay aligned
+    flat = col.values.slice(col.offset * part.dim, len(col) * part.dim).to_numpy(zero_copy_only=False)
+    emb = np.asarray(flat, dtype=np.float32).reshape(len(col), part.dim)
+    finite = np.isfinite(emb).all(axis=1)
+    seen: set[str] = set()
+    for i, key in enumerate(keys):
+        if key in seen:
+            yield Record(key, f.uri, error="duplicate key")
+        elif not valid[i]:
+            yield Record(key, f.uri, error="null embedding")
+        elif not finite[i]:
+            yield Record(key, f.uri, error="non-finite embedding (NaN or inf)")
+        else:
+            yield Record(key, f.uri, embedding=emb[i])
+        seen.add(key)
 
-    name = "embeddings"
 
-    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
-        f = part.files[0]
+def read_unreadable(part: Part, cfg: SourceConfig) -> Iterator[Record]:
+    """A Parquet file whose footer could not be read while planning: one error row with the reason."""
+    f = part.files[0]
+    try:
         with _open(f) as fh:
-            pf = pq.ParquetFile(fh)
-            cols = [c for c in (cfg.key_column, schemas.IMAGE_EMBEDDING) if c in pf.schema_arrow.names]
-            table = pf.read_row_groups(list(part.row_groups), columns=cols)
-        keys = row_keys(table, part, cfg)
-        col = table.column(schemas.IMAGE_EMBEDDING).combine_chunks()
-        valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-        # .values keeps the slots of null rows (unlike .flatten()), so rows stay aligned
-        flat = col.values.slice(col.offset * part.dim, len(col) * part.dim).to_numpy(zero_copy_only=False)
-        emb = np.asarray(flat, dtype=np.float32).reshape(len(col), part.dim)
-        finite = np.isfinite(emb).all(axis=1)
-        seen: set[str] = set()
-        for i, key in enumerate(keys):
-            if key in seen:
-                yield Record(key, f.uri, error="duplicate key")
-            elif not valid[i]:
-                yield Record(key, f.uri, error="null embedding")
-            elif not finite[i]:
-                yield Record(key, f.uri, error="non-finite embedding (NaN or inf)")
-            else:
-                yield Record(key, f.uri, embedding=emb[i])
-            seen.add(key)
-
-
-class UnreadableReader(OneFileReader):
-    """A file whose footer could not be read while planning: one error row with the reason."""
-
-    name = "unreadable"
-
-    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
-        f = part.files[0]
-        try:
-            with _open(f) as fh:
-                pq.ParquetFile(fh)
-            reason = "file changed since planning"
-        except Exception as exc:  # noqa: BLE001
-            reason = f"{type(exc).__name__}: {exc}"
-        yield Record(f.rel, f.uri, error=f"unreadable Parquet file: {reason}", stage=UNIT_STAGE)
+            pq.ParquetFile(fh)
+        reason = "file changed since planning"
+    except Exception as exc:  # noqa: BLE001
+        reason = f"{type(exc).__name__}: {exc}"
+    yield Record(f.rel, f.uri, error=f"unreadable Parquet file: {reason}", stage=UNIT_STAGE)
 
 
 # --- listing and planning -------------------------------------------------------------------------------
@@ -396,8 +352,7 @@ BOOKKEEPING_NAMES = frozenset({"_meta", "_errors", "_run.json", "_summary.json",
 SHOW_SKIPPED = 10  # skipped paths named in the log line
 
 
-@dataclass(frozen=True)
-class Listing:
+class Listing(NamedTuple):
     files: list[InputFile]  # sorted by path
     skipped: list[str]      # hidden / bookkeeping paths relative to the input, sorted
 
@@ -433,13 +388,6 @@ def scan_input(uri: str, storage_options: dict[str, Any] | None = None) -> Listi
             continue
         files.append(InputFile(storage.full_uri(fs, path), rel, int(info.get("size") or 0)))
     return Listing(files, skipped)
-
-
-def log_skipped(uri: str, skipped: list[str]) -> None:
-    if skipped:
-        more = f" and {len(skipped) - SHOW_SKIPPED} more" if len(skipped) > SHOW_SKIPPED else ""
-        log.info("skipped %d hidden / bookkeeping file(s) under %s: %s%s", len(skipped), uri,
-                 ", ".join(skipped[:SHOW_SKIPPED]), more)
 
 
 # tar archives by name; tarfile's stream mode ("r|*") reads each compression, member by member, unextracted
@@ -486,27 +434,24 @@ def plan_parts(uri: str, cfg: SourceConfig, storage_options: dict[str, Any] | No
 
 def plan_input(uri: str, cfg: SourceConfig, storage_options: dict[str, Any] | None = None
                ) -> tuple[list[Part], list[str]]:
-    """The parts of ``uri`` (sorted by id) and the hidden / bookkeeping paths skipped (logged). Raises for
-    job-level faults (missing input, a Parquet file with neither image nor URL column)."""
-    listing = scan_input(uri, storage_options)
-    log_skipped(uri, listing.skipped)
-    return _cut_parts(uri, listing, cfg), listing.skipped
-
-
-def _cut_parts(uri: str, listing: Listing, cfg: SourceConfig) -> list[Part]:
-    groups = classify(listing.files, cfg.format)
+    """The parts of ``uri`` (sorted by id) and the hidden / bookkeeping paths skipped; raises job faults."""
+    files, skipped = scan_input(uri, storage_options)
+    if skipped:
+        more = f" and {len(skipped) - SHOW_SKIPPED} more" if len(skipped) > SHOW_SKIPPED else ""
+        log.info("skipped %d hidden / bookkeeping file(s) under %s: %s%s", len(skipped), uri,
+                 ", ".join(skipped[:SHOW_SKIPPED]), more)
+    groups = classify(files, cfg.format)
     if not any(groups.values()):
-        hidden = f"; skipped {len(listing.skipped)} hidden / bookkeeping" if listing.skipped else ""
+        hidden = f"; skipped {len(skipped)} hidden / bookkeeping" if skipped else ""
         raise ValueError(f"no input files under {uri!r} (format {cfg.format!r}{hidden})")
     parts: list[Part] = []
     images = groups.pop("images", [])
     for i in range(0, len(images), cfg.part_size):
         parts.append(Part(f"images-{i // cfg.part_size:05d}", "images", tuple(images[i: i + cfg.part_size])))
     for kind, members in sorted(groups.items()):
-        reader = get_reader(kind)
         for f in members:
-            parts.extend(reader.plan(f, cfg))
-    return sorted(parts, key=lambda p: p.part_id)
+            parts.extend(plan_parquet(f, cfg) if kind == "parquet" else [Part(part_name(f.rel), kind, (f,))])
+    return sorted(parts, key=lambda p: p.part_id), skipped
 
 
 def plan_digest(parts: list[Part]) -> str:
@@ -518,26 +463,23 @@ def plan_digest(parts: list[Part]) -> str:
 
 
 def read_part(part: Part, cfg: SourceConfig) -> Iterator[Record]:
-    return get_reader(part.kind).read(part, cfg)
+    return get_reader(part.kind)(part, cfg)
 
 
 # --- loose images ---------------------------------------------------------------------------------------
-class ImagesReader(OneFileReader):
-    name = "images"
+def read_images(part: Part, cfg: SourceConfig) -> Iterator[Record]:
+    fs, _ = uris.filesystem(part.files[0].uri)
 
-    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
-        fs, _ = uris.filesystem(part.files[0].uri)
+    def fetch(f: InputFile) -> Record:
+        if f.size > cfg.max_member_bytes:
+            return Record(f.rel, f.uri, error=f"file too large ({f.size} bytes > {cfg.max_member_bytes})")
+        try:
+            return Record(f.rel, f.uri, data=read_loose_file(fs, f, cfg.max_member_bytes))
+        except Exception as exc:  # noqa: BLE001 - vanished file, permission, network: an error row
+            return Record(f.rel, f.uri, error=f"cannot read file: {type(exc).__name__}: {exc}",
+                          stage=UNIT_STAGE)
 
-        def fetch(f: InputFile) -> Record:
-            if f.size > cfg.max_member_bytes:
-                return Record(f.rel, f.uri, error=f"file too large ({f.size} bytes > {cfg.max_member_bytes})")
-            try:
-                return Record(f.rel, f.uri, data=read_loose_file(fs, f, cfg.max_member_bytes))
-            except Exception as exc:  # noqa: BLE001 - vanished file, permission, network: an error row
-                return Record(f.rel, f.uri, error=f"cannot read file: {type(exc).__name__}: {exc}",
-                              stage=UNIT_STAGE)
-
-        yield from fetch_rounds(fetch, part.files, cfg)
+    yield from fetch_rounds(fetch, part.files, cfg)
 
 
 # --- tar and webdataset ---------------------------------------------------------------------------------
@@ -568,12 +510,9 @@ def _member_record(part: Part, name: str, data: bytes | None, error: str | None)
     return Record(key, f.uri, data=data, error=error, stage="read" if name else UNIT_STAGE)
 
 
-class TarReader(OneFileReader):
-    name = "tar"
-
-    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
-        for name, data, error in _tar_members(part, cfg):
-            yield _member_record(part, name, data, error)
+def read_tar(part: Part, cfg: SourceConfig) -> Iterator[Record]:
+    for name, data, error in _tar_members(part, cfg):
+        yield _member_record(part, name, data, error)
 
 
 def _sample_key(name: str) -> str:
@@ -581,116 +520,106 @@ def _sample_key(name: str) -> str:
     return posixpath.join(d, base.split(".", 1)[0])
 
 
-class WebDatasetReader(TarReader):
+Members = list[tuple[str, bytes]]  # (member name, bytes) of one webdataset sample, in archive order
+
+
+def _sample_groups(part: Part, cfg: SourceConfig) -> Iterator[tuple[str, Members, str | None]]:
+    """(sample key, its consecutive members, None) in archive order; a refused member (its sample goes on) or
+    an unreadable archive is (member name or "", [], error) where it occurs."""
+    group: Members = []
+    for name, data, error in _tar_members(part, cfg):
+        if error is not None or data is None:
+            yield name, [], error
+            continue
+        if group and _sample_key(group[0][0]) != _sample_key(name):
+            yield _sample_key(group[0][0]), group, None
+            group = []
+        group.append((name, data))
+    if group:
+        yield _sample_key(group[0][0]), group, None
+
+
+def read_webdataset(part: Part, cfg: SourceConfig) -> Iterator[Record]:
     """A webdataset shard: one row per sample key, from the sample's first image member in archive order."""
+    done: set[str] = set()
+    for key, group, error in _sample_groups(part, cfg):
+        if error is not None:
+            yield _member_record(part, key, None, error)
+        else:
+            yield from _webdataset_sample(part, key, group, done)
 
-    name = "webdataset"
 
-    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
-        group: list[tuple[str, bytes]] = []
-        done: set[str] = set()
-        for name, data, error in _tar_members(part, cfg):
-            if error is not None or data is None:  # a refused member is its own error row; its sample goes on
-                yield _member_record(part, name, None, error)
-                continue
-            if group and _sample_key(group[0][0]) != _sample_key(name):
-                yield from self._sample(part, group, done)
-                group = []
-            group.append((name, data))
-        yield from self._sample(part, group, done)
-
-    @staticmethod
-    def _sample(part: Part, group: list[tuple[str, bytes]], done: set[str]) -> Iterator[Record]:
-        if not group:
-            return
-        key = _sample_key(group[0][0])
-        if key in done:
-            for n, _ in group:
-                yield _member_record(part, n, None, f"member of sample {key!r} after other samples (a webdataset "
-                                                    "sample's members must be consecutive)")
-            return
-        done.add(key)
-        f = part.files[0]
-        images = [(n, d) for n, d in group if imaging.is_image_name(n)]
-        if not images:
-            exts = ", ".join(sorted(n.split(".", 1)[-1] for n, _ in group))
-            yield Record(f"{f.rel}/{key}", f.uri, error=f"sample has no image member (has: {exts})")
-            return
-        yield Record(f"{f.rel}/{key}", f.uri, data=images[0][1])
-        for n, _ in images[1:]:
-            yield _member_record(part, n, None, f"second image of sample {key!r} (captioned from {images[0][0]}); "
-                                                "a webdataset sample has one image: use format tar to caption "
-                                                "every member")
+def _webdataset_sample(part: Part, key: str, group: Members, done: set[str]) -> Iterator[Record]:
+    if key in done:
+        for n, _ in group:
+            yield _member_record(part, n, None, f"member of sample {key!r} after other samples (a webdataset "
+                                                "sample's members must be consecutive)")
+        return
+    done.add(key)
+    f = part.files[0]
+    images = [(n, d) for n, d in group if imaging.is_image_name(n)]
+    if not images:
+        exts = ", ".join(sorted(n.split(".", 1)[-1] for n, _ in group))
+        yield Record(f"{f.rel}/{key}", f.uri, error=f"sample has no image member (has: {exts})")
+        return
+    yield Record(f"{f.rel}/{key}", f.uri, data=images[0][1])
+    for n, _ in images[1:]:
+        why = (f"second image of sample {key!r} (captioned from {images[0][0]}); a webdataset sample has one "
+               "image: use format tar to caption every member")
+        yield _member_record(part, n, None, why)
 
 
 def webdataset_samples(uri: str, cfg: SourceConfig | None = None
                        ) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
-    """(sample key, {extension: bytes}, None) per sample of a webdataset shard at ``uri``, members grouped by key,
-    through the same member-safety checks as the readers; a refused member or an unreadable archive gives
-    (member name or "", {}, error). For stages that need more than the image (captions for CLIP training)."""
-    cfg = cfg or SourceConfig()
+    """(sample key, {extension: bytes}, None) per sample of a webdataset shard, through the member checks;
+    a refused member or an unreadable archive gives (member name or "", {}, error)."""
     part = Part(part_name(posixpath.basename(uri)), "webdataset", (InputFile(uri, posixpath.basename(uri), 0),))
-    key, group = None, {}
-    for name, data, error in _tar_members(part, cfg):
-        if error is not None or data is None:
-            yield name, {}, error
-            continue
-        k = _sample_key(name)
-        if key is not None and k != key:
-            yield key, group, None
-            group = {}
-        key = k
-        group[posixpath.basename(name).split(".", 1)[-1].lower()] = data
-    if key is not None and group:
-        yield key, group, None
+    for key, group, error in _sample_groups(part, cfg or SourceConfig()):
+        yield key, {posixpath.basename(n).split(".", 1)[-1].lower(): d for n, d in group}, error
 
 
 # --- zip ------------------------------------------------------------------------------------------------
-class ZipReader(OneFileReader):
-    name = "zip"
+def read_zip(part: Part, cfg: SourceConfig) -> Iterator[Record]:
+    f = part.files[0]
+    seen: set[str] = set()
+    try:
+        fs, path = uris.filesystem(f.uri)
+        with fs.open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
+            infos = zf.infolist()
+            for info in infos:
+                if info.is_dir():
+                    continue
+                yield _zip_member(part, zf, info, seen, cfg)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+        yield _member_record(part, "", None, f"unreadable archive: {type(exc).__name__}: {exc}")
 
-    def read(self, part: Part, cfg: SourceConfig) -> Iterator[Record]:
-        f = part.files[0]
-        seen: set[str] = set()
-        try:
-            fs, path = uris.filesystem(f.uri)
-            with fs.open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
-                infos = zf.infolist()
-                for info in infos:
-                    if info.is_dir():
-                        continue
-                    yield self._member(part, zf, info, seen, cfg)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
-            yield _member_record(part, "", None, f"unreadable archive: {type(exc).__name__}: {exc}")
-
-    @staticmethod
-    def _member(part: Part, zf: zipfile.ZipFile, info: zipfile.ZipInfo, seen: set[str],
+def _zip_member(part: Part, zf: zipfile.ZipFile, info: zipfile.ZipInfo, seen: set[str],
                 cfg: SourceConfig) -> Record:
-        name = clean_name(info.filename)
-        why = member_problem(info.filename, name, info.file_size, seen, cfg,
-                              (stat.S_ISLNK(info.external_attr >> 16), "not a regular file (symlink)"),
-                              (bool(info.flag_bits & 0x1), "encrypted member"))
-        if why is not None:
-            return _member_record(part, name, None, why)
-        try:
-            with zf.open(info) as src:
-                data = src.read(cfg.max_member_bytes + 1)  # never trust the declared size
-        except Exception as exc:  # noqa: BLE001 - bad CRC, unsupported compression, corrupt stream
-            return _member_record(part, name, None, f"unreadable member: {type(exc).__name__}: {exc}")
-        if len(data) > cfg.max_member_bytes:
-            return _member_record(part, name, None, f"member inflates past {cfg.max_member_bytes} bytes")
-        return _member_record(part, name, data, None)
+    name = clean_name(info.filename)
+    why = member_problem(info.filename, name, info.file_size, seen, cfg,
+                          (stat.S_ISLNK(info.external_attr >> 16), "not a regular file (symlink)"),
+                          (bool(info.flag_bits & 0x1), "encrypted member"))
+    if why is not None:
+        return _member_record(part, name, None, why)
+    try:
+        with zf.open(info) as src:
+            data = src.read(cfg.max_member_bytes + 1)  # never trust the declared size
+    except Exception as exc:  # noqa: BLE001 - bad CRC, unsupported compression, corrupt stream
+        return _member_record(part, name, None, f"unreadable member: {type(exc).__name__}: {exc}")
+    if len(data) > cfg.max_member_bytes:
+        return _member_record(part, name, None, f"member inflates past {cfg.max_member_bytes} bytes")
+    return _member_record(part, name, data, None)
 
 
-# Every input reader, by the ``Part.kind`` it reads.
-READERS: dict[str, Reader] = {
-    "images": ImagesReader(), "tar": TarReader(), "webdataset": WebDatasetReader(), "zip": ZipReader(),
-    "parquet": ParquetReader(), "embeddings": EmbeddingsReader(),
-    "unreadable": UnreadableReader(),
+# Every input reader, by the ``Part.kind`` it reads (Parquet files are planned by ``plan_parquet``, any other
+# file is one part).
+READERS: dict[str, Callable[[Part, SourceConfig], Iterator[Record]]] = {
+    "images": read_images, "tar": read_tar, "webdataset": read_webdataset, "zip": read_zip,
+    "parquet": read_parquet, "embeddings": read_embeddings, "unreadable": read_unreadable,
 }
 
 
-def get_reader(name: str) -> Reader:
+def get_reader(name: str) -> Callable[[Part, SourceConfig], Iterator[Record]]:
     try:
         return READERS[name]
     except KeyError:

@@ -34,8 +34,7 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def ensure_dir(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    """Create a directory on local-like filesystems. Object stores have no directories, and s3fs's
-    ``makedirs`` would *create a missing bucket*: a typo in an output URI must fail, not make buckets."""
+    """Create a directory on local-like filesystems only (s3fs's ``makedirs`` would create a bucket)."""
     if protocol_prefix(fs) in ("", "memory://"):
         fs.makedirs(path, exist_ok=True)
 
@@ -80,14 +79,11 @@ def redact_json(obj: Any) -> Any:
 
 def atomic_write_table(table: pa.Table, uri: str, storage_options: dict[str, Any] | None = None,
                        compression: str = "zstd", tmp_dir: str | None = None) -> None:
-    """Write ``table`` to ``uri`` so that the final name appears only when the file is complete (URLs in the
-    url / source / error columns redacted first: signed URLs must not be stored).
-    """
+    """Write ``table`` so the final name appears only when complete (URL columns redacted first)."""
     table = redact_table(table)
     fs, path = filesystem(uri, storage_options)
-    parent = posixpath.dirname(path)
-    tmp_parent = filesystem(tmp_dir, storage_options)[1] if tmp_dir else parent
-    ensure_dir(fs, parent)
+    tmp_parent = filesystem(tmp_dir, storage_options)[1] if tmp_dir else posixpath.dirname(path)
+    ensure_dir(fs, posixpath.dirname(path))
     ensure_dir(fs, tmp_parent)
     tmp = posixpath.join(tmp_parent, f"_tmp.{uuid.uuid4().hex}.{posixpath.basename(path)}")
     try:
@@ -113,39 +109,28 @@ def write_json(obj: Any, uri: str, storage_options: dict[str, Any] | None = None
 
 
 def read_json(uri: str, storage_options: dict[str, Any] | None = None, default: Any = None) -> Any:
-    """The JSON document at ``uri`` or ``default`` when there is none.
-
-    One whole-object read: a ranged read pinned to the first ETag fails (``FileExpired``) when a writer
-    replaces the document between reads (a lease heartbeat, a run record)."""
+    """The JSON document at ``uri`` or ``default``; one whole read (a ranged read fails on a rewrite)."""
     fs, path = filesystem(uri, storage_options)
     try:
-        data = fs.cat_file(path)
+        return json.loads(fs.cat_file(path))
     except FileNotFoundError:
         return default
-    return json.loads(data)
 
 
 def list_files(uri: str, suffix: str, storage_options: dict[str, Any] | None = None,
                recursive: bool = False) -> list[str]:
-    """Sorted full URIs of files under ``uri`` ending in ``suffix`` (temporary ``_tmp.*`` names excluded).
-    Always a fresh listing: s3fs caches listings per filesystem instance, and other processes (img2dataset's,
-    Ray's workers) write here while this process polls (a cached listing would miss their files)."""
+    """Sorted full URIs of the files under ``uri`` ending in ``suffix`` (no ``_tmp.*``), never cached."""
     fs, path = filesystem(uri, storage_options)
     fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
-    if recursive:
-        names = fs.find(path)
-    else:
-        names = [p for p in fs.ls(path, detail=False)]
-    out = [p for p in names if p.endswith(suffix) and not posixpath.basename(p).startswith("_tmp.")]
-    return sorted(full_uri(fs, p) for p in out)
+    names = fs.find(path) if recursive else fs.ls(path, detail=False)
+    names = [p for p in names if p.endswith(suffix) and not posixpath.basename(p).startswith("_tmp.")]
+    return sorted(full_uri(fs, p) for p in names)
 
 
 def remove_temporaries(*uris: str) -> int:
-    """Delete the ``_tmp.*`` files a killed writer left directly under each folder of ``uris`` (the temporaries
-    of ``atomic_write_table`` / ``write_json``; never visible as parts). Only while no other writer runs on
-    them: one run per output. Returns how many were removed."""
+    """Delete the ``_tmp.*`` files a killed writer left under each folder (one run per output)."""
     n = 0
     for uri in uris:
         fs, path = filesystem(uri)

@@ -28,10 +28,8 @@ Tokenize = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]  # captions -> t
 # --- discovery and metadata ---------------------------------------------------------------------------
 def list_table_files(roots: str | Sequence[str], storage_options: dict[str, Any] | None = None) -> list[str]:
     """Expand table URIs (a ``.parquet`` file, or a directory searched recursively) to sorted file URIs."""
-    if isinstance(roots, str):
-        roots = [roots]
     files: list[str] = []
-    for uri in roots:
+    for uri in [roots] if isinstance(roots, str) else roots:
         if str(uri).endswith(".parquet"):
             if not uris.exists(uri, storage_options):
                 raise FileNotFoundError(f"embedding table {uri!r} does not exist")
@@ -74,8 +72,7 @@ def _footer(uri: str, storage_options: dict[str, Any] | None) -> tuple[pa.Schema
 
 def inspect_tables(files: Sequence[str], storage_options: dict[str, Any] | None = None,
                    column: str = schemas.IMAGE_EMBEDDING) -> TableInfo:
-    """Validate every table's schema and metadata (footers only); all must share D and the CLIP model.
-    ``column``: the embedding training reads (``text_embedding`` for DeCap's text tables)."""
+    """Validate every table's footer (``column``: the embedding training reads); all must share D and CLIP."""
     if not files:
         raise ValueError("no embedding table files given")
     dims, models, rows, dtype = {}, {}, [], "float32"
@@ -103,9 +100,7 @@ def inspect_tables(files: Sequence[str], storage_options: dict[str, Any] | None 
 
 
 def check_clip_dim(uri: str, clip_model: str, dim: int) -> None:
-    """A table whose metadata names a CLIP of another D than its vectors is refused: a model trained on it
-    would say one encoder and expect another's vectors. Names open_clip does not know (a user's own config)
-    cannot be checked and pass."""
+    """Refuse a table whose metadata names a CLIP of another D than its vectors (unknown names pass)."""
     try:
         expected = int(model_configs().get(clip_model, {}).get("embed_dim", 0)) if clip_model else 0
     except ImportError:
@@ -172,8 +167,7 @@ def row_problems(table: pa.Table, column: str | None) -> list[str]:
 
 def filter_table(table: pa.Table, split: Split, column: str | None = None,
                  drop: np.ndarray | None = None) -> pa.Table:
-    """Rows of ``table`` in ``split`` that can train: a non-empty caption, a finite ``column`` vector (when
-    given) and not in ``drop`` (a boolean mask, e.g. repeated keys)."""
+    """Rows of ``table`` in ``split`` that can train and are not in ``drop`` (a boolean mask)."""
     keep = split.mask(table.column(schemas.KEY))
     keep &= np.array([not p for p in row_problems(table, column)], dtype=bool)
     if drop is not None:
@@ -182,19 +176,17 @@ def filter_table(table: pa.Table, split: Split, column: str | None = None,
 
 
 def embeddings_numpy(table: pa.Table, column: str | None = None) -> np.ndarray:
-    """A fixed_size_list<float>[D] column as a (N, D) float32 array (one copy at most); ``column`` None: the
-    image embedding, or the text embedding of a table that has only that (DeCap's text tables)."""
+    """A fixed_size_list<float>[D] column as (N, D) float32; ``column`` None: image, else text embedding."""
     if column is None:
         has_image = schemas.IMAGE_EMBEDDING in table.column_names
         column = schemas.IMAGE_EMBEDDING if has_image else schemas.TEXT_EMBEDDING
     col = table.column(column).combine_chunks()
-    d = col.type.list_size
     flat = col.flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(flat, dtype=np.float32).reshape(-1, d)
+    return np.asarray(flat, dtype=np.float32).reshape(-1, col.type.list_size)
 
 
 # --- reading ------------------------------------------------------------------------------------------
-def _train_columns(column: str = schemas.IMAGE_EMBEDDING) -> list[str]:
+def _train_columns(column: str) -> list[str]:
     return [schemas.KEY, schemas.CAPTION, column]
 
 
@@ -223,8 +215,7 @@ def read_split(files: Sequence[str], split: Split, storage_options: dict[str, An
         parts.append(filter_table(table, split, column, _drop_mask(repeats, uri, 0, table.num_rows)))
     if not parts:
         raise ValueError("no embedding table files given")
-    table = pa.concat_tables(parts).combine_chunks()
-    table = table.sort_by(schemas.KEY)
+    table = pa.concat_tables(parts).combine_chunks().sort_by(schemas.KEY)
     return table.slice(0, max_rows) if max_rows is not None else table
 
 
@@ -237,8 +228,7 @@ def count_split(files: Sequence[str], split: Split, storage_options: dict[str, A
 
 @dataclass(frozen=True)
 class Audit:
-    """What a pass over the training tables found: rows that cannot train, as an errors table, and the
-    repeated keys' rows (the first row of a key trains, later ones are dropped)."""
+    """Rows that cannot train (an errors table) and repeated keys' later rows (dropped)."""
 
     errors: pa.Table  # schemas.ERRORS_SCHEMA: key, source (table URI), stage, error
     repeats: Repeats
@@ -252,15 +242,10 @@ class Audit:
 def audit_tables(files: Sequence[str], column: str = schemas.IMAGE_EMBEDDING,
                  storage_options: dict[str, Any] | None = None, rows_per_batch: int = 65536,
                  splits: Mapping[str, Split] | None = None) -> Audit:
-    """Check every row of ``files`` (in order) before training: null or empty captions, non-finite vectors,
-    keys repeated across or within tables. Reads key, caption and the vectors one record batch at a time.
-    ``splits`` (file -> the rows of it a run trains on): ``Audit.kept`` counts the rows that pass, in the same
-    pass (what ``count_split`` with the audit's repeats gives, without reading the tables again)."""
+    """Check every row of ``files`` before training (captions, vectors, repeated keys), a record batch at a
+    time; ``Audit.kept`` counts the rows of ``splits`` that pass."""
     seen: set[str] = set()
-    kept = 0
-    keys_out: list[str] = []
-    sources: list[str] = []
-    reasons: list[str] = []
+    kept, bad = 0, []
     repeats: dict[str, list[int]] = {}
     for uri in files:
         fs, path = uris.filesystem(uri, storage_options)
@@ -276,22 +261,17 @@ def audit_tables(files: Sequence[str], column: str = schemas.IMAGE_EMBEDDING,
                         repeats.setdefault(uri, []).append(offset + i)
                     seen.add(key)
                     if why:
-                        keys_out.append(key)
-                        sources.append(uri)
-                        reasons.append(why)
+                        bad.append({schemas.KEY: key, schemas.SOURCE: uri, schemas.STAGE: "train-input",
+                                    schemas.ERROR: why})
                     elif in_split[i]:
                         kept += 1
                 offset += table.num_rows
-    errors = pa.table({schemas.KEY: keys_out, schemas.SOURCE: sources,
-                       schemas.STAGE: ["train-input"] * len(keys_out), schemas.ERROR: reasons},
-                      schema=schemas.ERRORS_SCHEMA)
-    return Audit(errors=errors, repeats={u: tuple(r) for u, r in repeats.items()}, kept=kept)
+    return Audit(errors=pa.Table.from_pylist(bad, schema=schemas.ERRORS_SCHEMA),
+                 repeats={u: tuple(r) for u, r in repeats.items()}, kept=kept)
 
 
 class PrepareBatch:
-    """Ray Data map function: split filter + tokenisation, so training iterates ready tensors.
-
-    Pads to ``max_tokens`` so blocks stay concatenable when Ray Data re-batches; the loop trims per batch."""
+    """Ray Data map function: split filter + tokenisation, padded to ``max_tokens`` (concatenable)."""
 
     def __init__(self, split: Split, tokenize: Tokenize, max_tokens: int, column: str = schemas.IMAGE_EMBEDDING):
         self.split, self.tokenize, self.max_tokens, self.column = split, tokenize, max_tokens, column
@@ -311,9 +291,7 @@ class PrepareBatch:
 
 
 class ReadPrepare:
-    """Ray Data map function over file items (``uri``, ``split`` as JSON): reads each embedding table one
-    record batch (``rows_per_block`` rows) at a time and yields it filtered and tokenised (``PrepareBatch``),
-    so blocks stream out of a file while it is still being read."""
+    """Ray Data map function: each table item read a record batch at a time, filtered and tokenised."""
 
     def __init__(self, tokenize: Tokenize, max_tokens: int, rows_per_block: int = 4096,
                  column: str = schemas.IMAGE_EMBEDDING):
@@ -338,9 +316,7 @@ class ReadPrepare:
 def stream_tables(parts: Sequence[tuple[str, Split]], tokenize: Tokenize, max_tokens: int,
                   rows_per_block: int = 4096, column: str = schemas.IMAGE_EMBEDDING,
                   repeats: Repeats | None = None) -> ray.data.Dataset:
-    """A Ray Data stream over ``parts`` ((table URI, rows of it to keep) in order; a URI may repeat, e.g.
-    once per epoch), tokenised in the pipeline.
-    """
+    """A tokenised Ray Data stream over ``parts`` ((table URI, split) in order; a URI may repeat)."""
     # lazy: ray ~0.8 s (ray.data ~2.1 s) to import (python -X importtime)
     import ray.data
 

@@ -1,6 +1,5 @@
-"""URLs from user data are untrusted and may carry secrets: redaction before anything is stored or logged,
-and the fetch policy (schemes, private addresses, redirects) for every URL the pipeline itself downloads.
-Residual risk: a DNS answer that changes between the check and the connection.
+"""URLs from user data are untrusted: redaction before anything is stored or logged, and the fetch policy
+(schemes, private addresses, every redirect). Residual risk: a DNS answer changing after the check.
 """
 
 from __future__ import annotations
@@ -148,9 +147,8 @@ def _literal_private(host: str) -> bool:
 
 
 def url_list_problems(urls: Iterable[str | None], allow_private: bool) -> list[str]:
-    """Why a download list must not be fetched: non-http(s) URLs (``file://`` copies local files into the
-    shards) and hosts that are private by their literal address (a list of millions of URLs is not resolved
-    up front; img2dataset fetches by itself). One line per distinct problem, URLs redacted."""
+    """Why a download list must not be fetched (non-http(s) URLs, literal private hosts), one line per
+    distinct problem, URLs redacted."""
     problems: dict[str, str] = {}
     hosts: set[str] = set()
     for url in urls:

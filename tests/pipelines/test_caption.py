@@ -9,7 +9,7 @@ import pytest
 
 from clipcap_core import uris
 from clipcap_core.decoding import DecodeConfig
-from pipelines.caption.output import PartCommitter, errors_uri, part_uri
+from pipelines.caption.output import PartCommitter, layout
 from pipelines.caption.stages import STAGE_SCHEMA, read_decode_part
 from pipelines.io import schemas, sources, storage
 from tests.pipelines.image_zoo import good_images, write_mixed_input
@@ -38,35 +38,33 @@ def test_committer_waits_for_every_row_dedups_retries_and_writes_ranked_rows(tmp
     assert c.add(_stage_rows("p1", [(1, "b.jpg", ["x b", "y b"], None)], total=None)) == []
     # the marker arrives before the last row; a retried task re-sends row 1
     assert c.add(_stage_rows("p1", [(1, "b.jpg", ["x b", "y b"], None)], total=3)) == []
-    assert not uris.exists(part_uri(out, "p1"))
+    assert not uris.exists(layout(out).part("p1"))
     done = c.add(_stage_rows("p1", [(0, "a.jpg", ["x a", "y a"], None), (2, "c.jpg", None, "not an image")], None))
     assert done == [("p1", 3, 2, 4)] and c.pending() == []
-    table = pq.read_table(part_uri(out, "p1"))
+    table = pq.read_table(layout(out).part("p1"))
     assert table.schema.remove_metadata() == schemas.CAPTIONS_SCORED_SCHEMA
     assert table.column("key").to_pylist() == ["a.jpg", "a.jpg", "b.jpg", "b.jpg"]
     assert table.column("rank").to_pylist() == [0, 1, 0, 1]
     assert table.column("caption").to_pylist()[:2] == ["x a", "y a"]
     assert set(table.column("model").to_pylist()) == {"tiny@abc"}
     assert schemas.read_metadata(table.schema)[schemas.META_PART] == "p1"
-    errors = pq.read_table(errors_uri(out, "p1"))
+    errors = pq.read_table(layout(out).errors("p1"))
     assert errors.to_pylist() == [{"key": "c.jpg", "source": "src", "stage": "decode", "error": "not an image"}]
     assert c.add(_stage_rows("p1", [(1, "b.jpg", ["x b", "y b"], None)], total=None)) == []  # late copy: dropped
     assert c.pending() == []
     # recommitting the part without errors (an overwrite run) removes the stale errors file
     PartCommitter(out, "tiny@abc", DecodeConfig()).add(_stage_rows("p1", [(0, "a.jpg", ["x a", "y a"], None)], total=1))
-    assert not uris.exists(errors_uri(out, "p1"))
+    assert not uris.exists(layout(out).errors("p1"))
 
 
 def test_empty_part_is_marked_done_under_meta_without_a_0_row_part_file(tmp_path):
-    from pipelines.caption.output import done_parts, empty_uri
-
     out = str(tmp_path / "out")
     c = PartCommitter(out, "m@1", DecodeConfig())
     assert c.add(_stage_rows("p0", [], total=0)) == [("p0", 0, 0, 0)]
     assert c.add(_stage_rows("p1", [(0, "a.jpg", None, "not an image")], total=1)) == [("p1", 1, 0, 0)]
-    assert not uris.exists(part_uri(out, "p0")) and not uris.exists(part_uri(out, "p1"))
-    assert uris.exists(empty_uri(out, "p0")) and uris.exists(errors_uri(out, "p1"))
-    assert done_parts(out) == {"p0", "p1"}
+    assert not uris.exists(layout(out).part("p0")) and not uris.exists(layout(out).part("p1"))
+    assert uris.exists(layout(out).empty("p0")) and uris.exists(layout(out).errors("p1"))
+    assert layout(out).done() == {"p0", "p1"}
 
 
 @pytest.fixture(scope="module")

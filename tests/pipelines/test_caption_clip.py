@@ -10,7 +10,7 @@ import pytest
 from clipcap_core.decoding import DecodeConfig
 from clipcap_core.encoders import EncoderConfig, load_encoder
 from pipelines.caption.job import CaptionConfig, _run_record
-from pipelines.caption.output import PartCommitter, part_uri
+from pipelines.caption.output import PartCommitter, layout
 from pipelines.caption.stages import CaptionStage, score_and_rank
 from pipelines.io import schemas
 
@@ -72,7 +72,7 @@ def test_committer_writes_clip_score_per_rank_and_run_record_names_rerank(tmp_pa
                      "captions": [["x", "y"], None], "scores": [[-1.0, -2.0], None],
                      "clip_scores": [[0.75, 0.25], None]})
     PartCommitter(out, "m@1", DecodeConfig(strategy="beam", n=2), rerank="clip").add(rows)
-    table = pq.read_table(part_uri(out, "p"))
+    table = pq.read_table(layout(out).part("p"))
     assert table.schema.remove_metadata() == schemas.CAPTIONS_SCORED_SCHEMA
     assert table.column("clip_score").to_pylist() == [0.75, 0.25] and table.column("rank").to_pylist() == [0, 1]
     assert schemas.read_metadata(table.schema)[schemas.META_RERANK] == "clip"

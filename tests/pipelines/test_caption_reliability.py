@@ -15,7 +15,7 @@ import pytest
 from clipcap_core import uris
 from clipcap_core.decoding import DecodeConfig
 from pipelines.caption.job import CaptionConfig, prepare
-from pipelines.caption.output import PartCommitter, done_parts, errors_uri, meta_uri, part_uri, table_uri
+from pipelines.caption.output import PartCommitter, layout, meta_uri, table_uri
 from pipelines.io import sources, storage
 from tests.pipelines.image_zoo import good_images
 
@@ -144,12 +144,12 @@ def test_a_part_whose_archive_could_not_be_read_is_not_committed_then_retried(tm
             (1, "t.tar", None, "unreadable archive: ReadError: unexpected end of data", sources.UNIT_STAGE)]
     assert c.add(_rows("t", half, 2)) == []
     assert list(c.failed) == ["t"] and "unexpected end of data" in c.failed["t"]
-    assert done_parts(out) == set() and not uris.exists(part_uri(out, "t"))
-    assert not uris.exists(errors_uri(out, "t"))
+    assert layout(out).done() == set() and not uris.exists(layout(out).part("t"))
+    assert not uris.exists(layout(out).errors("t"))
     retry = PartCommitter(out, "m@1", DecodeConfig())  # the next run, archive repaired
     assert retry.add(_rows("t", [(0, "t.tar/a.jpg", "a cap", None, None), (1, "t.tar/b.jpg", "b", None, None)], 2)) \
         == [("t", 2, 2, 2)]
-    assert done_parts(out) == {"t"} and retry.failed == {}
+    assert layout(out).done() == {"t"} and retry.failed == {}
 
 
 def test_truncated_tar_part_yields_a_unit_stage_row(tmp_path):
@@ -235,7 +235,7 @@ def test_rows_lost_in_the_pipeline_fail_the_run_naming_the_part(saved_tiny, imag
     monkeypatch.setattr(caption, "build_dataset", lambda cfg, plan: _Blocks([lost_row]))
     with pytest.raises(RuntimeError, match=r"incomplete part\(s\) \['images-00000'\] \(rows lost\?\)"):
         caption.caption_archive(_cfg(images, tmp_path / "out", saved_tiny))
-    assert done_parts(str(tmp_path / "out")) == set()
+    assert layout(str(tmp_path / "out")).done() == set()
 
 
 def test_embed_rows_lost_in_the_pipeline_fail_the_run_naming_the_shard(tmp_path):

@@ -27,7 +27,7 @@ from clipcap_core import synthetic
 from clipcap_core.decoding import DecodeConfig
 from pipelines import stopping
 from pipelines.caption import job as caption_job
-from pipelines.caption.output import PartCommitter, _remove_stale_temporaries, meta_uri, table_uri
+from pipelines.caption.output import PartCommitter, layout, meta_uri, table_uri
 from pipelines.cli import main
 from pipelines.embed import job as embed_output
 from pipelines.embed import stages as st
@@ -90,11 +90,11 @@ def test_stale_temporaries_of_a_killed_run_are_removed_from_the_tmp_folders(tmp_
     out, cfg = tmp_path / "out", EmbedConfig(input="in", output_root=str(tmp_path / "emb"), dataset="d")
     for stale in (Path(meta_uri(str(out), "tmp")) / "_tmp.dead.part-p9.parquet",
                   Path(table_uri(str(out))) / "_tmp.old.part-p8.parquet",
-                  Path(embed_output.tmp_uri(cfg.meta_uri)) / "_tmp.dead.part-00009.parquet"):
+                  Path(cfg.units.dir("tmp")) / "_tmp.dead.part-00009.parquet"):
         stale.parent.mkdir(parents=True, exist_ok=True)
         stale.write_bytes(b"")
-    _remove_stale_temporaries(str(out))
-    assert embed_output.remove_stale_temporaries(cfg.table_uri, cfg.meta_uri) == 1
+    layout(str(out)).remove_temporaries()
+    assert cfg.units.remove_temporaries() == 1
     assert _temporaries(tmp_path) == []
 
 
